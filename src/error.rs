@@ -1,0 +1,76 @@
+//! The one error type of semoe: every fallible operation returns [`Result`], and every error names
+//! what was wrong (the option, the tensor, the file) so that a user can act on it.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in semoe.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is out of range or inconsistent with another one.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// A tensor or buffer does not have the shape an operation needs.
+    #[error("shape mismatch in {context}: {detail}")]
+    Shape {
+        /// The operation or tensor concerned.
+        context: String,
+        /// What was expected and what was found.
+        detail: String,
+    },
+
+    /// Reading or writing a file failed.
+    #[error("{context} ({path}): {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A data file or message could not be parsed.
+    #[error("cannot parse {what}: {detail}")]
+    Parse {
+        /// What was being parsed.
+        what: String,
+        /// Why it failed.
+        detail: String,
+    },
+
+    /// A compute backend is unavailable or failed (for example CUDA on a machine without a GPU).
+    #[error("backend {backend}: {detail}")]
+    Backend {
+        /// The backend concerned (`cpu`, `cuda`).
+        backend: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+/// The result type of semoe.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A configuration error.
+    pub fn config(msg: impl Into<String>) -> Self {
+        Error::Config(msg.into())
+    }
+
+    /// A shape error for `context`.
+    pub fn shape(context: impl Into<String>, detail: impl Into<String>) -> Self {
+        Error::Shape { context: context.into(), detail: detail.into() }
+    }
+
+    /// An I/O error while doing `context` on `path`.
+    pub fn io(context: impl Into<String>, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { context: context.into(), path: path.into(), source }
+    }
+
+    /// A parse error for `what`.
+    pub fn parse(what: impl Into<String>, detail: impl Into<String>) -> Self {
+        Error::Parse { what: what.into(), detail: detail.into() }
+    }
+}

@@ -1,0 +1,454 @@
+//! The CPU backend: matrix products through the `gemm` crate (AVX-512 kernels chosen at run time),
+//! element-wise kernels vectorised by hand-written approximations, all on a rayon pool of a fixed
+//! number of threads that this backend owns.
+
+use super::{check_len, Backend, Gelu, Mat, Scalar, SKIP};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Rows (or elements / 1024) handed to one rayon task: large enough to amortise scheduling, and
+/// fixed, so that work splitting never depends on the thread count.
+const ROW_CHUNK: usize = 64;
+const ELEM_CHUNK: usize = 16 * 1024;
+
+/// The CPU backend. Cheap to clone (the thread pool is shared).
+#[derive(Clone)]
+pub struct Cpu {
+    pool: Arc<rayon::ThreadPool>,
+    threads: usize,
+}
+
+impl std::fmt::Debug for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cpu {{ threads: {} }}", self.threads)
+    }
+}
+
+impl Cpu {
+    /// A CPU backend with `threads` worker threads (0 = one per available core).
+    pub fn new(threads: usize) -> Result<Self> {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("semoe-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::Backend { backend: "cpu", detail: format!("cannot start {threads} threads: {e}") })?;
+        Ok(Cpu { pool: Arc::new(pool), threads })
+    }
+
+    /// Number of compute threads.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Run `f` inside this backend's thread pool. Kernels called from `f` run on the pool without a
+    /// further hand-off; wrapping a whole forward or backward pass in one `install` saves one
+    /// cross-thread hop per kernel.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+}
+
+impl Backend for Cpu {
+    fn name(&self) -> String {
+        format!("cpu({} threads)", self.threads)
+    }
+
+    fn matmul<T: Scalar>(&self, dst: &mut [T], a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool) -> Result<()> {
+        let (m, k, n) = (a.rows(), a.cols(), b.cols());
+        if b.rows() != k {
+            return Err(Error::shape(
+                "matmul",
+                format!("inner dimensions differ: {}x{} @ {}x{}", m, k, b.rows(), n),
+            ));
+        }
+        check_len("matmul output", dst, m * n)?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            if !accumulate {
+                dst.fill(T::ZERO);
+            }
+            return Ok(());
+        }
+        let (a_rs, a_cs) = a.strides();
+        let (b_rs, b_cs) = b.strides();
+        self.install(|| {
+            // SAFETY: the views were checked against their buffers' lengths in `Mat::new`, `dst`
+            // holds m*n elements, and the strides describe those buffers exactly. `dst` is borrowed
+            // mutably so it cannot alias `a` or `b`.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    accumulate,
+                    a.data.as_ptr(),
+                    a_cs,
+                    a_rs,
+                    b.data.as_ptr(),
+                    b_cs,
+                    b_rs,
+                    T::ONE,
+                    T::ONE,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(self.threads),
+                )
+            }
+        });
+        Ok(())
+    }
+
+    fn broadcast_rows<T: Scalar>(&self, dst: &mut [T], bias: &[T]) -> Result<()> {
+        if bias.is_empty() || dst.len() % bias.len() != 0 {
+            return Err(Error::shape(
+                "broadcast_rows",
+                format!("{} elements are not whole rows of {}", dst.len(), bias.len()),
+            ));
+        }
+        self.install(|| {
+            dst.par_chunks_mut(bias.len() * ROW_CHUNK).for_each(|rows| {
+                for row in rows.chunks_exact_mut(bias.len()) {
+                    row.copy_from_slice(bias);
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn add_column_sums<T: Scalar>(&self, acc: &mut [T], m: &[T]) -> Result<()> {
+        let cols = acc.len();
+        if cols == 0 || m.len() % cols != 0 {
+            return Err(Error::shape(
+                "add_column_sums",
+                format!("{} elements are not whole rows of {cols}", m.len()),
+            ));
+        }
+        const COL_CHUNK: usize = 256;
+        self.install(|| {
+            acc.par_chunks_mut(COL_CHUNK).enumerate().for_each(|(c, acc)| {
+                let (start, width) = (c * COL_CHUNK, acc.len());
+                for row in m.chunks_exact(cols) {
+                    for (a, &v) in acc.iter_mut().zip(&row[start..start + width]) {
+                        *a += v;
+                    }
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn gelu_forward<T: Scalar>(&self, kind: Gelu, h: &[T], a: &mut [T]) -> Result<()> {
+        check_len("gelu output", a, h.len())?;
+        self.install(|| {
+            a.par_chunks_mut(ELEM_CHUNK)
+                .zip(h.par_chunks(ELEM_CHUNK))
+                .for_each(|(a, h)| T::gelu_forward(kind, h, a))
+        });
+        Ok(())
+    }
+
+    fn gelu_backward<T: Scalar>(&self, kind: Gelu, h: &[T], g: &mut [T]) -> Result<()> {
+        check_len("gelu gradient", g, h.len())?;
+        self.install(|| {
+            g.par_chunks_mut(ELEM_CHUNK)
+                .zip(h.par_chunks(ELEM_CHUNK))
+                .for_each(|(g, h)| T::gelu_backward(kind, h, g))
+        });
+        Ok(())
+    }
+
+    fn softmax_rows<T: Scalar>(&self, x: &[T], cols: usize, out: &mut [T]) -> Result<Vec<T>> {
+        check_len("softmax output", out, x.len())?;
+        if cols == 0 || x.len() % cols != 0 {
+            return Err(Error::shape("softmax_rows", format!("{} elements are not whole rows of {cols}", x.len())));
+        }
+        let mut lse = vec![T::ZERO; x.len() / cols];
+        self.install(|| {
+            out.par_chunks_mut(cols * ROW_CHUNK)
+                .zip(x.par_chunks(cols * ROW_CHUNK))
+                .zip(lse.par_chunks_mut(ROW_CHUNK))
+                .for_each(|((out, x), lse)| {
+                    for ((o, x), l) in out.chunks_exact_mut(cols).zip(x.chunks_exact(cols)).zip(lse) {
+                        *l = softmax_row(x, o);
+                    }
+                })
+        });
+        Ok(lse)
+    }
+
+    fn gather_rows<T: Scalar>(
+        &self,
+        dst: &mut [T],
+        src: &[T],
+        cols: usize,
+        index: &[u32],
+        scale: Option<&[T]>,
+    ) -> Result<()> {
+        check_len("gather_rows output", dst, index.len() * cols)?;
+        if let Some(scale) = scale {
+            check_len("gather_rows scale", scale, index.len())?;
+        }
+        check_rows("gather_rows", index, src.len(), cols, false)?;
+        if cols == 0 {
+            return Ok(());
+        }
+        self.install(|| {
+            dst.par_chunks_mut(cols * ROW_CHUNK).enumerate().for_each(|(c, dst)| {
+                for (r, row) in dst.chunks_exact_mut(cols).enumerate() {
+                    let i = c * ROW_CHUNK + r;
+                    let from = index[i] as usize * cols;
+                    let src = &src[from..from + cols];
+                    match scale {
+                        Some(s) => row.iter_mut().zip(src).for_each(|(o, &v)| *o = s[i] * v),
+                        None => row.copy_from_slice(src),
+                    }
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn gather_sum_rows<T: Scalar>(
+        &self,
+        dst: &mut [T],
+        src: &[T],
+        cols: usize,
+        k: usize,
+        index: &[u32],
+        weight: Option<&[T]>,
+    ) -> Result<()> {
+        if cols == 0 || k == 0 {
+            return Err(Error::shape("gather_sum_rows", format!("cols ({cols}) and k ({k}) must be positive")));
+        }
+        check_len("gather_sum_rows index", index, dst.len() / cols * k)?;
+        check_len("gather_sum_rows output", dst, index.len() / k * cols)?;
+        if let Some(w) = weight {
+            check_len("gather_sum_rows weight", w, index.len())?;
+        }
+        check_rows("gather_sum_rows", index, src.len(), cols, true)?;
+        self.install(|| {
+            dst.par_chunks_mut(cols * ROW_CHUNK).enumerate().for_each(|(c, dst)| {
+                for (r, row) in dst.chunks_exact_mut(cols).enumerate() {
+                    let base = (c * ROW_CHUNK + r) * k;
+                    row.fill(T::ZERO);
+                    for j in base..base + k {
+                        if index[j] == SKIP {
+                            continue;
+                        }
+                        let from = index[j] as usize * cols;
+                        let src = &src[from..from + cols];
+                        match weight {
+                            Some(w) => row.iter_mut().zip(src).for_each(|(o, &v)| *o += w[j] * v),
+                            None => row.iter_mut().zip(src).for_each(|(o, &v)| *o += v),
+                        }
+                    }
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn scatter_add_rows<T: Scalar>(
+        &self,
+        dst: &mut [T],
+        src: &[T],
+        cols: usize,
+        index: &[u32],
+        scale: Option<&[T]>,
+    ) -> Result<()> {
+        check_len("scatter_add_rows source", src, index.len() * cols)?;
+        if let Some(scale) = scale {
+            check_len("scatter_add_rows scale", scale, index.len())?;
+        }
+        check_rows("scatter_add_rows", index, dst.len(), cols, false)?;
+        // Sequential on purpose: rows may repeat, and the order of additions must be fixed.
+        for (i, (&d, row)) in index.iter().zip(src.chunks_exact(cols.max(1))).enumerate() {
+            let d = d as usize;
+            let out = &mut dst[d * cols..(d + 1) * cols];
+            match scale {
+                Some(s) => {
+                    let s = s[i];
+                    out.iter_mut().zip(row).for_each(|(o, &v)| *o += s * v);
+                }
+                None => out.iter_mut().zip(row).for_each(|(o, &v)| *o += v),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Check that every index names a row of a buffer of `len` elements in rows of `cols`.
+fn check_rows(op: &str, index: &[u32], len: usize, cols: usize, allow_skip: bool) -> Result<()> {
+    let rows = if cols == 0 { 0 } else { len / cols };
+    match index.iter().find(|&&i| i as usize >= rows && !(allow_skip && i == SKIP)) {
+        Some(bad) => Err(Error::shape(op, format!("row {bad} out of range for {rows} rows"))),
+        None => Ok(()),
+    }
+}
+
+/// Softmax of one row into `out`; returns the row's logsumexp.
+pub(crate) fn softmax_row<T: Scalar>(x: &[T], out: &mut [T]) -> T {
+    let max = x.iter().copied().fold(x[0], T::max);
+    let mut sum = T::ZERO;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v - max).exp();
+        sum += *o;
+    }
+    for o in out.iter_mut() {
+        *o = *o / sum;
+    }
+    max + sum.ln()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum();
+            }
+        }
+        c
+    }
+
+    fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        let mut t = vec![0.0; x.len()];
+        for i in 0..rows {
+            for j in 0..cols {
+                t[j * rows + i] = x[i * cols + j];
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn matmul_every_transpose_combination_matches_naive() -> Result<()> {
+        let cpu = Cpu::new(2)?;
+        let (m, k, n) = (37, 29, 41);
+        let a = lcg(m * k, 1);
+        let b = lcg(k * n, 2);
+        let want = naive(&a, &b, m, k, n);
+        let at = transpose(&a, m, k);
+        let bt = transpose(&b, k, n);
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let av = if ta { Mat::new(&at, k, m)?.t() } else { Mat::new(&a, m, k)? };
+            let bv = if tb { Mat::new(&bt, n, k)?.t() } else { Mat::new(&b, k, n)? };
+            let mut c = vec![1.0f32; m * n];
+            cpu.matmul(&mut c, av, bv, true)?;
+            for (got, want) in c.iter().zip(&want) {
+                assert!((*got as f64 - (want + 1.0)).abs() < 1e-5, "ta={ta} tb={tb}");
+            }
+            cpu.matmul(&mut c, av, bv, false)?;
+            for (got, want) in c.iter().zip(&want) {
+                assert!((*got as f64 - want).abs() < 1e-5, "ta={ta} tb={tb}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn matmul_rejects_mismatched_shapes() -> Result<()> {
+        let cpu = Cpu::new(1)?;
+        let a = vec![0.0f32; 6];
+        let mut c = vec![0.0f32; 4];
+        let err = cpu.matmul(&mut c, Mat::new(&a, 2, 3)?, Mat::new(&a, 2, 3)?, false);
+        assert!(matches!(err, Err(Error::Shape { .. })));
+        assert!(Mat::new(&a, 4, 2).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn results_do_not_depend_on_thread_count() -> Result<()> {
+        let (one, two) = (Cpu::new(1)?, Cpu::new(2)?);
+        let (m, k, n) = (300, 512, 384);
+        let a = lcg(m * k, 3);
+        let b = lcg(k * n, 4);
+        let mut c1 = vec![0.0f32; m * n];
+        let mut c2 = vec![0.0f32; m * n];
+        one.matmul(&mut c1, Mat::new(&a, m, k)?, Mat::new(&b, k, n)?, false)?;
+        two.matmul(&mut c2, Mat::new(&a, m, k)?, Mat::new(&b, k, n)?, false)?;
+        assert_eq!(c1, c2);
+        // transposed operands too (the backward passes use them)
+        one.matmul(&mut c1, Mat::new(&a, m, k)?, Mat::new(&b, k, n)?, true)?;
+        two.matmul(&mut c2, Mat::new(&a, m, k)?, Mat::new(&b, k, n)?, true)?;
+        assert_eq!(c1, c2);
+        let mut g1 = vec![0.0f32; k * k];
+        let mut g2 = vec![0.0f32; k * k];
+        one.matmul(&mut g1, Mat::new(&a, m, k)?.t(), Mat::new(&a, m, k)?, false)?;
+        two.matmul(&mut g2, Mat::new(&a, m, k)?.t(), Mat::new(&a, m, k)?, false)?;
+        assert_eq!(g1, g2);
+
+        let h = lcg(100_000, 5);
+        let (mut a1, mut a2) = (vec![0.0f32; h.len()], vec![0.0f32; h.len()]);
+        one.gelu_forward(Gelu::Erf, &h, &mut a1)?;
+        two.gelu_forward(Gelu::Erf, &h, &mut a2)?;
+        assert_eq!(a1, a2);
+        let mut s1 = vec![0.0f32; 384];
+        let mut s2 = vec![0.0f32; 384];
+        one.add_column_sums(&mut s1, &b)?;
+        two.add_column_sums(&mut s2, &b)?;
+        assert_eq!(s1, s2);
+        let l1 = one.softmax_rows(&h[..8000], 8, &mut a1[..8000])?;
+        let l2 = two.softmax_rows(&h[..8000], 8, &mut a2[..8000])?;
+        assert_eq!(l1, l2);
+        assert_eq!(a1[..8000], a2[..8000]);
+        Ok(())
+    }
+
+    #[test]
+    fn gather_and_scatter_by_index() -> Result<()> {
+        let cpu = Cpu::new(2)?;
+        let src: Vec<f32> = (0..12).map(|v| v as f32).collect(); // 4 rows of 3
+        let mut g = vec![0.0; 9];
+        cpu.gather_rows(&mut g, &src, 3, &[2, 0, 2], None)?;
+        assert_eq!(g, [6., 7., 8., 0., 1., 2., 6., 7., 8.]);
+        let mut s = vec![0.0; 6];
+        cpu.gather_sum_rows(&mut s, &src, 3, 2, &[2, 0, SKIP, 3], Some(&[1.0, 2.0, 5.0, 1.0]))?;
+        assert_eq!(s, [6., 9., 12., 9., 10., 11.]);
+        assert!(cpu.gather_sum_rows(&mut s, &src, 3, 2, &[2, 4, SKIP, 3], None).is_err());
+        let mut d = vec![0.0; 6];
+        cpu.scatter_add_rows(&mut d, &g, 3, &[1, 0, 1], Some(&[1.0, 2.0, 0.5]))?;
+        assert_eq!(d, [0., 2., 4., 9., 10.5, 12.]);
+        assert!(cpu.gather_rows(&mut g, &src, 3, &[4, 0, 0], None).is_err());
+        assert!(cpu.scatter_add_rows(&mut d, &g, 3, &[2, 0, 0], None).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_return_logsumexp() -> Result<()> {
+        let cpu = Cpu::new(1)?;
+        let x = [1.0f64, 2.0, 3.0, 1000.0, 1000.0, 1000.0];
+        let mut p = [0.0; 6];
+        let lse = cpu.softmax_rows(&x, 3, &mut p)?;
+        let want0 = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+        assert!((lse[0] - want0).abs() < 1e-12);
+        assert!((lse[1] - (1000.0 + 3f64.ln())).abs() < 1e-9);
+        assert!((p[3] - 1.0 / 3.0).abs() < 1e-15);
+        Ok(())
+    }
+}

@@ -1,0 +1,13 @@
+//! semoe: an elastic Mixture-of-Experts training and inference runtime.
+//!
+//! The crate is organised as DESIGN.md describes: [`kernels`] (compute backends), [`model`] (layers
+//! with hand-written forward and backward passes), and [`bench`] (the measurements behind
+//! `semoe bench`).
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod error;
+pub mod kernels;
+pub mod model;
+
+pub use error::{Error, Result};

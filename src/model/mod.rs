@@ -1,0 +1,3 @@
+//! Model code: layers with explicit forward and backward passes (no autograd), in the style of llm.c.
+
+pub mod moe;
