@@ -1,1 +1,248 @@
-//! benchmarks
+//! Measurements behind `semoe bench`: the MoE layer's throughput, the matmul rate, and the machine's
+//! f32 FMA peak that both are compared against. Wall-clock medians over several iterations; no
+//! timing ever decides a test.
+
+use crate::error::Result;
+use crate::kernels::{Backend, Cpu, Mat};
+use crate::model::moe::{MoeConfig, MoeLayer, MoeParams};
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Median of a list of seconds.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+fn time_it(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+/// Random normal values, deterministic in `seed`.
+pub fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| StandardNormal.sample(&mut rng)).collect()
+}
+
+/// Theoretical-style peak: the f32 FMA throughput of `threads` threads running independent
+/// fused multiply-adds on the widest vectors the CPU has (AVX-512, else AVX2), in GFLOP/s.
+pub fn fma_peak_gflops(threads: usize) -> f64 {
+    const ITERS: u64 = 50_000_000;
+    let start = Instant::now();
+    let lanes: u64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.max(1)).map(|_| scope.spawn(|| fma_loop(ITERS))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    let secs = start.elapsed().as_secs_f64();
+    // Each lane-FMA is 2 flops.
+    2.0 * lanes as f64 / secs / 1e9
+}
+
+/// Runs `iters` rounds of 12 independent vector FMAs; returns the number of lane-FMAs done.
+fn fma_loop(iters: u64) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn run(iters: u64) -> f32 {
+                let m = _mm512_set1_ps(0.999_999);
+                let a = _mm512_set1_ps(1e-7);
+                let mut acc = [_mm512_set1_ps(1.0); 12];
+                for _ in 0..iters {
+                    for v in acc.iter_mut() {
+                        *v = _mm512_fmadd_ps(*v, m, a);
+                    }
+                }
+                acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+            }
+            // SAFETY: AVX-512F is present (checked above).
+            let r = unsafe { run(iters) };
+            std::hint::black_box(r);
+            return iters * 12 * 16;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn run(iters: u64) -> f32 {
+                let m = _mm256_set1_ps(0.999_999);
+                let a = _mm256_set1_ps(1e-7);
+                let mut acc = [_mm256_set1_ps(1.0); 12];
+                for _ in 0..iters {
+                    for v in acc.iter_mut() {
+                        *v = _mm256_fmadd_ps(*v, m, a);
+                    }
+                }
+                let mut out = [0.0f32; 8];
+                let mut sum = 0.0;
+                for v in acc {
+                    _mm256_storeu_ps(out.as_mut_ptr(), v);
+                    sum += out.iter().sum::<f32>();
+                }
+                sum
+            }
+            // SAFETY: AVX2 and FMA are present (checked above).
+            let r = unsafe { run(iters) };
+            std::hint::black_box(r);
+            return iters * 12 * 8;
+        }
+    }
+    let mut acc = [1.0f32; 8];
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = v.mul_add(0.999_999, 1e-7);
+        }
+    }
+    std::hint::black_box(acc);
+    iters * 8
+}
+
+/// Result of [`matmul_bench`].
+#[derive(Debug, Clone, Serialize)]
+pub struct MatmulReport {
+    /// m = n = k
+    pub size: usize,
+    /// Threads used.
+    pub threads: usize,
+    /// Median seconds per product.
+    pub seconds: f64,
+    /// 2 m n k / seconds / 1e9
+    pub gflops: f64,
+}
+
+/// Square f32 matmul rate.
+pub fn matmul_bench(cpu: &Cpu, size: usize, warmup: usize, iters: usize) -> Result<MatmulReport> {
+    let a = randn(size * size, 1);
+    let b = randn(size * size, 2);
+    let mut c = vec![0.0f32; size * size];
+    let times = time_it(warmup, iters, || cpu.matmul(&mut c, Mat::new(&a, size, size)?, Mat::new(&b, size, size)?, false))?;
+    let seconds = median(times);
+    Ok(MatmulReport { size, threads: cpu.threads(), seconds, gflops: 2.0 * (size as f64).powi(3) / seconds / 1e9 })
+}
+
+/// Result of [`moe_layer_bench`].
+#[derive(Debug, Clone, Serialize)]
+pub struct MoeLayerReport {
+    /// The layer configuration.
+    pub config: MoeConfig,
+    /// Tokens per forward.
+    pub tokens: usize,
+    /// Threads used.
+    pub threads: usize,
+    /// Kept assignments (rows through the experts).
+    pub kept: usize,
+    /// Median seconds of a forward pass.
+    pub forward_seconds: f64,
+    /// Median seconds of a forward plus backward pass.
+    pub train_seconds: f64,
+    /// tokens / forward_seconds
+    pub forward_tokens_per_s: f64,
+    /// tokens / train_seconds
+    pub train_tokens_per_s: f64,
+    /// Expert-matmul FLOPs of one forward (2 matmuls) and one backward (4 matmuls).
+    pub forward_flops: f64,
+    /// Forward + backward expert-matmul FLOPs.
+    pub train_flops: f64,
+    /// Expert FLOPs / forward time: the whole layer's effective rate.
+    pub forward_gflops: f64,
+    /// Expert FLOPs / train time.
+    pub train_gflops: f64,
+    /// The six expert matmuls alone (same shapes, same buffers), GFLOP/s.
+    pub expert_matmul_gflops: f64,
+    /// Measured FMA peak of this many threads, GFLOP/s.
+    pub peak_gflops: f64,
+}
+
+/// Forward and forward+backward throughput of one MoE layer over `tokens` tokens.
+pub fn moe_layer_bench(
+    cpu: &Cpu,
+    config: &MoeConfig,
+    tokens: usize,
+    warmup: usize,
+    iters: usize,
+    peak_gflops: f64,
+) -> Result<MoeLayerReport> {
+    let layer = MoeLayer::new(config.clone(), MoeParams::<f32>::init(config, 42)?)?;
+    let x = randn(tokens * config.d_model, 3);
+    let gy = randn(tokens * config.d_model, 4);
+    let mut grads = MoeParams::zeros(config);
+    let mut kept = 0;
+    let forward = time_it(warmup, iters, || {
+        let (out, cache) = cpu.install(|| layer.forward(cpu, &x))?;
+        kept = cache.routing.kept();
+        std::hint::black_box(out);
+        Ok(())
+    })?;
+    let train = time_it(warmup, iters, || {
+        cpu.install(|| {
+            let (_out, cache) = layer.forward(cpu, &x)?;
+            let gx = layer.backward(cpu, &x, cache, &gy, &mut grads)?;
+            std::hint::black_box(gx);
+            Ok(())
+        })
+    })?;
+
+    let (d, f) = (config.d_model as f64, config.d_ff as f64);
+    let forward_flops = 2.0 * 2.0 * kept as f64 * d * f;
+    let train_flops = 3.0 * forward_flops;
+
+    // The expert matmuls alone, with the layer's shapes and scheduling (experts side by side, each
+    // product single-threaded): per expert 2 forward and 4 backward products.
+    let per_expert = kept / config.experts.max(1);
+    let (n, dm, df) = (per_expert.max(1), config.d_model, config.d_ff);
+    let xe = randn(n * dm, 5);
+    let hbuf = randn(n * df, 6);
+    let w1 = randn(dm * df, 7);
+    let w2 = randn(df * dm, 8);
+    let mut outs: Vec<[Vec<f32>; 4]> = (0..config.experts)
+        .map(|_| [vec![0.0f32; n * df], vec![0.0f32; n * dm], vec![0.0f32; dm * df], vec![0.0f32; df * dm]])
+        .collect();
+    let mm = time_it(warmup, iters, || {
+        let tasks: Vec<&mut [Vec<f32>; 4]> = outs.iter_mut().collect();
+        cpu.par_for_each(tasks, |b, [out_f, out_d, gw1, gw2]| {
+            b.matmul(out_f, Mat::new(&xe, n, dm)?, Mat::new(&w1, dm, df)?, true)?;
+            b.matmul(out_d, Mat::new(&hbuf, n, df)?, Mat::new(&w2, df, dm)?, true)?;
+            b.matmul(gw2, Mat::new(&hbuf, n, df)?.t(), Mat::new(&xe, n, dm)?, true)?;
+            b.matmul(out_f, Mat::new(&xe, n, dm)?, Mat::new(&w2, df, dm)?.t(), false)?;
+            b.matmul(gw1, Mat::new(&xe, n, dm)?.t(), Mat::new(&hbuf, n, df)?, true)?;
+            b.matmul(out_d, Mat::new(&hbuf, n, df)?, Mat::new(&w1, dm, df)?.t(), false)
+        })
+    })?;
+    let mm_flops = 6.0 * 2.0 * (n * dm * df) as f64 * config.experts as f64;
+
+    let (fs, ts) = (median(forward), median(train));
+    Ok(MoeLayerReport {
+        config: config.clone(),
+        tokens,
+        threads: cpu.threads(),
+        kept,
+        forward_seconds: fs,
+        train_seconds: ts,
+        forward_tokens_per_s: tokens as f64 / fs,
+        train_tokens_per_s: tokens as f64 / ts,
+        forward_flops,
+        train_flops,
+        forward_gflops: forward_flops / fs / 1e9,
+        train_gflops: train_flops / ts / 1e9,
+        expert_matmul_gflops: mm_flops / median(mm) / 1e9,
+        peak_gflops,
+    })
+}

@@ -102,6 +102,14 @@ pub trait Backend: Send + Sync {
     /// A short name for logs and reports (`cpu(2 threads)`).
     fn name(&self) -> String;
 
+    /// Run independent tasks concurrently (one per item), each given a backend handle whose matrix
+    /// products run single-threaded on the task's thread. This is how experts run side by side: an
+    /// expert's products keep the same shapes and the same single-threaded kernel whatever the
+    /// number of threads, and two whole products on two cores beat one product split in two.
+    fn par_for_each<I: Send>(&self, items: Vec<I>, f: impl Fn(&Self, I) -> Result<()> + Sync + Send) -> Result<()>
+    where
+        Self: Sized;
+
     /// `dst = op(a) @ op(b)`, or `dst += op(a) @ op(b)` when `accumulate` is set.
     fn matmul<T: Scalar>(&self, dst: &mut [T], a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool) -> Result<()>;
 

@@ -17,6 +17,8 @@ const ELEM_CHUNK: usize = 16 * 1024;
 pub struct Cpu {
     pool: Arc<rayon::ThreadPool>,
     threads: usize,
+    /// Threads one matrix product may use: `threads`, or 1 inside [`Backend::par_for_each`] tasks.
+    gemm_threads: usize,
 }
 
 impl std::fmt::Debug for Cpu {
@@ -38,7 +40,7 @@ impl Cpu {
             .thread_name(|i| format!("semoe-cpu-{i}"))
             .build()
             .map_err(|e| Error::Backend { backend: "cpu", detail: format!("cannot start {threads} threads: {e}") })?;
-        Ok(Cpu { pool: Arc::new(pool), threads })
+        Ok(Cpu { pool: Arc::new(pool), threads, gemm_threads: threads })
     }
 
     /// Number of compute threads.
@@ -57,6 +59,11 @@ impl Cpu {
 impl Backend for Cpu {
     fn name(&self) -> String {
         format!("cpu({} threads)", self.threads)
+    }
+
+    fn par_for_each<I: Send>(&self, items: Vec<I>, f: impl Fn(&Self, I) -> Result<()> + Sync + Send) -> Result<()> {
+        let task_backend = Cpu { gemm_threads: 1, ..self.clone() };
+        self.install(|| items.into_par_iter().with_max_len(1).try_for_each(|item| f(&task_backend, item)))
     }
 
     fn matmul<T: Scalar>(&self, dst: &mut [T], a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool) -> Result<()> {
@@ -103,7 +110,11 @@ impl Backend for Cpu {
                     false,
                     false,
                     false,
-                    gemm::Parallelism::Rayon(self.threads),
+                    if self.gemm_threads > 1 {
+                        gemm::Parallelism::Rayon(self.gemm_threads)
+                    } else {
+                        gemm::Parallelism::None
+                    },
                 )
             }
         });

@@ -126,31 +126,26 @@ impl<T: Scalar> MoeLayer<T> {
         let mut xe = vec![T::ZERO; rows * d];
         backend.gather_rows(&mut xe, x, d, &routing.row_token, None)?;
 
-        // Experts.
+        // Experts, side by side: each task owns one expert's rows of every buffer.
         let mut h = vec![T::ZERO; rows * f];
         let mut a = vec![T::ZERO; rows * f];
         let mut ye = vec![T::ZERO; rows * d];
-        for e in 0..e_count {
-            let (r0, r1) = (routing.offsets[e], routing.offsets[e + 1]);
-            if r0 == r1 {
-                continue;
-            }
-            let n = r1 - r0;
-            let h_e = &mut h[r0 * f..r1 * f];
-            backend.broadcast_rows(h_e, &p.b1[e * f..(e + 1) * f])?;
-            backend.matmul(h_e, Mat::new(&xe[r0 * d..r1 * d], n, d)?, Mat::new(expert_w(&p.w1, e, d * f), d, f)?, true)?;
-        }
-        backend.gelu_forward(c.gelu, &h, &mut a)?;
-        for e in 0..e_count {
-            let (r0, r1) = (routing.offsets[e], routing.offsets[e + 1]);
-            if r0 == r1 {
-                continue;
-            }
-            let n = r1 - r0;
-            let ye_e = &mut ye[r0 * d..r1 * d];
-            backend.broadcast_rows(ye_e, &p.b2[e * d..(e + 1) * d])?;
-            backend.matmul(ye_e, Mat::new(&a[r0 * f..r1 * f], n, f)?, Mat::new(expert_w(&p.w2, e, f * d), f, d)?, true)?;
-        }
+        let tasks: Vec<_> = split_rows(&xe, &routing.offsets, d)
+            .into_iter()
+            .zip(split_rows_mut(&mut h, &routing.offsets, f))
+            .zip(split_rows_mut(&mut a, &routing.offsets, f))
+            .zip(split_rows_mut(&mut ye, &routing.offsets, d))
+            .enumerate()
+            .filter(|(_, (((xe_e, _), _), _))| !xe_e.is_empty())
+            .collect();
+        backend.par_for_each(tasks, |b, (e, (((xe_e, h_e), a_e), ye_e))| {
+            let n = xe_e.len() / d;
+            b.broadcast_rows(h_e, &p.b1[e * f..(e + 1) * f])?;
+            b.matmul(h_e, Mat::new(xe_e, n, d)?, Mat::new(expert_w(&p.w1, e, d * f), d, f)?, true)?;
+            b.gelu_forward(c.gelu, h_e, a_e)?;
+            b.broadcast_rows(ye_e, &p.b2[e * d..(e + 1) * d])?;
+            b.matmul(ye_e, Mat::new(a_e, n, f)?, Mat::new(expert_w(&p.w2, e, f * d), f, d)?, true)
+        })?;
 
         // Combine.
         let mut y = vec![T::ZERO; s_count * d];
@@ -205,38 +200,36 @@ impl<T: Scalar> MoeLayer<T> {
         let mut gye = vec![T::ZERO; rows * d];
         backend.gather_rows(&mut gye, gy, d, &routing.row_token, Some(&row_weights))?;
 
-        // Second expert matmul, then GELU, then the first; `a` is reused for its own gradient.
+        // Experts side by side, each task owning its expert's rows and gradient blocks. Per expert:
+        // the second matmul's gradients, GELU's backward, then the first matmul's; the activation
+        // buffer is reused for its own gradient.
         let mut g_act = a;
-        for e in 0..e_count {
-            let (r0, r1) = (routing.offsets[e], routing.offsets[e + 1]);
-            if r0 == r1 {
-                continue;
-            }
-            let n = r1 - r0;
-            let gye_e = Mat::new(&gye[r0 * d..r1 * d], n, d)?;
-            let a_e = &mut g_act[r0 * f..r1 * f];
-            backend.matmul(expert_w_mut(&mut grads.w2, e, f * d), Mat::new(a_e, n, f)?.t(), gye_e, true)?;
-            backend.add_column_sums(&mut grads.b2[e * d..(e + 1) * d], &gye[r0 * d..r1 * d])?;
-            backend.matmul(a_e, gye_e, Mat::new(expert_w(&p.w2, e, f * d), f, d)?.t(), false)?;
-        }
-        drop(gye);
-        backend.gelu_backward(c.gelu, &h, &mut g_act)?;
-        drop(h);
-        let g_h = g_act;
-        let mut gxe = xe.clone();
-        for e in 0..e_count {
-            let (r0, r1) = (routing.offsets[e], routing.offsets[e + 1]);
-            if r0 == r1 {
-                continue;
-            }
-            let n = r1 - r0;
-            let gh_e = Mat::new(&g_h[r0 * f..r1 * f], n, f)?;
-            backend.matmul(expert_w_mut(&mut grads.w1, e, d * f), Mat::new(&xe[r0 * d..r1 * d], n, d)?.t(), gh_e, true)?;
-            backend.add_column_sums(&mut grads.b1[e * f..(e + 1) * f], &g_h[r0 * f..r1 * f])?;
-            backend.matmul(&mut gxe[r0 * d..r1 * d], gh_e, Mat::new(expert_w(&p.w1, e, d * f), d, f)?.t(), false)?;
-        }
-        drop(g_h);
-        drop(xe);
+        let mut gxe = vec![T::ZERO; rows * d];
+        let offsets = &routing.offsets;
+        let tasks: Vec<_> = split_rows(&xe, offsets, d)
+            .into_iter()
+            .zip(split_rows(&h, offsets, f))
+            .zip(split_rows_mut(&mut g_act, offsets, f))
+            .zip(split_rows(&gye, offsets, d))
+            .zip(split_rows_mut(&mut gxe, offsets, d))
+            .zip(grads.w1.chunks_exact_mut(d * f).zip(grads.b1.chunks_exact_mut(f)))
+            .zip(grads.w2.chunks_exact_mut(f * d).zip(grads.b2.chunks_exact_mut(d)))
+            .enumerate()
+            .filter(|(_, ((((((xe_e, _), _), _), _), _), _))| !xe_e.is_empty())
+            .collect();
+        backend.par_for_each(tasks, |b, (e, ((((((xe_e, h_e), g_e), gye_e), gxe_e), (gw1, gb1)), (gw2, gb2)))| {
+            let n = xe_e.len() / d;
+            let gye_m = Mat::new(gye_e, n, d)?;
+            b.matmul(gw2, Mat::new(g_e, n, f)?.t(), gye_m, true)?;
+            b.add_column_sums(gb2, gye_e)?;
+            b.matmul(g_e, gye_m, Mat::new(expert_w(&p.w2, e, f * d), f, d)?.t(), false)?;
+            b.gelu_backward(c.gelu, h_e, g_e)?;
+            let gh_m = Mat::new(g_e, n, f)?;
+            b.matmul(gw1, Mat::new(xe_e, n, d)?.t(), gh_m, true)?;
+            b.add_column_sums(gb1, g_e)?;
+            b.matmul(gxe_e, gh_m, Mat::new(expert_w(&p.w1, e, d * f), d, f)?.t(), false)
+        })?;
+        drop((g_act, gye, h, xe));
 
         // Dispatch backward: grad_x[s] = sum_j gxe[row(j, s)].
         let mut grad_x = vec![T::ZERO; s_count * d];
@@ -279,8 +272,28 @@ fn expert_w<T>(w: &[T], e: usize, size: usize) -> &[T] {
     &w[e * size..(e + 1) * size]
 }
 
-fn expert_w_mut<T>(w: &mut [T], e: usize, size: usize) -> &mut [T] {
-    &mut w[e * size..(e + 1) * size]
+/// Split a `[R][width]` buffer into the row ranges `offsets[e]..offsets[e+1]`.
+fn split_rows<'a, T>(mut buf: &'a [T], offsets: &[usize], width: usize) -> Vec<&'a [T]> {
+    offsets
+        .windows(2)
+        .map(|w| {
+            let (head, tail) = buf.split_at((w[1] - w[0]) * width);
+            buf = tail;
+            head
+        })
+        .collect()
+}
+
+/// Mutable twin of [`split_rows`].
+fn split_rows_mut<'a, T>(mut buf: &'a mut [T], offsets: &[usize], width: usize) -> Vec<&'a mut [T]> {
+    offsets
+        .windows(2)
+        .map(|w| {
+            let (head, tail) = std::mem::take(&mut buf).split_at_mut((w[1] - w[0]) * width);
+            buf = tail;
+            head
+        })
+        .collect()
 }
 
 /// `[k][S]` -> `[S][k]`.
