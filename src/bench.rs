@@ -133,9 +133,16 @@ pub fn matmul_bench(cpu: &Cpu, size: usize, warmup: usize, iters: usize) -> Resu
     let a = randn(size * size, 1);
     let b = randn(size * size, 2);
     let mut c = vec![0.0f32; size * size];
-    let times = time_it(warmup, iters, || cpu.matmul(&mut c, Mat::new(&a, size, size)?, Mat::new(&b, size, size)?, false))?;
+    let times = time_it(warmup, iters, || {
+        cpu.matmul(&mut c, Mat::new(&a, size, size)?, Mat::new(&b, size, size)?, false)
+    })?;
     let seconds = median(times);
-    Ok(MatmulReport { size, threads: cpu.threads(), seconds, gflops: 2.0 * (size as f64).powi(3) / seconds / 1e9 })
+    Ok(MatmulReport {
+        size,
+        threads: cpu.threads(),
+        seconds,
+        gflops: 2.0 * (size as f64).powi(3) / seconds / 1e9,
+    })
 }
 
 /// Result of [`moe_layer_bench`].
@@ -213,7 +220,14 @@ pub fn moe_layer_bench(
     let w1 = randn(dm * df, 7);
     let w2 = randn(df * dm, 8);
     let mut outs: Vec<[Vec<f32>; 4]> = (0..config.experts)
-        .map(|_| [vec![0.0f32; n * df], vec![0.0f32; n * dm], vec![0.0f32; dm * df], vec![0.0f32; df * dm]])
+        .map(|_| {
+            [
+                vec![0.0f32; n * df],
+                vec![0.0f32; n * dm],
+                vec![0.0f32; dm * df],
+                vec![0.0f32; df * dm],
+            ]
+        })
         .collect();
     let mm = time_it(warmup, iters, || {
         let tasks: Vec<&mut [Vec<f32>; 4]> = outs.iter_mut().collect();

@@ -61,16 +61,26 @@ impl Error {
 
     /// A shape error for `context`.
     pub fn shape(context: impl Into<String>, detail: impl Into<String>) -> Self {
-        Error::Shape { context: context.into(), detail: detail.into() }
+        Error::Shape {
+            context: context.into(),
+            detail: detail.into(),
+        }
     }
 
     /// An I/O error while doing `context` on `path`.
     pub fn io(context: impl Into<String>, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { context: context.into(), path: path.into(), source }
+        Error::Io {
+            context: context.into(),
+            path: path.into(),
+            source,
+        }
     }
 
     /// A parse error for `what`.
     pub fn parse(what: impl Into<String>, detail: impl Into<String>) -> Self {
-        Error::Parse { what: what.into(), detail: detail.into() }
+        Error::Parse {
+            what: what.into(),
+            detail: detail.into(),
+        }
     }
 }

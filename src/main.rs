@@ -12,7 +12,11 @@ use std::process::ExitCode;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "semoe", version, about = "Elastic Mixture-of-Experts training and inference runtime")]
+#[command(
+    name = "semoe",
+    version,
+    about = "Elastic Mixture-of-Experts training and inference runtime"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -128,7 +132,10 @@ fn run(cli: Cli) -> semoe::Result<()> {
             let peak = bench::fma_peak_gflops(cpu.threads());
             let r = bench::moe_layer_bench(&cpu, &config, a.tokens, a.common.warmup, a.common.iters, peak)?;
             if a.common.json {
-                println!("{}", serde_json::to_string(&r).map_err(|e| semoe::Error::parse("report", e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string(&r).map_err(|e| semoe::Error::parse("report", e.to_string()))?
+                );
             } else {
                 println!(
                     "MoE layer: S={} d_model={} d_ff={} E={} k={} capacity_factor={} ({} of {} assignments kept), f32, {} threads",
@@ -162,7 +169,10 @@ fn run(cli: Cli) -> semoe::Result<()> {
             let peak = bench::fma_peak_gflops(cpu.threads());
             let r = bench::matmul_bench(&cpu, a.size, a.common.warmup, a.common.iters)?;
             if a.common.json {
-                println!("{}", serde_json::to_string(&r).map_err(|e| semoe::Error::parse("report", e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string(&r).map_err(|e| semoe::Error::parse("report", e.to_string()))?
+                );
             } else {
                 println!(
                     "matmul {0}x{0}x{0} f32, {1} threads: {2:.1} GFLOP/s ({3:.0}% of the {4:.1} GFLOP/s FMA peak)",

@@ -5,7 +5,13 @@ use semoe::model::moe::{MoeConfig, MoeLayer, MoeParams};
 use semoe::Error;
 
 fn small() -> MoeConfig {
-    MoeConfig { d_model: 8, d_ff: 16, experts: 4, k: 2, ..MoeConfig::default() }
+    MoeConfig {
+        d_model: 8,
+        d_ff: 16,
+        experts: 4,
+        k: 2,
+        ..MoeConfig::default()
+    }
 }
 
 fn message(r: Result<impl std::fmt::Debug, Error>) -> String {
@@ -24,7 +30,10 @@ fn k_larger_than_experts_is_rejected() {
 #[test]
 fn non_positive_capacity_factor_is_rejected() {
     for cf in [0.0, -0.5, f64::INFINITY] {
-        let c = MoeConfig { capacity_factor: cf, ..small() };
+        let c = MoeConfig {
+            capacity_factor: cf,
+            ..small()
+        };
         let msg = message(c.validate());
         assert!(msg.contains("capacity_factor"), "{msg}");
     }
@@ -76,5 +85,8 @@ fn an_empty_batch_is_fine() {
     let (out, cache) = layer.forward(&cpu, &[]).expect("forward");
     assert!(out.y.is_empty());
     let mut grads = MoeParams::zeros(&c);
-    assert!(layer.backward(&cpu, &[], cache, &[], &mut grads).expect("backward").is_empty());
+    assert!(layer
+        .backward(&cpu, &[], cache, &[], &mut grads)
+        .expect("backward")
+        .is_empty());
 }

@@ -19,7 +19,11 @@ fn loss(layer: &MoeLayer<f64>, cpu: &Cpu, x: &[f64], gy: &[f64]) -> (f64, Vec<bo
     let (out, cache) = layer.forward(cpu, x).expect("forward");
     let c = layer.config();
     let dot: f64 = out.y.iter().zip(gy).map(|(a, b)| a * b).sum();
-    (dot + c.aux_coef * out.l_aux + c.z_coef * out.z_loss, cache.routing.keep, cache.routing.expert)
+    (
+        dot + c.aux_coef * out.l_aux + c.z_coef * out.z_loss,
+        cache.routing.keep,
+        cache.routing.expert,
+    )
 }
 
 fn check(config: MoeConfig, tokens: usize, seed: u64) {
@@ -35,22 +39,28 @@ fn check(config: MoeConfig, tokens: usize, seed: u64) {
     let gy = randn(tokens * config.d_model, seed + 4);
 
     let (out, cache) = layer.forward(&cpu, &x).expect("forward");
-    assert!(out.stats.dropped > 0 || config.dropless, "the case should drop something");
+    assert!(
+        out.stats.dropped > 0 || config.dropless,
+        "the case should drop something"
+    );
     let (keep0, expert0) = (cache.routing.keep.clone(), cache.routing.expert.clone());
     let mut grads = MoeParams::zeros(&config);
     let grad_x = layer.backward(&cpu, &x, cache, &gy, &mut grads).expect("backward");
 
     let mut failures = Vec::new();
-    let mut compare = |name: &str, i: usize, analytic: f64, plus: (f64, Vec<bool>, Vec<u32>), minus: (f64, Vec<bool>, Vec<u32>)| {
-        assert!(
-            plus.1 == keep0 && minus.1 == keep0 && plus.2 == expert0 && minus.2 == expert0,
-            "perturbing {name}[{i}] changed the routing; choose another seed"
-        );
-        let fd = (plus.0 - minus.0) / (2.0 * H);
-        if (fd - analytic).abs() > 1e-6 * (analytic.abs() + 1.0) {
-            failures.push(format!("{name}[{i}]: analytic {analytic:.9e}, finite difference {fd:.9e}"));
-        }
-    };
+    let mut compare =
+        |name: &str, i: usize, analytic: f64, plus: (f64, Vec<bool>, Vec<u32>), minus: (f64, Vec<bool>, Vec<u32>)| {
+            assert!(
+                plus.1 == keep0 && minus.1 == keep0 && plus.2 == expert0 && minus.2 == expert0,
+                "perturbing {name}[{i}] changed the routing; choose another seed"
+            );
+            let fd = (plus.0 - minus.0) / (2.0 * H);
+            if (fd - analytic).abs() > 1e-6 * (analytic.abs() + 1.0) {
+                failures.push(format!(
+                    "{name}[{i}]: analytic {analytic:.9e}, finite difference {fd:.9e}"
+                ));
+            }
+        };
 
     let names = ["wg", "w1", "b1", "w2", "b2"];
     for (pi, name) in names.iter().enumerate() {
@@ -73,7 +83,12 @@ fn check(config: MoeConfig, tokens: usize, seed: u64) {
         let minus = loss(&layer, &cpu, &xp, &gy);
         compare("x", i, a, plus, minus);
     }
-    assert!(failures.is_empty(), "{} gradient mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} gradient mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 fn tiny(k: usize) -> MoeConfig {
@@ -102,15 +117,37 @@ fn top2_normalised_with_drops_and_z_loss() {
 
 #[test]
 fn top3_unnormalised_tanh_gelu() {
-    check(MoeConfig { normalize: false, gelu: Gelu::Tanh, ..tiny(3) }, 12, 30);
+    check(
+        MoeConfig {
+            normalize: false,
+            gelu: Gelu::Tanh,
+            ..tiny(3)
+        },
+        12,
+        30,
+    );
 }
 
 #[test]
 fn top2_probs_policy() {
-    check(MoeConfig { drop_policy: DropPolicy::Probs, ..tiny(2) }, 12, 40);
+    check(
+        MoeConfig {
+            drop_policy: DropPolicy::Probs,
+            ..tiny(2)
+        },
+        12,
+        40,
+    );
 }
 
 #[test]
 fn top2_dropless() {
-    check(MoeConfig { dropless: true, ..tiny(2) }, 9, 50);
+    check(
+        MoeConfig {
+            dropless: true,
+            ..tiny(2)
+        },
+        9,
+        50,
+    );
 }

@@ -33,7 +33,9 @@ impl std::str::FromStr for Gelu {
         match s {
             "erf" => Ok(Gelu::Erf),
             "tanh" => Ok(Gelu::Tanh),
-            other => Err(Error::config(format!("gelu must be \"erf\" or \"tanh\", got {other:?}"))),
+            other => Err(Error::config(format!(
+                "gelu must be \"erf\" or \"tanh\", got {other:?}"
+            ))),
         }
     }
 }
@@ -56,15 +58,27 @@ impl<'a, T> Mat<'a, T> {
         if data.len() != rows * cols {
             return Err(Error::shape(
                 "matrix view",
-                format!("{rows}x{cols} needs {} elements, buffer has {}", rows * cols, data.len()),
+                format!(
+                    "{rows}x{cols} needs {} elements, buffer has {}",
+                    rows * cols,
+                    data.len()
+                ),
             ));
         }
-        Ok(Mat { data, stored_rows: rows, stored_cols: cols, transposed: false })
+        Ok(Mat {
+            data,
+            stored_rows: rows,
+            stored_cols: cols,
+            transposed: false,
+        })
     }
 
     /// The transposed view (no copy).
     pub fn t(self) -> Self {
-        Mat { transposed: !self.transposed, ..self }
+        Mat {
+            transposed: !self.transposed,
+            ..self
+        }
     }
 
     /// Logical number of rows.
@@ -174,6 +188,9 @@ pub(crate) fn check_len<T>(what: &str, buf: &[T], expected: usize) -> Result<()>
     if buf.len() == expected {
         Ok(())
     } else {
-        Err(Error::shape(what, format!("expected {expected} elements, got {}", buf.len())))
+        Err(Error::shape(
+            what,
+            format!("expected {expected} elements, got {}", buf.len()),
+        ))
     }
 }

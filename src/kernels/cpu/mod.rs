@@ -39,8 +39,15 @@ impl Cpu {
             .num_threads(threads)
             .thread_name(|i| format!("semoe-cpu-{i}"))
             .build()
-            .map_err(|e| Error::Backend { backend: "cpu", detail: format!("cannot start {threads} threads: {e}") })?;
-        Ok(Cpu { pool: Arc::new(pool), threads, gemm_threads: threads })
+            .map_err(|e| Error::Backend {
+                backend: "cpu",
+                detail: format!("cannot start {threads} threads: {e}"),
+            })?;
+        Ok(Cpu {
+            pool: Arc::new(pool),
+            threads,
+            gemm_threads: threads,
+        })
     }
 
     /// Number of compute threads.
@@ -62,8 +69,16 @@ impl Backend for Cpu {
     }
 
     fn par_for_each<I: Send>(&self, items: Vec<I>, f: impl Fn(&Self, I) -> Result<()> + Sync + Send) -> Result<()> {
-        let task_backend = Cpu { gemm_threads: 1, ..self.clone() };
-        self.install(|| items.into_par_iter().with_max_len(1).try_for_each(|item| f(&task_backend, item)))
+        let task_backend = Cpu {
+            gemm_threads: 1,
+            ..self.clone()
+        };
+        self.install(|| {
+            items
+                .into_par_iter()
+                .with_max_len(1)
+                .try_for_each(|item| f(&task_backend, item))
+        })
     }
 
     fn matmul<T: Scalar>(&self, dst: &mut [T], a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool) -> Result<()> {
@@ -122,7 +137,7 @@ impl Backend for Cpu {
     }
 
     fn broadcast_rows<T: Scalar>(&self, dst: &mut [T], bias: &[T]) -> Result<()> {
-        if bias.is_empty() || dst.len() % bias.len() != 0 {
+        if bias.is_empty() || !dst.len().is_multiple_of(bias.len()) {
             return Err(Error::shape(
                 "broadcast_rows",
                 format!("{} elements are not whole rows of {}", dst.len(), bias.len()),
@@ -140,7 +155,7 @@ impl Backend for Cpu {
 
     fn add_column_sums<T: Scalar>(&self, acc: &mut [T], m: &[T]) -> Result<()> {
         let cols = acc.len();
-        if cols == 0 || m.len() % cols != 0 {
+        if cols == 0 || !m.len().is_multiple_of(cols) {
             return Err(Error::shape(
                 "add_column_sums",
                 format!("{} elements are not whole rows of {cols}", m.len()),
@@ -182,8 +197,11 @@ impl Backend for Cpu {
 
     fn softmax_rows<T: Scalar>(&self, x: &[T], cols: usize, out: &mut [T]) -> Result<Vec<T>> {
         check_len("softmax output", out, x.len())?;
-        if cols == 0 || x.len() % cols != 0 {
-            return Err(Error::shape("softmax_rows", format!("{} elements are not whole rows of {cols}", x.len())));
+        if cols == 0 || !x.len().is_multiple_of(cols) {
+            return Err(Error::shape(
+                "softmax_rows",
+                format!("{} elements are not whole rows of {cols}", x.len()),
+            ));
         }
         let mut lse = vec![T::ZERO; x.len() / cols];
         self.install(|| {
@@ -241,7 +259,10 @@ impl Backend for Cpu {
         weight: Option<&[T]>,
     ) -> Result<()> {
         if cols == 0 || k == 0 {
-            return Err(Error::shape("gather_sum_rows", format!("cols ({cols}) and k ({k}) must be positive")));
+            return Err(Error::shape(
+                "gather_sum_rows",
+                format!("cols ({cols}) and k ({k}) must be positive"),
+            ));
         }
         check_len("gather_sum_rows index", index, dst.len() / cols * k)?;
         check_len("gather_sum_rows output", dst, index.len() / k * cols)?;
@@ -302,8 +323,11 @@ impl Backend for Cpu {
 
 /// Check that every index names a row of a buffer of `len` elements in rows of `cols`.
 fn check_rows(op: &str, index: &[u32], len: usize, cols: usize, allow_skip: bool) -> Result<()> {
-    let rows = if cols == 0 { 0 } else { len / cols };
-    match index.iter().find(|&&i| i as usize >= rows && !(allow_skip && i == SKIP)) {
+    let rows = len.checked_div(cols).unwrap_or(0);
+    match index
+        .iter()
+        .find(|&&i| i as usize >= rows && !(allow_skip && i == SKIP))
+    {
         Some(bad) => Err(Error::shape(op, format!("row {bad} out of range for {rows} rows"))),
         None => Ok(()),
     }
@@ -367,8 +391,16 @@ mod tests {
         let at = transpose(&a, m, k);
         let bt = transpose(&b, k, n);
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let av = if ta { Mat::new(&at, k, m)?.t() } else { Mat::new(&a, m, k)? };
-            let bv = if tb { Mat::new(&bt, n, k)?.t() } else { Mat::new(&b, k, n)? };
+            let av = if ta {
+                Mat::new(&at, k, m)?.t()
+            } else {
+                Mat::new(&a, m, k)?
+            };
+            let bv = if tb {
+                Mat::new(&bt, n, k)?.t()
+            } else {
+                Mat::new(&b, k, n)?
+            };
             let mut c = vec![1.0f32; m * n];
             cpu.matmul(&mut c, av, bv, true)?;
             for (got, want) in c.iter().zip(&want) {

@@ -13,7 +13,10 @@ pub struct CudaDevice {
 }
 
 fn cuda_error(detail: impl Into<String>) -> Error {
-    Error::Backend { backend: "cuda", detail: detail.into() }
+    Error::Backend {
+        backend: "cuda",
+        detail: detail.into(),
+    }
 }
 
 impl CudaDevice {
@@ -39,7 +42,9 @@ impl CudaDevice {
         if !driver_present() {
             return 0;
         }
-        cudarc::driver::CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)
+        cudarc::driver::CudaContext::device_count()
+            .map(|n| n.max(0) as usize)
+            .unwrap_or(0)
     }
 
     /// The device's name as the driver reports it.

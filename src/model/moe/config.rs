@@ -88,13 +88,22 @@ impl MoeConfig {
             )));
         }
         if !(self.capacity_factor.is_finite() && self.capacity_factor > 0.0) {
-            return Err(Error::config(format!("capacity_factor must be a positive number, got {}", self.capacity_factor)));
+            return Err(Error::config(format!(
+                "capacity_factor must be a positive number, got {}",
+                self.capacity_factor
+            )));
         }
         if !(self.aux_coef.is_finite() && self.aux_coef >= 0.0) {
-            return Err(Error::config(format!("aux_coef must be a non-negative number, got {}", self.aux_coef)));
+            return Err(Error::config(format!(
+                "aux_coef must be a non-negative number, got {}",
+                self.aux_coef
+            )));
         }
         if !(self.z_coef.is_finite() && self.z_coef >= 0.0) {
-            return Err(Error::config(format!("z_coef must be a non-negative number, got {}", self.z_coef)));
+            return Err(Error::config(format!(
+                "z_coef must be a non-negative number, got {}",
+                self.z_coef
+            )));
         }
         Ok(())
     }
@@ -126,12 +135,42 @@ mod tests {
         let cases = [
             (MoeConfig { k: 9, ..ok.clone() }, "k (experts per token)"),
             (MoeConfig { k: 0, ..ok.clone() }, "k (experts per token)"),
-            (MoeConfig { capacity_factor: 0.0, ..ok.clone() }, "capacity_factor"),
-            (MoeConfig { capacity_factor: -1.0, ..ok.clone() }, "capacity_factor"),
-            (MoeConfig { capacity_factor: f64::NAN, ..ok.clone() }, "capacity_factor"),
-            (MoeConfig { experts: 0, ..ok.clone() }, "experts"),
+            (
+                MoeConfig {
+                    capacity_factor: 0.0,
+                    ..ok.clone()
+                },
+                "capacity_factor",
+            ),
+            (
+                MoeConfig {
+                    capacity_factor: -1.0,
+                    ..ok.clone()
+                },
+                "capacity_factor",
+            ),
+            (
+                MoeConfig {
+                    capacity_factor: f64::NAN,
+                    ..ok.clone()
+                },
+                "capacity_factor",
+            ),
+            (
+                MoeConfig {
+                    experts: 0,
+                    ..ok.clone()
+                },
+                "experts",
+            ),
             (MoeConfig { d_ff: 0, ..ok.clone() }, "d_ff"),
-            (MoeConfig { aux_coef: -0.1, ..ok.clone() }, "aux_coef"),
+            (
+                MoeConfig {
+                    aux_coef: -0.1,
+                    ..ok.clone()
+                },
+                "aux_coef",
+            ),
         ];
         for (config, word) in cases {
             let err = config.validate().expect_err("must be rejected").to_string();
@@ -141,7 +180,13 @@ mod tests {
 
     #[test]
     fn capacity_formula() {
-        let c = MoeConfig { k: 2, experts: 8, capacity_factor: 1.0, min_capacity: 4, ..MoeConfig::default() };
+        let c = MoeConfig {
+            k: 2,
+            experts: 8,
+            capacity_factor: 1.0,
+            min_capacity: 4,
+            ..MoeConfig::default()
+        };
         assert_eq!(c.capacity(4096), Some(1024));
         assert_eq!(c.capacity(37), Some(10)); // ceil(74 / 8)
         assert_eq!(c.capacity(3), Some(4)); // min_capacity

@@ -87,19 +87,30 @@ impl<T: Scalar> MoeLayer<T> {
     pub fn forward<B: Backend>(&self, backend: &B, x: &[T]) -> Result<(MoeOutput<T>, MoeCache<T>)> {
         let c = &self.config;
         let (d, f, e_count, k) = (c.d_model, c.d_ff, c.experts, c.k);
-        if x.len() % d != 0 {
-            return Err(Error::shape("MoE input", format!("{} elements are not whole rows of d_model={d}", x.len())));
+        if !x.len().is_multiple_of(d) {
+            return Err(Error::shape(
+                "MoE input",
+                format!("{} elements are not whole rows of d_model={d}", x.len()),
+            ));
         }
         let s_count = x.len() / d;
         let p = &self.params;
 
         // Gate.
         let mut logits = vec![T::ZERO; s_count * e_count];
-        backend.matmul(&mut logits, Mat::new(x, s_count, d)?, Mat::new(&p.wg, d, e_count)?, false)?;
+        backend.matmul(
+            &mut logits,
+            Mat::new(x, s_count, d)?,
+            Mat::new(&p.wg, d, e_count)?,
+            false,
+        )?;
         if let Some(i) = logits.iter().position(|v| !v.to_f64().is_finite()) {
             return Err(Error::shape(
                 "MoE gate",
-                format!("non-finite gate logit for token {} (check the input for NaN or infinity)", i / e_count),
+                format!(
+                    "non-finite gate logit for token {} (check the input for NaN or infinity)",
+                    i / e_count
+                ),
             ));
         }
         let mut gates = vec![T::ZERO; logits.len()];
@@ -141,10 +152,20 @@ impl<T: Scalar> MoeLayer<T> {
         backend.par_for_each(tasks, |b, (e, (((xe_e, h_e), a_e), ye_e))| {
             let n = xe_e.len() / d;
             b.broadcast_rows(h_e, &p.b1[e * f..(e + 1) * f])?;
-            b.matmul(h_e, Mat::new(xe_e, n, d)?, Mat::new(expert_w(&p.w1, e, d * f), d, f)?, true)?;
+            b.matmul(
+                h_e,
+                Mat::new(xe_e, n, d)?,
+                Mat::new(expert_w(&p.w1, e, d * f), d, f)?,
+                true,
+            )?;
             b.gelu_forward(c.gelu, h_e, a_e)?;
             b.broadcast_rows(ye_e, &p.b2[e * d..(e + 1) * d])?;
-            b.matmul(ye_e, Mat::new(a_e, n, f)?, Mat::new(expert_w(&p.w2, e, f * d), f, d)?, true)
+            b.matmul(
+                ye_e,
+                Mat::new(a_e, n, f)?,
+                Mat::new(expert_w(&p.w2, e, f * d), f, d)?,
+                true,
+            )
         })?;
 
         // Combine.
@@ -158,8 +179,22 @@ impl<T: Scalar> MoeLayer<T> {
             dropped: routing.dropped(),
             capacity: routing.capacity,
         };
-        let out = MoeOutput { y, l_aux, z_loss, stats };
-        let cache = MoeCache { gates, lse, routing, weights, xe, h, a, ye };
+        let out = MoeOutput {
+            y,
+            l_aux,
+            z_loss,
+            stats,
+        };
+        let cache = MoeCache {
+            gates,
+            lse,
+            routing,
+            weights,
+            xe,
+            h,
+            a,
+            ye,
+        };
         Ok((out, cache))
     }
 
@@ -181,7 +216,16 @@ impl<T: Scalar> MoeLayer<T> {
         check_len("MoE backward gradient gy", gy, s_count * d)?;
         grads.check(c)?;
         let p = &self.params;
-        let MoeCache { gates, lse, routing, weights, xe, h, a, ye } = cache;
+        let MoeCache {
+            gates,
+            lse,
+            routing,
+            weights,
+            xe,
+            h,
+            a,
+            ye,
+        } = cache;
         let rows = routing.kept();
 
         // Gradient of each combine weight: gw[a] = <gy[s], ye[row(a)]>.
@@ -217,18 +261,21 @@ impl<T: Scalar> MoeLayer<T> {
             .enumerate()
             .filter(|(_, ((((((xe_e, _), _), _), _), _), _))| !xe_e.is_empty())
             .collect();
-        backend.par_for_each(tasks, |b, (e, ((((((xe_e, h_e), g_e), gye_e), gxe_e), (gw1, gb1)), (gw2, gb2)))| {
-            let n = xe_e.len() / d;
-            let gye_m = Mat::new(gye_e, n, d)?;
-            b.matmul(gw2, Mat::new(g_e, n, f)?.t(), gye_m, true)?;
-            b.add_column_sums(gb2, gye_e)?;
-            b.matmul(g_e, gye_m, Mat::new(expert_w(&p.w2, e, f * d), f, d)?.t(), false)?;
-            b.gelu_backward(c.gelu, h_e, g_e)?;
-            let gh_m = Mat::new(g_e, n, f)?;
-            b.matmul(gw1, Mat::new(xe_e, n, d)?.t(), gh_m, true)?;
-            b.add_column_sums(gb1, g_e)?;
-            b.matmul(gxe_e, gh_m, Mat::new(expert_w(&p.w1, e, d * f), d, f)?.t(), false)
-        })?;
+        backend.par_for_each(
+            tasks,
+            |b, (e, ((((((xe_e, h_e), g_e), gye_e), gxe_e), (gw1, gb1)), (gw2, gb2)))| {
+                let n = xe_e.len() / d;
+                let gye_m = Mat::new(gye_e, n, d)?;
+                b.matmul(gw2, Mat::new(g_e, n, f)?.t(), gye_m, true)?;
+                b.add_column_sums(gb2, gye_e)?;
+                b.matmul(g_e, gye_m, Mat::new(expert_w(&p.w2, e, f * d), f, d)?.t(), false)?;
+                b.gelu_backward(c.gelu, h_e, g_e)?;
+                let gh_m = Mat::new(g_e, n, f)?;
+                b.matmul(gw1, Mat::new(xe_e, n, d)?.t(), gh_m, true)?;
+                b.add_column_sums(gb1, g_e)?;
+                b.matmul(gxe_e, gh_m, Mat::new(expert_w(&p.w1, e, d * f), d, f)?.t(), false)
+            },
+        )?;
         drop((g_act, gye, h, xe));
 
         // Dispatch backward: grad_x[s] = sum_j gxe[row(j, s)].
@@ -262,8 +309,18 @@ impl<T: Scalar> MoeLayer<T> {
                 *l = p * (g - dot) + zs * p;
             }
         }
-        backend.matmul(&mut grads.wg, Mat::new(x, s_count, d)?.t(), Mat::new(&g_logits, s_count, e_count)?, true)?;
-        backend.matmul(&mut grad_x, Mat::new(&g_logits, s_count, e_count)?, Mat::new(&p.wg, d, e_count)?.t(), true)?;
+        backend.matmul(
+            &mut grads.wg,
+            Mat::new(x, s_count, d)?.t(),
+            Mat::new(&g_logits, s_count, e_count)?,
+            true,
+        )?;
+        backend.matmul(
+            &mut grad_x,
+            Mat::new(&g_logits, s_count, e_count)?,
+            Mat::new(&p.wg, d, e_count)?.t(),
+            true,
+        )?;
         Ok(grad_x)
     }
 }
@@ -306,7 +363,13 @@ fn token_major<T: Copy>(v: &[T], k: usize, s_count: usize) -> Vec<T> {
 fn combine_weights<T: Scalar>(c: &MoeConfig, gates: &[T], r: &Routing) -> Vec<T> {
     let s_count = r.tokens;
     let mut w: Vec<T> = (0..c.k * s_count)
-        .map(|a| if r.keep[a] { gates[(a % s_count) * c.experts + r.expert[a] as usize] } else { T::ZERO })
+        .map(|a| {
+            if r.keep[a] {
+                gates[(a % s_count) * c.experts + r.expert[a] as usize]
+            } else {
+                T::ZERO
+            }
+        })
         .collect();
     if c.k >= 2 && c.normalize {
         let eps = T::from_f64(NORMALIZE_EPS);
@@ -333,7 +396,9 @@ fn combine_weights_backward<T: Scalar>(c: &MoeConfig, gates: &[T], r: &Routing, 
             let eps = T::from_f64(NORMALIZE_EPS);
             if sum >= eps {
                 // w_j = g_j / sum  =>  dL/dg_i = (gw_i - sum_j gw_j w_j) / sum
-                let dot = (0..c.k).filter(|&j| kept(j)).fold(T::ZERO, |acc, j| acc + gw[j * s_count + s] * gate(j) / sum);
+                let dot = (0..c.k)
+                    .filter(|&j| kept(j))
+                    .fold(T::ZERO, |acc, j| acc + gw[j * s_count + s] * gate(j) / sum);
                 for (j, sc) in scale.iter_mut().enumerate() {
                     *sc = (gw[j * s_count + s] - dot) / sum;
                 }

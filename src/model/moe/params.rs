@@ -68,7 +68,10 @@ impl<T: Scalar> MoeParams<T> {
             if buf.len() != want {
                 return Err(Error::shape(
                     format!("MoE parameter {name}"),
-                    format!("expected {want} elements for d_model={d}, d_ff={f}, E={e}, got {}", buf.len()),
+                    format!(
+                        "expected {want} elements for d_model={d}, d_ff={f}, E={e}, got {}",
+                        buf.len()
+                    ),
                 ));
             }
         }
@@ -77,7 +80,13 @@ impl<T: Scalar> MoeParams<T> {
 
     /// The buffers with their names, in a fixed order.
     pub fn named(&self) -> [(&'static str, &Vec<T>); 5] {
-        [("wg", &self.wg), ("w1", &self.w1), ("b1", &self.b1), ("w2", &self.w2), ("b2", &self.b2)]
+        [
+            ("wg", &self.wg),
+            ("w1", &self.w1),
+            ("b1", &self.b1),
+            ("w2", &self.w2),
+            ("b2", &self.b2),
+        ]
     }
 
     /// The buffers with their names, mutable, in the same order as [`MoeParams::named`].

@@ -46,7 +46,10 @@ impl Routing {
     pub fn new<T: Scalar>(config: &MoeConfig, gates: &[T], tokens: usize) -> Result<Self> {
         let (k, e_count) = (config.k, config.experts);
         if gates.len() != tokens * e_count {
-            return Err(Error::shape("routing", format!("gates must be {tokens}x{e_count}, got {} elements", gates.len())));
+            return Err(Error::shape(
+                "routing",
+                format!("gates must be {tokens}x{e_count}, got {} elements", gates.len()),
+            ));
         }
         if tokens > (u32::MAX as usize) / (k + 1) {
             return Err(Error::config(format!("too many tokens in one group: {tokens}")));
@@ -89,9 +92,10 @@ impl Routing {
 
         let (keep, loc): (Vec<bool>, Vec<i64>) = match (capacity, config.drop_policy) {
             (None, _) => (vec![true; n], order_in_expert.iter().map(|&p| p as i64).collect()),
-            (Some(c), DropPolicy::Position) => {
-                (order_in_expert.iter().map(|&p| p < c).collect(), order_in_expert.iter().map(|&p| p as i64).collect())
-            }
+            (Some(c), DropPolicy::Position) => (
+                order_in_expert.iter().map(|&p| p < c).collect(),
+                order_in_expert.iter().map(|&p| p as i64).collect(),
+            ),
             (Some(c), DropPolicy::Probs) => keep_most_probable(&expert, gates, tokens, e_count, c),
         };
 
@@ -198,7 +202,15 @@ mod tests {
     use super::*;
 
     fn config(k: usize, e: usize, cf: f64) -> MoeConfig {
-        MoeConfig { d_model: 4, d_ff: 4, experts: e, k, capacity_factor: cf, min_capacity: 0, ..MoeConfig::default() }
+        MoeConfig {
+            d_model: 4,
+            d_ff: 4,
+            experts: e,
+            k,
+            capacity_factor: cf,
+            min_capacity: 0,
+            ..MoeConfig::default()
+        }
     }
 
     #[test]
@@ -219,7 +231,10 @@ mod tests {
     #[test]
     fn probs_policy_keeps_the_most_confident() -> Result<()> {
         let gates = [0.6f64, 0.4, 0.9, 0.1, 0.7, 0.3, 0.8, 0.2];
-        let c = MoeConfig { drop_policy: DropPolicy::Probs, ..config(1, 2, 1.0) };
+        let c = MoeConfig {
+            drop_policy: DropPolicy::Probs,
+            ..config(1, 2, 1.0)
+        };
         // capacity = ceil(1 * 4 / 2) = 2; expert 0 is wanted by all four, keeps tokens 1 and 3.
         let r = Routing::new(&c, &gates, 4)?;
         assert_eq!(r.keep, [false, true, false, true]);
