@@ -9,5 +9,7 @@ pub mod bench;
 pub mod error;
 pub mod kernels;
 pub mod model;
+pub mod storage;
+pub mod telemetry;
 
 pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! Parameter storage: checkpoints (safetensors plus a manifest).

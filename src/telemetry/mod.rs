@@ -1,0 +1,1 @@
+//! Telemetry: run reports and plots.
