@@ -48,6 +48,15 @@ pub enum Error {
         /// What went wrong.
         detail: String,
     },
+
+    /// A checkpoint is incomplete, corrupt or does not hold what the caller asked for.
+    #[error("checkpoint {path}: {detail}")]
+    Checkpoint {
+        /// The checkpoint directory or the file in it concerned.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 /// The result type of semoe.
@@ -80,6 +89,14 @@ impl Error {
     pub fn parse(what: impl Into<String>, detail: impl Into<String>) -> Self {
         Error::Parse {
             what: what.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// A checkpoint error about `path` (the checkpoint directory or a file in it).
+    pub fn checkpoint(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.into(),
             detail: detail.into(),
         }
     }

@@ -7,9 +7,11 @@
 
 pub mod bench;
 pub mod error;
+pub mod infer;
 pub mod kernels;
 pub mod model;
 pub mod storage;
 pub mod telemetry;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -2,8 +2,13 @@
 
 use clap::{Args, Parser, Subcommand};
 use semoe::bench;
+use semoe::infer::{generate, SampleOptions};
 use semoe::kernels::{Cpu, Gelu};
 use semoe::model::moe::{DropPolicy, MoeConfig};
+use semoe::storage::checkpoint;
+use semoe::train::{TrainConfig, Trainer};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// mimalloc keeps freed pages mapped, so the large per-step activation buffers do not page-fault
@@ -24,9 +29,120 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a GPT-style MoE language model (by default on the bundled Shakespeare corpus), then
+    /// write a report and print a sample.
+    Train(Box<TrainArgs>),
+    /// Generate text from a checkpoint, streaming it as it is sampled.
+    Generate(GenerateArgs),
     /// Measure kernels and layers (tokens/s, GFLOP/s, fraction of the machine's peak).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// Options of `semoe train`. Flags override the config file; the config file overrides defaults.
+#[derive(Args)]
+struct TrainArgs {
+    /// TOML config file with [model], [optimizer] and [train] tables (see `--print-config`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run directory for config, metrics, checkpoints and report (default: runs/run-<time>).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue the run in --run-dir from its newest checkpoint (its own config is used).
+    #[arg(long, requires = "run_dir")]
+    resume: bool,
+    /// Train on this UTF-8 text file or directory instead of the bundled corpus.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Optimizer steps (the learning-rate schedule spans them).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Stop after this many seconds even if the steps are not done.
+    #[arg(long)]
+    time_limit: Option<f64>,
+    /// Compute threads (0: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seed of initialisation and sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Sequences per step.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Groups per step (MoE routing and capacity are per group).
+    #[arg(long)]
+    groups: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Context length in bytes.
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// Residual width.
+    #[arg(long)]
+    d_model: Option<usize>,
+    /// Transformer blocks.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Attention heads.
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Hidden width of each expert.
+    #[arg(long)]
+    d_ff: Option<usize>,
+    /// Experts per MoE block.
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Experts per token.
+    #[arg(long)]
+    k: Option<usize>,
+    /// A dense model with the same active parameters: every block a dense FFN of width k * d_ff.
+    #[arg(long)]
+    dense: bool,
+    /// Evaluate every this many steps.
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Checkpoint every this many steps.
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Bytes to sample after training (0: none).
+    #[arg(long, default_value_t = 400)]
+    sample_tokens: usize,
+    /// Prompt of the sample after training.
+    #[arg(long, default_value = "ROMEO.\n")]
+    sample_prompt: String,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Print the resolved config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+/// Options of `semoe generate`.
+#[derive(Args)]
+struct GenerateArgs {
+    /// A checkpoint directory, or a run directory (its newest checkpoint is used).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Text to continue (`\n` is a newline).
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Bytes to generate.
+    #[arg(long, default_value_t = 500)]
+    tokens: usize,
+    /// Softmax temperature (0: always the most likely byte).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample among the k most likely bytes (0: all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 #[derive(Subcommand)]
@@ -113,8 +229,168 @@ fn main() -> ExitCode {
     }
 }
 
+fn unescape(s: &str) -> String {
+    s.replace("\\n", "\n")
+}
+
+fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
+    let mut c = match &a.config {
+        Some(path) => TrainConfig::from_file(path)?,
+        None => TrainConfig::default(),
+    };
+    let t = &mut c.train;
+    if let Some(v) = &a.data {
+        t.data = Some(v.clone());
+    }
+    macro_rules! set {
+        ($field:expr, $flag:expr) => {
+            if let Some(v) = $flag {
+                $field = v;
+            }
+        };
+    }
+    set!(t.steps, a.steps);
+    set!(t.time_limit_s, a.time_limit);
+    set!(t.threads, a.threads);
+    set!(t.seed, a.seed);
+    set!(t.batch, a.batch);
+    set!(t.groups, a.groups);
+    set!(t.eval_every, a.eval_every);
+    set!(t.checkpoint_every, a.checkpoint_every);
+    set!(c.optimizer.lr, a.lr);
+    let m = &mut c.model;
+    set!(m.block_size, a.block_size);
+    set!(m.d_model, a.d_model);
+    set!(m.n_layer, a.layers);
+    set!(m.n_head, a.heads);
+    set!(m.d_ff, a.d_ff);
+    set!(m.experts, a.experts);
+    set!(m.k, a.k);
+    if a.dense {
+        m.moe_every = 0;
+        m.dense_d_ff = m.k * m.d_ff;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn stream_sample(
+    model: &semoe::model::gpt::Gpt<f32>,
+    prompt: &str,
+    opts: &SampleOptions,
+    threads: usize,
+) -> semoe::Result<()> {
+    let cpu = Cpu::new(threads)?;
+    let mut out = std::io::stdout().lock();
+    let io = |e: std::io::Error| semoe::Error::io("cannot write the sample", "stdout", e);
+    out.write_all(prompt.as_bytes()).map_err(io)?;
+    generate(model, &cpu, prompt.as_bytes(), opts, |b| {
+        out.write_all(&[b]).and_then(|_| out.flush()).map_err(io)
+    })?;
+    writeln!(out).map_err(io)?;
+    Ok(())
+}
+
+fn train(a: &TrainArgs) -> semoe::Result<()> {
+    let mut trainer = if a.resume {
+        let dir = a.run_dir.clone().unwrap_or_default();
+        Trainer::resume(&dir, a.steps)?
+    } else {
+        let config = resolve_config(a)?;
+        if a.print_config {
+            print!("{}", config.to_toml()?);
+            return Ok(());
+        }
+        let dir = a.run_dir.clone().unwrap_or_else(|| {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            PathBuf::from(format!("runs/run-{secs}"))
+        });
+        Trainer::new(config, &dir)?
+    };
+    let run_dir = a.run_dir.clone();
+    let c = trainer.config().clone();
+    let model = trainer.model();
+    eprintln!(
+        "semoe train: {} parameters ({} active per token), {} blocks ({} MoE, {} experts, top-{}), d_model {}, context {}",
+        model.num_params(),
+        model.active_params(),
+        c.model.n_layer,
+        (0..c.model.n_layer).filter(|&l| c.model.is_moe(l)).count(),
+        c.model.experts,
+        c.model.k,
+        c.model.d_model,
+        c.model.block_size
+    );
+    eprintln!(
+        "data: {} ({} training bytes, {} validation bytes); {} steps of {} sequences in {} groups; {} threads",
+        trainer.corpus().source,
+        trainer.corpus().train.len(),
+        trainer.corpus().val.len(),
+        c.train.steps,
+        c.train.batch,
+        c.train.groups,
+        c.train.threads
+    );
+    let summary = trainer.run(!a.quiet)?;
+    let dir = summary
+        .checkpoint
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .or(run_dir)
+        .unwrap_or_default();
+    eprintln!(
+        "done: {} steps, train loss {:.4}, validation loss {:.4} nats/byte, {:.0} tokens/s, {:.1} s; checkpoint {}",
+        summary.steps,
+        summary.train_loss,
+        summary.val_loss,
+        summary.tokens_per_s,
+        summary.elapsed_s,
+        summary.checkpoint.display()
+    );
+    match semoe::telemetry::write_report(&dir) {
+        Ok(_) => eprintln!("report: {}", dir.join("report.md").display()),
+        Err(e) => eprintln!("warning: no report: {e}"),
+    }
+    if a.sample_tokens > 0 {
+        eprintln!("sample (temperature 0.8, top-k 40):");
+        let opts = SampleOptions {
+            max_tokens: a.sample_tokens,
+            ..SampleOptions::default()
+        };
+        stream_sample(trainer.model(), &unescape(&a.sample_prompt), &opts, 1)?;
+    }
+    Ok(())
+}
+
+fn generate_cmd(a: &GenerateArgs) -> semoe::Result<()> {
+    let dir = if a.checkpoint.join("manifest.json").exists() {
+        a.checkpoint.clone()
+    } else {
+        checkpoint::latest(&a.checkpoint)?.ok_or_else(|| {
+            semoe::Error::config(format!(
+                "{} is neither a checkpoint nor a run directory with one",
+                a.checkpoint.display()
+            ))
+        })?
+    };
+    let model = semoe::train::trainer::load_model(&dir)?;
+    let opts = SampleOptions {
+        max_tokens: a.tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        seed: a.seed,
+    };
+    stream_sample(&model, &unescape(&a.prompt), &opts, a.threads)
+}
+
 fn run(cli: Cli) -> semoe::Result<()> {
     match cli.command {
+        Command::Train(a) => train(&a)?,
+        Command::Generate(a) => generate_cmd(&a)?,
         Command::Bench(BenchCommand::MoeLayer(a)) => {
             let config = MoeConfig {
                 d_model: a.d_model,

@@ -6,7 +6,9 @@ use semoe::kernels::cuda::CudaDevice;
 #[test]
 fn opening_a_device_never_panics() {
     if CudaDevice::count() == 0 {
-        let err = CudaDevice::open(0).expect_err("no GPU is visible, so opening must fail").to_string();
+        let err = CudaDevice::open(0)
+            .expect_err("no GPU is visible, so opening must fail")
+            .to_string();
         assert!(err.contains("cuda") && err.contains("GPU 0"), "unclear error: {err}");
         eprintln!("skipping the GPU part of this test: no CUDA GPU is visible ({err})");
         return;

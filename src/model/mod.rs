@@ -1,3 +1,5 @@
 //! Model code: layers with explicit forward and backward passes (no autograd), in the style of llm.c.
 
+pub mod gpt;
+pub mod layers;
 pub mod moe;

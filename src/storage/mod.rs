@@ -1,1 +1,5 @@
 //! Parameter storage: checkpoints (safetensors plus a manifest).
+
+pub mod checkpoint;
+
+pub use checkpoint::{Checkpoint, LoadedTensor, NamedTensor};

@@ -83,6 +83,12 @@ impl<T: Scalar> MoeLayer<T> {
         &self.config
     }
 
+    /// The same parameters under another configuration with the same shapes (for example dropless
+    /// routing for inference).
+    pub fn reconfigured(&self, config: MoeConfig) -> Result<Self> {
+        MoeLayer::new(config, self.params.clone())
+    }
+
     /// Forward pass over one group of tokens `x` (`[S][d_model]`).
     pub fn forward<B: Backend>(&self, backend: &B, x: &[T]) -> Result<(MoeOutput<T>, MoeCache<T>)> {
         let c = &self.config;
@@ -209,6 +215,21 @@ impl<T: Scalar> MoeLayer<T> {
         gy: &[T],
         grads: &mut MoeParams<T>,
     ) -> Result<Vec<T>> {
+        self.backward_scaled(backend, x, cache, gy, grads, T::ONE)
+    }
+
+    /// [`MoeLayer::backward`] with the router losses weighted by `router_scale`: the gradient of
+    /// `sum(y * gy) + router_scale * (aux_coef * l_aux + z_coef * z_loss)`. A model that averages the
+    /// router losses over G groups passes `1 / G`.
+    pub fn backward_scaled<B: Backend>(
+        &self,
+        backend: &B,
+        x: &[T],
+        cache: MoeCache<T>,
+        gy: &[T],
+        grads: &mut MoeParams<T>,
+        router_scale: T,
+    ) -> Result<Vec<T>> {
         let c = &self.config;
         let (d, f, e_count, k) = (c.d_model, c.d_ff, c.experts, c.k);
         let s_count = cache.routing.tokens;
@@ -285,7 +306,7 @@ impl<T: Scalar> MoeLayer<T> {
         // Gate: combine weights, auxiliary loss and z-loss, then the softmax backward.
         let mut g_gates = vec![T::ZERO; s_count * e_count];
         combine_weights_backward(c, &gates, &routing, &gw, &mut g_gates);
-        let aux = T::from_f64(c.aux_coef);
+        let aux = T::from_f64(c.aux_coef) * router_scale;
         if c.aux_coef != 0.0 {
             // d l_aux / d gates[s, e] = E * count1[e] / S^2
             let scale = aux * T::from_usize(e_count) / T::from_usize(s_count * s_count);
@@ -295,7 +316,7 @@ impl<T: Scalar> MoeLayer<T> {
                 }
             }
         }
-        let z = T::from_f64(c.z_coef) * T::from_f64(2.0) / T::from_usize(s_count);
+        let z = T::from_f64(c.z_coef) * router_scale * T::from_f64(2.0) / T::from_usize(s_count);
         let mut g_logits = vec![T::ZERO; s_count * e_count];
         for s in 0..s_count {
             let (gt, gg, gl) = (

@@ -1,0 +1,733 @@
+//! A decoder-only transformer with Mixture-of-Experts feed-forward blocks (GPT-style, byte-level).
+//!
+//! `x = wte[idx] + wpe[pos]`; per block `x += attn(LN1(x))`, `x += FFN(LN2(x))` where FFN is the MoE
+//! layer or a dense GELU MLP; `logits = LN_f(x) @ lm_head`; loss = mean cross-entropy plus, for every
+//! MoE layer, the mean over groups of `aux_coef * l_aux + z_coef * z_loss`.
+//!
+//! The model runs one *group* of sequences at a time ([`Gpt::forward_backward`]): the MoE layers
+//! route per group (capacity, auxiliary loss), and every matmul's shape follows from the config, so
+//! the group's contribution is the same wherever it is computed. Gradients live in a second `Gpt`
+//! with the same shapes ([`Gpt::zeros_like`]), as in llm.c.
+
+use super::layers::{self, AttnShape, LayerNormCache};
+use super::moe::{DropPolicy, MoeCache, MoeConfig, MoeLayer, MoeParams, MoeStats};
+use crate::error::{Error, Result};
+use crate::kernels::{Backend, Gelu, Scalar};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+
+/// Model hyper-parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GptConfig {
+    /// Vocabulary size (256: bytes).
+    pub vocab: usize,
+    /// Context length.
+    pub block_size: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Attention heads (d_model must be a multiple).
+    pub n_head: usize,
+    /// Hidden width of each expert.
+    pub d_ff: usize,
+    /// Hidden width of the dense feed-forward blocks (0: same as `d_ff`).
+    pub dense_d_ff: usize,
+    /// Block `l` is MoE when `l % moe_every == moe_every - 1`; 1 = every block, 0 = none (dense model).
+    pub moe_every: usize,
+    /// Experts per MoE layer.
+    pub experts: usize,
+    /// Experts per token.
+    pub k: usize,
+    /// Expert capacity factor (per group).
+    pub capacity_factor: f64,
+    /// Minimum expert capacity.
+    pub min_capacity: usize,
+    /// Keep every assignment (no capacity).
+    pub dropless: bool,
+    /// Which assignments an over-subscribed expert keeps.
+    pub drop_policy: DropPolicy,
+    /// Renormalise the kept routes' gate values (k >= 2).
+    pub normalize: bool,
+    /// Weight of the load-balancing loss.
+    pub aux_coef: f64,
+    /// Weight of the router z-loss.
+    pub z_coef: f64,
+    /// GELU form of the feed-forward blocks.
+    pub gelu: Gelu,
+}
+
+impl Default for GptConfig {
+    fn default() -> Self {
+        GptConfig {
+            vocab: 256,
+            block_size: 128,
+            d_model: 192,
+            n_layer: 4,
+            n_head: 6,
+            d_ff: 384,
+            dense_d_ff: 0,
+            moe_every: 1,
+            experts: 8,
+            k: 2,
+            capacity_factor: 1.25,
+            min_capacity: 4,
+            dropless: false,
+            drop_policy: DropPolicy::Position,
+            normalize: true,
+            aux_coef: 0.01,
+            z_coef: 0.0,
+            gelu: Gelu::Tanh,
+        }
+    }
+}
+
+impl GptConfig {
+    /// Check the values; the error names the offending option.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("vocab", self.vocab),
+            ("block_size", self.block_size),
+            ("d_model", self.d_model),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("d_ff", self.d_ff),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::config(format!("model.{name} must be positive")));
+        }
+        if self.d_model % self.n_head != 0 {
+            return Err(Error::config(format!(
+                "model.d_model ({}) must be a multiple of model.n_head ({})",
+                self.d_model, self.n_head
+            )));
+        }
+        if self.vocab > u32::MAX as usize {
+            return Err(Error::config("model.vocab is too large"));
+        }
+        if self.has_moe() {
+            self.moe_config().validate()?;
+        }
+        Ok(())
+    }
+
+    /// Whether block `l` is an MoE block.
+    pub fn is_moe(&self, l: usize) -> bool {
+        self.moe_every > 0 && l % self.moe_every == self.moe_every - 1
+    }
+
+    /// Whether any block is an MoE block.
+    pub fn has_moe(&self) -> bool {
+        (0..self.n_layer).any(|l| self.is_moe(l))
+    }
+
+    /// Hidden width of the dense blocks.
+    pub fn dense_width(&self) -> usize {
+        if self.dense_d_ff == 0 {
+            self.d_ff
+        } else {
+            self.dense_d_ff
+        }
+    }
+
+    /// The configuration of the MoE blocks.
+    pub fn moe_config(&self) -> MoeConfig {
+        MoeConfig {
+            d_model: self.d_model,
+            d_ff: self.d_ff,
+            experts: self.experts,
+            k: self.k,
+            capacity_factor: self.capacity_factor,
+            min_capacity: self.min_capacity,
+            dropless: self.dropless,
+            drop_policy: self.drop_policy,
+            normalize: self.normalize,
+            aux_coef: self.aux_coef,
+            z_coef: self.z_coef,
+            gelu: self.gelu,
+        }
+    }
+}
+
+/// The dense feed-forward block's parameters.
+#[derive(Clone, Debug)]
+pub struct Mlp<T> {
+    /// `[D][F]`
+    pub w1: Vec<T>,
+    /// `[F]`
+    pub b1: Vec<T>,
+    /// `[F][D]`
+    pub w2: Vec<T>,
+    /// `[D]`
+    pub b2: Vec<T>,
+}
+
+/// A block's feed-forward part.
+#[derive(Clone, Debug)]
+pub enum Ffn<T> {
+    /// Dense GELU MLP.
+    Dense(Mlp<T>),
+    /// Mixture of experts.
+    Moe(MoeLayer<T>),
+}
+
+/// One transformer block's parameters.
+#[derive(Clone, Debug)]
+pub struct Block<T> {
+    /// LN1 scale `[D]`.
+    pub ln1_w: Vec<T>,
+    /// LN1 shift `[D]`.
+    pub ln1_b: Vec<T>,
+    /// Fused q|k|v projection `[D][3D]`.
+    pub wqkv: Vec<T>,
+    /// `[3D]`
+    pub bqkv: Vec<T>,
+    /// Output projection `[D][D]`.
+    pub wo: Vec<T>,
+    /// `[D]`
+    pub bo: Vec<T>,
+    /// LN2 scale `[D]`.
+    pub ln2_w: Vec<T>,
+    /// LN2 shift `[D]`.
+    pub ln2_b: Vec<T>,
+    /// The feed-forward part.
+    pub ffn: Ffn<T>,
+}
+
+/// The model (or, with the same shapes, its gradients).
+#[derive(Clone, Debug)]
+pub struct Gpt<T> {
+    config: GptConfig,
+    /// Token embeddings `[V][D]`.
+    pub wte: Vec<T>,
+    /// Position embeddings `[block_size][D]`.
+    pub wpe: Vec<T>,
+    /// The blocks.
+    pub blocks: Vec<Block<T>>,
+    /// Final LN scale `[D]`.
+    pub ln_f_w: Vec<T>,
+    /// Final LN shift `[D]`.
+    pub ln_f_b: Vec<T>,
+    /// Output projection `[D][V]` (not tied to `wte`).
+    pub lm_head: Vec<T>,
+}
+
+/// A named parameter tensor: name, shape, and its buffer.
+pub type NamedBuffer<'a, T> = (String, Vec<usize>, &'a Vec<T>);
+
+/// What one group's forward (and backward) reports.
+#[derive(Clone, Debug, Default)]
+pub struct GroupOutput {
+    /// Sum of the cross-entropy over the group's positions (nats).
+    pub ce_sum: f64,
+    /// Per MoE block: `aux_coef * l_aux + z_coef * z_loss` of this group.
+    pub router_loss: Vec<f64>,
+    /// Per MoE block: load statistics.
+    pub moe_stats: Vec<MoeStats>,
+}
+
+struct BlockCache<T> {
+    ln1: LayerNormCache<T>,
+    a1: Vec<T>,
+    attn: layers::AttnCache<T>,
+    att: Vec<T>,
+    ln2: LayerNormCache<T>,
+    a2: Vec<T>,
+    ffn: FfnCache<T>,
+}
+
+enum FfnCache<T> {
+    Dense { h: Vec<T>, a: Vec<T> },
+    Moe(MoeCache<T>),
+}
+
+impl<T: Scalar> Gpt<T> {
+    /// A freshly initialised model: matrices ~ N(0, 0.02), the residual projections (`wo`, the second
+    /// FFN matrix) scaled by `1/sqrt(2 n_layer)` (GPT-2), biases 0, layer-norm scales 1.
+    pub fn init(config: &GptConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut normal = |n: usize, std: f64| -> Result<Vec<T>> {
+            let dist = Normal::new(0.0, std).map_err(|e| Error::config(format!("initialiser: {e}")))?;
+            Ok((0..n).map(|_| T::from_f64(dist.sample(&mut rng))).collect())
+        };
+        let (d, v) = (config.d_model, config.vocab);
+        let resid = 0.02 / (2.0 * config.n_layer as f64).sqrt();
+        let mut model = Gpt::zeros(config)?;
+        model.wte = normal(v * d, 0.02)?;
+        model.wpe = normal(config.block_size * d, 0.01)?;
+        model.lm_head = normal(d * v, 0.02)?;
+        for block in &mut model.blocks {
+            block.ln1_w.fill(T::ONE);
+            block.ln2_w.fill(T::ONE);
+            block.wqkv = normal(d * 3 * d, 0.02)?;
+            block.wo = normal(d * d, resid)?;
+            match &mut block.ffn {
+                Ffn::Dense(m) => {
+                    m.w1 = normal(m.w1.len(), 0.02)?;
+                    m.w2 = normal(m.w2.len(), resid)?;
+                }
+                Ffn::Moe(layer) => {
+                    let p = &mut layer.params;
+                    p.wg = normal(p.wg.len(), 0.02)?;
+                    p.w1 = normal(p.w1.len(), 0.02)?;
+                    p.w2 = normal(p.w2.len(), resid)?;
+                }
+            }
+        }
+        model.ln_f_w.fill(T::ONE);
+        Ok(model)
+    }
+
+    /// A model of zeros (the gradient accumulator).
+    pub fn zeros(config: &GptConfig) -> Result<Self> {
+        config.validate()?;
+        let (d, v) = (config.d_model, config.vocab);
+        let z = |n: usize| vec![T::ZERO; n];
+        let blocks = (0..config.n_layer)
+            .map(|l| {
+                let ffn = if config.is_moe(l) {
+                    let mc = config.moe_config();
+                    Ffn::Moe(MoeLayer::new(mc.clone(), MoeParams::zeros(&mc))?)
+                } else {
+                    let f = config.dense_width();
+                    Ffn::Dense(Mlp {
+                        w1: z(d * f),
+                        b1: z(f),
+                        w2: z(f * d),
+                        b2: z(d),
+                    })
+                };
+                Ok(Block {
+                    ln1_w: z(d),
+                    ln1_b: z(d),
+                    wqkv: z(d * 3 * d),
+                    bqkv: z(3 * d),
+                    wo: z(d * d),
+                    bo: z(d),
+                    ln2_w: z(d),
+                    ln2_b: z(d),
+                    ffn,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Gpt {
+            config: config.clone(),
+            wte: z(v * d),
+            wpe: z(config.block_size * d),
+            blocks,
+            ln_f_w: z(d),
+            ln_f_b: z(d),
+            lm_head: z(d * v),
+        })
+    }
+
+    /// Zeros with this model's shapes.
+    pub fn zeros_like(&self) -> Result<Self> {
+        Gpt::zeros(&self.config)
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    /// Every parameter tensor with its name and shape, in a fixed order (the checkpoint and optimizer
+    /// order). Names follow `tools/reference/gpt_reference.py`.
+    pub fn tensors(&self) -> Vec<NamedBuffer<'_, T>> {
+        let c = &self.config;
+        let (d, v) = (c.d_model, c.vocab);
+        let mut out: Vec<NamedBuffer<'_, T>> = vec![
+            ("wte".into(), vec![v, d], &self.wte),
+            ("wpe".into(), vec![c.block_size, d], &self.wpe),
+        ];
+        for (l, b) in self.blocks.iter().enumerate() {
+            let n = |s: &str| format!("h.{l}.{s}");
+            out.push((n("ln1.weight"), vec![d], &b.ln1_w));
+            out.push((n("ln1.bias"), vec![d], &b.ln1_b));
+            out.push((n("attn.wqkv"), vec![d, 3 * d], &b.wqkv));
+            out.push((n("attn.bqkv"), vec![3 * d], &b.bqkv));
+            out.push((n("attn.wo"), vec![d, d], &b.wo));
+            out.push((n("attn.bo"), vec![d], &b.bo));
+            out.push((n("ln2.weight"), vec![d], &b.ln2_w));
+            out.push((n("ln2.bias"), vec![d], &b.ln2_b));
+            match &b.ffn {
+                Ffn::Dense(m) => {
+                    let f = c.dense_width();
+                    out.push((n("mlp.w1"), vec![d, f], &m.w1));
+                    out.push((n("mlp.b1"), vec![f], &m.b1));
+                    out.push((n("mlp.w2"), vec![f, d], &m.w2));
+                    out.push((n("mlp.b2"), vec![d], &m.b2));
+                }
+                Ffn::Moe(layer) => {
+                    let (e, f) = (c.experts, c.d_ff);
+                    let p = &layer.params;
+                    out.push((n("moe.wg"), vec![d, e], &p.wg));
+                    out.push((n("moe.w1"), vec![e, d, f], &p.w1));
+                    out.push((n("moe.b1"), vec![e, f], &p.b1));
+                    out.push((n("moe.w2"), vec![e, f, d], &p.w2));
+                    out.push((n("moe.b2"), vec![e, d], &p.b2));
+                }
+            }
+        }
+        out.push(("ln_f.weight".into(), vec![d], &self.ln_f_w));
+        out.push(("ln_f.bias".into(), vec![d], &self.ln_f_b));
+        out.push(("lm_head".into(), vec![d, v], &self.lm_head));
+        out
+    }
+
+    /// The buffers of [`Gpt::tensors`], mutable, in the same order.
+    pub fn buffers_mut(&mut self) -> Vec<&mut Vec<T>> {
+        let mut out: Vec<&mut Vec<T>> = vec![&mut self.wte, &mut self.wpe];
+        for b in &mut self.blocks {
+            out.extend([
+                &mut b.ln1_w,
+                &mut b.ln1_b,
+                &mut b.wqkv,
+                &mut b.bqkv,
+                &mut b.wo,
+                &mut b.bo,
+            ]);
+            out.extend([&mut b.ln2_w, &mut b.ln2_b]);
+            match &mut b.ffn {
+                Ffn::Dense(m) => out.extend([&mut m.w1, &mut m.b1, &mut m.w2, &mut m.b2]),
+                Ffn::Moe(layer) => {
+                    let p = &mut layer.params;
+                    out.extend([&mut p.wg, &mut p.w1, &mut p.b1, &mut p.w2, &mut p.b2]);
+                }
+            }
+        }
+        out.extend([&mut self.ln_f_w, &mut self.ln_f_b, &mut self.lm_head]);
+        out
+    }
+
+    /// Total number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.tensors().iter().map(|(_, _, b)| b.len()).sum()
+    }
+
+    /// Parameters a token actually uses: MoE blocks count `k` experts of `E`.
+    pub fn active_params(&self) -> usize {
+        let c = &self.config;
+        self.tensors()
+            .iter()
+            .map(|(name, _, b)| {
+                let expert_tensor = name.contains(".moe.") && !name.ends_with("moe.wg");
+                if expert_tensor {
+                    b.len() / c.experts * c.k
+                } else {
+                    b.len()
+                }
+            })
+            .sum()
+    }
+
+    /// The same weights with dropless routing in every MoE block (for generation: a single sequence
+    /// should not lose tokens to capacity).
+    pub fn for_inference(&self) -> Result<Self> {
+        let mut m = self.clone();
+        m.config.dropless = true;
+        let mc = m.config.moe_config();
+        for b in &mut m.blocks {
+            if let Ffn::Moe(layer) = &mut b.ffn {
+                *layer = layer.reconfigured(mc.clone())?;
+            }
+        }
+        Ok(m)
+    }
+
+    fn check_tokens(&self, idx: &[u32], seqs: usize) -> Result<usize> {
+        let c = &self.config;
+        if seqs == 0 || idx.len() % seqs != 0 {
+            return Err(Error::shape(
+                "model input",
+                format!("{} tokens are not {seqs} equal sequences", idx.len()),
+            ));
+        }
+        let t = idx.len() / seqs;
+        if t == 0 || t > c.block_size {
+            return Err(Error::shape(
+                "model input",
+                format!("sequence length {t} must be in 1..={}", c.block_size),
+            ));
+        }
+        if let Some(bad) = idx.iter().find(|&&i| i as usize >= c.vocab) {
+            return Err(Error::shape(
+                "model input",
+                format!("token {bad} is outside the vocabulary ({})", c.vocab),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Forward through the blocks: returns the final residual stream and, when `keep` is set, every
+    /// block's cache.
+    #[allow(clippy::type_complexity)]
+    fn trunk<B: Backend>(
+        &self,
+        backend: &B,
+        idx: &[u32],
+        seqs: usize,
+        keep: bool,
+    ) -> Result<(Vec<T>, Vec<BlockCache<T>>, Vec<(f64, f64, MoeStats)>)> {
+        let c = &self.config;
+        let t = self.check_tokens(idx, seqs)?;
+        let (d, n) = (c.d_model, idx.len());
+        let shape = AttnShape {
+            seqs,
+            t,
+            heads: c.n_head,
+            dh: d / c.n_head,
+        };
+        let mut x = vec![T::ZERO; n * d];
+        for (r, &tok) in idx.iter().enumerate() {
+            let pos = r % t;
+            let (e, p) = (&self.wte[tok as usize * d..][..d], &self.wpe[pos * d..][..d]);
+            for (o, (&a, &b)) in x[r * d..(r + 1) * d].iter_mut().zip(e.iter().zip(p)) {
+                *o = a + b;
+            }
+        }
+        let mut caches = Vec::new();
+        let mut moe_out = Vec::new();
+        for b in &self.blocks {
+            let mut a1 = vec![T::ZERO; n * d];
+            let ln1 = layers::layer_norm_forward(&x, &b.ln1_w, &b.ln1_b, &mut a1);
+            let mut qkv = vec![T::ZERO; n * 3 * d];
+            layers::linear_forward(backend, &a1, &b.wqkv, Some(&b.bqkv), 3 * d, &mut qkv)?;
+            let mut att = vec![T::ZERO; n * d];
+            let attn = layers::attention_forward(backend, &qkv, shape, &mut att)?;
+            let mut o = vec![T::ZERO; n * d];
+            layers::linear_forward(backend, &att, &b.wo, Some(&b.bo), d, &mut o)?;
+            x.iter_mut().zip(&o).for_each(|(x, &o)| *x += o);
+            let mut a2 = vec![T::ZERO; n * d];
+            let ln2 = layers::layer_norm_forward(&x, &b.ln2_w, &b.ln2_b, &mut a2);
+            let ffn = match &b.ffn {
+                Ffn::Dense(m) => {
+                    let mut y = vec![T::ZERO; n * d];
+                    let (h, a) = layers::mlp_forward(backend, c.gelu, &a2, &m.w1, &m.b1, &m.w2, &m.b2, &mut y)?;
+                    x.iter_mut().zip(&y).for_each(|(x, &y)| *x += y);
+                    FfnCache::Dense { h, a }
+                }
+                Ffn::Moe(layer) => {
+                    let (out, cache) = layer.forward(backend, &a2)?;
+                    x.iter_mut().zip(&out.y).for_each(|(x, &y)| *x += y);
+                    moe_out.push((out.l_aux.to_f64(), out.z_loss.to_f64(), out.stats));
+                    FfnCache::Moe(cache)
+                }
+            };
+            if keep {
+                caches.push(BlockCache {
+                    ln1,
+                    a1,
+                    attn,
+                    att,
+                    ln2,
+                    a2,
+                    ffn,
+                });
+            }
+        }
+        Ok((x, caches, moe_out))
+    }
+
+    /// Logits `[N][V]` of `seqs` sequences of tokens `idx` (forward only).
+    pub fn logits<B: Backend>(&self, backend: &B, idx: &[u32], seqs: usize) -> Result<Vec<T>> {
+        let (x, _, _) = self.trunk(backend, idx, seqs, false)?;
+        let (d, v) = (self.config.d_model, self.config.vocab);
+        let mut xf = vec![T::ZERO; x.len()];
+        layers::layer_norm_forward(&x, &self.ln_f_w, &self.ln_f_b, &mut xf);
+        let mut logits = vec![T::ZERO; x.len() / d * v];
+        layers::linear_forward(backend, &xf, &self.lm_head, None, v, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// Forward only: the group's summed cross-entropy and router losses (evaluation).
+    pub fn evaluate<B: Backend>(&self, backend: &B, idx: &[u32], targets: &[u32], seqs: usize) -> Result<GroupOutput> {
+        self.check_targets(idx, targets)?;
+        let logits = self.logits(backend, idx, seqs)?;
+        let mut scratch = vec![T::ZERO; logits.len()];
+        let ce_sum = layers::cross_entropy(&logits, targets, T::ZERO, &mut scratch);
+        Ok(GroupOutput {
+            ce_sum,
+            ..GroupOutput::default()
+        })
+    }
+
+    fn check_targets(&self, idx: &[u32], targets: &[u32]) -> Result<()> {
+        if targets.len() != idx.len() {
+            return Err(Error::shape(
+                "targets",
+                format!("{} targets for {} tokens", targets.len(), idx.len()),
+            ));
+        }
+        if let Some(bad) = targets.iter().find(|&&i| i as usize >= self.config.vocab) {
+            return Err(Error::shape(
+                "targets",
+                format!("token {bad} is outside the vocabulary"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Forward and backward of one group of `seqs` sequences. Adds into `grads` the gradient of
+    /// `ce_scale * sum(cross-entropy) + router_scale * sum over MoE blocks of (aux_coef * l_aux +
+    /// z_coef * z_loss)`. A batch of G groups and B*T tokens uses `ce_scale = 1/(B*T)` and
+    /// `router_scale = 1/G`, so that the sum over groups is the batch loss.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward<B: Backend>(
+        &self,
+        backend: &B,
+        idx: &[u32],
+        targets: &[u32],
+        seqs: usize,
+        ce_scale: T,
+        router_scale: T,
+        grads: &mut Gpt<T>,
+    ) -> Result<GroupOutput> {
+        self.check_targets(idx, targets)?;
+        if grads.config != self.config {
+            return Err(Error::shape(
+                "gradients",
+                "the gradient buffers belong to another model configuration",
+            ));
+        }
+        let c = &self.config;
+        let (d, v) = (c.d_model, c.vocab);
+        let (x, caches, moe_out) = self.trunk(backend, idx, seqs, true)?;
+        let t = idx.len() / seqs;
+        let shape = AttnShape {
+            seqs,
+            t,
+            heads: c.n_head,
+            dh: d / c.n_head,
+        };
+        let n = idx.len();
+
+        // Head and loss.
+        let mut xf = vec![T::ZERO; x.len()];
+        let lnf = layers::layer_norm_forward(&x, &self.ln_f_w, &self.ln_f_b, &mut xf);
+        drop(x);
+        let mut logits = vec![T::ZERO; n * v];
+        layers::linear_forward(backend, &xf, &self.lm_head, None, v, &mut logits)?;
+        let mut dlogits = vec![T::ZERO; logits.len()];
+        let ce_sum = layers::cross_entropy(&logits, targets, ce_scale, &mut dlogits);
+        drop(logits);
+        let mut dxf = vec![T::ZERO; n * d];
+        layers::linear_backward(
+            backend,
+            &xf,
+            &self.lm_head,
+            &dlogits,
+            v,
+            &mut grads.lm_head,
+            None,
+            Some(&mut dxf),
+            false,
+        )?;
+        drop(dlogits);
+        let mut dx = vec![T::ZERO; n * d];
+        layers::layer_norm_backward(&lnf, &self.ln_f_w, &dxf, &mut dx, &mut grads.ln_f_w, &mut grads.ln_f_b);
+
+        // Blocks in reverse.
+        let mut scratch = vec![T::ZERO; n * d];
+        for ((b, g), cache) in self.blocks.iter().zip(grads.blocks.iter_mut()).zip(caches).rev() {
+            let BlockCache {
+                ln1,
+                a1,
+                attn,
+                att,
+                ln2,
+                a2,
+                ffn,
+            } = cache;
+            // x_out = x_mid + FFN(LN2(x_mid))
+            let d_a2 = match (&b.ffn, &mut g.ffn, ffn) {
+                (Ffn::Dense(m), Ffn::Dense(gm), FfnCache::Dense { h, a }) => {
+                    let f = m.b1.len();
+                    let mut dh = vec![T::ZERO; n * f];
+                    layers::linear_backward(
+                        backend,
+                        &a,
+                        &m.w2,
+                        &dx,
+                        d,
+                        &mut gm.w2,
+                        Some(&mut gm.b2),
+                        Some(&mut dh),
+                        false,
+                    )?;
+                    backend.gelu_backward(c.gelu, &h, &mut dh)?;
+                    layers::linear_backward(
+                        backend,
+                        &a2,
+                        &m.w1,
+                        &dh,
+                        f,
+                        &mut gm.w1,
+                        Some(&mut gm.b1),
+                        Some(&mut scratch),
+                        false,
+                    )?;
+                    std::mem::take(&mut scratch)
+                }
+                (Ffn::Moe(layer), Ffn::Moe(gl), FfnCache::Moe(mc)) => {
+                    layer.backward_scaled(backend, &a2, mc, &dx, &mut gl.params, router_scale)?
+                }
+                _ => return Err(Error::shape("gradients", "block kinds of model and gradients differ")),
+            };
+            layers::layer_norm_backward(&ln2, &b.ln2_w, &d_a2, &mut dx, &mut g.ln2_w, &mut g.ln2_b);
+            scratch = d_a2;
+            // x_mid = x_in + attn(LN1(x_in)) @ wo + bo
+            let mut d_att = vec![T::ZERO; n * d];
+            layers::linear_backward(
+                backend,
+                &att,
+                &b.wo,
+                &dx,
+                d,
+                &mut g.wo,
+                Some(&mut g.bo),
+                Some(&mut d_att),
+                false,
+            )?;
+            let mut d_qkv = vec![T::ZERO; n * 3 * d];
+            layers::attention_backward(backend, &attn, &d_att, shape, &mut d_qkv)?;
+            let d_a1 = &mut scratch;
+            layers::linear_backward(
+                backend,
+                &a1,
+                &b.wqkv,
+                &d_qkv,
+                3 * d,
+                &mut g.wqkv,
+                Some(&mut g.bqkv),
+                Some(d_a1),
+                false,
+            )?;
+            layers::layer_norm_backward(&ln1, &b.ln1_w, d_a1, &mut dx, &mut g.ln1_w, &mut g.ln1_b);
+        }
+
+        // Embeddings, in token order.
+        for (r, &tok) in idx.iter().enumerate() {
+            let pos = r % t;
+            let dr = &dx[r * d..(r + 1) * d];
+            grads.wte[tok as usize * d..][..d]
+                .iter_mut()
+                .zip(dr)
+                .for_each(|(g, &v)| *g += v);
+            grads.wpe[pos * d..][..d].iter_mut().zip(dr).for_each(|(g, &v)| *g += v);
+        }
+
+        let (router_loss, moe_stats) = moe_out
+            .into_iter()
+            .map(|(l_aux, z, stats)| (c.aux_coef * l_aux + c.z_coef * z, stats))
+            .unzip();
+        Ok(GroupOutput {
+            ce_sum,
+            router_loss,
+            moe_stats,
+        })
+    }
+}

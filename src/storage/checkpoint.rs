@@ -1,0 +1,752 @@
+//! Crash-safe training checkpoints: parameters and optimizer state as safetensors, plus a manifest.
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! <run_dir>/checkpoints/
+//!     step-00001000/                 a complete checkpoint (8-digit zero-padded step)
+//!         model.safetensors          parameters, named f32 tensors, metadata {"format": "semoe"}
+//!         optimizer.safetensors      optimizer state (e.g. `m.<name>`, `v.<name>`); absent if none
+//!         manifest.json              the commit record, written last
+//!     step-00002000/
+//!     .step-00003000.tmp-4242        a save in progress (or interrupted by a crash): never read
+//!     .step-00002000.old-4242        the previous copy of a step being overwritten: never read
+//! ```
+//!
+//! `manifest.json` holds `format_version` (1), `step`, `files` (for each data file its `name`,
+//! length in `bytes` and `sha256` hex digest) and `extra`, a JSON value owned by the caller
+//! (configuration, data position, RNG state, ...) that this module stores without looking at it.
+//!
+//! The tensor files are plain safetensors (little-endian f32, C order), so PyTorch can read them
+//! with `safetensors.torch.load_file` and nothing semoe-specific.
+//!
+//! # Commit protocol
+//!
+//! A checkpoint directory exists under its final name only once it is complete, so a crash at any
+//! point leaves either the previous checkpoints or the new, complete one:
+//!
+//! 1. every file is written into a hidden sibling directory `.step-NNNNNNNN.tmp-<pid>` with
+//!    create + write + `sync_all`, `manifest.json` last, then that directory is fsynced;
+//! 2. the directory is renamed to `step-NNNNNNNN` (an atomic operation on POSIX file systems), and
+//!    the `checkpoints` directory is fsynced so that the rename itself is durable;
+//! 3. if `step-NNNNNNNN` already existed, it is first renamed aside to `.step-NNNNNNNN.old-<pid>`
+//!    and deleted only after the new one is in place. A crash between those two renames leaves the
+//!    old copy under the aside name, and the next [`save`] renames it back.
+//!
+//! Readers trust only what the manifest describes: [`latest`] considers only `step-*` directories
+//! with a valid manifest, and [`load`] checks each file's length and SHA-256 against the manifest
+//! before parsing it, so a torn write or a flipped bit is reported instead of being trained on.
+//! Hidden leftovers of an interrupted save are removed by the next [`save`].
+//!
+//! One process writes a run directory's checkpoints at a time (in data-parallel training, rank 0):
+//! the cleanup in [`save`] removes every leftover temporary directory, including another writer's.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors, View};
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The version of the manifest format that this build writes and reads.
+pub const FORMAT_VERSION: u64 = 1;
+/// The directory under a run directory that holds its checkpoints.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// The parameter file of a checkpoint.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// The optimizer-state file of a checkpoint (present only if the optimizer state is not empty).
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The commit record of a checkpoint, written last.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The key that safetensors reserves in its header for free-form metadata; no tensor may use it.
+const SAFETENSORS_METADATA_KEY: &str = "__metadata__";
+
+/// A tensor to save: a name, a shape, and its elements in row-major order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor<'a> {
+    /// The tensor's name in the file (e.g. `h.0.attn.wqkv`); unique within a file.
+    pub name: &'a str,
+    /// The shape; the product of its dimensions must equal `data.len()` (`[]` is a scalar).
+    pub shape: Vec<usize>,
+    /// The elements, row-major.
+    pub data: &'a [f32],
+}
+
+impl<'a> NamedTensor<'a> {
+    /// A tensor named `name` with the given shape and data.
+    pub fn new(name: &'a str, shape: impl Into<Vec<usize>>, data: &'a [f32]) -> Self {
+        NamedTensor {
+            name,
+            shape: shape.into(),
+            data,
+        }
+    }
+}
+
+/// A tensor read from a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedTensor {
+    /// The shape as stored.
+    pub shape: Vec<usize>,
+    /// The elements, row-major, bit for bit as saved (NaN payloads and -0.0 included).
+    pub data: Vec<f32>,
+}
+
+/// A loaded checkpoint whose files matched their manifest.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The training step the checkpoint was taken at (from the manifest).
+    pub step: u64,
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// The parameters, by name.
+    pub model: BTreeMap<String, LoadedTensor>,
+    /// The optimizer state, by name; empty if the checkpoint has none.
+    pub optimizer: BTreeMap<String, LoadedTensor>,
+    /// The caller's `extra` value, as saved.
+    pub extra: serde_json::Value,
+}
+
+impl Checkpoint {
+    /// Removes parameter `name` from the checkpoint and returns its data, after checking that its
+    /// shape is `expected_shape`. Taking tensors out (instead of cloning them) keeps peak memory at
+    /// one copy of the model while the caller fills its own buffers, and lets the caller check that
+    /// nothing is left over in [`Checkpoint::model`] afterwards.
+    pub fn take_model(&mut self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
+        let path = self.dir.join(MODEL_FILE);
+        take_tensor(&mut self.model, &path, name, expected_shape)
+    }
+
+    /// Like [`Checkpoint::take_model`], for optimizer state.
+    pub fn take_optimizer(&mut self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
+        let path = self.dir.join(OPTIMIZER_FILE);
+        take_tensor(&mut self.optimizer, &path, name, expected_shape)
+    }
+}
+
+fn take_tensor(
+    map: &mut BTreeMap<String, LoadedTensor>,
+    path: &Path,
+    name: &str,
+    expected_shape: &[usize],
+) -> Result<Vec<f32>> {
+    let Some(tensor) = map.get(name) else {
+        return Err(Error::checkpoint(
+            path,
+            format!("tensor {name} is missing ({} other tensors are present)", map.len()),
+        ));
+    };
+    if tensor.shape != expected_shape {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "tensor {name} has shape {:?}, expected {expected_shape:?}",
+                tensor.shape
+            ),
+        ));
+    }
+    Ok(map.remove(name).map(|t| t.data).unwrap_or_default())
+}
+
+/// The name of the directory of the checkpoint at `step`: `step-` and the step, zero-padded to 8
+/// digits so that a plain directory listing sorts by step (longer steps still parse).
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// The directory that [`save`] writes the checkpoint at `step` of `run_dir` to.
+pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join(CHECKPOINTS_DIR).join(step_dir_name(step))
+}
+
+/// The step of a final checkpoint directory name (`step-<digits>`), or `None` for anything else,
+/// in particular the hidden temporary and aside directories.
+fn parse_step_dir_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("step-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// What the manifest says about one data file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct FileEntry {
+    name: String,
+    bytes: u64,
+    sha256: String,
+}
+
+/// The contents of `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Manifest {
+    format_version: u64,
+    step: u64,
+    files: Vec<FileEntry>,
+    #[serde(default)]
+    extra: serde_json::Value,
+}
+
+/// Writes a checkpoint of `step` under `run_dir/checkpoints/` and returns its directory.
+///
+/// `optimizer` may be empty, in which case no optimizer file is written. Tensor names must be
+/// unique within each slice, and each shape must match its data length; these are checked before
+/// anything is written. An existing checkpoint of the same step is replaced (see the module
+/// documentation for how this stays crash-safe). Leftovers of interrupted saves are cleaned first.
+pub fn save(
+    run_dir: &Path,
+    step: u64,
+    model: &[NamedTensor],
+    optimizer: &[NamedTensor],
+    extra: &serde_json::Value,
+) -> Result<PathBuf> {
+    check_tensors(MODEL_FILE, model)?;
+    check_tensors(OPTIMIZER_FILE, optimizer)?;
+
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    create_dir_synced(&root)?;
+    clean_leftovers(&root)?;
+
+    let name = step_dir_name(step);
+    let final_dir = root.join(&name);
+    let tmp_dir = root.join(format!(".{name}.tmp-{}", std::process::id()));
+    fs::create_dir(&tmp_dir).map_err(|e| Error::io("creating temporary checkpoint directory", &tmp_dir, e))?;
+
+    // On failure, the half-written temporary directory is removed right away (best effort: the
+    // next save removes it anyway, and the write error matters more than a failed cleanup).
+    let written = write_contents(&tmp_dir, step, model, optimizer, extra);
+    if let Err(e) = written {
+        let _ = fs::remove_dir_all(&tmp_dir);
+        return Err(e);
+    }
+
+    commit(&root, &tmp_dir, &final_dir)?;
+    Ok(final_dir)
+}
+
+/// Checks names and shapes of the tensors for one file, so that a bad input fails before any I/O.
+fn check_tensors(file: &str, tensors: &[NamedTensor]) -> Result<()> {
+    let mut seen = HashSet::with_capacity(tensors.len());
+    for t in tensors {
+        let context = format!("checkpoint {file}, tensor {:?}", t.name);
+        if t.name.is_empty() || t.name == SAFETENSORS_METADATA_KEY {
+            return Err(Error::shape(context, "invalid tensor name"));
+        }
+        if !seen.insert(t.name) {
+            return Err(Error::shape(context, "duplicate tensor name"));
+        }
+        let elements = t.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        if elements != Some(t.data.len()) {
+            return Err(Error::shape(
+                context,
+                format!("shape {:?} does not match {} data elements", t.shape, t.data.len()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the data files and then the manifest into `dir`, and fsyncs `dir`.
+fn write_contents(
+    dir: &Path,
+    step: u64,
+    model: &[NamedTensor],
+    optimizer: &[NamedTensor],
+    extra: &serde_json::Value,
+) -> Result<()> {
+    let mut files = vec![write_tensor_file(dir, MODEL_FILE, model)?];
+    if !optimizer.is_empty() {
+        files.push(write_tensor_file(dir, OPTIMIZER_FILE, optimizer)?);
+    }
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        step,
+        files,
+        extra: extra.clone(),
+    };
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let mut bytes = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| Error::checkpoint(&manifest_path, format!("cannot serialize manifest: {e}")))?;
+    bytes.push(b'\n');
+    write_file_synced(&manifest_path, &bytes)?;
+    sync_dir(dir)
+}
+
+/// A borrowed f32 tensor as safetensors' [`View`]. The bytes are produced one tensor at a time
+/// during serialization, so saving holds the file image plus at most one tensor's bytes.
+struct F32View<'a> {
+    shape: &'a [usize],
+    data: &'a [f32],
+}
+
+impl View for F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+
+    fn data_len(&self) -> usize {
+        std::mem::size_of_val(self.data)
+    }
+}
+
+/// Serializes `tensors` as a safetensors file `dir/name` and returns its manifest entry.
+fn write_tensor_file(dir: &Path, name: &str, tensors: &[NamedTensor]) -> Result<FileEntry> {
+    let path = dir.join(name);
+    let views = tensors.iter().map(|t| {
+        (
+            t.name,
+            F32View {
+                shape: &t.shape,
+                data: t.data,
+            },
+        )
+    });
+    let metadata = HashMap::from([("format".to_string(), "semoe".to_string())]);
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::checkpoint(&path, format!("cannot serialize tensors: {e}")))?;
+    write_file_synced(&path, &bytes)?;
+    Ok(FileEntry {
+        name: name.to_string(),
+        bytes: bytes.len() as u64,
+        sha256: sha256_hex(&bytes),
+    })
+}
+
+/// Creates `path`, writes `bytes` and forces them to disk before returning, so that the manifest,
+/// written after the data files, can never describe data that is not durable yet.
+fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = File::create(path).map_err(|e| Error::io("creating checkpoint file", path, e))?;
+    file.write_all(bytes)
+        .map_err(|e| Error::io("writing checkpoint file", path, e))?;
+    file.sync_all()
+        .map_err(|e| Error::io("syncing checkpoint file", path, e))
+}
+
+/// Makes the directory entries in `dir` (created, renamed or removed files) durable. Only POSIX
+/// systems allow opening a directory for this; elsewhere it is a no-op.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        let handle = File::open(dir).map_err(|e| Error::io("opening directory to sync it", dir, e))?;
+        handle.sync_all().map_err(|e| Error::io("syncing directory", dir, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Creates `dir` (and its parents) if missing, and makes its entry in the parent durable.
+fn create_dir_synced(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(|e| Error::io("creating checkpoints directory", dir, e))?;
+    match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => Ok(()),
+    }
+}
+
+/// Moves the complete temporary directory `tmp` to `final_dir`, replacing an existing checkpoint
+/// of the same step by renaming it aside first: a directory cannot be renamed over a non-empty one,
+/// and deleting the old copy before the new one is in place would open a window with neither.
+fn commit(root: &Path, tmp: &Path, final_dir: &Path) -> Result<()> {
+    let exists = match fs::symlink_metadata(final_dir) {
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io("inspecting checkpoint directory", final_dir, e)),
+    };
+    if !exists {
+        fs::rename(tmp, final_dir).map_err(|e| Error::io("committing checkpoint (rename)", final_dir, e))?;
+        return sync_dir(root);
+    }
+
+    let name = final_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let aside = root.join(format!(".{name}.old-{}", std::process::id()));
+    fs::rename(final_dir, &aside).map_err(|e| Error::io("moving replaced checkpoint aside", final_dir, e))?;
+    if let Err(e) = fs::rename(tmp, final_dir) {
+        // Put the old copy back so that the step stays loadable; the new one stays in `tmp`, where
+        // the next save removes it.
+        let _ = fs::rename(&aside, final_dir);
+        return Err(Error::io("committing checkpoint (rename)", final_dir, e));
+    }
+    sync_dir(root)?;
+    fs::remove_dir_all(&aside).map_err(|e| Error::io("removing replaced checkpoint", &aside, e))?;
+    sync_dir(root)
+}
+
+/// Removes what interrupted saves left behind in `root`: temporary directories are deleted, and
+/// an aside copy whose step has no final directory (a crash between the two renames of a replace)
+/// is renamed back, since it is the last complete version of that step.
+fn clean_leftovers(root: &Path) -> Result<()> {
+    let mut changed = false;
+    for entry in read_dir_entries(root)? {
+        let (name, path) = entry;
+        let Some(rest) = name.strip_prefix('.') else {
+            continue;
+        };
+        if let Some((final_name, _pid)) = rest.split_once(".tmp-") {
+            if parse_step_dir_name(final_name).is_some() {
+                fs::remove_dir_all(&path).map_err(|e| Error::io("removing stale temporary checkpoint", &path, e))?;
+                changed = true;
+            }
+        } else if let Some((final_name, _pid)) = rest.split_once(".old-") {
+            if parse_step_dir_name(final_name).is_some() {
+                let final_dir = root.join(final_name);
+                if final_dir.exists() {
+                    fs::remove_dir_all(&path).map_err(|e| Error::io("removing stale replaced checkpoint", &path, e))?;
+                } else {
+                    fs::rename(&path, &final_dir)
+                        .map_err(|e| Error::io("restoring replaced checkpoint", &final_dir, e))?;
+                }
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        sync_dir(root)?;
+    }
+    Ok(())
+}
+
+/// The (name, path) of every real directory (not following symbolic links) in `dir`; names that
+/// are not UTF-8 cannot be checkpoint names and are skipped.
+fn read_dir_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = fs::read_dir(dir).map_err(|e| Error::io("listing checkpoints", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("listing checkpoints", dir, e))?;
+        let file_type = entry
+            .file_type()
+            .map_err(|e| Error::io("inspecting checkpoint entry", entry.path(), e))?;
+        if !file_type.is_dir() {
+            continue;
+        }
+        if let Ok(name) = entry.file_name().into_string() {
+            out.push((name, entry.path()));
+        }
+    }
+    Ok(out)
+}
+
+/// The complete checkpoints of `run_dir`, oldest first, as (step, directory).
+///
+/// A checkpoint is complete when its directory is named `step-<digits>` and holds a manifest of a
+/// supported version whose step matches the name. The data files are not verified here (that
+/// would read every checkpoint in full): a committed checkpoint whose files are later damaged is
+/// still listed, so that [`load`] reports the damage rather than training silently resuming from
+/// an older step.
+pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for (name, path) in read_dir_entries(&root)? {
+        let Some(step) = parse_step_dir_name(&name) else {
+            continue;
+        };
+        match read_manifest(&path) {
+            Ok(manifest) if manifest.step == step => out.push((step, path)),
+            Ok(_) | Err(Error::Checkpoint { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The directory of the newest complete checkpoint of `run_dir`, or `None` if there is none.
+/// Temporary directories and directories without a valid manifest are ignored (see [`list`]).
+pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(run_dir)?.pop().map(|(_, dir)| dir))
+}
+
+/// Deletes all but the newest `keep` complete checkpoints of `run_dir` (`keep == 0` deletes them
+/// all), and `step-*` directories that have no manifest at all (interrupted deletions).
+///
+/// Each checkpoint's manifest is removed (and that removal made durable) before the rest of the
+/// directory, so that a crash in the middle of a deletion leaves an incomplete directory that
+/// readers ignore, never a manifest describing files that are gone.
+pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    if !root.is_dir() {
+        return Ok(());
+    }
+    let complete = list(run_dir)?;
+    let doomed = complete.len().saturating_sub(keep);
+    for (_, dir) in &complete[..doomed] {
+        let manifest = dir.join(MANIFEST_FILE);
+        fs::remove_file(&manifest).map_err(|e| Error::io("removing checkpoint manifest", &manifest, e))?;
+        sync_dir(dir)?;
+        fs::remove_dir_all(dir).map_err(|e| Error::io("removing checkpoint", dir, e))?;
+    }
+    for (name, path) in read_dir_entries(&root)? {
+        if parse_step_dir_name(&name).is_some() && !path.join(MANIFEST_FILE).exists() {
+            fs::remove_dir_all(&path).map_err(|e| Error::io("removing incomplete checkpoint", &path, e))?;
+        }
+    }
+    sync_dir(&root)
+}
+
+/// Reads and validates the manifest of the checkpoint directory `dir`.
+fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let detail = if dir.is_dir() {
+                "not a complete checkpoint: manifest.json is missing (the save was interrupted, or this is not a \
+                 checkpoint directory)"
+            } else {
+                "checkpoint directory does not exist"
+            };
+            return Err(Error::checkpoint(dir, detail));
+        }
+        Err(e) => return Err(Error::io("reading checkpoint manifest", &path, e)),
+    };
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::checkpoint(&path, format!("manifest is not valid JSON: {e}")))?;
+    // The version is checked before the rest, so that a manifest from a newer semoe says so
+    // instead of failing on whatever field changed.
+    match value.get("format_version").and_then(serde_json::Value::as_u64) {
+        Some(FORMAT_VERSION) => {}
+        Some(v) => {
+            return Err(Error::checkpoint(
+                &path,
+                format!("unsupported manifest format_version {v} (this build reads version {FORMAT_VERSION})"),
+            ))
+        }
+        None => return Err(Error::checkpoint(&path, "manifest has no integer format_version")),
+    }
+    let manifest: Manifest =
+        serde_json::from_value(value).map_err(|e| Error::checkpoint(&path, format!("manifest is malformed: {e}")))?;
+
+    let mut names = BTreeSet::new();
+    for entry in &manifest.files {
+        if entry.name != MODEL_FILE && entry.name != OPTIMIZER_FILE {
+            return Err(Error::checkpoint(
+                &path,
+                format!("manifest lists unknown file {:?}", entry.name),
+            ));
+        }
+        if !names.insert(entry.name.as_str()) {
+            return Err(Error::checkpoint(&path, format!("manifest lists {} twice", entry.name)));
+        }
+    }
+    if !names.contains(MODEL_FILE) {
+        return Err(Error::checkpoint(&path, format!("manifest does not list {MODEL_FILE}")));
+    }
+    Ok(manifest)
+}
+
+/// Loads the checkpoint in directory `dir` (as returned by [`save`] or [`latest`]), verifying every
+/// data file against the manifest before parsing it.
+pub fn load(dir: &Path) -> Result<Checkpoint> {
+    let manifest = read_manifest(dir)?;
+    let mut model = BTreeMap::new();
+    let mut optimizer = BTreeMap::new();
+    for entry in &manifest.files {
+        let path = dir.join(&entry.name);
+        let tensors = read_tensor_file(&path, entry)?;
+        if entry.name == MODEL_FILE {
+            model = tensors;
+        } else {
+            optimizer = tensors;
+        }
+    }
+    Ok(Checkpoint {
+        step: manifest.step,
+        dir: dir.to_path_buf(),
+        model,
+        optimizer,
+        extra: manifest.extra,
+    })
+}
+
+/// Maps the safetensors file at `path`, checks it against its manifest `entry`, and copies out its
+/// tensors, which must all be F32.
+fn read_tensor_file(path: &Path, entry: &FileEntry) -> Result<BTreeMap<String, LoadedTensor>> {
+    let file = File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::checkpoint(path, "file listed in the manifest is missing"),
+        _ => Error::io("opening checkpoint file", path, e),
+    })?;
+    // SAFETY: the mapping is only read, and only while `file` is open. Another process truncating
+    // or rewriting the file meanwhile could change or fault the mapped bytes; checkpoints are
+    // written once under a temporary name and never modified in place, so only outside
+    // interference could do that (the usual caveat of memory-mapped safetensors loading).
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("memory-mapping checkpoint file", path, e))?;
+    let bytes: &[u8] = &map;
+
+    // Length first (cheap, and names the usual failure, a torn write), then the digest, and only
+    // then the parser: its error messages would be misleading on damaged input.
+    let len = bytes.len() as u64;
+    if len != entry.bytes {
+        let what = if len < entry.bytes { "truncated" } else { "wrong size" };
+        return Err(Error::checkpoint(
+            path,
+            format!("{what}: {len} bytes on disk, the manifest says {}", entry.bytes),
+        ));
+    }
+    let digest = sha256_hex(bytes);
+    if !digest.eq_ignore_ascii_case(&entry.sha256) {
+        return Err(Error::checkpoint(
+            path,
+            format!("corrupt: SHA-256 mismatch (manifest {}, file {digest})", entry.sha256),
+        ));
+    }
+    parse_tensors(path, bytes)
+}
+
+/// Parses a verified safetensors image into owned f32 tensors.
+fn parse_tensors(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, LoadedTensor>> {
+    // safetensors reads its JSON header into a map, so a repeated name would be silently merged;
+    // look for one first to report it as what it is.
+    if let Some(name) = duplicate_header_key(bytes) {
+        return Err(Error::checkpoint(path, format!("duplicate tensor name {name:?}")));
+    }
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.iter() {
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::checkpoint(
+                path,
+                format!("tensor {name} has dtype {:?}, expected F32", view.dtype()),
+            ));
+        }
+        let shape = view.shape().to_vec();
+        let raw = view.data();
+        let elements = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        if elements.and_then(|n| n.checked_mul(4)) != Some(raw.len()) {
+            return Err(Error::checkpoint(
+                path,
+                format!("tensor {name} has shape {shape:?} but {} bytes of data", raw.len()),
+            ));
+        }
+        let data = raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.insert(name.to_string(), LoadedTensor { shape, data });
+    }
+    Ok(out)
+}
+
+/// The first key that occurs twice in the JSON header of the safetensors image `bytes`, if any.
+/// A header that cannot be read yields `None`: the safetensors parser then reports the problem.
+fn duplicate_header_key(bytes: &[u8]) -> Option<String> {
+    let len_bytes: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    let header_len = usize::try_from(u64::from_le_bytes(len_bytes)).ok()?;
+    let header = bytes.get(8..8usize.checked_add(header_len)?)?;
+    let mut de = serde_json::Deserializer::from_slice(header);
+    de.deserialize_map(DuplicateKeyFinder).ok()?
+}
+
+/// A serde visitor that walks a JSON object's keys and returns the first repeated one.
+struct DuplicateKeyFinder;
+
+impl<'de> Visitor<'de> for DuplicateKeyFinder {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = HashSet::new();
+        let mut duplicate = None;
+        while let Some(key) = map.next_key::<String>()? {
+            map.next_value::<IgnoredAny>()?;
+            if duplicate.is_none() && !seen.insert(key.clone()) {
+                duplicate = Some(key);
+            }
+        }
+        Ok(duplicate)
+    }
+}
+
+/// The lowercase hex SHA-256 digest of `bytes`.
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_dir_names_round_trip_and_reject_leftovers() {
+        assert_eq!(step_dir_name(42), "step-00000042");
+        assert_eq!(step_dir_name(123_456_789), "step-123456789");
+        assert_eq!(parse_step_dir_name("step-00000042"), Some(42));
+        assert_eq!(parse_step_dir_name("step-123456789"), Some(123_456_789));
+        for name in [
+            ".step-00000042.tmp-17",
+            ".step-00000042.old-17",
+            "step-",
+            "step-12a",
+            "step-+12",
+            "step-00000042.bak",
+            "latest",
+        ] {
+            assert_eq!(parse_step_dir_name(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn sha256_hex_matches_known_digest() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn duplicate_header_keys_are_found() {
+        let header = concat!(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"#,
+            r#""a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#
+        );
+        let mut image = (header.len() as u64).to_le_bytes().to_vec();
+        image.extend_from_slice(header.as_bytes());
+        image.extend_from_slice(&[0; 8]);
+        assert_eq!(duplicate_header_key(&image), Some("a".to_string()));
+        assert_eq!(duplicate_header_key(b"short"), None);
+    }
+
+    #[test]
+    fn save_rejects_bad_tensors_before_writing() {
+        let data = [1.0f32, 2.0, 3.0];
+        let cases: [&[NamedTensor]; 3] = [
+            &[NamedTensor::new("w", [2, 2], &data)],
+            &[NamedTensor::new("w", [3], &data), NamedTensor::new("w", [3], &data)],
+            &[NamedTensor::new("__metadata__", [3], &data)],
+        ];
+        for tensors in cases {
+            assert!(matches!(check_tensors(MODEL_FILE, tensors), Err(Error::Shape { .. })));
+        }
+        assert!(check_tensors(MODEL_FILE, &[NamedTensor::new("w", [3], &data)]).is_ok());
+        assert!(check_tensors(MODEL_FILE, &[NamedTensor::new("e", [0, 5], &[])]).is_ok());
+    }
+}

@@ -1,0 +1,112 @@
+//! The training configuration: a TOML file with `[model]`, `[optimizer]` and `[train]` tables, every
+//! key optional (defaults below), unknown keys rejected so that a typo is an error, not a silent
+//! default.
+
+use crate::error::{Error, Result};
+use crate::model::gpt::GptConfig;
+use crate::train::optimizer::OptimizerConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything a training run needs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The model.
+    pub model: GptConfig,
+    /// The optimizer and learning-rate schedule.
+    pub optimizer: OptimizerConfig,
+    /// The loop: batch, steps, evaluation, checkpoints.
+    pub train: TrainSettings,
+}
+
+/// Settings of the training loop.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Seed of the initialisation and of the sampler.
+    pub seed: u64,
+    /// Optimizer steps (the learning-rate schedule spans them).
+    pub steps: u64,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Groups per step: the batch is split into this many groups of `batch / groups` sequences; MoE
+    /// routing and capacity are per group, and groups run side by side on the compute threads.
+    pub groups: usize,
+    /// Evaluate the validation loss every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// Validation windows (of `block_size` bytes, evenly spaced over the validation text).
+    pub eval_windows: usize,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept on disk (older ones are deleted).
+    pub keep_checkpoints: usize,
+    /// Compute threads (0: one per core).
+    pub threads: usize,
+    /// Stop after this many seconds of training even if `steps` are not done (0: no limit).
+    pub time_limit_s: f64,
+    /// A UTF-8 text file or directory to train on instead of the bundled corpus.
+    pub data: Option<PathBuf>,
+    /// Fraction of a user-given text held out for validation.
+    pub val_fraction: f64,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        TrainSettings {
+            seed: 1337,
+            steps: 1000,
+            batch: 16,
+            groups: 4,
+            eval_every: 100,
+            eval_windows: 256,
+            checkpoint_every: 250,
+            keep_checkpoints: 2,
+            threads: 2,
+            time_limit_s: 0.0,
+            data: None,
+            val_fraction: 0.1,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Read a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read the config file", path, e))?;
+        let config: TrainConfig = toml::from_str(&text)
+            .map_err(|e| Error::parse(format!("config file {}", path.display()), e.to_string()))?;
+        Ok(config)
+    }
+
+    /// The config as TOML (what a run directory keeps).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| Error::parse("config", e.to_string()))
+    }
+
+    /// Check every value; errors name the option.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.optimizer.validate()?;
+        let t = &self.train;
+        if t.steps == 0 {
+            return Err(Error::config("train.steps must be positive"));
+        }
+        if t.batch == 0 || t.groups == 0 || t.batch % t.groups != 0 {
+            return Err(Error::config(format!(
+                "train.batch ({}) must be a positive multiple of train.groups ({})",
+                t.batch, t.groups
+            )));
+        }
+        if t.eval_windows == 0 {
+            return Err(Error::config("train.eval_windows must be positive"));
+        }
+        if !(t.time_limit_s.is_finite() && t.time_limit_s >= 0.0) {
+            return Err(Error::config("train.time_limit_s must be a non-negative number"));
+        }
+        if t.keep_checkpoints == 0 {
+            return Err(Error::config("train.keep_checkpoints must be at least 1"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,131 @@
+//! The training corpus: the bundled Shakespeare text (compiled into the binary, so `semoe train`
+//! works from any directory), or any UTF-8 text file or directory of files given by the user.
+//! Tokens are bytes.
+
+use crate::error::{Error, Result};
+use std::io::Read;
+use std::path::Path;
+
+const BUNDLED_TRAIN: &[u8] = include_bytes!("../../data/shakespeare/train.txt.gz");
+const BUNDLED_VAL: &[u8] = include_bytes!("../../data/shakespeare/val.txt.gz");
+
+/// Training and validation text, as bytes.
+#[derive(Clone, Debug)]
+pub struct Corpus {
+    /// Training bytes.
+    pub train: Vec<u8>,
+    /// Validation bytes (no text shared with `train`).
+    pub val: Vec<u8>,
+    /// Where the text came from, for logs.
+    pub source: String,
+}
+
+fn gunzip(bytes: &[u8], what: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::parse(what, format!("cannot decompress: {e}")))?;
+    Ok(out)
+}
+
+impl Corpus {
+    /// The bundled corpus: 39 works of Shakespeare for training, 3 for validation (data/README.md).
+    pub fn bundled() -> Result<Self> {
+        Ok(Corpus {
+            train: gunzip(BUNDLED_TRAIN, "bundled training text")?,
+            val: gunzip(BUNDLED_VAL, "bundled validation text")?,
+            source: "bundled Shakespeare corpus".into(),
+        })
+    }
+
+    /// A UTF-8 text file, or a directory whose files (recursively, in sorted path order) are joined
+    /// with a blank line. The last `val_fraction` of the bytes is the validation split.
+    pub fn from_path(path: &Path, val_fraction: f64, min_split: usize) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot read the training data", path, e))?;
+        let mut files = Vec::new();
+        if meta.is_dir() {
+            collect_files(path, &mut files)?;
+            files.sort();
+            if files.is_empty() {
+                return Err(Error::parse(
+                    format!("training data {}", path.display()),
+                    "the directory has no files",
+                ));
+            }
+        } else {
+            files.push(path.to_path_buf());
+        }
+        let mut text = Vec::new();
+        for f in &files {
+            let bytes = std::fs::read(f).map_err(|e| Error::io("cannot read the training data", f, e))?;
+            check_text(&bytes, f)?;
+            if !text.is_empty() && !bytes.is_empty() {
+                text.extend_from_slice(b"\n\n");
+            }
+            text.extend_from_slice(&bytes);
+        }
+        if text.iter().all(|b| b.is_ascii_whitespace()) {
+            return Err(Error::parse(format!("training data {}", path.display()), "it is empty"));
+        }
+        if !(0.0..1.0).contains(&val_fraction) || val_fraction <= 0.0 {
+            return Err(Error::config(format!(
+                "val_fraction must be in (0, 1), got {val_fraction}"
+            )));
+        }
+        let split = text.len() - ((text.len() as f64 * val_fraction) as usize);
+        let (train, val) = text.split_at(split);
+        if train.len() < min_split || val.len() < min_split {
+            return Err(Error::parse(
+                format!("training data {}", path.display()),
+                format!(
+                    "{} bytes are too few: training and validation splits need at least {min_split} bytes each \
+                     (block_size + 1)",
+                    text.len()
+                ),
+            ));
+        }
+        Ok(Corpus {
+            train: train.to_vec(),
+            val: val.to_vec(),
+            source: path.display().to_string(),
+        })
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("cannot list the training data", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("cannot list the training data", dir, e))?;
+        let p = entry.path();
+        let kind = entry
+            .file_type()
+            .map_err(|e| Error::io("cannot read the training data", &p, e))?;
+        if kind.is_dir() {
+            collect_files(&p, out)?;
+        } else if kind.is_file() && !entry.file_name().to_string_lossy().starts_with('.') {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Text must be UTF-8 without NUL bytes; anything else is most likely a binary file.
+fn check_text(bytes: &[u8], path: &Path) -> Result<()> {
+    let what = || format!("training data {}", path.display());
+    if let Some(pos) = bytes.iter().position(|&b| b == 0) {
+        return Err(Error::parse(
+            what(),
+            format!("it looks binary (a NUL byte at offset {pos}); give a UTF-8 text file"),
+        ));
+    }
+    if let Err(e) = std::str::from_utf8(bytes) {
+        return Err(Error::parse(
+            what(),
+            format!(
+                "it is not UTF-8 text (invalid byte at offset {}); give a UTF-8 text file",
+                e.valid_up_to()
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! AdamW (decoupled weight decay, bias correction) with a linear-warmup-then-cosine learning rate and
+//! global-norm gradient clipping. The update follows `torch.optim.AdamW`'s single-tensor
+//! implementation step for step, so PyTorch's numbers are reproduced to rounding.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Optimizer hyper-parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine decay.
+    pub min_lr: f64,
+    /// Steps of linear warmup.
+    pub warmup: u64,
+    /// Adam beta1.
+    pub beta1: f64,
+    /// Adam beta2.
+    pub beta2: f64,
+    /// Adam epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay, applied to matrices only (tensors of two or more dimensions).
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0: off).
+    pub clip: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig {
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup: 100,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            clip: 1.0,
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// Check the values.
+    pub fn validate(&self) -> Result<()> {
+        let ok = |v: f64| v.is_finite() && v >= 0.0;
+        if !(ok(self.lr) && self.lr > 0.0) {
+            return Err(Error::config(format!("optimizer.lr must be positive, got {}", self.lr)));
+        }
+        if !ok(self.min_lr) || self.min_lr > self.lr {
+            return Err(Error::config(format!(
+                "optimizer.min_lr must be in [0, lr], got {}",
+                self.min_lr
+            )));
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(Error::config(format!("optimizer.{name} must be in [0, 1), got {b}")));
+            }
+        }
+        if !(ok(self.eps) && self.eps > 0.0) || !ok(self.weight_decay) || !ok(self.clip) {
+            return Err(Error::config(
+                "optimizer.eps must be positive; weight_decay and clip non-negative",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Learning rate of step `step` (0-based) in a run of `total` steps: linear warmup to `lr` over
+    /// `warmup` steps, then cosine decay to `min_lr` at `total`.
+    pub fn lr_at(&self, step: u64, total: u64) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        let span = total.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((step - self.warmup) as f64 / span).clamp(0.0, 1.0);
+        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+/// AdamW state: first and second moments per parameter tensor, and the step count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamW {
+    /// Hyper-parameters.
+    pub config: OptimizerConfig,
+    /// Steps taken.
+    pub step: u64,
+    /// First moments, one buffer per parameter tensor.
+    pub m: Vec<Vec<f32>>,
+    /// Second moments.
+    pub v: Vec<Vec<f32>>,
+    /// Whether each tensor gets weight decay.
+    decay: Vec<bool>,
+}
+
+/// The norm of a set of gradient buffers, summed in a fixed order in f64.
+pub fn global_norm(grads: &[&[f32]]) -> f64 {
+    grads
+        .iter()
+        .flat_map(|g| g.iter())
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt()
+}
+
+impl AdamW {
+    /// Fresh state for tensors of the given shapes.
+    pub fn new(config: OptimizerConfig, shapes: &[Vec<usize>]) -> Result<Self> {
+        config.validate()?;
+        let len = |s: &Vec<usize>| s.iter().product::<usize>();
+        Ok(AdamW {
+            config,
+            step: 0,
+            m: shapes.iter().map(|s| vec![0.0; len(s)]).collect(),
+            v: shapes.iter().map(|s| vec![0.0; len(s)]).collect(),
+            decay: shapes.iter().map(|s| s.len() >= 2).collect(),
+        })
+    }
+
+    /// Restore saved moments (from a checkpoint) after checking their sizes.
+    pub fn restore(&mut self, step: u64, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) -> Result<()> {
+        let same =
+            |a: &[Vec<f32>], b: &[Vec<f32>]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.len() == y.len());
+        if !same(&m, &self.m) || !same(&v, &self.v) {
+            return Err(Error::shape(
+                "optimizer state",
+                "saved moments do not match the model's parameters",
+            ));
+        }
+        self.step = step;
+        self.m = m;
+        self.v = v;
+        Ok(())
+    }
+
+    /// Clip `grads` to the global norm `clip` (if set) and apply one AdamW step with learning rate
+    /// `lr`. Returns the gradient norm before clipping.
+    pub fn step(&mut self, params: &mut [&mut Vec<f32>], grads: &mut [&mut Vec<f32>], lr: f64) -> Result<f64> {
+        if params.len() != self.m.len() || grads.len() != self.m.len() {
+            return Err(Error::shape(
+                "optimizer",
+                "parameter and gradient lists differ from the optimizer state",
+            ));
+        }
+        let norm = global_norm(&grads.iter().map(|g| g.as_slice()).collect::<Vec<_>>());
+        if !norm.is_finite() {
+            return Err(Error::Backend {
+                backend: "cpu",
+                detail: format!(
+                    "the gradient norm is {norm} at step {}: training diverged",
+                    self.step + 1
+                ),
+            });
+        }
+        if self.config.clip > 0.0 {
+            let coef = (self.config.clip / (norm + 1e-6)).min(1.0) as f32;
+            if coef < 1.0 {
+                grads.iter_mut().for_each(|g| g.iter_mut().for_each(|v| *v *= coef));
+            }
+        }
+        self.step += 1;
+        let c = &self.config;
+        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bc2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt() as f32;
+        let step_size = (lr / bc1) as f32;
+        let eps = c.eps as f32;
+        for (i, (p, g)) in params.iter_mut().zip(grads.iter()).enumerate() {
+            let keep = if self.decay[i] {
+                (1.0 - lr * c.weight_decay) as f32
+            } else {
+                1.0
+            };
+            let (m, v) = (&mut self.m[i], &mut self.v[i]);
+            for j in 0..p.len() {
+                let gj = g[j];
+                p[j] *= keep;
+                m[j] += (1.0 - b1) * (gj - m[j]);
+                v[j] = v[j] * b2 + (1.0 - b2) * gj * gj;
+                let denom = v[j].sqrt() / bc2_sqrt + eps;
+                p[j] += -step_size * (m[j] / denom);
+            }
+        }
+        Ok(norm)
+    }
+}
