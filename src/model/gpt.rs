@@ -98,7 +98,7 @@ impl GptConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(Error::config(format!("model.{name} must be positive")));
         }
-        if self.d_model % self.n_head != 0 {
+        if !self.d_model.is_multiple_of(self.n_head) {
             return Err(Error::config(format!(
                 "model.d_model ({}) must be a multiple of model.n_head ({})",
                 self.d_model, self.n_head
@@ -240,7 +240,7 @@ struct BlockCache<T> {
 
 enum FfnCache<T> {
     Dense { h: Vec<T>, a: Vec<T> },
-    Moe(MoeCache<T>),
+    Moe(Box<MoeCache<T>>),
 }
 
 impl<T: Scalar> Gpt<T> {
@@ -440,7 +440,7 @@ impl<T: Scalar> Gpt<T> {
 
     fn check_tokens(&self, idx: &[u32], seqs: usize) -> Result<usize> {
         let c = &self.config;
-        if seqs == 0 || idx.len() % seqs != 0 {
+        if seqs == 0 || !idx.len().is_multiple_of(seqs) {
             return Err(Error::shape(
                 "model input",
                 format!("{} tokens are not {seqs} equal sequences", idx.len()),
@@ -514,7 +514,7 @@ impl<T: Scalar> Gpt<T> {
                     let (out, cache) = layer.forward(backend, &a2)?;
                     x.iter_mut().zip(&out.y).for_each(|(x, &y)| *x += y);
                     moe_out.push((out.l_aux.to_f64(), out.z_loss.to_f64(), out.stats));
-                    FfnCache::Moe(cache)
+                    FfnCache::Moe(Box::new(cache))
                 }
             };
             if keep {
@@ -673,7 +673,7 @@ impl<T: Scalar> Gpt<T> {
                     std::mem::take(&mut scratch)
                 }
                 (Ffn::Moe(layer), Ffn::Moe(gl), FfnCache::Moe(mc)) => {
-                    layer.backward_scaled(backend, &a2, mc, &dx, &mut gl.params, router_scale)?
+                    layer.backward_scaled(backend, &a2, *mc, &dx, &mut gl.params, router_scale)?
                 }
                 _ => return Err(Error::shape("gradients", "block kinds of model and gradients differ")),
             };

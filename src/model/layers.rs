@@ -65,8 +65,8 @@ pub fn layer_norm_backward<T: Scalar>(
             dw[i] += dyr[i] * xh[i];
             db[i] += dyr[i];
         }
-        mean_dxhat = mean_dxhat * inv_d;
-        mean_dxhat_xhat = mean_dxhat_xhat * inv_d;
+        mean_dxhat *= inv_d;
+        mean_dxhat_xhat *= inv_d;
         let dxr = &mut dx[r * d..(r + 1) * d];
         for i in 0..d {
             dxr[i] += rs * (dyr[i] * w[i] - mean_dxhat - xh[i] * mean_dxhat_xhat);
@@ -158,7 +158,7 @@ pub fn attention_forward<B: Backend, T: Scalar>(
                     sum += *v;
                 }
                 let inv = T::ONE / sum;
-                row[..=i].iter_mut().for_each(|v| *v = *v * inv);
+                row[..=i].iter_mut().for_each(|v| *v *= inv);
                 row[i + 1..].iter_mut().for_each(|v| *v = T::ZERO);
             }
             let o = &mut o_heads[head * plane + b * t * dh..][..t * dh];
@@ -320,7 +320,7 @@ pub fn cross_entropy<T: Scalar>(logits: &[T], targets: &[u32], grad_scale: T, dl
         let (row, d) = (&logits[r * v..(r + 1) * v], &mut dlogits[r * v..(r + 1) * v]);
         let lse = crate::kernels::cpu::softmax_row(row, d);
         total += (lse - row[tg as usize]).to_f64();
-        d.iter_mut().for_each(|p| *p = *p * grad_scale);
+        d.iter_mut().for_each(|p| *p *= grad_scale);
         d[tg as usize] -= grad_scale;
     }
     total

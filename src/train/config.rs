@@ -92,7 +92,7 @@ impl TrainConfig {
         if t.steps == 0 {
             return Err(Error::config("train.steps must be positive"));
         }
-        if t.batch == 0 || t.groups == 0 || t.batch % t.groups != 0 {
+        if t.batch == 0 || t.groups == 0 || !t.batch.is_multiple_of(t.groups) {
             return Err(Error::config(format!(
                 "train.batch ({}) must be a positive multiple of train.groups ({})",
                 t.batch, t.groups

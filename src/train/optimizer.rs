@@ -3,6 +3,7 @@
 //! implementation step for step, so PyTorch's numbers are reproduced to rounding.
 
 use crate::error::{Error, Result};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Optimizer hyper-parameters.
@@ -60,7 +61,7 @@ impl OptimizerConfig {
                 return Err(Error::config(format!("optimizer.{name} must be in [0, 1), got {b}")));
             }
         }
-        if !(ok(self.eps) && self.eps > 0.0) || !ok(self.weight_decay) || !ok(self.clip) {
+        if !(ok(self.eps) && self.eps > 0.0 && ok(self.weight_decay) && ok(self.clip)) {
             return Err(Error::config(
                 "optimizer.eps must be positive; weight_decay and clip non-negative",
             ));
@@ -174,14 +175,22 @@ impl AdamW {
                 1.0
             };
             let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            for j in 0..p.len() {
-                let gj = g[j];
-                p[j] *= keep;
-                m[j] += (1.0 - b1) * (gj - m[j]);
-                v[j] = v[j] * b2 + (1.0 - b2) * gj * gj;
-                let denom = v[j].sqrt() / bc2_sqrt + eps;
-                p[j] += -step_size * (m[j] / denom);
-            }
+            // Element-wise, so splitting into chunks across threads changes nothing in the result.
+            const CHUNK: usize = 16 * 1024;
+            let chunks = p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK));
+            chunks
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| {
+                    for j in 0..p.len() {
+                        let gj = g[j];
+                        p[j] *= keep;
+                        m[j] += (1.0 - b1) * (gj - m[j]);
+                        v[j] = v[j] * b2 + (1.0 - b2) * gj * gj;
+                        let denom = v[j].sqrt() / bc2_sqrt + eps;
+                        p[j] += -step_size * (m[j] / denom);
+                    }
+                });
         }
         Ok(norm)
     }

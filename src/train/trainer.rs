@@ -81,8 +81,14 @@ fn corpus_for(config: &TrainConfig) -> Result<Corpus> {
 impl Trainer {
     /// Start a fresh run in `run_dir` (created; an existing run there is an error, to never overwrite
     /// a previous run's checkpoints).
-    pub fn new(config: TrainConfig, run_dir: &Path) -> Result<Self> {
+    pub fn new(mut config: TrainConfig, run_dir: &Path) -> Result<Self> {
         config.validate()?;
+        // Record the data path absolutely, so the run resumes (and its checkpoints evaluate) from
+        // any working directory.
+        if let Some(path) = &config.train.data {
+            config.train.data =
+                Some(std::fs::canonicalize(path).map_err(|e| Error::io("cannot read the training data", path, e))?);
+        }
         if checkpoint::latest(run_dir)?.is_some() {
             return Err(Error::config(format!(
                 "{} already holds a run with checkpoints; use --resume to continue it or choose another --run-dir",
@@ -209,7 +215,8 @@ impl Trainer {
         }
         let lr = c.optimizer.lr_at(step, c.train.steps);
         let mut params = self.model.buffers_mut();
-        let grad_norm = self.optimizer.step(&mut params, &mut total, lr)?;
+        let optimizer = &mut self.optimizer;
+        let grad_norm = self.cpu.install(|| optimizer.step(&mut params, &mut total, lr))?;
 
         let ce_loss = outputs.iter().map(|o| o.ce_sum).sum::<f64>() / (c.train.batch * t) as f64;
         let moe_blocks = outputs[0].router_loss.len();
@@ -330,6 +337,7 @@ impl Trainer {
         let mut smoothed: Option<f64> = None;
         let mut val_loss = f64::NAN;
         let mut last_checkpoint = PathBuf::new();
+        let mut checkpointed_step = None;
         let write = |log: &mut std::fs::File, v: serde_json::Value| -> Result<()> {
             writeln!(log, "{v}").map_err(|e| Error::io("cannot append to the metrics log", &metrics_path, e))
         };
@@ -372,6 +380,7 @@ impl Trainer {
             }
             if (c.train.checkpoint_every > 0 && r.step % c.train.checkpoint_every == 0) || last {
                 last_checkpoint = self.save_checkpoint(self.prior_seconds + started.elapsed().as_secs_f64())?;
+                checkpointed_step = Some(r.step);
                 write(
                     &mut log,
                     json!({"kind": "checkpoint", "step": r.step, "path": last_checkpoint}),
@@ -386,7 +395,7 @@ impl Trainer {
             ));
         }
         bar.finish_and_clear();
-        if last_checkpoint.as_os_str().is_empty() {
+        if checkpointed_step != Some(self.optimizer.step) {
             // Stopped by the time limit (or nothing to do): evaluate and checkpoint where we are.
             val_loss = self.evaluate()?;
             let elapsed = self.prior_seconds + started.elapsed().as_secs_f64();

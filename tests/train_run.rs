@@ -1,0 +1,194 @@
+//! The training loop end to end on a small model: the loss falls, the same seed gives bitwise the
+//! same parameters (whatever the thread count), a resumed run ends bitwise identical to an
+//! uninterrupted one, and bad data or a corrupt checkpoint is a clear error.
+
+use semoe::model::gpt::GptConfig;
+use semoe::train::{TrainConfig, Trainer};
+use std::path::PathBuf;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("semoe-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn small(steps: u64) -> TrainConfig {
+    let mut c = TrainConfig {
+        model: GptConfig {
+            block_size: 32,
+            d_model: 32,
+            n_layer: 2,
+            n_head: 2,
+            d_ff: 48,
+            experts: 4,
+            k: 2,
+            ..GptConfig::default()
+        },
+        ..TrainConfig::default()
+    };
+    c.optimizer.warmup = 5;
+    c.train.steps = steps;
+    c.train.batch = 8;
+    c.train.groups = 2;
+    c.train.eval_every = 0;
+    c.train.eval_windows = 32;
+    c.train.checkpoint_every = 0;
+    c
+}
+
+fn params(t: &Trainer) -> Vec<u32> {
+    t.model()
+        .tensors()
+        .iter()
+        .flat_map(|(_, _, b)| b.iter().map(|v| v.to_bits()))
+        .collect()
+}
+
+#[test]
+fn loss_falls_on_the_bundled_corpus() {
+    let dir = temp_dir("falls");
+    let mut t = Trainer::new(small(60), &dir).expect("trainer");
+    let before = t.evaluate().expect("eval");
+    let summary = t.run(false).expect("run");
+    assert!(
+        before > 5.0,
+        "an untrained byte model starts near ln(256) = 5.5, got {before}"
+    );
+    assert!(
+        summary.val_loss < 3.3,
+        "validation loss {before} -> {} should fall below 3.3",
+        summary.val_loss
+    );
+    let log = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics");
+    assert_eq!(log.lines().filter(|l| l.contains("\"kind\":\"train\"")).count(), 60);
+    assert!(dir.join("config.toml").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn same_seed_same_bits_for_one_and_two_threads() {
+    let run = |threads: usize, name: &str| {
+        let mut c = small(8);
+        c.train.threads = threads;
+        let dir = temp_dir(name);
+        let mut t = Trainer::new(c, &dir).expect("trainer");
+        for _ in 0..8 {
+            t.step().expect("step");
+        }
+        let p = params(&t);
+        let _ = std::fs::remove_dir_all(&dir);
+        p
+    };
+    let a = run(2, "seed-a");
+    assert_eq!(a, run(2, "seed-b"), "same seed, same thread count");
+    assert_eq!(a, run(1, "seed-c"), "one thread against two");
+}
+
+#[test]
+fn resume_ends_bitwise_identical_to_an_uninterrupted_run() {
+    let straight_dir = temp_dir("straight");
+    let mut straight = Trainer::new(small(12), &straight_dir).expect("trainer");
+    straight.run(false).expect("run");
+
+    let dir = temp_dir("resumed");
+    let mut first = Trainer::new(small(12), &dir).expect("trainer");
+    for _ in 0..5 {
+        first.step().expect("step");
+    }
+    first.save_checkpoint(1.0).expect("checkpoint");
+    for _ in 0..3 {
+        first
+            .step()
+            .expect("steps after the checkpoint are lost, as in a crash");
+    }
+    drop(first);
+    let mut resumed = Trainer::resume(&dir, None).expect("resume");
+    assert_eq!(resumed.steps_done(), 5);
+    resumed.run(false).expect("run");
+    assert_eq!(params(&resumed), params(&straight));
+
+    // A fresh run refuses to overwrite it.
+    let err = Trainer::new(small(12), &dir).err().expect("must refuse").to_string();
+    assert!(err.contains("--resume"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&straight_dir);
+}
+
+#[test]
+fn a_corrupt_checkpoint_is_refused_with_a_clear_error() {
+    let dir = temp_dir("corrupt");
+    let mut t = Trainer::new(small(3), &dir).expect("trainer");
+    t.run(false).expect("run");
+    let ckpt = semoe::storage::checkpoint::latest(&dir)
+        .expect("list")
+        .expect("a checkpoint");
+    let file = ckpt.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&file, bytes).expect("write");
+    let err = Trainer::resume(&dir, Some(6)).err().expect("must fail").to_string();
+    assert!(err.contains("SHA-256") && err.contains("model.safetensors"), "{err}");
+    let err = semoe::train::trainer::load_model(&ckpt)
+        .expect_err("must fail")
+        .to_string();
+    assert!(err.contains("SHA-256"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_training_data_is_a_clear_error() {
+    let dir = temp_dir("data");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("empty.txt", b"  \n\n ", "empty"),
+        ("binary.bin", b"PK\x03\x04\x00\x00binary", "binary"),
+        ("latin1.txt", b"caf\xe9 au lait and more text", "not UTF-8"),
+    ];
+    for (name, bytes, word) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).expect("write");
+        let mut c = small(2);
+        c.train.data = Some(path);
+        let err = Trainer::new(c, &dir.join(format!("run-{name}")))
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(err.contains(word) && err.contains(name), "{name}: {err}");
+    }
+    let mut c = small(2);
+    c.train.data = Some(dir.join("missing.txt"));
+    let err = Trainer::new(c, &dir.join("run-missing"))
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(err.contains("missing.txt"), "{err}");
+    let short = dir.join("short.txt");
+    std::fs::write(&short, "To be, or not to be.").expect("write");
+    let mut c = small(2);
+    c.train.data = Some(short);
+    let err = Trainer::new(c, &dir.join("run-short"))
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(err.contains("too few"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_config_is_a_clear_error() {
+    let mut c = small(2);
+    c.train.batch = 6;
+    c.train.groups = 4;
+    assert!(c.validate().expect_err("error").to_string().contains("train.batch"));
+    let mut c = small(2);
+    c.model.n_head = 5;
+    assert!(c.validate().expect_err("error").to_string().contains("n_head"));
+    let dir = temp_dir("toml");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[model]\nd_modle = 64\n").expect("write");
+    let err = TrainConfig::from_file(&file).expect_err("error").to_string();
+    assert!(err.contains("d_modle"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
