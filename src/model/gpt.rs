@@ -63,7 +63,7 @@ impl Default for GptConfig {
     fn default() -> Self {
         GptConfig {
             vocab: 256,
-            block_size: 128,
+            block_size: 64,
             d_model: 192,
             n_layer: 4,
             n_head: 6,

@@ -55,8 +55,8 @@ impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
             seed: 1337,
-            steps: 1000,
-            batch: 16,
+            steps: 700,
+            batch: 32,
             groups: 4,
             eval_every: 100,
             eval_windows: 256,
