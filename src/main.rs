@@ -229,6 +229,12 @@ fn main() -> ExitCode {
     }
 }
 
+fn print_json(report: &impl serde::Serialize) -> semoe::Result<()> {
+    let line = serde_json::to_string(report).map_err(|e| semoe::Error::parse("report", e.to_string()))?;
+    println!("{line}");
+    Ok(())
+}
+
 fn unescape(s: &str) -> String {
     s.replace("\\n", "\n")
 }
@@ -408,10 +414,7 @@ fn run(cli: Cli) -> semoe::Result<()> {
             let peak = bench::fma_peak_gflops(cpu.threads());
             let r = bench::moe_layer_bench(&cpu, &config, a.tokens, a.common.warmup, a.common.iters, peak)?;
             if a.common.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&r).map_err(|e| semoe::Error::parse("report", e.to_string()))?
-                );
+                print_json(&r)?;
             } else {
                 println!(
                     "MoE layer: S={} d_model={} d_ff={} E={} k={} capacity_factor={} ({} of {} assignments kept), f32, {} threads",
@@ -445,10 +448,7 @@ fn run(cli: Cli) -> semoe::Result<()> {
             let peak = bench::fma_peak_gflops(cpu.threads());
             let r = bench::matmul_bench(&cpu, a.size, a.common.warmup, a.common.iters)?;
             if a.common.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&r).map_err(|e| semoe::Error::parse("report", e.to_string()))?
-                );
+                print_json(&r)?;
             } else {
                 println!(
                     "matmul {0}x{0}x{0} f32, {1} threads: {2:.1} GFLOP/s ({3:.0}% of the {4:.1} GFLOP/s FMA peak)",
