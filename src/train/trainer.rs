@@ -200,10 +200,10 @@ impl Trainer {
         })?;
         let outputs: Vec<_> = outputs
             .into_inner()
-            .map_err(|_| Error::config("a group task panicked"))?
+            .map_err(|_| compute_failure("a group task panicked"))?
             .into_iter()
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| Error::config("a group produced no output"))?;
+            .ok_or_else(|| compute_failure("a group produced no output"))?;
 
         // Sum the group gradients in group order into group 0's buffers.
         let (first, rest) = self.group_grads.split_at_mut(1);
@@ -268,7 +268,7 @@ impl Trainer {
             })?;
         let total: f64 = sums
             .into_inner()
-            .map_err(|_| Error::config("an evaluation task panicked"))?
+            .map_err(|_| compute_failure("an evaluation task panicked"))?
             .iter()
             .sum();
         Ok(total / (starts.len() * t) as f64)
@@ -465,6 +465,14 @@ pub fn load_model(dir: &Path) -> Result<Gpt<f32>> {
         *buf = ckpt.take_model(name, shape)?;
     }
     Ok(model)
+}
+
+/// A failure inside the compute pool (not the user's input).
+fn compute_failure(detail: &str) -> Error {
+    Error::Backend {
+        backend: "cpu",
+        detail: detail.to_string(),
+    }
 }
 
 /// Keep only the records of steps <= `step` in a metrics log (after a resume).
