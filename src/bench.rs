@@ -194,7 +194,7 @@ pub fn moe_layer_bench(
     let mut kept = 0;
     let forward = time_it(warmup, iters, || {
         let (out, cache) = cpu.install(|| layer.forward(cpu, &x))?;
-        kept = cache.routing.kept();
+        kept = cache.dispatch.routing.kept();
         std::hint::black_box(out);
         Ok(())
     })?;

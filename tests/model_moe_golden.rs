@@ -103,7 +103,7 @@ fn check_case(path: &Path) -> Vec<String> {
 
     // Routing, exactly.
     let s = x.len() / config.d_model;
-    let r = &cache.routing;
+    let r = &cache.dispatch.routing;
     let idx: Vec<u32> = tensor(&case, "idx").iter().map(|&v| v as u32).collect();
     let keep: Vec<bool> = tensor(&case, "keep").iter().map(|&v| v != 0.0).collect();
     let loc: Vec<i64> = tensor(&case, "loc").iter().map(|&v| v as i64).collect();
@@ -127,7 +127,7 @@ fn check_case(path: &Path) -> Vec<String> {
     if out.stats.capacity != capacity {
         failures.push(format!("capacity {:?} != {:?}", out.stats.capacity, capacity));
     }
-    let (ratio, at) = worst_ratio(&cache.weights, &tensor(&case, "g"));
+    let (ratio, at) = worst_ratio(&cache.dispatch.weights, &tensor(&case, "g"));
     if ratio > 1.0 {
         failures.push(format!(
             "combine weights g: worst element {at} at {ratio:.2}x tolerance"

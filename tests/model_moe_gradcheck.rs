@@ -21,8 +21,8 @@ fn loss(layer: &MoeLayer<f64>, cpu: &Cpu, x: &[f64], gy: &[f64]) -> (f64, Vec<bo
     let dot: f64 = out.y.iter().zip(gy).map(|(a, b)| a * b).sum();
     (
         dot + c.aux_coef * out.l_aux + c.z_coef * out.z_loss,
-        cache.routing.keep,
-        cache.routing.expert,
+        cache.dispatch.routing.keep,
+        cache.dispatch.routing.expert,
     )
 }
 
@@ -43,7 +43,10 @@ fn check(config: MoeConfig, tokens: usize, seed: u64) {
         out.stats.dropped > 0 || config.dropless,
         "the case should drop something"
     );
-    let (keep0, expert0) = (cache.routing.keep.clone(), cache.routing.expert.clone());
+    let (keep0, expert0) = (
+        cache.dispatch.routing.keep.clone(),
+        cache.dispatch.routing.expert.clone(),
+    );
     let mut grads = MoeParams::zeros(&config);
     let grad_x = layer.backward(&cpu, &x, cache, &gy, &mut grads).expect("backward");
 

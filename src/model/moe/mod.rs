@@ -25,6 +25,7 @@ mod config;
 mod layer;
 mod params;
 mod routing;
+pub mod stages;
 
 pub use config::{DropPolicy, MoeConfig};
 pub use layer::{MoeCache, MoeLayer, MoeOutput, MoeStats};

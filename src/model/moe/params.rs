@@ -1,6 +1,7 @@
 //! The parameters of an MoE layer: one flat buffer per parameter group (llm.c style), which is what
 //! tiers move, checkpoints store and communicators send. Gradients use the same struct.
 
+use super::stages::ExpertWeights;
 use super::MoeConfig;
 use crate::error::{Error, Result};
 use crate::kernels::Scalar;
@@ -76,6 +77,17 @@ impl<T: Scalar> MoeParams<T> {
             }
         }
         Ok(())
+    }
+
+    /// Expert `e`'s weights (slices of the layer buffers).
+    pub fn expert(&self, c: &MoeConfig, e: usize) -> ExpertWeights<'_, T> {
+        let (d, f) = (c.d_model, c.d_ff);
+        ExpertWeights {
+            w1: &self.w1[e * d * f..(e + 1) * d * f],
+            b1: &self.b1[e * f..(e + 1) * f],
+            w2: &self.w2[e * f * d..(e + 1) * f * d],
+            b2: &self.b2[e * d..(e + 1) * d],
+        }
     }
 
     /// The buffers with their names, in a fixed order.
