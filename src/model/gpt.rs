@@ -9,8 +9,9 @@
 //! the group's contribution is the same wherever it is computed. Gradients live in a second `Gpt`
 //! with the same shapes ([`Gpt::zeros_like`]), as in llm.c.
 
-use super::layers::{self, AttnShape, LayerNormCache};
+use super::layers;
 use super::moe::{DropPolicy, MoeCache, MoeConfig, MoeLayer, MoeParams, MoeStats};
+use super::pass::{GroupPass, MoeResult, Need};
 use crate::error::{Error, Result};
 use crate::kernels::{Backend, Gelu, Scalar};
 use rand::SeedableRng;
@@ -228,21 +229,6 @@ pub struct GroupOutput {
     pub moe_stats: Vec<MoeStats>,
 }
 
-struct BlockCache<T> {
-    ln1: LayerNormCache<T>,
-    a1: Vec<T>,
-    attn: layers::AttnCache<T>,
-    att: Vec<T>,
-    ln2: LayerNormCache<T>,
-    a2: Vec<T>,
-    ffn: FfnCache<T>,
-}
-
-enum FfnCache<T> {
-    Dense { h: Vec<T>, a: Vec<T> },
-    Moe(Box<MoeCache<T>>),
-}
-
 impl<T: Scalar> Gpt<T> {
     /// A freshly initialised model: matrices ~ N(0, 0.02), the residual projections (`wo`, the second
     /// FFN matrix) scaled by `1/sqrt(2 n_layer)` (GPT-2), biases 0, layer-norm scales 1.
@@ -438,7 +424,7 @@ impl<T: Scalar> Gpt<T> {
         Ok(m)
     }
 
-    fn check_tokens(&self, idx: &[u32], seqs: usize) -> Result<usize> {
+    pub(crate) fn check_tokens(&self, idx: &[u32], seqs: usize) -> Result<usize> {
         let c = &self.config;
         if seqs == 0 || !idx.len().is_multiple_of(seqs) {
             return Err(Error::shape(
@@ -462,79 +448,15 @@ impl<T: Scalar> Gpt<T> {
         Ok(t)
     }
 
-    /// Forward through the blocks: returns the final residual stream and, when `keep` is set, every
-    /// block's cache.
-    #[allow(clippy::type_complexity)]
-    fn trunk<B: Backend>(
-        &self,
-        backend: &B,
-        idx: &[u32],
-        seqs: usize,
-        keep: bool,
-    ) -> Result<(Vec<T>, Vec<BlockCache<T>>, Vec<(f64, f64, MoeStats)>)> {
-        let c = &self.config;
-        let t = self.check_tokens(idx, seqs)?;
-        let (d, n) = (c.d_model, idx.len());
-        let shape = AttnShape {
-            seqs,
-            t,
-            heads: c.n_head,
-            dh: d / c.n_head,
-        };
-        let mut x = vec![T::ZERO; n * d];
-        for (r, &tok) in idx.iter().enumerate() {
-            let pos = r % t;
-            let (e, p) = (&self.wte[tok as usize * d..][..d], &self.wpe[pos * d..][..d]);
-            for (o, (&a, &b)) in x[r * d..(r + 1) * d].iter_mut().zip(e.iter().zip(p)) {
-                *o = a + b;
-            }
-        }
-        let mut caches = Vec::new();
-        let mut moe_out = Vec::new();
-        for b in &self.blocks {
-            let mut a1 = vec![T::ZERO; n * d];
-            let ln1 = layers::layer_norm_forward(&x, &b.ln1_w, &b.ln1_b, &mut a1);
-            let mut qkv = vec![T::ZERO; n * 3 * d];
-            layers::linear_forward(backend, &a1, &b.wqkv, Some(&b.bqkv), 3 * d, &mut qkv)?;
-            let mut att = vec![T::ZERO; n * d];
-            let attn = layers::attention_forward(backend, &qkv, shape, &mut att)?;
-            let mut o = vec![T::ZERO; n * d];
-            layers::linear_forward(backend, &att, &b.wo, Some(&b.bo), d, &mut o)?;
-            x.iter_mut().zip(&o).for_each(|(x, &o)| *x += o);
-            let mut a2 = vec![T::ZERO; n * d];
-            let ln2 = layers::layer_norm_forward(&x, &b.ln2_w, &b.ln2_b, &mut a2);
-            let ffn = match &b.ffn {
-                Ffn::Dense(m) => {
-                    let mut y = vec![T::ZERO; n * d];
-                    let (h, a) = layers::mlp_forward(backend, c.gelu, &a2, &m.w1, &m.b1, &m.w2, &m.b2, &mut y)?;
-                    x.iter_mut().zip(&y).for_each(|(x, &y)| *x += y);
-                    FfnCache::Dense { h, a }
-                }
-                Ffn::Moe(layer) => {
-                    let (out, cache) = layer.forward(backend, &a2)?;
-                    x.iter_mut().zip(&out.y).for_each(|(x, &y)| *x += y);
-                    moe_out.push((out.l_aux.to_f64(), out.z_loss.to_f64(), out.stats));
-                    FfnCache::Moe(Box::new(cache))
-                }
-            };
-            if keep {
-                caches.push(BlockCache {
-                    ln1,
-                    a1,
-                    attn,
-                    att,
-                    ln2,
-                    a2,
-                    ffn,
-                });
-            }
-        }
-        Ok((x, caches, moe_out))
-    }
-
     /// Logits `[N][V]` of `seqs` sequences of tokens `idx` (forward only).
     pub fn logits<B: Backend>(&self, backend: &B, idx: &[u32], seqs: usize) -> Result<Vec<T>> {
-        let (x, _, _) = self.trunk(backend, idx, seqs, false)?;
+        let mut pass = GroupPass::<T, &Gpt<T>, &mut Gpt<T>>::new(self, idx.to_vec(), None, seqs, T::ONE, None)?;
+        let mut local = LocalMoe::default();
+        while let Need::MoeForward { block, x } = pass.advance(backend)? {
+            let result = local.forward(self, backend, block, x, false)?;
+            pass.moe_forward_done(result)?;
+        }
+        let x = pass.into_residual()?;
         let (d, v) = (self.config.d_model, self.config.vocab);
         let mut xf = vec![T::ZERO; x.len()];
         layers::layer_norm_forward(&x, &self.ln_f_w, &self.ln_f_b, &mut xf);
@@ -555,7 +477,7 @@ impl<T: Scalar> Gpt<T> {
         })
     }
 
-    fn check_targets(&self, idx: &[u32], targets: &[u32]) -> Result<()> {
+    pub(crate) fn check_targets(&self, idx: &[u32], targets: &[u32]) -> Result<()> {
         if targets.len() != idx.len() {
             return Err(Error::shape(
                 "targets",
@@ -575,6 +497,9 @@ impl<T: Scalar> Gpt<T> {
     /// `ce_scale * sum(cross-entropy) + router_scale * sum over MoE blocks of (aux_coef * l_aux +
     /// z_coef * z_loss)`. A batch of G groups and B*T tokens uses `ce_scale = 1/(B*T)` and
     /// `router_scale = 1/G`, so that the sum over groups is the batch loss.
+    ///
+    /// This is a [`GroupPass`] whose MoE blocks run here, in this thread; the actor runtime drives
+    /// the same pass with the MoE blocks run by its Gate and Expert actors.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_backward<B: Backend>(
         &self,
@@ -586,148 +511,88 @@ impl<T: Scalar> Gpt<T> {
         router_scale: T,
         grads: &mut Gpt<T>,
     ) -> Result<GroupOutput> {
-        self.check_targets(idx, targets)?;
-        if grads.config != self.config {
-            return Err(Error::shape(
-                "gradients",
-                "the gradient buffers belong to another model configuration",
-            ));
-        }
-        let c = &self.config;
-        let (d, v) = (c.d_model, c.vocab);
-        let (x, caches, moe_out) = self.trunk(backend, idx, seqs, true)?;
-        let t = idx.len() / seqs;
-        let shape = AttnShape {
+        let mut pass = GroupPass::new(
+            self,
+            idx.to_vec(),
+            Some(targets.to_vec()),
             seqs,
-            t,
-            heads: c.n_head,
-            dh: d / c.n_head,
-        };
-        let n = idx.len();
-
-        // Head and loss.
-        let mut xf = vec![T::ZERO; x.len()];
-        let lnf = layers::layer_norm_forward(&x, &self.ln_f_w, &self.ln_f_b, &mut xf);
-        drop(x);
-        let mut logits = vec![T::ZERO; n * v];
-        layers::linear_forward(backend, &xf, &self.lm_head, None, v, &mut logits)?;
-        let mut dlogits = vec![T::ZERO; logits.len()];
-        let ce_sum = layers::cross_entropy(&logits, targets, ce_scale, &mut dlogits);
-        drop(logits);
-        let mut dxf = vec![T::ZERO; n * d];
-        layers::linear_backward(
-            backend,
-            &xf,
-            &self.lm_head,
-            &dlogits,
-            v,
-            &mut grads.lm_head,
-            None,
-            Some(&mut dxf),
-            false,
+            ce_scale,
+            Some(grads),
         )?;
-        drop(dlogits);
-        let mut dx = vec![T::ZERO; n * d];
-        layers::layer_norm_backward(&lnf, &self.ln_f_w, &dxf, &mut dx, &mut grads.ln_f_w, &mut grads.ln_f_b);
-
-        // Blocks in reverse.
-        let mut scratch = vec![T::ZERO; n * d];
-        for ((b, g), cache) in self.blocks.iter().zip(grads.blocks.iter_mut()).zip(caches).rev() {
-            let BlockCache {
-                ln1,
-                a1,
-                attn,
-                att,
-                ln2,
-                a2,
-                ffn,
-            } = cache;
-            // x_out = x_mid + FFN(LN2(x_mid))
-            let d_a2 = match (&b.ffn, &mut g.ffn, ffn) {
-                (Ffn::Dense(m), Ffn::Dense(gm), FfnCache::Dense { h, a }) => {
-                    let f = m.b1.len();
-                    let mut dh = vec![T::ZERO; n * f];
-                    layers::linear_backward(
-                        backend,
-                        &a,
-                        &m.w2,
-                        &dx,
-                        d,
-                        &mut gm.w2,
-                        Some(&mut gm.b2),
-                        Some(&mut dh),
-                        false,
-                    )?;
-                    backend.gelu_backward(c.gelu, &h, &mut dh)?;
-                    layers::linear_backward(
-                        backend,
-                        &a2,
-                        &m.w1,
-                        &dh,
-                        f,
-                        &mut gm.w1,
-                        Some(&mut gm.b1),
-                        Some(&mut scratch),
-                        false,
-                    )?;
-                    std::mem::take(&mut scratch)
+        let mut local = LocalMoe::default();
+        loop {
+            match pass.advance(backend)? {
+                Need::MoeForward { block, x } => {
+                    let result = local.forward(self, backend, block, x, true)?;
+                    pass.moe_forward_done(result)?;
                 }
-                (Ffn::Moe(layer), Ffn::Moe(gl), FfnCache::Moe(mc)) => {
-                    layer.backward_scaled(backend, &a2, *mc, &dx, &mut gl.params, router_scale)?
+                Need::MoeBackward { block, dy } => {
+                    let grads = pass.grads_mut().ok_or_else(|| Error::shape("gradients", "missing"))?;
+                    let dx = local.backward(self, backend, block, &dy, grads, router_scale)?;
+                    pass.moe_backward_done(backend, dx)?;
                 }
-                _ => return Err(Error::shape("gradients", "block kinds of model and gradients differ")),
-            };
-            layers::layer_norm_backward(&ln2, &b.ln2_w, &d_a2, &mut dx, &mut g.ln2_w, &mut g.ln2_b);
-            scratch = d_a2;
-            // x_mid = x_in + attn(LN1(x_in)) @ wo + bo
-            let mut d_att = vec![T::ZERO; n * d];
-            layers::linear_backward(
-                backend,
-                &att,
-                &b.wo,
-                &dx,
-                d,
-                &mut g.wo,
-                Some(&mut g.bo),
-                Some(&mut d_att),
-                false,
-            )?;
-            let mut d_qkv = vec![T::ZERO; n * 3 * d];
-            layers::attention_backward(backend, &attn, &d_att, shape, &mut d_qkv)?;
-            let d_a1 = &mut scratch;
-            layers::linear_backward(
-                backend,
-                &a1,
-                &b.wqkv,
-                &d_qkv,
-                3 * d,
-                &mut g.wqkv,
-                Some(&mut g.bqkv),
-                Some(d_a1),
-                false,
-            )?;
-            layers::layer_norm_backward(&ln1, &b.ln1_w, d_a1, &mut dx, &mut g.ln1_w, &mut g.ln1_b);
+                Need::Done => return pass.finish().map(|(out, _)| out),
+            }
         }
+    }
+}
 
-        // Embeddings, in token order.
-        for (r, &tok) in idx.iter().enumerate() {
-            let pos = r % t;
-            let dr = &dx[r * d..(r + 1) * d];
-            grads.wte[tok as usize * d..][..d]
-                .iter_mut()
-                .zip(dr)
-                .for_each(|(g, &v)| *g += v);
-            grads.wpe[pos * d..][..d].iter_mut().zip(dr).for_each(|(g, &v)| *g += v);
+/// The MoE blocks of a [`GroupPass`] run in the calling thread, keeping their caches until the
+/// backward pass.
+#[derive(Default)]
+struct LocalMoe<T> {
+    saved: Vec<Option<(Vec<T>, MoeCache<T>)>>,
+}
+
+impl<T: Scalar> LocalMoe<T> {
+    fn layer<'a>(model: &'a Gpt<T>, block: usize) -> Result<&'a MoeLayer<T>> {
+        match model.blocks.get(block).map(|b| &b.ffn) {
+            Some(Ffn::Moe(layer)) => Ok(layer),
+            _ => Err(Error::shape("model", format!("block {block} is not an MoE block"))),
         }
+    }
 
-        let (router_loss, moe_stats) = moe_out
-            .into_iter()
-            .map(|(l_aux, z, stats)| (c.aux_coef * l_aux + c.z_coef * z, stats))
-            .unzip();
-        Ok(GroupOutput {
-            ce_sum,
-            router_loss,
-            moe_stats,
+    fn forward<B: Backend>(
+        &mut self,
+        model: &Gpt<T>,
+        backend: &B,
+        block: usize,
+        x: Vec<T>,
+        keep: bool,
+    ) -> Result<MoeResult<T>> {
+        let (out, cache) = Self::layer(model, block)?.forward(backend, &x)?;
+        if keep {
+            if self.saved.len() <= block {
+                self.saved.resize_with(block + 1, || None);
+            }
+            self.saved[block] = Some((x, cache));
+        }
+        Ok(MoeResult {
+            y: out.y,
+            l_aux: out.l_aux.to_f64(),
+            z_loss: out.z_loss.to_f64(),
+            stats: out.stats,
         })
+    }
+
+    fn backward<B: Backend>(
+        &mut self,
+        model: &Gpt<T>,
+        backend: &B,
+        block: usize,
+        dy: &[T],
+        grads: &mut Gpt<T>,
+        router_scale: T,
+    ) -> Result<Vec<T>> {
+        let (x, cache) = self
+            .saved
+            .get_mut(block)
+            .and_then(Option::take)
+            .ok_or_else(|| Error::shape("MoE backward", format!("block {block} has no forward cache")))?;
+        let layer = Self::layer(model, block)?;
+        match grads.blocks.get_mut(block).map(|b| &mut b.ffn) {
+            Some(Ffn::Moe(g)) => layer.backward_scaled(backend, &x, cache, dy, &mut g.params, router_scale),
+            _ => Err(Error::shape("gradients", "block kinds of model and gradients differ")),
+        }
     }
 }

@@ -3,3 +3,4 @@
 pub mod gpt;
 pub mod layers;
 pub mod moe;
+pub mod pass;
