@@ -215,6 +215,32 @@ pub struct Gpt<T> {
     pub lm_head: Vec<T>,
 }
 
+/// How a parameter tensor is owned and optimised.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// The tensor's name (as in checkpoints).
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// 1 for a dense tensor; E for an expert tensor, whose leading dimension is the expert and whose
+    /// slices live with their experts' owners.
+    pub experts: usize,
+    /// Whether AdamW decays it: matrices do; biases, norms and per-expert biases do not.
+    pub decay: bool,
+}
+
+impl TensorSpec {
+    /// Elements of one unit (the whole tensor, or one expert's slice).
+    pub fn unit_len(&self) -> usize {
+        self.shape.iter().product::<usize>() / self.experts
+    }
+}
+
+/// Whether a tensor name is one of an MoE block's expert tensors (stacked over experts).
+pub fn is_expert_tensor(name: &str) -> bool {
+    name.contains(".moe.") && !name.ends_with("moe.wg")
+}
+
 /// A named parameter tensor: name, shape, and its buffer.
 pub type NamedBuffer<'a, T> = (String, Vec<usize>, &'a Vec<T>);
 
@@ -364,6 +390,24 @@ impl<T: Scalar> Gpt<T> {
         out
     }
 
+    /// How each tensor of [`Gpt::tensors`] is owned and optimised, in the same order.
+    pub fn specs(&self) -> Vec<TensorSpec> {
+        let experts = self.config.experts;
+        self.tensors()
+            .into_iter()
+            .map(|(name, shape, _)| {
+                let expert = is_expert_tensor(&name);
+                let unit_dims = if expert { shape.len() - 1 } else { shape.len() };
+                TensorSpec {
+                    experts: if expert { experts } else { 1 },
+                    decay: unit_dims >= 2,
+                    name,
+                    shape,
+                }
+            })
+            .collect()
+    }
+
     /// The buffers of [`Gpt::tensors`], mutable, in the same order.
     pub fn buffers_mut(&mut self) -> Vec<&mut Vec<T>> {
         let mut out: Vec<&mut Vec<T>> = vec![&mut self.wte, &mut self.wpe];
@@ -400,8 +444,7 @@ impl<T: Scalar> Gpt<T> {
         self.tensors()
             .iter()
             .map(|(name, _, b)| {
-                let expert_tensor = name.contains(".moe.") && !name.ends_with("moe.wg");
-                if expert_tensor {
+                if is_expert_tensor(name) {
                     b.len() / c.experts * c.k
                 } else {
                     b.len()

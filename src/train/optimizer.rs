@@ -96,27 +96,47 @@ pub struct AdamW {
     decay: Vec<bool>,
 }
 
-/// The norm of a set of gradient buffers, summed in a fixed order in f64.
+/// The sum of squares of one buffer, in f64, in element order.
+pub fn sum_squares(g: &[f32]) -> f64 {
+    g.iter().map(|&v| (v as f64) * (v as f64)).sum()
+}
+
+/// The global gradient norm from the sums of squares of its parts, added in the order given.
+///
+/// The parts are the unit of ownership: a dense tensor is one part, an expert tensor one part per
+/// expert. Whoever owns a part computes its sum; adding the sums in the canonical part order gives
+/// the same norm however the parts are spread over workers.
+pub fn norm_from_parts(parts: impl IntoIterator<Item = f64>) -> f64 {
+    parts.into_iter().sum::<f64>().sqrt()
+}
+
+/// The norm of a set of gradient buffers, each one part (see [`norm_from_parts`]).
 pub fn global_norm(grads: &[&[f32]]) -> f64 {
-    grads
-        .iter()
-        .flat_map(|g| g.iter())
-        .map(|&v| (v as f64) * (v as f64))
-        .sum::<f64>()
-        .sqrt()
+    norm_from_parts(grads.iter().map(|g| sum_squares(g)))
 }
 
 impl AdamW {
-    /// Fresh state for tensors of the given shapes.
+    /// Fresh state for tensors of the given shapes; tensors of two or more dimensions get weight
+    /// decay.
     pub fn new(config: OptimizerConfig, shapes: &[Vec<usize>]) -> Result<Self> {
+        let sizes: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+        let decay: Vec<bool> = shapes.iter().map(|s| s.len() >= 2).collect();
+        AdamW::with_decay(config, &sizes, &decay)
+    }
+
+    /// Fresh state for tensors of `sizes` elements, `decay[i]` saying whether tensor `i` gets weight
+    /// decay (a model's matrices; not biases, norms, or a stack of per-expert biases).
+    pub fn with_decay(config: OptimizerConfig, sizes: &[usize], decay: &[bool]) -> Result<Self> {
         config.validate()?;
-        let len = |s: &Vec<usize>| s.iter().product::<usize>();
+        if sizes.len() != decay.len() {
+            return Err(Error::shape("optimizer", "one decay flag per tensor is needed"));
+        }
         Ok(AdamW {
             config,
             step: 0,
-            m: shapes.iter().map(|s| vec![0.0; len(s)]).collect(),
-            v: shapes.iter().map(|s| vec![0.0; len(s)]).collect(),
-            decay: shapes.iter().map(|s| s.len() >= 2).collect(),
+            m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            decay: decay.to_vec(),
         })
     }
 
@@ -137,15 +157,26 @@ impl AdamW {
     }
 
     /// Clip `grads` to the global norm `clip` (if set) and apply one AdamW step with learning rate
-    /// `lr`. Returns the gradient norm before clipping.
+    /// `lr`, each tensor being one part of the norm. Returns the gradient norm before clipping.
     pub fn step(&mut self, params: &mut [&mut Vec<f32>], grads: &mut [&mut Vec<f32>], lr: f64) -> Result<f64> {
+        let norm = global_norm(&grads.iter().map(|g| g.as_slice()).collect::<Vec<_>>());
+        self.apply(params, grads, lr, norm)?;
+        Ok(norm)
+    }
+
+    /// One AdamW step given the global gradient norm (computed by the caller over every part of the
+    /// model, possibly on other workers): clip by `clip / norm`, then update. The update is
+    /// element-wise, so applying it tensor by tensor on different owners gives the same bits.
+    pub fn apply(&mut self, params: &mut [&mut Vec<f32>], grads: &mut [&mut Vec<f32>], lr: f64, norm: f64) -> Result<()> {
         if params.len() != self.m.len() || grads.len() != self.m.len() {
             return Err(Error::shape(
                 "optimizer",
                 "parameter and gradient lists differ from the optimizer state",
             ));
         }
-        let norm = global_norm(&grads.iter().map(|g| g.as_slice()).collect::<Vec<_>>());
+        if params.iter().zip(grads.iter()).zip(&self.m).any(|((p, g), m)| p.len() != m.len() || g.len() != m.len()) {
+            return Err(Error::shape("optimizer", "a parameter or gradient buffer has the wrong length"));
+        }
         if !norm.is_finite() {
             return Err(Error::Backend {
                 backend: "cpu",
@@ -192,6 +223,6 @@ impl AdamW {
                     }
                 });
         }
-        Ok(norm)
+        Ok(())
     }
 }

@@ -9,7 +9,7 @@
 
 use super::config::TrainConfig;
 use super::data::Corpus;
-use super::optimizer::AdamW;
+use super::optimizer::{self, AdamW};
 use super::sampler;
 use crate::error::{Error, Result};
 use crate::kernels::{Backend, Cpu};
@@ -98,8 +98,7 @@ impl Trainer {
         std::fs::create_dir_all(run_dir).map_err(|e| Error::io("cannot create the run directory", run_dir, e))?;
         let corpus = corpus_for(&config)?;
         let model = Gpt::init(&config.model, config.train.seed)?;
-        let shapes: Vec<Vec<usize>> = model.tensors().into_iter().map(|(_, s, _)| s).collect();
-        let optimizer = AdamW::new(config.optimizer.clone(), &shapes)?;
+        let optimizer = new_optimizer(&config, &model)?;
         let config_path = run_dir.join("config.toml");
         std::fs::write(&config_path, config.to_toml()?).map_err(|e| Error::io("cannot write", &config_path, e))?;
         let metrics = run_dir.join("metrics.jsonl");
@@ -214,9 +213,10 @@ impl Trainer {
             }
         }
         let lr = c.optimizer.lr_at(step, c.train.steps);
+        let grad_norm = model_grad_norm(&self.model, &total);
         let mut params = self.model.buffers_mut();
         let optimizer = &mut self.optimizer;
-        let grad_norm = self.cpu.install(|| optimizer.step(&mut params, &mut total, lr))?;
+        self.cpu.install(|| optimizer.apply(&mut params, &mut total, lr, grad_norm))?;
 
         let ce_loss = outputs.iter().map(|o| o.ce_sum).sum::<f64>() / (c.train.batch * t) as f64;
         let moe_blocks = outputs[0].router_loss.len();
@@ -440,10 +440,7 @@ pub fn load_state(config: &TrainConfig, dir: &Path) -> Result<(Gpt<f32>, AdamW, 
         m.push(ckpt.take_optimizer(&format!("m.{name}"), shape)?);
         v.push(ckpt.take_optimizer(&format!("v.{name}"), shape)?);
     }
-    let mut optimizer = AdamW::new(
-        config.optimizer.clone(),
-        &specs.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>(),
-    )?;
+    let mut optimizer = new_optimizer(config, &model)?;
     optimizer.restore(ckpt.step, m, v)?;
     let seconds = ckpt
         .extra
@@ -465,6 +462,25 @@ pub fn load_model(dir: &Path) -> Result<Gpt<f32>> {
         *buf = ckpt.take_model(name, shape)?;
     }
     Ok(model)
+}
+
+/// Fresh AdamW state for `model`, with weight decay on its matrices (see [`crate::model::gpt::TensorSpec`]).
+pub fn new_optimizer(config: &TrainConfig, model: &Gpt<f32>) -> Result<AdamW> {
+    let specs = model.specs();
+    let sizes: Vec<usize> = specs.iter().map(|s| s.shape.iter().product()).collect();
+    let decay: Vec<bool> = specs.iter().map(|s| s.decay).collect();
+    AdamW::with_decay(config.optimizer.clone(), &sizes, &decay)
+}
+
+/// The global gradient norm of a model's gradient buffers (in [`Gpt::tensors`] order), with every
+/// dense tensor one part and every expert's slice of an expert tensor one part (see
+/// [`optimizer::norm_from_parts`]): the same number the actor runtime assembles from its owners.
+pub fn model_grad_norm(model: &Gpt<f32>, grads: &[&mut Vec<f32>]) -> f64 {
+    let parts = model.specs().into_iter().zip(grads).flat_map(|(spec, g)| {
+        let unit = spec.unit_len().max(1);
+        g.chunks(unit).map(optimizer::sum_squares).collect::<Vec<_>>()
+    });
+    optimizer::norm_from_parts(parts)
 }
 
 /// A failure inside the compute pool (not the user's input).
