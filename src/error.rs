@@ -57,6 +57,31 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+
+    /// An actor of the runtime failed (returned an error or panicked). Its supervisor restarts it
+    /// and the coordinator replays the step.
+    #[error("actor {actor} failed: {detail}")]
+    ActorFailed {
+        /// Which actor (for example `expert 1.3 on worker 0`).
+        actor: String,
+        /// The error or panic message.
+        detail: String,
+    },
+
+    /// A peer did not answer within its deadline (the runtime never waits without one).
+    #[error("{peer} did not answer {what} within {deadline_ms} ms")]
+    Deadline {
+        /// Who did not answer (for example `worker 1`).
+        peer: String,
+        /// The request (for example `the layer-0 expert forward of step 3`).
+        what: String,
+        /// The deadline.
+        deadline_ms: u64,
+    },
+
+    /// The runtime cannot go on: a worker was lost, or the runtime has shut down.
+    #[error("runtime: {0}")]
+    Runtime(String),
 }
 
 /// The result type of semoe.
@@ -91,6 +116,16 @@ impl Error {
             what: what.into(),
             detail: detail.into(),
         }
+    }
+
+    /// A runtime error.
+    pub fn runtime(msg: impl Into<String>) -> Self {
+        Error::Runtime(msg.into())
+    }
+
+    /// Whether the error is an actor failure that a restart and a replay of the step repair.
+    pub fn is_restartable(&self) -> bool {
+        matches!(self, Error::ActorFailed { .. })
     }
 
     /// A checkpoint error about `path` (the checkpoint directory or a file in it).

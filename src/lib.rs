@@ -5,11 +5,14 @@
 //! `semoe bench`).
 #![warn(missing_docs)]
 
+pub mod actors;
 pub mod bench;
+pub mod chaos;
 pub mod error;
 pub mod infer;
 pub mod kernels;
 pub mod model;
+pub mod net;
 pub mod storage;
 pub mod telemetry;
 pub mod train;

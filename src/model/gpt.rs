@@ -554,14 +554,7 @@ impl<T: Scalar> Gpt<T> {
         router_scale: T,
         grads: &mut Gpt<T>,
     ) -> Result<GroupOutput> {
-        let mut pass = GroupPass::new(
-            self,
-            idx.to_vec(),
-            Some(targets.to_vec()),
-            seqs,
-            ce_scale,
-            Some(grads),
-        )?;
+        let mut pass = GroupPass::new(self, idx.to_vec(), Some(targets.to_vec()), seqs, ce_scale, Some(grads))?;
         let mut local = LocalMoe::default();
         loop {
             match pass.advance(backend)? {
@@ -588,7 +581,7 @@ struct LocalMoe<T> {
 }
 
 impl<T: Scalar> LocalMoe<T> {
-    fn layer<'a>(model: &'a Gpt<T>, block: usize) -> Result<&'a MoeLayer<T>> {
+    fn layer(model: &Gpt<T>, block: usize) -> Result<&MoeLayer<T>> {
         match model.blocks.get(block).map(|b| &b.ffn) {
             Some(Ffn::Moe(layer)) => Ok(layer),
             _ => Err(Error::shape("model", format!("block {block} is not an MoE block"))),

@@ -6,7 +6,7 @@
 //! the result back. Whoever runs it, the arithmetic of the pass is the same, which is what lets a
 //! run on any number of workers reproduce the single-process run bit for bit.
 
-use super::gpt::{Ffn, GroupOutput, Gpt};
+use super::gpt::{Ffn, Gpt, GroupOutput};
 use super::layers::{self, AttnCache, AttnShape, LayerNormCache};
 use super::moe::MoeStats;
 use crate::error::{Error, Result};
@@ -267,7 +267,10 @@ where
         }
         crate::kernels::check_len("MoE block output", &result.y, self.x.len())?;
         self.x.iter_mut().zip(&result.y).for_each(|(x, &y)| *x += y);
-        let cache = self.pending.take().ok_or_else(|| Error::shape("group pass", "lost block cache"))?;
+        let cache = self
+            .pending
+            .take()
+            .ok_or_else(|| Error::shape("group pass", "lost block cache"))?;
         if self.training() {
             self.caches.push(cache);
         }
@@ -282,8 +285,14 @@ where
         let model = &*self.model;
         let c = model.config();
         let (d, v, n) = (c.d_model, c.vocab, self.idx.len());
-        let grads = self.grads.as_deref_mut().ok_or_else(|| Error::shape("gradients", "missing"))?;
-        let targets = self.targets.as_deref().ok_or_else(|| Error::shape("targets", "missing"))?;
+        let grads = self
+            .grads
+            .as_deref_mut()
+            .ok_or_else(|| Error::shape("gradients", "missing"))?;
+        let targets = self
+            .targets
+            .as_deref()
+            .ok_or_else(|| Error::shape("targets", "missing"))?;
         let x = std::mem::take(&mut self.x);
         let mut xf = vec![T::ZERO; x.len()];
         let lnf = layers::layer_norm_forward(&x, &model.ln_f_w, &model.ln_f_b, &mut xf);
@@ -315,14 +324,20 @@ where
     /// Backward of block `self.block - 1` from its output; dense FFNs finish here.
     fn block_backward<B: Backend>(&mut self, backend: &B) -> Result<Option<Need<T>>> {
         let l = self.block - 1;
-        let cache = self.caches.pop().ok_or_else(|| Error::shape("group pass", "lost block cache"))?;
+        let cache = self
+            .caches
+            .pop()
+            .ok_or_else(|| Error::shape("group pass", "lost block cache"))?;
         let model = &*self.model;
         let c = model.config();
         let n = self.idx.len();
         let d = c.d_model;
         match &model.blocks[l].ffn {
             Ffn::Dense(m) => {
-                let grads = self.grads.as_deref_mut().ok_or_else(|| Error::shape("gradients", "missing"))?;
+                let grads = self
+                    .grads
+                    .as_deref_mut()
+                    .ok_or_else(|| Error::shape("gradients", "missing"))?;
                 let Ffn::Dense(gm) = &mut grads.blocks[l].ffn else {
                     return Err(Error::shape("gradients", "block kinds of model and gradients differ"));
                 };
@@ -372,7 +387,10 @@ where
             return Err(Error::shape("group pass", "no MoE input gradient was expected"));
         }
         crate::kernels::check_len("MoE block input gradient", &d_a2, self.x.len())?;
-        let cache = self.pending.take().ok_or_else(|| Error::shape("group pass", "lost block cache"))?;
+        let cache = self
+            .pending
+            .take()
+            .ok_or_else(|| Error::shape("group pass", "lost block cache"))?;
         self.phase = Phase::Backward;
         self.block_backward_rest(backend, cache, d_a2)
     }
@@ -384,7 +402,11 @@ where
         let d = model.config().d_model;
         let n = self.idx.len();
         let b = &model.blocks[l];
-        let g = &mut self.grads.as_deref_mut().ok_or_else(|| Error::shape("gradients", "missing"))?.blocks[l];
+        let g = &mut self
+            .grads
+            .as_deref_mut()
+            .ok_or_else(|| Error::shape("gradients", "missing"))?
+            .blocks[l];
         let dx = &mut self.x;
         layers::layer_norm_backward(&cache.ln2, &b.ln2_w, &d_a2, dx, &mut g.ln2_w, &mut g.ln2_b);
         let mut d_att = vec![T::ZERO; n * d];
@@ -422,7 +444,10 @@ where
     fn embeddings_backward(&mut self) -> Result<()> {
         let d = self.model.config().d_model;
         let t = self.shape.t;
-        let grads = self.grads.as_deref_mut().ok_or_else(|| Error::shape("gradients", "missing"))?;
+        let grads = self
+            .grads
+            .as_deref_mut()
+            .ok_or_else(|| Error::shape("gradients", "missing"))?;
         for (r, &tok) in self.idx.iter().enumerate() {
             let pos = r % t;
             let dr = &self.x[r * d..(r + 1) * d];

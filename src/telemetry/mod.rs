@@ -1,8 +1,10 @@
-//! Telemetry: run reports and plots.
+//! Telemetry: run reports and plots, and the runtime's live metrics.
 //!
+//! [`metrics`] names every metric the runtime records (and serves them as Prometheus text).
 //! [`report`] turns a run's `metrics.jsonl` into `loss.svg`, `throughput.svg`, `experts.svg` and `report.md`
 //! (see [`write_report`]); [`read_metrics`] parses the log on its own.
 
+pub mod metrics;
 pub mod report;
 
 pub use report::{

@@ -167,15 +167,29 @@ impl AdamW {
     /// One AdamW step given the global gradient norm (computed by the caller over every part of the
     /// model, possibly on other workers): clip by `clip / norm`, then update. The update is
     /// element-wise, so applying it tensor by tensor on different owners gives the same bits.
-    pub fn apply(&mut self, params: &mut [&mut Vec<f32>], grads: &mut [&mut Vec<f32>], lr: f64, norm: f64) -> Result<()> {
+    pub fn apply(
+        &mut self,
+        params: &mut [&mut Vec<f32>],
+        grads: &mut [&mut Vec<f32>],
+        lr: f64,
+        norm: f64,
+    ) -> Result<()> {
         if params.len() != self.m.len() || grads.len() != self.m.len() {
             return Err(Error::shape(
                 "optimizer",
                 "parameter and gradient lists differ from the optimizer state",
             ));
         }
-        if params.iter().zip(grads.iter()).zip(&self.m).any(|((p, g), m)| p.len() != m.len() || g.len() != m.len()) {
-            return Err(Error::shape("optimizer", "a parameter or gradient buffer has the wrong length"));
+        if params
+            .iter()
+            .zip(grads.iter())
+            .zip(&self.m)
+            .any(|((p, g), m)| p.len() != m.len() || g.len() != m.len())
+        {
+            return Err(Error::shape(
+                "optimizer",
+                "a parameter or gradient buffer has the wrong length",
+            ));
         }
         if !norm.is_finite() {
             return Err(Error::Backend {

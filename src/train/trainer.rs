@@ -216,7 +216,8 @@ impl Trainer {
         let grad_norm = model_grad_norm(&self.model, &total);
         let mut params = self.model.buffers_mut();
         let optimizer = &mut self.optimizer;
-        self.cpu.install(|| optimizer.apply(&mut params, &mut total, lr, grad_norm))?;
+        self.cpu
+            .install(|| optimizer.apply(&mut params, &mut total, lr, grad_norm))?;
 
         let ce_loss = outputs.iter().map(|o| o.ce_sum).sum::<f64>() / (c.train.batch * t) as f64;
         let moe_blocks = outputs[0].router_loss.len();

@@ -61,6 +61,12 @@ impl Cpu {
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
     }
+
+    /// Start `f` on this backend's pool and return at once (the actor runtime awaits the result
+    /// through a channel, so that compute never runs on the async runtime's threads).
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) {
+        self.pool.spawn(f)
+    }
 }
 
 impl Backend for Cpu {

@@ -1,0 +1,363 @@
+//! The Communicator actor: owns a worker's transport endpoint and builds the collectives on it.
+//!
+//! Outgoing, an `Exchange` sends one request per peer (the fused all-to-all-v: every row bound for
+//! any expert a peer hosts travels in one message, with its counts) and waits for every answer, with
+//! a deadline; a peer that does not answer in time is named in the error. Incoming, it hands expert
+//! rows to the local Expert actors, gradients to the Tier, parameters to the replica, and answers.
+
+use super::expert::ExpertMsg;
+use super::tier::TierMsg;
+use super::{ask, ActorName};
+use crate::chaos::FaultPlan;
+use crate::error::{Error, Result};
+use crate::model::gpt::Gpt;
+use crate::net::{Packet, Payload, Segment, Transport, WorkerId};
+use crate::telemetry::metrics as names;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// A worker's dense parameters (expert tensors empty), replaced after each commit. Passes hold an
+/// `Arc` of the version they started with.
+pub type SharedReplica = Arc<Mutex<Arc<Gpt<f32>>>>;
+
+/// The current references of a worker's children (updated by the supervisor on restart).
+#[derive(Default)]
+pub struct Registry {
+    /// Hosted experts by `(block, expert)`.
+    pub experts: HashMap<(usize, usize), ActorRef<ExpertMsg>>,
+    /// The Tier.
+    pub tier: Option<ActorRef<TierMsg>>,
+    /// The Communicator.
+    pub comm: Option<ActorRef<CommMsg>>,
+}
+
+/// The registry, shared.
+pub type SharedRegistry = Arc<RwLock<Registry>>;
+
+/// Messages of the Communicator.
+pub enum CommMsg {
+    /// Send each `(peer, request)` and answer every peer's reply, in the same order.
+    Exchange {
+        /// The collective, for errors (for example `the layer-1 expert forward of step 7`).
+        what: String,
+        /// The metric label of the traffic.
+        kind: &'static str,
+        /// Requests.
+        requests: Vec<(WorkerId, Payload)>,
+        /// Replies.
+        reply: RpcReplyPort<Result<Vec<(WorkerId, Payload)>>>,
+    },
+    /// A packet from the transport.
+    Incoming(Packet),
+    /// Requests whose exchange gave up (deadline): forget them.
+    Forget(Vec<u64>),
+}
+
+/// What a Communicator is started with.
+#[derive(Clone)]
+pub struct CommArgs {
+    /// The worker.
+    pub worker: WorkerId,
+    /// The transport endpoint.
+    pub transport: Arc<dyn Transport>,
+    /// Children to deliver to.
+    pub registry: SharedRegistry,
+    /// The replica parameters arrive into.
+    pub replica: SharedReplica,
+    /// Deadline of every collective.
+    pub deadline: Duration,
+    /// Faults to inject.
+    pub chaos: FaultPlan,
+}
+
+impl CommArgs {
+    /// The actor's name.
+    pub fn name(&self) -> ActorName {
+        ActorName(format!("communicator of worker {}", self.worker))
+    }
+}
+
+/// The Communicator's state.
+pub struct CommState {
+    args: CommArgs,
+    next_id: u64,
+    pending: HashMap<u64, oneshot::Sender<Payload>>,
+}
+
+/// The Communicator actor.
+pub struct CommActor;
+
+impl Actor for CommActor {
+    type Msg = CommMsg;
+    type State = CommState;
+    type Arguments = CommArgs;
+
+    async fn pre_start(&self, _: ActorRef<CommMsg>, args: CommArgs) -> Result<CommState, ActorProcessingErr> {
+        Ok(CommState {
+            args,
+            next_id: 0,
+            pending: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<CommMsg>,
+        msg: CommMsg,
+        state: &mut CommState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            CommMsg::Exchange {
+                what,
+                kind,
+                requests,
+                reply,
+            } => {
+                let me = state.args.worker;
+                let mut waits = Vec::with_capacity(requests.len());
+                for (peer, payload) in requests {
+                    let id = state.next_id;
+                    state.next_id += 1;
+                    let (tx, rx) = oneshot::channel();
+                    state.pending.insert(id, tx);
+                    metrics::counter!(names::ALLTOALL_BYTES, "from" => me.to_string(), "to" => peer.to_string(), "kind" => kind)
+                        .increment(payload.data_bytes() as u64);
+                    let sent = state.args.transport.send(Packet {
+                        from: me,
+                        to: peer,
+                        id,
+                        payload,
+                    });
+                    if let Err(e) = sent {
+                        state.pending.remove(&id);
+                        let _ = reply.send(Err(e));
+                        return Ok(());
+                    }
+                    waits.push((peer, id, rx));
+                }
+                let deadline = state.args.deadline;
+                tokio::spawn(async move {
+                    let r = gather(waits, &what, deadline, &myself).await;
+                    let _ = reply.send(r);
+                });
+            }
+            CommMsg::Incoming(packet) => {
+                if packet.payload.is_reply() {
+                    if let Some(tx) = state.pending.remove(&packet.id) {
+                        let _ = tx.send(packet.payload);
+                    }
+                } else {
+                    let args = state.args.clone();
+                    tokio::spawn(async move { serve(args, packet).await });
+                }
+            }
+            CommMsg::Forget(ids) => ids.iter().for_each(|id| {
+                state.pending.remove(id);
+            }),
+        }
+        Ok(())
+    }
+}
+
+/// Wait for every reply of an exchange, until the deadline.
+async fn gather(
+    waits: Vec<(WorkerId, u64, oneshot::Receiver<Payload>)>,
+    what: &str,
+    deadline: Duration,
+    comm: &ActorRef<CommMsg>,
+) -> Result<Vec<(WorkerId, Payload)>> {
+    let until = tokio::time::Instant::now() + deadline;
+    let mut out = Vec::with_capacity(waits.len());
+    let mut waits = waits.into_iter();
+    while let Some((peer, id, rx)) = waits.next() {
+        match tokio::time::timeout_at(until, rx).await {
+            Ok(Ok(Payload::Failed { restartable, detail })) => {
+                let _ = comm.cast(CommMsg::Forget(waits.map(|(_, id, _)| id).collect()));
+                return Err(if restartable {
+                    Error::ActorFailed {
+                        actor: format!("worker {peer}"),
+                        detail,
+                    }
+                } else {
+                    Error::runtime(format!("worker {peer} failed {what}: {detail}"))
+                });
+            }
+            Ok(Ok(payload)) => out.push((peer, payload)),
+            Ok(Err(_)) => {
+                return Err(Error::ActorFailed {
+                    actor: "communicator".into(),
+                    detail: format!("restarted while waiting for {what}"),
+                })
+            }
+            Err(_) => {
+                let mut ids = vec![id];
+                ids.extend(waits.map(|(_, id, _)| id));
+                let _ = comm.cast(CommMsg::Forget(ids));
+                return Err(Error::Deadline {
+                    peer: format!("worker {peer}"),
+                    what: what.to_string(),
+                    deadline_ms: deadline.as_millis() as u64,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Answer one request from a peer.
+async fn serve(args: CommArgs, packet: Packet) -> Result<()> {
+    let step = match &packet.payload {
+        Payload::ExpertForward { step, .. }
+        | Payload::ExpertBackward { step, .. }
+        | Payload::DenseGrads { step, .. }
+        | Payload::Params { step, .. } => *step,
+        _ => 0,
+    };
+    if args.chaos.silent(args.worker, step) {
+        return Ok(()); // injected fault: a peer that never answers
+    }
+    let answer = match answer(&args, packet.payload).await {
+        Ok(payload) => payload,
+        Err(e) => Payload::Failed {
+            restartable: e.is_restartable(),
+            detail: e.to_string(),
+        },
+    };
+    let kind = match &answer {
+        Payload::Segments(_) => "combine",
+        _ => "ack",
+    };
+    metrics::counter!(names::ALLTOALL_BYTES, "from" => args.worker.to_string(), "to" => packet.from.to_string(), "kind" => kind)
+        .increment(answer.data_bytes() as u64);
+    args.transport.send(Packet {
+        from: args.worker,
+        to: packet.from,
+        id: packet.id,
+        payload: answer,
+    })
+}
+
+async fn answer(args: &CommArgs, payload: Payload) -> Result<Payload> {
+    match payload {
+        Payload::ExpertForward { step, block, segments } => run_experts(args, step, block, segments, true)
+            .await
+            .map(Payload::Segments),
+        Payload::ExpertBackward { step, block, segments } => run_experts(args, step, block, segments, false)
+            .await
+            .map(Payload::Segments),
+        Payload::DenseGrads { step, group, tensors } => {
+            let tier = read_registry(&args.registry)
+                .tier
+                .clone()
+                .ok_or_else(|| Error::runtime("the tier is not running"))?;
+            let who = ActorName(format!("tier of worker {}", args.worker));
+            ask(&tier, &who, "a gradient delivery", args.deadline, |reply| {
+                TierMsg::Grads {
+                    step,
+                    group,
+                    tensors,
+                    reply,
+                }
+            })
+            .await
+            .map(|()| Payload::Ack)
+        }
+        Payload::Params { tensors, .. } => {
+            let mut replica = args.replica.lock().unwrap_or_else(PoisonError::into_inner);
+            let model = Arc::make_mut(&mut replica);
+            let mut bufs = model.buffers_mut();
+            for (i, values) in tensors {
+                let buf = bufs
+                    .get_mut(i)
+                    .ok_or_else(|| Error::runtime(format!("parameters for tensor {i}, which the model lacks")))?;
+                if buf.len() != values.len() {
+                    return Err(Error::shape(
+                        format!("broadcast of tensor {i}"),
+                        format!("{} values for {} elements", values.len(), buf.len()),
+                    ));
+                }
+                buf.copy_from_slice(&values);
+            }
+            Ok(Payload::Ack)
+        }
+        other => Err(Error::runtime(format!("unexpected request {other:?}"))),
+    }
+}
+
+fn read_registry(r: &SharedRegistry) -> std::sync::RwLockReadGuard<'_, Registry> {
+    r.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Hand each expert its rows (all experts at once) and put the answers back in request order.
+async fn run_experts(
+    args: &CommArgs,
+    step: u64,
+    block: usize,
+    segments: Vec<Segment>,
+    forward: bool,
+) -> Result<Vec<Segment>> {
+    let order: Vec<(usize, usize, usize)> = segments.iter().map(|s| (s.group, s.expert, s.rows)).collect();
+    let mut per_expert: HashMap<usize, Vec<(usize, Vec<f32>)>> = HashMap::new();
+    for s in segments {
+        per_expert.entry(s.expert).or_default().push((s.group, s.data));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (expert, items) in per_expert {
+        let actor = read_registry(&args.registry)
+            .experts
+            .get(&(block, expert))
+            .cloned()
+            .ok_or_else(|| Error::runtime(format!("worker {} does not host expert {block}.{expert}", args.worker)))?;
+        let who = ActorName(format!("expert {block}.{expert} on worker {}", args.worker));
+        let deadline = args.deadline;
+        tasks.spawn(async move {
+            let what = format!("the {} of step {step}", if forward { "forward" } else { "backward" });
+            let r = ask(&actor, &who, &what, deadline, |reply| {
+                if forward {
+                    ExpertMsg::Forward { step, items, reply }
+                } else {
+                    ExpertMsg::Backward { step, items, reply }
+                }
+            })
+            .await;
+            (expert, r)
+        });
+    }
+    let mut answers: HashMap<(usize, usize), Vec<f32>> = HashMap::new();
+    let mut first_err = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((expert, Ok(rows))) => {
+                for (group, data) in rows {
+                    answers.insert((group, expert), data);
+                }
+            }
+            Ok((_, Err(e))) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err.get_or_insert(Error::runtime(format!("an expert call panicked: {e}")));
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    order
+        .into_iter()
+        .map(|(group, expert, rows)| {
+            let data = answers
+                .remove(&(group, expert))
+                .ok_or_else(|| Error::runtime(format!("expert {block}.{expert} gave no rows for group {group}")))?;
+            Ok(Segment {
+                group,
+                expert,
+                rows,
+                data,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,311 @@
+//! The Coordinator actor: runs each step as a barrier and a two-phase commit over the workers, and
+//! replays a step that an actor failure interrupted.
+//!
+//! Step N: (1a) every worker runs its groups (`RunStep`); (1b) every worker totals the gradients it
+//! owns and answers its norm parts (`Prepare`); the coordinator adds the parts in canonical order
+//! into the global norm; (2) every worker applies AdamW and broadcasts (`Commit`). If anything
+//! before the commit fails, every worker rolls back (`Abort`) and, if the failure was an actor's
+//! (restarted by its supervisor), the step runs again; otherwise the error ends the run.
+
+use super::worker::{NormPart, WorkerActor, WorkerArgs, WorkerMsg};
+use super::{ask, ActorName};
+use crate::error::{Error, Result};
+use crate::model::gpt::GroupOutput;
+use crate::telemetry::metrics as names;
+use crate::train::optimizer::{norm_from_parts, OptimizerConfig};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use std::time::{Duration, Instant};
+
+use super::tier::TierSnapshot;
+
+/// What a committed step reports.
+#[derive(Clone, Debug)]
+pub struct StepOutcome {
+    /// Steps committed so far (this step's number, 1-based).
+    pub step: u64,
+    /// Each group's losses and statistics, in group order.
+    pub outputs: Vec<GroupOutput>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// How many times the step was replayed after a failure.
+    pub replays: u32,
+    /// Wall time of the step, replays included.
+    pub seconds: f64,
+}
+
+/// Messages of the Coordinator.
+pub enum CoordMsg {
+    /// Run the next step to its commit.
+    Step {
+        /// The outcome.
+        reply: RpcReplyPort<Result<StepOutcome>>,
+    },
+    /// Every worker's committed state.
+    Snapshot {
+        /// One snapshot per worker.
+        reply: RpcReplyPort<Result<Vec<TierSnapshot>>>,
+    },
+}
+
+/// What the Coordinator is started with.
+pub struct CoordArgs {
+    /// One per worker.
+    pub workers: Vec<WorkerArgs>,
+    /// Steps already committed (a resumed run).
+    pub first_step: u64,
+    /// Total steps (the learning-rate schedule).
+    pub total_steps: u64,
+    /// The schedule.
+    pub optimizer: OptimizerConfig,
+    /// Tokens per step (for the throughput metric).
+    pub tokens_per_step: usize,
+    /// Deadline of one worker's part of a step.
+    pub step_deadline: Duration,
+    /// Deadline of prepare, commit and abort.
+    pub deadline: Duration,
+    /// Replays of one step before giving up.
+    pub max_replays: u32,
+}
+
+/// The Coordinator's state.
+pub struct CoordState {
+    workers: Vec<ActorRef<WorkerMsg>>,
+    step: u64,
+    args: CoordArgs,
+    lost: Option<String>,
+}
+
+/// The Coordinator actor.
+pub struct CoordActor;
+
+impl Actor for CoordActor {
+    type Msg = CoordMsg;
+    type State = CoordState;
+    type Arguments = CoordArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<CoordMsg>,
+        mut args: CoordArgs,
+    ) -> Result<CoordState, ActorProcessingErr> {
+        let mut workers = Vec::with_capacity(args.workers.len());
+        for w in std::mem::take(&mut args.workers) {
+            let (r, _) = Actor::spawn_linked(None, WorkerActor, w, myself.get_cell()).await?;
+            workers.push(r);
+        }
+        names::describe();
+        Ok(CoordState {
+            workers,
+            step: args.first_step,
+            args,
+            lost: None,
+        })
+    }
+
+    async fn post_stop(&self, myself: ActorRef<CoordMsg>, _: &mut CoordState) -> Result<(), ActorProcessingErr> {
+        myself.stop_children(None);
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _: ActorRef<CoordMsg>,
+        event: SupervisionEvent,
+        state: &mut CoordState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(cell, _) | SupervisionEvent::ActorTerminated(cell, _, _) = &event {
+            if let Some(w) = state.workers.iter().position(|r| r.get_id() == cell.get_id()) {
+                state.lost.get_or_insert(format!("worker {w} stopped: {event:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<CoordMsg>,
+        msg: CoordMsg,
+        state: &mut CoordState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            CoordMsg::Step { reply } => {
+                let r = match &state.lost {
+                    Some(lost) => Err(Error::runtime(lost.clone())),
+                    None => step(state).await,
+                };
+                let _ = reply.send(r);
+            }
+            CoordMsg::Snapshot { reply } => {
+                let mut out = Vec::with_capacity(state.workers.len());
+                let mut r = Ok(());
+                for (i, w) in state.workers.iter().enumerate() {
+                    match ask(
+                        w,
+                        &ActorName(format!("worker {i}")),
+                        "a snapshot",
+                        state.args.deadline,
+                        |reply| WorkerMsg::Snapshot { reply },
+                    )
+                    .await
+                    {
+                        Ok(s) => out.push(s),
+                        Err(e) => {
+                            r = Err(e);
+                            break;
+                        }
+                    }
+                }
+                let _ = reply.send(r.map(|()| out));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Ask every worker the same question at once; answer in worker order. The most serious error wins
+/// (one that a replay does not repair).
+async fn all<R: Send + 'static>(
+    workers: &[ActorRef<WorkerMsg>],
+    what: &str,
+    deadline: Duration,
+    build: impl Fn(RpcReplyPort<Result<R>>) -> WorkerMsg + Clone + Send + 'static,
+) -> Result<Vec<R>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, w) in workers.iter().enumerate() {
+        let (w, what, build) = (w.clone(), what.to_string(), build.clone());
+        tasks.spawn(async move {
+            (
+                i,
+                ask(&w, &ActorName(format!("worker {i}")), &what, deadline, build).await,
+            )
+        });
+    }
+    let mut results: Vec<Option<R>> = (0..workers.len()).map(|_| None).collect();
+    let mut error: Option<Error> = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((i, Ok(r))) => results[i] = Some(r),
+            Ok((_, Err(e))) => {
+                if error
+                    .as_ref()
+                    .is_none_or(|prev| prev.is_restartable() && !e.is_restartable())
+                {
+                    error = Some(e);
+                }
+            }
+            Err(e) => error = Some(Error::runtime(format!("a call to a worker panicked: {e}"))),
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => results
+            .into_iter()
+            .map(|r| r.ok_or_else(|| Error::runtime("a worker gave no answer")))
+            .collect(),
+    }
+}
+
+async fn step(state: &mut CoordState) -> Result<StepOutcome> {
+    let started = Instant::now();
+    let n = state.step;
+    let mut replays = 0u32;
+    loop {
+        match attempt(state, n).await {
+            Ok((outputs, grad_norm, lr)) => {
+                state.step += 1;
+                let seconds = started.elapsed().as_secs_f64();
+                metrics::histogram!(names::STEP_SECONDS).record(seconds);
+                metrics::gauge!(names::COMMITTED_STEP).set(state.step as f64);
+                metrics::gauge!(names::TOKENS_PER_SECOND).set(state.args.tokens_per_step as f64 / seconds.max(1e-9));
+                let ce: f64 = outputs.iter().map(|o| o.ce_sum).sum::<f64>() / state.args.tokens_per_step as f64;
+                metrics::gauge!(names::LOSS).set(ce);
+                record_load(&outputs);
+                return Ok(StepOutcome {
+                    step: state.step,
+                    outputs,
+                    grad_norm,
+                    lr,
+                    replays,
+                    seconds,
+                });
+            }
+            Err(e) => {
+                let deadline = state.args.deadline;
+                all(
+                    &state.workers,
+                    &format!("the abort of step {n}"),
+                    deadline,
+                    move |reply| WorkerMsg::Abort { step: n, reply },
+                )
+                .await?;
+                if !e.is_restartable() || replays >= state.args.max_replays {
+                    return Err(e);
+                }
+                replays += 1;
+                metrics::counter!(names::REPLAYS).increment(1);
+            }
+        }
+    }
+}
+
+fn record_load(outputs: &[GroupOutput]) {
+    let Some(first) = outputs.first() else { return };
+    for (l, stats) in first.moe_stats.iter().enumerate() {
+        for e in 0..stats.expert_tokens.len() {
+            let total: usize = outputs.iter().map(|o| o.moe_stats[l].expert_tokens[e]).sum();
+            metrics::counter!(names::EXPERT_TOKENS, "block" => l.to_string(), "expert" => e.to_string())
+                .increment(total as u64);
+        }
+        let dropped: usize = outputs.iter().map(|o| o.moe_stats[l].dropped).sum();
+        metrics::counter!(names::EXPERT_DROPPED, "block" => l.to_string()).increment(dropped as u64);
+    }
+}
+
+async fn attempt(state: &mut CoordState, n: u64) -> Result<(Vec<GroupOutput>, f64, f64)> {
+    let a = &state.args;
+    let ran = all(&state.workers, &format!("step {n}"), a.step_deadline, move |reply| {
+        WorkerMsg::RunStep { step: n, reply }
+    })
+    .await?;
+    let mut outputs: Vec<(usize, GroupOutput)> = ran.into_iter().flatten().collect();
+    outputs.sort_by_key(|(g, _)| *g);
+    let outputs: Vec<GroupOutput> = outputs.into_iter().map(|(_, o)| o).collect();
+
+    let parts = all(
+        &state.workers,
+        &format!("the prepare of step {n}"),
+        a.deadline,
+        move |reply| WorkerMsg::Prepare { step: n, reply },
+    )
+    .await?;
+    let mut parts: Vec<NormPart> = parts.into_iter().flatten().collect();
+    parts.sort_by_key(|p| p.0);
+    let grad_norm = norm_from_parts(parts.iter().map(|(_, s)| *s));
+    if !grad_norm.is_finite() {
+        return Err(Error::runtime(format!(
+            "the gradient norm is {grad_norm} at step {}: training diverged",
+            n + 1
+        )));
+    }
+    let lr = a.optimizer.lr_at(n, a.total_steps);
+    all(
+        &state.workers,
+        &format!("the commit of step {n}"),
+        a.deadline * 4,
+        move |reply| WorkerMsg::Commit {
+            step: n,
+            lr,
+            norm: grad_norm,
+            reply,
+        },
+    )
+    .await
+    .map_err(|e| {
+        Error::runtime(format!(
+            "the commit of step {n} failed ({e}); workers may disagree: resume from the last checkpoint"
+        ))
+    })?;
+    Ok((outputs, grad_norm, lr))
+}

@@ -1,0 +1,334 @@
+//! The Expert actor: one expert of one MoE block, hosted by the worker the placement plan names.
+//!
+//! It runs its expert's forward and backward over the rows that gates send it, one group at a time
+//! (the canonical shapes), keeps one gradient per group during the step, sums them in group order at
+//! `Prepare`, and applies AdamW to its own parameters at `Commit`. Its committed parameters and
+//! optimizer state live in an [`ExpertSlot`] held by the worker's Tier, so a restarted Expert starts
+//! from exactly the last committed state.
+
+use super::{inject, offload, ActorName};
+use crate::chaos::{FaultPlan, Moment, Target};
+use crate::error::{Error, Result};
+use crate::kernels::{Backend, Cpu};
+use crate::model::moe::stages::{self, ExpertGrads, ExpertWeights};
+use crate::model::moe::MoeConfig;
+use crate::train::optimizer::{sum_squares, AdamW};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// An expert's committed state: parameters and their AdamW moments.
+#[derive(Clone, Debug)]
+pub struct ExpertSlot {
+    /// `[w1, b1, w2, b2]`: `[d_model][d_ff]`, `[d_ff]`, `[d_ff][d_model]`, `[d_model]`.
+    pub params: [Vec<f32>; 4],
+    /// AdamW over the four tensors (decay on `w1`, `w2`).
+    pub optimizer: AdamW,
+}
+
+impl ExpertSlot {
+    fn weights(&self) -> ExpertWeights<'_, f32> {
+        let [w1, b1, w2, b2] = &self.params;
+        ExpertWeights { w1, b1, w2, b2 }
+    }
+}
+
+/// A shared, lockable slot (the Tier holds one per hosted expert).
+pub type SharedSlot = Arc<Mutex<ExpertSlot>>;
+
+pub(crate) fn lock_slot(slot: &SharedSlot) -> std::sync::MutexGuard<'_, ExpertSlot> {
+    // Slots are only written at commit, which does not panic; a poisoned lock holds consistent data.
+    slot.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Rows of one group, in or out.
+pub type GroupRows = Vec<(usize, Vec<f32>)>;
+
+/// Messages of the Expert actor.
+pub enum ExpertMsg {
+    /// Forward over each group's rows; answers the outputs in the same order.
+    Forward {
+        /// Training step.
+        step: u64,
+        /// `(group, rows)`.
+        items: GroupRows,
+        /// `(group, outputs)`.
+        reply: RpcReplyPort<Result<GroupRows>>,
+    },
+    /// Backward given each group's output gradients; answers the input gradients.
+    Backward {
+        /// Training step.
+        step: u64,
+        /// `(group, output gradients)`.
+        items: GroupRows,
+        /// `(group, input gradients)`.
+        reply: RpcReplyPort<Result<GroupRows>>,
+    },
+    /// Sum the group gradients in group order; answer the sums of squares of `[w1, b1, w2, b2]`.
+    Prepare {
+        /// Training step.
+        step: u64,
+        /// Sums of squares.
+        reply: RpcReplyPort<Result<[f64; 4]>>,
+    },
+    /// Apply AdamW with the step's learning rate and global gradient norm.
+    Commit {
+        /// Training step.
+        step: u64,
+        /// Learning rate.
+        lr: f64,
+        /// Global gradient norm.
+        norm: f64,
+        /// Done.
+        reply: RpcReplyPort<Result<()>>,
+    },
+    /// Drop everything of the current step.
+    Abort,
+}
+
+/// What an Expert actor is started with (also what its supervisor restarts it with).
+#[derive(Clone)]
+pub struct ExpertArgs {
+    /// MoE block.
+    pub block: usize,
+    /// Expert index in the block.
+    pub expert: usize,
+    /// Hosting worker.
+    pub worker: usize,
+    /// Groups per batch.
+    pub groups: usize,
+    /// The layer's configuration.
+    pub config: MoeConfig,
+    /// Committed state.
+    pub slot: SharedSlot,
+    /// Compute pool.
+    pub cpu: Cpu,
+    /// Faults to inject.
+    pub chaos: FaultPlan,
+}
+
+impl ExpertArgs {
+    /// The actor's name in logs and errors.
+    pub fn name(&self) -> ActorName {
+        ActorName(format!(
+            "expert {}.{} on worker {}",
+            self.block, self.expert, self.worker
+        ))
+    }
+}
+
+struct FwdCache {
+    xe: Vec<f32>,
+    h: Vec<f32>,
+    a: Vec<f32>,
+}
+
+/// The Expert actor's state.
+pub struct ExpertState {
+    args: ExpertArgs,
+    step: u64,
+    cache: HashMap<usize, FwdCache>,
+    grads: HashMap<usize, [Vec<f32>; 4]>,
+    totals: Option<[Vec<f32>; 4]>,
+}
+
+impl ExpertState {
+    fn enter(&mut self, step: u64) {
+        if step != self.step {
+            self.clear();
+            self.step = step;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.cache.clear();
+        self.grads.clear();
+        self.totals = None;
+    }
+}
+
+/// The Expert actor.
+pub struct ExpertActor;
+
+impl Actor for ExpertActor {
+    type Msg = ExpertMsg;
+    type State = ExpertState;
+    type Arguments = ExpertArgs;
+
+    async fn pre_start(&self, _: ActorRef<ExpertMsg>, args: ExpertArgs) -> Result<ExpertState, ActorProcessingErr> {
+        Ok(ExpertState {
+            args,
+            step: u64::MAX,
+            cache: HashMap::new(),
+            grads: HashMap::new(),
+            totals: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<ExpertMsg>,
+        msg: ExpertMsg,
+        state: &mut ExpertState,
+    ) -> Result<(), ActorProcessingErr> {
+        let target = Target::Expert {
+            block: state.args.block,
+            expert: state.args.expert,
+        };
+        let name = state.args.name();
+        match msg {
+            ExpertMsg::Forward { step, items, reply } => {
+                inject(&state.args.chaos, &target, step, Moment::Forward, &name)?;
+                state.enter(step);
+                let r = forward(&state.args, items).await.map(|outs| {
+                    let mut answer = Vec::with_capacity(outs.len());
+                    for (group, cache, ye) in outs {
+                        state.cache.insert(group, cache);
+                        answer.push((group, ye));
+                    }
+                    answer
+                });
+                let _ = reply.send(r);
+            }
+            ExpertMsg::Backward { step, items, reply } => {
+                inject(&state.args.chaos, &target, step, Moment::Backward, &name)?;
+                state.enter(step);
+                let mut work = Vec::with_capacity(items.len());
+                for (group, gye) in items {
+                    match state.cache.remove(&group) {
+                        Some(cache) => work.push((group, cache, gye)),
+                        None => {
+                            let _ = reply.send(Err(Error::runtime(format!(
+                                "{name}: backward of group {group} in step {step} without its forward"
+                            ))));
+                            return Ok(());
+                        }
+                    }
+                }
+                let r = backward(&state.args, work).await.map(|outs| {
+                    let mut answer = Vec::with_capacity(outs.len());
+                    for (group, grads, gxe) in outs {
+                        state.grads.insert(group, grads);
+                        answer.push((group, gxe));
+                    }
+                    answer
+                });
+                let _ = reply.send(r);
+            }
+            ExpertMsg::Prepare { step, reply } => {
+                state.enter(step);
+                let totals = total_in_group_order(&state.args, &mut state.grads);
+                let sums = [
+                    sum_squares(&totals[0]),
+                    sum_squares(&totals[1]),
+                    sum_squares(&totals[2]),
+                    sum_squares(&totals[3]),
+                ];
+                state.totals = Some(totals);
+                let _ = reply.send(Ok(sums));
+            }
+            ExpertMsg::Commit { step, lr, norm, reply } => {
+                let r = match (state.step == step, state.totals.take()) {
+                    (true, Some(mut totals)) => {
+                        let slot = state.args.slot.clone();
+                        offload(&state.args.cpu, move |_| {
+                            let mut s = lock_slot(&slot);
+                            let ExpertSlot { params, optimizer } = &mut *s;
+                            let mut p: Vec<&mut Vec<f32>> = params.iter_mut().collect();
+                            let mut g: Vec<&mut Vec<f32>> = totals.iter_mut().collect();
+                            optimizer.apply(&mut p, &mut g, lr, norm)
+                        })
+                        .await
+                    }
+                    _ => Err(Error::runtime(format!(
+                        "{name}: commit of step {step}, which it has not prepared"
+                    ))),
+                };
+                state.clear();
+                let _ = reply.send(r);
+            }
+            ExpertMsg::Abort => state.clear(),
+        }
+        Ok(())
+    }
+}
+
+/// The expert's forward over every group's rows, groups side by side.
+async fn forward(args: &ExpertArgs, items: GroupRows) -> Result<Vec<(usize, FwdCache, Vec<f32>)>> {
+    let (c, slot) = (args.config.clone(), args.slot.clone());
+    offload(&args.cpu, move |cpu| {
+        let (d, f) = (c.d_model, c.d_ff);
+        let mut work: Vec<(usize, FwdCache, Vec<f32>)> = items
+            .into_iter()
+            .map(|(group, xe)| {
+                let n = xe.len() / d;
+                let cache = FwdCache {
+                    xe,
+                    h: vec![0.0; n * f],
+                    a: vec![0.0; n * f],
+                };
+                (group, cache, vec![0.0; n * d])
+            })
+            .collect();
+        let s = lock_slot(&slot);
+        let w = s.weights();
+        cpu.par_for_each(work.iter_mut().collect(), |b, (_, cache, ye)| {
+            stages::expert_forward(&c, b, w, &cache.xe, &mut cache.h, &mut cache.a, ye)
+        })?;
+        drop(s);
+        Ok(work)
+    })
+    .await
+}
+
+/// The expert's backward for every group, groups side by side, each into its own gradient buffers.
+#[allow(clippy::type_complexity)]
+async fn backward(
+    args: &ExpertArgs,
+    work: Vec<(usize, FwdCache, Vec<f32>)>,
+) -> Result<Vec<(usize, [Vec<f32>; 4], Vec<f32>)>> {
+    let (c, slot) = (args.config.clone(), args.slot.clone());
+    offload(&args.cpu, move |cpu| {
+        let (d, f) = (c.d_model, c.d_ff);
+        let mut out: Vec<(usize, FwdCache, Vec<f32>, [Vec<f32>; 4], Vec<f32>)> = work
+            .into_iter()
+            .map(|(group, cache, gye)| {
+                let grads = [vec![0.0; d * f], vec![0.0; f], vec![0.0; f * d], vec![0.0; d]];
+                let gxe = vec![0.0; cache.xe.len()];
+                (group, cache, gye, grads, gxe)
+            })
+            .collect();
+        let s = lock_slot(&slot);
+        let w = s.weights();
+        cpu.par_for_each(out.iter_mut().collect(), |b, (_, cache, gye, grads, gxe)| {
+            let [w1, b1, w2, b2] = grads;
+            let g = ExpertGrads { w1, b1, w2, b2 };
+            stages::expert_backward(&c, b, w, &cache.xe, &cache.h, &mut cache.a, gye, gxe, g)
+        })?;
+        drop(s);
+        Ok(out
+            .into_iter()
+            .map(|(group, _, _, grads, gxe)| (group, grads, gxe))
+            .collect())
+    })
+    .await
+}
+
+/// The step's gradient: group 0's, then every later group's added in group order. A group that sent
+/// no rows contributes zeros, added all the same, so that the bits equal a single-process run's.
+fn total_in_group_order(args: &ExpertArgs, grads: &mut HashMap<usize, [Vec<f32>; 4]>) -> [Vec<f32>; 4] {
+    let (d, f) = (args.config.d_model, args.config.d_ff);
+    let zeros = || [vec![0.0; d * f], vec![0.0; f], vec![0.0; f * d], vec![0.0; d]];
+    let mut total = grads.remove(&0).unwrap_or_else(zeros);
+    for g in 1..args.groups {
+        match grads.remove(&g) {
+            Some(add) => {
+                for (t, a) in total.iter_mut().zip(&add) {
+                    t.iter_mut().zip(a).for_each(|(t, &a)| *t += a);
+                }
+            }
+            None => total.iter_mut().for_each(|t| t.iter_mut().for_each(|t| *t += 0.0)),
+        }
+    }
+    total
+}

@@ -1,0 +1,419 @@
+//! The Gate actor: one MoE block's router on one worker.
+//!
+//! Forward, for all of its worker's groups at once: gate logits, routing, router losses and the
+//! dispatch of every kept row to its expert's host (one fused message per peer), then the combine of
+//! the experts' outputs. Backward: the combine's backward, the fused dispatch of output gradients,
+//! and the gate's own backward (its weight gradient goes back to the worker with the group's other
+//! dense gradients). The gate's weights are read from the worker's replica, so a restarted Gate has
+//! nothing to recover: the step it was in is replayed.
+
+use super::communicator::{CommMsg, SharedRegistry};
+use super::placement::Placement;
+use super::{ask, inject, offload, ActorName};
+use crate::chaos::{FaultPlan, Moment, Target};
+use crate::error::{Error, Result};
+use crate::kernels::Cpu;
+use crate::kernels::{Backend, Scalar};
+use crate::model::gpt::{Ffn, Gpt};
+use crate::model::moe::stages::{self, Dispatch};
+use crate::model::moe::MoeConfig;
+use crate::model::pass::MoeResult;
+use crate::net::{Payload, Segment};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `(group, output of the MoE block)`.
+pub type GateOutputs = Vec<(usize, MoeResult<f32>)>;
+
+/// A group's routed batch with its input and expert outputs.
+type Combined = (usize, Vec<f32>, Dispatch<f32>, Vec<f32>);
+
+/// `(group, dL/dx, gradient of the gate weights)`.
+pub type GateGrads = Vec<(usize, Vec<f32>, Vec<f32>)>;
+
+/// Messages of the Gate actor.
+pub enum GateMsg {
+    /// The MoE block's forward for each `(group, LN2 output)`.
+    Forward {
+        /// Training step.
+        step: u64,
+        /// The parameters of this step.
+        replica: Arc<Gpt<f32>>,
+        /// `(group, input)`.
+        groups: Vec<(usize, Vec<f32>)>,
+        /// `(group, result)`.
+        reply: RpcReplyPort<Result<GateOutputs>>,
+    },
+    /// The MoE block's backward for each `(group, dL/dy)`.
+    Backward {
+        /// Training step.
+        step: u64,
+        /// `(group, output gradient)`.
+        groups: Vec<(usize, Vec<f32>)>,
+        /// Input and gate-weight gradients.
+        reply: RpcReplyPort<Result<GateGrads>>,
+    },
+    /// Drop everything of the current step.
+    Abort,
+}
+
+/// What a Gate actor is started with.
+#[derive(Clone)]
+pub struct GateArgs {
+    /// The worker.
+    pub worker: usize,
+    /// The MoE block.
+    pub block: usize,
+    /// The layer's configuration.
+    pub config: MoeConfig,
+    /// Groups per batch (the router losses are averaged over them).
+    pub groups: usize,
+    /// Where experts live.
+    pub placement: Arc<Placement>,
+    /// The worker's children (the Communicator).
+    pub registry: SharedRegistry,
+    /// Compute pool.
+    pub cpu: Cpu,
+    /// Deadline of the communicator call (the exchange's own deadline plus slack).
+    pub deadline: Duration,
+    /// Faults to inject.
+    pub chaos: FaultPlan,
+}
+
+impl GateArgs {
+    /// The actor's name.
+    pub fn name(&self) -> ActorName {
+        ActorName(format!("gate {} on worker {}", self.block, self.worker))
+    }
+}
+
+struct GroupCache {
+    x: Vec<f32>,
+    dispatch: Dispatch<f32>,
+    ye: Vec<f32>,
+    gw: Vec<f32>,
+}
+
+/// The Gate actor's state.
+pub struct GateState {
+    args: GateArgs,
+    step: u64,
+    replica: Option<Arc<Gpt<f32>>>,
+    cache: BTreeMap<usize, GroupCache>,
+}
+
+/// The Gate actor.
+pub struct GateActor;
+
+impl Actor for GateActor {
+    type Msg = GateMsg;
+    type State = GateState;
+    type Arguments = GateArgs;
+
+    async fn pre_start(&self, _: ActorRef<GateMsg>, args: GateArgs) -> Result<GateState, ActorProcessingErr> {
+        Ok(GateState {
+            args,
+            step: u64::MAX,
+            replica: None,
+            cache: BTreeMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<GateMsg>,
+        msg: GateMsg,
+        state: &mut GateState,
+    ) -> Result<(), ActorProcessingErr> {
+        let target = Target::Gate {
+            worker: state.args.worker,
+            block: state.args.block,
+        };
+        let name = state.args.name();
+        match msg {
+            GateMsg::Forward {
+                step,
+                replica,
+                groups,
+                reply,
+            } => {
+                inject(&state.args.chaos, &target, step, Moment::Forward, &name)?;
+                state.step = step;
+                state.cache.clear();
+                state.replica = Some(replica.clone());
+                let r = forward(state, step, replica, groups).await;
+                let _ = reply.send(r);
+            }
+            GateMsg::Backward { step, groups, reply } => {
+                inject(&state.args.chaos, &target, step, Moment::Backward, &name)?;
+                let r = if state.step == step {
+                    backward(state, step, groups).await
+                } else {
+                    Err(Error::runtime(format!(
+                        "{name}: backward of step {step} without its forward"
+                    )))
+                };
+                let _ = reply.send(r);
+            }
+            GateMsg::Abort => {
+                state.cache.clear();
+                state.replica = None;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn gate_weights(replica: &Gpt<f32>, block: usize) -> Result<&[f32]> {
+    match replica.blocks.get(block).map(|b| &b.ffn) {
+        Some(Ffn::Moe(layer)) => Ok(&layer.params.wg),
+        _ => Err(Error::shape("gate", format!("block {block} is not an MoE block"))),
+    }
+}
+
+/// Split each group's expert rows into one request per host (group order, then expert order).
+fn requests(
+    args: &GateArgs,
+    step: u64,
+    per_group: &[(usize, &Dispatch<f32>, &[f32])],
+    forward: bool,
+) -> Vec<(usize, Payload)> {
+    let d = args.config.d_model;
+    let mut by_peer: BTreeMap<usize, Vec<Segment>> = BTreeMap::new();
+    for &(group, dispatch, rows) in per_group {
+        let offsets = &dispatch.routing.offsets;
+        for (e, w) in offsets.windows(2).enumerate() {
+            if w[1] > w[0] {
+                by_peer
+                    .entry(args.placement.expert_owner[e])
+                    .or_default()
+                    .push(Segment {
+                        group,
+                        expert: e,
+                        rows: w[1] - w[0],
+                        data: rows[w[0] * d..w[1] * d].to_vec(),
+                    });
+            }
+        }
+    }
+    by_peer
+        .into_iter()
+        .map(|(peer, segments)| {
+            let payload = if forward {
+                Payload::ExpertForward {
+                    step,
+                    block: args.block,
+                    segments,
+                }
+            } else {
+                Payload::ExpertBackward {
+                    step,
+                    block: args.block,
+                    segments,
+                }
+            };
+            (peer, payload)
+        })
+        .collect()
+}
+
+/// Run an exchange through the worker's Communicator and put every answered row back into its
+/// group's canonical buffer (`[kept rows][d_model]`).
+async fn exchange(
+    args: &GateArgs,
+    step: u64,
+    requests: Vec<(usize, Payload)>,
+    kind: &'static str,
+    layouts: &HashMap<usize, Vec<usize>>,
+) -> Result<HashMap<usize, Vec<f32>>> {
+    let d = args.config.d_model;
+    let comm = args
+        .registry
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .comm
+        .clone()
+        .ok_or_else(|| Error::runtime("the communicator is not running"))?;
+    let what = format!(
+        "the block-{} {} of step {step}",
+        args.block,
+        if kind == "dispatch" {
+            "expert forward"
+        } else {
+            "expert backward"
+        }
+    );
+    let who = ActorName(format!("communicator of worker {}", args.worker));
+    let replies = ask(&comm, &who, &what, args.deadline, |reply| CommMsg::Exchange {
+        what: what.clone(),
+        kind,
+        requests,
+        reply,
+    })
+    .await?;
+    let mut out: HashMap<usize, Vec<f32>> = layouts
+        .iter()
+        .map(|(&g, offsets)| (g, vec![0.0; offsets.last().copied().unwrap_or(0) * d]))
+        .collect();
+    for (peer, payload) in replies {
+        let Payload::Segments(segments) = payload else {
+            return Err(Error::runtime(format!(
+                "worker {peer} answered {what} with the wrong message"
+            )));
+        };
+        for s in segments {
+            let offsets = layouts
+                .get(&s.group)
+                .ok_or_else(|| Error::runtime(format!("worker {peer} answered for unknown group {}", s.group)))?;
+            let (lo, hi) = (offsets[s.expert], offsets[s.expert + 1]);
+            if s.data.len() != (hi - lo) * d {
+                return Err(Error::shape(
+                    format!("rows of expert {} for group {} from worker {peer}", s.expert, s.group),
+                    format!("{} values for {} rows", s.data.len(), hi - lo),
+                ));
+            }
+            if let Some(buf) = out.get_mut(&s.group) {
+                buf[lo * d..hi * d].copy_from_slice(&s.data);
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn forward(
+    state: &mut GateState,
+    step: u64,
+    replica: Arc<Gpt<f32>>,
+    groups: Vec<(usize, Vec<f32>)>,
+) -> Result<GateOutputs> {
+    let args = state.args.clone();
+    let (c, block) = (args.config.clone(), args.block);
+    // Route every group side by side.
+    let routed = offload(&args.cpu, move |cpu| {
+        let wg = gate_weights(&replica, block)?;
+        let mut work: Vec<(usize, Vec<f32>, Option<Dispatch<f32>>)> =
+            groups.into_iter().map(|(g, x)| (g, x, None)).collect();
+        cpu.par_for_each(work.iter_mut().collect(), |b, (_, x, out)| {
+            *out = Some(stages::gate_forward(&c, b, wg, x)?);
+            Ok(())
+        })?;
+        work.into_iter()
+            .map(|(g, x, d)| {
+                d.map(|d| (g, x, d))
+                    .ok_or_else(|| Error::runtime("a group was not routed"))
+            })
+            .collect::<Result<Vec<_>>>()
+    })
+    .await?;
+    let view: Vec<(usize, &Dispatch<f32>, &[f32])> = routed.iter().map(|(g, _, d)| (*g, d, d.xe.as_slice())).collect();
+    let reqs = requests(&args, step, &view, true);
+    let layouts: HashMap<usize, Vec<usize>> = routed.iter().map(|(g, _, d)| (*g, d.routing.offsets.clone())).collect();
+    let mut outputs = exchange(&args, step, reqs, "dispatch", &layouts).await?;
+
+    // Combine, group by group.
+    let c = args.config.clone();
+    let work: Vec<Combined> = routed
+        .into_iter()
+        .map(|(g, x, mut d)| {
+            d.xe = Vec::new(); // the experts keep their own copy for the backward pass
+            let ye = outputs.remove(&g).unwrap_or_default();
+            (g, x, d, ye)
+        })
+        .collect();
+    let combined = offload(&args.cpu, move |cpu| {
+        let mut ys: Vec<Vec<f32>> = vec![Vec::new(); work.len()];
+        cpu.par_for_each(work.iter().zip(ys.iter_mut()).collect(), |b, ((_, _, d, ye), y)| {
+            *y = stages::combine(&c, b, d, ye)?;
+            Ok(())
+        })?;
+        Ok((work, ys))
+    })
+    .await?;
+    let (work, ys) = combined;
+    let mut answer = Vec::with_capacity(work.len());
+    for ((g, x, dispatch, ye), y) in work.into_iter().zip(ys) {
+        answer.push((
+            g,
+            MoeResult {
+                y,
+                l_aux: dispatch.l_aux.to_f64(),
+                z_loss: dispatch.z_loss.to_f64(),
+                stats: dispatch.stats(),
+            },
+        ));
+        state.cache.insert(
+            g,
+            GroupCache {
+                x,
+                dispatch,
+                ye,
+                gw: Vec::new(),
+            },
+        );
+    }
+    Ok(answer)
+}
+
+async fn backward(state: &mut GateState, step: u64, groups: Vec<(usize, Vec<f32>)>) -> Result<GateGrads> {
+    let args = state.args.clone();
+    let c = args.config.clone();
+    let mut work = Vec::with_capacity(groups.len());
+    for (g, dy) in groups {
+        let cache = state
+            .cache
+            .remove(&g)
+            .ok_or_else(|| Error::runtime(format!("{}: backward of group {g} without its forward", args.name())))?;
+        work.push((g, cache, dy, Vec::new()));
+    }
+    // Combine backward: combine-weight gradients and expert-output gradients.
+    let mut work = offload(&args.cpu, move |cpu| {
+        cpu.par_for_each(work.iter_mut().collect(), |b, (_, cache, dy, gye)| {
+            let (gw, g) = stages::combine_backward(&c, b, &cache.dispatch, &cache.ye, dy)?;
+            cache.gw = gw;
+            cache.ye = Vec::new();
+            *gye = g;
+            Ok(())
+        })?;
+        Ok(work)
+    })
+    .await?;
+    let view: Vec<(usize, &Dispatch<f32>, &[f32])> = work
+        .iter()
+        .map(|(g, cache, _, gye)| (*g, &cache.dispatch, gye.as_slice()))
+        .collect();
+    let reqs = requests(&args, step, &view, false);
+    let layouts: HashMap<usize, Vec<usize>> = work
+        .iter()
+        .map(|(g, cache, _, _)| (*g, cache.dispatch.routing.offsets.clone()))
+        .collect();
+    let mut gxe = exchange(&args, step, reqs, "grad_dispatch", &layouts).await?;
+    for (g, _, _, gye) in work.iter_mut() {
+        *gye = gxe.remove(g).unwrap_or_default(); // reuse the slot for dL/dxe
+    }
+
+    // Dispatch and gate backward.
+    let replica = state
+        .replica
+        .clone()
+        .ok_or_else(|| Error::runtime(format!("{}: backward without a replica", args.name())))?;
+    let (c, block, groups) = (args.config.clone(), args.block, args.groups);
+    offload(&args.cpu, move |cpu| {
+        let wg = gate_weights(&replica, block)?;
+        let router_scale = 1.0 / groups as f32;
+        let mut out: Vec<(usize, Vec<f32>, Vec<f32>)> = work
+            .iter()
+            .map(|(g, _, _, _)| (*g, Vec::new(), vec![0.0; wg.len()]))
+            .collect();
+        cpu.par_for_each(
+            work.iter().zip(out.iter_mut()).collect(),
+            |b, ((_, cache, _, gxe), (_, dx, gwg))| {
+                *dx = stages::gate_backward(&c, b, wg, &cache.x, &cache.dispatch, &cache.gw, gxe, gwg, router_scale)?;
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    })
+    .await
+}

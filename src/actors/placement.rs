@@ -1,0 +1,127 @@
+//! Placement plans: which worker hosts each expert, runs each data group, and owns each dense tensor.
+//!
+//! The plan decides only *where* work runs. What is computed (every matmul's shape, every sum's
+//! order) is fixed by the model and the groups, so any plan gives the same parameters, bit for bit.
+
+use crate::error::{Error, Result};
+use crate::model::gpt::Gpt;
+use serde::{Deserialize, Serialize};
+
+/// How experts are spread over workers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExpertPlacement {
+    /// Expert `e` on worker `e % W` (the default).
+    #[default]
+    RoundRobin,
+    /// Contiguous runs: expert `e` on worker `e * W / E`.
+    Blocked,
+    /// Expert `e` of every MoE block on worker `owners[e]`.
+    Explicit(Vec<usize>),
+}
+
+impl std::str::FromStr for ExpertPlacement {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "round-robin" => Ok(ExpertPlacement::RoundRobin),
+            "blocked" => Ok(ExpertPlacement::Blocked),
+            list => list
+                .split(',')
+                .map(|w| w.trim().parse::<usize>())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map(ExpertPlacement::Explicit)
+                .map_err(|_| {
+                    Error::config(format!(
+                        "placement must be \"round-robin\", \"blocked\" or a comma-separated worker per expert, got {list:?}"
+                    ))
+                }),
+        }
+    }
+}
+
+/// A complete plan for one model, batch and worker count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// Number of workers.
+    pub workers: usize,
+    /// `expert_owner[e]`: the worker hosting expert `e` of every MoE block.
+    pub expert_owner: Vec<usize>,
+    /// `group_owner[g]`: the worker running data group `g` (`g % W`).
+    pub group_owner: Vec<usize>,
+    /// `tensor_owner[i]`: the worker that reduces, updates and broadcasts dense tensor `i` (in
+    /// `Gpt::tensors` order; expert tensors have no single owner and hold `usize::MAX`).
+    pub tensor_owner: Vec<usize>,
+}
+
+impl Placement {
+    /// The plan for `model` with `groups` data groups on `workers` workers.
+    pub fn new(model: &Gpt<f32>, groups: usize, workers: usize, experts: &ExpertPlacement) -> Result<Self> {
+        let e_count = model.config().experts;
+        if workers == 0 {
+            return Err(Error::config("the runtime needs at least one worker"));
+        }
+        if groups < workers {
+            return Err(Error::config(format!(
+                "{workers} workers but only {groups} data groups: every worker needs a group (raise train.groups)"
+            )));
+        }
+        let expert_owner = match experts {
+            ExpertPlacement::RoundRobin => (0..e_count).map(|e| e % workers).collect(),
+            ExpertPlacement::Blocked => (0..e_count).map(|e| e * workers / e_count.max(1)).collect(),
+            ExpertPlacement::Explicit(owners) => {
+                if model.config().has_moe() && owners.len() != e_count {
+                    return Err(Error::config(format!(
+                        "the placement names {} workers but the model has {e_count} experts",
+                        owners.len()
+                    )));
+                }
+                if let Some(w) = owners.iter().find(|&&w| w >= workers) {
+                    return Err(Error::config(format!(
+                        "the placement puts an expert on worker {w}, but there are {workers} workers"
+                    )));
+                }
+                owners.clone()
+            }
+        };
+        // Dense tensors: largest first onto the least-loaded worker (ties: lowest index), so that
+        // reduction and update work is balanced.
+        let specs = model.specs();
+        let mut order: Vec<usize> = (0..specs.len()).filter(|&i| specs[i].experts == 1).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(specs[i].unit_len()));
+        let mut load = vec![0usize; workers];
+        let mut tensor_owner = vec![usize::MAX; specs.len()];
+        for i in order {
+            let w = (0..workers).min_by_key(|&w| (load[w], w)).unwrap_or(0);
+            load[w] += specs[i].unit_len();
+            tensor_owner[i] = w;
+        }
+        Ok(Placement {
+            workers,
+            expert_owner,
+            group_owner: (0..groups).map(|g| g % workers).collect(),
+            tensor_owner,
+        })
+    }
+
+    /// The groups `worker` runs, in increasing order.
+    pub fn groups_of(&self, worker: usize) -> Vec<usize> {
+        (0..self.group_owner.len())
+            .filter(|&g| self.group_owner[g] == worker)
+            .collect()
+    }
+
+    /// The experts (of each MoE block) `worker` hosts.
+    pub fn experts_of(&self, worker: usize) -> Vec<usize> {
+        (0..self.expert_owner.len())
+            .filter(|&e| self.expert_owner[e] == worker)
+            .collect()
+    }
+
+    /// The dense tensors `worker` owns.
+    pub fn tensors_of(&self, worker: usize) -> Vec<usize> {
+        (0..self.tensor_owner.len())
+            .filter(|&i| self.tensor_owner[i] == worker)
+            .collect()
+    }
+}

@@ -1,0 +1,371 @@
+//! [`Runtime`]: build the actor tree from code, train step by step, gather the state, shut down.
+
+pub use super::coordinator::StepOutcome;
+use super::coordinator::{CoordActor, CoordArgs, CoordMsg};
+use super::expert::ExpertSlot;
+use super::placement::{ExpertPlacement, Placement};
+use super::tier::{TierSnapshot, TierStore};
+use super::worker::{strip_experts, WorkerArgs};
+use super::{ask, ActorName};
+use crate::chaos::FaultPlan;
+use crate::error::{Error, Result};
+use crate::kernels::Cpu;
+use crate::model::gpt::{Ffn, Gpt};
+use crate::net::{local, Transport};
+use crate::train::config::TrainConfig;
+use crate::train::data::Corpus;
+use crate::train::optimizer::AdamW;
+use crate::train::trainer::new_optimizer;
+use ractor::{Actor, ActorRef};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How many times a worker restarts failed children within a window before it reports itself lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Restarts allowed within `window`.
+    pub max_restarts: u32,
+    /// The sliding window.
+    pub window: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            max_restarts: 5,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Builds a [`Runtime`]: everything has a default except the training configuration.
+#[derive(Clone)]
+pub struct RuntimeBuilder {
+    config: TrainConfig,
+    workers: usize,
+    placement: ExpertPlacement,
+    restart: RestartPolicy,
+    deadline: Duration,
+    step_deadline: Duration,
+    max_replays: u32,
+    chaos: FaultPlan,
+    text: Option<Arc<Vec<u8>>>,
+    state: Option<(Gpt<f32>, AdamW)>,
+}
+
+impl RuntimeBuilder {
+    /// Number of in-process workers (default 1).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Where experts live (default round-robin).
+    pub fn placement(mut self, placement: ExpertPlacement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// The restart policy of every worker.
+    pub fn restart_policy(mut self, policy: RestartPolicy) -> Self {
+        self.restart = policy;
+        self
+    }
+
+    /// The deadline of every collective (default 30 s); a worker's share of a step gets a
+    /// deadline ten times as long.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self.step_deadline = deadline * 10;
+        self
+    }
+
+    /// How many times one step is replayed after actor failures before the run gives up (default 8).
+    pub fn max_replays(mut self, replays: u32) -> Self {
+        self.max_replays = replays;
+        self
+    }
+
+    /// Faults to inject (tests and chaos runs).
+    pub fn chaos(mut self, plan: FaultPlan) -> Self {
+        self.chaos = plan;
+        self
+    }
+
+    /// Train on these bytes instead of the configured data (or the bundled corpus).
+    pub fn text(mut self, text: impl Into<Vec<u8>>) -> Self {
+        self.text = Some(Arc::new(text.into()));
+        self
+    }
+
+    /// Start from this model and optimizer state (a resumed run) instead of a fresh initialisation.
+    pub fn state(mut self, model: Gpt<f32>, optimizer: AdamW) -> Self {
+        self.state = Some((model, optimizer));
+        self
+    }
+
+    /// Start the actor tree (inside the current tokio runtime).
+    pub async fn build(self) -> Result<Runtime> {
+        let config = self.config;
+        config.validate()?;
+        if config.train.groups < self.workers {
+            return Err(Error::config(format!(
+                "{} workers need at least as many data groups (train.groups is {})",
+                self.workers, config.train.groups
+            )));
+        }
+        if self.deadline.is_zero() {
+            return Err(Error::config("the collective deadline must be positive"));
+        }
+        let text = match self.text {
+            Some(t) => t,
+            None => {
+                let corpus = match &config.train.data {
+                    Some(path) => Corpus::from_path(path, config.train.val_fraction, config.model.block_size + 1)?,
+                    None => Corpus::bundled()?,
+                };
+                Arc::new(corpus.train)
+            }
+        };
+        if text.len() < config.model.block_size + 2 {
+            return Err(Error::config(format!(
+                "the training text has {} bytes; it needs more than block_size + 1 = {}",
+                text.len(),
+                config.model.block_size + 1
+            )));
+        }
+        let (model, optimizer) = match self.state {
+            Some(s) => s,
+            None => {
+                let model = Gpt::init(&config.model, config.train.seed)?;
+                let optimizer = new_optimizer(&config, &model)?;
+                (model, optimizer)
+            }
+        };
+        if model.config() != &config.model {
+            return Err(Error::config("the given model does not have the configured shape"));
+        }
+        let placement = Arc::new(Placement::new(
+            &model,
+            config.train.groups,
+            self.workers,
+            &self.placement,
+        )?);
+        let cpu = Cpu::new(config.train.threads)?;
+        let stores = distribute(&config, &model, &optimizer, &placement)?;
+        let mut replica = model.clone();
+        strip_experts(&mut replica);
+        let replica = Arc::new(replica);
+        let workers = local::network(self.workers)
+            .into_iter()
+            .zip(stores)
+            .map(|((transport, inbox), store)| WorkerArgs {
+                worker: transport.id(),
+                config: config.clone(),
+                text: text.clone(),
+                placement: placement.clone(),
+                transport: Arc::new(transport),
+                inbox: Arc::new(Mutex::new(Some(inbox))),
+                replica: Arc::new(Mutex::new(replica.clone())),
+                store: Arc::new(Mutex::new(store)),
+                cpu: cpu.clone(),
+                restart: self.restart,
+                deadline: self.deadline,
+                chaos: self.chaos.clone(),
+            })
+            .collect();
+        let args = CoordArgs {
+            workers,
+            first_step: optimizer.step,
+            total_steps: config.train.steps,
+            optimizer: config.optimizer.clone(),
+            tokens_per_step: config.train.batch * config.model.block_size,
+            step_deadline: self.step_deadline,
+            deadline: self.deadline,
+            max_replays: self.max_replays,
+        };
+        let (coordinator, join) = Actor::spawn(None, CoordActor, args)
+            .await
+            .map_err(|e| Error::runtime(format!("cannot start the coordinator: {e}")))?;
+        Ok(Runtime {
+            coordinator,
+            join,
+            config,
+            placement,
+            deadline: self.step_deadline,
+        })
+    }
+}
+
+/// Split a model and its optimizer state into each worker's committed store.
+fn distribute(config: &TrainConfig, model: &Gpt<f32>, opt: &AdamW, placement: &Placement) -> Result<Vec<TierStore>> {
+    let specs = model.specs();
+    let tensors = model.tensors();
+    if opt.m.len() != specs.len() {
+        return Err(Error::shape("optimizer state", "it does not match the model's tensors"));
+    }
+    let mut stores = Vec::with_capacity(placement.workers);
+    for w in 0..placement.workers {
+        let owned = placement.tensors_of(w);
+        let dense: Vec<(usize, Vec<f32>)> = owned.iter().map(|&i| (i, tensors[i].2.clone())).collect();
+        let sizes: Vec<usize> = dense.iter().map(|(_, v)| v.len()).collect();
+        let decay: Vec<bool> = owned.iter().map(|&i| specs[i].decay).collect();
+        let mut optimizer = AdamW::with_decay(config.optimizer.clone(), &sizes, &decay)?;
+        optimizer.restore(
+            opt.step,
+            owned.iter().map(|&i| opt.m[i].clone()).collect(),
+            owned.iter().map(|&i| opt.v[i].clone()).collect(),
+        )?;
+        let mut experts = BTreeMap::new();
+        for (block, b) in model.blocks.iter().enumerate() {
+            if !matches!(b.ffn, Ffn::Moe(_)) {
+                continue;
+            }
+            let idx: Vec<usize> = ["w1", "b1", "w2", "b2"]
+                .iter()
+                .map(|s| {
+                    let want = format!("h.{block}.moe.{s}");
+                    specs
+                        .iter()
+                        .position(|t| t.name == want)
+                        .ok_or_else(|| Error::runtime(format!("the model has no tensor {want}")))
+                })
+                .collect::<Result<_>>()?;
+            for e in placement.experts_of(w) {
+                let slice = |buf: &Vec<f32>, i: usize| {
+                    let n = specs[i].unit_len();
+                    buf[e * n..(e + 1) * n].to_vec()
+                };
+                let params = [0, 1, 2, 3].map(|k| slice(tensors[idx[k]].2, idx[k]));
+                let sizes: Vec<usize> = params.iter().map(Vec::len).collect();
+                let decay: Vec<bool> = idx.iter().map(|&i| specs[i].decay).collect();
+                let mut optimizer = AdamW::with_decay(config.optimizer.clone(), &sizes, &decay)?;
+                optimizer.restore(
+                    opt.step,
+                    idx.iter().map(|&i| slice(&opt.m[i], i)).collect(),
+                    idx.iter().map(|&i| slice(&opt.v[i], i)).collect(),
+                )?;
+                experts.insert((block, e), Arc::new(Mutex::new(ExpertSlot { params, optimizer })));
+            }
+        }
+        stores.push(TierStore {
+            dense,
+            optimizer,
+            experts,
+        });
+    }
+    Ok(stores)
+}
+
+/// A running actor tree. Create it with [`Runtime::builder`]; call [`Runtime::step`] to train,
+/// [`Runtime::state`] to gather the model and optimizer, [`Runtime::shutdown`] to stop.
+pub struct Runtime {
+    coordinator: ActorRef<CoordMsg>,
+    join: tokio::task::JoinHandle<()>,
+    config: TrainConfig,
+    placement: Arc<Placement>,
+    deadline: Duration,
+}
+
+impl Runtime {
+    /// A builder for a runtime training with `config`.
+    pub fn builder(config: TrainConfig) -> RuntimeBuilder {
+        RuntimeBuilder {
+            config,
+            workers: 1,
+            placement: ExpertPlacement::default(),
+            restart: RestartPolicy::default(),
+            deadline: Duration::from_secs(30),
+            step_deadline: Duration::from_secs(300),
+            max_replays: 8,
+            chaos: FaultPlan::none(),
+            text: None,
+            state: None,
+        }
+    }
+
+    /// The run's configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The placement plan.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// Run one step to its commit (replaying it after actor failures).
+    pub async fn step(&self) -> Result<StepOutcome> {
+        let who = ActorName("the coordinator".into());
+        ask(&self.coordinator, &who, "a step", self.deadline * 2, |reply| {
+            CoordMsg::Step { reply }
+        })
+        .await
+    }
+
+    /// The committed model and optimizer state, gathered from every worker.
+    pub async fn state(&self) -> Result<(Gpt<f32>, AdamW)> {
+        let who = ActorName("the coordinator".into());
+        let snaps = ask(&self.coordinator, &who, "a snapshot", self.deadline, |reply| {
+            CoordMsg::Snapshot { reply }
+        })
+        .await?;
+        assemble(&self.config, &snaps)
+    }
+
+    /// The committed model.
+    pub async fn model(&self) -> Result<Gpt<f32>> {
+        Ok(self.state().await?.0)
+    }
+
+    /// Stop every actor and wait for them.
+    pub async fn shutdown(self) -> Result<()> {
+        self.coordinator.stop(Some("shutdown".into()));
+        self.join
+            .await
+            .map_err(|e| Error::runtime(format!("the coordinator did not stop cleanly: {e}")))
+    }
+}
+
+/// Put the workers' snapshots back together as one model and optimizer (whole tensors).
+fn assemble(config: &TrainConfig, snaps: &[TierSnapshot]) -> Result<(Gpt<f32>, AdamW)> {
+    let mut model = Gpt::<f32>::zeros(&config.model)?;
+    let mut opt = new_optimizer(config, &model)?;
+    let specs = model.specs();
+    let step = snaps.first().map_or(0, |s| s.step);
+    let mut filled = vec![0usize; specs.len()];
+    {
+        let mut bufs = model.buffers_mut();
+        for s in snaps {
+            for (i, p, m, v) in &s.dense {
+                bufs[*i].copy_from_slice(p);
+                opt.m[*i].copy_from_slice(m);
+                opt.v[*i].copy_from_slice(v);
+                filled[*i] += p.len();
+            }
+            for ((block, e), slot) in &s.experts {
+                for (k, s) in ["w1", "b1", "w2", "b2"].iter().enumerate() {
+                    let want = format!("h.{block}.moe.{s}");
+                    let i = specs
+                        .iter()
+                        .position(|t| t.name == want)
+                        .ok_or_else(|| Error::runtime(format!("the model has no tensor {want}")))?;
+                    let n = specs[i].unit_len();
+                    bufs[i][e * n..(e + 1) * n].copy_from_slice(&slot.params[k]);
+                    opt.m[i][e * n..(e + 1) * n].copy_from_slice(&slot.optimizer.m[k]);
+                    opt.v[i][e * n..(e + 1) * n].copy_from_slice(&slot.optimizer.v[k]);
+                    filled[i] += n;
+                }
+            }
+        }
+    }
+    if let Some(i) = (0..specs.len()).find(|&i| filled[i] != specs[i].shape.iter().product::<usize>()) {
+        return Err(Error::runtime(format!(
+            "the workers' state does not cover tensor {} exactly once",
+            specs[i].name
+        )));
+    }
+    opt.step = step;
+    Ok((model, opt))
+}

@@ -1,0 +1,267 @@
+//! The Tier actor: a worker's committed parameters.
+//!
+//! It holds the dense tensors the worker owns (with their AdamW moments) and the slots of the
+//! experts it hosts. During a step it collects every group's gradient of its dense tensors (from
+//! every worker), sums them in group order at `Prepare`, and applies AdamW at `Commit`, answering
+//! the new values for the broadcast. Everything committed lives in a shared store, so a restarted
+//! Tier (or Expert) starts from the last commit; only the step in flight is lost, and replayed.
+//! (Moving expert state between memory budgets, Device/Host/Disk, builds on this actor.)
+
+use super::expert::{lock_slot, ExpertSlot, SharedSlot};
+use super::{inject, offload, ActorName};
+use crate::chaos::{FaultPlan, Moment, Target};
+use crate::error::{Error, Result};
+use crate::kernels::Cpu;
+use crate::train::optimizer::{sum_squares, AdamW};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// A worker's committed state.
+#[derive(Debug)]
+pub struct TierStore {
+    /// Owned dense tensors: `(tensor index, values)`, in increasing index order.
+    pub dense: Vec<(usize, Vec<f32>)>,
+    /// AdamW over `dense`, in the same order.
+    pub optimizer: AdamW,
+    /// Slots of the hosted experts, by `(block, expert)`.
+    pub experts: BTreeMap<(usize, usize), SharedSlot>,
+}
+
+/// The store, shared between the Tier actor and its supervisor.
+pub type SharedStore = Arc<Mutex<TierStore>>;
+
+fn lock_store(store: &SharedStore) -> std::sync::MutexGuard<'_, TierStore> {
+    store.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `(tensor index, values, first moment, second moment)`.
+pub type DenseEntry = (usize, Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// `(tensor index, committed values)`, shared with every replica.
+pub type Updated = Vec<(usize, Arc<Vec<f32>>)>;
+
+/// A copy of a worker's committed state (for checkpoints and gathering the model).
+#[derive(Clone, Debug)]
+pub struct TierSnapshot {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// `(tensor index, values, first moment, second moment)` of the owned dense tensors.
+    pub dense: Vec<DenseEntry>,
+    /// The hosted experts' slots.
+    pub experts: Vec<((usize, usize), ExpertSlot)>,
+}
+
+/// Messages of the Tier actor.
+pub enum TierMsg {
+    /// One group's gradients of owned dense tensors.
+    Grads {
+        /// Training step.
+        step: u64,
+        /// The group.
+        group: usize,
+        /// `(tensor index, gradient)`.
+        tensors: Vec<(usize, Vec<f32>)>,
+        /// Stored.
+        reply: RpcReplyPort<Result<()>>,
+    },
+    /// Sum every owned tensor's group gradients in group order; answer `(tensor, sum of squares)`.
+    Prepare {
+        /// Training step.
+        step: u64,
+        /// Sums of squares.
+        reply: RpcReplyPort<Result<Vec<(usize, f64)>>>,
+    },
+    /// Apply AdamW; answer the new values of the owned tensors.
+    Commit {
+        /// Training step.
+        step: u64,
+        /// Learning rate.
+        lr: f64,
+        /// Global gradient norm.
+        norm: f64,
+        /// New values.
+        reply: RpcReplyPort<Result<Updated>>,
+    },
+    /// Drop everything of the current step.
+    Abort,
+    /// A copy of the committed state.
+    Snapshot {
+        /// The copy.
+        reply: RpcReplyPort<Result<TierSnapshot>>,
+    },
+}
+
+/// What a Tier actor is started with.
+#[derive(Clone)]
+pub struct TierArgs {
+    /// The worker.
+    pub worker: usize,
+    /// Groups per batch.
+    pub groups: usize,
+    /// Committed state.
+    pub store: SharedStore,
+    /// Compute pool.
+    pub cpu: Cpu,
+    /// Faults to inject.
+    pub chaos: FaultPlan,
+}
+
+impl TierArgs {
+    /// The actor's name.
+    pub fn name(&self) -> ActorName {
+        ActorName(format!("tier of worker {}", self.worker))
+    }
+}
+
+/// The Tier actor's state.
+pub struct TierState {
+    args: TierArgs,
+    step: u64,
+    /// Per owned tensor, per group: the gradient received.
+    incoming: HashMap<usize, Vec<Option<Vec<f32>>>>,
+    totals: Option<Vec<Vec<f32>>>,
+}
+
+impl TierState {
+    fn enter(&mut self, step: u64) {
+        if step != self.step {
+            self.incoming.clear();
+            self.totals = None;
+            self.step = step;
+        }
+    }
+}
+
+/// The Tier actor.
+pub struct TierActor;
+
+impl Actor for TierActor {
+    type Msg = TierMsg;
+    type State = TierState;
+    type Arguments = TierArgs;
+
+    async fn pre_start(&self, _: ActorRef<TierMsg>, args: TierArgs) -> Result<TierState, ActorProcessingErr> {
+        Ok(TierState {
+            args,
+            step: u64::MAX,
+            incoming: HashMap::new(),
+            totals: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<TierMsg>,
+        msg: TierMsg,
+        state: &mut TierState,
+    ) -> Result<(), ActorProcessingErr> {
+        let name = state.args.name();
+        match msg {
+            TierMsg::Grads {
+                step,
+                group,
+                tensors,
+                reply,
+            } => {
+                let target = Target::Tier {
+                    worker: state.args.worker,
+                };
+                inject(&state.args.chaos, &target, step, Moment::Any, &name)?;
+                state.enter(step);
+                let groups = state.args.groups;
+                let owned: Vec<usize> = lock_store(&state.args.store).dense.iter().map(|(i, _)| *i).collect();
+                let mut r = Ok(());
+                for (i, g) in tensors {
+                    if !owned.contains(&i) || group >= groups {
+                        r = Err(Error::runtime(format!(
+                            "{name}: received group {group}'s gradient of tensor {i}, which it does not own"
+                        )));
+                        break;
+                    }
+                    state.incoming.entry(i).or_insert_with(|| vec![None; groups])[group] = Some(g);
+                }
+                let _ = reply.send(r);
+            }
+            TierMsg::Prepare { step, reply } => {
+                state.enter(step);
+                let r = prepare(state, step);
+                let _ = reply.send(r);
+            }
+            TierMsg::Commit { step, lr, norm, reply } => {
+                let r = match (state.step == step, state.totals.take()) {
+                    (true, Some(mut totals)) => {
+                        let store = state.args.store.clone();
+                        offload(&state.args.cpu, move |_| {
+                            let mut s = lock_store(&store);
+                            let TierStore { dense, optimizer, .. } = &mut *s;
+                            let mut p: Vec<&mut Vec<f32>> = dense.iter_mut().map(|(_, v)| v).collect();
+                            let mut g: Vec<&mut Vec<f32>> = totals.iter_mut().collect();
+                            optimizer.apply(&mut p, &mut g, lr, norm)?;
+                            Ok(dense.iter().map(|(i, v)| (*i, Arc::new(v.clone()))).collect())
+                        })
+                        .await
+                    }
+                    _ => Err(Error::runtime(format!(
+                        "{name}: commit of step {step}, which it has not prepared"
+                    ))),
+                };
+                state.incoming.clear();
+                let _ = reply.send(r);
+            }
+            TierMsg::Abort => {
+                state.incoming.clear();
+                state.totals = None;
+            }
+            TierMsg::Snapshot { reply } => {
+                let s = lock_store(&state.args.store);
+                let dense = s
+                    .dense
+                    .iter()
+                    .enumerate()
+                    .map(|(k, (i, v))| (*i, v.clone(), s.optimizer.m[k].clone(), s.optimizer.v[k].clone()))
+                    .collect();
+                let experts = s
+                    .experts
+                    .iter()
+                    .map(|(id, slot)| (*id, lock_slot(slot).clone()))
+                    .collect();
+                let _ = reply.send(Ok(TierSnapshot {
+                    step: s.optimizer.step,
+                    dense,
+                    experts,
+                }));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sum every owned tensor's gradients in group order (group 0 first, then each later group added),
+/// exactly as a single process sums its group buffers.
+fn prepare(state: &mut TierState, step: u64) -> Result<Vec<(usize, f64)>> {
+    let owned: Vec<usize> = lock_store(&state.args.store).dense.iter().map(|(i, _)| *i).collect();
+    let mut totals = Vec::with_capacity(owned.len());
+    let mut sums = Vec::with_capacity(owned.len());
+    for i in owned {
+        let per_group = state.incoming.remove(&i).unwrap_or_default();
+        let missing: Vec<usize> = (0..state.args.groups)
+            .filter(|&g| per_group.get(g).is_none_or(|b| b.is_none()))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::runtime(format!(
+                "{}: step {step} is missing the gradient of tensor {i} from groups {missing:?}",
+                state.args.name()
+            )));
+        }
+        let mut it = per_group.into_iter().flatten();
+        let mut total = it.next().unwrap_or_default();
+        for add in it {
+            total.iter_mut().zip(&add).for_each(|(t, &a)| *t += a);
+        }
+        sums.push((i, sum_squares(&total)));
+        totals.push(total);
+    }
+    state.totals = Some(totals);
+    Ok(sums)
+}

@@ -1,0 +1,726 @@
+//! The Worker actor: one per device. It runs the dense layers of its data groups (a
+//! [`GroupPass`](crate::model::pass::GroupPass) per group, side by side on the compute pool, in
+//! lockstep so that each MoE block is one fused exchange for all of them), sends each group's dense
+//! gradients to their owners, and supervises its Gate, Expert, Tier and Communicator actors:
+//! a failed child is restarted from the committed state, up to the restart policy's limit, past
+//! which the worker reports itself lost.
+
+use super::communicator::{CommActor, CommArgs, CommMsg, Registry, SharedRegistry, SharedReplica};
+use super::expert::{ExpertActor, ExpertArgs, ExpertMsg, SharedSlot};
+use super::gate::{GateActor, GateArgs, GateMsg};
+use super::placement::Placement;
+use super::runtime::RestartPolicy;
+use super::tier::{SharedStore, TierActor, TierArgs, TierMsg, TierSnapshot};
+use super::{ask, offload, ActorName};
+use crate::chaos::FaultPlan;
+use crate::error::{Error, Result};
+use crate::kernels::{Backend, Cpu};
+use crate::model::gpt::{Ffn, Gpt, GroupOutput};
+use crate::model::moe::MoeConfig;
+use crate::model::pass::{GroupPass, MoeResult, Need};
+use crate::net::{Inbox, Payload, Transport};
+use crate::telemetry::metrics as names;
+use crate::train::config::TrainConfig;
+use crate::train::sampler;
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, MessagingErr, RpcReplyPort, SupervisionEvent};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// A norm part: `((tensor index, expert or 0), sum of squares)`.
+pub type NormPart = ((usize, usize), f64);
+
+/// Messages of the Worker actor.
+pub enum WorkerMsg {
+    /// Phase 1a: forward and backward of the worker's groups; deliver dense gradients to owners.
+    RunStep {
+        /// Training step.
+        step: u64,
+        /// Each group's losses and statistics.
+        reply: RpcReplyPort<Result<Vec<(usize, GroupOutput)>>>,
+    },
+    /// Phase 1b: total the step's gradients of everything this worker owns; answer the norm parts.
+    Prepare {
+        /// Training step.
+        step: u64,
+        /// Norm parts.
+        reply: RpcReplyPort<Result<Vec<NormPart>>>,
+    },
+    /// Phase 2: apply the update and broadcast the new dense values.
+    Commit {
+        /// Training step.
+        step: u64,
+        /// Learning rate.
+        lr: f64,
+        /// Global gradient norm.
+        norm: f64,
+        /// Done.
+        reply: RpcReplyPort<Result<()>>,
+    },
+    /// Roll back the step in flight (and make sure every child is running again).
+    Abort {
+        /// Training step.
+        step: u64,
+        /// Done, or the worker is lost.
+        reply: RpcReplyPort<Result<()>>,
+    },
+    /// A copy of the committed state this worker owns.
+    Snapshot {
+        /// The copy.
+        reply: RpcReplyPort<Result<TierSnapshot>>,
+    },
+}
+
+/// What a Worker is started with.
+#[derive(Clone)]
+pub struct WorkerArgs {
+    /// This worker.
+    pub worker: usize,
+    /// The run's configuration.
+    pub config: TrainConfig,
+    /// Training text.
+    pub text: Arc<Vec<u8>>,
+    /// The placement plan.
+    pub placement: Arc<Placement>,
+    /// Transport endpoint.
+    pub transport: Arc<dyn Transport>,
+    /// Its inbox (taken when the worker starts).
+    pub inbox: Arc<Mutex<Option<Inbox>>>,
+    /// The dense parameters (expert tensors empty).
+    pub replica: SharedReplica,
+    /// Committed state this worker owns.
+    pub store: SharedStore,
+    /// Compute pool.
+    pub cpu: Cpu,
+    /// Restart limit.
+    pub restart: RestartPolicy,
+    /// Deadline of every collective.
+    pub deadline: Duration,
+    /// Faults to inject.
+    pub chaos: FaultPlan,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Child {
+    Gate(usize),
+    Expert(usize, usize),
+    Tier,
+    Comm,
+}
+
+impl Child {
+    fn label(self) -> &'static str {
+        match self {
+            Child::Gate(_) => "gate",
+            Child::Expert(..) => "expert",
+            Child::Tier => "tier",
+            Child::Comm => "communicator",
+        }
+    }
+}
+
+/// The Worker's state.
+pub struct WorkerState {
+    args: WorkerArgs,
+    registry: SharedRegistry,
+    gates: BTreeMap<usize, ActorRef<GateMsg>>,
+    children: HashMap<ActorId, Child>,
+    restarts: VecDeque<Instant>,
+    lost: Option<String>,
+    pump: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The Worker actor.
+pub struct WorkerActor;
+
+impl WorkerState {
+    fn moe_config(&self) -> MoeConfig {
+        self.args.config.model.moe_config()
+    }
+
+    fn slot(&self, block: usize, expert: usize) -> Result<SharedSlot> {
+        self.args
+            .store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .experts
+            .get(&(block, expert))
+            .cloned()
+            .ok_or_else(|| {
+                Error::runtime(format!(
+                    "worker {} has no slot for expert {block}.{expert}",
+                    self.args.worker
+                ))
+            })
+    }
+
+    /// Start (or restart) one child and record it.
+    async fn spawn(&mut self, myself: &ActorRef<WorkerMsg>, child: Child) -> Result<()> {
+        let a = &self.args;
+        let sup = myself.get_cell();
+        let fail = |e: ractor::SpawnErr| {
+            Error::runtime(format!("worker {} cannot start its {}: {e}", a.worker, child.label()))
+        };
+        let cell: ActorCell = match child {
+            Child::Gate(block) => {
+                let args = GateArgs {
+                    worker: a.worker,
+                    block,
+                    config: self.moe_config(),
+                    groups: a.config.train.groups,
+                    placement: a.placement.clone(),
+                    registry: self.registry.clone(),
+                    cpu: a.cpu.clone(),
+                    deadline: a.deadline * 2,
+                    chaos: a.chaos.clone(),
+                };
+                let (r, _) = Actor::spawn_linked(None, GateActor, args, sup).await.map_err(fail)?;
+                self.gates.insert(block, r.clone());
+                r.get_cell()
+            }
+            Child::Expert(block, expert) => {
+                let args = ExpertArgs {
+                    block,
+                    expert,
+                    worker: a.worker,
+                    groups: a.config.train.groups,
+                    config: self.moe_config(),
+                    slot: self.slot(block, expert)?,
+                    cpu: a.cpu.clone(),
+                    chaos: a.chaos.clone(),
+                };
+                let (r, _) = Actor::spawn_linked(None, ExpertActor, args, sup).await.map_err(fail)?;
+                write(&self.registry).experts.insert((block, expert), r.clone());
+                r.get_cell()
+            }
+            Child::Tier => {
+                let args = TierArgs {
+                    worker: a.worker,
+                    groups: a.config.train.groups,
+                    store: a.store.clone(),
+                    cpu: a.cpu.clone(),
+                    chaos: a.chaos.clone(),
+                };
+                let (r, _) = Actor::spawn_linked(None, TierActor, args, sup).await.map_err(fail)?;
+                write(&self.registry).tier = Some(r.clone());
+                r.get_cell()
+            }
+            Child::Comm => {
+                let args = CommArgs {
+                    worker: a.worker,
+                    transport: a.transport.clone(),
+                    registry: self.registry.clone(),
+                    replica: a.replica.clone(),
+                    deadline: a.deadline,
+                    chaos: a.chaos.clone(),
+                };
+                let (r, _) = Actor::spawn_linked(None, CommActor, args, sup).await.map_err(fail)?;
+                write(&self.registry).comm = Some(r.clone());
+                r.get_cell()
+            }
+        };
+        self.children.insert(cell.get_id(), child);
+        Ok(())
+    }
+
+    /// A child stopped: restart it unless the restart budget is spent (then the worker is lost).
+    async fn child_failed(&mut self, myself: &ActorRef<WorkerMsg>, id: ActorId, why: String) {
+        let Some(child) = self.children.remove(&id) else {
+            return; // an actor this worker already replaced
+        };
+        metrics::counter!(names::RESTARTS, "worker" => self.args.worker.to_string(), "actor" => child.label())
+            .increment(1);
+        let now = Instant::now();
+        let policy = self.args.restart;
+        self.restarts.push_back(now);
+        while self
+            .restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > policy.window)
+        {
+            self.restarts.pop_front();
+        }
+        if self.restarts.len() as u32 > policy.max_restarts {
+            self.lost = Some(format!(
+                "worker {} lost: {} restarts within {:?} (limit {}); the last: {} {why}",
+                self.args.worker,
+                self.restarts.len(),
+                policy.window,
+                policy.max_restarts,
+                child.label()
+            ));
+            return;
+        }
+        if let Err(e) = self.spawn(myself, child).await {
+            self.lost = Some(e.to_string());
+        }
+    }
+}
+
+fn write(r: &SharedRegistry) -> std::sync::RwLockWriteGuard<'_, Registry> {
+    r.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Actor for WorkerActor {
+    type Msg = WorkerMsg;
+    type State = WorkerState;
+    type Arguments = WorkerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        args: WorkerArgs,
+    ) -> Result<WorkerState, ActorProcessingErr> {
+        let inbox = args
+            .inbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| Error::runtime(format!("worker {}'s inbox was already taken", args.worker)))?;
+        let mut state = WorkerState {
+            registry: Arc::new(std::sync::RwLock::new(Registry::default())),
+            gates: BTreeMap::new(),
+            children: HashMap::new(),
+            restarts: VecDeque::new(),
+            lost: None,
+            pump: None,
+            args,
+        };
+        state.spawn(&myself, Child::Tier).await?;
+        state.spawn(&myself, Child::Comm).await?;
+        let c = state.args.config.model.clone();
+        for block in (0..c.n_layer).filter(|&l| c.is_moe(l)) {
+            state.spawn(&myself, Child::Gate(block)).await?;
+            for e in state.args.placement.experts_of(state.args.worker) {
+                state.spawn(&myself, Child::Expert(block, e)).await?;
+            }
+        }
+        state.pump = Some(tokio::spawn(pump(inbox, state.registry.clone())));
+        Ok(state)
+    }
+
+    async fn post_stop(&self, myself: ActorRef<WorkerMsg>, state: &mut WorkerState) -> Result<(), ActorProcessingErr> {
+        if let Some(p) = state.pump.take() {
+            p.abort();
+        }
+        state.children.clear();
+        myself.stop_children(None);
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        event: SupervisionEvent,
+        state: &mut WorkerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                state
+                    .child_failed(&myself, cell.get_id(), format!("failed: {err}"))
+                    .await
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                let why = format!("stopped ({})", reason.unwrap_or_else(|| "no reason".into()));
+                state.child_failed(&myself, cell.get_id(), why).await
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<WorkerMsg>,
+        msg: WorkerMsg,
+        state: &mut WorkerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WorkerMsg::RunStep { step, reply } => {
+                let r = match &state.lost {
+                    Some(lost) => Err(Error::runtime(lost.clone())),
+                    None => run_step(state, step).await,
+                };
+                let _ = reply.send(r);
+            }
+            WorkerMsg::Prepare { step, reply } => {
+                let _ = reply.send(prepare(state, step).await);
+            }
+            WorkerMsg::Commit { step, lr, norm, reply } => {
+                let _ = reply.send(commit(state, step, lr, norm).await);
+            }
+            WorkerMsg::Abort { reply, .. } => {
+                for g in state.gates.values() {
+                    let _ = g.cast(GateMsg::Abort);
+                }
+                let reg = state.registry.read().unwrap_or_else(PoisonError::into_inner);
+                for e in reg.experts.values() {
+                    let _ = e.cast(ExpertMsg::Abort);
+                }
+                if let Some(t) = &reg.tier {
+                    let _ = t.cast(TierMsg::Abort);
+                }
+                drop(reg);
+                let r = match &state.lost {
+                    Some(lost) => Err(Error::runtime(lost.clone())),
+                    None => Ok(()),
+                };
+                let _ = reply.send(r);
+            }
+            WorkerMsg::Snapshot { reply } => {
+                let r = match tier(state) {
+                    Ok(t) => {
+                        ask(
+                            &t,
+                            &ActorName("tier".into()),
+                            "a snapshot",
+                            state.args.deadline,
+                            |reply| TierMsg::Snapshot { reply },
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Forward packets from the transport to whichever Communicator is running.
+async fn pump(mut inbox: Inbox, registry: SharedRegistry) {
+    while let Some(mut packet) = inbox.recv().await {
+        // While the Communicator restarts, hold the packet (up to a few seconds; the requester's
+        // deadline covers the rest).
+        for _ in 0..5000 {
+            let comm = registry.read().unwrap_or_else(PoisonError::into_inner).comm.clone();
+            match comm.map(|c| c.cast(CommMsg::Incoming(packet))) {
+                Some(Ok(())) => break,
+                Some(Err(MessagingErr::SendErr(CommMsg::Incoming(p)))) => packet = p,
+                Some(Err(_)) => break,
+                None => return,
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+fn tier(state: &WorkerState) -> Result<ActorRef<TierMsg>> {
+    state
+        .registry
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .tier
+        .clone()
+        .ok_or_else(|| Error::runtime("the tier is not running"))
+}
+
+fn comm(state: &WorkerState) -> Result<ActorRef<CommMsg>> {
+    state
+        .registry
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .comm
+        .clone()
+        .ok_or_else(|| Error::runtime("the communicator is not running"))
+}
+
+/// The model's dense tensors as zeros: the gradient buffers of one group (expert tensors empty,
+/// their gradients stay with the experts).
+pub fn dense_zeros(model: &Gpt<f32>) -> Result<Gpt<f32>> {
+    let mut g = model.zeros_like()?;
+    strip_experts(&mut g);
+    Ok(g)
+}
+
+/// Empty the expert tensors of `model` (keeping the gate weights, which are dense).
+pub fn strip_experts(model: &mut Gpt<f32>) {
+    for b in &mut model.blocks {
+        if let Ffn::Moe(layer) = &mut b.ffn {
+            let p = &mut layer.params;
+            p.w1 = Vec::new();
+            p.b1 = Vec::new();
+            p.w2 = Vec::new();
+            p.b2 = Vec::new();
+        }
+    }
+}
+
+type Pass = GroupPass<f32, Arc<Gpt<f32>>, Box<Gpt<f32>>>;
+
+/// A pass, the input gradient it waits for, and where it stopped.
+type PassWork = (Pass, Option<Vec<f32>>, Option<Need<f32>>);
+
+/// `(group, (dL/dx, gate-weight gradient))`.
+type GroupGrads = Vec<(usize, (Vec<f32>, Vec<f32>))>;
+
+enum Pending {
+    None,
+    Forward(Vec<MoeResult<f32>>),
+    Backward(usize, Vec<(Vec<f32>, Vec<f32>)>),
+}
+
+async fn run_step(state: &mut WorkerState, step: u64) -> Result<Vec<(usize, GroupOutput)>> {
+    let a = state.args.clone();
+    let replica: Arc<Gpt<f32>> = a.replica.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let groups = a.placement.groups_of(a.worker);
+    let c = &a.config;
+    let t = c.model.block_size;
+    let seqs = c.train.batch / c.train.groups;
+    let ce_scale = 1.0 / (c.train.batch * t) as f32;
+    let seed = c.train.seed;
+
+    let (text, rep, gs) = (a.text.clone(), replica.clone(), groups.clone());
+    let mut passes: Vec<Pass> = offload(&a.cpu, move |_| {
+        gs.iter()
+            .map(|&g| {
+                let starts = sampler::window_starts(seed, step, g as u64, seqs, text.len(), t);
+                let (idx, targets) = sampler::windows(&text, &starts, t);
+                let grads = Box::new(dense_zeros(&rep)?);
+                GroupPass::new(rep.clone(), idx, Some(targets), seqs, ce_scale, Some(grads))
+            })
+            .collect()
+    })
+    .await?;
+
+    let mut pending = Pending::None;
+    loop {
+        let (ps, needs) = offload(&a.cpu, move |cpu| {
+            let mut work: Vec<PassWork> = Vec::with_capacity(passes.len());
+            match pending {
+                Pending::None => work.extend(passes.into_iter().map(|p| (p, None, None))),
+                Pending::Forward(results) => {
+                    for (mut p, r) in passes.into_iter().zip(results) {
+                        p.moe_forward_done(r)?;
+                        work.push((p, None, None));
+                    }
+                }
+                Pending::Backward(block, grads) => {
+                    for (mut p, (dx, gwg)) in passes.into_iter().zip(grads) {
+                        if let Some(Ffn::Moe(g)) =
+                            p.grads_mut().and_then(|g| g.blocks.get_mut(block)).map(|b| &mut b.ffn)
+                        {
+                            g.params.wg = gwg;
+                        }
+                        work.push((p, Some(dx), None));
+                    }
+                }
+            }
+            cpu.par_for_each(work.iter_mut().collect(), |b, (pass, dx, need)| {
+                if let Some(dx) = dx.take() {
+                    pass.moe_backward_done(b, dx)?;
+                }
+                *need = Some(pass.advance(b)?);
+                Ok(())
+            })?;
+            let mut passes = Vec::with_capacity(work.len());
+            let mut needs = Vec::with_capacity(work.len());
+            for (p, _, n) in work {
+                passes.push(p);
+                needs.push(n.ok_or_else(|| Error::runtime("a pass did not advance"))?);
+            }
+            Ok((passes, needs))
+        })
+        .await?;
+        passes = ps;
+        let block = match needs.first() {
+            Some(Need::MoeForward { block, .. }) | Some(Need::MoeBackward { block, .. }) => *block,
+            _ => break,
+        };
+        let gate = state
+            .gates
+            .get(&block)
+            .cloned()
+            .ok_or_else(|| Error::runtime(format!("worker {} has no gate for block {block}", a.worker)))?;
+        let who = ActorName(format!("gate {block} on worker {}", a.worker));
+        let forward = matches!(needs[0], Need::MoeForward { .. });
+        let mut inputs = Vec::with_capacity(needs.len());
+        for (&g, need) in groups.iter().zip(needs) {
+            match need {
+                Need::MoeForward { block: b, x } if forward && b == block => inputs.push((g, x)),
+                Need::MoeBackward { block: b, dy } if !forward && b == block => inputs.push((g, dy)),
+                _ => return Err(Error::runtime("the groups of a worker fell out of lockstep")),
+            }
+        }
+        let deadline = a.deadline * 3;
+        if forward {
+            let what = format!("the block-{block} forward of step {step}");
+            let rep = replica.clone();
+            let results = ask(&gate, &who, &what, deadline, |reply| GateMsg::Forward {
+                step,
+                replica: rep,
+                groups: inputs,
+                reply,
+            })
+            .await?;
+            pending = Pending::Forward(in_group_order(&groups, results)?);
+        } else {
+            let what = format!("the block-{block} backward of step {step}");
+            let results = ask(&gate, &who, &what, deadline, |reply| GateMsg::Backward {
+                step,
+                groups: inputs,
+                reply,
+            })
+            .await?;
+            let results: GroupGrads = results.into_iter().map(|(g, dx, gwg)| (g, (dx, gwg))).collect();
+            pending = Pending::Backward(block, in_group_order(&groups, results)?);
+        }
+    }
+
+    // Every pass is done: collect outputs, send each group's dense gradients to their owners.
+    let mut outputs = Vec::with_capacity(passes.len());
+    let mut requests = Vec::new();
+    for (&g, pass) in groups.iter().zip(passes) {
+        let (out, grads) = pass.finish()?;
+        outputs.push((g, out));
+        let mut grads = grads.ok_or_else(|| Error::runtime("a training pass without gradients"))?;
+        let mut bufs = grads.buffers_mut();
+        for w in 0..a.placement.workers {
+            let tensors: Vec<(usize, Vec<f32>)> = a
+                .placement
+                .tensors_of(w)
+                .into_iter()
+                .map(|i| (i, std::mem::take(&mut *bufs[i])))
+                .collect();
+            if !tensors.is_empty() {
+                requests.push((
+                    w,
+                    Payload::DenseGrads {
+                        step,
+                        group: g,
+                        tensors,
+                    },
+                ));
+            }
+        }
+    }
+    let what = format!("the gradient reduction of step {step}");
+    let comm = comm(state)?;
+    let who = ActorName(format!("communicator of worker {}", a.worker));
+    ask(&comm, &who, &what, a.deadline * 2, |reply| CommMsg::Exchange {
+        what: what.clone(),
+        kind: "dense_grads",
+        requests,
+        reply,
+    })
+    .await?;
+    Ok(outputs)
+}
+
+fn in_group_order<R>(groups: &[usize], results: Vec<(usize, R)>) -> Result<Vec<R>> {
+    let mut by_group: HashMap<usize, R> = results.into_iter().collect();
+    groups
+        .iter()
+        .map(|g| {
+            by_group
+                .remove(g)
+                .ok_or_else(|| Error::runtime(format!("the gate gave no result for group {g}")))
+        })
+        .collect()
+}
+
+/// Tensor indices of `h.{block}.moe.{w1,b1,w2,b2}` among `names` (the `Gpt::tensors` order).
+fn expert_tensor_indices(names: &[String], block: usize) -> Result<[usize; 4]> {
+    let find = |s: &str| {
+        let want = format!("h.{block}.moe.{s}");
+        names
+            .iter()
+            .position(|n| *n == want)
+            .ok_or_else(|| Error::runtime(format!("the model has no tensor {want}")))
+    };
+    Ok([find("w1")?, find("b1")?, find("w2")?, find("b2")?])
+}
+
+async fn prepare(state: &mut WorkerState, step: u64) -> Result<Vec<NormPart>> {
+    let deadline = state.args.deadline;
+    let t = tier(state)?;
+    let mut parts: Vec<NormPart> = ask(
+        &t,
+        &ActorName(format!("tier of worker {}", state.args.worker)),
+        "prepare",
+        deadline,
+        |reply| TierMsg::Prepare { step, reply },
+    )
+    .await?
+    .into_iter()
+    .map(|(i, s)| ((i, 0), s))
+    .collect();
+    let experts: Vec<((usize, usize), ActorRef<ExpertMsg>)> = state
+        .registry
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .experts
+        .iter()
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    let names: Vec<String> = {
+        let replica = state.args.replica.lock().unwrap_or_else(PoisonError::into_inner);
+        replica.tensors().into_iter().map(|(n, _, _)| n).collect()
+    };
+    for ((block, e), actor) in experts {
+        let who = ActorName(format!("expert {block}.{e} on worker {}", state.args.worker));
+        let sums = ask(&actor, &who, "prepare", deadline, |reply| ExpertMsg::Prepare {
+            step,
+            reply,
+        })
+        .await?;
+        let idx = expert_tensor_indices(&names, block)?;
+        parts.extend(idx.iter().zip(sums).map(|(&i, s)| ((i, e), s)));
+    }
+    Ok(parts)
+}
+
+async fn commit(state: &mut WorkerState, step: u64, lr: f64, norm: f64) -> Result<()> {
+    let a = state.args.clone();
+    let t = tier(state)?;
+    let updated = ask(
+        &t,
+        &ActorName(format!("tier of worker {}", a.worker)),
+        "commit",
+        a.deadline,
+        |reply| TierMsg::Commit { step, lr, norm, reply },
+    )
+    .await?;
+    let experts: Vec<((usize, usize), ActorRef<ExpertMsg>)> = state
+        .registry
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .experts
+        .iter()
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    for ((block, e), actor) in experts {
+        let who = ActorName(format!("expert {block}.{e} on worker {}", a.worker));
+        ask(&actor, &who, "commit", a.deadline, |reply| ExpertMsg::Commit {
+            step,
+            lr,
+            norm,
+            reply,
+        })
+        .await?;
+    }
+    // Broadcast the new values of the owned dense tensors to every replica (this one included).
+    let requests: Vec<(usize, Payload)> = (0..a.placement.workers)
+        .map(|w| {
+            (
+                w,
+                Payload::Params {
+                    step,
+                    tensors: updated.clone(),
+                },
+            )
+        })
+        .collect();
+    let what = format!("the parameter broadcast of step {step}");
+    let comm = comm(state)?;
+    let who = ActorName(format!("communicator of worker {}", a.worker));
+    ask(&comm, &who, &what, a.deadline * 2, |reply| CommMsg::Exchange {
+        what: what.clone(),
+        kind: "params",
+        requests,
+        reply,
+    })
+    .await?;
+    Ok(())
+}

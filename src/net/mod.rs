@@ -1,0 +1,126 @@
+//! Transports between workers, and the packets they carry.
+//!
+//! A [`Transport`] moves [`Packet`]s from one worker to another, in order per pair of workers. The
+//! Communicator actor (`actors::communicator`) builds every collective on top of it: the fused
+//! all-to-all-v of the MoE layers, the exact gradient reduction and the parameter broadcast. Only
+//! `local` (in-process channels) exists so far; a QUIC or NCCL transport implements the same trait
+//! and the actors do not change.
+
+pub mod local;
+
+use crate::error::Result;
+use std::sync::Arc;
+
+/// A worker's index, `0..workers`.
+pub type WorkerId = usize;
+
+/// One expert's rows of one group: the unit a fused all-to-all carries. `data` is `[rows][d_model]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Segment {
+    /// The group the rows belong to.
+    pub group: usize,
+    /// The expert (within its layer).
+    pub expert: usize,
+    /// Number of rows.
+    pub rows: usize,
+    /// The rows, row-major.
+    pub data: Vec<f32>,
+}
+
+/// What a packet carries.
+#[derive(Clone, Debug)]
+pub enum Payload {
+    /// Expert inputs for every expert of MoE block `block` hosted by the receiver, from every group
+    /// of the sender (one message per peer: the fused all-to-all-v dispatch).
+    ExpertForward {
+        /// Training step.
+        step: u64,
+        /// MoE block.
+        block: usize,
+        /// The rows, in (group, expert) order.
+        segments: Vec<Segment>,
+    },
+    /// Gradients of expert outputs, the backward twin of [`Payload::ExpertForward`].
+    ExpertBackward {
+        /// Training step.
+        step: u64,
+        /// MoE block.
+        block: usize,
+        /// The rows, in (group, expert) order.
+        segments: Vec<Segment>,
+    },
+    /// One group's gradients of the dense tensors the receiver owns (`(tensor index, buffer)`).
+    DenseGrads {
+        /// Training step.
+        step: u64,
+        /// The group.
+        group: usize,
+        /// Tensor index (in `Gpt::tensors` order) and gradient.
+        tensors: Vec<(usize, Vec<f32>)>,
+    },
+    /// Committed values of dense tensors the sender owns, for the receiver's replica.
+    Params {
+        /// The step just committed.
+        step: u64,
+        /// Tensor index and values.
+        tensors: Vec<(usize, Arc<Vec<f32>>)>,
+    },
+    /// The answer to an expert request: the outputs (or input gradients) in the request's order.
+    Segments(Vec<Segment>),
+    /// The answer to a request that returns nothing.
+    Ack,
+    /// The request failed on the receiver.
+    Failed {
+        /// Whether a restart and replay repair it (an actor failed).
+        restartable: bool,
+        /// What went wrong, naming the actor.
+        detail: String,
+    },
+}
+
+impl Payload {
+    /// Bytes of tensor data carried (what the all-to-all metrics count).
+    pub fn data_bytes(&self) -> usize {
+        let floats = match self {
+            Payload::ExpertForward { segments, .. }
+            | Payload::ExpertBackward { segments, .. }
+            | Payload::Segments(segments) => segments.iter().map(|s| s.data.len()).sum(),
+            Payload::DenseGrads { tensors, .. } => tensors.iter().map(|(_, t)| t.len()).sum(),
+            Payload::Params { tensors, .. } => tensors.iter().map(|(_, t)| t.len()).sum(),
+            Payload::Ack | Payload::Failed { .. } => 0,
+        };
+        floats * std::mem::size_of::<f32>()
+    }
+
+    /// Whether this payload answers a request.
+    pub fn is_reply(&self) -> bool {
+        matches!(self, Payload::Segments(_) | Payload::Ack | Payload::Failed { .. })
+    }
+}
+
+/// A message between two workers. A reply carries the `id` of its request.
+#[derive(Clone, Debug)]
+pub struct Packet {
+    /// Sender.
+    pub from: WorkerId,
+    /// Receiver.
+    pub to: WorkerId,
+    /// Request id, chosen by the requester; a reply repeats it.
+    pub id: u64,
+    /// The content.
+    pub payload: Payload,
+}
+
+/// Moves packets between workers. Sending never blocks; delivery is in order per pair of workers.
+/// The receiving half is a channel of packets handed to the Communicator when it starts.
+pub trait Transport: Send + Sync + 'static {
+    /// This endpoint's worker.
+    fn id(&self) -> WorkerId;
+    /// Number of workers.
+    fn workers(&self) -> usize;
+    /// Queue `packet` for delivery to `packet.to`.
+    fn send(&self, packet: Packet) -> Result<()>;
+}
+
+/// The receiving half of a transport endpoint.
+pub type Inbox = tokio::sync::mpsc::UnboundedReceiver<Packet>;

@@ -1,0 +1,91 @@
+//! The actor runtime's contract: parameters after N steps are bitwise identical for any number of
+//! workers and any expert placement, and identical to the single-process training loop.
+
+use semoe::actors::{ExpertPlacement, Runtime};
+use semoe::model::gpt::Gpt;
+use semoe::train::config::TrainConfig;
+use semoe::train::trainer::Trainer;
+
+const STEPS: u64 = 20;
+
+fn small_config() -> TrainConfig {
+    let mut c = TrainConfig::default();
+    c.model.d_model = 32;
+    c.model.n_layer = 2;
+    c.model.n_head = 2;
+    c.model.block_size = 16;
+    c.model.d_ff = 64;
+    c.model.experts = 4;
+    c.model.k = 2;
+    c.train.batch = 8;
+    c.train.groups = 4;
+    c.train.steps = STEPS;
+    c.train.threads = 2;
+    c.train.eval_every = 0;
+    c.train.checkpoint_every = 0;
+    c.optimizer.warmup = 5;
+    c
+}
+
+/// Every tensor's bits, by name.
+fn bits(model: &Gpt<f32>) -> Vec<(String, Vec<u32>)> {
+    model
+        .tensors()
+        .into_iter()
+        .map(|(n, _, b)| (n, b.iter().map(|v| v.to_bits()).collect()))
+        .collect()
+}
+
+fn assert_same(want: &[(String, Vec<u32>)], got: &[(String, Vec<u32>)], what: &str) {
+    assert_eq!(want.len(), got.len());
+    for ((n, a), (_, b)) in want.iter().zip(got) {
+        let diff = a.iter().zip(b).position(|(x, y)| x != y);
+        assert!(diff.is_none(), "{what}: tensor {n} differs at element {diff:?}");
+    }
+}
+
+fn direct(config: &TrainConfig) -> Vec<(String, Vec<u32>)> {
+    let dir = std::env::temp_dir().join(format!("semoe-runtime-direct-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut trainer = Trainer::new(config.clone(), &dir).expect("trainer");
+    for _ in 0..STEPS {
+        trainer.step().expect("direct step");
+    }
+    let out = bits(trainer.model());
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+async fn runtime(config: &TrainConfig, workers: usize, placement: ExpertPlacement) -> Vec<(String, Vec<u32>)> {
+    let rt = Runtime::builder(config.clone())
+        .workers(workers)
+        .placement(placement)
+        .build()
+        .await
+        .expect("runtime");
+    for _ in 0..STEPS {
+        rt.step().await.expect("runtime step");
+    }
+    let model = rt.model().await.expect("gather");
+    rt.shutdown().await.expect("shutdown");
+    bits(&model)
+}
+
+#[test]
+fn same_bits_for_any_worker_count_and_placement() {
+    let config = small_config();
+    let want = direct(&config);
+    let tokio = tokio::runtime::Runtime::new().expect("tokio");
+    for workers in 1..=4 {
+        let got = tokio.block_on(runtime(&config, workers, ExpertPlacement::RoundRobin));
+        assert_same(&want, &got, &format!("{workers} workers, round-robin"));
+    }
+    for (workers, placement) in [
+        (2, ExpertPlacement::Blocked),
+        (3, ExpertPlacement::Explicit(vec![2, 2, 0, 1])),
+    ] {
+        let what = format!("{workers} workers, {placement:?}");
+        let got = tokio.block_on(runtime(&config, workers, placement));
+        assert_same(&want, &got, &what);
+    }
+}
