@@ -1,0 +1,152 @@
+//! Fault injection: failed Expert and Gate actors (errors and panics, in the forward and the
+//! backward pass) are restarted and their step replayed, ending with the same parameters as an
+//! undisturbed run; the restarts show in the metrics. A peer that never answers ends the run with a
+//! clear error within its deadline, and a worker past its restart limit reports itself lost.
+//!
+//! The first test installs the global metrics recorder of this binary; the other causes no restarts.
+
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use semoe::actors::{RestartPolicy, Runtime};
+use semoe::chaos::{FaultKind, FaultPlan, Moment, Target};
+use semoe::model::gpt::Gpt;
+use semoe::telemetry::metrics as names;
+use semoe::train::config::TrainConfig;
+use std::time::{Duration, Instant};
+
+const STEPS: u64 = 12;
+
+fn small_config() -> TrainConfig {
+    let mut c = TrainConfig::default();
+    c.model.d_model = 32;
+    c.model.n_layer = 2;
+    c.model.n_head = 2;
+    c.model.block_size = 16;
+    c.model.d_ff = 64;
+    c.model.experts = 4;
+    c.model.k = 2;
+    c.train.batch = 8;
+    c.train.groups = 4;
+    c.train.steps = STEPS;
+    c.train.threads = 2;
+    c.optimizer.warmup = 3;
+    c
+}
+
+fn checksum(model: &Gpt<f32>) -> Vec<u32> {
+    model.tensors().iter().flat_map(|(_, _, b)| b.iter().map(|v| v.to_bits())).collect()
+}
+
+/// Sum of a counter (over all label sets) since the last snapshot.
+fn counter(snap: &Snapshotter, name: &str) -> u64 {
+    snap.snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, _, _, _)| k.key().name() == name)
+        .map(|(_, _, _, v)| match v {
+            DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+        .sum()
+}
+
+async fn train(workers: usize, plan: FaultPlan) -> semoe::Result<(Vec<u32>, u32)> {
+    let rt = Runtime::builder(small_config())
+        .workers(workers)
+        .chaos(plan.clone())
+        .build()
+        .await?;
+    let mut replays = 0;
+    for _ in 0..STEPS {
+        replays += rt.step().await?.replays;
+    }
+    let model = rt.model().await?;
+    rt.shutdown().await?;
+    assert_eq!(plan.pending(), 0, "every planned fault fired");
+    Ok((checksum(&model), replays))
+}
+
+#[test]
+fn failed_actors_are_restarted_and_the_result_is_unchanged() {
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    recorder.install().expect("the only recorder of this test binary");
+    let tokio = tokio::runtime::Runtime::new().expect("tokio");
+
+    let (want, _) = tokio.block_on(train(2, FaultPlan::none())).expect("undisturbed run");
+    assert_eq!(counter(&snap, names::RESTARTS), 0);
+
+    let expert = |block, expert| Target::Expert { block, expert };
+    let gate = |worker, block| Target::Gate { worker, block };
+    let scenarios = [
+        ("expert error in the forward pass", expert(1, 2), 4, Moment::Forward, FaultKind::Error),
+        ("expert panic in the backward pass", expert(0, 1), 6, Moment::Backward, FaultKind::Panic),
+        ("gate error in the forward pass", gate(1, 0), 3, Moment::Forward, FaultKind::Error),
+        ("gate panic in the backward pass", gate(0, 1), 8, Moment::Backward, FaultKind::Panic),
+    ];
+    for (what, target, step, moment, kind) in scenarios {
+        let plan = FaultPlan::none().with(target, step, moment, kind);
+        let (got, replays) = tokio.block_on(train(2, plan)).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(replays, 1, "{what}: the interrupted step is replayed once");
+        assert!(got == want, "{what}: parameters differ from the undisturbed run");
+        assert_eq!(counter(&snap, names::RESTARTS), 1, "{what}: one restart in the metrics");
+        let _ = counter(&snap, names::REPLAYS);
+    }
+
+    // Two faults in one step, on one worker: both actors restart, the step replays until it passes.
+    let plan = FaultPlan::none()
+        .with(expert(0, 0), 2, Moment::Forward, FaultKind::Panic)
+        .with(gate(0, 1), 2, Moment::Backward, FaultKind::Error);
+    let (got, replays) = tokio.block_on(train(2, plan)).expect("two faults");
+    assert!(got == want, "two faults: parameters differ");
+    assert_eq!(replays, 2);
+    assert_eq!(counter(&snap, names::RESTARTS), 2);
+
+    // Past the restart limit the worker reports itself lost and the run stops with that error.
+    let plan = FaultPlan::none()
+        .with(expert(0, 0), 1, Moment::Forward, FaultKind::Error)
+        .with(expert(0, 0), 1, Moment::Backward, FaultKind::Error)
+        .with(expert(1, 0), 1, Moment::Forward, FaultKind::Error);
+    let err = tokio
+        .block_on(async {
+            let rt = Runtime::builder(small_config())
+                .workers(2)
+                .restart_policy(RestartPolicy {
+                    max_restarts: 1,
+                    window: Duration::from_secs(60),
+                })
+                .chaos(plan)
+                .build()
+                .await?;
+            for _ in 0..3 {
+                rt.step().await?;
+            }
+            rt.shutdown().await
+        })
+        .expect_err("the worker runs out of restarts");
+    assert!(err.to_string().contains("worker 0 lost"), "{err}");
+}
+
+#[test]
+fn a_silent_peer_is_an_error_within_its_deadline() {
+    let tokio = tokio::runtime::Runtime::new().expect("tokio");
+    let deadline = Duration::from_millis(400);
+    let started = Instant::now();
+    let err = tokio
+        .block_on(async {
+            let rt = Runtime::builder(small_config())
+                .workers(2)
+                .deadline(deadline)
+                .chaos(FaultPlan::none().with(Target::Silence { worker: 1 }, 2, Moment::Any, FaultKind::Error))
+                .build()
+                .await?;
+            for _ in 0..4 {
+                rt.step().await?;
+            }
+            rt.shutdown().await
+        })
+        .expect_err("worker 1 never answers from step 2 on");
+    let took = started.elapsed();
+    let text = err.to_string();
+    assert!(text.contains("worker 1") && text.contains("did not answer"), "{text}");
+    assert!(took < Duration::from_secs(10), "gave up after {took:?}, not within the deadline");
+}
