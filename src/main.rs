@@ -63,6 +63,16 @@ struct TrainArgs {
     /// Compute threads (0: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// In-process workers of the actor runtime (experts and groups spread over them); 0 runs the
+    /// plain loop without actors. Every count gives the same parameters, bit for bit.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Where experts live: round-robin, blocked, or a comma-separated worker per expert.
+    #[arg(long)]
+    placement: Option<String>,
+    /// Serve the runtime's metrics as Prometheus text on HOST:PORT (path /metrics).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
     /// Seed of initialisation and sampling.
     #[arg(long)]
     seed: Option<u64>,
@@ -258,6 +268,10 @@ fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
     set!(t.steps, a.steps);
     set!(t.time_limit_s, a.time_limit);
     set!(t.threads, a.threads);
+    set!(t.workers, a.workers);
+    if let Some(p) = &a.placement {
+        t.placement = p.clone();
+    }
     set!(t.seed, a.seed);
     set!(t.batch, a.batch);
     set!(t.groups, a.groups);
@@ -318,7 +332,11 @@ fn train(a: &TrainArgs) -> semoe::Result<()> {
     };
     let run_dir = a.run_dir.clone();
     let c = trainer.config().clone();
-    let model = trainer.model();
+    if let Some(addr) = &a.metrics_addr {
+        trainer.serve_metrics(addr)?;
+        eprintln!("metrics: http://{addr}/metrics");
+    }
+    let model = trainer.model()?;
     eprintln!(
         "semoe train: {} parameters ({} active per token), {} blocks ({} MoE, {} experts, top-{}), d_model {}, context {}",
         model.num_params(),
@@ -331,14 +349,22 @@ fn train(a: &TrainArgs) -> semoe::Result<()> {
         c.model.block_size
     );
     eprintln!(
-        "data: {} ({} training bytes, {} validation bytes); {} steps of {} sequences in {} groups; {} threads",
+        "data: {} ({} training bytes, {} validation bytes); {} steps of {} sequences in {} groups; {} threads; {}",
         trainer.corpus().source,
         trainer.corpus().train.len(),
         trainer.corpus().val.len(),
         c.train.steps,
         c.train.batch,
         c.train.groups,
-        c.train.threads
+        c.train.threads,
+        if c.train.workers == 0 {
+            "plain loop (no actors)".to_string()
+        } else {
+            format!(
+                "actor runtime with {} worker(s), {} experts",
+                c.train.workers, c.train.placement
+            )
+        }
     );
     let summary = trainer.run(!a.quiet)?;
     let dir = summary
@@ -367,7 +393,7 @@ fn train(a: &TrainArgs) -> semoe::Result<()> {
             max_tokens: a.sample_tokens,
             ..SampleOptions::default()
         };
-        stream_sample(trainer.model(), &unescape(&a.sample_prompt), &opts, 1)?;
+        stream_sample(trainer.model()?, &unescape(&a.sample_prompt), &opts, 1)?;
     }
     Ok(())
 }

@@ -44,14 +44,17 @@ fn assert_same(want: &[(String, Vec<u32>)], got: &[(String, Vec<u32>)], what: &s
     }
 }
 
-fn direct(config: &TrainConfig) -> Vec<(String, Vec<u32>)> {
-    let dir = std::env::temp_dir().join(format!("semoe-runtime-direct-{}", std::process::id()));
+/// The training loop, without actors (`workers = 0`) or on the runtime through the `Trainer`.
+fn trainer(config: &TrainConfig, workers: usize) -> Vec<(String, Vec<u32>)> {
+    let dir = std::env::temp_dir().join(format!("semoe-runtime-trainer-{workers}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut trainer = Trainer::new(config.clone(), &dir).expect("trainer");
+    let mut config = config.clone();
+    config.train.workers = workers;
+    let mut trainer = Trainer::new(config, &dir).expect("trainer");
     for _ in 0..STEPS {
-        trainer.step().expect("direct step");
+        trainer.step().expect("step");
     }
-    let out = bits(trainer.model());
+    let out = bits(trainer.model().expect("model"));
     let _ = std::fs::remove_dir_all(&dir);
     out
 }
@@ -74,7 +77,8 @@ async fn runtime(config: &TrainConfig, workers: usize, placement: ExpertPlacemen
 #[test]
 fn same_bits_for_any_worker_count_and_placement() {
     let config = small_config();
-    let want = direct(&config);
+    let want = trainer(&config, 0);
+    assert_same(&want, &trainer(&config, 2), "the Trainer on 2 workers");
     let tokio = tokio::runtime::Runtime::new().expect("tokio");
     for workers in 1..=4 {
         let got = tokio.block_on(runtime(&config, workers, ExpertPlacement::RoundRobin));

@@ -33,7 +33,11 @@ fn small_config() -> TrainConfig {
 }
 
 fn checksum(model: &Gpt<f32>) -> Vec<u32> {
-    model.tensors().iter().flat_map(|(_, _, b)| b.iter().map(|v| v.to_bits())).collect()
+    model
+        .tensors()
+        .iter()
+        .flat_map(|(_, _, b)| b.iter().map(|v| v.to_bits()))
+        .collect()
 }
 
 /// Sum of a counter (over all label sets) since the last snapshot.
@@ -78,10 +82,34 @@ fn failed_actors_are_restarted_and_the_result_is_unchanged() {
     let expert = |block, expert| Target::Expert { block, expert };
     let gate = |worker, block| Target::Gate { worker, block };
     let scenarios = [
-        ("expert error in the forward pass", expert(1, 2), 4, Moment::Forward, FaultKind::Error),
-        ("expert panic in the backward pass", expert(0, 1), 6, Moment::Backward, FaultKind::Panic),
-        ("gate error in the forward pass", gate(1, 0), 3, Moment::Forward, FaultKind::Error),
-        ("gate panic in the backward pass", gate(0, 1), 8, Moment::Backward, FaultKind::Panic),
+        (
+            "expert error in the forward pass",
+            expert(1, 2),
+            4,
+            Moment::Forward,
+            FaultKind::Error,
+        ),
+        (
+            "expert panic in the backward pass",
+            expert(0, 1),
+            6,
+            Moment::Backward,
+            FaultKind::Panic,
+        ),
+        (
+            "gate error in the forward pass",
+            gate(1, 0),
+            3,
+            Moment::Forward,
+            FaultKind::Error,
+        ),
+        (
+            "gate panic in the backward pass",
+            gate(0, 1),
+            8,
+            Moment::Backward,
+            FaultKind::Panic,
+        ),
     ];
     for (what, target, step, moment, kind) in scenarios {
         let plan = FaultPlan::none().with(target, step, moment, kind);
@@ -148,5 +176,8 @@ fn a_silent_peer_is_an_error_within_its_deadline() {
     let took = started.elapsed();
     let text = err.to_string();
     assert!(text.contains("worker 1") && text.contains("did not answer"), "{text}");
-    assert!(took < Duration::from_secs(10), "gave up after {took:?}, not within the deadline");
+    assert!(
+        took < Duration::from_secs(10),
+        "gave up after {took:?}, not within the deadline"
+    );
 }

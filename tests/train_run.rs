@@ -36,8 +36,9 @@ fn small(steps: u64) -> TrainConfig {
     c
 }
 
-fn params(t: &Trainer) -> Vec<u32> {
+fn params(t: &mut Trainer) -> Vec<u32> {
     t.model()
+        .expect("model")
         .tensors()
         .iter()
         .flat_map(|(_, _, b)| b.iter().map(|v| v.to_bits()))
@@ -76,7 +77,7 @@ fn same_seed_same_bits_for_one_and_two_threads() {
         for _ in 0..8 {
             t.step().expect("step");
         }
-        let p = params(&t);
+        let p = params(&mut t);
         let _ = std::fs::remove_dir_all(&dir);
         p
     };
@@ -106,7 +107,7 @@ fn resume_ends_bitwise_identical_to_an_uninterrupted_run() {
     let mut resumed = Trainer::resume(&dir, None).expect("resume");
     assert_eq!(resumed.steps_done(), 5);
     resumed.run(false).expect("run");
-    assert_eq!(params(&resumed), params(&straight));
+    assert_eq!(params(&mut resumed), params(&mut straight));
 
     // A fresh run refuses to overwrite it.
     let err = Trainer::new(small(12), &dir).err().expect("must refuse").to_string();

@@ -49,6 +49,13 @@ pub struct TrainSettings {
     pub data: Option<PathBuf>,
     /// Fraction of a user-given text held out for validation.
     pub val_fraction: f64,
+    /// In-process workers of the actor runtime (experts spread over them, groups run by them);
+    /// 0 runs the plain loop without actors (the reference the runtime reproduces bit for bit).
+    pub workers: usize,
+    /// Where experts live: "round-robin", "blocked", or a comma-separated worker per expert.
+    pub placement: String,
+    /// Deadline of every collective of the runtime, in seconds.
+    pub deadline_s: f64,
 }
 
 impl Default for TrainSettings {
@@ -66,6 +73,9 @@ impl Default for TrainSettings {
             time_limit_s: 0.0,
             data: None,
             val_fraction: 0.1,
+            workers: 1,
+            placement: "round-robin".into(),
+            deadline_s: 30.0,
         }
     }
 }
@@ -103,6 +113,16 @@ impl TrainConfig {
         }
         if !(t.time_limit_s.is_finite() && t.time_limit_s >= 0.0) {
             return Err(Error::config("train.time_limit_s must be a non-negative number"));
+        }
+        if t.workers > t.groups {
+            return Err(Error::config(format!(
+                "train.workers ({}) cannot exceed train.groups ({}): every worker runs at least one group",
+                t.workers, t.groups
+            )));
+        }
+        t.placement.parse::<crate::actors::ExpertPlacement>()?;
+        if !(t.deadline_s.is_finite() && t.deadline_s > 0.0) {
+            return Err(Error::config("train.deadline_s must be a positive number of seconds"));
         }
         if t.keep_checkpoints == 0 {
             return Err(Error::config("train.keep_checkpoints must be at least 1"));

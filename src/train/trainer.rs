@@ -11,14 +11,15 @@ use super::config::TrainConfig;
 use super::data::Corpus;
 use super::optimizer::{self, AdamW};
 use super::sampler;
+use crate::actors::{ExpertPlacement, Runtime};
 use crate::error::{Error, Result};
 use crate::kernels::{Backend, Cpu};
-use crate::model::gpt::Gpt;
+use crate::model::gpt::{Gpt, GroupOutput};
 use crate::storage::checkpoint::{self, NamedTensor};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What one optimizer step reports.
 #[derive(Clone, Debug)]
@@ -58,6 +59,14 @@ pub struct RunSummary {
     pub checkpoint: PathBuf,
 }
 
+/// The actor runtime a [`Trainer`] drives (with `train.workers > 0`), on its own tokio runtime.
+struct RuntimeEngine {
+    tokio: tokio::runtime::Runtime,
+    runtime: Runtime,
+    /// Whether `Trainer::model`/`optimizer` lag behind the runtime's committed state.
+    stale: bool,
+}
+
 /// A training run.
 pub struct Trainer {
     config: TrainConfig,
@@ -67,6 +76,7 @@ pub struct Trainer {
     cpu: Cpu,
     run_dir: PathBuf,
     group_grads: Vec<Gpt<f32>>,
+    engine: Option<RuntimeEngine>,
     /// Training seconds before this invocation (from the checkpoint), for the time axis of the log.
     prior_seconds: f64,
 }
@@ -136,9 +146,32 @@ impl Trainer {
         prior_seconds: f64,
     ) -> Result<Self> {
         let cpu = Cpu::new(config.train.threads)?;
-        let group_grads = (0..config.train.groups)
-            .map(|_| model.zeros_like())
-            .collect::<Result<Vec<_>>>()?;
+        let (group_grads, engine) = if config.train.workers == 0 {
+            let grads = (0..config.train.groups)
+                .map(|_| model.zeros_like())
+                .collect::<Result<Vec<_>>>()?;
+            (grads, None)
+        } else {
+            let tokio = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("semoe-async")
+                .enable_all()
+                .build()
+                .map_err(|e| Error::runtime(format!("cannot start the async runtime: {e}")))?;
+            let builder = Runtime::builder(config.clone())
+                .workers(config.train.workers)
+                .placement(config.train.placement.parse::<ExpertPlacement>()?)
+                .deadline(Duration::from_secs_f64(config.train.deadline_s))
+                .text(corpus.train.clone())
+                .state(model.clone(), optimizer.clone());
+            let runtime = tokio.block_on(builder.build())?;
+            let engine = RuntimeEngine {
+                tokio,
+                runtime,
+                stale: false,
+            };
+            (Vec::new(), Some(engine))
+        };
         Ok(Trainer {
             config,
             corpus,
@@ -147,13 +180,41 @@ impl Trainer {
             cpu,
             run_dir: run_dir.to_path_buf(),
             group_grads,
+            engine,
             prior_seconds,
         })
     }
 
-    /// The model being trained.
-    pub fn model(&self) -> &Gpt<f32> {
-        &self.model
+    /// Serve the runtime's metrics as Prometheus text on `addr` (`HOST:PORT`).
+    pub fn serve_metrics(&self, addr: &str) -> Result<()> {
+        match &self.engine {
+            Some(engine) => {
+                let _guard = engine.tokio.enter();
+                crate::telemetry::metrics::serve_prometheus(addr)
+            }
+            None => Err(Error::config(
+                "--metrics-addr needs the actor runtime (train.workers of 1 or more)",
+            )),
+        }
+    }
+
+    /// Bring `model` and `optimizer` up to the runtime's committed state (a no-op for the plain loop).
+    pub fn sync(&mut self) -> Result<()> {
+        if let Some(engine) = &mut self.engine {
+            if engine.stale {
+                let (model, optimizer) = engine.tokio.block_on(engine.runtime.state())?;
+                self.model = model;
+                self.optimizer = optimizer;
+                engine.stale = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// The model being trained, as of the last committed step.
+    pub fn model(&mut self) -> Result<&Gpt<f32>> {
+        self.sync()?;
+        Ok(&self.model)
     }
 
     /// The run's configuration.
@@ -174,6 +235,50 @@ impl Trainer {
     /// One optimizer step.
     pub fn step(&mut self) -> Result<StepReport> {
         let started = Instant::now();
+        let (outputs, lr, grad_norm) = match &mut self.engine {
+            Some(engine) => {
+                let outcome = engine.tokio.block_on(engine.runtime.step())?;
+                engine.stale = true;
+                self.optimizer.step = outcome.step;
+                (outcome.outputs, outcome.lr, outcome.grad_norm)
+            }
+            None => self.direct_step()?,
+        };
+        let c = &self.config;
+        let t = c.model.block_size;
+        let groups = c.train.groups;
+        let ce_loss = outputs.iter().map(|o| o.ce_sum).sum::<f64>() / (c.train.batch * t) as f64;
+        let moe_blocks = outputs[0].router_loss.len();
+        let aux_loss = (0..moe_blocks)
+            .map(|l| outputs.iter().map(|o| o.router_loss[l]).sum::<f64>())
+            .sum::<f64>()
+            / groups as f64;
+        let expert_tokens = (0..moe_blocks)
+            .map(|l| {
+                let e = c.model.experts;
+                (0..e)
+                    .map(|i| outputs.iter().map(|o| o.moe_stats[l].expert_tokens[i]).sum())
+                    .collect()
+            })
+            .collect();
+        let dropped = (0..moe_blocks)
+            .map(|l| outputs.iter().map(|o| o.moe_stats[l].dropped).sum())
+            .collect();
+        Ok(StepReport {
+            step: self.optimizer.step,
+            ce_loss,
+            aux_loss,
+            lr,
+            grad_norm,
+            expert_tokens,
+            dropped,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// One step of the plain loop: groups side by side on the compute pool, gradients summed in
+    /// group order, AdamW. Returns the group outputs, the learning rate and the gradient norm.
+    fn direct_step(&mut self) -> Result<(Vec<GroupOutput>, f64, f64)> {
         let c = &self.config;
         let (t, groups) = (c.model.block_size, c.train.groups);
         let seqs = c.train.batch / groups;
@@ -219,37 +324,12 @@ impl Trainer {
         self.cpu
             .install(|| optimizer.apply(&mut params, &mut total, lr, grad_norm))?;
 
-        let ce_loss = outputs.iter().map(|o| o.ce_sum).sum::<f64>() / (c.train.batch * t) as f64;
-        let moe_blocks = outputs[0].router_loss.len();
-        let aux_loss = (0..moe_blocks)
-            .map(|l| outputs.iter().map(|o| o.router_loss[l]).sum::<f64>())
-            .sum::<f64>()
-            / groups as f64;
-        let expert_tokens = (0..moe_blocks)
-            .map(|l| {
-                let e = c.model.experts;
-                (0..e)
-                    .map(|i| outputs.iter().map(|o| o.moe_stats[l].expert_tokens[i]).sum())
-                    .collect()
-            })
-            .collect();
-        let dropped = (0..moe_blocks)
-            .map(|l| outputs.iter().map(|o| o.moe_stats[l].dropped).sum())
-            .collect();
-        Ok(StepReport {
-            step: self.optimizer.step,
-            ce_loss,
-            aux_loss,
-            lr,
-            grad_norm,
-            expert_tokens,
-            dropped,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+        Ok((outputs, lr, grad_norm))
     }
 
     /// Mean cross-entropy (nats per byte) over the evaluation windows of the validation text.
-    pub fn evaluate(&self) -> Result<f64> {
+    pub fn evaluate(&mut self) -> Result<f64> {
+        self.sync()?;
         let c = &self.config;
         let t = c.model.block_size;
         let starts = sampler::eval_starts(self.corpus.val.len(), t, c.train.eval_windows);
@@ -276,7 +356,8 @@ impl Trainer {
     }
 
     /// Write a checkpoint of the current state.
-    pub fn save_checkpoint(&self, training_seconds: f64) -> Result<PathBuf> {
+    pub fn save_checkpoint(&mut self, training_seconds: f64) -> Result<PathBuf> {
+        self.sync()?;
         let tensors = self.model.tensors();
         let model: Vec<NamedTensor> = tensors
             .iter()
