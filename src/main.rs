@@ -161,6 +161,31 @@ enum BenchCommand {
     MoeLayer(MoeLayerArgs),
     /// Square f32 matrix product rate and the FMA peak.
     Matmul(MatmulArgs),
+    /// Training tokens/s of the main job's model: the plain loop against the actor runtime with
+    /// 1, 2, ... workers, alternating round by round.
+    Runtime(RuntimeArgs),
+}
+
+#[derive(Args)]
+struct RuntimeArgs {
+    /// Compute threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Worker counts to compare (0 = the plain loop without actors).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    workers: Vec<usize>,
+    /// Untimed steps first (per engine).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed steps per engine and round.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Rounds (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -467,6 +492,28 @@ fn run(cli: Cli) -> semoe::Result<()> {
                     r.threads,
                     r.peak_gflops
                 );
+            }
+        }
+        Command::Bench(BenchCommand::Runtime(a)) => {
+            let mut config = semoe::train::TrainConfig::default();
+            config.train.threads = a.threads;
+            config.validate()?;
+            let r = bench::runtime_bench(&config, &a.workers, a.warmup, a.steps, a.rounds)?;
+            if a.json {
+                print_json(&r)?;
+            } else {
+                let base = r.tokens_per_s.first().copied().unwrap_or(f64::NAN);
+                for (w, tps) in r.workers.iter().zip(&r.tokens_per_s) {
+                    let name = if *w == 0 {
+                        "plain loop".to_string()
+                    } else {
+                        format!("runtime, {w} worker(s)")
+                    };
+                    println!(
+                        "{name:>22}: {tps:>8.0} tokens/s ({:.1}% of the first)",
+                        100.0 * tps / base
+                    );
+                }
             }
         }
         Command::Bench(BenchCommand::Matmul(a)) => {

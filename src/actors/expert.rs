@@ -217,15 +217,18 @@ impl Actor for ExpertActor {
             }
             ExpertMsg::Prepare { step, reply } => {
                 state.enter(step);
-                let totals = total_in_group_order(&state.args, &mut state.grads);
-                let sums = [
-                    sum_squares(&totals[0]),
-                    sum_squares(&totals[1]),
-                    sum_squares(&totals[2]),
-                    sum_squares(&totals[3]),
-                ];
-                state.totals = Some(totals);
-                let _ = reply.send(Ok(sums));
+                let (args, grads) = (state.args.clone(), std::mem::take(&mut state.grads));
+                let r = offload(&state.args.cpu, move |_| {
+                    let totals = total_in_group_order(&args, grads);
+                    let sums = [0, 1, 2, 3].map(|k| sum_squares(&totals[k]));
+                    Ok((totals, sums))
+                })
+                .await
+                .map(|(totals, sums)| {
+                    state.totals = Some(totals);
+                    sums
+                });
+                let _ = reply.send(r);
             }
             ExpertMsg::Commit { step, lr, norm, reply } => {
                 let r = match (state.step == step, state.totals.take()) {
@@ -316,7 +319,7 @@ async fn backward(
 
 /// The step's gradient: group 0's, then every later group's added in group order. A group that sent
 /// no rows contributes zeros, added all the same, so that the bits equal a single-process run's.
-fn total_in_group_order(args: &ExpertArgs, grads: &mut HashMap<usize, [Vec<f32>; 4]>) -> [Vec<f32>; 4] {
+fn total_in_group_order(args: &ExpertArgs, mut grads: HashMap<usize, [Vec<f32>; 4]>) -> [Vec<f32>; 4] {
     let (d, f) = (args.config.d_model, args.config.d_ff);
     let zeros = || [vec![0.0; d * f], vec![0.0; f], vec![0.0; f * d], vec![0.0; d]];
     let mut total = grads.remove(&0).unwrap_or_else(zeros);

@@ -149,7 +149,9 @@ impl Actor for GateActor {
             GateMsg::Backward { step, groups, reply } => {
                 inject(&state.args.chaos, &target, step, Moment::Backward, &name)?;
                 let r = if state.step == step {
-                    backward(state, step, groups).await
+                    let r = backward(state, step, groups).await;
+                    state.replica = None; // let the commit update the replica in place
+                    r
                 } else {
                     Err(Error::runtime(format!(
                         "{name}: backward of step {step} without its forward"

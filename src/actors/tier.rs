@@ -185,7 +185,14 @@ impl Actor for TierActor {
             }
             TierMsg::Prepare { step, reply } => {
                 state.enter(step);
-                let r = prepare(state, step);
+                let owned: Vec<usize> = lock_store(&state.args.store).dense.iter().map(|(i, _)| *i).collect();
+                let (incoming, groups, name) = (std::mem::take(&mut state.incoming), state.args.groups, name.clone());
+                let r = offload(&state.args.cpu, move |_| prepare(owned, incoming, groups, &name, step))
+                    .await
+                    .map(|(totals, sums)| {
+                        state.totals = Some(totals);
+                        sums
+                    });
                 let _ = reply.send(r);
             }
             TierMsg::Commit { step, lr, norm, reply } => {
@@ -238,20 +245,25 @@ impl Actor for TierActor {
 }
 
 /// Sum every owned tensor's gradients in group order (group 0 first, then each later group added),
-/// exactly as a single process sums its group buffers.
-fn prepare(state: &mut TierState, step: u64) -> Result<Vec<(usize, f64)>> {
-    let owned: Vec<usize> = lock_store(&state.args.store).dense.iter().map(|(i, _)| *i).collect();
+/// exactly as a single process sums its group buffers. Answers the totals and their sums of squares.
+#[allow(clippy::type_complexity)]
+fn prepare(
+    owned: Vec<usize>,
+    mut incoming: HashMap<usize, Vec<Option<Vec<f32>>>>,
+    groups: usize,
+    name: &ActorName,
+    step: u64,
+) -> Result<(Vec<Vec<f32>>, Vec<(usize, f64)>)> {
     let mut totals = Vec::with_capacity(owned.len());
     let mut sums = Vec::with_capacity(owned.len());
     for i in owned {
-        let per_group = state.incoming.remove(&i).unwrap_or_default();
-        let missing: Vec<usize> = (0..state.args.groups)
+        let per_group = incoming.remove(&i).unwrap_or_default();
+        let missing: Vec<usize> = (0..groups)
             .filter(|&g| per_group.get(g).is_none_or(|b| b.is_none()))
             .collect();
         if !missing.is_empty() {
             return Err(Error::runtime(format!(
-                "{}: step {step} is missing the gradient of tensor {i} from groups {missing:?}",
-                state.args.name()
+                "{name}: step {step} is missing the gradient of tensor {i} from groups {missing:?}"
             )));
         }
         let mut it = per_group.into_iter().flatten();
@@ -262,6 +274,5 @@ fn prepare(state: &mut TierState, step: u64) -> Result<Vec<(usize, f64)>> {
         sums.push((i, sum_squares(&total)));
         totals.push(total);
     }
-    state.totals = Some(totals);
-    Ok(sums)
+    Ok((totals, sums))
 }

@@ -429,9 +429,7 @@ fn comm(state: &WorkerState) -> Result<ActorRef<CommMsg>> {
 /// The model's dense tensors as zeros: the gradient buffers of one group (expert tensors empty,
 /// their gradients stay with the experts).
 pub fn dense_zeros(model: &Gpt<f32>) -> Result<Gpt<f32>> {
-    let mut g = model.zeros_like()?;
-    strip_experts(&mut g);
-    Ok(g)
+    Gpt::dense_zeros(model.config())
 }
 
 /// Empty the expert tensors of `model` (keeping the gate weights, which are dense).
@@ -632,6 +630,30 @@ fn expert_tensor_indices(names: &[String], block: usize) -> Result<[usize; 4]> {
     Ok([find("w1")?, find("b1")?, find("w2")?, find("b2")?])
 }
 
+/// Ask every hosted expert at once; answer `(expert id, answer)` in expert order.
+async fn for_each_expert<R, F, Fut>(
+    experts: Vec<((usize, usize), ActorRef<ExpertMsg>)>,
+    ask_one: F,
+) -> Result<Vec<((usize, usize), R)>>
+where
+    R: Send + 'static,
+    F: Fn((usize, usize), ActorRef<ExpertMsg>) -> Fut,
+    Fut: std::future::Future<Output = Result<R>> + Send + 'static,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    for (id, actor) in experts {
+        let fut = ask_one(id, actor);
+        tasks.spawn(async move { (id, fut.await) });
+    }
+    let mut out = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (id, r) = joined.map_err(|e| Error::runtime(format!("an expert call panicked: {e}")))?;
+        out.push((id, r?));
+    }
+    out.sort_by_key(|(id, _)| *id);
+    Ok(out)
+}
+
 async fn prepare(state: &mut WorkerState, step: u64) -> Result<Vec<NormPart>> {
     let deadline = state.args.deadline;
     let t = tier(state)?;
@@ -658,13 +680,17 @@ async fn prepare(state: &mut WorkerState, step: u64) -> Result<Vec<NormPart>> {
         let replica = state.args.replica.lock().unwrap_or_else(PoisonError::into_inner);
         replica.tensors().into_iter().map(|(n, _, _)| n).collect()
     };
-    for ((block, e), actor) in experts {
-        let who = ActorName(format!("expert {block}.{e} on worker {}", state.args.worker));
-        let sums = ask(&actor, &who, "prepare", deadline, |reply| ExpertMsg::Prepare {
+    let worker = state.args.worker;
+    let answers = for_each_expert(experts, move |(block, e), actor| async move {
+        let who = ActorName(format!("expert {block}.{e} on worker {worker}"));
+        ask(&actor, &who, "prepare", deadline, |reply| ExpertMsg::Prepare {
             step,
             reply,
         })
-        .await?;
+        .await
+    })
+    .await?;
+    for ((block, e), sums) in answers {
         let idx = expert_tensor_indices(&names, block)?;
         parts.extend(idx.iter().zip(sums).map(|(&i, s)| ((i, e), s)));
     }
@@ -690,16 +716,18 @@ async fn commit(state: &mut WorkerState, step: u64, lr: f64, norm: f64) -> Resul
         .iter()
         .map(|(k, v)| (*k, v.clone()))
         .collect();
-    for ((block, e), actor) in experts {
-        let who = ActorName(format!("expert {block}.{e} on worker {}", a.worker));
-        ask(&actor, &who, "commit", a.deadline, |reply| ExpertMsg::Commit {
+    let (worker, deadline) = (a.worker, a.deadline);
+    for_each_expert(experts, move |(block, e), actor| async move {
+        let who = ActorName(format!("expert {block}.{e} on worker {worker}"));
+        ask(&actor, &who, "commit", deadline, |reply| ExpertMsg::Commit {
             step,
             lr,
             norm,
             reply,
         })
-        .await?;
-    }
+        .await
+    })
+    .await?;
     // Broadcast the new values of the owned dense tensors to every replica (this one included).
     let requests: Vec<(usize, Payload)> = (0..a.placement.workers)
         .map(|w| {

@@ -336,6 +336,32 @@ impl<T: Scalar> Gpt<T> {
         })
     }
 
+    /// Zeros for every dense tensor, with the expert tensors of MoE blocks left empty (the gate
+    /// weights are dense and kept): the per-group gradient buffers of the actor runtime, whose
+    /// expert gradients stay with the experts.
+    pub fn dense_zeros(config: &GptConfig) -> Result<Self> {
+        let mut model = Gpt::zeros(&GptConfig {
+            moe_every: 0,
+            dense_d_ff: config.dense_width(),
+            ..config.clone()
+        })?;
+        model.config = config.clone();
+        let (d, e) = (config.d_model, config.experts);
+        for (l, b) in model.blocks.iter_mut().enumerate() {
+            if config.is_moe(l) {
+                let params = MoeParams {
+                    wg: vec![T::ZERO; d * e],
+                    w1: Vec::new(),
+                    b1: Vec::new(),
+                    w2: Vec::new(),
+                    b2: Vec::new(),
+                };
+                b.ffn = Ffn::Moe(MoeLayer::new_partial(config.moe_config(), params));
+            }
+        }
+        Ok(model)
+    }
+
     /// Zeros with this model's shapes.
     pub fn zeros_like(&self) -> Result<Self> {
         Gpt::zeros(&self.config)

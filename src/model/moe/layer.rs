@@ -75,6 +75,12 @@ impl<T: Scalar> MoeLayer<T> {
         Ok(MoeLayer { config, params })
     }
 
+    /// A layer whose parameter buffers are not checked against the config: the actor runtime's
+    /// replicas and gradient buffers hold the gate weights only (experts live with their owners).
+    pub(crate) fn new_partial(config: MoeConfig, params: MoeParams<T>) -> Self {
+        MoeLayer { config, params }
+    }
+
     /// The layer's configuration.
     pub fn config(&self) -> &MoeConfig {
         &self.config
