@@ -1,8 +1,41 @@
 //! semoe: an elastic Mixture-of-Experts training and inference runtime.
 //!
 //! The crate is organised as DESIGN.md describes: [`kernels`] (compute backends), [`model`] (layers
-//! with hand-written forward and backward passes), and [`bench`] (the measurements behind
-//! `semoe bench`).
+//! with hand-written forward and backward passes), [`train`] (data, sampler, optimizer, the training
+//! loop), [`actors`] (the supervised actor runtime: coordinator, workers, gates, experts, tiers,
+//! communicators), [`net`] (transports), [`chaos`] (fault injection), [`storage`] (checkpoints),
+//! [`telemetry`] (metrics and reports), [`infer`] (generation) and [`bench`] (the measurements
+//! behind `semoe bench`).
+//!
+//! # Embedding the runtime
+//!
+//! Build a runtime from code, train, read the state, checkpoint, shut down (inside any tokio
+//! runtime; `examples/embed.rs` is the same as a complete program):
+//!
+//! ```no_run
+//! use semoe::actors::{ExpertPlacement, Runtime};
+//! use semoe::train::TrainConfig;
+//!
+//! # async fn run() -> semoe::Result<()> {
+//! let mut config = TrainConfig::default();
+//! config.model.d_model = 64;
+//! config.train.steps = 100;
+//! let runtime = Runtime::builder(config)
+//!     .workers(2)
+//!     .placement(ExpertPlacement::RoundRobin)
+//!     .text("To be, or not to be, that is the question.\n".repeat(100))
+//!     .build()
+//!     .await?;
+//! for _ in 0..100 {
+//!     let step = runtime.step().await?;
+//!     println!("step {}: gradient norm {:.3}", step.step, step.grad_norm);
+//! }
+//! let checkpoint = runtime.save_checkpoint(std::path::Path::new("runs/embedded")).await?;
+//! println!("saved {}", checkpoint.display());
+//! runtime.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
 #![warn(missing_docs)]
 
 pub mod actors;

@@ -216,6 +216,11 @@ async fn serve(args: CommArgs, packet: Packet) -> Result<()> {
         | Payload::Params { step, .. } => *step,
         _ => 0,
     };
+    let kind = match &packet.payload {
+        Payload::ExpertForward { .. } => "combine",
+        Payload::ExpertBackward { .. } => "grad_combine",
+        _ => "",
+    };
     if args.chaos.silent(args.worker, step) {
         return Ok(()); // injected fault: a peer that never answers
     }
@@ -226,12 +231,10 @@ async fn serve(args: CommArgs, packet: Packet) -> Result<()> {
             detail: e.to_string(),
         },
     };
-    let kind = match &answer {
-        Payload::Segments(_) => "combine",
-        _ => "ack",
-    };
-    metrics::counter!(names::ALLTOALL_BYTES, "from" => args.worker.to_string(), "to" => packet.from.to_string(), "kind" => kind)
-        .increment(answer.data_bytes() as u64);
+    if !kind.is_empty() {
+        metrics::counter!(names::ALLTOALL_BYTES, "from" => args.worker.to_string(), "to" => packet.from.to_string(), "kind" => kind)
+            .increment(answer.data_bytes() as u64);
+    }
     args.transport.send(Packet {
         from: args.worker,
         to: packet.from,

@@ -15,7 +15,7 @@ use crate::net::{local, Transport};
 use crate::train::config::TrainConfig;
 use crate::train::data::Corpus;
 use crate::train::optimizer::AdamW;
-use crate::train::trainer::new_optimizer;
+use crate::train::trainer::{new_optimizer, write_checkpoint};
 use ractor::{Actor, ActorRef};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -317,6 +317,13 @@ impl Runtime {
     /// The committed model.
     pub async fn model(&self) -> Result<Gpt<f32>> {
         Ok(self.state().await?.0)
+    }
+
+    /// Gather the committed state and write it as a checkpoint under `run_dir/checkpoints/` (the
+    /// format of `semoe train`: `semoe generate --checkpoint` and `Trainer::resume` read it).
+    pub async fn save_checkpoint(&self, run_dir: &std::path::Path) -> Result<std::path::PathBuf> {
+        let (model, optimizer) = self.state().await?;
+        write_checkpoint(run_dir, &self.config, &model, &optimizer, 0.0)
     }
 
     /// Stop every actor and wait for them.

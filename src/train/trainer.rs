@@ -358,34 +358,13 @@ impl Trainer {
     /// Write a checkpoint of the current state.
     pub fn save_checkpoint(&mut self, training_seconds: f64) -> Result<PathBuf> {
         self.sync()?;
-        let tensors = self.model.tensors();
-        let model: Vec<NamedTensor> = tensors
-            .iter()
-            .map(|(n, s, b)| NamedTensor::new(n.as_str(), s.clone(), b.as_slice()))
-            .collect();
-        let names_m: Vec<String> = tensors.iter().map(|(n, _, _)| format!("m.{n}")).collect();
-        let names_v: Vec<String> = tensors.iter().map(|(n, _, _)| format!("v.{n}")).collect();
-        let mut opt = Vec::new();
-        for (i, (_, s, _)) in tensors.iter().enumerate() {
-            opt.push(NamedTensor::new(
-                names_m[i].as_str(),
-                s.clone(),
-                self.optimizer.m[i].as_slice(),
-            ));
-            opt.push(NamedTensor::new(
-                names_v[i].as_str(),
-                s.clone(),
-                self.optimizer.v[i].as_slice(),
-            ));
-        }
-        let extra = json!({
-            "config": self.config,
-            "data_position": { "sampler": "pure function of (seed, step, group)", "next_step": self.optimizer.step },
-            "rng": { "seed": self.config.train.seed },
-            "optimizer_step": self.optimizer.step,
-            "training_seconds": training_seconds,
-        });
-        let dir = checkpoint::save(&self.run_dir, self.optimizer.step, &model, &opt, &extra)?;
+        let dir = write_checkpoint(
+            &self.run_dir,
+            &self.config,
+            &self.model,
+            &self.optimizer,
+            training_seconds,
+        )?;
         checkpoint::prune(&self.run_dir, self.config.train.keep_checkpoints)?;
         Ok(dir)
     }
@@ -500,6 +479,52 @@ impl Trainer {
             checkpoint: last_checkpoint,
         })
     }
+}
+
+/// Write a checkpoint of a training state into `run_dir/checkpoints/` (the model, both Adam moments
+/// as `m.<name>`/`v.<name>`, and a manifest with the config and the data position): what
+/// [`Trainer::resume`], [`load_model`] and `tools/reference/eval_checkpoint.py` read.
+pub fn write_checkpoint(
+    run_dir: &Path,
+    config: &TrainConfig,
+    model: &Gpt<f32>,
+    optimizer: &AdamW,
+    training_seconds: f64,
+) -> Result<PathBuf> {
+    let tensors = model.tensors();
+    if optimizer.m.len() != tensors.len() {
+        return Err(Error::shape(
+            "checkpoint",
+            "the optimizer state does not match the model",
+        ));
+    }
+    let named: Vec<NamedTensor> = tensors
+        .iter()
+        .map(|(n, s, b)| NamedTensor::new(n.as_str(), s.clone(), b.as_slice()))
+        .collect();
+    let names_m: Vec<String> = tensors.iter().map(|(n, _, _)| format!("m.{n}")).collect();
+    let names_v: Vec<String> = tensors.iter().map(|(n, _, _)| format!("v.{n}")).collect();
+    let mut opt = Vec::new();
+    for (i, (_, s, _)) in tensors.iter().enumerate() {
+        opt.push(NamedTensor::new(
+            names_m[i].as_str(),
+            s.clone(),
+            optimizer.m[i].as_slice(),
+        ));
+        opt.push(NamedTensor::new(
+            names_v[i].as_str(),
+            s.clone(),
+            optimizer.v[i].as_slice(),
+        ));
+    }
+    let extra = json!({
+        "config": config,
+        "data_position": { "sampler": "pure function of (seed, step, group)", "next_step": optimizer.step },
+        "rng": { "seed": config.train.seed },
+        "optimizer_step": optimizer.step,
+        "training_seconds": training_seconds,
+    });
+    checkpoint::save(run_dir, optimizer.step, &named, &opt, &extra)
 }
 
 /// Load a model and optimizer state from a checkpoint directory written by [`Trainer`].
