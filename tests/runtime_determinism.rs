@@ -59,9 +59,15 @@ fn trainer(config: &TrainConfig, workers: usize) -> Vec<(String, Vec<u32>)> {
     out
 }
 
-async fn runtime(config: &TrainConfig, workers: usize, placement: ExpertPlacement) -> Vec<(String, Vec<u32>)> {
+async fn runtime(
+    config: &TrainConfig,
+    workers: usize,
+    placement: ExpertPlacement,
+    lanes: usize,
+) -> Vec<(String, Vec<u32>)> {
     let rt = Runtime::builder(config.clone())
         .workers(workers)
+        .lanes(lanes)
         .placement(placement)
         .build()
         .await
@@ -81,15 +87,17 @@ fn same_bits_for_any_worker_count_and_placement() {
     assert_same(&want, &trainer(&config, 2), "the Trainer on 2 workers");
     let tokio = tokio::runtime::Runtime::new().expect("tokio");
     for workers in 1..=4 {
-        let got = tokio.block_on(runtime(&config, workers, ExpertPlacement::RoundRobin));
-        assert_same(&want, &got, &format!("{workers} workers, round-robin"));
+        for lanes in [1, 2] {
+            let got = tokio.block_on(runtime(&config, workers, ExpertPlacement::RoundRobin, lanes));
+            assert_same(&want, &got, &format!("{workers} workers, round-robin, {lanes} lanes"));
+        }
     }
     for (workers, placement) in [
         (2, ExpertPlacement::Blocked),
         (3, ExpertPlacement::Explicit(vec![2, 2, 0, 1])),
     ] {
         let what = format!("{workers} workers, {placement:?}");
-        let got = tokio.block_on(runtime(&config, workers, placement));
+        let got = tokio.block_on(runtime(&config, workers, placement, 2));
         assert_same(&want, &got, &what);
     }
 }

@@ -3,7 +3,7 @@
 //! undisturbed run; the restarts show in the metrics. A peer that never answers ends the run with a
 //! clear error within its deadline, and a worker past its restart limit reports itself lost.
 //!
-//! The first test installs the global metrics recorder of this binary; the other causes no restarts.
+//! One test, the scenarios in sequence: it installs the global metrics recorder and reads it.
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use semoe::actors::{RestartPolicy, Runtime};
@@ -69,6 +69,44 @@ async fn train(workers: usize, plan: FaultPlan) -> semoe::Result<(Vec<u32>, u32)
     Ok((checksum(&model), replays))
 }
 
+/// What an undisturbed run of `STEPS` steps on 2 workers records.
+fn check_instrumentation(snap: &Snapshotter) {
+    let c = small_config();
+    let mut committed = None;
+    let (mut kept, mut dropped, mut dispatch_0_to_1, mut restarts) = (0u64, 0u64, 0u64, 0u64);
+    let mut step_samples = 0;
+    for (key, _, _, value) in snap.snapshot().into_vec() {
+        let name = key.key().name().to_string();
+        let label = |k: &str| key.key().labels().find(|l| l.key() == k).map(|l| l.value().to_string());
+        match (name.as_str(), value) {
+            (names::COMMITTED_STEP, DebugValue::Gauge(v)) => committed = Some(v.into_inner()),
+            (names::EXPERT_TOKENS, DebugValue::Counter(n)) => kept += n,
+            (names::EXPERT_DROPPED, DebugValue::Counter(n)) => dropped += n,
+            (names::RESTARTS, DebugValue::Counter(n)) => restarts += n,
+            (names::STEP_SECONDS, DebugValue::Histogram(h)) => step_samples += h.len(),
+            (names::ALLTOALL_BYTES, DebugValue::Counter(n)) => {
+                if label("from").as_deref() == Some("0")
+                    && label("to").as_deref() == Some("1")
+                    && label("kind").as_deref() == Some("dispatch")
+                {
+                    dispatch_0_to_1 += n;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(committed, Some(STEPS as f64), "committed step gauge");
+    assert_eq!(step_samples, STEPS as usize, "one step-time sample per step");
+    let assignments = STEPS as usize * c.train.batch * c.model.block_size * c.model.k * c.model.n_layer;
+    assert_eq!(
+        (kept + dropped) as usize,
+        assignments,
+        "every assignment is either kept or dropped"
+    );
+    assert!(dispatch_0_to_1 > 0, "worker 0 sent expert rows to worker 1");
+    assert_eq!(restarts, 0, "no restarts in an undisturbed run");
+}
+
 #[test]
 fn failed_actors_are_restarted_and_the_result_is_unchanged() {
     let recorder = DebuggingRecorder::new();
@@ -77,7 +115,7 @@ fn failed_actors_are_restarted_and_the_result_is_unchanged() {
     let tokio = tokio::runtime::Runtime::new().expect("tokio");
 
     let (want, _) = tokio.block_on(train(2, FaultPlan::none())).expect("undisturbed run");
-    assert_eq!(counter(&snap, names::RESTARTS), 0);
+    check_instrumentation(&snap);
 
     let expert = |block, expert| Target::Expert { block, expert };
     let gate = |worker, block| Target::Gate { worker, block };
@@ -152,9 +190,11 @@ fn failed_actors_are_restarted_and_the_result_is_unchanged() {
         })
         .expect_err("the worker runs out of restarts");
     assert!(err.to_string().contains("worker 0 lost"), "{err}");
+
+    a_silent_peer_is_an_error_within_its_deadline();
 }
 
-#[test]
+/// A peer that never answers ends the run with an error naming it, within the deadline.
 fn a_silent_peer_is_an_error_within_its_deadline() {
     let tokio = tokio::runtime::Runtime::new().expect("tokio");
     let deadline = Duration::from_millis(400);

@@ -140,8 +140,10 @@ impl Actor for GateActor {
                 reply,
             } => {
                 inject(&state.args.chaos, &target, step, Moment::Forward, &name)?;
-                state.step = step;
-                state.cache.clear();
+                if state.step != step {
+                    state.step = step;
+                    state.cache.clear();
+                }
                 state.replica = Some(replica.clone());
                 let r = forward(state, step, replica, groups).await;
                 let _ = reply.send(r);
@@ -150,7 +152,9 @@ impl Actor for GateActor {
                 inject(&state.args.chaos, &target, step, Moment::Backward, &name)?;
                 let r = if state.step == step {
                     let r = backward(state, step, groups).await;
-                    state.replica = None; // let the commit update the replica in place
+                    if state.cache.is_empty() {
+                        state.replica = None; // every lane is through: let the commit update the replica in place
+                    }
                     r
                 } else {
                     Err(Error::runtime(format!(

@@ -49,12 +49,22 @@ pub struct RuntimeBuilder {
     deadline: Duration,
     step_deadline: Duration,
     max_replays: u32,
+    lanes: usize,
     chaos: FaultPlan,
     text: Option<Arc<Vec<u8>>>,
     state: Option<(Gpt<f32>, AdamW)>,
 }
 
 impl RuntimeBuilder {
+    /// Lanes per worker (default 2): a worker's groups are split into this many lanes, each going
+    /// through the MoE blocks in lockstep, so that one lane computes while another waits for its
+    /// experts. 1 sends exactly one message per peer, MoE block and direction for all of a worker's
+    /// groups. The parameters do not depend on it.
+    pub fn lanes(mut self, lanes: usize) -> Self {
+        self.lanes = lanes;
+        self
+    }
+
     /// Number of in-process workers (default 1).
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = workers;
@@ -115,6 +125,9 @@ impl RuntimeBuilder {
                 self.workers, config.train.groups
             )));
         }
+        if self.lanes == 0 {
+            return Err(Error::config("a worker needs at least one lane"));
+        }
         if self.deadline.is_zero() {
             return Err(Error::config("the collective deadline must be positive"));
         }
@@ -172,6 +185,7 @@ impl RuntimeBuilder {
                 cpu: cpu.clone(),
                 restart: self.restart,
                 deadline: self.deadline,
+                lanes: self.lanes,
                 chaos: self.chaos.clone(),
             })
             .collect();
@@ -279,6 +293,7 @@ impl Runtime {
             deadline: Duration::from_secs(30),
             step_deadline: Duration::from_secs(300),
             max_replays: 8,
+            lanes: 2,
             chaos: FaultPlan::none(),
             text: None,
             state: None,

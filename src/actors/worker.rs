@@ -96,6 +96,10 @@ pub struct WorkerArgs {
     pub restart: RestartPolicy,
     /// Deadline of every collective.
     pub deadline: Duration,
+    /// The worker's groups run in this many lanes, each in lockstep through the MoE blocks, so that
+    /// one lane's dense compute overlaps another's expert exchange (1: one fused message per peer,
+    /// MoE block and direction for all of the worker's groups).
+    pub lanes: usize,
     /// Faults to inject.
     pub chaos: FaultPlan,
 }
@@ -470,7 +474,7 @@ async fn run_step(state: &mut WorkerState, step: u64) -> Result<Vec<(usize, Grou
     let seed = c.train.seed;
 
     let (text, rep, gs) = (a.text.clone(), replica.clone(), groups.clone());
-    let mut passes: Vec<Pass> = offload(&a.cpu, move |_| {
+    let passes: Vec<Pass> = offload(&a.cpu, move |_| {
         gs.iter()
             .map(|&g| {
                 let starts = sampler::window_starts(seed, step, g as u64, seqs, text.len(), t);
@@ -482,6 +486,91 @@ async fn run_step(state: &mut WorkerState, step: u64) -> Result<Vec<(usize, Grou
     })
     .await?;
 
+    // The groups run in lanes, each lane in lockstep through the MoE blocks: while one lane waits
+    // for its experts, the other computes its dense layers.
+    let lanes = a.lanes.min(groups.len()).max(1);
+    let mut lane_groups: Vec<Vec<usize>> = vec![Vec::new(); lanes];
+    let mut lane_passes: Vec<Vec<Pass>> = (0..lanes).map(|_| Vec::new()).collect();
+    for (i, (g, p)) in groups.iter().zip(passes).enumerate() {
+        lane_groups[i % lanes].push(*g);
+        lane_passes[i % lanes].push(p);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (lane, (gs, ps)) in lane_groups.into_iter().zip(lane_passes).enumerate() {
+        let (a, gates, replica) = (a.clone(), state.gates.clone(), replica.clone());
+        tasks.spawn(async move { (lane, gs.clone(), run_lane(a, gates, step, replica, gs, ps).await) });
+    }
+    let mut done: Vec<(usize, Pass)> = Vec::with_capacity(groups.len());
+    let mut first_err = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, gs, Ok(ps))) => done.extend(gs.into_iter().zip(ps)),
+            Ok((_, _, Err(e))) => {
+                if first_err
+                    .as_ref()
+                    .is_none_or(|p: &Error| p.is_restartable() && !e.is_restartable())
+                {
+                    first_err = Some(e);
+                }
+            }
+            Err(e) => first_err = Some(Error::runtime(format!("a lane of worker {} panicked: {e}", a.worker))),
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    done.sort_by_key(|(g, _)| *g);
+    let passes: Vec<Pass> = done.into_iter().map(|(_, p)| p).collect();
+
+    // Every pass is done: collect outputs, send each group's dense gradients to their owners.
+    let mut outputs = Vec::with_capacity(passes.len());
+    let mut requests = Vec::new();
+    for (&g, pass) in groups.iter().zip(passes) {
+        let (out, grads) = pass.finish()?;
+        outputs.push((g, out));
+        let mut grads = grads.ok_or_else(|| Error::runtime("a training pass without gradients"))?;
+        let mut bufs = grads.buffers_mut();
+        for w in 0..a.placement.workers {
+            let tensors: Vec<(usize, Vec<f32>)> = a
+                .placement
+                .tensors_of(w)
+                .into_iter()
+                .map(|i| (i, std::mem::take(&mut *bufs[i])))
+                .collect();
+            if !tensors.is_empty() {
+                requests.push((
+                    w,
+                    Payload::DenseGrads {
+                        step,
+                        group: g,
+                        tensors,
+                    },
+                ));
+            }
+        }
+    }
+    let what = format!("the gradient reduction of step {step}");
+    let comm = comm(state)?;
+    let who = ActorName(format!("communicator of worker {}", a.worker));
+    ask(&comm, &who, &what, a.deadline * 2, |reply| CommMsg::Exchange {
+        what: what.clone(),
+        kind: "dense_grads",
+        requests,
+        reply,
+    })
+    .await?;
+    Ok(outputs)
+}
+
+/// Drive the passes of one lane through every MoE block to the end.
+async fn run_lane(
+    a: WorkerArgs,
+    gates: BTreeMap<usize, ActorRef<GateMsg>>,
+    step: u64,
+    replica: Arc<Gpt<f32>>,
+    groups: Vec<usize>,
+    mut passes: Vec<Pass>,
+) -> Result<Vec<Pass>> {
     let mut pending = Pending::None;
     loop {
         let (ps, needs) = offload(&a.cpu, move |cpu| {
@@ -526,8 +615,7 @@ async fn run_step(state: &mut WorkerState, step: u64) -> Result<Vec<(usize, Grou
             Some(Need::MoeForward { block, .. }) | Some(Need::MoeBackward { block, .. }) => *block,
             _ => break,
         };
-        let gate = state
-            .gates
+        let gate = gates
             .get(&block)
             .cloned()
             .ok_or_else(|| Error::runtime(format!("worker {} has no gate for block {block}", a.worker)))?;
@@ -566,44 +654,7 @@ async fn run_step(state: &mut WorkerState, step: u64) -> Result<Vec<(usize, Grou
         }
     }
 
-    // Every pass is done: collect outputs, send each group's dense gradients to their owners.
-    let mut outputs = Vec::with_capacity(passes.len());
-    let mut requests = Vec::new();
-    for (&g, pass) in groups.iter().zip(passes) {
-        let (out, grads) = pass.finish()?;
-        outputs.push((g, out));
-        let mut grads = grads.ok_or_else(|| Error::runtime("a training pass without gradients"))?;
-        let mut bufs = grads.buffers_mut();
-        for w in 0..a.placement.workers {
-            let tensors: Vec<(usize, Vec<f32>)> = a
-                .placement
-                .tensors_of(w)
-                .into_iter()
-                .map(|i| (i, std::mem::take(&mut *bufs[i])))
-                .collect();
-            if !tensors.is_empty() {
-                requests.push((
-                    w,
-                    Payload::DenseGrads {
-                        step,
-                        group: g,
-                        tensors,
-                    },
-                ));
-            }
-        }
-    }
-    let what = format!("the gradient reduction of step {step}");
-    let comm = comm(state)?;
-    let who = ActorName(format!("communicator of worker {}", a.worker));
-    ask(&comm, &who, &what, a.deadline * 2, |reply| CommMsg::Exchange {
-        what: what.clone(),
-        kind: "dense_grads",
-        requests,
-        reply,
-    })
-    .await?;
-    Ok(outputs)
+    Ok(passes)
 }
 
 fn in_group_order<R>(groups: &[usize], results: Vec<(usize, R)>) -> Result<Vec<R>> {
