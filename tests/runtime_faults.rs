@@ -84,13 +84,12 @@ fn check_instrumentation(snap: &Snapshotter) {
             (names::EXPERT_DROPPED, DebugValue::Counter(n)) => dropped += n,
             (names::RESTARTS, DebugValue::Counter(n)) => restarts += n,
             (names::STEP_SECONDS, DebugValue::Histogram(h)) => step_samples += h.len(),
-            (names::ALLTOALL_BYTES, DebugValue::Counter(n)) => {
+            (names::ALLTOALL_BYTES, DebugValue::Counter(n))
                 if label("from").as_deref() == Some("0")
                     && label("to").as_deref() == Some("1")
-                    && label("kind").as_deref() == Some("dispatch")
-                {
-                    dispatch_0_to_1 += n;
-                }
+                    && label("kind").as_deref() == Some("dispatch") =>
+            {
+                dispatch_0_to_1 += n
             }
             _ => {}
         }
