@@ -21,7 +21,7 @@ use crate::model::pass::MoeResult;
 use crate::net::{Payload, Segment};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// `(group, output of the MoE block)`.
@@ -90,18 +90,27 @@ impl GateArgs {
 }
 
 struct GroupCache {
+    replica: Arc<Gpt<f32>>,
     x: Vec<f32>,
     dispatch: Dispatch<f32>,
     ye: Vec<f32>,
     gw: Vec<f32>,
 }
 
+/// Per-group forward state between a group's forward and backward. Shared with the tasks that run
+/// the exchanges, so that several lanes' requests are in flight at once; a restarted Gate starts
+/// with a new one.
+type SharedCache = Arc<Mutex<BTreeMap<usize, GroupCache>>>;
+
 /// The Gate actor's state.
 pub struct GateState {
     args: GateArgs,
     step: u64,
-    replica: Option<Arc<Gpt<f32>>>,
-    cache: BTreeMap<usize, GroupCache>,
+    cache: SharedCache,
+}
+
+fn lock(cache: &SharedCache) -> std::sync::MutexGuard<'_, BTreeMap<usize, GroupCache>> {
+    cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The Gate actor.
@@ -116,8 +125,7 @@ impl Actor for GateActor {
         Ok(GateState {
             args,
             step: u64::MAX,
-            replica: None,
-            cache: BTreeMap::new(),
+            cache: Arc::new(Mutex::new(BTreeMap::new())),
         })
     }
 
@@ -142,31 +150,30 @@ impl Actor for GateActor {
                 inject(&state.args.chaos, &target, step, Moment::Forward, &name)?;
                 if state.step != step {
                     state.step = step;
-                    state.cache.clear();
+                    lock(&state.cache).clear();
                 }
-                state.replica = Some(replica.clone());
-                let r = forward(state, step, replica, groups).await;
-                let _ = reply.send(r);
+                // The exchange runs in its own task: the Gate takes the next lane's request meanwhile.
+                let (args, cache) = (state.args.clone(), state.cache.clone());
+                tokio::spawn(async move {
+                    let r = forward(args, cache, step, replica, groups).await;
+                    let _ = reply.send(r);
+                });
             }
             GateMsg::Backward { step, groups, reply } => {
                 inject(&state.args.chaos, &target, step, Moment::Backward, &name)?;
-                let r = if state.step == step {
-                    let r = backward(state, step, groups).await;
-                    if state.cache.is_empty() {
-                        state.replica = None; // every lane is through: let the commit update the replica in place
-                    }
-                    r
+                if state.step == step {
+                    let (args, cache) = (state.args.clone(), state.cache.clone());
+                    tokio::spawn(async move {
+                        let r = backward(args, cache, step, groups).await;
+                        let _ = reply.send(r);
+                    });
                 } else {
-                    Err(Error::runtime(format!(
+                    let _ = reply.send(Err(Error::runtime(format!(
                         "{name}: backward of step {step} without its forward"
-                    )))
-                };
-                let _ = reply.send(r);
+                    ))));
+                }
             }
-            GateMsg::Abort => {
-                state.cache.clear();
-                state.replica = None;
-            }
+            GateMsg::Abort => lock(&state.cache).clear(),
         }
         Ok(())
     }
@@ -289,16 +296,17 @@ async fn exchange(
 }
 
 async fn forward(
-    state: &mut GateState,
+    args: GateArgs,
+    cache: SharedCache,
     step: u64,
     replica: Arc<Gpt<f32>>,
     groups: Vec<(usize, Vec<f32>)>,
 ) -> Result<GateOutputs> {
-    let args = state.args.clone();
     let (c, block) = (args.config.clone(), args.block);
     // Route every group side by side.
+    let rep = replica.clone();
     let routed = offload(&args.cpu, move |cpu| {
-        let wg = gate_weights(&replica, block)?;
+        let wg = gate_weights(&rep, block)?;
         let mut work: Vec<(usize, Vec<f32>, Option<Dispatch<f32>>)> =
             groups.into_iter().map(|(g, x)| (g, x, None)).collect();
         cpu.par_for_each(work.iter_mut().collect(), |b, (_, x, out)| {
@@ -349,9 +357,10 @@ async fn forward(
                 stats: dispatch.stats(),
             },
         ));
-        state.cache.insert(
+        lock(&cache).insert(
             g,
             GroupCache {
+                replica: replica.clone(),
                 x,
                 dispatch,
                 ye,
@@ -362,13 +371,16 @@ async fn forward(
     Ok(answer)
 }
 
-async fn backward(state: &mut GateState, step: u64, groups: Vec<(usize, Vec<f32>)>) -> Result<GateGrads> {
-    let args = state.args.clone();
+async fn backward(
+    args: GateArgs,
+    shared: SharedCache,
+    step: u64,
+    groups: Vec<(usize, Vec<f32>)>,
+) -> Result<GateGrads> {
     let c = args.config.clone();
     let mut work = Vec::with_capacity(groups.len());
     for (g, dy) in groups {
-        let cache = state
-            .cache
+        let cache = lock(&shared)
             .remove(&g)
             .ok_or_else(|| Error::runtime(format!("{}: backward of group {g} without its forward", args.name())))?;
         work.push((g, cache, dy, Vec::new()));
@@ -400,10 +412,10 @@ async fn backward(state: &mut GateState, step: u64, groups: Vec<(usize, Vec<f32>
     }
 
     // Dispatch and gate backward.
-    let replica = state
-        .replica
-        .clone()
-        .ok_or_else(|| Error::runtime(format!("{}: backward without a replica", args.name())))?;
+    let replica = work
+        .first()
+        .map(|(_, cache, _, _)| cache.replica.clone())
+        .ok_or_else(|| Error::runtime(format!("{}: backward without groups", args.name())))?;
     let (c, block, groups) = (args.config.clone(), args.block, args.groups);
     offload(&args.cpu, move |cpu| {
         let wg = gate_weights(&replica, block)?;

@@ -56,7 +56,7 @@ pub struct RuntimeBuilder {
 }
 
 impl RuntimeBuilder {
-    /// Lanes per worker (default 2): a worker's groups are split into this many lanes, each going
+    /// Lanes per worker (default 4, at most one per group): a worker's groups are split into this many lanes, each going
     /// through the MoE blocks in lockstep, so that one lane computes while another waits for its
     /// experts. 1 sends exactly one message per peer, MoE block and direction for all of a worker's
     /// groups. The parameters do not depend on it.
@@ -293,7 +293,7 @@ impl Runtime {
             deadline: Duration::from_secs(30),
             step_deadline: Duration::from_secs(300),
             max_replays: 8,
-            lanes: 2,
+            lanes: 4,
             chaos: FaultPlan::none(),
             text: None,
             state: None,
