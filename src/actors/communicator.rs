@@ -11,6 +11,7 @@ use super::{ask, ActorName};
 use crate::chaos::FaultPlan;
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
+use crate::net::StepId;
 use crate::net::{Packet, Payload, Segment, Transport, WorkerId};
 use crate::telemetry::metrics as names;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -214,14 +215,14 @@ async fn serve(args: CommArgs, packet: Packet) -> Result<()> {
         | Payload::ExpertBackward { step, .. }
         | Payload::DenseGrads { step, .. }
         | Payload::Params { step, .. } => *step,
-        _ => 0,
+        _ => StepId::NONE,
     };
     let kind = match &packet.payload {
         Payload::ExpertForward { .. } => "combine",
         Payload::ExpertBackward { .. } => "grad_combine",
         _ => "",
     };
-    if args.chaos.silent(args.worker, step) {
+    if args.chaos.silent(args.worker, step.step) {
         return Ok(()); // injected fault: a peer that never answers
     }
     let answer = match answer(&args, packet.payload).await {
@@ -297,7 +298,7 @@ fn read_registry(r: &SharedRegistry) -> std::sync::RwLockReadGuard<'_, Registry>
 /// Hand each expert its rows (all experts at once) and put the answers back in request order.
 async fn run_experts(
     args: &CommArgs,
-    step: u64,
+    step: StepId,
     block: usize,
     segments: Vec<Segment>,
     forward: bool,

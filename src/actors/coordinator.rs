@@ -11,6 +11,7 @@ use super::worker::{NormPart, WorkerActor, WorkerArgs, WorkerMsg};
 use super::{ask, ActorName};
 use crate::error::{Error, Result};
 use crate::model::gpt::GroupOutput;
+use crate::net::StepId;
 use crate::telemetry::metrics as names;
 use crate::train::optimizer::{norm_from_parts, OptimizerConfig};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -212,7 +213,11 @@ async fn step(state: &mut CoordState) -> Result<StepOutcome> {
     let n = state.step;
     let mut replays = 0u32;
     loop {
-        match attempt(state, n).await {
+        let id = StepId {
+            step: n,
+            attempt: replays,
+        };
+        match attempt(state, id).await {
             Ok((outputs, grad_norm, lr)) => {
                 state.step += 1;
                 let seconds = started.elapsed().as_secs_f64();
@@ -237,7 +242,7 @@ async fn step(state: &mut CoordState) -> Result<StepOutcome> {
                     &state.workers,
                     &format!("the abort of step {n}"),
                     deadline,
-                    move |reply| WorkerMsg::Abort { step: n, reply },
+                    move |reply| WorkerMsg::Abort { step: id, reply },
                 )
                 .await?;
                 if !e.is_restartable() || replays >= state.args.max_replays {
@@ -263,10 +268,11 @@ fn record_load(outputs: &[GroupOutput]) {
     }
 }
 
-async fn attempt(state: &mut CoordState, n: u64) -> Result<(Vec<GroupOutput>, f64, f64)> {
+async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>, f64, f64)> {
     let a = &state.args;
+    let n = id.step;
     let ran = all(&state.workers, &format!("step {n}"), a.step_deadline, move |reply| {
-        WorkerMsg::RunStep { step: n, reply }
+        WorkerMsg::RunStep { step: id, reply }
     })
     .await?;
     let mut outputs: Vec<(usize, GroupOutput)> = ran.into_iter().flatten().collect();
@@ -277,7 +283,7 @@ async fn attempt(state: &mut CoordState, n: u64) -> Result<(Vec<GroupOutput>, f6
         &state.workers,
         &format!("the prepare of step {n}"),
         a.deadline,
-        move |reply| WorkerMsg::Prepare { step: n, reply },
+        move |reply| WorkerMsg::Prepare { step: id, reply },
     )
     .await?;
     let mut parts: Vec<NormPart> = parts.into_iter().flatten().collect();
@@ -295,7 +301,7 @@ async fn attempt(state: &mut CoordState, n: u64) -> Result<(Vec<GroupOutput>, f6
         &format!("the commit of step {n}"),
         a.deadline * 4,
         move |reply| WorkerMsg::Commit {
-            step: n,
+            step: id,
             lr,
             norm: grad_norm,
             reply,

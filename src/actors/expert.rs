@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::kernels::{Backend, Cpu};
 use crate::model::moe::stages::{self, ExpertGrads, ExpertWeights};
 use crate::model::moe::MoeConfig;
+use crate::net::StepId;
 use crate::train::optimizer::{sum_squares, AdamW};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashMap;
@@ -49,7 +50,7 @@ pub enum ExpertMsg {
     /// Forward over each group's rows; answers the outputs in the same order.
     Forward {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// `(group, rows)`.
         items: GroupRows,
         /// `(group, outputs)`.
@@ -58,7 +59,7 @@ pub enum ExpertMsg {
     /// Backward given each group's output gradients; answers the input gradients.
     Backward {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// `(group, output gradients)`.
         items: GroupRows,
         /// `(group, input gradients)`.
@@ -67,14 +68,14 @@ pub enum ExpertMsg {
     /// Sum the group gradients in group order; answer the sums of squares of `[w1, b1, w2, b2]`.
     Prepare {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// Sums of squares.
         reply: RpcReplyPort<Result<[f64; 4]>>,
     },
     /// Apply AdamW with the step's learning rate and global gradient norm.
     Commit {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// Learning rate.
         lr: f64,
         /// Global gradient norm.
@@ -126,18 +127,24 @@ struct FwdCache {
 /// The Expert actor's state.
 pub struct ExpertState {
     args: ExpertArgs,
-    step: u64,
+    step: StepId,
     cache: HashMap<usize, FwdCache>,
     grads: HashMap<usize, [Vec<f32>; 4]>,
     totals: Option<[Vec<f32>; 4]>,
 }
 
 impl ExpertState {
-    fn enter(&mut self, step: u64) {
+    /// Adopt `step` if it is newer than the current one (dropping the older step's state); whether
+    /// the message is current (false: a leftover of an attempt that was rolled back).
+    fn enter(&mut self, step: StepId) -> bool {
+        if step < self.step {
+            return false;
+        }
         if step != self.step {
             self.clear();
             self.step = step;
         }
+        true
     }
 
     fn clear(&mut self) {
@@ -158,7 +165,7 @@ impl Actor for ExpertActor {
     async fn pre_start(&self, _: ActorRef<ExpertMsg>, args: ExpertArgs) -> Result<ExpertState, ActorProcessingErr> {
         Ok(ExpertState {
             args,
-            step: u64::MAX,
+            step: StepId::NONE,
             cache: HashMap::new(),
             grads: HashMap::new(),
             totals: None,
@@ -179,7 +186,10 @@ impl Actor for ExpertActor {
         match msg {
             ExpertMsg::Forward { step, items, reply } => {
                 inject(&state.args.chaos, &target, step, Moment::Forward, &name)?;
-                state.enter(step);
+                if !state.enter(step) {
+                    let _ = reply.send(Err(stale(&name, step)));
+                    return Ok(());
+                }
                 let r = forward(&state.args, items).await.map(|outs| {
                     let mut answer = Vec::with_capacity(outs.len());
                     for (group, cache, ye) in outs {
@@ -192,7 +202,10 @@ impl Actor for ExpertActor {
             }
             ExpertMsg::Backward { step, items, reply } => {
                 inject(&state.args.chaos, &target, step, Moment::Backward, &name)?;
-                state.enter(step);
+                if !state.enter(step) {
+                    let _ = reply.send(Err(stale(&name, step)));
+                    return Ok(());
+                }
                 let mut work = Vec::with_capacity(items.len());
                 for (group, gye) in items {
                     match state.cache.remove(&group) {
@@ -216,7 +229,10 @@ impl Actor for ExpertActor {
                 let _ = reply.send(r);
             }
             ExpertMsg::Prepare { step, reply } => {
-                state.enter(step);
+                if !state.enter(step) {
+                    let _ = reply.send(Err(stale(&name, step)));
+                    return Ok(());
+                }
                 let (args, grads) = (state.args.clone(), std::mem::take(&mut state.grads));
                 let r = offload(&state.args.cpu, move |_| {
                     let totals = total_in_group_order(&args, grads);
@@ -334,4 +350,9 @@ fn total_in_group_order(args: &ExpertArgs, mut grads: HashMap<usize, [Vec<f32>; 
         }
     }
     total
+}
+
+/// The answer to a message of an attempt that was rolled back.
+fn stale(name: &ActorName, step: StepId) -> Error {
+    Error::runtime(format!("{name}: a message of step {step}, which was rolled back"))
 }

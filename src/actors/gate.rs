@@ -18,6 +18,7 @@ use crate::model::gpt::{Ffn, Gpt};
 use crate::model::moe::stages::{self, Dispatch};
 use crate::model::moe::MoeConfig;
 use crate::model::pass::MoeResult;
+use crate::net::StepId;
 use crate::net::{Payload, Segment};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::{BTreeMap, HashMap};
@@ -38,7 +39,7 @@ pub enum GateMsg {
     /// The MoE block's forward for each `(group, LN2 output)`.
     Forward {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// The parameters of this step.
         replica: Arc<Gpt<f32>>,
         /// `(group, input)`.
@@ -49,7 +50,7 @@ pub enum GateMsg {
     /// The MoE block's backward for each `(group, dL/dy)`.
     Backward {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// `(group, output gradient)`.
         groups: Vec<(usize, Vec<f32>)>,
         /// Input and gate-weight gradients.
@@ -105,7 +106,7 @@ type SharedCache = Arc<Mutex<BTreeMap<usize, GroupCache>>>;
 /// The Gate actor's state.
 pub struct GateState {
     args: GateArgs,
-    step: u64,
+    step: StepId,
     cache: SharedCache,
 }
 
@@ -124,7 +125,7 @@ impl Actor for GateActor {
     async fn pre_start(&self, _: ActorRef<GateMsg>, args: GateArgs) -> Result<GateState, ActorProcessingErr> {
         Ok(GateState {
             args,
-            step: u64::MAX,
+            step: StepId::NONE,
             cache: Arc::new(Mutex::new(BTreeMap::new())),
         })
     }
@@ -148,6 +149,12 @@ impl Actor for GateActor {
                 reply,
             } => {
                 inject(&state.args.chaos, &target, step, Moment::Forward, &name)?;
+                if step < state.step {
+                    let _ = reply.send(Err(Error::runtime(format!(
+                        "{name}: a forward of step {step}, which was rolled back"
+                    ))));
+                    return Ok(());
+                }
                 if state.step != step {
                     state.step = step;
                     lock(&state.cache).clear();
@@ -189,7 +196,7 @@ fn gate_weights(replica: &Gpt<f32>, block: usize) -> Result<&[f32]> {
 /// Split each group's expert rows into one request per host (group order, then expert order).
 fn requests(
     args: &GateArgs,
-    step: u64,
+    step: StepId,
     per_group: &[(usize, &Dispatch<f32>, &[f32])],
     forward: bool,
 ) -> Vec<(usize, Payload)> {
@@ -236,7 +243,7 @@ fn requests(
 /// group's canonical buffer (`[kept rows][d_model]`).
 async fn exchange(
     args: &GateArgs,
-    step: u64,
+    step: StepId,
     requests: Vec<(usize, Payload)>,
     kind: &'static str,
     layouts: &HashMap<usize, Vec<usize>>,
@@ -298,7 +305,7 @@ async fn exchange(
 async fn forward(
     args: GateArgs,
     cache: SharedCache,
-    step: u64,
+    step: StepId,
     replica: Arc<Gpt<f32>>,
     groups: Vec<(usize, Vec<f32>)>,
 ) -> Result<GateOutputs> {
@@ -374,7 +381,7 @@ async fn forward(
 async fn backward(
     args: GateArgs,
     shared: SharedCache,
-    step: u64,
+    step: StepId,
     groups: Vec<(usize, Vec<f32>)>,
 ) -> Result<GateGrads> {
     let c = args.config.clone();

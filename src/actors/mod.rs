@@ -73,11 +73,11 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 pub(crate) fn inject(
     plan: &FaultPlan,
     target: &Target,
-    step: u64,
+    step: crate::net::StepId,
     moment: Moment,
     name: &ActorName,
 ) -> Result<(), ActorProcessingErr> {
-    match plan.fire(target, step, moment) {
+    match plan.fire(target, step.step, moment) {
         None => Ok(()),
         Some(FaultKind::Error) => Err(format!("injected error in {name} at step {step}").into()),
         Some(FaultKind::Panic) => panic!("injected panic in {name} at step {step}"),

@@ -12,6 +12,7 @@ use super::{inject, offload, ActorName};
 use crate::chaos::{FaultPlan, Moment, Target};
 use crate::error::{Error, Result};
 use crate::kernels::Cpu;
+use crate::net::StepId;
 use crate::train::optimizer::{sum_squares, AdamW};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::{BTreeMap, HashMap};
@@ -57,7 +58,7 @@ pub enum TierMsg {
     /// One group's gradients of owned dense tensors.
     Grads {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// The group.
         group: usize,
         /// `(tensor index, gradient)`.
@@ -68,14 +69,14 @@ pub enum TierMsg {
     /// Sum every owned tensor's group gradients in group order; answer `(tensor, sum of squares)`.
     Prepare {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// Sums of squares.
         reply: RpcReplyPort<Result<Vec<(usize, f64)>>>,
     },
     /// Apply AdamW; answer the new values of the owned tensors.
     Commit {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// Learning rate.
         lr: f64,
         /// Global gradient norm.
@@ -117,19 +118,25 @@ impl TierArgs {
 /// The Tier actor's state.
 pub struct TierState {
     args: TierArgs,
-    step: u64,
+    step: StepId,
     /// Per owned tensor, per group: the gradient received.
     incoming: HashMap<usize, Vec<Option<Vec<f32>>>>,
     totals: Option<Vec<Vec<f32>>>,
 }
 
 impl TierState {
-    fn enter(&mut self, step: u64) {
+    /// Adopt `step` if it is newer than the current one (dropping the older step's state); whether
+    /// the message is current (false: a leftover of an attempt that was rolled back).
+    fn enter(&mut self, step: StepId) -> bool {
+        if step < self.step {
+            return false;
+        }
         if step != self.step {
             self.incoming.clear();
             self.totals = None;
             self.step = step;
         }
+        true
     }
 }
 
@@ -144,7 +151,7 @@ impl Actor for TierActor {
     async fn pre_start(&self, _: ActorRef<TierMsg>, args: TierArgs) -> Result<TierState, ActorProcessingErr> {
         Ok(TierState {
             args,
-            step: u64::MAX,
+            step: StepId::NONE,
             incoming: HashMap::new(),
             totals: None,
         })
@@ -168,7 +175,10 @@ impl Actor for TierActor {
                     worker: state.args.worker,
                 };
                 inject(&state.args.chaos, &target, step, Moment::Any, &name)?;
-                state.enter(step);
+                if !state.enter(step) {
+                    let _ = reply.send(Err(stale(&name, step)));
+                    return Ok(());
+                }
                 let groups = state.args.groups;
                 let owned: Vec<usize> = lock_store(&state.args.store).dense.iter().map(|(i, _)| *i).collect();
                 let mut r = Ok(());
@@ -184,7 +194,10 @@ impl Actor for TierActor {
                 let _ = reply.send(r);
             }
             TierMsg::Prepare { step, reply } => {
-                state.enter(step);
+                if !state.enter(step) {
+                    let _ = reply.send(Err(stale(&name, step)));
+                    return Ok(());
+                }
                 let owned: Vec<usize> = lock_store(&state.args.store).dense.iter().map(|(i, _)| *i).collect();
                 let (incoming, groups, name) = (std::mem::take(&mut state.incoming), state.args.groups, name.clone());
                 let r = offload(&state.args.cpu, move |_| prepare(owned, incoming, groups, &name, step))
@@ -252,7 +265,7 @@ fn prepare(
     mut incoming: HashMap<usize, Vec<Option<Vec<f32>>>>,
     groups: usize,
     name: &ActorName,
-    step: u64,
+    step: StepId,
 ) -> Result<(Vec<Vec<f32>>, Vec<(usize, f64)>)> {
     let mut totals = Vec::with_capacity(owned.len());
     let mut sums = Vec::with_capacity(owned.len());
@@ -275,4 +288,9 @@ fn prepare(
         totals.push(total);
     }
     Ok((totals, sums))
+}
+
+/// The answer to a message of an attempt that was rolled back.
+fn stale(name: &ActorName, step: StepId) -> Error {
+    Error::runtime(format!("{name}: a message of step {step}, which was rolled back"))
 }

@@ -19,6 +19,7 @@ use crate::kernels::{Backend, Cpu};
 use crate::model::gpt::{Ffn, Gpt, GroupOutput};
 use crate::model::moe::MoeConfig;
 use crate::model::pass::{GroupPass, MoeResult, Need};
+use crate::net::StepId;
 use crate::net::{Inbox, Payload, Transport};
 use crate::telemetry::metrics as names;
 use crate::train::config::TrainConfig;
@@ -36,21 +37,21 @@ pub enum WorkerMsg {
     /// Phase 1a: forward and backward of the worker's groups; deliver dense gradients to owners.
     RunStep {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// Each group's losses and statistics.
         reply: RpcReplyPort<Result<Vec<(usize, GroupOutput)>>>,
     },
     /// Phase 1b: total the step's gradients of everything this worker owns; answer the norm parts.
     Prepare {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// Norm parts.
         reply: RpcReplyPort<Result<Vec<NormPart>>>,
     },
     /// Phase 2: apply the update and broadcast the new dense values.
     Commit {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// Learning rate.
         lr: f64,
         /// Global gradient norm.
@@ -61,7 +62,7 @@ pub enum WorkerMsg {
     /// Roll back the step in flight (and make sure every child is running again).
     Abort {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// Done, or the worker is lost.
         reply: RpcReplyPort<Result<()>>,
     },
@@ -129,7 +130,10 @@ pub struct WorkerState {
     args: WorkerArgs,
     registry: SharedRegistry,
     gates: BTreeMap<usize, ActorRef<GateMsg>>,
-    children: HashMap<ActorId, Child>,
+    children: HashMap<ActorId, (Child, ActorCell)>,
+    /// Whether a child was restarted since the step in flight started (its share of the step is
+    /// lost: the step must be replayed).
+    restarted: bool,
     restarts: VecDeque<Instant>,
     lost: Option<String>,
     pump: Option<tokio::task::JoinHandle<()>>,
@@ -224,15 +228,16 @@ impl WorkerState {
                 r.get_cell()
             }
         };
-        self.children.insert(cell.get_id(), child);
+        self.children.insert(cell.get_id(), (child, cell));
         Ok(())
     }
 
     /// A child stopped: restart it unless the restart budget is spent (then the worker is lost).
     async fn child_failed(&mut self, myself: &ActorRef<WorkerMsg>, id: ActorId, why: String) {
-        let Some(child) = self.children.remove(&id) else {
+        let Some((child, _)) = self.children.remove(&id) else {
             return; // an actor this worker already replaced
         };
+        self.restarted = true;
         metrics::counter!(names::RESTARTS, "worker" => self.args.worker.to_string(), "actor" => child.label())
             .increment(1);
         let now = Instant::now();
@@ -287,6 +292,7 @@ impl Actor for WorkerActor {
             gates: BTreeMap::new(),
             children: HashMap::new(),
             restarts: VecDeque::new(),
+            restarted: false,
             lost: None,
             pump: None,
             args,
@@ -336,12 +342,13 @@ impl Actor for WorkerActor {
 
     async fn handle(
         &self,
-        _: ActorRef<WorkerMsg>,
+        myself: ActorRef<WorkerMsg>,
         msg: WorkerMsg,
         state: &mut WorkerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WorkerMsg::RunStep { step, reply } => {
+                state.restarted = false;
                 let r = match &state.lost {
                     Some(lost) => Err(Error::runtime(lost.clone())),
                     None => run_step(state, step).await,
@@ -349,12 +356,46 @@ impl Actor for WorkerActor {
                 let _ = reply.send(r);
             }
             WorkerMsg::Prepare { step, reply } => {
-                let _ = reply.send(prepare(state, step).await);
+                let r = if let Some(lost) = &state.lost {
+                    Err(Error::runtime(lost.clone()))
+                } else if state.restarted {
+                    Err(Error::ActorFailed {
+                        actor: format!("a child of worker {}", state.args.worker),
+                        detail: format!("restarted during step {step}: its share of the step is lost"),
+                    })
+                } else {
+                    prepare(state, step).await
+                };
+                let _ = reply.send(r);
             }
             WorkerMsg::Commit { step, lr, norm, reply } => {
-                let _ = reply.send(commit(state, step, lr, norm).await);
+                let r = match &state.lost {
+                    Some(lost) => Err(Error::runtime(lost.clone())),
+                    None => commit(state, step, lr, norm).await,
+                };
+                let _ = reply.send(r);
             }
             WorkerMsg::Abort { reply, .. } => {
+                // A child whose failure has not been handled yet (its reply port was dropped
+                // before ractor told this supervisor) is restarted now, so the replay finds it.
+                let stopped: Vec<ActorId> = state
+                    .children
+                    .iter()
+                    .filter(|(_, (_, cell))| {
+                        !matches!(
+                            cell.get_status(),
+                            ractor::ActorStatus::Running
+                                | ractor::ActorStatus::Starting
+                                | ractor::ActorStatus::Unstarted
+                        )
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in stopped {
+                    state
+                        .child_failed(&myself, id, "found stopped at the abort".into())
+                        .await;
+                }
                 for g in state.gates.values() {
                     let _ = g.cast(GateMsg::Abort);
                 }
@@ -464,7 +505,7 @@ enum Pending {
     Backward(usize, Vec<(Vec<f32>, Vec<f32>)>),
 }
 
-async fn run_step(state: &mut WorkerState, step: u64) -> Result<Vec<(usize, GroupOutput)>> {
+async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Vec<(usize, GroupOutput)>> {
     let a = state.args.clone();
     let replica: Arc<Gpt<f32>> = a.replica.lock().unwrap_or_else(PoisonError::into_inner).clone();
     let groups = a.placement.groups_of(a.worker);
@@ -478,7 +519,7 @@ async fn run_step(state: &mut WorkerState, step: u64) -> Result<Vec<(usize, Grou
     let passes: Vec<Pass> = offload(&a.cpu, move |_| {
         gs.iter()
             .map(|&g| {
-                let starts = sampler::window_starts(seed, step, g as u64, seqs, text.len(), t);
+                let starts = sampler::window_starts(seed, step.step, g as u64, seqs, text.len(), t);
                 let (idx, targets) = sampler::windows(&text, &starts, t);
                 let grads = Box::new(dense_zeros(&rep)?);
                 GroupPass::new(rep.clone(), idx, Some(targets), seqs, ce_scale, Some(grads))
@@ -567,7 +608,7 @@ async fn run_step(state: &mut WorkerState, step: u64) -> Result<Vec<(usize, Grou
 async fn run_lane(
     a: WorkerArgs,
     gates: BTreeMap<usize, ActorRef<GateMsg>>,
-    step: u64,
+    step: StepId,
     replica: Arc<Gpt<f32>>,
     groups: Vec<usize>,
     mut passes: Vec<Pass>,
@@ -706,7 +747,7 @@ where
     Ok(out)
 }
 
-async fn prepare(state: &mut WorkerState, step: u64) -> Result<Vec<NormPart>> {
+async fn prepare(state: &mut WorkerState, step: StepId) -> Result<Vec<NormPart>> {
     let deadline = state.args.deadline;
     let t = tier(state)?;
     let mut parts: Vec<NormPart> = ask(
@@ -749,7 +790,7 @@ async fn prepare(state: &mut WorkerState, step: u64) -> Result<Vec<NormPart>> {
     Ok(parts)
 }
 
-async fn commit(state: &mut WorkerState, step: u64, lr: f64, norm: f64) -> Result<()> {
+async fn commit(state: &mut WorkerState, step: StepId, lr: f64, norm: f64) -> Result<()> {
     let a = state.args.clone();
     let t = tier(state)?;
     let updated = ask(

@@ -11,6 +11,37 @@ pub mod local;
 use crate::error::Result;
 use std::sync::Arc;
 
+/// Which attempt of which training step a message belongs to. A step that is rolled back runs
+/// again under the next attempt number, so that anything left over from the failed attempt is
+/// recognised as stale and dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StepId {
+    /// The training step (0-based).
+    pub step: u64,
+    /// The attempt (0 first, then one more per replay).
+    pub attempt: u32,
+}
+
+impl StepId {
+    /// Before any step (the state of a freshly started actor).
+    pub const NONE: StepId = StepId { step: 0, attempt: 0 };
+
+    /// The first attempt of `step`.
+    pub fn first(step: u64) -> Self {
+        StepId { step, attempt: 0 }
+    }
+}
+
+impl std::fmt::Display for StepId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.attempt == 0 {
+            write!(f, "{}", self.step)
+        } else {
+            write!(f, "{} (attempt {})", self.step, self.attempt + 1)
+        }
+    }
+}
+
 /// A worker's index, `0..workers`.
 pub type WorkerId = usize;
 
@@ -34,7 +65,7 @@ pub enum Payload {
     /// of the sender (one message per peer: the fused all-to-all-v dispatch).
     ExpertForward {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// MoE block.
         block: usize,
         /// The rows, in (group, expert) order.
@@ -43,7 +74,7 @@ pub enum Payload {
     /// Gradients of expert outputs, the backward twin of [`Payload::ExpertForward`].
     ExpertBackward {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// MoE block.
         block: usize,
         /// The rows, in (group, expert) order.
@@ -52,7 +83,7 @@ pub enum Payload {
     /// One group's gradients of the dense tensors the receiver owns (`(tensor index, buffer)`).
     DenseGrads {
         /// Training step.
-        step: u64,
+        step: StepId,
         /// The group.
         group: usize,
         /// Tensor index (in `Gpt::tensors` order) and gradient.
@@ -61,7 +92,7 @@ pub enum Payload {
     /// Committed values of dense tensors the sender owns, for the receiver's replica.
     Params {
         /// The step just committed.
-        step: u64,
+        step: StepId,
         /// Tensor index and values.
         tensors: Vec<(usize, Arc<Vec<f32>>)>,
     },
