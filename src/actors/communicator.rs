@@ -38,6 +38,9 @@ pub struct Registry {
 /// The registry, shared.
 pub type SharedRegistry = Arc<RwLock<Registry>>;
 
+/// The next request id of this process.
+static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Messages of the Communicator.
 pub enum CommMsg {
     /// Send each `(peer, request)` and answer every peer's reply, in the same order.
@@ -84,7 +87,6 @@ impl CommArgs {
 /// The Communicator's state.
 pub struct CommState {
     args: CommArgs,
-    next_id: u64,
     pending: HashMap<u64, oneshot::Sender<Payload>>,
 }
 
@@ -99,7 +101,6 @@ impl Actor for CommActor {
     async fn pre_start(&self, _: ActorRef<CommMsg>, args: CommArgs) -> Result<CommState, ActorProcessingErr> {
         Ok(CommState {
             args,
-            next_id: 0,
             pending: HashMap::new(),
         })
     }
@@ -120,8 +121,9 @@ impl Actor for CommActor {
                 let me = state.args.worker;
                 let mut waits = Vec::with_capacity(requests.len());
                 for (peer, payload) in requests {
-                    let id = state.next_id;
-                    state.next_id += 1;
+                    // Ids are unique in the process, also across restarts of this actor, so that a
+                    // late reply can never be taken for the answer to a newer request.
+                    let id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let (tx, rx) = oneshot::channel();
                     state.pending.insert(id, tx);
                     metrics::counter!(names::ALLTOALL_BYTES, "from" => me.to_string(), "to" => peer.to_string(), "kind" => kind)
@@ -134,6 +136,9 @@ impl Actor for CommActor {
                     });
                     if let Err(e) = sent {
                         state.pending.remove(&id);
+                        for (_, id, _) in &waits {
+                            state.pending.remove(id);
+                        }
                         let _ = reply.send(Err(e));
                         return Ok(());
                     }
@@ -163,7 +168,8 @@ impl Actor for CommActor {
     }
 }
 
-/// Wait for every reply of an exchange, until the deadline.
+/// Wait for every reply of an exchange, until the deadline. Replies are awaited all at once, so a
+/// peer's failure is reported as soon as it arrives, whatever the other peers do.
 async fn gather(
     waits: Vec<(WorkerId, u64, oneshot::Receiver<Payload>)>,
     what: &str,
@@ -171,41 +177,57 @@ async fn gather(
     comm: &ActorRef<CommMsg>,
 ) -> Result<Vec<(WorkerId, Payload)>> {
     let until = tokio::time::Instant::now() + deadline;
-    let mut out = Vec::with_capacity(waits.len());
-    let mut waits = waits.into_iter();
-    while let Some((peer, id, rx)) = waits.next() {
-        match tokio::time::timeout_at(until, rx).await {
+    let ids: Vec<u64> = waits.iter().map(|(_, id, _)| *id).collect();
+    let order: Vec<WorkerId> = waits.iter().map(|(peer, _, _)| *peer).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (peer, _, rx)) in waits.into_iter().enumerate() {
+        tasks.spawn(async move { (i, peer, tokio::time::timeout_at(until, rx).await) });
+    }
+    let mut out: Vec<Option<Payload>> = (0..order.len()).map(|_| None).collect();
+    let fail = |e: Error| {
+        let _ = comm.cast(CommMsg::Forget(ids.clone()));
+        Err(e)
+    };
+    while let Some(joined) = tasks.join_next().await {
+        let (i, peer, r) = match joined {
+            Ok(x) => x,
+            Err(e) => return fail(Error::runtime(format!("waiting for {what} panicked: {e}"))),
+        };
+        match r {
             Ok(Ok(Payload::Failed { restartable, detail })) => {
-                let _ = comm.cast(CommMsg::Forget(waits.map(|(_, id, _)| id).collect()));
-                return Err(if restartable {
+                return fail(if restartable {
                     Error::ActorFailed {
                         actor: format!("worker {peer}"),
-                        detail,
+                        detail: format!("{detail} (during {what})"),
                     }
                 } else {
                     Error::runtime(format!("worker {peer} failed {what}: {detail}"))
                 });
             }
-            Ok(Ok(payload)) => out.push((peer, payload)),
+            Ok(Ok(payload)) => out[i] = Some(payload),
             Ok(Err(_)) => {
-                return Err(Error::ActorFailed {
-                    actor: "communicator".into(),
+                return fail(Error::ActorFailed {
+                    actor: format!("the communicator waiting for worker {peer}"),
                     detail: format!("restarted while waiting for {what}"),
                 })
             }
             Err(_) => {
-                let mut ids = vec![id];
-                ids.extend(waits.map(|(_, id, _)| id));
-                let _ = comm.cast(CommMsg::Forget(ids));
-                return Err(Error::Deadline {
+                return fail(Error::Deadline {
                     peer: format!("worker {peer}"),
                     what: what.to_string(),
                     deadline_ms: deadline.as_millis() as u64,
-                });
+                })
             }
         }
     }
-    Ok(out)
+    order
+        .into_iter()
+        .zip(out)
+        .map(|(peer, p)| {
+            p.map(|p| (peer, p))
+                .ok_or_else(|| Error::runtime(format!("no reply from worker {peer} to {what}")))
+        })
+        .collect()
 }
 
 /// Answer one request from a peer.

@@ -238,13 +238,16 @@ async fn step(state: &mut CoordState) -> Result<StepOutcome> {
             }
             Err(e) => {
                 let deadline = state.args.deadline;
-                all(
+                let aborted = all(
                     &state.workers,
-                    &format!("the abort of step {n}"),
+                    &format!("the abort of step {id}"),
                     deadline,
                     move |reply| WorkerMsg::Abort { step: id, reply },
                 )
-                .await?;
+                .await;
+                if let Err(abort) = aborted {
+                    return Err(Error::runtime(format!("{e}; then the rollback failed: {abort}")));
+                }
                 if !e.is_restartable() || replays >= state.args.max_replays {
                     return Err(e);
                 }

@@ -287,6 +287,12 @@ async fn exchange(
             let offsets = layouts
                 .get(&s.group)
                 .ok_or_else(|| Error::runtime(format!("worker {peer} answered for unknown group {}", s.group)))?;
+            if s.expert + 1 >= offsets.len() {
+                return Err(Error::runtime(format!(
+                    "worker {peer} answered {what} for expert {}, which does not exist",
+                    s.expert
+                )));
+            }
             let (lo, hi) = (offsets[s.expert], offsets[s.expert + 1]);
             if s.data.len() != (hi - lo) * d {
                 return Err(Error::shape(

@@ -208,6 +208,7 @@ impl RuntimeBuilder {
             config,
             placement,
             deadline: self.step_deadline,
+            max_replays: self.max_replays,
         })
     }
 }
@@ -280,6 +281,7 @@ pub struct Runtime {
     config: TrainConfig,
     placement: Arc<Placement>,
     deadline: Duration,
+    max_replays: u32,
 }
 
 impl Runtime {
@@ -313,8 +315,10 @@ impl Runtime {
     /// Run one step to its commit (replaying it after actor failures).
     pub async fn step(&self) -> Result<StepOutcome> {
         let who = ActorName("the coordinator".into());
-        ask(&self.coordinator, &who, "a step", self.deadline * 2, |reply| {
-            CoordMsg::Step { reply }
+        // The coordinator bounds each attempt; this bound covers every replay it may run.
+        let deadline = self.deadline * (self.max_replays + 2);
+        ask(&self.coordinator, &who, "a step", deadline, |reply| CoordMsg::Step {
+            reply,
         })
         .await
     }
