@@ -1,6 +1,8 @@
 //! The actor runtime's contract: parameters after N steps are bitwise identical for any number of
 //! workers and any expert placement, and identical to the single-process training loop.
 
+mod common;
+
 use semoe::actors::{ExpertPlacement, Runtime};
 use semoe::model::gpt::Gpt;
 use semoe::train::config::TrainConfig;
@@ -9,22 +11,7 @@ use semoe::train::trainer::Trainer;
 const STEPS: u64 = 20;
 
 fn small_config() -> TrainConfig {
-    let mut c = TrainConfig::default();
-    c.model.d_model = 32;
-    c.model.n_layer = 2;
-    c.model.n_head = 2;
-    c.model.block_size = 16;
-    c.model.d_ff = 64;
-    c.model.experts = 4;
-    c.model.k = 2;
-    c.train.batch = 8;
-    c.train.groups = 4;
-    c.train.steps = STEPS;
-    c.train.threads = 2;
-    c.train.eval_every = 0;
-    c.train.checkpoint_every = 0;
-    c.optimizer.warmup = 5;
-    c
+    common::small_config(STEPS)
 }
 
 /// Every tensor's bits, by name.

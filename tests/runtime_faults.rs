@@ -5,6 +5,8 @@
 //!
 //! One test, the scenarios in sequence: it installs the global metrics recorder and reads it.
 
+mod common;
+
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use semoe::actors::{RestartPolicy, Runtime};
 use semoe::chaos::{FaultKind, FaultPlan, Moment, Target};
@@ -16,20 +18,7 @@ use std::time::{Duration, Instant};
 const STEPS: u64 = 12;
 
 fn small_config() -> TrainConfig {
-    let mut c = TrainConfig::default();
-    c.model.d_model = 32;
-    c.model.n_layer = 2;
-    c.model.n_head = 2;
-    c.model.block_size = 16;
-    c.model.d_ff = 64;
-    c.model.experts = 4;
-    c.model.k = 2;
-    c.train.batch = 8;
-    c.train.groups = 4;
-    c.train.steps = STEPS;
-    c.train.threads = 2;
-    c.optimizer.warmup = 3;
-    c
+    common::small_config(STEPS)
 }
 
 fn checksum(model: &Gpt<f32>) -> Vec<u32> {

@@ -592,16 +592,26 @@ async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Vec<(usize, G
         }
     }
     let what = format!("the gradient reduction of step {step}");
+    exchange(state, what, "dense_grads", requests).await?;
+    Ok(outputs)
+}
+
+/// One exchange through this worker's Communicator (which applies the collective deadline).
+async fn exchange(
+    state: &WorkerState,
+    what: String,
+    kind: &'static str,
+    requests: Vec<(usize, Payload)>,
+) -> Result<Vec<(usize, Payload)>> {
     let comm = comm(state)?;
-    let who = ActorName(format!("communicator of worker {}", a.worker));
-    ask(&comm, &who, &what, a.deadline * 2, |reply| CommMsg::Exchange {
+    let who = ActorName(format!("communicator of worker {}", state.args.worker));
+    ask(&comm, &who, &what, state.args.deadline * 2, |reply| CommMsg::Exchange {
         what: what.clone(),
-        kind: "dense_grads",
+        kind,
         requests,
         reply,
     })
-    .await?;
-    Ok(outputs)
+    .await
 }
 
 /// Drive the passes of one lane through every MoE block to the end.
@@ -834,14 +844,6 @@ async fn commit(state: &mut WorkerState, step: StepId, lr: f64, norm: f64) -> Re
         })
         .collect();
     let what = format!("the parameter broadcast of step {step}");
-    let comm = comm(state)?;
-    let who = ActorName(format!("communicator of worker {}", a.worker));
-    ask(&comm, &who, &what, a.deadline * 2, |reply| CommMsg::Exchange {
-        what: what.clone(),
-        kind: "params",
-        requests,
-        reply,
-    })
-    .await?;
+    exchange(state, what, "params", requests).await?;
     Ok(())
 }
