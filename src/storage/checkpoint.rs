@@ -47,6 +47,8 @@ use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors, View};
@@ -66,6 +68,12 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// The commit record of a checkpoint, written last.
 pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// A test hook for `tests/storage_crash.rs`, read once per process: when this environment variable
+/// holds a number of milliseconds, every tensor file write stops halfway, prints
+/// `semoe: pausing in a checkpoint write (...)` to stderr and sleeps that long before finishing.
+/// Unset (or not a number), nothing changes.
+pub const PAUSE_IN_WRITE_ENV: &str = "SEMOE_PAUSE_IN_CHECKPOINT_WRITE";
 
 /// The key that safetensors reserves in its header for free-form metadata; no tensor may use it.
 const SAFETENSORS_METADATA_KEY: &str = "__metadata__";
@@ -277,7 +285,7 @@ fn write_contents(
     let mut bytes = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::checkpoint(&manifest_path, format!("cannot serialize manifest: {e}")))?;
     bytes.push(b'\n');
-    write_file_synced(&manifest_path, &bytes)?;
+    write_file_synced(&manifest_path, &bytes, None)?;
     sync_dir(dir)
 }
 
@@ -321,7 +329,7 @@ fn write_tensor_file(dir: &Path, name: &str, tensors: &[NamedTensor]) -> Result<
     let metadata = HashMap::from([("format".to_string(), "semoe".to_string())]);
     let bytes = safetensors::serialize(views, Some(metadata))
         .map_err(|e| Error::checkpoint(&path, format!("cannot serialize tensors: {e}")))?;
-    write_file_synced(&path, &bytes)?;
+    write_file_synced(&path, &bytes, pause_in_write())?;
     Ok(FileEntry {
         name: name.to_string(),
         bytes: bytes.len() as u64,
@@ -329,11 +337,40 @@ fn write_tensor_file(dir: &Path, name: &str, tensors: &[NamedTensor]) -> Result<
     })
 }
 
+/// The pause of the crash-test hook [`PAUSE_IN_WRITE_ENV`], if set. It exists only so that
+/// `tests/storage_crash.rs` can kill `semoe train` in the middle of a checkpoint's disk write and
+/// check that the previous checkpoint stays loadable.
+fn pause_in_write() -> Option<Duration> {
+    static PAUSE: OnceLock<Option<Duration>> = OnceLock::new();
+    *PAUSE.get_or_init(|| {
+        let millis = std::env::var(PAUSE_IN_WRITE_ENV).ok()?.trim().parse().ok()?;
+        Some(Duration::from_millis(millis))
+    })
+}
+
 /// Creates `path`, writes `bytes` and forces them to disk before returning, so that the manifest,
 /// written after the data files, can never describe data that is not durable yet.
-fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+///
+/// With `pause` (the crash-test hook), the first half of `bytes` is written, one line is printed
+/// to stderr and the thread sleeps before writing the rest: a kill then leaves a torn file in the
+/// temporary directory, neither synced nor renamed.
+fn write_file_synced(path: &Path, bytes: &[u8], pause: Option<Duration>) -> Result<()> {
     let mut file = File::create(path).map_err(|e| Error::io("creating checkpoint file", path, e))?;
-    file.write_all(bytes)
+    let mut rest = bytes;
+    if let Some(pause) = pause {
+        let (head, tail) = bytes.split_at(bytes.len() / 2);
+        file.write_all(head)
+            .map_err(|e| Error::io("writing checkpoint file", path, e))?;
+        eprintln!(
+            "semoe: pausing in a checkpoint write ({} of {} bytes of {} written)",
+            head.len(),
+            bytes.len(),
+            path.display()
+        );
+        std::thread::sleep(pause);
+        rest = tail;
+    }
+    file.write_all(rest)
         .map_err(|e| Error::io("writing checkpoint file", path, e))?;
     file.sync_all()
         .map_err(|e| Error::io("syncing checkpoint file", path, e))
