@@ -1,5 +1,7 @@
-//! Parameter storage: checkpoints (safetensors plus a manifest).
+//! Parameter storage: checkpoints (safetensors plus a manifest) and the tiers expert state lives in
+//! while training (Device, Host, Disk).
 
 pub mod checkpoint;
+pub mod tiers;
 
 pub use checkpoint::{Checkpoint, LoadedTensor, NamedTensor};

@@ -12,6 +12,11 @@
 //! | `semoe_alltoall_bytes_total` | counter | `from`, `to`, `kind` | tensor bytes sent between workers (`kind`: `dispatch`, `combine`, `grad_dispatch`, `grad_combine`, `dense_grads`, `params`) |
 //! | `semoe_restarts_total` | counter | `worker`, `actor` | actors restarted by their supervisor (`actor`: `expert`, `gate`, `tier`, `communicator`) |
 //! | `semoe_replays_total` | counter | | steps rolled back and run again |
+//! | `semoe_tier_bytes` | gauge | `worker`, `tier` | bytes of expert state held in each tier (`device`, `host`, `disk`) |
+//! | `semoe_tier_served_total` | counter | `worker`, `tier` | expert acquisitions served from each tier (`disk`: a miss) |
+//! | `semoe_tier_moved_bytes_total` | counter | `worker`, `from`, `to` | bytes of expert state moved between tiers |
+//! | `semoe_prefetch_total` | counter | `worker`, `outcome` | experts prefetched (`issued`) and then used (`used`) |
+//! | `semoe_tier_stall_microseconds_total` | counter | `worker` | time acquirers waited for experts not in memory |
 
 /// Wall time of a committed step (seconds).
 pub const STEP_SECONDS: &str = "semoe_step_seconds";
@@ -32,6 +37,17 @@ pub const RESTARTS: &str = "semoe_restarts_total";
 /// Steps replayed after a failure.
 pub const REPLAYS: &str = "semoe_replays_total";
 
+/// Bytes of expert state per tier (labels `worker`, `tier`).
+pub const TIER_BYTES: &str = "semoe_tier_bytes";
+/// Expert acquisitions by the tier that served them (labels `worker`, `tier`).
+pub const TIER_SERVED: &str = "semoe_tier_served_total";
+/// Bytes moved between tiers (labels `worker`, `from`, `to`).
+pub const TIER_MOVED_BYTES: &str = "semoe_tier_moved_bytes_total";
+/// Prefetches issued and used (labels `worker`, `outcome`).
+pub const PREFETCH: &str = "semoe_prefetch_total";
+/// Microseconds acquirers waited for experts (label `worker`).
+pub const TIER_STALL_MICROS: &str = "semoe_tier_stall_microseconds_total";
+
 /// Register the descriptions of every metric with the installed recorder.
 pub fn describe() {
     metrics::describe_histogram!(STEP_SECONDS, metrics::Unit::Seconds, "wall time of a committed step");
@@ -47,6 +63,23 @@ pub fn describe() {
     );
     metrics::describe_counter!(RESTARTS, "actors restarted by their supervisor");
     metrics::describe_counter!(REPLAYS, "steps rolled back and run again");
+    metrics::describe_gauge!(
+        TIER_BYTES,
+        metrics::Unit::Bytes,
+        "bytes of expert state held in each tier"
+    );
+    metrics::describe_counter!(TIER_SERVED, "expert acquisitions by the tier that served them");
+    metrics::describe_counter!(
+        TIER_MOVED_BYTES,
+        metrics::Unit::Bytes,
+        "bytes of expert state moved between tiers"
+    );
+    metrics::describe_counter!(PREFETCH, "experts prefetched (issued) and then used (used)");
+    metrics::describe_counter!(
+        TIER_STALL_MICROS,
+        metrics::Unit::Microseconds,
+        "time waiting for experts not in memory"
+    );
 }
 
 /// Serve every metric as Prometheus text on `addr` (`HOST:PORT`, path `/metrics`). Call from

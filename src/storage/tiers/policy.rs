@@ -1,0 +1,214 @@
+//! Which cached expert leaves a full tier, and which may enter the host cache.
+//!
+//! SE-MoE caches hot experts in host memory with hit counters: a counter grows on every use and
+//! decays by a factor `beta` every `decay_every` steps, the least-hit entry is evicted, and an
+//! expert must have been hit at least `threshold` times (after decay) to be admitted into the
+//! cache at all (a cold expert goes straight back to disk instead of pushing a warmer one out).
+//! LRU is available for comparison. Under either policy an entry that was prefetched and not used
+//! yet is evicted only when nothing else can be, so that prefetching does not undo itself.
+
+use crate::error::{Error, Result};
+use std::str::FromStr;
+
+/// The cache policy of the Device and Host tiers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CachePolicy {
+    /// Least-hit eviction with decayed hit counters and an admission threshold (SE-MoE).
+    SeMoe {
+        /// Hits an expert needs to be admitted into the host cache.
+        threshold: f64,
+        /// Decay factor of the counters, in (0, 1].
+        beta: f64,
+        /// Decay every this many steps (at least 1).
+        decay_every: u64,
+    },
+    /// Least recently used.
+    Lru,
+}
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        CachePolicy::SeMoe {
+            threshold: 0.0,
+            beta: 0.5,
+            decay_every: 4,
+        }
+    }
+}
+
+impl CachePolicy {
+    /// Check the parameters.
+    pub fn validate(&self) -> Result<()> {
+        if let CachePolicy::SeMoe {
+            threshold,
+            beta,
+            decay_every,
+        } = *self
+        {
+            if !(beta > 0.0 && beta <= 1.0) {
+                return Err(Error::config(format!("cache beta = {beta}: must be in (0, 1]")));
+            }
+            if decay_every == 0 {
+                return Err(Error::config("cache decay_every = 0: must be at least 1"));
+            }
+            if !(threshold >= 0.0 && threshold.is_finite()) {
+                return Err(Error::config(format!("cache threshold = {threshold}: must be >= 0")));
+            }
+        }
+        Ok(())
+    }
+
+    /// A short name (`se-moe`, `lru`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            CachePolicy::SeMoe { .. } => "se-moe",
+            CachePolicy::Lru => "lru",
+        }
+    }
+}
+
+impl FromStr for CachePolicy {
+    type Err = Error;
+
+    /// `se-moe` (the defaults) or `lru`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "se-moe" | "semoe" | "lfu" => Ok(CachePolicy::default()),
+            "lru" => Ok(CachePolicy::Lru),
+            other => Err(Error::config(format!("cache policy {other:?}: expected se-moe or lru"))),
+        }
+    }
+}
+
+/// What the policy knows about one cached entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Usage {
+    /// Decayed hit count.
+    pub hits: f64,
+    /// The store's clock at the last use (or load).
+    pub last_use: u64,
+    /// Loaded by a prefetch and not used since.
+    pub unused_prefetch: bool,
+}
+
+impl CachePolicy {
+    /// Record a use at `clock`.
+    pub fn touch(&self, u: &mut Usage, clock: u64) {
+        u.hits += 1.0;
+        u.last_use = clock;
+        u.unused_prefetch = false;
+    }
+
+    /// Called once per step: decay the counters when it is time.
+    pub fn end_step<'a>(&self, step: u64, all: impl Iterator<Item = &'a mut Usage>) {
+        if let CachePolicy::SeMoe { beta, decay_every, .. } = *self {
+            if step > 0 && step.is_multiple_of(decay_every) {
+                all.for_each(|u| u.hits *= beta);
+            }
+        }
+    }
+
+    /// Whether an entry leaving the Device tier may enter the Host cache.
+    pub fn admits(&self, u: &Usage) -> bool {
+        match *self {
+            CachePolicy::SeMoe { threshold, .. } => u.unused_prefetch || u.hits >= threshold,
+            CachePolicy::Lru => true,
+        }
+    }
+
+    /// Whether `incoming` (leaving the Device tier) should take the place of `victim` in a full
+    /// host cache: under SE-MoE only when it is at least as hot, under LRU always.
+    pub fn replaces(&self, incoming: &Usage, victim: &Usage) -> bool {
+        match self {
+            CachePolicy::SeMoe { .. } => incoming.unused_prefetch || incoming.hits >= victim.hits,
+            CachePolicy::Lru => true,
+        }
+    }
+
+    /// The entry to evict among `candidates` (`(key, usage)`), or `None` when there is none.
+    pub fn victim<K: Copy>(&self, candidates: impl Iterator<Item = (K, Usage)>) -> Option<K> {
+        let rank = |u: &Usage| -> (bool, f64, u64) {
+            let hits = match self {
+                CachePolicy::SeMoe { .. } => u.hits,
+                CachePolicy::Lru => 0.0,
+            };
+            (u.unused_prefetch, hits, u.last_use)
+        };
+        candidates
+            .min_by(|(_, a), (_, b)| {
+                let (ra, rb) = (rank(a), rank(b));
+                ra.0.cmp(&rb.0).then(ra.1.total_cmp(&rb.1)).then(ra.2.cmp(&rb.2))
+            })
+            .map(|(k, _)| k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(hits: f64, last_use: u64) -> Usage {
+        Usage {
+            hits,
+            last_use,
+            unused_prefetch: false,
+        }
+    }
+
+    #[test]
+    fn se_moe_evicts_the_least_hit_and_lru_the_oldest() {
+        let entries = [(0, usage(5.0, 1)), (1, usage(1.0, 9)), (2, usage(3.0, 2))];
+        assert_eq!(CachePolicy::default().victim(entries.into_iter()), Some(1));
+        assert_eq!(CachePolicy::Lru.victim(entries.into_iter()), Some(0));
+        assert_eq!(CachePolicy::Lru.victim(std::iter::empty::<(usize, Usage)>()), None);
+    }
+
+    #[test]
+    fn ties_go_to_the_least_recent_and_fresh_prefetches_go_last() {
+        let mut fresh = usage(0.0, 0);
+        fresh.unused_prefetch = true;
+        let entries = [(0, fresh), (1, usage(2.0, 7)), (2, usage(2.0, 3))];
+        assert_eq!(CachePolicy::default().victim(entries.into_iter()), Some(2));
+        assert_eq!(CachePolicy::Lru.victim(entries.into_iter()), Some(2));
+        assert_eq!(CachePolicy::Lru.victim([(0, fresh)].into_iter()), Some(0));
+    }
+
+    #[test]
+    fn counters_decay_every_k_steps_and_gate_admission() {
+        let p = CachePolicy::SeMoe {
+            threshold: 2.0,
+            beta: 0.5,
+            decay_every: 2,
+        };
+        let mut u = Usage::default();
+        for clock in 0..4 {
+            p.touch(&mut u, clock);
+        }
+        assert!(p.admits(&u));
+        let mut us = [u];
+        p.end_step(1, us.iter_mut());
+        assert_eq!(us[0].hits, 4.0);
+        p.end_step(2, us.iter_mut());
+        assert_eq!(us[0].hits, 2.0);
+        p.end_step(4, us.iter_mut());
+        assert_eq!(us[0].hits, 1.0);
+        assert!(!p.admits(&us[0]));
+        assert!(CachePolicy::Lru.admits(&us[0]));
+        let hot = usage(3.0, 1);
+        assert!(!p.replaces(&us[0], &hot) && p.replaces(&hot, &us[0]));
+        assert!(CachePolicy::Lru.replaces(&us[0], &hot));
+    }
+
+    #[test]
+    fn parses_and_validates() {
+        assert_eq!("lru".parse::<CachePolicy>().unwrap(), CachePolicy::Lru);
+        assert_eq!("se-moe".parse::<CachePolicy>().unwrap().name(), "se-moe");
+        assert!("fifo".parse::<CachePolicy>().is_err());
+        let bad = CachePolicy::SeMoe {
+            threshold: 0.0,
+            beta: 1.5,
+            decay_every: 1,
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("beta"));
+    }
+}

@@ -1,0 +1,1159 @@
+//! The expert store: every expert unit of one worker, spread over the Device, Host and Disk tiers
+//! under byte budgets, with a cache policy and prefetch.
+//!
+//! One manager thread owns the bookkeeping (where each unit is, bytes per tier, hit counters) and
+//! answers requests in arrival order; I/O threads read and write the Disk tier's files, fed
+//! through a bounded queue. Nothing waits on a lock held across I/O: an acquirer waits on its own
+//! answer, the manager never blocks on the disk.
+//!
+//! Life of a unit during a step: the Expert actor *acquires* it (the manager moves it into the
+//! Device tier, making room by demoting the policy's victims Device -> Host -> Disk, loading it
+//! from disk if needed), computes, and drops the lease, which returns it (marked dirty if it was
+//! changed: only the commit changes a unit). Hints from the Communicator, which sees each block's
+//! routing before the experts run, start loads early: the routed experts of the current block and
+//! the experts expected in the next one (one block of look-ahead: the next block's experts used in
+//! the last step on the way forward, this step's forward set on the way back).
+//!
+//! A unit is in exactly one place, so budgets are simple sums: a unit being loaded is counted in
+//! the tier it goes to, a unit being written back in the tier it leaves until the write is done.
+//! Values never change on the way (the encoding is bit-exact), so training is bitwise identical
+//! whatever the budgets.
+
+use super::disk::DiskTier;
+use super::policy::{CachePolicy, Usage};
+use super::size::format_bytes;
+use super::unit::{decode, encode, ExpertSlot, UnitId};
+use crate::error::{Error, Result};
+use crate::telemetry::metrics as names;
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+/// How a worker's expert state is stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StorageConfig {
+    /// Bytes of the Device tier (the compute working set); `None`: unlimited.
+    pub device_budget: Option<u64>,
+    /// Bytes of the Host tier (the cache); `None`: unlimited.
+    pub host_budget: Option<u64>,
+    /// Eviction and admission.
+    pub policy: CachePolicy,
+    /// Load experts ahead of use from routing and one block of look-ahead.
+    pub prefetch: bool,
+    /// The Disk tier's directory (needed when the budgets do not hold every expert).
+    pub dir: Option<PathBuf>,
+    /// Drop the Disk tier's files from the page cache after each read and write.
+    pub drop_page_cache: bool,
+    /// I/O threads.
+    pub io_threads: usize,
+    /// Reads and writes in flight at most (the bounded I/O queue).
+    pub io_depth: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            device_budget: None,
+            host_budget: None,
+            policy: CachePolicy::default(),
+            prefetch: true,
+            dir: None,
+            drop_page_cache: true,
+            io_threads: 2,
+            io_depth: 8,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// Whether everything stays in memory (no budget set).
+    pub fn unlimited(&self) -> bool {
+        self.device_budget.is_none() && self.host_budget.is_none()
+    }
+}
+
+/// The two memory tiers (the Disk tier has no budget).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mem {
+    Device = 0,
+    Host = 1,
+}
+
+impl Mem {
+    fn label(self) -> &'static str {
+        match self {
+            Mem::Device => "device",
+            Mem::Host => "host",
+        }
+    }
+}
+
+/// Where a unit is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// In a memory tier, not in use.
+    In(Mem),
+    /// Lent to an acquirer (counted in Device).
+    Out,
+    /// Only on disk.
+    Disk,
+    /// Being read from disk into a memory tier (counted there).
+    Loading(Mem),
+    /// Being written to disk from a memory tier (counted there until written).
+    Flushing(Mem),
+}
+
+struct Entry {
+    place: Place,
+    slot: Option<Box<ExpertSlot>>,
+    /// Bytes being written back (shared with the I/O thread), kept until the write is done.
+    flush: Option<Arc<Vec<u8>>>,
+    /// The copy in memory is newer than the file (or there is no file yet).
+    dirty: bool,
+    usage: Usage,
+}
+
+/// Figures of one worker's store since it started (also exported as metrics).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TierStats {
+    /// Bytes of one expert unit.
+    pub unit_bytes: u64,
+    /// Expert units.
+    pub units: usize,
+    /// Budgets of Device and Host (`u64::MAX`: unlimited).
+    pub budget: [u64; 2],
+    /// Bytes held now in Device and Host.
+    pub used: [u64; 2],
+    /// The most bytes ever held in Device and Host.
+    pub peak: [u64; 2],
+    /// Units only on disk now.
+    pub on_disk: usize,
+    /// Acquisitions served from Device, from Host, and from Disk (a load, or waiting on one).
+    pub served_from: [u64; 3],
+    /// Units loaded by prefetch, and those of them used before being evicted.
+    pub prefetched: u64,
+    /// Prefetched units that were then used.
+    pub prefetch_used: u64,
+    /// Seconds acquirers waited for a unit not in memory.
+    pub stall_seconds: f64,
+    /// Bytes moved, `[from][to]` over Device, Host, Disk.
+    pub moved: [[u64; 3]; 3],
+    /// Bytes read from and written to disk, and the I/O threads' seconds doing it.
+    pub disk_read: u64,
+    /// Bytes written to disk.
+    pub disk_written: u64,
+    /// Seconds spent reading.
+    pub read_seconds: f64,
+    /// Seconds spent writing.
+    pub write_seconds: f64,
+}
+
+impl TierStats {
+    /// Share of acquisitions served from memory (Device or Host).
+    pub fn hit_rate(&self) -> f64 {
+        let total: u64 = self.served_from.iter().sum();
+        if total == 0 {
+            return 1.0;
+        }
+        (self.served_from[0] + self.served_from[1]) as f64 / total as f64
+    }
+
+    /// Share of prefetched units that were used.
+    pub fn prefetch_accuracy(&self) -> f64 {
+        if self.prefetched == 0 {
+            return 0.0;
+        }
+        self.prefetch_used as f64 / self.prefetched as f64
+    }
+
+    /// Add another worker's figures (for totals over workers).
+    pub fn add(&mut self, o: &TierStats) {
+        self.units += o.units;
+        for t in 0..2 {
+            self.used[t] = self.used[t].saturating_add(o.used[t]);
+            self.peak[t] = self.peak[t].saturating_add(o.peak[t]);
+            self.budget[t] = self.budget[t].saturating_add(o.budget[t]);
+        }
+        self.unit_bytes = self.unit_bytes.max(o.unit_bytes);
+        self.on_disk += o.on_disk;
+        for i in 0..3 {
+            self.served_from[i] += o.served_from[i];
+            for j in 0..3 {
+                self.moved[i][j] += o.moved[i][j];
+            }
+        }
+        self.prefetched += o.prefetched;
+        self.prefetch_used += o.prefetch_used;
+        self.stall_seconds += o.stall_seconds;
+        self.disk_read += o.disk_read;
+        self.disk_written += o.disk_written;
+        self.read_seconds += o.read_seconds;
+        self.write_seconds += o.write_seconds;
+    }
+}
+
+type Reply<T> = tokio::sync::oneshot::Sender<Result<T>>;
+
+enum Request {
+    Acquire {
+        id: UnitId,
+        reply: Reply<Box<ExpertSlot>>,
+    },
+    Release {
+        id: UnitId,
+        slot: Box<ExpertSlot>,
+        dirty: bool,
+    },
+    Hint {
+        block: usize,
+        routed: Vec<usize>,
+        forward: bool,
+    },
+    EndStep {
+        step: u64,
+    },
+    Snapshot {
+        reply: Reply<Vec<(UnitId, ExpertSlot)>>,
+    },
+    Loaded {
+        id: UnitId,
+        bytes: Result<Vec<u8>>,
+        seconds: f64,
+    },
+    Written {
+        id: UnitId,
+        result: Result<()>,
+        seconds: f64,
+    },
+    Stop,
+}
+
+enum IoJob {
+    Read { id: UnitId, len: usize },
+    Write { id: UnitId, bytes: Arc<Vec<u8>> },
+}
+
+/// One worker's expert units across the tiers. Cheap to share (`Arc`); dropping the last handle
+/// stops its threads and deletes its Disk tier's files.
+pub struct ExpertStore {
+    tx: Sender<Request>,
+    stats: Arc<Mutex<TierStats>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    disk: Option<DiskTier>,
+}
+
+/// A unit lent to an acquirer. It goes back to the store when dropped (marked changed if
+/// [`Lease::slot_mut`] was called), also when the holder fails, so no unit is ever lost.
+pub struct Lease {
+    id: UnitId,
+    slot: Option<Box<ExpertSlot>>,
+    dirty: bool,
+    tx: Sender<Request>,
+}
+
+impl std::ops::Deref for Lease {
+    type Target = ExpertSlot;
+    fn deref(&self) -> &ExpertSlot {
+        // The slot is only taken in `drop`.
+        self.slot
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("a lease holds its slot until dropped"))
+    }
+}
+
+impl Lease {
+    /// The unit, to change it (the commit): it will be written back before it leaves memory.
+    pub fn slot_mut(&mut self) -> &mut ExpertSlot {
+        self.dirty = true;
+        self.slot
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!("a lease holds its slot until dropped"))
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            let _ = self.tx.send(Request::Release {
+                id: self.id,
+                slot,
+                dirty: self.dirty,
+            });
+        }
+    }
+}
+
+impl ExpertStore {
+    /// Take `units` (every expert this worker hosts) into a store for `worker`. Fails when the
+    /// Device budget cannot hold one block's experts (the working set of a layer), or when the
+    /// budgets do not hold everything and there is no disk directory.
+    pub fn new(worker: usize, config: &StorageConfig, units: Vec<(UnitId, ExpertSlot)>) -> Result<Self> {
+        config.policy.validate()?;
+        let Some((_, first)) = units.first() else {
+            return Ok(Self::empty(worker, config));
+        };
+        let template = first.clone();
+        let unit_bytes = first.bytes();
+        if let Some((id, _)) = units.iter().find(|(_, s)| s.bytes() != unit_bytes) {
+            return Err(Error::runtime(format!(
+                "expert {}.{} has a different size from the others",
+                id.0, id.1
+            )));
+        }
+        let budget = [
+            config.device_budget.unwrap_or(u64::MAX),
+            config.host_budget.unwrap_or(u64::MAX),
+        ];
+        let mut per_block: BTreeMap<usize, u64> = BTreeMap::new();
+        for ((block, _), _) in &units {
+            *per_block.entry(*block).or_default() += 1;
+        }
+        let widest = per_block.values().copied().max().unwrap_or(0);
+        if budget[0] < widest * unit_bytes {
+            return Err(Error::config(format!(
+                "the device budget ({}) of worker {worker} cannot hold one MoE block's experts: {widest} experts x {} = {}",
+                format_bytes(budget[0]),
+                format_bytes(unit_bytes),
+                format_bytes(widest * unit_bytes)
+            )));
+        }
+        let total = units.len() as u64 * unit_bytes;
+        let disk = match &config.dir {
+            Some(dir) if budget[0].saturating_add(budget[1]) < total => {
+                Some(DiskTier::open(&dir.join(format!("worker-{worker}")), config.drop_page_cache)?)
+            }
+            None if budget[0].saturating_add(budget[1]) < total => {
+                return Err(Error::config(format!(
+                    "the expert state of worker {worker} ({}) exceeds the device and host budgets ({} + {}) and no disk directory is set",
+                    format_bytes(total),
+                    format_bytes(budget[0]),
+                    format_bytes(budget[1])
+                )))
+            }
+            _ => None,
+        };
+        let stats = Arc::new(Mutex::new(TierStats {
+            unit_bytes,
+            units: units.len(),
+            budget,
+            ..TierStats::default()
+        }));
+        let (tx, rx) = channel();
+        let depth = config.io_depth.max(1);
+        let (io_tx, io_rx) = sync_channel::<IoJob>(depth);
+        let io_rx = Arc::new(Mutex::new(io_rx));
+        let mut threads = Vec::new();
+        let mut manager = Manager {
+            worker: worker.to_string(),
+            policy: config.policy,
+            prefetch: config.prefetch,
+            disk: disk.clone(),
+            template: Some(template),
+            unit_bytes,
+            entries: BTreeMap::new(),
+            used: [0, 0],
+            budget,
+            waiting: VecDeque::new(),
+            snapshots: Vec::new(),
+            io_tx: Some(io_tx),
+            io_queue: VecDeque::new(),
+            in_flight: 0,
+            depth,
+            clock: 0,
+            stats: stats.clone(),
+            local: TierStats::default(),
+            fwd_used: BTreeMap::new(),
+            last_fwd_used: BTreeMap::new(),
+            fatal: None,
+        };
+        manager.local = lock(&stats).clone();
+        for (id, slot) in units {
+            manager.place_initially(id, slot)?;
+        }
+        manager.publish();
+        if let Some(d) = &disk {
+            for t in 0..config.io_threads.max(1) {
+                let (d, rx, tx) = (d.clone(), io_rx.clone(), tx.clone());
+                let h = std::thread::Builder::new()
+                    .name(format!("semoe-io-{worker}-{t}"))
+                    .spawn(move || io_loop(d, rx, tx))
+                    .map_err(|e| Error::runtime(format!("cannot start an I/O thread: {e}")))?;
+                threads.push(h);
+            }
+        }
+        let h = std::thread::Builder::new()
+            .name(format!("semoe-tier-{worker}"))
+            .spawn(move || manager.run(rx))
+            .map_err(|e| Error::runtime(format!("cannot start the tier manager: {e}")))?;
+        threads.push(h);
+        Ok(ExpertStore {
+            tx,
+            stats,
+            threads: Mutex::new(threads),
+            disk,
+        })
+    }
+
+    fn empty(worker: usize, config: &StorageConfig) -> Self {
+        let (tx, rx) = channel();
+        let stats = Arc::new(Mutex::new(TierStats::default()));
+        let manager = Manager {
+            worker: worker.to_string(),
+            policy: config.policy,
+            prefetch: false,
+            disk: None,
+            template: None,
+            unit_bytes: 0,
+            entries: BTreeMap::new(),
+            used: [0, 0],
+            budget: [u64::MAX, u64::MAX],
+            waiting: VecDeque::new(),
+            snapshots: Vec::new(),
+            io_tx: None,
+            io_queue: VecDeque::new(),
+            in_flight: 0,
+            depth: 1,
+            clock: 0,
+            stats: stats.clone(),
+            local: TierStats::default(),
+            fwd_used: BTreeMap::new(),
+            last_fwd_used: BTreeMap::new(),
+            fatal: None,
+        };
+        let threads = std::thread::Builder::new()
+            .name(format!("semoe-tier-{worker}"))
+            .spawn(move || manager.run(rx))
+            .map(|h| vec![h])
+            .unwrap_or_default();
+        ExpertStore {
+            tx,
+            stats,
+            threads: Mutex::new(threads),
+            disk: None,
+        }
+    }
+
+    /// Borrow unit `id` in the Device tier, waiting for it to be loaded if needed.
+    pub async fn acquire(&self, id: UnitId) -> Result<Lease> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Request::Acquire { id, reply })?;
+        let slot = rx.await.map_err(|_| stopped())??;
+        Ok(Lease {
+            id,
+            slot: Some(slot),
+            dirty: false,
+            tx: self.tx.clone(),
+        })
+    }
+
+    /// The experts of `block` that were just routed to (sorted); the store starts loading them and
+    /// those expected in the next block (forward) or the previous one (backward).
+    pub fn hint(&self, block: usize, routed: Vec<usize>, forward: bool) {
+        let _ = self.tx.send(Request::Hint { block, routed, forward });
+    }
+
+    /// Step `step` has committed (the hit counters decay on the policy's schedule).
+    pub fn end_step(&self, step: u64) {
+        let _ = self.tx.send(Request::EndStep { step });
+    }
+
+    /// A copy of every unit, read back from disk where needed (waits until no unit is in use or in
+    /// flight).
+    pub async fn snapshot(&self) -> Result<Vec<(UnitId, ExpertSlot)>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Request::Snapshot { reply })?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// The figures so far.
+    pub fn stats(&self) -> TierStats {
+        lock(&self.stats).clone()
+    }
+
+    fn send(&self, r: Request) -> Result<()> {
+        self.tx.send(r).map_err(|_| stopped())
+    }
+}
+
+impl Drop for ExpertStore {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Request::Stop);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        for t in threads {
+            let _ = t.join();
+        }
+        if let Some(d) = &self.disk {
+            d.remove();
+        }
+    }
+}
+
+fn stopped() -> Error {
+    Error::runtime("the expert store has stopped")
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn io_loop(disk: DiskTier, jobs: Arc<Mutex<Receiver<IoJob>>>, done: Sender<Request>) {
+    loop {
+        let job = match lock(&jobs).recv() {
+            Ok(job) => job,
+            Err(_) => return,
+        };
+        let t = Instant::now();
+        let answer = match job {
+            IoJob::Read { id, len } => Request::Loaded {
+                id,
+                bytes: disk.read(id, len),
+                seconds: t.elapsed().as_secs_f64(),
+            },
+            IoJob::Write { id, bytes } => Request::Written {
+                id,
+                result: disk.write(id, &bytes),
+                seconds: t.elapsed().as_secs_f64(),
+            },
+        };
+        if done.send(answer).is_err() {
+            return;
+        }
+    }
+}
+
+struct Waiter {
+    id: UnitId,
+    since: Instant,
+    /// The unit was not in memory when asked for (a miss).
+    missed: bool,
+    reply: Reply<Box<ExpertSlot>>,
+}
+
+struct Manager {
+    worker: String,
+    policy: CachePolicy,
+    prefetch: bool,
+    disk: Option<DiskTier>,
+    /// Shapes and optimizer settings of every unit (none when the store is empty).
+    template: Option<ExpertSlot>,
+    unit_bytes: u64,
+    entries: BTreeMap<UnitId, Entry>,
+    used: [u64; 2],
+    budget: [u64; 2],
+    waiting: VecDeque<Waiter>,
+    snapshots: Vec<Reply<Vec<(UnitId, ExpertSlot)>>>,
+    io_tx: Option<SyncSender<IoJob>>,
+    io_queue: VecDeque<IoJob>,
+    in_flight: usize,
+    depth: usize,
+    clock: u64,
+    stats: Arc<Mutex<TierStats>>,
+    local: TierStats,
+    /// Experts used on the way forward in this step and the last, per block.
+    fwd_used: BTreeMap<usize, BTreeSet<usize>>,
+    last_fwd_used: BTreeMap<usize, BTreeSet<usize>>,
+    /// A disk failure: every later request fails with it (nothing is dropped: a unit whose write
+    /// failed stays in memory).
+    fatal: Option<String>,
+}
+
+const DISK: usize = 2;
+
+impl Manager {
+    fn run(mut self, rx: Receiver<Request>) {
+        while let Ok(req) = rx.recv() {
+            match req {
+                Request::Stop => break,
+                r => self.handle(r),
+            }
+            // Drain what is already queued before the (more expensive) scheduling pass.
+            while let Ok(r) = rx.try_recv() {
+                if matches!(r, Request::Stop) {
+                    return;
+                }
+                self.handle(r);
+            }
+            self.serve();
+            self.publish();
+        }
+    }
+
+    fn place_initially(&mut self, id: UnitId, slot: ExpertSlot) -> Result<()> {
+        let b = self.unit_bytes;
+        let mut entry = Entry {
+            place: Place::Disk,
+            slot: None,
+            flush: None,
+            dirty: false,
+            usage: Usage::default(),
+        };
+        if let Some(t) = [Mem::Device, Mem::Host].into_iter().find(|&t| self.free(t) >= b) {
+            self.used[t as usize] += b;
+            entry.place = Place::In(t);
+            entry.slot = Some(Box::new(slot));
+            entry.dirty = true;
+        } else if let Some(d) = &self.disk {
+            d.write(id, &encode(id, &slot))?;
+            self.local.disk_written += b;
+        } else {
+            return Err(Error::runtime("no room for an expert and no disk tier"));
+        }
+        self.entries.insert(id, entry);
+        Ok(())
+    }
+
+    fn decode(&self, id: UnitId, bytes: &[u8], what: &str) -> Result<ExpertSlot> {
+        match &self.template {
+            Some(t) => decode(id, bytes, t, what),
+            None => Err(Error::runtime("an empty expert store cannot decode units")),
+        }
+    }
+
+    fn free(&self, t: Mem) -> u64 {
+        self.budget[t as usize].saturating_sub(self.used[t as usize])
+    }
+
+    fn handle(&mut self, req: Request) {
+        match req {
+            Request::Acquire { id, reply } => {
+                if !self.entries.contains_key(&id) {
+                    let _ = reply.send(Err(Error::runtime(format!(
+                        "worker {} stores no expert {}.{}",
+                        self.worker, id.0, id.1
+                    ))));
+                    return;
+                }
+                let missed = !matches!(self.entries[&id].place, Place::In(_));
+                self.waiting.push_back(Waiter {
+                    id,
+                    since: Instant::now(),
+                    missed,
+                    reply,
+                });
+            }
+            Request::Release { id, slot, dirty } => {
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.slot = Some(slot);
+                    e.place = Place::In(Mem::Device);
+                    e.dirty |= dirty;
+                }
+            }
+            Request::Hint { block, routed, forward } => self.on_hint(block, routed, forward),
+            Request::EndStep { step } => {
+                self.policy
+                    .end_step(step, self.entries.values_mut().map(|e| &mut e.usage));
+                self.last_fwd_used = std::mem::take(&mut self.fwd_used);
+            }
+            Request::Snapshot { reply } => self.snapshots.push(reply),
+            Request::Loaded { id, bytes, seconds } => {
+                self.in_flight -= 1;
+                self.local.read_seconds += seconds;
+                self.on_loaded(id, bytes);
+            }
+            Request::Written { id, result, seconds } => {
+                self.in_flight -= 1;
+                self.local.write_seconds += seconds;
+                self.on_written(id, result);
+            }
+            Request::Stop => {}
+        }
+    }
+
+    fn on_loaded(&mut self, id: UnitId, bytes: Result<Vec<u8>>) {
+        let b = self.unit_bytes;
+        let slot = bytes.and_then(|bytes| self.decode(id, &bytes, "the disk tier"));
+        let Some(e) = self.entries.get_mut(&id) else { return };
+        let Place::Loading(t) = e.place else { return };
+        match slot {
+            Ok(slot) => {
+                e.slot = Some(Box::new(slot));
+                e.place = Place::In(t);
+                e.dirty = false;
+                self.local.disk_read += b;
+                self.local.moved[DISK][t as usize] += b;
+            }
+            Err(err) => {
+                e.place = Place::Disk;
+                self.used[t as usize] -= b;
+                self.fatal.get_or_insert(err.to_string());
+            }
+        }
+    }
+
+    fn on_written(&mut self, id: UnitId, result: Result<()>) {
+        let b = self.unit_bytes;
+        let Some(Place::Flushing(t)) = self.entries.get(&id).map(|e| e.place) else {
+            return;
+        };
+        let Some(e) = self.entries.get_mut(&id) else { return };
+        let bytes = e.flush.take();
+        match result {
+            Ok(()) => {
+                e.place = Place::Disk;
+                e.dirty = false;
+                self.used[t as usize] -= b;
+                self.local.disk_written += b;
+                self.local.moved[t as usize][DISK] += b;
+            }
+            Err(err) => {
+                // Keep the unit in memory (over budget rather than lost) and stop using the disk.
+                let slot = bytes.map(|bytes| self.decode(id, &bytes, "a failed write"));
+                if let Some(e) = self.entries.get_mut(&id) {
+                    match slot {
+                        Some(Ok(slot)) => {
+                            e.slot = Some(Box::new(slot));
+                            e.place = Place::In(t);
+                        }
+                        _ => e.place = Place::Disk,
+                    }
+                }
+                self.fatal.get_or_insert(err.to_string());
+            }
+        }
+    }
+
+    /// Grant what can be granted, start the loads and write-backs that make room, answer snapshots.
+    fn serve(&mut self) {
+        if let Some(f) = &self.fatal {
+            for w in self.waiting.drain(..) {
+                let _ = w.reply.send(Err(Error::runtime(format!("the disk tier failed: {f}"))));
+            }
+        }
+        let wanted: HashSet<UnitId> = self.waiting.iter().map(|w| w.id).collect();
+        let mut still = VecDeque::new();
+        while let Some(w) = self.waiting.pop_front() {
+            if let Some(w) = self.try_grant(w, &wanted) {
+                still.push_back(w);
+            }
+        }
+        self.waiting = still;
+        self.answer_snapshots();
+        self.pump_io();
+    }
+
+    /// Grant `w` if its unit can be in Device now (else start getting it there and give `w` back).
+    fn try_grant(&mut self, w: Waiter, wanted: &HashSet<UnitId>) -> Option<Waiter> {
+        let b = self.unit_bytes;
+        let place = self.entries[&w.id].place;
+        match place {
+            Place::In(Mem::Device) => {}
+            Place::In(Mem::Host) => {
+                if !self.make_room(Mem::Device, b, wanted) {
+                    return Some(w);
+                }
+                self.used[Mem::Host as usize] -= b;
+                self.used[Mem::Device as usize] += b;
+                self.local.moved[Mem::Host as usize][Mem::Device as usize] += b;
+            }
+            Place::Disk => {
+                if self.make_room(Mem::Device, b, wanted) {
+                    self.load(w.id, Mem::Device);
+                }
+                return Some(w);
+            }
+            Place::Out | Place::Loading(_) | Place::Flushing(_) => return Some(w),
+        }
+        self.clock += 1;
+        let clock = self.clock;
+        let Some(e) = self.entries.get_mut(&w.id) else {
+            return None;
+        };
+        let was_prefetch = e.usage.unused_prefetch;
+        self.policy.touch(&mut e.usage, clock);
+        let Some(slot) = e.slot.take() else {
+            self.fatal
+                .get_or_insert(format!("expert {}.{} lost its state", w.id.0, w.id.1));
+            return None;
+        };
+        e.place = Place::Out;
+        if was_prefetch {
+            self.local.prefetch_used += 1;
+        }
+        let source = match place {
+            _ if w.missed => 2,
+            Place::In(Mem::Host) => 1,
+            _ => 0,
+        };
+        self.local.served_from[source] += 1;
+        if w.missed {
+            self.local.stall_seconds += w.since.elapsed().as_secs_f64();
+        }
+        if let Err(Ok(slot)) = w.reply.send(Ok(slot)) {
+            // The acquirer is gone: take the unit back.
+            if let Some(e) = self.entries.get_mut(&w.id) {
+                e.slot = Some(slot);
+                e.place = Place::In(Mem::Device);
+            }
+        }
+        None
+    }
+
+    /// Free `need` bytes in `t` by demoting victims (never a unit in `keep`, in use or in flight).
+    /// False when that cannot be done now (wait for a write-back, or a release).
+    fn make_room(&mut self, t: Mem, need: u64, keep: &HashSet<UnitId>) -> bool {
+        loop {
+            if self.free(t) >= need {
+                return true;
+            }
+            let leaving: u64 = self
+                .entries
+                .values()
+                .filter(|e| e.place == Place::Flushing(t))
+                .map(|_| self.unit_bytes)
+                .sum();
+            if self.free(t) + leaving >= need {
+                return false;
+            }
+            let candidates = self
+                .entries
+                .iter()
+                .filter(|(id, e)| e.place == Place::In(t) && !keep.contains(id))
+                .map(|(id, e)| (*id, e.usage));
+            let Some(victim) = self.policy.victim(candidates) else {
+                return false;
+            };
+            self.demote(victim, t, keep);
+        }
+    }
+
+    /// Move `id` out of `t`: Device -> Host when the policy admits it and there is room, else to disk.
+    fn demote(&mut self, id: UnitId, t: Mem, keep: &HashSet<UnitId>) {
+        let b = self.unit_bytes;
+        if t == Mem::Device && self.budget[Mem::Host as usize] > 0 && self.policy.admits(&self.entries[&id].usage) {
+            let mut keep_also = keep.clone();
+            keep_also.insert(id);
+            let incoming = self.entries[&id].usage;
+            let colder_than_the_cache = self.free(Mem::Host) < b
+                && self
+                    .policy
+                    .victim(self.host_candidates(&keep_also))
+                    .is_some_and(|v| !self.policy.replaces(&incoming, &self.entries[&v].usage));
+            if !colder_than_the_cache && self.make_room(Mem::Host, b, &keep_also) {
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.place = Place::In(Mem::Host);
+                }
+                self.used[Mem::Device as usize] -= b;
+                self.used[Mem::Host as usize] += b;
+                self.local.moved[Mem::Device as usize][Mem::Host as usize] += b;
+                return;
+            }
+        }
+        self.to_disk(id, t);
+    }
+
+    fn host_candidates<'a>(&'a self, keep: &'a HashSet<UnitId>) -> impl Iterator<Item = (UnitId, Usage)> + 'a {
+        self.entries
+            .iter()
+            .filter(move |(id, e)| e.place == Place::In(Mem::Host) && !keep.contains(id))
+            .map(|(id, e)| (*id, e.usage))
+    }
+
+    fn to_disk(&mut self, id: UnitId, t: Mem) {
+        let b = self.unit_bytes;
+        let Some(e) = self.entries.get_mut(&id) else { return };
+        if !e.dirty {
+            e.slot = None;
+            e.place = Place::Disk;
+            self.used[t as usize] -= b;
+            return;
+        }
+        let Some(slot) = e.slot.take() else {
+            e.place = Place::Disk;
+            self.used[t as usize] -= b;
+            self.fatal
+                .get_or_insert(format!("expert {}.{} lost its state", id.0, id.1));
+            return;
+        };
+        let bytes = Arc::new(encode(id, &slot));
+        e.flush = Some(bytes.clone());
+        e.place = Place::Flushing(t);
+        self.io_queue.push_back(IoJob::Write { id, bytes });
+    }
+
+    fn load(&mut self, id: UnitId, t: Mem) {
+        let b = self.unit_bytes;
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.place = Place::Loading(t);
+            self.used[t as usize] += b;
+            self.io_queue.push_back(IoJob::Read { id, len: b as usize });
+        }
+    }
+
+    fn pump_io(&mut self) {
+        while self.in_flight < self.depth {
+            let Some(job) = self.io_queue.pop_front() else { return };
+            let Some(tx) = &self.io_tx else { return };
+            if tx.send(job).is_err() {
+                self.fatal.get_or_insert("the I/O threads stopped".into());
+                return;
+            }
+            self.in_flight += 1;
+        }
+    }
+
+    /// Start loading the routed experts of `block` and the ones expected in the next block.
+    fn on_hint(&mut self, block: usize, routed: Vec<usize>, forward: bool) {
+        if forward {
+            self.fwd_used.entry(block).or_default().extend(routed.iter().copied());
+        }
+        if !self.prefetch || self.disk.is_none() {
+            return;
+        }
+        let blocks: BTreeSet<usize> = self.entries.keys().map(|(b, _)| *b).collect();
+        let next = if forward {
+            blocks.range(block + 1..).next().copied()
+        } else {
+            blocks.range(..block).next_back().copied()
+        };
+        let mut order: Vec<UnitId> = routed.iter().map(|&e| (block, e)).collect();
+        if let Some(n) = next {
+            let expected = if forward {
+                self.last_fwd_used.get(&n).cloned()
+            } else {
+                self.fwd_used.get(&n).cloned()
+            };
+            match expected {
+                Some(set) => order.extend(set.into_iter().map(|e| (n, e))),
+                None => order.extend(self.entries.keys().filter(|(b, _)| *b == n).copied()),
+            }
+        }
+        let mut keep: HashSet<UnitId> = order.iter().copied().collect();
+        keep.extend(self.waiting.iter().map(|w| w.id));
+        let b = self.unit_bytes;
+        for id in order {
+            if !self.entries.get(&id).is_some_and(|e| e.place == Place::Disk) {
+                continue;
+            }
+            // Straight into Device when it has free room; else into the host cache.
+            let t = if self.free(Mem::Device) >= b {
+                Mem::Device
+            } else if self.budget[Mem::Host as usize] >= b && self.make_room(Mem::Host, b, &keep) {
+                Mem::Host
+            } else {
+                break;
+            };
+            self.load(id, t);
+            if let Some(e) = self.entries.get_mut(&id) {
+                e.usage.unused_prefetch = true;
+            }
+            self.local.prefetched += 1;
+        }
+    }
+
+    fn answer_snapshots(&mut self) {
+        if self.snapshots.is_empty() {
+            return;
+        }
+        let busy = self
+            .entries
+            .values()
+            .any(|e| !matches!(e.place, Place::In(_) | Place::Disk));
+        if busy {
+            return;
+        }
+        let result: Result<Vec<(UnitId, ExpertSlot)>> = self
+            .entries
+            .iter()
+            .map(|(id, e)| match (&e.slot, &self.disk) {
+                (Some(s), _) => Ok((*id, (**s).clone())),
+                (None, Some(d)) => self
+                    .decode(*id, &d.read(*id, self.unit_bytes as usize)?, "the disk tier")
+                    .map(|s| (*id, s)),
+                (None, None) => Err(Error::runtime(format!("expert {}.{} has no stored state", id.0, id.1))),
+            })
+            .collect();
+        let mut pending = std::mem::take(&mut self.snapshots).into_iter();
+        if let Some(last) = pending.next_back() {
+            for r in pending {
+                let _ = r.send(
+                    result
+                        .as_ref()
+                        .map(Clone::clone)
+                        .map_err(|e| Error::runtime(e.to_string())),
+                );
+            }
+            let _ = last.send(result);
+        }
+    }
+
+    /// Copy the figures out and export them.
+    fn publish(&mut self) {
+        self.local.used = self.used;
+        for t in 0..2 {
+            self.local.peak[t] = self.local.peak[t].max(self.used[t]);
+        }
+        self.local.on_disk = self.entries.values().filter(|e| e.place == Place::Disk).count();
+        let prev = std::mem::replace(&mut *lock(&self.stats), self.local.clone());
+        let w = self.worker.clone();
+        for t in [Mem::Device, Mem::Host] {
+            metrics::gauge!(names::TIER_BYTES, "worker" => w.clone(), "tier" => t.label())
+                .set(self.used[t as usize] as f64);
+        }
+        let disk_bytes = self.local.on_disk as f64 * self.unit_bytes as f64;
+        metrics::gauge!(names::TIER_BYTES, "worker" => w.clone(), "tier" => "disk").set(disk_bytes);
+        let tiers = ["device", "host", "disk"];
+        for (i, from) in tiers.iter().enumerate() {
+            let hits = self.local.served_from[i] - prev.served_from[i];
+            if hits > 0 {
+                metrics::counter!(names::TIER_SERVED, "worker" => w.clone(), "tier" => *from).increment(hits);
+            }
+            for (j, to) in tiers.iter().enumerate() {
+                let moved = self.local.moved[i][j] - prev.moved[i][j];
+                if moved > 0 {
+                    metrics::counter!(names::TIER_MOVED_BYTES, "worker" => w.clone(), "from" => *from, "to" => *to)
+                        .increment(moved);
+                }
+            }
+        }
+        let issued = self.local.prefetched - prev.prefetched;
+        if issued > 0 {
+            metrics::counter!(names::PREFETCH, "worker" => w.clone(), "outcome" => "issued").increment(issued);
+        }
+        let used = self.local.prefetch_used - prev.prefetch_used;
+        if used > 0 {
+            metrics::counter!(names::PREFETCH, "worker" => w.clone(), "outcome" => "used").increment(used);
+        }
+        let stall = self.local.stall_seconds - prev.stall_seconds;
+        if stall > 0.0 {
+            metrics::counter!(names::TIER_STALL_MICROS, "worker" => w).increment((stall * 1e6) as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::optimizer::{AdamW, OptimizerConfig};
+
+    fn slot(seed: f32) -> ExpertSlot {
+        let sizes = [64, 8, 64, 8];
+        let mut optimizer = AdamW::with_decay(OptimizerConfig::default(), &sizes, &[true, false, true, false]).unwrap();
+        let fill = |n: usize, k: f32| (0..n).map(|i| seed * 1000.0 + k + i as f32).collect::<Vec<f32>>();
+        optimizer
+            .restore(
+                3,
+                sizes.iter().map(|&n| fill(n, 0.5)).collect(),
+                sizes.iter().map(|&n| fill(n, 0.25)).collect(),
+            )
+            .unwrap();
+        ExpertSlot {
+            params: [fill(64, 0.0), fill(8, 0.0), fill(64, 0.0), fill(8, 0.0)],
+            optimizer,
+        }
+    }
+
+    fn units(blocks: usize, experts: usize) -> Vec<(UnitId, ExpertSlot)> {
+        (0..blocks)
+            .flat_map(|b| (0..experts).map(move |e| ((b, e), slot((b * experts + e) as f32))))
+            .collect()
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("semoe-store-{name}-{}", std::process::id()))
+    }
+
+    fn config(device_units: u64, host_units: u64, name: &str) -> StorageConfig {
+        let b = slot(0.0).bytes();
+        StorageConfig {
+            device_budget: Some(device_units * b),
+            host_budget: Some(host_units * b),
+            dir: Some(dir(name)),
+            ..StorageConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn budgets_hold_and_changes_survive_eviction_to_disk() {
+        let store = ExpertStore::new(0, &config(4, 2, "evict"), units(4, 4)).unwrap();
+        // Change every unit once (as a commit does), in an order that forces evictions.
+        for round in 0..2 {
+            for b in 0..4 {
+                for e in 0..4 {
+                    let mut lease = store.acquire((b, e)).await.unwrap();
+                    lease.slot_mut().params[0][0] += 1.0 + round as f32;
+                }
+            }
+        }
+        let snap = store.snapshot().await.unwrap();
+        assert_eq!(snap.len(), 16);
+        for ((b, e), s) in &snap {
+            let seed = (b * 4 + e) as f32;
+            assert_eq!(s.params[0][0], seed * 1000.0 + 3.0, "expert {b}.{e}");
+            assert_eq!(s.params[2], slot(seed).params[2]);
+            assert_eq!(s.optimizer, slot(seed).optimizer);
+        }
+        let st = store.stats();
+        assert!(st.peak[0] <= st.budget[0] && st.peak[1] <= st.budget[1], "{st:?}");
+        assert!(st.disk_written > 0 && st.disk_read > 0, "{st:?}");
+        assert!(st.served_from[2] > 0);
+        let d = dir("evict");
+        assert!(d.exists());
+        drop(store);
+        assert!(!d.join("worker-0").exists(), "the disk tier is removed with the store");
+    }
+
+    #[tokio::test]
+    async fn a_device_budget_below_one_block_is_refused_with_the_sizes() {
+        let e = ExpertStore::new(3, &config(3, 10, "small"), units(2, 4))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("worker 3") && e.contains("4 experts"), "{e}");
+        let mut no_disk = config(4, 0, "nodisk");
+        no_disk.dir = None;
+        let e = ExpertStore::new(0, &no_disk, units(2, 4)).err().unwrap().to_string();
+        assert!(e.contains("no disk directory"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn prefetch_loads_the_next_block_ahead_of_use() {
+        let store = ExpertStore::new(0, &config(2, 2, "prefetch"), units(3, 2)).unwrap();
+        for _step in 0..3 {
+            for b in 0..3 {
+                store.hint(b, vec![0, 1], true);
+                for e in 0..2 {
+                    drop(store.acquire((b, e)).await.unwrap());
+                }
+            }
+        }
+        let st = store.stats();
+        assert!(st.prefetched > 0, "{st:?}");
+        assert!(st.prefetch_accuracy() > 0.5, "{st:?}");
+        assert!(st.peak[0] <= st.budget[0] && st.peak[1] <= st.budget[1]);
+    }
+
+    #[tokio::test]
+    async fn se_moe_keeps_hot_experts_that_lru_evicts() {
+        // One hot expert used between scans of cold ones longer than the cache: LFU keeps it in
+        // memory, LRU lets the scan push it out to disk.
+        let mut rates = Vec::new();
+        for policy in [CachePolicy::default(), CachePolicy::Lru] {
+            let mut c = config(4, 1, policy.name());
+            c.policy = policy;
+            c.prefetch = false;
+            let store = ExpertStore::new(0, &c, units(4, 4)).unwrap();
+            for _round in 0..10 {
+                drop(store.acquire((0, 0)).await.unwrap());
+                drop(store.acquire((0, 0)).await.unwrap());
+                for b in 1..4 {
+                    for e in 0..4 {
+                        drop(store.acquire((b, e)).await.unwrap());
+                    }
+                }
+            }
+            rates.push(store.stats().hit_rate());
+        }
+        assert!(rates[0] > rates[1], "se-moe {} vs lru {}", rates[0], rates[1]);
+    }
+
+    #[tokio::test]
+    async fn unlimited_keeps_everything_in_device() {
+        let store = ExpertStore::new(0, &StorageConfig::default(), units(2, 2)).unwrap();
+        drop(store.acquire((1, 1)).await.unwrap());
+        let st = store.stats();
+        assert_eq!(st.served_from, [1, 0, 0]);
+        assert!(store.acquire((5, 5)).await.is_err());
+    }
+}

@@ -1,0 +1,150 @@
+//! The unit that moves between tiers: one expert's parameters with their AdamW moments, and its
+//! byte encoding on disk.
+
+use crate::error::{Error, Result};
+use crate::model::moe::stages::ExpertWeights;
+use crate::train::optimizer::AdamW;
+
+/// An expert's committed state: parameters and their AdamW moments. It moves between the Device,
+/// Host and Disk tiers as one unit.
+#[derive(Clone, Debug)]
+pub struct ExpertSlot {
+    /// `[w1, b1, w2, b2]`: `[d_model][d_ff]`, `[d_ff]`, `[d_ff][d_model]`, `[d_model]`.
+    pub params: [Vec<f32>; 4],
+    /// AdamW over the four tensors (decay on `w1`, `w2`).
+    pub optimizer: AdamW,
+}
+
+impl ExpertSlot {
+    /// The weights as the expert kernels take them.
+    pub fn weights(&self) -> ExpertWeights<'_, f32> {
+        let [w1, b1, w2, b2] = &self.params;
+        ExpertWeights { w1, b1, w2, b2 }
+    }
+
+    /// Floats held (parameters and both moments).
+    pub fn floats(&self) -> usize {
+        let p: usize = self.params.iter().map(Vec::len).sum();
+        let m: usize = self.optimizer.m.iter().map(Vec::len).sum();
+        let v: usize = self.optimizer.v.iter().map(Vec::len).sum();
+        p + m + v
+    }
+
+    /// Bytes of the unit in memory and on disk.
+    pub fn bytes(&self) -> u64 {
+        (HEADER + 4 * self.floats()) as u64
+    }
+}
+
+/// An expert's identity: `(block, expert)`.
+pub type UnitId = (usize, usize);
+
+const MAGIC: &[u8; 8] = b"SEMOEXU1";
+const HEADER: usize = 32;
+
+/// The disk encoding: a 32-byte header (magic, block, expert, optimizer step, float count), then
+/// the parameters, first moments and second moments, little-endian f32.
+pub fn encode(id: UnitId, slot: &ExpertSlot) -> Vec<u8> {
+    let floats = slot.floats();
+    let mut out = Vec::with_capacity(HEADER + 4 * floats);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(id.0 as u32).to_le_bytes());
+    out.extend_from_slice(&(id.1 as u32).to_le_bytes());
+    out.extend_from_slice(&slot.optimizer.step.to_le_bytes());
+    out.extend_from_slice(&(floats as u64).to_le_bytes());
+    for buf in slot.params.iter().chain(&slot.optimizer.m).chain(&slot.optimizer.v) {
+        for x in buf {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Decode a unit written by [`encode`]; `template` gives the shapes and the optimizer settings.
+/// `what` names the source in errors.
+pub fn decode(id: UnitId, bytes: &[u8], template: &ExpertSlot, what: &str) -> Result<ExpertSlot> {
+    let bad = |detail: String| Error::Parse {
+        what: format!("the stored state of expert {}.{} ({what})", id.0, id.1),
+        detail,
+    };
+    let floats = template.floats();
+    if bytes.len() != HEADER + 4 * floats {
+        return Err(bad(format!("{} bytes, expected {}", bytes.len(), HEADER + 4 * floats)));
+    }
+    let word = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let long = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    if &bytes[..8] != MAGIC {
+        return Err(bad("not a semoe expert unit (bad magic)".into()));
+    }
+    if (word(8) as usize, word(12) as usize) != id || long(24) != floats as u64 {
+        return Err(bad(format!(
+            "it holds expert {}.{} with {} floats",
+            word(8),
+            word(12),
+            long(24)
+        )));
+    }
+    let mut at = HEADER;
+    let mut take = |len: usize| -> Vec<f32> {
+        let v = bytes[at..at + 4 * len]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        at += 4 * len;
+        v
+    };
+    let params = [0, 1, 2, 3].map(|k| take(template.params[k].len()));
+    let m = template.optimizer.m.iter().map(|t| take(t.len())).collect();
+    let v = template.optimizer.v.iter().map(|t| take(t.len())).collect();
+    let mut optimizer = template.optimizer.clone();
+    optimizer.restore(long(16), m, v)?;
+    Ok(ExpertSlot { params, optimizer })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::optimizer::OptimizerConfig;
+
+    pub(crate) fn slot(seed: f32) -> ExpertSlot {
+        let sizes = [6, 3, 6, 2];
+        let mut optimizer = AdamW::with_decay(OptimizerConfig::default(), &sizes, &[true, false, true, false]).unwrap();
+        let fill = |n: usize, k: f32| (0..n).map(|i| seed + k + i as f32 * 0.25).collect::<Vec<f32>>();
+        optimizer
+            .restore(
+                7,
+                sizes.iter().map(|&n| fill(n, 100.0)).collect(),
+                sizes.iter().map(|&n| fill(n, 200.0)).collect(),
+            )
+            .unwrap();
+        ExpertSlot {
+            params: [fill(6, 0.0), fill(3, 1.0), fill(6, 2.0), fill(2, 3.0)],
+            optimizer,
+        }
+    }
+
+    #[test]
+    fn round_trips_bit_for_bit() {
+        let s = slot(0.5);
+        let bytes = encode((2, 5), &s);
+        assert_eq!(bytes.len() as u64, s.bytes());
+        let back = decode((2, 5), &bytes, &slot(0.0), "test").unwrap();
+        assert_eq!(back.params, s.params);
+        assert_eq!(back.optimizer, s.optimizer);
+    }
+
+    #[test]
+    fn refuses_the_wrong_unit_or_a_truncated_file() {
+        let bytes = encode((2, 5), &slot(0.5));
+        let e = decode((2, 6), &bytes, &slot(0.0), "test").unwrap_err().to_string();
+        assert!(e.contains("expert 2.6") && e.contains("holds expert 2.5"), "{e}");
+        let e = decode((2, 5), &bytes[..40], &slot(0.0), "test")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("40 bytes"), "{e}");
+    }
+}
