@@ -73,6 +73,20 @@ struct TrainArgs {
     /// Serve the runtime's metrics as Prometheus text on HOST:PORT (path /metrics).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
+    /// Bytes of expert state each worker keeps in the Device tier (the compute working set; e.g.
+    /// 64MiB). It must hold one MoE block's experts. Unset: everything stays in memory.
+    #[arg(long, value_name = "SIZE")]
+    device_budget: Option<String>,
+    /// Bytes of expert state each worker caches in the Host tier (e.g. 128MiB); what fits in
+    /// neither budget lives in the Disk tier under the run directory.
+    #[arg(long, value_name = "SIZE")]
+    host_budget: Option<String>,
+    /// Cache policy of the tiers: se-moe (decayed hit counters) or lru.
+    #[arg(long, value_name = "POLICY")]
+    cache_policy: Option<String>,
+    /// Load experts only when used, without prefetching them from the routing.
+    #[arg(long)]
+    no_prefetch: bool,
     /// Seed of initialisation and sampling.
     #[arg(long)]
     seed: Option<u64>,
@@ -274,6 +288,22 @@ fn unescape(s: &str) -> String {
     s.replace("\\n", "\n")
 }
 
+/// The storage flags (they also apply on `--resume`: a checkpoint loads into any budgets).
+fn storage_flags(a: &TrainArgs, st: &mut semoe::train::config::StorageSettings) {
+    if let Some(v) = &a.device_budget {
+        st.device_budget = v.clone();
+    }
+    if let Some(v) = &a.host_budget {
+        st.host_budget = v.clone();
+    }
+    if let Some(v) = &a.cache_policy {
+        st.cache_policy = v.clone();
+    }
+    if a.no_prefetch {
+        st.prefetch = false;
+    }
+}
+
 fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
     let mut c = match &a.config {
         Some(path) => TrainConfig::from_file(path)?,
@@ -298,6 +328,8 @@ fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
         t.placement = p.clone();
     }
     set!(t.seed, a.seed);
+    storage_flags(a, &mut c.storage);
+    let t = &mut c.train;
     set!(t.batch, a.batch);
     set!(t.groups, a.groups);
     set!(t.eval_every, a.eval_every);
@@ -339,7 +371,7 @@ fn stream_sample(
 fn train(a: &TrainArgs) -> semoe::Result<()> {
     let mut trainer = if a.resume {
         let dir = a.run_dir.clone().unwrap_or_default();
-        Trainer::resume(&dir, a.steps)?
+        Trainer::resume_with(&dir, a.steps, |c| storage_flags(a, &mut c.storage))?
     } else {
         let config = resolve_config(a)?;
         if a.print_config {

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
 use crate::net::StepId;
 use crate::net::{Packet, Payload, Segment, Transport, WorkerId};
+use crate::storage::tiers::ExpertStore;
 use crate::telemetry::metrics as names;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashMap;
@@ -71,6 +72,8 @@ pub struct CommArgs {
     pub registry: SharedRegistry,
     /// The replica parameters arrive into.
     pub replica: SharedReplica,
+    /// The hosted experts' store (told each block's routing as it arrives, to prefetch).
+    pub experts: Arc<ExpertStore>,
     /// Deadline of every collective.
     pub deadline: Duration,
     /// Faults to inject.
@@ -330,6 +333,9 @@ async fn run_experts(
     for s in segments {
         per_expert.entry(s.expert).or_default().push((s.group, s.data));
     }
+    let mut routed: Vec<usize> = per_expert.keys().copied().collect();
+    routed.sort_unstable();
+    args.experts.hint(block, routed, forward);
     let mut tasks = tokio::task::JoinSet::new();
     for (expert, items) in per_expert {
         let actor = read_registry(&args.registry)

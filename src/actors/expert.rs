@@ -3,44 +3,25 @@
 //! It runs its expert's forward and backward over the rows that gates send it, one group at a time
 //! (the canonical shapes), keeps one gradient per group during the step, sums them in group order at
 //! `Prepare`, and applies AdamW to its own parameters at `Commit`. Its committed parameters and
-//! optimizer state live in an [`ExpertSlot`] held by the worker's Tier, so a restarted Expert starts
-//! from exactly the last committed state.
+//! optimizer state are an [`ExpertSlot`] in the worker's [`ExpertStore`] (Device, Host or Disk tier),
+//! borrowed for each use and given back, so a restarted Expert starts from exactly the last
+//! committed state. The gradient is step state: it stays here until the commit and is dropped by
+//! an abort, so the store only ever holds committed values.
 
 use super::{inject, offload, ActorName};
 use crate::chaos::{FaultPlan, Moment, Target};
 use crate::error::{Error, Result};
 use crate::kernels::{Backend, Cpu};
-use crate::model::moe::stages::{self, ExpertGrads, ExpertWeights};
+use crate::model::moe::stages::{self, ExpertGrads};
 use crate::model::moe::MoeConfig;
 use crate::net::StepId;
-use crate::train::optimizer::{sum_squares, AdamW};
+use crate::storage::tiers::ExpertStore;
+use crate::train::optimizer::sum_squares;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
-/// An expert's committed state: parameters and their AdamW moments.
-#[derive(Clone, Debug)]
-pub struct ExpertSlot {
-    /// `[w1, b1, w2, b2]`: `[d_model][d_ff]`, `[d_ff]`, `[d_ff][d_model]`, `[d_model]`.
-    pub params: [Vec<f32>; 4],
-    /// AdamW over the four tensors (decay on `w1`, `w2`).
-    pub optimizer: AdamW,
-}
-
-impl ExpertSlot {
-    fn weights(&self) -> ExpertWeights<'_, f32> {
-        let [w1, b1, w2, b2] = &self.params;
-        ExpertWeights { w1, b1, w2, b2 }
-    }
-}
-
-/// A shared, lockable slot (the Tier holds one per hosted expert).
-pub type SharedSlot = Arc<Mutex<ExpertSlot>>;
-
-pub(crate) fn lock_slot(slot: &SharedSlot) -> std::sync::MutexGuard<'_, ExpertSlot> {
-    // Slots are only written at commit, which does not panic; a poisoned lock holds consistent data.
-    slot.lock().unwrap_or_else(PoisonError::into_inner)
-}
+pub use crate::storage::tiers::ExpertSlot;
 
 /// Rows of one group, in or out.
 pub type GroupRows = Vec<(usize, Vec<f32>)>;
@@ -100,8 +81,8 @@ pub struct ExpertArgs {
     pub groups: usize,
     /// The layer's configuration.
     pub config: MoeConfig,
-    /// Committed state.
-    pub slot: SharedSlot,
+    /// The worker's expert store, where this expert's committed state lives between uses.
+    pub store: Arc<ExpertStore>,
     /// Compute pool.
     pub cpu: Cpu,
     /// Faults to inject.
@@ -109,6 +90,11 @@ pub struct ExpertArgs {
 }
 
 impl ExpertArgs {
+    /// The unit id in the store.
+    pub fn id(&self) -> (usize, usize) {
+        (self.block, self.expert)
+    }
+
     /// The actor's name in logs and errors.
     pub fn name(&self) -> ActorName {
         ActorName(format!(
@@ -248,17 +234,18 @@ impl Actor for ExpertActor {
             }
             ExpertMsg::Commit { step, lr, norm, reply } => {
                 let r = match (state.step == step, state.totals.take()) {
-                    (true, Some(mut totals)) => {
-                        let slot = state.args.slot.clone();
-                        offload(&state.args.cpu, move |_| {
-                            let mut s = lock_slot(&slot);
-                            let ExpertSlot { params, optimizer } = &mut *s;
-                            let mut p: Vec<&mut Vec<f32>> = params.iter_mut().collect();
-                            let mut g: Vec<&mut Vec<f32>> = totals.iter_mut().collect();
-                            optimizer.apply(&mut p, &mut g, lr, norm)
-                        })
-                        .await
-                    }
+                    (true, Some(mut totals)) => match state.args.store.acquire(state.args.id()).await {
+                        Ok(mut lease) => {
+                            offload(&state.args.cpu, move |_| {
+                                let ExpertSlot { params, optimizer } = lease.slot_mut();
+                                let mut p: Vec<&mut Vec<f32>> = params.iter_mut().collect();
+                                let mut g: Vec<&mut Vec<f32>> = totals.iter_mut().collect();
+                                optimizer.apply(&mut p, &mut g, lr, norm)
+                            })
+                            .await
+                        }
+                        Err(e) => Err(e),
+                    },
                     _ => Err(Error::runtime(format!(
                         "{name}: commit of step {step}, which it has not prepared"
                     ))),
@@ -274,7 +261,8 @@ impl Actor for ExpertActor {
 
 /// The expert's forward over every group's rows, groups side by side.
 async fn forward(args: &ExpertArgs, items: GroupRows) -> Result<Vec<(usize, FwdCache, Vec<f32>)>> {
-    let (c, slot) = (args.config.clone(), args.slot.clone());
+    let c = args.config.clone();
+    let lease = args.store.acquire(args.id()).await?;
     offload(&args.cpu, move |cpu| {
         let (d, f) = (c.d_model, c.d_ff);
         let mut work: Vec<(usize, FwdCache, Vec<f32>)> = items
@@ -289,12 +277,11 @@ async fn forward(args: &ExpertArgs, items: GroupRows) -> Result<Vec<(usize, FwdC
                 (group, cache, vec![0.0; n * d])
             })
             .collect();
-        let s = lock_slot(&slot);
-        let w = s.weights();
+        let w = lease.weights();
         cpu.par_for_each(work.iter_mut().collect(), |b, (_, cache, ye)| {
             stages::expert_forward(&c, b, w, &cache.xe, &mut cache.h, &mut cache.a, ye)
         })?;
-        drop(s);
+        drop(lease);
         Ok(work)
     })
     .await
@@ -306,7 +293,8 @@ async fn backward(
     args: &ExpertArgs,
     work: Vec<(usize, FwdCache, Vec<f32>)>,
 ) -> Result<Vec<(usize, [Vec<f32>; 4], Vec<f32>)>> {
-    let (c, slot) = (args.config.clone(), args.slot.clone());
+    let c = args.config.clone();
+    let lease = args.store.acquire(args.id()).await?;
     offload(&args.cpu, move |cpu| {
         let (d, f) = (c.d_model, c.d_ff);
         let mut out: Vec<(usize, FwdCache, Vec<f32>, [Vec<f32>; 4], Vec<f32>)> = work
@@ -317,14 +305,13 @@ async fn backward(
                 (group, cache, gye, grads, gxe)
             })
             .collect();
-        let s = lock_slot(&slot);
-        let w = s.weights();
+        let w = lease.weights();
         cpu.par_for_each(out.iter_mut().collect(), |b, (_, cache, gye, grads, gxe)| {
             let [w1, b1, w2, b2] = grads;
             let g = ExpertGrads { w1, b1, w2, b2 };
             stages::expert_backward(&c, b, w, &cache.xe, &cache.h, &mut cache.a, gye, gxe, g)
         })?;
-        drop(s);
+        drop(lease);
         Ok(out
             .into_iter()
             .map(|(group, _, _, grads, gxe)| (group, grads, gxe))

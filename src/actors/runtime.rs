@@ -2,7 +2,6 @@
 
 pub use super::coordinator::StepOutcome;
 use super::coordinator::{CoordActor, CoordArgs, CoordMsg};
-use super::expert::ExpertSlot;
 use super::placement::{ExpertPlacement, Placement};
 use super::tier::{TierSnapshot, TierStore};
 use super::worker::{strip_experts, WorkerArgs};
@@ -12,12 +11,12 @@ use crate::error::{Error, Result};
 use crate::kernels::Cpu;
 use crate::model::gpt::{Ffn, Gpt};
 use crate::net::{local, Transport};
+use crate::storage::tiers::{ExpertSlot, ExpertStore, StorageConfig, TierStats};
 use crate::train::config::TrainConfig;
 use crate::train::data::Corpus;
 use crate::train::optimizer::AdamW;
 use crate::train::trainer::{new_optimizer, write_checkpoint};
 use ractor::{Actor, ActorRef};
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,9 +52,17 @@ pub struct RuntimeBuilder {
     chaos: FaultPlan,
     text: Option<Arc<Vec<u8>>>,
     state: Option<(Gpt<f32>, AdamW)>,
+    storage: StorageConfig,
 }
 
 impl RuntimeBuilder {
+    /// Where expert state lives: Device/Host budgets, cache policy, prefetch, the disk directory
+    /// (default: everything in memory). Each worker gets these budgets for its own experts.
+    pub fn storage(mut self, storage: StorageConfig) -> Self {
+        self.storage = storage;
+        self
+    }
+
     /// Lanes per worker (default 4, at most one per group): a worker's groups are split into this many lanes, each going
     /// through the MoE blocks in lockstep, so that one lane computes while another waits for its
     /// experts. 1 sends exactly one message per peer, MoE block and direction for all of a worker's
@@ -166,7 +173,8 @@ impl RuntimeBuilder {
             &self.placement,
         )?);
         let cpu = Cpu::new(config.train.threads)?;
-        let stores = distribute(&config, &model, &optimizer, &placement)?;
+        let stores = distribute(&config, &model, &optimizer, &placement, &self.storage)?;
+        let expert_stores: Vec<Arc<ExpertStore>> = stores.iter().map(|s| s.experts.clone()).collect();
         let mut replica = model.clone();
         strip_experts(&mut replica);
         let replica = Arc::new(replica);
@@ -209,12 +217,19 @@ impl RuntimeBuilder {
             placement,
             deadline: self.step_deadline,
             max_replays: self.max_replays,
+            expert_stores,
         })
     }
 }
 
 /// Split a model and its optimizer state into each worker's committed store.
-fn distribute(config: &TrainConfig, model: &Gpt<f32>, opt: &AdamW, placement: &Placement) -> Result<Vec<TierStore>> {
+fn distribute(
+    config: &TrainConfig,
+    model: &Gpt<f32>,
+    opt: &AdamW,
+    placement: &Placement,
+    storage: &StorageConfig,
+) -> Result<Vec<TierStore>> {
     let specs = model.specs();
     let tensors = model.tensors();
     if opt.m.len() != specs.len() {
@@ -232,7 +247,7 @@ fn distribute(config: &TrainConfig, model: &Gpt<f32>, opt: &AdamW, placement: &P
             owned.iter().map(|&i| opt.m[i].clone()).collect(),
             owned.iter().map(|&i| opt.v[i].clone()).collect(),
         )?;
-        let mut experts = BTreeMap::new();
+        let mut experts = Vec::new();
         for (block, b) in model.blocks.iter().enumerate() {
             if !matches!(b.ffn, Ffn::Moe(_)) {
                 continue;
@@ -261,13 +276,14 @@ fn distribute(config: &TrainConfig, model: &Gpt<f32>, opt: &AdamW, placement: &P
                     idx.iter().map(|&i| slice(&opt.m[i], i)).collect(),
                     idx.iter().map(|&i| slice(&opt.v[i], i)).collect(),
                 )?;
-                experts.insert((block, e), Arc::new(Mutex::new(ExpertSlot { params, optimizer })));
+                experts.push(((block, e), ExpertSlot { params, optimizer }));
             }
         }
+        experts.sort_by_key(|(id, _)| *id);
         stores.push(TierStore {
             dense,
             optimizer,
-            experts,
+            experts: Arc::new(ExpertStore::new(w, storage, experts)?),
         });
     }
     Ok(stores)
@@ -282,9 +298,15 @@ pub struct Runtime {
     placement: Arc<Placement>,
     deadline: Duration,
     max_replays: u32,
+    expert_stores: Vec<Arc<ExpertStore>>,
 }
 
 impl Runtime {
+    /// Each worker's expert-store figures (tier occupancy, hits, prefetch, bytes moved, stalls).
+    pub fn tier_stats(&self) -> Vec<TierStats> {
+        self.expert_stores.iter().map(|s| s.stats()).collect()
+    }
+
     /// A builder for a runtime training with `config`.
     pub fn builder(config: TrainConfig) -> RuntimeBuilder {
         RuntimeBuilder {
@@ -299,6 +321,7 @@ impl Runtime {
             chaos: FaultPlan::none(),
             text: None,
             state: None,
+            storage: StorageConfig::default(),
         }
     }
 
@@ -346,11 +369,20 @@ impl Runtime {
     }
 
     /// Stop every actor and wait for them.
+    /// The expert stores are dropped last (their Disk tier files are deleted then), once every
+    /// actor holding them has stopped, waiting up to a few seconds for that.
     pub async fn shutdown(self) -> Result<()> {
         self.coordinator.stop(Some("shutdown".into()));
-        self.join
+        let r = self
+            .join
             .await
-            .map_err(|e| Error::runtime(format!("the coordinator did not stop cleanly: {e}")))
+            .map_err(|e| Error::runtime(format!("the coordinator did not stop cleanly: {e}")));
+        let since = std::time::Instant::now();
+        while self.expert_stores.iter().any(|s| Arc::strong_count(s) > 1) && since.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(self.expert_stores);
+        r
     }
 }
 

@@ -5,17 +5,20 @@
 //! every worker), sums them in group order at `Prepare`, and applies AdamW at `Commit`, answering
 //! the new values for the broadcast. Everything committed lives in a shared store, so a restarted
 //! Tier (or Expert) starts from the last commit; only the step in flight is lost, and replayed.
-//! (Moving expert state between memory budgets, Device/Host/Disk, builds on this actor.)
+//! The hosted experts' units live in the worker's [`ExpertStore`] (Device, Host and Disk tiers);
+//! the Tier tells it when a step commits (its hit counters decay on a step schedule) and reads it
+//! back for snapshots.
 
-use super::expert::{lock_slot, ExpertSlot, SharedSlot};
+use super::expert::ExpertSlot;
 use super::{inject, offload, ActorName};
 use crate::chaos::{FaultPlan, Moment, Target};
 use crate::error::{Error, Result};
 use crate::kernels::Cpu;
 use crate::net::StepId;
+use crate::storage::tiers::ExpertStore;
 use crate::train::optimizer::{sum_squares, AdamW};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// A worker's committed state.
@@ -25,8 +28,8 @@ pub struct TierStore {
     pub dense: Vec<(usize, Vec<f32>)>,
     /// AdamW over `dense`, in the same order.
     pub optimizer: AdamW,
-    /// Slots of the hosted experts, by `(block, expert)`.
-    pub experts: BTreeMap<(usize, usize), SharedSlot>,
+    /// The hosted experts' units, across the Device, Host and Disk tiers.
+    pub experts: Arc<ExpertStore>,
 }
 
 /// The store, shared between the Tier actor and its supervisor.
@@ -214,10 +217,15 @@ impl Actor for TierActor {
                         let store = state.args.store.clone();
                         offload(&state.args.cpu, move |_| {
                             let mut s = lock_store(&store);
-                            let TierStore { dense, optimizer, .. } = &mut *s;
+                            let TierStore {
+                                dense,
+                                optimizer,
+                                experts,
+                            } = &mut *s;
                             let mut p: Vec<&mut Vec<f32>> = dense.iter_mut().map(|(_, v)| v).collect();
                             let mut g: Vec<&mut Vec<f32>> = totals.iter_mut().collect();
                             optimizer.apply(&mut p, &mut g, lr, norm)?;
+                            experts.end_step(step.step);
                             Ok(dense.iter().map(|(i, v)| (*i, Arc::new(v.clone()))).collect())
                         })
                         .await
@@ -234,23 +242,21 @@ impl Actor for TierActor {
                 state.totals = None;
             }
             TierMsg::Snapshot { reply } => {
-                let s = lock_store(&state.args.store);
-                let dense = s
-                    .dense
-                    .iter()
-                    .enumerate()
-                    .map(|(k, (i, v))| (*i, v.clone(), s.optimizer.m[k].clone(), s.optimizer.v[k].clone()))
-                    .collect();
-                let experts = s
-                    .experts
-                    .iter()
-                    .map(|(id, slot)| (*id, lock_slot(slot).clone()))
-                    .collect();
-                let _ = reply.send(Ok(TierSnapshot {
-                    step: s.optimizer.step,
-                    dense,
-                    experts,
-                }));
+                let (step, dense, store) = {
+                    let s = lock_store(&state.args.store);
+                    let dense = s
+                        .dense
+                        .iter()
+                        .enumerate()
+                        .map(|(k, (i, v))| (*i, v.clone(), s.optimizer.m[k].clone(), s.optimizer.v[k].clone()))
+                        .collect();
+                    (s.optimizer.step, dense, s.experts.clone())
+                };
+                let r = store
+                    .snapshot()
+                    .await
+                    .map(|experts| TierSnapshot { step, dense, experts });
+                let _ = reply.send(r);
             }
         }
         Ok(())

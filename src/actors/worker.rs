@@ -7,7 +7,7 @@
 //! which the worker reports itself lost.
 
 use super::communicator::{CommActor, CommArgs, CommMsg, Registry, SharedRegistry, SharedReplica};
-use super::expert::{ExpertActor, ExpertArgs, ExpertMsg, SharedSlot};
+use super::expert::{ExpertActor, ExpertArgs, ExpertMsg};
 use super::gate::{GateActor, GateArgs, GateMsg};
 use super::placement::Placement;
 use super::runtime::RestartPolicy;
@@ -21,6 +21,7 @@ use crate::model::moe::MoeConfig;
 use crate::model::pass::{GroupPass, MoeResult, Need};
 use crate::net::StepId;
 use crate::net::{Inbox, Payload, Transport};
+use crate::storage::tiers::ExpertStore;
 use crate::telemetry::metrics as names;
 use crate::train::config::TrainConfig;
 use crate::train::sampler;
@@ -147,20 +148,13 @@ impl WorkerState {
         self.args.config.model.moe_config()
     }
 
-    fn slot(&self, block: usize, expert: usize) -> Result<SharedSlot> {
+    fn expert_store(&self) -> Arc<ExpertStore> {
         self.args
             .store
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .experts
-            .get(&(block, expert))
-            .cloned()
-            .ok_or_else(|| {
-                Error::runtime(format!(
-                    "worker {} has no slot for expert {block}.{expert}",
-                    self.args.worker
-                ))
-            })
+            .clone()
     }
 
     /// Start (or restart) one child and record it.
@@ -194,7 +188,7 @@ impl WorkerState {
                     worker: a.worker,
                     groups: a.config.train.groups,
                     config: self.moe_config(),
-                    slot: self.slot(block, expert)?,
+                    store: self.expert_store(),
                     cpu: a.cpu.clone(),
                     chaos: a.chaos.clone(),
                 };
@@ -220,6 +214,7 @@ impl WorkerState {
                     transport: a.transport.clone(),
                     registry: self.registry.clone(),
                     replica: a.replica.clone(),
+                    experts: self.expert_store(),
                     deadline: a.deadline,
                     chaos: a.chaos.clone(),
                 };

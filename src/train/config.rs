@@ -1,9 +1,10 @@
-//! The training configuration: a TOML file with `[model]`, `[optimizer]` and `[train]` tables, every
+//! The training configuration: a TOML file with `[model]`, `[optimizer]`, `[train]` and `[storage]` tables, every
 //! key optional (defaults below), unknown keys rejected so that a typo is an error, not a silent
 //! default.
 
 use crate::error::{Error, Result};
 use crate::model::gpt::GptConfig;
+use crate::storage::tiers::{parse_bytes, CachePolicy, StorageConfig};
 use crate::train::optimizer::OptimizerConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -18,6 +19,95 @@ pub struct TrainConfig {
     pub optimizer: OptimizerConfig,
     /// The loop: batch, steps, evaluation, checkpoints.
     pub train: TrainSettings,
+    /// Where expert state lives while training (the actor runtime's tiers).
+    pub storage: StorageSettings,
+}
+
+/// Where expert state lives: byte budgets of the Device and Host tiers per worker (the rest goes
+/// to the Disk tier, files under the run directory), the cache policy and prefetch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
+    /// Bytes of the Device tier per worker (`512MiB`, `2GiB`, ...); empty: unlimited. On a
+    /// machine without a GPU it is the compute working set in RAM; it must hold one MoE block's
+    /// experts.
+    pub device_budget: String,
+    /// Bytes of the Host tier (the cache of experts) per worker; empty: unlimited.
+    pub host_budget: String,
+    /// `se-moe` (decayed hit counters, least-hit eviction) or `lru`.
+    pub cache_policy: String,
+    /// SE-MoE: hits an expert needs to be admitted into the host cache.
+    pub cache_threshold: f64,
+    /// SE-MoE: factor the hit counters decay by.
+    pub cache_beta: f64,
+    /// SE-MoE: decay every this many steps.
+    pub cache_decay_every: u64,
+    /// Load experts ahead of use from the routing and one block of look-ahead (false: on demand).
+    pub prefetch: bool,
+    /// Drop the disk tier's files from the page cache after each access, so that reads reach the
+    /// disk and the page cache is not an unbudgeted extra tier.
+    pub drop_page_cache: bool,
+    /// Threads reading and writing the disk tier.
+    pub io_threads: usize,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        let (threshold, beta, decay_every) = match CachePolicy::default() {
+            CachePolicy::SeMoe {
+                threshold,
+                beta,
+                decay_every,
+            } => (threshold, beta, decay_every),
+            CachePolicy::Lru => (0.0, 0.5, 4),
+        };
+        StorageSettings {
+            device_budget: String::new(),
+            host_budget: String::new(),
+            cache_policy: "se-moe".into(),
+            cache_threshold: threshold,
+            cache_beta: beta,
+            cache_decay_every: decay_every,
+            prefetch: true,
+            drop_page_cache: true,
+            io_threads: 2,
+        }
+    }
+}
+
+impl StorageSettings {
+    /// The store's configuration, with the Disk tier under `dir`.
+    pub fn to_config(&self, dir: Option<PathBuf>) -> Result<StorageConfig> {
+        let budget = |name: &str, text: &str| -> Result<Option<u64>> {
+            if text.trim().is_empty() {
+                Ok(None)
+            } else {
+                parse_bytes(name, text).map(Some)
+            }
+        };
+        let policy = match self.cache_policy.parse::<CachePolicy>()? {
+            CachePolicy::SeMoe { .. } => CachePolicy::SeMoe {
+                threshold: self.cache_threshold,
+                beta: self.cache_beta,
+                decay_every: self.cache_decay_every,
+            },
+            CachePolicy::Lru => CachePolicy::Lru,
+        };
+        policy.validate()?;
+        if self.io_threads == 0 {
+            return Err(Error::config("storage.io_threads must be at least 1"));
+        }
+        Ok(StorageConfig {
+            device_budget: budget("storage.device_budget", &self.device_budget)?,
+            host_budget: budget("storage.host_budget", &self.host_budget)?,
+            policy,
+            prefetch: self.prefetch,
+            dir,
+            drop_page_cache: self.drop_page_cache,
+            io_threads: self.io_threads,
+            ..StorageConfig::default()
+        })
+    }
 }
 
 /// Settings of the training loop.
@@ -126,6 +216,12 @@ impl TrainConfig {
         }
         if t.keep_checkpoints == 0 {
             return Err(Error::config("train.keep_checkpoints must be at least 1"));
+        }
+        let storage = self.storage.to_config(None)?;
+        if !storage.unlimited() && t.workers == 0 {
+            return Err(Error::config(
+                "storage budgets need the actor runtime (train.workers >= 1); the plain loop keeps everything in memory",
+            ));
         }
         Ok(())
     }

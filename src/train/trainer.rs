@@ -120,10 +120,21 @@ impl Trainer {
     /// Metrics logged after that checkpoint (by an interrupted invocation) are dropped, so the log
     /// reads as one run.
     pub fn resume(run_dir: &Path, override_steps: Option<u64>) -> Result<Self> {
+        Trainer::resume_with(run_dir, override_steps, |_| {})
+    }
+
+    /// [`Trainer::resume`], with the run's configuration adjusted first by `adjust` (for settings
+    /// that do not change the result, such as the storage budgets: a checkpoint loads into any).
+    pub fn resume_with(
+        run_dir: &Path,
+        override_steps: Option<u64>,
+        adjust: impl FnOnce(&mut TrainConfig),
+    ) -> Result<Self> {
         let mut config = TrainConfig::from_file(&run_dir.join("config.toml"))?;
         if let Some(steps) = override_steps {
             config.train.steps = steps;
         }
+        adjust(&mut config);
         config.validate()?;
         let dir = checkpoint::latest(run_dir)?.ok_or_else(|| {
             Error::config(format!(
@@ -163,6 +174,7 @@ impl Trainer {
                 .placement(config.train.placement.parse::<ExpertPlacement>()?)
                 .deadline(Duration::from_secs_f64(config.train.deadline_s))
                 .text(corpus.train.clone())
+                .storage(config.storage.to_config(Some(run_dir.join("tiers")))?)
                 .state(model.clone(), optimizer.clone());
             let runtime = tokio.block_on(builder.build())?;
             let engine = RuntimeEngine {
@@ -325,6 +337,11 @@ impl Trainer {
             .install(|| optimizer.apply(&mut params, &mut total, lr, grad_norm))?;
 
         Ok((outputs, lr, grad_norm))
+    }
+
+    /// Each worker's expert-store figures (empty for the plain loop).
+    pub fn tier_stats(&self) -> Vec<crate::storage::tiers::TierStats> {
+        self.engine.as_ref().map(|e| e.runtime.tier_stats()).unwrap_or_default()
     }
 
     /// Mean cross-entropy (nats per byte) over the evaluation windows of the validation text.

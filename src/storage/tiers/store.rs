@@ -477,6 +477,12 @@ impl ExpertStore {
     }
 }
 
+impl std::fmt::Debug for ExpertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpertStore").field("stats", &self.stats()).finish()
+    }
+}
+
 impl Drop for ExpertStore {
     fn drop(&mut self) {
         let _ = self.tx.send(Request::Stop);
@@ -757,9 +763,7 @@ impl Manager {
         }
         self.clock += 1;
         let clock = self.clock;
-        let Some(e) = self.entries.get_mut(&w.id) else {
-            return None;
-        };
+        let e = self.entries.get_mut(&w.id)?;
         let was_prefetch = e.usage.unused_prefetch;
         self.policy.touch(&mut e.usage, clock);
         let Some(slot) = e.slot.take() else {
@@ -840,7 +844,7 @@ impl Manager {
                 return;
             }
         }
-        self.to_disk(id, t);
+        self.write_back(id, t);
     }
 
     fn host_candidates<'a>(&'a self, keep: &'a HashSet<UnitId>) -> impl Iterator<Item = (UnitId, Usage)> + 'a {
@@ -850,7 +854,7 @@ impl Manager {
             .map(|(id, e)| (*id, e.usage))
     }
 
-    fn to_disk(&mut self, id: UnitId, t: Mem) {
+    fn write_back(&mut self, id: UnitId, t: Mem) {
         let b = self.unit_bytes;
         let Some(e) = self.entries.get_mut(&id) else { return };
         if !e.dirty {

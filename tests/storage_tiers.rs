@@ -1,0 +1,200 @@
+//! Hierarchical storage of expert state: a model with 64 experts per MoE block, trained with the
+//! Device and Host budgets holding 25% of the expert state (the rest on disk), ends bitwise
+//! identical to the same run with everything in memory; budgets are never exceeded; a checkpoint
+//! written under one budget configuration resumes under another.
+
+mod common;
+
+use semoe::actors::Runtime;
+use semoe::model::gpt::Gpt;
+use semoe::storage::tiers::{CachePolicy, StorageConfig, TierStats};
+use semoe::train::config::TrainConfig;
+use semoe::train::trainer::Trainer;
+use std::path::PathBuf;
+
+const STEPS: u64 = 6;
+
+/// 8 MoE blocks of 64 experts (top-2), d_model 16: one block is 1/8 of the expert state.
+fn config() -> TrainConfig {
+    let mut c = common::small_config(STEPS);
+    c.model.d_model = 16;
+    c.model.n_layer = 8;
+    c.model.n_head = 2;
+    c.model.d_ff = 32;
+    c.model.experts = 64;
+    c.train.batch = 16;
+    c
+}
+
+fn bits(model: &Gpt<f32>) -> Vec<(String, Vec<u32>)> {
+    model
+        .tensors()
+        .into_iter()
+        .map(|(n, _, b)| (n, b.iter().map(|v| v.to_bits()).collect()))
+        .collect()
+}
+
+fn assert_same(want: &[(String, Vec<u32>)], got: &[(String, Vec<u32>)], what: &str) {
+    assert_eq!(want.len(), got.len());
+    for ((n, a), (_, b)) in want.iter().zip(got) {
+        let diff = a.iter().zip(b).position(|(x, y)| x != y);
+        assert!(diff.is_none(), "{what}: tensor {n} differs at element {diff:?}");
+    }
+}
+
+fn temp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("semoe-tiers-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Bytes of one expert unit of `config()`: parameters and two moments.
+fn unit_bytes() -> u64 {
+    let (d, f) = (16u64, 32u64);
+    32 + 3 * 4 * (2 * d * f + d + f)
+}
+
+async fn train(workers: usize, storage: StorageConfig) -> (Vec<(String, Vec<u32>)>, Vec<TierStats>) {
+    let rt = Runtime::builder(config())
+        .workers(workers)
+        .storage(storage)
+        .build()
+        .await
+        .expect("runtime");
+    for _ in 0..STEPS {
+        rt.step().await.expect("step");
+    }
+    let model = rt.model().await.expect("model");
+    let stats = rt.tier_stats();
+    rt.shutdown().await.expect("shutdown");
+    (bits(&model), stats)
+}
+
+/// Device and Host each hold 1/8 of a worker's expert state (one block's experts): 25% in memory.
+fn quarter(workers: u64, dir: PathBuf, policy: CachePolicy, prefetch: bool) -> StorageConfig {
+    let block = 64 / workers * unit_bytes();
+    StorageConfig {
+        device_budget: Some(block),
+        host_budget: Some(block),
+        policy,
+        prefetch,
+        dir: Some(dir),
+        // Flushing each write to the device costs seconds here; one case keeps it on.
+        drop_page_cache: workers == 1 && prefetch,
+        ..StorageConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarter_in_memory_trains_bit_for_bit_like_everything_in_memory() {
+    let (want, all_in_memory) = train(1, StorageConfig::default()).await;
+    assert_eq!(
+        all_in_memory[0].served_from[2], 0,
+        "nothing comes from disk without budgets"
+    );
+
+    let cases = [
+        (1, CachePolicy::default(), true),
+        (1, CachePolicy::Lru, false),
+        (2, CachePolicy::default(), true),
+    ];
+    for (workers, policy, prefetch) in cases {
+        let what = format!("{workers} worker(s), {} policy, prefetch {prefetch}", policy.name());
+        let dir = temp(&format!("quarter-{workers}-{}-{prefetch}", policy.name()));
+        let (got, stats) = train(workers, quarter(workers as u64, dir.clone(), policy, prefetch)).await;
+        assert_same(&want, &got, &what);
+        for (w, st) in stats.iter().enumerate() {
+            assert_eq!(st.units, 512 / workers, "{what}");
+            assert!(
+                st.peak[0] <= st.budget[0],
+                "{what}: worker {w} device {} > {}",
+                st.peak[0],
+                st.budget[0]
+            );
+            assert!(
+                st.peak[1] <= st.budget[1],
+                "{what}: worker {w} host {} > {}",
+                st.peak[1],
+                st.budget[1]
+            );
+            assert!(
+                st.disk_read > 0 && st.disk_written > 0,
+                "{what}: the disk tier was not used: {st:?}"
+            );
+            assert_eq!(st.prefetched > 0, prefetch, "{what}: {st:?}");
+        }
+        assert!(
+            !dir.join("worker-0").exists(),
+            "{what}: the disk tier's files outlive the run"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn a_device_budget_below_one_block_is_a_clear_error_at_start() {
+    let dir = temp("too-small");
+    let mut c = config();
+    c.train.workers = 1;
+    c.storage.device_budget = format!("{}", 10 * unit_bytes());
+    c.storage.host_budget = "1MiB".into();
+    let e = Trainer::new(c, &dir).err().expect("must fail").to_string();
+    assert!(e.contains("device budget") && e.contains("64 experts"), "{e}");
+    let mut c = config();
+    c.train.workers = 0;
+    c.storage.host_budget = "1MiB".into();
+    let e = Trainer::new(c, &dir).err().expect("must fail").to_string();
+    assert!(e.contains("actor runtime"), "{e}");
+    let mut c = config();
+    c.train.workers = 1;
+    c.storage.device_budget = "a lot".into();
+    let e = Trainer::new(c, &dir).err().expect("must fail").to_string();
+    assert!(e.contains("storage.device_budget"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_checkpoint_resumes_under_other_budgets_bit_for_bit() {
+    let reference = {
+        let dir = temp("resume-ref");
+        let mut c = config();
+        c.train.workers = 1;
+        let mut t = Trainer::new(c, &dir).expect("trainer");
+        for _ in 0..STEPS {
+            t.step().expect("step");
+        }
+        let out = bits(t.model().expect("model"));
+        drop(t);
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    };
+    let dir = temp("resume");
+    let mut c = config();
+    c.train.workers = 1;
+    c.storage.device_budget = format!("{}", 64 * unit_bytes());
+    c.storage.host_budget = format!("{}", 64 * unit_bytes());
+    let mut t = Trainer::new(c, &dir).expect("trainer");
+    for _ in 0..STEPS / 2 {
+        t.step().expect("step");
+    }
+    t.save_checkpoint(0.0).expect("checkpoint");
+    drop(t);
+    // Resume with everything in memory, and again with a device-only budget of two blocks.
+    for (device, host) in [("", ""), (format!("{}", 128 * unit_bytes()).as_str(), "0")] {
+        let mut t = Trainer::resume_with(&dir, None, |c| {
+            c.storage.device_budget = device.to_string();
+            c.storage.host_budget = host.to_string();
+        })
+        .expect("resume");
+        assert_eq!(t.steps_done(), STEPS / 2);
+        while t.steps_done() < STEPS {
+            t.step().expect("step");
+        }
+        assert_same(
+            &reference,
+            &bits(t.model().expect("model")),
+            &format!("resumed with {device:?}/{host:?}"),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
