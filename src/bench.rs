@@ -326,3 +326,178 @@ pub fn runtime_bench(
         threads: config.train.threads,
     })
 }
+
+/// One storage configuration of [`storage_bench`].
+#[derive(Clone, Debug)]
+pub struct StorageVariant {
+    /// Its name in the report.
+    pub name: String,
+    /// The storage settings.
+    pub storage: crate::train::config::StorageSettings,
+}
+
+/// Figures of one [`StorageVariant`] over the timed steps.
+#[derive(Clone, Debug, Serialize)]
+pub struct StorageRow {
+    /// The variant.
+    pub name: String,
+    /// Median tokens per second over the rounds.
+    pub tokens_per_s: f64,
+    /// Every round's tokens per second.
+    pub rounds: Vec<f64>,
+    /// Share of expert acquisitions served from memory.
+    pub hit_rate: f64,
+    /// Share of prefetched experts that were used.
+    pub prefetch_accuracy: f64,
+    /// Bytes read from disk per step.
+    pub read_per_step: f64,
+    /// Bytes written to disk per step.
+    pub written_per_step: f64,
+    /// Seconds per step acquirers waited for experts not in memory.
+    pub stall_per_step: f64,
+    /// Disk bytes (read + written) per second of training wall time.
+    pub disk_bytes_per_s: f64,
+    /// Disk bytes per second of the I/O threads' busy time (reads and writes).
+    pub io_bytes_per_busy_s: f64,
+    /// The most bytes held in Device and Host.
+    pub peak: [u64; 2],
+    /// Budgets of Device and Host.
+    pub budget: [u64; 2],
+}
+
+/// The storage benchmark: tokens/s of the same training under several storage configurations,
+/// alternating round by round, with the disk's own read bandwidth measured in the same directory.
+#[derive(Clone, Debug, Serialize)]
+pub struct StorageReport {
+    /// Sequences per step.
+    pub batch: usize,
+    /// Mean tokens each expert receives per step (top-k assignments over experts).
+    pub tokens_per_expert: f64,
+    /// Bytes of all expert state (parameters and moments).
+    pub expert_state_bytes: u64,
+    /// Sequential read bandwidth of the disk (page cache dropped), bytes per second.
+    pub disk_read_bytes_per_s: f64,
+    /// Sequential write bandwidth of the disk (flushed), bytes per second.
+    pub disk_write_bytes_per_s: f64,
+    /// One row per variant.
+    pub rows: Vec<StorageRow>,
+    /// Timed steps per round.
+    pub steps: usize,
+    /// Compute threads.
+    pub threads: usize,
+}
+
+/// Run `config` under each variant (all in the run directories under `dir`), alternating.
+pub fn storage_bench(
+    config: &crate::train::TrainConfig,
+    variants: &[StorageVariant],
+    dir: &std::path::Path,
+    warmup: usize,
+    steps: usize,
+    rounds: usize,
+) -> Result<StorageReport> {
+    use crate::storage::tiers::TierStats;
+    use crate::train::Trainer;
+    let base = dir.join(format!("semoe-bench-storage-{}", std::process::id()));
+    let (disk_read_bytes_per_s, disk_write_bytes_per_s) = disk_bandwidth(&base, 512 << 20)?;
+    let mut trainers = Vec::with_capacity(variants.len());
+    for (i, v) in variants.iter().enumerate() {
+        let mut c = config.clone();
+        c.storage = v.storage.clone();
+        c.train.steps = (warmup + steps * rounds + 1) as u64;
+        let run = base.join(format!("variant-{i}"));
+        let _ = std::fs::remove_dir_all(&run);
+        let mut t = Trainer::new(c, &run)?;
+        for _ in 0..warmup {
+            t.step()?;
+        }
+        trainers.push(t);
+    }
+    let total = |t: &Trainer| {
+        let mut s = TierStats::default();
+        t.tier_stats().iter().for_each(|w| s.add(w));
+        s
+    };
+    let start: Vec<TierStats> = trainers.iter().map(total).collect();
+    let tokens = (config.train.batch * config.model.block_size * steps.max(1)) as f64;
+    let mut times = vec![Vec::new(); variants.len()];
+    for _ in 0..rounds.max(1) {
+        for (i, t) in trainers.iter_mut().enumerate() {
+            let started = Instant::now();
+            for _ in 0..steps.max(1) {
+                t.step()?;
+            }
+            times[i].push(started.elapsed().as_secs_f64());
+        }
+    }
+    let timed_steps = (steps.max(1) * rounds.max(1)) as f64;
+    let mut rows = Vec::with_capacity(variants.len());
+    let mut expert_state_bytes = 0;
+    for (i, t) in trainers.iter().enumerate() {
+        let (a, b) = (&start[i], total(t));
+        expert_state_bytes = b.unit_bytes * b.units as u64;
+        let wall: f64 = times[i].iter().sum();
+        let served: Vec<u64> = (0..3).map(|k| b.served_from[k] - a.served_from[k]).collect();
+        let all: u64 = served.iter().sum();
+        let read = (b.disk_read - a.disk_read) as f64;
+        let written = (b.disk_written - a.disk_written) as f64;
+        let busy = (b.read_seconds - a.read_seconds) + (b.write_seconds - a.write_seconds);
+        let prefetched = b.prefetched - a.prefetched;
+        rows.push(StorageRow {
+            name: variants[i].name.clone(),
+            tokens_per_s: median(times[i].iter().map(|s| tokens / s).collect()),
+            rounds: times[i].iter().map(|s| tokens / s).collect(),
+            hit_rate: if all == 0 {
+                1.0
+            } else {
+                (served[0] + served[1]) as f64 / all as f64
+            },
+            prefetch_accuracy: if prefetched == 0 {
+                0.0
+            } else {
+                (b.prefetch_used - a.prefetch_used) as f64 / prefetched as f64
+            },
+            read_per_step: read / timed_steps,
+            written_per_step: written / timed_steps,
+            stall_per_step: (b.stall_seconds - a.stall_seconds) / timed_steps,
+            disk_bytes_per_s: (read + written) / wall,
+            io_bytes_per_busy_s: if busy > 0.0 { (read + written) / busy } else { 0.0 },
+            peak: b.peak,
+            budget: b.budget,
+        });
+    }
+    drop(trainers);
+    let _ = std::fs::remove_dir_all(&base);
+    let m = &config.model;
+    Ok(StorageReport {
+        batch: config.train.batch,
+        tokens_per_expert: (config.train.batch * m.block_size * m.k) as f64 / m.experts as f64,
+        expert_state_bytes,
+        disk_read_bytes_per_s,
+        disk_write_bytes_per_s,
+        rows,
+        steps,
+        threads: config.train.threads,
+    })
+}
+
+/// Write `bytes` to a file under `dir` (flushed) and read it back with the page cache dropped, in
+/// 4 MiB pieces: the disk's own sequential write and read bandwidth, bytes per second.
+fn disk_bandwidth(dir: &std::path::Path, bytes: usize) -> Result<(f64, f64)> {
+    use crate::storage::tiers::disk::DiskTier;
+    let disk = DiskTier::open(&dir.join("bandwidth"), true)?;
+    let piece = vec![0x5au8; 4 << 20];
+    let n = bytes.div_ceil(piece.len());
+    let started = Instant::now();
+    for i in 0..n {
+        disk.write((0, i), &piece)?;
+    }
+    let write = (n * piece.len()) as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for i in 0..n {
+        disk.read((0, i), piece.len())?;
+    }
+    let read = (n * piece.len()) as f64 / started.elapsed().as_secs_f64();
+    disk.remove();
+    Ok((read, write))
+}

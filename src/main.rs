@@ -178,6 +178,47 @@ enum BenchCommand {
     /// Training tokens/s of the main job's model: the plain loop against the actor runtime with
     /// 1, 2, ... workers, alternating round by round.
     Runtime(RuntimeArgs),
+    /// Training tokens/s with 25% of the expert state in memory (Device and Host budgets of one
+    /// MoE block each, the rest on disk) against everything in memory; prefetch against loading on
+    /// demand; the SE-MoE cache policy against LRU; the disk's own bandwidth measured alongside.
+    Storage(StorageBenchArgs),
+}
+
+#[derive(Args)]
+struct StorageBenchArgs {
+    /// Compute threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Sequences per step (of 64 bytes); 512 gives each expert about 1,000 tokens per step.
+    #[arg(long, default_value_t = 512)]
+    batch: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 128)]
+    d_model: usize,
+    /// Expert hidden width.
+    #[arg(long, default_value_t = 512)]
+    d_ff: usize,
+    /// Layers (every one an MoE block).
+    #[arg(long, default_value_t = 8)]
+    layers: usize,
+    /// Experts per MoE block.
+    #[arg(long, default_value_t = 64)]
+    experts: usize,
+    /// Untimed steps first (per variant).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed steps per variant and round.
+    #[arg(long, default_value_t = 2)]
+    steps: usize,
+    /// Rounds (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Directory of the disk tier (on the disk to measure).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -286,6 +327,75 @@ fn print_json(report: &impl serde::Serialize) -> semoe::Result<()> {
 
 fn unescape(s: &str) -> String {
     s.replace("\\n", "\n")
+}
+
+fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
+    use semoe::storage::tiers::format_bytes;
+    let mut c = semoe::train::TrainConfig::default();
+    c.train.threads = a.threads;
+    c.train.batch = a.batch;
+    c.train.workers = 1;
+    c.model.d_model = a.d_model;
+    c.model.d_ff = a.d_ff;
+    c.model.n_layer = a.layers;
+    c.model.experts = a.experts;
+    c.model.moe_every = 1;
+    c.model.n_head = 4;
+    c.validate()?;
+    let (d, f) = (a.d_model as u64, a.d_ff as u64);
+    let unit = 32 + 12 * (2 * d * f + d + f);
+    let block = (a.experts as u64 * unit).to_string();
+    let tiered = |policy: &str, prefetch: bool| semoe::train::config::StorageSettings {
+        device_budget: block.clone(),
+        host_budget: block.clone(),
+        cache_policy: policy.into(),
+        prefetch,
+        ..Default::default()
+    };
+    let variants = [
+        ("all in memory", Default::default()),
+        ("25%, se-moe, prefetch", tiered("se-moe", true)),
+        ("25%, se-moe, on demand", tiered("se-moe", false)),
+        ("25%, lru, prefetch", tiered("lru", true)),
+    ]
+    .into_iter()
+    .map(|(name, storage)| bench::StorageVariant {
+        name: name.into(),
+        storage,
+    })
+    .collect::<Vec<_>>();
+    let dir = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let r = bench::storage_bench(&c, &variants, &dir, a.warmup, a.steps, a.rounds)?;
+    if a.json {
+        return print_json(&r);
+    }
+    let mib = |b: f64| b / (1 << 20) as f64;
+    println!(
+        "expert state {} ({} per block), {:.0} tokens per expert per step, {} threads; disk: read {:.0} MiB/s, write {:.0} MiB/s",
+        format_bytes(r.expert_state_bytes),
+        format_bytes(a.experts as u64 * unit),
+        r.tokens_per_expert,
+        r.threads,
+        mib(r.disk_read_bytes_per_s),
+        mib(r.disk_write_bytes_per_s)
+    );
+    let base = r.rows.first().map_or(f64::NAN, |x| x.tokens_per_s);
+    for x in &r.rows {
+        println!(
+            "{:>24}: {:>7.0} tokens/s ({:>5.1}%), hit rate {:>5.1}%, prefetch accuracy {:>5.1}%, disk {:>7.1} MiB read + {:>7.1} MiB written per step, {:>6.0} MiB/s ({:>5.0} MiB/s while busy), stall {:.2} s/step",
+            x.name,
+            x.tokens_per_s,
+            100.0 * x.tokens_per_s / base,
+            100.0 * x.hit_rate,
+            100.0 * x.prefetch_accuracy,
+            mib(x.read_per_step),
+            mib(x.written_per_step),
+            mib(x.disk_bytes_per_s),
+            mib(x.io_bytes_per_busy_s),
+            x.stall_per_step
+        );
+    }
+    Ok(())
 }
 
 /// The storage flags (they also apply on `--resume`: a checkpoint loads into any budgets).
@@ -548,6 +658,7 @@ fn run(cli: Cli) -> semoe::Result<()> {
                 }
             }
         }
+        Command::Bench(BenchCommand::Storage(a)) => storage_bench(&a)?,
         Command::Bench(BenchCommand::Matmul(a)) => {
             let cpu = Cpu::new(a.common.threads)?;
             let peak = bench::fma_peak_gflops(cpu.threads());

@@ -16,7 +16,7 @@
 //! | `semoe_tier_served_total` | counter | `worker`, `tier` | expert acquisitions served from each tier (`disk`: a miss) |
 //! | `semoe_tier_moved_bytes_total` | counter | `worker`, `from`, `to` | bytes of expert state moved between tiers |
 //! | `semoe_prefetch_total` | counter | `worker`, `outcome` | experts prefetched (`issued`) and then used (`used`) |
-//! | `semoe_tier_stall_microseconds_total` | counter | `worker` | time acquirers waited for experts not in memory |
+//! | `semoe_tier_stall_microseconds_total` | counter | `worker` | wall time during which an expert acquisition waited for a unit not in memory |
 
 /// Wall time of a committed step (seconds).
 pub const STEP_SECONDS: &str = "semoe_step_seconds";

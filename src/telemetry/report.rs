@@ -123,6 +123,15 @@ pub struct ValRecord {
     pub val_loss: f64,
 }
 
+/// The expert tiers' figures at one step (a `storage` record).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StorageRecord {
+    /// The step.
+    pub step: u64,
+    /// The figures, summed over workers.
+    pub stats: crate::storage::tiers::TierStats,
+}
+
 /// The parsed metrics log.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Metrics {
@@ -132,8 +141,10 @@ pub struct Metrics {
     pub val: Vec<ValRecord>,
     /// Line numbers (1-based) of the lines that could not be parsed.
     pub malformed_lines: Vec<usize>,
-    /// Records of kinds other than `train` and `val`.
+    /// Records of kinds other than `train`, `val` and `storage`.
     pub other_records: usize,
+    /// The last `storage` record (the expert tiers' figures, summed over workers), if any.
+    pub storage: Option<StorageRecord>,
     /// Records dropped because a resumed run logged their steps again.
     pub superseded_records: usize,
 }
@@ -253,6 +264,7 @@ impl Metrics {
 enum Line {
     Train(TrainRecord),
     Val(ValRecord),
+    Storage(StorageRecord),
     Other,
 }
 
@@ -263,6 +275,7 @@ fn parse_line(bytes: &[u8]) -> Option<Line> {
     match kind {
         "train" => serde_json::from_value(value).ok().map(Line::Train),
         "val" => serde_json::from_value(value).ok().map(Line::Val),
+        "storage" => serde_json::from_value(value).ok().map(Line::Storage),
         _ => Some(Line::Other),
     }
 }
@@ -293,6 +306,7 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Metrics> {
         match parse_line(&buf) {
             Some(Line::Train(rec)) => metrics.push_train(rec),
             Some(Line::Val(rec)) => metrics.push_val(rec),
+            Some(Line::Storage(rec)) => metrics.storage = Some(rec),
             Some(Line::Other) => metrics.other_records += 1,
             None => metrics.malformed_lines.push(line_no),
         }
@@ -902,6 +916,65 @@ fn format_loss(v: f64) -> String {
     }
 }
 
+/// The expert tiers: budgets and peaks, hit rate, prefetch accuracy, stalls, bytes moved.
+fn storage_section(md: &mut String, rec: &StorageRecord) {
+    use crate::storage::tiers::format_bytes;
+    let st = &rec.stats;
+    let budget = |b: u64| {
+        if b == u64::MAX {
+            "unlimited".to_string()
+        } else {
+            format_bytes(b)
+        }
+    };
+    let _ = writeln!(md, "\n## Expert storage (at step {})\n", rec.step);
+    let _ = writeln!(md, "| | |\n|---|---|");
+    let _ = writeln!(md, "| Expert units | {} of {} |", st.units, format_bytes(st.unit_bytes));
+    for (t, name) in ["Device", "Host"].iter().enumerate() {
+        let _ = writeln!(
+            md,
+            "| {name} tier | budget {}, peak {}, now {} |",
+            budget(st.budget[t]),
+            format_bytes(st.peak[t]),
+            format_bytes(st.used[t])
+        );
+    }
+    let _ = writeln!(md, "| Disk tier | {} units now |", st.on_disk);
+    let _ = writeln!(
+        md,
+        "| Served from device / host / disk | {} / {} / {} (hit rate {:.1}%) |",
+        st.served_from[0],
+        st.served_from[1],
+        st.served_from[2],
+        100.0 * st.hit_rate()
+    );
+    let _ = writeln!(
+        md,
+        "| Prefetched | {} (accuracy {:.1}%) |",
+        st.prefetched,
+        100.0 * st.prefetch_accuracy()
+    );
+    let _ = writeln!(md, "| Stall waiting for experts | {:.1} s |", st.stall_seconds);
+    let _ = writeln!(
+        md,
+        "| Disk read / written | {} / {} |",
+        format_bytes(st.disk_read),
+        format_bytes(st.disk_written)
+    );
+    let names = ["device", "host", "disk"];
+    let mut moved = Vec::new();
+    for (i, from) in names.iter().enumerate() {
+        for (j, to) in names.iter().enumerate() {
+            if st.moved[i][j] > 0 {
+                moved.push(format!("{from} -> {to} {}", format_bytes(st.moved[i][j])));
+            }
+        }
+    }
+    if !moved.is_empty() {
+        let _ = writeln!(md, "| Moved | {} |", moved.join(", "));
+    }
+}
+
 fn markdown(s: &ReportSummary, metrics: &Metrics, name: &str) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# Run report: {name}\n");
@@ -950,6 +1023,10 @@ fn markdown(s: &ReportSummary, metrics: &Metrics, name: &str) -> String {
         "n/a".into()
     };
     let _ = writeln!(md, "| Median throughput | {tps} |");
+
+    if let Some(rec) = &metrics.storage {
+        storage_section(&mut md, rec);
+    }
 
     let _ = writeln!(md, "\n## Expert load\n");
     if s.layers.is_empty() {

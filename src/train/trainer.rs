@@ -448,6 +448,12 @@ impl Trainer {
                     &mut log,
                     json!({"kind": "val", "step": r.step, "elapsed_s": elapsed, "val_loss": val_loss}),
                 )?;
+                let tiers = self.tier_stats();
+                if !tiers.is_empty() {
+                    let mut total = crate::storage::tiers::TierStats::default();
+                    tiers.iter().for_each(|t| total.add(t));
+                    write(&mut log, json!({"kind": "storage", "step": r.step, "stats": total}))?;
+                }
                 bar.println(format!(
                     "step {:>5}  train loss {:.4}  val loss {:.4}  {:.0} tokens/s",
                     r.step,

@@ -115,8 +115,10 @@ struct Entry {
     usage: Usage,
 }
 
-/// Figures of one worker's store since it started (also exported as metrics).
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Figures of one worker's store since it started (also exported as metrics, and logged as
+/// `storage` records in a run's metrics log).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct TierStats {
     /// Bytes of one expert unit.
     pub unit_bytes: u64,
@@ -136,7 +138,7 @@ pub struct TierStats {
     pub prefetched: u64,
     /// Prefetched units that were then used.
     pub prefetch_used: u64,
-    /// Seconds acquirers waited for a unit not in memory.
+    /// Wall seconds during which at least one acquirer waited for a unit not in memory.
     pub stall_seconds: f64,
     /// Bytes moved, `[from][to]` over Device, Host, Disk.
     pub moved: [[u64; 3]; 3],
@@ -366,6 +368,8 @@ impl ExpertStore {
             local: TierStats::default(),
             fwd_used: BTreeMap::new(),
             last_fwd_used: BTreeMap::new(),
+            stalled: 0,
+            stalled_since: None,
             fatal: None,
         };
         manager.local = lock(&stats).clone();
@@ -420,6 +424,8 @@ impl ExpertStore {
             local: TierStats::default(),
             fwd_used: BTreeMap::new(),
             last_fwd_used: BTreeMap::new(),
+            stalled: 0,
+            stalled_since: None,
             fatal: None,
         };
         let threads = std::thread::Builder::new()
@@ -531,7 +537,6 @@ fn io_loop(disk: DiskTier, jobs: Arc<Mutex<Receiver<IoJob>>>, done: Sender<Reque
 
 struct Waiter {
     id: UnitId,
-    since: Instant,
     /// The unit was not in memory when asked for (a miss).
     missed: bool,
     reply: Reply<Box<ExpertSlot>>,
@@ -560,6 +565,9 @@ struct Manager {
     /// Experts used on the way forward in this step and the last, per block.
     fwd_used: BTreeMap<usize, BTreeSet<usize>>,
     last_fwd_used: BTreeMap<usize, BTreeSet<usize>>,
+    /// Acquirers waiting for a unit that was not in memory, and since when one has been.
+    stalled: usize,
+    stalled_since: Option<Instant>,
     /// A disk failure: every later request fails with it (nothing is dropped: a unit whose write
     /// failed stays in memory).
     fatal: Option<String>,
@@ -632,12 +640,13 @@ impl Manager {
                     return;
                 }
                 let missed = !matches!(self.entries[&id].place, Place::In(_));
-                self.waiting.push_back(Waiter {
-                    id,
-                    since: Instant::now(),
-                    missed,
-                    reply,
-                });
+                if missed {
+                    if self.stalled == 0 {
+                        self.stalled_since = Some(Instant::now());
+                    }
+                    self.stalled += 1;
+                }
+                self.waiting.push_back(Waiter { id, missed, reply });
             }
             Request::Release { id, slot, dirty } => {
                 if let Some(e) = self.entries.get_mut(&id) {
@@ -782,7 +791,12 @@ impl Manager {
         };
         self.local.served_from[source] += 1;
         if w.missed {
-            self.local.stall_seconds += w.since.elapsed().as_secs_f64();
+            self.stalled -= 1;
+            if self.stalled == 0 {
+                if let Some(since) = self.stalled_since.take() {
+                    self.local.stall_seconds += since.elapsed().as_secs_f64();
+                }
+            }
         }
         if let Err(Ok(slot)) = w.reply.send(Ok(slot)) {
             // The acquirer is gone: take the unit back.
