@@ -122,6 +122,10 @@ async fn a_quarter_in_memory_trains_bit_for_bit_like_everything_in_memory() {
                 "{what}: the disk tier was not used: {st:?}"
             );
             assert_eq!(st.prefetched > 0, prefetch, "{what}: {st:?}");
+            assert!(
+                st.deferred > 0,
+                "{what}: no commit was deferred to a unit on disk: {st:?}"
+            );
         }
         assert!(
             !dir.join("worker-0").exists(),

@@ -15,7 +15,7 @@ use crate::kernels::{Backend, Cpu};
 use crate::model::moe::stages::{self, ExpertGrads};
 use crate::model::moe::MoeConfig;
 use crate::net::StepId;
-use crate::storage::tiers::ExpertStore;
+use crate::storage::tiers::{ExpertStore, Pending};
 use crate::train::optimizer::sum_squares;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashMap;
@@ -234,18 +234,18 @@ impl Actor for ExpertActor {
             }
             ExpertMsg::Commit { step, lr, norm, reply } => {
                 let r = match (state.step == step, state.totals.take()) {
-                    (true, Some(mut totals)) => match state.args.store.acquire(state.args.id()).await {
-                        Ok(mut lease) => {
-                            offload(&state.args.cpu, move |_| {
-                                let ExpertSlot { params, optimizer } = lease.slot_mut();
-                                let mut p: Vec<&mut Vec<f32>> = params.iter_mut().collect();
-                                let mut g: Vec<&mut Vec<f32>> = totals.iter_mut().collect();
-                                optimizer.apply(&mut p, &mut g, lr, norm)
-                            })
-                            .await
+                    (true, Some(grads)) => {
+                        let update = Pending { grads, lr, norm };
+                        match state.args.store.commit(state.args.id(), update).await {
+                            // In memory: apply it here, on the compute threads.
+                            Ok(Some((mut lease, update))) => {
+                                offload(&state.args.cpu, move |_| lease.slot_mut().apply(update)).await
+                            }
+                            // On disk: the store applies it when the unit is next loaded.
+                            Ok(None) => Ok(()),
+                            Err(e) => Err(e),
                         }
-                        Err(e) => Err(e),
-                    },
+                    }
                     _ => Err(Error::runtime(format!(
                         "{name}: commit of step {step}, which it has not prepared"
                     ))),

@@ -39,15 +39,38 @@ impl DiskTier {
         self.dir.join(format!("expert-{}-{}.bin", id.0, id.1))
     }
 
+    /// The file of a unit's deferred gradient.
+    pub fn grad_path(&self, id: UnitId) -> PathBuf {
+        self.dir.join(format!("expert-{}-{}.grad", id.0, id.1))
+    }
+
     /// Write a unit's bytes (replacing the file's contents).
     pub fn write(&self, id: UnitId, bytes: &[u8]) -> Result<()> {
-        let path = self.path(id);
-        let fail = |e| Error::io("cannot write an expert to the disk tier", &path, e);
+        self.write_file(&self.path(id), bytes)
+    }
+
+    /// Read a unit's bytes (`len` of them).
+    pub fn read(&self, id: UnitId, len: usize) -> Result<Vec<u8>> {
+        self.read_file(&self.path(id), len)
+    }
+
+    /// Write a unit's deferred gradient.
+    pub fn write_grad(&self, id: UnitId, bytes: &[u8]) -> Result<()> {
+        self.write_file(&self.grad_path(id), bytes)
+    }
+
+    /// Read a unit's deferred gradient (`len` bytes).
+    pub fn read_grad(&self, id: UnitId, len: usize) -> Result<Vec<u8>> {
+        self.read_file(&self.grad_path(id), len)
+    }
+
+    fn write_file(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let fail = |e| Error::io("cannot write an expert to the disk tier", path, e);
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&path)
+            .open(path)
             .map_err(fail)?;
         f.write_all(bytes).map_err(fail)?;
         if self.drop_page_cache {
@@ -57,11 +80,9 @@ impl DiskTier {
         Ok(())
     }
 
-    /// Read a unit's bytes (`len` of them).
-    pub fn read(&self, id: UnitId, len: usize) -> Result<Vec<u8>> {
-        let path = self.path(id);
-        let fail = |e| Error::io("cannot read an expert from the disk tier", &path, e);
-        let mut f = File::open(&path).map_err(fail)?;
+    fn read_file(&self, path: &Path, len: usize) -> Result<Vec<u8>> {
+        let fail = |e| Error::io("cannot read an expert from the disk tier", path, e);
+        let mut f = File::open(path).map_err(fail)?;
         let mut buf = vec![0u8; len];
         f.read_exact(&mut buf).map_err(fail)?;
         if self.drop_page_cache {

@@ -14,4 +14,4 @@ pub mod unit;
 pub use policy::CachePolicy;
 pub use size::{format_bytes, parse_bytes};
 pub use store::{ExpertStore, Lease, StorageConfig, TierStats};
-pub use unit::{ExpertSlot, UnitId};
+pub use unit::{ExpertSlot, Pending, UnitId};

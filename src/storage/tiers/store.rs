@@ -22,7 +22,7 @@
 use super::disk::DiskTier;
 use super::policy::{CachePolicy, Usage};
 use super::size::format_bytes;
-use super::unit::{decode, encode, ExpertSlot, UnitId};
+use super::unit::{decode, decode_grads, encode, encode_grads, ExpertSlot, Pending, UnitId};
 use crate::error::{Error, Result};
 use crate::telemetry::metrics as names;
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
@@ -113,6 +113,16 @@ struct Entry {
     /// The copy in memory is newer than the file (or there is no file yet).
     dirty: bool,
     usage: Usage,
+    /// A committed update of a unit that was on disk at the commit, applied when it is next loaded.
+    deferred: Option<Deferred>,
+}
+
+/// A deferred update: its gradient is being written to, or is in, the unit's gradient file.
+struct Deferred {
+    lr: f64,
+    norm: f64,
+    /// The gradient's bytes while the write is in flight; `None` once written.
+    writing: Option<Arc<Vec<u8>>>,
 }
 
 /// Figures of one worker's store since it started (also exported as metrics, and logged as
@@ -134,6 +144,9 @@ pub struct TierStats {
     pub on_disk: usize,
     /// Acquisitions served from Device, from Host, and from Disk (a load, or waiting on one).
     pub served_from: [u64; 3],
+    /// Commits of units on disk whose update was deferred to the unit's next load (their
+    /// gradient written beside it instead of the unit being read and written back).
+    pub deferred: u64,
     /// Units loaded by prefetch, and those of them used before being evicted.
     pub prefetched: u64,
     /// Prefetched units that were then used.
@@ -187,6 +200,7 @@ impl TierStats {
             }
         }
         self.prefetched += o.prefetched;
+        self.deferred += o.deferred;
         self.prefetch_used += o.prefetch_used;
         self.stall_seconds += o.stall_seconds;
         self.disk_read += o.disk_read;
@@ -198,10 +212,18 @@ impl TierStats {
 
 type Reply<T> = tokio::sync::oneshot::Sender<Result<T>>;
 
+/// What an acquirer gets: the unit (with the update it came to apply, for a commit), or, for a
+/// commit of a unit on disk, word that the update was deferred.
+enum Grant {
+    Slot(Box<ExpertSlot>, Option<Pending>),
+    Deferred,
+}
+
 enum Request {
     Acquire {
         id: UnitId,
-        reply: Reply<Box<ExpertSlot>>,
+        commit: Option<Pending>,
+        reply: Reply<Grant>,
     },
     Release {
         id: UnitId,
@@ -222,9 +244,15 @@ enum Request {
     Loaded {
         id: UnitId,
         bytes: Result<Vec<u8>>,
+        grads: Option<Result<Vec<u8>>>,
         seconds: f64,
     },
     Written {
+        id: UnitId,
+        result: Result<()>,
+        seconds: f64,
+    },
+    GradWritten {
         id: UnitId,
         result: Result<()>,
         seconds: f64,
@@ -233,8 +261,20 @@ enum Request {
 }
 
 enum IoJob {
-    Read { id: UnitId, len: usize },
-    Write { id: UnitId, bytes: Arc<Vec<u8>> },
+    /// A unit, and its deferred gradient when `grad_len` is given.
+    Read {
+        id: UnitId,
+        len: usize,
+        grad_len: Option<usize>,
+    },
+    Write {
+        id: UnitId,
+        bytes: Arc<Vec<u8>>,
+    },
+    WriteGrad {
+        id: UnitId,
+        bytes: Arc<Vec<u8>>,
+    },
 }
 
 /// One worker's expert units across the tiers. Cheap to share (`Arc`); dropping the last handle
@@ -443,15 +483,40 @@ impl ExpertStore {
 
     /// Borrow unit `id` in the Device tier, waiting for it to be loaded if needed.
     pub async fn acquire(&self, id: UnitId) -> Result<Lease> {
+        match self.request(id, None).await? {
+            (Some(lease), _) => Ok(lease),
+            (None, _) => Err(Error::runtime("the expert store deferred a plain acquisition")),
+        }
+    }
+
+    /// Commit `update` to unit `id`. When the unit is in memory (or must be loaded anyway) the
+    /// answer is the unit and the update, to be applied by the caller (on the compute threads)
+    /// through [`Lease::slot_mut`]; when it is only on disk the store writes the gradient beside it
+    /// and applies the update when the unit is next loaded (`None`), which saves reading and
+    /// writing the whole unit once per step.
+    pub async fn commit(&self, id: UnitId, update: Pending) -> Result<Option<(Lease, Pending)>> {
+        match self.request(id, Some(update)).await? {
+            (Some(lease), Some(update)) => Ok(Some((lease, update))),
+            (None, _) => Ok(None),
+            (Some(_), None) => Err(Error::runtime("the expert store lost a commit's update")),
+        }
+    }
+
+    async fn request(&self, id: UnitId, commit: Option<Pending>) -> Result<(Option<Lease>, Option<Pending>)> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.send(Request::Acquire { id, reply })?;
-        let slot = rx.await.map_err(|_| stopped())??;
-        Ok(Lease {
-            id,
-            slot: Some(slot),
-            dirty: false,
-            tx: self.tx.clone(),
-        })
+        self.send(Request::Acquire { id, commit, reply })?;
+        match rx.await.map_err(|_| stopped())?? {
+            Grant::Slot(slot, update) => Ok((
+                Some(Lease {
+                    id,
+                    slot: Some(slot),
+                    dirty: false,
+                    tx: self.tx.clone(),
+                }),
+                update,
+            )),
+            Grant::Deferred => Ok((None, None)),
+        }
     }
 
     /// The experts of `block` that were just routed to (sorted); the store starts loading them and
@@ -518,9 +583,19 @@ fn io_loop(disk: DiskTier, jobs: Arc<Mutex<Receiver<IoJob>>>, done: Sender<Reque
         };
         let t = Instant::now();
         let answer = match job {
-            IoJob::Read { id, len } => Request::Loaded {
+            IoJob::Read { id, len, grad_len } => {
+                let bytes = disk.read(id, len);
+                let grads = grad_len.map(|n| disk.read_grad(id, n));
+                Request::Loaded {
+                    id,
+                    bytes,
+                    grads,
+                    seconds: t.elapsed().as_secs_f64(),
+                }
+            }
+            IoJob::WriteGrad { id, bytes } => Request::GradWritten {
                 id,
-                bytes: disk.read(id, len),
+                result: disk.write_grad(id, &bytes),
                 seconds: t.elapsed().as_secs_f64(),
             },
             IoJob::Write { id, bytes } => Request::Written {
@@ -537,9 +612,12 @@ fn io_loop(disk: DiskTier, jobs: Arc<Mutex<Receiver<IoJob>>>, done: Sender<Reque
 
 struct Waiter {
     id: UnitId,
+    /// The update of a commit.
+    commit: Option<Pending>,
+
     /// The unit was not in memory when asked for (a miss).
     missed: bool,
-    reply: Reply<Box<ExpertSlot>>,
+    reply: Reply<Grant>,
 }
 
 struct Manager {
@@ -602,6 +680,7 @@ impl Manager {
             flush: None,
             dirty: false,
             usage: Usage::default(),
+            deferred: None,
         };
         if let Some(t) = [Mem::Device, Mem::Host].into_iter().find(|&t| self.free(t) >= b) {
             self.used[t as usize] += b;
@@ -631,7 +710,7 @@ impl Manager {
 
     fn handle(&mut self, req: Request) {
         match req {
-            Request::Acquire { id, reply } => {
+            Request::Acquire { id, commit, reply } => {
                 if !self.entries.contains_key(&id) {
                     let _ = reply.send(Err(Error::runtime(format!(
                         "worker {} stores no expert {}.{}",
@@ -639,14 +718,28 @@ impl Manager {
                     ))));
                     return;
                 }
-                let missed = !matches!(self.entries[&id].place, Place::In(_));
+                let e = &self.entries[&id];
+                let idle = !self.waiting.iter().any(|w| w.id == id);
+                if commit.is_some() && e.place == Place::Disk && e.deferred.is_none() && idle && self.disk.is_some() {
+                    if let Some(update) = commit {
+                        self.defer(id, update);
+                    }
+                    let _ = reply.send(Ok(Grant::Deferred));
+                    return;
+                }
+                let missed = !matches!(e.place, Place::In(_));
                 if missed {
                     if self.stalled == 0 {
                         self.stalled_since = Some(Instant::now());
                     }
                     self.stalled += 1;
                 }
-                self.waiting.push_back(Waiter { id, missed, reply });
+                self.waiting.push_back(Waiter {
+                    id,
+                    commit,
+                    missed,
+                    reply,
+                });
             }
             Request::Release { id, slot, dirty } => {
                 if let Some(e) = self.entries.get_mut(&id) {
@@ -662,10 +755,31 @@ impl Manager {
                 self.last_fwd_used = std::mem::take(&mut self.fwd_used);
             }
             Request::Snapshot { reply } => self.snapshots.push(reply),
-            Request::Loaded { id, bytes, seconds } => {
+            Request::Loaded {
+                id,
+                bytes,
+                grads,
+                seconds,
+            } => {
                 self.in_flight -= 1;
                 self.local.read_seconds += seconds;
-                self.on_loaded(id, bytes);
+                self.on_loaded(id, bytes, grads);
+            }
+            Request::GradWritten { id, result, seconds } => {
+                self.in_flight -= 1;
+                self.local.write_seconds += seconds;
+                let b = self.grad_bytes();
+                if let Some(d) = self.entries.get_mut(&id).and_then(|e| e.deferred.as_mut()) {
+                    match result {
+                        Ok(()) => {
+                            d.writing = None;
+                            self.local.disk_written += b;
+                        }
+                        Err(err) => {
+                            self.fatal.get_or_insert(err.to_string());
+                        }
+                    }
+                }
             }
             Request::Written { id, result, seconds } => {
                 self.in_flight -= 1;
@@ -676,16 +790,39 @@ impl Manager {
         }
     }
 
-    fn on_loaded(&mut self, id: UnitId, bytes: Result<Vec<u8>>) {
+    fn on_loaded(&mut self, id: UnitId, bytes: Result<Vec<u8>>, grads: Option<Result<Vec<u8>>>) {
         let b = self.unit_bytes;
-        let slot = bytes.and_then(|bytes| self.decode(id, &bytes, "the disk tier"));
+        let mut slot = bytes.and_then(|bytes| self.decode(id, &bytes, "the disk tier"));
+        // Apply the deferred update the unit's gradient file holds.
+        let deferred = self.entries.get_mut(&id).and_then(|e| e.deferred.take());
+        let mut applied = false;
+        if let (Ok(unit), Some(d)) = (&mut slot, deferred) {
+            let update = match (grads, &self.template) {
+                (Some(Ok(g)), Some(t)) => decode_grads(id, &g, t),
+                (Some(Err(e)), _) => Err(e),
+                _ => Err(Error::runtime("a deferred update without its gradient")),
+            };
+            let r = update.and_then(|grads| {
+                unit.apply(Pending {
+                    grads,
+                    lr: d.lr,
+                    norm: d.norm,
+                })
+            });
+            if let Err(e) = r {
+                slot = Err(e);
+            } else {
+                applied = true;
+                self.local.disk_read += self.grad_bytes();
+            }
+        }
         let Some(e) = self.entries.get_mut(&id) else { return };
         let Place::Loading(t) = e.place else { return };
         match slot {
             Ok(slot) => {
                 e.slot = Some(Box::new(slot));
                 e.place = Place::In(t);
-                e.dirty = false;
+                e.dirty = applied;
                 self.local.disk_read += b;
                 self.local.moved[DISK][t as usize] += b;
             }
@@ -694,6 +831,24 @@ impl Manager {
                 self.used[t as usize] -= b;
                 self.fatal.get_or_insert(err.to_string());
             }
+        }
+    }
+
+    fn grad_bytes(&self) -> u64 {
+        self.template.as_ref().map_or(0, ExpertSlot::grad_bytes)
+    }
+
+    /// Write a commit's gradient beside its unit (on disk) instead of loading the unit now.
+    fn defer(&mut self, id: UnitId, update: Pending) {
+        let bytes = Arc::new(encode_grads(id, &update.grads));
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.deferred = Some(Deferred {
+                lr: update.lr,
+                norm: update.norm,
+                writing: Some(bytes.clone()),
+            });
+            self.local.deferred += 1;
+            self.io_queue.push_back(IoJob::WriteGrad { id, bytes });
         }
     }
 
@@ -763,7 +918,7 @@ impl Manager {
                 self.local.moved[Mem::Host as usize][Mem::Device as usize] += b;
             }
             Place::Disk => {
-                if self.make_room(Mem::Device, b, wanted) {
+                if self.loadable(w.id) && self.make_room(Mem::Device, b, wanted) {
                     self.load(w.id, Mem::Device);
                 }
                 return Some(w);
@@ -798,8 +953,9 @@ impl Manager {
                 }
             }
         }
-        if let Err(Ok(slot)) = w.reply.send(Ok(slot)) {
-            // The acquirer is gone: take the unit back.
+        if let Err(Ok(Grant::Slot(slot, _))) = w.reply.send(Ok(Grant::Slot(slot, w.commit))) {
+            // The acquirer is gone: take the unit back (a commit's update is lost with its caller,
+            // which failed: the step did not complete).
             if let Some(e) = self.entries.get_mut(&w.id) {
                 e.slot = Some(slot);
                 e.place = Place::In(Mem::Device);
@@ -890,12 +1046,24 @@ impl Manager {
         self.io_queue.push_back(IoJob::Write { id, bytes });
     }
 
+    /// Whether `id` can be loaded now (not while its deferred gradient is still being written).
+    fn loadable(&self, id: UnitId) -> bool {
+        self.entries
+            .get(&id)
+            .is_some_and(|e| e.place == Place::Disk && e.deferred.as_ref().is_none_or(|d| d.writing.is_none()))
+    }
+
     fn load(&mut self, id: UnitId, t: Mem) {
-        let b = self.unit_bytes;
+        let (b, g) = (self.unit_bytes, self.grad_bytes());
         if let Some(e) = self.entries.get_mut(&id) {
             e.place = Place::Loading(t);
             self.used[t as usize] += b;
-            self.io_queue.push_back(IoJob::Read { id, len: b as usize });
+            let grad_len = e.deferred.as_ref().map(|_| g as usize);
+            self.io_queue.push_back(IoJob::Read {
+                id,
+                len: b as usize,
+                grad_len,
+            });
         }
     }
 
@@ -941,7 +1109,7 @@ impl Manager {
         keep.extend(self.waiting.iter().map(|w| w.id));
         let b = self.unit_bytes;
         for id in order {
-            if !self.entries.get(&id).is_some_and(|e| e.place == Place::Disk) {
+            if !self.loadable(id) {
                 continue;
             }
             // Straight into Device when it has free room; else into the host cache.
@@ -964,10 +1132,9 @@ impl Manager {
         if self.snapshots.is_empty() {
             return;
         }
-        let busy = self
-            .entries
-            .values()
-            .any(|e| !matches!(e.place, Place::In(_) | Place::Disk));
+        let busy = self.entries.values().any(|e| {
+            !matches!(e.place, Place::In(_) | Place::Disk) || e.deferred.as_ref().is_some_and(|d| d.writing.is_some())
+        });
         if busy {
             return;
         }
@@ -976,9 +1143,18 @@ impl Manager {
             .iter()
             .map(|(id, e)| match (&e.slot, &self.disk) {
                 (Some(s), _) => Ok((*id, (**s).clone())),
-                (None, Some(d)) => self
-                    .decode(*id, &d.read(*id, self.unit_bytes as usize)?, "the disk tier")
-                    .map(|s| (*id, s)),
+                (None, Some(d)) => {
+                    let mut unit = self.decode(*id, &d.read(*id, self.unit_bytes as usize)?, "the disk tier")?;
+                    if let (Some(def), Some(t)) = (&e.deferred, &self.template) {
+                        let grads = decode_grads(*id, &d.read_grad(*id, self.grad_bytes() as usize)?, t)?;
+                        unit.apply(Pending {
+                            grads,
+                            lr: def.lr,
+                            norm: def.norm,
+                        })?;
+                    }
+                    Ok((*id, unit))
+                }
                 (None, None) => Err(Error::runtime(format!("expert {}.{} has no stored state", id.0, id.1))),
             })
             .collect();
@@ -1164,6 +1340,44 @@ mod tests {
             rates.push(store.stats().hit_rate());
         }
         assert!(rates[0] > rates[1], "se-moe {} vs lru {}", rates[0], rates[1]);
+    }
+
+    /// Commit the same updates to every unit through `store`, applying them as a commit does.
+    async fn commit_all(store: &ExpertStore, round: usize) {
+        for b in 0..4 {
+            for e in 0..4 {
+                let update = Pending {
+                    grads: [vec![0.5; 64], vec![-0.25; 8], vec![round as f32; 64], vec![1.0; 8]],
+                    lr: 1e-2,
+                    norm: 3.0,
+                };
+                if let Some((mut lease, update)) = store.commit((b, e), update).await.unwrap() {
+                    lease.slot_mut().apply(update).unwrap();
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn commits_to_units_on_disk_are_deferred_and_give_the_same_bits() {
+        let memory = ExpertStore::new(0, &StorageConfig::default(), units(4, 4)).unwrap();
+        let tiered = ExpertStore::new(0, &config(4, 2, "defer"), units(4, 4)).unwrap();
+        for round in 0..3 {
+            commit_all(&memory, round).await;
+            commit_all(&tiered, round).await;
+            // Use some units between commits, as a forward pass does (loading applies the deferred).
+            for e in 0..4 {
+                drop(tiered.acquire((round % 4, e)).await.unwrap());
+            }
+        }
+        let (a, b) = (memory.snapshot().await.unwrap(), tiered.snapshot().await.unwrap());
+        for ((id, x), (_, y)) in a.iter().zip(&b) {
+            assert_eq!(x.params, y.params, "expert {id:?}");
+            assert_eq!(x.optimizer, y.optimizer, "expert {id:?}");
+        }
+        let st = tiered.stats();
+        assert!(st.deferred > 0, "{st:?}");
+        assert_eq!(memory.stats().deferred, 0);
     }
 
     #[tokio::test]

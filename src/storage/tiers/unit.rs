@@ -40,6 +40,78 @@ impl ExpertSlot {
 pub type UnitId = (usize, usize);
 
 const MAGIC: &[u8; 8] = b"SEMOEXU1";
+const GRAD_MAGIC: &[u8; 8] = b"SEMOEXG1";
+
+/// A committed update not yet applied to its unit: the step's gradient with the learning rate and
+/// global gradient norm the commit gave. Applying it later gives the same bits as applying it at
+/// the commit (AdamW is element-wise and the unit holds its own step count).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pending {
+    /// Gradients of `[w1, b1, w2, b2]`.
+    pub grads: [Vec<f32>; 4],
+    /// Learning rate of the step.
+    pub lr: f64,
+    /// Global gradient norm of the step.
+    pub norm: f64,
+}
+
+impl ExpertSlot {
+    /// Apply a committed update.
+    pub fn apply(&mut self, mut pending: Pending) -> Result<()> {
+        let ExpertSlot { params, optimizer } = self;
+        let mut p: Vec<&mut Vec<f32>> = params.iter_mut().collect();
+        let mut g: Vec<&mut Vec<f32>> = pending.grads.iter_mut().collect();
+        optimizer.apply(&mut p, &mut g, pending.lr, pending.norm)
+    }
+
+    /// Bytes of a deferred gradient on disk.
+    pub fn grad_bytes(&self) -> u64 {
+        (HEADER + 4 * self.params.iter().map(Vec::len).sum::<usize>()) as u64
+    }
+}
+
+/// The disk encoding of a deferred gradient (header as for units, then the four gradients).
+pub fn encode_grads(id: UnitId, grads: &[Vec<f32>; 4]) -> Vec<u8> {
+    let floats: usize = grads.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(HEADER + 4 * floats);
+    out.extend_from_slice(GRAD_MAGIC);
+    out.extend_from_slice(&(id.0 as u32).to_le_bytes());
+    out.extend_from_slice(&(id.1 as u32).to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
+    out.extend_from_slice(&(floats as u64).to_le_bytes());
+    for buf in grads {
+        for x in buf {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Decode a deferred gradient written by [`encode_grads`], shaped like `template`'s parameters.
+pub fn decode_grads(id: UnitId, bytes: &[u8], template: &ExpertSlot) -> Result<[Vec<f32>; 4]> {
+    let floats: usize = template.params.iter().map(Vec::len).sum();
+    let bad = |detail: String| Error::Parse {
+        what: format!("the deferred gradient of expert {}.{}", id.0, id.1),
+        detail,
+    };
+    if bytes.len() != HEADER + 4 * floats || &bytes[..8] != GRAD_MAGIC {
+        return Err(bad(format!(
+            "{} bytes, expected {} with the gradient magic",
+            bytes.len(),
+            HEADER + 4 * floats
+        )));
+    }
+    let mut at = HEADER;
+    Ok([0, 1, 2, 3].map(|k| {
+        let len = template.params[k].len();
+        let v = bytes[at..at + 4 * len]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        at += 4 * len;
+        v
+    }))
+}
 const HEADER: usize = 32;
 
 /// The disk encoding: a 32-byte header (magic, block, expert, optimizer step, float count), then
@@ -135,6 +207,15 @@ mod tests {
         let back = decode((2, 5), &bytes, &slot(0.0), "test").unwrap();
         assert_eq!(back.params, s.params);
         assert_eq!(back.optimizer, s.optimizer);
+    }
+
+    #[test]
+    fn gradients_round_trip() {
+        let s = slot(0.5);
+        let g = s.params.clone();
+        let back = decode_grads((1, 1), &encode_grads((1, 1), &g), &s).unwrap();
+        assert_eq!(back, g);
+        assert!(decode_grads((1, 1), &encode((1, 1), &s), &s).is_err());
     }
 
     #[test]
