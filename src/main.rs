@@ -216,6 +216,9 @@ struct StorageBenchArgs {
     /// Directory of the disk tier (on the disk to measure).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Threads reading and writing the disk tier.
+    #[arg(long, default_value_t = 2)]
+    io_threads: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -350,6 +353,7 @@ fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
         host_budget: block.clone(),
         cache_policy: policy.into(),
         prefetch,
+        io_threads: a.io_threads,
         ..Default::default()
     };
     let variants = [

@@ -62,7 +62,7 @@ impl Default for StorageConfig {
             dir: None,
             drop_page_cache: true,
             io_threads: 2,
-            io_depth: 8,
+            io_depth: 16,
         }
     }
 }
