@@ -239,7 +239,7 @@ impl Actor for ExpertActor {
                         match state.args.store.commit(state.args.id(), update).await {
                             // In memory: apply it here, on the compute threads.
                             Ok(Some((mut lease, update))) => {
-                                offload(&state.args.cpu, move |_| lease.slot_mut().apply(update)).await
+                                offload(&state.args.cpu, move |_| lease.slot_mut()?.apply(update)).await
                             }
                             // On disk: the store applies it when the unit is next loaded.
                             Ok(None) => Ok(()),

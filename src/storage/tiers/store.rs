@@ -22,7 +22,7 @@
 use super::disk::DiskTier;
 use super::policy::{CachePolicy, Usage};
 use super::size::format_bytes;
-use super::unit::{decode, decode_grads, encode, encode_grads, ExpertSlot, Pending, UnitId};
+use super::unit::{decode, decode_grads, decode_params, encode, encode_grads, params_len, ExpertSlot, Pending, UnitId};
 use crate::error::{Error, Result};
 use crate::telemetry::metrics as names;
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
@@ -115,6 +115,9 @@ struct Entry {
     usage: Usage,
     /// A committed update of a unit that was on disk at the commit, applied when it is next loaded.
     deferred: Option<Deferred>,
+    /// The copy in memory holds the parameters only (loaded for a forward or backward pass; the
+    /// file is current). It is never written back, and a commit drops it and defers.
+    partial: bool,
 }
 
 /// A deferred update: its gradient is being written to, or is in, the unit's gradient file.
@@ -245,6 +248,7 @@ enum Request {
         id: UnitId,
         bytes: Result<Vec<u8>>,
         grads: Option<Result<Vec<u8>>>,
+        partial: bool,
         seconds: f64,
     },
     Written {
@@ -266,6 +270,7 @@ enum IoJob {
         id: UnitId,
         len: usize,
         grad_len: Option<usize>,
+        partial: bool,
     },
     Write {
         id: UnitId,
@@ -287,10 +292,13 @@ pub struct ExpertStore {
 }
 
 /// A unit lent to an acquirer. It goes back to the store when dropped (marked changed if
-/// [`Lease::slot_mut`] was called), also when the holder fails, so no unit is ever lost.
+/// [`Lease::slot_mut`] was called), also when the holder fails, so no unit is ever lost. A lease
+/// for a forward or backward pass may hold the parameters alone (the moments stay on disk).
 pub struct Lease {
     id: UnitId,
     slot: Option<Box<ExpertSlot>>,
+    /// Granted for a commit (the whole unit).
+    writable: bool,
     dirty: bool,
     tx: Sender<Request>,
 }
@@ -306,12 +314,21 @@ impl std::ops::Deref for Lease {
 }
 
 impl Lease {
-    /// The unit, to change it (the commit): it will be written back before it leaves memory.
-    pub fn slot_mut(&mut self) -> &mut ExpertSlot {
+    /// The unit, to apply a commit's update (only a lease from [`ExpertStore::commit`] allows it:
+    /// a plain acquisition may hold the parameters alone). It will be written back before it
+    /// leaves memory.
+    pub fn slot_mut(&mut self) -> Result<&mut ExpertSlot> {
+        if !self.writable {
+            return Err(Error::runtime(format!(
+                "expert {}.{} was borrowed for reading and cannot be changed",
+                self.id.0, self.id.1
+            )));
+        }
         self.dirty = true;
-        self.slot
+        Ok(self
+            .slot
             .as_deref_mut()
-            .unwrap_or_else(|| unreachable!("a lease holds its slot until dropped"))
+            .unwrap_or_else(|| unreachable!("a lease holds its slot until dropped")))
     }
 }
 
@@ -510,6 +527,7 @@ impl ExpertStore {
                 Some(Lease {
                     id,
                     slot: Some(slot),
+                    writable: update.is_some(),
                     dirty: false,
                     tx: self.tx.clone(),
                 }),
@@ -583,13 +601,19 @@ fn io_loop(disk: DiskTier, jobs: Arc<Mutex<Receiver<IoJob>>>, done: Sender<Reque
         };
         let t = Instant::now();
         let answer = match job {
-            IoJob::Read { id, len, grad_len } => {
+            IoJob::Read {
+                id,
+                len,
+                grad_len,
+                partial,
+            } => {
                 let bytes = disk.read(id, len);
                 let grads = grad_len.map(|n| disk.read_grad(id, n));
                 Request::Loaded {
                     id,
                     bytes,
                     grads,
+                    partial,
                     seconds: t.elapsed().as_secs_f64(),
                 }
             }
@@ -681,6 +705,7 @@ impl Manager {
             dirty: false,
             usage: Usage::default(),
             deferred: None,
+            partial: false,
         };
         if let Some(t) = [Mem::Device, Mem::Host].into_iter().find(|&t| self.free(t) >= b) {
             self.used[t as usize] += b;
@@ -759,11 +784,12 @@ impl Manager {
                 id,
                 bytes,
                 grads,
+                partial,
                 seconds,
             } => {
                 self.in_flight -= 1;
                 self.local.read_seconds += seconds;
-                self.on_loaded(id, bytes, grads);
+                self.on_loaded(id, bytes, grads, partial);
             }
             Request::GradWritten { id, result, seconds } => {
                 self.in_flight -= 1;
@@ -790,9 +816,12 @@ impl Manager {
         }
     }
 
-    fn on_loaded(&mut self, id: UnitId, bytes: Result<Vec<u8>>, grads: Option<Result<Vec<u8>>>) {
-        let b = self.unit_bytes;
-        let mut slot = bytes.and_then(|bytes| self.decode(id, &bytes, "the disk tier"));
+    fn on_loaded(&mut self, id: UnitId, bytes: Result<Vec<u8>>, grads: Option<Result<Vec<u8>>>, partial: bool) {
+        let b = if partial { self.params_bytes() } else { self.unit_bytes };
+        let mut slot = bytes.and_then(|bytes| match (partial, &self.template) {
+            (true, Some(t)) => decode_params(id, &bytes, t, "the disk tier"),
+            _ => self.decode(id, &bytes, "the disk tier"),
+        });
         // Apply the deferred update the unit's gradient file holds.
         let deferred = self.entries.get_mut(&id).and_then(|e| e.deferred.take());
         let mut applied = false;
@@ -823,15 +852,20 @@ impl Manager {
                 e.slot = Some(Box::new(slot));
                 e.place = Place::In(t);
                 e.dirty = applied;
+                e.partial = partial;
                 self.local.disk_read += b;
                 self.local.moved[DISK][t as usize] += b;
             }
             Err(err) => {
                 e.place = Place::Disk;
-                self.used[t as usize] -= b;
+                self.used[t as usize] -= self.unit_bytes;
                 self.fatal.get_or_insert(err.to_string());
             }
         }
+    }
+
+    fn params_bytes(&self) -> u64 {
+        self.template.as_ref().map_or(0, |t| params_len(t) as u64)
     }
 
     fn grad_bytes(&self) -> u64 {
@@ -907,6 +941,24 @@ impl Manager {
     fn try_grant(&mut self, w: Waiter, wanted: &HashSet<UnitId>) -> Option<Waiter> {
         let b = self.unit_bytes;
         let place = self.entries[&w.id].place;
+        if w.commit.is_some() && matches!(place, Place::In(_)) && self.entries[&w.id].partial {
+            // A commit needs the moments: drop the parameters-only copy (the file is current) and
+            // defer the update, or load the whole unit if an update is already deferred.
+            if let (Place::In(t), Some(e)) = (place, self.entries.get_mut(&w.id)) {
+                e.slot = None;
+                e.partial = false;
+                e.place = Place::Disk;
+                self.used[t as usize] -= b;
+            }
+            if self.entries[&w.id].deferred.is_none() && self.disk.is_some() {
+                if let Some(update) = w.commit {
+                    self.defer(w.id, update);
+                }
+                let _ = w.reply.send(Ok(Grant::Deferred));
+                return None;
+            }
+            return Some(w);
+        }
         match place {
             Place::In(Mem::Device) => {}
             Place::In(Mem::Host) => {
@@ -919,7 +971,7 @@ impl Manager {
             }
             Place::Disk => {
                 if self.loadable(w.id) && self.make_room(Mem::Device, b, wanted) {
-                    self.load(w.id, Mem::Device);
+                    self.load(w.id, Mem::Device, w.commit.is_none());
                 }
                 return Some(w);
             }
@@ -1027,8 +1079,13 @@ impl Manager {
     fn write_back(&mut self, id: UnitId, t: Mem) {
         let b = self.unit_bytes;
         let Some(e) = self.entries.get_mut(&id) else { return };
-        if !e.dirty {
+        if e.partial && e.dirty {
+            self.fatal
+                .get_or_insert(format!("expert {}.{}: a parameters-only copy was changed", id.0, id.1));
+        }
+        if !e.dirty || e.partial {
             e.slot = None;
+            e.partial = false;
             e.place = Place::Disk;
             self.used[t as usize] -= b;
             return;
@@ -1053,16 +1110,20 @@ impl Manager {
             .is_some_and(|e| e.place == Place::Disk && e.deferred.as_ref().is_none_or(|d| d.writing.is_none()))
     }
 
-    fn load(&mut self, id: UnitId, t: Mem) {
-        let (b, g) = (self.unit_bytes, self.grad_bytes());
+    /// Start loading `id` into `t` (budgeted as a whole unit either way): the parameters alone when
+    /// `params_only` and no deferred update waits for the unit, else all of it.
+    fn load(&mut self, id: UnitId, t: Mem, params_only: bool) {
+        let (b, g, p) = (self.unit_bytes, self.grad_bytes(), self.params_bytes());
         if let Some(e) = self.entries.get_mut(&id) {
             e.place = Place::Loading(t);
             self.used[t as usize] += b;
             let grad_len = e.deferred.as_ref().map(|_| g as usize);
+            let partial = params_only && grad_len.is_none();
             self.io_queue.push_back(IoJob::Read {
                 id,
-                len: b as usize,
+                len: if partial { p as usize } else { b as usize },
                 grad_len,
+                partial,
             });
         }
     }
@@ -1120,7 +1181,7 @@ impl Manager {
             } else {
                 break;
             };
-            self.load(id, t);
+            self.load(id, t, true);
             if let Some(e) = self.entries.get_mut(&id) {
                 e.usage.unused_prefetch = true;
             }
@@ -1141,7 +1202,7 @@ impl Manager {
         let result: Result<Vec<(UnitId, ExpertSlot)>> = self
             .entries
             .iter()
-            .map(|(id, e)| match (&e.slot, &self.disk) {
+            .map(|(id, e)| match (e.slot.as_ref().filter(|_| !e.partial), &self.disk) {
                 (Some(s), _) => Ok((*id, (**s).clone())),
                 (None, Some(d)) => {
                     let mut unit = self.decode(*id, &d.read(*id, self.unit_bytes as usize)?, "the disk tier")?;
@@ -1260,23 +1321,24 @@ mod tests {
 
     #[tokio::test]
     async fn budgets_hold_and_changes_survive_eviction_to_disk() {
+        let memory = ExpertStore::new(0, &StorageConfig::default(), units(4, 4)).unwrap();
         let store = ExpertStore::new(0, &config(4, 2, "evict"), units(4, 4)).unwrap();
-        // Change every unit once (as a commit does), in an order that forces evictions.
-        for round in 0..2 {
-            for b in 0..4 {
+        // Commits and uses in an order that forces evictions, loads and write-backs.
+        for round in 0..3 {
+            commit_all(&memory, round).await;
+            commit_all(&store, round).await;
+            for b in (0..4).rev() {
                 for e in 0..4 {
-                    let mut lease = store.acquire((b, e)).await.unwrap();
-                    lease.slot_mut().params[0][0] += 1.0 + round as f32;
+                    let lease = store.acquire((b, e)).await.unwrap();
+                    assert_eq!(lease.params[1].len(), 8);
                 }
             }
         }
-        let snap = store.snapshot().await.unwrap();
+        let (want, snap) = (memory.snapshot().await.unwrap(), store.snapshot().await.unwrap());
         assert_eq!(snap.len(), 16);
-        for ((b, e), s) in &snap {
-            let seed = (b * 4 + e) as f32;
-            assert_eq!(s.params[0][0], seed * 1000.0 + 3.0, "expert {b}.{e}");
-            assert_eq!(s.params[2], slot(seed).params[2]);
-            assert_eq!(s.optimizer, slot(seed).optimizer);
+        for ((id, x), (_, y)) in want.iter().zip(&snap) {
+            assert_eq!(x.params, y.params, "expert {id:?}");
+            assert_eq!(x.optimizer, y.optimizer, "expert {id:?}");
         }
         let st = store.stats();
         assert!(st.peak[0] <= st.budget[0] && st.peak[1] <= st.budget[1], "{st:?}");
@@ -1286,6 +1348,13 @@ mod tests {
         assert!(d.exists());
         drop(store);
         assert!(!d.join("worker-0").exists(), "the disk tier is removed with the store");
+    }
+
+    #[tokio::test]
+    async fn a_plain_lease_cannot_be_changed() {
+        let store = ExpertStore::new(0, &StorageConfig::default(), units(1, 1)).unwrap();
+        let mut lease = store.acquire((0, 0)).await.unwrap();
+        assert!(lease.slot_mut().is_err());
     }
 
     #[tokio::test]
@@ -1352,7 +1421,7 @@ mod tests {
                     norm: 3.0,
                 };
                 if let Some((mut lease, update)) = store.commit((b, e), update).await.unwrap() {
-                    lease.slot_mut().apply(update).unwrap();
+                    lease.slot_mut().unwrap().apply(update).unwrap();
                 }
             }
         }

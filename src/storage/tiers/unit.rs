@@ -70,6 +70,43 @@ impl ExpertSlot {
     }
 }
 
+/// Bytes at the start of a unit's encoding that hold its header and parameters (what a forward
+/// or backward pass needs).
+pub fn params_len(template: &ExpertSlot) -> usize {
+    HEADER + 4 * template.params.iter().map(Vec::len).sum::<usize>()
+}
+
+/// Decode only the parameters from the first [`params_len`] bytes of a unit's encoding. The
+/// result has no optimizer moments (empty buffers: AdamW refuses to step it), so it can serve a
+/// forward or backward pass but never a commit.
+pub fn decode_params(id: UnitId, bytes: &[u8], template: &ExpertSlot, what: &str) -> Result<ExpertSlot> {
+    let bad = |detail: String| Error::Parse {
+        what: format!("the stored parameters of expert {}.{} ({what})", id.0, id.1),
+        detail,
+    };
+    if bytes.len() != params_len(template) || &bytes[..8] != MAGIC {
+        return Err(bad(format!("{} bytes, expected {}", bytes.len(), params_len(template))));
+    }
+    let word = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    if (word(8) as usize, word(12) as usize) != id {
+        return Err(bad(format!("it holds expert {}.{}", word(8), word(12))));
+    }
+    let mut at = HEADER;
+    let params = [0, 1, 2, 3].map(|k| {
+        let len = template.params[k].len();
+        let v = bytes[at..at + 4 * len]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        at += 4 * len;
+        v
+    });
+    let mut optimizer = template.optimizer.clone();
+    optimizer.m = vec![Vec::new(); 4];
+    optimizer.v = vec![Vec::new(); 4];
+    Ok(ExpertSlot { params, optimizer })
+}
+
 /// The disk encoding of a deferred gradient (header as for units, then the four gradients).
 pub fn encode_grads(id: UnitId, grads: &[Vec<f32>; 4]) -> Vec<u8> {
     let floats: usize = grads.iter().map(Vec::len).sum();
@@ -207,6 +244,16 @@ mod tests {
         let back = decode((2, 5), &bytes, &slot(0.0), "test").unwrap();
         assert_eq!(back.params, s.params);
         assert_eq!(back.optimizer, s.optimizer);
+    }
+
+    #[test]
+    fn parameters_alone_decode_from_the_front_of_a_unit() {
+        let s = slot(0.5);
+        let bytes = encode((2, 5), &s);
+        let p = decode_params((2, 5), &bytes[..params_len(&s)], &slot(0.0), "test").unwrap();
+        assert_eq!(p.params, s.params);
+        assert!(p.optimizer.m.iter().all(Vec::is_empty));
+        assert!(decode_params((2, 6), &bytes[..params_len(&s)], &s, "test").is_err());
     }
 
     #[test]
