@@ -3,8 +3,9 @@
 
 mod common;
 
+use common::{assert_same, bits};
+
 use semoe::actors::{ExpertPlacement, Runtime};
-use semoe::model::gpt::Gpt;
 use semoe::train::config::TrainConfig;
 use semoe::train::trainer::Trainer;
 
@@ -12,23 +13,6 @@ const STEPS: u64 = 20;
 
 fn small_config() -> TrainConfig {
     common::small_config(STEPS)
-}
-
-/// Every tensor's bits, by name.
-fn bits(model: &Gpt<f32>) -> Vec<(String, Vec<u32>)> {
-    model
-        .tensors()
-        .into_iter()
-        .map(|(n, _, b)| (n, b.iter().map(|v| v.to_bits()).collect()))
-        .collect()
-}
-
-fn assert_same(want: &[(String, Vec<u32>)], got: &[(String, Vec<u32>)], what: &str) {
-    assert_eq!(want.len(), got.len());
-    for ((n, a), (_, b)) in want.iter().zip(got) {
-        let diff = a.iter().zip(b).position(|(x, y)| x != y);
-        assert!(diff.is_none(), "{what}: tensor {n} differs at element {diff:?}");
-    }
 }
 
 /// The training loop, without actors (`workers = 0`) or on the runtime through the `Trainer`.

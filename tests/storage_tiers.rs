@@ -5,8 +5,9 @@
 
 mod common;
 
+use common::{assert_same, bits};
+
 use semoe::actors::Runtime;
-use semoe::model::gpt::Gpt;
 use semoe::storage::tiers::{CachePolicy, StorageConfig, TierStats};
 use semoe::train::config::TrainConfig;
 use semoe::train::trainer::Trainer;
@@ -24,22 +25,6 @@ fn config() -> TrainConfig {
     c.model.experts = 64;
     c.train.batch = 16;
     c
-}
-
-fn bits(model: &Gpt<f32>) -> Vec<(String, Vec<u32>)> {
-    model
-        .tensors()
-        .into_iter()
-        .map(|(n, _, b)| (n, b.iter().map(|v| v.to_bits()).collect()))
-        .collect()
-}
-
-fn assert_same(want: &[(String, Vec<u32>)], got: &[(String, Vec<u32>)], what: &str) {
-    assert_eq!(want.len(), got.len());
-    for ((n, a), (_, b)) in want.iter().zip(got) {
-        let diff = a.iter().zip(b).position(|(x, y)| x != y);
-        assert!(diff.is_none(), "{what}: tensor {n} differs at element {diff:?}");
-    }
 }
 
 fn temp(name: &str) -> PathBuf {

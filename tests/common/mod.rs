@@ -1,5 +1,9 @@
-//! Shared by the runtime tests: a model small enough to train 20 steps in about a second.
+//! Shared by the runtime tests: a model small enough to train 20 steps in about a second, and
+//! bitwise comparison of models.
 
+#![allow(dead_code)] // each test file uses a part
+
+use semoe::model::gpt::Gpt;
 use semoe::train::config::TrainConfig;
 
 /// 2 MoE blocks of 4 experts (top-2), d_model 32, context 16, batch 8 in 4 groups, 2 threads.
@@ -20,4 +24,22 @@ pub fn small_config(steps: u64) -> TrainConfig {
     c.train.checkpoint_every = 0;
     c.optimizer.warmup = 5;
     c
+}
+
+/// Every tensor's bits, by name.
+pub fn bits(model: &Gpt<f32>) -> Vec<(String, Vec<u32>)> {
+    model
+        .tensors()
+        .into_iter()
+        .map(|(n, _, b)| (n, b.iter().map(|v| v.to_bits()).collect()))
+        .collect()
+}
+
+/// Fail naming the first tensor and element whose bits differ.
+pub fn assert_same(want: &[(String, Vec<u32>)], got: &[(String, Vec<u32>)], what: &str) {
+    assert_eq!(want.len(), got.len());
+    for ((n, a), (_, b)) in want.iter().zip(got) {
+        let diff = a.iter().zip(b).position(|(x, y)| x != y);
+        assert!(diff.is_none(), "{what}: tensor {n} differs at element {diff:?}");
+    }
 }

@@ -70,6 +70,16 @@ impl ExpertSlot {
     }
 }
 
+/// `len` little-endian f32 from `bytes` at `*at`, advancing `*at` (the caller checked the length).
+fn floats_at(bytes: &[u8], at: &mut usize, len: usize) -> Vec<f32> {
+    let v = bytes[*at..*at + 4 * len]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    *at += 4 * len;
+    v
+}
+
 /// Bytes at the start of a unit's encoding that hold its header and parameters (what a forward
 /// or backward pass needs).
 pub fn params_len(template: &ExpertSlot) -> usize {
@@ -92,15 +102,7 @@ pub fn decode_params(id: UnitId, bytes: &[u8], template: &ExpertSlot, what: &str
         return Err(bad(format!("it holds expert {}.{}", word(8), word(12))));
     }
     let mut at = HEADER;
-    let params = [0, 1, 2, 3].map(|k| {
-        let len = template.params[k].len();
-        let v = bytes[at..at + 4 * len]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        at += 4 * len;
-        v
-    });
+    let params = [0, 1, 2, 3].map(|k| floats_at(bytes, &mut at, template.params[k].len()));
     let mut optimizer = template.optimizer.clone();
     optimizer.m = vec![Vec::new(); 4];
     optimizer.v = vec![Vec::new(); 4];
@@ -139,15 +141,7 @@ pub fn decode_grads(id: UnitId, bytes: &[u8], template: &ExpertSlot) -> Result<[
         )));
     }
     let mut at = HEADER;
-    Ok([0, 1, 2, 3].map(|k| {
-        let len = template.params[k].len();
-        let v = bytes[at..at + 4 * len]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        at += 4 * len;
-        v
-    }))
+    Ok([0, 1, 2, 3].map(|k| floats_at(bytes, &mut at, template.params[k].len())))
 }
 const HEADER: usize = 32;
 
@@ -198,14 +192,7 @@ pub fn decode(id: UnitId, bytes: &[u8], template: &ExpertSlot, what: &str) -> Re
         )));
     }
     let mut at = HEADER;
-    let mut take = |len: usize| -> Vec<f32> {
-        let v = bytes[at..at + 4 * len]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        at += 4 * len;
-        v
-    };
+    let mut take = |len: usize| floats_at(bytes, &mut at, len);
     let params = [0, 1, 2, 3].map(|k| take(template.params[k].len()));
     let m = template.optimizer.m.iter().map(|t| take(t.len())).collect();
     let v = template.optimizer.v.iter().map(|t| take(t.len())).collect();
