@@ -93,8 +93,12 @@ impl DiskTier {
 
     /// Delete the directory and its files (best effort: it holds nothing that is not also in memory
     /// or in a checkpoint once the store is gone).
+    /// The parent directory goes too when nothing else is left in it.
     pub fn remove(&self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
