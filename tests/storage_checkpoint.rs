@@ -1,45 +1,16 @@
 //! Checkpoints on disk: bitwise round trips, the commit protocol (latest, prune, overwrite, crash
 //! leftovers) and clear errors for every kind of damage.
 
+mod common;
+
+use common::TempDir;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use semoe::storage::checkpoint::{self, NamedTensor, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE};
 use semoe::Error;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-
-/// A fresh directory under the system temp dir, removed when dropped (also when a test fails).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let unique = format!(
-            "semoe-ckpt-{test}-{}-{nanos}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let path = std::env::temp_dir().join(unique);
-        fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Owned tensors for a test model; [`Tensors::named`] borrows them for `save`.
 struct Tensors(Vec<(String, Vec<usize>, Vec<f32>)>);

@@ -10,9 +10,10 @@
 
 mod common;
 
+use common::TempDir;
+
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -26,31 +27,6 @@ const PAUSE_LINE: &str = "semoe: pausing in a checkpoint write";
 const PAUSE_MS: &str = "120000";
 /// Bound of every wait on a child; a normal run takes a fraction of a second.
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A fresh directory under the system temp dir, removed when dropped (also when the test fails).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!("semoe-crash-{test}-{}-{nanos}", std::process::id()));
-        fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A running `semoe` whose stderr lines arrive on a channel (read by a thread, so that every wait
 /// can have a deadline). Dropping it kills the process, so a failing test leaves nothing behind.

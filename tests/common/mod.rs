@@ -5,6 +5,8 @@
 
 use semoe::model::gpt::Gpt;
 use semoe::train::config::TrainConfig;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// 2 MoE blocks of 4 experts (top-2), d_model 32, context 16, batch 8 in 4 groups, 2 threads.
 pub fn small_config(steps: u64) -> TrainConfig {
@@ -41,5 +43,38 @@ pub fn assert_same(want: &[(String, Vec<u32>)], got: &[(String, Vec<u32>)], what
     for ((n, a), (_, b)) in want.iter().zip(got) {
         let diff = a.iter().zip(b).position(|(x, y)| x != y);
         assert!(diff.is_none(), "{what}: tensor {n} differs at element {diff:?}");
+    }
+}
+
+/// A fresh directory under the system temp dir, removed when dropped (also when a test fails).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A new, unique directory named after `test`.
+    pub fn new(test: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let unique = format!(
+            "semoe-test-{test}-{}-{nanos}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(unique);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
