@@ -96,6 +96,13 @@ fn gelu_tanh_bwd(h: &[f32], g: &mut [f32]) {
     }
 }
 
+#[inline(always)]
+fn exp_affine_in_place(x: &mut [f32], scale: f32, shift: f32) {
+    for v in x.iter_mut() {
+        *v = exp_f32(*v * scale - shift);
+    }
+}
+
 /// Instantiate an element-wise kernel for AVX-512, AVX2 and portable code, dispatched at run time.
 macro_rules! multiversion {
     ($(#[$doc:meta])* $name:ident => $body:ident ( $($arg:ident : $ty:ty),* )) => {
@@ -137,6 +144,10 @@ multiversion!(
     /// `g *= gelu_tanh'(h)`.
     gelu_tanh_backward => gelu_tanh_bwd(h: &[f32], g: &mut [f32])
 );
+multiversion!(
+    /// `x = exp(x * scale - shift)` element-wise (the numerators of a softmax).
+    exp_affine => exp_affine_in_place(x: &mut [f32], scale: f32, shift: f32)
+);
 
 #[cfg(test)]
 mod tests {
@@ -177,6 +188,11 @@ mod tests {
         let mut b = vec![1.0; h.len()];
         gelu_tanh_backward(&h, &mut a);
         gelu_tanh_bwd(&h, &mut b);
+        assert_eq!(a, b);
+        let mut a = h.clone();
+        let mut b = h.clone();
+        exp_affine(&mut a, 0.7, 1.5);
+        exp_affine_in_place(&mut b, 0.7, 1.5);
         assert_eq!(a, b);
     }
 }

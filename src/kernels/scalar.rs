@@ -53,6 +53,8 @@ pub trait Scalar:
             self
         }
     }
+    /// `x = exp(x * scale - shift)` over a slice (softmax numerators; vectorised for f32).
+    fn exp_affine(x: &mut [Self], scale: Self, shift: Self);
     /// `a = gelu(h)` over slices.
     fn gelu_forward(kind: Gelu, h: &[Self], a: &mut [Self]);
     /// `g *= gelu'(h)` over slices.
@@ -74,6 +76,9 @@ impl Scalar for f32 {
     }
     fn ln(self) -> Self {
         f32::ln(self)
+    }
+    fn exp_affine(x: &mut [Self], scale: Self, shift: Self) {
+        math::exp_affine(x, scale, shift)
     }
     fn gelu_forward(kind: Gelu, h: &[Self], a: &mut [Self]) {
         match kind {
@@ -104,6 +109,9 @@ impl Scalar for f64 {
     }
     fn ln(self) -> Self {
         f64::ln(self)
+    }
+    fn exp_affine(x: &mut [Self], scale: Self, shift: Self) {
+        x.iter_mut().for_each(|v| *v = (*v * scale - shift).exp());
     }
     fn gelu_forward(kind: Gelu, h: &[Self], a: &mut [Self]) {
         for (a, &x) in a.iter_mut().zip(h) {

@@ -96,12 +96,35 @@ impl AttnShape {
     }
 }
 
+/// Rows of the score matrix computed together. Causal attention needs, for rows `i0..i1`, only the
+/// keys `0..i1`: cutting the rows into blocks skips most of the masked upper triangle (75% of the
+/// full products remain at T = 64, 56% at T = 256) while keeping each product large enough for gemm.
+pub const ATTN_ROW_BLOCK: usize = 32;
+
+/// The row blocks of a `t x t` causal score matrix: `(i0, i1, offset)` where `offset` is where the
+/// block's `(i1 - i0) x i1` probabilities start in one sequence's compact storage.
+fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    let mut offset = 0;
+    (0..t).step_by(ATTN_ROW_BLOCK).map(move |i0| {
+        let i1 = (i0 + ATTN_ROW_BLOCK).min(t);
+        let at = offset;
+        offset += (i1 - i0) * i1;
+        (i0, i1, at)
+    })
+}
+
+/// Elements of one sequence's compact causal probabilities (the sum of its row blocks).
+fn compact_len(t: usize) -> usize {
+    row_blocks(t).map(|(i0, i1, _)| (i1 - i0) * i1).sum()
+}
+
 /// What attention keeps for its backward pass.
 #[derive(Clone, Debug, Default)]
 pub struct AttnCache<T> {
     /// q, k, v in head-major layout `[3][H][N][dh]`.
     qkv_heads: Vec<T>,
-    /// Attention probabilities `[H][seqs][T][T]` (zero above the diagonal).
+    /// Attention probabilities per head and sequence, by row blocks ([`row_blocks`]); zero above the
+    /// diagonal inside each block.
     probs: Vec<T>,
 }
 
@@ -130,6 +153,20 @@ fn merge_heads<T: Scalar>(heads: &[T], s: AttnShape, out: &mut [T], stride: usiz
     }
 }
 
+/// Causal softmax of one row block in place: row `r` (query `i0 + r`) of the `rows x width` scores
+/// keeps columns `0..=i0 + r`, scaled by `scale`; the columns after the diagonal become 0.
+fn causal_softmax_block<T: Scalar>(scores: &mut [T], i0: usize, width: usize, scale: T) {
+    for (r, row) in scores.chunks_exact_mut(width).enumerate() {
+        let (live, masked) = row.split_at_mut(i0 + r + 1);
+        let max = live.iter().fold(live[0], |m, &v| m.max(v));
+        T::exp_affine(live, scale, max * scale);
+        let sum = live.iter().fold(T::ZERO, |a, &v| a + v);
+        let inv = T::ONE / sum;
+        live.iter_mut().for_each(|v| *v *= inv);
+        masked.fill(T::ZERO);
+    }
+}
+
 /// Causal self-attention over `qkv` (`[N][3D]`); writes the merged head outputs `[N][D]` into `out`
 /// (before the output projection).
 pub fn attention_forward<B: Backend, T: Scalar>(
@@ -141,28 +178,25 @@ pub fn attention_forward<B: Backend, T: Scalar>(
     let (n, t, dh) = (s.n(), s.t, s.dh);
     let qkv_heads = split_heads(qkv, s);
     let plane = n * dh;
-    let mut probs = vec![T::ZERO; s.heads * s.seqs * t * t];
+    let per_seq = compact_len(t);
+    let mut probs = vec![T::ZERO; s.heads * s.seqs * per_seq];
     let mut o_heads = vec![T::ZERO; s.heads * plane];
     let scale = T::ONE / T::from_f64((dh as f64).sqrt());
     for head in 0..s.heads {
         for b in 0..s.seqs {
             let rows = |part: usize| &qkv_heads[part * s.heads * plane + head * plane + b * t * dh..][..t * dh];
-            let p = &mut probs[(head * s.seqs + b) * t * t..][..t * t];
-            backend.matmul(p, Mat::new(rows(0), t, dh)?, Mat::new(rows(1), t, dh)?.t(), false)?;
-            for i in 0..t {
-                let row = &mut p[i * t..(i + 1) * t];
-                let max = row[..=i].iter().fold(row[0] * scale, |m, &v| m.max(v * scale));
-                let mut sum = T::ZERO;
-                for v in row[..=i].iter_mut() {
-                    *v = (*v * scale - max).exp();
-                    sum += *v;
-                }
-                let inv = T::ONE / sum;
-                row[..=i].iter_mut().for_each(|v| *v *= inv);
-                row[i + 1..].iter_mut().for_each(|v| *v = T::ZERO);
-            }
+            let (q, k, v) = (rows(0), rows(1), rows(2));
+            let seq_probs = &mut probs[(head * s.seqs + b) * per_seq..][..per_seq];
             let o = &mut o_heads[head * plane + b * t * dh..][..t * dh];
-            backend.matmul(o, Mat::new(p, t, t)?, Mat::new(rows(2), t, dh)?, false)?;
+            for (i0, i1, at) in row_blocks(t) {
+                let m = i1 - i0;
+                let p = &mut seq_probs[at..at + m * i1];
+                let q_blk = Mat::new(&q[i0 * dh..i1 * dh], m, dh)?;
+                backend.matmul(p, q_blk, Mat::new(&k[..i1 * dh], i1, dh)?.t(), false)?;
+                causal_softmax_block(p, i0, i1, scale);
+                let p = Mat::new(&*p, m, i1)?;
+                backend.matmul(&mut o[i0 * dh..i1 * dh], p, Mat::new(&v[..i1 * dh], i1, dh)?, false)?;
+            }
         }
     }
     merge_heads(&o_heads, s, out, s.d(), 0);
@@ -179,6 +213,7 @@ pub fn attention_backward<B: Backend, T: Scalar>(
 ) -> Result<()> {
     let (n, t, dh, h) = (s.n(), s.t, s.dh, s.heads);
     let plane = n * dh;
+    let per_seq = compact_len(t);
     // d_out -> [H][N][dh]
     let mut d_o = vec![T::ZERO; h * plane];
     for r in 0..n {
@@ -186,45 +221,43 @@ pub fn attention_backward<B: Backend, T: Scalar>(
             d_o[(head * n + r) * dh..][..dh].copy_from_slice(&d_out[r * s.d() + head * dh..][..dh]);
         }
     }
+    // Zeroed: dK and dV accumulate over the row blocks.
     let mut d_heads = vec![T::ZERO; 3 * h * plane];
-    let mut d_p = vec![T::ZERO; t * t];
+    let mut d_s = vec![T::ZERO; ATTN_ROW_BLOCK.min(t) * t];
     let scale = T::ONE / T::from_f64((dh as f64).sqrt());
     for head in 0..h {
         for b in 0..s.seqs {
             let at = |part: usize| part * h * plane + head * plane + b * t * dh;
             let rows = |part: usize| &cache.qkv_heads[at(part)..][..t * dh];
-            let p = &cache.probs[(head * s.seqs + b) * t * t..][..t * t];
+            let (q, k, v) = (rows(0), rows(1), rows(2));
+            let seq_probs = &cache.probs[(head * s.seqs + b) * per_seq..][..per_seq];
             let d_o_b = &d_o[head * plane + b * t * dh..][..t * dh];
-            // dP = dO V^T ; dV = P^T dO
-            backend.matmul(&mut d_p, Mat::new(d_o_b, t, dh)?, Mat::new(rows(2), t, dh)?.t(), false)?;
-            backend.matmul(
-                &mut d_heads[at(2)..][..t * dh],
-                Mat::new(p, t, t)?.t(),
-                Mat::new(d_o_b, t, dh)?,
-                false,
-            )?;
-            // softmax backward (causal part only), times the score scale: dS = P * (dP - <dP, P>) * scale
-            for i in 0..t {
-                let (pr, dr) = (&p[i * t..(i + 1) * t], &mut d_p[i * t..(i + 1) * t]);
-                let dot = (0..=i).fold(T::ZERO, |a, j| a + pr[j] * dr[j]);
-                for j in 0..=i {
-                    dr[j] = pr[j] * (dr[j] - dot) * scale;
+            let (d_q, rest) = d_heads[at(0)..].split_at_mut(at(1) - at(0));
+            let (d_k, rest) = rest.split_at_mut(at(2) - at(1));
+            let (d_q, d_k, d_v) = (&mut d_q[..t * dh], &mut d_k[..t * dh], &mut rest[..t * dh]);
+            for (i0, i1, off) in row_blocks(t) {
+                let m = i1 - i0;
+                let p = &seq_probs[off..off + m * i1];
+                let d_o_blk = Mat::new(&d_o_b[i0 * dh..i1 * dh], m, dh)?;
+                // dV[..i1] += P^T dO ; dP = dO V^T
+                backend.matmul(&mut d_v[..i1 * dh], Mat::new(p, m, i1)?.t(), d_o_blk, true)?;
+                let d_s = &mut d_s[..m * i1];
+                backend.matmul(d_s, d_o_blk, Mat::new(&v[..i1 * dh], i1, dh)?.t(), false)?;
+                // softmax backward (causal part only), times the score scale: dS = P * (dP - <dP, P>) * scale
+                for (r, (pr, dr)) in p.chunks_exact(i1).zip(d_s.chunks_exact_mut(i1)).enumerate() {
+                    let live = i0 + r + 1;
+                    let dot = (0..live).fold(T::ZERO, |a, j| a + pr[j] * dr[j]);
+                    for j in 0..live {
+                        dr[j] = pr[j] * (dr[j] - dot) * scale;
+                    }
+                    dr[live..].fill(T::ZERO);
                 }
-                dr[i + 1..].iter_mut().for_each(|v| *v = T::ZERO);
+                // dQ[i0..i1] = dS K[..i1] ; dK[..i1] += dS^T Q[i0..i1]
+                let d_s = Mat::new(&*d_s, m, i1)?;
+                backend.matmul(&mut d_q[i0 * dh..i1 * dh], d_s, Mat::new(&k[..i1 * dh], i1, dh)?, false)?;
+                let q_blk = Mat::new(&q[i0 * dh..i1 * dh], m, dh)?;
+                backend.matmul(&mut d_k[..i1 * dh], d_s.t(), q_blk, true)?;
             }
-            // dQ = dS K ; dK = dS^T Q
-            backend.matmul(
-                &mut d_heads[at(0)..][..t * dh],
-                Mat::new(&d_p, t, t)?,
-                Mat::new(rows(1), t, dh)?,
-                false,
-            )?;
-            backend.matmul(
-                &mut d_heads[at(1)..][..t * dh],
-                Mat::new(&d_p, t, t)?.t(),
-                Mat::new(rows(0), t, dh)?,
-                false,
-            )?;
         }
     }
     for part in 0..3 {
@@ -324,4 +357,107 @@ pub fn cross_entropy<T: Scalar>(logits: &[T], targets: &[u32], grad_scale: T, dl
         d[tg as usize] -= grad_scale;
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::Cpu;
+
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Full-matrix causal attention, straight from the definition.
+    fn naive_attention(qkv: &[f64], s: AttnShape) -> Vec<f64> {
+        let (d, t, dh) = (s.d(), s.t, s.dh);
+        let mut out = vec![0.0; s.n() * d];
+        for b in 0..s.seqs {
+            for head in 0..s.heads {
+                let at = |i: usize, part: usize, c: usize| qkv[(b * t + i) * 3 * d + part * d + head * dh + c];
+                for i in 0..t {
+                    let scores: Vec<f64> = (0..=i)
+                        .map(|j| (0..dh).map(|c| at(i, 0, c) * at(j, 1, c)).sum::<f64>() / (dh as f64).sqrt())
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|v| (v - max).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for c in 0..dh {
+                        out[(b * t + i) * d + head * dh + c] = (0..=i).map(|j| e[j] / z * at(j, 2, c)).sum();
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// A shape whose sequences span several row blocks, the last one partial.
+    fn shape() -> AttnShape {
+        AttnShape {
+            seqs: 2,
+            t: 2 * ATTN_ROW_BLOCK + 5,
+            heads: 2,
+            dh: 3,
+        }
+    }
+
+    #[test]
+    fn row_blocks_cover_the_causal_triangle() {
+        for t in [1, ATTN_ROW_BLOCK, ATTN_ROW_BLOCK + 1, 3 * ATTN_ROW_BLOCK + 7] {
+            let blocks: Vec<_> = row_blocks(t).collect();
+            assert_eq!(blocks.first().map(|b| b.0), Some(0));
+            assert_eq!(blocks.last().map(|b| b.1), Some(t));
+            for pair in blocks.windows(2) {
+                assert_eq!(pair[0].1, pair[1].0, "blocks are contiguous");
+                assert_eq!(pair[1].2, pair[0].2 + (pair[0].1 - pair[0].0) * pair[0].1);
+            }
+            assert!(compact_len(t) >= t * (t + 1) / 2 && compact_len(t) <= t * t);
+        }
+    }
+
+    #[test]
+    fn blocked_attention_matches_the_definition() -> Result<()> {
+        let s = shape();
+        let qkv = values(s.n() * 3 * s.d(), 7);
+        let mut out = vec![0.0; s.n() * s.d()];
+        attention_forward(&Cpu::new(1)?, &qkv, s, &mut out)?;
+        let want = naive_attention(&qkv, s);
+        for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() < 1e-12, "output {i}: {a} vs {b}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn blocked_attention_backward_matches_finite_differences() -> Result<()> {
+        let (s, cpu) = (shape(), Cpu::new(1)?);
+        let qkv = values(s.n() * 3 * s.d(), 11);
+        let weights = values(s.n() * s.d(), 13);
+        let loss = |qkv: &[f64]| -> f64 { naive_attention(qkv, s).iter().zip(&weights).map(|(o, w)| o * w).sum() };
+        let mut out = vec![0.0; s.n() * s.d()];
+        let cache = attention_forward(&cpu, &qkv, s, &mut out)?;
+        let mut d_qkv = vec![0.0; qkv.len()];
+        attention_backward(&cpu, &cache, &weights, s, &mut d_qkv)?;
+        // Every q, k and v element of positions in the first, middle and last row blocks.
+        for i in (0..qkv.len()).step_by(7) {
+            let (mut up, mut down) = (qkv.clone(), qkv.clone());
+            up[i] += 1e-6;
+            down[i] -= 1e-6;
+            let numeric = (loss(&up) - loss(&down)) / 2e-6;
+            assert!(
+                (numeric - d_qkv[i]).abs() < 1e-6 * (1.0 + numeric.abs()),
+                "d_qkv[{i}]: analytic {} vs numeric {numeric}",
+                d_qkv[i]
+            );
+        }
+        Ok(())
+    }
 }
