@@ -68,9 +68,8 @@ def param_shapes(cfg: dict) -> dict:
     return s
 
 
-def init_params(cfg: dict, seed: int, std: float, position_init: str = "sin") -> dict:
-    """Matrices, embeddings and the gate ~ N(0, std); biases 0; LayerNorm 1 / 0; position embeddings
-    from sinusoids (`position_init="sin"`, as semoe) or N(0, std)."""
+def init_params(cfg: dict, seed: int, std: float) -> dict:
+    """Matrices, embeddings and the gate ~ N(0, std); biases 0; LayerNorm 1 / 0."""
     g = torch.Generator().manual_seed(seed)
     params = {}
     for name, shape in param_shapes(cfg).items():
@@ -80,20 +79,8 @@ def init_params(cfg: dict, seed: int, std: float, position_init: str = "sin") ->
             t = torch.zeros(shape)
         else:
             t = torch.randn(*shape, generator=g) * std
-        if name == "wpe" and position_init == "sin":
-            t = sinusoidal_positions(*shape, std)
         params[name] = torch.nn.Parameter(t)
     return params
-
-
-def sinusoidal_positions(T: int, D: int, std: float) -> torch.Tensor:
-    """semoe's initial position embeddings: the transformer's sinusoids, scaled to std `std`."""
-    pos = torch.arange(T, dtype=torch.float64)[:, None]
-    i = torch.arange(D)
-    rate = 10000.0 ** (-((i // 2) * 2).double() / D)
-    angle = pos * rate[None, :]
-    codes = torch.where(i % 2 == 0, torch.sin(angle), torch.cos(angle))
-    return (codes * std * math.sqrt(2.0)).float()
 
 
 def count_params(cfg: dict) -> tuple[int, int]:
@@ -315,8 +302,6 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
     ap.add_argument("--init-std", type=float, default=0.02)
-    ap.add_argument("--position-init", choices=["sin", "normal"], default="sin",
-                    help="initial position embeddings: sinusoids scaled to --init-std (semoe's) or normal")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-batches", type=int, default=20)
     ap.add_argument("--print-every", type=int, default=10)
@@ -359,7 +344,7 @@ def main() -> None:
     vgen = torch.Generator().manual_seed(VAL_SEED)
     val_batches = [sample(val, a.batch, a.block_size, vgen) for _ in range(a.eval_batches)]
     gen = torch.Generator().manual_seed(a.seed)
-    params = init_params(cfg, a.seed, a.init_std, a.position_init)
+    params = init_params(cfg, a.seed, a.init_std)
     plist = list(params.values())
     opt = make_optimizer(params, a)
     if not a.dense:
