@@ -359,6 +359,11 @@ pub struct StorageRow {
     pub disk_bytes_per_s: f64,
     /// Disk bytes per second of the I/O threads' busy time (reads and writes).
     pub io_bytes_per_busy_s: f64,
+    /// The disk's bandwidth for this row's mix of reads and writes: bytes moved per step over the
+    /// seconds the sequential figures need for them (0 without disk traffic).
+    pub ceiling_bytes_per_s: f64,
+    /// `disk_bytes_per_s / ceiling_bytes_per_s`: the share of the disk's bandwidth achieved.
+    pub of_ceiling: f64,
     /// The most bytes held in Device and Host.
     pub peak: [u64; 2],
     /// Budgets of Device and Host.
@@ -375,10 +380,12 @@ pub struct StorageReport {
     pub tokens_per_expert: f64,
     /// Bytes of all expert state (parameters and moments).
     pub expert_state_bytes: u64,
-    /// Sequential read bandwidth of the disk (page cache dropped), bytes per second.
+    /// Sequential read bandwidth of the disk (`O_DIRECT`, large requests), bytes per second.
     pub disk_read_bytes_per_s: f64,
-    /// Sequential write bandwidth of the disk (flushed), bytes per second.
+    /// Sequential write bandwidth of the disk (`O_DIRECT`, large requests), bytes per second.
     pub disk_write_bytes_per_s: f64,
+    /// How the disk was measured, with the tier-shaped figures.
+    pub disk: DiskBandwidth,
     /// One row per variant.
     pub rows: Vec<StorageRow>,
     /// Timed steps per round.
@@ -399,7 +406,7 @@ pub fn storage_bench(
     use crate::storage::tiers::TierStats;
     use crate::train::Trainer;
     let base = dir.join(format!("semoe-bench-storage-{}", std::process::id()));
-    let (disk_read_bytes_per_s, disk_write_bytes_per_s) = disk_bandwidth(&base, 512 << 20)?;
+    let mut disk = disk_bandwidth(&base, 512 << 20, 8 << 20)?;
     let mut trainers = Vec::with_capacity(variants.len());
     for (i, v) in variants.iter().enumerate() {
         let mut c = config.clone();
@@ -419,6 +426,20 @@ pub fn storage_bench(
         s
     };
     let start: Vec<TierStats> = trainers.iter().map(total).collect();
+    // The tier's path alone, with its request size (one unit) and its I/O threads.
+    let unit = start.iter().map(|s| s.unit_bytes).max().unwrap_or(0);
+    let io_threads = variants
+        .iter()
+        .filter(|v| !v.storage.device_budget.is_empty() || !v.storage.host_budget.is_empty())
+        .map(|v| v.storage.io_threads)
+        .max();
+    if let (Some(threads), true) = (io_threads, unit > 0) {
+        let (r, w) = tier_bandwidth(&base, 512 << 20, unit, threads)?;
+        disk.tier_request = unit;
+        disk.tier_threads = threads.max(1);
+        disk.tier_read_bytes_per_s = r;
+        disk.tier_write_bytes_per_s = w;
+    }
     let tokens = (config.train.batch * config.model.block_size * steps.max(1)) as f64;
     let mut times = vec![Vec::new(); variants.len()];
     for _ in 0..rounds.max(1) {
@@ -431,6 +452,14 @@ pub fn storage_bench(
         }
     }
     let timed_steps = (steps.max(1) * rounds.max(1)) as f64;
+    let ceiling = |read: f64, written: f64| {
+        let seconds = read / disk.read_bytes_per_s + written / disk.write_bytes_per_s;
+        if seconds > 0.0 {
+            (read + written) / seconds
+        } else {
+            0.0
+        }
+    };
     let mut rows = Vec::with_capacity(variants.len());
     let mut expert_state_bytes = 0;
     for (i, t) in trainers.iter().enumerate() {
@@ -462,6 +491,12 @@ pub fn storage_bench(
             stall_per_step: (b.stall_seconds - a.stall_seconds) / timed_steps,
             disk_bytes_per_s: (read + written) / wall,
             io_bytes_per_busy_s: if busy > 0.0 { (read + written) / busy } else { 0.0 },
+            ceiling_bytes_per_s: ceiling(read, written),
+            of_ceiling: if read + written > 0.0 {
+                (read + written) / wall / ceiling(read, written)
+            } else {
+                0.0
+            },
             peak: b.peak,
             budget: b.budget,
         });
@@ -473,31 +508,175 @@ pub fn storage_bench(
         batch: config.train.batch,
         tokens_per_expert: (config.train.batch * m.block_size * m.k) as f64 / m.experts as f64,
         expert_state_bytes,
-        disk_read_bytes_per_s,
-        disk_write_bytes_per_s,
+        disk_read_bytes_per_s: disk.read_bytes_per_s,
+        disk_write_bytes_per_s: disk.write_bytes_per_s,
+        disk,
         rows,
         steps,
         threads: config.train.threads,
     })
 }
 
-/// Write `bytes` to a file under `dir` (flushed) and read it back with the page cache dropped, in
-/// 4 MiB pieces: the disk's own sequential write and read bandwidth, bytes per second.
-fn disk_bandwidth(dir: &std::path::Path, bytes: usize) -> Result<(f64, f64)> {
-    use crate::storage::tiers::disk::DiskTier;
-    let disk = DiskTier::open(&dir.join("bandwidth"), true)?;
-    let piece = vec![0x5au8; 4 << 20];
-    let n = bytes.div_ceil(piece.len());
-    let started = Instant::now();
-    for i in 0..n {
-        disk.write((0, i), &piece)?;
-    }
-    let write = (n * piece.len()) as f64 / started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    for i in 0..n {
-        disk.read((0, i), piece.len())?;
-    }
-    let read = (n * piece.len()) as f64 / started.elapsed().as_secs_f64();
-    disk.remove();
-    Ok((read, write))
+/// The disk's own bandwidth, measured the way `dd` or `fio` would (one file, large sequential
+/// requests, `O_DIRECT` from aligned buffers), and once more with the Disk tier's own requests.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskBandwidth {
+    /// What was measured, in words.
+    pub method: String,
+    /// Bytes written, then read.
+    pub bytes: u64,
+    /// Bytes per request of the sequential figures.
+    pub request: u64,
+    /// Whether the file system took `O_DIRECT` (else buffered, flushed, page cache dropped).
+    pub direct: bool,
+    /// Sequential read, bytes per second.
+    pub read_bytes_per_s: f64,
+    /// Sequential write, bytes per second.
+    pub write_bytes_per_s: f64,
+    /// Bytes per request of the tier-shaped figures (one unit); 0 when not measured.
+    pub tier_request: u64,
+    /// Threads issuing them at once (the tier's I/O threads).
+    pub tier_threads: usize,
+    /// Read through a [`DiskTier`](crate::storage::tiers::disk::DiskTier) slot file, whole units,
+    /// bytes per second.
+    pub tier_read_bytes_per_s: f64,
+    /// Written through a slot file, whole units, bytes per second.
+    pub tier_write_bytes_per_s: f64,
 }
+
+/// Write `bytes` to a new file under `dir` sequentially in `request`-byte pieces, then read it
+/// back, with `O_DIRECT` (what `dd oflag=direct` / `iflag=direct` measure); where the file system
+/// refuses `O_DIRECT`, buffered with `fdatasync` and the page cache dropped before reading.
+pub fn disk_bandwidth(dir: &std::path::Path, bytes: u64, request: u64) -> Result<DiskBandwidth> {
+    use crate::error::Error;
+    use crate::storage::tiers::disk::{padded, ALIGN};
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create the benchmark's directory", dir, e))?;
+    let path = dir.join("bandwidth");
+    let request = padded(request.max(1)) as usize;
+    let n = bytes.div_ceil(request as u64).max(1);
+    let open = |direct: bool| {
+        let mut o = std::fs::OpenOptions::new();
+        o.read(true).write(true).create(true).truncate(true);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        o.open(&path)
+    };
+    let fail = |e| Error::io("cannot measure the disk's bandwidth", &path, e);
+    let mut raw = vec![0x5au8; request + ALIGN];
+    let start = (ALIGN - raw.as_ptr() as usize % ALIGN) % ALIGN;
+    let buf = &mut raw[start..start + request];
+    let (mut file, mut direct) = match open(true) {
+        Ok(f) => (f, true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(false).map_err(fail)?, false),
+        Err(e) => return Err(fail(e)),
+    };
+    let write_all = |file: &std::fs::File, buf: &[u8]| -> std::io::Result<f64> {
+        let started = Instant::now();
+        for i in 0..n {
+            file.write_all_at(buf, i * request as u64)?;
+        }
+        Ok(started.elapsed().as_secs_f64())
+    };
+    let written = match write_all(&file, buf) {
+        Ok(s) => s,
+        Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+            (file, direct) = (open(false).map_err(fail)?, false);
+            write_all(&file, buf).map_err(fail)?
+        }
+        Err(e) => return Err(fail(e)),
+    };
+    let written = if direct {
+        written
+    } else {
+        let started = Instant::now();
+        file.sync_data().map_err(fail)?;
+        drop_cached(&file);
+        written + started.elapsed().as_secs_f64()
+    };
+    let started = Instant::now();
+    for i in 0..n {
+        file.read_exact_at(buf, i * request as u64).map_err(fail)?;
+    }
+    let read = started.elapsed().as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    let total = n * request as u64;
+    Ok(DiskBandwidth {
+        method: format!(
+            "{} sequential in {} requests, 1 thread, {}, new file in {}",
+            crate::storage::tiers::format_bytes(total),
+            crate::storage::tiers::format_bytes(request as u64),
+            if direct {
+                "O_DIRECT"
+            } else {
+                "buffered (O_DIRECT refused), fdatasync, page cache dropped"
+            },
+            dir.display()
+        ),
+        bytes: total,
+        request: request as u64,
+        direct,
+        read_bytes_per_s: total as f64 / read,
+        write_bytes_per_s: total as f64 / written,
+        tier_request: 0,
+        tier_threads: 0,
+        tier_read_bytes_per_s: 0.0,
+        tier_write_bytes_per_s: 0.0,
+    })
+}
+
+/// The Disk tier's own path without training: `threads` threads write `bytes` as whole units of
+/// `unit` bytes into a slot file (each thread every `threads`-th unit), then read them back.
+/// Returns (read, write) bytes per second.
+pub fn tier_bandwidth(dir: &std::path::Path, bytes: u64, unit: u64, threads: usize) -> Result<(f64, f64)> {
+    use crate::storage::tiers::disk::DiskTier;
+    let unit = unit.max(1);
+    let threads = threads.max(1);
+    let n = bytes.div_ceil(unit).max(threads as u64) as usize;
+    let disk = DiskTier::open(&dir.join("tier-bandwidth"), true, (0..n).map(|i| (0, i)), unit, 0)?;
+    let data = vec![0xa5u8; unit as usize];
+    let run = |write: bool| -> Result<f64> {
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (disk, data) = (&disk, &data);
+                    s.spawn(move || -> Result<()> {
+                        for i in (t..n).step_by(threads) {
+                            if write {
+                                disk.write((0, i), data)?;
+                            } else {
+                                std::hint::black_box(disk.read((0, i), data.len())?);
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(crate::error::Error::runtime("a disk benchmark thread panicked")))
+            })
+        })?;
+        Ok(started.elapsed().as_secs_f64())
+    };
+    let result = run(true).and_then(|w| Ok((run(false)?, w)));
+    disk.remove();
+    let (r, w) = result?;
+    let total = (n as u64 * unit) as f64;
+    Ok((total / r, total / w))
+}
+
+#[cfg(target_os = "linux")]
+fn drop_cached(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only reads the descriptor, which `f` keeps open for the call.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn drop_cached(_: &std::fs::File) {}

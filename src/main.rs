@@ -375,18 +375,28 @@ fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     }
     let mib = |b: f64| b / (1 << 20) as f64;
     println!(
-        "expert state {} ({} per block), {:.0} tokens per expert per step, {} threads; disk: read {:.0} MiB/s, write {:.0} MiB/s",
+        "expert state {} ({} per block), {:.0} tokens per expert per step, {} threads; disk: read {:.0} MiB/s, write {:.0} MiB/s ({})",
         format_bytes(r.expert_state_bytes),
         format_bytes(a.experts as u64 * unit),
         r.tokens_per_expert,
         r.threads,
         mib(r.disk_read_bytes_per_s),
-        mib(r.disk_write_bytes_per_s)
+        mib(r.disk_write_bytes_per_s),
+        r.disk.method
     );
+    if r.disk.tier_threads > 0 {
+        println!(
+            "disk tier alone ({} units, {} I/O threads): read {:.0} MiB/s, write {:.0} MiB/s",
+            format_bytes(r.disk.tier_request),
+            r.disk.tier_threads,
+            mib(r.disk.tier_read_bytes_per_s),
+            mib(r.disk.tier_write_bytes_per_s)
+        );
+    }
     let base = r.rows.first().map_or(f64::NAN, |x| x.tokens_per_s);
     for x in &r.rows {
         println!(
-            "{:>24}: {:>7.0} tokens/s ({:>5.1}%), hit rate {:>5.1}%, prefetch accuracy {:>5.1}%, disk {:>7.1} MiB read + {:>7.1} MiB written per step, {:>6.0} MiB/s ({:>5.0} MiB/s while busy), stall {:.2} s/step",
+            "{:>24}: {:>7.0} tokens/s ({:>5.1}%), hit rate {:>5.1}%, prefetch accuracy {:>5.1}%, disk {:>7.1} MiB read + {:>7.1} MiB written per step, {:>6.0} MiB/s ({:>5.0} MiB/s while busy; {:>5.1}% of the disk's {:.0} MiB/s for this mix), stall {:.2} s/step",
             x.name,
             x.tokens_per_s,
             100.0 * x.tokens_per_s / base,
@@ -396,6 +406,8 @@ fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
             mib(x.written_per_step),
             mib(x.disk_bytes_per_s),
             mib(x.io_bytes_per_busy_s),
+            100.0 * x.of_ceiling,
+            mib(x.ceiling_bytes_per_s),
             x.stall_per_step
         );
     }

@@ -44,8 +44,9 @@ pub struct StorageSettings {
     pub cache_decay_every: u64,
     /// Load experts ahead of use from the routing and one block of look-ahead (false: on demand).
     pub prefetch: bool,
-    /// Drop the disk tier's files from the page cache after each access, so that reads reach the
-    /// disk and the page cache is not an unbudgeted extra tier.
+    /// Keep the disk tier out of the page cache, so that reads reach the disk and the page cache
+    /// is not an unbudgeted extra tier: `O_DIRECT` where the file system allows it, else each
+    /// write flushed and each access's pages dropped; false: through the page cache.
     pub drop_page_cache: bool,
     /// Threads reading and writing the disk tier.
     pub io_threads: usize,

@@ -1,132 +1,532 @@
-//! The Disk tier: one file per expert unit under a directory of the run.
+//! The Disk tier: one preallocated slot file per worker (`experts.slots` under a directory of the
+//! run), every expert unit and its deferred gradient at a fixed offset.
 //!
-//! The files are working storage, not checkpoints (checkpoints are written atomically elsewhere;
-//! the tier is rebuilt from the last checkpoint on restart). With `drop_page_cache` every write is
-//! flushed and every file's pages are dropped from the page cache after a read or write
-//! (`posix_fadvise(DONTNEED)`), so reads really reach the disk and the page cache does not act as
-//! a hidden, unbudgeted extra tier.
+//! Each unit has a slot sized for its encoding and, right after it, a slot for its deferred
+//! gradient, both padded to [`ALIGN`] bytes; the file is allocated in full when the tier opens
+//! (every unit of the worker gets its slots, in id order). Units are read and written with
+//! positional I/O (`pread`/`pwrite`: no shared cursor), so the store's I/O threads use one file
+//! concurrently, and a parameters-only load reads a prefix of the unit's slot.
+//!
+//! The file is working storage, not a checkpoint (checkpoints are written atomically elsewhere;
+//! the tier is rebuilt from the last checkpoint on restart): nothing is flushed with `fsync`.
+//!
+//! With `drop_page_cache` (the default) the file is opened with `O_DIRECT`: reads and writes go
+//! past the page cache to the disk, from 4096-aligned buffers, with lengths padded to 4096, so the
+//! page cache never acts as a hidden, unbudgeted extra tier. A file system that refuses `O_DIRECT`
+//! (at the open or at the first aligned write) gets buffered I/O instead, each write flushed
+//! (`fdatasync`) and the pages of every access dropped afterwards (`posix_fadvise(DONTNEED)`), the
+//! same property reached the slow way; [`DiskTier::mode`] says which path was taken. Without
+//! `drop_page_cache` the file is read and written through the page cache.
 
 use super::unit::UnitId;
 use crate::error::{Error, Result};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-/// The Disk tier's directory and settings.
+/// Alignment of direct I/O: buffers, offsets and lengths are multiples of it.
+pub const ALIGN: usize = 4096;
+
+/// `n` rounded up to a multiple of [`ALIGN`].
+pub fn padded(n: u64) -> u64 {
+    n.div_ceil(ALIGN as u64) * ALIGN as u64
+}
+
+/// The name of the slot file in the tier's directory.
+pub const FILE_NAME: &str = "experts.slots";
+
+/// How the slot file is read and written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoMode {
+    /// `O_DIRECT`: past the page cache.
+    Direct,
+    /// Through the page cache; with `drop` each write is flushed and the accessed pages are
+    /// dropped from the page cache afterwards.
+    Buffered {
+        /// Flush and drop pages after each access.
+        drop: bool,
+    },
+}
+
+/// The unit and gradient slots of one expert.
+#[derive(Debug)]
+struct Slot {
+    offset: u64,
+    unit_len: u64,
+    grad_len: u64,
+    unit_written: AtomicBool,
+    grad_written: AtomicBool,
+}
+
+impl Slot {
+    fn grad_offset(&self) -> u64 {
+        self.offset + padded(self.unit_len)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    path: PathBuf,
+    file: File,
+    mode: IoMode,
+    slots: BTreeMap<UnitId, Slot>,
+    len: u64,
+}
+
+/// The Disk tier of one worker: its directory, its slot file and the slots' layout. Cheap to
+/// clone (the I/O threads share one open file).
 #[derive(Clone, Debug)]
 pub struct DiskTier {
-    dir: PathBuf,
-    drop_page_cache: bool,
+    inner: Arc<Inner>,
 }
 
 impl DiskTier {
-    /// Create (or reuse) `dir`.
-    pub fn open(dir: &Path, drop_page_cache: bool) -> Result<Self> {
+    /// Create (or reuse) `dir` and create its slot file (replacing any old one) with a slot of
+    /// `unit_len` bytes and one of `grad_len` bytes for each of `units`, allocated in full.
+    pub fn open(
+        dir: &Path,
+        drop_page_cache: bool,
+        units: impl IntoIterator<Item = UnitId>,
+        unit_len: u64,
+        grad_len: u64,
+    ) -> Result<Self> {
+        Self::open_with(dir, drop_page_cache, units, unit_len, grad_len, probe_direct)
+    }
+
+    /// [`DiskTier::open`] with the check that `O_DIRECT` works given (tests simulate a file system
+    /// that refuses it).
+    fn open_with(
+        dir: &Path,
+        drop_page_cache: bool,
+        units: impl IntoIterator<Item = UnitId>,
+        unit_len: u64,
+        grad_len: u64,
+        probe: fn(&File) -> io::Result<()>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create the disk tier's directory", dir, e))?;
+        let path = dir.join(FILE_NAME);
+        let mut slots = BTreeMap::new();
+        let mut len = 0u64;
+        for id in units {
+            let slot = Slot {
+                offset: len,
+                unit_len,
+                grad_len,
+                unit_written: AtomicBool::new(false),
+                grad_written: AtomicBool::new(false),
+            };
+            if let std::collections::btree_map::Entry::Vacant(v) = slots.entry(id) {
+                v.insert(slot);
+                len += padded(unit_len) + padded(grad_len);
+            }
+        }
+        let create = |direct: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(true).create(true).truncate(true);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(&path)
+        };
+        let fail = |e| Error::io("cannot create the disk tier's slot file", &path, e);
+        let (file, mode) = if drop_page_cache {
+            match create(true) {
+                Ok(f) => {
+                    allocate(&f, len).map_err(fail)?;
+                    match probe(&f) {
+                        Ok(()) => (f, IoMode::Direct),
+                        Err(e) if refuses_direct(&e) => {
+                            drop(f);
+                            (create(false).map_err(fail)?, IoMode::Buffered { drop: true })
+                        }
+                        Err(e) => return Err(fail(e)),
+                    }
+                }
+                Err(e) if refuses_direct(&e) => (create(false).map_err(fail)?, IoMode::Buffered { drop: true }),
+                Err(e) => return Err(fail(e)),
+            }
+        } else {
+            (create(false).map_err(fail)?, IoMode::Buffered { drop: false })
+        };
+        if mode != IoMode::Direct {
+            allocate(&file, len).map_err(fail)?;
+        }
         Ok(DiskTier {
-            dir: dir.to_path_buf(),
-            drop_page_cache,
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                path,
+                file,
+                mode,
+                slots,
+                len,
+            }),
         })
     }
 
     /// The directory.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.inner.dir
     }
 
-    /// The file of one unit.
-    pub fn path(&self, id: UnitId) -> PathBuf {
-        self.dir.join(format!("expert-{}-{}.bin", id.0, id.1))
+    /// The slot file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
     }
 
-    /// The file of a unit's deferred gradient.
-    pub fn grad_path(&self, id: UnitId) -> PathBuf {
-        self.dir.join(format!("expert-{}-{}.grad", id.0, id.1))
+    /// The slot file's size in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.inner.len
     }
 
-    /// Write a unit's bytes (replacing the file's contents).
+    /// Whether I/O goes past the page cache (`O_DIRECT`) or through it.
+    pub fn mode(&self) -> IoMode {
+        self.inner.mode
+    }
+
+    /// Write a unit's bytes (at most the slot's length).
     pub fn write(&self, id: UnitId, bytes: &[u8]) -> Result<()> {
-        self.write_file(&self.path(id), bytes)
+        let s = self.slot(id, "cannot write an expert to the disk tier")?;
+        self.write_at(
+            s.offset,
+            s.unit_len,
+            bytes,
+            id,
+            "cannot write an expert to the disk tier",
+        )?;
+        s.unit_written.store(true, Ordering::Release);
+        Ok(())
     }
 
-    /// Read a unit's bytes (`len` of them).
+    /// Read the first `len` bytes of a unit's slot.
     pub fn read(&self, id: UnitId, len: usize) -> Result<Vec<u8>> {
-        self.read_file(&self.path(id), len)
+        let what = "cannot read an expert from the disk tier";
+        let s = self.slot(id, what)?;
+        self.check_written(&s.unit_written, id, what, "it was never written")?;
+        self.read_at(s.offset, s.unit_len, len, id, what)
     }
 
-    /// Write a unit's deferred gradient.
+    /// Write a unit's deferred gradient (at most the gradient slot's length).
     pub fn write_grad(&self, id: UnitId, bytes: &[u8]) -> Result<()> {
-        self.write_file(&self.grad_path(id), bytes)
+        let what = "cannot write a deferred gradient to the disk tier";
+        let s = self.slot(id, what)?;
+        self.write_at(s.grad_offset(), s.grad_len, bytes, id, what)?;
+        s.grad_written.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Read a unit's deferred gradient (`len` bytes).
     pub fn read_grad(&self, id: UnitId, len: usize) -> Result<Vec<u8>> {
-        self.read_file(&self.grad_path(id), len)
+        let what = "cannot read a deferred gradient from the disk tier";
+        let s = self.slot(id, what)?;
+        self.check_written(&s.grad_written, id, what, "no gradient was written")?;
+        self.read_at(s.grad_offset(), s.grad_len, len, id, what)
     }
 
-    fn write_file(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let fail = |e| Error::io("cannot write an expert to the disk tier", path, e);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(fail)?;
-        f.write_all(bytes).map_err(fail)?;
-        if self.drop_page_cache {
-            f.sync_data().map_err(fail)?;
-            drop_cached_pages(&f);
+    fn slot(&self, id: UnitId, what: &str) -> Result<&Slot> {
+        self.inner
+            .slots
+            .get(&id)
+            .ok_or_else(|| self.error(id, what, "it has no slot in this file"))
+    }
+
+    fn check_written(&self, flag: &AtomicBool, id: UnitId, what: &str, why: &str) -> Result<()> {
+        if flag.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(self.error(id, what, why))
         }
-        Ok(())
     }
 
-    fn read_file(&self, path: &Path, len: usize) -> Result<Vec<u8>> {
-        let fail = |e| Error::io("cannot read an expert from the disk tier", path, e);
-        let mut f = File::open(path).map_err(fail)?;
-        let mut buf = vec![0u8; len];
-        f.read_exact(&mut buf).map_err(fail)?;
-        if self.drop_page_cache {
-            drop_cached_pages(&f);
+    fn error(&self, id: UnitId, what: &str, why: &str) -> Error {
+        Error::io(
+            format!("{what}: expert {}.{}", id.0, id.1),
+            &self.inner.path,
+            io::Error::new(io::ErrorKind::NotFound, why.to_string()),
+        )
+    }
+
+    fn write_at(&self, offset: u64, cap: u64, bytes: &[u8], id: UnitId, what: &str) -> Result<()> {
+        let fail = |e| Error::io(format!("{what}: expert {}.{}", id.0, id.1), &self.inner.path, e);
+        if bytes.len() as u64 > cap {
+            return Err(fail(too_long(bytes.len(), cap)));
         }
-        Ok(buf)
+        let f = &self.inner.file;
+        match self.inner.mode {
+            IoMode::Direct => with_aligned(padded(bytes.len() as u64) as usize, |buf| {
+                buf[..bytes.len()].copy_from_slice(bytes);
+                buf[bytes.len()..].fill(0);
+                f.write_all_at(buf, offset)
+            })
+            .map_err(fail),
+            IoMode::Buffered { drop } => {
+                f.write_all_at(bytes, offset).map_err(fail)?;
+                if drop {
+                    f.sync_data().map_err(fail)?;
+                    drop_cached_pages(f, offset, bytes.len() as u64);
+                }
+                Ok(())
+            }
+        }
     }
 
-    /// Delete the directory and its files (best effort: it holds nothing that is not also in memory
-    /// or in a checkpoint once the store is gone).
-    /// The parent directory goes too when nothing else is left in it.
+    fn read_at(&self, offset: u64, cap: u64, len: usize, id: UnitId, what: &str) -> Result<Vec<u8>> {
+        let fail = |e| Error::io(format!("{what}: expert {}.{}", id.0, id.1), &self.inner.path, e);
+        if len as u64 > cap {
+            return Err(fail(too_long(len, cap)));
+        }
+        let f = &self.inner.file;
+        match self.inner.mode {
+            IoMode::Direct => with_aligned(padded(len as u64) as usize, |buf| {
+                f.read_exact_at(buf, offset)?;
+                Ok(buf[..len].to_vec())
+            })
+            .map_err(fail),
+            IoMode::Buffered { drop } => {
+                let mut buf = vec![0u8; len];
+                f.read_exact_at(&mut buf, offset).map_err(fail)?;
+                if drop {
+                    drop_cached_pages(f, offset, len as u64);
+                }
+                Ok(buf)
+            }
+        }
+    }
+
+    /// Delete the directory and its file (best effort: it holds nothing that is not also in memory
+    /// or in a checkpoint once the store is gone). The parent directory goes too when nothing
+    /// else is left in it.
     pub fn remove(&self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-        if let Some(parent) = self.dir.parent() {
+        let _ = std::fs::remove_dir_all(&self.inner.dir);
+        if let Some(parent) = self.inner.dir.parent() {
             let _ = std::fs::remove_dir(parent);
         }
     }
 }
 
-/// Ask the kernel to drop a file's clean pages from the page cache.
+fn too_long(len: usize, cap: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{len} bytes do not fit the slot of {cap} bytes"),
+    )
+}
+
+/// Whether an error means the file system does not do `O_DIRECT` (Linux answers `EINVAL`, at the
+/// open or at the first aligned access).
+fn refuses_direct(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL)
+}
+
+/// Check that direct I/O works on `f`: write and read back one aligned block of zeros at the
+/// start (the file is new and allocated as zeros).
+fn probe_direct(f: &File) -> io::Result<()> {
+    with_aligned(ALIGN, |buf| {
+        buf.fill(0);
+        f.write_all_at(buf, 0)?;
+        f.read_exact_at(buf, 0)
+    })
+}
+
+/// Reserve `len` bytes of disk for `f` (zeros), so that slot writes never allocate; where the
+/// file system cannot, the file is only extended.
+fn allocate(f: &File, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let n = libc::off_t::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "slot file too large"))?;
+        // SAFETY: posix_fallocate only uses the descriptor, which `f` keeps open for the call.
+        let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, n) };
+        if rc == 0 {
+            return Ok(());
+        }
+        if rc != libc::EOPNOTSUPP && rc != libc::EINVAL {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+    }
+    f.set_len(len)
+}
+
+/// A buffer of `len` bytes aligned to [`ALIGN`] (one per thread, reused across calls), given to
+/// `f`.
+fn with_aligned<T>(len: usize, f: impl FnOnce(&mut [u8]) -> io::Result<T>) -> io::Result<T> {
+    thread_local! {
+        static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    BUF.with(|cell| {
+        let mut raw = cell
+            .try_borrow_mut()
+            .map_err(|_| io::Error::other("the aligned buffer is in use"))?;
+        if raw.len() < len + ALIGN {
+            *raw = vec![0u8; len + ALIGN];
+        }
+        let start = (ALIGN - raw.as_ptr() as usize % ALIGN) % ALIGN;
+        f(&mut raw[start..start + len])
+    })
+}
+
+/// Ask the kernel to drop a range's clean pages from the page cache.
 #[cfg(target_os = "linux")]
-fn drop_cached_pages(f: &File) {
+fn drop_cached_pages(f: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
+    let (Ok(o), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
     // SAFETY: posix_fadvise only reads the descriptor, which `f` keeps open for the call.
     unsafe {
-        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        libc::posix_fadvise(f.as_raw_fd(), o, l, libc::POSIX_FADV_DONTNEED);
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn drop_cached_pages(_: &File) {}
+fn drop_cached_pages(_: &File, _: u64, _: u64) {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn temp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("semoe-disk-tier-{name}-{}", std::process::id()))
+    }
+
+    /// Bytes that differ at every position (a misplaced or shifted slot shows).
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
+            .collect()
+    }
+
+    fn round_trip(disk: &DiskTier) {
+        let ids: Vec<UnitId> = vec![(0, 0), (0, 1), (1, 0), (2, 7)];
+        let (u, g) = (10_001, 3_333);
+        for (k, &id) in ids.iter().enumerate() {
+            disk.write(id, &pattern(u, k as u8)).unwrap();
+            disk.write_grad(id, &pattern(g, 100 + k as u8)).unwrap();
+        }
+        // Rewrite one in the middle with shorter contents: the neighbours are untouched.
+        disk.write((0, 1), &pattern(17, 50)).unwrap();
+        for (k, &id) in ids.iter().enumerate() {
+            let want = if id == (0, 1) {
+                pattern(17, 50)
+            } else {
+                pattern(u, k as u8)
+            };
+            assert_eq!(disk.read(id, want.len()).unwrap(), want, "{id:?}");
+            assert_eq!(disk.read_grad(id, g).unwrap(), pattern(g, 100 + k as u8), "{id:?}");
+        }
+        // A prefix (a parameters-only load).
+        assert_eq!(disk.read((2, 7), 4097).unwrap(), pattern(u, 3)[..4097]);
+    }
+
+    fn open(dir: &Path, drop: bool) -> DiskTier {
+        DiskTier::open(dir, drop, [(0, 0), (0, 1), (1, 0), (2, 7)], 10_001, 3_333).unwrap()
+    }
+
     #[test]
-    fn writes_and_reads_back_and_names_missing_files() {
-        let dir = std::env::temp_dir().join(format!("semoe-disk-tier-{}", std::process::id()));
-        let disk = DiskTier::open(&dir, true).unwrap();
-        disk.write((1, 2), b"hello tier").unwrap();
-        assert_eq!(disk.read((1, 2), 10).unwrap(), b"hello tier");
+    fn slots_are_aligned_and_preallocated() {
+        let dir = temp("layout");
+        let disk = open(&dir, true);
+        // 10,001 -> 12,288 and 3,333 -> 4,096 per unit.
+        assert_eq!(padded(10_001), 12_288);
+        assert_eq!(padded(4096), 4096);
+        assert_eq!(padded(0), 0);
+        assert_eq!(disk.file_len(), 4 * (12_288 + 4_096));
+        assert_eq!(std::fs::metadata(disk.path()).unwrap().len(), disk.file_len());
+        assert_eq!(disk.path(), dir.join(FILE_NAME));
+        disk.remove();
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn odd_sized_units_round_trip_in_every_mode() {
+        let dir = temp("direct");
+        let disk = open(&dir, true);
+        round_trip(&disk);
+        disk.remove();
+        let dir = temp("buffered");
+        let disk = open(&dir, false);
+        assert_eq!(disk.mode(), IoMode::Buffered { drop: false });
+        round_trip(&disk);
+        disk.remove();
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn falls_back_to_buffered_io_when_direct_io_is_refused() {
+        let dir = temp("refused");
+        let refuse = |_: &File| Err(io::Error::from_raw_os_error(libc::EINVAL));
+        let disk = DiskTier::open_with(&dir, true, [(0, 0), (0, 1), (1, 0), (2, 7)], 10_001, 3_333, refuse).unwrap();
+        assert_eq!(disk.mode(), IoMode::Buffered { drop: true });
+        round_trip(&disk);
+        disk.remove();
+        // Any other failure of the check is an error naming the file.
+        let dir = temp("broken");
+        let broken = |_: &File| Err(io::Error::from_raw_os_error(libc::EIO));
+        let e = DiskTier::open_with(&dir, true, [(0, 0)], 10, 10, broken)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(FILE_NAME), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_expert() {
+        let dir = temp("errors");
+        let disk = open(&dir, true);
         let e = disk.read((3, 4), 10).unwrap_err().to_string();
-        assert!(e.contains("expert-3-4.bin"), "{e}");
+        assert!(
+            e.contains(FILE_NAME) && e.contains("expert 3.4") && e.contains("no slot"),
+            "{e}"
+        );
+        let e = disk.read((0, 0), 10).unwrap_err().to_string();
+        assert!(e.contains(FILE_NAME) && e.contains("never written"), "{e}");
+        let e = disk.read_grad((0, 0), 10).unwrap_err().to_string();
+        assert!(e.contains("expert 0.0") && e.contains("no gradient"), "{e}");
+        let e = disk.write((0, 0), &[0u8; 10_002]).unwrap_err().to_string();
+        assert!(e.contains(FILE_NAME) && e.contains("do not fit"), "{e}");
+        disk.write((0, 0), &[7u8; 10_001]).unwrap();
+        let e = disk.read((0, 0), 10_002).unwrap_err().to_string();
+        assert!(e.contains("do not fit"), "{e}");
+        disk.remove();
+        // A directory that cannot be created.
+        let file = temp("plain-file");
+        std::fs::write(&file, b"x").unwrap();
+        let e = DiskTier::open(&file.join("sub"), true, [(0, 0)], 10, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plain-file"), "{e}");
+        let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn threads_share_the_file() {
+        let dir = temp("threads");
+        let ids: Vec<UnitId> = (0..4).flat_map(|b| (0..8).map(move |e| (b, e))).collect();
+        let disk = DiskTier::open(&dir, true, ids.clone(), 20_000, 5_000).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4u8 {
+                let (disk, ids) = (disk.clone(), &ids);
+                s.spawn(move || {
+                    for round in 0..5u8 {
+                        for (k, &id) in ids.iter().enumerate().filter(|(k, _)| k % 4 == t as usize) {
+                            let seed = (k as u8).wrapping_add(round);
+                            disk.write(id, &pattern(20_000, seed)).unwrap();
+                            disk.write_grad(id, &pattern(5_000, seed ^ 0x55)).unwrap();
+                            assert_eq!(disk.read(id, 20_000).unwrap(), pattern(20_000, seed));
+                            assert_eq!(disk.read_grad(id, 5_000).unwrap(), pattern(5_000, seed ^ 0x55));
+                        }
+                    }
+                });
+            }
+        });
         disk.remove();
         assert!(!dir.exists());
     }

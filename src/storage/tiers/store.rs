@@ -2,7 +2,7 @@
 //! under byte budgets, with a cache policy and prefetch.
 //!
 //! One manager thread owns the bookkeeping (where each unit is, bytes per tier, hit counters) and
-//! answers requests in arrival order; I/O threads read and write the Disk tier's files, fed
+//! answers requests in arrival order; I/O threads read and write the Disk tier's slot file, fed
 //! through a bounded queue. Nothing waits on a lock held across I/O: an acquirer waits on its own
 //! answer, the manager never blocks on the disk.
 //!
@@ -44,7 +44,8 @@ pub struct StorageConfig {
     pub prefetch: bool,
     /// The Disk tier's directory (needed when the budgets do not hold every expert).
     pub dir: Option<PathBuf>,
-    /// Drop the Disk tier's files from the page cache after each read and write.
+    /// Keep the Disk tier out of the page cache: `O_DIRECT` where the file system allows it, else
+    /// each write flushed and each access's pages dropped (false: through the page cache).
     pub drop_page_cache: bool,
     /// I/O threads.
     pub io_threads: usize,
@@ -379,7 +380,15 @@ impl ExpertStore {
         let total = units.len() as u64 * unit_bytes;
         let disk = match &config.dir {
             Some(dir) if budget[0].saturating_add(budget[1]) < total => {
-                Some(DiskTier::open(&dir.join(format!("worker-{worker}")), config.drop_page_cache)?)
+                let grad_bytes = template.as_ref().map_or(0, ExpertSlot::grad_bytes);
+                let ids = units.iter().map(|(id, _)| *id);
+                Some(DiskTier::open(
+                    &dir.join(format!("worker-{worker}")),
+                    config.drop_page_cache,
+                    ids,
+                    unit_bytes,
+                    grad_bytes,
+                )?)
             }
             None if budget[0].saturating_add(budget[1]) < total => {
                 return Err(Error::config(format!(
