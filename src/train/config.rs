@@ -153,10 +153,10 @@ impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
             seed: 1337,
-            steps: 700,
+            steps: 1400,
             batch: 32,
             groups: 4,
-            eval_every: 100,
+            eval_every: 200,
             eval_windows: 256,
             checkpoint_every: 250,
             keep_checkpoints: 2,
