@@ -244,15 +244,16 @@ impl DiskTier {
     }
 
     fn error(&self, id: UnitId, what: &str, why: &str) -> Error {
-        Error::io(
-            format!("{what}: expert {}.{}", id.0, id.1),
-            &self.inner.path,
-            io::Error::new(io::ErrorKind::NotFound, why.to_string()),
-        )
+        self.io_error(id, what, io::Error::new(io::ErrorKind::NotFound, why.to_string()))
+    }
+
+    /// An I/O error naming the operation, the expert and the slot file.
+    fn io_error(&self, id: UnitId, what: &str, e: io::Error) -> Error {
+        Error::io(format!("{what}: expert {}.{}", id.0, id.1), &self.inner.path, e)
     }
 
     fn write_at(&self, offset: u64, cap: u64, bytes: &[u8], id: UnitId, what: &str) -> Result<()> {
-        let fail = |e| Error::io(format!("{what}: expert {}.{}", id.0, id.1), &self.inner.path, e);
+        let fail = |e| self.io_error(id, what, e);
         if bytes.len() as u64 > cap {
             return Err(fail(too_long(bytes.len(), cap)));
         }
@@ -276,7 +277,7 @@ impl DiskTier {
     }
 
     fn read_at(&self, offset: u64, cap: u64, len: usize, id: UnitId, what: &str) -> Result<Vec<u8>> {
-        let fail = |e| Error::io(format!("{what}: expert {}.{}", id.0, id.1), &self.inner.path, e);
+        let fail = |e| self.io_error(id, what, e);
         if len as u64 > cap {
             return Err(fail(too_long(len, cap)));
         }
