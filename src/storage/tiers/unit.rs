@@ -72,12 +72,32 @@ impl ExpertSlot {
 
 /// `len` little-endian f32 from `bytes` at `*at`, advancing `*at` (the caller checked the length).
 fn floats_at(bytes: &[u8], at: &mut usize, len: usize) -> Vec<f32> {
-    let v = bytes[*at..*at + 4 * len]
+    let src = &bytes[*at..*at + 4 * len];
+    *at += 4 * len;
+    // The encoding is little-endian f32: on a little-endian machine a plain copy (this runs on the
+    // store's manager thread for every unit read from disk, so a per-float loop shows).
+    #[cfg(target_endian = "little")]
+    let v = {
+        let mut v = vec![0f32; len];
+        bytemuck::cast_slice_mut::<f32, u8>(&mut v).copy_from_slice(src);
+        v
+    };
+    #[cfg(not(target_endian = "little"))]
+    let v = src
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    *at += 4 * len;
     v
+}
+
+/// Append `floats` as little-endian bytes.
+fn put_floats(out: &mut Vec<u8>, floats: &[f32]) {
+    #[cfg(target_endian = "little")]
+    out.extend_from_slice(bytemuck::cast_slice(floats));
+    #[cfg(not(target_endian = "little"))]
+    for x in floats {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
 }
 
 /// Bytes at the start of a unit's encoding that hold its header and parameters (what a forward
@@ -119,9 +139,7 @@ pub fn encode_grads(id: UnitId, grads: &[Vec<f32>; 4]) -> Vec<u8> {
     out.extend_from_slice(&0u64.to_le_bytes());
     out.extend_from_slice(&(floats as u64).to_le_bytes());
     for buf in grads {
-        for x in buf {
-            out.extend_from_slice(&x.to_le_bytes());
-        }
+        put_floats(&mut out, buf);
     }
     out
 }
@@ -156,9 +174,7 @@ pub fn encode(id: UnitId, slot: &ExpertSlot) -> Vec<u8> {
     out.extend_from_slice(&slot.optimizer.step.to_le_bytes());
     out.extend_from_slice(&(floats as u64).to_le_bytes());
     for buf in slot.params.iter().chain(&slot.optimizer.m).chain(&slot.optimizer.v) {
-        for x in buf {
-            out.extend_from_slice(&x.to_le_bytes());
-        }
+        put_floats(&mut out, buf);
     }
     out
 }
