@@ -87,6 +87,10 @@ struct TrainArgs {
     /// Load experts only when used, without prefetching them from the routing.
     #[arg(long)]
     no_prefetch: bool,
+    /// Shard the dense parameters across workers (ZeRO-3 style): each keeps the tensors it owns
+    /// and gathers the others' one leg ahead while it computes (needs --workers 2 or more to matter).
+    #[arg(long)]
+    shard_dense: bool,
     /// Seed of initialisation and sampling.
     #[arg(long)]
     seed: Option<u64>,
@@ -347,10 +351,12 @@ fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     c.validate()?;
     let (d, f) = (a.d_model as u64, a.d_ff as u64);
     let unit = 32 + 12 * (2 * d * f + d + f);
-    let block = (a.experts as u64 * unit).to_string();
-    let tiered = |policy: &str, prefetch: bool| semoe::train::config::StorageSettings {
-        device_budget: block.clone(),
-        host_budget: block.clone(),
+    let block = a.experts as u64 * unit;
+    // Device + Host hold two blocks' experts either way (25% of 8 blocks): one block each, or both
+    // in Device, where the next block's experts load while the current block computes.
+    let tiered = |policy: &str, prefetch: bool, device_blocks: u64| semoe::train::config::StorageSettings {
+        device_budget: (device_blocks * block).to_string(),
+        host_budget: ((2 - device_blocks) * block).to_string(),
         cache_policy: policy.into(),
         prefetch,
         io_threads: a.io_threads,
@@ -358,9 +364,10 @@ fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     };
     let variants = [
         ("all in memory", Default::default()),
-        ("25%, se-moe, prefetch", tiered("se-moe", true)),
-        ("25%, se-moe, on demand", tiered("se-moe", false)),
-        ("25%, lru, prefetch", tiered("lru", true)),
+        ("25%, se-moe, prefetch", tiered("se-moe", true, 1)),
+        ("25%, se-moe, on demand", tiered("se-moe", false, 1)),
+        ("25%, lru, prefetch", tiered("lru", true, 1)),
+        ("25% all in Device, prefetch", tiered("se-moe", true, 2)),
     ]
     .into_iter()
     .map(|(name, storage)| bench::StorageVariant {
@@ -427,6 +434,9 @@ fn storage_flags(a: &TrainArgs, st: &mut semoe::train::config::StorageSettings) 
     }
     if a.no_prefetch {
         st.prefetch = false;
+    }
+    if a.shard_dense {
+        st.shard_dense = true;
     }
 }
 

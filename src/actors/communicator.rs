@@ -239,12 +239,14 @@ async fn serve(args: CommArgs, packet: Packet) -> Result<()> {
         Payload::ExpertForward { step, .. }
         | Payload::ExpertBackward { step, .. }
         | Payload::DenseGrads { step, .. }
+        | Payload::Gather { step, .. }
         | Payload::Params { step, .. } => *step,
         _ => StepId::NONE,
     };
     let kind = match &packet.payload {
         Payload::ExpertForward { .. } => "combine",
         Payload::ExpertBackward { .. } => "grad_combine",
+        Payload::Gather { .. } => "dense_gather",
         _ => "",
     };
     if args.chaos.silent(args.worker, step.step) {
@@ -311,6 +313,23 @@ async fn answer(args: &CommArgs, payload: Payload) -> Result<Payload> {
                 buf.copy_from_slice(&values);
             }
             Ok(Payload::Ack)
+        }
+        Payload::Gather { tensors, .. } => {
+            // The owner's replica holds its tensors' committed values (installed at each commit).
+            let replica = args.replica.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let bufs = replica.tensors();
+            tensors
+                .into_iter()
+                .map(|i| match bufs.get(i) {
+                    Some((_, _, values)) if !values.is_empty() => Ok((i, values.to_vec())),
+                    Some((name, _, _)) => Err(Error::runtime(format!(
+                        "worker {} was asked for tensor {name}, which it does not hold",
+                        args.worker
+                    ))),
+                    None => Err(Error::runtime(format!("a gather of tensor {i}, which the model lacks"))),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Payload::Tensors)
         }
         other => Err(Error::runtime(format!("unexpected request {other:?}"))),
     }

@@ -18,6 +18,7 @@ pub mod communicator;
 pub mod coordinator;
 pub mod expert;
 pub mod gate;
+pub mod gather;
 pub mod placement;
 pub mod runtime;
 pub mod tier;

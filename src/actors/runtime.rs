@@ -2,6 +2,7 @@
 
 pub use super::coordinator::StepOutcome;
 use super::coordinator::{CoordActor, CoordArgs, CoordMsg};
+use super::gather::{dense_bytes, DenseCounters, DenseStats};
 use super::placement::{ExpertPlacement, Placement};
 use super::tier::{TierSnapshot, TierStore};
 use super::worker::{strip_experts, WorkerArgs};
@@ -177,26 +178,36 @@ impl RuntimeBuilder {
         let expert_stores: Vec<Arc<ExpertStore>> = stores.iter().map(|s| s.experts.clone()).collect();
         let mut replica = model.clone();
         strip_experts(&mut replica);
-        let replica = Arc::new(replica);
-        let workers = local::network(self.workers)
-            .into_iter()
-            .zip(stores)
-            .map(|((transport, inbox), store)| WorkerArgs {
-                worker: transport.id(),
+        let shard = config.storage.shard_dense;
+        let mut dense_counters = Vec::with_capacity(self.workers);
+        let mut workers = Vec::with_capacity(self.workers);
+        for ((transport, inbox), store) in local::network(self.workers).into_iter().zip(stores) {
+            let worker = transport.id();
+            let own = if shard {
+                owned_only(&replica, &placement, worker)
+            } else {
+                replica.clone()
+            };
+            let dense = Arc::new(DenseCounters::default());
+            dense.set_resident(dense_bytes(&own));
+            dense_counters.push(dense.clone());
+            workers.push(WorkerArgs {
+                worker,
                 config: config.clone(),
                 text: text.clone(),
                 placement: placement.clone(),
                 transport: Arc::new(transport),
                 inbox: Arc::new(Mutex::new(Some(inbox))),
-                replica: Arc::new(Mutex::new(replica.clone())),
+                replica: Arc::new(Mutex::new(Arc::new(own))),
+                dense,
                 store: Arc::new(Mutex::new(store)),
                 cpu: cpu.clone(),
                 restart: self.restart,
                 deadline: self.deadline,
                 lanes: self.lanes,
                 chaos: self.chaos.clone(),
-            })
-            .collect();
+            });
+        }
         let args = CoordArgs {
             workers,
             first_step: optimizer.step,
@@ -218,8 +229,20 @@ impl RuntimeBuilder {
             deadline: self.step_deadline,
             max_replays: self.max_replays,
             expert_stores,
+            dense_counters,
         })
     }
+}
+
+/// `replica` with every dense tensor that `worker` does not own emptied (sharded dense parameters).
+fn owned_only(replica: &Gpt<f32>, placement: &Placement, worker: usize) -> Gpt<f32> {
+    let mut own = replica.clone();
+    for (i, buf) in own.buffers_mut().into_iter().enumerate() {
+        if placement.tensor_owner.get(i) != Some(&worker) {
+            *buf = Vec::new();
+        }
+    }
+    own
 }
 
 /// Split a model and its optimizer state into each worker's committed store.
@@ -299,12 +322,19 @@ pub struct Runtime {
     deadline: Duration,
     max_replays: u32,
     expert_stores: Vec<Arc<ExpertStore>>,
+    dense_counters: Vec<Arc<DenseCounters>>,
 }
 
 impl Runtime {
     /// Each worker's expert-store figures (tier occupancy, hits, prefetch, bytes moved, stalls).
     pub fn tier_stats(&self) -> Vec<TierStats> {
         self.expert_stores.iter().map(|s| s.stats()).collect()
+    }
+
+    /// Each worker's dense-parameter figures: bytes kept between steps and, with
+    /// `storage.shard_dense`, bytes gathered, the peak held during a step and the time waited.
+    pub fn dense_stats(&self) -> Vec<DenseStats> {
+        self.dense_counters.iter().map(|c| c.stats()).collect()
     }
 
     /// A builder for a runtime training with `config`.

@@ -9,6 +9,7 @@
 use super::communicator::{CommActor, CommArgs, CommMsg, Registry, SharedRegistry, SharedReplica};
 use super::expert::{ExpertActor, ExpertArgs, ExpertMsg};
 use super::gate::{GateActor, GateArgs, GateMsg};
+use super::gather::{gate_view, DenseCounters, DenseParams, GatherArgs, Gatherer};
 use super::placement::Placement;
 use super::runtime::RestartPolicy;
 use super::tier::{SharedStore, TierActor, TierArgs, TierMsg, TierSnapshot};
@@ -89,8 +90,11 @@ pub struct WorkerArgs {
     pub transport: Arc<dyn Transport>,
     /// Its inbox (taken when the worker starts).
     pub inbox: Arc<Mutex<Option<Inbox>>>,
-    /// The dense parameters (expert tensors empty).
+    /// The dense parameters (expert tensors empty; with `storage.shard_dense`, only the tensors
+    /// this worker owns).
     pub replica: SharedReplica,
+    /// Figures of the dense parameters' gathers (sharded) and residence.
+    pub dense: Arc<DenseCounters>,
     /// Committed state this worker owns.
     pub store: SharedStore,
     /// Compute pool.
@@ -467,12 +471,6 @@ fn comm(state: &WorkerState) -> Result<ActorRef<CommMsg>> {
         .ok_or_else(|| Error::runtime("the communicator is not running"))
 }
 
-/// The model's dense tensors as zeros: the gradient buffers of one group (expert tensors empty,
-/// their gradients stay with the experts).
-pub fn dense_zeros(model: &Gpt<f32>) -> Result<Gpt<f32>> {
-    Gpt::dense_zeros(model.config())
-}
-
 /// Empty the expert tensors of `model` (keeping the gate weights, which are dense).
 pub fn strip_experts(model: &mut Gpt<f32>) {
     for b in &mut model.blocks {
@@ -486,7 +484,16 @@ pub fn strip_experts(model: &mut Gpt<f32>) {
     }
 }
 
-type Pass = GroupPass<f32, Arc<Gpt<f32>>, Box<Gpt<f32>>>;
+type Pass = GroupPass<f32, DenseParams, Box<Gpt<f32>>>;
+
+/// Where a lane's passes read dense parameters from.
+#[derive(Clone)]
+enum DenseSource {
+    /// The worker's replica of every dense tensor.
+    Replica(Arc<Gpt<f32>>),
+    /// The step's gatherer (sharded dense parameters): one leg at a time.
+    Sharded(Arc<Gatherer>),
+}
 
 /// A pass, the input gradient it waits for, and where it stopped.
 type PassWork = (Pass, Option<Vec<f32>>, Option<Need<f32>>);
@@ -510,22 +517,42 @@ async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Vec<(usize, G
     let ce_scale = 1.0 / (c.train.batch * t) as f32;
     let seed = c.train.seed;
 
-    let (text, rep, gs) = (a.text.clone(), replica.clone(), groups.clone());
+    // The groups run in lanes, each lane in lockstep through the MoE blocks: while one lane waits
+    // for its experts, the other computes its dense layers.
+    let lanes = a.lanes.min(groups.len()).max(1);
+    let (source, first) = if c.storage.shard_dense {
+        let gatherer = Gatherer::new(GatherArgs {
+            step,
+            worker: a.worker,
+            deadline: a.deadline,
+            comm: comm(state)?,
+            replica: a.replica.clone(),
+            placement: a.placement.clone(),
+            lanes,
+            counters: a.dense.clone(),
+        });
+        let first = gatherer.fetch(0).await?;
+        (DenseSource::Sharded(gatherer), first)
+    } else {
+        (
+            DenseSource::Replica(replica.clone()),
+            DenseParams::Replica(replica.clone()),
+        )
+    };
+
+    let (text, gs) = (a.text.clone(), groups.clone());
     let passes: Vec<Pass> = offload(&a.cpu, move |_| {
         gs.iter()
             .map(|&g| {
                 let starts = sampler::window_starts(seed, step.step, g as u64, seqs, text.len(), t);
                 let (idx, targets) = sampler::windows(&text, &starts, t);
-                let grads = Box::new(dense_zeros(&rep)?);
-                GroupPass::new(rep.clone(), idx, Some(targets), seqs, ce_scale, Some(grads))
+                let grads = Box::new(Gpt::dense_zeros(first.config())?);
+                GroupPass::new(first.clone(), idx, Some(targets), seqs, ce_scale, Some(grads))
             })
             .collect()
     })
     .await?;
 
-    // The groups run in lanes, each lane in lockstep through the MoE blocks: while one lane waits
-    // for its experts, the other computes its dense layers.
-    let lanes = a.lanes.min(groups.len()).max(1);
     let mut lane_groups: Vec<Vec<usize>> = vec![Vec::new(); lanes];
     let mut lane_passes: Vec<Vec<Pass>> = (0..lanes).map(|_| Vec::new()).collect();
     for (i, (g, p)) in groups.iter().zip(passes).enumerate() {
@@ -534,9 +561,10 @@ async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Vec<(usize, G
     }
     let mut tasks = tokio::task::JoinSet::new();
     for (lane, (gs, ps)) in lane_groups.into_iter().zip(lane_passes).enumerate() {
-        let (a, gates, replica) = (a.clone(), state.gates.clone(), replica.clone());
-        tasks.spawn(async move { (lane, gs.clone(), run_lane(a, gates, step, replica, gs, ps).await) });
+        let (a, gates, source) = (a.clone(), state.gates.clone(), source.clone());
+        tasks.spawn(async move { (lane, gs.clone(), run_lane(a, gates, step, source, gs, ps).await) });
     }
+    drop(source);
     let mut done: Vec<(usize, Pass)> = Vec::with_capacity(groups.len());
     let mut first_err = None;
     while let Some(joined) = tasks.join_next().await {
@@ -614,13 +642,25 @@ async fn run_lane(
     a: WorkerArgs,
     gates: BTreeMap<usize, ActorRef<GateMsg>>,
     step: StepId,
-    replica: Arc<Gpt<f32>>,
+    source: DenseSource,
     groups: Vec<usize>,
     mut passes: Vec<Pass>,
 ) -> Result<Vec<Pass>> {
     let mut pending = Pending::None;
-    loop {
+    for leg in 0.. {
+        // Sharded: this leg's parameters (gathered while the previous leg computed, the next
+        // leg's gather starts now).
+        let params = match &source {
+            DenseSource::Replica(_) => None,
+            DenseSource::Sharded(gatherer) => Some(gatherer.take(leg).await?),
+        };
+        let leg_params = params.clone();
         let (ps, needs) = offload(&a.cpu, move |cpu| {
+            if let Some(params) = leg_params {
+                for p in passes.iter_mut() {
+                    p.set_model(params.clone())?;
+                }
+            }
             let mut work: Vec<PassWork> = Vec::with_capacity(passes.len());
             match pending {
                 Pending::None => work.extend(passes.into_iter().map(|p| (p, None, None))),
@@ -679,7 +719,11 @@ async fn run_lane(
         let deadline = a.deadline * 3;
         if forward {
             let what = format!("the block-{block} forward of step {step}");
-            let rep = replica.clone();
+            let rep = match (&source, &params) {
+                (DenseSource::Replica(replica), _) => replica.clone(),
+                (DenseSource::Sharded(gatherer), Some(params)) => gate_view(gatherer.shell(), params, block)?,
+                (DenseSource::Sharded(_), None) => return Err(Error::runtime("a sharded leg without parameters")),
+            };
             let results = ask(&gate, &who, &what, deadline, |reply| GateMsg::Forward {
                 step,
                 replica: rep,
@@ -826,8 +870,15 @@ async fn commit(state: &mut WorkerState, step: StepId, lr: f64, norm: f64) -> Re
         .await
     })
     .await?;
-    // Broadcast the new values of the owned dense tensors to every replica (this one included).
-    let requests: Vec<(usize, Payload)> = (0..a.placement.workers)
+    // Broadcast the new values of the owned dense tensors to every replica (this one included);
+    // sharded, only this worker keeps them, and the others gather them when a leg needs them.
+    let receivers: Vec<usize> = if a.config.storage.shard_dense {
+        vec![a.worker]
+    } else {
+        (0..a.placement.workers).collect()
+    };
+    let requests: Vec<(usize, Payload)> = receivers
+        .into_iter()
         .map(|w| {
             (
                 w,

@@ -2,5 +2,6 @@
 
 pub mod gpt;
 pub mod layers;
+pub mod legs;
 pub mod moe;
 pub mod pass;

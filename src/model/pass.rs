@@ -8,6 +8,7 @@
 
 use super::gpt::{Ffn, Gpt, GroupOutput};
 use super::layers::{self, AttnCache, AttnShape, LayerNormCache};
+use super::legs::{check_stage, Stage};
 use super::moe::MoeStats;
 use crate::error::{Error, Result};
 use crate::kernels::{Backend, Scalar};
@@ -126,6 +127,7 @@ where
                 return Err(Error::shape("targets", "a pass with gradients needs targets"));
             }
         }
+        check_stage(&*model, Stage::Embeddings)?;
         let c = model.config();
         let d = c.d_model;
         let shape = AttnShape {
@@ -157,6 +159,19 @@ where
             moe_out: Vec::new(),
             ce_sum: 0.0,
         })
+    }
+
+    /// Give the pass the parameters of its next leg (the actor runtime's sharded dense parameters
+    /// hand each leg only what it reads; see [`super::legs`]). The configuration must not change.
+    pub fn set_model(&mut self, model: M) -> Result<()> {
+        if model.config() != self.model.config() {
+            return Err(Error::shape(
+                "group pass",
+                "the new parameters belong to another model configuration",
+            ));
+        }
+        self.model = model;
+        Ok(())
     }
 
     /// The gradient buffers (for a runner that adds MoE gradients itself).
@@ -209,6 +224,7 @@ where
     /// Forward of block `self.block` up to its FFN; dense FFNs finish here.
     fn block_forward<B: Backend>(&mut self, backend: &B) -> Result<Option<Need<T>>> {
         let model = &*self.model;
+        check_stage(model, Stage::Block(self.block))?;
         let c = model.config();
         let b = &model.blocks[self.block];
         let (d, n) = (c.d_model, self.idx.len());
@@ -283,6 +299,7 @@ where
     /// Final layer norm, LM head and cross-entropy, and their backward: leaves `dL/dx` in `self.x`.
     fn head<B: Backend>(&mut self, backend: &B) -> Result<()> {
         let model = &*self.model;
+        check_stage(model, Stage::Head)?;
         let c = model.config();
         let (d, v, n) = (c.d_model, c.vocab, self.idx.len());
         let grads = self
@@ -334,6 +351,7 @@ where
         let d = c.d_model;
         match &model.blocks[l].ffn {
             Ffn::Dense(m) => {
+                check_stage(model, Stage::Block(l))?;
                 let grads = self
                     .grads
                     .as_deref_mut()
@@ -399,6 +417,7 @@ where
     fn block_backward_rest<B: Backend>(&mut self, backend: &B, cache: BlockCache<T>, d_a2: Vec<T>) -> Result<()> {
         let l = self.block - 1;
         let model = &*self.model;
+        check_stage(model, Stage::Block(l))?;
         let d = model.config().d_model;
         let n = self.idx.len();
         let b = &model.blocks[l];

@@ -96,8 +96,18 @@ pub enum Payload {
         /// Tensor index and values.
         tensors: Vec<(usize, Arc<Vec<f32>>)>,
     },
+    /// A request for the committed values of dense tensors the receiver owns (sharded dense
+    /// parameters: a worker gathers each leg's tensors before the leg runs).
+    Gather {
+        /// The step that reads them.
+        step: StepId,
+        /// Tensor indices (in `Gpt::tensors` order).
+        tensors: Vec<usize>,
+    },
     /// The answer to an expert request: the outputs (or input gradients) in the request's order.
     Segments(Vec<Segment>),
+    /// The answer to a [`Payload::Gather`]: tensor index and values, in the request's order.
+    Tensors(Vec<(usize, Vec<f32>)>),
     /// The answer to a request that returns nothing.
     Ack,
     /// The request failed on the receiver.
@@ -118,14 +128,18 @@ impl Payload {
             | Payload::Segments(segments) => segments.iter().map(|s| s.data.len()).sum(),
             Payload::DenseGrads { tensors, .. } => tensors.iter().map(|(_, t)| t.len()).sum(),
             Payload::Params { tensors, .. } => tensors.iter().map(|(_, t)| t.len()).sum(),
-            Payload::Ack | Payload::Failed { .. } => 0,
+            Payload::Tensors(tensors) => tensors.iter().map(|(_, t)| t.len()).sum(),
+            Payload::Gather { .. } | Payload::Ack | Payload::Failed { .. } => 0,
         };
         floats * std::mem::size_of::<f32>()
     }
 
     /// Whether this payload answers a request.
     pub fn is_reply(&self) -> bool {
-        matches!(self, Payload::Segments(_) | Payload::Ack | Payload::Failed { .. })
+        matches!(
+            self,
+            Payload::Segments(_) | Payload::Tensors(_) | Payload::Ack | Payload::Failed { .. }
+        )
     }
 }
 

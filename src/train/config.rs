@@ -50,6 +50,10 @@ pub struct StorageSettings {
     pub drop_page_cache: bool,
     /// Threads reading and writing the disk tier.
     pub io_threads: usize,
+    /// Shard the dense parameters across workers (ZeRO-3 style): each worker keeps only the dense
+    /// tensors it owns, and gathers each leg's tensors from their owners during a step, the next
+    /// leg's while the current one computes. False: every worker keeps a replica of all of them.
+    pub shard_dense: bool,
 }
 
 impl Default for StorageSettings {
@@ -72,6 +76,7 @@ impl Default for StorageSettings {
             prefetch: true,
             drop_page_cache: true,
             io_threads: 2,
+            shard_dense: false,
         }
     }
 }
@@ -222,6 +227,11 @@ impl TrainConfig {
         if !storage.unlimited() && t.workers == 0 {
             return Err(Error::config(
                 "storage budgets need the actor runtime (train.workers >= 1); the plain loop keeps everything in memory",
+            ));
+        }
+        if self.storage.shard_dense && t.workers == 0 {
+            return Err(Error::config(
+                "storage.shard_dense needs the actor runtime (train.workers >= 1); the plain loop has no workers to shard across",
             ));
         }
         Ok(())

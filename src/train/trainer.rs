@@ -344,6 +344,14 @@ impl Trainer {
         self.engine.as_ref().map(|e| e.runtime.tier_stats()).unwrap_or_default()
     }
 
+    /// Each worker's dense-parameter figures (empty for the plain loop).
+    pub fn dense_stats(&self) -> Vec<crate::actors::gather::DenseStats> {
+        self.engine
+            .as_ref()
+            .map(|e| e.runtime.dense_stats())
+            .unwrap_or_default()
+    }
+
     /// Mean cross-entropy (nats per byte) over the evaluation windows of the validation text.
     pub fn evaluate(&mut self) -> Result<f64> {
         self.sync()?;
@@ -453,6 +461,12 @@ impl Trainer {
                     let mut total = crate::storage::tiers::TierStats::default();
                     tiers.iter().for_each(|t| total.add(t));
                     write(&mut log, json!({"kind": "storage", "step": r.step, "stats": total}))?;
+                }
+                if c.storage.shard_dense {
+                    write(
+                        &mut log,
+                        json!({"kind": "dense", "step": r.step, "workers": self.dense_stats()}),
+                    )?;
                 }
                 bar.println(format!(
                     "step {:>5}  train loss {:.4}  val loss {:.4}  {:.0} tokens/s",

@@ -1,0 +1,376 @@
+//! Sharded dense parameters, gathered one leg ahead: the horizontal half of SE-MoE's 2D prefetch.
+//!
+//! With `storage.shard_dense`, a worker's replica holds only the dense tensors it owns (ZeRO-3
+//! style): each tensor's owner keeps it with its AdamW moments and installs its new values at every
+//! commit, and nobody else keeps a copy between steps. During a step, a [`Gatherer`] fetches each leg's
+//! tensors (see [`crate::model::legs`]) from their owners, one fused request per owner, and starts
+//! fetching the next leg's while the lanes compute this one. A leg's parameters are dropped as soon
+//! as every lane has moved past it; the backward legs gather again, as ZeRO-3 does.
+//!
+//! The values are copies of the owners' committed tensors, so a sharded run computes exactly what a
+//! replicated one does, bit for bit.
+
+use super::communicator::{CommMsg, SharedReplica};
+use super::placement::Placement;
+use super::{ask, ActorName};
+use crate::error::{Error, Result};
+use crate::model::gpt::{Ffn, Gpt};
+use crate::model::legs::{stage_tensors, training_legs};
+use crate::net::{Payload, StepId};
+use ractor::ActorRef;
+use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::OnceCell;
+
+/// A worker's counters of gathered dense parameters, over the run.
+#[derive(Debug, Default)]
+pub struct DenseCounters {
+    gathered_bytes: AtomicU64,
+    legs: AtomicU64,
+    wait_ns: AtomicU64,
+    live_bytes: AtomicU64,
+    peak_bytes: AtomicU64,
+    resident_bytes: AtomicU64,
+}
+
+/// What [`DenseCounters`] show (one worker).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct DenseStats {
+    /// Bytes of dense parameters received from other workers.
+    pub gathered_bytes: u64,
+    /// Legs gathered (each leg once per step, whatever the number of lanes).
+    pub legs: u64,
+    /// Seconds lanes waited for a leg's parameters (a leg prefetched in time costs nothing).
+    pub wait_s: f64,
+    /// The most bytes of gathered leg parameters alive at once.
+    pub peak_bytes: u64,
+    /// Bytes of dense parameters the worker keeps between steps (the tensors it owns, or all of
+    /// them when the dense parameters are replicated).
+    pub resident_bytes: u64,
+}
+
+impl DenseCounters {
+    /// The counters' current values.
+    pub fn stats(&self) -> DenseStats {
+        DenseStats {
+            gathered_bytes: self.gathered_bytes.load(Ordering::Relaxed),
+            legs: self.legs.load(Ordering::Relaxed),
+            wait_s: self.wait_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+            peak_bytes: self.peak_bytes.load(Ordering::Relaxed),
+            resident_bytes: self.resident_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Record the bytes the worker keeps between steps.
+    pub fn set_resident(&self, bytes: u64) {
+        self.resident_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    fn hold(&self, bytes: u64) {
+        let live = self.live_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak_bytes.fetch_max(live, Ordering::Relaxed);
+    }
+}
+
+/// Bytes held by the dense tensors of `model` (empty tensors hold none).
+pub fn dense_bytes(model: &Gpt<f32>) -> u64 {
+    model
+        .tensors()
+        .iter()
+        .map(|(_, _, b)| (b.len() * std::mem::size_of::<f32>()) as u64)
+        .sum()
+}
+
+/// One leg's parameters: a model whose tensors of that leg hold their values and all others are
+/// empty. Dropping it releases its bytes from the worker's count.
+pub struct LegParams {
+    model: Gpt<f32>,
+    bytes: u64,
+    counters: Arc<DenseCounters>,
+}
+
+impl Deref for LegParams {
+    type Target = Gpt<f32>;
+    fn deref(&self) -> &Gpt<f32> {
+        &self.model
+    }
+}
+
+impl Drop for LegParams {
+    fn drop(&mut self) {
+        self.counters.live_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// Where a pass reads its dense parameters: the worker's full replica, or one leg's gathered part.
+#[derive(Clone)]
+pub enum DenseParams {
+    /// Every dense tensor (replicated dense parameters).
+    Replica(Arc<Gpt<f32>>),
+    /// The tensors of one leg (sharded dense parameters).
+    Leg(Arc<LegParams>),
+}
+
+impl Deref for DenseParams {
+    type Target = Gpt<f32>;
+    fn deref(&self) -> &Gpt<f32> {
+        match self {
+            DenseParams::Replica(m) => m,
+            DenseParams::Leg(l) => l,
+        }
+    }
+}
+
+/// A model of `model`'s structure with every tensor empty.
+pub fn empty_like(model: &Gpt<f32>) -> Gpt<f32> {
+    let mut shell = model.clone();
+    shell.buffers_mut().into_iter().for_each(|b| *b = Vec::new());
+    shell
+}
+
+/// The gate weights of MoE block `block` alone, in a model of `shell`'s structure: what a Gate keeps
+/// from a forward to its backward, rather than the whole leg.
+pub fn gate_view(shell: &Gpt<f32>, leg: &Gpt<f32>, block: usize) -> Result<Arc<Gpt<f32>>> {
+    let mut view = shell.clone();
+    let wg = match leg.blocks.get(block).map(|b| &b.ffn) {
+        Some(Ffn::Moe(layer)) => layer.params.wg.clone(),
+        _ => return Err(Error::shape("gate", format!("block {block} is not an MoE block"))),
+    };
+    if let Some(Ffn::Moe(layer)) = view.blocks.get_mut(block).map(|b| &mut b.ffn) {
+        layer.params.wg = wg;
+    }
+    Ok(Arc::new(view))
+}
+
+struct Slot {
+    /// `None` once every lane has taken the leg.
+    cell: Option<Arc<OnceCell<Arc<LegParams>>>>,
+    taken: usize,
+    prefetching: bool,
+}
+
+/// One step's gathers on one worker, shared by its lanes.
+pub struct Gatherer {
+    step: StepId,
+    worker: usize,
+    deadline: Duration,
+    comm: ActorRef<CommMsg>,
+    /// The worker's replica at the start of the step (its own tensors' committed values).
+    own: Arc<Gpt<f32>>,
+    placement: Arc<Placement>,
+    shell: Arc<Gpt<f32>>,
+    /// Tensor indices of each leg, and each tensor's length.
+    legs: Vec<Vec<usize>>,
+    lens: Vec<usize>,
+    lanes: usize,
+    slots: Mutex<Vec<Slot>>,
+    counters: Arc<DenseCounters>,
+}
+
+/// What a [`Gatherer`] is made from.
+pub struct GatherArgs {
+    /// The step.
+    pub step: StepId,
+    /// This worker.
+    pub worker: usize,
+    /// Deadline of one exchange.
+    pub deadline: Duration,
+    /// This worker's Communicator.
+    pub comm: ActorRef<CommMsg>,
+    /// This worker's replica (its own tensors).
+    pub replica: SharedReplica,
+    /// Who owns which tensor.
+    pub placement: Arc<Placement>,
+    /// Lanes that will take each leg.
+    pub lanes: usize,
+    /// The worker's counters.
+    pub counters: Arc<DenseCounters>,
+}
+
+impl Gatherer {
+    /// A gatherer for one step; nothing is fetched until a lane asks.
+    pub fn new(a: GatherArgs) -> Arc<Self> {
+        let own = a.replica.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let legs: Vec<Vec<usize>> = training_legs(own.config())
+            .iter()
+            .map(|stages| stage_tensors(&own, stages))
+            .collect();
+        let lens = own
+            .tensors()
+            .iter()
+            .map(|(_, shape, _)| shape.iter().product())
+            .collect();
+        let slots = (0..legs.len())
+            .map(|_| Slot {
+                cell: Some(Arc::new(OnceCell::new())),
+                taken: 0,
+                prefetching: false,
+            })
+            .collect();
+        Arc::new(Gatherer {
+            step: a.step,
+            worker: a.worker,
+            deadline: a.deadline,
+            comm: a.comm,
+            shell: Arc::new(empty_like(&own)),
+            own,
+            placement: a.placement,
+            legs,
+            lens,
+            lanes: a.lanes.max(1),
+            slots: Mutex::new(slots),
+            counters: a.counters,
+        })
+    }
+
+    /// The model structure with every tensor empty.
+    pub fn shell(&self) -> &Gpt<f32> {
+        &self.shell
+    }
+
+    /// Leg `leg`'s parameters for one lane; starts gathering leg `leg + 1`. Once every lane has
+    /// taken a leg the gatherer lets go of it (the lanes' passes hold it until their next leg).
+    pub async fn take(self: &Arc<Self>, leg: usize) -> Result<DenseParams> {
+        let params = self.fetch(leg).await?;
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = slots.get_mut(leg) {
+            slot.taken += 1;
+            if slot.taken >= self.lanes {
+                slot.cell = None;
+            }
+        }
+        Ok(params)
+    }
+
+    /// Leg `leg`'s parameters without counting a lane (for the work before the lanes start).
+    pub async fn fetch(self: &Arc<Self>, leg: usize) -> Result<DenseParams> {
+        self.prefetch(leg + 1);
+        let cell = {
+            let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            slots
+                .get(leg)
+                .ok_or_else(|| Error::runtime(format!("a pass has no leg {leg}")))?
+                .cell
+                .clone()
+                .ok_or_else(|| {
+                    Error::runtime(format!(
+                        "leg {leg} of step {} was asked for after every lane took it",
+                        self.step
+                    ))
+                })?
+        };
+        let started = Instant::now();
+        let leg_params = cell.get_or_try_init(|| self.gather(leg)).await?.clone();
+        self.counters
+            .wait_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(DenseParams::Leg(leg_params))
+    }
+
+    /// Start gathering leg `leg` in the background (once); its errors reach the lane that takes it.
+    fn prefetch(self: &Arc<Self>, leg: usize) {
+        let cell = {
+            let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            match slots.get_mut(leg) {
+                Some(slot) if !slot.prefetching => {
+                    slot.prefetching = true;
+                    slot.cell.clone()
+                }
+                _ => None,
+            }
+        };
+        if let Some(cell) = cell {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _ = cell.get_or_try_init(|| me.gather(leg)).await;
+            });
+        }
+    }
+
+    /// Fetch leg `leg`'s tensors: the worker's own from its replica, the others' in one request per
+    /// owner, all at once.
+    async fn gather(&self, leg: usize) -> Result<Arc<LegParams>> {
+        let tensors = &self.legs[leg];
+        let mut by_owner: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for &i in tensors {
+            let owner = *self
+                .placement
+                .tensor_owner
+                .get(i)
+                .ok_or_else(|| Error::runtime(format!("tensor {i} has no owner")))?;
+            by_owner.entry(owner).or_default().push(i);
+        }
+        let own_bufs = self.own.tensors();
+        let mut got: Vec<(usize, Vec<f32>)> = by_owner
+            .remove(&self.worker)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| (i, own_bufs[i].2.clone()))
+            .collect();
+        let asked: BTreeMap<usize, Vec<usize>> = by_owner;
+        if !asked.is_empty() {
+            let requests: Vec<(usize, Payload)> = asked
+                .iter()
+                .map(|(&w, ts)| {
+                    (
+                        w,
+                        Payload::Gather {
+                            step: self.step,
+                            tensors: ts.clone(),
+                        },
+                    )
+                })
+                .collect();
+            let what = format!("the dense gather of leg {leg} of step {}", self.step);
+            let who = ActorName(format!("communicator of worker {}", self.worker));
+            let replies = ask(&self.comm, &who, &what, self.deadline * 2, |reply| CommMsg::Exchange {
+                what: what.clone(),
+                kind: "dense_gather",
+                requests,
+                reply,
+            })
+            .await?;
+            for (peer, payload) in replies {
+                let Payload::Tensors(values) = payload else {
+                    return Err(Error::runtime(format!(
+                        "worker {peer} answered {what} with {payload:?}"
+                    )));
+                };
+                let want = asked.get(&peer).map(Vec::as_slice).unwrap_or_default();
+                if values.iter().map(|(i, _)| *i).ne(want.iter().copied()) {
+                    return Err(Error::runtime(format!(
+                        "worker {peer} answered {what} with other tensors than were asked"
+                    )));
+                }
+                let bytes: usize = values.iter().map(|(_, v)| v.len() * std::mem::size_of::<f32>()).sum();
+                self.counters.gathered_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                got.extend(values);
+            }
+        }
+        let mut model = (*self.shell).clone();
+        let mut bytes = 0u64;
+        {
+            let mut bufs = model.buffers_mut();
+            for (i, values) in got {
+                if values.len() != self.lens[i] {
+                    return Err(Error::shape(
+                        format!("gathered tensor {i}"),
+                        format!("{} values, expected {}", values.len(), self.lens[i]),
+                    ));
+                }
+                bytes += (values.len() * std::mem::size_of::<f32>()) as u64;
+                *bufs[i] = values;
+            }
+        }
+        self.counters.legs.fetch_add(1, Ordering::Relaxed);
+        self.counters.hold(bytes);
+        Ok(Arc::new(LegParams {
+            model,
+            bytes,
+            counters: self.counters.clone(),
+        }))
+    }
+}

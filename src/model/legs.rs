@@ -1,0 +1,195 @@
+//! The legs of a training pass, and which dense parameters each leg reads.
+//!
+//! A [`GroupPass`](super::pass::GroupPass) stops at every MoE block on the way forward and again on
+//! the way back; between two stops it runs a *leg* of dense work. When dense parameters are sharded
+//! across workers (ZeRO-3 style), a worker gathers each leg's parameters from their owners just
+//! before the leg and the next leg's while this one computes: the horizontal half of SE-MoE's 2D
+//! prefetch. This module says what each leg needs, so that the gather fetches exactly that.
+
+use super::gpt::{is_expert_tensor, Gpt, GptConfig};
+use crate::error::{Error, Result};
+use crate::kernels::Scalar;
+
+/// A group of dense tensors that a pass reads together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    /// Token and position embeddings (the forward reads them; their backward only writes gradients).
+    Embeddings,
+    /// Block `l`'s dense tensors: its layer norms, attention, and its dense FFN or MoE gate weights.
+    Block(usize),
+    /// The final layer norm and the LM head.
+    Head,
+}
+
+impl Stage {
+    /// The stage of a dense tensor, from its name (`None` for expert tensors and unknown names).
+    pub fn of_tensor(name: &str) -> Option<Stage> {
+        if is_expert_tensor(name) {
+            return None;
+        }
+        match name {
+            "wte" | "wpe" => Some(Stage::Embeddings),
+            "ln_f.weight" | "ln_f.bias" | "lm_head" => Some(Stage::Head),
+            other => other
+                .strip_prefix("h.")?
+                .split('.')
+                .next()?
+                .parse()
+                .ok()
+                .map(Stage::Block),
+        }
+    }
+}
+
+/// The legs of a training pass in the order a pass runs them, each as the stages it reads.
+///
+/// With MoE blocks `m0 < m1 < ... < mk`: the forward legs end at each MoE block (the first starts
+/// with the embeddings); the turn runs the blocks after `mk`, the head, the loss and back; the
+/// backward legs start at each MoE block's input gradient and run down to the next MoE block below
+/// (the last one to the embeddings, whose backward reads no parameter). A model without MoE blocks
+/// has one leg that reads everything.
+pub fn training_legs(config: &GptConfig) -> Vec<Vec<Stage>> {
+    let moe: Vec<usize> = (0..config.n_layer).filter(|&l| config.is_moe(l)).collect();
+    let mut legs = Vec::with_capacity(2 * moe.len() + 1);
+    let mut next = 0;
+    for &b in &moe {
+        let mut leg = Vec::new();
+        if next == 0 {
+            leg.push(Stage::Embeddings);
+        }
+        leg.extend((next..=b).map(Stage::Block));
+        legs.push(leg);
+        next = b + 1;
+    }
+    let mut turn = Vec::new();
+    if moe.is_empty() {
+        turn.push(Stage::Embeddings);
+    }
+    turn.extend((next..config.n_layer).map(Stage::Block));
+    turn.push(Stage::Head);
+    legs.push(turn);
+    for (i, &b) in moe.iter().enumerate().rev() {
+        let low = if i == 0 { 0 } else { moe[i - 1] + 1 };
+        legs.push((low..=b).rev().map(Stage::Block).collect());
+    }
+    legs
+}
+
+/// Indices (in [`Gpt::tensors`] order) of the dense tensors each stage in `stages` holds, ascending.
+pub fn stage_tensors<T: Scalar>(model: &Gpt<T>, stages: &[Stage]) -> Vec<usize> {
+    model
+        .tensors()
+        .iter()
+        .enumerate()
+        .filter(|(_, (name, _, _))| Stage::of_tensor(name).is_some_and(|s| stages.contains(&s)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Check that `model` holds every tensor of `stage` at full length: a pass given a leg's parameters
+/// fails here, naming the tensor, rather than computing with a missing one.
+pub fn check_stage<T: Scalar>(model: &Gpt<T>, stage: Stage) -> Result<()> {
+    for (name, shape, buf) in model.tensors() {
+        if Stage::of_tensor(&name) != Some(stage) {
+            continue;
+        }
+        let want: usize = shape.iter().product();
+        if buf.len() != want {
+            return Err(Error::shape(
+                format!("parameters of {stage:?}"),
+                format!(
+                    "tensor {name} holds {} values, expected {want} (not gathered?)",
+                    buf.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gpt::GptConfig;
+
+    fn config(n_layer: usize, moe_every: usize) -> GptConfig {
+        GptConfig {
+            n_layer,
+            moe_every,
+            d_model: 8,
+            n_head: 2,
+            d_ff: 8,
+            experts: 4,
+            block_size: 4,
+            ..GptConfig::default()
+        }
+    }
+
+    #[test]
+    fn every_block_moe_gives_one_leg_per_stop() {
+        use Stage::*;
+        let legs = training_legs(&config(3, 1));
+        assert_eq!(
+            legs,
+            vec![
+                vec![Embeddings, Block(0)],
+                vec![Block(1)],
+                vec![Block(2)],
+                vec![Head],
+                vec![Block(2)],
+                vec![Block(1)],
+                vec![Block(0)],
+            ]
+        );
+    }
+
+    #[test]
+    fn dense_blocks_join_the_leg_that_runs_them() {
+        use Stage::*;
+        // moe_every 2: blocks 1 and 3 are MoE, 0, 2 and 4 dense.
+        let legs = training_legs(&config(5, 2));
+        assert_eq!(
+            legs,
+            vec![
+                vec![Embeddings, Block(0), Block(1)],
+                vec![Block(2), Block(3)],
+                vec![Block(4), Head],
+                vec![Block(3), Block(2)],
+                vec![Block(1), Block(0)],
+            ]
+        );
+        assert_eq!(
+            training_legs(&config(2, 0)),
+            vec![vec![Embeddings, Block(0), Block(1), Head]]
+        );
+    }
+
+    #[test]
+    fn every_dense_tensor_has_a_stage_and_expert_tensors_none() {
+        let model = Gpt::<f32>::init(&config(4, 2), 1).unwrap();
+        for (name, _, _) in model.tensors() {
+            assert_eq!(Stage::of_tensor(&name).is_none(), is_expert_tensor(&name), "{name}");
+        }
+        let all = [
+            Stage::Embeddings,
+            Stage::Block(0),
+            Stage::Block(1),
+            Stage::Block(2),
+            Stage::Block(3),
+            Stage::Head,
+        ];
+        let dense = model.tensors().iter().filter(|(n, _, _)| !is_expert_tensor(n)).count();
+        assert_eq!(stage_tensors(&model, &all).len(), dense);
+        assert_eq!(Stage::of_tensor("h.3.moe.wg"), Some(Stage::Block(3)));
+        assert_eq!(Stage::of_tensor("h.12.attn.wqkv"), Some(Stage::Block(12)));
+    }
+
+    #[test]
+    fn a_missing_tensor_is_named() {
+        let mut model = Gpt::<f32>::init(&config(2, 1), 1).unwrap();
+        model.blocks[1].wo = Vec::new();
+        assert!(check_stage(&model, Stage::Block(0)).is_ok());
+        let e = check_stage(&model, Stage::Block(1)).unwrap_err().to_string();
+        assert!(e.contains("h.1.attn.wo"), "{e}");
+    }
+}
