@@ -501,6 +501,12 @@ impl Trainer {
                 &mut log,
                 json!({"kind": "val", "step": self.optimizer.step, "elapsed_s": elapsed, "val_loss": val_loss}),
             )?;
+            if c.storage.shard_dense {
+                write(
+                    &mut log,
+                    json!({"kind": "dense", "step": self.optimizer.step, "workers": self.dense_stats()}),
+                )?;
+            }
             last_checkpoint = self.save_checkpoint(elapsed)?;
         }
         Ok(RunSummary {

@@ -110,7 +110,7 @@ struct Entry {
     place: Place,
     slot: Option<Box<ExpertSlot>>,
     /// Bytes being written back (shared with the I/O thread), kept until the write is done.
-    flush: Option<Arc<Vec<u8>>>,
+    flush: Option<Arc<ExpertSlot>>,
     /// The copy in memory is newer than the file (or there is no file yet).
     dirty: bool,
     usage: Usage,
@@ -125,8 +125,8 @@ struct Entry {
 struct Deferred {
     lr: f64,
     norm: f64,
-    /// The gradient's bytes while the write is in flight; `None` once written.
-    writing: Option<Arc<Vec<u8>>>,
+    /// Whether the gradient's write is still in flight.
+    writing: bool,
 }
 
 /// Figures of one worker's store since it started (also exported as metrics, and logged as
@@ -247,8 +247,9 @@ enum Request {
     },
     Loaded {
         id: UnitId,
-        bytes: Result<Vec<u8>>,
-        grads: Option<Result<Vec<u8>>>,
+        /// The decoded unit, its deferred update applied when the read carried one.
+        slot: Result<ExpertSlot>,
+        applied: bool,
         partial: bool,
         seconds: f64,
     },
@@ -265,21 +266,24 @@ enum Request {
     Stop,
 }
 
+/// Work for the I/O threads. They also encode and decode units and apply deferred updates, so
+/// that the manager thread, which every acquisition waits on, only keeps the books.
 enum IoJob {
-    /// A unit, and its deferred gradient when `grad_len` is given.
+    /// A unit, and with `update` (learning rate, global norm) its deferred gradient, applied.
     Read {
         id: UnitId,
         len: usize,
-        grad_len: Option<usize>,
+        grad_len: usize,
+        update: Option<(f64, f64)>,
         partial: bool,
     },
     Write {
         id: UnitId,
-        bytes: Arc<Vec<u8>>,
+        slot: Arc<ExpertSlot>,
     },
     WriteGrad {
         id: UnitId,
-        bytes: Arc<Vec<u8>>,
+        grads: Box<[Vec<f32>; 4]>,
     },
 }
 
@@ -444,9 +448,10 @@ impl ExpertStore {
         if let Some(d) = &disk {
             for t in 0..config.io_threads.max(1) {
                 let (d, rx, tx) = (d.clone(), io_rx.clone(), tx.clone());
+                let template = manager.template.clone().map(Arc::new);
                 let h = std::thread::Builder::new()
                     .name(format!("semoe-io-{worker}-{t}"))
-                    .spawn(move || io_loop(d, rx, tx))
+                    .spawn(move || io_loop(d, template, rx, tx))
                     .map_err(|e| Error::runtime(format!("cannot start an I/O thread: {e}")))?;
                 threads.push(h);
             }
@@ -559,45 +564,93 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn io_loop(disk: DiskTier, jobs: Arc<Mutex<Receiver<IoJob>>>, done: Sender<Request>) {
+/// One I/O thread: disk reads and writes (their seconds are what the figures count as I/O time),
+/// with the encoding, decoding and deferred updates around them.
+fn io_loop(
+    disk: DiskTier,
+    template: Option<Arc<ExpertSlot>>,
+    jobs: Arc<Mutex<Receiver<IoJob>>>,
+    done: Sender<Request>,
+) {
     loop {
         let job = match lock(&jobs).recv() {
             Ok(job) => job,
             Err(_) => return,
         };
-        let t = Instant::now();
         let answer = match job {
             IoJob::Read {
                 id,
                 len,
                 grad_len,
+                update,
                 partial,
             } => {
+                let t = Instant::now();
                 let bytes = disk.read(id, len);
-                let grads = grad_len.map(|n| disk.read_grad(id, n));
+                let grads = update.map(|_| disk.read_grad(id, grad_len));
+                let seconds = t.elapsed().as_secs_f64();
+                let slot = match &template {
+                    None => Err(Error::runtime("an empty expert store cannot decode units")),
+                    Some(t) => load_unit(id, t, bytes, grads, update, partial),
+                };
                 Request::Loaded {
                     id,
-                    bytes,
-                    grads,
+                    slot,
+                    applied: update.is_some(),
                     partial,
+                    seconds,
+                }
+            }
+            IoJob::WriteGrad { id, grads } => {
+                let bytes = encode_grads(id, &grads);
+                let t = Instant::now();
+                let result = disk.write_grad(id, &bytes);
+                Request::GradWritten {
+                    id,
+                    result,
                     seconds: t.elapsed().as_secs_f64(),
                 }
             }
-            IoJob::WriteGrad { id, bytes } => Request::GradWritten {
-                id,
-                result: disk.write_grad(id, &bytes),
-                seconds: t.elapsed().as_secs_f64(),
-            },
-            IoJob::Write { id, bytes } => Request::Written {
-                id,
-                result: disk.write(id, &bytes),
-                seconds: t.elapsed().as_secs_f64(),
-            },
+            IoJob::Write { id, slot } => {
+                let bytes = encode(id, &slot);
+                drop(slot);
+                let t = Instant::now();
+                let result = disk.write(id, &bytes);
+                Request::Written {
+                    id,
+                    result,
+                    seconds: t.elapsed().as_secs_f64(),
+                }
+            }
         };
         if done.send(answer).is_err() {
             return;
         }
     }
+}
+
+/// Decode a unit read from disk (the parameters alone when `partial`) and apply the deferred update
+/// whose gradient was read with it.
+fn load_unit(
+    id: UnitId,
+    template: &ExpertSlot,
+    bytes: Result<Vec<u8>>,
+    grads: Option<Result<Vec<u8>>>,
+    update: Option<(f64, f64)>,
+    partial: bool,
+) -> Result<ExpertSlot> {
+    let bytes = bytes?;
+    let mut unit = if partial {
+        decode_params(id, &bytes, template, "the disk tier")?
+    } else {
+        decode(id, &bytes, template, "the disk tier")?
+    };
+    drop(bytes);
+    if let (Some((lr, norm)), Some(grads)) = (update, grads) {
+        let grads = decode_grads(id, &grads?, template)?;
+        unit.apply(Pending { grads, lr, norm })?;
+    }
+    Ok(unit)
 }
 
 struct Waiter {
@@ -750,14 +803,14 @@ impl Manager {
             Request::Snapshot { reply } => self.snapshots.push(reply),
             Request::Loaded {
                 id,
-                bytes,
-                grads,
+                slot,
+                applied,
                 partial,
                 seconds,
             } => {
                 self.in_flight -= 1;
                 self.local.read_seconds += seconds;
-                self.on_loaded(id, bytes, grads, partial);
+                self.on_loaded(id, slot, applied, partial);
             }
             Request::GradWritten { id, result, seconds } => {
                 self.in_flight -= 1;
@@ -766,7 +819,7 @@ impl Manager {
                 if let Some(d) = self.entries.get_mut(&id).and_then(|e| e.deferred.as_mut()) {
                     match result {
                         Ok(()) => {
-                            d.writing = None;
+                            d.writing = false;
                             self.local.disk_written += b;
                         }
                         Err(err) => {
@@ -784,34 +837,24 @@ impl Manager {
         }
     }
 
-    fn on_loaded(&mut self, id: UnitId, bytes: Result<Vec<u8>>, grads: Option<Result<Vec<u8>>>, partial: bool) {
+    fn on_loaded(&mut self, id: UnitId, slot: Result<ExpertSlot>, applied: bool, partial: bool) {
         let b = if partial { self.params_bytes() } else { self.unit_bytes };
-        let mut slot = bytes.and_then(|bytes| match (partial, &self.template) {
-            (true, Some(t)) => decode_params(id, &bytes, t, "the disk tier"),
-            _ => self.decode(id, &bytes, "the disk tier"),
-        });
-        // Apply the deferred update the unit's gradient file holds.
+        // The I/O thread applied the deferred update that was pending when the load started; a
+        // unit is never committed to while it loads, so it is still the one pending.
         let deferred = self.entries.get_mut(&id).and_then(|e| e.deferred.take());
-        let mut applied = false;
-        if let (Ok(unit), Some(d)) = (&mut slot, deferred) {
-            let update = match (grads, &self.template) {
-                (Some(Ok(g)), Some(t)) => decode_grads(id, &g, t),
-                (Some(Err(e)), _) => Err(e),
-                _ => Err(Error::runtime("a deferred update without its gradient")),
-            };
-            let r = update.and_then(|grads| {
-                unit.apply(Pending {
-                    grads,
-                    lr: d.lr,
-                    norm: d.norm,
-                })
-            });
-            if let Err(e) = r {
-                slot = Err(e);
-            } else {
-                applied = true;
-                self.local.disk_read += self.grad_bytes();
-            }
+        let slot = match (slot, deferred.is_some(), applied) {
+            (Ok(_), true, false) => Err(Error::runtime(format!(
+                "expert {}.{}: a deferred update without its gradient",
+                id.0, id.1
+            ))),
+            (Ok(_), false, true) => Err(Error::runtime(format!(
+                "expert {}.{}: an update applied that was not pending",
+                id.0, id.1
+            ))),
+            (slot, ..) => slot,
+        };
+        if applied && slot.is_ok() {
+            self.local.disk_read += self.grad_bytes();
         }
         let Some(e) = self.entries.get_mut(&id) else { return };
         let Place::Loading(t) = e.place else { return };
@@ -842,15 +885,17 @@ impl Manager {
 
     /// Write a commit's gradient beside its unit (on disk) instead of loading the unit now.
     fn defer(&mut self, id: UnitId, update: Pending) {
-        let bytes = Arc::new(encode_grads(id, &update.grads));
         if let Some(e) = self.entries.get_mut(&id) {
             e.deferred = Some(Deferred {
                 lr: update.lr,
                 norm: update.norm,
-                writing: Some(bytes.clone()),
+                writing: true,
             });
             self.local.deferred += 1;
-            self.io_queue.push_back(IoJob::WriteGrad { id, bytes });
+            self.io_queue.push_back(IoJob::WriteGrad {
+                id,
+                grads: Box::new(update.grads),
+            });
         }
     }
 
@@ -860,7 +905,7 @@ impl Manager {
             return;
         };
         let Some(e) = self.entries.get_mut(&id) else { return };
-        let bytes = e.flush.take();
+        let flushed = e.flush.take();
         match result {
             Ok(()) => {
                 e.place = Place::Disk;
@@ -871,14 +916,14 @@ impl Manager {
             }
             Err(err) => {
                 // Keep the unit in memory (over budget rather than lost) and stop using the disk.
-                let slot = bytes.map(|bytes| self.decode(id, &bytes, "a failed write"));
+                let slot = flushed.map(|slot| Arc::try_unwrap(slot).unwrap_or_else(|shared| (*shared).clone()));
                 if let Some(e) = self.entries.get_mut(&id) {
                     match slot {
-                        Some(Ok(slot)) => {
+                        Some(slot) => {
                             e.slot = Some(Box::new(slot));
                             e.place = Place::In(t);
                         }
-                        _ => e.place = Place::Disk,
+                        None => e.place = Place::Disk,
                     }
                 }
                 self.fatal.get_or_insert(err.to_string());
@@ -1064,17 +1109,17 @@ impl Manager {
                 .get_or_insert(format!("expert {}.{} lost its state", id.0, id.1));
             return;
         };
-        let bytes = Arc::new(encode(id, &slot));
-        e.flush = Some(bytes.clone());
+        let slot: Arc<ExpertSlot> = Arc::new(*slot);
+        e.flush = Some(slot.clone());
         e.place = Place::Flushing(t);
-        self.io_queue.push_back(IoJob::Write { id, bytes });
+        self.io_queue.push_back(IoJob::Write { id, slot });
     }
 
     /// Whether `id` can be loaded now (not while its deferred gradient is still being written).
     fn loadable(&self, id: UnitId) -> bool {
         self.entries
             .get(&id)
-            .is_some_and(|e| e.place == Place::Disk && e.deferred.as_ref().is_none_or(|d| d.writing.is_none()))
+            .is_some_and(|e| e.place == Place::Disk && e.deferred.as_ref().is_none_or(|d| !d.writing))
     }
 
     /// Start loading `id` into `t` (budgeted as a whole unit either way): the parameters alone when
@@ -1084,12 +1129,13 @@ impl Manager {
         if let Some(e) = self.entries.get_mut(&id) {
             e.place = Place::Loading(t);
             self.used[t as usize] += b;
-            let grad_len = e.deferred.as_ref().map(|_| g as usize);
-            let partial = params_only && grad_len.is_none();
+            let update = e.deferred.as_ref().map(|d| (d.lr, d.norm));
+            let partial = params_only && update.is_none();
             self.io_queue.push_back(IoJob::Read {
                 id,
                 len: if partial { p as usize } else { b as usize },
-                grad_len,
+                grad_len: g as usize,
+                update,
                 partial,
             });
         }
@@ -1160,9 +1206,10 @@ impl Manager {
         if self.snapshots.is_empty() {
             return;
         }
-        let busy = self.entries.values().any(|e| {
-            !matches!(e.place, Place::In(_) | Place::Disk) || e.deferred.as_ref().is_some_and(|d| d.writing.is_some())
-        });
+        let busy = self
+            .entries
+            .values()
+            .any(|e| !matches!(e.place, Place::In(_) | Place::Disk) || e.deferred.as_ref().is_some_and(|d| d.writing));
         if busy {
             return;
         }
