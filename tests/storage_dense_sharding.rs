@@ -134,21 +134,27 @@ fn sharded_dense_parameters_train_the_same_bits() {
     assert_eq!(got.replays, 1, "the interrupted step is replayed once");
     assert_same(&want, &got.bits, "2 workers, sharded, a gate panic replayed");
 
-    // The Trainer (what `semoe train --shard-dense` runs) gives the same bits too.
+    // The Trainer (what `semoe train --shard-dense` runs) gives the same bits too, and its run
+    // report shows what each worker kept, gathered and held.
     let dir = common::TempDir::new("dense-sharding-trainer");
     let mut c = config.clone();
     c.train.workers = 2;
     c.storage.shard_dense = true;
     let mut trainer = Trainer::new(c, dir.path()).expect("trainer");
-    for _ in 0..STEPS {
-        trainer.step().expect("step");
-    }
+    trainer.run(false).expect("run");
     assert_same(
         &want,
         &bits(trainer.model().expect("model")),
         "the Trainer on 2 sharded workers",
     );
     assert!(trainer.dense_stats().iter().all(|s| s.gathered_bytes > 0));
+    semoe::telemetry::write_report(dir.path()).expect("report");
+    let report = std::fs::read_to_string(dir.path().join("report.md")).expect("report.md");
+    let section = report
+        .split("## Sharded dense parameters")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no dense section in the report:\n{report}"));
+    assert!(section.contains("| 0 |") && section.contains("| 1 |"), "{section}");
 }
 
 #[test]

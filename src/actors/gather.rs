@@ -37,7 +37,7 @@ pub struct DenseCounters {
 }
 
 /// What [`DenseCounters`] show (one worker).
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DenseStats {
     /// Bytes of dense parameters received from other workers.
     pub gathered_bytes: u64,

@@ -132,6 +132,15 @@ pub struct StorageRecord {
     pub stats: crate::storage::tiers::TierStats,
 }
 
+/// Sharded dense parameters' figures at one step (a `dense` record), one entry per worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DenseRecord {
+    /// The step.
+    pub step: u64,
+    /// Each worker's figures.
+    pub workers: Vec<crate::actors::gather::DenseStats>,
+}
+
 /// The parsed metrics log.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Metrics {
@@ -141,10 +150,12 @@ pub struct Metrics {
     pub val: Vec<ValRecord>,
     /// Line numbers (1-based) of the lines that could not be parsed.
     pub malformed_lines: Vec<usize>,
-    /// Records of kinds other than `train`, `val` and `storage`.
+    /// Records of kinds other than `train`, `val`, `storage` and `dense`.
     pub other_records: usize,
     /// The last `storage` record (the expert tiers' figures, summed over workers), if any.
     pub storage: Option<StorageRecord>,
+    /// The last `dense` record (sharded dense parameters, per worker), if any.
+    pub dense: Option<DenseRecord>,
     /// Records dropped because a resumed run logged their steps again.
     pub superseded_records: usize,
 }
@@ -265,6 +276,7 @@ enum Line {
     Train(TrainRecord),
     Val(ValRecord),
     Storage(StorageRecord),
+    Dense(DenseRecord),
     Other,
 }
 
@@ -276,6 +288,7 @@ fn parse_line(bytes: &[u8]) -> Option<Line> {
         "train" => serde_json::from_value(value).ok().map(Line::Train),
         "val" => serde_json::from_value(value).ok().map(Line::Val),
         "storage" => serde_json::from_value(value).ok().map(Line::Storage),
+        "dense" => serde_json::from_value(value).ok().map(Line::Dense),
         _ => Some(Line::Other),
     }
 }
@@ -307,6 +320,7 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Metrics> {
             Some(Line::Train(rec)) => metrics.push_train(rec),
             Some(Line::Val(rec)) => metrics.push_val(rec),
             Some(Line::Storage(rec)) => metrics.storage = Some(rec),
+            Some(Line::Dense(rec)) => metrics.dense = Some(rec),
             Some(Line::Other) => metrics.other_records += 1,
             None => metrics.malformed_lines.push(line_no),
         }
@@ -916,6 +930,28 @@ fn format_loss(v: f64) -> String {
     }
 }
 
+/// Sharded dense parameters: what each worker keeps, gathers and holds at the peak.
+fn dense_section(md: &mut String, rec: &DenseRecord) {
+    use crate::storage::tiers::format_bytes;
+    let _ = writeln!(md, "\n## Sharded dense parameters (at step {})\n", rec.step);
+    let _ = writeln!(
+        md,
+        "| worker | kept between steps | gathered from peers | legs gathered | peak held in a step | waited for legs |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for (w, d) in rec.workers.iter().enumerate() {
+        let _ = writeln!(
+            md,
+            "| {w} | {} | {} | {} | {} | {:.2} s |",
+            format_bytes(d.resident_bytes),
+            format_bytes(d.gathered_bytes),
+            d.legs,
+            format_bytes(d.peak_bytes),
+            d.wait_s
+        );
+    }
+}
+
 /// The expert tiers: budgets and peaks, hit rate, prefetch accuracy, stalls, bytes moved.
 fn storage_section(md: &mut String, rec: &StorageRecord) {
     use crate::storage::tiers::format_bytes;
@@ -1026,6 +1062,9 @@ fn markdown(s: &ReportSummary, metrics: &Metrics, name: &str) -> String {
 
     if let Some(rec) = &metrics.storage {
         storage_section(&mut md, rec);
+    }
+    if let Some(rec) = &metrics.dense {
+        dense_section(&mut md, rec);
     }
 
     let _ = writeln!(md, "\n## Expert load\n");
