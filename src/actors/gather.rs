@@ -145,9 +145,40 @@ pub fn gate_view(shell: &Gpt<f32>, leg: &Gpt<f32>, block: usize) -> Result<Arc<G
     Ok(Arc::new(view))
 }
 
+/// A leg's gather, done once: its parameters, or why it failed (kept, so that every lane gets the
+/// first failure at once rather than trying again).
+type LegResult = std::result::Result<Arc<LegParams>, GatherFailure>;
+
+#[derive(Clone, Debug)]
+struct GatherFailure {
+    restartable: bool,
+    text: String,
+}
+
+impl GatherFailure {
+    fn of(e: &Error) -> Self {
+        GatherFailure {
+            restartable: e.is_restartable(),
+            text: e.to_string(),
+        }
+    }
+
+    /// The error again, still restartable when it was (a failed actor is repaired by a replay).
+    fn error(&self) -> Error {
+        if self.restartable {
+            Error::ActorFailed {
+                actor: "a dense gather".into(),
+                detail: self.text.clone(),
+            }
+        } else {
+            Error::runtime(self.text.clone())
+        }
+    }
+}
+
 struct Slot {
     /// `None` once every lane has taken the leg.
-    cell: Option<Arc<OnceCell<Arc<LegParams>>>>,
+    cell: Option<Arc<OnceCell<LegResult>>>,
     taken: usize,
     prefetching: bool,
 }
@@ -167,6 +198,8 @@ pub struct Gatherer {
     lens: Vec<usize>,
     lanes: usize,
     slots: Mutex<Vec<Slot>>,
+    /// Background gathers, aborted by [`Gatherer::cancel`] when the step ends.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     counters: Arc<DenseCounters>,
 }
 
@@ -222,6 +255,7 @@ impl Gatherer {
             lens,
             lanes: a.lanes.max(1),
             slots: Mutex::new(slots),
+            tasks: Mutex::new(Vec::new()),
             counters: a.counters,
         })
     }
@@ -263,14 +297,30 @@ impl Gatherer {
                 })?
         };
         let started = Instant::now();
-        let leg_params = cell.get_or_try_init(|| self.gather(leg)).await?.clone();
+        let result = cell.get_or_init(|| self.gather_once(leg)).await;
         self.counters
             .wait_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Ok(DenseParams::Leg(leg_params))
+        match result {
+            Ok(leg_params) => Ok(DenseParams::Leg(leg_params.clone())),
+            Err(failure) => Err(failure.error()),
+        }
     }
 
-    /// Start gathering leg `leg` in the background (once); its errors reach the lane that takes it.
+    /// Stop the background gathers still running (the step is over, or failed and will be
+    /// replayed with a new gatherer).
+    pub fn cancel(&self) {
+        for task in self.tasks.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
+            task.abort();
+        }
+    }
+
+    async fn gather_once(&self, leg: usize) -> LegResult {
+        self.gather(leg).await.map_err(|e| GatherFailure::of(&e))
+    }
+
+    /// Start gathering leg `leg` in the background (once); a failure is kept for the lanes that
+    /// take the leg.
     fn prefetch(self: &Arc<Self>, leg: usize) {
         let cell = {
             let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
@@ -284,9 +334,13 @@ impl Gatherer {
         };
         if let Some(cell) = cell {
             let me = self.clone();
-            tokio::spawn(async move {
-                let _ = cell.get_or_try_init(|| me.gather(leg)).await;
+            let task = tokio::spawn(async move {
+                cell.get_or_init(|| me.gather_once(leg)).await;
             });
+            self.tasks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(task.abort_handle());
         }
     }
 

@@ -486,6 +486,17 @@ pub fn strip_experts(model: &mut Gpt<f32>) {
 
 type Pass = GroupPass<f32, DenseParams, Box<Gpt<f32>>>;
 
+/// Cancels a step's background gathers when dropped: when the step ends, also by an error.
+struct CancelGathers(Option<Arc<Gatherer>>);
+
+impl Drop for CancelGathers {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.cancel();
+        }
+    }
+}
+
 /// Where a lane's passes read dense parameters from.
 #[derive(Clone)]
 enum DenseSource {
@@ -520,7 +531,7 @@ async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Vec<(usize, G
     // The groups run in lanes, each lane in lockstep through the MoE blocks: while one lane waits
     // for its experts, the other computes its dense layers.
     let lanes = a.lanes.min(groups.len()).max(1);
-    let (source, first) = if c.storage.shard_dense {
+    let (source, first, _cancel_gathers) = if c.storage.shard_dense {
         let gatherer = Gatherer::new(GatherArgs {
             step,
             worker: a.worker,
@@ -531,13 +542,12 @@ async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Vec<(usize, G
             lanes,
             counters: a.dense.clone(),
         });
+        let cancel = CancelGathers(Some(gatherer.clone()));
         let first = gatherer.fetch(0).await?;
-        (DenseSource::Sharded(gatherer), first)
+        (DenseSource::Sharded(gatherer), first, cancel)
     } else {
-        (
-            DenseSource::Replica(replica.clone()),
-            DenseParams::Replica(replica.clone()),
-        )
+        let replicated = DenseParams::Replica(replica.clone());
+        (DenseSource::Replica(replica.clone()), replicated, CancelGathers(None))
     };
 
     let (text, gs) = (a.text.clone(), groups.clone());

@@ -446,9 +446,9 @@ impl ExpertStore {
         }
         manager.publish();
         if let Some(d) = &disk {
+            let template = manager.template.clone().map(Arc::new);
             for t in 0..config.io_threads.max(1) {
-                let (d, rx, tx) = (d.clone(), io_rx.clone(), tx.clone());
-                let template = manager.template.clone().map(Arc::new);
+                let (d, rx, tx, template) = (d.clone(), io_rx.clone(), tx.clone(), template.clone());
                 let h = std::thread::Builder::new()
                     .name(format!("semoe-io-{worker}-{t}"))
                     .spawn(move || io_loop(d, template, rx, tx))
