@@ -124,11 +124,16 @@ impl Deref for DenseParams {
     }
 }
 
-/// A model of `model`'s structure with every tensor empty.
-pub fn empty_like(model: &Gpt<f32>) -> Gpt<f32> {
-    let mut shell = model.clone();
-    shell.buffers_mut().into_iter().for_each(|b| *b = Vec::new());
-    shell
+/// `model` with every tensor emptied but those whose index (in [`Gpt::tensors`] order) `keep`
+/// accepts: a worker's own shard (`keep` = owned by it) or the empty shell a leg is filled into.
+pub fn keep_only(model: &Gpt<f32>, keep: impl Fn(usize) -> bool) -> Gpt<f32> {
+    let mut out = model.clone();
+    for (i, buf) in out.buffers_mut().into_iter().enumerate() {
+        if !keep(i) {
+            *buf = Vec::new();
+        }
+    }
+    out
 }
 
 /// The gate weights of MoE block `block` alone, in a model of `shell`'s structure: what a Gate keeps
@@ -248,7 +253,7 @@ impl Gatherer {
             worker: a.worker,
             deadline: a.deadline,
             comm: a.comm,
-            shell: Arc::new(empty_like(&own)),
+            shell: Arc::new(keep_only(&own, |_| false)),
             own,
             placement: a.placement,
             legs,

@@ -2,7 +2,7 @@
 
 pub use super::coordinator::StepOutcome;
 use super::coordinator::{CoordActor, CoordArgs, CoordMsg};
-use super::gather::{dense_bytes, DenseCounters, DenseStats};
+use super::gather::{dense_bytes, keep_only, DenseCounters, DenseStats};
 use super::placement::{ExpertPlacement, Placement};
 use super::tier::{TierSnapshot, TierStore};
 use super::worker::{strip_experts, WorkerArgs};
@@ -184,7 +184,7 @@ impl RuntimeBuilder {
         for ((transport, inbox), store) in local::network(self.workers).into_iter().zip(stores) {
             let worker = transport.id();
             let own = if shard {
-                owned_only(&replica, &placement, worker)
+                keep_only(&replica, |i| placement.tensor_owner.get(i) == Some(&worker))
             } else {
                 replica.clone()
             };
@@ -232,17 +232,6 @@ impl RuntimeBuilder {
             dense_counters,
         })
     }
-}
-
-/// `replica` with every dense tensor that `worker` does not own emptied (sharded dense parameters).
-fn owned_only(replica: &Gpt<f32>, placement: &Placement, worker: usize) -> Gpt<f32> {
-    let mut own = replica.clone();
-    for (i, buf) in own.buffers_mut().into_iter().enumerate() {
-        if placement.tensor_owner.get(i) != Some(&worker) {
-            *buf = Vec::new();
-        }
-    }
-    own
 }
 
 /// Split a model and its optimizer state into each worker's committed store.
