@@ -24,8 +24,17 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    y * scale
+    y * pow2i(n)
+}
+
+/// 2^n for an integral `n` in [-126, 127], built in the exponent bits without a float-to-int
+/// conversion: `n + 127 + 2^23` holds `n + 127` in its low mantissa bits, and shifting left by 23
+/// moves them into the exponent field. (`n as i32` saturates on out-of-range values, which LLVM
+/// cannot vectorise: it turned every exp into eight scalar conversions with compares.)
+#[inline(always)]
+fn pow2i(n: f32) -> f32 {
+    const BIASED_SHIFT: f32 = 127.0 + 8_388_608.0;
+    f32::from_bits((n + BIASED_SHIFT).to_bits() << 23)
 }
 
 /// erf(x) for f32: x P(x^2) / Q(x^2) on [-4, 4] (erf is +-1 in f32 beyond), the rational form used
@@ -161,6 +170,13 @@ mod tests {
             let got = exp_f32(x) as f64;
             assert!(((got - want) / want).abs() < 4e-7, "exp({x}) = {got}, want {want}");
             x += 0.0137;
+        }
+    }
+
+    #[test]
+    fn pow2i_matches_the_exponent_field() {
+        for n in -126..=127 {
+            assert_eq!(pow2i(n as f32), 2f32.powi(n), "2^{n}");
         }
     }
 

@@ -9,6 +9,7 @@
 pub mod cpu;
 pub mod cuda;
 mod math;
+pub mod reduce;
 mod scalar;
 
 pub use cpu::Cpu;

@@ -6,7 +6,7 @@
 //! fixed order; parameter gradients are accumulated (`+=`) into the caller's buffers.
 
 use crate::error::Result;
-use crate::kernels::{Backend, Gelu, Mat, Scalar};
+use crate::kernels::{reduce, Backend, Gelu, Mat, Scalar};
 
 /// Epsilon of every layer norm (PyTorch's default).
 pub const LN_EPS: f64 = 1e-5;
@@ -30,8 +30,8 @@ pub fn layer_norm_forward<T: Scalar>(x: &[T], w: &[T], b: &[T], y: &mut [T]) -> 
     let eps = T::from_f64(LN_EPS);
     for r in 0..rows {
         let xr = &x[r * d..(r + 1) * d];
-        let mean = xr.iter().fold(T::ZERO, |a, &v| a + v) * inv_d;
-        let var = xr.iter().fold(T::ZERO, |a, &v| a + (v - mean) * (v - mean)) * inv_d;
+        let mean = reduce::sum(xr) * inv_d;
+        let var = reduce::sum_sq_dev(xr, mean) * inv_d;
         let rs = T::ONE / T::from_f64((var + eps).to_f64().sqrt());
         rstd[r] = rs;
         let (xh, yr) = (&mut xhat[r * d..(r + 1) * d], &mut y[r * d..(r + 1) * d]);
@@ -53,23 +53,21 @@ pub fn layer_norm_backward<T: Scalar>(
     db: &mut [T],
 ) {
     let d = w.len();
+    let (dw, db) = (&mut dw[..d], &mut db[..d]);
     let inv_d = T::ONE / T::from_usize(d);
+    let mut dxhat = vec![T::ZERO; d];
     for (r, &rs) in cache.rstd.iter().enumerate() {
         let (xh, dyr) = (&cache.xhat[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-        let mut mean_dxhat = T::ZERO;
-        let mut mean_dxhat_xhat = T::ZERO;
         for i in 0..d {
-            let dxh = dyr[i] * w[i];
-            mean_dxhat += dxh;
-            mean_dxhat_xhat += dxh * xh[i];
+            dxhat[i] = dyr[i] * w[i];
             dw[i] += dyr[i] * xh[i];
             db[i] += dyr[i];
         }
-        mean_dxhat *= inv_d;
-        mean_dxhat_xhat *= inv_d;
+        let mean_dxhat = reduce::sum(&dxhat) * inv_d;
+        let mean_dxhat_xhat = reduce::dot(&dxhat, xh) * inv_d;
         let dxr = &mut dx[r * d..(r + 1) * d];
         for i in 0..d {
-            dxr[i] += rs * (dyr[i] * w[i] - mean_dxhat - xh[i] * mean_dxhat_xhat);
+            dxr[i] += rs * (dxhat[i] - mean_dxhat - xh[i] * mean_dxhat_xhat);
         }
     }
 }
@@ -160,7 +158,7 @@ fn causal_softmax_block<T: Scalar>(scores: &mut [T], i0: usize, width: usize, sc
         let (live, masked) = row.split_at_mut(i0 + r + 1);
         let max = live.iter().fold(live[0], |m, &v| m.max(v));
         T::exp_affine(live, scale, max * scale);
-        let sum = live.iter().fold(T::ZERO, |a, &v| a + v);
+        let sum = reduce::sum(live);
         let inv = T::ONE / sum;
         live.iter_mut().for_each(|v| *v *= inv);
         masked.fill(T::ZERO);
@@ -246,7 +244,7 @@ pub fn attention_backward<B: Backend, T: Scalar>(
                 // softmax backward (causal part only), times the score scale: dS = P * (dP - <dP, P>) * scale
                 for (r, (pr, dr)) in p.chunks_exact(i1).zip(d_s.chunks_exact_mut(i1)).enumerate() {
                     let live = i0 + r + 1;
-                    let dot = (0..live).fold(T::ZERO, |a, j| a + pr[j] * dr[j]);
+                    let dot = reduce::dot(&pr[..live], &dr[..live]);
                     for j in 0..live {
                         dr[j] = pr[j] * (dr[j] - dot) * scale;
                     }

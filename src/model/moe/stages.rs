@@ -8,7 +8,7 @@
 
 use super::{MoeConfig, MoeStats, Routing};
 use crate::error::{Error, Result};
-use crate::kernels::{check_len, Backend, Mat, Scalar, SKIP};
+use crate::kernels::{check_len, reduce, Backend, Mat, Scalar, SKIP};
 
 /// `f32::EPSILON`: the floor of the renormalisation denominator (DeepSpeed clamps at the f32 epsilon).
 const NORMALIZE_EPS: f64 = f32::EPSILON as f64;
@@ -174,7 +174,7 @@ pub fn combine_backward<T: Scalar, B: Backend>(
         if r != SKIP {
             let s = a_idx % s_count;
             let (gy_s, ye_r) = (&gy[s * d..(s + 1) * d], &ye[r as usize * d..(r as usize + 1) * d]);
-            gw[a_idx] = gy_s.iter().zip(ye_r).fold(T::ZERO, |acc, (&u, &v)| acc + u * v);
+            gw[a_idx] = reduce::dot(gy_s, ye_r);
         }
     }
     let row_weights: Vec<T> = routing
