@@ -163,8 +163,11 @@ impl Trainer {
                 .collect::<Result<Vec<_>>>()?;
             (grads, None)
         } else {
+            // One async thread: it only moves messages (kernels run on the compute pool), and a
+            // second one competed with the compute threads for the cores: 5% fewer tokens/s on two
+            // cores (BENCHMARKS.md).
             let tokio = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(1)
                 .thread_name("semoe-async")
                 .enable_all()
                 .build()
