@@ -41,6 +41,26 @@ fn matmul(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    // The default model's expert products on one thread (each group's product runs on one
+    // thread), for one group's rows of an expert (128) and for two and four groups stacked: what
+    // stacking the rows of the groups an expert serves buys.
+    let cpu = Cpu::new(1).expect("cpu");
+    let mut group = c.benchmark_group("matmul_f32_1thread_default_experts");
+    for (name, k, n) in [("x@w1", 128, 256), ("a@w2", 256, 128)] {
+        for m in [128, 256, 512] {
+            let (a, b) = (randn(m * k, 1), randn(k * n, 2));
+            let mut out = vec![0.0f32; m * n];
+            group.throughput(Throughput::Elements((2 * m * n * k) as u64));
+            group.bench_function(BenchmarkId::new(name, format!("{m}x{k}x{n}")), |bench| {
+                bench.iter(|| {
+                    let (av, bv) = (Mat::new(&a, m, k).expect("a"), Mat::new(&b, k, n).expect("b"));
+                    cpu.matmul(&mut out, av, bv, true).expect("matmul");
+                })
+            });
+        }
+    }
+    group.finish();
 }
 
 criterion_group!(benches, matmul);

@@ -69,6 +69,21 @@ pub fn sum_sq_dev<T: Scalar>(x: &[T], mean: T) -> T {
     finish(acc, tail)
 }
 
+/// `max_i x[i]` by [`Scalar::max`]; `x` must not be empty. For numbers the maximum does not depend
+/// on the order, so this only removes the chain of dependent compares.
+#[inline]
+pub fn max<T: Scalar>(x: &[T]) -> T {
+    let mut acc = [x[0]; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(x[0], |m, &v| m.max(v));
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(c[l]);
+        }
+    }
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +103,17 @@ mod tests {
                 (sum_sq_dev(&a, mean) as f64 - want_dev).abs() < 1e-5,
                 "deviation of {n}"
             );
+        }
+    }
+
+    #[test]
+    fn max_finds_the_largest_wherever_it_is() {
+        for n in 1..30 {
+            for at in 0..n {
+                let mut x: Vec<f32> = (0..n).map(|i| -(i as f32)).collect();
+                x[at] = 5.0;
+                assert_eq!(max(&x), 5.0, "n {n}, at {at}");
+            }
         }
     }
 

@@ -156,7 +156,7 @@ fn merge_heads<T: Scalar>(heads: &[T], s: AttnShape, out: &mut [T], stride: usiz
 fn causal_softmax_block<T: Scalar>(scores: &mut [T], i0: usize, width: usize, scale: T) {
     for (r, row) in scores.chunks_exact_mut(width).enumerate() {
         let (live, masked) = row.split_at_mut(i0 + r + 1);
-        let max = live.iter().fold(live[0], |m, &v| m.max(v));
+        let max = reduce::max(live);
         T::exp_affine(live, scale, max * scale);
         let sum = reduce::sum(live);
         let inv = T::ONE / sum;

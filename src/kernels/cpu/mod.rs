@@ -341,12 +341,11 @@ fn check_rows(op: &str, index: &[u32], len: usize, cols: usize, allow_skip: bool
 
 /// Softmax of one row into `out`; returns the row's logsumexp.
 pub(crate) fn softmax_row<T: Scalar>(x: &[T], out: &mut [T]) -> T {
-    let max = x.iter().copied().fold(x[0], T::max);
-    let mut sum = T::ZERO;
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v - max).exp();
-        sum += *o;
-    }
+    let max = crate::kernels::reduce::max(x);
+    let out = &mut out[..x.len()];
+    out.copy_from_slice(x);
+    T::exp_affine(out, T::ONE, max);
+    let sum = crate::kernels::reduce::sum(out);
     for o in out.iter_mut() {
         *o = *o / sum;
     }
