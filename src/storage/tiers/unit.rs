@@ -74,8 +74,8 @@ impl ExpertSlot {
 fn floats_at(bytes: &[u8], at: &mut usize, len: usize) -> Vec<f32> {
     let src = &bytes[*at..*at + 4 * len];
     *at += 4 * len;
-    // The encoding is little-endian f32: on a little-endian machine a plain copy (this runs on the
-    // store's manager thread for every unit read from disk, so a per-float loop shows).
+    // The encoding is little-endian f32: on a little-endian machine a plain copy (this runs for
+    // every unit read from disk, so a per-float loop shows).
     #[cfg(target_endian = "little")]
     let v = {
         let mut v = vec![0f32; len];
