@@ -274,12 +274,12 @@ enum Request {
 struct Books(Arc<Mutex<Option<Manager>>>);
 
 impl Books {
-    /// Handle `req` on this thread, then grant what can be granted and publish the figures. When
-    /// the store has stopped the request is handed back.
-    fn send(&self, req: Request) -> std::result::Result<(), Request> {
+    /// Handle `req` on this thread, then grant what can be granted and publish the figures. False
+    /// when the store has stopped (the request is dropped, closing its answer channel).
+    fn send(&self, req: Request) -> bool {
         let mut guard = lock(&self.0);
         let Some(manager) = guard.as_mut() else {
-            return Err(req);
+            return false;
         };
         let step_end = matches!(req, Request::EndStep { .. } | Request::Snapshot { .. });
         manager.handle(req);
@@ -287,7 +287,7 @@ impl Books {
         manager.publish(step_end);
         // After publishing, so that figures read after a snapshot include everything before it.
         manager.answer_snapshots();
-        Ok(())
+        true
     }
 }
 
@@ -556,7 +556,11 @@ impl ExpertStore {
     }
 
     fn send(&self, r: Request) -> Result<()> {
-        self.tx.send(r).map_err(|_| stopped())
+        if self.tx.send(r) {
+            Ok(())
+        } else {
+            Err(stopped())
+        }
     }
 }
 
@@ -644,7 +648,7 @@ fn io_loop(disk: DiskTier, template: Option<Arc<ExpertSlot>>, jobs: Arc<Mutex<Re
                 }
             }
         };
-        if done.send(answer).is_err() {
+        if !done.send(answer) {
             return;
         }
     }
