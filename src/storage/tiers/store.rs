@@ -501,14 +501,13 @@ impl ExpertStore {
             manager.place_initially(id, slot)?;
         }
         manager.publish(true);
-        let (tx, rx) = channel();
-        let shared = Arc::new(Mutex::new(None));
-        let books = if disk.is_some() {
-            Books::Thread(tx)
+        let (thread_tx, thread_rx) = channel();
+        let inline = Arc::new(Mutex::new(None));
+        let tx = if disk.is_some() {
+            Books::Thread(thread_tx)
         } else {
-            Books::Inline(shared.clone())
+            Books::Inline(inline.clone())
         };
-        let tx = books;
         if let Some(d) = &disk {
             let template = manager.template.clone().map(Arc::new);
             for t in 0..config.io_threads.max(1) {
@@ -520,14 +519,15 @@ impl ExpertStore {
                 threads.push(h);
             }
         }
-        if let Books::Thread(_) = &tx {
-            let h = std::thread::Builder::new()
-                .name(format!("semoe-tier-{worker}"))
-                .spawn(move || manager.run(rx))
-                .map_err(|e| Error::runtime(format!("cannot start the tier manager: {e}")))?;
-            threads.push(h);
-        } else {
-            *lock(&shared) = Some(manager);
+        match &tx {
+            Books::Thread(_) => {
+                let h = std::thread::Builder::new()
+                    .name(format!("semoe-tier-{worker}"))
+                    .spawn(move || manager.run(thread_rx))
+                    .map_err(|e| Error::runtime(format!("cannot start the tier manager: {e}")))?;
+                threads.push(h);
+            }
+            Books::Inline(_) => *lock(&inline) = Some(manager),
         }
         Ok(ExpertStore {
             tx,
