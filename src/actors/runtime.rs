@@ -18,8 +18,15 @@ use crate::train::data::Corpus;
 use crate::train::optimizer::AdamW;
 use crate::train::trainer::{new_optimizer, write_checkpoint};
 use ractor::{Actor, ActorRef};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// What the runtime's async methods return. Boxed on purpose: an `async fn`'s body is compiled in
+/// every crate that polls it, so a plain `async fn` here would compile the whole actor tree again
+/// in each program and test that awaits it; behind a boxed future it is compiled once, here.
+pub type RuntimeFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
 /// How many times a worker restarts failed children within a window before it reports itself lost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,7 +131,11 @@ impl RuntimeBuilder {
     }
 
     /// Start the actor tree (inside the current tokio runtime).
-    pub async fn build(self) -> Result<Runtime> {
+    pub fn build(self) -> RuntimeFuture<'static, Runtime> {
+        Box::pin(self.start())
+    }
+
+    async fn start(self) -> Result<Runtime> {
         let config = self.config;
         config.validate()?;
         if config.train.groups < self.workers {
@@ -355,42 +366,52 @@ impl Runtime {
     }
 
     /// Run one step to its commit (replaying it after actor failures).
-    pub async fn step(&self) -> Result<StepOutcome> {
+    pub fn step(&self) -> RuntimeFuture<'_, StepOutcome> {
         let who = ActorName("the coordinator".into());
         // The coordinator bounds each attempt; this bound covers every replay it may run.
         let deadline = self.deadline * (self.max_replays + 2);
-        ask(&self.coordinator, &who, "a step", deadline, |reply| CoordMsg::Step {
-            reply,
+        Box::pin(async move {
+            ask(&self.coordinator, &who, "a step", deadline, |reply| CoordMsg::Step {
+                reply,
+            })
+            .await
         })
-        .await
     }
 
     /// The committed model and optimizer state, gathered from every worker.
-    pub async fn state(&self) -> Result<(Gpt<f32>, AdamW)> {
-        let who = ActorName("the coordinator".into());
-        let snaps = ask(&self.coordinator, &who, "a snapshot", self.deadline, |reply| {
-            CoordMsg::Snapshot { reply }
+    pub fn state(&self) -> RuntimeFuture<'_, (Gpt<f32>, AdamW)> {
+        Box::pin(async move {
+            let who = ActorName("the coordinator".into());
+            let snaps = ask(&self.coordinator, &who, "a snapshot", self.deadline, |reply| {
+                CoordMsg::Snapshot { reply }
+            })
+            .await?;
+            assemble(&self.config, &snaps)
         })
-        .await?;
-        assemble(&self.config, &snaps)
     }
 
     /// The committed model.
-    pub async fn model(&self) -> Result<Gpt<f32>> {
-        Ok(self.state().await?.0)
+    pub fn model(&self) -> RuntimeFuture<'_, Gpt<f32>> {
+        Box::pin(async move { Ok(self.state().await?.0) })
     }
 
     /// Gather the committed state and write it as a checkpoint under `run_dir/checkpoints/` (the
     /// format of `semoe train`: `semoe generate --checkpoint` and `Trainer::resume` read it).
-    pub async fn save_checkpoint(&self, run_dir: &std::path::Path) -> Result<std::path::PathBuf> {
-        let (model, optimizer) = self.state().await?;
-        write_checkpoint(run_dir, &self.config, &model, &optimizer, 0.0)
+    pub fn save_checkpoint<'a>(&'a self, run_dir: &'a std::path::Path) -> RuntimeFuture<'a, std::path::PathBuf> {
+        Box::pin(async move {
+            let (model, optimizer) = self.state().await?;
+            write_checkpoint(run_dir, &self.config, &model, &optimizer, 0.0)
+        })
     }
 
     /// Stop every actor and wait for them.
     /// The expert stores are dropped last (their Disk tier files are deleted then), once every
     /// actor holding them has stopped, waiting up to a few seconds for that.
-    pub async fn shutdown(self) -> Result<()> {
+    pub fn shutdown(self) -> RuntimeFuture<'static, ()> {
+        Box::pin(self.stop())
+    }
+
+    async fn stop(self) -> Result<()> {
         self.coordinator.stop(Some("shutdown".into()));
         let r = self
             .join
