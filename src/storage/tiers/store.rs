@@ -501,15 +501,17 @@ impl ExpertStore {
             manager.place_initially(id, slot)?;
         }
         manager.publish(true);
-        let (thread_tx, thread_rx) = channel();
-        let inline = Arc::new(Mutex::new(None));
-        let tx = if disk.is_some() {
-            Books::Thread(thread_tx)
-        } else {
-            Books::Inline(inline.clone())
+        let template = manager.template.clone().map(Arc::new);
+        // In memory only, the manager sits behind its lock from the start; with a Disk tier it
+        // starts on its thread once the I/O threads (which send it their completions) are up.
+        let (tx, manager_thread) = match &disk {
+            None => (Books::Inline(Arc::new(Mutex::new(Some(manager)))), None),
+            Some(_) => {
+                let (requests_tx, requests) = channel();
+                (Books::Thread(requests_tx), Some((manager, requests)))
+            }
         };
         if let Some(d) = &disk {
-            let template = manager.template.clone().map(Arc::new);
             for t in 0..config.io_threads.max(1) {
                 let (d, rx, tx, template) = (d.clone(), io_rx.clone(), tx.clone(), template.clone());
                 let h = std::thread::Builder::new()
@@ -519,15 +521,12 @@ impl ExpertStore {
                 threads.push(h);
             }
         }
-        match &tx {
-            Books::Thread(_) => {
-                let h = std::thread::Builder::new()
-                    .name(format!("semoe-tier-{worker}"))
-                    .spawn(move || manager.run(thread_rx))
-                    .map_err(|e| Error::runtime(format!("cannot start the tier manager: {e}")))?;
-                threads.push(h);
-            }
-            Books::Inline(_) => *lock(&inline) = Some(manager),
+        if let Some((manager, requests)) = manager_thread {
+            let h = std::thread::Builder::new()
+                .name(format!("semoe-tier-{worker}"))
+                .spawn(move || manager.run(requests))
+                .map_err(|e| Error::runtime(format!("cannot start the tier manager: {e}")))?;
+            threads.push(h);
         }
         Ok(ExpertStore {
             tx,
