@@ -12,7 +12,7 @@ use super::{inject, offload, ActorName};
 use crate::chaos::{FaultPlan, Moment, Target};
 use crate::error::{Error, Result};
 use crate::kernels::{Backend, Cpu};
-use crate::model::moe::stages::{self, ExpertGrads};
+use crate::model::moe::stages;
 use crate::model::moe::MoeConfig;
 use crate::net::StepId;
 use crate::storage::tiers::{ExpertStore, Pending};
@@ -264,25 +264,13 @@ async fn forward(args: &ExpertArgs, items: GroupRows) -> Result<Vec<(usize, FwdC
     let c = args.config.clone();
     let lease = args.store.acquire(args.id()).await?;
     offload(&args.cpu, move |cpu| {
-        let (d, f) = (c.d_model, c.d_ff);
-        let mut work: Vec<(usize, FwdCache, Vec<f32>)> = items
-            .into_iter()
-            .map(|(group, xe)| {
-                let n = xe.len() / d;
-                let cache = FwdCache {
-                    xe,
-                    h: vec![0.0; n * f],
-                    a: vec![0.0; n * f],
-                };
-                (group, cache, vec![0.0; n * d])
-            })
-            .collect();
         let w = lease.weights();
-        cpu.par_for_each(work.iter_mut().collect(), |b, (_, cache, ye)| {
-            stages::expert_forward(&c, b, w, &cache.xe, &mut cache.h, &mut cache.a, ye)
-        })?;
+        let out = cpu.par_map(items, |b, (group, xe)| {
+            let (h, a, ye) = stages::expert_forward_new(&c, b, w, &xe)?;
+            Ok((group, FwdCache { xe, h, a }, ye))
+        });
         drop(lease);
-        Ok(work)
+        out
     })
     .await
 }
@@ -296,26 +284,13 @@ async fn backward(
     let c = args.config.clone();
     let lease = args.store.acquire(args.id()).await?;
     offload(&args.cpu, move |cpu| {
-        let (d, f) = (c.d_model, c.d_ff);
-        let mut out: Vec<(usize, FwdCache, Vec<f32>, [Vec<f32>; 4], Vec<f32>)> = work
-            .into_iter()
-            .map(|(group, cache, gye)| {
-                let grads = [vec![0.0; d * f], vec![0.0; f], vec![0.0; f * d], vec![0.0; d]];
-                let gxe = vec![0.0; cache.xe.len()];
-                (group, cache, gye, grads, gxe)
-            })
-            .collect();
         let w = lease.weights();
-        cpu.par_for_each(out.iter_mut().collect(), |b, (_, cache, gye, grads, gxe)| {
-            let [w1, b1, w2, b2] = grads;
-            let g = ExpertGrads { w1, b1, w2, b2 };
-            stages::expert_backward(&c, b, w, &cache.xe, &cache.h, &mut cache.a, gye, gxe, g)
-        })?;
+        let out = cpu.par_map(work, |b, (group, mut cache, gye)| {
+            let (grads, gxe) = stages::expert_backward_new(&c, b, w, &cache.xe, &cache.h, &mut cache.a, &gye)?;
+            Ok((group, grads, gxe))
+        });
         drop(lease);
-        Ok(out
-            .into_iter()
-            .map(|(group, _, _, grads, gxe)| (group, grads, gxe))
-            .collect())
+        out
     })
     .await
 }

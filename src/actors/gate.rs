@@ -273,9 +273,11 @@ async fn exchange(
         reply,
     })
     .await?;
-    let mut out: HashMap<usize, Vec<f32>> = layouts
+    // Each group's answered rows by expert, then laid end to end in expert order: one copy, and
+    // an expert whose rows no peer answered is an error rather than silent zeros.
+    let mut answered: HashMap<usize, Vec<Option<Vec<f32>>>> = layouts
         .iter()
-        .map(|(&g, offsets)| (g, vec![0.0; offsets.last().copied().unwrap_or(0) * d]))
+        .map(|(&g, offsets)| (g, vec![None; offsets.len().saturating_sub(1)]))
         .collect();
     for (peer, payload) in replies {
         let Payload::Segments(segments) = payload else {
@@ -284,26 +286,48 @@ async fn exchange(
             )));
         };
         for s in segments {
-            let offsets = layouts
+            let (offsets, slots) = layouts
                 .get(&s.group)
+                .zip(answered.get_mut(&s.group))
                 .ok_or_else(|| Error::runtime(format!("worker {peer} answered for unknown group {}", s.group)))?;
-            if s.expert + 1 >= offsets.len() {
+            let Some(slot) = slots.get_mut(s.expert) else {
                 return Err(Error::runtime(format!(
                     "worker {peer} answered {what} for expert {}, which does not exist",
                     s.expert
                 )));
-            }
-            let (lo, hi) = (offsets[s.expert], offsets[s.expert + 1]);
-            if s.data.len() != (hi - lo) * d {
+            };
+            let rows = offsets[s.expert + 1] - offsets[s.expert];
+            if s.data.len() != rows * d {
                 return Err(Error::shape(
                     format!("rows of expert {} for group {} from worker {peer}", s.expert, s.group),
-                    format!("{} values for {} rows", s.data.len(), hi - lo),
+                    format!("{} values for {rows} rows", s.data.len()),
                 ));
             }
-            if let Some(buf) = out.get_mut(&s.group) {
-                buf[lo * d..hi * d].copy_from_slice(&s.data);
+            if slot.replace(s.data).is_some() {
+                return Err(Error::runtime(format!(
+                    "{what}: expert {} of group {} was answered twice",
+                    s.expert, s.group
+                )));
             }
         }
+    }
+    let mut out = HashMap::with_capacity(answered.len());
+    for (g, slots) in answered {
+        let offsets = &layouts[&g];
+        let mut rows = Vec::with_capacity(offsets.last().copied().unwrap_or(0) * d);
+        for (e, slot) in slots.into_iter().enumerate() {
+            match slot {
+                Some(data) => rows.extend_from_slice(&data),
+                None if offsets[e + 1] == offsets[e] => {}
+                None => {
+                    return Err(Error::runtime(format!(
+                        "{what}: no answer for the {} rows of expert {e} of group {g}",
+                        offsets[e + 1] - offsets[e]
+                    )))
+                }
+            }
+        }
+        out.insert(g, rows);
     }
     Ok(out)
 }

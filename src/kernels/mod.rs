@@ -125,8 +125,46 @@ pub trait Backend: Send + Sync {
     where
         Self: Sized;
 
+    /// [`Backend::par_for_each`] with a result per item, returned in item order.
+    fn par_map<I: Send, O: Send>(
+        &self,
+        items: Vec<I>,
+        f: impl Fn(&Self, I) -> Result<O> + Sync + Send,
+    ) -> Result<Vec<O>>
+    where
+        Self: Sized,
+    {
+        let mut slots: Vec<(Option<I>, Option<O>)> = items.into_iter().map(|i| (Some(i), None)).collect();
+        self.par_for_each(slots.iter_mut().collect(), |b, (item, out)| {
+            if let Some(item) = item.take() {
+                *out = Some(f(b, item)?);
+            }
+            Ok(())
+        })?;
+        slots
+            .into_iter()
+            .map(|(_, out)| out.ok_or_else(|| Error::runtime("a parallel task left no result")))
+            .collect()
+    }
+
     /// `dst = op(a) @ op(b)`, or `dst += op(a) @ op(b)` when `accumulate` is set.
     fn matmul<T: Scalar>(&self, dst: &mut [T], a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool) -> Result<()>;
+
+    /// `op(a) @ op(b)` into a new buffer, with `bias` added to every row when given (the bias
+    /// first, then the product added to it: the bits of [`Backend::broadcast_rows`] followed by an
+    /// accumulating [`Backend::matmul`]). A backend may skip zero-filling the new buffer: the
+    /// product's write is then its first, which saves a pass over memory per activation.
+    fn product<T: Scalar>(&self, a: Mat<'_, T>, b: Mat<'_, T>, bias: Option<&[T]>) -> Result<Vec<T>> {
+        let mut out = vec![T::ZERO; a.rows() * b.cols()];
+        match bias {
+            Some(bias) => {
+                self.broadcast_rows(&mut out, bias)?;
+                self.matmul(&mut out, a, b, true)?;
+            }
+            None => self.matmul(&mut out, a, b, false)?,
+        }
+        Ok(out)
+    }
 
     /// Overwrite every row of the `rows x bias.len()` matrix `dst` with `bias`.
     fn broadcast_rows<T: Scalar>(&self, dst: &mut [T], bias: &[T]) -> Result<()>;

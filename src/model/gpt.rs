@@ -530,12 +530,8 @@ impl<T: Scalar> Gpt<T> {
             pass.moe_forward_done(result)?;
         }
         let x = pass.into_residual()?;
-        let (d, v) = (self.config.d_model, self.config.vocab);
-        let mut xf = vec![T::ZERO; x.len()];
-        layers::layer_norm_forward(&x, &self.ln_f_w, &self.ln_f_b, &mut xf);
-        let mut logits = vec![T::ZERO; x.len() / d * v];
-        layers::linear_forward(backend, &xf, &self.lm_head, None, v, &mut logits)?;
-        Ok(logits)
+        let (xf, _) = layers::layer_norm_forward(&x, &self.ln_f_w, &self.ln_f_b);
+        layers::linear_forward(backend, &xf, &self.lm_head, None, self.config.vocab)
     }
 
     /// Forward only: the group's summed cross-entropy and router losses (evaluation).

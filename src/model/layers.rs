@@ -20,27 +20,26 @@ pub struct LayerNormCache<T> {
     rstd: Vec<T>,
 }
 
-/// `y = (x - mean) / sqrt(var + eps) * w + b` per row of width `w.len()`.
-pub fn layer_norm_forward<T: Scalar>(x: &[T], w: &[T], b: &[T], y: &mut [T]) -> LayerNormCache<T> {
+/// `y = (x - mean) / sqrt(var + eps) * w + b` per row of width `w.len()`; returns `y` and what the
+/// backward pass needs. Both buffers are built row by row, never zero-filled first.
+pub fn layer_norm_forward<T: Scalar>(x: &[T], w: &[T], b: &[T]) -> (Vec<T>, LayerNormCache<T>) {
     let d = w.len();
     let rows = x.len() / d;
-    let mut xhat = vec![T::ZERO; x.len()];
-    let mut rstd = vec![T::ZERO; rows];
+    let mut xhat = Vec::with_capacity(rows * d);
+    let mut y = Vec::with_capacity(rows * d);
+    let mut rstd = Vec::with_capacity(rows);
     let inv_d = T::ONE / T::from_usize(d);
     let eps = T::from_f64(LN_EPS);
-    for r in 0..rows {
-        let xr = &x[r * d..(r + 1) * d];
+    for xr in x.chunks_exact(d) {
         let mean = reduce::sum(xr) * inv_d;
         let var = reduce::sum_sq_dev(xr, mean) * inv_d;
         let rs = T::ONE / T::from_f64((var + eps).to_f64().sqrt());
-        rstd[r] = rs;
-        let (xh, yr) = (&mut xhat[r * d..(r + 1) * d], &mut y[r * d..(r + 1) * d]);
-        for i in 0..d {
-            xh[i] = (xr[i] - mean) * rs;
-            yr[i] = xh[i] * w[i] + b[i];
-        }
+        rstd.push(rs);
+        let start = xhat.len();
+        xhat.extend(xr.iter().map(|&v| (v - mean) * rs));
+        y.extend(xhat[start..].iter().zip(w).zip(b).map(|((&xh, &w), &b)| xh * w + b));
     }
-    LayerNormCache { xhat, rstd }
+    (y, LayerNormCache { xhat, rstd })
 }
 
 /// Backward of layer norm: adds `dx` into `dx` (residual streams accumulate), `dw`, `db`.
@@ -126,29 +125,33 @@ pub struct AttnCache<T> {
     probs: Vec<T>,
 }
 
-/// `[N][3D]` (q | k | v, heads contiguous inside each) -> `[3][H][N][dh]`.
-fn split_heads<T: Scalar>(qkv: &[T], s: AttnShape) -> Vec<T> {
-    let (n, d, dh, h) = (s.n(), s.d(), s.dh, s.heads);
-    let mut out = vec![T::ZERO; qkv.len()];
-    for r in 0..n {
-        for part in 0..3 {
-            for head in 0..h {
-                let src = &qkv[r * 3 * d + part * d + head * dh..][..dh];
-                out[((part * h + head) * n + r) * dh..][..dh].copy_from_slice(src);
+/// `[N][parts * D]` (heads contiguous inside each part) -> `[parts][H][N][dh]`, built in output
+/// order (no zero-fill).
+fn split_heads<T: Scalar>(x: &[T], s: AttnShape, parts: usize) -> Vec<T> {
+    let (n, d, dh) = (s.n(), s.d(), s.dh);
+    let mut out = Vec::with_capacity(x.len());
+    for part in 0..parts {
+        for head in 0..s.heads {
+            for r in 0..n {
+                out.extend_from_slice(&x[r * parts * d + part * d + head * dh..][..dh]);
             }
         }
     }
     out
 }
 
-/// `[H][N][dh]` -> `[N][D]`, added into `out` when `add` is set (else overwritten).
-fn merge_heads<T: Scalar>(heads: &[T], s: AttnShape, out: &mut [T], stride: usize, offset: usize) {
-    let (n, dh) = (s.n(), s.dh);
-    for head in 0..s.heads {
-        for r in 0..n {
-            out[r * stride + offset + head * dh..][..dh].copy_from_slice(&heads[(head * n + r) * dh..][..dh]);
+/// `[parts][H][N][dh]` -> `[N][parts * D]`: the inverse of [`split_heads`].
+fn merge_heads<T: Scalar>(heads: &[T], s: AttnShape, parts: usize) -> Vec<T> {
+    let (n, dh, plane) = (s.n(), s.dh, s.n() * s.dh);
+    let mut out = Vec::with_capacity(heads.len());
+    for r in 0..n {
+        for part in 0..parts {
+            for head in 0..s.heads {
+                out.extend_from_slice(&heads[(part * s.heads + head) * plane + r * dh..][..dh]);
+            }
         }
     }
+    out
 }
 
 /// Causal softmax of one row block in place: row `r` (query `i0 + r`) of the `rows x width` scores
@@ -165,16 +168,15 @@ fn causal_softmax_block<T: Scalar>(scores: &mut [T], i0: usize, width: usize, sc
     }
 }
 
-/// Causal self-attention over `qkv` (`[N][3D]`); writes the merged head outputs `[N][D]` into `out`
-/// (before the output projection).
+/// Causal self-attention over `qkv` (`[N][3D]`); returns the merged head outputs `[N][D]` (before
+/// the output projection) and what the backward pass needs.
 pub fn attention_forward<B: Backend, T: Scalar>(
     backend: &B,
     qkv: &[T],
     s: AttnShape,
-    out: &mut [T],
-) -> Result<AttnCache<T>> {
+) -> Result<(Vec<T>, AttnCache<T>)> {
     let (n, t, dh) = (s.n(), s.t, s.dh);
-    let qkv_heads = split_heads(qkv, s);
+    let qkv_heads = split_heads(qkv, s, 3);
     let plane = n * dh;
     let per_seq = compact_len(t);
     let mut probs = vec![T::ZERO; s.heads * s.seqs * per_seq];
@@ -197,28 +199,20 @@ pub fn attention_forward<B: Backend, T: Scalar>(
             }
         }
     }
-    merge_heads(&o_heads, s, out, s.d(), 0);
-    Ok(AttnCache { qkv_heads, probs })
+    Ok((merge_heads(&o_heads, s, 1), AttnCache { qkv_heads, probs }))
 }
 
-/// Backward of [`attention_forward`]: given `d_out` (`[N][D]`), writes `d_qkv` (`[N][3D]`).
+/// Backward of [`attention_forward`]: given `d_out` (`[N][D]`), returns `d_qkv` (`[N][3D]`).
 pub fn attention_backward<B: Backend, T: Scalar>(
     backend: &B,
     cache: &AttnCache<T>,
     d_out: &[T],
     s: AttnShape,
-    d_qkv: &mut [T],
-) -> Result<()> {
+) -> Result<Vec<T>> {
     let (n, t, dh, h) = (s.n(), s.t, s.dh, s.heads);
     let plane = n * dh;
     let per_seq = compact_len(t);
-    // d_out -> [H][N][dh]
-    let mut d_o = vec![T::ZERO; h * plane];
-    for r in 0..n {
-        for head in 0..h {
-            d_o[(head * n + r) * dh..][..dh].copy_from_slice(&d_out[r * s.d() + head * dh..][..dh]);
-        }
-    }
+    let d_o = split_heads(d_out, s, 1);
     // Zeroed: dK and dV accumulate over the row blocks.
     let mut d_heads = vec![T::ZERO; 3 * h * plane];
     let mut d_s = vec![T::ZERO; ATTN_ROW_BLOCK.min(t) * t];
@@ -258,16 +252,7 @@ pub fn attention_backward<B: Backend, T: Scalar>(
             }
         }
     }
-    for part in 0..3 {
-        merge_heads(
-            &d_heads[part * h * plane..(part + 1) * h * plane],
-            s,
-            d_qkv,
-            3 * s.d(),
-            part * s.d(),
-        );
-    }
-    Ok(())
+    Ok(merge_heads(&d_heads, s, 3))
 }
 
 /// `out = x @ w + b` for `x` of `rows x w_rows`.
@@ -277,20 +262,13 @@ pub fn linear_forward<B: Backend, T: Scalar>(
     w: &[T],
     b: Option<&[T]>,
     out_cols: usize,
-    out: &mut [T],
-) -> Result<()> {
+) -> Result<Vec<T>> {
     let in_cols = w.len() / out_cols;
     let rows = x.len() / in_cols;
-    match b {
-        Some(b) => {
-            backend.broadcast_rows(out, b)?;
-            backend.matmul(out, Mat::new(x, rows, in_cols)?, Mat::new(w, in_cols, out_cols)?, true)
-        }
-        None => backend.matmul(out, Mat::new(x, rows, in_cols)?, Mat::new(w, in_cols, out_cols)?, false),
-    }
+    backend.product(Mat::new(x, rows, in_cols)?, Mat::new(w, in_cols, out_cols)?, b)
 }
 
-/// Backward of [`linear_forward`]: `dw += x^T dy`, `db += colsum(dy)`, and `dx (+)= dy w^T`.
+/// Backward of [`linear_forward`]: `dw += x^T dy`, `db += colsum(dy)`; returns `dx = dy w^T`.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward<B: Backend, T: Scalar>(
     backend: &B,
@@ -300,28 +278,19 @@ pub fn linear_backward<B: Backend, T: Scalar>(
     out_cols: usize,
     dw: &mut [T],
     db: Option<&mut [T]>,
-    dx: Option<&mut [T]>,
-    accumulate_dx: bool,
-) -> Result<()> {
+) -> Result<Vec<T>> {
     let in_cols = w.len() / out_cols;
     let rows = x.len() / in_cols;
-    backend.matmul(dw, Mat::new(x, rows, in_cols)?.t(), Mat::new(dy, rows, out_cols)?, true)?;
+    let dy_m = Mat::new(dy, rows, out_cols)?;
+    backend.matmul(dw, Mat::new(x, rows, in_cols)?.t(), dy_m, true)?;
     if let Some(db) = db {
         backend.add_column_sums(db, dy)?;
     }
-    if let Some(dx) = dx {
-        backend.matmul(
-            dx,
-            Mat::new(dy, rows, out_cols)?,
-            Mat::new(w, in_cols, out_cols)?.t(),
-            accumulate_dx,
-        )?;
-    }
-    Ok(())
+    backend.product(dy_m, Mat::new(w, in_cols, out_cols)?.t(), None)
 }
 
-/// The dense feed-forward network `GELU(x @ w1 + b1) @ w2 + b2`; returns (pre-activation, activation).
-#[allow(clippy::too_many_arguments)]
+/// The dense feed-forward network `GELU(x @ w1 + b1) @ w2 + b2`; returns (pre-activation,
+/// activation, output).
 pub fn mlp_forward<B: Backend, T: Scalar>(
     backend: &B,
     gelu: Gelu,
@@ -330,16 +299,13 @@ pub fn mlp_forward<B: Backend, T: Scalar>(
     b1: &[T],
     w2: &[T],
     b2: &[T],
-    out: &mut [T],
-) -> Result<(Vec<T>, Vec<T>)> {
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
     let f = b1.len();
-    let rows = x.len() / (w1.len() / f);
-    let mut h = vec![T::ZERO; rows * f];
-    linear_forward(backend, x, w1, Some(b1), f, &mut h)?;
+    let h = linear_forward(backend, x, w1, Some(b1), f)?;
     let mut a = vec![T::ZERO; h.len()];
     backend.gelu_forward(gelu, &h, &mut a)?;
-    linear_forward(backend, &a, w2, Some(b2), b2.len(), out)?;
-    Ok((h, a))
+    let out = linear_forward(backend, &a, w2, Some(b2), b2.len())?;
+    Ok((h, a, out))
 }
 
 /// Softmax cross-entropy of `logits` (`[N][V]`) against `targets`: returns the summed loss and
@@ -425,8 +391,7 @@ mod tests {
     fn blocked_attention_matches_the_definition() -> Result<()> {
         let s = shape();
         let qkv = values(s.n() * 3 * s.d(), 7);
-        let mut out = vec![0.0; s.n() * s.d()];
-        attention_forward(&Cpu::new(1)?, &qkv, s, &mut out)?;
+        let (out, _) = attention_forward(&Cpu::new(1)?, &qkv, s)?;
         let want = naive_attention(&qkv, s);
         for (i, (a, b)) in out.iter().zip(&want).enumerate() {
             assert!((a - b).abs() < 1e-12, "output {i}: {a} vs {b}");
@@ -440,10 +405,8 @@ mod tests {
         let qkv = values(s.n() * 3 * s.d(), 11);
         let weights = values(s.n() * s.d(), 13);
         let loss = |qkv: &[f64]| -> f64 { naive_attention(qkv, s).iter().zip(&weights).map(|(o, w)| o * w).sum() };
-        let mut out = vec![0.0; s.n() * s.d()];
-        let cache = attention_forward(&cpu, &qkv, s, &mut out)?;
-        let mut d_qkv = vec![0.0; qkv.len()];
-        attention_backward(&cpu, &cache, &weights, s, &mut d_qkv)?;
+        let (_, cache) = attention_forward(&cpu, &qkv, s)?;
+        let d_qkv = attention_backward(&cpu, &cache, &weights, s)?;
         // Every q, k and v element of positions in the first, middle and last row blocks.
         for i in (0..qkv.len()).step_by(7) {
             let (mut up, mut down) = (qkv.clone(), qkv.clone());

@@ -227,20 +227,16 @@ where
         check_stage(model, Stage::Block(self.block))?;
         let c = model.config();
         let b = &model.blocks[self.block];
-        let (d, n) = (c.d_model, self.idx.len());
+        let d = c.d_model;
         let x = &mut self.x;
-        let mut a1 = vec![T::ZERO; n * d];
-        let ln1 = layers::layer_norm_forward(x, &b.ln1_w, &b.ln1_b, &mut a1);
-        let mut qkv = vec![T::ZERO; n * 3 * d];
-        layers::linear_forward(backend, &a1, &b.wqkv, Some(&b.bqkv), 3 * d, &mut qkv)?;
-        let mut att = vec![T::ZERO; n * d];
-        let attn = layers::attention_forward(backend, &qkv, self.shape, &mut att)?;
+        let (a1, ln1) = layers::layer_norm_forward(x, &b.ln1_w, &b.ln1_b);
+        let qkv = layers::linear_forward(backend, &a1, &b.wqkv, Some(&b.bqkv), 3 * d)?;
+        let (att, attn) = layers::attention_forward(backend, &qkv, self.shape)?;
         drop(qkv);
-        let mut o = vec![T::ZERO; n * d];
-        layers::linear_forward(backend, &att, &b.wo, Some(&b.bo), d, &mut o)?;
+        let o = layers::linear_forward(backend, &att, &b.wo, Some(&b.bo), d)?;
         x.iter_mut().zip(&o).for_each(|(x, &o)| *x += o);
-        let mut a2 = o; // reuse the buffer: every element is written by the layer norm
-        let ln2 = layers::layer_norm_forward(x, &b.ln2_w, &b.ln2_b, &mut a2);
+        drop(o);
+        let (a2, ln2) = layers::layer_norm_forward(x, &b.ln2_w, &b.ln2_b);
         let mut cache = BlockCache {
             ln1,
             a1,
@@ -253,8 +249,7 @@ where
         };
         match &b.ffn {
             Ffn::Dense(m) => {
-                let mut y = vec![T::ZERO; n * d];
-                let (h, a) = layers::mlp_forward(backend, c.gelu, &a2, &m.w1, &m.b1, &m.w2, &m.b2, &mut y)?;
+                let (h, a, y) = layers::mlp_forward(backend, c.gelu, &a2, &m.w1, &m.b1, &m.w2, &m.b2)?;
                 x.iter_mut().zip(&y).for_each(|(x, &y)| *x += y);
                 if self.grads.is_some() {
                     cache.a2 = a2;
@@ -311,26 +306,13 @@ where
             .as_deref()
             .ok_or_else(|| Error::shape("targets", "missing"))?;
         let x = std::mem::take(&mut self.x);
-        let mut xf = vec![T::ZERO; x.len()];
-        let lnf = layers::layer_norm_forward(&x, &model.ln_f_w, &model.ln_f_b, &mut xf);
+        let (xf, lnf) = layers::layer_norm_forward(&x, &model.ln_f_w, &model.ln_f_b);
         drop(x);
-        let mut logits = vec![T::ZERO; n * v];
-        layers::linear_forward(backend, &xf, &model.lm_head, None, v, &mut logits)?;
+        let logits = layers::linear_forward(backend, &xf, &model.lm_head, None, v)?;
         let mut dlogits = vec![T::ZERO; logits.len()];
         self.ce_sum = layers::cross_entropy(&logits, targets, self.ce_scale, &mut dlogits);
         drop(logits);
-        let mut dxf = vec![T::ZERO; n * d];
-        layers::linear_backward(
-            backend,
-            &xf,
-            &model.lm_head,
-            &dlogits,
-            v,
-            &mut grads.lm_head,
-            None,
-            Some(&mut dxf),
-            false,
-        )?;
+        let dxf = layers::linear_backward(backend, &xf, &model.lm_head, &dlogits, v, &mut grads.lm_head, None)?;
         drop(dlogits);
         let mut dx = vec![T::ZERO; n * d];
         layers::layer_norm_backward(&lnf, &model.ln_f_w, &dxf, &mut dx, &mut grads.ln_f_w, &mut grads.ln_f_b);
@@ -347,7 +329,6 @@ where
             .ok_or_else(|| Error::shape("group pass", "lost block cache"))?;
         let model = &*self.model;
         let c = model.config();
-        let n = self.idx.len();
         let d = c.d_model;
         match &model.blocks[l].ffn {
             Ffn::Dense(m) => {
@@ -360,31 +341,10 @@ where
                     return Err(Error::shape("gradients", "block kinds of model and gradients differ"));
                 };
                 let f = m.b1.len();
-                let mut dh = vec![T::ZERO; n * f];
-                layers::linear_backward(
-                    backend,
-                    &cache.a,
-                    &m.w2,
-                    &self.x,
-                    d,
-                    &mut gm.w2,
-                    Some(&mut gm.b2),
-                    Some(&mut dh),
-                    false,
-                )?;
+                let mut dh =
+                    layers::linear_backward(backend, &cache.a, &m.w2, &self.x, d, &mut gm.w2, Some(&mut gm.b2))?;
                 backend.gelu_backward(c.gelu, &cache.h, &mut dh)?;
-                let mut d_a2 = vec![T::ZERO; n * d];
-                layers::linear_backward(
-                    backend,
-                    &cache.a2,
-                    &m.w1,
-                    &dh,
-                    f,
-                    &mut gm.w1,
-                    Some(&mut gm.b1),
-                    Some(&mut d_a2),
-                    false,
-                )?;
+                let d_a2 = layers::linear_backward(backend, &cache.a2, &m.w1, &dh, f, &mut gm.w1, Some(&mut gm.b1))?;
                 self.block_backward_rest(backend, cache, d_a2)?;
                 Ok(None)
             }
@@ -419,7 +379,6 @@ where
         let model = &*self.model;
         check_stage(model, Stage::Block(l))?;
         let d = model.config().d_model;
-        let n = self.idx.len();
         let b = &model.blocks[l];
         let g = &mut self
             .grads
@@ -428,22 +387,10 @@ where
             .blocks[l];
         let dx = &mut self.x;
         layers::layer_norm_backward(&cache.ln2, &b.ln2_w, &d_a2, dx, &mut g.ln2_w, &mut g.ln2_b);
-        let mut d_att = vec![T::ZERO; n * d];
-        layers::linear_backward(
-            backend,
-            &cache.att,
-            &b.wo,
-            dx,
-            d,
-            &mut g.wo,
-            Some(&mut g.bo),
-            Some(&mut d_att),
-            false,
-        )?;
-        let mut d_qkv = vec![T::ZERO; n * 3 * d];
-        layers::attention_backward(backend, &cache.attn, &d_att, self.shape, &mut d_qkv)?;
-        let mut d_a1 = d_a2; // every element is written below
-        layers::linear_backward(
+        let d_att = layers::linear_backward(backend, &cache.att, &b.wo, dx, d, &mut g.wo, Some(&mut g.bo))?;
+        let d_qkv = layers::attention_backward(backend, &cache.attn, &d_att, self.shape)?;
+        drop(d_a2);
+        let d_a1 = layers::linear_backward(
             backend,
             &cache.a1,
             &b.wqkv,
@@ -451,8 +398,6 @@ where
             3 * d,
             &mut g.wqkv,
             Some(&mut g.bqkv),
-            Some(&mut d_a1),
-            false,
         )?;
         layers::layer_norm_backward(&cache.ln1, &b.ln1_w, &d_a1, dx, &mut g.ln1_w, &mut g.ln1_b);
         self.block -= 1;

@@ -69,54 +69,38 @@ impl Cpu {
     }
 }
 
-impl Backend for Cpu {
-    fn name(&self) -> String {
-        format!("cpu({} threads)", self.threads)
+/// `(m, k, n)` of `a @ b`, or the error naming both shapes when the inner dimensions differ.
+fn product_shape<T>(a: &Mat<'_, T>, b: &Mat<'_, T>) -> Result<(usize, usize, usize)> {
+    let (m, k, n) = (a.rows(), a.cols(), b.cols());
+    if b.rows() != k {
+        return Err(Error::shape(
+            "matmul",
+            format!("inner dimensions differ: {}x{} @ {}x{}", m, k, b.rows(), n),
+        ));
     }
+    Ok((m, k, n))
+}
 
-    fn par_for_each<I: Send>(&self, items: Vec<I>, f: impl Fn(&Self, I) -> Result<()> + Sync + Send) -> Result<()> {
-        let task_backend = Cpu {
-            gemm_threads: 1,
-            ..self.clone()
-        };
-        self.install(|| {
-            items
-                .into_par_iter()
-                .with_max_len(1)
-                .try_for_each(|item| f(&task_backend, item))
-        })
-    }
-
-    fn matmul<T: Scalar>(&self, dst: &mut [T], a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool) -> Result<()> {
+impl Cpu {
+    /// `dst (+)= a @ b` through the gemm crate on this backend's threads.
+    ///
+    /// # Safety
+    /// `dst` must be valid for `a.rows() * b.cols()` writes (and reads when `accumulate` is set),
+    /// must not overlap `a` or `b`, and the shapes must agree (`product_shape`) with `k > 0`.
+    unsafe fn gemm_into<T: Scalar>(&self, dst: *mut T, a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool) {
         let (m, k, n) = (a.rows(), a.cols(), b.cols());
-        if b.rows() != k {
-            return Err(Error::shape(
-                "matmul",
-                format!("inner dimensions differ: {}x{} @ {}x{}", m, k, b.rows(), n),
-            ));
-        }
-        check_len("matmul output", dst, m * n)?;
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        if k == 0 {
-            if !accumulate {
-                dst.fill(T::ZERO);
-            }
-            return Ok(());
-        }
         let (a_rs, a_cs) = a.strides();
         let (b_rs, b_cs) = b.strides();
-        self.install(|| {
-            // SAFETY: the views were checked against their buffers' lengths in `Mat::new`, `dst`
-            // holds m*n elements, and the strides describe those buffers exactly. `dst` is borrowed
-            // mutably so it cannot alias `a` or `b`.
+        let dst = SendPtr(dst);
+        self.install(move || {
+            // SAFETY: the views were checked against their buffers' lengths in `Mat::new`; the
+            // caller guarantees `dst`.
             unsafe {
                 gemm::gemm(
                     m,
                     n,
                     k,
-                    dst.as_mut_ptr(),
+                    dst.get(),
                     1,
                     n as isize,
                     accumulate,
@@ -139,7 +123,89 @@ impl Backend for Cpu {
                 )
             }
         });
+    }
+}
+
+/// A raw output pointer handed to the pool's thread for the duration of one product.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: the pointer is only used inside `Cpu::install`, which returns after the product has
+// finished, while the caller still holds the buffer exclusively.
+unsafe impl<T> Send for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+impl Backend for Cpu {
+    fn name(&self) -> String {
+        format!("cpu({} threads)", self.threads)
+    }
+
+    fn par_for_each<I: Send>(&self, items: Vec<I>, f: impl Fn(&Self, I) -> Result<()> + Sync + Send) -> Result<()> {
+        let task_backend = Cpu {
+            gemm_threads: 1,
+            ..self.clone()
+        };
+        self.install(|| {
+            items
+                .into_par_iter()
+                .with_max_len(1)
+                .try_for_each(|item| f(&task_backend, item))
+        })
+    }
+
+    fn matmul<T: Scalar>(&self, dst: &mut [T], a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool) -> Result<()> {
+        let (m, k, n) = product_shape(&a, &b)?;
+        check_len("matmul output", dst, m * n)?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            if !accumulate {
+                dst.fill(T::ZERO);
+            }
+            return Ok(());
+        }
+        // SAFETY: `dst` holds m*n initialised elements and is borrowed mutably, so it cannot
+        // alias `a` or `b`.
+        unsafe { self.gemm_into(dst.as_mut_ptr(), a, b, accumulate) };
         Ok(())
+    }
+
+    fn product<T: Scalar>(&self, a: Mat<'_, T>, b: Mat<'_, T>, bias: Option<&[T]>) -> Result<Vec<T>> {
+        let (m, k, n) = product_shape(&a, &b)?;
+        if let Some(bias) = bias {
+            if bias.len() != n {
+                return Err(Error::shape(
+                    "product bias",
+                    format!("{} elements for {n} output columns", bias.len()),
+                ));
+            }
+            let mut out = Vec::with_capacity(m * n);
+            for _ in 0..m {
+                out.extend_from_slice(bias);
+            }
+            self.matmul(&mut out, a, b, true)?;
+            return Ok(out);
+        }
+        if m == 0 || n == 0 || k == 0 {
+            return Ok(vec![T::ZERO; m * n]);
+        }
+        let mut out = Vec::with_capacity(m * n);
+        // SAFETY: `out` has capacity for the m*n elements the product writes. With `read_dst`
+        // false the gemm crate (0.19) writes every element of dst without reading it on each of
+        // its paths (gevv, gemv, the small-matrix kernels and the blocked one, whose later depth
+        // blocks read only what its first block wrote); `product_never_reads_its_output` checks
+        // this on every path with a poisoned buffer. Only then does the length cover the writes.
+        unsafe {
+            self.gemm_into(out.as_mut_ptr(), a, b, false);
+            out.set_len(m * n);
+        }
+        Ok(out)
     }
 
     fn broadcast_rows<T: Scalar>(&self, dst: &mut [T], bias: &[T]) -> Result<()> {
@@ -416,6 +482,77 @@ mod tests {
                 assert!((*got as f64 - want).abs() < 1e-5, "ta={ta} tb={tb}");
             }
         }
+        Ok(())
+    }
+
+    /// `product` hands gemm an uninitialised buffer with `read_dst` off, which is sound only if no
+    /// path of the crate reads dst then. Poison dst with NaN and overwrite it on every path the
+    /// crate picks by shape: k <= 2 (gevv), one row or one column (gemv, both layouts), at most
+    /// 16 x 16 outputs (the small kernels), the blocked kernel, and depths beyond one depth block;
+    /// any read of the poison would leave a NaN.
+    #[test]
+    fn product_never_reads_its_output() -> Result<()> {
+        let shapes = [
+            (5, 1, 7),
+            (5, 2, 7),
+            (9, 33, 1),
+            (1, 33, 9),
+            (4, 40, 4),
+            (16, 64, 16),
+            (37, 29, 41),
+            (70, 1100, 50),
+            (300, 700, 130),
+        ];
+        for threads in [1, 2] {
+            let cpu = Cpu::new(threads)?;
+            for (m, k, n) in shapes {
+                let (a, b) = (lcg(m * k, 5), lcg(k * n, 6));
+                let want = naive(&a, &b, m, k, n);
+                let (at, bt) = (transpose(&a, m, k), transpose(&b, k, n));
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let av = if ta {
+                        Mat::new(&at, k, m)?.t()
+                    } else {
+                        Mat::new(&a, m, k)?
+                    };
+                    let bv = if tb {
+                        Mat::new(&bt, n, k)?.t()
+                    } else {
+                        Mat::new(&b, k, n)?
+                    };
+                    let mut c = vec![f32::NAN; m * n];
+                    cpu.matmul(&mut c, av, bv, false)?;
+                    let fresh = cpu.product(av, bv, None)?;
+                    for ((got, new), want) in c.iter().zip(&fresh).zip(&want) {
+                        let what = format!("{m}x{k}x{n} ta={ta} tb={tb} threads={threads}");
+                        assert!(
+                            (*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{what}: {got} vs {want}"
+                        );
+                        assert_eq!(got.to_bits(), new.to_bits(), "{what}: product differs from matmul");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn product_with_bias_equals_broadcast_then_accumulate() -> Result<()> {
+        let cpu = Cpu::new(2)?;
+        let (m, k, n) = (33, 20, 24);
+        let (a, b, bias) = (lcg(m * k, 7), lcg(k * n, 8), lcg(n, 9));
+        let (av, bv) = (Mat::new(&a, m, k)?, Mat::new(&b, k, n)?);
+        let mut want = vec![0.0f32; m * n];
+        cpu.broadcast_rows(&mut want, &bias)?;
+        cpu.matmul(&mut want, av, bv, true)?;
+        let got = cpu.product(av, bv, Some(&bias))?;
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(cpu.product(av, bv, Some(&bias[..n - 1])).is_err());
+        assert!(cpu.product(av, av, None).is_err());
         Ok(())
     }
 

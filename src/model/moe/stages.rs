@@ -144,6 +144,23 @@ pub fn expert_forward<T: Scalar, B: Backend>(
     b.matmul(ye, Mat::new(a, n, f)?, Mat::new(w.w2, f, d)?, true)
 }
 
+/// [`expert_forward`] into new buffers, `(h, a, ye)`, which are never zero-filled first (the
+/// actor runtime's path, where every group's rows of an expert get buffers of their own).
+pub fn expert_forward_new<T: Scalar, B: Backend>(
+    c: &MoeConfig,
+    b: &B,
+    w: ExpertWeights<'_, T>,
+    xe: &[T],
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let (d, f) = (c.d_model, c.d_ff);
+    let n = xe.len() / d;
+    let h = b.product(Mat::new(xe, n, d)?, Mat::new(w.w1, d, f)?, Some(w.b1))?;
+    let mut a = vec![T::ZERO; h.len()];
+    b.gelu_forward(c.gelu, &h, &mut a)?;
+    let ye = b.product(Mat::new(&a, n, f)?, Mat::new(w.w2, f, d)?, Some(w.b2))?;
+    Ok((h, a, ye))
+}
+
 /// The combine: `y[s] = sum_j w_j[s] * ye[row(j, s)]` for the group of `dispatch`.
 pub fn combine<T: Scalar, B: Backend>(c: &MoeConfig, backend: &B, dispatch: &Dispatch<T>, ye: &[T]) -> Result<Vec<T>> {
     let (d, k) = (c.d_model, c.k);
@@ -213,6 +230,35 @@ pub fn expert_backward<T: Scalar, B: Backend>(
     b.matmul(grads.w1, Mat::new(xe, n, d)?.t(), gh_m, true)?;
     b.add_column_sums(grads.b1, g)?;
     b.matmul(gxe, gh_m, Mat::new(w.w1, d, f)?.t(), false)
+}
+
+/// [`expert_backward`] into new buffers: returns the weight gradients `[w1, b1, w2, b2]` and
+/// `gxe`; `g` holds the activation on entry and is overwritten, as there. The same products in the
+/// same order, so the same bits as accumulating into zeroed buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn expert_backward_new<T: Scalar, B: Backend>(
+    c: &MoeConfig,
+    b: &B,
+    w: ExpertWeights<'_, T>,
+    xe: &[T],
+    h: &[T],
+    g: &mut [T],
+    gye: &[T],
+) -> Result<([Vec<T>; 4], Vec<T>)> {
+    let (d, f) = (c.d_model, c.d_ff);
+    let n = xe.len() / d;
+    let gye_m = Mat::new(gye, n, d)?;
+    let gw2 = b.product(Mat::new(g, n, f)?.t(), gye_m, None)?;
+    let mut gb2 = vec![T::ZERO; d];
+    b.add_column_sums(&mut gb2, gye)?;
+    b.matmul(g, gye_m, Mat::new(w.w2, f, d)?.t(), false)?;
+    b.gelu_backward(c.gelu, h, g)?;
+    let gh_m = Mat::new(g, n, f)?;
+    let gw1 = b.product(Mat::new(xe, n, d)?.t(), gh_m, None)?;
+    let mut gb1 = vec![T::ZERO; f];
+    b.add_column_sums(&mut gb1, g)?;
+    let gxe = b.product(gh_m, Mat::new(w.w1, d, f)?.t(), None)?;
+    Ok(([gw1, gb1, gw2, gb2], gxe))
 }
 
 /// Backward of the dispatch and the gate: given the forward input `x`, the combine-weight gradients
