@@ -191,41 +191,58 @@ impl DiskTier {
 
     /// Write a unit's bytes (at most the slot's length).
     pub fn write(&self, id: UnitId, bytes: &[u8]) -> Result<()> {
-        let s = self.slot(id, "cannot write an expert to the disk tier")?;
-        self.write_at(
-            s.offset,
-            s.unit_len,
-            bytes,
-            id,
-            "cannot write an expert to the disk tier",
-        )?;
+        self.write_with(id, bytes.len(), |buf| buf.copy_from_slice(bytes))
+    }
+
+    /// Write `len` bytes of a unit that `fill` puts straight into the I/O buffer (no copy of an
+    /// encoding made beforehand).
+    pub fn write_with(&self, id: UnitId, len: usize, fill: impl FnOnce(&mut [u8])) -> Result<()> {
+        let what = "cannot write an expert to the disk tier";
+        let s = self.slot(id, what)?;
+        self.write_at(s.offset, s.unit_len, len, fill, id, what)?;
         s.unit_written.store(true, Ordering::Release);
         Ok(())
     }
 
     /// Read the first `len` bytes of a unit's slot.
     pub fn read(&self, id: UnitId, len: usize) -> Result<Vec<u8>> {
+        self.read_with(id, len, |bytes| Ok(bytes.to_vec()))
+    }
+
+    /// Read the first `len` bytes of a unit's slot and hand them to `f` where they landed (decode
+    /// them there, without a copy first).
+    pub fn read_with<T>(&self, id: UnitId, len: usize, f: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
         let what = "cannot read an expert from the disk tier";
         let s = self.slot(id, what)?;
         self.check_written(&s.unit_written, id, what, "it was never written")?;
-        self.read_at(s.offset, s.unit_len, len, id, what)
+        self.read_at(s.offset, s.unit_len, len, f, id, what)
     }
 
     /// Write a unit's deferred gradient (at most the gradient slot's length).
     pub fn write_grad(&self, id: UnitId, bytes: &[u8]) -> Result<()> {
+        self.write_grad_with(id, bytes.len(), |buf| buf.copy_from_slice(bytes))
+    }
+
+    /// [`DiskTier::write_with`] for a unit's deferred gradient.
+    pub fn write_grad_with(&self, id: UnitId, len: usize, fill: impl FnOnce(&mut [u8])) -> Result<()> {
         let what = "cannot write a deferred gradient to the disk tier";
         let s = self.slot(id, what)?;
-        self.write_at(s.grad_offset(), s.grad_len, bytes, id, what)?;
+        self.write_at(s.grad_offset(), s.grad_len, len, fill, id, what)?;
         s.grad_written.store(true, Ordering::Release);
         Ok(())
     }
 
     /// Read a unit's deferred gradient (`len` bytes).
     pub fn read_grad(&self, id: UnitId, len: usize) -> Result<Vec<u8>> {
+        self.read_grad_with(id, len, |bytes| Ok(bytes.to_vec()))
+    }
+
+    /// [`DiskTier::read_with`] for a unit's deferred gradient.
+    pub fn read_grad_with<T>(&self, id: UnitId, len: usize, f: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
         let what = "cannot read a deferred gradient from the disk tier";
         let s = self.slot(id, what)?;
         self.check_written(&s.grad_written, id, what, "no gradient was written")?;
-        self.read_at(s.grad_offset(), s.grad_len, len, id, what)
+        self.read_at(s.grad_offset(), s.grad_len, len, f, id, what)
     }
 
     fn slot(&self, id: UnitId, what: &str) -> Result<&Slot> {
@@ -252,31 +269,15 @@ impl DiskTier {
         Error::io(format!("{what}: expert {}.{}", id.0, id.1), &self.inner.path, e)
     }
 
-    fn write_at(&self, offset: u64, cap: u64, bytes: &[u8], id: UnitId, what: &str) -> Result<()> {
-        let fail = |e| self.io_error(id, what, e);
-        if bytes.len() as u64 > cap {
-            return Err(fail(too_long(bytes.len(), cap)));
-        }
-        let f = &self.inner.file;
-        match self.inner.mode {
-            IoMode::Direct => with_aligned(padded(bytes.len() as u64) as usize, |buf| {
-                buf[..bytes.len()].copy_from_slice(bytes);
-                buf[bytes.len()..].fill(0);
-                f.write_all_at(buf, offset)
-            })
-            .map_err(fail),
-            IoMode::Buffered { drop } => {
-                f.write_all_at(bytes, offset).map_err(fail)?;
-                if drop {
-                    f.sync_data().map_err(fail)?;
-                    drop_cached_pages(f, offset, bytes.len() as u64);
-                }
-                Ok(())
-            }
-        }
-    }
-
-    fn read_at(&self, offset: u64, cap: u64, len: usize, id: UnitId, what: &str) -> Result<Vec<u8>> {
+    fn write_at(
+        &self,
+        offset: u64,
+        cap: u64,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+        id: UnitId,
+        what: &str,
+    ) -> Result<()> {
         let fail = |e| self.io_error(id, what, e);
         if len as u64 > cap {
             return Err(fail(too_long(len, cap)));
@@ -284,17 +285,57 @@ impl DiskTier {
         let f = &self.inner.file;
         match self.inner.mode {
             IoMode::Direct => with_aligned(padded(len as u64) as usize, |buf| {
-                f.read_exact_at(buf, offset)?;
-                Ok(buf[..len].to_vec())
+                fill(&mut buf[..len]);
+                buf[len..].fill(0);
+                f.write_all_at(buf, offset)
             })
             .map_err(fail),
+            IoMode::Buffered { drop } => {
+                let mut buf = vec![0u8; len];
+                fill(&mut buf);
+                f.write_all_at(&buf, offset).map_err(fail)?;
+                if drop {
+                    f.sync_data().map_err(fail)?;
+                    drop_cached_pages(f, offset, len as u64);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn read_at<T>(
+        &self,
+        offset: u64,
+        cap: u64,
+        len: usize,
+        use_bytes: impl FnOnce(&[u8]) -> Result<T>,
+        id: UnitId,
+        what: &str,
+    ) -> Result<T> {
+        let fail = |e| self.io_error(id, what, e);
+        if len as u64 > cap {
+            return Err(fail(too_long(len, cap)));
+        }
+        let f = &self.inner.file;
+        match self.inner.mode {
+            IoMode::Direct => {
+                // The closure runs on the thread's aligned buffer, outside the I/O error mapping.
+                let mut result = None;
+                with_aligned(padded(len as u64) as usize, |buf| {
+                    f.read_exact_at(buf, offset)?;
+                    result = Some(use_bytes(&buf[..len]));
+                    Ok(())
+                })
+                .map_err(fail)?;
+                result.unwrap_or_else(|| Err(Error::runtime("a disk read produced nothing")))
+            }
             IoMode::Buffered { drop } => {
                 let mut buf = vec![0u8; len];
                 f.read_exact_at(&mut buf, offset).map_err(fail)?;
                 if drop {
                     drop_cached_pages(f, offset, len as u64);
                 }
-                Ok(buf)
+                use_bytes(&buf)
             }
         }
     }

@@ -25,7 +25,10 @@
 use super::disk::DiskTier;
 use super::policy::{CachePolicy, Usage};
 use super::size::format_bytes;
-use super::unit::{decode, decode_grads, decode_params, encode, encode_grads, params_len, ExpertSlot, Pending, UnitId};
+use super::unit::{
+    decode, decode_grads, decode_params, encode, encode_grads_into, encode_into, encoded_len, grads_len, params_len,
+    ExpertSlot, Pending, UnitId,
+};
 use crate::error::{Error, Result};
 use crate::telemetry::metrics as names;
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
@@ -651,13 +654,10 @@ fn io_loop(disk: DiskTier, template: Option<Arc<ExpertSlot>>, jobs: Arc<Mutex<Re
                 update,
                 partial,
             } => {
-                let t = Instant::now();
-                let bytes = disk.read(id, len);
-                let grads = update.map(|_| disk.read_grad(id, grad_len));
-                let seconds = t.elapsed().as_secs_f64();
+                let mut seconds = 0.0;
                 let slot = match &template {
                     None => Err(Error::runtime("an empty expert store cannot decode units")),
-                    Some(t) => load_unit(id, t, bytes, grads, update, partial),
+                    Some(template) => load_unit(&disk, id, template, len, grad_len, update, partial, &mut seconds),
                 };
                 Request::Loaded {
                     id,
@@ -668,9 +668,8 @@ fn io_loop(disk: DiskTier, template: Option<Arc<ExpertSlot>>, jobs: Arc<Mutex<Re
                 }
             }
             IoJob::WriteGrad { id, grads } => {
-                let bytes = encode_grads(id, &grads);
                 let t = Instant::now();
-                let result = disk.write_grad(id, &bytes);
+                let result = disk.write_grad_with(id, grads_len(&grads), |buf| encode_grads_into(id, &grads, buf));
                 Request::GradWritten {
                     id,
                     result,
@@ -678,10 +677,9 @@ fn io_loop(disk: DiskTier, template: Option<Arc<ExpertSlot>>, jobs: Arc<Mutex<Re
                 }
             }
             IoJob::Write { id, slot } => {
-                let bytes = encode(id, &slot);
-                drop(slot);
                 let t = Instant::now();
-                let result = disk.write(id, &bytes);
+                let result = disk.write_with(id, encoded_len(&slot), |buf| encode_into(id, &slot, buf));
+                drop(slot);
                 Request::Written {
                     id,
                     result,
@@ -695,25 +693,35 @@ fn io_loop(disk: DiskTier, template: Option<Arc<ExpertSlot>>, jobs: Arc<Mutex<Re
     }
 }
 
-/// Decode a unit read from disk (the parameters alone when `partial`) and apply the deferred update
-/// whose gradient was read with it.
+/// Read a unit (the parameters alone when `partial`) and decode it where the bytes landed, then
+/// read and apply the deferred update's gradient when there is one. `seconds` gets the time spent
+/// in the reads themselves (until the bytes were there), not decoding or applying.
+#[allow(clippy::too_many_arguments)]
 fn load_unit(
+    disk: &DiskTier,
     id: UnitId,
     template: &ExpertSlot,
-    bytes: Result<Vec<u8>>,
-    grads: Option<Result<Vec<u8>>>,
+    len: usize,
+    grad_len: usize,
     update: Option<(f64, f64)>,
     partial: bool,
+    seconds: &mut f64,
 ) -> Result<ExpertSlot> {
-    let bytes = bytes?;
-    let mut unit = if partial {
-        decode_params(id, &bytes, template, "the disk tier")?
-    } else {
-        decode(id, &bytes, template, "the disk tier")?
-    };
-    drop(bytes);
-    if let (Some((lr, norm)), Some(grads)) = (update, grads) {
-        let grads = decode_grads(id, &grads?, template)?;
+    let started = Instant::now();
+    let mut unit = disk.read_with(id, len, |bytes| {
+        *seconds += started.elapsed().as_secs_f64();
+        if partial {
+            decode_params(id, bytes, template, "the disk tier")
+        } else {
+            decode(id, bytes, template, "the disk tier")
+        }
+    })?;
+    if let Some((lr, norm)) = update {
+        let started = Instant::now();
+        let grads = disk.read_grad_with(id, grad_len, |bytes| {
+            *seconds += started.elapsed().as_secs_f64();
+            decode_grads(id, bytes, template)
+        })?;
         unit.apply(Pending { grads, lr, norm })?;
     }
     Ok(unit)

@@ -90,14 +90,27 @@ fn floats_at(bytes: &[u8], at: &mut usize, len: usize) -> Vec<f32> {
     v
 }
 
-/// Append `floats` as little-endian bytes.
-fn put_floats(out: &mut Vec<u8>, floats: &[f32]) {
+/// Write `floats` as little-endian bytes at `*at`, advancing `*at` (the caller sized `out`).
+fn put_floats(out: &mut [u8], at: &mut usize, floats: &[f32]) {
+    let dst = &mut out[*at..*at + 4 * floats.len()];
+    *at += dst.len();
     #[cfg(target_endian = "little")]
-    out.extend_from_slice(bytemuck::cast_slice(floats));
+    dst.copy_from_slice(bytemuck::cast_slice(floats));
     #[cfg(not(target_endian = "little"))]
-    for x in floats {
-        out.extend_from_slice(&x.to_le_bytes());
+    for (d, x) in dst.chunks_exact_mut(4).zip(floats) {
+        d.copy_from_slice(&x.to_le_bytes());
     }
+}
+
+/// Write the 32-byte header (magic, block, expert, optimizer step, float count) at the start of
+/// `out`; returns where the floats begin.
+fn put_header(out: &mut [u8], magic: &[u8; 8], id: UnitId, step: u64, floats: usize) -> usize {
+    out[..8].copy_from_slice(magic);
+    out[8..12].copy_from_slice(&(id.0 as u32).to_le_bytes());
+    out[12..16].copy_from_slice(&(id.1 as u32).to_le_bytes());
+    out[16..24].copy_from_slice(&step.to_le_bytes());
+    out[24..32].copy_from_slice(&(floats as u64).to_le_bytes());
+    HEADER
 }
 
 /// Bytes at the start of a unit's encoding that hold its header and parameters (what a forward
@@ -129,18 +142,25 @@ pub fn decode_params(id: UnitId, bytes: &[u8], template: &ExpertSlot, what: &str
     Ok(ExpertSlot { params, optimizer })
 }
 
-/// The disk encoding of a deferred gradient (header as for units, then the four gradients).
-pub fn encode_grads(id: UnitId, grads: &[Vec<f32>; 4]) -> Vec<u8> {
+/// Bytes of a deferred gradient's encoding ([`encode_grads_into`]).
+pub fn grads_len(grads: &[Vec<f32>; 4]) -> usize {
+    HEADER + 4 * grads.iter().map(Vec::len).sum::<usize>()
+}
+
+/// The disk encoding of a deferred gradient (header as for units, then the four gradients) into
+/// `out`, which holds exactly [`grads_len`] bytes.
+pub fn encode_grads_into(id: UnitId, grads: &[Vec<f32>; 4], out: &mut [u8]) {
     let floats: usize = grads.iter().map(Vec::len).sum();
-    let mut out = Vec::with_capacity(HEADER + 4 * floats);
-    out.extend_from_slice(GRAD_MAGIC);
-    out.extend_from_slice(&(id.0 as u32).to_le_bytes());
-    out.extend_from_slice(&(id.1 as u32).to_le_bytes());
-    out.extend_from_slice(&0u64.to_le_bytes());
-    out.extend_from_slice(&(floats as u64).to_le_bytes());
+    let mut at = put_header(out, GRAD_MAGIC, id, 0, floats);
     for buf in grads {
-        put_floats(&mut out, buf);
+        put_floats(out, &mut at, buf);
     }
+}
+
+/// [`encode_grads_into`] a new buffer.
+pub fn encode_grads(id: UnitId, grads: &[Vec<f32>; 4]) -> Vec<u8> {
+    let mut out = vec![0u8; grads_len(grads)];
+    encode_grads_into(id, grads, &mut out);
     out
 }
 
@@ -163,19 +183,25 @@ pub fn decode_grads(id: UnitId, bytes: &[u8], template: &ExpertSlot) -> Result<[
 }
 const HEADER: usize = 32;
 
+/// Bytes of a unit's encoding ([`encode_into`]).
+pub fn encoded_len(slot: &ExpertSlot) -> usize {
+    HEADER + 4 * slot.floats()
+}
+
 /// The disk encoding: a 32-byte header (magic, block, expert, optimizer step, float count), then
-/// the parameters, first moments and second moments, little-endian f32.
-pub fn encode(id: UnitId, slot: &ExpertSlot) -> Vec<u8> {
-    let floats = slot.floats();
-    let mut out = Vec::with_capacity(HEADER + 4 * floats);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(id.0 as u32).to_le_bytes());
-    out.extend_from_slice(&(id.1 as u32).to_le_bytes());
-    out.extend_from_slice(&slot.optimizer.step.to_le_bytes());
-    out.extend_from_slice(&(floats as u64).to_le_bytes());
+/// the parameters, first moments and second moments, little-endian f32, into `out`, which holds
+/// exactly [`encoded_len`] bytes.
+pub fn encode_into(id: UnitId, slot: &ExpertSlot, out: &mut [u8]) {
+    let mut at = put_header(out, MAGIC, id, slot.optimizer.step, slot.floats());
     for buf in slot.params.iter().chain(&slot.optimizer.m).chain(&slot.optimizer.v) {
-        put_floats(&mut out, buf);
+        put_floats(out, &mut at, buf);
     }
+}
+
+/// [`encode_into`] a new buffer.
+pub fn encode(id: UnitId, slot: &ExpertSlot) -> Vec<u8> {
+    let mut out = vec![0u8; encoded_len(slot)];
+    encode_into(id, slot, &mut out);
     out
 }
 
