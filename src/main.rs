@@ -234,7 +234,7 @@ struct StorageBenchArgs {
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Threads reading and writing the disk tier.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 4)]
     io_threads: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]

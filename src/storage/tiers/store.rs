@@ -68,7 +68,7 @@ impl Default for StorageConfig {
             prefetch: true,
             dir: None,
             drop_page_cache: true,
-            io_threads: 2,
+            io_threads: 4,
             io_depth: 16,
         }
     }
