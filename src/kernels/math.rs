@@ -112,6 +112,37 @@ fn exp_affine_in_place(x: &mut [f32], scale: f32, shift: f32) {
     }
 }
 
+/// The scalars of one AdamW step for one tensor (see `train::optimizer::AdamW::apply`).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamwStep {
+    /// Decoupled weight decay factor applied to the parameter first (1 without decay).
+    pub keep: f32,
+    /// beta1 and beta2.
+    pub b1: f32,
+    /// beta2.
+    pub b2: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub bc2_sqrt: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+    /// Epsilon.
+    pub eps: f32,
+}
+
+#[inline(always)]
+fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamwStep) {
+    let n = p.len();
+    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+    for j in 0..n {
+        let gj = g[j];
+        p[j] *= s.keep;
+        m[j] += (1.0 - s.b1) * (gj - m[j]);
+        v[j] = v[j] * s.b2 + (1.0 - s.b2) * gj * gj;
+        let denom = v[j].sqrt() / s.bc2_sqrt + s.eps;
+        p[j] += -s.step_size * (m[j] / denom);
+    }
+}
+
 /// Instantiate an element-wise kernel for AVX-512, AVX2 and portable code, dispatched at run time.
 macro_rules! multiversion {
     ($(#[$doc:meta])* $name:ident => $body:ident ( $($arg:ident : $ty:ty),* )) => {
@@ -156,6 +187,13 @@ multiversion!(
 multiversion!(
     /// `x = exp(x * scale - shift)` element-wise (the numerators of a softmax).
     exp_affine => exp_affine_in_place(x: &mut [f32], scale: f32, shift: f32)
+);
+
+multiversion!(
+    /// One AdamW step over a chunk of a tensor: `p`, `m`, `v` updated in place from `g` (all of
+    /// `p`'s length). Element-wise with no contracted multiply-adds, so every instruction set
+    /// gives the same bits.
+    adamw_update => adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamwStep)
 );
 
 #[cfg(test)]

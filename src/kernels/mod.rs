@@ -13,6 +13,7 @@ pub mod reduce;
 mod scalar;
 
 pub use cpu::Cpu;
+pub(crate) use math::{adamw_update, AdamwStep};
 pub use scalar::Scalar;
 
 use crate::error::{Error, Result};
