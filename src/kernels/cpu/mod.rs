@@ -452,6 +452,22 @@ mod tests {
         t
     }
 
+    /// The `rows x cols` matrix `plain` as a view: of `plain` itself, or (when `through_transpose`)
+    /// the transposed view of its stored transpose `transposed`, so both stride layouts are tested.
+    fn view<'a>(
+        plain: &'a [f32],
+        transposed: &'a [f32],
+        rows: usize,
+        cols: usize,
+        through_transpose: bool,
+    ) -> Result<Mat<'a, f32>> {
+        if through_transpose {
+            Ok(Mat::new(transposed, cols, rows)?.t())
+        } else {
+            Mat::new(plain, rows, cols)
+        }
+    }
+
     #[test]
     fn matmul_every_transpose_combination_matches_naive() -> Result<()> {
         let cpu = Cpu::new(2)?;
@@ -462,16 +478,7 @@ mod tests {
         let at = transpose(&a, m, k);
         let bt = transpose(&b, k, n);
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let av = if ta {
-                Mat::new(&at, k, m)?.t()
-            } else {
-                Mat::new(&a, m, k)?
-            };
-            let bv = if tb {
-                Mat::new(&bt, n, k)?.t()
-            } else {
-                Mat::new(&b, k, n)?
-            };
+            let (av, bv) = (view(&a, &at, m, k, ta)?, view(&b, &bt, k, n, tb)?);
             let mut c = vec![1.0f32; m * n];
             cpu.matmul(&mut c, av, bv, true)?;
             for (got, want) in c.iter().zip(&want) {
@@ -510,16 +517,7 @@ mod tests {
                 let want = naive(&a, &b, m, k, n);
                 let (at, bt) = (transpose(&a, m, k), transpose(&b, k, n));
                 for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                    let av = if ta {
-                        Mat::new(&at, k, m)?.t()
-                    } else {
-                        Mat::new(&a, m, k)?
-                    };
-                    let bv = if tb {
-                        Mat::new(&bt, n, k)?.t()
-                    } else {
-                        Mat::new(&b, k, n)?
-                    };
+                    let (av, bv) = (view(&a, &at, m, k, ta)?, view(&b, &bt, k, n, tb)?);
                     let mut c = vec![f32::NAN; m * n];
                     cpu.matmul(&mut c, av, bv, false)?;
                     let fresh = cpu.product(av, bv, None)?;
