@@ -344,18 +344,10 @@ async fn forward(
     let rep = replica.clone();
     let routed = offload(&args.cpu, move |cpu| {
         let wg = gate_weights(&rep, block)?;
-        let mut work: Vec<(usize, Vec<f32>, Option<Dispatch<f32>>)> =
-            groups.into_iter().map(|(g, x)| (g, x, None)).collect();
-        cpu.par_for_each(work.iter_mut().collect(), |b, (_, x, out)| {
-            *out = Some(stages::gate_forward(&c, b, wg, x)?);
-            Ok(())
-        })?;
-        work.into_iter()
-            .map(|(g, x, d)| {
-                d.map(|d| (g, x, d))
-                    .ok_or_else(|| Error::runtime("a group was not routed"))
-            })
-            .collect::<Result<Vec<_>>>()
+        cpu.par_map(groups, |b, (g, x)| {
+            let d = stages::gate_forward(&c, b, wg, &x)?;
+            Ok((g, x, d))
+        })
     })
     .await?;
     let view: Vec<(usize, &Dispatch<f32>, &[f32])> = routed.iter().map(|(g, _, d)| (*g, d, d.xe.as_slice())).collect();
