@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS_F32 = torch.finfo(torch.float32).eps
-VAL_SEED = 1234  # fixed: the validation windows do not depend on --seed
 
 
 # --------------------------------------------------------------------------
@@ -69,14 +68,22 @@ def param_shapes(cfg: dict) -> dict:
 
 
 def init_params(cfg: dict, seed: int, std: float) -> dict:
-    """Matrices, embeddings and the gate ~ N(0, std); biases 0; LayerNorm 1 / 0."""
+    """semoe's initialisation (`Gpt::init`, src/model/gpt.rs), drawn from torch's generator:
+    matrices, embeddings and the gate ~ N(0, std), except the position embeddings (N(0, std / 2))
+    and the residual projections (`wo` and the FFN's second matrix: N(0, std / sqrt(2 n_layer)),
+    GPT-2); biases 0; LayerNorm 1 / 0."""
     g = torch.Generator().manual_seed(seed)
+    resid = std / math.sqrt(2 * cfg["n_layer"])
     params = {}
     for name, shape in param_shapes(cfg).items():
         if ".ln" in name or name.startswith("ln_f"):
             t = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
         elif len(shape) == 1 or name.endswith("moe.b1") or name.endswith("moe.b2"):
             t = torch.zeros(shape)
+        elif name == "wpe":
+            t = torch.randn(*shape, generator=g) * (std / 2)
+        elif name.endswith("attn.wo") or name.endswith(".w2"):
+            t = torch.randn(*shape, generator=g) * resid
         else:
             t = torch.randn(*shape, generator=g) * std
         params[name] = torch.nn.Parameter(t)
@@ -219,6 +226,15 @@ def load_bytes(path: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.long)
 
 
+def eval_windows(data: torch.Tensor, T: int, count: int, B: int) -> list:
+    """semoe's validation windows (`sampler::eval_starts`, src/train/sampler.rs): `count` windows
+    of T+1 bytes at evenly spaced starts, in chunks of B (the last may be smaller)."""
+    span = max(data.numel() - (T + 1), 0)
+    starts = torch.tensor([0 if count <= 1 else i * span // (count - 1) for i in range(count)])
+    w = data[starts.unsqueeze(1) + torch.arange(T + 1)]
+    return [(w[i:i + B, :T], w[i:i + B, 1:]) for i in range(0, count, B)]
+
+
 def sample(data: torch.Tensor, B: int, T: int, gen: torch.Generator):
     """B random windows of T+1 bytes: (inputs [B, T], targets [B, T])."""
     starts = torch.randint(0, data.numel() - T, (B,), generator=gen)
@@ -297,13 +313,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000, help="total steps (of the schedule)")
     ap.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     ap.add_argument("--beta1", type=float, default=0.9)
-    ap.add_argument("--beta2", type=float, default=0.95)
+    ap.add_argument("--beta2", type=float, default=0.99)
     ap.add_argument("--eps", type=float, default=1e-8)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
     ap.add_argument("--init-std", type=float, default=0.02)
     ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--eval-batches", type=int, default=20)
+    ap.add_argument("--eval-windows", type=int, default=256,
+                    help="validation windows (semoe's train.eval_windows)")
     ap.add_argument("--print-every", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log", default=None, help="JSON-lines log file")
@@ -341,8 +358,9 @@ def main() -> None:
 
     train = load_bytes(os.path.join(a.data_dir, "train.txt.gz"))
     val = load_bytes(os.path.join(a.data_dir, "val.txt.gz"))
-    vgen = torch.Generator().manual_seed(VAL_SEED)
-    val_batches = [sample(val, a.batch, a.block_size, vgen) for _ in range(a.eval_batches)]
+    # One routing group per batch / groups windows, as in semoe's evaluation.
+    val_batches = eval_windows(val, a.block_size, a.eval_windows, a.batch // a.groups)
+    eval_cfg = dict(cfg, groups=1)
     gen = torch.Generator().manual_seed(a.seed)
     params = init_params(cfg, a.seed, a.init_std)
     plist = list(params.values())
@@ -354,10 +372,11 @@ def main() -> None:
 
     def evaluate() -> float:
         with torch.no_grad():
-            tot = 0.0
+            tot, n = 0.0, 0
             for x, y in val_batches:
-                tot += float(forward(params, x, y, cfg)[1])
-        return tot / len(val_batches)
+                tot += float(forward(params, x, y, eval_cfg)[1]) * x.numel()
+                n += x.numel()
+        return tot / n
 
     logf = open(a.log, "w") if a.log else None
     tokens_per_step = a.batch * a.block_size
