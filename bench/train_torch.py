@@ -9,7 +9,7 @@ index_select of all kept assignments sorted by expert, per-expert addmm on
 contiguous slices, one weighted index_add), merged over the groups. It
 serves as the side-by-side baseline for the Rust trainer: same data, sampler, schedule, clipping and AdamW.
 
-    python bench/train_torch.py --time-limit 60             # MoE, default config
+    python bench/train_torch.py --time-limit 60             # MoE, the default config of `semoe train`
     python bench/train_torch.py --time-limit 60 --dense     # dense FFN of width k*d_ff
     python bench/train_torch.py --print-params              # parameter counts, then exit
     python bench/train_torch.py --verify                    # float64 check against tests/golden/gpt
@@ -287,10 +287,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--data-dir", default=os.path.join(ROOT, "data", "shakespeare"),
                     help="folder with train.txt.gz and val.txt.gz")
-    ap.add_argument("--d-model", type=int, default=192)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=6)
-    ap.add_argument("--d-ff", type=int, default=384, help="hidden width of each expert")
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--d-ff", type=int, default=256, help="hidden width of each expert")
     ap.add_argument("--dense-d-ff", type=int, default=None,
                     help="hidden width of the dense layers (default: d_ff)")
     ap.add_argument("--experts", type=int, default=8)
@@ -299,18 +299,18 @@ def main() -> None:
                     help="layer l is MoE if l %% moe_every == moe_every - 1")
     ap.add_argument("--dense", action="store_true",
                     help="replace every MoE FFN by a dense FFN of width k*d_ff")
-    ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--groups", type=int, default=4, help="routing groups per batch")
     ap.add_argument("--capacity-factor", type=float, default=1.25)
     ap.add_argument("--min-capacity", type=int, default=4)
-    ap.add_argument("--gelu", choices=["erf", "tanh"], default="erf")
+    ap.add_argument("--gelu", choices=["erf", "tanh"], default="tanh")
     ap.add_argument("--aux-coef", type=float, default=0.01)
     ap.add_argument("--z-coef", type=float, default=0.0)
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     ap.add_argument("--min-lr", type=float, default=3e-4)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=2000, help="total steps (of the schedule)")
+    ap.add_argument("--steps", type=int, default=1400, help="total steps (of the schedule)")
     ap.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     ap.add_argument("--beta1", type=float, default=0.9)
     ap.add_argument("--beta2", type=float, default=0.99)
@@ -318,7 +318,7 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
     ap.add_argument("--init-std", type=float, default=0.02)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--eval-windows", type=int, default=256,
                     help="validation windows (semoe's train.eval_windows)")
     ap.add_argument("--print-every", type=int, default=10)

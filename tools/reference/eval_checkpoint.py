@@ -48,11 +48,11 @@ NEAR_TIE = 1e-6  # gate gaps below this are counted as routing near-ties (inform
 
 # Defaults of src/model/gpt.rs (GptConfig) and src/train/config.rs (TrainSettings), used only for
 # keys a manifest might lack (semoe writes the full config, so normally none).
-MODEL_DEFAULTS = dict(vocab=256, block_size=128, d_model=192, n_layer=4, n_head=6, d_ff=384,
+MODEL_DEFAULTS = dict(vocab=256, block_size=64, d_model=128, n_layer=3, n_head=4, d_ff=256,
                       dense_d_ff=0, moe_every=1, experts=8, k=2, capacity_factor=1.25,
                       min_capacity=4, dropless=False, drop_policy="position", normalize=True,
-                      aux_coef=0.01, z_coef=0.0, gelu="erf")
-TRAIN_DEFAULTS = dict(batch=16, groups=4, eval_windows=256, data=None, val_fraction=0.1)
+                      aux_coef=0.01, z_coef=0.0, gelu="tanh")
+TRAIN_DEFAULTS = dict(batch=32, groups=4, eval_windows=256, data=None, val_fraction=0.1)
 
 
 def reference_config(m: dict) -> GptConfig:
