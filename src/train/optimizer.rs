@@ -35,7 +35,7 @@ impl Default for OptimizerConfig {
         OptimizerConfig {
             lr: 3e-3,
             min_lr: 3e-4,
-            warmup: 100,
+            warmup: 200,
             beta1: 0.9,
             beta2: 0.99,
             eps: 1e-8,
