@@ -19,7 +19,7 @@ pub struct OptimizerConfig {
     pub warmup: u64,
     /// Adam beta1.
     pub beta1: f64,
-    /// Adam beta2. Default 0.99: with the default's small batches (2,048 tokens) a longer
+    /// Adam beta2. Default 0.99: with small batches (2,048 tokens, the default before 1,024) a longer
     /// second-moment average ended 0.013-0.022 nats/byte lower than 0.95 (BENCHMARKS.md).
     pub beta2: f64,
     /// Adam epsilon.
