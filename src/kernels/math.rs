@@ -117,7 +117,7 @@ fn exp_affine_in_place(x: &mut [f32], scale: f32, shift: f32) {
 pub struct AdamwStep {
     /// Decoupled weight decay factor applied to the parameter first (1 without decay).
     pub keep: f32,
-    /// beta1 and beta2.
+    /// beta1.
     pub b1: f32,
     /// beta2.
     pub b2: f32,
