@@ -1,7 +1,7 @@
 //! AdamW, gradient clipping and the learning-rate schedule against `torch.optim.AdamW`,
 //! `torch.nn.utils.clip_grad_norm_` and the reference schedule (`tests/golden/adamw/*.json`).
 
-use semoe::train::optimizer::{AdamW, OptimizerConfig};
+use semoe::train::optimizer::{AdamW, OptimizerConfig, Schedule};
 use serde_json::Value;
 use std::path::Path;
 
@@ -47,6 +47,7 @@ fn check(path: &Path) {
         eps: num("eps"),
         weight_decay: num("weight_decay"),
         clip: num("clip"),
+        ..OptimizerConfig::default()
     };
     let total = num("total_steps") as u64;
     let names: Vec<String> = case["params"].as_object().expect("params").keys().cloned().collect();
@@ -129,4 +130,24 @@ fn schedule_warms_up_then_decays_to_min_lr() {
     assert!((c.lr_at(55, 100) - 0.55).abs() < 1e-12);
     assert!((c.lr_at(100, 100) - 0.1).abs() < 1e-12);
     assert!((c.lr_at(500, 100) - 0.1).abs() < 1e-12);
+}
+
+#[test]
+fn linear_schedule_with_a_cooldown_holds_then_decays_in_a_line() {
+    let c = OptimizerConfig {
+        lr: 1.0,
+        min_lr: 0.0,
+        warmup: 10,
+        schedule: Schedule::Linear,
+        cooldown: 0.5,
+        ..OptimizerConfig::default()
+    };
+    // 90 steps after warmup: held at 1.0 for 45, then a line to 0 over the last 45.
+    assert!((c.lr_at(10, 100) - 1.0).abs() < 1e-12);
+    assert!((c.lr_at(55, 100) - 1.0).abs() < 1e-12);
+    assert!((c.lr_at(64, 100) - 0.8).abs() < 1e-12);
+    assert!((c.lr_at(100, 100) - 0.0).abs() < 1e-12);
+    let bad = OptimizerConfig { cooldown: 0.0, ..c };
+    let err = bad.validate().expect_err("a zero cooldown is rejected");
+    assert!(err.to_string().contains("optimizer.cooldown"), "{err}");
 }

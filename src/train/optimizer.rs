@@ -13,10 +13,15 @@ use serde::{Deserialize, Serialize};
 pub struct OptimizerConfig {
     /// Peak learning rate.
     pub lr: f64,
-    /// Final learning rate of the cosine decay.
+    /// Final learning rate of the decay.
     pub min_lr: f64,
     /// Steps of linear warmup.
     pub warmup: u64,
+    /// Shape of the decay from `lr` to `min_lr`: `cosine` or `linear`.
+    pub schedule: Schedule,
+    /// Fraction of the steps after warmup over which the rate decays; before that it holds at `lr`
+    /// (1: decay from the end of warmup; less: warmup-stable-decay).
+    pub cooldown: f64,
     /// Adam beta1.
     pub beta1: f64,
     /// Adam beta2. Default 0.99: with small batches (2,048 tokens, the default before 1,024) a longer
@@ -36,6 +41,8 @@ impl Default for OptimizerConfig {
             lr: 3e-3,
             min_lr: 3e-4,
             warmup: 200,
+            schedule: Schedule::Cosine,
+            cooldown: 1.0,
             beta1: 0.9,
             beta2: 0.99,
             eps: 1e-8,
@@ -58,6 +65,12 @@ impl OptimizerConfig {
                 self.min_lr
             )));
         }
+        if !(self.cooldown > 0.0 && self.cooldown <= 1.0) {
+            return Err(Error::config(format!(
+                "optimizer.cooldown must be in (0, 1], got {}",
+                self.cooldown
+            )));
+        }
         for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&b) {
                 return Err(Error::config(format!("optimizer.{name} must be in [0, 1), got {b}")));
@@ -72,15 +85,33 @@ impl OptimizerConfig {
     }
 
     /// Learning rate of step `step` (0-based) in a run of `total` steps: linear warmup to `lr` over
-    /// `warmup` steps, then cosine decay to `min_lr` at `total`.
+    /// `warmup` steps, then `lr` until the last `cooldown` fraction of the remaining steps, which
+    /// decay (cosine or linear) to `min_lr` at `total`.
     pub fn lr_at(&self, step: u64, total: u64) -> f64 {
         if step < self.warmup {
             return self.lr * (step + 1) as f64 / self.warmup as f64;
         }
         let span = total.saturating_sub(self.warmup).max(1) as f64;
-        let progress = ((step - self.warmup) as f64 / span).clamp(0.0, 1.0);
-        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+        let decay_span = (span * self.cooldown).max(1.0);
+        let decay_start = span - decay_span;
+        let progress = (((step - self.warmup) as f64 - decay_start) / decay_span).clamp(0.0, 1.0);
+        let remaining = match self.schedule {
+            Schedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            Schedule::Linear => 1.0 - progress,
+        };
+        self.min_lr + (self.lr - self.min_lr) * remaining
     }
+}
+
+/// Shape of the learning-rate decay after warmup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Half a cosine from `lr` to `min_lr`.
+    #[default]
+    Cosine,
+    /// A straight line from `lr` to `min_lr`.
+    Linear,
 }
 
 /// AdamW state: first and second moments per parameter tensor, and the step count.
