@@ -300,8 +300,8 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true",
                     help="replace every MoE FFN by a dense FFN of width k*d_ff")
     ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--groups", type=int, default=2, help="routing groups per batch")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--groups", type=int, default=4, help="routing groups per batch")
     ap.add_argument("--capacity-factor", type=float, default=1.25)
     ap.add_argument("--min-capacity", type=int, default=4)
     ap.add_argument("--gelu", choices=["erf", "tanh"], default="tanh")
@@ -310,7 +310,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     ap.add_argument("--min-lr", type=float, default=3e-4)
     ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=2800, help="total steps (of the schedule)")
+    ap.add_argument("--steps", type=int, default=5000, help="total steps (of the schedule)")
     ap.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     ap.add_argument("--beta1", type=float, default=0.9)
     ap.add_argument("--beta2", type=float, default=0.99)
@@ -318,7 +318,7 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
     ap.add_argument("--init-std", type=float, default=0.02)
-    ap.add_argument("--eval-every", type=int, default=400)
+    ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-windows", type=int, default=256,
                     help="validation windows (semoe's train.eval_windows)")
     ap.add_argument("--print-every", type=int, default=10)

@@ -125,9 +125,10 @@ pub struct TrainSettings {
     pub seed: u64,
     /// Optimizer steps (the learning-rate schedule spans them).
     pub steps: u64,
-    /// Sequences per step. Default 16 in 2 groups (1,024 tokens, 512 per group) for 2,800 steps:
-    /// twice the steps of 32 sequences in 4 groups over the same tokens, for about 5% fewer tokens
-    /// per second and 0.02 nats/byte lower validation loss at the end (BENCHMARKS.md).
+    /// Sequences per step. Default 32 in 4 groups (2,048 tokens, 512 per group) for 5,000 steps:
+    /// over the same tokens it ended 0.02 nats/byte below 16 in 2 groups (10,000 steps) on one
+    /// seed and level on another, 0.02 below 64 in 8 (2,500 steps), and runs about 5% faster than
+    /// 16 (BENCHMARKS.md).
     pub batch: usize,
     /// Groups per step: the batch is split into this many groups of `batch / groups` sequences; MoE
     /// routing and capacity are per group, and groups run side by side on the compute threads.
@@ -161,12 +162,12 @@ impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
             seed: 1337,
-            steps: 2800,
-            batch: 16,
-            groups: 2,
-            eval_every: 400,
+            steps: 5000,
+            batch: 32,
+            groups: 4,
+            eval_every: 500,
             eval_windows: 256,
-            checkpoint_every: 500,
+            checkpoint_every: 1000,
             keep_checkpoints: 2,
             threads: 2,
             time_limit_s: 0.0,
