@@ -201,11 +201,21 @@ def forward(p: dict, idx, targets, cfg: dict):
 # Optimizer and schedule (pinned by tests/golden/adamw)
 # --------------------------------------------------------------------------
 
-def lr_at(step: int, max_lr: float, min_lr: float, warmup: int, total_steps: int) -> float:
+def lr_at(step: int, max_lr: float, min_lr: float, warmup: int, total_steps: int,
+          schedule: str = "cosine", cooldown: float = 1.0) -> float:
+    """semoe's OptimizerConfig::lr_at: linear warmup, then max_lr until the last `cooldown`
+    fraction of the remaining steps, which decay (cosine or linear) to min_lr."""
     if step < warmup:
         return max_lr * (step + 1) / warmup
-    prog = min(max((step - warmup) / max(total_steps - warmup, 1), 0.0), 1.0)
-    return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * prog))
+    span = float(max(total_steps - warmup, 1))
+    decay_span = max(span * cooldown, 1.0)
+    decay_start = span - decay_span
+    prog = min(max(((step - warmup) - decay_start) / decay_span, 0.0), 1.0)
+    if schedule == "linear":
+        remaining = 1.0 - prog
+    else:
+        remaining = 0.5 * (1.0 + math.cos(math.pi * prog))
+    return min_lr + (max_lr - min_lr) * remaining
 
 
 def make_optimizer(params: dict, a) -> torch.optim.Optimizer:
@@ -310,6 +320,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     ap.add_argument("--min-lr", type=float, default=3e-4)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--schedule", choices=["cosine", "linear"], default="cosine",
+                    help="shape of the decay after warmup")
+    ap.add_argument("--cooldown", type=float, default=1.0,
+                    help="fraction of the steps after warmup that decay (below 1: warmup-stable-decay)")
     ap.add_argument("--steps", type=int, default=5000, help="total steps (of the schedule)")
     ap.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     ap.add_argument("--beta1", type=float, default=0.9)
@@ -386,7 +400,7 @@ def main() -> None:
     while step < a.steps:
         t0 = time.perf_counter()
         x, y = sample(train, a.batch, a.block_size, gen)
-        lr = lr_at(step, a.lr, a.min_lr, a.warmup, a.steps)
+        lr = lr_at(step, a.lr, a.min_lr, a.warmup, a.steps, a.schedule, a.cooldown)
         for grp in opt.param_groups:
             grp["lr"] = lr
         loss, ce, _, dropped, assigned = forward(params, x, y, cfg)
