@@ -24,8 +24,8 @@ pub struct OptimizerConfig {
     pub cooldown: f64,
     /// Adam beta1.
     pub beta1: f64,
-    /// Adam beta2. Default 0.99: with small batches (2,048 tokens, the default before 1,024) a longer
-    /// second-moment average ended 0.013-0.022 nats/byte lower than 0.95 (BENCHMARKS.md).
+    /// Adam beta2. Default 0.99: with small batches (2,048 tokens per step) a longer second-moment
+    /// average ended 0.013-0.022 nats/byte lower than 0.95 (BENCHMARKS.md).
     pub beta2: f64,
     /// Adam epsilon.
     pub eps: f64,
