@@ -19,6 +19,15 @@ pub enum Error {
         detail: String,
     },
 
+    /// A computation produced (or was given) NaN or infinity where a finite number is needed.
+    #[error("{context} computed a non-finite {detail} (check the input for NaN or infinity)")]
+    NonFinite {
+        /// The operation concerned (for example `the MoE gate`).
+        context: String,
+        /// The first non-finite value (for example `gate logit of token 3`).
+        detail: String,
+    },
+
     /// Reading or writing a file failed.
     #[error("{context} ({path}): {source}")]
     Io {
@@ -77,6 +86,20 @@ pub enum Error {
         what: String,
         /// The deadline.
         deadline_ms: u64,
+    },
+
+    /// Training diverged: the loss or the gradients stopped being finite numbers.
+    #[error(
+        "training diverged at step {step}: {what} (learning rate {lr:.3e}); lower optimizer.lr (--lr), \
+         raise the warmup or lower optimizer.clip, and start again or resume from an earlier checkpoint"
+    )]
+    Diverged {
+        /// The step whose loss or gradient norm was not finite (1-based).
+        step: u64,
+        /// What was not finite (for example `the gradient norm is NaN`).
+        what: String,
+        /// The learning rate of that step.
+        lr: f64,
     },
 
     /// The runtime cannot go on: a worker was lost, or the runtime has shut down.

@@ -1,15 +1,19 @@
 //! The `semoe` command line.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use semoe::bench;
 use semoe::infer::{generate, SampleOptions};
 use semoe::kernels::{Cpu, Gelu};
 use semoe::model::moe::{DropPolicy, MoeConfig};
 use semoe::storage::checkpoint;
+use semoe::storage::run_dir;
+use semoe::train::trainer::{ResumeOptions, StopReason};
 use semoe::train::{TrainConfig, Trainer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
 
 /// mimalloc, told at start (see [`keep_freed_pages`]) to keep freed pages mapped, so that the large
 /// per-step activation buffers do not page-fault afresh on every step.
@@ -33,7 +37,8 @@ fn keep_freed_pages() {
 #[command(
     name = "semoe",
     version,
-    about = "Elastic Mixture-of-Experts training and inference runtime"
+    about = "Elastic Mixture-of-Experts training and inference runtime",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -47,6 +52,10 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Generate text from a checkpoint, streaming it as it is sampled.
     Generate(GenerateArgs),
+    /// The loss (nats/byte) of a checkpoint on a text: its run's validation text, or any file.
+    Eval(EvalArgs),
+    /// List the runs under a directory (default `runs/`): steps, validation loss, time, status.
+    Runs(RunsArgs),
     /// Measure kernels and layers (tokens/s, GFLOP/s, fraction of the machine's peak).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -54,23 +63,30 @@ enum Command {
 
 /// Options of `semoe train`. Flags override the config file; the config file overrides defaults.
 #[derive(Args)]
+#[command(allow_negative_numbers = true, after_help = TRAIN_AFTER_HELP)]
 struct TrainArgs {
     /// TOML config file with [model], [optimizer] and [train] tables (see `--print-config`).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Run directory for config, metrics, checkpoints and report (default: runs/run-<time>).
+    /// Run directory for config, metrics, checkpoints and report (default: a new
+    /// runs/run-YYYYMMDD-HHMMSS, UTC). One process at a time: a directory in use is refused.
     #[arg(long)]
     run_dir: Option<PathBuf>,
-    /// Continue the run in --run-dir from its newest checkpoint (its own config is used).
+    /// Continue the run in --run-dir from its newest intact checkpoint, with the run's own config.
+    /// Settings that do not change the bits may be given again (threads, workers, placement,
+    /// storage, time limit, eval and checkpoint cadence, steps); others are refused.
     #[arg(long, requires = "run_dir")]
     resume: bool,
+    /// With --resume: continue even if the training text differs from the checkpoint's.
+    #[arg(long, requires = "resume")]
+    allow_data_change: bool,
     /// Train on this UTF-8 text file or directory instead of the bundled corpus.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Optimizer steps (the learning-rate schedule spans them).
     #[arg(long)]
     steps: Option<u64>,
-    /// Stop after this many seconds even if the steps are not done.
+    /// Stop after this many seconds even if the steps are not done (0: no limit).
     #[arg(long)]
     time_limit: Option<f64>,
     /// Compute threads (0: one per core).
@@ -152,7 +168,7 @@ struct TrainArgs {
     /// Prompt of the sample after training.
     #[arg(long, default_value = "ROMEO.\n")]
     sample_prompt: String,
-    /// No progress bar.
+    /// No progress bar or progress lines (evaluations and the summary are still printed).
     #[arg(long)]
     quiet: bool,
     /// Print the resolved config as TOML and exit.
@@ -162,11 +178,12 @@ struct TrainArgs {
 
 /// Options of `semoe generate`.
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
 struct GenerateArgs {
-    /// A checkpoint directory, or a run directory (its newest checkpoint is used).
+    /// A checkpoint directory, or a run directory (its newest intact checkpoint is used).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Text to continue (`\n` is a newline).
+    /// Text to continue (`\n` newline, `\t` tab, `\\` backslash).
     #[arg(long, default_value = "")]
     prompt: String,
     /// Bytes to generate.
@@ -184,6 +201,33 @@ struct GenerateArgs {
     /// Compute threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+}
+
+/// Options of `semoe eval`.
+#[derive(Args)]
+struct EvalArgs {
+    /// A checkpoint directory, or a run directory (its newest intact checkpoint is used).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// A UTF-8 text file or directory to evaluate on, whole (default: the validation split of the
+    /// checkpoint's own training data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Windows of the model's context length, evenly spaced over the text (default: as many as
+    /// fit without overlap, at most 4,096; with the run's own validation text, its eval_windows).
+    #[arg(long)]
+    windows: Option<usize>,
+    /// Compute threads (0: one per core).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+/// Options of `semoe runs`.
+#[derive(Args)]
+struct RunsArgs {
+    /// The directory holding the runs.
+    #[arg(long, default_value = "runs")]
+    dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -271,8 +315,8 @@ struct Common {
     /// Untimed iterations first.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// Timed iterations (the median is reported).
-    #[arg(long, default_value_t = 10)]
+    /// Timed iterations (the median is reported; at least 1).
+    #[arg(long, default_value_t = 10, value_parser = positive)]
     iters: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -321,6 +365,15 @@ struct MatmulArgs {
     size: usize,
 }
 
+/// A count that must be at least 1.
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn parse_policy(s: &str) -> Result<DropPolicy, String> {
     match s {
         "position" => Ok(DropPolicy::Position),
@@ -331,8 +384,13 @@ fn parse_policy(s: &str) -> Result<DropPolicy, String> {
 
 fn main() -> ExitCode {
     keep_freed_pages();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let matches = with_config_defaults(Cli::command()).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match run(cli) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -346,8 +404,78 @@ fn print_json(report: &impl serde::Serialize) -> semoe::Result<()> {
     Ok(())
 }
 
-fn unescape(s: &str) -> String {
-    s.replace("\\n", "\n")
+/// File-only settings of `semoe train`, listed under its `--help`.
+const TRAIN_AFTER_HELP: &str = "Settings without a flag are set in the --config file (--print-config prints them \
+all): model.vocab, dense_d_ff, moe_every, capacity_factor, min_capacity, dropless, drop_policy, normalize, aux_coef, \
+z_coef, gelu; optimizer.min_lr, warmup, schedule, cooldown, beta1, beta2, eps, weight_decay, clip; \
+train.eval_windows, keep_checkpoints, val_fraction, deadline_s; storage.cache_threshold, cache_beta, \
+cache_decay_every, drop_page_cache, io_threads.\n\nCtrl-C (or SIGTERM) stops at the next step boundary, evaluates, \
+checkpoints and writes the report; a second Ctrl-C stops at once. --resume continues bitwise.";
+
+/// `semoe train --help` shows the default of every flag whose default comes from the config
+/// (clap cannot show them itself: the flags are optional so that the config file can set them).
+fn with_config_defaults(cmd: clap::Command) -> clap::Command {
+    let d = TrainConfig::default();
+    let defaults: Vec<(&str, String)> = vec![
+        ("steps", d.train.steps.to_string()),
+        ("time_limit", d.train.time_limit_s.to_string()),
+        ("threads", d.train.threads.to_string()),
+        ("workers", d.train.workers.to_string()),
+        ("placement", d.train.placement.clone()),
+        ("cache_policy", d.storage.cache_policy.clone()),
+        ("seed", d.train.seed.to_string()),
+        ("batch", d.train.batch.to_string()),
+        ("groups", d.train.groups.to_string()),
+        ("lr", d.optimizer.lr.to_string()),
+        ("block_size", d.model.block_size.to_string()),
+        ("d_model", d.model.d_model.to_string()),
+        ("layers", d.model.n_layer.to_string()),
+        ("heads", d.model.n_head.to_string()),
+        ("d_ff", d.model.d_ff.to_string()),
+        ("experts", d.model.experts.to_string()),
+        ("k", d.model.k.to_string()),
+        ("eval_every", d.train.eval_every.to_string()),
+        ("checkpoint_every", d.train.checkpoint_every.to_string()),
+    ];
+    cmd.mut_subcommand("train", |mut train| {
+        for (id, value) in defaults {
+            train = train.mut_arg(id, |arg| {
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                arg.help(format!("{help} [default: {value}]"))
+            });
+        }
+        train
+    })
+}
+
+/// A prompt as typed on a command line, with `\n` (newline), `\t` (tab), `\r` and `\\`
+/// (backslash) understood; any other escape is an error naming it.
+fn unescape(s: &str) -> semoe::Result<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('\\') => out.push('\\'),
+            Some(other) => {
+                return Err(semoe::Error::config(format!(
+                    "the prompt has an unknown escape \\{other} (known: \\n, \\t, \\r, \\\\)"
+                )))
+            }
+            None => {
+                return Err(semoe::Error::config(
+                    "the prompt ends with a lone backslash (write \\\\ for one)",
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
@@ -435,55 +563,40 @@ fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     Ok(())
 }
 
-/// The storage flags (they also apply on `--resume`: a checkpoint loads into any budgets).
-fn storage_flags(a: &TrainArgs, st: &mut semoe::train::config::StorageSettings) {
-    if let Some(v) = &a.device_budget {
-        st.device_budget = v.clone();
+/// Apply the flags of `semoe train` to a config (a new run's, or the recorded one on `--resume`,
+/// where [`Trainer::resume_with_options`] refuses the changes that would change the bits).
+fn apply_flags(a: &TrainArgs, c: &mut TrainConfig) {
+    macro_rules! set {
+        ($field:expr, $flag:expr) => {
+            if let Some(v) = $flag.clone() {
+                $field = v;
+            }
+        };
     }
-    if let Some(v) = &a.host_budget {
-        st.host_budget = v.clone();
+    let t = &mut c.train;
+    if let Some(v) = &a.data {
+        t.data = Some(v.clone());
     }
-    if let Some(v) = &a.cache_policy {
-        st.cache_policy = v.clone();
-    }
+    set!(t.steps, a.steps);
+    set!(t.time_limit_s, a.time_limit);
+    set!(t.threads, a.threads);
+    set!(t.workers, a.workers);
+    set!(t.placement, a.placement);
+    set!(t.seed, a.seed);
+    set!(t.batch, a.batch);
+    set!(t.groups, a.groups);
+    set!(t.eval_every, a.eval_every);
+    set!(t.checkpoint_every, a.checkpoint_every);
+    let st = &mut c.storage;
+    set!(st.device_budget, a.device_budget);
+    set!(st.host_budget, a.host_budget);
+    set!(st.cache_policy, a.cache_policy);
     if a.no_prefetch {
         st.prefetch = false;
     }
     if a.shard_dense {
         st.shard_dense = true;
     }
-}
-
-fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
-    let mut c = match &a.config {
-        Some(path) => TrainConfig::from_file(path)?,
-        None => TrainConfig::default(),
-    };
-    let t = &mut c.train;
-    if let Some(v) = &a.data {
-        t.data = Some(v.clone());
-    }
-    macro_rules! set {
-        ($field:expr, $flag:expr) => {
-            if let Some(v) = $flag {
-                $field = v;
-            }
-        };
-    }
-    set!(t.steps, a.steps);
-    set!(t.time_limit_s, a.time_limit);
-    set!(t.threads, a.threads);
-    set!(t.workers, a.workers);
-    if let Some(p) = &a.placement {
-        t.placement = p.clone();
-    }
-    set!(t.seed, a.seed);
-    storage_flags(a, &mut c.storage);
-    let t = &mut c.train;
-    set!(t.batch, a.batch);
-    set!(t.groups, a.groups);
-    set!(t.eval_every, a.eval_every);
-    set!(t.checkpoint_every, a.checkpoint_every);
     set!(c.optimizer.lr, a.lr);
     let m = &mut c.model;
     set!(m.block_size, a.block_size);
@@ -497,9 +610,29 @@ fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
         m.moe_every = 0;
         m.dense_d_ff = m.k * m.d_ff;
     }
+}
+
+fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
+    let mut c = match &a.config {
+        Some(path) => TrainConfig::from_file(path)?,
+        None => TrainConfig::default(),
+    };
+    apply_flags(a, &mut c);
     c.validate()?;
     Ok(c)
 }
+
+/// Write to standard output; a closed pipe (`semoe generate | head`) ends the output quietly.
+fn write_out(out: &mut impl Write, bytes: &[u8]) -> semoe::Result<bool> {
+    match out.write_all(bytes).and_then(|_| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(semoe::Error::io("cannot write the sample", "stdout", e)),
+    }
+}
+
+/// A sentinel error that stops generation when the reader of standard output has gone.
+const READER_GONE: &str = "standard output was closed";
 
 fn stream_sample(
     model: &semoe::model::gpt::Gpt<f32>,
@@ -509,36 +642,101 @@ fn stream_sample(
 ) -> semoe::Result<()> {
     let cpu = Cpu::new(threads)?;
     let mut out = std::io::stdout().lock();
-    let io = |e: std::io::Error| semoe::Error::io("cannot write the sample", "stdout", e);
-    out.write_all(prompt.as_bytes()).map_err(io)?;
-    generate(model, &cpu, prompt.as_bytes(), opts, |b| {
-        out.write_all(&[b]).and_then(|_| out.flush()).map_err(io)
-    })?;
-    writeln!(out).map_err(io)?;
+    if !write_out(&mut out, prompt.as_bytes())? {
+        return Ok(());
+    }
+    let result = generate(model, &cpu, prompt.as_bytes(), opts, |b| {
+        if write_out(&mut out, &[b])? {
+            Ok(())
+        } else {
+            Err(semoe::Error::runtime(READER_GONE))
+        }
+    });
+    match result {
+        Ok(_) => write_out(&mut out, b"\n").map(|_| ()),
+        Err(semoe::Error::Runtime(msg)) if msg == READER_GONE => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Stop at the next step boundary on the first SIGINT or SIGTERM; exit at once on the second.
+fn install_stop_signals(stop: &Arc<AtomicUsize>) -> semoe::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let twice = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        let fail = |e: std::io::Error| semoe::Error::runtime(format!("cannot handle signal {signal}: {e}"));
+        // Registered first, so it sees the flag as the previous signal left it: the second
+        // signal exits with 128 + its number, the first only sets the flags below.
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, Arc::clone(&twice)).map_err(fail)?;
+        signal_hook::flag::register(signal, Arc::clone(&twice)).map_err(fail)?;
+        signal_hook::flag::register_usize(signal, Arc::clone(stop), signal as usize).map_err(fail)?;
+    }
     Ok(())
 }
 
-fn train(a: &TrainArgs) -> semoe::Result<()> {
+fn signal_name(signal: usize) -> &'static str {
+    match signal as i32 {
+        signal_hook::consts::SIGINT => "Ctrl-C (SIGINT)",
+        signal_hook::consts::SIGTERM => "SIGTERM",
+        _ => "a stop request",
+    }
+}
+
+fn print_notices(trainer: &Trainer) {
+    for notice in trainer.notices() {
+        eprintln!("warning: {notice}");
+    }
+}
+
+fn train(a: &TrainArgs) -> semoe::Result<ExitCode> {
     let mut trainer = if a.resume {
         let dir = a.run_dir.clone().unwrap_or_default();
-        Trainer::resume_with(&dir, a.steps, |c| storage_flags(a, &mut c.storage))?
+        let file = a.config.as_deref().map(TrainConfig::from_file).transpose()?;
+        let adjust = |c: &mut TrainConfig| {
+            if let Some(file) = file {
+                *c = file;
+            }
+            apply_flags(a, c);
+        };
+        let options = ResumeOptions {
+            steps: None,
+            allow_data_change: a.allow_data_change,
+        };
+        if a.print_config {
+            let (config, _) = semoe::train::trainer::resumed_config(&dir, &options, adjust)?;
+            print!("{}", config.to_toml()?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Trainer::resume_with_options(&dir, &options, adjust)?
     } else {
         let config = resolve_config(a)?;
         if a.print_config {
             print!("{}", config.to_toml()?);
-            return Ok(());
+            return Ok(ExitCode::SUCCESS);
         }
-        let dir = a.run_dir.clone().unwrap_or_else(|| {
-            let secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            PathBuf::from(format!("runs/run-{secs}"))
-        });
+        let dir = match &a.run_dir {
+            Some(dir) => dir.clone(),
+            None => run_dir::create_unique(Path::new("runs"), &run_dir::default_name(std::time::SystemTime::now()))?,
+        };
         Trainer::new(config, &dir)?
     };
-    let run_dir = a.run_dir.clone();
+    print_notices(&trainer);
+    let dir = trainer.run_dir().to_path_buf();
     let c = trainer.config().clone();
+    if trainer.steps_done() >= c.train.steps {
+        let summary = trainer.run(false)?;
+        eprintln!(
+            "{} is already finished: {} of {} steps, validation loss {:.4} at step {}; pass --steps N (more than {}) \
+             with --resume to train further",
+            dir.display(),
+            summary.steps,
+            summary.planned_steps,
+            summary.val_loss,
+            summary.val_step,
+            summary.steps
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(addr) = &a.metrics_addr {
         trainer.serve_metrics(addr)?;
         eprintln!("metrics: http://{addr}/metrics");
@@ -573,19 +771,32 @@ fn train(a: &TrainArgs) -> semoe::Result<()> {
             )
         }
     );
+    eprintln!("run directory: {}", dir.display());
+    install_stop_signals(&trainer.stop_flag())?;
     let summary = trainer.run(!a.quiet)?;
-    let dir = summary
-        .checkpoint
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .or(run_dir)
-        .unwrap_or_default();
+    let resume_hint = format!("semoe train --resume --run-dir {}", dir.display());
+    match summary.stop {
+        StopReason::TimeLimit => eprintln!(
+            "time limit of {} s reached: ran {} of the {} planned steps (this invocation: {}); continue with: {resume_hint}",
+            c.train.time_limit_s, summary.steps, summary.planned_steps, summary.steps_run
+        ),
+        StopReason::Requested(signal) => eprintln!(
+            "stopped by {} after step {} of {}; checkpoint written; continue with: {resume_hint}",
+            signal_name(signal),
+            summary.steps,
+            summary.planned_steps
+        ),
+        StopReason::Finished | StopReason::AlreadyFinished => {}
+    }
     eprintln!(
-        "done: {} steps, train loss {:.4}, validation loss {:.4} nats/byte, {:.0} tokens/s, {:.1} s; checkpoint {}",
+        "done: {} of {} steps; validation loss {:.4} nats/byte at step {}; mean train loss of the last {} steps {:.4}; \
+         {:.0} tokens/s, {:.1} s; checkpoint {}",
         summary.steps,
-        summary.train_loss,
+        summary.planned_steps,
         summary.val_loss,
+        summary.val_step,
+        summary.mean_train_loss_steps,
+        summary.mean_train_loss,
         summary.tokens_per_s,
         summary.elapsed_s,
         summary.checkpoint.display()
@@ -594,42 +805,126 @@ fn train(a: &TrainArgs) -> semoe::Result<()> {
         Ok(_) => eprintln!("report: {}", dir.join("report.md").display()),
         Err(e) => eprintln!("warning: no report: {e}"),
     }
+    if let StopReason::Requested(signal) = summary.stop {
+        return Ok(ExitCode::from((128 + signal).min(255) as u8));
+    }
     if a.sample_tokens > 0 {
         eprintln!("sample (temperature 0.8, top-k 40):");
         let opts = SampleOptions {
             max_tokens: a.sample_tokens,
             ..SampleOptions::default()
         };
-        stream_sample(trainer.model()?, &unescape(&a.sample_prompt), &opts, 1)?;
+        stream_sample(trainer.model()?, &unescape(&a.sample_prompt)?, &opts, 1)?;
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The checkpoint to read for `generate` and `eval`: `path` itself if it is a checkpoint
+/// directory (which must verify), else the newest intact checkpoint of the run directory `path`,
+/// with a warning for each newer one that is damaged.
+fn checkpoint_to_read(path: &Path) -> semoe::Result<checkpoint::Checkpoint> {
+    if path.join(checkpoint::MANIFEST_FILE).exists() {
+        return checkpoint::load(path);
+    }
+    let resolved = checkpoint::newest_intact(path)?;
+    for d in &resolved.damaged {
+        eprintln!(
+            "warning: checkpoint {} is damaged ({}); using an older one",
+            d.dir.display(),
+            d.reason
+        );
+    }
+    resolved.checkpoint.ok_or_else(|| {
+        semoe::Error::config(format!(
+            "{} is neither a checkpoint nor a run directory with an intact one",
+            path.display()
+        ))
+    })
 }
 
 fn generate_cmd(a: &GenerateArgs) -> semoe::Result<()> {
-    let dir = if a.checkpoint.join("manifest.json").exists() {
-        a.checkpoint.clone()
-    } else {
-        checkpoint::latest(&a.checkpoint)?.ok_or_else(|| {
-            semoe::Error::config(format!(
-                "{} is neither a checkpoint nor a run directory with one",
-                a.checkpoint.display()
-            ))
-        })?
-    };
-    let model = semoe::train::trainer::load_model(&dir)?;
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        return Err(semoe::Error::config(format!(
+            "--temperature must be a non-negative number (0: always the most likely byte), got {}",
+            a.temperature
+        )));
+    }
+    let prompt = unescape(&a.prompt)?;
+    let ckpt = checkpoint_to_read(&a.checkpoint)?;
+    let model = semoe::train::trainer::model_from(ckpt)?;
     let opts = SampleOptions {
         max_tokens: a.tokens,
         temperature: a.temperature,
         top_k: a.top_k,
         seed: a.seed,
     };
-    stream_sample(&model, &unescape(&a.prompt), &opts, a.threads)
+    stream_sample(&model, &prompt, &opts, a.threads)
 }
 
-fn run(cli: Cli) -> semoe::Result<()> {
+fn eval_cmd(a: &EvalArgs) -> semoe::Result<()> {
+    let ckpt = checkpoint_to_read(&a.checkpoint)?;
+    let step = ckpt.step;
+    let dir = ckpt.dir.clone();
+    let config = semoe::train::trainer::checkpoint_config(&ckpt)?;
+    let model = semoe::train::trainer::model_from(ckpt)?;
+    let t = config.model.block_size;
+    let (text, source, windows) = match &a.data {
+        Some(path) => {
+            let corpus = semoe::train::data::Corpus::from_path(path, 0.0, t + 1)?;
+            let fit = (corpus.train.len().saturating_sub(1) / t).clamp(1, 4096);
+            (corpus.train, corpus.source, a.windows.unwrap_or(fit))
+        }
+        None => {
+            let corpus = semoe::train::trainer::corpus_for(&config)?;
+            (
+                corpus.val,
+                format!("the validation split of {}", corpus.source),
+                a.windows.unwrap_or(config.train.eval_windows),
+            )
+        }
+    };
+    let cpu = Cpu::new(a.threads)?;
+    let seqs = (config.train.batch / config.train.groups).max(1);
+    let loss = semoe::train::trainer::text_loss(&model, &cpu, &text, windows, seqs)?;
+    println!(
+        "{loss:.4} nats/byte ({:.4} bits/byte) on {source} ({} bytes, {windows} windows of {t}); checkpoint {} (step {step})",
+        loss / std::f64::consts::LN_2,
+        text.len(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn runs_cmd(a: &RunsArgs) -> semoe::Result<()> {
+    let runs = semoe::telemetry::runs::list(&a.dir)?;
+    if runs.is_empty() {
+        println!("no runs under {}", a.dir.display());
+        return Ok(());
+    }
+    println!("{:<32} {:>13} {:>9} {:>10}  status", "run", "steps", "val loss", "time");
+    for r in runs {
+        let val = r.val_loss.map_or("-".to_string(), |(_, v)| format!("{v:.4}"));
+        let time = r
+            .training_seconds
+            .map_or("-".to_string(), semoe::train::trainer::format_duration);
+        println!(
+            "{:<32} {:>13} {:>9} {:>10}  {}",
+            r.name,
+            format!("{}/{}", r.checkpoint_step.unwrap_or(0), r.planned_steps),
+            val,
+            time,
+            r.status
+        );
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> semoe::Result<ExitCode> {
     match cli.command {
-        Command::Train(a) => train(&a)?,
+        Command::Train(a) => return train(&a),
         Command::Generate(a) => generate_cmd(&a)?,
+        Command::Eval(a) => eval_cmd(&a)?,
+        Command::Runs(a) => runs_cmd(&a)?,
         Command::Bench(BenchCommand::MoeLayer(a)) => {
             let config = MoeConfig {
                 d_model: a.d_model,
@@ -717,5 +1012,5 @@ fn run(cli: Cli) -> semoe::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

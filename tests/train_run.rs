@@ -108,6 +108,7 @@ fn resume_ends_bitwise_identical_to_an_uninterrupted_run() {
     assert_eq!(resumed.steps_done(), 5);
     resumed.run(false).expect("run");
     assert_eq!(params(&mut resumed), params(&mut straight));
+    drop(resumed);
 
     // A fresh run refuses to overwrite it.
     let err = Trainer::new(small(12), &dir).err().expect("must refuse").to_string();
@@ -121,6 +122,7 @@ fn a_corrupt_checkpoint_is_refused_with_a_clear_error() {
     let dir = temp_dir("corrupt");
     let mut t = Trainer::new(small(3), &dir).expect("trainer");
     t.run(false).expect("run");
+    drop(t);
     let ckpt = semoe::storage::checkpoint::latest(&dir)
         .expect("list")
         .expect("a checkpoint");

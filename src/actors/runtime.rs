@@ -400,7 +400,7 @@ impl Runtime {
     pub fn save_checkpoint<'a>(&'a self, run_dir: &'a std::path::Path) -> RuntimeFuture<'a, std::path::PathBuf> {
         Box::pin(async move {
             let (model, optimizer) = self.state().await?;
-            write_checkpoint(run_dir, &self.config, &model, &optimizer, 0.0)
+            write_checkpoint(run_dir, &self.config, &model, &optimizer, 0.0, None)
         })
     }
 

@@ -519,6 +519,99 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(list(run_dir)?.pop().map(|(_, dir)| dir))
 }
 
+/// A checkpoint directory that [`newest_intact`] passed over, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Damaged {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// What is wrong with it (a missing or invalid manifest, a truncated or corrupt file, ...).
+    pub reason: String,
+}
+
+/// What [`newest_intact`] found.
+#[derive(Debug)]
+pub struct Resolved {
+    /// The newest checkpoint that loads and verifies, loaded (`None`: there is none).
+    pub checkpoint: Option<Checkpoint>,
+    /// The `step-*` directories newer than it that did not verify, newest first: each is a
+    /// checkpoint the run wrote (or began to write) that cannot be used.
+    pub damaged: Vec<Damaged>,
+}
+
+/// The newest checkpoint of `run_dir` that verifies in full (manifest, lengths, SHA-256, tensors),
+/// loaded, and every newer `step-*` directory that did not verify, with the reason. One rule for
+/// every reader: a damaged checkpoint is never used, and never silently skipped either; the caller
+/// names each damaged one when it falls back to an older checkpoint.
+///
+/// I/O errors other than damage (a permission error, say) are returned as errors, not treated as
+/// damage.
+pub fn newest_intact(run_dir: &Path) -> Result<Resolved> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    let mut candidates = Vec::new();
+    if root.is_dir() {
+        for (name, path) in read_dir_entries(&root)? {
+            if let Some(step) = parse_step_dir_name(&name) {
+                candidates.push((step, path));
+            }
+        }
+    }
+    candidates.sort();
+    let mut damaged = Vec::new();
+    while let Some((step, dir)) = candidates.pop() {
+        match load(&dir) {
+            Ok(ckpt) if ckpt.step == step => {
+                return Ok(Resolved {
+                    checkpoint: Some(ckpt),
+                    damaged,
+                })
+            }
+            Ok(ckpt) => damaged.push(Damaged {
+                dir,
+                reason: format!("its manifest says step {}, its name step {step}", ckpt.step),
+            }),
+            Err(Error::Checkpoint { path, detail }) => damaged.push(Damaged {
+                dir,
+                reason: format!("{}: {detail}", path.display()),
+            }),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Resolved {
+        checkpoint: None,
+        damaged,
+    })
+}
+
+/// Move a damaged checkpoint directory out of the way, to `checkpoints/damaged-step-NNNNNNNN`
+/// (with `-2`, `-3`, ... if taken), so that a resumed run writing that step again does not
+/// overwrite it and it stays for inspection. Returns the new path.
+pub fn set_aside(dir: &Path) -> Result<PathBuf> {
+    let parent = dir
+        .parent()
+        .ok_or_else(|| Error::checkpoint(dir, "a checkpoint directory has no parent"))?;
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::checkpoint(dir, "not a checkpoint directory name"))?;
+    for n in 1..=1000u32 {
+        let target = if n == 1 {
+            parent.join(format!("damaged-{name}"))
+        } else {
+            parent.join(format!("damaged-{name}-{n}"))
+        };
+        if target.exists() {
+            continue;
+        }
+        fs::rename(dir, &target).map_err(|e| Error::io("cannot move a damaged checkpoint aside", dir, e))?;
+        sync_dir(parent)?;
+        return Ok(target);
+    }
+    Err(Error::checkpoint(
+        dir,
+        "too many damaged copies of this checkpoint are set aside",
+    ))
+}
+
 /// Deletes all but the newest `keep` complete checkpoints of `run_dir` (`keep == 0` deletes them
 /// all), and `step-*` directories that have no manifest at all (interrupted deletions).
 ///

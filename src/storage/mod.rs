@@ -2,6 +2,7 @@
 //! while training (Device, Host, Disk).
 
 pub mod checkpoint;
+pub mod run_dir;
 pub mod tiers;
 
 pub use checkpoint::{Checkpoint, LoadedTensor, NamedTensor};

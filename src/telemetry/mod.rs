@@ -6,6 +6,7 @@
 
 pub mod metrics;
 pub mod report;
+pub mod runs;
 
 pub use report::{
     ema_smoothing, read_metrics, summarize, write_report, LayerLoad, Metrics, ReportSummary, TrainRecord, ValRecord,

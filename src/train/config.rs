@@ -208,6 +208,14 @@ impl TrainConfig {
                 t.batch, t.groups
             )));
         }
+        let (cores, max_threads) = (crate::kernels::cpu::cores(), crate::kernels::cpu::max_threads());
+        if t.threads > max_threads {
+            return Err(Error::config(format!(
+                "train.threads ({}) is more than this machine can use: it has {cores} cores (at most {max_threads} \
+                 threads are accepted; 0 means one per core)",
+                t.threads
+            )));
+        }
         if t.eval_windows == 0 {
             return Err(Error::config("train.eval_windows must be positive"));
         }
@@ -240,4 +248,70 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+/// The settings `--resume` may change: none of them changes a bit of the parameters (the runtime is
+/// bitwise identical for any thread count, worker count, placement and storage budgets;
+/// evaluation and checkpoints only read the state). `train.steps` is the one exception that is
+/// allowed all the same: it extends (or shortens) the run, and the learning-rate schedule spans the
+/// new count from the resumed step on. `train.data` may point elsewhere, but the text must be the
+/// same (checked against the checkpoint's digest).
+pub const RESUMABLE: &[&str] = &[
+    "train.steps",
+    "train.threads",
+    "train.workers",
+    "train.placement",
+    "train.time_limit_s",
+    "train.eval_every",
+    "train.eval_windows",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.deadline_s",
+    "train.data",
+    "storage.*",
+];
+
+/// Every leaf of a config as (`table.key`, value), for comparisons that name the field.
+fn leaves(config: &TrainConfig) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
+    let value = serde_json::to_value(config).map_err(|e| Error::parse("config", e.to_string()))?;
+    let mut out = std::collections::BTreeMap::new();
+    if let serde_json::Value::Object(tables) = value {
+        for (table, fields) in tables {
+            if let serde_json::Value::Object(fields) = fields {
+                for (key, v) in fields {
+                    out.insert(format!("{table}.{key}"), v);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn resumable(field: &str) -> bool {
+    RESUMABLE.iter().any(|r| {
+        r.strip_suffix('*')
+            .map_or(*r == field, |prefix| field.starts_with(prefix))
+    })
+}
+
+/// The fields that differ between a run's recorded config and the one asked for on resume, as
+/// `field (run: X, asked: Y)`, split into those resume may change and those it may not.
+pub fn resume_differences(recorded: &TrainConfig, requested: &TrainConfig) -> Result<(Vec<String>, Vec<String>)> {
+    let (a, b) = (leaves(recorded)?, leaves(requested)?);
+    let (mut allowed, mut refused) = (Vec::new(), Vec::new());
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for key in keys {
+        let (x, y) = (a.get(key), b.get(key));
+        if x == y {
+            continue;
+        }
+        let show = |v: Option<&serde_json::Value>| v.map_or("unset".to_string(), |v| v.to_string());
+        let line = format!("{key} (run: {}, asked: {})", show(x), show(y));
+        if resumable(key) {
+            allowed.push(line);
+        } else {
+            refused.push(line);
+        }
+    }
+    Ok((allowed, refused))
 }

@@ -29,6 +29,19 @@ fn gunzip(bytes: &[u8], what: &str) -> Result<Vec<u8>> {
 }
 
 impl Corpus {
+    /// SHA-256 of the training and validation bytes (each length-prefixed, so moving bytes from one
+    /// split to the other changes it), as lowercase hex: what a checkpoint records so that resuming
+    /// on different data is caught.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [&self.train, &self.val] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The bundled corpus: 39 works of Shakespeare for training, 3 for validation (data/README.md).
     pub fn bundled() -> Result<Self> {
         Ok(Corpus {

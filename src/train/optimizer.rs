@@ -76,10 +76,18 @@ impl OptimizerConfig {
                 return Err(Error::config(format!("optimizer.{name} must be in [0, 1), got {b}")));
             }
         }
-        if !(ok(self.eps) && self.eps > 0.0 && ok(self.weight_decay) && ok(self.clip)) {
-            return Err(Error::config(
-                "optimizer.eps must be positive; weight_decay and clip non-negative",
-            ));
+        if !(ok(self.eps) && self.eps > 0.0) {
+            return Err(Error::config(format!(
+                "optimizer.eps must be positive, got {}",
+                self.eps
+            )));
+        }
+        for (name, v) in [("weight_decay", self.weight_decay), ("clip", self.clip)] {
+            if !ok(v) {
+                return Err(Error::config(format!(
+                    "optimizer.{name} must be a non-negative number, got {v}"
+                )));
+            }
         }
         Ok(())
     }

@@ -15,11 +15,22 @@ use crate::actors::{ExpertPlacement, Runtime};
 use crate::error::{Error, Result};
 use crate::kernels::{Backend, Cpu};
 use crate::model::gpt::{Gpt, GroupOutput};
-use crate::storage::checkpoint::{self, NamedTensor};
+use crate::storage::checkpoint::{self, Checkpoint, NamedTensor};
+use crate::storage::run_dir::{self, RunDirLock};
 use serde_json::json;
-use std::io::Write;
+use std::collections::VecDeque;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Steps the final "mean train loss" averages over: the mean of the last this many steps' losses,
+/// the same number for bitwise-identical runs however they were interrupted and resumed.
+pub const MEAN_LOSS_STEPS: usize = 100;
+
+/// Seconds between progress lines when standard error is not a terminal (CI, nohup, a log file).
+const PLAIN_PROGRESS_EVERY_S: f64 = 10.0;
 
 /// What one optimizer step reports.
 #[derive(Clone, Debug)]
@@ -42,21 +53,46 @@ pub struct StepReport {
     pub seconds: f64,
 }
 
+/// Why [`Trainer::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// Every planned step ran.
+    Finished,
+    /// Every planned step had already run before this invocation: nothing was done or logged.
+    AlreadyFinished,
+    /// `train.time_limit_s` was reached.
+    TimeLimit,
+    /// A stop was requested through [`Trainer::stop_flag`] (the CLI sets it on SIGINT/SIGTERM);
+    /// the value is what was stored in the flag (the CLI stores the signal number).
+    Requested(usize),
+}
+
 /// The result of [`Trainer::run`].
 #[derive(Clone, Debug)]
 pub struct RunSummary {
     /// Steps done in total.
     pub steps: u64,
-    /// The last validation loss.
+    /// Steps planned (`train.steps`).
+    pub planned_steps: u64,
+    /// Steps run by this invocation.
+    pub steps_run: u64,
+    /// The last validation loss (NaN if none was measured).
     pub val_loss: f64,
-    /// The last smoothed training loss.
-    pub train_loss: f64,
+    /// The step of that validation loss.
+    pub val_step: u64,
+    /// The mean training loss (cross-entropy plus router losses) of the last
+    /// [`MEAN_LOSS_STEPS`] steps of the run (fewer if the run has fewer); NaN if no step ran.
+    pub mean_train_loss: f64,
+    /// How many steps that mean is over.
+    pub mean_train_loss_steps: usize,
     /// Training tokens per second (excluding evaluation and checkpoints).
     pub tokens_per_s: f64,
     /// Wall-clock seconds of this invocation.
     pub elapsed_s: f64,
-    /// The last checkpoint written.
+    /// The last checkpoint written (empty if none was written by this invocation).
     pub checkpoint: PathBuf,
+    /// Why the run returned.
+    pub stop: StopReason,
 }
 
 /// The actor runtime a [`Trainer`] drives (with `train.workers > 0`), on its own tokio runtime.
@@ -79,9 +115,98 @@ pub struct Trainer {
     engine: Option<RuntimeEngine>,
     /// Training seconds before this invocation (from the checkpoint), for the time axis of the log.
     prior_seconds: f64,
+    /// SHA-256 of the corpus, recorded in every checkpoint.
+    data_digest: String,
+    /// Non-zero: stop at the next step boundary (see [`Trainer::stop_flag`]).
+    stop: Arc<AtomicUsize>,
+    /// Losses of the last [`MEAN_LOSS_STEPS`] steps (from the log on resume).
+    recent_losses: VecDeque<f64>,
+    /// The last validation loss of the log (on resume) and its step.
+    last_val: Option<(u64, f64)>,
+    /// What a user should know about how this run was set up (fallbacks, changed settings).
+    notices: Vec<String>,
+    /// The exclusive lock on the run directory, held while this trainer lives.
+    _lock: RunDirLock,
 }
 
-fn corpus_for(config: &TrainConfig) -> Result<Corpus> {
+/// How [`Trainer::resume_with_options`] treats its inputs.
+#[derive(Clone, Debug, Default)]
+pub struct ResumeOptions {
+    /// Replace `train.steps` (the schedule then spans the new count from the resumed step on).
+    pub steps: Option<u64>,
+    /// Resume even if the training text differs from the one the checkpoint was trained on.
+    pub allow_data_change: bool,
+}
+
+/// The configuration `--resume` continues the run in `run_dir` with: its recorded `config.toml`,
+/// changed by `adjust` and `options.steps`, validated, with only the settings in
+/// [`super::config::RESUMABLE`] changed (any other change is an error naming each field). Also
+/// returns a line for each change, for the user.
+pub fn resumed_config(
+    run_dir: &Path,
+    options: &ResumeOptions,
+    adjust: impl FnOnce(&mut TrainConfig),
+) -> Result<(TrainConfig, Vec<String>)> {
+    let config_path = run_dir.join("config.toml");
+    let recorded = TrainConfig::from_file(&config_path)?;
+    let mut config = recorded.clone();
+    adjust(&mut config);
+    if let Some(steps) = options.steps {
+        config.train.steps = steps;
+    }
+    if let Some(path) = &config.train.data {
+        if Some(path) != recorded.train.data.as_ref() {
+            config.train.data =
+                Some(std::fs::canonicalize(path).map_err(|e| Error::io("cannot read the training data", path, e))?);
+        }
+    }
+    let (changed, refused) = super::config::resume_differences(&recorded, &config)?;
+    if !refused.is_empty() {
+        return Err(Error::config(format!(
+            "--resume cannot change {}: these settings change the training arithmetic, so the run would no longer \
+             be the one its checkpoints belong to; start a new run (another --run-dir) instead",
+            refused.join(", ")
+        )));
+    }
+    config.validate()?;
+    let mut notices: Vec<String> = changed.iter().map(|c| format!("resume changes {c}")).collect();
+    if config.train.steps != recorded.train.steps {
+        notices.push(format!(
+            "the learning-rate schedule now spans {} steps instead of {}",
+            config.train.steps, recorded.train.steps
+        ));
+    }
+    Ok((config, notices))
+}
+
+/// The state a [`Trainer`] starts from: fresh, or loaded from a checkpoint and the metrics log.
+struct State {
+    model: Gpt<f32>,
+    optimizer: AdamW,
+    prior_seconds: f64,
+    recent_losses: VecDeque<f64>,
+    last_val: Option<(u64, f64)>,
+}
+
+/// Remove the Disk tier's slot files under `run_dir` (scratch state: the checkpoints hold the run).
+fn remove_tier_files(run_dir: &Path) {
+    let tiers = run_dir.join(run_dir::TIERS_DIR);
+    if tiers.exists() {
+        let _ = std::fs::remove_dir_all(&tiers);
+    }
+}
+
+impl Drop for Trainer {
+    fn drop(&mut self) {
+        // Stop the runtime (and its I/O threads) first, then remove the slot files it wrote: a run
+        // leaves its checkpoints, log and report, not tens of megabytes of scratch.
+        drop(self.engine.take());
+        remove_tier_files(&self.run_dir);
+    }
+}
+
+/// The corpus a config trains on: its `train.data`, or the bundled one.
+pub fn corpus_for(config: &TrainConfig) -> Result<Corpus> {
     match &config.train.data {
         Some(path) => Corpus::from_path(path, config.train.val_fraction, config.model.block_size + 1),
         None => Corpus::bundled(),
@@ -90,7 +215,8 @@ fn corpus_for(config: &TrainConfig) -> Result<Corpus> {
 
 impl Trainer {
     /// Start a fresh run in `run_dir` (created; an existing run there is an error, to never overwrite
-    /// a previous run's checkpoints).
+    /// a previous run's checkpoints). The run directory is locked for as long as the trainer lives;
+    /// a start that fails leaves no directory behind when it created it.
     pub fn new(mut config: TrainConfig, run_dir: &Path) -> Result<Self> {
         config.validate()?;
         // Record the data path absolutely, so the run resumes (and its checkpoints evaluate) from
@@ -99,13 +225,24 @@ impl Trainer {
             config.train.data =
                 Some(std::fs::canonicalize(path).map_err(|e| Error::io("cannot read the training data", path, e))?);
         }
+        let fresh = std::fs::read_dir(run_dir).map_or(true, |mut entries| entries.next().is_none());
+        std::fs::create_dir_all(run_dir).map_err(|e| Error::io("cannot create the run directory", run_dir, e))?;
+        let lock = RunDirLock::acquire(run_dir)?;
+        let started = Trainer::start_fresh(config, run_dir, lock);
+        if started.is_err() && fresh && run_dir::holds_no_results(run_dir) {
+            // Nothing of value was written: leave no empty run directory behind.
+            let _ = std::fs::remove_dir_all(run_dir);
+        }
+        started
+    }
+
+    fn start_fresh(config: TrainConfig, run_dir: &Path, lock: RunDirLock) -> Result<Self> {
         if checkpoint::latest(run_dir)?.is_some() {
             return Err(Error::config(format!(
                 "{} already holds a run with checkpoints; use --resume to continue it or choose another --run-dir",
                 run_dir.display()
             )));
         }
-        std::fs::create_dir_all(run_dir).map_err(|e| Error::io("cannot create the run directory", run_dir, e))?;
         let corpus = corpus_for(&config)?;
         let model = Gpt::init(&config.model, config.train.seed)?;
         let optimizer = new_optimizer(&config, &model)?;
@@ -113,7 +250,14 @@ impl Trainer {
         std::fs::write(&config_path, config.to_toml()?).map_err(|e| Error::io("cannot write", &config_path, e))?;
         let metrics = run_dir.join("metrics.jsonl");
         std::fs::write(&metrics, "").map_err(|e| Error::io("cannot create", &metrics, e))?;
-        Trainer::assemble(config, corpus, model, optimizer, run_dir, 0.0)
+        let state = State {
+            model,
+            optimizer,
+            prior_seconds: 0.0,
+            recent_losses: VecDeque::new(),
+            last_val: None,
+        };
+        Trainer::assemble(config, corpus, state, run_dir, lock, Vec::new())
     }
 
     /// Continue the run in `run_dir` from its newest checkpoint, with the run's own `config.toml`.
@@ -130,32 +274,115 @@ impl Trainer {
         override_steps: Option<u64>,
         adjust: impl FnOnce(&mut TrainConfig),
     ) -> Result<Self> {
-        let mut config = TrainConfig::from_file(&run_dir.join("config.toml"))?;
-        if let Some(steps) = override_steps {
-            config.train.steps = steps;
-        }
-        adjust(&mut config);
-        config.validate()?;
-        let dir = checkpoint::latest(run_dir)?.ok_or_else(|| {
-            Error::config(format!(
-                "{} has no complete checkpoint to resume from",
+        let options = ResumeOptions {
+            steps: override_steps,
+            ..ResumeOptions::default()
+        };
+        Trainer::resume_with_options(run_dir, &options, adjust)
+    }
+
+    /// Continue the run in `run_dir`, checking what may change:
+    ///
+    /// - `adjust` may change only the settings in [`super::config::RESUMABLE`] (threads, workers,
+    ///   placement, budgets, time limit, evaluation and checkpoint cadence, steps); any other
+    ///   difference is refused with an error naming each field;
+    /// - the training text must hash to the digest the checkpoint recorded (unless
+    ///   `allow_data_change`);
+    /// - a damaged newest checkpoint is never used: the newest intact one is, the damaged ones are
+    ///   moved aside to `checkpoints/damaged-step-*` (so the resumed run does not overwrite them),
+    ///   and [`Trainer::notices`] says so.
+    pub fn resume_with_options(
+        run_dir: &Path,
+        options: &ResumeOptions,
+        adjust: impl FnOnce(&mut TrainConfig),
+    ) -> Result<Self> {
+        let config_path = run_dir.join("config.toml");
+        if !config_path.is_file() {
+            return Err(Error::config(format!(
+                "{} is not a run directory (it has no config.toml); start a run there without --resume",
                 run_dir.display()
-            ))
-        })?;
-        let (model, optimizer, prior_seconds) = load_state(&config, &dir)?;
-        truncate_metrics(&run_dir.join("metrics.jsonl"), optimizer.step)?;
+            )));
+        }
+        let lock = RunDirLock::acquire(run_dir)?;
+        let (config, mut notices) = resumed_config(run_dir, options, adjust)?;
+        let recorded = TrainConfig::from_file(&config_path)?;
+
+        let resolved = checkpoint::newest_intact(run_dir)?;
+        let Some(ckpt) = resolved.checkpoint else {
+            let mut msg = format!("{} has no intact checkpoint to resume from", run_dir.display());
+            for d in &resolved.damaged {
+                msg.push_str(&format!("; {} is damaged ({})", d.dir.display(), d.reason));
+            }
+            return Err(Error::config(msg));
+        };
         let corpus = corpus_for(&config)?;
-        Trainer::assemble(config, corpus, model, optimizer, run_dir, prior_seconds)
+        let digest = corpus.digest();
+        match ckpt.extra.get("data_sha256").and_then(|v| v.as_str()) {
+            Some(recorded) if recorded == digest => {}
+            Some(recorded) if options.allow_data_change => notices.push(format!(
+                "the training text differs from the checkpoint's (SHA-256 {recorded}, now {digest}); resuming on it \
+                 as asked (the run is no longer reproducible from its config)"
+            )),
+            Some(recorded) => {
+                return Err(Error::config(format!(
+                    "the training text ({}) is not the text checkpoint {} was trained on (SHA-256 {recorded}, now \
+                     {digest}); resume on the same text, or pass --allow-data-change to continue on this one",
+                    corpus.source,
+                    ckpt.dir.display()
+                )))
+            }
+            None => notices.push(format!(
+                "checkpoint {} records no digest of its training text (written by an older semoe): the text \
+                 cannot be checked",
+                ckpt.dir.display()
+            )),
+        }
+        for d in &resolved.damaged {
+            let aside = checkpoint::set_aside(&d.dir)?;
+            notices.push(format!(
+                "checkpoint {} is damaged ({}); it was moved to {} and the run resumes from {}",
+                d.dir.display(),
+                d.reason,
+                aside.display(),
+                ckpt.dir.display()
+            ));
+        }
+        let (model, optimizer, prior_seconds) = load_state_from(&config, ckpt)?;
+        let history = truncate_metrics(&run_dir.join("metrics.jsonl"), optimizer.step)?;
+        let state = State {
+            model,
+            optimizer,
+            prior_seconds,
+            recent_losses: history.recent_losses,
+            last_val: history.last_val,
+        };
+        Trainer::assemble(config.clone(), corpus, state, run_dir, lock, notices).and_then(|t| {
+            // The run's config now says what it runs with (the resumable settings just applied).
+            if config != recorded {
+                std::fs::write(&config_path, config.to_toml()?)
+                    .map_err(|e| Error::io("cannot write", &config_path, e))?;
+            }
+            Ok(t)
+        })
     }
 
     fn assemble(
         config: TrainConfig,
         corpus: Corpus,
-        model: Gpt<f32>,
-        optimizer: AdamW,
+        state: State,
         run_dir: &Path,
-        prior_seconds: f64,
+        lock: RunDirLock,
+        notices: Vec<String>,
     ) -> Result<Self> {
+        let State {
+            model,
+            optimizer,
+            prior_seconds,
+            recent_losses,
+            last_val,
+        } = state;
+        // The Disk tier's slot files of an earlier invocation are stale scratch: start clean.
+        remove_tier_files(run_dir);
         let cpu = Cpu::new(config.train.threads)?;
         let (group_grads, engine) = if config.train.workers == 0 {
             let grads = (0..config.train.groups)
@@ -177,7 +404,7 @@ impl Trainer {
                 .placement(config.train.placement.parse::<ExpertPlacement>()?)
                 .deadline(Duration::from_secs_f64(config.train.deadline_s))
                 .text(corpus.train.clone())
-                .storage(config.storage.to_config(Some(run_dir.join("tiers")))?)
+                .storage(config.storage.to_config(Some(run_dir.join(run_dir::TIERS_DIR)))?)
                 .state(model.clone(), optimizer.clone());
             let runtime = tokio.block_on(builder.build())?;
             let engine = RuntimeEngine {
@@ -187,6 +414,7 @@ impl Trainer {
             };
             (Vec::new(), Some(engine))
         };
+        let corpus_digest = corpus.digest();
         Ok(Trainer {
             config,
             corpus,
@@ -197,7 +425,31 @@ impl Trainer {
             group_grads,
             engine,
             prior_seconds,
+            data_digest: corpus_digest,
+            stop: Arc::new(AtomicUsize::new(0)),
+            recent_losses,
+            last_val,
+            notices,
+            _lock: lock,
         })
+    }
+
+    /// A flag checked at every step boundary: store a non-zero value (for example a signal
+    /// number) and [`Trainer::run`] stops after the step in progress, evaluates, checkpoints and
+    /// returns [`StopReason::Requested`] with that value.
+    pub fn stop_flag(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.stop)
+    }
+
+    /// Messages about how this run was set up that its user should see: settings changed on
+    /// resume, a damaged checkpoint passed over, a training text that could not be checked.
+    pub fn notices(&self) -> &[String] {
+        &self.notices
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
     }
 
     /// Serve the runtime's metrics as Prometheus text on `addr` (`HOST:PORT`).
@@ -250,19 +502,38 @@ impl Trainer {
     /// One optimizer step.
     pub fn step(&mut self) -> Result<StepReport> {
         let started = Instant::now();
+        let step = self.optimizer.step;
+        let step_lr = self.config.optimizer.lr_at(step, self.config.train.steps);
+        let diverged = |e: Error| match e {
+            Error::NonFinite { context, detail } => Error::Diverged {
+                step: step + 1,
+                what: format!("the parameters overflowed: {context} computed a non-finite {detail}"),
+                lr: step_lr,
+            },
+            other => other,
+        };
         let (outputs, lr, grad_norm) = match &mut self.engine {
             Some(engine) => {
-                let outcome = engine.tokio.block_on(engine.runtime.step())?;
+                let outcome = engine.tokio.block_on(engine.runtime.step()).map_err(diverged)?;
                 engine.stale = true;
                 self.optimizer.step = outcome.step;
                 (outcome.outputs, outcome.lr, outcome.grad_norm)
             }
-            None => self.direct_step()?,
+            None => self.direct_step().map_err(diverged)?,
         };
         let c = &self.config;
         let t = c.model.block_size;
         let groups = c.train.groups;
         let ce_loss = outputs.iter().map(|o| o.ce_sum).sum::<f64>() / (c.train.batch * t) as f64;
+        for (what, v) in [("the loss", ce_loss), ("the gradient norm", grad_norm)] {
+            if !v.is_finite() {
+                return Err(Error::Diverged {
+                    step: self.optimizer.step,
+                    what: format!("{what} is {v}"),
+                    lr,
+                });
+            }
+        }
         let moe_blocks = outputs[0].router_loss.len();
         let aux_loss = (0..moe_blocks)
             .map(|l| outputs.iter().map(|o| o.router_loss[l]).sum::<f64>())
@@ -334,6 +605,14 @@ impl Trainer {
         }
         let lr = c.optimizer.lr_at(step, c.train.steps);
         let grad_norm = model_grad_norm(&self.model, &total);
+        if !grad_norm.is_finite() {
+            // Refuse the update: the parameters stay those of the last finite step.
+            return Err(Error::Diverged {
+                step: step + 1,
+                what: format!("the gradient norm is {grad_norm}"),
+                lr,
+            });
+        }
         let mut params = self.model.buffers_mut();
         let optimizer = &mut self.optimizer;
         self.cpu
@@ -359,28 +638,8 @@ impl Trainer {
     pub fn evaluate(&mut self) -> Result<f64> {
         self.sync()?;
         let c = &self.config;
-        let t = c.model.block_size;
-        let starts = sampler::eval_starts(self.corpus.val.len(), t, c.train.eval_windows);
         let seqs = (c.train.batch / c.train.groups).max(1);
-        let chunks: Vec<&[usize]> = starts.chunks(seqs).collect();
-        let sums = std::sync::Mutex::new(vec![0.0f64; chunks.len()]);
-        let model = &self.model;
-        let val = &self.corpus.val;
-        self.cpu
-            .par_for_each(chunks.iter().copied().enumerate().collect(), |backend, (i, chunk)| {
-                let (idx, targets) = sampler::windows(val, chunk, t);
-                let out = model.evaluate(backend, &idx, &targets, chunk.len())?;
-                if let Ok(mut s) = sums.lock() {
-                    s[i] = out.ce_sum;
-                }
-                Ok(())
-            })?;
-        let total: f64 = sums
-            .into_inner()
-            .map_err(|_| compute_failure("an evaluation task panicked"))?
-            .iter()
-            .sum();
-        Ok(total / (starts.len() * t) as f64)
+        text_loss(&self.model, &self.cpu, &self.corpus.val, c.train.eval_windows, seqs)
     }
 
     /// Write a checkpoint of the current state.
@@ -392,59 +651,74 @@ impl Trainer {
             &self.model,
             &self.optimizer,
             training_seconds,
+            Some(&self.data_digest),
         )?;
         checkpoint::prune(&self.run_dir, self.config.train.keep_checkpoints)?;
         Ok(dir)
     }
 
-    /// Run to `train.steps` (or the time limit), logging to `metrics.jsonl`, evaluating and
-    /// checkpointing on the configured cadence; shows a progress bar when `progress` is set.
+    /// Run to `train.steps` (or the time limit, or a stop through [`Trainer::stop_flag`]),
+    /// logging to `metrics.jsonl`, evaluating and checkpointing on the configured cadence, and
+    /// evaluating and checkpointing where it stopped. With `progress`, shows a progress bar on a
+    /// terminal, or prints a plain progress line every few seconds when standard error is not one.
     pub fn run(&mut self, progress: bool) -> Result<RunSummary> {
         let c = self.config.clone();
         let tokens_per_step = (c.train.batch * c.model.block_size) as f64;
+        let started = Instant::now();
+        if self.optimizer.step >= c.train.steps {
+            // Nothing to do: say so, and append nothing to the log.
+            let (val_step, val_loss) = self.last_val.unwrap_or((self.optimizer.step, f64::NAN));
+            return Ok(RunSummary {
+                steps: self.optimizer.step,
+                planned_steps: c.train.steps,
+                steps_run: 0,
+                val_loss,
+                val_step,
+                mean_train_loss: mean(&self.recent_losses),
+                mean_train_loss_steps: self.recent_losses.len(),
+                tokens_per_s: 0.0,
+                elapsed_s: 0.0,
+                checkpoint: PathBuf::new(),
+                stop: StopReason::AlreadyFinished,
+            });
+        }
         let metrics_path = self.run_dir.join("metrics.jsonl");
         let mut log = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
             .open(&metrics_path)
             .map_err(|e| Error::io("cannot open the metrics log", &metrics_path, e))?;
-        let started = Instant::now();
-        let bar = if progress {
-            let bar = indicatif::ProgressBar::new(c.train.steps);
-            let style = indicatif::ProgressStyle::with_template(
-                "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
-            )
-            .map_err(|e| Error::config(format!("progress bar template: {e}")))?;
-            bar.set_style(style);
-            bar.set_position(self.optimizer.step);
-            bar
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
+        let mut out = Progress::new(progress, c.train.steps, self.optimizer.step)?;
         let mut train_seconds = 0.0f64;
         let mut steps_run = 0u64;
-        let mut smoothed: Option<f64> = None;
-        let mut val_loss = f64::NAN;
+        let (mut val_step, mut val_loss) = self.last_val.unwrap_or((0, f64::NAN));
         let mut last_checkpoint = PathBuf::new();
         let mut checkpointed_step = None;
+        let mut stop = StopReason::Finished;
         let write = |log: &mut std::fs::File, v: serde_json::Value| -> Result<()> {
             writeln!(log, "{v}").map_err(|e| Error::io("cannot append to the metrics log", &metrics_path, e))
         };
         while self.optimizer.step < c.train.steps {
+            let requested = self.stop.load(Ordering::SeqCst);
+            if requested != 0 {
+                stop = StopReason::Requested(requested);
+                break;
+            }
             if c.train.time_limit_s > 0.0 && started.elapsed().as_secs_f64() >= c.train.time_limit_s {
-                bar.println(format!(
-                    "time limit of {} s reached at step {}",
-                    c.train.time_limit_s, self.optimizer.step
-                ));
+                stop = StopReason::TimeLimit;
                 break;
             }
             let r = self.step()?;
             train_seconds += r.seconds;
             steps_run += 1;
             let loss = r.ce_loss + r.aux_loss;
-            smoothed = Some(smoothed.map_or(loss, |s| 0.95 * s + 0.05 * loss));
+            self.recent_losses.push_back(loss);
+            if self.recent_losses.len() > MEAN_LOSS_STEPS {
+                self.recent_losses.pop_front();
+            }
             let elapsed = self.prior_seconds + started.elapsed().as_secs_f64();
             let tps = tokens_per_step / r.seconds;
+            let mean_tps = tokens_per_step * steps_run as f64 / train_seconds.max(1e-9);
             write(
                 &mut log,
                 json!({"kind": "train", "step": r.step, "tokens": r.step as f64 * tokens_per_step,
@@ -455,28 +729,15 @@ impl Trainer {
             let last = r.step == c.train.steps;
             if (c.train.eval_every > 0 && r.step % c.train.eval_every == 0) || last {
                 val_loss = self.evaluate()?;
-                write(
-                    &mut log,
-                    json!({"kind": "val", "step": r.step, "elapsed_s": elapsed, "val_loss": val_loss}),
-                )?;
-                let tiers = self.tier_stats();
-                if !tiers.is_empty() {
-                    let mut total = crate::storage::tiers::TierStats::default();
-                    tiers.iter().for_each(|t| total.add(t));
-                    write(&mut log, json!({"kind": "storage", "step": r.step, "stats": total}))?;
-                }
-                if c.storage.shard_dense {
-                    write(
-                        &mut log,
-                        json!({"kind": "dense", "step": r.step, "workers": self.dense_stats()}),
-                    )?;
-                }
-                bar.println(format!(
-                    "step {:>5}  train loss {:.4}  val loss {:.4}  {:.0} tokens/s",
+                val_step = r.step;
+                self.log_evaluation(&mut log, &write, r.step, elapsed, val_loss)?;
+                out.line(format!(
+                    "step {:>5}  train loss {:.4} (mean of the last {})  val loss {:.4}  {:.0} tokens/s",
                     r.step,
-                    smoothed.unwrap_or(loss),
+                    mean(&self.recent_losses),
+                    self.recent_losses.len(),
                     val_loss,
-                    tokens_per_step * steps_run as f64 / train_seconds.max(1e-9)
+                    mean_tps
                 ));
             }
             if (c.train.checkpoint_every > 0 && r.step % c.train.checkpoint_every == 0) || last {
@@ -487,35 +748,30 @@ impl Trainer {
                     json!({"kind": "checkpoint", "step": r.step, "path": last_checkpoint}),
                 )?;
             }
-            bar.set_position(r.step);
-            bar.set_message(format!(
-                "loss {:.3}  val {:.3}  {:.0} tok/s",
-                smoothed.unwrap_or(loss),
-                val_loss,
-                tps
-            ));
+            out.step(r.step, loss, val_loss, tps, mean_tps);
         }
-        bar.finish_and_clear();
+        out.finish();
         if checkpointed_step != Some(self.optimizer.step) {
-            // Stopped by the time limit (or nothing to do): evaluate and checkpoint where we are.
+            // Stopped early (time limit or a requested stop): evaluate and checkpoint where we are,
+            // so that no step is lost and --resume continues from here.
             val_loss = self.evaluate()?;
+            val_step = self.optimizer.step;
             let elapsed = self.prior_seconds + started.elapsed().as_secs_f64();
+            self.log_evaluation(&mut log, &write, self.optimizer.step, elapsed, val_loss)?;
+            last_checkpoint = self.save_checkpoint(elapsed)?;
             write(
                 &mut log,
-                json!({"kind": "val", "step": self.optimizer.step, "elapsed_s": elapsed, "val_loss": val_loss}),
+                json!({"kind": "checkpoint", "step": self.optimizer.step, "path": last_checkpoint}),
             )?;
-            if c.storage.shard_dense {
-                write(
-                    &mut log,
-                    json!({"kind": "dense", "step": self.optimizer.step, "workers": self.dense_stats()}),
-                )?;
-            }
-            last_checkpoint = self.save_checkpoint(elapsed)?;
         }
         Ok(RunSummary {
             steps: self.optimizer.step,
+            planned_steps: c.train.steps,
+            steps_run,
             val_loss,
-            train_loss: smoothed.unwrap_or(f64::NAN),
+            val_step,
+            mean_train_loss: mean(&self.recent_losses),
+            mean_train_loss_steps: self.recent_losses.len(),
             tokens_per_s: if train_seconds > 0.0 {
                 tokens_per_step * steps_run as f64 / train_seconds
             } else {
@@ -523,8 +779,178 @@ impl Trainer {
             },
             elapsed_s: started.elapsed().as_secs_f64(),
             checkpoint: last_checkpoint,
+            stop,
         })
     }
+
+    /// Log a validation loss and the storage and dense-sharding figures measured with it.
+    fn log_evaluation(
+        &self,
+        log: &mut std::fs::File,
+        write: &impl Fn(&mut std::fs::File, serde_json::Value) -> Result<()>,
+        step: u64,
+        elapsed: f64,
+        val_loss: f64,
+    ) -> Result<()> {
+        write(
+            log,
+            json!({"kind": "val", "step": step, "elapsed_s": elapsed, "val_loss": val_loss}),
+        )?;
+        let tiers = self.tier_stats();
+        if !tiers.is_empty() {
+            let mut total = crate::storage::tiers::TierStats::default();
+            tiers.iter().for_each(|t| total.add(t));
+            write(log, json!({"kind": "storage", "step": step, "stats": total}))?;
+        }
+        if self.config.storage.shard_dense {
+            write(
+                log,
+                json!({"kind": "dense", "step": step, "workers": self.dense_stats()}),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The mean of some losses (NaN if there are none).
+fn mean(values: &VecDeque<f64>) -> f64 {
+    if values.is_empty() {
+        f64::NAN
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+/// How [`Trainer::run`] shows progress: a bar on a terminal, plain lines every few seconds
+/// elsewhere (a log file, CI), or nothing.
+enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines {
+        total: u64,
+        first_step: u64,
+        started: Instant,
+        last_line: Option<Instant>,
+    },
+    Silent,
+}
+
+impl Progress {
+    fn new(enabled: bool, total: u64, done: u64) -> Result<Self> {
+        if !enabled {
+            return Ok(Progress::Silent);
+        }
+        if !std::io::stderr().is_terminal() {
+            return Ok(Progress::Lines {
+                total,
+                first_step: done,
+                started: Instant::now(),
+                last_line: None,
+            });
+        }
+        let bar = indicatif::ProgressBar::new(total);
+        let style = indicatif::ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .map_err(|e| Error::config(format!("progress bar template: {e}")))?;
+        bar.set_style(style);
+        bar.set_position(done);
+        Ok(Progress::Bar(bar))
+    }
+
+    /// A line that stays (an evaluation).
+    fn line(&self, text: String) {
+        match self {
+            Progress::Bar(bar) => bar.println(text),
+            Progress::Lines { .. } => eprintln!("{text}"),
+            Progress::Silent => {}
+        }
+    }
+
+    /// After each step.
+    fn step(&mut self, step: u64, loss: f64, val_loss: f64, tps: f64, mean_tps: f64) {
+        match self {
+            Progress::Bar(bar) => {
+                bar.set_position(step);
+                bar.set_message(format!("loss {loss:.3}  val {val_loss:.3}  {tps:.0} tok/s"));
+            }
+            Progress::Lines {
+                total,
+                first_step,
+                started,
+                last_line,
+            } => {
+                let due = last_line.is_none_or(|t| t.elapsed().as_secs_f64() >= PLAIN_PROGRESS_EVERY_S);
+                if !due || step == *total {
+                    return;
+                }
+                *last_line = Some(Instant::now());
+                let done = step - *first_step;
+                let per_step = started.elapsed().as_secs_f64() / done.max(1) as f64;
+                let eta = per_step * (*total - step) as f64;
+                let val = if val_loss.is_nan() {
+                    "-".to_string()
+                } else {
+                    format!("{val_loss:.4}")
+                };
+                eprintln!(
+                    "step {step:>5}/{total} ({:.0}%)  loss {loss:.4}  val {val}  {mean_tps:.0} tokens/s  ETA {}",
+                    100.0 * step as f64 / *total as f64,
+                    format_duration(eta)
+                );
+            }
+            Progress::Silent => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Progress::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Seconds as `1h02m03s`, `2m03s` or `4s`.
+pub fn format_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec:02}s"),
+        (h, m, sec) => format!("{h}h{m:02}m{sec:02}s"),
+    }
+}
+
+/// Mean cross-entropy (nats per byte) of `model` on `windows` windows of its context length,
+/// evenly spaced over `text`, evaluated `chunk` windows at a time on the compute threads (the sum
+/// is taken in window order, so the result does not depend on the thread count).
+pub fn text_loss(model: &Gpt<f32>, cpu: &Cpu, text: &[u8], windows: usize, chunk: usize) -> Result<f64> {
+    let t = model.config().block_size;
+    if text.len() < t + 1 {
+        return Err(Error::config(format!(
+            "the text to evaluate has {} bytes; the model's context needs at least {}",
+            text.len(),
+            t + 1
+        )));
+    }
+    if windows == 0 || chunk == 0 {
+        return Err(Error::config("evaluation needs at least one window"));
+    }
+    let starts = sampler::eval_starts(text.len(), t, windows);
+    let chunks: Vec<&[usize]> = starts.chunks(chunk).collect();
+    let sums = std::sync::Mutex::new(vec![0.0f64; chunks.len()]);
+    cpu.par_for_each(chunks.iter().copied().enumerate().collect(), |backend, (i, chunk)| {
+        let (idx, targets) = sampler::windows(text, chunk, t);
+        let out = model.evaluate(backend, &idx, &targets, chunk.len())?;
+        if let Ok(mut s) = sums.lock() {
+            s[i] = out.ce_sum;
+        }
+        Ok(())
+    })?;
+    let total: f64 = sums
+        .into_inner()
+        .map_err(|_| compute_failure("an evaluation task panicked"))?
+        .iter()
+        .sum();
+    Ok(total / (starts.len() * t) as f64)
 }
 
 /// Write a checkpoint of a training state into `run_dir/checkpoints/` (the model, both Adam moments
@@ -536,6 +962,7 @@ pub fn write_checkpoint(
     model: &Gpt<f32>,
     optimizer: &AdamW,
     training_seconds: f64,
+    data_digest: Option<&str>,
 ) -> Result<PathBuf> {
     let tensors = model.tensors();
     if optimizer.m.len() != tensors.len() {
@@ -563,19 +990,27 @@ pub fn write_checkpoint(
             optimizer.v[i].as_slice(),
         ));
     }
-    let extra = json!({
+    let mut extra = json!({
         "config": config,
         "data_position": { "sampler": "pure function of (seed, step, group)", "next_step": optimizer.step },
         "rng": { "seed": config.train.seed },
         "optimizer_step": optimizer.step,
         "training_seconds": training_seconds,
     });
+    if let (Some(digest), Some(map)) = (data_digest, extra.as_object_mut()) {
+        map.insert("data_sha256".into(), json!(digest));
+    }
     checkpoint::save(run_dir, optimizer.step, &named, &opt, &extra)
 }
 
 /// Load a model and optimizer state from a checkpoint directory written by [`Trainer`].
 pub fn load_state(config: &TrainConfig, dir: &Path) -> Result<(Gpt<f32>, AdamW, f64)> {
-    let mut ckpt = checkpoint::load(dir)?;
+    load_state_from(config, checkpoint::load(dir)?)
+}
+
+/// [`load_state`] from a checkpoint already loaded (and verified).
+pub fn load_state_from(config: &TrainConfig, mut ckpt: Checkpoint) -> Result<(Gpt<f32>, AdamW, f64)> {
+    let dir = ckpt.dir.clone();
     let mut model = Gpt::<f32>::zeros(&config.model)?;
     let specs: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
     for ((name, shape), buf) in specs.iter().zip(model.buffers_mut()) {
@@ -605,10 +1040,25 @@ pub fn load_state(config: &TrainConfig, dir: &Path) -> Result<(Gpt<f32>, AdamW, 
 
 /// Load only the model (for generation) from a checkpoint directory, with the config saved in it.
 pub fn load_model(dir: &Path) -> Result<Gpt<f32>> {
-    let mut ckpt = checkpoint::load(dir)?;
-    let config: TrainConfig = serde_json::from_value(ckpt.extra.get("config").cloned().unwrap_or_default())
-        .map_err(|e| Error::parse(format!("checkpoint {} manifest config", dir.display()), e.to_string()))?;
+    model_from(checkpoint::load(dir)?)
+}
+
+/// The training config recorded in a checkpoint's manifest.
+pub fn checkpoint_config(ckpt: &Checkpoint) -> Result<TrainConfig> {
+    let config: TrainConfig =
+        serde_json::from_value(ckpt.extra.get("config").cloned().unwrap_or_default()).map_err(|e| {
+            Error::parse(
+                format!("checkpoint {} manifest config", ckpt.dir.display()),
+                e.to_string(),
+            )
+        })?;
     config.model.validate()?;
+    Ok(config)
+}
+
+/// The model of a loaded checkpoint, with the config saved in it.
+pub fn model_from(mut ckpt: Checkpoint) -> Result<Gpt<f32>> {
+    let config = checkpoint_config(&ckpt)?;
     let mut model = Gpt::<f32>::zeros(&config.model)?;
     let specs: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
     for ((name, shape), buf) in specs.iter().zip(model.buffers_mut()) {
@@ -644,22 +1094,51 @@ fn compute_failure(detail: &str) -> Error {
     }
 }
 
-/// Keep only the records of steps <= `step` in a metrics log (after a resume).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+/// What a metrics log says about the steps before a resume.
+struct History {
+    recent_losses: VecDeque<f64>,
+    last_val: Option<(u64, f64)>,
+}
+
+/// Keep only the records of steps <= `step` in a metrics log (after a resume), and read the last
+/// [`MEAN_LOSS_STEPS`] training losses and the last validation loss from what is kept.
+fn truncate_metrics(path: &Path, step: u64) -> Result<History> {
+    let mut history = History {
+        recent_losses: VecDeque::new(),
+        last_val: None,
+    };
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(history),
         Err(e) => return Err(Error::io("cannot read the metrics log", path, e)),
     };
-    let kept: String = text
-        .lines()
-        .filter(|line| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                .is_none_or(|s| s <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(path, kept).map_err(|e| Error::io("cannot rewrite the metrics log", path, e))
+    let mut kept = String::new();
+    for line in text.lines() {
+        let value = serde_json::from_str::<serde_json::Value>(line).ok();
+        let record_step = value.as_ref().and_then(|v| v.get("step")).and_then(|s| s.as_u64());
+        if record_step.is_some_and(|s| s > step) {
+            continue;
+        }
+        kept.push_str(line);
+        kept.push('\n');
+        let Some(v) = value else { continue };
+        match v.get("kind").and_then(|k| k.as_str()) {
+            Some("train") => {
+                if let Some(loss) = v.get("loss").and_then(|l| l.as_f64()) {
+                    history.recent_losses.push_back(loss);
+                    if history.recent_losses.len() > MEAN_LOSS_STEPS {
+                        history.recent_losses.pop_front();
+                    }
+                }
+            }
+            Some("val") => {
+                if let (Some(s), Some(l)) = (record_step, v.get("val_loss").and_then(|l| l.as_f64())) {
+                    history.last_val = Some((s, l));
+                }
+            }
+            _ => {}
+        }
+    }
+    std::fs::write(path, kept).map_err(|e| Error::io("cannot rewrite the metrics log", path, e))?;
+    Ok(history)
 }

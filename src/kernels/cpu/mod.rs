@@ -27,6 +27,17 @@ impl std::fmt::Debug for Cpu {
     }
 }
 
+/// The cores this process may run on.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The most compute threads accepted: four per core (at least 8). More only oversubscribes the
+/// cores, and an absurd count (100,000) would hang the process creating the threads.
+pub fn max_threads() -> usize {
+    (4 * cores()).max(8)
+}
+
 impl Cpu {
     /// A CPU backend with `threads` worker threads (0 = one per available core).
     pub fn new(threads: usize) -> Result<Self> {
@@ -35,6 +46,17 @@ impl Cpu {
         } else {
             threads
         };
+        if threads > max_threads() {
+            return Err(Error::Backend {
+                backend: "cpu",
+                detail: format!(
+                    "{threads} compute threads is more than this machine can use: it has {} cores (at most {} \
+                     threads are accepted)",
+                    cores(),
+                    max_threads()
+                ),
+            });
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("semoe-cpu-{i}"))

@@ -85,13 +85,10 @@ pub fn gate_forward<T: Scalar, B: Backend>(c: &MoeConfig, backend: &B, wg: &[T],
     let mut logits = vec![T::ZERO; s_count * e_count];
     backend.matmul(&mut logits, Mat::new(x, s_count, d)?, Mat::new(wg, d, e_count)?, false)?;
     if let Some(i) = logits.iter().position(|v| !v.to_f64().is_finite()) {
-        return Err(Error::shape(
-            "MoE gate",
-            format!(
-                "non-finite gate logit for token {} (check the input for NaN or infinity)",
-                i / e_count
-            ),
-        ));
+        return Err(Error::NonFinite {
+            context: "the MoE gate".into(),
+            detail: format!("gate logit of token {}", i / e_count),
+        });
     }
     let mut gates = vec![T::ZERO; logits.len()];
     let lse = backend.softmax_rows(&logits, e_count, &mut gates)?;

@@ -1,0 +1,206 @@
+//! Run directories: one process at a time, names that never collide.
+//!
+//! A run directory holds a run's config, metrics log, checkpoints, report and the Disk tier's
+//! scratch files. Two processes writing one would interleave their metrics and overwrite each
+//! other's checkpoints, so every process that writes a run directory first takes [`RunDirLock`]:
+//! an exclusive advisory lock (`flock`) on `<run_dir>/.lock`, released when the lock is dropped or
+//! the process dies (the kernel releases it even after `SIGKILL`, so a crashed run never leaves a
+//! stale lock behind). The lock file holds the holder's process id, for the error message.
+//!
+//! Default run directories are named after the start time in UTC, readable and sortable
+//! (`runs/run-20261204-201804`); [`create_unique`] creates the directory atomically and adds `-2`,
+//! `-3`, ... when another run started in the same second.
+
+use crate::error::{Error, Result};
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// The lock file inside a run directory.
+pub const LOCK_FILE: &str = ".lock";
+
+/// The directory under a run directory that holds the Disk tier's slot files: scratch state that a
+/// checkpoint makes redundant, removed when the run ends.
+pub const TIERS_DIR: &str = "tiers";
+
+/// An exclusive lock on a run directory, held for as long as this value lives.
+#[derive(Debug)]
+pub struct RunDirLock {
+    file: File,
+    dir: PathBuf,
+}
+
+impl RunDirLock {
+    /// Lock `dir` (which must exist), or fail at once, naming the process that holds it.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        let path = dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io("cannot open the run directory's lock file", &path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = match holder.trim() {
+                    "" => "another process".to_string(),
+                    pid => format!("another semoe process (pid {pid})"),
+                };
+                return Err(Error::config(format!(
+                    "the run directory {} is in use by {holder}; wait for it to finish, stop it, or choose another --run-dir",
+                    dir.display()
+                )));
+            }
+            Err(TryLockError::Error(e)) => {
+                return Err(Error::io("cannot lock the run directory", &path, e));
+            }
+        }
+        // Record who holds it (best effort: the lock itself is what protects the directory).
+        let pid = std::process::id().to_string();
+        let _ = file
+            .set_len(0)
+            .and_then(|_| file.seek(SeekFrom::Start(0)))
+            .and_then(|_| file.write_all(pid.as_bytes()));
+        Ok(RunDirLock {
+            file,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The locked directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for RunDirLock {
+    fn drop(&mut self) {
+        // Empty the pid before unlocking, so a later reader never names a finished process.
+        let _ = self.file.set_len(0);
+        let _ = self.file.unlock();
+    }
+}
+
+/// Whether a process holds the lock of `dir` now (without creating a lock file where none is).
+pub fn is_locked(dir: &Path) -> bool {
+    let Ok(file) = OpenOptions::new().read(true).write(true).open(dir.join(LOCK_FILE)) else {
+        return false;
+    };
+    match file.try_lock() {
+        Ok(()) => {
+            let _ = file.unlock();
+            false
+        }
+        Err(TryLockError::WouldBlock) => true,
+        Err(TryLockError::Error(_)) => false,
+    }
+}
+
+/// The default name of a run started at `time`: `run-YYYYMMDD-HHMMSS` (UTC).
+pub fn default_name(time: std::time::SystemTime) -> String {
+    // RFC 3339 in UTC, e.g. 2026-12-04T20:18:04Z: keep the digits, in order.
+    let stamp = humantime::format_rfc3339_seconds(time).to_string();
+    let digits: String = stamp.chars().filter(char::is_ascii_digit).collect();
+    match (digits.get(..8), digits.get(8..14)) {
+        (Some(date), Some(time)) => format!("run-{date}-{time}"),
+        _ => format!("run-{digits}"),
+    }
+}
+
+/// Create a new directory `parent/<name>`, or `parent/<name>-2`, `-3`, ... if that exists
+/// (another run started in the same second). Creation is atomic, so two processes never get the
+/// same directory.
+pub fn create_unique(parent: &Path, name: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(parent).map_err(|e| Error::io("cannot create the runs directory", parent, e))?;
+    for n in 1..=1000u32 {
+        let dir = if n == 1 {
+            parent.join(name)
+        } else {
+            parent.join(format!("{name}-{n}"))
+        };
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io("cannot create the run directory", &dir, e)),
+        }
+    }
+    Err(Error::config(format!(
+        "{} already holds 1000 runs named {name}; choose a --run-dir",
+        parent.display()
+    )))
+}
+
+/// Whether `dir` holds nothing a user would miss: only the lock file, an empty metrics log, the
+/// config and scratch tier files (what a start that failed before its first step leaves).
+pub fn holds_no_results(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().all(|entry| {
+        let name = entry.file_name();
+        match name.to_str() {
+            Some(LOCK_FILE) | Some("config.toml") | Some(TIERS_DIR) => true,
+            Some("metrics.jsonl") => entry.metadata().map(|m| m.len() == 0).unwrap_or(false),
+            _ => false,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("semoe-rundir-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn names_are_readable_utc_stamps() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_415_484);
+        assert_eq!(default_name(t), "run-20261204-201804");
+    }
+
+    #[test]
+    fn same_name_twice_gets_a_suffix() {
+        let root = temp("unique");
+        let a = create_unique(&root, "run-x").expect("first");
+        let b = create_unique(&root, "run-x").expect("second");
+        let c = create_unique(&root, "run-x").expect("third");
+        assert_eq!(a, root.join("run-x"));
+        assert_eq!(b, root.join("run-x-2"));
+        assert_eq!(c, root.join("run-x-3"));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_second_lock_is_refused_until_the_first_is_dropped() {
+        let dir = temp("lock");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let first = RunDirLock::acquire(&dir).expect("first lock");
+        let err = RunDirLock::acquire(&dir).expect_err("second lock must fail");
+        let msg = err.to_string();
+        assert!(msg.contains("in use by another semoe process"), "{msg}");
+        assert!(msg.contains(&std::process::id().to_string()), "{msg}");
+        drop(first);
+        RunDirLock::acquire(&dir).expect("lock after release");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn empty_starts_hold_no_results() {
+        let dir = temp("empty");
+        std::fs::create_dir_all(dir.join(TIERS_DIR)).expect("dir");
+        std::fs::write(dir.join("config.toml"), "x").expect("config");
+        std::fs::write(dir.join("metrics.jsonl"), "").expect("metrics");
+        assert!(holds_no_results(&dir));
+        std::fs::write(dir.join("metrics.jsonl"), "{}\n").expect("metrics");
+        assert!(!holds_no_results(&dir));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

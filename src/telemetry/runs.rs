@@ -1,0 +1,92 @@
+//! `semoe runs`: what each run directory under a folder holds, read from its files alone (the
+//! config, the checkpoints, the metrics log and the lock), without loading any tensor.
+
+use crate::error::{Error, Result};
+use crate::storage::checkpoint;
+use crate::storage::run_dir;
+use std::path::{Path, PathBuf};
+
+/// One run directory, summarised.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunInfo {
+    /// The directory's name.
+    pub name: String,
+    /// The directory.
+    pub dir: PathBuf,
+    /// Steps planned (`train.steps` of its config).
+    pub planned_steps: u64,
+    /// The step of its newest checkpoint, if it has one.
+    pub checkpoint_step: Option<u64>,
+    /// The last validation loss logged, with its step.
+    pub val_loss: Option<(u64, f64)>,
+    /// Training seconds at the last logged step.
+    pub training_seconds: Option<f64>,
+    /// `running`, `finished`, `stopped at step N`, or `no checkpoint`.
+    pub status: String,
+}
+
+/// The runs directly under `dir` (directories holding a `config.toml`), sorted by name. A
+/// missing `dir` holds no runs.
+pub fn list(dir: &Path) -> Result<Vec<RunInfo>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("cannot list the runs", dir, e)),
+    };
+    let mut runs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("cannot list the runs", dir, e))?;
+        let path = entry.path();
+        if path.join("config.toml").is_file() {
+            runs.push(describe(&path)?);
+        }
+    }
+    runs.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(runs)
+}
+
+/// Summarise one run directory.
+pub fn describe(dir: &Path) -> Result<RunInfo> {
+    let name = dir
+        .file_name()
+        .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let planned_steps = crate::train::TrainConfig::from_file(&dir.join("config.toml"))
+        .map(|c| c.train.steps)
+        .unwrap_or(0);
+    let checkpoint_step = checkpoint::list(dir)?.last().map(|(step, _)| *step);
+    let (mut val_loss, mut training_seconds) = (None, None);
+    if let Ok(text) = std::fs::read_to_string(dir.join("metrics.jsonl")) {
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let step = v.get("step").and_then(|s| s.as_u64());
+            if let Some(s) = v.get("elapsed_s").and_then(|s| s.as_f64()) {
+                training_seconds = Some(s);
+            }
+            if v.get("kind").and_then(|k| k.as_str()) == Some("val") {
+                if let (Some(step), Some(loss)) = (step, v.get("val_loss").and_then(|l| l.as_f64())) {
+                    val_loss = Some((step, loss));
+                }
+            }
+        }
+    }
+    let status = if run_dir::is_locked(dir) {
+        "running".to_string()
+    } else {
+        match checkpoint_step {
+            None => "no checkpoint".to_string(),
+            Some(step) if step >= planned_steps => "finished".to_string(),
+            Some(step) => format!("stopped at step {step}"),
+        }
+    };
+    Ok(RunInfo {
+        name,
+        dir: dir.to_path_buf(),
+        planned_steps,
+        checkpoint_step,
+        val_loss,
+        training_seconds,
+        status,
+    })
+}
