@@ -786,7 +786,7 @@ fn train(a: &TrainArgs) -> semoe::Result<ExitCode> {
             summary.steps,
             summary.planned_steps
         ),
-        StopReason::Finished | StopReason::AlreadyFinished => {}
+        StopReason::Finished | StopReason::AlreadyFinished | StopReason::StopAt => {}
     }
     eprintln!(
         "done: {} of {} steps; validation loss {:.4} nats/byte at step {}; mean train loss of the last {} steps {:.4}; \
@@ -870,9 +870,9 @@ fn eval_cmd(a: &EvalArgs) -> semoe::Result<()> {
     let t = config.model.block_size;
     let (text, source, windows) = match &a.data {
         Some(path) => {
-            let corpus = semoe::train::data::Corpus::from_path(path, 0.0, t + 1)?;
-            let fit = (corpus.train.len().saturating_sub(1) / t).clamp(1, 4096);
-            (corpus.train, corpus.source, a.windows.unwrap_or(fit))
+            let text = semoe::train::data::read_text(path)?;
+            let fit = (text.len().saturating_sub(1) / t).clamp(1, 4096);
+            (text, path.display().to_string(), a.windows.unwrap_or(fit))
         }
         None => {
             let corpus = semoe::train::trainer::corpus_for(&config)?;

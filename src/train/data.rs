@@ -54,32 +54,7 @@ impl Corpus {
     /// A UTF-8 text file, or a directory whose files (recursively, in sorted path order) are joined
     /// with a blank line. The last `val_fraction` of the bytes is the validation split.
     pub fn from_path(path: &Path, val_fraction: f64, min_split: usize) -> Result<Self> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot read the training data", path, e))?;
-        let mut files = Vec::new();
-        if meta.is_dir() {
-            collect_files(path, &mut files)?;
-            files.sort();
-            if files.is_empty() {
-                return Err(Error::parse(
-                    format!("training data {}", path.display()),
-                    "the directory has no files",
-                ));
-            }
-        } else {
-            files.push(path.to_path_buf());
-        }
-        let mut text = Vec::new();
-        for f in &files {
-            let bytes = std::fs::read(f).map_err(|e| Error::io("cannot read the training data", f, e))?;
-            check_text(&bytes, f)?;
-            if !text.is_empty() && !bytes.is_empty() {
-                text.extend_from_slice(b"\n\n");
-            }
-            text.extend_from_slice(&bytes);
-        }
-        if text.iter().all(|b| b.is_ascii_whitespace()) {
-            return Err(Error::parse(format!("training data {}", path.display()), "it is empty"));
-        }
+        let text = read_text(path)?;
         if !(0.0..1.0).contains(&val_fraction) || val_fraction <= 0.0 {
             return Err(Error::config(format!(
                 "val_fraction must be in (0, 1), got {val_fraction}"
@@ -103,6 +78,38 @@ impl Corpus {
             source: path.display().to_string(),
         })
     }
+}
+
+/// The text of a UTF-8 file, or of a directory's files (recursively, in sorted path order) joined
+/// with a blank line; an error names the file that is not text, and an all-blank text is an error.
+pub fn read_text(path: &Path) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot read the training data", path, e))?;
+    let mut files = Vec::new();
+    if meta.is_dir() {
+        collect_files(path, &mut files)?;
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::parse(
+                format!("training data {}", path.display()),
+                "the directory has no files",
+            ));
+        }
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut text = Vec::new();
+    for f in &files {
+        let bytes = std::fs::read(f).map_err(|e| Error::io("cannot read the training data", f, e))?;
+        check_text(&bytes, f)?;
+        if !text.is_empty() && !bytes.is_empty() {
+            text.extend_from_slice(b"\n\n");
+        }
+        text.extend_from_slice(&bytes);
+    }
+    if text.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(Error::parse(format!("training data {}", path.display()), "it is empty"));
+    }
+    Ok(text)
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {

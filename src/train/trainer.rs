@@ -62,6 +62,8 @@ pub enum StopReason {
     AlreadyFinished,
     /// `train.time_limit_s` was reached.
     TimeLimit,
+    /// The step set by [`Trainer::stop_at`] was reached.
+    StopAt,
     /// A stop was requested through [`Trainer::stop_flag`] (the CLI sets it on SIGINT/SIGTERM);
     /// the value is what was stored in the flag (the CLI stores the signal number).
     Requested(usize),
@@ -119,6 +121,8 @@ pub struct Trainer {
     data_digest: String,
     /// Non-zero: stop at the next step boundary (see [`Trainer::stop_flag`]).
     stop: Arc<AtomicUsize>,
+    /// Stop (as if interrupted) once this many steps are done (see [`Trainer::stop_at`]).
+    stop_at: Option<u64>,
     /// Losses of the last [`MEAN_LOSS_STEPS`] steps (from the log on resume).
     recent_losses: VecDeque<f64>,
     /// The last validation loss of the log (on resume) and its step.
@@ -217,7 +221,17 @@ impl Trainer {
     /// Start a fresh run in `run_dir` (created; an existing run there is an error, to never overwrite
     /// a previous run's checkpoints). The run directory is locked for as long as the trainer lives;
     /// a start that fails leaves no directory behind when it created it.
-    pub fn new(mut config: TrainConfig, run_dir: &Path) -> Result<Self> {
+    pub fn new(config: TrainConfig, run_dir: &Path) -> Result<Self> {
+        let fresh = std::fs::read_dir(run_dir).map_or(true, |mut entries| entries.next().is_none());
+        let started = Trainer::create(config, run_dir);
+        if started.is_err() && fresh && run_dir.exists() && run_dir::holds_no_results(run_dir) {
+            // Nothing of value was written: leave no empty run directory behind.
+            let _ = std::fs::remove_dir_all(run_dir);
+        }
+        started
+    }
+
+    fn create(mut config: TrainConfig, run_dir: &Path) -> Result<Self> {
         config.validate()?;
         // Record the data path absolutely, so the run resumes (and its checkpoints evaluate) from
         // any working directory.
@@ -225,15 +239,9 @@ impl Trainer {
             config.train.data =
                 Some(std::fs::canonicalize(path).map_err(|e| Error::io("cannot read the training data", path, e))?);
         }
-        let fresh = std::fs::read_dir(run_dir).map_or(true, |mut entries| entries.next().is_none());
         std::fs::create_dir_all(run_dir).map_err(|e| Error::io("cannot create the run directory", run_dir, e))?;
         let lock = RunDirLock::acquire(run_dir)?;
-        let started = Trainer::start_fresh(config, run_dir, lock);
-        if started.is_err() && fresh && run_dir::holds_no_results(run_dir) {
-            // Nothing of value was written: leave no empty run directory behind.
-            let _ = std::fs::remove_dir_all(run_dir);
-        }
-        started
+        Trainer::start_fresh(config, run_dir, lock)
     }
 
     fn start_fresh(config: TrainConfig, run_dir: &Path, lock: RunDirLock) -> Result<Self> {
@@ -427,6 +435,7 @@ impl Trainer {
             prior_seconds,
             data_digest: corpus_digest,
             stop: Arc::new(AtomicUsize::new(0)),
+            stop_at: None,
             recent_losses,
             last_val,
             notices,
@@ -439,6 +448,13 @@ impl Trainer {
     /// returns [`StopReason::Requested`] with that value.
     pub fn stop_flag(&self) -> Arc<AtomicUsize> {
         Arc::clone(&self.stop)
+    }
+
+    /// Make [`Trainer::run`] stop once `step` steps are done, as a stop request would (evaluate,
+    /// checkpoint, return [`StopReason::StopAt`]): an interruption at a chosen step, for tests
+    /// and for embedders that train in slices.
+    pub fn stop_at(&mut self, step: u64) {
+        self.stop_at = Some(step);
     }
 
     /// Messages about how this run was set up that its user should see: settings changed on
@@ -702,6 +718,10 @@ impl Trainer {
             let requested = self.stop.load(Ordering::SeqCst);
             if requested != 0 {
                 stop = StopReason::Requested(requested);
+                break;
+            }
+            if self.stop_at.is_some_and(|s| self.optimizer.step >= s) {
+                stop = StopReason::StopAt;
                 break;
             }
             if c.train.time_limit_s > 0.0 && started.elapsed().as_secs_f64() >= c.train.time_limit_s {

@@ -1,0 +1,502 @@
+//! `semoe train` and friends as processes, the way a user runs them: signals stop a run gracefully
+//! at a step boundary, a run directory serves one process at a time, default run directories never
+//! collide, a failed start leaves nothing behind, progress shows without a terminal, and bad input
+//! gets a clear message. Every child is killed and reaped when its test ends, also on failure.
+
+mod common;
+
+use common::TempDir;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const SEMOE: &str = env!("CARGO_BIN_EXE_semoe");
+
+/// A tiny model: about a millisecond a step.
+const TINY: &[&str] = &[
+    "--d-model",
+    "16",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--d-ff",
+    "32",
+    "--experts",
+    "4",
+    "--block-size",
+    "16",
+    "--batch",
+    "4",
+    "--groups",
+    "2",
+    "--threads",
+    "1",
+    "--sample-tokens",
+    "0",
+];
+
+/// A child process that is killed and reaped when dropped.
+struct Child {
+    child: std::process::Child,
+    stderr_path: PathBuf,
+}
+
+impl Child {
+    fn spawn(cwd: &Path, args: &[&str], name: &str) -> Child {
+        let stderr_path = cwd.join(format!("{name}.stderr"));
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let child = Command::new(SEMOE)
+            .args(args)
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn semoe");
+        Child { child, stderr_path }
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped yet.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Wait at most `limit` for the child to exit.
+    fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "semoe did not exit within {limit:?}; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run semoe to completion (at most `limit`), returning its status, stdout and stderr.
+fn run(cwd: &Path, args: &[&str], limit: Duration) -> (ExitStatus, String, String) {
+    let mut child = Command::new(SEMOE)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn semoe");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut guard = Child {
+        child,
+        stderr_path: cwd.join("unused"),
+    };
+    let status = guard.wait(limit);
+    (
+        status,
+        out.join().expect("stdout reader"),
+        err.join().expect("stderr reader"),
+    )
+}
+
+fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = vec!["train"];
+    v.extend_from_slice(TINY);
+    v.extend_from_slice(extra);
+    v
+}
+
+/// Train records in a run's metrics log.
+fn train_steps_logged(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"train\""))
+        .count()
+}
+
+/// Wait (bounded) until the run has logged at least `n` steps.
+fn wait_for_steps(run: &Path, n: usize, child: &Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while train_steps_logged(run) < n {
+        assert!(
+            Instant::now() < deadline,
+            "the run logged no {n} steps within 60 s; stderr:\n{}",
+            child.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The newest checkpoint's step and its model file's SHA-256 (from the manifest).
+fn newest_checkpoint(run: &Path) -> (u64, String) {
+    let ckpt = semoe::storage::checkpoint::latest(run)
+        .expect("list checkpoints")
+        .expect("a checkpoint");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("manifest.json")).expect("manifest")).expect("json");
+    let step = manifest["step"].as_u64().expect("step");
+    let files = manifest["files"].as_array().expect("files");
+    assert_eq!(files.len(), 2, "model and optimizer files");
+    let model = files
+        .iter()
+        .find(|f| f["name"] == "model.safetensors")
+        .expect("model file");
+    (step, model["sha256"].as_str().expect("sha").to_string())
+}
+
+#[test]
+fn sigint_stops_at_a_step_boundary_and_resume_ends_bitwise_identical() {
+    let tmp = TempDir::new("cli-sigint");
+    let steps = "3000";
+    let (status, _, err) = run(
+        tmp.path(),
+        &args(&["--steps", steps, "--run-dir", "straight", "--eval-every", "0"]),
+        Duration::from_secs(300),
+    );
+    assert!(status.success(), "{err}");
+    let straight = newest_checkpoint(&tmp.path().join("straight"));
+    assert_eq!(straight.0, 3000);
+
+    let run_dir = tmp.path().join("stopped");
+    let mut child = Child::spawn(
+        tmp.path(),
+        &args(&["--steps", steps, "--run-dir", "stopped", "--eval-every", "0"]),
+        "stopped",
+    );
+    wait_for_steps(&run_dir, 50, &child);
+    child.signal(libc::SIGINT);
+    let status = child.wait(Duration::from_secs(60));
+    let err = child.stderr();
+    assert_eq!(status.code(), Some(130), "exit code after Ctrl-C; stderr:\n{err}");
+    assert!(err.contains("stopped by Ctrl-C (SIGINT) after step"), "{err}");
+    assert!(err.contains("semoe train --resume --run-dir stopped"), "{err}");
+    let (stopped_at, _) = newest_checkpoint(&run_dir);
+    assert!(stopped_at >= 50 && stopped_at < 3000, "stopped at {stopped_at}");
+    assert_eq!(
+        train_steps_logged(&run_dir),
+        stopped_at as usize,
+        "every step run is checkpointed"
+    );
+    assert!(run_dir.join("report.md").is_file(), "the report is written");
+    assert!(!run_dir.join("tiers").exists(), "no scratch files left");
+
+    let (status, _, err) = run(
+        tmp.path(),
+        &["train", "--resume", "--run-dir", "stopped"],
+        Duration::from_secs(300),
+    );
+    assert!(status.success(), "{err}");
+    assert_eq!(
+        newest_checkpoint(&run_dir),
+        straight,
+        "resumed run against the uninterrupted one"
+    );
+}
+
+#[test]
+fn sigterm_stops_gracefully_too() {
+    let tmp = TempDir::new("cli-sigterm");
+    let run_dir = tmp.path().join("r");
+    let mut child = Child::spawn(tmp.path(), &args(&["--steps", "100000", "--run-dir", "r"]), "r");
+    wait_for_steps(&run_dir, 20, &child);
+    child.signal(libc::SIGTERM);
+    let status = child.wait(Duration::from_secs(60));
+    let err = child.stderr();
+    assert_eq!(status.code(), Some(143), "{err}");
+    assert!(err.contains("stopped by SIGTERM"), "{err}");
+    let (step, _) = newest_checkpoint(&run_dir);
+    assert_eq!(train_steps_logged(&run_dir), step as usize);
+}
+
+#[test]
+fn a_run_directory_serves_one_process_at_a_time() {
+    let tmp = TempDir::new("cli-lock");
+    let run_dir = tmp.path().join("r");
+    let mut first = Child::spawn(tmp.path(), &args(&["--steps", "100000", "--run-dir", "r"]), "first");
+    wait_for_steps(&run_dir, 5, &first);
+    let (status, _, err) = run(tmp.path(), &args(&["--run-dir", "r"]), Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("is in use by another semoe process (pid"), "{err}");
+    let (status, _, err) = run(
+        tmp.path(),
+        &["train", "--resume", "--run-dir", "r"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("is in use"), "{err}");
+    let (status, out, _) = run(tmp.path(), &["runs", "--dir", "."], Duration::from_secs(60));
+    assert!(status.success());
+    assert!(
+        out.lines().any(|l| l.starts_with("r ") && l.ends_with("running")),
+        "{out}"
+    );
+    first.signal(libc::SIGINT);
+    assert_eq!(
+        first.wait(Duration::from_secs(60)).code(),
+        Some(130),
+        "{}",
+        first.stderr()
+    );
+    // The first run's log holds its own steps only.
+    let (step, _) = newest_checkpoint(&run_dir);
+    assert_eq!(train_steps_logged(&run_dir), step as usize);
+}
+
+#[test]
+fn default_run_directories_never_collide_and_failed_starts_leave_none() {
+    let tmp = TempDir::new("cli-names");
+    let mut children: Vec<Child> = (0..3)
+        .map(|i| Child::spawn(tmp.path(), &args(&["--steps", "3"]), &format!("c{i}")))
+        .collect();
+    for c in &mut children {
+        let status = c.wait(Duration::from_secs(120));
+        assert!(status.success(), "{}", c.stderr());
+    }
+    let mut names: Vec<String> = std::fs::read_dir(tmp.path().join("runs"))
+        .expect("runs")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
+    for n in &names {
+        assert!(n.starts_with("run-2"), "{n}");
+        assert!(tmp.path().join("runs").join(n).join("checkpoints").is_dir(), "{n}");
+    }
+
+    // A start that fails (no such data file) leaves no directory.
+    let (status, _, err) = run(
+        tmp.path(),
+        &args(&["--data", "no-such-file.txt"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("no-such-file.txt"), "{err}");
+    let count = std::fs::read_dir(tmp.path().join("runs")).expect("runs").count();
+    assert_eq!(count, 3, "the failed start left a directory");
+}
+
+#[test]
+fn progress_lines_without_a_terminal() {
+    let tmp = TempDir::new("cli-progress");
+    let (status, _, err) = run(
+        tmp.path(),
+        &args(&["--steps", "40", "--eval-every", "20", "--run-dir", "r"]),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "{err}");
+    assert!(
+        err.lines().any(|l| l.starts_with("step     1/40") && l.contains("ETA")),
+        "{err}"
+    );
+    let evals = err
+        .lines()
+        .filter(|l| l.contains("val loss") && l.contains("tokens/s"))
+        .count();
+    assert_eq!(evals, 2, "{err}");
+    let done = err.lines().find(|l| l.starts_with("done:")).expect("summary line");
+    assert!(
+        done.contains("40 of 40 steps") && done.contains("validation loss") && done.contains("at step 40"),
+        "{done}"
+    );
+    assert!(done.contains("mean train loss of the last 40 steps"), "{done}");
+
+    // Resuming a finished run says so and appends nothing.
+    let log = std::fs::read(tmp.path().join("r/metrics.jsonl")).expect("log");
+    let (status, _, err) = run(
+        tmp.path(),
+        &["train", "--resume", "--run-dir", "r"],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    assert!(err.contains("is already finished: 40 of 40 steps"), "{err}");
+    assert_eq!(std::fs::read(tmp.path().join("r/metrics.jsonl")).expect("log"), log);
+}
+
+#[test]
+fn resume_refuses_flags_that_change_the_bits_and_applies_the_others() {
+    let tmp = TempDir::new("cli-resume-flags");
+    let (status, _, err) = run(
+        tmp.path(),
+        &args(&["--steps", "20", "--run-dir", "r", "--time-limit", "0.001"]),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "{err}");
+    assert!(err.contains("time limit of 0.001 s reached: ran"), "{err}");
+    let (status, _, err) = run(
+        tmp.path(),
+        &["train", "--resume", "--run-dir", "r", "--lr", "0.01", "--experts", "8"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        err.contains("--resume cannot change") && err.contains("optimizer.lr") && err.contains("model.experts"),
+        "{err}"
+    );
+    let (status, out, err) = run(
+        tmp.path(),
+        &[
+            "train",
+            "--resume",
+            "--run-dir",
+            "r",
+            "--workers",
+            "2",
+            "--print-config",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    assert!(out.contains("workers = 2"), "{out}");
+    // The recorded time limit can be lifted.
+    let (status, _, err) = run(
+        tmp.path(),
+        &[
+            "train",
+            "--resume",
+            "--run-dir",
+            "r",
+            "--time-limit",
+            "0",
+            "--workers",
+            "2",
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("warning: resume changes train.workers (run: 1, asked: 2)"),
+        "{err}"
+    );
+    assert!(err.contains("20 of 20 steps"), "{err}");
+}
+
+#[test]
+fn bad_input_gets_clear_messages() {
+    let tmp = TempDir::new("cli-bad-input");
+    let cases: &[(&[&str], &str)] = &[
+        (&["train", "--threads", "100000"], "train.threads (100000)"),
+        (
+            &["generate", "--checkpoint", "x", "--temperature", "-1"],
+            "--temperature must be a non-negative number",
+        ),
+        (
+            &["generate", "--checkpoint", "x", "--prompt", "a\\q"],
+            "unknown escape \\q",
+        ),
+        (&["bench", "moe-layer", "--iters", "0"], "must be at least 1"),
+        (
+            &["eval", "--checkpoint", "nowhere"],
+            "neither a checkpoint nor a run directory",
+        ),
+    ];
+    for (argv, want) in cases {
+        let (status, out, err) = run(tmp.path(), argv, Duration::from_secs(60));
+        assert!(!status.success(), "{argv:?} succeeded: {out}");
+        assert!(err.contains(want), "{argv:?}: {err}");
+    }
+}
+
+#[test]
+fn generate_into_a_closed_pipe_ends_quietly() {
+    let tmp = TempDir::new("cli-pipe");
+    let (status, _, err) = run(
+        tmp.path(),
+        &args(&["--steps", "2", "--run-dir", "r"]),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    let mut child = Command::new(SEMOE)
+        .args([
+            "generate",
+            "--checkpoint",
+            "r",
+            "--tokens",
+            "100000",
+            "--prompt",
+            "A\\tB\\\\n",
+        ])
+        .current_dir(tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 5];
+    stdout.read_exact(&mut first).expect("read the first bytes");
+    assert_eq!(&first[..4], b"A\tB\\", "escapes in the prompt");
+    drop(stdout);
+    let mut guard = Child {
+        child,
+        stderr_path: tmp.path().join("unused"),
+    };
+    let status = guard.wait(Duration::from_secs(60));
+    let mut err = String::new();
+    if let Some(mut e) = guard.child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert!(!err.contains("Broken pipe"), "{err}");
+}
+
+#[test]
+fn eval_reports_the_loss_of_a_checkpoint_on_any_text() {
+    let tmp = TempDir::new("cli-eval");
+    let (status, _, err) = run(
+        tmp.path(),
+        &args(&["--steps", "5", "--run-dir", "r"]),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    std::fs::write(
+        tmp.path().join("t.txt"),
+        "To be, or not to be: that is the question.\n".repeat(20),
+    )
+    .expect("text");
+    let (status, out, err) = run(
+        tmp.path(),
+        &["eval", "--checkpoint", "r", "--data", "t.txt"],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    let loss: f64 = out
+        .split_whitespace()
+        .next()
+        .and_then(|w| w.parse().ok())
+        .expect("a loss");
+    assert!(loss > 0.5 && loss < 6.0, "{out}");
+    assert!(out.contains("windows of 16") && out.contains("(step 5)"), "{out}");
+    let (status, out, err) = run(tmp.path(), &["eval", "--checkpoint", "r"], Duration::from_secs(60));
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains("the validation split of bundled Shakespeare corpus"),
+        "{out}"
+    );
+}

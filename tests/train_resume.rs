@@ -1,0 +1,281 @@
+//! Resume's rules, through the library: the settings that do not change the bits may change and
+//! the run still ends bitwise identical; the others are refused by name; the training text is
+//! checked against the checkpoint's digest; a damaged newest checkpoint is passed over with a
+//! notice and kept aside; a finished run appends nothing; a stop request checkpoints where it
+//! stopped; divergence is reported as divergence.
+
+mod common;
+
+use common::TempDir;
+use semoe::storage::checkpoint;
+use semoe::train::trainer::{ResumeOptions, StopReason};
+use semoe::train::{TrainConfig, Trainer};
+use std::sync::atomic::Ordering;
+
+fn small(steps: u64) -> TrainConfig {
+    let mut c = common::small_config(steps);
+    c.train.eval_windows = 16;
+    c
+}
+
+/// Every parameter and both AdamW moments, as bits, with the step.
+fn state(t: &mut Trainer) -> (u64, Vec<u32>) {
+    let dir = t.save_checkpoint(0.0).expect("checkpoint");
+    let ckpt = checkpoint::load(&dir).expect("load");
+    let mut bits = Vec::new();
+    for tensors in [&ckpt.model, &ckpt.optimizer] {
+        for tensor in tensors.values() {
+            bits.extend(tensor.data.iter().map(|v| v.to_bits()));
+        }
+    }
+    assert!(!ckpt.optimizer.is_empty(), "the optimizer state is compared too");
+    (ckpt.step, bits)
+}
+
+fn straight(steps: u64) -> (u64, Vec<u32>) {
+    let tmp = TempDir::new("resume-straight");
+    let mut t = Trainer::new(small(steps), &tmp.path().join("run")).expect("trainer");
+    t.run(false).expect("run");
+    state(&mut t)
+}
+
+/// A run stopped after `stop_after` steps, its trainer dropped.
+fn stopped_run(dir: &std::path::Path, config: TrainConfig, stop_after: u64) {
+    let mut t = Trainer::new(config, dir).expect("trainer");
+    t.stop_at(stop_after);
+    let summary = t.run(false).expect("run");
+    assert_eq!(summary.stop, StopReason::StopAt);
+    assert_eq!(summary.steps, stop_after);
+    assert_eq!(summary.steps_run, stop_after);
+}
+
+#[test]
+fn a_stop_request_checkpoints_where_it_stopped() {
+    let tmp = TempDir::new("resume-stop-flag");
+    let dir = tmp.path().join("run");
+    let mut t = Trainer::new(small(12), &dir).expect("trainer");
+    for _ in 0..3 {
+        t.step().expect("step");
+    }
+    t.stop_flag().store(15, Ordering::SeqCst);
+    let summary = t.run(false).expect("run");
+    assert_eq!(summary.stop, StopReason::Requested(15));
+    assert_eq!((summary.steps, summary.steps_run), (3, 0));
+    assert_eq!(summary.checkpoint, checkpoint::checkpoint_dir(&dir, 3));
+    assert!(summary.val_loss.is_finite());
+}
+
+#[test]
+fn resume_applies_settings_that_keep_the_bits_and_ends_identical() {
+    let want = straight(12);
+    let tmp = TempDir::new("resume-applies");
+    let dir = tmp.path().join("run");
+    stopped_run(&dir, small(12), 5);
+    let mut t = Trainer::resume_with(&dir, None, |c| {
+        c.train.threads = 1;
+        c.train.workers = 2;
+        c.train.placement = "blocked".into();
+        c.train.eval_every = 4;
+        c.train.checkpoint_every = 3;
+    })
+    .expect("resume");
+    assert_eq!(t.steps_done(), 5);
+    let notices = t.notices().join("\n");
+    assert!(notices.contains("train.workers (run: 1, asked: 2)"), "{notices}");
+    assert!(notices.contains("train.threads (run: 2, asked: 1)"), "{notices}");
+    let summary = t.run(false).expect("run");
+    assert_eq!(summary.stop, StopReason::Finished);
+    assert_eq!(state(&mut t), want);
+    drop(t);
+    let recorded = TrainConfig::from_file(&dir.join("config.toml")).expect("config");
+    assert_eq!(recorded.train.workers, 2, "the run's config says what it ran with");
+}
+
+#[test]
+fn resume_refuses_settings_that_change_the_bits_naming_each() {
+    let tmp = TempDir::new("resume-refuses");
+    let dir = tmp.path().join("run");
+    stopped_run(&dir, small(12), 3);
+    let err = Trainer::resume_with(&dir, None, |c| {
+        c.optimizer.lr = 0.01;
+        c.model.d_ff = 32;
+        c.train.seed = 7;
+        c.train.threads = 1;
+    })
+    .err()
+    .expect("must refuse")
+    .to_string();
+    for field in ["optimizer.lr (run: 0.003, asked: 0.01)", "model.d_ff", "train.seed"] {
+        assert!(err.contains(field), "{field} not named: {err}");
+    }
+    assert!(!err.contains("train.threads"), "threads may change: {err}");
+}
+
+#[test]
+fn resume_on_different_text_is_refused_unless_allowed() {
+    let tmp = TempDir::new("resume-data");
+    let text = tmp.path().join("text.txt");
+    std::fs::write(&text, "Now is the winter of our discontent.\n".repeat(60)).expect("text");
+    let mut c = small(12);
+    c.train.data = Some(text.clone());
+    let dir = tmp.path().join("run");
+    stopped_run(&dir, c, 3);
+    std::fs::write(&text, "Made glorious summer by this sun of York.\n".repeat(60)).expect("text");
+    let err = Trainer::resume(&dir, None).err().expect("must refuse").to_string();
+    assert!(err.contains("SHA-256") && err.contains("--allow-data-change"), "{err}");
+    let options = ResumeOptions {
+        allow_data_change: true,
+        ..ResumeOptions::default()
+    };
+    let t = Trainer::resume_with_options(&dir, &options, |_| {}).expect("allowed");
+    assert!(
+        t.notices().iter().any(|n| n.contains("differs from the checkpoint's")),
+        "{:?}",
+        t.notices()
+    );
+}
+
+#[test]
+fn a_damaged_newest_checkpoint_is_passed_over_with_a_notice_and_kept() {
+    for damage in ["flip a byte", "remove the manifest", "garble the manifest"] {
+        let want = straight(8);
+        let tmp = TempDir::new("resume-damaged");
+        let dir = tmp.path().join("run");
+        let mut c = small(8);
+        c.train.checkpoint_every = 3;
+        c.train.keep_checkpoints = 3;
+        let mut t = Trainer::new(c, &dir).expect("trainer");
+        for _ in 0..6 {
+            t.step().expect("step");
+            if t.steps_done() % 3 == 0 {
+                t.save_checkpoint(0.0).expect("checkpoint");
+            }
+        }
+        drop(t);
+        let newest = checkpoint::checkpoint_dir(&dir, 6);
+        match damage {
+            "flip a byte" => {
+                let file = newest.join("model.safetensors");
+                let mut bytes = std::fs::read(&file).expect("read");
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x01;
+                std::fs::write(&file, bytes).expect("write");
+            }
+            "remove the manifest" => std::fs::remove_file(newest.join("manifest.json")).expect("remove"),
+            _ => std::fs::write(newest.join("manifest.json"), "{ not json").expect("write"),
+        }
+        let resolved = checkpoint::newest_intact(&dir).expect("resolve");
+        assert_eq!(resolved.checkpoint.as_ref().map(|c| c.step), Some(3), "{damage}");
+        assert_eq!(resolved.damaged.len(), 1, "{damage}");
+        assert_eq!(resolved.damaged[0].dir, newest, "{damage}");
+
+        let mut t = Trainer::resume(&dir, None).expect("resume");
+        assert_eq!(t.steps_done(), 3, "{damage}");
+        let notices = t.notices().join("\n");
+        assert!(
+            notices.contains("step-00000006 is damaged") && notices.contains("resumes from"),
+            "{damage}: {notices}"
+        );
+        assert!(
+            dir.join("checkpoints/damaged-step-00000006").is_dir(),
+            "{damage}: set aside"
+        );
+        t.run(false).expect("run");
+        assert_eq!(state(&mut t), want, "{damage}");
+    }
+}
+
+#[test]
+fn no_intact_checkpoint_names_each_damaged_one() {
+    let tmp = TempDir::new("resume-none");
+    let dir = tmp.path().join("run");
+    let mut t = Trainer::new(small(3), &dir).expect("trainer");
+    t.run(false).expect("run");
+    drop(t);
+    let ckpt = checkpoint::latest(&dir).expect("list").expect("one");
+    let file = ckpt.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).expect("read");
+    bytes[100] ^= 0x10;
+    std::fs::write(&file, bytes).expect("write");
+    let err = Trainer::resume(&dir, None).err().expect("must fail").to_string();
+    assert!(err.contains("no intact checkpoint"), "{err}");
+    assert!(err.contains("SHA-256") && err.contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn a_finished_run_appends_nothing() {
+    let tmp = TempDir::new("resume-finished");
+    let dir = tmp.path().join("run");
+    let mut t = Trainer::new(small(4), &dir).expect("trainer");
+    let first = t.run(false).expect("run");
+    drop(t);
+    let log = std::fs::read(dir.join("metrics.jsonl")).expect("log");
+    let mut t = Trainer::resume(&dir, None).expect("resume");
+    let again = t.run(false).expect("run");
+    assert_eq!(again.stop, StopReason::AlreadyFinished);
+    assert_eq!(again.steps_run, 0);
+    assert_eq!(again.val_loss.to_bits(), first.val_loss.to_bits());
+    assert_eq!(again.mean_train_loss.to_bits(), first.mean_train_loss.to_bits());
+    assert_eq!(std::fs::read(dir.join("metrics.jsonl")).expect("log"), log);
+}
+
+#[test]
+fn the_mean_train_loss_is_the_same_however_the_run_was_interrupted() {
+    let tmp = TempDir::new("resume-mean");
+    let mut t = Trainer::new(small(10), &tmp.path().join("a")).expect("trainer");
+    let whole = t.run(false).expect("run");
+    assert_eq!(whole.mean_train_loss_steps, 10);
+    assert!(whole.mean_train_loss.is_finite());
+    let dir = tmp.path().join("b");
+    stopped_run(&dir, small(10), 4);
+    let mut t = Trainer::resume(&dir, None).expect("resume");
+    let resumed = t.run(false).expect("run");
+    assert_eq!(resumed.mean_train_loss_steps, 10);
+    assert_eq!(resumed.mean_train_loss.to_bits(), whole.mean_train_loss.to_bits());
+    assert_eq!(resumed.val_loss.to_bits(), whole.val_loss.to_bits());
+}
+
+#[test]
+fn a_run_directory_is_locked_while_a_trainer_lives() {
+    let tmp = TempDir::new("resume-lock");
+    let dir = tmp.path().join("run");
+    let t = Trainer::new(small(4), &dir).expect("trainer");
+    let err = Trainer::new(small(4), &dir).err().expect("must refuse").to_string();
+    assert!(err.contains("in use by another semoe process"), "{err}");
+    drop(t);
+    // A start that fails before anything is written leaves no directory.
+    let mut bad = small(4);
+    bad.train.data = Some(tmp.path().join("missing.txt"));
+    let fresh = tmp.path().join("fresh");
+    assert!(Trainer::new(bad, &fresh).is_err());
+    assert!(!fresh.exists(), "a failed start left {}", fresh.display());
+}
+
+#[test]
+fn divergence_is_reported_as_divergence() {
+    for workers in [0, 1] {
+        let tmp = TempDir::new("resume-diverge");
+        let mut c = small(50);
+        c.optimizer.lr = 1e4;
+        c.optimizer.warmup = 0;
+        c.train.workers = workers;
+        let mut t = Trainer::new(c, &tmp.path().join("run")).expect("trainer");
+        let err = t.run(false).err().expect("must diverge");
+        match &err {
+            semoe::Error::Diverged { step, lr, .. } => {
+                assert!(*step >= 1 && *step <= 50, "{err}");
+                assert!(*lr > 0.0, "{err}");
+            }
+            other => panic!("workers {workers}: expected divergence, got {other}"),
+        }
+        assert!(err.to_string().contains("training diverged at step"), "{err}");
+    }
+}
+
+#[test]
+fn thread_counts_beyond_the_machine_are_refused() {
+    let mut c = small(4);
+    c.train.threads = 100_000;
+    let err = c.validate().err().expect("must refuse").to_string();
+    assert!(err.contains("train.threads (100000)") && err.contains("cores"), "{err}");
+}
