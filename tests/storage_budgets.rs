@@ -32,7 +32,11 @@ fn config() -> TrainConfig {
 const UNIT: u64 = 32 + 3 * 4 * (2 * 16 * 32 + 16 + 32);
 
 async fn train(workers: usize, storage: StorageConfig) -> semoe::Result<(Vec<(String, Vec<u32>)>, Vec<TierStats>)> {
-    let rt = Runtime::builder(config()).workers(workers).storage(storage).build().await?;
+    let rt = Runtime::builder(config())
+        .workers(workers)
+        .storage(storage)
+        .build()
+        .await?;
     for _ in 0..STEPS {
         rt.step().await?;
     }
@@ -175,7 +179,12 @@ async fn every_budget_accepted_at_start_trains_bit_for_bit_like_everything_in_me
             );
         }
     }
-    assert!(failures.is_empty(), "{} budget pairs failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} budget pairs failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
