@@ -709,7 +709,7 @@ fn needs_a_disk(worker: usize, budget: [u64; 2], unit: u64, n: u64) -> Error {
             format_bytes(b)
         }
     };
-    let held = |b: u64| if unit == 0 { 0 } else { b / unit };
+    let held = |b: u64| b.checked_div(unit).unwrap_or(0);
     let with_spare = (n + 1).saturating_mul(unit);
     let device_alone = n.saturating_mul(unit);
     Error::config(format!(
