@@ -48,7 +48,8 @@ pub struct StorageConfig {
     pub policy: CachePolicy,
     /// Load experts ahead of use from routing and one block of look-ahead.
     pub prefetch: bool,
-    /// The Disk tier's directory (needed when the budgets do not hold every expert).
+    /// The Disk tier's directory (needed when the budgets do not hold every expert in whole units
+    /// with one to spare; see `fits_in_memory`).
     pub dir: Option<PathBuf>,
     /// Keep the Disk tier out of the page cache: `O_DIRECT` where the file system allows it, else
     /// each write flushed and each access's pages dropped (false: through the page cache).
@@ -462,7 +463,8 @@ impl Drop for Lease {
 impl ExpertStore {
     /// Take `units` (every expert this worker hosts) into a store for `worker`. Fails when the
     /// Device budget cannot hold one block's experts (the working set of a layer), or when the
-    /// budgets do not hold everything and there is no disk directory.
+    /// budgets do not hold everything (in whole units, with one unit to spare for moving units
+    /// between the tiers, unless Device alone holds all) and there is no disk directory.
     pub fn new(worker: usize, config: &StorageConfig, units: Vec<(UnitId, ExpertSlot)>) -> Result<Self> {
         config.policy.validate()?;
         // Every unit has the first one's shapes (an empty store has none).
