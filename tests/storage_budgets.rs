@@ -89,6 +89,16 @@ fn edge_cases(workers: usize) -> Vec<(u64, u64)> {
     for device in [all - u - 1, all - u, all - half, all - 1, all, all + 1, all + u] {
         pairs.push((device, 0));
     }
+    // Device exactly one block (the least accepted), or just over it, with Host 0 or under a unit.
+    for (device, host) in [
+        (block, 0),
+        (block, 1),
+        (block, half),
+        (block + u - 1, 0),
+        (block + u, u - 1),
+    ] {
+        pairs.push((device, host));
+    }
     // Device one unit short of all, Host the unit and around it.
     for host in [u - 1, u, u + 1, 2 * u] {
         pairs.push((all - u, host));
