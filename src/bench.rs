@@ -394,7 +394,52 @@ pub struct StorageReport {
     pub threads: usize,
 }
 
-/// Run `config` under each variant (all in the run directories under `dir`), alternating.
+/// The share of expert state of `total` bytes that memory budgets of `in_memory` bytes (Device and
+/// Host together) hold, for a label: `25%`, `67%`, `100%` (more budget than state is all of it).
+pub fn percent_in_memory(in_memory: u64, total: u64) -> String {
+    if total == 0 {
+        return "100%".into();
+    }
+    format!("{:.0}%", 100.0 * in_memory.min(total) as f64 / total as f64)
+}
+
+/// A directory the benchmark creates, removed with everything in it when dropped: after a failed
+/// run as after a good one (an error used to leave the run directories and the 512 MiB bandwidth
+/// file behind). The parent directories that did not exist yet (made on the way) are removed too,
+/// each only if left empty.
+struct Scratch {
+    path: std::path::PathBuf,
+    /// The missing ancestors of `path`, deepest first.
+    made: Vec<std::path::PathBuf>,
+}
+
+impl Scratch {
+    /// `parent/name`, to be created by the caller.
+    fn new(parent: &std::path::Path, name: &str) -> Scratch {
+        let made = parent
+            .ancestors()
+            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+            .map(std::path::Path::to_path_buf)
+            .collect();
+        Scratch {
+            path: parent.join(name),
+            made,
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+        for p in &self.made {
+            // Only when empty: never anything the benchmark did not create.
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+/// Run `config` under each variant (all in the run directories under `dir`), alternating. Nothing
+/// is left under `dir` afterwards, also when it fails.
 pub fn storage_bench(
     config: &crate::train::TrainConfig,
     variants: &[StorageVariant],
@@ -405,7 +450,9 @@ pub fn storage_bench(
 ) -> Result<StorageReport> {
     use crate::storage::tiers::TierStats;
     use crate::train::Trainer;
-    let base = dir.join(format!("semoe-bench-storage-{}", std::process::id()));
+    // Declared first, so dropped last: after the trainers, whose stores remove their own files.
+    let scratch = Scratch::new(dir, &format!("semoe-bench-storage-{}", std::process::id()));
+    let base = scratch.path.clone();
     let mut disk = disk_bandwidth(&base, 512 << 20, 8 << 20)?;
     let mut trainers = Vec::with_capacity(variants.len());
     for (i, v) in variants.iter().enumerate() {
@@ -502,7 +549,7 @@ pub fn storage_bench(
         });
     }
     drop(trainers);
-    let _ = std::fs::remove_dir_all(&base);
+    drop(scratch);
     let m = &config.model;
     Ok(StorageReport {
         batch: config.train.batch,
@@ -680,3 +727,34 @@ fn drop_cached(f: &std::fs::File) {
 
 #[cfg(not(target_os = "linux"))]
 fn drop_cached(_: &std::fs::File) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_share_in_memory_follows_the_layer_count() {
+        let block = 1000;
+        assert_eq!(percent_in_memory(2 * block, 8 * block), "25%");
+        assert_eq!(percent_in_memory(2 * block, 3 * block), "67%");
+        assert_eq!(percent_in_memory(2 * block, 2 * block), "100%");
+        assert_eq!(percent_in_memory(2 * block, block), "100%");
+        assert_eq!(percent_in_memory(0, 0), "100%");
+    }
+
+    #[test]
+    fn a_scratch_directory_goes_with_its_guard_and_its_new_parents_too() {
+        let parent = std::env::temp_dir().join(format!("semoe-bench-scratch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        let scratch = Scratch::new(&parent.join("made/on/the/way"), "inner");
+        std::fs::create_dir_all(scratch.path.join("deep")).unwrap();
+        std::fs::write(scratch.path.join("deep/file"), b"x").unwrap();
+        drop(scratch);
+        assert!(!parent.exists(), "the benchmark's directories outlive it");
+        // An existing parent stays.
+        std::fs::create_dir_all(&parent).unwrap();
+        drop(Scratch::new(&parent, "inner"));
+        assert!(parent.exists());
+        std::fs::remove_dir(&parent).unwrap();
+    }
+}

@@ -494,8 +494,9 @@ fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     let (d, f) = (a.d_model as u64, a.d_ff as u64);
     let unit = 32 + 12 * (2 * d * f + d + f);
     let block = a.experts as u64 * unit;
-    // Device + Host hold two blocks' experts either way (25% of 8 blocks): one block each, or both
-    // in Device, where the next block's experts load while the current block computes.
+    // Device + Host hold two blocks' experts either way: one block each, or both in Device, where
+    // the next block's experts load while the current block computes. That is 25% of the expert
+    // state with the default 8 layers; the labels say what it is for `--layers`.
     let tiered = |policy: &str, prefetch: bool, device_blocks: u64| semoe::train::config::StorageSettings {
         device_budget: (device_blocks * block).to_string(),
         host_budget: ((2 - device_blocks) * block).to_string(),
@@ -504,18 +505,16 @@ fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
         io_threads: a.io_threads,
         ..Default::default()
     };
+    let share = bench::percent_in_memory(2 * block, block * a.layers as u64);
     let variants = [
-        ("all in memory", Default::default()),
-        ("25%, se-moe, prefetch", tiered("se-moe", true, 1)),
-        ("25%, se-moe, on demand", tiered("se-moe", false, 1)),
-        ("25%, lru, prefetch", tiered("lru", true, 1)),
-        ("25% all in Device, prefetch", tiered("se-moe", true, 2)),
+        ("all in memory".to_string(), Default::default()),
+        (format!("{share}, se-moe, prefetch"), tiered("se-moe", true, 1)),
+        (format!("{share}, se-moe, on demand"), tiered("se-moe", false, 1)),
+        (format!("{share}, lru, prefetch"), tiered("lru", true, 1)),
+        (format!("{share} all in Device, prefetch"), tiered("se-moe", true, 2)),
     ]
     .into_iter()
-    .map(|(name, storage)| bench::StorageVariant {
-        name: name.into(),
-        storage,
-    })
+    .map(|(name, storage)| bench::StorageVariant { name, storage })
     .collect::<Vec<_>>();
     let dir = a.dir.clone().unwrap_or_else(std::env::temp_dir);
     let r = bench::storage_bench(&c, &variants, &dir, a.warmup, a.steps, a.rounds)?;

@@ -48,7 +48,8 @@ pub struct StorageConfig {
     pub policy: CachePolicy,
     /// Load experts ahead of use from routing and one block of look-ahead.
     pub prefetch: bool,
-    /// The Disk tier's directory (needed when the budgets do not hold every expert).
+    /// The Disk tier's directory (needed when the budgets do not hold every expert in whole units
+    /// with one to spare; see `fits_in_memory`).
     pub dir: Option<PathBuf>,
     /// Keep the Disk tier out of the page cache: `O_DIRECT` where the file system allows it, else
     /// each write flushed and each access's pages dropped (false: through the page cache).
@@ -345,6 +346,58 @@ enum IoJob {
     },
 }
 
+impl IoJob {
+    /// The unit concerned and what the job does to it, for errors.
+    fn describe(&self) -> (UnitId, &'static str) {
+        match self {
+            IoJob::Read { id, .. } => (*id, "a read from disk"),
+            IoJob::Write { id, .. } => (*id, "a write-back to disk"),
+            IoJob::WriteGrad { id, .. } => (*id, "a deferred gradient's write to disk"),
+        }
+    }
+
+    /// How to answer the manager when the job fails without answering itself (it panicked).
+    fn failure(&self) -> impl FnOnce(Error) -> Request {
+        enum Kind {
+            Read { applied: bool, partial: bool },
+            Write,
+            WriteGrad,
+        }
+        let (id, kind) = match self {
+            IoJob::Read {
+                id, update, partial, ..
+            } => (
+                *id,
+                Kind::Read {
+                    applied: update.is_some(),
+                    partial: *partial,
+                },
+            ),
+            IoJob::Write { id, .. } => (*id, Kind::Write),
+            IoJob::WriteGrad { id, .. } => (*id, Kind::WriteGrad),
+        };
+        move |err| match kind {
+            Kind::Read { applied, partial } => Request::Loaded {
+                id,
+                slot: Err(err),
+                applied,
+                partial,
+                seconds: 0.0,
+            },
+            Kind::Write => Request::Written {
+                id,
+                result: Err(err),
+                seconds: 0.0,
+            },
+            Kind::WriteGrad => Request::GradWritten {
+                id,
+                result: Err(err),
+                seconds: 0.0,
+            },
+        }
+    }
+}
+
 /// One worker's expert units across the tiers. Cheap to share (`Arc`); dropping the last handle
 /// stops its threads and deletes its Disk tier's files.
 pub struct ExpertStore {
@@ -410,7 +463,8 @@ impl Drop for Lease {
 impl ExpertStore {
     /// Take `units` (every expert this worker hosts) into a store for `worker`. Fails when the
     /// Device budget cannot hold one block's experts (the working set of a layer), or when the
-    /// budgets do not hold everything and there is no disk directory.
+    /// budgets do not hold everything (in whole units, with one unit to spare for moving units
+    /// between the tiers, unless Device alone holds all) and there is no disk directory.
     pub fn new(worker: usize, config: &StorageConfig, units: Vec<(UnitId, ExpertSlot)>) -> Result<Self> {
         config.policy.validate()?;
         // Every unit has the first one's shapes (an empty store has none).
@@ -433,15 +487,17 @@ impl ExpertStore {
         let widest = per_block.values().copied().max().unwrap_or(0);
         if budget[0] < widest * unit_bytes {
             return Err(Error::config(format!(
-                "the device budget ({}) of worker {worker} cannot hold one MoE block's experts: {widest} experts x {} = {}",
+                "storage.device_budget: the device budget ({}) of worker {worker} cannot hold one MoE block's experts: {widest} experts x {} = {} ({} bytes) at least",
                 format_bytes(budget[0]),
                 format_bytes(unit_bytes),
-                format_bytes(widest * unit_bytes)
+                format_bytes(widest * unit_bytes),
+                widest * unit_bytes
             )));
         }
-        let total = units.len() as u64 * unit_bytes;
+        let n = units.len() as u64;
         let disk = match &config.dir {
-            Some(dir) if budget[0].saturating_add(budget[1]) < total => {
+            _ if fits_in_memory(budget, unit_bytes, n) => None,
+            Some(dir) => {
                 let grad_bytes = template.as_ref().map_or(0, ExpertSlot::grad_bytes);
                 let ids = units.iter().map(|(id, _)| *id);
                 Some(DiskTier::open(
@@ -452,15 +508,7 @@ impl ExpertStore {
                     grad_bytes,
                 )?)
             }
-            None if budget[0].saturating_add(budget[1]) < total => {
-                return Err(Error::config(format!(
-                    "the expert state of worker {worker} ({}) exceeds the device and host budgets ({} + {}) and no disk directory is set",
-                    format_bytes(total),
-                    format_bytes(budget[0]),
-                    format_bytes(budget[1])
-                )))
-            }
-            _ => None,
+            None => return Err(needs_a_disk(worker, budget, unit_bytes, n)),
         };
         let stats = Arc::new(Mutex::new(TierStats {
             unit_bytes,
@@ -484,7 +532,9 @@ impl ExpertStore {
             budget,
             waiting: VecDeque::new(),
             snapshots: Vec::new(),
-            io_tx: Some(io_tx),
+            // Without a Disk tier there is nothing to read or write: a job would be a bug, and
+            // `pump_io` reports it as one rather than as I/O threads that never started.
+            io_tx: disk.is_some().then_some(io_tx),
             io_queue: VecDeque::new(),
             in_flight: 0,
             depth,
@@ -634,61 +684,130 @@ fn stopped() -> Error {
     Error::runtime("the expert store has stopped")
 }
 
+/// Whether `n` units of `unit` bytes live in memory for good under `budget` (Device, Host), so
+/// that the store needs no Disk tier.
+///
+/// Byte sums are not enough, for two reasons. A tier holds whole units: the rest of its budget
+/// (less than a unit) holds nothing, so two budgets that add up to all the expert state can hold
+/// a unit less than it. And a unit in Host enters a full Device only after a Device unit has left
+/// for Host, which takes a free unit's room there: with every unit in memory and none to spare,
+/// that move has nowhere to go but the disk. So the tiers need one unit to spare, unless Device
+/// alone holds everything (then nothing is ever in Host).
+fn fits_in_memory(budget: [u64; 2], unit: u64, n: u64) -> bool {
+    if unit == 0 {
+        return true;
+    }
+    let (device, host) = (budget[0] / unit, budget[1] / unit);
+    device >= n || device.saturating_add(host) > n
+}
+
+/// The start-up error for budgets that need a Disk tier when there is no disk directory: it names
+/// the two options and the least budgets that would do without one (see [`fits_in_memory`]).
+fn needs_a_disk(worker: usize, budget: [u64; 2], unit: u64, n: u64) -> Error {
+    let shown = |b: u64| {
+        if b == u64::MAX {
+            "unlimited".to_string()
+        } else {
+            format_bytes(b)
+        }
+    };
+    let held = |b: u64| b.checked_div(unit).unwrap_or(0);
+    let with_spare = (n + 1).saturating_mul(unit);
+    let device_alone = n.saturating_mul(unit);
+    Error::config(format!(
+        "the expert state of worker {worker} ({n} units of {unit} bytes, {}) does not fit in memory under \
+         storage.device_budget ({}) and storage.host_budget ({}), and no disk directory is set. Each tier holds whole \
+         units ({} and {} here), and moving a unit from Host into a full Device needs one unit's room to spare, so \
+         without a disk storage.device_budget + storage.host_budget must hold {} whole units (at least {with_spare} \
+         bytes, {}), or storage.device_budget alone all {n} (at least {device_alone} bytes, {})",
+        format_bytes(device_alone),
+        shown(budget[0]),
+        shown(budget[1]),
+        held(budget[0]),
+        held(budget[1]),
+        n + 1,
+        format_bytes(with_spare),
+        format_bytes(device_alone),
+    ))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One I/O thread: disk reads and writes (their seconds are what the figures count as I/O time),
 /// with the encoding, decoding and deferred updates around them.
+///
+/// Every job gets an answer, its error included, also when the work panics: the panic becomes the
+/// job's error, so that the manager reports what went wrong with which unit and keeps its books
+/// (a thread that died instead would leave only "no I/O thread is left" to say).
 fn io_loop(disk: DiskTier, template: Option<Arc<ExpertSlot>>, jobs: Arc<Mutex<Receiver<IoJob>>>, done: Books) {
     loop {
         let job = match lock(&jobs).recv() {
             Ok(job) => job,
             Err(_) => return,
         };
-        let answer = match job {
-            IoJob::Read {
-                id,
-                len,
-                grad_len,
-                update,
-                partial,
-            } => {
-                let mut seconds = 0.0;
-                let slot = match &template {
-                    None => Err(Error::runtime("an empty expert store cannot decode units")),
-                    Some(template) => load_unit(&disk, id, template, len, grad_len, update, partial, &mut seconds),
-                };
-                Request::Loaded {
-                    id,
-                    slot,
-                    applied: update.is_some(),
-                    partial,
-                    seconds,
-                }
-            }
-            IoJob::WriteGrad { id, grads } => {
-                let t = Instant::now();
-                let result = disk.write_grad_with(id, grads_len(&grads), |buf| encode_grads_into(id, &grads, buf));
-                Request::GradWritten {
-                    id,
-                    result,
-                    seconds: t.elapsed().as_secs_f64(),
-                }
-            }
-            IoJob::Write { id, slot } => {
-                let t = Instant::now();
-                let result = disk.write_with(id, encoded_len(&slot), |buf| encode_into(id, &slot, buf));
-                drop(slot);
-                Request::Written {
-                    id,
-                    result,
-                    seconds: t.elapsed().as_secs_f64(),
-                }
-            }
-        };
+        let (id, what) = job.describe();
+        let failure = job.failure();
+        let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| io_job(&disk, template.as_deref(), job)))
+            .unwrap_or_else(|panic| {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                failure(Error::runtime(format!(
+                    "{what} of expert {}.{} panicked: {why}",
+                    id.0, id.1
+                )))
+            });
         if !done.send(answer) {
             return;
+        }
+    }
+}
+
+/// Do one I/O job; the answer for the manager.
+fn io_job(disk: &DiskTier, template: Option<&ExpertSlot>, job: IoJob) -> Request {
+    match job {
+        IoJob::Read {
+            id,
+            len,
+            grad_len,
+            update,
+            partial,
+        } => {
+            let mut seconds = 0.0;
+            let slot = match template {
+                None => Err(Error::runtime("an empty expert store cannot decode units")),
+                Some(template) => load_unit(disk, id, template, len, grad_len, update, partial, &mut seconds),
+            };
+            Request::Loaded {
+                id,
+                slot,
+                applied: update.is_some(),
+                partial,
+                seconds,
+            }
+        }
+        IoJob::WriteGrad { id, grads } => {
+            let t = Instant::now();
+            let result = disk.write_grad_with(id, grads_len(&grads), |buf| encode_grads_into(id, &grads, buf));
+            Request::GradWritten {
+                id,
+                result,
+                seconds: t.elapsed().as_secs_f64(),
+            }
+        }
+        IoJob::Write { id, slot } => {
+            let t = Instant::now();
+            let result = disk.write_with(id, encoded_len(&slot), |buf| encode_into(id, &slot, buf));
+            drop(slot);
+            Request::Written {
+                id,
+                result,
+                seconds: t.elapsed().as_secs_f64(),
+            }
         }
     }
 }
@@ -900,15 +1019,19 @@ impl Manager {
                 self.in_flight -= 1;
                 self.local.write_seconds += seconds;
                 let b = self.grad_bytes();
-                if let Some(d) = self.entries.get_mut(&id).and_then(|e| e.deferred.as_mut()) {
-                    match result {
-                        Ok(()) => {
-                            d.writing = false;
-                            self.local.disk_written += b;
-                        }
-                        Err(err) => {
-                            self.fatal.get_or_insert(err.to_string());
-                        }
+                match (result, self.entries.get_mut(&id).and_then(|e| e.deferred.as_mut())) {
+                    (Ok(()), Some(d)) => {
+                        d.writing = false;
+                        self.local.disk_written += b;
+                    }
+                    (Ok(()), None) => {
+                        self.fatal.get_or_insert(format!(
+                            "expert {}.{}: a gradient was written for no deferred update",
+                            id.0, id.1
+                        ));
+                    }
+                    (Err(err), _) => {
+                        self.fatal.get_or_insert(err.to_string());
                     }
                 }
             }
@@ -1019,7 +1142,10 @@ impl Manager {
     fn serve(&mut self) {
         if let Some(f) = &self.fatal {
             for w in self.waiting.drain(..) {
-                let _ = w.reply.send(Err(Error::runtime(format!("the disk tier failed: {f}"))));
+                let _ = w.reply.send(Err(Error::runtime(format!(
+                    "the expert store of worker {} failed: {f}",
+                    self.worker
+                ))));
             }
         }
         let wanted: HashSet<UnitId> = self.waiting.iter().map(|w| w.id).collect();
@@ -1143,11 +1269,19 @@ impl Manager {
     /// Move `id` out of `t`: Device -> Host when the policy admits it and there is room, else to disk.
     fn demote(&mut self, id: UnitId, t: Mem, keep: &HashSet<UnitId>) {
         let b = self.unit_bytes;
-        if t == Mem::Device && self.budget[Mem::Host as usize] > 0 && self.policy.admits(&self.entries[&id].usage) {
+        // Admission decides between the host cache and the disk; without a Disk tier there is no
+        // choice to make, and the budgets leave a unit's room in Host whenever Device is full
+        // (`fits_in_memory`).
+        let no_disk = self.disk.is_none();
+        if t == Mem::Device
+            && self.budget[Mem::Host as usize] > 0
+            && (no_disk || self.policy.admits(&self.entries[&id].usage))
+        {
             let mut keep_also = keep.clone();
             keep_also.insert(id);
             let incoming = self.entries[&id].usage;
-            let colder_than_the_cache = self.free(Mem::Host) < b
+            let colder_than_the_cache = !no_disk
+                && self.free(Mem::Host) < b
                 && self
                     .policy
                     .victim(self.host_candidates(&keep_also))
@@ -1228,9 +1362,23 @@ impl Manager {
     fn pump_io(&mut self) {
         while self.in_flight < self.depth {
             let Some(job) = self.io_queue.pop_front() else { return };
-            let Some(tx) = &self.io_tx else { return };
-            if tx.send(job).is_err() {
-                self.fatal.get_or_insert("the I/O threads stopped".into());
+            let Some(tx) = &self.io_tx else {
+                let (id, what) = job.describe();
+                self.fatal.get_or_insert(format!(
+                    "expert {}.{} needs {what}, but worker {} keeps every unit in memory and has no disk tier (a bug in \
+                     the store's bookkeeping)",
+                    id.0, id.1, self.worker
+                ));
+                return;
+            };
+            if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
+                // The I/O threads turn their own failures (errors and panics) into answers and only
+                // stop once the manager drops this queue, so this is not a disk failure either.
+                let (id, what) = job.describe();
+                self.fatal.get_or_insert(format!(
+                    "the I/O threads of worker {} are gone, with {what} of expert {}.{} to do",
+                    self.worker, id.0, id.1
+                ));
                 return;
             }
             self.in_flight += 1;
@@ -1451,6 +1599,23 @@ mod tests {
         assert!(d.exists());
         drop(store);
         assert!(!d.join("worker-0").exists(), "the disk tier is removed with the store");
+    }
+
+    #[test]
+    fn memory_needs_whole_units_and_one_to_spare_unless_device_holds_all() {
+        let u = 100;
+        // Device alone: all 8 units, not a byte less.
+        assert!(fits_in_memory([800, 0], u, 8));
+        assert!(!fits_in_memory([799, 0], u, 8));
+        // Both tiers: 9 whole units between them (one to spare for moving a unit into Device).
+        assert!(fits_in_memory([400, 500], u, 8));
+        assert!(!fits_in_memory([400, 400], u, 8));
+        assert!(!fits_in_memory([450, 450], u, 8), "900 bytes, but 8 whole units");
+        assert!(!fits_in_memory([450, 449], u, 8));
+        // Unlimited, and an empty store.
+        assert!(fits_in_memory([400, u64::MAX], u, 8));
+        assert!(fits_in_memory([u64::MAX, 0], u, 8));
+        assert!(fits_in_memory([0, 0], 0, 0));
     }
 
     #[tokio::test]
