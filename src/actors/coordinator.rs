@@ -312,8 +312,11 @@ async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>
     )
     .await
     .map_err(|e| {
+        // No advice to resume here: the coordinator cannot know whether the run has a checkpoint
+        // (a run that fails at its first commit has none), so it only says what failed and why the
+        // run cannot go on.
         Error::runtime(format!(
-            "the commit of step {n} failed ({e}); workers may disagree: resume from the last checkpoint"
+            "the commit of step {n} failed ({e}); the workers may now disagree, so the run cannot continue"
         ))
     })?;
     Ok((outputs, grad_norm, lr))
