@@ -226,6 +226,8 @@ async fn step(state: &mut CoordState) -> Result<StepOutcome> {
                 metrics::gauge!(names::TOKENS_PER_SECOND).set(state.args.tokens_per_step as f64 / seconds.max(1e-9));
                 let ce: f64 = outputs.iter().map(|o| o.ce_sum).sum::<f64>() / state.args.tokens_per_step as f64;
                 metrics::gauge!(names::LOSS).set(ce);
+                metrics::gauge!(names::LEARNING_RATE).set(lr);
+                metrics::gauge!(names::GRAD_NORM).set(grad_norm);
                 record_load(&outputs);
                 return Ok(StepOutcome {
                     step: state.step,

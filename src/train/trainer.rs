@@ -455,6 +455,7 @@ impl Trainer {
             let last = r.step == c.train.steps;
             if (c.train.eval_every > 0 && r.step % c.train.eval_every == 0) || last {
                 val_loss = self.evaluate()?;
+                crate::telemetry::metrics::record_validation(val_loss);
                 write(
                     &mut log,
                     json!({"kind": "val", "step": r.step, "elapsed_s": elapsed, "val_loss": val_loss}),
@@ -499,6 +500,7 @@ impl Trainer {
         if checkpointed_step != Some(self.optimizer.step) {
             // Stopped by the time limit (or nothing to do): evaluate and checkpoint where we are.
             val_loss = self.evaluate()?;
+            crate::telemetry::metrics::record_validation(val_loss);
             let elapsed = self.prior_seconds + started.elapsed().as_secs_f64();
             write(
                 &mut log,
