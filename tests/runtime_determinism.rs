@@ -17,17 +17,16 @@ fn small_config() -> TrainConfig {
 
 /// The training loop, without actors (`workers = 0`) or on the runtime through the `Trainer`.
 fn trainer(config: &TrainConfig, workers: usize) -> Vec<(String, Vec<u32>)> {
-    let dir = std::env::temp_dir().join(format!("semoe-runtime-trainer-{workers}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // Unique per call (and removed on drop), so tests running side by side never share a run.
+    let tmp = common::TempDir::new(&format!("runtime-trainer-{workers}"));
+    let dir = tmp.path().join("run");
     let mut config = config.clone();
     config.train.workers = workers;
     let mut trainer = Trainer::new(config, &dir).expect("trainer");
     for _ in 0..STEPS {
         trainer.step().expect("step");
     }
-    let out = bits(trainer.model().expect("model"));
-    let _ = std::fs::remove_dir_all(&dir);
-    out
+    bits(trainer.model().expect("model"))
 }
 
 async fn runtime(
@@ -68,6 +67,30 @@ fn same_bits_for_any_worker_count_and_placement() {
         (3, ExpertPlacement::Explicit(vec![2, 2, 0, 1])),
     ] {
         let what = format!("{workers} workers, {placement:?}");
+        let got = tokio.block_on(runtime(&config, workers, placement, 2));
+        assert_same(&want, &got, &what);
+    }
+}
+
+/// One expert (top-1) is an MoE block whose expert tensors have a leading dimension of 1: the
+/// runtime must still treat them as expert tensors (hosted by the expert's worker), not as dense
+/// ones, and end where the plain loop ends (issue 18).
+#[test]
+fn a_single_expert_trains_on_the_runtime_as_in_the_plain_loop() {
+    let mut config = small_config();
+    config.model.experts = 1;
+    config.model.k = 1;
+    let want = trainer(&config, 0);
+    for workers in [1, 2] {
+        assert_same(
+            &want,
+            &trainer(&config, workers),
+            &format!("one expert, the Trainer on {workers} workers"),
+        );
+    }
+    let tokio = tokio::runtime::Runtime::new().expect("tokio");
+    for (workers, placement) in [(2, ExpertPlacement::Blocked), (2, ExpertPlacement::Explicit(vec![1]))] {
+        let what = format!("one expert, {workers} workers, {placement:?}");
         let got = tokio.block_on(runtime(&config, workers, placement, 2));
         assert_same(&want, &got, &what);
     }

@@ -226,6 +226,8 @@ async fn step(state: &mut CoordState) -> Result<StepOutcome> {
                 metrics::gauge!(names::TOKENS_PER_SECOND).set(state.args.tokens_per_step as f64 / seconds.max(1e-9));
                 let ce: f64 = outputs.iter().map(|o| o.ce_sum).sum::<f64>() / state.args.tokens_per_step as f64;
                 metrics::gauge!(names::LOSS).set(ce);
+                metrics::gauge!(names::LEARNING_RATE).set(lr);
+                metrics::gauge!(names::GRAD_NORM).set(grad_norm);
                 record_load(&outputs);
                 return Ok(StepOutcome {
                     step: state.step,
@@ -312,8 +314,11 @@ async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>
     )
     .await
     .map_err(|e| {
+        // No advice to resume here: the coordinator cannot know whether the run has a checkpoint
+        // (a run that fails at its first commit has none), so it only says what failed and why the
+        // run cannot go on.
         Error::runtime(format!(
-            "the commit of step {n} failed ({e}); workers may disagree: resume from the last checkpoint"
+            "the commit of step {n} failed ({e}); the workers may now disagree, so the run cannot continue"
         ))
     })?;
     Ok((outputs, grad_norm, lr))

@@ -87,7 +87,7 @@ impl Placement {
         // Dense tensors: largest first onto the least-loaded worker (ties: lowest index), so that
         // reduction and update work is balanced.
         let specs = model.specs();
-        let mut order: Vec<usize> = (0..specs.len()).filter(|&i| specs[i].experts == 1).collect();
+        let mut order: Vec<usize> = (0..specs.len()).filter(|&i| !specs[i].expert).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(specs[i].unit_len()));
         let mut load = vec![0usize; workers];
         let mut tensor_owner = vec![usize::MAX; specs.len()];

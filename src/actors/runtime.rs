@@ -184,6 +184,12 @@ impl RuntimeBuilder {
             self.workers,
             &self.placement,
         )?);
+        // Every counter at zero from the start, for the workers, MoE blocks and experts of this run.
+        crate::telemetry::metrics::register(crate::telemetry::metrics::Layout {
+            workers: self.workers,
+            moe_blocks: model.blocks.iter().filter(|b| matches!(b.ffn, Ffn::Moe(_))).count(),
+            experts: config.model.experts,
+        });
         let cpu = Cpu::new(config.train.threads)?;
         let stores = distribute(&config, &model, &optimizer, &placement, &self.storage)?;
         let expert_stores: Vec<Arc<ExpertStore>> = stores.iter().map(|s| s.experts.clone()).collect();

@@ -229,6 +229,10 @@ pub struct TensorSpec {
     /// 1 for a dense tensor; E for an expert tensor, whose leading dimension is the expert and whose
     /// slices live with their experts' owners.
     pub experts: usize,
+    /// Whether it is an expert tensor (stacked over experts). Not the same as `experts > 1`: with a
+    /// single expert an expert tensor also has `experts == 1`, yet its one slice still lives with
+    /// the expert's owner, not with a dense tensor's owner (issue 18).
+    pub expert: bool,
     /// Whether AdamW decays it: matrices do; biases, norms and per-expert biases do not.
     pub decay: bool,
 }
@@ -430,6 +434,7 @@ impl<T: Scalar> Gpt<T> {
                 let unit_dims = if expert { shape.len() - 1 } else { shape.len() };
                 TensorSpec {
                     experts: if expert { experts } else { 1 },
+                    expert,
                     decay: unit_dims >= 2,
                     name,
                     shape,

@@ -1,5 +1,5 @@
 //! The runtime's metric names, in one place (recorded through the `metrics` crate; served as
-//! Prometheus text with `--metrics-addr`).
+//! Prometheus text with `--metrics-addr`, see [`serve_prometheus`]).
 //!
 //! | name | kind | labels | meaning |
 //! |---|---|---|---|
@@ -7,9 +7,12 @@
 //! | `semoe_tokens_per_second` | gauge | | training tokens of the last step over its wall time |
 //! | `semoe_committed_step` | gauge | | the last step committed on every worker |
 //! | `semoe_loss` | gauge | | mean cross-entropy of the last committed step |
-//! | `semoe_expert_tokens_total` | counter | `block`, `expert` | tokens routed to (and kept by) each expert |
+//! | `semoe_learning_rate` | gauge | | learning rate of the last committed step |
+//! | `semoe_grad_norm` | gauge | | global gradient norm (before clipping) of the last committed step |
+//! | `semoe_val_loss` | gauge | | mean cross-entropy of the last evaluation on the validation text |
+//! | `semoe_expert_tokens_total` | counter | `block`, `expert` | tokens routed to (and kept by) each expert (`block`: the MoE block's ordinal among MoE blocks) |
 //! | `semoe_expert_dropped_total` | counter | `block` | assignments dropped for lack of capacity |
-//! | `semoe_alltoall_bytes_total` | counter | `from`, `to`, `kind` | tensor bytes sent between workers (`kind`: `dispatch`, `combine`, `grad_dispatch`, `grad_combine`, `dense_grads`, `params`) |
+//! | `semoe_alltoall_bytes_total` | counter | `from`, `to`, `kind` | tensor bytes sent between workers, a worker to itself included (`kind`: `dispatch`, `combine`, `grad_dispatch`, `grad_combine`, `dense_grads`, `params`, `dense_gather`) |
 //! | `semoe_restarts_total` | counter | `worker`, `actor` | actors restarted by their supervisor (`actor`: `expert`, `gate`, `tier`, `communicator`) |
 //! | `semoe_replays_total` | counter | | steps rolled back and run again |
 //! | `semoe_tier_bytes` | gauge | `worker`, `tier` | bytes of expert state held in each tier (`device`, `host`, `disk`) |
@@ -17,6 +20,23 @@
 //! | `semoe_tier_moved_bytes_total` | counter | `worker`, `from`, `to` | bytes of expert state moved between tiers |
 //! | `semoe_prefetch_total` | counter | `worker`, `outcome` | experts prefetched (`issued`) and then used (`used`) |
 //! | `semoe_tier_stall_microseconds_total` | counter | `worker` | wall time during which an expert acquisition waited for a unit not in memory |
+//!
+//! Every counter exists from the start at zero, with every label set known when the runtime
+//! starts (its workers, MoE blocks and experts; see [`register`]), so that a scrape before the
+//! first step, or a rate over a window in which nothing happened, sees the series rather than a
+//! gap. The gauges appear with their first value: a zero loss or learning rate would be a lie.
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::convert::Infallible;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 /// Wall time of a committed step (seconds).
 pub const STEP_SECONDS: &str = "semoe_step_seconds";
@@ -26,6 +46,12 @@ pub const TOKENS_PER_SECOND: &str = "semoe_tokens_per_second";
 pub const COMMITTED_STEP: &str = "semoe_committed_step";
 /// Mean cross-entropy of the last committed step.
 pub const LOSS: &str = "semoe_loss";
+/// Learning rate of the last committed step.
+pub const LEARNING_RATE: &str = "semoe_learning_rate";
+/// Gradient norm (before clipping) of the last committed step.
+pub const GRAD_NORM: &str = "semoe_grad_norm";
+/// Mean cross-entropy of the last evaluation on the validation text.
+pub const VAL_LOSS: &str = "semoe_val_loss";
 /// Tokens kept by each expert (labels `block`, `expert`).
 pub const EXPERT_TOKENS: &str = "semoe_expert_tokens_total";
 /// Dropped assignments per MoE block (label `block`).
@@ -54,6 +80,12 @@ pub fn describe() {
     metrics::describe_gauge!(TOKENS_PER_SECOND, "training tokens per second of the last step");
     metrics::describe_gauge!(COMMITTED_STEP, "the last step committed on every worker");
     metrics::describe_gauge!(LOSS, "mean cross-entropy of the last committed step");
+    metrics::describe_gauge!(LEARNING_RATE, "learning rate of the last committed step");
+    metrics::describe_gauge!(GRAD_NORM, "gradient norm (before clipping) of the last committed step");
+    metrics::describe_gauge!(
+        VAL_LOSS,
+        "mean cross-entropy of the last evaluation on the validation text"
+    );
     metrics::describe_counter!(EXPERT_TOKENS, "tokens kept by each expert");
     metrics::describe_counter!(EXPERT_DROPPED, "assignments dropped for lack of capacity");
     metrics::describe_counter!(
@@ -82,16 +114,231 @@ pub fn describe() {
     );
 }
 
-/// Serve every metric as Prometheus text on `addr` (`HOST:PORT`, path `/metrics`). Call from
-/// inside a tokio runtime; installs the global recorder, so only once per process.
-pub fn serve_prometheus(addr: &str) -> crate::Result<()> {
-    let socket: std::net::SocketAddr = addr
-        .parse()
-        .map_err(|e| crate::Error::config(format!("--metrics-addr {addr:?} is not HOST:PORT: {e}")))?;
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(socket)
-        .install()
-        .map_err(|e| crate::Error::runtime(format!("cannot serve metrics on {addr}: {e}")))?;
+/// The kinds of [`ALLTOALL_BYTES`] (what the bytes carried).
+pub const ALLTOALL_KINDS: [&str; 7] = [
+    "dispatch",
+    "combine",
+    "grad_dispatch",
+    "grad_combine",
+    "dense_grads",
+    "params",
+    "dense_gather",
+];
+/// The actors of [`RESTARTS`].
+pub const RESTART_ACTORS: [&str; 4] = ["expert", "gate", "tier", "communicator"];
+/// The tiers of [`TIER_SERVED`] and [`TIER_MOVED_BYTES`].
+pub const TIERS: [&str; 3] = ["device", "host", "disk"];
+/// The outcomes of [`PREFETCH`].
+pub const PREFETCH_OUTCOMES: [&str; 2] = ["issued", "used"];
+
+/// The label values of the labelled counters that are known when a runtime starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Workers of the runtime (labels `worker`, `from`, `to`).
+    pub workers: usize,
+    /// MoE blocks of the model (label `block`).
+    pub moe_blocks: usize,
+    /// Experts per MoE block (label `expert`).
+    pub experts: usize,
+}
+
+/// The layout of the last runtime started. The trainer builds its runtime before `--metrics-addr`
+/// installs the recorder, so the zeros registered then went to no recorder: [`install`] registers
+/// them again from here. Process-wide, like the recorder itself.
+static LAYOUT: Mutex<Option<Layout>> = Mutex::new(None);
+
+/// Register every counter at zero for a runtime of this layout (and remember the layout for a
+/// recorder installed later). The runtime calls this when it starts.
+pub fn register(layout: Layout) {
+    *LAYOUT.lock().unwrap_or_else(PoisonError::into_inner) = Some(layout);
+    register_zeros(layout);
+}
+
+/// `increment(0)` creates a counter's series without changing it. The labels must be given in the
+/// order (and with the values) the recording sites use, or the series would be a different one.
+fn register_zeros(l: Layout) {
+    metrics::counter!(REPLAYS).increment(0);
+    for b in 0..l.moe_blocks {
+        let block = b.to_string();
+        metrics::counter!(EXPERT_DROPPED, "block" => block.clone()).increment(0);
+        for e in 0..l.experts {
+            metrics::counter!(EXPERT_TOKENS, "block" => block.clone(), "expert" => e.to_string()).increment(0);
+        }
+    }
+    for w in 0..l.workers {
+        let worker = w.to_string();
+        for to in 0..l.workers {
+            for kind in ALLTOALL_KINDS {
+                metrics::counter!(ALLTOALL_BYTES, "from" => worker.clone(), "to" => to.to_string(), "kind" => kind)
+                    .increment(0);
+            }
+        }
+        for actor in RESTART_ACTORS {
+            metrics::counter!(RESTARTS, "worker" => worker.clone(), "actor" => actor).increment(0);
+        }
+        for tier in TIERS {
+            metrics::counter!(TIER_SERVED, "worker" => worker.clone(), "tier" => tier).increment(0);
+            for to in TIERS.into_iter().filter(|&to| to != tier) {
+                metrics::counter!(TIER_MOVED_BYTES, "worker" => worker.clone(), "from" => tier, "to" => to)
+                    .increment(0);
+            }
+        }
+        for outcome in PREFETCH_OUTCOMES {
+            metrics::counter!(PREFETCH, "worker" => worker.clone(), "outcome" => outcome).increment(0);
+        }
+        metrics::counter!(TIER_STALL_MICROS, "worker" => worker).increment(0);
+    }
+}
+
+/// Record the loss of an evaluation on the validation text ([`VAL_LOSS`]). The trainer calls it:
+/// evaluation runs outside the runtime's steps, so the runtime never sees this loss.
+pub fn record_validation(loss: f64) {
+    metrics::gauge!(VAL_LOSS).set(loss);
+}
+
+/// Install the Prometheus recorder as the process's global recorder, describe every metric and
+/// register the counters of the last runtime started at zero; answer the handle that renders them.
+/// Only once per process (the `metrics` crate has one global recorder): a second call is an error.
+pub fn install() -> crate::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| crate::Error::runtime(format!("cannot install the metrics recorder: {e}")))?;
     describe();
+    let layout = *LAYOUT.lock().unwrap_or_else(PoisonError::into_inner);
+    register_zeros(layout.unwrap_or_default());
+    Ok(handle)
+}
+
+/// How often the recorder's histograms are drained (which the exporter's own `install` would do
+/// on its own thread): a scrape drains them too, this bounds their memory when nobody scrapes.
+const UPKEEP: Duration = Duration::from_secs(5);
+/// How long a client may take to send a request's headers, so that idle or stuck connections do
+/// not pile up.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `/metrics` endpoint (see [`serve`]). Dropping it leaves the endpoint running until
+/// its tokio runtime shuts down; [`MetricsServer::shutdown`] stops it at once.
+#[derive(Debug)]
+pub struct MetricsServer {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// The address it listens on (with the port the system chose for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stop accepting connections (those open end with the runtime, or when their client closes).
+    pub fn shutdown(self) {
+        self.task.abort();
+    }
+}
+
+/// Resolve `addr` (a host name or an IP address, and a port) and listen on the first of its
+/// addresses that binds. Errors name `--metrics-addr`, the only way a user gives this address.
+fn bind(addr: &str) -> crate::Result<std::net::TcpListener> {
+    let candidates: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| crate::Error::config(format!("--metrics-addr {addr:?} is not a HOST:PORT that resolves: {e}")))?
+        .collect();
+    if candidates.is_empty() {
+        return Err(crate::Error::config(format!(
+            "--metrics-addr {addr:?} resolves to no address"
+        )));
+    }
+    let listener = std::net::TcpListener::bind(&candidates[..])
+        .map_err(|e| crate::Error::runtime(format!("--metrics-addr {addr}: cannot listen on {candidates:?}: {e}")))?;
+    // Tokio needs a non-blocking socket.
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| crate::Error::runtime(format!("--metrics-addr {addr}: cannot configure the socket: {e}")))?;
+    Ok(listener)
+}
+
+/// Run the endpoint on `listener` as a task of the current tokio runtime, so that it stops with
+/// that runtime (and never holds the process open).
+fn spawn(listener: std::net::TcpListener, handle: PrometheusHandle) -> crate::Result<MetricsServer> {
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| crate::Error::runtime(format!("the metrics endpoint needs a tokio runtime: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| crate::Error::runtime(format!("--metrics-addr: cannot read the bound address: {e}")))?;
+    let _entered = runtime.enter();
+    let listener = tokio::net::TcpListener::from_std(listener)
+        .map_err(|e| crate::Error::runtime(format!("--metrics-addr {addr}: cannot register the socket: {e}")))?;
+    let task = runtime.spawn(accept_loop(listener, handle));
+    Ok(MetricsServer { addr, task })
+}
+
+/// Serve `handle`'s metrics as Prometheus text at `http://addr/metrics` (404 for other paths, 405
+/// for methods other than GET and HEAD), on the current tokio runtime. Separate from [`install`]
+/// so that a process (a test) can serve its one recorder more than once.
+pub fn serve(addr: &str, handle: PrometheusHandle) -> crate::Result<MetricsServer> {
+    spawn(bind(addr)?, handle)
+}
+
+/// Serve every metric as Prometheus text on `addr` (`HOST:PORT`, path `/metrics`) until the current
+/// tokio runtime shuts down. Call from inside a tokio runtime; installs the global recorder, so only
+/// once per process. The address is bound before the recorder is installed, so that a bad address
+/// leaves nothing behind.
+pub fn serve_prometheus(addr: &str) -> crate::Result<()> {
+    let listener = bind(addr)?;
+    let handle = install()?;
+    spawn(listener, handle)?;
     Ok(())
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+    let mut upkeep = tokio::time::interval(UPKEEP);
+    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = upkeep.tick() => handle.run_upkeep(),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(connection(stream, handle.clone()));
+                }
+                // Out of file descriptors, or a connection reset before it was accepted: wait a
+                // little rather than spin, and go on (the endpoint must not end training).
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            },
+        }
+    }
+}
+
+async fn connection(stream: tokio::net::TcpStream, handle: PrometheusHandle) {
+    let service = service_fn(move |request: Request<Incoming>| {
+        let response = answer(&request, &handle);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    // A client that went away or sent something that is not HTTP: nobody to tell.
+    let _ = http.serve_connection(TokioIo::new(stream), service).await;
+}
+
+fn answer(request: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response
+    };
+    if request.uri().path() != "/metrics" {
+        return text(StatusCode::NOT_FOUND, "not found: the metrics are at /metrics\n".into());
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use GET\n".into());
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    let mut response = text(StatusCode::OK, handle.render());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }

@@ -812,6 +812,7 @@ impl Trainer {
         elapsed: f64,
         val_loss: f64,
     ) -> Result<()> {
+        crate::telemetry::metrics::record_validation(val_loss);
         write(
             log,
             json!({"kind": "val", "step": step, "elapsed_s": elapsed, "val_loss": val_loss}),
