@@ -770,7 +770,11 @@ fn train(a: &TrainArgs) -> semoe::Result<ExitCode> {
             )
         }
     );
-    eprintln!("run directory: {}", dir.display());
+    eprintln!(
+        "run directory: {}; memory: about {} estimated",
+        dir.display(),
+        semoe::storage::tiers::format_bytes(semoe::train::memory::estimate(&c).total())
+    );
     install_stop_signals(&trainer.stop_flag())?;
     let summary = trainer.run(!a.quiet)?;
     let resume_hint = format!("semoe train --resume --run-dir {}", dir.display());

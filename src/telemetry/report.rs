@@ -196,6 +196,11 @@ pub struct ReportSummary {
     pub final_train_loss: f64,
     /// The raw training loss of the last record.
     pub final_train_loss_raw: f64,
+    /// The mean training loss of the last [`crate::train::trainer::MEAN_LOSS_STEPS`] records (the
+    /// number `semoe train` prints at the end; NaN if there are none).
+    pub mean_train_loss: f64,
+    /// How many records that mean is over.
+    pub mean_train_loss_steps: usize,
     /// The lowest validation loss.
     pub best_val_loss: Option<f64>,
     /// The step of the lowest validation loss (the first one on ties).
@@ -483,6 +488,11 @@ pub fn summarize(metrics: &Metrics) -> Result<ReportSummary> {
         ema_smoothing: smoothing,
         final_train_loss: smoothed.last().copied().unwrap_or(f64::NAN),
         final_train_loss_raw: last.loss,
+        mean_train_loss: {
+            let tail = &train[train.len().saturating_sub(crate::train::trainer::MEAN_LOSS_STEPS)..];
+            tail.iter().map(|r| r.loss).sum::<f64>() / tail.len().max(1) as f64
+        },
+        mean_train_loss_steps: train.len().min(crate::train::trainer::MEAN_LOSS_STEPS),
         best_val_loss: best.map(|v| v.val_loss),
         best_val_step: best.map(|v| v.step),
         final_val_loss: final_val.map(|v| v.val_loss),
@@ -984,12 +994,16 @@ fn storage_section(md: &mut String, rec: &StorageRecord) {
         st.served_from[2],
         100.0 * st.hit_rate()
     );
-    let _ = writeln!(
-        md,
-        "| Prefetched | {} (accuracy {:.1}%) |",
-        st.prefetched,
-        100.0 * st.prefetch_accuracy()
-    );
+    if st.prefetched > 0 {
+        let _ = writeln!(
+            md,
+            "| Prefetched | {} (accuracy {:.1}%) |",
+            st.prefetched,
+            100.0 * st.prefetch_accuracy()
+        );
+    } else {
+        let _ = writeln!(md, "| Prefetched | none |");
+    }
     let _ = writeln!(md, "| Stall waiting for experts | {:.1} s |", st.stall_seconds);
     let _ = writeln!(
         md,
@@ -1022,10 +1036,12 @@ fn markdown(s: &ReportSummary, metrics: &Metrics, name: &str) -> String {
     );
     let _ = writeln!(
         md,
-        "| Final train loss (EMA {:.2}) | {} nats/byte (last raw value {}) |",
+        "| Mean train loss of the last {} steps | {} nats/byte (last step {}; EMA {:.2} {}) |",
+        s.mean_train_loss_steps,
+        format_loss(s.mean_train_loss),
+        format_loss(s.final_train_loss_raw),
         s.ema_smoothing,
-        format_loss(s.final_train_loss),
-        format_loss(s.final_train_loss_raw)
+        format_loss(s.final_train_loss)
     );
     match (s.best_val_loss, s.best_val_step) {
         (Some(v), Some(step)) => {
@@ -1047,12 +1063,16 @@ fn markdown(s: &ReportSummary, metrics: &Metrics, name: &str) -> String {
         );
     }
     let _ = writeln!(md, "| Total tokens | {} |", format_count(s.total_tokens));
-    let _ = writeln!(
-        md,
-        "| Wall time | {} ({:.1} s) |",
-        format_duration(s.elapsed_s),
-        s.elapsed_s
-    );
+    if s.elapsed_s.is_finite() && s.elapsed_s >= 60.0 {
+        let _ = writeln!(
+            md,
+            "| Wall time | {} ({:.1} s) |",
+            format_duration(s.elapsed_s),
+            s.elapsed_s
+        );
+    } else {
+        let _ = writeln!(md, "| Wall time | {} |", format_duration(s.elapsed_s));
+    }
     let tps = if s.median_tokens_per_s.is_finite() {
         format!("{} tokens/s", format_count(s.median_tokens_per_s.round() as u64))
     } else {
@@ -1060,7 +1080,8 @@ fn markdown(s: &ReportSummary, metrics: &Metrics, name: &str) -> String {
     };
     let _ = writeln!(md, "| Median throughput | {tps} |");
 
-    if let Some(rec) = &metrics.storage {
+    // A dense model has no expert state to report on.
+    if let Some(rec) = metrics.storage.as_ref().filter(|r| r.stats.units > 0) {
         storage_section(&mut md, rec);
     }
     if let Some(rec) = &metrics.dense {

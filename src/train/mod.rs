@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod data;
+pub mod memory;
 pub mod optimizer;
 pub mod sampler;
 pub mod trainer;

@@ -173,6 +173,7 @@ pub fn resumed_config(
         )));
     }
     config.validate()?;
+    super::memory::check_fits(&config, super::memory::available_bytes())?;
     let mut notices: Vec<String> = changed.iter().map(|c| format!("resume changes {c}")).collect();
     if config.train.steps != recorded.train.steps {
         notices.push(format!(
@@ -233,6 +234,7 @@ impl Trainer {
 
     fn create(mut config: TrainConfig, run_dir: &Path) -> Result<Self> {
         config.validate()?;
+        super::memory::check_fits(&config, super::memory::available_bytes())?;
         // Record the data path absolutely, so the run resumes (and its checkpoints evaluate) from
         // any working directory.
         if let Some(path) = &config.train.data {

@@ -1,0 +1,165 @@
+//! How much memory a training config needs, estimated before anything is allocated, so that a
+//! model or context that cannot fit is refused with the estimate instead of being killed by the
+//! kernel's OOM killer halfway through its first step.
+//!
+//! The estimate counts the big buffers only, from the config alone: parameters, both AdamW
+//! moments and the gradient buffers of every group (llm.c style: one buffer per parameter group),
+//! the actor runtime's copies of them, and the activations a group keeps for its backward pass
+//! (times the groups that run at once). It is meant to be close but not above the truth, so that
+//! it never refuses a config that would fit: `tests/train_memory.rs` compares it with the peak
+//! resident size of real runs.
+
+use super::config::TrainConfig;
+use crate::error::{Error, Result};
+
+/// The estimate, in bytes, by part.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryEstimate {
+    /// Parameters of the model.
+    pub params: u64,
+    /// Parameters, AdamW moments and gradient buffers, with the runtime's copies.
+    pub state_bytes: u64,
+    /// Activations kept for the backward pass by the groups that run at once.
+    pub activation_bytes: u64,
+}
+
+impl MemoryEstimate {
+    /// Everything.
+    pub fn total(&self) -> u64 {
+        self.state_bytes + self.activation_bytes
+    }
+}
+
+/// The number of parameters of the model `config` describes.
+pub fn param_count(config: &TrainConfig) -> u64 {
+    let m = &config.model;
+    let (v, t, d) = (m.vocab as u64, m.block_size as u64, m.d_model as u64);
+    let mut p = v * d + t * d + 2 * d + d * v;
+    for layer in 0..m.n_layer {
+        p += 2 * d + d * 3 * d + 3 * d + d * d + d + 2 * d;
+        p += if m.is_moe(layer) {
+            let (e, f) = (m.experts as u64, m.d_ff as u64);
+            d * e + e * (d * f + f + f * d + d)
+        } else {
+            let f = m.dense_d_ff as u64;
+            d * f + f + f * d + d
+        };
+    }
+    p
+}
+
+/// Estimate the memory `config` needs to train.
+pub fn estimate(config: &TrainConfig) -> MemoryEstimate {
+    let m = &config.model;
+    let t = &config.train;
+    let params = param_count(config);
+    let groups = t.groups.max(1) as u64;
+    // Model + two moments in the trainer, and a gradient buffer per group.
+    let mut floats = 3 * params + groups * params;
+    if t.workers > 0 {
+        // The runtime keeps the committed state (model and moments) in its actors, and each
+        // worker a working copy of the model.
+        floats += 3 * params + t.workers as u64 * params;
+    }
+    let state_bytes = 4 * floats;
+
+    let (tt, d, heads) = (m.block_size as u64, m.d_model as u64, m.n_head as u64);
+    let tokens = (t.batch as u64 / groups).max(1) * tt;
+    let mut per_token = 2 * m.vocab as u64; // logits and their softmax
+    for layer in 0..m.n_layer {
+        // Layer norms, q/k/v, attention output, projections and residuals, and the attention
+        // probabilities (a row of `block_size` per head per token).
+        per_token += 10 * d + heads * tt;
+        per_token += if m.is_moe(layer) {
+            let slots = (m.k as f64 * m.capacity_factor.max(1.0)).ceil() as u64;
+            m.experts as u64 + slots * (2 * d + 2 * m.d_ff as u64)
+        } else {
+            4 * m.dense_d_ff as u64
+        };
+    }
+    let threads = if t.threads == 0 {
+        crate::kernels::cpu::cores()
+    } else {
+        t.threads
+    };
+    let concurrent = groups.min(threads.max(1) as u64);
+    MemoryEstimate {
+        params,
+        state_bytes,
+        activation_bytes: 4 * per_token * tokens * concurrent,
+    }
+}
+
+/// Bytes of memory available to a new allocation now (`MemAvailable` of `/proc/meminfo`), if the
+/// system says.
+pub fn available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Refuse a config whose estimate exceeds `available` bytes, naming the settings that size it.
+pub fn check_fits(config: &TrainConfig, available: Option<u64>) -> Result<MemoryEstimate> {
+    let e = estimate(config);
+    if let Some(available) = available {
+        if e.total() > available {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            let m = &config.model;
+            let t = &config.train;
+            return Err(Error::config(format!(
+                "this config needs about {:.1} GiB ({:.1} GiB of parameters, optimizer state and gradients for {} \
+                 parameters; {:.1} GiB of activations) and the machine has {:.1} GiB available. It is sized by \
+                 model.d_model ({}), model.n_layer ({}), model.experts ({}), model.d_ff ({}), model.block_size ({}), \
+                 train.batch ({}), train.groups ({}) and train.threads ({}): make the model, the context or the \
+                 batch smaller, or use more groups",
+                gib(e.total()),
+                gib(e.state_bytes),
+                e.params,
+                gib(e.activation_bytes),
+                gib(available),
+                m.d_model,
+                m.n_layer,
+                m.experts,
+                m.d_ff,
+                m.block_size,
+                t.batch,
+                t.groups,
+                t.threads
+            )));
+        }
+    }
+    Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gpt::Gpt;
+
+    #[test]
+    fn the_parameter_count_matches_the_model() {
+        for dense in [false, true] {
+            let mut c = TrainConfig::default();
+            c.model.d_model = 32;
+            c.model.n_head = 2;
+            if dense {
+                c.model.moe_every = 0;
+                c.model.dense_d_ff = 96;
+            }
+            let model = Gpt::<f32>::zeros(&c.model).expect("model");
+            assert_eq!(param_count(&c), model.num_params() as u64, "dense {dense}");
+        }
+    }
+
+    #[test]
+    fn a_config_beyond_the_memory_is_refused_with_the_estimate() {
+        let mut c = TrainConfig::default();
+        c.model.block_size = 65_536;
+        let err = check_fits(&c, Some(24 << 30)).expect_err("too big").to_string();
+        assert!(err.contains("GiB") && err.contains("model.block_size (65536)"), "{err}");
+        let small = TrainConfig::default();
+        let e = check_fits(&small, Some(24 << 30)).expect("the default fits");
+        assert!(e.total() < 1 << 30, "{e:?}");
+    }
+}
