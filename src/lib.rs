@@ -1,11 +1,17 @@
 //! semoe: an elastic Mixture-of-Experts training and inference runtime.
 //!
-//! The crate is organised as DESIGN.md describes: [`kernels`] (compute backends), [`model`] (layers
+//! Today it runs in one process: the actor runtime with in-process workers, expert state in
+//! Device/Host/Disk tiers, checkpoints, and bitwise determinism across worker counts, placements
+//! and resume. Multi-process elastic training, ring-memory inference and the GPU path are not built
+//! yet.
+//!
+//! The crate is organised as `docs/architecture.md` describes (module map, layering, the path of a
+//! token batch, the determinism contract): [`kernels`] (compute backends), [`model`] (layers
 //! with hand-written forward and backward passes), [`train`] (data, sampler, optimizer, the training
 //! loop), [`actors`] (the supervised actor runtime: coordinator, workers, gates, experts, tiers,
-//! communicators), [`net`] (transports), [`chaos`] (fault injection), [`storage`] (checkpoints),
-//! [`telemetry`] (metrics and reports), [`infer`] (generation) and [`bench`] (the measurements
-//! behind `semoe bench`).
+//! communicators), [`net`] (transports), [`chaos`] (fault injection), [`storage`] (checkpoints,
+//! run directories, expert tiers), [`telemetry`] (metrics and reports), [`infer`] (generation) and
+//! [`bench`] (the measurements behind `semoe bench`).
 //!
 //! # Embedding the runtime
 //!

@@ -1,5 +1,6 @@
 //! The MoE layer's results do not depend on the number of compute threads: forward outputs and every
-//! gradient are bitwise identical with 1 and 2 threads (DESIGN.md, "Determinism").
+//! gradient are bitwise identical with 1 and 2 threads (docs/architecture.md, "The determinism
+//! contract").
 
 use semoe::kernels::Cpu;
 use semoe::model::moe::{MoeConfig, MoeLayer, MoeParams};

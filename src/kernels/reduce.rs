@@ -4,7 +4,8 @@
 //! additions, so it cannot vectorise the loop, and each addition waits for the previous one (four
 //! cycles apiece). Here element `i` goes to partial sum `i % 8` and the eight partial sums are
 //! combined in one fixed tree, so the loop vectorises and the result is still a pure function of the
-//! row: the same bits on every path, thread count and machine (DESIGN.md, Determinism).
+//! row: the same bits on every path, thread count and machine (docs/architecture.md, "The determinism
+//! contract").
 
 use super::Scalar;
 

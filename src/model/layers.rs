@@ -2,8 +2,9 @@
 //! multi-head self-attention, the dense GELU feed-forward network, embeddings and cross-entropy.
 //!
 //! Every function works on one group of sequences at a time (rows = sequences x positions), so the
-//! matmul shapes follow from the config alone (DESIGN.md, Determinism). Per-row reductions run in a
-//! fixed order; parameter gradients are accumulated (`+=`) into the caller's buffers.
+//! matmul shapes follow from the config alone (docs/architecture.md, "The determinism contract").
+//! Per-row reductions run in a fixed order; parameter gradients are accumulated (`+=`) into the
+//! caller's buffers.
 
 use crate::error::Result;
 use crate::kernels::{reduce, Backend, Gelu, Mat, Scalar};

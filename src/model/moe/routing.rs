@@ -4,7 +4,8 @@
 //! An *assignment* is a (choice `j`, token `s`) pair, numbered `a = j * S + s`. Kept assignments are
 //! laid out in one concatenated expert batch: expert 0's rows first, then expert 1's, and within an
 //! expert in (choice, token) order. That order is canonical: it depends only on the routing, never on
-//! where the expert runs, which is what makes expert matmuls reproducible (DESIGN.md, Determinism).
+//! where the expert runs, which is what makes expert matmuls reproducible (docs/architecture.md,
+//! "The determinism contract").
 
 use super::{DropPolicy, MoeConfig};
 use crate::error::{Error, Result};

@@ -4,7 +4,7 @@
 //! place; the actor runtime runs the gate stages on the worker that holds a group and the expert
 //! stages on the worker that hosts the expert. Both paths execute the same functions on the same
 //! shapes (one group's rows of one expert per call), so they produce the same bits
-//! (DESIGN.md, "Determinism").
+//! (docs/architecture.md, "The determinism contract").
 
 use super::{MoeConfig, MoeStats, Routing};
 use crate::error::{Error, Result};
