@@ -239,8 +239,8 @@ enum BenchCommand {
     /// Training tokens/s of the main job's model: the plain loop against the actor runtime with
     /// 1, 2, ... workers, alternating round by round.
     Runtime(RuntimeArgs),
-    /// Training tokens/s with 25% of the expert state in memory (Device and Host budgets of one
-    /// MoE block each, the rest on disk) against everything in memory; prefetch against loading on
+    /// Training tokens/s with two MoE blocks' experts in memory (Device and Host budgets of one
+    /// block each: 25% with the default 8 layers; the rest on disk) against everything in memory; prefetch against loading on
     /// demand; the SE-MoE cache policy against LRU; the disk's own bandwidth measured alongside.
     Storage(StorageBenchArgs),
 }
