@@ -72,7 +72,7 @@ impl Placement {
             ExpertPlacement::Explicit(owners) => {
                 if model.config().has_moe() && owners.len() != e_count {
                     return Err(Error::config(format!(
-                        "the placement names {} workers but the model has {e_count} experts",
+                        "train.placement names a worker for {} experts but the model has {e_count} experts",
                         owners.len()
                     )));
                 }

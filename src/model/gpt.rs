@@ -113,7 +113,11 @@ impl GptConfig {
             return Err(Error::config("model.vocab is too large"));
         }
         if self.has_moe() {
-            self.moe_config().validate()?;
+            // The MoE layer's messages name its own fields; here they are keys of [model].
+            self.moe_config().validate().map_err(|e| match e {
+                Error::Config(msg) => Error::Config(format!("model.{msg}")),
+                other => other,
+            })?;
         }
         Ok(())
     }

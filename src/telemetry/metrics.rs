@@ -257,6 +257,20 @@ fn bind(addr: &str) -> crate::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
+/// Check that `addr` is a `HOST:PORT` that resolves, before anything is started (binding comes
+/// later, inside the runtime).
+pub fn check_addr(addr: &str) -> crate::Result<()> {
+    let mut candidates = addr
+        .to_socket_addrs()
+        .map_err(|e| crate::Error::config(format!("--metrics-addr {addr:?} is not a HOST:PORT that resolves: {e}")))?;
+    match candidates.next() {
+        Some(_) => Ok(()),
+        None => Err(crate::Error::config(format!(
+            "--metrics-addr {addr:?} resolves to no address"
+        ))),
+    }
+}
+
 /// Run the endpoint on `listener` as a task of the current tokio runtime, so that it stops with
 /// that runtime (and never holds the process open).
 fn spawn(listener: std::net::TcpListener, handle: PrometheusHandle) -> crate::Result<MetricsServer> {

@@ -145,6 +145,10 @@ pub struct TrainSettings {
     pub threads: usize,
     /// Stop after this many seconds of training even if `steps` are not done (0: no limit).
     pub time_limit_s: f64,
+    /// Seconds of training, evaluation and checkpoints the run should fit in (0: no budget). The
+    /// command line measures a few steps first and lowers `steps` to what fits (never raises it),
+    /// recording the count chosen in the run's config (see `train::calibrate`).
+    pub time_budget_s: f64,
     /// A UTF-8 text file or directory to train on instead of the bundled corpus.
     pub data: Option<PathBuf>,
     /// Fraction of a user-given text held out for validation.
@@ -171,6 +175,7 @@ impl Default for TrainSettings {
             keep_checkpoints: 2,
             threads: 2,
             time_limit_s: 0.0,
+            time_budget_s: 0.0,
             data: None,
             val_fraction: 0.1,
             workers: 1,
@@ -222,6 +227,12 @@ impl TrainConfig {
         if !(t.time_limit_s.is_finite() && t.time_limit_s >= 0.0) {
             return Err(Error::config("train.time_limit_s must be a non-negative number"));
         }
+        if !(t.time_budget_s.is_finite() && t.time_budget_s >= 0.0) {
+            return Err(Error::config(format!(
+                "train.time_budget_s must be a non-negative number of seconds, got {}",
+                t.time_budget_s
+            )));
+        }
         if t.workers > t.groups {
             return Err(Error::config(format!(
                 "train.workers ({}) cannot exceed train.groups ({}): every worker runs at least one group",
@@ -262,6 +273,7 @@ pub const RESUMABLE: &[&str] = &[
     "train.workers",
     "train.placement",
     "train.time_limit_s",
+    "train.time_budget_s",
     "train.eval_every",
     "train.eval_windows",
     "train.checkpoint_every",

@@ -1,6 +1,7 @@
 //! Training: the corpus, the deterministic sampler, the AdamW optimizer with its schedule, and the
 //! training loop with evaluation, checkpoints and metrics.
 
+pub mod calibrate;
 pub mod config;
 pub mod data;
 pub mod memory;
