@@ -1,13 +1,14 @@
-//! The actor runtime's contract: parameters after N steps are bitwise identical for any number of
-//! workers and any expert placement, and identical to the single-process training loop.
+//! The actor runtime's contract: parameters and optimizer state (AdamW moments and step) after N
+//! steps are bitwise identical for any number of workers and any expert placement, and identical
+//! to the single-process training loop.
 
 mod common;
 
-use common::{assert_same, bits};
+use common::{assert_same, state_bits};
 
 use semoe::actors::{ExpertPlacement, Runtime};
 use semoe::train::config::TrainConfig;
-use semoe::train::trainer::Trainer;
+use semoe::train::trainer::{load_state, Trainer};
 
 const STEPS: u64 = 20;
 
@@ -15,7 +16,8 @@ fn small_config() -> TrainConfig {
     common::small_config(STEPS)
 }
 
-/// The training loop, without actors (`workers = 0`) or on the runtime through the `Trainer`.
+/// The training loop, without actors (`workers = 0`) or on the runtime through the `Trainer`: the
+/// bits of its model and optimizer state (read back from a checkpoint, which stores both exactly).
 fn trainer(config: &TrainConfig, workers: usize) -> Vec<(String, Vec<u32>)> {
     // Unique per call (and removed on drop), so tests running side by side never share a run.
     let tmp = common::TempDir::new(&format!("runtime-trainer-{workers}"));
@@ -26,7 +28,17 @@ fn trainer(config: &TrainConfig, workers: usize) -> Vec<(String, Vec<u32>)> {
     for _ in 0..STEPS {
         trainer.step().expect("step");
     }
-    bits(trainer.model().expect("model"))
+    let checkpoint = trainer.save_checkpoint(0.0).expect("checkpoint");
+    let (model, optimizer, _) = load_state(trainer.config(), &checkpoint).expect("load the checkpoint");
+    assert_eq!(optimizer.step, STEPS, "steps taken");
+    let got = state_bits(&model, &optimizer);
+    // The checkpoint holds the trainer's model exactly.
+    assert_same(
+        &common::bits(trainer.model().expect("model")),
+        &common::bits(&model),
+        "the checkpoint's model",
+    );
+    got
 }
 
 async fn runtime(
@@ -45,9 +57,10 @@ async fn runtime(
     for _ in 0..STEPS {
         rt.step().await.expect("runtime step");
     }
-    let model = rt.model().await.expect("gather");
+    let (model, optimizer) = rt.state().await.expect("gather");
     rt.shutdown().await.expect("shutdown");
-    bits(&model)
+    assert_eq!(optimizer.step, STEPS, "steps taken");
+    state_bits(&model, &optimizer)
 }
 
 #[test]
