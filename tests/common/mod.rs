@@ -56,6 +56,23 @@ pub fn state_bits(model: &Gpt<f32>, optimizer: &AdamW) -> Vec<(String, Vec<u32>)
     out
 }
 
+/// [`state_bits`] of a `Trainer`: its model and optimizer state, read back from a checkpoint
+/// written now and then removed (a checkpoint stores both exactly; the trainer has no other way to
+/// show its optimizer). Writing it may prune the oldest of the run's checkpoints when the run
+/// already keeps `train.keep_checkpoints` of them.
+pub fn trainer_state_bits(trainer: &mut semoe::train::trainer::Trainer) -> Vec<(String, Vec<u32>)> {
+    let checkpoint = trainer.save_checkpoint(0.0).expect("checkpoint");
+    let (model, optimizer, _) =
+        semoe::train::trainer::load_state(trainer.config(), &checkpoint).expect("load the checkpoint");
+    std::fs::remove_dir_all(&checkpoint).expect("remove the checkpoint");
+    assert_same(
+        &bits(trainer.model().expect("model")),
+        &bits(&model),
+        "the checkpoint's model",
+    );
+    state_bits(&model, &optimizer)
+}
+
 /// Fail naming the first tensor and element whose bits differ. The tensors must agree in number,
 /// order, names and lengths before their values are compared.
 pub fn assert_same(want: &[(String, Vec<u32>)], got: &[(String, Vec<u32>)], what: &str) {
