@@ -111,7 +111,7 @@ fn worst_ratio(got: &[f32], want: &[f64]) -> (f64, usize) {
 
 fn check_tensor(name: &str, got: &[f32], want: &[f64], failures: &mut Vec<String>) {
     let (ratio, at) = worst_ratio(got, want);
-    if !(ratio <= 1.0) {
+    if ratio.is_nan() || ratio > 1.0 {
         failures.push(format!(
             "{name}: worst element {at} at {ratio:.2}x tolerance (lengths {} and {})",
             got.len(),
