@@ -1,6 +1,8 @@
 //! Finite-difference check of the whole model's hand-written backward pass, in f64: every parameter of
 //! a tiny GPT with one dense and one MoE block (with drops, auxiliary and z-losses), two groups.
 
+mod common;
+
 use semoe::kernels::{Cpu, Gelu};
 use semoe::model::gpt::{Gpt, GptConfig};
 
@@ -34,7 +36,8 @@ fn batch() -> (Vec<u32>, Vec<u32>) {
     (idx, targets)
 }
 
-fn loss_and_grads(model: &Gpt<f64>, cpu: &Cpu, grads: Option<&mut Gpt<f64>>) -> f64 {
+/// The loss, and the assignments (kept, dropped) of the MoE block over both groups.
+fn loss_and_grads(model: &Gpt<f64>, cpu: &Cpu, grads: Option<&mut Gpt<f64>>) -> (f64, usize, usize) {
     let (idx, targets) = batch();
     let mut scratch;
     let grads = match grads {
@@ -45,7 +48,7 @@ fn loss_and_grads(model: &Gpt<f64>, cpu: &Cpu, grads: Option<&mut Gpt<f64>>) -> 
         }
     };
     let (groups, seqs_per_group, t) = (2, 2, 5);
-    let mut total = 0.0;
+    let (mut total, mut kept, mut dropped) = (0.0, 0, 0);
     for g in 0..groups {
         let span = g * seqs_per_group * t..(g + 1) * seqs_per_group * t;
         let out = model
@@ -60,8 +63,12 @@ fn loss_and_grads(model: &Gpt<f64>, cpu: &Cpu, grads: Option<&mut Gpt<f64>>) -> 
             )
             .expect("forward_backward");
         total += out.ce_sum / 20.0 + 0.5 * out.router_loss.iter().sum::<f64>();
+        for stats in &out.moe_stats {
+            kept += stats.expert_tokens.iter().sum::<usize>();
+            dropped += stats.dropped;
+        }
     }
-    total
+    (total, kept, dropped)
 }
 
 #[test]
@@ -81,7 +88,13 @@ fn every_gradient_matches_finite_differences() {
         }
     }
     let mut grads = model.zeros_like().expect("zeros");
-    loss_and_grads(&model, &cpu, Some(&mut grads));
+    let (_, kept, dropped) = loss_and_grads(&model, &cpu, Some(&mut grads));
+    // 20 tokens, top-2, one MoE block: 40 assignments, some over capacity (cf 0.75).
+    assert_eq!(kept + dropped, 40, "assignments of the MoE block");
+    assert!(
+        dropped > 0 && kept > 0,
+        "the check needs drops: {dropped} of 40 dropped"
+    );
     let analytic: Vec<(String, Vec<f64>)> = grads.tensors().into_iter().map(|(n, _, b)| (n, b.clone())).collect();
 
     let mut failures = Vec::new();
@@ -90,13 +103,21 @@ fn every_gradient_matches_finite_differences() {
         for (i, &a) in grad.iter().enumerate() {
             let orig = model.buffers_mut()[ti][i];
             model.buffers_mut()[ti][i] = orig + H;
-            let plus = loss_and_grads(&model, &cpu, None);
+            let (plus, _, plus_dropped) = loss_and_grads(&model, &cpu, None);
             model.buffers_mut()[ti][i] = orig - H;
-            let minus = loss_and_grads(&model, &cpu, None);
+            let (minus, _, minus_dropped) = loss_and_grads(&model, &cpu, None);
             model.buffers_mut()[ti][i] = orig;
             let fd = (plus - minus) / (2.0 * H);
             checked += 1;
-            if (fd - a).abs() > 1e-6 * (a.abs() + 1.0) {
+            // A perturbation must not move the routing across a drop (the difference would then
+            // measure a jump, not the gradient).
+            assert_eq!(
+                (plus_dropped, minus_dropped),
+                (dropped, dropped),
+                "{name}[{i}] changed the drops"
+            );
+            // Written so that a NaN on either side fails.
+            if !common::within(fd, a, 1e-6 * (a.abs() + 1.0)) {
                 failures.push(format!("{name}[{i}]: analytic {a:.9e}, finite difference {fd:.9e}"));
             }
         }

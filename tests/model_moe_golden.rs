@@ -1,15 +1,19 @@
 //! Every golden file in `tests/golden/moe/` (written by `tools/reference/gen_moe_golden.py`, PyTorch in
 //! float64) is checked here against the f32 layer: outputs, losses, every gradient and the routing.
-//! Dropping a new `.json` file into the folder adds a case; no code change is needed.
+//! A new case is a `.json` file in the folder and a row in the README's case table (the test
+//! requires exactly the files the table lists); no code change is needed.
 //!
 //! Tolerance (see tests/golden/README.md): elementwise `|got - want| <= 1e-5 * (|want| + rms(want))`,
 //! where `rms` is the root-mean-square of the whole expected tensor; scalars
 //! `|got - want| <= 1e-5 * max(|want|, 1e-3)`. Routing must match exactly.
 
+mod common;
+
+use common::within;
 use semoe::kernels::{Cpu, Gelu};
 use semoe::model::moe::{DropPolicy, MoeConfig, MoeLayer, MoeParams};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const RTOL: f64 = 1e-5;
 
@@ -22,11 +26,20 @@ fn flat(v: &Value, out: &mut Vec<f64>) {
     }
 }
 
-fn tensor(case: &Value, key: &str) -> Vec<f64> {
-    let v = case.get(key).unwrap_or_else(|| panic!("golden file lacks {key:?}"));
+/// A required key.
+fn field<'a>(case: &'a Value, key: &str) -> &'a Value {
+    case.get(key)
+        .unwrap_or_else(|| panic!("golden file lacks the required key {key:?}"))
+}
+
+fn flatten(v: &Value) -> Vec<f64> {
     let mut out = Vec::new();
     flat(v, &mut out);
     out
+}
+
+fn tensor(case: &Value, key: &str) -> Vec<f64> {
+    flatten(field(case, key))
 }
 
 fn f32s(case: &Value, key: &str) -> Vec<f32> {
@@ -34,15 +47,26 @@ fn f32s(case: &Value, key: &str) -> Vec<f32> {
 }
 
 fn scalar(case: &Value, key: &str) -> f64 {
-    case.get(key)
-        .and_then(Value::as_f64)
-        .unwrap_or_else(|| panic!("golden file lacks scalar {key:?}"))
+    field(case, key)
+        .as_f64()
+        .unwrap_or_else(|| panic!("golden key {key:?} is not a number"))
 }
 
+/// Every `config` key is required (tests/golden/README.md).
 fn config_of(case: &Value) -> MoeConfig {
-    let c = &case["config"];
-    let int = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("config.{k} missing")) as usize;
-    let num = |k: &str| c[k].as_f64().unwrap_or_else(|| panic!("config.{k} missing"));
+    let c = field(case, "config");
+    let get = |k: &str| {
+        c.get(k)
+            .unwrap_or_else(|| panic!("config lacks the required key {k:?}"))
+    };
+    let int = |k: &str| {
+        get(k)
+            .as_u64()
+            .unwrap_or_else(|| panic!("config.{k} is not an integer")) as usize
+    };
+    let num = |k: &str| get(k).as_f64().unwrap_or_else(|| panic!("config.{k} is not a number"));
+    let flag = |k: &str| get(k).as_bool().unwrap_or_else(|| panic!("config.{k} is not a bool"));
+    let text = |k: &str| get(k).as_str().unwrap_or_else(|| panic!("config.{k} is not a string"));
     MoeConfig {
         d_model: int("d_model"),
         d_ff: int("d_ff"),
@@ -51,34 +75,53 @@ fn config_of(case: &Value) -> MoeConfig {
         capacity_factor: num("capacity_factor"),
         min_capacity: int("min_capacity"),
         aux_coef: num("aux_coef"),
-        gelu: c["gelu"].as_str().unwrap_or("erf").parse::<Gelu>().expect("gelu"),
-        drop_policy: match c.get("drop_policy").and_then(Value::as_str).unwrap_or("position") {
+        gelu: text("gelu").parse::<Gelu>().expect("gelu"),
+        drop_policy: match text("drop_policy") {
             "position" => DropPolicy::Position,
             "probs" => DropPolicy::Probs,
             other => panic!("unknown drop_policy {other}"),
         },
-        dropless: c.get("dropless").and_then(Value::as_bool).unwrap_or(false),
-        z_coef: c.get("z_coef").and_then(Value::as_f64).unwrap_or(0.0),
-        normalize: c.get("normalize").and_then(Value::as_bool).unwrap_or(true),
+        dropless: flag("dropless"),
+        z_coef: num("z_coef"),
+        normalize: flag("normalize"),
     }
 }
 
-/// Largest violation ratio `|got - want| / (RTOL * (|want| + rms))`: <= 1 passes.
+/// Largest violation ratio `|got - want| / (RTOL * (|want| + rms))`: <= 1 passes. A length
+/// mismatch, or a non-finite value on either side, is infinitely bad.
 fn worst_ratio(got: &[f32], want: &[f64]) -> (f64, usize) {
-    assert_eq!(got.len(), want.len(), "length");
+    if got.len() != want.len() {
+        return (f64::INFINITY, got.len().min(want.len()));
+    }
     let rms = (want.iter().map(|v| v * v).sum::<f64>() / want.len().max(1) as f64).sqrt();
     let mut worst = (0.0, 0);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let ratio = (g as f64 - w).abs() / (RTOL * (w.abs() + rms) + f64::MIN_POSITIVE);
-        if ratio > worst.0 || ratio.is_nan() {
+        let tol = RTOL * (w.abs() + rms) + f64::MIN_POSITIVE;
+        let ratio = if within(g as f64, w, f64::INFINITY) {
+            (g as f64 - w).abs() / tol
+        } else {
+            f64::INFINITY
+        };
+        if ratio > worst.0 {
             worst = (ratio, i);
         }
     }
     worst
 }
 
+fn check_tensor(name: &str, got: &[f32], want: &[f64], failures: &mut Vec<String>) {
+    let (ratio, at) = worst_ratio(got, want);
+    if ratio.is_nan() || ratio > 1.0 {
+        failures.push(format!(
+            "{name}: worst element {at} at {ratio:.2}x tolerance (lengths {} and {})",
+            got.len(),
+            want.len()
+        ));
+    }
+}
+
 fn check_scalar(name: &str, got: f64, want: f64, failures: &mut Vec<String>) {
-    if (got - want).abs() > RTOL * want.abs().max(1e-3) {
+    if !within(got, want, RTOL * want.abs().max(1e-3)) {
         failures.push(format!("{name}: got {got}, want {want}"));
     }
 }
@@ -86,7 +129,16 @@ fn check_scalar(name: &str, got: f64, want: f64, failures: &mut Vec<String>) {
 fn check_case(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(path).expect("read golden file");
     let case: Value = serde_json::from_str(&text).expect("golden file is JSON");
+    let mut failures = Vec::new();
+    // Identification is optional; a name, when present, is the file's stem.
+    if let Some(name) = case.get("name") {
+        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+        if name.as_str() != Some(&*stem) {
+            failures.push(format!("name {name} is not the file's stem {stem:?}"));
+        }
+    }
     let config = config_of(&case);
+    let s = field(&case["config"], "S").as_u64().expect("config.S") as usize;
     let params = MoeParams {
         wg: f32s(&case, "wg"),
         w1: f32s(&case, "w1"),
@@ -97,12 +149,12 @@ fn check_case(path: &Path) -> Vec<String> {
     let layer = MoeLayer::new(config.clone(), params).expect("valid golden config");
     let x = f32s(&case, "x");
     let gy = f32s(&case, "gy");
+    assert_eq!(x.len(), s * config.d_model, "x is [S][d_model]");
+    assert_eq!(gy.len(), s * config.d_model, "gy is [S][d_model]");
     let cpu = Cpu::new(2).expect("cpu");
     let (out, cache) = layer.forward(&cpu, &x).expect("forward");
-    let mut failures = Vec::new();
 
     // Routing, exactly.
-    let s = x.len() / config.d_model;
     let r = &cache.dispatch.routing;
     let idx: Vec<u32> = tensor(&case, "idx").iter().map(|&v| v as u32).collect();
     let keep: Vec<bool> = tensor(&case, "keep").iter().map(|&v| v != 0.0).collect();
@@ -120,18 +172,39 @@ fn check_case(path: &Path) -> Vec<String> {
     if out.stats.expert_tokens != counts {
         failures.push(format!("expert counts {:?} != {:?}", out.stats.expert_tokens, counts));
     }
-    if out.stats.dropped != scalar(&case, "dropped") as usize {
-        failures.push(format!("dropped {} != {}", out.stats.dropped, scalar(&case, "dropped")));
+    let dropped = field(&case, "dropped").as_u64().expect("dropped is an integer") as usize;
+    if out.stats.dropped != dropped {
+        failures.push(format!("dropped {} != {dropped}", out.stats.dropped));
     }
-    let capacity = case["capacity"].as_u64().map(|c| c as usize);
+    // Required, null when dropless.
+    let capacity = match field(&case, "capacity") {
+        Value::Null => None,
+        c => Some(c.as_u64().expect("capacity is an integer or null") as usize),
+    };
+    if capacity.is_none() != config.dropless {
+        failures.push(format!("capacity {capacity:?} but dropless {}", config.dropless));
+    }
     if out.stats.capacity != capacity {
         failures.push(format!("capacity {:?} != {:?}", out.stats.capacity, capacity));
     }
-    let (ratio, at) = worst_ratio(&cache.dispatch.weights, &tensor(&case, "g"));
-    if ratio > 1.0 {
-        failures.push(format!(
-            "combine weights g: worst element {at} at {ratio:.2}x tolerance"
-        ));
+    let g = tensor(&case, "g");
+    check_tensor("combine weights g", &cache.dispatch.weights, &g, &mut failures);
+    // The k = 2 aliases are optional; when present they are rows 0 and 1 of idx, keep, loc, g.
+    for (alias, rows) in [
+        ("idx", tensor(&case, "idx")),
+        ("keep", tensor(&case, "keep")),
+        ("loc", tensor(&case, "loc")),
+        ("g", g),
+    ] {
+        for j in 0..2 {
+            let key = format!("{alias}{}", j + 1);
+            if let Some(v) = case.get(&key) {
+                let row = rows.get(j * s..(j + 1) * s);
+                if config.k != 2 || row != Some(&flatten(v)[..]) {
+                    failures.push(format!("{key} is not row {j} of {alias} (k = {})", config.k));
+                }
+            }
+        }
     }
 
     // Losses.
@@ -154,30 +227,16 @@ fn check_case(path: &Path) -> Vec<String> {
         ("grad_w2", &grads.w2),
         ("grad_b2", &grads.b2),
     ] {
-        let (ratio, at) = worst_ratio(got, &tensor(&case, name));
-        if ratio.is_nan() || ratio > 1.0 {
-            failures.push(format!("{name}: worst element {at} at {ratio:.2}x tolerance"));
-        }
+        check_tensor(name, got, &tensor(&case, name), &mut failures);
     }
-    assert_eq!(s * config.d_model, x.len());
     failures
-}
-
-fn golden_files() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/moe");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("tests/golden/moe exists")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
-    files
 }
 
 #[test]
 fn every_golden_file_matches_the_pytorch_reference() {
-    let files = golden_files();
-    assert!(files.len() >= 10, "expected the golden cases, found {}", files.len());
+    // Exactly the cases of the table in tests/golden/README.md: a missing file fails.
+    let cases = common::readme_cases("## Cases");
+    let files = common::golden_files("moe", &cases);
     let mut report = Vec::new();
     for path in &files {
         for failure in check_case(path) {

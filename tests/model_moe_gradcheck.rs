@@ -5,6 +5,8 @@
 //! `(L(p + h) - L(p - h)) / 2h` with h = 1e-6. In f64 the difference's own error is about 1e-10, so
 //! the tolerance 1e-6 * (|grad| + 1) catches any wrong term while never failing on rounding.
 
+mod common;
+
 use semoe::kernels::{Cpu, Gelu};
 use semoe::model::moe::{DropPolicy, MoeConfig, MoeLayer, MoeParams};
 
@@ -58,7 +60,8 @@ fn check(config: MoeConfig, tokens: usize, seed: u64) {
                 "perturbing {name}[{i}] changed the routing; choose another seed"
             );
             let fd = (plus.0 - minus.0) / (2.0 * H);
-            if (fd - analytic).abs() > 1e-6 * (analytic.abs() + 1.0) {
+            // Written so that a NaN on either side fails.
+            if !common::within(fd, analytic, 1e-6 * (analytic.abs() + 1.0)) {
                 failures.push(format!(
                     "{name}[{i}]: analytic {analytic:.9e}, finite difference {fd:.9e}"
                 ));

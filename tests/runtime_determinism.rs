@@ -1,9 +1,10 @@
-//! The actor runtime's contract: parameters after N steps are bitwise identical for any number of
-//! workers and any expert placement, and identical to the single-process training loop.
+//! The actor runtime's contract: parameters and optimizer state (AdamW moments and step) after N
+//! steps are bitwise identical for any number of workers and any expert placement, and identical
+//! to the single-process training loop.
 
 mod common;
 
-use common::{assert_same, bits};
+use common::{assert_same, state_bits};
 
 use semoe::actors::{ExpertPlacement, Runtime};
 use semoe::train::config::TrainConfig;
@@ -15,7 +16,8 @@ fn small_config() -> TrainConfig {
     common::small_config(STEPS)
 }
 
-/// The training loop, without actors (`workers = 0`) or on the runtime through the `Trainer`.
+/// The training loop, without actors (`workers = 0`) or on the runtime through the `Trainer`: the
+/// bits of its model and optimizer state (read back from a checkpoint, which stores both exactly).
 fn trainer(config: &TrainConfig, workers: usize) -> Vec<(String, Vec<u32>)> {
     // Unique per call (and removed on drop), so tests running side by side never share a run.
     let tmp = common::TempDir::new(&format!("runtime-trainer-{workers}"));
@@ -26,7 +28,8 @@ fn trainer(config: &TrainConfig, workers: usize) -> Vec<(String, Vec<u32>)> {
     for _ in 0..STEPS {
         trainer.step().expect("step");
     }
-    bits(trainer.model().expect("model"))
+    assert_eq!(trainer.steps_done(), STEPS, "steps taken");
+    common::trainer_state_bits(&mut trainer)
 }
 
 async fn runtime(
@@ -45,9 +48,10 @@ async fn runtime(
     for _ in 0..STEPS {
         rt.step().await.expect("runtime step");
     }
-    let model = rt.model().await.expect("gather");
+    let (model, optimizer) = rt.state().await.expect("gather");
     rt.shutdown().await.expect("shutdown");
-    bits(&model)
+    assert_eq!(optimizer.step, STEPS, "steps taken");
+    state_bits(&model, &optimizer)
 }
 
 #[test]

@@ -1,11 +1,11 @@
 //! Hierarchical storage of expert state: a model with 64 experts per MoE block, trained with the
 //! Device and Host budgets holding 25% of the expert state (the rest on disk), ends bitwise
-//! identical to the same run with everything in memory; budgets are never exceeded; a checkpoint
+//! identical (parameters, AdamW moments and step) to the same run with everything in memory; budgets are never exceeded; a checkpoint
 //! written under one budget configuration resumes under another.
 
 mod common;
 
-use common::{assert_same, bits};
+use common::{assert_same, state_bits, trainer_state_bits};
 
 use semoe::actors::Runtime;
 use semoe::storage::tiers::{CachePolicy, StorageConfig, TierStats};
@@ -49,10 +49,11 @@ async fn train(workers: usize, storage: StorageConfig) -> (Vec<(String, Vec<u32>
     for _ in 0..STEPS {
         rt.step().await.expect("step");
     }
-    let model = rt.model().await.expect("model");
+    let (model, optimizer) = rt.state().await.expect("state");
     let stats = rt.tier_stats();
     rt.shutdown().await.expect("shutdown");
-    (bits(&model), stats)
+    assert_eq!(optimizer.step, STEPS, "steps taken");
+    (state_bits(&model, &optimizer), stats)
 }
 
 /// Device and Host each hold 1/8 of a worker's expert state (one block's experts): 25% in memory.
@@ -152,7 +153,7 @@ fn a_checkpoint_resumes_under_other_budgets_bit_for_bit() {
         for _ in 0..STEPS {
             t.step().expect("step");
         }
-        let out = bits(t.model().expect("model"));
+        let out = trainer_state_bits(&mut t);
         drop(t);
         let _ = std::fs::remove_dir_all(&dir);
         out
@@ -181,7 +182,7 @@ fn a_checkpoint_resumes_under_other_budgets_bit_for_bit() {
         }
         assert_same(
             &reference,
-            &bits(t.model().expect("model")),
+            &trainer_state_bits(&mut t),
             &format!("resumed with {device:?}/{host:?}"),
         );
     }

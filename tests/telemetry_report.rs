@@ -37,6 +37,8 @@ const STEPS: u64 = 300;
 const TOKENS_PER_STEP: u64 = 2048;
 const EXPERTS: usize = 4;
 const K: u64 = 2;
+/// Points the loss and throughput curves of the run draw at least: one per step.
+const MIN_POINTS: usize = STEPS as usize;
 
 /// A small deterministic pseudo-random number in [-1, 1).
 fn noise(i: u64) -> f64 {
@@ -145,7 +147,30 @@ fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol * b.abs().max(1.0)
 }
 
-fn check_svg(path: &Path) -> String {
+/// The most points drawn by one `<polyline>` (its `points`) or `<path>` (the coordinate pairs of its
+/// `d`): the data series, where axes and ticks have two or a few.
+fn most_points(svg: &str) -> usize {
+    let mut best = 0;
+    for (tag, attr) in [("<polyline", "points=\""), ("<path", " d=\"")] {
+        for (i, _) in svg.match_indices(tag) {
+            let element = &svg[i..];
+            let element = &element[..element.find('>').unwrap_or(element.len())];
+            if let Some(a) = element.find(attr) {
+                let value = &element[a + attr.len()..];
+                let value = &value[..value.find('"').unwrap_or(value.len())];
+                let numbers = value
+                    .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
+                    .filter(|t| t.parse::<f64>().is_ok())
+                    .count();
+                best = best.max(numbers / 2);
+            }
+        }
+    }
+    best
+}
+
+/// A well-formed SVG whose longest line has at least `min_points` points (0: no line needed).
+fn check_svg(path: &Path, min_points: usize) -> String {
     let svg = std::fs::read_to_string(path).unwrap();
     assert!(
         svg.trim_start().starts_with("<svg"),
@@ -153,9 +178,11 @@ fn check_svg(path: &Path) -> String {
         path.display()
     );
     assert!(svg.trim_end().ends_with("</svg>"), "{} is not closed", path.display());
+    assert!(svg.contains("<rect"), "{} draws nothing", path.display());
+    let points = most_points(&svg);
     assert!(
-        svg.contains("<rect") && (svg.contains("<path") || svg.contains("<polyline")),
-        "{} draws nothing",
+        points >= min_points,
+        "{} plots no data: its longest line has {points} points, want {min_points} or more",
         path.display()
     );
     svg
@@ -172,11 +199,12 @@ fn report_of_a_synthetic_moe_run() {
     for f in [LOSS_SVG, THROUGHPUT_SVG, EXPERTS_SVG, REPORT_MD] {
         assert!(dir.0.join(f).is_file(), "{f} missing");
     }
-    let loss_svg = check_svg(&dir.0.join(LOSS_SVG));
+    let loss_svg = check_svg(&dir.0.join(LOSS_SVG), MIN_POINTS);
     assert!(loss_svg.contains("<polyline") && loss_svg.contains("<circle"));
     assert!(loss_svg.contains("nats/byte"));
-    check_svg(&dir.0.join(THROUGHPUT_SVG));
-    let experts_svg = check_svg(&dir.0.join(EXPERTS_SVG));
+    check_svg(&dir.0.join(THROUGHPUT_SVG), MIN_POINTS);
+    // A heat map: its data are the cells.
+    let experts_svg = check_svg(&dir.0.join(EXPERTS_SVG), 0);
     // 60 buckets x 4 experts x 2 layers of cells, plus the colour bar.
     assert!(experts_svg.matches("<rect").count() >= 60 * 4 * 2);
     assert!(experts_svg.contains("MoE layer 1"));
@@ -258,7 +286,8 @@ fn dense_run_reports_without_experts() {
     assert_eq!(summary.final_val_loss, None);
     assert_eq!(summary.median_tokens_per_s, 1010.5);
     assert_eq!(summary.total_tokens, 2000);
-    check_svg(&dir.0.join(LOSS_SVG));
+    // One point per step.
+    check_svg(&dir.0.join(LOSS_SVG), 20);
     let experts = std::fs::read_to_string(dir.0.join(EXPERTS_SVG)).unwrap();
     assert!(experts.starts_with("<svg") && experts.contains("no MoE layers"));
 }

@@ -125,3 +125,112 @@ impl Placement {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gpt::GptConfig;
+
+    /// 2 MoE blocks of `experts` experts.
+    fn model(experts: usize) -> Gpt<f32> {
+        let config = GptConfig {
+            block_size: 8,
+            d_model: 16,
+            n_layer: 2,
+            n_head: 2,
+            d_ff: 32,
+            experts,
+            k: 1,
+            ..GptConfig::default()
+        };
+        Gpt::init(&config, 1).expect("model")
+    }
+
+    #[test]
+    fn parses_the_named_policies_and_explicit_lists() {
+        assert_eq!(
+            "round-robin".parse::<ExpertPlacement>().ok(),
+            Some(ExpertPlacement::RoundRobin)
+        );
+        assert_eq!(
+            "blocked".parse::<ExpertPlacement>().ok(),
+            Some(ExpertPlacement::Blocked)
+        );
+        assert_eq!(
+            "2, 0,1 ,1".parse::<ExpertPlacement>().ok(),
+            Some(ExpertPlacement::Explicit(vec![2, 0, 1, 1]))
+        );
+        assert_eq!(
+            "3".parse::<ExpertPlacement>().ok(),
+            Some(ExpertPlacement::Explicit(vec![3]))
+        );
+    }
+
+    #[test]
+    fn a_malformed_placement_is_an_error_naming_the_choices_and_the_input() {
+        for bad in ["", "roundrobin", "Blocked", "1,,2", "0,-1", "1.5", "0,1,", "a,b"] {
+            let e = bad.parse::<ExpertPlacement>().expect_err(bad).to_string();
+            assert!(
+                e.contains("round-robin") && e.contains("blocked") && e.contains(&format!("{bad:?}")),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn round_robin_and_blocked_spread_the_experts() {
+        let m = model(8);
+        let p = Placement::new(&m, 6, 3, &ExpertPlacement::RoundRobin).expect("plan");
+        assert_eq!(p.expert_owner, vec![0, 1, 2, 0, 1, 2, 0, 1]);
+        assert_eq!(p.group_owner, vec![0, 1, 2, 0, 1, 2]);
+        assert_eq!(p.groups_of(1), vec![1, 4]);
+        assert_eq!(p.experts_of(2), vec![2, 5]);
+        let p = Placement::new(&m, 4, 3, &ExpertPlacement::Blocked).expect("plan");
+        assert_eq!(p.expert_owner, vec![0, 0, 0, 1, 1, 1, 2, 2]);
+        let p = Placement::new(&m, 2, 2, &ExpertPlacement::Explicit(vec![1, 1, 0, 1, 0, 0, 0, 1])).expect("plan");
+        assert_eq!(p.experts_of(0), vec![2, 4, 5, 6]);
+        assert_eq!(p.experts_of(1), vec![0, 1, 3, 7]);
+    }
+
+    #[test]
+    fn every_dense_tensor_has_one_owner_and_expert_tensors_none() {
+        let m = model(4);
+        let specs = m.specs();
+        for workers in 1..=3 {
+            let p = Placement::new(&m, 3, workers, &ExpertPlacement::RoundRobin).expect("plan");
+            assert_eq!(p.tensor_owner.len(), specs.len());
+            for (i, s) in specs.iter().enumerate() {
+                if s.expert {
+                    assert_eq!(p.tensor_owner[i], usize::MAX, "expert tensor {i}");
+                } else {
+                    assert!(p.tensor_owner[i] < workers, "dense tensor {i}");
+                }
+            }
+            let owned: usize = (0..workers).map(|w| p.tensors_of(w).len()).sum();
+            assert_eq!(owned, specs.iter().filter(|s| !s.expert).count());
+            if workers > 1 {
+                assert!(
+                    (0..workers).all(|w| !p.tensors_of(w).is_empty()),
+                    "every worker owns some"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_plans_are_clear_errors() {
+        let m = model(4);
+        let err = |groups, workers, e: ExpertPlacement| {
+            Placement::new(&m, groups, workers, &e)
+                .expect_err("invalid plan")
+                .to_string()
+        };
+        assert!(err(4, 0, ExpertPlacement::RoundRobin).contains("at least one worker"));
+        let e = err(2, 3, ExpertPlacement::RoundRobin);
+        assert!(e.contains("3 workers") && e.contains("2 data groups"), "{e}");
+        let e = err(4, 2, ExpertPlacement::Explicit(vec![0, 1, 0]));
+        assert!(e.contains("names 3 workers") && e.contains("4 experts"), "{e}");
+        let e = err(4, 2, ExpertPlacement::Explicit(vec![0, 1, 2, 0]));
+        assert!(e.contains("worker 2") && e.contains("2 workers"), "{e}");
+    }
+}

@@ -1,10 +1,11 @@
-//! Shared by the runtime tests: a model small enough to train 20 steps in about a second, and
-//! bitwise comparison of models.
+//! Shared by the tests: a model small enough to train 20 steps in about a second, bitwise
+//! comparison of models and optimizer state, and tolerance checks that fail on NaN.
 
 #![allow(dead_code)] // each test file uses a part
 
 use semoe::model::gpt::Gpt;
 use semoe::train::config::TrainConfig;
+use semoe::train::optimizer::AdamW;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -37,13 +38,112 @@ pub fn bits(model: &Gpt<f32>) -> Vec<(String, Vec<u32>)> {
         .collect()
 }
 
-/// Fail naming the first tensor and element whose bits differ.
+/// Every tensor's bits, by name, then the AdamW state: `m.NAME` and `v.NAME` per tensor (the same
+/// order) and `optimizer.step` (the step count as two 32-bit halves), so that [`assert_same`]
+/// compares the whole training state.
+pub fn state_bits(model: &Gpt<f32>, optimizer: &AdamW) -> Vec<(String, Vec<u32>)> {
+    let mut out = bits(model);
+    let names: Vec<String> = out.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(names.len(), optimizer.m.len(), "one first moment per model tensor");
+    assert_eq!(names.len(), optimizer.v.len(), "one second moment per model tensor");
+    for (kind, moments) in [("m", &optimizer.m), ("v", &optimizer.v)] {
+        for (n, buf) in names.iter().zip(moments) {
+            out.push((format!("{kind}.{n}"), buf.iter().map(|v| v.to_bits()).collect()));
+        }
+    }
+    let step = optimizer.step;
+    out.push(("optimizer.step".into(), vec![step as u32, (step >> 32) as u32]));
+    out
+}
+
+/// [`state_bits`] of a `Trainer`: its model and optimizer state, read back from a checkpoint
+/// written now and then removed (a checkpoint stores both exactly; the trainer has no other way to
+/// show its optimizer). Writing it may prune the oldest of the run's checkpoints when the run
+/// already keeps `train.keep_checkpoints` of them.
+pub fn trainer_state_bits(trainer: &mut semoe::train::trainer::Trainer) -> Vec<(String, Vec<u32>)> {
+    let checkpoint = trainer.save_checkpoint(0.0).expect("checkpoint");
+    let (model, optimizer, _) =
+        semoe::train::trainer::load_state(trainer.config(), &checkpoint).expect("load the checkpoint");
+    std::fs::remove_dir_all(&checkpoint).expect("remove the checkpoint");
+    assert_same(
+        &bits(trainer.model().expect("model")),
+        &bits(&model),
+        "the checkpoint's model",
+    );
+    state_bits(&model, &optimizer)
+}
+
+/// Fail naming the first tensor and element whose bits differ. The tensors must agree in number,
+/// order, names and lengths before their values are compared.
 pub fn assert_same(want: &[(String, Vec<u32>)], got: &[(String, Vec<u32>)], what: &str) {
-    assert_eq!(want.len(), got.len());
+    let names = |t: &[(String, Vec<u32>)]| t.iter().map(|(n, b)| (n.clone(), b.len())).collect::<Vec<_>>();
+    assert_eq!(names(want), names(got), "{what}: tensor names or lengths differ");
     for ((n, a), (_, b)) in want.iter().zip(got) {
         let diff = a.iter().zip(b).position(|(x, y)| x != y);
         assert!(diff.is_none(), "{what}: tensor {n} differs at element {diff:?}");
     }
+}
+
+/// Whether `got` is within `tol` of `want`; false when either is not finite (NaN never passes).
+pub fn within(got: f64, want: f64, tol: f64) -> bool {
+    got.is_finite() && want.is_finite() && (got - want).abs() <= tol
+}
+
+/// Fail unless `got` and `want` are finite and `|got - want| <= tol`.
+pub fn assert_close(what: &str, got: f64, want: f64, tol: f64) {
+    assert!(
+        within(got, want, tol),
+        "{what}: got {got}, want {want} (|diff| {} > {tol}, or not finite)",
+        (got - want).abs()
+    );
+}
+
+/// Fail unless the slices have the same length and every element pair passes
+/// [`assert_close`] with the tolerance `tol(want)`.
+pub fn assert_all_close(what: &str, got: &[f64], want: &[f64], tol: impl Fn(f64) -> f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert_close(&format!("{what}[{i}]"), g, w, tol(w));
+    }
+}
+
+/// The `.json` files of `tests/golden/DIR`, sorted, after checking that they are exactly `expected`
+/// (file stems): a missing or an extra file fails.
+pub fn golden_files(dir: &str, expected: &[String]) -> Vec<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(dir);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    let mut stems: Vec<String> = files
+        .iter()
+        .map(|p| p.file_stem().unwrap_or_default().to_string_lossy().into_owned())
+        .collect();
+    stems.sort();
+    assert!(!expected.is_empty(), "no golden cases expected in tests/golden/{dir}");
+    let mut want = expected.to_vec();
+    want.sort();
+    assert_eq!(stems, want, "the golden files of tests/golden/{dir}");
+    files
+}
+
+/// The `file` column of the case table under `heading` in tests/golden/README.md (the first
+/// Markdown table after that heading whose header starts with `| file |`).
+pub fn readme_cases(heading: &str) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/README.md");
+    let text = std::fs::read_to_string(&path).expect("tests/golden/README.md");
+    let start = text
+        .find(heading)
+        .unwrap_or_else(|| panic!("README has no heading {heading:?}"));
+    let mut lines = text[start..].lines().skip_while(|l| !l.starts_with("| file |"));
+    assert!(lines.next().is_some(), "README: no case table after {heading:?}");
+    lines
+        .skip(1) // the | --- | row
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.split('|').nth(1).unwrap_or_default().trim().to_string())
+        .collect()
 }
 
 /// A fresh directory under the system temp dir, removed when dropped (also when a test fails).

@@ -10,6 +10,8 @@ What is pinned (torch.optim.AdamW in float32 on CPU, the single-tensor path):
       lr(step) = max_lr * (step + 1) / warmup                      if step < warmup
       lr(step) = min_lr + 0.5 * (max_lr - min_lr) * (1 + cos(pi * p)),
                  p = clamp((step - warmup) / (total_steps - warmup), 0, 1)   otherwise
+    (the default; a case's config may set `schedule` "linear" and a `cooldown` < 1 for
+    warmup-stable-decay: see lr_schedule.py, shared with gen_schedule_golden.py)
   * two param groups: weight decay only for params with ndim >= 2, 0 for the rest;
   * before each step, torch.nn.utils.clip_grad_norm_(all params, clip):
       norm = sqrt(sum of squares of every gradient element)   (recorded pre-clip)
@@ -34,6 +36,8 @@ import os
 
 import torch
 
+import lr_schedule
+
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "tests", "golden", "adamw")
 
@@ -41,12 +45,17 @@ SHAPES = {"w": (4, 6), "b": (6,), "w3": (2, 3, 4)}
 N_STEPS = 5
 
 
-def lr_at(step: int, max_lr: float, min_lr: float, warmup: int, total_steps: int) -> float:
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    denom = max(total_steps - warmup, 1)
-    prog = min(max((step - warmup) / denom, 0.0), 1.0)
-    return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * prog))
+def lr_at(step: int, max_lr: float, min_lr: float, warmup: int, total_steps: int,
+          schedule: str = "cosine", cooldown: float = 1.0) -> float:
+    """The schedule of `lr_schedule.py` (cosine or linear, optionally warmup-stable-decay)."""
+    return lr_schedule.lr_at(step, max_lr, min_lr, warmup, total_steps, schedule, cooldown)
+
+
+def case_lr(c: dict, step: int) -> float:
+    """The learning rate of `step` under config `c` (`schedule` and `cooldown` are optional keys,
+    absent in the existing cases: cosine over every step after warmup)."""
+    return lr_at(step, c["lr"], c["min_lr"], c["warmup"], c["total_steps"],
+                 c.get("schedule", "cosine"), c.get("cooldown", 1.0))
 
 
 CASES = [
@@ -90,7 +99,7 @@ def run_torch(case, params, grads):
     for step, gs in enumerate(grads):
         for n, p in leaves.items():
             p.grad = gs[n].clone()
-        lr = lr_at(step, c["lr"], c["min_lr"], c["warmup"], c["total_steps"])
+        lr = case_lr(c, step)
         for grp in opt.param_groups:
             grp["lr"] = lr
         norm = torch.nn.utils.clip_grad_norm_(list(leaves.values()), c["clip"])
@@ -130,7 +139,7 @@ def run_manual(case, params, grads, dtype):
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in g.values()]))
         coef = torch.clamp(c["clip"] / (norm + 1e-6), max=1.0)  # 0-dim tensor of dtype
         g = {n: t * coef for n, t in g.items()}
-        lr = lr_at(step, c["lr"], c["min_lr"], c["warmup"], c["total_steps"])
+        lr = case_lr(c, step)
         t_ = step + 1
         bc1 = 1 - c["beta1"] ** t_
         bc2 = 1 - c["beta2"] ** t_
@@ -204,7 +213,7 @@ def main() -> None:
 
 
         # the schedule beyond the recorded steps, to pin warmup / cosine / clamp
-        sched = [[s, lr_at(s, c["lr"], c["min_lr"], c["warmup"], c["total_steps"])]
+        sched = [[s, case_lr(c, s)]
                  for s in range(c["total_steps"] + 3)]
         rec = {
             "name": case["name"],

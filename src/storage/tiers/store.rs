@@ -1717,6 +1717,70 @@ mod tests {
         assert_eq!(memory.stats().deferred, 0);
     }
 
+    /// The figures are published after the answers of each batch of requests: wait until `done`.
+    async fn settled(store: &ExpertStore, done: impl Fn(&TierStats) -> bool) -> TierStats {
+        let since = Instant::now();
+        while !done(&store.stats()) && since.elapsed().as_secs() < 5 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        store.stats()
+    }
+
+    #[tokio::test]
+    async fn a_scan_larger_than_memory_serves_each_acquisition_once_with_its_own_values() {
+        // Device holds one block (2 units), Host one unit: half of the 6 units live on disk, and a
+        // cyclic scan over all of them must keep evicting and loading.
+        let mut c = config(2, 1, "scan");
+        c.prefetch = false;
+        let store = ExpertStore::new(0, &c, units(3, 2)).unwrap();
+        let mut acquisitions = 0;
+        for _round in 0..4 {
+            for b in 0..3 {
+                // Both experts of the block held at once: exactly the Device budget.
+                let leases = [
+                    store.acquire((b, 0)).await.unwrap(),
+                    store.acquire((b, 1)).await.unwrap(),
+                ];
+                for (e, lease) in leases.iter().enumerate() {
+                    let seed = (b * 2 + e) as f32;
+                    // A plain lease may hold the parameters alone (the moments can stay on disk).
+                    assert_eq!(lease.params, slot(seed).params, "expert ({b}, {e})");
+                }
+                acquisitions += 2;
+            }
+        }
+        let st = settled(&store, |st| st.served_from.iter().sum::<u64>() >= acquisitions).await;
+        assert_eq!(st.served_from.iter().sum::<u64>(), acquisitions, "{st:?}");
+        assert!(
+            st.served_from[2] > 0 && st.disk_read > 0,
+            "the scan reads from disk: {st:?}"
+        );
+        assert!(st.peak[0] <= st.budget[0] && st.peak[1] <= st.budget[1], "{st:?}");
+        assert_eq!(
+            st.peak[0], st.budget[0],
+            "two leases fill the Device tier exactly: {st:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_unit_acquired_again_while_in_device_is_a_device_hit() {
+        let mut c = config(2, 1, "hit");
+        c.prefetch = false;
+        let store = ExpertStore::new(0, &c, units(3, 2)).unwrap();
+        drop(store.acquire((2, 1)).await.unwrap());
+        let before = settled(&store, |st| st.served_from.iter().sum::<u64>() >= 1).await;
+        for _ in 0..3 {
+            drop(store.acquire((2, 1)).await.unwrap());
+        }
+        let after = settled(&store, |st| st.served_from.iter().sum::<u64>() >= 4).await;
+        assert_eq!(
+            after.served_from[0],
+            before.served_from[0] + 3,
+            "{before:?} then {after:?}"
+        );
+        assert_eq!(after.served_from[1..], before.served_from[1..], "{after:?}");
+    }
+
     #[tokio::test]
     async fn unlimited_keeps_everything_in_device() {
         let store = ExpertStore::new(0, &StorageConfig::default(), units(2, 2)).unwrap();
