@@ -1,0 +1,338 @@
+//! `semoe bench`: the measurements behind BENCHMARKS.md (the timing code is `semoe::bench`).
+
+use clap::{Args, Subcommand};
+use semoe::bench;
+use semoe::kernels::{Cpu, Gelu};
+use semoe::model::moe::{DropPolicy, MoeConfig};
+use std::path::PathBuf;
+
+use super::print_json;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Forward and forward+backward throughput of one MoE layer.
+    MoeLayer(MoeLayerArgs),
+    /// Square f32 matrix product rate and the FMA peak.
+    Matmul(MatmulArgs),
+    /// Training tokens/s of the main job's model: the plain loop against the actor runtime with
+    /// 1, 2, ... workers, alternating round by round.
+    Runtime(RuntimeArgs),
+    /// Training tokens/s with two MoE blocks' experts in memory (Device and Host budgets of one
+    /// block each: 25% with the default 8 layers; the rest on disk) against everything in memory; prefetch against loading on
+    /// demand; the SE-MoE cache policy against LRU; the disk's own bandwidth measured alongside.
+    Storage(StorageBenchArgs),
+}
+
+#[derive(Args)]
+pub struct StorageBenchArgs {
+    /// Compute threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Sequences per step (of 64 bytes); 512 gives each expert about 1,000 tokens per step.
+    #[arg(long, default_value_t = 512)]
+    batch: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 128)]
+    d_model: usize,
+    /// Expert hidden width.
+    #[arg(long, default_value_t = 512)]
+    d_ff: usize,
+    /// Layers (every one an MoE block).
+    #[arg(long, default_value_t = 8)]
+    layers: usize,
+    /// Experts per MoE block.
+    #[arg(long, default_value_t = 64)]
+    experts: usize,
+    /// Untimed steps first (per variant).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed steps per variant and round.
+    #[arg(long, default_value_t = 2)]
+    steps: usize,
+    /// Rounds (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Directory of the disk tier (on the disk to measure).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Threads reading and writing the disk tier.
+    #[arg(long, default_value_t = 4)]
+    io_threads: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct RuntimeArgs {
+    /// Compute threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Worker counts to compare (0 = the plain loop without actors).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    workers: Vec<usize>,
+    /// Untimed steps first (per engine).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed steps per engine and round.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Rounds (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct Common {
+    /// Compute threads (0 = one per core).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Untimed iterations first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed iterations (the median is reported; at least 1).
+    #[arg(long, default_value_t = 10, value_parser = positive)]
+    iters: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct MoeLayerArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Tokens per forward pass (one group).
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 512)]
+    d_model: usize,
+    /// Expert hidden width.
+    #[arg(long, default_value_t = 2048)]
+    d_ff: usize,
+    /// Number of experts.
+    #[arg(long, default_value_t = 8)]
+    experts: usize,
+    /// Experts per token.
+    #[arg(long, default_value_t = 2)]
+    k: usize,
+    /// Capacity factor.
+    #[arg(long, default_value_t = 1.0)]
+    capacity_factor: f64,
+    /// Keep every assignment (no capacity).
+    #[arg(long)]
+    dropless: bool,
+    /// Drop policy: position or probs.
+    #[arg(long, default_value = "position", value_parser = parse_policy)]
+    drop_policy: DropPolicy,
+    /// GELU form: erf or tanh.
+    #[arg(long, default_value = "erf")]
+    gelu: Gelu,
+}
+
+#[derive(Args)]
+pub struct MatmulArgs {
+    #[command(flatten)]
+    common: Common,
+    /// m = n = k of the product.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+}
+
+/// A count that must be at least 1.
+pub fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+pub fn parse_policy(s: &str) -> Result<DropPolicy, String> {
+    match s {
+        "position" => Ok(DropPolicy::Position),
+        "probs" => Ok(DropPolicy::Probs),
+        other => Err(format!("drop policy must be \"position\" or \"probs\", got {other:?}")),
+    }
+}
+
+pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
+    use semoe::storage::tiers::format_bytes;
+    let mut c = semoe::train::TrainConfig::default();
+    c.train.threads = a.threads;
+    c.train.batch = a.batch;
+    c.train.workers = 1;
+    c.model.d_model = a.d_model;
+    c.model.d_ff = a.d_ff;
+    c.model.n_layer = a.layers;
+    c.model.experts = a.experts;
+    c.model.moe_every = 1;
+    c.model.n_head = 4;
+    c.validate()?;
+    let (d, f) = (a.d_model as u64, a.d_ff as u64);
+    let unit = 32 + 12 * (2 * d * f + d + f);
+    let block = a.experts as u64 * unit;
+    // Device + Host hold two blocks' experts either way: one block each, or both in Device, where
+    // the next block's experts load while the current block computes. That is 25% of the expert
+    // state with the default 8 layers; the labels say what it is for `--layers`.
+    let tiered = |policy: &str, prefetch: bool, device_blocks: u64| semoe::train::config::StorageSettings {
+        device_budget: (device_blocks * block).to_string(),
+        host_budget: ((2 - device_blocks) * block).to_string(),
+        cache_policy: policy.into(),
+        prefetch,
+        io_threads: a.io_threads,
+        ..Default::default()
+    };
+    let share = bench::percent_in_memory(2 * block, block * a.layers as u64);
+    let variants = [
+        ("all in memory".to_string(), Default::default()),
+        (format!("{share}, se-moe, prefetch"), tiered("se-moe", true, 1)),
+        (format!("{share}, se-moe, on demand"), tiered("se-moe", false, 1)),
+        (format!("{share}, lru, prefetch"), tiered("lru", true, 1)),
+        (format!("{share} all in Device, prefetch"), tiered("se-moe", true, 2)),
+    ]
+    .into_iter()
+    .map(|(name, storage)| bench::StorageVariant { name, storage })
+    .collect::<Vec<_>>();
+    let dir = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let r = bench::storage_bench(&c, &variants, &dir, a.warmup, a.steps, a.rounds)?;
+    if a.json {
+        return print_json(&r);
+    }
+    let mib = |b: f64| b / (1 << 20) as f64;
+    println!(
+        "expert state {} ({} per block), {:.0} tokens per expert per step, {} threads; disk: read {:.0} MiB/s, write {:.0} MiB/s ({})",
+        format_bytes(r.expert_state_bytes),
+        format_bytes(a.experts as u64 * unit),
+        r.tokens_per_expert,
+        r.threads,
+        mib(r.disk_read_bytes_per_s),
+        mib(r.disk_write_bytes_per_s),
+        r.disk.method
+    );
+    if r.disk.tier_threads > 0 {
+        println!(
+            "disk tier alone ({} units, {} I/O threads): read {:.0} MiB/s, write {:.0} MiB/s",
+            format_bytes(r.disk.tier_request),
+            r.disk.tier_threads,
+            mib(r.disk.tier_read_bytes_per_s),
+            mib(r.disk.tier_write_bytes_per_s)
+        );
+    }
+    let base = r.rows.first().map_or(f64::NAN, |x| x.tokens_per_s);
+    for x in &r.rows {
+        println!(
+            "{:>24}: {:>7.0} tokens/s ({:>5.1}%), hit rate {:>5.1}%, prefetch accuracy {:>5.1}%, disk {:>7.1} MiB read + {:>7.1} MiB written per step, {:>6.0} MiB/s ({:>5.0} MiB/s while busy; {:>5.1}% of the disk's {:.0} MiB/s for this mix), stall {:.2} s/step",
+            x.name,
+            x.tokens_per_s,
+            100.0 * x.tokens_per_s / base,
+            100.0 * x.hit_rate,
+            100.0 * x.prefetch_accuracy,
+            mib(x.read_per_step),
+            mib(x.written_per_step),
+            mib(x.disk_bytes_per_s),
+            mib(x.io_bytes_per_busy_s),
+            100.0 * x.of_ceiling,
+            mib(x.ceiling_bytes_per_s),
+            x.stall_per_step
+        );
+    }
+    Ok(())
+}
+
+/// Run one `semoe bench` command.
+pub fn run(command: BenchCommand) -> semoe::Result<()> {
+    match command {
+        BenchCommand::MoeLayer(a) => {
+            let config = MoeConfig {
+                d_model: a.d_model,
+                d_ff: a.d_ff,
+                experts: a.experts,
+                k: a.k,
+                capacity_factor: a.capacity_factor,
+                dropless: a.dropless,
+                drop_policy: a.drop_policy,
+                gelu: a.gelu,
+                ..MoeConfig::default()
+            };
+            config.validate()?;
+            let cpu = Cpu::new(a.common.threads)?;
+            let peak = bench::fma_peak_gflops(cpu.threads());
+            let r = bench::moe_layer_bench(&cpu, &config, a.tokens, a.common.warmup, a.common.iters, peak)?;
+            if a.common.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "MoE layer: S={} d_model={} d_ff={} E={} k={} capacity_factor={} ({} of {} assignments kept), f32, {} threads",
+                    r.tokens, a.d_model, a.d_ff, a.experts, a.k, a.capacity_factor, r.kept, r.tokens * a.k, r.threads
+                );
+                println!(
+                    "  forward          {:>9.1} tokens/s  {:>7.1} ms  {:>6.1} GFLOP/s ({:.0}% of peak)",
+                    r.forward_tokens_per_s,
+                    r.forward_seconds * 1e3,
+                    r.forward_gflops,
+                    100.0 * r.forward_gflops / r.peak_gflops
+                );
+                println!(
+                    "  forward+backward {:>9.1} tokens/s  {:>7.1} ms  {:>6.1} GFLOP/s ({:.0}% of peak)",
+                    r.train_tokens_per_s,
+                    r.train_seconds * 1e3,
+                    r.train_gflops,
+                    100.0 * r.train_gflops / r.peak_gflops
+                );
+                println!(
+                    "  expert matmuls alone {:.1} GFLOP/s ({:.0}% of peak); FMA peak of {} threads {:.1} GFLOP/s",
+                    r.expert_matmul_gflops,
+                    100.0 * r.expert_matmul_gflops / r.peak_gflops,
+                    r.threads,
+                    r.peak_gflops
+                );
+            }
+        }
+        BenchCommand::Runtime(a) => {
+            let mut config = semoe::train::TrainConfig::default();
+            config.train.threads = a.threads;
+            config.validate()?;
+            let r = bench::runtime_bench(&config, &a.workers, a.warmup, a.steps, a.rounds)?;
+            if a.json {
+                print_json(&r)?;
+            } else {
+                let base = r.tokens_per_s.first().copied().unwrap_or(f64::NAN);
+                for (w, tps) in r.workers.iter().zip(&r.tokens_per_s) {
+                    let name = if *w == 0 {
+                        "plain loop".to_string()
+                    } else {
+                        format!("runtime, {w} worker(s)")
+                    };
+                    println!(
+                        "{name:>22}: {tps:>8.0} tokens/s ({:.1}% of the first)",
+                        100.0 * tps / base
+                    );
+                }
+            }
+        }
+        BenchCommand::Storage(a) => storage_bench(&a)?,
+        BenchCommand::Matmul(a) => {
+            let cpu = Cpu::new(a.common.threads)?;
+            let peak = bench::fma_peak_gflops(cpu.threads());
+            let r = bench::matmul_bench(&cpu, a.size, a.common.warmup, a.common.iters)?;
+            if a.common.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "matmul {0}x{0}x{0} f32, {1} threads: {2:.1} GFLOP/s ({3:.0}% of the {4:.1} GFLOP/s FMA peak)",
+                    r.size,
+                    r.threads,
+                    r.gflops,
+                    100.0 * r.gflops / peak,
+                    peak
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! `semoe eval`: the loss of a checkpoint on its validation text or on any text.
+
+use clap::Args;
+use semoe::kernels::Cpu;
+use std::path::PathBuf;
+
+use super::generate::checkpoint_to_read;
+
+/// Options of `semoe eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A checkpoint directory, or a run directory (its newest intact checkpoint is used).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// A UTF-8 text file or directory to evaluate on, whole (default: the validation split of the
+    /// checkpoint's own training data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Windows of the model's context length, evenly spaced over the text (default: as many as
+    /// fit without overlap, at most 4,096; with the run's own validation text, its eval_windows).
+    #[arg(long)]
+    windows: Option<usize>,
+    /// Compute threads (0: one per core).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+pub fn run(a: &EvalArgs) -> semoe::Result<()> {
+    let ckpt = checkpoint_to_read(&a.checkpoint)?;
+    let step = ckpt.step;
+    let dir = ckpt.dir.clone();
+    let config = semoe::train::trainer::checkpoint_config(&ckpt)?;
+    let model = semoe::train::trainer::model_from(ckpt)?;
+    let t = config.model.block_size;
+    let (text, source, windows) = match &a.data {
+        Some(path) => {
+            let text = semoe::train::data::read_text(path)?;
+            let fit = (text.len().saturating_sub(1) / t).clamp(1, 4096);
+            (text, path.display().to_string(), a.windows.unwrap_or(fit))
+        }
+        None => {
+            let corpus = semoe::train::trainer::corpus_for(&config)?;
+            (
+                corpus.val,
+                format!("the validation split of {}", corpus.source),
+                a.windows.unwrap_or(config.train.eval_windows),
+            )
+        }
+    };
+    let cpu = Cpu::new(a.threads)?;
+    let seqs = (config.train.batch / config.train.groups).max(1);
+    let loss = semoe::train::trainer::text_loss(&model, &cpu, &text, windows, seqs)?;
+    println!(
+        "{loss:.4} nats/byte ({:.4} bits/byte) on {source} ({} bytes, {windows} windows of {t}); checkpoint {} (step {step})",
+        loss / std::f64::consts::LN_2,
+        text.len(),
+        dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! The `semoe` command line: one file per command (`train`, `generate`, `eval`, `runs`, `bench`),
+//! each with its arguments and what it does; this file holds the top-level parser and dispatch.
+
+pub mod bench;
+pub mod eval;
+pub mod generate;
+pub mod runs;
+pub mod train;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::process::ExitCode;
+
+use bench::BenchCommand;
+use eval::EvalArgs;
+use generate::GenerateArgs;
+use runs::RunsArgs;
+use train::TrainArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "semoe",
+    version,
+    about = "Elastic Mixture-of-Experts training and inference runtime",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Train a GPT-style MoE language model (by default on the bundled Shakespeare corpus), then
+    /// write a report and print a sample.
+    Train(Box<TrainArgs>),
+    /// Generate text from a checkpoint, streaming it as it is sampled.
+    Generate(GenerateArgs),
+    /// The loss (nats/byte) of a checkpoint on a text: its run's validation text, or any file.
+    Eval(EvalArgs),
+    /// List the runs under a directory (default `runs/`): steps, validation loss, time, status.
+    Runs(RunsArgs),
+    /// Measure kernels and layers (tokens/s, GFLOP/s, fraction of the machine's peak).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+pub fn print_json(report: &impl serde::Serialize) -> semoe::Result<()> {
+    let line = serde_json::to_string(report).map_err(|e| semoe::Error::parse("report", e.to_string()))?;
+    println!("{line}");
+    Ok(())
+}
+
+/// Parse the command line (exiting with clap's message on a usage error).
+pub fn parse() -> Cli {
+    let matches = train::with_config_defaults(Cli::command()).get_matches();
+    match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    }
+}
+
+/// Run the command the user gave.
+pub fn run(cli: Cli) -> semoe::Result<ExitCode> {
+    match cli.command {
+        Command::Train(a) => return train::run(&a),
+        Command::Generate(a) => generate::run(&a)?,
+        Command::Eval(a) => eval::run(&a)?,
+        Command::Runs(a) => runs::run(&a)?,
+        Command::Bench(b) => bench::run(b)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,36 @@
+//! `semoe runs`: the runs under a directory, one line each.
+
+use clap::Args;
+use std::path::PathBuf;
+
+/// Options of `semoe runs`.
+#[derive(Args)]
+pub struct RunsArgs {
+    /// The directory holding the runs.
+    #[arg(long, default_value = "runs")]
+    dir: PathBuf,
+}
+
+pub fn run(a: &RunsArgs) -> semoe::Result<()> {
+    let runs = semoe::telemetry::runs::list(&a.dir)?;
+    if runs.is_empty() {
+        println!("no runs under {}", a.dir.display());
+        return Ok(());
+    }
+    println!("{:<32} {:>13} {:>9} {:>10}  status", "run", "steps", "val loss", "time");
+    for r in runs {
+        let val = r.val_loss.map_or("-".to_string(), |(_, v)| format!("{v:.4}"));
+        let time = r
+            .training_seconds
+            .map_or("-".to_string(), semoe::train::trainer::format_duration);
+        println!(
+            "{:<32} {:>13} {:>9} {:>10}  {}",
+            r.name,
+            format!("{}/{}", r.checkpoint_step.unwrap_or(0), r.planned_steps),
+            val,
+            time,
+            r.status
+        );
+    }
+    Ok(())
+}

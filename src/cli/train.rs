@@ -1,0 +1,456 @@
+//! `semoe train`: flags over the config file over defaults, a new run or `--resume`, the time
+//! budget, graceful stops on SIGINT/SIGTERM, the summary, the report and the sample.
+
+use clap::Args;
+use semoe::infer::SampleOptions;
+use semoe::storage::run_dir;
+use semoe::train::trainer::{ResumeOptions, StopReason};
+use semoe::train::{TrainConfig, Trainer};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
+
+use super::generate::{stream_sample, unescape};
+
+/// Options of `semoe train`. Flags override the config file; the config file overrides defaults.
+#[derive(Args)]
+#[command(allow_negative_numbers = true, after_help = TRAIN_AFTER_HELP)]
+pub struct TrainArgs {
+    /// TOML config file with [model], [optimizer] and [train] tables (see `--print-config`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run directory for config, metrics, checkpoints and report (default: a new
+    /// runs/run-YYYYMMDD-HHMMSS, UTC). One process at a time: a directory in use is refused.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue the run in --run-dir from its newest intact checkpoint, with the run's own config.
+    /// Settings that do not change the bits may be given again (threads, workers, placement,
+    /// storage, time limit, eval and checkpoint cadence, steps); others are refused.
+    #[arg(long, requires = "run_dir")]
+    resume: bool,
+    /// With --resume: continue even if the training text differs from the checkpoint's.
+    #[arg(long, requires = "resume")]
+    allow_data_change: bool,
+    /// Train on this UTF-8 text file or directory instead of the bundled corpus.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Optimizer steps (the learning-rate schedule spans them).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Fit the run in this many seconds of training and evaluation: a few steps are measured
+    /// first, and the steps lowered to what fits (0: no budget). Without --steps, --time-budget
+    /// or --config, the main job uses a 270 s budget.
+    #[arg(long, value_name = "SECONDS")]
+    time_budget: Option<f64>,
+    /// Stop after this many seconds even if the steps are not done (0: no limit).
+    #[arg(long)]
+    time_limit: Option<f64>,
+    /// Compute threads (0: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// In-process workers of the actor runtime (experts and groups spread over them); 0 runs the
+    /// plain loop without actors. Every count gives the same parameters, bit for bit.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Where experts live: round-robin, blocked, or a comma-separated worker per expert.
+    #[arg(long)]
+    placement: Option<String>,
+    /// Serve the runtime's metrics as Prometheus text on HOST:PORT (path /metrics).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
+    /// Bytes of expert state each worker keeps in the Device tier (the compute working set; e.g.
+    /// 64MiB). It must hold one MoE block's experts. Unset: everything stays in memory.
+    #[arg(long, value_name = "SIZE")]
+    device_budget: Option<String>,
+    /// Bytes of expert state each worker caches in the Host tier (e.g. 128MiB); what fits in
+    /// neither budget lives in the Disk tier under the run directory.
+    #[arg(long, value_name = "SIZE")]
+    host_budget: Option<String>,
+    /// Cache policy of the tiers: se-moe (decayed hit counters) or lru.
+    #[arg(long, value_name = "POLICY")]
+    cache_policy: Option<String>,
+    /// Load experts only when used, without prefetching them from the routing.
+    #[arg(long)]
+    no_prefetch: bool,
+    /// Shard the dense parameters across workers (ZeRO-3 style): each keeps the tensors it owns
+    /// and gathers the others' one leg ahead while it computes (needs --workers 2 or more to matter).
+    #[arg(long)]
+    shard_dense: bool,
+    /// Seed of initialisation and sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Sequences per step.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Groups per step (MoE routing and capacity are per group).
+    #[arg(long)]
+    groups: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Context length in bytes.
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// Residual width.
+    #[arg(long)]
+    d_model: Option<usize>,
+    /// Transformer blocks.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Attention heads.
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Hidden width of each expert.
+    #[arg(long)]
+    d_ff: Option<usize>,
+    /// Experts per MoE block.
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Experts per token.
+    #[arg(long)]
+    k: Option<usize>,
+    /// A dense model with the same active parameters: every block a dense FFN of width k * d_ff.
+    #[arg(long)]
+    dense: bool,
+    /// Evaluate every this many steps.
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Checkpoint every this many steps.
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Bytes to sample after training (0: none).
+    #[arg(long, default_value_t = 400)]
+    sample_tokens: usize,
+    /// Prompt of the sample after training.
+    #[arg(long, default_value = "ROMEO.\n")]
+    sample_prompt: String,
+    /// No progress bar or progress lines (evaluations and the summary are still printed).
+    #[arg(long)]
+    quiet: bool,
+    /// Print the resolved config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+/// File-only settings of `semoe train`, listed under its `--help`.
+pub const TRAIN_AFTER_HELP: &str = "Settings without a flag are set in the --config file (--print-config prints them \
+all): model.vocab, dense_d_ff, moe_every, capacity_factor, min_capacity, dropless, drop_policy, normalize, aux_coef, \
+z_coef, gelu; optimizer.min_lr, warmup, schedule, cooldown, beta1, beta2, eps, weight_decay, clip; \
+train.eval_windows, keep_checkpoints, val_fraction, deadline_s; storage.cache_threshold, cache_beta, \
+cache_decay_every, drop_page_cache, io_threads.\n\nCtrl-C (or SIGTERM) stops at the next step boundary, evaluates, \
+checkpoints and writes the report; a second Ctrl-C stops at once. --resume continues bitwise.";
+
+/// `semoe train --help` shows the default of every flag whose default comes from the config
+/// (clap cannot show them itself: the flags are optional so that the config file can set them).
+pub fn with_config_defaults(cmd: clap::Command) -> clap::Command {
+    let d = TrainConfig::default();
+    let defaults: Vec<(&str, String)> = vec![
+        ("steps", d.train.steps.to_string()),
+        ("time_limit", d.train.time_limit_s.to_string()),
+        (
+            "time_budget",
+            format!("{DEFAULT_TIME_BUDGET_S} without --steps or --config, else 0"),
+        ),
+        ("threads", d.train.threads.to_string()),
+        ("workers", d.train.workers.to_string()),
+        ("placement", d.train.placement.clone()),
+        ("cache_policy", d.storage.cache_policy.clone()),
+        ("seed", d.train.seed.to_string()),
+        ("batch", d.train.batch.to_string()),
+        ("groups", d.train.groups.to_string()),
+        ("lr", d.optimizer.lr.to_string()),
+        ("block_size", d.model.block_size.to_string()),
+        ("d_model", d.model.d_model.to_string()),
+        ("layers", d.model.n_layer.to_string()),
+        ("heads", d.model.n_head.to_string()),
+        ("d_ff", d.model.d_ff.to_string()),
+        ("experts", d.model.experts.to_string()),
+        ("k", d.model.k.to_string()),
+        ("eval_every", d.train.eval_every.to_string()),
+        ("checkpoint_every", d.train.checkpoint_every.to_string()),
+    ];
+    cmd.mut_subcommand("train", |mut train| {
+        for (id, value) in defaults {
+            train = train.mut_arg(id, |arg| {
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                arg.help(format!("{help} [default: {value}]"))
+            });
+        }
+        train
+    })
+}
+
+/// Apply the flags of `semoe train` to a config (a new run's, or the recorded one on `--resume`,
+/// where [`Trainer::resume_with_options`] refuses the changes that would change the bits).
+pub fn apply_flags(a: &TrainArgs, c: &mut TrainConfig) {
+    macro_rules! set {
+        ($field:expr, $flag:expr) => {
+            if let Some(v) = $flag.clone() {
+                $field = v;
+            }
+        };
+    }
+    let t = &mut c.train;
+    if let Some(v) = &a.data {
+        t.data = Some(v.clone());
+    }
+    set!(t.steps, a.steps);
+    set!(t.time_limit_s, a.time_limit);
+    set!(t.time_budget_s, a.time_budget);
+    set!(t.threads, a.threads);
+    set!(t.workers, a.workers);
+    set!(t.placement, a.placement);
+    set!(t.seed, a.seed);
+    set!(t.batch, a.batch);
+    set!(t.groups, a.groups);
+    set!(t.eval_every, a.eval_every);
+    set!(t.checkpoint_every, a.checkpoint_every);
+    let st = &mut c.storage;
+    set!(st.device_budget, a.device_budget);
+    set!(st.host_budget, a.host_budget);
+    set!(st.cache_policy, a.cache_policy);
+    if a.no_prefetch {
+        st.prefetch = false;
+    }
+    if a.shard_dense {
+        st.shard_dense = true;
+    }
+    set!(c.optimizer.lr, a.lr);
+    let m = &mut c.model;
+    set!(m.block_size, a.block_size);
+    set!(m.d_model, a.d_model);
+    set!(m.n_layer, a.layers);
+    set!(m.n_head, a.heads);
+    set!(m.d_ff, a.d_ff);
+    set!(m.experts, a.experts);
+    set!(m.k, a.k);
+    if a.dense {
+        m.moe_every = 0;
+        m.dense_d_ff = m.k * m.d_ff;
+    }
+}
+
+pub fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
+    let mut c = match &a.config {
+        Some(path) => TrainConfig::from_file(path)?,
+        None => TrainConfig::default(),
+    };
+    apply_flags(a, &mut c);
+    c.validate()?;
+    Ok(c)
+}
+
+/// Stop at the next step boundary on the first SIGINT or SIGTERM; exit at once on the second.
+pub fn install_stop_signals(stop: &Arc<AtomicUsize>) -> semoe::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let twice = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        let fail = |e: std::io::Error| semoe::Error::runtime(format!("cannot handle signal {signal}: {e}"));
+        // Registered first, so it sees the flag as the previous signal left it: the second
+        // signal exits with 128 + its number, the first only sets the flags below.
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, Arc::clone(&twice)).map_err(fail)?;
+        signal_hook::flag::register(signal, Arc::clone(&twice)).map_err(fail)?;
+        signal_hook::flag::register_usize(signal, Arc::clone(stop), signal as usize).map_err(fail)?;
+    }
+    Ok(())
+}
+
+pub fn signal_name(signal: usize) -> &'static str {
+    match signal as i32 {
+        signal_hook::consts::SIGINT => "Ctrl-C (SIGINT)",
+        signal_hook::consts::SIGTERM => "SIGTERM",
+        _ => "a stop request",
+    }
+}
+
+pub fn print_notices(trainer: &Trainer) {
+    for notice in trainer.notices() {
+        eprintln!("warning: {notice}");
+    }
+}
+
+pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
+    // Checked before a run directory is created or locked.
+    if let Some(addr) = &a.metrics_addr {
+        semoe::telemetry::metrics::check_addr(addr)?;
+    }
+    let mut trainer = if a.resume {
+        let dir = a.run_dir.clone().unwrap_or_default();
+        let file = a.config.as_deref().map(TrainConfig::from_file).transpose()?;
+        let adjust = |c: &mut TrainConfig| {
+            if let Some(file) = file {
+                *c = file;
+            }
+            apply_flags(a, c);
+        };
+        let options = ResumeOptions {
+            steps: None,
+            allow_data_change: a.allow_data_change,
+        };
+        if a.print_config {
+            let (config, _) = semoe::train::trainer::resumed_config(&dir, &options, adjust)?;
+            print!("{}", config.to_toml()?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Trainer::resume_with_options(&dir, &options, adjust)?
+    } else {
+        let config = resolve_config(a)?;
+        if a.print_config {
+            print!("{}", config.to_toml()?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        if a.metrics_addr.is_some() && config.train.workers == 0 {
+            return Err(semoe::Error::config(
+                "--metrics-addr needs the actor runtime (train.workers of 1 or more)",
+            ));
+        }
+        let mut config = config;
+        if a.steps.is_none() && a.time_budget.is_none() && a.config.is_none() {
+            config.train.time_budget_s = DEFAULT_TIME_BUDGET_S;
+        }
+        if config.train.time_budget_s > 0.0 {
+            fit_time_budget(&mut config)?;
+        }
+        let dir = match &a.run_dir {
+            Some(dir) => dir.clone(),
+            None => run_dir::create_unique(Path::new("runs"), &run_dir::default_name(std::time::SystemTime::now()))?,
+        };
+        Trainer::new(config, &dir)?
+    };
+    print_notices(&trainer);
+    let dir = trainer.run_dir().to_path_buf();
+    let c = trainer.config().clone();
+    if trainer.steps_done() >= c.train.steps {
+        let summary = trainer.run(false)?;
+        eprintln!(
+            "{} is already finished: {} of {} steps, validation loss {:.4} at step {}; pass --steps N (more than {}) \
+             with --resume to train further",
+            dir.display(),
+            summary.steps,
+            summary.planned_steps,
+            summary.val_loss,
+            summary.val_step,
+            summary.steps
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(addr) = &a.metrics_addr {
+        trainer.serve_metrics(addr)?;
+        eprintln!("metrics: http://{addr}/metrics");
+    }
+    let model = trainer.model()?;
+    eprintln!(
+        "semoe train: {} parameters ({} active per token), {} blocks ({} MoE, {} experts, top-{}), d_model {}, context {}",
+        model.num_params(),
+        model.active_params(),
+        c.model.n_layer,
+        (0..c.model.n_layer).filter(|&l| c.model.is_moe(l)).count(),
+        c.model.experts,
+        c.model.k,
+        c.model.d_model,
+        c.model.block_size
+    );
+    eprintln!(
+        "data: {} ({} training bytes, {} validation bytes); {} steps of {} sequences in {} groups; {} threads; {}",
+        trainer.corpus().source,
+        trainer.corpus().train.len(),
+        trainer.corpus().val.len(),
+        c.train.steps,
+        c.train.batch,
+        c.train.groups,
+        c.train.threads,
+        if c.train.workers == 0 {
+            "plain loop (no actors)".to_string()
+        } else {
+            format!(
+                "actor runtime with {} worker(s), {} experts",
+                c.train.workers, c.train.placement
+            )
+        }
+    );
+    eprintln!(
+        "run directory: {}; memory: about {} estimated",
+        dir.display(),
+        semoe::storage::tiers::format_bytes(semoe::train::memory::estimate(&c).total())
+    );
+    install_stop_signals(&trainer.stop_flag())?;
+    let summary = trainer.run(!a.quiet)?;
+    let resume_hint = format!("semoe train --resume --run-dir {}", dir.display());
+    match summary.stop {
+        StopReason::TimeLimit => eprintln!(
+            "time limit of {} s reached: ran {} of the {} planned steps (this invocation: {}); continue with: {resume_hint}",
+            c.train.time_limit_s, summary.steps, summary.planned_steps, summary.steps_run
+        ),
+        StopReason::Requested(signal) => eprintln!(
+            "stopped by {} after step {} of {}; checkpoint written; continue with: {resume_hint}",
+            signal_name(signal),
+            summary.steps,
+            summary.planned_steps
+        ),
+        StopReason::Finished | StopReason::AlreadyFinished | StopReason::StopAt => {}
+    }
+    eprintln!(
+        "done: {} of {} steps; validation loss {:.4} nats/byte at step {}; mean train loss of the last {} steps {:.4}; \
+         {:.0} tokens/s, {:.1} s; checkpoint {}",
+        summary.steps,
+        summary.planned_steps,
+        summary.val_loss,
+        summary.val_step,
+        summary.mean_train_loss_steps,
+        summary.mean_train_loss,
+        summary.tokens_per_s,
+        summary.elapsed_s,
+        summary.checkpoint.display()
+    );
+    match semoe::telemetry::write_report(&dir) {
+        Ok(_) => eprintln!("report: {}", dir.join("report.md").display()),
+        Err(e) => eprintln!("warning: no report: {e}"),
+    }
+    if let StopReason::Requested(signal) = summary.stop {
+        return Ok(ExitCode::from((128 + signal).min(255) as u8));
+    }
+    if a.sample_tokens > 0 {
+        eprintln!("sample (temperature 0.8, top-k 40):");
+        let opts = SampleOptions {
+            max_tokens: a.sample_tokens,
+            ..SampleOptions::default()
+        };
+        stream_sample(trainer.model()?, &unescape(&a.sample_prompt)?, &opts, 1)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The time budget of the main job when neither `--steps`, `--time-budget` nor `--config` is
+/// given: 4 min 30 s of training and evaluation, so that with start-up, the report and the sample
+/// the run takes about five minutes on any machine. On the 2-core Zen 5 machine the default 5,000
+/// steps fit in about 3 minutes and are kept; a machine a third as fast gets fewer steps.
+pub const DEFAULT_TIME_BUDGET_S: f64 = 270.0;
+
+/// Lower `config.train.steps` to what fits in `config.train.time_budget_s` on this machine, saying
+/// what was measured and chosen.
+pub fn fit_time_budget(config: &mut TrainConfig) -> semoe::Result<()> {
+    let budget = config.train.time_budget_s;
+    let cal = semoe::train::calibrate::calibrate(config, budget)?;
+    let wanted = config.train.steps;
+    eprintln!(
+        "time budget {}: measured {:.1} ms a step, {:.2} s an evaluation, {:.2} s a checkpoint; {} (planned {}){}",
+        semoe::train::trainer::format_duration(budget),
+        cal.step_seconds * 1e3,
+        cal.eval_seconds,
+        cal.checkpoint_seconds,
+        if cal.steps < wanted {
+            format!("{} of the {wanted} steps fit", cal.steps)
+        } else {
+            format!("all {wanted} steps fit")
+        },
+        semoe::train::trainer::format_duration(cal.planned_seconds),
+        if cal.steps < wanted {
+            "; the schedule spans them (--steps N for a fixed run)"
+        } else {
+            ""
+        }
+    );
+    config.train.steps = cal.steps;
+    Ok(())
+}
