@@ -10,19 +10,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 use std::time::Instant;
 
-/// Median of a list of seconds.
-pub fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
-}
+pub use crate::telemetry::report::median_of as median;
 
 fn time_it(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     for _ in 0..warmup {
@@ -333,7 +321,7 @@ pub struct StorageVariant {
     /// Its name in the report.
     pub name: String,
     /// The storage settings.
-    pub storage: crate::train::config::StorageSettings,
+    pub storage: crate::config::StorageSettings,
 }
 
 /// Figures of one [`StorageVariant`] over the timed steps.

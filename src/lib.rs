@@ -47,11 +47,14 @@
 pub mod actors;
 pub mod bench;
 pub mod chaos;
+pub mod config;
+pub mod data;
 pub mod error;
 pub mod infer;
 pub mod kernels;
 pub mod model;
 pub mod net;
+pub mod optimizer;
 pub mod storage;
 pub mod telemetry;
 pub mod train;

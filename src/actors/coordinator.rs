@@ -12,8 +12,8 @@ use super::{ask, ActorName};
 use crate::error::{Error, Result};
 use crate::model::gpt::GroupOutput;
 use crate::net::StepId;
+use crate::optimizer::{norm_from_parts, OptimizerConfig};
 use crate::telemetry::metrics as names;
-use crate::train::optimizer::{norm_from_parts, OptimizerConfig};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::time::{Duration, Instant};
 

@@ -5,40 +5,10 @@
 
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
-use serde::{Deserialize, Serialize};
 
-/// How experts are spread over workers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum ExpertPlacement {
-    /// Expert `e` on worker `e % W` (the default).
-    #[default]
-    RoundRobin,
-    /// Contiguous runs: expert `e` on worker `e * W / E`.
-    Blocked,
-    /// Expert `e` of every MoE block on worker `owners[e]`.
-    Explicit(Vec<usize>),
-}
-
-impl std::str::FromStr for ExpertPlacement {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "round-robin" => Ok(ExpertPlacement::RoundRobin),
-            "blocked" => Ok(ExpertPlacement::Blocked),
-            list => list
-                .split(',')
-                .map(|w| w.trim().parse::<usize>())
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map(ExpertPlacement::Explicit)
-                .map_err(|_| {
-                    Error::config(format!(
-                        "placement must be \"round-robin\", \"blocked\" or a comma-separated worker per expert, got {list:?}"
-                    ))
-                }),
-        }
-    }
-}
+// The spelling of a placement is part of the configuration (below the runtime); the plans built
+// from it are here.
+pub use crate::config::ExpertPlacement;
 
 /// A complete plan for one model, batch and worker count.
 #[derive(Clone, Debug, PartialEq, Eq)]

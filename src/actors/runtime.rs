@@ -8,15 +8,14 @@ use super::tier::{TierSnapshot, TierStore};
 use super::worker::{strip_experts, WorkerArgs};
 use super::{ask, ActorName};
 use crate::chaos::FaultPlan;
+use crate::config::TrainConfig;
+use crate::data::corpus::Corpus;
 use crate::error::{Error, Result};
 use crate::kernels::Cpu;
 use crate::model::gpt::{Ffn, Gpt};
 use crate::net::{local, Transport};
+use crate::optimizer::AdamW;
 use crate::storage::tiers::{ExpertSlot, ExpertStore, StorageConfig, TierStats};
-use crate::train::config::TrainConfig;
-use crate::train::data::Corpus;
-use crate::train::optimizer::AdamW;
-use crate::train::trainer::{new_optimizer, write_checkpoint};
 use ractor::{Actor, ActorRef};
 use std::future::Future;
 use std::pin::Pin;
@@ -171,7 +170,7 @@ impl RuntimeBuilder {
             Some(s) => s,
             None => {
                 let model = Gpt::init(&config.model, config.train.seed)?;
-                let optimizer = new_optimizer(&config, &model)?;
+                let optimizer = crate::optimizer::for_model(&config.optimizer, &model)?;
                 (model, optimizer)
             }
         };
@@ -406,7 +405,15 @@ impl Runtime {
     pub fn save_checkpoint<'a>(&'a self, run_dir: &'a std::path::Path) -> RuntimeFuture<'a, std::path::PathBuf> {
         Box::pin(async move {
             let (model, optimizer) = self.state().await?;
-            write_checkpoint(run_dir, &self.config, &model, &optimizer, 0.0, None)
+            crate::storage::state::save(
+                run_dir,
+                &self.config,
+                self.config.train.seed,
+                &model,
+                &optimizer,
+                0.0,
+                None,
+            )
         })
     }
 
@@ -435,7 +442,7 @@ impl Runtime {
 /// Put the workers' snapshots back together as one model and optimizer (whole tensors).
 fn assemble(config: &TrainConfig, snaps: &[TierSnapshot]) -> Result<(Gpt<f32>, AdamW)> {
     let mut model = Gpt::<f32>::zeros(&config.model)?;
-    let mut opt = new_optimizer(config, &model)?;
+    let mut opt = crate::optimizer::for_model(&config.optimizer, &model)?;
     let specs = model.specs();
     let step = snaps.first().map_or(0, |s| s.step);
     let mut filled = vec![0usize; specs.len()];

@@ -367,7 +367,21 @@ pub fn ema(values: &[f64], smoothing: f64) -> Vec<f64> {
 
 /// The median of the finite values (NaN if none).
 fn median(values: impl Iterator<Item = f64>) -> f64 {
-    crate::bench::median(values.filter(|x| x.is_finite()).collect())
+    median_of(values.filter(|x| x.is_finite()).collect())
+}
+
+/// Median of a list of seconds.
+pub fn median_of(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
 }
 
 /// Contiguous chunks of training records for the heatmap: `(start, end)` index ranges, at most [`MAX_BUCKETS`].

@@ -7,8 +7,8 @@
 //! choose different step counts (and so train different models) from the same budget; `--steps`
 //! fixes the count instead.
 
-use super::config::TrainConfig;
 use super::trainer::Trainer;
+use crate::config::TrainConfig;
 use crate::error::Result;
 use std::time::Instant;
 

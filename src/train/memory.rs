@@ -9,7 +9,7 @@
 //! it never refuses a config that would fit: `tests/train_memory.rs` compares it with the peak
 //! resident size of real runs.
 
-use super::config::TrainConfig;
+use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 
 /// The estimate, in bytes, by part.

@@ -2,12 +2,14 @@
 //! training loop with evaluation, checkpoints and metrics.
 
 pub mod calibrate;
-pub mod config;
-pub mod data;
 pub mod memory;
-pub mod optimizer;
-pub mod sampler;
 pub mod trainer;
+
+// The configuration, the data and the optimizer live below the actor runtime (which uses them) and
+// are re-exported here under the paths they had when they were part of `train`.
+pub use crate::config;
+pub use crate::data::{corpus as data, sampler};
+pub use crate::optimizer;
 
 pub use config::{TrainConfig, TrainSettings};
 pub use data::Corpus;

@@ -7,16 +7,17 @@
 //! newest checkpoint and ends bitwise identical to an uninterrupted run: the sampler is a pure
 //! function of (seed, step, group), and the checkpoint holds the parameters and both Adam moments.
 
-use super::config::TrainConfig;
-use super::data::Corpus;
-use super::optimizer::{self, AdamW};
-use super::sampler;
 use crate::actors::{ExpertPlacement, Runtime};
+use crate::config::TrainConfig;
+use crate::data::corpus::Corpus;
+use crate::data::sampler;
 use crate::error::{Error, Result};
 use crate::kernels::{Backend, Cpu};
 use crate::model::gpt::{Gpt, GroupOutput};
-use crate::storage::checkpoint::{self, Checkpoint, NamedTensor};
+use crate::optimizer::{self, AdamW};
+use crate::storage::checkpoint::{self, Checkpoint};
 use crate::storage::run_dir::{self, RunDirLock};
+use crate::storage::state;
 use serde_json::json;
 use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
@@ -144,7 +145,7 @@ pub struct ResumeOptions {
 
 /// The configuration `--resume` continues the run in `run_dir` with: its recorded `config.toml`,
 /// changed by `adjust` and `options.steps`, validated, with only the settings in
-/// [`super::config::RESUMABLE`] changed (any other change is an error naming each field). Also
+/// [`crate::config::RESUMABLE`] changed (any other change is an error naming each field). Also
 /// returns a line for each change, for the user.
 pub fn resumed_config(
     run_dir: &Path,
@@ -164,7 +165,7 @@ pub fn resumed_config(
                 Some(std::fs::canonicalize(path).map_err(|e| Error::io("cannot read the training data", path, e))?);
         }
     }
-    let (changed, refused) = super::config::resume_differences(&recorded, &config)?;
+    let (changed, refused) = crate::config::resume_differences(&recorded, &config)?;
     if !refused.is_empty() {
         return Err(Error::config(format!(
             "--resume cannot change {}: these settings change the training arithmetic, so the run would no longer \
@@ -293,7 +294,7 @@ impl Trainer {
 
     /// Continue the run in `run_dir`, checking what may change:
     ///
-    /// - `adjust` may change only the settings in [`super::config::RESUMABLE`] (threads, workers,
+    /// - `adjust` may change only the settings in [`crate::config::RESUMABLE`] (threads, workers,
     ///   placement, budgets, time limit, evaluation and checkpoint cadence, steps); any other
     ///   difference is refused with an error naming each field;
     /// - the training text must hash to the digest the checkpoint recorded (unless
@@ -976,9 +977,8 @@ pub fn text_loss(model: &Gpt<f32>, cpu: &Cpu, text: &[u8], windows: usize, chunk
     Ok(total / (starts.len() * t) as f64)
 }
 
-/// Write a checkpoint of a training state into `run_dir/checkpoints/` (the model, both Adam moments
-/// as `m.<name>`/`v.<name>`, and a manifest with the config and the data position): what
-/// [`Trainer::resume`], [`load_model`] and `tools/reference/eval_checkpoint.py` read.
+/// Write a checkpoint of a training state into `run_dir/checkpoints/` (see
+/// [`crate::storage::state::save`]), with the run's config in the manifest.
 pub fn write_checkpoint(
     run_dir: &Path,
     config: &TrainConfig,
@@ -987,43 +987,15 @@ pub fn write_checkpoint(
     training_seconds: f64,
     data_digest: Option<&str>,
 ) -> Result<PathBuf> {
-    let tensors = model.tensors();
-    if optimizer.m.len() != tensors.len() {
-        return Err(Error::shape(
-            "checkpoint",
-            "the optimizer state does not match the model",
-        ));
-    }
-    let named: Vec<NamedTensor> = tensors
-        .iter()
-        .map(|(n, s, b)| NamedTensor::new(n.as_str(), s.clone(), b.as_slice()))
-        .collect();
-    let names_m: Vec<String> = tensors.iter().map(|(n, _, _)| format!("m.{n}")).collect();
-    let names_v: Vec<String> = tensors.iter().map(|(n, _, _)| format!("v.{n}")).collect();
-    let mut opt = Vec::new();
-    for (i, (_, s, _)) in tensors.iter().enumerate() {
-        opt.push(NamedTensor::new(
-            names_m[i].as_str(),
-            s.clone(),
-            optimizer.m[i].as_slice(),
-        ));
-        opt.push(NamedTensor::new(
-            names_v[i].as_str(),
-            s.clone(),
-            optimizer.v[i].as_slice(),
-        ));
-    }
-    let mut extra = json!({
-        "config": config,
-        "data_position": { "sampler": "pure function of (seed, step, group)", "next_step": optimizer.step },
-        "rng": { "seed": config.train.seed },
-        "optimizer_step": optimizer.step,
-        "training_seconds": training_seconds,
-    });
-    if let (Some(digest), Some(map)) = (data_digest, extra.as_object_mut()) {
-        map.insert("data_sha256".into(), json!(digest));
-    }
-    checkpoint::save(run_dir, optimizer.step, &named, &opt, &extra)
+    state::save(
+        run_dir,
+        config,
+        config.train.seed,
+        model,
+        optimizer,
+        training_seconds,
+        data_digest,
+    )
 }
 
 /// Load a model and optimizer state from a checkpoint directory written by [`Trainer`].
@@ -1032,38 +1004,18 @@ pub fn load_state(config: &TrainConfig, dir: &Path) -> Result<(Gpt<f32>, AdamW, 
 }
 
 /// [`load_state`] from a checkpoint already loaded (and verified).
-pub fn load_state_from(config: &TrainConfig, mut ckpt: Checkpoint) -> Result<(Gpt<f32>, AdamW, f64)> {
-    let dir = ckpt.dir.clone();
-    let mut model = Gpt::<f32>::zeros(&config.model)?;
-    let specs: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
-    for ((name, shape), buf) in specs.iter().zip(model.buffers_mut()) {
-        *buf = ckpt.take_model(name, shape)?;
-    }
-    if let Some(extra) = ckpt.model.keys().next() {
-        return Err(Error::shape(
-            format!("checkpoint {}", dir.display()),
-            format!("it holds tensor {extra:?}, which this model does not have"),
-        ));
-    }
-    let mut m = Vec::new();
-    let mut v = Vec::new();
-    for (name, shape) in &specs {
-        m.push(ckpt.take_optimizer(&format!("m.{name}"), shape)?);
-        v.push(ckpt.take_optimizer(&format!("v.{name}"), shape)?);
-    }
-    let mut optimizer = new_optimizer(config, &model)?;
-    optimizer.restore(ckpt.step, m, v)?;
-    let seconds = ckpt
-        .extra
-        .get("training_seconds")
-        .and_then(|v| v.as_f64())
-        .unwrap_or(0.0);
-    Ok((model, optimizer, seconds))
+pub fn load_state_from(config: &TrainConfig, ckpt: Checkpoint) -> Result<(Gpt<f32>, AdamW, f64)> {
+    state::restore(&config.model, &config.optimizer, ckpt)
 }
 
 /// Load only the model (for generation) from a checkpoint directory, with the config saved in it.
 pub fn load_model(dir: &Path) -> Result<Gpt<f32>> {
-    model_from(checkpoint::load(dir)?)
+    state::model_from(checkpoint::load(dir)?)
+}
+
+/// The model of a loaded checkpoint, with the config saved in it.
+pub fn model_from(ckpt: Checkpoint) -> Result<Gpt<f32>> {
+    state::model_from(ckpt)
 }
 
 /// The training config recorded in a checkpoint's manifest.
@@ -1079,23 +1031,9 @@ pub fn checkpoint_config(ckpt: &Checkpoint) -> Result<TrainConfig> {
     Ok(config)
 }
 
-/// The model of a loaded checkpoint, with the config saved in it.
-pub fn model_from(mut ckpt: Checkpoint) -> Result<Gpt<f32>> {
-    let config = checkpoint_config(&ckpt)?;
-    let mut model = Gpt::<f32>::zeros(&config.model)?;
-    let specs: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
-    for ((name, shape), buf) in specs.iter().zip(model.buffers_mut()) {
-        *buf = ckpt.take_model(name, shape)?;
-    }
-    Ok(model)
-}
-
-/// Fresh AdamW state for `model`, with weight decay on its matrices (see [`crate::model::gpt::TensorSpec`]).
+/// Fresh AdamW state for `model` (see [`crate::optimizer::for_model`]).
 pub fn new_optimizer(config: &TrainConfig, model: &Gpt<f32>) -> Result<AdamW> {
-    let specs = model.specs();
-    let sizes: Vec<usize> = specs.iter().map(|s| s.shape.iter().product()).collect();
-    let decay: Vec<bool> = specs.iter().map(|s| s.decay).collect();
-    AdamW::with_decay(config.optimizer.clone(), &sizes, &decay)
+    crate::optimizer::for_model(&config.optimizer, model)
 }
 
 /// The global gradient norm of a model's gradient buffers (in [`Gpt::tensors`] order), with every

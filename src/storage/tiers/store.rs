@@ -1531,7 +1531,7 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::optimizer::{AdamW, OptimizerConfig};
+    use crate::optimizer::{AdamW, OptimizerConfig};
 
     fn slot(seed: f32) -> ExpertSlot {
         let sizes = [64, 8, 64, 8];

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::moe::stages::ExpertWeights;
-use crate::train::optimizer::AdamW;
+use crate::optimizer::AdamW;
 
 /// An expert's committed state: parameters and their AdamW moments. It moves between the Device,
 /// Host and Disk tiers as one unit.
@@ -246,7 +246,7 @@ pub fn decode(id: UnitId, bytes: &[u8], template: &ExpertSlot, what: &str) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::optimizer::OptimizerConfig;
+    use crate::optimizer::OptimizerConfig;
 
     pub(crate) fn slot(seed: f32) -> ExpertSlot {
         let sizes = [6, 3, 6, 2];

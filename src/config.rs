@@ -4,8 +4,8 @@
 
 use crate::error::{Error, Result};
 use crate::model::gpt::GptConfig;
+use crate::optimizer::OptimizerConfig;
 use crate::storage::tiers::{parse_bytes, CachePolicy, StorageConfig};
-use crate::train::optimizer::OptimizerConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -239,7 +239,7 @@ impl TrainConfig {
                 t.workers, t.groups
             )));
         }
-        t.placement.parse::<crate::actors::ExpertPlacement>()?;
+        t.placement.parse::<ExpertPlacement>()?;
         if !(t.deadline_s.is_finite() && t.deadline_s > 0.0) {
             return Err(Error::config("train.deadline_s must be a positive number of seconds"));
         }
@@ -326,4 +326,37 @@ pub fn resume_differences(recorded: &TrainConfig, requested: &TrainConfig) -> Re
         }
     }
     Ok((allowed, refused))
+}
+
+/// How experts are spread over workers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExpertPlacement {
+    /// Expert `e` on worker `e % W` (the default).
+    #[default]
+    RoundRobin,
+    /// Contiguous runs: expert `e` on worker `e * W / E`.
+    Blocked,
+    /// Expert `e` of every MoE block on worker `owners[e]`.
+    Explicit(Vec<usize>),
+}
+
+impl std::str::FromStr for ExpertPlacement {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "round-robin" => Ok(ExpertPlacement::RoundRobin),
+            "blocked" => Ok(ExpertPlacement::Blocked),
+            list => list
+                .split(',')
+                .map(|w| w.trim().parse::<usize>())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map(ExpertPlacement::Explicit)
+                .map_err(|_| {
+                    Error::config(format!(
+                        "placement must be \"round-robin\", \"blocked\" or a comma-separated worker per expert, got {list:?}"
+                    ))
+                }),
+        }
+    }
 }

@@ -294,6 +294,15 @@ impl AdamW {
     }
 }
 
+/// Fresh AdamW state for `model`, with weight decay on its matrices (see
+/// [`crate::model::gpt::TensorSpec`]).
+pub fn for_model(config: &OptimizerConfig, model: &crate::model::gpt::Gpt<f32>) -> Result<AdamW> {
+    let specs = model.specs();
+    let sizes: Vec<usize> = specs.iter().map(|s| s.shape.iter().product()).collect();
+    let decay: Vec<bool> = specs.iter().map(|s| s.decay).collect();
+    AdamW::with_decay(config.clone(), &sizes, &decay)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

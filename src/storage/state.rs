@@ -1,0 +1,126 @@
+//! A training state in a checkpoint: the model's tensors under their names, both AdamW moments as
+//! `m.<name>` and `v.<name>`, and in the manifest's `extra` the run's config, the data position and
+//! the training time. What `semoe train --resume`, `semoe generate`, `semoe eval` and
+//! `tools/reference/eval_checkpoint.py` read.
+//!
+//! This sits in `storage`, below the actor runtime and the training loop that both write
+//! checkpoints, so it knows the model and the optimizer but not the training config: the config
+//! is written as the caller gives it, and read back by the model's part only.
+
+use crate::error::{Error, Result};
+use crate::model::gpt::{Gpt, GptConfig};
+use crate::optimizer::{AdamW, OptimizerConfig};
+use crate::storage::checkpoint::{self, Checkpoint, NamedTensor};
+use serde::Serialize;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+/// Write `model` and `optimizer` as the checkpoint of step `optimizer.step` under
+/// `run_dir/checkpoints/`, with `config` (the run's, serialised as it is), the sampler's seed, the
+/// training seconds so far and, when given, the SHA-256 of the training text in the manifest.
+pub fn save(
+    run_dir: &Path,
+    config: &impl Serialize,
+    seed: u64,
+    model: &Gpt<f32>,
+    optimizer: &AdamW,
+    training_seconds: f64,
+    data_digest: Option<&str>,
+) -> Result<PathBuf> {
+    let tensors = model.tensors();
+    if optimizer.m.len() != tensors.len() || optimizer.v.len() != tensors.len() {
+        return Err(Error::shape(
+            "checkpoint",
+            "the optimizer state does not match the model",
+        ));
+    }
+    let named: Vec<NamedTensor> = tensors
+        .iter()
+        .map(|(n, s, b)| NamedTensor::new(n.as_str(), s.clone(), b.as_slice()))
+        .collect();
+    let names_m: Vec<String> = tensors.iter().map(|(n, _, _)| format!("m.{n}")).collect();
+    let names_v: Vec<String> = tensors.iter().map(|(n, _, _)| format!("v.{n}")).collect();
+    let mut opt = Vec::new();
+    for (i, (_, s, _)) in tensors.iter().enumerate() {
+        opt.push(NamedTensor::new(
+            names_m[i].as_str(),
+            s.clone(),
+            optimizer.m[i].as_slice(),
+        ));
+        opt.push(NamedTensor::new(
+            names_v[i].as_str(),
+            s.clone(),
+            optimizer.v[i].as_slice(),
+        ));
+    }
+    let mut extra = json!({
+        "config": config,
+        "data_position": { "sampler": "pure function of (seed, step, group)", "next_step": optimizer.step },
+        "rng": { "seed": seed },
+        "optimizer_step": optimizer.step,
+        "training_seconds": training_seconds,
+    });
+    if let (Some(digest), Some(map)) = (data_digest, extra.as_object_mut()) {
+        map.insert("data_sha256".into(), json!(digest));
+    }
+    checkpoint::save(run_dir, optimizer.step, &named, &opt, &extra)
+}
+
+/// The model and optimizer state of a loaded (and verified) checkpoint, for a model of
+/// `model_config` and an optimizer of `optimizer_config`, and the training seconds it records.
+/// Every tensor the model has must be there with its shape, and nothing else.
+pub fn restore(
+    model_config: &GptConfig,
+    optimizer_config: &OptimizerConfig,
+    mut ckpt: Checkpoint,
+) -> Result<(Gpt<f32>, AdamW, f64)> {
+    let dir = ckpt.dir.clone();
+    let mut model = Gpt::<f32>::zeros(model_config)?;
+    let specs: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
+    for ((name, shape), buf) in specs.iter().zip(model.buffers_mut()) {
+        *buf = ckpt.take_model(name, shape)?;
+    }
+    if let Some(extra) = ckpt.model.keys().next() {
+        return Err(Error::shape(
+            format!("checkpoint {}", dir.display()),
+            format!("it holds tensor {extra:?}, which this model does not have"),
+        ));
+    }
+    let mut m = Vec::new();
+    let mut v = Vec::new();
+    for (name, shape) in &specs {
+        m.push(ckpt.take_optimizer(&format!("m.{name}"), shape)?);
+        v.push(ckpt.take_optimizer(&format!("v.{name}"), shape)?);
+    }
+    let mut optimizer = crate::optimizer::for_model(optimizer_config, &model)?;
+    optimizer.restore(ckpt.step, m, v)?;
+    let seconds = ckpt
+        .extra
+        .get("training_seconds")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(0.0);
+    Ok((model, optimizer, seconds))
+}
+
+/// The model of a loaded checkpoint, built from the model part of the config in its manifest.
+pub fn model_from(mut ckpt: Checkpoint) -> Result<Gpt<f32>> {
+    let value = ckpt
+        .extra
+        .get("config")
+        .and_then(|c| c.get("model"))
+        .cloned()
+        .ok_or_else(|| Error::checkpoint(&ckpt.dir, "the manifest records no model config (extra.config.model)"))?;
+    let config: GptConfig = serde_json::from_value(value).map_err(|e| {
+        Error::parse(
+            format!("checkpoint {} manifest config", ckpt.dir.display()),
+            e.to_string(),
+        )
+    })?;
+    config.validate()?;
+    let mut model = Gpt::<f32>::zeros(&config)?;
+    let specs: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
+    for ((name, shape), buf) in specs.iter().zip(model.buffers_mut()) {
+        *buf = ckpt.take_model(name, shape)?;
+    }
+    Ok(model)
+}
