@@ -36,7 +36,11 @@
 //! # Ok(())
 //! # }
 //! ```
-#![warn(missing_docs)]
+// Every public item says what it is for; every unsafe operation sits in its own `unsafe` block,
+// even inside an `unsafe fn`, with a `// SAFETY:` comment stating the invariant that makes it sound.
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod actors;
 pub mod bench;

@@ -1,5 +1,10 @@
 //! The `semoe` command line.
 
+// The library's lint header (src/lib.rs), for the binary.
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use semoe::bench;
 use semoe::infer::{generate, SampleOptions};
