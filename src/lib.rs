@@ -1,11 +1,12 @@
 //! semoe: an elastic Mixture-of-Experts training and inference runtime.
 //!
-//! The crate is organised as DESIGN.md describes: [`kernels`] (compute backends), [`model`] (layers
-//! with hand-written forward and backward passes), [`train`] (data, sampler, optimizer, the training
-//! loop), [`actors`] (the supervised actor runtime: coordinator, workers, gates, experts, tiers,
-//! communicators), [`net`] (transports), [`chaos`] (fault injection), [`storage`] (checkpoints),
-//! [`telemetry`] (metrics and reports), [`infer`] (generation) and [`bench`] (the measurements
-//! behind `semoe bench`).
+//! The crate's modules: [`kernels`] (compute backends), [`model`] (layers with hand-written
+//! forward and backward passes), [`train`] (data, sampler, optimizer, the training loop), [`actors`]
+//! (the supervised actor runtime: coordinator, workers, gates, experts, tiers, communicators),
+//! [`net`] (transports), [`chaos`] (fault injection), [`storage`] (checkpoints, run directories and
+//! the tiered expert store), [`telemetry`] (metrics and reports), [`infer`] (generation) and
+//! [`bench`](mod@bench) (the measurements behind `semoe bench`). The README's "What is here" table
+//! maps them to files; `docs/runtime-semantics.md` is the runtime's protocol.
 //!
 //! # Embedding the runtime
 //!
