@@ -56,3 +56,9 @@ pub mod telemetry;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// The README's Rust code blocks, compiled and run as doc-tests (`cargo test --doc`) so that the
+/// snippet there keeps building against the API; only rustdoc's doc-test pass sees this item.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
