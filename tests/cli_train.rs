@@ -199,7 +199,7 @@ fn sigint_stops_at_a_step_boundary_and_resume_ends_bitwise_identical() {
     assert!(err.contains("stopped by Ctrl-C (SIGINT) after step"), "{err}");
     assert!(err.contains("semoe train --resume --run-dir stopped"), "{err}");
     let (stopped_at, _) = newest_checkpoint(&run_dir);
-    assert!(stopped_at >= 50 && stopped_at < 3000, "stopped at {stopped_at}");
+    assert!((50..3000).contains(&stopped_at), "stopped at {stopped_at}");
     assert_eq!(
         train_steps_logged(&run_dir),
         stopped_at as usize,

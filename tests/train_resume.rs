@@ -147,7 +147,7 @@ fn a_damaged_newest_checkpoint_is_passed_over_with_a_notice_and_kept() {
         let mut t = Trainer::new(c, &dir).expect("trainer");
         for _ in 0..6 {
             t.step().expect("step");
-            if t.steps_done() % 3 == 0 {
+            if t.steps_done().is_multiple_of(3) {
                 t.save_checkpoint(0.0).expect("checkpoint");
             }
         }
@@ -260,7 +260,7 @@ fn divergence_is_reported_as_divergence() {
         c.optimizer.warmup = 0;
         c.train.workers = workers;
         let mut t = Trainer::new(c, &tmp.path().join("run")).expect("trainer");
-        let err = t.run(false).err().expect("must diverge");
+        let err = t.run(false).expect_err("must diverge");
         match &err {
             semoe::Error::Diverged { step, lr, .. } => {
                 assert!(*step >= 1 && *step <= 50, "{err}");
@@ -276,6 +276,6 @@ fn divergence_is_reported_as_divergence() {
 fn thread_counts_beyond_the_machine_are_refused() {
     let mut c = small(4);
     c.train.threads = 100_000;
-    let err = c.validate().err().expect("must refuse").to_string();
+    let err = c.validate().expect_err("must refuse").to_string();
     assert!(err.contains("train.threads (100000)") && err.contains("cores"), "{err}");
 }
