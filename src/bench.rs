@@ -82,7 +82,8 @@ fn fma_loop(iters: u64) -> u64 {
                 let mut out = [0.0f32; 8];
                 let mut sum = 0.0;
                 for v in acc {
-                    _mm256_storeu_ps(out.as_mut_ptr(), v);
+                    // SAFETY: `out` is 8 f32s, the 32 bytes the unaligned store writes.
+                    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
                     sum += out.iter().sum::<f32>();
                 }
                 sum

@@ -6,12 +6,14 @@
 //! yet.
 //!
 //! The crate is organised as `docs/architecture.md` describes (module map, layering, the path of a
-//! token batch, the determinism contract): [`kernels`] (compute backends), [`model`] (layers
-//! with hand-written forward and backward passes), [`train`] (data, sampler, optimizer, the training
-//! loop), [`actors`] (the supervised actor runtime: coordinator, workers, gates, experts, tiers,
-//! communicators), [`net`] (transports), [`chaos`] (fault injection), [`storage`] (checkpoints,
-//! run directories, expert tiers), [`telemetry`] (metrics and reports), [`infer`] (generation) and
-//! [`bench`] (the measurements behind `semoe bench`).
+//! token batch, the determinism contract), lowest layer first: [`kernels`] (compute backends),
+//! [`model`] (layers with hand-written forward and backward passes), [`optimizer`] (AdamW and its
+//! schedule), [`storage`] (checkpoints, run directories, the tiered expert store), [`config`] and
+//! [`data`] (the job's configuration, corpus and sampler), [`net`] (transports), [`chaos`] (fault
+//! injection), [`actors`] (the supervised actor runtime: coordinator, workers, gates, experts,
+//! tiers, communicators), [`train`] (the training loop), [`telemetry`] (metrics and reports),
+//! [`infer`] (generation) and [`bench`](mod@bench) (the measurements behind `semoe bench`).
+//! `docs/runtime-semantics.md` is the runtime's protocol.
 //!
 //! # Embedding the runtime
 //!
@@ -42,7 +44,11 @@
 //! # Ok(())
 //! # }
 //! ```
-#![warn(missing_docs)]
+// Every public item says what it is for; every unsafe operation sits in its own `unsafe` block,
+// even inside an `unsafe fn`, with a `// SAFETY:` comment stating the invariant that makes it sound.
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod actors;
 pub mod bench;
@@ -60,3 +66,9 @@ pub mod telemetry;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// The README's Rust code blocks, compiled and run as doc-tests (`cargo test --doc`) so that the
+/// snippet there keeps building against the API; only rustdoc's doc-test pass sees this item.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,5 +1,10 @@
 //! The `semoe` command line (the commands themselves are in `cli/`).
 
+// The library's lint header (src/lib.rs), for the binary.
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod cli;
 
 use std::process::ExitCode;

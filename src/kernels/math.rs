@@ -154,12 +154,21 @@ macro_rules! multiversion {
                 unsafe fn v4($($arg: $ty),*) { $body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) { $body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports the features the function was compiled for.
+                // Each check covers every feature its function is compiled for. (Where avx512f is
+                // present without one of the others, the next version runs instead: the results are
+                // the same, since the kernels are element-wise and contract no multiply-adds.)
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: `v4` is compiled for avx512f, avx512vl, avx2 and fma, and the CPU
+                    // running this has each of them (checked just above).
                     return unsafe { v4($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: as above.
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: `v3` is compiled for avx2 and fma, and the CPU running this has both
+                    // (checked just above).
                     return unsafe { v3($($arg),*) };
                 }
             }

@@ -192,8 +192,9 @@ impl Backend for Cpu {
             }
             return Ok(());
         }
-        // SAFETY: `dst` holds m*n initialised elements and is borrowed mutably, so it cannot
-        // alias `a` or `b`.
+        // SAFETY: `gemm_into`'s contract: `dst` holds m*n initialised elements (checked above) and
+        // is borrowed mutably, so it cannot alias `a` or `b`; the shapes agree (`product_shape`)
+        // and k > 0 (the k == 0 case returned above).
         unsafe { self.gemm_into(dst.as_mut_ptr(), a, b, accumulate) };
         Ok(())
     }
@@ -218,11 +219,13 @@ impl Backend for Cpu {
             return Ok(vec![T::ZERO; m * n]);
         }
         let mut out = Vec::with_capacity(m * n);
-        // SAFETY: `out` has capacity for the m*n elements the product writes. With `read_dst`
-        // false the gemm crate (0.19) writes every element of dst without reading it on each of
-        // its paths (gevv, gemv, the small-matrix kernels and the blocked one, whose later depth
-        // blocks read only what its first block wrote); `product_never_reads_its_output` checks
-        // this on every path with a poisoned buffer. Only then does the length cover the writes.
+        // SAFETY: the shapes agree (`product_shape`) and k > 0 (returned above otherwise), and the
+        // fresh `out` cannot alias `a` or `b`. `out` has capacity for the m*n elements the product
+        // writes. With `read_dst` false the gemm crate (0.19) writes every element of dst without
+        // reading it on each of its paths (gevv, gemv, the small-matrix kernels and the blocked
+        // one, whose later depth blocks read only what its first block wrote);
+        // `product_never_reads_its_output` checks this on every path with a poisoned buffer. Only
+        // then does the length cover the writes.
         unsafe {
             self.gemm_into(out.as_mut_ptr(), a, b, false);
             out.set_len(m * n);

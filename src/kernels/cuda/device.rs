@@ -54,6 +54,9 @@ impl CudaDevice {
 }
 
 fn driver_present() -> bool {
-    // SAFETY: only probes for the shared library; loads nothing that runs.
+    // SAFETY: the probe dlopens each candidate name of the CUDA driver library and closes it again,
+    // which runs that library's initialisers: sound as long as what is installed under the driver's
+    // name is the driver (the trust every CUDA program places in it). No symbol is looked up or
+    // called, and a panic inside the probe is caught.
     std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
 }
