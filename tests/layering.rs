@@ -64,7 +64,7 @@ fn crate_paths(line: &str) -> Vec<String> {
             first
         };
         out.push(full);
-        rest = &after[..];
+        rest = after;
     }
     out
 }
