@@ -199,7 +199,10 @@ mod tests {
         let e = err(2, 3, ExpertPlacement::RoundRobin);
         assert!(e.contains("3 workers") && e.contains("2 data groups"), "{e}");
         let e = err(4, 2, ExpertPlacement::Explicit(vec![0, 1, 0]));
-        assert!(e.contains("names 3 workers") && e.contains("4 experts"), "{e}");
+        assert!(
+            e.contains("train.placement names a worker for 3 experts") && e.contains("4 experts"),
+            "{e}"
+        );
         let e = err(4, 2, ExpertPlacement::Explicit(vec![0, 1, 2, 0]));
         assert!(e.contains("worker 2") && e.contains("2 workers"), "{e}");
     }
