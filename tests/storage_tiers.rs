@@ -27,10 +27,12 @@ fn config() -> TrainConfig {
     c
 }
 
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("semoe-tiers-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A directory (not yet created) inside a fresh temporary directory that is removed when the
+/// guard is dropped, also when the test fails.
+fn temp(name: &str) -> (common::TempDir, PathBuf) {
+    let tmp = common::TempDir::new(name);
+    let dir = tmp.path().join("run");
+    (tmp, dir)
 }
 
 /// Bytes of one expert unit of `config()`: parameters and two moments.
@@ -86,7 +88,7 @@ async fn a_quarter_in_memory_trains_bit_for_bit_like_everything_in_memory() {
     ];
     for (workers, policy, prefetch) in cases {
         let what = format!("{workers} worker(s), {} policy, prefetch {prefetch}", policy.name());
-        let dir = temp(&format!("quarter-{workers}-{}-{prefetch}", policy.name()));
+        let (_tmp, dir) = temp(&format!("quarter-{workers}-{}-{prefetch}", policy.name()));
         let (got, stats) = train(workers, quarter(workers as u64, dir.clone(), policy, prefetch)).await;
         assert_same(&want, &got, &what);
         for (w, st) in stats.iter().enumerate() {
@@ -117,13 +119,12 @@ async fn a_quarter_in_memory_trains_bit_for_bit_like_everything_in_memory() {
             !dir.join("worker-0").exists(),
             "{what}: the disk tier's files outlive the run"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
 #[test]
 fn a_device_budget_below_one_block_is_a_clear_error_at_start() {
-    let dir = temp("too-small");
+    let (_tmp, dir) = temp("too-small");
     let mut c = config();
     c.train.workers = 1;
     c.storage.device_budget = format!("{}", 10 * unit_bytes());
@@ -140,13 +141,12 @@ fn a_device_budget_below_one_block_is_a_clear_error_at_start() {
     c.storage.device_budget = "a lot".into();
     let e = Trainer::new(c, &dir).err().expect("must fail").to_string();
     assert!(e.contains("storage.device_budget"), "{e}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_checkpoint_resumes_under_other_budgets_bit_for_bit() {
     let reference = {
-        let dir = temp("resume-ref");
+        let (_tmp, dir) = temp("resume-ref");
         let mut c = config();
         c.train.workers = 1;
         let mut t = Trainer::new(c, &dir).expect("trainer");
@@ -155,10 +155,9 @@ fn a_checkpoint_resumes_under_other_budgets_bit_for_bit() {
         }
         let out = trainer_state_bits(&mut t);
         drop(t);
-        let _ = std::fs::remove_dir_all(&dir);
         out
     };
-    let dir = temp("resume");
+    let (_tmp, dir) = temp("resume");
     let mut c = config();
     c.train.workers = 1;
     c.storage.device_budget = format!("{}", 64 * unit_bytes());
@@ -186,5 +185,4 @@ fn a_checkpoint_resumes_under_other_budgets_bit_for_bit() {
             &format!("resumed with {device:?}/{host:?}"),
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

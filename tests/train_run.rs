@@ -2,14 +2,18 @@
 //! same parameters (whatever the thread count), a resumed run ends bitwise identical to an
 //! uninterrupted one, and bad data or a corrupt checkpoint is a clear error.
 
+mod common;
+
 use semoe::model::gpt::GptConfig;
 use semoe::train::{TrainConfig, Trainer};
 use std::path::PathBuf;
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("semoe-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// A run directory (not yet created) inside a fresh temporary directory that is removed when the
+/// guard is dropped, also when the test fails.
+fn temp_dir(name: &str) -> (common::TempDir, PathBuf) {
+    let tmp = common::TempDir::new(name);
+    let dir = tmp.path().join("run");
+    (tmp, dir)
 }
 
 fn small(steps: u64) -> TrainConfig {
@@ -47,7 +51,7 @@ fn params(t: &mut Trainer) -> Vec<u32> {
 
 #[test]
 fn loss_falls_on_the_bundled_corpus() {
-    let dir = temp_dir("falls");
+    let (_tmp, dir) = temp_dir("falls");
     let mut t = Trainer::new(small(60), &dir).expect("trainer");
     let before = t.evaluate().expect("eval");
     let summary = t.run(false).expect("run");
@@ -64,7 +68,6 @@ fn loss_falls_on_the_bundled_corpus() {
     let log = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics");
     assert_eq!(log.lines().filter(|l| l.contains("\"kind\":\"train\"")).count(), 60);
     assert!(dir.join("config.toml").exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -72,13 +75,12 @@ fn same_seed_same_bits_for_one_and_two_threads() {
     let run = |threads: usize, name: &str| {
         let mut c = small(8);
         c.train.threads = threads;
-        let dir = temp_dir(name);
+        let (_tmp, dir) = temp_dir(name);
         let mut t = Trainer::new(c, &dir).expect("trainer");
         for _ in 0..8 {
             t.step().expect("step");
         }
         let p = params(&mut t);
-        let _ = std::fs::remove_dir_all(&dir);
         p
     };
     let a = run(2, "seed-a");
@@ -88,11 +90,11 @@ fn same_seed_same_bits_for_one_and_two_threads() {
 
 #[test]
 fn resume_ends_bitwise_identical_to_an_uninterrupted_run() {
-    let straight_dir = temp_dir("straight");
+    let (_straight_tmp, straight_dir) = temp_dir("straight");
     let mut straight = Trainer::new(small(12), &straight_dir).expect("trainer");
     straight.run(false).expect("run");
 
-    let dir = temp_dir("resumed");
+    let (_tmp, dir) = temp_dir("resumed");
     let mut first = Trainer::new(small(12), &dir).expect("trainer");
     for _ in 0..5 {
         first.step().expect("step");
@@ -113,13 +115,11 @@ fn resume_ends_bitwise_identical_to_an_uninterrupted_run() {
     // A fresh run refuses to overwrite it.
     let err = Trainer::new(small(12), &dir).err().expect("must refuse").to_string();
     assert!(err.contains("--resume"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(&straight_dir);
 }
 
 #[test]
 fn a_corrupt_checkpoint_is_refused_with_a_clear_error() {
-    let dir = temp_dir("corrupt");
+    let (_tmp, dir) = temp_dir("corrupt");
     let mut t = Trainer::new(small(3), &dir).expect("trainer");
     t.run(false).expect("run");
     drop(t);
@@ -137,12 +137,11 @@ fn a_corrupt_checkpoint_is_refused_with_a_clear_error() {
         .expect_err("must fail")
         .to_string();
     assert!(err.contains("SHA-256"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn bad_training_data_is_a_clear_error() {
-    let dir = temp_dir("data");
+    let (_tmp, dir) = temp_dir("data");
     std::fs::create_dir_all(&dir).expect("dir");
     let cases: [(&str, &[u8], &str); 3] = [
         ("empty.txt", b"  \n\n ", "empty"),
@@ -176,7 +175,6 @@ fn bad_training_data_is_a_clear_error() {
         .expect("must fail")
         .to_string();
     assert!(err.contains("too few"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -188,11 +186,10 @@ fn bad_config_is_a_clear_error() {
     let mut c = small(2);
     c.model.n_head = 5;
     assert!(c.validate().expect_err("error").to_string().contains("n_head"));
-    let dir = temp_dir("toml");
+    let (_tmp, dir) = temp_dir("toml");
     std::fs::create_dir_all(&dir).expect("dir");
     let file = dir.join("bad.toml");
     std::fs::write(&file, "[model]\nd_modle = 64\n").expect("write");
     let err = TrainConfig::from_file(&file).expect_err("error").to_string();
     assert!(err.contains("d_modle"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
