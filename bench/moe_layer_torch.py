@@ -25,13 +25,15 @@ import time
 import torch
 import torch.nn.functional as F
 
+# The formulas shared with the references (tools/reference/), written once there.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "reference"))
+from moe_math import capacity_of  # noqa: E402
+
 EPS_F32 = torch.finfo(torch.float32).eps
 
 
 def capacity(S, E, k, capacity_factor, min_capacity, dropless):
-    if dropless:
-        return None
-    return max(math.ceil(k * capacity_factor * S / E), min_capacity)
+    return capacity_of(S, E, k, capacity_factor, min_capacity, dropless)
 
 
 def route(gates, k, cap):

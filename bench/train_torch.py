@@ -23,10 +23,16 @@ import gzip
 import json
 import math
 import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+# The formulas shared with the references (tools/reference/), written once there.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "reference"))
+from lr_schedule import lr_at as _lr_at  # noqa: E402
+from moe_math import capacity_of  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS_F32 = torch.finfo(torch.float32).eps
@@ -101,7 +107,7 @@ def count_params(cfg: dict) -> tuple[int, int]:
 
 
 def capacity(cfg: dict, S: int) -> int:
-    return max(math.ceil(cfg["k"] * cfg["capacity_factor"] * S / cfg["experts"]), cfg["min_capacity"])
+    return capacity_of(S, cfg["experts"], cfg["k"], cfg["capacity_factor"], cfg["min_capacity"])
 
 
 def moe_ffn(x, wg, w1, b1, w2, b2, cfg: dict):
@@ -203,19 +209,8 @@ def forward(p: dict, idx, targets, cfg: dict):
 
 def lr_at(step: int, max_lr: float, min_lr: float, warmup: int, total_steps: int,
           schedule: str = "cosine", cooldown: float = 1.0) -> float:
-    """semoe's OptimizerConfig::lr_at: linear warmup, then max_lr until the last `cooldown`
-    fraction of the remaining steps, which decay (cosine or linear) to min_lr."""
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    span = float(max(total_steps - warmup, 1))
-    decay_span = max(span * cooldown, 1.0)
-    decay_start = span - decay_span
-    prog = min(max(((step - warmup) - decay_start) / decay_span, 0.0), 1.0)
-    if schedule == "linear":
-        remaining = 1.0 - prog
-    else:
-        remaining = 0.5 * (1.0 + math.cos(math.pi * prog))
-    return min_lr + (max_lr - min_lr) * remaining
+    """semoe's OptimizerConfig::lr_at (tools/reference/lr_schedule.py)."""
+    return _lr_at(step, max_lr, min_lr, warmup, total_steps, schedule, cooldown)
 
 
 def make_optimizer(params: dict, a) -> torch.optim.Optimizer:

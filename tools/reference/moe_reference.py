@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from moe_math import capacity_of
+
 EPS_F32 = torch.finfo(torch.float32).eps
 
 
@@ -73,9 +75,7 @@ def capacity(cfg: MoeConfig) -> int | None:
     (i.e. ((k * cf) * S) / E in float64, left to right) then clamped below by
     min_capacity.
     """
-    if cfg.dropless:
-        return None
-    return max(math.ceil(cfg.k * cfg.capacity_factor * cfg.S / cfg.E), cfg.min_capacity)
+    return capacity_of(cfg.S, cfg.E, cfg.k, cfg.capacity_factor, cfg.min_capacity, cfg.dropless)
 
 
 def topk_choices(gates: torch.Tensor, k: int) -> torch.Tensor:
