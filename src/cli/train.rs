@@ -242,7 +242,7 @@ pub fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
 }
 
 /// Stop at the next step boundary on the first SIGINT or SIGTERM; exit at once on the second.
-pub fn install_stop_signals(stop: &Arc<AtomicUsize>) -> semoe::Result<()> {
+pub fn install_stop_signals(stop: &Arc<AtomicUsize>) -> semoe::Result<StopSignals> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let twice = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM] {
@@ -253,7 +253,18 @@ pub fn install_stop_signals(stop: &Arc<AtomicUsize>) -> semoe::Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&twice)).map_err(fail)?;
         signal_hook::flag::register_usize(signal, Arc::clone(stop), signal as usize).map_err(fail)?;
     }
-    Ok(())
+    Ok(StopSignals(twice))
+}
+
+/// The graceful stop while training runs. Dropped, the next SIGINT or SIGTERM exits at once
+/// (during the report and the sample there is nothing to save). signal-hook cannot restore the
+/// default action, so this arms the exit that a second signal takes.
+pub struct StopSignals(Arc<AtomicBool>);
+
+impl Drop for StopSignals {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 pub fn signal_name(signal: usize) -> &'static str {
@@ -374,8 +385,9 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         dir.display(),
         semoe::storage::tiers::format_bytes(semoe::train::memory::estimate(&c).total())
     );
-    install_stop_signals(&trainer.stop_flag())?;
+    let signals = install_stop_signals(&trainer.stop_flag())?;
     let summary = trainer.run(!a.quiet)?;
+    drop(signals);
     let resume_hint = format!("semoe train --resume --run-dir {}", dir.display());
     match summary.stop {
         StopReason::TimeLimit => eprintln!(
