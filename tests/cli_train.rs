@@ -500,3 +500,34 @@ fn eval_reports_the_loss_of_a_checkpoint_on_any_text() {
         "{out}"
     );
 }
+
+#[test]
+fn help_shows_every_default_and_the_file_only_settings() {
+    let tmp = TempDir::new("cli-help");
+    let (status, out, err) = run(tmp.path(), &["train", "--help"], Duration::from_secs(60));
+    assert!(status.success(), "{err}");
+    for want in [
+        "[default: 5000]",
+        "[default: 1337]",
+        "[default: round-robin]",
+        "[default: 0.003]",
+        "Settings without a flag are set in the --config file",
+        "optimizer.min_lr",
+        "drop_page_cache, io_threads",
+        "a second Ctrl-C stops at once",
+    ] {
+        assert!(out.contains(want), "--help lacks {want:?}:\n{out}");
+    }
+    // Every flag of the config's train settings has a default shown or a default of its own.
+    for line in out.lines().filter(|l| l.trim_start().starts_with("--")) {
+        let flag = line.trim_start().split_whitespace().next().unwrap_or("");
+        if matches!(flag, "--steps" | "--seed" | "--batch" | "--lr" | "--workers") {
+            let help = out.split(flag).nth(1).unwrap_or("");
+            let until_next = help.split("\n  -").next().unwrap_or("");
+            assert!(
+                until_next.contains("[default:"),
+                "{flag} shows no default:\n{until_next}"
+            );
+        }
+    }
+}

@@ -273,6 +273,22 @@ fn divergence_is_reported_as_divergence() {
 }
 
 #[test]
+fn optimizer_errors_name_their_own_field() {
+    let mut c = small(4);
+    c.optimizer.clip = -1.0;
+    let err = c.validate().expect_err("must refuse").to_string();
+    assert!(err.contains("optimizer.clip") && !err.contains("eps"), "{err}");
+    let mut c = small(4);
+    c.optimizer.weight_decay = f64::NAN;
+    let err = c.validate().expect_err("must refuse").to_string();
+    assert!(err.contains("optimizer.weight_decay"), "{err}");
+    let mut c = small(4);
+    c.model.k = 9;
+    let err = c.validate().expect_err("must refuse").to_string();
+    assert!(err.contains("model.k (experts per token)"), "{err}");
+}
+
+#[test]
 fn thread_counts_beyond_the_machine_are_refused() {
     let mut c = small(4);
     c.train.threads = 100_000;
