@@ -520,7 +520,7 @@ fn help_shows_every_default_and_the_file_only_settings() {
     }
     // Every flag of the config's train settings has a default shown or a default of its own.
     for line in out.lines().filter(|l| l.trim_start().starts_with("--")) {
-        let flag = line.trim_start().split_whitespace().next().unwrap_or("");
+        let flag = line.split_whitespace().next().unwrap_or("");
         if matches!(flag, "--steps" | "--seed" | "--batch" | "--lr" | "--workers") {
             let help = out.split(flag).nth(1).unwrap_or("");
             let until_next = help.split("\n  -").next().unwrap_or("");
