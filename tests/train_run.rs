@@ -80,8 +80,7 @@ fn same_seed_same_bits_for_one_and_two_threads() {
         for _ in 0..8 {
             t.step().expect("step");
         }
-        let p = params(&mut t);
-        p
+        params(&mut t)
     };
     let a = run(2, "seed-a");
     assert_eq!(a, run(2, "seed-b"), "same seed, same thread count");
