@@ -1,5 +1,5 @@
 //! The Worker actor: one per device. It runs the dense layers of its data groups (a
-//! [`GroupPass`] per group, side by side on the compute pool, in
+//! [`GroupPass`](crate::model::pass::GroupPass) per group, side by side on the compute pool, in
 //! lanes that each go through the MoE blocks in lockstep, so that each MoE block is one fused
 //! exchange per peer for the lane's groups), sends each group's dense gradients to their owners,
 //! and supervises its Gate, Expert, Tier and Communicator actors:
