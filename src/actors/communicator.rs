@@ -3,10 +3,10 @@
 //! Outgoing, an `Exchange` sends one request per peer (the fused all-to-all-v: every row bound for
 //! any expert a peer hosts travels in one message, with its counts) and waits for every answer, with
 //! a deadline; a peer that does not answer in time is named in the error. Incoming, it hands expert
-//! rows to the local Expert actors, gradients to the Tier, parameters to the replica, and answers.
+//! rows to the local Expert actors, gradients to the Ledger, parameters to the replica, and answers.
 
 use super::expert::ExpertMsg;
-use super::tier::TierMsg;
+use super::ledger::LedgerMsg;
 use super::{ask, ActorName};
 use crate::chaos::FaultPlan;
 use crate::error::{Error, Result};
@@ -30,8 +30,8 @@ pub type SharedReplica = Arc<Mutex<Arc<Gpt<f32>>>>;
 pub struct Registry {
     /// Hosted experts by `(block, expert)`.
     pub experts: HashMap<(usize, usize), ActorRef<ExpertMsg>>,
-    /// The Tier.
-    pub tier: Option<ActorRef<TierMsg>>,
+    /// The Ledger.
+    pub tier: Option<ActorRef<LedgerMsg>>,
     /// The Communicator.
     pub comm: Option<ActorRef<CommMsg>>,
 }
@@ -286,7 +286,7 @@ async fn answer(args: &CommArgs, payload: Payload) -> Result<Payload> {
                 .ok_or_else(|| Error::runtime("the tier is not running"))?;
             let who = ActorName(format!("tier of worker {}", args.worker));
             ask(&tier, &who, "a gradient delivery", args.deadline, |reply| {
-                TierMsg::Grads {
+                LedgerMsg::Grads {
                     step,
                     group,
                     tensors,

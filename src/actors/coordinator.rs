@@ -17,7 +17,7 @@ use crate::telemetry::metrics as names;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::time::{Duration, Instant};
 
-use super::tier::TierSnapshot;
+use super::ledger::LedgerSnapshot;
 
 /// What a committed step reports.
 #[derive(Clone, Debug)]
@@ -46,7 +46,7 @@ pub enum CoordMsg {
     /// Every worker's committed state.
     Snapshot {
         /// One snapshot per worker.
-        reply: RpcReplyPort<Result<Vec<TierSnapshot>>>,
+        reply: RpcReplyPort<Result<Vec<LedgerSnapshot>>>,
     },
 }
 

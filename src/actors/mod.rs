@@ -5,7 +5,7 @@
 //!  +- Worker (one per device) runs the dense layers of its groups; supervises:
 //!      +- Gate (per MoE block)  routes its groups' tokens, dispatches and combines
 //!      +- Expert (per hosted expert) forward/backward of its rows; owns its gradient and AdamW step
-//!      +- Tier                 committed parameters: owned dense tensors, expert slots
+//!      +- Ledger                 committed parameters: owned dense tensors, expert slots
 //!      +- Communicator         the transport: fused all-to-all-v, gradient reduction, broadcast
 //! ```
 //!
@@ -19,9 +19,9 @@ pub mod coordinator;
 pub mod expert;
 pub mod gate;
 pub mod gather;
+pub mod ledger;
 pub mod placement;
 pub mod runtime;
-pub mod tier;
 pub mod worker;
 
 pub use placement::{ExpertPlacement, Placement};

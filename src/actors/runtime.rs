@@ -3,8 +3,8 @@
 pub use super::coordinator::StepOutcome;
 use super::coordinator::{CoordActor, CoordArgs, CoordMsg};
 use super::gather::{dense_bytes, keep_only, DenseCounters, DenseStats};
+use super::ledger::{LedgerSnapshot, LedgerState};
 use super::placement::{ExpertPlacement, Placement};
-use super::tier::{TierSnapshot, TierStore};
 use super::worker::{strip_experts, WorkerArgs};
 use super::{ask, ActorName};
 use crate::chaos::FaultPlan;
@@ -257,7 +257,7 @@ fn distribute(
     opt: &AdamW,
     placement: &Placement,
     storage: &StorageConfig,
-) -> Result<Vec<TierStore>> {
+) -> Result<Vec<LedgerState>> {
     let specs = model.specs();
     let tensors = model.tensors();
     if opt.m.len() != specs.len() {
@@ -308,7 +308,7 @@ fn distribute(
             }
         }
         experts.sort_by_key(|(id, _)| *id);
-        stores.push(TierStore {
+        stores.push(LedgerState {
             dense,
             optimizer,
             experts: Arc::new(ExpertStore::new(w, storage, experts)?),
@@ -440,7 +440,7 @@ impl Runtime {
 }
 
 /// Put the workers' snapshots back together as one model and optimizer (whole tensors).
-fn assemble(config: &TrainConfig, snaps: &[TierSnapshot]) -> Result<(Gpt<f32>, AdamW)> {
+fn assemble(config: &TrainConfig, snaps: &[LedgerSnapshot]) -> Result<(Gpt<f32>, AdamW)> {
     let mut model = Gpt::<f32>::zeros(&config.model)?;
     let mut opt = crate::optimizer::for_model(&config.optimizer, &model)?;
     let specs = model.specs();

@@ -23,8 +23,8 @@ pub enum Target {
         /// Block index.
         block: usize,
     },
-    /// The Tier actor of `worker` (when it receives gradients).
-    Tier {
+    /// The Ledger actor of `worker` (when it receives gradients).
+    Ledger {
         /// Worker index.
         worker: usize,
     },

@@ -13,7 +13,7 @@
 //! | `semoe_expert_tokens_total` | counter | `block`, `expert` | tokens routed to (and kept by) each expert (`block`: the MoE block's ordinal among MoE blocks) |
 //! | `semoe_expert_dropped_total` | counter | `block` | assignments dropped for lack of capacity |
 //! | `semoe_alltoall_bytes_total` | counter | `from`, `to`, `kind` | tensor bytes sent between workers, a worker to itself included (`kind`: `dispatch`, `combine`, `grad_dispatch`, `grad_combine`, `dense_grads`, `params`, `dense_gather`) |
-//! | `semoe_restarts_total` | counter | `worker`, `actor` | actors restarted by their supervisor (`actor`: `expert`, `gate`, `tier`, `communicator`) |
+//! | `semoe_restarts_total` | counter | `worker`, `actor` | actors restarted by their supervisor (`actor`: `expert`, `gate`, `ledger`, `communicator`) |
 //! | `semoe_replays_total` | counter | | steps rolled back and run again |
 //! | `semoe_tier_bytes` | gauge | `worker`, `tier` | bytes of expert state held in each tier (`device`, `host`, `disk`) |
 //! | `semoe_tier_served_total` | counter | `worker`, `tier` | expert acquisitions served from each tier (`disk`: a miss) |
@@ -125,7 +125,7 @@ pub const ALLTOALL_KINDS: [&str; 7] = [
     "dense_gather",
 ];
 /// The actors of [`RESTARTS`].
-pub const RESTART_ACTORS: [&str; 4] = ["expert", "gate", "tier", "communicator"];
+pub const RESTART_ACTORS: [&str; 4] = ["expert", "gate", "ledger", "communicator"];
 /// The tiers of [`TIER_SERVED`] and [`TIER_MOVED_BYTES`].
 pub const TIERS: [&str; 3] = ["device", "host", "disk"];
 /// The outcomes of [`PREFETCH`].

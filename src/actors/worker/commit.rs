@@ -5,7 +5,7 @@
 use super::step::exchange;
 use super::{tier, NormPart, WorkerState};
 use crate::actors::expert::ExpertMsg;
-use crate::actors::tier::TierMsg;
+use crate::actors::ledger::LedgerMsg;
 use crate::actors::{ask, ActorName};
 use crate::error::{Error, Result};
 use crate::net::Payload;
@@ -57,7 +57,7 @@ pub(super) async fn prepare(state: &mut WorkerState, step: StepId) -> Result<Vec
         &ActorName(format!("tier of worker {}", state.args.worker)),
         "prepare",
         deadline,
-        |reply| TierMsg::Prepare { step, reply },
+        |reply| LedgerMsg::Prepare { step, reply },
     )
     .await?
     .into_iter()
@@ -100,7 +100,7 @@ pub(super) async fn commit(state: &mut WorkerState, step: StepId, lr: f64, norm:
         &ActorName(format!("tier of worker {}", a.worker)),
         "commit",
         a.deadline,
-        |reply| TierMsg::Commit { step, lr, norm, reply },
+        |reply| LedgerMsg::Commit { step, lr, norm, reply },
     )
     .await?;
     let experts: Vec<((usize, usize), ActorRef<ExpertMsg>)> = state

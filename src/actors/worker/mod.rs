@@ -2,7 +2,7 @@
 //! [`GroupPass`](crate::model::pass::GroupPass) per group, side by side on the compute pool, in
 //! lanes that each go through the MoE blocks in lockstep, so that each MoE block is one fused
 //! exchange per peer for the lane's groups), sends each group's dense gradients to their owners,
-//! and supervises its Gate, Expert, Tier and Communicator actors:
+//! and supervises its Gate, Expert, Ledger and Communicator actors:
 //! a failed child is restarted from the committed state, up to the restart policy's limit, past
 //! which the worker reports itself lost.
 
@@ -13,9 +13,9 @@ use super::communicator::{CommActor, CommArgs, CommMsg, Registry, SharedRegistry
 use super::expert::{ExpertActor, ExpertArgs, ExpertMsg};
 use super::gate::{GateActor, GateArgs, GateMsg};
 use super::gather::DenseCounters;
+use super::ledger::{LedgerActor, LedgerArgs, LedgerMsg, LedgerSnapshot, SharedStore};
 use super::placement::Placement;
 use super::runtime::RestartPolicy;
-use super::tier::{SharedStore, TierActor, TierArgs, TierMsg, TierSnapshot};
 use super::{ask, ActorName};
 use crate::chaos::FaultPlan;
 use crate::config::TrainConfig;
@@ -74,7 +74,7 @@ pub enum WorkerMsg {
     /// A copy of the committed state this worker owns.
     Snapshot {
         /// The copy.
-        reply: RpcReplyPort<Result<TierSnapshot>>,
+        reply: RpcReplyPort<Result<LedgerSnapshot>>,
     },
 }
 
@@ -118,7 +118,7 @@ pub struct WorkerArgs {
 enum Child {
     Gate(usize),
     Expert(usize, usize),
-    Tier,
+    Ledger,
     Comm,
 }
 
@@ -127,7 +127,7 @@ impl Child {
         match self {
             Child::Gate(_) => "gate",
             Child::Expert(..) => "expert",
-            Child::Tier => "tier",
+            Child::Ledger => "ledger",
             Child::Comm => "communicator",
         }
     }
@@ -203,15 +203,15 @@ impl WorkerState {
                 write(&self.registry).experts.insert((block, expert), r.clone());
                 r.get_cell()
             }
-            Child::Tier => {
-                let args = TierArgs {
+            Child::Ledger => {
+                let args = LedgerArgs {
                     worker: a.worker,
                     groups: a.config.train.groups,
                     store: a.store.clone(),
                     cpu: a.cpu.clone(),
                     chaos: a.chaos.clone(),
                 };
-                let (r, _) = Actor::spawn_linked(None, TierActor, args, sup).await.map_err(fail)?;
+                let (r, _) = Actor::spawn_linked(None, LedgerActor, args, sup).await.map_err(fail)?;
                 write(&self.registry).tier = Some(r.clone());
                 r.get_cell()
             }
@@ -299,7 +299,7 @@ impl Actor for WorkerActor {
             pump: None,
             args,
         };
-        state.spawn(&myself, Child::Tier).await?;
+        state.spawn(&myself, Child::Ledger).await?;
         state.spawn(&myself, Child::Comm).await?;
         let c = state.args.config.model.clone();
         for block in (0..c.n_layer).filter(|&l| c.is_moe(l)) {
@@ -406,7 +406,7 @@ impl Actor for WorkerActor {
                     let _ = e.cast(ExpertMsg::Abort);
                 }
                 if let Some(t) = &reg.tier {
-                    let _ = t.cast(TierMsg::Abort);
+                    let _ = t.cast(LedgerMsg::Abort);
                 }
                 drop(reg);
                 let r = match &state.lost {
@@ -420,10 +420,10 @@ impl Actor for WorkerActor {
                     Ok(t) => {
                         ask(
                             &t,
-                            &ActorName("tier".into()),
+                            &ActorName("ledger".into()),
                             "a snapshot",
                             state.args.deadline,
-                            |reply| TierMsg::Snapshot { reply },
+                            |reply| LedgerMsg::Snapshot { reply },
                         )
                         .await
                     }
@@ -454,7 +454,7 @@ async fn pump(mut inbox: Inbox, registry: SharedRegistry) {
     }
 }
 
-fn tier(state: &WorkerState) -> Result<ActorRef<TierMsg>> {
+fn tier(state: &WorkerState) -> Result<ActorRef<LedgerMsg>> {
     state
         .registry
         .read()

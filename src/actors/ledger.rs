@@ -1,12 +1,12 @@
-//! The Tier actor: a worker's committed parameters.
+//! The Ledger actor: a worker's committed parameters.
 //!
 //! It holds the dense tensors the worker owns (with their AdamW moments) and the slots of the
 //! experts it hosts. During a step it collects every group's gradient of its dense tensors (from
 //! every worker), sums them in group order at `Prepare`, and applies AdamW at `Commit`, answering
 //! the new values for the broadcast. Everything committed lives in a shared store, so a restarted
-//! Tier (or Expert) starts from the last commit; only the step in flight is lost, and replayed.
+//! Ledger (or Expert) starts from the last commit; only the step in flight is lost, and replayed.
 //! The hosted experts' units live in the worker's [`ExpertStore`] (Device, Host and Disk tiers);
-//! the Tier tells it when a step commits (its hit counters decay on a step schedule) and reads it
+//! the Ledger tells it when a step commits (its hit counters decay on a step schedule) and reads it
 //! back for snapshots.
 
 use super::expert::ExpertSlot;
@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 /// A worker's committed state.
 #[derive(Debug)]
-pub struct TierStore {
+pub struct LedgerState {
     /// Owned dense tensors: `(tensor index, values)`, in increasing index order.
     pub dense: Vec<(usize, Vec<f32>)>,
     /// AdamW over `dense`, in the same order.
@@ -32,10 +32,10 @@ pub struct TierStore {
     pub experts: Arc<ExpertStore>,
 }
 
-/// The store, shared between the Tier actor and its supervisor.
-pub type SharedStore = Arc<Mutex<TierStore>>;
+/// The store, shared between the Ledger actor and its supervisor.
+pub type SharedStore = Arc<Mutex<LedgerState>>;
 
-fn lock_store(store: &SharedStore) -> std::sync::MutexGuard<'_, TierStore> {
+fn lock_store(store: &SharedStore) -> std::sync::MutexGuard<'_, LedgerState> {
     store.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -47,7 +47,7 @@ pub type Updated = Vec<(usize, Arc<Vec<f32>>)>;
 
 /// A copy of a worker's committed state (for checkpoints and gathering the model).
 #[derive(Clone, Debug)]
-pub struct TierSnapshot {
+pub struct LedgerSnapshot {
     /// Optimizer steps taken.
     pub step: u64,
     /// `(tensor index, values, first moment, second moment)` of the owned dense tensors.
@@ -56,8 +56,8 @@ pub struct TierSnapshot {
     pub experts: Vec<((usize, usize), ExpertSlot)>,
 }
 
-/// Messages of the Tier actor.
-pub enum TierMsg {
+/// Messages of the Ledger actor.
+pub enum LedgerMsg {
     /// One group's gradients of owned dense tensors.
     Grads {
         /// Training step.
@@ -92,13 +92,13 @@ pub enum TierMsg {
     /// A copy of the committed state.
     Snapshot {
         /// The copy.
-        reply: RpcReplyPort<Result<TierSnapshot>>,
+        reply: RpcReplyPort<Result<LedgerSnapshot>>,
     },
 }
 
-/// What a Tier actor is started with.
+/// What a Ledger actor is started with.
 #[derive(Clone)]
-pub struct TierArgs {
+pub struct LedgerArgs {
     /// The worker.
     pub worker: usize,
     /// Groups per batch.
@@ -111,16 +111,16 @@ pub struct TierArgs {
     pub chaos: FaultPlan,
 }
 
-impl TierArgs {
+impl LedgerArgs {
     /// The actor's name.
     pub fn name(&self) -> ActorName {
         ActorName(format!("tier of worker {}", self.worker))
     }
 }
 
-/// The Tier actor's state.
+/// The Ledger actor's state.
 pub struct TierState {
-    args: TierArgs,
+    args: LedgerArgs,
     step: StepId,
     /// Per owned tensor, per group: the gradient received.
     incoming: HashMap<usize, Vec<Option<Vec<f32>>>>,
@@ -143,15 +143,15 @@ impl TierState {
     }
 }
 
-/// The Tier actor.
-pub struct TierActor;
+/// The Ledger actor.
+pub struct LedgerActor;
 
-impl Actor for TierActor {
-    type Msg = TierMsg;
+impl Actor for LedgerActor {
+    type Msg = LedgerMsg;
     type State = TierState;
-    type Arguments = TierArgs;
+    type Arguments = LedgerArgs;
 
-    async fn pre_start(&self, _: ActorRef<TierMsg>, args: TierArgs) -> Result<TierState, ActorProcessingErr> {
+    async fn pre_start(&self, _: ActorRef<LedgerMsg>, args: LedgerArgs) -> Result<TierState, ActorProcessingErr> {
         Ok(TierState {
             args,
             step: StepId::NONE,
@@ -162,19 +162,19 @@ impl Actor for TierActor {
 
     async fn handle(
         &self,
-        _: ActorRef<TierMsg>,
-        msg: TierMsg,
+        _: ActorRef<LedgerMsg>,
+        msg: LedgerMsg,
         state: &mut TierState,
     ) -> Result<(), ActorProcessingErr> {
         let name = state.args.name();
         match msg {
-            TierMsg::Grads {
+            LedgerMsg::Grads {
                 step,
                 group,
                 tensors,
                 reply,
             } => {
-                let target = Target::Tier {
+                let target = Target::Ledger {
                     worker: state.args.worker,
                 };
                 inject(&state.args.chaos, &target, step, Moment::Any, &name)?;
@@ -196,7 +196,7 @@ impl Actor for TierActor {
                 }
                 let _ = reply.send(r);
             }
-            TierMsg::Prepare { step, reply } => {
+            LedgerMsg::Prepare { step, reply } => {
                 if !state.enter(step) {
                     let _ = reply.send(Err(stale(&name, step)));
                     return Ok(());
@@ -211,13 +211,13 @@ impl Actor for TierActor {
                     });
                 let _ = reply.send(r);
             }
-            TierMsg::Commit { step, lr, norm, reply } => {
+            LedgerMsg::Commit { step, lr, norm, reply } => {
                 let r = match (state.step == step, state.totals.take()) {
                     (true, Some(mut totals)) => {
                         let store = state.args.store.clone();
                         offload(&state.args.cpu, move |_| {
                             let mut s = lock_store(&store);
-                            let TierStore {
+                            let LedgerState {
                                 dense,
                                 optimizer,
                                 experts,
@@ -237,11 +237,11 @@ impl Actor for TierActor {
                 state.incoming.clear();
                 let _ = reply.send(r);
             }
-            TierMsg::Abort => {
+            LedgerMsg::Abort => {
                 state.incoming.clear();
                 state.totals = None;
             }
-            TierMsg::Snapshot { reply } => {
+            LedgerMsg::Snapshot { reply } => {
                 let (step, dense, store) = {
                     let s = lock_store(&state.args.store);
                     let dense = s
@@ -255,7 +255,7 @@ impl Actor for TierActor {
                 let r = store
                     .snapshot()
                     .await
-                    .map(|experts| TierSnapshot { step, dense, experts });
+                    .map(|experts| LedgerSnapshot { step, dense, experts });
                 let _ = reply.send(r);
             }
         }
