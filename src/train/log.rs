@@ -278,7 +278,10 @@ pub fn parse_line(line: usize, text: &[u8]) -> Entry {
     };
     let step = value.get("step").and_then(serde_json::Value::as_u64);
     let Some(kind) = value.as_object().and_then(|o| o.get("kind")).and_then(|k| k.as_str()) else {
-        return entry(step, malformed(None, "not a JSON object with a string `kind`".to_string()));
+        return entry(
+            step,
+            malformed(None, "not a JSON object with a string `kind`".to_string()),
+        );
     };
     let kind = kind.to_string();
     let parsed = match kind.as_str() {
@@ -387,7 +390,8 @@ mod tests {
             step: 4,
             path: PathBuf::from("r/checkpoints/step-4"),
         });
-        let old = serde_json::json!({"kind": "checkpoint", "step": 4u64, "path": PathBuf::from("r/checkpoints/step-4")});
+        let old =
+            serde_json::json!({"kind": "checkpoint", "step": 4u64, "path": PathBuf::from("r/checkpoints/step-4")});
         assert_eq!(ckpt.to_line().unwrap(), old.to_string());
     }
 
@@ -402,7 +406,9 @@ mod tests {
     #[test]
     fn unknown_kinds_blank_and_malformed_lines() {
         let text = b"{\"kind\":\"config\",\"step\":2}\n\n{\"kind\":\"val\",\"step\":5}\r\ngarbage\n{\"kind\":\"val\",\"step\":6.0,\"val_loss\":null}";
-        let entries: Vec<Entry> = LogReader::new(&text[..], Path::new("m.jsonl")).map(|e| e.unwrap()).collect();
+        let entries: Vec<Entry> = LogReader::new(&text[..], Path::new("m.jsonl"))
+            .map(|e| e.unwrap())
+            .collect();
         assert_eq!(entries.len(), 5);
         assert_eq!(entries[0].parsed, Parsed::Unknown("config".to_string()));
         assert_eq!(entries[0].step, Some(2));
@@ -412,7 +418,11 @@ mod tests {
             panic!("{:?}", entries[2].parsed)
         };
         assert_eq!((m.line, m.kind.as_deref()), (3, Some("val")));
-        assert!(m.to_string().starts_with("line 3: malformed `val` record: missing field `val_loss`"), "{m}");
+        assert!(
+            m.to_string()
+                .starts_with("line 3: malformed `val` record: missing field `val_loss`"),
+            "{m}"
+        );
         let Parsed::Malformed(m) = &entries[3].parsed else {
             panic!("{:?}", entries[3].parsed)
         };

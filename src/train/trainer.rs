@@ -809,13 +809,7 @@ impl Trainer {
     }
 
     /// Log a validation loss and the storage and dense-sharding figures measured with it.
-    fn log_evaluation(
-        &self,
-        log: &mut MetricsLog,
-        step: u64,
-        elapsed: f64,
-        val_loss: f64,
-    ) -> Result<()> {
+    fn log_evaluation(&self, log: &mut MetricsLog, step: u64, elapsed: f64, val_loss: f64) -> Result<()> {
         crate::telemetry::metrics::record_validation(val_loss);
         log.write(&Record::Val(ValRecord {
             step,
