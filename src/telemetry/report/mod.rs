@@ -45,7 +45,6 @@
 //!   The final load share of a layer is taken over the last heatmap bucket.
 //! - *Drop rate*: dropped assignments over all assignments (kept + dropped) of the layer.
 //! - *Wall time*: the largest `elapsed_s` among the records kept, as the trainer's clock reports it.
-
 //!
 //! # Layout
 //!

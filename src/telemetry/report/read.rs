@@ -59,7 +59,7 @@ impl Metrics {
     }
 }
 
-/// Reads a metrics log (see the [module documentation](self) for the format).
+/// Reads a metrics log (see the [report's documentation](super) for the format).
 ///
 /// Malformed lines and records of other kinds are counted and skipped. Fails if the file cannot be read or
 /// holds no training record.
