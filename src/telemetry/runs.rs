@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::storage::checkpoint;
 use crate::storage::run_dir;
+use crate::train::log::{LogReader, Parsed, Record, METRICS_FILE};
 use std::path::{Path, PathBuf};
 
 /// One run directory, summarised.
@@ -55,19 +56,22 @@ pub fn describe(dir: &Path) -> Result<RunInfo> {
         .unwrap_or(0);
     let checkpoint_step = checkpoint::list(dir)?.last().map(|(step, _)| *step);
     let (mut val_loss, mut training_seconds) = (None, None);
-    if let Ok(text) = std::fs::read_to_string(dir.join("metrics.jsonl")) {
-        for line in text.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            let step = v.get("step").and_then(|s| s.as_u64());
-            if let Some(s) = v.get("elapsed_s").and_then(|s| s.as_f64()) {
-                training_seconds = Some(s);
-            }
-            if v.get("kind").and_then(|k| k.as_str()) == Some("val") {
-                if let (Some(step), Some(loss)) = (step, v.get("val_loss").and_then(|l| l.as_f64())) {
-                    val_loss = Some((step, loss));
+    // A log that cannot be read, or a line that is not a record (a run killed mid-write), says nothing.
+    if let Ok(reader) = LogReader::open(&dir.join(METRICS_FILE)) {
+        for entry in reader {
+            let Ok(entry) = entry else { break };
+            match entry.parsed {
+                Parsed::Record(Record::Train(r)) => training_seconds = Some(r.elapsed_s),
+                Parsed::Record(Record::Val(r)) => {
+                    if let Some(s) = r.elapsed_s {
+                        training_seconds = Some(s);
+                    }
+                    // A `null` loss (NaN) is not a loss to show.
+                    if !r.val_loss.is_nan() {
+                        val_loss = Some((r.step, r.val_loss));
+                    }
                 }
+                _ => {}
             }
         }
     }

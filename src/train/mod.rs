@@ -1,7 +1,8 @@
 //! Training: the corpus, the deterministic sampler, the AdamW optimizer with its schedule, and the
-//! training loop with evaluation, checkpoints and metrics.
+//! training loop with evaluation, checkpoints and metrics; [`log`] is the metrics log's schema.
 
 pub mod calibrate;
+pub mod log;
 pub mod memory;
 pub mod trainer;
 

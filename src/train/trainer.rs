@@ -18,9 +18,9 @@ use crate::optimizer::{self, AdamW};
 use crate::storage::checkpoint::{self, Checkpoint};
 use crate::storage::run_dir::{self, RunDirLock};
 use crate::storage::state;
-use serde_json::json;
+use crate::train::log::{self, CheckpointRecord, MetricsLog, Record, TrainRecord, ValRecord};
 use std::collections::VecDeque;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -259,7 +259,7 @@ impl Trainer {
         let optimizer = new_optimizer(&config, &model)?;
         let config_path = run_dir.join("config.toml");
         std::fs::write(&config_path, config.to_toml()?).map_err(|e| Error::io("cannot write", &config_path, e))?;
-        let metrics = run_dir.join("metrics.jsonl");
+        let metrics = run_dir.join(log::METRICS_FILE);
         std::fs::write(&metrics, "").map_err(|e| Error::io("cannot create", &metrics, e))?;
         let state = State {
             model,
@@ -359,7 +359,7 @@ impl Trainer {
             ));
         }
         let (model, optimizer, prior_seconds) = load_state_from(&config, ckpt)?;
-        let history = truncate_metrics(&run_dir.join("metrics.jsonl"), optimizer.step)?;
+        let history = truncate_metrics(&run_dir.join(log::METRICS_FILE), optimizer.step)?;
         let state = State {
             model,
             optimizer,
@@ -701,12 +701,7 @@ impl Trainer {
                 stop: StopReason::AlreadyFinished,
             });
         }
-        let metrics_path = self.run_dir.join("metrics.jsonl");
-        let mut log = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&metrics_path)
-            .map_err(|e| Error::io("cannot open the metrics log", &metrics_path, e))?;
+        let mut log = MetricsLog::append(&self.run_dir.join(log::METRICS_FILE))?;
         let mut out = Progress::new(progress, c.train.steps, self.optimizer.step)?;
         let mut train_seconds = 0.0f64;
         let mut steps_run = 0u64;
@@ -714,9 +709,6 @@ impl Trainer {
         let mut last_checkpoint = PathBuf::new();
         let mut checkpointed_step = None;
         let mut stop = StopReason::Finished;
-        let write = |log: &mut std::fs::File, v: serde_json::Value| -> Result<()> {
-            writeln!(log, "{v}").map_err(|e| Error::io("cannot append to the metrics log", &metrics_path, e))
-        };
         while self.optimizer.step < c.train.steps {
             let requested = self.stop.load(Ordering::SeqCst);
             if requested != 0 {
@@ -742,18 +734,28 @@ impl Trainer {
             let elapsed = self.prior_seconds + started.elapsed().as_secs_f64();
             let tps = tokens_per_step / r.seconds;
             let mean_tps = tokens_per_step * steps_run as f64 / train_seconds.max(1e-9);
-            write(
-                &mut log,
-                json!({"kind": "train", "step": r.step, "tokens": r.step as f64 * tokens_per_step,
-                       "elapsed_s": elapsed, "loss": loss, "ce_loss": r.ce_loss, "aux_loss": r.aux_loss,
-                       "lr": r.lr, "grad_norm": r.grad_norm, "tokens_per_s": tps,
-                       "expert_tokens": r.expert_tokens, "dropped": r.dropped}),
-            )?;
+            log.write(&Record::Train(TrainRecord {
+                step: r.step,
+                tokens: (r.step as f64 * tokens_per_step) as u64,
+                elapsed_s: elapsed,
+                loss,
+                ce_loss: Some(r.ce_loss),
+                aux_loss: Some(r.aux_loss),
+                lr: Some(r.lr),
+                grad_norm: Some(r.grad_norm),
+                tokens_per_s: tps,
+                expert_tokens: r
+                    .expert_tokens
+                    .iter()
+                    .map(|layer| layer.iter().map(|&n| n as u64).collect())
+                    .collect(),
+                dropped: r.dropped.iter().map(|&n| n as u64).collect(),
+            }))?;
             let last = r.step == c.train.steps;
             if (c.train.eval_every > 0 && r.step % c.train.eval_every == 0) || last {
                 val_loss = self.evaluate()?;
                 val_step = r.step;
-                self.log_evaluation(&mut log, &write, r.step, elapsed, val_loss)?;
+                self.log_evaluation(&mut log, r.step, elapsed, val_loss)?;
                 out.line(format!(
                     "step {:>5}  train loss {:.4} (mean of the last {})  val loss {:.4}  {:.0} tokens/s",
                     r.step,
@@ -766,10 +768,10 @@ impl Trainer {
             if (c.train.checkpoint_every > 0 && r.step % c.train.checkpoint_every == 0) || last {
                 last_checkpoint = self.save_checkpoint(self.prior_seconds + started.elapsed().as_secs_f64())?;
                 checkpointed_step = Some(r.step);
-                write(
-                    &mut log,
-                    json!({"kind": "checkpoint", "step": r.step, "path": last_checkpoint}),
-                )?;
+                log.write(&Record::Checkpoint(CheckpointRecord {
+                    step: r.step,
+                    path: last_checkpoint.clone(),
+                }))?;
             }
             out.step(r.step, loss, val_loss, tps, mean_tps);
         }
@@ -780,12 +782,12 @@ impl Trainer {
             val_loss = self.evaluate()?;
             val_step = self.optimizer.step;
             let elapsed = self.prior_seconds + started.elapsed().as_secs_f64();
-            self.log_evaluation(&mut log, &write, self.optimizer.step, elapsed, val_loss)?;
+            self.log_evaluation(&mut log, self.optimizer.step, elapsed, val_loss)?;
             last_checkpoint = self.save_checkpoint(elapsed)?;
-            write(
-                &mut log,
-                json!({"kind": "checkpoint", "step": self.optimizer.step, "path": last_checkpoint}),
-            )?;
+            log.write(&Record::Checkpoint(CheckpointRecord {
+                step: self.optimizer.step,
+                path: last_checkpoint.clone(),
+            }))?;
         }
         Ok(RunSummary {
             steps: self.optimizer.step,
@@ -807,30 +809,24 @@ impl Trainer {
     }
 
     /// Log a validation loss and the storage and dense-sharding figures measured with it.
-    fn log_evaluation(
-        &self,
-        log: &mut std::fs::File,
-        write: &impl Fn(&mut std::fs::File, serde_json::Value) -> Result<()>,
-        step: u64,
-        elapsed: f64,
-        val_loss: f64,
-    ) -> Result<()> {
+    fn log_evaluation(&self, log: &mut MetricsLog, step: u64, elapsed: f64, val_loss: f64) -> Result<()> {
         crate::telemetry::metrics::record_validation(val_loss);
-        write(
-            log,
-            json!({"kind": "val", "step": step, "elapsed_s": elapsed, "val_loss": val_loss}),
-        )?;
+        log.write(&Record::Val(ValRecord {
+            step,
+            elapsed_s: Some(elapsed),
+            val_loss,
+        }))?;
         let tiers = self.tier_stats();
         if !tiers.is_empty() {
             let mut total = crate::storage::tiers::TierStats::default();
             tiers.iter().for_each(|t| total.add(t));
-            write(log, json!({"kind": "storage", "step": step, "stats": total}))?;
+            log.write(&Record::Storage(log::StorageRecord { step, stats: total }))?;
         }
         if self.config.storage.shard_dense {
-            write(
-                log,
-                json!({"kind": "dense", "step": step, "workers": self.dense_stats()}),
-            )?;
+            log.write(&Record::Dense(log::DenseRecord {
+                step,
+                workers: self.dense_stats(),
+            }))?;
         }
         Ok(())
     }
@@ -1068,33 +1064,31 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<History> {
         recent_losses: VecDeque::new(),
         last_val: None,
     };
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    let reader = match std::fs::File::open(path) {
+        Ok(f) => log::LogReader::new(std::io::BufReader::new(f), path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(history),
         Err(e) => return Err(Error::io("cannot read the metrics log", path, e)),
     };
-    let mut kept = String::new();
-    for line in text.lines() {
-        let value = serde_json::from_str::<serde_json::Value>(line).ok();
-        let record_step = value.as_ref().and_then(|v| v.get("step")).and_then(|s| s.as_u64());
-        if record_step.is_some_and(|s| s > step) {
+    let mut kept = Vec::new();
+    for entry in reader {
+        let entry = entry?;
+        // Any line naming a later step goes, whatever its kind; lines without one stay.
+        if entry.step.is_some_and(|s| s > step) {
             continue;
         }
-        kept.push_str(line);
-        kept.push('\n');
-        let Some(v) = value else { continue };
-        match v.get("kind").and_then(|k| k.as_str()) {
-            Some("train") => {
-                if let Some(loss) = v.get("loss").and_then(|l| l.as_f64()) {
-                    history.recent_losses.push_back(loss);
-                    if history.recent_losses.len() > MEAN_LOSS_STEPS {
-                        history.recent_losses.pop_front();
-                    }
+        kept.extend_from_slice(&entry.text);
+        kept.push(b'\n');
+        match entry.parsed {
+            // A `null` loss is read as NaN: it does not count, as before the log was typed.
+            log::Parsed::Record(Record::Train(r)) if !r.loss.is_nan() => {
+                history.recent_losses.push_back(r.loss);
+                if history.recent_losses.len() > MEAN_LOSS_STEPS {
+                    history.recent_losses.pop_front();
                 }
             }
-            Some("val") => {
-                if let (Some(s), Some(l)) = (record_step, v.get("val_loss").and_then(|l| l.as_f64())) {
-                    history.last_val = Some((s, l));
+            log::Parsed::Record(Record::Val(r)) if !r.val_loss.is_nan() => {
+                if let Some(s) = entry.step {
+                    history.last_val = Some((s, r.val_loss));
                 }
             }
             _ => {}

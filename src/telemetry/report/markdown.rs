@@ -1,0 +1,283 @@
+//! `report.md`: the report's numbers as Markdown, with links to the plots.
+
+use std::fmt::Write as _;
+
+use super::{DenseRecord, Metrics, ReportSummary, StorageRecord, EXPERTS_SVG, LOSS_SVG, METRICS_FILE, THROUGHPUT_SVG};
+
+/// `1234567` -> `1,234,567`.
+pub(super) fn format_count(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Seconds as `1h 02m 03s` (or `2m 03s`, `3.4s`).
+fn format_duration(s: f64) -> String {
+    if !s.is_finite() || s < 0.0 {
+        return "n/a".into();
+    }
+    if s < 60.0 {
+        return format!("{s:.1}s");
+    }
+    let t = s.round() as u64;
+    let (h, m, sec) = (t / 3600, t / 60 % 60, t % 60);
+    if h > 0 {
+        format!("{h}h {m:02}m {sec:02}s")
+    } else {
+        format!("{m}m {sec:02}s")
+    }
+}
+
+fn format_loss(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.4}")
+    } else {
+        "n/a".into()
+    }
+}
+
+/// Sharded dense parameters: what each worker keeps, gathers and holds at the peak.
+fn dense_section(md: &mut String, rec: &DenseRecord) {
+    use crate::storage::tiers::format_bytes;
+    let _ = writeln!(md, "\n## Sharded dense parameters (at step {})\n", rec.step);
+    let _ = writeln!(
+        md,
+        "| worker | kept between steps | gathered from peers | legs gathered | peak held in a step | waited for legs |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for (w, d) in rec.workers.iter().enumerate() {
+        let _ = writeln!(
+            md,
+            "| {w} | {} | {} | {} | {} | {:.2} s |",
+            format_bytes(d.resident_bytes),
+            format_bytes(d.gathered_bytes),
+            d.legs,
+            format_bytes(d.peak_bytes),
+            d.wait_s
+        );
+    }
+}
+
+/// The expert tiers: budgets and peaks, hit rate, prefetch accuracy, stalls, bytes moved.
+fn storage_section(md: &mut String, rec: &StorageRecord) {
+    use crate::storage::tiers::format_bytes;
+    let st = &rec.stats;
+    let budget = |b: u64| {
+        if b == u64::MAX {
+            "unlimited".to_string()
+        } else {
+            format_bytes(b)
+        }
+    };
+    let _ = writeln!(md, "\n## Expert storage (at step {})\n", rec.step);
+    let _ = writeln!(md, "| | |\n|---|---|");
+    let _ = writeln!(md, "| Expert units | {} of {} |", st.units, format_bytes(st.unit_bytes));
+    for (t, name) in ["Device", "Host"].iter().enumerate() {
+        let _ = writeln!(
+            md,
+            "| {name} tier | budget {}, peak {}, now {} |",
+            budget(st.budget[t]),
+            format_bytes(st.peak[t]),
+            format_bytes(st.used[t])
+        );
+    }
+    let _ = writeln!(md, "| Disk tier | {} units now |", st.on_disk);
+    let _ = writeln!(
+        md,
+        "| Served from device / host / disk | {} / {} / {} (hit rate {:.1}%) |",
+        st.served_from[0],
+        st.served_from[1],
+        st.served_from[2],
+        100.0 * st.hit_rate()
+    );
+    if st.prefetched > 0 {
+        let _ = writeln!(
+            md,
+            "| Prefetched | {} (accuracy {:.1}%) |",
+            st.prefetched,
+            100.0 * st.prefetch_accuracy()
+        );
+    } else {
+        let _ = writeln!(md, "| Prefetched | none |");
+    }
+    let _ = writeln!(md, "| Stall waiting for experts | {:.1} s |", st.stall_seconds);
+    let _ = writeln!(
+        md,
+        "| Disk read / written | {} / {} |",
+        format_bytes(st.disk_read),
+        format_bytes(st.disk_written)
+    );
+    let names = ["device", "host", "disk"];
+    let mut moved = Vec::new();
+    for (i, from) in names.iter().enumerate() {
+        for (j, to) in names.iter().enumerate() {
+            if st.moved[i][j] > 0 {
+                moved.push(format!("{from} -> {to} {}", format_bytes(st.moved[i][j])));
+            }
+        }
+    }
+    if !moved.is_empty() {
+        let _ = writeln!(md, "| Moved | {} |", moved.join(", "));
+    }
+}
+
+pub(super) fn markdown(s: &ReportSummary, metrics: &Metrics, name: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Run report: {name}\n");
+    let _ = writeln!(md, "| | |\n|---|---|");
+    let _ = writeln!(
+        md,
+        "| Steps | {} to {} ({} training records, {} validation records) |",
+        s.first_step, s.final_step, s.train_records, s.val_records
+    );
+    let _ = writeln!(
+        md,
+        "| Mean train loss of the last {} steps | {} nats/byte (last step {}; EMA {:.2} {}) |",
+        s.mean_train_loss_steps,
+        format_loss(s.mean_train_loss),
+        format_loss(s.final_train_loss_raw),
+        s.ema_smoothing,
+        format_loss(s.final_train_loss)
+    );
+    match (s.best_val_loss, s.best_val_step) {
+        (Some(v), Some(step)) => {
+            let _ = writeln!(
+                md,
+                "| Best validation loss | {} nats/byte at step {step} |",
+                format_loss(v)
+            );
+        }
+        _ => {
+            let _ = writeln!(md, "| Best validation loss | none logged |");
+        }
+    }
+    if let (Some(v), Some(step)) = (s.final_val_loss, s.final_val_step) {
+        let _ = writeln!(
+            md,
+            "| Final validation loss | {} nats/byte at step {step} |",
+            format_loss(v)
+        );
+    }
+    let _ = writeln!(md, "| Total tokens | {} |", format_count(s.total_tokens));
+    if s.elapsed_s.is_finite() && s.elapsed_s >= 60.0 {
+        let _ = writeln!(
+            md,
+            "| Wall time | {} ({:.1} s) |",
+            format_duration(s.elapsed_s),
+            s.elapsed_s
+        );
+    } else {
+        let _ = writeln!(md, "| Wall time | {} |", format_duration(s.elapsed_s));
+    }
+    let tps = if s.median_tokens_per_s.is_finite() {
+        format!("{} tokens/s", format_count(s.median_tokens_per_s.round() as u64))
+    } else {
+        "n/a".into()
+    };
+    let _ = writeln!(md, "| Median throughput | {tps} |");
+
+    // A dense model has no expert state to report on.
+    if let Some(rec) = metrics.storage.as_ref().filter(|r| r.stats.units > 0) {
+        storage_section(&mut md, rec);
+    }
+    if let Some(rec) = &metrics.dense {
+        dense_section(&mut md, rec);
+    }
+
+    let _ = writeln!(md, "\n## Expert load\n");
+    if s.layers.is_empty() {
+        let _ = writeln!(md, "Dense model: no MoE layers logged.");
+    } else {
+        let (a, b) = s.layers[0].final_steps;
+        let _ = writeln!(
+            md,
+            "Final load share per expert (kept assignments over steps {a} to {b}; uniform is 1/E) and drop rate \
+             (dropped over all assignments).\n"
+        );
+        let max_e = s.layers.iter().map(|l| l.experts).max().unwrap_or(0);
+        let columns = max_e <= 16;
+        let mut header = String::from("| MoE layer |");
+        let mut rule = String::from("|---|");
+        if columns {
+            for e in 0..max_e {
+                let _ = write!(header, " e{e} |");
+                rule.push_str("---|");
+            }
+        } else {
+            header.push_str(" least loaded | most loaded (top 4) |");
+            rule.push_str("---|---|");
+        }
+        header.push_str(" max/uniform | drop rate (final) | drop rate (run) |");
+        rule.push_str("---|---|---|");
+        let _ = writeln!(md, "{header}\n{rule}");
+        for (l, layer) in s.layers.iter().enumerate() {
+            let mut row = format!("| {l} |");
+            if columns {
+                for e in 0..max_e {
+                    let cell = layer.final_share.get(e).map_or(String::new(), |x| format!("{x:.3}"));
+                    let _ = write!(row, " {cell} |");
+                }
+            } else {
+                // Too many experts for one column each: the extremes.
+                let mut order: Vec<(usize, f64)> = layer.final_share.iter().copied().enumerate().collect();
+                order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                let top: Vec<String> = order.iter().take(4).map(|(e, x)| format!("e{e} {x:.3}")).collect();
+                let least = order.last().map_or(String::new(), |(e, x)| format!("e{e} {x:.3}"));
+                let _ = write!(row, " {least} | {} |", top.join(", "));
+            }
+            let max = layer.final_share.iter().copied().fold(0.0, f64::max);
+            let _ = writeln!(
+                md,
+                "{row} {:.2} | {:.2}% | {:.2}% |",
+                max * layer.experts as f64,
+                100.0 * layer.final_drop_rate,
+                100.0 * layer.drop_rate
+            );
+        }
+    }
+
+    let _ = writeln!(md, "\n## Plots\n");
+    let plots = [
+        ("Loss", LOSS_SVG),
+        ("Throughput", THROUGHPUT_SVG),
+        ("Expert load", EXPERTS_SVG),
+    ];
+    for (title, file) in plots {
+        let _ = writeln!(md, "- [{title}]({file})");
+    }
+    for (title, file) in plots {
+        let _ = writeln!(md, "\n![{title}]({file})");
+    }
+
+    if !metrics.malformed_lines.is_empty() || metrics.superseded_records > 0 {
+        let _ = writeln!(md, "\n## Log notes\n");
+        if !metrics.malformed_lines.is_empty() {
+            let shown: Vec<String> = metrics.malformed_lines.iter().take(10).map(|n| n.to_string()).collect();
+            let more = if metrics.malformed_lines.len() > 10 {
+                ", ..."
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                md,
+                "- Skipped {} malformed line(s) of `{METRICS_FILE}` (line {}{more}).",
+                metrics.malformed_lines.len(),
+                shown.join(", ")
+            );
+        }
+        if metrics.superseded_records > 0 {
+            let _ = writeln!(
+                md,
+                "- {} record(s) superseded by a resumed run were left out.",
+                metrics.superseded_records
+            );
+        }
+    }
+    md
+}
