@@ -24,7 +24,7 @@ use crate::model::moe::MoeConfig;
 use crate::model::pass::{GroupPass, MoeResult, Need};
 use crate::net::StepId;
 use crate::net::{Inbox, Payload, Transport};
-use crate::storage::tiers::ExpertStore;
+use crate::storage::tiers::{ExpertSlot, ExpertStore};
 use crate::telemetry::metrics as names;
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, MessagingErr, RpcReplyPort, SupervisionEvent};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -770,18 +770,6 @@ fn in_group_order<R>(groups: &[usize], results: Vec<(usize, R)>) -> Result<Vec<R
         .collect()
 }
 
-/// Tensor indices of `h.{block}.moe.{w1,b1,w2,b2}` among `names` (the `Gpt::tensors` order).
-fn expert_tensor_indices(names: &[String], block: usize) -> Result<[usize; 4]> {
-    let find = |s: &str| {
-        let want = format!("h.{block}.moe.{s}");
-        names
-            .iter()
-            .position(|n| *n == want)
-            .ok_or_else(|| Error::runtime(format!("the model has no tensor {want}")))
-    };
-    Ok([find("w1")?, find("b1")?, find("w2")?, find("b2")?])
-}
-
 /// Ask every hosted expert at once; answer `(expert id, answer)` in expert order.
 async fn for_each_expert<R, F, Fut>(
     experts: Vec<((usize, usize), ActorRef<ExpertMsg>)>,
@@ -843,7 +831,7 @@ async fn prepare(state: &mut WorkerState, step: StepId) -> Result<Vec<NormPart>>
     })
     .await?;
     for ((block, e), sums) in answers {
-        let idx = expert_tensor_indices(&names, block)?;
+        let idx = ExpertSlot::tensor_indices(names.iter().map(String::as_str), block)?;
         parts.extend(idx.iter().zip(sums).map(|(&i, s)| ((i, e), s)));
     }
     Ok(parts)
