@@ -24,8 +24,8 @@
 //!
 //! The files: `config` (the settings and the start-up check of the budgets), `stats` (the
 //! figures), `protocol` (the requests the manager takes and how they reach it), `manager` (the
-//! books and the scheduling: admission, eviction, prefetch, deferred commits), `io` (the I/O
-//! threads).
+//! books, and in its own files the scheduling: admission, eviction, loading, prefetch, figures),
+//! `io` (the I/O threads).
 
 mod config;
 mod io;
