@@ -9,7 +9,7 @@ mod common;
 use common::{assert_same, bits, TempDir};
 
 use semoe::actors::Runtime;
-use semoe::storage::tiers::{CachePolicy, StorageConfig, TierStats};
+use semoe::storage::tiers::{CachePolicy, ExpertSlot, StorageConfig, TierStats};
 use semoe::train::config::TrainConfig;
 
 const STEPS: u64 = 3;
@@ -29,7 +29,7 @@ fn config() -> TrainConfig {
 }
 
 /// Bytes of one expert unit of `config()`: parameters and two moments.
-const UNIT: u64 = 32 + 3 * 4 * (2 * 16 * 32 + 16 + 32);
+const UNIT: u64 = ExpertSlot::bytes_for(16, 32);
 
 async fn train(workers: usize, storage: StorageConfig) -> semoe::Result<(Vec<(String, Vec<u32>)>, Vec<TierStats>)> {
     let rt = Runtime::builder(config())

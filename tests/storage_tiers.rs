@@ -8,7 +8,7 @@ mod common;
 use common::{assert_same, state_bits, trainer_state_bits};
 
 use semoe::actors::Runtime;
-use semoe::storage::tiers::{CachePolicy, StorageConfig, TierStats};
+use semoe::storage::tiers::{CachePolicy, ExpertSlot, StorageConfig, TierStats};
 use semoe::train::config::TrainConfig;
 use semoe::train::trainer::Trainer;
 use std::path::PathBuf;
@@ -37,8 +37,7 @@ fn temp(name: &str) -> (common::TempDir, PathBuf) {
 
 /// Bytes of one expert unit of `config()`: parameters and two moments.
 fn unit_bytes() -> u64 {
-    let (d, f) = (16u64, 32u64);
-    32 + 3 * 4 * (2 * d * f + d + f)
+    ExpertSlot::bytes_for(16, 32)
 }
 
 async fn train(workers: usize, storage: StorageConfig) -> (Vec<(String, Vec<u32>)>, Vec<TierStats>) {

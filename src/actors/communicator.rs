@@ -284,7 +284,7 @@ async fn answer(args: &CommArgs, payload: Payload) -> Result<Payload> {
                 .tier
                 .clone()
                 .ok_or_else(|| Error::runtime("the tier is not running"))?;
-            let who = ActorName(format!("tier of worker {}", args.worker));
+            let who = ActorName(format!("ledger of worker {}", args.worker));
             ask(&tier, &who, "a gradient delivery", args.deadline, |reply| {
                 LedgerMsg::Grads {
                     step,

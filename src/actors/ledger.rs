@@ -114,7 +114,7 @@ pub struct LedgerArgs {
 impl LedgerArgs {
     /// The actor's name.
     pub fn name(&self) -> ActorName {
-        ActorName(format!("tier of worker {}", self.worker))
+        ActorName(format!("ledger of worker {}", self.worker))
     }
 }
 

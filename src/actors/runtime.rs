@@ -280,16 +280,7 @@ fn distribute(
             if !matches!(b.ffn, Ffn::Moe(_)) {
                 continue;
             }
-            let idx: Vec<usize> = ["w1", "b1", "w2", "b2"]
-                .iter()
-                .map(|s| {
-                    let want = format!("h.{block}.moe.{s}");
-                    specs
-                        .iter()
-                        .position(|t| t.name == want)
-                        .ok_or_else(|| Error::runtime(format!("the model has no tensor {want}")))
-                })
-                .collect::<Result<_>>()?;
+            let idx = ExpertSlot::tensor_indices(specs.iter().map(|t| t.name.as_str()), block)?;
             for e in placement.experts_of(w) {
                 let slice = |buf: &Vec<f32>, i: usize| {
                     let n = specs[i].unit_len();
@@ -456,12 +447,8 @@ fn assemble(config: &TrainConfig, snaps: &[LedgerSnapshot]) -> Result<(Gpt<f32>,
                 filled[*i] += p.len();
             }
             for ((block, e), slot) in &s.experts {
-                for (k, s) in ["w1", "b1", "w2", "b2"].iter().enumerate() {
-                    let want = format!("h.{block}.moe.{s}");
-                    let i = specs
-                        .iter()
-                        .position(|t| t.name == want)
-                        .ok_or_else(|| Error::runtime(format!("the model has no tensor {want}")))?;
+                let idx = ExpertSlot::tensor_indices(specs.iter().map(|t| t.name.as_str()), *block)?;
+                for (k, &i) in idx.iter().enumerate() {
                     let n = specs[i].unit_len();
                     bufs[i][e * n..(e + 1) * n].copy_from_slice(&slot.params[k]);
                     opt.m[i][e * n..(e + 1) * n].copy_from_slice(&slot.optimizer.m[k]);

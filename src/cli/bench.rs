@@ -173,8 +173,7 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     c.model.moe_every = 1;
     c.model.n_head = 4;
     c.validate()?;
-    let (d, f) = (a.d_model as u64, a.d_ff as u64);
-    let unit = 32 + 12 * (2 * d * f + d + f);
+    let unit = semoe::storage::tiers::ExpertSlot::bytes_for(a.d_model, a.d_ff);
     let block = a.experts as u64 * unit;
     // Device + Host hold two blocks' experts either way: one block each, or both in Device, where
     // the next block's experts load while the current block computes. That is 25% of the expert

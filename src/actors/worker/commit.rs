@@ -3,27 +3,16 @@
 //! owns, and the new parameters sent to the workers that replicate them).
 
 use super::step::exchange;
-use super::{tier, NormPart, WorkerState};
+use super::{ledger, NormPart, WorkerState};
 use crate::actors::expert::ExpertMsg;
 use crate::actors::ledger::LedgerMsg;
 use crate::actors::{ask, ActorName};
 use crate::error::{Error, Result};
 use crate::net::Payload;
 use crate::net::StepId;
+use crate::storage::tiers::ExpertSlot;
 use ractor::ActorRef;
 use std::sync::PoisonError;
-
-/// Tensor indices of `h.{block}.moe.{w1,b1,w2,b2}` among `names` (the `Gpt::tensors` order).
-fn expert_tensor_indices(names: &[String], block: usize) -> Result<[usize; 4]> {
-    let find = |s: &str| {
-        let want = format!("h.{block}.moe.{s}");
-        names
-            .iter()
-            .position(|n| *n == want)
-            .ok_or_else(|| Error::runtime(format!("the model has no tensor {want}")))
-    };
-    Ok([find("w1")?, find("b1")?, find("w2")?, find("b2")?])
-}
 
 /// Ask every hosted expert at once; answer `(expert id, answer)` in expert order.
 async fn for_each_expert<R, F, Fut>(
@@ -51,10 +40,10 @@ where
 
 pub(super) async fn prepare(state: &mut WorkerState, step: StepId) -> Result<Vec<NormPart>> {
     let deadline = state.args.deadline;
-    let t = tier(state)?;
+    let t = ledger(state)?;
     let mut parts: Vec<NormPart> = ask(
         &t,
-        &ActorName(format!("tier of worker {}", state.args.worker)),
+        &ActorName(format!("ledger of worker {}", state.args.worker)),
         "prepare",
         deadline,
         |reply| LedgerMsg::Prepare { step, reply },
@@ -86,7 +75,7 @@ pub(super) async fn prepare(state: &mut WorkerState, step: StepId) -> Result<Vec
     })
     .await?;
     for ((block, e), sums) in answers {
-        let idx = expert_tensor_indices(&names, block)?;
+        let idx = ExpertSlot::tensor_indices(names.iter().map(String::as_str), block)?;
         parts.extend(idx.iter().zip(sums).map(|(&i, s)| ((i, e), s)));
     }
     Ok(parts)
@@ -94,10 +83,10 @@ pub(super) async fn prepare(state: &mut WorkerState, step: StepId) -> Result<Vec
 
 pub(super) async fn commit(state: &mut WorkerState, step: StepId, lr: f64, norm: f64) -> Result<()> {
     let a = state.args.clone();
-    let t = tier(state)?;
+    let t = ledger(state)?;
     let updated = ask(
         &t,
-        &ActorName(format!("tier of worker {}", a.worker)),
+        &ActorName(format!("ledger of worker {}", a.worker)),
         "commit",
         a.deadline,
         |reply| LedgerMsg::Commit { step, lr, norm, reply },

@@ -416,7 +416,7 @@ impl Actor for WorkerActor {
                 let _ = reply.send(r);
             }
             WorkerMsg::Snapshot { reply } => {
-                let r = match tier(state) {
+                let r = match ledger(state) {
                     Ok(t) => {
                         ask(
                             &t,
@@ -454,7 +454,7 @@ async fn pump(mut inbox: Inbox, registry: SharedRegistry) {
     }
 }
 
-fn tier(state: &WorkerState) -> Result<ActorRef<LedgerMsg>> {
+fn ledger(state: &WorkerState) -> Result<ActorRef<LedgerMsg>> {
     state
         .registry
         .read()

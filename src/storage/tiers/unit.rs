@@ -34,6 +34,25 @@ impl ExpertSlot {
     pub fn bytes(&self) -> u64 {
         (HEADER + 4 * self.floats()) as u64
     }
+
+    /// The model tensors a unit of `block` is cut from, in the order of [`ExpertSlot::params`]: the
+    /// indices of `h.{block}.moe.{w1,b1,w2,b2}` among `names` (the model's tensor order).
+    pub fn tensor_indices<'a>(names: impl Iterator<Item = &'a str> + Clone, block: usize) -> Result<[usize; 4]> {
+        let find = |s: &str| {
+            let want = format!("h.{block}.moe.{s}");
+            names
+                .clone()
+                .position(|n| n == want)
+                .ok_or_else(|| Error::runtime(format!("the model has no tensor {want}")))
+        };
+        Ok([find("w1")?, find("b1")?, find("w2")?, find("b2")?])
+    }
+
+    /// Bytes of the unit of an expert of `d_model` and `d_ff` ([`ExpertSlot::bytes`] without a
+    /// slot at hand): the header, then the parameters and both moments.
+    pub const fn bytes_for(d_model: usize, d_ff: usize) -> u64 {
+        (HEADER + 4 * 3 * (2 * d_model * d_ff + d_model + d_ff)) as u64
+    }
 }
 
 /// An expert's identity: `(block, expert)`.
@@ -273,6 +292,12 @@ mod tests {
         let back = decode((2, 5), &bytes, &slot(0.0), "test").unwrap();
         assert_eq!(back.params, s.params);
         assert_eq!(back.optimizer, s.optimizer);
+    }
+
+    #[test]
+    fn the_size_from_the_shapes_is_the_size_of_a_unit() {
+        // `slot` is an expert of d_model 2 and d_ff 3.
+        assert_eq!(ExpertSlot::bytes_for(2, 3), slot(0.5).bytes());
     }
 
     #[test]

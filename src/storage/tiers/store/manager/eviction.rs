@@ -1,0 +1,106 @@
+//! Eviction: making room in a tier by demoting the policy's victims Device -> Host -> Disk, and
+//! the write-backs that take a changed unit to disk.
+
+use super::{Manager, Mem, Place};
+use crate::storage::tiers::policy::Usage;
+use crate::storage::tiers::store::io::IoJob;
+use crate::storage::tiers::unit::{ExpertSlot, UnitId};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+impl Manager {
+    /// Free `need` bytes in `t` by demoting victims (never a unit in `keep`, in use or in flight).
+    /// False when that cannot be done now (wait for a write-back, or a release).
+    pub(super) fn make_room(&mut self, t: Mem, need: u64, keep: &HashSet<UnitId>) -> bool {
+        loop {
+            if self.free(t) >= need {
+                return true;
+            }
+            let leaving: u64 = self
+                .entries
+                .values()
+                .filter(|e| e.place == Place::Flushing(t))
+                .map(|_| self.unit_bytes)
+                .sum();
+            if self.free(t) + leaving >= need {
+                return false;
+            }
+            let candidates = self
+                .entries
+                .iter()
+                .filter(|(id, e)| e.place == Place::In(t) && !keep.contains(id))
+                .map(|(id, e)| (*id, e.usage));
+            let Some(victim) = self.policy.victim(candidates) else {
+                return false;
+            };
+            self.demote(victim, t, keep);
+        }
+    }
+
+    /// Move `id` out of `t`: Device -> Host when the policy admits it and there is room, else to disk.
+    fn demote(&mut self, id: UnitId, t: Mem, keep: &HashSet<UnitId>) {
+        let b = self.unit_bytes;
+        // Admission decides between the host cache and the disk; without a Disk tier there is no
+        // choice to make, and the budgets leave a unit's room in Host whenever Device is full
+        // (`fits_in_memory`).
+        let no_disk = self.disk.is_none();
+        if t == Mem::Device
+            && self.budget[Mem::Host as usize] > 0
+            && (no_disk || self.policy.admits(&self.entries[&id].usage))
+        {
+            let mut keep_also = keep.clone();
+            keep_also.insert(id);
+            let incoming = self.entries[&id].usage;
+            let colder_than_the_cache = !no_disk
+                && self.free(Mem::Host) < b
+                && self
+                    .policy
+                    .victim(self.host_candidates(&keep_also))
+                    .is_some_and(|v| !self.policy.replaces(&incoming, &self.entries[&v].usage));
+            if !colder_than_the_cache && self.make_room(Mem::Host, b, &keep_also) {
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.place = Place::In(Mem::Host);
+                }
+                self.used[Mem::Device as usize] -= b;
+                self.used[Mem::Host as usize] += b;
+                self.local.moved[Mem::Device as usize][Mem::Host as usize] += b;
+                return;
+            }
+        }
+        self.write_back(id, t);
+    }
+
+    fn host_candidates<'a>(&'a self, keep: &'a HashSet<UnitId>) -> impl Iterator<Item = (UnitId, Usage)> + 'a {
+        self.entries
+            .iter()
+            .filter(move |(id, e)| e.place == Place::In(Mem::Host) && !keep.contains(id))
+            .map(|(id, e)| (*id, e.usage))
+    }
+
+    fn write_back(&mut self, id: UnitId, t: Mem) {
+        let b = self.unit_bytes;
+        let Some(e) = self.entries.get_mut(&id) else { return };
+        if e.partial && e.dirty {
+            self.fatal
+                .get_or_insert(format!("expert {}.{}: a parameters-only copy was changed", id.0, id.1));
+        }
+        if !e.dirty || e.partial {
+            e.slot = None;
+            e.partial = false;
+            e.place = Place::Disk;
+            self.used[t as usize] -= b;
+            return;
+        }
+        let Some(slot) = e.slot.take() else {
+            e.place = Place::Disk;
+            self.used[t as usize] -= b;
+            self.fatal
+                .get_or_insert(format!("expert {}.{} lost its state", id.0, id.1));
+            return;
+        };
+        let slot: Arc<ExpertSlot> = Arc::new(*slot);
+        e.flush = Some(slot.clone());
+        e.place = Place::Flushing(t);
+        self.io_queue.push_back(IoJob::Write { id, slot });
+    }
+}

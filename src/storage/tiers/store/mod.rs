@@ -1,0 +1,572 @@
+//! The expert store: every expert unit of one worker, spread over the Device, Host and Disk tiers
+//! under byte budgets, with a cache policy and prefetch.
+//!
+//! One manager owns the bookkeeping (where each unit is, bytes per tier, hit counters). With a Disk
+//! tier it runs on a thread of its own and takes requests in batches, in arrival order, so that it
+//! schedules loads and evictions having seen everything that arrived meanwhile; when everything
+//! fits in memory there is nothing to schedule, and each request is handled on the thread that
+//! makes it, under the manager's lock (`Books`). I/O threads read and write the Disk tier's
+//! slot file, fed through a bounded queue. Nothing waits on a lock held across I/O: an acquirer
+//! waits on its own answer, the manager never blocks on the disk.
+//!
+//! Life of a unit during a step: the Expert actor *acquires* it (the manager moves it into the
+//! Device tier, making room by demoting the policy's victims Device -> Host -> Disk, loading it
+//! from disk if needed), computes, and drops the lease, which returns it (marked dirty if it was
+//! changed: only the commit changes a unit). Hints from the Communicator, which sees each block's
+//! routing before the experts run, start loads early: the routed experts of the current block and
+//! the experts expected in the next one (one block of look-ahead: the next block's experts used in
+//! the last step on the way forward, this step's forward set on the way back).
+//!
+//! A unit is in exactly one place, so budgets are simple sums: a unit being loaded is counted in
+//! the tier it goes to, a unit being written back in the tier it leaves until the write is done.
+//! Values never change on the way (the encoding is bit-exact), so training is bitwise identical
+//! whatever the budgets.
+//!
+//! The files: `config` (the settings and the start-up check of the budgets), `stats` (the
+//! figures), `protocol` (the requests the manager takes and how they reach it), `manager` (the
+//! books, and in its own files the scheduling: admission, eviction, loading, prefetch, figures),
+//! `io` (the I/O threads).
+
+mod config;
+mod io;
+mod manager;
+mod protocol;
+mod stats;
+
+pub use config::StorageConfig;
+pub use stats::TierStats;
+
+use super::disk::DiskTier;
+use super::size::format_bytes;
+use super::unit::{ExpertSlot, Pending, UnitId};
+use crate::error::{Error, Result};
+use config::{fits_in_memory, needs_a_disk};
+use io::{io_loop, IoJob};
+use manager::Manager;
+use protocol::{Books, Grant, Request};
+use std::collections::BTreeMap;
+use std::sync::mpsc::{channel, sync_channel};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// One worker's expert units across the tiers. Cheap to share (`Arc`); dropping the last handle
+/// stops its threads and deletes its Disk tier's files.
+pub struct ExpertStore {
+    tx: Books,
+    stats: Arc<Mutex<TierStats>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    disk: Option<DiskTier>,
+}
+
+/// A unit lent to an acquirer. It goes back to the store when dropped (marked changed if
+/// [`Lease::slot_mut`] was called), also when the holder fails, so no unit is ever lost. A lease
+/// for a forward or backward pass may hold the parameters alone (the moments stay on disk).
+pub struct Lease {
+    id: UnitId,
+    slot: Option<Box<ExpertSlot>>,
+    /// Granted for a commit (the whole unit).
+    writable: bool,
+    dirty: bool,
+    tx: Books,
+}
+
+impl std::ops::Deref for Lease {
+    type Target = ExpertSlot;
+    fn deref(&self) -> &ExpertSlot {
+        // The slot is only taken in `drop`.
+        self.slot
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("a lease holds its slot until dropped"))
+    }
+}
+
+impl Lease {
+    /// The unit, to apply a commit's update (only a lease from [`ExpertStore::commit`] allows it:
+    /// a plain acquisition may hold the parameters alone). It will be written back before it
+    /// leaves memory.
+    pub fn slot_mut(&mut self) -> Result<&mut ExpertSlot> {
+        if !self.writable {
+            return Err(Error::runtime(format!(
+                "expert {}.{} was borrowed for reading and cannot be changed",
+                self.id.0, self.id.1
+            )));
+        }
+        self.dirty = true;
+        Ok(self
+            .slot
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!("a lease holds its slot until dropped")))
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            let _ = self.tx.send(Request::Release {
+                id: self.id,
+                slot,
+                dirty: self.dirty,
+            });
+        }
+    }
+}
+
+impl ExpertStore {
+    /// Take `units` (every expert this worker hosts) into a store for `worker`. Fails when the
+    /// Device budget cannot hold one block's experts (the working set of a layer), or when the
+    /// budgets do not hold everything (in whole units, with one unit to spare for moving units
+    /// between the tiers, unless Device alone holds all) and there is no disk directory.
+    pub fn new(worker: usize, config: &StorageConfig, units: Vec<(UnitId, ExpertSlot)>) -> Result<Self> {
+        config.policy.validate()?;
+        // Every unit has the first one's shapes (an empty store has none).
+        let template = units.first().map(|(_, s)| s.clone());
+        let unit_bytes = template.as_ref().map_or(0, ExpertSlot::bytes);
+        if let Some((id, _)) = units.iter().find(|(_, s)| s.bytes() != unit_bytes) {
+            return Err(Error::runtime(format!(
+                "expert {}.{} has a different size from the others",
+                id.0, id.1
+            )));
+        }
+        let budget = [
+            config.device_budget.unwrap_or(u64::MAX),
+            config.host_budget.unwrap_or(u64::MAX),
+        ];
+        let mut per_block: BTreeMap<usize, u64> = BTreeMap::new();
+        for ((block, _), _) in &units {
+            *per_block.entry(*block).or_default() += 1;
+        }
+        let widest = per_block.values().copied().max().unwrap_or(0);
+        if budget[0] < widest * unit_bytes {
+            return Err(Error::config(format!(
+                "storage.device_budget: the device budget ({}) of worker {worker} cannot hold one MoE block's experts: {widest} experts x {} = {} ({} bytes) at least",
+                format_bytes(budget[0]),
+                format_bytes(unit_bytes),
+                format_bytes(widest * unit_bytes),
+                widest * unit_bytes
+            )));
+        }
+        let n = units.len() as u64;
+        let disk = match &config.dir {
+            _ if fits_in_memory(budget, unit_bytes, n) => None,
+            Some(dir) => {
+                let grad_bytes = template.as_ref().map_or(0, ExpertSlot::grad_bytes);
+                let ids = units.iter().map(|(id, _)| *id);
+                Some(DiskTier::open(
+                    &dir.join(format!("worker-{worker}")),
+                    config.drop_page_cache,
+                    ids,
+                    unit_bytes,
+                    grad_bytes,
+                )?)
+            }
+            None => return Err(needs_a_disk(worker, budget, unit_bytes, n)),
+        };
+        let stats = Arc::new(Mutex::new(TierStats {
+            unit_bytes,
+            units: units.len(),
+            budget,
+            ..TierStats::default()
+        }));
+        let depth = config.io_depth.max(1);
+        let (io_tx, io_rx) = sync_channel::<IoJob>(depth);
+        let io_rx = Arc::new(Mutex::new(io_rx));
+        let mut threads = Vec::new();
+        let mut manager = Manager::new(
+            worker,
+            config,
+            template,
+            unit_bytes,
+            budget,
+            disk.clone(),
+            io_tx,
+            stats.clone(),
+        );
+        for (id, slot) in units {
+            manager.place_initially(id, slot)?;
+        }
+        manager.publish(true);
+        let template = manager.template.clone().map(Arc::new);
+        // In memory only, the manager sits behind its lock from the start; with a Disk tier it
+        // starts on its thread once the I/O threads (which send it their completions) are up.
+        let (tx, manager_thread) = match &disk {
+            None => (Books::Inline(Arc::new(Mutex::new(Some(manager)))), None),
+            Some(_) => {
+                let (requests_tx, requests) = channel();
+                (Books::Thread(requests_tx), Some((manager, requests)))
+            }
+        };
+        if let Some(d) = &disk {
+            for t in 0..config.io_threads.max(1) {
+                let (d, rx, tx, template) = (d.clone(), io_rx.clone(), tx.clone(), template.clone());
+                let h = std::thread::Builder::new()
+                    .name(format!("semoe-io-{worker}-{t}"))
+                    .spawn(move || io_loop(d, template, rx, tx))
+                    .map_err(|e| Error::runtime(format!("cannot start an I/O thread: {e}")))?;
+                threads.push(h);
+            }
+        }
+        if let Some((manager, requests)) = manager_thread {
+            let h = std::thread::Builder::new()
+                .name(format!("semoe-tier-{worker}"))
+                .spawn(move || manager.run(requests))
+                .map_err(|e| Error::runtime(format!("cannot start the tier manager: {e}")))?;
+            threads.push(h);
+        }
+        Ok(ExpertStore {
+            tx,
+            stats,
+            threads: Mutex::new(threads),
+            disk,
+        })
+    }
+
+    /// Borrow unit `id` in the Device tier, waiting for it to be loaded if needed.
+    pub async fn acquire(&self, id: UnitId) -> Result<Lease> {
+        match self.request(id, None).await? {
+            (Some(lease), _) => Ok(lease),
+            (None, _) => Err(Error::runtime("the expert store deferred a plain acquisition")),
+        }
+    }
+
+    /// Commit `update` to unit `id`. When the unit is in memory (or must be loaded anyway) the
+    /// answer is the unit and the update, to be applied by the caller (on the compute threads)
+    /// through [`Lease::slot_mut`]; when it is only on disk the store writes the gradient beside it
+    /// and applies the update when the unit is next loaded (`None`), which saves reading and
+    /// writing the whole unit once per step.
+    pub async fn commit(&self, id: UnitId, update: Pending) -> Result<Option<(Lease, Pending)>> {
+        match self.request(id, Some(update)).await? {
+            (Some(lease), Some(update)) => Ok(Some((lease, update))),
+            (None, _) => Ok(None),
+            (Some(_), None) => Err(Error::runtime("the expert store lost a commit's update")),
+        }
+    }
+
+    async fn request(&self, id: UnitId, commit: Option<Pending>) -> Result<(Option<Lease>, Option<Pending>)> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Request::Acquire { id, commit, reply })?;
+        match rx.await.map_err(|_| stopped())?? {
+            Grant::Slot(slot, update) => Ok((
+                Some(Lease {
+                    id,
+                    slot: Some(slot),
+                    writable: update.is_some(),
+                    dirty: false,
+                    tx: self.tx.clone(),
+                }),
+                update,
+            )),
+            Grant::Deferred => Ok((None, None)),
+        }
+    }
+
+    /// The experts of `block` that were just routed to (sorted); the store starts loading them and
+    /// those expected in the next block (forward) or the previous one (backward).
+    pub fn hint(&self, block: usize, routed: Vec<usize>, forward: bool) {
+        let _ = self.tx.send(Request::Hint { block, routed, forward });
+    }
+
+    /// Step `step` has committed (the hit counters decay on the policy's schedule).
+    pub fn end_step(&self, step: u64) {
+        let _ = self.tx.send(Request::EndStep { step });
+    }
+
+    /// A copy of every unit, read back from disk where needed (waits until no unit is in use or in
+    /// flight).
+    pub async fn snapshot(&self) -> Result<Vec<(UnitId, ExpertSlot)>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Request::Snapshot { reply })?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// The figures so far.
+    pub fn stats(&self) -> TierStats {
+        lock(&self.stats).clone()
+    }
+
+    fn send(&self, r: Request) -> Result<()> {
+        if self.tx.send(r) {
+            Ok(())
+        } else {
+            Err(stopped())
+        }
+    }
+}
+
+impl std::fmt::Debug for ExpertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpertStore").field("stats", &self.stats()).finish()
+    }
+}
+
+impl Drop for ExpertStore {
+    fn drop(&mut self) {
+        self.tx.stop();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        for t in threads {
+            let _ = t.join();
+        }
+        if let Some(d) = &self.disk {
+            d.remove();
+        }
+    }
+}
+
+fn stopped() -> Error {
+    Error::runtime("the expert store has stopped")
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optimizer::{AdamW, OptimizerConfig};
+    use crate::storage::tiers::policy::CachePolicy;
+    use std::path::PathBuf;
+    use std::time::Instant;
+
+    fn slot(seed: f32) -> ExpertSlot {
+        let sizes = [64, 8, 64, 8];
+        let mut optimizer = AdamW::with_decay(OptimizerConfig::default(), &sizes, &[true, false, true, false]).unwrap();
+        let fill = |n: usize, k: f32| (0..n).map(|i| seed * 1000.0 + k + i as f32).collect::<Vec<f32>>();
+        optimizer
+            .restore(
+                3,
+                sizes.iter().map(|&n| fill(n, 0.5)).collect(),
+                sizes.iter().map(|&n| fill(n, 0.25)).collect(),
+            )
+            .unwrap();
+        ExpertSlot {
+            params: [fill(64, 0.0), fill(8, 0.0), fill(64, 0.0), fill(8, 0.0)],
+            optimizer,
+        }
+    }
+
+    fn units(blocks: usize, experts: usize) -> Vec<(UnitId, ExpertSlot)> {
+        (0..blocks)
+            .flat_map(|b| (0..experts).map(move |e| ((b, e), slot((b * experts + e) as f32))))
+            .collect()
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("semoe-store-{name}-{}", std::process::id()))
+    }
+
+    fn config(device_units: u64, host_units: u64, name: &str) -> StorageConfig {
+        let b = slot(0.0).bytes();
+        StorageConfig {
+            device_budget: Some(device_units * b),
+            host_budget: Some(host_units * b),
+            dir: Some(dir(name)),
+            ..StorageConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn budgets_hold_and_changes_survive_eviction_to_disk() {
+        let memory = ExpertStore::new(0, &StorageConfig::default(), units(4, 4)).unwrap();
+        let store = ExpertStore::new(0, &config(4, 2, "evict"), units(4, 4)).unwrap();
+        // Commits and uses in an order that forces evictions, loads and write-backs.
+        for round in 0..3 {
+            commit_all(&memory, round).await;
+            commit_all(&store, round).await;
+            for b in (0..4).rev() {
+                for e in 0..4 {
+                    let lease = store.acquire((b, e)).await.unwrap();
+                    assert_eq!(lease.params[1].len(), 8);
+                }
+            }
+        }
+        let (want, snap) = (memory.snapshot().await.unwrap(), store.snapshot().await.unwrap());
+        assert_eq!(snap.len(), 16);
+        for ((id, x), (_, y)) in want.iter().zip(&snap) {
+            assert_eq!(x.params, y.params, "expert {id:?}");
+            assert_eq!(x.optimizer, y.optimizer, "expert {id:?}");
+        }
+        let st = store.stats();
+        assert!(st.peak[0] <= st.budget[0] && st.peak[1] <= st.budget[1], "{st:?}");
+        assert!(st.disk_written > 0 && st.disk_read > 0, "{st:?}");
+        assert!(st.served_from[2] > 0);
+        let d = dir("evict");
+        assert!(d.exists());
+        drop(store);
+        assert!(!d.join("worker-0").exists(), "the disk tier is removed with the store");
+    }
+
+    #[tokio::test]
+    async fn a_plain_lease_cannot_be_changed() {
+        let store = ExpertStore::new(0, &StorageConfig::default(), units(1, 1)).unwrap();
+        let mut lease = store.acquire((0, 0)).await.unwrap();
+        assert!(lease.slot_mut().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_device_budget_below_one_block_is_refused_with_the_sizes() {
+        let e = ExpertStore::new(3, &config(3, 10, "small"), units(2, 4))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("worker 3") && e.contains("4 experts"), "{e}");
+        let mut no_disk = config(4, 0, "nodisk");
+        no_disk.dir = None;
+        let e = ExpertStore::new(0, &no_disk, units(2, 4)).err().unwrap().to_string();
+        assert!(e.contains("no disk directory"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn prefetch_loads_the_next_block_ahead_of_use() {
+        let store = ExpertStore::new(0, &config(2, 2, "prefetch"), units(3, 2)).unwrap();
+        for _step in 0..3 {
+            for b in 0..3 {
+                store.hint(b, vec![0, 1], true);
+                for e in 0..2 {
+                    drop(store.acquire((b, e)).await.unwrap());
+                }
+            }
+        }
+        let st = store.stats();
+        assert!(st.prefetched > 0, "{st:?}");
+        assert!(st.prefetch_accuracy() > 0.5, "{st:?}");
+        assert!(st.peak[0] <= st.budget[0] && st.peak[1] <= st.budget[1]);
+    }
+
+    #[tokio::test]
+    async fn se_moe_keeps_hot_experts_that_lru_evicts() {
+        // One hot expert used between scans of cold ones longer than the cache: LFU keeps it in
+        // memory, LRU lets the scan push it out to disk.
+        let mut rates = Vec::new();
+        for policy in [CachePolicy::default(), CachePolicy::Lru] {
+            let mut c = config(4, 1, policy.name());
+            c.policy = policy;
+            c.prefetch = false;
+            let store = ExpertStore::new(0, &c, units(4, 4)).unwrap();
+            for _round in 0..10 {
+                drop(store.acquire((0, 0)).await.unwrap());
+                drop(store.acquire((0, 0)).await.unwrap());
+                for b in 1..4 {
+                    for e in 0..4 {
+                        drop(store.acquire((b, e)).await.unwrap());
+                    }
+                }
+            }
+            rates.push(store.stats().hit_rate());
+        }
+        assert!(rates[0] > rates[1], "se-moe {} vs lru {}", rates[0], rates[1]);
+    }
+
+    /// Commit the same updates to every unit through `store`, applying them as a commit does.
+    async fn commit_all(store: &ExpertStore, round: usize) {
+        for b in 0..4 {
+            for e in 0..4 {
+                let update = Pending {
+                    grads: [vec![0.5; 64], vec![-0.25; 8], vec![round as f32; 64], vec![1.0; 8]],
+                    lr: 1e-2,
+                    norm: 3.0,
+                };
+                if let Some((mut lease, update)) = store.commit((b, e), update).await.unwrap() {
+                    lease.slot_mut().unwrap().apply(update).unwrap();
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn commits_to_units_on_disk_are_deferred_and_give_the_same_bits() {
+        let memory = ExpertStore::new(0, &StorageConfig::default(), units(4, 4)).unwrap();
+        let tiered = ExpertStore::new(0, &config(4, 2, "defer"), units(4, 4)).unwrap();
+        for round in 0..3 {
+            commit_all(&memory, round).await;
+            commit_all(&tiered, round).await;
+            // Use some units between commits, as a forward pass does (loading applies the deferred).
+            for e in 0..4 {
+                drop(tiered.acquire((round % 4, e)).await.unwrap());
+            }
+        }
+        let (a, b) = (memory.snapshot().await.unwrap(), tiered.snapshot().await.unwrap());
+        for ((id, x), (_, y)) in a.iter().zip(&b) {
+            assert_eq!(x.params, y.params, "expert {id:?}");
+            assert_eq!(x.optimizer, y.optimizer, "expert {id:?}");
+        }
+        let st = tiered.stats();
+        assert!(st.deferred > 0, "{st:?}");
+        assert_eq!(memory.stats().deferred, 0);
+    }
+
+    /// The figures are published after the answers of each batch of requests: wait until `done`.
+    async fn settled(store: &ExpertStore, done: impl Fn(&TierStats) -> bool) -> TierStats {
+        let since = Instant::now();
+        while !done(&store.stats()) && since.elapsed().as_secs() < 5 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        store.stats()
+    }
+
+    #[tokio::test]
+    async fn a_scan_larger_than_memory_serves_each_acquisition_once_with_its_own_values() {
+        // Device holds one block (2 units), Host one unit: half of the 6 units live on disk, and a
+        // cyclic scan over all of them must keep evicting and loading.
+        let mut c = config(2, 1, "scan");
+        c.prefetch = false;
+        let store = ExpertStore::new(0, &c, units(3, 2)).unwrap();
+        let mut acquisitions = 0;
+        for _round in 0..4 {
+            for b in 0..3 {
+                // Both experts of the block held at once: exactly the Device budget.
+                let leases = [
+                    store.acquire((b, 0)).await.unwrap(),
+                    store.acquire((b, 1)).await.unwrap(),
+                ];
+                for (e, lease) in leases.iter().enumerate() {
+                    let seed = (b * 2 + e) as f32;
+                    // A plain lease may hold the parameters alone (the moments can stay on disk).
+                    assert_eq!(lease.params, slot(seed).params, "expert ({b}, {e})");
+                }
+                acquisitions += 2;
+            }
+        }
+        let st = settled(&store, |st| st.served_from.iter().sum::<u64>() >= acquisitions).await;
+        assert_eq!(st.served_from.iter().sum::<u64>(), acquisitions, "{st:?}");
+        assert!(
+            st.served_from[2] > 0 && st.disk_read > 0,
+            "the scan reads from disk: {st:?}"
+        );
+        assert!(st.peak[0] <= st.budget[0] && st.peak[1] <= st.budget[1], "{st:?}");
+        assert_eq!(
+            st.peak[0], st.budget[0],
+            "two leases fill the Device tier exactly: {st:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_unit_acquired_again_while_in_device_is_a_device_hit() {
+        let mut c = config(2, 1, "hit");
+        c.prefetch = false;
+        let store = ExpertStore::new(0, &c, units(3, 2)).unwrap();
+        drop(store.acquire((2, 1)).await.unwrap());
+        let before = settled(&store, |st| st.served_from.iter().sum::<u64>() >= 1).await;
+        for _ in 0..3 {
+            drop(store.acquire((2, 1)).await.unwrap());
+        }
+        let after = settled(&store, |st| st.served_from.iter().sum::<u64>() >= 4).await;
+        assert_eq!(
+            after.served_from[0],
+            before.served_from[0] + 3,
+            "{before:?} then {after:?}"
+        );
+        assert_eq!(after.served_from[1..], before.served_from[1..], "{after:?}");
+    }
+
+    #[tokio::test]
+    async fn unlimited_keeps_everything_in_device() {
+        let store = ExpertStore::new(0, &StorageConfig::default(), units(2, 2)).unwrap();
+        drop(store.acquire((1, 1)).await.unwrap());
+        // The figures are published after the answers of each batch of requests.
+        let since = Instant::now();
+        while store.stats().served_from == [0, 0, 0] && since.elapsed().as_secs() < 5 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(store.stats().served_from, [1, 0, 0]);
+        assert!(store.acquire((5, 5)).await.is_err());
+    }
+}
