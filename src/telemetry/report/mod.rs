@@ -48,8 +48,8 @@
 //!
 //! # Layout
 //!
-//! [`read`] parses the log into [`Metrics`], [`summary`] computes the numbers ([`summarize`]), [`plots`] draws
-//! the SVGs and [`markdown`] writes `report.md`; [`write_report`] runs them in turn.
+//! `read.rs` parses the log into [`Metrics`], `summary.rs` computes the numbers ([`summarize`]), `plots.rs` draws
+//! the SVGs and `markdown.rs` writes `report.md`; [`write_report`] runs them in turn.
 
 use std::path::{Path, PathBuf};
 
