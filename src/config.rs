@@ -199,6 +199,22 @@ impl TrainConfig {
         toml::to_string_pretty(self).map_err(|e| Error::parse("config", e.to_string()))
     }
 
+    /// Sequences in each group of a step (`train.batch / train.groups`).
+    pub fn group_seqs(&self) -> usize {
+        self.train.batch / self.train.groups
+    }
+
+    /// The factor of each token's cross-entropy gradient: one over the tokens of the whole step,
+    /// so that the group gradients, summed in group order, are the gradient of the step's mean.
+    pub fn ce_scale(&self) -> f32 {
+        1.0 / (self.train.batch * self.model.block_size) as f32
+    }
+
+    /// The factor of each group's router losses: one over the groups (their mean).
+    pub fn router_scale(&self) -> f32 {
+        1.0 / self.train.groups as f32
+    }
+
     /// Check every value; errors name the option.
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;

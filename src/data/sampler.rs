@@ -20,6 +20,13 @@ pub fn window_starts(seed: u64, step: u64, group: u64, seqs: usize, text_len: us
     (0..seqs).map(|_| rng.random_range(0..span)).collect()
 }
 
+/// The inputs and targets of group `group` at step `step`: `seqs` windows of `t` bytes, drawn by
+/// [`window_starts`]. The plain loop and every worker build a group's batch with this one call.
+pub fn group_batch(text: &[u8], seed: u64, step: u64, group: usize, seqs: usize, t: usize) -> (Vec<u32>, Vec<u32>) {
+    let starts = window_starts(seed, step, group as u64, seqs, text.len(), t);
+    windows(text, &starts, t)
+}
+
 /// Evenly spaced evaluation windows over a text: `count` windows of `t + 1` bytes.
 pub fn eval_starts(text_len: usize, t: usize, count: usize) -> Vec<usize> {
     let span = text_len.saturating_sub(t + 1);

@@ -586,12 +586,11 @@ impl Trainer {
     fn direct_step(&mut self) -> Result<(Vec<GroupOutput>, f64, f64)> {
         let c = &self.config;
         let (t, groups) = (c.model.block_size, c.train.groups);
-        let seqs = c.train.batch / groups;
+        let seqs = c.group_seqs();
         let step = self.optimizer.step;
         let seed = c.train.seed;
         let text = &self.corpus.train;
-        let ce_scale = 1.0 / (c.train.batch * t) as f32;
-        let router_scale = 1.0 / groups as f32;
+        let (ce_scale, router_scale) = (c.ce_scale(), c.router_scale());
         let model = &self.model;
 
         // Groups side by side, each into its own gradient buffers.
@@ -599,8 +598,7 @@ impl Trainer {
         let outputs = std::sync::Mutex::new(vec![None; groups]);
         self.cpu.par_for_each(tasks, |backend, (g, grads)| {
             grads.buffers_mut().into_iter().for_each(|b| b.fill(0.0));
-            let starts = sampler::window_starts(seed, step, g as u64, seqs, text.len(), t);
-            let (idx, targets) = sampler::windows(text, &starts, t);
+            let (idx, targets) = sampler::group_batch(text, seed, step, g, seqs, t);
             let out = model.forward_backward(backend, &idx, &targets, seqs, ce_scale, router_scale, grads)?;
             if let Ok(mut o) = outputs.lock() {
                 o[g] = Some(out);

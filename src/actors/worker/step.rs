@@ -60,8 +60,7 @@ pub(super) async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Ve
     let groups = a.placement.groups_of(a.worker);
     let c = &a.config;
     let t = c.model.block_size;
-    let seqs = c.train.batch / c.train.groups;
-    let ce_scale = 1.0 / (c.train.batch * t) as f32;
+    let (seqs, ce_scale) = (c.group_seqs(), c.ce_scale());
     let seed = c.train.seed;
 
     // The groups run in lanes, each lane in lockstep through the MoE blocks: while one lane waits
@@ -90,8 +89,7 @@ pub(super) async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Ve
     let passes: Vec<Pass> = offload(&a.cpu, move |_| {
         gs.iter()
             .map(|&g| {
-                let starts = sampler::window_starts(seed, step.step, g as u64, seqs, text.len(), t);
-                let (idx, targets) = sampler::windows(&text, &starts, t);
+                let (idx, targets) = sampler::group_batch(&text, seed, step.step, g, seqs, t);
                 let grads = Box::new(Gpt::dense_zeros(first.config())?);
                 GroupPass::new(first.clone(), idx, Some(targets), seqs, ce_scale, Some(grads))
             })
