@@ -1,0 +1,169 @@
+//! The disk's own bandwidth (direct I/O where the file system allows), and the disk tier's.
+
+use crate::error::Result;
+use serde::Serialize;
+use std::time::Instant;
+
+/// The disk's own bandwidth, measured the way `dd` or `fio` would (one file, large sequential
+/// requests, `O_DIRECT` from aligned buffers), and once more with the Disk tier's own requests.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskBandwidth {
+    /// What was measured, in words.
+    pub method: String,
+    /// Bytes written, then read.
+    pub bytes: u64,
+    /// Bytes per request of the sequential figures.
+    pub request: u64,
+    /// Whether the file system took `O_DIRECT` (else buffered, flushed, page cache dropped).
+    pub direct: bool,
+    /// Sequential read, bytes per second.
+    pub read_bytes_per_s: f64,
+    /// Sequential write, bytes per second.
+    pub write_bytes_per_s: f64,
+    /// Bytes per request of the tier-shaped figures (one unit); 0 when not measured.
+    pub tier_request: u64,
+    /// Threads issuing them at once (the tier's I/O threads).
+    pub tier_threads: usize,
+    /// Read through a [`DiskTier`](crate::storage::tiers::disk::DiskTier) slot file, whole units,
+    /// bytes per second.
+    pub tier_read_bytes_per_s: f64,
+    /// Written through a slot file, whole units, bytes per second.
+    pub tier_write_bytes_per_s: f64,
+}
+
+/// Write `bytes` to a new file under `dir` sequentially in `request`-byte pieces, then read it
+/// back, with `O_DIRECT` (what `dd oflag=direct` / `iflag=direct` measure); where the file system
+/// refuses `O_DIRECT`, buffered with `fdatasync` and the page cache dropped before reading.
+pub fn disk_bandwidth(dir: &std::path::Path, bytes: u64, request: u64) -> Result<DiskBandwidth> {
+    use crate::error::Error;
+    use crate::storage::tiers::disk::{padded, ALIGN};
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create the benchmark's directory", dir, e))?;
+    let path = dir.join("bandwidth");
+    let request = padded(request.max(1)) as usize;
+    let n = bytes.div_ceil(request as u64).max(1);
+    let open = |direct: bool| {
+        let mut o = std::fs::OpenOptions::new();
+        o.read(true).write(true).create(true).truncate(true);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        o.open(&path)
+    };
+    let fail = |e| Error::io("cannot measure the disk's bandwidth", &path, e);
+    let mut raw = vec![0x5au8; request + ALIGN];
+    let start = (ALIGN - raw.as_ptr() as usize % ALIGN) % ALIGN;
+    let buf = &mut raw[start..start + request];
+    let (mut file, mut direct) = match open(true) {
+        Ok(f) => (f, true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(false).map_err(fail)?, false),
+        Err(e) => return Err(fail(e)),
+    };
+    let write_all = |file: &std::fs::File, buf: &[u8]| -> std::io::Result<f64> {
+        let started = Instant::now();
+        for i in 0..n {
+            file.write_all_at(buf, i * request as u64)?;
+        }
+        Ok(started.elapsed().as_secs_f64())
+    };
+    let written = match write_all(&file, buf) {
+        Ok(s) => s,
+        Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+            (file, direct) = (open(false).map_err(fail)?, false);
+            write_all(&file, buf).map_err(fail)?
+        }
+        Err(e) => return Err(fail(e)),
+    };
+    let written = if direct {
+        written
+    } else {
+        let started = Instant::now();
+        file.sync_data().map_err(fail)?;
+        drop_cached(&file);
+        written + started.elapsed().as_secs_f64()
+    };
+    let started = Instant::now();
+    for i in 0..n {
+        file.read_exact_at(buf, i * request as u64).map_err(fail)?;
+    }
+    let read = started.elapsed().as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    let total = n * request as u64;
+    Ok(DiskBandwidth {
+        method: format!(
+            "{} sequential in {} requests, 1 thread, {}, new file in {}",
+            crate::storage::tiers::format_bytes(total),
+            crate::storage::tiers::format_bytes(request as u64),
+            if direct {
+                "O_DIRECT"
+            } else {
+                "buffered (O_DIRECT refused), fdatasync, page cache dropped"
+            },
+            dir.display()
+        ),
+        bytes: total,
+        request: request as u64,
+        direct,
+        read_bytes_per_s: total as f64 / read,
+        write_bytes_per_s: total as f64 / written,
+        tier_request: 0,
+        tier_threads: 0,
+        tier_read_bytes_per_s: 0.0,
+        tier_write_bytes_per_s: 0.0,
+    })
+}
+
+/// The Disk tier's own path without training: `threads` threads write `bytes` as whole units of
+/// `unit` bytes into a slot file (each thread every `threads`-th unit), then read them back.
+/// Returns (read, write) bytes per second.
+pub fn tier_bandwidth(dir: &std::path::Path, bytes: u64, unit: u64, threads: usize) -> Result<(f64, f64)> {
+    use crate::storage::tiers::disk::DiskTier;
+    let unit = unit.max(1);
+    let threads = threads.max(1);
+    let n = bytes.div_ceil(unit).max(threads as u64) as usize;
+    let disk = DiskTier::open(&dir.join("tier-bandwidth"), true, (0..n).map(|i| (0, i)), unit, 0)?;
+    let data = vec![0xa5u8; unit as usize];
+    let run = |write: bool| -> Result<f64> {
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (disk, data) = (&disk, &data);
+                    s.spawn(move || -> Result<()> {
+                        for i in (t..n).step_by(threads) {
+                            if write {
+                                disk.write((0, i), data)?;
+                            } else {
+                                disk.read_with((0, i), data.len(), |b| Ok(std::hint::black_box(b.len())))?;
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(crate::error::Error::runtime("a disk benchmark thread panicked")))
+            })
+        })?;
+        Ok(started.elapsed().as_secs_f64())
+    };
+    let result = run(true).and_then(|w| Ok((run(false)?, w)));
+    disk.remove();
+    let (r, w) = result?;
+    let total = (n as u64 * unit) as f64;
+    Ok((total / r, total / w))
+}
+
+#[cfg(target_os = "linux")]
+fn drop_cached(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only reads the descriptor, which `f` keeps open for the call.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn drop_cached(_: &std::fs::File) {}

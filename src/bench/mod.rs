@@ -1,0 +1,47 @@
+//! Measurements behind `semoe bench`: the MoE layer's throughput, the matmul rate, and the machine's
+//! f32 FMA peak that both are compared against. Wall-clock medians over several iterations; no
+//! timing ever decides a test.
+//!
+//! One file per measurement: `peak.rs` (the FMA peak), `matmul.rs`, `moe_layer.rs`, `runtime.rs`
+//! (the plain loop against the actor runtime), `storage.rs` (tiered expert storage) and `disk.rs`
+//! (the disk's own bandwidth, and the disk tier's).
+
+mod disk;
+mod matmul;
+mod moe_layer;
+mod peak;
+mod runtime;
+mod storage;
+
+pub use disk::{disk_bandwidth, tier_bandwidth, DiskBandwidth};
+pub use matmul::{matmul_bench, MatmulReport};
+pub use moe_layer::{moe_layer_bench, MoeLayerReport};
+pub use peak::fma_peak_gflops;
+pub use runtime::{runtime_bench, RuntimeReport};
+pub use storage::{percent_in_memory, storage_bench, StorageReport, StorageRow, StorageVariant};
+
+use crate::error::Result;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use std::time::Instant;
+
+pub use crate::telemetry::report::median_of as median;
+
+pub(crate) fn time_it(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+/// Random normal values, deterministic in `seed`.
+pub fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| StandardNormal.sample(&mut rng)).collect()
+}

@@ -1,0 +1,123 @@
+//! Forward and forward+backward throughput of one MoE layer.
+
+use super::{median, randn, time_it};
+use crate::error::Result;
+use crate::kernels::{Backend, Cpu, Mat};
+use crate::model::moe::{MoeConfig, MoeLayer, MoeParams};
+use serde::Serialize;
+
+/// Result of [`moe_layer_bench`].
+#[derive(Debug, Clone, Serialize)]
+pub struct MoeLayerReport {
+    /// The layer configuration.
+    pub config: MoeConfig,
+    /// Tokens per forward.
+    pub tokens: usize,
+    /// Threads used.
+    pub threads: usize,
+    /// Kept assignments (rows through the experts).
+    pub kept: usize,
+    /// Median seconds of a forward pass.
+    pub forward_seconds: f64,
+    /// Median seconds of a forward plus backward pass.
+    pub train_seconds: f64,
+    /// tokens / forward_seconds
+    pub forward_tokens_per_s: f64,
+    /// tokens / train_seconds
+    pub train_tokens_per_s: f64,
+    /// Expert-matmul FLOPs of one forward (2 matmuls) and one backward (4 matmuls).
+    pub forward_flops: f64,
+    /// Forward + backward expert-matmul FLOPs.
+    pub train_flops: f64,
+    /// Expert FLOPs / forward time: the whole layer's effective rate.
+    pub forward_gflops: f64,
+    /// Expert FLOPs / train time.
+    pub train_gflops: f64,
+    /// The six expert matmuls alone (same shapes, same buffers), GFLOP/s.
+    pub expert_matmul_gflops: f64,
+    /// Measured FMA peak of this many threads, GFLOP/s.
+    pub peak_gflops: f64,
+}
+
+/// Forward and forward+backward throughput of one MoE layer over `tokens` tokens.
+pub fn moe_layer_bench(
+    cpu: &Cpu,
+    config: &MoeConfig,
+    tokens: usize,
+    warmup: usize,
+    iters: usize,
+    peak_gflops: f64,
+) -> Result<MoeLayerReport> {
+    let layer = MoeLayer::new(config.clone(), MoeParams::<f32>::init(config, 42)?)?;
+    let x = randn(tokens * config.d_model, 3);
+    let gy = randn(tokens * config.d_model, 4);
+    let mut grads = MoeParams::zeros(config);
+    let mut kept = 0;
+    let forward = time_it(warmup, iters, || {
+        let (out, cache) = cpu.install(|| layer.forward(cpu, &x))?;
+        kept = cache.dispatch.routing.kept();
+        std::hint::black_box(out);
+        Ok(())
+    })?;
+    let train = time_it(warmup, iters, || {
+        cpu.install(|| {
+            let (_out, cache) = layer.forward(cpu, &x)?;
+            let gx = layer.backward(cpu, &x, cache, &gy, &mut grads)?;
+            std::hint::black_box(gx);
+            Ok(())
+        })
+    })?;
+
+    let (d, f) = (config.d_model as f64, config.d_ff as f64);
+    let forward_flops = 2.0 * 2.0 * kept as f64 * d * f;
+    let train_flops = 3.0 * forward_flops;
+
+    // The expert matmuls alone, with the layer's shapes and scheduling (experts side by side, each
+    // product single-threaded): per expert 2 forward and 4 backward products.
+    let per_expert = kept / config.experts.max(1);
+    let (n, dm, df) = (per_expert.max(1), config.d_model, config.d_ff);
+    let xe = randn(n * dm, 5);
+    let hbuf = randn(n * df, 6);
+    let w1 = randn(dm * df, 7);
+    let w2 = randn(df * dm, 8);
+    let mut outs: Vec<[Vec<f32>; 4]> = (0..config.experts)
+        .map(|_| {
+            [
+                vec![0.0f32; n * df],
+                vec![0.0f32; n * dm],
+                vec![0.0f32; dm * df],
+                vec![0.0f32; df * dm],
+            ]
+        })
+        .collect();
+    let mm = time_it(warmup, iters, || {
+        let tasks: Vec<&mut [Vec<f32>; 4]> = outs.iter_mut().collect();
+        cpu.par_for_each(tasks, |b, [out_f, out_d, gw1, gw2]| {
+            b.matmul(out_f, Mat::new(&xe, n, dm)?, Mat::new(&w1, dm, df)?, true)?;
+            b.matmul(out_d, Mat::new(&hbuf, n, df)?, Mat::new(&w2, df, dm)?, true)?;
+            b.matmul(gw2, Mat::new(&hbuf, n, df)?.t(), Mat::new(&xe, n, dm)?, true)?;
+            b.matmul(out_f, Mat::new(&xe, n, dm)?, Mat::new(&w2, df, dm)?.t(), false)?;
+            b.matmul(gw1, Mat::new(&xe, n, dm)?.t(), Mat::new(&hbuf, n, df)?, true)?;
+            b.matmul(out_d, Mat::new(&hbuf, n, df)?, Mat::new(&w1, dm, df)?.t(), false)
+        })
+    })?;
+    let mm_flops = 6.0 * 2.0 * (n * dm * df) as f64 * config.experts as f64;
+
+    let (fs, ts) = (median(forward), median(train));
+    Ok(MoeLayerReport {
+        config: config.clone(),
+        tokens,
+        threads: cpu.threads(),
+        kept,
+        forward_seconds: fs,
+        train_seconds: ts,
+        forward_tokens_per_s: tokens as f64 / fs,
+        train_tokens_per_s: tokens as f64 / ts,
+        forward_flops,
+        train_flops,
+        forward_gflops: forward_flops / fs / 1e9,
+        train_gflops: train_flops / ts / 1e9,
+        expert_matmul_gflops: mm_flops / median(mm) / 1e9,
+        peak_gflops,
+    })
+}

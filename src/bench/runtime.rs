@@ -1,0 +1,72 @@
+//! Training tokens/s of the main job's model: the plain loop against the actor runtime.
+
+use super::median;
+use crate::error::Result;
+use serde::Serialize;
+use std::time::Instant;
+
+/// Training throughput of the main job's model, plain loop against the actor runtime.
+#[derive(Clone, Debug, Serialize)]
+pub struct RuntimeReport {
+    /// Worker counts measured (0 = the plain loop without actors).
+    pub workers: Vec<usize>,
+    /// Median tokens per second of each, over the rounds.
+    pub tokens_per_s: Vec<f64>,
+    /// Every round's tokens per second, `[round][engine]`.
+    pub rounds: Vec<Vec<f64>>,
+    /// Timed steps per round and engine.
+    pub steps: usize,
+    /// Compute threads.
+    pub threads: usize,
+}
+
+/// Alternate the engines round by round (so that machine noise hits all alike): each runs `warmup`
+/// untimed steps once, then `steps` timed steps per round.
+pub fn runtime_bench(
+    config: &crate::train::TrainConfig,
+    workers: &[usize],
+    warmup: usize,
+    steps: usize,
+    rounds: usize,
+) -> Result<RuntimeReport> {
+    use crate::train::Trainer;
+    let base = std::env::temp_dir().join(format!("semoe-bench-runtime-{}", std::process::id()));
+    let mut trainers = Vec::with_capacity(workers.len());
+    for &w in workers {
+        let mut c = config.clone();
+        c.train.workers = w;
+        c.train.steps = (warmup + steps * rounds + 1) as u64;
+        let dir = base.join(format!("workers-{w}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut t = Trainer::new(c, &dir)?;
+        for _ in 0..warmup {
+            t.step()?;
+        }
+        trainers.push(t);
+    }
+    let tokens = (config.train.batch * config.model.block_size * steps.max(1)) as f64;
+    let mut all = Vec::with_capacity(rounds);
+    for _ in 0..rounds.max(1) {
+        let mut row = Vec::with_capacity(trainers.len());
+        for t in trainers.iter_mut() {
+            let started = Instant::now();
+            for _ in 0..steps.max(1) {
+                t.step()?;
+            }
+            row.push(tokens / started.elapsed().as_secs_f64());
+        }
+        all.push(row);
+    }
+    drop(trainers);
+    let _ = std::fs::remove_dir_all(&base);
+    let tokens_per_s = (0..workers.len())
+        .map(|i| median(all.iter().map(|r| r[i]).collect()))
+        .collect();
+    Ok(RuntimeReport {
+        workers: workers.to_vec(),
+        tokens_per_s,
+        rounds: all,
+        steps,
+        threads: config.train.threads,
+    })
+}
