@@ -10,7 +10,7 @@ use common::{assert_same, bits};
 use semoe::actors::Runtime;
 use semoe::chaos::{FaultKind, FaultPlan, Moment, Target};
 use semoe::model::gpt::Gpt;
-use semoe::model::legs::{stage_tensors, training_legs};
+use semoe::model::legs::{section_tensors, training_legs};
 use semoe::train::config::TrainConfig;
 use semoe::train::trainer::Trainer;
 
@@ -77,7 +77,7 @@ fn sharded_dense_parameters_train_the_same_bits() {
     let model = Gpt::<f32>::init(&config.model, 1).expect("model");
     let legs: Vec<u64> = training_legs(&config.model)
         .iter()
-        .map(|stages| bytes_of(&model, &stage_tensors(&model, stages)))
+        .map(|stages| bytes_of(&model, &section_tensors(&model, stages)))
         .collect();
     let dense: u64 = legs[..legs.len() / 2 + 1].iter().sum(); // the forward legs and the turn: every dense tensor once
                                                               // With one lane, a pass holds its current leg while the next is gathered and the one after is

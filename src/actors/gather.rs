@@ -15,7 +15,7 @@ use super::placement::Placement;
 use super::{ask, ActorName};
 use crate::error::{Error, Result};
 use crate::model::gpt::{Ffn, Gpt};
-use crate::model::legs::{stage_tensors, training_legs};
+use crate::model::legs::{section_tensors, training_legs};
 use crate::net::{Payload, StepId};
 use ractor::ActorRef;
 use std::collections::BTreeMap;
@@ -234,7 +234,7 @@ impl Gatherer {
         let own = a.replica.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let legs: Vec<Vec<usize>> = training_legs(own.config())
             .iter()
-            .map(|stages| stage_tensors(&own, stages))
+            .map(|stages| section_tensors(&own, stages))
             .collect();
         let lens = own
             .tensors()

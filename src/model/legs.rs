@@ -12,7 +12,7 @@ use crate::kernels::Scalar;
 
 /// A group of dense tensors that a pass reads together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Stage {
+pub enum Section {
     /// Token and position embeddings (the forward reads them; their backward only writes gradients).
     Embeddings,
     /// Block `l`'s dense tensors: its layer norms, attention, and its dense FFN or MoE gate weights.
@@ -21,75 +21,75 @@ pub enum Stage {
     Head,
 }
 
-impl Stage {
-    /// The stage of a dense tensor, from its name (`None` for expert tensors and unknown names).
-    pub fn of_tensor(name: &str) -> Option<Stage> {
+impl Section {
+    /// The section of a dense tensor, from its name (`None` for expert tensors and unknown names).
+    pub fn of_tensor(name: &str) -> Option<Section> {
         if is_expert_tensor(name) {
             return None;
         }
         match name {
-            "wte" | "wpe" => Some(Stage::Embeddings),
-            "ln_f.weight" | "ln_f.bias" | "lm_head" => Some(Stage::Head),
+            "wte" | "wpe" => Some(Section::Embeddings),
+            "ln_f.weight" | "ln_f.bias" | "lm_head" => Some(Section::Head),
             other => other
                 .strip_prefix("h.")?
                 .split('.')
                 .next()?
                 .parse()
                 .ok()
-                .map(Stage::Block),
+                .map(Section::Block),
         }
     }
 }
 
-/// The legs of a training pass in the order a pass runs them, each as the stages it reads.
+/// The legs of a training pass in the order a pass runs them, each as the sections it reads.
 ///
 /// With MoE blocks `m0 < m1 < ... < mk`: the forward legs end at each MoE block (the first starts
 /// with the embeddings); the turn runs the blocks after `mk`, the head, the loss and back; the
 /// backward legs start at each MoE block's input gradient and run down to the next MoE block below
 /// (the last one to the embeddings, whose backward reads no parameter). A model without MoE blocks
 /// has one leg that reads everything.
-pub fn training_legs(config: &GptConfig) -> Vec<Vec<Stage>> {
+pub fn training_legs(config: &GptConfig) -> Vec<Vec<Section>> {
     let moe: Vec<usize> = (0..config.n_layer).filter(|&l| config.is_moe(l)).collect();
     let mut legs = Vec::with_capacity(2 * moe.len() + 1);
     let mut next = 0;
     for &b in &moe {
         let mut leg = Vec::new();
         if next == 0 {
-            leg.push(Stage::Embeddings);
+            leg.push(Section::Embeddings);
         }
-        leg.extend((next..=b).map(Stage::Block));
+        leg.extend((next..=b).map(Section::Block));
         legs.push(leg);
         next = b + 1;
     }
     let mut turn = Vec::new();
     if moe.is_empty() {
-        turn.push(Stage::Embeddings);
+        turn.push(Section::Embeddings);
     }
-    turn.extend((next..config.n_layer).map(Stage::Block));
-    turn.push(Stage::Head);
+    turn.extend((next..config.n_layer).map(Section::Block));
+    turn.push(Section::Head);
     legs.push(turn);
     for (i, &b) in moe.iter().enumerate().rev() {
         let low = if i == 0 { 0 } else { moe[i - 1] + 1 };
-        legs.push((low..=b).rev().map(Stage::Block).collect());
+        legs.push((low..=b).rev().map(Section::Block).collect());
     }
     legs
 }
 
-/// Indices (in [`Gpt::tensors`] order) of the dense tensors each stage in `stages` holds, ascending.
-pub fn stage_tensors<T: Scalar>(model: &Gpt<T>, stages: &[Stage]) -> Vec<usize> {
+/// Indices (in [`Gpt::tensors`] order) of the dense tensors each section in `sections` holds, ascending.
+pub fn section_tensors<T: Scalar>(model: &Gpt<T>, sections: &[Section]) -> Vec<usize> {
     model
         .tensors()
         .iter()
         .enumerate()
-        .filter(|(_, (name, _, _))| Stage::of_tensor(name).is_some_and(|s| stages.contains(&s)))
+        .filter(|(_, (name, _, _))| Section::of_tensor(name).is_some_and(|s| sections.contains(&s)))
         .map(|(i, _)| i)
         .collect()
 }
 
-/// Check that `model` holds every tensor of `stage` at full length: a pass given a leg's parameters
+/// Check that `model` holds every tensor of `section` at full length: a pass given a leg's parameters
 /// fails here, naming the tensor, rather than computing with a missing one. (Reads lengths only;
 /// names are built for the error alone, since a pass calls this at every block.)
-pub fn check_stage<T: Scalar>(model: &Gpt<T>, stage: Stage) -> Result<()> {
+pub fn check_section<T: Scalar>(model: &Gpt<T>, section: Section) -> Result<()> {
     let c = model.config();
     let (d, v) = (c.d_model, c.vocab);
     let check = |name: &dyn Fn() -> String, buf: &[T], want: usize| -> Result<()> {
@@ -97,7 +97,7 @@ pub fn check_stage<T: Scalar>(model: &Gpt<T>, stage: Stage) -> Result<()> {
             return Ok(());
         }
         Err(Error::shape(
-            format!("parameters of {stage:?}"),
+            format!("parameters of {section:?}"),
             format!(
                 "tensor {} holds {} values, expected {want} (not gathered?)",
                 name(),
@@ -105,17 +105,17 @@ pub fn check_stage<T: Scalar>(model: &Gpt<T>, stage: Stage) -> Result<()> {
             ),
         ))
     };
-    match stage {
-        Stage::Embeddings => {
+    match section {
+        Section::Embeddings => {
             check(&|| "wte".into(), &model.wte, v * d)?;
             check(&|| "wpe".into(), &model.wpe, c.block_size * d)
         }
-        Stage::Head => {
+        Section::Head => {
             check(&|| "ln_f.weight".into(), &model.ln_f_w, d)?;
             check(&|| "ln_f.bias".into(), &model.ln_f_b, d)?;
             check(&|| "lm_head".into(), &model.lm_head, d * v)
         }
-        Stage::Block(l) => {
+        Section::Block(l) => {
             let b = model
                 .blocks
                 .get(l)
@@ -163,7 +163,7 @@ mod tests {
 
     #[test]
     fn every_block_moe_gives_one_leg_per_stop() {
-        use Stage::*;
+        use Section::*;
         let legs = training_legs(&config(3, 1));
         assert_eq!(
             legs,
@@ -181,7 +181,7 @@ mod tests {
 
     #[test]
     fn dense_blocks_join_the_leg_that_runs_them() {
-        use Stage::*;
+        use Section::*;
         // moe_every 2: blocks 1 and 3 are MoE, 0, 2 and 4 dense.
         let legs = training_legs(&config(5, 2));
         assert_eq!(
@@ -201,32 +201,32 @@ mod tests {
     }
 
     #[test]
-    fn every_dense_tensor_has_a_stage_and_expert_tensors_none() {
+    fn every_dense_tensor_has_a_section_and_expert_tensors_none() {
         let model = Gpt::<f32>::init(&config(4, 2), 1).unwrap();
         for (name, _, _) in model.tensors() {
-            assert_eq!(Stage::of_tensor(&name).is_none(), is_expert_tensor(&name), "{name}");
+            assert_eq!(Section::of_tensor(&name).is_none(), is_expert_tensor(&name), "{name}");
         }
         let all = [
-            Stage::Embeddings,
-            Stage::Block(0),
-            Stage::Block(1),
-            Stage::Block(2),
-            Stage::Block(3),
-            Stage::Head,
+            Section::Embeddings,
+            Section::Block(0),
+            Section::Block(1),
+            Section::Block(2),
+            Section::Block(3),
+            Section::Head,
         ];
         let dense = model.tensors().iter().filter(|(n, _, _)| !is_expert_tensor(n)).count();
-        assert_eq!(stage_tensors(&model, &all).len(), dense);
-        assert_eq!(Stage::of_tensor("h.3.moe.wg"), Some(Stage::Block(3)));
-        assert_eq!(Stage::of_tensor("h.12.attn.wqkv"), Some(Stage::Block(12)));
+        assert_eq!(section_tensors(&model, &all).len(), dense);
+        assert_eq!(Section::of_tensor("h.3.moe.wg"), Some(Section::Block(3)));
+        assert_eq!(Section::of_tensor("h.12.attn.wqkv"), Some(Section::Block(12)));
     }
 
     #[test]
     fn a_full_model_holds_every_stage() {
         for (layers, every) in [(4, 2), (3, 1), (2, 0)] {
             let model = Gpt::<f32>::init(&config(layers, every), 1).unwrap();
-            for stages in training_legs(model.config()) {
-                for stage in stages {
-                    check_stage(&model, stage).unwrap();
+            for sections in training_legs(model.config()) {
+                for section in sections {
+                    check_section(&model, section).unwrap();
                 }
             }
         }
@@ -236,11 +236,11 @@ mod tests {
     fn a_missing_tensor_is_named() {
         let mut model = Gpt::<f32>::init(&config(2, 1), 1).unwrap();
         model.blocks[1].wo = Vec::new();
-        assert!(check_stage(&model, Stage::Block(0)).is_ok());
-        let e = check_stage(&model, Stage::Block(1)).unwrap_err().to_string();
+        assert!(check_section(&model, Section::Block(0)).is_ok());
+        let e = check_section(&model, Section::Block(1)).unwrap_err().to_string();
         assert!(e.contains("h.1.attn.wo"), "{e}");
         model.lm_head.pop();
-        let e = check_stage(&model, Stage::Head).unwrap_err().to_string();
+        let e = check_section(&model, Section::Head).unwrap_err().to_string();
         assert!(e.contains("lm_head"), "{e}");
     }
 }

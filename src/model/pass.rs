@@ -8,7 +8,7 @@
 
 use super::gpt::{Ffn, Gpt, GroupOutput};
 use super::layers::{self, AttnCache, AttnShape, LayerNormCache};
-use super::legs::{check_stage, Stage};
+use super::legs::{check_section, Section};
 use super::moe::MoeStats;
 use crate::error::{Error, Result};
 use crate::kernels::{Backend, Scalar};
@@ -127,7 +127,7 @@ where
                 return Err(Error::shape("targets", "a pass with gradients needs targets"));
             }
         }
-        check_stage(&*model, Stage::Embeddings)?;
+        check_section(&*model, Section::Embeddings)?;
         let c = model.config();
         let d = c.d_model;
         let shape = AttnShape {
@@ -224,7 +224,7 @@ where
     /// Forward of block `self.block` up to its FFN; dense FFNs finish here.
     fn block_forward<B: Backend>(&mut self, backend: &B) -> Result<Option<Need<T>>> {
         let model = &*self.model;
-        check_stage(model, Stage::Block(self.block))?;
+        check_section(model, Section::Block(self.block))?;
         let c = model.config();
         let b = &model.blocks[self.block];
         let d = c.d_model;
@@ -294,7 +294,7 @@ where
     /// Final layer norm, LM head and cross-entropy, and their backward: leaves `dL/dx` in `self.x`.
     fn head<B: Backend>(&mut self, backend: &B) -> Result<()> {
         let model = &*self.model;
-        check_stage(model, Stage::Head)?;
+        check_section(model, Section::Head)?;
         let c = model.config();
         let (d, v, n) = (c.d_model, c.vocab, self.idx.len());
         let grads = self
@@ -332,7 +332,7 @@ where
         let d = c.d_model;
         match &model.blocks[l].ffn {
             Ffn::Dense(m) => {
-                check_stage(model, Stage::Block(l))?;
+                check_section(model, Section::Block(l))?;
                 let grads = self
                     .grads
                     .as_deref_mut()
@@ -377,7 +377,7 @@ where
     fn block_backward_rest<B: Backend>(&mut self, backend: &B, cache: BlockCache<T>, d_a2: Vec<T>) -> Result<()> {
         let l = self.block - 1;
         let model = &*self.model;
-        check_stage(model, Stage::Block(l))?;
+        check_section(model, Section::Block(l))?;
         let d = model.config().d_model;
         let b = &model.blocks[l];
         let g = &mut self
