@@ -192,29 +192,19 @@ pub fn storage_bench(
         let (a, b) = (&start[i], total(t));
         expert_state_bytes = b.unit_bytes * b.units as u64;
         let wall: f64 = times[i].iter().sum();
-        let served: Vec<u64> = (0..3).map(|k| b.served_from[k] - a.served_from[k]).collect();
-        let all: u64 = served.iter().sum();
-        let read = (b.disk_read - a.disk_read) as f64;
-        let written = (b.disk_written - a.disk_written) as f64;
-        let busy = (b.read_seconds - a.read_seconds) + (b.write_seconds - a.write_seconds);
-        let prefetched = b.prefetched - a.prefetched;
+        let d = b.since(a);
+        let read = d.disk_read as f64;
+        let written = d.disk_written as f64;
+        let busy = d.read_seconds + d.write_seconds;
         rows.push(StorageRow {
             name: variants[i].name.clone(),
             tokens_per_s: median(times[i].iter().map(|s| tokens / s).collect()),
             rounds: times[i].iter().map(|s| tokens / s).collect(),
-            hit_rate: if all == 0 {
-                1.0
-            } else {
-                (served[0] + served[1]) as f64 / all as f64
-            },
-            prefetch_accuracy: if prefetched == 0 {
-                0.0
-            } else {
-                (b.prefetch_used - a.prefetch_used) as f64 / prefetched as f64
-            },
+            hit_rate: d.hit_rate(),
+            prefetch_accuracy: d.prefetch_accuracy(),
             read_per_step: read / timed_steps,
             written_per_step: written / timed_steps,
-            stall_per_step: (b.stall_seconds - a.stall_seconds) / timed_steps,
+            stall_per_step: d.stall_seconds / timed_steps,
             disk_bytes_per_s: (read + written) / wall,
             io_bytes_per_busy_s: if busy > 0.0 { (read + written) / busy } else { 0.0 },
             ceiling_bytes_per_s: ceiling(read, written),

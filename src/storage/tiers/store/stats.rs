@@ -58,6 +58,28 @@ impl TierStats {
         self.prefetch_used as f64 / self.prefetched as f64
     }
 
+    /// The counters accumulated since `earlier` (a snapshot of the same store): what a span of
+    /// steps served, moved, stalled and read, so that its rates come from the methods above. Gauges
+    /// (occupancy, budgets, peaks, units) are this snapshot's.
+    pub fn since(&self, earlier: &TierStats) -> TierStats {
+        let mut d = self.clone();
+        for i in 0..3 {
+            d.served_from[i] = self.served_from[i].saturating_sub(earlier.served_from[i]);
+            for j in 0..3 {
+                d.moved[i][j] = self.moved[i][j].saturating_sub(earlier.moved[i][j]);
+            }
+        }
+        d.prefetched = self.prefetched.saturating_sub(earlier.prefetched);
+        d.deferred = self.deferred.saturating_sub(earlier.deferred);
+        d.prefetch_used = self.prefetch_used.saturating_sub(earlier.prefetch_used);
+        d.stall_seconds = self.stall_seconds - earlier.stall_seconds;
+        d.disk_read = self.disk_read.saturating_sub(earlier.disk_read);
+        d.disk_written = self.disk_written.saturating_sub(earlier.disk_written);
+        d.read_seconds = self.read_seconds - earlier.read_seconds;
+        d.write_seconds = self.write_seconds - earlier.write_seconds;
+        d
+    }
+
     /// Add another worker's figures (for totals over workers).
     pub fn add(&mut self, o: &TierStats) {
         self.units += o.units;
@@ -82,5 +104,36 @@ impl TierStats {
         self.disk_written += o.disk_written;
         self.read_seconds += o.read_seconds;
         self.write_seconds += o.write_seconds;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rates_of_a_span_come_from_its_counters() {
+        let earlier = TierStats {
+            served_from: [10, 5, 5],
+            prefetched: 4,
+            prefetch_used: 2,
+            disk_read: 100,
+            stall_seconds: 1.0,
+            ..TierStats::default()
+        };
+        let later = TierStats {
+            served_from: [16, 7, 7],
+            prefetched: 8,
+            prefetch_used: 5,
+            disk_read: 400,
+            stall_seconds: 1.5,
+            ..TierStats::default()
+        };
+        let d = later.since(&earlier);
+        assert_eq!(d.served_from, [6, 2, 2]);
+        assert_eq!((d.prefetched, d.prefetch_used, d.disk_read), (4, 3, 300));
+        assert_eq!(d.hit_rate(), 0.8);
+        assert_eq!(d.prefetch_accuracy(), 0.75);
+        assert_eq!(d.stall_seconds, 0.5);
     }
 }
