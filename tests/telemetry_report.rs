@@ -2,36 +2,15 @@
 //!
 //! Set `SEMOE_KEEP_TEST_OUTPUT=1` to keep the generated run directories (their paths are printed).
 
+mod common;
+
+use common::TempDir;
+
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use semoe::telemetry::{read_metrics, write_report, EXPERTS_SVG, LOSS_SVG, METRICS_FILE, REPORT_MD, THROUGHPUT_SVG};
 use semoe::Error;
-
-/// A fresh, uniquely named directory under the system temp dir, removed on drop unless asked to keep it.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!("semoe-report-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("SEMOE_KEEP_TEST_OUTPUT").is_some() {
-            eprintln!("kept {}", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
 
 const STEPS: u64 = 300;
 const TOKENS_PER_STEP: u64 = 2048;
@@ -192,19 +171,19 @@ fn check_svg(path: &Path, min_points: usize) -> String {
 fn report_of_a_synthetic_moe_run() {
     let dir = TempDir::new("moe");
     let s = synthetic();
-    std::fs::write(dir.0.join(METRICS_FILE), &s.log).unwrap();
+    std::fs::write(dir.path().join(METRICS_FILE), &s.log).unwrap();
 
-    let summary = write_report(&dir.0).unwrap();
+    let summary = write_report(dir.path()).unwrap();
 
     for f in [LOSS_SVG, THROUGHPUT_SVG, EXPERTS_SVG, REPORT_MD] {
-        assert!(dir.0.join(f).is_file(), "{f} missing");
+        assert!(dir.path().join(f).is_file(), "{f} missing");
     }
-    let loss_svg = check_svg(&dir.0.join(LOSS_SVG), MIN_POINTS);
+    let loss_svg = check_svg(&dir.path().join(LOSS_SVG), MIN_POINTS);
     assert!(loss_svg.contains("<polyline") && loss_svg.contains("<circle"));
     assert!(loss_svg.contains("nats/byte"));
-    check_svg(&dir.0.join(THROUGHPUT_SVG), MIN_POINTS);
+    check_svg(&dir.path().join(THROUGHPUT_SVG), MIN_POINTS);
     // A heat map: its data are the cells.
-    let experts_svg = check_svg(&dir.0.join(EXPERTS_SVG), 0);
+    let experts_svg = check_svg(&dir.path().join(EXPERTS_SVG), 0);
     // 60 buckets x 4 experts x 2 layers of cells, plus the colour bar.
     assert!(experts_svg.matches("<rect").count() >= 60 * 4 * 2);
     assert!(experts_svg.contains("MoE layer 1"));
@@ -254,7 +233,7 @@ fn report_of_a_synthetic_moe_run() {
     assert!(summary.layers[0].final_share[0] > 0.25 && summary.layers[0].final_share[0] < 0.28);
 
     // The Markdown.
-    let md = std::fs::read_to_string(dir.0.join(REPORT_MD)).unwrap();
+    let md = std::fs::read_to_string(dir.path().join(REPORT_MD)).unwrap();
     assert!(md.contains("1.5713"), "best val loss missing:\n{md}");
     assert!(md.contains("step 250"));
     assert!(md.contains("614,400"), "total tokens missing:\n{md}");
@@ -279,16 +258,16 @@ fn dense_run_reports_without_experts() {
             1000 + step
         );
     }
-    std::fs::write(dir.0.join(METRICS_FILE), log).unwrap();
-    let summary = write_report(&dir.0).unwrap();
+    std::fs::write(dir.path().join(METRICS_FILE), log).unwrap();
+    let summary = write_report(dir.path()).unwrap();
     assert!(summary.layers.is_empty());
     assert_eq!(summary.best_val_loss, None);
     assert_eq!(summary.final_val_loss, None);
     assert_eq!(summary.median_tokens_per_s, 1010.5);
     assert_eq!(summary.total_tokens, 2000);
     // One point per step.
-    check_svg(&dir.0.join(LOSS_SVG), 20);
-    let experts = std::fs::read_to_string(dir.0.join(EXPERTS_SVG)).unwrap();
+    check_svg(&dir.path().join(LOSS_SVG), 20);
+    let experts = std::fs::read_to_string(dir.path().join(EXPERTS_SVG)).unwrap();
     assert!(experts.starts_with("<svg") && experts.contains("no MoE layers"));
 }
 
@@ -316,7 +295,7 @@ fn resumed_run_supersedes_repeated_steps() {
     log.push_str(
         "{\"kind\":\"train\",\"step\":13,\"tokens\":130,\"elapsed_s\":13,\"loss\":null,\"tokens_per_s\":null}\n",
     );
-    let path = dir.0.join(METRICS_FILE);
+    let path = dir.path().join(METRICS_FILE);
     std::fs::write(&path, log).unwrap();
     let m = read_metrics(&path).unwrap();
     let steps: Vec<u64> = m.train.iter().map(|r| r.step).collect();
@@ -325,7 +304,7 @@ fn resumed_run_supersedes_repeated_steps() {
     assert!(m.train[12].loss.is_nan());
     assert!(m.val.is_empty());
     assert_eq!(m.superseded_records, 6);
-    let summary = write_report(&dir.0).unwrap();
+    let summary = write_report(dir.path()).unwrap();
     // The NaN loss is skipped by the moving average and the median.
     assert!(summary.final_train_loss.is_finite());
     assert_eq!(summary.median_tokens_per_s, 1000.0);
@@ -334,16 +313,19 @@ fn resumed_run_supersedes_repeated_steps() {
 #[test]
 fn missing_log_is_an_error_naming_the_path() {
     let dir = TempDir::new("missing");
-    let err = write_report(&dir.0).unwrap_err();
+    let err = write_report(dir.path()).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
-    assert!(msg.contains(&dir.0.join(METRICS_FILE).display().to_string()), "{msg}");
+    assert!(
+        msg.contains(&dir.path().join(METRICS_FILE).display().to_string()),
+        "{msg}"
+    );
 }
 
 #[test]
 fn log_without_training_records_is_an_error() {
     let dir = TempDir::new("empty");
-    let path = dir.0.join(METRICS_FILE);
+    let path = dir.path().join(METRICS_FILE);
     std::fs::write(
         &path,
         "{\"kind\":\"config\",\"experts\":4}\n{\"kind\":\"val\",\"step\":10,\"val_loss\":2.0}\ngarbage\n",
@@ -356,6 +338,6 @@ fn log_without_training_records_is_an_error() {
         msg.contains("no training records") && msg.contains("1 malformed"),
         "{msg}"
     );
-    assert!(write_report(&dir.0).is_err());
-    assert!(!dir.0.join(REPORT_MD).exists());
+    assert!(write_report(dir.path()).is_err());
+    assert!(!dir.path().join(REPORT_MD).exists());
 }

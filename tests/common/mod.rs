@@ -175,6 +175,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // SEMOE_KEEP_TEST_OUTPUT=1 keeps it, to look at what a test wrote (a report's plots, say).
+        if std::env::var_os("SEMOE_KEEP_TEST_OUTPUT").is_some() {
+            eprintln!("kept {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
