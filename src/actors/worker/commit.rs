@@ -14,6 +14,18 @@ use crate::storage::tiers::ExpertSlot;
 use ractor::ActorRef;
 use std::sync::PoisonError;
 
+/// The Expert actors this worker hosts now, by `(block, expert)`.
+fn hosted_experts(state: &WorkerState) -> Vec<((usize, usize), ActorRef<ExpertMsg>)> {
+    state
+        .registry
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .experts
+        .iter()
+        .map(|(k, v)| (*k, v.clone()))
+        .collect()
+}
+
 /// Ask every hosted expert at once; answer `(expert id, answer)` in expert order.
 async fn for_each_expert<R, F, Fut>(
     experts: Vec<((usize, usize), ActorRef<ExpertMsg>)>,
@@ -52,14 +64,7 @@ pub(super) async fn prepare(state: &mut WorkerState, step: StepId) -> Result<Vec
     .into_iter()
     .map(|(i, s)| ((i, 0), s))
     .collect();
-    let experts: Vec<((usize, usize), ActorRef<ExpertMsg>)> = state
-        .registry
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .experts
-        .iter()
-        .map(|(k, v)| (*k, v.clone()))
-        .collect();
+    let experts = hosted_experts(state);
     let names: Vec<String> = {
         let replica = state.args.replica.lock().unwrap_or_else(PoisonError::into_inner);
         replica.tensors().into_iter().map(|(n, _, _)| n).collect()
@@ -92,14 +97,7 @@ pub(super) async fn commit(state: &mut WorkerState, step: StepId, lr: f64, norm:
         |reply| LedgerMsg::Commit { step, lr, norm, reply },
     )
     .await?;
-    let experts: Vec<((usize, usize), ActorRef<ExpertMsg>)> = state
-        .registry
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .experts
-        .iter()
-        .map(|(k, v)| (*k, v.clone()))
-        .collect();
+    let experts = hosted_experts(state);
     let (worker, deadline) = (a.worker, a.deadline);
     for_each_expert(experts, move |(block, e), actor| async move {
         let who = ActorName(format!("expert {block}.{e} on worker {worker}"));
