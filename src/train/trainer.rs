@@ -192,6 +192,8 @@ struct State {
     prior_seconds: f64,
     recent_losses: VecDeque<f64>,
     last_val: Option<(u64, f64)>,
+    /// SHA-256 of the corpus (computed once: the resume check and every checkpoint use it).
+    data_digest: String,
 }
 
 /// Remove the Disk tier's slot files under `run_dir` (scratch state: the checkpoints hold the run).
@@ -267,6 +269,7 @@ impl Trainer {
             prior_seconds: 0.0,
             recent_losses: VecDeque::new(),
             last_val: None,
+            data_digest: corpus.digest(),
         };
         Trainer::assemble(config, corpus, state, run_dir, lock, Vec::new())
     }
@@ -316,7 +319,8 @@ impl Trainer {
         }
         let lock = RunDirLock::acquire(run_dir)?;
         let (config, mut notices) = resumed_config(run_dir, options, adjust)?;
-        let recorded = TrainConfig::from_file(&config_path)?;
+        // resumed_config reports every field that differs from the recorded config.
+        let config_changed = !notices.is_empty();
 
         let resolved = checkpoint::newest_intact(run_dir)?;
         let Some(ckpt) = resolved.checkpoint else {
@@ -366,10 +370,11 @@ impl Trainer {
             prior_seconds,
             recent_losses: history.recent_losses,
             last_val: history.last_val,
+            data_digest: digest,
         };
         Trainer::assemble(config.clone(), corpus, state, run_dir, lock, notices).and_then(|t| {
             // The run's config now says what it runs with (the resumable settings just applied).
-            if config != recorded {
+            if config_changed {
                 std::fs::write(&config_path, config.to_toml()?)
                     .map_err(|e| Error::io("cannot write", &config_path, e))?;
             }
@@ -391,6 +396,7 @@ impl Trainer {
             prior_seconds,
             recent_losses,
             last_val,
+            data_digest,
         } = state;
         // The Disk tier's slot files of an earlier invocation are stale scratch: start clean.
         remove_tier_files(run_dir);
@@ -425,7 +431,6 @@ impl Trainer {
             };
             (Vec::new(), Some(engine))
         };
-        let corpus_digest = corpus.digest();
         Ok(Trainer {
             config,
             corpus,
@@ -436,7 +441,7 @@ impl Trainer {
             group_grads,
             engine,
             prior_seconds,
-            data_digest: corpus_digest,
+            data_digest,
             stop: Arc::new(AtomicUsize::new(0)),
             stop_at: None,
             recent_losses,
