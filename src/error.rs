@@ -102,6 +102,16 @@ pub enum Error {
         lr: f64,
     },
 
+    /// A peer broke the wire protocol (a malformed or oversized frame, a stale epoch, a shape that
+    /// does not fit the model). The peer is evicted; this is never repaired by a replay.
+    #[error("{peer} broke the protocol and is evicted: {detail}")]
+    Protocol {
+        /// Who sent it (for example `worker 2 (127.0.0.1:40001)`).
+        peer: String,
+        /// What was wrong with it.
+        detail: String,
+    },
+
     /// The runtime cannot go on: a worker was lost, or the runtime has shut down.
     #[error("runtime: {0}")]
     Runtime(String),
@@ -149,6 +159,14 @@ impl Error {
     /// Whether the error is an actor failure that a restart and a replay of the step repair.
     pub fn is_restartable(&self) -> bool {
         matches!(self, Error::ActorFailed { .. })
+    }
+
+    /// A protocol violation by `peer`.
+    pub fn protocol(peer: impl Into<String>, detail: impl Into<String>) -> Self {
+        Error::Protocol {
+            peer: peer.into(),
+            detail: detail.into(),
+        }
     }
 
     /// A checkpoint error about `path` (the checkpoint directory or a file in it).
