@@ -7,6 +7,7 @@
 //! and the actors do not change.
 
 pub mod local;
+pub mod quic;
 
 use crate::error::Result;
 use std::sync::Arc;

@@ -1,0 +1,156 @@
+//! QUIC and TLS configuration: TLS 1.3 only, ring only, the job certificate pinned by fingerprint,
+//! and transport settings that detect a dead peer in 1.5 s.
+
+use super::identity::{sha256_hex, JobIdentity};
+use crate::error::{Error, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{ring, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The ALPN protocol both sides must agree on: a stray QUIC client of another protocol is refused
+/// in the handshake.
+pub const ALPN: &[u8] = b"semoe/1";
+
+/// A connection that carries no packet for this long is dead (a killed or partitioned peer).
+pub const IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Keep-alives keep an idle but live connection from reaching [`IDLE_TIMEOUT`].
+pub const KEEP_ALIVE: Duration = Duration::from_millis(300);
+
+/// Flow-control window of one stream: a frame of tens of MiB flows without waiting for the reader
+/// to grant more credit.
+pub const STREAM_WINDOW: u32 = 64 << 20;
+
+/// Flow-control window of one connection (all its streams).
+pub const CONNECTION_WINDOW: u32 = 128 << 20;
+
+/// ring's provider, built explicitly (no process-wide default is installed or needed). rustls
+/// 0.23.48 deprecates it for lacking post-quantum key exchange; the job uses ring only (no aws-lc
+/// in the build), and every peer is pinned, so classical X25519 is what both ends offer.
+#[allow(deprecated)]
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring::default_provider())
+}
+
+/// The transport settings of every connection: idle timeout [`IDLE_TIMEOUT`] with keep-alives every
+/// [`KEEP_ALIVE`] (a peer that dies shows as `ConnectionError::TimedOut` about 1.5 s later, a peer
+/// that closes as `ApplicationClosed` with its reason at once), and windows big enough for frames
+/// of tens of MiB.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    // 1500 ms is far below the VarInt limit of an idle timeout, so the conversion cannot fail.
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW));
+    t.send_window(u64::from(CONNECTION_WINDOW));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
+    t
+}
+
+/// The server side: serve `identity`'s certificate over TLS 1.3 with [`ALPN`].
+pub fn server_config(identity: &JobIdentity) -> Result<quinn::ServerConfig> {
+    let cert = CertificateDer::from(identity.cert_der.clone());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key_der.clone()));
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::runtime(format!("TLS server configuration: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .map_err(|e| Error::runtime(format!("TLS server configuration (the job certificate): {e}")))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| Error::runtime(format!("QUIC server configuration: {e}")))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// The client side: TLS 1.3 with [`ALPN`], accepting exactly the certificate whose SHA-256 (hex) is
+/// `pinned_sha256` and nothing else.
+pub fn client_config(pinned_sha256: &str) -> Result<quinn::ClientConfig> {
+    let provider = provider();
+    let verifier = PinnedCert {
+        pin: pinned_sha256.trim().to_ascii_lowercase(),
+        provider: provider.clone(),
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::runtime(format!("TLS client configuration: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| Error::runtime(format!("QUIC client configuration: {e}")))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// A UDP endpoint bound to `bind` that serves `identity` and connects (by default) to servers whose
+/// certificate is `pinned` (every worker of a job serves the same job certificate).
+pub fn endpoint(bind: SocketAddr, identity: &JobIdentity, pinned: &str) -> Result<quinn::Endpoint> {
+    let mut endpoint = quinn::Endpoint::server(server_config(identity)?, bind)
+        .map_err(|e| Error::runtime(format!("cannot bind the QUIC endpoint to {bind}: {e}")))?;
+    endpoint.set_default_client_config(client_config(pinned)?);
+    Ok(endpoint)
+}
+
+/// Accepts exactly the certificate whose SHA-256 is the pin; the handshake signature is still
+/// verified against it, so the server must hold the job's private key.
+#[derive(Debug)]
+struct PinnedCert {
+    pin: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let got = sha256_hex(end_entity.as_ref());
+        if got == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the server's certificate did not match the job's pinned certificate (SHA-256 {} \
+                 expected, {got} presented)",
+                self.pin
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        // The configuration allows TLS 1.3 only.
+        Err(rustls::Error::General("TLS 1.2 is not allowed".to_string()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}

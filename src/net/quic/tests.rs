@@ -1,0 +1,503 @@
+//! Tests of the QUIC transport, over 127.0.0.1 with ephemeral ports. Every wait is bounded.
+
+use super::*;
+use crate::error::{Error, Result};
+use crate::net::{Inbox, Packet, Payload, Transport, WorkerId};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn within<F: Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {WAIT:?}"))
+}
+
+/// A directory removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let n: u64 = rand::random();
+        let dir = std::env::temp_dir().join(format!("semoe-quic-{name}-{}-{n:x}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Dir(dir)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Frames of `Ack` packets only: epoch, from, to, id as u64 LE.
+struct TestCodec;
+
+impl PacketCodec for TestCodec {
+    fn encode(&self, epoch: u64, p: &Packet) -> Result<Vec<u8>> {
+        if !matches!(p.payload, Payload::Ack) {
+            return Err(Error::runtime("the test codec encodes Ack only"));
+        }
+        let mut out = Vec::with_capacity(32);
+        for v in [epoch, p.from as u64, p.to as u64, p.id] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        Ok(out)
+    }
+
+    fn decode(&self, bytes: &[u8], epoch: u64) -> Result<Packet> {
+        if bytes.len() != 32 {
+            return Err(Error::parse("a test packet", format!("{} bytes, not 32", bytes.len())));
+        }
+        let v = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        if v(0) != epoch {
+            return Err(Error::parse(
+                "a test packet",
+                format!("epoch {} in epoch {epoch}", v(0)),
+            ));
+        }
+        Ok(Packet {
+            from: v(1) as usize,
+            to: v(2) as usize,
+            id: v(3),
+            payload: Payload::Ack,
+        })
+    }
+}
+
+/// Sends garbage.
+struct GarbageCodec;
+
+impl PacketCodec for GarbageCodec {
+    fn encode(&self, _epoch: u64, _p: &Packet) -> Result<Vec<u8>> {
+        Ok(vec![0xde, 0xad])
+    }
+
+    fn decode(&self, _bytes: &[u8], _epoch: u64) -> Result<Packet> {
+        Err(Error::parse("garbage", "always"))
+    }
+}
+
+fn ack(from: WorkerId, to: WorkerId, id: u64) -> Packet {
+    Packet {
+        from,
+        to,
+        id,
+        payload: Payload::Ack,
+    }
+}
+
+fn plane(identity: &JobIdentity, token: &str, codec: Arc<dyn PacketCodec>) -> Arc<DataPlane> {
+    let ep = endpoint("127.0.0.1:0".parse().expect("addr"), identity, &identity.fingerprint()).expect("endpoint");
+    Arc::new(DataPlane::new(ep, token.to_string(), codec).expect("data plane"))
+}
+
+fn addrs(planes: &[Arc<DataPlane>]) -> Vec<(WorkerId, SocketAddr)> {
+    planes
+        .iter()
+        .enumerate()
+        .map(|(w, p)| (w, p.local_addr().expect("addr")))
+        .collect()
+}
+
+/// Start `epoch` on every plane at once.
+async fn start_all(planes: &[Arc<DataPlane>], epoch: u64, deadline: Duration) -> Vec<Result<(QuicTransport, Inbox)>> {
+    let peers = addrs(planes);
+    let tasks: Vec<_> = planes
+        .iter()
+        .enumerate()
+        .map(|(w, p)| {
+            let (p, peers, n) = (p.clone(), peers.clone(), planes.len());
+            tokio::spawn(async move { p.start_epoch(w, epoch, peers, n, deadline).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(within("start_epoch", t).await.expect("start task"));
+    }
+    out
+}
+
+#[test]
+fn ticket_round_trip_with_mode_0600() {
+    let dir = Dir::new("ticket");
+    let identity = JobIdentity::generate().expect("identity");
+    let ticket = JoinTicket::new("127.0.0.1:4433".parse().expect("addr"), &identity);
+    assert_eq!(ticket.token.len(), 64);
+    assert_eq!(ticket.cert_sha256, identity.fingerprint());
+    assert_ne!(
+        JoinTicket::new(ticket.addr, &identity).token,
+        ticket.token,
+        "tokens are random"
+    );
+    let path = dir.0.join("job.ticket");
+    ticket.write(&path).expect("write");
+    let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(JoinTicket::read(&path).expect("read"), ticket);
+    // Overwriting works, and leaves no temporary file behind.
+    ticket.write(&path).expect("rewrite");
+    assert_eq!(std::fs::read_dir(&dir.0).expect("list").count(), 1);
+    assert!(ticket.token_matches(&ticket.token.clone()));
+    assert!(!ticket.token_matches(&ticket.token[1..]));
+    assert!(!ticket.token_matches(&"0".repeat(64)));
+    assert!(!format!("{ticket:?}").contains(&ticket.token), "Debug hides the token");
+}
+
+#[test]
+fn garbled_tickets_are_refused_with_the_reason() {
+    let dir = Dir::new("garbled");
+    let missing = JoinTicket::read(&dir.0.join("nope")).expect_err("missing");
+    assert!(missing.to_string().contains("nope"), "{missing}");
+
+    let hex = "ab".repeat(32);
+    let cases = [
+        ("not a ticket\n".to_string(), "not a join ticket"),
+        (String::new(), "empty"),
+        (
+            format!("{TICKET_HEADER}\naddr = nowhere\ntoken = {hex}\ncert_sha256 = {hex}\n"),
+            "field addr",
+        ),
+        (
+            format!("{TICKET_HEADER}\naddr = 127.0.0.1:1\ncert_sha256 = {hex}\n"),
+            "field token is missing",
+        ),
+        (
+            format!("{TICKET_HEADER}\naddr = 127.0.0.1:1\ntoken = {hex}\ncert_sha256 = xyz\n"),
+            "field cert_sha256",
+        ),
+        (
+            format!("{TICKET_HEADER}\naddr = 127.0.0.1:1\ncolour = blue\n"),
+            "unknown field \"colour\"",
+        ),
+        (format!("{TICKET_HEADER}\njunk\n"), "line 2"),
+    ];
+    for (i, (text, expect)) in cases.iter().enumerate() {
+        let path = dir.0.join(format!("t{i}"));
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let err = JoinTicket::read(&path).expect_err(expect);
+        assert!(err.to_string().contains(expect), "case {i}: {err}");
+    }
+
+    let identity = JobIdentity::generate().expect("identity");
+    let path = dir.0.join("open");
+    JoinTicket::new("127.0.0.1:1".parse().expect("addr"), &identity)
+        .write(&path)
+        .expect("write");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let err = JoinTicket::read(&path).expect_err("group/other readable");
+    assert!(err.to_string().contains("chmod 600"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_another_certificate_is_refused() {
+    let job = JobIdentity::generate().expect("identity");
+    let impostor = JobIdentity::generate().expect("identity");
+    assert_ne!(job.fingerprint(), impostor.fingerprint());
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let server = endpoint(any, &impostor, &impostor.fingerprint()).expect("server");
+    let server_addr = server.local_addr().expect("addr");
+    let accept = tokio::spawn({
+        let server = server.clone();
+        async move {
+            while let Some(incoming) = server.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(conn) = incoming.await {
+                        conn.closed().await;
+                    }
+                });
+            }
+        }
+    });
+    let client = endpoint(any, &job, &job.fingerprint()).expect("client");
+    let err = within("connect", async {
+        client.connect(server_addr, SERVER_NAME).expect("connecting").await
+    })
+    .await
+    .expect_err("a certificate that is not pinned");
+    assert!(err.to_string().contains("did not match"), "{err}");
+
+    // The pinned certificate is accepted.
+    let honest = endpoint(any, &impostor, &impostor.fingerprint()).expect("client");
+    let conn = within("connect", async {
+        honest.connect(server_addr, SERVER_NAME).expect("connecting").await
+    })
+    .await
+    .expect("the pinned certificate");
+    conn.close(0u32.into(), b"done");
+    server.close(0u32.into(), b"done");
+    accept.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_round_trip_and_bad_frames_are_errors() {
+    let id = JobIdentity::generate().expect("identity");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let server = endpoint(any, &id, &id.fingerprint()).expect("server");
+    let client = endpoint(any, &id, &id.fingerprint()).expect("client");
+    let server_addr = server.local_addr().expect("addr");
+    let (conn, incoming) = within("connect", async {
+        let incoming = tokio::spawn({
+            let server = server.clone();
+            async move { server.accept().await.expect("incoming").await.expect("handshake") }
+        });
+        let conn = client
+            .connect(server_addr, SERVER_NAME)
+            .expect("connecting")
+            .await
+            .expect("connect");
+        (conn, incoming.await.expect("accept task"))
+    })
+    .await;
+
+    // A good frame, then a length over the limit.
+    let mut send = conn.open_uni().await.expect("open");
+    write_frame(&mut send, b"hello").await.expect("write");
+    send.write_all(&(1u64 << 40).to_le_bytes()).await.expect("write");
+    let mut recv = within("accept", incoming.accept_uni()).await.expect("stream");
+    let got = within("read", read_frame(&mut recv, 16, "a test frame"))
+        .await
+        .expect("read");
+    assert_eq!(got.as_deref(), Some(&b"hello"[..]));
+    let err = within("read", read_frame(&mut recv, 16, "a test frame"))
+        .await
+        .expect_err("too long");
+    assert!(err.to_string().contains("over the limit"), "{err}");
+
+    // A truncated frame.
+    let mut send = conn.open_uni().await.expect("open");
+    send.write_all(&10u64.to_le_bytes()).await.expect("write");
+    send.write_all(b"abc").await.expect("write");
+    send.finish().expect("finish");
+    let mut recv = within("accept", incoming.accept_uni()).await.expect("stream");
+    let err = within("read", read_frame(&mut recv, 16, "a test frame"))
+        .await
+        .expect_err("truncated");
+    assert!(err.to_string().contains("ended 3 bytes into"), "{err}");
+
+    // A clean end before a frame.
+    let mut send = conn.open_uni().await.expect("open");
+    write_frame(&mut send, b"").await.expect("write");
+    send.finish().expect("finish");
+    let mut recv = within("accept", incoming.accept_uni()).await.expect("stream");
+    let got = within("read", read_frame(&mut recv, 16, "a test frame"))
+        .await
+        .expect("read");
+    assert_eq!(got, Some(Vec::new()));
+    let got = within("read", read_frame(&mut recv, 16, "a test frame"))
+        .await
+        .expect("read");
+    assert_eq!(got, None);
+}
+
+/// Every worker sends `n` packets to every worker (itself included); each inbox gets them all, in
+/// order per sender.
+async fn exchange(nets: &mut [(QuicTransport, Inbox)], n: u64) {
+    let workers = nets.len();
+    for (t, _) in nets.iter() {
+        assert_eq!(t.workers(), workers);
+        for id in 0..n {
+            for to in 0..workers {
+                t.send(ack(t.id(), to, id)).expect("send");
+            }
+        }
+    }
+    for (me, (_, inbox)) in nets.iter_mut().enumerate() {
+        let mut next = vec![0u64; workers];
+        for _ in 0..n * workers as u64 {
+            let p = within("a packet", inbox.recv()).await.expect("inbox open");
+            assert_eq!(p.to, me);
+            assert_eq!(
+                p.id, next[p.from],
+                "worker {me}: packets from worker {} out of order",
+                p.from
+            );
+            next[p.from] += 1;
+        }
+        assert_eq!(next, vec![n; workers]);
+        assert!(inbox.try_recv().is_err(), "nothing more");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_planes_exchange_in_order_across_two_epochs() {
+    let id = JobIdentity::generate().expect("identity");
+    let planes: Vec<_> = (0..3).map(|_| plane(&id, "secret", Arc::new(TestCodec))).collect();
+    let mut events: Vec<_> = planes.iter().map(|p| p.events().expect("events")).collect();
+    assert!(planes[0].events().is_none(), "one consumer");
+
+    let mut nets: Vec<_> = start_all(&planes, 1, WAIT)
+        .await
+        .into_iter()
+        .map(|r| r.expect("epoch 1"))
+        .collect();
+    exchange(&mut nets, 200).await;
+    let err = nets[0].0.send(ack(0, 7, 0)).expect_err("no such worker");
+    assert!(err.to_string().contains("worker 7"), "{err}");
+    let err = nets[0].0.send(ack(1, 2, 0)).expect_err("not from me");
+    assert!(err.to_string().contains("worker 1"), "{err}");
+
+    // The next epoch on the same planes (epochs need not be consecutive).
+    let old = nets;
+    let mut nets: Vec<_> = start_all(&planes, 3, WAIT)
+        .await
+        .into_iter()
+        .map(|r| r.expect("epoch 3"))
+        .collect();
+    exchange(&mut nets, 50).await;
+    assert_eq!(nets[2].0.epoch(), 3);
+    // The old transports no longer reach peers.
+    let err = old[0].0.send(ack(0, 1, 0)).expect_err("epoch 1 is over");
+    assert!(err.to_string().contains("worker 1"), "{err}");
+    // An epoch does not go back.
+    let err = planes[0]
+        .start_epoch(0, 2, addrs(&planes), 3, Duration::from_millis(100))
+        .await
+        .expect_err("stale epoch");
+    assert!(err.to_string().contains("does not follow"), "{err}");
+    for ev in &mut events {
+        assert!(ev.try_recv().is_err(), "no events in a healthy run");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_refused_within_a_second() {
+    let id = JobIdentity::generate().expect("identity");
+    let planes = vec![
+        plane(&id, "right", Arc::new(TestCodec)),
+        plane(&id, "wrong", Arc::new(TestCodec)),
+    ];
+    let start = Instant::now();
+    let results = start_all(&planes, 1, Duration::from_secs(5)).await;
+    assert!(start.elapsed() < Duration::from_secs(1), "took {:?}", start.elapsed());
+    for (w, r) in results.into_iter().enumerate() {
+        let err = r.expect_err("refused");
+        assert!(err.to_string().contains("wrong token"), "worker {w}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_frame_evicts_its_sender() {
+    let id = JobIdentity::generate().expect("identity");
+    let planes = vec![
+        plane(&id, "secret", Arc::new(TestCodec)),
+        plane(&id, "secret", Arc::new(GarbageCodec)),
+    ];
+    let mut events0 = planes[0].events().expect("events");
+    let mut events1 = planes[1].events().expect("events");
+    let mut nets: Vec<_> = start_all(&planes, 5, WAIT)
+        .await
+        .into_iter()
+        .map(|r| r.expect("epoch 5"))
+        .collect();
+    nets[1].0.send(ack(1, 0, 0)).expect("send");
+    match within("the eviction", events0.recv()).await.expect("event") {
+        PeerEvent::Evicted { epoch, peer, detail } => {
+            assert_eq!((epoch, peer), (5, 1));
+            assert!(detail.contains("does not decode"), "{detail}");
+        }
+        other => panic!("expected an eviction, got {other:?}"),
+    }
+    let err = nets[0].0.send(ack(0, 1, 0)).expect_err("evicted");
+    assert!(
+        err.to_string().contains("worker 1") && err.to_string().contains("evicted"),
+        "{err}"
+    );
+    assert!(nets[0].1.try_recv().is_err(), "the bad frame was not delivered");
+    // The evicted worker learns why.
+    match within("the loss", events1.recv()).await.expect("event") {
+        PeerEvent::Lost { epoch, peer, detail } => {
+            assert_eq!((epoch, peer), (5, 0));
+            assert!(detail.contains("protocol violation"), "{detail}");
+        }
+        other => panic!("expected a loss, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_lost_within_two_seconds() {
+    let id = JobIdentity::generate().expect("identity");
+    // Worker 1 lives on its own runtime, which is dropped to stop it dead (no close is sent), as if
+    // its process were killed.
+    let victim_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let victim = {
+        let _guard = victim_rt.enter();
+        plane(&id, "secret", Arc::new(TestCodec))
+    };
+    let planes = vec![plane(&id, "secret", Arc::new(TestCodec)), victim];
+    let mut events = planes[0].events().expect("events");
+    let mut nets: Vec<_> = start_all(&planes, 2, WAIT)
+        .await
+        .into_iter()
+        .map(|r| r.expect("epoch 2"))
+        .collect();
+    nets[0].0.send(ack(0, 1, 0)).expect("send");
+    assert_eq!(within("a packet", nets[1].1.recv()).await.expect("packet").id, 0);
+
+    let killed = Instant::now();
+    victim_rt.shutdown_background();
+    let event = tokio::time::timeout(Duration::from_millis(2500), events.recv())
+        .await
+        .expect("the loss within 2.5 s")
+        .expect("event");
+    let waited = killed.elapsed();
+    match event {
+        PeerEvent::Lost { epoch, peer, detail } => {
+            assert_eq!((epoch, peer), (2, 1));
+            assert!(detail.contains("timed out"), "{detail}");
+        }
+        other => panic!("expected a loss, got {other:?}"),
+    }
+    assert!(waited >= Duration::from_millis(1000), "lost after {waited:?}");
+    let err = nets[0].0.send(ack(0, 1, 1)).expect_err("lost");
+    assert!(err.to_string().contains("worker 1"), "{err}");
+    // The victim's plane cannot be dropped cleanly without its runtime; leak it (a killed process).
+    let mut planes = planes;
+    if let Some(victim) = planes.pop() {
+        std::mem::forget(victim);
+    }
+    std::mem::forget(nets);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_peer_fails_the_epoch_naming_it() {
+    let id = JobIdentity::generate().expect("identity");
+    let planes: Vec<_> = (0..2).map(|_| plane(&id, "secret", Arc::new(TestCodec))).collect();
+    // Worker 1 never starts epoch 1: worker 0 connects (its hello waits as pending) but never hears
+    // worker 1's hello.
+    let err = within(
+        "start_epoch",
+        planes[0].start_epoch(0, 1, addrs(&planes), 2, Duration::from_millis(300)),
+    )
+    .await
+    .expect_err("no hello from worker 1");
+    assert!(err.to_string().contains("worker 1"), "{err}");
+}
+
+#[test]
+fn hello_round_trip() {
+    let hello = plane_hello();
+    let bytes = hello.encode();
+    assert_eq!(super::plane::Hello::decode(&bytes).expect("decode"), hello);
+    assert!(super::plane::Hello::decode(&bytes[..bytes.len() - 1]).is_err());
+    assert!(super::plane::Hello::decode(b"GET / HTTP/1.1\r\n\r\n--------").is_err());
+}
+
+fn plane_hello() -> super::plane::Hello {
+    super::plane::Hello {
+        token: "t0k3n".to_string(),
+        epoch: 9,
+        from: 4,
+    }
+}
