@@ -124,13 +124,9 @@ impl JoinTicket {
             .file_name()
             .ok_or_else(|| Error::config(format!("the join ticket path {} names no file", path.display())))?;
         let mut tmp_name = file_name.to_os_string();
-        tmp_name.push(format!(".tmp.{}", std::process::id()));
+        let nonce: u64 = rand::random();
+        tmp_name.push(format!(".tmp.{}.{nonce:016x}", std::process::id()));
         let tmp = path.with_file_name(tmp_name);
-        match std::fs::remove_file(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove a stale temporary join ticket", &tmp, e)),
-        }
         let text = format!(
             "{TICKET_HEADER}\naddr = {}\ntoken = {}\ncert_sha256 = {}\n",
             self.addr, self.token, self.cert_sha256
@@ -141,11 +137,17 @@ impl JoinTicket {
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| Error::io("create the join ticket", &tmp, e))?;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| Error::io("write the join ticket", &tmp, e))?;
+        let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
         drop(file);
-        std::fs::rename(&tmp, path).map_err(|e| Error::io("move the join ticket into place", path, e))
+        let result = written
+            .map_err(|e| Error::io("write the join ticket", &tmp, e))
+            .and_then(|()| {
+                std::fs::rename(&tmp, path).map_err(|e| Error::io("move the join ticket into place", path, e))
+            });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
     }
 
     /// Read a ticket written by [`JoinTicket::write`]. Refuses a file that its group or others may

@@ -41,4 +41,4 @@ pub use config::{
 };
 pub use frame::{read_frame, write_frame};
 pub use identity::{constant_time_eq, sha256_hex, JobIdentity, JoinTicket, SERVER_NAME, TICKET_HEADER};
-pub use plane::{DataPlane, PacketCodec, PeerEvent, QuicTransport, MAX_PACKET_FRAME};
+pub use plane::{DataPlane, PacketCodec, PeerEvent, QuicTransport, MAX_PACKET_FRAME, MAX_TOKEN};

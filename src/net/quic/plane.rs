@@ -69,8 +69,11 @@ mod code {
 /// The largest packet frame accepted (its length is checked before anything is allocated).
 pub const MAX_PACKET_FRAME: usize = 1 << 30;
 
-/// The largest hello frame accepted.
-const MAX_HELLO: usize = 1024;
+/// The longest admission token a data plane accepts (a [`super::JoinTicket`]'s is 64).
+pub const MAX_TOKEN: usize = 512;
+
+/// The largest hello frame accepted (26 bytes of header and the token).
+const MAX_HELLO: usize = 26 + MAX_TOKEN;
 
 /// How long an incoming connection may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -178,8 +181,15 @@ pub struct DataPlane {
 impl DataPlane {
     /// A data plane on `endpoint` (see [`super::endpoint`]) admitting peers that present `token`,
     /// framing packets with `codec`. Its tasks run on the tokio runtime this is called in (an error
-    /// outside one).
+    /// outside one). The token must be 1 to [`MAX_TOKEN`] bytes. Dropping the plane closes every
+    /// connection with the reason "shut down", which its peers report as [`PeerEvent::Lost`].
     pub fn new(endpoint: quinn::Endpoint, token: String, codec: Arc<dyn PacketCodec>) -> Result<DataPlane> {
+        if token.is_empty() || token.len() > MAX_TOKEN {
+            return Err(Error::config(format!(
+                "the data plane's token is {} bytes; it must be 1 to {MAX_TOKEN}",
+                token.len()
+            )));
+        }
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| Error::runtime(format!("the data plane needs a tokio runtime: {e}")))?;
         let (events, events_rx) = unbounded_channel();
@@ -252,7 +262,7 @@ impl DataPlane {
                     return Err(Error::runtime(format!("epoch {epoch} does not follow epoch {old}")));
                 }
             }
-            close_epoch(&mut st);
+            close_epoch(&mut st, code::EPOCH_OVER, b"epoch over");
             st.epoch = Some(epoch);
             st.me = me;
             st.members = addrs.keys().copied().collect();
@@ -391,7 +401,11 @@ impl DataPlane {
 impl Drop for DataPlane {
     fn drop(&mut self) {
         self.accept.abort();
-        close_epoch(&mut lock(&self.inner.state));
+        // Peers see "shut down" (a loss), not the end of an epoch (which is not reported).
+        close_epoch(&mut lock(&self.inner.state), code::SHUTDOWN, b"shut down");
+        for p in lock(&self.inner.state).pending.drain(..) {
+            p.conn.close(code::SHUTDOWN.into(), b"shut down");
+        }
         self.inner.endpoint.close(code::SHUTDOWN.into(), b"shut down");
     }
 }
@@ -400,19 +414,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Close the current epoch's connections and stop its tasks (the epoch's inbox closes with them).
-fn close_epoch(st: &mut EpochState) {
+/// Close the current epoch's connections with `error_code` and `reason` and stop its tasks (the epoch's
+/// inbox closes with them once its transport is dropped).
+fn close_epoch(st: &mut EpochState, error_code: u32, reason: &[u8]) {
     for task in st.tasks.drain(..) {
         task.abort();
     }
     for link in st.links.values() {
         let _ = link.gone.set("the epoch is over".to_string());
         if let Some(conn) = link.conn.get() {
-            conn.close(code::EPOCH_OVER.into(), b"epoch over");
+            conn.close(error_code.into(), reason);
         }
     }
     for conn in st.incoming.drain(..) {
-        conn.close(code::EPOCH_OVER.into(), b"epoch over");
+        conn.close(error_code.into(), reason);
     }
     st.links.clear();
     st.arrived.clear();

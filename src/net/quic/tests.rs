@@ -501,3 +501,38 @@ fn plane_hello() -> super::plane::Hello {
         from: 4,
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_shuts_down_is_lost_at_once() {
+    let id = JobIdentity::generate().expect("identity");
+    let mut planes: Vec<_> = (0..3).map(|_| plane(&id, "secret", Arc::new(TestCodec))).collect();
+    let mut events = planes[0].events().expect("events");
+    let nets: Vec<_> = start_all(&planes, 1, WAIT)
+        .await
+        .into_iter()
+        .map(|r| r.expect("epoch 1"))
+        .collect();
+    let start = Instant::now();
+    let gone = planes.pop().expect("worker 2");
+    drop(gone);
+    match within("the loss", events.recv()).await.expect("event") {
+        PeerEvent::Lost { epoch, peer, detail } => {
+            assert_eq!((epoch, peer), (1, 2));
+            assert!(detail.contains("shut down"), "{detail}");
+        }
+        other => panic!("expected a loss, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(1), "took {:?}", start.elapsed());
+    let err = nets[0].0.send(ack(0, 2, 0)).expect_err("worker 2 is gone");
+    assert!(err.to_string().contains("worker 2"), "{err}");
+    nets[0].0.send(ack(0, 1, 0)).expect("worker 1 is still there");
+    // Exactly one event for worker 2, none for worker 1.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(events.try_recv().is_err(), "one event per lost peer");
+
+    let ep = endpoint("127.0.0.1:0".parse().expect("addr"), &id, &id.fingerprint()).expect("endpoint");
+    let err = DataPlane::new(ep, String::new(), Arc::new(TestCodec))
+        .err()
+        .expect("an empty token");
+    assert!(err.to_string().contains("token"), "{err}");
+}
