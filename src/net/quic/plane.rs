@@ -414,8 +414,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Close the current epoch's connections with `error_code` and `reason` and stop its tasks (the epoch's
-/// inbox closes with them once its transport is dropped).
+/// Close the current epoch's connections with `error_code` and `reason` and stop its tasks (the
+/// epoch's inbox closes with them once its transport is dropped).
 fn close_epoch(st: &mut EpochState, error_code: u32, reason: &[u8]) {
     for task in st.tasks.drain(..) {
         task.abort();

@@ -36,24 +36,30 @@ impl Drop for Dir {
     }
 }
 
-/// Frames of `Ack` packets only: epoch, from, to, id as u64 LE.
+/// Frames of `Ack` and one-tensor `Tensors` packets: epoch, from, to, id as u64 LE, then the
+/// tensor's floats (LE) if any.
 struct TestCodec;
 
 impl PacketCodec for TestCodec {
     fn encode(&self, epoch: u64, p: &Packet) -> Result<Vec<u8>> {
-        if !matches!(p.payload, Payload::Ack) {
-            return Err(Error::runtime("the test codec encodes Ack only"));
-        }
-        let mut out = Vec::with_capacity(32);
+        let floats: &[f32] = match &p.payload {
+            Payload::Ack => &[],
+            Payload::Tensors(t) if t.len() == 1 && !t[0].1.is_empty() => &t[0].1,
+            _ => return Err(Error::runtime("the test codec encodes Ack and one tensor only")),
+        };
+        let mut out = Vec::with_capacity(32 + 4 * floats.len());
         for v in [epoch, p.from as u64, p.to as u64, p.id] {
             out.extend_from_slice(&v.to_le_bytes());
+        }
+        for f in floats {
+            out.extend_from_slice(&f.to_le_bytes());
         }
         Ok(out)
     }
 
     fn decode(&self, bytes: &[u8], epoch: u64) -> Result<Packet> {
-        if bytes.len() != 32 {
-            return Err(Error::parse("a test packet", format!("{} bytes, not 32", bytes.len())));
+        if bytes.len() < 32 || bytes.len() % 4 != 0 {
+            return Err(Error::parse("a test packet", format!("{} bytes", bytes.len())));
         }
         let v = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
         if v(0) != epoch {
@@ -62,11 +68,20 @@ impl PacketCodec for TestCodec {
                 format!("epoch {} in epoch {epoch}", v(0)),
             ));
         }
+        let payload = if bytes.len() == 32 {
+            Payload::Ack
+        } else {
+            let floats = bytes[32..]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            Payload::Tensors(vec![(0, floats)])
+        };
         Ok(Packet {
             from: v(1) as usize,
             to: v(2) as usize,
             id: v(3),
-            payload: Payload::Ack,
+            payload,
         })
     }
 }
@@ -535,4 +550,40 @@ async fn a_peer_that_shuts_down_is_lost_at_once() {
         .err()
         .expect("an empty token");
     assert!(err.to_string().contains("token"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_of_tens_of_mib_arrive_whole_and_in_order() {
+    let id = JobIdentity::generate().expect("identity");
+    let planes: Vec<_> = (0..2).map(|_| plane(&id, "secret", Arc::new(TestCodec))).collect();
+    let mut nets: Vec<_> = start_all(&planes, 1, WAIT)
+        .await
+        .into_iter()
+        .map(|r| r.expect("epoch 1"))
+        .collect();
+    let floats = 6 << 20; // 24 MiB a frame
+    for id in 0..3u64 {
+        let data: Vec<f32> = (0..floats).map(|i| (i as u64 * 3 + id) as f32).collect();
+        nets[0]
+            .0
+            .send(Packet {
+                from: 0,
+                to: 1,
+                id,
+                payload: Payload::Tensors(vec![(0, data)]),
+            })
+            .expect("send");
+        nets[0].0.send(ack(0, 1, 100 + id)).expect("send");
+    }
+    for id in 0..3u64 {
+        let p = within("a big packet", nets[1].1.recv()).await.expect("packet");
+        assert_eq!(p.id, id);
+        let Payload::Tensors(t) = p.payload else {
+            panic!("expected tensors")
+        };
+        assert_eq!(t[0].1.len(), floats);
+        assert!(t[0].1.iter().enumerate().all(|(i, &x)| x == (i as u64 * 3 + id) as f32));
+        let p = within("an ack", nets[1].1.recv()).await.expect("packet");
+        assert_eq!(p.id, 100 + id);
+    }
 }
