@@ -322,24 +322,30 @@ impl DataPlane {
                         Ok::<_, String>((conn, send))
                     }
                     .await;
-                    (w, result)
+                    (w, addr, result)
                 },
                 &inner.runtime,
             );
         }
-        while let Some(joined) = tokio::time::timeout_at(until, connecting.join_next())
-            .await
-            .map_err(|_| {
-                Error::runtime(format!(
-                    "epoch {epoch}: worker {me} could not connect to its peers within {} ms",
-                    deadline.as_millis()
-                ))
-            })?
-        {
-            let (w, result) = joined.map_err(|e| Error::runtime(format!("a connect task failed: {e}")))?;
-            let addr = addrs.get(&w).copied();
+        let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+        let mut unconnected: Vec<WorkerId> = addrs.keys().copied().collect();
+        unconnected.sort_unstable();
+        loop {
+            let joined = match tokio::time::timeout_at(until, connecting.join_next()).await {
+                Ok(Some(joined)) => joined,
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(Error::Deadline {
+                        peer: worker_names(&unconnected),
+                        what: format!("the connection of epoch {epoch} from worker {me}"),
+                        deadline_ms,
+                    })
+                }
+            };
+            let (w, addr, result) = joined.map_err(|e| Error::runtime(format!("a connect task failed: {e}")))?;
             let (conn, send) = result
-                .map_err(|e| Error::runtime(format!("epoch {epoch}: worker {me} to worker {w} ({addr:?}): {e}")))?;
+                .map_err(|e| Error::runtime(format!("epoch {epoch}: worker {me} to worker {w} at {addr}: {e}")))?;
+            unconnected.retain(|&u| u != w);
             let (Some(link), Some(rx)) = (links.get(&w), receivers.remove(&w)) else {
                 continue;
             };
@@ -377,11 +383,10 @@ impl DataPlane {
                 }
                 if tokio::time::Instant::now() >= until {
                     missing.sort_unstable();
-                    let names: Vec<String> = missing.iter().map(|w| format!("worker {w}")).collect();
                     return Err(Error::Deadline {
-                        peer: names.join(", "),
+                        peer: worker_names(&missing),
                         what: format!("the hello of epoch {epoch} to worker {me}"),
-                        deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+                        deadline_ms,
                     });
                 }
             }
@@ -408,6 +413,12 @@ impl Drop for DataPlane {
         }
         self.inner.endpoint.close(code::SHUTDOWN.into(), b"shut down");
     }
+}
+
+/// `worker 1, worker 3`.
+fn worker_names(workers: &[WorkerId]) -> String {
+    let names: Vec<String> = workers.iter().map(|w| format!("worker {w}")).collect();
+    names.join(", ")
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

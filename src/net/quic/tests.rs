@@ -497,7 +497,22 @@ async fn a_missing_peer_fails_the_epoch_naming_it() {
     )
     .await
     .expect_err("no hello from worker 1");
-    assert!(err.to_string().contains("worker 1"), "{err}");
+    assert!(err.to_string().contains("worker 1 did not answer the hello"), "{err}");
+
+    // A peer that does not answer at all (a UDP socket nobody reads): the connection times out.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let mut peers = addrs(&planes[..1]);
+    peers.push((2, silent.local_addr().expect("addr")));
+    let err = within(
+        "start_epoch",
+        planes[0].start_epoch(0, 2, peers, 3, Duration::from_millis(300)),
+    )
+    .await
+    .expect_err("no answer from worker 2");
+    assert!(
+        err.to_string().contains("worker 2 did not answer the connection"),
+        "{err}"
+    );
 }
 
 #[test]
