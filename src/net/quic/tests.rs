@@ -58,7 +58,7 @@ impl PacketCodec for TestCodec {
     }
 
     fn decode(&self, bytes: &[u8], epoch: u64) -> Result<Packet> {
-        if bytes.len() < 32 || bytes.len() % 4 != 0 {
+        if bytes.len() < 32 || !bytes.len().is_multiple_of(4) {
             return Err(Error::parse("a test packet", format!("{} bytes", bytes.len())));
         }
         let v = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
