@@ -25,7 +25,9 @@ pub trait PacketCodec: Send + Sync + 'static {
 
 /// Something that happened to a peer of the current epoch. Each peer is reported at most once per
 /// epoch, and nothing is reported about an epoch once [`DataPlane::start_epoch`] moved past it
-/// (events already queued carry their `epoch`, so a consumer can drop stale ones).
+/// (events already queued carry their `epoch`, so a consumer can drop stale ones). A peer that
+/// closes its connections because it started a later epoch is not reported (the membership layer
+/// that started it knows), but sends to it fail from then on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerEvent {
     /// The peer broke the protocol (a frame that does not decode, a packet not from it or not for

@@ -602,3 +602,39 @@ async fn frames_of_tens_of_mib_arrive_whole_and_in_order() {
         assert_eq!(p.id, 100 + id);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_reported_about_an_epoch_that_is_over() {
+    let id = JobIdentity::generate().expect("identity");
+    let mut planes: Vec<_> = (0..2).map(|_| plane(&id, "secret", Arc::new(TestCodec))).collect();
+    let mut events0 = planes[0].events().expect("events");
+    let mut events1 = planes[1].events().expect("events");
+    let nets: Vec<_> = start_all(&planes, 1, WAIT)
+        .await
+        .into_iter()
+        .map(|r| r.expect("epoch 1"))
+        .collect();
+    // Worker 0 moves on alone: worker 1 sees its epoch-1 connections end, which is not a loss, but
+    // it can no longer send to worker 0 in epoch 1.
+    let me = addrs(&planes[..1]);
+    let (solo, mut solo_inbox) = within("epoch 2", planes[0].start_epoch(0, 2, me, 1, WAIT))
+        .await
+        .expect("epoch 2");
+    solo.send(ack(0, 0, 7)).expect("self-send");
+    assert_eq!(within("a packet", solo_inbox.recv()).await.expect("packet").id, 7);
+    let sent = within("worker 1 notices", async {
+        loop {
+            if let Err(e) = nets[1].0.send(ack(1, 0, 0)) {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(sent.to_string().contains("left the epoch"), "{sent}");
+    // Worker 1 shutting down is not news to worker 0 either: it is not in epoch 2.
+    drop(planes.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(events0.try_recv().is_err(), "no events of epoch 1 once epoch 2 started");
+    assert!(events1.try_recv().is_err(), "a peer leaving the epoch is not a loss");
+}
