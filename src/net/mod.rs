@@ -4,9 +4,11 @@
 //! Communicator actor (`actors::communicator`) builds every collective on top of it: the fused
 //! all-to-all-v of the MoE layers, the exact gradient reduction and the parameter broadcast. Only
 //! `local` (in-process channels) exists so far; a QUIC or NCCL transport implements the same trait
-//! and the actors do not change.
+//! and the actors do not change. `wire` is the bounded binary codec of packets and of the training
+//! state for transports between processes.
 
 pub mod local;
+pub mod wire;
 
 use crate::error::Result;
 use std::sync::Arc;
