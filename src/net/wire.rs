@@ -217,7 +217,7 @@ fn split_bodies<'a>(bytes: &'a [u8], what: &str, limits: &Limits) -> Result<RawB
         lens.push(len);
     }
     let data = &bytes[4 + 8 * count..];
-    let need = total.checked_mul(4).unwrap_or(usize::MAX);
+    let need = total.saturating_mul(4);
     if data.len() < need {
         return Err(Error::parse(
             what,
