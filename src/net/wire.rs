@@ -9,6 +9,13 @@
 //! forged length, and a malformed frame is an [`Error::Parse`] naming what is wrong, never a panic.
 //! The header is decoded by bincode with an explicit limit (bincode's `standard()` has none and
 //! reserves whatever a length says), chosen from the header's own size.
+//!
+//! The limits of a packet come from the run's [`PacketShape`]: a header of at most 144 bytes of
+//! fixed fields plus 27 per possible segment, 9 per tensor or a 4 KiB failure detail; at most one
+//! body per (group, expert) or per tensor; at most the whole model's floats, or every group's
+//! tokens times k rows of `d_model` floats. Each kind is then checked on its own (body count,
+//! indices, lengths) before its bodies are copied. The training state's limits are its config's
+//! model: the tensor names, three bodies per tensor, three times the model's floats.
 
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
@@ -35,8 +42,9 @@ pub struct Limits {
 pub const MAX_HEADER_BYTES: usize = 512 << 10;
 
 /// How many bytes of memory bincode may claim per byte of header: a varint of one byte becomes a
-/// `u64` of 8, and a `(String, u64)` of two bytes an element of 32.
-const HEADER_EXPANSION: usize = 32;
+/// `u64` of 8, and a `(String, u64)` of two bytes an element of 32. A forged length inside a header
+/// is refused by bincode's limit before it reserves more than this many times the header's size.
+pub const HEADER_EXPANSION: usize = 32;
 
 /// The most bytes a [`Payload::Failed`] detail may have.
 pub const MAX_FAILED_DETAIL: usize = 4096;
@@ -48,8 +56,8 @@ const VARINT_BYTES: usize = 9;
 pub fn encode_frame<H: Encode>(header: &H, bodies: &[&[f32]]) -> Result<Vec<u8>> {
     let head = bincode::encode_to_vec(header, bincode::config::standard())
         .map_err(|e| Error::parse("frame header", format!("cannot encode: {e}")))?;
-    let head_len =
-        u32::try_from(head.len()).map_err(|_| Error::parse("frame header", format!("{} bytes", head.len())))?;
+    let head_len = u32::try_from(head.len())
+        .map_err(|_| Error::parse("frame header", format!("{} bytes do not fit a u32 length", head.len())))?;
     let count = u32::try_from(bodies.len())
         .map_err(|_| Error::parse("frame", format!("{} bodies do not fit a u32", bodies.len())))?;
     let floats: usize = bodies.iter().map(|b| b.len()).sum();
@@ -552,10 +560,21 @@ fn build_segments(segments: &[SegmentHeader], bodies: Vec<Vec<f32>>) -> Vec<Segm
 pub fn decode_packet(bytes: &[u8], epoch: u64, shape: &PacketShape) -> Result<Packet> {
     let limits = shape.limits();
     let (header, rest): (PacketHeader, _) = split_header(bytes, PACKET, limits.header_bytes)?;
-    if header.epoch != epoch {
+    // An older epoch is a packet from before a membership change; a newer one, a peer that has seen
+    // a change this worker has not: neither may be acted on.
+    if header.epoch < epoch {
         return Err(Error::parse(
             PACKET,
             format!("stale membership epoch {} (the current epoch is {epoch})", header.epoch),
+        ));
+    }
+    if header.epoch > epoch {
+        return Err(Error::parse(
+            PACKET,
+            format!(
+                "membership epoch {} is ahead of the current epoch {epoch}",
+                header.epoch
+            ),
         ));
     }
     let from = index(header.from, shape.workers, "sender", "workers")?;
@@ -1107,6 +1126,10 @@ mod tests {
         assert_refused(
             decode_packet(&bytes, 5, &shape),
             "stale membership epoch 4 (the current epoch is 5)",
+        );
+        assert_refused(
+            decode_packet(&bytes, 3, &shape),
+            "membership epoch 4 is ahead of the current epoch 3",
         );
         check(
             Packet {
