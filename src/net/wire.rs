@@ -80,7 +80,8 @@ pub fn encode_frame<H: Encode>(header: &H, bodies: &[&[f32]]) -> Result<Vec<u8>>
 /// `limits.header_bytes`, more bodies than `limits.bodies`, a total of floats above
 /// `limits.floats`, lengths that do not add up to exactly the remaining bytes, trailing bytes, a
 /// header bincode does not consume fully. Never panics; the bodies take no more memory than the
-/// frame's own bytes, the header at most [`HEADER_EXPANSION`] times its bytes.
+/// frame's own bytes, the decoded header at most [`HEADER_EXPANSION`] times its bytes (4 KiB at
+/// least: the smallest bincode limit used).
 pub fn decode_frame<H: Decode<()>>(bytes: &[u8], what: &str, limits: &Limits) -> Result<(H, Vec<Vec<f32>>)> {
     let (header, bodies) = parse_frame(bytes, what, limits)?;
     Ok((header, bodies.floats()))
@@ -120,8 +121,10 @@ fn read_u32(bytes: &[u8], at: usize, what: &str, field: &str) -> Result<u32> {
     }
 }
 
-/// Decode a bincode header of `len` bytes with the smallest limit that a valid header of that size
-/// can need, so that a forged length inside it reserves at most [`HEADER_EXPANSION`] times its size.
+/// Decode a bincode header with the smallest of four limits (4 KiB, 64 KiB, 1 MiB, 16 MiB) that a
+/// valid header of its size can need, so that a forged length inside it reserves at most
+/// [`HEADER_EXPANSION`] times its size (4 KiB at least). The limit is a type parameter of bincode's
+/// configuration, hence the fixed steps.
 fn decode_header<H: Decode<()>>(head: &[u8], what: &str) -> Result<H> {
     fn with<H: Decode<()>, const N: usize>(head: &[u8]) -> std::result::Result<(H, usize), String> {
         bincode::decode_from_slice(head, bincode::config::standard().with_limit::<N>()).map_err(|e| e.to_string())
@@ -150,8 +153,9 @@ fn decode_header<H: Decode<()>>(head: &[u8], what: &str) -> Result<H> {
     Ok(header)
 }
 
-/// Check a frame's layout against `limits` and decode its header, leaving the bodies as bytes: the
-/// caller can validate the header (an epoch, a shape) before anything proportional is allocated.
+/// Check a frame against `limits`: its header decoded, its bodies checked but left as bytes. The
+/// packet and state decoders call the two halves separately, to validate the header (an epoch, the
+/// tensor names) before the bodies are looked at.
 fn parse_frame<'a, H: Decode<()>>(bytes: &'a [u8], what: &str, limits: &Limits) -> Result<(H, RawBodies<'a>)> {
     let (header, rest) = split_header(bytes, what, limits.header_bytes)?;
     Ok((header, split_bodies(rest, what, limits)?))
@@ -269,6 +273,12 @@ pub struct PacketShape {
 impl PacketShape {
     /// The shape of `config`'s packets among `workers` workers.
     pub fn of(config: &TrainConfig, workers: usize) -> Result<Self> {
+        if workers == 0 || config.train.groups == 0 {
+            return Err(Error::config(format!(
+                "a packet shape needs a worker and a group ({workers} workers, train.groups {})",
+                config.train.groups
+            )));
+        }
         let model = &config.model;
         let tensor_lens = Gpt::<f32>::zeros(model)?
             .specs()
@@ -966,6 +976,11 @@ mod tests {
         c.model.n_layer = 4;
         c.model.moe_every = 2;
         assert_eq!(PacketShape::of(&c, 1).expect("shape").moe_blocks, 2);
+        let err = PacketShape::of(&small(), 0).expect_err("no workers");
+        assert!(err.to_string().contains("0 workers"), "{err}");
+        c.train.groups = 0;
+        let err = PacketShape::of(&c, 2).expect_err("no groups");
+        assert!(err.to_string().contains("train.groups 0"), "{err}");
     }
 
     #[test]
