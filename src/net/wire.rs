@@ -259,8 +259,13 @@ pub struct PacketShape {
     pub d_model: usize,
     /// Experts per MoE layer.
     pub experts: usize,
-    /// Number of MoE blocks (a packet's block is `0..moe_blocks`, counting MoE blocks only).
+    /// Number of MoE blocks.
     pub moe_blocks: usize,
+    /// The transformer blocks that are MoE blocks, ascending: a packet's `block` is one of them.
+    /// The runtime names an MoE block by its layer index (`Gpt::blocks`), not by its rank among
+    /// the MoE blocks, so with `moe_every > 1` a check `block < moe_blocks` would refuse the last
+    /// MoE blocks and accept dense ones.
+    pub moe_layers: Vec<usize>,
     /// Floats of each tensor, in `Gpt::tensors` order.
     pub tensor_lens: Vec<usize>,
     /// Tokens of one group: the most rows one (group, expert) segment may hold, as top-k routing
@@ -285,12 +290,14 @@ impl PacketShape {
             .iter()
             .map(|s| s.shape.iter().product())
             .collect();
+        let moe_layers: Vec<usize> = (0..model.n_layer).filter(|&l| model.is_moe(l)).collect();
         Ok(PacketShape {
             workers,
             groups: config.train.groups,
             d_model: model.d_model,
             experts: model.experts,
-            moe_blocks: (0..model.n_layer).filter(|&l| model.is_moe(l)).count(),
+            moe_blocks: moe_layers.len(),
+            moe_layers,
             tensor_lens,
             group_tokens: config.group_seqs().saturating_mul(model.block_size),
             k: model.k.min(model.experts),
@@ -492,6 +499,14 @@ fn check_segments(segments: &[SegmentHeader], lens: &[usize], shape: &PacketShap
             shape.max_segments()
         ));
     }
+    let rows: u64 = segments.iter().map(|s| s.rows.min(u32::MAX as u64)).sum();
+    let most = shape.segment_floats() / shape.d_model.max(1);
+    if rows > most as u64 {
+        return bad(format!(
+            "segments of {rows} rows exceed the {most} of a step ({} groups of {} tokens, {} experts each)",
+            shape.groups, shape.group_tokens, shape.k
+        ));
+    }
     let mut seen = HashSet::with_capacity(segments.len());
     for (i, (s, &len)) in segments.iter().zip(lens).enumerate() {
         let group = index(s.group, shape.groups, &format!("segment {i}: group"), "groups")?;
@@ -601,7 +616,20 @@ pub fn decode_packet(bytes: &[u8], epoch: u64, shape: &PacketShape) -> Result<Pa
             ))
         }
     };
-    let block = |b: u64| index(b, shape.moe_blocks, "block", "MoE blocks");
+    let block = |b: u64| {
+        usize::try_from(b)
+            .ok()
+            .filter(|b| shape.moe_layers.binary_search(b).is_ok())
+            .ok_or_else(|| {
+                Error::parse(
+                    PACKET,
+                    format!(
+                        "block {b} is not an MoE block (the MoE blocks are {:?})",
+                        shape.moe_layers
+                    ),
+                )
+            })
+    };
     let payload = match header.kind {
         Kind::ExpertForward {
             step,
@@ -976,6 +1004,24 @@ mod tests {
         c.model.n_layer = 4;
         c.model.moe_every = 2;
         assert_eq!(PacketShape::of(&c, 1).expect("shape").moe_blocks, 2);
+        let mut every_other = small();
+        every_other.model.n_layer = 4;
+        every_other.model.moe_every = 2;
+        let s = PacketShape::of(&every_other, 2).expect("shape");
+        assert_eq!((s.moe_blocks, s.moe_layers.clone()), (2, vec![1, 3]));
+        let fwd = |block| Packet {
+            from: 0,
+            to: 1,
+            id: 0,
+            payload: Payload::ExpertForward {
+                step: StepId::first(0),
+                block,
+                segments: vec![segment(0, 0, 1)],
+            },
+        };
+        decode_packet(&encode_packet(0, &fwd(3)).expect("encode"), 0, &s).expect("block 3 is an MoE block");
+        let refused = decode_packet(&encode_packet(0, &fwd(2)).expect("encode"), 0, &s);
+        assert_refused(refused, "block 2 is not an MoE block (the MoE blocks are [1, 3])");
         let err = PacketShape::of(&small(), 0).expect_err("no workers");
         assert!(err.to_string().contains("0 workers"), "{err}");
         c.train.groups = 0;
@@ -1162,7 +1208,15 @@ mod tests {
         );
         let step = StepId::first(1);
         let fwd = |block, segments| packet(Payload::ExpertForward { step, block, segments });
-        check(fwd(2, vec![]), "block 2 is out of range (2 MoE blocks)");
+        check(
+            fwd(2, vec![]),
+            "block 2 is not an MoE block (the MoE blocks are [0, 1])",
+        );
+        let full: Vec<Segment> = (0..16).map(|i| segment(i / 4, i % 4, 32)).collect();
+        check(
+            packet(Payload::Segments(full)),
+            "segments of 512 rows exceed the 256 of a step (4 groups of 32 tokens, 2 experts each)",
+        );
         check(
             fwd(0, vec![segment(4, 0, 1)]),
             "segment 0: group 4 is out of range (4 groups)",
