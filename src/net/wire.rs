@@ -1302,6 +1302,42 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_legitimate_packets_fit_the_limits() {
+        let shape = shape();
+        let step = StepId::first(3);
+        let all: Vec<usize> = (0..shape.tensor_lens.len()).collect();
+        // Every token of every group routed to k = 2 experts: 2 x 32 rows per group.
+        let full: Vec<Segment> = (0..4)
+            .flat_map(|g| [segment(g, g, 32), segment(g, (g + 1) % 4, 32)])
+            .collect();
+        let packets = [
+            packet(Payload::Params {
+                step,
+                tensors: all
+                    .iter()
+                    .map(|&i| (i, Arc::new(floats(shape.tensor_lens[i], 1))))
+                    .collect(),
+            }),
+            packet(Payload::Tensors(
+                all.iter().map(|&i| (i, floats(shape.tensor_lens[i], 2))).collect(),
+            )),
+            packet(Payload::Gather {
+                step,
+                tensors: all.clone(),
+            }),
+            packet(Payload::ExpertForward {
+                step,
+                block: 1,
+                segments: full,
+            }),
+        ];
+        for p in &packets {
+            let back = decode_packet(&encode_packet(u64::MAX, p).expect("encode"), u64::MAX, &shape).expect("fits");
+            assert_same(p, &back);
+        }
+    }
+
+    #[test]
     fn a_header_whose_entries_do_not_match_its_bodies_is_refused() {
         let shape = shape();
         let header = PacketHeader {
