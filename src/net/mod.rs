@@ -2,12 +2,14 @@
 //!
 //! A [`Transport`] moves [`Packet`]s from one worker to another, in order per pair of workers. The
 //! Communicator actor (`actors::communicator`) builds every collective on top of it: the fused
-//! all-to-all-v of the MoE layers, the exact gradient reduction and the parameter broadcast. Only
-//! `local` (in-process channels) exists so far; a QUIC or NCCL transport implements the same trait
-//! and the actors do not change.
+//! all-to-all-v of the MoE layers, the exact gradient reduction and the parameter broadcast. `local`
+//! (in-process channels) and `quic` (between processes, over the bounded codec of `wire`) exist; an
+//! NCCL transport implements the same trait and the actors do not change. `wire` is the bounded binary codec of packets and of the training
+//! state for transports between processes.
 
 pub mod local;
 pub mod quic;
+pub mod wire;
 
 use crate::error::Result;
 use std::sync::Arc;
