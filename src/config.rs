@@ -160,6 +160,18 @@ pub struct TrainSettings {
     pub placement: String,
     /// Deadline of every collective of the runtime, in seconds.
     pub deadline_s: f64,
+    /// Train over worker processes instead of in-process workers: the address the coordinator
+    /// listens on for them (`HOST:PORT`; port 0 lets the OS choose). Empty: in-process (or
+    /// loopback when `processes` is set). Workers join with `semoe worker --ticket RUN/join.ticket`.
+    pub listen: String,
+    /// Worker processes to start on this machine (`semoe worker`, reaped when the run ends); more
+    /// may join through `listen` at any time.
+    pub processes: usize,
+    /// Worker processes needed before training starts (0: `processes`, at least 1).
+    pub min_workers: usize,
+    /// Multi-process runs keep an in-memory copy of the committed state every this many steps;
+    /// after a worker is lost the survivors replay the steps since.
+    pub snapshot_every: u64,
 }
 
 impl Default for TrainSettings {
@@ -181,7 +193,18 @@ impl Default for TrainSettings {
             workers: 1,
             placement: "round-robin".into(),
             deadline_s: 30.0,
+            listen: String::new(),
+            processes: 0,
+            min_workers: 0,
+            snapshot_every: 10,
         }
+    }
+}
+
+impl TrainSettings {
+    /// Whether the run trains over worker processes (`listen` or `processes` set).
+    pub fn elastic(&self) -> bool {
+        !self.listen.is_empty() || self.processes > 0
     }
 }
 
@@ -296,6 +319,10 @@ pub const RESUMABLE: &[&str] = &[
     "train.keep_checkpoints",
     "train.deadline_s",
     "train.data",
+    "train.listen",
+    "train.processes",
+    "train.min_workers",
+    "train.snapshot_every",
     "storage.*",
 ];
 

@@ -55,6 +55,7 @@ pub mod bench;
 pub mod chaos;
 pub mod config;
 pub mod data;
+pub mod elastic;
 pub mod error;
 pub mod infer;
 pub mod kernels;

@@ -14,6 +14,7 @@ const LAYERS: &[&[&str]] = &[
     &["config", "data"],
     &["net", "chaos"],
     &["actors"],
+    &["elastic"],
     &["train"],
     &["telemetry", "infer"],
     &["bench"],

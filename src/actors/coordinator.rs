@@ -50,10 +50,20 @@ pub enum CoordMsg {
     },
 }
 
+/// A worker of the coordinator: one it starts in this process (and supervises), or one already
+/// running elsewhere behind a proxy actor (a worker process; `elastic::proxy`), whose liveness its
+/// owner watches.
+pub enum WorkerSpec {
+    /// Start a Worker actor in this process, linked to the coordinator.
+    Local(Box<WorkerArgs>),
+    /// A running actor that answers [`WorkerMsg`].
+    Running(ActorRef<WorkerMsg>),
+}
+
 /// What the Coordinator is started with.
 pub struct CoordArgs {
     /// One per worker.
-    pub workers: Vec<WorkerArgs>,
+    pub workers: Vec<WorkerSpec>,
     /// Steps already committed (a resumed run).
     pub first_step: u64,
     /// Total steps (the learning-rate schedule).
@@ -93,8 +103,13 @@ impl Actor for CoordActor {
     ) -> Result<CoordState, ActorProcessingErr> {
         let mut workers = Vec::with_capacity(args.workers.len());
         for w in std::mem::take(&mut args.workers) {
-            let (r, _) = Actor::spawn_linked(None, WorkerActor, w, myself.get_cell()).await?;
-            workers.push(r);
+            match w {
+                WorkerSpec::Local(w) => {
+                    let (r, _) = Actor::spawn_linked(None, WorkerActor, *w, myself.get_cell()).await?;
+                    workers.push(r);
+                }
+                WorkerSpec::Running(r) => workers.push(r),
+            }
         }
         names::describe();
         Ok(CoordState {

@@ -1,11 +1,11 @@
 //! [`Runtime`]: build the actor tree from code, train step by step, gather the state, shut down.
 
 pub use super::coordinator::StepOutcome;
-use super::coordinator::{CoordActor, CoordArgs, CoordMsg};
+use super::coordinator::{CoordActor, CoordArgs, CoordMsg, WorkerSpec};
 use super::gather::{dense_bytes, keep_only, DenseCounters, DenseStats};
 use super::ledger::{LedgerSnapshot, LedgerState};
 use super::placement::{ExpertPlacement, Placement};
-use super::worker::{strip_experts, WorkerArgs};
+use super::worker::{strip_experts, WorkerArgs, WorkerMsg};
 use super::{ask, ActorName};
 use crate::chaos::FaultPlan;
 use crate::config::TrainConfig;
@@ -60,6 +60,7 @@ pub struct RuntimeBuilder {
     text: Option<Arc<Vec<u8>>>,
     state: Option<(Gpt<f32>, AdamW)>,
     storage: StorageConfig,
+    remote: Option<Vec<ActorRef<WorkerMsg>>>,
 }
 
 impl RuntimeBuilder {
@@ -129,6 +130,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Drive workers that already run elsewhere (worker processes, behind proxy actors answering
+    /// [`WorkerMsg`]) instead of starting in-process ones: the number of workers is their number,
+    /// and each worker holds its own share of the state (`elastic` sets them up).
+    pub fn remote_workers(mut self, workers: Vec<ActorRef<WorkerMsg>>) -> Self {
+        self.workers = workers.len();
+        self.remote = Some(workers);
+        self
+    }
+
     /// Start the actor tree (inside the current tokio runtime).
     pub fn build(self) -> RuntimeFuture<'static, Runtime> {
         Box::pin(self.start())
@@ -151,6 +161,8 @@ impl RuntimeBuilder {
         }
         let text = match self.text {
             Some(t) => t,
+            // Worker processes read their own text (its digest was checked when they joined).
+            None if self.remote.is_some() => Arc::new(vec![0; config.model.block_size + 2]),
             None => {
                 let corpus = match &config.train.data {
                     Some(path) => Corpus::from_path(path, config.train.val_fraction, config.model.block_size + 1)?,
@@ -189,8 +201,34 @@ impl RuntimeBuilder {
             moe_blocks: model.blocks.iter().filter(|b| matches!(b.ffn, Ffn::Moe(_))).count(),
             experts: config.model.experts,
         });
+        let first_step = optimizer.step;
+        if let Some(remote) = self.remote {
+            let args = CoordArgs {
+                workers: remote.into_iter().map(WorkerSpec::Running).collect(),
+                first_step,
+                total_steps: config.train.steps,
+                optimizer: config.optimizer.clone(),
+                tokens_per_step: config.train.batch * config.model.block_size,
+                step_deadline: self.step_deadline,
+                deadline: self.deadline,
+                max_replays: self.max_replays,
+            };
+            let (coordinator, join) = Actor::spawn(None, CoordActor, args)
+                .await
+                .map_err(|e| Error::runtime(format!("cannot start the coordinator: {e}")))?;
+            return Ok(Runtime {
+                coordinator,
+                join,
+                config,
+                placement,
+                deadline: self.step_deadline,
+                max_replays: self.max_replays,
+                expert_stores: Vec::new(),
+                dense_counters: Vec::new(),
+            });
+        }
         let cpu = Cpu::new(config.train.threads)?;
-        let stores = distribute(&config, &model, &optimizer, &placement, &self.storage)?;
+        let stores = distribute(&config, &model, &optimizer, &placement, &self.storage, 0..self.workers)?;
         let expert_stores: Vec<Arc<ExpertStore>> = stores.iter().map(|s| s.experts.clone()).collect();
         let mut replica = model.clone();
         strip_experts(&mut replica);
@@ -207,7 +245,7 @@ impl RuntimeBuilder {
             let dense = Arc::new(DenseCounters::default());
             dense.set_resident(dense_bytes(&own));
             dense_counters.push(dense.clone());
-            workers.push(WorkerArgs {
+            workers.push(WorkerSpec::Local(Box::new(WorkerArgs {
                 worker,
                 config: config.clone(),
                 text: text.clone(),
@@ -222,11 +260,11 @@ impl RuntimeBuilder {
                 deadline: self.deadline,
                 lanes: self.lanes,
                 chaos: self.chaos.clone(),
-            });
+            })));
         }
         let args = CoordArgs {
             workers,
-            first_step: optimizer.step,
+            first_step,
             total_steps: config.train.steps,
             optimizer: config.optimizer.clone(),
             tokens_per_step: config.train.batch * config.model.block_size,
@@ -250,21 +288,22 @@ impl RuntimeBuilder {
     }
 }
 
-/// Split a model and its optimizer state into each worker's committed store.
+/// Split a model and its optimizer state into the committed stores of `workers`.
 fn distribute(
     config: &TrainConfig,
     model: &Gpt<f32>,
     opt: &AdamW,
     placement: &Placement,
     storage: &StorageConfig,
+    workers: std::ops::Range<usize>,
 ) -> Result<Vec<LedgerState>> {
     let specs = model.specs();
     let tensors = model.tensors();
     if opt.m.len() != specs.len() {
         return Err(Error::shape("optimizer state", "it does not match the model's tensors"));
     }
-    let mut stores = Vec::with_capacity(placement.workers);
-    for w in 0..placement.workers {
+    let mut stores = Vec::with_capacity(workers.len());
+    for w in workers {
         let owned = placement.tensors_of(w);
         let dense: Vec<(usize, Vec<f32>)> = owned.iter().map(|&i| (i, tensors[i].2.clone())).collect();
         let sizes: Vec<usize> = dense.iter().map(|(_, v)| v.len()).collect();
@@ -348,6 +387,7 @@ impl Runtime {
             text: None,
             state: None,
             storage: StorageConfig::default(),
+            remote: None,
         }
     }
 
@@ -405,6 +445,17 @@ impl Runtime {
                 0.0,
                 None,
             )
+        })
+    }
+
+    /// Stop the actor tree at once, also in the middle of a step (ractor's kill: handlers in
+    /// progress are dropped). For a membership change after a worker process was lost, when the
+    /// step in flight can never finish; the workers' committed state is not read again.
+    pub fn abandon(self) -> RuntimeFuture<'static, ()> {
+        Box::pin(async move {
+            let _ = self.coordinator.kill_and_wait(Some(Duration::from_secs(5))).await;
+            let _ = self.join.await;
+            Ok(())
         })
     }
 
@@ -466,4 +517,92 @@ fn assemble(config: &TrainConfig, snaps: &[LedgerSnapshot]) -> Result<(Gpt<f32>,
     }
     opt.step = step;
     Ok((model, opt))
+}
+
+/// Everything one worker of a multi-process run needs to start its share of the actor tree.
+pub struct StandaloneWorker {
+    /// The run's configuration.
+    pub config: TrainConfig,
+    /// Training text (the worker process read it; its digest was checked at the join).
+    pub text: Arc<Vec<u8>>,
+    /// The committed model and optimizer state (this worker keeps its share).
+    pub model: Gpt<f32>,
+    /// The optimizer state.
+    pub optimizer: AdamW,
+    /// This worker's index and the number of workers of the epoch.
+    pub worker: usize,
+    /// Number of workers.
+    pub workers: usize,
+    /// The transport endpoint of this epoch, and its inbox.
+    pub transport: Arc<dyn Transport>,
+    /// Its inbox.
+    pub inbox: crate::net::Inbox,
+    /// Storage tiers of this worker.
+    pub storage: StorageConfig,
+    /// Compute pool of the process.
+    pub cpu: Cpu,
+    /// Lanes (see [`RuntimeBuilder::lanes`]).
+    pub lanes: usize,
+}
+
+/// Start one Worker actor (with its Gates, Experts, Ledger and Communicator), not linked to any
+/// coordinator: a worker process hosts it and answers the coordinator's calls for it. The
+/// placement is computed from the configuration exactly as the coordinator computes it.
+pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<(ActorRef<WorkerMsg>, Arc<ExpertStore>)> {
+    let config = w.config;
+    config.validate()?;
+    if w.worker >= w.workers {
+        return Err(Error::config(format!(
+            "worker {} of {} does not exist",
+            w.worker, w.workers
+        )));
+    }
+    let placement = Arc::new(Placement::new(
+        &w.model,
+        config.train.groups,
+        w.workers,
+        &config.train.placement.parse::<ExpertPlacement>()?,
+    )?);
+    let mut stores = distribute(
+        &config,
+        &w.model,
+        &w.optimizer,
+        &placement,
+        &w.storage,
+        w.worker..w.worker + 1,
+    )?;
+    let store = stores
+        .pop()
+        .ok_or_else(|| Error::runtime("no committed state for this worker"))?;
+    let experts = store.experts.clone();
+    let mut replica = w.model;
+    strip_experts(&mut replica);
+    let own = if config.storage.shard_dense {
+        keep_only(&replica, |i| placement.tensor_owner.get(i) == Some(&w.worker))
+    } else {
+        replica
+    };
+    let dense = Arc::new(DenseCounters::default());
+    dense.set_resident(dense_bytes(&own));
+    let deadline = Duration::from_secs_f64(config.train.deadline_s);
+    let args = WorkerArgs {
+        worker: w.worker,
+        config,
+        text: w.text,
+        placement,
+        transport: w.transport,
+        inbox: Arc::new(Mutex::new(Some(w.inbox))),
+        replica: Arc::new(Mutex::new(Arc::new(own))),
+        dense,
+        store: Arc::new(Mutex::new(store)),
+        cpu: w.cpu,
+        restart: RestartPolicy::default(),
+        deadline,
+        lanes: w.lanes,
+        chaos: FaultPlan::none(),
+    };
+    let (actor, _) = Actor::spawn(None, super::worker::WorkerActor, args)
+        .await
+        .map_err(|e| Error::runtime(format!("cannot start worker {}: {e}", w.worker)))?;
+    Ok((actor, experts))
 }

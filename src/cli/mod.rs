@@ -6,6 +6,7 @@ pub mod eval;
 pub mod generate;
 pub mod runs;
 pub mod train;
+pub mod worker;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
@@ -15,6 +16,7 @@ use eval::EvalArgs;
 use generate::GenerateArgs;
 use runs::RunsArgs;
 use train::TrainArgs;
+use worker::WorkerArgs;
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +41,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// List the runs under a directory (default `runs/`): steps, validation loss, time, status.
     Runs(RunsArgs),
+    /// Join a training run as a worker process (`--ticket RUN_DIR/join.ticket`); SIGTERM leaves it
+    /// in good order.
+    Worker(WorkerArgs),
     /// Measure kernels and layers (tokens/s, GFLOP/s, fraction of the machine's peak).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -67,6 +72,7 @@ pub fn run(cli: Cli) -> semoe::Result<ExitCode> {
         Command::Eval(a) => eval::run(&a)?,
         Command::Runs(a) => runs::run(&a)?,
         Command::Bench(b) => bench::run(b)?,
+        Command::Worker(a) => return worker::run(&a),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -56,6 +56,21 @@ pub struct TrainArgs {
     /// Where experts live: round-robin, blocked, or a comma-separated worker per expert.
     #[arg(long)]
     placement: Option<String>,
+    /// Train over this many worker processes started on this machine (`semoe worker`, reaped at
+    /// the end); more may join and leave while it runs. Same parameters, bit for bit.
+    #[arg(long)]
+    processes: Option<usize>,
+    /// Listen for worker processes on HOST:PORT (port 0: the OS chooses); they join with
+    /// `semoe worker --ticket RUN_DIR/join.ticket`.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Worker processes needed before training starts (default: --processes, at least 1).
+    #[arg(long)]
+    min_workers: Option<usize>,
+    /// With worker processes: keep an in-memory copy of the state every this many steps (a lost
+    /// worker costs a replay of the steps since).
+    #[arg(long)]
+    snapshot_every: Option<u64>,
     /// Serve the runtime's metrics as Prometheus text on HOST:PORT (path /metrics).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
@@ -155,6 +170,8 @@ pub fn with_config_defaults(cmd: clap::Command) -> clap::Command {
         ("threads", d.train.threads.to_string()),
         ("workers", d.train.workers.to_string()),
         ("placement", d.train.placement.clone()),
+        ("processes", d.train.processes.to_string()),
+        ("snapshot_every", d.train.snapshot_every.to_string()),
         ("cache_policy", d.storage.cache_policy.clone()),
         ("seed", d.train.seed.to_string()),
         ("batch", d.train.batch.to_string()),
@@ -201,6 +218,10 @@ pub fn apply_flags(a: &TrainArgs, c: &mut TrainConfig) {
     set!(t.threads, a.threads);
     set!(t.workers, a.workers);
     set!(t.placement, a.placement);
+    set!(t.processes, a.processes);
+    set!(t.listen, a.listen);
+    set!(t.min_workers, a.min_workers);
+    set!(t.snapshot_every, a.snapshot_every);
     set!(t.seed, a.seed);
     set!(t.batch, a.batch);
     set!(t.groups, a.groups);

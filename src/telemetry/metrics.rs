@@ -73,9 +73,39 @@ pub const TIER_MOVED_BYTES: &str = "semoe_tier_moved_bytes_total";
 pub const PREFETCH: &str = "semoe_prefetch_total";
 /// Microseconds acquirers waited for experts (label `worker`).
 pub const TIER_STALL_MICROS: &str = "semoe_tier_stall_microseconds_total";
+/// Gauge: the membership epoch of a multi-process run (1 for the first set of workers).
+pub const EPOCH: &str = "semoe_membership_epoch";
+/// Gauge: worker processes in the current epoch.
+pub const MEMBERS: &str = "semoe_members";
+/// Counter: membership changes, by `kind` (`join`, `leave`, `crash`, `evicted`, `refused`).
+pub const MEMBERSHIP: &str = "semoe_membership_changes_total";
+/// Histogram: seconds from noticing a change (a join, a leave, a lost worker) to the new epoch's
+/// first step being ready (state moved and replayed).
+pub const RECOVERY_SECONDS: &str = "semoe_recovery_seconds";
+/// Counter: bytes of committed state sent to workers when epochs were formed.
+pub const STATE_BYTES: &str = "semoe_state_moved_bytes_total";
+/// Counter: steps replayed after a lost worker (from the last in-memory copy of the state).
+pub const REPLAYED_STEPS: &str = "semoe_replayed_steps_total";
 
 /// Register the descriptions of every metric with the installed recorder.
 pub fn describe() {
+    metrics::describe_gauge!(EPOCH, "membership epoch of a multi-process run");
+    metrics::describe_gauge!(MEMBERS, "worker processes in the current membership epoch");
+    metrics::describe_counter!(
+        MEMBERSHIP,
+        "membership changes by kind (join, leave, crash, evicted, refused)"
+    );
+    metrics::describe_histogram!(
+        RECOVERY_SECONDS,
+        metrics::Unit::Seconds,
+        "from a membership change to the new epoch ready"
+    );
+    metrics::describe_counter!(
+        STATE_BYTES,
+        metrics::Unit::Bytes,
+        "committed state sent to workers when epochs formed"
+    );
+    metrics::describe_counter!(REPLAYED_STEPS, "steps replayed after a lost worker");
     metrics::describe_histogram!(STEP_SECONDS, metrics::Unit::Seconds, "wall time of a committed step");
     metrics::describe_gauge!(TOKENS_PER_SECOND, "training tokens per second of the last step");
     metrics::describe_gauge!(COMMITTED_STEP, "the last step committed on every worker");

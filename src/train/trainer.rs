@@ -7,7 +7,7 @@
 //! newest checkpoint and ends bitwise identical to an uninterrupted run: the sampler is a pure
 //! function of (seed, step, group), and the checkpoint holds the parameters and both Adam moments.
 
-use crate::actors::{ExpertPlacement, Runtime};
+use super::engine::RuntimeEngine;
 use crate::config::TrainConfig;
 use crate::data::corpus::Corpus;
 use crate::data::sampler;
@@ -24,7 +24,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Steps the final "mean train loss" averages over: the mean of the last this many steps' losses,
 /// the same number for bitwise-identical runs however they were interrupted and resumed.
@@ -96,14 +96,6 @@ pub struct RunSummary {
     pub checkpoint: PathBuf,
     /// Why the run returned.
     pub stop: StopReason,
-}
-
-/// The actor runtime a [`Trainer`] drives (with `train.workers > 0`), on its own tokio runtime.
-struct RuntimeEngine {
-    tokio: tokio::runtime::Runtime,
-    runtime: Runtime,
-    /// Whether `Trainer::model`/`optimizer` lag behind the runtime's committed state.
-    stale: bool,
 }
 
 /// A training run.
@@ -401,34 +393,13 @@ impl Trainer {
         // The Disk tier's slot files of an earlier invocation are stale scratch: start clean.
         remove_tier_files(run_dir);
         let cpu = Cpu::new(config.train.threads)?;
-        let (group_grads, engine) = if config.train.workers == 0 {
+        let (group_grads, engine) = if config.train.workers == 0 && !config.train.elastic() {
             let grads = (0..config.train.groups)
                 .map(|_| model.zeros_like())
                 .collect::<Result<Vec<_>>>()?;
             (grads, None)
         } else {
-            // One async thread: it only moves messages (kernels run on the compute pool), and a
-            // second one competed with the compute threads for the cores: 5% fewer tokens/s on two
-            // cores (BENCHMARKS.md).
-            let tokio = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("semoe-async")
-                .enable_all()
-                .build()
-                .map_err(|e| Error::runtime(format!("cannot start the async runtime: {e}")))?;
-            let builder = Runtime::builder(config.clone())
-                .workers(config.train.workers)
-                .placement(config.train.placement.parse::<ExpertPlacement>()?)
-                .deadline(Duration::from_secs_f64(config.train.deadline_s))
-                .text(corpus.train.clone())
-                .storage(config.storage.to_config(Some(run_dir.join(run_dir::TIERS_DIR)))?)
-                .state(model.clone(), optimizer.clone());
-            let runtime = tokio.block_on(builder.build())?;
-            let engine = RuntimeEngine {
-                tokio,
-                runtime,
-                stale: false,
-            };
+            let engine = RuntimeEngine::start(&config, &corpus, &model, &optimizer, run_dir)?;
             (Vec::new(), Some(engine))
         };
         Ok(Trainer {
@@ -479,10 +450,7 @@ impl Trainer {
     /// Serve the runtime's metrics as Prometheus text on `addr` (`HOST:PORT`).
     pub fn serve_metrics(&self, addr: &str) -> Result<()> {
         match &self.engine {
-            Some(engine) => {
-                let _guard = engine.tokio.enter();
-                crate::telemetry::metrics::serve_prometheus(addr)
-            }
+            Some(engine) => engine.serve_metrics(addr),
             None => Err(Error::config(
                 "--metrics-addr needs the actor runtime (train.workers of 1 or more)",
             )),
@@ -493,7 +461,7 @@ impl Trainer {
     pub fn sync(&mut self) -> Result<()> {
         if let Some(engine) = &mut self.engine {
             if engine.stale {
-                let (model, optimizer) = engine.tokio.block_on(engine.runtime.state())?;
+                let (model, optimizer) = engine.state()?;
                 self.model = model;
                 self.optimizer = optimizer;
                 engine.stale = false;
@@ -538,8 +506,7 @@ impl Trainer {
         };
         let (outputs, lr, grad_norm) = match &mut self.engine {
             Some(engine) => {
-                let outcome = engine.tokio.block_on(engine.runtime.step()).map_err(diverged)?;
-                engine.stale = true;
+                let outcome = engine.step().map_err(diverged)?;
                 self.optimizer.step = outcome.step;
                 (outcome.outputs, outcome.lr, outcome.grad_norm)
             }
@@ -643,17 +610,19 @@ impl Trainer {
         Ok((outputs, lr, grad_norm))
     }
 
+    /// Membership figures of a run over worker processes (`None` otherwise).
+    pub fn membership(&self) -> Option<crate::elastic::runtime::MembershipStats> {
+        self.engine.as_ref().and_then(|e| e.membership())
+    }
+
     /// Each worker's expert-store figures (empty for the plain loop).
     pub fn tier_stats(&self) -> Vec<crate::storage::tiers::TierStats> {
-        self.engine.as_ref().map(|e| e.runtime.tier_stats()).unwrap_or_default()
+        self.engine.as_ref().map(|e| e.tier_stats()).unwrap_or_default()
     }
 
     /// Each worker's dense-parameter figures (empty for the plain loop).
     pub fn dense_stats(&self) -> Vec<crate::actors::gather::DenseStats> {
-        self.engine
-            .as_ref()
-            .map(|e| e.runtime.dense_stats())
-            .unwrap_or_default()
+        self.engine.as_ref().map(|e| e.dense_stats()).unwrap_or_default()
     }
 
     /// Mean cross-entropy (nats per byte) over the evaluation windows of the validation text.

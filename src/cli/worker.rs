@@ -1,0 +1,58 @@
+//! `semoe worker`: a worker process that joins a run over QUIC and trains with it until the run
+//! ends or it is asked to leave (SIGINT/SIGTERM: its state moves to the others at the next step
+//! boundary, then it exits 0; a second signal exits at once).
+
+use clap::Args;
+use semoe::elastic::worker::{run_worker, WorkerEnd, WorkerOptions};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// The run's join ticket (`RUN_DIR/join.ticket`, written by `semoe train --listen` or
+    /// `--processes`): the coordinator's address, the secret token and the certificate to pin.
+    #[arg(long, value_name = "FILE")]
+    ticket: PathBuf,
+    /// The coordinator's address, when it differs from the ticket's (a NAT, a Service name).
+    #[arg(long, value_name = "HOST:PORT")]
+    join: Option<SocketAddr>,
+    /// Compute threads (default: the run's train.threads). Threads never change the bits.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// This worker's own config file: refused unless every field that changes the bits matches
+    /// the run's.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The training text on this machine (default: the run's train.data, or the bundled corpus);
+    /// its SHA-256 must match the run's.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The IP address peers reach this worker at (default: the one it reaches the coordinator from).
+    #[arg(long)]
+    advertise: Option<IpAddr>,
+    /// Scratch directory for the Disk tier (default: under the system's temporary directory).
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+}
+
+pub fn run(a: &WorkerArgs) -> semoe::Result<std::process::ExitCode> {
+    let stop = Arc::new(AtomicUsize::new(0));
+    let _signals = super::train::install_stop_signals(&stop)?;
+    let options = WorkerOptions {
+        ticket: a.ticket.clone(),
+        join: a.join,
+        threads: a.threads,
+        config: a.config.clone(),
+        data: a.data.clone(),
+        advertise: a.advertise,
+        scratch: a.scratch.clone(),
+    };
+    match run_worker(options, stop)? {
+        WorkerEnd::Left(reason) => {
+            eprintln!("semoe worker: done ({reason})");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}

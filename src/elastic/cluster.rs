@@ -1,0 +1,361 @@
+//! The coordinator's side of the control plane: the QUIC endpoint workers join, the join
+//! handshake (token, protocol and binary version, configuration, corpus digest, kernel
+//! fingerprint), and the membership list that epochs are formed from. It changes nothing by
+//! itself: `elastic::runtime` reads it at step boundaries.
+
+use super::fingerprint::{self, KernelFingerprint};
+use super::protocol::{self, Answer, Hello, Notice, Ready};
+use crate::config::{resume_differences, TrainConfig};
+use crate::error::{Error, Result};
+use crate::net::quic::{self, JobIdentity, JoinTicket};
+use crate::telemetry::metrics as names;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+/// Where a member stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Admitted; it takes part from the next epoch.
+    Waiting,
+    /// Part of the current epoch.
+    Active,
+    /// Asked to leave; dismissed at the next step boundary, once its state moved.
+    Leaving,
+    /// No longer a member, and why (its connection closed, it was evicted, it left).
+    Gone(String),
+}
+
+/// One worker process that joined.
+#[derive(Clone, Debug)]
+pub struct Member {
+    /// Member number, unique within the run (the order of joining).
+    pub id: u64,
+    /// `host:pid` of the process.
+    pub name: String,
+    /// The control connection.
+    pub conn: quinn::Connection,
+    /// Its data plane's address.
+    pub data_addr: SocketAddr,
+    /// Where it stands.
+    pub status: Status,
+}
+
+#[derive(Default)]
+struct Book {
+    next_id: u64,
+    members: BTreeMap<u64, Member>,
+    /// Member ids of each worker index of an epoch (to name the peer of a worker's notice).
+    epochs: BTreeMap<u64, Vec<u64>>,
+}
+
+/// What must match between the coordinator and a joining worker.
+struct Expect {
+    config: TrainConfig,
+    config_toml: String,
+    corpus_sha256: String,
+    kernel: KernelFingerprint,
+    identity: Arc<JobIdentity>,
+    ticket: JoinTicket,
+}
+
+/// The control plane of a run.
+pub struct Cluster {
+    endpoint: quinn::Endpoint,
+    ticket: JoinTicket,
+    book: Arc<Mutex<Book>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Cluster {
+    /// Listen on `listen` (port 0: one the OS chooses), write the join ticket to `ticket_path`
+    /// (mode 0600) and admit workers whose handshake matches `config` and `corpus_sha256`.
+    pub fn start(listen: SocketAddr, ticket_path: &Path, config: &TrainConfig, corpus_sha256: &str) -> Result<Cluster> {
+        let identity = Arc::new(JobIdentity::generate()?);
+        let pin = identity.fingerprint();
+        let endpoint = quic::endpoint(listen, &identity, &pin)?;
+        let addr = endpoint
+            .local_addr()
+            .map_err(|e| Error::runtime(format!("the control endpoint has no address: {e}")))?;
+        let ticket = JoinTicket::new(addr, &identity);
+        ticket.write(ticket_path)?;
+        let expect = Arc::new(Expect {
+            config: config.clone(),
+            config_toml: config.to_toml()?,
+            corpus_sha256: corpus_sha256.to_string(),
+            kernel: fingerprint::compute()?,
+            identity,
+            ticket: JoinTicket {
+                addr,
+                token: ticket.token.clone(),
+                cert_sha256: ticket.cert_sha256.clone(),
+            },
+        });
+        let book = Arc::new(Mutex::new(Book::default()));
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), expect, book.clone()));
+        Ok(Cluster {
+            endpoint,
+            ticket,
+            book,
+            accept,
+        })
+    }
+
+    /// The address workers join (the ticket's).
+    pub fn addr(&self) -> SocketAddr {
+        self.ticket.addr
+    }
+
+    /// A copy of every member, in member order.
+    pub fn members(&self) -> Vec<Member> {
+        self.lock().members.values().cloned().collect()
+    }
+
+    /// The member `id`'s status.
+    pub fn status(&self, id: u64) -> Option<Status> {
+        self.lock().members.get(&id).map(|m| m.status.clone())
+    }
+
+    /// Set member `id`'s status (a member already gone stays gone).
+    pub fn set_status(&self, id: u64, status: Status) {
+        if let Some(m) = self.lock().members.get_mut(&id) {
+            if !matches!(m.status, Status::Gone(_)) {
+                m.status = status;
+            }
+        }
+    }
+
+    /// Remove member `id` for `reason` and close its connection (a fenced worker cannot commit:
+    /// every command reaches it on this connection).
+    pub fn evict(&self, id: u64, reason: &str) {
+        let conn = {
+            let mut book = self.lock();
+            match book.members.get_mut(&id) {
+                Some(m) if !matches!(m.status, Status::Gone(_)) => {
+                    m.status = Status::Gone(reason.to_string());
+                    Some(m.conn.clone())
+                }
+                _ => None,
+            }
+        };
+        if let Some(conn) = conn {
+            conn.close(2u32.into(), reason.as_bytes());
+        }
+    }
+
+    /// Record which member is which worker index in `epoch`.
+    pub fn record_epoch(&self, epoch: u64, members: Vec<u64>) {
+        let mut book = self.lock();
+        book.epochs.insert(epoch, members);
+        while book.epochs.len() > 8 {
+            book.epochs.pop_first();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stop accepting and close every connection.
+    pub fn close(&self) {
+        self.accept.abort();
+        self.endpoint.close(0u32.into(), b"the run is over");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<Mutex<Book>>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let (expect, book) = (expect.clone(), book.clone());
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            let peer = conn.remote_address();
+            match admit(&conn, &expect, &book).await {
+                Ok(()) => {}
+                Err(e) => {
+                    metrics::counter!(names::MEMBERSHIP, "kind" => "refused").increment(1);
+                    eprintln!("semoe: refused a worker from {peer}: {e}");
+                    conn.close(1u32.into(), b"refused");
+                }
+            }
+        });
+    }
+}
+
+/// The join handshake, then the member's notices until its connection ends.
+async fn admit(conn: &quinn::Connection, expect: &Expect, book: &Arc<Mutex<Book>>) -> Result<()> {
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(5), conn.accept_bi())
+        .await
+        .map_err(|_| Error::runtime("no hello within 5 s"))?
+        .map_err(|e| Error::runtime(format!("connection closed before the hello: {e}")))?;
+    let max = protocol::CONTROL.header_bytes + 64;
+    let hello_bytes = tokio::time::timeout(Duration::from_secs(5), quic::read_frame(&mut recv, max, "a hello"))
+        .await
+        .map_err(|_| Error::runtime("no hello within 5 s"))??
+        .ok_or_else(|| Error::runtime("the stream ended before the hello"))?;
+    let hello: Hello = protocol::decode(&hello_bytes, "a hello")?;
+    if let Err(reason) = check_hello(&hello, expect) {
+        return refuse(&mut send, conn, reason).await;
+    }
+    let offer = Answer::Offer {
+        config: expect.config_toml.clone(),
+        cert: expect.identity.cert_der.clone(),
+        key: expect.identity.key_der.clone(),
+    };
+    quic::write_frame(&mut send, &protocol::encode(&offer)?).await?;
+    let ready_bytes = tokio::time::timeout(Duration::from_secs(120), quic::read_frame(&mut recv, max, "a ready"))
+        .await
+        .map_err(|_| Error::runtime(format!("{} sent no ready within 120 s", hello.name)))??
+        .ok_or_else(|| Error::runtime("the stream ended before the ready"))?;
+    let ready: Ready = protocol::decode(&ready_bytes, "a ready")?;
+    let data_addr = match check_ready(&ready, expect) {
+        Ok(a) => a,
+        Err(reason) => return refuse(&mut send, conn, reason).await,
+    };
+    let id = {
+        let mut b = book.lock().unwrap_or_else(PoisonError::into_inner);
+        b.next_id += 1;
+        let id = b.next_id;
+        b.members.insert(
+            id,
+            Member {
+                id,
+                name: hello.name.clone(),
+                conn: conn.clone(),
+                data_addr,
+                status: Status::Waiting,
+            },
+        );
+        id
+    };
+    quic::write_frame(&mut send, &protocol::encode(&Answer::Admitted { member: id })?).await?;
+    metrics::counter!(names::MEMBERSHIP, "kind" => "join").increment(1);
+    eprintln!(
+        "semoe: worker {} joined as member {id} (data plane {data_addr})",
+        hello.name
+    );
+    // The session stream now carries the worker's notices, until the connection ends.
+    let closed = loop {
+        let frame = tokio::select! {
+            f = quic::read_frame(&mut recv, max, "a notice") => f,
+            e = conn.closed() => break e.to_string(),
+        };
+        let notice: Notice = match frame.and_then(|f| f.ok_or_else(|| Error::runtime("the session stream ended"))) {
+            Ok(bytes) => match protocol::decode(&bytes, "a notice") {
+                Ok(n) => n,
+                Err(e) => break format!("malformed notice: {e}"),
+            },
+            Err(e) => break e.to_string(),
+        };
+        let mut b = book.lock().unwrap_or_else(PoisonError::into_inner);
+        match notice {
+            Notice::Leaving => {
+                if let Some(m) = b.members.get_mut(&id) {
+                    if matches!(m.status, Status::Active | Status::Waiting) {
+                        m.status = Status::Leaving;
+                        eprintln!("semoe: member {id} ({}) asked to leave", hello.name);
+                    }
+                }
+            }
+            Notice::PeerEvicted { peer, epoch, detail } => {
+                let culprit = b.epochs.get(&epoch).and_then(|ids| ids.get(peer as usize)).copied();
+                if let Some(m) = culprit.and_then(|c| b.members.get_mut(&c)) {
+                    let reason = format!("evicted: member {id} reports it sent malformed data ({detail})");
+                    eprintln!("semoe: member {} ({}) {reason}", m.id, m.name);
+                    m.status = Status::Gone(reason.clone());
+                    m.conn.close(3u32.into(), reason.as_bytes());
+                    metrics::counter!(names::MEMBERSHIP, "kind" => "evicted").increment(1);
+                }
+            }
+            Notice::PeerLost { peer, epoch, detail } => {
+                eprintln!("semoe: member {id} lost its link to worker {peer} of epoch {epoch}: {detail}");
+            }
+        }
+    };
+    let mut b = book.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(m) = b.members.get_mut(&id) {
+        if !matches!(m.status, Status::Gone(_)) {
+            eprintln!("semoe: lost member {id} ({}): {closed}", m.name);
+            m.status = Status::Gone(format!("connection lost: {closed}"));
+            metrics::counter!(names::MEMBERSHIP, "kind" => "crash").increment(1);
+        }
+    }
+    Ok(())
+}
+
+async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, reason: String) -> Result<()> {
+    quic::write_frame(send, &protocol::encode(&Answer::Refused { reason: reason.clone() })?).await?;
+    let _ = send.finish();
+    // Let the worker read the reason before the connection goes.
+    let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+    Err(Error::runtime(reason))
+}
+
+fn check_hello(hello: &Hello, expect: &Expect) -> std::result::Result<(), String> {
+    if !expect.ticket.token_matches(&hello.token) {
+        return Err("wrong token (use the ticket this run wrote)".into());
+    }
+    if hello.protocol != protocol::PROTOCOL {
+        return Err(format!(
+            "protocol version differs (worker {}, coordinator {})",
+            hello.protocol,
+            protocol::PROTOCOL
+        ));
+    }
+    if hello.version != protocol::VERSION {
+        return Err(format!(
+            "semoe version differs (worker {}, coordinator {}): every process must run the same build",
+            hello.version,
+            protocol::VERSION
+        ));
+    }
+    if let Some(toml_text) = &hello.config {
+        let theirs: TrainConfig =
+            toml::from_str(toml_text).map_err(|e| format!("the worker's configuration does not parse: {e}"))?;
+        let (_, refused) = resume_differences(&expect.config, &theirs).map_err(|e| e.to_string())?;
+        let steps = (theirs.train.steps != expect.config.train.steps).then(|| {
+            format!(
+                "train.steps (run: {}, worker: {})",
+                expect.config.train.steps, theirs.train.steps
+            )
+        });
+        let fields: Vec<String> = refused.into_iter().chain(steps).collect();
+        if !fields.is_empty() {
+            return Err(format!(
+                "configuration differs in fields that change the bits: {}",
+                fields.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_ready(ready: &Ready, expect: &Expect) -> std::result::Result<SocketAddr, String> {
+    if ready.corpus_sha256 != expect.corpus_sha256 {
+        return Err(format!(
+            "corpus differs: the worker's text has SHA-256 {}, the run's {} (point --data at the same text)",
+            ready.corpus_sha256, expect.corpus_sha256
+        ));
+    }
+    if ready.kernel.digest != expect.kernel.digest {
+        return Err(format!(
+            "kernel fingerprint differs (worker: {}, digest {}; coordinator: {}, digest {}): its matrix kernels \
+             compute different bits, so it cannot join this run",
+            ready.kernel.isa,
+            &ready.kernel.digest[..ready.kernel.digest.len().min(16)],
+            expect.kernel.isa,
+            &expect.kernel.digest[..16]
+        ));
+    }
+    ready
+        .data_addr
+        .parse::<SocketAddr>()
+        .map_err(|e| format!("data-plane address {:?}: {e}", ready.data_addr))
+}

@@ -1,0 +1,491 @@
+//! The control protocol between the coordinator and its worker processes: what travels on the QUIC
+//! control connection, and how each message is framed and bounded.
+//!
+//! Every message is one frame (`net::wire`): a bincode 2 header, decoded with an explicit size
+//! limit, then raw little-endian tensor bodies. Joining is two rounds on the session stream the
+//! worker opens:
+//!
+//! ```text
+//! worker -> Hello { protocol, version, token, name, config? }
+//! coord  -> Offer { config, job certificate and key }        or Refused { reason }
+//! worker -> Ready { corpus digest, kernel fingerprint, data address }
+//! coord  -> Admitted { member }                               or Refused { reason }
+//! worker -> Notice ...   (the session stream then carries the worker's notices)
+//! ```
+//!
+//! After that the coordinator opens one bidirectional stream per command ([`Command`]) and reads
+//! one [`Reply`]. Every command names the membership epoch; a worker refuses a command of an epoch
+//! other than its own.
+
+use crate::actors::ledger::LedgerSnapshot;
+use crate::actors::worker::NormPart;
+use crate::config::TrainConfig;
+use crate::error::{Error, Result};
+use crate::model::gpt::{Gpt, GroupOutput};
+use crate::model::moe::MoeStats;
+use crate::net::wire::{self, Limits};
+use crate::optimizer::AdamW;
+use crate::storage::tiers::ExpertSlot;
+
+pub use super::fingerprint::KernelFingerprint;
+
+/// The protocol's version: both sides must speak the same one.
+pub const PROTOCOL: u32 = 1;
+
+/// The binary's version, compared at the join (different builds may compute different bits).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Limits of the small control frames (no tensor bodies).
+pub const CONTROL: Limits = Limits {
+    header_bytes: 4 << 20,
+    bodies: 0,
+    floats: 0,
+};
+
+/// The first message of a worker.
+#[derive(Clone, Debug, bincode::Encode, bincode::Decode)]
+pub struct Hello {
+    /// [`PROTOCOL`] of the worker.
+    pub protocol: u32,
+    /// [`VERSION`] of the worker.
+    pub version: String,
+    /// The job's secret (from the ticket).
+    pub token: String,
+    /// Host and process id, for logs.
+    pub name: String,
+    /// The worker's own configuration (TOML), when it was started with one: it must not differ
+    /// from the coordinator's in any field that changes the bits.
+    pub config: Option<String>,
+}
+
+/// The coordinator's answer to a [`Hello`] or a [`Ready`].
+#[derive(Clone, Debug, bincode::Encode, bincode::Decode)]
+pub enum Answer {
+    /// The run's configuration (TOML) and the job identity the worker's data plane serves with.
+    Offer {
+        /// The run's configuration.
+        config: String,
+        /// The job certificate (DER).
+        cert: Vec<u8>,
+        /// Its private key (DER).
+        key: Vec<u8>,
+    },
+    /// The worker is a member; it takes part from the next membership epoch.
+    Admitted {
+        /// Its member number (unique within the run).
+        member: u64,
+    },
+    /// Refused, and why (naming the field that differs).
+    Refused {
+        /// The reason.
+        reason: String,
+    },
+}
+
+/// The worker's second message: what it computed with the run's configuration.
+#[derive(Clone, Debug, bincode::Encode, bincode::Decode)]
+pub struct Ready {
+    /// SHA-256 of its training and validation text.
+    pub corpus_sha256: String,
+    /// Its kernel fingerprint.
+    pub kernel: KernelFingerprint,
+    /// Where its data plane listens (`IP:PORT`).
+    pub data_addr: String,
+}
+
+/// What a worker tells the coordinator unasked, on its session stream.
+#[derive(Clone, Debug, bincode::Encode, bincode::Decode)]
+pub enum Notice {
+    /// It wants to leave (SIGTERM or a command): at the next step boundary its state moves to the
+    /// others and it is dismissed.
+    Leaving,
+    /// A peer sent it malformed data; the coordinator evicts that peer.
+    PeerEvicted {
+        /// The peer's worker index in the notice's epoch.
+        peer: u32,
+        /// The epoch.
+        epoch: u64,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Its connection to a peer was lost.
+    PeerLost {
+        /// The peer's worker index in the notice's epoch.
+        peer: u32,
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// A step in a command: `(step, attempt)`.
+pub type WireStep = (u64, u32);
+
+/// What the coordinator asks a worker.
+#[derive(Clone, Debug, bincode::Encode, bincode::Decode)]
+pub enum Command {
+    /// Start membership epoch `epoch` as worker `worker` of `workers`, with the data-plane addresses
+    /// of every worker (index order); the run's committed state follows as a second frame
+    /// (`wire::encode_state`).
+    Setup {
+        /// The epoch.
+        epoch: u64,
+        /// This worker's index.
+        worker: u32,
+        /// Workers of the epoch.
+        workers: u32,
+        /// Each worker's data-plane address.
+        peers: Vec<String>,
+    },
+    /// `WorkerMsg::RunStep`.
+    RunStep {
+        /// Epoch.
+        epoch: u64,
+        /// Step.
+        step: WireStep,
+    },
+    /// `WorkerMsg::Prepare`.
+    Prepare {
+        /// Epoch.
+        epoch: u64,
+        /// Step.
+        step: WireStep,
+    },
+    /// `WorkerMsg::Commit`.
+    Commit {
+        /// Epoch.
+        epoch: u64,
+        /// Step.
+        step: WireStep,
+        /// Learning rate.
+        lr: f64,
+        /// Global gradient norm.
+        norm: f64,
+    },
+    /// `WorkerMsg::Abort`.
+    Abort {
+        /// Epoch.
+        epoch: u64,
+        /// Step.
+        step: WireStep,
+    },
+    /// `WorkerMsg::Snapshot`.
+    Snapshot {
+        /// Epoch.
+        epoch: u64,
+    },
+    /// Stop and exit: `left` (exit 0: it asked to leave, or the run is over) or not (exit 1, the
+    /// reason printed).
+    Dismiss {
+        /// Whether the worker leaves in good order.
+        left: bool,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Command {
+    /// The command's epoch (`None` for a dismissal, which any epoch accepts).
+    pub fn epoch(&self) -> Option<u64> {
+        match self {
+            Command::Setup { epoch, .. }
+            | Command::RunStep { epoch, .. }
+            | Command::Prepare { epoch, .. }
+            | Command::Commit { epoch, .. }
+            | Command::Abort { epoch, .. }
+            | Command::Snapshot { epoch } => Some(*epoch),
+            Command::Dismiss { .. } => None,
+        }
+    }
+}
+
+/// One group's output on the wire.
+#[derive(Clone, Debug, bincode::Encode, bincode::Decode)]
+pub struct WireOutput {
+    /// The group.
+    pub group: u32,
+    /// `GroupOutput::ce_sum`.
+    pub ce_sum: f64,
+    /// `GroupOutput::router_loss`.
+    pub router_loss: Vec<f64>,
+    /// Per MoE block: (tokens per expert, dropped, capacity).
+    pub moe_stats: Vec<(Vec<u64>, u64, Option<u64>)>,
+}
+
+/// How an error crosses the wire: its kind decides whether the coordinator replays the step.
+#[derive(Clone, Debug, bincode::Encode, bincode::Decode)]
+pub enum WireError {
+    /// `Error::ActorFailed` (restartable).
+    ActorFailed {
+        /// Actor.
+        actor: String,
+        /// Detail.
+        detail: String,
+    },
+    /// `Error::Deadline`.
+    Deadline {
+        /// Peer.
+        peer: String,
+        /// Request.
+        what: String,
+        /// Deadline.
+        deadline_ms: u64,
+    },
+    /// Anything else, as its message.
+    Other(String),
+}
+
+/// A worker's answer to a [`Command`].
+#[derive(Clone, Debug, bincode::Encode, bincode::Decode)]
+pub enum Reply {
+    /// Done (Setup, Commit, Abort, Dismiss).
+    Done,
+    /// RunStep's group outputs.
+    Outputs(Vec<WireOutput>),
+    /// Prepare's norm parts: `(tensor, expert, sum of squares)`.
+    Norms(Vec<(u64, u64, f64)>),
+    /// Snapshot: the header of a [`LedgerSnapshot`]; the tensors are the frame's bodies.
+    Snapshot(SnapshotHeader),
+    /// The command failed.
+    Failed(WireError),
+}
+
+/// The layout of a snapshot's bodies: per dense entry three bodies (values, m, v); per expert
+/// twelve (four parameter tensors, their m, their v).
+#[derive(Clone, Debug, bincode::Encode, bincode::Decode)]
+pub struct SnapshotHeader {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Tensor index of each dense entry.
+    pub dense: Vec<u64>,
+    /// `(block, expert)` of each expert slot.
+    pub experts: Vec<(u64, u64)>,
+}
+
+impl From<&Error> for WireError {
+    fn from(e: &Error) -> Self {
+        match e {
+            Error::ActorFailed { actor, detail } => WireError::ActorFailed {
+                actor: actor.clone(),
+                detail: detail.clone(),
+            },
+            Error::Deadline {
+                peer,
+                what,
+                deadline_ms,
+            } => WireError::Deadline {
+                peer: peer.clone(),
+                what: what.clone(),
+                deadline_ms: *deadline_ms,
+            },
+            other => WireError::Other(other.to_string()),
+        }
+    }
+}
+
+impl WireError {
+    /// Back into an [`Error`], saying which worker process reported it.
+    pub fn into_error(self, worker: &str) -> Error {
+        match self {
+            WireError::ActorFailed { actor, detail } => Error::ActorFailed {
+                actor: format!("{actor} ({worker})"),
+                detail,
+            },
+            WireError::Deadline {
+                peer,
+                what,
+                deadline_ms,
+            } => Error::Deadline {
+                peer,
+                what: format!("{what} (reported by {worker})"),
+                deadline_ms,
+            },
+            WireError::Other(m) => Error::runtime(format!("{worker}: {m}")),
+        }
+    }
+}
+
+/// Encode a header-only control message.
+pub fn encode<H: bincode::Encode>(header: &H) -> Result<Vec<u8>> {
+    wire::encode_frame(header, &[])
+}
+
+/// Decode a header-only control message.
+pub fn decode<H: bincode::Decode<()>>(bytes: &[u8], what: &str) -> Result<H> {
+    Ok(wire::decode_frame(bytes, what, &CONTROL)?.0)
+}
+
+/// Group outputs to the wire.
+pub fn outputs_to_wire(outputs: &[(usize, GroupOutput)]) -> Vec<WireOutput> {
+    outputs
+        .iter()
+        .map(|(g, o)| WireOutput {
+            group: *g as u32,
+            ce_sum: o.ce_sum,
+            router_loss: o.router_loss.clone(),
+            moe_stats: o
+                .moe_stats
+                .iter()
+                .map(|s| {
+                    (
+                        s.expert_tokens.iter().map(|&t| t as u64).collect(),
+                        s.dropped as u64,
+                        s.capacity.map(|c| c as u64),
+                    )
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Group outputs from the wire, checked against the configuration (group range, block and expert
+/// counts), so that nothing malformed reaches the coordinator's sums.
+pub fn outputs_from_wire(config: &TrainConfig, outputs: Vec<WireOutput>) -> Result<Vec<(usize, GroupOutput)>> {
+    let blocks = (0..config.model.n_layer).filter(|&l| config.model.is_moe(l)).count();
+    outputs
+        .into_iter()
+        .map(|o| {
+            let g = o.group as usize;
+            if g >= config.train.groups {
+                return Err(Error::parse("a step's outputs", format!("group {g} does not exist")));
+            }
+            if o.router_loss.len() != blocks || o.moe_stats.len() != blocks {
+                return Err(Error::parse(
+                    "a step's outputs",
+                    format!(
+                        "group {g} reports {} MoE blocks; the model has {blocks}",
+                        o.moe_stats.len()
+                    ),
+                ));
+            }
+            if o.moe_stats.iter().any(|(t, _, _)| t.len() != config.model.experts) {
+                return Err(Error::parse(
+                    "a step's outputs",
+                    format!("group {g} reports loads for a wrong number of experts"),
+                ));
+            }
+            Ok((
+                g,
+                GroupOutput {
+                    ce_sum: o.ce_sum,
+                    router_loss: o.router_loss,
+                    moe_stats: o
+                        .moe_stats
+                        .into_iter()
+                        .map(|(t, d, c)| MoeStats {
+                            expert_tokens: t.into_iter().map(|x| x as usize).collect(),
+                            dropped: d as usize,
+                            capacity: c.map(|c| c as usize),
+                        })
+                        .collect(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Norm parts to the wire.
+pub fn norms_to_wire(parts: &[NormPart]) -> Vec<(u64, u64, f64)> {
+    parts.iter().map(|((t, e), s)| (*t as u64, *e as u64, *s)).collect()
+}
+
+/// Norm parts from the wire.
+pub fn norms_from_wire(parts: Vec<(u64, u64, f64)>) -> Vec<NormPart> {
+    parts
+        .into_iter()
+        .map(|(t, e, s)| ((t as usize, e as usize), s))
+        .collect()
+}
+
+/// Limits of a frame carrying up to three copies of a model of `config` (a snapshot, the state).
+pub fn state_limits(config: &TrainConfig) -> Result<Limits> {
+    let floats = Gpt::<f32>::zeros(&config.model)?.num_params();
+    Ok(Limits {
+        header_bytes: 4 << 20,
+        bodies: 64 + 12 * (config.model.n_layer * config.model.experts + 4 * config.model.n_layer + 8),
+        floats: 3 * floats + 1024,
+    })
+}
+
+/// Encode a worker's snapshot as a [`Reply::Snapshot`] frame.
+pub fn encode_snapshot(s: &LedgerSnapshot) -> Result<Vec<u8>> {
+    let header = Reply::Snapshot(SnapshotHeader {
+        step: s.step,
+        dense: s.dense.iter().map(|(i, ..)| *i as u64).collect(),
+        experts: s.experts.iter().map(|((b, e), _)| (*b as u64, *e as u64)).collect(),
+    });
+    let mut bodies: Vec<&[f32]> = Vec::new();
+    for (_, p, m, v) in &s.dense {
+        bodies.extend([p.as_slice(), m.as_slice(), v.as_slice()]);
+    }
+    for (_, slot) in &s.experts {
+        bodies.extend(slot.params.iter().map(Vec::as_slice));
+        bodies.extend(slot.optimizer.m.iter().map(Vec::as_slice));
+        bodies.extend(slot.optimizer.v.iter().map(Vec::as_slice));
+    }
+    wire::encode_frame(&header, &bodies)
+}
+
+/// Decode a [`Reply`] that may carry a snapshot; lengths are checked against the model's tensors.
+pub fn decode_reply(config: &TrainConfig, bytes: &[u8]) -> Result<(Reply, Option<LedgerSnapshot>)> {
+    let (reply, bodies) = wire::decode_frame::<Reply>(bytes, "a worker's reply", &state_limits(config)?)?;
+    let Reply::Snapshot(header) = &reply else {
+        if !bodies.is_empty() {
+            return Err(Error::parse(
+                "a worker's reply",
+                "a reply other than a snapshot carries tensors",
+            ));
+        }
+        return Ok((reply, None));
+    };
+    let model = Gpt::<f32>::zeros(&config.model)?;
+    let specs = model.specs();
+    let bad = |detail: String| Error::parse("a worker's snapshot", detail);
+    if bodies.len() != 3 * header.dense.len() + 12 * header.experts.len() {
+        return Err(bad(format!(
+            "{} tensors for {} dense entries and {} experts",
+            bodies.len(),
+            header.dense.len(),
+            header.experts.len()
+        )));
+    }
+    let mut it = bodies.into_iter();
+    let mut dense = Vec::with_capacity(header.dense.len());
+    for &i in &header.dense {
+        let i = i as usize;
+        let spec = specs.get(i).ok_or_else(|| bad(format!("tensor {i} does not exist")))?;
+        let n: usize = spec.shape.iter().product();
+        let mut take = || {
+            it.next()
+                .filter(|b| b.len() == n)
+                .ok_or_else(|| bad(format!("{} has a wrong length", spec.name)))
+        };
+        let (p, m, v) = (take()?, take()?, take()?);
+        dense.push((i, p, m, v));
+    }
+    let mut experts = Vec::with_capacity(header.experts.len());
+    for &(block, e) in &header.experts {
+        let (block, e) = (block as usize, e as usize);
+        if e >= config.model.experts {
+            return Err(bad(format!("expert {e} does not exist")));
+        }
+        let idx = ExpertSlot::tensor_indices(specs.iter().map(|t| t.name.as_str()), block)?;
+        let mut next = |k: usize| {
+            let spec = &specs[idx[k]];
+            it.next()
+                .filter(|b| b.len() == spec.unit_len())
+                .ok_or_else(|| bad(format!("expert {block}.{e}'s {} has a wrong length", spec.name)))
+        };
+        let params = [next(0)?, next(1)?, next(2)?, next(3)?];
+        let m = vec![next(0)?, next(1)?, next(2)?, next(3)?];
+        let v = vec![next(0)?, next(1)?, next(2)?, next(3)?];
+        let sizes: Vec<usize> = params.iter().map(Vec::len).collect();
+        let decay: Vec<bool> = idx.iter().map(|&i| specs[i].decay).collect();
+        let mut optimizer = AdamW::with_decay(config.optimizer.clone(), &sizes, &decay)?;
+        optimizer.restore(header.step, m, v)?;
+        experts.push(((block, e), ExpertSlot { params, optimizer }));
+    }
+    let step = header.step;
+    Ok((reply, Some(LedgerSnapshot { step, dense, experts })))
+}

@@ -1,0 +1,195 @@
+//! The coordinator's stand-in for a worker process: an actor that answers [`WorkerMsg`] by sending
+//! the matching [`Command`] over the worker's control connection and decoding its [`Reply`]. The
+//! actor runtime's Coordinator drives it exactly like an in-process Worker.
+
+use super::protocol::{self, Command, Reply};
+use crate::actors::worker::WorkerMsg;
+use crate::config::TrainConfig;
+use crate::error::{Error, Result};
+use crate::net::quic;
+use crate::net::StepId;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::sync::Arc;
+
+/// Largest reply frame accepted (a snapshot of the whole model with its moments, and headroom).
+pub fn max_reply_bytes(config: &TrainConfig) -> Result<usize> {
+    let limits = protocol::state_limits(config)?;
+    Ok(limits.header_bytes + 16 + 8 * limits.bodies + 4 * limits.floats)
+}
+
+/// Send `command` (and `extra`, a second frame, for a setup's state) on a new stream of `conn`
+/// and read the reply frame. A lost connection fails at once, naming `who`.
+pub async fn call(
+    conn: &quinn::Connection,
+    who: &str,
+    command: &Command,
+    extra: Option<&[u8]>,
+    max_reply: usize,
+) -> Result<Vec<u8>> {
+    let lost = |e: String| Error::runtime(format!("{who} is unreachable: {e}"));
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
+    quic::write_frame(&mut send, &protocol::encode(command)?).await?;
+    if let Some(extra) = extra {
+        quic::write_frame(&mut send, extra).await?;
+    }
+    let _ = send.finish();
+    quic::read_frame(&mut recv, max_reply, "a worker's reply")
+        .await?
+        .ok_or_else(|| lost("it closed the stream without answering".into()))
+}
+
+/// What the proxy knows of its worker.
+pub struct ProxyArgs {
+    /// The control connection.
+    pub conn: quinn::Connection,
+    /// For messages: `worker 1 (member 3, host:pid)`.
+    pub name: String,
+    /// The membership epoch it serves.
+    pub epoch: u64,
+    /// The run's configuration (to validate replies).
+    pub config: Arc<TrainConfig>,
+}
+
+/// The proxy actor.
+pub struct ProxyActor;
+
+fn wire_step(s: StepId) -> (u64, u32) {
+    (s.step, s.attempt)
+}
+
+impl Actor for ProxyActor {
+    type Msg = WorkerMsg;
+    type State = Arc<ProxyArgs>;
+    type Arguments = ProxyArgs;
+
+    async fn pre_start(&self, _: ActorRef<WorkerMsg>, args: ProxyArgs) -> Result<Self::State, ActorProcessingErr> {
+        Ok(Arc::new(args))
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<WorkerMsg>,
+        msg: WorkerMsg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Each call runs in its own task, so that the proxy never holds up a message behind a
+        // network round trip (the Coordinator bounds every call with its deadline).
+        let p = state.clone();
+        let epoch = p.epoch;
+        match msg {
+            WorkerMsg::RunStep { step, reply } => {
+                tokio::spawn(async move {
+                    let r = rpc(
+                        &p,
+                        Command::RunStep {
+                            epoch,
+                            step: wire_step(step),
+                        },
+                    )
+                    .await
+                    .and_then(|r| match r {
+                        Reply::Outputs(o) => protocol::outputs_from_wire(&p.config, o)
+                            .map_err(|e| Error::protocol(p.name.clone(), e.to_string())),
+                        other => unexpected(&p, other),
+                    });
+                    let _ = reply.send(r);
+                });
+            }
+            WorkerMsg::Prepare { step, reply } => {
+                tokio::spawn(async move {
+                    let r = rpc(
+                        &p,
+                        Command::Prepare {
+                            epoch,
+                            step: wire_step(step),
+                        },
+                    )
+                    .await
+                    .and_then(|r| match r {
+                        Reply::Norms(n) => Ok(protocol::norms_from_wire(n)),
+                        other => unexpected(&p, other),
+                    });
+                    let _ = reply.send(r);
+                });
+            }
+            WorkerMsg::Commit { step, lr, norm, reply } => {
+                tokio::spawn(async move {
+                    let command = Command::Commit {
+                        epoch,
+                        step: wire_step(step),
+                        lr,
+                        norm,
+                    };
+                    let r = rpc(&p, command).await.and_then(|r| done(&p, r));
+                    let _ = reply.send(r);
+                });
+            }
+            WorkerMsg::Abort { step, reply } => {
+                tokio::spawn(async move {
+                    let r = rpc(
+                        &p,
+                        Command::Abort {
+                            epoch,
+                            step: wire_step(step),
+                        },
+                    )
+                    .await
+                    .and_then(|r| done(&p, r));
+                    let _ = reply.send(r);
+                });
+            }
+            WorkerMsg::Snapshot { reply } => {
+                tokio::spawn(async move {
+                    let r = async {
+                        let max = max_reply_bytes(&p.config)?;
+                        let bytes = call(&p.conn, &p.name, &Command::Snapshot { epoch }, None, max).await?;
+                        match protocol::decode_reply(&p.config, &bytes)
+                            .map_err(|e| Error::protocol(p.name.clone(), e.to_string()))?
+                        {
+                            (_, Some(s)) => Ok(s),
+                            (Reply::Failed(e), None) => Err(e.into_error(&p.name)),
+                            (other, None) => unexpected(&p, other),
+                        }
+                    }
+                    .await;
+                    let _ = reply.send(r);
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn rpc(p: &ProxyArgs, command: Command) -> Result<Reply> {
+    let bytes = call(&p.conn, &p.name, &command, None, protocol::CONTROL.header_bytes + 64).await?;
+    let reply: Reply =
+        protocol::decode(&bytes, "a worker's reply").map_err(|e| Error::protocol(p.name.clone(), e.to_string()))?;
+    match reply {
+        Reply::Failed(e) => Err(e.into_error(&p.name)),
+        other => Ok(other),
+    }
+}
+
+fn done(p: &ProxyArgs, r: Reply) -> Result<()> {
+    match r {
+        Reply::Done => Ok(()),
+        other => unexpected(p, other),
+    }
+}
+
+fn unexpected<T>(p: &ProxyArgs, r: Reply) -> Result<T> {
+    Err(Error::protocol(
+        p.name.clone(),
+        format!("answered with an unexpected reply: {}", reply_kind(&r)),
+    ))
+}
+
+fn reply_kind(r: &Reply) -> &'static str {
+    match r {
+        Reply::Done => "done",
+        Reply::Outputs(_) => "outputs",
+        Reply::Norms(_) => "norms",
+        Reply::Snapshot(_) => "snapshot",
+        Reply::Failed(_) => "failed",
+    }
+}

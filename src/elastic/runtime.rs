@@ -1,0 +1,531 @@
+//! [`ElasticRuntime`]: the actor runtime over worker processes whose membership changes while it
+//! trains. Membership changes only at step boundaries, in epochs:
+//!
+//! - **Join**: an admitted worker waits for the next step boundary; then the committed state is
+//!   read from the current workers, every worker of the new epoch receives it, and training goes
+//!   on. **Leave** (the worker asked): the same, without it; it is then dismissed and exits 0.
+//! - **Crash** (its connection timed out, or a peer reported it sent malformed data): the step in
+//!   flight is abandoned at once; the survivors form a new epoch from the coordinator's last
+//!   in-memory copy of the committed state (taken every `snapshot_every` steps), and the steps since
+//!   that copy are replayed. Training is deterministic for any number of workers, so the replayed
+//!   steps give the same bits, and the run goes on as if nothing had happened.
+//!
+//! The coordinator is the single authority: it alone holds the run directory and the in-memory
+//! copy; a coordinator crash resumes from the last disk checkpoint with `semoe train --resume`.
+
+use super::cluster::{Cluster, Member, Status};
+use super::protocol::{self, Command, Reply};
+use super::proxy::{self, ProxyActor, ProxyArgs};
+use crate::actors::worker::WorkerMsg;
+use crate::actors::{Runtime, StepOutcome};
+use crate::config::TrainConfig;
+use crate::error::{Error, Result};
+use crate::model::gpt::Gpt;
+use crate::net::wire;
+use crate::optimizer::AdamW;
+use crate::telemetry::metrics as names;
+use ractor::{Actor, ActorRef};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What happened to the membership, for the report and the summary line.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MembershipStats {
+    /// The current epoch (1: the first set of workers).
+    pub epoch: u64,
+    /// Workers in the current epoch.
+    pub members: usize,
+    /// Workers that joined after the first epoch formed.
+    pub joins: u64,
+    /// Workers that left in good order.
+    pub leaves: u64,
+    /// Workers lost (connection timed out or closed, evicted).
+    pub crashes: u64,
+    /// Steps replayed after losses.
+    pub replayed_steps: u64,
+    /// Bytes of committed state sent to workers when epochs formed.
+    pub state_bytes: u64,
+    /// Seconds each membership change took (from noticing it to the new epoch ready).
+    pub recovery_seconds: Vec<f64>,
+    /// One line per epoch: `(epoch, committed step when it formed, workers, why)`.
+    pub history: Vec<(u64, u64, usize, String)>,
+}
+
+/// How an [`ElasticRuntime`] forms epochs.
+#[derive(Clone, Debug)]
+pub struct ElasticOptions {
+    /// Keep an in-memory copy of the committed state every this many steps (what a crash replays
+    /// from): more often costs a state read per copy, less often replays more steps.
+    pub snapshot_every: u64,
+    /// How long to wait for enough workers (the first epoch, or after losing all of them).
+    pub wait: Duration,
+    /// Workers needed before the first epoch forms.
+    pub min_workers: usize,
+}
+
+impl Default for ElasticOptions {
+    fn default() -> Self {
+        ElasticOptions {
+            snapshot_every: 10,
+            wait: Duration::from_secs(120),
+            min_workers: 1,
+        }
+    }
+}
+
+/// The state of the current epoch.
+struct Epoch {
+    runtime: Runtime,
+    proxies: Vec<ActorRef<WorkerMsg>>,
+    members: Vec<Member>,
+}
+
+/// Training over worker processes that join and leave (see the module documentation).
+pub struct ElasticRuntime {
+    cluster: Cluster,
+    config: Arc<TrainConfig>,
+    options: ElasticOptions,
+    current: Option<Epoch>,
+    /// The last in-memory copy of the committed state.
+    safe: (Gpt<f32>, AdamW),
+    /// Steps committed (the optimizer's step count).
+    committed: u64,
+    stats: MembershipStats,
+}
+
+impl ElasticRuntime {
+    /// Train `config` from `model` and `optimizer` over the workers that join `cluster`: waits
+    /// for `options.min_workers` of them, then forms the first epoch.
+    pub async fn start(
+        cluster: Cluster,
+        config: TrainConfig,
+        model: Gpt<f32>,
+        optimizer: AdamW,
+        options: ElasticOptions,
+    ) -> Result<ElasticRuntime> {
+        let committed = optimizer.step;
+        let mut rt = ElasticRuntime {
+            cluster,
+            config: Arc::new(config),
+            options,
+            current: None,
+            safe: (model, optimizer),
+            committed,
+            stats: MembershipStats::default(),
+        };
+        let wanted = rt.options.min_workers.max(1);
+        rt.wait_for(wanted).await?;
+        rt.reform("start").await?;
+        Ok(rt)
+    }
+
+    /// The control plane (its address, its members).
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Membership figures so far.
+    pub fn stats(&self) -> &MembershipStats {
+        &self.stats
+    }
+
+    /// Wait until at least `n` members wait or are active.
+    async fn wait_for(&self, n: usize) -> Result<()> {
+        let since = Instant::now();
+        loop {
+            let ready = self
+                .cluster
+                .members()
+                .iter()
+                .filter(|m| matches!(m.status, Status::Waiting | Status::Active))
+                .count();
+            if ready >= n {
+                return Ok(());
+            }
+            if since.elapsed() > self.options.wait {
+                return Err(Error::runtime(format!(
+                    "only {ready} of {n} workers joined {} within {:.0} s (start them with `semoe worker --ticket FILE`)",
+                    self.cluster.addr(),
+                    self.options.wait.as_secs_f64()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the membership changed since the current epoch formed: a member lost, leaving, or
+    /// waiting to join.
+    fn change(&self) -> Option<String> {
+        let Some(epoch) = &self.current else {
+            return Some("no epoch".into());
+        };
+        for m in self.cluster.members() {
+            let active = epoch.members.iter().any(|a| a.id == m.id);
+            match (&m.status, active) {
+                (Status::Gone(why), true) => return Some(format!("member {} lost: {why}", m.id)),
+                (Status::Leaving, true) => return Some(format!("member {} leaves", m.id)),
+                (Status::Waiting, false) if epoch.members.len() < self.config.train.groups => {
+                    return Some(format!("member {} joins", m.id))
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn lost_member(&self) -> bool {
+        self.current.as_ref().is_some_and(|e| {
+            e.members
+                .iter()
+                .any(|m| matches!(self.cluster.status(m.id), Some(Status::Gone(_)) | None))
+        })
+    }
+
+    /// Run one step to its commit, through any membership change.
+    pub async fn step(&mut self) -> Result<StepOutcome> {
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            if rounds > 16 {
+                return Err(Error::runtime(
+                    "the membership kept changing: 16 epochs without a committed step",
+                ));
+            }
+            if let Some(why) = self.change() {
+                self.reform(&why).await?;
+            }
+            let Some(epoch) = &self.current else {
+                return Err(Error::runtime("no epoch"));
+            };
+            let outcome = tokio::select! {
+                r = epoch.runtime.step() => r,
+                () = watch_loss(&self.cluster, &epoch.members) => continue,
+            };
+            match outcome {
+                Ok(o) => {
+                    self.committed = o.step;
+                    if self.committed.saturating_sub(self.safe.1.step) >= self.options.snapshot_every.max(1) {
+                        self.keep_copy().await?;
+                    }
+                    return Ok(o);
+                }
+                // A step that failed because a worker was lost is taken again in the next epoch.
+                Err(_) if self.lost_member() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn keep_copy(&mut self) -> Result<()> {
+        let Some(epoch) = &self.current else { return Ok(()) };
+        match epoch.runtime.state().await {
+            Ok(s) => {
+                self.safe = s;
+                Ok(())
+            }
+            // Lost during the read: the next step forms a new epoch from the older copy.
+            Err(_) if self.lost_member() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The committed state, read from the workers.
+    pub async fn state(&mut self) -> Result<(Gpt<f32>, AdamW)> {
+        for _ in 0..16 {
+            if let Some(why) = self.change() {
+                self.reform(&why).await?;
+            }
+            let Some(epoch) = &self.current else { break };
+            match epoch.runtime.state().await {
+                Ok(s) => return Ok(s),
+                Err(_) if self.lost_member() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::runtime("cannot read the state: the membership kept changing"))
+    }
+
+    /// Form a new epoch from the members waiting or active now.
+    async fn reform(&mut self, why: &str) -> Result<()> {
+        let started = Instant::now();
+        // The state the new epoch starts from: the current one when every worker is there, the
+        // last copy otherwise (then the steps since are replayed).
+        let from_copy = self.current.is_none() || self.lost_member();
+        if let Some(epoch) = &self.current {
+            let lost = epoch
+                .members
+                .iter()
+                .filter(|m| matches!(self.cluster.status(m.id), Some(Status::Gone(_)) | None))
+                .count() as u64;
+            self.stats.crashes += lost;
+        }
+        let state = match self.current.take() {
+            Some(epoch) if !from_copy => {
+                let s = epoch.runtime.state().await;
+                dismantle(epoch).await;
+                match s {
+                    Ok(s) => s,
+                    Err(_) => self.safe.clone(),
+                }
+            }
+            Some(epoch) => {
+                dismantle(epoch).await;
+                self.safe.clone()
+            }
+            None => self.safe.clone(),
+        };
+        for attempt in 0..8 {
+            let members: Vec<Member> = {
+                let mut all: Vec<Member> = self
+                    .cluster
+                    .members()
+                    .into_iter()
+                    .filter(|m| matches!(m.status, Status::Waiting | Status::Active))
+                    .collect();
+                all.truncate(self.config.train.groups);
+                all
+            };
+            if members.is_empty() {
+                eprintln!(
+                    "semoe: no workers left; waiting up to {:.0} s for one to join",
+                    self.options.wait.as_secs_f64()
+                );
+                self.wait_for(1).await?;
+                continue;
+            }
+            let epoch_no = self.stats.epoch + 1;
+            match self.form(epoch_no, &members, &state).await {
+                Ok(epoch) => {
+                    let joins = members.iter().filter(|m| m.status == Status::Waiting).count() as u64;
+                    if self.stats.epoch > 0 {
+                        self.stats.joins += joins;
+                        self.stats.recovery_seconds.push(started.elapsed().as_secs_f64());
+                        metrics::histogram!(names::RECOVERY_SECONDS).record(started.elapsed().as_secs_f64());
+                    }
+                    self.stats.epoch = epoch_no;
+                    self.stats.members = members.len();
+                    self.stats
+                        .history
+                        .push((epoch_no, self.committed, members.len(), why.to_string()));
+                    for m in &members {
+                        self.cluster.set_status(m.id, Status::Active);
+                    }
+                    self.cluster
+                        .record_epoch(epoch_no, members.iter().map(|m| m.id).collect());
+                    metrics::gauge!(names::EPOCH).set(epoch_no as f64);
+                    metrics::gauge!(names::MEMBERS).set(members.len() as f64);
+                    self.current = Some(epoch);
+                    self.dismiss_leavers().await;
+                    // Replay what the copy lacks; the outcomes were reported the first time.
+                    let from = state.1.step;
+                    for _ in from..self.committed {
+                        let replayed = match &self.current {
+                            Some(e) => e.runtime.step().await,
+                            None => break,
+                        };
+                        if let Err(e) = replayed {
+                            if self.lost_member() {
+                                return Box::pin(self.reform("a worker was lost during the replay")).await;
+                            }
+                            return Err(e);
+                        }
+                        self.stats.replayed_steps += 1;
+                        metrics::counter!(names::REPLAYED_STEPS).increment(1);
+                    }
+                    self.safe = state;
+                    eprintln!(
+                        "semoe: epoch {epoch_no}: {} workers at step {} ({why}; {:.2} s)",
+                        members.len(),
+                        self.committed,
+                        started.elapsed().as_secs_f64()
+                    );
+                    return Ok(());
+                }
+                Err(e) => {
+                    eprintln!("semoe: epoch {epoch_no} did not form (attempt {}): {e}", attempt + 1);
+                    self.stats.epoch = epoch_no;
+                    if !members
+                        .iter()
+                        .any(|m| matches!(self.cluster.status(m.id), Some(Status::Gone(_))))
+                    {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Err(Error::runtime("no epoch could be formed after 8 attempts"))
+    }
+
+    /// Send every member its setup and the state; start the runtime over their proxies.
+    async fn form(&mut self, epoch: u64, members: &[Member], state: &(Gpt<f32>, AdamW)) -> Result<Epoch> {
+        let bytes = Arc::new(wire::encode_state(&state.0, &state.1)?);
+        let peers: Vec<String> = members.iter().map(|m| m.data_addr.to_string()).collect();
+        let deadline = Duration::from_secs_f64(self.config.train.deadline_s) * 2;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, m) in members.iter().enumerate() {
+            let command = Command::Setup {
+                epoch,
+                worker: i as u32,
+                workers: members.len() as u32,
+                peers: peers.clone(),
+            };
+            let (m, bytes) = (m.clone(), bytes.clone());
+            tasks.spawn(async move {
+                let who = format!("member {} ({})", m.id, m.name);
+                let r = tokio::time::timeout(deadline, proxy::call(&m.conn, &who, &command, Some(&bytes), 1 << 20))
+                    .await
+                    .map_err(|_| Error::Deadline {
+                        peer: who.clone(),
+                        what: format!("the setup of epoch {epoch}"),
+                        deadline_ms: deadline.as_millis() as u64,
+                    })
+                    .and_then(|r| r)
+                    .and_then(|reply| match protocol::decode::<Reply>(&reply, "a setup reply")? {
+                        Reply::Done => Ok(()),
+                        Reply::Failed(e) => Err(e.into_error(&who)),
+                        _ => Err(Error::protocol(who.clone(), "answered a setup with something else")),
+                    });
+                (m.id, r)
+            });
+        }
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((_, Ok(()))) => {}
+                Ok((id, Err(e))) => {
+                    if !matches!(self.cluster.status(id), Some(Status::Gone(_)))
+                        && !e.to_string().contains("did not answer the hello")
+                    {
+                        // A worker that fails its setup is not fit to train: evict it.
+                        self.cluster
+                            .evict(id, &format!("its setup of epoch {epoch} failed: {e}"));
+                    }
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(Error::runtime(format!("a setup task failed: {e}")));
+                }
+            }
+        }
+        self.stats.state_bytes += (bytes.len() * members.len()) as u64;
+        metrics::counter!(names::STATE_BYTES).increment((bytes.len() * members.len()) as u64);
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        let mut proxies = Vec::with_capacity(members.len());
+        for (i, m) in members.iter().enumerate() {
+            let args = ProxyArgs {
+                conn: m.conn.clone(),
+                name: format!("worker {i} (member {}, {})", m.id, m.name),
+                epoch,
+                config: self.config.clone(),
+            };
+            let (r, _) = Actor::spawn(None, ProxyActor, args)
+                .await
+                .map_err(|e| Error::runtime(format!("cannot start a worker proxy: {e}")))?;
+            proxies.push(r);
+        }
+        let runtime = Runtime::builder((*self.config).clone())
+            .remote_workers(proxies.clone())
+            .placement(self.config.train.placement.parse()?)
+            .deadline(Duration::from_secs_f64(self.config.train.deadline_s))
+            .state(state.0.clone(), state.1.clone())
+            .build()
+            .await;
+        let runtime = match runtime {
+            Ok(r) => r,
+            Err(e) => {
+                for p in &proxies {
+                    p.kill();
+                }
+                return Err(e);
+            }
+        };
+        Ok(Epoch {
+            runtime,
+            proxies,
+            members: members.to_vec(),
+        })
+    }
+
+    /// Dismiss the members that asked to leave and are not in the current epoch.
+    async fn dismiss_leavers(&mut self) {
+        let active: Vec<u64> = self
+            .current
+            .iter()
+            .flat_map(|e| e.members.iter().map(|m| m.id))
+            .collect();
+        for m in self.cluster.members() {
+            if m.status == Status::Leaving && !active.contains(&m.id) {
+                let command = Command::Dismiss {
+                    left: true,
+                    reason: format!("left at step {}; its state moved to the other workers", self.committed),
+                };
+                let who = format!("member {}", m.id);
+                self.cluster.set_status(m.id, Status::Gone("left".into()));
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    proxy::call(&m.conn, &who, &command, None, 1 << 20),
+                )
+                .await;
+                self.stats.leaves += 1;
+                metrics::counter!(names::MEMBERSHIP, "kind" => "leave").increment(1);
+            }
+        }
+    }
+
+    /// End the run: dismiss every member (they exit 0) and close the control plane.
+    pub async fn shutdown(mut self, reason: &str) -> Result<()> {
+        if let Some(epoch) = self.current.take() {
+            dismantle(epoch).await;
+        }
+        for m in self.cluster.members() {
+            if matches!(m.status, Status::Gone(_)) {
+                continue;
+            }
+            let command = Command::Dismiss {
+                left: true,
+                reason: reason.to_string(),
+            };
+            self.cluster.set_status(m.id, Status::Gone("dismissed".into()));
+            let who = format!("member {}", m.id);
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                proxy::call(&m.conn, &who, &command, None, 1 << 20),
+            )
+            .await;
+        }
+        self.cluster.close();
+        Ok(())
+    }
+
+    /// Membership crashes counted so far (members gone without leaving).
+    pub fn crashes(&self) -> u64 {
+        self.cluster
+            .members()
+            .iter()
+            .filter(|m| matches!(&m.status, Status::Gone(why) if why != "left"))
+            .count() as u64
+    }
+}
+
+/// Stop an epoch's runtime at once (a step in flight is dropped) and its proxies.
+async fn dismantle(epoch: Epoch) {
+    let _ = epoch.runtime.abandon().await;
+    for p in epoch.proxies {
+        p.kill();
+    }
+}
+
+/// Resolve when a member of `members` is gone.
+async fn watch_loss(cluster: &Cluster, members: &[Member]) {
+    loop {
+        if members
+            .iter()
+            .any(|m| matches!(cluster.status(m.id), Some(Status::Gone(_)) | None))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

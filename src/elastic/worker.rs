@@ -1,0 +1,448 @@
+//! A worker process (`semoe worker --ticket FILE`): joins a run over QUIC, hosts one Worker actor
+//! subtree (Gates, Experts, Ledger, Communicator) per membership epoch, and answers the
+//! coordinator's commands for it. It writes nothing but scratch storage: the coordinator is the
+//! single authority over the run directory.
+
+use super::fingerprint;
+use super::protocol::{self, Answer, Command, Hello, Notice, Ready, Reply, WireError};
+use super::proxy::max_reply_bytes;
+use crate::actors::runtime::{start_standalone_worker, StandaloneWorker};
+use crate::actors::worker::WorkerMsg;
+use crate::actors::{ask, ActorName};
+use crate::config::TrainConfig;
+use crate::data::corpus::Corpus;
+use crate::error::{Error, Result};
+use crate::kernels::Cpu;
+use crate::net::quic::{self, DataPlane, JobIdentity, JoinTicket, PacketCodec, PeerEvent};
+use crate::net::wire::{self, PacketShape};
+use crate::net::{Packet, StepId};
+use crate::storage::tiers::ExpertStore;
+use ractor::ActorRef;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How a worker process is started.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// The join ticket the coordinator wrote (address, token, certificate fingerprint).
+    pub ticket: PathBuf,
+    /// The coordinator's address, when it differs from the ticket's (a NAT, a Service name).
+    pub join: Option<SocketAddr>,
+    /// Compute threads (0: the run's `train.threads`). Threads never change the bits.
+    pub threads: usize,
+    /// The worker's own configuration file: refused unless every field that changes the bits
+    /// equals the coordinator's.
+    pub config: Option<PathBuf>,
+    /// Where this machine keeps the training text (default: the run's `train.data`).
+    pub data: Option<PathBuf>,
+    /// The address peers reach this worker's data plane at (default: the address it uses to reach
+    /// the coordinator).
+    pub advertise: Option<IpAddr>,
+    /// Scratch directory for the Disk tier (default: a directory under the system's temporary one).
+    pub scratch: Option<PathBuf>,
+}
+
+/// How a worker process ended well.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkerEnd {
+    /// Dismissed after it asked to leave, or at the end of the run.
+    Left(String),
+}
+
+/// The codec of the data plane: `net::wire` checked against the current epoch's shape.
+struct WireCodec {
+    shape: Mutex<Option<PacketShape>>,
+}
+
+impl PacketCodec for WireCodec {
+    fn encode(&self, epoch: u64, p: &Packet) -> Result<Vec<u8>> {
+        wire::encode_packet(epoch, p)
+    }
+    fn decode(&self, bytes: &[u8], epoch: u64) -> Result<Packet> {
+        let shape = self.shape.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let shape = shape.ok_or_else(|| Error::runtime("a packet arrived before the first epoch"))?;
+        wire::decode_packet(bytes, epoch, &shape)
+    }
+}
+
+/// The worker's share of the current epoch.
+struct Current {
+    epoch: u64,
+    actor: Option<ActorRef<WorkerMsg>>,
+    store: Option<Arc<ExpertStore>>,
+}
+
+struct Shared {
+    config: TrainConfig,
+    text: Arc<Vec<u8>>,
+    cpu: Cpu,
+    plane: DataPlane,
+    codec: Arc<WireCodec>,
+    current: tokio::sync::Mutex<Current>,
+    scratch: PathBuf,
+    deadline: Duration,
+}
+
+/// Join the run the ticket names and serve it until dismissed. `stop` is set by SIGINT/SIGTERM
+/// (the CLI's handler): the worker then asks to leave and exits 0 once its state moved.
+pub fn run_worker(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerEnd> {
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("semoe-worker-async")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::runtime(format!("cannot start the async runtime: {e}")))?;
+    let r = tokio.block_on(serve(options, stop));
+    tokio.shutdown_timeout(Duration::from_secs(2));
+    r
+}
+
+async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerEnd> {
+    let ticket = JoinTicket::read(&options.ticket)?;
+    let addr = options.join.unwrap_or(ticket.addr);
+    let unspecified: IpAddr = if addr.ip().is_loopback() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        IpAddr::from([0, 0, 0, 0])
+    };
+    let mut client = quinn::Endpoint::client(SocketAddr::new(unspecified, 0))
+        .map_err(|e| Error::runtime(format!("cannot open a QUIC endpoint: {e}")))?;
+    client.set_default_client_config(quic::client_config(&ticket.cert_sha256)?);
+    let connecting = client
+        .connect(addr, "semoe-job")
+        .map_err(|e| Error::runtime(format!("cannot connect to the coordinator at {addr}: {e}")))?;
+    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .map_err(|_| Error::runtime(format!("the coordinator at {addr} did not answer within 10 s")))?
+        .map_err(|e| Error::runtime(format!("cannot connect to the coordinator at {addr}: {e}")))?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| Error::runtime(format!("the coordinator closed the connection: {e}")))?;
+
+    let own_config = match &options.config {
+        Some(path) => Some(TrainConfig::from_file(path)?.to_toml()?),
+        None => None,
+    };
+    let hello = Hello {
+        protocol: protocol::PROTOCOL,
+        version: protocol::VERSION.into(),
+        token: ticket.token.clone(),
+        name: format!("{}:{}", hostname(), std::process::id()),
+        config: own_config,
+    };
+    quic::write_frame(&mut send, &protocol::encode(&hello)?).await?;
+    let (config, cert, key) = match read_answer(&mut recv).await? {
+        Answer::Offer { config, cert, key } => (config, cert, key),
+        Answer::Refused { reason } => {
+            return Err(Error::runtime(format!("the coordinator refused this worker: {reason}")))
+        }
+        Answer::Admitted { .. } => return Err(Error::protocol("the coordinator", "admitted before offering")),
+    };
+    let mut config: TrainConfig = toml::from_str(&config)
+        .map_err(|e| Error::parse("the run's configuration from the coordinator", e.to_string()))?;
+    if let Some(data) = &options.data {
+        config.train.data = Some(data.clone());
+    }
+    if options.threads > 0 {
+        config.train.threads = options.threads;
+    }
+    config.validate()?;
+    let corpus = match &config.train.data {
+        Some(path) => Corpus::from_path(path, config.train.val_fraction, config.model.block_size + 1)?,
+        None => Corpus::bundled()?,
+    };
+    let kernel = fingerprint::compute()?;
+    let identity = JobIdentity {
+        cert_der: cert,
+        key_der: key,
+    };
+    let advertise = options.advertise.unwrap_or(if addr.ip().is_loopback() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        client
+            .local_addr()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+    });
+    let bind = SocketAddr::new(unspecified, 0);
+    let endpoint = quic::endpoint(bind, &identity, &ticket.cert_sha256)?;
+    let data_port = endpoint
+        .local_addr()
+        .map_err(|e| Error::runtime(format!("the data endpoint has no address: {e}")))?
+        .port();
+    let ready = Ready {
+        corpus_sha256: corpus.digest(),
+        kernel,
+        data_addr: SocketAddr::new(advertise, data_port).to_string(),
+    };
+    quic::write_frame(&mut send, &protocol::encode(&ready)?).await?;
+    let member = match read_answer(&mut recv).await? {
+        Answer::Admitted { member } => member,
+        Answer::Refused { reason } => {
+            return Err(Error::runtime(format!("the coordinator refused this worker: {reason}")))
+        }
+        Answer::Offer { .. } => return Err(Error::protocol("the coordinator", "offered twice")),
+    };
+    eprintln!("semoe worker: joined {addr} as member {member}");
+
+    let codec = Arc::new(WireCodec {
+        shape: Mutex::new(None),
+    });
+    let plane = DataPlane::new(endpoint, ticket.token.clone(), codec.clone())?;
+    let mut events = plane
+        .events()
+        .ok_or_else(|| Error::runtime("the data plane's events were taken twice"))?;
+    let scratch = options
+        .scratch
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("semoe-worker-{}", std::process::id())));
+    let deadline = Duration::from_secs_f64(config.train.deadline_s);
+    let shared = Arc::new(Shared {
+        cpu: Cpu::new(config.train.threads)?,
+        text: Arc::new(corpus.train),
+        config,
+        plane,
+        codec,
+        current: tokio::sync::Mutex::new(Current {
+            epoch: 0,
+            actor: None,
+            store: None,
+        }),
+        scratch: scratch.clone(),
+        deadline,
+    });
+    let (dismissed_tx, mut dismissed) = tokio::sync::mpsc::unbounded_channel::<(bool, String)>();
+    let mut asked_to_leave = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let end = loop {
+        tokio::select! {
+            stream = conn.accept_bi() => match stream {
+                Ok((s, r)) => {
+                    let (shared, dismissed_tx) = (shared.clone(), dismissed_tx.clone());
+                    tokio::spawn(async move { handle(shared, s, r, dismissed_tx).await });
+                }
+                Err(e) => break Err(Error::runtime(format!(
+                    "lost the coordinator ({e}); this worker is no longer a member and stops without committing anything more"
+                ))),
+            },
+            Some(event) = events.recv() => {
+                let notice = match event {
+                    PeerEvent::Evicted { epoch, peer, detail } => Notice::PeerEvicted { peer: peer as u32, epoch, detail },
+                    PeerEvent::Lost { epoch, peer, detail } => Notice::PeerLost { peer: peer as u32, epoch, detail },
+                };
+                quic::write_frame(&mut send, &protocol::encode(&notice)?).await?;
+            }
+            Some((left, reason)) = dismissed.recv() => {
+                break if left { Ok(WorkerEnd::Left(reason)) } else { Err(Error::runtime(format!("dismissed by the coordinator: {reason}"))) };
+            }
+            _ = tick.tick() => {
+                if !asked_to_leave && stop.load(Ordering::SeqCst) != 0 {
+                    asked_to_leave = true;
+                    eprintln!("semoe worker: leaving at the next step boundary (a second signal exits at once)");
+                    quic::write_frame(&mut send, &protocol::encode(&Notice::Leaving)?).await?;
+                }
+            }
+        }
+    };
+    // Stop the actor tree first (its Disk tier files go with its store), then the connections.
+    let mut current = shared.current.lock().await;
+    if let Some(actor) = current.actor.take() {
+        let _ = actor.kill_and_wait(Some(Duration::from_secs(5))).await;
+    }
+    current.store = None;
+    drop(current);
+    let _ = std::fs::remove_dir_all(&scratch);
+    conn.close(0u32.into(), b"worker done");
+    end
+}
+
+async fn read_answer(recv: &mut quinn::RecvStream) -> Result<Answer> {
+    let bytes = quic::read_frame(recv, protocol::CONTROL.header_bytes + 64, "the coordinator's answer")
+        .await?
+        .ok_or_else(|| Error::runtime("the coordinator closed the join stream without answering"))?;
+    protocol::decode(&bytes, "the coordinator's answer")
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Serve one command stream: decode, check the epoch, act, answer.
+async fn handle(
+    shared: Arc<Shared>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    dismissed: tokio::sync::mpsc::UnboundedSender<(bool, String)>,
+) {
+    let reply = async {
+        let bytes = quic::read_frame(&mut recv, protocol::CONTROL.header_bytes + 64, "a command")
+            .await?
+            .ok_or_else(|| Error::protocol("the coordinator", "an empty command stream"))?;
+        let command: Command = protocol::decode(&bytes, "a command")?;
+        execute(&shared, command, &mut recv, &dismissed).await
+    }
+    .await;
+    let bytes = match reply {
+        Ok(bytes) => bytes,
+        Err(e) => match protocol::encode(&Reply::Failed(WireError::from(&e))) {
+            Ok(b) => b,
+            Err(_) => return,
+        },
+    };
+    let _ = quic::write_frame(&mut send, &bytes).await;
+    let _ = send.finish();
+}
+
+async fn execute(
+    shared: &Shared,
+    command: Command,
+    recv: &mut quinn::RecvStream,
+    dismissed: &tokio::sync::mpsc::UnboundedSender<(bool, String)>,
+) -> Result<Vec<u8>> {
+    if let Command::Dismiss { left, reason } = command {
+        let _ = dismissed.send((left, reason));
+        return protocol::encode(&Reply::Done);
+    }
+    if let Command::Setup {
+        epoch,
+        worker,
+        workers,
+        peers,
+    } = command
+    {
+        let state = quic::read_frame(recv, max_reply_bytes(&shared.config)?, "the run's state")
+            .await?
+            .ok_or_else(|| Error::protocol("the coordinator", "a setup without the state"))?;
+        setup(shared, epoch, worker as usize, workers as usize, peers, &state).await?;
+        return protocol::encode(&Reply::Done);
+    }
+    let (actor, epoch) = {
+        let current = shared.current.lock().await;
+        (current.actor.clone(), current.epoch)
+    };
+    if command.epoch() != Some(epoch) {
+        return Err(Error::runtime(format!(
+            "a command of epoch {:?} reached a worker in epoch {epoch}; refused",
+            command.epoch()
+        )));
+    }
+    let actor = actor.ok_or_else(|| Error::runtime("no epoch has been set up yet"))?;
+    let me = ActorName("the worker".into());
+    let d = shared.deadline;
+    let id = |(step, attempt): (u64, u32)| StepId { step, attempt };
+    match command {
+        Command::RunStep { step, .. } => {
+            let out = ask(&actor, &me, "a step", d * 10, |reply| WorkerMsg::RunStep {
+                step: id(step),
+                reply,
+            })
+            .await?;
+            protocol::encode(&Reply::Outputs(protocol::outputs_to_wire(&out)))
+        }
+        Command::Prepare { step, .. } => {
+            let parts = ask(&actor, &me, "a prepare", d, |reply| WorkerMsg::Prepare {
+                step: id(step),
+                reply,
+            })
+            .await?;
+            protocol::encode(&Reply::Norms(protocol::norms_to_wire(&parts)))
+        }
+        Command::Commit { step, lr, norm, .. } => {
+            ask(&actor, &me, "a commit", d * 4, |reply| WorkerMsg::Commit {
+                step: id(step),
+                lr,
+                norm,
+                reply,
+            })
+            .await?;
+            protocol::encode(&Reply::Done)
+        }
+        Command::Abort { step, .. } => {
+            ask(&actor, &me, "an abort", d, |reply| WorkerMsg::Abort {
+                step: id(step),
+                reply,
+            })
+            .await?;
+            protocol::encode(&Reply::Done)
+        }
+        Command::Snapshot { .. } => {
+            let s = ask(&actor, &me, "a snapshot", d, |reply| WorkerMsg::Snapshot { reply }).await?;
+            protocol::encode_snapshot(&s)
+        }
+        Command::Setup { .. } | Command::Dismiss { .. } => Err(Error::runtime("handled above")),
+    }
+}
+
+/// Start epoch `epoch`: stop the previous epoch's actors, connect the data plane to every peer, and
+/// start this worker's share of the actor tree from the given state.
+async fn setup(
+    shared: &Shared,
+    epoch: u64,
+    worker: usize,
+    workers: usize,
+    peers: Vec<String>,
+    state: &[u8],
+) -> Result<()> {
+    let mut current = shared.current.lock().await;
+    if epoch <= current.epoch && current.actor.is_some() {
+        return Err(Error::runtime(format!(
+            "setup of epoch {epoch} refused: this worker is already in epoch {}",
+            current.epoch
+        )));
+    }
+    if let Some(actor) = current.actor.take() {
+        let _ = actor.kill_and_wait(Some(Duration::from_secs(5))).await;
+    }
+    current.store = None;
+    if peers.len() != workers || worker >= workers {
+        return Err(Error::protocol(
+            "the coordinator",
+            format!("setup of worker {worker} of {workers} with {} addresses", peers.len()),
+        ));
+    }
+    let peers = peers
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            a.parse::<SocketAddr>()
+                .map(|a| (i, a))
+                .map_err(|e| Error::protocol("the coordinator", format!("peer address {a:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (model, optimizer) = wire::decode_state(&shared.config, state)?;
+    *shared.codec.shape.lock().unwrap_or_else(|p| p.into_inner()) = Some(PacketShape::of(&shared.config, workers)?);
+    let (transport, inbox) = shared
+        .plane
+        .start_epoch(worker, epoch, peers, workers, shared.deadline)
+        .await?;
+    let storage = shared
+        .config
+        .storage
+        .to_config(Some(shared.scratch.join(format!("epoch-{epoch}"))))?;
+    let (actor, store) = start_standalone_worker(StandaloneWorker {
+        config: shared.config.clone(),
+        text: shared.text.clone(),
+        model,
+        optimizer,
+        worker,
+        workers,
+        transport: Arc::new(transport),
+        inbox,
+        storage,
+        cpu: shared.cpu.clone(),
+        lanes: 4,
+    })
+    .await?;
+    *current = Current {
+        epoch,
+        actor: Some(actor),
+        store: Some(store),
+    };
+    Ok(())
+}

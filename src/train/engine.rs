@@ -1,0 +1,231 @@
+//! The actor runtime a [`Trainer`](super::Trainer) drives (with `train.workers > 0`, or over
+//! worker processes with `train.listen`/`train.processes`), on its own tokio runtime.
+
+use crate::actors::gather::DenseStats;
+use crate::actors::{ExpertPlacement, Runtime, StepOutcome};
+use crate::config::TrainConfig;
+use crate::data::corpus::Corpus;
+use crate::elastic::cluster::Cluster;
+use crate::elastic::runtime::{ElasticOptions, ElasticRuntime, MembershipStats};
+use crate::error::{Error, Result};
+use crate::model::gpt::Gpt;
+use crate::optimizer::AdamW;
+use crate::storage::run_dir;
+use crate::storage::tiers::TierStats;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The join ticket of a multi-process run, in its run directory (mode 0600).
+pub const TICKET_FILE: &str = "join.ticket";
+
+enum Kind {
+    Local(Runtime),
+    Elastic(ElasticRuntime),
+}
+
+/// A running actor runtime and the async runtime it lives on.
+pub(crate) struct RuntimeEngine {
+    tokio: tokio::runtime::Runtime,
+    kind: Option<Kind>,
+    /// Worker processes this run started (reaped when it ends).
+    children: Vec<Child>,
+    /// Whether the trainer's copy of the model lags behind the runtime's committed state.
+    pub stale: bool,
+}
+
+impl RuntimeEngine {
+    /// Start the runtime `config` asks for, from `model` and `optimizer`.
+    pub fn start(
+        config: &TrainConfig,
+        corpus: &Corpus,
+        model: &Gpt<f32>,
+        optimizer: &AdamW,
+        run_dir: &Path,
+    ) -> Result<Self> {
+        // One async thread in-process: it only moves messages (kernels run on the compute pool), and
+        // a second one competed with the compute threads for the cores: 5% fewer tokens/s on two
+        // cores (BENCHMARKS.md). Over processes it also runs QUIC's encryption: two.
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(if config.train.elastic() { 2 } else { 1 })
+            .thread_name("semoe-async")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::runtime(format!("cannot start the async runtime: {e}")))?;
+        let mut engine = RuntimeEngine {
+            tokio,
+            kind: None,
+            children: Vec::new(),
+            stale: false,
+        };
+        if config.train.elastic() {
+            engine.start_elastic(config, corpus, model, optimizer, run_dir)?;
+        } else {
+            let builder = Runtime::builder(config.clone())
+                .workers(config.train.workers)
+                .placement(config.train.placement.parse::<ExpertPlacement>()?)
+                .deadline(Duration::from_secs_f64(config.train.deadline_s))
+                .text(corpus.train.clone())
+                .storage(config.storage.to_config(Some(run_dir.join(run_dir::TIERS_DIR)))?)
+                .state(model.clone(), optimizer.clone());
+            engine.kind = Some(Kind::Local(engine.tokio.block_on(builder.build())?));
+        }
+        Ok(engine)
+    }
+
+    fn start_elastic(
+        &mut self,
+        config: &TrainConfig,
+        corpus: &Corpus,
+        model: &Gpt<f32>,
+        optimizer: &AdamW,
+        run_dir: &Path,
+    ) -> Result<()> {
+        let t = &config.train;
+        let listen: SocketAddr = if t.listen.is_empty() {
+            "127.0.0.1:0"
+        } else {
+            t.listen.as_str()
+        }
+        .parse()
+        .map_err(|e| Error::config(format!("train.listen {:?} is not HOST:PORT: {e}", t.listen)))?;
+        let ticket = run_dir.join(TICKET_FILE);
+        let cluster = {
+            let _guard = self.tokio.enter();
+            Cluster::start(listen, &ticket, config, &corpus.digest())?
+        };
+        eprintln!(
+            "semoe: coordinator listening on {}; workers join with `semoe worker --ticket {}`",
+            cluster.addr(),
+            ticket.display()
+        );
+        let threads = (t.threads / t.processes.max(1)).max(1);
+        for _ in 0..t.processes {
+            self.children.push(spawn_worker(&ticket, threads)?);
+        }
+        let options = ElasticOptions {
+            snapshot_every: t.snapshot_every,
+            min_workers: if t.min_workers > 0 {
+                t.min_workers
+            } else {
+                t.processes.max(1)
+            },
+            ..ElasticOptions::default()
+        };
+        let started = Instant::now();
+        let runtime = self.tokio.block_on(ElasticRuntime::start(
+            cluster,
+            config.clone(),
+            model.clone(),
+            optimizer.clone(),
+            options,
+        ))?;
+        eprintln!(
+            "semoe: {} worker processes ready in {:.1} s",
+            runtime.stats().members,
+            started.elapsed().as_secs_f64()
+        );
+        self.kind = Some(Kind::Elastic(runtime));
+        Ok(())
+    }
+
+    /// Run one step to its commit.
+    pub fn step(&mut self) -> Result<StepOutcome> {
+        self.stale = true;
+        match &mut self.kind {
+            Some(Kind::Local(r)) => self.tokio.block_on(r.step()),
+            Some(Kind::Elastic(r)) => self.tokio.block_on(r.step()),
+            None => Err(Error::runtime("the runtime has stopped")),
+        }
+    }
+
+    /// The committed state.
+    pub fn state(&mut self) -> Result<(Gpt<f32>, AdamW)> {
+        match &mut self.kind {
+            Some(Kind::Local(r)) => self.tokio.block_on(r.state()),
+            Some(Kind::Elastic(r)) => self.tokio.block_on(r.state()),
+            None => Err(Error::runtime("the runtime has stopped")),
+        }
+    }
+
+    /// Serve the metrics on `addr` from this engine's async runtime.
+    pub fn serve_metrics(&self, addr: &str) -> Result<()> {
+        let _guard = self.tokio.enter();
+        crate::telemetry::metrics::serve_prometheus(addr)
+    }
+
+    /// Each in-process worker's expert-store figures.
+    pub fn tier_stats(&self) -> Vec<TierStats> {
+        match &self.kind {
+            Some(Kind::Local(r)) => r.tier_stats(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Each in-process worker's dense-parameter figures.
+    pub fn dense_stats(&self) -> Vec<DenseStats> {
+        match &self.kind {
+            Some(Kind::Local(r)) => r.dense_stats(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Membership figures of a multi-process run.
+    pub fn membership(&self) -> Option<MembershipStats> {
+        match &self.kind {
+            Some(Kind::Elastic(r)) => Some(r.stats().clone()),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for RuntimeEngine {
+    fn drop(&mut self) {
+        match self.kind.take() {
+            Some(Kind::Local(r)) => {
+                let _ = self.tokio.block_on(r.shutdown());
+            }
+            Some(Kind::Elastic(r)) => {
+                let _ = self.tokio.block_on(r.shutdown("the run is over"));
+            }
+            None => {}
+        }
+        reap(&mut self.children);
+    }
+}
+
+/// Start `semoe worker --ticket FILE` (this program) with its output joined to ours.
+fn spawn_worker(ticket: &Path, threads: usize) -> Result<Child> {
+    let program: PathBuf =
+        std::env::current_exe().map_err(|e| Error::runtime(format!("cannot find this program: {e}")))?;
+    Command::new(&program)
+        .arg("worker")
+        .arg("--ticket")
+        .arg(ticket)
+        .arg("--threads")
+        .arg(threads.to_string())
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| Error::io("cannot start a worker process", &program, e))
+}
+
+/// Wait for the worker processes (dismissed, they exit on their own), killing any still running
+/// after a few seconds: no child outlives the run.
+fn reap(children: &mut Vec<Child>) {
+    let since = Instant::now();
+    for child in children.iter_mut() {
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if since.elapsed() < Duration::from_secs(5) => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+    }
+    children.clear();
+}
