@@ -332,7 +332,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             print!("{}", config.to_toml()?);
             return Ok(ExitCode::SUCCESS);
         }
-        if a.metrics_addr.is_some() && config.train.workers == 0 {
+        if a.metrics_addr.is_some() && config.train.workers == 0 && !config.train.elastic() {
             return Err(semoe::Error::config(
                 "--metrics-addr needs the actor runtime (train.workers of 1 or more)",
             ));
@@ -392,7 +392,18 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         c.train.batch,
         c.train.groups,
         c.train.threads,
-        if c.train.workers == 0 {
+        if c.train.elastic() {
+            format!(
+                "actor runtime over worker processes ({} started here, at least {} needed), {} experts",
+                c.train.processes,
+                if c.train.min_workers > 0 {
+                    c.train.min_workers
+                } else {
+                    c.train.processes.max(1)
+                },
+                c.train.placement
+            )
+        } else if c.train.workers == 0 {
             "plain loop (no actors)".to_string()
         } else {
             format!(
@@ -436,6 +447,24 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         summary.elapsed_s,
         summary.checkpoint.display()
     );
+    if let Some(m) = trainer.membership() {
+        let recovery = if m.recovery_seconds.is_empty() {
+            String::new()
+        } else {
+            let worst = m.recovery_seconds.iter().copied().fold(0.0, f64::max);
+            format!("; membership changes took up to {worst:.2} s")
+        };
+        eprintln!(
+            "membership: epoch {}, {} workers at the end; {} joined, {} left, {} lost; {} steps replayed; {} of state moved{recovery}",
+            m.epoch,
+            m.members,
+            m.joins,
+            m.leaves,
+            m.crashes,
+            m.replayed_steps,
+            semoe::storage::tiers::format_bytes(m.state_bytes),
+        );
+    }
     match semoe::telemetry::write_report(&dir) {
         Ok(_) => eprintln!("report: {}", dir.join("report.md").display()),
         Err(e) => eprintln!("warning: no report: {e}"),

@@ -14,6 +14,7 @@
 //! copy; a coordinator crash resumes from the last disk checkpoint with `semoe train --resume`.
 
 use super::cluster::{Cluster, Member, Status};
+use super::hooks;
 use super::protocol::{self, Command, Reply};
 use super::proxy::{self, ProxyActor, ProxyArgs};
 use crate::actors::worker::WorkerMsg;
@@ -91,6 +92,8 @@ pub struct ElasticRuntime {
     /// Steps committed (the optimizer's step count).
     committed: u64,
     stats: MembershipStats,
+    /// The test hook [`hooks::MEMBERS_AT`] (empty in a real run).
+    members_at: Vec<(u64, usize)>,
 }
 
 impl ElasticRuntime {
@@ -112,6 +115,7 @@ impl ElasticRuntime {
             safe: (model, optimizer),
             committed,
             stats: MembershipStats::default(),
+            members_at: hooks::members_at(),
         };
         let wanted = rt.options.min_workers.max(1);
         rt.wait_for(wanted).await?;
@@ -153,6 +157,30 @@ impl ElasticRuntime {
         }
     }
 
+    /// The test hook: wait until exactly `wanted` members are in (not leaving, not gone).
+    async fn hold_for(&self, wanted: usize) -> Result<()> {
+        let since = Instant::now();
+        loop {
+            let staying = self
+                .cluster
+                .members()
+                .iter()
+                .filter(|m| matches!(m.status, Status::Waiting | Status::Active))
+                .count();
+            if staying == wanted {
+                return Ok(());
+            }
+            if since.elapsed() > Duration::from_secs(60) {
+                return Err(Error::runtime(format!(
+                    "{}: {staying} members, not {wanted}, before step {}",
+                    hooks::MEMBERS_AT,
+                    self.committed
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Whether the membership changed since the current epoch formed: a member lost, leaving, or
     /// waiting to join.
     fn change(&self) -> Option<String> {
@@ -190,6 +218,10 @@ impl ElasticRuntime {
                 return Err(Error::runtime(
                     "the membership kept changing: 16 epochs without a committed step",
                 ));
+            }
+            if let Some(&(_, wanted)) = self.members_at.iter().find(|(s, _)| *s == self.committed) {
+                self.members_at.retain(|(s, _)| *s != self.committed);
+                self.hold_for(wanted).await?;
             }
             if let Some(why) = self.change() {
                 self.reform(&why).await?;

@@ -4,6 +4,7 @@
 //! single authority over the run directory.
 
 use super::fingerprint;
+use super::hooks::Pause;
 use super::protocol::{self, Answer, Command, Hello, Notice, Ready, Reply, WireError};
 use super::proxy::max_reply_bytes;
 use crate::actors::runtime::{start_standalone_worker, StandaloneWorker};
@@ -55,6 +56,7 @@ pub enum WorkerEnd {
 /// The codec of the data plane: `net::wire` checked against the current epoch's shape.
 struct WireCodec {
     shape: Mutex<Option<PacketShape>>,
+    pause: Option<Pause>,
 }
 
 impl PacketCodec for WireCodec {
@@ -64,7 +66,11 @@ impl PacketCodec for WireCodec {
     fn decode(&self, bytes: &[u8], epoch: u64) -> Result<Packet> {
         let shape = self.shape.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let shape = shape.ok_or_else(|| Error::runtime("a packet arrived before the first epoch"))?;
-        wire::decode_packet(bytes, epoch, &shape)
+        let packet = wire::decode_packet(bytes, epoch, &shape)?;
+        if let Some(pause) = &self.pause {
+            pause.at_packet(&packet);
+        }
+        Ok(packet)
     }
 }
 
@@ -84,6 +90,7 @@ struct Shared {
     current: tokio::sync::Mutex<Current>,
     scratch: PathBuf,
     deadline: Duration,
+    pause: Option<Pause>,
 }
 
 /// Join the run the ticket names and serve it until dismissed. `stop` is set by SIGINT/SIGTERM
@@ -189,8 +196,10 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     };
     eprintln!("semoe worker: joined {addr} as member {member}");
 
+    let pause = Pause::for_member(member);
     let codec = Arc::new(WireCodec {
         shape: Mutex::new(None),
+        pause: pause.clone(),
     });
     let plane = DataPlane::new(endpoint, ticket.token.clone(), codec.clone())?;
     let mut events = plane
@@ -214,6 +223,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         }),
         scratch: scratch.clone(),
         deadline,
+        pause,
     });
     let (dismissed_tx, mut dismissed) = tokio::sync::mpsc::unbounded_channel::<(bool, String)>();
     let mut asked_to_leave = false;
@@ -354,6 +364,9 @@ async fn execute(
             protocol::encode(&Reply::Norms(protocol::norms_to_wire(&parts)))
         }
         Command::Commit { step, lr, norm, .. } => {
+            if let Some(pause) = &shared.pause {
+                pause.at_commit(step.0);
+            }
             ask(&actor, &me, "a commit", d * 4, |reply| WorkerMsg::Commit {
                 step: id(step),
                 lr,

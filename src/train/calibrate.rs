@@ -43,6 +43,14 @@ pub fn calibrate(config: &TrainConfig, budget_s: f64) -> Result<Calibration> {
     let mut c = config.clone();
     c.train.steps = c.train.steps.max(WARMUP_STEPS + TIMED_STEPS + 1);
     c.train.time_limit_s = 0.0;
+    if c.train.elastic() {
+        // Measured in-process with as many workers: a scratch run must not start worker processes
+        // or take joiners from the real run's address.
+        let t = &mut c.train;
+        t.workers = t.processes.max(t.min_workers).clamp(1, t.groups.max(1));
+        t.listen.clear();
+        t.processes = 0;
+    }
     let scratch = std::env::temp_dir().join(format!(
         "semoe-calibration-{}-{}",
         std::process::id(),

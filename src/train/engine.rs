@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 pub const TICKET_FILE: &str = "join.ticket";
 
 enum Kind {
-    Local(Runtime),
-    Elastic(ElasticRuntime),
+    Local(Box<Runtime>),
+    Elastic(Box<ElasticRuntime>),
 }
 
 /// A running actor runtime and the async runtime it lives on.
@@ -69,7 +69,7 @@ impl RuntimeEngine {
                 .text(corpus.train.clone())
                 .storage(config.storage.to_config(Some(run_dir.join(run_dir::TIERS_DIR)))?)
                 .state(model.clone(), optimizer.clone());
-            engine.kind = Some(Kind::Local(engine.tokio.block_on(builder.build())?));
+            engine.kind = Some(Kind::Local(Box::new(engine.tokio.block_on(builder.build())?)));
         }
         Ok(engine)
     }
@@ -126,7 +126,7 @@ impl RuntimeEngine {
             runtime.stats().members,
             started.elapsed().as_secs_f64()
         );
-        self.kind = Some(Kind::Elastic(runtime));
+        self.kind = Some(Kind::Elastic(Box::new(runtime)));
         Ok(())
     }
 

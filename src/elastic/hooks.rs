@@ -1,0 +1,113 @@
+//! Test hooks: environment variables that the fault tests set so that a worker stops at an exact
+//! point of an exact step, or the coordinator waits for a membership at an exact step, instead of
+//! relying on sleeps. Never set them in a real run.
+
+use crate::net::{Packet, Payload};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `member=M,step=N,phase=P,file=F`: worker process M stops at phase P of step N (`forward`: when
+/// the first expert forward packet of the step arrives; `backward`: the first expert backward
+/// packet; `commit`: when the commit command arrives, after it prepared), writing its process id
+/// to file F first. It stays stopped until killed.
+pub const PAUSE: &str = "SEMOE_TEST_PAUSE";
+
+/// `N:M,...`: before step N the coordinator waits (up to a minute) until exactly M workers are
+/// members and not leaving, so that a join or a leave lands at step N.
+pub const MEMBERS_AT: &str = "SEMOE_TEST_MEMBERS_AT";
+
+/// Where a paused worker stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// An expert forward packet of the step arrived.
+    Forward,
+    /// An expert backward packet of the step arrived.
+    Backward,
+    /// The commit of the step arrived.
+    Commit,
+}
+
+/// A parsed [`PAUSE`].
+#[derive(Clone, Debug)]
+pub struct Pause {
+    member: u64,
+    step: u64,
+    phase: Phase,
+    file: PathBuf,
+}
+
+impl Pause {
+    /// The hook for `member`, if [`PAUSE`] names it.
+    pub fn for_member(member: u64) -> Option<Pause> {
+        let spec = std::env::var(PAUSE).ok()?;
+        let mut pause = Pause {
+            member: u64::MAX,
+            step: u64::MAX,
+            phase: Phase::Forward,
+            file: PathBuf::new(),
+        };
+        for part in spec.split(',') {
+            let (key, value) = part.split_once('=')?;
+            match key {
+                "member" => pause.member = value.parse().ok()?,
+                "step" => pause.step = value.parse().ok()?,
+                "phase" => {
+                    pause.phase = match value {
+                        "forward" => Phase::Forward,
+                        "backward" => Phase::Backward,
+                        "commit" => Phase::Commit,
+                        _ => return None,
+                    }
+                }
+                "file" => pause.file = PathBuf::from(value),
+                _ => return None,
+            }
+        }
+        (pause.member == member).then_some(pause)
+    }
+
+    /// Stop here (for ever) if `packet` is the hook's point.
+    pub fn at_packet(&self, packet: &Packet) {
+        let (phase, step) = match &packet.payload {
+            Payload::ExpertForward { step, .. } => (Phase::Forward, step.step),
+            Payload::ExpertBackward { step, .. } => (Phase::Backward, step.step),
+            _ => return,
+        };
+        if phase == self.phase && step == self.step {
+            self.stop_here();
+        }
+    }
+
+    /// Stop here (for ever) if a commit of `step` is the hook's point.
+    pub fn at_commit(&self, step: u64) {
+        if self.phase == Phase::Commit && step == self.step {
+            self.stop_here();
+        }
+    }
+
+    fn stop_here(&self) {
+        let _ = std::fs::write(&self.file, std::process::id().to_string());
+        eprintln!(
+            "semoe worker: paused by {PAUSE} at {:?} of step {}",
+            self.phase, self.step
+        );
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+/// The parsed [`MEMBERS_AT`]: `(step, members)`.
+pub fn members_at() -> Vec<(u64, usize)> {
+    std::env::var(MEMBERS_AT)
+        .ok()
+        .map(|spec| {
+            spec.split(',')
+                .filter_map(|p| {
+                    let (s, m) = p.split_once(':')?;
+                    Some((s.trim().parse().ok()?, m.trim().parse().ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
