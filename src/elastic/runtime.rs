@@ -160,6 +160,11 @@ impl ElasticRuntime {
     /// The test hook: wait until exactly `wanted` members are in (not leaving, not gone).
     async fn hold_for(&self, wanted: usize) -> Result<()> {
         let since = Instant::now();
+        eprintln!(
+            "semoe: {}: holding before step {} until {wanted} workers are members",
+            hooks::MEMBERS_AT,
+            self.committed
+        );
         loop {
             let staying = self
                 .cluster

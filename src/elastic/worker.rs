@@ -235,16 +235,16 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
                     let (shared, dismissed_tx) = (shared.clone(), dismissed_tx.clone());
                     tokio::spawn(async move { handle(shared, s, r, dismissed_tx).await });
                 }
-                Err(e) => break Err(Error::runtime(format!(
-                    "lost the coordinator ({e}); this worker is no longer a member and stops without committing anything more"
-                ))),
+                Err(e) => break Err(fenced(e)),
             },
             Some(event) = events.recv() => {
                 let notice = match event {
                     PeerEvent::Evicted { epoch, peer, detail } => Notice::PeerEvicted { peer: peer as u32, epoch, detail },
                     PeerEvent::Lost { epoch, peer, detail } => Notice::PeerLost { peer: peer as u32, epoch, detail },
                 };
-                quic::write_frame(&mut send, &protocol::encode(&notice)?).await?;
+                if let Err(e) = quic::write_frame(&mut send, &protocol::encode(&notice)?).await {
+                    break Err(fenced(e));
+                }
             }
             Some((left, reason)) = dismissed.recv() => {
                 break if left { Ok(WorkerEnd::Left(reason)) } else { Err(Error::runtime(format!("dismissed by the coordinator: {reason}"))) };
@@ -253,7 +253,9 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
                 if !asked_to_leave && stop.load(Ordering::SeqCst) != 0 {
                     asked_to_leave = true;
                     eprintln!("semoe worker: leaving at the next step boundary (a second signal exits at once)");
-                    quic::write_frame(&mut send, &protocol::encode(&Notice::Leaving)?).await?;
+                    if let Err(e) = quic::write_frame(&mut send, &protocol::encode(&Notice::Leaving)?).await {
+                        break Err(fenced(e));
+                    }
                 }
             }
         }
@@ -268,6 +270,14 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     let _ = std::fs::remove_dir_all(&scratch);
     conn.close(0u32.into(), b"worker done");
     end
+}
+
+/// The end of a worker that lost its coordinator: it may have been replaced while it could not
+/// answer (stopped, partitioned), so it must never commit again.
+fn fenced(e: impl std::fmt::Display) -> Error {
+    Error::runtime(format!(
+        "lost the coordinator ({e}); this worker is no longer a member and stops without committing anything more"
+    ))
 }
 
 async fn read_answer(recv: &mut quinn::RecvStream) -> Result<Answer> {

@@ -1,0 +1,451 @@
+//! Training over worker processes, as a user runs it: `semoe train --processes N` or `--listen`
+//! with `semoe worker --ticket` processes, on 127.0.0.1 with ports the OS chooses. The parameters
+//! and AdamW moments after the run are bitwise those of the plain loop (`--workers 0`) through
+//! every placement, worker count, crash (SIGKILL at an exact phase of a step), join, leave and
+//! stopped worker; joins that cannot give the same bits are refused, naming why. Every process a
+//! test starts runs in its own process group, killed and reaped when the test ends, also on
+//! failure.
+
+mod common;
+
+use common::TempDir;
+use semoe::net::quic::JoinTicket;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const SEMOE: &str = env!("CARGO_BIN_EXE_semoe");
+
+/// A small model (2 MoE blocks of 8 experts, 4 groups): a few milliseconds a step.
+const SMALL: &[&str] = &[
+    "--d-model",
+    "32",
+    "--layers",
+    "2",
+    "--heads",
+    "2",
+    "--d-ff",
+    "64",
+    "--block-size",
+    "16",
+    "--batch",
+    "8",
+    "--groups",
+    "4",
+    "--threads",
+    "1",
+    "--eval-every",
+    "0",
+    "--checkpoint-every",
+    "0",
+    "--sample-tokens",
+    "0",
+];
+
+/// A process (and every process it started) killed and reaped when dropped.
+struct Proc {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(dir: &Path, name: &str, args: &[&str], env: &[(&str, String)]) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(SEMOE);
+        cmd.args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .process_group(0);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn semoe");
+        Proc { child, log }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped yet.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
+    }
+
+    /// Wait at most `limit` for the process to exit.
+    fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "semoe did not exit within {limit:?}; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Wait at most `limit` until the log holds `text`; the time it took.
+    fn wait_for(&mut self, text: &str, limit: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            if self.log().contains(text) {
+                return started.elapsed();
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("exited ({status}) before printing {text:?}; its log:\n{}", self.log());
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{text:?} did not appear within {limit:?}; the log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the process group this test created for the child (pgid = its pid).
+        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn train_args<'a>(run: &'a str, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["train", "--run-dir", run, "--steps", steps];
+    v.extend_from_slice(SMALL);
+    v.extend_from_slice(extra);
+    v
+}
+
+/// The model and optimizer files of the run's checkpoint after `steps` steps.
+fn state_files(run: &Path, steps: u64) -> Vec<(String, Vec<u8>)> {
+    let dir = run.join("checkpoints").join(format!("step-{steps:08}"));
+    ["model.safetensors", "optimizer.safetensors"]
+        .iter()
+        .map(|f| {
+            let path = dir.join(f);
+            let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(bytes.len() > 1000, "{} is too small to hold the state", path.display());
+            (f.to_string(), bytes)
+        })
+        .collect()
+}
+
+/// Fail naming the file whose bytes differ (the checkpoint holds every tensor and both moments).
+fn assert_same_state(want: &[(String, Vec<u8>)], got: &[(String, Vec<u8>)], what: &str) {
+    assert_eq!(want.len(), got.len(), "{what}: number of files");
+    for ((name, a), (other, b)) in want.iter().zip(got) {
+        assert_eq!(name, other, "{what}: file names");
+        assert_eq!(a.len(), b.len(), "{what}: {name} differs in length");
+        let first = a.iter().zip(b).position(|(x, y)| x != y);
+        assert!(first.is_none(), "{what}: {name} differs at byte {first:?}");
+    }
+}
+
+/// The plain loop's state after `steps` steps (the reference), computed once per test.
+fn reference(dir: &Path, steps: u64, extra: &[&str]) -> Vec<(String, Vec<u8>)> {
+    let steps_s = steps.to_string();
+    let mut args = train_args("reference", &steps_s, &["--workers", "0"]);
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn(dir, "reference", &args, &[]);
+    assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.log());
+    state_files(&dir.join("reference"), steps)
+}
+
+/// The membership line's figures: `(joined, left, lost)`.
+fn membership(log: &str) -> (u64, u64, u64) {
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("membership:"))
+        .unwrap_or_else(|| panic!("no membership line in:\n{log}"));
+    let number_before = |word: &str| -> u64 {
+        let at = line.find(word).unwrap_or_else(|| panic!("{word:?} not in {line:?}"));
+        line[..at]
+            .trim_end()
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count before {word:?} in {line:?}"))
+    };
+    (number_before(" joined"), number_before(" left"), number_before(" lost"))
+}
+
+#[test]
+fn worker_processes_train_bitwise_like_the_plain_loop() {
+    let dir = TempDir::new("elastic-counts");
+    let want = reference(dir.path(), 20, &[]);
+    for (n, placement) in [
+        (1, "round-robin"),
+        (2, "round-robin"),
+        (3, "round-robin"),
+        (4, "round-robin"),
+        (2, "blocked"),
+        (3, "blocked"),
+    ] {
+        let run = format!("p{n}-{placement}");
+        let n_s = n.to_string();
+        let args = train_args(&run, "20", &["--processes", &n_s, "--placement", placement]);
+        let mut p = Proc::spawn(dir.path(), &run, &args, &[]);
+        assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.log());
+        let log = p.log();
+        assert!(log.contains(&format!("epoch 1: {n} workers at step 0")), "{log}");
+        assert_eq!(membership(&log), (0, 0, 0), "{log}");
+        assert_same_state(&want, &state_files(&dir.path().join(&run), 20), &run);
+        // The coordinator alone writes the run directory: no file of a worker in it.
+        let files: Vec<String> = std::fs::read_dir(dir.path().join(&run))
+            .expect("run dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(files.iter().any(|f| f == "join.ticket"), "{files:?}");
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_step_costs_a_replay_not_the_run() {
+    let dir = TempDir::new("elastic-kill");
+    let want = reference(dir.path(), 20, &[]);
+    for phase in ["forward", "backward", "commit"] {
+        let run = format!("kill-{phase}");
+        let marker = dir.path().join(format!("{phase}.paused"));
+        let pause = format!("member=2,step=7,phase={phase},file={}", marker.display());
+        let args = train_args(&run, "20", &["--processes", "3", "--snapshot-every", "5"]);
+        let mut p = Proc::spawn(dir.path(), &run, &args, &[("SEMOE_TEST_PAUSE", pause)]);
+        p.wait_for("paused by SEMOE_TEST_PAUSE", Duration::from_secs(30));
+        let pid: i32 = std::fs::read_to_string(&marker)
+            .expect("the paused worker wrote its pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        // SAFETY: kill(2) on a worker process that this test's coordinator started (its group).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let killed = Instant::now();
+        p.wait_for("epoch 2: 2 workers at step 7", Duration::from_secs(10));
+        let recovered = killed.elapsed();
+        assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.log());
+        let log = p.log();
+        // Detection is QUIC's idle timeout (1.5 s); the new epoch forms in milliseconds after it.
+        assert!(
+            recovered < Duration::from_secs(3),
+            "{phase}: the survivors took {recovered:?} to form the next epoch"
+        );
+        assert_eq!(membership(&log), (0, 0, 1), "{phase}: {log}");
+        assert!(
+            log.contains("2 steps replayed"),
+            "{phase}: copy at step 5, lost at 7: {log}"
+        );
+        assert_same_state(&want, &state_files(&dir.path().join(&run), 20), &run);
+        eprintln!("{phase}: kill -> next epoch in {recovered:?}");
+    }
+}
+
+#[test]
+fn workers_join_and_leave_at_step_boundaries() {
+    let dir = TempDir::new("elastic-join-leave");
+    let want = reference(dir.path(), 20, &[]);
+    let args = train_args("run", "20", &["--listen", "127.0.0.1:0", "--min-workers", "2"]);
+    let mut coord = Proc::spawn(
+        dir.path(),
+        "coordinator",
+        &args,
+        &[("SEMOE_TEST_MEMBERS_AT", "5:3,12:2".into())],
+    );
+    coord.wait_for("workers join with", Duration::from_secs(30));
+    let ticket = dir.path().join("run/join.ticket");
+    let ticket_s = ticket.to_string_lossy().into_owned();
+    let worker_args = ["worker", "--ticket", ticket_s.as_str(), "--threads", "1"];
+    let _w1 = Proc::spawn(dir.path(), "w1", &worker_args, &[]);
+    let _w2 = Proc::spawn(dir.path(), "w2", &worker_args, &[]);
+    coord.wait_for("epoch 1: 2 workers at step 0", Duration::from_secs(30));
+    let mut w3 = Proc::spawn(dir.path(), "w3", &worker_args, &[]);
+    coord.wait_for("epoch 2: 3 workers at step 5", Duration::from_secs(30));
+    coord.wait_for("holding before step 12", Duration::from_secs(30));
+    w3.signal(libc::SIGTERM);
+    coord.wait_for("epoch 3: 2 workers at step 12", Duration::from_secs(30));
+    let left = w3.wait(Duration::from_secs(30));
+    assert!(left.success(), "the leaving worker exits 0: {left}; {}", w3.log());
+    assert!(coord.wait(Duration::from_secs(60)).success(), "{}", coord.log());
+    let log = coord.log();
+    assert_eq!(membership(&log), (1, 1, 0), "{log}");
+    assert!(log.contains("0 steps replayed"), "{log}");
+    assert_same_state(
+        &want,
+        &state_files(&dir.path().join("run"), 20),
+        "join at 5, leave at 12",
+    );
+}
+
+#[test]
+fn a_stopped_worker_is_replaced_and_fenced() {
+    let dir = TempDir::new("elastic-sigstop");
+    let want = reference(dir.path(), 20, &[]);
+    let args = train_args("run", "20", &["--listen", "127.0.0.1:0", "--min-workers", "3"]);
+    // Before step 3 the coordinator holds until only two workers are left, so the stop always
+    // lands during the run.
+    let mut coord = Proc::spawn(
+        dir.path(),
+        "coordinator",
+        &args,
+        &[("SEMOE_TEST_MEMBERS_AT", "3:2".into())],
+    );
+    coord.wait_for("workers join with", Duration::from_secs(30));
+    let ticket = dir.path().join("run/join.ticket");
+    let ticket_s = ticket.to_string_lossy().into_owned();
+    let worker_args = ["worker", "--ticket", ticket_s.as_str(), "--threads", "1"];
+    let _w1 = Proc::spawn(dir.path(), "w1", &worker_args, &[]);
+    let _w2 = Proc::spawn(dir.path(), "w2", &worker_args, &[]);
+    let mut w3 = Proc::spawn(dir.path(), "w3", &worker_args, &[]);
+    coord.wait_for("epoch 1: 3 workers", Duration::from_secs(30));
+    w3.signal(libc::SIGSTOP);
+    coord.wait_for("epoch 2: 2 workers", Duration::from_secs(30));
+    w3.signal(libc::SIGCONT);
+    let fenced = w3.wait(Duration::from_secs(30));
+    assert!(!fenced.success(), "the stopped worker must not go on: {fenced}");
+    assert!(w3.log().contains("no longer a member"), "{}", w3.log());
+    assert!(coord.wait(Duration::from_secs(60)).success(), "{}", coord.log());
+    let log = coord.log();
+    assert_eq!(membership(&log), (0, 0, 1), "{log}");
+    assert_same_state(
+        &want,
+        &state_files(&dir.path().join("run"), 20),
+        "a worker stopped and replaced",
+    );
+}
+
+#[test]
+fn joins_that_cannot_give_the_same_bits_are_refused_naming_why() {
+    let dir = TempDir::new("elastic-refusals");
+    let want = reference(dir.path(), 20, &[]);
+    let args = train_args("run", "20", &["--listen", "127.0.0.1:0", "--min-workers", "2"]);
+    let mut coord = Proc::spawn(dir.path(), "coordinator", &args, &[]);
+    coord.wait_for("workers join with", Duration::from_secs(30));
+    let ticket_path = dir.path().join("run/join.ticket");
+    let ticket = JoinTicket::read(&ticket_path).expect("the run's ticket");
+
+    let wrong_token = dir.path().join("wrong-token.ticket");
+    JoinTicket {
+        token: "00".repeat(32),
+        ..ticket.clone()
+    }
+    .write(&wrong_token)
+    .expect("write");
+    let wrong_cert = dir.path().join("wrong-cert.ticket");
+    JoinTicket {
+        cert_sha256: "ab".repeat(32),
+        ..ticket.clone()
+    }
+    .write(&wrong_cert)
+    .expect("write");
+    let other_config = dir.path().join("other.toml");
+    let mut config: semoe::config::TrainConfig =
+        toml::from_str(&std::fs::read_to_string(dir.path().join("run/config.toml")).expect("config")).expect("parse");
+    config.train.seed += 1;
+    config.optimizer.lr *= 2.0;
+    std::fs::write(&other_config, config.to_toml().expect("toml")).expect("write");
+    let other_text = dir.path().join("other.txt");
+    std::fs::write(&other_text, "Not the run's text at all. ".repeat(2000)).expect("write");
+
+    let good = ticket_path.to_string_lossy().into_owned();
+    let cases: Vec<(&str, Vec<String>, Vec<(&str, String)>, &str)> = vec![
+        (
+            "token",
+            vec!["--ticket".into(), wrong_token.to_string_lossy().into()],
+            vec![],
+            "wrong token",
+        ),
+        (
+            "cert",
+            vec!["--ticket".into(), wrong_cert.to_string_lossy().into()],
+            vec![],
+            "did not match",
+        ),
+        (
+            "config",
+            vec![
+                "--ticket".into(),
+                good.clone(),
+                "--config".into(),
+                other_config.to_string_lossy().into(),
+            ],
+            vec![],
+            "train.seed",
+        ),
+        (
+            "corpus",
+            vec![
+                "--ticket".into(),
+                good.clone(),
+                "--data".into(),
+                other_text.to_string_lossy().into(),
+            ],
+            vec![],
+            "corpus differs",
+        ),
+        (
+            "kernel",
+            vec!["--ticket".into(), good.clone()],
+            vec![("SEMOE_TEST_KERNEL_FINGERPRINT", "0".repeat(64))],
+            "kernel fingerprint differs",
+        ),
+    ];
+    for (name, extra, env, reason) in cases {
+        let mut args = vec!["worker".to_string()];
+        args.extend(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        let mut w = Proc::spawn(dir.path(), &format!("refused-{name}"), &args, &env);
+        let status = w.wait(Duration::from_secs(10));
+        let took = started.elapsed();
+        assert!(!status.success(), "{name}: the worker must be refused");
+        assert!(
+            w.log().contains(reason),
+            "{name}: the refusal names {reason:?}: {}",
+            w.log()
+        );
+        assert!(took < Duration::from_secs(2), "{name}: refused after {took:?}");
+        eprintln!("{name}: refused in {took:?}");
+    }
+    if let Some(config_line) = std::fs::read_to_string(dir.path().join("refused-config.log"))
+        .ok()
+        .and_then(|l| l.lines().find(|l| l.contains("train.seed")).map(str::to_string))
+    {
+        assert!(
+            config_line.contains("optimizer.lr"),
+            "every differing field is named: {config_line}"
+        );
+    }
+    // Training is unaffected: two good workers join and the run ends with the plain loop's bits.
+    let worker_args = ["worker", "--ticket", good.as_str(), "--threads", "1"];
+    let _w1 = Proc::spawn(dir.path(), "w1", &worker_args, &[]);
+    let _w2 = Proc::spawn(dir.path(), "w2", &worker_args, &[]);
+    assert!(coord.wait(Duration::from_secs(60)).success(), "{}", coord.log());
+    assert_eq!(membership(&coord.log()), (0, 0, 0), "{}", coord.log());
+    assert_same_state(&want, &state_files(&dir.path().join("run"), 20), "after refused joins");
+}
+
+#[test]
+fn a_long_run_with_four_processes_sees_no_false_failure() {
+    let dir = TempDir::new("elastic-long");
+    let args = train_args("run", "500", &["--processes", "4", "--snapshot-every", "50"]);
+    let mut p = Proc::spawn(dir.path(), "run", &args, &[]);
+    assert!(p.wait(Duration::from_secs(120)).success(), "{}", p.log());
+    let log = p.log();
+    assert!(log.contains("done: 500 of 500 steps"), "{log}");
+    assert_eq!(membership(&log), (0, 0, 0), "keep-alives keep every worker: {log}");
+    assert!(log.contains("membership: epoch 1,"), "{log}");
+}
