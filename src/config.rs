@@ -169,6 +169,11 @@ pub struct TrainSettings {
     pub processes: usize,
     /// Worker processes needed before training starts (0: `processes`, at least 1).
     pub min_workers: usize,
+    /// A job identity made beforehand (`semoe ticket --out DIR`): the directory holding its
+    /// `job.identity` and `join.ticket`. The coordinator then serves that certificate and admits
+    /// that ticket's token, so workers can be given the ticket before the run starts (Kubernetes
+    /// Secrets, shared file systems). Unset: a fresh identity per run.
+    pub identity: Option<PathBuf>,
     /// Multi-process runs keep an in-memory copy of the committed state every this many steps;
     /// after a worker is lost the survivors replay the steps since.
     pub snapshot_every: u64,
@@ -196,6 +201,7 @@ impl Default for TrainSettings {
             listen: String::new(),
             processes: 0,
             min_workers: 0,
+            identity: None,
             snapshot_every: 10,
         }
     }
@@ -322,6 +328,7 @@ pub const RESUMABLE: &[&str] = &[
     "train.listen",
     "train.processes",
     "train.min_workers",
+    "train.identity",
     "train.snapshot_every",
     "storage.*",
 ];

@@ -361,7 +361,9 @@ fn joins_that_cannot_give_the_same_bits_are_refused_naming_why() {
     std::fs::write(&other_text, "Not the run's text at all. ".repeat(2000)).expect("write");
 
     let good = ticket_path.to_string_lossy().into_owned();
-    let cases: Vec<(&str, Vec<String>, Vec<(&str, String)>, &str)> = vec![
+    // (name, worker arguments, environment, what the refusal names)
+    type Case<'a> = (&'a str, Vec<String>, Vec<(&'a str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "token",
             vec!["--ticket".into(), wrong_token.to_string_lossy().into()],

@@ -16,7 +16,7 @@ use eval::EvalArgs;
 use generate::GenerateArgs;
 use runs::RunsArgs;
 use train::TrainArgs;
-use worker::WorkerArgs;
+use worker::{TicketArgs, WorkerArgs};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +44,8 @@ pub enum Command {
     /// Join a training run as a worker process (`--ticket RUN_DIR/join.ticket`); SIGTERM leaves it
     /// in good order.
     Worker(WorkerArgs),
+    /// Make a job identity and join ticket ahead of a run (for `semoe train --identity DIR`).
+    Ticket(TicketArgs),
     /// Measure kernels and layers (tokens/s, GFLOP/s, fraction of the machine's peak).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -73,6 +75,7 @@ pub fn run(cli: Cli) -> semoe::Result<ExitCode> {
         Command::Runs(a) => runs::run(&a)?,
         Command::Bench(b) => bench::run(b)?,
         Command::Worker(a) => return worker::run(&a),
+        Command::Ticket(a) => worker::ticket(&a)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -64,6 +64,10 @@ pub struct TrainArgs {
     /// `semoe worker --ticket RUN_DIR/join.ticket`.
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
+    /// Serve the job identity made by `semoe ticket --out DIR` (its certificate, and its ticket's
+    /// token), so workers can hold the ticket before the run starts.
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
     /// Worker processes needed before training starts (default: --processes, at least 1).
     #[arg(long)]
     min_workers: Option<usize>,
@@ -221,6 +225,9 @@ pub fn apply_flags(a: &TrainArgs, c: &mut TrainConfig) {
     set!(t.processes, a.processes);
     set!(t.listen, a.listen);
     set!(t.min_workers, a.min_workers);
+    if let Some(dir) = &a.identity {
+        t.identity = Some(dir.clone());
+    }
     set!(t.snapshot_every, a.snapshot_every);
     set!(t.seed, a.seed);
     set!(t.batch, a.batch);

@@ -4,7 +4,7 @@
 
 use clap::Args;
 use semoe::elastic::worker::{run_worker, WorkerEnd, WorkerOptions};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ pub struct WorkerArgs {
     ticket: PathBuf,
     /// The coordinator's address, when it differs from the ticket's (a NAT, a Service name).
     #[arg(long, value_name = "HOST:PORT")]
-    join: Option<SocketAddr>,
+    join: Option<String>,
     /// Compute threads (default: the run's train.threads). Threads never change the bits.
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -42,7 +42,7 @@ pub fn run(a: &WorkerArgs) -> semoe::Result<std::process::ExitCode> {
     let _signals = super::train::install_stop_signals(&stop)?;
     let options = WorkerOptions {
         ticket: a.ticket.clone(),
-        join: a.join,
+        join: a.join.clone(),
         threads: a.threads,
         config: a.config.clone(),
         data: a.data.clone(),
@@ -55,4 +55,29 @@ pub fn run(a: &WorkerArgs) -> semoe::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
     }
+}
+
+/// `semoe ticket`: make a job identity and join ticket before a run.
+#[derive(Args, Debug)]
+pub struct TicketArgs {
+    /// Directory to write `job.identity` (certificate and private key) and `join.ticket` into
+    /// (both mode 0600). Give the directory to `semoe train --identity DIR` and the ticket to the
+    /// workers (for example as a Kubernetes Secret).
+    #[arg(long)]
+    out: PathBuf,
+    /// The address workers dial (written in the ticket; `semoe worker --join` overrides it, with a
+    /// name if you like).
+    #[arg(long, value_name = "IP:PORT")]
+    addr: std::net::SocketAddr,
+}
+
+pub fn ticket(a: &TicketArgs) -> semoe::Result<()> {
+    let t = semoe::elastic::cluster::make_identity(&a.out, a.addr)?;
+    eprintln!(
+        "wrote {} and {} (certificate SHA-256 {})",
+        a.out.join(semoe::elastic::cluster::IDENTITY_FILE).display(),
+        a.out.join(semoe::elastic::cluster::TICKET_FILE).display(),
+        t.cert_sha256
+    );
+    Ok(())
 }

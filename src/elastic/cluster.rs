@@ -15,6 +15,22 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+/// The job identity file in a `train.identity` directory.
+pub const IDENTITY_FILE: &str = "job.identity";
+/// The join ticket in a run directory or a `train.identity` directory.
+pub const TICKET_FILE: &str = "join.ticket";
+
+/// Make a job identity ahead of a run: `dir/job.identity` (certificate and key) and
+/// `dir/join.ticket` (the address workers dial, a fresh token, the certificate's fingerprint).
+pub fn make_identity(dir: &Path, addr: SocketAddr) -> Result<JoinTicket> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create the identity directory", dir, e))?;
+    let identity = JobIdentity::generate()?;
+    identity.write(&dir.join(IDENTITY_FILE))?;
+    let ticket = JoinTicket::new(addr, &identity);
+    ticket.write(&dir.join(TICKET_FILE))?;
+    Ok(ticket)
+}
+
 /// Where a member stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -71,15 +87,34 @@ pub struct Cluster {
 
 impl Cluster {
     /// Listen on `listen` (port 0: one the OS chooses), write the join ticket to `ticket_path`
-    /// (mode 0600) and admit workers whose handshake matches `config` and `corpus_sha256`.
+    /// (mode 0600) and admit workers whose handshake matches `config` and `corpus_sha256`. The job
+    /// identity and token are `config.train.identity`'s when set (see [`IDENTITY_FILE`]), else new.
     pub fn start(listen: SocketAddr, ticket_path: &Path, config: &TrainConfig, corpus_sha256: &str) -> Result<Cluster> {
-        let identity = Arc::new(JobIdentity::generate()?);
+        let (identity, token) = match &config.train.identity {
+            Some(dir) => {
+                let identity = JobIdentity::read(&dir.join(IDENTITY_FILE))?;
+                let given = JoinTicket::read(&dir.join(TICKET_FILE))?;
+                if given.cert_sha256 != identity.fingerprint() {
+                    return Err(Error::config(format!(
+                        "{} pins another certificate than {} holds",
+                        dir.join(TICKET_FILE).display(),
+                        dir.join(IDENTITY_FILE).display()
+                    )));
+                }
+                (identity, Some(given.token))
+            }
+            None => (JobIdentity::generate()?, None),
+        };
+        let identity = Arc::new(identity);
         let pin = identity.fingerprint();
         let endpoint = quic::endpoint(listen, &identity, &pin)?;
         let addr = endpoint
             .local_addr()
             .map_err(|e| Error::runtime(format!("the control endpoint has no address: {e}")))?;
-        let ticket = JoinTicket::new(addr, &identity);
+        let mut ticket = JoinTicket::new(addr, &identity);
+        if let Some(token) = token {
+            ticket.token = token;
+        }
         ticket.write(ticket_path)?;
         let expect = Arc::new(Expect {
             config: config.clone(),

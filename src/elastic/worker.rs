@@ -30,8 +30,9 @@ use std::time::Duration;
 pub struct WorkerOptions {
     /// The join ticket the coordinator wrote (address, token, certificate fingerprint).
     pub ticket: PathBuf,
-    /// The coordinator's address, when it differs from the ticket's (a NAT, a Service name).
-    pub join: Option<SocketAddr>,
+    /// The coordinator's address (`HOST:PORT`, a name or an IP), when it differs from the
+    /// ticket's (a NAT, a Kubernetes Service name).
+    pub join: Option<String>,
     /// Compute threads (0: the run's `train.threads`). Threads never change the bits.
     pub threads: usize,
     /// The worker's own configuration file: refused unless every field that changes the bits
@@ -109,7 +110,14 @@ pub fn run_worker(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<Work
 
 async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerEnd> {
     let ticket = JoinTicket::read(&options.ticket)?;
-    let addr = options.join.unwrap_or(ticket.addr);
+    let addr = match &options.join {
+        Some(name) => tokio::net::lookup_host(name.as_str())
+            .await
+            .map_err(|e| Error::config(format!("cannot resolve --join {name}: {e}")))?
+            .next()
+            .ok_or_else(|| Error::config(format!("--join {name} resolves to no address")))?,
+        None => ticket.addr,
+    };
     let unspecified: IpAddr = if addr.ip().is_loopback() {
         IpAddr::from([127, 0, 0, 1])
     } else {

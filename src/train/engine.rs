@@ -17,8 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The join ticket of a multi-process run, in its run directory (mode 0600).
-pub const TICKET_FILE: &str = "join.ticket";
+pub use crate::elastic::cluster::TICKET_FILE;
 
 enum Kind {
     Local(Box<Runtime>),

@@ -54,6 +54,96 @@ impl JobIdentity {
     }
 }
 
+/// The first line of a job identity file.
+pub const IDENTITY_HEADER: &str = "semoe-job-identity v1";
+
+impl JobIdentity {
+    /// Write the certificate and its private key to `path` (mode 0600, atomically): a job identity
+    /// made once (`semoe ticket`) that a coordinator restarted elsewhere serves again, so that the
+    /// workers' ticket stays valid.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = format!(
+            "{IDENTITY_HEADER}\ncert = {}\nkey = {}\n",
+            hex(&self.cert_der),
+            hex(&self.key_der)
+        );
+        write_private(path, &text, "the job identity")
+    }
+
+    /// Read a job identity written by [`JobIdentity::write`]; refuses a file others may read.
+    pub fn read(path: &Path) -> Result<Self> {
+        let what = format!("job identity {}", path.display());
+        let meta = std::fs::metadata(path).map_err(|e| Error::io("read the job identity", path, e))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(Error::config(format!(
+                "{what} may be read by others (mode {:o}); it holds the job's private key: chmod 600 it",
+                meta.permissions().mode() & 0o777
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read the job identity", path, e))?;
+        let mut lines = text.lines();
+        if lines.next() != Some(IDENTITY_HEADER) {
+            return Err(Error::parse(
+                &what,
+                format!("the first line is not {IDENTITY_HEADER:?}"),
+            ));
+        }
+        let (mut cert, mut key) = (None, None);
+        for line in lines.filter(|l| !l.trim().is_empty()) {
+            let (k, v) = line
+                .split_once('=')
+                .ok_or_else(|| Error::parse(&what, format!("{line:?} is not `key = value`")))?;
+            let bytes = unhex(v.trim()).ok_or_else(|| Error::parse(&what, format!("{} is not hex", k.trim())))?;
+            match k.trim() {
+                "cert" => cert = Some(bytes),
+                "key" => key = Some(bytes),
+                other => return Err(Error::parse(&what, format!("unknown field {other:?}"))),
+            }
+        }
+        match (cert, key) {
+            (Some(cert_der), Some(key_der)) => Ok(JobIdentity { cert_der, key_der }),
+            _ => Err(Error::parse(&what, "it needs both `cert` and `key`")),
+        }
+    }
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Write `text` to `path`, readable and writable by its owner only (mode 0600): to a temporary
+/// file next to it, then renamed, so a reader never sees half of it.
+fn write_private(path: &Path, text: &str, what: &str) -> Result<()> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::config(format!("the path of {what} ({}) names no file", path.display())))?;
+    let mut tmp_name = file_name.to_os_string();
+    let nonce: u64 = rand::random();
+    tmp_name.push(format!(".tmp.{}.{nonce:016x}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| Error::io(format!("create {what}"), &tmp, e))?;
+    let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
+    drop(file);
+    let result = written
+        .map_err(|e| Error::io(format!("write {what}"), &tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("move {what} into place"), path, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// SHA-256 of `bytes`, lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
@@ -120,34 +210,11 @@ impl JoinTicket {
     /// Write the ticket to `path`, readable and writable by its owner only (mode 0600). It is
     /// written to a temporary file next to `path` and renamed, so a reader never sees half a ticket.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| Error::config(format!("the join ticket path {} names no file", path.display())))?;
-        let mut tmp_name = file_name.to_os_string();
-        let nonce: u64 = rand::random();
-        tmp_name.push(format!(".tmp.{}.{nonce:016x}", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
         let text = format!(
             "{TICKET_HEADER}\naddr = {}\ntoken = {}\ncert_sha256 = {}\n",
             self.addr, self.token, self.cert_sha256
         );
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| Error::io("create the join ticket", &tmp, e))?;
-        let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
-        drop(file);
-        let result = written
-            .map_err(|e| Error::io("write the join ticket", &tmp, e))
-            .and_then(|()| {
-                std::fs::rename(&tmp, path).map_err(|e| Error::io("move the join ticket into place", path, e))
-            });
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        write_private(path, &text, "the join ticket")
     }
 
     /// Read a ticket written by [`JoinTicket::write`]. Refuses a file that its group or others may
