@@ -10,6 +10,9 @@ use std::time::Instant;
 pub struct RuntimeReport {
     /// Worker counts measured (0 = the plain loop without actors).
     pub workers: Vec<usize>,
+    /// Worker-process counts measured after them (the runtime over `semoe worker` processes on
+    /// this machine, QUIC over loopback; each process gets `threads / processes` compute threads).
+    pub processes: Vec<usize>,
     /// Median tokens per second of each, over the rounds.
     pub tokens_per_s: Vec<f64>,
     /// Every round's tokens per second, `[round][engine]`.
@@ -25,18 +28,25 @@ pub struct RuntimeReport {
 pub fn runtime_bench(
     config: &crate::train::TrainConfig,
     workers: &[usize],
+    processes: &[usize],
     warmup: usize,
     steps: usize,
     rounds: usize,
 ) -> Result<RuntimeReport> {
     use crate::train::Trainer;
     let base = std::env::temp_dir().join(format!("semoe-bench-runtime-{}", std::process::id()));
-    let mut trainers = Vec::with_capacity(workers.len());
-    for &w in workers {
+    let mut trainers = Vec::with_capacity(workers.len() + processes.len());
+    let engines = workers.iter().map(|&w| (w, 0)).chain(processes.iter().map(|&p| (p, p)));
+    for (w, p) in engines {
         let mut c = config.clone();
         c.train.workers = w;
+        c.train.processes = p;
         c.train.steps = (warmup + steps * rounds + 1) as u64;
-        let dir = base.join(format!("workers-{w}"));
+        let dir = base.join(if p > 0 {
+            format!("processes-{p}")
+        } else {
+            format!("workers-{w}")
+        });
         let _ = std::fs::remove_dir_all(&dir);
         let mut t = Trainer::new(c, &dir)?;
         for _ in 0..warmup {
@@ -59,11 +69,12 @@ pub fn runtime_bench(
     }
     drop(trainers);
     let _ = std::fs::remove_dir_all(&base);
-    let tokens_per_s = (0..workers.len())
+    let tokens_per_s = (0..workers.len() + processes.len())
         .map(|i| median(all.iter().map(|r| r[i]).collect()))
         .collect();
     Ok(RuntimeReport {
         workers: workers.to_vec(),
+        processes: processes.to_vec(),
         tokens_per_s,
         rounds: all,
         steps,

@@ -71,6 +71,10 @@ pub struct RuntimeArgs {
     /// Worker counts to compare (0 = the plain loop without actors).
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     workers: Vec<usize>,
+    /// Worker-process counts to compare after them (`semoe worker` processes on this machine,
+    /// QUIC over loopback), e.g. `--workers 2 --processes 2`.
+    #[arg(long, value_delimiter = ',')]
+    processes: Vec<usize>,
     /// Untimed steps first (per engine).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
@@ -296,17 +300,23 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
             let mut config = semoe::train::TrainConfig::default();
             config.train.threads = a.threads;
             config.validate()?;
-            let r = bench::runtime_bench(&config, &a.workers, a.warmup, a.steps, a.rounds)?;
+            let r = bench::runtime_bench(&config, &a.workers, &a.processes, a.warmup, a.steps, a.rounds)?;
             if a.json {
                 print_json(&r)?;
             } else {
                 let base = r.tokens_per_s.first().copied().unwrap_or(f64::NAN);
-                for (w, tps) in r.workers.iter().zip(&r.tokens_per_s) {
-                    let name = if *w == 0 {
-                        "plain loop".to_string()
-                    } else {
-                        format!("runtime, {w} worker(s)")
-                    };
+                let names = r
+                    .workers
+                    .iter()
+                    .map(|&w| {
+                        if w == 0 {
+                            "plain loop".to_string()
+                        } else {
+                            format!("runtime, {w} worker(s)")
+                        }
+                    })
+                    .chain(r.processes.iter().map(|p| format!("{p} worker processes")));
+                for (name, tps) in names.zip(&r.tokens_per_s) {
                     println!(
                         "{name:>22}: {tps:>8.0} tokens/s ({:.1}% of the first)",
                         100.0 * tps / base

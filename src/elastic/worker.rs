@@ -238,12 +238,22 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let end = loop {
         tokio::select! {
+            biased;
+            Some((left, reason)) = dismissed.recv() => {
+                break if left { Ok(WorkerEnd::Left(reason)) } else { Err(Error::runtime(format!("dismissed by the coordinator: {reason}"))) };
+            }
             stream = conn.accept_bi() => match stream {
                 Ok((s, r)) => {
                     let (shared, dismissed_tx) = (shared.clone(), dismissed_tx.clone());
                     tokio::spawn(async move { handle(shared, s, r, dismissed_tx).await });
                 }
-                Err(e) => break Err(fenced(e)),
+                Err(e) => {
+                    // A dismissal answered just before the coordinator closed is an orderly end.
+                    if let Ok((left, reason)) = dismissed.try_recv() {
+                        break if left { Ok(WorkerEnd::Left(reason)) } else { Err(Error::runtime(format!("dismissed by the coordinator: {reason}"))) };
+                    }
+                    break Err(fenced(e));
+                }
             },
             Some(event) = events.recv() => {
                 let notice = match event {
@@ -253,9 +263,6 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
                 if let Err(e) = quic::write_frame(&mut send, &protocol::encode(&notice)?).await {
                     break Err(fenced(e));
                 }
-            }
-            Some((left, reason)) = dismissed.recv() => {
-                break if left { Ok(WorkerEnd::Left(reason)) } else { Err(Error::runtime(format!("dismissed by the coordinator: {reason}"))) };
             }
             _ = tick.tick() => {
                 if !asked_to_leave && stop.load(Ordering::SeqCst) != 0 {

@@ -69,11 +69,34 @@ pub fn encode_frame<H: Encode>(header: &H, bodies: &[&[f32]]) -> Result<Vec<u8>>
         out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     }
     for body in bodies {
-        for x in body.iter() {
+        put_floats(&mut out, body);
+    }
+    Ok(out)
+}
+
+/// Append `xs` as little-endian bytes: one memory copy on a little-endian machine.
+fn put_floats(out: &mut Vec<u8>, xs: &[f32]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(xs));
+    } else {
+        for x in xs {
             out.extend_from_slice(&x.to_le_bytes());
         }
     }
-    Ok(out)
+}
+
+/// Little-endian bytes (a multiple of 4) as f32s: one memory copy on a little-endian machine.
+fn get_floats(raw: &[u8]) -> Vec<f32> {
+    if cfg!(target_endian = "little") {
+        let n = raw.len() / 4;
+        let mut v = vec![0f32; n];
+        bytemuck::cast_slice_mut::<f32, u8>(&mut v).copy_from_slice(&raw[..4 * n]);
+        v
+    } else {
+        raw.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
 }
 
 /// Decode a frame; refuses (Error::Parse naming what is wrong) a header longer than
@@ -102,9 +125,7 @@ impl RawBodies<'_> {
             .map(|&len| {
                 let raw = self.data.get(at..at + 4 * len).unwrap_or_default();
                 at += 4 * len;
-                raw.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect()
+                get_floats(raw)
             })
             .collect()
     }

@@ -39,6 +39,8 @@ pub use config::{
     client_config, endpoint, server_config, transport_config, ALPN, CONNECTION_WINDOW, IDLE_TIMEOUT, KEEP_ALIVE,
     STREAM_WINDOW,
 };
-pub use frame::{read_frame, write_frame};
-pub use identity::{constant_time_eq, sha256_hex, JobIdentity, JoinTicket, SERVER_NAME, TICKET_HEADER};
+pub use frame::{read_frame, write_frame, write_frame_owned};
+pub use identity::{
+    constant_time_eq, sha256_hex, JobIdentity, JoinTicket, IDENTITY_HEADER, SERVER_NAME, TICKET_HEADER,
+};
 pub use plane::{DataPlane, PacketCodec, PeerEvent, QuicTransport, MAX_PACKET_FRAME, MAX_TOKEN};

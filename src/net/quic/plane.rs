@@ -1,7 +1,7 @@
 //! The authenticated data plane between worker processes: one per process, living across
 //! membership epochs. See the module documentation of [`super`] for the topology.
 
-use super::frame::{read_frame_raw, write_frame, FrameError};
+use super::frame::{read_frame_raw, write_frame, write_frame_owned, FrameError};
 use super::identity::constant_time_eq;
 use super::identity::SERVER_NAME;
 use crate::error::{Error, Result};
@@ -582,7 +582,7 @@ async fn write_loop(
                 return;
             }
         };
-        if let Err(e) = write_frame(&mut send, &bytes).await {
+        if let Err(e) = write_frame_owned(&mut send, bytes).await {
             match conn.close_reason() {
                 Some(reason) => connection_closed(&inner, epoch, link.peer, reason),
                 None => inner.report_lost(epoch, link.peer, e.to_string()),
