@@ -482,7 +482,7 @@ impl Runtime {
 }
 
 /// Put the workers' snapshots back together as one model and optimizer (whole tensors).
-fn assemble(config: &TrainConfig, snaps: &[LedgerSnapshot]) -> Result<(Gpt<f32>, AdamW)> {
+pub fn assemble(config: &TrainConfig, snaps: &[LedgerSnapshot]) -> Result<(Gpt<f32>, AdamW)> {
     let mut model = Gpt::<f32>::zeros(&config.model)?;
     let mut opt = crate::optimizer::for_model(&config.optimizer, &model)?;
     let specs = model.specs();

@@ -3,13 +3,15 @@
 //! timing ever decides a test.
 //!
 //! One file per measurement: `peak.rs` (the FMA peak), `matmul.rs`, `moe_layer.rs`, `runtime.rs`
-//! (the plain loop against the actor runtime), `storage.rs` (tiered expert storage) and `disk.rs`
+//! (the plain loop against the actor runtime, and against worker processes), `recovery.rs` (a
+//! worker process killed: the time to the next committed step), `storage.rs` (tiered expert storage) and `disk.rs`
 //! (the disk's own bandwidth, and the disk tier's).
 
 mod disk;
 mod matmul;
 mod moe_layer;
 mod peak;
+mod recovery;
 mod runtime;
 mod storage;
 
@@ -17,6 +19,7 @@ pub use disk::{disk_bandwidth, tier_bandwidth, DiskBandwidth};
 pub use matmul::{matmul_bench, MatmulReport};
 pub use moe_layer::{moe_layer_bench, MoeLayerReport};
 pub use peak::fma_peak_gflops;
+pub use recovery::{recovery_bench, RecoveryReport};
 pub use runtime::{runtime_bench, RuntimeReport};
 pub use storage::{percent_in_memory, storage_bench, StorageReport, StorageRow, StorageVariant};
 

@@ -17,6 +17,9 @@ pub enum BenchCommand {
     /// Training tokens/s of the main job's model: the plain loop against the actor runtime with
     /// 1, 2, ... workers, alternating round by round.
     Runtime(RuntimeArgs),
+    /// Seconds from SIGKILLing one of the run's worker processes to the next committed step (the
+    /// main job's model over worker processes on this machine).
+    Recovery(RecoveryArgs),
     /// Training tokens/s with two MoE blocks' experts in memory (Device and Host budgets of one
     /// block each: 25% with the default 8 layers; the rest on disk) against everything in memory; prefetch against loading on
     /// demand; the SE-MoE cache policy against LRU; the disk's own bandwidth measured alongside.
@@ -83,6 +86,28 @@ pub struct RuntimeArgs {
     steps: usize,
     /// Rounds (the median is reported).
     #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct RecoveryArgs {
+    /// Compute threads (shared by the worker processes).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Worker processes (one is killed).
+    #[arg(long, default_value_t = 3)]
+    processes: usize,
+    /// Steps before the kill.
+    #[arg(long, default_value_t = 15)]
+    kill_after: u64,
+    /// Steps between in-memory copies of the state.
+    #[arg(long, default_value_t = 10)]
+    snapshot_every: u64,
+    /// Rounds (the median is reported).
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -322,6 +347,29 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
                         100.0 * tps / base
                     );
                 }
+            }
+        }
+        BenchCommand::Recovery(a) => {
+            let mut config = semoe::train::TrainConfig::default();
+            config.train.threads = a.threads;
+            config.train.snapshot_every = a.snapshot_every;
+            config.validate()?;
+            let r = bench::recovery_bench(&config, a.processes, a.kill_after, a.rounds)?;
+            if a.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "SIGKILL of 1 of {} worker processes after step {}: next step committed {:.2} s later (median of {}: {:?} s); \
+                     {:?} steps replayed (copy every {} steps); an undisturbed step takes {:.3} s",
+                    r.processes,
+                    r.kill_after,
+                    r.median_seconds,
+                    r.seconds.len(),
+                    r.seconds.iter().map(|s| (s * 100.0).round() / 100.0).collect::<Vec<_>>(),
+                    r.replayed,
+                    r.snapshot_every,
+                    r.step_seconds
+                );
             }
         }
         BenchCommand::Storage(a) => storage_bench(&a)?,

@@ -18,6 +18,7 @@ use super::hooks;
 use super::protocol::{self, Command, Reply};
 use super::proxy::{self, ProxyActor, ProxyArgs};
 use crate::actors::worker::WorkerMsg;
+use crate::actors::{ask, ActorName};
 use crate::actors::{Runtime, StepOutcome};
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
@@ -28,6 +29,9 @@ use crate::telemetry::metrics as names;
 use ractor::{Actor, ActorRef};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The committed model and optimizer state.
+type TrainState = (Gpt<f32>, AdamW);
 
 /// What happened to the membership, for the report and the summary line.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -94,6 +98,8 @@ pub struct ElasticRuntime {
     stats: MembershipStats,
     /// The test hook [`hooks::MEMBERS_AT`] (empty in a real run).
     members_at: Vec<(u64, usize)>,
+    /// A copy of the committed state being read in the background (while the next steps run).
+    copying: Option<tokio::task::JoinHandle<Result<TrainState>>>,
 }
 
 impl ElasticRuntime {
@@ -116,6 +122,7 @@ impl ElasticRuntime {
             committed,
             stats: MembershipStats::default(),
             members_at: hooks::members_at(),
+            copying: None,
         };
         let wanted = rt.options.min_workers.max(1);
         rt.wait_for(wanted).await?;
@@ -241,8 +248,11 @@ impl ElasticRuntime {
             match outcome {
                 Ok(o) => {
                     self.committed = o.step;
-                    if self.committed.saturating_sub(self.safe.1.step) >= self.options.snapshot_every.max(1) {
-                        self.keep_copy().await?;
+                    self.collect_copy().await?;
+                    if self.copying.is_none()
+                        && self.committed.saturating_sub(self.safe.1.step) >= self.options.snapshot_every.max(1)
+                    {
+                        self.start_copy();
                     }
                     return Ok(o);
                 }
@@ -253,17 +263,60 @@ impl ElasticRuntime {
         }
     }
 
-    async fn keep_copy(&mut self) -> Result<()> {
-        let Some(epoch) = &self.current else { return Ok(()) };
-        match epoch.runtime.state().await {
-            Ok(s) => {
-                self.safe = s;
-                Ok(())
+    /// Start reading the committed state of the step just committed, in the background: every
+    /// worker is asked for its share before the next step starts (its Worker actor takes the copy
+    /// before it handles that step's commit, so the copy is of this step), and the bytes travel
+    /// while the next steps compute.
+    fn start_copy(&mut self) {
+        let Some(epoch) = &self.current else { return };
+        let proxies = epoch.proxies.clone();
+        let config = self.config.clone();
+        let step = self.committed;
+        let deadline = Duration::from_secs_f64(config.train.deadline_s) * 4;
+        self.copying = Some(tokio::spawn(async move {
+            let mut asks = tokio::task::JoinSet::new();
+            for (i, p) in proxies.into_iter().enumerate() {
+                asks.spawn(async move {
+                    let name = ActorName(format!("worker {i}"));
+                    let r = ask(&p, &name, "a copy of the state", deadline, |reply| {
+                        WorkerMsg::Snapshot { reply }
+                    })
+                    .await;
+                    (i, r)
+                });
             }
-            // Lost during the read: the next step forms a new epoch from the older copy.
-            Err(_) if self.lost_member() => Ok(()),
-            Err(e) => Err(e),
+            let mut snaps = Vec::new();
+            while let Some(joined) = asks.join_next().await {
+                let (i, r) = joined.map_err(|e| Error::runtime(format!("a copy task failed: {e}")))?;
+                snaps.push((i, r?));
+            }
+            snaps.sort_by_key(|(i, _)| *i);
+            let snaps: Vec<_> = snaps.into_iter().map(|(_, s)| s).collect();
+            if let Some(s) = snaps.iter().find(|s| s.step != step) {
+                return Err(Error::runtime(format!(
+                    "a worker's copy is of step {}, not {step}",
+                    s.step
+                )));
+            }
+            crate::actors::runtime::assemble(&config, &snaps)
+        }));
+    }
+
+    /// Take the background copy if it is done (a failed one is dropped: the older copy stays,
+    /// and the next one is started later).
+    async fn collect_copy(&mut self) -> Result<()> {
+        if self.copying.as_ref().is_some_and(|t| t.is_finished()) {
+            if let Some(task) = self.copying.take() {
+                match task.await {
+                    Ok(Ok(state)) => self.safe = state,
+                    Ok(Err(e)) if !self.lost_member() => {
+                        eprintln!("semoe: warning: the in-memory copy of the state failed: {e}");
+                    }
+                    _ => {}
+                }
+            }
         }
+        Ok(())
     }
 
     /// The committed state, read from the workers.
@@ -285,6 +338,10 @@ impl ElasticRuntime {
     /// Form a new epoch from the members waiting or active now.
     async fn reform(&mut self, why: &str) -> Result<()> {
         let started = Instant::now();
+        // A copy still in flight is of no use once the epoch changes (its proxies go).
+        if let Some(task) = self.copying.take() {
+            task.abort();
+        }
         // The state the new epoch starts from: the current one when every worker is there, the
         // last copy otherwise (then the steps since are replayed).
         let from_copy = self.current.is_none() || self.lost_member();
