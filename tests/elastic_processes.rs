@@ -288,6 +288,26 @@ fn workers_join_and_leave_at_step_boundaries() {
         &state_files(&dir.path().join("run"), 20),
         "join at 5, leave at 12",
     );
+    // The metrics log and the report show the three epochs.
+    let log_text = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).expect("metrics log");
+    let epochs: Vec<&str> = log_text
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"membership\""))
+        .collect();
+    assert_eq!(epochs.len(), 3, "{epochs:?}");
+    assert!(
+        epochs[1].contains("\"step\":5") && epochs[1].contains("\"workers\":3"),
+        "{}",
+        epochs[1]
+    );
+    assert!(
+        epochs[2].contains("\"step\":12") && epochs[2].contains("\"workers\":2"),
+        "{}",
+        epochs[2]
+    );
+    let report = std::fs::read_to_string(dir.path().join("run/report.md")).expect("report");
+    assert!(report.contains("## Membership (worker processes)"), "{report}");
+    assert!(report.contains("| 3 | 12 | 2 | member 3 leaves |"), "{report}");
 }
 
 #[test]

@@ -13,7 +13,8 @@ use std::time::Duration;
 pub const PAUSE: &str = "SEMOE_TEST_PAUSE";
 
 /// `N:M,...`: before step N the coordinator waits (up to a minute) until exactly M workers are
-/// members and not leaving, so that a join or a leave lands at step N.
+/// members and not leaving; while the hook has steps left, joins and leaves take effect only at
+/// those steps (losses at once), so that a join or a leave lands exactly at step N.
 pub const MEMBERS_AT: &str = "SEMOE_TEST_MEMBERS_AT";
 
 /// Where a paused worker stops.

@@ -195,7 +195,7 @@ impl ElasticRuntime {
 
     /// Whether the membership changed since the current epoch formed: a member lost, leaving, or
     /// waiting to join.
-    fn change(&self) -> Option<String> {
+    fn change(&self, losses_only: bool) -> Option<String> {
         let Some(epoch) = &self.current else {
             return Some("no epoch".into());
         };
@@ -203,6 +203,7 @@ impl ElasticRuntime {
             let active = epoch.members.iter().any(|a| a.id == m.id);
             match (&m.status, active) {
                 (Status::Gone(why), true) => return Some(format!("member {} lost: {why}", m.id)),
+                _ if losses_only => {}
                 (Status::Leaving, true) => return Some(format!("member {} leaves", m.id)),
                 (Status::Waiting, false) if epoch.members.len() < self.config.train.groups => {
                     return Some(format!("member {} joins", m.id))
@@ -231,11 +232,17 @@ impl ElasticRuntime {
                     "the membership kept changing: 16 epochs without a committed step",
                 ));
             }
-            if let Some(&(_, wanted)) = self.members_at.iter().find(|(s, _)| *s == self.committed) {
-                self.members_at.retain(|(s, _)| *s != self.committed);
-                self.hold_for(wanted).await?;
-            }
-            if let Some(why) = self.change() {
+            // The test hook: joins and leaves land exactly at its steps (losses at once).
+            let at_hook = match self.members_at.iter().position(|(s, _)| *s == self.committed) {
+                Some(i) => {
+                    let (_, wanted) = self.members_at.remove(i);
+                    self.hold_for(wanted).await?;
+                    true
+                }
+                None => false,
+            };
+            let defer = !at_hook && !self.members_at.is_empty();
+            if let Some(why) = self.change(defer) {
                 self.reform(&why).await?;
             }
             let Some(epoch) = &self.current else {
@@ -322,7 +329,7 @@ impl ElasticRuntime {
     /// The committed state, read from the workers.
     pub async fn state(&mut self) -> Result<(Gpt<f32>, AdamW)> {
         for _ in 0..16 {
-            if let Some(why) = self.change() {
+            if let Some(why) = self.change(!self.members_at.is_empty()) {
                 self.reform(&why).await?;
             }
             let Some(epoch) = &self.current else { break };
@@ -338,7 +345,9 @@ impl ElasticRuntime {
     /// Form a new epoch from the members waiting or active now.
     async fn reform(&mut self, why: &str) -> Result<()> {
         let started = Instant::now();
-        // A copy still in flight is of no use once the epoch changes (its proxies go).
+        // A finished copy is taken; one still in flight is of no use once the epoch changes (its
+        // proxies go).
+        self.collect_copy().await?;
         if let Some(task) = self.copying.take() {
             task.abort();
         }

@@ -100,6 +100,20 @@ pub struct DenseRecord {
     pub workers: Vec<crate::actors::gather::DenseStats>,
 }
 
+/// A membership epoch formed (a run over worker processes): who trains from `step` on, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MembershipRecord {
+    /// Steps committed when the epoch formed.
+    #[serde(deserialize_with = "count")]
+    pub step: u64,
+    /// The epoch (1: the first set of workers).
+    pub epoch: u64,
+    /// Worker processes in it.
+    pub workers: usize,
+    /// Why it formed (`start`, `member 3 joins`, `member 2 lost: ...`).
+    pub why: String,
+}
+
 /// A checkpoint written at one step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointRecord {
@@ -124,11 +138,13 @@ pub enum Record {
     Dense(DenseRecord),
     /// `"kind":"checkpoint"`.
     Checkpoint(CheckpointRecord),
+    /// `"kind":"membership"`.
+    Membership(MembershipRecord),
 }
 
 impl Record {
     /// The kinds this schema knows.
-    pub const KINDS: [&'static str; 5] = ["train", "val", "storage", "dense", "checkpoint"];
+    pub const KINDS: [&'static str; 6] = ["train", "val", "storage", "dense", "checkpoint", "membership"];
 
     /// The record's step.
     pub fn step(&self) -> u64 {
@@ -138,6 +154,7 @@ impl Record {
             Record::Storage(r) => r.step,
             Record::Dense(r) => r.step,
             Record::Checkpoint(r) => r.step,
+            Record::Membership(r) => r.step,
         }
     }
 
@@ -290,6 +307,7 @@ pub fn parse_line(line: usize, text: &[u8]) -> Entry {
         "storage" => serde_json::from_value(value).map(Record::Storage),
         "dense" => serde_json::from_value(value).map(Record::Dense),
         "checkpoint" => serde_json::from_value(value).map(Record::Checkpoint),
+        "membership" => serde_json::from_value(value).map(Record::Membership),
         _ => return entry(step, Parsed::Unknown(kind)),
     };
     match parsed {

@@ -116,6 +116,8 @@ pub struct Trainer {
     stop: Arc<AtomicUsize>,
     /// Stop (as if interrupted) once this many steps are done (see [`Trainer::stop_at`]).
     stop_at: Option<u64>,
+    /// Membership epochs already written to the metrics log.
+    membership_logged: usize,
     /// Losses of the last [`MEAN_LOSS_STEPS`] steps (from the log on resume).
     recent_losses: VecDeque<f64>,
     /// The last validation loss of the log (on resume) and its step.
@@ -415,6 +417,7 @@ impl Trainer {
             data_digest,
             stop: Arc::new(AtomicUsize::new(0)),
             stop_at: None,
+            membership_logged: 0,
             recent_losses,
             last_val,
             notices,
@@ -723,6 +726,7 @@ impl Trainer {
                     .collect(),
                 dropped: r.dropped.iter().map(|&n| n as u64).collect(),
             }))?;
+            self.log_membership(&mut log)?;
             let last = r.step == c.train.steps;
             if (c.train.eval_every > 0 && r.step % c.train.eval_every == 0) || last {
                 val_loss = self.evaluate()?;
@@ -778,6 +782,21 @@ impl Trainer {
             checkpoint: last_checkpoint,
             stop,
         })
+    }
+
+    /// Log the membership epochs formed since the last call (a run over worker processes).
+    fn log_membership(&mut self, log: &mut MetricsLog) -> Result<()> {
+        let Some(stats) = self.membership() else { return Ok(()) };
+        for (epoch, step, workers, why) in stats.history.iter().skip(self.membership_logged) {
+            log.write(&Record::Membership(log::MembershipRecord {
+                step: *step,
+                epoch: *epoch,
+                workers: *workers,
+                why: why.clone(),
+            }))?;
+        }
+        self.membership_logged = stats.history.len();
+        Ok(())
     }
 
     /// Log a validation loss and the storage and dense-sharding figures measured with it.

@@ -189,6 +189,20 @@ pub(super) fn markdown(s: &ReportSummary, metrics: &Metrics, name: &str) -> Stri
     if let Some(rec) = &metrics.dense {
         dense_section(&mut md, rec);
     }
+    if !metrics.membership.is_empty() {
+        let _ = writeln!(md, "\n## Membership (worker processes)\n");
+        let _ = writeln!(md, "| epoch | from step | workers | why |\n|---|---|---|---|");
+        for m in &metrics.membership {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                m.epoch,
+                m.step,
+                m.workers,
+                m.why.replace('|', "/")
+            );
+        }
+    }
 
     let _ = writeln!(md, "\n## Expert load\n");
     if s.layers.is_empty() {

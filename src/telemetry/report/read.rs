@@ -28,6 +28,8 @@ pub struct Metrics {
     pub dense: Option<DenseRecord>,
     /// Records dropped because a resumed run logged their steps again.
     pub superseded_records: usize,
+    /// Membership epochs of a run over worker processes, in the order they formed.
+    pub membership: Vec<crate::train::log::MembershipRecord>,
 }
 
 impl Metrics {
@@ -74,6 +76,7 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Metrics> {
             Parsed::Record(Record::Val(rec)) => metrics.push_val(rec),
             Parsed::Record(Record::Storage(rec)) => metrics.storage = Some(rec),
             Parsed::Record(Record::Dense(rec)) => metrics.dense = Some(rec),
+            Parsed::Record(Record::Membership(rec)) => metrics.membership.push(rec),
             Parsed::Record(Record::Checkpoint(_)) | Parsed::Unknown(_) => metrics.other_records += 1,
             Parsed::Malformed(m) => metrics.malformed_lines.push(m.line),
         }
