@@ -255,6 +255,25 @@ fn a_worker_killed_mid_step_costs_a_replay_not_the_run() {
 }
 
 #[test]
+fn a_worker_that_sends_malformed_data_is_evicted() {
+    let dir = TempDir::new("elastic-malformed");
+    let want = reference(dir.path(), 20, &[]);
+    let args = train_args("run", "20", &["--processes", "3", "--snapshot-every", "5"]);
+    let corrupt = ("SEMOE_TEST_CORRUPT", "member=2,step=7".to_string());
+    let mut p = Proc::spawn(dir.path(), "run", &args, &[corrupt]);
+    assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.log());
+    let log = p.log();
+    assert!(log.contains("sent half a packet at step 7"), "the hook fired: {log}");
+    assert!(
+        log.contains("evicted: member") && log.contains("sent malformed data"),
+        "the eviction names the sender and why: {log}"
+    );
+    assert!(log.contains("epoch 2: 2 workers at step 7"), "{log}");
+    assert_eq!(membership(&log), (0, 0, 1), "{log}");
+    assert_same_state(&want, &state_files(&dir.path().join("run"), 20), "after an eviction");
+}
+
+#[test]
 fn workers_join_and_leave_at_step_boundaries() {
     let dir = TempDir::new("elastic-join-leave");
     let want = reference(dir.path(), 20, &[]);

@@ -17,6 +17,47 @@ pub const PAUSE: &str = "SEMOE_TEST_PAUSE";
 /// those steps (losses at once), so that a join or a leave lands exactly at step N.
 pub const MEMBERS_AT: &str = "SEMOE_TEST_MEMBERS_AT";
 
+/// `member=M,step=N`: worker process M sends half of its first expert forward packet of step N
+/// (a malformed frame from an authenticated peer: the receiver evicts it).
+pub const CORRUPT: &str = "SEMOE_TEST_CORRUPT";
+
+/// A parsed [`CORRUPT`].
+#[derive(Clone, Copy, Debug)]
+pub struct Corrupt {
+    step: u64,
+    done: bool,
+}
+
+impl Corrupt {
+    /// The hook for `member`, if [`CORRUPT`] names it.
+    pub fn for_member(member: u64) -> Option<Corrupt> {
+        let spec = std::env::var(CORRUPT).ok()?;
+        let (mut m, mut step) = (None, None);
+        for part in spec.split(',') {
+            match part.split_once('=')? {
+                ("member", v) => m = v.parse::<u64>().ok(),
+                ("step", v) => step = v.parse::<u64>().ok(),
+                _ => return None,
+            }
+        }
+        (m? == member).then_some(Corrupt {
+            step: step?,
+            done: false,
+        })
+    }
+
+    /// Cut `bytes` (the encoding of `packet`) in half if this is the hook's packet.
+    pub fn apply(&mut self, packet: &Packet, bytes: &mut Vec<u8>) {
+        if let Payload::ExpertForward { step, .. } = &packet.payload {
+            if step.step == self.step && !self.done {
+                self.done = true;
+                bytes.truncate(bytes.len() / 2);
+                eprintln!("semoe worker: {CORRUPT}: sent half a packet at step {}", self.step);
+            }
+        }
+    }
+}
+
 /// Where a paused worker stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {

@@ -137,6 +137,8 @@ pub enum Command {
         workers: u32,
         /// Each worker's data-plane address.
         peers: Vec<String>,
+        /// SHA-256 of the state frame that follows (checked before the state is used).
+        state_sha256: String,
     },
     /// `WorkerMsg::RunStep`.
     RunStep {

@@ -462,6 +462,7 @@ impl ElasticRuntime {
     /// Send every member its setup and the state; start the runtime over their proxies.
     async fn form(&mut self, epoch: u64, members: &[Member], state: &(Gpt<f32>, AdamW)) -> Result<Epoch> {
         let bytes = Arc::new(wire::encode_state(&state.0, &state.1)?);
+        let state_sha256 = crate::net::quic::sha256_hex(&bytes);
         let peers: Vec<String> = members.iter().map(|m| m.data_addr.to_string()).collect();
         let deadline = Duration::from_secs_f64(self.config.train.deadline_s) * 2;
         let mut tasks = tokio::task::JoinSet::new();
@@ -471,6 +472,7 @@ impl ElasticRuntime {
                 worker: i as u32,
                 workers: members.len() as u32,
                 peers: peers.clone(),
+                state_sha256: state_sha256.clone(),
             };
             let (m, bytes) = (m.clone(), bytes.clone());
             tasks.spawn(async move {

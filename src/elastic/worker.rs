@@ -4,7 +4,7 @@
 //! single authority over the run directory.
 
 use super::fingerprint;
-use super::hooks::Pause;
+use super::hooks::{Corrupt, Pause};
 use super::protocol::{self, Answer, Command, Hello, Notice, Ready, Reply, WireError};
 use super::proxy::max_reply_bytes;
 use crate::actors::runtime::{start_standalone_worker, StandaloneWorker};
@@ -58,11 +58,16 @@ pub enum WorkerEnd {
 struct WireCodec {
     shape: Mutex<Option<PacketShape>>,
     pause: Option<Pause>,
+    corrupt: Option<Mutex<Corrupt>>,
 }
 
 impl PacketCodec for WireCodec {
     fn encode(&self, epoch: u64, p: &Packet) -> Result<Vec<u8>> {
-        wire::encode_packet(epoch, p)
+        let mut bytes = wire::encode_packet(epoch, p)?;
+        if let Some(corrupt) = &self.corrupt {
+            corrupt.lock().unwrap_or_else(|p| p.into_inner()).apply(p, &mut bytes);
+        }
+        Ok(bytes)
     }
     fn decode(&self, bytes: &[u8], epoch: u64) -> Result<Packet> {
         let shape = self.shape.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -208,6 +213,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     let codec = Arc::new(WireCodec {
         shape: Mutex::new(None),
         pause: pause.clone(),
+        corrupt: Corrupt::for_member(member).map(Mutex::new),
     });
     let plane = DataPlane::new(endpoint, ticket.token.clone(), codec.clone())?;
     let mut events = plane
@@ -349,11 +355,19 @@ async fn execute(
         worker,
         workers,
         peers,
+        state_sha256,
     } = command
     {
         let state = quic::read_frame(recv, max_reply_bytes(&shared.config)?, "the run's state")
             .await?
             .ok_or_else(|| Error::protocol("the coordinator", "a setup without the state"))?;
+        let got = quic::sha256_hex(&state);
+        if got != state_sha256 {
+            return Err(Error::protocol(
+                "the coordinator",
+                format!("the state of epoch {epoch} has SHA-256 {got}, not the {state_sha256} announced"),
+            ));
+        }
         setup(shared, epoch, worker as usize, workers as usize, peers, &state).await?;
         return protocol::encode(&Reply::Done);
     }
