@@ -190,17 +190,22 @@ fn membership(log: &str) -> (u64, u64, u64) {
 fn worker_processes_train_bitwise_like_the_plain_loop() {
     let dir = TempDir::new("elastic-counts");
     let want = reference(dir.path(), 20, &[]);
-    for (n, placement) in [
-        (1, "round-robin"),
-        (2, "round-robin"),
-        (3, "round-robin"),
-        (4, "round-robin"),
-        (2, "blocked"),
-        (3, "blocked"),
-    ] {
-        let run = format!("p{n}-{placement}");
+    let cases = [
+        (1, "round-robin", false),
+        (2, "round-robin", false),
+        (3, "round-robin", false),
+        (4, "round-robin", false),
+        (2, "blocked", false),
+        (3, "blocked", false),
+        (3, "round-robin", true),
+    ];
+    for (n, placement, shard) in cases {
+        let run = format!("p{n}-{placement}{}", if shard { "-sharded" } else { "" });
         let n_s = n.to_string();
-        let args = train_args(&run, "20", &["--processes", &n_s, "--placement", placement]);
+        let mut args = train_args(&run, "20", &["--processes", &n_s, "--placement", placement]);
+        if shard {
+            args.push("--shard-dense");
+        }
         let mut p = Proc::spawn(dir.path(), &run, &args, &[]);
         assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.log());
         let log = p.log();

@@ -491,3 +491,134 @@ pub fn decode_reply(config: &TrainConfig, bytes: &[u8]) -> Result<(Reply, Option
     let step = header.step;
     Ok((reply, Some(LedgerSnapshot { step, dense, experts })))
 }
+
+/// The layout of a worker's share of the state (the frame after a [`Command::Setup`]): the dense
+/// tensors its replica holds (with their AdamW moments when it owns them), then its experts'
+/// units. Everything else of the model stays zero on the worker: nothing reads it.
+#[derive(Clone, Debug, bincode::Encode, bincode::Decode)]
+pub struct ShareHeader {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// `(tensor index, with moments)` of each dense tensor: one body, or three (values, m, v).
+    pub dense: Vec<(u64, bool)>,
+    /// `(block, expert)` of each expert unit: twelve bodies (four tensors, their m, their v).
+    pub experts: Vec<(u64, u64)>,
+}
+
+/// Encode worker `worker`'s share of `model` and `optimizer` under `placement`: the dense tensors
+/// its replica keeps (all of them, or only its own with `storage.shard_dense`), the moments of the
+/// dense tensors it owns, and the units of the experts it hosts. About `1/W` of the state, plus the
+/// dense values, instead of all of it.
+pub fn encode_share(
+    config: &TrainConfig,
+    model: &Gpt<f32>,
+    optimizer: &AdamW,
+    placement: &crate::actors::Placement,
+    worker: usize,
+) -> Result<Vec<u8>> {
+    let specs = model.specs();
+    let tensors = model.tensors();
+    if optimizer.m.len() != specs.len() || optimizer.v.len() != specs.len() {
+        return Err(Error::shape("optimizer state", "it does not match the model's tensors"));
+    }
+    let owned = placement.tensors_of(worker);
+    let mut header = ShareHeader {
+        step: optimizer.step,
+        dense: Vec::new(),
+        experts: Vec::new(),
+    };
+    let mut bodies: Vec<&[f32]> = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let mine = owned.contains(&i);
+        if spec.expert || (config.storage.shard_dense && !mine) {
+            continue;
+        }
+        header.dense.push((i as u64, mine));
+        bodies.push(tensors[i].2);
+        if mine {
+            bodies.extend([optimizer.m[i].as_slice(), optimizer.v[i].as_slice()]);
+        }
+    }
+    let hosted = placement.experts_of(worker);
+    let values: Vec<&Vec<f32>> = tensors.iter().map(|t| t.2).collect();
+    let firsts: Vec<&Vec<f32>> = optimizer.m.iter().collect();
+    let seconds: Vec<&Vec<f32>> = optimizer.v.iter().collect();
+    for block in (0..config.model.n_layer).filter(|&l| config.model.is_moe(l)) {
+        let idx = ExpertSlot::tensor_indices(specs.iter().map(|t| t.name.as_str()), block)?;
+        for &e in &hosted {
+            header.experts.push((block as u64, e as u64));
+            for source in [&values, &firsts, &seconds] {
+                for &i in &idx {
+                    let n = specs[i].unit_len();
+                    bodies.push(&source[i][e * n..(e + 1) * n]);
+                }
+            }
+        }
+    }
+    wire::encode_frame(&header, &bodies)
+}
+
+/// Decode a share into a whole model and optimizer whose other parts are zero; every index,
+/// length and repetition is checked against `config`'s model first.
+pub fn decode_share(config: &TrainConfig, bytes: &[u8]) -> Result<(Gpt<f32>, AdamW)> {
+    let (header, bodies) =
+        wire::decode_frame::<ShareHeader>(bytes, "a worker's share of the state", &state_limits(config)?)?;
+    let mut model = Gpt::<f32>::zeros(&config.model)?;
+    let mut optimizer = crate::optimizer::for_model(&config.optimizer, &model)?;
+    let specs = model.specs();
+    let bad = |detail: String| Error::parse("a worker's share of the state", detail);
+    let want = header.dense.iter().map(|&(_, m)| if m { 3 } else { 1 }).sum::<usize>() + 12 * header.experts.len();
+    if bodies.len() != want {
+        return Err(bad(format!("{} tensors where the header lists {want}", bodies.len())));
+    }
+    let mut seen = vec![false; specs.len()];
+    let mut it = bodies.into_iter();
+    let mut bufs = model.buffers_mut();
+    for &(i, with_moments) in &header.dense {
+        let i = i as usize;
+        let spec = specs
+            .get(i)
+            .filter(|s| !s.expert)
+            .ok_or_else(|| bad(format!("tensor {i} is not a dense tensor of the model")))?;
+        if std::mem::replace(&mut seen[i], true) {
+            return Err(bad(format!("{} appears twice", spec.name)));
+        }
+        let n: usize = spec.shape.iter().product();
+        let mut next = || {
+            it.next()
+                .filter(|b| b.len() == n)
+                .ok_or_else(|| bad(format!("{} has a wrong length", spec.name)))
+        };
+        *bufs[i] = next()?;
+        if with_moments {
+            optimizer.m[i] = next()?;
+            optimizer.v[i] = next()?;
+        }
+    }
+    let mut units = std::collections::BTreeSet::new();
+    for &(block, e) in &header.experts {
+        let (block, e) = (block as usize, e as usize);
+        if e >= config.model.experts || !units.insert((block, e)) {
+            return Err(bad(format!("expert {block}.{e} does not exist or appears twice")));
+        }
+        let idx = ExpertSlot::tensor_indices(specs.iter().map(|t| t.name.as_str()), block)?;
+        for part in 0..3 {
+            for &i in &idx {
+                let n = specs[i].unit_len();
+                let body = it
+                    .next()
+                    .filter(|b| b.len() == n)
+                    .ok_or_else(|| bad(format!("expert {block}.{e}'s {} has a wrong length", specs[i].name)))?;
+                let target = match part {
+                    0 => &mut *bufs[i],
+                    1 => &mut optimizer.m[i],
+                    _ => &mut optimizer.v[i],
+                };
+                target[e * n..(e + 1) * n].copy_from_slice(&body);
+            }
+        }
+    }
+    drop(bufs);
+    optimizer.step = header.step;
+    Ok((model, optimizer))
+}

@@ -18,12 +18,11 @@ use super::hooks;
 use super::protocol::{self, Command, Reply};
 use super::proxy::{self, ProxyActor, ProxyArgs};
 use crate::actors::worker::WorkerMsg;
-use crate::actors::{ask, ActorName};
+use crate::actors::{ask, ActorName, Placement};
 use crate::actors::{Runtime, StepOutcome};
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
-use crate::net::wire;
 use crate::optimizer::AdamW;
 use crate::telemetry::metrics as names;
 use ractor::{Actor, ActorRef};
@@ -461,20 +460,29 @@ impl ElasticRuntime {
 
     /// Send every member its setup and the state; start the runtime over their proxies.
     async fn form(&mut self, epoch: u64, members: &[Member], state: &(Gpt<f32>, AdamW)) -> Result<Epoch> {
-        let bytes = Arc::new(wire::encode_state(&state.0, &state.1)?);
-        let state_sha256 = crate::net::quic::sha256_hex(&bytes);
+        let placement = Placement::new(
+            &state.0,
+            self.config.train.groups,
+            members.len(),
+            &self.config.train.placement.parse()?,
+        )?;
+        let shares = (0..members.len())
+            .map(|w| protocol::encode_share(&self.config, &state.0, &state.1, &placement, w).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        let moved: usize = shares.iter().map(|s| s.len()).sum();
         let peers: Vec<String> = members.iter().map(|m| m.data_addr.to_string()).collect();
         let deadline = Duration::from_secs_f64(self.config.train.deadline_s) * 2;
         let mut tasks = tokio::task::JoinSet::new();
         for (i, m) in members.iter().enumerate() {
+            let bytes = shares[i].clone();
             let command = Command::Setup {
                 epoch,
                 worker: i as u32,
                 workers: members.len() as u32,
                 peers: peers.clone(),
-                state_sha256: state_sha256.clone(),
+                state_sha256: crate::net::quic::sha256_hex(&bytes),
             };
-            let (m, bytes) = (m.clone(), bytes.clone());
+            let m = m.clone();
             tasks.spawn(async move {
                 let who = format!("member {} ({})", m.id, m.name);
                 let r = tokio::time::timeout(deadline, proxy::call(&m.conn, &who, &command, Some(&bytes), 1 << 20))
@@ -512,8 +520,8 @@ impl ElasticRuntime {
                 }
             }
         }
-        self.stats.state_bytes += (bytes.len() * members.len()) as u64;
-        metrics::counter!(names::STATE_BYTES).increment((bytes.len() * members.len()) as u64);
+        self.stats.state_bytes += moved as u64;
+        metrics::counter!(names::STATE_BYTES).increment(moved as u64);
         if let Some(e) = first_error {
             return Err(e);
         }

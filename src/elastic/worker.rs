@@ -467,7 +467,7 @@ async fn setup(
                 .map_err(|e| Error::protocol("the coordinator", format!("peer address {a:?}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let (model, optimizer) = wire::decode_state(&shared.config, state)?;
+    let (model, optimizer) = protocol::decode_share(&shared.config, state)?;
     *shared.codec.shape.lock().unwrap_or_else(|p| p.into_inner()) = Some(PacketShape::of(&shared.config, workers)?);
     let (transport, inbox) = shared
         .plane
