@@ -332,6 +332,13 @@ fn workers_join_and_leave_at_step_boundaries() {
     let report = std::fs::read_to_string(dir.path().join("run/report.md")).expect("report");
     assert!(report.contains("## Membership (worker processes)"), "{report}");
     assert!(report.contains("| 3 | 12 | 2 | member 3 leaves |"), "{report}");
+    for plot in [
+        semoe::telemetry::report::LOSS_SVG,
+        semoe::telemetry::report::THROUGHPUT_SVG,
+    ] {
+        let svg = std::fs::read_to_string(dir.path().join("run").join(plot)).expect("plot");
+        assert!(svg.contains("membership change"), "{plot} marks the membership changes");
+    }
 }
 
 #[test]

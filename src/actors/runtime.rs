@@ -488,9 +488,27 @@ pub fn assemble(config: &TrainConfig, snaps: &[LedgerSnapshot]) -> Result<(Gpt<f
     let specs = model.specs();
     let step = snaps.first().map_or(0, |s| s.step);
     let mut filled = vec![0usize; specs.len()];
+    // Lengths alone could balance a duplicated unit against a missing one.
+    let mut seen = std::collections::HashSet::new();
+    if let Some(s) = snaps.iter().find(|s| s.step != step) {
+        return Err(Error::runtime(format!(
+            "the workers' state is of different steps ({} and {step})",
+            s.step
+        )));
+    }
     {
         let mut bufs = model.buffers_mut();
         for s in snaps {
+            for (i, _, _, _) in &s.dense {
+                if !seen.insert((*i, usize::MAX, 0)) {
+                    return Err(Error::runtime(format!("two workers hold tensor {}", specs[*i].name)));
+                }
+            }
+            for ((block, e), _) in &s.experts {
+                if !seen.insert((usize::MAX, *block, *e)) {
+                    return Err(Error::runtime(format!("two workers hold expert {block}.{e}")));
+                }
+            }
             for (i, p, m, v) in &s.dense {
                 bufs[*i].copy_from_slice(p);
                 opt.m[*i].copy_from_slice(m);

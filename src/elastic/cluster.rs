@@ -162,6 +162,16 @@ impl Cluster {
         }
     }
 
+    /// Mark member `id` active if it is waiting (a member that asked to leave meanwhile stays
+    /// leaving).
+    pub fn activate(&self, id: u64) {
+        if let Some(m) = self.lock().members.get_mut(&id) {
+            if m.status == Status::Waiting {
+                m.status = Status::Active;
+            }
+        }
+    }
+
     /// Remove member `id` for `reason` and close its connection (a fenced worker cannot commit:
     /// every command reaches it on this connection).
     pub fn evict(&self, id: u64, reason: &str) {
@@ -230,7 +240,9 @@ async fn admit(conn: &quinn::Connection, expect: &Expect, book: &Arc<Mutex<Book>
         .await
         .map_err(|_| Error::runtime("no hello within 5 s"))?
         .map_err(|e| Error::runtime(format!("connection closed before the hello: {e}")))?;
-    let max = protocol::CONTROL.header_bytes + 64;
+    // A hello carries a token, names and at most a config file: 64 KiB is plenty, and nothing
+    // larger is read from a peer that has not shown the token yet.
+    let max = 64 << 10;
     let hello_bytes = tokio::time::timeout(Duration::from_secs(5), quic::read_frame(&mut recv, max, "a hello"))
         .await
         .map_err(|_| Error::runtime("no hello within 5 s"))??
@@ -251,6 +263,8 @@ async fn admit(conn: &quinn::Connection, expect: &Expect, book: &Arc<Mutex<Book>
         .ok_or_else(|| Error::runtime("the stream ended before the ready"))?;
     let ready: Ready = protocol::decode(&ready_bytes, "a ready")?;
     let data_addr = match check_ready(&ready, expect) {
+        // A worker that does not know its own address is reached where its connection came from.
+        Ok(a) if a.ip().is_unspecified() => SocketAddr::new(conn.remote_address().ip(), a.port()),
         Ok(a) => a,
         Err(reason) => return refuse(&mut send, conn, reason).await,
     };
@@ -384,9 +398,9 @@ fn check_ready(ready: &Ready, expect: &Expect) -> std::result::Result<SocketAddr
             "kernel fingerprint differs (worker: {}, digest {}; coordinator: {}, digest {}): its matrix kernels \
              compute different bits, so it cannot join this run",
             ready.kernel.isa,
-            &ready.kernel.digest[..ready.kernel.digest.len().min(16)],
+            ready.kernel.digest.chars().take(16).collect::<String>(),
             expect.kernel.isa,
-            &expect.kernel.digest[..16]
+            expect.kernel.digest.chars().take(16).collect::<String>()
         ));
     }
     ready

@@ -88,8 +88,7 @@ impl Actor for ProxyActor {
                     )
                     .await
                     .and_then(|r| match r {
-                        Reply::Outputs(o) => protocol::outputs_from_wire(&p.config, o)
-                            .map_err(|e| Error::protocol(p.name.clone(), e.to_string())),
+                        Reply::Outputs(o) => protocol::outputs_from_wire(&p.config, o).map_err(|e| violation(&p, e)),
                         other => unexpected(&p, other),
                     });
                     let _ = reply.send(r);
@@ -143,9 +142,7 @@ impl Actor for ProxyActor {
                     let r = async {
                         let max = max_reply_bytes(&p.config)?;
                         let bytes = call(&p.conn, &p.name, &Command::Snapshot { epoch }, None, max).await?;
-                        match protocol::decode_reply(&p.config, &bytes)
-                            .map_err(|e| Error::protocol(p.name.clone(), e.to_string()))?
-                        {
+                        match protocol::decode_reply(&p.config, &bytes).map_err(|e| violation(&p, e))? {
                             (_, Some(s)) => Ok(s),
                             (Reply::Failed(e), None) => Err(e.into_error(&p.name)),
                             (other, None) => unexpected(&p, other),
@@ -162,8 +159,7 @@ impl Actor for ProxyActor {
 
 async fn rpc(p: &ProxyArgs, command: Command) -> Result<Reply> {
     let bytes = call(&p.conn, &p.name, &command, None, protocol::CONTROL.header_bytes + 64).await?;
-    let reply: Reply =
-        protocol::decode(&bytes, "a worker's reply").map_err(|e| Error::protocol(p.name.clone(), e.to_string()))?;
+    let reply: Reply = protocol::decode(&bytes, "a worker's reply").map_err(|e| violation(p, e))?;
     match reply {
         Reply::Failed(e) => Err(e.into_error(&p.name)),
         other => Ok(other),
@@ -178,10 +174,19 @@ fn done(p: &ProxyArgs, r: Reply) -> Result<()> {
 }
 
 fn unexpected<T>(p: &ProxyArgs, r: Reply) -> Result<T> {
-    Err(Error::protocol(
-        p.name.clone(),
+    Err(violation(
+        p,
         format!("answered with an unexpected reply: {}", reply_kind(&r)),
     ))
+}
+
+/// A worker that broke the protocol is evicted: its control connection is closed (so the
+/// coordinator's membership sees it gone and the survivors go on without it), and the error names it.
+fn violation(p: &ProxyArgs, detail: impl std::fmt::Display) -> Error {
+    let detail = detail.to_string();
+    let reason = format!("evicted: it sent a malformed reply ({detail})");
+    p.conn.close(3u32.into(), &reason.as_bytes()[..reason.len().min(512)]);
+    Error::protocol(p.name.clone(), detail)
 }
 
 fn reply_kind(r: &Reply) -> &'static str {

@@ -203,7 +203,7 @@ impl ElasticRuntime {
             match (&m.status, active) {
                 (Status::Gone(why), true) => return Some(format!("member {} lost: {why}", m.id)),
                 _ if losses_only => {}
-                (Status::Leaving, true) => return Some(format!("member {} leaves", m.id)),
+                (Status::Leaving, _) => return Some(format!("member {} leaves", m.id)),
                 (Status::Waiting, false) if epoch.members.len() < self.config.train.groups => {
                     return Some(format!("member {} joins", m.id))
                 }
@@ -211,6 +211,20 @@ impl ElasticRuntime {
             }
         }
         None
+    }
+
+    /// Whether a member of the current epoch is lost within `wait`.
+    async fn loss_within(&self, wait: Duration) -> bool {
+        let since = Instant::now();
+        loop {
+            if self.lost_member() {
+                return true;
+            }
+            if since.elapsed() >= wait {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn lost_member(&self) -> bool {
@@ -262,17 +276,22 @@ impl ElasticRuntime {
                     }
                     return Ok(o);
                 }
-                // A step that failed because a worker was lost is taken again in the next epoch.
-                Err(_) if self.lost_member() => continue,
-                Err(e) => return Err(e),
+                // A step that failed because a worker was lost is taken again in the next epoch
+                // (the loss may be recorded a moment after the step's error arrives).
+                Err(e) => {
+                    if self.loss_within(Duration::from_secs(2)).await {
+                        continue;
+                    }
+                    return Err(e);
+                }
             }
         }
     }
 
-    /// Start reading the committed state of the step just committed, in the background: every
-    /// worker is asked for its share before the next step starts (its Worker actor takes the copy
-    /// before it handles that step's commit, so the copy is of this step), and the bytes travel
-    /// while the next steps compute.
+    /// Start reading the committed state of the step just committed, in the background, while the
+    /// next steps compute. Each worker's Worker actor takes its copy before it handles the next
+    /// commit (the request is queued long before that commit is sent), so the copy is of this
+    /// step; every share must say so, or the copy is dropped.
     fn start_copy(&mut self) {
         let Some(epoch) = &self.current else { return };
         let proxies = epoch.proxies.clone();
@@ -410,7 +429,7 @@ impl ElasticRuntime {
                         .history
                         .push((epoch_no, self.committed, members.len(), why.to_string()));
                     for m in &members {
-                        self.cluster.set_status(m.id, Status::Active);
+                        self.cluster.activate(m.id);
                     }
                     self.cluster
                         .record_epoch(epoch_no, members.iter().map(|m| m.id).collect());
@@ -444,14 +463,15 @@ impl ElasticRuntime {
                     return Ok(());
                 }
                 Err(e) => {
-                    eprintln!("semoe: epoch {epoch_no} did not form (attempt {}): {e}", attempt + 1);
+                    eprintln!(
+                        "semoe: epoch {epoch_no} did not form (attempt {} of 8): {e}",
+                        attempt + 1
+                    );
                     self.stats.epoch = epoch_no;
-                    if !members
-                        .iter()
-                        .any(|m| matches!(self.cluster.status(m.id), Some(Status::Gone(_))))
-                    {
+                    if attempt == 7 {
                         return Err(e);
                     }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
         }
@@ -505,15 +525,11 @@ impl ElasticRuntime {
         while let Some(joined) = tasks.join_next().await {
             match joined {
                 Ok((_, Ok(()))) => {}
+                // Nobody is evicted for a failed setup: a member that cannot reach a peer reports
+                // the failure, not the peer at fault. Members that are gone are left out of the
+                // next attempt; otherwise the epoch is formed again, a bounded number of times.
                 Ok((id, Err(e))) => {
-                    if !matches!(self.cluster.status(id), Some(Status::Gone(_)))
-                        && !e.to_string().contains("did not answer the hello")
-                    {
-                        // A worker that fails its setup is not fit to train: evict it.
-                        self.cluster
-                            .evict(id, &format!("its setup of epoch {epoch} failed: {e}"));
-                    }
-                    first_error.get_or_insert(e);
+                    first_error.get_or_insert(Error::runtime(format!("member {id}: {e}")));
                 }
                 Err(e) => {
                     first_error.get_or_insert(Error::runtime(format!("a setup task failed: {e}")));

@@ -121,6 +121,12 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
             .map_err(|e| Error::config(format!("cannot resolve --join {name}: {e}")))?
             .next()
             .ok_or_else(|| Error::config(format!("--join {name} resolves to no address")))?,
+        None if ticket.addr.ip().is_unspecified() => {
+            return Err(Error::config(format!(
+                "the ticket's address is {} (the coordinator listens on every address): give --join HOST:PORT",
+                ticket.addr
+            )))
+        }
         None => ticket.addr,
     };
     let unspecified: IpAddr = if addr.ip().is_loopback() {
@@ -180,14 +186,20 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         cert_der: cert,
         key_der: key,
     };
-    let advertise = options.advertise.unwrap_or(if addr.ip().is_loopback() {
-        IpAddr::from([127, 0, 0, 1])
-    } else {
-        client
-            .local_addr()
+    let advertise = match options.advertise {
+        Some(ip) => ip,
+        None if addr.ip().is_loopback() => IpAddr::from([127, 0, 0, 1]),
+        // The address this machine reaches the coordinator from (a connected UDP socket sends
+        // nothing; it only asks the kernel for the route).
+        None => std::net::UdpSocket::bind(SocketAddr::new(unspecified, 0))
+            .and_then(|s| s.connect(addr).and_then(|()| s.local_addr()))
             .map(|a| a.ip())
-            .unwrap_or(IpAddr::from([0, 0, 0, 0]))
-    });
+            .map_err(|e| {
+                Error::runtime(format!(
+                    "cannot find this machine's address towards {addr} (give --advertise IP): {e}"
+                ))
+            })?,
+    };
     let bind = SocketAddr::new(unspecified, 0);
     let endpoint = quic::endpoint(bind, &identity, &ticket.cert_sha256)?;
     let data_port = endpoint
@@ -424,7 +436,8 @@ async fn execute(
             protocol::encode(&Reply::Done)
         }
         Command::Snapshot { .. } => {
-            let s = ask(&actor, &me, "a snapshot", d, |reply| WorkerMsg::Snapshot { reply }).await?;
+            // It may wait behind a whole step in the Worker's mailbox (a background copy).
+            let s = ask(&actor, &me, "a snapshot", d * 11, |reply| WorkerMsg::Snapshot { reply }).await?;
             protocol::encode_snapshot(&s)
         }
         Command::Setup { .. } | Command::Dismiss { .. } => Err(Error::runtime("handled above")),

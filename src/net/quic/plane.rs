@@ -583,9 +583,11 @@ async fn write_loop(
             }
         };
         if let Err(e) = write_frame_owned(&mut send, bytes).await {
-            match conn.close_reason() {
-                Some(reason) => connection_closed(&inner, epoch, link.peer, reason),
-                None => inner.report_lost(epoch, link.peer, e.to_string()),
+            // A peer that moves to the next epoch stops reading first and closes the connection
+            // just after: wait a moment for the close, whose reason says whether this is a loss.
+            match tokio::time::timeout(Duration::from_secs(1), conn.closed()).await {
+                Ok(reason) => connection_closed(&inner, epoch, link.peer, reason),
+                Err(_) => inner.report_lost(epoch, link.peer, e.to_string()),
             }
             return;
         }

@@ -84,11 +84,31 @@ const TRAIN_COLOR: RGBColor = RGBColor(31, 119, 180);
 const VAL_COLOR: RGBColor = RGBColor(214, 39, 40);
 const MEDIAN_COLOR: RGBColor = RGBColor(255, 127, 14);
 
+/// Colour of the membership changes (a run over worker processes).
+const MEMBERSHIP_COLOR: RGBColor = RGBColor(120, 120, 120);
+
+/// A vertical line from `lo` to `hi` at each step where a new membership epoch formed after the
+/// first (a worker joined, left or was lost).
+fn membership_lines(metrics: &Metrics, lo: f64, hi: f64) -> Vec<PathElement<(f64, f64)>> {
+    metrics
+        .membership
+        .iter()
+        .filter(|m| m.epoch > 1)
+        .map(|m| {
+            PathElement::new(
+                [(m.step as f64, lo), (m.step as f64, hi)],
+                MEMBERSHIP_COLOR.stroke_width(2),
+            )
+        })
+        .collect()
+}
+
 pub(super) fn draw_loss(root: &Area<'_>, metrics: &Metrics, name: &str) -> DrawResult {
     let losses: Vec<f64> = metrics.train.iter().map(|r| r.loss).collect();
     let smoothing = ema_smoothing(losses.len());
     let smoothed = ema(&losses, smoothing);
     let y = padded_range(losses.iter().copied().chain(metrics.val.iter().map(|v| v.val_loss)));
+    let changes = membership_lines(metrics, y.start, y.end);
     let mut chart = ChartBuilder::on(root)
         .caption(format!("Loss: {name}"), ("sans-serif", 24))
         .margin(12)
@@ -136,6 +156,12 @@ pub(super) fn draw_loss(root: &Area<'_>, metrics: &Metrics, name: &str) -> DrawR
             .legend(|(x, y)| Circle::new((x + 10, y), 4, VAL_COLOR.filled()));
         chart.draw_series(val.iter().map(|&p| Circle::new(p, 4, VAL_COLOR.filled())))?;
     }
+    if !changes.is_empty() {
+        chart
+            .draw_series(changes)?
+            .label("membership change")
+            .legend(|(x, y)| PathElement::new([(x + 10, y - 6), (x + 10, y + 6)], MEMBERSHIP_COLOR.stroke_width(2)));
+    }
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
@@ -170,6 +196,13 @@ pub(super) fn draw_throughput(root: &Area<'_>, metrics: &Metrics, summary: &Repo
                 .label("tokens/s")
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], TRAIN_COLOR.stroke_width(1)));
         }
+    }
+    let changes = membership_lines(metrics, 0.0, hi);
+    if !changes.is_empty() {
+        chart
+            .draw_series(changes)?
+            .label("membership change")
+            .legend(|(x, y)| PathElement::new([(x + 10, y - 6), (x + 10, y + 6)], MEMBERSHIP_COLOR.stroke_width(2)));
     }
     let m = summary.median_tokens_per_s;
     if m.is_finite() {
