@@ -142,7 +142,12 @@ impl Actor for ProxyActor {
                     let r = async {
                         let max = max_reply_bytes(&p.config)?;
                         let bytes = call(&p.conn, &p.name, &Command::Snapshot { epoch }, None, max).await?;
-                        match protocol::decode_reply(&p.config, &bytes).map_err(|e| violation(&p, e))? {
+                        let config = p.config.clone();
+                        // Tens of megabytes: decoded off the async threads, which carry the keep-alives.
+                        let decoded = tokio::task::spawn_blocking(move || protocol::decode_reply(&config, &bytes))
+                            .await
+                            .map_err(|e| Error::runtime(format!("a decoding task failed: {e}")))?;
+                        match decoded.map_err(|e| violation(&p, e))? {
                             (_, Some(s)) => Ok(s),
                             (Reply::Failed(e), None) => Err(e.into_error(&p.name)),
                             (other, None) => unexpected(&p, other),

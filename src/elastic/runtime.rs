@@ -323,7 +323,9 @@ impl ElasticRuntime {
                     s.step
                 )));
             }
-            crate::actors::runtime::assemble(&config, &snaps)
+            tokio::task::spawn_blocking(move || crate::actors::runtime::assemble(&config, &snaps))
+                .await
+                .map_err(|e| Error::runtime(format!("an assembling task failed: {e}")))?
         }));
     }
 
@@ -486,9 +488,17 @@ impl ElasticRuntime {
             members.len(),
             &self.config.train.placement.parse()?,
         )?;
-        let shares = (0..members.len())
-            .map(|w| protocol::encode_share(&self.config, &state.0, &state.1, &placement, w).map(Arc::new))
-            .collect::<Result<Vec<_>>>()?;
+        let shares = {
+            // Tens of megabytes: encoded off the async threads, which carry the keep-alives.
+            let (config, state, workers) = (self.config.clone(), state.clone(), members.len());
+            tokio::task::spawn_blocking(move || {
+                (0..workers)
+                    .map(|w| protocol::encode_share(&config, &state.0, &state.1, &placement, w).map(Arc::new))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .await
+            .map_err(|e| Error::runtime(format!("an encoding task failed: {e}")))??
+        };
         let moved: usize = shares.iter().map(|s| s.len()).sum();
         let peers: Vec<String> = members.iter().map(|m| m.data_addr.to_string()).collect();
         let deadline = Duration::from_secs_f64(self.config.train.deadline_s) * 2;

@@ -305,6 +305,14 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     end
 }
 
+/// Run `f` (tens of megabytes of encoding or decoding) off the async threads, which must keep
+/// QUIC's keep-alives flowing.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::runtime(format!("a blocking task failed: {e}")))?
+}
+
 /// The end of a worker that lost its coordinator: it may have been replaced while it could not
 /// answer (stopped, partitioned), so it must never commit again.
 fn fenced(e: impl std::fmt::Display) -> Error {
@@ -380,7 +388,7 @@ async fn execute(
                 format!("the state of epoch {epoch} has SHA-256 {got}, not the {state_sha256} announced"),
             ));
         }
-        setup(shared, epoch, worker as usize, workers as usize, peers, &state).await?;
+        setup(shared, epoch, worker as usize, workers as usize, peers, state).await?;
         return protocol::encode(&Reply::Done);
     }
     let (actor, epoch) = {
@@ -438,7 +446,7 @@ async fn execute(
         Command::Snapshot { .. } => {
             // It may wait behind a whole step in the Worker's mailbox (a background copy).
             let s = ask(&actor, &me, "a snapshot", d * 11, |reply| WorkerMsg::Snapshot { reply }).await?;
-            protocol::encode_snapshot(&s)
+            blocking(move || protocol::encode_snapshot(&s)).await
         }
         Command::Setup { .. } | Command::Dismiss { .. } => Err(Error::runtime("handled above")),
     }
@@ -452,7 +460,7 @@ async fn setup(
     worker: usize,
     workers: usize,
     peers: Vec<String>,
-    state: &[u8],
+    state: Vec<u8>,
 ) -> Result<()> {
     let mut current = shared.current.lock().await;
     if epoch <= current.epoch && current.actor.is_some() {
@@ -480,7 +488,8 @@ async fn setup(
                 .map_err(|e| Error::protocol("the coordinator", format!("peer address {a:?}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let (model, optimizer) = protocol::decode_share(&shared.config, state)?;
+    let config = shared.config.clone();
+    let (model, optimizer) = blocking(move || protocol::decode_share(&config, &state)).await?;
     *shared.codec.shape.lock().unwrap_or_else(|p| p.into_inner()) = Some(PacketShape::of(&shared.config, workers)?);
     let (transport, inbox) = shared
         .plane
