@@ -202,66 +202,51 @@ impl RuntimeBuilder {
             experts: config.model.experts,
         });
         let first_step = optimizer.step;
-        if let Some(remote) = self.remote {
-            let args = CoordArgs {
-                workers: remote.into_iter().map(WorkerSpec::Running).collect(),
-                first_step,
-                total_steps: config.train.steps,
-                optimizer: config.optimizer.clone(),
-                tokens_per_step: config.train.batch * config.model.block_size,
-                step_deadline: self.step_deadline,
-                deadline: self.deadline,
-                max_replays: self.max_replays,
-            };
-            let (coordinator, join) = Actor::spawn(None, CoordActor, args)
-                .await
-                .map_err(|e| Error::runtime(format!("cannot start the coordinator: {e}")))?;
-            return Ok(Runtime {
-                coordinator,
-                join,
-                config,
-                placement,
-                deadline: self.step_deadline,
-                max_replays: self.max_replays,
-                expert_stores: Vec::new(),
-                dense_counters: Vec::new(),
-            });
-        }
-        let cpu = Cpu::new(config.train.threads)?;
-        let stores = distribute(&config, &model, &optimizer, &placement, &self.storage, 0..self.workers)?;
-        let expert_stores: Vec<Arc<ExpertStore>> = stores.iter().map(|s| s.experts.clone()).collect();
-        let mut replica = model.clone();
-        strip_experts(&mut replica);
-        let shard = config.storage.shard_dense;
-        let mut dense_counters = Vec::with_capacity(self.workers);
-        let mut workers = Vec::with_capacity(self.workers);
-        for ((transport, inbox), store) in local::network(self.workers).into_iter().zip(stores) {
-            let worker = transport.id();
-            let own = if shard {
-                keep_only(&replica, |i| placement.tensor_owner.get(i) == Some(&worker))
-            } else {
-                replica.clone()
-            };
-            let dense = Arc::new(DenseCounters::default());
-            dense.set_resident(dense_bytes(&own));
-            dense_counters.push(dense.clone());
-            workers.push(WorkerSpec::Local(Box::new(WorkerArgs {
-                worker,
-                config: config.clone(),
-                text: text.clone(),
-                placement: placement.clone(),
-                transport: Arc::new(transport),
-                inbox: Arc::new(Mutex::new(Some(inbox))),
-                replica: Arc::new(Mutex::new(Arc::new(own))),
-                dense,
-                store: Arc::new(Mutex::new(store)),
-                cpu: cpu.clone(),
-                restart: self.restart,
-                deadline: self.deadline,
-                lanes: self.lanes,
-                chaos: self.chaos.clone(),
-            })));
-        }
+        let (workers, expert_stores, dense_counters) = match self.remote {
+            Some(remote) => (
+                remote.into_iter().map(WorkerSpec::Running).collect(),
+                Vec::new(),
+                Vec::new(),
+            ),
+            None => {
+                let cpu = Cpu::new(config.train.threads)?;
+                let stores = distribute(&config, &model, &optimizer, &placement, &self.storage, 0..self.workers)?;
+                let expert_stores: Vec<Arc<ExpertStore>> = stores.iter().map(|s| s.experts.clone()).collect();
+                let mut replica = model.clone();
+                strip_experts(&mut replica);
+                let shard = config.storage.shard_dense;
+                let mut dense_counters = Vec::with_capacity(self.workers);
+                let mut workers = Vec::with_capacity(self.workers);
+                for ((transport, inbox), store) in local::network(self.workers).into_iter().zip(stores) {
+                    let worker = transport.id();
+                    let own = if shard {
+                        keep_only(&replica, |i| placement.tensor_owner.get(i) == Some(&worker))
+                    } else {
+                        replica.clone()
+                    };
+                    let dense = Arc::new(DenseCounters::default());
+                    dense.set_resident(dense_bytes(&own));
+                    dense_counters.push(dense.clone());
+                    workers.push(WorkerSpec::Local(Box::new(WorkerArgs {
+                        worker,
+                        config: config.clone(),
+                        text: text.clone(),
+                        placement: placement.clone(),
+                        transport: Arc::new(transport),
+                        inbox: Arc::new(Mutex::new(Some(inbox))),
+                        replica: Arc::new(Mutex::new(Arc::new(own))),
+                        dense,
+                        store: Arc::new(Mutex::new(store)),
+                        cpu: cpu.clone(),
+                        restart: self.restart,
+                        deadline: self.deadline,
+                        lanes: self.lanes,
+                        chaos: self.chaos.clone(),
+                    })));
+                }
+                (workers, expert_stores, dense_counters)
+            }
+        };
         let args = CoordArgs {
             workers,
             first_step,

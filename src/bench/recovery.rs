@@ -8,8 +8,9 @@ use crate::elastic::cluster::Cluster;
 use crate::elastic::runtime::{ElasticOptions, ElasticRuntime};
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
+use crate::train::engine::spawn_worker;
 use serde::Serialize;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// Kill-to-commit times of a few rounds.
@@ -65,7 +66,7 @@ pub fn recovery_bench(
                 &corpus.digest(),
             )?;
             for _ in 0..processes {
-                children.0.push(spawn_worker(&ticket, threads)?);
+                children.0.push(spawn_worker(&ticket, threads, true)?);
             }
             let model = Gpt::init(&config.model, config.train.seed)?;
             let optimizer = crate::optimizer::for_model(&config.optimizer, &model)?;
@@ -120,18 +121,4 @@ impl Drop for Workers {
             let _ = c.wait();
         }
     }
-}
-
-fn spawn_worker(ticket: &std::path::Path, threads: usize) -> Result<Child> {
-    let program = std::env::current_exe().map_err(|e| Error::runtime(format!("cannot find this program: {e}")))?;
-    Command::new(&program)
-        .arg("worker")
-        .arg("--ticket")
-        .arg(ticket)
-        .arg("--threads")
-        .arg(threads.to_string())
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| Error::io("cannot start a worker process", &program, e))
 }

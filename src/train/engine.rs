@@ -101,7 +101,7 @@ impl RuntimeEngine {
         );
         let threads = (t.threads / t.processes.max(1)).max(1);
         for _ in 0..t.processes {
-            self.children.push(spawn_worker(&ticket, threads)?);
+            self.children.push(spawn_worker(&ticket, threads, false)?);
         }
         let options = ElasticOptions {
             snapshot_every: t.snapshot_every,
@@ -194,8 +194,9 @@ impl Drop for RuntimeEngine {
     }
 }
 
-/// Start `semoe worker --ticket FILE` (this program) with its output joined to ours.
-fn spawn_worker(ticket: &Path, threads: usize) -> Result<Child> {
+/// Start `semoe worker --ticket FILE` (this program), its error output joined to ours unless
+/// `quiet`.
+pub fn spawn_worker(ticket: &Path, threads: usize, quiet: bool) -> Result<Child> {
     let program: PathBuf =
         std::env::current_exe().map_err(|e| Error::runtime(format!("cannot find this program: {e}")))?;
     Command::new(&program)
@@ -205,6 +206,7 @@ fn spawn_worker(ticket: &Path, threads: usize) -> Result<Child> {
         .arg("--threads")
         .arg(threads.to_string())
         .stdin(Stdio::null())
+        .stderr(if quiet { Stdio::null() } else { Stdio::inherit() })
         .spawn()
         .map_err(|e| Error::io("cannot start a worker process", &program, e))
 }
