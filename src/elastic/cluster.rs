@@ -216,13 +216,22 @@ impl Drop for Cluster {
     }
 }
 
+/// Joins whose handshake may run at once; more are refused until one ends (each is bounded in
+/// time, so a flood of connections that never say hello cannot hold the coordinator's memory).
+const HANDSHAKES: usize = 64;
+
 async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<Mutex<Book>>) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
         let (expect, book) = (expect.clone(), book.clone());
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             let peer = conn.remote_address();
-            match admit(&conn, &expect, &book).await {
+            match admit(&conn, &expect, &book, permit).await {
                 Ok(()) => {}
                 Err(e) => {
                     metrics::counter!(names::MEMBERSHIP, "kind" => "refused").increment(1);
@@ -235,7 +244,12 @@ async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<M
 }
 
 /// The join handshake, then the member's notices until its connection ends.
-async fn admit(conn: &quinn::Connection, expect: &Expect, book: &Arc<Mutex<Book>>) -> Result<()> {
+async fn admit(
+    conn: &quinn::Connection,
+    expect: &Expect,
+    book: &Arc<Mutex<Book>>,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+) -> Result<()> {
     let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(5), conn.accept_bi())
         .await
         .map_err(|_| Error::runtime("no hello within 5 s"))?
@@ -253,8 +267,6 @@ async fn admit(conn: &quinn::Connection, expect: &Expect, book: &Arc<Mutex<Book>
     }
     let offer = Answer::Offer {
         config: expect.config_toml.clone(),
-        cert: expect.identity.cert_der.clone(),
-        key: expect.identity.key_der.clone(),
     };
     quic::write_frame(&mut send, &protocol::encode(&offer)?).await?;
     let ready_bytes = tokio::time::timeout(Duration::from_secs(120), quic::read_frame(&mut recv, max, "a ready"))
@@ -284,7 +296,13 @@ async fn admit(conn: &quinn::Connection, expect: &Expect, book: &Arc<Mutex<Book>
         );
         id
     };
-    quic::write_frame(&mut send, &protocol::encode(&Answer::Admitted { member: id })?).await?;
+    let admitted = Answer::Admitted {
+        member: id,
+        cert: expect.identity.cert_der.clone(),
+        key: expect.identity.key_der.clone(),
+    };
+    quic::write_frame(&mut send, &protocol::encode(&admitted)?).await?;
+    drop(handshake);
     metrics::counter!(names::MEMBERSHIP, "kind" => "join").increment(1);
     eprintln!(
         "semoe: worker {} joined as member {id} (data plane {data_addr})",

@@ -7,9 +7,9 @@
 //!
 //! ```text
 //! worker -> Hello { protocol, version, token, name, config? }
-//! coord  -> Offer { config, job certificate and key }        or Refused { reason }
+//! coord  -> Offer { config }                                  or Refused { reason }
 //! worker -> Ready { corpus digest, kernel fingerprint, data address }
-//! coord  -> Admitted { member }                               or Refused { reason }
+//! coord  -> Admitted { member, job certificate and key }      or Refused { reason }
 //! worker -> Notice ...   (the session stream then carries the worker's notices)
 //! ```
 //!
@@ -61,19 +61,20 @@ pub struct Hello {
 /// The coordinator's answer to a [`Hello`] or a [`Ready`].
 #[derive(Clone, Debug, bincode::Encode, bincode::Decode)]
 pub enum Answer {
-    /// The run's configuration (TOML) and the job identity the worker's data plane serves with.
+    /// The run's configuration (TOML), for the worker's checks.
     Offer {
         /// The run's configuration.
         config: String,
+    },
+    /// The worker is a member; it takes part from the next membership epoch. Only now does it
+    /// receive the job identity its data plane serves with (a refused worker never holds the key).
+    Admitted {
+        /// Its member number (unique within the run).
+        member: u64,
         /// The job certificate (DER).
         cert: Vec<u8>,
         /// Its private key (DER).
         key: Vec<u8>,
-    },
-    /// The worker is a member; it takes part from the next membership epoch.
-    Admitted {
-        /// Its member number (unique within the run).
-        member: u64,
     },
     /// Refused, and why (naming the field that differs).
     Refused {

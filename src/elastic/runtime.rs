@@ -501,7 +501,10 @@ impl ElasticRuntime {
         };
         let moved: usize = shares.iter().map(|s| s.len()).sum();
         let peers: Vec<String> = members.iter().map(|m| m.data_addr.to_string()).collect();
-        let deadline = Duration::from_secs_f64(self.config.train.deadline_s) * 2;
+        // Twice the collective deadline, longer for a state that takes longer to send (all shares
+        // leave the coordinator's one link at once; 50 MB/s is a slow link's pace).
+        let deadline = (Duration::from_secs_f64(self.config.train.deadline_s) * 2)
+            .max(Duration::from_secs_f64(moved as f64 / 50e6));
         let mut tasks = tokio::task::JoinSet::new();
         for (i, m) in members.iter().enumerate() {
             let bytes = shares[i].clone();

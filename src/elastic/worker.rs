@@ -161,8 +161,8 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         config: own_config,
     };
     quic::write_frame(&mut send, &protocol::encode(&hello)?).await?;
-    let (config, cert, key) = match read_answer(&mut recv).await? {
-        Answer::Offer { config, cert, key } => (config, cert, key),
+    let config = match read_answer(&mut recv).await? {
+        Answer::Offer { config } => config,
         Answer::Refused { reason } => {
             return Err(Error::runtime(format!("the coordinator refused this worker: {reason}")))
         }
@@ -182,10 +182,6 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         None => Corpus::bundled()?,
     };
     let kernel = fingerprint::compute()?;
-    let identity = JobIdentity {
-        cert_der: cert,
-        key_der: key,
-    };
     let advertise = match options.advertise {
         Some(ip) => ip,
         None if addr.ip().is_loopback() => IpAddr::from([127, 0, 0, 1]),
@@ -200,11 +196,14 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
                 ))
             })?,
     };
+    // The data plane's socket is bound now (its port goes in the ready); its QUIC endpoint starts
+    // once the job identity arrives with the admission.
     let bind = SocketAddr::new(unspecified, 0);
-    let endpoint = quic::endpoint(bind, &identity, &ticket.cert_sha256)?;
-    let data_port = endpoint
+    let socket = std::net::UdpSocket::bind(bind)
+        .map_err(|e| Error::runtime(format!("cannot bind the data plane to {bind}: {e}")))?;
+    let data_port = socket
         .local_addr()
-        .map_err(|e| Error::runtime(format!("the data endpoint has no address: {e}")))?
+        .map_err(|e| Error::runtime(format!("the data socket has no address: {e}")))?
         .port();
     let ready = Ready {
         corpus_sha256: corpus.digest(),
@@ -212,14 +211,27 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         data_addr: SocketAddr::new(advertise, data_port).to_string(),
     };
     quic::write_frame(&mut send, &protocol::encode(&ready)?).await?;
-    let member = match read_answer(&mut recv).await? {
-        Answer::Admitted { member } => member,
+    let (member, identity) = match read_answer(&mut recv).await? {
+        Answer::Admitted { member, cert, key } => (
+            member,
+            JobIdentity {
+                cert_der: cert,
+                key_der: key,
+            },
+        ),
         Answer::Refused { reason } => {
             return Err(Error::runtime(format!("the coordinator refused this worker: {reason}")))
         }
         Answer::Offer { .. } => return Err(Error::protocol("the coordinator", "offered twice")),
     };
     eprintln!("semoe worker: joined {addr} as member {member}");
+    if identity.fingerprint() != ticket.cert_sha256 {
+        return Err(Error::protocol(
+            "the coordinator",
+            "the job certificate it sent is not the one the ticket pins",
+        ));
+    }
+    let endpoint = quic::endpoint_on(socket, &identity, &ticket.cert_sha256)?;
 
     let pause = Pause::for_member(member);
     let codec = Arc::new(WireCodec {

@@ -102,6 +102,21 @@ pub fn endpoint(bind: SocketAddr, identity: &JobIdentity, pinned: &str) -> Resul
     Ok(endpoint)
 }
 
+/// [`endpoint`] on a UDP socket bound beforehand (a worker reports its data port before it holds the
+/// job identity to serve with).
+pub fn endpoint_on(socket: std::net::UdpSocket, identity: &JobIdentity, pinned: &str) -> Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime().ok_or_else(|| Error::runtime("QUIC needs a tokio runtime"))?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config(identity)?),
+        socket,
+        runtime,
+    )
+    .map_err(|e| Error::runtime(format!("cannot open the QUIC endpoint: {e}")))?;
+    endpoint.set_default_client_config(client_config(pinned)?);
+    Ok(endpoint)
+}
+
 /// Accepts exactly the certificate whose SHA-256 is the pin; the handshake signature is still
 /// verified against it, so the server must hold the job's private key.
 #[derive(Debug)]

@@ -36,8 +36,8 @@ mod plane;
 mod tests;
 
 pub use config::{
-    client_config, endpoint, server_config, transport_config, ALPN, CONNECTION_WINDOW, IDLE_TIMEOUT, KEEP_ALIVE,
-    STREAM_WINDOW,
+    client_config, endpoint, endpoint_on, server_config, transport_config, ALPN, CONNECTION_WINDOW, IDLE_TIMEOUT,
+    KEEP_ALIVE, STREAM_WINDOW,
 };
 pub use frame::{read_frame, write_frame, write_frame_owned};
 pub use identity::{
