@@ -278,25 +278,34 @@ fn a_worker_that_sends_malformed_data_is_evicted() {
     assert_same_state(&want, &state_files(&dir.path().join("run"), 20), "after an eviction");
 }
 
+/// A coordinator listening on 127.0.0.1 (port from the OS) for `min_workers` workers, with the
+/// test hook `SEMOE_TEST_MEMBERS_AT` when `members_at` is not empty; and the path of its ticket.
+fn listening_coordinator(dir: &Path, min_workers: &str, members_at: &str) -> (Proc, String) {
+    let args = train_args("run", "20", &["--listen", "127.0.0.1:0", "--min-workers", min_workers]);
+    let env: Vec<(&str, String)> = if members_at.is_empty() {
+        Vec::new()
+    } else {
+        vec![("SEMOE_TEST_MEMBERS_AT", members_at.to_string())]
+    };
+    let mut coord = Proc::spawn(dir, "coordinator", &args, &env);
+    coord.wait_for("workers join with", Duration::from_secs(30));
+    (coord, dir.join("run/join.ticket").to_string_lossy().into_owned())
+}
+
+/// A worker process joining with `ticket`.
+fn worker(dir: &Path, name: &str, ticket: &str) -> Proc {
+    Proc::spawn(dir, name, &["worker", "--ticket", ticket, "--threads", "1"], &[])
+}
+
 #[test]
 fn workers_join_and_leave_at_step_boundaries() {
     let dir = TempDir::new("elastic-join-leave");
     let want = reference(dir.path(), 20, &[]);
-    let args = train_args("run", "20", &["--listen", "127.0.0.1:0", "--min-workers", "2"]);
-    let mut coord = Proc::spawn(
-        dir.path(),
-        "coordinator",
-        &args,
-        &[("SEMOE_TEST_MEMBERS_AT", "5:3,12:2".into())],
-    );
-    coord.wait_for("workers join with", Duration::from_secs(30));
-    let ticket = dir.path().join("run/join.ticket");
-    let ticket_s = ticket.to_string_lossy().into_owned();
-    let worker_args = ["worker", "--ticket", ticket_s.as_str(), "--threads", "1"];
-    let _w1 = Proc::spawn(dir.path(), "w1", &worker_args, &[]);
-    let _w2 = Proc::spawn(dir.path(), "w2", &worker_args, &[]);
+    let (mut coord, ticket) = listening_coordinator(dir.path(), "2", "5:3,12:2");
+    let _w1 = worker(dir.path(), "w1", &ticket);
+    let _w2 = worker(dir.path(), "w2", &ticket);
     coord.wait_for("epoch 1: 2 workers at step 0", Duration::from_secs(30));
-    let mut w3 = Proc::spawn(dir.path(), "w3", &worker_args, &[]);
+    let mut w3 = worker(dir.path(), "w3", &ticket);
     coord.wait_for("epoch 2: 3 workers at step 5", Duration::from_secs(30));
     coord.wait_for("holding before step 12", Duration::from_secs(30));
     w3.signal(libc::SIGTERM);
@@ -345,22 +354,12 @@ fn workers_join_and_leave_at_step_boundaries() {
 fn a_stopped_worker_is_replaced_and_fenced() {
     let dir = TempDir::new("elastic-sigstop");
     let want = reference(dir.path(), 20, &[]);
-    let args = train_args("run", "20", &["--listen", "127.0.0.1:0", "--min-workers", "3"]);
     // Before step 3 the coordinator holds until only two workers are left, so the stop always
     // lands during the run.
-    let mut coord = Proc::spawn(
-        dir.path(),
-        "coordinator",
-        &args,
-        &[("SEMOE_TEST_MEMBERS_AT", "3:2".into())],
-    );
-    coord.wait_for("workers join with", Duration::from_secs(30));
-    let ticket = dir.path().join("run/join.ticket");
-    let ticket_s = ticket.to_string_lossy().into_owned();
-    let worker_args = ["worker", "--ticket", ticket_s.as_str(), "--threads", "1"];
-    let _w1 = Proc::spawn(dir.path(), "w1", &worker_args, &[]);
-    let _w2 = Proc::spawn(dir.path(), "w2", &worker_args, &[]);
-    let mut w3 = Proc::spawn(dir.path(), "w3", &worker_args, &[]);
+    let (mut coord, ticket) = listening_coordinator(dir.path(), "3", "3:2");
+    let _w1 = worker(dir.path(), "w1", &ticket);
+    let _w2 = worker(dir.path(), "w2", &ticket);
+    let mut w3 = worker(dir.path(), "w3", &ticket);
     coord.wait_for("epoch 1: 3 workers", Duration::from_secs(30));
     w3.signal(libc::SIGSTOP);
     coord.wait_for("epoch 2: 2 workers", Duration::from_secs(30));
@@ -382,11 +381,8 @@ fn a_stopped_worker_is_replaced_and_fenced() {
 fn joins_that_cannot_give_the_same_bits_are_refused_naming_why() {
     let dir = TempDir::new("elastic-refusals");
     let want = reference(dir.path(), 20, &[]);
-    let args = train_args("run", "20", &["--listen", "127.0.0.1:0", "--min-workers", "2"]);
-    let mut coord = Proc::spawn(dir.path(), "coordinator", &args, &[]);
-    coord.wait_for("workers join with", Duration::from_secs(30));
-    let ticket_path = dir.path().join("run/join.ticket");
-    let ticket = JoinTicket::read(&ticket_path).expect("the run's ticket");
+    let (mut coord, good) = listening_coordinator(dir.path(), "2", "");
+    let ticket = JoinTicket::read(Path::new(&good)).expect("the run's ticket");
 
     let wrong_token = dir.path().join("wrong-token.ticket");
     JoinTicket {
@@ -411,7 +407,6 @@ fn joins_that_cannot_give_the_same_bits_are_refused_naming_why() {
     let other_text = dir.path().join("other.txt");
     std::fs::write(&other_text, "Not the run's text at all. ".repeat(2000)).expect("write");
 
-    let good = ticket_path.to_string_lossy().into_owned();
     // (name, worker arguments, environment, what the refusal names)
     type Case<'a> = (&'a str, Vec<String>, Vec<(&'a str, String)>, &'a str);
     let cases: Vec<Case> = vec![
@@ -483,9 +478,8 @@ fn joins_that_cannot_give_the_same_bits_are_refused_naming_why() {
         );
     }
     // Training is unaffected: two good workers join and the run ends with the plain loop's bits.
-    let worker_args = ["worker", "--ticket", good.as_str(), "--threads", "1"];
-    let _w1 = Proc::spawn(dir.path(), "w1", &worker_args, &[]);
-    let _w2 = Proc::spawn(dir.path(), "w2", &worker_args, &[]);
+    let _w1 = worker(dir.path(), "w1", &good);
+    let _w2 = worker(dir.path(), "w2", &good);
     assert!(coord.wait(Duration::from_secs(60)).success(), "{}", coord.log());
     assert_eq!(membership(&coord.log()), (0, 0, 0), "{}", coord.log());
     assert_same_state(&want, &state_files(&dir.path().join("run"), 20), "after refused joins");

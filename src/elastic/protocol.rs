@@ -127,8 +127,8 @@ pub type WireStep = (u64, u32);
 #[derive(Clone, Debug, bincode::Encode, bincode::Decode)]
 pub enum Command {
     /// Start membership epoch `epoch` as worker `worker` of `workers`, with the data-plane addresses
-    /// of every worker (index order); the run's committed state follows as a second frame
-    /// (`wire::encode_state`).
+    /// of every worker (index order); this worker's share of the committed state follows as a
+    /// second frame ([`encode_share`]).
     Setup {
         /// The epoch.
         epoch: u64,

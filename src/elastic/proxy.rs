@@ -78,64 +78,40 @@ impl Actor for ProxyActor {
         let epoch = p.epoch;
         match msg {
             WorkerMsg::RunStep { step, reply } => {
-                tokio::spawn(async move {
-                    let r = rpc(
-                        &p,
-                        Command::RunStep {
-                            epoch,
-                            step: wire_step(step),
-                        },
-                    )
-                    .await
-                    .and_then(|r| match r {
-                        Reply::Outputs(o) => protocol::outputs_from_wire(&p.config, o).map_err(|e| violation(&p, e)),
-                        other => unexpected(&p, other),
-                    });
-                    let _ = reply.send(r);
+                let command = Command::RunStep {
+                    epoch,
+                    step: wire_step(step),
+                };
+                forward(p, command, reply, |p, r| match r {
+                    Reply::Outputs(o) => protocol::outputs_from_wire(&p.config, o).map_err(|e| violation(p, e)),
+                    other => unexpected(p, other),
                 });
             }
             WorkerMsg::Prepare { step, reply } => {
-                tokio::spawn(async move {
-                    let r = rpc(
-                        &p,
-                        Command::Prepare {
-                            epoch,
-                            step: wire_step(step),
-                        },
-                    )
-                    .await
-                    .and_then(|r| match r {
-                        Reply::Norms(n) => Ok(protocol::norms_from_wire(n)),
-                        other => unexpected(&p, other),
-                    });
-                    let _ = reply.send(r);
+                let command = Command::Prepare {
+                    epoch,
+                    step: wire_step(step),
+                };
+                forward(p, command, reply, |p, r| match r {
+                    Reply::Norms(n) => Ok(protocol::norms_from_wire(n)),
+                    other => unexpected(p, other),
                 });
             }
             WorkerMsg::Commit { step, lr, norm, reply } => {
-                tokio::spawn(async move {
-                    let command = Command::Commit {
-                        epoch,
-                        step: wire_step(step),
-                        lr,
-                        norm,
-                    };
-                    let r = rpc(&p, command).await.and_then(|r| done(&p, r));
-                    let _ = reply.send(r);
-                });
+                let command = Command::Commit {
+                    epoch,
+                    step: wire_step(step),
+                    lr,
+                    norm,
+                };
+                forward(p, command, reply, done);
             }
             WorkerMsg::Abort { step, reply } => {
-                tokio::spawn(async move {
-                    let r = rpc(
-                        &p,
-                        Command::Abort {
-                            epoch,
-                            step: wire_step(step),
-                        },
-                    )
-                    .await
-                    .and_then(|r| done(&p, r));
-                    let _ = reply.send(r);
-                });
+                let command = Command::Abort {
+                    epoch,
+                    step: wire_step(step),
+                };
+                forward(p, command, reply, done);
             }
             WorkerMsg::Snapshot { reply } => {
                 tokio::spawn(async move {
@@ -160,6 +136,19 @@ impl Actor for ProxyActor {
         }
         Ok(())
     }
+}
+
+/// Send `command` in a task of its own and answer `reply` with the worker's reply read by `read`.
+fn forward<R: Send + 'static>(
+    p: Arc<ProxyArgs>,
+    command: Command,
+    reply: ractor::RpcReplyPort<Result<R>>,
+    read: impl FnOnce(&ProxyArgs, Reply) -> Result<R> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let r = rpc(&p, command).await.and_then(|r| read(&p, r));
+        let _ = reply.send(r);
+    });
 }
 
 async fn rpc(p: &ProxyArgs, command: Command) -> Result<Reply> {
