@@ -4,10 +4,11 @@
 //!
 //! One file per measurement: `peak.rs` (the FMA peak), `matmul.rs`, `moe_layer.rs`, `runtime.rs`
 //! (the plain loop against the actor runtime, and against worker processes), `recovery.rs` (a
-//! worker process killed: the time to the next committed step), `storage.rs` (tiered expert storage) and `disk.rs`
+//! worker process killed: the time to the next committed step), `storage.rs` (tiered expert storage), `generate.rs` (generation bytes/s) and `disk.rs`
 //! (the disk's own bandwidth, and the disk tier's).
 
 mod disk;
+mod generate;
 mod matmul;
 mod moe_layer;
 mod peak;
@@ -16,6 +17,7 @@ mod runtime;
 mod storage;
 
 pub use disk::{disk_bandwidth, tier_bandwidth, DiskBandwidth};
+pub use generate::{generate_bench, GenerateReport, GenerateRow};
 pub use matmul::{matmul_bench, MatmulReport};
 pub use moe_layer::{moe_layer_bench, MoeLayerReport};
 pub use peak::fma_peak_gflops;

@@ -24,6 +24,34 @@ pub enum BenchCommand {
     /// block each: 25% with the default 8 layers; the rest on disk) against everything in memory; prefetch against loading on
     /// demand; the SE-MoE cache policy against LRU; the disk's own bandwidth measured alongside.
     Storage(StorageBenchArgs),
+    /// Generation bytes/s: the recomputing path against the key/value-cached decoder, alone and in
+    /// batches (a checkpoint's model, or the main job's model freshly initialised).
+    Generate(GenerateBenchArgs),
+}
+
+#[derive(Args)]
+pub struct GenerateBenchArgs {
+    /// A checkpoint or run directory (default: the main job's model, initialised with seed 0).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Compute threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Bytes per sequence and round of the cached decoder.
+    #[arg(long, default_value_t = 2000)]
+    tokens: usize,
+    /// Bytes per round of the recomputing path.
+    #[arg(long, default_value_t = 300)]
+    recompute_tokens: usize,
+    /// Batch sizes of the cached decoder.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    batch: Vec<usize>,
+    /// Rounds (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -373,6 +401,7 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
             }
         }
         BenchCommand::Storage(a) => storage_bench(&a)?,
+        BenchCommand::Generate(a) => generate_bench(&a)?,
         BenchCommand::Matmul(a) => {
             let cpu = Cpu::new(a.common.threads)?;
             let peak = bench::fma_peak_gflops(cpu.threads());
@@ -390,6 +419,41 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+fn generate_bench(a: &GenerateBenchArgs) -> semoe::Result<()> {
+    let model = match &a.checkpoint {
+        Some(path) => semoe::train::trainer::model_from(super::generate::checkpoint_to_read(path)?)?,
+        None => semoe::model::gpt::Gpt::init(&semoe::model::gpt::GptConfig::default(), 0)?,
+    };
+    let cpu = Cpu::new(a.threads)?;
+    let r = bench::generate_bench(&model, &cpu, a.tokens, a.recompute_tokens, &a.batch, a.rounds)?;
+    if a.json {
+        return print_json(&r);
+    }
+    println!(
+        "generation, {} ({} parameters), {} thread(s), median of {} rounds",
+        match &a.checkpoint {
+            Some(p) => p.display().to_string(),
+            None => "the main job's model, initialised".into(),
+        },
+        model.num_params(),
+        r.threads,
+        a.rounds
+    );
+    println!(
+        "  recomputing every window, 1 sequence   {:>10.0} bytes/s",
+        r.recompute_bytes_per_s
+    );
+    for row in &r.cached {
+        println!(
+            "  key/value cache, {:>3} sequence(s)      {:>10.0} bytes/s  ({:.1}x the recomputing path)",
+            row.batch,
+            row.bytes_per_s,
+            row.bytes_per_s / r.recompute_bytes_per_s
+        );
     }
     Ok(())
 }

@@ -5,7 +5,9 @@
 //! the batch, and a sequence leaves the batch after its last byte (or when cancelled). New
 //! sequences may join between any two steps (continuous batching).
 
+use super::decoder::{Decoder, KvCache, Row};
 use super::generate::{check_options, pick, SampleOptions};
+use super::weights::{ResidentWeights, WeightSource};
 use crate::error::{Error, Result};
 use crate::kernels::Cpu;
 use crate::model::gpt::Gpt;
@@ -25,37 +27,73 @@ pub struct Emitted {
     pub finished: bool,
 }
 
+/// A sequence in the batch: the tokens whose keys and values are in its cache slot (its window),
+/// and the byte drawn last, not yet encoded.
 struct Sequence {
     id: SeqId,
-    context: Vec<u32>,
+    slot: usize,
+    /// Tokens encoded in the cache, at positions `0..window.len()`.
+    window: Vec<u32>,
+    /// Tokens to encode at the next step (the prompt, then each drawn byte).
+    pending: Vec<u32>,
     opts: SampleOptions,
     rng: rand_chacha::ChaCha8Rng,
     emitted: usize,
+    logits: Vec<f32>,
 }
 
-/// Batched generation from one model.
-pub struct BatchDecoder {
-    model: Gpt<f32>,
-    cpu: Cpu,
+/// Batched generation from one model, whose weights come from `S` (the whole model in memory by
+/// default; see [`WeightSource`]).
+///
+/// Each sequence sees a window of at most `block_size` tokens (the model's context). When its
+/// window is full, the oldest tokens are dropped down to the newest `block_size / 2`, which are
+/// encoded again at positions from 0 together with the next token (learned absolute positions
+/// make a sliding window impossible to cache). Between two such shifts every byte costs one
+/// position's work.
+pub struct BatchDecoder<S: WeightSource = ResidentWeights> {
+    source: S,
+    decoder: Decoder,
+    cache: KvCache,
     max_batch: usize,
     next_id: SeqId,
     seqs: Vec<Sequence>,
 }
 
-impl BatchDecoder {
+impl BatchDecoder<ResidentWeights> {
     /// A decoder for `model` (its MoE blocks route dropless here) holding at most `max_batch`
     /// sequences at once.
     pub fn new(model: &Gpt<f32>, cpu: Cpu, max_batch: usize) -> Result<Self> {
+        BatchDecoder::with_source(ResidentWeights::new(model.clone()), cpu, max_batch)
+    }
+}
+
+impl<S: WeightSource> BatchDecoder<S> {
+    /// A decoder reading its weights from `source`, holding at most `max_batch` sequences (each
+    /// with a key/value cache of [`KvCache::slot_bytes`]).
+    pub fn with_source(source: S, cpu: Cpu, max_batch: usize) -> Result<Self> {
         if max_batch == 0 {
             return Err(Error::config("the batch must hold at least one sequence"));
         }
+        let config = source.config().clone();
+        config.validate()?;
         Ok(BatchDecoder {
-            model: model.for_inference()?,
-            cpu,
+            decoder: Decoder::new(&config, cpu),
+            cache: KvCache::new(&config, max_batch)?,
+            source,
             max_batch,
             next_id: 0,
             seqs: Vec::new(),
         })
+    }
+
+    /// The weight source.
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    /// Bytes of the key/value cache (all `max_batch` sequences).
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache.bytes()
     }
 
     /// The most sequences the batch holds.
@@ -73,9 +111,10 @@ impl BatchDecoder {
         self.seqs.len() < self.max_batch
     }
 
-    /// Add a sequence continuing `prompt` (an empty prompt starts from a newline); it draws its
-    /// first byte at the next step. Refused when the batch is full, when `opts.max_tokens` is 0, or
-    /// when the options are invalid (the error names the option).
+    /// Add a sequence continuing `prompt` (an empty prompt starts from a newline; of a longer prompt
+    /// than the context, the last `block_size` bytes); it draws its first byte at the next step.
+    /// Refused when the batch is full, when `opts.max_tokens` is 0, or when the options are invalid
+    /// (the error names the option).
     pub fn admit(&mut self, prompt: &[u8], opts: &SampleOptions) -> Result<SeqId> {
         check_options(opts)?;
         if opts.max_tokens == 0 {
@@ -87,41 +126,93 @@ impl BatchDecoder {
                 self.max_batch
             )));
         }
+        let slot = self
+            .cache
+            .take()
+            .ok_or_else(|| Error::runtime("no free key/value cache slot"))?;
         let id = self.next_id;
         self.next_id += 1;
-        let context = if prompt.is_empty() {
+        let block = self.source.config().block_size;
+        let pending = if prompt.is_empty() {
             vec![b'\n' as u32]
         } else {
-            prompt.iter().map(|&b| b as u32).collect()
+            prompt[prompt.len().saturating_sub(block)..]
+                .iter()
+                .map(|&b| b as u32)
+                .collect()
         };
         self.seqs.push(Sequence {
             id,
-            context,
+            slot,
+            window: Vec::with_capacity(block),
+            pending,
             opts: opts.clone(),
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed),
             emitted: 0,
+            logits: Vec::new(),
         });
         Ok(id)
     }
 
     /// Remove a sequence from the batch; false if it was not there.
     pub fn cancel(&mut self, id: SeqId) -> bool {
-        let before = self.seqs.len();
-        self.seqs.retain(|s| s.id != id);
-        self.seqs.len() != before
+        match self.seqs.iter().position(|s| s.id == id) {
+            Some(i) => {
+                let seq = self.seqs.remove(i);
+                self.cache.release(seq.slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The logits a sequence's last byte was drawn from, and the window (tokens at positions
+    /// `0..`) they were computed over; `None` for a sequence not in the batch or before its first
+    /// step.
+    pub fn last_logits(&self, id: SeqId) -> Option<(&[f32], &[u32])> {
+        self.seqs
+            .iter()
+            .find(|s| s.id == id && !s.logits.is_empty())
+            .map(|s| (s.logits.as_slice(), s.window.as_slice()))
     }
 
     /// Draw one byte for every sequence in the batch, in admission order.
     pub fn step(&mut self) -> Result<Vec<Emitted>> {
-        let block = self.model.config().block_size;
-        let vocab = self.model.config().vocab;
-        let mut out = Vec::with_capacity(self.seqs.len());
+        let block = self.source.config().block_size;
+        let vocab = self.source.config().vocab;
+        let keep = block / 2;
+        let mut rows = Vec::new();
+        let mut want = Vec::with_capacity(self.seqs.len());
         for seq in &mut self.seqs {
-            let window = &seq.context[seq.context.len().saturating_sub(block)..];
-            let logits = self.cpu.install(|| self.model.logits(&self.cpu, window, 1))?;
-            let last = &logits[(window.len() - 1) * vocab..];
+            if seq.window.len() + seq.pending.len() > block {
+                // The window is full: encode the newest `keep` tokens again from position 0.
+                let mut kept = seq.window[seq.window.len() - keep.min(seq.window.len())..].to_vec();
+                kept.append(&mut seq.pending);
+                let from = kept.len().saturating_sub(block);
+                seq.pending = kept.split_off(from);
+                seq.window.clear();
+            }
+            for &token in &seq.pending {
+                rows.push(Row {
+                    slot: seq.slot,
+                    pos: seq.window.len(),
+                    token,
+                });
+                seq.window.push(token);
+            }
+            seq.pending.clear();
+            want.push(rows.len() - 1);
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let logits = self.decoder.forward(&mut self.source, &mut self.cache, &rows, &want)?;
+        let mut out = Vec::with_capacity(self.seqs.len());
+        for (seq, last) in self.seqs.iter_mut().zip(logits.chunks_exact(vocab)) {
             let byte = pick(last, &seq.opts, &mut seq.rng);
-            seq.context.push(byte as u32);
+            seq.logits.clear();
+            seq.logits.extend_from_slice(last);
+            seq.pending.push(byte as u32);
             seq.emitted += 1;
             out.push(Emitted {
                 id: seq.id,
@@ -129,7 +220,14 @@ impl BatchDecoder {
                 finished: seq.emitted >= seq.opts.max_tokens,
             });
         }
-        self.seqs.retain(|s| s.emitted < s.opts.max_tokens);
+        let cache = &mut self.cache;
+        self.seqs.retain(|s| {
+            let live = s.emitted < s.opts.max_tokens;
+            if !live {
+                cache.release(s.slot);
+            }
+            live
+        });
         Ok(out)
     }
 }

@@ -6,9 +6,7 @@ use super::batch::BatchDecoder;
 use crate::error::{Error, Result};
 use crate::kernels::Cpu;
 use crate::model::gpt::Gpt;
-use rand::Rng;
-#[cfg(test)]
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
 /// How to sample.
 #[derive(Clone, Debug)]
@@ -70,14 +68,49 @@ pub fn generate(
     Ok(out)
 }
 
+/// The recomputing path: every byte runs the whole window (the last `block_size` tokens) through
+/// the model again. This was `generate` before the key/value cache; it stays as the reference the
+/// cached decoder is checked and measured against (`semoe bench generate`).
+pub fn generate_recomputing(model: &Gpt<f32>, cpu: &Cpu, prompt: &[u8], opts: &SampleOptions) -> Result<Vec<u8>> {
+    check_options(opts)?;
+    let model = model.for_inference()?;
+    let c = model.config().clone();
+    let mut context: Vec<u32> = if prompt.is_empty() {
+        vec![b'\n' as u32]
+    } else {
+        prompt.iter().map(|&b| b as u32).collect()
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut out = Vec::with_capacity(opts.max_tokens);
+    for _ in 0..opts.max_tokens {
+        let window = &context[context.len().saturating_sub(c.block_size)..];
+        let logits = cpu.install(|| model.logits(cpu, window, 1))?;
+        let next = pick(&logits[(window.len() - 1) * c.vocab..], opts, &mut rng);
+        context.push(next as u32);
+        out.push(next);
+    }
+    Ok(out)
+}
+
 pub(crate) fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut impl Rng) -> u8 {
+    // Most likely first, ties to the lower byte: a total order, so selecting the best `top_k` and
+    // sorting only those gives what sorting everything would.
+    let by_rank = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
     let mut order: Vec<usize> = (0..logits.len().min(256)).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    let keep = if opts.temperature == 0.0 {
+        1
+    } else if opts.top_k > 0 {
+        opts.top_k.min(order.len())
+    } else {
+        order.len()
+    };
+    if keep < order.len() {
+        order.select_nth_unstable_by(keep - 1, by_rank);
+        order.truncate(keep);
+    }
+    order.sort_unstable_by(by_rank);
     if opts.temperature == 0.0 {
         return order[0] as u8;
-    }
-    if opts.top_k > 0 {
-        order.truncate(opts.top_k);
     }
     let max = logits[order[0]] as f64;
     let weights: Vec<f64> = order

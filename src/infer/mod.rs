@@ -1,7 +1,11 @@
-//! Inference: sampling text from a trained model, one sequence or a batch.
+//! Inference: sampling text from a trained model, one sequence or a batch, incrementally (a cache
+//! of attention keys and values), with the weights in memory or streamed through a ring of memory
+//! sections under a budget.
 
 pub mod batch;
+pub mod decoder;
 pub mod generate;
+pub mod weights;
 
 pub use batch::{BatchDecoder, Emitted, SeqId};
-pub use generate::{generate, SampleOptions};
+pub use generate::{generate, generate_recomputing, SampleOptions};

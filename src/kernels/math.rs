@@ -205,9 +205,107 @@ multiversion!(
     adamw_update => adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamwStep)
 );
 
+/// Bytes of output rows one pass of [`rows_times`] keeps hot in L1 (the weights stream past them).
+const ROWS_TIMES_TILE_BYTES: usize = 32 * 1024;
+
+/// `out[r] += x[r] @ w` for every row `r` of `x` (`[rows][k]`), `w` `[k][n]` row-major, `out`
+/// `[rows][n]`. Each output element is `out + x[r][0] w[0][j] + x[r][1] w[1][j] + ...` as a chain
+/// of fused multiply-adds in the order of `k`: a row's result never depends on the other rows, the
+/// column tiling or the instruction set, which is what makes batched decoding give every sequence the
+/// bits it gets alone (src/infer/). One row (decoding a single sequence) streams `w` from start to
+/// end; more rows take the columns in tiles whose outputs stay in L1 while `w` streams past.
+#[inline(always)]
+fn rows_times_body(x: &[f32], w: &[f32], k: usize, n: usize, out: &mut [f32]) {
+    let rows = out.len() / n.max(1);
+    let tile = (ROWS_TIMES_TILE_BYTES / 4 / rows.max(1))
+        .next_multiple_of(16)
+        .clamp(64, n.max(64));
+    let mut j0 = 0;
+    while j0 < n {
+        let j1 = (j0 + tile).min(n);
+        let width = j1 - j0;
+        let mut kk = 0;
+        while kk + 8 <= k {
+            let wr = |i: usize| &w[(kk + i) * n + j0..][..width];
+            let (w0, w1, w2, w3, w4, w5, w6, w7) = (wr(0), wr(1), wr(2), wr(3), wr(4), wr(5), wr(6), wr(7));
+            for r in 0..rows {
+                let a = &x[r * k + kk..][..8];
+                let o = &mut out[r * n + j0..][..width];
+                for j in 0..width {
+                    let mut acc = a[0].mul_add(w0[j], o[j]);
+                    acc = a[1].mul_add(w1[j], acc);
+                    acc = a[2].mul_add(w2[j], acc);
+                    acc = a[3].mul_add(w3[j], acc);
+                    acc = a[4].mul_add(w4[j], acc);
+                    acc = a[5].mul_add(w5[j], acc);
+                    acc = a[6].mul_add(w6[j], acc);
+                    o[j] = a[7].mul_add(w7[j], acc);
+                }
+            }
+            kk += 8;
+        }
+        while kk < k {
+            let w0 = &w[kk * n + j0..][..width];
+            for r in 0..rows {
+                let a0 = x[r * k + kk];
+                let o = &mut out[r * n + j0..][..width];
+                for j in 0..width {
+                    o[j] = a0.mul_add(w0[j], o[j]);
+                }
+            }
+            kk += 1;
+        }
+        j0 = j1;
+    }
+}
+
+multiversion!(
+    /// See [`rows_times_body`]: `out[r] += x[r] @ w`, row-independent bits. (`mul_add` is exact
+    /// rounding everywhere, so every version gives the same bits; the portable one is slow.)
+    rows_times_unchecked => rows_times_body(x: &[f32], w: &[f32], k: usize, n: usize, out: &mut [f32])
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_times_rows_do_not_depend_on_each_other_or_the_instruction_set() {
+        let (k, n) = (77, 300);
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+        for rows in [1, 3, 16, 40] {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 104729) % 997) as f32 * 1e-3 - 0.4)
+                .collect();
+            let mut together = vec![0.25f32; rows * n];
+            rows_times_unchecked(&x, &w, k, n, &mut together);
+            let mut portable = vec![0.25f32; rows * n];
+            rows_times_body(&x, &w, k, n, &mut portable);
+            assert!(
+                together.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{rows} rows: the dispatched version differs from the portable one"
+            );
+            for r in 0..rows {
+                let mut alone = vec![0.25f32; n];
+                rows_times_unchecked(&x[r * k..(r + 1) * k], &w, k, n, &mut alone);
+                assert!(
+                    alone
+                        .iter()
+                        .zip(&together[r * n..])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "row {r} of {rows} differs when computed alone"
+                );
+                for j in [0, 1, n / 2, n - 1] {
+                    let want = 0.25 + (0..k).map(|i| x[r * k + i] as f64 * w[i * n + j] as f64).sum::<f64>();
+                    let got = together[r * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "[{r}][{j}] {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn exp_matches_std_to_a_few_ulp() {

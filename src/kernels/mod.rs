@@ -13,10 +13,28 @@ pub mod reduce;
 mod scalar;
 
 pub use cpu::Cpu;
+use math::rows_times_unchecked;
 pub(crate) use math::{adamw_update, AdamwStep};
 pub use scalar::Scalar;
 
 use crate::error::{Error, Result};
+
+/// `out[r] += x[r] @ w` for `x` `[rows][k]`, `w` `[k][n]`, `out` `[rows][n]`, single-threaded, with
+/// each output element summed as a chain of fused multiply-adds in the order of `k`. Unlike
+/// [`Backend::matmul`], a row's bits never depend on how many rows are computed with it: batched
+/// decoding (src/infer/) relies on that so that a sequence gets the same bytes alone or in a batch.
+pub fn rows_times(x: &[f32], w: &[f32], k: usize, n: usize, out: &mut [f32]) -> Result<()> {
+    if k == 0 || n == 0 || !x.len().is_multiple_of(k) {
+        return Err(Error::shape(
+            "rows_times",
+            format!("{} inputs are not whole rows of {k}", x.len()),
+        ));
+    }
+    check_len("rows_times weights", w, k * n)?;
+    check_len("rows_times output", out, x.len() / k * n)?;
+    rows_times_unchecked(x, w, k, n, out);
+    Ok(())
+}
 
 /// Which form of GELU an expert uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]

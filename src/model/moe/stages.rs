@@ -330,7 +330,7 @@ fn token_major<T: Copy>(v: &[T], k: usize, s_count: usize) -> Vec<T> {
 
 /// Combine weight of each assignment `[k][S]`: the kept routes' gate values, renormalised to sum to 1
 /// for k >= 2 when `normalize` is set (denominator floored at the f32 epsilon), 0 for dropped routes.
-fn combine_weights<T: Scalar>(c: &MoeConfig, gates: &[T], r: &Routing) -> Vec<T> {
+pub fn combine_weights<T: Scalar>(c: &MoeConfig, gates: &[T], r: &Routing) -> Vec<T> {
     let s_count = r.tokens;
     let mut w: Vec<T> = (0..c.k * s_count)
         .map(|a| {

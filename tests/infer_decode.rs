@@ -1,0 +1,226 @@
+//! The key/value-cached decoder: its logits agree with the recomputing forward over the same window
+//! (within 1e-5 relative), a sequence gets the same bits alone or in any batch, and the batch and
+//! its cache refuse what does not fit.
+
+use semoe::infer::{BatchDecoder, SampleOptions, SeqId};
+use semoe::kernels::Cpu;
+use semoe::model::gpt::{Gpt, GptConfig};
+use std::collections::BTreeMap;
+
+fn small(moe_every: usize) -> GptConfig {
+    GptConfig {
+        block_size: 16,
+        d_model: 32,
+        n_layer: 3,
+        n_head: 4,
+        d_ff: 48,
+        experts: 4,
+        k: 2,
+        moe_every,
+        ..GptConfig::default()
+    }
+}
+
+/// Initialised weights scaled up, so that logits and routing are far from uniform (a trained
+/// model's are too: the main job's checkpoints agree with the recomputing forward to about 6e-7).
+fn scaled(config: &GptConfig, seed: u64, scale: f32) -> Gpt<f32> {
+    let mut m = Gpt::init(config, seed).expect("init");
+    for buf in m.buffers_mut() {
+        buf.iter_mut().for_each(|v| *v *= scale);
+    }
+    m
+}
+
+fn model(config: &GptConfig, seed: u64) -> Gpt<f32> {
+    scaled(config, seed, 4.0)
+}
+
+fn opts(tokens: usize, temperature: f64, top_k: usize, seed: u64) -> SampleOptions {
+    SampleOptions {
+        max_tokens: tokens,
+        temperature,
+        top_k,
+        seed,
+    }
+}
+
+/// Generate with the cached decoder, checking every step's logits against `Gpt::logits` over the
+/// window the decoder reports; returns the number of window shifts seen.
+fn check_against_recomputing(m: &Gpt<f32>, prompt: &[u8], tokens: usize) -> usize {
+    let config = m.config();
+    let reference = m.for_inference().expect("inference model");
+    let cpu = Cpu::new(1).expect("cpu");
+    let mut decoder = BatchDecoder::new(m, cpu.clone(), 1).expect("decoder");
+    let id = decoder.admit(prompt, &opts(tokens, 1.0, 0, 9)).expect("admit");
+    let (mut shifts, mut last_len, mut steps) = (0, 0, 0);
+    while decoder.active() > 0 {
+        // Read the logits before the step that would end the sequence removes it.
+        let emitted = decoder.step().expect("step");
+        assert_eq!(emitted.len(), 1);
+        steps += 1;
+        let Some((logits, window)) = decoder.last_logits(id) else {
+            assert!(emitted[0].finished, "a live sequence has logits");
+            break;
+        };
+        assert!(
+            !window.is_empty() && window.len() <= config.block_size,
+            "window of {}",
+            window.len()
+        );
+        if window.len() < last_len {
+            shifts += 1;
+        }
+        last_len = window.len();
+        let want = reference.logits(&cpu, window, 1).expect("recompute");
+        let want = &want[(window.len() - 1) * config.vocab..];
+        assert_eq!(logits.len(), want.len(), "logit count");
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 1e-3, "logits are not trivially small: {scale}");
+        for (i, (&got, &w)) in logits.iter().zip(want).enumerate() {
+            let err = (got - w).abs() / scale;
+            assert!(err <= 1e-5, "step {steps}, byte {i}: {got} vs {w} (relative {err})");
+        }
+    }
+    assert_eq!(steps, tokens);
+    shifts
+}
+
+#[test]
+fn cached_logits_agree_with_the_recomputing_forward() {
+    // Dense and MoE blocks mixed, then every block MoE; 60 bytes cross several window shifts.
+    for moe_every in [2, 1, 0] {
+        let shifts = check_against_recomputing(&model(&small(moe_every), 3), b"To be, or", 60);
+        assert!(shifts >= 5, "moe_every {moe_every}: {shifts} window shifts");
+    }
+    // A prompt longer than the context keeps its last block_size bytes.
+    check_against_recomputing(&model(&small(1), 3), &[b'a'; 40], 10);
+}
+
+#[test]
+fn the_main_jobs_model_agrees_with_the_recomputing_forward() {
+    let shifts = check_against_recomputing(&scaled(&GptConfig::default(), 3, 2.0), b"ROMEO.\n", 120);
+    assert!(shifts >= 2, "{shifts} window shifts");
+}
+
+/// Every step's bytes and logit bits of each sequence, decoded in one batch with the given
+/// admission schedule: `(step, prompt index)`.
+fn run_batch(
+    m: &Gpt<f32>,
+    prompts: &[(Vec<u8>, SampleOptions)],
+    schedule: &[(usize, usize)],
+    max_batch: usize,
+) -> BTreeMap<usize, (Vec<u8>, Vec<Vec<u32>>)> {
+    let mut decoder = BatchDecoder::new(m, Cpu::new(1).expect("cpu"), max_batch).expect("decoder");
+    let mut ids: BTreeMap<SeqId, usize> = BTreeMap::new();
+    let mut out: BTreeMap<usize, (Vec<u8>, Vec<Vec<u32>>)> = BTreeMap::new();
+    let mut step = 0;
+    let mut max_active = 0;
+    loop {
+        for &(at, p) in schedule {
+            if at == step {
+                let (prompt, o) = &prompts[p];
+                ids.insert(decoder.admit(prompt, o).expect("admit"), p);
+            }
+        }
+        max_active = max_active.max(decoder.active());
+        if decoder.active() == 0 && schedule.iter().all(|&(at, _)| at < step) {
+            break;
+        }
+        // Logits of each sequence, read before a finishing sequence leaves the batch: the step
+        // returns the bytes, and `last_logits` of the survivors; finished ones are compared by bytes.
+        for e in decoder.step().expect("step") {
+            let p = ids[&e.id];
+            let entry = out.entry(p).or_default();
+            entry.0.push(e.byte);
+            if let Some((logits, _)) = decoder.last_logits(e.id) {
+                entry.1.push(logits.iter().map(|v| v.to_bits()).collect());
+            }
+        }
+        step += 1;
+        assert!(step < 10_000, "the batch never drained");
+    }
+    if prompts.len() > 1 && max_batch > 1 {
+        assert!(max_active > 1, "the batch held {max_active} sequence(s) at once");
+    }
+    out
+}
+
+#[test]
+fn a_sequence_gets_the_same_bits_alone_and_in_a_batch() {
+    let config = small(1);
+    let m = model(&config, 5);
+    let prompts = vec![
+        (b"ab".to_vec(), opts(30, 0.9, 10, 1)),
+        (Vec::new(), opts(25, 1.0, 0, 2)),
+        (vec![b'x'; 40], opts(20, 0.0, 0, 3)),
+        (b"The quick brown".to_vec(), opts(35, 1.3, 40, 4)),
+        (b"q".to_vec(), opts(1, 1.0, 0, 5)),
+    ];
+    let schedule = [(0, 0), (0, 1), (3, 2), (3, 3), (10, 4)];
+    let together = run_batch(&m, &prompts, &schedule, 5);
+    assert_eq!(together.len(), prompts.len());
+    for (p, (prompt, o)) in prompts.iter().enumerate() {
+        let alone = run_batch(&m, &[(prompt.clone(), o.clone())], &[(0, 0)], 1);
+        let (bytes, logits) = &together[&p];
+        assert_eq!(bytes.len(), o.max_tokens, "prompt {p}: bytes drawn");
+        assert_eq!(bytes, &alone[&0].0, "prompt {p}: bytes");
+        assert_eq!(logits.len(), alone[&0].1.len(), "prompt {p}: steps with logits");
+        assert!(logits == &alone[&0].1, "prompt {p}: logit bits differ");
+        // And through `generate`, one byte at a time.
+        let generated =
+            semoe::infer::generate(&m, &Cpu::new(1).expect("cpu"), prompt, o, |_| Ok(())).expect("generate");
+        assert_eq!(&generated, bytes, "prompt {p}: generate");
+    }
+    // Two threads give the same bits (rows are shared out, never split).
+    let mut decoder = BatchDecoder::new(&m, Cpu::new(2).expect("cpu"), 5).expect("decoder");
+    let mut two: BTreeMap<SeqId, Vec<u8>> = BTreeMap::new();
+    let ids: Vec<SeqId> = prompts
+        .iter()
+        .map(|(p, o)| decoder.admit(p, o).expect("admit"))
+        .collect();
+    while decoder.active() > 0 {
+        for e in decoder.step().expect("step") {
+            two.entry(e.id).or_default().push(e.byte);
+        }
+    }
+    for (p, id) in ids.iter().enumerate() {
+        assert_eq!(two[id], together[&p].0, "prompt {p} with 2 threads");
+    }
+}
+
+#[test]
+fn the_batch_refuses_what_does_not_fit_and_frees_cancelled_slots() {
+    let config = small(1);
+    let m = model(&config, 7);
+    let mut decoder = BatchDecoder::new(&m, Cpu::new(1).expect("cpu"), 2).expect("decoder");
+    assert_eq!(
+        decoder.cache_bytes(),
+        2 * semoe::infer::decoder::KvCache::slot_bytes(&config),
+        "the cache holds exactly max_batch sequences"
+    );
+    let a = decoder.admit(b"a", &opts(50, 1.0, 0, 1)).expect("admit a");
+    let b = decoder.admit(b"b", &opts(50, 1.0, 0, 2)).expect("admit b");
+    let full = decoder
+        .admit(b"c", &opts(5, 1.0, 0, 3))
+        .expect_err("a third sequence is refused");
+    assert!(full.to_string().contains("full"), "{full}");
+    assert_eq!(decoder.step().expect("step").len(), 2);
+    assert!(decoder.cancel(a));
+    assert!(!decoder.cancel(a), "cancelling twice");
+    let c = decoder
+        .admit(b"c", &opts(5, 1.0, 0, 3))
+        .expect("the cancelled slot is free again");
+    let emitted = decoder.step().expect("step");
+    let ids: Vec<SeqId> = emitted.iter().map(|e| e.id).collect();
+    assert_eq!(ids, vec![b, c], "a cancelled sequence draws nothing");
+    let zero = decoder.admit(b"d", &opts(0, 1.0, 0, 4)).expect_err("max_tokens 0");
+    assert!(zero.to_string().contains("max_tokens"), "{zero}");
+    let hot = decoder
+        .admit(b"d", &opts(3, f64::NAN, 0, 4))
+        .expect_err("NaN temperature");
+    assert!(hot.to_string().contains("temperature"), "{hot}");
+    assert!(
+        BatchDecoder::new(&m, Cpu::new(1).expect("cpu"), 0).is_err(),
+        "an empty batch"
+    );
+}
