@@ -8,8 +8,7 @@
 //! The result agrees with the recomputing forward ([`Gpt::logits`](crate::model::gpt::Gpt::logits)
 //! over the same window) to rounding (`tests/infer_decode.rs`).
 
-use super::weights::Piece;
-use super::weights::{PieceWeights, WeightSource};
+use super::weights::{Piece, PieceWeights, RouterWeights, WeightSource};
 use crate::error::{Error, Result};
 use crate::kernels::{reduce, rows_times, Cpu, Scalar};
 use crate::model::gpt::GptConfig;
@@ -137,6 +136,23 @@ fn softmax_rows(logits: &mut [f32], cols: usize) {
     }
 }
 
+/// The experts MoE block `l` would route `x` (the residual stream entering the block, not yet
+/// through its attention) to: each row's top-k gate logits after LN2. A guess that the attention
+/// update will not change much, used only to start loads early; it never changes a result.
+fn predict_experts(c: &GptConfig, router: RouterWeights<'_>, x: &[f32]) -> Result<Vec<usize>> {
+    let (d, e_count) = (c.d_model, c.experts);
+    let (a2, _) = layer_norm_forward(x, router.ln2_w, router.ln2_b);
+    let mut logits = vec![0.0f32; a2.len() / d * e_count];
+    rows_times(&a2, router.wg, d, e_count, &mut logits)?;
+    let mut wanted = vec![false; e_count];
+    for row in logits.chunks_exact(e_count) {
+        let mut order: Vec<usize> = (0..e_count).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        order.iter().take(c.k).for_each(|&e| wanted[e] = true);
+    }
+    Ok((0..e_count).filter(|&e| wanted[e]).collect())
+}
+
 /// The incremental forward pass.
 pub struct Decoder {
     config: GptConfig,
@@ -196,6 +212,10 @@ impl Decoder {
         }
         source.begin_pass()?;
         for l in 0..c.n_layer {
+            if let Some(router) = source.router_ahead(l) {
+                let predicted = predict_experts(c, router, &x)?;
+                source.prefetch(l, &predicted)?;
+            }
             let (a2, gate_logits) = source.with_piece(Piece::Attention(l), |w| {
                 let PieceWeights::Attention(w) = w else {
                     return Err(Error::shape("decoder", "attention weights expected"));
@@ -295,9 +315,17 @@ impl Decoder {
         let used: Vec<usize> = (0..e_count)
             .filter(|&e| routing.offsets[e + 1] > routing.offsets[e])
             .collect();
-        source.route(layer, &used)?;
+        let order = source.route(layer, &used)?;
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        if sorted != used {
+            return Err(Error::shape(
+                "decoder",
+                format!("the weight source reorders experts {used:?} as {order:?}"),
+            ));
+        }
         let mut ye = vec![0.0f32; routing.kept() * d];
-        for &e in &used {
+        for &e in &order {
             let (r0, r1) = (routing.offsets[e], routing.offsets[e + 1]);
             let mut xe = Vec::with_capacity((r1 - r0) * d);
             for &t in &routing.row_token[r0..r1] {

@@ -58,6 +58,17 @@ pub struct HeadWeights<'a> {
     pub lm_head: &'a [f32],
 }
 
+/// An MoE block's LN2 and gate, for predicting its routing ahead of time.
+#[derive(Clone, Copy, Debug)]
+pub struct RouterWeights<'a> {
+    /// LN2 scale `[D]`.
+    pub ln2_w: &'a [f32],
+    /// LN2 shift `[D]`.
+    pub ln2_b: &'a [f32],
+    /// The gate `[D][E]`.
+    pub wg: &'a [f32],
+}
+
 /// A piece's weights, as the decoder reads them.
 #[derive(Clone, Copy, Debug)]
 pub enum PieceWeights<'a> {
@@ -171,11 +182,28 @@ pub trait WeightSource {
         Ok(())
     }
 
-    /// MoE block `block` routes the batch to `experts` (increasing, without repeats): the pieces
-    /// the pass reads next are those experts, in this order.
-    fn route(&mut self, block: usize, experts: &[usize]) -> Result<()> {
+    /// A copy of MoE block `block`'s LN2 and gate weights that is always at hand, for a source
+    /// that wants the routing predicted before the block runs ([`WeightSource::prefetch`]);
+    /// `None` (the default): no prediction.
+    fn router_ahead(&self, block: usize) -> Option<RouterWeights<'_>> {
+        let _ = block;
+        None
+    }
+
+    /// The decoder's guess, made before MoE block `block` runs, of the experts the batch will
+    /// route to (increasing): a streaming source may start loading them.
+    fn prefetch(&mut self, block: usize, experts: &[usize]) -> Result<()> {
         let _ = (block, experts);
         Ok(())
+    }
+
+    /// MoE block `block` routes the batch to `experts` (increasing, without repeats). Returns the
+    /// order in which the decoder reads them (a permutation of `experts`: a streaming source puts
+    /// those already loaded first). The order never changes the result: each expert's rows land in
+    /// their own place, and the combine sums every token's routes in the token's own order.
+    fn route(&mut self, block: usize, experts: &[usize]) -> Result<Vec<usize>> {
+        let _ = block;
+        Ok(experts.to_vec())
     }
 
     /// Run `f` on the weights of `piece`.

@@ -640,6 +640,43 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
 }
 
 /// Reads and validates the manifest of the checkpoint directory `dir`.
+/// What a checkpoint's manifest says about its parameter file, read without loading any tensor
+/// (for readers that stream the parameters, such as ring-memory inference).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFileInfo {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Its training step.
+    pub step: u64,
+    /// `model.safetensors` in it.
+    pub path: PathBuf,
+    /// The file's length, as recorded.
+    pub bytes: u64,
+    /// Its SHA-256 (hex), as recorded.
+    pub sha256: String,
+    /// The manifest's `extra` value (the training configuration among others).
+    pub extra: serde_json::Value,
+}
+
+/// Read the manifest of the checkpoint in `dir` and describe its parameter file. Nothing is
+/// verified but the manifest itself: the caller checks the file's length and digest as it reads.
+pub fn model_file_info(dir: &Path) -> Result<ModelFileInfo> {
+    let manifest = read_manifest(dir)?;
+    let entry = manifest
+        .files
+        .iter()
+        .find(|f| f.name == MODEL_FILE)
+        .ok_or_else(|| Error::checkpoint(dir, format!("the manifest lists no {MODEL_FILE}")))?;
+    Ok(ModelFileInfo {
+        dir: dir.to_path_buf(),
+        step: manifest.step,
+        path: dir.join(MODEL_FILE),
+        bytes: entry.bytes,
+        sha256: entry.sha256.clone(),
+        extra: manifest.extra,
+    })
+}
+
 fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST_FILE);
     let bytes = match fs::read(&path) {

@@ -66,6 +66,19 @@ pub fn save(
     checkpoint::save(run_dir, optimizer.step, &named, &opt, &extra)
 }
 
+/// Write `model` alone (no optimizer state) as the checkpoint of `step` under
+/// `run_dir/checkpoints/`, with `config` in the manifest: a checkpoint to generate from (an
+/// initialised model, or one converted from elsewhere), not to resume training from.
+pub fn save_model(run_dir: &Path, config: &impl Serialize, step: u64, model: &Gpt<f32>) -> Result<PathBuf> {
+    let tensors = model.tensors();
+    let named: Vec<NamedTensor> = tensors
+        .iter()
+        .map(|(n, s, b)| NamedTensor::new(n.as_str(), s.clone(), b.as_slice()))
+        .collect();
+    let extra = json!({ "config": config, "model_only": true });
+    checkpoint::save(run_dir, step, &named, &[], &extra)
+}
+
 /// The model and optimizer state of a loaded (and verified) checkpoint, for a model of
 /// `model_config` and an optimizer of `optimizer_config`, and the training seconds it records.
 /// Every tensor the model has must be there with its shape, and nothing else.

@@ -1,0 +1,371 @@
+//! A checkpoint's parameter file read piece by piece with positional reads, never whole: what
+//! ring-memory inference streams its weights from.
+//!
+//! [`ModelFile::open`] checks the file against its manifest (length, then SHA-256 over a stream of
+//! fixed-size reads, so that a model larger than memory is verified without being held), parses
+//! the safetensors header, and checks that every tensor the model needs is there, F32, with its
+//! shape. Reads ([`ModelFile::read_piece`]) go through `pread` into the caller's buffer: the page
+//! cache may hold the file, the process does not (no memory map, so the resident set stays within
+//! the ring's budget).
+
+use super::weights::{piece_layout, Piece};
+use crate::error::{Error, Result};
+use crate::model::gpt::GptConfig;
+use crate::storage::checkpoint::{self, ModelFileInfo};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Where one tensor's data lies in the file.
+#[derive(Clone, Debug)]
+struct TensorEntry {
+    /// Absolute byte offset of its first element.
+    offset: u64,
+    /// Its elements.
+    len: usize,
+}
+
+/// A verified checkpoint parameter file, open for positional reads.
+pub struct ModelFile {
+    path: PathBuf,
+    file: File,
+    config: GptConfig,
+    step: u64,
+    bytes: u64,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+/// The largest safetensors header read (a model's header is a few KiB per tensor).
+const MAX_HEADER: u64 = 64 << 20;
+
+impl ModelFile {
+    /// Open the checkpoint `path` (a checkpoint directory, or a run directory: its newest
+    /// checkpoint that verifies, with a warning on standard error for each newer damaged one).
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.join(checkpoint::MANIFEST_FILE).exists() {
+            return Self::open_checkpoint(path);
+        }
+        let mut candidates = checkpoint::list(path)?;
+        if candidates.is_empty() {
+            return Err(Error::config(format!(
+                "{} is neither a checkpoint nor a run directory with one",
+                path.display()
+            )));
+        }
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+        let mut last = None;
+        for (_, dir) in candidates {
+            match Self::open_checkpoint(&dir) {
+                Ok(file) => return Ok(file),
+                Err(e) => {
+                    eprintln!(
+                        "warning: checkpoint {} is damaged ({e}); trying an older one",
+                        dir.display()
+                    );
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::config("no intact checkpoint")))
+    }
+
+    fn open_checkpoint(dir: &Path) -> Result<Self> {
+        let info = checkpoint::model_file_info(dir)?;
+        let config = model_config(&info)?;
+        let mut file = File::open(&info.path).map_err(|e| Error::io("opening checkpoint file", &info.path, e))?;
+        verify(&mut file, &info)?;
+        let tensors = parse_header(&file, &info)?;
+        let model = ModelFile {
+            path: info.path.clone(),
+            file,
+            config,
+            step: info.step,
+            bytes: info.bytes,
+            tensors,
+        };
+        model.check_tensors()?;
+        Ok(model)
+    }
+
+    /// Every tensor of the model present with its element count (computed from the config: building
+    /// the model to ask it would need the memory this reader exists to avoid).
+    fn check_tensors(&self) -> Result<()> {
+        for (name, len) in expected_tensors(&self.config) {
+            match self.tensors.get(&name) {
+                None => {
+                    return Err(Error::checkpoint(&self.path, format!("tensor {name} is missing")));
+                }
+                Some(t) if t.len != len => {
+                    return Err(Error::checkpoint(
+                        &self.path,
+                        format!("tensor {name} has {} elements, the model needs {len}", t.len),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The model's configuration, as the checkpoint records it.
+    pub fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    /// The checkpoint's training step.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The file's length in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read elements `start..start + dst.len()` of tensor `name` into `dst`.
+    pub fn read(&self, name: &str, start: usize, dst: &mut [f32]) -> Result<()> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::checkpoint(&self.path, format!("tensor {name} is missing")))?;
+        if start + dst.len() > t.len {
+            return Err(Error::checkpoint(
+                &self.path,
+                format!("read past the end of {name} ({} + {} > {})", start, dst.len(), t.len),
+            ));
+        }
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(dst);
+        self.file
+            .read_exact_at(bytes, t.offset + 4 * start as u64)
+            .map_err(|e| Error::io(format!("reading {name}"), &self.path, e))?;
+        if cfg!(target_endian = "big") {
+            for v in dst.iter_mut() {
+                *v = f32::from_bits(u32::from_le(v.to_bits()));
+            }
+        }
+        Ok(())
+    }
+
+    /// A whole tensor.
+    pub fn tensor(&self, name: &str) -> Result<Vec<f32>> {
+        let len = self.tensors.get(name).map(|t| t.len).unwrap_or(0);
+        let mut out = vec![0.0f32; len];
+        self.read(name, 0, &mut out)?;
+        Ok(out)
+    }
+
+    /// Read `piece` into `dst` (laid out by [`piece_layout`]); returns the bytes read.
+    pub fn read_piece(&self, piece: Piece, dst: &mut [f32]) -> Result<u64> {
+        let layout = piece_layout(&self.config, piece);
+        let total: usize = layout.iter().sum();
+        if dst.len() < total {
+            return Err(Error::shape(
+                format!("buffer for {piece:?}"),
+                format!("{} < {total}", dst.len()),
+            ));
+        }
+        let mut at = 0;
+        for ((name, start), len) in piece_sources(&self.config, piece).into_iter().zip(layout) {
+            if len > 0 {
+                self.read(&name, start, &mut dst[at..at + len])?;
+            }
+            at += len;
+        }
+        Ok(4 * total as u64)
+    }
+}
+
+/// The tensor and first element of each part of `piece`, in [`piece_layout`] order.
+fn piece_sources(config: &GptConfig, piece: Piece) -> Vec<(String, usize)> {
+    let (d, f) = (config.d_model, config.d_ff);
+    match piece {
+        Piece::Attention(l) => {
+            let n = |s: &str| (format!("h.{l}.{s}"), 0);
+            vec![
+                n("ln1.weight"),
+                n("ln1.bias"),
+                n("attn.wqkv"),
+                n("attn.bqkv"),
+                n("attn.wo"),
+                n("attn.bo"),
+                n("ln2.weight"),
+                n("ln2.bias"),
+                n("moe.wg"),
+            ]
+        }
+        Piece::Dense(l) => ["mlp.w1", "mlp.b1", "mlp.w2", "mlp.b2"]
+            .iter()
+            .map(|s| (format!("h.{l}.{s}"), 0))
+            .collect(),
+        Piece::Expert(l, e) => vec![
+            (format!("h.{l}.moe.w1"), e * d * f),
+            (format!("h.{l}.moe.b1"), e * f),
+            (format!("h.{l}.moe.w2"), e * f * d),
+            (format!("h.{l}.moe.b2"), e * d),
+        ],
+        Piece::Head => vec![
+            ("ln_f.weight".into(), 0),
+            ("ln_f.bias".into(), 0),
+            ("lm_head".into(), 0),
+        ],
+    }
+}
+
+/// Every tensor name of a model of `config` with its element count (as [`Gpt::tensors`] names them).
+fn expected_tensors(config: &GptConfig) -> Vec<(String, usize)> {
+    let (d, v) = (config.d_model, config.vocab);
+    let mut out = vec![("wte".to_string(), v * d), ("wpe".to_string(), config.block_size * d)];
+    for l in 0..config.n_layer {
+        let n = |s: &str| format!("h.{l}.{s}");
+        out.extend([
+            (n("ln1.weight"), d),
+            (n("ln1.bias"), d),
+            (n("attn.wqkv"), d * 3 * d),
+            (n("attn.bqkv"), 3 * d),
+            (n("attn.wo"), d * d),
+            (n("attn.bo"), d),
+            (n("ln2.weight"), d),
+            (n("ln2.bias"), d),
+        ]);
+        if config.is_moe(l) {
+            let (e, f) = (config.experts, config.d_ff);
+            out.extend([
+                (n("moe.wg"), d * e),
+                (n("moe.w1"), e * d * f),
+                (n("moe.b1"), e * f),
+                (n("moe.w2"), e * f * d),
+                (n("moe.b2"), e * d),
+            ]);
+        } else {
+            let f = config.dense_width();
+            out.extend([
+                (n("mlp.w1"), d * f),
+                (n("mlp.b1"), f),
+                (n("mlp.w2"), f * d),
+                (n("mlp.b2"), d),
+            ]);
+        }
+    }
+    out.extend([
+        ("ln_f.weight".to_string(), d),
+        ("ln_f.bias".to_string(), d),
+        ("lm_head".to_string(), d * v),
+    ]);
+    out
+}
+
+fn model_config(info: &ModelFileInfo) -> Result<GptConfig> {
+    let value = info
+        .extra
+        .get("config")
+        .and_then(|c| c.get("model"))
+        .cloned()
+        .ok_or_else(|| Error::checkpoint(&info.dir, "the manifest records no model config (extra.config.model)"))?;
+    let config: GptConfig = serde_json::from_value(value).map_err(|e| {
+        Error::parse(
+            format!("checkpoint {} manifest config", info.dir.display()),
+            e.to_string(),
+        )
+    })?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Length, then SHA-256 over the whole file in fixed-size reads.
+fn verify(file: &mut File, info: &ModelFileInfo) -> Result<()> {
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io("reading checkpoint file metadata", &info.path, e))?
+        .len();
+    if len != info.bytes {
+        let what = if len < info.bytes { "truncated" } else { "wrong size" };
+        return Err(Error::checkpoint(
+            &info.path,
+            format!("{what}: {len} bytes on disk, the manifest says {}", info.bytes),
+        ));
+    }
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| Error::io("reading checkpoint file", &info.path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if !digest.eq_ignore_ascii_case(&info.sha256) {
+        return Err(Error::checkpoint(
+            &info.path,
+            format!("corrupt: SHA-256 mismatch (manifest {}, file {digest})", info.sha256),
+        ));
+    }
+    Ok(())
+}
+
+/// The safetensors header: every tensor's place in the file (F32 only, inside the file).
+fn parse_header(file: &File, info: &ModelFileInfo) -> Result<HashMap<String, TensorEntry>> {
+    let bad = |detail: String| Error::checkpoint(&info.path, format!("not a valid safetensors file: {detail}"));
+    let mut len_bytes = [0u8; 8];
+    file.read_exact_at(&mut len_bytes, 0)
+        .map_err(|e| Error::io("reading the safetensors header", &info.path, e))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER || 8 + header_len > info.bytes {
+        return Err(bad(format!("header of {header_len} bytes")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8)
+        .map_err(|e| Error::io("reading the safetensors header", &info.path, e))?;
+    let parsed: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let data_start = 8 + header_len;
+    let mut out = HashMap::new();
+    for (name, v) in parsed {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = v.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        if dtype != "F32" {
+            return Err(Error::checkpoint(
+                &info.path,
+                format!("tensor {name} has dtype {dtype:?}, expected F32"),
+            ));
+        }
+        let offsets = v
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .filter(|o| o.len() == 2)
+            .and_then(|o| Some((o[0].as_u64()?, o[1].as_u64()?)))
+            .ok_or_else(|| bad(format!("tensor {name} has no valid data_offsets")))?;
+        let elements = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.iter().try_fold(1u64, |acc, d| acc.checked_mul(d.as_u64()?)))
+            .ok_or_else(|| bad(format!("tensor {name} has no valid shape")))?;
+        let (begin, end) = offsets;
+        if end < begin || end - begin != elements.saturating_mul(4) || data_start + end > info.bytes {
+            return Err(bad(format!(
+                "tensor {name}: data {begin}..{end} for {elements} elements in a file of {} bytes",
+                info.bytes
+            )));
+        }
+        out.insert(
+            name,
+            TensorEntry {
+                offset: data_start + begin,
+                len: elements as usize,
+            },
+        );
+    }
+    Ok(out)
+}

@@ -1,0 +1,593 @@
+//! Ring-memory inference (SE-MoE): generation from a model larger than the memory it may use.
+//!
+//! The Device budget is cut into a fixed number of equal *sections*, each large enough for the
+//! largest [piece](super::weights::Piece) of the model. I/O threads load pieces into free sections
+//! in the order the forward pass will read them, from the Host tier (pieces kept in memory under
+//! the Host budget) or straight from the checkpoint file; the decoder computes on one section while
+//! the next ones load, and gives each section back as soon as it is done with it, so the sections
+//! go round like a ring. What is loaded ahead:
+//!
+//! - [`Prefetch::Routed`]: the dense pieces of the pass as far as the next MoE block, and that
+//!   block's experts as soon as they can be guessed: before the block runs, the decoder applies the
+//!   block's gate to the residual stream entering it (the router is known one block ahead) and the
+//!   ring starts loading those experts; once the gate has really routed the batch, wrong guesses
+//!   are dropped, missing experts are queued, and the decoder reads the loaded ones first.
+//! - [`Prefetch::WholeBlock`]: every piece of every block, all experts included, in order (no
+//!   dependence on routing; pays when a large batch routes to most experts).
+//! - [`Prefetch::OnDemand`]: nothing ahead: each piece is loaded when the decoder asks for it (the
+//!   baseline the ring is measured against).
+//!
+//! Whatever is loaded and in whichever order, the decoder computes the same products on the same
+//! weights: ring generation is bitwise identical to resident generation (`tests/infer_ring.rs`).
+//! The sections are allocated once, at start; nothing else grows with the model but the resident
+//! embeddings (and, for [`Prefetch::Routed`], a copy of each MoE block's LN2 and gate), which count
+//! against the Device budget too.
+
+use super::model_file::ModelFile;
+use super::weights::{all_pieces, piece_len, split_piece, Piece, PieceWeights, RouterWeights, WeightSource};
+use crate::error::{Error, Result};
+use crate::model::gpt::GptConfig;
+use serde::Serialize;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// What the ring loads ahead of the decoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Prefetch {
+    /// Dense pieces ahead; experts by the predicted, then the real routing.
+    Routed,
+    /// Every piece ahead, all experts of every block.
+    WholeBlock,
+    /// Nothing ahead: each piece loads when asked for.
+    OnDemand,
+}
+
+impl std::str::FromStr for Prefetch {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "routed" => Ok(Prefetch::Routed),
+            "whole-block" => Ok(Prefetch::WholeBlock),
+            "on-demand" => Ok(Prefetch::OnDemand),
+            other => Err(Error::config(format!(
+                "prefetch must be routed, whole-block or on-demand, got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// How to build a ring.
+#[derive(Clone, Debug)]
+pub struct RingOptions {
+    /// Bytes of the Device tier: the sections plus the resident embeddings (and router copies).
+    pub device_budget: u64,
+    /// Bytes of the Host tier: pieces kept in memory, copied into sections instead of read from disk.
+    pub host_budget: u64,
+    /// What is loaded ahead.
+    pub prefetch: Prefetch,
+    /// Threads loading pieces.
+    pub io_threads: usize,
+}
+
+/// What a ring did (totals since it was built).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RingStats {
+    /// Sections in the ring.
+    pub sections: usize,
+    /// Bytes of one section.
+    pub section_bytes: u64,
+    /// Bytes always resident on the Device side (embeddings, router copies).
+    pub resident_bytes: u64,
+    /// Sections plus resident bytes: what the Device tier holds, at most the Device budget.
+    pub device_bytes: u64,
+    /// Bytes of the pieces kept in the Host tier.
+    pub host_bytes: u64,
+    /// Most sections holding or loading a piece at once.
+    pub peak_sections_in_use: usize,
+    /// Pieces loaded.
+    pub loads: u64,
+    /// Bytes read from the checkpoint file.
+    pub bytes_read: u64,
+    /// Bytes copied from the Host tier.
+    pub bytes_from_host: u64,
+    /// Seconds the I/O threads spent loading.
+    pub load_seconds: f64,
+    /// Seconds the decoder waited for a piece.
+    pub stall_seconds: f64,
+    /// Forward passes.
+    pub passes: u64,
+    /// Experts loaded on a guess that the routing then confirmed.
+    pub predicted_hits: u64,
+    /// Experts loaded (or queued) on a guess that the routing did not confirm.
+    pub predicted_misses: u64,
+    /// Pieces the decoder asked for that nobody had queued.
+    pub unrequested: u64,
+}
+
+struct State {
+    buffers: Vec<Option<Box<[f32]>>>,
+    free: Vec<usize>,
+    queue: VecDeque<Piece>,
+    loading: HashMap<Piece, usize>,
+    ready: HashMap<Piece, usize>,
+    /// Loading pieces to drop when they arrive (a guess the routing did not confirm).
+    cancelled: HashSet<Piece>,
+    /// Experts queued on a guess, by block, not yet confirmed or dropped.
+    guessed: HashSet<Piece>,
+    error: Option<String>,
+    shutdown: bool,
+    stats: RingStats,
+}
+
+impl State {
+    fn known(&self, piece: Piece) -> bool {
+        self.ready.contains_key(&piece) || self.loading.contains_key(&piece) || self.queue.contains(&piece)
+    }
+
+    fn in_use(&self) -> usize {
+        self.buffers.len() - self.free.len()
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    file: ModelFile,
+    host: HashMap<Piece, Box<[f32]>>,
+    config: GptConfig,
+}
+
+impl Shared {
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        self.state
+            .lock()
+            .map_err(|_| Error::runtime("the ring's state was poisoned by a panic"))
+    }
+
+    /// Fill `buf` with `piece`; returns (bytes from disk, bytes from the Host tier).
+    fn fill(&self, piece: Piece, buf: &mut [f32]) -> Result<(u64, u64)> {
+        match self.host.get(&piece) {
+            Some(kept) => {
+                buf[..kept.len()].copy_from_slice(kept);
+                Ok((0, 4 * kept.len() as u64))
+            }
+            None => Ok((self.file.read_piece(piece, buf)?, 0)),
+        }
+    }
+}
+
+/// How long the decoder waits for one piece before calling the ring stuck.
+const LOAD_DEADLINE: Duration = Duration::from_secs(120);
+
+fn loader(shared: Arc<Shared>) {
+    loop {
+        let (piece, section, mut buf) = {
+            let Ok(mut st) = shared.lock() else { return };
+            loop {
+                if st.shutdown {
+                    return;
+                }
+                if !st.queue.is_empty() && !st.free.is_empty() {
+                    break;
+                }
+                st = match shared.wake.wait(st) {
+                    Ok(st) => st,
+                    Err(_) => return,
+                };
+            }
+            let Some(piece) = st.queue.pop_front() else { continue };
+            let Some(section) = st.free.pop() else { continue };
+            let Some(buf) = st.buffers[section].take() else {
+                st.error = Some(format!("ring section {section} was lost"));
+                shared.wake.notify_all();
+                return;
+            };
+            st.loading.insert(piece, section);
+            let in_use = st.in_use();
+            st.stats.peak_sections_in_use = st.stats.peak_sections_in_use.max(in_use);
+            (piece, section, buf)
+        };
+        let started = Instant::now();
+        let result = shared.fill(piece, &mut buf);
+        let seconds = started.elapsed().as_secs_f64();
+        let Ok(mut st) = shared.lock() else { return };
+        st.buffers[section] = Some(buf);
+        st.loading.remove(&piece);
+        st.stats.load_seconds += seconds;
+        match result {
+            Ok((disk, host)) => {
+                st.stats.loads += 1;
+                st.stats.bytes_read += disk;
+                st.stats.bytes_from_host += host;
+                if st.cancelled.remove(&piece) {
+                    st.free.push(section);
+                } else {
+                    st.ready.insert(piece, section);
+                }
+            }
+            Err(e) => {
+                st.free.push(section);
+                st.error = Some(format!("loading {piece:?}: {e}"));
+            }
+        }
+        shared.wake.notify_all();
+    }
+}
+
+/// A resident copy of an MoE block's LN2 scale and shift and gate, for predicting its routing.
+type RouterCopy = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// The model's weights streamed through a ring of sections (see the module documentation).
+pub struct RingWeights {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    wte: Vec<f32>,
+    wpe: Vec<f32>,
+    routers: HashMap<usize, RouterCopy>,
+    prefetch: Prefetch,
+    section_len: usize,
+}
+
+impl RingWeights {
+    /// A ring over the checkpoint `file` under `options`' budgets. Refused, naming the smallest
+    /// Device budget that would do, when fewer than two sections fit.
+    pub fn new(file: ModelFile, options: &RingOptions) -> Result<Self> {
+        let config = GptConfig {
+            dropless: true,
+            ..file.config().clone()
+        };
+        let pieces = all_pieces(&config);
+        let section_len = pieces.iter().map(|&p| piece_len(&config, p)).max().unwrap_or(0);
+        let section_bytes = 4 * section_len as u64;
+        let wte = file.tensor("wte")?;
+        let wpe = file.tensor("wpe")?;
+        let mut routers = HashMap::new();
+        if options.prefetch == Prefetch::Routed {
+            for l in (0..config.n_layer).filter(|&l| config.is_moe(l)) {
+                let n = |s: &str| format!("h.{l}.{s}");
+                routers.insert(
+                    l,
+                    (
+                        file.tensor(&n("ln2.weight"))?,
+                        file.tensor(&n("ln2.bias"))?,
+                        file.tensor(&n("moe.wg"))?,
+                    ),
+                );
+            }
+        }
+        let resident_bytes = 4
+            * (wte.len()
+                + wpe.len()
+                + routers
+                    .values()
+                    .map(|(a, b, c)| a.len() + b.len() + c.len())
+                    .sum::<usize>()) as u64;
+        let available = options.device_budget.saturating_sub(resident_bytes);
+        let sections = ((available / section_bytes.max(1)) as usize).min(pieces.len().max(2));
+        if sections < 2 {
+            return Err(Error::config(format!(
+                "a device budget of {} holds fewer than two sections of {} bytes (the largest piece of the \
+                 model) next to {} resident bytes: give at least {} bytes",
+                options.device_budget,
+                section_bytes,
+                resident_bytes,
+                resident_bytes + 2 * section_bytes
+            )));
+        }
+        if options.io_threads == 0 {
+            return Err(Error::config("the ring needs at least one I/O thread"));
+        }
+        // The Host tier keeps what every pass reads first (attention, dense blocks, head), then
+        // experts in order, as far as its budget goes: for a pass that reads the pieces in a
+        // fixed cycle, keeping a fixed set beats any recency-based eviction.
+        let mut host = HashMap::new();
+        let mut host_bytes = 0u64;
+        let mut by_priority: Vec<Piece> = pieces
+            .iter()
+            .copied()
+            .filter(|p| !matches!(p, Piece::Expert(..)))
+            .collect();
+        by_priority.extend(pieces.iter().copied().filter(|p| matches!(p, Piece::Expert(..))));
+        for piece in by_priority {
+            let len = piece_len(&config, piece);
+            if host_bytes + 4 * len as u64 > options.host_budget {
+                continue;
+            }
+            let mut buf = vec![0.0f32; len].into_boxed_slice();
+            file.read_piece(piece, &mut buf)?;
+            host_bytes += 4 * len as u64;
+            host.insert(piece, buf);
+        }
+        let state = State {
+            buffers: (0..sections)
+                .map(|_| Some(vec![0.0f32; section_len].into_boxed_slice()))
+                .collect(),
+            free: (0..sections).rev().collect(),
+            queue: VecDeque::new(),
+            loading: HashMap::new(),
+            ready: HashMap::new(),
+            cancelled: HashSet::new(),
+            guessed: HashSet::new(),
+            error: None,
+            shutdown: false,
+            stats: RingStats {
+                sections,
+                section_bytes,
+                resident_bytes,
+                device_bytes: sections as u64 * section_bytes + resident_bytes,
+                host_bytes,
+                ..RingStats::default()
+            },
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            wake: Condvar::new(),
+            file,
+            host,
+            config,
+        });
+        let mut threads = Vec::with_capacity(options.io_threads);
+        for i in 0..options.io_threads {
+            let s = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("semoe-ring-io-{i}"))
+                .spawn(move || loader(s))
+                .map_err(|e| Error::runtime(format!("cannot start a ring I/O thread: {e}")))?;
+            threads.push(handle);
+        }
+        let ring = RingWeights {
+            shared,
+            threads,
+            wte,
+            wpe,
+            routers,
+            prefetch: options.prefetch,
+            section_len,
+        };
+        ring.queue_static_from(0)?;
+        Ok(ring)
+    }
+
+    /// What the ring has done so far.
+    pub fn stats(&self) -> RingStats {
+        match self.shared.lock() {
+            Ok(st) => st.stats.clone(),
+            Err(_) => RingStats::default(),
+        }
+    }
+
+    /// The checkpoint file the ring reads.
+    pub fn file(&self) -> &ModelFile {
+        &self.shared.file
+    }
+
+    /// Queue the pieces that follow block `from`'s start without depending on a routing: dense
+    /// pieces up to and including the next MoE block's attention (all of the pass, experts
+    /// included, for [`Prefetch::WholeBlock`]); the head at the end.
+    fn queue_static_from(&self, from: usize) -> Result<()> {
+        if self.prefetch == Prefetch::OnDemand {
+            return Ok(());
+        }
+        let c = &self.shared.config;
+        let mut next = Vec::new();
+        let mut l = from;
+        loop {
+            if l == c.n_layer {
+                next.push(Piece::Head);
+                break;
+            }
+            next.push(Piece::Attention(l));
+            if c.is_moe(l) {
+                if self.prefetch != Prefetch::WholeBlock {
+                    break;
+                }
+                next.extend((0..c.experts).map(|e| Piece::Expert(l, e)));
+            } else {
+                next.push(Piece::Dense(l));
+            }
+            l += 1;
+        }
+        let mut st = self.shared.lock()?;
+        for piece in next {
+            if !st.known(piece) {
+                st.queue.push_back(piece);
+            }
+        }
+        self.shared.wake.notify_all();
+        Ok(())
+    }
+}
+
+impl Drop for RingWeights {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.shared.lock() {
+            st.shutdown = true;
+        }
+        self.shared.wake.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl WeightSource for RingWeights {
+    fn config(&self) -> &GptConfig {
+        &self.shared.config
+    }
+
+    fn embeddings(&self) -> (&[f32], &[f32]) {
+        (&self.wte, &self.wpe)
+    }
+
+    fn router_ahead(&self, block: usize) -> Option<RouterWeights<'_>> {
+        self.routers
+            .get(&block)
+            .map(|(ln2_w, ln2_b, wg)| RouterWeights { ln2_w, ln2_b, wg })
+    }
+
+    fn prefetch(&mut self, block: usize, experts: &[usize]) -> Result<()> {
+        if self.prefetch != Prefetch::Routed {
+            return Ok(());
+        }
+        let mut st = self.shared.lock()?;
+        for &e in experts {
+            let piece = Piece::Expert(block, e);
+            if !st.known(piece) {
+                st.queue.push_back(piece);
+                st.guessed.insert(piece);
+            }
+        }
+        self.shared.wake.notify_all();
+        Ok(())
+    }
+
+    fn route(&mut self, block: usize, experts: &[usize]) -> Result<Vec<usize>> {
+        let c = self.shared.config.clone();
+        {
+            let mut st = self.shared.lock()?;
+            let used: HashSet<usize> = experts.iter().copied().collect();
+            // Drop every expert of this block that the routing does not use.
+            for e in (0..c.experts).filter(|e| !used.contains(e)) {
+                let piece = Piece::Expert(block, e);
+                let guessed = st.guessed.remove(&piece);
+                let mut dropped = false;
+                if let Some(i) = st.queue.iter().position(|&p| p == piece) {
+                    st.queue.remove(i);
+                    dropped = true;
+                }
+                if let Some(section) = st.ready.remove(&piece) {
+                    st.free.push(section);
+                    dropped = true;
+                }
+                if st.loading.contains_key(&piece) {
+                    st.cancelled.insert(piece);
+                    dropped = true;
+                }
+                if guessed && dropped {
+                    st.stats.predicted_misses += 1;
+                }
+            }
+            // Queue the used experts nobody loads yet, after those already queued for this block
+            // (and before anything later, of which there is none in the routed order).
+            let mut order: Vec<usize> = experts
+                .iter()
+                .copied()
+                .filter(|&e| st.ready.contains_key(&Piece::Expert(block, e)))
+                .collect();
+            order.extend(
+                experts
+                    .iter()
+                    .copied()
+                    .filter(|&e| st.loading.contains_key(&Piece::Expert(block, e))),
+            );
+            let queued: Vec<usize> = st
+                .queue
+                .iter()
+                .filter_map(|p| match *p {
+                    Piece::Expert(l, e) if l == block && used.contains(&e) => Some(e),
+                    _ => None,
+                })
+                .collect();
+            order.extend(queued);
+            let insert_at = st
+                .queue
+                .iter()
+                .rposition(|p| matches!(p, Piece::Expert(l, _) if *l == block))
+                .map(|i| i + 1)
+                .unwrap_or(0);
+            let mut missing = Vec::new();
+            for &e in experts {
+                if !order.contains(&e) {
+                    missing.push(e);
+                }
+            }
+            if self.prefetch != Prefetch::OnDemand {
+                for (i, &e) in missing.iter().enumerate() {
+                    st.queue.insert(insert_at + i, Piece::Expert(block, e));
+                }
+            }
+            order.extend(missing);
+            for &e in experts {
+                if st.guessed.remove(&Piece::Expert(block, e)) {
+                    st.stats.predicted_hits += 1;
+                }
+            }
+            self.shared.wake.notify_all();
+            drop(st);
+            // The pieces after this block follow without a routing.
+            if self.prefetch == Prefetch::Routed {
+                self.queue_static_from(block + 1)?;
+            }
+            Ok(order)
+        }
+    }
+
+    fn with_piece<R>(&mut self, piece: Piece, f: impl FnOnce(PieceWeights<'_>) -> Result<R>) -> Result<R> {
+        let shared = self.shared.clone();
+        let (section, buf) = {
+            let mut st = shared.lock()?;
+            if !st.known(piece) {
+                if self.prefetch != Prefetch::OnDemand {
+                    st.stats.unrequested += 1;
+                }
+                st.queue.push_front(piece);
+                shared.wake.notify_all();
+            }
+            let started = Instant::now();
+            let section = loop {
+                if let Some(e) = &st.error {
+                    return Err(Error::runtime(format!("ring-memory inference: {e}")));
+                }
+                if let Some(section) = st.ready.remove(&piece) {
+                    break section;
+                }
+                // Every section holds a piece read later, and nothing loads: hand one back (it is
+                // queued again) so that this piece can load.
+                if st.free.is_empty()
+                    && st.loading.is_empty()
+                    && !st.ready.is_empty()
+                    && st.queue.front() == Some(&piece)
+                {
+                    if let Some((&later, &section)) = st.ready.iter().next() {
+                        st.ready.remove(&later);
+                        st.free.push(section);
+                        st.queue.insert(1, later);
+                        shared.wake.notify_all();
+                    }
+                }
+                let (next, timeout) = shared
+                    .wake
+                    .wait_timeout(st, Duration::from_millis(500))
+                    .map_err(|_| Error::runtime("the ring's state was poisoned by a panic"))?;
+                st = next;
+                if timeout.timed_out() && started.elapsed() > LOAD_DEADLINE {
+                    return Err(Error::runtime(format!(
+                        "ring-memory inference: {piece:?} did not load in {} s",
+                        LOAD_DEADLINE.as_secs()
+                    )));
+                }
+            };
+            st.stats.stall_seconds += started.elapsed().as_secs_f64();
+            let buf = st.buffers[section]
+                .take()
+                .ok_or_else(|| Error::runtime(format!("ring section {section} is not there")))?;
+            (section, buf)
+        };
+        let len = piece_len(&shared.config, piece).min(self.section_len);
+        let result = split_piece(&shared.config, piece, &buf[..len]).and_then(f);
+        let mut st = shared.lock()?;
+        st.buffers[section] = Some(buf);
+        st.free.push(section);
+        shared.wake.notify_all();
+        result
+    }
+
+    fn end_pass(&mut self) -> Result<()> {
+        self.shared.lock()?.stats.passes += 1;
+        // The next pass starts the same way whatever it decodes.
+        self.queue_static_from(0)
+    }
+}

@@ -1,0 +1,261 @@
+//! Ring-memory inference: generation with the weights streamed through a ring of sections is
+//! bitwise identical to generation with the whole model in memory, for every prefetch policy,
+//! budget and batch size; the Device budget is never exceeded; bad budgets and damaged checkpoints
+//! are refused with a clear error, and a checkpoint file that breaks mid-run ends generation with an
+//! error instead of a hang.
+
+mod common;
+
+use common::TempDir;
+use semoe::infer::weights::WeightSource;
+use semoe::infer::{BatchDecoder, ModelFile, Prefetch, RingOptions, RingWeights, SampleOptions, SeqId};
+use semoe::kernels::Cpu;
+use semoe::model::gpt::{Gpt, GptConfig};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn config(moe_every: usize) -> GptConfig {
+    GptConfig {
+        block_size: 16,
+        d_model: 32,
+        n_layer: 3,
+        n_head: 4,
+        d_ff: 48,
+        experts: 8,
+        k: 2,
+        moe_every,
+        ..GptConfig::default()
+    }
+}
+
+fn model(config: &GptConfig) -> Gpt<f32> {
+    let mut m = Gpt::init(config, 11).expect("init");
+    for buf in m.buffers_mut() {
+        buf.iter_mut().for_each(|v| *v *= 4.0);
+    }
+    m
+}
+
+fn save(dir: &Path, m: &Gpt<f32>) -> PathBuf {
+    let train = semoe::train::config::TrainConfig {
+        model: m.config().clone(),
+        ..Default::default()
+    };
+    semoe::storage::state::save_model(dir, &train, 7, m).expect("save")
+}
+
+fn prompts() -> Vec<(Vec<u8>, SampleOptions)> {
+    let o = |max_tokens, temperature, top_k, seed| SampleOptions {
+        max_tokens,
+        temperature,
+        top_k,
+        seed,
+    };
+    vec![
+        (b"Now is the winter".to_vec(), o(40, 1.0, 0, 1)),
+        (b"x".to_vec(), o(30, 0.7, 20, 2)),
+        (Vec::new(), o(35, 1.2, 0, 3)),
+        (b"of our discontent".to_vec(), o(25, 0.0, 0, 4)),
+    ]
+}
+
+/// Each prompt's bytes and per-step logit bits.
+type Decoded = BTreeMap<usize, (Vec<u8>, Vec<Vec<u32>>)>;
+
+/// Bytes and per-step logit bits of each prompt, `batch` at a time.
+fn decode<S: WeightSource>(mut decoder: BatchDecoder<S>, batch: usize) -> (Decoded, BatchDecoder<S>) {
+    let all = prompts();
+    let mut out: Decoded = BTreeMap::new();
+    for chunk in (0..all.len()).collect::<Vec<_>>().chunks(batch) {
+        let mut ids: BTreeMap<SeqId, usize> = BTreeMap::new();
+        for &p in chunk {
+            ids.insert(decoder.admit(&all[p].0, &all[p].1).expect("admit"), p);
+        }
+        let mut steps = 0;
+        while decoder.active() > 0 {
+            for e in decoder.step().expect("step") {
+                let entry = out.entry(ids[&e.id]).or_default();
+                entry.0.push(e.byte);
+                if let Some((logits, _)) = decoder.last_logits(e.id) {
+                    entry.1.push(logits.iter().map(|v| v.to_bits()).collect());
+                }
+            }
+            steps += 1;
+            assert!(steps < 1000, "never drained");
+        }
+    }
+    (out, decoder)
+}
+
+#[test]
+fn ring_generation_is_bitwise_resident_generation() {
+    let cpu = Cpu::new(1).expect("cpu");
+    let mut checked = 0;
+    for moe_every in [1, 2] {
+        let c = config(moe_every);
+        let m = model(&c);
+        let dir = TempDir::new("ring-bitwise");
+        let ckpt = save(dir.path(), &m);
+        let probe = RingWeights::new(
+            ModelFile::open(&ckpt).expect("open"),
+            &RingOptions {
+                device_budget: u64::MAX / 4,
+                host_budget: 0,
+                prefetch: Prefetch::OnDemand,
+                io_threads: 1,
+            },
+        )
+        .expect("probe ring");
+        let (section, resident) = (probe.stats().section_bytes, probe.stats().resident_bytes);
+        drop(probe);
+        for batch in [1, 4] {
+            let (want, _) = decode(BatchDecoder::new(&m, cpu.clone(), batch).expect("resident"), batch);
+            assert_eq!(want.len(), 4);
+            for prefetch in [Prefetch::Routed, Prefetch::WholeBlock, Prefetch::OnDemand] {
+                // Two sections (the least), three, and a few; the Host tier empty, then holding some pieces.
+                for (sections, host_budget) in [(2, 0), (3, 0), (5, 3 * section), (2, 1 << 30)] {
+                    // Routed prediction keeps router copies resident: give their bytes on top.
+                    let budget = resident + sections as u64 * section + 64 * 1024;
+                    let ring = RingWeights::new(
+                        ModelFile::open(&ckpt).expect("open"),
+                        &RingOptions {
+                            device_budget: budget,
+                            host_budget,
+                            prefetch,
+                            io_threads: 1 + sections % 2,
+                        },
+                    )
+                    .expect("ring");
+                    let label = format!(
+                        "moe_every {moe_every}, batch {batch}, {prefetch:?}, {sections} sections, host {host_budget}"
+                    );
+                    let (got, decoder) = decode(
+                        BatchDecoder::with_source(ring, cpu.clone(), batch).expect("decoder"),
+                        batch,
+                    );
+                    assert_eq!(got.len(), want.len(), "{label}: sequences");
+                    for (p, (bytes, logits)) in &want {
+                        assert_eq!(&got[p].0, bytes, "{label}: prompt {p} bytes");
+                        assert_eq!(got[p].1.len(), logits.len(), "{label}: prompt {p} steps");
+                        assert!(&got[p].1 == logits, "{label}: prompt {p} logit bits");
+                    }
+                    let s = decoder.source().stats();
+                    assert!(
+                        s.device_bytes <= budget,
+                        "{label}: {} device bytes > budget {budget}",
+                        s.device_bytes
+                    );
+                    assert!(
+                        s.sections >= 2 && s.peak_sections_in_use <= s.sections,
+                        "{label}: {s:?}"
+                    );
+                    assert!(s.passes > 0 && s.loads > 0, "{label}: {s:?}");
+                    if host_budget == 0 {
+                        assert!(s.bytes_read > 0 && s.bytes_from_host == 0, "{label}: {s:?}");
+                    } else {
+                        assert!(s.bytes_from_host > 0 && s.host_bytes <= host_budget, "{label}: {s:?}");
+                    }
+                    match prefetch {
+                        Prefetch::Routed => assert!(s.predicted_hits > 0, "{label}: {s:?}"),
+                        _ => assert_eq!(s.predicted_hits + s.predicted_misses, 0, "{label}: {s:?}"),
+                    }
+                    if prefetch != Prefetch::OnDemand {
+                        assert_eq!(s.unrequested, 0, "{label}: every piece was queued ahead: {s:?}");
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 2 * 3 * 4);
+}
+
+#[test]
+fn a_budget_below_two_sections_is_refused_naming_the_least() {
+    let m = model(&config(1));
+    let dir = TempDir::new("ring-budget");
+    let ckpt = save(dir.path(), &m);
+    let e = RingWeights::new(
+        ModelFile::open(&ckpt).expect("open"),
+        &RingOptions {
+            device_budget: 10_000,
+            host_budget: 0,
+            prefetch: Prefetch::Routed,
+            io_threads: 1,
+        },
+    )
+    .err()
+    .expect("refused");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("fewer than two sections") && msg.contains("at least"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn damaged_checkpoints_are_refused_and_a_file_breaking_mid_run_is_an_error() {
+    let m = model(&config(1));
+    let dir = TempDir::new("ring-damage");
+    let ckpt = save(dir.path(), &m);
+    let file = ckpt.join("model.safetensors");
+    let bytes = std::fs::read(&file).expect("read");
+    // A flipped byte: the digest names it.
+    let mut flipped = bytes.clone();
+    let at = flipped.len() - 100;
+    flipped[at] ^= 0x40;
+    std::fs::write(&file, &flipped).expect("write");
+    let e = ModelFile::open(&ckpt).err().expect("corrupt file refused").to_string();
+    assert!(e.contains("SHA-256"), "{e}");
+    // The run directory falls back to nothing older: an error, not a panic.
+    assert!(ModelFile::open(dir.path()).is_err());
+    std::fs::write(&file, &bytes).expect("restore");
+    assert!(
+        ModelFile::open(dir.path()).is_ok(),
+        "the run directory resolves to the intact checkpoint"
+    );
+
+    // Truncated after opening: the next load fails and generation stops with that error.
+    let ring = RingWeights::new(
+        ModelFile::open(&ckpt).expect("open"),
+        &RingOptions {
+            device_budget: 1 << 30,
+            host_budget: 0,
+            prefetch: Prefetch::Routed,
+            io_threads: 1,
+        },
+    )
+    .expect("ring");
+    let mut decoder = BatchDecoder::with_source(ring, Cpu::new(1).expect("cpu"), 1).expect("decoder");
+    decoder
+        .admit(
+            b"abc",
+            &SampleOptions {
+                max_tokens: 50,
+                ..SampleOptions::default()
+            },
+        )
+        .expect("admit");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.set_len(bytes.len() as u64 / 2))
+        .expect("truncate");
+    let started = std::time::Instant::now();
+    let mut failed = None;
+    for _ in 0..50 {
+        match decoder.step() {
+            Ok(_) => continue,
+            Err(e) => {
+                failed = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let msg = failed.expect("generation fails once the file is cut");
+    assert!(
+        msg.contains("ring-memory inference") && msg.contains("reading"),
+        "{msg}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
