@@ -4,7 +4,7 @@
 //!
 //! One file per measurement: `peak.rs` (the FMA peak), `matmul.rs`, `moe_layer.rs`, `runtime.rs`
 //! (the plain loop against the actor runtime, and against worker processes), `recovery.rs` (a
-//! worker process killed: the time to the next committed step), `storage.rs` (tiered expert storage), `generate.rs` (generation bytes/s) and `disk.rs`
+//! worker process killed: the time to the next committed step), `storage.rs` (tiered expert storage), `generate.rs` (generation bytes/s), `ring.rs` (ring-memory inference against resident) and `disk.rs`
 //! (the disk's own bandwidth, and the disk tier's).
 
 mod disk;
@@ -13,6 +13,7 @@ mod matmul;
 mod moe_layer;
 mod peak;
 mod recovery;
+mod ring;
 mod runtime;
 mod storage;
 
@@ -22,6 +23,7 @@ pub use matmul::{matmul_bench, MatmulReport};
 pub use moe_layer::{moe_layer_bench, MoeLayerReport};
 pub use peak::fma_peak_gflops;
 pub use recovery::{recovery_bench, RecoveryReport};
+pub use ring::{ring_bench, RingReport, RingRow};
 pub use runtime::{runtime_bench, RuntimeReport};
 pub use storage::{percent_in_memory, storage_bench, StorageReport, StorageRow, StorageVariant};
 

@@ -27,6 +27,54 @@ pub enum BenchCommand {
     /// Generation bytes/s: the recomputing path against the key/value-cached decoder, alone and in
     /// batches (a checkpoint's model, or the main job's model freshly initialised).
     Generate(GenerateBenchArgs),
+    /// Ring-memory inference: a model several times the Device budget (64 experts per block,
+    /// initialised) generated from resident, through the ring, and loading on demand.
+    Ring(RingBenchArgs),
+}
+
+#[derive(Args)]
+pub struct RingBenchArgs {
+    /// A checkpoint or run directory (default: a 64-expert model initialised with seed 0 and
+    /// written under --dir).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Where to write the initialised model's checkpoint (default: the system's temporary
+    /// directory; removed afterwards).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Model width of the initialised model.
+    #[arg(long, default_value_t = 256)]
+    d_model: usize,
+    /// Expert hidden width.
+    #[arg(long, default_value_t = 512)]
+    d_ff: usize,
+    /// Blocks (every one an MoE block).
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// Experts per block.
+    #[arg(long, default_value_t = 64)]
+    experts: usize,
+    /// Device budget of the ring (default: a quarter of the checkpoint).
+    #[arg(long)]
+    device_budget: Option<String>,
+    /// Threads loading pieces.
+    #[arg(long, default_value_t = 1)]
+    io_threads: usize,
+    /// Compute threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    batch: Vec<usize>,
+    /// Tokens per sequence and round.
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Rounds (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -402,6 +450,7 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
         }
         BenchCommand::Storage(a) => storage_bench(&a)?,
         BenchCommand::Generate(a) => generate_bench(&a)?,
+        BenchCommand::Ring(a) => ring_bench(&a)?,
         BenchCommand::Matmul(a) => {
             let cpu = Cpu::new(a.common.threads)?;
             let peak = bench::fma_peak_gflops(cpu.threads());
@@ -456,4 +505,155 @@ fn generate_bench(a: &GenerateBenchArgs) -> semoe::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Removes the bench's scratch checkpoint when dropped.
+struct Scratch(Option<PathBuf>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
+    use semoe::storage::tiers::{format_bytes, parse_bytes};
+    let mut scratch = Scratch(None);
+    let checkpoint = match &a.checkpoint {
+        Some(path) => path.clone(),
+        None => {
+            let mut c = semoe::train::TrainConfig::default();
+            c.model.d_model = a.d_model;
+            c.model.d_ff = a.d_ff;
+            c.model.n_layer = a.layers;
+            c.model.experts = a.experts;
+            c.model.n_head = 8;
+            c.model.moe_every = 1;
+            c.validate()?;
+            let dir = a
+                .dir
+                .clone()
+                .unwrap_or_else(std::env::temp_dir)
+                .join(format!("semoe-bench-ring-{}", std::process::id()));
+            scratch.0 = Some(dir.clone());
+            let model = semoe::model::gpt::Gpt::init(&c.model, 0)?;
+            eprintln!(
+                "writing an initialised model of {} parameters ({} experts x {} blocks) to {}",
+                model.num_params(),
+                a.experts,
+                a.layers,
+                dir.display()
+            );
+            semoe::storage::state::save_model(&dir, &c, 0, &model)?
+        }
+    };
+    let file_bytes = semoe::infer::ModelFile::open(&checkpoint)?.bytes();
+    let budget = match &a.device_budget {
+        Some(b) => parse_bytes("--device-budget", b)?,
+        None => file_bytes / 4,
+    };
+    let cpu = Cpu::new(a.threads)?;
+    let prefetch = [
+        semoe::infer::Prefetch::Routed,
+        semoe::infer::Prefetch::WholeBlock,
+        semoe::infer::Prefetch::OnDemand,
+    ];
+    let r = bench::ring_bench(
+        &checkpoint,
+        &cpu,
+        budget,
+        a.io_threads,
+        &prefetch,
+        &a.batch,
+        a.tokens,
+        a.rounds,
+    )?;
+    // Peak resident memory of generation through the ring, in a process of its own (this one
+    // held the whole model for the resident variant).
+    let largest = a.batch.iter().copied().max().unwrap_or(1);
+    let peak = ring_peak_rss(&checkpoint, budget, largest, a.io_threads)?;
+    if a.json {
+        return print_json(&serde_json::json!({ "ring": r, "ring_process_peak_rss": peak, "peak_batch": largest }));
+    }
+    println!(
+        "ring-memory inference: checkpoint {} = {:.1}x the Device budget of {} ({} sections of {}), {} thread(s), \
+         {} I/O thread(s), {} tokens per sequence, median of {} rounds (page cache warm)",
+        format_bytes(r.checkpoint_bytes),
+        r.checkpoint_bytes as f64 / budget as f64,
+        format_bytes(budget),
+        r.sections,
+        format_bytes(r.section_bytes),
+        r.threads,
+        a.io_threads,
+        r.tokens,
+        a.rounds
+    );
+    for row in &r.rows {
+        let resident = r
+            .rows
+            .iter()
+            .find(|x| x.batch == row.batch && x.variant == "resident")
+            .map(|x| x.tokens_per_s)
+            .unwrap_or(f64::NAN);
+        let on_demand = r
+            .rows
+            .iter()
+            .find(|x| x.batch == row.batch && x.variant == "ring, on-demand")
+            .map(|x| x.tokens_per_s)
+            .unwrap_or(f64::NAN);
+        println!(
+            "  batch {:>3}  {:<18} {:>8.1} tokens/s  {:>5.0}% of resident  {:>5.2}x on demand  stall {:>6.3} ms/token  \
+             loaded {:>10}/pass{}",
+            row.batch,
+            row.variant,
+            row.tokens_per_s,
+            100.0 * row.tokens_per_s / resident,
+            row.tokens_per_s / on_demand,
+            row.stall_per_token_ms,
+            format_bytes(row.loaded_per_pass as u64),
+            row.guess_accuracy
+                .map(|g| format!("  routing guessed {:.0}% right", 100.0 * g))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(peak) = peak {
+        println!(
+            "  peak resident memory of `semoe generate --device-budget {} --batch {largest}`: {}",
+            format_bytes(budget),
+            format_bytes(peak)
+        );
+    }
+    Ok(())
+}
+
+/// Run `semoe generate` through the ring in a child process and read the peak resident memory it
+/// reports.
+fn ring_peak_rss(
+    checkpoint: &std::path::Path,
+    budget: u64,
+    batch: usize,
+    io_threads: usize,
+) -> semoe::Result<Option<u64>> {
+    let exe = std::env::current_exe().map_err(|e| semoe::Error::io("finding this executable", "semoe", e))?;
+    let out = std::process::Command::new(exe)
+        .arg("generate")
+        .arg("--checkpoint")
+        .arg(checkpoint)
+        .args(["--tokens", "32", "--batch", &batch.to_string()])
+        .args([
+            "--device-budget",
+            &budget.to_string(),
+            "--io-threads",
+            &io_threads.to_string(),
+        ])
+        .output()
+        .map_err(|e| semoe::Error::io("running semoe generate", "semoe", e))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    Ok(stderr
+        .lines()
+        .find_map(|l| l.split("peak resident memory ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok()))
 }

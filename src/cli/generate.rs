@@ -1,9 +1,11 @@
 //! `semoe generate`: stream a sample from a checkpoint to standard output.
 
 use clap::Args;
-use semoe::infer::{generate, SampleOptions};
+use semoe::infer::weights::WeightSource;
+use semoe::infer::{generate, BatchDecoder, ModelFile, Prefetch, RingOptions, RingWeights, SampleOptions};
 use semoe::kernels::Cpu;
 use semoe::storage::checkpoint;
+use semoe::storage::tiers::{format_bytes, parse_bytes};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -32,6 +34,25 @@ pub struct GenerateArgs {
     /// Compute threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Samples drawn together (seeds --seed, --seed + 1, ...): one pass over the weights serves
+    /// the whole batch. With more than one, the samples print when all are done.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Ring-memory inference: stream the weights from the checkpoint through a ring of sections
+    /// within this many bytes (e.g. 64MiB) instead of loading the whole model.
+    #[arg(long)]
+    device_budget: Option<String>,
+    /// With --device-budget: bytes of pieces kept in memory (the Host tier) instead of read from
+    /// the checkpoint file at every pass.
+    #[arg(long, default_value = "0")]
+    host_budget: String,
+    /// With --device-budget: what the ring loads ahead: routed (experts by the predicted, then
+    /// the real routing), whole-block (every expert), on-demand (nothing ahead).
+    #[arg(long, default_value = "routed")]
+    prefetch: String,
+    /// With --device-budget: threads reading the checkpoint.
+    #[arg(long, default_value_t = 1)]
+    io_threads: usize,
 }
 
 /// A prompt as typed on a command line, with `\n` (newline), `\t` (tab), `\r` and `\\`
@@ -131,14 +152,160 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
             a.temperature
         )));
     }
+    if a.batch == 0 {
+        return Err(semoe::Error::config("--batch must be at least 1"));
+    }
     let prompt = unescape(&a.prompt)?;
-    let ckpt = checkpoint_to_read(&a.checkpoint)?;
-    let model = semoe::train::trainer::model_from(ckpt)?;
     let opts = SampleOptions {
         max_tokens: a.tokens,
         temperature: a.temperature,
         top_k: a.top_k,
         seed: a.seed,
     };
-    stream_sample(&model, &prompt, &opts, a.threads)
+    let cpu = Cpu::new(a.threads)?;
+    match &a.device_budget {
+        None => {
+            let ckpt = checkpoint_to_read(&a.checkpoint)?;
+            let model = semoe::train::trainer::model_from(ckpt)?;
+            if a.batch == 1 {
+                return stream_sample(&model, &prompt, &opts, a.threads);
+            }
+            let mut decoder = BatchDecoder::new(&model, cpu, a.batch)?;
+            let (bytes, seconds) = sample_batch(&mut decoder, &prompt, &opts, a.batch)?;
+            eprintln!(
+                "{bytes} bytes in {seconds:.2} s: {:.0} bytes/s",
+                bytes as f64 / seconds.max(1e-9)
+            );
+            Ok(())
+        }
+        Some(budget) => {
+            let options = RingOptions {
+                device_budget: parse_bytes("--device-budget", budget)?,
+                host_budget: parse_bytes("--host-budget", &a.host_budget)?,
+                prefetch: a.prefetch.parse::<Prefetch>()?,
+                io_threads: a.io_threads,
+            };
+            let file = ModelFile::open(&a.checkpoint)?;
+            let checkpoint_bytes = file.bytes();
+            let ring = RingWeights::new(file, &options)?;
+            let mut decoder = BatchDecoder::with_source(ring, cpu, a.batch)?;
+            let cache = decoder.cache_bytes();
+            let (bytes, seconds) = if a.batch == 1 {
+                stream_from(&mut decoder, &prompt, &opts)?
+            } else {
+                sample_batch(&mut decoder, &prompt, &opts, a.batch)?
+            };
+            let stats = decoder.source().stats();
+            eprintln!(
+                "ring: checkpoint {} in {} sections of {} ({} on the Device side with {} resident; Host tier {}), \
+                 key/value cache {}",
+                format_bytes(checkpoint_bytes),
+                stats.sections,
+                format_bytes(stats.section_bytes),
+                format_bytes(stats.device_bytes),
+                format_bytes(stats.resident_bytes),
+                format_bytes(stats.host_bytes),
+                format_bytes(cache)
+            );
+            eprintln!(
+                "ring: {bytes} bytes in {seconds:.2} s = {:.0} tokens/s; stalled on loads {:.2} s; read {} from disk, {} from \
+                 the Host tier; {} passes; routing guessed right {} / wrong {}",
+                bytes as f64 / seconds.max(1e-9),
+                stats.stall_seconds,
+                format_bytes(stats.bytes_read),
+                format_bytes(stats.bytes_from_host),
+                stats.passes,
+                stats.predicted_hits,
+                stats.predicted_misses
+            );
+            if let Some(peak) = peak_rss() {
+                eprintln!(
+                    "ring: peak resident memory {peak} bytes ({}; budgets: Device {}, Host {}, key/value cache {})",
+                    format_bytes(peak),
+                    format_bytes(options.device_budget),
+                    format_bytes(options.host_budget),
+                    format_bytes(cache)
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Stream one sample from `decoder` to standard output; returns (bytes, seconds).
+fn stream_from<S: WeightSource>(
+    decoder: &mut BatchDecoder<S>,
+    prompt: &str,
+    opts: &SampleOptions,
+) -> semoe::Result<(usize, f64)> {
+    let mut out = std::io::stdout().lock();
+    if !write_out(&mut out, prompt.as_bytes())? || opts.max_tokens == 0 {
+        return Ok((0, 0.0));
+    }
+    decoder.admit(prompt.as_bytes(), opts)?;
+    let started = std::time::Instant::now();
+    let mut bytes = 0;
+    while decoder.active() > 0 {
+        for e in decoder.step()? {
+            bytes += 1;
+            if !write_out(&mut out, &[e.byte])? {
+                return Ok((bytes, started.elapsed().as_secs_f64()));
+            }
+        }
+    }
+    write_out(&mut out, b"\n")?;
+    Ok((bytes, started.elapsed().as_secs_f64()))
+}
+
+/// Draw `batch` samples together (seeds `opts.seed + i`) and print them one after another;
+/// returns (bytes, seconds).
+fn sample_batch<S: WeightSource>(
+    decoder: &mut BatchDecoder<S>,
+    prompt: &str,
+    opts: &SampleOptions,
+    batch: usize,
+) -> semoe::Result<(usize, f64)> {
+    if opts.max_tokens == 0 {
+        return Ok((0, 0.0));
+    }
+    let mut ids = Vec::with_capacity(batch);
+    for i in 0..batch {
+        let o = SampleOptions {
+            seed: opts.seed.wrapping_add(i as u64),
+            ..opts.clone()
+        };
+        ids.push(decoder.admit(prompt.as_bytes(), &o)?);
+    }
+    let started = std::time::Instant::now();
+    let mut samples: Vec<Vec<u8>> = vec![Vec::new(); batch];
+    let mut bytes = 0;
+    while decoder.active() > 0 {
+        for e in decoder.step()? {
+            if let Some(i) = ids.iter().position(|&id| id == e.id) {
+                samples[i].push(e.byte);
+                bytes += 1;
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut out = std::io::stdout().lock();
+    for (i, sample) in samples.iter().enumerate() {
+        let header = format!(
+            "--- sample {} (seed {}) ---\n{prompt}",
+            i + 1,
+            opts.seed.wrapping_add(i as u64)
+        );
+        if !write_out(&mut out, header.as_bytes())? || !write_out(&mut out, sample)? || !write_out(&mut out, b"\n")? {
+            break;
+        }
+    }
+    Ok((bytes, seconds))
+}
+
+/// The process's peak resident set (`VmHWM`), where the system reports it.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -30,6 +30,7 @@ struct TensorEntry {
 
 /// A verified checkpoint parameter file, open for positional reads.
 pub struct ModelFile {
+    dir: PathBuf,
     path: PathBuf,
     file: File,
     config: GptConfig,
@@ -79,6 +80,7 @@ impl ModelFile {
         verify(&mut file, &info)?;
         let tensors = parse_header(&file, &info)?;
         let model = ModelFile {
+            dir: info.dir.clone(),
             path: info.path.clone(),
             file,
             config,
@@ -123,6 +125,11 @@ impl ModelFile {
     /// The file's length in bytes.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The file.

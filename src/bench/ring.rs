@@ -1,0 +1,171 @@
+//! Ring-memory inference against resident generation: a model several times the Device budget,
+//! generated from with the whole model in memory, through the ring (prefetch by routing, and every
+//! expert of each block), and loading each piece on demand; tokens/s per batch size, the stall, the
+//! bytes read, median of rounds.
+
+use super::median;
+use crate::error::Result;
+use crate::infer::weights::WeightSource;
+use crate::infer::{BatchDecoder, ModelFile, Prefetch, RingOptions, RingWeights, SampleOptions};
+use crate::kernels::Cpu;
+use serde::Serialize;
+use std::path::Path;
+use std::time::Instant;
+
+/// One variant at one batch size.
+#[derive(Clone, Debug, Serialize)]
+pub struct RingRow {
+    /// "resident", or the ring's prefetch policy.
+    pub variant: String,
+    /// Sequences decoded together.
+    pub batch: usize,
+    /// Generated tokens per second over the batch (median of rounds).
+    pub tokens_per_s: f64,
+    /// Seconds the decoder waited for loads per generated token (median).
+    pub stall_per_token_ms: f64,
+    /// Bytes read from the checkpoint (or copied from the Host tier) per pass (median).
+    pub loaded_per_pass: f64,
+    /// Routing guesses confirmed, of all guesses (routed prefetch).
+    pub guess_accuracy: Option<f64>,
+    /// Every round's tokens/s.
+    pub rounds: Vec<f64>,
+}
+
+/// What `semoe bench ring` measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct RingReport {
+    /// The checkpoint's size in bytes.
+    pub checkpoint_bytes: u64,
+    /// The Device budget of the ring.
+    pub device_budget: u64,
+    /// Sections and their size.
+    pub sections: usize,
+    /// Bytes of one section.
+    pub section_bytes: u64,
+    /// Compute threads.
+    pub threads: usize,
+    /// Tokens per sequence and round.
+    pub tokens: usize,
+    /// Every variant and batch size.
+    pub rows: Vec<RingRow>,
+}
+
+fn options(tokens: usize, seed: u64) -> SampleOptions {
+    SampleOptions {
+        max_tokens: tokens,
+        temperature: 0.8,
+        top_k: 40,
+        seed,
+    }
+}
+
+/// Generate `tokens` bytes for each of `batch` sequences; returns the seconds taken.
+fn run<S: WeightSource>(decoder: &mut BatchDecoder<S>, batch: usize, tokens: usize, round: usize) -> Result<f64> {
+    for s in 0..batch {
+        decoder.admit(b"ROMEO.\n", &options(tokens, (round * 100 + s) as u64))?;
+    }
+    let started = Instant::now();
+    while decoder.active() > 0 {
+        decoder.step()?;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Measure generation from the checkpoint in `checkpoint`: resident, then each ring variant in
+/// `prefetch` under `device_budget`, at every batch size, `rounds` times alternating.
+#[allow(clippy::too_many_arguments)]
+pub fn ring_bench(
+    checkpoint: &Path,
+    cpu: &Cpu,
+    device_budget: u64,
+    io_threads: usize,
+    prefetch: &[Prefetch],
+    batches: &[usize],
+    tokens: usize,
+    rounds: usize,
+) -> Result<RingReport> {
+    let probe = ModelFile::open(checkpoint)?;
+    let checkpoint_bytes = probe.bytes();
+    drop(probe);
+    let mut rows: Vec<RingRow> = Vec::new();
+    let mut geometry = (0, 0);
+    for &batch in batches {
+        let mut resident_rounds = Vec::new();
+        let mut ring_rounds: Vec<Vec<(f64, f64, f64, Option<f64>)>> = vec![Vec::new(); prefetch.len()];
+        for round in 0..rounds.max(1) {
+            {
+                let dir = ModelFile::open(checkpoint)?.dir().to_path_buf();
+                let model = crate::train::trainer::model_from(crate::storage::checkpoint::load(&dir)?)?;
+                let mut decoder = BatchDecoder::new(&model, cpu.clone(), batch)?;
+                run(&mut decoder, batch, 4, round)?; // warm up
+                let seconds = run(&mut decoder, batch, tokens, round)?;
+                resident_rounds.push((batch * tokens) as f64 / seconds);
+            }
+            for (i, &p) in prefetch.iter().enumerate() {
+                let ring = RingWeights::new(
+                    ModelFile::open(checkpoint)?,
+                    &RingOptions {
+                        device_budget,
+                        host_budget: 0,
+                        prefetch: p,
+                        io_threads,
+                    },
+                )?;
+                let mut decoder = BatchDecoder::with_source(ring, cpu.clone(), batch)?;
+                run(&mut decoder, batch, 2, round)?; // warm up
+                let before = decoder.source().stats();
+                let seconds = run(&mut decoder, batch, tokens, round)?;
+                let after = decoder.source().stats();
+                geometry = (after.sections, after.section_bytes);
+                let passes = (after.passes - before.passes).max(1) as f64;
+                let loaded =
+                    (after.bytes_read + after.bytes_from_host - before.bytes_read - before.bytes_from_host) as f64;
+                let guesses = (after.predicted_hits + after.predicted_misses) as f64;
+                ring_rounds[i].push((
+                    (batch * tokens) as f64 / seconds,
+                    (after.stall_seconds - before.stall_seconds) * 1e3 / (batch * tokens) as f64,
+                    loaded / passes,
+                    (guesses > 0.0).then(|| after.predicted_hits as f64 / guesses),
+                ));
+            }
+        }
+        rows.push(RingRow {
+            variant: "resident".into(),
+            batch,
+            tokens_per_s: median(resident_rounds.clone()),
+            stall_per_token_ms: 0.0,
+            loaded_per_pass: 0.0,
+            guess_accuracy: None,
+            rounds: resident_rounds,
+        });
+        for (i, &p) in prefetch.iter().enumerate() {
+            let r = &ring_rounds[i];
+            let tps: Vec<f64> = r.iter().map(|x| x.0).collect();
+            let accuracy: Vec<f64> = r.iter().filter_map(|x| x.3).collect();
+            rows.push(RingRow {
+                variant: format!(
+                    "ring, {}",
+                    serde_json::to_value(p)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default()
+                ),
+                batch,
+                tokens_per_s: median(tps.clone()),
+                stall_per_token_ms: median(r.iter().map(|x| x.1).collect()),
+                loaded_per_pass: median(r.iter().map(|x| x.2).collect()),
+                guess_accuracy: (!accuracy.is_empty()).then(|| median(accuracy)),
+                rounds: tps,
+            });
+        }
+    }
+    Ok(RingReport {
+        checkpoint_bytes,
+        device_budget,
+        sections: geometry.0,
+        section_bytes: geometry.1,
+        threads: cpu.threads(),
+        tokens,
+        rows,
+    })
+}
