@@ -50,6 +50,9 @@ pub struct RingReport {
     pub rows: Vec<RingRow>,
 }
 
+/// One round of a ring variant: tokens/s, stall ms per token, bytes loaded per pass, guess accuracy.
+type RoundFigures = (f64, f64, f64, Option<f64>);
+
 fn options(tokens: usize, seed: u64) -> SampleOptions {
     SampleOptions {
         max_tokens: tokens,
@@ -91,7 +94,7 @@ pub fn ring_bench(
     let mut geometry = (0, 0);
     for &batch in batches {
         let mut resident_rounds = Vec::new();
-        let mut ring_rounds: Vec<Vec<(f64, f64, f64, Option<f64>)>> = vec![Vec::new(); prefetch.len()];
+        let mut ring_rounds: Vec<Vec<RoundFigures>> = vec![Vec::new(); prefetch.len()];
         for round in 0..rounds.max(1) {
             {
                 let dir = ModelFile::open(checkpoint)?.dir().to_path_buf();
