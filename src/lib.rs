@@ -1,9 +1,9 @@
 //! semoe: an elastic Mixture-of-Experts training and inference runtime.
 //!
-//! Today it runs in one process: the actor runtime with in-process workers, expert state in
-//! Device/Host/Disk tiers, checkpoints, and bitwise determinism across worker counts, placements
-//! and resume. Multi-process elastic training, ring-memory inference and the GPU path are not built
-//! yet.
+//! The actor runtime with in-process workers or worker processes that join and leave (elastic),
+//! expert state in Device/Host/Disk tiers, checkpoints, bitwise determinism across worker counts,
+//! placements, membership changes and resume; incremental, batched and ring-memory generation. The
+//! GPU path is not built yet.
 //!
 //! The crate is organised as `docs/architecture.md` describes (module map, layering, the path of a
 //! token batch, the determinism contract), lowest layer first: [`kernels`] (compute backends),
@@ -12,7 +12,7 @@
 //! [`data`] (the job's configuration, corpus and sampler), [`net`] (transports), [`chaos`] (fault
 //! injection), [`actors`] (the supervised actor runtime: coordinator, workers, gates, experts,
 //! tiers, communicators), [`train`] (the training loop), [`telemetry`] (metrics and reports),
-//! [`infer`] (generation) and [`bench`](mod@bench) (the measurements behind `semoe bench`).
+//! [`infer`] (generation: the cached decoder, batching, the ring) and [`bench`](mod@bench) (the measurements behind `semoe bench`).
 //! `docs/runtime-semantics.md` is the runtime's protocol.
 //!
 //! # Embedding the runtime
