@@ -178,7 +178,8 @@ impl Running {
         }
         if let Some(f) = self.finished.take() {
             match self.events.try_send(Event::Done(f)) {
-                Ok(()) => {}
+                // Complete: the client may close its end as soon as it has the last event.
+                Ok(()) => return Delivery::Sent,
                 Err(TrySendError::Full(Event::Done(f))) => {
                     self.finished = Some(f);
                     return self.stalled(client_timeout, now);
