@@ -507,3 +507,84 @@ fn the_binary_serves_on_port_0_and_exits_0_on_sigterm() {
     assert!(status.success(), "exit {status:?}: {err}");
     assert!(err.contains("SIGTERM"), "{err}");
 }
+
+#[test]
+fn shutdown_lets_a_request_in_flight_finish_and_refuses_new_connections() {
+    let server = Running::start(ServeConfig {
+        max_tokens: 100_000,
+        grace: Duration::from_secs(15),
+        ..ServeConfig::default()
+    });
+    let addr = server.addr;
+    let opts = options(20_000, 0.8, 40, 9);
+    let client = std::thread::spawn(move || post(addr, &body("x", &opts, true)));
+    wait_for(addr, "the stream to start", |h| h["active"] == 1);
+    server.stop().expect("a clean shutdown");
+    let reply = client.join().expect("client");
+    assert_eq!(reply.status, 200);
+    let s = parse_events(&reply.body);
+    assert_eq!(
+        s.done["generated_bytes"], 20_000,
+        "the request in flight ran to its end"
+    );
+    assert!(
+        TcpStream::connect_timeout(&addr, TIMEOUT).is_err(),
+        "no longer listening"
+    );
+}
+
+#[test]
+fn shutdown_cancels_what_outlives_the_grace_period() {
+    let server = Running::start(ServeConfig {
+        max_tokens: 10_000_000,
+        grace: Duration::from_millis(200),
+        ..ServeConfig::default()
+    });
+    let addr = server.addr;
+    let client = std::thread::spawn(move || {
+        post(
+            addr,
+            &serde_json::json!({ "prompt": "a", "max_tokens": 10_000_000, "stream": true }),
+        )
+    });
+    wait_for(addr, "the stream to start", |h| h["active"] == 1);
+    let start = Instant::now();
+    server.stop().expect("a clean shutdown");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        start.elapsed()
+    );
+    let reply = client.join().expect("client");
+    let text = String::from_utf8_lossy(&reply.body);
+    let tail = &text[text.len().saturating_sub(200)..];
+    assert!(
+        tail.contains("event: error") && tail.contains("shutting down"),
+        "{tail}"
+    );
+}
+
+#[test]
+fn a_full_queue_answers_503() {
+    let server = Running::start(ServeConfig {
+        max_batch: 1,
+        queue: 1,
+        max_tokens: 10_000_000,
+        ..ServeConfig::default()
+    });
+    let addr = server.addr;
+    let running = endless(addr);
+    let mut waiting = connect(addr);
+    let request = serde_json::json!({ "prompt": "q", "max_tokens": 5, "stream": true });
+    send(&mut waiting, "POST", "/v1/completions", request.to_string().as_bytes());
+    wait_for(addr, "the second request to wait", |h| h["queued"] == 1);
+    let reply = post(addr, &serde_json::json!({ "prompt": "r", "max_tokens": 5 }));
+    assert_eq!(reply.status, 503);
+    assert!(reply.json()["error"].as_str().expect("message").contains("queue"));
+    assert!(reply.head.to_ascii_lowercase().contains("retry-after: 1"));
+    drop(running);
+    // The waiting request then runs.
+    let mut raw = Vec::new();
+    waiting.read_to_end(&mut raw).expect("the queued request's answer");
+    assert!(String::from_utf8_lossy(&raw).contains("event: done"));
+}
