@@ -36,8 +36,6 @@ pub struct State {
     pub queue: Queue,
     /// The recorder behind `/metrics`, if any.
     pub metrics: Option<PrometheusHandle>,
-    /// Sequences decoded together (for `/health`).
-    pub max_batch: usize,
 }
 
 /// Accept connections until `shutdown` resolves; then refuse new requests, ask every connection to
@@ -175,7 +173,7 @@ fn health(state: &State) -> Response<Body> {
             "status": if state.queue.is_closed() { "shutting_down" } else { "ok" },
             "active": stats.active.load(Ordering::SeqCst),
             "queued": stats.queued.load(Ordering::SeqCst),
-            "max_batch": state.max_batch,
+            "max_batch": state.config.max_batch,
             "peak_batch": stats.peak_batch.load(Ordering::SeqCst),
             "steps": stats.steps.load(Ordering::Relaxed),
             "generated_bytes": stats.generated_bytes.load(Ordering::Relaxed),

@@ -159,7 +159,6 @@ impl Server {
             config: config.clone(),
             queue,
             metrics,
-            max_batch: config.max_batch,
         });
         let connections = http::accept_until(listener, Arc::clone(&state), shutdown).await;
         // Grace is over (or every request is done): stop the decoder, which fails what it still holds.
