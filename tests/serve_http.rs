@@ -592,3 +592,44 @@ fn a_full_queue_answers_503() {
     waiting.read_to_end(&mut raw).expect("the queued request's answer");
     assert!(String::from_utf8_lossy(&raw).contains("event: done"));
 }
+
+#[test]
+fn a_client_slow_to_send_its_request_is_cut_off_after_the_client_timeout() {
+    let server = long_server(Duration::from_millis(300));
+    let addr = server.addr;
+    // Headers that never end: the connection is closed.
+    let mut stream = connect(addr);
+    stream
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\n")
+        .expect("send");
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "open for {:?}",
+        start.elapsed()
+    );
+    // A body that never ends: 408.
+    let mut stream = connect(addr);
+    stream
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+        .expect("send");
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("client_timeout"), "{reply}");
+}
+
+#[test]
+fn a_client_that_disconnects_while_waiting_for_a_whole_response_frees_its_slot() {
+    let server = long_server(Duration::from_secs(10));
+    let addr = server.addr;
+    let mut stream = connect(addr);
+    let request = serde_json::json!({ "prompt": "a", "max_tokens": 10_000_000 });
+    send(&mut stream, "POST", "/v1/completions", request.to_string().as_bytes());
+    wait_for(addr, "the request to start", |h| h["active"] == 1);
+    drop(stream);
+    wait_for(addr, "the slot to be freed", |h| h["active"] == 0);
+}
