@@ -12,7 +12,8 @@
 //! [`data`] (the job's configuration, corpus and sampler), [`net`] (transports), [`chaos`] (fault
 //! injection), [`actors`] (the supervised actor runtime: coordinator, workers, gates, experts,
 //! tiers, communicators), [`train`] (the training loop), [`telemetry`] (metrics and reports),
-//! [`infer`] (generation: the cached decoder, batching, the ring) and [`bench`](mod@bench) (the measurements behind `semoe bench`).
+//! [`infer`] (generation: the cached decoder, batching, the ring), [`serve`] (the HTTP completion
+//! service) and [`bench`](mod@bench) (the measurements behind `semoe bench`).
 //! `docs/runtime-semantics.md` is the runtime's protocol.
 //!
 //! # Embedding the runtime
@@ -62,6 +63,7 @@ pub mod kernels;
 pub mod model;
 pub mod net;
 pub mod optimizer;
+pub mod serve;
 pub mod storage;
 pub mod telemetry;
 pub mod train;

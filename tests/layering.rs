@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["elastic"],
     &["train"],
     &["telemetry", "infer"],
+    &["serve"],
     &["bench"],
 ];
 

@@ -1,10 +1,11 @@
-//! The `semoe` command line: one file per command (`train`, `generate`, `eval`, `runs`, `bench`),
+//! The `semoe` command line: one file per command (`train`, `generate`, `serve`, `eval`, `runs`, `bench`),
 //! each with its arguments and what it does; this file holds the top-level parser and dispatch.
 
 pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod runs;
+pub mod serve;
 pub mod train;
 pub mod worker;
 
@@ -15,6 +16,7 @@ use bench::BenchCommand;
 use eval::EvalArgs;
 use generate::GenerateArgs;
 use runs::RunsArgs;
+use serve::ServeArgs;
 use train::TrainArgs;
 use worker::{TicketArgs, WorkerArgs};
 
@@ -37,6 +39,9 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Generate text from a checkpoint, streaming it as it is sampled.
     Generate(GenerateArgs),
+    /// Serve completions over HTTP (POST /v1/completions, streamed or whole; GET /health, GET
+    /// /metrics) with continuous batching; SIGTERM or Ctrl-C shut it down gracefully.
+    Serve(ServeArgs),
     /// The loss (nats/byte) of a checkpoint on a text: its run's validation text, or any file.
     Eval(EvalArgs),
     /// List the runs under a directory (default `runs/`): steps, validation loss, time, status.
@@ -71,6 +76,7 @@ pub fn run(cli: Cli) -> semoe::Result<ExitCode> {
     match cli.command {
         Command::Train(a) => return train::run(&a),
         Command::Generate(a) => generate::run(&a)?,
+        Command::Serve(a) => serve::run(&a)?,
         Command::Eval(a) => eval::run(&a)?,
         Command::Runs(a) => runs::run(&a)?,
         Command::Bench(b) => bench::run(b)?,

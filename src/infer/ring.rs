@@ -127,6 +127,13 @@ impl State {
         self.ready.contains_key(&piece) || self.loading.contains_key(&piece) || self.queue.contains(&piece)
     }
 
+    /// `piece` is wanted (again): a load of it cancelled earlier now counts, and the answer is
+    /// whether it is ready, loading or queued.
+    fn want(&mut self, piece: Piece) -> bool {
+        self.cancelled.remove(&piece);
+        self.known(piece)
+    }
+
     fn in_use(&self) -> usize {
         self.buffers.len() - self.free.len()
     }
@@ -392,7 +399,7 @@ impl RingWeights {
         }
         let mut st = self.shared.lock()?;
         for piece in next {
-            if !st.known(piece) {
+            if !st.want(piece) {
                 st.queue.push_back(piece);
             }
         }
@@ -435,7 +442,7 @@ impl WeightSource for RingWeights {
         let mut st = self.shared.lock()?;
         for &e in experts {
             let piece = Piece::Expert(block, e);
-            if !st.known(piece) {
+            if !st.want(piece) {
                 st.queue.push_back(piece);
                 st.guessed.insert(piece);
             }
@@ -469,6 +476,10 @@ impl WeightSource for RingWeights {
                 if guessed && dropped {
                     st.stats.predicted_misses += 1;
                 }
+            }
+            // A used expert whose load an earlier routing cancelled is wanted after all.
+            for &e in experts {
+                st.cancelled.remove(&Piece::Expert(block, e));
             }
             // Queue the used experts nobody loads yet, after those already queued for this block
             // (and before anything later, of which there is none in the routed order).
@@ -529,7 +540,7 @@ impl WeightSource for RingWeights {
         let shared = self.shared.clone();
         let (section, buf) = {
             let mut st = shared.lock()?;
-            if !st.known(piece) {
+            if !st.want(piece) {
                 if self.prefetch != Prefetch::OnDemand {
                     st.stats.unrequested += 1;
                 }
@@ -543,6 +554,12 @@ impl WeightSource for RingWeights {
                 }
                 if let Some(section) = st.ready.remove(&piece) {
                     break section;
+                }
+                // Nobody holds, loads or queues it (cannot happen by the bookkeeping above; if it
+                // ever did, waiting would hang): ask for it at once.
+                if !st.want(piece) {
+                    st.queue.push_front(piece);
+                    shared.wake.notify_all();
                 }
                 // Every section holds a piece read later, and nothing loads: hand one back (it is
                 // queued again) so that this piece can load.

@@ -1,0 +1,199 @@
+//! `semoe serve`: text completion over HTTP, with continuous batching.
+//!
+//! The service is a library first, so that a program can embed it in its own tokio runtime
+//! (`examples/serve.rs`); the command line only loads a checkpoint and waits for a signal.
+//! [`Server::bind`] takes the address (port 0: the system picks one, see [`Server::local_addr`]),
+//! [`Server::run`] serves until a future resolves, then shuts down: it stops accepting, lets the
+//! requests in flight finish within [`ServeConfig::grace`], and cancels the rest.
+//!
+//! - [`http`]: the endpoints, the limits on requests, the connections and their shutdown.
+//! - [`request`]: the body of `POST /v1/completions`, checked field by field.
+//! - [`scheduler`]: the decoder thread (the batch, its queue, the channels to each request).
+//! - [`stream`]: server-sent events and incremental UTF-8 decoding.
+//!
+//! `docs/serving.md` describes the endpoints, fields, limits, errors and metrics.
+
+pub mod http;
+pub mod request;
+pub mod scheduler;
+pub mod stream;
+
+use crate::error::{Error, Result};
+use crate::infer::BatchDecoder;
+use crate::kernels::Cpu;
+use crate::model::gpt::Gpt;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::future::Future;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The settings of a server.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// `HOST:PORT` to listen on (port 0: any free port).
+    pub addr: String,
+    /// Sequences decoded together.
+    pub max_batch: usize,
+    /// Compute threads of the decoder.
+    pub threads: usize,
+    /// Requests waiting for a batch slot beyond which new ones are refused with 503.
+    pub queue: usize,
+    /// The largest request body accepted (413 beyond).
+    pub max_request_bytes: usize,
+    /// The longest prompt accepted, in bytes.
+    pub max_prompt_bytes: usize,
+    /// The most bytes a request may ask for (`max_tokens`).
+    pub max_tokens: usize,
+    /// How long a client may take to send its request's headers or body, and how long a streaming
+    /// client may leave its events unread before its sequence is cancelled.
+    pub client_timeout: Duration,
+    /// How long requests in flight may run on after shutdown begins before they are cancelled.
+    pub grace: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            addr: "127.0.0.1:8080".into(),
+            max_batch: 8,
+            threads: 1,
+            queue: 64,
+            max_request_bytes: 64 * 1024,
+            max_prompt_bytes: 16 * 1024,
+            max_tokens: 2048,
+            client_timeout: Duration::from_secs(10),
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Refuse settings that cannot serve; the error names the setting.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("max_batch", self.max_batch),
+            ("threads", self.threads),
+            ("queue", self.queue),
+            ("max_request_bytes", self.max_request_bytes),
+            ("max_tokens", self.max_tokens),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::config(format!("serve: {name} must be at least 1")));
+            }
+        }
+        if self.client_timeout.is_zero() {
+            return Err(Error::config("serve: client_timeout must be longer than 0"));
+        }
+        Ok(())
+    }
+}
+
+/// A bound server, ready to [`Server::run`].
+pub struct Server {
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    config: ServeConfig,
+    decoder: BatchDecoder,
+    metrics: Option<PrometheusHandle>,
+}
+
+impl Server {
+    /// Check `config`, prepare the decoder for `model` and listen on `config.addr`.
+    pub fn bind(model: &Gpt<f32>, config: ServeConfig) -> Result<Server> {
+        config.validate()?;
+        let decoder = BatchDecoder::new(model, Cpu::new(config.threads)?, config.max_batch)?;
+        let listener = bind(&config.addr)?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::runtime(format!("serve: cannot read the bound address: {e}")))?;
+        Ok(Server {
+            listener,
+            addr,
+            config,
+            decoder,
+            metrics: None,
+        })
+    }
+
+    /// Answer `GET /metrics` from this recorder (see [`crate::telemetry::metrics::install`]);
+    /// without one, `/metrics` answers 404.
+    pub fn with_metrics(mut self, handle: PrometheusHandle) -> Self {
+        self.metrics = Some(handle);
+        self
+    }
+
+    /// The address it listens on (with the port the system chose for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serve until `shutdown` resolves, then shut down gracefully: no new connections or requests,
+    /// the requests in flight run on for up to [`ServeConfig::grace`], and those still running
+    /// then end with an error event. Must run inside a tokio runtime (with the time driver); the
+    /// decoder runs on a thread of its own.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let Server {
+            listener,
+            addr,
+            config,
+            decoder,
+            metrics,
+        } = self;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| Error::runtime(format!("serve {addr}: cannot register the socket: {e}")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (scheduler, queue) =
+            scheduler::Scheduler::new(decoder, config.queue, config.client_timeout, Arc::clone(&stop));
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("semoe-serve-decoder".into())
+            .spawn(move || {
+                scheduler.run();
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| Error::runtime(format!("serve: cannot start the decoder thread: {e}")))?;
+        let state = Arc::new(http::State {
+            config: config.clone(),
+            queue,
+            metrics,
+        });
+        let connections = http::accept_until(listener, Arc::clone(&state), shutdown).await;
+        // Grace is over (or every request is done): stop the decoder, which fails what it still holds.
+        stop.store(true, Ordering::SeqCst);
+        let stopped = tokio::time::timeout(DECODER_STOP, done_rx).await.is_ok();
+        // Streams that were cancelled now write their error event and end; the rest are cut.
+        http::finish(connections, CLOSE_WAIT).await;
+        if stopped {
+            // It has ended (or panicked): this does not wait.
+            if thread.join().is_err() {
+                return Err(Error::runtime("serve: the decoder thread panicked"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How long shutdown waits for the decoder thread's step in progress.
+const DECODER_STOP: Duration = Duration::from_secs(10);
+/// How long shutdown waits for cancelled streams to write their last event.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// Resolve `addr` and listen on the first of its addresses that binds (non-blocking, for tokio).
+fn bind(addr: &str) -> Result<std::net::TcpListener> {
+    let candidates: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| Error::config(format!("serve: --addr {addr:?} is not a HOST:PORT that resolves: {e}")))?
+        .collect();
+    if candidates.is_empty() {
+        return Err(Error::config(format!("serve: --addr {addr:?} resolves to no address")));
+    }
+    let listener = std::net::TcpListener::bind(&candidates[..])
+        .map_err(|e| Error::runtime(format!("serve: cannot listen on {addr} ({candidates:?}): {e}")))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::runtime(format!("serve: cannot configure the socket of {addr}: {e}")))?;
+    Ok(listener)
+}

@@ -1,0 +1,437 @@
+//! The decoder thread: one OS thread owns the [`BatchDecoder`] and runs its steps, so that compute
+//! never blocks tokio's threads; requests reach it through a bounded queue.
+//!
+//! Between two steps it admits queued requests while the batch has room (continuous batching), and
+//! hands each drawn byte to its request's channel. The channel is bounded: the thread never waits
+//! on a client. A byte that does not fit is kept with its sequence and sent with the next ones; a
+//! channel that stays full past the client timeout, or that its client closed, cancels the
+//! sequence and frees its slot.
+
+use crate::infer::{BatchDecoder, SampleOptions, SeqId};
+use crate::telemetry::metrics as names;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{self, error::TrySendError};
+
+/// Events a request's channel holds before the decoder thread keeps bytes back for a slow client.
+pub const CHANNEL_EVENTS: usize = 32;
+
+/// How long the idle decoder thread waits for a request before it looks at its flags again.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
+
+/// What the decoder thread sends to a request.
+#[derive(Debug)]
+pub enum Event {
+    /// Bytes drawn, in order (one or a few).
+    Bytes(Vec<u8>),
+    /// The sequence is complete.
+    Done(Finished),
+    /// The sequence was stopped (shutdown, a compute error); the message says why.
+    Failed(String),
+}
+
+/// Counts and timing of a completed sequence.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    /// Bytes of the prompt.
+    pub prompt_bytes: usize,
+    /// Bytes generated.
+    pub generated_bytes: usize,
+    /// Time in the queue before the sequence joined the batch.
+    pub queued: Duration,
+    /// Time from joining the batch to the last byte.
+    pub generating: Duration,
+}
+
+/// A request for the decoder thread.
+#[derive(Debug)]
+pub struct Job {
+    /// The prompt's bytes.
+    pub prompt: Vec<u8>,
+    /// How to sample.
+    pub opts: SampleOptions,
+    /// Where its events go.
+    pub events: mpsc::Sender<Event>,
+    /// When it was queued.
+    pub queued_at: Instant,
+}
+
+/// Why a request could not be queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue is full.
+    Full,
+    /// The server is shutting down, or the decoder thread has stopped.
+    Closed,
+}
+
+/// Figures shared by the decoder thread and the HTTP side (for `/health`); the same figures go to
+/// the metrics recorder.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Sequences in the batch.
+    pub active: AtomicUsize,
+    /// Requests waiting in the queue.
+    pub queued: AtomicUsize,
+    /// The most sequences the batch has held at once.
+    pub peak_batch: AtomicUsize,
+    /// Decoder steps run.
+    pub steps: AtomicU64,
+    /// Bytes generated.
+    pub generated_bytes: AtomicU64,
+}
+
+/// The HTTP side's handle on the decoder thread.
+#[derive(Clone, Debug)]
+pub struct Queue {
+    jobs: std_mpsc::SyncSender<Job>,
+    closing: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+}
+
+impl Queue {
+    /// Queue a request, without waiting.
+    pub fn submit(&self, job: Job) -> Result<(), Refused> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(Refused::Closed);
+        }
+        // Counted before it is sent, so that the decoder thread never takes away more than was added.
+        self.stats.queued.fetch_add(1, Ordering::SeqCst);
+        match self.jobs.try_send(job) {
+            Ok(()) => {
+                metrics::gauge!(names::SERVE_QUEUED).increment(1.0);
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    std_mpsc::TrySendError::Full(_) => Refused::Full,
+                    std_mpsc::TrySendError::Disconnected(_) => Refused::Closed,
+                })
+            }
+        }
+    }
+
+    /// Refuse every request from now on (the server is shutting down).
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Queue::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// The shared figures.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+}
+
+/// Count a request's outcome (`ok`, `cancelled`, `timeout`, `shutdown`, `error`, and on the HTTP
+/// side `rejected`, `overloaded`).
+pub fn count_outcome(outcome: &'static str) {
+    metrics::counter!(names::SERVE_REQUESTS, "outcome" => outcome).increment(1);
+}
+
+/// A sequence in the batch, as the decoder thread knows it.
+struct Running {
+    events: mpsc::Sender<Event>,
+    /// Bytes drawn but not yet taken by the channel.
+    pending: Vec<u8>,
+    /// Since when the channel has refused bytes.
+    full_since: Option<Instant>,
+    prompt_bytes: usize,
+    generated: usize,
+    queued: Duration,
+    admitted_at: Instant,
+    /// Set when its last byte was drawn: it has left the batch and waits for its channel.
+    finished: Option<Finished>,
+}
+
+/// What became of a delivery attempt.
+enum Delivery {
+    /// Everything sent so far is in the channel.
+    Sent,
+    /// Some bytes wait for room.
+    Waiting,
+    /// The client has gone, or has not read for longer than the client timeout.
+    Gone(&'static str),
+}
+
+impl Running {
+    /// Hand the pending bytes (and the end, once finished) to the channel, without waiting.
+    fn deliver(&mut self, client_timeout: Duration, now: Instant) -> Delivery {
+        if !self.pending.is_empty() {
+            match self.events.try_send(Event::Bytes(std::mem::take(&mut self.pending))) {
+                Ok(()) => self.full_since = None,
+                Err(TrySendError::Full(Event::Bytes(bytes))) => {
+                    self.pending = bytes;
+                    return self.stalled(client_timeout, now);
+                }
+                Err(TrySendError::Full(_)) => return self.stalled(client_timeout, now),
+                Err(TrySendError::Closed(_)) => return Delivery::Gone("cancelled"),
+            }
+        }
+        if let Some(f) = self.finished.take() {
+            match self.events.try_send(Event::Done(f)) {
+                // Complete: the client may close its end as soon as it has the last event.
+                Ok(()) => return Delivery::Sent,
+                Err(TrySendError::Full(Event::Done(f))) => {
+                    self.finished = Some(f);
+                    return self.stalled(client_timeout, now);
+                }
+                Err(TrySendError::Full(_)) => return self.stalled(client_timeout, now),
+                Err(TrySendError::Closed(_)) => return Delivery::Gone("cancelled"),
+            }
+        }
+        if self.events.is_closed() {
+            return Delivery::Gone("cancelled");
+        }
+        Delivery::Sent
+    }
+
+    fn stalled(&mut self, client_timeout: Duration, now: Instant) -> Delivery {
+        let since = *self.full_since.get_or_insert(now);
+        if now.duration_since(since) > client_timeout {
+            Delivery::Gone("timeout")
+        } else {
+            Delivery::Waiting
+        }
+    }
+}
+
+/// The decoder thread's state.
+pub struct Scheduler {
+    decoder: BatchDecoder,
+    jobs: std_mpsc::Receiver<Job>,
+    running: HashMap<SeqId, Running>,
+    /// Sequences that left the batch and whose last events wait for room in their channel.
+    draining: Vec<Running>,
+    client_timeout: Duration,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    /// The active count last given to the gauge (which is shared by every server in the process).
+    reported_active: usize,
+}
+
+impl Scheduler {
+    /// A scheduler for `decoder` with a queue of `capacity` requests, and its HTTP-side handle.
+    /// `stop` ends the thread: every request still running or queued then fails.
+    pub fn new(
+        decoder: BatchDecoder,
+        capacity: usize,
+        client_timeout: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> (Scheduler, Queue) {
+        let (tx, rx) = std_mpsc::sync_channel(capacity);
+        let stats = Arc::new(Stats::default());
+        let queue = Queue {
+            jobs: tx,
+            closing: Arc::new(AtomicBool::new(false)),
+            stats: Arc::clone(&stats),
+        };
+        let scheduler = Scheduler {
+            decoder,
+            jobs: rx,
+            running: HashMap::new(),
+            draining: Vec::new(),
+            client_timeout,
+            stats,
+            stop,
+            reported_active: 0,
+        };
+        (scheduler, queue)
+    }
+
+    /// Run until `stop` is set or every queue handle is dropped (and nothing is left to do).
+    pub fn run(mut self) {
+        let mut disconnected = false;
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                self.fail_all("the server is shutting down");
+                break;
+            }
+            disconnected |= self.admit_queued();
+            self.deliver_all();
+            if self.decoder.active() == 0 {
+                if disconnected && self.draining.is_empty() {
+                    break;
+                }
+                // Idle: wait for a request (or a little, while a client reads its last bytes).
+                let wait = if self.draining.is_empty() {
+                    IDLE_WAIT
+                } else {
+                    Duration::from_millis(2)
+                };
+                match self.jobs.recv_timeout(wait) {
+                    Ok(job) => self.admit(job),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => disconnected = true,
+                }
+                continue;
+            }
+            self.step();
+        }
+        self.report_active();
+    }
+
+    /// Admit queued requests while the batch has room; true when every sender is gone.
+    fn admit_queued(&mut self) -> bool {
+        while self.decoder.has_room() {
+            match self.jobs.try_recv() {
+                Ok(job) => self.admit(job),
+                Err(std_mpsc::TryRecvError::Empty) => return false,
+                Err(std_mpsc::TryRecvError::Disconnected) => return true,
+            }
+        }
+        false
+    }
+
+    fn admit(&mut self, job: Job) {
+        self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+        metrics::gauge!(names::SERVE_QUEUED).decrement(1.0);
+        if job.events.is_closed() {
+            // Its client went away while it waited.
+            count_outcome("cancelled");
+            return;
+        }
+        match self.decoder.admit(&job.prompt, &job.opts) {
+            Ok(id) => {
+                let now = Instant::now();
+                self.running.insert(
+                    id,
+                    Running {
+                        events: job.events,
+                        pending: Vec::new(),
+                        full_since: None,
+                        prompt_bytes: job.prompt.len(),
+                        generated: 0,
+                        queued: now.duration_since(job.queued_at),
+                        admitted_at: now,
+                        finished: None,
+                    },
+                );
+                let active = self.decoder.active();
+                self.stats.peak_batch.fetch_max(active, Ordering::SeqCst);
+                self.report_active();
+            }
+            Err(e) => {
+                count_outcome("error");
+                let _ = job.events.try_send(Event::Failed(e.to_string()));
+            }
+        }
+    }
+
+    /// One decoder step, its bytes handed out.
+    fn step(&mut self) {
+        let size = self.decoder.active();
+        let started = Instant::now();
+        let emitted = match self.decoder.step() {
+            Ok(emitted) => emitted,
+            Err(e) => {
+                // The decoder's state is unknown after a failed step: stop what it held.
+                let message = format!("generation failed: {e}");
+                let ids: Vec<SeqId> = self.running.keys().copied().collect();
+                for id in ids {
+                    self.decoder.cancel(id);
+                    if let Some(r) = self.running.remove(&id) {
+                        count_outcome("error");
+                        let _ = r.events.try_send(Event::Failed(message.clone()));
+                    }
+                }
+                self.report_active();
+                return;
+            }
+        };
+        metrics::histogram!(names::SERVE_STEP_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(names::SERVE_BATCH_SIZE).record(size as f64);
+        metrics::counter!(names::SERVE_GENERATED_BYTES).increment(emitted.len() as u64);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .generated_bytes
+            .fetch_add(emitted.len() as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        for e in emitted {
+            let Some(r) = self.running.get_mut(&e.id) else {
+                continue;
+            };
+            r.pending.push(e.byte);
+            r.generated += 1;
+            if e.finished {
+                if let Some(mut r) = self.running.remove(&e.id) {
+                    r.finished = Some(Finished {
+                        prompt_bytes: r.prompt_bytes,
+                        generated_bytes: r.generated,
+                        queued: r.queued,
+                        generating: now.duration_since(r.admitted_at),
+                    });
+                    self.draining.push(r);
+                }
+            }
+        }
+        self.report_active();
+    }
+
+    /// Hand out what every sequence has pending; cancel those whose client is gone or stalled.
+    fn deliver_all(&mut self) {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        for (&id, r) in self.running.iter_mut() {
+            if let Delivery::Gone(outcome) = r.deliver(self.client_timeout, now) {
+                gone.push((id, outcome));
+            }
+        }
+        for (id, outcome) in gone {
+            self.decoder.cancel(id);
+            self.running.remove(&id);
+            count_outcome(outcome);
+        }
+        let timeout = self.client_timeout;
+        self.draining.retain_mut(|r| match r.deliver(timeout, now) {
+            Delivery::Sent => {
+                count_outcome("ok");
+                false
+            }
+            Delivery::Waiting => true,
+            Delivery::Gone(outcome) => {
+                count_outcome(outcome);
+                false
+            }
+        });
+        self.report_active();
+    }
+
+    /// Fail every request, running or queued (the server is shutting down).
+    fn fail_all(&mut self, message: &str) {
+        for (id, r) in self.running.drain() {
+            self.decoder.cancel(id);
+            count_outcome("shutdown");
+            let _ = r.events.try_send(Event::Failed(message.to_string()));
+        }
+        for r in self.draining.drain(..) {
+            count_outcome("shutdown");
+            let _ = r.events.try_send(Event::Failed(message.to_string()));
+        }
+        while let Ok(job) = self.jobs.try_recv() {
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            metrics::gauge!(names::SERVE_QUEUED).decrement(1.0);
+            count_outcome("shutdown");
+            let _ = job.events.try_send(Event::Failed(message.to_string()));
+        }
+        self.report_active();
+    }
+
+    /// Bring the active count (shared figures and gauge) up to date.
+    fn report_active(&mut self) {
+        let active = self.decoder.active();
+        self.stats.active.store(active, Ordering::SeqCst);
+        if active != self.reported_active {
+            metrics::gauge!(names::SERVE_ACTIVE).increment(active as f64 - self.reported_active as f64);
+            self.reported_active = active;
+        }
+    }
+}

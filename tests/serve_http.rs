@@ -1,0 +1,635 @@
+//! `semoe serve` over real HTTP on 127.0.0.1: streamed and whole completions equal `generate` byte
+//! for byte while sharing the batch, bad requests get a 4xx naming the problem, clients that leave
+//! or stop reading lose their slot without harming the server, and the binary shuts down on SIGTERM.
+//!
+//! The client is a few lines of raw HTTP/1.1 over a `TcpStream`; every wait is bounded.
+
+mod common;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use semoe::infer::{generate, SampleOptions};
+use semoe::kernels::Cpu;
+use semoe::model::gpt::{Gpt, GptConfig};
+use semoe::serve::{ServeConfig, Server};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Barrier, OnceLock};
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn model_config() -> GptConfig {
+    GptConfig {
+        block_size: 16,
+        d_model: 32,
+        n_layer: 2,
+        n_head: 2,
+        d_ff: 64,
+        experts: 4,
+        k: 2,
+        ..GptConfig::default()
+    }
+}
+
+fn model() -> Gpt<f32> {
+    Gpt::init(&model_config(), 3).expect("model")
+}
+
+/// The process's one metrics recorder.
+fn recorder() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = semoe::telemetry::metrics::install().expect("install the recorder");
+            semoe::telemetry::metrics::register_serve();
+            handle
+        })
+        .clone()
+}
+
+/// A server on its own thread and tokio runtime, stopped (and joined) when dropped.
+struct Running {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<semoe::Result<()>>>,
+}
+
+impl Running {
+    fn start(config: ServeConfig) -> Running {
+        let config = ServeConfig {
+            addr: "127.0.0.1:0".into(),
+            ..config
+        };
+        let server = Server::bind(&model(), config).expect("bind").with_metrics(recorder());
+        let addr = server.local_addr();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let tokio = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio");
+            tokio.block_on(server.run(async {
+                let _ = rx.await;
+            }))
+        });
+        Running {
+            addr,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Shut down and answer what `run` returned.
+    fn stop(mut self) -> semoe::Result<()> {
+        self.stop.take().map(|s| s.send(()));
+        self.thread.take().expect("running").join().expect("the server thread")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Reply {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
+    stream.set_write_timeout(Some(TIMEOUT)).expect("write timeout");
+    stream
+}
+
+fn send(stream: &mut TcpStream, method: &str, path: &str, body: &[u8]) {
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("send the head");
+    stream.write_all(body).expect("send the body");
+}
+
+/// Undo chunked transfer encoding.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for _ in 0..1_000_000 {
+        let line_end = raw.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
+        let size_text = std::str::from_utf8(&raw[..line_end]).expect("chunk size");
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).expect("hex size");
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
+    panic!("too many chunks");
+}
+
+/// One request on a fresh connection; the whole response.
+fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
+    let mut stream = connect(addr);
+    send(&mut stream, method, path, body);
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("receive");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head: {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {head:?}"));
+    let rest = &raw[split + 4..];
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
+    Reply { status, head, body }
+}
+
+fn post(addr: SocketAddr, body: &Value) -> Reply {
+    http(addr, "POST", "/v1/completions", body.to_string().as_bytes())
+}
+
+fn health(addr: SocketAddr) -> Value {
+    let reply = http(addr, "GET", "/health", b"");
+    assert_eq!(reply.status, 200);
+    reply.json()
+}
+
+/// A streamed completion, parsed: the raw bytes, the joined text, the `done` event.
+struct Streamed {
+    bytes: Vec<u8>,
+    text: String,
+    done: Value,
+    events: usize,
+}
+
+fn parse_events(body: &[u8]) -> Streamed {
+    let text = std::str::from_utf8(body).expect("events are UTF-8");
+    let mut out = Streamed {
+        bytes: Vec::new(),
+        text: String::new(),
+        done: Value::Null,
+        events: 0,
+    };
+    for block in text.split("\n\n").filter(|b| !b.is_empty()) {
+        let mut name = None;
+        let mut data = None;
+        for line in block.lines() {
+            if let Some(n) = line.strip_prefix("event: ") {
+                name = Some(n);
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                data = Some(serde_json::from_str::<Value>(d).expect("data is JSON"));
+            }
+        }
+        let data = data.expect("an event has data");
+        match name {
+            None => {
+                out.events += 1;
+                out.text.push_str(data["text"].as_str().expect("text"));
+                for b in data["bytes"].as_array().expect("bytes") {
+                    out.bytes.push(b.as_u64().expect("a byte") as u8);
+                }
+            }
+            Some("done") => out.done = data,
+            Some(other) => panic!("event {other}: {data}"),
+        }
+    }
+    assert!(!out.done.is_null(), "the stream ends with a done event");
+    out
+}
+
+fn options(max_tokens: usize, temperature: f64, top_k: usize, seed: u64) -> SampleOptions {
+    SampleOptions {
+        max_tokens,
+        temperature,
+        top_k,
+        seed,
+    }
+}
+
+fn expected(prompt: &str, opts: &SampleOptions) -> Vec<u8> {
+    let cpu = Cpu::new(1).expect("cpu");
+    generate(&model(), &cpu, prompt.as_bytes(), opts, |_| Ok(())).expect("generate")
+}
+
+fn body(prompt: &str, o: &SampleOptions, stream: bool) -> Value {
+    serde_json::json!({
+        "prompt": prompt, "max_tokens": o.max_tokens, "temperature": o.temperature,
+        "top_k": o.top_k, "seed": o.seed, "stream": stream,
+    })
+}
+
+/// Poll `/health` until `done` holds (bounded).
+fn wait_for(addr: SocketAddr, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let h = health(addr);
+        if done(&h) {
+            return h;
+        }
+        assert!(start.elapsed() < TIMEOUT, "{what}: still {h}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn concurrent_streams_equal_generate_byte_for_byte_and_share_the_batch() {
+    let server = Running::start(ServeConfig {
+        max_batch: 5,
+        max_tokens: 10_000_000,
+        ..ServeConfig::default()
+    });
+    // A long stream holds a slot throughout, so that every request below shares the batch
+    // whatever the timing (and they start together, to share it with each other too).
+    let anchor = endless(server.addr);
+    let cases = [
+        ("To be, or not", options(600, 0.8, 40, 1)),
+        ("", options(500, 1.0, 0, 2)),
+        ("HAMLET.\n", options(550, 0.0, 0, 3)),
+        ("é€", options(450, 1.5, 10, 4)),
+    ];
+    let barrier = Arc::new(Barrier::new(cases.len()));
+    let addr = server.addr;
+    let clients: Vec<_> = cases
+        .iter()
+        .cloned()
+        .map(|(prompt, opts)| {
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                post(addr, &body(prompt, &opts, true))
+            })
+        })
+        .collect();
+    for ((prompt, opts), client) in cases.iter().zip(clients) {
+        let reply = client.join().expect("client");
+        assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+        assert!(reply
+            .head
+            .to_ascii_lowercase()
+            .contains("content-type: text/event-stream"));
+        let s = parse_events(&reply.body);
+        let want = expected(prompt, opts);
+        assert_eq!(s.bytes, want, "{prompt:?}: the streamed bytes are generate's");
+        assert_eq!(s.text, String::from_utf8_lossy(&want), "{prompt:?}: the text");
+        assert!(s.events > 1, "{prompt:?}: streamed in several events");
+        assert_eq!(s.done["generated_bytes"], opts.max_tokens);
+        assert_eq!(s.done["prompt_bytes"], prompt.len());
+    }
+    drop(anchor);
+    let h = wait_for(addr, "the anchor to be cancelled", |h| h["active"] == 0);
+    assert!(
+        h["peak_batch"].as_u64().expect("peak") >= 2,
+        "the batch never held two sequences: {h}"
+    );
+    let metrics = http(addr, "GET", "/metrics", b"");
+    assert_eq!(metrics.status, 200);
+    let text = String::from_utf8_lossy(&metrics.body);
+    for series in [
+        "semoe_serve_requests_total{outcome=\"ok\"}",
+        "semoe_serve_active_sequences",
+        "semoe_serve_queued_requests",
+        "semoe_serve_generated_bytes_total",
+        "semoe_serve_batch_size",
+        "semoe_serve_step_seconds",
+    ] {
+        assert!(text.contains(series), "/metrics lacks {series}:\n{text}");
+    }
+    server.stop().expect("a clean shutdown");
+}
+
+#[test]
+fn a_whole_response_equals_generate() {
+    let server = Running::start(ServeConfig::default());
+    let opts = options(200, 0.9, 20, 42);
+    let reply = post(server.addr, &body("Once upon", &opts, false));
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    let v = reply.json();
+    let bytes: Vec<u8> = v["bytes"]
+        .as_array()
+        .expect("bytes")
+        .iter()
+        .map(|b| b.as_u64().expect("byte") as u8)
+        .collect();
+    let want = expected("Once upon", &opts);
+    assert_eq!(bytes, want);
+    assert_eq!(v["text"], String::from_utf8_lossy(&want).as_ref());
+    assert_eq!(v["generated_bytes"], 200);
+}
+
+#[test]
+fn bad_requests_get_a_4xx_naming_the_problem() {
+    let server = Running::start(ServeConfig {
+        max_request_bytes: 1024,
+        max_tokens: 100,
+        ..ServeConfig::default()
+    });
+    let addr = server.addr;
+    let cases: [(&[u8], u16, &str); 7] = [
+        (b"{\"prompt\": \"a\"", 400, "not valid JSON"),
+        (b"{\"prompt\": \"a\", \"tokens\": 3}", 400, "unknown field \"tokens\""),
+        (b"{\"prompt\": \"a\", \"max_tokens\": 101}", 400, "max_tokens"),
+        (b"{\"prompt\": \"a\", \"max_tokens\": 0}", 400, "max_tokens"),
+        (b"{\"prompt\": \"a\", \"temperature\": -1}", 400, "temperature"),
+        (b"{\"prompt\": 5}", 400, "prompt"),
+        (b"{\"prompt\": \"a\", \"top_k\": \"x\"}", 400, "top_k"),
+    ];
+    for (request, status, needle) in cases {
+        let reply = http(addr, "POST", "/v1/completions", request);
+        assert_eq!(reply.status, status, "{}", String::from_utf8_lossy(request));
+        let message = reply.json()["error"].as_str().expect("an error message").to_string();
+        assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+    }
+    let reply = post(addr, &serde_json::json!({ "prompt": "a", "max_tokens": 101 }));
+    assert_eq!(reply.json()["field"], "max_tokens");
+
+    let big = serde_json::json!({ "prompt": "x".repeat(3000) }).to_string();
+    let reply = http(addr, "POST", "/v1/completions", big.as_bytes());
+    assert_eq!(reply.status, 413);
+    assert!(reply.json()["error"].as_str().expect("message").contains("1024 bytes"));
+
+    assert_eq!(http(addr, "GET", "/v1/completions", b"").status, 405);
+    assert_eq!(http(addr, "POST", "/health", b"").status, 405);
+    assert_eq!(http(addr, "DELETE", "/metrics", b"").status, 405);
+    assert_eq!(http(addr, "GET", "/nowhere", b"").status, 404);
+    // Still serving.
+    assert_eq!(
+        post(addr, &serde_json::json!({ "prompt": "a", "max_tokens": 5 })).status,
+        200
+    );
+}
+
+/// A server whose requests run long enough to be cut short.
+fn long_server(client_timeout: Duration) -> Running {
+    Running::start(ServeConfig {
+        max_batch: 1,
+        max_tokens: 10_000_000,
+        client_timeout,
+        ..ServeConfig::default()
+    })
+}
+
+fn endless(addr: SocketAddr) -> TcpStream {
+    let mut stream = connect(addr);
+    let request = serde_json::json!({ "prompt": "a", "max_tokens": 10_000_000, "stream": true });
+    send(&mut stream, "POST", "/v1/completions", request.to_string().as_bytes());
+    let mut first = [0u8; 256];
+    let n = stream.read(&mut first).expect("the first bytes");
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    wait_for(addr, "the stream to start", |h| h["active"] == 1);
+    stream
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_frees_its_slot() {
+    let server = long_server(Duration::from_secs(10));
+    let addr = server.addr;
+    let stream = endless(addr);
+    drop(stream);
+    wait_for(addr, "the slot to be freed", |h| h["active"] == 0 && h["queued"] == 0);
+    let reply = post(addr, &serde_json::json!({ "prompt": "b", "max_tokens": 20 }));
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(reply.json()["generated_bytes"], 20);
+}
+
+#[test]
+fn a_client_that_stops_reading_is_cancelled_after_the_client_timeout() {
+    let server = long_server(Duration::from_millis(300));
+    let addr = server.addr;
+    let stream = endless(addr);
+    // The socket buffers fill, then the channel, then the timeout runs out.
+    wait_for(addr, "the stalled stream to be cancelled", |h| h["active"] == 0);
+    let reply = post(addr, &serde_json::json!({ "prompt": "c", "max_tokens": 20 }));
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    drop(stream);
+}
+
+/// The `semoe` binary, killed and reaped when dropped (also when the test fails).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_binary_serves_on_port_0_and_exits_0_on_sigterm() {
+    let tmp = common::TempDir::new("serve-binary");
+    let mut config = common::small_config(1);
+    config.model = model_config();
+    let model = model();
+    let shapes: Vec<Vec<usize>> = model.tensors().into_iter().map(|(_, s, _)| s).collect();
+    let optimizer = semoe::train::AdamW::new(config.optimizer.clone(), &shapes).expect("optimizer");
+    let checkpoint = semoe::train::trainer::write_checkpoint(tmp.path(), &config, &model, &optimizer, 0.0, None)
+        .expect("checkpoint");
+
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_semoe"))
+        .args(["serve", "--checkpoint"])
+        .arg(&checkpoint)
+        .args(["--addr", "127.0.0.1:0", "--max-batch", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start semoe serve");
+    let mut child = Child(child);
+    let stdout = child.0.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx.recv_timeout(TIMEOUT).expect("the address line");
+    let addr: SocketAddr = line
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("an address");
+
+    let opts = options(30, 0.8, 40, 5);
+    let reply = post(addr, &body("hi", &opts, false));
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(reply.json()["generated_bytes"], 30);
+    // The decoder thread counts the outcome just after it hands over the last event.
+    let start = Instant::now();
+    loop {
+        let metrics = http(addr, "GET", "/metrics", b"");
+        let text = String::from_utf8_lossy(&metrics.body).to_string();
+        if text.contains("semoe_serve_requests_total{outcome=\"ok\"} 1") {
+            break;
+        }
+        assert!(start.elapsed() < TIMEOUT, "the request is not counted:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // SAFETY: sends a signal to the child this test started (and has not reaped yet).
+    let rc = unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no exit within 10 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert!(err.contains("SIGTERM"), "{err}");
+}
+
+#[test]
+fn shutdown_lets_a_request_in_flight_finish_and_refuses_new_connections() {
+    let server = Running::start(ServeConfig {
+        max_tokens: 100_000,
+        grace: Duration::from_secs(15),
+        ..ServeConfig::default()
+    });
+    let addr = server.addr;
+    let opts = options(20_000, 0.8, 40, 9);
+    let client = std::thread::spawn(move || post(addr, &body("x", &opts, true)));
+    wait_for(addr, "the stream to start", |h| h["active"] == 1);
+    server.stop().expect("a clean shutdown");
+    let reply = client.join().expect("client");
+    assert_eq!(reply.status, 200);
+    let s = parse_events(&reply.body);
+    assert_eq!(
+        s.done["generated_bytes"], 20_000,
+        "the request in flight ran to its end"
+    );
+    assert!(
+        TcpStream::connect_timeout(&addr, TIMEOUT).is_err(),
+        "no longer listening"
+    );
+}
+
+#[test]
+fn shutdown_cancels_what_outlives_the_grace_period() {
+    let server = Running::start(ServeConfig {
+        max_tokens: 10_000_000,
+        grace: Duration::from_millis(200),
+        ..ServeConfig::default()
+    });
+    let addr = server.addr;
+    let client = std::thread::spawn(move || {
+        post(
+            addr,
+            &serde_json::json!({ "prompt": "a", "max_tokens": 10_000_000, "stream": true }),
+        )
+    });
+    wait_for(addr, "the stream to start", |h| h["active"] == 1);
+    let start = Instant::now();
+    server.stop().expect("a clean shutdown");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        start.elapsed()
+    );
+    let reply = client.join().expect("client");
+    let text = String::from_utf8_lossy(&reply.body);
+    let tail = &text[text.len().saturating_sub(200)..];
+    assert!(
+        tail.contains("event: error") && tail.contains("shutting down"),
+        "{tail}"
+    );
+}
+
+#[test]
+fn a_full_queue_answers_503() {
+    let server = Running::start(ServeConfig {
+        max_batch: 1,
+        queue: 1,
+        max_tokens: 10_000_000,
+        ..ServeConfig::default()
+    });
+    let addr = server.addr;
+    let running = endless(addr);
+    let mut waiting = connect(addr);
+    let request = serde_json::json!({ "prompt": "q", "max_tokens": 5, "stream": true });
+    send(&mut waiting, "POST", "/v1/completions", request.to_string().as_bytes());
+    wait_for(addr, "the second request to wait", |h| h["queued"] == 1);
+    let reply = post(addr, &serde_json::json!({ "prompt": "r", "max_tokens": 5 }));
+    assert_eq!(reply.status, 503);
+    assert!(reply.json()["error"].as_str().expect("message").contains("queue"));
+    assert!(reply.head.to_ascii_lowercase().contains("retry-after: 1"));
+    drop(running);
+    // The waiting request then runs.
+    let mut raw = Vec::new();
+    waiting.read_to_end(&mut raw).expect("the queued request's answer");
+    assert!(String::from_utf8_lossy(&raw).contains("event: done"));
+}
+
+#[test]
+fn a_client_slow_to_send_its_request_is_cut_off_after_the_client_timeout() {
+    let server = long_server(Duration::from_millis(300));
+    let addr = server.addr;
+    // Headers that never end: the connection is closed.
+    let mut stream = connect(addr);
+    stream
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\n")
+        .expect("send");
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "open for {:?}",
+        start.elapsed()
+    );
+    // A body that never ends: 408.
+    let mut stream = connect(addr);
+    stream
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+        .expect("send");
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("client_timeout"), "{reply}");
+}
+
+#[test]
+fn a_client_that_disconnects_while_waiting_for_a_whole_response_frees_its_slot() {
+    let server = long_server(Duration::from_secs(10));
+    let addr = server.addr;
+    let mut stream = connect(addr);
+    let request = serde_json::json!({ "prompt": "a", "max_tokens": 10_000_000 });
+    send(&mut stream, "POST", "/v1/completions", request.to_string().as_bytes());
+    wait_for(addr, "the request to start", |h| h["active"] == 1);
+    drop(stream);
+    wait_for(addr, "the slot to be freed", |h| h["active"] == 0);
+}
