@@ -441,6 +441,13 @@ impl Drop for Child {
 
 #[test]
 fn the_binary_serves_on_port_0_and_exits_0_on_sigterm() {
+    // The whole model in memory, then streamed through a ring of a few sections: the same bytes.
+    for ring in [&[][..], &["--device-budget", "300000", "--prefetch", "routed"][..]] {
+        serve_binary(ring);
+    }
+}
+
+fn serve_binary(ring: &[&str]) {
     let tmp = common::TempDir::new("serve-binary");
     let mut config = common::small_config(1);
     config.model = model_config();
@@ -454,6 +461,7 @@ fn the_binary_serves_on_port_0_and_exits_0_on_sigterm() {
         .args(["serve", "--checkpoint"])
         .arg(&checkpoint)
         .args(["--addr", "127.0.0.1:0", "--max-batch", "2"])
+        .args(ring)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -478,6 +486,13 @@ fn the_binary_serves_on_port_0_and_exits_0_on_sigterm() {
     let reply = post(addr, &body("hi", &opts, false));
     assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
     assert_eq!(reply.json()["generated_bytes"], 30);
+    let bytes: Vec<u8> = reply.json()["bytes"]
+        .as_array()
+        .expect("bytes")
+        .iter()
+        .map(|b| b.as_u64().expect("byte") as u8)
+        .collect();
+    assert_eq!(bytes, expected("hi", &opts), "{ring:?}: the bytes of generate");
     // The decoder thread counts the outcome just after it hands over the last event.
     let start = Instant::now();
     loop {
@@ -510,6 +525,7 @@ fn the_binary_serves_on_port_0_and_exits_0_on_sigterm() {
     }
     assert!(status.success(), "exit {status:?}: {err}");
     assert!(err.contains("SIGTERM"), "{err}");
+    assert_eq!(err.contains("ring: "), !ring.is_empty(), "{ring:?}: {err}");
 }
 
 #[test]

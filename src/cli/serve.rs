@@ -40,6 +40,19 @@ pub struct ServeArgs {
     /// How long requests in flight may finish after SIGTERM or Ctrl-C before they are cancelled.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
+    /// Ring-memory inference: stream the weights from the checkpoint through a ring of sections
+    /// within this many bytes (e.g. 64MiB) instead of loading the whole model (docs/inference.md).
+    #[arg(long)]
+    device_budget: Option<String>,
+    /// With --device-budget: bytes of pieces kept in memory (the Host tier).
+    #[arg(long, default_value = "0")]
+    host_budget: String,
+    /// With --device-budget: routed, whole-block or on-demand.
+    #[arg(long, default_value = "routed")]
+    prefetch: String,
+    /// With --device-budget: threads reading the checkpoint.
+    #[arg(long, default_value_t = 1)]
+    io_threads: usize,
 }
 
 pub fn run(a: &ServeArgs) -> semoe::Result<()> {
@@ -55,8 +68,37 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
         grace: a.grace,
     };
     config.validate()?;
-    let ckpt = super::generate::checkpoint_to_read(&a.checkpoint)?;
-    let model = semoe::train::trainer::model_from(ckpt)?;
+    let decoder: Box<dyn semoe::infer::Decode> = match &a.device_budget {
+        None => {
+            let ckpt = super::generate::checkpoint_to_read(&a.checkpoint)?;
+            let model = semoe::train::trainer::model_from(ckpt)?;
+            Box::new(semoe::infer::BatchDecoder::new(
+                &model,
+                semoe::kernels::Cpu::new(a.threads)?,
+                a.max_batch,
+            )?)
+        }
+        Some(budget) => {
+            use semoe::storage::tiers::parse_bytes;
+            let options = semoe::infer::RingOptions {
+                device_budget: parse_bytes("--device-budget", budget)?,
+                host_budget: parse_bytes("--host-budget", &a.host_budget)?,
+                prefetch: a.prefetch.parse()?,
+                io_threads: a.io_threads,
+            };
+            let ring = semoe::infer::RingWeights::new(semoe::infer::ModelFile::open(&a.checkpoint)?, &options)?;
+            let s = ring.stats();
+            eprintln!(
+                "ring: {} sections of {} bytes ({} bytes on the Device side)",
+                s.sections, s.section_bytes, s.device_bytes
+            );
+            Box::new(semoe::infer::BatchDecoder::with_source(
+                ring,
+                semoe::kernels::Cpu::new(a.threads)?,
+                a.max_batch,
+            )?)
+        }
+    };
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -71,7 +113,7 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
         let mut int = signal(SignalKind::interrupt()).map_err(fail)?;
         let handle = semoe::telemetry::metrics::install()?;
         semoe::telemetry::metrics::register_serve();
-        let server = Server::bind(&model, config)?.with_metrics(handle);
+        let server = Server::bind_decoder(decoder, config)?.with_metrics(handle);
         println!("listening on http://{}", server.local_addr());
         let _ = std::io::stdout().flush();
         server

@@ -231,3 +231,41 @@ impl<S: WeightSource> BatchDecoder<S> {
         Ok(out)
     }
 }
+
+/// A batch decoder whatever its weight source: what a server or a command holds without naming
+/// the source (the whole model in memory, or a ring).
+pub trait Decode: Send {
+    /// See [`BatchDecoder::max_batch`].
+    fn max_batch(&self) -> usize;
+    /// See [`BatchDecoder::active`].
+    fn active(&self) -> usize;
+    /// See [`BatchDecoder::has_room`].
+    fn has_room(&self) -> bool;
+    /// See [`BatchDecoder::admit`].
+    fn admit(&mut self, prompt: &[u8], opts: &SampleOptions) -> Result<SeqId>;
+    /// See [`BatchDecoder::cancel`].
+    fn cancel(&mut self, id: SeqId) -> bool;
+    /// See [`BatchDecoder::step`].
+    fn step(&mut self) -> Result<Vec<Emitted>>;
+}
+
+impl<S: WeightSource + Send> Decode for BatchDecoder<S> {
+    fn max_batch(&self) -> usize {
+        BatchDecoder::max_batch(self)
+    }
+    fn active(&self) -> usize {
+        BatchDecoder::active(self)
+    }
+    fn has_room(&self) -> bool {
+        BatchDecoder::has_room(self)
+    }
+    fn admit(&mut self, prompt: &[u8], opts: &SampleOptions) -> Result<SeqId> {
+        BatchDecoder::admit(self, prompt, opts)
+    }
+    fn cancel(&mut self, id: SeqId) -> bool {
+        BatchDecoder::cancel(self, id)
+    }
+    fn step(&mut self) -> Result<Vec<Emitted>> {
+        BatchDecoder::step(self)
+    }
+}

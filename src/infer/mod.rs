@@ -9,7 +9,7 @@ pub mod model_file;
 pub mod ring;
 pub mod weights;
 
-pub use batch::{BatchDecoder, Emitted, SeqId};
+pub use batch::{BatchDecoder, Decode, Emitted, SeqId};
 pub use generate::{generate, generate_recomputing, SampleOptions};
 pub use model_file::ModelFile;
 pub use ring::{Prefetch, RingOptions, RingStats, RingWeights};

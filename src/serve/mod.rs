@@ -19,7 +19,7 @@ pub mod scheduler;
 pub mod stream;
 
 use crate::error::{Error, Result};
-use crate::infer::BatchDecoder;
+use crate::infer::{BatchDecoder, Decode};
 use crate::kernels::Cpu;
 use crate::model::gpt::Gpt;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -96,7 +96,7 @@ pub struct Server {
     listener: std::net::TcpListener,
     addr: SocketAddr,
     config: ServeConfig,
-    decoder: BatchDecoder,
+    decoder: Box<dyn Decode>,
     metrics: Option<PrometheusHandle>,
 }
 
@@ -105,6 +105,16 @@ impl Server {
     pub fn bind(model: &Gpt<f32>, config: ServeConfig) -> Result<Server> {
         config.validate()?;
         let decoder = BatchDecoder::new(model, Cpu::new(config.threads)?, config.max_batch)?;
+        Server::bind_decoder(Box::new(decoder), config)
+    }
+
+    /// Listen on `config.addr` with a decoder of your own: a
+    /// [`BatchDecoder::with_source`] over a [`RingWeights`](crate::infer::RingWeights) serves a
+    /// checkpoint larger than memory (`semoe serve --device-budget`). Its batch size is the
+    /// decoder's (it replaces `config.max_batch`); `config.threads` is not used.
+    pub fn bind_decoder(decoder: Box<dyn Decode>, mut config: ServeConfig) -> Result<Server> {
+        config.max_batch = decoder.max_batch();
+        config.validate()?;
         let listener = bind(&config.addr)?;
         let addr = listener
             .local_addr()

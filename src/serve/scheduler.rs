@@ -1,4 +1,4 @@
-//! The decoder thread: one OS thread owns the [`BatchDecoder`] and runs its steps, so that compute
+//! The decoder thread: one OS thread owns the batch decoder ([`Decode`]) and runs its steps, so that compute
 //! never blocks tokio's threads; requests reach it through a bounded queue.
 //!
 //! Between two steps it admits queued requests while the batch has room (continuous batching), and
@@ -7,7 +7,7 @@
 //! channel that stays full past the client timeout, or that its client closed, cancels the
 //! sequence and frees its slot.
 
-use crate::infer::{BatchDecoder, SampleOptions, SeqId};
+use crate::infer::{Decode, SampleOptions, SeqId};
 use crate::telemetry::metrics as names;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -206,7 +206,7 @@ impl Running {
 
 /// The decoder thread's state.
 pub struct Scheduler {
-    decoder: BatchDecoder,
+    decoder: Box<dyn Decode>,
     jobs: std_mpsc::Receiver<Job>,
     running: HashMap<SeqId, Running>,
     /// Sequences that left the batch and whose last events wait for room in their channel.
@@ -222,7 +222,7 @@ impl Scheduler {
     /// A scheduler for `decoder` with a queue of `capacity` requests, and its HTTP-side handle.
     /// `stop` ends the thread: every request still running or queued then fails.
     pub fn new(
-        decoder: BatchDecoder,
+        decoder: Box<dyn Decode>,
         capacity: usize,
         client_timeout: Duration,
         stop: Arc<AtomicBool>,
