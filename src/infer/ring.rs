@@ -137,6 +137,48 @@ impl State {
     fn in_use(&self) -> usize {
         self.buffers.len() - self.free.len()
     }
+
+    /// Take the next queued piece and a free section for it (an I/O thread's next load).
+    fn start_load(&mut self) -> Option<(Piece, usize, Box<[f32]>)> {
+        if self.queue.is_empty() || self.free.is_empty() {
+            return None;
+        }
+        let piece = self.queue.pop_front()?;
+        let section = self.free.pop()?;
+        let Some(buf) = self.buffers[section].take() else {
+            self.error = Some(format!("ring section {section} was lost"));
+            return None;
+        };
+        self.loading.insert(piece, section);
+        let in_use = self.in_use();
+        self.stats.peak_sections_in_use = self.stats.peak_sections_in_use.max(in_use);
+        Some((piece, section, buf))
+    }
+
+    /// A load of `piece` into `section` ended with `result` (bytes from disk and from the Host
+    /// tier) after `seconds`: the piece is ready, or its section free again if the load failed or
+    /// was cancelled meanwhile.
+    fn finish_load(&mut self, piece: Piece, section: usize, buf: Box<[f32]>, result: Result<(u64, u64)>, seconds: f64) {
+        self.buffers[section] = Some(buf);
+        self.loading.remove(&piece);
+        self.stats.load_seconds += seconds;
+        match result {
+            Ok((disk, host)) => {
+                self.stats.loads += 1;
+                self.stats.bytes_read += disk;
+                self.stats.bytes_from_host += host;
+                if self.cancelled.remove(&piece) {
+                    self.free.push(section);
+                } else {
+                    self.ready.insert(piece, section);
+                }
+            }
+            Err(e) => {
+                self.free.push(section);
+                self.error = Some(format!("loading {piece:?}: {e}"));
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -185,41 +227,21 @@ fn loader(shared: Arc<Shared>) {
                     Err(_) => return,
                 };
             }
-            let Some(piece) = st.queue.pop_front() else { continue };
-            let Some(section) = st.free.pop() else { continue };
-            let Some(buf) = st.buffers[section].take() else {
-                st.error = Some(format!("ring section {section} was lost"));
-                shared.wake.notify_all();
-                return;
-            };
-            st.loading.insert(piece, section);
-            let in_use = st.in_use();
-            st.stats.peak_sections_in_use = st.stats.peak_sections_in_use.max(in_use);
-            (piece, section, buf)
+            match st.start_load() {
+                Some(next) => next,
+                // Checked just above that a piece and a section wait: only a lost section
+                // (reported in the state's error) gets here.
+                None => {
+                    shared.wake.notify_all();
+                    return;
+                }
+            }
         };
         let started = Instant::now();
         let result = shared.fill(piece, &mut buf);
         let seconds = started.elapsed().as_secs_f64();
         let Ok(mut st) = shared.lock() else { return };
-        st.buffers[section] = Some(buf);
-        st.loading.remove(&piece);
-        st.stats.load_seconds += seconds;
-        match result {
-            Ok((disk, host)) => {
-                st.stats.loads += 1;
-                st.stats.bytes_read += disk;
-                st.stats.bytes_from_host += host;
-                if st.cancelled.remove(&piece) {
-                    st.free.push(section);
-                } else {
-                    st.ready.insert(piece, section);
-                }
-            }
-            Err(e) => {
-                st.free.push(section);
-                st.error = Some(format!("loading {piece:?}: {e}"));
-            }
-        }
+        st.finish_load(piece, section, buf, result, seconds);
         shared.wake.notify_all();
     }
 }
@@ -606,5 +628,67 @@ impl WeightSource for RingWeights {
         self.shared.lock()?.stats.passes += 1;
         // The next pass starts the same way whatever it decodes.
         self.queue_static_from(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(sections: usize) -> State {
+        State {
+            buffers: (0..sections)
+                .map(|_| Some(vec![0.0f32; 4].into_boxed_slice()))
+                .collect(),
+            free: (0..sections).rev().collect(),
+            queue: VecDeque::new(),
+            loading: HashMap::new(),
+            ready: HashMap::new(),
+            cancelled: HashSet::new(),
+            guessed: HashSet::new(),
+            error: None,
+            shutdown: false,
+            stats: RingStats::default(),
+        }
+    }
+
+    #[test]
+    fn a_load_cancelled_then_wanted_again_arrives_ready() {
+        let piece = Piece::Expert(0, 3);
+        for wanted_again in [false, true] {
+            let mut st = state(2);
+            st.queue.push_back(piece);
+            let (p, section, buf) = st.start_load().expect("a load starts");
+            assert_eq!(p, piece);
+            // The routing drops the guess while it loads...
+            st.cancelled.insert(piece);
+            // ...and the next routing wants it after all: it must not be queued twice.
+            if wanted_again {
+                assert!(st.want(piece), "a loading piece is known");
+            }
+            st.finish_load(piece, section, buf, Ok((16, 0)), 0.0);
+            assert_eq!(
+                st.ready.contains_key(&piece),
+                wanted_again,
+                "wanted again: {wanted_again}"
+            );
+            assert_eq!(st.free.len(), if wanted_again { 1 } else { 2 });
+            assert!(st.loading.is_empty() && st.cancelled.is_empty() && st.queue.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_failed_load_frees_its_section_and_is_reported() {
+        let mut st = state(1);
+        st.queue.push_back(Piece::Head);
+        let (p, section, buf) = st.start_load().expect("a load starts");
+        assert!(st.start_load().is_none(), "no free section for a second load");
+        st.finish_load(p, section, buf, Err(Error::runtime("disk gone")), 0.0);
+        assert_eq!(st.free, vec![0]);
+        assert!(st.ready.is_empty());
+        assert!(st
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("Head") && e.contains("disk gone")));
     }
 }
