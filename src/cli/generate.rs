@@ -38,8 +38,15 @@ pub struct GenerateArgs {
     /// the whole batch. With more than one, the samples print when all are done.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    #[command(flatten)]
+    ring: RingArgs,
+}
+
+/// The ring's options, shared by `generate` and `serve`.
+#[derive(Args)]
+pub struct RingArgs {
     /// Ring-memory inference: stream the weights from the checkpoint through a ring of sections
-    /// within this many bytes (e.g. 64MiB) instead of loading the whole model.
+    /// within this many bytes (e.g. 64MiB) instead of loading the whole model (docs/inference.md).
     #[arg(long)]
     device_budget: Option<String>,
     /// With --device-budget: bytes of pieces kept in memory (the Host tier) instead of read from
@@ -53,6 +60,21 @@ pub struct GenerateArgs {
     /// With --device-budget: threads reading the checkpoint.
     #[arg(long, default_value_t = 1)]
     io_threads: usize,
+}
+
+impl RingArgs {
+    /// The ring's options, or `None` without --device-budget (the whole model in memory).
+    pub fn options(&self) -> semoe::Result<Option<RingOptions>> {
+        let Some(budget) = &self.device_budget else {
+            return Ok(None);
+        };
+        Ok(Some(RingOptions {
+            device_budget: parse_bytes("--device-budget", budget)?,
+            host_budget: parse_bytes("--host-budget", &self.host_budget)?,
+            prefetch: self.prefetch.parse::<Prefetch>()?,
+            io_threads: self.io_threads,
+        }))
+    }
 }
 
 /// A prompt as typed on a command line, with `\n` (newline), `\t` (tab), `\r` and `\\`
@@ -163,7 +185,7 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
         seed: a.seed,
     };
     let cpu = Cpu::new(a.threads)?;
-    match &a.device_budget {
+    match a.ring.options()? {
         None => {
             let ckpt = checkpoint_to_read(&a.checkpoint)?;
             let model = semoe::train::trainer::model_from(ckpt)?;
@@ -178,13 +200,7 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
             );
             Ok(())
         }
-        Some(budget) => {
-            let options = RingOptions {
-                device_budget: parse_bytes("--device-budget", budget)?,
-                host_budget: parse_bytes("--host-budget", &a.host_budget)?,
-                prefetch: a.prefetch.parse::<Prefetch>()?,
-                io_threads: a.io_threads,
-            };
+        Some(options) => {
             let file = ModelFile::open(&a.checkpoint)?;
             let checkpoint_bytes = file.bytes();
             let ring = RingWeights::new(file, &options)?;

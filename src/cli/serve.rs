@@ -40,19 +40,8 @@ pub struct ServeArgs {
     /// How long requests in flight may finish after SIGTERM or Ctrl-C before they are cancelled.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
-    /// Ring-memory inference: stream the weights from the checkpoint through a ring of sections
-    /// within this many bytes (e.g. 64MiB) instead of loading the whole model (docs/inference.md).
-    #[arg(long)]
-    device_budget: Option<String>,
-    /// With --device-budget: bytes of pieces kept in memory (the Host tier).
-    #[arg(long, default_value = "0")]
-    host_budget: String,
-    /// With --device-budget: routed, whole-block or on-demand.
-    #[arg(long, default_value = "routed")]
-    prefetch: String,
-    /// With --device-budget: threads reading the checkpoint.
-    #[arg(long, default_value_t = 1)]
-    io_threads: usize,
+    #[command(flatten)]
+    ring: super::generate::RingArgs,
 }
 
 pub fn run(a: &ServeArgs) -> semoe::Result<()> {
@@ -68,7 +57,7 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
         grace: a.grace,
     };
     config.validate()?;
-    let decoder: Box<dyn semoe::infer::Decode> = match &a.device_budget {
+    let decoder: Box<dyn semoe::infer::Decode> = match a.ring.options()? {
         None => {
             let ckpt = super::generate::checkpoint_to_read(&a.checkpoint)?;
             let model = semoe::train::trainer::model_from(ckpt)?;
@@ -78,14 +67,7 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
                 a.max_batch,
             )?)
         }
-        Some(budget) => {
-            use semoe::storage::tiers::parse_bytes;
-            let options = semoe::infer::RingOptions {
-                device_budget: parse_bytes("--device-budget", budget)?,
-                host_budget: parse_bytes("--host-budget", &a.host_budget)?,
-                prefetch: a.prefetch.parse()?,
-                io_threads: a.io_threads,
-            };
+        Some(options) => {
             let ring = semoe::infer::RingWeights::new(semoe::infer::ModelFile::open(&a.checkpoint)?, &options)?;
             let s = ring.stats();
             eprintln!(

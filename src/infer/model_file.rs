@@ -75,7 +75,7 @@ impl ModelFile {
 
     fn open_checkpoint(dir: &Path) -> Result<Self> {
         let info = checkpoint::model_file_info(dir)?;
-        let config = model_config(&info)?;
+        let config = crate::storage::state::model_config(&info.dir, &info.extra)?;
         let mut file = File::open(&info.path).map_err(|e| Error::io("opening checkpoint file", &info.path, e))?;
         verify(&mut file, &info)?;
         let tensors = parse_header(&file, &info)?;
@@ -267,23 +267,6 @@ fn expected_tensors(config: &GptConfig) -> Vec<(String, usize)> {
         ("lm_head".to_string(), d * v),
     ]);
     out
-}
-
-fn model_config(info: &ModelFileInfo) -> Result<GptConfig> {
-    let value = info
-        .extra
-        .get("config")
-        .and_then(|c| c.get("model"))
-        .cloned()
-        .ok_or_else(|| Error::checkpoint(&info.dir, "the manifest records no model config (extra.config.model)"))?;
-    let config: GptConfig = serde_json::from_value(value).map_err(|e| {
-        Error::parse(
-            format!("checkpoint {} manifest config", info.dir.display()),
-            e.to_string(),
-        )
-    })?;
-    config.validate()?;
-    Ok(config)
 }
 
 /// Length, then SHA-256 over the whole file in fixed-size reads.

@@ -123,6 +123,24 @@ struct State {
 }
 
 impl State {
+    /// `sections` free sections of `section_len` elements each, nothing queued.
+    fn new(sections: usize, section_len: usize, stats: RingStats) -> Self {
+        State {
+            buffers: (0..sections)
+                .map(|_| Some(vec![0.0f32; section_len].into_boxed_slice()))
+                .collect(),
+            free: (0..sections).rev().collect(),
+            queue: VecDeque::new(),
+            loading: HashMap::new(),
+            ready: HashMap::new(),
+            cancelled: HashSet::new(),
+            guessed: HashSet::new(),
+            error: None,
+            shutdown: false,
+            stats,
+        }
+    }
+
     fn known(&self, piece: Piece) -> bool {
         self.ready.contains_key(&piece) || self.loading.contains_key(&piece) || self.queue.contains(&piece)
     }
@@ -330,19 +348,10 @@ impl RingWeights {
             host_bytes += 4 * len as u64;
             host.insert(piece, buf);
         }
-        let state = State {
-            buffers: (0..sections)
-                .map(|_| Some(vec![0.0f32; section_len].into_boxed_slice()))
-                .collect(),
-            free: (0..sections).rev().collect(),
-            queue: VecDeque::new(),
-            loading: HashMap::new(),
-            ready: HashMap::new(),
-            cancelled: HashSet::new(),
-            guessed: HashSet::new(),
-            error: None,
-            shutdown: false,
-            stats: RingStats {
+        let state = State::new(
+            sections,
+            section_len,
+            RingStats {
                 sections,
                 section_bytes,
                 resident_bytes,
@@ -350,7 +359,7 @@ impl RingWeights {
                 host_bytes,
                 ..RingStats::default()
             },
-        };
+        );
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             wake: Condvar::new(),
@@ -636,20 +645,7 @@ mod tests {
     use super::*;
 
     fn state(sections: usize) -> State {
-        State {
-            buffers: (0..sections)
-                .map(|_| Some(vec![0.0f32; 4].into_boxed_slice()))
-                .collect(),
-            free: (0..sections).rev().collect(),
-            queue: VecDeque::new(),
-            loading: HashMap::new(),
-            ready: HashMap::new(),
-            cancelled: HashSet::new(),
-            guessed: HashSet::new(),
-            error: None,
-            shutdown: false,
-            stats: RingStats::default(),
-        }
+        State::new(sections, 4, RingStats::default())
     }
 
     #[test]

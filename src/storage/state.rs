@@ -115,21 +115,23 @@ pub fn restore(
     Ok((model, optimizer, seconds))
 }
 
-/// The model of a loaded checkpoint, built from the model part of the config in its manifest.
-pub fn model_from(mut ckpt: Checkpoint) -> Result<Gpt<f32>> {
-    let value = ckpt
-        .extra
+/// The model configuration a checkpoint's manifest records (`extra.config.model`), checked;
+/// `dir` names the checkpoint in errors.
+pub fn model_config(dir: &Path, extra: &serde_json::Value) -> Result<GptConfig> {
+    let value = extra
         .get("config")
         .and_then(|c| c.get("model"))
         .cloned()
-        .ok_or_else(|| Error::checkpoint(&ckpt.dir, "the manifest records no model config (extra.config.model)"))?;
-    let config: GptConfig = serde_json::from_value(value).map_err(|e| {
-        Error::parse(
-            format!("checkpoint {} manifest config", ckpt.dir.display()),
-            e.to_string(),
-        )
-    })?;
+        .ok_or_else(|| Error::checkpoint(dir, "the manifest records no model config (extra.config.model)"))?;
+    let config: GptConfig = serde_json::from_value(value)
+        .map_err(|e| Error::parse(format!("checkpoint {} manifest config", dir.display()), e.to_string()))?;
     config.validate()?;
+    Ok(config)
+}
+
+/// The model of a loaded checkpoint, built from the model part of the config in its manifest.
+pub fn model_from(mut ckpt: Checkpoint) -> Result<Gpt<f32>> {
+    let config = model_config(&ckpt.dir, &ckpt.extra)?;
     let mut model = Gpt::<f32>::zeros(&config)?;
     let specs: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
     for ((name, shape), buf) in specs.iter().zip(model.buffers_mut()) {
