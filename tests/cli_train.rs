@@ -104,15 +104,16 @@ fn run(cwd: &Path, args: &[&str], limit: Duration) -> (ExitStatus, String, Strin
         .expect("spawn semoe");
     let mut stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
+    // Bytes, decoded after: a sample from a barely trained model is not always UTF-8.
     let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
+        let mut b = Vec::new();
+        let _ = stdout.read_to_end(&mut b);
+        String::from_utf8_lossy(&b).into_owned()
     });
     let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
+        let mut b = Vec::new();
+        let _ = stderr.read_to_end(&mut b);
+        String::from_utf8_lossy(&b).into_owned()
     });
     let mut guard = Child {
         child,
@@ -416,6 +417,22 @@ fn bad_input_gets_clear_messages() {
             &["eval", "--checkpoint", "nowhere"],
             "neither a checkpoint nor a run directory",
         ),
+        (
+            &["generate", "--checkpoint", "x", "--device-budget", "12 parsecs"],
+            "--device-budget",
+        ),
+        (
+            &[
+                "generate",
+                "--checkpoint",
+                "x",
+                "--device-budget",
+                "1MiB",
+                "--prefetch",
+                "sometimes",
+            ],
+            "prefetch must be routed, whole-block or on-demand",
+        ),
     ];
     for (argv, want) in cases {
         let (status, out, err) = run(tmp.path(), argv, Duration::from_secs(60));
@@ -464,6 +481,46 @@ fn generate_into_a_closed_pipe_ends_quietly() {
     }
     assert!(status.success(), "exit {status:?}: {err}");
     assert!(!err.contains("Broken pipe"), "{err}");
+}
+
+#[test]
+fn generate_through_the_ring_prints_what_resident_generation_prints() {
+    let tmp = TempDir::new("cli-ring");
+    let (status, _, err) = run(
+        tmp.path(),
+        &args(&["--steps", "2", "--run-dir", "r"]),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    let sample = |extra: &[&str]| {
+        let mut argv = vec![
+            "generate",
+            "--checkpoint",
+            "r",
+            "--tokens",
+            "80",
+            "--seed",
+            "3",
+            "--batch",
+            "2",
+        ];
+        argv.extend_from_slice(extra);
+        let (status, out, err) = run(tmp.path(), &argv, Duration::from_secs(60));
+        (status.success(), out, err)
+    };
+    let (ok, resident, err) = sample(&[]);
+    assert!(ok, "{err}");
+    assert_eq!(resident.matches("--- sample").count(), 2, "{resident}");
+    let (ok, ring, err) = sample(&["--device-budget", "300KiB", "--host-budget", "100KiB"]);
+    assert!(ok, "{err}");
+    assert_eq!(ring, resident, "the ring prints the same samples");
+    assert!(err.contains("ring: ") && err.contains("peak resident memory"), "{err}");
+    // A batch whose key/value cache exceeds --kv-budget is refused, naming what fits.
+    let (ok, _, err) = sample(&["--kv-budget", "1KiB"]);
+    assert!(
+        !ok && err.contains("--kv-budget") && err.contains("0 sequence(s)"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -39,12 +39,17 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     batch: usize,
     #[command(flatten)]
-    ring: RingArgs,
+    memory: MemoryArgs,
 }
 
-/// The ring's options, shared by `generate` and `serve`.
+/// The memory budgets of generation (the ring's and the key/value cache's), shared by `generate`
+/// and `serve`.
 #[derive(Args)]
-pub struct RingArgs {
+pub struct MemoryArgs {
+    /// The most bytes of key/value cache (one slot per sequence of the batch, allocated at start);
+    /// a batch that needs more is refused, naming how many sequences fit.
+    #[arg(long)]
+    kv_budget: Option<String>,
     /// Ring-memory inference: stream the weights from the checkpoint through a ring of sections
     /// within this many bytes (e.g. 64MiB) instead of loading the whole model (docs/inference.md).
     #[arg(long)]
@@ -62,7 +67,28 @@ pub struct RingArgs {
     io_threads: usize,
 }
 
-impl RingArgs {
+impl MemoryArgs {
+    /// Refuse a decoder whose key/value cache exceeds --kv-budget.
+    pub fn check_cache<S: WeightSource>(&self, decoder: &BatchDecoder<S>) -> semoe::Result<()> {
+        let Some(budget) = &self.kv_budget else {
+            return Ok(());
+        };
+        let budget = parse_bytes("--kv-budget", budget)?;
+        let need = decoder.cache_bytes();
+        if need > budget {
+            let slot = need / decoder.max_batch().max(1) as u64;
+            return Err(semoe::Error::config(format!(
+                "--kv-budget {} holds the key/value cache of {} sequence(s) ({} each); a batch of {} needs {}",
+                format_bytes(budget),
+                budget / slot.max(1),
+                format_bytes(slot),
+                decoder.max_batch(),
+                format_bytes(need)
+            )));
+        }
+        Ok(())
+    }
+
     /// The ring's options, or `None` without --device-budget (the whole model in memory).
     pub fn options(&self) -> semoe::Result<Option<RingOptions>> {
         let Some(budget) = &self.device_budget else {
@@ -185,14 +211,16 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
         seed: a.seed,
     };
     let cpu = Cpu::new(a.threads)?;
-    match a.ring.options()? {
+    match a.memory.options()? {
         None => {
             let ckpt = checkpoint_to_read(&a.checkpoint)?;
             let model = semoe::train::trainer::model_from(ckpt)?;
             if a.batch == 1 {
+                a.memory.check_cache(&BatchDecoder::new(&model, cpu.clone(), 1)?)?;
                 return stream_sample(&model, &prompt, &opts, a.threads);
             }
             let mut decoder = BatchDecoder::new(&model, cpu, a.batch)?;
+            a.memory.check_cache(&decoder)?;
             let (bytes, seconds) = sample_batch(&mut decoder, &prompt, &opts, a.batch)?;
             eprintln!(
                 "{bytes} bytes in {seconds:.2} s: {:.0} bytes/s",
@@ -205,6 +233,7 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
             let checkpoint_bytes = file.bytes();
             let ring = RingWeights::new(file, &options)?;
             let mut decoder = BatchDecoder::with_source(ring, cpu, a.batch)?;
+            a.memory.check_cache(&decoder)?;
             let cache = decoder.cache_bytes();
             let (bytes, seconds) = if a.batch == 1 {
                 stream_from(&mut decoder, &prompt, &opts)?

@@ -41,7 +41,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
     #[command(flatten)]
-    ring: super::generate::RingArgs,
+    memory: super::generate::MemoryArgs,
 }
 
 pub fn run(a: &ServeArgs) -> semoe::Result<()> {
@@ -57,15 +57,13 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
         grace: a.grace,
     };
     config.validate()?;
-    let decoder: Box<dyn semoe::infer::Decode> = match a.ring.options()? {
+    let decoder: Box<dyn semoe::infer::Decode> = match a.memory.options()? {
         None => {
             let ckpt = super::generate::checkpoint_to_read(&a.checkpoint)?;
             let model = semoe::train::trainer::model_from(ckpt)?;
-            Box::new(semoe::infer::BatchDecoder::new(
-                &model,
-                semoe::kernels::Cpu::new(a.threads)?,
-                a.max_batch,
-            )?)
+            let decoder = semoe::infer::BatchDecoder::new(&model, semoe::kernels::Cpu::new(a.threads)?, a.max_batch)?;
+            a.memory.check_cache(&decoder)?;
+            Box::new(decoder)
         }
         Some(options) => {
             let ring = semoe::infer::RingWeights::new(semoe::infer::ModelFile::open(&a.checkpoint)?, &options)?;
@@ -74,11 +72,10 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
                 "ring: {} sections of {} bytes ({} bytes on the Device side)",
                 s.sections, s.section_bytes, s.device_bytes
             );
-            Box::new(semoe::infer::BatchDecoder::with_source(
-                ring,
-                semoe::kernels::Cpu::new(a.threads)?,
-                a.max_batch,
-            )?)
+            let decoder =
+                semoe::infer::BatchDecoder::with_source(ring, semoe::kernels::Cpu::new(a.threads)?, a.max_batch)?;
+            a.memory.check_cache(&decoder)?;
+            Box::new(decoder)
         }
     };
     let tokio = tokio::runtime::Builder::new_multi_thread()
