@@ -224,3 +224,116 @@ fn the_batch_refuses_what_does_not_fit_and_frees_cancelled_slots() {
         "an empty batch"
     );
 }
+
+/// The model in memory, failing once at its `fail_at`-th piece.
+struct FailOnce {
+    inner: semoe::infer::weights::ResidentWeights,
+    calls: usize,
+    fail_at: usize,
+}
+
+impl semoe::infer::weights::WeightSource for FailOnce {
+    fn config(&self) -> &GptConfig {
+        self.inner.config()
+    }
+    fn embeddings(&self) -> (&[f32], &[f32]) {
+        self.inner.embeddings()
+    }
+    fn with_piece<R>(
+        &mut self,
+        piece: semoe::infer::weights::Piece,
+        f: impl FnOnce(semoe::infer::weights::PieceWeights<'_>) -> semoe::Result<R>,
+    ) -> semoe::Result<R> {
+        self.calls += 1;
+        if self.calls == self.fail_at {
+            return Err(semoe::Error::runtime("injected: a piece that cannot be read"));
+        }
+        self.inner.with_piece(piece, f)
+    }
+}
+
+#[test]
+fn a_failed_step_leaves_every_sequence_as_it_was() {
+    let config = small(1);
+    let m = model(&config, 13);
+    let prompts = [
+        (b"hello".to_vec(), opts(20, 1.0, 0, 1)),
+        (b"w".to_vec(), opts(20, 0.8, 10, 2)),
+    ];
+    let undisturbed = run_batch(&m, &prompts, &[(0, 0), (0, 1)], 2);
+    // Fail in the first pass (prompt encoding), then in a later one (incremental decoding).
+    for fail_at in [3, 40] {
+        let source = FailOnce {
+            inner: semoe::infer::weights::ResidentWeights::new(m.clone()),
+            calls: 0,
+            fail_at,
+        };
+        let mut decoder = BatchDecoder::with_source(source, Cpu::new(1).expect("cpu"), 2).expect("decoder");
+        let ids: Vec<SeqId> = prompts
+            .iter()
+            .map(|(p, o)| decoder.admit(p, o).expect("admit"))
+            .collect();
+        let mut got: BTreeMap<SeqId, Vec<u8>> = BTreeMap::new();
+        let (mut failures, mut steps) = (0, 0);
+        while decoder.active() > 0 {
+            match decoder.step() {
+                Ok(emitted) => emitted.iter().for_each(|e| got.entry(e.id).or_default().push(e.byte)),
+                Err(e) => {
+                    assert!(e.to_string().contains("injected"), "{e}");
+                    failures += 1;
+                }
+            }
+            steps += 1;
+            assert!(steps < 100, "never drained");
+        }
+        assert_eq!(failures, 1, "fail_at {fail_at}: one failed step");
+        for (p, id) in ids.iter().enumerate() {
+            assert_eq!(
+                got[id], undisturbed[&p].0,
+                "fail_at {fail_at}, prompt {p}: the bytes of an undisturbed run"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_prompt_outside_the_vocabulary_is_refused_at_admission() {
+    let config = GptConfig { vocab: 128, ..small(1) };
+    let m = model(&config, 2);
+    let mut decoder = BatchDecoder::new(&m, Cpu::new(1).expect("cpu"), 1).expect("decoder");
+    let e = decoder
+        .admit(&[b'a', 200], &opts(3, 1.0, 0, 1))
+        .expect_err("byte 200 of 128");
+    assert!(
+        e.to_string().contains("byte 200") && e.to_string().contains("128"),
+        "{e}"
+    );
+    assert_eq!(decoder.active(), 0);
+    decoder
+        .admit(b"ok", &opts(3, 1.0, 0, 1))
+        .expect("a prompt inside the vocabulary");
+}
+
+#[test]
+fn prompts_beyond_one_pass_are_encoded_over_several_with_the_same_bits() {
+    let config = GptConfig {
+        block_size: 128,
+        ..small(1)
+    };
+    let m = model(&config, 17);
+    let long = |c: u8| (0..120u8).map(|i| b'a' + (i.wrapping_mul(c)) % 26).collect::<Vec<u8>>();
+    let prompts = vec![
+        (long(3), opts(10, 1.0, 0, 1)),
+        (long(5), opts(10, 1.0, 0, 2)),
+        (long(7), opts(10, 1.0, 0, 3)),
+    ];
+    assert!(
+        prompts.iter().map(|(p, _)| p.len()).sum::<usize>() > semoe::infer::batch::MAX_ROWS,
+        "the prompts need more than one pass"
+    );
+    let together = run_batch(&m, &prompts, &[(0, 0), (0, 1), (0, 2)], 3);
+    for (p, (prompt, o)) in prompts.iter().enumerate() {
+        let alone = run_batch(&m, &[(prompt.clone(), o.clone())], &[(0, 0)], 1);
+        assert!(together[&p] == alone[&0], "prompt {p}: bytes and logit bits");
+    }
+}

@@ -442,12 +442,29 @@ impl Drop for Child {
 #[test]
 fn the_binary_serves_on_port_0_and_exits_0_on_sigterm() {
     // The whole model in memory, then streamed through a ring of a few sections: the same bytes.
-    for ring in [&[][..], &["--device-budget", "300000", "--prefetch", "routed"][..]] {
+    for ring in [false, true] {
         serve_binary(ring);
     }
 }
 
-fn serve_binary(ring: &[&str]) {
+/// The least Device budget of a routed ring over `checkpoint`: its resident bytes and two sections.
+fn least_ring_budget(checkpoint: &std::path::Path) -> u64 {
+    use semoe::infer::{ModelFile, Prefetch, RingOptions, RingWeights};
+    let probe = RingWeights::new(
+        ModelFile::open(checkpoint).expect("open"),
+        &RingOptions {
+            device_budget: u64::MAX / 4,
+            host_budget: 0,
+            prefetch: Prefetch::Routed,
+            io_threads: 1,
+        },
+    )
+    .expect("probe ring");
+    let s = probe.stats();
+    s.resident_bytes + 2 * s.section_bytes
+}
+
+fn serve_binary(through_ring: bool) {
     let tmp = common::TempDir::new("serve-binary");
     let mut config = common::small_config(1);
     config.model = model_config();
@@ -457,11 +474,17 @@ fn serve_binary(ring: &[&str]) {
     let checkpoint = semoe::train::trainer::write_checkpoint(tmp.path(), &config, &model, &optimizer, 0.0, None)
         .expect("checkpoint");
 
+    let ring: Vec<String> = if through_ring {
+        let budget = least_ring_budget(&checkpoint).to_string();
+        vec!["--device-budget".into(), budget, "--prefetch".into(), "routed".into()]
+    } else {
+        Vec::new()
+    };
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_semoe"))
         .args(["serve", "--checkpoint"])
         .arg(&checkpoint)
         .args(["--addr", "127.0.0.1:0", "--max-batch", "2"])
-        .args(ring)
+        .args(&ring)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -525,7 +548,7 @@ fn serve_binary(ring: &[&str]) {
     }
     assert!(status.success(), "exit {status:?}: {err}");
     assert!(err.contains("SIGTERM"), "{err}");
-    assert_eq!(err.contains("ring: "), !ring.is_empty(), "{ring:?}: {err}");
+    assert_eq!(err.contains("ring: 2 sections"), through_ring, "{ring:?}: {err}");
 }
 
 #[test]

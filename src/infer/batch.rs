@@ -13,6 +13,9 @@ use crate::kernels::Cpu;
 use crate::model::gpt::Gpt;
 use rand::SeedableRng;
 
+/// The most rows one forward pass computes (a batch's prompts beyond it take several passes).
+pub const MAX_ROWS: usize = 256;
+
 /// A sequence's handle inside one [`BatchDecoder`].
 pub type SeqId = u64;
 
@@ -126,6 +129,12 @@ impl<S: WeightSource> BatchDecoder<S> {
                 self.max_batch
             )));
         }
+        let vocab = self.source.config().vocab;
+        if let Some(&bad) = prompt.iter().find(|&&b| b as usize >= vocab) {
+            return Err(Error::config(format!(
+                "the prompt holds byte {bad}, outside the model's vocabulary of {vocab}"
+            )));
+        }
         let slot = self
             .cache
             .take()
@@ -176,37 +185,65 @@ impl<S: WeightSource> BatchDecoder<S> {
             .map(|s| (s.logits.as_slice(), s.window.as_slice()))
     }
 
-    /// Draw one byte for every sequence in the batch, in admission order.
+    /// Draw one byte for every sequence in the batch, in admission order. A step that fails (a
+    /// weight that cannot be read, a non-finite gate) leaves every sequence as it was: the next
+    /// step encodes the same tokens again.
     pub fn step(&mut self) -> Result<Vec<Emitted>> {
         let block = self.source.config().block_size;
         let vocab = self.source.config().vocab;
         let keep = block / 2;
+        // Each sequence's rows and its window after them, planned without touching the sequence.
         let mut rows = Vec::new();
         let mut want = Vec::with_capacity(self.seqs.len());
-        for seq in &mut self.seqs {
-            if seq.window.len() + seq.pending.len() > block {
+        let mut windows = Vec::with_capacity(self.seqs.len());
+        for seq in &self.seqs {
+            let (mut window, tokens) = if seq.window.len() + seq.pending.len() > block {
                 // The window is full: encode the newest `keep` tokens again from position 0.
                 let mut kept = seq.window[seq.window.len() - keep.min(seq.window.len())..].to_vec();
-                kept.append(&mut seq.pending);
+                kept.extend_from_slice(&seq.pending);
                 let from = kept.len().saturating_sub(block);
-                seq.pending = kept.split_off(from);
-                seq.window.clear();
+                (Vec::with_capacity(block), kept.split_off(from))
+            } else {
+                (seq.window.clone(), seq.pending.clone())
+            };
+            if tokens.is_empty() {
+                return Err(Error::runtime(format!("sequence {} has nothing to encode", seq.id)));
             }
-            for &token in &seq.pending {
+            for &token in &tokens {
                 rows.push(Row {
                     slot: seq.slot,
-                    pos: seq.window.len(),
+                    pos: window.len(),
                     token,
                 });
-                seq.window.push(token);
+                window.push(token);
             }
-            seq.pending.clear();
             want.push(rows.len() - 1);
+            windows.push(window);
         }
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let logits = self.decoder.forward(&mut self.source, &mut self.cache, &rows, &want)?;
+        // At most MAX_ROWS rows per pass (long prompts of a full batch take several passes): the
+        // activations stay bounded, and the bits are the same, since each row reads the cache of
+        // the positions before it, written by this pass or an earlier one.
+        let mut logits = Vec::with_capacity(want.len() * vocab);
+        let mut wanted = want.iter().peekable();
+        for (c, chunk) in rows.chunks(MAX_ROWS).enumerate() {
+            let start = c * MAX_ROWS;
+            let mut local = Vec::new();
+            while let Some(&&w) = wanted.peek() {
+                if w >= start + chunk.len() {
+                    break;
+                }
+                local.push(w - start);
+                wanted.next();
+            }
+            logits.extend(self.decoder.forward(&mut self.source, &mut self.cache, chunk, &local)?);
+        }
+        for (seq, window) in self.seqs.iter_mut().zip(windows) {
+            seq.window = window;
+            seq.pending.clear();
+        }
         let mut out = Vec::with_capacity(self.seqs.len());
         for (seq, last) in self.seqs.iter_mut().zip(logits.chunks_exact(vocab)) {
             let byte = pick(last, &seq.opts, &mut seq.rng);

@@ -32,11 +32,10 @@ pub struct KvCache {
 impl KvCache {
     /// A cache for `slots` sequences of `config`'s context length.
     pub fn new(config: &GptConfig, slots: usize) -> Result<Self> {
-        let plane = config.block_size * config.d_model;
-        let slot_len = config.n_layer * 2 * plane;
-        let total = slot_len
-            .checked_mul(slots)
-            .ok_or_else(|| Error::config(format!("a KV cache of {slots} sequences is too large")))?;
+        let too_large = || Error::config(format!("a key/value cache of {slots} sequences is too large"));
+        let plane = config.block_size.checked_mul(config.d_model).ok_or_else(too_large)?;
+        let slot_len = plane.checked_mul(2 * config.n_layer).ok_or_else(too_large)?;
+        let total = slot_len.checked_mul(slots).ok_or_else(too_large)?;
         Ok(KvCache {
             plane,
             slot_len,
@@ -103,7 +102,7 @@ fn product(cpu: &Cpu, x: &[f32], w: &[f32], bias: Option<&[f32]>, k: usize, n: u
         None => vec![0.0; rows * n],
     };
     let threads = cpu.threads();
-    if threads > 1 && rows >= 2 && rows * k * n >= 1 << 18 {
+    if threads > 1 && rows >= 2 && rows * k * n >= 1 << 16 {
         let per = rows.div_ceil(threads);
         cpu.install(|| {
             out.par_chunks_mut(per * n)

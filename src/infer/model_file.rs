@@ -95,7 +95,7 @@ impl ModelFile {
     /// Every tensor of the model present with its element count (computed from the config: building
     /// the model to ask it would need the memory this reader exists to avoid).
     fn check_tensors(&self) -> Result<()> {
-        for (name, len) in expected_tensors(&self.config) {
+        for (name, len) in expected_tensors(&self.config)? {
             match self.tensors.get(&name) {
                 None => {
                     return Err(Error::checkpoint(&self.path, format!("tensor {name} is missing")));
@@ -143,7 +143,7 @@ impl ModelFile {
             .tensors
             .get(name)
             .ok_or_else(|| Error::checkpoint(&self.path, format!("tensor {name} is missing")))?;
-        if start + dst.len() > t.len {
+        if start.checked_add(dst.len()).is_none_or(|end| end > t.len) {
             return Err(Error::checkpoint(
                 &self.path,
                 format!("read past the end of {name} ({} + {} > {})", start, dst.len(), t.len),
@@ -226,47 +226,58 @@ fn piece_sources(config: &GptConfig, piece: Piece) -> Vec<(String, usize)> {
     }
 }
 
-/// Every tensor name of a model of `config` with its element count (as [`Gpt::tensors`] names them).
-fn expected_tensors(config: &GptConfig) -> Vec<(String, usize)> {
+/// Every tensor name of a model of `config` with its element count (as [`Gpt::tensors`] names
+/// them); a size that overflows is an error naming the tensor (the config comes from a file).
+///
+/// [`Gpt::tensors`]: crate::model::gpt::Gpt::tensors
+fn expected_tensors(config: &GptConfig) -> Result<Vec<(String, usize)>> {
     let (d, v) = (config.d_model, config.vocab);
-    let mut out = vec![("wte".to_string(), v * d), ("wpe".to_string(), config.block_size * d)];
+    let mul = |name: &str, dims: &[usize]| -> Result<(String, usize)> {
+        let n = dims
+            .iter()
+            .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+            .filter(|&n| n <= isize::MAX as usize / 4)
+            .ok_or_else(|| Error::config(format!("the model config makes tensor {name} too large ({dims:?})")))?;
+        Ok((name.to_string(), n))
+    };
+    let mut out = vec![mul("wte", &[v, d])?, mul("wpe", &[config.block_size, d])?];
     for l in 0..config.n_layer {
         let n = |s: &str| format!("h.{l}.{s}");
         out.extend([
-            (n("ln1.weight"), d),
-            (n("ln1.bias"), d),
-            (n("attn.wqkv"), d * 3 * d),
-            (n("attn.bqkv"), 3 * d),
-            (n("attn.wo"), d * d),
-            (n("attn.bo"), d),
-            (n("ln2.weight"), d),
-            (n("ln2.bias"), d),
+            mul(&n("ln1.weight"), &[d])?,
+            mul(&n("ln1.bias"), &[d])?,
+            mul(&n("attn.wqkv"), &[d, 3, d])?,
+            mul(&n("attn.bqkv"), &[3, d])?,
+            mul(&n("attn.wo"), &[d, d])?,
+            mul(&n("attn.bo"), &[d])?,
+            mul(&n("ln2.weight"), &[d])?,
+            mul(&n("ln2.bias"), &[d])?,
         ]);
         if config.is_moe(l) {
             let (e, f) = (config.experts, config.d_ff);
             out.extend([
-                (n("moe.wg"), d * e),
-                (n("moe.w1"), e * d * f),
-                (n("moe.b1"), e * f),
-                (n("moe.w2"), e * f * d),
-                (n("moe.b2"), e * d),
+                mul(&n("moe.wg"), &[d, e])?,
+                mul(&n("moe.w1"), &[e, d, f])?,
+                mul(&n("moe.b1"), &[e, f])?,
+                mul(&n("moe.w2"), &[e, f, d])?,
+                mul(&n("moe.b2"), &[e, d])?,
             ]);
         } else {
             let f = config.dense_width();
             out.extend([
-                (n("mlp.w1"), d * f),
-                (n("mlp.b1"), f),
-                (n("mlp.w2"), f * d),
-                (n("mlp.b2"), d),
+                mul(&n("mlp.w1"), &[d, f])?,
+                mul(&n("mlp.b1"), &[f])?,
+                mul(&n("mlp.w2"), &[f, d])?,
+                mul(&n("mlp.b2"), &[d])?,
             ]);
         }
     }
     out.extend([
-        ("ln_f.weight".to_string(), d),
-        ("ln_f.bias".to_string(), d),
-        ("lm_head".to_string(), d * v),
+        mul("ln_f.weight", &[d])?,
+        mul("ln_f.bias", &[d])?,
+        mul("lm_head", &[d, v])?,
     ]);
-    out
+    Ok(out)
 }
 
 /// Length, then SHA-256 over the whole file in fixed-size reads.
@@ -343,7 +354,8 @@ fn parse_header(file: &File, info: &ModelFileInfo) -> Result<HashMap<String, Ten
             .and_then(|s| s.iter().try_fold(1u64, |acc, d| acc.checked_mul(d.as_u64()?)))
             .ok_or_else(|| bad(format!("tensor {name} has no valid shape")))?;
         let (begin, end) = offsets;
-        if end < begin || end - begin != elements.saturating_mul(4) || data_start + end > info.bytes {
+        let inside = data_start.checked_add(end).is_some_and(|last| last <= info.bytes);
+        if end < begin || end - begin != elements.saturating_mul(4) || !inside {
             return Err(bad(format!(
                 "tensor {name}: data {begin}..{end} for {elements} elements in a file of {} bytes",
                 info.bytes

@@ -276,6 +276,8 @@ pub struct RingWeights {
     routers: HashMap<usize, RouterCopy>,
     prefetch: Prefetch,
     section_len: usize,
+    /// A pass has begun and not ended (one that stops partway is cleaned up by the next).
+    in_pass: bool,
 }
 
 impl RingWeights {
@@ -384,6 +386,7 @@ impl RingWeights {
             routers,
             prefetch: options.prefetch,
             section_len,
+            in_pass: false,
         };
         ring.queue_static_from(0)?;
         Ok(ring)
@@ -577,6 +580,13 @@ impl WeightSource for RingWeights {
                 }
                 st.queue.push_front(piece);
                 shared.wake.notify_all();
+            } else if let Some(i) = st.queue.iter().position(|&p| p == piece) {
+                // The piece the decoder waits for loads next, whatever was queued before it.
+                if i > 0 {
+                    st.queue.remove(i);
+                    st.queue.push_front(piece);
+                    shared.wake.notify_all();
+                }
             }
             let started = Instant::now();
             let section = loop {
@@ -606,12 +616,12 @@ impl WeightSource for RingWeights {
                         shared.wake.notify_all();
                     }
                 }
-                let (next, timeout) = shared
+                let (next, _) = shared
                     .wake
                     .wait_timeout(st, Duration::from_millis(500))
                     .map_err(|_| Error::runtime("the ring's state was poisoned by a panic"))?;
                 st = next;
-                if timeout.timed_out() && started.elapsed() > LOAD_DEADLINE {
+                if started.elapsed() > LOAD_DEADLINE {
                     return Err(Error::runtime(format!(
                         "ring-memory inference: {piece:?} did not load in {} s",
                         LOAD_DEADLINE.as_secs()
@@ -633,7 +643,30 @@ impl WeightSource for RingWeights {
         result
     }
 
+    fn begin_pass(&mut self) -> Result<()> {
+        if !self.in_pass {
+            self.in_pass = true;
+            return Ok(());
+        }
+        // The previous pass stopped partway (an error in the decoder): what it queued, guessed and
+        // loaded is not what this pass reads. Drop it all and start the pass afresh.
+        {
+            let mut st = self.shared.lock()?;
+            st.queue.clear();
+            st.guessed.clear();
+            let ready: Vec<(Piece, usize)> = st.ready.drain().collect();
+            for (_, section) in ready {
+                st.free.push(section);
+            }
+            let loading: Vec<Piece> = st.loading.keys().copied().collect();
+            st.cancelled.extend(loading);
+            self.shared.wake.notify_all();
+        }
+        self.queue_static_from(0)
+    }
+
     fn end_pass(&mut self) -> Result<()> {
+        self.in_pass = false;
         self.shared.lock()?.stats.passes += 1;
         // The next pass starts the same way whatever it decodes.
         self.queue_static_from(0)
