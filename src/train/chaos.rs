@@ -102,6 +102,8 @@ pub struct ChaosReport {
     pub faults: Vec<FaultReport>,
     /// Actor restarts the supervisors reported.
     pub restarts: usize,
+    /// The same, per worker.
+    pub restarts_per_worker: Vec<usize>,
     /// Steps replayed in all.
     pub replays: u32,
     /// Steps the disturbed run committed.
@@ -474,6 +476,9 @@ fn report(
         collective_deadline_s: collective.as_secs_f64(),
         faults,
         restarts: restarts.len(),
+        restarts_per_worker: (0..config.train.workers)
+            .map(|w| restarts.iter().filter(|r| r.worker == w).count())
+            .collect(),
         replays: disturbed_steps.iter().map(|s| s.replays).sum(),
         disturbed_steps,
         undisturbed_steps: records(undisturbed),
