@@ -34,6 +34,11 @@ fn bad_values_are_errors_naming_the_key() {
         ("deadline = \"soon\"\n".into(), "deadline"),
         ("deadline = \"0s\"\n".into(), "deadline"),
         ("seed = \"x\"\n".into(), "seed"),
+        ("collective_deadline = \"2 parsecs\"\n".into(), "collective_deadline"),
+        (
+            "deadline = \"10s\"\ncollective_deadline = \"20s\"\n".into(),
+            "collective_deadline",
+        ),
         (
             fault("actor = \"expert\"\nkind = \"panic\"\nstep = 1\nstepp = 2"),
             "stepp",
@@ -419,4 +424,44 @@ fn the_command_writes_its_report() {
         .expect("run semoe chaos");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+}
+
+/// The scenarios of `scenarios/`, each on a small job: the ready-made files parse, fit the small
+/// model too, and end as their comments say.
+#[test]
+fn the_ready_scenarios_end_as_documented() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("scenarios/")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["flaky-actors.toml", "random-soak.toml", "silent-peer.toml"]);
+    let c = config(8, 2);
+    let load = |name: &str| Scenario::from_file(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+
+    let report = run(&c, &load("flaky-actors.toml"), "flaky-actors");
+    assert_bitwise_equal(&report, &c, "flaky-actors");
+    assert_eq!(report.faults.len(), 8);
+    assert!(report.faults.iter().all(|f| f.fired == 1), "{}", report.markdown());
+    assert_eq!(report.restarts, 8);
+    assert_eq!(report.restarts_per_worker, vec![3, 5]);
+
+    let soak = load("random-soak.toml");
+    assert_eq!(
+        soak.faults,
+        soak_scenario(soak.seed).faults,
+        "the file is the suite's soak"
+    );
+
+    let mut silent = load("silent-peer.toml");
+    silent.collective_deadline = Some(Duration::from_millis(300));
+    let report = run(&c, &silent, "silent-peer");
+    match &report.verdict {
+        Verdict::Stopped { step, error, .. } => {
+            assert_eq!(*step, 3);
+            assert!(error.contains("worker 1") && error.contains("within 300 ms"), "{error}");
+        }
+        other => panic!("silent-peer: {other:?}"),
+    }
 }

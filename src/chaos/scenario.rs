@@ -5,6 +5,7 @@
 //! ```toml
 //! seed = 7            # draws every random choice below (same seed, same faults)
 //! deadline = "120s"   # the whole chaos run (both runs) never takes longer
+//! collective_deadline = "2s"  # the runtime's deadline of each collective (default: train.deadline_s)
 //!
 //! [[fault]]           # scripted: expert 2 of MoE block 1 panics in the forward of step 4
 //! actor = "expert"
@@ -309,6 +310,9 @@ pub struct Scenario {
     pub seed: u64,
     /// The whole chaos run never takes longer.
     pub deadline: Duration,
+    /// The runtime's collective deadline for both runs (`None`: the job's `train.deadline_s`).
+    /// A silent peer ends its step after it.
+    pub collective_deadline: Option<Duration>,
     /// The fault entries, in order.
     pub faults: Vec<FaultSpec>,
 }
@@ -332,6 +336,12 @@ impl ScenarioBuilder {
         self
     }
 
+    /// The runtime's collective deadline (default: the job's `train.deadline_s`).
+    pub fn collective_deadline(mut self, deadline: Duration) -> Self {
+        self.scenario.collective_deadline = Some(deadline);
+        self
+    }
+
     /// Add a fault entry.
     pub fn fault(mut self, fault: FaultSpec) -> Self {
         self.scenario.faults.push(fault);
@@ -350,6 +360,7 @@ impl ScenarioBuilder {
 struct RawScenario {
     seed: Option<u64>,
     deadline: Option<String>,
+    collective_deadline: Option<String>,
     #[serde(default)]
     fault: Vec<RawFault>,
 }
@@ -442,6 +453,7 @@ impl Scenario {
             scenario: Scenario {
                 seed: 0,
                 deadline: DEFAULT_DEADLINE,
+                collective_deadline: None,
                 faults: Vec::new(),
             },
         }
@@ -458,6 +470,14 @@ impl Scenario {
                 ))
             })?,
         };
+        let collective_deadline = match raw.collective_deadline.as_deref() {
+            None => None,
+            Some(d) => Some(humantime::parse_duration(d).map_err(|e| {
+                Error::config(format!(
+                    "chaos scenario: collective_deadline: {d:?} is not a duration such as \"2s\": {e}"
+                ))
+            })?),
+        };
         let faults = raw
             .fault
             .into_iter()
@@ -467,6 +487,7 @@ impl Scenario {
         let scenario = Scenario {
             seed: raw.seed.unwrap_or(0),
             deadline,
+            collective_deadline,
             faults,
         };
         scenario.check()?;
@@ -489,6 +510,14 @@ impl Scenario {
     fn check(&self) -> Result<()> {
         if self.deadline.is_zero() {
             return Err(Error::config("chaos scenario: deadline: must be positive"));
+        }
+        if let Some(d) = self.collective_deadline {
+            if d.is_zero() || d >= self.deadline {
+                return Err(Error::config(format!(
+                    "chaos scenario: collective_deadline: {d:?} must be positive and below the overall deadline ({:?})",
+                    self.deadline
+                )));
+            }
         }
         for (i, f) in self.faults.iter().enumerate() {
             f.check(&format!("fault[{i}]"))?;

@@ -21,6 +21,10 @@ pub struct ChaosArgs {
     /// The fault scenario (TOML: seed, deadline and [[fault]] entries; see scenarios/).
     #[arg(long, value_name = "FILE")]
     scenario: PathBuf,
+    /// A soak: run the scenario under this many seeds (its own, then the next ones), print one line
+    /// per seed and list those whose state differed or whose deadline expired (`soak.json`).
+    #[arg(long, value_name = "SEEDS")]
+    soak: Option<u64>,
     #[command(flatten)]
     train: TrainArgs,
 }
@@ -28,7 +32,7 @@ pub struct ChaosArgs {
 const CHAOS_AFTER_HELP: &str = "The job runs on the in-process actor runtime (--workers, default from the config; \
 without --steps or --config it runs 20 steps). Exit status: 0 when the final parameters and optimizer state are \
 bitwise equal to the undisturbed run's; 2 when the disturbed run stopped with an error (the report names it); 1 \
-when the state differs or the scenario's deadline expired.";
+when the state differs or the scenario's deadline expired (with --soak: for any seed).";
 
 pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     if let Some(flag) = a.train.chaos_refusal() {
@@ -59,7 +63,7 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
         .map_err(|e| semoe::Error::io("cannot read the chaos scenario", &a.scenario, e))?;
     write(&dir.join("scenario.toml"), &scenario_text)?;
     eprintln!(
-        "semoe chaos: {} faults entries, seed {}, deadline {}; {} steps on {} workers; run directory {}",
+        "semoe chaos: {} fault entries, seed {}, deadline {}; {} steps on {} workers; run directory {}",
         scenario.faults.len(),
         scenario.seed,
         humantime::format_duration(scenario.deadline),
@@ -67,6 +71,9 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
         config.train.workers,
         dir.display()
     );
+    if let Some(seeds) = a.soak {
+        return soak(&config, &scenario, seeds, &dir);
+    }
     let report = chaos::run(&config, &scenario)?;
     let json =
         serde_json::to_string_pretty(&report).map_err(|e| semoe::Error::parse("the chaos report", e.to_string()))?;
@@ -100,6 +107,57 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
         Verdict::BitwiseEqual { .. } => ExitCode::SUCCESS,
         Verdict::Stopped { .. } => ExitCode::from(2),
         Verdict::Differs { .. } | Verdict::DeadlineExpired { .. } => ExitCode::FAILURE,
+    })
+}
+
+/// Run `scenario` under `seeds` seeds from its own; failing seeds are listed (and make the exit
+/// status 1).
+fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir: &Path) -> semoe::Result<ExitCode> {
+    let mut rows = Vec::new();
+    let mut failing = Vec::new();
+    let (mut equal, mut stopped) = (0, 0);
+    let started = std::time::Instant::now();
+    for seed in scenario.seed..scenario.seed.saturating_add(seeds) {
+        let s = Scenario {
+            seed,
+            ..scenario.clone()
+        };
+        let report = chaos::run(config, &s)?;
+        let fired: usize = report.faults.iter().map(|f| f.fired).sum();
+        println!(
+            "seed {seed}: {fired} faults fired, {} replays: {}",
+            report.replays,
+            report.verdict_line()
+        );
+        match report.verdict {
+            Verdict::BitwiseEqual { .. } => equal += 1,
+            Verdict::Stopped { .. } => stopped += 1,
+            Verdict::Differs { .. } | Verdict::DeadlineExpired { .. } => failing.push(seed),
+        }
+        rows.push(serde_json::json!({
+            "seed": seed,
+            "faults_fired": fired,
+            "replays": report.replays,
+            "verdict": report.verdict,
+        }));
+    }
+    let json = serde_json::to_string_pretty(&serde_json::json!({ "seeds": rows, "failing": failing }))
+        .map_err(|e| semoe::Error::parse("the soak report", e.to_string()))?;
+    write(&dir.join("soak.json"), &json)?;
+    println!(
+        "soak: {seeds} seeds in {:.1} s: {equal} bitwise equal, {stopped} stopped with an error, {} failing{}",
+        started.elapsed().as_secs_f64(),
+        failing.len(),
+        if failing.is_empty() {
+            String::new()
+        } else {
+            format!(" (seeds {failing:?}: replay one with `seed = N` in the scenario)")
+        }
+    );
+    Ok(if failing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 

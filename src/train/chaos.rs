@@ -275,6 +275,11 @@ fn moment_name(m: Moment) -> &'static str {
 /// when the job cannot start (a bad configuration, a scenario that does not fit the run); what
 /// happens in the runs is the report's verdict.
 pub fn run(config: &TrainConfig, scenario: &Scenario) -> Result<ChaosReport> {
+    let mut job = config.clone();
+    if let Some(d) = scenario.collective_deadline {
+        job.train.deadline_s = d.as_secs_f64();
+    }
+    let config = &job;
     config.validate()?;
     if config.train.elastic() {
         return Err(Error::config(
