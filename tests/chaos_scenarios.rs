@@ -6,7 +6,7 @@
 
 mod common;
 
-use semoe::chaos::{FaultSpec, Moment, Scenario};
+use semoe::chaos::{FaultKind, FaultSpec, Moment, Scenario};
 use semoe::train::chaos::{self, ChaosReport, Verdict};
 use semoe::train::config::TrainConfig;
 use std::process::Command;
@@ -92,6 +92,29 @@ fn bad_values_are_errors_naming_the_key() {
             "fault[0].times",
         ),
         (fault("actor = \"gate\"\nkind = \"error\"\nstep = \"one\""), "step"),
+        (fault("actor = \"link\"\nkind = \"error\"\nstep = 1"), "fault[0].kind"),
+        (fault("actor = \"link\"\nkind = \"delay\"\nstep = 1"), "fault[0].delay"),
+        (
+            fault("actor = \"link\"\nkind = \"delay\"\ndelay = \"soon\"\nstep = 1"),
+            "fault[0].delay",
+        ),
+        (
+            fault("actor = \"link\"\nkind = \"drop\"\ndelay = \"1s\"\nstep = 1"),
+            "fault[0].delay",
+        ),
+        (
+            fault("actor = \"link\"\nkind = \"drop\"\nstep = 1\nfrom = 1\nto = 1"),
+            "fault[0].to",
+        ),
+        (
+            fault("actor = \"link\"\nkind = \"drop\"\nstep = 1\nworker = 1"),
+            "fault[0].worker",
+        ),
+        (fault("actor = \"gate\"\nkind = \"drop\"\nstep = 1"), "fault[0].kind"),
+        (
+            fault("actor = \"gate\"\nkind = \"error\"\nstep = 1\nfrom = 0"),
+            "fault[0].from",
+        ),
     ];
     for (text, key) in &cases {
         let err = Scenario::from_toml(text).expect_err(text).to_string();
@@ -107,6 +130,7 @@ fn bad_values_are_errors_naming_the_key() {
         (FaultSpec::gate().block(2).at(1), "fault[0].block"),
         (FaultSpec::expert().expert_index(4).at(1), "fault[0].expert"),
         (FaultSpec::ledger().at(12), "fault[0].step"),
+        (FaultSpec::link().from(0).to(2).at(1), "fault[0].to"),
     ];
     for (spec, key) in plan_cases {
         let scenario = Scenario::builder().fault(spec).build().expect("valid on its own");
@@ -227,6 +251,69 @@ fn each_actor_fault_alone_ends_bitwise_equal() {
             .collect();
         assert_eq!(replayed, vec![step], "{what}: the replayed step");
     }
+}
+
+/// Network faults on the in-process transport: a duplicated, delayed or reordered request changes
+/// nothing (replies are matched by id; a duplicate's second answer is dropped, and what it
+/// delivers again overwrites the same values); a dropped one is waited for until the collective
+/// deadline, and the run stops with that error (a missed deadline is not replayed).
+#[test]
+fn each_network_fault_alone_ends_as_documented() {
+    let c = config(8, 2);
+    let harmless = [
+        (
+            "duplicate",
+            FaultSpec::link()
+                .from(0)
+                .to(1)
+                .kind(FaultKind::Duplicate)
+                .at(2)
+                .times(4),
+        ),
+        (
+            "delay",
+            FaultSpec::link()
+                .from(1)
+                .to(0)
+                .kind(FaultKind::Delay(Duration::from_millis(30)))
+                .at(3)
+                .times(4),
+        ),
+        (
+            "reorder",
+            FaultSpec::link().from(0).to(1).kind(FaultKind::Reorder).at(4).times(4),
+        ),
+    ];
+    for (what, spec) in harmless {
+        let scenario = Scenario::builder()
+            .deadline(Duration::from_secs(60))
+            .fault(spec)
+            .build()
+            .expect("valid");
+        let report = run(&c, &scenario, what);
+        assert_bitwise_equal(&report, &c, what);
+        assert_eq!(report.faults[0].fired, 4, "{what}: fired on four requests");
+        assert_eq!((report.replays, report.restarts), (0, 0), "{what}: nothing to repair");
+    }
+    let scenario = Scenario::builder()
+        .deadline(Duration::from_secs(60))
+        .collective_deadline(Duration::from_millis(300))
+        .fault(FaultSpec::link().from(0).to(1).kind(FaultKind::Drop).at(2))
+        .build()
+        .expect("valid");
+    let report = run(&c, &scenario, "drop");
+    match &report.verdict {
+        Verdict::Stopped { step, error, after_s } => {
+            assert_eq!(*step, 2, "the step of the drop fails");
+            assert!(error.contains("did not answer"), "{error}");
+            assert!(
+                (0.3..3.0).contains(after_s),
+                "failed after {after_s} s (deadline 0.3 s)"
+            );
+        }
+        other => panic!("drop: {other:?}"),
+    }
+    assert_eq!(report.faults[0].fired, 1);
 }
 
 #[test]

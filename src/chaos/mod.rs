@@ -9,6 +9,7 @@
 //! say how every fault was detected and how long the repair took. A [`Scenario`] (a TOML file or
 //! [`Scenario::builder`]) describes faults, scripted or drawn from a seed, and turns into a plan.
 
+pub mod net;
 pub mod scenario;
 
 pub use scenario::{ActorKind, FaultSpec, Layout, PlannedFault, Scenario, ScenarioBuilder, When};
@@ -43,6 +44,13 @@ pub enum Target {
         /// Worker index.
         worker: usize,
     },
+    /// The requests `from` sends `to` (a network fault: drop, duplicate, delay, reorder).
+    Link {
+        /// The sending worker.
+        from: usize,
+        /// The receiving worker.
+        to: usize,
+    },
 }
 
 /// When in a step the fault fires.
@@ -56,13 +64,21 @@ pub enum Moment {
     Any,
 }
 
-/// How the actor fails.
+/// How the actor (or, for a [`Target::Link`], the network) fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultKind {
     /// Its handler returns an error.
     Error,
     /// Its handler panics.
     Panic,
+    /// The request is lost.
+    Drop,
+    /// The request arrives twice.
+    Duplicate,
+    /// The request arrives this much later.
+    Delay(std::time::Duration),
+    /// The request arrives after the next one on its link.
+    Reorder,
 }
 
 /// One planned fault.
@@ -194,6 +210,14 @@ impl FaultPlan {
             });
         }
         true
+    }
+
+    /// Whether the plan has network faults (the transports need wrapping in [`net::FaultyTransport`]).
+    pub fn has_link_faults(&self) -> bool {
+        self.lock()
+            .faults
+            .iter()
+            .any(|f| matches!(f.target, Target::Link { .. }))
     }
 
     /// Faults that have not fired yet (silences not counted: they never run out).

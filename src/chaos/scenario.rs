@@ -29,9 +29,12 @@
 //! Keys of a `[[fault]]`:
 //!
 //! - `actor`: `expert` (names `block` and `expert`), `gate` (`worker` and `block`), `ledger`
-//!   (`worker`) or `silence` (`worker`: its communicator never answers a peer again).
-//! - `kind`: `error` (the handler returns an error) or `panic` (the handler panics); not for
-//!   `silence`.
+//!   (`worker`), `silence` (`worker`: its communicator never answers a peer again) or `link`
+//!   (`from` and `to`: the requests `from` sends `to`, a network fault).
+//! - `kind`: `error` (the handler returns an error) or `panic` (the handler panics); for a link,
+//!   `drop`, `duplicate`, `delay` (with `delay = "50ms"`) or `reorder` (the request arrives after
+//!   the next one); not for `silence`. A link fault hits the first request(s) of its step on that
+//!   link (only requests: replies carry no step).
 //! - `step` (0-based, the step being computed) or `probability` (per step, in (0, 1]): exactly one.
 //!   A random silence starts at the first step drawn.
 //! - `moment`: `forward`, `backward` or `any` (the first time the actor is asked in the step); a
@@ -66,6 +69,9 @@ pub enum ActorKind {
     Ledger,
     /// A worker's Communicator stops answering its peers (`worker`).
     Silence,
+    /// The requests one worker sends another (`from`, `to`): dropped, duplicated, delayed or
+    /// reordered.
+    Link,
 }
 
 impl ActorKind {
@@ -76,6 +82,7 @@ impl ActorKind {
             ActorKind::Gate => "gate",
             ActorKind::Ledger => "ledger",
             ActorKind::Silence => "silence",
+            ActorKind::Link => "link",
         }
     }
 }
@@ -106,6 +113,10 @@ pub struct FaultSpec {
     pub block: Option<usize>,
     /// The expert (expert).
     pub expert: Option<usize>,
+    /// The sending worker (link).
+    pub from: Option<usize>,
+    /// The receiving worker (link).
+    pub to: Option<usize>,
     /// How many times a scripted fault fires (random faults: once per step drawn).
     pub times: u32,
 }
@@ -120,6 +131,8 @@ impl FaultSpec {
             worker: None,
             block: None,
             expert: None,
+            from: None,
+            to: None,
             times: 1,
         }
     }
@@ -143,6 +156,34 @@ impl FaultSpec {
     /// A worker's communicator stops answering its peers.
     pub fn silence() -> Self {
         FaultSpec::new(ActorKind::Silence)
+    }
+
+    /// A network fault on the requests one worker sends another (drop unless told otherwise;
+    /// both workers drawn unless set with [`FaultSpec::from`] and [`FaultSpec::to`]).
+    pub fn link() -> Self {
+        FaultSpec {
+            kind: FaultKind::Drop,
+            ..FaultSpec::new(ActorKind::Link)
+        }
+    }
+
+    /// The sending worker of a link fault.
+    pub fn from(mut self, worker: usize) -> Self {
+        self.from = Some(worker);
+        self
+    }
+
+    /// The receiving worker of a link fault.
+    pub fn to(mut self, worker: usize) -> Self {
+        self.to = Some(worker);
+        self
+    }
+
+    /// What a link fault does to the request: [`FaultKind::Drop`], [`FaultKind::Duplicate`],
+    /// [`FaultKind::Delay`] or [`FaultKind::Reorder`] (and for actors, error or panic).
+    pub fn kind(mut self, kind: FaultKind) -> Self {
+        self.kind = kind;
+        self
     }
 
     /// The worker.
@@ -204,7 +245,40 @@ impl FaultSpec {
         let bad = |key: &str, why: String| Err(Error::config(format!("chaos scenario: {at}.{key}: {why}")));
         let actor = self.actor.name();
         let not_for = |key: &str, what: &str| format!("{actor} faults do not take `{key}` ({what})");
+        if self.actor != ActorKind::Link {
+            if self.from.is_some() {
+                return bad("from", not_for("from", "only link faults name a sender"));
+            }
+            if self.to.is_some() {
+                return bad("to", not_for("to", "only link faults name a receiver"));
+            }
+        }
+        let network = matches!(
+            self.kind,
+            FaultKind::Drop | FaultKind::Duplicate | FaultKind::Delay(_) | FaultKind::Reorder
+        );
         match self.actor {
+            ActorKind::Link if !network => {
+                return bad("kind", "a link fault is drop, duplicate, delay or reorder".into())
+            }
+            ActorKind::Expert | ActorKind::Gate | ActorKind::Ledger if network => {
+                return bad("kind", format!("{actor} faults are error or panic"))
+            }
+            ActorKind::Link if self.worker.is_some() || self.block.is_some() || self.expert.is_some() => {
+                return bad(
+                    if self.worker.is_some() {
+                        "worker"
+                    } else if self.block.is_some() {
+                        "block"
+                    } else {
+                        "expert"
+                    },
+                    "link faults name `from` and `to`".into(),
+                )
+            }
+            ActorKind::Link if self.from.is_some() && self.from == self.to => {
+                return bad("to", "a link joins two different workers".into())
+            }
             ActorKind::Expert if self.worker.is_some() => {
                 return bad(
                     "worker",
@@ -228,6 +302,9 @@ impl FaultSpec {
             }
             (ActorKind::Silence, Some(_)) => {
                 return bad("moment", not_for("moment", "a silence lasts from its step to the end"))
+            }
+            (ActorKind::Link, Some(_)) => {
+                return bad("moment", not_for("moment", "it hits the first requests of its step"))
             }
             _ => {}
         }
@@ -376,6 +453,9 @@ struct RawFault {
     worker: Option<usize>,
     block: Option<usize>,
     expert: Option<usize>,
+    from: Option<usize>,
+    to: Option<usize>,
+    delay: Option<String>,
     times: Option<u32>,
 }
 
@@ -387,14 +467,18 @@ impl RawFault {
             Some("gate") => ActorKind::Gate,
             Some("ledger") => ActorKind::Ledger,
             Some("silence") => ActorKind::Silence,
+            Some("link") => ActorKind::Link,
             Some(other) => {
                 return Err(bad(
                     "actor",
-                    format!("{other:?} is not one of expert, gate, ledger, silence"),
+                    format!("{other:?} is not one of expert, gate, ledger, silence, link"),
                 ))
             }
-            None => return Err(bad("actor", "missing (expert, gate, ledger or silence)".into())),
+            None => return Err(bad("actor", "missing (expert, gate, ledger, silence or link)".into())),
         };
+        if self.delay.is_some() && self.kind.as_deref() != Some("delay") {
+            return Err(bad("delay", "only a fault of kind \"delay\" takes a delay".into()));
+        }
         let kind = match (actor, self.kind.as_deref()) {
             (ActorKind::Silence, Some(_)) => {
                 return Err(bad(
@@ -403,6 +487,28 @@ impl RawFault {
                 ))
             }
             (ActorKind::Silence, None) => FaultKind::Error,
+            (ActorKind::Link, Some("drop")) => FaultKind::Drop,
+            (ActorKind::Link, Some("duplicate")) => FaultKind::Duplicate,
+            (ActorKind::Link, Some("reorder")) => FaultKind::Reorder,
+            (ActorKind::Link, Some("delay")) => match self.delay.as_deref() {
+                Some(d) => FaultKind::Delay(
+                    humantime::parse_duration(d)
+                        .map_err(|e| bad("delay", format!("{d:?} is not a duration such as \"50ms\": {e}")))?,
+                ),
+                None => {
+                    return Err(bad(
+                        "delay",
+                        "missing: a delay fault needs `delay` (e.g. \"50ms\")".into(),
+                    ))
+                }
+            },
+            (ActorKind::Link, Some(other)) => {
+                return Err(bad(
+                    "kind",
+                    format!("{other:?} is not drop, duplicate, delay or reorder"),
+                ))
+            }
+            (ActorKind::Link, None) => return Err(bad("kind", "missing (drop, duplicate, delay or reorder)".into())),
             (_, Some("error")) => FaultKind::Error,
             (_, Some("panic")) => FaultKind::Panic,
             (_, Some(other)) => return Err(bad("kind", format!("{other:?} is not error or panic"))),
@@ -439,6 +545,8 @@ impl RawFault {
             worker: self.worker,
             block: self.block,
             expert: self.expert,
+            from: self.from,
+            to: self.to,
             times: self.times.unwrap_or(1),
         };
         spec.check(at)?;
@@ -565,6 +673,19 @@ impl Scenario {
                     ));
                 }
             }
+            for (key, w) in [("from", spec.from), ("to", spec.to)] {
+                if let Some(w) = w {
+                    if w >= layout.workers {
+                        return Err(bad(
+                            key,
+                            format!("worker {w} does not exist: the run has {} workers", layout.workers),
+                        ));
+                    }
+                }
+            }
+            if spec.actor == ActorKind::Link && layout.workers < 2 {
+                return Err(bad("actor", "a link fault needs 2 or more workers".into()));
+            }
             if matches!(spec.actor, ActorKind::Expert | ActorKind::Gate) && layout.moe_blocks.is_empty() {
                 return Err(bad("actor", "the model has no MoE block".into()));
             }
@@ -631,9 +752,22 @@ fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> F
         ActorKind::Silence => Target::Silence {
             worker: pick(spec.worker, layout.workers),
         },
+        ActorKind::Link => {
+            let from = pick(spec.from, layout.workers);
+            // Another worker than `from` (the layout has at least two).
+            let to = spec.to.unwrap_or_else(|| {
+                let other = rng.random_range(0..layout.workers - 1);
+                if other >= from {
+                    other + 1
+                } else {
+                    other
+                }
+            });
+            Target::Link { from, to }
+        }
     };
     let moment = match spec.actor {
-        ActorKind::Ledger | ActorKind::Silence => Moment::Any,
+        ActorKind::Ledger | ActorKind::Silence | ActorKind::Link => Moment::Any,
         _ => spec.moment.unwrap_or_else(|| {
             if rng.random_bool(0.5) {
                 Moment::Forward
@@ -714,6 +848,7 @@ mod tests {
                 Target::Expert { block, expert } => assert!(block < 2 && expert < 4),
                 Target::Gate { worker, block } => assert!(worker < 2 && block < 2),
                 Target::Ledger { worker } | Target::Silence { worker } => assert!(worker < 2),
+                Target::Link { from, to } => assert!(from < 2 && to < 2 && from != to),
             }
         }
         let moments: Vec<Moment> = faults.iter().filter(|f| f.entry == 0).map(|f| f.fault.moment).collect();

@@ -56,7 +56,7 @@ pub struct FaultReport {
     pub entry: usize,
     /// The actor, in words (`expert 2 of block 1`).
     pub target: String,
-    /// `error`, `panic` or `silence`.
+    /// `error`, `panic`, `silence`, `drop`, `duplicate`, `delay <time>` or `reorder`.
     pub kind: String,
     /// The planned step.
     pub step: u64,
@@ -259,6 +259,7 @@ fn describe(target: &Target) -> String {
         Target::Gate { worker, block } => format!("gate of block {block} on worker {worker}"),
         Target::Ledger { worker } => format!("ledger of worker {worker}"),
         Target::Silence { worker } => format!("communicator of worker {worker}"),
+        Target::Link { from, to } => format!("requests from worker {from} to worker {to}"),
     }
 }
 
@@ -398,12 +399,15 @@ fn report(
             let mine: Vec<_> = firings.iter().filter(|x| x.fault == index).collect();
             let first = mine.first();
             let silence = matches!(f.target, Target::Silence { .. });
-            let kind = if silence {
-                "silence"
-            } else if f.kind == FaultKind::Panic {
-                "panic"
-            } else {
-                "error"
+            let link = matches!(f.target, Target::Link { .. });
+            let kind = match f.kind {
+                _ if silence => "silence".to_string(),
+                FaultKind::Panic => "panic".to_string(),
+                FaultKind::Error => "error".to_string(),
+                FaultKind::Drop => "drop".to_string(),
+                FaultKind::Duplicate => "duplicate".to_string(),
+                FaultKind::Reorder => "reorder".to_string(),
+                FaultKind::Delay(d) => format!("delay {}", humantime::format_duration(d)),
             };
             let since = |at: Instant| disturbed.map(|d| at.saturating_duration_since(d.started).as_secs_f64());
             let committed = first.and_then(|x| {
@@ -431,6 +435,16 @@ fn report(
                     ),
                     None => format!("the silence began at step {} but the run did not fail", x.step),
                 },
+                Some(x) if link => match (disturbed.and_then(|d| d.failed.as_ref()), &committed) {
+                    (Some((step, error, after)), _) if *step == x.step => {
+                        format!("step {step} failed after {after:.3} s: {error}")
+                    }
+                    (_, Some((s, _))) => format!(
+                        "no failure: its step committed with {} replays (replies are matched to requests by id)",
+                        s.replays
+                    ),
+                    _ => "the run stopped before its step committed".to_string(),
+                },
                 Some(x) => match restarts
                     .iter()
                     .find(|r| r.target.as_ref() == Some(&f.target) && r.at >= x.at)
@@ -454,7 +468,7 @@ fn report(
                 index,
                 entry: p.entry,
                 target: describe(&f.target),
-                kind: kind.into(),
+                kind,
                 step: f.step,
                 moment: moment_name(f.moment).into(),
                 fired: mine.len(),
