@@ -8,6 +8,8 @@
 //! moment, when) and each actor restart the workers' supervisors reported, so that a chaos run can
 //! say how every fault was detected and how long the repair took. A [`Scenario`] (a TOML file or
 //! [`Scenario::builder`]) describes faults, scripted or drawn from a seed, and turns into a plan.
+//! Network faults ([`Target::Link`]) are injected by [`net::FaultyTransport`], which the runtime
+//! wraps around its in-process transport when the plan has any.
 
 pub mod net;
 pub mod scenario;
