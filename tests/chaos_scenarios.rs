@@ -543,6 +543,61 @@ fn the_command_writes_its_report() {
     assert_eq!(json["faults"][0]["fired"], 1);
     assert_eq!(json["replays"], 1);
 
+    let soak_dir = dir.path().join("soak");
+    let out = Command::new(SEMOE)
+        .args(["chaos", "--scenario"])
+        .arg(&scenario)
+        .arg("--run-dir")
+        .arg(&soak_dir)
+        .args([
+            "--soak",
+            "3",
+            "--steps",
+            "4",
+            "--workers",
+            "2",
+            "--d-model",
+            "32",
+            "--layers",
+            "2",
+            "--heads",
+            "2",
+        ])
+        .args([
+            "--block-size",
+            "16",
+            "--d-ff",
+            "64",
+            "--experts",
+            "4",
+            "--k",
+            "2",
+            "--batch",
+            "8",
+            "--groups",
+            "4",
+        ])
+        .output()
+        .expect("run semoe chaos --soak");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{stdout}");
+    assert!(stdout.contains("soak: 3 seeds"), "{stdout}");
+    assert!(
+        stderr.contains("chaos: injected panic") && !stderr.contains("panicked at"),
+        "injected panics are one line each: {stderr}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(soak_dir.join("soak.json")).expect("soak.json")).expect("json");
+    let seeds: Vec<u64> = json["seeds"]
+        .as_array()
+        .expect("seeds")
+        .iter()
+        .map(|r| r["seed"].as_u64().expect("seed"))
+        .collect();
+    assert_eq!(seeds, vec![5, 6, 7], "the scenario's seed and the next two");
+    assert_eq!(json["failing"].as_array().map(Vec::len), Some(0));
+
     let out = Command::new(SEMOE)
         .args(["chaos", "--scenario"])
         .arg(dir.path().join("missing.toml"))

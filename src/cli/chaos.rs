@@ -71,6 +71,7 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
         config.train.workers,
         dir.display()
     );
+    quiet_injected_panics();
     if let Some(seeds) = a.soak {
         return soak(&config, &scenario, seeds, &dir);
     }
@@ -108,6 +109,25 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
         Verdict::Stopped { .. } => ExitCode::from(2),
         Verdict::Differs { .. } | Verdict::DeadlineExpired { .. } => ExitCode::FAILURE,
     })
+}
+
+/// Injected panics are expected: one line each instead of the default hook's message (and
+/// backtrace); any other panic is reported as usual.
+fn quiet_injected_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if text.starts_with("injected panic") {
+            eprintln!("chaos: {text}");
+        } else {
+            default(info);
+        }
+    }));
 }
 
 /// Run `scenario` under `seeds` seeds from its own; failing seeds are listed (and make the exit

@@ -33,7 +33,8 @@ pub enum Verdict {
     },
     /// The disturbed run stopped with this error (for example a silent peer's deadline).
     Stopped {
-        /// The step (0-based) that failed.
+        /// The step (0-based) that failed (the number of steps, when gathering the final state
+        /// failed).
         step: u64,
         /// The error.
         error: String,
@@ -232,12 +233,26 @@ async fn one_run(
             }
         }
     }
+    let steps_done = steps.len() as u64;
     let state = if failed.is_none() {
         set(progress, format!("the {name} run: gathering the state"));
-        let (model, optimizer) = rt.state().await?;
-        set(progress, format!("the {name} run: shutting down"));
-        rt.shutdown().await?;
-        Some(state_bits(&model, &optimizer))
+        let t = Instant::now();
+        match rt.state().await {
+            Ok((model, optimizer)) => {
+                set(progress, format!("the {name} run: shutting down"));
+                rt.shutdown().await?;
+                Some(state_bits(&model, &optimizer))
+            }
+            Err(e) => {
+                failed = Some((
+                    steps_done,
+                    format!("gathering the state: {e}"),
+                    t.elapsed().as_secs_f64(),
+                ));
+                rt.abandon().await?;
+                None
+            }
+        }
     } else {
         // A runtime that failed may have a step in flight that never ends: stop it at once.
         set(progress, format!("the {name} run: abandoning the failed runtime"));
@@ -315,11 +330,11 @@ pub fn run(config: &TrainConfig, scenario: &Scenario) -> Result<ChaosReport> {
         Err(_) => Verdict::DeadlineExpired {
             waiting: progress.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         },
-        Ok(Err(e)) => Verdict::Stopped {
-            step: 0,
-            error: e.to_string(),
-            after_s: begun.elapsed().as_secs_f64(),
-        },
+        // The runtime did not start (or could not be stopped): not a verdict, an error.
+        Ok(Err(e)) => {
+            tokio.shutdown_timeout(Duration::from_millis(100));
+            return Err(Error::runtime(format!("the chaos run could not run its job: {e}")));
+        }
         Ok(Ok(d)) => match (&d.failed, &d.state) {
             (Some((step, error, after_s)), _) => Verdict::Stopped {
                 step: *step,
