@@ -113,3 +113,73 @@ impl<T: Transport> Transport for FaultyTransport<T> {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chaos::FaultKind;
+    use crate::net::{local, StepId};
+
+    fn request(id: u64, step: u64) -> Packet {
+        Packet {
+            from: 0,
+            to: 1,
+            id,
+            payload: Payload::Gather {
+                step: StepId::first(step),
+                tensors: vec![],
+            },
+        }
+    }
+
+    fn reply(id: u64) -> Packet {
+        Packet {
+            from: 0,
+            to: 1,
+            id,
+            payload: Payload::Ack,
+        }
+    }
+
+    /// Sends `packets` from worker 0 to worker 1 under `kind` (on the first two requests of step
+    /// 1) and returns the ids worker 1 receives within 200 ms, in order.
+    async fn deliver(kind: FaultKind, packets: Vec<Packet>) -> Vec<u64> {
+        let plan = FaultPlan::none();
+        plan.push(super::super::Fault {
+            target: Target::Link { from: 0, to: 1 },
+            step: 1,
+            moment: Moment::Any,
+            kind,
+            times: 2,
+        });
+        let mut net = local::network(2);
+        let (_, mut inbox) = net.pop().expect("endpoint 1");
+        let (t0, _inbox0) = net.pop().expect("endpoint 0");
+        let t0 = FaultyTransport::new(t0, plan.clone());
+        for p in packets {
+            t0.send(p).expect("send");
+        }
+        let mut got = Vec::new();
+        while let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(200), inbox.recv()).await {
+            got.push(p.id);
+        }
+        assert_eq!(plan.firings().len(), 2, "{kind:?} fired on two requests");
+        got
+    }
+
+    #[tokio::test]
+    async fn each_network_fault_does_what_it_says() {
+        // Requests 1 and 3 are of step 1; request 2 of step 0 and the replies are never faulted.
+        let packets = || vec![request(1, 1), request(2, 0), reply(9), request(3, 1), reply(10)];
+        assert_eq!(deliver(FaultKind::Drop, packets()).await, vec![2, 9, 10]);
+        assert_eq!(
+            deliver(FaultKind::Duplicate, packets()).await,
+            vec![1, 1, 2, 9, 3, 3, 10]
+        );
+        assert_eq!(deliver(FaultKind::Reorder, packets()).await, vec![2, 1, 9, 10, 3]);
+        assert_eq!(
+            deliver(FaultKind::Delay(Duration::from_millis(30)), packets()).await,
+            vec![2, 9, 10, 1, 3]
+        );
+    }
+}
