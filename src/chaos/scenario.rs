@@ -641,6 +641,12 @@ impl Scenario {
         if layout.steps == 0 {
             return Err(Error::config("a chaos run needs at least one step"));
         }
+        if layout.workers == 0 || layout.experts == 0 {
+            return Err(Error::config(format!(
+                "a chaos run needs workers and experts (the layout has {} workers, {} experts)",
+                layout.workers, layout.experts
+            )));
+        }
         let plan = FaultPlan::none();
         let mut planned = Vec::new();
         for (entry, spec) in self.faults.iter().enumerate() {
