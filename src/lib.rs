@@ -10,8 +10,9 @@
 //! [`model`] (layers with hand-written forward and backward passes), [`optimizer`] (AdamW and its
 //! schedule), [`storage`] (checkpoints, run directories, the tiered expert store), [`config`] and
 //! [`data`] (the job's configuration, corpus and sampler), [`net`] (transports), [`chaos`] (fault
-//! injection), [`actors`] (the supervised actor runtime: coordinator, workers, gates, experts,
-//! tiers, communicators), [`train`] (the training loop), [`telemetry`] (metrics and reports),
+//! injection: plans, seeded scenarios, network faults), [`actors`] (the supervised actor runtime:
+//! coordinator, workers, gates, experts, tiers, communicators), [`train`] (the training loop and
+//! chaos runs), [`telemetry`] (metrics and reports),
 //! [`infer`] (generation: the cached decoder, batching, the ring), [`serve`] (the HTTP completion
 //! service) and [`bench`](mod@bench) (the measurements behind `semoe bench`).
 //! `docs/runtime-semantics.md` is the runtime's protocol.

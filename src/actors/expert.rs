@@ -117,6 +117,9 @@ pub struct ExpertState {
     cache: HashMap<usize, FwdCache>,
     grads: HashMap<usize, [Vec<f32>; 4]>,
     totals: Option<[Vec<f32>; 4]>,
+    /// No forward handled since this actor (re)started: a backward now belongs to a step whose
+    /// forward state was lost with the failed actor it replaces.
+    fresh: bool,
 }
 
 impl ExpertState {
@@ -155,6 +158,7 @@ impl Actor for ExpertActor {
             cache: HashMap::new(),
             grads: HashMap::new(),
             totals: None,
+            fresh: true,
         })
     }
 
@@ -172,6 +176,7 @@ impl Actor for ExpertActor {
         match msg {
             ExpertMsg::Forward { step, items, reply } => {
                 inject(&state.args.chaos, &target, step, Moment::Forward, &name)?;
+                state.fresh = false;
                 if !state.enter(step) {
                     let _ = reply.send(Err(stale(&name, step)));
                     return Ok(());
@@ -196,6 +201,17 @@ impl Actor for ExpertActor {
                 for (group, gye) in items {
                     match state.cache.remove(&group) {
                         Some(cache) => work.push((group, cache, gye)),
+                        // Another lane's backward reached the restarted expert: the step is replayed.
+                        None if state.fresh => {
+                            let _ = reply.send(Err(Error::ActorFailed {
+                                actor: name.to_string(),
+                                detail: format!(
+                                    "restarted during step {step}: the forward state of group {group} was lost with \
+                                     the failed actor"
+                                ),
+                            }));
+                            return Ok(());
+                        }
                         None => {
                             let _ = reply.send(Err(Error::runtime(format!(
                                 "{name}: backward of group {group} in step {step} without its forward"

@@ -108,6 +108,9 @@ pub struct GateState {
     args: GateArgs,
     step: StepId,
     cache: SharedCache,
+    /// No forward handled since this actor (re)started: a backward now belongs to a step whose
+    /// forward state was lost with the failed actor it replaces.
+    fresh: bool,
 }
 
 fn lock(cache: &SharedCache) -> std::sync::MutexGuard<'_, BTreeMap<usize, GroupCache>> {
@@ -127,6 +130,7 @@ impl Actor for GateActor {
             args,
             step: StepId::NONE,
             cache: Arc::new(Mutex::new(BTreeMap::new())),
+            fresh: true,
         })
     }
 
@@ -149,6 +153,7 @@ impl Actor for GateActor {
                 reply,
             } => {
                 inject(&state.args.chaos, &target, step, Moment::Forward, &name)?;
+                state.fresh = false;
                 if step < state.step {
                     let _ = reply.send(Err(Error::runtime(format!(
                         "{name}: a forward of step {step}, which was rolled back"
@@ -168,7 +173,15 @@ impl Actor for GateActor {
             }
             GateMsg::Backward { step, groups, reply } => {
                 inject(&state.args.chaos, &target, step, Moment::Backward, &name)?;
-                if state.step == step {
+                if state.fresh {
+                    // Another lane's backward reached the restarted gate: the step is replayed.
+                    let _ = reply.send(Err(Error::ActorFailed {
+                        actor: name.to_string(),
+                        detail: format!(
+                            "restarted during step {step}: its forward state was lost with the failed actor"
+                        ),
+                    }));
+                } else if state.step == step {
                     let (args, cache) = (state.args.clone(), state.cache.clone());
                     tokio::spawn(async move {
                         let r = backward(args, cache, step, groups).await;

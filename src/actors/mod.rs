@@ -82,6 +82,8 @@ pub(crate) fn inject(
         None => Ok(()),
         Some(FaultKind::Error) => Err(format!("injected error in {name} at step {step}").into()),
         Some(FaultKind::Panic) => panic!("injected panic in {name} at step {step}"),
+        // Network faults are the transport's (`chaos::net`), never an actor's.
+        Some(FaultKind::Drop | FaultKind::Duplicate | FaultKind::Delay(_) | FaultKind::Reorder) => Ok(()),
     }
 }
 

@@ -232,7 +232,11 @@ impl RuntimeBuilder {
                         config: config.clone(),
                         text: text.clone(),
                         placement: placement.clone(),
-                        transport: Arc::new(transport),
+                        transport: if self.chaos.has_link_faults() {
+                            Arc::new(crate::chaos::net::FaultyTransport::new(transport, self.chaos.clone()))
+                        } else {
+                            Arc::new(transport)
+                        },
                         inbox: Arc::new(Mutex::new(Some(inbox))),
                         replica: Arc::new(Mutex::new(Arc::new(own))),
                         dense,

@@ -1,7 +1,8 @@
-//! The `semoe` command line: one file per command (`train`, `generate`, `serve`, `eval`, `runs`, `bench`),
+//! The `semoe` command line: one file per command (`train`, `chaos`, `generate`, `serve`, `eval`, `runs`, `bench`),
 //! each with its arguments and what it does; this file holds the top-level parser and dispatch.
 
 pub mod bench;
+pub mod chaos;
 pub mod eval;
 pub mod generate;
 pub mod runs;
@@ -13,6 +14,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 use bench::BenchCommand;
+use chaos::ChaosArgs;
 use eval::EvalArgs;
 use generate::GenerateArgs;
 use runs::RunsArgs;
@@ -46,6 +48,10 @@ pub enum Command {
     Eval(EvalArgs),
     /// List the runs under a directory (default `runs/`): steps, validation loss, time, status.
     Runs(RunsArgs),
+    /// Train a job under a fault scenario (`--scenario FILE`) and again undisturbed on the in-process
+    /// actor runtime; report each fault, its detection and recovery, and whether the final state is
+    /// bitwise equal (`chaos.md`, `chaos.json` in the run directory).
+    Chaos(Box<ChaosArgs>),
     /// Join a training run as a worker process (`--ticket RUN_DIR/join.ticket`); SIGTERM leaves it
     /// in good order.
     Worker(WorkerArgs),
@@ -80,6 +86,7 @@ pub fn run(cli: Cli) -> semoe::Result<ExitCode> {
         Command::Eval(a) => eval::run(&a)?,
         Command::Runs(a) => runs::run(&a)?,
         Command::Bench(b) => bench::run(b)?,
+        Command::Chaos(a) => return chaos::run(&a),
         Command::Worker(a) => return worker::run(&a),
         Command::Ticket(a) => worker::ticket(&a)?,
     }

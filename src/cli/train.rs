@@ -152,6 +152,34 @@ pub struct TrainArgs {
     print_config: bool,
 }
 
+impl TrainArgs {
+    /// The first flag `semoe chaos` cannot honour (it runs a fresh job on in-process workers).
+    pub fn chaos_refusal(&self) -> Option<&'static str> {
+        [
+            (self.resume, "--resume"),
+            (self.processes.is_some(), "--processes"),
+            (self.listen.is_some(), "--listen"),
+            (self.identity.is_some(), "--identity"),
+            (self.metrics_addr.is_some(), "--metrics-addr"),
+            (self.time_budget.is_some(), "--time-budget"),
+            (self.print_config, "--print-config"),
+        ]
+        .into_iter()
+        .find(|(set, _)| *set)
+        .map(|(_, flag)| flag)
+    }
+
+    /// Whether the steps come from a flag or a config file.
+    pub fn sets_steps(&self) -> bool {
+        self.steps.is_some() || self.config.is_some()
+    }
+
+    /// The --run-dir given.
+    pub fn run_dir(&self) -> Option<&Path> {
+        self.run_dir.as_deref()
+    }
+}
+
 /// File-only settings of `semoe train`, listed under its `--help`.
 pub const TRAIN_AFTER_HELP: &str = "Settings without a flag are set in the --config file (--print-config prints them \
 all): model.vocab, dense_d_ff, moe_every, capacity_factor, min_capacity, dropless, drop_policy, normalize, aux_coef, \

@@ -2,6 +2,7 @@
 //! training loop with evaluation, checkpoints and metrics; [`log`] is the metrics log's schema.
 
 pub mod calibrate;
+pub mod chaos;
 pub mod engine;
 pub mod log;
 pub mod memory;

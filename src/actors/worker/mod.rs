@@ -17,7 +17,7 @@ use super::ledger::{LedgerActor, LedgerArgs, LedgerMsg, LedgerSnapshot, SharedSt
 use super::placement::Placement;
 use super::runtime::RestartPolicy;
 use super::{ask, ActorName};
-use crate::chaos::FaultPlan;
+use crate::chaos::{FaultPlan, Target};
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::kernels::Cpu;
@@ -242,6 +242,14 @@ impl WorkerState {
         self.restarted = true;
         metrics::counter!(names::RESTARTS, "worker" => self.args.worker.to_string(), "actor" => child.label())
             .increment(1);
+        let worker = self.args.worker;
+        let target = match child {
+            Child::Gate(block) => Some(Target::Gate { worker, block }),
+            Child::Expert(block, expert) => Some(Target::Expert { block, expert }),
+            Child::Ledger => Some(Target::Ledger { worker }),
+            Child::Comm => None,
+        };
+        self.args.chaos.record_restart(worker, child.label(), target);
         let now = Instant::now();
         let policy = self.args.restart;
         self.restarts.push_back(now);

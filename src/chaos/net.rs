@@ -1,0 +1,185 @@
+//! Network faults: a [`Transport`] wrapper that drops, duplicates, delays or reorders the requests
+//! between chosen workers, as the [`FaultPlan`] says ([`Target::Link`]).
+//!
+//! Only requests are faulted (the packets that name their step: expert rows, gradients,
+//! parameters, gathers); replies carry no step and pass untouched. A fault applies to the first
+//! request(s) from `from` to `to` of its step, whatever the attempt.
+
+use super::{FaultKind, FaultPlan, Moment, Target};
+use crate::error::Result;
+use crate::net::{Packet, Payload, Transport, WorkerId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a reordered packet waits for the next one on its link before it goes anyway.
+const REORDER_WAIT: Duration = Duration::from_millis(20);
+
+/// A transport that injects the plan's link faults into the packets `inner` sends.
+pub struct FaultyTransport<T: Transport> {
+    inner: Arc<T>,
+    plan: FaultPlan,
+    /// A packet held back by a reorder fault, per destination: it goes after the next one.
+    held: Arc<Mutex<HashMap<WorkerId, Packet>>>,
+}
+
+impl<T: Transport> FaultyTransport<T> {
+    /// Wrap `inner`.
+    pub fn new(inner: T, plan: FaultPlan) -> Self {
+        FaultyTransport {
+            inner: Arc::new(inner),
+            plan,
+            held: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+fn step_of(payload: &Payload) -> Option<u64> {
+    match payload {
+        Payload::ExpertForward { step, .. }
+        | Payload::ExpertBackward { step, .. }
+        | Payload::DenseGrads { step, .. }
+        | Payload::Gather { step, .. }
+        | Payload::Params { step, .. } => Some(step.step),
+        _ => None,
+    }
+}
+
+fn take_held(held: &Mutex<HashMap<WorkerId, Packet>>, to: WorkerId) -> Option<Packet> {
+    held.lock().unwrap_or_else(|e| e.into_inner()).remove(&to)
+}
+
+impl<T: Transport> Transport for FaultyTransport<T> {
+    fn id(&self) -> WorkerId {
+        self.inner.id()
+    }
+
+    fn workers(&self) -> usize {
+        self.inner.workers()
+    }
+
+    fn send(&self, packet: Packet) -> Result<()> {
+        let to = packet.to;
+        let fault = step_of(&packet.payload).and_then(|step| {
+            let link = Target::Link {
+                from: self.inner.id(),
+                to,
+            };
+            self.plan.fire(&link, step, Moment::Any)
+        });
+        let result = match fault {
+            Some(FaultKind::Drop) => Ok(()),
+            Some(FaultKind::Duplicate) => self.inner.send(packet.clone()).and_then(|()| self.inner.send(packet)),
+            Some(FaultKind::Delay(delay)) => match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    let inner = self.inner.clone();
+                    handle.spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = inner.send(packet);
+                    });
+                    Ok(())
+                }
+                Err(_) => {
+                    std::thread::sleep(delay);
+                    self.inner.send(packet)
+                }
+            },
+            Some(FaultKind::Reorder) => {
+                // Held back: the next packet to the same worker overtakes it (or it goes after a
+                // short wait if none comes).
+                let previous = self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(to, packet);
+                if let Some(p) = previous {
+                    self.inner.send(p)?;
+                }
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    let (inner, held) = (self.inner.clone(), self.held.clone());
+                    handle.spawn(async move {
+                        tokio::time::sleep(REORDER_WAIT).await;
+                        if let Some(p) = take_held(&held, to) {
+                            let _ = inner.send(p);
+                        }
+                    });
+                } else if let Some(p) = take_held(&self.held, to) {
+                    self.inner.send(p)?;
+                }
+                return Ok(());
+            }
+            Some(FaultKind::Error | FaultKind::Panic) | None => self.inner.send(packet),
+        };
+        // A packet held back for reordering goes right after this one.
+        if let Some(p) = take_held(&self.held, to) {
+            self.inner.send(p)?;
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chaos::FaultKind;
+    use crate::net::{local, StepId};
+
+    fn request(id: u64, step: u64) -> Packet {
+        Packet {
+            from: 0,
+            to: 1,
+            id,
+            payload: Payload::Gather {
+                step: StepId::first(step),
+                tensors: vec![],
+            },
+        }
+    }
+
+    fn reply(id: u64) -> Packet {
+        Packet {
+            from: 0,
+            to: 1,
+            id,
+            payload: Payload::Ack,
+        }
+    }
+
+    /// Sends `packets` from worker 0 to worker 1 under `kind` (on the first two requests of step
+    /// 1) and returns the ids worker 1 receives within 200 ms, in order.
+    async fn deliver(kind: FaultKind, packets: Vec<Packet>) -> Vec<u64> {
+        let plan = FaultPlan::none();
+        plan.push(super::super::Fault {
+            target: Target::Link { from: 0, to: 1 },
+            step: 1,
+            moment: Moment::Any,
+            kind,
+            times: 2,
+        });
+        let mut net = local::network(2);
+        let (_, mut inbox) = net.pop().expect("endpoint 1");
+        let (t0, _inbox0) = net.pop().expect("endpoint 0");
+        let t0 = FaultyTransport::new(t0, plan.clone());
+        for p in packets {
+            t0.send(p).expect("send");
+        }
+        let mut got = Vec::new();
+        while let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(200), inbox.recv()).await {
+            got.push(p.id);
+        }
+        assert_eq!(plan.firings().len(), 2, "{kind:?} fired on two requests");
+        got
+    }
+
+    #[tokio::test]
+    async fn each_network_fault_does_what_it_says() {
+        // Requests 1 and 3 are of step 1; request 2 of step 0 and the replies are never faulted.
+        let packets = || vec![request(1, 1), request(2, 0), reply(9), request(3, 1), reply(10)];
+        assert_eq!(deliver(FaultKind::Drop, packets()).await, vec![2, 9, 10]);
+        assert_eq!(
+            deliver(FaultKind::Duplicate, packets()).await,
+            vec![1, 1, 2, 9, 3, 3, 10]
+        );
+        assert_eq!(deliver(FaultKind::Reorder, packets()).await, vec![2, 1, 9, 10, 3]);
+        assert_eq!(
+            deliver(FaultKind::Delay(Duration::from_millis(30)), packets()).await,
+            vec![2, 9, 10, 1, 3]
+        );
+    }
+}

@@ -1,0 +1,863 @@
+//! Chaos scenarios: which faults to inject into a run, scripted or drawn from a seed.
+//!
+//! A scenario is a TOML file (or built with [`Scenario::builder`]):
+//!
+//! ```toml
+//! seed = 7            # draws every random choice below (same seed, same faults)
+//! deadline = "120s"   # the whole chaos run (both runs) never takes longer
+//! collective_deadline = "2s"  # the runtime's deadline of each collective (default: train.deadline_s)
+//!
+//! [[fault]]           # scripted: expert 2 of MoE block 1 panics in the forward of step 4
+//! actor = "expert"
+//! block = 1
+//! expert = 2
+//! kind = "panic"
+//! step = 4
+//! moment = "forward"
+//!
+//! [[fault]]           # random: each step, with probability 0.2, a gate of a drawn worker and
+//! actor = "gate"      # block returns an error in a drawn moment (forward or backward)
+//! kind = "error"
+//! probability = 0.2
+//!
+//! [[fault]]           # worker 1's communicator stops answering its peers from step 6 on
+//! actor = "silence"
+//! worker = 1
+//! step = 6
+//! ```
+//!
+//! Keys of a `[[fault]]`:
+//!
+//! - `actor`: `expert` (names `block` and `expert`), `gate` (`worker` and `block`), `ledger`
+//!   (`worker`), `silence` (`worker`: its communicator never answers a peer again) or `link`
+//!   (`from` and `to`: the requests `from` sends `to`, a network fault).
+//! - `kind`: `error` (the handler returns an error) or `panic` (the handler panics); for a link,
+//!   `drop`, `duplicate`, `delay` (with `delay = "50ms"`) or `reorder` (the request arrives after
+//!   the next one); not for `silence`. A link fault hits the first request(s) of its step on that
+//!   link (only requests: replies carry no step).
+//! - `step` (0-based, the step being computed) or `probability` (per step, in (0, 1]): exactly one.
+//!   A random silence starts at the first step drawn.
+//! - `moment`: `forward`, `backward` or `any` (the first time the actor is asked in the step); a
+//!   ledger is only asked once per step (`any`, its default); not for `silence`.
+//! - `times`: how many times a scripted fault fires (default 1; each firing fails the step's
+//!   attempt, so a fault firing twice also fails the replay).
+//!
+//! Whatever a fault leaves out (`worker`, `block`, `expert`, `moment`) is drawn from the seed, each
+//! time it fires: a random fault entry with no target is a fault anywhere. Each entry draws from its
+//! own stream of the seed, so adding an entry does not change what the others draw.
+
+use super::{Fault, FaultKind, FaultPlan, Moment, Target};
+use crate::error::{Error, Result};
+use crate::model::gpt::GptConfig;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+use std::path::Path;
+use std::time::Duration;
+
+/// The overall deadline of a scenario that sets none.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Which actor a fault entry hits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActorKind {
+    /// An Expert actor (`block`, `expert`).
+    Expert,
+    /// A Gate actor (`worker`, `block`).
+    Gate,
+    /// A Ledger actor (`worker`).
+    Ledger,
+    /// A worker's Communicator stops answering its peers (`worker`).
+    Silence,
+    /// The requests one worker sends another (`from`, `to`): dropped, duplicated, delayed or
+    /// reordered.
+    Link,
+}
+
+impl ActorKind {
+    /// The name in a scenario file.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActorKind::Expert => "expert",
+            ActorKind::Gate => "gate",
+            ActorKind::Ledger => "ledger",
+            ActorKind::Silence => "silence",
+            ActorKind::Link => "link",
+        }
+    }
+}
+
+/// When a fault entry fires.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum When {
+    /// At this step (0-based).
+    At(u64),
+    /// At each step with this probability, drawn from the seed.
+    Random(f64),
+}
+
+/// One `[[fault]]` entry. Fields left `None` are drawn from the seed when the fault is planned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FaultSpec {
+    /// The actor it hits.
+    pub actor: ActorKind,
+    /// Error or panic (ignored for a silence).
+    pub kind: FaultKind,
+    /// At a step, or at random.
+    pub when: When,
+    /// The moment in the step (`None`: drawn, forward or backward; a ledger is always `Any`).
+    pub moment: Option<Moment>,
+    /// The worker (gate, ledger, silence).
+    pub worker: Option<usize>,
+    /// The MoE block (expert, gate): the index of the transformer block.
+    pub block: Option<usize>,
+    /// The expert (expert).
+    pub expert: Option<usize>,
+    /// The sending worker (link).
+    pub from: Option<usize>,
+    /// The receiving worker (link).
+    pub to: Option<usize>,
+    /// How many times a scripted fault fires (random faults: once per step drawn).
+    pub times: u32,
+}
+
+impl FaultSpec {
+    fn new(actor: ActorKind) -> Self {
+        FaultSpec {
+            actor,
+            kind: FaultKind::Error,
+            when: When::At(0),
+            moment: None,
+            worker: None,
+            block: None,
+            expert: None,
+            from: None,
+            to: None,
+            times: 1,
+        }
+    }
+
+    /// An Expert actor fails (an error at step 0 until told otherwise; block and expert drawn
+    /// unless set).
+    pub fn expert() -> Self {
+        FaultSpec::new(ActorKind::Expert)
+    }
+
+    /// A Gate actor fails.
+    pub fn gate() -> Self {
+        FaultSpec::new(ActorKind::Gate)
+    }
+
+    /// A Ledger actor fails (when it receives gradients).
+    pub fn ledger() -> Self {
+        FaultSpec::new(ActorKind::Ledger)
+    }
+
+    /// A worker's communicator stops answering its peers.
+    pub fn silence() -> Self {
+        FaultSpec::new(ActorKind::Silence)
+    }
+
+    /// A network fault on the requests one worker sends another (drop unless told otherwise;
+    /// both workers drawn unless set with [`FaultSpec::from`] and [`FaultSpec::to`]).
+    pub fn link() -> Self {
+        FaultSpec {
+            kind: FaultKind::Drop,
+            ..FaultSpec::new(ActorKind::Link)
+        }
+    }
+
+    /// The sending worker of a link fault.
+    pub fn from(mut self, worker: usize) -> Self {
+        self.from = Some(worker);
+        self
+    }
+
+    /// The receiving worker of a link fault.
+    pub fn to(mut self, worker: usize) -> Self {
+        self.to = Some(worker);
+        self
+    }
+
+    /// What a link fault does to the request: [`FaultKind::Drop`], [`FaultKind::Duplicate`],
+    /// [`FaultKind::Delay`] or [`FaultKind::Reorder`] (and for actors, error or panic).
+    pub fn kind(mut self, kind: FaultKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// The worker.
+    pub fn worker(mut self, worker: usize) -> Self {
+        self.worker = Some(worker);
+        self
+    }
+
+    /// The MoE block.
+    pub fn block(mut self, block: usize) -> Self {
+        self.block = Some(block);
+        self
+    }
+
+    /// The expert.
+    pub fn expert_index(mut self, expert: usize) -> Self {
+        self.expert = Some(expert);
+        self
+    }
+
+    /// The handler panics.
+    pub fn panic(mut self) -> Self {
+        self.kind = FaultKind::Panic;
+        self
+    }
+
+    /// The handler returns an error (the default).
+    pub fn error(mut self) -> Self {
+        self.kind = FaultKind::Error;
+        self
+    }
+
+    /// Fire at `step` (0-based).
+    pub fn at(mut self, step: u64) -> Self {
+        self.when = When::At(step);
+        self
+    }
+
+    /// Fire at each step with `probability`, drawn from the seed.
+    pub fn random(mut self, probability: f64) -> Self {
+        self.when = When::Random(probability);
+        self
+    }
+
+    /// The moment in the step.
+    pub fn moment(mut self, moment: Moment) -> Self {
+        self.moment = Some(moment);
+        self
+    }
+
+    /// Fire this many times (scripted faults).
+    pub fn times(mut self, times: u32) -> Self {
+        self.times = times;
+        self
+    }
+
+    /// Check the entry on its own; `at` names it in errors (`fault[2]`).
+    fn check(&self, at: &str) -> Result<()> {
+        let bad = |key: &str, why: String| Err(Error::config(format!("chaos scenario: {at}.{key}: {why}")));
+        let actor = self.actor.name();
+        let not_for = |key: &str, what: &str| format!("{actor} faults do not take `{key}` ({what})");
+        if self.actor != ActorKind::Link {
+            if self.from.is_some() {
+                return bad("from", not_for("from", "only link faults name a sender"));
+            }
+            if self.to.is_some() {
+                return bad("to", not_for("to", "only link faults name a receiver"));
+            }
+        }
+        let network = matches!(
+            self.kind,
+            FaultKind::Drop | FaultKind::Duplicate | FaultKind::Delay(_) | FaultKind::Reorder
+        );
+        match self.actor {
+            ActorKind::Link if !network => {
+                return bad("kind", "a link fault is drop, duplicate, delay or reorder".into())
+            }
+            ActorKind::Expert | ActorKind::Gate | ActorKind::Ledger if network => {
+                return bad("kind", format!("{actor} faults are error or panic"))
+            }
+            ActorKind::Link if self.worker.is_some() || self.block.is_some() || self.expert.is_some() => {
+                return bad(
+                    if self.worker.is_some() {
+                        "worker"
+                    } else if self.block.is_some() {
+                        "block"
+                    } else {
+                        "expert"
+                    },
+                    "link faults name `from` and `to`".into(),
+                )
+            }
+            ActorKind::Link if self.from.is_some() && self.from == self.to => {
+                return bad("to", "a link joins two different workers".into())
+            }
+            ActorKind::Expert if self.worker.is_some() => {
+                return bad(
+                    "worker",
+                    not_for("worker", "the expert's worker follows from the placement"),
+                )
+            }
+            ActorKind::Gate | ActorKind::Ledger | ActorKind::Silence if self.expert.is_some() => {
+                return bad("expert", not_for("expert", "only expert faults name an expert"))
+            }
+            ActorKind::Ledger | ActorKind::Silence if self.block.is_some() => {
+                return bad("block", not_for("block", "a worker has one of them for all blocks"))
+            }
+            _ => {}
+        }
+        match (self.actor, self.moment) {
+            (ActorKind::Ledger, Some(m)) if m != Moment::Any => {
+                return bad(
+                    "moment",
+                    "a ledger is asked once per step, when it receives gradients: only `any`".into(),
+                )
+            }
+            (ActorKind::Silence, Some(_)) => {
+                return bad("moment", not_for("moment", "a silence lasts from its step to the end"))
+            }
+            (ActorKind::Link, Some(_)) => {
+                return bad("moment", not_for("moment", "it hits the first requests of its step"))
+            }
+            _ => {}
+        }
+        if let When::Random(p) = self.when {
+            if !(p > 0.0 && p <= 1.0) {
+                return bad("probability", format!("{p} is not in (0, 1]"));
+            }
+        }
+        if self.times == 0 {
+            return bad("times", "a fault fires at least once".into());
+        }
+        if self.times > 1 && (self.actor == ActorKind::Silence || matches!(self.when, When::Random(_))) {
+            return bad(
+                "times",
+                "only scripted actor faults fire more than once (a silence lasts; a random fault draws its steps)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What a scenario is planned against: the run's steps, workers and model shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Steps of the run.
+    pub steps: u64,
+    /// In-process workers.
+    pub workers: usize,
+    /// The transformer blocks that are MoE blocks.
+    pub moe_blocks: Vec<usize>,
+    /// Experts per MoE block.
+    pub experts: usize,
+}
+
+impl Layout {
+    /// The layout of a run of `steps` steps of `model` over `workers` workers.
+    pub fn new(model: &GptConfig, workers: usize, steps: u64) -> Self {
+        Layout {
+            steps,
+            workers,
+            moe_blocks: (0..model.n_layer).filter(|&l| model.is_moe(l)).collect(),
+            experts: model.experts,
+        }
+    }
+}
+
+/// A fault of a plan and the scenario entry it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedFault {
+    /// The index of its `[[fault]]` entry.
+    pub entry: usize,
+    /// The fault (its index in the plan is its index in [`Scenario::plan`]'s list).
+    pub fault: Fault,
+}
+
+/// A seeded fault scenario. Parse one with [`Scenario::from_toml`] or [`Scenario::from_file`],
+/// or build one:
+///
+/// ```
+/// use semoe::chaos::{FaultSpec, Layout, Moment, Scenario};
+/// use std::time::Duration;
+///
+/// # fn main() -> semoe::Result<()> {
+/// let scenario = Scenario::builder()
+///     .seed(7)
+///     .deadline(Duration::from_secs(60))
+///     .fault(FaultSpec::expert().block(1).expert_index(2).panic().at(4).moment(Moment::Forward))
+///     .fault(FaultSpec::gate().error().random(0.1))
+///     .build()?;
+/// let layout = Layout { steps: 12, workers: 2, moe_blocks: vec![0, 1], experts: 4 };
+/// let (plan, faults) = scenario.plan(&layout)?;
+/// assert_eq!(plan.pending(), faults.len());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scenario {
+    /// The seed of every random choice.
+    pub seed: u64,
+    /// The whole chaos run never takes longer.
+    pub deadline: Duration,
+    /// The runtime's collective deadline for both runs (`None`: the job's `train.deadline_s`).
+    /// A silent peer ends its step after it.
+    pub collective_deadline: Option<Duration>,
+    /// The fault entries, in order.
+    pub faults: Vec<FaultSpec>,
+}
+
+/// Builds a [`Scenario`]; [`ScenarioBuilder::build`] checks every entry as a file's would be.
+#[derive(Clone, Debug)]
+pub struct ScenarioBuilder {
+    scenario: Scenario,
+}
+
+impl ScenarioBuilder {
+    /// The seed (default 0).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.scenario.seed = seed;
+        self
+    }
+
+    /// The overall deadline (default [`DEFAULT_DEADLINE`]).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.scenario.deadline = deadline;
+        self
+    }
+
+    /// The runtime's collective deadline (default: the job's `train.deadline_s`).
+    pub fn collective_deadline(mut self, deadline: Duration) -> Self {
+        self.scenario.collective_deadline = Some(deadline);
+        self
+    }
+
+    /// Add a fault entry.
+    pub fn fault(mut self, fault: FaultSpec) -> Self {
+        self.scenario.faults.push(fault);
+        self
+    }
+
+    /// The scenario, checked.
+    pub fn build(self) -> Result<Scenario> {
+        self.scenario.check()?;
+        Ok(self.scenario)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    seed: Option<u64>,
+    deadline: Option<String>,
+    collective_deadline: Option<String>,
+    #[serde(default)]
+    fault: Vec<RawFault>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFault {
+    actor: Option<String>,
+    kind: Option<String>,
+    step: Option<u64>,
+    probability: Option<f64>,
+    moment: Option<String>,
+    worker: Option<usize>,
+    block: Option<usize>,
+    expert: Option<usize>,
+    from: Option<usize>,
+    to: Option<usize>,
+    delay: Option<String>,
+    times: Option<u32>,
+}
+
+impl RawFault {
+    fn into_spec(self, at: &str) -> Result<FaultSpec> {
+        let bad = |key: &str, why: String| Error::config(format!("chaos scenario: {at}.{key}: {why}"));
+        let actor = match self.actor.as_deref() {
+            Some("expert") => ActorKind::Expert,
+            Some("gate") => ActorKind::Gate,
+            Some("ledger") => ActorKind::Ledger,
+            Some("silence") => ActorKind::Silence,
+            Some("link") => ActorKind::Link,
+            Some(other) => {
+                return Err(bad(
+                    "actor",
+                    format!("{other:?} is not one of expert, gate, ledger, silence, link"),
+                ))
+            }
+            None => return Err(bad("actor", "missing (expert, gate, ledger, silence or link)".into())),
+        };
+        if self.delay.is_some() && self.kind.as_deref() != Some("delay") {
+            return Err(bad("delay", "only a fault of kind \"delay\" takes a delay".into()));
+        }
+        let kind = match (actor, self.kind.as_deref()) {
+            (ActorKind::Silence, Some(_)) => {
+                return Err(bad(
+                    "kind",
+                    "a silence is neither an error nor a panic: leave `kind` out".into(),
+                ))
+            }
+            (ActorKind::Silence, None) => FaultKind::Error,
+            (ActorKind::Link, Some("drop")) => FaultKind::Drop,
+            (ActorKind::Link, Some("duplicate")) => FaultKind::Duplicate,
+            (ActorKind::Link, Some("reorder")) => FaultKind::Reorder,
+            (ActorKind::Link, Some("delay")) => match self.delay.as_deref() {
+                Some(d) => FaultKind::Delay(
+                    humantime::parse_duration(d)
+                        .map_err(|e| bad("delay", format!("{d:?} is not a duration such as \"50ms\": {e}")))?,
+                ),
+                None => {
+                    return Err(bad(
+                        "delay",
+                        "missing: a delay fault needs `delay` (e.g. \"50ms\")".into(),
+                    ))
+                }
+            },
+            (ActorKind::Link, Some(other)) => {
+                return Err(bad(
+                    "kind",
+                    format!("{other:?} is not drop, duplicate, delay or reorder"),
+                ))
+            }
+            (ActorKind::Link, None) => return Err(bad("kind", "missing (drop, duplicate, delay or reorder)".into())),
+            (_, Some("error")) => FaultKind::Error,
+            (_, Some("panic")) => FaultKind::Panic,
+            (_, Some(other)) => return Err(bad("kind", format!("{other:?} is not error or panic"))),
+            (_, None) => return Err(bad("kind", "missing (error or panic)".into())),
+        };
+        let when = match (self.step, self.probability) {
+            (Some(step), None) => When::At(step),
+            (None, Some(p)) => When::Random(p),
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "probability",
+                    "give `step` (scripted) or `probability` (random), not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(bad(
+                    "step",
+                    "missing: give `step` (scripted) or `probability` (random)".into(),
+                ))
+            }
+        };
+        let moment = match self.moment.as_deref() {
+            None => None,
+            Some("forward") => Some(Moment::Forward),
+            Some("backward") => Some(Moment::Backward),
+            Some("any") => Some(Moment::Any),
+            Some(other) => return Err(bad("moment", format!("{other:?} is not forward, backward or any"))),
+        };
+        let spec = FaultSpec {
+            actor,
+            kind,
+            when,
+            moment,
+            worker: self.worker,
+            block: self.block,
+            expert: self.expert,
+            from: self.from,
+            to: self.to,
+            times: self.times.unwrap_or(1),
+        };
+        spec.check(at)?;
+        Ok(spec)
+    }
+}
+
+impl Scenario {
+    /// A builder: seed 0, the default deadline, no faults.
+    pub fn builder() -> ScenarioBuilder {
+        ScenarioBuilder {
+            scenario: Scenario {
+                seed: 0,
+                deadline: DEFAULT_DEADLINE,
+                collective_deadline: None,
+                faults: Vec::new(),
+            },
+        }
+    }
+
+    /// Parse a scenario; every bad value is an error naming its key.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let raw: RawScenario = toml::from_str(text).map_err(|e| Error::parse("the chaos scenario", e.to_string()))?;
+        let deadline = match raw.deadline.as_deref() {
+            None => DEFAULT_DEADLINE,
+            Some(d) => humantime::parse_duration(d).map_err(|e| {
+                Error::config(format!(
+                    "chaos scenario: deadline: {d:?} is not a duration such as \"120s\" or \"5m\": {e}"
+                ))
+            })?,
+        };
+        let collective_deadline = match raw.collective_deadline.as_deref() {
+            None => None,
+            Some(d) => Some(humantime::parse_duration(d).map_err(|e| {
+                Error::config(format!(
+                    "chaos scenario: collective_deadline: {d:?} is not a duration such as \"2s\": {e}"
+                ))
+            })?),
+        };
+        let faults = raw
+            .fault
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| f.into_spec(&format!("fault[{i}]")))
+            .collect::<Result<Vec<_>>>()?;
+        let scenario = Scenario {
+            seed: raw.seed.unwrap_or(0),
+            deadline,
+            collective_deadline,
+            faults,
+        };
+        scenario.check()?;
+        Ok(scenario)
+    }
+
+    /// Read and parse a scenario file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read the chaos scenario", path, e))?;
+        Scenario::from_toml(&text).map_err(|e| match e {
+            Error::Parse { what, detail } => Error::Parse {
+                what: format!("{what} {}", path.display()),
+                detail,
+            },
+            Error::Config(msg) => Error::Config(format!("{msg} (in {})", path.display())),
+            other => other,
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.deadline.is_zero() {
+            return Err(Error::config("chaos scenario: deadline: must be positive"));
+        }
+        if let Some(d) = self.collective_deadline {
+            if d.is_zero() || d >= self.deadline {
+                return Err(Error::config(format!(
+                    "chaos scenario: collective_deadline: {d:?} must be positive and below the overall deadline ({:?})",
+                    self.deadline
+                )));
+            }
+        }
+        for (i, f) in self.faults.iter().enumerate() {
+            f.check(&format!("fault[{i}]"))?;
+        }
+        Ok(())
+    }
+
+    /// The fault plan for a run of `layout`: every scripted fault, and every random one drawn
+    /// from the seed (the same seed and layout always give the same plan). A target outside the
+    /// layout (a worker, block or expert the run does not have, a step past its end) is an error
+    /// naming the entry and key. Also returns each planned fault with its entry, in plan order.
+    pub fn plan(&self, layout: &Layout) -> Result<(FaultPlan, Vec<PlannedFault>)> {
+        if layout.steps == 0 {
+            return Err(Error::config("a chaos run needs at least one step"));
+        }
+        if layout.workers == 0 || layout.experts == 0 {
+            return Err(Error::config(format!(
+                "a chaos run needs workers and experts (the layout has {} workers, {} experts)",
+                layout.workers, layout.experts
+            )));
+        }
+        let plan = FaultPlan::none();
+        let mut planned = Vec::new();
+        for (entry, spec) in self.faults.iter().enumerate() {
+            let at = format!("fault[{entry}]");
+            let bad = |key: &str, why: String| Error::config(format!("chaos scenario: {at}.{key}: {why}"));
+            if let Some(w) = spec.worker {
+                if w >= layout.workers {
+                    return Err(bad(
+                        "worker",
+                        format!("worker {w} does not exist: the run has {} workers", layout.workers),
+                    ));
+                }
+            }
+            if let Some(b) = spec.block {
+                if !layout.moe_blocks.contains(&b) {
+                    return Err(bad(
+                        "block",
+                        format!(
+                            "block {b} is not an MoE block (the MoE blocks are {:?})",
+                            layout.moe_blocks
+                        ),
+                    ));
+                }
+            }
+            if let Some(e) = spec.expert {
+                if e >= layout.experts {
+                    return Err(bad(
+                        "expert",
+                        format!("expert {e} does not exist: a block has {} experts", layout.experts),
+                    ));
+                }
+            }
+            for (key, w) in [("from", spec.from), ("to", spec.to)] {
+                if let Some(w) = w {
+                    if w >= layout.workers {
+                        return Err(bad(
+                            key,
+                            format!("worker {w} does not exist: the run has {} workers", layout.workers),
+                        ));
+                    }
+                }
+            }
+            if spec.actor == ActorKind::Link && layout.workers < 2 {
+                return Err(bad("actor", "a link fault needs 2 or more workers".into()));
+            }
+            if matches!(spec.actor, ActorKind::Expert | ActorKind::Gate) && layout.moe_blocks.is_empty() {
+                return Err(bad("actor", "the model has no MoE block".into()));
+            }
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+            rng.set_stream(entry as u64);
+            let steps: Vec<u64> = match spec.when {
+                When::At(step) => {
+                    if step >= layout.steps {
+                        return Err(bad(
+                            "step",
+                            format!("step {step} is past the run's last step ({})", layout.steps - 1),
+                        ));
+                    }
+                    vec![step]
+                }
+                When::Random(p) => {
+                    let mut hits = Vec::new();
+                    for step in 0..layout.steps {
+                        if rng.random_bool(p) {
+                            hits.push(step);
+                            if spec.actor == ActorKind::Silence {
+                                break;
+                            }
+                        }
+                    }
+                    hits
+                }
+            };
+            for step in steps {
+                let fault = draw(spec, step, layout, &mut rng);
+                plan.push(fault.clone());
+                planned.push(PlannedFault { entry, fault });
+            }
+        }
+        Ok((plan, planned))
+    }
+}
+
+/// One fault of `spec` at `step`, drawing what the entry leaves out.
+fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> Fault {
+    let mut pick = |given: Option<usize>, n: usize| given.unwrap_or_else(|| rng.random_range(0..n));
+    let target = match spec.actor {
+        ActorKind::Expert => {
+            let block = layout.moe_blocks[pick(
+                spec.block.and_then(|b| layout.moe_blocks.iter().position(|&m| m == b)),
+                layout.moe_blocks.len(),
+            )];
+            Target::Expert {
+                block,
+                expert: pick(spec.expert, layout.experts),
+            }
+        }
+        ActorKind::Gate => {
+            let worker = pick(spec.worker, layout.workers);
+            let block = layout.moe_blocks[pick(
+                spec.block.and_then(|b| layout.moe_blocks.iter().position(|&m| m == b)),
+                layout.moe_blocks.len(),
+            )];
+            Target::Gate { worker, block }
+        }
+        ActorKind::Ledger => Target::Ledger {
+            worker: pick(spec.worker, layout.workers),
+        },
+        ActorKind::Silence => Target::Silence {
+            worker: pick(spec.worker, layout.workers),
+        },
+        ActorKind::Link => {
+            let from = pick(spec.from, layout.workers);
+            // Another worker than `from` (the layout has at least two).
+            let to = spec.to.unwrap_or_else(|| {
+                let other = rng.random_range(0..layout.workers - 1);
+                if other >= from {
+                    other + 1
+                } else {
+                    other
+                }
+            });
+            Target::Link { from, to }
+        }
+    };
+    let moment = match spec.actor {
+        ActorKind::Ledger | ActorKind::Silence | ActorKind::Link => Moment::Any,
+        _ => spec.moment.unwrap_or_else(|| {
+            if rng.random_bool(0.5) {
+                Moment::Forward
+            } else {
+                Moment::Backward
+            }
+        }),
+    };
+    Fault {
+        target,
+        step,
+        moment,
+        kind: spec.kind,
+        times: if matches!(spec.when, When::At(_)) {
+            spec.times
+        } else {
+            1
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout {
+            steps: 20,
+            workers: 2,
+            moe_blocks: vec![0, 1],
+            experts: 4,
+        }
+    }
+
+    #[test]
+    fn the_same_seed_draws_the_same_faults() {
+        let text = "seed = 3\n[[fault]]\nactor = \"expert\"\nkind = \"panic\"\nprobability = 0.3\n\
+                    [[fault]]\nactor = \"gate\"\nkind = \"error\"\nprobability = 0.3\n";
+        let s = Scenario::from_toml(text).expect("parses");
+        let (_, a) = s.plan(&layout()).expect("plan");
+        let (_, b) = s.plan(&layout()).expect("plan");
+        assert_eq!(a, b);
+        assert!(
+            a.len() >= 4,
+            "about 12 faults expected at p = 0.3 over 2 x 20 steps, got {}",
+            a.len()
+        );
+        let other = Scenario { seed: 4, ..s.clone() };
+        let (_, c) = other.plan(&layout()).expect("plan");
+        assert_ne!(a, c, "another seed, other faults");
+        // Adding an entry does not change what the entries before it draw.
+        let first_only = Scenario {
+            faults: vec![s.faults[0].clone()],
+            ..s.clone()
+        };
+        let (_, d) = first_only.plan(&layout()).expect("plan");
+        let of_entry = |p: &[PlannedFault], entry| p.iter().filter(|f| f.entry == entry).cloned().collect::<Vec<_>>();
+        assert!(!d.is_empty());
+        assert_eq!(d, of_entry(&a, 0));
+    }
+
+    #[test]
+    fn omitted_fields_are_drawn_inside_the_layout() {
+        let s = Scenario::builder()
+            .seed(11)
+            .fault(FaultSpec::expert().panic().random(1.0))
+            .fault(FaultSpec::gate().random(1.0))
+            .fault(FaultSpec::ledger().random(1.0))
+            .fault(FaultSpec::silence().random(1.0))
+            .build()
+            .expect("valid");
+        let (plan, faults) = s.plan(&layout()).expect("plan");
+        // Three actor entries fire every step; the silence starts at step 0 once.
+        assert_eq!(faults.len(), 3 * 20 + 1);
+        assert_eq!(plan.pending(), 3 * 20);
+        for f in &faults {
+            match f.fault.target {
+                Target::Expert { block, expert } => assert!(block < 2 && expert < 4),
+                Target::Gate { worker, block } => assert!(worker < 2 && block < 2),
+                Target::Ledger { worker } | Target::Silence { worker } => assert!(worker < 2),
+                Target::Link { from, to } => assert!(from < 2 && to < 2 && from != to),
+            }
+        }
+        let moments: Vec<Moment> = faults.iter().filter(|f| f.entry == 0).map(|f| f.fault.moment).collect();
+        assert!(moments.contains(&Moment::Forward) && moments.contains(&Moment::Backward));
+    }
+}

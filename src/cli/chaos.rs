@@ -1,0 +1,186 @@
+//! `semoe chaos`: train a job on the in-process actor runtime under a fault scenario and again
+//! undisturbed, compare the final state bit for bit, and report (stdout, `chaos.md` and
+//! `chaos.json` in the run directory).
+
+use clap::Args;
+use semoe::chaos::Scenario;
+use semoe::storage::run_dir::{self, RunDirLock};
+use semoe::train::chaos::{self, Verdict};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use super::train::{resolve_config, TrainArgs};
+
+/// Steps of a chaos run when neither --steps nor --config sets them.
+const DEFAULT_STEPS: u64 = 20;
+
+/// Options of `semoe chaos`: the scenario, and the job's training options.
+#[derive(Args)]
+#[command(after_help = CHAOS_AFTER_HELP)]
+pub struct ChaosArgs {
+    /// The fault scenario (TOML: seed, deadline and [[fault]] entries; see scenarios/).
+    #[arg(long, value_name = "FILE")]
+    scenario: PathBuf,
+    /// A soak: run the scenario under this many seeds (its own, then the next ones), print one line
+    /// per seed and list those whose state differed or whose deadline expired (`soak.json`).
+    #[arg(long, value_name = "SEEDS")]
+    soak: Option<u64>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+const CHAOS_AFTER_HELP: &str = "The job runs on the in-process actor runtime (--workers, default from the config; \
+without --steps or --config it runs 20 steps). Exit status: 0 when the final parameters and optimizer state are \
+bitwise equal to the undisturbed run's; 2 when the disturbed run stopped with an error (the report names it); 1 \
+when the state differs or the scenario's deadline expired (with --soak: for any seed).";
+
+pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
+    if let Some(flag) = a.train.chaos_refusal() {
+        return Err(semoe::Error::config(format!(
+            "semoe chaos runs a fresh job on in-process workers: {flag} does not apply"
+        )));
+    }
+    let scenario = Scenario::from_file(&a.scenario)?;
+    let mut config = resolve_config(&a.train)?;
+    if !a.train.sets_steps() {
+        config.train.steps = DEFAULT_STEPS;
+    }
+    config.train.time_budget_s = 0.0;
+    config.validate()?;
+    let dir = match a.train.run_dir() {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| semoe::Error::io("cannot create the run directory", dir, e))?;
+            dir.to_path_buf()
+        }
+        None => {
+            let name = run_dir::default_name(std::time::SystemTime::now()).replacen("run-", "chaos-", 1);
+            run_dir::create_unique(Path::new("runs"), &name)?
+        }
+    };
+    let _lock = RunDirLock::acquire(&dir)?;
+    write(&dir.join("config.toml"), &config.to_toml()?)?;
+    let scenario_text = std::fs::read_to_string(&a.scenario)
+        .map_err(|e| semoe::Error::io("cannot read the chaos scenario", &a.scenario, e))?;
+    write(&dir.join("scenario.toml"), &scenario_text)?;
+    eprintln!(
+        "semoe chaos: {} fault entries, seed {}, deadline {}; {} steps on {} workers; run directory {}",
+        scenario.faults.len(),
+        scenario.seed,
+        humantime::format_duration(scenario.deadline),
+        config.train.steps,
+        config.train.workers,
+        dir.display()
+    );
+    quiet_injected_panics();
+    if let Some(seeds) = a.soak {
+        return soak(&config, &scenario, seeds, &dir);
+    }
+    let report = chaos::run(&config, &scenario)?;
+    let json =
+        serde_json::to_string_pretty(&report).map_err(|e| semoe::Error::parse("the chaos report", e.to_string()))?;
+    write(&dir.join("chaos.json"), &json)?;
+    let md = report.markdown();
+    write(&dir.join("chaos.md"), &md)?;
+    println!(
+        "{} faults planned, {} fired, {} restarts, {} steps replayed",
+        report.faults.len(),
+        report.faults.iter().filter(|f| f.fired > 0).count(),
+        report.restarts,
+        report.replays
+    );
+    for f in &report.faults {
+        println!(
+            "  fault {}: {} {} at step {} ({}): fired {}x; {}{}",
+            f.index,
+            f.target,
+            f.kind,
+            f.step,
+            f.moment,
+            f.fired,
+            f.detection,
+            f.recovery_s
+                .map_or(String::new(), |r| format!("; step committed {r:.3} s after the fault"))
+        );
+    }
+    println!("verdict: {}", report.verdict_line());
+    println!("report: {}", dir.join("chaos.md").display());
+    Ok(match report.verdict {
+        Verdict::BitwiseEqual { .. } => ExitCode::SUCCESS,
+        Verdict::Stopped { .. } => ExitCode::from(2),
+        Verdict::Differs { .. } | Verdict::DeadlineExpired { .. } => ExitCode::FAILURE,
+    })
+}
+
+/// Injected panics are expected: one line each instead of the default hook's message (and
+/// backtrace); any other panic is reported as usual.
+fn quiet_injected_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if text.starts_with("injected panic") {
+            eprintln!("chaos: {text}");
+        } else {
+            default(info);
+        }
+    }));
+}
+
+/// Run `scenario` under `seeds` seeds from its own; failing seeds are listed (and make the exit
+/// status 1).
+fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir: &Path) -> semoe::Result<ExitCode> {
+    let mut rows = Vec::new();
+    let mut failing = Vec::new();
+    let (mut equal, mut stopped) = (0, 0);
+    let started = std::time::Instant::now();
+    for seed in scenario.seed..scenario.seed.saturating_add(seeds) {
+        let s = Scenario {
+            seed,
+            ..scenario.clone()
+        };
+        let report = chaos::run(config, &s)?;
+        let fired: usize = report.faults.iter().map(|f| f.fired).sum();
+        println!(
+            "seed {seed}: {fired} faults fired, {} replays: {}",
+            report.replays,
+            report.verdict_line()
+        );
+        match report.verdict {
+            Verdict::BitwiseEqual { .. } => equal += 1,
+            Verdict::Stopped { .. } => stopped += 1,
+            Verdict::Differs { .. } | Verdict::DeadlineExpired { .. } => failing.push(seed),
+        }
+        rows.push(serde_json::json!({
+            "seed": seed,
+            "faults_fired": fired,
+            "replays": report.replays,
+            "verdict": report.verdict,
+        }));
+    }
+    let json = serde_json::to_string_pretty(&serde_json::json!({ "seeds": rows, "failing": failing }))
+        .map_err(|e| semoe::Error::parse("the soak report", e.to_string()))?;
+    write(&dir.join("soak.json"), &json)?;
+    println!(
+        "soak: {seeds} seeds in {:.1} s: {equal} bitwise equal, {stopped} stopped with an error, {} failing{}",
+        started.elapsed().as_secs_f64(),
+        failing.len(),
+        if failing.is_empty() {
+            String::new()
+        } else {
+            format!(" (seeds {failing:?}: replay one with `seed = N` in the scenario)")
+        }
+    );
+    Ok(if failing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn write(path: &PathBuf, text: &str) -> semoe::Result<()> {
+    std::fs::write(path, text).map_err(|e| semoe::Error::io("cannot write", path, e))
+}

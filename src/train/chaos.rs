@@ -1,0 +1,588 @@
+//! Chaos runs (`semoe chaos`): train a job on the in-process actor runtime under a
+//! [`Scenario`], then the same job undisturbed, and report each fault (when it fired, how it was
+//! detected, how long the repair took, the steps replayed) and the verdict: the final parameters
+//! and optimizer state bitwise equal, or the error the disturbed run stopped with. The whole run is
+//! bounded by the scenario's deadline; on expiry the report says what was being waited for.
+
+use crate::actors::{ExpertPlacement, Runtime};
+use crate::chaos::{FaultKind, FaultPlan, Layout, Moment, PlannedFault, Scenario, Target};
+use crate::config::TrainConfig;
+use crate::error::{Error, Result};
+use crate::model::gpt::Gpt;
+use crate::optimizer::AdamW;
+use serde::Serialize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The verdict of a chaos run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    /// Every tensor of the model and the optimizer state (moments and step) is bitwise equal to
+    /// the undisturbed run's.
+    BitwiseEqual {
+        /// Tensors compared (model, first and second moments, the step).
+        tensors: usize,
+        /// Values compared.
+        values: usize,
+    },
+    /// The disturbed run finished, but its state differs (a defect of the runtime).
+    Differs {
+        /// The first difference: a tensor's name or length, or its first differing element.
+        first: String,
+    },
+    /// The disturbed run stopped with this error (for example a silent peer's deadline).
+    Stopped {
+        /// The step (0-based) that failed (the number of steps, when gathering the final state
+        /// failed).
+        step: u64,
+        /// The error.
+        error: String,
+        /// Seconds from the failing step's start to its error.
+        after_s: f64,
+    },
+    /// The overall deadline expired.
+    DeadlineExpired {
+        /// What was being waited for then.
+        waiting: String,
+    },
+}
+
+/// One planned fault and what became of it.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultReport {
+    /// Its index in the plan.
+    pub index: usize,
+    /// Its `[[fault]]` entry.
+    pub entry: usize,
+    /// The actor, in words (`expert 2 of block 1`).
+    pub target: String,
+    /// `error`, `panic`, `silence`, `drop`, `duplicate`, `delay <time>` or `reorder`.
+    pub kind: String,
+    /// The planned step.
+    pub step: u64,
+    /// The planned moment.
+    pub moment: String,
+    /// How many times it fired.
+    pub fired: usize,
+    /// Seconds from the start of the disturbed run to its first firing.
+    pub fired_at_s: Option<f64>,
+    /// How the runtime noticed it.
+    pub detection: String,
+    /// Seconds from its first firing to the commit of its step (`None`: not committed).
+    pub recovery_s: Option<f64>,
+    /// Replays of its step.
+    pub step_replays: Option<u32>,
+}
+
+/// One committed step of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepRecord {
+    /// The step (0-based).
+    pub step: u64,
+    /// Times it was replayed.
+    pub replays: u32,
+    /// Seconds it took, replays included.
+    pub seconds: f64,
+}
+
+/// What a chaos run reports (`chaos.json`; [`ChaosReport::markdown`] is `chaos.md`).
+#[derive(Clone, Debug, Serialize)]
+pub struct ChaosReport {
+    /// The scenario's seed.
+    pub seed: u64,
+    /// The overall deadline, seconds.
+    pub deadline_s: f64,
+    /// Steps planned.
+    pub steps: u64,
+    /// In-process workers.
+    pub workers: usize,
+    /// The collective deadline of the runtime, seconds.
+    pub collective_deadline_s: f64,
+    /// Every planned fault.
+    pub faults: Vec<FaultReport>,
+    /// Actor restarts the supervisors reported.
+    pub restarts: usize,
+    /// The same, per worker.
+    pub restarts_per_worker: Vec<usize>,
+    /// Steps replayed in all.
+    pub replays: u32,
+    /// Steps the disturbed run committed.
+    pub disturbed_steps: Vec<StepRecord>,
+    /// Steps the undisturbed run committed (empty when it was not needed).
+    pub undisturbed_steps: Vec<StepRecord>,
+    /// Seconds of the disturbed run.
+    pub disturbed_s: f64,
+    /// Seconds of the undisturbed run.
+    pub undisturbed_s: f64,
+    /// The verdict.
+    pub verdict: Verdict,
+}
+
+/// The outcome of one run.
+struct RunResult {
+    steps: Vec<(StepRecord, Instant)>,
+    /// The failing step, its error and how long it ran.
+    failed: Option<(u64, String, f64)>,
+    state: Option<Vec<(String, Vec<u32>)>>,
+    started: Instant,
+    seconds: f64,
+}
+
+/// Where a run is, for the report when the overall deadline expires.
+type Progress = Arc<Mutex<String>>;
+
+fn set(progress: &Progress, what: String) {
+    *progress.lock().unwrap_or_else(|e| e.into_inner()) = what;
+}
+
+/// The bits of every model tensor, then `m.NAME`, `v.NAME` and `optimizer.step`.
+pub fn state_bits(model: &Gpt<f32>, optimizer: &AdamW) -> Vec<(String, Vec<u32>)> {
+    let mut out: Vec<(String, Vec<u32>)> = model
+        .tensors()
+        .into_iter()
+        .map(|(n, _, b)| (n, b.iter().map(|v| v.to_bits()).collect()))
+        .collect();
+    let names: Vec<String> = out.iter().map(|(n, _)| n.clone()).collect();
+    for (kind, moments) in [("m", &optimizer.m), ("v", &optimizer.v)] {
+        for (n, buf) in names.iter().zip(moments) {
+            out.push((format!("{kind}.{n}"), buf.iter().map(|v| v.to_bits()).collect()));
+        }
+    }
+    let step = optimizer.step;
+    out.push(("optimizer.step".into(), vec![step as u32, (step >> 32) as u32]));
+    out
+}
+
+/// Compare two states: the names and lengths of every tensor first, then the values.
+pub fn compare(want: &[(String, Vec<u32>)], got: &[(String, Vec<u32>)]) -> Verdict {
+    if want.len() != got.len() {
+        return Verdict::Differs {
+            first: format!("{} tensors against {}", got.len(), want.len()),
+        };
+    }
+    for ((wn, wb), (gn, gb)) in want.iter().zip(got) {
+        if wn != gn || wb.len() != gb.len() {
+            return Verdict::Differs {
+                first: format!(
+                    "tensor {gn} ({} values) where {wn} ({} values) was expected",
+                    gb.len(),
+                    wb.len()
+                ),
+            };
+        }
+    }
+    let mut values = 0;
+    for ((n, a), (_, b)) in want.iter().zip(got) {
+        if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+            return Verdict::Differs {
+                first: format!(
+                    "tensor {n} element {i}: {} against {}",
+                    f32::from_bits(b[i]),
+                    f32::from_bits(a[i])
+                ),
+            };
+        }
+        values += a.len();
+    }
+    Verdict::BitwiseEqual {
+        tensors: want.len(),
+        values,
+    }
+}
+
+fn builder(config: &TrainConfig, text: &Arc<Vec<u8>>, plan: FaultPlan) -> Result<crate::actors::RuntimeBuilder> {
+    Ok(Runtime::builder(config.clone())
+        .workers(config.train.workers)
+        .placement(config.train.placement.parse::<ExpertPlacement>()?)
+        .deadline(Duration::from_secs_f64(config.train.deadline_s))
+        .text(text.as_ref().clone())
+        .chaos(plan))
+}
+
+async fn one_run(
+    name: &'static str,
+    config: &TrainConfig,
+    text: &Arc<Vec<u8>>,
+    plan: FaultPlan,
+    progress: &Progress,
+) -> Result<RunResult> {
+    let started = Instant::now();
+    set(progress, format!("the {name} run: starting the runtime"));
+    let rt = builder(config, text, plan)?.build().await?;
+    let mut steps = Vec::new();
+    let mut failed = None;
+    for step in 0..config.train.steps {
+        set(
+            progress,
+            format!("the {name} run: step {step} of {}", config.train.steps),
+        );
+        let t = Instant::now();
+        match rt.step().await {
+            Ok(outcome) => steps.push((
+                StepRecord {
+                    step,
+                    replays: outcome.replays,
+                    seconds: outcome.seconds,
+                },
+                Instant::now(),
+            )),
+            Err(e) => {
+                failed = Some((step, e.to_string(), t.elapsed().as_secs_f64()));
+                break;
+            }
+        }
+    }
+    let steps_done = steps.len() as u64;
+    let state = if failed.is_none() {
+        set(progress, format!("the {name} run: gathering the state"));
+        let t = Instant::now();
+        match rt.state().await {
+            Ok((model, optimizer)) => {
+                set(progress, format!("the {name} run: shutting down"));
+                rt.shutdown().await?;
+                Some(state_bits(&model, &optimizer))
+            }
+            Err(e) => {
+                failed = Some((
+                    steps_done,
+                    format!("gathering the state: {e}"),
+                    t.elapsed().as_secs_f64(),
+                ));
+                rt.abandon().await?;
+                None
+            }
+        }
+    } else {
+        // A runtime that failed may have a step in flight that never ends: stop it at once.
+        set(progress, format!("the {name} run: abandoning the failed runtime"));
+        rt.abandon().await?;
+        None
+    };
+    Ok(RunResult {
+        steps,
+        failed,
+        state,
+        started,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn describe(target: &Target) -> String {
+    match target {
+        Target::Expert { block, expert } => format!("expert {expert} of block {block}"),
+        Target::Gate { worker, block } => format!("gate of block {block} on worker {worker}"),
+        Target::Ledger { worker } => format!("ledger of worker {worker}"),
+        Target::Silence { worker } => format!("communicator of worker {worker}"),
+        Target::Link { from, to } => format!("requests from worker {from} to worker {to}"),
+    }
+}
+
+fn moment_name(m: Moment) -> &'static str {
+    match m {
+        Moment::Forward => "forward",
+        Moment::Backward => "backward",
+        Moment::Any => "any",
+    }
+}
+
+/// Run `config` (the in-process actor runtime, `train.workers >= 1`) under `scenario`, then
+/// undisturbed, and compare. Blocking: it runs its own async runtime. An error is returned only
+/// when the job cannot start (a bad configuration, a scenario that does not fit the run); what
+/// happens in the runs is the report's verdict.
+pub fn run(config: &TrainConfig, scenario: &Scenario) -> Result<ChaosReport> {
+    let mut job = config.clone();
+    if let Some(d) = scenario.collective_deadline {
+        job.train.deadline_s = d.as_secs_f64();
+    }
+    let config = &job;
+    config.validate()?;
+    if config.train.elastic() {
+        return Err(Error::config(
+            "chaos runs use the in-process actor runtime: leave train.processes and train.listen unset",
+        ));
+    }
+    if config.train.workers == 0 {
+        return Err(Error::config(
+            "chaos runs need the actor runtime: train.workers (--workers) of 1 or more",
+        ));
+    }
+    let layout = Layout::new(&config.model, config.train.workers, config.train.steps);
+    let (plan, planned) = scenario.plan(&layout)?;
+    let text = Arc::new(super::trainer::corpus_for(config)?.train);
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("semoe-chaos")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::runtime(format!("cannot start the async runtime: {e}")))?;
+    let progress: Progress = Arc::new(Mutex::new("nothing yet".into()));
+    let begun = Instant::now();
+    let deadline = scenario.deadline;
+    let disturbed = {
+        let (plan, progress, text) = (plan.clone(), progress.clone(), text.clone());
+        tokio.block_on(async move {
+            tokio::time::timeout(deadline, one_run("disturbed", config, &text, plan, &progress)).await
+        })
+    };
+    let mut undisturbed = None;
+    let verdict = match &disturbed {
+        Err(_) => Verdict::DeadlineExpired {
+            waiting: progress.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        },
+        // The runtime did not start (or could not be stopped): not a verdict, an error.
+        Ok(Err(e)) => {
+            tokio.shutdown_timeout(Duration::from_millis(100));
+            return Err(Error::runtime(format!("the chaos run could not run its job: {e}")));
+        }
+        Ok(Ok(d)) => match (&d.failed, &d.state) {
+            (Some((step, error, after_s)), _) => Verdict::Stopped {
+                step: *step,
+                error: error.clone(),
+                after_s: *after_s,
+            },
+            (None, Some(got)) => {
+                let left = deadline.saturating_sub(begun.elapsed());
+                let baseline = tokio.block_on({
+                    let (progress, text) = (progress.clone(), text.clone());
+                    async move {
+                        tokio::time::timeout(
+                            left,
+                            one_run("undisturbed", config, &text, FaultPlan::none(), &progress),
+                        )
+                        .await
+                    }
+                });
+                match baseline {
+                    Err(_) => Verdict::DeadlineExpired {
+                        waiting: progress.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                    },
+                    Ok(Err(e)) => Verdict::Differs {
+                        first: format!("the undisturbed run failed: {e}"),
+                    },
+                    Ok(Ok(u)) => {
+                        let v = match (&u.failed, &u.state) {
+                            (None, Some(want)) => compare(want, got),
+                            (Some((step, error, _)), _) => Verdict::Differs {
+                                first: format!("the undisturbed run failed at step {step}: {error}"),
+                            },
+                            (None, None) => Verdict::Differs {
+                                first: "the undisturbed run has no state".into(),
+                            },
+                        };
+                        undisturbed = Some(u);
+                        v
+                    }
+                }
+            }
+            (None, None) => Verdict::Differs {
+                first: "the disturbed run has no state".into(),
+            },
+        },
+    };
+    // Tasks of an abandoned or timed-out run may still wait on a deadline: do not wait for them.
+    tokio.shutdown_timeout(Duration::from_millis(100));
+    let d = disturbed.ok().and_then(|r| r.ok());
+    Ok(report(
+        scenario,
+        config,
+        &plan,
+        &planned,
+        d.as_ref(),
+        undisturbed.as_ref(),
+        verdict,
+    ))
+}
+
+fn report(
+    scenario: &Scenario,
+    config: &TrainConfig,
+    plan: &FaultPlan,
+    planned: &[PlannedFault],
+    disturbed: Option<&RunResult>,
+    undisturbed: Option<&RunResult>,
+    verdict: Verdict,
+) -> ChaosReport {
+    let firings = plan.firings();
+    let restarts = plan.restarts();
+    let collective = Duration::from_secs_f64(config.train.deadline_s);
+    let faults = planned
+        .iter()
+        .enumerate()
+        .map(|(index, p)| {
+            let f = &p.fault;
+            let mine: Vec<_> = firings.iter().filter(|x| x.fault == index).collect();
+            let first = mine.first();
+            let silence = matches!(f.target, Target::Silence { .. });
+            let link = matches!(f.target, Target::Link { .. });
+            let kind = match f.kind {
+                _ if silence => "silence".to_string(),
+                FaultKind::Panic => "panic".to_string(),
+                FaultKind::Error => "error".to_string(),
+                FaultKind::Drop => "drop".to_string(),
+                FaultKind::Duplicate => "duplicate".to_string(),
+                FaultKind::Reorder => "reorder".to_string(),
+                FaultKind::Delay(d) => format!("delay {}", humantime::format_duration(d)),
+            };
+            let since = |at: Instant| disturbed.map(|d| at.saturating_duration_since(d.started).as_secs_f64());
+            let committed = first.and_then(|x| {
+                disturbed.and_then(|d| {
+                    d.steps
+                        .iter()
+                        .find(|(s, _)| s.step == x.step)
+                        .map(|(s, at)| (s.clone(), *at))
+                })
+            });
+            let detection = match first {
+                None => "did not fire: the actor was not asked at that step and moment (an expert that no token \
+                         was routed to), or the run stopped before"
+                    .to_string(),
+                Some(x) if silence => match disturbed.and_then(|d| d.failed.as_ref()) {
+                    Some((step, error, after)) => format!(
+                        "worker {} stopped answering at step {}; step {step} failed after {after:.3} s (collective \
+                         deadline {:.3} s): {error}",
+                        match f.target {
+                            Target::Silence { worker } => worker,
+                            _ => 0,
+                        },
+                        x.step,
+                        collective.as_secs_f64()
+                    ),
+                    None => format!("the silence began at step {} but the run did not fail", x.step),
+                },
+                Some(x) if link => match (disturbed.and_then(|d| d.failed.as_ref()), &committed) {
+                    (Some((step, error, after)), _) if *step == x.step => {
+                        format!("step {step} failed after {after:.3} s: {error}")
+                    }
+                    (_, Some((s, _))) => format!(
+                        "no failure: its step committed with {} replays (replies are matched to requests by id)",
+                        s.replays
+                    ),
+                    _ => "the run stopped before its step committed".to_string(),
+                },
+                Some(x) => match restarts
+                    .iter()
+                    .find(|r| r.target.as_ref() == Some(&f.target) && r.at >= x.at)
+                {
+                    Some(r) => format!(
+                        "the {} {}; worker {}'s supervisor saw the failure and restarted the {} {:.1} ms later",
+                        describe(&f.target),
+                        if f.kind == FaultKind::Panic {
+                            "panicked in its handler"
+                        } else {
+                            "returned an error from its handler"
+                        },
+                        r.worker,
+                        r.actor,
+                        r.at.saturating_duration_since(x.at).as_secs_f64() * 1e3
+                    ),
+                    None => format!("the {} failed, but no restart of it was recorded", describe(&f.target)),
+                },
+            };
+            FaultReport {
+                index,
+                entry: p.entry,
+                target: describe(&f.target),
+                kind,
+                step: f.step,
+                moment: moment_name(f.moment).into(),
+                fired: mine.len(),
+                fired_at_s: first.and_then(|x| since(x.at)),
+                detection,
+                recovery_s: match (first, &committed) {
+                    (Some(x), Some((_, at))) => Some(at.saturating_duration_since(x.at).as_secs_f64()),
+                    _ => None,
+                },
+                step_replays: committed.map(|(s, _)| s.replays),
+            }
+        })
+        .collect();
+    let records = |r: Option<&RunResult>| {
+        r.map(|r| r.steps.iter().map(|(s, _)| s.clone()).collect())
+            .unwrap_or_default()
+    };
+    let disturbed_steps: Vec<StepRecord> = records(disturbed);
+    ChaosReport {
+        seed: scenario.seed,
+        deadline_s: scenario.deadline.as_secs_f64(),
+        steps: config.train.steps,
+        workers: config.train.workers,
+        collective_deadline_s: collective.as_secs_f64(),
+        faults,
+        restarts: restarts.len(),
+        restarts_per_worker: (0..config.train.workers)
+            .map(|w| restarts.iter().filter(|r| r.worker == w).count())
+            .collect(),
+        replays: disturbed_steps.iter().map(|s| s.replays).sum(),
+        disturbed_steps,
+        undisturbed_steps: records(undisturbed),
+        disturbed_s: disturbed.map_or(0.0, |d| d.seconds),
+        undisturbed_s: undisturbed.map_or(0.0, |d| d.seconds),
+        verdict,
+    }
+}
+
+impl ChaosReport {
+    /// The verdict in one line.
+    pub fn verdict_line(&self) -> String {
+        match &self.verdict {
+            Verdict::BitwiseEqual { tensors, values } => format!(
+                "bitwise equal: {tensors} tensors ({values} values) of the model and optimizer state match the \
+                 undisturbed run"
+            ),
+            Verdict::Differs { first } => format!("DIFFERS from the undisturbed run: {first}"),
+            Verdict::Stopped { step, error, after_s } => {
+                format!("stopped at step {step} after {after_s:.3} s: {error}")
+            }
+            Verdict::DeadlineExpired { waiting } => format!(
+                "the overall deadline ({:.0} s) expired while waiting for {waiting}",
+                self.deadline_s
+            ),
+        }
+    }
+
+    /// The report as Markdown (`chaos.md`).
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        s.push_str("# Chaos run\n\n");
+        s.push_str(&format!(
+            "Seed {}, {} steps on {} in-process workers, collective deadline {:.3} s, overall deadline {:.0} s.\n\n",
+            self.seed, self.steps, self.workers, self.collective_deadline_s, self.deadline_s
+        ));
+        s.push_str(&format!("**Verdict:** {}\n\n", self.verdict_line()));
+        s.push_str(&format!(
+            "{} faults planned, {} fired; {} actor restarts; {} steps replayed. The disturbed run took {:.2} s, \
+             the undisturbed one {:.2} s.\n\n",
+            self.faults.len(),
+            self.faults.iter().filter(|f| f.fired > 0).count(),
+            self.restarts,
+            self.replays,
+            self.disturbed_s,
+            self.undisturbed_s
+        ));
+        if !self.faults.is_empty() {
+            s.push_str(
+                "| # | entry | actor | kind | step | moment | fired | at (s) | recovery (s) | replays | detection |\n",
+            );
+            s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+            let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+            for f in &self.faults {
+                s.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    f.index,
+                    f.entry,
+                    f.target,
+                    f.kind,
+                    f.step,
+                    f.moment,
+                    f.fired,
+                    opt(f.fired_at_s),
+                    opt(f.recovery_s),
+                    f.step_replays.map_or("-".to_string(), |r| r.to_string()),
+                    f.detection.replace('|', "/")
+                ));
+            }
+        }
+        s
+    }
+}
