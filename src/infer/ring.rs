@@ -105,6 +105,8 @@ pub struct RingStats {
     pub predicted_misses: u64,
     /// Pieces the decoder asked for that nobody had queued.
     pub unrequested: u64,
+    /// Pieces the decoder loaded itself, rather than wait while the I/O threads loaded later ones.
+    pub self_loads: u64,
 }
 
 struct State {
@@ -158,10 +160,18 @@ impl State {
 
     /// Take the next queued piece and a free section for it (an I/O thread's next load).
     fn start_load(&mut self) -> Option<(Piece, usize, Box<[f32]>)> {
-        if self.queue.is_empty() || self.free.is_empty() {
+        let piece = *self.queue.front()?;
+        self.start_load_of(piece)
+    }
+
+    /// Take `piece` out of the queue with a free section for it, if it is queued and a section is
+    /// free.
+    fn start_load_of(&mut self, piece: Piece) -> Option<(Piece, usize, Box<[f32]>)> {
+        if self.free.is_empty() {
             return None;
         }
-        let piece = self.queue.pop_front()?;
+        let i = self.queue.iter().position(|&p| p == piece)?;
+        self.queue.remove(i);
         let section = self.free.pop()?;
         let Some(buf) = self.buffers[section].take() else {
             self.error = Some(format!("ring section {section} was lost"));
@@ -601,6 +611,19 @@ impl WeightSource for RingWeights {
                 if !st.want(piece) {
                     st.queue.push_front(piece);
                     shared.wake.notify_all();
+                }
+                // Queued and a section free, but every I/O thread busy with later pieces: load it
+                // here rather than wait (the decoder has nothing else to do meanwhile).
+                if let Some((piece, section, mut buf)) = st.start_load_of(piece) {
+                    drop(st);
+                    let started = Instant::now();
+                    let result = shared.fill(piece, &mut buf);
+                    let seconds = started.elapsed().as_secs_f64();
+                    st = shared.lock()?;
+                    st.finish_load(piece, section, buf, result, seconds);
+                    st.stats.self_loads += 1;
+                    shared.wake.notify_all();
+                    continue;
                 }
                 // Every section holds a piece read later, and nothing loads: hand one back (it is
                 // queued again) so that this piece can load.
