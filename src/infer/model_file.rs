@@ -226,58 +226,37 @@ fn piece_sources(config: &GptConfig, piece: Piece) -> Vec<(String, usize)> {
     }
 }
 
-/// Every tensor name of a model of `config` with its element count (as [`Gpt::tensors`] names
-/// them); a size that overflows is an error naming the tensor (the config comes from a file).
-///
-/// [`Gpt::tensors`]: crate::model::gpt::Gpt::tensors
+/// Every tensor of a model of `config` ([`GptConfig::tensor_shapes`]) with its element count; a
+/// size that overflows is an error naming the tensor (the config comes from a file). Large shapes
+/// (d_model ~ 2^33) overflow already in the shape itself (`3 * d`): checked here before use.
 fn expected_tensors(config: &GptConfig) -> Result<Vec<(String, usize)>> {
-    let (d, v) = (config.d_model, config.vocab);
-    let mul = |name: &str, dims: &[usize]| -> Result<(String, usize)> {
-        let n = dims
-            .iter()
-            .try_fold(1usize, |acc, &x| acc.checked_mul(x))
-            .filter(|&n| n <= isize::MAX as usize / 4)
-            .ok_or_else(|| Error::config(format!("the model config makes tensor {name} too large ({dims:?})")))?;
-        Ok((name.to_string(), n))
-    };
-    let mut out = vec![mul("wte", &[v, d])?, mul("wpe", &[config.block_size, d])?];
-    for l in 0..config.n_layer {
-        let n = |s: &str| format!("h.{l}.{s}");
-        out.extend([
-            mul(&n("ln1.weight"), &[d])?,
-            mul(&n("ln1.bias"), &[d])?,
-            mul(&n("attn.wqkv"), &[d, 3, d])?,
-            mul(&n("attn.bqkv"), &[3, d])?,
-            mul(&n("attn.wo"), &[d, d])?,
-            mul(&n("attn.bo"), &[d])?,
-            mul(&n("ln2.weight"), &[d])?,
-            mul(&n("ln2.bias"), &[d])?,
-        ]);
-        if config.is_moe(l) {
-            let (e, f) = (config.experts, config.d_ff);
-            out.extend([
-                mul(&n("moe.wg"), &[d, e])?,
-                mul(&n("moe.w1"), &[e, d, f])?,
-                mul(&n("moe.b1"), &[e, f])?,
-                mul(&n("moe.w2"), &[e, f, d])?,
-                mul(&n("moe.b2"), &[e, d])?,
-            ]);
-        } else {
-            let f = config.dense_width();
-            out.extend([
-                mul(&n("mlp.w1"), &[d, f])?,
-                mul(&n("mlp.b1"), &[f])?,
-                mul(&n("mlp.w2"), &[f, d])?,
-                mul(&n("mlp.b2"), &[d])?,
-            ]);
-        }
+    let limit = |x: usize| x <= u32::MAX as usize;
+    let dims = [
+        config.d_model,
+        config.vocab,
+        config.block_size,
+        config.d_ff,
+        config.dense_width(),
+        config.experts,
+    ];
+    if !dims.iter().all(|&x| limit(x)) {
+        return Err(Error::config(format!(
+            "the model config is too large (d_model {}, vocab {}, block_size {}, d_ff {}, experts {})",
+            config.d_model, config.vocab, config.block_size, config.d_ff, config.experts
+        )));
     }
-    out.extend([
-        mul("ln_f.weight", &[d])?,
-        mul("ln_f.bias", &[d])?,
-        mul("lm_head", &[d, v])?,
-    ]);
-    Ok(out)
+    config
+        .tensor_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n = shape
+                .iter()
+                .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+                .filter(|&n| n <= isize::MAX as usize / 4)
+                .ok_or_else(|| Error::config(format!("the model config makes tensor {name} too large ({shape:?})")))?;
+            Ok((name, n))
+        })
+        .collect()
 }
 
 /// Length, then SHA-256 over the whole file in fixed-size reads.

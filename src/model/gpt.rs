@@ -141,6 +141,55 @@ impl GptConfig {
         }
     }
 
+    /// The name and shape of every parameter tensor of a model of this configuration, in the
+    /// checkpoint and optimizer order (names follow `tools/reference/gpt_reference.py`). Computed
+    /// from the configuration alone, so that a reader can check a checkpoint without building the
+    /// model (ring-memory inference reads models larger than memory).
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, v) = (self.d_model, self.vocab);
+        let mut out = vec![
+            ("wte".to_string(), vec![v, d]),
+            ("wpe".to_string(), vec![self.block_size, d]),
+        ];
+        for l in 0..self.n_layer {
+            let n = |s: &str| format!("h.{l}.{s}");
+            out.extend([
+                (n("ln1.weight"), vec![d]),
+                (n("ln1.bias"), vec![d]),
+                (n("attn.wqkv"), vec![d, 3 * d]),
+                (n("attn.bqkv"), vec![3 * d]),
+                (n("attn.wo"), vec![d, d]),
+                (n("attn.bo"), vec![d]),
+                (n("ln2.weight"), vec![d]),
+                (n("ln2.bias"), vec![d]),
+            ]);
+            if self.is_moe(l) {
+                let (e, f) = (self.experts, self.d_ff);
+                out.extend([
+                    (n("moe.wg"), vec![d, e]),
+                    (n("moe.w1"), vec![e, d, f]),
+                    (n("moe.b1"), vec![e, f]),
+                    (n("moe.w2"), vec![e, f, d]),
+                    (n("moe.b2"), vec![e, d]),
+                ]);
+            } else {
+                let f = self.dense_width();
+                out.extend([
+                    (n("mlp.w1"), vec![d, f]),
+                    (n("mlp.b1"), vec![f]),
+                    (n("mlp.w2"), vec![f, d]),
+                    (n("mlp.b2"), vec![d]),
+                ]);
+            }
+        }
+        out.extend([
+            ("ln_f.weight".to_string(), vec![d]),
+            ("ln_f.bias".to_string(), vec![d]),
+            ("lm_head".to_string(), vec![d, v]),
+        ]);
+        out
+    }
+
     /// The configuration of the MoE blocks.
     pub fn moe_config(&self) -> MoeConfig {
         MoeConfig {
@@ -385,46 +434,30 @@ impl<T: Scalar> Gpt<T> {
     }
 
     /// Every parameter tensor with its name and shape, in a fixed order (the checkpoint and optimizer
-    /// order). Names follow `tools/reference/gpt_reference.py`.
+    /// order; see [`GptConfig::tensor_shapes`]).
     pub fn tensors(&self) -> Vec<NamedBuffer<'_, T>> {
-        let c = &self.config;
-        let (d, v) = (c.d_model, c.vocab);
-        let mut out: Vec<NamedBuffer<'_, T>> = vec![
-            ("wte".into(), vec![v, d], &self.wte),
-            ("wpe".into(), vec![c.block_size, d], &self.wpe),
-        ];
-        for (l, b) in self.blocks.iter().enumerate() {
-            let n = |s: &str| format!("h.{l}.{s}");
-            out.push((n("ln1.weight"), vec![d], &b.ln1_w));
-            out.push((n("ln1.bias"), vec![d], &b.ln1_b));
-            out.push((n("attn.wqkv"), vec![d, 3 * d], &b.wqkv));
-            out.push((n("attn.bqkv"), vec![3 * d], &b.bqkv));
-            out.push((n("attn.wo"), vec![d, d], &b.wo));
-            out.push((n("attn.bo"), vec![d], &b.bo));
-            out.push((n("ln2.weight"), vec![d], &b.ln2_w));
-            out.push((n("ln2.bias"), vec![d], &b.ln2_b));
+        self.config
+            .tensor_shapes()
+            .into_iter()
+            .zip(self.buffers())
+            .map(|((name, shape), buf)| (name, shape, buf))
+            .collect()
+    }
+
+    /// The buffers of [`Gpt::tensors`], in the same order ([`Gpt::buffers_mut`]'s, read-only).
+    fn buffers(&self) -> Vec<&Vec<T>> {
+        let mut out: Vec<&Vec<T>> = vec![&self.wte, &self.wpe];
+        for b in &self.blocks {
+            out.extend([&b.ln1_w, &b.ln1_b, &b.wqkv, &b.bqkv, &b.wo, &b.bo, &b.ln2_w, &b.ln2_b]);
             match &b.ffn {
-                Ffn::Dense(m) => {
-                    let f = c.dense_width();
-                    out.push((n("mlp.w1"), vec![d, f], &m.w1));
-                    out.push((n("mlp.b1"), vec![f], &m.b1));
-                    out.push((n("mlp.w2"), vec![f, d], &m.w2));
-                    out.push((n("mlp.b2"), vec![d], &m.b2));
-                }
+                Ffn::Dense(m) => out.extend([&m.w1, &m.b1, &m.w2, &m.b2]),
                 Ffn::Moe(layer) => {
-                    let (e, f) = (c.experts, c.d_ff);
                     let p = &layer.params;
-                    out.push((n("moe.wg"), vec![d, e], &p.wg));
-                    out.push((n("moe.w1"), vec![e, d, f], &p.w1));
-                    out.push((n("moe.b1"), vec![e, f], &p.b1));
-                    out.push((n("moe.w2"), vec![e, f, d], &p.w2));
-                    out.push((n("moe.b2"), vec![e, d], &p.b2));
+                    out.extend([&p.wg, &p.w1, &p.b1, &p.w2, &p.b2]);
                 }
             }
         }
-        out.push(("ln_f.weight".into(), vec![d], &self.ln_f_w));
-        out.push(("ln_f.bias".into(), vec![d], &self.ln_f_b));
-        out.push(("lm_head".into(), vec![d, v], &self.lm_head));
+        out.extend([&self.ln_f_w, &self.ln_f_b, &self.lm_head]);
         out
     }
 

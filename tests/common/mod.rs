@@ -42,18 +42,10 @@ pub fn bits(model: &Gpt<f32>) -> Vec<(String, Vec<u32>)> {
 /// order) and `optimizer.step` (the step count as two 32-bit halves), so that [`assert_same`]
 /// compares the whole training state.
 pub fn state_bits(model: &Gpt<f32>, optimizer: &AdamW) -> Vec<(String, Vec<u32>)> {
-    let mut out = bits(model);
-    let names: Vec<String> = out.iter().map(|(n, _)| n.clone()).collect();
-    assert_eq!(names.len(), optimizer.m.len(), "one first moment per model tensor");
-    assert_eq!(names.len(), optimizer.v.len(), "one second moment per model tensor");
-    for (kind, moments) in [("m", &optimizer.m), ("v", &optimizer.v)] {
-        for (n, buf) in names.iter().zip(moments) {
-            out.push((format!("{kind}.{n}"), buf.iter().map(|v| v.to_bits()).collect()));
-        }
-    }
-    let step = optimizer.step;
-    out.push(("optimizer.step".into(), vec![step as u32, (step >> 32) as u32]));
-    out
+    let tensors = model.tensors().len();
+    assert_eq!(tensors, optimizer.m.len(), "one first moment per model tensor");
+    assert_eq!(tensors, optimizer.v.len(), "one second moment per model tensor");
+    semoe::train::chaos::state_bits(model, optimizer)
 }
 
 /// [`state_bits`] of a `Trainer`: its model and optimizer state, read back from a checkpoint
