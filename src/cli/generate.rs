@@ -68,21 +68,21 @@ pub struct MemoryArgs {
 }
 
 impl MemoryArgs {
-    /// Refuse a decoder whose key/value cache exceeds --kv-budget.
-    pub fn check_cache<S: WeightSource>(&self, decoder: &BatchDecoder<S>) -> semoe::Result<()> {
+    /// Refuse a batch of `batch` sequences of a model of `config` whose key/value cache exceeds
+    /// --kv-budget (checked before anything is allocated).
+    pub fn check_cache(&self, config: &semoe::model::gpt::GptConfig, batch: usize) -> semoe::Result<()> {
         let Some(budget) = &self.kv_budget else {
             return Ok(());
         };
         let budget = parse_bytes("--kv-budget", budget)?;
-        let need = decoder.cache_bytes();
+        let slot = semoe::infer::decoder::KvCache::slot_bytes(config);
+        let need = slot.saturating_mul(batch as u64);
         if need > budget {
-            let slot = need / decoder.max_batch().max(1) as u64;
             return Err(semoe::Error::config(format!(
-                "--kv-budget {} holds the key/value cache of {} sequence(s) ({} each); a batch of {} needs {}",
+                "--kv-budget {} holds the key/value cache of {} sequence(s) ({} each); a batch of {batch} needs {}",
                 format_bytes(budget),
                 budget / slot.max(1),
                 format_bytes(slot),
-                decoder.max_batch(),
                 format_bytes(need)
             )));
         }
@@ -215,12 +215,11 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
         None => {
             let ckpt = checkpoint_to_read(&a.checkpoint)?;
             let model = semoe::train::trainer::model_from(ckpt)?;
+            a.memory.check_cache(model.config(), a.batch)?;
             if a.batch == 1 {
-                a.memory.check_cache(&BatchDecoder::new(&model, cpu.clone(), 1)?)?;
                 return stream_sample(&model, &prompt, &opts, a.threads);
             }
             let mut decoder = BatchDecoder::new(&model, cpu, a.batch)?;
-            a.memory.check_cache(&decoder)?;
             let (bytes, seconds) = sample_batch(&mut decoder, &prompt, &opts, a.batch)?;
             eprintln!(
                 "{bytes} bytes in {seconds:.2} s: {:.0} bytes/s",
@@ -230,10 +229,10 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
         }
         Some(options) => {
             let file = ModelFile::open(&a.checkpoint)?;
+            a.memory.check_cache(file.config(), a.batch)?;
             let checkpoint_bytes = file.bytes();
             let ring = RingWeights::new(file, &options)?;
             let mut decoder = BatchDecoder::with_source(ring, cpu, a.batch)?;
-            a.memory.check_cache(&decoder)?;
             let cache = decoder.cache_bytes();
             let (bytes, seconds) = if a.batch == 1 {
                 stream_from(&mut decoder, &prompt, &opts)?

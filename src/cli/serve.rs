@@ -61,21 +61,27 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
         None => {
             let ckpt = super::generate::checkpoint_to_read(&a.checkpoint)?;
             let model = semoe::train::trainer::model_from(ckpt)?;
-            let decoder = semoe::infer::BatchDecoder::new(&model, semoe::kernels::Cpu::new(a.threads)?, a.max_batch)?;
-            a.memory.check_cache(&decoder)?;
-            Box::new(decoder)
+            a.memory.check_cache(model.config(), a.max_batch)?;
+            Box::new(semoe::infer::BatchDecoder::new(
+                &model,
+                semoe::kernels::Cpu::new(a.threads)?,
+                a.max_batch,
+            )?)
         }
         Some(options) => {
-            let ring = semoe::infer::RingWeights::new(semoe::infer::ModelFile::open(&a.checkpoint)?, &options)?;
+            let file = semoe::infer::ModelFile::open(&a.checkpoint)?;
+            a.memory.check_cache(file.config(), a.max_batch)?;
+            let ring = semoe::infer::RingWeights::new(file, &options)?;
             let s = ring.stats();
             eprintln!(
                 "ring: {} sections of {} bytes ({} bytes on the Device side)",
                 s.sections, s.section_bytes, s.device_bytes
             );
-            let decoder =
-                semoe::infer::BatchDecoder::with_source(ring, semoe::kernels::Cpu::new(a.threads)?, a.max_batch)?;
-            a.memory.check_cache(&decoder)?;
-            Box::new(decoder)
+            Box::new(semoe::infer::BatchDecoder::with_source(
+                ring,
+                semoe::kernels::Cpu::new(a.threads)?,
+                a.max_batch,
+            )?)
         }
     };
     let tokio = tokio::runtime::Builder::new_multi_thread()
