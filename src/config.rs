@@ -177,6 +177,9 @@ pub struct TrainSettings {
     /// Multi-process runs keep an in-memory copy of the committed state every this many steps;
     /// after a worker is lost the survivors replay the steps since.
     pub snapshot_every: u64,
+    /// Worker processes on the same machine exchange their data over Unix sockets instead of QUIC
+    /// (no encryption, one copy each way; the same bytes). Peers on other machines use QUIC.
+    pub same_host: bool,
 }
 
 impl Default for TrainSettings {
@@ -203,6 +206,7 @@ impl Default for TrainSettings {
             min_workers: 0,
             identity: None,
             snapshot_every: 10,
+            same_host: true,
         }
     }
 }
@@ -330,6 +334,7 @@ pub const RESUMABLE: &[&str] = &[
     "train.min_workers",
     "train.identity",
     "train.snapshot_every",
+    "train.same_host",
     "storage.*",
 ];
 

@@ -190,26 +190,45 @@ fn membership(log: &str) -> (u64, u64, u64) {
 fn worker_processes_train_bitwise_like_the_plain_loop() {
     let dir = TempDir::new("elastic-counts");
     let want = reference(dir.path(), 20, &[]);
+    // (processes, placement, sharded dense, QUIC between the processes instead of Unix sockets)
     let cases = [
-        (1, "round-robin", false),
-        (2, "round-robin", false),
-        (3, "round-robin", false),
-        (4, "round-robin", false),
-        (2, "blocked", false),
-        (3, "blocked", false),
-        (3, "round-robin", true),
+        (1, "round-robin", false, false),
+        (2, "round-robin", false, false),
+        (3, "round-robin", false, false),
+        (4, "round-robin", false, false),
+        (2, "blocked", false, false),
+        (3, "blocked", false, false),
+        (3, "round-robin", true, false),
+        (3, "round-robin", false, true),
     ];
-    for (n, placement, shard) in cases {
-        let run = format!("p{n}-{placement}{}", if shard { "-sharded" } else { "" });
+    for (n, placement, shard, quic) in cases {
+        let run = format!(
+            "p{n}-{placement}{}{}",
+            if shard { "-sharded" } else { "" },
+            if quic { "-quic" } else { "" }
+        );
         let n_s = n.to_string();
         let mut args = train_args(&run, "20", &["--processes", &n_s, "--placement", placement]);
         if shard {
             args.push("--shard-dense");
         }
+        if quic {
+            args.push("--quic-only");
+        }
         let mut p = Proc::spawn(dir.path(), &run, &args, &[]);
         assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.log());
         let log = p.log();
         assert!(log.contains(&format!("epoch 1: {n} workers at step 0")), "{log}");
+        // Every worker says how it reaches its peers: all over one path.
+        let peers = n - 1;
+        let paths = if quic {
+            format!("epoch 1: 0 peer(s) over same-host sockets, {peers} over QUIC")
+        } else {
+            format!("epoch 1: {peers} peer(s) over same-host sockets, 0 over QUIC")
+        };
+        if n > 1 {
+            assert_eq!(log.matches(&paths).count(), n, "{run}: {paths:?} in\n{log}");
+        }
         assert_eq!(membership(&log), (0, 0, 0), "{log}");
         assert_same_state(&want, &state_files(&dir.path().join(&run), 20), &run);
         // The coordinator alone writes the run directory: no file of a worker in it.

@@ -11,8 +11,11 @@ pub struct RuntimeReport {
     /// Worker counts measured (0 = the plain loop without actors).
     pub workers: Vec<usize>,
     /// Worker-process counts measured after them (the runtime over `semoe worker` processes on
-    /// this machine, QUIC over loopback; each process gets `threads / processes` compute threads).
+    /// this machine, exchanging data over same-host Unix sockets; each process gets
+    /// `threads / processes` compute threads).
     pub processes: Vec<usize>,
+    /// Worker-process counts measured last, over QUIC on loopback (`train.same_host = false`).
+    pub quic_processes: Vec<usize>,
     /// Median tokens per second of each, over the rounds.
     pub tokens_per_s: Vec<f64>,
     /// Every round's tokens per second, `[round][engine]`.
@@ -29,23 +32,30 @@ pub fn runtime_bench(
     config: &crate::train::TrainConfig,
     workers: &[usize],
     processes: &[usize],
+    quic_processes: &[usize],
     warmup: usize,
     steps: usize,
     rounds: usize,
 ) -> Result<RuntimeReport> {
     use crate::train::Trainer;
     let base = std::env::temp_dir().join(format!("semoe-bench-runtime-{}", std::process::id()));
-    let mut trainers = Vec::with_capacity(workers.len() + processes.len());
-    let engines = workers.iter().map(|&w| (w, 0)).chain(processes.iter().map(|&p| (p, p)));
-    for (w, p) in engines {
+    let engines: Vec<(usize, usize, bool)> = workers
+        .iter()
+        .map(|&w| (w, 0, true))
+        .chain(processes.iter().map(|&p| (p, p, true)))
+        .chain(quic_processes.iter().map(|&p| (p, p, false)))
+        .collect();
+    let mut trainers = Vec::with_capacity(engines.len());
+    for &(w, p, same_host) in &engines {
         let mut c = config.clone();
         c.train.workers = w;
         c.train.processes = p;
+        c.train.same_host = same_host;
         c.train.steps = (warmup + steps * rounds + 1) as u64;
-        let dir = base.join(if p > 0 {
-            format!("processes-{p}")
-        } else {
-            format!("workers-{w}")
+        let dir = base.join(match (p, same_host) {
+            (0, _) => format!("workers-{w}"),
+            (_, true) => format!("processes-{p}"),
+            (_, false) => format!("quic-processes-{p}"),
         });
         let _ = std::fs::remove_dir_all(&dir);
         let mut t = Trainer::new(c, &dir)?;
@@ -69,12 +79,13 @@ pub fn runtime_bench(
     }
     drop(trainers);
     let _ = std::fs::remove_dir_all(&base);
-    let tokens_per_s = (0..workers.len() + processes.len())
+    let tokens_per_s = (0..engines.len())
         .map(|i| median(all.iter().map(|r| r[i]).collect()))
         .collect();
     Ok(RuntimeReport {
         workers: workers.to_vec(),
         processes: processes.to_vec(),
+        quic_processes: quic_processes.to_vec(),
         tokens_per_s,
         rounds: all,
         steps,

@@ -151,9 +151,13 @@ pub struct RuntimeArgs {
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     workers: Vec<usize>,
     /// Worker-process counts to compare after them (`semoe worker` processes on this machine,
-    /// QUIC over loopback), e.g. `--workers 2 --processes 2`.
+    /// their data over same-host Unix sockets), e.g. `--workers 2 --processes 2`.
     #[arg(long, value_delimiter = ',')]
     processes: Vec<usize>,
+    /// Worker-process counts to compare last, with `train.same_host = false` (their data over
+    /// QUIC on loopback, as between machines).
+    #[arg(long, value_delimiter = ',')]
+    quic_processes: Vec<usize>,
     /// Untimed steps first (per engine).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
@@ -401,7 +405,15 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
             let mut config = semoe::train::TrainConfig::default();
             config.train.threads = a.threads;
             config.validate()?;
-            let r = bench::runtime_bench(&config, &a.workers, &a.processes, a.warmup, a.steps, a.rounds)?;
+            let r = bench::runtime_bench(
+                &config,
+                &a.workers,
+                &a.processes,
+                &a.quic_processes,
+                a.warmup,
+                a.steps,
+                a.rounds,
+            )?;
             if a.json {
                 print_json(&r)?;
             } else {
@@ -416,7 +428,8 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
                             format!("runtime, {w} worker(s)")
                         }
                     })
-                    .chain(r.processes.iter().map(|p| format!("{p} worker processes")));
+                    .chain(r.processes.iter().map(|p| format!("{p} worker processes")))
+                    .chain(r.quic_processes.iter().map(|p| format!("{p} processes, QUIC")));
                 for (name, tps) in names.zip(&r.tokens_per_s) {
                     println!(
                         "{name:>22}: {tps:>8.0} tokens/s ({:.1}% of the first)",

@@ -75,6 +75,10 @@ pub struct TrainArgs {
     /// worker costs a replay of the steps since).
     #[arg(long)]
     snapshot_every: Option<u64>,
+    /// With worker processes: those on this machine exchange data over QUIC too, as between
+    /// machines (by default they use Unix sockets: the same bytes, no encryption, less CPU).
+    #[arg(long)]
+    quic_only: bool,
     /// Serve the runtime's metrics as Prometheus text on HOST:PORT (path /metrics).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
@@ -257,6 +261,9 @@ pub fn apply_flags(a: &TrainArgs, c: &mut TrainConfig) {
         t.identity = Some(dir.clone());
     }
     set!(t.snapshot_every, a.snapshot_every);
+    if a.quic_only {
+        t.same_host = false;
+    }
     set!(t.seed, a.seed);
     set!(t.batch, a.batch);
     set!(t.groups, a.groups);

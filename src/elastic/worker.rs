@@ -14,7 +14,7 @@ use crate::config::TrainConfig;
 use crate::data::corpus::Corpus;
 use crate::error::{Error, Result};
 use crate::kernels::Cpu;
-use crate::net::quic::{self, DataPlane, JobIdentity, JoinTicket, PacketCodec, PeerEvent};
+use crate::net::quic::{self, DataPlane, JobIdentity, JoinTicket, LinkPath, PacketCodec, PeerEvent};
 use crate::net::wire::{self, PacketShape};
 use crate::net::{Packet, StepId};
 use crate::storage::tiers::ExpertStore;
@@ -240,6 +240,12 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         corrupt: Corrupt::for_member(member).map(Mutex::new),
     });
     let plane = DataPlane::new(endpoint, ticket.token.clone(), codec.clone())?;
+    if config.train.same_host {
+        // Without it the plane is QUIC-only, which works everywhere: say so, and go on.
+        if let Err(e) = plane.enable_same_host(advertise) {
+            eprintln!("semoe worker: peers on this machine use QUIC: {e}");
+        }
+    }
     let mut events = plane
         .events()
         .ok_or_else(|| Error::runtime("the data plane's events were taken twice"))?;
@@ -507,6 +513,14 @@ async fn setup(
         .plane
         .start_epoch(worker, epoch, peers, workers, shared.deadline)
         .await?;
+    let paths = shared.plane.link_paths();
+    let same_host = paths.iter().filter(|(_, p)| *p == LinkPath::SameHost).count();
+    if !paths.is_empty() {
+        eprintln!(
+            "semoe worker: epoch {epoch}: {same_host} peer(s) over same-host sockets, {} over QUIC",
+            paths.len() - same_host
+        );
+    }
     let storage = shared
         .config
         .storage

@@ -10,6 +10,9 @@ pub(crate) enum FrameError {
     Lost(quinn::ReadError),
     /// The peer broke the framing: an oversized length or a truncated frame.
     Protocol(String),
+    /// A same-host connection ended or failed (over a local socket only the writer's end cuts a
+    /// frame short, so this is a loss, not a violation).
+    Cut(String),
 }
 
 /// Write one frame: `bytes.len()` as u64 LE, then `bytes`.
@@ -39,6 +42,7 @@ pub async fn write_frame_owned(send: &mut quinn::SendStream, bytes: Vec<u8>) -> 
 pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize, what: &str) -> Result<Option<Vec<u8>>> {
     read_frame_raw(recv, max, what).await.map_err(|e| match e {
         FrameError::Lost(e) => Error::runtime(format!("cannot read {what}: {e}")),
+        FrameError::Cut(e) => Error::runtime(format!("cannot read {what}: {e}")),
         FrameError::Protocol(detail) => Error::parse(what, detail),
     })
 }

@@ -31,6 +31,7 @@
 mod config;
 mod frame;
 mod identity;
+mod local;
 mod plane;
 #[cfg(test)]
 mod tests;
@@ -43,4 +44,4 @@ pub use frame::{read_frame, write_frame, write_frame_owned};
 pub use identity::{
     constant_time_eq, sha256_hex, JobIdentity, JoinTicket, IDENTITY_HEADER, SERVER_NAME, TICKET_HEADER,
 };
-pub use plane::{DataPlane, PacketCodec, PeerEvent, QuicTransport, MAX_PACKET_FRAME, MAX_TOKEN};
+pub use plane::{DataPlane, LinkPath, PacketCodec, PeerEvent, QuicTransport, MAX_PACKET_FRAME, MAX_TOKEN};

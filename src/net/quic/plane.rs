@@ -2,14 +2,16 @@
 //! membership epochs. See the module documentation of [`super`] for the topology.
 
 use super::frame::{read_frame_raw, write_frame, write_frame_owned, FrameError};
-use super::identity::constant_time_eq;
-use super::identity::SERVER_NAME;
+use super::identity::{constant_time_eq, sha256_hex, SERVER_NAME};
+use super::local::{self, Ending, LocalConn};
 use crate::error::{Error, Result};
 use crate::net::{Inbox, Packet, Transport, WorkerId};
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
@@ -138,14 +140,78 @@ struct Link {
     /// Set once, when the peer is lost or evicted: why. Sends fail from then on.
     gone: OnceLock<String>,
     /// The connection this worker opened to the peer (set once connected).
-    conn: OnceLock<quinn::Connection>,
+    conn: OnceLock<Conn>,
+}
+
+/// How a link reaches its peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkPath {
+    /// QUIC over UDP (encrypted; any machine).
+    Quic,
+    /// A Unix stream socket (a peer process on this machine; see `local`).
+    SameHost,
+}
+
+/// A connection of an epoch, as far as closing it goes.
+#[derive(Clone)]
+enum Conn {
+    Quic(quinn::Connection),
+    Local(Arc<LocalConn>),
+}
+
+impl Conn {
+    fn close(&self, code: u32, reason: &[u8]) {
+        match self {
+            Conn::Quic(conn) => conn.close(code.into(), reason),
+            Conn::Local(conn) => conn.close(code, reason),
+        }
+    }
+
+    fn path(&self) -> LinkPath {
+        match self {
+            Conn::Quic(_) => LinkPath::Quic,
+            Conn::Local(_) => LinkPath::SameHost,
+        }
+    }
+}
+
+/// An accepted connection whose hello was read, with the stream its packets arrive on.
+enum Incoming {
+    Quic(quinn::Connection, quinn::RecvStream),
+    Local(Arc<LocalConn>, OwnedReadHalf),
+}
+
+impl Incoming {
+    fn conn(&self) -> Conn {
+        match self {
+            Incoming::Quic(conn, _) => Conn::Quic(conn.clone()),
+            Incoming::Local(conn, _) => Conn::Local(conn.clone()),
+        }
+    }
+
+    fn close(&self, code: u32, reason: &[u8]) {
+        self.conn().close(code, reason);
+    }
+}
+
+/// An outgoing connection whose hello was sent.
+enum Outgoing {
+    Quic(quinn::Connection, quinn::SendStream),
+    Local(OwnedReadHalf, OwnedWriteHalf),
 }
 
 /// An incoming connection whose hello arrived before this worker started the hello's epoch.
 struct Pending {
     hello: Hello,
-    conn: quinn::Connection,
-    recv: quinn::RecvStream,
+    incoming: Incoming,
+}
+
+/// The same-host path, once enabled: which peers to try it for, and the job's part of the names.
+struct SameHost {
+    /// The first 16 hex digits of the token's SHA-256 (socket names of different jobs differ).
+    tag: String,
+    /// This worker's advertised address: a peer advertising the same one is on this machine.
+    own_ip: IpAddr,
 }
 
 /// Everything that belongs to the current epoch.
@@ -157,7 +223,7 @@ struct EpochState {
     links: HashMap<WorkerId, Arc<Link>>,
     /// Peers whose hello of this epoch arrived.
     arrived: HashSet<WorkerId>,
-    incoming: Vec<quinn::Connection>,
+    incoming: Vec<Conn>,
     tasks: Vec<JoinHandle<()>>,
     inbox: Option<UnboundedSender<Packet>>,
     pending: Vec<Pending>,
@@ -170,6 +236,7 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     state: Mutex<EpochState>,
     events: UnboundedSender<PeerEvent>,
+    same_host: OnceLock<SameHost>,
 }
 
 /// One worker process's data plane: accepts authenticated connections from its peers and, per
@@ -178,6 +245,7 @@ pub struct DataPlane {
     inner: Arc<Inner>,
     events: Mutex<Option<UnboundedReceiver<PeerEvent>>>,
     accept: JoinHandle<()>,
+    accept_local: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl DataPlane {
@@ -202,13 +270,47 @@ impl DataPlane {
             runtime: runtime.clone(),
             state: Mutex::new(EpochState::default()),
             events,
+            same_host: OnceLock::new(),
         });
         let accept = runtime.spawn(accept_loop(inner.clone()));
         Ok(DataPlane {
             inner,
             events: Mutex::new(Some(events_rx)),
             accept,
+            accept_local: Mutex::new(None),
         })
+    }
+
+    /// Enable the same-host path (see `local`): listen on this plane's abstract Unix socket, and
+    /// from the next epoch on reach peers whose address is a loopback address or `own_ip` (this
+    /// worker's advertised address) over Unix sockets where they listen too, over QUIC where not.
+    /// Linux only (an error elsewhere, and the plane stays QUIC-only); call it once.
+    pub fn enable_same_host(&self, own_ip: IpAddr) -> Result<()> {
+        let port = self.local_addr()?.port();
+        let tag = sha256_hex(self.inner.token.as_bytes())[..16].to_string();
+        let name = local::socket_name(&tag, port);
+        let listener = local::listen(&name)?;
+        if self.inner.same_host.set(SameHost { tag, own_ip }).is_err() {
+            return Err(Error::runtime("the same-host path is enabled already"));
+        }
+        let task = self
+            .inner
+            .runtime
+            .spawn(accept_local_loop(self.inner.clone(), listener));
+        *lock(&self.accept_local) = Some(task);
+        Ok(())
+    }
+
+    /// How the current epoch's links reach each peer (sorted by peer; empty between epochs).
+    pub fn link_paths(&self) -> Vec<(WorkerId, LinkPath)> {
+        let st = lock(&self.inner.state);
+        let mut paths: Vec<(WorkerId, LinkPath)> = st
+            .links
+            .values()
+            .filter_map(|l| l.conn.get().map(|c| (l.peer, c.path())))
+            .collect();
+        paths.sort_unstable_by_key(|&(w, _)| w);
+        paths
     }
 
     /// The address the endpoint is bound to.
@@ -287,9 +389,9 @@ impl DataPlane {
             let pending = std::mem::take(&mut st.pending);
             for p in pending {
                 if p.hello.epoch == epoch {
-                    admit(inner, &mut st, p.hello, p.conn, p.recv);
+                    admit(inner, &mut st, p.hello, p.incoming);
                 } else if p.hello.epoch < epoch {
-                    p.conn.close(code::REFUSED.into(), b"stale epoch");
+                    p.incoming.close(code::REFUSED, b"stale epoch");
                 } else {
                     st.pending.push(p);
                 }
@@ -306,9 +408,24 @@ impl DataPlane {
                 from: me,
             }
             .encode();
+            let local_name = inner.same_host.get().and_then(|sh| {
+                (addr.ip().is_loopback() || addr.ip() == sh.own_ip).then(|| local::socket_name(&sh.tag, addr.port()))
+            });
             connecting.spawn_on(
                 async move {
                     let result = async {
+                        // Nothing listening under the name (another network namespace, or a
+                        // peer without the path) means QUIC; so does a local failure, since QUIC
+                        // authenticates the peer by itself.
+                        if let Some(name) = local_name {
+                            if let Ok(Some(stream)) = local::connect(&name).await {
+                                let (read, mut write) = stream.into_split();
+                                local::write_frame(&mut write, &hello)
+                                    .await
+                                    .map_err(|e| format!("cannot send the hello: {e}"))?;
+                                return Ok::<_, String>(Outgoing::Local(read, write));
+                            }
+                        }
                         let conn = endpoint
                             .connect(addr, SERVER_NAME)
                             .map_err(|e| format!("cannot connect: {e}"))?
@@ -321,7 +438,7 @@ impl DataPlane {
                         write_frame(&mut send, &hello)
                             .await
                             .map_err(|e| format!("cannot send the hello: {e}"))?;
-                        Ok::<_, String>((conn, send))
+                        Ok(Outgoing::Quic(conn, send))
                     }
                     .await;
                     (w, addr, result)
@@ -345,24 +462,45 @@ impl DataPlane {
                 }
             };
             let (w, addr, result) = joined.map_err(|e| Error::runtime(format!("a connect task failed: {e}")))?;
-            let (conn, send) = result
+            let outgoing = result
                 .map_err(|e| Error::runtime(format!("epoch {epoch}: worker {me} to worker {w} at {addr}: {e}")))?;
             unconnected.retain(|&u| u != w);
             let (Some(link), Some(rx)) = (links.get(&w), receivers.remove(&w)) else {
                 continue;
             };
-            let _ = link.conn.set(conn.clone());
             let mut st = lock(&inner.state);
-            if st.epoch != Some(epoch) {
-                conn.close(code::EPOCH_OVER.into(), b"epoch over");
-                return Err(Error::runtime(format!("epoch {epoch} was superseded while it started")));
+            match outgoing {
+                Outgoing::Quic(conn, send) => {
+                    let _ = link.conn.set(Conn::Quic(conn.clone()));
+                    if st.epoch != Some(epoch) {
+                        conn.close(code::EPOCH_OVER.into(), b"epoch over");
+                        return Err(Error::runtime(format!("epoch {epoch} was superseded while it started")));
+                    }
+                    let writer =
+                        inner
+                            .runtime
+                            .spawn(write_loop(inner.clone(), epoch, link.clone(), conn.clone(), send, rx));
+                    let watcher = inner.runtime.spawn(watch_outgoing(inner.clone(), epoch, w, conn));
+                    st.tasks.push(writer);
+                    st.tasks.push(watcher);
+                }
+                Outgoing::Local(read, write) => {
+                    // Dropping the halves (here, or when the tasks are aborted) closes the socket.
+                    if st.epoch != Some(epoch) {
+                        return Err(Error::runtime(format!("epoch {epoch} was superseded while it started")));
+                    }
+                    let conn = Arc::new(LocalConn::outgoing());
+                    let _ = link.conn.set(Conn::Local(conn.clone()));
+                    let writer = inner
+                        .runtime
+                        .spawn(write_local_loop(inner.clone(), epoch, link.clone(), write, rx));
+                    let watcher = inner.runtime.spawn(watch_local_outgoing(inner.clone(), epoch, w, read));
+                    conn.own_task(writer.abort_handle());
+                    conn.own_task(watcher.abort_handle());
+                    st.tasks.push(writer);
+                    st.tasks.push(watcher);
+                }
             }
-            let writer = inner
-                .runtime
-                .spawn(write_loop(inner.clone(), epoch, link.clone(), conn.clone(), send, rx));
-            let watcher = inner.runtime.spawn(watch_outgoing(inner.clone(), epoch, w, conn));
-            st.tasks.push(writer);
-            st.tasks.push(watcher);
         }
 
         // Wait for every peer's hello.
@@ -408,10 +546,13 @@ impl DataPlane {
 impl Drop for DataPlane {
     fn drop(&mut self) {
         self.accept.abort();
+        if let Some(task) = lock(&self.accept_local).take() {
+            task.abort();
+        }
         // Peers see "shut down" (a loss), not the end of an epoch (which is not reported).
         close_epoch(&mut lock(&self.inner.state), code::SHUTDOWN, b"shut down");
         for p in lock(&self.inner.state).pending.drain(..) {
-            p.conn.close(code::SHUTDOWN.into(), b"shut down");
+            p.incoming.close(code::SHUTDOWN, b"shut down");
         }
         self.inner.endpoint.close(code::SHUTDOWN.into(), b"shut down");
     }
@@ -430,17 +571,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Close the current epoch's connections with `error_code` and `reason` and stop its tasks (the
 /// epoch's inbox closes with them once its transport is dropped).
 fn close_epoch(st: &mut EpochState, error_code: u32, reason: &[u8]) {
+    // Incoming connections first: a same-host peer then holds the close frame (why) before the
+    // connection this worker opened to it ends.
+    for conn in st.incoming.drain(..) {
+        conn.close(error_code, reason);
+    }
     for task in st.tasks.drain(..) {
         task.abort();
     }
     for link in st.links.values() {
         let _ = link.gone.set("the epoch is over".to_string());
         if let Some(conn) = link.conn.get() {
-            conn.close(error_code.into(), reason);
+            conn.close(error_code, reason);
         }
-    }
-    for conn in st.incoming.drain(..) {
-        conn.close(error_code.into(), reason);
     }
     st.links.clear();
     st.arrived.clear();
@@ -464,7 +607,7 @@ async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming) {
             Ok(Some(bytes)) => Hello::decode(&bytes).map(|h| (h, recv)),
             Ok(None) => Err("the stream ended before the hello".to_string()),
             Err(FrameError::Lost(e)) => Err(e.to_string()),
-            Err(FrameError::Protocol(detail)) => Err(detail),
+            Err(FrameError::Protocol(detail) | FrameError::Cut(detail)) => Err(detail),
         }
     })
     .await;
@@ -479,37 +622,92 @@ async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming) {
             return;
         }
     };
+    arrive(&inner, hello, Incoming::Quic(conn, recv));
+}
+
+/// Accept same-host connections for as long as the plane lives.
+async fn accept_local_loop(inner: Arc<Inner>, listener: tokio::net::UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                inner.runtime.spawn(handle_local_incoming(inner.clone(), stream));
+            }
+            // A failed accept (out of descriptors, say) leaves the listener usable.
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// Check the same-host peer's user and read its hello, then admit the connection to its epoch.
+async fn handle_local_incoming(inner: Arc<Inner>, stream: UnixStream) {
+    if local::check_same_user(&stream).is_err() {
+        return;
+    }
+    let (mut read, write) = stream.into_split();
+    let conn = Arc::new(LocalConn::incoming(write));
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, local::read_frame(&mut read, MAX_HELLO, "the hello")).await;
+    let hello = match hello {
+        Ok(Ok(Some(bytes))) => Hello::decode(&bytes),
+        Ok(Ok(None)) => Err("the stream ended before the hello".to_string()),
+        Ok(Err(FrameError::Protocol(detail) | FrameError::Cut(detail))) => Err(detail),
+        Ok(Err(FrameError::Lost(e))) => Err(e.to_string()),
+        Err(_) => Err("no hello in time".to_string()),
+    };
+    match hello {
+        Ok(hello) => arrive(&inner, hello, Incoming::Local(conn, read)),
+        Err(detail) => conn.close(code::PROTOCOL, truncate(&detail).as_bytes()),
+    }
+}
+
+/// A connection whose hello was read: refuse a wrong token and a stale epoch, admit the current
+/// epoch's, keep a later epoch's until this worker starts it.
+fn arrive(inner: &Arc<Inner>, hello: Hello, incoming: Incoming) {
     if !constant_time_eq(hello.token.as_bytes(), inner.token.as_bytes()) {
-        conn.close(code::WRONG_TOKEN.into(), b"wrong token");
+        incoming.close(code::WRONG_TOKEN, b"wrong token");
         return;
     }
     let mut st = lock(&inner.state);
     match st.epoch {
-        Some(current) if hello.epoch == current => admit(&inner, &mut st, hello, conn, recv),
-        Some(current) if hello.epoch < current => conn.close(code::REFUSED.into(), b"stale epoch"),
-        _ => st.pending.push(Pending { hello, conn, recv }),
+        Some(current) if hello.epoch == current => admit(inner, &mut st, hello, incoming),
+        Some(current) if hello.epoch < current => incoming.close(code::REFUSED, b"stale epoch"),
+        _ => st.pending.push(Pending { hello, incoming }),
     }
 }
 
 /// Admit an authenticated connection whose hello is of the current epoch: start its reader.
-fn admit(inner: &Arc<Inner>, st: &mut EpochState, hello: Hello, conn: quinn::Connection, recv: quinn::RecvStream) {
+fn admit(inner: &Arc<Inner>, st: &mut EpochState, hello: Hello, incoming: Incoming) {
     let peer = hello.from;
     if !st.members.contains(&peer) {
-        conn.close(code::REFUSED.into(), b"not a member of this epoch");
+        incoming.close(code::REFUSED, b"not a member of this epoch");
         return;
     }
     if !st.arrived.insert(peer) {
-        conn.close(code::REFUSED.into(), b"a second connection from the same worker");
+        incoming.close(code::REFUSED, b"a second connection from the same worker");
         return;
     }
     let (Some(epoch), Some(inbox)) = (st.epoch, st.inbox.clone()) else {
         return;
     };
-    st.incoming.push(conn.clone());
+    st.incoming.push(incoming.conn());
     let me = st.me;
-    let task = inner
-        .runtime
-        .spawn(read_loop(inner.clone(), epoch, me, peer, conn, recv, inbox));
+    let task = match incoming {
+        Incoming::Quic(conn, recv) => inner
+            .runtime
+            .spawn(read_loop(inner.clone(), epoch, me, peer, conn, recv, inbox)),
+        Incoming::Local(conn, recv) => {
+            let task = inner.runtime.spawn(read_local_loop(
+                inner.clone(),
+                epoch,
+                me,
+                peer,
+                conn.clone(),
+                recv,
+                inbox,
+            ));
+            conn.own_task(task.abort_handle());
+            task
+        }
+    };
     st.tasks.push(task);
 }
 
@@ -534,29 +732,126 @@ async fn read_loop(
                 }
                 return;
             }
+            Err(FrameError::Cut(detail)) => {
+                inner.report_lost(epoch, peer, detail);
+                return;
+            }
             Err(FrameError::Protocol(detail)) => {
-                inner.evict(epoch, peer, &conn, detail);
+                inner.evict(epoch, peer, &Conn::Quic(conn), detail);
                 return;
             }
         };
-        let packet = match inner.codec.decode(&bytes, epoch) {
-            Ok(p) => p,
+        match deliver(&inner, epoch, me, peer, &bytes, &inbox) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(detail) => {
+                inner.evict(epoch, peer, &Conn::Quic(conn), detail);
+                return;
+            }
+        }
+    }
+}
+
+/// Decode a frame from `peer` and queue its packet for this worker: `Ok(false)` once the inbox is
+/// closed, `Err` (what the peer did) when the frame breaks the protocol.
+fn deliver(
+    inner: &Inner,
+    epoch: u64,
+    me: WorkerId,
+    peer: WorkerId,
+    bytes: &[u8],
+    inbox: &UnboundedSender<Packet>,
+) -> std::result::Result<bool, String> {
+    let packet = inner
+        .codec
+        .decode(bytes, epoch)
+        .map_err(|e| format!("a frame that does not decode: {e}"))?;
+    if packet.from != peer || packet.to != me {
+        return Err(format!(
+            "a packet from worker {} to worker {} on its connection to worker {me}",
+            packet.from, packet.to
+        ));
+    }
+    Ok(inbox.send(packet).is_ok())
+}
+
+/// How long a same-host link that ended waits for the peer's close frame on the other connection
+/// before it reports the peer lost: a peer that moves to the next epoch closes both connections,
+/// and only the one this worker opened tells why. The peer writes that frame before it closes the
+/// other connection, so the wait covers only the scheduling of this worker's watcher; a crashed
+/// peer's connections both end at once, and the watcher reports it without waiting.
+const ENDING_GRACE: Duration = Duration::from_millis(250);
+
+/// [`read_loop`] over a same-host connection.
+async fn read_local_loop(
+    inner: Arc<Inner>,
+    epoch: u64,
+    me: WorkerId,
+    peer: WorkerId,
+    conn: Arc<LocalConn>,
+    mut recv: OwnedReadHalf,
+    inbox: UnboundedSender<Packet>,
+) {
+    loop {
+        let detail = match local::read_frame(&mut recv, MAX_PACKET_FRAME, "a packet frame").await {
+            Ok(Some(bytes)) => match deliver(&inner, epoch, me, peer, &bytes, &inbox) {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(detail) => {
+                    inner.evict(epoch, peer, &Conn::Local(conn), detail);
+                    return;
+                }
+            },
+            Ok(None) => "the connection ended (the peer process is gone)".to_string(),
+            Err(FrameError::Protocol(detail)) => {
+                inner.evict(epoch, peer, &Conn::Local(conn), detail);
+                return;
+            }
+            Err(FrameError::Cut(detail)) => detail,
+            Err(FrameError::Lost(e)) => e.to_string(),
+        };
+        inner.lost_unless_closed(epoch, peer, detail).await;
+        return;
+    }
+}
+
+/// [`write_loop`] over a same-host connection.
+async fn write_local_loop(
+    inner: Arc<Inner>,
+    epoch: u64,
+    link: Arc<Link>,
+    mut send: OwnedWriteHalf,
+    mut rx: UnboundedReceiver<Packet>,
+) {
+    while let Some(packet) = rx.recv().await {
+        let bytes = match inner.codec.encode(epoch, &packet) {
+            Ok(b) => b,
             Err(e) => {
-                inner.evict(epoch, peer, &conn, format!("a frame that does not decode: {e}"));
+                inner.report_lost(
+                    epoch,
+                    link.peer,
+                    format!("this worker could not encode packet {} for it: {e}", packet.id),
+                );
+                if let Some(conn) = link.conn.get() {
+                    conn.close(code::INTERNAL, b"the sender could not encode a packet");
+                }
                 return;
             }
         };
-        if packet.from != peer || packet.to != me {
-            let detail = format!(
-                "a packet from worker {} to worker {} on its connection to worker {me}",
-                packet.from, packet.to
-            );
-            inner.evict(epoch, peer, &conn, detail);
+        if let Err(e) = local::write_frame(&mut send, &bytes).await {
+            inner
+                .lost_unless_closed(epoch, link.peer, format!("the connection failed: {e}"))
+                .await;
             return;
         }
-        if inbox.send(packet).is_err() {
-            return;
-        }
+    }
+}
+
+/// Read why the peer closed the same-host connection this worker opened to it.
+async fn watch_local_outgoing(inner: Arc<Inner>, epoch: u64, peer: WorkerId, mut recv: OwnedReadHalf) {
+    match local::read_ending(&mut recv).await {
+        Ending::Closed(code, reason) => peer_closed(&inner, epoch, peer, code, &reason),
+        Ending::Cut(detail) => inner.report_lost(epoch, peer, detail),
     }
 }
 
@@ -605,11 +900,10 @@ fn connection_closed(inner: &Inner, epoch: u64, peer: WorkerId, reason: quinn::C
     use quinn::ConnectionError as E;
     let detail = match reason {
         E::LocallyClosed => return,
-        E::ApplicationClosed(close) if close.error_code == code::EPOCH_OVER.into() => {
-            inner.mark_gone(epoch, peer, "it left the epoch".to_string());
-            return;
+        E::ApplicationClosed(close) => {
+            let code = u32::try_from(close.error_code.into_inner()).unwrap_or(u32::MAX);
+            return peer_closed(inner, epoch, peer, code, &String::from_utf8_lossy(&close.reason));
         }
-        E::ApplicationClosed(close) => format!("it closed the connection: {}", String::from_utf8_lossy(&close.reason)),
         E::TimedOut => format!(
             "the connection timed out (nothing heard for {} ms)",
             super::config::IDLE_TIMEOUT.as_millis()
@@ -619,7 +913,33 @@ fn connection_closed(inner: &Inner, epoch: u64, peer: WorkerId, reason: quinn::C
     inner.report_lost(epoch, peer, detail);
 }
 
+/// The peer closed a connection with `code`: the end of its epoch is not a loss, anything else is.
+fn peer_closed(inner: &Inner, epoch: u64, peer: WorkerId, code: u32, reason: &str) {
+    if code == code::EPOCH_OVER {
+        inner.mark_gone(epoch, peer, "it left the epoch".to_string());
+    } else {
+        inner.report_lost(epoch, peer, format!("it closed the connection: {reason}"));
+    }
+}
+
 impl Inner {
+    /// Report `peer` lost unless, within [`ENDING_GRACE`], it is marked gone otherwise (its close
+    /// frame says it only left the epoch).
+    async fn lost_unless_closed(&self, epoch: u64, peer: WorkerId, detail: String) {
+        let until = tokio::time::Instant::now() + ENDING_GRACE;
+        while tokio::time::Instant::now() < until {
+            {
+                let st = lock(&self.state);
+                let gone = st.links.get(&peer).is_none_or(|l| l.gone.get().is_some());
+                if st.epoch != Some(epoch) || gone {
+                    return;
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        self.report_lost(epoch, peer, detail);
+    }
+
     /// Mark `peer` gone in `epoch` without an event; true when this was the first mark.
     fn mark_gone(&self, epoch: u64, peer: WorkerId, detail: String) -> bool {
         let st = lock(&self.state);
@@ -636,16 +956,16 @@ impl Inner {
     }
 
     /// Close both connections with `peer` and report it evicted.
-    fn evict(&self, epoch: u64, peer: WorkerId, incoming: &quinn::Connection, detail: String) {
+    fn evict(&self, epoch: u64, peer: WorkerId, incoming: &Conn, detail: String) {
         let reason = truncate(&format!("protocol violation: {detail}"));
-        incoming.close(code::PROTOCOL.into(), reason.as_bytes());
+        incoming.close(code::PROTOCOL, reason.as_bytes());
         let st = lock(&self.state);
         if st.epoch != Some(epoch) {
             return;
         }
         let Some(link) = st.links.get(&peer) else { return };
         if let Some(out) = link.conn.get() {
-            out.close(code::PROTOCOL.into(), reason.as_bytes());
+            out.close(code::PROTOCOL, reason.as_bytes());
         }
         if link.gone.set(format!("evicted: {detail}")).is_ok() {
             let _ = self.events.send(PeerEvent::Evicted { epoch, peer, detail });

@@ -109,8 +109,46 @@ fn ack(from: WorkerId, to: WorkerId, id: u64) -> Packet {
 }
 
 fn plane(identity: &JobIdentity, token: &str, codec: Arc<dyn PacketCodec>) -> Arc<DataPlane> {
+    plane_on(identity, token, codec, false)
+}
+
+/// A plane on 127.0.0.1, with the same-host path enabled or not.
+fn plane_on(identity: &JobIdentity, token: &str, codec: Arc<dyn PacketCodec>, same_host: bool) -> Arc<DataPlane> {
     let ep = endpoint("127.0.0.1:0".parse().expect("addr"), identity, &identity.fingerprint()).expect("endpoint");
-    Arc::new(DataPlane::new(ep, token.to_string(), codec).expect("data plane"))
+    let plane = DataPlane::new(ep, token.to_string(), codec).expect("data plane");
+    if same_host {
+        plane
+            .enable_same_host("127.0.0.1".parse().expect("ip"))
+            .expect("same-host path");
+    }
+    Arc::new(plane)
+}
+
+/// Every plane's links go the way `same_host` says.
+fn assert_paths(planes: &[Arc<DataPlane>], same_host: bool) {
+    let want = if same_host { LinkPath::SameHost } else { LinkPath::Quic };
+    for (w, p) in planes.iter().enumerate() {
+        let paths = p.link_paths();
+        assert_eq!(paths.len(), planes.len() - 1, "worker {w}: {paths:?}");
+        assert!(paths.iter().all(|&(_, path)| path == want), "worker {w}: {paths:?}");
+    }
+}
+
+/// Run the test `$name(same_host: bool)` over QUIC and over the same-host path.
+macro_rules! both_paths {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn quic() {
+                super::$name(false).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn same_host() {
+                super::$name(true).await;
+            }
+        }
+    };
 }
 
 fn addrs(planes: &[Arc<DataPlane>]) -> Vec<(WorkerId, SocketAddr)> {
@@ -341,10 +379,13 @@ async fn exchange(nets: &mut [(QuicTransport, Inbox)], n: u64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_planes_exchange_in_order_across_two_epochs() {
+both_paths!(three_planes_exchange_in_order_across_two_epochs);
+
+async fn three_planes_exchange_in_order_across_two_epochs(same_host: bool) {
     let id = JobIdentity::generate().expect("identity");
-    let planes: Vec<_> = (0..3).map(|_| plane(&id, "secret", Arc::new(TestCodec))).collect();
+    let planes: Vec<_> = (0..3)
+        .map(|_| plane_on(&id, "secret", Arc::new(TestCodec), same_host))
+        .collect();
     let mut events: Vec<_> = planes.iter().map(|p| p.events().expect("events")).collect();
     assert!(planes[0].events().is_none(), "one consumer");
 
@@ -353,6 +394,7 @@ async fn three_planes_exchange_in_order_across_two_epochs() {
         .into_iter()
         .map(|r| r.expect("epoch 1"))
         .collect();
+    assert_paths(&planes, same_host);
     exchange(&mut nets, 200).await;
     let err = nets[0].0.send(ack(0, 7, 0)).expect_err("no such worker");
     assert!(err.to_string().contains("worker 7"), "{err}");
@@ -366,6 +408,7 @@ async fn three_planes_exchange_in_order_across_two_epochs() {
         .into_iter()
         .map(|r| r.expect("epoch 3"))
         .collect();
+    assert_paths(&planes, same_host);
     exchange(&mut nets, 50).await;
     assert_eq!(nets[2].0.epoch(), 3);
     // The old transports no longer reach peers.
@@ -382,12 +425,13 @@ async fn three_planes_exchange_in_order_across_two_epochs() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_token_is_refused_within_a_second() {
+both_paths!(a_wrong_token_is_refused_within_a_second);
+
+async fn a_wrong_token_is_refused_within_a_second(same_host: bool) {
     let id = JobIdentity::generate().expect("identity");
     let planes = vec![
-        plane(&id, "right", Arc::new(TestCodec)),
-        plane(&id, "wrong", Arc::new(TestCodec)),
+        plane_on(&id, "right", Arc::new(TestCodec), same_host),
+        plane_on(&id, "wrong", Arc::new(TestCodec), same_host),
     ];
     let start = Instant::now();
     let results = start_all(&planes, 1, Duration::from_secs(5)).await;
@@ -398,12 +442,13 @@ async fn a_wrong_token_is_refused_within_a_second() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_undecodable_frame_evicts_its_sender() {
+both_paths!(an_undecodable_frame_evicts_its_sender);
+
+async fn an_undecodable_frame_evicts_its_sender(same_host: bool) {
     let id = JobIdentity::generate().expect("identity");
     let planes = vec![
-        plane(&id, "secret", Arc::new(TestCodec)),
-        plane(&id, "secret", Arc::new(GarbageCodec)),
+        plane_on(&id, "secret", Arc::new(TestCodec), same_host),
+        plane_on(&id, "secret", Arc::new(GarbageCodec), same_host),
     ];
     let mut events0 = planes[0].events().expect("events");
     let mut events1 = planes[1].events().expect("events");
@@ -532,10 +577,13 @@ fn plane_hello() -> super::plane::Hello {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_shuts_down_is_lost_at_once() {
+both_paths!(a_peer_that_shuts_down_is_lost_at_once);
+
+async fn a_peer_that_shuts_down_is_lost_at_once(same_host: bool) {
     let id = JobIdentity::generate().expect("identity");
-    let mut planes: Vec<_> = (0..3).map(|_| plane(&id, "secret", Arc::new(TestCodec))).collect();
+    let mut planes: Vec<_> = (0..3)
+        .map(|_| plane_on(&id, "secret", Arc::new(TestCodec), same_host))
+        .collect();
     let mut events = planes[0].events().expect("events");
     let nets: Vec<_> = start_all(&planes, 1, WAIT)
         .await
@@ -567,10 +615,13 @@ async fn a_peer_that_shuts_down_is_lost_at_once() {
     assert!(err.to_string().contains("token"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn frames_of_tens_of_mib_arrive_whole_and_in_order() {
+both_paths!(frames_of_tens_of_mib_arrive_whole_and_in_order);
+
+async fn frames_of_tens_of_mib_arrive_whole_and_in_order(same_host: bool) {
     let id = JobIdentity::generate().expect("identity");
-    let planes: Vec<_> = (0..2).map(|_| plane(&id, "secret", Arc::new(TestCodec))).collect();
+    let planes: Vec<_> = (0..2)
+        .map(|_| plane_on(&id, "secret", Arc::new(TestCodec), same_host))
+        .collect();
     let mut nets: Vec<_> = start_all(&planes, 1, WAIT)
         .await
         .into_iter()
@@ -603,10 +654,13 @@ async fn frames_of_tens_of_mib_arrive_whole_and_in_order() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nothing_is_reported_about_an_epoch_that_is_over() {
+both_paths!(nothing_is_reported_about_an_epoch_that_is_over);
+
+async fn nothing_is_reported_about_an_epoch_that_is_over(same_host: bool) {
     let id = JobIdentity::generate().expect("identity");
-    let mut planes: Vec<_> = (0..2).map(|_| plane(&id, "secret", Arc::new(TestCodec))).collect();
+    let mut planes: Vec<_> = (0..2)
+        .map(|_| plane_on(&id, "secret", Arc::new(TestCodec), same_host))
+        .collect();
     let mut events0 = planes[0].events().expect("events");
     let mut events1 = planes[1].events().expect("events");
     let nets: Vec<_> = start_all(&planes, 1, WAIT)
@@ -642,4 +696,128 @@ async fn nothing_is_reported_about_an_epoch_that_is_over() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(events0.try_recv().is_err(), "no events of epoch 1 once epoch 2 started");
     assert!(events1.try_recv().is_err(), "a peer leaving the epoch is not a loss");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_the_same_host_path_is_reached_over_quic() {
+    let id = JobIdentity::generate().expect("identity");
+    let planes = vec![
+        plane_on(&id, "secret", Arc::new(TestCodec), true),
+        plane_on(&id, "secret", Arc::new(TestCodec), false),
+        plane_on(&id, "secret", Arc::new(TestCodec), true),
+    ];
+    let mut nets: Vec<_> = start_all(&planes, 1, WAIT)
+        .await
+        .into_iter()
+        .map(|r| r.expect("epoch 1"))
+        .collect();
+    exchange(&mut nets, 20).await;
+    use LinkPath::{Quic, SameHost};
+    assert_eq!(planes[0].link_paths(), vec![(1, Quic), (2, SameHost)]);
+    assert_eq!(planes[1].link_paths(), vec![(0, Quic), (2, Quic)]);
+    assert_eq!(planes[2].link_paths(), vec![(0, SameHost), (1, Quic)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_same_host_peer_is_lost_at_once() {
+    let id = JobIdentity::generate().expect("identity");
+    // As in `a_silent_peer_is_lost_within_two_seconds`, but the kernel closes a dead process's
+    // sockets: no idle timeout to wait for.
+    let victim_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let victim = {
+        let _guard = victim_rt.enter();
+        plane_on(&id, "secret", Arc::new(TestCodec), true)
+    };
+    let planes = vec![plane_on(&id, "secret", Arc::new(TestCodec), true), victim];
+    let mut events = planes[0].events().expect("events");
+    let mut nets: Vec<_> = start_all(&planes, 2, WAIT)
+        .await
+        .into_iter()
+        .map(|r| r.expect("epoch 2"))
+        .collect();
+    assert_paths(&planes, true);
+    nets[0].0.send(ack(0, 1, 0)).expect("send");
+    assert_eq!(within("a packet", nets[1].1.recv()).await.expect("packet").id, 0);
+
+    let killed = Instant::now();
+    victim_rt.shutdown_background();
+    let event = within("the loss", events.recv()).await.expect("event");
+    let waited = killed.elapsed();
+    match event {
+        PeerEvent::Lost { epoch, peer, detail } => {
+            assert_eq!((epoch, peer), (2, 1));
+            assert!(detail.contains("gone") || detail.contains("failed"), "{detail}");
+        }
+        other => panic!("expected a loss, got {other:?}"),
+    }
+    assert!(waited < Duration::from_millis(500), "lost after {waited:?}");
+    let err = nets[0].0.send(ack(0, 1, 1)).expect_err("lost");
+    assert!(err.to_string().contains("worker 1"), "{err}");
+    let mut planes = planes;
+    if let Some(victim) = planes.pop() {
+        std::mem::forget(victim);
+    }
+    std::mem::forget(nets);
+}
+
+/// Connect to `plane`'s same-host socket as a stranger would, send `first` as the first frame
+/// (written raw: a length, then bytes), and read how the plane ends the connection.
+async fn local_attempt(plane: &DataPlane, token: &str, first: &[u8]) -> super::local::Ending {
+    let tag = sha256_hex(token.as_bytes())[..16].to_string();
+    let port = plane.local_addr().expect("addr").port();
+    let stream = super::local::connect(&super::local::socket_name(&tag, port))
+        .await
+        .expect("connect")
+        .expect("the plane listens");
+    let (mut read, mut write) = stream.into_split();
+    use tokio::io::AsyncWriteExt;
+    write.write_all(first).await.expect("write");
+    within("the close frame", super::local::read_ending(&mut read)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_same_host_hellos_are_refused_naming_why() {
+    use super::local::Ending;
+    let id = JobIdentity::generate().expect("identity");
+    let p = plane_on(&id, "secret", Arc::new(TestCodec), true);
+    let frame = |bytes: &[u8]| {
+        let mut out = (bytes.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(bytes);
+        out
+    };
+    let wrong = super::plane::Hello {
+        token: "guess".to_string(),
+        epoch: 1,
+        from: 0,
+    };
+    assert_eq!(
+        local_attempt(&p, "secret", &frame(&wrong.encode())).await,
+        Ending::Closed(1, "wrong token".to_string())
+    );
+    match local_attempt(&p, "secret", &frame(b"GET / HTTP/1.1\r\n\r\n------------")).await {
+        Ending::Closed(2, reason) => assert!(reason.contains("not a data-plane hello"), "{reason}"),
+        other => panic!("expected a protocol close, got {other:?}"),
+    }
+    match local_attempt(&p, "secret", &(1u64 << 40).to_le_bytes()).await {
+        Ending::Closed(2, reason) => assert!(reason.contains("over the limit"), "{reason}"),
+        other => panic!("expected a protocol close, got {other:?}"),
+    }
+    // A right hello for an epoch the plane has not started waits; a stale one is refused.
+    let stale = super::plane::Hello {
+        token: "secret".to_string(),
+        epoch: 0,
+        from: 1,
+    };
+    let peers = vec![(0, p.local_addr().expect("addr"))];
+    let (_t, _inbox) = within("a solo epoch", p.start_epoch(0, 4, peers, 1, WAIT))
+        .await
+        .expect("epoch 4");
+    assert_eq!(
+        local_attempt(&p, "secret", &frame(&stale.encode())).await,
+        Ending::Closed(4, "stale epoch".to_string())
+    );
 }
