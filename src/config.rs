@@ -282,12 +282,6 @@ impl TrainConfig {
                 t.time_budget_s
             )));
         }
-        if t.workers > t.groups {
-            return Err(Error::config(format!(
-                "train.workers ({}) cannot exceed train.groups ({}): every worker runs at least one group",
-                t.workers, t.groups
-            )));
-        }
         t.placement.parse::<ExpertPlacement>()?;
         if !(t.deadline_s.is_finite() && t.deadline_s > 0.0) {
             return Err(Error::config("train.deadline_s must be a positive number of seconds"));

@@ -241,6 +241,31 @@ fn worker_processes_train_bitwise_like_the_plain_loop() {
 }
 
 #[test]
+fn worker_processes_beyond_the_groups_host_experts() {
+    let dir = TempDir::new("elastic-beyond");
+    // SMALL's 4 groups become 2.
+    let two_groups = |mut args: Vec<&'static str>| {
+        let at = args.iter().position(|a| *a == "--groups").expect("SMALL sets --groups");
+        args[at + 1] = "2";
+        args
+    };
+    let reference_args = two_groups(train_args("reference", "20", &["--workers", "0"]));
+    let mut r = Proc::spawn(dir.path(), "reference", &reference_args, &[]);
+    assert!(r.wait(Duration::from_secs(60)).success(), "{}", r.log());
+    let want = state_files(&dir.path().join("reference"), 20);
+    let args = two_groups(train_args("p3-g2", "20", &["--processes", "3"]));
+    let mut p = Proc::spawn(dir.path(), "p3-g2", &args, &[]);
+    assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.log());
+    let log = p.log();
+    assert!(log.contains("epoch 1: 3 workers at step 0"), "{log}");
+    assert_same_state(
+        &want,
+        &state_files(&dir.path().join("p3-g2"), 20),
+        "3 processes, 2 groups",
+    );
+}
+
+#[test]
 fn a_worker_killed_mid_step_costs_a_replay_not_the_run() {
     let dir = TempDir::new("elastic-kill");
     let want = reference(dir.path(), 20, &[]);

@@ -74,6 +74,25 @@ fn same_bits_for_any_worker_count_and_placement() {
         let got = tokio.block_on(runtime(&config, workers, placement, 2));
         assert_same(&want, &got, &what);
     }
+    // More workers than data groups: the workers beyond the groups run none, but host experts
+    // and own dense tensors (sharded or not).
+    let mut fewer_groups = config.clone();
+    fewer_groups.train.groups = 2;
+    let want = trainer(&fewer_groups, 0);
+    let mut sharded = fewer_groups.clone();
+    sharded.storage.shard_dense = true;
+    for (config, workers, placement) in [
+        (&fewer_groups, 3, ExpertPlacement::RoundRobin),
+        (&fewer_groups, 4, ExpertPlacement::Blocked),
+        (&sharded, 4, ExpertPlacement::RoundRobin),
+    ] {
+        let what = format!(
+            "{workers} workers for 2 groups, {placement:?}, sharded dense {}",
+            config.storage.shard_dense
+        );
+        let got = tokio.block_on(runtime(config, workers, placement, 2));
+        assert_same(&want, &got, &what);
+    }
 }
 
 /// One expert (top-1) is an MoE block whose expert tensors have a leading dimension of 1: the

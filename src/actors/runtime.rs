@@ -147,12 +147,6 @@ impl RuntimeBuilder {
     async fn start(self) -> Result<Runtime> {
         let config = self.config;
         config.validate()?;
-        if config.train.groups < self.workers {
-            return Err(Error::config(format!(
-                "{} workers need at least as many data groups (train.groups is {})",
-                self.workers, config.train.groups
-            )));
-        }
         if self.lanes == 0 {
             return Err(Error::config("a worker needs at least one lane"));
         }

@@ -192,6 +192,13 @@ impl ElasticRuntime {
         }
     }
 
+    /// The most members an epoch takes: one per data group, and beyond the groups one per expert
+    /// (a member beyond the groups runs no group but hosts experts and owns dense tensors; past
+    /// both it would host nothing, so further joiners wait until a member leaves).
+    fn max_members(&self) -> usize {
+        self.config.train.groups.max(self.config.model.experts).max(1)
+    }
+
     /// Whether the membership changed since the current epoch formed: a member lost, leaving, or
     /// waiting to join.
     fn change(&self, losses_only: bool) -> Option<String> {
@@ -204,7 +211,7 @@ impl ElasticRuntime {
                 (Status::Gone(why), true) => return Some(format!("member {} lost: {why}", m.id)),
                 _ if losses_only => {}
                 (Status::Leaving, _) => return Some(format!("member {} leaves", m.id)),
-                (Status::Waiting, false) if epoch.members.len() < self.config.train.groups => {
+                (Status::Waiting, false) if epoch.members.len() < self.max_members() => {
                     return Some(format!("member {} joins", m.id))
                 }
                 _ => {}
@@ -405,7 +412,7 @@ impl ElasticRuntime {
                     .into_iter()
                     .filter(|m| matches!(m.status, Status::Waiting | Status::Active))
                     .collect();
-                all.truncate(self.config.train.groups);
+                all.truncate(self.max_members());
                 all
             };
             if members.is_empty() {

@@ -13,6 +13,10 @@
 //! at once with the reason "wrong token") and then checks that every packet on it decodes for the
 //! epoch, comes from `w` and is addressed to `v`.
 //!
+//! Between worker processes of one machine the same frames travel over Unix stream sockets
+//! instead, when both planes enable it ([`DataPlane::enable_same_host`]; see `local` for the
+//! names, the checks and how a connection says why it ends).
+//!
 //! # Trust
 //!
 //! TLS 1.3 (ring only). The job makes one self-signed certificate ([`JobIdentity`]) that every
