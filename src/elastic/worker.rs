@@ -271,11 +271,13 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     });
     let (dismissed_tx, mut dismissed) = tokio::sync::mpsc::unbounded_channel::<(bool, String)>();
     let mut asked_to_leave = false;
+    let mut was_dismissed = false;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let end = loop {
         tokio::select! {
             biased;
             Some((left, reason)) = dismissed.recv() => {
+                was_dismissed = true;
                 break if left { Ok(WorkerEnd::Left(reason)) } else { Err(Error::runtime(format!("dismissed by the coordinator: {reason}"))) };
             }
             stream = conn.accept_bi() => match stream {
@@ -286,6 +288,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
                 Err(e) => {
                     // A dismissal answered just before the coordinator closed is an orderly end.
                     if let Ok((left, reason)) = dismissed.try_recv() {
+                        was_dismissed = true;
                         break if left { Ok(WorkerEnd::Left(reason)) } else { Err(Error::runtime(format!("dismissed by the coordinator: {reason}"))) };
                     }
                     break Err(fenced(e));
@@ -311,6 +314,10 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
             }
         }
     };
+    // A dismissed worker leaves its epoch in order: its peers learn it left, not that it was lost.
+    if was_dismissed {
+        shared.plane.leave_epoch();
+    }
     // Stop the actor tree first (its Disk tier files go with its store), then the connections.
     let mut current = shared.current.lock().await;
     if let Some(actor) = current.actor.take() {

@@ -301,6 +301,12 @@ impl DataPlane {
         Ok(())
     }
 
+    /// Leave the current epoch in order (a dismissed worker): close its connections as at the
+    /// start of the next epoch, which the peers take as "it left the epoch", not as a loss.
+    pub fn leave_epoch(&self) {
+        close_epoch(&mut lock(&self.inner.state), code::EPOCH_OVER, b"epoch over");
+    }
+
     /// How the current epoch's links reach each peer (sorted by peer; empty between epochs).
     pub fn link_paths(&self) -> Vec<(WorkerId, LinkPath)> {
         let st = lock(&self.inner.state);
