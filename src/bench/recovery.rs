@@ -1,6 +1,8 @@
 //! How long a lost worker process costs: SIGKILL one of the run's worker processes between steps
-//! and time until the next step is committed (QUIC's idle timeout detects the loss, the survivors
-//! form a new epoch from the coordinator's in-memory copy and replay the steps since).
+//! and time until the next step is committed (the loss is detected, the survivors form a new epoch
+//! from the coordinator's in-memory copy and replay the steps since). Each round measures both
+//! ways a loss is detected: QUIC's idle timeout (a worker on another machine) and the parent
+//! seeing its child end (`semoe train --processes N`).
 
 use super::median;
 use crate::config::TrainConfig;
@@ -8,9 +10,10 @@ use crate::elastic::cluster::Cluster;
 use crate::elastic::runtime::{ElasticOptions, ElasticRuntime};
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
-use crate::train::engine::spawn_worker;
+use crate::train::engine::{spawn_worker, watch_exits};
 use serde::Serialize;
 use std::process::Child;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Kill-to-commit times of a few rounds.
@@ -22,10 +25,15 @@ pub struct RecoveryReport {
     pub snapshot_every: u64,
     /// The step after which the worker is killed.
     pub kill_after: u64,
-    /// Seconds from the SIGKILL to the next committed step, per round.
+    /// Seconds from the SIGKILL to the next committed step, per round, detected by QUIC's idle
+    /// timeout.
     pub seconds: Vec<f64>,
     /// Their median.
     pub median_seconds: f64,
+    /// The same when the coordinator started the worker and sees its process end.
+    pub parent_seconds: Vec<f64>,
+    /// Their median.
+    pub parent_median_seconds: f64,
     /// Steps replayed per round.
     pub replayed: Vec<u64>,
     /// Seconds of one undisturbed step (median of the steps before the kill).
@@ -53,11 +61,11 @@ pub fn recovery_bench(
     let dir = std::env::temp_dir().join(format!("semoe-bench-recovery-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
     let corpus = crate::data::corpus::Corpus::bundled()?;
-    let (mut seconds, mut replayed, mut steps) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut seconds, mut parent_seconds, mut replayed, mut steps) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let threads = (config.train.threads / processes).max(1);
-    for round in 0..rounds.max(1) {
-        let ticket = dir.join(format!("round-{round}.ticket"));
-        let mut children = Workers(Vec::new());
+    for (round, as_parent) in (0..rounds.max(1)).flat_map(|r| [(r, false), (r, true)]) {
+        let ticket = dir.join(format!("round-{round}-{as_parent}.ticket"));
+        let children = Workers(Arc::new(Mutex::new(Vec::new())));
         let result = tokio.block_on(async {
             let cluster = Cluster::start(
                 "127.0.0.1:0".parse().map_err(|e| Error::config(format!("{e}")))?,
@@ -66,8 +74,10 @@ pub fn recovery_bench(
                 &corpus.digest(),
             )?;
             for _ in 0..processes {
-                children.0.push(spawn_worker(&ticket, threads, true)?);
+                let child = spawn_worker(&ticket, threads, true)?;
+                lock(&children.0).push(child);
             }
+            let watch = as_parent.then(|| tokio::spawn(watch_exits(children.0.clone(), cluster.exit_watch())));
             let model = Gpt::init(&config.model, config.train.seed)?;
             let optimizer = crate::optimizer::for_model(&config.optimizer, &model)?;
             let options = ElasticOptions {
@@ -81,19 +91,29 @@ pub fn recovery_bench(
                 rt.step().await?;
                 steps.push(started.elapsed().as_secs_f64());
             }
-            let victim = children.0.last_mut().ok_or_else(|| Error::runtime("no worker"))?;
-            let _ = victim.kill();
-            let killed = Instant::now();
+            let killed = {
+                let mut all = lock(&children.0);
+                let victim = all.last_mut().ok_or_else(|| Error::runtime("no worker"))?;
+                let _ = victim.kill();
+                Instant::now()
+            };
             rt.step().await?;
             let took = killed.elapsed().as_secs_f64();
             let replays = rt.stats().replayed_steps;
             rt.shutdown("the bench is over").await?;
+            if let Some(task) = watch {
+                task.abort();
+            }
             Ok::<_, Error>((took, replays))
         });
         drop(children);
         let (took, replays) = result?;
-        seconds.push(took);
-        replayed.push(replays);
+        if as_parent {
+            parent_seconds.push(took);
+        } else {
+            seconds.push(took);
+            replayed.push(replays);
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(RecoveryReport {
@@ -102,18 +122,20 @@ pub fn recovery_bench(
         kill_after,
         median_seconds: median(seconds.clone()),
         seconds,
+        parent_median_seconds: median(parent_seconds.clone()),
+        parent_seconds,
         replayed,
         step_seconds: median(steps),
     })
 }
 
 /// The bench's worker processes, killed and reaped however the round ends.
-struct Workers(Vec<Child>);
+struct Workers(Arc<Mutex<Vec<Child>>>);
 
 impl Drop for Workers {
     fn drop(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(5);
-        for c in &mut self.0 {
+        for c in lock(&self.0).iter_mut() {
             while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -121,4 +143,8 @@ impl Drop for Workers {
             let _ = c.wait();
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

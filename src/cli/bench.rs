@@ -448,13 +448,16 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
                 print_json(&r)?;
             } else {
                 println!(
-                    "SIGKILL of 1 of {} worker processes after step {}: next step committed {:.2} s later (median of {}: {:?} s); \
+                    "SIGKILL of 1 of {} worker processes after step {}: next step committed {:.2} s later when QUIC's idle timeout \
+                     detects it (median of {}: {:?} s), {:.2} s when the coordinator is the worker's parent ({:?} s); \
                      {:?} steps replayed (copy every {} steps); an undisturbed step takes {:.3} s",
                     r.processes,
                     r.kill_after,
                     r.median_seconds,
                     r.seconds.len(),
                     r.seconds.iter().map(|s| (s * 100.0).round() / 100.0).collect::<Vec<_>>(),
+                    r.parent_median_seconds,
+                    r.parent_seconds.iter().map(|s| (s * 100.0).round() / 100.0).collect::<Vec<_>>(),
                     r.replayed,
                     r.snapshot_every,
                     r.step_seconds

@@ -85,7 +85,48 @@ pub struct Cluster {
     accept: tokio::task::JoinHandle<()>,
 }
 
+/// Marks gone at once the member whose worker process, started by this coordinator on this
+/// machine, ended abnormally (`semoe train --processes N`): the parent learns of a SIGKILL the
+/// moment it happens, where the control connection would take its idle timeout.
+#[derive(Clone)]
+pub struct ExitWatch {
+    book: Arc<Mutex<Book>>,
+    host: String,
+}
+
+impl ExitWatch {
+    /// Process `pid` of this machine ended (`how`); true when it was a member not already gone.
+    pub fn process_exited(&self, pid: u32, how: &str) -> bool {
+        let name = format!("{}:{pid}", self.host);
+        let conn = {
+            let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(m) = book
+                .members
+                .values_mut()
+                .find(|m| m.name == name && !matches!(m.status, Status::Gone(_)))
+            else {
+                return false;
+            };
+            let reason = format!("its process ended ({how})");
+            eprintln!("semoe: lost member {} ({}): {reason}", m.id, m.name);
+            m.status = Status::Gone(reason);
+            metrics::counter!(names::MEMBERSHIP, "kind" => "crash").increment(1);
+            m.conn.clone()
+        };
+        conn.close(3u32.into(), b"the worker process ended");
+        true
+    }
+}
+
 impl Cluster {
+    /// An [`ExitWatch`] over this cluster's members.
+    pub fn exit_watch(&self) -> ExitWatch {
+        ExitWatch {
+            book: self.book.clone(),
+            host: super::worker::hostname(),
+        }
+    }
+
     /// Listen on `listen` (port 0: one the OS chooses), write the join ticket to `ticket_path`
     /// (mode 0600) and admit workers whose handshake matches `config` and `corpus_sha256`. The job
     /// identity and token are `config.train.identity`'s when set (see [`IDENTITY_FILE`]), else new.

@@ -353,7 +353,8 @@ async fn read_answer(recv: &mut quinn::RecvStream) -> Result<Answer> {
     protocol::decode(&bytes, "the coordinator's answer")
 }
 
-fn hostname() -> String {
+/// This machine's host name (a worker's name is `host:pid`).
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())

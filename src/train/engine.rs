@@ -5,7 +5,7 @@ use crate::actors::gather::DenseStats;
 use crate::actors::{ExpertPlacement, Runtime, StepOutcome};
 use crate::config::TrainConfig;
 use crate::data::corpus::Corpus;
-use crate::elastic::cluster::Cluster;
+use crate::elastic::cluster::{Cluster, ExitWatch};
 use crate::elastic::runtime::{ElasticOptions, ElasticRuntime, MembershipStats};
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
@@ -15,6 +15,7 @@ use crate::storage::tiers::TierStats;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use crate::elastic::cluster::TICKET_FILE;
@@ -28,8 +29,10 @@ enum Kind {
 pub(crate) struct RuntimeEngine {
     tokio: tokio::runtime::Runtime,
     kind: Option<Kind>,
-    /// Worker processes this run started (reaped when it ends).
-    children: Vec<Child>,
+    /// Worker processes this run started (reaped when it ends; watched while it runs).
+    children: Arc<Mutex<Vec<Child>>>,
+    /// The task that watches them.
+    exit_watch: Option<tokio::task::JoinHandle<()>>,
     /// Whether the trainer's copy of the model lags behind the runtime's committed state.
     pub stale: bool,
 }
@@ -55,7 +58,8 @@ impl RuntimeEngine {
         let mut engine = RuntimeEngine {
             tokio,
             kind: None,
-            children: Vec::new(),
+            children: Arc::new(Mutex::new(Vec::new())),
+            exit_watch: None,
             stale: false,
         };
         if config.train.elastic() {
@@ -101,7 +105,14 @@ impl RuntimeEngine {
         );
         let threads = (t.threads / t.processes.max(1)).max(1);
         for _ in 0..t.processes {
-            self.children.push(spawn_worker(&ticket, threads, false)?);
+            let child = spawn_worker(&ticket, threads, false)?;
+            lock(&self.children).push(child);
+        }
+        if t.processes > 0 {
+            self.exit_watch = Some(
+                self.tokio
+                    .spawn(watch_exits(self.children.clone(), cluster.exit_watch())),
+            );
         }
         let options = ElasticOptions {
             snapshot_every: t.snapshot_every,
@@ -190,8 +201,38 @@ impl Drop for RuntimeEngine {
             }
             None => {}
         }
-        reap(&mut self.children);
+        if let Some(task) = self.exit_watch.take() {
+            task.abort();
+        }
+        reap(&mut lock(&self.children));
     }
+}
+
+/// How often the coordinator looks whether a worker process it started has ended.
+const EXIT_POLL: Duration = Duration::from_millis(20);
+
+/// Report each worker process that ends abnormally (a signal, a non-zero exit) to the cluster at
+/// once; one dismissed at the end of the run exits 0 and is not news.
+pub(crate) async fn watch_exits(children: Arc<Mutex<Vec<Child>>>, watch: ExitWatch) {
+    let mut reported = std::collections::HashSet::new();
+    loop {
+        tokio::time::sleep(EXIT_POLL).await;
+        let ended: Vec<(u32, String)> = lock(&children)
+            .iter_mut()
+            .filter_map(|c| match c.try_wait() {
+                Ok(Some(status)) if !status.success() => Some((c.id(), status.to_string())),
+                _ => None,
+            })
+            .filter(|(pid, _)| reported.insert(*pid))
+            .collect();
+        for (pid, how) in ended {
+            watch.process_exited(pid, &how);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Start `semoe worker --ticket FILE` (this program), its error output joined to ours unless
