@@ -107,6 +107,14 @@ fn storage_section(md: &mut String, rec: &StorageRecord) {
         let _ = writeln!(md, "| Prefetched | none |");
     }
     let _ = writeln!(md, "| Stall waiting for experts | {:.1} s |", st.stall_seconds);
+    if st.stall_seconds > 0.0 {
+        let causes: Vec<String> = crate::storage::tiers::STALL_CAUSES
+            .iter()
+            .zip(&st.stall_causes)
+            .map(|(name, s)| format!("{name} {s:.1} s"))
+            .collect();
+        let _ = writeln!(md, "| Stall by cause | {} |", causes.join(", "));
+    }
     let _ = writeln!(
         md,
         "| Disk read / written | {} / {} |",
