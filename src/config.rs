@@ -48,8 +48,10 @@ pub struct StorageSettings {
     /// is not an unbudgeted extra tier: `O_DIRECT` where the file system allows it, else each
     /// write flushed and each access's pages dropped; false: through the page cache.
     pub drop_page_cache: bool,
-    /// Threads reading and writing the disk tier (default 4: with 2, the threads sat idle a
-    /// third of the time between a block's write-backs and its loads; BENCHMARKS.md).
+    /// Threads reading and writing the disk tier (default 8: a fast disk reaches its bandwidth only
+    /// with several requests in flight, and each thread has one; with 2 on a slow disk, the
+    /// threads sat idle a third of the time between a block's write-backs and its loads;
+    /// BENCHMARKS.md).
     pub io_threads: usize,
     /// Shard the dense parameters across workers (ZeRO-3 style): each worker keeps only the dense
     /// tensors it owns, and gathers each leg's tensors from their owners during a step, the next
@@ -76,7 +78,7 @@ impl Default for StorageSettings {
             cache_decay_every: decay_every,
             prefetch: true,
             drop_page_cache: true,
-            io_threads: 4,
+            io_threads: 8,
             shard_dense: false,
         }
     }

@@ -20,6 +20,15 @@ pub struct DiskBandwidth {
     pub read_bytes_per_s: f64,
     /// Sequential write, bytes per second.
     pub write_bytes_per_s: f64,
+    /// Threads of the figures at depth (0: not measured): each issues every `threads`-th request
+    /// of the same file, so that this many requests are in flight (what `fio --numjobs` does). A
+    /// fast disk (NVMe, or a memory-backed one) reaches its bandwidth only with several requests
+    /// in flight; the Disk tier's I/O threads issue that many.
+    pub parallel_threads: usize,
+    /// Read at depth, bytes per second.
+    pub parallel_read_bytes_per_s: f64,
+    /// Written at depth, bytes per second.
+    pub parallel_write_bytes_per_s: f64,
     /// Bytes per request of the tier-shaped figures (one unit); 0 when not measured.
     pub tier_request: u64,
     /// Threads issuing them at once (the tier's I/O threads).
@@ -107,11 +116,97 @@ pub fn disk_bandwidth(dir: &std::path::Path, bytes: u64, request: u64) -> Result
         direct,
         read_bytes_per_s: total as f64 / read,
         write_bytes_per_s: total as f64 / written,
+        parallel_threads: 0,
+        parallel_read_bytes_per_s: 0.0,
+        parallel_write_bytes_per_s: 0.0,
         tier_request: 0,
         tier_threads: 0,
         tier_read_bytes_per_s: 0.0,
         tier_write_bytes_per_s: 0.0,
     })
+}
+
+impl DiskBandwidth {
+    /// The disk's read bandwidth: the better of one request at a time and several in flight.
+    pub fn best_read(&self) -> f64 {
+        self.read_bytes_per_s.max(self.parallel_read_bytes_per_s)
+    }
+
+    /// The disk's write bandwidth: the better of one request at a time and several in flight.
+    pub fn best_write(&self) -> f64 {
+        self.write_bytes_per_s.max(self.parallel_write_bytes_per_s)
+    }
+}
+
+/// The disk's bandwidth with `threads` requests in flight: `threads` threads write `bytes` to a
+/// new file in `request`-byte pieces (each thread every `threads`-th piece), `O_DIRECT`, then read
+/// it back the same way. Returns (read, write) bytes per second, or `None` where the file system
+/// refuses `O_DIRECT` (buffered figures at depth would measure the page cache).
+pub fn parallel_bandwidth(
+    dir: &std::path::Path,
+    bytes: u64,
+    request: u64,
+    threads: usize,
+) -> Result<Option<(f64, f64)>> {
+    use crate::error::Error;
+    use crate::storage::tiers::disk::{padded, ALIGN};
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create the benchmark's directory", dir, e))?;
+    let path = dir.join("bandwidth-parallel");
+    let request = padded(request.max(1)) as usize;
+    let threads = threads.max(1);
+    let n = bytes.div_ceil(request as u64).max(threads as u64);
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+        Err(e) => return Err(Error::io("cannot measure the disk's bandwidth", &path, e)),
+    };
+    let run = |write: bool| -> std::io::Result<f64> {
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let file = &file;
+                    s.spawn(move || -> std::io::Result<()> {
+                        let mut raw = vec![0x5au8; request + ALIGN];
+                        let start = (ALIGN - raw.as_ptr() as usize % ALIGN) % ALIGN;
+                        let buf = &mut raw[start..start + request];
+                        for i in (t as u64..n).step_by(threads) {
+                            if write {
+                                file.write_all_at(buf, i * request as u64)?;
+                            } else {
+                                file.read_exact_at(buf, i * request as u64)?;
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("a disk benchmark thread panicked")))
+            })
+        })?;
+        Ok(started.elapsed().as_secs_f64())
+    };
+    let result = match run(true) {
+        Ok(w) => run(false).map(|r| Some((r, w))),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(e),
+    };
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    let total = (n * request as u64) as f64;
+    Ok(result
+        .map_err(|e| Error::io("cannot measure the disk's bandwidth", &path, e))?
+        .map(|(r, w)| (total / r, total / w)))
 }
 
 /// The Disk tier's own path without training: `threads` threads write `bytes` as whole units of

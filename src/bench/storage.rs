@@ -1,10 +1,14 @@
 //! Training tokens/s with part of the expert state on disk, against all of it in memory.
 
-use super::disk::{disk_bandwidth, tier_bandwidth, DiskBandwidth};
+use super::disk::{disk_bandwidth, parallel_bandwidth, tier_bandwidth, DiskBandwidth};
 use super::median;
 use crate::error::Result;
 use serde::Serialize;
 use std::time::Instant;
+
+/// Requests in flight for the disk's figures at depth: as many as the Disk tier's default I/O
+/// threads keep in flight.
+const PARALLEL_THREADS: usize = 8;
 
 /// One storage configuration of [`storage_bench`].
 #[derive(Clone, Debug)]
@@ -34,6 +38,9 @@ pub struct StorageRow {
     pub written_per_step: f64,
     /// Seconds per step acquirers waited for experts not in memory.
     pub stall_per_step: f64,
+    /// `stall_per_step` by cause, in the order of
+    /// [`STALL_CAUSES`](crate::storage::tiers::STALL_CAUSES).
+    pub stall_causes_per_step: [f64; 4],
     /// Disk bytes (read + written) per second of training wall time.
     pub disk_bytes_per_s: f64,
     /// Disk bytes per second of the I/O threads' busy time (reads and writes).
@@ -59,9 +66,10 @@ pub struct StorageReport {
     pub tokens_per_expert: f64,
     /// Bytes of all expert state (parameters and moments).
     pub expert_state_bytes: u64,
-    /// Sequential read bandwidth of the disk (`O_DIRECT`, large requests), bytes per second.
+    /// Read bandwidth of the disk (`O_DIRECT`, large requests; the better of one in flight and
+    /// several), bytes per second.
     pub disk_read_bytes_per_s: f64,
-    /// Sequential write bandwidth of the disk (`O_DIRECT`, large requests), bytes per second.
+    /// Write bandwidth of the disk, measured the same way, bytes per second.
     pub disk_write_bytes_per_s: f64,
     /// How the disk was measured, with the tier-shaped figures.
     pub disk: DiskBandwidth,
@@ -133,6 +141,11 @@ pub fn storage_bench(
     let scratch = Scratch::new(dir, &format!("semoe-bench-storage-{}", std::process::id()));
     let base = scratch.path.clone();
     let mut disk = disk_bandwidth(&base, 512 << 20, 8 << 20)?;
+    if let Some((r, w)) = parallel_bandwidth(&base, 512 << 20, 8 << 20, PARALLEL_THREADS)? {
+        disk.parallel_threads = PARALLEL_THREADS;
+        disk.parallel_read_bytes_per_s = r;
+        disk.parallel_write_bytes_per_s = w;
+    }
     let mut trainers = Vec::with_capacity(variants.len());
     for (i, v) in variants.iter().enumerate() {
         let mut c = config.clone();
@@ -179,7 +192,7 @@ pub fn storage_bench(
     }
     let timed_steps = (steps.max(1) * rounds.max(1)) as f64;
     let ceiling = |read: f64, written: f64| {
-        let seconds = read / disk.read_bytes_per_s + written / disk.write_bytes_per_s;
+        let seconds = read / disk.best_read() + written / disk.best_write();
         if seconds > 0.0 {
             (read + written) / seconds
         } else {
@@ -205,6 +218,7 @@ pub fn storage_bench(
             read_per_step: read / timed_steps,
             written_per_step: written / timed_steps,
             stall_per_step: d.stall_seconds / timed_steps,
+            stall_causes_per_step: d.stall_causes.map(|s| s / timed_steps),
             disk_bytes_per_s: (read + written) / wall,
             io_bytes_per_busy_s: if busy > 0.0 { (read + written) / busy } else { 0.0 },
             ceiling_bytes_per_s: ceiling(read, written),
@@ -224,8 +238,8 @@ pub fn storage_bench(
         batch: config.train.batch,
         tokens_per_expert: (config.train.batch * m.block_size * m.k) as f64 / m.experts as f64,
         expert_state_bytes,
-        disk_read_bytes_per_s: disk.read_bytes_per_s,
-        disk_write_bytes_per_s: disk.write_bytes_per_s,
+        disk_read_bytes_per_s: disk.best_read(),
+        disk_write_bytes_per_s: disk.best_write(),
         disk,
         rows,
         steps,

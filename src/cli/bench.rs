@@ -135,7 +135,7 @@ pub struct StorageBenchArgs {
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Threads reading and writing the disk tier.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     io_threads: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -322,6 +322,16 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
         mib(r.disk_write_bytes_per_s),
         r.disk.method
     );
+    if r.disk.parallel_threads > 0 {
+        println!(
+            "disk at depth ({} requests in flight, same requests): read {:.0} MiB/s, write {:.0} MiB/s; one in flight: read {:.0} MiB/s, write {:.0} MiB/s; the better of each is the disk's bandwidth",
+            r.disk.parallel_threads,
+            mib(r.disk.parallel_read_bytes_per_s),
+            mib(r.disk.parallel_write_bytes_per_s),
+            mib(r.disk.read_bytes_per_s),
+            mib(r.disk.write_bytes_per_s)
+        );
+    }
     if r.disk.tier_threads > 0 {
         println!(
             "disk tier alone ({} units, {} I/O threads): read {:.0} MiB/s, write {:.0} MiB/s",
@@ -334,7 +344,7 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     let base = r.rows.first().map_or(f64::NAN, |x| x.tokens_per_s);
     for x in &r.rows {
         println!(
-            "{:>24}: {:>7.0} tokens/s ({:>5.1}%), hit rate {:>5.1}%, prefetch accuracy {:>5.1}%, disk {:>7.1} MiB read + {:>7.1} MiB written per step, {:>6.0} MiB/s ({:>5.0} MiB/s while busy; {:>5.1}% of the disk's {:.0} MiB/s for this mix), stall {:.2} s/step",
+            "{:>24}: {:>7.0} tokens/s ({:>5.1}%), hit rate {:>5.1}%, prefetch accuracy {:>5.1}%, disk {:>7.1} MiB read + {:>7.1} MiB written per step, {:>6.0} MiB/s ({:>5.0} MiB/s while busy; {:>5.1}% of the disk's {:.0} MiB/s for this mix), stall {:.2} s/step{}",
             x.name,
             x.tokens_per_s,
             100.0 * x.tokens_per_s / base,
@@ -346,10 +356,27 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
             mib(x.io_bytes_per_busy_s),
             100.0 * x.of_ceiling,
             mib(x.ceiling_bytes_per_s),
-            x.stall_per_step
+            x.stall_per_step,
+            stall_causes(&x.stall_causes_per_step)
         );
     }
     Ok(())
+}
+
+/// The stall's causes that took any time, for a line of the storage bench: ` (load 0.41, own
+/// write 0.02)`, or nothing.
+fn stall_causes(seconds: &[f64; 4]) -> String {
+    let parts: Vec<String> = semoe::storage::tiers::STALL_CAUSES
+        .iter()
+        .zip(seconds)
+        .filter(|(_, s)| **s >= 0.005)
+        .map(|(name, s)| format!("{name} {s:.2}"))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
 }
 
 /// Run one `semoe bench` command.

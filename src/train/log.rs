@@ -87,8 +87,9 @@ pub struct ValRecord {
 pub struct StorageRecord {
     /// The step.
     pub step: u64,
-    /// The figures, summed over workers.
-    pub stats: crate::storage::tiers::TierStats,
+    /// The figures, summed over workers (boxed: they are by far the largest record, and every
+    /// parsed line would otherwise be their size).
+    pub stats: Box<crate::storage::tiers::TierStats>,
 }
 
 /// Sharded dense parameters' figures at one step (a `dense` record), one entry per worker.

@@ -811,7 +811,10 @@ impl Trainer {
         if !tiers.is_empty() {
             let mut total = crate::storage::tiers::TierStats::default();
             tiers.iter().for_each(|t| total.add(t));
-            log.write(&Record::Storage(log::StorageRecord { step, stats: total }))?;
+            log.write(&Record::Storage(log::StorageRecord {
+                step,
+                stats: Box::new(total),
+            }))?;
         }
         if self.config.storage.shard_dense {
             log.write(&Record::Dense(log::DenseRecord {

@@ -53,6 +53,18 @@ pub enum IoMode {
     },
 }
 
+/// One unit's part of a coalesced read ([`DiskTier::read_run_with`]): the first `len` bytes of
+/// its slot, and with `grad` the first that many bytes of its deferred gradient's slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadPiece {
+    /// The unit.
+    pub id: UnitId,
+    /// Bytes of the unit's slot to read (its parameters alone, or all of it).
+    pub len: usize,
+    /// Bytes of its gradient's slot to read, when a deferred update waits for it.
+    pub grad: Option<usize>,
+}
+
 /// The unit and gradient slots of one expert.
 #[derive(Debug)]
 struct Slot {
@@ -243,6 +255,96 @@ impl DiskTier {
         let s = self.slot(id, what)?;
         self.check_written(&s.grad_written, id, what, "no gradient was written")?;
         self.read_at(s.grad_offset(), s.grad_len, len, f, id, what)
+    }
+
+    /// The bytes of the file that `piece` reads, `[start, end)`, padded to [`ALIGN`]: its unit's
+    /// slot up to the length it needs, and with its gradient up to the end of that. A unit read
+    /// whole with its gradient ends where the next unit's slot starts, so that the next unit's read
+    /// can continue it in the same request. `None` for a unit without a slot.
+    pub fn span(&self, piece: &ReadPiece) -> Option<(u64, u64)> {
+        let s = self.inner.slots.get(&piece.id)?;
+        Some(match piece.grad {
+            Some(g) => (s.offset, s.grad_offset() + padded(g as u64)),
+            None => (s.offset, s.offset + padded(piece.len as u64)),
+        })
+    }
+
+    /// Read `pieces`, whose [`DiskTier::span`]s follow one another in the file, in one request, and
+    /// hand each piece's unit bytes (and gradient bytes, when it reads them) to `f` where they
+    /// landed, with the piece's index. Fewer, larger requests reach more of a disk's bandwidth
+    /// than one per unit, and a unit read with its deferred gradient costs one request, not two.
+    ///
+    /// The outer error is the read's, or a piece that cannot be read (naming the slot file and the
+    /// expert); the inner ones are `f`'s, one per piece.
+    pub fn read_run_with<T>(
+        &self,
+        pieces: &[ReadPiece],
+        mut f: impl FnMut(usize, &[u8], Option<&[u8]>) -> Result<T>,
+    ) -> Result<Vec<Result<T>>> {
+        let what = "cannot read an expert from the disk tier";
+        let Some(first) = pieces.first() else {
+            return Ok(Vec::new());
+        };
+        // Where each piece's unit and gradient bytes start in the request.
+        let mut layout = Vec::with_capacity(pieces.len());
+        let start = self.slot(first.id, what)?.offset;
+        let mut end = start;
+        for p in pieces {
+            let s = self.slot(p.id, what)?;
+            self.check_written(&s.unit_written, p.id, what, "it was never written")?;
+            if p.len as u64 > s.unit_len {
+                return Err(self.io_error(p.id, what, too_long(p.len, s.unit_len)));
+            }
+            if let Some(g) = p.grad {
+                let what = "cannot read a deferred gradient from the disk tier";
+                self.check_written(&s.grad_written, p.id, what, "no gradient was written")?;
+                if g as u64 > s.grad_len {
+                    return Err(self.io_error(p.id, what, too_long(g, s.grad_len)));
+                }
+            }
+            let (from, to) = self
+                .span(p)
+                .ok_or_else(|| self.error(p.id, what, "it has no slot in this file"))?;
+            if from != end {
+                let why = "its slot does not continue the previous unit's (a coalesced read must be contiguous)";
+                return Err(self.error(p.id, what, why));
+            }
+            end = to;
+            layout.push(((s.offset - start) as usize, (s.grad_offset() - start) as usize));
+        }
+        let total = (end - start) as usize;
+        let fail = |e| self.io_error(first.id, what, e);
+        let mut split = |buf: &[u8]| -> Vec<Result<T>> {
+            pieces
+                .iter()
+                .zip(&layout)
+                .enumerate()
+                .map(|(i, (p, &(u, g)))| f(i, &buf[u..u + p.len], p.grad.map(|n| &buf[g..g + n])))
+                .collect()
+        };
+        let file = &self.inner.file;
+        match self.inner.mode {
+            IoMode::Direct => {
+                // The pieces are handed over on the thread's aligned buffer, outside the I/O error
+                // mapping.
+                let mut result = None;
+                with_aligned(total, |buf| {
+                    file.read_exact_at(buf, start)?;
+                    result = Some(split(buf));
+                    Ok(())
+                })
+                .map_err(fail)?;
+                result.ok_or_else(|| Error::runtime("a disk read produced nothing"))
+            }
+            IoMode::Buffered { drop } => {
+                let mut buf = vec![0u8; total];
+                file.read_exact_at(&mut buf, start).map_err(fail)?;
+                if drop {
+                    drop_cached_pages(file, start, total as u64);
+                }
+                Ok(split(&buf))
+            }
+        }
     }
 
     fn slot(&self, id: UnitId, what: &str) -> Result<&Slot> {
@@ -546,6 +648,94 @@ mod tests {
             .to_string();
         assert!(e.contains("plain-file"), "{e}");
         let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn a_coalesced_read_returns_the_bytes_of_separate_reads() {
+        for drop in [true, false] {
+            let dir = temp(&format!("run-{drop}"));
+            let ids: Vec<UnitId> = (0..4).map(|e| (1, e)).collect();
+            let disk = DiskTier::open(&dir, drop, ids.clone(), 10_001, 3_333).unwrap();
+            for (k, &id) in ids.iter().enumerate() {
+                disk.write(id, &pattern(10_001, k as u8)).unwrap();
+                disk.write_grad(id, &pattern(3_333, 200 + k as u8)).unwrap();
+            }
+            // Whole units with their gradients, then a last one read in part: contiguous spans.
+            let pieces: Vec<ReadPiece> = ids
+                .iter()
+                .enumerate()
+                .map(|(k, &id)| ReadPiece {
+                    id,
+                    len: if k == 3 { 4_097 } else { 10_001 },
+                    grad: (k < 3).then_some(3_333),
+                })
+                .collect();
+            let got = disk
+                .read_run_with(&pieces, |i, unit, grad| {
+                    Ok((i, unit.to_vec(), grad.map(<[u8]>::to_vec)))
+                })
+                .unwrap();
+            assert_eq!(got.len(), 4);
+            for (k, r) in got.into_iter().enumerate() {
+                let (i, unit, grad) = r.unwrap();
+                assert_eq!(i, k);
+                assert_eq!(unit, disk.read(ids[k], pieces[k].len).unwrap(), "unit {k}, drop {drop}");
+                assert_eq!(unit, pattern(10_001, k as u8)[..pieces[k].len]);
+                match grad {
+                    Some(g) => assert_eq!(g, disk.read_grad(ids[k], 3_333).unwrap()),
+                    None => assert_eq!(k, 3),
+                }
+            }
+            // A piece's own error stays its own.
+            let got = disk
+                .read_run_with(
+                    &pieces[..2],
+                    |i, _, _| if i == 1 { Err(Error::runtime("bad")) } else { Ok(i) },
+                )
+                .unwrap();
+            assert!(got[0].is_ok() && got[1].is_err());
+            // Pieces that do not follow one another are refused, naming the expert and the file.
+            let gap = [pieces[0], pieces[2]];
+            let e = disk.read_run_with(&gap, |_, _, _| Ok(())).unwrap_err().to_string();
+            assert!(
+                e.contains("expert 1.2") && e.contains(FILE_NAME) && e.contains("contiguous"),
+                "{e}"
+            );
+            // A unit read without its gradient stops short of the next slot.
+            let short = [
+                ReadPiece {
+                    grad: None,
+                    ..pieces[0]
+                },
+                pieces[1],
+            ];
+            assert!(disk.read_run_with(&short, |_, _, _| Ok(())).is_err());
+            disk.remove();
+        }
+    }
+
+    #[test]
+    fn a_failed_read_names_the_file_and_the_expert() {
+        let dir = temp("truncated");
+        let disk = open(&dir, true);
+        disk.write((0, 0), &pattern(10_001, 1)).unwrap();
+        disk.write((0, 1), &pattern(10_001, 2)).unwrap();
+        // The file cut short under the tier (a disk that lost its data): the read fails with the
+        // file's name rather than returning short or stale bytes.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(disk.path())
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let pieces = [ReadPiece {
+            id: (0, 1),
+            len: 10_001,
+            grad: None,
+        }];
+        let e = disk.read_run_with(&pieces, |_, _, _| Ok(())).unwrap_err().to_string();
+        assert!(e.contains(FILE_NAME) && e.contains("expert 0.1"), "{e}");
+        disk.remove();
     }
 
     #[test]

@@ -13,5 +13,5 @@ pub mod unit;
 
 pub use policy::CachePolicy;
 pub use size::{format_bytes, parse_bytes};
-pub use store::{ExpertStore, Lease, StorageConfig, TierStats};
+pub use store::{ExpertStore, Lease, StorageConfig, TierStats, STALL_CAUSES};
 pub use unit::{ExpertSlot, Pending, UnitId};

@@ -107,6 +107,14 @@ fn storage_section(md: &mut String, rec: &StorageRecord) {
         let _ = writeln!(md, "| Prefetched | none |");
     }
     let _ = writeln!(md, "| Stall waiting for experts | {:.1} s |", st.stall_seconds);
+    if st.stall_seconds > 0.0 {
+        let causes: Vec<String> = crate::storage::tiers::STALL_CAUSES
+            .iter()
+            .zip(&st.stall_causes)
+            .map(|(name, s)| format!("{name} {s:.1} s"))
+            .collect();
+        let _ = writeln!(md, "| Stall by cause | {} |", causes.join(", "));
+    }
     let _ = writeln!(
         md,
         "| Disk read / written | {} / {} |",
@@ -294,4 +302,48 @@ pub(super) fn markdown(s: &ReportSummary, metrics: &Metrics, name: &str) -> Stri
         }
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::tiers::TierStats;
+
+    #[test]
+    fn the_storage_section_splits_the_stall_by_cause() {
+        let stats = TierStats {
+            unit_bytes: 1 << 20,
+            units: 8,
+            budget: [4 << 20, 2 << 20],
+            served_from: [10, 5, 5],
+            stall_seconds: 1.5,
+            stall_causes: [1.0, 0.25, 0.25, 0.0],
+            ..TierStats::default()
+        };
+        let mut md = String::new();
+        storage_section(
+            &mut md,
+            &StorageRecord {
+                step: 3,
+                stats: Box::new(stats),
+            },
+        );
+        assert!(md.contains("| Stall waiting for experts | 1.5 s |"), "{md}");
+        assert!(
+            md.contains(
+                "| Stall by cause | load 1.0 s, write-back for room 0.2 s, own write 0.2 s, units in use 0.0 s |"
+            ),
+            "{md}"
+        );
+        // No stall, no split.
+        let mut md = String::new();
+        storage_section(
+            &mut md,
+            &StorageRecord {
+                step: 3,
+                stats: Box::new(TierStats::default()),
+            },
+        );
+        assert!(!md.contains("Stall by cause"), "{md}");
+    }
 }

@@ -22,9 +22,10 @@ pub struct StorageConfig {
     /// Keep the Disk tier out of the page cache: `O_DIRECT` where the file system allows it, else
     /// each write flushed and each access's pages dropped (false: through the page cache).
     pub drop_page_cache: bool,
-    /// I/O threads.
+    /// I/O threads: requests in flight at most (each thread waits on one at a time).
     pub io_threads: usize,
-    /// Reads and writes in flight at most (the bounded I/O queue).
+    /// Reads and writes handed to the I/O threads at most (queued in their lanes or in flight);
+    /// the manager holds the rest, loads first.
     pub io_depth: usize,
 }
 
@@ -37,8 +38,8 @@ impl Default for StorageConfig {
             prefetch: true,
             dir: None,
             drop_page_cache: true,
-            io_threads: 4,
-            io_depth: 16,
+            io_threads: 8,
+            io_depth: 32,
         }
     }
 }

@@ -1,5 +1,8 @@
 //! The store's figures: tier occupancy, hits, prefetch, bytes moved, stalls.
 
+/// The causes of a stall, in the order of [`TierStats::stall_causes`].
+pub const STALL_CAUSES: [&str; 4] = ["load", "write-back for room", "own write", "units in use"];
+
 /// Figures of one worker's store since it started (also exported as metrics, and logged as
 /// `storage` records in a run's metrics log).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -28,6 +31,11 @@ pub struct TierStats {
     pub prefetch_used: u64,
     /// Wall seconds during which at least one acquirer waited for a unit not in memory.
     pub stall_seconds: f64,
+    /// `stall_seconds` split by what the longest-waiting acquirer waited for, in the order of
+    /// [`STALL_CAUSES`]: its load (queued or being read), room in Device while write-backs that
+    /// free it were in flight, its own unit's write (a write-back, or a deferred gradient, that
+    /// must reach the disk before the unit is read again), and room in Device held by units in use.
+    pub stall_causes: [f64; 4],
     /// Bytes moved, `[from][to]` over Device, Host, Disk.
     pub moved: [[u64; 3]; 3],
     /// Bytes read from and written to disk, and the I/O threads' seconds doing it.
@@ -73,6 +81,9 @@ impl TierStats {
         d.deferred = self.deferred.saturating_sub(earlier.deferred);
         d.prefetch_used = self.prefetch_used.saturating_sub(earlier.prefetch_used);
         d.stall_seconds = self.stall_seconds - earlier.stall_seconds;
+        for c in 0..STALL_CAUSES.len() {
+            d.stall_causes[c] = self.stall_causes[c] - earlier.stall_causes[c];
+        }
         d.disk_read = self.disk_read.saturating_sub(earlier.disk_read);
         d.disk_written = self.disk_written.saturating_sub(earlier.disk_written);
         d.read_seconds = self.read_seconds - earlier.read_seconds;
@@ -100,6 +111,9 @@ impl TierStats {
         self.deferred += o.deferred;
         self.prefetch_used += o.prefetch_used;
         self.stall_seconds += o.stall_seconds;
+        for c in 0..STALL_CAUSES.len() {
+            self.stall_causes[c] += o.stall_causes[c];
+        }
         self.disk_read += o.disk_read;
         self.disk_written += o.disk_written;
         self.read_seconds += o.read_seconds;
@@ -119,6 +133,7 @@ mod tests {
             prefetch_used: 2,
             disk_read: 100,
             stall_seconds: 1.0,
+            stall_causes: [0.5, 0.25, 0.25, 0.0],
             ..TierStats::default()
         };
         let later = TierStats {
@@ -127,6 +142,7 @@ mod tests {
             prefetch_used: 5,
             disk_read: 400,
             stall_seconds: 1.5,
+            stall_causes: [0.75, 0.25, 0.5, 0.0],
             ..TierStats::default()
         };
         let d = later.since(&earlier);
@@ -135,5 +151,6 @@ mod tests {
         assert_eq!(d.hit_rate(), 0.8);
         assert_eq!(d.prefetch_accuracy(), 0.75);
         assert_eq!(d.stall_seconds, 0.5);
+        assert_eq!(d.stall_causes, [0.25, 0.0, 0.25, 0.0]);
     }
 }

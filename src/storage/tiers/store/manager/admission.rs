@@ -6,10 +6,12 @@ use crate::error::Error;
 use crate::storage::tiers::store::protocol::Grant;
 use crate::storage::tiers::unit::UnitId;
 use std::collections::{HashSet, VecDeque};
+use std::time::Instant;
 
 impl Manager {
     /// Grant what can be granted, start the loads and write-backs that make room, answer snapshots.
     pub(super) fn serve(&mut self) {
+        self.account_stall();
         if let Some(f) = &self.fatal {
             for w in self.waiting.drain(..) {
                 let _ = w.reply.send(Err(Error::runtime(format!(
@@ -27,6 +29,30 @@ impl Manager {
         }
         self.waiting = still;
         self.pump_io();
+        self.mark_stall();
+    }
+
+    /// Add the time since the last scheduling pass to the cause the stall had then.
+    fn account_stall(&mut self) {
+        if let Some((since, cause)) = self.stall_mark.take() {
+            self.local.stall_causes[cause] += since.elapsed().as_secs_f64();
+        }
+    }
+
+    /// Note what the longest-waiting acquirer of a unit that was not in memory waits for now (the
+    /// causes of `STALL_CAUSES`), so that the time until the next pass goes to that cause.
+    fn mark_stall(&mut self) {
+        let Some(id) = self.waiting.iter().find(|w| w.missed).map(|w| w.id) else {
+            return;
+        };
+        let cause = match self.entries.get(&id).map(|e| e.place) {
+            Some(Place::Loading(_)) => 0,
+            Some(Place::Flushing(_)) => 2,
+            Some(Place::Disk) if !self.loadable(id) => 2,
+            _ if self.entries.values().any(|e| e.place == Place::Flushing(Mem::Device)) => 1,
+            _ => 3,
+        };
+        self.stall_mark = Some((Instant::now(), cause));
     }
 
     /// Grant `w` if its unit can be in Device now (else start getting it there and give `w` back).

@@ -101,6 +101,6 @@ impl Manager {
         let slot: Arc<ExpertSlot> = Arc::new(*slot);
         e.flush = Some(slot.clone());
         e.place = Place::Flushing(t);
-        self.io_queue.push_back(IoJob::Write { id, slot });
+        self.queue_io(IoJob::Write { id, slot });
     }
 }

@@ -21,7 +21,7 @@ impl Manager {
             self.used[t as usize] += b;
             let update = e.deferred.as_ref().map(|d| (d.lr, d.norm));
             let partial = params_only && update.is_none();
-            self.io_queue.push_back(IoJob::Read {
+            self.queue_io(IoJob::Read {
                 id,
                 len: if partial { p as usize } else { b as usize },
                 grad_len: g as usize,
@@ -31,10 +31,19 @@ impl Manager {
         }
     }
 
+    /// Queue `job` for the I/O threads (loads ahead of writes once `depth` are in flight).
+    pub(super) fn queue_io(&mut self, job: IoJob) {
+        let lane = usize::from(!job.is_load());
+        self.io_queue[lane].push_back(job);
+    }
+
+    /// Hand queued jobs to the I/O threads, loads first, while fewer than `depth` are in flight.
     pub(super) fn pump_io(&mut self) {
         while self.in_flight < self.depth {
-            let Some(job) = self.io_queue.pop_front() else { return };
-            let Some(tx) = &self.io_tx else {
+            let Some(job) = self.io_queue[0].pop_front().or_else(|| self.io_queue[1].pop_front()) else {
+                return;
+            };
+            let Some(lanes) = &self.io else {
                 let (id, what) = job.describe();
                 self.fatal.get_or_insert(format!(
                     "expert {}.{} needs {what}, but worker {} keeps every unit in memory and has no disk tier (a bug in \
@@ -43,9 +52,9 @@ impl Manager {
                 ));
                 return;
             };
-            if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
+            if let Err(job) = lanes.push(job) {
                 // The I/O threads turn their own failures (errors and panics) into answers and only
-                // stop once the manager drops this queue, so this is not a disk failure either.
+                // stop once the manager closes the lanes, so this is not a disk failure either.
                 let (id, what) = job.describe();
                 self.fatal.get_or_insert(format!(
                     "the I/O threads of worker {} are gone, with {what} of expert {}.{} to do",

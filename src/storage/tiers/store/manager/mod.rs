@@ -13,7 +13,7 @@ mod loading;
 mod prefetch;
 
 use super::config::StorageConfig;
-use super::io::IoJob;
+use super::io::{IoJob, IoLanes};
 use super::lock;
 use super::protocol::{Grant, Reply, Request};
 use super::stats::TierStats;
@@ -22,7 +22,7 @@ use crate::storage::tiers::disk::DiskTier;
 use crate::storage::tiers::policy::{CachePolicy, Usage};
 use crate::storage::tiers::unit::{decode, decode_grads, encode, params_len, ExpertSlot, Pending, UnitId};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -103,8 +103,10 @@ pub(super) struct Manager {
     budget: [u64; 2],
     waiting: VecDeque<Waiter>,
     snapshots: Vec<Reply<Vec<(UnitId, ExpertSlot)>>>,
-    io_tx: Option<SyncSender<IoJob>>,
-    io_queue: VecDeque<IoJob>,
+    /// The I/O threads' lanes (none without a Disk tier).
+    io: Option<Arc<IoLanes>>,
+    /// Jobs not yet handed to the I/O threads (over `depth` in flight): loads, then writes.
+    io_queue: [VecDeque<IoJob>; 2],
     in_flight: usize,
     depth: usize,
     clock: u64,
@@ -118,12 +120,24 @@ pub(super) struct Manager {
     /// Acquirers waiting for a unit that was not in memory, and since when one has been.
     stalled: usize,
     stalled_since: Option<Instant>,
+    /// While an acquirer waits: since when, and the cause (an index into `STALL_CAUSES`) of the
+    /// longest-waiting one, as of the last scheduling pass.
+    stall_mark: Option<(Instant, usize)>,
     /// A disk failure: every later request fails with it (nothing is dropped: a unit whose write
     /// failed stays in memory).
     fatal: Option<String>,
 }
 
 const DISK: usize = 2;
+
+impl Drop for Manager {
+    /// The I/O threads stop with the manager (they would wait on the lanes for good otherwise).
+    fn drop(&mut self) {
+        if let Some(lanes) = &self.io {
+            lanes.close();
+        }
+    }
+}
 
 impl Manager {
     /// The books of a new store: nothing placed yet, the figures starting from `stats`.
@@ -135,7 +149,7 @@ impl Manager {
         unit_bytes: u64,
         budget: [u64; 2],
         disk: Option<DiskTier>,
-        io_tx: SyncSender<IoJob>,
+        lanes: Arc<IoLanes>,
         stats: Arc<Mutex<TierStats>>,
     ) -> Manager {
         let depth = config.io_depth.max(1);
@@ -153,8 +167,8 @@ impl Manager {
             snapshots: Vec::new(),
             // Without a Disk tier there is nothing to read or write: a job would be a bug, and
             // `pump_io` reports it as one rather than as I/O threads that never started.
-            io_tx: disk.is_some().then_some(io_tx),
-            io_queue: VecDeque::new(),
+            io: disk.is_some().then_some(lanes),
+            io_queue: [VecDeque::new(), VecDeque::new()],
             in_flight: 0,
             depth,
             clock: 0,
@@ -165,6 +179,7 @@ impl Manager {
             last_fwd_used: BTreeMap::new(),
             stalled: 0,
             stalled_since: None,
+            stall_mark: None,
             fatal: None,
         };
         manager.local = lock(&stats).clone();
@@ -379,7 +394,7 @@ impl Manager {
                 writing: true,
             });
             self.local.deferred += 1;
-            self.io_queue.push_back(IoJob::WriteGrad {
+            self.queue_io(IoJob::WriteGrad {
                 id,
                 grads: Box::new(update.grads),
             });
