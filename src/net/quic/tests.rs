@@ -481,11 +481,17 @@ async fn an_undecodable_frame_evicts_its_sender(same_host: bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_peer_is_lost_within_two_seconds() {
+/// Two planes in epoch 2 that exchanged a packet; worker 1 lives on its own runtime, which the test
+/// drops to stop it dead (no close is sent), as if its process were killed.
+async fn pair_with_a_victim(
+    same_host: bool,
+) -> (
+    tokio::runtime::Runtime,
+    Vec<Arc<DataPlane>>,
+    tokio::sync::mpsc::UnboundedReceiver<PeerEvent>,
+    Vec<(QuicTransport, Inbox)>,
+) {
     let id = JobIdentity::generate().expect("identity");
-    // Worker 1 lives on its own runtime, which is dropped to stop it dead (no close is sent), as if
-    // its process were killed.
     let victim_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -493,10 +499,10 @@ async fn a_silent_peer_is_lost_within_two_seconds() {
         .expect("runtime");
     let victim = {
         let _guard = victim_rt.enter();
-        plane(&id, "secret", Arc::new(TestCodec))
+        plane_on(&id, "secret", Arc::new(TestCodec), same_host)
     };
-    let planes = vec![plane(&id, "secret", Arc::new(TestCodec)), victim];
-    let mut events = planes[0].events().expect("events");
+    let planes = vec![plane_on(&id, "secret", Arc::new(TestCodec), same_host), victim];
+    let events = planes[0].events().expect("events");
     let mut nets: Vec<_> = start_all(&planes, 2, WAIT)
         .await
         .into_iter()
@@ -504,6 +510,12 @@ async fn a_silent_peer_is_lost_within_two_seconds() {
         .collect();
     nets[0].0.send(ack(0, 1, 0)).expect("send");
     assert_eq!(within("a packet", nets[1].1.recv()).await.expect("packet").id, 0);
+    (victim_rt, planes, events, nets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_lost_within_two_seconds() {
+    let (victim_rt, planes, mut events, nets) = pair_with_a_victim(false).await;
 
     let killed = Instant::now();
     victim_rt.shutdown_background();
@@ -720,28 +732,10 @@ async fn a_peer_without_the_same_host_path_is_reached_over_quic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_same_host_peer_is_lost_at_once() {
-    let id = JobIdentity::generate().expect("identity");
     // As in `a_silent_peer_is_lost_within_two_seconds`, but the kernel closes a dead process's
     // sockets: no idle timeout to wait for.
-    let victim_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let victim = {
-        let _guard = victim_rt.enter();
-        plane_on(&id, "secret", Arc::new(TestCodec), true)
-    };
-    let planes = vec![plane_on(&id, "secret", Arc::new(TestCodec), true), victim];
-    let mut events = planes[0].events().expect("events");
-    let mut nets: Vec<_> = start_all(&planes, 2, WAIT)
-        .await
-        .into_iter()
-        .map(|r| r.expect("epoch 2"))
-        .collect();
+    let (victim_rt, planes, mut events, nets) = pair_with_a_victim(true).await;
     assert_paths(&planes, true);
-    nets[0].0.send(ack(0, 1, 0)).expect("send");
-    assert_eq!(within("a packet", nets[1].1.recv()).await.expect("packet").id, 0);
 
     let killed = Instant::now();
     victim_rt.shutdown_background();
