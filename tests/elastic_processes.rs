@@ -339,6 +339,76 @@ fn listening_coordinator(dir: &Path, min_workers: &str, members_at: &str) -> (Pr
     (coord, dir.join("run/join.ticket").to_string_lossy().into_owned())
 }
 
+/// `GET /metrics` from `addr`, answered within 10 s: the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().expect("a metrics address");
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
+}
+
+#[test]
+fn a_worker_serves_its_traffic_per_peer_as_metrics() {
+    let dir = TempDir::new("elastic-worker-metrics");
+    let args = train_args("run", "400", &["--listen", "127.0.0.1:0", "--min-workers", "2"]);
+    let mut coord = Proc::spawn(dir.path(), "coordinator", &args, &[]);
+    coord.wait_for("workers join with", Duration::from_secs(30));
+    let ticket = dir.path().join("run/join.ticket").to_string_lossy().into_owned();
+    let mut watched = Proc::spawn(
+        dir.path(),
+        "watched",
+        &[
+            "worker",
+            "--ticket",
+            &ticket,
+            "--threads",
+            "1",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let _other = worker(dir.path(), "other", &ticket);
+    watched.wait_for("metrics on http://", Duration::from_secs(30));
+    let log = watched.log();
+    let addr = log
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split("/metrics").next())
+        .expect("the printed address")
+        .to_string();
+    coord.wait_for("epoch 1: 2 workers", Duration::from_secs(30));
+    // Both workers run groups and host experts, so each sends the other expert rows every step.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sent = loop {
+        let body = scrape(&addr);
+        let sent: Vec<f64> = body
+            .lines()
+            .filter(|l| l.starts_with("semoe_alltoall_bytes_total{") && l.contains("kind=\"dispatch\""))
+            .filter(|l| !l.contains("from=\"0\",to=\"0\"") && !l.contains("from=\"1\",to=\"1\""))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
+            .collect();
+        if sent.iter().any(|&b| b > 0.0) {
+            assert!(body.contains("semoe_membership_epoch 1"), "{body}");
+            break sent;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no dispatch bytes to a peer within 30 s:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!sent.is_empty());
+    assert!(coord.wait(Duration::from_secs(120)).success(), "{}", coord.log());
+}
+
 /// A worker process joining with `ticket`.
 fn worker(dir: &Path, name: &str, ticket: &str) -> Proc {
     Proc::spawn(dir, name, &["worker", "--ticket", ticket, "--threads", "1"], &[])

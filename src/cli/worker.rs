@@ -35,6 +35,10 @@ pub struct WorkerArgs {
     /// Scratch directory for the Disk tier (default: under the system's temporary directory).
     #[arg(long)]
     scratch: Option<PathBuf>,
+    /// Serve this worker's metrics as Prometheus text on HOST:PORT (path /metrics; port 0: the OS
+    /// chooses and the address is printed): all-to-all bytes per peer and kind, restarts, tiers.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
 }
 
 pub fn run(a: &WorkerArgs) -> semoe::Result<std::process::ExitCode> {
@@ -48,6 +52,7 @@ pub fn run(a: &WorkerArgs) -> semoe::Result<std::process::ExitCode> {
         data: a.data.clone(),
         advertise: a.advertise,
         scratch: a.scratch.clone(),
+        metrics_addr: a.metrics_addr.clone(),
     };
     match run_worker(options, stop)? {
         WorkerEnd::Left(reason) => {

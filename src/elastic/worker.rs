@@ -45,6 +45,9 @@ pub struct WorkerOptions {
     pub advertise: Option<IpAddr>,
     /// Scratch directory for the Disk tier (default: a directory under the system's temporary one).
     pub scratch: Option<PathBuf>,
+    /// Serve this worker's metrics (its all-to-all bytes per peer and kind, restarts, tiers,
+    /// epoch) as Prometheus text on `HOST:PORT` (port 0: the OS chooses; the address is printed).
+    pub metrics_addr: Option<String>,
 }
 
 /// How a worker process ended well.
@@ -115,6 +118,15 @@ pub fn run_worker(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<Work
 
 async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerEnd> {
     let ticket = JoinTicket::read(&options.ticket)?;
+    // Before joining: a bad address is refused before the run counts on this worker.
+    let _metrics = match &options.metrics_addr {
+        Some(addr) => {
+            let server = crate::telemetry::metrics::serve(addr, crate::telemetry::metrics::install()?)?;
+            eprintln!("semoe worker: metrics on http://{}/metrics", server.local_addr());
+            Some(server)
+        }
+        None => None,
+    };
     let addr = match &options.join {
         Some(name) => tokio::net::lookup_host(name.as_str())
             .await
@@ -521,6 +533,7 @@ async fn setup(
         .plane
         .start_epoch(worker, epoch, peers, workers, shared.deadline)
         .await?;
+    metrics::gauge!(crate::telemetry::metrics::EPOCH).set(epoch as f64);
     let paths = shared.plane.link_paths();
     let same_host = paths.iter().filter(|(_, p)| *p == LinkPath::SameHost).count();
     if !paths.is_empty() {
