@@ -104,7 +104,8 @@ impl<T: Transport> Transport for FaultyTransport<T> {
                 }
                 return Ok(());
             }
-            Some(FaultKind::Error | FaultKind::Panic) | None => self.inner.send(packet),
+            // Actor and disk faults are not the transport's.
+            Some(_) | None => self.inner.send(packet),
         };
         // A packet held back for reordering goes right after this one.
         if let Some(p) = take_held(&self.held, to) {

@@ -29,18 +29,24 @@
 //! Keys of a `[[fault]]`:
 //!
 //! - `actor`: `expert` (names `block` and `expert`), `gate` (`worker` and `block`), `ledger`
-//!   (`worker`), `silence` (`worker`: its communicator never answers a peer again) or `link`
-//!   (`from` and `to`: the requests `from` sends `to`, a network fault).
+//!   (`worker`), `silence` (`worker`: its communicator never answers a peer again), `link`
+//!   (`from` and `to`: the requests `from` sends `to`, a network fault) or `disk` (`worker`: the
+//!   reads and writes of its Disk tier; the job needs storage budgets that put experts on disk).
 //! - `kind`: `error` (the handler returns an error) or `panic` (the handler panics); for a link,
 //!   `drop`, `duplicate`, `delay` (with `delay = "50ms"`) or `reorder` (the request arrives after
 //!   the next one); not for `silence`. A link fault hits the first request(s) of its step on that
-//!   link (only requests: replies carry no step).
+//!   link (only requests: replies carry no step). For a disk, `read-error` or `write-error` (the
+//!   call fails with `EIO`), `full` (a write fails with `ENOSPC`), `short-read` (a read returns
+//!   half the bytes) or `slow` (with `delay = "5ms"`: every read and write waits that long, from
+//!   its step to the end of the run); it hits the first read or write of its kind once the step
+//!   has begun (or the first after it, if that step does no disk I/O).
 //! - `step` (0-based, the step being computed) or `probability` (per step, in (0, 1]): exactly one.
 //!   A random silence starts at the first step drawn.
 //! - `moment`: `forward`, `backward` or `any` (the first time the actor is asked in the step); a
 //!   ledger is only asked once per step (`any`, its default); not for `silence`.
 //! - `times`: how many times a scripted fault fires (default 1; each firing fails the step's
-//!   attempt, so a fault firing twice also fails the replay).
+//!   attempt, so a fault firing twice also fails the replay; a disk fault fires on that many
+//!   calls in a row, so `times = 3` also fails the I/O thread's two retries).
 //!
 //! Whatever a fault leaves out (`worker`, `block`, `expert`, `moment`) is drawn from the seed, each
 //! time it fires: a random fault entry with no target is a fault anywhere. Each entry draws from its
@@ -72,6 +78,8 @@ pub enum ActorKind {
     /// The requests one worker sends another (`from`, `to`): dropped, duplicated, delayed or
     /// reordered.
     Link,
+    /// The reads and writes of a worker's Disk tier (`worker`).
+    Disk,
 }
 
 impl ActorKind {
@@ -83,6 +91,7 @@ impl ActorKind {
             ActorKind::Ledger => "ledger",
             ActorKind::Silence => "silence",
             ActorKind::Link => "link",
+            ActorKind::Disk => "disk",
         }
     }
 }
@@ -167,6 +176,17 @@ impl FaultSpec {
         }
     }
 
+    /// A fault of a worker's Disk tier (a read error unless told otherwise with
+    /// [`FaultSpec::kind`]: [`FaultKind::ReadError`], [`FaultKind::WriteError`],
+    /// [`FaultKind::DiskFull`], [`FaultKind::ShortRead`] or [`FaultKind::Slow`]; the worker drawn
+    /// unless set).
+    pub fn disk() -> Self {
+        FaultSpec {
+            kind: FaultKind::ReadError,
+            ..FaultSpec::new(ActorKind::Disk)
+        }
+    }
+
     /// The sending worker of a link fault.
     pub fn from(mut self, worker: usize) -> Self {
         self.from = Some(worker);
@@ -245,6 +265,35 @@ impl FaultSpec {
         let bad = |key: &str, why: String| Err(Error::config(format!("chaos scenario: {at}.{key}: {why}")));
         let actor = self.actor.name();
         let not_for = |key: &str, what: &str| format!("{actor} faults do not take `{key}` ({what})");
+        let disk = self.kind.is_disk();
+        match self.actor {
+            ActorKind::Disk if !disk => {
+                return bad(
+                    "kind",
+                    "a disk fault is read-error, write-error, full, short-read or slow".into(),
+                )
+            }
+            ActorKind::Disk if self.block.is_some() || self.expert.is_some() => {
+                let key = if self.block.is_some() { "block" } else { "expert" };
+                return bad(key, not_for(key, "a worker's Disk tier holds all its experts"));
+            }
+            ActorKind::Disk if self.moment.is_some() => {
+                return bad(
+                    "moment",
+                    not_for("moment", "it hits the first read or write of its kind in its step"),
+                )
+            }
+            ActorKind::Disk if self.times > 1 && matches!(self.kind, FaultKind::Slow(_)) => {
+                return bad("times", "a slow disk stays slow to the end of the run".into())
+            }
+            other if other != ActorKind::Disk && disk => {
+                return bad(
+                    "kind",
+                    format!("{actor} faults cannot be disk faults (use actor = \"disk\")"),
+                )
+            }
+            _ => {}
+        }
         if self.actor != ActorKind::Link {
             if self.from.is_some() {
                 return bad("from", not_for("from", "only link faults name a sender"));
@@ -468,16 +517,25 @@ impl RawFault {
             Some("ledger") => ActorKind::Ledger,
             Some("silence") => ActorKind::Silence,
             Some("link") => ActorKind::Link,
+            Some("disk") => ActorKind::Disk,
             Some(other) => {
                 return Err(bad(
                     "actor",
-                    format!("{other:?} is not one of expert, gate, ledger, silence, link"),
+                    format!("{other:?} is not one of expert, gate, ledger, silence, link, disk"),
                 ))
             }
-            None => return Err(bad("actor", "missing (expert, gate, ledger, silence or link)".into())),
+            None => {
+                return Err(bad(
+                    "actor",
+                    "missing (expert, gate, ledger, silence, link or disk)".into(),
+                ))
+            }
         };
-        if self.delay.is_some() && self.kind.as_deref() != Some("delay") {
-            return Err(bad("delay", "only a fault of kind \"delay\" takes a delay".into()));
+        if self.delay.is_some() && !matches!(self.kind.as_deref(), Some("delay" | "slow")) {
+            return Err(bad(
+                "delay",
+                "only a fault of kind \"delay\" (a link) or \"slow\" (a disk) takes a delay".into(),
+            ));
         }
         let kind = match (actor, self.kind.as_deref()) {
             (ActorKind::Silence, Some(_)) => {
@@ -487,6 +545,34 @@ impl RawFault {
                 ))
             }
             (ActorKind::Silence, None) => FaultKind::Error,
+            (ActorKind::Disk, Some("read-error")) => FaultKind::ReadError,
+            (ActorKind::Disk, Some("write-error")) => FaultKind::WriteError,
+            (ActorKind::Disk, Some("full")) => FaultKind::DiskFull,
+            (ActorKind::Disk, Some("short-read")) => FaultKind::ShortRead,
+            (ActorKind::Disk, Some("slow")) => match self.delay.as_deref() {
+                Some(d) => FaultKind::Slow(
+                    humantime::parse_duration(d)
+                        .map_err(|e| bad("delay", format!("{d:?} is not a duration such as \"5ms\": {e}")))?,
+                ),
+                None => {
+                    return Err(bad(
+                        "delay",
+                        "missing: a slow disk needs `delay` (e.g. \"5ms\", added to every read and write)".into(),
+                    ))
+                }
+            },
+            (ActorKind::Disk, Some(other)) => {
+                return Err(bad(
+                    "kind",
+                    format!("{other:?} is not read-error, write-error, full, short-read or slow"),
+                ))
+            }
+            (ActorKind::Disk, None) => {
+                return Err(bad(
+                    "kind",
+                    "missing (read-error, write-error, full, short-read or slow)".into(),
+                ))
+            }
             (ActorKind::Link, Some("drop")) => FaultKind::Drop,
             (ActorKind::Link, Some("duplicate")) => FaultKind::Duplicate,
             (ActorKind::Link, Some("reorder")) => FaultKind::Reorder,
@@ -712,7 +798,8 @@ impl Scenario {
                     for step in 0..layout.steps {
                         if rng.random_bool(p) {
                             hits.push(step);
-                            if spec.actor == ActorKind::Silence {
+                            // A silence and a slow disk last: their first step is all there is.
+                            if spec.actor == ActorKind::Silence || matches!(spec.kind, FaultKind::Slow(_)) {
                                 break;
                             }
                         }
@@ -758,6 +845,9 @@ fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> F
         ActorKind::Silence => Target::Silence {
             worker: pick(spec.worker, layout.workers),
         },
+        ActorKind::Disk => Target::Disk {
+            worker: pick(spec.worker, layout.workers),
+        },
         ActorKind::Link => {
             let from = pick(spec.from, layout.workers);
             // Another worker than `from` (the layout has at least two).
@@ -773,7 +863,7 @@ fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> F
         }
     };
     let moment = match spec.actor {
-        ActorKind::Ledger | ActorKind::Silence | ActorKind::Link => Moment::Any,
+        ActorKind::Ledger | ActorKind::Silence | ActorKind::Link | ActorKind::Disk => Moment::Any,
         _ => spec.moment.unwrap_or_else(|| {
             if rng.random_bool(0.5) {
                 Moment::Forward
@@ -853,7 +943,9 @@ mod tests {
             match f.fault.target {
                 Target::Expert { block, expert } => assert!(block < 2 && expert < 4),
                 Target::Gate { worker, block } => assert!(worker < 2 && block < 2),
-                Target::Ledger { worker } | Target::Silence { worker } => assert!(worker < 2),
+                Target::Ledger { worker } | Target::Silence { worker } | Target::Disk { worker } => {
+                    assert!(worker < 2)
+                }
                 Target::Link { from, to } => assert!(from < 2 && to < 2 && from != to),
             }
         }

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
 use crate::optimizer::AdamW;
 use serde::Serialize;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,9 @@ pub struct ChaosReport {
     pub disturbed_s: f64,
     /// Seconds of the undisturbed run.
     pub undisturbed_s: f64,
+    /// Bytes the disturbed run's Disk tiers read and wrote (all workers; zero when the storage
+    /// budgets keep every expert in memory).
+    pub disk_bytes: [u64; 2],
     /// The verdict.
     pub verdict: Verdict,
 }
@@ -127,6 +131,8 @@ struct RunResult {
     state: Option<Vec<(String, Vec<u32>)>>,
     started: Instant,
     seconds: f64,
+    /// Bytes read from and written to the Disk tiers.
+    disk_bytes: [u64; 2],
 }
 
 /// Where a run is, for the report when the overall deadline expires.
@@ -191,8 +197,14 @@ pub fn compare(want: &[(String, Vec<u32>)], got: &[(String, Vec<u32>)]) -> Verdi
     }
 }
 
-fn builder(config: &TrainConfig, text: &Arc<Vec<u8>>, plan: FaultPlan) -> Result<crate::actors::RuntimeBuilder> {
+fn builder(
+    config: &TrainConfig,
+    text: &Arc<Vec<u8>>,
+    plan: FaultPlan,
+    tiers: &Path,
+) -> Result<crate::actors::RuntimeBuilder> {
     Ok(Runtime::builder(config.clone())
+        .storage(config.storage.to_config(Some(tiers.to_path_buf()))?)
         .workers(config.train.workers)
         .placement(config.train.placement.parse::<ExpertPlacement>()?)
         .deadline(Duration::from_secs_f64(config.train.deadline_s))
@@ -206,10 +218,11 @@ async fn one_run(
     text: &Arc<Vec<u8>>,
     plan: FaultPlan,
     progress: &Progress,
+    tiers: &Path,
 ) -> Result<RunResult> {
     let started = Instant::now();
     set(progress, format!("the {name} run: starting the runtime"));
-    let rt = builder(config, text, plan)?.build().await?;
+    let rt = builder(config, text, plan, &tiers.join(name))?.build().await?;
     let mut steps = Vec::new();
     let mut failed = None;
     for step in 0..config.train.steps {
@@ -234,6 +247,10 @@ async fn one_run(
         }
     }
     let steps_done = steps.len() as u64;
+    let disk_bytes = rt
+        .tier_stats()
+        .iter()
+        .fold([0, 0], |[r, w], t| [r + t.disk_read, w + t.disk_written]);
     let state = if failed.is_none() {
         set(progress, format!("the {name} run: gathering the state"));
         let t = Instant::now();
@@ -265,6 +282,7 @@ async fn one_run(
         state,
         started,
         seconds: started.elapsed().as_secs_f64(),
+        disk_bytes,
     })
 }
 
@@ -275,6 +293,7 @@ fn describe(target: &Target) -> String {
         Target::Ledger { worker } => format!("ledger of worker {worker}"),
         Target::Silence { worker } => format!("communicator of worker {worker}"),
         Target::Link { from, to } => format!("requests from worker {from} to worker {to}"),
+        Target::Disk { worker } => format!("disk tier of worker {worker}"),
     }
 }
 
@@ -291,6 +310,19 @@ fn moment_name(m: Moment) -> &'static str {
 /// when the job cannot start (a bad configuration, a scenario that does not fit the run); what
 /// happens in the runs is the report's verdict.
 pub fn run(config: &TrainConfig, scenario: &Scenario) -> Result<ChaosReport> {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tiers = std::env::temp_dir().join(format!("semoe-chaos-{}-{n}", std::process::id()));
+    let report = run_in(config, scenario, &tiers);
+    // The stores delete their files when dropped; the directory may be left.
+    let _ = std::fs::remove_dir_all(&tiers);
+    report
+}
+
+/// [`run`] with the Disk tiers (when the job's storage budgets need them) under `tiers`: one
+/// directory per run (`disturbed`, `undisturbed`), each with a directory per worker.
+pub fn run_in(config: &TrainConfig, scenario: &Scenario, tiers: &Path) -> Result<ChaosReport> {
+    let tiers: PathBuf = tiers.to_path_buf();
     let mut job = config.clone();
     if let Some(d) = scenario.collective_deadline {
         job.train.deadline_s = d.as_secs_f64();
@@ -309,6 +341,18 @@ pub fn run(config: &TrainConfig, scenario: &Scenario) -> Result<ChaosReport> {
     }
     let layout = Layout::new(&config.model, config.train.workers, config.train.steps);
     let (plan, planned) = scenario.plan(&layout)?;
+    if let Some(entry) = scenario
+        .faults
+        .iter()
+        .position(|f| f.actor == crate::chaos::ActorKind::Disk)
+    {
+        if config.storage.to_config(None)?.unlimited() {
+            return Err(Error::config(format!(
+                "chaos scenario: fault[{entry}] is a disk fault, but the job keeps every expert in memory: set \
+                 storage.device_budget (and storage.host_budget) so that some experts live in the Disk tier"
+            )));
+        }
+    }
     let text = Arc::new(super::trainer::corpus_for(config)?.train);
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -320,9 +364,9 @@ pub fn run(config: &TrainConfig, scenario: &Scenario) -> Result<ChaosReport> {
     let begun = Instant::now();
     let deadline = scenario.deadline;
     let disturbed = {
-        let (plan, progress, text) = (plan.clone(), progress.clone(), text.clone());
+        let (plan, progress, text, tiers) = (plan.clone(), progress.clone(), text.clone(), tiers.clone());
         tokio.block_on(async move {
-            tokio::time::timeout(deadline, one_run("disturbed", config, &text, plan, &progress)).await
+            tokio::time::timeout(deadline, one_run("disturbed", config, &text, plan, &progress, &tiers)).await
         })
     };
     let mut undisturbed = None;
@@ -344,11 +388,11 @@ pub fn run(config: &TrainConfig, scenario: &Scenario) -> Result<ChaosReport> {
             (None, Some(got)) => {
                 let left = deadline.saturating_sub(begun.elapsed());
                 let baseline = tokio.block_on({
-                    let (progress, text) = (progress.clone(), text.clone());
+                    let (progress, text, tiers) = (progress.clone(), text.clone(), tiers.clone());
                     async move {
                         tokio::time::timeout(
                             left,
-                            one_run("undisturbed", config, &text, FaultPlan::none(), &progress),
+                            one_run("undisturbed", config, &text, FaultPlan::none(), &progress, &tiers),
                         )
                         .await
                     }
@@ -415,8 +459,14 @@ fn report(
             let first = mine.first();
             let silence = matches!(f.target, Target::Silence { .. });
             let link = matches!(f.target, Target::Link { .. });
+            let disk = matches!(f.target, Target::Disk { .. });
             let kind = match f.kind {
                 _ if silence => "silence".to_string(),
+                FaultKind::ReadError => "read-error".to_string(),
+                FaultKind::WriteError => "write-error".to_string(),
+                FaultKind::DiskFull => "full".to_string(),
+                FaultKind::ShortRead => "short-read".to_string(),
+                FaultKind::Slow(d) => format!("slow {}", humantime::format_duration(d)),
                 FaultKind::Panic => "panic".to_string(),
                 FaultKind::Error => "error".to_string(),
                 FaultKind::Drop => "drop".to_string(),
@@ -450,6 +500,7 @@ fn report(
                     ),
                     None => format!("the silence began at step {} but the run did not fail", x.step),
                 },
+                Some(x) if disk => disk_detection(f, x, mine.len(), disturbed.and_then(|d| d.failed.as_ref())),
                 Some(x) if link => match (disturbed.and_then(|d| d.failed.as_ref()), &committed) {
                     (Some((step, error, after)), _) if *step == x.step => {
                         format!("step {step} failed after {after:.3} s: {error}")
@@ -517,8 +568,45 @@ fn report(
         disturbed_steps,
         undisturbed_steps: records(undisturbed),
         disturbed_s: disturbed.map_or(0.0, |d| d.seconds),
+        disk_bytes: disturbed.map_or([0, 0], |d| d.disk_bytes),
         undisturbed_s: undisturbed.map_or(0.0, |d| d.seconds),
         verdict,
+    }
+}
+
+/// How a disk fault showed: the calls it failed, slowed or cut short, and either the error the run
+/// stopped with or how the tier carried on.
+fn disk_detection(
+    f: &crate::chaos::Fault,
+    first: &crate::chaos::Firing,
+    fired: usize,
+    failed: Option<&(u64, String, f64)>,
+) -> String {
+    let on = format!("{} at step {}", first.detail, first.step);
+    let what = match f.kind {
+        FaultKind::ReadError | FaultKind::WriteError => {
+            format!("{fired} attempt(s) in a row at {on} failed with EIO")
+        }
+        FaultKind::DiskFull => format!("{fired} attempt(s) at {on} failed with ENOSPC"),
+        FaultKind::ShortRead => format!("{fired} pread(s) of {on} returned half of the bytes asked for"),
+        FaultKind::Slow(d) => format!(
+            "every read and write waited {} more from {on} on",
+            humantime::format_duration(d)
+        ),
+        _ => format!("fired {fired} time(s), the first {on}"),
+    };
+    match failed {
+        Some((step, error, after)) => format!("{what}; step {step} failed after {after:.3} s: {error}"),
+        None => match f.kind {
+            FaultKind::ReadError | FaultKind::WriteError => format!(
+                "{what}; the I/O thread tried the call again (at most {} attempts) and it went through: no step \
+                 failed",
+                crate::storage::tiers::disk::ATTEMPTS
+            ),
+            FaultKind::ShortRead => format!("{what}; the tier read the rest with further preads: no step failed"),
+            FaultKind::Slow(_) => format!("{what}; no step failed"),
+            _ => format!("{what}; but the run did not stop"),
+        },
     }
 }
 
@@ -560,6 +648,13 @@ impl ChaosReport {
             self.disturbed_s,
             self.undisturbed_s
         ));
+        if self.disk_bytes != [0, 0] {
+            s.push_str(&format!(
+                "The disturbed run's Disk tiers read {} and wrote {}.\n\n",
+                crate::storage::tiers::format_bytes(self.disk_bytes[0]),
+                crate::storage::tiers::format_bytes(self.disk_bytes[1])
+            ));
+        }
         if !self.faults.is_empty() {
             s.push_str(
                 "| # | entry | actor | kind | step | moment | fired | at (s) | recovery (s) | replays | detection |\n",

@@ -359,6 +359,7 @@ impl Actor for WorkerActor {
         match msg {
             WorkerMsg::RunStep { step, reply } => {
                 state.restarted = false;
+                state.args.chaos.begin_step(step.step);
                 let r = match &state.lost {
                     Some(lost) => Err(Error::runtime(lost.clone())),
                     None => run_step(state, step).await,

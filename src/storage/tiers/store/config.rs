@@ -1,6 +1,7 @@
 //! How a worker's expert state is stored, and whether the budgets hold it without a Disk tier.
 
 use crate::error::Error;
+use crate::storage::tiers::disk::DiskFaultHook;
 use crate::storage::tiers::policy::CachePolicy;
 use crate::storage::tiers::size::format_bytes;
 use std::path::PathBuf;
@@ -26,6 +27,9 @@ pub struct StorageConfig {
     pub io_threads: usize,
     /// Reads and writes in flight at most (the bounded I/O queue).
     pub io_depth: usize,
+    /// Faults to inject into the Disk tier's reads and writes (chaos runs; `None`: no hook, and
+    /// no cost).
+    pub disk_faults: Option<DiskFaultHook>,
 }
 
 impl Default for StorageConfig {
@@ -39,6 +43,7 @@ impl Default for StorageConfig {
             drop_page_cache: true,
             io_threads: 4,
             io_depth: 16,
+            disk_faults: None,
         }
     }
 }
