@@ -152,7 +152,9 @@ fn transient_disk_faults_end_bitwise_equal_without_a_replay() {
         let f = &report.faults[0];
         assert_eq!(f.fired, fired, "{what}: {}", report.markdown());
         assert!(
-            f.detection.contains(detection) && f.detection.contains("no step failed") && f.detection.contains("expert"),
+            f.detection.contains(detection)
+                && f.detection.contains("its step went on")
+                && f.detection.contains("expert"),
             "{what}: {}",
             f.detection
         );
@@ -213,4 +215,92 @@ fn a_lasting_read_error_or_a_full_disk_stops_the_run_naming_the_file() {
         other => panic!("full: {other:?}\n{}", report.markdown()),
     }
     assert_eq!(report.faults[0].fired, 1, "a full disk is not retried");
+}
+
+/// `scenarios/dying-disk.toml`: the slow disk, the short read and the retried errors of steps 2 to
+/// 5 change nothing; the read that fails three times in a row at step 6 stops the run, in the
+/// library and through `semoe chaos` (exit status 2, the report naming the fault).
+#[test]
+fn the_dying_disk_scenario_stops_at_step_6_naming_the_file() {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/dying-disk.toml");
+    let scenario = Scenario::from_file(&file).expect("parses");
+    let c = config(8);
+    let started = Instant::now();
+    let report = chaos::run(&c, &scenario).expect("runs");
+    eprintln!("dying-disk: {} in {:.2?}", report.verdict_line(), started.elapsed());
+    match &report.verdict {
+        Verdict::Stopped { step, error, .. } => {
+            assert_eq!(*step, 6, "{error}");
+            assert!(
+                error.contains("worker-0") && error.contains("experts.slots") && error.contains("os error 5"),
+                "{error}"
+            );
+        }
+        other => panic!("dying-disk: {other:?}\n{}", report.markdown()),
+    }
+    assert_eq!(report.disturbed_steps.len(), 6, "steps 0 to 5 committed");
+    let fired: Vec<usize> = report.faults.iter().map(|f| f.fired).collect();
+    assert_eq!(fired, vec![1, 1, 1, 2, 3], "{}", report.markdown());
+    for f in &report.faults[..4] {
+        assert!(f.detection.contains("its step went on"), "{}", f.detection);
+    }
+    assert!(
+        report.faults[4].detection.contains("step 6 failed"),
+        "{}",
+        report.faults[4].detection
+    );
+    assert_eq!(report.replays, 0);
+
+    let dir = common::TempDir::new("chaos-disk-cli");
+    let unit = ExpertSlot::bytes_for(c.model.d_model, c.model.d_ff);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_semoe"))
+        .args(["chaos", "--scenario"])
+        .arg(&file)
+        .arg("--run-dir")
+        .arg(dir.path())
+        .args([
+            "--steps",
+            "8",
+            "--workers",
+            "2",
+            "--d-model",
+            "32",
+            "--layers",
+            "2",
+            "--heads",
+            "2",
+        ])
+        .args([
+            "--block-size",
+            "16",
+            "--d-ff",
+            "64",
+            "--experts",
+            "4",
+            "--k",
+            "2",
+            "--batch",
+            "8",
+        ])
+        .args(["--groups", "4", "--host-budget", "0", "--device-budget"])
+        .arg((2 * unit).to_string())
+        .output()
+        .expect("run semoe chaos");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("verdict: stopped at step 6"), "{stdout}");
+    let md = std::fs::read_to_string(dir.path().join("chaos.md")).expect("chaos.md");
+    assert!(
+        md.contains("disk tier of worker 0") && md.contains("short-read") && md.contains("Disk tiers read"),
+        "{md}"
+    );
+    assert!(
+        !dir.path().join("tiers").join("disturbed").exists(),
+        "the Disk tier's files are removed with the run"
+    );
 }

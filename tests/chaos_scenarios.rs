@@ -580,7 +580,8 @@ fn the_command_writes_its_report() {
 }
 
 /// The scenarios of `scenarios/`, each on a small job: the ready-made files parse, fit the small
-/// model too, and end as their comments say.
+/// model too, and end as their comments say (`dying-disk.toml`, which needs storage budgets, in
+/// `tests/chaos_disk.rs`).
 #[test]
 fn the_ready_scenarios_end_as_documented() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
@@ -592,6 +593,7 @@ fn the_ready_scenarios_end_as_documented() {
     assert_eq!(
         names,
         [
+            "dying-disk.toml",
             "flaky-actors.toml",
             "flaky-network.toml",
             "random-soak.toml",

@@ -595,18 +595,25 @@ fn disk_detection(
         ),
         _ => format!("fired {fired} time(s), the first {on}"),
     };
+    // Whether the tier got past it: a short read and a slow disk always do, an EIO when it failed
+    // fewer attempts in a row than the I/O thread makes; a full disk never does.
+    let attempts = crate::storage::tiers::disk::ATTEMPTS as usize;
+    let recovered = match f.kind {
+        FaultKind::ShortRead | FaultKind::Slow(_) => true,
+        FaultKind::ReadError | FaultKind::WriteError => fired < attempts,
+        _ => false,
+    };
     match failed {
-        Some((step, error, after)) => format!("{what}; step {step} failed after {after:.3} s: {error}"),
-        None => match f.kind {
+        _ if recovered => match f.kind {
             FaultKind::ReadError | FaultKind::WriteError => format!(
-                "{what}; the I/O thread tried the call again (at most {} attempts) and it went through: no step \
-                 failed",
-                crate::storage::tiers::disk::ATTEMPTS
+                "{what}; the I/O thread tried the call again (at most {attempts} attempts) and it went through: its \
+                 step went on"
             ),
-            FaultKind::ShortRead => format!("{what}; the tier read the rest with further preads: no step failed"),
-            FaultKind::Slow(_) => format!("{what}; no step failed"),
-            _ => format!("{what}; but the run did not stop"),
+            FaultKind::ShortRead => format!("{what}; the tier read the rest with further preads: its step went on"),
+            _ => format!("{what}; its step went on"),
         },
+        Some((step, error, after)) => format!("{what}; step {step} failed after {after:.3} s: {error}"),
+        None => format!("{what}; but the run did not stop"),
     }
 }
 
