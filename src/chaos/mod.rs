@@ -64,6 +64,8 @@ pub enum Target {
         /// Worker index.
         worker: usize,
     },
+    /// The checkpoint a chaos run writes after the fault's step.
+    Checkpoint,
 }
 
 /// When in a step the fault fires.
@@ -103,6 +105,10 @@ pub enum FaultKind {
     /// Every disk read and write waits this long first, from the fault's step to the end of the
     /// run (a slow disk).
     Slow(Duration),
+    /// A checkpoint's save fails halfway through its optimizer file (a writer that dies there).
+    Interrupt,
+    /// A byte of a checkpoint's model file is flipped on disk after the save.
+    Corrupt,
 }
 
 impl FaultKind {

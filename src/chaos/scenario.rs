@@ -30,8 +30,11 @@
 //!
 //! - `actor`: `expert` (names `block` and `expert`), `gate` (`worker` and `block`), `ledger`
 //!   (`worker`), `silence` (`worker`: its communicator never answers a peer again), `link`
-//!   (`from` and `to`: the requests `from` sends `to`, a network fault) or `disk` (`worker`: the
-//!   reads and writes of its Disk tier; the job needs storage budgets that put experts on disk).
+//!   (`from` and `to`: the requests `from` sends `to`, a network fault), `disk` (`worker`: the
+//!   reads and writes of its Disk tier; the job needs storage budgets that put experts on disk) or
+//!   `checkpoint` (the checkpoint written after the step: a chaos run with checkpoint faults
+//!   checkpoints before its first step and after every step, and resumes from the newest intact
+//!   checkpoint, as `--resume` does, whenever a checkpoint fault fires).
 //! - `kind`: `error` (the handler returns an error) or `panic` (the handler panics); for a link,
 //!   `drop`, `duplicate`, `delay` (with `delay = "50ms"`) or `reorder` (the request arrives after
 //!   the next one); not for `silence`. A link fault hits the first request(s) of its step on that
@@ -39,7 +42,9 @@
 //!   call fails with `EIO`), `full` (a write fails with `ENOSPC`), `short-read` (a read returns
 //!   half the bytes) or `slow` (with `delay = "5ms"`: every read and write waits that long, from
 //!   its step to the end of the run); it hits the first read or write of its kind once the step
-//!   has begun (or the first after it, if that step does no disk I/O).
+//!   has begun (or the first after it, if that step does no disk I/O). For a checkpoint,
+//!   `interrupt` (the save fails halfway through writing its optimizer file) or `corrupt` (a byte
+//!   of its model file is flipped after the save).
 //! - `step` (0-based, the step being computed) or `probability` (per step, in (0, 1]): exactly one.
 //!   A random silence starts at the first step drawn.
 //! - `moment`: `forward`, `backward` or `any` (the first time the actor is asked in the step); a
@@ -80,6 +85,8 @@ pub enum ActorKind {
     Link,
     /// The reads and writes of a worker's Disk tier (`worker`).
     Disk,
+    /// The checkpoint written after a step.
+    Checkpoint,
 }
 
 impl ActorKind {
@@ -92,6 +99,7 @@ impl ActorKind {
             ActorKind::Silence => "silence",
             ActorKind::Link => "link",
             ActorKind::Disk => "disk",
+            ActorKind::Checkpoint => "checkpoint",
         }
     }
 }
@@ -187,6 +195,15 @@ impl FaultSpec {
         }
     }
 
+    /// A fault of the checkpoint written after a step: [`FaultKind::Interrupt`] unless told
+    /// otherwise with [`FaultSpec::kind`] ([`FaultKind::Corrupt`]).
+    pub fn checkpoint() -> Self {
+        FaultSpec {
+            kind: FaultKind::Interrupt,
+            ..FaultSpec::new(ActorKind::Checkpoint)
+        }
+    }
+
     /// The sending worker of a link fault.
     pub fn from(mut self, worker: usize) -> Self {
         self.from = Some(worker);
@@ -266,7 +283,33 @@ impl FaultSpec {
         let actor = self.actor.name();
         let not_for = |key: &str, what: &str| format!("{actor} faults do not take `{key}` ({what})");
         let disk = self.kind.is_disk();
+        let checkpoint = matches!(self.kind, FaultKind::Interrupt | FaultKind::Corrupt);
         match self.actor {
+            ActorKind::Checkpoint if !checkpoint => {
+                return bad("kind", "a checkpoint fault is interrupt or corrupt".into())
+            }
+            ActorKind::Checkpoint => {
+                let given = [
+                    ("worker", self.worker.is_some()),
+                    ("block", self.block.is_some()),
+                    ("expert", self.expert.is_some()),
+                    ("from", self.from.is_some()),
+                    ("to", self.to.is_some()),
+                    ("moment", self.moment.is_some()),
+                ];
+                if let Some((key, _)) = given.iter().find(|(_, set)| *set) {
+                    return bad(key, not_for(key, "it hits the checkpoint written after its step"));
+                }
+                if self.times > 1 {
+                    return bad("times", "a checkpoint is written once per step: it fails once".into());
+                }
+            }
+            other if other != ActorKind::Checkpoint && checkpoint => {
+                return bad(
+                    "kind",
+                    format!("{actor} faults cannot be checkpoint faults (use actor = \"checkpoint\")"),
+                )
+            }
             ActorKind::Disk if !disk => {
                 return bad(
                     "kind",
@@ -518,16 +561,17 @@ impl RawFault {
             Some("silence") => ActorKind::Silence,
             Some("link") => ActorKind::Link,
             Some("disk") => ActorKind::Disk,
+            Some("checkpoint") => ActorKind::Checkpoint,
             Some(other) => {
                 return Err(bad(
                     "actor",
-                    format!("{other:?} is not one of expert, gate, ledger, silence, link, disk"),
+                    format!("{other:?} is not one of expert, gate, ledger, silence, link, disk, checkpoint"),
                 ))
             }
             None => {
                 return Err(bad(
                     "actor",
-                    "missing (expert, gate, ledger, silence, link or disk)".into(),
+                    "missing (expert, gate, ledger, silence, link, disk or checkpoint)".into(),
                 ))
             }
         };
@@ -545,6 +589,12 @@ impl RawFault {
                 ))
             }
             (ActorKind::Silence, None) => FaultKind::Error,
+            (ActorKind::Checkpoint, Some("interrupt")) => FaultKind::Interrupt,
+            (ActorKind::Checkpoint, Some("corrupt")) => FaultKind::Corrupt,
+            (ActorKind::Checkpoint, Some(other)) => {
+                return Err(bad("kind", format!("{other:?} is not interrupt or corrupt")))
+            }
+            (ActorKind::Checkpoint, None) => return Err(bad("kind", "missing (interrupt or corrupt)".into())),
             (ActorKind::Disk, Some("read-error")) => FaultKind::ReadError,
             (ActorKind::Disk, Some("write-error")) => FaultKind::WriteError,
             (ActorKind::Disk, Some("full")) => FaultKind::DiskFull,
@@ -848,6 +898,7 @@ fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> F
         ActorKind::Disk => Target::Disk {
             worker: pick(spec.worker, layout.workers),
         },
+        ActorKind::Checkpoint => Target::Checkpoint,
         ActorKind::Link => {
             let from = pick(spec.from, layout.workers);
             // Another worker than `from` (the layout has at least two).
@@ -863,7 +914,9 @@ fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> F
         }
     };
     let moment = match spec.actor {
-        ActorKind::Ledger | ActorKind::Silence | ActorKind::Link | ActorKind::Disk => Moment::Any,
+        ActorKind::Ledger | ActorKind::Silence | ActorKind::Link | ActorKind::Disk | ActorKind::Checkpoint => {
+            Moment::Any
+        }
         _ => spec.moment.unwrap_or_else(|| {
             if rng.random_bool(0.5) {
                 Moment::Forward
@@ -946,6 +999,7 @@ mod tests {
                 Target::Ledger { worker } | Target::Silence { worker } | Target::Disk { worker } => {
                     assert!(worker < 2)
                 }
+                Target::Checkpoint => {}
                 Target::Link { from, to } => assert!(from < 2 && to < 2 && from != to),
             }
         }

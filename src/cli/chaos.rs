@@ -75,7 +75,7 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     if let Some(seeds) = a.soak {
         return soak(&config, &scenario, seeds, &dir);
     }
-    let report = chaos::run_in(&config, &scenario, &dir.join("tiers"))?;
+    let report = chaos::run_in(&config, &scenario, &dir)?;
     let json =
         serde_json::to_string_pretty(&report).map_err(|e| semoe::Error::parse("the chaos report", e.to_string()))?;
     write(&dir.join("chaos.json"), &json)?;
@@ -142,7 +142,7 @@ fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir
             seed,
             ..scenario.clone()
         };
-        let report = chaos::run_in(config, &s, &dir.join("tiers"))?;
+        let report = chaos::run_in(config, &s, dir)?;
         let fired: usize = report.faults.iter().map(|f| f.fired).sum();
         println!(
             "seed {seed}: {fired} faults fired, {} replays: {}",

@@ -10,6 +10,7 @@ use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
 use crate::optimizer::AdamW;
+use crate::storage::checkpoint::{self, Interruption, MODEL_FILE, OPTIMIZER_FILE};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -133,6 +134,8 @@ struct RunResult {
     seconds: f64,
     /// Bytes read from and written to the Disk tiers.
     disk_bytes: [u64; 2],
+    /// What each checkpoint fault did, by the step it fired after.
+    notes: Vec<(u64, String)>,
 }
 
 /// Where a run is, for the report when the overall deadline expires.
@@ -212,6 +215,7 @@ fn builder(
         .chaos(plan))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn one_run(
     name: &'static str,
     config: &TrainConfig,
@@ -219,13 +223,24 @@ async fn one_run(
     plan: FaultPlan,
     progress: &Progress,
     tiers: &Path,
+    checkpoints: Option<&Path>,
 ) -> Result<RunResult> {
     let started = Instant::now();
     set(progress, format!("the {name} run: starting the runtime"));
-    let rt = builder(config, text, plan, &tiers.join(name))?.build().await?;
+    let tiers = tiers.join(name);
+    let mut rt = builder(config, text, plan.clone(), &tiers)?.build().await?;
     let mut steps = Vec::new();
     let mut failed = None;
-    for step in 0..config.train.steps {
+    let mut notes = Vec::new();
+    let mut disk_bytes = [0, 0];
+    if let Some(dir) = checkpoints {
+        // The state before the first step, so that a fault at the first checkpoint has one to
+        // fall back on.
+        set(progress, format!("the {name} run: the checkpoint before step 0"));
+        save_checkpoint(&rt, config, dir, None).await?;
+    }
+    let mut step = 0;
+    while step < config.train.steps {
         set(
             progress,
             format!("the {name} run: step {step} of {}", config.train.steps),
@@ -245,12 +260,76 @@ async fn one_run(
                 break;
             }
         }
+        let Some(dir) = checkpoints else {
+            step += 1;
+            continue;
+        };
+        set(progress, format!("the {name} run: the checkpoint after step {step}"));
+        let t = Instant::now();
+        let fault = plan.fire(&Target::Checkpoint, step, Moment::Any);
+        let what = match (fault, save_checkpoint(&rt, config, dir, fault).await) {
+            (None, Ok(_)) => {
+                step += 1;
+                continue;
+            }
+            (None, Err(e)) => {
+                failed = Some((
+                    step,
+                    format!("the checkpoint after step {step}: {e}"),
+                    t.elapsed().as_secs_f64(),
+                ));
+                break;
+            }
+            (Some(_), Err(e)) => format!("the save failed: {e}"),
+            (Some(FaultKind::Corrupt), Ok(saved)) => match flip_a_byte(&saved) {
+                Ok(flipped) => flipped,
+                Err(e) => {
+                    failed = Some((
+                        step,
+                        format!("cannot corrupt the checkpoint: {e}"),
+                        t.elapsed().as_secs_f64(),
+                    ));
+                    break;
+                }
+            },
+            (Some(_), Ok(saved)) => format!("the save of {} went through", saved.display()),
+        };
+        // As after a crash there: the runtime stops, and the run resumes from the newest intact
+        // checkpoint (what `semoe train --resume` does).
+        disk_bytes = add(disk_bytes, tier_bytes(&rt));
+        rt.shutdown().await?;
+        match resume(config, dir) {
+            Ok((model, optimizer, how)) => {
+                let from = optimizer.step;
+                notes.push((
+                    step,
+                    format!("{what}; {how}; {} step(s) trained again", step + 1 - from),
+                ));
+                steps.truncate(from as usize);
+                set(progress, format!("the {name} run: resuming from step {from}"));
+                rt = builder(config, text, plan.clone(), &tiers)?
+                    .state(model, optimizer)
+                    .build()
+                    .await?;
+                step = from;
+            }
+            Err(e) => {
+                notes.push((step, format!("{what}; the run could not resume: {e}")));
+                failed = Some((step, e.to_string(), t.elapsed().as_secs_f64()));
+                return Ok(RunResult {
+                    steps,
+                    failed,
+                    state: None,
+                    started,
+                    seconds: started.elapsed().as_secs_f64(),
+                    disk_bytes,
+                    notes,
+                });
+            }
+        }
     }
     let steps_done = steps.len() as u64;
-    let disk_bytes = rt
-        .tier_stats()
-        .iter()
-        .fold([0, 0], |[r, w], t| [r + t.disk_read, w + t.disk_written]);
+    disk_bytes = add(disk_bytes, tier_bytes(&rt));
     let state = if failed.is_none() {
         set(progress, format!("the {name} run: gathering the state"));
         let t = Instant::now();
@@ -283,7 +362,84 @@ async fn one_run(
         started,
         seconds: started.elapsed().as_secs_f64(),
         disk_bytes,
+        notes,
     })
+}
+
+/// Bytes the runtime's Disk tiers read and wrote.
+fn tier_bytes(rt: &Runtime) -> [u64; 2] {
+    rt.tier_stats()
+        .iter()
+        .fold([0, 0], |[r, w], t| [r + t.disk_read, w + t.disk_written])
+}
+
+fn add(a: [u64; 2], b: [u64; 2]) -> [u64; 2] {
+    [a[0] + b[0], a[1] + b[1]]
+}
+
+/// Write the runtime's committed state as a checkpoint under `dir`, interrupted halfway through
+/// the optimizer file (an injected `EIO`) for [`FaultKind::Interrupt`].
+async fn save_checkpoint(rt: &Runtime, config: &TrainConfig, dir: &Path, fault: Option<FaultKind>) -> Result<PathBuf> {
+    let (model, optimizer) = rt.state().await?;
+    let interruption = (fault == Some(FaultKind::Interrupt)).then(|| Interruption {
+        file: OPTIMIZER_FILE,
+        error: std::io::Error::from_raw_os_error(libc::EIO),
+    });
+    crate::storage::state::save_interrupted(
+        dir,
+        config,
+        config.train.seed,
+        &model,
+        &optimizer,
+        0.0,
+        None,
+        interruption,
+    )
+}
+
+/// Flip one bit of a byte in the middle of the checkpoint's model file (in the tensor data, past
+/// the header), as a disk's silent corruption would; says which.
+fn flip_a_byte(checkpoint: &Path) -> Result<String> {
+    let path = checkpoint.join(MODEL_FILE);
+    let mut bytes = std::fs::read(&path).map_err(|e| Error::io("cannot read the checkpoint to corrupt", &path, e))?;
+    let at = bytes.len() / 2;
+    let Some(b) = bytes.get_mut(at) else {
+        return Err(Error::checkpoint(&path, "the file is empty"));
+    };
+    *b ^= 0x10;
+    std::fs::write(&path, &bytes).map_err(|e| Error::io("cannot write the corrupted checkpoint", &path, e))?;
+    Ok(format!(
+        "bit 4 of byte {at} of {} flipped after the save",
+        path.display()
+    ))
+}
+
+/// What `--resume` does: the newest checkpoint under `dir` that verifies in full (manifest,
+/// lengths, SHA-256), every newer damaged one set aside and named, loaded.
+fn resume(config: &TrainConfig, dir: &Path) -> Result<(Gpt<f32>, AdamW, String)> {
+    let resolved = checkpoint::newest_intact(dir)?;
+    let mut how = Vec::new();
+    for d in &resolved.damaged {
+        let aside = checkpoint::set_aside(&d.dir)?;
+        how.push(format!(
+            "{} is damaged ({}) and was moved to {}",
+            d.dir.display(),
+            d.reason,
+            aside.display()
+        ));
+    }
+    let Some(ckpt) = resolved.checkpoint else {
+        how.push("no intact checkpoint is left".into());
+        return Err(Error::checkpoint(dir, how.join("; ")));
+    };
+    let from = ckpt.dir.clone();
+    let (model, optimizer, _) = super::trainer::load_state_from(config, ckpt)?;
+    how.push(format!(
+        "resumed from {} (step {}; every file's length and SHA-256 verified)",
+        from.display(),
+        optimizer.step
+    ));
+    Ok((model, optimizer, how.join("; ")))
 }
 
 fn describe(target: &Target) -> String {
@@ -294,6 +450,7 @@ fn describe(target: &Target) -> String {
         Target::Silence { worker } => format!("communicator of worker {worker}"),
         Target::Link { from, to } => format!("requests from worker {from} to worker {to}"),
         Target::Disk { worker } => format!("disk tier of worker {worker}"),
+        Target::Checkpoint => "the checkpoint after the step".to_string(),
     }
 }
 
@@ -312,17 +469,18 @@ fn moment_name(m: Moment) -> &'static str {
 pub fn run(config: &TrainConfig, scenario: &Scenario) -> Result<ChaosReport> {
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tiers = std::env::temp_dir().join(format!("semoe-chaos-{}-{n}", std::process::id()));
-    let report = run_in(config, scenario, &tiers);
-    // The stores delete their files when dropped; the directory may be left.
-    let _ = std::fs::remove_dir_all(&tiers);
+    let dir = std::env::temp_dir().join(format!("semoe-chaos-{}-{n}", std::process::id()));
+    let report = run_in(config, scenario, &dir);
+    // The stores delete their files when dropped; checkpoints and directories may be left.
+    let _ = std::fs::remove_dir_all(&dir);
     report
 }
 
-/// [`run`] with the Disk tiers (when the job's storage budgets need them) under `tiers`: one
-/// directory per run (`disturbed`, `undisturbed`), each with a directory per worker.
-pub fn run_in(config: &TrainConfig, scenario: &Scenario, tiers: &Path) -> Result<ChaosReport> {
-    let tiers: PathBuf = tiers.to_path_buf();
+/// [`run`] in `dir`: the Disk tiers (when the job's storage budgets need them) under `dir/tiers/`,
+/// one directory per run (`disturbed`, `undisturbed`), each with a directory per worker; with
+/// checkpoint faults, the disturbed run's checkpoints under `dir/checkpoints/` (emptied first).
+pub fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> Result<ChaosReport> {
+    let tiers: PathBuf = dir.join("tiers");
     let mut job = config.clone();
     if let Some(d) = scenario.collective_deadline {
         job.train.deadline_s = d.as_secs_f64();
@@ -353,6 +511,17 @@ pub fn run_in(config: &TrainConfig, scenario: &Scenario, tiers: &Path) -> Result
             )));
         }
     }
+    let checkpoints = planned
+        .iter()
+        .any(|p| p.fault.target == Target::Checkpoint)
+        .then(|| dir.to_path_buf());
+    if let Some(d) = &checkpoints {
+        let old = d.join(checkpoint::CHECKPOINTS_DIR);
+        if old.exists() {
+            std::fs::remove_dir_all(&old)
+                .map_err(|e| Error::io("cannot empty the chaos run's checkpoints", &old, e))?;
+        }
+    }
     let text = Arc::new(super::trainer::corpus_for(config)?.train);
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -366,7 +535,19 @@ pub fn run_in(config: &TrainConfig, scenario: &Scenario, tiers: &Path) -> Result
     let disturbed = {
         let (plan, progress, text, tiers) = (plan.clone(), progress.clone(), text.clone(), tiers.clone());
         tokio.block_on(async move {
-            tokio::time::timeout(deadline, one_run("disturbed", config, &text, plan, &progress, &tiers)).await
+            tokio::time::timeout(
+                deadline,
+                one_run(
+                    "disturbed",
+                    config,
+                    &text,
+                    plan,
+                    &progress,
+                    &tiers,
+                    checkpoints.as_deref(),
+                ),
+            )
+            .await
         })
     };
     let mut undisturbed = None;
@@ -392,7 +573,7 @@ pub fn run_in(config: &TrainConfig, scenario: &Scenario, tiers: &Path) -> Result
                     async move {
                         tokio::time::timeout(
                             left,
-                            one_run("undisturbed", config, &text, FaultPlan::none(), &progress, &tiers),
+                            one_run("undisturbed", config, &text, FaultPlan::none(), &progress, &tiers, None),
                         )
                         .await
                     }
@@ -467,6 +648,8 @@ fn report(
                 FaultKind::DiskFull => "full".to_string(),
                 FaultKind::ShortRead => "short-read".to_string(),
                 FaultKind::Slow(d) => format!("slow {}", humantime::format_duration(d)),
+                FaultKind::Interrupt => "interrupt".to_string(),
+                FaultKind::Corrupt => "corrupt".to_string(),
                 FaultKind::Panic => "panic".to_string(),
                 FaultKind::Error => "error".to_string(),
                 FaultKind::Drop => "drop".to_string(),
@@ -500,6 +683,12 @@ fn report(
                     ),
                     None => format!("the silence began at step {} but the run did not fail", x.step),
                 },
+                Some(x) if f.target == Target::Checkpoint => disturbed
+                    .and_then(|d| d.notes.iter().find(|(s, _)| *s == x.step))
+                    .map_or_else(
+                        || "fired, but the run stopped before it could resume".to_string(),
+                        |(_, note)| note.clone(),
+                    ),
                 Some(x) if disk => disk_detection(f, x, mine.len(), disturbed.and_then(|d| d.failed.as_ref())),
                 Some(x) if link => match (disturbed.and_then(|d| d.failed.as_ref()), &committed) {
                     (Some((step, error, after)), _) if *step == x.step => {
