@@ -316,6 +316,96 @@ fn each_network_fault_alone_ends_as_documented() {
     assert_eq!(report.faults[0].fired, 1);
 }
 
+/// A corrupted request is refused by its receiver (in-process, as the decoder of the
+/// multi-process runtime would refuse it): the run stops at once with the protocol error naming
+/// the sender and the receiver. A partition loses every packet between two workers, both ways, for
+/// its duration: the first exchange across it misses its collective deadline and the run stops
+/// with that error (a missed deadline is not replayed).
+#[test]
+fn a_corrupted_request_or_a_partition_stops_the_run_naming_the_link() {
+    let c = config(8, 2);
+    for (text, key) in [
+        (
+            "[[fault]]\nactor = \"link\"\nkind = \"partition\"\nstep = 1\n",
+            "fault[0].duration",
+        ),
+        (
+            "[[fault]]\nactor = \"link\"\nkind = \"partition\"\nduration = \"never\"\nstep = 1\n",
+            "fault[0].duration",
+        ),
+        (
+            "[[fault]]\nactor = \"link\"\nkind = \"drop\"\nduration = \"2s\"\nstep = 1\n",
+            "fault[0].duration",
+        ),
+        (
+            "[[fault]]\nactor = \"link\"\nkind = \"partition\"\nduration = \"2s\"\nstep = 1\ntimes = 2\n",
+            "fault[0].times",
+        ),
+        (
+            "[[fault]]\nactor = \"link\"\nkind = \"interrupt\"\nstep = 1\n",
+            "fault[0].kind",
+        ),
+    ] {
+        let err = Scenario::from_toml(text).expect_err(text).to_string();
+        assert!(err.contains(key), "the error for\n{text}\ndoes not name {key}: {err}");
+    }
+    let parsed = Scenario::from_toml("[[fault]]\nactor = \"link\"\nkind = \"corrupt\"\nstep = 1\n").expect("corrupt");
+    assert_eq!(parsed.faults[0].kind, FaultKind::Corrupt);
+
+    let scenario = Scenario::builder()
+        .deadline(Duration::from_secs(60))
+        .fault(FaultSpec::link().from(0).to(1).kind(FaultKind::Corrupt).at(2))
+        .build()
+        .expect("valid");
+    let report = run(&c, &scenario, "corrupt");
+    match &report.verdict {
+        Verdict::Stopped { step, error, after_s } => {
+            assert_eq!(*step, 2, "{error}");
+            assert!(
+                error.contains("worker 0 broke the protocol") && error.contains("request to worker 1"),
+                "{error}"
+            );
+            assert!(error.contains("could not be decoded"), "{error}");
+            assert!(*after_s < 3.0, "stopped at once, not at a deadline: {after_s} s");
+        }
+        other => panic!("corrupt: {other:?}"),
+    }
+    assert_eq!(report.faults[0].fired, 1);
+    assert_eq!(report.faults[0].kind, "corrupt");
+
+    let scenario = Scenario::builder()
+        .deadline(Duration::from_secs(60))
+        .collective_deadline(Duration::from_millis(300))
+        .fault(
+            FaultSpec::link()
+                .from(1)
+                .to(0)
+                .kind(FaultKind::Partition(Duration::from_secs(2)))
+                .at(3),
+        )
+        .build()
+        .expect("valid");
+    let report = run(&c, &scenario, "partition");
+    match &report.verdict {
+        Verdict::Stopped { step, error, after_s } => {
+            assert_eq!(*step, 3, "{error}");
+            assert!(error.contains("did not answer"), "{error}");
+            assert!(
+                (0.3..3.0).contains(after_s),
+                "failed after {after_s} s (deadline 0.3 s)"
+            );
+        }
+        other => panic!("partition: {other:?}"),
+    }
+    assert_eq!(report.faults[0].fired, 1);
+    assert_eq!(report.faults[0].kind, "partition 2s");
+    assert!(
+        report.faults[0].detection.contains("step 3 failed"),
+        "{}",
+        report.faults[0].detection
+    );
+}
+
 #[test]
 fn a_silent_peer_stops_the_run_with_the_deadline_error() {
     let mut c = config(6, 2);

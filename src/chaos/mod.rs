@@ -107,8 +107,12 @@ pub enum FaultKind {
     Slow(Duration),
     /// A checkpoint's save fails halfway through its optimizer file (a writer that dies there).
     Interrupt,
-    /// A byte of a checkpoint's model file is flipped on disk after the save.
+    /// A byte of a checkpoint's model file is flipped on disk after the save; for a link, the
+    /// request's bytes are damaged on the way (the receiver cannot decode it).
     Corrupt,
+    /// Every packet between the link's two workers, both ways, is lost for this long, from the
+    /// first request of the fault's step on the link.
+    Partition(Duration),
 }
 
 impl FaultKind {
@@ -190,6 +194,8 @@ struct Inner {
     /// only that unit's calls, so that `times = 3` fails one read three times in a row (its
     /// retries included) rather than three reads once.
     pinned: Vec<Option<UnitId>>,
+    /// For each fault (by index), when a partition began.
+    since: Vec<Option<Instant>>,
 }
 
 /// The faults to inject, shared by all actors of a runtime.
@@ -225,6 +231,7 @@ impl FaultPlan {
         inner.faults.push(fault);
         inner.fired.push(false);
         inner.pinned.push(None);
+        inner.since.push(None);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -289,6 +296,50 @@ impl FaultPlan {
             .faults
             .iter()
             .any(|f| matches!(f.target, Target::Disk { .. }))
+    }
+
+    /// Whether a packet from `from` to `to` is lost to a partition: one between the two workers
+    /// (either way) that is under way, or that starts now (`step`: the packet is a request of that
+    /// step; the first request of a partition's step, or a later one, starts it).
+    pub fn partitioned(&self, from: usize, to: usize, step: Option<u64>) -> bool {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let found = inner.faults.iter().enumerate().find_map(|(i, f)| {
+            let FaultKind::Partition(d) = f.kind else { return None };
+            let Target::Link { from: a, to: b } = f.target else {
+                return None;
+            };
+            if !((a, b) == (from, to) || (a, b) == (to, from)) {
+                return None;
+            }
+            match inner.since[i] {
+                Some(t) => (now < t + d).then_some((i, false)),
+                None => step.is_some_and(|s| s >= f.step).then_some((i, true)),
+            }
+        });
+        let Some((index, starts)) = found else { return false };
+        if starts {
+            inner.since[index] = Some(now);
+            inner.fired[index] = true;
+            inner.faults[index].times = 0;
+            let step = step.unwrap_or_default();
+            inner.firings.push(Firing {
+                fault: index,
+                step,
+                moment: Moment::Any,
+                at: now,
+                detail: format!("the first packet lost: a request from worker {from} to worker {to}"),
+            });
+        }
+        true
+    }
+
+    /// Whether the plan has partitions (every packet is then checked against them).
+    pub fn has_partitions(&self) -> bool {
+        self.lock()
+            .faults
+            .iter()
+            .any(|f| matches!(f.kind, FaultKind::Partition(_)))
     }
 
     /// Whether the plan has network faults (the transports need wrapping in [`net::FaultyTransport`]).

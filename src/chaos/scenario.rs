@@ -36,8 +36,11 @@
 //!   checkpoints before its first step and after every step, and resumes from the newest intact
 //!   checkpoint, as `--resume` does, whenever a checkpoint fault fires).
 //! - `kind`: `error` (the handler returns an error) or `panic` (the handler panics); for a link,
-//!   `drop`, `duplicate`, `delay` (with `delay = "50ms"`) or `reorder` (the request arrives after
-//!   the next one); not for `silence`. A link fault hits the first request(s) of its step on that
+//!   `drop`, `duplicate`, `delay` (with `delay = "50ms"`), `reorder` (the request arrives after
+//!   the next one), `corrupt` (its bytes are damaged: the receiver cannot decode it) or
+//!   `partition` (with `duration = "2s"`: from the first request of its step on that link, every
+//!   packet between the two workers, both ways, replies too, is lost for that long); not for
+//!   `silence`. A link fault hits the first request(s) of its step on that
 //!   link (only requests: replies carry no step). For a disk, `read-error` or `write-error` (the
 //!   call fails with `EIO`), `full` (a write fails with `ENOSPC`), `short-read` (a read returns
 //!   half the bytes) or `slow` (with `delay = "5ms"`: every read and write waits that long, from
@@ -304,7 +307,12 @@ impl FaultSpec {
                     return bad("times", "a checkpoint is written once per step: it fails once".into());
                 }
             }
-            other if other != ActorKind::Checkpoint && checkpoint => {
+            // A link may be corrupt too (its requests' bytes); nothing else but a checkpoint.
+            other
+                if other != ActorKind::Checkpoint
+                    && checkpoint
+                    && !(other == ActorKind::Link && self.kind == FaultKind::Corrupt) =>
+            {
                 return bad(
                     "kind",
                     format!("{actor} faults cannot be checkpoint faults (use actor = \"checkpoint\")"),
@@ -347,11 +355,22 @@ impl FaultSpec {
         }
         let network = matches!(
             self.kind,
-            FaultKind::Drop | FaultKind::Duplicate | FaultKind::Delay(_) | FaultKind::Reorder
+            FaultKind::Drop
+                | FaultKind::Duplicate
+                | FaultKind::Delay(_)
+                | FaultKind::Reorder
+                | FaultKind::Corrupt
+                | FaultKind::Partition(_)
         );
         match self.actor {
             ActorKind::Link if !network => {
-                return bad("kind", "a link fault is drop, duplicate, delay or reorder".into())
+                return bad(
+                    "kind",
+                    "a link fault is drop, duplicate, delay, reorder, corrupt or partition".into(),
+                )
+            }
+            ActorKind::Link if self.times > 1 && matches!(self.kind, FaultKind::Partition(_)) => {
+                return bad("times", "a partition lasts its `duration`: it starts once".into())
             }
             ActorKind::Expert | ActorKind::Gate | ActorKind::Ledger if network => {
                 return bad("kind", format!("{actor} faults are error or panic"))
@@ -548,6 +567,7 @@ struct RawFault {
     from: Option<usize>,
     to: Option<usize>,
     delay: Option<String>,
+    duration: Option<String>,
     times: Option<u32>,
 }
 
@@ -579,6 +599,12 @@ impl RawFault {
             return Err(bad(
                 "delay",
                 "only a fault of kind \"delay\" (a link) or \"slow\" (a disk) takes a delay".into(),
+            ));
+        }
+        if self.duration.is_some() && self.kind.as_deref() != Some("partition") {
+            return Err(bad(
+                "duration",
+                "only a fault of kind \"partition\" (a link) takes a duration".into(),
             ));
         }
         let kind = match (actor, self.kind.as_deref()) {
@@ -626,6 +652,19 @@ impl RawFault {
             (ActorKind::Link, Some("drop")) => FaultKind::Drop,
             (ActorKind::Link, Some("duplicate")) => FaultKind::Duplicate,
             (ActorKind::Link, Some("reorder")) => FaultKind::Reorder,
+            (ActorKind::Link, Some("corrupt")) => FaultKind::Corrupt,
+            (ActorKind::Link, Some("partition")) => match self.duration.as_deref() {
+                Some(d) => FaultKind::Partition(
+                    humantime::parse_duration(d)
+                        .map_err(|e| bad("duration", format!("{d:?} is not a duration such as \"2s\": {e}")))?,
+                ),
+                None => {
+                    return Err(bad(
+                        "duration",
+                        "missing: a partition needs `duration` (e.g. \"2s\")".into(),
+                    ))
+                }
+            },
             (ActorKind::Link, Some("delay")) => match self.delay.as_deref() {
                 Some(d) => FaultKind::Delay(
                     humantime::parse_duration(d)
@@ -641,10 +680,15 @@ impl RawFault {
             (ActorKind::Link, Some(other)) => {
                 return Err(bad(
                     "kind",
-                    format!("{other:?} is not drop, duplicate, delay or reorder"),
+                    format!("{other:?} is not drop, duplicate, delay, reorder, corrupt or partition"),
                 ))
             }
-            (ActorKind::Link, None) => return Err(bad("kind", "missing (drop, duplicate, delay or reorder)".into())),
+            (ActorKind::Link, None) => {
+                return Err(bad(
+                    "kind",
+                    "missing (drop, duplicate, delay, reorder, corrupt or partition)".into(),
+                ))
+            }
             (_, Some("error")) => FaultKind::Error,
             (_, Some("panic")) => FaultKind::Panic,
             (_, Some(other)) => return Err(bad("kind", format!("{other:?} is not error or panic"))),

@@ -650,6 +650,7 @@ fn report(
                 FaultKind::Slow(d) => format!("slow {}", humantime::format_duration(d)),
                 FaultKind::Interrupt => "interrupt".to_string(),
                 FaultKind::Corrupt => "corrupt".to_string(),
+                FaultKind::Partition(d) => format!("partition {}", humantime::format_duration(d)),
                 FaultKind::Panic => "panic".to_string(),
                 FaultKind::Error => "error".to_string(),
                 FaultKind::Drop => "drop".to_string(),
