@@ -406,6 +406,39 @@ fn a_corrupted_request_or_a_partition_stops_the_run_naming_the_link() {
     );
 }
 
+/// A Communicator that fails (an error, a panic) when asked to send the first exchange of its
+/// step: its worker's supervisor restarts it, the step is replayed, and the state ends bitwise
+/// equal.
+#[test]
+fn a_communicator_fault_is_repaired_by_a_restart_and_a_replay() {
+    let c = config(8, 2);
+    for (what, spec) in [
+        ("communicator error", FaultSpec::communicator().worker(1).error().at(2)),
+        ("communicator panic", FaultSpec::communicator().worker(0).panic().at(5)),
+    ] {
+        let scenario = Scenario::builder()
+            .deadline(Duration::from_secs(60))
+            .collective_deadline(Duration::from_secs(5))
+            .fault(spec)
+            .build()
+            .expect("valid");
+        let report = run(&c, &scenario, what);
+        assert_bitwise_equal(&report, &c, what);
+        assert_eq!(report.faults[0].fired, 1, "{what}");
+        assert_eq!(report.restarts, 1, "{what}: the communicator restarted");
+        assert!(report.replays >= 1, "{what}: its step replayed");
+        assert!(
+            report.faults[0].detection.contains("restarted the communicator"),
+            "{what}: {}",
+            report.faults[0].detection
+        );
+    }
+    let err = Scenario::from_toml("[[fault]]\nactor = \"communicator\"\nkind = \"error\"\nstep = 1\nblock = 0\n")
+        .expect_err("block")
+        .to_string();
+    assert!(err.contains("fault[0].block"), "{err}");
+}
+
 #[test]
 fn a_silent_peer_stops_the_run_with_the_deadline_error() {
     let mut c = config(6, 2);

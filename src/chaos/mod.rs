@@ -66,6 +66,11 @@ pub enum Target {
     },
     /// The checkpoint a chaos run writes after the fault's step.
     Checkpoint,
+    /// The Communicator actor of `worker` (when it is asked to send an exchange).
+    Communicator {
+        /// Worker index.
+        worker: usize,
+    },
 }
 
 /// When in a step the fault fires.
@@ -177,7 +182,7 @@ pub struct Restart {
     pub worker: usize,
     /// What kind of actor: `expert`, `gate`, `ledger` or `communicator`.
     pub actor: &'static str,
-    /// The actor as a fault target (`None` for a communicator, which no fault targets).
+    /// The actor as a fault target.
     pub target: Option<Target>,
     /// When the supervisor saw the failure.
     pub at: Instant,
@@ -288,6 +293,11 @@ impl FaultPlan {
     /// A worker begins (an attempt of) `step`: disk faults of that step may fire from now on.
     pub fn begin_step(&self, step: u64) {
         self.begun.fetch_max(step.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// The latest step a worker began (`None` before the first).
+    pub fn current_step(&self) -> Option<u64> {
+        self.begun.load(Ordering::Relaxed).checked_sub(1)
     }
 
     /// Whether the plan has Disk tier faults (the stores need the plan as their hook).

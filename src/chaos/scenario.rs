@@ -29,7 +29,8 @@
 //! Keys of a `[[fault]]`:
 //!
 //! - `actor`: `expert` (names `block` and `expert`), `gate` (`worker` and `block`), `ledger`
-//!   (`worker`), `silence` (`worker`: its communicator never answers a peer again), `link`
+//!   (`worker`), `communicator` (`worker`: it fails when asked to send the first exchange of the
+//!   step), `silence` (`worker`: its communicator never answers a peer again), `link`
 //!   (`from` and `to`: the requests `from` sends `to`, a network fault), `disk` (`worker`: the
 //!   reads and writes of its Disk tier; the job needs storage budgets that put experts on disk) or
 //!   `checkpoint` (the checkpoint written after the step: a chaos run with checkpoint faults
@@ -90,6 +91,8 @@ pub enum ActorKind {
     Disk,
     /// The checkpoint written after a step.
     Checkpoint,
+    /// A Communicator actor (`worker`).
+    Communicator,
 }
 
 impl ActorKind {
@@ -103,6 +106,7 @@ impl ActorKind {
             ActorKind::Link => "link",
             ActorKind::Disk => "disk",
             ActorKind::Checkpoint => "checkpoint",
+            ActorKind::Communicator => "communicator",
         }
     }
 }
@@ -171,6 +175,11 @@ impl FaultSpec {
     /// A Ledger actor fails (when it receives gradients).
     pub fn ledger() -> Self {
         FaultSpec::new(ActorKind::Ledger)
+    }
+
+    /// A Communicator actor fails (when asked to send an exchange).
+    pub fn communicator() -> Self {
+        FaultSpec::new(ActorKind::Communicator)
     }
 
     /// A worker's communicator stops answering its peers.
@@ -372,7 +381,7 @@ impl FaultSpec {
             ActorKind::Link if self.times > 1 && matches!(self.kind, FaultKind::Partition(_)) => {
                 return bad("times", "a partition lasts its `duration`: it starts once".into())
             }
-            ActorKind::Expert | ActorKind::Gate | ActorKind::Ledger if network => {
+            ActorKind::Expert | ActorKind::Gate | ActorKind::Ledger | ActorKind::Communicator if network => {
                 return bad("kind", format!("{actor} faults are error or panic"))
             }
             ActorKind::Link if self.worker.is_some() || self.block.is_some() || self.expert.is_some() => {
@@ -396,19 +405,21 @@ impl FaultSpec {
                     not_for("worker", "the expert's worker follows from the placement"),
                 )
             }
-            ActorKind::Gate | ActorKind::Ledger | ActorKind::Silence if self.expert.is_some() => {
+            ActorKind::Gate | ActorKind::Ledger | ActorKind::Silence | ActorKind::Communicator
+                if self.expert.is_some() =>
+            {
                 return bad("expert", not_for("expert", "only expert faults name an expert"))
             }
-            ActorKind::Ledger | ActorKind::Silence if self.block.is_some() => {
+            ActorKind::Ledger | ActorKind::Silence | ActorKind::Communicator if self.block.is_some() => {
                 return bad("block", not_for("block", "a worker has one of them for all blocks"))
             }
             _ => {}
         }
         match (self.actor, self.moment) {
-            (ActorKind::Ledger, Some(m)) if m != Moment::Any => {
+            (ActorKind::Ledger | ActorKind::Communicator, Some(m)) if m != Moment::Any => {
                 return bad(
                     "moment",
-                    "a ledger is asked once per step, when it receives gradients: only `any`".into(),
+                    "a ledger is asked once per step, when it receives gradients, and a communicator fails at the first exchange of its step: only `any`".into(),
                 )
             }
             (ActorKind::Silence, Some(_)) => {
@@ -574,27 +585,29 @@ struct RawFault {
 impl RawFault {
     fn into_spec(self, at: &str) -> Result<FaultSpec> {
         let bad = |key: &str, why: String| Error::config(format!("chaos scenario: {at}.{key}: {why}"));
-        let actor = match self.actor.as_deref() {
-            Some("expert") => ActorKind::Expert,
-            Some("gate") => ActorKind::Gate,
-            Some("ledger") => ActorKind::Ledger,
-            Some("silence") => ActorKind::Silence,
-            Some("link") => ActorKind::Link,
-            Some("disk") => ActorKind::Disk,
-            Some("checkpoint") => ActorKind::Checkpoint,
-            Some(other) => {
-                return Err(bad(
+        let actor =
+            match self.actor.as_deref() {
+                Some("expert") => ActorKind::Expert,
+                Some("gate") => ActorKind::Gate,
+                Some("ledger") => ActorKind::Ledger,
+                Some("silence") => ActorKind::Silence,
+                Some("link") => ActorKind::Link,
+                Some("disk") => ActorKind::Disk,
+                Some("checkpoint") => ActorKind::Checkpoint,
+                Some("communicator") => ActorKind::Communicator,
+                Some(other) => return Err(bad(
                     "actor",
-                    format!("{other:?} is not one of expert, gate, ledger, silence, link, disk, checkpoint"),
-                ))
-            }
-            None => {
-                return Err(bad(
-                    "actor",
-                    "missing (expert, gate, ledger, silence, link, disk or checkpoint)".into(),
-                ))
-            }
-        };
+                    format!(
+                        "{other:?} is not one of expert, gate, ledger, communicator, silence, link, disk, checkpoint"
+                    ),
+                )),
+                None => {
+                    return Err(bad(
+                        "actor",
+                        "missing (expert, gate, ledger, communicator, silence, link, disk or checkpoint)".into(),
+                    ))
+                }
+            };
         if self.delay.is_some() && !matches!(self.kind.as_deref(), Some("delay" | "slow")) {
             return Err(bad(
                 "delay",
@@ -943,6 +956,9 @@ fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> F
             worker: pick(spec.worker, layout.workers),
         },
         ActorKind::Checkpoint => Target::Checkpoint,
+        ActorKind::Communicator => Target::Communicator {
+            worker: pick(spec.worker, layout.workers),
+        },
         ActorKind::Link => {
             let from = pick(spec.from, layout.workers);
             // Another worker than `from` (the layout has at least two).
@@ -958,9 +974,12 @@ fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> F
         }
     };
     let moment = match spec.actor {
-        ActorKind::Ledger | ActorKind::Silence | ActorKind::Link | ActorKind::Disk | ActorKind::Checkpoint => {
-            Moment::Any
-        }
+        ActorKind::Ledger
+        | ActorKind::Silence
+        | ActorKind::Link
+        | ActorKind::Disk
+        | ActorKind::Checkpoint
+        | ActorKind::Communicator => Moment::Any,
         _ => spec.moment.unwrap_or_else(|| {
             if rng.random_bool(0.5) {
                 Moment::Forward
@@ -1044,6 +1063,7 @@ mod tests {
                     assert!(worker < 2)
                 }
                 Target::Checkpoint => {}
+                Target::Communicator { worker } => assert!(worker < 2),
                 Target::Link { from, to } => assert!(from < 2 && to < 2 && from != to),
             }
         }

@@ -451,6 +451,7 @@ fn describe(target: &Target) -> String {
         Target::Link { from, to } => format!("requests from worker {from} to worker {to}"),
         Target::Disk { worker } => format!("disk tier of worker {worker}"),
         Target::Checkpoint => "the checkpoint after the step".to_string(),
+        Target::Communicator { worker } => format!("communicator of worker {worker}"),
     }
 }
 

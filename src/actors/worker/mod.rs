@@ -247,7 +247,7 @@ impl WorkerState {
             Child::Gate(block) => Some(Target::Gate { worker, block }),
             Child::Expert(block, expert) => Some(Target::Expert { block, expert }),
             Child::Ledger => Some(Target::Ledger { worker }),
-            Child::Comm => None,
+            Child::Comm => Some(Target::Communicator { worker }),
         };
         self.args.chaos.record_restart(worker, child.label(), target);
         let now = Instant::now();
