@@ -3,8 +3,9 @@
 //! naming the key; a transient read or write error (retried by the I/O thread), a short read and a
 //! slow disk end with the state bitwise equal to the undisturbed run's, without a replay; an error
 //! that outlasts the retries and a full disk stop the run with an error naming the worker, the slot
-//! file, the expert and the errno (and for a full disk the directory and the budgets); and
-//! `scenarios/dying-disk.toml` ends as its comment says.
+//! file, the expert and the errno (and for a full disk the directory and the budgets);
+//! `scenarios/dying-disk.toml` ends as its comment says; and 20 seeds of random recoverable disk
+//! faults end bitwise equal.
 
 mod common;
 
@@ -303,4 +304,52 @@ fn the_dying_disk_scenario_stops_at_step_6_naming_the_file() {
         !dir.path().join("tiers").join("disturbed").exists(),
         "the Disk tier's files are removed with the run"
     );
+}
+
+/// Random disk faults that the tier gets past (single read and write errors, short reads) with
+/// random expert panics, over 20 seeds, 2 workers for even seeds and 3 for odd ones: every seed
+/// ends bitwise equal, with no more replays than the expert panics cause. A failure names its seed.
+#[test]
+fn a_randomised_disk_soak_over_20_seeds_ends_bitwise_equal() {
+    let started = Instant::now();
+    let (mut fired, mut disk_fired) = (0, 0);
+    for seed in 0..20u64 {
+        let mut c = config(10);
+        c.train.workers = 2 + (seed as usize % 2);
+        let scenario = Scenario::builder()
+            .seed(seed)
+            .deadline(Duration::from_secs(60))
+            .fault(FaultSpec::disk().kind(FaultKind::ReadError).random(0.2))
+            .fault(FaultSpec::disk().kind(FaultKind::WriteError).random(0.2))
+            .fault(FaultSpec::disk().kind(FaultKind::ShortRead).random(0.2))
+            .fault(FaultSpec::expert().panic().random(0.05))
+            .build()
+            .expect("valid");
+        let what = format!("disk soak seed {seed} on {} workers", c.train.workers);
+        let report = chaos::run(&c, &scenario).unwrap_or_else(|e| panic!("{what}: {e}"));
+        match &report.verdict {
+            Verdict::BitwiseEqual { tensors: n, .. } => assert_eq!(*n, tensors(&c), "{what}"),
+            other => panic!("{what}: {other:?}\n{}", report.markdown()),
+        }
+        let panics: usize = report
+            .faults
+            .iter()
+            .filter(|f| f.kind == "panic")
+            .map(|f| f.fired)
+            .sum();
+        assert_eq!(report.restarts, panics, "{what}: restarts come from the panics alone");
+        assert!(report.disk_bytes[0] > 0, "{what}: the Disk tier was used");
+        fired += report.faults.iter().map(|f| f.fired).sum::<usize>();
+        disk_fired += report
+            .faults
+            .iter()
+            .filter(|f| f.target.starts_with("disk"))
+            .map(|f| f.fired)
+            .sum::<usize>();
+    }
+    eprintln!(
+        "disk soak: 20 seeds, {fired} faults fired ({disk_fired} of the disk), in {:.1?}",
+        started.elapsed()
+    );
+    assert!(disk_fired >= 60, "only {disk_fired} disk faults fired");
 }

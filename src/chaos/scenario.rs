@@ -585,29 +585,30 @@ struct RawFault {
 impl RawFault {
     fn into_spec(self, at: &str) -> Result<FaultSpec> {
         let bad = |key: &str, why: String| Error::config(format!("chaos scenario: {at}.{key}: {why}"));
-        let actor =
-            match self.actor.as_deref() {
-                Some("expert") => ActorKind::Expert,
-                Some("gate") => ActorKind::Gate,
-                Some("ledger") => ActorKind::Ledger,
-                Some("silence") => ActorKind::Silence,
-                Some("link") => ActorKind::Link,
-                Some("disk") => ActorKind::Disk,
-                Some("checkpoint") => ActorKind::Checkpoint,
-                Some("communicator") => ActorKind::Communicator,
-                Some(other) => return Err(bad(
+        let actor = match self.actor.as_deref() {
+            Some("expert") => ActorKind::Expert,
+            Some("gate") => ActorKind::Gate,
+            Some("ledger") => ActorKind::Ledger,
+            Some("silence") => ActorKind::Silence,
+            Some("link") => ActorKind::Link,
+            Some("disk") => ActorKind::Disk,
+            Some("checkpoint") => ActorKind::Checkpoint,
+            Some("communicator") => ActorKind::Communicator,
+            Some(other) => {
+                return Err(bad(
                     "actor",
                     format!(
                         "{other:?} is not one of expert, gate, ledger, communicator, silence, link, disk, checkpoint"
                     ),
-                )),
-                None => {
-                    return Err(bad(
-                        "actor",
-                        "missing (expert, gate, ledger, communicator, silence, link, disk or checkpoint)".into(),
-                    ))
-                }
-            };
+                ))
+            }
+            None => {
+                return Err(bad(
+                    "actor",
+                    "missing (expert, gate, ledger, communicator, silence, link, disk or checkpoint)".into(),
+                ))
+            }
+        };
         if self.delay.is_some() && !matches!(self.kind.as_deref(), Some("delay" | "slow")) {
             return Err(bad(
                 "delay",
