@@ -30,7 +30,9 @@ pub struct ChaosArgs {
 }
 
 const CHAOS_AFTER_HELP: &str = "The job runs on the in-process actor runtime (--workers, default from the config; \
-without --steps or --config it runs 20 steps). Exit status: 0 when the final parameters and optimizer state are \
+without --steps or --config it runs 20 steps). Disk faults need storage budgets that leave experts on disk \
+(--device-budget, --host-budget); the Disk tiers live under the run directory's tiers/, and with checkpoint faults \
+the disturbed run's checkpoints under its checkpoints/. Exit status: 0 when the final parameters and optimizer state are \
 bitwise equal to the undisturbed run's; 2 when the disturbed run stopped with an error (the report names it); 1 \
 when the state differs or the scenario's deadline expired (with --soak: for any seed).";
 
