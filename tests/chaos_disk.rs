@@ -300,32 +300,44 @@ fn the_dying_disk_scenario_stops_at_step_6_naming_the_file() {
         md.contains("disk tier of worker 0") && md.contains("short-read") && md.contains("Disk tiers read"),
         "{md}"
     );
-    assert!(
-        !dir.path().join("tiers").join("disturbed").exists(),
-        "the Disk tier's files are removed with the run"
-    );
 }
 
-/// Random disk faults that the tier gets past (single read and write errors, short reads) with
-/// random expert panics, over 20 seeds, 2 workers for even seeds and 3 for odd ones: every seed
-/// ends bitwise equal, with no more replays than the expert panics cause. A failure names its seed.
+/// The scenario of seed `seed`: random disk faults the tier gets past (single read and write
+/// errors, short reads) and random expert panics (the same as `scenarios/flaky-disk.toml`).
+fn disk_soak_scenario(seed: u64) -> Scenario {
+    Scenario::builder()
+        .seed(seed)
+        .deadline(Duration::from_secs(600))
+        .fault(FaultSpec::disk().kind(FaultKind::ReadError).random(0.2))
+        .fault(FaultSpec::disk().kind(FaultKind::WriteError).random(0.2))
+        .fault(FaultSpec::disk().kind(FaultKind::ShortRead).random(0.2))
+        .fault(FaultSpec::expert().panic().random(0.05))
+        .build()
+        .expect("valid")
+}
+
+/// [`disk_soak_scenario`] over 20 seeds, 2 workers for even seeds and 3 for odd ones: every seed
+/// ends bitwise equal, with restarts from the expert panics alone. A failure names its seed.
 #[test]
 fn a_randomised_disk_soak_over_20_seeds_ends_bitwise_equal() {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/flaky-disk.toml");
+    let from_file = Scenario::from_file(&file).expect("parses");
+    assert_eq!(
+        from_file,
+        disk_soak_scenario(from_file.seed),
+        "the file is the suite's soak"
+    );
     let started = Instant::now();
     let (mut fired, mut disk_fired) = (0, 0);
     for seed in 0..20u64 {
         let mut c = config(10);
         c.train.workers = 2 + (seed as usize % 2);
-        let scenario = Scenario::builder()
-            .seed(seed)
-            .deadline(Duration::from_secs(60))
-            .fault(FaultSpec::disk().kind(FaultKind::ReadError).random(0.2))
-            .fault(FaultSpec::disk().kind(FaultKind::WriteError).random(0.2))
-            .fault(FaultSpec::disk().kind(FaultKind::ShortRead).random(0.2))
-            .fault(FaultSpec::expert().panic().random(0.05))
-            .build()
-            .expect("valid");
-        let what = format!("disk soak seed {seed} on {} workers", c.train.workers);
+        let scenario = disk_soak_scenario(seed);
+        let what = format!(
+            "disk soak seed {seed} on {} workers (replay it: `semoe chaos --scenario scenarios/flaky-disk.toml` with \
+             `seed = {seed}` and the small model and budgets of this test)",
+            c.train.workers
+        );
         let report = chaos::run(&c, &scenario).unwrap_or_else(|e| panic!("{what}: {e}"));
         match &report.verdict {
             Verdict::BitwiseEqual { tensors: n, .. } => assert_eq!(*n, tensors(&c), "{what}"),

@@ -719,7 +719,8 @@ fn the_command_writes_its_report() {
 
 /// The scenarios of `scenarios/`, each on a small job: the ready-made files parse, fit the small
 /// model too, and end as their comments say (`dying-disk.toml`, which needs storage budgets, in
-/// `tests/chaos_disk.rs`; `torn-checkpoints.toml` in `tests/chaos_checkpoint.rs`).
+/// `tests/chaos_disk.rs`, `flaky-disk.toml` as its soak; `torn-checkpoints.toml` in
+/// `tests/chaos_checkpoint.rs`).
 #[test]
 fn the_ready_scenarios_end_as_documented() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
@@ -733,6 +734,7 @@ fn the_ready_scenarios_end_as_documented() {
         [
             "dying-disk.toml",
             "flaky-actors.toml",
+            "flaky-disk.toml",
             "flaky-network.toml",
             "random-soak.toml",
             "silent-peer.toml",
