@@ -7,8 +7,8 @@
 
 use super::expert::ExpertMsg;
 use super::ledger::LedgerMsg;
-use super::{ask, ActorName};
-use crate::chaos::FaultPlan;
+use super::{ask, inject, ActorName};
+use crate::chaos::{FaultPlan, Moment, Target};
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
 use crate::net::StepId;
@@ -122,6 +122,18 @@ impl Actor for CommActor {
                 reply,
             } => {
                 let me = state.args.worker;
+                // Injected faults strike before anything is sent: the exchange's caller sees the
+                // actor fail (its reply port dropped), as after a real failure at that point.
+                if let Some(step) = state.args.chaos.current_step() {
+                    let name = state.args.name();
+                    inject(
+                        &state.args.chaos,
+                        &Target::Communicator { worker: me },
+                        StepId::first(step),
+                        Moment::Any,
+                        &name,
+                    )?;
+                }
                 let mut waits = Vec::with_capacity(requests.len());
                 for (peer, payload) in requests {
                     // Ids are unique in the process, also across restarts of this actor, so that a

@@ -117,9 +117,11 @@ pub struct ExpertState {
     cache: HashMap<usize, FwdCache>,
     grads: HashMap<usize, [Vec<f32>; 4]>,
     totals: Option<[Vec<f32>; 4]>,
-    /// No forward handled since this actor (re)started: a backward now belongs to a step whose
-    /// forward state was lost with the failed actor it replaces.
-    fresh: bool,
+    /// The step (and attempt) of the first message this actor handled. A backward of that same
+    /// step that finds no forward state belongs to forwards the failed actor it replaces served
+    /// (another lane's forward may have reached this one first): the step is replayed. In any
+    /// later step a missing forward is a defect, and an error.
+    born: Option<StepId>,
 }
 
 impl ExpertState {
@@ -158,7 +160,7 @@ impl Actor for ExpertActor {
             cache: HashMap::new(),
             grads: HashMap::new(),
             totals: None,
-            fresh: true,
+            born: None,
         })
     }
 
@@ -176,7 +178,7 @@ impl Actor for ExpertActor {
         match msg {
             ExpertMsg::Forward { step, items, reply } => {
                 inject(&state.args.chaos, &target, step, Moment::Forward, &name)?;
-                state.fresh = false;
+                state.born.get_or_insert(step);
                 if !state.enter(step) {
                     let _ = reply.send(Err(stale(&name, step)));
                     return Ok(());
@@ -193,6 +195,7 @@ impl Actor for ExpertActor {
             }
             ExpertMsg::Backward { step, items, reply } => {
                 inject(&state.args.chaos, &target, step, Moment::Backward, &name)?;
+                state.born.get_or_insert(step);
                 if !state.enter(step) {
                     let _ = reply.send(Err(stale(&name, step)));
                     return Ok(());
@@ -202,7 +205,7 @@ impl Actor for ExpertActor {
                     match state.cache.remove(&group) {
                         Some(cache) => work.push((group, cache, gye)),
                         // Another lane's backward reached the restarted expert: the step is replayed.
-                        None if state.fresh => {
+                        None if state.born == Some(step) => {
                             let _ = reply.send(Err(Error::ActorFailed {
                                 actor: name.to_string(),
                                 detail: format!(

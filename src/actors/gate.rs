@@ -108,9 +108,11 @@ pub struct GateState {
     args: GateArgs,
     step: StepId,
     cache: SharedCache,
-    /// No forward handled since this actor (re)started: a backward now belongs to a step whose
-    /// forward state was lost with the failed actor it replaces.
-    fresh: bool,
+    /// The step (and attempt) of the first message this actor handled. A backward of that same
+    /// step that finds no forward state belongs to forwards the failed actor it replaces served
+    /// (another lane's forward may have reached this one first): the step is replayed. In any
+    /// later step a missing forward is a defect, and an error.
+    born: Option<StepId>,
 }
 
 fn lock(cache: &SharedCache) -> std::sync::MutexGuard<'_, BTreeMap<usize, GroupCache>> {
@@ -130,7 +132,7 @@ impl Actor for GateActor {
             args,
             step: StepId::NONE,
             cache: Arc::new(Mutex::new(BTreeMap::new())),
-            fresh: true,
+            born: None,
         })
     }
 
@@ -153,7 +155,7 @@ impl Actor for GateActor {
                 reply,
             } => {
                 inject(&state.args.chaos, &target, step, Moment::Forward, &name)?;
-                state.fresh = false;
+                state.born.get_or_insert(step);
                 if step < state.step {
                     let _ = reply.send(Err(Error::runtime(format!(
                         "{name}: a forward of step {step}, which was rolled back"
@@ -173,7 +175,12 @@ impl Actor for GateActor {
             }
             GateMsg::Backward { step, groups, reply } => {
                 inject(&state.args.chaos, &target, step, Moment::Backward, &name)?;
-                if state.fresh {
+                state.born.get_or_insert(step);
+                let lost = state.born == Some(step) && {
+                    let cache = lock(&state.cache);
+                    state.step != step || groups.iter().any(|(g, _)| !cache.contains_key(g))
+                };
+                if lost {
                     // Another lane's backward reached the restarted gate: the step is replayed.
                     let _ = reply.send(Err(Error::ActorFailed {
                         actor: name.to_string(),

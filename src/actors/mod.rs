@@ -82,8 +82,9 @@ pub(crate) fn inject(
         None => Ok(()),
         Some(FaultKind::Error) => Err(format!("injected error in {name} at step {step}").into()),
         Some(FaultKind::Panic) => panic!("injected panic in {name} at step {step}"),
-        // Network faults are the transport's (`chaos::net`), never an actor's.
-        Some(FaultKind::Drop | FaultKind::Duplicate | FaultKind::Delay(_) | FaultKind::Reorder) => Ok(()),
+        // Network faults are the transport's (`chaos::net`), disk faults the Disk tier's, never an
+        // actor's.
+        Some(_) => Ok(()),
     }
 }
 

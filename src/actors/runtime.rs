@@ -15,6 +15,7 @@ use crate::kernels::Cpu;
 use crate::model::gpt::{Ffn, Gpt};
 use crate::net::{local, Transport};
 use crate::optimizer::AdamW;
+use crate::storage::tiers::disk::DiskFaultHook;
 use crate::storage::tiers::{ExpertSlot, ExpertStore, StorageConfig, TierStats};
 use ractor::{Actor, ActorRef};
 use std::future::Future;
@@ -204,7 +205,11 @@ impl RuntimeBuilder {
             ),
             None => {
                 let cpu = Cpu::new(config.train.threads)?;
-                let stores = distribute(&config, &model, &optimizer, &placement, &self.storage, 0..self.workers)?;
+                let mut storage = self.storage.clone();
+                if self.chaos.has_disk_faults() {
+                    storage.disk_faults = Some(DiskFaultHook(Arc::new(self.chaos.clone())));
+                }
+                let stores = distribute(&config, &model, &optimizer, &placement, &storage, 0..self.workers)?;
                 let expert_stores: Vec<Arc<ExpertStore>> = stores.iter().map(|s| s.experts.clone()).collect();
                 let mut replica = model.clone();
                 strip_experts(&mut replica);

@@ -9,15 +9,21 @@
 //! say how every fault was detected and how long the repair took. A [`Scenario`] (a TOML file or
 //! [`Scenario::builder`]) describes faults, scripted or drawn from a seed, and turns into a plan.
 //! Network faults ([`Target::Link`]) are injected by [`net::FaultyTransport`], which the runtime
-//! wraps around its in-process transport when the plan has any.
+//! wraps around its in-process transport when the plan has any. Disk faults ([`Target::Disk`])
+//! are injected by the plan itself, as the [`DiskFaults`] hook the runtime gives the workers'
+//! Disk tiers when the plan has any; they fire once the workers have begun their step (the plan
+//! is told each step's start: [`FaultPlan::begin_step`]).
 
 pub mod net;
 pub mod scenario;
 
 pub use scenario::{ActorKind, FaultSpec, Layout, PlannedFault, Scenario, ScenarioBuilder, When};
 
+use crate::storage::tiers::disk::{DiskFaults, DiskOp, InjectedIo};
+use crate::storage::tiers::UnitId;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Which actor a fault hits.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +59,18 @@ pub enum Target {
         /// The receiving worker.
         to: usize,
     },
+    /// The reads and writes of `worker`'s Disk tier (its slot file).
+    Disk {
+        /// Worker index.
+        worker: usize,
+    },
+    /// The checkpoint a chaos run writes after the fault's step.
+    Checkpoint,
+    /// The Communicator actor of `worker` (when it is asked to send an exchange).
+    Communicator {
+        /// Worker index.
+        worker: usize,
+    },
 }
 
 /// When in a step the fault fires.
@@ -81,6 +99,48 @@ pub enum FaultKind {
     Delay(std::time::Duration),
     /// The request arrives after the next one on its link.
     Reorder,
+    /// A disk read fails with `EIO` (each firing fails one attempt of one read).
+    ReadError,
+    /// A disk write fails with `EIO` (each firing fails one attempt of one write).
+    WriteError,
+    /// A disk write fails with `ENOSPC`: the disk is full.
+    DiskFull,
+    /// A disk read returns half of the bytes asked for (the tier reads the rest).
+    ShortRead,
+    /// Every disk read and write waits this long first, from the fault's step to the end of the
+    /// run (a slow disk).
+    Slow(Duration),
+    /// A checkpoint's save fails halfway through its optimizer file (a writer that dies there).
+    Interrupt,
+    /// A byte of a checkpoint's model file is flipped on disk after the save; for a link, the
+    /// request's bytes are damaged on the way (the receiver cannot decode it).
+    Corrupt,
+    /// Every packet between the link's two workers, both ways, is lost for this long, from the
+    /// first request of the fault's step on the link.
+    Partition(Duration),
+}
+
+impl FaultKind {
+    /// Whether it is a fault of the Disk tier.
+    pub fn is_disk(self) -> bool {
+        matches!(
+            self,
+            FaultKind::ReadError
+                | FaultKind::WriteError
+                | FaultKind::DiskFull
+                | FaultKind::ShortRead
+                | FaultKind::Slow(_)
+        )
+    }
+
+    /// The direction of the disk I/O it hits (`None`: both, or not a disk fault).
+    fn disk_op(self) -> Option<DiskOp> {
+        match self {
+            FaultKind::ReadError | FaultKind::ShortRead => Some(DiskOp::Read),
+            FaultKind::WriteError | FaultKind::DiskFull => Some(DiskOp::Write),
+            _ => None,
+        }
+    }
 }
 
 /// One planned fault.
@@ -110,6 +170,9 @@ pub struct Firing {
     pub moment: Moment,
     /// When.
     pub at: Instant,
+    /// What it hit, when the fault's target does not say it all (a disk fault: the read or write
+    /// and the expert unit); empty otherwise.
+    pub detail: String,
 }
 
 /// An actor restart, as a worker's supervisor reported it.
@@ -119,7 +182,7 @@ pub struct Restart {
     pub worker: usize,
     /// What kind of actor: `expert`, `gate`, `ledger` or `communicator`.
     pub actor: &'static str,
-    /// The actor as a fault target (`None` for a communicator, which no fault targets).
+    /// The actor as a fault target.
     pub target: Option<Target>,
     /// When the supervisor saw the failure.
     pub at: Instant,
@@ -132,12 +195,21 @@ struct Inner {
     fired: Vec<bool>,
     firings: Vec<Firing>,
     restarts: Vec<Restart>,
+    /// For each fault (by index), the expert unit a disk fault first hit: its later firings hit
+    /// only that unit's calls, so that `times = 3` fails one read three times in a row (its
+    /// retries included) rather than three reads once.
+    pinned: Vec<Option<UnitId>>,
+    /// For each fault (by index), when a partition began.
+    since: Vec<Option<Instant>>,
 }
 
 /// The faults to inject, shared by all actors of a runtime.
 #[derive(Clone, Debug, Default)]
 pub struct FaultPlan {
     inner: Arc<Mutex<Inner>>,
+    /// The latest step a worker began, plus one (0: none yet, so that the Disk tier's writes at
+    /// start-up, before any step, are never disturbed).
+    begun: Arc<AtomicU64>,
 }
 
 impl FaultPlan {
@@ -163,6 +235,8 @@ impl FaultPlan {
         let mut inner = self.lock();
         inner.faults.push(fault);
         inner.fired.push(false);
+        inner.pinned.push(None);
+        inner.since.push(None);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -184,6 +258,7 @@ impl FaultPlan {
             step,
             moment,
             at: Instant::now(),
+            detail: String::new(),
         });
         Some(kind)
     }
@@ -209,9 +284,72 @@ impl FaultPlan {
                 step,
                 moment: Moment::Any,
                 at: Instant::now(),
+                detail: String::new(),
             });
         }
         true
+    }
+
+    /// A worker begins (an attempt of) `step`: disk faults of that step may fire from now on.
+    pub fn begin_step(&self, step: u64) {
+        self.begun.fetch_max(step.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// The latest step a worker began (`None` before the first).
+    pub fn current_step(&self) -> Option<u64> {
+        self.begun.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Whether the plan has Disk tier faults (the stores need the plan as their hook).
+    pub fn has_disk_faults(&self) -> bool {
+        self.lock()
+            .faults
+            .iter()
+            .any(|f| matches!(f.target, Target::Disk { .. }))
+    }
+
+    /// Whether a packet from `from` to `to` is lost to a partition: one between the two workers
+    /// (either way) that is under way, or that starts now (`step`: the packet is a request of that
+    /// step; the first request of a partition's step, or a later one, starts it).
+    pub fn partitioned(&self, from: usize, to: usize, step: Option<u64>) -> bool {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let found = inner.faults.iter().enumerate().find_map(|(i, f)| {
+            let FaultKind::Partition(d) = f.kind else { return None };
+            let Target::Link { from: a, to: b } = f.target else {
+                return None;
+            };
+            if !((a, b) == (from, to) || (a, b) == (to, from)) {
+                return None;
+            }
+            match inner.since[i] {
+                Some(t) => (now < t + d).then_some((i, false)),
+                None => step.is_some_and(|s| s >= f.step).then_some((i, true)),
+            }
+        });
+        let Some((index, starts)) = found else { return false };
+        if starts {
+            inner.since[index] = Some(now);
+            inner.fired[index] = true;
+            inner.faults[index].times = 0;
+            let step = step.unwrap_or_default();
+            inner.firings.push(Firing {
+                fault: index,
+                step,
+                moment: Moment::Any,
+                at: now,
+                detail: format!("the first packet lost: a request from worker {from} to worker {to}"),
+            });
+        }
+        true
+    }
+
+    /// Whether the plan has partitions (every packet is then checked against them).
+    pub fn has_partitions(&self) -> bool {
+        self.lock()
+            .faults
+            .iter()
+            .any(|f| matches!(f.kind, FaultKind::Partition(_)))
     }
 
     /// Whether the plan has network faults (the transports need wrapping in [`net::FaultyTransport`]).
@@ -227,7 +365,9 @@ impl FaultPlan {
         self.lock()
             .faults
             .iter()
-            .filter(|f| f.times > 0 && !matches!(f.target, Target::Silence { .. }))
+            .filter(|f| {
+                f.times > 0 && !matches!(f.target, Target::Silence { .. }) && !matches!(f.kind, FaultKind::Slow(_))
+            })
             .count()
     }
 
@@ -256,6 +396,73 @@ impl FaultPlan {
     /// Every restart the supervisors reported so far, in order.
     pub fn restarts(&self) -> Vec<Restart> {
         self.lock().restarts.clone()
+    }
+}
+
+/// The plan as the Disk tiers' hook: a disk fault of `worker` fires at the first read or write of
+/// its direction (a slow disk: at every one) once a worker has begun its step, and is spent after
+/// `times` firings (a slow disk never is).
+impl DiskFaults for FaultPlan {
+    fn before(&self, worker: usize, op: DiskOp, id: UnitId, len: usize) -> Option<InjectedIo> {
+        let begun = self.begun.load(Ordering::Relaxed);
+        if begun == 0 {
+            return None;
+        }
+        let step = begun - 1;
+        let mut inner = self.lock();
+        let applies = |(i, f): &(usize, &Fault)| {
+            f.target == Target::Disk { worker }
+                && f.step <= step
+                && f.kind.is_disk()
+                && f.kind.disk_op().is_none_or(|o| o == op)
+                && inner.pinned[*i].is_none_or(|unit| unit == id)
+        };
+        // A spent fault does not apply; a slow disk (never spent) only when no other fault does.
+        let index = inner
+            .faults
+            .iter()
+            .enumerate()
+            .filter(applies)
+            .find(|(_, f)| f.times > 0 && !matches!(f.kind, FaultKind::Slow(_)))
+            .or_else(|| {
+                inner
+                    .faults
+                    .iter()
+                    .enumerate()
+                    .filter(applies)
+                    .find(|(_, f)| matches!(f.kind, FaultKind::Slow(_)))
+            })
+            .map(|(i, _)| i)?;
+        inner.pinned[index] = Some(id);
+        let kind = inner.faults[index].kind;
+        let slow = matches!(kind, FaultKind::Slow(_));
+        if !slow {
+            inner.faults[index].times -= 1;
+        }
+        if !slow || !inner.fired[index] {
+            let what = match op {
+                DiskOp::Read => "a read",
+                DiskOp::Write => "a write",
+            };
+            inner.firings.push(Firing {
+                fault: index,
+                step,
+                moment: Moment::Any,
+                at: Instant::now(),
+                detail: format!("{what} of {len} bytes of expert {}.{}", id.0, id.1),
+            });
+        }
+        inner.fired[index] = true;
+        drop(inner);
+        Some(match kind {
+            FaultKind::ReadError | FaultKind::WriteError => {
+                InjectedIo::Fail(std::io::Error::from_raw_os_error(libc::EIO))
+            }
+            FaultKind::DiskFull => InjectedIo::Fail(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+            FaultKind::ShortRead => InjectedIo::Short(len / 2),
+            FaultKind::Slow(d) => InjectedIo::Delay(d),
+            _ => return None,
+        })
     }
 }
 

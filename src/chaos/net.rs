@@ -1,12 +1,15 @@
-//! Network faults: a [`Transport`] wrapper that drops, duplicates, delays or reorders the requests
-//! between chosen workers, as the [`FaultPlan`] says ([`Target::Link`]).
+//! Network faults: a [`Transport`] wrapper that drops, duplicates, delays, reorders or corrupts the
+//! requests between chosen workers, or cuts two workers apart for a while (a partition), as the
+//! [`FaultPlan`] says ([`Target::Link`]).
 //!
 //! Only requests are faulted (the packets that name their step: expert rows, gradients,
 //! parameters, gathers); replies carry no step and pass untouched. A fault applies to the first
-//! request(s) from `from` to `to` of its step, whatever the attempt.
+//! request(s) from `from` to `to` of its step, whatever the attempt. A partition is the exception:
+//! it starts at such a request (either way between the two workers) and then loses every packet
+//! between them, replies too, until its duration is over.
 
 use super::{FaultKind, FaultPlan, Moment, Target};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::net::{Packet, Payload, Transport, WorkerId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +24,8 @@ pub struct FaultyTransport<T: Transport> {
     plan: FaultPlan,
     /// A packet held back by a reorder fault, per destination: it goes after the next one.
     held: Arc<Mutex<HashMap<WorkerId, Packet>>>,
+    /// Whether the plan has partitions (each packet is checked against them).
+    partitions: bool,
 }
 
 impl<T: Transport> FaultyTransport<T> {
@@ -28,6 +33,7 @@ impl<T: Transport> FaultyTransport<T> {
     pub fn new(inner: T, plan: FaultPlan) -> Self {
         FaultyTransport {
             inner: Arc::new(inner),
+            partitions: plan.has_partitions(),
             plan,
             held: Arc::new(Mutex::new(HashMap::new())),
         }
@@ -60,15 +66,24 @@ impl<T: Transport> Transport for FaultyTransport<T> {
 
     fn send(&self, packet: Packet) -> Result<()> {
         let to = packet.to;
-        let fault = step_of(&packet.payload).and_then(|step| {
-            let link = Target::Link {
-                from: self.inner.id(),
-                to,
-            };
-            self.plan.fire(&link, step, Moment::Any)
-        });
+        let from = self.inner.id();
+        let step = step_of(&packet.payload);
+        if self.partitions && self.plan.partitioned(from, to, step) {
+            return Ok(());
+        }
+        let fault = step.and_then(|step| self.plan.fire(&Target::Link { from, to }, step, Moment::Any));
         let result = match fault {
             Some(FaultKind::Drop) => Ok(()),
+            // No bytes travel in process: the damaged request is what the receiver's decoder
+            // refuses, and a peer that sends what cannot be decoded is evicted.
+            Some(FaultKind::Corrupt) => Err(Error::protocol(
+                format!("worker {from}"),
+                format!(
+                    "its request to worker {to} (step {}) arrived with damaged bytes and could not be decoded \
+                     (an injected link fault); in-process workers are not elastic, so the run stops",
+                    step.unwrap_or_default()
+                ),
+            )),
             Some(FaultKind::Duplicate) => self.inner.send(packet.clone()).and_then(|()| self.inner.send(packet)),
             Some(FaultKind::Delay(delay)) => match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
@@ -104,7 +119,8 @@ impl<T: Transport> Transport for FaultyTransport<T> {
                 }
                 return Ok(());
             }
-            Some(FaultKind::Error | FaultKind::Panic) | None => self.inner.send(packet),
+            // Actor and disk faults are not the transport's.
+            Some(_) | None => self.inner.send(packet),
         };
         // A packet held back for reordering goes right after this one.
         if let Some(p) = take_held(&self.held, to) {
@@ -165,6 +181,73 @@ mod tests {
         }
         assert_eq!(plan.firings().len(), 2, "{kind:?} fired on two requests");
         got
+    }
+
+    #[tokio::test]
+    async fn a_partition_loses_everything_both_ways_for_its_duration() {
+        let plan = FaultPlan::none();
+        plan.push(super::super::Fault {
+            target: Target::Link { from: 0, to: 1 },
+            step: 1,
+            moment: Moment::Any,
+            kind: FaultKind::Partition(Duration::from_millis(100)),
+            times: 1,
+        });
+        let mut net = local::network(2);
+        let (t1, mut inbox1) = net.pop().expect("endpoint 1");
+        let (t0, mut inbox0) = net.pop().expect("endpoint 0");
+        let (t0, t1) = (
+            FaultyTransport::new(t0, plan.clone()),
+            FaultyTransport::new(t1, plan.clone()),
+        );
+        let back = |id| Packet {
+            from: 1,
+            to: 0,
+            ..reply(id)
+        };
+        // Before it starts (a request of step 0, a reply), everything goes through.
+        t0.send(request(1, 0)).expect("send");
+        t1.send(back(2)).expect("send");
+        // The first request of step 1 starts it: lost, and so is everything else, both ways.
+        t0.send(request(3, 1)).expect("send");
+        t1.send(back(4)).expect("send");
+        t0.send(request(5, 0)).expect("send");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Over: through again.
+        t0.send(request(6, 1)).expect("send");
+        t1.send(back(7)).expect("send");
+        let drain = |inbox: &mut crate::net::Inbox| {
+            let mut got = Vec::new();
+            while let Ok(p) = inbox.try_recv() {
+                got.push(p.id);
+            }
+            got
+        };
+        assert_eq!(drain(&mut inbox1), vec![1, 6]);
+        assert_eq!(drain(&mut inbox0), vec![2, 7]);
+        assert_eq!(plan.firings().len(), 1, "it starts once");
+        assert_eq!(plan.firings()[0].step, 1);
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_request_is_refused_naming_the_link() {
+        let plan = FaultPlan::none().with(Target::Link { from: 0, to: 1 }, 1, Moment::Any, FaultKind::Corrupt);
+        let mut net = local::network(2);
+        let (_, mut inbox1) = net.pop().expect("endpoint 1");
+        let (t0, _inbox0) = net.pop().expect("endpoint 0");
+        let t0 = FaultyTransport::new(t0, plan);
+        t0.send(request(1, 0)).expect("another step");
+        let e = t0.send(request(2, 1)).expect_err("corrupted").to_string();
+        assert!(
+            e.contains("worker 0") && e.contains("worker 1") && e.contains("could not be decoded"),
+            "{e}"
+        );
+        t0.send(request(3, 1)).expect("spent");
+        let mut got = Vec::new();
+        while let Ok(p) = inbox1.try_recv() {
+            got.push(p.id);
+        }
+        assert_eq!(got, vec![1, 3]);
     }
 
     #[tokio::test]

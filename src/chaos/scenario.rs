@@ -29,18 +29,33 @@
 //! Keys of a `[[fault]]`:
 //!
 //! - `actor`: `expert` (names `block` and `expert`), `gate` (`worker` and `block`), `ledger`
-//!   (`worker`), `silence` (`worker`: its communicator never answers a peer again) or `link`
-//!   (`from` and `to`: the requests `from` sends `to`, a network fault).
+//!   (`worker`), `communicator` (`worker`: it fails when asked to send the first exchange of the
+//!   step), `silence` (`worker`: its communicator never answers a peer again), `link`
+//!   (`from` and `to`: the requests `from` sends `to`, a network fault), `disk` (`worker`: the
+//!   reads and writes of its Disk tier; the job needs storage budgets that put experts on disk) or
+//!   `checkpoint` (the checkpoint written after the step: a chaos run with checkpoint faults
+//!   checkpoints before its first step and after every step, and resumes from the newest intact
+//!   checkpoint, as `--resume` does, whenever a checkpoint fault fires).
 //! - `kind`: `error` (the handler returns an error) or `panic` (the handler panics); for a link,
-//!   `drop`, `duplicate`, `delay` (with `delay = "50ms"`) or `reorder` (the request arrives after
-//!   the next one); not for `silence`. A link fault hits the first request(s) of its step on that
-//!   link (only requests: replies carry no step).
+//!   `drop`, `duplicate`, `delay` (with `delay = "50ms"`), `reorder` (the request arrives after
+//!   the next one), `corrupt` (its bytes are damaged: the receiver cannot decode it) or
+//!   `partition` (with `duration = "2s"`: from the first request of its step on that link, every
+//!   packet between the two workers, both ways, replies too, is lost for that long); not for
+//!   `silence`. A link fault hits the first request(s) of its step on that
+//!   link (only requests: replies carry no step). For a disk, `read-error` or `write-error` (the
+//!   call fails with `EIO`), `full` (a write fails with `ENOSPC`), `short-read` (a read returns
+//!   half the bytes) or `slow` (with `delay = "5ms"`: every read and write waits that long, from
+//!   its step to the end of the run); it hits the first read or write of its kind once the step
+//!   has begun (or the first after it, if that step does no disk I/O). For a checkpoint,
+//!   `interrupt` (the save fails halfway through writing its optimizer file) or `corrupt` (a byte
+//!   of its model file is flipped after the save).
 //! - `step` (0-based, the step being computed) or `probability` (per step, in (0, 1]): exactly one.
 //!   A random silence starts at the first step drawn.
 //! - `moment`: `forward`, `backward` or `any` (the first time the actor is asked in the step); a
 //!   ledger is only asked once per step (`any`, its default); not for `silence`.
 //! - `times`: how many times a scripted fault fires (default 1; each firing fails the step's
-//!   attempt, so a fault firing twice also fails the replay).
+//!   attempt, so a fault firing twice also fails the replay; a disk fault fires on that many
+//!   calls in a row, so `times = 3` also fails the I/O thread's two retries).
 //!
 //! Whatever a fault leaves out (`worker`, `block`, `expert`, `moment`) is drawn from the seed, each
 //! time it fires: a random fault entry with no target is a fault anywhere. Each entry draws from its
@@ -72,6 +87,12 @@ pub enum ActorKind {
     /// The requests one worker sends another (`from`, `to`): dropped, duplicated, delayed or
     /// reordered.
     Link,
+    /// The reads and writes of a worker's Disk tier (`worker`).
+    Disk,
+    /// The checkpoint written after a step.
+    Checkpoint,
+    /// A Communicator actor (`worker`).
+    Communicator,
 }
 
 impl ActorKind {
@@ -83,6 +104,9 @@ impl ActorKind {
             ActorKind::Ledger => "ledger",
             ActorKind::Silence => "silence",
             ActorKind::Link => "link",
+            ActorKind::Disk => "disk",
+            ActorKind::Checkpoint => "checkpoint",
+            ActorKind::Communicator => "communicator",
         }
     }
 }
@@ -153,6 +177,11 @@ impl FaultSpec {
         FaultSpec::new(ActorKind::Ledger)
     }
 
+    /// A Communicator actor fails (when asked to send an exchange).
+    pub fn communicator() -> Self {
+        FaultSpec::new(ActorKind::Communicator)
+    }
+
     /// A worker's communicator stops answering its peers.
     pub fn silence() -> Self {
         FaultSpec::new(ActorKind::Silence)
@@ -164,6 +193,26 @@ impl FaultSpec {
         FaultSpec {
             kind: FaultKind::Drop,
             ..FaultSpec::new(ActorKind::Link)
+        }
+    }
+
+    /// A fault of a worker's Disk tier (a read error unless told otherwise with
+    /// [`FaultSpec::kind`]: [`FaultKind::ReadError`], [`FaultKind::WriteError`],
+    /// [`FaultKind::DiskFull`], [`FaultKind::ShortRead`] or [`FaultKind::Slow`]; the worker drawn
+    /// unless set).
+    pub fn disk() -> Self {
+        FaultSpec {
+            kind: FaultKind::ReadError,
+            ..FaultSpec::new(ActorKind::Disk)
+        }
+    }
+
+    /// A fault of the checkpoint written after a step: [`FaultKind::Interrupt`] unless told
+    /// otherwise with [`FaultSpec::kind`] ([`FaultKind::Corrupt`]).
+    pub fn checkpoint() -> Self {
+        FaultSpec {
+            kind: FaultKind::Interrupt,
+            ..FaultSpec::new(ActorKind::Checkpoint)
         }
     }
 
@@ -245,6 +294,66 @@ impl FaultSpec {
         let bad = |key: &str, why: String| Err(Error::config(format!("chaos scenario: {at}.{key}: {why}")));
         let actor = self.actor.name();
         let not_for = |key: &str, what: &str| format!("{actor} faults do not take `{key}` ({what})");
+        let disk = self.kind.is_disk();
+        let checkpoint = matches!(self.kind, FaultKind::Interrupt | FaultKind::Corrupt);
+        match self.actor {
+            ActorKind::Checkpoint if !checkpoint => {
+                return bad("kind", "a checkpoint fault is interrupt or corrupt".into())
+            }
+            ActorKind::Checkpoint => {
+                let given = [
+                    ("worker", self.worker.is_some()),
+                    ("block", self.block.is_some()),
+                    ("expert", self.expert.is_some()),
+                    ("from", self.from.is_some()),
+                    ("to", self.to.is_some()),
+                    ("moment", self.moment.is_some()),
+                ];
+                if let Some((key, _)) = given.iter().find(|(_, set)| *set) {
+                    return bad(key, not_for(key, "it hits the checkpoint written after its step"));
+                }
+                if self.times > 1 {
+                    return bad("times", "a checkpoint is written once per step: it fails once".into());
+                }
+            }
+            // A link may be corrupt too (its requests' bytes); nothing else but a checkpoint.
+            other
+                if other != ActorKind::Checkpoint
+                    && checkpoint
+                    && !(other == ActorKind::Link && self.kind == FaultKind::Corrupt) =>
+            {
+                return bad(
+                    "kind",
+                    format!("{actor} faults cannot be checkpoint faults (use actor = \"checkpoint\")"),
+                )
+            }
+            ActorKind::Disk if !disk => {
+                return bad(
+                    "kind",
+                    "a disk fault is read-error, write-error, full, short-read or slow".into(),
+                )
+            }
+            ActorKind::Disk if self.block.is_some() || self.expert.is_some() => {
+                let key = if self.block.is_some() { "block" } else { "expert" };
+                return bad(key, not_for(key, "a worker's Disk tier holds all its experts"));
+            }
+            ActorKind::Disk if self.moment.is_some() => {
+                return bad(
+                    "moment",
+                    not_for("moment", "it hits the first read or write of its kind in its step"),
+                )
+            }
+            ActorKind::Disk if self.times > 1 && matches!(self.kind, FaultKind::Slow(_)) => {
+                return bad("times", "a slow disk stays slow to the end of the run".into())
+            }
+            other if other != ActorKind::Disk && disk => {
+                return bad(
+                    "kind",
+                    format!("{actor} faults cannot be disk faults (use actor = \"disk\")"),
+                )
+            }
+            _ => {}
+        }
         if self.actor != ActorKind::Link {
             if self.from.is_some() {
                 return bad("from", not_for("from", "only link faults name a sender"));
@@ -255,13 +364,24 @@ impl FaultSpec {
         }
         let network = matches!(
             self.kind,
-            FaultKind::Drop | FaultKind::Duplicate | FaultKind::Delay(_) | FaultKind::Reorder
+            FaultKind::Drop
+                | FaultKind::Duplicate
+                | FaultKind::Delay(_)
+                | FaultKind::Reorder
+                | FaultKind::Corrupt
+                | FaultKind::Partition(_)
         );
         match self.actor {
             ActorKind::Link if !network => {
-                return bad("kind", "a link fault is drop, duplicate, delay or reorder".into())
+                return bad(
+                    "kind",
+                    "a link fault is drop, duplicate, delay, reorder, corrupt or partition".into(),
+                )
             }
-            ActorKind::Expert | ActorKind::Gate | ActorKind::Ledger if network => {
+            ActorKind::Link if self.times > 1 && matches!(self.kind, FaultKind::Partition(_)) => {
+                return bad("times", "a partition lasts its `duration`: it starts once".into())
+            }
+            ActorKind::Expert | ActorKind::Gate | ActorKind::Ledger | ActorKind::Communicator if network => {
                 return bad("kind", format!("{actor} faults are error or panic"))
             }
             ActorKind::Link if self.worker.is_some() || self.block.is_some() || self.expert.is_some() => {
@@ -285,19 +405,21 @@ impl FaultSpec {
                     not_for("worker", "the expert's worker follows from the placement"),
                 )
             }
-            ActorKind::Gate | ActorKind::Ledger | ActorKind::Silence if self.expert.is_some() => {
+            ActorKind::Gate | ActorKind::Ledger | ActorKind::Silence | ActorKind::Communicator
+                if self.expert.is_some() =>
+            {
                 return bad("expert", not_for("expert", "only expert faults name an expert"))
             }
-            ActorKind::Ledger | ActorKind::Silence if self.block.is_some() => {
+            ActorKind::Ledger | ActorKind::Silence | ActorKind::Communicator if self.block.is_some() => {
                 return bad("block", not_for("block", "a worker has one of them for all blocks"))
             }
             _ => {}
         }
         match (self.actor, self.moment) {
-            (ActorKind::Ledger, Some(m)) if m != Moment::Any => {
+            (ActorKind::Ledger | ActorKind::Communicator, Some(m)) if m != Moment::Any => {
                 return bad(
                     "moment",
-                    "a ledger is asked once per step, when it receives gradients: only `any`".into(),
+                    "a ledger is asked once per step, when it receives gradients, and a communicator fails at the first exchange of its step: only `any`".into(),
                 )
             }
             (ActorKind::Silence, Some(_)) => {
@@ -456,6 +578,7 @@ struct RawFault {
     from: Option<usize>,
     to: Option<usize>,
     delay: Option<String>,
+    duration: Option<String>,
     times: Option<u32>,
 }
 
@@ -468,16 +591,35 @@ impl RawFault {
             Some("ledger") => ActorKind::Ledger,
             Some("silence") => ActorKind::Silence,
             Some("link") => ActorKind::Link,
+            Some("disk") => ActorKind::Disk,
+            Some("checkpoint") => ActorKind::Checkpoint,
+            Some("communicator") => ActorKind::Communicator,
             Some(other) => {
                 return Err(bad(
                     "actor",
-                    format!("{other:?} is not one of expert, gate, ledger, silence, link"),
+                    format!(
+                        "{other:?} is not one of expert, gate, ledger, communicator, silence, link, disk, checkpoint"
+                    ),
                 ))
             }
-            None => return Err(bad("actor", "missing (expert, gate, ledger, silence or link)".into())),
+            None => {
+                return Err(bad(
+                    "actor",
+                    "missing (expert, gate, ledger, communicator, silence, link, disk or checkpoint)".into(),
+                ))
+            }
         };
-        if self.delay.is_some() && self.kind.as_deref() != Some("delay") {
-            return Err(bad("delay", "only a fault of kind \"delay\" takes a delay".into()));
+        if self.delay.is_some() && !matches!(self.kind.as_deref(), Some("delay" | "slow")) {
+            return Err(bad(
+                "delay",
+                "only a fault of kind \"delay\" (a link) or \"slow\" (a disk) takes a delay".into(),
+            ));
+        }
+        if self.duration.is_some() && self.kind.as_deref() != Some("partition") {
+            return Err(bad(
+                "duration",
+                "only a fault of kind \"partition\" (a link) takes a duration".into(),
+            ));
         }
         let kind = match (actor, self.kind.as_deref()) {
             (ActorKind::Silence, Some(_)) => {
@@ -487,9 +629,56 @@ impl RawFault {
                 ))
             }
             (ActorKind::Silence, None) => FaultKind::Error,
+            (ActorKind::Checkpoint, Some("interrupt")) => FaultKind::Interrupt,
+            (ActorKind::Checkpoint, Some("corrupt")) => FaultKind::Corrupt,
+            (ActorKind::Checkpoint, Some(other)) => {
+                return Err(bad("kind", format!("{other:?} is not interrupt or corrupt")))
+            }
+            (ActorKind::Checkpoint, None) => return Err(bad("kind", "missing (interrupt or corrupt)".into())),
+            (ActorKind::Disk, Some("read-error")) => FaultKind::ReadError,
+            (ActorKind::Disk, Some("write-error")) => FaultKind::WriteError,
+            (ActorKind::Disk, Some("full")) => FaultKind::DiskFull,
+            (ActorKind::Disk, Some("short-read")) => FaultKind::ShortRead,
+            (ActorKind::Disk, Some("slow")) => match self.delay.as_deref() {
+                Some(d) => FaultKind::Slow(
+                    humantime::parse_duration(d)
+                        .map_err(|e| bad("delay", format!("{d:?} is not a duration such as \"5ms\": {e}")))?,
+                ),
+                None => {
+                    return Err(bad(
+                        "delay",
+                        "missing: a slow disk needs `delay` (e.g. \"5ms\", added to every read and write)".into(),
+                    ))
+                }
+            },
+            (ActorKind::Disk, Some(other)) => {
+                return Err(bad(
+                    "kind",
+                    format!("{other:?} is not read-error, write-error, full, short-read or slow"),
+                ))
+            }
+            (ActorKind::Disk, None) => {
+                return Err(bad(
+                    "kind",
+                    "missing (read-error, write-error, full, short-read or slow)".into(),
+                ))
+            }
             (ActorKind::Link, Some("drop")) => FaultKind::Drop,
             (ActorKind::Link, Some("duplicate")) => FaultKind::Duplicate,
             (ActorKind::Link, Some("reorder")) => FaultKind::Reorder,
+            (ActorKind::Link, Some("corrupt")) => FaultKind::Corrupt,
+            (ActorKind::Link, Some("partition")) => match self.duration.as_deref() {
+                Some(d) => FaultKind::Partition(
+                    humantime::parse_duration(d)
+                        .map_err(|e| bad("duration", format!("{d:?} is not a duration such as \"2s\": {e}")))?,
+                ),
+                None => {
+                    return Err(bad(
+                        "duration",
+                        "missing: a partition needs `duration` (e.g. \"2s\")".into(),
+                    ))
+                }
+            },
             (ActorKind::Link, Some("delay")) => match self.delay.as_deref() {
                 Some(d) => FaultKind::Delay(
                     humantime::parse_duration(d)
@@ -505,10 +694,15 @@ impl RawFault {
             (ActorKind::Link, Some(other)) => {
                 return Err(bad(
                     "kind",
-                    format!("{other:?} is not drop, duplicate, delay or reorder"),
+                    format!("{other:?} is not drop, duplicate, delay, reorder, corrupt or partition"),
                 ))
             }
-            (ActorKind::Link, None) => return Err(bad("kind", "missing (drop, duplicate, delay or reorder)".into())),
+            (ActorKind::Link, None) => {
+                return Err(bad(
+                    "kind",
+                    "missing (drop, duplicate, delay, reorder, corrupt or partition)".into(),
+                ))
+            }
             (_, Some("error")) => FaultKind::Error,
             (_, Some("panic")) => FaultKind::Panic,
             (_, Some(other)) => return Err(bad("kind", format!("{other:?} is not error or panic"))),
@@ -712,7 +906,8 @@ impl Scenario {
                     for step in 0..layout.steps {
                         if rng.random_bool(p) {
                             hits.push(step);
-                            if spec.actor == ActorKind::Silence {
+                            // A silence and a slow disk last: their first step is all there is.
+                            if spec.actor == ActorKind::Silence || matches!(spec.kind, FaultKind::Slow(_)) {
                                 break;
                             }
                         }
@@ -758,6 +953,13 @@ fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> F
         ActorKind::Silence => Target::Silence {
             worker: pick(spec.worker, layout.workers),
         },
+        ActorKind::Disk => Target::Disk {
+            worker: pick(spec.worker, layout.workers),
+        },
+        ActorKind::Checkpoint => Target::Checkpoint,
+        ActorKind::Communicator => Target::Communicator {
+            worker: pick(spec.worker, layout.workers),
+        },
         ActorKind::Link => {
             let from = pick(spec.from, layout.workers);
             // Another worker than `from` (the layout has at least two).
@@ -773,7 +975,12 @@ fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> F
         }
     };
     let moment = match spec.actor {
-        ActorKind::Ledger | ActorKind::Silence | ActorKind::Link => Moment::Any,
+        ActorKind::Ledger
+        | ActorKind::Silence
+        | ActorKind::Link
+        | ActorKind::Disk
+        | ActorKind::Checkpoint
+        | ActorKind::Communicator => Moment::Any,
         _ => spec.moment.unwrap_or_else(|| {
             if rng.random_bool(0.5) {
                 Moment::Forward
@@ -853,7 +1060,11 @@ mod tests {
             match f.fault.target {
                 Target::Expert { block, expert } => assert!(block < 2 && expert < 4),
                 Target::Gate { worker, block } => assert!(worker < 2 && block < 2),
-                Target::Ledger { worker } | Target::Silence { worker } => assert!(worker < 2),
+                Target::Ledger { worker } | Target::Silence { worker } | Target::Disk { worker } => {
+                    assert!(worker < 2)
+                }
+                Target::Checkpoint => {}
+                Target::Communicator { worker } => assert!(worker < 2),
                 Target::Link { from, to } => assert!(from < 2 && to < 2 && from != to),
             }
         }

@@ -30,7 +30,9 @@ pub struct ChaosArgs {
 }
 
 const CHAOS_AFTER_HELP: &str = "The job runs on the in-process actor runtime (--workers, default from the config; \
-without --steps or --config it runs 20 steps). Exit status: 0 when the final parameters and optimizer state are \
+without --steps or --config it runs 20 steps). Disk faults need storage budgets that leave experts on disk \
+(--device-budget, --host-budget); the Disk tiers live under the run directory's tiers/, and with checkpoint faults \
+the disturbed run's checkpoints under its checkpoints/. Exit status: 0 when the final parameters and optimizer state are \
 bitwise equal to the undisturbed run's; 2 when the disturbed run stopped with an error (the report names it); 1 \
 when the state differs or the scenario's deadline expired (with --soak: for any seed).";
 
@@ -75,7 +77,7 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     if let Some(seeds) = a.soak {
         return soak(&config, &scenario, seeds, &dir);
     }
-    let report = chaos::run(&config, &scenario)?;
+    let report = chaos::run_in(&config, &scenario, &dir)?;
     let json =
         serde_json::to_string_pretty(&report).map_err(|e| semoe::Error::parse("the chaos report", e.to_string()))?;
     write(&dir.join("chaos.json"), &json)?;
@@ -142,7 +144,7 @@ fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir
             seed,
             ..scenario.clone()
         };
-        let report = chaos::run(config, &s)?;
+        let report = chaos::run_in(config, &s, dir)?;
         let fired: usize = report.faults.iter().map(|f| f.fired).sum();
         println!(
             "seed {seed}: {fired} faults fired, {} replays: {}",

@@ -217,6 +217,30 @@ pub fn save(
     optimizer: &[NamedTensor],
     extra: &serde_json::Value,
 ) -> Result<PathBuf> {
+    save_interrupted(run_dir, step, model, optimizer, extra, None)
+}
+
+/// An injected interruption of a checkpoint save (chaos runs): the data file `file` is written
+/// halfway, then the save fails with `error`, as a writer that dies or whose disk fails there
+/// would. The save's own failure path runs as for any error: the temporary directory is removed
+/// and no `step-*` directory is created or replaced.
+#[derive(Debug)]
+pub struct Interruption {
+    /// The data file to cut ([`MODEL_FILE`] or [`OPTIMIZER_FILE`]).
+    pub file: &'static str,
+    /// The error the save fails with.
+    pub error: io::Error,
+}
+
+/// [`save`], interrupted as `interruption` says (`None`: not at all).
+pub fn save_interrupted(
+    run_dir: &Path,
+    step: u64,
+    model: &[NamedTensor],
+    optimizer: &[NamedTensor],
+    extra: &serde_json::Value,
+    interruption: Option<Interruption>,
+) -> Result<PathBuf> {
     check_tensors(MODEL_FILE, model)?;
     check_tensors(OPTIMIZER_FILE, optimizer)?;
 
@@ -231,7 +255,7 @@ pub fn save(
 
     // On failure, the half-written temporary directory is removed right away (best effort: the
     // next save removes it anyway, and the write error matters more than a failed cleanup).
-    let written = write_contents(&tmp_dir, step, model, optimizer, extra);
+    let written = write_contents(&tmp_dir, step, model, optimizer, extra, interruption);
     if let Err(e) = written {
         let _ = fs::remove_dir_all(&tmp_dir);
         return Err(e);
@@ -270,10 +294,21 @@ fn write_contents(
     model: &[NamedTensor],
     optimizer: &[NamedTensor],
     extra: &serde_json::Value,
+    interruption: Option<Interruption>,
 ) -> Result<()> {
-    let mut files = vec![write_tensor_file(dir, MODEL_FILE, model)?];
+    let mut cut = interruption;
+    let mut cut_at = |file: &str| match &cut {
+        Some(i) if i.file == file => cut.take().map(|i| i.error),
+        _ => None,
+    };
+    let mut files = vec![write_tensor_file(dir, MODEL_FILE, model, cut_at(MODEL_FILE))?];
     if !optimizer.is_empty() {
-        files.push(write_tensor_file(dir, OPTIMIZER_FILE, optimizer)?);
+        files.push(write_tensor_file(
+            dir,
+            OPTIMIZER_FILE,
+            optimizer,
+            cut_at(OPTIMIZER_FILE),
+        )?);
     }
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
@@ -285,7 +320,7 @@ fn write_contents(
     let mut bytes = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::checkpoint(&manifest_path, format!("cannot serialize manifest: {e}")))?;
     bytes.push(b'\n');
-    write_file_synced(&manifest_path, &bytes, None)?;
+    write_file_synced(&manifest_path, &bytes, None, None)?;
     sync_dir(dir)
 }
 
@@ -314,8 +349,9 @@ impl View for F32View<'_> {
     }
 }
 
-/// Serializes `tensors` as a safetensors file `dir/name` and returns its manifest entry.
-fn write_tensor_file(dir: &Path, name: &str, tensors: &[NamedTensor]) -> Result<FileEntry> {
+/// Serializes `tensors` as a safetensors file `dir/name` and returns its manifest entry (with
+/// `cut`, writes half of it and fails with that error).
+fn write_tensor_file(dir: &Path, name: &str, tensors: &[NamedTensor], cut: Option<io::Error>) -> Result<FileEntry> {
     let path = dir.join(name);
     let views = tensors.iter().map(|t| {
         (
@@ -329,7 +365,7 @@ fn write_tensor_file(dir: &Path, name: &str, tensors: &[NamedTensor]) -> Result<
     let metadata = HashMap::from([("format".to_string(), "semoe".to_string())]);
     let bytes = safetensors::serialize(views, Some(metadata))
         .map_err(|e| Error::checkpoint(&path, format!("cannot serialize tensors: {e}")))?;
-    write_file_synced(&path, &bytes, pause_in_write())?;
+    write_file_synced(&path, &bytes, pause_in_write(), cut)?;
     Ok(FileEntry {
         name: name.to_string(),
         bytes: bytes.len() as u64,
@@ -353,9 +389,23 @@ fn pause_in_write() -> Option<Duration> {
 ///
 /// With `pause` (the crash-test hook), the first half of `bytes` is written, one line is printed
 /// to stderr and the thread sleeps before writing the rest: a kill then leaves a torn file in the
-/// temporary directory, neither synced nor renamed.
-fn write_file_synced(path: &Path, bytes: &[u8], pause: Option<Duration>) -> Result<()> {
+/// temporary directory, neither synced nor renamed. With `cut` (an injected interruption), the
+/// first half is written and the write fails with that error.
+fn write_file_synced(path: &Path, bytes: &[u8], pause: Option<Duration>, cut: Option<io::Error>) -> Result<()> {
     let mut file = File::create(path).map_err(|e| Error::io("creating checkpoint file", path, e))?;
+    if let Some(e) = cut {
+        file.write_all(&bytes[..bytes.len() / 2])
+            .map_err(|e| Error::io("writing checkpoint file", path, e))?;
+        return Err(Error::io(
+            format!(
+                "writing checkpoint file ({} of {} bytes written)",
+                bytes.len() / 2,
+                bytes.len()
+            ),
+            path,
+            e,
+        ));
+    }
     let mut rest = bytes;
     if let Some(pause) = pause {
         let (head, tail) = bytes.split_at(bytes.len() / 2);

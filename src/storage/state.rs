@@ -27,6 +27,30 @@ pub fn save(
     training_seconds: f64,
     data_digest: Option<&str>,
 ) -> Result<PathBuf> {
+    save_interrupted(
+        run_dir,
+        config,
+        seed,
+        model,
+        optimizer,
+        training_seconds,
+        data_digest,
+        None,
+    )
+}
+
+/// [`save`], interrupted as `interruption` says (chaos runs; see [`checkpoint::Interruption`]).
+#[allow(clippy::too_many_arguments)]
+pub fn save_interrupted(
+    run_dir: &Path,
+    config: &impl Serialize,
+    seed: u64,
+    model: &Gpt<f32>,
+    optimizer: &AdamW,
+    training_seconds: f64,
+    data_digest: Option<&str>,
+    interruption: Option<checkpoint::Interruption>,
+) -> Result<PathBuf> {
     let tensors = model.tensors();
     if optimizer.m.len() != tensors.len() || optimizer.v.len() != tensors.len() {
         return Err(Error::shape(
@@ -63,7 +87,7 @@ pub fn save(
     if let (Some(digest), Some(map)) = (data_digest, extra.as_object_mut()) {
         map.insert("data_sha256".into(), json!(digest));
     }
-    checkpoint::save(run_dir, optimizer.step, &named, &opt, &extra)
+    checkpoint::save_interrupted(run_dir, optimizer.step, &named, &opt, &extra, interruption)
 }
 
 /// Write `model` alone (no optimizer state) as the checkpoint of `step` under

@@ -10,7 +10,9 @@ use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
 use crate::optimizer::AdamW;
+use crate::storage::checkpoint::{self, Interruption, MODEL_FILE, OPTIMIZER_FILE};
 use serde::Serialize;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -115,6 +117,9 @@ pub struct ChaosReport {
     pub disturbed_s: f64,
     /// Seconds of the undisturbed run.
     pub undisturbed_s: f64,
+    /// Bytes the disturbed run's Disk tiers read and wrote (all workers; zero when the storage
+    /// budgets keep every expert in memory).
+    pub disk_bytes: [u64; 2],
     /// The verdict.
     pub verdict: Verdict,
 }
@@ -127,6 +132,10 @@ struct RunResult {
     state: Option<Vec<(String, Vec<u32>)>>,
     started: Instant,
     seconds: f64,
+    /// Bytes read from and written to the Disk tiers.
+    disk_bytes: [u64; 2],
+    /// What each checkpoint fault did, by the step it fired after.
+    notes: Vec<(u64, String)>,
 }
 
 /// Where a run is, for the report when the overall deadline expires.
@@ -191,8 +200,14 @@ pub fn compare(want: &[(String, Vec<u32>)], got: &[(String, Vec<u32>)]) -> Verdi
     }
 }
 
-fn builder(config: &TrainConfig, text: &Arc<Vec<u8>>, plan: FaultPlan) -> Result<crate::actors::RuntimeBuilder> {
+fn builder(
+    config: &TrainConfig,
+    text: &Arc<Vec<u8>>,
+    plan: FaultPlan,
+    tiers: &Path,
+) -> Result<crate::actors::RuntimeBuilder> {
     Ok(Runtime::builder(config.clone())
+        .storage(config.storage.to_config(Some(tiers.to_path_buf()))?)
         .workers(config.train.workers)
         .placement(config.train.placement.parse::<ExpertPlacement>()?)
         .deadline(Duration::from_secs_f64(config.train.deadline_s))
@@ -200,19 +215,32 @@ fn builder(config: &TrainConfig, text: &Arc<Vec<u8>>, plan: FaultPlan) -> Result
         .chaos(plan))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn one_run(
     name: &'static str,
     config: &TrainConfig,
     text: &Arc<Vec<u8>>,
     plan: FaultPlan,
     progress: &Progress,
+    tiers: &Path,
+    checkpoints: Option<&Path>,
 ) -> Result<RunResult> {
     let started = Instant::now();
     set(progress, format!("the {name} run: starting the runtime"));
-    let rt = builder(config, text, plan)?.build().await?;
+    let tiers = tiers.join(name);
+    let mut rt = builder(config, text, plan.clone(), &tiers)?.build().await?;
     let mut steps = Vec::new();
     let mut failed = None;
-    for step in 0..config.train.steps {
+    let mut notes = Vec::new();
+    let mut disk_bytes = [0, 0];
+    if let Some(dir) = checkpoints {
+        // The state before the first step, so that a fault at the first checkpoint has one to
+        // fall back on.
+        set(progress, format!("the {name} run: the checkpoint before step 0"));
+        save_checkpoint(&rt, config, dir, None).await?;
+    }
+    let mut step = 0;
+    while step < config.train.steps {
         set(
             progress,
             format!("the {name} run: step {step} of {}", config.train.steps),
@@ -232,8 +260,76 @@ async fn one_run(
                 break;
             }
         }
+        let Some(dir) = checkpoints else {
+            step += 1;
+            continue;
+        };
+        set(progress, format!("the {name} run: the checkpoint after step {step}"));
+        let t = Instant::now();
+        let fault = plan.fire(&Target::Checkpoint, step, Moment::Any);
+        let what = match (fault, save_checkpoint(&rt, config, dir, fault).await) {
+            (None, Ok(_)) => {
+                step += 1;
+                continue;
+            }
+            (None, Err(e)) => {
+                failed = Some((
+                    step,
+                    format!("the checkpoint after step {step}: {e}"),
+                    t.elapsed().as_secs_f64(),
+                ));
+                break;
+            }
+            (Some(_), Err(e)) => format!("the save failed: {e}"),
+            (Some(FaultKind::Corrupt), Ok(saved)) => match flip_a_byte(&saved) {
+                Ok(flipped) => flipped,
+                Err(e) => {
+                    failed = Some((
+                        step,
+                        format!("cannot corrupt the checkpoint: {e}"),
+                        t.elapsed().as_secs_f64(),
+                    ));
+                    break;
+                }
+            },
+            (Some(_), Ok(saved)) => format!("the save of {} went through", saved.display()),
+        };
+        // As after a crash there: the runtime stops, and the run resumes from the newest intact
+        // checkpoint (what `semoe train --resume` does).
+        disk_bytes = add(disk_bytes, tier_bytes(&rt));
+        rt.shutdown().await?;
+        match resume(config, dir) {
+            Ok((model, optimizer, how)) => {
+                let from = optimizer.step;
+                notes.push((
+                    step,
+                    format!("{what}; {how}; {} step(s) trained again", step + 1 - from),
+                ));
+                steps.truncate(from as usize);
+                set(progress, format!("the {name} run: resuming from step {from}"));
+                rt = builder(config, text, plan.clone(), &tiers)?
+                    .state(model, optimizer)
+                    .build()
+                    .await?;
+                step = from;
+            }
+            Err(e) => {
+                notes.push((step, format!("{what}; the run could not resume: {e}")));
+                failed = Some((step, e.to_string(), t.elapsed().as_secs_f64()));
+                return Ok(RunResult {
+                    steps,
+                    failed,
+                    state: None,
+                    started,
+                    seconds: started.elapsed().as_secs_f64(),
+                    disk_bytes,
+                    notes,
+                });
+            }
+        }
     }
     let steps_done = steps.len() as u64;
+    disk_bytes = add(disk_bytes, tier_bytes(&rt));
     let state = if failed.is_none() {
         set(progress, format!("the {name} run: gathering the state"));
         let t = Instant::now();
@@ -265,7 +361,85 @@ async fn one_run(
         state,
         started,
         seconds: started.elapsed().as_secs_f64(),
+        disk_bytes,
+        notes,
     })
+}
+
+/// Bytes the runtime's Disk tiers read and wrote.
+fn tier_bytes(rt: &Runtime) -> [u64; 2] {
+    rt.tier_stats()
+        .iter()
+        .fold([0, 0], |[r, w], t| [r + t.disk_read, w + t.disk_written])
+}
+
+fn add(a: [u64; 2], b: [u64; 2]) -> [u64; 2] {
+    [a[0] + b[0], a[1] + b[1]]
+}
+
+/// Write the runtime's committed state as a checkpoint under `dir`, interrupted halfway through
+/// the optimizer file (an injected `EIO`) for [`FaultKind::Interrupt`].
+async fn save_checkpoint(rt: &Runtime, config: &TrainConfig, dir: &Path, fault: Option<FaultKind>) -> Result<PathBuf> {
+    let (model, optimizer) = rt.state().await?;
+    let interruption = (fault == Some(FaultKind::Interrupt)).then(|| Interruption {
+        file: OPTIMIZER_FILE,
+        error: std::io::Error::from_raw_os_error(libc::EIO),
+    });
+    crate::storage::state::save_interrupted(
+        dir,
+        config,
+        config.train.seed,
+        &model,
+        &optimizer,
+        0.0,
+        None,
+        interruption,
+    )
+}
+
+/// Flip one bit of a byte in the middle of the checkpoint's model file (in the tensor data, past
+/// the header), as a disk's silent corruption would; says which.
+fn flip_a_byte(checkpoint: &Path) -> Result<String> {
+    let path = checkpoint.join(MODEL_FILE);
+    let mut bytes = std::fs::read(&path).map_err(|e| Error::io("cannot read the checkpoint to corrupt", &path, e))?;
+    let at = bytes.len() / 2;
+    let Some(b) = bytes.get_mut(at) else {
+        return Err(Error::checkpoint(&path, "the file is empty"));
+    };
+    *b ^= 0x10;
+    std::fs::write(&path, &bytes).map_err(|e| Error::io("cannot write the corrupted checkpoint", &path, e))?;
+    Ok(format!(
+        "bit 4 of byte {at} of {} flipped after the save",
+        path.display()
+    ))
+}
+
+/// What `--resume` does: the newest checkpoint under `dir` that verifies in full (manifest,
+/// lengths, SHA-256), every newer damaged one set aside and named, loaded.
+fn resume(config: &TrainConfig, dir: &Path) -> Result<(Gpt<f32>, AdamW, String)> {
+    let resolved = checkpoint::newest_intact(dir)?;
+    let mut how = Vec::new();
+    for d in &resolved.damaged {
+        let aside = checkpoint::set_aside(&d.dir)?;
+        how.push(format!(
+            "{} is damaged ({}) and was moved to {}",
+            d.dir.display(),
+            d.reason,
+            aside.display()
+        ));
+    }
+    let Some(ckpt) = resolved.checkpoint else {
+        how.push("no intact checkpoint is left".into());
+        return Err(Error::checkpoint(dir, how.join("; ")));
+    };
+    let from = ckpt.dir.clone();
+    let (model, optimizer, _) = super::trainer::load_state_from(config, ckpt)?;
+    how.push(format!(
+        "resumed from {} (step {}; every file's length and SHA-256 verified)",
+        from.display(),
+        optimizer.step
+    ));
+    Ok((model, optimizer, how.join("; ")))
 }
 
 fn describe(target: &Target) -> String {
@@ -275,6 +449,9 @@ fn describe(target: &Target) -> String {
         Target::Ledger { worker } => format!("ledger of worker {worker}"),
         Target::Silence { worker } => format!("communicator of worker {worker}"),
         Target::Link { from, to } => format!("requests from worker {from} to worker {to}"),
+        Target::Disk { worker } => format!("disk tier of worker {worker}"),
+        Target::Checkpoint => "the checkpoint after the step".to_string(),
+        Target::Communicator { worker } => format!("communicator of worker {worker}"),
     }
 }
 
@@ -291,6 +468,20 @@ fn moment_name(m: Moment) -> &'static str {
 /// when the job cannot start (a bad configuration, a scenario that does not fit the run); what
 /// happens in the runs is the report's verdict.
 pub fn run(config: &TrainConfig, scenario: &Scenario) -> Result<ChaosReport> {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("semoe-chaos-{}-{n}", std::process::id()));
+    let report = run_in(config, scenario, &dir);
+    // The stores delete their files when dropped; checkpoints and directories may be left.
+    let _ = std::fs::remove_dir_all(&dir);
+    report
+}
+
+/// [`run`] in `dir`: the Disk tiers (when the job's storage budgets need them) under `dir/tiers/`,
+/// one directory per run (`disturbed`, `undisturbed`), each with a directory per worker; with
+/// checkpoint faults, the disturbed run's checkpoints under `dir/checkpoints/` (emptied first).
+pub fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> Result<ChaosReport> {
+    let tiers: PathBuf = dir.join("tiers");
     let mut job = config.clone();
     if let Some(d) = scenario.collective_deadline {
         job.train.deadline_s = d.as_secs_f64();
@@ -309,6 +500,29 @@ pub fn run(config: &TrainConfig, scenario: &Scenario) -> Result<ChaosReport> {
     }
     let layout = Layout::new(&config.model, config.train.workers, config.train.steps);
     let (plan, planned) = scenario.plan(&layout)?;
+    if let Some(entry) = scenario
+        .faults
+        .iter()
+        .position(|f| f.actor == crate::chaos::ActorKind::Disk)
+    {
+        if config.storage.to_config(None)?.unlimited() {
+            return Err(Error::config(format!(
+                "chaos scenario: fault[{entry}] is a disk fault, but the job keeps every expert in memory: set \
+                 storage.device_budget (and storage.host_budget) so that some experts live in the Disk tier"
+            )));
+        }
+    }
+    let checkpoints = planned
+        .iter()
+        .any(|p| p.fault.target == Target::Checkpoint)
+        .then(|| dir.to_path_buf());
+    if let Some(d) = &checkpoints {
+        let old = d.join(checkpoint::CHECKPOINTS_DIR);
+        if old.exists() {
+            std::fs::remove_dir_all(&old)
+                .map_err(|e| Error::io("cannot empty the chaos run's checkpoints", &old, e))?;
+        }
+    }
     let text = Arc::new(super::trainer::corpus_for(config)?.train);
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -320,9 +534,21 @@ pub fn run(config: &TrainConfig, scenario: &Scenario) -> Result<ChaosReport> {
     let begun = Instant::now();
     let deadline = scenario.deadline;
     let disturbed = {
-        let (plan, progress, text) = (plan.clone(), progress.clone(), text.clone());
+        let (plan, progress, text, tiers) = (plan.clone(), progress.clone(), text.clone(), tiers.clone());
         tokio.block_on(async move {
-            tokio::time::timeout(deadline, one_run("disturbed", config, &text, plan, &progress)).await
+            tokio::time::timeout(
+                deadline,
+                one_run(
+                    "disturbed",
+                    config,
+                    &text,
+                    plan,
+                    &progress,
+                    &tiers,
+                    checkpoints.as_deref(),
+                ),
+            )
+            .await
         })
     };
     let mut undisturbed = None;
@@ -344,11 +570,11 @@ pub fn run(config: &TrainConfig, scenario: &Scenario) -> Result<ChaosReport> {
             (None, Some(got)) => {
                 let left = deadline.saturating_sub(begun.elapsed());
                 let baseline = tokio.block_on({
-                    let (progress, text) = (progress.clone(), text.clone());
+                    let (progress, text, tiers) = (progress.clone(), text.clone(), tiers.clone());
                     async move {
                         tokio::time::timeout(
                             left,
-                            one_run("undisturbed", config, &text, FaultPlan::none(), &progress),
+                            one_run("undisturbed", config, &text, FaultPlan::none(), &progress, &tiers, None),
                         )
                         .await
                     }
@@ -415,8 +641,17 @@ fn report(
             let first = mine.first();
             let silence = matches!(f.target, Target::Silence { .. });
             let link = matches!(f.target, Target::Link { .. });
+            let disk = matches!(f.target, Target::Disk { .. });
             let kind = match f.kind {
                 _ if silence => "silence".to_string(),
+                FaultKind::ReadError => "read-error".to_string(),
+                FaultKind::WriteError => "write-error".to_string(),
+                FaultKind::DiskFull => "full".to_string(),
+                FaultKind::ShortRead => "short-read".to_string(),
+                FaultKind::Slow(d) => format!("slow {}", humantime::format_duration(d)),
+                FaultKind::Interrupt => "interrupt".to_string(),
+                FaultKind::Corrupt => "corrupt".to_string(),
+                FaultKind::Partition(d) => format!("partition {}", humantime::format_duration(d)),
                 FaultKind::Panic => "panic".to_string(),
                 FaultKind::Error => "error".to_string(),
                 FaultKind::Drop => "drop".to_string(),
@@ -450,6 +685,13 @@ fn report(
                     ),
                     None => format!("the silence began at step {} but the run did not fail", x.step),
                 },
+                Some(x) if f.target == Target::Checkpoint => disturbed
+                    .and_then(|d| d.notes.iter().find(|(s, _)| *s == x.step))
+                    .map_or_else(
+                        || "fired, but the run stopped before it could resume".to_string(),
+                        |(_, note)| note.clone(),
+                    ),
+                Some(x) if disk => disk_detection(f, x, mine.len(), disturbed.and_then(|d| d.failed.as_ref())),
                 Some(x) if link => match (disturbed.and_then(|d| d.failed.as_ref()), &committed) {
                     (Some((step, error, after)), _) if *step == x.step => {
                         format!("step {step} failed after {after:.3} s: {error}")
@@ -517,8 +759,52 @@ fn report(
         disturbed_steps,
         undisturbed_steps: records(undisturbed),
         disturbed_s: disturbed.map_or(0.0, |d| d.seconds),
+        disk_bytes: disturbed.map_or([0, 0], |d| d.disk_bytes),
         undisturbed_s: undisturbed.map_or(0.0, |d| d.seconds),
         verdict,
+    }
+}
+
+/// How a disk fault showed: the calls it failed, slowed or cut short, and either the error the run
+/// stopped with or how the tier carried on.
+fn disk_detection(
+    f: &crate::chaos::Fault,
+    first: &crate::chaos::Firing,
+    fired: usize,
+    failed: Option<&(u64, String, f64)>,
+) -> String {
+    let on = format!("{} at step {}", first.detail, first.step);
+    let what = match f.kind {
+        FaultKind::ReadError | FaultKind::WriteError => {
+            format!("{fired} attempt(s) in a row at {on} failed with EIO")
+        }
+        FaultKind::DiskFull => format!("{fired} attempt(s) at {on} failed with ENOSPC"),
+        FaultKind::ShortRead => format!("{fired} pread(s) of {on} returned half of the bytes asked for"),
+        FaultKind::Slow(d) => format!(
+            "every read and write waited {} more from {on} on",
+            humantime::format_duration(d)
+        ),
+        _ => format!("fired {fired} time(s), the first {on}"),
+    };
+    // Whether the tier got past it: a short read and a slow disk always do, an EIO when it failed
+    // fewer attempts in a row than the I/O thread makes; a full disk never does.
+    let attempts = crate::storage::tiers::disk::ATTEMPTS as usize;
+    let recovered = match f.kind {
+        FaultKind::ShortRead | FaultKind::Slow(_) => true,
+        FaultKind::ReadError | FaultKind::WriteError => fired < attempts,
+        _ => false,
+    };
+    match failed {
+        _ if recovered => match f.kind {
+            FaultKind::ReadError | FaultKind::WriteError => format!(
+                "{what}; the I/O thread tried the call again (at most {attempts} attempts) and it went through: its \
+                 step went on"
+            ),
+            FaultKind::ShortRead => format!("{what}; the tier read the rest with further preads: its step went on"),
+            _ => format!("{what}; its step went on"),
+        },
+        Some((step, error, after)) => format!("{what}; step {step} failed after {after:.3} s: {error}"),
+        None => format!("{what}; but the run did not stop"),
     }
 }
 
@@ -560,6 +846,13 @@ impl ChaosReport {
             self.disturbed_s,
             self.undisturbed_s
         ));
+        if self.disk_bytes != [0, 0] {
+            s.push_str(&format!(
+                "The disturbed run's Disk tiers read {} and wrote {}.\n\n",
+                crate::storage::tiers::format_bytes(self.disk_bytes[0]),
+                crate::storage::tiers::format_bytes(self.disk_bytes[1])
+            ));
+        }
         if !self.faults.is_empty() {
             s.push_str(
                 "| # | entry | actor | kind | step | moment | fired | at (s) | recovery (s) | replays | detection |\n",

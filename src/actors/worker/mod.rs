@@ -247,7 +247,7 @@ impl WorkerState {
             Child::Gate(block) => Some(Target::Gate { worker, block }),
             Child::Expert(block, expert) => Some(Target::Expert { block, expert }),
             Child::Ledger => Some(Target::Ledger { worker }),
-            Child::Comm => None,
+            Child::Comm => Some(Target::Communicator { worker }),
         };
         self.args.chaos.record_restart(worker, child.label(), target);
         let now = Instant::now();
@@ -359,6 +359,7 @@ impl Actor for WorkerActor {
         match msg {
             WorkerMsg::RunStep { step, reply } => {
                 state.restarted = false;
+                state.args.chaos.begin_step(step.step);
                 let r = match &state.lost {
                     Some(lost) => Err(Error::runtime(lost.clone())),
                     None => run_step(state, step).await,

@@ -17,6 +17,14 @@
 //! (`fdatasync`) and the pages of every access dropped afterwards (`posix_fadvise(DONTNEED)`), the
 //! same property reached the slow way; [`DiskTier::mode`] says which path was taken. Without
 //! `drop_page_cache` the file is read and written through the page cache.
+//!
+//! Every positional read and write goes through one loop per direction ([`DiskTier`]'s `pread_all`
+//! and `pwrite_all`), which a chaos run can disturb through a [`DiskFaults`] hook (an error, a short
+//! read, a delay before the call); without a hook the loop costs one `None` check per call. A
+//! transient error (`EIO`, `EAGAIN`, `EBUSY`, `ETIMEDOUT`) is retried, the whole read or write
+//! again, up to [`ATTEMPTS`] times: the slot's bytes do not change in between, so a retried read
+//! returns what the first would have, and a retried write leaves what the first would have left.
+//! Any other error (a full disk, `ENOSPC`, above all) fails at once.
 
 use super::unit::UnitId;
 use crate::error::{Error, Result};
@@ -28,6 +36,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Alignment of direct I/O: buffers, offsets and lengths are multiples of it.
 pub const ALIGN: usize = 4096;
@@ -39,6 +48,56 @@ pub fn padded(n: u64) -> u64 {
 
 /// The name of the slot file in the tier's directory.
 pub const FILE_NAME: &str = "experts.slots";
+
+/// How many times a read or write of a slot is tried when it fails with a transient error.
+pub const ATTEMPTS: u32 = 3;
+
+/// The direction of one I/O of the slot file, for a [`DiskFaults`] hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskOp {
+    /// A `pread`.
+    Read,
+    /// A `pwrite`.
+    Write,
+}
+
+/// What an injected fault does to one `pread` or `pwrite` of the slot file.
+#[derive(Debug)]
+pub enum InjectedIo {
+    /// The call fails with this error and moves no byte.
+    Fail(io::Error),
+    /// A read returns at most this many bytes (rounded down to [`ALIGN`], and at least [`ALIGN`],
+    /// with `O_DIRECT`); the tier reads the rest with further calls, as it does for any short read.
+    Short(usize),
+    /// The call first waits this long (a slow disk).
+    Delay(Duration),
+}
+
+/// Fault injection into the Disk tier (chaos runs): asked before every `pread` and `pwrite` of a
+/// worker's slot file, on the I/O thread that makes it. The storage layer only defines the seam;
+/// `chaos::FaultPlan` implements it from a scenario.
+pub trait DiskFaults: Send + Sync {
+    /// What to do to the call of `worker`'s tier that is about to move `len` bytes of unit `id`
+    /// (`None`: nothing).
+    fn before(&self, worker: usize, op: DiskOp, id: UnitId, len: usize) -> Option<InjectedIo>;
+}
+
+/// A shared [`DiskFaults`] hook, as [`super::StorageConfig`] carries it (equal when it is the same
+/// hook).
+#[derive(Clone)]
+pub struct DiskFaultHook(pub Arc<dyn DiskFaults>);
+
+impl std::fmt::Debug for DiskFaultHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DiskFaultHook")
+    }
+}
+
+impl PartialEq for DiskFaultHook {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.0), Arc::as_ptr(&other.0))
+    }
+}
 
 /// How the slot file is read and written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +155,8 @@ struct Inner {
 #[derive(Clone, Debug)]
 pub struct DiskTier {
     inner: Arc<Inner>,
+    /// The fault hook and the worker it is asked for (chaos runs only).
+    faults: Option<(DiskFaultHook, usize)>,
 }
 
 impl DiskTier {
@@ -178,7 +239,14 @@ impl DiskTier {
                 slots,
                 len,
             }),
+            faults: None,
         })
+    }
+
+    /// The same tier with every `pread` and `pwrite` first shown to `hook`, as `worker`'s.
+    pub fn with_faults(mut self, hook: DiskFaultHook, worker: usize) -> Self {
+        self.faults = Some((hook, worker));
+        self
     }
 
     /// The directory.
@@ -366,9 +434,85 @@ impl DiskTier {
         self.io_error(id, what, io::Error::new(io::ErrorKind::NotFound, why.to_string()))
     }
 
-    /// An I/O error naming the operation, the expert and the slot file.
+    /// An I/O error naming the operation, the expert and the slot file (and for a full disk, the
+    /// directory and what the tier holds there).
     fn io_error(&self, id: UnitId, what: &str, e: io::Error) -> Error {
-        Error::io(format!("{what}: expert {}.{}", id.0, id.1), &self.inner.path, e)
+        let mut context = format!("{what}: expert {}.{}", id.0, id.1);
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            context.push_str(&format!(
+                ": the disk tier's directory {} is full (its slot file takes {} bytes, allocated when the \
+                 tier opened; the budgets left the rest of the expert state on disk)",
+                self.inner.dir.display(),
+                self.inner.len
+            ));
+        }
+        Error::io(context, &self.inner.path, e)
+    }
+
+    /// Ask the fault hook about a call; a delay is served here. `Some(n)`: read at most `n` bytes.
+    fn inject(&self, op: DiskOp, id: UnitId, len: usize) -> io::Result<Option<usize>> {
+        let Some((hook, worker)) = &self.faults else {
+            return Ok(None);
+        };
+        match hook.0.before(*worker, op, id, len) {
+            None => Ok(None),
+            Some(InjectedIo::Fail(e)) => Err(e),
+            Some(InjectedIo::Delay(d)) => {
+                std::thread::sleep(d);
+                Ok(None)
+            }
+            Some(InjectedIo::Short(n)) => Ok(Some(match self.inner.mode {
+                IoMode::Direct => (n / ALIGN * ALIGN).max(ALIGN),
+                IoMode::Buffered { .. } => n.max(1),
+            })),
+        }
+    }
+
+    /// Read all of `buf` from `offset`, one `pread` after another until it is full (a short read
+    /// is followed by another call for the rest; an end of file is an error).
+    fn pread_all(&self, buf: &mut [u8], offset: u64, id: UnitId) -> io::Result<()> {
+        let f = &self.inner.file;
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let limit = self
+                .inject(DiskOp::Read, id, rest.len())?
+                .map_or(rest.len(), |n| n.min(rest.len()));
+            match f.read_at(&mut rest[..limit], offset + done as u64) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the file ended {done} bytes into a read of {}", buf.len()),
+                    ))
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Write all of `buf` at `offset` (as `write_all_at`, each call shown to the fault hook first).
+    fn pwrite_all(&self, buf: &[u8], offset: u64, id: UnitId) -> io::Result<()> {
+        let f = &self.inner.file;
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &buf[done..];
+            self.inject(DiskOp::Write, id, rest.len())?;
+            match f.write_at(rest, offset + done as u64) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        format!("the disk took no byte {done} bytes into a write of {}", buf.len()),
+                    ))
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     fn write_at(
@@ -389,15 +533,21 @@ impl DiskTier {
             IoMode::Direct => with_aligned(padded(len as u64) as usize, |buf| {
                 fill(&mut buf[..len]);
                 buf[len..].fill(0);
-                f.write_all_at(buf, offset)
+                retrying(|| self.pwrite_all(buf, offset, id))
             })
             .map_err(fail),
             IoMode::Buffered { drop } => {
                 let mut buf = vec![0u8; len];
                 fill(&mut buf);
-                f.write_all_at(&buf, offset).map_err(fail)?;
+                retrying(|| {
+                    self.pwrite_all(&buf, offset, id)?;
+                    if drop {
+                        f.sync_data()?;
+                    }
+                    Ok(())
+                })
+                .map_err(fail)?;
                 if drop {
-                    f.sync_data().map_err(fail)?;
                     drop_cached_pages(f, offset, len as u64);
                 }
                 Ok(())
@@ -424,7 +574,7 @@ impl DiskTier {
                 // The closure runs on the thread's aligned buffer, outside the I/O error mapping.
                 let mut result = None;
                 with_aligned(padded(len as u64) as usize, |buf| {
-                    f.read_exact_at(buf, offset)?;
+                    retrying(|| self.pread_all(buf, offset, id))?;
                     result = Some(use_bytes(&buf[..len]));
                     Ok(())
                 })
@@ -433,7 +583,7 @@ impl DiskTier {
             }
             IoMode::Buffered { drop } => {
                 let mut buf = vec![0u8; len];
-                f.read_exact_at(&mut buf, offset).map_err(fail)?;
+                retrying(|| self.pread_all(&mut buf, offset, id)).map_err(fail)?;
                 if drop {
                     drop_cached_pages(f, offset, len as u64);
                 }
@@ -449,6 +599,37 @@ impl DiskTier {
         let _ = std::fs::remove_dir_all(&self.inner.dir);
         if let Some(parent) = self.inner.dir.parent() {
             let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+/// Whether an error may go away when the call is made again (a disk or a controller that
+/// recovers, a busy device); a full disk is not.
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EAGAIN | libc::EBUSY | libc::ETIMEDOUT)
+    )
+}
+
+/// Run `op` until it succeeds, it fails with an error that is not [`transient`], or it has failed
+/// [`ATTEMPTS`] times (then the error says so); waits 5 ms, then 20 ms, between attempts.
+fn retrying(mut op: impl FnMut() -> io::Result<()>) -> io::Result<()> {
+    let mut attempt = 1;
+    loop {
+        match op() {
+            Ok(()) => return Ok(()),
+            Err(e) if transient(&e) && attempt < ATTEMPTS => {
+                std::thread::sleep(Duration::from_millis(5 << (2 * (attempt - 1))));
+                attempt += 1;
+            }
+            Err(e) if attempt > 1 => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{e} (attempt {attempt} of {ATTEMPTS}; the earlier attempts failed too)"),
+                ))
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -648,6 +829,86 @@ mod tests {
             .to_string();
         assert!(e.contains("plain-file"), "{e}");
         let _ = std::fs::remove_file(&file);
+    }
+
+    /// A hook that answers the calls from a script, one entry per call, and counts the calls.
+    struct Script {
+        answers: std::sync::Mutex<std::collections::VecDeque<Option<InjectedIo>>>,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Script {
+        fn hook(answers: Vec<Option<InjectedIo>>) -> (Arc<Script>, DiskFaultHook) {
+            let script = Arc::new(Script {
+                answers: std::sync::Mutex::new(answers.into()),
+                calls: Default::default(),
+            });
+            (script.clone(), DiskFaultHook(script))
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl DiskFaults for Script {
+        fn before(&self, worker: usize, _: DiskOp, _: UnitId, _: usize) -> Option<InjectedIo> {
+            assert_eq!(worker, 3, "asked as the worker it was given for");
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.answers.lock().unwrap().pop_front().flatten()
+        }
+    }
+
+    fn eio() -> Option<InjectedIo> {
+        Some(InjectedIo::Fail(io::Error::from_raw_os_error(libc::EIO)))
+    }
+
+    #[test]
+    fn injected_faults_are_retried_cut_short_or_reported() {
+        let dir = temp("faults");
+        let plain = open(&dir, false);
+        let want = pattern(10_001, 9);
+        plain.write((0, 0), &want).unwrap();
+        let with = |answers| {
+            let (script, hook) = Script::hook(answers);
+            (script, plain.clone().with_faults(hook, 3))
+        };
+        // Two failed attempts, then the third reads the slot: the same bytes.
+        let (script, disk) = with(vec![eio(), eio()]);
+        assert_eq!(disk.read((0, 0), want.len()).unwrap(), want);
+        assert_eq!(script.calls(), 3);
+        // A third failure in a row is the error, naming the file, the expert and the attempts.
+        let (script, disk) = with(vec![eio(), eio(), eio(), None]);
+        let e = disk.read((0, 0), want.len()).unwrap_err().to_string();
+        assert!(
+            e.contains(FILE_NAME)
+                && e.contains("expert 0.0")
+                && e.contains("os error 5")
+                && e.contains("attempt 3 of 3"),
+            "{e}"
+        );
+        assert_eq!(script.calls(), 3);
+        // A short read is followed by calls for the rest.
+        let (script, disk) = with(vec![Some(InjectedIo::Short(1000)), Some(InjectedIo::Short(10))]);
+        assert_eq!(disk.read((0, 0), want.len()).unwrap(), want);
+        assert_eq!(script.calls(), 3, "1,000 bytes, then 10, then the rest");
+        // A full disk is not retried; the error names the directory.
+        let (script, disk) = with(vec![
+            Some(InjectedIo::Fail(io::Error::from_raw_os_error(libc::ENOSPC))),
+            None,
+        ]);
+        let e = disk.write((0, 1), &want).unwrap_err().to_string();
+        assert!(
+            e.contains("is full") && e.contains("os error 28") && e.contains("faults"),
+            "{e}"
+        );
+        assert_eq!(script.calls(), 1);
+        // A transient write error is retried, and the write lands.
+        let (script, disk) = with(vec![eio(), Some(InjectedIo::Delay(Duration::from_millis(1)))]);
+        disk.write((0, 1), &want).unwrap();
+        assert_eq!(script.calls(), 2);
+        assert_eq!(plain.read((0, 1), want.len()).unwrap(), want);
+        plain.remove();
     }
 
     #[test]

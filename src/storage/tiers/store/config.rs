@@ -1,6 +1,7 @@
 //! How a worker's expert state is stored, and whether the budgets hold it without a Disk tier.
 
 use crate::error::Error;
+use crate::storage::tiers::disk::DiskFaultHook;
 use crate::storage::tiers::policy::CachePolicy;
 use crate::storage::tiers::size::format_bytes;
 use std::path::PathBuf;
@@ -27,6 +28,9 @@ pub struct StorageConfig {
     /// Reads and writes handed to the I/O threads at most (queued in their lanes or in flight);
     /// the manager holds the rest, loads first.
     pub io_depth: usize,
+    /// Faults to inject into the Disk tier's reads and writes (chaos runs; `None`: no hook, and
+    /// no cost).
+    pub disk_faults: Option<DiskFaultHook>,
 }
 
 impl Default for StorageConfig {
@@ -40,6 +44,7 @@ impl Default for StorageConfig {
             drop_page_cache: true,
             io_threads: 8,
             io_depth: 32,
+            disk_faults: None,
         }
     }
 }

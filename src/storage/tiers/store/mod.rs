@@ -150,13 +150,17 @@ impl ExpertStore {
             Some(dir) => {
                 let grad_bytes = template.as_ref().map_or(0, ExpertSlot::grad_bytes);
                 let ids = units.iter().map(|(id, _)| *id);
-                Some(DiskTier::open(
+                let disk = DiskTier::open(
                     &dir.join(format!("worker-{worker}")),
                     config.drop_page_cache,
                     ids,
                     unit_bytes,
                     grad_bytes,
-                )?)
+                )?;
+                Some(match &config.disk_faults {
+                    Some(hook) => disk.with_faults(hook.clone(), worker),
+                    None => disk,
+                })
             }
             None => return Err(needs_a_disk(worker, budget, unit_bytes, n)),
         };

@@ -3,6 +3,7 @@
 
 use super::{Manager, Mem, Place, Waiter};
 use crate::error::Error;
+use crate::storage::tiers::size::format_bytes;
 use crate::storage::tiers::store::protocol::Grant;
 use crate::storage::tiers::unit::UnitId;
 use std::collections::{HashSet, VecDeque};
@@ -13,10 +14,20 @@ impl Manager {
     pub(super) fn serve(&mut self) {
         self.account_stall();
         if let Some(f) = &self.fatal {
+            // The budgets are named: they decide how much of the expert state the disk holds.
+            let shown = |b: u64| {
+                if b == u64::MAX {
+                    "unlimited".to_string()
+                } else {
+                    format_bytes(b)
+                }
+            };
             for w in self.waiting.drain(..) {
                 let _ = w.reply.send(Err(Error::runtime(format!(
-                    "the expert store of worker {} failed: {f}",
-                    self.worker
+                    "the expert store of worker {} (storage.device_budget {}, storage.host_budget {}) failed: {f}",
+                    self.worker,
+                    shown(self.budget[0]),
+                    shown(self.budget[1])
                 ))));
             }
         }

@@ -437,6 +437,17 @@ impl Manager {
         if self.snapshots.is_empty() {
             return;
         }
+        // After a disk failure no snapshot is taken, even when every unit is still at hand (a
+        // write that failed keeps its unit in memory): the store has stopped, and says why.
+        if let Some(f) = &self.fatal {
+            for r in std::mem::take(&mut self.snapshots) {
+                let _ = r.send(Err(Error::runtime(format!(
+                    "the expert store of worker {} failed: {f}",
+                    self.worker
+                ))));
+            }
+            return;
+        }
         let busy = self
             .entries
             .values()
