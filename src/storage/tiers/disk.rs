@@ -343,7 +343,8 @@ impl DiskTier {
     /// than one per unit, and a unit read with its deferred gradient costs one request, not two.
     ///
     /// The outer error is the read's, or a piece that cannot be read (naming the slot file and the
-    /// expert); the inner ones are `f`'s, one per piece.
+    /// expert); the inner ones are `f`'s, one per piece. Like every read it goes through the
+    /// fault hook and the retries of transient errors.
     pub fn read_run_with<T>(
         &self,
         pieces: &[ReadPiece],
@@ -397,7 +398,7 @@ impl DiskTier {
                 // mapping.
                 let mut result = None;
                 with_aligned(total, |buf| {
-                    file.read_exact_at(buf, start)?;
+                    retrying(|| self.pread_all(buf, start, first.id))?;
                     result = Some(split(buf));
                     Ok(())
                 })
@@ -406,7 +407,7 @@ impl DiskTier {
             }
             IoMode::Buffered { drop } => {
                 let mut buf = vec![0u8; total];
-                file.read_exact_at(&mut buf, start).map_err(fail)?;
+                retrying(|| self.pread_all(&mut buf, start, first.id)).map_err(fail)?;
                 if drop {
                     drop_cached_pages(file, start, total as u64);
                 }
