@@ -156,38 +156,7 @@ fn a_corrupted_checkpoint_is_named_set_aside_and_the_run_resumes_from_the_one_be
 fn the_torn_checkpoints_scenario_ends_bitwise_equal_through_the_command() {
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/torn-checkpoints.toml");
     let dir = common::TempDir::new("chaos-torn-cli");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_semoe"))
-        .args(["chaos", "--scenario"])
-        .arg(&file)
-        .arg("--run-dir")
-        .arg(dir.path())
-        .args([
-            "--steps",
-            "8",
-            "--workers",
-            "2",
-            "--d-model",
-            "32",
-            "--layers",
-            "2",
-            "--heads",
-            "2",
-        ])
-        .args([
-            "--block-size",
-            "16",
-            "--d-ff",
-            "64",
-            "--experts",
-            "4",
-            "--k",
-            "2",
-            "--batch",
-            "8",
-        ])
-        .args(["--groups", "4"])
-        .output()
-        .expect("run semoe chaos");
+    let out = common::chaos_command(&file, dir.path(), "8", &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -254,39 +254,13 @@ fn the_dying_disk_scenario_stops_at_step_6_naming_the_file() {
 
     let dir = common::TempDir::new("chaos-disk-cli");
     let unit = ExpertSlot::bytes_for(c.model.d_model, c.model.d_ff);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_semoe"))
-        .args(["chaos", "--scenario"])
-        .arg(&file)
-        .arg("--run-dir")
-        .arg(dir.path())
-        .args([
-            "--steps",
-            "8",
-            "--workers",
-            "2",
-            "--d-model",
-            "32",
-            "--layers",
-            "2",
-            "--heads",
-            "2",
-        ])
-        .args([
-            "--block-size",
-            "16",
-            "--d-ff",
-            "64",
-            "--experts",
-            "4",
-            "--k",
-            "2",
-            "--batch",
-            "8",
-        ])
-        .args(["--groups", "4", "--host-budget", "0", "--device-budget"])
-        .arg((2 * unit).to_string())
-        .output()
-        .expect("run semoe chaos");
+    let budget = (2 * unit).to_string();
+    let out = common::chaos_command(
+        &file,
+        dir.path(),
+        "8",
+        &["--host-budget", "0", "--device-budget", &budget],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),

@@ -623,44 +623,6 @@ fn soak(name: &str, scenario: fn(u64) -> Scenario, file: &str, min_fired: usize)
     assert!(fired >= min_fired, "{name}: only {fired} faults fired");
 }
 
-/// `semoe chaos --scenario SCENARIO --run-dir RUN_DIR` on the small model (4 steps, 2 workers),
-/// with `extra` options.
-fn chaos_command(scenario: &std::path::Path, run_dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
-    Command::new(SEMOE)
-        .args(["chaos", "--scenario"])
-        .arg(scenario)
-        .arg("--run-dir")
-        .arg(run_dir)
-        .args(extra)
-        .args([
-            "--steps",
-            "4",
-            "--workers",
-            "2",
-            "--d-model",
-            "32",
-            "--layers",
-            "2",
-            "--heads",
-            "2",
-        ])
-        .args([
-            "--block-size",
-            "16",
-            "--d-ff",
-            "64",
-            "--experts",
-            "4",
-            "--k",
-            "2",
-            "--batch",
-            "8",
-        ])
-        .args(["--groups", "4"])
-        .output()
-        .expect("run semoe chaos")
-}
-
 #[test]
 fn the_command_writes_its_report() {
     let dir = common::TempDir::new("chaos-cli");
@@ -671,7 +633,7 @@ fn the_command_writes_its_report() {
     )
     .expect("write");
     let run_dir = dir.path().join("run");
-    let out = chaos_command(&scenario, &run_dir, &[]);
+    let out = common::chaos_command(&scenario, &run_dir, "4", &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -688,7 +650,7 @@ fn the_command_writes_its_report() {
     assert_eq!(json["replays"], 1);
 
     let soak_dir = dir.path().join("soak");
-    let out = chaos_command(&scenario, &soak_dir, &["--soak", "3"]);
+    let out = common::chaos_command(&scenario, &soak_dir, "4", &["--soak", "3"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}\n{stdout}");

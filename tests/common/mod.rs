@@ -175,3 +175,42 @@ impl Drop for TempDir {
         }
     }
 }
+
+/// `semoe chaos --scenario SCENARIO --run-dir RUN_DIR --steps STEPS` with 2 workers on the small
+/// model of the chaos tests (2 MoE blocks of 4 experts, d_model 32, context 16, batch 8 in 4
+/// groups), then `extra` options.
+pub fn chaos_command(scenario: &Path, run_dir: &Path, steps: &str, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_semoe"))
+        .args(["chaos", "--scenario"])
+        .arg(scenario)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .args([
+            "--steps",
+            steps,
+            "--workers",
+            "2",
+            "--d-model",
+            "32",
+            "--layers",
+            "2",
+            "--heads",
+            "2",
+        ])
+        .args([
+            "--block-size",
+            "16",
+            "--d-ff",
+            "64",
+            "--experts",
+            "4",
+            "--k",
+            "2",
+            "--batch",
+            "8",
+        ])
+        .args(["--groups", "4"])
+        .args(extra)
+        .output()
+        .expect("run semoe chaos")
+}
