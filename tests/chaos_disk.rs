@@ -80,10 +80,7 @@ fn bad_disk_entries_are_errors_naming_the_key() {
             "fault[0].kind",
         ),
     ];
-    for (text, key) in &cases {
-        let err = Scenario::from_toml(text).expect_err(text).to_string();
-        assert!(err.contains(key), "the error for\n{text}\ndoes not name {key}: {err}");
-    }
+    common::assert_scenarios_refused(&cases);
     // A worker the run does not have.
     let c = config(4);
     let layout = semoe::chaos::Layout::new(&c.model, 2, 4);

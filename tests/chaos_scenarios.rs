@@ -116,10 +116,7 @@ fn bad_values_are_errors_naming_the_key() {
             "fault[0].from",
         ),
     ];
-    for (text, key) in &cases {
-        let err = Scenario::from_toml(text).expect_err(text).to_string();
-        assert!(err.contains(key), "the error for\n{text}\ndoes not name {key}: {err}");
-    }
+    common::assert_scenarios_refused(&cases);
 
     // Against the run's layout (2 workers, MoE blocks 0 and 1, 4 experts, 12 steps).
     let c = config(12, 2);

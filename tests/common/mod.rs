@@ -214,3 +214,11 @@ pub fn chaos_command(scenario: &Path, run_dir: &Path, steps: &str, extra: &[&str
         .output()
         .expect("run semoe chaos")
 }
+
+/// Every scenario text of `cases` is refused with an error that names its key.
+pub fn assert_scenarios_refused(cases: &[(String, &str)]) {
+    for (text, key) in cases {
+        let err = semoe::chaos::Scenario::from_toml(text).expect_err(text).to_string();
+        assert!(err.contains(key), "the error for\n{text}\ndoes not name {key}: {err}");
+    }
+}
