@@ -98,23 +98,33 @@ impl ExitWatch {
     /// Process `pid` of this machine ended (`how`); true when it was a member not already gone.
     pub fn process_exited(&self, pid: u32, how: &str) -> bool {
         let name = format!("{}:{pid}", self.host);
-        let conn = {
-            let mut book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
-            let Some(m) = book
-                .members
-                .values_mut()
-                .find(|m| m.name == name && !matches!(m.status, Status::Gone(_)))
-            else {
-                return false;
-            };
-            let reason = format!("its process ended ({how})");
-            eprintln!("semoe: lost member {} ({}): {reason}", m.id, m.name);
-            m.status = Status::Gone(reason);
-            metrics::counter!(names::MEMBERSHIP, "kind" => "crash").increment(1);
-            m.conn.clone()
+        let id = {
+            let book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
+            match book.members.values().find(|m| m.name == name) {
+                Some(m) => m.id,
+                None => return false,
+            }
         };
+        let reason = format!("its process ended ({how})");
+        let Some(conn) = mark_gone(&self.book, id, &reason) else {
+            return false;
+        };
+        eprintln!("semoe: lost member {id} ({name}): {reason}");
+        metrics::counter!(names::MEMBERSHIP, "kind" => "crash").increment(1);
         conn.close(3u32.into(), b"the worker process ended");
         true
+    }
+}
+
+/// Mark member `id` gone for `reason`: its control connection (to close) if it was not gone yet.
+fn mark_gone(book: &Mutex<Book>, id: u64, reason: &str) -> Option<quinn::Connection> {
+    let mut book = book.lock().unwrap_or_else(PoisonError::into_inner);
+    match book.members.get_mut(&id) {
+        Some(m) if !matches!(m.status, Status::Gone(_)) => {
+            m.status = Status::Gone(reason.to_string());
+            Some(m.conn.clone())
+        }
+        _ => None,
     }
 }
 
@@ -216,17 +226,7 @@ impl Cluster {
     /// Remove member `id` for `reason` and close its connection (a fenced worker cannot commit:
     /// every command reaches it on this connection).
     pub fn evict(&self, id: u64, reason: &str) {
-        let conn = {
-            let mut book = self.lock();
-            match book.members.get_mut(&id) {
-                Some(m) if !matches!(m.status, Status::Gone(_)) => {
-                    m.status = Status::Gone(reason.to_string());
-                    Some(m.conn.clone())
-                }
-                _ => None,
-            }
-        };
-        if let Some(conn) = conn {
+        if let Some(conn) = mark_gone(&self.book, id, reason) {
             conn.close(2u32.into(), reason.as_bytes());
         }
     }
