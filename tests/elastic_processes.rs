@@ -455,6 +455,40 @@ fn workers_join_and_leave_at_step_boundaries() {
         "{}",
         epochs[2]
     );
+    // The state moved at the join and the leave is what changed owner, and only that: the kept
+    // workers keep their experts and tensors (the plan's minimality is proven in
+    // `actors::placement`'s tests; here, the counts a whole run reports).
+    let config: semoe::config::TrainConfig =
+        toml::from_str(&std::fs::read_to_string(dir.path().join("run/config.toml")).expect("config")).expect("parse");
+    let shape = semoe::model::gpt::Gpt::<f32>::zeros(&config.model).expect("model");
+    let dense = shape.specs().iter().filter(|s| !s.expert).count() as u64;
+    let blocks = (0..config.model.n_layer).filter(|&l| config.model.is_moe(l)).count() as u64;
+    let experts = config.model.experts as u64;
+    assert!(blocks > 0 && experts >= 3 && !config.storage.shard_dense, "{config:?}");
+    let sent: Vec<semoe::train::log::MembershipRecord> = epochs
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("a membership record"))
+        .collect();
+    let figures = |r: &semoe::train::log::MembershipRecord| (r.handed_over, r.expert_units_sent, r.dense_tensors_sent);
+    // Epoch 1: each of 2 workers gets its whole share (its experts, every dense value).
+    assert_eq!(figures(&sent[0]), (false, experts * blocks, 2 * dense), "{:?}", sent[0]);
+    // 2 -> 3: the newcomer gets floor(E/3) experts per block (the extra ones stay) and every dense
+    // value; the kept workers receive nothing.
+    assert_eq!(figures(&sent[1]), (true, experts / 3 * blocks, dense), "{:?}", sent[1]);
+    // 3 -> 2: the leaver's experts and its dense tensors (with their moments) go to the others.
+    assert_eq!(sent[2].expert_units_sent, experts / 3 * blocks, "{:?}", sent[2]);
+    assert!(
+        sent[2].handed_over && (1..dense).contains(&sent[2].dense_tensors_sent),
+        "{:?}",
+        sent[2]
+    );
+    for r in &sent[1..] {
+        assert!(
+            r.state_bytes_sent > 0 && r.state_bytes_sent < sent[0].state_bytes_sent / 2,
+            "{r:?}"
+        );
+    }
+    assert!(log.contains("handed over: "), "{log}");
     let report = std::fs::read_to_string(dir.path().join("run/report.md")).expect("report");
     assert!(report.contains("## Membership (worker processes)"), "{report}");
     assert!(report.contains("| 3 | 12 | 2 | member 3 leaves |"), "{report}");

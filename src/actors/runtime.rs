@@ -1,5 +1,6 @@
 //! [`Runtime`]: build the actor tree from code, train step by step, gather the state, shut down.
 
+use super::communicator::SharedReplica;
 pub use super::coordinator::StepOutcome;
 use super::coordinator::{CoordActor, CoordArgs, CoordMsg, WorkerSpec};
 use super::gather::{dense_bytes, keep_only, DenseCounters, DenseStats};
@@ -62,6 +63,7 @@ pub struct RuntimeBuilder {
     state: Option<(Gpt<f32>, AdamW)>,
     storage: StorageConfig,
     remote: Option<Vec<ActorRef<WorkerMsg>>>,
+    plan: Option<Placement>,
 }
 
 impl RuntimeBuilder {
@@ -90,6 +92,14 @@ impl RuntimeBuilder {
     /// Where experts live (default round-robin).
     pub fn placement(mut self, placement: ExpertPlacement) -> Self {
         self.placement = placement;
+        self
+    }
+
+    /// Use this exact plan instead of one computed from [`RuntimeBuilder::placement`] (a
+    /// membership change keeps experts and tensors where they were: `Placement::rebalanced`).
+    /// It must be for this model, the configured groups and the number of workers.
+    pub fn plan(mut self, plan: Placement) -> Self {
+        self.plan = Some(plan);
         self
     }
 
@@ -184,12 +194,10 @@ impl RuntimeBuilder {
         if model.config() != &config.model {
             return Err(Error::config("the given model does not have the configured shape"));
         }
-        let placement = Arc::new(Placement::new(
-            &model,
-            config.train.groups,
-            self.workers,
-            &self.placement,
-        )?);
+        let placement = Arc::new(match self.plan {
+            Some(plan) => checked_plan(&model, config.train.groups, self.workers, plan)?,
+            None => Placement::new(&model, config.train.groups, self.workers, &self.placement)?,
+        });
         // Every counter at zero from the start, for the workers, MoE blocks and experts of this run.
         crate::telemetry::metrics::register(crate::telemetry::metrics::Layout {
             workers: self.workers,
@@ -274,6 +282,18 @@ impl RuntimeBuilder {
             dense_counters,
         })
     }
+}
+
+/// `plan`, checked against the model, the groups and the worker count.
+fn checked_plan(model: &Gpt<f32>, groups: usize, workers: usize, plan: Placement) -> Result<Placement> {
+    if plan.workers != workers || plan.group_owner.len() != groups {
+        return Err(Error::config(format!(
+            "a placement plan for {} workers and {} groups, where there are {workers} and {groups}",
+            plan.workers,
+            plan.group_owner.len()
+        )));
+    }
+    Placement::from_owners(model, groups, workers, plan.expert_owner, plan.tensor_owner)
 }
 
 /// Split a model and its optimizer state into the committed stores of `workers`.
@@ -376,6 +396,7 @@ impl Runtime {
             state: None,
             storage: StorageConfig::default(),
             remote: None,
+            plan: None,
         }
     }
 
@@ -549,12 +570,24 @@ pub struct StandaloneWorker {
     pub cpu: Cpu,
     /// Lanes (see [`RuntimeBuilder::lanes`]).
     pub lanes: usize,
+    /// The coordinator's plan; `None`: computed from the configuration exactly as the
+    /// coordinator computes a first epoch's.
+    pub placement: Option<Placement>,
+}
+
+/// A started standalone worker: its actor, and what its process keeps of it.
+pub struct StartedWorker {
+    /// The Worker actor.
+    pub actor: ActorRef<WorkerMsg>,
+    /// Its expert store (the Disk tier's files go when the last holder drops it).
+    pub experts: Arc<ExpertStore>,
+    /// Its replica of the dense values (kept up to date by every commit's broadcast).
+    pub replica: SharedReplica,
 }
 
 /// Start one Worker actor (with its Gates, Experts, Ledger and Communicator), not linked to any
-/// coordinator: a worker process hosts it and answers the coordinator's calls for it. The
-/// placement is computed from the configuration exactly as the coordinator computes it.
-pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<(ActorRef<WorkerMsg>, Arc<ExpertStore>)> {
+/// coordinator: a worker process hosts it and answers the coordinator's calls for it.
+pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<StartedWorker> {
     let config = w.config;
     config.validate()?;
     if w.worker >= w.workers {
@@ -563,12 +596,15 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<(ActorRef<Wo
             w.worker, w.workers
         )));
     }
-    let placement = Arc::new(Placement::new(
-        &w.model,
-        config.train.groups,
-        w.workers,
-        &config.train.placement.parse::<ExpertPlacement>()?,
-    )?);
+    let placement = Arc::new(match w.placement {
+        Some(plan) => checked_plan(&w.model, config.train.groups, w.workers, plan)?,
+        None => Placement::new(
+            &w.model,
+            config.train.groups,
+            w.workers,
+            &config.train.placement.parse::<ExpertPlacement>()?,
+        )?,
+    });
     let mut stores = distribute(
         &config,
         &w.model,
@@ -591,6 +627,7 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<(ActorRef<Wo
     let dense = Arc::new(DenseCounters::default());
     dense.set_resident(dense_bytes(&own));
     let deadline = Duration::from_secs_f64(config.train.deadline_s);
+    let replica: SharedReplica = Arc::new(Mutex::new(Arc::new(own)));
     let args = WorkerArgs {
         worker: w.worker,
         config,
@@ -598,7 +635,7 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<(ActorRef<Wo
         placement,
         transport: w.transport,
         inbox: Arc::new(Mutex::new(Some(w.inbox))),
-        replica: Arc::new(Mutex::new(Arc::new(own))),
+        replica: replica.clone(),
         dense,
         store: Arc::new(Mutex::new(store)),
         cpu: w.cpu,
@@ -610,5 +647,9 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<(ActorRef<Wo
     let (actor, _) = Actor::spawn(None, super::worker::WorkerActor, args)
         .await
         .map_err(|e| Error::runtime(format!("cannot start worker {}: {e}", w.worker)))?;
-    Ok((actor, experts))
+    Ok(StartedWorker {
+        actor,
+        experts,
+        replica,
+    })
 }

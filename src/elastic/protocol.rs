@@ -17,6 +17,7 @@
 //! one [`Reply`]. Every command names the membership epoch; a worker refuses a command of an epoch
 //! other than its own.
 
+use super::handover::Pieces;
 use crate::actors::ledger::LedgerSnapshot;
 use crate::actors::worker::NormPart;
 use crate::config::TrainConfig;
@@ -140,6 +141,24 @@ pub enum Command {
         peers: Vec<String>,
         /// SHA-256 of the state frame that follows (checked before the state is used).
         state_sha256: String,
+        /// The epoch's plan: the worker hosting each expert.
+        expert_owner: Vec<u32>,
+        /// The worker owning each dense tensor (`u32::MAX` for expert tensors).
+        tensor_owner: Vec<u32>,
+        /// Start from the state this worker kept at the last [`Command::Hand`], overlaid with the
+        /// frame that follows (only what it lacks), instead of from the frame alone.
+        keep: bool,
+    },
+    /// A membership change at a step boundary, before the next epoch's setups: keep a copy of
+    /// this worker's committed state (for a `Setup` with `keep`), and send these pieces of it, the
+    /// ones that change owner ([`Reply::Pieces`]).
+    Hand {
+        /// Epoch (the current one).
+        epoch: u64,
+        /// `(tensor index, with moments)` of the dense tensors to send.
+        dense: Vec<(u64, bool)>,
+        /// `(block, expert)` of the expert units to send.
+        experts: Vec<(u64, u64)>,
     },
     /// `WorkerMsg::RunStep`.
     RunStep {
@@ -197,6 +216,7 @@ impl Command {
             | Command::Prepare { epoch, .. }
             | Command::Commit { epoch, .. }
             | Command::Abort { epoch, .. }
+            | Command::Hand { epoch, .. }
             | Command::Snapshot { epoch } => Some(*epoch),
             Command::Dismiss { .. } => None,
         }
@@ -250,6 +270,8 @@ pub enum Reply {
     Norms(Vec<(u64, u64, f64)>),
     /// Snapshot: the header of a [`LedgerSnapshot`]; the tensors are the frame's bodies.
     Snapshot(SnapshotHeader),
+    /// Hand: the pieces asked for, laid out as a share ([`encode_pieces`]).
+    Pieces(ShareHeader),
     /// The command failed.
     Failed(WireError),
 }
@@ -517,57 +539,139 @@ pub fn encode_share(
     placement: &crate::actors::Placement,
     worker: usize,
 ) -> Result<Vec<u8>> {
+    let pieces = Pieces::held_by(config, &model.specs(), placement, worker);
+    encode_pieces(config, model, optimizer, &pieces)
+}
+
+/// Encode `pieces` of `model` and `optimizer` as a share frame (what a `Setup` carries).
+pub fn encode_pieces(config: &TrainConfig, model: &Gpt<f32>, optimizer: &AdamW, pieces: &Pieces) -> Result<Vec<u8>> {
+    let (header, bodies) = piece_bodies(config, model, optimizer, pieces)?;
+    wire::encode_frame(&header, &bodies)
+}
+
+/// Encode `pieces` as the answer to a [`Command::Hand`].
+pub fn encode_hand(config: &TrainConfig, model: &Gpt<f32>, optimizer: &AdamW, pieces: &Pieces) -> Result<Vec<u8>> {
+    let (header, bodies) = piece_bodies(config, model, optimizer, pieces)?;
+    wire::encode_frame(&Reply::Pieces(header), &bodies)
+}
+
+/// The header and bodies of `pieces`, in the order [`decode_pieces_into`] reads them.
+fn piece_bodies<'a>(
+    config: &TrainConfig,
+    model: &'a Gpt<f32>,
+    optimizer: &'a AdamW,
+    pieces: &Pieces,
+) -> Result<(ShareHeader, Vec<&'a [f32]>)> {
     let specs = model.specs();
     let tensors = model.tensors();
     if optimizer.m.len() != specs.len() || optimizer.v.len() != specs.len() {
         return Err(Error::shape("optimizer state", "it does not match the model's tensors"));
     }
-    let owned = placement.tensors_of(worker);
     let mut header = ShareHeader {
         step: optimizer.step,
         dense: Vec::new(),
         experts: Vec::new(),
     };
     let mut bodies: Vec<&[f32]> = Vec::new();
-    for (i, spec) in specs.iter().enumerate() {
-        let mine = owned.contains(&i);
-        if spec.expert || (config.storage.shard_dense && !mine) {
-            continue;
+    for &(i, with_moments) in &pieces.dense {
+        if specs.get(i).is_none_or(|s| s.expert) {
+            return Err(Error::runtime(format!("tensor {i} is not a dense tensor of the model")));
         }
-        header.dense.push((i as u64, mine));
+        header.dense.push((i as u64, with_moments));
         bodies.push(tensors[i].2);
-        if mine {
+        if with_moments {
             bodies.extend([optimizer.m[i].as_slice(), optimizer.v[i].as_slice()]);
         }
     }
-    let hosted = placement.experts_of(worker);
     let values: Vec<&Vec<f32>> = tensors.iter().map(|t| t.2).collect();
     let firsts: Vec<&Vec<f32>> = optimizer.m.iter().collect();
     let seconds: Vec<&Vec<f32>> = optimizer.v.iter().collect();
-    for block in (0..config.model.n_layer).filter(|&l| config.model.is_moe(l)) {
+    for &(block, e) in &pieces.experts {
+        if e >= config.model.experts || !config.model.is_moe(block) {
+            return Err(Error::runtime(format!("expert {block}.{e} does not exist")));
+        }
         let idx = ExpertSlot::tensor_indices(specs.iter().map(|t| t.name.as_str()), block)?;
-        for &e in &hosted {
-            header.experts.push((block as u64, e as u64));
-            for source in [&values, &firsts, &seconds] {
-                for &i in &idx {
-                    let n = specs[i].unit_len();
-                    bodies.push(&source[i][e * n..(e + 1) * n]);
-                }
+        header.experts.push((block as u64, e as u64));
+        for source in [&values, &firsts, &seconds] {
+            for &i in &idx {
+                let n = specs[i].unit_len();
+                bodies.push(&source[i][e * n..(e + 1) * n]);
             }
         }
     }
-    wire::encode_frame(&header, &bodies)
+    Ok((header, bodies))
 }
 
 /// Decode a share into a whole model and optimizer whose other parts are zero; every index,
 /// length and repetition is checked against `config`'s model first.
 pub fn decode_share(config: &TrainConfig, bytes: &[u8]) -> Result<(Gpt<f32>, AdamW)> {
-    let (header, bodies) =
-        wire::decode_frame::<ShareHeader>(bytes, "a worker's share of the state", &state_limits(config)?)?;
     let mut model = Gpt::<f32>::zeros(&config.model)?;
     let mut optimizer = crate::optimizer::for_model(&config.optimizer, &model)?;
+    decode_share_into(config, bytes, &mut model, &mut optimizer)?;
+    Ok((model, optimizer))
+}
+
+/// Decode a share into `model` and `optimizer` (overwriting the pieces it carries; the step must
+/// be the optimizer's unless that is a fresh, zero-step one), checking it as [`decode_share`] does.
+pub fn decode_share_into(
+    config: &TrainConfig,
+    bytes: &[u8],
+    model: &mut Gpt<f32>,
+    optimizer: &mut AdamW,
+) -> Result<()> {
+    let (header, bodies) =
+        wire::decode_frame::<ShareHeader>(bytes, "a worker's share of the state", &state_limits(config)?)?;
+    decode_pieces_into(
+        config,
+        &header,
+        bodies,
+        model,
+        optimizer,
+        "a worker's share of the state",
+    )
+}
+
+/// Decode the answer to a [`Command::Hand`] into `model` and `optimizer` (pieces of one step).
+pub fn decode_hand_into(
+    config: &TrainConfig,
+    who: &str,
+    bytes: &[u8],
+    model: &mut Gpt<f32>,
+    optimizer: &mut AdamW,
+) -> Result<ShareHeader> {
+    let (reply, bodies) = wire::decode_frame::<Reply>(bytes, "a worker's hand-over", &state_limits(config)?)?;
+    match reply {
+        Reply::Pieces(header) => {
+            decode_pieces_into(config, &header, bodies, model, optimizer, "a worker's hand-over")?;
+            Ok(header)
+        }
+        Reply::Failed(e) => Err(e.into_error(who)),
+        _ => Err(Error::protocol(
+            who.to_string(),
+            "answered a hand-over with something else",
+        )),
+    }
+}
+
+fn decode_pieces_into(
+    config: &TrainConfig,
+    header: &ShareHeader,
+    bodies: Vec<Vec<f32>>,
+    model: &mut Gpt<f32>,
+    optimizer: &mut AdamW,
+    what: &str,
+) -> Result<()> {
     let specs = model.specs();
-    let bad = |detail: String| Error::parse("a worker's share of the state", detail);
+    let bad = |detail: String| Error::parse(what, detail);
+    if model.config() != &config.model || optimizer.m.len() != specs.len() {
+        return Err(Error::shape(what, "the model to fill is not the configured one"));
+    }
+    if optimizer.step != header.step && optimizer.step != 0 {
+        return Err(bad(format!(
+            "pieces of step {} for a state of step {}",
+            header.step, optimizer.step
+        )));
+    }
     let want = header.dense.iter().map(|&(_, m)| if m { 3 } else { 1 }).sum::<usize>() + 12 * header.experts.len();
     if bodies.len() != want {
         return Err(bad(format!("{} tensors where the header lists {want}", bodies.len())));
@@ -599,7 +703,7 @@ pub fn decode_share(config: &TrainConfig, bytes: &[u8]) -> Result<(Gpt<f32>, Ada
     let mut units = std::collections::BTreeSet::new();
     for &(block, e) in &header.experts {
         let (block, e) = (block as usize, e as usize);
-        if e >= config.model.experts || !units.insert((block, e)) {
+        if e >= config.model.experts || !config.model.is_moe(block) || !units.insert((block, e)) {
             return Err(bad(format!("expert {block}.{e} does not exist or appears twice")));
         }
         let idx = ExpertSlot::tensor_indices(specs.iter().map(|t| t.name.as_str()), block)?;
@@ -615,11 +719,14 @@ pub fn decode_share(config: &TrainConfig, bytes: &[u8]) -> Result<(Gpt<f32>, Ada
                     1 => &mut optimizer.m[i],
                     _ => &mut optimizer.v[i],
                 };
-                target[e * n..(e + 1) * n].copy_from_slice(&body);
+                let slot = target
+                    .get_mut(e * n..(e + 1) * n)
+                    .ok_or_else(|| bad(format!("expert {block}.{e} lies outside {}", specs[i].name)))?;
+                slot.copy_from_slice(&body);
             }
         }
     }
     drop(bufs);
     optimizer.step = header.step;
-    Ok((model, optimizer))
+    Ok(())
 }

@@ -189,6 +189,7 @@ fn reply_kind(r: &Reply) -> &'static str {
         Reply::Outputs(_) => "outputs",
         Reply::Norms(_) => "norms",
         Reply::Snapshot(_) => "snapshot",
+        Reply::Pieces(_) => "pieces",
         Reply::Failed(_) => "failed",
     }
 }

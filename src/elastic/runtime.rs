@@ -1,9 +1,11 @@
 //! [`ElasticRuntime`]: the actor runtime over worker processes whose membership changes while it
 //! trains. Membership changes only at step boundaries, in epochs:
 //!
-//! - **Join**: an admitted worker waits for the next step boundary; then the committed state is
-//!   read from the current workers, every worker of the new epoch receives it, and training goes
-//!   on. **Leave** (the worker asked): the same, without it; it is then dismissed and exits 0.
+//! - **Join**: an admitted worker waits for the next step boundary; then the new plan keeps
+//!   experts and dense tensors where they were, every current worker keeps its committed state,
+//!   only the pieces that change owner move ([`super::handover`]), and training goes on. **Leave**
+//!   (the worker asked): the same, its pieces going to the others; it is then dismissed and exits
+//!   0. Should the hand-over fail, every worker receives its whole share instead.
 //! - **Crash** (its connection timed out, or a peer reported it sent malformed data): the step in
 //!   flight is abandoned at once; the survivors form a new epoch from the coordinator's last
 //!   in-memory copy of the committed state (taken every `snapshot_every` steps), and the steps since
@@ -14,6 +16,7 @@
 //! copy; a coordinator crash resumes from the last disk checkpoint with `semoe train --resume`.
 
 use super::cluster::{Cluster, Member, Status};
+use super::handover::{self, Moves, Pieces};
 use super::hooks;
 use super::protocol::{self, Command, Reply};
 use super::proxy::{self, ProxyActor, ProxyArgs};
@@ -51,8 +54,39 @@ pub struct MembershipStats {
     pub state_bytes: u64,
     /// Seconds each membership change took (from noticing it to the new epoch ready).
     pub recovery_seconds: Vec<f64>,
-    /// One line per epoch: `(epoch, committed step when it formed, workers, why)`.
-    pub history: Vec<(u64, u64, usize, String)>,
+    /// One entry per epoch formed.
+    pub history: Vec<EpochRecord>,
+}
+
+/// One epoch formed, for the metrics log and the report.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EpochRecord {
+    /// The epoch.
+    pub epoch: u64,
+    /// Steps committed when it formed.
+    pub step: u64,
+    /// Its workers.
+    pub workers: usize,
+    /// Why it formed.
+    pub why: String,
+    /// How the state reached it (see [`StateMove`]).
+    pub moved: StateMove,
+}
+
+/// The state a new epoch's workers received.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StateMove {
+    /// Whether the kept workers kept their state and only pieces that changed owner moved (a join
+    /// or leave), rather than every worker receiving its whole share (the first epoch, a loss).
+    pub handed_over: bool,
+    /// Expert units (one expert of one MoE block, with its moments) sent to workers.
+    pub expert_units: u64,
+    /// Dense tensors sent to workers.
+    pub dense_tensors: u64,
+    /// Values (parameters and moments) sent to workers.
+    pub values: u64,
+    /// Bytes of the frames sent to workers.
+    pub bytes: u64,
 }
 
 /// How an [`ElasticRuntime`] forms epochs.
@@ -79,9 +113,30 @@ impl Default for ElasticOptions {
 
 /// The state of the current epoch.
 struct Epoch {
+    number: u64,
     runtime: Runtime,
     proxies: Vec<ActorRef<WorkerMsg>>,
     members: Vec<Member>,
+}
+
+/// Where a new epoch's state comes from.
+enum Start {
+    /// Every member receives its whole share of this state.
+    Whole(TrainState),
+    /// A join or leave: kept members keep their state and receive what they lack.
+    Handover(Handover),
+}
+
+/// The pieces handed over at a join or leave, planned for one set of members.
+struct Handover {
+    /// The members of the new epoch it was planned for.
+    members: Vec<u64>,
+    plan: Placement,
+    /// Per member: whether it starts from the state it kept.
+    kept: Vec<bool>,
+    /// The pieces that change owner (zero elsewhere), at the committed step.
+    pieces: TrainState,
+    moves: Moves,
 }
 
 /// Training over worker processes that join and leave (see the module documentation).
@@ -99,6 +154,9 @@ pub struct ElasticRuntime {
     members_at: Vec<(u64, usize)>,
     /// A copy of the committed state being read in the background (while the next steps run).
     copying: Option<tokio::task::JoinHandle<Result<TrainState>>>,
+    /// The last epoch's members (by id, in worker order) and plan: the next plan moves as little
+    /// as possible from it.
+    last_plan: Option<(Vec<u64>, Placement)>,
 }
 
 impl ElasticRuntime {
@@ -122,6 +180,7 @@ impl ElasticRuntime {
             stats: MembershipStats::default(),
             members_at: hooks::members_at(),
             copying: None,
+            last_plan: None,
         };
         let wanted = rt.options.min_workers.max(1);
         rt.wait_for(wanted).await?;
@@ -389,32 +448,31 @@ impl ElasticRuntime {
                 .count() as u64;
             self.stats.crashes += lost;
         }
-        let state = match self.current.take() {
-            Some(epoch) if !from_copy => {
-                let s = epoch.runtime.state().await;
-                dismantle(epoch).await;
-                match s {
-                    Ok(s) => s,
-                    Err(_) => self.safe.clone(),
+        let mut handover = None;
+        let whole = match self.current.take() {
+            Some(epoch) if !from_copy => match self.hand_over(&epoch).await {
+                Ok(h) => {
+                    dismantle(epoch).await;
+                    handover = Some(h);
+                    None
                 }
-            }
+                Err(e) => {
+                    if !self.lost_member() {
+                        eprintln!("semoe: the hand-over failed ({e}); every worker receives its whole share");
+                    }
+                    let s = epoch.runtime.state().await;
+                    dismantle(epoch).await;
+                    Some(s.unwrap_or_else(|_| self.safe.clone()))
+                }
+            },
             Some(epoch) => {
                 dismantle(epoch).await;
-                self.safe.clone()
+                None
             }
-            None => self.safe.clone(),
+            None => None,
         };
         for attempt in 0..8 {
-            let members: Vec<Member> = {
-                let mut all: Vec<Member> = self
-                    .cluster
-                    .members()
-                    .into_iter()
-                    .filter(|m| matches!(m.status, Status::Waiting | Status::Active))
-                    .collect();
-                all.truncate(self.max_members());
-                all
-            };
+            let members = self.next_members();
             if members.is_empty() {
                 eprintln!(
                     "semoe: no workers left; waiting up to {:.0} s for one to join",
@@ -424,8 +482,18 @@ impl ElasticRuntime {
                 continue;
             }
             let epoch_no = self.stats.epoch + 1;
-            match self.form(epoch_no, &members, &state).await {
-                Ok(epoch) => {
+            let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+            let start = match handover.take() {
+                Some(h) if h.members == ids => Start::Handover(h),
+                // Planned for other members, or an attempt failed: the last copy, replayed.
+                _ => Start::Whole(whole.clone().unwrap_or_else(|| self.safe.clone())),
+            };
+            let from = match &start {
+                Start::Whole(state) => state.1.step,
+                Start::Handover(_) => self.committed,
+            };
+            match self.form(epoch_no, &members, &start).await {
+                Ok((epoch, moved)) => {
                     let joins = members.iter().filter(|m| m.status == Status::Waiting).count() as u64;
                     if self.stats.epoch > 0 {
                         self.stats.joins += joins;
@@ -434,9 +502,13 @@ impl ElasticRuntime {
                     }
                     self.stats.epoch = epoch_no;
                     self.stats.members = members.len();
-                    self.stats
-                        .history
-                        .push((epoch_no, self.committed, members.len(), why.to_string()));
+                    self.stats.history.push(EpochRecord {
+                        epoch: epoch_no,
+                        step: self.committed,
+                        workers: members.len(),
+                        why: why.to_string(),
+                        moved: moved.clone(),
+                    });
                     for m in &members {
                         self.cluster.activate(m.id);
                     }
@@ -447,7 +519,6 @@ impl ElasticRuntime {
                     self.current = Some(epoch);
                     self.dismiss_leavers().await;
                     // Replay what the copy lacks; the outcomes were reported the first time.
-                    let from = state.1.step;
                     for _ in from..self.committed {
                         let replayed = match &self.current {
                             Some(e) => e.runtime.step().await,
@@ -462,12 +533,15 @@ impl ElasticRuntime {
                         self.stats.replayed_steps += 1;
                         metrics::counter!(names::REPLAYED_STEPS).increment(1);
                     }
-                    self.safe = state;
+                    if let Start::Whole(state) = start {
+                        self.safe = state;
+                    }
                     eprintln!(
-                        "semoe: epoch {epoch_no}: {} workers at step {} ({why}; {:.2} s)",
+                        "semoe: epoch {epoch_no}: {} workers at step {} ({why}; {:.2} s; {})",
                         members.len(),
                         self.committed,
-                        started.elapsed().as_secs_f64()
+                        started.elapsed().as_secs_f64(),
+                        describe(&moved)
                     );
                     return Ok(());
                 }
@@ -487,31 +561,152 @@ impl ElasticRuntime {
         Err(Error::runtime("no epoch could be formed after 8 attempts"))
     }
 
+    /// The plan for `members`: where the last epoch's plan put things, moved as little as
+    /// possible; the configured placement for a first epoch.
+    fn plan_for(&self, members: &[Member], model: &Gpt<f32>) -> Result<Placement> {
+        match &self.last_plan {
+            Some((ids, plan)) => {
+                let origin: Vec<Option<usize>> =
+                    members.iter().map(|m| ids.iter().position(|&id| id == m.id)).collect();
+                Placement::rebalanced(model, self.config.train.groups, plan, &origin)
+            }
+            None => Placement::new(
+                model,
+                self.config.train.groups,
+                members.len(),
+                &self.config.train.placement.parse()?,
+            ),
+        }
+    }
+
+    /// A join or leave without a loss: plan the next epoch for the members waiting or active now,
+    /// have every worker of `epoch` keep its state, and collect the pieces that change owner.
+    async fn hand_over(&mut self, epoch: &Epoch) -> Result<Handover> {
+        let members = self.next_members();
+        let shape = Gpt::<f32>::zeros(&self.config.model)?;
+        let specs = shape.specs();
+        let old_plan = epoch.runtime.placement().clone();
+        let origin: Vec<Option<usize>> = members
+            .iter()
+            .map(|m| epoch.members.iter().position(|o| o.id == m.id))
+            .collect();
+        let plan = Placement::rebalanced(&shape, self.config.train.groups, &old_plan, &origin)?;
+        let moves = handover::plan_moves(&self.config, &specs, &old_plan, &plan, &origin)?;
+        let max_reply = proxy::max_reply_bytes(&self.config)?;
+        let deadline = Duration::from_secs_f64(self.config.train.deadline_s) * 2;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, m) in epoch.members.iter().enumerate() {
+            let asked = moves.from[i].clone();
+            let command = Command::Hand {
+                epoch: epoch.number,
+                dense: asked.dense.iter().map(|&(t, m)| (t as u64, m)).collect(),
+                experts: asked.experts.iter().map(|&(b, e)| (b as u64, e as u64)).collect(),
+            };
+            let conn = m.conn.clone();
+            let who = format!("member {} ({})", m.id, m.name);
+            tasks.spawn(async move {
+                let r = tokio::time::timeout(deadline, proxy::call(&conn, &who, &command, None, max_reply))
+                    .await
+                    .map_err(|_| Error::Deadline {
+                        peer: who.clone(),
+                        what: "a hand-over".into(),
+                        deadline_ms: deadline.as_millis() as u64,
+                    })
+                    .and_then(|r| r);
+                (who, asked, r)
+            });
+        }
+        let mut replies = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            let (who, asked, r) = joined.map_err(|e| Error::runtime(format!("a hand-over task failed: {e}")))?;
+            replies.push((who, asked, r?));
+        }
+        let (config, committed) = (self.config.clone(), self.committed);
+        let pieces = tokio::task::spawn_blocking(move || -> Result<TrainState> {
+            let mut model = Gpt::<f32>::zeros(&config.model)?;
+            let mut optimizer = crate::optimizer::for_model(&config.optimizer, &model)?;
+            optimizer.step = committed;
+            for (who, asked, bytes) in replies {
+                let header = protocol::decode_hand_into(&config, &who, &bytes, &mut model, &mut optimizer)?;
+                let got = Pieces {
+                    dense: header.dense.iter().map(|&(t, m)| (t as usize, m)).collect(),
+                    experts: header.experts.iter().map(|&(b, e)| (b as usize, e as usize)).collect(),
+                };
+                if got != asked {
+                    return Err(Error::protocol(who, "handed over other pieces than asked"));
+                }
+            }
+            Ok((model, optimizer))
+        })
+        .await
+        .map_err(|e| Error::runtime(format!("a decoding task failed: {e}")))??;
+        Ok(Handover {
+            members: members.iter().map(|m| m.id).collect(),
+            plan,
+            kept: origin.iter().map(Option::is_some).collect(),
+            pieces,
+            moves,
+        })
+    }
+
+    /// The members the next epoch takes: waiting or active, at most [`Self::max_members`].
+    fn next_members(&self) -> Vec<Member> {
+        let mut all: Vec<Member> = self
+            .cluster
+            .members()
+            .into_iter()
+            .filter(|m| matches!(m.status, Status::Waiting | Status::Active))
+            .collect();
+        all.truncate(self.max_members());
+        all
+    }
+
     /// Send every member its setup and the state; start the runtime over their proxies.
-    async fn form(&mut self, epoch: u64, members: &[Member], state: &(Gpt<f32>, AdamW)) -> Result<Epoch> {
-        let placement = Placement::new(
-            &state.0,
-            self.config.train.groups,
-            members.len(),
-            &self.config.train.placement.parse()?,
-        )?;
+    async fn form(&mut self, epoch: u64, members: &[Member], start: &Start) -> Result<(Epoch, StateMove)> {
+        let (plan, state) = match start {
+            Start::Whole(state) => (self.plan_for(members, &state.0)?, state),
+            Start::Handover(h) => (h.plan.clone(), &h.pieces),
+        };
+        let specs = state.0.specs();
+        // What each member receives, and whether it builds on the state it kept.
+        let (sends, kept): (Vec<Pieces>, Vec<bool>) = match start {
+            Start::Whole(_) => (
+                (0..members.len())
+                    .map(|w| Pieces::held_by(&self.config, &specs, &plan, w))
+                    .collect(),
+                vec![false; members.len()],
+            ),
+            Start::Handover(h) => (h.moves.to.clone(), h.kept.clone()),
+        };
+        let mut moved = StateMove {
+            handed_over: matches!(start, Start::Handover(_)),
+            ..StateMove::default()
+        };
+        for p in &sends {
+            moved.expert_units += p.experts.len() as u64;
+            moved.dense_tensors += p.dense.len() as u64;
+            moved.values += p.values(&specs)? as u64;
+        }
         let shares = {
             // Tens of megabytes: encoded off the async threads, which carry the keep-alives.
-            let (config, state, workers) = (self.config.clone(), state.clone(), members.len());
+            let (config, state, sends) = (self.config.clone(), state.clone(), sends);
             tokio::task::spawn_blocking(move || {
-                (0..workers)
-                    .map(|w| protocol::encode_share(&config, &state.0, &state.1, &placement, w).map(Arc::new))
+                sends
+                    .iter()
+                    .map(|p| protocol::encode_pieces(&config, &state.0, &state.1, p).map(Arc::new))
                     .collect::<Result<Vec<_>>>()
             })
             .await
             .map_err(|e| Error::runtime(format!("an encoding task failed: {e}")))??
         };
-        let moved: usize = shares.iter().map(|s| s.len()).sum();
+        let moved_bytes: usize = shares.iter().map(|s| s.len()).sum();
+        moved.bytes = moved_bytes as u64;
+        let owners = |v: &[usize]| -> Vec<u32> { v.iter().map(|&w| u32::try_from(w).unwrap_or(u32::MAX)).collect() };
         let peers: Vec<String> = members.iter().map(|m| m.data_addr.to_string()).collect();
         // Twice the collective deadline, longer for a state that takes longer to send (all shares
         // leave the coordinator's one link at once; 50 MB/s is a slow link's pace).
         let deadline = (Duration::from_secs_f64(self.config.train.deadline_s) * 2)
-            .max(Duration::from_secs_f64(moved as f64 / 50e6));
+            .max(Duration::from_secs_f64(moved_bytes as f64 / 50e6));
         let mut tasks = tokio::task::JoinSet::new();
         for (i, m) in members.iter().enumerate() {
             let bytes = shares[i].clone();
@@ -521,6 +716,9 @@ impl ElasticRuntime {
                 workers: members.len() as u32,
                 peers: peers.clone(),
                 state_sha256: crate::net::quic::sha256_hex(&bytes),
+                expert_owner: owners(&plan.expert_owner),
+                tensor_owner: owners(&plan.tensor_owner),
+                keep: kept[i],
             };
             let m = m.clone();
             tasks.spawn(async move {
@@ -556,8 +754,8 @@ impl ElasticRuntime {
                 }
             }
         }
-        self.stats.state_bytes += moved as u64;
-        metrics::counter!(names::STATE_BYTES).increment(moved as u64);
+        self.stats.state_bytes += moved.bytes;
+        metrics::counter!(names::STATE_BYTES).increment(moved.bytes);
         if let Some(e) = first_error {
             return Err(e);
         }
@@ -576,7 +774,7 @@ impl ElasticRuntime {
         }
         let runtime = Runtime::builder((*self.config).clone())
             .remote_workers(proxies.clone())
-            .placement(self.config.train.placement.parse()?)
+            .plan(plan.clone())
             .deadline(Duration::from_secs_f64(self.config.train.deadline_s))
             .state(state.0.clone(), state.1.clone())
             .build()
@@ -590,11 +788,16 @@ impl ElasticRuntime {
                 return Err(e);
             }
         };
-        Ok(Epoch {
-            runtime,
-            proxies,
-            members: members.to_vec(),
-        })
+        self.last_plan = Some((members.iter().map(|m| m.id).collect(), plan));
+        Ok((
+            Epoch {
+                number: epoch,
+                runtime,
+                proxies,
+                members: members.to_vec(),
+            },
+            moved,
+        ))
     }
 
     /// Dismiss the members that asked to leave and are not in the current epoch.
@@ -656,6 +859,17 @@ impl ElasticRuntime {
             .filter(|m| matches!(&m.status, Status::Gone(why) if why != "left"))
             .count() as u64
     }
+}
+
+/// The membership line's account of the state sent.
+fn describe(m: &StateMove) -> String {
+    format!(
+        "{}: {} expert units and {} dense tensors sent, {}",
+        if m.handed_over { "handed over" } else { "whole shares" },
+        m.expert_units,
+        m.dense_tensors,
+        crate::storage::tiers::format_bytes(m.bytes)
+    )
 }
 
 /// Stop an epoch's runtime at once (a step in flight is dropped) and its proxies.

@@ -4,19 +4,24 @@
 //! single authority over the run directory.
 
 use super::fingerprint;
+use super::handover::{self, Pieces};
 use super::hooks::{Corrupt, Pause};
 use super::protocol::{self, Answer, Command, Hello, Notice, Ready, Reply, WireError};
 use super::proxy::max_reply_bytes;
+use crate::actors::communicator::SharedReplica;
 use crate::actors::runtime::{start_standalone_worker, StandaloneWorker};
 use crate::actors::worker::WorkerMsg;
+use crate::actors::Placement;
 use crate::actors::{ask, ActorName};
 use crate::config::TrainConfig;
 use crate::data::corpus::Corpus;
 use crate::error::{Error, Result};
 use crate::kernels::Cpu;
+use crate::model::gpt::Gpt;
 use crate::net::quic::{self, DataPlane, JobIdentity, JoinTicket, LinkPath, PacketCodec, PeerEvent};
 use crate::net::wire::{self, PacketShape};
 use crate::net::{Packet, StepId};
+use crate::optimizer::AdamW;
 use crate::storage::tiers::ExpertStore;
 use ractor::ActorRef;
 use std::net::{IpAddr, SocketAddr};
@@ -88,6 +93,17 @@ struct Current {
     epoch: u64,
     actor: Option<ActorRef<WorkerMsg>>,
     store: Option<Arc<ExpertStore>>,
+    /// The epoch's replica of the dense values (what [`Command::Hand`] keeps of them).
+    replica: Option<SharedReplica>,
+    /// The committed state kept at the last [`Command::Hand`], for a `Setup` with `keep`.
+    held: Option<Held>,
+}
+
+/// A worker's committed state, kept across a membership change.
+struct Held {
+    epoch: u64,
+    model: Gpt<f32>,
+    optimizer: AdamW,
 }
 
 struct Shared {
@@ -276,6 +292,8 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
             epoch: 0,
             actor: None,
             store: None,
+            replica: None,
+            held: None,
         }),
         scratch: scratch.clone(),
         deadline,
@@ -414,6 +432,9 @@ async fn execute(
         workers,
         peers,
         state_sha256,
+        expert_owner,
+        tensor_owner,
+        keep,
     } = command
     {
         let state = quic::read_frame(recv, max_reply_bytes(&shared.config)?, "the run's state")
@@ -426,7 +447,21 @@ async fn execute(
                 format!("the state of epoch {epoch} has SHA-256 {got}, not the {state_sha256} announced"),
             ));
         }
-        setup(shared, epoch, worker as usize, workers as usize, peers, state).await?;
+        let owners = |v: Vec<u32>| -> Vec<usize> {
+            v.into_iter()
+                .map(|w| if w == u32::MAX { usize::MAX } else { w as usize })
+                .collect()
+        };
+        let plan = SetupPlan {
+            epoch,
+            worker: worker as usize,
+            workers: workers as usize,
+            peers,
+            expert_owner: owners(expert_owner),
+            tensor_owner: owners(tensor_owner),
+            keep,
+        };
+        setup(shared, plan, state).await?;
         return protocol::encode(&Reply::Done);
     }
     let (actor, epoch) = {
@@ -481,6 +516,36 @@ async fn execute(
             .await?;
             protocol::encode(&Reply::Done)
         }
+        Command::Hand { epoch, dense, experts } => {
+            // A committed step is the last thing the Worker did; its Ledger and replica hold it.
+            let snapshot = ask(&actor, &me, "a snapshot", d * 11, |reply| WorkerMsg::Snapshot { reply }).await?;
+            let replica = {
+                let current = shared.current.lock().await;
+                let replica = current
+                    .replica
+                    .as_ref()
+                    .ok_or_else(|| Error::runtime("no epoch has been set up yet"))?;
+                let r = replica.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                r
+            };
+            let config = shared.config.clone();
+            let pieces = Pieces {
+                dense: dense.into_iter().map(|(i, m)| (i as usize, m)).collect(),
+                experts: experts.into_iter().map(|(b, e)| (b as usize, e as usize)).collect(),
+            };
+            let (bytes, model, optimizer) = blocking(move || {
+                let (model, optimizer) = handover::held_state(&config, &snapshot, &replica)?;
+                let bytes = protocol::encode_hand(&config, &model, &optimizer, &pieces)?;
+                Ok((bytes, model, optimizer))
+            })
+            .await?;
+            shared.current.lock().await.held = Some(Held {
+                epoch,
+                model,
+                optimizer,
+            });
+            Ok(bytes)
+        }
         Command::Snapshot { .. } => {
             // It may wait behind a whole step in the Worker's mailbox (a background copy).
             let s = ask(&actor, &me, "a snapshot", d * 11, |reply| WorkerMsg::Snapshot { reply }).await?;
@@ -490,16 +555,30 @@ async fn execute(
     }
 }
 
-/// Start epoch `epoch`: stop the previous epoch's actors, connect the data plane to every peer, and
-/// start this worker's share of the actor tree from the given state.
-async fn setup(
-    shared: &Shared,
+/// What a `Setup` says besides the state.
+struct SetupPlan {
     epoch: u64,
     worker: usize,
     workers: usize,
     peers: Vec<String>,
-    state: Vec<u8>,
-) -> Result<()> {
+    expert_owner: Vec<usize>,
+    tensor_owner: Vec<usize>,
+    keep: bool,
+}
+
+/// Start epoch `plan.epoch`: stop the previous epoch's actors, connect the data plane to every
+/// peer, and start this worker's share of the actor tree from the given state (overlaid on the
+/// state kept at the last hand-over when `plan.keep`).
+async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
+    let SetupPlan {
+        epoch,
+        worker,
+        workers,
+        peers,
+        expert_owner,
+        tensor_owner,
+        keep,
+    } = plan;
     let mut current = shared.current.lock().await;
     if epoch <= current.epoch && current.actor.is_some() {
         return Err(Error::runtime(format!(
@@ -511,6 +590,8 @@ async fn setup(
         let _ = actor.kill_and_wait(Some(Duration::from_secs(5))).await;
     }
     current.store = None;
+    current.replica = None;
+    let held = current.held.take();
     if peers.len() != workers || worker >= workers {
         return Err(Error::protocol(
             "the coordinator",
@@ -527,7 +608,21 @@ async fn setup(
         })
         .collect::<Result<Vec<_>>>()?;
     let config = shared.config.clone();
-    let (model, optimizer) = blocking(move || protocol::decode_share(&config, &state)).await?;
+    let (model, optimizer) = blocking(move || match (keep, held) {
+        (false, _) => protocol::decode_share(&config, &state),
+        (true, Some(mut held)) if held.epoch < epoch => {
+            protocol::decode_share_into(&config, &state, &mut held.model, &mut held.optimizer)?;
+            Ok((held.model, held.optimizer))
+        }
+        (true, _) => Err(Error::protocol(
+            "the coordinator",
+            format!("the setup of epoch {epoch} builds on a state this worker did not keep"),
+        )),
+    })
+    .await?;
+    let placement = Placement::from_owners(&model, shared.config.train.groups, workers, expert_owner, tensor_owner)
+        .map_err(|e| Error::protocol("the coordinator", e.to_string()))?;
+
     *shared.codec.shape.lock().unwrap_or_else(|p| p.into_inner()) = Some(PacketShape::of(&shared.config, workers)?);
     let (transport, inbox) = shared
         .plane
@@ -546,7 +641,7 @@ async fn setup(
         .config
         .storage
         .to_config(Some(shared.scratch.join(format!("epoch-{epoch}"))))?;
-    let (actor, store) = start_standalone_worker(StandaloneWorker {
+    let started = start_standalone_worker(StandaloneWorker {
         config: shared.config.clone(),
         text: shared.text.clone(),
         model,
@@ -558,12 +653,15 @@ async fn setup(
         storage,
         cpu: shared.cpu.clone(),
         lanes: 4,
+        placement: Some(placement),
     })
     .await?;
     *current = Current {
         epoch,
-        actor: Some(actor),
-        store: Some(store),
+        actor: Some(started.actor),
+        store: Some(started.experts),
+        replica: Some(started.replica),
+        held: None,
     };
     Ok(())
 }

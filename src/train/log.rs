@@ -113,6 +113,19 @@ pub struct MembershipRecord {
     pub workers: usize,
     /// Why it formed (`start`, `member 3 joins`, `member 2 lost: ...`).
     pub why: String,
+    /// Whether kept workers kept their state and only what changed owner was sent (a join or
+    /// leave), rather than every worker's whole share (the first epoch, a loss).
+    #[serde(default)]
+    pub handed_over: bool,
+    /// Expert units (one expert of one MoE block, with its moments) sent to workers.
+    #[serde(default)]
+    pub expert_units_sent: u64,
+    /// Dense tensors sent to workers.
+    #[serde(default)]
+    pub dense_tensors_sent: u64,
+    /// Bytes of state sent to workers.
+    #[serde(default)]
+    pub state_bytes_sent: u64,
 }
 
 /// A checkpoint written at one step.

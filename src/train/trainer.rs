@@ -787,12 +787,16 @@ impl Trainer {
     /// Log the membership epochs formed since the last call (a run over worker processes).
     fn log_membership(&mut self, log: &mut MetricsLog) -> Result<()> {
         let Some(stats) = self.membership() else { return Ok(()) };
-        for (epoch, step, workers, why) in stats.history.iter().skip(self.membership_logged) {
+        for e in stats.history.iter().skip(self.membership_logged) {
             log.write(&Record::Membership(log::MembershipRecord {
-                step: *step,
-                epoch: *epoch,
-                workers: *workers,
-                why: why.clone(),
+                step: e.step,
+                epoch: e.epoch,
+                workers: e.workers,
+                why: e.why.clone(),
+                handed_over: e.moved.handed_over,
+                expert_units_sent: e.moved.expert_units,
+                dense_tensors_sent: e.moved.dense_tensors,
+                state_bytes_sent: e.moved.bytes,
             }))?;
         }
         self.membership_logged = stats.history.len();

@@ -199,15 +199,27 @@ pub(super) fn markdown(s: &ReportSummary, metrics: &Metrics, name: &str) -> Stri
     }
     if !metrics.membership.is_empty() {
         let _ = writeln!(md, "\n## Membership (worker processes)\n");
-        let _ = writeln!(md, "| epoch | from step | workers | why |\n|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "State sent: *handed over* when the workers kept theirs and only what changed owner moved \
+             (a join or leave); *whole shares* otherwise (the first epoch, a loss).\n"
+        );
+        let _ = writeln!(
+            md,
+            "| epoch | from step | workers | why | state sent |\n|---|---|---|---|---|"
+        );
         for m in &metrics.membership {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {}: {} expert units, {} dense tensors, {} |",
                 m.epoch,
                 m.step,
                 m.workers,
-                m.why.replace('|', "/")
+                m.why.replace('|', "/"),
+                if m.handed_over { "handed over" } else { "whole shares" },
+                m.expert_units_sent,
+                m.dense_tensors_sent,
+                crate::storage::tiers::format_bytes(m.state_bytes_sent)
             );
         }
     }
