@@ -328,7 +328,13 @@ fn a_worker_that_sends_malformed_data_is_evicted() {
 /// A coordinator listening on 127.0.0.1 (port from the OS) for `min_workers` workers, with the
 /// test hook `SEMOE_TEST_MEMBERS_AT` when `members_at` is not empty; and the path of its ticket.
 fn listening_coordinator(dir: &Path, min_workers: &str, members_at: &str) -> (Proc, String) {
-    let args = train_args("run", "20", &["--listen", "127.0.0.1:0", "--min-workers", min_workers]);
+    listening_coordinator_with(dir, min_workers, members_at, &[])
+}
+
+/// [`listening_coordinator`] with more `semoe train` arguments.
+fn listening_coordinator_with(dir: &Path, min_workers: &str, members_at: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = train_args("run", "20", &["--listen", "127.0.0.1:0", "--min-workers", min_workers]);
+    args.extend_from_slice(extra);
     let env: Vec<(&str, String)> = if members_at.is_empty() {
         Vec::new()
     } else {
@@ -499,6 +505,44 @@ fn workers_join_and_leave_at_step_boundaries() {
         let svg = std::fs::read_to_string(dir.path().join("run").join(plot)).expect("plot");
         assert!(svg.contains("membership change"), "{plot} marks the membership changes");
     }
+}
+
+#[test]
+fn joins_and_leaves_of_any_worker_hand_over_sharded_state_bitwise() {
+    // Sharded dense tensors (a worker holds only its own) and blocked experts; the first worker to
+    // leave is one of the originals, so the kept workers change index.
+    let extra = ["--shard-dense", "--placement", "blocked"];
+    let dir = TempDir::new("elastic-handover-sharded");
+    // The plain loop has nothing to shard; its bits are the same.
+    let want = reference(dir.path(), 20, &["--placement", "blocked"]);
+    let (mut coord, ticket) = listening_coordinator_with(dir.path(), "2", "4:3,8:4,12:3,16:2", &extra);
+    let mut w1 = worker(dir.path(), "w1", &ticket);
+    let _w2 = worker(dir.path(), "w2", &ticket);
+    coord.wait_for("epoch 1: 2 workers at step 0", Duration::from_secs(30));
+    let mut w3 = worker(dir.path(), "w3", &ticket);
+    coord.wait_for("epoch 2: 3 workers at step 4", Duration::from_secs(30));
+    let _w4 = worker(dir.path(), "w4", &ticket);
+    coord.wait_for("epoch 3: 4 workers at step 8", Duration::from_secs(30));
+    coord.wait_for("holding before step 12", Duration::from_secs(30));
+    w1.signal(libc::SIGTERM);
+    coord.wait_for("epoch 4: 3 workers at step 12", Duration::from_secs(30));
+    coord.wait_for("holding before step 16", Duration::from_secs(30));
+    w3.signal(libc::SIGTERM);
+    coord.wait_for("epoch 5: 2 workers at step 16", Duration::from_secs(30));
+    for w in [&mut w1, &mut w3] {
+        let left = w.wait(Duration::from_secs(30));
+        assert!(left.success(), "a leaving worker exits 0: {left}; {}", w.log());
+    }
+    assert!(coord.wait(Duration::from_secs(60)).success(), "{}", coord.log());
+    let log = coord.log();
+    assert_eq!(membership(&log), (2, 2, 0), "{log}");
+    assert!(log.contains("0 steps replayed"), "{log}");
+    assert_eq!(
+        log.matches("handed over: ").count(),
+        4,
+        "four changes handed over: {log}"
+    );
+    assert_same_state(&want, &state_files(&dir.path().join("run"), 20), "sharded hand-overs");
 }
 
 #[test]
