@@ -150,15 +150,21 @@ pub(crate) async fn read_frame(
             "{what} of {n} bytes is over the limit of {max} bytes"
         )));
     }
-    // n <= max, a usize.
-    let mut buf = vec![0u8; n as usize];
-    match recv.read_exact(&mut buf).await {
-        Ok(_) => Ok(Some(buf)),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(FrameError::Cut(format!(
-            "the connection ended inside {what} of {n} bytes"
-        ))),
-        Err(e) => Err(FrameError::Cut(format!("the connection failed: {e}"))),
+    // n <= max, a usize. Read into the spare capacity: megabytes per frame, not zeroed first.
+    let n = n as usize;
+    let mut buf = Vec::with_capacity(n);
+    while buf.len() < n {
+        match recv.read_buf(&mut buf).await {
+            Ok(0) => {
+                return Err(FrameError::Cut(format!(
+                    "the connection ended inside {what} of {n} bytes"
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(FrameError::Cut(format!("the connection failed: {e}"))),
+        }
     }
+    Ok(Some(buf))
 }
 
 /// A close frame: `code` u32 LE, the reason's length u16 LE, the reason (cut to [`MAX_REASON`]).
