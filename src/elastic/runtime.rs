@@ -593,10 +593,12 @@ impl ElasticRuntime {
         let plan = Placement::rebalanced(&shape, self.config.train.groups, &old_plan, &origin)?;
         let moves = handover::plan_moves(&self.config, &specs, &old_plan, &plan, &origin)?;
         let max_reply = proxy::max_reply_bytes(&self.config)?;
-        let deadline = Duration::from_secs_f64(self.config.train.deadline_s) * 2;
         let mut tasks = tokio::task::JoinSet::new();
         for (i, m) in epoch.members.iter().enumerate() {
             let asked = moves.from[i].clone();
+            // As a setup's: longer for more state (50 MB/s is a slow link's pace).
+            let deadline = (Duration::from_secs_f64(self.config.train.deadline_s) * 2)
+                .max(Duration::from_secs_f64(4.0 * asked.values(&specs)? as f64 / 50e6));
             let command = Command::Hand {
                 epoch: epoch.number,
                 dense: asked.dense.iter().map(|&(t, m)| (t as u64, m)).collect(),
@@ -613,33 +615,50 @@ impl ElasticRuntime {
                         deadline_ms: deadline.as_millis() as u64,
                     })
                     .and_then(|r| r);
-                (who, asked, r)
+                (i, who, asked, r)
             });
         }
         let mut replies = Vec::new();
         while let Some(joined) = tasks.join_next().await {
-            let (who, asked, r) = joined.map_err(|e| Error::runtime(format!("a hand-over task failed: {e}")))?;
-            replies.push((who, asked, r?));
+            let (i, who, asked, r) = joined.map_err(|e| Error::runtime(format!("a hand-over task failed: {e}")))?;
+            replies.push((i, who, asked, r?));
         }
         let (config, committed) = (self.config.clone(), self.committed);
-        let pieces = tokio::task::spawn_blocking(move || -> Result<TrainState> {
-            let mut model = Gpt::<f32>::zeros(&config.model)?;
-            let mut optimizer = crate::optimizer::for_model(&config.optimizer, &model)?;
-            optimizer.step = committed;
-            for (who, asked, bytes) in replies {
-                let header = protocol::decode_hand_into(&config, &who, &bytes, &mut model, &mut optimizer)?;
+        let decoded = tokio::task::spawn_blocking(move || -> std::result::Result<TrainState, (usize, Error)> {
+            let fresh = || -> Result<TrainState> {
+                let model = Gpt::<f32>::zeros(&config.model)?;
+                let mut optimizer = crate::optimizer::for_model(&config.optimizer, &model)?;
+                optimizer.step = committed;
+                Ok((model, optimizer))
+            };
+            let (mut model, mut optimizer) = fresh().map_err(|e| (usize::MAX, e))?;
+            for (i, who, asked, bytes) in replies {
+                let header = protocol::decode_hand_into(&config, &who, &bytes, &mut model, &mut optimizer)
+                    .map_err(|e| (i, e))?;
                 let got = Pieces {
                     dense: header.dense.iter().map(|&(t, m)| (t as usize, m)).collect(),
                     experts: header.experts.iter().map(|&(b, e)| (b as usize, e as usize)).collect(),
                 };
                 if got != asked {
-                    return Err(Error::protocol(who, "handed over other pieces than asked"));
+                    return Err((i, Error::protocol(who, "handed over other pieces than asked")));
                 }
             }
             Ok((model, optimizer))
         })
         .await
-        .map_err(|e| Error::runtime(format!("a decoding task failed: {e}")))??;
+        .map_err(|e| Error::runtime(format!("a decoding task failed: {e}")))?;
+        let pieces = match decoded {
+            Ok(pieces) => pieces,
+            Err((i, e)) => {
+                // Malformed data from an authenticated member: evicted, as a proxy evicts one that
+                // sends a malformed reply (a failure it reported is not malformed).
+                if let (Some(m), Error::Parse { .. } | Error::Protocol { .. }) = (epoch.members.get(i), &e) {
+                    let reason = format!("evicted: it sent a malformed hand-over ({e})");
+                    m.conn.close(3u32.into(), &reason.as_bytes()[..reason.len().min(512)]);
+                }
+                return Err(e);
+            }
+        };
         Ok(Handover {
             members: members.iter().map(|m| m.id).collect(),
             plan,
