@@ -444,3 +444,56 @@ fn process_faults_are_refused_naming_the_field() {
     let err = scenario.plan(&layout).expect_err("in-process").to_string();
     assert!(err.contains("fault[0].actor") && err.contains("--processes"), "{err}");
 }
+
+#[test]
+fn random_process_faults_follow_the_seed_and_the_membership() {
+    let text = "seed = 9\n[[fault]]\nactor = \"process\"\nkind = \"kill\"\nprobability = 0.3\n\
+                [[fault]]\nactor = \"process\"\nkind = \"join\"\nprobability = 0.3\n\
+                [[fault]]\nactor = \"process\"\nkind = \"stop\"\nduration = \"200ms\"\nprobability = 0.2\n";
+    let scenario = Scenario::from_toml(text).expect("parses");
+    let layout = ProcessLayout {
+        steps: 30,
+        processes: 2,
+        max_members: 4,
+    };
+    let plan = scenario.process_plan(&layout).expect("plan");
+    assert_eq!(
+        plan,
+        scenario.process_plan(&layout).expect("plan"),
+        "the same seed, the same faults"
+    );
+    let other = Scenario {
+        seed: 10,
+        ..scenario.clone()
+    };
+    assert_ne!(
+        plan,
+        other.process_plan(&layout).expect("plan"),
+        "another seed, other faults"
+    );
+    assert!(plan.len() >= 8, "about 24 drawn over 30 steps, got {}", plan.len());
+    // Replay the membership: every fault hits a worker the epoch has, never the last one, and no
+    // join goes past the most workers.
+    let mut members: Vec<usize> = vec![0, 1];
+    let mut next = 2;
+    let mut last = (0, semoe::chaos::Phase::Boundary);
+    for f in &plan {
+        assert!((f.step, f.phase) >= last, "in firing order: {plan:?}");
+        last = (f.step, f.phase);
+        match f.worker {
+            None => {
+                assert_eq!(f.process, next);
+                next += 1;
+                members.push(f.process);
+            }
+            Some(w) => {
+                assert_eq!(members.get(w), Some(&f.process), "{f:?} in {members:?}");
+                if f.removes() {
+                    members.remove(w);
+                }
+            }
+        }
+        assert!(!members.is_empty() && members.len() <= 4, "{members:?}");
+        assert_eq!(f.members_after, members.len());
+    }
+}

@@ -433,14 +433,24 @@ async fn disturbed(
     let mut deltas: Vec<Option<StepDelta>> = vec![None; faults.len()];
     let mut steps = Vec::new();
     let mut failed = None;
-    for step in 0..config.train.steps {
+    'steps: for step in 0..config.train.steps {
         for (i, f) in faults.iter().enumerate() {
             if f.step == step && f.phase == Phase::Boundary {
                 set(
                     progress,
                     format!("the disturbed run: fault {i} ({}) before step {step}", f.kind_name()),
                 );
-                fleet.deliver(i).await?;
+                let t = Instant::now();
+                // A fault the membership never showed stops the run, naming it (a verdict, not a
+                // hang: every wait for it is bounded).
+                if let Err(e) = fleet.deliver(i).await {
+                    failed = Some((
+                        step,
+                        format!("process fault {i} ({}) before step {step}: {e}", f.kind_name()),
+                        t.elapsed().as_secs_f64(),
+                    ));
+                    break 'steps;
+                }
             }
         }
         set(
