@@ -187,9 +187,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn signal(pid: u32, signal: i32) -> bool {
-    // SAFETY: kill(2) on a worker process this run started and has not reaped (the caller holds
-    // its `Child`, or the watcher acts only before the run reaps them).
+    // SAFETY: kill(2) on a worker process this run started and has not reaped: the callers hold
+    // its `Child` and saw it running (`signal_child`), so the pid cannot have been reused.
     unsafe { libc::kill(pid as i32, signal) == 0 }
+}
+
+/// Send `sig` to the child `pid` if it is still running (one that ended, and was reaped, is left
+/// alone: its pid may belong to another process by now).
+fn signal_child(children: &Mutex<Vec<Child>>, pid: u32, sig: i32) -> bool {
+    let mut all = lock(children);
+    match all.iter_mut().find(|c| c.id() == pid).map(|c| c.try_wait()) {
+        Some(Ok(None)) => signal(pid, sig),
+        _ => false,
+    }
 }
 
 /// The run's processes, and what it needs to start more.
@@ -335,7 +345,7 @@ impl Fleet {
             t.member = self.watch.member_of(pid).map(|(id, _)| id);
             t.injected = Some(at);
         }
-        if !signal(pid, how) {
+        if !signal_child(&self.children, pid, how) {
             return Err(Error::runtime(format!(
                 "cannot signal worker process {} (pid {pid}): it had already ended",
                 fault.process
@@ -364,7 +374,7 @@ impl Fleet {
 
 /// Watch the faults: a phased fault is injected when its hook file appears; a stopped process is
 /// continued once its duration has passed; a kill or stop is detected when its member is gone.
-async fn watcher(tracks: Arc<Mutex<Vec<Track>>>, watch: ExitWatch) {
+async fn watcher(tracks: Arc<Mutex<Vec<Track>>>, watch: ExitWatch, children: Arc<Mutex<Vec<Child>>>) {
     loop {
         tokio::time::sleep(POLL).await;
         let now = Instant::now();
@@ -392,7 +402,7 @@ async fn watcher(tracks: Arc<Mutex<Vec<Track>>>, watch: ExitWatch) {
             }
             if let (FaultKind::Stop(d), None) = (t.fault.kind, t.continued) {
                 if now.saturating_duration_since(injected) >= d {
-                    signal(pid, libc::SIGCONT);
+                    signal_child(&children, pid, libc::SIGCONT);
                     t.continued = Some(now);
                 }
             }
@@ -590,7 +600,7 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
         watch: watch.clone(),
     };
     let exits_task = tokio.spawn(super::engine::watch_exits(children.0.clone(), watch.clone()));
-    let watcher_task = tokio.spawn(watcher(tracks.clone(), watch));
+    let watcher_task = tokio.spawn(watcher(tracks.clone(), watch, children.0.clone()));
     let disturbed = tokio.block_on(async {
         tokio::time::timeout(deadline, disturbed(config, &mut fleet, &progress, begun, cluster)).await
     });
