@@ -18,6 +18,26 @@
 //! [`crate::elastic::hooks::PAUSE`] (it SIGKILLs or SIGSTOPs itself at that exact point); the
 //! coordinator continues a stopped one after its `duration`. No timing depends on a sleep except a
 //! stop's own duration.
+//!
+//! In code (what `semoe chaos --processes 2` plans for a scenario file with the same entries):
+//!
+//! ```
+//! use semoe::chaos::{FaultKind, FaultSpec, Phase, ProcessLayout, Scenario};
+//! use std::time::Duration;
+//!
+//! # fn main() -> semoe::Result<()> {
+//! let scenario = Scenario::builder()
+//!     .fault(FaultSpec::process().kind(FaultKind::Join).at(2))
+//!     .fault(FaultSpec::process().worker(0).at(3).phase(Phase::Forward))
+//!     .fault(FaultSpec::process().kind(FaultKind::Stop(Duration::from_millis(300))).worker(1).at(5))
+//!     .build()?;
+//! let layout = ProcessLayout { steps: 8, processes: 2, max_members: 4 };
+//! let plan = scenario.process_plan(&layout)?;
+//! // The join starts process 2; the kill hits process 0 (the oldest); then worker 1 is process 2.
+//! assert_eq!(plan.iter().map(|f| f.process).collect::<Vec<_>>(), vec![2, 0, 2]);
+//! # Ok(())
+//! # }
+//! ```
 
 use super::scenario::{ActorKind, FaultSpec, Scenario, When};
 use super::FaultKind;
