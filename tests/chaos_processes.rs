@@ -446,6 +446,37 @@ fn process_faults_are_refused_naming_the_field() {
 }
 
 #[test]
+fn a_straggler_longer_than_the_collective_deadline_is_refused() {
+    let dir = TempDir::new("chaos-proc-refused");
+    let file = dir.path().join("s.toml");
+    std::fs::write(
+        &file,
+        "collective_deadline = \"500ms\"\n[[fault]]\nactor = \"process\"\nkind = \"stop\"\nduration = \"800ms\"\n\
+         worker = 0\nstep = 1\n",
+    )
+    .expect("write");
+    let mut run = ChaosRun::start(dir.path(), "refused", &file, "4", "2");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = run.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(started.elapsed() < LIMIT, "{}", run.output());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = run.output();
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("fault[0].duration") && out.contains("collective deadline"),
+        "{out}"
+    );
+    assert!(
+        !dir.path().join("refused/workers/process-0.log").exists(),
+        "refused before any process started"
+    );
+}
+
+#[test]
 fn random_process_faults_follow_the_seed_and_the_membership() {
     let text = "seed = 9\n[[fault]]\nactor = \"process\"\nkind = \"kill\"\nprobability = 0.3\n\
                 [[fault]]\nactor = \"process\"\nkind = \"join\"\nprobability = 0.3\n\

@@ -546,6 +546,20 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
         )));
     }
     let plan = scenario.process_plan(&layout)?;
+    let collective = Duration::from_secs_f64(t.deadline_s);
+    for f in &plan {
+        if let FaultKind::Stop(d) = f.kind {
+            if !f.removes() && d >= collective {
+                return Err(Error::config(format!(
+                    "chaos scenario: fault[{}].duration: a straggler's stop ({}) must end before the collective \
+                     deadline ({}: collective_deadline of the scenario, else train.deadline_s), or its step fails",
+                    f.entry,
+                    humantime::format_duration(d),
+                    humantime::format_duration(collective)
+                )));
+            }
+        }
+    }
     let corpus = super::trainer::corpus_for(config)?;
     let digest = corpus.digest();
     let text = Arc::new(corpus.train);
