@@ -14,8 +14,8 @@ use std::time::Duration;
 /// its process id to file F first. `member=any`: whichever member this process becomes (the chaos
 /// runs give the variable to one process only). The action: `hang` (the default: that thread
 /// sleeps until the process is killed), `kill` (the process SIGKILLs itself: a crash at an exact
-/// point) or `stop` (it SIGSTOPs itself, a straggler: whoever reads F sends the SIGCONT). It acts
-/// once, the first time the point is reached (a replayed step does not act again).
+/// point) or `stop` (it SIGSTOPs itself, a straggler: whoever reads F sends the SIGCONT). A kill or
+/// a stop acts once, the first time the point is reached (a replayed step does not act again).
 pub const PAUSE: &str = "SEMOE_TEST_PAUSE";
 
 /// `N:M,...`: before step N the coordinator waits (up to a minute) until exactly M workers are
@@ -160,7 +160,8 @@ impl Pause {
     }
 
     fn stop_here(&self) {
-        if self.done.swap(true, Ordering::SeqCst) {
+        // A kill or a stop acts once; a hang stops every thread that reaches the point, as before.
+        if self.action != Action::Hang && self.done.swap(true, Ordering::SeqCst) {
             return;
         }
         let _ = std::fs::write(&self.file, std::process::id().to_string());

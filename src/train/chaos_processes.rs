@@ -192,6 +192,18 @@ fn signal(pid: u32, signal: i32) -> bool {
     unsafe { libc::kill(pid as i32, signal) == 0 }
 }
 
+/// Whether process `pid` is stopped (state `T` in `/proc/PID/stat`; where that cannot be read,
+/// it is taken as stopped).
+fn is_stopped(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state == "T"),
+        Err(_) => true,
+    }
+}
+
 /// Send `sig` to the child `pid` if it is still running (one that ended, and was reaped, is left
 /// alone: its pid may belong to another process by now).
 fn signal_child(children: &Mutex<Vec<Child>>, pid: u32, sig: i32) -> bool {
@@ -381,7 +393,9 @@ async fn watcher(tracks: Arc<Mutex<Vec<Track>>>, watch: ExitWatch, children: Arc
         for t in lock(&tracks).iter_mut() {
             let Some(pid) = t.pid else { continue };
             if t.injected.is_none() {
-                if t.hook.as_ref().is_some_and(|f| f.exists()) {
+                // A stop counts from the moment the process is stopped (it writes the file first).
+                let stopped = !matches!(t.fault.kind, FaultKind::Stop(_)) || is_stopped(pid);
+                if stopped && t.hook.as_ref().is_some_and(|f| f.exists()) {
                     t.injected = Some(now);
                     t.member = watch.member_of(pid).map(|(id, _)| id);
                 }
