@@ -528,3 +528,37 @@ fn random_process_faults_follow_the_seed_and_the_membership() {
         assert_eq!(f.members_after, members.len());
     }
 }
+
+#[test]
+fn random_process_faults_end_bitwise_equal() {
+    let dir = TempDir::new("chaos-proc-random");
+    let scenario = "seed = 4\ndeadline = \"60s\"\n\
+                    [[fault]]\nactor = \"process\"\nkind = \"kill\"\nprobability = 0.15\n\
+                    [[fault]]\nactor = \"process\"\nkind = \"join\"\nprobability = 0.15\n\
+                    [[fault]]\nactor = \"process\"\nkind = \"stop\"\nduration = \"100ms\"\nprobability = 0.1\n";
+    let plan = Scenario::from_toml(scenario)
+        .expect("parses")
+        .process_plan(&ProcessLayout {
+            steps: 12,
+            processes: 3,
+            max_members: 4,
+        })
+        .expect("plan");
+    let count = |kind: semoe::chaos::FaultKind| plan.iter().filter(|f| f.kind == kind).count() as u64;
+    let (kills, joins) = (
+        count(semoe::chaos::FaultKind::Kill),
+        count(semoe::chaos::FaultKind::Join),
+    );
+    assert!(kills > 0 && joins > 0, "the seed draws kills and joins: {plan:?}");
+    let (status, json, out) = chaos(dir.path(), "random", scenario, 12, 3);
+    assert!(status.success(), "{out}");
+    assert_eq!(json["verdict"]["verdict"], "bitwise_equal", "{json:#}\n{out}");
+    let p = &json["processes"];
+    assert_eq!(
+        (p["joins"].as_u64(), p["crashes"].as_u64()),
+        (Some(joins), Some(kills)),
+        "{p:#}"
+    );
+    assert_eq!(p["faults"].as_array().map(Vec::len), Some(plan.len()));
+    assert_eq!(json["disturbed_steps"].as_array().map(Vec::len), Some(12));
+}
