@@ -15,8 +15,10 @@
 //! is told each step's start: [`FaultPlan::begin_step`]).
 
 pub mod net;
+pub mod process;
 pub mod scenario;
 
+pub use process::{Phase, ProcessFault, ProcessLayout};
 pub use scenario::{ActorKind, FaultSpec, Layout, PlannedFault, Scenario, ScenarioBuilder, When};
 
 use crate::storage::tiers::disk::{DiskFaults, DiskOp, InjectedIo};
@@ -118,6 +120,14 @@ pub enum FaultKind {
     /// Every packet between the link's two workers, both ways, is lost for this long, from the
     /// first request of the fault's step on the link.
     Partition(Duration),
+    /// A worker process is killed (SIGKILL).
+    Kill,
+    /// A worker process is stopped (SIGSTOP) this long, then continued (SIGCONT).
+    Stop(Duration),
+    /// A worker process leaves in good order (SIGTERM: it asks to leave at the next boundary).
+    Leave,
+    /// A new worker process is started and joins at the step boundary.
+    Join,
 }
 
 impl FaultKind {
@@ -130,6 +140,14 @@ impl FaultKind {
                 | FaultKind::DiskFull
                 | FaultKind::ShortRead
                 | FaultKind::Slow(_)
+        )
+    }
+
+    /// Whether it is a fault of a worker process.
+    pub fn is_process(self) -> bool {
+        matches!(
+            self,
+            FaultKind::Kill | FaultKind::Stop(_) | FaultKind::Leave | FaultKind::Join
         )
     }
 

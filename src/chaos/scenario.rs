@@ -26,6 +26,29 @@
 //! step = 6
 //! ```
 //!
+//! A run over worker processes (`semoe chaos --processes N`) takes process faults instead:
+//!
+//! ```toml
+//! [[fault]]           # worker 0's process is SIGKILLed when the first expert forward packet
+//! actor = "process"   # of step 3 reaches it
+//! kind = "kill"
+//! worker = 0
+//! step = 3
+//! moment = "forward"
+//!
+//! [[fault]]           # a new worker process joins before step 5
+//! actor = "process"
+//! kind = "join"
+//! step = 5
+//!
+//! [[fault]]           # worker 1 is stopped (SIGSTOP) for 300 ms before step 8: a straggler
+//! actor = "process"
+//! kind = "stop"
+//! duration = "300ms"
+//! worker = 1
+//! step = 8
+//! ```
+//!
 //! Keys of a `[[fault]]`:
 //!
 //! - `actor`: `expert` (names `block` and `expert`), `gate` (`worker` and `block`), `ledger`
@@ -35,7 +58,8 @@
 //!   reads and writes of its Disk tier; the job needs storage budgets that put experts on disk) or
 //!   `checkpoint` (the checkpoint written after the step: a chaos run with checkpoint faults
 //!   checkpoints before its first step and after every step, and resumes from the newest intact
-//!   checkpoint, as `--resume` does, whenever a checkpoint fault fires).
+//!   checkpoint, as `--resume` does, whenever a checkpoint fault fires) or `process` (`worker`: a
+//!   worker process of a run over processes, `--processes N`; see [`super::process`]).
 //! - `kind`: `error` (the handler returns an error) or `panic` (the handler panics); for a link,
 //!   `drop`, `duplicate`, `delay` (with `delay = "50ms"`), `reorder` (the request arrives after
 //!   the next one), `corrupt` (its bytes are damaged: the receiver cannot decode it) or
@@ -48,11 +72,25 @@
 //!   its step to the end of the run); it hits the first read or write of its kind once the step
 //!   has begun (or the first after it, if that step does no disk I/O). For a checkpoint,
 //!   `interrupt` (the save fails halfway through writing its optimizer file) or `corrupt` (a byte
-//!   of its model file is flipped after the save).
+//!   of its model file is flipped after the save). For a process, `kill` (SIGKILL), `stop` (with
+//!   `duration = "300ms"`: SIGSTOP, then SIGCONT that much later; at most 1 s is a straggler that
+//!   is only slow, at least 3 s is dropped by the coordinator, never commits again and exits
+//!   non-zero once continued; in between is refused, as either could happen), `leave` (SIGTERM:
+//!   the worker asks to leave, its state moves to the others at the step boundary, it exits 0) or
+//!   `join` (a new worker process is started and joins at the step boundary; it names no worker).
 //! - `step` (0-based, the step being computed) or `probability` (per step, in (0, 1]): exactly one.
 //!   A random silence starts at the first step drawn.
 //! - `moment`: `forward`, `backward` or `any` (the first time the actor is asked in the step); a
-//!   ledger is only asked once per step (`any`, its default); not for `silence`.
+//!   ledger is only asked once per step (`any`, its default); not for `silence`. For a process
+//!   fault, `boundary` (the default: before the step begins, once the step before it committed;
+//!   delivered by the coordinator), `forward` or `backward` (when the first expert forward or
+//!   backward packet of the step reaches the worker) or `commit` (when the step's commit reaches
+//!   it, after it prepared); a kill or a stop at a phase is carried out by the worker itself at that
+//!   exact point, one phased fault per process; a join and a leave only at `boundary`.
+//! - For a process fault, `worker` is the index among the workers of the epoch when the fault
+//!   fires (member order: the oldest first; a joiner is the last). Kills, leaves and long stops
+//!   remove a worker, joins add one, so the indices of later faults follow the scripted ones
+//!   before them; a scripted fault naming a worker the epoch does not have then is an error.
 //! - `times`: how many times a scripted fault fires (default 1; each firing fails the step's
 //!   attempt, so a fault firing twice also fails the replay; a disk fault fires on that many
 //!   calls in a row, so `times = 3` also fails the I/O thread's two retries).
@@ -61,6 +99,7 @@
 //! time it fires: a random fault entry with no target is a fault anywhere. Each entry draws from its
 //! own stream of the seed, so adding an entry does not change what the others draw.
 
+use super::process::Phase;
 use super::{Fault, FaultKind, FaultPlan, Moment, Target};
 use crate::error::{Error, Result};
 use crate::model::gpt::GptConfig;
@@ -93,6 +132,8 @@ pub enum ActorKind {
     Checkpoint,
     /// A Communicator actor (`worker`).
     Communicator,
+    /// A worker process (`worker`): killed, stopped, leaving, or a new one joining.
+    Process,
 }
 
 impl ActorKind {
@@ -107,6 +148,7 @@ impl ActorKind {
             ActorKind::Disk => "disk",
             ActorKind::Checkpoint => "checkpoint",
             ActorKind::Communicator => "communicator",
+            ActorKind::Process => "process",
         }
     }
 }
@@ -143,6 +185,8 @@ pub struct FaultSpec {
     pub to: Option<usize>,
     /// How many times a scripted fault fires (random faults: once per step drawn).
     pub times: u32,
+    /// Where in the step a process fault fires (`None`: at the boundary).
+    pub phase: Option<Phase>,
 }
 
 impl FaultSpec {
@@ -158,6 +202,7 @@ impl FaultSpec {
             from: None,
             to: None,
             times: 1,
+            phase: None,
         }
     }
 
@@ -214,6 +259,22 @@ impl FaultSpec {
             kind: FaultKind::Interrupt,
             ..FaultSpec::new(ActorKind::Checkpoint)
         }
+    }
+
+    /// A fault of a worker process: [`FaultKind::Kill`] unless told otherwise with
+    /// [`FaultSpec::kind`] ([`FaultKind::Stop`], [`FaultKind::Leave`], [`FaultKind::Join`]); the
+    /// worker drawn unless set, at the step boundary unless [`FaultSpec::phase`] says otherwise.
+    pub fn process() -> Self {
+        FaultSpec {
+            kind: FaultKind::Kill,
+            ..FaultSpec::new(ActorKind::Process)
+        }
+    }
+
+    /// Where in the step a process fault fires.
+    pub fn phase(mut self, phase: Phase) -> Self {
+        self.phase = Some(phase);
+        self
     }
 
     /// The sending worker of a link fault.
@@ -294,6 +355,18 @@ impl FaultSpec {
         let bad = |key: &str, why: String| Err(Error::config(format!("chaos scenario: {at}.{key}: {why}")));
         let actor = self.actor.name();
         let not_for = |key: &str, what: &str| format!("{actor} faults do not take `{key}` ({what})");
+        if self.actor == ActorKind::Process {
+            return super::process::check(self, at);
+        }
+        if self.kind.is_process() {
+            return bad(
+                "kind",
+                format!("{actor} faults cannot be process faults (use actor = \"process\")"),
+            );
+        }
+        if self.phase.is_some() {
+            return bad("moment", format!("{actor} faults fire forward, backward or any"));
+        }
         let disk = self.kind.is_disk();
         let checkpoint = matches!(self.kind, FaultKind::Interrupt | FaultKind::Corrupt);
         match self.actor {
@@ -594,18 +667,20 @@ impl RawFault {
             Some("disk") => ActorKind::Disk,
             Some("checkpoint") => ActorKind::Checkpoint,
             Some("communicator") => ActorKind::Communicator,
+            Some("process") => ActorKind::Process,
             Some(other) => {
                 return Err(bad(
                     "actor",
                     format!(
-                        "{other:?} is not one of expert, gate, ledger, communicator, silence, link, disk, checkpoint"
+                        "{other:?} is not one of expert, gate, ledger, communicator, silence, link, disk, checkpoint, \
+                         process"
                     ),
                 ))
             }
             None => {
                 return Err(bad(
                     "actor",
-                    "missing (expert, gate, ledger, communicator, silence, link, disk or checkpoint)".into(),
+                    "missing (expert, gate, ledger, communicator, silence, link, disk, checkpoint or process)".into(),
                 ))
             }
         };
@@ -615,10 +690,10 @@ impl RawFault {
                 "only a fault of kind \"delay\" (a link) or \"slow\" (a disk) takes a delay".into(),
             ));
         }
-        if self.duration.is_some() && self.kind.as_deref() != Some("partition") {
+        if self.duration.is_some() && !matches!(self.kind.as_deref(), Some("partition" | "stop")) {
             return Err(bad(
                 "duration",
-                "only a fault of kind \"partition\" (a link) takes a duration".into(),
+                "only a fault of kind \"partition\" (a link) or \"stop\" (a process) takes a duration".into(),
             ));
         }
         let kind = match (actor, self.kind.as_deref()) {
@@ -629,6 +704,25 @@ impl RawFault {
                 ))
             }
             (ActorKind::Silence, None) => FaultKind::Error,
+            (ActorKind::Process, Some("kill")) => FaultKind::Kill,
+            (ActorKind::Process, Some("leave")) => FaultKind::Leave,
+            (ActorKind::Process, Some("join")) => FaultKind::Join,
+            (ActorKind::Process, Some("stop")) => match self.duration.as_deref() {
+                Some(d) => FaultKind::Stop(
+                    humantime::parse_duration(d)
+                        .map_err(|e| bad("duration", format!("{d:?} is not a duration such as \"300ms\": {e}")))?,
+                ),
+                None => {
+                    return Err(bad(
+                        "duration",
+                        "missing: a stop needs `duration` (e.g. \"300ms\": a straggler; \"5s\": dropped)".into(),
+                    ))
+                }
+            },
+            (ActorKind::Process, Some(other)) => {
+                return Err(bad("kind", format!("{other:?} is not kill, stop, leave or join")))
+            }
+            (ActorKind::Process, None) => return Err(bad("kind", "missing (kill, stop, leave or join)".into())),
             (ActorKind::Checkpoint, Some("interrupt")) => FaultKind::Interrupt,
             (ActorKind::Checkpoint, Some("corrupt")) => FaultKind::Corrupt,
             (ActorKind::Checkpoint, Some(other)) => {
@@ -724,12 +818,18 @@ impl RawFault {
                 ))
             }
         };
-        let moment = match self.moment.as_deref() {
-            None => None,
-            Some("forward") => Some(Moment::Forward),
-            Some("backward") => Some(Moment::Backward),
-            Some("any") => Some(Moment::Any),
-            Some(other) => return Err(bad("moment", format!("{other:?} is not forward, backward or any"))),
+        let (moment, phase) = match (actor, self.moment.as_deref()) {
+            (ActorKind::Process, None) => (None, None),
+            (ActorKind::Process, Some(m)) => match super::process::Phase::parse(m) {
+                Some(p) => (None, Some(p)),
+                None => {
+                    return Err(bad(
+                        "moment",
+                        format!("{m:?} is not boundary, forward, backward or commit (a process fault's moments)"),
+                    ))
+                }
+            },
+            (_, m) => (parse_moment(m, &bad)?, None),
         };
         let spec = FaultSpec {
             actor,
@@ -742,10 +842,22 @@ impl RawFault {
             from: self.from,
             to: self.to,
             times: self.times.unwrap_or(1),
+            phase,
         };
         spec.check(at)?;
         Ok(spec)
     }
+}
+
+/// An actor fault's `moment`.
+fn parse_moment(moment: Option<&str>, bad: &dyn Fn(&str, String) -> Error) -> Result<Option<Moment>> {
+    Ok(match moment {
+        None => None,
+        Some("forward") => Some(Moment::Forward),
+        Some("backward") => Some(Moment::Backward),
+        Some("any") => Some(Moment::Any),
+        Some(other) => return Err(bad("moment", format!("{other:?} is not forward, backward or any"))),
+    })
 }
 
 impl Scenario {
@@ -846,6 +958,12 @@ impl Scenario {
         for (entry, spec) in self.faults.iter().enumerate() {
             let at = format!("fault[{entry}]");
             let bad = |key: &str, why: String| Error::config(format!("chaos scenario: {at}.{key}: {why}"));
+            if spec.actor == ActorKind::Process {
+                return Err(bad(
+                    "actor",
+                    "process faults need worker processes: run the chaos job with --processes N".into(),
+                ));
+            }
             if let Some(w) = spec.worker {
                 if w >= layout.workers {
                     return Err(bad(
@@ -956,7 +1074,8 @@ fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> F
         ActorKind::Disk => Target::Disk {
             worker: pick(spec.worker, layout.workers),
         },
-        ActorKind::Checkpoint => Target::Checkpoint,
+        // Process entries are refused by `plan` before anything is drawn.
+        ActorKind::Checkpoint | ActorKind::Process => Target::Checkpoint,
         ActorKind::Communicator => Target::Communicator {
             worker: pick(spec.worker, layout.workers),
         },

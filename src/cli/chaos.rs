@@ -1,6 +1,6 @@
-//! `semoe chaos`: train a job on the in-process actor runtime under a fault scenario and again
-//! undisturbed, compare the final state bit for bit, and report (stdout, `chaos.md` and
-//! `chaos.json` in the run directory).
+//! `semoe chaos`: train a job on the in-process actor runtime (or, with `--processes N`, on worker
+//! processes it starts) under a fault scenario and again undisturbed, compare the final state bit
+//! for bit, and report (stdout, `chaos.md` and `chaos.json` in the run directory).
 
 use clap::Args;
 use semoe::chaos::Scenario;
@@ -30,7 +30,9 @@ pub struct ChaosArgs {
 }
 
 const CHAOS_AFTER_HELP: &str = "The job runs on the in-process actor runtime (--workers, default from the config; \
-without --steps or --config it runs 20 steps). Disk faults need storage budgets that leave experts on disk \
+without --steps or --config it runs 20 steps); with --processes N it runs on N `semoe worker` processes started \
+here (127.0.0.1, ports from the OS, their logs under the run directory's workers/), the scenario holds process \
+faults (kill, stop, leave, join), and the undisturbed run uses N in-process workers. Disk faults need storage budgets that leave experts on disk \
 (--device-budget, --host-budget); the Disk tiers live under the run directory's tiers/, and with checkpoint faults \
 the disturbed run's checkpoints under its checkpoints/. Exit status: 0 when the final parameters and optimizer state are \
 bitwise equal to the undisturbed run's; 2 when the disturbed run stopped with an error (the report names it); 1 \
@@ -39,7 +41,7 @@ when the state differs or the scenario's deadline expired (with --soak: for any 
 pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     if let Some(flag) = a.train.chaos_refusal() {
         return Err(semoe::Error::config(format!(
-            "semoe chaos runs a fresh job on in-process workers: {flag} does not apply"
+            "semoe chaos runs a fresh job on in-process workers or worker processes it starts: {flag} does not apply"
         )));
     }
     let scenario = Scenario::from_file(&a.scenario)?;
@@ -65,12 +67,16 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
         .map_err(|e| semoe::Error::io("cannot read the chaos scenario", &a.scenario, e))?;
     write(&dir.join("scenario.toml"), &scenario_text)?;
     eprintln!(
-        "semoe chaos: {} fault entries, seed {}, deadline {}; {} steps on {} workers; run directory {}",
+        "semoe chaos: {} fault entries, seed {}, deadline {}; {} steps on {}; run directory {}",
         scenario.faults.len(),
         scenario.seed,
         humantime::format_duration(scenario.deadline),
         config.train.steps,
-        config.train.workers,
+        if config.train.processes > 0 {
+            format!("{} worker processes", config.train.processes)
+        } else {
+            format!("{} workers", config.train.workers)
+        },
         dir.display()
     );
     quiet_injected_panics();
@@ -83,13 +89,15 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     write(&dir.join("chaos.json"), &json)?;
     let md = report.markdown();
     write(&dir.join("chaos.md"), &md)?;
-    println!(
-        "{} faults planned, {} fired, {} restarts, {} steps replayed",
-        report.faults.len(),
-        report.faults.iter().filter(|f| f.fired > 0).count(),
-        report.restarts,
-        report.replays
-    );
+    if report.processes.is_none() {
+        println!(
+            "{} faults planned, {} fired, {} restarts, {} steps replayed",
+            report.faults.len(),
+            report.faults.iter().filter(|f| f.fired > 0).count(),
+            report.restarts,
+            report.replays
+        );
+    }
     for f in &report.faults {
         println!(
             "  fault {}: {} {} at step {} ({}): fired {}x; {}{}",
@@ -103,6 +111,25 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
             f.recovery_s
                 .map_or(String::new(), |r| format!("; step committed {r:.3} s after the fault"))
         );
+    }
+    if let Some(p) = &report.processes {
+        println!(
+            "worker processes: {} at the start; {} epochs: {} joined, {} left, {} lost; {} steps replayed",
+            p.processes, p.epochs, p.joins, p.leaves, p.crashes, p.replayed_steps
+        );
+        for f in &p.faults {
+            println!(
+                "  process fault {}: {} of {} at step {} ({}): {}{}",
+                f.index,
+                f.kind,
+                f.worker.map_or("a new worker".to_string(), |w| format!("worker {w}")),
+                f.step,
+                f.moment,
+                f.detection,
+                f.recovery_s
+                    .map_or(String::new(), |r| format!("; step committed {r:.3} s after the fault"))
+            );
+        }
     }
     println!("verdict: {}", report.verdict_line());
     println!("report: {}", dir.join("chaos.md").display());

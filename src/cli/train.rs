@@ -157,11 +157,11 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// The first flag `semoe chaos` cannot honour (it runs a fresh job on in-process workers).
+    /// The first flag `semoe chaos` cannot honour (it runs a fresh job on in-process workers or on
+    /// worker processes it starts itself).
     pub fn chaos_refusal(&self) -> Option<&'static str> {
         [
             (self.resume, "--resume"),
-            (self.processes.is_some(), "--processes"),
             (self.listen.is_some(), "--listen"),
             (self.identity.is_some(), "--identity"),
             (self.metrics_addr.is_some(), "--metrics-addr"),

@@ -95,6 +95,17 @@ pub struct ExitWatch {
 }
 
 impl ExitWatch {
+    /// The member that process `pid` of this machine is, and where it stands (`None`: it has not
+    /// joined). A chaos run over processes reads it to say when and how a fault was noticed.
+    pub fn member_of(&self, pid: u32) -> Option<(u64, Status)> {
+        let name = format!("{}:{pid}", self.host);
+        let book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
+        book.members
+            .values()
+            .find(|m| m.name == name)
+            .map(|m| (m.id, m.status.clone()))
+    }
+
     /// Process `pid` of this machine ended (`how`); true when it was a member not already gone.
     pub fn process_exited(&self, pid: u32, how: &str) -> bool {
         let name = format!("{}:{pid}", self.host);

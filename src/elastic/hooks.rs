@@ -4,12 +4,18 @@
 
 use crate::net::{Packet, Payload};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-/// `member=M,step=N,phase=P,file=F`: worker process M stops at phase P of step N (`forward`: when
-/// the first expert forward packet of the step arrives; `backward`: the first expert backward
-/// packet; `commit`: when the commit command arrives, after it prepared), writing its process id
-/// to file F first. It stays stopped until killed.
+/// `member=M,step=N,phase=P,file=F[,action=A]`: worker process M stops at phase P of step N
+/// (`forward`: when the first expert forward packet of the step arrives; `backward`: the first
+/// expert backward packet; `commit`: when the commit command arrives, after it prepared), writing
+/// its process id to file F first. `member=any`: whichever member this process becomes (the chaos
+/// runs give the variable to one process only). The action: `hang` (the default: that thread
+/// sleeps until the process is killed), `kill` (the process SIGKILLs itself: a crash at an exact
+/// point) or `stop` (it SIGSTOPs itself, a straggler: whoever reads F sends the SIGCONT). A kill or
+/// a stop acts once, the first time the point is reached (a replayed step does not act again).
 pub const PAUSE: &str = "SEMOE_TEST_PAUSE";
 
 /// `N:M,...`: before step N the coordinator waits (up to a minute) until exactly M workers are
@@ -69,13 +75,28 @@ pub enum Phase {
     Commit,
 }
 
+/// What a [`Pause`] does at its point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The thread sleeps until the process is killed.
+    Hang,
+    /// The process SIGKILLs itself.
+    Kill,
+    /// The process SIGSTOPs itself (someone else continues it).
+    Stop,
+}
+
 /// A parsed [`PAUSE`].
 #[derive(Clone, Debug)]
 pub struct Pause {
-    member: u64,
+    /// `None`: any member.
+    member: Option<u64>,
     step: u64,
     phase: Phase,
     file: PathBuf,
+    action: Action,
+    /// Set when it acted (shared by the clones in the codec and the command handler).
+    done: Arc<AtomicBool>,
 }
 
 impl Pause {
@@ -83,15 +104,26 @@ impl Pause {
     pub fn for_member(member: u64) -> Option<Pause> {
         let spec = std::env::var(PAUSE).ok()?;
         let mut pause = Pause {
-            member: u64::MAX,
+            member: Some(u64::MAX),
             step: u64::MAX,
             phase: Phase::Forward,
             file: PathBuf::new(),
+            action: Action::Hang,
+            done: Arc::new(AtomicBool::new(false)),
         };
         for part in spec.split(',') {
             let (key, value) = part.split_once('=')?;
             match key {
-                "member" => pause.member = value.parse().ok()?,
+                "member" if value == "any" => pause.member = None,
+                "member" => pause.member = Some(value.parse().ok()?),
+                "action" => {
+                    pause.action = match value {
+                        "hang" => Action::Hang,
+                        "kill" => Action::Kill,
+                        "stop" => Action::Stop,
+                        _ => return None,
+                    }
+                }
                 "step" => pause.step = value.parse().ok()?,
                 "phase" => {
                     pause.phase = match value {
@@ -105,7 +137,7 @@ impl Pause {
                 _ => return None,
             }
         }
-        (pause.member == member).then_some(pause)
+        pause.member.is_none_or(|m| m == member).then_some(pause)
     }
 
     /// Stop here (for ever) if `packet` is the hook's point.
@@ -128,13 +160,28 @@ impl Pause {
     }
 
     fn stop_here(&self) {
+        // A kill or a stop acts once; a hang stops every thread that reaches the point, as before.
+        if self.action != Action::Hang && self.done.swap(true, Ordering::SeqCst) {
+            return;
+        }
         let _ = std::fs::write(&self.file, std::process::id().to_string());
+        let signal = match self.action {
+            Action::Hang => None,
+            Action::Kill => Some(libc::SIGKILL),
+            Action::Stop => Some(libc::SIGSTOP),
+        };
         eprintln!(
-            "semoe worker: paused by {PAUSE} at {:?} of step {}",
-            self.phase, self.step
+            "semoe worker: paused by {PAUSE} at {:?} of step {} ({:?})",
+            self.phase, self.step, self.action
         );
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
+        match signal {
+            // SAFETY: kill(2) on this very process.
+            Some(signal) => unsafe {
+                libc::kill(std::process::id() as i32, signal);
+            },
+            None => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
         }
     }
 }

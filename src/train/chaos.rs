@@ -122,26 +122,49 @@ pub struct ChaosReport {
     pub disk_bytes: [u64; 2],
     /// The verdict.
     pub verdict: Verdict,
+    /// A run over worker processes (`--processes`): its process faults and epochs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes: Option<super::chaos_processes::ProcessReport>,
 }
 
 /// The outcome of one run.
-struct RunResult {
-    steps: Vec<(StepRecord, Instant)>,
+pub(super) struct RunResult {
+    pub(super) steps: Vec<(StepRecord, Instant)>,
     /// The failing step, its error and how long it ran.
-    failed: Option<(u64, String, f64)>,
-    state: Option<Vec<(String, Vec<u32>)>>,
+    pub(super) failed: Option<(u64, String, f64)>,
+    pub(super) state: Option<Vec<(String, Vec<u32>)>>,
     started: Instant,
-    seconds: f64,
+    pub(super) seconds: f64,
     /// Bytes read from and written to the Disk tiers.
     disk_bytes: [u64; 2],
     /// What each checkpoint fault did, by the step it fired after.
     notes: Vec<(u64, String)>,
 }
 
-/// Where a run is, for the report when the overall deadline expires.
-type Progress = Arc<Mutex<String>>;
+impl RunResult {
+    /// A run with no disk tiers and no checkpoint notes (a run over processes).
+    pub(super) fn new(
+        steps: Vec<(StepRecord, Instant)>,
+        failed: Option<(u64, String, f64)>,
+        state: Option<Vec<(String, Vec<u32>)>>,
+        started: Instant,
+    ) -> Self {
+        RunResult {
+            steps,
+            failed,
+            state,
+            started,
+            seconds: started.elapsed().as_secs_f64(),
+            disk_bytes: [0, 0],
+            notes: Vec::new(),
+        }
+    }
+}
 
-fn set(progress: &Progress, what: String) {
+/// Where a run is, for the report when the overall deadline expires.
+pub(super) type Progress = Arc<Mutex<String>>;
+
+pub(super) fn set(progress: &Progress, what: String) {
     *progress.lock().unwrap_or_else(|e| e.into_inner()) = what;
 }
 
@@ -216,7 +239,7 @@ fn builder(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn one_run(
+pub(super) async fn one_run(
     name: &'static str,
     config: &TrainConfig,
     text: &Arc<Vec<u8>>,
@@ -488,9 +511,13 @@ pub fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> Result<C
     }
     let config = &job;
     config.validate()?;
+    if config.train.processes > 0 && config.train.listen.is_empty() {
+        return super::chaos_processes::run_in(config, scenario, dir);
+    }
     if config.train.elastic() {
         return Err(Error::config(
-            "chaos runs use the in-process actor runtime: leave train.processes and train.listen unset",
+            "chaos runs use the in-process actor runtime or worker processes this run starts (train.processes): \
+             leave train.listen unset",
         ));
     }
     if config.train.workers == 0 {
@@ -658,6 +685,10 @@ fn report(
                 FaultKind::Duplicate => "duplicate".to_string(),
                 FaultKind::Reorder => "reorder".to_string(),
                 FaultKind::Delay(d) => format!("delay {}", humantime::format_duration(d)),
+                FaultKind::Kill => "kill".to_string(),
+                FaultKind::Stop(d) => format!("stop {}", humantime::format_duration(d)),
+                FaultKind::Leave => "leave".to_string(),
+                FaultKind::Join => "join".to_string(),
             };
             let since = |at: Instant| disturbed.map(|d| at.saturating_duration_since(d.started).as_secs_f64());
             let committed = first.and_then(|x| {
@@ -762,6 +793,7 @@ fn report(
         disk_bytes: disturbed.map_or([0, 0], |d| d.disk_bytes),
         undisturbed_s: undisturbed.map_or(0.0, |d| d.seconds),
         verdict,
+        processes: None,
     }
 }
 
@@ -832,20 +864,36 @@ impl ChaosReport {
         let mut s = String::new();
         s.push_str("# Chaos run\n\n");
         s.push_str(&format!(
-            "Seed {}, {} steps on {} in-process workers, collective deadline {:.3} s, overall deadline {:.0} s.\n\n",
-            self.seed, self.steps, self.workers, self.collective_deadline_s, self.deadline_s
+            "Seed {}, {} steps on {} {}, collective deadline {:.3} s, overall deadline {:.0} s.\n\n",
+            self.seed,
+            self.steps,
+            self.workers,
+            if self.processes.is_some() {
+                "worker processes (the undisturbed run on as many in-process workers)"
+            } else {
+                "in-process workers"
+            },
+            self.collective_deadline_s,
+            self.deadline_s
         ));
         s.push_str(&format!("**Verdict:** {}\n\n", self.verdict_line()));
-        s.push_str(&format!(
-            "{} faults planned, {} fired; {} actor restarts; {} steps replayed. The disturbed run took {:.2} s, \
+        if self.processes.is_some() {
+            s.push_str(&format!(
+                "The disturbed run took {:.2} s, the undisturbed one {:.2} s.\n\n",
+                self.disturbed_s, self.undisturbed_s
+            ));
+        } else {
+            s.push_str(&format!(
+                "{} faults planned, {} fired; {} actor restarts; {} steps replayed. The disturbed run took {:.2} s, \
              the undisturbed one {:.2} s.\n\n",
-            self.faults.len(),
-            self.faults.iter().filter(|f| f.fired > 0).count(),
-            self.restarts,
-            self.replays,
-            self.disturbed_s,
-            self.undisturbed_s
-        ));
+                self.faults.len(),
+                self.faults.iter().filter(|f| f.fired > 0).count(),
+                self.restarts,
+                self.replays,
+                self.disturbed_s,
+                self.undisturbed_s
+            ));
+        }
         if self.disk_bytes != [0, 0] {
             s.push_str(&format!(
                 "The disturbed run's Disk tiers read {} and wrote {}.\n\n",
@@ -875,6 +923,9 @@ impl ChaosReport {
                     f.detection.replace('|', "/")
                 ));
             }
+        }
+        if let Some(p) = &self.processes {
+            s.push_str(&p.markdown());
         }
         s
     }

@@ -238,6 +238,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Start `semoe worker --ticket FILE` (this program), its error output joined to ours unless
 /// `quiet`.
 pub fn spawn_worker(ticket: &Path, threads: usize, quiet: bool) -> Result<Child> {
+    spawn_worker_with(
+        ticket,
+        threads,
+        if quiet { Stdio::null() } else { Stdio::inherit() },
+        &[],
+    )
+}
+
+/// [`spawn_worker`] with its error output sent to `stderr` and the environment variables `env`
+/// added (a chaos run gives one process a test hook, and each its own log file).
+pub fn spawn_worker_with(ticket: &Path, threads: usize, stderr: Stdio, env: &[(String, String)]) -> Result<Child> {
     let program: PathBuf =
         std::env::current_exe().map_err(|e| Error::runtime(format!("cannot find this program: {e}")))?;
     Command::new(&program)
@@ -246,8 +257,9 @@ pub fn spawn_worker(ticket: &Path, threads: usize, quiet: bool) -> Result<Child>
         .arg(ticket)
         .arg("--threads")
         .arg(threads.to_string())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stderr(if quiet { Stdio::null() } else { Stdio::inherit() })
+        .stderr(stderr)
         .spawn()
         .map_err(|e| Error::io("cannot start a worker process", &program, e))
 }

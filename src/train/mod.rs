@@ -3,6 +3,7 @@
 
 pub mod calibrate;
 pub mod chaos;
+pub mod chaos_processes;
 pub mod engine;
 pub mod log;
 pub mod memory;

@@ -181,38 +181,46 @@ impl Drop for TempDir {
 /// groups), then `extra` options.
 pub fn chaos_command(scenario: &Path, run_dir: &Path, steps: &str, extra: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_semoe"))
-        .args(["chaos", "--scenario"])
-        .arg(scenario)
-        .arg("--run-dir")
-        .arg(run_dir)
-        .args([
-            "--steps",
-            steps,
-            "--workers",
-            "2",
-            "--d-model",
-            "32",
-            "--layers",
-            "2",
-            "--heads",
-            "2",
-        ])
-        .args([
-            "--block-size",
-            "16",
-            "--d-ff",
-            "64",
-            "--experts",
-            "4",
-            "--k",
-            "2",
-            "--batch",
-            "8",
-        ])
-        .args(["--groups", "4"])
-        .args(extra)
+        .args(chaos_args(scenario, run_dir, steps, extra))
         .output()
         .expect("run semoe chaos")
+}
+
+/// The arguments of [`chaos_command`] (for a test that starts and bounds the process itself).
+pub fn chaos_args(scenario: &Path, run_dir: &Path, steps: &str, extra: &[&str]) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec!["chaos".into(), "--scenario".into(), scenario.into()];
+    args.push("--run-dir".into());
+    args.push(run_dir.into());
+    for a in [
+        "--steps",
+        steps,
+        "--workers",
+        "2",
+        "--d-model",
+        "32",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--block-size",
+        "16",
+        "--d-ff",
+        "64",
+        "--experts",
+        "4",
+        "--k",
+        "2",
+        "--batch",
+        "8",
+        "--groups",
+        "4",
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    {
+        args.push(a.into());
+    }
+    args
 }
 
 /// Every scenario text of `cases` is refused with an error that names its key.

@@ -1,0 +1,564 @@
+//! Process faults in `semoe chaos --processes N`: each kind alone (a SIGKILL at a phase, a short
+//! stop, a long stop, a leave, a join) and a scripted schedule, each against the same job
+//! undisturbed, with the verdict, the commits, the membership epochs and the crashes asserted
+//! exactly; the ready `scenarios/rolling-restart.toml`; a run that keeps its deadline; and the
+//! scenario checks that refuse what a run over processes cannot do, naming the field.
+//!
+//! The faults fire at exact points: the coordinator delivers a boundary fault and waits until the
+//! membership shows it, and a phased fault is the worker's own hook; no test sleeps to time one.
+//! Every `semoe chaos` runs in a process group of its own (its worker processes with it), bounded
+//! in time, and the group is killed and reaped when the test ends, also when it fails. Everything
+//! listens on 127.0.0.1 with ports the OS chooses.
+
+mod common;
+
+use common::TempDir;
+use semoe::chaos::{ProcessLayout, Scenario};
+use serde_json::Value;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long one `semoe chaos` may take before the test fails (each ends in a few seconds).
+const LIMIT: Duration = Duration::from_secs(50);
+
+/// A `semoe chaos` run, its process group killed and reaped when dropped.
+struct ChaosRun {
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    run_dir: PathBuf,
+}
+
+impl ChaosRun {
+    /// `semoe chaos` on the small model of the chaos tests over `processes` worker processes.
+    fn start(dir: &Path, name: &str, scenario: &Path, steps: &str, processes: &str) -> ChaosRun {
+        let run_dir = dir.join(name);
+        let stdout = dir.join(format!("{name}.out"));
+        let stderr = dir.join(format!("{name}.err"));
+        let args = common::chaos_args(scenario, &run_dir, steps, &["--processes", processes]);
+        let child = Command::new(env!("CARGO_BIN_EXE_semoe"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .process_group(0)
+            .spawn()
+            .expect("spawn semoe chaos");
+        ChaosRun {
+            child,
+            stdout,
+            stderr,
+            run_dir,
+        }
+    }
+
+    fn output(&self) -> String {
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    /// Wait (at most [`LIMIT`]) for it to end; its exit status and `chaos.json`. Every worker
+    /// process it started has ended too: its process group is empty.
+    fn finish(&mut self) -> (ExitStatus, Value) {
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(
+                started.elapsed() < LIMIT,
+                "semoe chaos did not end within {LIMIT:?}:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // SAFETY: kill(2) with signal 0 only asks whether a process of the group this test created
+        // (pgid = the chaos process's id) still exists.
+        let left = unsafe { libc::kill(-(self.child.id() as i32), 0) };
+        assert_eq!(left, -1, "a worker process outlived semoe chaos:\n{}", self.output());
+        let text = std::fs::read_to_string(self.run_dir.join("chaos.json"))
+            .unwrap_or_else(|e| panic!("chaos.json: {e}\n{}", self.output()));
+        (status, serde_json::from_str(&text).expect("chaos.json parses"))
+    }
+}
+
+impl Drop for ChaosRun {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the process group this test created for the run (pgid = its pid).
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run `scenario` (TOML text) for `steps` steps over `processes` processes: the exit status, the
+/// report and the run's output (for messages).
+fn chaos(dir: &Path, name: &str, scenario: &str, steps: u64, processes: usize) -> (ExitStatus, Value, String) {
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(&file, scenario).expect("write the scenario");
+    let mut run = ChaosRun::start(dir, name, &file, &steps.to_string(), &processes.to_string());
+    let (status, json) = run.finish();
+    (status, json, run.output())
+}
+
+/// The verdict is bitwise equal, every step committed once in order, and the membership counts
+/// are `(epochs, joins, leaves, crashes)`.
+fn assert_equal_and_counted(json: &Value, out: &str, steps: u64, counts: (u64, u64, u64, u64)) {
+    assert_eq!(json["verdict"]["verdict"], "bitwise_equal", "{json:#}\n{out}");
+    let committed: Vec<u64> = json["disturbed_steps"]
+        .as_array()
+        .expect("disturbed_steps")
+        .iter()
+        .map(|s| s["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(committed, (0..steps).collect::<Vec<_>>(), "every step committed once");
+    let p = &json["processes"];
+    let got = (
+        p["epochs"].as_u64().expect("epochs"),
+        p["joins"].as_u64().expect("joins"),
+        p["leaves"].as_u64().expect("leaves"),
+        p["crashes"].as_u64().expect("crashes"),
+    );
+    assert_eq!(got, counts, "(epochs, joins, leaves, crashes): {:#}", p);
+}
+
+/// The epochs of the report: `(epoch, step, workers)`.
+fn epochs(json: &Value) -> Vec<(u64, u64, u64)> {
+    json["processes"]["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|e| {
+            (
+                e["epoch"].as_u64().expect("epoch"),
+                e["step"].as_u64().expect("step"),
+                e["workers"].as_u64().expect("workers"),
+            )
+        })
+        .collect()
+}
+
+fn fault(json: &Value, i: usize) -> &Value {
+    &json["processes"]["faults"][i]
+}
+
+fn text(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+#[test]
+fn a_worker_killed_at_its_forward_costs_an_epoch_and_a_replay() {
+    let dir = TempDir::new("chaos-proc-kill");
+    let scenario = "deadline = \"60s\"\n[[fault]]\nactor = \"process\"\nkind = \"kill\"\nworker = 1\nstep = 4\n\
+                    moment = \"forward\"\n";
+    let (status, json, out) = chaos(dir.path(), "kill", scenario, 8, 3);
+    assert!(status.success(), "{out}");
+    assert_equal_and_counted(&json, &out, 8, (2, 0, 0, 1));
+    assert_eq!(epochs(&json), vec![(1, 0, 3), (2, 4, 2)]);
+    let f = fault(&json, 0);
+    assert_eq!(f["process"], 1);
+    assert_eq!(f["epochs"], serde_json::json!([1, 2]));
+    assert!(text(&f["exit"]).contains("SIGKILL"), "{f:#}");
+    assert!(text(&f["detection"]).contains("process exit watch"), "{f:#}");
+    // The coordinator started the worker, so it sees the process end at once.
+    let detected = f["detected_after_s"].as_f64().expect("detected");
+    assert!(detected < 1.0, "seen after {detected} s");
+    // The copy of the state before step 4 is the initial one (every 10 steps): 4 steps replayed.
+    assert_eq!(f["steps_replayed"], 4, "{f:#}");
+    assert!(f["state_bytes"].as_u64().expect("bytes") > 0);
+    assert!(f["recovery_s"].as_f64().is_some());
+}
+
+#[test]
+fn a_short_stop_is_only_a_straggler() {
+    let dir = TempDir::new("chaos-proc-straggler");
+    let scenario = "deadline = \"60s\"\n[[fault]]\nactor = \"process\"\nkind = \"stop\"\nduration = \"300ms\"\n\
+                    worker = 0\nstep = 3\n";
+    let (status, json, out) = chaos(dir.path(), "straggler", scenario, 6, 2);
+    assert!(status.success(), "{out}");
+    assert_equal_and_counted(&json, &out, 6, (1, 0, 0, 0));
+    let f = fault(&json, 0);
+    assert!(text(&f["detection"]).contains("a straggler, never lost"), "{f:#}");
+    // Its step waited for it: it committed after the stop ended.
+    let recovery = f["recovery_s"].as_f64().expect("recovery");
+    assert!(recovery >= 0.3, "step 3 committed {recovery} s after the stop");
+    assert_eq!(f["steps_replayed"], 0);
+    // Dismissed at the end of the run, as every member.
+    assert_eq!(text(&json["processes"]["exits"][0][2]), "exit status: 0", "{json:#}");
+}
+
+#[test]
+fn a_long_stop_drops_the_worker_which_never_commits_again() {
+    let dir = TempDir::new("chaos-proc-dropped");
+    let scenario = "deadline = \"60s\"\n[[fault]]\nactor = \"process\"\nkind = \"stop\"\nduration = \"3s\"\n\
+                    worker = 1\nstep = 3\nmoment = \"backward\"\n";
+    let (status, json, out) = chaos(dir.path(), "dropped", scenario, 6, 3);
+    assert!(status.success(), "{out}");
+    assert_equal_and_counted(&json, &out, 6, (2, 0, 0, 1));
+    assert_eq!(epochs(&json), vec![(1, 0, 3), (2, 3, 2)]);
+    let f = fault(&json, 0);
+    // The control connection's idle timeout ended it (QUIC says "timed out", or the notice stream
+    // that was reading from it says the connection was lost).
+    assert!(
+        text(&f["detection"]).contains("connection lost"),
+        "the idle timeout: {f:#}"
+    );
+    let detected = f["detected_after_s"].as_f64().expect("detected");
+    assert!((1.0..3.0).contains(&detected), "dropped after {detected} s");
+    // Continued, it found itself fenced and exited non-zero.
+    let exit = text(&f["exit"]);
+    assert!(exit.contains("exit status") && !exit.contains("status: 0"), "{exit}");
+    let log = std::fs::read_to_string(dir.path().join("dropped/workers/process-1.log")).expect("its log");
+    assert!(log.contains("no longer a member"), "{log}");
+}
+
+#[test]
+fn a_leaving_worker_moves_its_state_and_exits_zero() {
+    let dir = TempDir::new("chaos-proc-leave");
+    let scenario = "deadline = \"60s\"\n[[fault]]\nactor = \"process\"\nkind = \"leave\"\nworker = 1\nstep = 4\n";
+    let (status, json, out) = chaos(dir.path(), "leave", scenario, 8, 3);
+    assert!(status.success(), "{out}");
+    assert_equal_and_counted(&json, &out, 8, (2, 0, 1, 0));
+    assert_eq!(epochs(&json), vec![(1, 0, 3), (2, 4, 2)]);
+    let f = fault(&json, 0);
+    assert_eq!(
+        f["steps_replayed"], 0,
+        "a leave moves the current state: nothing to replay"
+    );
+    assert!(f["state_bytes"].as_u64().expect("bytes") > 0);
+    assert_eq!(text(&f["exit"]), "exit status: 0", "{f:#}");
+}
+
+#[test]
+fn a_joining_worker_receives_the_state() {
+    let dir = TempDir::new("chaos-proc-join");
+    let scenario = "deadline = \"60s\"\n[[fault]]\nactor = \"process\"\nkind = \"join\"\nstep = 4\n";
+    let (status, json, out) = chaos(dir.path(), "join", scenario, 8, 2);
+    assert!(status.success(), "{out}");
+    assert_equal_and_counted(&json, &out, 8, (2, 1, 0, 0));
+    assert_eq!(epochs(&json), vec![(1, 0, 2), (2, 4, 3)]);
+    let f = fault(&json, 0);
+    assert_eq!(f["process"], 2);
+    assert_eq!(f["members_after"], 3);
+    assert_eq!(f["steps_replayed"], 0);
+    assert!(text(&f["detection"]).contains("admitted as member 3"), "{f:#}");
+}
+
+#[test]
+fn a_scripted_schedule_of_join_kill_and_leave_gives_its_epochs() {
+    let dir = TempDir::new("chaos-proc-schedule");
+    let scenario = "seed = 3\ndeadline = \"60s\"\n\
+                    [[fault]]\nactor = \"process\"\nkind = \"join\"\nstep = 3\n\
+                    [[fault]]\nactor = \"process\"\nkind = \"kill\"\nworker = 0\nstep = 6\n\
+                    [[fault]]\nactor = \"process\"\nkind = \"leave\"\nworker = 1\nstep = 9\n";
+    let (status, json, out) = chaos(dir.path(), "schedule", scenario, 12, 2);
+    assert!(status.success(), "{out}");
+    assert_equal_and_counted(&json, &out, 12, (4, 1, 1, 1));
+    // Processes 0 and 1 start; 2 joins at 3; 0 (worker 0) is killed at 6; then 2 is worker 1 and
+    // leaves at 9: process 1 alone trains the last steps.
+    assert_eq!(epochs(&json), vec![(1, 0, 2), (2, 3, 3), (3, 6, 2), (4, 9, 1)]);
+    let hit: Vec<u64> = (0..3)
+        .map(|i| fault(&json, i)["process"].as_u64().expect("process"))
+        .collect();
+    assert_eq!(hit, vec![2, 0, 2]);
+    let exits = &json["processes"]["exits"];
+    assert!(text(&exits[0][2]).contains("SIGKILL"), "{exits}");
+    assert_eq!(text(&exits[1][2]), "exit status: 0");
+    assert_eq!(text(&exits[2][2]), "exit status: 0");
+    let md = std::fs::read_to_string(dir.path().join("schedule/chaos.md")).expect("chaos.md");
+    assert!(
+        md.contains("## Worker processes") && md.contains("| 4 | 9 | 1 | member 3 leaves |"),
+        "{md}"
+    );
+}
+
+#[test]
+fn the_rolling_restart_scenario_replaces_every_worker() {
+    let dir = TempDir::new("chaos-proc-rolling");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/rolling-restart.toml");
+    let mut run = ChaosRun::start(dir.path(), "rolling", &file, "16", "3");
+    let (status, json) = run.finish();
+    let out = run.output();
+    assert!(status.success(), "{out}");
+    assert!(out.contains("verdict: bitwise equal"), "{out}");
+    assert_equal_and_counted(&json, &out, 16, (7, 3, 0, 3));
+    assert_eq!(
+        epochs(&json),
+        vec![
+            (1, 0, 3),
+            (2, 2, 4),
+            (3, 3, 3),
+            (4, 7, 4),
+            (5, 8, 3),
+            (6, 12, 4),
+            (7, 13, 3)
+        ]
+    );
+    // Each original process killed once, at its phase.
+    let kills: Vec<(u64, String)> = [1, 3, 5]
+        .iter()
+        .map(|&i| {
+            let f = fault(&json, i);
+            (f["process"].as_u64().expect("process"), text(&f["moment"]).to_string())
+        })
+        .collect();
+    assert_eq!(
+        kills,
+        vec![(0, "forward".into()), (1, "backward".into()), (2, "commit".into())]
+    );
+}
+
+#[test]
+fn a_chaos_run_over_processes_keeps_its_deadline() {
+    let dir = TempDir::new("chaos-proc-deadline");
+    // The stopped worker is dropped after the idle timeout (1.5 s): past the whole run's deadline.
+    let scenario = "deadline = \"1500ms\"\n[[fault]]\nactor = \"process\"\nkind = \"stop\"\nduration = \"5s\"\n\
+                    worker = 0\nstep = 0\n";
+    let started = Instant::now();
+    let (status, json, out) = chaos(dir.path(), "deadline", scenario, 6, 2);
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert_eq!(json["verdict"]["verdict"], "deadline_expired", "{json:#}");
+    assert!(
+        text(&json["verdict"]["waiting"]).contains("the disturbed run"),
+        "{json:#}"
+    );
+    // Bounded: the deadline, then the processes continued, ended and reaped.
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+}
+
+#[test]
+fn process_faults_are_refused_naming_the_field() {
+    let head = "[[fault]]\nactor = \"process\"\n";
+    let cases: Vec<(String, &str)> = vec![
+        (format!("{head}step = 1\n"), "fault[0].kind"),
+        (format!("{head}kind = \"explode\"\nstep = 1\n"), "fault[0].kind"),
+        (format!("{head}kind = \"stop\"\nstep = 1\n"), "fault[0].duration"),
+        (
+            format!("{head}kind = \"stop\"\nduration = \"2s\"\nstep = 1\n"),
+            "fault[0].duration",
+        ),
+        (
+            format!("{head}kind = \"kill\"\nduration = \"2s\"\nstep = 1\n"),
+            "fault[0].duration",
+        ),
+        (
+            format!("{head}kind = \"join\"\nworker = 1\nstep = 1\n"),
+            "fault[0].worker",
+        ),
+        (
+            format!("{head}kind = \"leave\"\nstep = 1\nmoment = \"forward\"\n"),
+            "fault[0].moment",
+        ),
+        (
+            format!("{head}kind = \"kill\"\nstep = 1\nmoment = \"any\"\n"),
+            "fault[0].moment",
+        ),
+        (
+            format!("{head}kind = \"kill\"\nstep = 1\ntimes = 2\n"),
+            "fault[0].times",
+        ),
+        (
+            format!("{head}kind = \"kill\"\nstep = 1\nblock = 0\n"),
+            "fault[0].block",
+        ),
+        (
+            format!("{head}kind = \"kill\"\nprobability = 1.5\n"),
+            "fault[0].probability",
+        ),
+        (format!("{head}kind = \"kill\"\n"), "fault[0].step"),
+        (
+            "[[fault]]\nactor = \"expert\"\nkind = \"kill\"\nstep = 1\n".to_string(),
+            "fault[0].kind",
+        ),
+        (
+            "[[fault]]\nactor = \"gate\"\nkind = \"error\"\nstep = 1\nmoment = \"commit\"\n".to_string(),
+            "fault[0].moment",
+        ),
+    ];
+    common::assert_scenarios_refused(&cases);
+
+    // What only the run's membership can tell: each names its entry and key.
+    let layout = ProcessLayout {
+        steps: 10,
+        processes: 2,
+        max_members: 3,
+    };
+    let kill = |worker: usize, step: u64, moment: &str| {
+        format!("[[fault]]\nactor = \"process\"\nkind = \"kill\"\nworker = {worker}\nstep = {step}\nmoment = \"{moment}\"\n")
+    };
+    let join = |step: u64| format!("[[fault]]\nactor = \"process\"\nkind = \"join\"\nstep = {step}\n");
+    let plan_cases: Vec<(String, &str, &str)> = vec![
+        (kill(2, 1, "boundary"), "fault[0].worker", "does not exist at step 1"),
+        (
+            format!("{}{}", kill(0, 1, "boundary"), kill(1, 2, "boundary")),
+            "fault[1].worker",
+            "does not exist at step 2",
+        ),
+        (
+            format!("{}{}", kill(0, 1, "boundary"), kill(0, 2, "boundary")),
+            "fault[1].worker",
+            "the only one",
+        ),
+        (format!("{}{}", join(1), join(2)), "fault[1].kind", "at most 3"),
+        (kill(0, 10, "boundary"), "fault[0].step", "past the run's last step"),
+        (
+            format!(
+                "{}[[fault]]\nactor = \"process\"\nkind = \"stop\"\nduration = \"100ms\"\nworker = 0\nstep = 2\n\
+                 moment = \"forward\"\n",
+                kill(0, 1, "boundary")
+            ),
+            "fault[1].moment",
+            "receives no expert packets",
+        ),
+        (
+            "[[fault]]\nactor = \"process\"\nkind = \"stop\"\nduration = \"100ms\"\nworker = 0\nstep = 1\nmoment = \
+             \"forward\"\n[[fault]]\nactor = \"process\"\nkind = \"kill\"\nworker = 0\nstep = 3\nmoment = \"commit\"\n"
+                .to_string(),
+            "fault[1].moment",
+            "one phased fault",
+        ),
+        (
+            "[[fault]]\nactor = \"gate\"\nkind = \"error\"\nstep = 1\n".to_string(),
+            "fault[0].actor",
+            "takes only process faults",
+        ),
+    ];
+    for (text, key, why) in plan_cases {
+        let scenario = Scenario::from_toml(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let err = scenario.process_plan(&layout).expect_err(&text).to_string();
+        assert!(err.contains(key) && err.contains(why), "{text}\n{err}");
+    }
+    // And an in-process run refuses process faults, naming the flag.
+    let scenario = Scenario::from_toml(&join(1)).expect("parses");
+    let layout = semoe::chaos::Layout {
+        steps: 10,
+        workers: 2,
+        moe_blocks: vec![0, 1],
+        experts: 4,
+    };
+    let err = scenario.plan(&layout).expect_err("in-process").to_string();
+    assert!(err.contains("fault[0].actor") && err.contains("--processes"), "{err}");
+}
+
+#[test]
+fn a_straggler_longer_than_the_collective_deadline_is_refused() {
+    let dir = TempDir::new("chaos-proc-refused");
+    let file = dir.path().join("s.toml");
+    std::fs::write(
+        &file,
+        "collective_deadline = \"500ms\"\n[[fault]]\nactor = \"process\"\nkind = \"stop\"\nduration = \"800ms\"\n\
+         worker = 0\nstep = 1\n",
+    )
+    .expect("write");
+    let mut run = ChaosRun::start(dir.path(), "refused", &file, "4", "2");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = run.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(started.elapsed() < LIMIT, "{}", run.output());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = run.output();
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("fault[0].duration") && out.contains("collective deadline"),
+        "{out}"
+    );
+    assert!(
+        !dir.path().join("refused/workers/process-0.log").exists(),
+        "refused before any process started"
+    );
+}
+
+#[test]
+fn random_process_faults_follow_the_seed_and_the_membership() {
+    let text = "seed = 9\n[[fault]]\nactor = \"process\"\nkind = \"kill\"\nprobability = 0.3\n\
+                [[fault]]\nactor = \"process\"\nkind = \"join\"\nprobability = 0.3\n\
+                [[fault]]\nactor = \"process\"\nkind = \"stop\"\nduration = \"200ms\"\nprobability = 0.2\n";
+    let scenario = Scenario::from_toml(text).expect("parses");
+    let layout = ProcessLayout {
+        steps: 30,
+        processes: 2,
+        max_members: 4,
+    };
+    let plan = scenario.process_plan(&layout).expect("plan");
+    assert_eq!(
+        plan,
+        scenario.process_plan(&layout).expect("plan"),
+        "the same seed, the same faults"
+    );
+    let other = Scenario {
+        seed: 10,
+        ..scenario.clone()
+    };
+    assert_ne!(
+        plan,
+        other.process_plan(&layout).expect("plan"),
+        "another seed, other faults"
+    );
+    assert!(plan.len() >= 8, "about 24 drawn over 30 steps, got {}", plan.len());
+    // Replay the membership: every fault hits a worker the epoch has, never the last one, and no
+    // join goes past the most workers.
+    let mut members: Vec<usize> = vec![0, 1];
+    let mut next = 2;
+    let mut last = (0, semoe::chaos::Phase::Boundary);
+    for f in &plan {
+        assert!((f.step, f.phase) >= last, "in firing order: {plan:?}");
+        last = (f.step, f.phase);
+        match f.worker {
+            None => {
+                assert_eq!(f.process, next);
+                next += 1;
+                members.push(f.process);
+            }
+            Some(w) => {
+                assert_eq!(members.get(w), Some(&f.process), "{f:?} in {members:?}");
+                if f.removes() {
+                    members.remove(w);
+                }
+            }
+        }
+        assert!(!members.is_empty() && members.len() <= 4, "{members:?}");
+        assert_eq!(f.members_after, members.len());
+    }
+}
+
+#[test]
+fn random_process_faults_end_bitwise_equal() {
+    let dir = TempDir::new("chaos-proc-random");
+    let scenario = "seed = 4\ndeadline = \"60s\"\n\
+                    [[fault]]\nactor = \"process\"\nkind = \"kill\"\nprobability = 0.15\n\
+                    [[fault]]\nactor = \"process\"\nkind = \"join\"\nprobability = 0.15\n\
+                    [[fault]]\nactor = \"process\"\nkind = \"stop\"\nduration = \"100ms\"\nprobability = 0.1\n";
+    let plan = Scenario::from_toml(scenario)
+        .expect("parses")
+        .process_plan(&ProcessLayout {
+            steps: 12,
+            processes: 3,
+            max_members: 4,
+        })
+        .expect("plan");
+    let count = |kind: semoe::chaos::FaultKind| plan.iter().filter(|f| f.kind == kind).count() as u64;
+    let (kills, joins) = (
+        count(semoe::chaos::FaultKind::Kill),
+        count(semoe::chaos::FaultKind::Join),
+    );
+    assert!(kills > 0 && joins > 0, "the seed draws kills and joins: {plan:?}");
+    let (status, json, out) = chaos(dir.path(), "random", scenario, 12, 3);
+    assert!(status.success(), "{out}");
+    assert_eq!(json["verdict"]["verdict"], "bitwise_equal", "{json:#}\n{out}");
+    let p = &json["processes"];
+    assert_eq!(
+        (p["joins"].as_u64(), p["crashes"].as_u64()),
+        (Some(joins), Some(kills)),
+        "{p:#}"
+    );
+    assert_eq!(p["faults"].as_array().map(Vec::len), Some(plan.len()));
+    assert_eq!(json["disturbed_steps"].as_array().map(Vec::len), Some(12));
+}
