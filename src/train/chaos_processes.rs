@@ -87,6 +87,11 @@ pub struct EpochRecord {
     pub workers: usize,
     /// Why it formed.
     pub why: String,
+    /// Whether the kept workers kept their state and only what changed owner was sent (a join or
+    /// leave), rather than every worker's whole share (the first epoch, a loss).
+    pub handed_over: bool,
+    /// Bytes of state sent to its workers.
+    pub state_bytes_sent: u64,
 }
 
 /// What a chaos run over processes adds to the report.
@@ -824,11 +829,13 @@ fn report(
         history: stats
             .history
             .iter()
-            .map(|(epoch, step, workers, why)| EpochRecord {
-                epoch: *epoch,
-                step: *step,
-                workers: *workers,
-                why: why.clone(),
+            .map(|e| EpochRecord {
+                epoch: e.epoch,
+                step: e.step,
+                workers: e.workers,
+                why: e.why.clone(),
+                handed_over: e.moved.handed_over,
+                state_bytes_sent: e.moved.bytes,
             })
             .collect(),
         exits: pids
@@ -902,14 +909,16 @@ impl ProcessReport {
             }
             s.push('\n');
         }
-        s.push_str("| epoch | at step | workers | why |\n|---|---|---|---|\n");
+        s.push_str("| epoch | at step | workers | why | state sent |\n|---|---|---|---|---|\n");
         for e in &self.history {
             s.push_str(&format!(
-                "| {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} ({}) |\n",
                 e.epoch,
                 e.step,
                 e.workers,
-                e.why.replace('|', "/")
+                e.why.replace('|', "/"),
+                crate::storage::tiers::format_bytes(e.state_bytes_sent),
+                if e.handed_over { "handed over" } else { "whole shares" }
             ));
         }
         s
