@@ -495,9 +495,20 @@ fn workers_join_and_leave_at_step_boundaries() {
         );
     }
     assert!(log.contains("handed over: "), "{log}");
+    // The traffic between members over the whole run, the departed member's epoch included.
+    let traffic: Vec<semoe::train::log::TrafficRecord> = log_text
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"traffic\""))
+        .map(|l| serde_json::from_str(l).expect("a traffic record"))
+        .collect();
+    assert_eq!(traffic.len(), 1, "{log_text}");
+    assert!(traffic[0].members, "over worker processes the cells are member ids");
+    let members: std::collections::BTreeSet<u64> = traffic[0].entries.iter().map(|e| e.from).collect();
+    assert_eq!(members.len(), 3, "three members sent data: {:?}", traffic[0].entries);
     let report = std::fs::read_to_string(dir.path().join("run/report.md")).expect("report");
     assert!(report.contains("## Membership (worker processes)"), "{report}");
     assert!(report.contains("| 3 | 12 | 2 | member 3 leaves |"), "{report}");
+    assert!(report.contains("## Traffic between workers"), "{report}");
     for plot in [
         semoe::telemetry::report::LOSS_SVG,
         semoe::telemetry::report::THROUGHPUT_SVG,

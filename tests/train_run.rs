@@ -192,3 +192,58 @@ fn bad_config_is_a_clear_error() {
     let err = TrainConfig::from_file(&file).expect_err("error").to_string();
     assert!(err.contains("d_modle"), "{err}");
 }
+
+/// The traffic record of a run over 3 in-process workers: every pair exchanges, and what goes out
+/// comes back in the same shape (each expert output has its input's rows; each input gradient its
+/// output's), so the bytes of a kind one way equal those of its answer the other way.
+#[test]
+fn the_traffic_between_workers_is_logged_and_reported() {
+    let (_tmp, dir) = temp_dir("traffic");
+    let mut c = small(4);
+    c.train.workers = 3;
+    // Workers beyond the groups run no group: they answer but dispatch nothing.
+    let groups = c.train.groups as u64;
+    assert!(groups >= 2, "{groups} groups");
+    let mut t = Trainer::new(c, &dir).expect("trainer");
+    t.run(false).expect("run");
+    drop(t);
+    let log = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics");
+    let records: Vec<semoe::train::log::TrafficRecord> = log
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"traffic\""))
+        .map(|l| serde_json::from_str(l).expect("a traffic record"))
+        .collect();
+    assert_eq!(records.len(), 1, "one traffic record at the end");
+    let rec = &records[0];
+    assert_eq!(rec.step, 4);
+    assert!(!rec.members, "in one process the cells are worker indices");
+    let bytes = |from: u64, to: u64, kind: &str| {
+        rec.entries
+            .iter()
+            .filter(|e| e.from == from && e.to == to && e.kind == kind)
+            .map(|e| e.bytes)
+            .sum::<u64>()
+    };
+    for from in 0..3 {
+        for to in (0..3).filter(|&to| to != from) {
+            let dispatch = bytes(from, to, "dispatch");
+            assert_eq!(
+                dispatch > 0,
+                from < groups,
+                "worker {from} to worker {to}: {:?}",
+                rec.entries
+            );
+            assert_eq!(dispatch, bytes(to, from, "combine"), "{from} -> {to} and back");
+            assert_eq!(
+                bytes(from, to, "grad_dispatch"),
+                bytes(to, from, "grad_combine"),
+                "{from} -> {to} and back, backward"
+            );
+        }
+    }
+    assert!(rec.entries.iter().all(|e| e.from < 3 && e.to < 3 && e.bytes > 0));
+    semoe::telemetry::write_report(&dir).expect("report");
+    let report = std::fs::read_to_string(dir.join("report.md")).expect("report");
+    assert!(report.contains("## Traffic between workers (to step 4)"), "{report}");
+    assert!(report.contains("| worker | to 0 | to 1 | to 2 | sent |"), "{report}");
+}

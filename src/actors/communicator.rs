@@ -78,6 +78,8 @@ pub struct CommArgs {
     pub deadline: Duration,
     /// Faults to inject.
     pub chaos: FaultPlan,
+    /// Bytes sent to each peer, by kind (the run report's traffic matrix).
+    pub traffic: Arc<super::traffic::Traffic>,
 }
 
 impl CommArgs {
@@ -143,6 +145,7 @@ impl Actor for CommActor {
                     state.pending.insert(id, tx);
                     metrics::counter!(names::ALLTOALL_BYTES, "from" => me.to_string(), "to" => peer.to_string(), "kind" => kind)
                         .increment(payload.data_bytes() as u64);
+                    state.args.traffic.add(peer, kind, payload.data_bytes() as u64);
                     let sent = state.args.transport.send(Packet {
                         from: me,
                         to: peer,
@@ -274,6 +277,7 @@ async fn serve(args: CommArgs, packet: Packet) -> Result<()> {
     if !kind.is_empty() {
         metrics::counter!(names::ALLTOALL_BYTES, "from" => args.worker.to_string(), "to" => packet.from.to_string(), "kind" => kind)
             .increment(answer.data_bytes() as u64);
+        args.traffic.add(packet.from, kind, answer.data_bytes() as u64);
     }
     args.transport.send(Packet {
         from: args.worker,

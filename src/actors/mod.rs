@@ -22,6 +22,7 @@ pub mod gather;
 pub mod ledger;
 pub mod placement;
 pub mod runtime;
+pub mod traffic;
 pub mod worker;
 
 pub use placement::{ExpertPlacement, Placement};

@@ -6,6 +6,7 @@ use super::coordinator::{CoordActor, CoordArgs, CoordMsg, WorkerSpec};
 use super::gather::{dense_bytes, keep_only, DenseCounters, DenseStats};
 use super::ledger::{LedgerSnapshot, LedgerState};
 use super::placement::{ExpertPlacement, Placement};
+use super::traffic::{Traffic, TrafficEntry};
 use super::worker::{strip_experts, WorkerArgs, WorkerMsg};
 use super::{ask, ActorName};
 use crate::chaos::FaultPlan;
@@ -205,11 +206,11 @@ impl RuntimeBuilder {
             experts: config.model.experts,
         });
         let first_step = optimizer.step;
-        let (workers, expert_stores, dense_counters) = match self.remote {
+        let (workers, expert_stores, counters) = match self.remote {
             Some(remote) => (
                 remote.into_iter().map(WorkerSpec::Running).collect(),
                 Vec::new(),
-                Vec::new(),
+                (Vec::new(), Vec::new()),
             ),
             None => {
                 let cpu = Cpu::new(config.train.threads)?;
@@ -223,6 +224,7 @@ impl RuntimeBuilder {
                 strip_experts(&mut replica);
                 let shard = config.storage.shard_dense;
                 let mut dense_counters = Vec::with_capacity(self.workers);
+                let mut traffic_counters = Vec::with_capacity(self.workers);
                 let mut workers = Vec::with_capacity(self.workers);
                 for ((transport, inbox), store) in local::network(self.workers).into_iter().zip(stores) {
                     let worker = transport.id();
@@ -234,6 +236,8 @@ impl RuntimeBuilder {
                     let dense = Arc::new(DenseCounters::default());
                     dense.set_resident(dense_bytes(&own));
                     dense_counters.push(dense.clone());
+                    let traffic = Arc::new(Traffic::new(self.workers));
+                    traffic_counters.push(traffic.clone());
                     workers.push(WorkerSpec::Local(Box::new(WorkerArgs {
                         worker,
                         config: config.clone(),
@@ -247,6 +251,7 @@ impl RuntimeBuilder {
                         inbox: Arc::new(Mutex::new(Some(inbox))),
                         replica: Arc::new(Mutex::new(Arc::new(own))),
                         dense,
+                        traffic,
                         store: Arc::new(Mutex::new(store)),
                         cpu: cpu.clone(),
                         restart: self.restart,
@@ -255,9 +260,10 @@ impl RuntimeBuilder {
                         chaos: self.chaos.clone(),
                     })));
                 }
-                (workers, expert_stores, dense_counters)
+                (workers, expert_stores, (dense_counters, traffic_counters))
             }
         };
+        let (dense_counters, traffic) = counters;
         let args = CoordArgs {
             workers,
             first_step,
@@ -280,6 +286,7 @@ impl RuntimeBuilder {
             max_replays: self.max_replays,
             expert_stores,
             dense_counters,
+            traffic,
         })
     }
 }
@@ -366,6 +373,7 @@ pub struct Runtime {
     max_replays: u32,
     expert_stores: Vec<Arc<ExpertStore>>,
     dense_counters: Vec<Arc<DenseCounters>>,
+    traffic: Vec<Arc<Traffic>>,
 }
 
 impl Runtime {
@@ -378,6 +386,16 @@ impl Runtime {
     /// `storage.shard_dense`, bytes gathered, the peak held during a step and the time waited.
     pub fn dense_stats(&self) -> Vec<DenseStats> {
         self.dense_counters.iter().map(|c| c.stats()).collect()
+    }
+
+    /// Bytes each in-process worker sent each peer, by kind, since the start (empty over worker
+    /// processes: the elastic runtime asks them).
+    pub fn traffic(&self) -> Vec<TrafficEntry> {
+        self.traffic
+            .iter()
+            .enumerate()
+            .flat_map(|(w, t)| t.entries(w))
+            .collect()
     }
 
     /// A builder for a runtime training with `config`.
@@ -583,6 +601,8 @@ pub struct StartedWorker {
     pub experts: Arc<ExpertStore>,
     /// Its replica of the dense values (kept up to date by every commit's broadcast).
     pub replica: SharedReplica,
+    /// Bytes it sent each peer of its epoch, by kind.
+    pub traffic: Arc<Traffic>,
 }
 
 /// Start one Worker actor (with its Gates, Experts, Ledger and Communicator), not linked to any
@@ -628,6 +648,7 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<StartedWorke
     dense.set_resident(dense_bytes(&own));
     let deadline = Duration::from_secs_f64(config.train.deadline_s);
     let replica: SharedReplica = Arc::new(Mutex::new(Arc::new(own)));
+    let traffic = Arc::new(Traffic::new(w.workers));
     let args = WorkerArgs {
         worker: w.worker,
         config,
@@ -637,6 +658,7 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<StartedWorke
         inbox: Arc::new(Mutex::new(Some(w.inbox))),
         replica: replica.clone(),
         dense,
+        traffic: traffic.clone(),
         store: Arc::new(Mutex::new(store)),
         cpu: w.cpu,
         restart: RestartPolicy::default(),
@@ -651,5 +673,6 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<StartedWorke
         actor,
         experts,
         replica,
+        traffic,
     })
 }

@@ -192,6 +192,11 @@ pub enum Command {
         /// Step.
         step: WireStep,
     },
+    /// The bytes this worker sent each peer of the epoch, by kind ([`Reply::Traffic`]).
+    Traffic {
+        /// Epoch.
+        epoch: u64,
+    },
     /// `WorkerMsg::Snapshot`.
     Snapshot {
         /// Epoch.
@@ -217,6 +222,7 @@ impl Command {
             | Command::Commit { epoch, .. }
             | Command::Abort { epoch, .. }
             | Command::Hand { epoch, .. }
+            | Command::Traffic { epoch }
             | Command::Snapshot { epoch } => Some(*epoch),
             Command::Dismiss { .. } => None,
         }
@@ -272,6 +278,8 @@ pub enum Reply {
     Snapshot(SnapshotHeader),
     /// Hand: the pieces asked for, laid out as a share ([`encode_pieces`]).
     Pieces(ShareHeader),
+    /// Traffic: `(peer, kind, bytes)` sent in this epoch.
+    Traffic(Vec<(u32, String, u64)>),
     /// The command failed.
     Failed(WireError),
 }

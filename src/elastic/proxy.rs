@@ -190,6 +190,7 @@ fn reply_kind(r: &Reply) -> &'static str {
         Reply::Norms(_) => "norms",
         Reply::Snapshot(_) => "snapshot",
         Reply::Pieces(_) => "pieces",
+        Reply::Traffic(_) => "traffic",
         Reply::Failed(_) => "failed",
     }
 }

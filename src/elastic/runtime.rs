@@ -20,6 +20,7 @@ use super::handover::{self, Moves, Pieces};
 use super::hooks;
 use super::protocol::{self, Command, Reply};
 use super::proxy::{self, ProxyActor, ProxyArgs};
+use crate::actors::traffic::TrafficEntry;
 use crate::actors::worker::WorkerMsg;
 use crate::actors::{ask, ActorName, Placement};
 use crate::actors::{Runtime, StepOutcome};
@@ -157,6 +158,10 @@ pub struct ElasticRuntime {
     /// The last epoch's members (by id, in worker order) and plan: the next plan moves as little
     /// as possible from it.
     last_plan: Option<(Vec<u64>, Placement)>,
+    /// Bytes sent between members (by id) in the epochs that ended, by kind.
+    traffic_closed: std::collections::BTreeMap<(u64, u64, String), u64>,
+    /// The current epoch's figures when last asked (what a lost member's epoch keeps).
+    traffic_last: Vec<TrafficEntry>,
 }
 
 impl ElasticRuntime {
@@ -181,6 +186,8 @@ impl ElasticRuntime {
             members_at: hooks::members_at(),
             copying: None,
             last_plan: None,
+            traffic_closed: Default::default(),
+            traffic_last: Vec::new(),
         };
         let wanted = rt.options.min_workers.max(1);
         rt.wait_for(wanted).await?;
@@ -448,6 +455,15 @@ impl ElasticRuntime {
                 .count() as u64;
             self.stats.crashes += lost;
         }
+        // The ending epoch's traffic: asked when every member is there, else the last figures.
+        if let (Some(epoch), false) = (&self.current, from_copy) {
+            if let Ok(sent) = self.ask_traffic(epoch).await {
+                self.traffic_last = sent;
+            }
+        }
+        for e in std::mem::take(&mut self.traffic_last) {
+            *self.traffic_closed.entry((e.from, e.to, e.kind)).or_default() += e.bytes;
+        }
         let mut handover = None;
         let whole = match self.current.take() {
             Some(epoch) if !from_copy => match self.hand_over(&epoch).await {
@@ -666,6 +682,54 @@ impl ElasticRuntime {
             pieces,
             moves,
         })
+    }
+
+    /// The bytes each member of `epoch` sent each other member in it, by kind (members by id).
+    async fn ask_traffic(&self, epoch: &Epoch) -> Result<Vec<TrafficEntry>> {
+        let mut all = Vec::new();
+        for m in &epoch.members {
+            let who = format!("member {} ({})", m.id, m.name);
+            let command = Command::Traffic { epoch: epoch.number };
+            let reply = tokio::time::timeout(
+                Duration::from_secs(5),
+                proxy::call(&m.conn, &who, &command, None, 1 << 20),
+            )
+            .await
+            .map_err(|_| Error::runtime(format!("{who} did not report its traffic within 5 s")))??;
+            let Reply::Traffic(sent) = protocol::decode::<Reply>(&reply, "a traffic reply")? else {
+                return Err(Error::protocol(who, "answered a traffic request with something else"));
+            };
+            for (to, kind, bytes) in sent {
+                let to = epoch
+                    .members
+                    .get(to as usize)
+                    .ok_or_else(|| Error::protocol(who.clone(), format!("reported traffic to worker {to}")))?;
+                all.push(TrafficEntry {
+                    from: m.id,
+                    to: to.id,
+                    kind,
+                    bytes,
+                });
+            }
+        }
+        Ok(all)
+    }
+
+    /// Bytes sent between members (by id), by kind, over the run so far: the epochs that ended
+    /// and the current one (asked now; its last figures if a member cannot answer).
+    pub async fn traffic(&mut self) -> Vec<TrafficEntry> {
+        if let Some(epoch) = &self.current {
+            if let Ok(sent) = self.ask_traffic(epoch).await {
+                self.traffic_last = sent;
+            }
+        }
+        let mut all = self.traffic_closed.clone();
+        for e in &self.traffic_last {
+            *all.entry((e.from, e.to, e.kind.clone())).or_default() += e.bytes;
+        }
+        all.into_iter()
+            .map(|((from, to, kind), bytes)| TrafficEntry { from, to, kind, bytes })
+            .collect()
     }
 
     /// The members the next epoch takes: waiting or active, at most [`Self::max_members`].

@@ -10,6 +10,7 @@ use super::protocol::{self, Answer, Command, Hello, Notice, Ready, Reply, WireEr
 use super::proxy::max_reply_bytes;
 use crate::actors::communicator::SharedReplica;
 use crate::actors::runtime::{start_standalone_worker, StandaloneWorker};
+use crate::actors::traffic::Traffic;
 use crate::actors::worker::WorkerMsg;
 use crate::actors::Placement;
 use crate::actors::{ask, ActorName};
@@ -97,6 +98,8 @@ struct Current {
     replica: Option<SharedReplica>,
     /// The committed state kept at the last [`Command::Hand`], for a `Setup` with `keep`.
     held: Option<Held>,
+    /// Bytes sent to each peer of the epoch.
+    traffic: Option<Arc<Traffic>>,
 }
 
 /// A worker's committed state, kept across a membership change.
@@ -294,6 +297,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
             store: None,
             replica: None,
             held: None,
+            traffic: None,
         }),
         scratch: scratch.clone(),
         deadline,
@@ -546,6 +550,17 @@ async fn execute(
             });
             Ok(bytes)
         }
+        Command::Traffic { .. } => {
+            let sent = match &shared.current.lock().await.traffic {
+                Some(t) => t
+                    .sent()
+                    .into_iter()
+                    .map(|(to, kind, bytes)| (to as u32, kind.to_string(), bytes))
+                    .collect(),
+                None => Vec::new(),
+            };
+            protocol::encode(&Reply::Traffic(sent))
+        }
         Command::Snapshot { .. } => {
             // It may wait behind a whole step in the Worker's mailbox (a background copy).
             let s = ask(&actor, &me, "a snapshot", d * 11, |reply| WorkerMsg::Snapshot { reply }).await?;
@@ -662,6 +677,7 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
         store: Some(started.experts),
         replica: Some(started.replica),
         held: None,
+        traffic: Some(started.traffic),
     };
     Ok(())
 }

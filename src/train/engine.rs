@@ -181,6 +181,16 @@ impl RuntimeEngine {
         }
     }
 
+    /// Bytes each worker sent each peer, by kind, over the run (workers by index in one process;
+    /// by member id over worker processes).
+    pub fn traffic(&mut self) -> Vec<crate::actors::traffic::TrafficEntry> {
+        match &mut self.kind {
+            Some(Kind::Local(r)) => r.traffic(),
+            Some(Kind::Elastic(r)) => self.tokio.block_on(r.traffic()),
+            None => Vec::new(),
+        }
+    }
+
     /// Membership figures of a multi-process run.
     pub fn membership(&self) -> Option<MembershipStats> {
         match &self.kind {

@@ -10,7 +10,11 @@
 //! - `val` ([`ValRecord`]): `{"kind":"val","step":200,"elapsed_s":55.0,"val_loss":1.95}`;
 //! - `storage` ([`StorageRecord`]): the expert tiers' figures summed over workers, with each `val`;
 //! - `dense` ([`DenseRecord`]): sharded dense parameters' figures per worker, with each `val`;
-//! - `checkpoint` ([`CheckpointRecord`]): `{"kind":"checkpoint","step":200,"path":"..."}`.
+//! - `checkpoint` ([`CheckpointRecord`]): `{"kind":"checkpoint","step":200,"path":"..."}`;
+//! - `membership` ([`MembershipRecord`]): each epoch of a run over worker processes, with the state
+//!   it was sent;
+//! - `traffic` ([`TrafficRecord`]): at the end of a run over the actor runtime, the payload bytes
+//!   each worker sent each other, by kind.
 //!
 //! The writer serializes through a [`serde_json::Value`], so that a line's keys are sorted as they
 //! always were; `tokens` is written as a float (`245760.0`) and NaN losses as `null`. The reader
@@ -128,6 +132,19 @@ pub struct MembershipRecord {
     pub state_bytes_sent: u64,
 }
 
+/// The bytes the workers sent each other over the run, by kind (written at the end of a run over
+/// the actor runtime): workers by index in one process, by member id over worker processes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrafficRecord {
+    /// Steps committed.
+    #[serde(deserialize_with = "count")]
+    pub step: u64,
+    /// Whether `from` and `to` are member ids (a run over worker processes), not worker indices.
+    pub members: bool,
+    /// The non-zero cells.
+    pub entries: Vec<crate::actors::traffic::TrafficEntry>,
+}
+
 /// A checkpoint written at one step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointRecord {
@@ -154,11 +171,21 @@ pub enum Record {
     Checkpoint(CheckpointRecord),
     /// `"kind":"membership"`.
     Membership(MembershipRecord),
+    /// `"kind":"traffic"`.
+    Traffic(TrafficRecord),
 }
 
 impl Record {
     /// The kinds this schema knows.
-    pub const KINDS: [&'static str; 6] = ["train", "val", "storage", "dense", "checkpoint", "membership"];
+    pub const KINDS: [&'static str; 7] = [
+        "train",
+        "val",
+        "storage",
+        "dense",
+        "checkpoint",
+        "membership",
+        "traffic",
+    ];
 
     /// The record's step.
     pub fn step(&self) -> u64 {
@@ -169,6 +196,7 @@ impl Record {
             Record::Dense(r) => r.step,
             Record::Checkpoint(r) => r.step,
             Record::Membership(r) => r.step,
+            Record::Traffic(r) => r.step,
         }
     }
 
@@ -322,6 +350,7 @@ pub fn parse_line(line: usize, text: &[u8]) -> Entry {
         "dense" => serde_json::from_value(value).map(Record::Dense),
         "checkpoint" => serde_json::from_value(value).map(Record::Checkpoint),
         "membership" => serde_json::from_value(value).map(Record::Membership),
+        "traffic" => serde_json::from_value(value).map(Record::Traffic),
         _ => return entry(step, Parsed::Unknown(kind)),
     };
     match parsed {

@@ -728,6 +728,9 @@ impl Trainer {
             }))?;
             self.log_membership(&mut log)?;
             let last = r.step == c.train.steps;
+            if last {
+                self.log_traffic(&mut log, r.step)?;
+            }
             if (c.train.eval_every > 0 && r.step % c.train.eval_every == 0) || last {
                 val_loss = self.evaluate()?;
                 val_step = r.step;
@@ -782,6 +785,19 @@ impl Trainer {
             checkpoint: last_checkpoint,
             stop,
         })
+    }
+
+    /// Log the bytes the workers sent each other over the run (the actor runtime only).
+    fn log_traffic(&mut self, log: &mut MetricsLog, step: u64) -> Result<()> {
+        let members = self.membership().is_some();
+        let Some(engine) = self.engine.as_mut() else {
+            return Ok(());
+        };
+        let entries = engine.traffic();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        log.write(&Record::Traffic(log::TrafficRecord { step, members, entries }))
     }
 
     /// Log the membership epochs formed since the last call (a run over worker processes).

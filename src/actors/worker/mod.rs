@@ -98,6 +98,8 @@ pub struct WorkerArgs {
     pub replica: SharedReplica,
     /// Figures of the dense parameters' gathers (sharded) and residence.
     pub dense: Arc<DenseCounters>,
+    /// Bytes sent to each peer, by kind.
+    pub traffic: Arc<super::traffic::Traffic>,
     /// Committed state this worker owns.
     pub store: SharedStore,
     /// Compute pool.
@@ -224,6 +226,7 @@ impl WorkerState {
                     experts: self.expert_store(),
                     deadline: a.deadline,
                     chaos: a.chaos.clone(),
+                    traffic: a.traffic.clone(),
                 };
                 let (r, _) = Actor::spawn_linked(None, CommActor, args, sup).await.map_err(fail)?;
                 write(&self.registry).comm = Some(r.clone());

@@ -42,6 +42,41 @@ fn format_loss(v: f64) -> String {
     }
 }
 
+/// The bytes the workers sent each other: a matrix of totals, then the totals by kind.
+fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
+    use crate::storage::tiers::format_bytes;
+    use std::collections::BTreeMap;
+    let who = if rec.members { "member" } else { "worker" };
+    let _ = writeln!(md, "\n## Traffic between workers (to step {})\n", rec.step);
+    let _ = writeln!(
+        md,
+        "Payload bytes each {who} (row) sent each {who} (column) over the run, all kinds together; \
+         the same figures, live, are the `semoe_alltoall_bytes_total` metric.\n"
+    );
+    let mut ids: Vec<u64> = rec.entries.iter().flat_map(|e| [e.from, e.to]).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut cells: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
+    for e in &rec.entries {
+        *cells.entry((e.from, e.to)).or_default() += e.bytes;
+        *kinds.entry(e.kind.as_str()).or_default() += e.bytes;
+    }
+    let header: Vec<String> = ids.iter().map(|i| format!("to {i}")).collect();
+    let _ = writeln!(md, "| {who} | {} | sent |", header.join(" | "));
+    let _ = writeln!(md, "|---|{}---|", "---|".repeat(ids.len()));
+    for &from in &ids {
+        let row: Vec<String> = ids
+            .iter()
+            .map(|&to| cells.get(&(from, to)).map_or("-".to_string(), |&b| format_bytes(b)))
+            .collect();
+        let sent: u64 = ids.iter().filter_map(|&to| cells.get(&(from, to))).sum();
+        let _ = writeln!(md, "| {from} | {} | {} |", row.join(" | "), format_bytes(sent));
+    }
+    let by_kind: Vec<String> = kinds.iter().map(|(k, b)| format!("{k} {}", format_bytes(*b))).collect();
+    let _ = writeln!(md, "\nBy kind: {}.", by_kind.join(", "));
+}
+
 /// Sharded dense parameters: what each worker keeps, gathers and holds at the peak.
 fn dense_section(md: &mut String, rec: &DenseRecord) {
     use crate::storage::tiers::format_bytes;
@@ -222,6 +257,10 @@ pub(super) fn markdown(s: &ReportSummary, metrics: &Metrics, name: &str) -> Stri
                 crate::storage::tiers::format_bytes(m.state_bytes_sent)
             );
         }
+    }
+
+    if let Some(rec) = &metrics.traffic {
+        traffic_section(&mut md, rec);
     }
 
     let _ = writeln!(md, "\n## Expert load\n");

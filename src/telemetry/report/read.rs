@@ -30,6 +30,8 @@ pub struct Metrics {
     pub superseded_records: usize,
     /// Membership epochs of a run over worker processes, in the order they formed.
     pub membership: Vec<crate::train::log::MembershipRecord>,
+    /// The last `traffic` record (bytes between workers over the run), if any.
+    pub traffic: Option<crate::train::log::TrafficRecord>,
 }
 
 impl Metrics {
@@ -77,6 +79,7 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Metrics> {
             Parsed::Record(Record::Storage(rec)) => metrics.storage = Some(rec),
             Parsed::Record(Record::Dense(rec)) => metrics.dense = Some(rec),
             Parsed::Record(Record::Membership(rec)) => metrics.membership.push(rec),
+            Parsed::Record(Record::Traffic(rec)) => metrics.traffic = Some(rec),
             Parsed::Record(Record::Checkpoint(_)) | Parsed::Unknown(_) => metrics.other_records += 1,
             Parsed::Malformed(m) => metrics.malformed_lines.push(m.line),
         }
