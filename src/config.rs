@@ -411,3 +411,20 @@ impl std::str::FromStr for ExpertPlacement {
         }
     }
 }
+
+/// The small model of the unit tests (as `tests/common`'s `small_config`): 2 MoE blocks of 4
+/// experts, d_model 32, 4 groups of 2 sequences of 16 tokens.
+#[cfg(test)]
+pub(crate) fn small_test_config() -> TrainConfig {
+    let mut c = TrainConfig::default();
+    c.model.d_model = 32;
+    c.model.n_layer = 2;
+    c.model.n_head = 2;
+    c.model.block_size = 16;
+    c.model.d_ff = 64;
+    c.model.experts = 4;
+    c.model.k = 2;
+    c.train.batch = 8;
+    c.train.groups = 4;
+    c
+}

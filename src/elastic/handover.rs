@@ -217,20 +217,7 @@ mod tests {
     use crate::elastic::protocol::{self, Reply, WireError};
     use crate::net::wire;
 
-    /// 2 MoE blocks of 4 experts, d_model 32.
-    fn small() -> TrainConfig {
-        let mut c = TrainConfig::default();
-        c.model.d_model = 32;
-        c.model.n_layer = 2;
-        c.model.n_head = 2;
-        c.model.block_size = 16;
-        c.model.d_ff = 64;
-        c.model.experts = 4;
-        c.model.k = 2;
-        c.train.batch = 8;
-        c.train.groups = 4;
-        c
-    }
+    use crate::config::small_test_config as small;
 
     /// A trained-looking state: every value and moment distinct, at step 7.
     fn state(config: &TrainConfig) -> (Gpt<f32>, AdamW) {

@@ -835,21 +835,7 @@ pub fn decode_state(config: &TrainConfig, bytes: &[u8]) -> Result<(Gpt<f32>, Ada
 mod tests {
     use super::*;
 
-    /// The small model of the tests (tests/common's `small_config`): 2 MoE blocks of 4 experts,
-    /// d_model 32, 4 groups of 2 sequences of 16 tokens.
-    fn small() -> TrainConfig {
-        let mut c = TrainConfig::default();
-        c.model.d_model = 32;
-        c.model.n_layer = 2;
-        c.model.n_head = 2;
-        c.model.block_size = 16;
-        c.model.d_ff = 64;
-        c.model.experts = 4;
-        c.model.k = 2;
-        c.train.batch = 8;
-        c.train.groups = 4;
-        c
-    }
+    use crate::config::small_test_config as small;
 
     fn shape() -> PacketShape {
         PacketShape::of(&small(), 3).expect("shape")
