@@ -34,10 +34,15 @@ struct ChaosRun {
 impl ChaosRun {
     /// `semoe chaos` on the small model of the chaos tests over `processes` worker processes.
     fn start(dir: &Path, name: &str, scenario: &Path, steps: &str, processes: &str) -> ChaosRun {
+        ChaosRun::start_with(dir, name, scenario, steps, &["--processes", processes])
+    }
+
+    /// [`ChaosRun::start`] with other arguments after the small model's.
+    fn start_with(dir: &Path, name: &str, scenario: &Path, steps: &str, extra: &[&str]) -> ChaosRun {
         let run_dir = dir.join(name);
         let stdout = dir.join(format!("{name}.out"));
         let stderr = dir.join(format!("{name}.err"));
-        let args = common::chaos_args(scenario, &run_dir, steps, &["--processes", processes]);
+        let args = common::chaos_args(scenario, &run_dir, steps, extra);
         let child = Command::new(env!("CARGO_BIN_EXE_semoe"))
             .args(args)
             .stdin(Stdio::null())
@@ -65,6 +70,11 @@ impl ChaosRun {
     /// Wait (at most [`LIMIT`]) for it to end; its exit status and `chaos.json`. Every worker
     /// process it started has ended too: its process group is empty.
     fn finish(&mut self) -> (ExitStatus, Value) {
+        self.finish_reading("chaos.json")
+    }
+
+    /// [`ChaosRun::finish`], reading the run directory's `report` (`soak.json` for a soak).
+    fn finish_reading(&mut self, report: &str) -> (ExitStatus, Value) {
         let started = Instant::now();
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
@@ -81,9 +91,9 @@ impl ChaosRun {
         // (pgid = the chaos process's id) still exists.
         let left = unsafe { libc::kill(-(self.child.id() as i32), 0) };
         assert_eq!(left, -1, "a worker process outlived semoe chaos:\n{}", self.output());
-        let text = std::fs::read_to_string(self.run_dir.join("chaos.json"))
-            .unwrap_or_else(|e| panic!("chaos.json: {e}\n{}", self.output()));
-        (status, serde_json::from_str(&text).expect("chaos.json parses"))
+        let text = std::fs::read_to_string(self.run_dir.join(report))
+            .unwrap_or_else(|e| panic!("{report}: {e}\n{}", self.output()));
+        (status, serde_json::from_str(&text).expect("the report parses"))
     }
 }
 
@@ -310,6 +320,27 @@ fn the_rolling_restart_scenario_replaces_every_worker() {
     assert_eq!(
         kills,
         vec![(0, "forward".into()), (1, "backward".into()), (2, "commit".into())]
+    );
+}
+
+#[test]
+fn the_random_process_soak_scenario_ends_bitwise_equal_for_every_seed() {
+    let dir = TempDir::new("chaos-proc-soak");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/random-processes.toml");
+    let mut run = ChaosRun::start_with(dir.path(), "soak", &file, "12", &["--processes", "3", "--soak", "4"]);
+    let (status, json) = run.finish_reading("soak.json");
+    let out = run.output();
+    assert!(status.success(), "{out}");
+    let seeds = json["seeds"].as_array().expect("seeds");
+    assert_eq!(seeds.len(), 4, "{json:#}");
+    for s in seeds {
+        assert_eq!(s["verdict"]["verdict"], "bitwise_equal", "{s:#}\n{out}");
+    }
+    let fired: u64 = seeds.iter().map(|s| s["faults_fired"].as_u64().expect("count")).sum();
+    assert!(fired >= 4, "the seeds fire process faults: {json:#}");
+    assert!(
+        out.contains("soak: 4 seeds") && out.contains("4 bitwise equal"),
+        "{out}"
     );
 }
 

@@ -172,7 +172,12 @@ fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir
             ..scenario.clone()
         };
         let report = chaos::run_in(config, &s, dir)?;
-        let fired: usize = report.faults.iter().map(|f| f.fired).sum();
+        // In-process faults count their firings; a process fault fires once or not at all.
+        let fired: usize = report.faults.iter().map(|f| f.fired).sum::<usize>()
+            + report
+                .processes
+                .as_ref()
+                .map_or(0, |p| p.faults.iter().filter(|f| f.injected_at_s.is_some()).count());
         println!(
             "seed {seed}: {fired} faults fired, {} replays: {}",
             report.replays,
