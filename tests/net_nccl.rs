@@ -15,13 +15,18 @@ fn a_single_rank_nccl_communicator_exchanges_with_itself() {
         Ok(id) => id,
         Err(e) => {
             let msg = e.to_string();
-            assert!(msg.contains("cuda") && (msg.contains("NCCL") || msg.contains("without CUDA")), "{msg}");
+            assert!(
+                msg.contains("cuda") && (msg.contains("NCCL") || msg.contains("without CUDA")),
+                "{msg}"
+            );
             eprintln!("skipping the NCCL test: {msg}");
             return;
         }
     };
     if CudaDevice::count() == 0 {
-        let err = NcclCollective::new(0, 0, 1, 0, id, deadline).expect_err("no GPU is visible").to_string();
+        let err = NcclCollective::new(0, 0, 1, 0, id, deadline)
+            .expect_err("no GPU is visible")
+            .to_string();
         assert!(err.contains("GPU 0") && err.contains("0 GPU(s) visible"), "{err}");
         eprintln!("skipping the NCCL test: no CUDA GPU is visible ({err})");
         return;
@@ -33,7 +38,9 @@ fn a_single_rank_nccl_communicator_exchanges_with_itself() {
     let scheduler = AllToAllV::new(1 << 24);
     for len in [0usize, 1, 7, 4096, 1_000_003] {
         let data: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
-        let got = scheduler.exchange(&mut comm, vec![data.clone()]).expect("a self-exchange");
+        let got = scheduler
+            .exchange(&mut comm, vec![data.clone()])
+            .expect("a self-exchange");
         assert_eq!(got, vec![data], "{len} bytes");
     }
     let floats: Vec<f32> = (0..1000).map(|i| (i as f32).sin() * 1e-3 + f32::EPSILON).collect();
@@ -45,5 +52,8 @@ fn a_single_rank_nccl_communicator_exchanges_with_itself() {
     let start = Instant::now();
     let err = comm.group(Group::new()).expect_err("aborted").to_string();
     assert!(start.elapsed() < Duration::from_secs(1));
-    assert!(err.contains("on rank 0") && err.contains("a test asked for it"), "{err}");
+    assert!(
+        err.contains("on rank 0") && err.contains("a test asked for it"),
+        "{err}"
+    );
 }

@@ -350,19 +350,7 @@ impl Owner {
             comm,
             dead: None,
         };
-        let init = CollectiveId {
-            epoch,
-            index: 0,
-            op: Op::Group,
-        };
-        owner
-            .wait(
-                &format!("the initialisation of {what}"),
-                init,
-                Instant::now() + deadline,
-                None,
-            )
-            .map_err(|e| cuda_error(format!("{what}: {e}")))?;
+        owner.wait("the communicator's initialisation", Instant::now() + deadline, None)?;
         Ok(owner)
     }
 
@@ -389,50 +377,45 @@ impl Owner {
         self.dead.get_or_insert(reason);
     }
 
-    fn fail(&mut self, id: CollectiveId, detail: String) -> Error {
-        self.kill(format!("{id} failed: {detail}"));
-        Error::collective(id.to_string(), self.rank, detail)
+    /// Kill the communicator: `name` (a collective, or the initialisation) failed.
+    fn fail(&mut self, name: impl std::fmt::Display, detail: String) -> Error {
+        self.kill(format!("{name} failed: {detail}"));
+        Error::collective(name.to_string(), self.rank, detail)
     }
 
     /// Poll until the communicator has no operation in progress and `event` (if any) completed:
     /// an NCCL error, the deadline or an abort kills the communicator.
-    fn wait(
-        &mut self,
-        what: &str,
-        id: CollectiveId,
-        until: Instant,
-        event: Option<&cudarc::driver::CudaEvent>,
-    ) -> Result<()> {
+    fn wait(&mut self, name: &str, until: Instant, event: Option<&cudarc::driver::CudaEvent>) -> Result<()> {
         loop {
             if let Some(reason) = self.abort.reason() {
-                return Err(self.fail(id, format!("{what}: the communicator was aborted ({reason})")));
+                return Err(self.fail(name, format!("the communicator was aborted ({reason})")));
             }
             let mut state = sys::ncclResult_t::ncclSuccess;
             // SAFETY: `comm` is live (not killed: callers check `dead` first) and `state` outlives the call.
             let polled = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
             if polled != sys::ncclResult_t::ncclSuccess {
-                return Err(self.fail(id, format!("{what}: ncclCommGetAsyncError failed: {polled:?}")));
+                return Err(self.fail(name, format!("ncclCommGetAsyncError failed: {polled:?}")));
             }
             let comm_done = match state {
                 sys::ncclResult_t::ncclSuccess => true,
                 sys::ncclResult_t::ncclInProgress => false,
-                other => return Err(self.fail(id, format!("{what}: NCCL reported {other:?}"))),
+                other => return Err(self.fail(name, format!("NCCL reported {other:?}"))),
             };
             let stream_done = match event {
                 None => true,
                 Some(event) => event
                     .try_is_complete()
-                    .map_err(|e| self.fail(id, format!("{what}: the stream failed: {e:?}")))?,
+                    .map_err(|e| self.fail(name, format!("the stream failed: {e:?}")))?,
             };
             if comm_done && stream_done {
                 return Ok(());
             }
             if Instant::now() >= until {
                 let ms = self.deadline.as_millis() as u64;
-                self.kill(format!("{id} missed its deadline of {ms} ms"));
+                self.kill(format!("{name} missed its deadline of {ms} ms"));
                 return Err(Error::Deadline {
                     peer: format!("a peer of NCCL rank {} of {}", self.rank, self.world),
-                    what: format!("{what} ({id})"),
+                    what: format!("{name} on rank {}", self.rank),
                     deadline_ms: ms,
                 });
             }
@@ -508,7 +491,7 @@ impl Owner {
         let event = stream
             .record_event(None)
             .map_err(|e| self.fail(id, format!("cannot record an event after the group: {e:?}")))?;
-        self.wait("the grouped send/recv", id, until, Some(&event))?;
+        self.wait(&id.to_string(), until, Some(&event))?;
 
         let mut out = Vec::with_capacity(recv_bufs.len());
         for (peer, bytes, buf) in recv_bufs {

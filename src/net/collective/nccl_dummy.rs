@@ -37,11 +37,10 @@ impl NcclCollective {
         ordinal: usize,
         rank: Rank,
         world: usize,
-        epoch: u64,
+        _epoch: u64,
         _id: [u8; NCCL_ID_BYTES],
-        deadline: Duration,
+        _deadline: Duration,
     ) -> Result<Self> {
-        let _ = (rank, world, epoch, deadline);
         Err(no_cuda(&format!(
             "cannot start NCCL rank {rank} of {world} on GPU {ordinal}"
         )))
