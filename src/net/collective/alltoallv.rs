@@ -159,7 +159,7 @@ pub fn f32_to_bytes(values: &[f32]) -> Vec<u8> {
 
 /// The `f32` values of little-endian `bytes`, or `None` when the length is not a multiple of 4.
 pub fn bytes_to_f32(bytes: &[u8]) -> Option<Vec<f32>> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return None;
     }
     Some(

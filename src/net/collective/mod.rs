@@ -50,6 +50,15 @@ use std::time::Duration;
 /// A rank of a communicator, `0..world`.
 pub type Rank = usize;
 
+/// Sends of a group: (peer, bytes).
+pub type Sends = Vec<(Rank, Vec<u8>)>;
+
+/// Receives of a group: (peer, number of bytes).
+pub type Recvs = Vec<(Rank, usize)>;
+
+/// What an [`AbortHandle`] calls: (the aborting rank, the reason).
+pub type AbortFn = Arc<dyn Fn(Rank, &str) + Send + Sync>;
+
 /// The kind of a collective.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
@@ -91,8 +100,8 @@ impl std::fmt::Display for CollectiveId {
 /// in bytes, which the counts exchanged before announced.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Group {
-    sends: Vec<(Rank, Vec<u8>)>,
-    recvs: Vec<(Rank, usize)>,
+    sends: Sends,
+    recvs: Recvs,
 }
 
 impl Group {
@@ -124,7 +133,7 @@ impl Group {
     }
 
     /// Take the group apart: sends and receives.
-    pub fn into_parts(self) -> (Vec<(Rank, Vec<u8>)>, Vec<(Rank, usize)>) {
+    pub fn into_parts(self) -> (Sends, Recvs) {
         (self.sends, self.recvs)
     }
 
@@ -177,12 +186,12 @@ impl Group {
 #[derive(Clone)]
 pub struct AbortHandle {
     rank: Rank,
-    abort: Arc<dyn Fn(Rank, &str) + Send + Sync>,
+    abort: AbortFn,
 }
 
 impl AbortHandle {
     /// A handle of `rank` that calls `abort(rank, reason)`.
-    pub fn new(rank: Rank, abort: Arc<dyn Fn(Rank, &str) + Send + Sync>) -> Self {
+    pub fn new(rank: Rank, abort: AbortFn) -> Self {
         AbortHandle { rank, abort }
     }
 
