@@ -349,3 +349,76 @@ fn the_nccl_communicator_without_cuda_is_a_clear_error() {
     );
     assert!(semoe::net::collective::nccl_unique_id().is_err());
 }
+
+/// A rank's collectives as it issued them: `counts [..]` or `group sends [(peer, bytes)] recvs [..]`.
+struct Recorder<'a> {
+    inner: &'a mut SimCollective,
+    log: Vec<String>,
+}
+
+impl Collective for Recorder<'_> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn epoch(&self) -> u64 {
+        self.inner.epoch()
+    }
+    fn deadline(&self) -> Duration {
+        self.inner.deadline()
+    }
+    fn all_to_all_counts(&mut self, counts: &[u64]) -> semoe::error::Result<Vec<u64>> {
+        self.log.push(format!("counts {counts:?}"));
+        self.inner.all_to_all_counts(counts)
+    }
+    fn group(&mut self, group: Group) -> semoe::error::Result<Vec<(usize, Vec<u8>)>> {
+        let sends: Vec<(usize, usize)> = group.sends().iter().map(|(p, d)| (*p, d.len())).collect();
+        self.log
+            .push(format!("group sends {sends:?} recvs {:?}", group.recvs()));
+        self.inner.group(group)
+    }
+    fn abort_handle(&self) -> semoe::net::collective::AbortHandle {
+        self.inner.abort_handle()
+    }
+}
+
+#[test]
+fn the_scheduler_issues_the_same_collectives_in_a_fixed_order() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let plan: Vec<Vec<Vec<Vec<u8>>>> = (0..20).map(|_| random_buffers(&mut rng, 64)).collect();
+    let run = || {
+        on_ranks(Duration::from_secs(10), |c| {
+            let mut rec = Recorder {
+                inner: c,
+                log: Vec::new(),
+            };
+            for round in &plan {
+                let mine = round[rec.rank()].clone();
+                AllToAllV::new(64).exchange(&mut rec, mine).expect("round");
+            }
+            rec.log
+        })
+    };
+    let first = run();
+    assert_eq!(first, run(), "the same buffers give the same collectives");
+    for (rank, log) in first.iter().enumerate() {
+        // One all-to-all of counts, then one group, per exchange.
+        assert_eq!(log.len(), 2 * plan.len());
+        for (n, round) in plan.iter().enumerate() {
+            let counts: Vec<u64> = round[rank].iter().map(|b| b.len() as u64).collect();
+            assert_eq!(log[2 * n], format!("counts {counts:?}"));
+            // Sends, then receives, each in rank order, none for an empty buffer.
+            let sends: Vec<(usize, usize)> = (0..WORLD)
+                .filter(|j| !round[rank][*j].is_empty())
+                .map(|j| (j, round[rank][j].len()))
+                .collect();
+            let recvs: Vec<(usize, usize)> = (0..WORLD)
+                .filter(|i| !round[*i][rank].is_empty())
+                .map(|i| (i, round[i][rank].len()))
+                .collect();
+            assert_eq!(log[2 * n + 1], format!("group sends {sends:?} recvs {recvs:?}"));
+        }
+    }
+}
