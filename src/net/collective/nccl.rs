@@ -339,6 +339,10 @@ impl Owner {
         // `NCCL_CONFIG_INITIALIZER` would, with `blocking = 0`; rank and world were checked.
         let started = unsafe { nccl::comm_init_rank_config(&mut comm, world as i32, unique, rank as i32, &mut config) };
         if let Err(e) = started {
+            if !comm.is_null() {
+                // SAFETY: a communicator NCCL handed out before failing; it is not used afterwards.
+                let _ = unsafe { nccl::comm_abort(comm) };
+            }
             return Err(cuda_error(format!("{what}: ncclCommInitRankConfig failed: {:?}", e.0)));
         }
         let mut owner = Owner {
@@ -355,13 +359,17 @@ impl Owner {
     }
 
     fn serve(mut self, inbox: mpsc::Receiver<Command>) {
+        // cudarc panics on a symbol missing from libnccl at its first call: such a panic becomes
+        // the collective's error (and kills the communicator) rather than ending the thread.
         while let Ok(command) = inbox.recv() {
             match command {
                 Command::Counts(id, counts, reply) => {
-                    let _ = reply.send(self.counts(id, &counts));
+                    let result = catch_unwind(AssertUnwindSafe(|| self.counts(id, &counts)));
+                    let _ = reply.send(result.unwrap_or_else(|p| Err(self.fail(id, panic_text(p)))));
                 }
                 Command::Group(id, group, reply) => {
-                    let _ = reply.send(self.group(id, group));
+                    let result = catch_unwind(AssertUnwindSafe(|| self.group(id, group)));
+                    let _ = reply.send(result.unwrap_or_else(|p| Err(self.fail(id, panic_text(p)))));
                 }
             }
         }
