@@ -112,6 +112,20 @@ pub enum Error {
         detail: String,
     },
 
+    /// A collective of a communicator (the fused all-to-all's counts or grouped send/receive) failed:
+    /// the ranks broke the communicator's rules (another order, counts that do not match), or the
+    /// communicator was aborted. The communicator is unusable afterwards; the next membership epoch
+    /// builds a new one.
+    #[error("{collective} on rank {rank}: {detail}")]
+    Collective {
+        /// Which collective (for example `collective 3 (grouped send/recv) of epoch 0`).
+        collective: String,
+        /// The rank that reports it.
+        rank: usize,
+        /// What went wrong, naming the ranks and counts concerned.
+        detail: String,
+    },
+
     /// The runtime cannot go on: a worker was lost, or the runtime has shut down.
     #[error("runtime: {0}")]
     Runtime(String),
@@ -165,6 +179,15 @@ impl Error {
     pub fn protocol(peer: impl Into<String>, detail: impl Into<String>) -> Self {
         Error::Protocol {
             peer: peer.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// A collective error reported by `rank` about `collective`.
+    pub fn collective(collective: impl Into<String>, rank: usize, detail: impl Into<String>) -> Self {
+        Error::Collective {
+            collective: collective.into(),
+            rank,
             detail: detail.into(),
         }
     }

@@ -4,9 +4,13 @@
 //! Communicator actor (`actors::communicator`) builds every collective on top of it: the fused
 //! all-to-all-v of the MoE layers, the exact gradient reduction and the parameter broadcast. `local`
 //! (in-process channels) and `quic` (between processes, over the bounded codec of `wire`) exist; an
-//! NCCL transport implements the same trait and the actors do not change. `wire` is the bounded binary codec of packets and of the training
+//! NCCL data path will carry the fused all-to-all-v between GPU workers: `collective` holds its
+//! NCCL-style collectives (counts, then grouped send/recv), the all-to-all-v scheduler on them, a CPU
+//! stand-in that enforces NCCL's rules, and the NCCL-backed communicator (not wired into the actors
+//! yet: docs/gpu-data-path.md). `wire` is the bounded binary codec of packets and of the training
 //! state for transports between processes.
 
+pub mod collective;
 pub mod local;
 pub mod quic;
 pub mod wire;
