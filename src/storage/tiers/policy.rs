@@ -125,6 +125,14 @@ impl CachePolicy {
         }
     }
 
+    /// Whether an entry leaving the Device tier goes into the host cache: the policy admits it,
+    /// and `displaced` (the host entry it would push out, `None` when the cache has room or
+    /// nothing to push out) is not hotter. The tier manager's demotion and the replay
+    /// ([`super::replay`]) both decide with this.
+    pub fn enters_host(&self, incoming: &Usage, displaced: Option<&Usage>) -> bool {
+        self.admits(incoming) && displaced.is_none_or(|v| self.replaces(incoming, v))
+    }
+
     /// The entry to evict among `candidates` (`(key, usage)`), or `None` when there is none.
     pub fn victim<K: Copy>(&self, candidates: impl Iterator<Item = (K, Usage)>) -> Option<K> {
         let rank = |u: &Usage| -> (bool, f64, u64) {
