@@ -396,8 +396,8 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
 
 pub fn cache_policy_bench(a: &CachePolicyBenchArgs) -> semoe::Result<()> {
     use semoe::storage::tiers::replay::UnitSizes;
-    let ckpt = super::generate::checkpoint_to_read(&a.checkpoint)
-        .map_err(|e| semoe::Error::config(format!("--checkpoint {}: {e}", a.checkpoint.display())))?;
+    // Its errors name the path (a missing or damaged checkpoint, an empty run directory).
+    let ckpt = super::generate::checkpoint_to_read(&a.checkpoint)?;
     let (step, dir) = (ckpt.step, ckpt.dir.clone());
     let config = semoe::train::trainer::checkpoint_config(&ckpt)?;
     let model = semoe::train::trainer::model_from(ckpt)?;
