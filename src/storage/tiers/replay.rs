@@ -10,6 +10,7 @@
 //! manager (`store/manager/eviction.rs`, `admission.rs`) makes. What the replay models of the
 //! manager around them:
 //!
+//! - the units start as the store places them: Device, then Host, in order, the rest on disk;
 //! - a step acquires, for each MoE block in order, every expert its routing sent a token to
 //!   (ascending), then the same sets block by block in reverse for the backward pass, then commits
 //!   every unit (ascending); the experts of the block being acquired are kept from eviction (the
@@ -19,7 +20,10 @@
 //! - a commit of a unit on disk writes its gradient beside it (deferred), unless an update is
 //!   already deferred, in which case the whole unit is loaded; a parameters-only copy in memory is
 //!   dropped at the commit and the update deferred; a whole unit in memory is updated there;
-//! - a dirty unit demoted to disk is written back, a clean one is dropped;
+//! - a dirty unit demoted to disk is written back, a clean one is dropped; a write-back's room is
+//!   free only after the request that started it (so a unit leaving Device goes to disk rather
+//!   than into a host cache whose victim must be written back first, as in the manager), and
+//!   every write is done before the next request;
 //! - the counters decay after each step's commit, as after the ledger's `end_step`.
 //!
 //! - a unit promoted from Host into a full Device makes room there before it leaves Host, as in
@@ -229,34 +233,56 @@ struct Entry {
 struct Books {
     policy: CachePolicy,
     budget: [usize; 2],
+    /// Units in each tier, not counting those being written back.
     used: [usize; 2],
+    /// Units being written back from each tier: their room is free only once the write is done,
+    /// after the decisions of the request that started it (as in the manager, where a make-room
+    /// pass that needs a write-back's room waits for it).
+    flushing: [usize; 2],
     entries: BTreeMap<UnitId, Entry>,
     clock: u64,
     counts: ReplayCounts,
 }
 
 impl Books {
+    fn free(&self, t: Tier) -> usize {
+        let i = t as usize;
+        self.budget[i].saturating_sub(self.used[i] + self.flushing[i])
+    }
+
     /// Free a unit's room in `t` by demoting victims (never one in `keep`); false when that
-    /// cannot be done (as the manager's `make_room`).
+    /// cannot be done now, because a write-back must finish first or nothing can leave (as the
+    /// manager's `make_room`).
     fn make_room(&mut self, t: Tier, keep: &BTreeSet<UnitId>) -> bool {
-        while self.used[t as usize] >= self.budget[t as usize] {
+        loop {
+            if self.free(t) >= 1 {
+                return true;
+            }
+            if self.flushing[t as usize] > 0 {
+                return false;
+            }
             let Some(victim) = self.policy.victim(self.candidates(t, keep)) else {
                 return false;
             };
             self.demote(victim, t, keep);
         }
-        true
     }
 
-    /// [`Books::make_room`] in Device, which must succeed: the acquisitions of one block fit.
+    /// [`Books::make_room`] in Device, waiting for write-backs as the acquirer does; it must
+    /// succeed (the acquisitions of one block fit).
     fn room_in_device(&mut self, keep: &BTreeSet<UnitId>) -> Result<()> {
-        if self.make_room(Tier::Device, keep) {
-            return Ok(());
+        loop {
+            if self.make_room(Tier::Device, keep) {
+                return Ok(());
+            }
+            if self.flushing == [0, 0] {
+                return Err(Error::runtime(format!(
+                    "replay: no room in the Device tier ({} units, all kept)",
+                    self.budget[Tier::Device as usize]
+                )));
+            }
+            self.flushing = [0, 0];
         }
-        Err(Error::runtime(format!(
-            "replay: no room in the Device tier ({} units, all kept)",
-            self.budget[Tier::Device as usize]
-        )))
     }
 
     fn candidates<'a>(&'a self, t: Tier, keep: &'a BTreeSet<UnitId>) -> impl Iterator<Item = (UnitId, Usage)> + 'a {
@@ -273,7 +299,7 @@ impl Books {
         if t == Tier::Device && self.budget[Tier::Host as usize] > 0 {
             let mut keep_also = keep.clone();
             keep_also.insert(id);
-            let displaced = if self.used[Tier::Host as usize] >= self.budget[Tier::Host as usize] {
+            let displaced = if self.free(Tier::Host) == 0 {
                 let v = self.policy.victim(self.candidates(Tier::Host, &keep_also));
                 v.map(|v| self.entries[&v].usage)
             } else {
@@ -287,6 +313,7 @@ impl Books {
         }
         if e.dirty && !e.partial {
             self.counts.write_backs += 1;
+            self.flushing[t as usize] += 1;
         }
         self.set_place(id, Place::Disk);
         if let Some(e) = self.entries.get_mut(&id) {
@@ -348,6 +375,8 @@ impl Books {
     }
 
     fn acquire(&mut self, id: UnitId, keep: &BTreeSet<UnitId>) -> Result<()> {
+        // The write-backs of earlier requests are done by now.
+        self.flushing = [0, 0];
         self.counts.acquisitions += 1;
         match self.bring_to_device(id, keep, true)? {
             Some(Tier::Device) => self.counts.device_hits += 1,
@@ -359,6 +388,7 @@ impl Books {
     }
 
     fn commit(&mut self, id: UnitId) -> Result<()> {
+        self.flushing = [0, 0];
         self.counts.commits += 1;
         let e = self.entries[&id];
         if let (Place::In(_), true) = (e.place, e.partial) {
@@ -389,9 +419,31 @@ impl Books {
     }
 }
 
-/// Replay `trace` under `policy` with `device` and `host` units of memory (every unit starts on
-/// disk). Fails when `device` cannot hold one block's experts, as the store does.
+/// Replay `trace` under `policy` with `device` and `host` units of memory (the units start where
+/// the store puts them: Device, then Host, in order, the rest on disk). Fails when `device` cannot hold one block's experts, as the store does.
 pub fn replay(trace: &RoutingTrace, policy: CachePolicy, device: usize, host: usize) -> Result<ReplayCounts> {
+    run(trace, policy, device, host, true)
+}
+
+/// [`replay`] with each acquisition alone, nothing else kept from eviction: what the store does
+/// when its caller acquires one unit at a time, awaiting each (the check of the replay against
+/// the store in `tests/storage_policy_replay.rs`).
+pub fn replay_one_at_a_time(
+    trace: &RoutingTrace,
+    policy: CachePolicy,
+    device: usize,
+    host: usize,
+) -> Result<ReplayCounts> {
+    run(trace, policy, device, host, false)
+}
+
+fn run(
+    trace: &RoutingTrace,
+    policy: CachePolicy,
+    device: usize,
+    host: usize,
+    keep_block: bool,
+) -> Result<ReplayCounts> {
     trace.validate()?;
     policy.validate()?;
     if device < trace.experts {
@@ -404,16 +456,26 @@ pub fn replay(trace: &RoutingTrace, policy: CachePolicy, device: usize, host: us
         policy,
         budget: [device, host],
         used: [0, 0],
+        flushing: [0, 0],
         entries: BTreeMap::new(),
         clock: 0,
         counts: ReplayCounts::default(),
     };
+    // Placed as the store places them: Device, then Host, in order, the rest on disk; a unit in
+    // memory has no file yet (dirty).
     for b in 0..trace.blocks() {
         for e in 0..trace.experts {
+            let place = [Tier::Device, Tier::Host]
+                .into_iter()
+                .find(|&t| books.used[t as usize] < books.budget[t as usize])
+                .map_or(Place::Disk, Place::In);
+            if let Place::In(t) = place {
+                books.used[t as usize] += 1;
+            }
             let entry = Entry {
-                place: Place::Disk,
+                place,
                 usage: Usage::default(),
-                dirty: false,
+                dirty: place != Place::Disk,
                 partial: false,
                 deferred: false,
             };
@@ -422,8 +484,13 @@ pub fn replay(trace: &RoutingTrace, policy: CachePolicy, device: usize, host: us
     }
     for s in 0..trace.steps.len() {
         for (b, experts) in trace.acquisitions(s) {
-            let keep: BTreeSet<UnitId> = experts.iter().map(|&e| (b, e)).collect();
+            let block: BTreeSet<UnitId> = experts.iter().map(|&e| (b, e)).collect();
             for &e in &experts {
+                let keep = if keep_block {
+                    block.clone()
+                } else {
+                    BTreeSet::from([(b, e)])
+                };
                 books.acquire((b, e), &keep)?;
             }
         }
@@ -440,7 +507,8 @@ pub fn replay(trace: &RoutingTrace, policy: CachePolicy, device: usize, host: us
 }
 
 /// Belady's MIN over the forward and backward acquisitions of `trace` with `capacity` units of
-/// memory: on a miss with memory full, evict the unit used again furthest in the future. Only
+/// memory, starting from the same units as [`replay`]: on a miss with memory full, evict the unit
+/// used again furthest in the future. Only
 /// `acquisitions`, the hits (all counted as `device_hits`), `misses` and `unit_loads` are set.
 pub fn belady(trace: &RoutingTrace, capacity: usize) -> Result<ReplayCounts> {
     trace.validate()?;
@@ -461,6 +529,13 @@ pub fn belady(trace: &RoutingTrace, capacity: usize) -> Result<ReplayCounts> {
     // their id).
     let mut by_next: BTreeSet<(usize, UnitId)> = BTreeSet::new();
     let mut resident: HashMap<UnitId, usize> = HashMap::new();
+    // The same start as the policies': the first units in order, as the store places them.
+    let first = (0..trace.blocks()).flat_map(|b| (0..trace.experts).map(move |e| (b, e)));
+    for id in first.take(capacity) {
+        let n = seen.get(&id).copied().unwrap_or(usize::MAX);
+        resident.insert(id, n);
+        by_next.insert((n, id));
+    }
     for (i, id) in seq.iter().enumerate() {
         counts.acquisitions += 1;
         if let Some(n) = resident.remove(id) {
@@ -496,20 +571,24 @@ mod tests {
 
     #[test]
     fn counts_of_a_tiny_trace_by_hand() {
-        // One block of two experts, only expert 0 routed; Device holds both, no host cache.
-        let t = trace(&[&[&[3, 0]], &[&[1, 0]]]);
+        // Two blocks of two experts, expert 0 of each routed; Device holds one block, no host
+        // cache; block 0 starts in Device (dirty: no file yet), block 1 on disk.
+        let t = trace(&[&[&[3, 0], &[2, 0]], &[&[1, 0], &[5, 0]]]);
         let c = replay(&t, CachePolicy::Lru, 2, 0).unwrap();
-        // Step 1: forward miss (parameters), backward hit; commits: 0 is a parameters-only copy,
-        // dropped and deferred; 1 on disk, deferred. Step 2: forward loads 0 whole with its
-        // gradient, backward hit, commit in memory; 1 is deferred again, so its commit loads it.
-        assert_eq!(c.acquisitions, 4);
-        assert_eq!((c.device_hits, c.host_hits, c.misses), (2, 0, 2));
+        // Step 1: 0.0 hits; 1.0 misses (parameters only), pushing out 0.1 (written back); the
+        // backward hits twice. Commits: 0.0 in memory; 0.1 on disk, deferred; 1.0 a parameters-only
+        // copy, dropped and deferred; 1.1 deferred. Step 2: 0.0 hits; 1.0 loads whole with its
+        // gradient (room: 1.0 was dropped); the backward hits twice. Commits: 0.0 in memory; 0.1
+        // loads whole (an update is deferred), pushing out 1.0 (written back); 1.0 deferred; 1.1
+        // loads whole, pushing out 0.0 (written back).
+        assert_eq!(c.acquisitions, 8);
+        assert_eq!((c.device_hits, c.host_hits, c.misses), (6, 0, 2));
         assert_eq!(
-            (c.commits, c.deferred, c.commits_in_memory, c.commit_loads),
-            (4, 2, 1, 1)
+            (c.commits, c.commits_in_memory, c.deferred, c.commit_loads),
+            (8, 2, 4, 2)
         );
-        assert_eq!((c.params_loads, c.unit_loads, c.grad_reads), (1, 2, 2));
-        assert_eq!(c.write_backs, 0);
+        assert_eq!((c.params_loads, c.unit_loads, c.grad_reads), (1, 3, 3));
+        assert_eq!(c.write_backs, 3);
     }
 
     #[test]
