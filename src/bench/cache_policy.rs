@@ -164,7 +164,7 @@ pub fn policy_grid() -> Vec<(String, CachePolicy)> {
         ),
     ];
     for threshold in [0.0, 1.0, 2.0, 4.0] {
-        for beta in [0.25, 0.5, 0.9, 1.0] {
+        for beta in [0.25, 0.5, 0.75, 0.9, 0.95, 1.0] {
             for decay_every in [1, 4] {
                 if beta == 1.0 && decay_every != 1 {
                     continue;

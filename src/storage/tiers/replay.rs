@@ -24,13 +24,11 @@
 //!   free only after the request that started it (so a unit leaving Device goes to disk rather
 //!   than into a host cache whose victim must be written back first, as in the manager), and
 //!   every write is done before the next request;
-//! - the counters decay after each step's commit, as after the ledger's `end_step`.
-//!
 //! - a unit promoted from Host into a full Device makes room there before it leaves Host, as in
 //!   the manager's `try_grant`: with both tiers full, the Device victim's demotion finds Host full
-//!   and pushes a third unit to disk rather than swapping. (Swapping instead, measured with this
-//!   replay on the default model's routing with 75% of the units in memory: 62.3% hits instead of
-//!   56.0%, 14% fewer loads; no change at 50% and below, where host hits are rare.)
+//!   and pushes a third unit to disk rather than swapping (a swap would save loads wherever host
+//!   hits are common);
+//! - the counters decay after each step's commit, as after the ledger's `end_step`.
 //!
 //! Not modelled: prefetch (the replay loads on demand), concurrency (acquisitions are served one
 //! at a time, so no unit is held while another waits) and time. The figures are those of loading
