@@ -67,7 +67,7 @@ impl Default for StorageSettings {
                 beta,
                 decay_every,
             } => (threshold, beta, decay_every),
-            CachePolicy::Lru => (0.0, 0.5, 4),
+            CachePolicy::Lru => (0.0, 0.9, 1),
         };
         StorageSettings {
             device_budget: String::new(),

@@ -4,9 +4,11 @@
 //!
 //! One file per measurement: `peak.rs` (the FMA peak), `matmul.rs`, `moe_layer.rs`, `runtime.rs`
 //! (the plain loop against the actor runtime, and against worker processes), `recovery.rs` (a
-//! worker process killed: the time to the next committed step), `storage.rs` (tiered expert storage), `generate.rs` (generation bytes/s), `ring.rs` (ring-memory inference against resident) and `disk.rs`
+//! worker process killed: the time to the next committed step), `storage.rs` (tiered expert storage), `cache_policy.rs` (the cache policy
+//! replayed on a trained model's routing), `generate.rs` (generation bytes/s), `ring.rs` (ring-memory inference against resident) and `disk.rs`
 //! (the disk's own bandwidth, and the disk tier's).
 
+mod cache_policy;
 mod disk;
 mod generate;
 mod matmul;
@@ -17,6 +19,9 @@ mod ring;
 mod runtime;
 mod storage;
 
+pub use cache_policy::{
+    cache_policy_bench, describe, policy_grid, record_routing, CachePolicyReport, MemorySize, PolicyRow, TraceBatches,
+};
 pub use disk::{disk_bandwidth, tier_bandwidth, DiskBandwidth};
 pub use generate::{generate_bench, GenerateReport, GenerateRow};
 pub use matmul::{matmul_bench, MatmulReport};

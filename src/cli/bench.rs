@@ -24,6 +24,11 @@ pub enum BenchCommand {
     /// block each: 25% with the default 8 layers; the rest on disk) against everything in memory; prefetch against loading on
     /// demand; the SE-MoE cache policy against LRU; the disk's own bandwidth measured alongside.
     Storage(StorageBenchArgs),
+    /// The expert cache policies on the routing of a trained model: a checkpoint's gate routes
+    /// the training batches that follow it, and that routing is replayed through the tiers'
+    /// bookkeeping (no disk, no timing) under LRU, the default SE-MoE policy and a grid of its
+    /// settings, with Belady's MIN as the bound: hit rates, loads and bytes per memory size.
+    CachePolicy(CachePolicyBenchArgs),
     /// Generation bytes/s: the recomputing path against the key/value-cached decoder, alone and in
     /// batches (a checkpoint's model, or the main job's model freshly initialised).
     Generate(GenerateBenchArgs),
@@ -97,6 +102,32 @@ pub struct GenerateBenchArgs {
     /// Rounds (the median is reported).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct CachePolicyBenchArgs {
+    /// A checkpoint directory, or a run directory (its newest intact checkpoint is used).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Training steps to route and replay, from the one after the checkpoint's.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    /// Sequences per step (default: the run's).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Routing groups per step (default: the run's).
+    #[arg(long)]
+    groups: Option<usize>,
+    /// Shares of the expert units that Device and Host hold together, in percent (Device holds
+    /// one MoE block's experts, Host the rest); shares below one block are left out.
+    #[arg(long, value_delimiter = ',', default_value = "25,50,75")]
+    memory: Vec<f64>,
+    /// Compute threads (for routing the batches).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -363,6 +394,119 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     Ok(())
 }
 
+pub fn cache_policy_bench(a: &CachePolicyBenchArgs) -> semoe::Result<()> {
+    use semoe::storage::tiers::replay::UnitSizes;
+    // Its errors name the path (a missing or damaged checkpoint, an empty run directory).
+    let ckpt = super::generate::checkpoint_to_read(&a.checkpoint)?;
+    let (step, dir) = (ckpt.step, ckpt.dir.clone());
+    let config = semoe::train::trainer::checkpoint_config(&ckpt)?;
+    let model = semoe::train::trainer::model_from(ckpt)?;
+    let corpus = semoe::train::trainer::corpus_for(&config)?;
+    let cpu = Cpu::new(a.threads)?;
+    let batches = bench::TraceBatches {
+        seed: config.train.seed,
+        first_step: step + 1,
+        steps: a.steps,
+        batch: a.batch.unwrap_or(config.train.batch),
+        groups: a.groups.unwrap_or(config.train.groups),
+    };
+    let trace = bench::record_routing(&model, &cpu, &corpus.train, &batches)?;
+    let units = trace.blocks() * trace.experts;
+    let mut sizes: Vec<bench::MemorySize> = Vec::new();
+    let mut labels = Vec::new();
+    for &p in &a.memory {
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(semoe::Error::config(format!(
+                "--memory {p}: a share must be in (0, 100]"
+            )));
+        }
+        match bench::MemorySize::share(p, units, trace.experts) {
+            Some(m) if !sizes.contains(&m) => {
+                sizes.push(m);
+                labels.push(format!("{p}%"));
+            }
+            Some(_) => {}
+            None => eprintln!(
+                "note: {p}% of {units} units is less than one MoE block ({} experts): left out",
+                trace.experts
+            ),
+        }
+    }
+    let m = &config.model;
+    let r = bench::cache_policy_bench(
+        &trace,
+        &sizes,
+        &bench::policy_grid(),
+        UnitSizes::for_expert(m.d_model, m.d_ff),
+    )?;
+    if a.json {
+        return print_json(&r);
+    }
+    println!(
+        "routing of checkpoint {} (step {step}): {} MoE blocks x {} experts, top-{}; {} steps of {} sequences in {} groups from step {}; {:.1}% of (step, block, expert) routed to; busiest expert per block {} the uniform share",
+        dir.display(),
+        r.blocks,
+        r.experts,
+        m.k,
+        r.steps,
+        batches.batch,
+        batches.groups,
+        batches.first_step,
+        100.0 * r.touched,
+        r.peak_over_uniform
+            .iter()
+            .map(|x| format!("{x:.2}x"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let sizes_line: Vec<String> = r
+        .sizes
+        .iter()
+        .zip(&labels)
+        .map(|(s, l)| format!("{l} = {} Device + {} Host units", s.device, s.host))
+        .collect();
+    println!(
+        "memory (of {units} units of {}): {}; loading on demand; hit rate = forward and backward acquisitions served from memory; loads = units read (parameters alone, or whole), MiB read/written per step",
+        semoe::storage::tiers::format_bytes(r.unit_sizes.unit),
+        sizes_line.join(", ")
+    );
+    let header: Vec<String> = labels.iter().map(|l| format!("{l:>30}")).collect();
+    println!("{:<32} {}", "policy", header.join(" "));
+    let steps = r.steps.max(1) as u64;
+    let cell = |c: &semoe::storage::tiers::replay::ReplayCounts, bound: bool| {
+        if bound {
+            format!("{:>6.2}% {:>6} loads {:>13}", 100.0 * c.hit_rate(), c.loads(), "")
+        } else {
+            format!(
+                "{:>6.2}% {:>6} loads {:>5.1}/{:>5.1} MiB",
+                100.0 * c.hit_rate(),
+                c.loads(),
+                mib(c.bytes_read(&r.unit_sizes) / steps),
+                mib(c.bytes_written(&r.unit_sizes) / steps)
+            )
+        }
+    };
+    let line = |row: &bench::PolicyRow, bound: bool| {
+        let cells: Vec<String> = row.counts.iter().map(|c| cell(c, bound)).collect();
+        println!("{:<32} {}", row.name, cells.join(" "));
+    };
+    line(&r.bound, true);
+    let mut rows: Vec<&bench::PolicyRow> = r.rows.iter().collect();
+    rows.sort_by(|x, y| y.mean_hit_rate().total_cmp(&x.mean_hit_rate()));
+    for row in rows {
+        line(row, false);
+    }
+    if let Some(best) = r.best() {
+        println!(
+            "best mean hit rate: {} ({:.2}%)",
+            best.name,
+            100.0 * best.mean_hit_rate()
+        );
+    }
+    Ok(())
+}
+
 /// The stall's causes that took any time, for a line of the storage bench: ` (load 0.41, own
 /// write 0.02)`, or nothing.
 fn stall_causes(seconds: &[f64; 4]) -> String {
@@ -492,6 +636,7 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
             }
         }
         BenchCommand::Storage(a) => storage_bench(&a)?,
+        BenchCommand::CachePolicy(a) => cache_policy_bench(&a)?,
         BenchCommand::Generate(a) => generate_bench(&a)?,
         BenchCommand::Ring(a) => ring_bench(&a)?,
         BenchCommand::Matmul(a) => {

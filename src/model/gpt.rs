@@ -604,6 +604,21 @@ impl<T: Scalar> Gpt<T> {
         Ok(())
     }
 
+    /// The load statistics of each MoE block, in order, for one routing group of `seqs` sequences
+    /// of tokens `idx` (forward only, through the gate code of training): which experts the
+    /// model's routing sends tokens to, and how many.
+    pub fn moe_stats<B: Backend>(&self, backend: &B, idx: &[u32], seqs: usize) -> Result<Vec<MoeStats>> {
+        let mut pass = GroupPass::<T, &Gpt<T>, &mut Gpt<T>>::new(self, idx.to_vec(), None, seqs, T::ONE, None)?;
+        let mut local = LocalMoe::default();
+        let mut stats = Vec::new();
+        while let Need::MoeForward { block, x } = pass.advance(backend)? {
+            let result = local.forward(self, backend, block, x, false)?;
+            stats.push(result.stats.clone());
+            pass.moe_forward_done(result)?;
+        }
+        Ok(stats)
+    }
+
     /// Forward and backward of one group of `seqs` sequences. Adds into `grads` the gradient of
     /// `ce_scale * sum(cross-entropy) + router_scale * sum over MoE blocks of (aux_coef * l_aux +
     /// z_coef * z_loss)`. A batch of G groups and B*T tokens uses `ce_scale = 1/(B*T)` and

@@ -7,6 +7,7 @@
 
 pub mod disk;
 pub mod policy;
+pub mod replay;
 pub mod size;
 pub mod store;
 pub mod unit;

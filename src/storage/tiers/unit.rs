@@ -53,6 +53,12 @@ impl ExpertSlot {
     pub const fn bytes_for(d_model: usize, d_ff: usize) -> u64 {
         (HEADER + 4 * 3 * (2 * d_model * d_ff + d_model + d_ff)) as u64
     }
+
+    /// Bytes of the parameters alone of such a unit (a forward or backward load, and a deferred
+    /// gradient: [`params_len`] and [`ExpertSlot::grad_bytes`]).
+    pub const fn params_bytes_for(d_model: usize, d_ff: usize) -> u64 {
+        (HEADER + 4 * (2 * d_model * d_ff + d_model + d_ff)) as u64
+    }
 }
 
 /// An expert's identity: `(block, expert)`.

@@ -43,21 +43,21 @@ impl Manager {
         // Admission decides between the host cache and the disk; without a Disk tier there is no
         // choice to make, and the budgets leave a unit's room in Host whenever Device is full
         // (`fits_in_memory`).
+        // (The replay of `semoe bench cache-policy` decides with the same `enters_host`.)
         let no_disk = self.disk.is_none();
-        if t == Mem::Device
-            && self.budget[Mem::Host as usize] > 0
-            && (no_disk || self.policy.admits(&self.entries[&id].usage))
-        {
+        if t == Mem::Device && self.budget[Mem::Host as usize] > 0 {
             let mut keep_also = keep.clone();
             keep_also.insert(id);
             let incoming = self.entries[&id].usage;
-            let colder_than_the_cache = !no_disk
-                && self.free(Mem::Host) < b
-                && self
-                    .policy
-                    .victim(self.host_candidates(&keep_also))
-                    .is_some_and(|v| !self.policy.replaces(&incoming, &self.entries[&v].usage));
-            if !colder_than_the_cache && self.make_room(Mem::Host, b, &keep_also) {
+            let enters = no_disk || {
+                // The host entry it would push out, when the cache is full.
+                let displaced = (self.free(Mem::Host) < b)
+                    .then(|| self.policy.victim(self.host_candidates(&keep_also)))
+                    .flatten()
+                    .map(|v| self.entries[&v].usage);
+                self.policy.enters_host(&incoming, displaced.as_ref())
+            };
+            if enters && self.make_room(Mem::Host, b, &keep_also) {
                 if let Some(e) = self.entries.get_mut(&id) {
                     e.place = Place::In(Mem::Host);
                 }
