@@ -56,7 +56,7 @@ pub fn run(a: &WorkerArgs) -> semoe::Result<std::process::ExitCode> {
     };
     match run_worker(options, stop)? {
         WorkerEnd::Left(reason) => {
-            eprintln!("semoe worker: done ({reason})");
+            semoe::say!("semoe worker: done ({reason})");
             Ok(std::process::ExitCode::SUCCESS)
         }
     }
@@ -78,7 +78,7 @@ pub struct TicketArgs {
 
 pub fn ticket(a: &TicketArgs) -> semoe::Result<()> {
     let t = semoe::elastic::cluster::make_identity(&a.out, a.addr)?;
-    eprintln!(
+    semoe::say!(
         "wrote {} and {} (certificate SHA-256 {})",
         a.out.join(semoe::elastic::cluster::IDENTITY_FILE).display(),
         a.out.join(semoe::elastic::cluster::TICKET_FILE).display(),

@@ -120,7 +120,7 @@ impl ExitWatch {
         let Some(conn) = mark_gone(&self.book, id, &reason) else {
             return false;
         };
-        eprintln!("semoe: lost member {id} ({name}): {reason}");
+        crate::say!("semoe: lost member {id} ({name}): {reason}");
         metrics::counter!(names::MEMBERSHIP, "kind" => "crash").increment(1);
         conn.close(3u32.into(), b"the worker process ended");
         true
@@ -287,7 +287,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<M
                 Ok(()) => {}
                 Err(e) => {
                     metrics::counter!(names::MEMBERSHIP, "kind" => "refused").increment(1);
-                    eprintln!("semoe: refused a worker from {peer}: {e}");
+                    crate::say!("semoe: refused a worker from {peer}: {e}");
                     conn.close(1u32.into(), b"refused");
                 }
             }
@@ -356,7 +356,7 @@ async fn admit(
     quic::write_frame(&mut send, &protocol::encode(&admitted)?).await?;
     drop(handshake);
     metrics::counter!(names::MEMBERSHIP, "kind" => "join").increment(1);
-    eprintln!(
+    crate::say!(
         "semoe: worker {} joined as member {id} (data plane {data_addr})",
         hello.name
     );
@@ -379,7 +379,7 @@ async fn admit(
                 if let Some(m) = b.members.get_mut(&id) {
                     if matches!(m.status, Status::Active | Status::Waiting) {
                         m.status = Status::Leaving;
-                        eprintln!("semoe: member {id} ({}) asked to leave", hello.name);
+                        crate::say!("semoe: member {id} ({}) asked to leave", hello.name);
                     }
                 }
             }
@@ -387,21 +387,21 @@ async fn admit(
                 let culprit = b.epochs.get(&epoch).and_then(|ids| ids.get(peer as usize)).copied();
                 if let Some(m) = culprit.and_then(|c| b.members.get_mut(&c)) {
                     let reason = format!("evicted: member {id} reports it sent malformed data ({detail})");
-                    eprintln!("semoe: member {} ({}) {reason}", m.id, m.name);
+                    crate::say!("semoe: member {} ({}) {reason}", m.id, m.name);
                     m.status = Status::Gone(reason.clone());
                     m.conn.close(3u32.into(), reason.as_bytes());
                     metrics::counter!(names::MEMBERSHIP, "kind" => "evicted").increment(1);
                 }
             }
             Notice::PeerLost { peer, epoch, detail } => {
-                eprintln!("semoe: member {id} lost its link to worker {peer} of epoch {epoch}: {detail}");
+                crate::say!("semoe: member {id} lost its link to worker {peer} of epoch {epoch}: {detail}");
             }
         }
     };
     let mut b = book.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(m) = b.members.get_mut(&id) {
         if !matches!(m.status, Status::Gone(_)) {
-            eprintln!("semoe: lost member {id} ({}): {closed}", m.name);
+            crate::say!("semoe: lost member {id} ({}): {closed}", m.name);
             m.status = Status::Gone(format!("connection lost: {closed}"));
             metrics::counter!(names::MEMBERSHIP, "kind" => "crash").increment(1);
         }

@@ -58,7 +58,7 @@ impl Corrupt {
             if step.step == self.step && !self.done {
                 self.done = true;
                 bytes.truncate(bytes.len() / 2);
-                eprintln!("semoe worker: {CORRUPT}: sent half a packet at step {}", self.step);
+                crate::say!("semoe worker: {CORRUPT}: sent half a packet at step {}", self.step);
             }
         }
     }
@@ -170,9 +170,11 @@ impl Pause {
             Action::Kill => Some(libc::SIGKILL),
             Action::Stop => Some(libc::SIGSTOP),
         };
-        eprintln!(
+        crate::say!(
             "semoe worker: paused by {PAUSE} at {:?} of step {} ({:?})",
-            self.phase, self.step, self.action
+            self.phase,
+            self.step,
+            self.action
         );
         match signal {
             // SAFETY: kill(2) on this very process.

@@ -232,7 +232,7 @@ impl ElasticRuntime {
     /// The test hook: wait until exactly `wanted` members are in (not leaving, not gone).
     async fn hold_for(&self, wanted: usize) -> Result<()> {
         let since = Instant::now();
-        eprintln!(
+        crate::say!(
             "semoe: {}: holding before step {} until {wanted} workers are members",
             hooks::MEMBERS_AT,
             self.committed
@@ -410,7 +410,7 @@ impl ElasticRuntime {
                 match task.await {
                     Ok(Ok(state)) => self.safe = state,
                     Ok(Err(e)) if !self.lost_member() => {
-                        eprintln!("semoe: warning: the in-memory copy of the state failed: {e}");
+                        crate::say!("semoe: warning: the in-memory copy of the state failed: {e}");
                     }
                     _ => {}
                 }
@@ -474,7 +474,7 @@ impl ElasticRuntime {
                 }
                 Err(e) => {
                     if !self.lost_member() {
-                        eprintln!("semoe: the hand-over failed ({e}); every worker receives its whole share");
+                        crate::say!("semoe: the hand-over failed ({e}); every worker receives its whole share");
                     }
                     let s = epoch.runtime.state().await;
                     dismantle(epoch).await;
@@ -490,7 +490,7 @@ impl ElasticRuntime {
         for attempt in 0..8 {
             let members = self.next_members();
             if members.is_empty() {
-                eprintln!(
+                crate::say!(
                     "semoe: no workers left; waiting up to {:.0} s for one to join",
                     self.options.wait.as_secs_f64()
                 );
@@ -552,7 +552,7 @@ impl ElasticRuntime {
                     if let Start::Whole(state) = start {
                         self.safe = state;
                     }
-                    eprintln!(
+                    crate::say!(
                         "semoe: epoch {epoch_no}: {} workers at step {} ({why}; {:.2} s; {})",
                         members.len(),
                         self.committed,
@@ -562,7 +562,7 @@ impl ElasticRuntime {
                     return Ok(());
                 }
                 Err(e) => {
-                    eprintln!(
+                    crate::say!(
                         "semoe: epoch {epoch_no} did not form (attempt {} of 8): {e}",
                         attempt + 1
                     );

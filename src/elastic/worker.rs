@@ -141,7 +141,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     let _metrics = match &options.metrics_addr {
         Some(addr) => {
             let server = crate::telemetry::metrics::serve(addr, crate::telemetry::metrics::install()?)?;
-            eprintln!("semoe worker: metrics on http://{}/metrics", server.local_addr());
+            crate::say!("semoe worker: metrics on http://{}/metrics", server.local_addr());
             Some(server)
         }
         None => None,
@@ -255,7 +255,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         }
         Answer::Offer { .. } => return Err(Error::protocol("the coordinator", "offered twice")),
     };
-    eprintln!("semoe worker: joined {addr} as member {member}");
+    crate::say!("semoe worker: joined {addr} as member {member}");
     if identity.fingerprint() != ticket.cert_sha256 {
         return Err(Error::protocol(
             "the coordinator",
@@ -274,7 +274,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     if config.train.same_host {
         // Without it the plane is QUIC-only, which works everywhere: say so, and go on.
         if let Err(e) = plane.enable_same_host(advertise) {
-            eprintln!("semoe worker: peers on this machine use QUIC: {e}");
+            crate::say!("semoe worker: peers on this machine use QUIC: {e}");
         }
     }
     let mut events = plane
@@ -340,7 +340,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
             _ = tick.tick() => {
                 if !asked_to_leave && stop.load(Ordering::SeqCst) != 0 {
                     asked_to_leave = true;
-                    eprintln!("semoe worker: leaving at the next step boundary (a second signal exits at once)");
+                    crate::say!("semoe worker: leaving at the next step boundary (a second signal exits at once)");
                     if let Err(e) = quic::write_frame(&mut send, &protocol::encode(&Notice::Leaving)?).await {
                         break Err(fenced(e));
                     }
@@ -647,7 +647,7 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
     let paths = shared.plane.link_paths();
     let same_host = paths.iter().filter(|(_, p)| *p == LinkPath::SameHost).count();
     if !paths.is_empty() {
-        eprintln!(
+        crate::say!(
             "semoe worker: epoch {epoch}: {same_host} peer(s) over same-host sockets, {} over QUIC",
             paths.len() - same_host
         );

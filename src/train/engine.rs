@@ -98,7 +98,7 @@ impl RuntimeEngine {
             let _guard = self.tokio.enter();
             Cluster::start(listen, &ticket, config, &corpus.digest())?
         };
-        eprintln!(
+        crate::say!(
             "semoe: coordinator listening on {}; workers join with `semoe worker --ticket {}`",
             cluster.addr(),
             ticket.display()
@@ -131,7 +131,7 @@ impl RuntimeEngine {
             optimizer.clone(),
             options,
         ))?;
-        eprintln!(
+        crate::say!(
             "semoe: {} worker processes ready in {:.1} s",
             runtime.stats().members,
             started.elapsed().as_secs_f64()
