@@ -56,6 +56,7 @@ pub mod actors;
 pub mod bench;
 pub mod chaos;
 pub mod config;
+pub mod console;
 pub mod data;
 pub mod elastic;
 pub mod error;

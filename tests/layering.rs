@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// The layers, lowest first; modules on one line are peers and may use each other.
 const LAYERS: &[&[&str]] = &[
-    &["error", "Error", "Result"],
+    &["error", "Error", "Result", "console", "say"],
     &["kernels"],
     &["model"],
     &["optimizer"],

@@ -12,21 +12,3 @@ pub use report::{
     ema_smoothing, read_metrics, summarize, write_report, LayerLoad, Metrics, ReportSummary, TrainRecord, ValRecord,
     EXPERTS_SVG, LOSS_SVG, METRICS_FILE, REPORT_MD, THROUGHPUT_SVG,
 };
-
-/// Print one line on stderr in a single write (see [`crate::say!`]).
-pub fn say_line(args: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let mut line = args.to_string();
-    line.push('\n');
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
-}
-
-/// `eprintln!` in one write: the coordinator and the worker processes it starts share a stderr,
-/// and `eprintln!` may write a line in pieces, so that two processes' lines could interleave
-/// mid-line. Lines up to the pipe buffer (4 KiB) stay whole.
-#[macro_export]
-macro_rules! say {
-    ($($arg:tt)*) => {
-        $crate::telemetry::say_line(format_args!($($arg)*))
-    };
-}
