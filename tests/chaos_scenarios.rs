@@ -251,9 +251,8 @@ fn each_actor_fault_alone_ends_bitwise_equal() {
 }
 
 /// Network faults on the in-process transport: a duplicated, delayed or reordered request changes
-/// nothing (replies are matched by id; a duplicate's second answer is dropped, and what it
-/// delivers again overwrites the same values); a dropped one is waited for until the collective
-/// deadline, and the run stops with that error (a missed deadline is not replayed).
+/// nothing (replies are matched by id; the receiver serves a duplicated request once); a dropped
+/// one is waited for until the collective deadline, and the run stops with that error (a missed deadline is not replayed).
 #[test]
 fn each_network_fault_alone_ends_as_documented() {
     let c = config(8, 2);

@@ -16,7 +16,7 @@ use crate::net::{Packet, Payload, Segment, Transport, WorkerId};
 use crate::storage::tiers::ExpertStore;
 use crate::telemetry::metrics as names;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -38,6 +38,11 @@ pub struct Registry {
 
 /// The registry, shared.
 pub type SharedRegistry = Arc<RwLock<Registry>>;
+
+/// How many of the latest requests a Communicator remembers, to serve a duplicate only once. A
+/// worker receives a few requests per peer, block and direction in a step, so this covers many
+/// steps.
+const SERVED_WINDOW: usize = 16_384;
 
 /// The next request id of this process.
 static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -93,6 +98,34 @@ impl CommArgs {
 pub struct CommState {
     args: CommArgs,
     pending: HashMap<u64, oneshot::Sender<Payload>>,
+    /// The requests served lately: a duplicate of one is dropped.
+    served: Served,
+}
+
+/// The requests a Communicator served lately, by `(sender, id)`, so that none is served twice.
+/// (Served twice at once, the second answer could be an error that arrives first: a backward whose
+/// forward state the first one already spent.) Only the latest [`SERVED_WINDOW`] are remembered.
+#[derive(Default)]
+struct Served {
+    ids: HashSet<(WorkerId, u64)>,
+    /// The same requests in arrival order, the oldest forgotten first.
+    order: VecDeque<(WorkerId, u64)>,
+}
+
+impl Served {
+    /// Remember a request; false if it was served already.
+    fn first_time(&mut self, from: WorkerId, id: u64) -> bool {
+        if !self.ids.insert((from, id)) {
+            return false;
+        }
+        self.order.push_back((from, id));
+        if self.order.len() > SERVED_WINDOW {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+        true
+    }
 }
 
 /// The Communicator actor.
@@ -107,6 +140,7 @@ impl Actor for CommActor {
         Ok(CommState {
             args,
             pending: HashMap::new(),
+            served: Served::default(),
         })
     }
 
@@ -173,7 +207,7 @@ impl Actor for CommActor {
                     if let Some(tx) = state.pending.remove(&packet.id) {
                         let _ = tx.send(packet.payload);
                     }
-                } else {
+                } else if state.served.first_time(packet.from, packet.id) {
                     let args = state.args.clone();
                     tokio::spawn(async move { serve(args, packet).await });
                 }
@@ -427,4 +461,28 @@ async fn run_experts(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_served_once_and_the_window_is_bounded() {
+        let mut served = Served::default();
+        assert!(served.first_time(0, 7));
+        assert!(!served.first_time(0, 7), "the duplicate is dropped");
+        assert!(
+            served.first_time(1, 7),
+            "the same id from another worker is another request"
+        );
+        for id in 100..100 + SERVED_WINDOW as u64 {
+            assert!(served.first_time(2, id));
+        }
+        assert_eq!(served.ids.len(), SERVED_WINDOW);
+        assert_eq!(served.order.len(), SERVED_WINDOW);
+        // The oldest two were forgotten; the newest is still remembered.
+        assert!(served.first_time(0, 7));
+        assert!(!served.first_time(2, 99 + SERVED_WINDOW as u64));
+    }
 }
