@@ -4,7 +4,7 @@
 //! order) is fixed by the model and the groups, so any plan gives the same parameters, bit for bit.
 
 use crate::error::{Error, Result};
-use crate::model::gpt::Gpt;
+use crate::model::gpt::{Gpt, GptConfig};
 
 // The spelling of a placement is part of the configuration (below the runtime); the plans built
 // from it are here.
@@ -76,10 +76,15 @@ impl Placement {
     /// the experts beyond a share, go to the least loaded workers; then each newcomer takes whole
     /// dense tensors from the most loaded worker until it carries three quarters of the average
     /// dense load. The configured [`ExpertPlacement`] decides only the first epoch's plan.
-    pub fn rebalanced(model: &Gpt<f32>, groups: usize, previous: &Placement, origin: &[Option<usize>]) -> Result<Self> {
+    pub fn rebalanced(
+        model: &GptConfig,
+        groups: usize,
+        previous: &Placement,
+        origin: &[Option<usize>],
+    ) -> Result<Self> {
         let workers = origin.len();
-        let e_count = model.config().experts;
-        let specs = model.specs();
+        let e_count = model.experts;
+        let specs = model.tensor_specs();
         if workers == 0 {
             return Err(Error::config("the runtime needs at least one worker"));
         }
@@ -385,7 +390,7 @@ mod tests {
     fn a_join_moves_only_the_newcomers_share() {
         let m = model(8);
         let two = Placement::new(&m, 4, 2, &ExpertPlacement::RoundRobin).expect("plan");
-        let three = Placement::rebalanced(&m, 4, &two, &[Some(0), Some(1), None]).expect("plan");
+        let three = Placement::rebalanced(m.config(), 4, &two, &[Some(0), Some(1), None]).expect("plan");
         balanced(&three);
         // 8 experts over 3 workers: 3, 3, 2; the two kept workers give up one each.
         assert_eq!(three.experts_of(2).len(), 2);
@@ -402,7 +407,7 @@ mod tests {
         let three = Placement::new(&m, 4, 3, &ExpertPlacement::RoundRobin).expect("plan");
         // Worker 1 leaves; workers 0 and 2 become 0 and 1.
         let origin = [Some(0), Some(2)];
-        let two = Placement::rebalanced(&m, 4, &three, &origin).expect("plan");
+        let two = Placement::rebalanced(m.config(), 4, &three, &origin).expect("plan");
         balanced(&two);
         let (experts, _) = changed(&three, &two, &origin);
         assert_eq!(experts, three.experts_of(1).len(), "only the leaver's experts move");
@@ -413,7 +418,7 @@ mod tests {
             assert_eq!(two.tensor_owner[i], 1, "a kept worker keeps tensor {i}");
         }
         // The same membership again moves nothing.
-        let same = Placement::rebalanced(&m, 4, &two, &[Some(0), Some(1)]).expect("plan");
+        let same = Placement::rebalanced(m.config(), 4, &two, &[Some(0), Some(1)]).expect("plan");
         assert_eq!(same, two);
     }
 

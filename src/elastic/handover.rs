@@ -240,7 +240,7 @@ mod tests {
         let specs = model.specs();
         let two = Placement::new(&model, 4, 2, &crate::config::ExpertPlacement::RoundRobin).expect("plan");
         let origin = [Some(0), Some(1), None];
-        let three = Placement::rebalanced(&model, 4, &two, &origin).expect("plan");
+        let three = Placement::rebalanced(model.config(), 4, &two, &origin).expect("plan");
         let moves = plan_moves(&config, &specs, &two, &three, &origin).expect("moves");
         assert!(moves.to[0].is_empty() && moves.to[1].is_empty(), "{moves:?}");
         assert_eq!(moves.to[2], Pieces::held_by(&config, &specs, &three, 2));
@@ -256,7 +256,7 @@ mod tests {
             assert!(p.experts.iter().all(|&(_, e)| two.expert_owner[e] == o));
         }
         // The same membership moves nothing.
-        let same = Placement::rebalanced(&model, 4, &three, &[Some(0), Some(1), Some(2)]).expect("plan");
+        let same = Placement::rebalanced(model.config(), 4, &three, &[Some(0), Some(1), Some(2)]).expect("plan");
         let none = plan_moves(&config, &specs, &three, &same, &[Some(0), Some(1), Some(2)]).expect("moves");
         assert_eq!(none.counts(), (0, 0));
     }

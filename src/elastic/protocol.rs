@@ -433,7 +433,8 @@ pub fn norms_from_wire(parts: Vec<(u64, u64, f64)>) -> Vec<NormPart> {
 
 /// Limits of a frame carrying up to three copies of a model of `config` (a snapshot, the state).
 pub fn state_limits(config: &TrainConfig) -> Result<Limits> {
-    let floats = Gpt::<f32>::zeros(&config.model)?.num_params();
+    config.model.validate()?;
+    let floats = config.model.num_params();
     Ok(Limits {
         header_bytes: 4 << 20,
         bodies: 64 + 12 * (config.model.n_layer * config.model.experts + 4 * config.model.n_layer + 8),
@@ -472,8 +473,7 @@ pub fn decode_reply(config: &TrainConfig, bytes: &[u8]) -> Result<(Reply, Option
         }
         return Ok((reply, None));
     };
-    let model = Gpt::<f32>::zeros(&config.model)?;
-    let specs = model.specs();
+    let specs = config.model.tensor_specs();
     let bad = |detail: String| Error::parse("a worker's snapshot", detail);
     if bodies.len() != 3 * header.dense.len() + 12 * header.experts.len() {
         return Err(bad(format!(

@@ -584,7 +584,7 @@ impl ElasticRuntime {
             Some((ids, plan)) => {
                 let origin: Vec<Option<usize>> =
                     members.iter().map(|m| ids.iter().position(|&id| id == m.id)).collect();
-                Placement::rebalanced(model, self.config.train.groups, plan, &origin)
+                Placement::rebalanced(model.config(), self.config.train.groups, plan, &origin)
             }
             None => Placement::new(
                 model,
@@ -599,14 +599,13 @@ impl ElasticRuntime {
     /// have every worker of `epoch` keep its state, and collect the pieces that change owner.
     async fn hand_over(&mut self, epoch: &Epoch) -> Result<Handover> {
         let members = self.next_members();
-        let shape = Gpt::<f32>::zeros(&self.config.model)?;
-        let specs = shape.specs();
+        let specs = self.config.model.tensor_specs();
         let old_plan = epoch.runtime.placement().clone();
         let origin: Vec<Option<usize>> = members
             .iter()
             .map(|m| epoch.members.iter().position(|o| o.id == m.id))
             .collect();
-        let plan = Placement::rebalanced(&shape, self.config.train.groups, &old_plan, &origin)?;
+        let plan = Placement::rebalanced(&self.config.model, self.config.train.groups, &old_plan, &origin)?;
         let moves = handover::plan_moves(&self.config, &specs, &old_plan, &plan, &origin)?;
         let max_reply = proxy::max_reply_bytes(&self.config)?;
         let mut tasks = tokio::task::JoinSet::new();

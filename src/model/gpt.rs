@@ -190,6 +190,35 @@ impl GptConfig {
         out
     }
 
+    /// How each tensor of [`GptConfig::tensor_shapes`] is owned and optimised, from the
+    /// configuration alone (no model of zeros is built: the coordinator checks every snapshot and
+    /// share against these, tens of megabytes a model would cost to allocate and clear each time).
+    pub fn tensor_specs(&self) -> Vec<TensorSpec> {
+        let experts = self.experts;
+        self.tensor_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let expert = is_expert_tensor(&name);
+                let unit_dims = if expert { shape.len() - 1 } else { shape.len() };
+                TensorSpec {
+                    experts: if expert { experts } else { 1 },
+                    expert,
+                    decay: unit_dims >= 2,
+                    name,
+                    shape,
+                }
+            })
+            .collect()
+    }
+
+    /// The number of parameters of a model of this configuration.
+    pub fn num_params(&self) -> usize {
+        self.tensor_shapes()
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum()
+    }
+
     /// The configuration of the MoE blocks.
     pub fn moe_config(&self) -> MoeConfig {
         MoeConfig {
@@ -463,21 +492,7 @@ impl<T: Scalar> Gpt<T> {
 
     /// How each tensor of [`Gpt::tensors`] is owned and optimised, in the same order.
     pub fn specs(&self) -> Vec<TensorSpec> {
-        let experts = self.config.experts;
-        self.tensors()
-            .into_iter()
-            .map(|(name, shape, _)| {
-                let expert = is_expert_tensor(&name);
-                let unit_dims = if expert { shape.len() - 1 } else { shape.len() };
-                TensorSpec {
-                    experts: if expert { experts } else { 1 },
-                    expert,
-                    decay: unit_dims >= 2,
-                    name,
-                    shape,
-                }
-            })
-            .collect()
+        self.config.tensor_specs()
     }
 
     /// The buffers of [`Gpt::tensors`], mutable, in the same order.

@@ -300,11 +300,8 @@ impl PacketShape {
             )));
         }
         let model = &config.model;
-        let tensor_lens = Gpt::<f32>::zeros(model)?
-            .specs()
-            .iter()
-            .map(|s| s.shape.iter().product())
-            .collect();
+        model.validate()?;
+        let tensor_lens = model.tensor_specs().iter().map(|s| s.shape.iter().product()).collect();
         let moe_layers: Vec<usize> = (0..model.n_layer).filter(|&l| model.is_moe(l)).collect();
         Ok(PacketShape {
             workers,
