@@ -2,6 +2,11 @@
 //! requests between chosen workers, or cuts two workers apart for a while (a partition), as the
 //! [`FaultPlan`] says ([`Target::Link`]).
 //!
+//! The same wrapper sits around the in-process transport (`net::local`) and, in each worker
+//! process of a chaos run over processes, around its QUIC data plane (`net::quic::QuicTransport`):
+//! `from` and `to` are worker indices of the epoch either way. A corrupt request is damaged bytes
+//! where bytes travel ([`Transport::send_damaged`]), a refusal modelled here where they do not.
+//!
 //! Only requests are faulted (the packets that name their step: expert rows, gradients,
 //! parameters, gathers); replies carry no step and pass untouched. A fault applies to the first
 //! request(s) from `from` to `to` of its step, whatever the attempt. A partition is the exception:
@@ -74,16 +79,21 @@ impl<T: Transport> Transport for FaultyTransport<T> {
         let fault = step.and_then(|step| self.plan.fire(&Target::Link { from, to }, step, Moment::Any));
         let result = match fault {
             Some(FaultKind::Drop) => Ok(()),
-            // No bytes travel in process: the damaged request is what the receiver's decoder
-            // refuses, and a peer that sends what cannot be decoded is evicted.
-            Some(FaultKind::Corrupt) => Err(Error::protocol(
-                format!("worker {from}"),
-                format!(
-                    "its request to worker {to} (step {}) arrived with damaged bytes and could not be decoded \
+            // Between worker processes real bytes travel: the transport flips a byte of the
+            // request's frame after its checksum, and the receiver refuses it and evicts this
+            // worker. In process no bytes travel: the damaged request is what the receiver's
+            // checks refuse, and a peer that sends what cannot be decoded is evicted.
+            Some(FaultKind::Corrupt) => match self.inner.send_damaged(packet) {
+                Some(sent) => sent,
+                None => Err(Error::protocol(
+                    format!("worker {from}"),
+                    format!(
+                        "its request to worker {to} (step {}) arrived with damaged bytes and could not be decoded \
                      (an injected link fault); in-process workers are not elastic, so the run stops",
-                    step.unwrap_or_default()
-                ),
-            )),
+                        step.unwrap_or_default()
+                    ),
+                )),
+            },
             Some(FaultKind::Duplicate) => self.inner.send(packet.clone()).and_then(|()| self.inner.send(packet)),
             Some(FaultKind::Delay(delay)) => match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
