@@ -744,3 +744,38 @@ fn a_corrupted_request_between_processes_evicts_its_sender_and_the_replay_is_bit
     // The sender's process was dismissed or ended; the copy before step 3 is the initial one.
     assert_eq!(json["processes"]["replayed_steps"], 3, "{json:#}");
 }
+
+#[test]
+fn the_flaky_network_processes_scenario_ends_bitwise_equal_with_every_link_fault_fired_once() {
+    let dir = TempDir::new("chaos-proc-flaky-network");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/flaky-network-processes.toml");
+    let mut run = ChaosRun::start(dir.path(), "flaky", &file, "10", "3");
+    let (status, json) = run.finish();
+    let out = run.output();
+    assert!(status.success(), "{out}");
+    assert_eq!(json["verdict"]["verdict"], "bitwise_equal", "{json:#}\n{out}");
+    let links = json["processes"]["link_faults"].as_array().expect("link faults");
+    assert!(links.len() >= 3, "the seed draws link faults: {json:#}");
+    // Every link between the workers of an epoch carries requests in every step (the parameter
+    // broadcast at least), and a fault goes only to the epoch that first runs its step: each
+    // fires exactly once, the kills and joins notwithstanding.
+    for f in links {
+        assert_eq!(f["fired"], 1, "{f:#}\n{out}");
+    }
+    let kinds: Vec<&str> = links.iter().map(|f| text(&f["kind"])).collect();
+    assert_eq!(
+        kinds,
+        ["duplicate", "delay 10ms", "reorder"],
+        "the file's seed draws one of each"
+    );
+    // Its seed also kills three workers and starts one (the link faults after them name the
+    // workers of the smaller epochs), and the replays after the kills ran without the link faults
+    // of the replayed steps (each fired once, above).
+    let p = &json["processes"];
+    assert_eq!(
+        (p["joins"].as_u64(), p["crashes"].as_u64()),
+        (Some(1), Some(3)),
+        "{p:#}"
+    );
+    assert!(p["replayed_steps"].as_u64().expect("replayed") > 0, "{p:#}");
+}

@@ -260,6 +260,42 @@ mod tests {
         assert_eq!(got, vec![1, 3]);
     }
 
+    /// A transport that carries bytes: it records what it was asked to send damaged.
+    struct Bytes(Mutex<Vec<(u64, bool)>>);
+
+    impl Transport for Bytes {
+        fn id(&self) -> WorkerId {
+            0
+        }
+        fn workers(&self) -> usize {
+            2
+        }
+        fn send(&self, packet: Packet) -> Result<()> {
+            self.0.lock().expect("lock").push((packet.id, false));
+            Ok(())
+        }
+        fn send_damaged(&self, packet: Packet) -> Option<Result<()>> {
+            self.0.lock().expect("lock").push((packet.id, true));
+            Some(Ok(()))
+        }
+    }
+
+    #[test]
+    fn where_bytes_travel_a_corrupted_request_is_sent_damaged() {
+        let plan = FaultPlan::none().with(Target::Link { from: 0, to: 1 }, 1, Moment::Any, FaultKind::Corrupt);
+        let t = FaultyTransport::new(Bytes(Mutex::new(Vec::new())), plan.clone());
+        for (id, step) in [(1, 0), (2, 1), (3, 1)] {
+            t.send(request(id, step)).expect("sent");
+        }
+        let sent = t.inner.0.lock().expect("lock").clone();
+        assert_eq!(
+            sent,
+            vec![(1, false), (2, true), (3, false)],
+            "only the first request of step 1"
+        );
+        assert_eq!(plan.firings().len(), 1);
+    }
+
     #[tokio::test]
     async fn each_network_fault_does_what_it_says() {
         // Requests 1 and 3 are of step 1; request 2 of step 0 and the replies are never faulted.

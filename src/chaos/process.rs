@@ -223,7 +223,8 @@ impl Scenario {
     /// scripted fault the membership cannot take (a worker the epoch does not have then, a join
     /// past the most workers, a fault that would leave no worker, a second phased fault on one
     /// process) is an error naming its entry and key; a random one is left out. Entries of other
-    /// actors are refused: a run over processes takes only process faults.
+    /// actors are refused: a run over processes takes only process faults (and link faults, which
+    /// [`Scenario::link_plan`] plans against this membership).
     pub fn process_plan(&self, layout: &ProcessLayout) -> Result<Vec<ProcessFault>> {
         if layout.steps == 0 {
             return Err(Error::config("a chaos run needs at least one step"));

@@ -840,3 +840,59 @@ fn decode_pieces_into(
     optimizer.step = header.step;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn link_faults_travel_in_a_setup_unchanged() {
+        let link = |kind| Fault {
+            target: Target::Link { from: 2, to: 0 },
+            step: 7,
+            moment: Moment::Any,
+            kind,
+            times: 2,
+        };
+        let kinds = [
+            FaultKind::Drop,
+            FaultKind::Duplicate,
+            FaultKind::Delay(Duration::from_micros(1500)),
+            FaultKind::Reorder,
+            FaultKind::Corrupt,
+            FaultKind::Partition(Duration::from_secs(2)),
+        ];
+        let wire: Vec<LinkFault> = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| LinkFault::from_fault(i + 3, &link(k)).expect("a link fault"))
+            .collect();
+        let setup = Command::Setup {
+            epoch: 4,
+            worker: 1,
+            workers: 3,
+            peers: vec![],
+            state_sha256: String::new(),
+            expert_owner: vec![],
+            tensor_owner: vec![],
+            keep: false,
+            link_faults: wire.clone(),
+        };
+        let bytes = encode(&setup).expect("encode");
+        let Command::Setup { link_faults, .. } = decode::<Command>(&bytes, "a command").expect("decode") else {
+            panic!("not a setup")
+        };
+        assert_eq!(link_faults, wire);
+        for (i, (f, k)) in link_faults.iter().zip(kinds).enumerate() {
+            assert_eq!(f.index as usize, i + 3);
+            assert_eq!(f.to_fault(), link(k), "the worker's plan has the coordinator's fault");
+        }
+        // Other faults are not link faults.
+        let expert = Fault {
+            target: Target::Expert { block: 0, expert: 1 },
+            ..link(FaultKind::Panic)
+        };
+        assert_eq!(LinkFault::from_fault(0, &expert), None);
+    }
+}
