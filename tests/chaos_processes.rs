@@ -779,3 +779,24 @@ fn the_flaky_network_processes_scenario_ends_bitwise_equal_with_every_link_fault
     );
     assert!(p["replayed_steps"].as_u64().expect("replayed") > 0, "{p:#}");
 }
+
+#[test]
+fn a_partition_between_processes_stops_the_run_at_its_deadline_and_loses_no_member() {
+    let dir = TempDir::new("chaos-proc-partition");
+    let scenario = link_fault("partition", "duration = \"5s\"\n", 0, 1, 2);
+    let (status, json, out) = chaos(dir.path(), "partition", &scenario, 5, 2);
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert_eq!(json["verdict"]["verdict"], "stopped", "{json:#}\n{out}");
+    assert_eq!(json["verdict"]["step"], 2, "{json:#}");
+    let error = text(&json["verdict"]["error"]);
+    assert!(
+        error.contains("did not answer") && error.contains("within 2000 ms"),
+        "{error}"
+    );
+    // Each end starts it at its own first request of the step: told once or twice, never more.
+    let fired = link(&json, 0)["fired"].as_u64().expect("fired");
+    assert!((1..=2).contains(&fired), "{json:#}");
+    // Packets were lost, not connections: no member lost, no new epoch.
+    assert_eq!(json["processes"]["epochs"], 1);
+    assert_eq!(json["processes"]["crashes"], 0);
+}
