@@ -56,11 +56,13 @@ pub enum Target {
         /// Worker index.
         worker: usize,
     },
-    /// The requests `from` sends `to` (a network fault: drop, duplicate, delay, reorder).
+    /// The requests `from` sends `to` (a network fault: drop, duplicate, delay, reorder, corrupt,
+    /// partition).
     Link {
-        /// The sending worker.
+        /// The sending worker (between worker processes: its index in the epoch that first runs
+        /// the fault's step).
         from: usize,
-        /// The receiving worker.
+        /// The receiving worker (likewise).
         to: usize,
     },
     /// The reads and writes of `worker`'s Disk tier (its slot file).
@@ -117,7 +119,9 @@ pub enum FaultKind {
     /// A checkpoint's save fails halfway through its optimizer file (a writer that dies there).
     Interrupt,
     /// A byte of a checkpoint's model file is flipped on disk after the save; for a link, the
-    /// request's bytes are damaged on the way (the receiver cannot decode it).
+    /// request's bytes are damaged on the way (in process, modelled as a request the receiver
+    /// cannot decode; between worker processes a byte of its frame is flipped, and the frame's
+    /// checksum refuses it).
     Corrupt,
     /// Every packet between the link's two workers, both ways, is lost for this long, from the
     /// first request of the fault's step on the link.

@@ -19,6 +19,12 @@
 //! coordinator continues a stopped one after its `duration`. No timing depends on a sleep except a
 //! stop's own duration.
 //!
+//! Link faults between the processes are planned against the same membership
+//! ([`Scenario::link_plan`]): their `from` and `to` are worker indices of the epoch that first runs
+//! their step. The coordinator hands them to the processes with each epoch's setup (only those of
+//! steps not yet attempted, so a step replayed after a loss runs without them), and each process
+//! fires them in its own transport, as in process (`chaos::net::FaultyTransport`).
+//!
 //! In code (what `semoe chaos --processes 2` plans for a scenario file with the same entries):
 //!
 //! ```
