@@ -456,7 +456,7 @@ fn process_faults_are_refused_naming_the_field() {
         (
             "[[fault]]\nactor = \"gate\"\nkind = \"error\"\nstep = 1\n".to_string(),
             "fault[0].actor",
-            "takes only process faults",
+            "takes only process and link faults",
         ),
     ];
     for (text, key, why) in plan_cases {
@@ -464,6 +464,62 @@ fn process_faults_are_refused_naming_the_field() {
         let err = scenario.process_plan(&layout).expect_err(&text).to_string();
         assert!(err.contains(key) && err.contains(why), "{text}\n{err}");
     }
+    // Link faults follow the membership the process faults make: worker 2 is gone after a kill,
+    // a lone worker has no link, and a corrupt link fault (an eviction) takes no process fault
+    // after it.
+    let link = |kind: &str, from: usize, to: usize, step: u64| {
+        format!("[[fault]]\nactor = \"link\"\nkind = \"{kind}\"\nfrom = {from}\nto = {to}\nstep = {step}\n")
+    };
+    let link_cases = [
+        (
+            format!("{}{}{}", join(1), kill(0, 2, "boundary"), link("drop", 2, 0, 3)),
+            "fault[2].from",
+            "does not exist at step 3",
+        ),
+        (
+            format!(
+                "{}[[fault]]\nactor = \"link\"\nkind = \"drop\"\nstep = 2\n",
+                kill(0, 1, "boundary")
+            ),
+            "fault[1].actor",
+            "needs 2 or more workers",
+        ),
+        (
+            format!("{}{}", kill(0, 1, "boundary"), link("drop", 0, 2, 1)),
+            "fault[1].to",
+            "does not exist at step 1",
+        ),
+        (
+            format!("{}{}", link("corrupt", 1, 0, 1), kill(0, 3, "boundary")),
+            "fault[0].kind",
+            "no process fault after a corrupt one",
+        ),
+        (
+            format!("{}{}", link("corrupt", 1, 0, 3), kill(0, 3, "forward")),
+            "fault[0].kind",
+            "evicts its sender",
+        ),
+        (link("drop", 0, 3, 1), "fault[0].to", "does not exist at step 1"),
+    ];
+    for (text, key, why) in link_cases {
+        let scenario = Scenario::from_toml(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let processes = scenario.process_plan(&layout).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let err = scenario.link_plan(&layout, &processes).expect_err(&text).to_string();
+        assert!(err.contains(key) && err.contains(why), "{text}\n{err}");
+    }
+    // What the process faults allow is planned: a kill at a phase of step 3 still counts its
+    // worker in step 3 (it is the epoch that first runs the step).
+    let text = format!(
+        "{}{}{}delay = \"5ms\"\n",
+        join(1),
+        kill(2, 3, "forward"),
+        link("delay", 2, 0, 3)
+    );
+    let scenario = Scenario::from_toml(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    let processes = scenario.process_plan(&layout).expect("process plan");
+    let (plan, planned) = scenario.link_plan(&layout, &processes).expect("link plan");
+    assert_eq!(plan.faults().len(), 1);
+    assert_eq!(planned[0].entry, 2);
     // And an in-process run refuses process faults, naming the flag.
     let scenario = Scenario::from_toml(&join(1)).expect("parses");
     let layout = semoe::chaos::Layout {
@@ -592,4 +648,155 @@ fn random_process_faults_end_bitwise_equal() {
     );
     assert_eq!(p["faults"].as_array().map(Vec::len), Some(plan.len()));
     assert_eq!(json["disturbed_steps"].as_array().map(Vec::len), Some(12));
+}
+
+/// A scenario of one link fault from worker `from` to worker `to` at `step` (`extra`: its other
+/// keys), with a collective deadline short enough for a lost request to end the run quickly.
+fn link_fault(kind: &str, extra: &str, from: usize, to: usize, step: u64) -> String {
+    format!(
+        "deadline = \"60s\"\ncollective_deadline = \"2s\"\n[[fault]]\nactor = \"link\"\nkind = \"{kind}\"\n{extra}\
+         from = {from}\nto = {to}\nstep = {step}\n"
+    )
+}
+
+fn link(json: &Value, i: usize) -> &Value {
+    &json["processes"]["link_faults"][i]
+}
+
+#[test]
+fn duplicated_delayed_and_reordered_requests_between_processes_change_nothing() {
+    let dir = TempDir::new("chaos-proc-links");
+    for (kind, extra, what) in [
+        ("duplicate", "", "served it once"),
+        ("delay", "delay = \"50ms\"\n", "left late"),
+        ("reorder", "", "after the next packet"),
+    ] {
+        let (status, json, out) = chaos(dir.path(), kind, &link_fault(kind, extra, 0, 1, 2), 5, 2);
+        assert!(status.success(), "{kind}: {out}");
+        // No membership change, no replay: one epoch, every step committed once, bitwise equal.
+        assert_equal_and_counted(&json, &out, 5, (1, 0, 0, 0));
+        let f = link(&json, 0);
+        assert_eq!(f["fired"], 1, "{kind}: {f:#}\n{out}");
+        assert_eq!(
+            (f["from"].as_u64(), f["to"].as_u64(), f["step"].as_u64()),
+            (Some(0), Some(1), Some(2))
+        );
+        // The sender told it, at step 2 of epoch 1: worker 0, the first process, member 1 (member
+        // numbers start at 1 and the processes join one at a time).
+        let first = &f["firings"][0];
+        assert_eq!(
+            (first[0].as_u64(), first[1].as_u64(), first[2].as_u64()),
+            (Some(1), Some(1), Some(2)),
+            "{kind}: {f:#}"
+        );
+        assert!(text(&f["detection"]).contains(what), "{kind}: {f:#}");
+        assert_eq!(json["processes"]["replayed_steps"], 0, "{kind}");
+    }
+}
+
+#[test]
+fn a_dropped_request_between_processes_stops_the_run_at_its_deadline_naming_the_worker() {
+    let dir = TempDir::new("chaos-proc-drop");
+    let started = Instant::now();
+    let (status, json, out) = chaos(dir.path(), "drop", &link_fault("drop", "", 1, 0, 2), 5, 2);
+    // A missed deadline is not a lost member: the run stops with it (exit code 2: stopped).
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert_eq!(json["verdict"]["verdict"], "stopped", "{json:#}\n{out}");
+    assert_eq!(json["verdict"]["step"], 2, "{json:#}");
+    let error = text(&json["verdict"]["error"]);
+    assert!(
+        error.contains("worker 0") && error.contains("did not answer"),
+        "{error}"
+    );
+    assert_eq!(link(&json, 0)["fired"], 1, "{json:#}");
+    // Steps 0 and 1 committed, nothing after; no membership change.
+    let committed: Vec<u64> = json["disturbed_steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(committed, vec![0, 1]);
+    assert_eq!(json["processes"]["epochs"], 1);
+    assert_eq!(json["processes"]["crashes"], 0);
+    assert!(started.elapsed() < Duration::from_secs(40), "{:?}", started.elapsed());
+}
+
+#[test]
+fn a_corrupted_request_between_processes_evicts_its_sender_and_the_replay_is_bitwise_equal() {
+    let dir = TempDir::new("chaos-proc-corrupt");
+    let (status, json, out) = chaos(dir.path(), "corrupt", &link_fault("corrupt", "", 2, 0, 3), 6, 3);
+    assert!(status.success(), "{out}");
+    // The sender is evicted (a loss): a new epoch of the two others replays from the copy.
+    assert_equal_and_counted(&json, &out, 6, (2, 0, 0, 1));
+    assert_eq!(epochs(&json), vec![(1, 0, 3), (2, 3, 2)]);
+    let f = link(&json, 0);
+    assert_eq!(f["fired"], 1, "it fires once: the replay runs without it: {f:#}");
+    assert_eq!(
+        f["firings"][0][0], 3,
+        "member 3 (worker 2, the third process), the sender, told it: {f:#}"
+    );
+    let why = text(&json["processes"]["history"][1]["why"]);
+    assert!(
+        why.contains("member 3 lost: evicted") && why.contains("malformed data") && why.contains("CRC-32"),
+        "the eviction names the sender and the checksum: {why}"
+    );
+    // The sender's process was dismissed or ended; the copy before step 3 is the initial one.
+    assert_eq!(json["processes"]["replayed_steps"], 3, "{json:#}");
+}
+
+#[test]
+fn the_flaky_network_processes_scenario_ends_bitwise_equal_with_every_link_fault_fired_once() {
+    let dir = TempDir::new("chaos-proc-flaky-network");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/flaky-network-processes.toml");
+    let mut run = ChaosRun::start(dir.path(), "flaky", &file, "10", "3");
+    let (status, json) = run.finish();
+    let out = run.output();
+    assert!(status.success(), "{out}");
+    assert_eq!(json["verdict"]["verdict"], "bitwise_equal", "{json:#}\n{out}");
+    let links = json["processes"]["link_faults"].as_array().expect("link faults");
+    assert!(links.len() >= 3, "the seed draws link faults: {json:#}");
+    // Every link between the workers of an epoch carries requests in every step (the parameter
+    // broadcast at least), and a fault goes only to the epoch that first runs its step: each
+    // fires exactly once, the kills and joins notwithstanding.
+    for f in links {
+        assert_eq!(f["fired"], 1, "{f:#}\n{out}");
+    }
+    let kinds: Vec<&str> = links.iter().map(|f| text(&f["kind"])).collect();
+    assert_eq!(
+        kinds,
+        ["duplicate", "delay 10ms", "reorder"],
+        "the file's seed draws one of each"
+    );
+    // Its seed also kills three workers and starts one (the link faults after them name the
+    // workers of the smaller epochs), and the replays after the kills ran without the link faults
+    // of the replayed steps (each fired once, above).
+    let p = &json["processes"];
+    assert_eq!(
+        (p["joins"].as_u64(), p["crashes"].as_u64()),
+        (Some(1), Some(3)),
+        "{p:#}"
+    );
+    assert!(p["replayed_steps"].as_u64().expect("replayed") > 0, "{p:#}");
+}
+
+#[test]
+fn a_partition_between_processes_stops_the_run_at_its_deadline_and_loses_no_member() {
+    let dir = TempDir::new("chaos-proc-partition");
+    let scenario = link_fault("partition", "duration = \"5s\"\n", 0, 1, 2);
+    let (status, json, out) = chaos(dir.path(), "partition", &scenario, 5, 2);
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert_eq!(json["verdict"]["verdict"], "stopped", "{json:#}\n{out}");
+    assert_eq!(json["verdict"]["step"], 2, "{json:#}");
+    let error = text(&json["verdict"]["error"]);
+    assert!(
+        error.contains("did not answer") && error.contains("within 2000 ms"),
+        "{error}"
+    );
+    // Each end starts it at its own first request of the step: told once or twice, never more.
+    let fired = link(&json, 0)["fired"].as_u64().expect("fired");
+    assert!((1..=2).contains(&fired), "{json:#}");
+    // Packets were lost, not connections: no member lost, no new epoch.
+    assert_eq!(json["processes"]["epochs"], 1);
+    assert_eq!(json["processes"]["crashes"], 0);
 }

@@ -678,8 +678,8 @@ fn the_command_writes_its_report() {
 /// The scenarios of `scenarios/`, each on a small job: the ready-made files parse, fit the small
 /// model too, and end as their comments say (`dying-disk.toml`, which needs storage budgets, in
 /// `tests/chaos_disk.rs`, `flaky-disk.toml` as its soak; `torn-checkpoints.toml` in
-/// `tests/chaos_checkpoint.rs`; `rolling-restart.toml` and `random-processes.toml`, over worker
-/// processes, in `tests/chaos_processes.rs`).
+/// `tests/chaos_checkpoint.rs`; `rolling-restart.toml`, `random-processes.toml` and
+/// `flaky-network-processes.toml`, over worker processes, in `tests/chaos_processes.rs`).
 #[test]
 fn the_ready_scenarios_end_as_documented() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
@@ -694,6 +694,7 @@ fn the_ready_scenarios_end_as_documented() {
             "dying-disk.toml",
             "flaky-actors.toml",
             "flaky-disk.toml",
+            "flaky-network-processes.toml",
             "flaky-network.toml",
             "random-processes.toml",
             "random-soak.toml",

@@ -9,7 +9,9 @@
 //! say how every fault was detected and how long the repair took. A [`Scenario`] (a TOML file or
 //! [`Scenario::builder`]) describes faults, scripted or drawn from a seed, and turns into a plan.
 //! Network faults ([`Target::Link`]) are injected by [`net::FaultyTransport`], which the runtime
-//! wraps around its in-process transport when the plan has any. Disk faults ([`Target::Disk`])
+//! wraps around its in-process transport when the plan has any (and each worker process of a
+//! chaos run over processes around its data plane's transport, with the link faults its epoch's
+//! `Setup` carries; [`FaultPlan::observe`] tells the coordinator of each firing). Disk faults ([`Target::Disk`])
 //! are injected by the plan itself, as the [`DiskFaults`] hook the runtime gives the workers'
 //! Disk tiers when the plan has any; they fire once the workers have begun their step (the plan
 //! is told each step's start: [`FaultPlan::begin_step`]).
@@ -54,11 +56,13 @@ pub enum Target {
         /// Worker index.
         worker: usize,
     },
-    /// The requests `from` sends `to` (a network fault: drop, duplicate, delay, reorder).
+    /// The requests `from` sends `to` (a network fault: drop, duplicate, delay, reorder, corrupt,
+    /// partition).
     Link {
-        /// The sending worker.
+        /// The sending worker (between worker processes: its index in the epoch that first runs
+        /// the fault's step).
         from: usize,
-        /// The receiving worker.
+        /// The receiving worker (likewise).
         to: usize,
     },
     /// The reads and writes of `worker`'s Disk tier (its slot file).
@@ -115,7 +119,9 @@ pub enum FaultKind {
     /// A checkpoint's save fails halfway through its optimizer file (a writer that dies there).
     Interrupt,
     /// A byte of a checkpoint's model file is flipped on disk after the save; for a link, the
-    /// request's bytes are damaged on the way (the receiver cannot decode it).
+    /// request's bytes are damaged on the way (in process, modelled as a request the receiver
+    /// cannot decode; between worker processes a byte of its frame is flipped, and the frame's
+    /// checksum refuses it).
     Corrupt,
     /// Every packet between the link's two workers, both ways, is lost for this long, from the
     /// first request of the fault's step on the link.
@@ -206,8 +212,34 @@ pub struct Restart {
     pub at: Instant,
 }
 
+/// What [`FaultPlan::observe`] calls with each firing.
+type OnFiring = Arc<dyn Fn(&Firing) + Send + Sync>;
+
+/// Told of each firing as it happens (under the plan's lock: it must only queue the news).
+#[derive(Clone, Default)]
+struct Observer(Option<OnFiring>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Observer(set)"
+        } else {
+            "Observer(none)"
+        })
+    }
+}
+
+impl Observer {
+    fn tell(&self, firing: &Firing) {
+        if let Some(f) = &self.0 {
+            f(firing);
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
+    observer: Observer,
     faults: Vec<Fault>,
     /// Whether each fault (by index) fired at least once (a silence fires once and stays).
     fired: Vec<bool>,
@@ -271,14 +303,23 @@ impl FaultPlan {
         hit.times -= 1;
         let kind = hit.kind;
         inner.fired[index] = true;
-        inner.firings.push(Firing {
+        let firing = Firing {
             fault: index,
             step,
             moment,
             at: Instant::now(),
             detail: String::new(),
-        });
+        };
+        inner.observer.tell(&firing);
+        inner.firings.push(firing);
         Some(kind)
+    }
+
+    /// Call `f` with each later firing of a scripted fault or a partition, as it happens (a worker
+    /// process tells the coordinator of its link faults so; disk faults and silences are not
+    /// told). `f` runs under the plan's lock: it must only queue the news.
+    pub fn observe(&self, f: impl Fn(&Firing) + Send + Sync + 'static) {
+        self.lock().observer = Observer(Some(Arc::new(f)));
     }
 
     /// Whether `worker`'s communicator is planned to stay silent from `step` on (not spent). The
@@ -351,13 +392,15 @@ impl FaultPlan {
             inner.fired[index] = true;
             inner.faults[index].times = 0;
             let step = step.unwrap_or_default();
-            inner.firings.push(Firing {
+            let firing = Firing {
                 fault: index,
                 step,
                 moment: Moment::Any,
                 at: now,
                 detail: format!("the first packet lost: a request from worker {from} to worker {to}"),
-            });
+            };
+            inner.observer.tell(&firing);
+            inner.firings.push(firing);
         }
         true
     }

@@ -2,6 +2,11 @@
 //! requests between chosen workers, or cuts two workers apart for a while (a partition), as the
 //! [`FaultPlan`] says ([`Target::Link`]).
 //!
+//! The same wrapper sits around the in-process transport (`net::local`) and, in each worker
+//! process of a chaos run over processes, around its QUIC data plane (`net::quic::QuicTransport`):
+//! `from` and `to` are worker indices of the epoch either way. A corrupt request is damaged bytes
+//! where bytes travel ([`Transport::send_damaged`]), a refusal modelled here where they do not.
+//!
 //! Only requests are faulted (the packets that name their step: expert rows, gradients,
 //! parameters, gathers); replies carry no step and pass untouched. A fault applies to the first
 //! request(s) from `from` to `to` of its step, whatever the attempt. A partition is the exception:
@@ -74,16 +79,21 @@ impl<T: Transport> Transport for FaultyTransport<T> {
         let fault = step.and_then(|step| self.plan.fire(&Target::Link { from, to }, step, Moment::Any));
         let result = match fault {
             Some(FaultKind::Drop) => Ok(()),
-            // No bytes travel in process: the damaged request is what the receiver's decoder
-            // refuses, and a peer that sends what cannot be decoded is evicted.
-            Some(FaultKind::Corrupt) => Err(Error::protocol(
-                format!("worker {from}"),
-                format!(
-                    "its request to worker {to} (step {}) arrived with damaged bytes and could not be decoded \
+            // Between worker processes real bytes travel: the transport flips a byte of the
+            // request's frame after its checksum, and the receiver refuses it and evicts this
+            // worker. In process no bytes travel: the damaged request is what the receiver's
+            // checks refuse, and a peer that sends what cannot be decoded is evicted.
+            Some(FaultKind::Corrupt) => match self.inner.send_damaged(packet) {
+                Some(sent) => sent,
+                None => Err(Error::protocol(
+                    format!("worker {from}"),
+                    format!(
+                        "its request to worker {to} (step {}) arrived with damaged bytes and could not be decoded \
                      (an injected link fault); in-process workers are not elastic, so the run stops",
-                    step.unwrap_or_default()
-                ),
-            )),
+                        step.unwrap_or_default()
+                    ),
+                )),
+            },
             Some(FaultKind::Duplicate) => self.inner.send(packet.clone()).and_then(|()| self.inner.send(packet)),
             Some(FaultKind::Delay(delay)) => match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
@@ -248,6 +258,42 @@ mod tests {
             got.push(p.id);
         }
         assert_eq!(got, vec![1, 3]);
+    }
+
+    /// A transport that carries bytes: it records what it was asked to send damaged.
+    struct Bytes(Mutex<Vec<(u64, bool)>>);
+
+    impl Transport for Bytes {
+        fn id(&self) -> WorkerId {
+            0
+        }
+        fn workers(&self) -> usize {
+            2
+        }
+        fn send(&self, packet: Packet) -> Result<()> {
+            self.0.lock().expect("lock").push((packet.id, false));
+            Ok(())
+        }
+        fn send_damaged(&self, packet: Packet) -> Option<Result<()>> {
+            self.0.lock().expect("lock").push((packet.id, true));
+            Some(Ok(()))
+        }
+    }
+
+    #[test]
+    fn where_bytes_travel_a_corrupted_request_is_sent_damaged() {
+        let plan = FaultPlan::none().with(Target::Link { from: 0, to: 1 }, 1, Moment::Any, FaultKind::Corrupt);
+        let t = FaultyTransport::new(Bytes(Mutex::new(Vec::new())), plan.clone());
+        for (id, step) in [(1, 0), (2, 1), (3, 1)] {
+            t.send(request(id, step)).expect("sent");
+        }
+        let sent = t.inner.0.lock().expect("lock").clone();
+        assert_eq!(
+            sent,
+            vec![(1, false), (2, true), (3, false)],
+            "only the first request of step 1"
+        );
+        assert_eq!(plan.firings().len(), 1);
     }
 
     #[tokio::test]

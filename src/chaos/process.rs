@@ -19,6 +19,12 @@
 //! coordinator continues a stopped one after its `duration`. No timing depends on a sleep except a
 //! stop's own duration.
 //!
+//! Link faults between the processes are planned against the same membership
+//! ([`Scenario::link_plan`]): their `from` and `to` are worker indices of the epoch that first runs
+//! their step. The coordinator hands them to the processes with each epoch's setup (only those of
+//! steps not yet attempted, so a step replayed after a loss runs without them), and each process
+//! fires them in its own transport, as in process (`chaos::net::FaultyTransport`).
+//!
 //! In code (what `semoe chaos --processes 2` plans for a scenario file with the same entries):
 //!
 //! ```
@@ -39,8 +45,8 @@
 //! # }
 //! ```
 
-use super::scenario::{ActorKind, FaultSpec, Scenario, When};
-use super::FaultKind;
+use super::scenario::{draw, ActorKind, FaultSpec, Layout, PlannedFault, Scenario, When};
+use super::{FaultKind, FaultPlan};
 use crate::error::{Error, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -223,7 +229,8 @@ impl Scenario {
     /// scripted fault the membership cannot take (a worker the epoch does not have then, a join
     /// past the most workers, a fault that would leave no worker, a second phased fault on one
     /// process) is an error naming its entry and key; a random one is left out. Entries of other
-    /// actors are refused: a run over processes takes only process faults.
+    /// actors are refused: a run over processes takes only process faults (and link faults, which
+    /// [`Scenario::link_plan`] plans against this membership).
     pub fn process_plan(&self, layout: &ProcessLayout) -> Result<Vec<ProcessFault>> {
         if layout.steps == 0 {
             return Err(Error::config("a chaos run needs at least one step"));
@@ -236,15 +243,21 @@ impl Scenario {
         let mut rngs = Vec::new();
         for (entry, spec) in self.faults.iter().enumerate() {
             let at = format!("fault[{entry}]");
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+            rng.set_stream(entry as u64);
+            // Link faults are planned by `link_plan`, against the membership planned here.
+            if spec.actor == ActorKind::Link {
+                rngs.push(rng);
+                continue;
+            }
             if spec.actor != ActorKind::Process {
                 return Err(Error::config(format!(
                     "chaos scenario: {at}.actor: a chaos run over worker processes (--processes) takes only process \
-                     faults; {} faults run on in-process workers (--workers, without --processes)",
+                     and link faults; {} faults run on in-process workers (--workers, without --processes): the \
+                     actors of a worker process are not reachable from the coordinator's fault plan",
                     spec.actor.name()
                 )));
             }
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-            rng.set_stream(entry as u64);
             let phase = spec.phase.unwrap_or(Phase::Boundary);
             match spec.when {
                 When::At(step) if step >= layout.steps => {
@@ -376,5 +389,101 @@ impl Scenario {
             plan.push(fault);
         }
         Ok(plan)
+    }
+
+    /// The link faults for a run over worker processes, against the membership `processes` (this
+    /// scenario's [`Scenario::process_plan`]) makes: a link fault's `from` and `to` are worker
+    /// indices of the epoch that first runs its step (after that step's boundary faults; a worker
+    /// a phased fault removes during the step still counts in it). A scripted link fault naming a
+    /// worker that epoch does not have, or on an epoch of one worker, is an error naming its entry
+    /// and key (a random one is left out); what an entry leaves out is drawn from the seed among
+    /// that epoch's workers. A corrupt link fault evicts its sender, a membership change the
+    /// process plan cannot foresee, so process faults after one are refused. Also returns each
+    /// planned fault with its entry, in plan order (the plan's indices).
+    pub fn link_plan(
+        &self,
+        layout: &ProcessLayout,
+        processes: &[ProcessFault],
+    ) -> Result<(FaultPlan, Vec<PlannedFault>)> {
+        // Workers of the epoch that first runs `step`.
+        let workers_at = |step: u64| {
+            processes
+                .iter()
+                .rfind(|f| f.step < step || (f.step == step && f.phase == Phase::Boundary))
+                .map_or(layout.processes, |f| f.members_after)
+        };
+        let plan = FaultPlan::none();
+        let mut planned = Vec::new();
+        for (entry, spec) in self.faults.iter().enumerate() {
+            if spec.actor != ActorKind::Link {
+                continue;
+            }
+            let at = format!("fault[{entry}]");
+            let refuse = |key: &str, why: String| Error::config(format!("chaos scenario: {at}.{key}: {why}"));
+            let scripted = matches!(spec.when, When::At(_));
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+            rng.set_stream(entry as u64);
+            let steps: Vec<u64> = match spec.when {
+                When::At(step) if step >= layout.steps => {
+                    return Err(refuse(
+                        "step",
+                        format!("step {step} is past the run's last step ({})", layout.steps - 1),
+                    ))
+                }
+                When::At(step) => vec![step],
+                When::Random(p) => (0..layout.steps).filter(|_| rng.random_bool(p)).collect(),
+            };
+            for step in steps {
+                let workers = workers_at(step);
+                let named = [("from", spec.from), ("to", spec.to)]
+                    .into_iter()
+                    .find_map(|(key, w)| w.filter(|&w| w >= workers).map(|w| (key, w)));
+                if workers < 2 || named.is_some() {
+                    if !scripted {
+                        continue;
+                    }
+                    return Err(match named {
+                        Some((key, w)) => refuse(
+                            key,
+                            format!(
+                                "worker {w} does not exist at step {step}: the epoch then has {workers} workers (0 to \
+                                 {})",
+                                workers.saturating_sub(1)
+                            ),
+                        ),
+                        None => refuse(
+                            "actor",
+                            format!("a link fault needs 2 or more workers: at step {step} the epoch has one"),
+                        ),
+                    });
+                }
+                if spec.kind == FaultKind::Corrupt {
+                    if let Some(later) = processes
+                        .iter()
+                        .find(|f| f.step > step || (f.step == step && f.phase != Phase::Boundary))
+                    {
+                        return Err(refuse(
+                            "kind",
+                            format!(
+                                "a corrupt link fault at step {step} evicts its sender, which the plan of fault[{}] (a \
+                                 process fault at step {}) cannot foresee: a run over processes takes no process fault \
+                                 after a corrupt one",
+                                later.entry, later.step
+                            ),
+                        ));
+                    }
+                }
+                let shape = Layout {
+                    steps: layout.steps,
+                    workers,
+                    moe_blocks: Vec::new(),
+                    experts: 0,
+                };
+                let fault = draw(spec, step, &shape, &mut rng);
+                plan.push(fault.clone());
+                planned.push(PlannedFault { entry, fault });
+            }
+        }
+        Ok((plan, planned))
     }
 }

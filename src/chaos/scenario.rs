@@ -26,7 +26,9 @@
 //! step = 6
 //! ```
 //!
-//! A run over worker processes (`semoe chaos --processes N`) takes process faults instead:
+//! A run over worker processes (`semoe chaos --processes N`) takes process faults and link faults
+//! (no actor, disk or checkpoint faults: the actors of a worker process are out of the plan's
+//! reach):
 //!
 //! ```toml
 //! [[fault]]           # worker 0's process is SIGKILLed when the first expert forward packet
@@ -47,7 +49,25 @@
 //! duration = "300ms"
 //! worker = 1
 //! step = 8
+//!
+//! [[fault]]           # the first request worker 1 sends worker 0 in step 9 arrives twice
+//! actor = "link"
+//! kind = "duplicate"
+//! from = 1
+//! to = 0
+//! step = 9
 //! ```
+//!
+//! Between worker processes a link fault fires in the sending process's transport (the same
+//! wrapper as in process, around its data plane), at the same requests as between in-process
+//! workers. `from` and `to` are worker indices of the epoch that first runs the fault's step (after
+//! that step's boundary process faults: the worker order follows the membership the process faults
+//! make, as for `worker` below); the fault travels to the worker processes with that epoch, and a
+//! step replayed by a later epoch (after a loss) runs without it. `corrupt` really flips a byte of
+//! the request's frame: the receiver's checksum refuses it and the coordinator evicts the sender,
+//! after which the survivors replay from the in-memory copy (so no process fault may follow a
+//! corrupt link fault); `drop` and `partition` stop the run at the collective deadline, as in
+//! process. See `docs/runtime-semantics.md` for each kind.
 //!
 //! Keys of a `[[fault]]`:
 //!
@@ -62,7 +82,8 @@
 //!   worker process of a run over processes, `--processes N`; see [`super::process`]).
 //! - `kind`: `error` (the handler returns an error) or `panic` (the handler panics); for a link,
 //!   `drop`, `duplicate`, `delay` (with `delay = "50ms"`), `reorder` (the request arrives after
-//!   the next one), `corrupt` (its bytes are damaged: the receiver cannot decode it) or
+//!   the next one), `corrupt` (its bytes are damaged: in process the receiver cannot decode it;
+//!   between processes a byte of its frame is flipped and the frame's checksum refuses it) or
 //!   `partition` (with `duration = "2s"`: from the first request of its step on that link, every
 //!   packet between the two workers, both ways, replies too, is lost for that long); not for
 //!   `silence`. A link fault hits the first request(s) of its step on that
@@ -1044,7 +1065,7 @@ impl Scenario {
 }
 
 /// One fault of `spec` at `step`, drawing what the entry leaves out.
-fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> Fault {
+pub(super) fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> Fault {
     let mut pick = |given: Option<usize>, n: usize| given.unwrap_or_else(|| rng.random_range(0..n));
     let target = match spec.actor {
         ActorKind::Expert => {

@@ -32,7 +32,9 @@ pub struct ChaosArgs {
 const CHAOS_AFTER_HELP: &str = "The job runs on the in-process actor runtime (--workers, default from the config; \
 without --steps or --config it runs 20 steps); with --processes N it runs on N `semoe worker` processes started \
 here (127.0.0.1, ports from the OS, their logs under the run directory's workers/), the scenario holds process \
-faults (kill, stop, leave, join), and the undisturbed run uses N in-process workers. Disk faults need storage budgets that leave experts on disk \
+faults (kill, stop, leave, join) and link faults between the processes (drop, duplicate, delay, reorder, corrupt, \
+partition; from and to are worker indices of the epoch that first runs the step), and the undisturbed run uses N \
+in-process workers. Disk faults need storage budgets that leave experts on disk \
 (--device-budget, --host-budget); the Disk tiers live under the run directory's tiers/, and with checkpoint faults \
 the disturbed run's checkpoints under its checkpoints/. Exit status: 0 when the final parameters and optimizer state are \
 bitwise equal to the undisturbed run's; 2 when the disturbed run stopped with an error (the report names it); 1 \
@@ -130,6 +132,12 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
                     .map_or(String::new(), |r| format!("; step committed {r:.3} s after the fault"))
             );
         }
+        for f in &p.link_faults {
+            println!(
+                "  link fault {}: {} from worker {} to worker {} at step {}: fired {}x; {}",
+                f.index, f.kind, f.from, f.to, f.step, f.fired, f.detection
+            );
+        }
     }
     println!("verdict: {}", report.verdict_line());
     println!("report: {}", dir.join("chaos.md").display());
@@ -172,12 +180,13 @@ fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir
             ..scenario.clone()
         };
         let report = chaos::run_in(config, &s, dir)?;
-        // In-process faults count their firings; a process fault fires once or not at all.
+        // In-process faults count their firings; a process fault fires once or not at all; a link
+        // fault between processes counts what the workers told.
         let fired: usize = report.faults.iter().map(|f| f.fired).sum::<usize>()
-            + report
-                .processes
-                .as_ref()
-                .map_or(0, |p| p.faults.iter().filter(|f| f.injected_at_s.is_some()).count());
+            + report.processes.as_ref().map_or(0, |p| {
+                p.faults.iter().filter(|f| f.injected_at_s.is_some()).count()
+                    + p.link_faults.iter().map(|f| f.fired).sum::<usize>()
+            });
         println!(
             "seed {seed}: {fired} faults fired, {} replays: {}",
             report.replays,

@@ -31,6 +31,10 @@ pub fn make_identity(dir: &Path, addr: SocketAddr) -> Result<JoinTicket> {
     Ok(ticket)
 }
 
+/// How long an evicted member's control connection stays open after it is marked gone (to read
+/// the notices already on their way).
+const EVICTION_GRACE: Duration = Duration::from_millis(500);
+
 /// Where a member stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -65,6 +69,25 @@ struct Book {
     members: BTreeMap<u64, Member>,
     /// Member ids of each worker index of an epoch (to name the peer of a worker's notice).
     epochs: BTreeMap<u64, Vec<u64>>,
+    /// The link faults of a chaos run that fired, as the workers told them.
+    link_firings: Vec<LinkFiring>,
+}
+
+/// A link fault of a chaos run that fired in a worker's transport ([`Notice::LinkFault`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinkFiring {
+    /// The member that told it (the fault's sender, or an end of a partition).
+    pub member: u64,
+    /// The fault's index in the chaos run's plan.
+    pub index: u32,
+    /// The epoch.
+    pub epoch: u64,
+    /// The step of the request it hit.
+    pub step: u64,
+    /// What it hit, when the fault does not say it all.
+    pub detail: String,
+    /// When the coordinator heard of it.
+    pub at: std::time::Instant,
 }
 
 /// What must match between the coordinator and a joining worker.
@@ -95,6 +118,15 @@ pub struct ExitWatch {
 }
 
 impl ExitWatch {
+    /// The link faults that fired so far, in the order the coordinator heard of them.
+    pub fn link_firings(&self) -> Vec<LinkFiring> {
+        self.book
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .link_firings
+            .clone()
+    }
+
     /// The member that process `pid` of this machine is, and where it stands (`None`: it has not
     /// joined). A chaos run over processes reads it to say when and how a fault was noticed.
     pub fn member_of(&self, pid: u32) -> Option<(u64, Status)> {
@@ -389,9 +421,31 @@ async fn admit(
                     let reason = format!("evicted: member {id} reports it sent malformed data ({detail})");
                     crate::say!("semoe: member {} ({}) {reason}", m.id, m.name);
                     m.status = Status::Gone(reason.clone());
-                    m.conn.close(3u32.into(), reason.as_bytes());
+                    // Gone at once (the runtime abandons the step); its connection closes a moment
+                    // later, so that the notices it sent before its bad frame arrived (a chaos run's
+                    // link fault firing: told before the damaged frame left) are still read.
+                    let conn = m.conn.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(EVICTION_GRACE).await;
+                        conn.close(3u32.into(), reason.as_bytes());
+                    });
                     metrics::counter!(names::MEMBERSHIP, "kind" => "evicted").increment(1);
                 }
+            }
+            Notice::LinkFault {
+                index,
+                epoch,
+                step,
+                detail,
+            } => {
+                b.link_firings.push(LinkFiring {
+                    member: id,
+                    index,
+                    epoch,
+                    step,
+                    detail,
+                    at: std::time::Instant::now(),
+                });
             }
             Notice::PeerLost { peer, epoch, detail } => {
                 crate::say!("semoe: member {id} lost its link to worker {peer} of epoch {epoch}: {detail}");

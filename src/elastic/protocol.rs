@@ -20,6 +20,7 @@
 use super::handover::Pieces;
 use crate::actors::ledger::LedgerSnapshot;
 use crate::actors::worker::NormPart;
+use crate::chaos::{Fault, FaultKind, Moment, Target};
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::model::gpt::{Gpt, GroupOutput};
@@ -31,7 +32,7 @@ use crate::storage::tiers::ExpertSlot;
 pub use super::fingerprint::KernelFingerprint;
 
 /// The protocol's version: both sides must speak the same one.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 
 /// The binary's version, compared at the join (different builds may compute different bits).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -119,6 +120,104 @@ pub enum Notice {
         /// Why.
         detail: String,
     },
+    /// A link fault of a chaos run ([`LinkFault`]) fired in this worker's transport (told at once,
+    /// before the faulted request leaves: a corrupt one gets this worker evicted).
+    LinkFault {
+        /// The fault's [`LinkFault::index`].
+        index: u32,
+        /// The epoch.
+        epoch: u64,
+        /// The step of the request it hit.
+        step: u64,
+        /// What it hit, when the fault does not say it all (a partition's first lost packet).
+        detail: String,
+    },
+}
+
+/// What a link fault does, on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub enum LinkKind {
+    /// The request is lost.
+    Drop,
+    /// It arrives twice.
+    Duplicate,
+    /// It arrives this many nanoseconds later.
+    Delay(u64),
+    /// It arrives after the next one on its link.
+    Reorder,
+    /// A byte of its frame is flipped on the way.
+    Corrupt,
+    /// Every packet between the two workers is lost for this many nanoseconds.
+    Partition(u64),
+}
+
+/// A link fault of a chaos run over worker processes, as [`Command::Setup`] carries it: the
+/// worker process wraps its data plane's transport in `chaos::net::FaultyTransport` with these,
+/// so that they fire at the same requests as between in-process workers. `from` and `to` are
+/// worker indices of the epoch being set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct LinkFault {
+    /// The fault's index in the chaos run's plan (what the worker's notices name).
+    pub index: u32,
+    /// The sending worker.
+    pub from: u32,
+    /// The receiving worker.
+    pub to: u32,
+    /// The step whose requests it hits.
+    pub step: u64,
+    /// What it does.
+    pub kind: LinkKind,
+    /// How many requests it hits.
+    pub times: u32,
+}
+
+impl LinkFault {
+    /// `fault` (number `index` of the plan) on the wire; `None` when it is not a link fault.
+    pub fn from_fault(index: usize, fault: &Fault) -> Option<LinkFault> {
+        let Target::Link { from, to } = fault.target else {
+            return None;
+        };
+        let nanos = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let kind = match fault.kind {
+            FaultKind::Drop => LinkKind::Drop,
+            FaultKind::Duplicate => LinkKind::Duplicate,
+            FaultKind::Delay(d) => LinkKind::Delay(nanos(d)),
+            FaultKind::Reorder => LinkKind::Reorder,
+            FaultKind::Corrupt => LinkKind::Corrupt,
+            FaultKind::Partition(d) => LinkKind::Partition(nanos(d)),
+            _ => return None,
+        };
+        Some(LinkFault {
+            index: u32::try_from(index).ok()?,
+            from: u32::try_from(from).ok()?,
+            to: u32::try_from(to).ok()?,
+            step: fault.step,
+            kind,
+            times: fault.times,
+        })
+    }
+
+    /// The fault for the worker's own plan.
+    pub fn to_fault(&self) -> Fault {
+        let d = std::time::Duration::from_nanos;
+        Fault {
+            target: Target::Link {
+                from: self.from as usize,
+                to: self.to as usize,
+            },
+            step: self.step,
+            moment: Moment::Any,
+            kind: match self.kind {
+                LinkKind::Drop => FaultKind::Drop,
+                LinkKind::Duplicate => FaultKind::Duplicate,
+                LinkKind::Delay(n) => FaultKind::Delay(d(n)),
+                LinkKind::Reorder => FaultKind::Reorder,
+                LinkKind::Corrupt => FaultKind::Corrupt,
+                LinkKind::Partition(n) => FaultKind::Partition(d(n)),
+            },
+            times: self.times,
+        }
+    }
 }
 
 /// A step in a command: `(step, attempt)`.
@@ -148,6 +247,9 @@ pub enum Command {
         /// Start from the state this worker kept at the last [`Command::Hand`], overlaid with the
         /// frame that follows (only what it lacks), instead of from the frame alone.
         keep: bool,
+        /// A chaos run's link faults for this epoch (empty in a real run): those of the steps not
+        /// yet attempted, so that a step replayed after a membership change runs undisturbed.
+        link_faults: Vec<LinkFault>,
     },
     /// A membership change at a step boundary, before the next epoch's setups: keep a copy of
     /// this worker's committed state (for a `Setup` with `keep`), and send these pieces of it, the
@@ -737,4 +839,60 @@ fn decode_pieces_into(
     drop(bufs);
     optimizer.step = header.step;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn link_faults_travel_in_a_setup_unchanged() {
+        let link = |kind| Fault {
+            target: Target::Link { from: 2, to: 0 },
+            step: 7,
+            moment: Moment::Any,
+            kind,
+            times: 2,
+        };
+        let kinds = [
+            FaultKind::Drop,
+            FaultKind::Duplicate,
+            FaultKind::Delay(Duration::from_micros(1500)),
+            FaultKind::Reorder,
+            FaultKind::Corrupt,
+            FaultKind::Partition(Duration::from_secs(2)),
+        ];
+        let wire: Vec<LinkFault> = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| LinkFault::from_fault(i + 3, &link(k)).expect("a link fault"))
+            .collect();
+        let setup = Command::Setup {
+            epoch: 4,
+            worker: 1,
+            workers: 3,
+            peers: vec![],
+            state_sha256: String::new(),
+            expert_owner: vec![],
+            tensor_owner: vec![],
+            keep: false,
+            link_faults: wire.clone(),
+        };
+        let bytes = encode(&setup).expect("encode");
+        let Command::Setup { link_faults, .. } = decode::<Command>(&bytes, "a command").expect("decode") else {
+            panic!("not a setup")
+        };
+        assert_eq!(link_faults, wire);
+        for (i, (f, k)) in link_faults.iter().zip(kinds).enumerate() {
+            assert_eq!(f.index as usize, i + 3);
+            assert_eq!(f.to_fault(), link(k), "the worker's plan has the coordinator's fault");
+        }
+        // Other faults are not link faults.
+        let expert = Fault {
+            target: Target::Expert { block: 0, expert: 1 },
+            ..link(FaultKind::Panic)
+        };
+        assert_eq!(LinkFault::from_fault(0, &expert), None);
+    }
 }

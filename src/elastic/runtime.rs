@@ -100,6 +100,11 @@ pub struct ElasticOptions {
     pub wait: Duration,
     /// Workers needed before the first epoch forms.
     pub min_workers: usize,
+    /// A chaos run's link faults (empty in a real run). Each epoch's `Setup` carries those of the
+    /// steps not attempted yet: a link fault fires in the epoch that first runs its step, and a
+    /// step replayed after a membership change (from the in-memory copy) runs without it, so that
+    /// a fault that evicts or stalls a worker does not strike again at whoever replays the step.
+    pub link_faults: Vec<protocol::LinkFault>,
 }
 
 impl Default for ElasticOptions {
@@ -108,6 +113,7 @@ impl Default for ElasticOptions {
             snapshot_every: 10,
             wait: Duration::from_secs(120),
             min_workers: 1,
+            link_faults: Vec::new(),
         }
     }
 }
@@ -162,6 +168,9 @@ pub struct ElasticRuntime {
     traffic_closed: std::collections::BTreeMap<(u64, u64, String), u64>,
     /// The current epoch's figures when last asked (what a lost member's epoch keeps).
     traffic_last: Vec<TrafficEntry>,
+    /// The latest step an epoch began to run (`None`: none yet); link faults of later steps only
+    /// go to new epochs ([`ElasticOptions::link_faults`]).
+    attempted: Option<u64>,
 }
 
 impl ElasticRuntime {
@@ -188,6 +197,7 @@ impl ElasticRuntime {
             last_plan: None,
             traffic_closed: Default::default(),
             traffic_last: Vec::new(),
+            attempted: None,
         };
         let wanted = rt.options.min_workers.max(1);
         rt.wait_for(wanted).await?;
@@ -334,6 +344,7 @@ impl ElasticRuntime {
             let Some(epoch) = &self.current else {
                 return Err(Error::runtime("no epoch"));
             };
+            self.attempted = Some(self.attempted.map_or(self.committed, |a| a.max(self.committed)));
             let outcome = tokio::select! {
                 r = epoch.runtime.step() => r,
                 () = watch_loss(&self.cluster, &epoch.members) => continue,
@@ -789,6 +800,13 @@ impl ElasticRuntime {
         // leave the coordinator's one link at once; 50 MB/s is a slow link's pace).
         let deadline = (Duration::from_secs_f64(self.config.train.deadline_s) * 2)
             .max(Duration::from_secs_f64(moved_bytes as f64 / 50e6));
+        let link_faults: Vec<protocol::LinkFault> = self
+            .options
+            .link_faults
+            .iter()
+            .filter(|f| self.attempted.is_none_or(|a| f.step > a))
+            .copied()
+            .collect();
         let mut tasks = tokio::task::JoinSet::new();
         for (i, m) in members.iter().enumerate() {
             let bytes = shares[i].clone();
@@ -801,6 +819,7 @@ impl ElasticRuntime {
                 expert_owner: owners(&plan.expert_owner),
                 tensor_owner: owners(&plan.tensor_owner),
                 keep: kept[i],
+                link_faults: link_faults.clone(),
             };
             let m = m.clone();
             tasks.spawn(async move {

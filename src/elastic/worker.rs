@@ -6,7 +6,7 @@
 use super::fingerprint;
 use super::handover::{self, Pieces};
 use super::hooks::{Corrupt, Pause};
-use super::protocol::{self, Answer, Command, Hello, Notice, Ready, Reply, WireError};
+use super::protocol::{self, Answer, Command, Hello, LinkFault, Notice, Ready, Reply, WireError};
 use super::proxy::max_reply_bytes;
 use crate::actors::communicator::SharedReplica;
 use crate::actors::runtime::{start_standalone_worker, StandaloneWorker};
@@ -14,6 +14,8 @@ use crate::actors::traffic::Traffic;
 use crate::actors::worker::WorkerMsg;
 use crate::actors::Placement;
 use crate::actors::{ask, ActorName};
+use crate::chaos::net::FaultyTransport;
+use crate::chaos::FaultPlan;
 use crate::config::TrainConfig;
 use crate::data::corpus::Corpus;
 use crate::error::{Error, Result};
@@ -21,7 +23,7 @@ use crate::kernels::Cpu;
 use crate::model::gpt::Gpt;
 use crate::net::quic::{self, DataPlane, JobIdentity, JoinTicket, LinkPath, PacketCodec, PeerEvent};
 use crate::net::wire::{self, PacketShape};
-use crate::net::{Packet, StepId};
+use crate::net::{Packet, StepId, Transport};
 use crate::optimizer::AdamW;
 use crate::storage::tiers::ExpertStore;
 use ractor::ActorRef;
@@ -119,6 +121,9 @@ struct Shared {
     scratch: PathBuf,
     deadline: Duration,
     pause: Option<Pause>,
+    /// The notices of the link faults that fire in this worker's transport (a chaos run's), for
+    /// the session stream.
+    fired: tokio::sync::mpsc::UnboundedSender<Notice>,
 }
 
 /// Join the run the ticket names and serve it until dismissed. `stop` is set by SIGINT/SIGTERM
@@ -285,6 +290,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("semoe-worker-{}", std::process::id())));
     let deadline = Duration::from_secs_f64(config.train.deadline_s);
+    let (fired, mut link_faults_fired) = tokio::sync::mpsc::unbounded_channel::<Notice>();
     let shared = Arc::new(Shared {
         cpu: Cpu::new(config.train.threads)?,
         text: Arc::new(corpus.train),
@@ -302,6 +308,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         scratch: scratch.clone(),
         deadline,
         pause,
+        fired,
     });
     let (dismissed_tx, mut dismissed) = tokio::sync::mpsc::unbounded_channel::<(bool, String)>();
     let mut asked_to_leave = false;
@@ -328,6 +335,14 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
                     break Err(fenced(e));
                 }
             },
+            Some(notice) = link_faults_fired.recv() => {
+                if let Notice::LinkFault { index, epoch, step, .. } = &notice {
+                    crate::say!("semoe worker: chaos: link fault {index} fired at step {step} of epoch {epoch}");
+                }
+                if let Err(e) = quic::write_frame(&mut send, &protocol::encode(&notice)?).await {
+                    break Err(fenced(e));
+                }
+            }
             Some(event) = events.recv() => {
                 let notice = match event {
                     PeerEvent::Evicted { epoch, peer, detail } => Notice::PeerEvicted { peer: peer as u32, epoch, detail },
@@ -439,6 +454,7 @@ async fn execute(
         expert_owner,
         tensor_owner,
         keep,
+        link_faults,
     } = command
     {
         let state = quic::read_frame(recv, max_reply_bytes(&shared.config)?, "the run's state")
@@ -464,6 +480,7 @@ async fn execute(
             expert_owner: owners(expert_owner),
             tensor_owner: owners(tensor_owner),
             keep,
+            link_faults,
         };
         setup(shared, plan, state).await?;
         return protocol::encode(&Reply::Done);
@@ -570,6 +587,36 @@ async fn execute(
     }
 }
 
+/// The epoch's transport, wrapped in a [`FaultyTransport`] when a chaos run gave this epoch link
+/// faults: they fire at the same requests as between in-process workers (`from`, `to`: worker
+/// indices of this epoch), and each firing is told to the coordinator at once.
+fn faulty(shared: &Shared, epoch: u64, transport: quic::QuicTransport, faults: &[LinkFault]) -> Arc<dyn Transport> {
+    if faults.is_empty() {
+        return Arc::new(transport);
+    }
+    let plan = FaultPlan::none();
+    for f in faults {
+        plan.push(f.to_fault());
+    }
+    let indices: Vec<u32> = faults.iter().map(|f| f.index).collect();
+    let fired = shared.fired.clone();
+    plan.observe(move |firing| {
+        if let Some(&index) = indices.get(firing.fault) {
+            let _ = fired.send(Notice::LinkFault {
+                index,
+                epoch,
+                step: firing.step,
+                detail: firing.detail.clone(),
+            });
+        }
+    });
+    crate::say!(
+        "semoe worker: epoch {epoch}: {} link fault(s) of a chaos run in this worker's transport",
+        faults.len()
+    );
+    Arc::new(FaultyTransport::new(transport, plan))
+}
+
 /// What a `Setup` says besides the state.
 struct SetupPlan {
     epoch: u64,
@@ -579,6 +626,7 @@ struct SetupPlan {
     expert_owner: Vec<usize>,
     tensor_owner: Vec<usize>,
     keep: bool,
+    link_faults: Vec<LinkFault>,
 }
 
 /// Start epoch `plan.epoch`: stop the previous epoch's actors, connect the data plane to every
@@ -593,6 +641,7 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
         expert_owner,
         tensor_owner,
         keep,
+        link_faults,
     } = plan;
     let mut current = shared.current.lock().await;
     if epoch <= current.epoch && current.actor.is_some() {
@@ -663,7 +712,7 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
         optimizer,
         worker,
         workers,
-        transport: Arc::new(transport),
+        transport: faulty(shared, epoch, transport, &link_faults),
         inbox,
         storage,
         cpu: shared.cpu.clone(),

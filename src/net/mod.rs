@@ -172,6 +172,13 @@ pub trait Transport: Send + Sync + 'static {
     fn workers(&self) -> usize;
     /// Queue `packet` for delivery to `packet.to`.
     fn send(&self, packet: Packet) -> Result<()>;
+    /// Queue `packet` with a byte of its encoded frame flipped on the way (a chaos fault: bytes
+    /// damaged by the link), for the receiver's checks to refuse. `None`: this transport carries
+    /// values, not bytes (in process), so there is nothing to damage and the packet is not sent.
+    fn send_damaged(&self, packet: Packet) -> Option<Result<()>> {
+        let _ = packet;
+        None
+    }
 }
 
 /// The receiving half of a transport endpoint.

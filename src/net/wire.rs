@@ -61,7 +61,8 @@ pub fn encode_frame<H: Encode>(header: &H, bodies: &[&[f32]]) -> Result<Vec<u8>>
     let count = u32::try_from(bodies.len())
         .map_err(|_| Error::parse("frame", format!("{} bodies do not fit a u32", bodies.len())))?;
     let floats: usize = bodies.iter().map(|b| b.len()).sum();
-    let mut out = Vec::with_capacity(8 + head.len() + 8 * bodies.len() + 4 * floats);
+    // With room for the data plane's checksum (`net::quic`), which it appends without a copy.
+    let mut out = Vec::with_capacity(8 + head.len() + 8 * bodies.len() + 4 * floats + crate::net::quic::CHECKSUM_BYTES);
     out.extend_from_slice(&head_len.to_le_bytes());
     out.extend_from_slice(&head);
     out.extend_from_slice(&count.to_le_bytes());

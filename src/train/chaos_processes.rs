@@ -1,6 +1,8 @@
 //! Chaos runs over worker processes (`semoe chaos --processes N`): the job trains on `semoe worker`
 //! processes this run starts, while the scenario's process faults ([`crate::chaos::process`]) kill
-//! them, stop them for a while, make them leave or start new ones; then the same job runs
+//! them, stop them for a while, make them leave or start new ones, and its link faults disturb the
+//! requests between them (carried to the processes in each epoch's `Setup`, fired in each
+//! sender's transport, told back to the coordinator as they fire); then the same job runs
 //! undisturbed on in-process workers (training is bitwise the same for any number of workers), and
 //! the final states are compared.
 //!
@@ -13,10 +15,12 @@
 //! deadline, and every process is continued, killed if need be, and reaped however the run ends.
 
 use super::chaos::{compare, one_run, set, ChaosReport, Progress, RunResult, StepRecord, Verdict};
+use crate::chaos::PlannedFault;
 use crate::chaos::{FaultKind, FaultPlan, Phase, ProcessFault, ProcessLayout, Scenario};
 use crate::config::TrainConfig;
-use crate::elastic::cluster::{Cluster, ExitWatch, Status};
+use crate::elastic::cluster::{Cluster, ExitWatch, LinkFiring, Status};
 use crate::elastic::hooks;
+use crate::elastic::protocol::LinkFault;
 use crate::elastic::runtime::{ElasticOptions, ElasticRuntime, MembershipStats};
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
@@ -76,6 +80,30 @@ pub struct ProcessFaultReport {
     pub exit: Option<String>,
 }
 
+/// One link fault between worker processes and what became of it.
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkFaultReport {
+    /// Its index in the link plan.
+    pub index: usize,
+    /// Its `[[fault]]` entry.
+    pub entry: usize,
+    /// `drop`, `duplicate`, `delay 10ms`, `reorder`, `corrupt` or `partition 2s`.
+    pub kind: String,
+    /// The sending worker (its index in the epoch that first runs the step).
+    pub from: usize,
+    /// The receiving worker.
+    pub to: usize,
+    /// The step whose requests it hits.
+    pub step: u64,
+    /// How many times it fired, as the worker processes told the coordinator.
+    pub fired: usize,
+    /// Each firing: `(member that told it, epoch, step, seconds from the start of the disturbed
+    /// run)`.
+    pub firings: Vec<(u64, u64, u64, f64)>,
+    /// What it did and how the runtime noticed.
+    pub detection: String,
+}
+
 /// One membership epoch of the disturbed run.
 #[derive(Clone, Debug, Serialize)]
 pub struct EpochRecord {
@@ -103,6 +131,8 @@ pub struct ProcessReport {
     pub snapshot_every: u64,
     /// Every planned process fault.
     pub faults: Vec<ProcessFaultReport>,
+    /// Every planned link fault (carried to the worker processes in their epochs' `Setup`).
+    pub link_faults: Vec<LinkFaultReport>,
     /// The last epoch.
     pub epochs: u64,
     /// Workers that joined after the first epoch.
@@ -443,6 +473,7 @@ async fn disturbed(
     progress: &Progress,
     started: Instant,
     ticket_cluster: Cluster,
+    link_faults: Vec<LinkFault>,
 ) -> Result<ProcessRun> {
     let processes = config.train.processes;
     set(progress, "the disturbed run: starting the worker processes".into());
@@ -455,6 +486,7 @@ async fn disturbed(
         snapshot_every: config.train.snapshot_every,
         min_workers: processes,
         wait: Duration::from_secs(60),
+        link_faults,
     };
     set(progress, "the disturbed run: forming the first epoch".into());
     let mut rt = ElasticRuntime::start(ticket_cluster, config.clone(), model, optimizer, options).await?;
@@ -565,6 +597,13 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
         )));
     }
     let plan = scenario.process_plan(&layout)?;
+    let (links, link_planned) = scenario.link_plan(&layout, &plan)?;
+    let link_faults: Vec<LinkFault> = links
+        .faults()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| LinkFault::from_fault(i, f))
+        .collect();
     let collective = Duration::from_secs_f64(t.deadline_s);
     for f in &plan {
         if let FaultKind::Stop(d) = f.kind {
@@ -635,7 +674,11 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
     let exits_task = tokio.spawn(super::engine::watch_exits(children.0.clone(), watch.clone()));
     let watcher_task = tokio.spawn(watcher(tracks.clone(), watch, children.0.clone()));
     let disturbed = tokio.block_on(async {
-        tokio::time::timeout(deadline, disturbed(config, &mut fleet, &progress, begun, cluster)).await
+        tokio::time::timeout(
+            deadline,
+            disturbed(config, &mut fleet, &progress, begun, cluster, link_faults),
+        )
+        .await
     });
     exits_task.abort();
     watcher_task.abort();
@@ -707,16 +750,94 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
     tokio.shutdown_timeout(Duration::from_millis(100));
     let d = disturbed.ok().and_then(|r| r.ok());
     let tracks = lock(&tracks).clone();
+    let links = link_reports(&link_planned, &fleet.watch.link_firings(), begun);
     Ok(report(
         scenario,
         config,
         &fleet.pids,
         &tracks,
+        links,
         d.as_ref(),
         undisturbed.as_ref(),
         &exits,
         verdict,
     ))
+}
+
+/// What became of each planned link fault, from the firings the workers told (`started`: the
+/// start of the disturbed run).
+fn link_reports(planned: &[PlannedFault], firings: &[LinkFiring], started: Instant) -> Vec<LinkFaultReport> {
+    planned
+        .iter()
+        .enumerate()
+        .map(|(index, p)| {
+            let (from, to) = match p.fault.target {
+                crate::chaos::Target::Link { from, to } => (from, to),
+                _ => (usize::MAX, usize::MAX),
+            };
+            let mine: Vec<&LinkFiring> = firings.iter().filter(|f| f.index as usize == index).collect();
+            let kind = match p.fault.kind {
+                FaultKind::Delay(d) => format!("delay {}", humantime::format_duration(d)),
+                FaultKind::Partition(d) => format!("partition {}", humantime::format_duration(d)),
+                FaultKind::Drop => "drop".into(),
+                FaultKind::Duplicate => "duplicate".into(),
+                FaultKind::Reorder => "reorder".into(),
+                FaultKind::Corrupt => "corrupt".into(),
+                other => format!("{other:?}"),
+            };
+            let what = match p.fault.kind {
+                FaultKind::Drop => {
+                    "the request was lost in the sender's transport; nothing answers it, so its requester misses \
+                     the collective deadline (a deadline is not replayed: the run stops naming the worker)"
+                }
+                FaultKind::Duplicate => {
+                    "the request went twice; the receiving Communicator served it once and dropped the copy"
+                }
+                FaultKind::Delay(_) => "the request left late; its reply is matched by id",
+                FaultKind::Reorder => {
+                    "the request went after the next packet on its link; nothing depends on arrival order"
+                }
+                FaultKind::Corrupt => {
+                    "a byte of the request's frame was flipped after its checksum; the receiver's CRC-32 check \
+                     refused it before decoding, and the coordinator evicted the sender (a new epoch, replayed \
+                     from the in-memory copy)"
+                }
+                FaultKind::Partition(_) => {
+                    "every packet between the two workers was lost for its duration (each end from its first \
+                     request of the step); the requests across it miss their collective deadline"
+                }
+                _ => "not a link fault",
+            };
+            let detection = if mine.is_empty() {
+                "did not fire: no request of its step went from `from` to `to` (the run stopped before, or the \
+                 epoch had no such link)"
+                    .to_string()
+            } else {
+                what.to_string()
+            };
+            LinkFaultReport {
+                index,
+                entry: p.entry,
+                kind,
+                from,
+                to,
+                step: p.fault.step,
+                fired: mine.len(),
+                firings: mine
+                    .iter()
+                    .map(|f| {
+                        (
+                            f.member,
+                            f.epoch,
+                            f.step,
+                            f.at.saturating_duration_since(started).as_secs_f64(),
+                        )
+                    })
+                    .collect(),
+                detection,
+            }
+        })
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -725,6 +846,7 @@ fn report(
     config: &TrainConfig,
     pids: &[u32],
     tracks: &[Track],
+    link_faults: Vec<LinkFaultReport>,
     disturbed: Option<&ProcessRun>,
     undisturbed: Option<&RunResult>,
     exits: &[(u32, String)],
@@ -820,6 +942,7 @@ fn report(
         processes: config.train.processes,
         snapshot_every: config.train.snapshot_every,
         faults,
+        link_faults,
         epochs: stats.epoch,
         joins: stats.joins,
         leaves: stats.leaves,
@@ -904,6 +1027,25 @@ impl ProcessReport {
                     crate::storage::tiers::format_bytes(f.state_bytes),
                     f.epochs[0],
                     f.epochs[1],
+                    f.detection.replace('|', "/")
+                ));
+            }
+            s.push('\n');
+        }
+        if !self.link_faults.is_empty() {
+            s.push_str(
+                "| # | entry | link fault | from -> to | step | fired | what it did |\n|---|---|---|---|---|---|---|\n",
+            );
+            for f in &self.link_faults {
+                s.push_str(&format!(
+                    "| {} | {} | {} | {} -> {} | {} | {} | {} |\n",
+                    f.index,
+                    f.entry,
+                    f.kind,
+                    f.from,
+                    f.to,
+                    f.step,
+                    f.fired,
                     f.detection.replace('|', "/")
                 ));
             }

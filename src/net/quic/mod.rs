@@ -11,7 +11,10 @@
 //! stream is opened per message. A peer sees a stream only once its opener wrote to it, which is
 //! why the hello goes first. `v` admits the connection only if the token matches (else it closes it
 //! at once with the reason "wrong token") and then checks that every packet on it decodes for the
-//! epoch, comes from `w` and is addressed to `v`.
+//! epoch, comes from `w` and is addressed to `v`. Every packet frame ends with the CRC-32 of its
+//! bytes, checked before it is decoded ([`seal`], [`open`]): a flipped byte of tensor data would
+//! decode as a valid float, so only the checksum can refuse it (TLS protects the QUIC path on the
+//! wire; the checksum covers both paths end to end, and the chaos runs' corrupt link faults).
 //!
 //! Between worker processes of one machine the same frames travel over Unix stream sockets
 //! instead, when both planes enable it ([`DataPlane::enable_same_host`]; see `local` for the
@@ -44,7 +47,7 @@ pub use config::{
     client_config, endpoint, endpoint_on, server_config, transport_config, ALPN, CONNECTION_WINDOW, IDLE_TIMEOUT,
     KEEP_ALIVE, STREAM_WINDOW,
 };
-pub use frame::{read_frame, write_frame, write_frame_owned};
+pub use frame::{damage, open, read_frame, seal, write_frame, write_frame_owned, CHECKSUM_BYTES};
 pub use identity::{
     constant_time_eq, sha256_hex, JobIdentity, JoinTicket, IDENTITY_HEADER, SERVER_NAME, TICKET_HEADER,
 };

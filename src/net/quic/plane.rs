@@ -1,7 +1,7 @@
 //! The authenticated data plane between worker processes: one per process, living across
 //! membership epochs. See the module documentation of [`super`] for the topology.
 
-use super::frame::{read_frame_raw, write_frame, write_frame_owned, FrameError};
+use super::frame::{self, read_frame_raw, write_frame, write_frame_owned, FrameError};
 use super::identity::{constant_time_eq, sha256_hex, SERVER_NAME};
 use super::local::{self, Ending, LocalConn};
 use crate::error::{Error, Result};
@@ -136,11 +136,29 @@ impl Hello {
 /// The sending side of one peer in one epoch, shared by the transport, the writer and the watchers.
 struct Link {
     peer: WorkerId,
-    tx: UnboundedSender<Packet>,
+    tx: UnboundedSender<Queued>,
     /// Set once, when the peer is lost or evicted: why. Sends fail from then on.
     gone: OnceLock<String>,
     /// The connection this worker opened to the peer (set once connected).
     conn: OnceLock<Conn>,
+}
+
+/// A packet queued for a peer's writer.
+struct Queued {
+    packet: Packet,
+    /// Flip a byte of its sealed frame on the way (a chaos fault, [`Transport::send_damaged`]).
+    damaged: bool,
+}
+
+/// The frame of a queued packet: encoded, sealed with its checksum (see [`frame::seal`]), and
+/// damaged after the seal when a chaos fault asks, as a faulty link would damage it.
+fn frame_of(inner: &Inner, epoch: u64, queued: &Queued) -> Result<Vec<u8>> {
+    let mut bytes = inner.codec.encode(epoch, &queued.packet)?;
+    frame::seal(&mut bytes);
+    if queued.damaged {
+        frame::damage(&mut bytes);
+    }
+    Ok(bytes)
 }
 
 /// How a link reaches its peer.
@@ -768,6 +786,8 @@ fn deliver(
     bytes: &[u8],
     inbox: &UnboundedSender<Packet>,
 ) -> std::result::Result<bool, String> {
+    // Checked before anything is decoded: damaged tensor bytes would decode as valid floats.
+    let bytes = frame::open(bytes)?;
     let packet = inner
         .codec
         .decode(bytes, epoch)
@@ -827,16 +847,16 @@ async fn write_local_loop(
     epoch: u64,
     link: Arc<Link>,
     mut send: OwnedWriteHalf,
-    mut rx: UnboundedReceiver<Packet>,
+    mut rx: UnboundedReceiver<Queued>,
 ) {
-    while let Some(packet) = rx.recv().await {
-        let bytes = match inner.codec.encode(epoch, &packet) {
+    while let Some(queued) = rx.recv().await {
+        let bytes = match frame_of(&inner, epoch, &queued) {
             Ok(b) => b,
             Err(e) => {
                 inner.report_lost(
                     epoch,
                     link.peer,
-                    format!("this worker could not encode packet {} for it: {e}", packet.id),
+                    format!("this worker could not encode packet {} for it: {e}", queued.packet.id),
                 );
                 if let Some(conn) = link.conn.get() {
                     conn.close(code::INTERNAL, b"the sender could not encode a packet");
@@ -868,17 +888,17 @@ async fn write_loop(
     link: Arc<Link>,
     conn: quinn::Connection,
     mut send: quinn::SendStream,
-    mut rx: UnboundedReceiver<Packet>,
+    mut rx: UnboundedReceiver<Queued>,
 ) {
-    while let Some(packet) = rx.recv().await {
-        let bytes = match inner.codec.encode(epoch, &packet) {
+    while let Some(queued) = rx.recv().await {
+        let bytes = match frame_of(&inner, epoch, &queued) {
             Ok(b) => b,
             Err(e) => {
                 conn.close(code::INTERNAL.into(), b"the sender could not encode a packet");
                 inner.report_lost(
                     epoch,
                     link.peer,
-                    format!("this worker could not encode packet {} for it: {e}", packet.id),
+                    format!("this worker could not encode packet {} for it: {e}", queued.packet.id),
                 );
                 return;
             }
@@ -1016,16 +1036,9 @@ impl QuicTransport {
     }
 }
 
-impl Transport for QuicTransport {
-    fn id(&self) -> WorkerId {
-        self.me
-    }
-
-    fn workers(&self) -> usize {
-        self.workers
-    }
-
-    fn send(&self, packet: Packet) -> Result<()> {
+impl QuicTransport {
+    /// Queue `packet` for its peer (`damaged`: flip a byte of its frame after the checksum).
+    fn queue(&self, packet: Packet, damaged: bool) -> Result<()> {
         let to = packet.to;
         if packet.from != self.me {
             return Err(Error::runtime(format!(
@@ -1052,7 +1065,27 @@ impl Transport for QuicTransport {
             )));
         }
         link.tx
-            .send(packet)
+            .send(Queued { packet, damaged })
             .map_err(|_| Error::runtime(format!("worker {to}'s connection of epoch {} is closed", self.epoch)))
+    }
+}
+
+impl Transport for QuicTransport {
+    fn id(&self) -> WorkerId {
+        self.me
+    }
+
+    fn workers(&self) -> usize {
+        self.workers
+    }
+
+    fn send(&self, packet: Packet) -> Result<()> {
+        self.queue(packet, false)
+    }
+
+    /// Real bytes travel: the frame is damaged after its checksum, and the receiver refuses it
+    /// and evicts this worker (a packet to itself never leaves the process and goes undamaged).
+    fn send_damaged(&self, packet: Packet) -> Option<Result<()>> {
+        Some(self.queue(packet, true))
     }
 }

@@ -481,6 +481,46 @@ async fn an_undecodable_frame_evicts_its_sender(same_host: bool) {
     }
 }
 
+both_paths!(a_damaged_frame_is_refused_by_its_checksum_and_evicts_its_sender);
+
+/// A tensor packet with a flipped byte would decode (as another float): only the checksum tells.
+async fn a_damaged_frame_is_refused_by_its_checksum_and_evicts_its_sender(same_host: bool) {
+    let id = JobIdentity::generate().expect("identity");
+    let planes = vec![
+        plane_on(&id, "secret", Arc::new(TestCodec), same_host),
+        plane_on(&id, "secret", Arc::new(TestCodec), same_host),
+    ];
+    let mut events0 = planes[0].events().expect("events");
+    let mut nets: Vec<_> = start_all(&planes, 3, WAIT)
+        .await
+        .into_iter()
+        .map(|r| r.expect("epoch 3"))
+        .collect();
+    let tensor = |id: u64| Packet {
+        from: 1,
+        to: 0,
+        id,
+        payload: Payload::Tensors(vec![(0, vec![1.5f32; 64])]),
+    };
+    // An intact packet first: it arrives.
+    nets[1].0.send(tensor(1)).expect("send");
+    let got = within("the intact packet", nets[0].1.recv()).await.expect("a packet");
+    assert_eq!(got.id, 1);
+    nets[1]
+        .0
+        .send_damaged(tensor(2))
+        .expect("bytes travel")
+        .expect("queued");
+    match within("the eviction", events0.recv()).await.expect("event") {
+        PeerEvent::Evicted { epoch, peer, detail } => {
+            assert_eq!((epoch, peer), (3, 1));
+            assert!(detail.contains("CRC-32") && detail.contains("damaged"), "{detail}");
+        }
+        other => panic!("expected an eviction, got {other:?}"),
+    }
+    assert!(nets[0].1.try_recv().is_err(), "the damaged packet was never delivered");
+}
+
 /// Two planes in epoch 2 that exchanged a packet; worker 1 lives on its own runtime, which the test
 /// drops to stop it dead (no close is sent), as if its process were killed.
 async fn pair_with_a_victim(
