@@ -34,7 +34,8 @@ pub struct StorageSettings {
     pub device_budget: String,
     /// Bytes of the Host tier (the cache of experts) per worker; empty: unlimited.
     pub host_budget: String,
-    /// `se-moe` (decayed hit counters, least-hit eviction) or `lru`.
+    /// `step-order` (evict the unit whose next use in the step's order of blocks is furthest;
+    /// the default), `se-moe` (decayed hit counters, least-hit eviction) or `lru`.
     pub cache_policy: String,
     /// SE-MoE: hits an expert needs to be admitted into the host cache.
     pub cache_threshold: f64,
@@ -61,18 +62,19 @@ pub struct StorageSettings {
 
 impl Default for StorageSettings {
     fn default() -> Self {
-        let (threshold, beta, decay_every) = match CachePolicy::default() {
+        // SE-MoE's settings, used when `cache_policy` is `se-moe`.
+        let (threshold, beta, decay_every) = match CachePolicy::SE_MOE {
             CachePolicy::SeMoe {
                 threshold,
                 beta,
                 decay_every,
             } => (threshold, beta, decay_every),
-            CachePolicy::Lru => (0.0, 0.9, 1),
+            CachePolicy::Lru | CachePolicy::StepOrder => (0.0, 0.9, 1),
         };
         StorageSettings {
             device_budget: String::new(),
             host_budget: String::new(),
-            cache_policy: "se-moe".into(),
+            cache_policy: CachePolicy::default().name().into(),
             cache_threshold: threshold,
             cache_beta: beta,
             cache_decay_every: decay_every,
@@ -100,7 +102,7 @@ impl StorageSettings {
                 beta: self.cache_beta,
                 decay_every: self.cache_decay_every,
             },
-            CachePolicy::Lru => CachePolicy::Lru,
+            other @ (CachePolicy::Lru | CachePolicy::StepOrder) => other,
         };
         policy.validate()?;
         if self.io_threads == 0 {

@@ -121,6 +121,7 @@ fn cases() -> Vec<Case> {
     let policies = [
         (CachePolicy::default(), true),
         (CachePolicy::Lru, false),
+        (CachePolicy::SE_MOE, true),
         // A cold expert is not admitted into the host cache: without a disk it must still go there.
         (
             CachePolicy::SeMoe {

@@ -6,6 +6,7 @@ use semoe::bench::{cache_policy_bench, policy_grid, record_routing, MemorySize, 
 use semoe::kernels::Cpu;
 use semoe::model::gpt::{Gpt, GptConfig};
 use semoe::optimizer::{AdamW, OptimizerConfig};
+use semoe::storage::tiers::policy::{Candidate, Phase, StepCursor, Usage};
 use semoe::storage::tiers::replay::{belady, replay, replay_one_at_a_time, ReplayCounts, RoutingTrace, UnitSizes};
 use semoe::storage::tiers::{CachePolicy, ExpertSlot, ExpertStore, Pending, StorageConfig};
 
@@ -233,12 +234,14 @@ fn slot(d: usize, f: usize) -> ExpertSlot {
 }
 
 /// The replay against the store itself: the same trace driven through an `ExpertStore` with a disk
-/// tier, one request at a time (each awaited, so no two decisions race), gives the replay's counts.
+/// tier, one request at a time (each awaited, so no two decisions race), each block hinted first as
+/// the Communicator does, gives the replay's counts: the step-order policy's positions, victims and
+/// whole-unit loads in the backward are the store's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_replay_counts_what_the_store_does() {
     let (d, f) = (8, 16);
     let t = skewed(3, 4, 12);
-    for policy in [CachePolicy::default(), CachePolicy::Lru] {
+    for policy in [CachePolicy::StepOrder, CachePolicy::SE_MOE, CachePolicy::Lru] {
         for (device, host) in [(4, 0), (4, 3), (4, 6)] {
             let sizes = UnitSizes::for_expert(d, f);
             let dir = std::env::temp_dir().join(format!(
@@ -258,8 +261,10 @@ async fn the_replay_counts_what_the_store_does() {
             let store = ExpertStore::new(0, &config, units).unwrap();
             for s in 0..t.steps.len() {
                 let step = &t.steps[s];
-                for b in (0..3).chain((0..3).rev()) {
-                    for e in (0..4).filter(|&e| step[b][e] > 0) {
+                for (i, b) in (0..3).chain((0..3).rev()).enumerate() {
+                    let routed: Vec<usize> = (0..4).filter(|&e| step[b][e] > 0).collect();
+                    store.hint(b, routed.clone(), i < 3);
+                    for e in routed {
                         drop(store.acquire((b, e)).await.unwrap());
                         // Every write done before the next request, as the replay has it.
                         let _ = store.snapshot().await.unwrap();
@@ -293,5 +298,70 @@ async fn the_replay_counts_what_the_store_does() {
             drop(store);
             let _ = std::fs::remove_dir_all(&dir);
         }
+    }
+}
+
+/// The step-order policy's victims along a hand-made step of three blocks, the cursor moved by the
+/// requests alone (no hints): forward 0, 1, 2, backward 2, 1, 0, then the commits.
+#[test]
+fn step_order_evicts_what_the_step_needs_last() {
+    let p = CachePolicy::StepOrder;
+    let mut at = StepCursor::new([0, 1, 2]);
+    let mut clock = 0;
+    let mut last_use = std::collections::BTreeMap::new();
+    // One resident unit of each block besides the one being acquired; whole units, equal hits.
+    let resident = |last_use: &std::collections::BTreeMap<(usize, usize), u64>, skip: usize| -> Vec<Candidate> {
+        (0..3)
+            .filter(|&b| b != skip)
+            .map(|b| Candidate {
+                id: (b, 9),
+                usage: Usage {
+                    hits: 1.0,
+                    last_use: last_use.get(&(b, 9)).copied().unwrap_or(0),
+                    unused_prefetch: false,
+                },
+                partial: false,
+            })
+            .collect()
+    };
+    // (block acquired, the victim among the other blocks' units, LRU's victim)
+    let walk = [
+        (0, (2, 9), (1, 9)), // F0: block 1 is next (F1), then 2 (F2), so 2 goes; LRU: the first of equals
+        (1, (0, 9), (2, 9)), // F1: block 0 waits for B0, the last of the step; LRU: block 2, needed next
+        (2, (0, 9), (0, 9)), // F2: still block 0 (B1 comes first)
+        (1, (2, 9), (0, 9)), // B1: block 2 is done until the next step's F2; LRU: block 0, needed next
+        (0, (2, 9), (2, 9)), // B0: the next step needs block 1 (F1) before block 2 (F2)
+    ];
+    for (block, want, lru) in walk {
+        clock += 1;
+        at.acquire(block, false, clock);
+        let c = resident(&last_use, block);
+        assert_eq!(p.victim(&at, c.iter().copied()), Some(want), "at {:?}", at.phase());
+        assert_eq!(
+            CachePolicy::Lru.victim(&at, c.iter().copied()),
+            Some(lru),
+            "LRU at {:?}",
+            at.phase()
+        );
+        // The resident unit of the block is used here.
+        last_use.insert((block, 9), clock);
+    }
+    assert_eq!(at.phase(), Phase::Backward(0));
+    at.acquire(1, true, clock + 1);
+    assert_eq!(at.phase(), Phase::Commit);
+    // At the commit the next step's forward comes first: block 2 goes, then block 1.
+    let c = resident(&last_use, 0);
+    assert_eq!(p.victim(&at, c.iter().copied()), Some((2, 9)));
+    // A parameters-only copy of block 1 goes before block 2's whole unit: the commit drops it.
+    let mut c = resident(&last_use, 0);
+    c[0].partial = true;
+    assert_eq!(p.victim(&at, c.iter().copied()), Some((1, 9)));
+    // Misses load whole units in the backward only (their commit follows), and only under the
+    // step order.
+    let mut at = StepCursor::new([0, 1, 2]);
+    for (forward, whole) in [(true, false), (false, true)] {
+        at.hint(1, forward, 0);
+        assert_eq!(!p.params_only(&at), whole, "forward {forward}");
+        assert!(CachePolicy::Lru.params_only(&at) && CachePolicy::SE_MOE.params_only(&at));
     }
 }

@@ -153,8 +153,9 @@ impl CachePolicyReport {
     }
 }
 
-/// The policies compared by default: LRU, the default SE-MoE policy, and a grid of SE-MoE's
-/// admission threshold, decay factor and decay period (beta 1 never decays: plain LFU).
+/// The policies compared by default: LRU, the default policy (the step order), SE-MoE's with its
+/// best settings, and a grid of SE-MoE's admission threshold, decay factor and decay period (beta 1
+/// never decays: plain LFU).
 pub fn policy_grid() -> Vec<(String, CachePolicy)> {
     let mut v = vec![
         ("lru".to_string(), CachePolicy::Lru),
@@ -163,6 +164,9 @@ pub fn policy_grid() -> Vec<(String, CachePolicy)> {
             CachePolicy::default(),
         ),
     ];
+    if CachePolicy::SE_MOE != CachePolicy::default() {
+        v.push((describe(&CachePolicy::SE_MOE), CachePolicy::SE_MOE));
+    }
     for threshold in [0.0, 1.0, 2.0, 4.0] {
         for beta in [0.25, 0.5, 0.75, 0.9, 0.95, 1.0] {
             for decay_every in [1, 4] {
@@ -174,7 +178,7 @@ pub fn policy_grid() -> Vec<(String, CachePolicy)> {
                     beta,
                     decay_every,
                 };
-                if p != CachePolicy::default() {
+                if p != CachePolicy::default() && p != CachePolicy::SE_MOE {
                     v.push((describe(&p), p));
                 }
             }
@@ -183,7 +187,7 @@ pub fn policy_grid() -> Vec<(String, CachePolicy)> {
     v
 }
 
-/// `se-moe t=1 beta=0.5/4` (threshold, decay factor every so many steps), or `lru`.
+/// `se-moe t=1 beta=0.5/4` (threshold, decay factor every so many steps), `lru` or `step-order`.
 pub fn describe(p: &CachePolicy) -> String {
     match *p {
         CachePolicy::SeMoe {
@@ -192,6 +196,7 @@ pub fn describe(p: &CachePolicy) -> String {
             decay_every,
         } => format!("se-moe t={threshold} beta={beta}/{decay_every}"),
         CachePolicy::Lru => "lru".into(),
+        CachePolicy::StepOrder => "step-order".into(),
     }
 }
 

@@ -26,8 +26,9 @@ pub enum BenchCommand {
     Storage(StorageBenchArgs),
     /// The expert cache policies on the routing of a trained model: a checkpoint's gate routes
     /// the training batches that follow it, and that routing is replayed through the tiers'
-    /// bookkeeping (no disk, no timing) under LRU, the default SE-MoE policy and a grid of its
-    /// settings, with Belady's MIN as the bound: hit rates, loads and bytes per memory size.
+    /// bookkeeping (no disk, no timing) under LRU, the default (step-order) policy, SE-MoE's and
+    /// a grid of its settings, with Belady's MIN as the bound: hit rates, loads and bytes per
+    /// memory size.
     CachePolicy(CachePolicyBenchArgs),
     /// Generation bytes/s: the recomputing path against the key/value-cached decoder, alone and in
     /// batches (a checkpoint's model, or the main job's model freshly initialised).

@@ -90,7 +90,8 @@ pub struct TrainArgs {
     /// neither budget lives in the Disk tier under the run directory.
     #[arg(long, value_name = "SIZE")]
     host_budget: Option<String>,
-    /// Cache policy of the tiers: se-moe (decayed hit counters) or lru.
+    /// Cache policy of the tiers: step-order (the default: evict the expert whose next use in the
+    /// step's order of blocks is furthest), se-moe (decayed hit counters) or lru.
     #[arg(long, value_name = "POLICY")]
     cache_policy: Option<String>,
     /// Load experts only when used, without prefetching them from the routing.

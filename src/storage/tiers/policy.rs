@@ -1,36 +1,61 @@
 //! Which cached expert leaves a full tier, and which may enter the host cache.
 //!
+//! The default, the step order ([`CachePolicy::StepOrder`]), uses what a training step always
+//! does: the forward through the MoE blocks in ascending order, the backward in descending order,
+//! then the commit of every unit. Only the routing within a block is unknown, and in training
+//! nearly every expert is acquired every step (all of them in the traces of trained models that
+//! `semoe bench cache-policy` replays, 99.9% at 4 sequences per step), so a unit's next use is its
+//! block's next slot in that order: the policy evicts the unit used furthest ahead ([`StepCursor`]
+//! says where the step is), Belady's MIN with the known order in place of the future. Units of one
+//! block tie; among them a parameters-only copy goes first (the commit drops it anyway), then the
+//! least hit (counters decayed by 0.9 every step, so that the same units stay and the rest miss,
+//! rather than all of them in turn), then the least recently used. A backward miss loads the whole
+//! unit rather than its parameters alone ([`CachePolicy::params_only`]): its commit comes next, and
+//! a parameters-only copy would be dropped there (the update deferred) and loaded again, whole,
+//! in the next forward.
+//!
 //! SE-MoE caches hot experts in host memory with hit counters: a counter grows on every use and
 //! decays by a factor `beta` every `decay_every` steps, the least-hit entry is evicted, and an
 //! expert must have been hit at least `threshold` times (after decay) to be admitted into the
 //! cache at all (a cold expert goes straight back to disk instead of pushing a warmer one out).
-//! LRU is available for comparison. Under either policy an entry that was prefetched and not used
+//! LRU is available for comparison. Under every policy an entry that was prefetched and not used
 //! yet is evicted only when nothing else can be, so that prefetching does not undo itself.
 //!
-//! The defaults (threshold 0, beta 0.9 every step) come from `semoe bench cache-policy`, which
-//! replays the routing of trained checkpoints through the tiers' bookkeeping ([`super::replay`],
-//! the same calls as the manager, checked against the store) under LRU and a grid of these
-//! settings, loading on demand. A trained model's routing is skewed (the busiest expert of a block
-//! takes 1.3-1.5x the uniform share), but in training every expert is still acquired every step
-//! (all of them in the default model's trace, 99.9% in a 32-expert model's at 4 sequences per
-//! step), so what separates the policies is the step's order (blocks forward, then backward, then
-//! every commit) more than popularity. Over 11 cases (the default model at 42, 50 and 75% of its
-//! units in memory; 4 blocks of 32 experts at 25, 40, 50 and 75%, at 32 and at 4 sequences per
-//! step) the default hits 30.75% on average against 30.71% for beta 0.5 every 4 steps (the earlier
-//! default) and 28.44% for LRU (at 75%: 54.1% against 48.7% for LRU on the default model, 57.9%
-//! against 50.7% on the 32-expert one); LRU is ahead in one case (the default model at 50%: 29.2%
-//! against 27.3%). Of the grid only threshold 2 with beta 0.75 every 4 steps does better on
-//! average, by 0.01 points: a plateau, and a threshold sends a cold unit to disk even when the
-//! host cache has room. A threshold that the decayed counters seldom reach (2 with beta 0.25 every
-//! step, 4 with 0.5 every step) turns nearly every unit away: 12.6-16.9%. Belady's MIN, with the
-//! same memory, hits about twice as often at 25-50%.
+//! On the replayed routing of trained checkpoints (`semoe bench cache-policy`: [`super::replay`]
+//! drives the same calls as the manager through the tiers' bookkeeping, checked against the store;
+//! BENCHMARKS.md, session 16) the step order hits 39.6 / 47.9 / 72.6% of the acquisitions on the
+//! default model (3 blocks of 8 experts) with 42 / 50 / 75% of its units in memory, against 20.9 /
+//! 27.3 / 54.1% for SE-MoE (threshold 0, beta 0.9 every step, the earlier default:
+//! [`CachePolicy::SE_MOE`]) and 20.9 / 29.2 / 48.7% for LRU, where Belady's MIN reaches 41.7 / 50
+//! / 75%; on 4 blocks of 32 experts at 25 / 42 / 50 / 75%: 25.0 / 41.7 / 49.4 / 73.7% against 12.6
+//! / 20.4 / 27.9 / 57.9% (SE-MoE), 12.6 / 18.9 / 24.7 / 50.7% (LRU) and 25 / 42.2 / 50 / 75%
+//! (MIN): the best of the 46 policies compared in every case. Most of the gain is the whole-unit
+//! load in the backward (ablations in BENCHMARKS.md, session 16). With parameters-only loads for
+//! all, the step order is still the best everywhere, by little on the default model (58.1%
+//! against 55.7% at 75%, 0.01-0.04 points at 42-50%) and by 7.6-8.9 points at 42-75% of the 32-expert one;
+//! with whole-unit backward loads for all, the order of eviction adds little: LRU is 0.01 points
+//! ahead at 50% of the default model (and 11 behind at 75%), and SE-MoE with beta 0.75 every 4
+//! steps, whose counters keep the same units in memory step after step, is ahead by 0.05 / 0.11 /
+//! 0.56 points at 42 / 50 / 75% of the 32-expert model.
 
+use super::unit::UnitId;
 use crate::error::{Error, Result};
+use std::cmp::Reverse;
 use std::str::FromStr;
 
+/// The decay of the hit counters under [`CachePolicy::StepOrder`], every step: they only order
+/// the units of one block, whose next uses tie.
+const STEP_ORDER_DECAY: f64 = 0.9;
+
 /// The cache policy of the Device and Host tiers.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum CachePolicy {
+    /// Evict the unit whose next use in the step's known order is furthest away (see
+    /// [`StepCursor`]); ties go to a parameters-only copy, then to the least hit, then to the
+    /// least recently used. The default: on the replayed routing of trained models (`semoe bench
+    /// cache-policy`) ahead of SE-MoE's counters and of LRU; see the module docs.
+    #[default]
+    StepOrder,
     /// Least-hit eviction with decayed hit counters and an admission threshold (SE-MoE).
     SeMoe {
         /// Hits an expert needs to be admitted into the host cache.
@@ -44,20 +69,15 @@ pub enum CachePolicy {
     Lru,
 }
 
-impl Default for CachePolicy {
-    fn default() -> Self {
-        // A decay by 0.9 every step: on the replayed routing of trained models (`semoe bench
-        // cache-policy`) ahead of beta 0.5 every 4 steps (the earlier default) and of LRU; see
-        // the module docs.
-        CachePolicy::SeMoe {
-            threshold: 0.0,
-            beta: 0.9,
-            decay_every: 1,
-        }
-    }
-}
-
 impl CachePolicy {
+    /// SE-MoE's policy with its best settings on the replayed routing (threshold 0, decay by 0.9
+    /// every step: ahead of 0.5 every 4 steps and of LRU there; BENCHMARKS.md, session 15).
+    pub const SE_MOE: CachePolicy = CachePolicy::SeMoe {
+        threshold: 0.0,
+        beta: 0.9,
+        decay_every: 1,
+    };
+
     /// Check the parameters.
     pub fn validate(&self) -> Result<()> {
         if let CachePolicy::SeMoe {
@@ -79,9 +99,10 @@ impl CachePolicy {
         Ok(())
     }
 
-    /// A short name (`se-moe`, `lru`).
+    /// A short name (`step-order`, `se-moe`, `lru`), as [`CachePolicy::from_str`] reads it.
     pub fn name(&self) -> &'static str {
         match self {
+            CachePolicy::StepOrder => "step-order",
             CachePolicy::SeMoe { .. } => "se-moe",
             CachePolicy::Lru => "lru",
         }
@@ -91,12 +112,15 @@ impl CachePolicy {
 impl FromStr for CachePolicy {
     type Err = Error;
 
-    /// `se-moe` (the defaults) or `lru`.
+    /// `step-order`, `se-moe` (with [`CachePolicy::SE_MOE`]'s settings) or `lru`.
     fn from_str(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
-            "se-moe" | "semoe" | "lfu" => Ok(CachePolicy::default()),
+            "step-order" | "step" => Ok(CachePolicy::StepOrder),
+            "se-moe" | "semoe" | "lfu" => Ok(CachePolicy::SE_MOE),
             "lru" => Ok(CachePolicy::Lru),
-            other => Err(Error::config(format!("cache policy {other:?}: expected se-moe or lru"))),
+            other => Err(Error::config(format!(
+                "cache policy {other:?}: expected step-order, se-moe or lru"
+            ))),
         }
     }
 }
@@ -112,6 +136,157 @@ pub struct Usage {
     pub unused_prefetch: bool,
 }
 
+/// A unit in memory that the policy may evict or admit into the host cache.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Candidate {
+    /// The unit: (MoE block, expert).
+    pub id: UnitId,
+    /// Its hit counter and last use.
+    pub usage: Usage,
+    /// Memory holds its parameters alone: the commit will drop the copy, so keeping it past the
+    /// commit gains nothing.
+    pub partial: bool,
+}
+
+/// Where a training step is, in the order every step takes through a store's units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The forward pass of a MoE block.
+    Forward(usize),
+    /// The backward pass of a MoE block.
+    Backward(usize),
+    /// The commit of every unit (also the state between steps).
+    Commit,
+}
+
+/// The step's known order and where in it the step is, for [`CachePolicy::StepOrder`].
+///
+/// Every training step goes through a store's units in the same order: the forward through the
+/// MoE blocks in ascending order, the backward in descending order, then the commit of every unit.
+/// Only the routing within a block is unknown, and in a trained model nearly every expert is used
+/// every step (the replay of `semoe bench cache-policy` finds 99.9-100%), so the block order alone
+/// tells which unit is needed next: a unit's next use is its block's next slot in that order. That
+/// is Belady's MIN with the order in place of the future, which no popularity counter can see.
+///
+/// The store moves the cursor with the Communicator's hints (each block's direction, sent before
+/// its experts are acquired) and, for callers that send none, by the acquisitions themselves (a
+/// commit is the commit phase, a lower block after a higher one the backward), so that the replay
+/// and the store see the same positions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepCursor {
+    /// The MoE blocks the store holds units of, ascending.
+    blocks: Vec<usize>,
+    phase: Phase,
+    /// The store's clock when the phase began: a unit of the phase's block last used after it has
+    /// had its use in this phase.
+    since: u64,
+}
+
+impl Default for StepCursor {
+    fn default() -> Self {
+        StepCursor {
+            blocks: Vec::new(),
+            phase: Phase::Commit,
+            since: 0,
+        }
+    }
+}
+
+impl StepCursor {
+    /// A cursor between steps over `blocks`.
+    pub fn new(blocks: impl IntoIterator<Item = usize>) -> StepCursor {
+        let mut c = StepCursor::default();
+        blocks.into_iter().for_each(|b| c.hold(b));
+        c
+    }
+
+    /// The store holds units of `block`.
+    pub fn hold(&mut self, block: usize) {
+        if let Err(i) = self.blocks.binary_search(&block) {
+            self.blocks.insert(i, block);
+        }
+    }
+
+    /// Where the step is.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    fn enter(&mut self, phase: Phase, clock: u64) {
+        if phase != self.phase {
+            self.phase = phase;
+            self.since = clock;
+        }
+    }
+
+    /// The Communicator's hint: the experts of `block` are about to run forward (or backward).
+    pub fn hint(&mut self, block: usize, forward: bool, clock: u64) {
+        let phase = if forward {
+            Phase::Forward(block)
+        } else {
+            Phase::Backward(block)
+        };
+        self.enter(phase, clock);
+    }
+
+    /// A unit of `block` is asked for (for a commit when `commit`), the store's clock at `clock`.
+    /// Without a hint, the order of the requests tells the phase: a commit is the commit phase, a
+    /// higher block than the last (or any block after the commit) the forward, a lower one the
+    /// backward; the same block stays where it is.
+    pub fn acquire(&mut self, block: usize, commit: bool, clock: u64) {
+        let phase = match self.phase {
+            _ if commit => Phase::Commit,
+            Phase::Forward(c) | Phase::Backward(c) if c == block => self.phase,
+            Phase::Forward(c) if block < c => Phase::Backward(block),
+            Phase::Backward(c) if block < c => Phase::Backward(block),
+            Phase::Forward(_) | Phase::Backward(_) | Phase::Commit => Phase::Forward(block),
+        };
+        self.enter(phase, clock);
+    }
+
+    /// The step has committed: the next request begins a new step.
+    pub fn end_step(&mut self, clock: u64) {
+        self.enter(Phase::Commit, clock);
+    }
+
+    /// The slot of the order the step is in: forward of the `i`-th held block at `i`, its
+    /// backward at `2n - 1 - i`, the commit at `2n` (of `n` held blocks); a block the store holds
+    /// no unit of stands at the next held block's slot.
+    fn slot(&self) -> usize {
+        let n = self.blocks.len();
+        match self.phase {
+            Phase::Forward(b) => self.blocks.partition_point(|&x| x < b),
+            Phase::Backward(b) => 2 * n - self.blocks.partition_point(|&x| x <= b),
+            Phase::Commit => 2 * n,
+        }
+    }
+
+    /// Slots of the order until `c` is next used (0: in this slot, not yet served), or
+    /// `u64::MAX` when it is not used before it leaves memory anyway (a parameters-only copy
+    /// whose next use is after the commit, which drops it) or its block is unknown.
+    pub fn next_use(&self, c: &Candidate) -> u64 {
+        let Ok(i) = self.blocks.binary_search(&c.id.0) else {
+            return u64::MAX;
+        };
+        let n = self.blocks.len();
+        let period = 2 * n + 1;
+        let at = self.slot();
+        let served = c.usage.last_use > self.since;
+        let d = [i, 2 * n - 1 - i]
+            .into_iter()
+            .map(|u| match (u + period - at) % period {
+                0 if served => period,
+                d => d,
+            })
+            .min()
+            .unwrap_or(period);
+        if c.partial && at + d > 2 * n {
+            return u64::MAX;
+        }
+        d as u64
+    }
+}
+
 impl CachePolicy {
     /// Record a use at `clock`.
     pub fn touch(&self, u: &mut Usage, clock: u64) {
@@ -122,53 +297,84 @@ impl CachePolicy {
 
     /// Called once per step: decay the counters when it is time.
     pub fn end_step<'a>(&self, step: u64, all: impl Iterator<Item = &'a mut Usage>) {
-        if let CachePolicy::SeMoe { beta, decay_every, .. } = *self {
-            if step > 0 && step.is_multiple_of(decay_every) {
-                all.for_each(|u| u.hits *= beta);
+        match *self {
+            CachePolicy::SeMoe { beta, decay_every, .. } => {
+                if step > 0 && step.is_multiple_of(decay_every) {
+                    all.for_each(|u| u.hits *= beta);
+                }
             }
+            CachePolicy::StepOrder => all.for_each(|u| u.hits *= STEP_ORDER_DECAY),
+            CachePolicy::Lru => {}
         }
     }
 
-    /// Whether an entry leaving the Device tier may enter the Host cache.
+    /// Whether a miss of a forward or backward pass (at `at`) loads the parameters alone, the
+    /// moments staying on disk. Under the step order a backward miss loads the whole unit: its
+    /// commit comes before any other use, and the commit drops a parameters-only copy (deferring
+    /// the update), so the unit would be loaded again, whole, in the next forward; loaded whole it
+    /// takes the commit in memory and stays for the next step.
+    pub fn params_only(&self, at: &StepCursor) -> bool {
+        !(matches!(self, CachePolicy::StepOrder) && matches!(at.phase(), Phase::Backward(_)))
+    }
+
+    /// Whether an entry leaving the Device tier may enter the Host cache at all.
     pub fn admits(&self, u: &Usage) -> bool {
         match *self {
             CachePolicy::SeMoe { threshold, .. } => u.unused_prefetch || u.hits >= threshold,
-            CachePolicy::Lru => true,
+            CachePolicy::Lru | CachePolicy::StepOrder => true,
         }
     }
 
+    /// The order of eviction: the least key goes first. A prefetched entry not used yet goes last
+    /// under every policy, so that prefetching does not undo itself.
+    fn key(&self, at: &StepCursor, c: &Candidate) -> (bool, Reverse<u64>, bool, f64, u64) {
+        let (next, partial, hits) = match self {
+            CachePolicy::StepOrder => (at.next_use(c), c.partial, c.usage.hits),
+            CachePolicy::SeMoe { .. } => (0, false, c.usage.hits),
+            CachePolicy::Lru => (0, false, 0.0),
+        };
+        (c.usage.unused_prefetch, Reverse(next), !partial, hits, c.usage.last_use)
+    }
+
+    fn cmp_keys(
+        a: &(bool, Reverse<u64>, bool, f64, u64),
+        b: &(bool, Reverse<u64>, bool, f64, u64),
+    ) -> std::cmp::Ordering {
+        a.0.cmp(&b.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.total_cmp(&b.3))
+            .then(a.4.cmp(&b.4))
+    }
+
     /// Whether `incoming` (leaving the Device tier) should take the place of `victim` in a full
-    /// host cache: under SE-MoE only when it is at least as hot, under LRU always.
-    pub fn replaces(&self, incoming: &Usage, victim: &Usage) -> bool {
+    /// host cache: under SE-MoE only when it is at least as hot, under LRU always, under the step
+    /// order when the victim would be evicted first (its next use is further).
+    pub fn replaces(&self, at: &StepCursor, incoming: &Candidate, victim: &Candidate) -> bool {
         match self {
-            CachePolicy::SeMoe { .. } => incoming.unused_prefetch || incoming.hits >= victim.hits,
+            CachePolicy::SeMoe { .. } => incoming.usage.unused_prefetch || incoming.usage.hits >= victim.usage.hits,
             CachePolicy::Lru => true,
+            CachePolicy::StepOrder => {
+                Self::cmp_keys(&self.key(at, victim), &self.key(at, incoming)) == std::cmp::Ordering::Less
+            }
         }
     }
 
     /// Whether an entry leaving the Device tier goes into the host cache: the policy admits it,
     /// and `displaced` (the host entry it would push out, `None` when the cache has room or
-    /// nothing to push out) is not hotter. The tier manager's demotion and the replay
-    /// ([`super::replay`]) both decide with this.
-    pub fn enters_host(&self, incoming: &Usage, displaced: Option<&Usage>) -> bool {
-        self.admits(incoming) && displaced.is_none_or(|v| self.replaces(incoming, v))
+    /// nothing to push out) does not deserve the place more. The tier manager's demotion and the
+    /// replay ([`super::replay`]) both decide with this.
+    pub fn enters_host(&self, at: &StepCursor, incoming: &Candidate, displaced: Option<&Candidate>) -> bool {
+        self.admits(&incoming.usage) && displaced.is_none_or(|v| self.replaces(at, incoming, v))
     }
 
-    /// The entry to evict among `candidates` (`(key, usage)`), or `None` when there is none.
-    pub fn victim<K: Copy>(&self, candidates: impl Iterator<Item = (K, Usage)>) -> Option<K> {
-        let rank = |u: &Usage| -> (bool, f64, u64) {
-            let hits = match self {
-                CachePolicy::SeMoe { .. } => u.hits,
-                CachePolicy::Lru => 0.0,
-            };
-            (u.unused_prefetch, hits, u.last_use)
-        };
+    /// The entry to evict among `candidates` with the step at `at`, or `None` when there is none
+    /// (the first of equals).
+    pub fn victim(&self, at: &StepCursor, candidates: impl Iterator<Item = Candidate>) -> Option<UnitId> {
         candidates
-            .min_by(|(_, a), (_, b)| {
-                let (ra, rb) = (rank(a), rank(b));
-                ra.0.cmp(&rb.0).then(ra.1.total_cmp(&rb.1)).then(ra.2.cmp(&rb.2))
-            })
-            .map(|(k, _)| k)
+            .map(|c| (self.key(at, &c), c.id))
+            .min_by(|(a, _), (b, _)| Self::cmp_keys(a, b))
+            .map(|(_, id)| id)
     }
 }
 
@@ -184,26 +390,42 @@ mod tests {
         }
     }
 
+    /// Candidates of block 0, experts 0, 1, ...
+    fn cands(us: &[Usage]) -> Vec<Candidate> {
+        us.iter()
+            .enumerate()
+            .map(|(e, &usage)| Candidate {
+                id: (0, e),
+                usage,
+                partial: false,
+            })
+            .collect()
+    }
+
     #[test]
     fn se_moe_evicts_the_least_hit_and_lru_the_oldest() {
-        let entries = [(0, usage(5.0, 1)), (1, usage(1.0, 9)), (2, usage(3.0, 2))];
-        assert_eq!(CachePolicy::default().victim(entries.into_iter()), Some(1));
-        assert_eq!(CachePolicy::Lru.victim(entries.into_iter()), Some(0));
-        assert_eq!(CachePolicy::Lru.victim(std::iter::empty::<(usize, Usage)>()), None);
+        let at = StepCursor::new([0]);
+        let entries = cands(&[usage(5.0, 1), usage(1.0, 9), usage(3.0, 2)]);
+        assert_eq!(CachePolicy::SE_MOE.victim(&at, entries.iter().copied()), Some((0, 1)));
+        assert_eq!(CachePolicy::Lru.victim(&at, entries.iter().copied()), Some((0, 0)));
+        assert_eq!(CachePolicy::Lru.victim(&at, std::iter::empty()), None);
     }
 
     #[test]
     fn ties_go_to_the_least_recent_and_fresh_prefetches_go_last() {
+        let at = StepCursor::new([0]);
         let mut fresh = usage(0.0, 0);
         fresh.unused_prefetch = true;
-        let entries = [(0, fresh), (1, usage(2.0, 7)), (2, usage(2.0, 3))];
-        assert_eq!(CachePolicy::default().victim(entries.into_iter()), Some(2));
-        assert_eq!(CachePolicy::Lru.victim(entries.into_iter()), Some(2));
-        assert_eq!(CachePolicy::Lru.victim([(0, fresh)].into_iter()), Some(0));
+        let entries = cands(&[fresh, usage(2.0, 7), usage(2.0, 3)]);
+        for p in [CachePolicy::SE_MOE, CachePolicy::Lru, CachePolicy::StepOrder] {
+            assert_eq!(p.victim(&at, entries.iter().copied()), Some((0, 2)), "{p:?}");
+            assert_eq!(p.victim(&at, entries[..1].iter().copied()), Some((0, 0)), "{p:?}");
+        }
     }
 
     #[test]
     fn counters_decay_every_k_steps_and_gate_admission() {
+        let at = StepCursor::new([0]);
         let p = CachePolicy::SeMoe {
             threshold: 2.0,
             beta: 0.5,
@@ -223,15 +445,98 @@ mod tests {
         assert_eq!(us[0].hits, 1.0);
         assert!(!p.admits(&us[0]));
         assert!(CachePolicy::Lru.admits(&us[0]));
-        let hot = usage(3.0, 1);
-        assert!(!p.replaces(&us[0], &hot) && p.replaces(&hot, &us[0]));
-        assert!(CachePolicy::Lru.replaces(&us[0], &hot));
+        let c = cands(&[us[0], usage(3.0, 1)]);
+        assert!(!p.replaces(&at, &c[0], &c[1]) && p.replaces(&at, &c[1], &c[0]));
+        assert!(CachePolicy::Lru.replaces(&at, &c[0], &c[1]));
+    }
+
+    fn unit(block: usize, expert: usize, last_use: u64, partial: bool) -> Candidate {
+        Candidate {
+            id: (block, expert),
+            usage: usage(1.0, last_use),
+            partial,
+        }
+    }
+
+    #[test]
+    fn the_cursor_follows_hints_and_infers_the_phase_from_requests() {
+        let mut c = StepCursor::new([2, 0, 1]);
+        assert_eq!(c.phase(), Phase::Commit);
+        for (block, commit, want) in [
+            (0, false, Phase::Forward(0)),
+            (1, false, Phase::Forward(1)),
+            (2, false, Phase::Forward(2)),
+            (2, false, Phase::Forward(2)),
+            (1, false, Phase::Backward(1)),
+            (0, false, Phase::Backward(0)),
+            (1, true, Phase::Commit),
+            (0, true, Phase::Commit),
+            (1, false, Phase::Forward(1)),
+        ] {
+            c.acquire(block, commit, 0);
+            assert_eq!(c.phase(), want, "block {block}, commit {commit}");
+        }
+        c.hint(2, false, 0);
+        assert_eq!(c.phase(), Phase::Backward(2));
+        c.acquire(2, false, 0);
+        assert_eq!(
+            c.phase(),
+            Phase::Backward(2),
+            "a hint is not overruled by its block's requests"
+        );
+        c.end_step(0);
+        assert_eq!(c.phase(), Phase::Commit);
+    }
+
+    #[test]
+    fn step_order_evicts_the_unit_used_furthest_ahead() {
+        // Three blocks: the order is F0 F1 F2 B2 B1 B0 C (slots 0..=6).
+        let p = CachePolicy::StepOrder;
+        let mut at = StepCursor::new([0, 1, 2]);
+        // In the forward of block 1 (since clock 10): block 2 is next (F2, 1 slot), block 0 only
+        // in the backward (B0, 4 slots): block 0 goes first, the least recently used of it first.
+        at.hint(1, true, 10);
+        let resident = [unit(2, 0, 1, false), unit(0, 1, 4, false), unit(0, 0, 3, false)];
+        assert_eq!(at.next_use(&resident[0]), 1);
+        assert_eq!(at.next_use(&resident[1]), 4);
+        assert_eq!(p.victim(&at, resident.iter().copied()), Some((0, 0)));
+        // A unit of block 1 used in this forward (after clock 10) is next used in B1 (3 slots);
+        // one not yet served is needed now.
+        assert_eq!(at.next_use(&unit(1, 0, 11, false)), 3);
+        assert_eq!(at.next_use(&unit(1, 1, 9, false)), 0);
+        // In the backward of block 1: block 2 is next used in the next step's F2 (5 slots), block
+        // 0 in B0 (1 slot): block 2 goes first, and a parameters-only copy of it before a whole
+        // unit (the commit drops the copy anyway).
+        at.hint(1, false, 20);
+        let resident = [unit(0, 0, 3, false), unit(2, 0, 15, false), unit(2, 1, 16, true)];
+        assert_eq!(at.next_use(&resident[0]), 1);
+        assert_eq!(at.next_use(&resident[1]), 5);
+        assert_eq!(at.next_use(&resident[2]), u64::MAX);
+        assert_eq!(p.victim(&at, resident.iter().copied()), Some((2, 1)));
+        assert_eq!(p.victim(&at, resident[..2].iter().copied()), Some((2, 0)));
+        // LRU would evict block 0's unit, the oldest, which the backward needs next.
+        assert_eq!(
+            CachePolicy::Lru.victim(&at, resident[..2].iter().copied()),
+            Some((0, 0))
+        );
+        // Between steps, block 0 is next (F0) and block 2 furthest (F2).
+        at.end_step(30);
+        let resident = [unit(2, 0, 15, false), unit(0, 0, 3, false), unit(1, 0, 12, false)];
+        assert_eq!(p.victim(&at, resident.iter().copied()), Some((2, 0)));
+        // Into a full host cache only in place of a unit used later.
+        assert!(p.enters_host(&at, &resident[1], Some(&resident[0])));
+        assert!(!p.enters_host(&at, &resident[0], Some(&resident[1])));
+        assert!(p.enters_host(&at, &resident[0], None));
     }
 
     #[test]
     fn parses_and_validates() {
         assert_eq!("lru".parse::<CachePolicy>().unwrap(), CachePolicy::Lru);
-        assert_eq!("se-moe".parse::<CachePolicy>().unwrap().name(), "se-moe");
+        assert_eq!("se-moe".parse::<CachePolicy>().unwrap(), CachePolicy::SE_MOE);
+        assert_eq!("step-order".parse::<CachePolicy>().unwrap(), CachePolicy::StepOrder);
+        for p in [CachePolicy::default(), CachePolicy::SE_MOE, CachePolicy::Lru] {
+            assert_eq!(p.name().parse::<CachePolicy>().unwrap(), p);
+        }
         assert!("fifo".parse::<CachePolicy>().is_err());
         let bad = CachePolicy::SeMoe {
             threshold: 0.0,

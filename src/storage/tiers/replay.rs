@@ -6,17 +6,21 @@
 //!
 //! The decisions are the tier manager's own: the victim, the admission into the host cache and the
 //! replacement of a host entry come from [`CachePolicy::victim`] and [`CachePolicy::enters_host`],
-//! the hit counters from [`CachePolicy::touch`] and [`CachePolicy::end_step`], the same calls the
-//! manager (`store/manager/eviction.rs`, `admission.rs`) makes. What the replay models of the
+//! the kind of load from [`CachePolicy::params_only`], the hit counters from
+//! [`CachePolicy::touch`] and [`CachePolicy::end_step`], and where the step is from a
+//! [`StepCursor`] moved as the manager moves its own, the same calls the manager
+//! (`store/manager/eviction.rs`, `admission.rs`, `mod.rs`) makes. What the replay models of the
 //! manager around them:
 //!
 //! - the units start as the store places them: Device, then Host, in order, the rest on disk;
 //! - a step acquires, for each MoE block in order, every expert its routing sent a token to
-//!   (ascending), then the same sets block by block in reverse for the backward pass, then commits
+//!   (ascending, after the block's hint, as the Communicator sends it), then the same sets block
+//!   by block in reverse for the backward pass, then commits
 //!   every unit (ascending); the experts of the block being acquired are kept from eviction (the
 //!   manager keeps every waiting unit);
 //! - a miss loads the parameters alone (the moments stay on disk) unless a deferred update waits,
-//!   in which case the whole unit is loaded with the gradient and updated (dirty);
+//!   in which case the whole unit is loaded with the gradient and updated (dirty), or the policy
+//!   loads whole units at this point of the step (the step order, in the backward);
 //! - a commit of a unit on disk writes its gradient beside it (deferred), unless an update is
 //!   already deferred, in which case the whole unit is loaded; a parameters-only copy in memory is
 //!   dropped at the commit and the update deferred; a whole unit in memory is updated there;
@@ -38,7 +42,7 @@
 //! and Host together) loads the fewest units any policy can, prefetching included (a commit's load
 //! acts as a prefetch here), so no policy's [`ReplayCounts::loads`] is below its count.
 
-use super::policy::{CachePolicy, Usage};
+use super::policy::{CachePolicy, Candidate, StepCursor, Usage};
 use super::unit::UnitId;
 use crate::error::{Error, Result};
 use serde::Serialize;
@@ -88,11 +92,12 @@ impl RoutingTrace {
             .collect()
     }
 
-    /// The forward and backward acquisitions of step `s`, in order, each with the block it is in.
-    fn acquisitions(&self, s: usize) -> Vec<(usize, Vec<usize>)> {
+    /// The forward and backward acquisitions of step `s`, in order, each with the block it is in
+    /// and whether it is the forward.
+    fn acquisitions(&self, s: usize) -> Vec<(usize, bool, Vec<usize>)> {
         let blocks = self.blocks();
-        let forward = (0..blocks).map(|b| (b, self.routed(s, b)));
-        let backward = (0..blocks).rev().map(|b| (b, self.routed(s, b)));
+        let forward = (0..blocks).map(|b| (b, true, self.routed(s, b)));
+        let backward = (0..blocks).rev().map(|b| (b, false, self.routed(s, b)));
         forward.chain(backward).collect()
     }
 
@@ -227,9 +232,20 @@ struct Entry {
     deferred: bool,
 }
 
+/// What the policy sees of a unit in memory.
+fn candidate(id: UnitId, e: &Entry) -> Candidate {
+    Candidate {
+        id,
+        usage: e.usage,
+        partial: e.partial,
+    }
+}
+
 /// The tiers' books under `policy`, in units.
 struct Books {
     policy: CachePolicy,
+    /// Where the step is, moved as the manager's: by each block's hint and by the requests.
+    cursor: StepCursor,
     budget: [usize; 2],
     /// Units in each tier, not counting those being written back.
     used: [usize; 2],
@@ -259,7 +275,7 @@ impl Books {
             if self.flushing[t as usize] > 0 {
                 return false;
             }
-            let Some(victim) = self.policy.victim(self.candidates(t, keep)) else {
+            let Some(victim) = self.policy.victim(&self.cursor, self.candidates(t, keep)) else {
                 return false;
             };
             self.demote(victim, t, keep);
@@ -283,11 +299,11 @@ impl Books {
         }
     }
 
-    fn candidates<'a>(&'a self, t: Tier, keep: &'a BTreeSet<UnitId>) -> impl Iterator<Item = (UnitId, Usage)> + 'a {
+    fn candidates<'a>(&'a self, t: Tier, keep: &'a BTreeSet<UnitId>) -> impl Iterator<Item = Candidate> + 'a {
         self.entries
             .iter()
             .filter(move |(id, e)| e.place == Place::In(t) && !keep.contains(id))
-            .map(|(id, e)| (*id, e.usage))
+            .map(|(id, e)| candidate(*id, e))
     }
 
     /// Out of `t`: into the host cache when the policy lets it in, else to disk (as the manager's
@@ -298,12 +314,17 @@ impl Books {
             let mut keep_also = keep.clone();
             keep_also.insert(id);
             let displaced = if self.free(Tier::Host) == 0 {
-                let v = self.policy.victim(self.candidates(Tier::Host, &keep_also));
-                v.map(|v| self.entries[&v].usage)
+                let v = self
+                    .policy
+                    .victim(&self.cursor, self.candidates(Tier::Host, &keep_also));
+                v.map(|v| candidate(v, &self.entries[&v]))
             } else {
                 None
             };
-            if self.policy.enters_host(&e.usage, displaced.as_ref()) && self.make_room(Tier::Host, &keep_also) {
+            let incoming = candidate(id, &e);
+            if self.policy.enters_host(&self.cursor, &incoming, displaced.as_ref())
+                && self.make_room(Tier::Host, &keep_also)
+            {
                 self.set_place(id, Place::In(Tier::Host));
                 self.counts.to_host += 1;
                 return;
@@ -375,8 +396,10 @@ impl Books {
     fn acquire(&mut self, id: UnitId, keep: &BTreeSet<UnitId>) -> Result<()> {
         // The write-backs of earlier requests are done by now.
         self.flushing = [0, 0];
+        self.cursor.acquire(id.0, false, self.clock);
         self.counts.acquisitions += 1;
-        match self.bring_to_device(id, keep, true)? {
+        let params_only = self.policy.params_only(&self.cursor);
+        match self.bring_to_device(id, keep, params_only)? {
             Some(Tier::Device) => self.counts.device_hits += 1,
             Some(Tier::Host) => self.counts.host_hits += 1,
             None => self.counts.misses += 1,
@@ -387,6 +410,7 @@ impl Books {
 
     fn commit(&mut self, id: UnitId) -> Result<()> {
         self.flushing = [0, 0];
+        self.cursor.acquire(id.0, true, self.clock);
         self.counts.commits += 1;
         let e = self.entries[&id];
         if let (Place::In(_), true) = (e.place, e.partial) {
@@ -452,6 +476,7 @@ fn run(
     }
     let mut books = Books {
         policy,
+        cursor: StepCursor::new(0..trace.blocks()),
         budget: [device, host],
         used: [0, 0],
         flushing: [0, 0],
@@ -481,7 +506,9 @@ fn run(
         }
     }
     for s in 0..trace.steps.len() {
-        for (b, experts) in trace.acquisitions(s) {
+        for (b, forward, experts) in trace.acquisitions(s) {
+            // The Communicator hints each block before its experts are acquired.
+            books.cursor.hint(b, forward, books.clock);
             let block: BTreeSet<UnitId> = experts.iter().map(|&e| (b, e)).collect();
             for &e in &experts {
                 let keep = if keep_block {
@@ -500,6 +527,7 @@ fn run(
         books
             .policy
             .end_step(step, books.entries.values_mut().map(|e| &mut e.usage));
+        books.cursor.end_step(books.clock);
     }
     Ok(books.counts)
 }
@@ -512,7 +540,7 @@ pub fn belady(trace: &RoutingTrace, capacity: usize) -> Result<ReplayCounts> {
     trace.validate()?;
     let seq: Vec<UnitId> = (0..trace.steps.len())
         .flat_map(|s| trace.acquisitions(s))
-        .flat_map(|(b, experts)| experts.into_iter().map(move |e| (b, e)))
+        .flat_map(|(b, _, experts)| experts.into_iter().map(move |e| (b, e)))
         .collect();
     let mut next = vec![usize::MAX; seq.len()];
     let mut seen: HashMap<UnitId, usize> = HashMap::new();

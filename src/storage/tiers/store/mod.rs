@@ -438,7 +438,7 @@ mod tests {
         // One hot expert used between scans of cold ones longer than the cache: LFU keeps it in
         // memory, LRU lets the scan push it out to disk.
         let mut rates = Vec::new();
-        for policy in [CachePolicy::default(), CachePolicy::Lru] {
+        for policy in [CachePolicy::SE_MOE, CachePolicy::Lru] {
             let mut c = config(4, 1, policy.name());
             c.policy = policy;
             c.prefetch = false;

@@ -100,7 +100,8 @@ impl Manager {
             }
             Place::Disk => {
                 if self.loadable(w.id) && self.make_room(Mem::Device, b, wanted) {
-                    self.load(w.id, Mem::Device, w.commit.is_none());
+                    let params_only = w.commit.is_none() && self.policy.params_only(&self.cursor);
+                    self.load(w.id, Mem::Device, params_only);
                 }
                 return Some(w);
             }

@@ -1,12 +1,21 @@
 //! Eviction: making room in a tier by demoting the policy's victims Device -> Host -> Disk, and
 //! the write-backs that take a changed unit to disk.
 
-use super::{Manager, Mem, Place};
-use crate::storage::tiers::policy::Usage;
+use super::{Entry, Manager, Mem, Place};
+use crate::storage::tiers::policy::Candidate;
 use crate::storage::tiers::store::io::IoJob;
 use crate::storage::tiers::unit::{ExpertSlot, UnitId};
 use std::collections::HashSet;
 use std::sync::Arc;
+
+/// What the policy sees of a unit in memory.
+fn candidate(id: UnitId, e: &Entry) -> Candidate {
+    Candidate {
+        id,
+        usage: e.usage,
+        partial: e.partial,
+    }
+}
 
 impl Manager {
     /// Free `need` bytes in `t` by demoting victims (never a unit in `keep`, in use or in flight).
@@ -29,8 +38,8 @@ impl Manager {
                 .entries
                 .iter()
                 .filter(|(id, e)| e.place == Place::In(t) && !keep.contains(id))
-                .map(|(id, e)| (*id, e.usage));
-            let Some(victim) = self.policy.victim(candidates) else {
+                .map(|(id, e)| candidate(*id, e));
+            let Some(victim) = self.policy.victim(&self.cursor, candidates) else {
                 return false;
             };
             self.demote(victim, t, keep);
@@ -48,14 +57,14 @@ impl Manager {
         if t == Mem::Device && self.budget[Mem::Host as usize] > 0 {
             let mut keep_also = keep.clone();
             keep_also.insert(id);
-            let incoming = self.entries[&id].usage;
+            let incoming = candidate(id, &self.entries[&id]);
             let enters = no_disk || {
                 // The host entry it would push out, when the cache is full.
                 let displaced = (self.free(Mem::Host) < b)
-                    .then(|| self.policy.victim(self.host_candidates(&keep_also)))
+                    .then(|| self.policy.victim(&self.cursor, self.host_candidates(&keep_also)))
                     .flatten()
-                    .map(|v| self.entries[&v].usage);
-                self.policy.enters_host(&incoming, displaced.as_ref())
+                    .map(|v| candidate(v, &self.entries[&v]));
+                self.policy.enters_host(&self.cursor, &incoming, displaced.as_ref())
             };
             if enters && self.make_room(Mem::Host, b, &keep_also) {
                 if let Some(e) = self.entries.get_mut(&id) {
@@ -70,11 +79,11 @@ impl Manager {
         self.write_back(id, t);
     }
 
-    fn host_candidates<'a>(&'a self, keep: &'a HashSet<UnitId>) -> impl Iterator<Item = (UnitId, Usage)> + 'a {
+    fn host_candidates<'a>(&'a self, keep: &'a HashSet<UnitId>) -> impl Iterator<Item = Candidate> + 'a {
         self.entries
             .iter()
             .filter(move |(id, e)| e.place == Place::In(Mem::Host) && !keep.contains(id))
-            .map(|(id, e)| (*id, e.usage))
+            .map(|(id, e)| candidate(*id, e))
     }
 
     fn write_back(&mut self, id: UnitId, t: Mem) {

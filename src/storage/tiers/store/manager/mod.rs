@@ -19,7 +19,7 @@ use super::protocol::{Grant, Reply, Request};
 use super::stats::TierStats;
 use crate::error::{Error, Result};
 use crate::storage::tiers::disk::DiskTier;
-use crate::storage::tiers::policy::{CachePolicy, Usage};
+use crate::storage::tiers::policy::{CachePolicy, StepCursor, Usage};
 use crate::storage::tiers::unit::{decode, decode_grads, encode, params_len, ExpertSlot, Pending, UnitId};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::mpsc::Receiver;
@@ -93,6 +93,8 @@ struct Waiter {
 pub(super) struct Manager {
     worker: String,
     policy: CachePolicy,
+    /// Where the step is, for the step-order policy (moved by hints and requests).
+    cursor: StepCursor,
     prefetch: bool,
     disk: Option<DiskTier>,
     /// Shapes and optimizer settings of every unit (none when the store is empty).
@@ -156,6 +158,7 @@ impl Manager {
         let mut manager = Manager {
             worker: worker.to_string(),
             policy: config.policy,
+            cursor: StepCursor::default(),
             prefetch: config.prefetch,
             disk: disk.clone(),
             template,
@@ -217,6 +220,7 @@ impl Manager {
 
     pub(super) fn place_initially(&mut self, id: UnitId, slot: ExpertSlot) -> Result<()> {
         let b = self.unit_bytes;
+        self.cursor.hold(id.0);
         let mut entry = Entry {
             place: Place::Disk,
             slot: None,
@@ -262,6 +266,7 @@ impl Manager {
                     ))));
                     return;
                 }
+                self.cursor.acquire(id.0, commit.is_some(), self.clock);
                 let e = &self.entries[&id];
                 let idle = !self.waiting.iter().any(|w| w.id == id);
                 if commit.is_some() && e.place == Place::Disk && e.deferred.is_none() && idle && self.disk.is_some() {
@@ -292,8 +297,12 @@ impl Manager {
                     e.dirty |= dirty;
                 }
             }
-            Request::Hint { block, routed, forward } => self.on_hint(block, routed, forward),
+            Request::Hint { block, routed, forward } => {
+                self.cursor.hint(block, forward, self.clock);
+                self.on_hint(block, routed, forward)
+            }
             Request::EndStep { step } => {
+                self.cursor.end_step(self.clock);
                 self.policy
                     .end_step(step, self.entries.values_mut().map(|e| &mut e.usage));
                 self.last_fwd_used = std::mem::take(&mut self.fwd_used);

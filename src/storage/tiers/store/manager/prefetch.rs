@@ -47,7 +47,7 @@ impl Manager {
             } else {
                 break;
             };
-            self.load(id, t, true);
+            self.load(id, t, self.policy.params_only(&self.cursor));
             if let Some(e) = self.entries.get_mut(&id) {
                 e.usage.unused_prefetch = true;
             }
