@@ -130,7 +130,7 @@ struct Shared {
 /// (the CLI's handler): the worker then asks to leave and exits 0 once its state moved.
 pub fn run_worker(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerEnd> {
     let tokio = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(super::async_threads())
         .thread_name("semoe-worker-async")
         .enable_all()
         .build()

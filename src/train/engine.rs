@@ -48,9 +48,13 @@ impl RuntimeEngine {
     ) -> Result<Self> {
         // One async thread in-process: it only moves messages (kernels run on the compute pool), and
         // a second one competed with the compute threads for the cores: 5% fewer tokens/s on two
-        // cores (BENCHMARKS.md). Over processes it also runs QUIC's encryption: two.
+        // cores (BENCHMARKS.md). Over processes it also runs QUIC: see `elastic::async_threads`.
         let tokio = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(if config.train.elastic() { 2 } else { 1 })
+            .worker_threads(if config.train.elastic() {
+                crate::elastic::async_threads()
+            } else {
+                1
+            })
             .thread_name("semoe-async")
             .enable_all()
             .build()
