@@ -331,10 +331,16 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     let variants = [
         ("all in memory".to_string(), Default::default()),
         (format!("{share}, step-order, prefetch"), tiered("step-order", true, 1)),
-        (format!("{share}, step-order, on demand"), tiered("step-order", false, 1)),
+        (
+            format!("{share}, step-order, on demand"),
+            tiered("step-order", false, 1),
+        ),
         (format!("{share}, se-moe, prefetch"), tiered("se-moe", true, 1)),
         (format!("{share}, lru, prefetch"), tiered("lru", true, 1)),
-        (format!("{share} all in Device, prefetch"), tiered("step-order", true, 2)),
+        (
+            format!("{share} all in Device, prefetch"),
+            tiered("step-order", true, 2),
+        ),
     ]
     .into_iter()
     .map(|(name, storage)| bench::StorageVariant { name, storage })
