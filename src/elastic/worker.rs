@@ -81,9 +81,37 @@ impl PacketCodec for WireCodec {
         Ok(bytes)
     }
     fn decode(&self, bytes: &[u8], epoch: u64) -> Result<Packet> {
+        let packet = wire::decode_packet(bytes, epoch, &self.shape()?)?;
+        self.arrived(packet)
+    }
+    fn wire_frames(&self) -> bool {
+        true
+    }
+    fn encode_parts<'a>(&self, epoch: u64, p: &'a Packet) -> Result<wire::Encoded<'a>> {
+        if self.corrupt.is_some() {
+            // A corrupting run damages encoded bytes: the whole frame as the head.
+            return Ok(wire::Encoded {
+                head: self.encode(epoch, p)?,
+                bodies: Vec::new(),
+            });
+        }
+        wire::encode_packet_parts(epoch, p)
+    }
+    fn decode_parts(&self, head: &[u8], bodies: Vec<Vec<f32>>, epoch: u64) -> Result<Packet> {
+        let packet = wire::decode_packet_parts(head, bodies, epoch, &self.shape()?)?;
+        self.arrived(packet)
+    }
+}
+
+impl WireCodec {
+    /// The current epoch's packet shape.
+    fn shape(&self) -> Result<PacketShape> {
         let shape = self.shape.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let shape = shape.ok_or_else(|| Error::runtime("a packet arrived before the first epoch"))?;
-        let packet = wire::decode_packet(bytes, epoch, &shape)?;
+        shape.ok_or_else(|| Error::runtime("a packet arrived before the first epoch"))
+    }
+
+    /// A decoded packet, through the pause hook of a test.
+    fn arrived(&self, packet: Packet) -> Result<Packet> {
         if let Some(pause) = &self.pause {
             pause.at_packet(&packet);
         }

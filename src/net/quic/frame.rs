@@ -119,13 +119,17 @@ pub fn open(frame: &[u8]) -> std::result::Result<&[u8], String> {
     let sent = u32::from_le_bytes(sent);
     let got = crc32fast::hash(body);
     if got != sent {
-        return Err(format!(
-            "a frame of {} bytes whose CRC-32 is {got:08x}, not the {sent:08x} it was sent with: its bytes were \
-             damaged on the way",
-            frame.len()
-        ));
+        return Err(damaged(frame.len(), got, sent));
     }
     Ok(body)
+}
+
+/// What is wrong with a frame of `len` bytes whose checksum is `got`, not `sent`.
+pub(crate) fn damaged(len: usize, got: u32, sent: u32) -> String {
+    format!(
+        "a frame of {len} bytes whose CRC-32 is {got:08x}, not the {sent:08x} it was sent with: its bytes were \
+         damaged on the way"
+    )
 }
 
 /// Damage a sealed frame as a faulty link would (a chaos fault): flip every bit of the byte in its

@@ -30,12 +30,13 @@
 //! an eviction, a shutdown. The opener's watcher reads it and classifies it like a QUIC close; a
 //! connection that ends without one was cut (the process ended).
 
-use super::frame::FrameError;
+use super::frame::{FrameError, CHECKSUM_BYTES};
 use crate::error::{Error, Result};
+use crate::net::wire::{self, Encoded};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::AbortHandle;
@@ -124,14 +125,91 @@ pub(crate) async fn write_frame(send: &mut OwnedWriteHalf, bytes: &[u8]) -> io::
     send.write_all_buf(&mut both).await
 }
 
-/// Read one frame of at most `max` bytes (`what` names it): `None` when the stream ended cleanly
-/// before a frame began. A stream that ends inside a frame was cut (its writer went away), which is
-/// a loss here, not a protocol violation: over a local socket nothing else cuts a frame.
-pub(crate) async fn read_frame(
-    recv: &mut OwnedReadHalf,
-    max: usize,
-    what: &str,
-) -> std::result::Result<Option<Vec<u8>>, FrameError> {
+/// Write one sealed frame from its parts without gathering them into one buffer first: its length
+/// (u64 LE), `enc`'s head and bodies, then their CRC-32 (as [`super::frame::seal`] would append it),
+/// in vectored writes. The bytes on the socket are those of [`write_frame`] of the sealed frame.
+pub(crate) async fn write_sealed(send: &mut OwnedWriteHalf, enc: &Encoded<'_>) -> io::Result<()> {
+    let Some(bodies) = enc.body_bytes() else {
+        // Big-endian: the floats are converted into one buffer.
+        let mut bytes = enc.concat();
+        super::frame::seal(&mut bytes);
+        return write_frame(send, &bytes).await;
+    };
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&enc.head);
+    for b in &bodies {
+        crc.update(b);
+    }
+    let crc = crc.finalize().to_le_bytes();
+    let len = ((enc.len() + CHECKSUM_BYTES) as u64).to_le_bytes();
+    let mut parts = vec![&len[..], &enc.head[..]];
+    parts.extend(bodies);
+    parts.push(&crc[..]);
+    send.write_all_buf(&mut Gather::new(parts)).await
+}
+
+/// Byte slices sent one after the other, offered to the socket as one gathering write per call.
+struct Gather<'a> {
+    /// The slices not yet fully written (empty ones left out), the first `off` bytes of
+    /// `parts[at]` written.
+    parts: Vec<&'a [u8]>,
+    at: usize,
+    off: usize,
+    remaining: usize,
+}
+
+impl<'a> Gather<'a> {
+    fn new(mut parts: Vec<&'a [u8]>) -> Gather<'a> {
+        parts.retain(|p| !p.is_empty());
+        let remaining = parts.iter().map(|p| p.len()).sum();
+        Gather {
+            parts,
+            at: 0,
+            off: 0,
+            remaining,
+        }
+    }
+}
+
+impl bytes::Buf for Gather<'_> {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts.get(self.at).map_or(&[], |p| &p[self.off..])
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        assert!(cnt <= self.remaining, "advanced past the end of the frame");
+        self.remaining -= cnt;
+        while cnt > 0 {
+            let left = self.parts[self.at].len() - self.off;
+            if cnt < left {
+                self.off += cnt;
+                return;
+            }
+            cnt -= left;
+            self.at += 1;
+            self.off = 0;
+        }
+    }
+
+    fn chunks_vectored<'b>(&'b self, dst: &mut [io::IoSlice<'b>]) -> usize {
+        let mut n = 0;
+        for (i, part) in self.parts.iter().enumerate().skip(self.at) {
+            let Some(slot) = dst.get_mut(n) else { break };
+            let from = if i == self.at { self.off } else { 0 };
+            *slot = io::IoSlice::new(&part[from..]);
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Read one frame's length (u64 LE) and check it against `max`: `None` when the stream ended
+/// cleanly before it began.
+async fn read_len(recv: &mut OwnedReadHalf, max: usize, what: &str) -> std::result::Result<Option<usize>, FrameError> {
     let mut len = [0u8; 8];
     let mut got = 0;
     while got < len.len() {
@@ -152,21 +230,166 @@ pub(crate) async fn read_frame(
             "{what} of {n} bytes is over the limit of {max} bytes"
         )));
     }
-    // n <= max, a usize. Read into the spare capacity: megabytes per frame, not zeroed first.
-    let n = n as usize;
-    let mut buf = Vec::with_capacity(n);
+    // n <= max, a usize.
+    Ok(Some(n as usize))
+}
+
+/// Read until `buf` holds `n` bytes, into its spare capacity (megabytes per frame, not zeroed
+/// first). `what` of `total` bytes names the frame in errors.
+async fn read_into(
+    recv: &mut OwnedReadHalf,
+    buf: &mut Vec<u8>,
+    n: usize,
+    what: &str,
+    total: usize,
+) -> std::result::Result<(), FrameError> {
+    buf.reserve_exact(n.saturating_sub(buf.len()));
     while buf.len() < n {
-        match recv.read_buf(&mut buf).await {
+        let want = n - buf.len();
+        match (&mut *recv).take(want as u64).read_buf(buf).await {
             Ok(0) => {
                 return Err(FrameError::Cut(format!(
-                    "the connection ended inside {what} of {n} bytes"
+                    "the connection ended inside {what} of {total} bytes"
                 )))
             }
             Ok(_) => {}
             Err(e) => return Err(FrameError::Cut(format!("the connection failed: {e}"))),
         }
     }
+    Ok(())
+}
+
+/// Read `len` floats (little-endian bytes on the socket) straight into a new vector: the socket's
+/// bytes are copied once, into the floats the packet carries, and never zeroed first.
+async fn read_floats(
+    recv: &mut OwnedReadHalf,
+    len: usize,
+    what: &str,
+    total: usize,
+) -> std::result::Result<Vec<f32>, FrameError> {
+    let mut out = Vec::<f32>::with_capacity(len);
+    let bytes = 4 * len; // the caller checked that the bodies fit the frame's length
+                         // SAFETY: the spare capacity of `out` holds `len` f32s = `bytes` bytes; viewed as
+                         // `MaybeUninit<u8>` (no validity requirement) for the socket to fill. `out` is neither read nor
+                         // moved while `spare` lives.
+    let spare = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(), bytes) };
+    let mut buf = tokio::io::ReadBuf::uninit(spare);
+    while buf.remaining() > 0 {
+        let before = buf.filled().len();
+        let polled = std::future::poll_fn(|cx| std::pin::Pin::new(&mut *recv).poll_read(cx, &mut buf)).await;
+        match polled {
+            Ok(()) if buf.filled().len() == before => {
+                return Err(FrameError::Cut(format!(
+                    "the connection ended inside {what} of {total} bytes"
+                )))
+            }
+            Ok(()) => {}
+            Err(e) => return Err(FrameError::Cut(format!("the connection failed: {e}"))),
+        }
+    }
+    // SAFETY: `buf` was filled completely: all `bytes` bytes of the first `len` elements are
+    // initialised by the socket, and every bit pattern is a valid f32.
+    unsafe { out.set_len(len) };
+    if cfg!(target_endian = "big") {
+        for x in &mut out {
+            *x = f32::from_bits(u32::from_le(x.to_bits()));
+        }
+    }
+    Ok(out)
+}
+
+/// Read one frame of at most `max` bytes (`what` names it): `None` when the stream ended cleanly
+/// before a frame began. A stream that ends inside a frame was cut (its writer went away), which is
+/// a loss here, not a protocol violation: over a local socket nothing else cuts a frame.
+pub(crate) async fn read_frame(
+    recv: &mut OwnedReadHalf,
+    max: usize,
+    what: &str,
+) -> std::result::Result<Option<Vec<u8>>, FrameError> {
+    let Some(n) = read_len(recv, max, what).await? else {
+        return Ok(None);
+    };
+    let mut buf = Vec::new();
+    read_into(recv, &mut buf, n, what, n).await?;
     Ok(Some(buf))
+}
+
+/// A sealed `net::wire` frame as [`read_split`] read it.
+pub(crate) enum SplitFrame {
+    /// Its head (everything before the bodies) and its bodies, read straight into floats; the
+    /// checksum matched.
+    Split { head: Vec<u8>, bodies: Vec<Vec<f32>> },
+    /// The whole frame as bytes, checksum included: its head did not describe a frame of its
+    /// length, so it is checked and decoded the ordinary way ([`super::frame::open`] first, so
+    /// that damaged bytes are reported as damage).
+    Whole(Vec<u8>),
+}
+
+/// The frame of `n` bytes whose first bytes are `buf`, read whole.
+async fn rest_of_frame(
+    recv: &mut OwnedReadHalf,
+    mut buf: Vec<u8>,
+    n: usize,
+    what: &str,
+) -> std::result::Result<Option<SplitFrame>, FrameError> {
+    read_into(recv, &mut buf, n, what, n).await?;
+    Ok(Some(SplitFrame::Whole(buf)))
+}
+
+/// [`read_frame`] of a sealed `net::wire` frame, the bodies read straight into floats: one copy
+/// (socket to floats) where reading the frame and then decoding it makes two. The checksum is
+/// checked over the bytes as read; a mismatch is a protocol violation with
+/// [`super::frame::open`]'s message.
+pub(crate) async fn read_split(
+    recv: &mut OwnedReadHalf,
+    max: usize,
+    what: &str,
+) -> std::result::Result<Option<SplitFrame>, FrameError> {
+    let Some(n) = read_len(recv, max, what).await? else {
+        return Ok(None);
+    };
+    let mut head = Vec::new();
+    loop {
+        let need = wire::head_need(&head);
+        if need <= head.len() {
+            break;
+        }
+        if need.saturating_add(CHECKSUM_BYTES) > n {
+            return rest_of_frame(recv, head, n, what).await;
+        }
+        read_into(recv, &mut head, need, what, n).await?;
+    }
+    let Ok(lens) = wire::head_body_lens(&head, what) else {
+        return rest_of_frame(recv, head, n, what).await;
+    };
+    let body_bytes = lens
+        .iter()
+        .try_fold(0usize, |sum, &l| sum.checked_add(l.checked_mul(4)?));
+    if body_bytes.and_then(|b| b.checked_add(head.len() + CHECKSUM_BYTES)) != Some(n) {
+        return rest_of_frame(recv, head, n, what).await;
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    let mut bodies = Vec::with_capacity(lens.len());
+    for len in lens {
+        let body = read_floats(recv, len, what, n).await?;
+        if cfg!(target_endian = "little") {
+            crc.update(bytemuck::cast_slice(&body));
+        } else {
+            for x in &body {
+                crc.update(&x.to_le_bytes());
+            }
+        }
+        bodies.push(body);
+    }
+    let mut sent = Vec::new();
+    read_into(recv, &mut sent, CHECKSUM_BYTES, what, n).await?;
+    let sent = u32::from_le_bytes([sent[0], sent[1], sent[2], sent[3]]);
+    let got = crc.finalize();
+    if got != sent {
+        return Err(FrameError::Protocol(super::frame::damaged(n, got, sent)));
+    }
+    Ok(Some(SplitFrame::Split { head, bodies }))
 }
 
 /// A close frame: `code` u32 LE, the reason's length u16 LE, the reason (cut to [`MAX_REASON`]).
@@ -283,6 +506,119 @@ mod tests {
         assert_eq!(f.len(), 6 + MAX_REASON);
         assert_eq!(&f[..4], &7u32.to_le_bytes());
         assert_eq!(u16::from_le_bytes([f[4], f[5]]) as usize, MAX_REASON);
+    }
+
+    use crate::net::wire::{encode_packet, encode_packet_parts};
+    use crate::net::{Packet, Payload, Segment};
+
+    /// The two ends of a connected socket pair: one to read, one to write (dropping the writer
+    /// ends the stream, as a peer process that went away).
+    fn pair() -> (OwnedReadHalf, OwnedWriteHalf) {
+        let (a, b) = UnixStream::pair().expect("socket pair");
+        let (_, write) = a.into_split();
+        let (read, _) = b.into_split();
+        (read, write)
+    }
+
+    fn packet(rows: &[usize]) -> Packet {
+        let segments = rows
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| Segment {
+                group: i,
+                expert: i,
+                rows: r,
+                data: (0..r * 32).map(|j| (j as f32 * 0.1 + i as f32).sin()).collect(),
+            })
+            .collect();
+        Packet {
+            from: 1,
+            to: 0,
+            id: 7,
+            payload: Payload::Segments(segments),
+        }
+    }
+
+    fn sealed(p: &Packet) -> Vec<u8> {
+        let mut bytes = encode_packet(3, p).expect("encode");
+        super::super::frame::seal(&mut bytes);
+        bytes
+    }
+
+    #[tokio::test]
+    async fn a_gathered_frame_is_read_back_split_and_bitwise() {
+        let (mut read, mut write) = pair();
+        let p = packet(&[3, 0, 5]);
+        let enc = encode_packet_parts(3, &p).expect("parts");
+        write_sealed(&mut write, &enc).await.expect("write");
+        // The same bytes as the frame sealed in one buffer, read whole.
+        write_frame(&mut write, &sealed(&p)).await.expect("write whole");
+        let Some(SplitFrame::Split { head, bodies }) = read_split(&mut read, 1 << 20, "a frame").await.expect("read")
+        else {
+            panic!("the frame was not read split");
+        };
+        assert_eq!(head, enc.head);
+        assert_eq!(bodies.len(), 3);
+        for (got, want) in bodies.iter().zip(&enc.bodies) {
+            assert_eq!(got.len(), want.len());
+            assert!(got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        let whole = read_frame(&mut read, 1 << 20, "a frame")
+            .await
+            .expect("read whole")
+            .expect("a frame");
+        let mut again = enc.concat();
+        super::super::frame::seal(&mut again);
+        assert_eq!(
+            whole, again,
+            "the gathered write put the sealed frame's bytes on the socket"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_damaged_body_is_refused_as_damage_and_a_lying_head_is_read_whole() {
+        let (mut read, mut write) = pair();
+        let p = packet(&[4, 4]);
+        let mut damaged = sealed(&p);
+        super::super::frame::damage(&mut damaged);
+        write_frame(&mut write, &damaged).await.expect("write");
+        match read_split(&mut read, 1 << 20, "a frame").await {
+            Err(FrameError::Protocol(d)) => assert!(d.contains("damaged on the way"), "{d}"),
+            Err(e) => panic!("not refused as damage: {e:?}"),
+            Ok(_) => panic!("a damaged frame was accepted"),
+        }
+        // A head whose body count claims more than the frame holds: read whole, for the ordinary
+        // checks (its checksum no longer matches either).
+        let mut lying = sealed(&p);
+        let head_len = u32::from_le_bytes([lying[0], lying[1], lying[2], lying[3]]) as usize;
+        lying[4 + head_len..8 + head_len].copy_from_slice(&1000u32.to_le_bytes());
+        write_frame(&mut write, &lying).await.expect("write");
+        match read_split(&mut read, 1 << 20, "a frame").await {
+            Ok(Some(SplitFrame::Whole(bytes))) => assert_eq!(bytes, lying),
+            Ok(_) => panic!("a lying head was read split"),
+            Err(e) => panic!("a lying head failed the read: {e:?}"),
+        }
+        // A frame cut inside a body: its writer went away.
+        let whole = sealed(&p);
+        let len = (whole.len() as u64).to_le_bytes();
+        write.write_all(&len).await.expect("write");
+        write.write_all(&whole[..whole.len() / 2]).await.expect("write");
+        drop(write);
+        match read_split(&mut read, 1 << 20, "a frame").await {
+            Err(FrameError::Cut(d)) => assert!(d.contains("ended inside a frame"), "{d}"),
+            Err(e) => panic!("not a cut: {e:?}"),
+            Ok(_) => panic!("a cut frame was accepted"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_refused_before_reading_it() {
+        let (mut read, mut write) = pair();
+        write.write_all(&(1u64 << 40).to_le_bytes()).await.expect("write");
+        match read_split(&mut read, 1 << 20, "a frame").await {
+            Err(FrameError::Protocol(d)) => assert!(d.contains("over the limit"), "{d}"),
+            other => panic!("not refused: {:?}", other.map(|f| f.is_some())),
+        }
     }
 
     #[test]

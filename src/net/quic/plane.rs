@@ -3,8 +3,9 @@
 
 use super::frame::{self, read_frame_raw, write_frame, write_frame_owned, FrameError};
 use super::identity::{constant_time_eq, sha256_hex, SERVER_NAME};
-use super::local::{self, Ending, LocalConn};
+use super::local::{self, Ending, LocalConn, SplitFrame};
 use crate::error::{Error, Result};
+use crate::net::wire::Encoded;
 use crate::net::{Inbox, Packet, Transport, WorkerId};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +24,26 @@ pub trait PacketCodec: Send + Sync + 'static {
     fn encode(&self, epoch: u64, packet: &Packet) -> Result<Vec<u8>>;
     /// The packet in `bytes`, which must belong to `epoch`.
     fn decode(&self, bytes: &[u8], epoch: u64) -> Result<Packet>;
+    /// Whether this codec's frames are `net::wire` frames: then the same-host path writes a
+    /// packet's bodies from the packet itself ([`PacketCodec::encode_parts`]) and reads them
+    /// straight into floats ([`PacketCodec::decode_parts`]), a copy less on each side.
+    fn wire_frames(&self) -> bool {
+        false
+    }
+    /// The frame of `packet` in two parts, its bodies still in the packet (only asked when
+    /// [`PacketCodec::wire_frames`]; by default the whole frame as the head).
+    fn encode_parts<'a>(&self, epoch: u64, packet: &'a Packet) -> Result<Encoded<'a>> {
+        Ok(Encoded {
+            head: self.encode(epoch, packet)?,
+            bodies: Vec::new(),
+        })
+    }
+    /// The packet of a frame whose reader split it into its head and its bodies (only asked when
+    /// [`PacketCodec::wire_frames`]).
+    fn decode_parts(&self, head: &[u8], bodies: Vec<Vec<f32>>, epoch: u64) -> Result<Packet> {
+        let _ = (head, bodies, epoch);
+        Err(Error::runtime("this codec reads whole frames only"))
+    }
 }
 
 /// Something that happened to a peer of the current epoch. Each peer is reported at most once per
@@ -788,10 +809,19 @@ fn deliver(
 ) -> std::result::Result<bool, String> {
     // Checked before anything is decoded: damaged tensor bytes would decode as valid floats.
     let bytes = frame::open(bytes)?;
-    let packet = inner
-        .codec
-        .decode(bytes, epoch)
-        .map_err(|e| format!("a frame that does not decode: {e}"))?;
+    let packet = inner.codec.decode(bytes, epoch);
+    hand_in(packet, me, peer, inbox)
+}
+
+/// Queue a packet decoded from `peer`'s frame for this worker once it is addressed right (see
+/// [`deliver`]).
+fn hand_in(
+    packet: Result<Packet>,
+    me: WorkerId,
+    peer: WorkerId,
+    inbox: &UnboundedSender<Packet>,
+) -> std::result::Result<bool, String> {
+    let packet = packet.map_err(|e| format!("a frame that does not decode: {e}"))?;
     if packet.from != peer || packet.to != me {
         return Err(format!(
             "a packet from worker {} to worker {} on its connection to worker {me}",
@@ -818,16 +848,32 @@ async fn read_local_loop(
     mut recv: OwnedReadHalf,
     inbox: UnboundedSender<Packet>,
 ) {
+    let split = inner.codec.wire_frames();
     loop {
-        let detail = match local::read_frame(&mut recv, MAX_PACKET_FRAME, "a packet frame").await {
-            Ok(Some(bytes)) => match deliver(&inner, epoch, me, peer, &bytes, &inbox) {
-                Ok(true) => continue,
-                Ok(false) => return,
-                Err(detail) => {
-                    inner.evict(epoch, peer, &Conn::Local(conn), detail);
-                    return;
+        let read = if split {
+            local::read_split(&mut recv, MAX_PACKET_FRAME, "a packet frame").await
+        } else {
+            local::read_frame(&mut recv, MAX_PACKET_FRAME, "a packet frame")
+                .await
+                .map(|f| f.map(SplitFrame::Whole))
+        };
+        let detail = match read {
+            Ok(Some(frame)) => {
+                let delivered = match frame {
+                    SplitFrame::Whole(bytes) => deliver(&inner, epoch, me, peer, &bytes, &inbox),
+                    SplitFrame::Split { head, bodies } => {
+                        hand_in(inner.codec.decode_parts(&head, bodies, epoch), me, peer, &inbox)
+                    }
+                };
+                match delivered {
+                    Ok(true) => continue,
+                    Ok(false) => return,
+                    Err(detail) => {
+                        inner.evict(epoch, peer, &Conn::Local(conn), detail);
+                        return;
+                    }
                 }
-            },
+            }
             Ok(None) => "the connection ended (the peer process is gone)".to_string(),
             Err(FrameError::Protocol(detail)) => {
                 inner.evict(epoch, peer, &Conn::Local(conn), detail);
@@ -849,27 +895,39 @@ async fn write_local_loop(
     mut send: OwnedWriteHalf,
     mut rx: UnboundedReceiver<Queued>,
 ) {
+    let split = inner.codec.wire_frames();
     while let Some(queued) = rx.recv().await {
-        let bytes = match frame_of(&inner, epoch, &queued) {
-            Ok(b) => b,
-            Err(e) => {
-                inner.report_lost(
-                    epoch,
-                    link.peer,
-                    format!("this worker could not encode packet {} for it: {e}", queued.packet.id),
-                );
-                if let Some(conn) = link.conn.get() {
-                    conn.close(code::INTERNAL, b"the sender could not encode a packet");
-                }
-                return;
+        // A damaged frame is damaged in one buffer; any other goes out from the packet's floats.
+        let written = if split && !queued.damaged {
+            match inner.codec.encode_parts(epoch, &queued.packet) {
+                Ok(enc) => local::write_sealed(&mut send, &enc).await,
+                Err(e) => return encode_failed(&inner, epoch, &link, &queued, e),
+            }
+        } else {
+            match frame_of(&inner, epoch, &queued) {
+                Ok(bytes) => local::write_frame(&mut send, &bytes).await,
+                Err(e) => return encode_failed(&inner, epoch, &link, &queued, e),
             }
         };
-        if let Err(e) = local::write_frame(&mut send, &bytes).await {
+        if let Err(e) = written {
             inner
                 .lost_unless_closed(epoch, link.peer, format!("the connection failed: {e}"))
                 .await;
             return;
         }
+    }
+}
+
+/// A packet for the same-host link's peer could not be encoded: the link is lost (this worker's
+/// fault, told to the peer by the close code).
+fn encode_failed(inner: &Inner, epoch: u64, link: &Link, queued: &Queued, e: Error) {
+    inner.report_lost(
+        epoch,
+        link.peer,
+        format!("this worker could not encode packet {} for it: {e}", queued.packet.id),
+    );
+    if let Some(conn) = link.conn.get() {
+        conn.close(code::INTERNAL, b"the sender could not encode a packet");
     }
 }
 
