@@ -510,9 +510,38 @@ impl Runtime {
 
 /// Put the workers' snapshots back together as one model and optimizer (whole tensors).
 pub fn assemble(config: &TrainConfig, snaps: &[LedgerSnapshot]) -> Result<(Gpt<f32>, AdamW)> {
+    check_cover(config, snaps)?;
     let mut model = Gpt::<f32>::zeros(&config.model)?;
     let mut opt = crate::optimizer::for_model(&config.optimizer, &model)?;
     let specs = model.specs();
+    {
+        let mut bufs = model.buffers_mut();
+        for s in snaps {
+            for (i, p, m, v) in &s.dense {
+                bufs[*i].copy_from_slice(p);
+                opt.m[*i].copy_from_slice(m);
+                opt.v[*i].copy_from_slice(v);
+            }
+            for ((block, e), slot) in &s.experts {
+                let idx = ExpertSlot::tensor_indices(specs.iter().map(|t| t.name.as_str()), *block)?;
+                for (k, &i) in idx.iter().enumerate() {
+                    let n = specs[i].unit_len();
+                    bufs[i][e * n..(e + 1) * n].copy_from_slice(&slot.params[k]);
+                    opt.m[i][e * n..(e + 1) * n].copy_from_slice(&slot.optimizer.m[k]);
+                    opt.v[i][e * n..(e + 1) * n].copy_from_slice(&slot.optimizer.v[k]);
+                }
+            }
+        }
+    }
+    opt.step = snaps.first().map_or(0, |s| s.step);
+    Ok((model, opt))
+}
+
+/// Check, without copying anything, that the workers' snapshots put together make the whole
+/// state of one step: all of the same step, no tensor or expert held twice, every tensor covered
+/// exactly once with values and both moments of its length. [`assemble`] relies on it.
+pub fn check_cover(config: &TrainConfig, snaps: &[LedgerSnapshot]) -> Result<()> {
+    let specs = config.model.tensor_specs();
     let step = snaps.first().map_or(0, |s| s.step);
     let mut filled = vec![0usize; specs.len()];
     // Lengths alone could balance a duplicated unit against a missing one.
@@ -523,45 +552,49 @@ pub fn assemble(config: &TrainConfig, snaps: &[LedgerSnapshot]) -> Result<(Gpt<f
             s.step
         )));
     }
-    {
-        let mut bufs = model.buffers_mut();
-        for s in snaps {
-            for (i, _, _, _) in &s.dense {
-                if !seen.insert((*i, usize::MAX, 0)) {
-                    return Err(Error::runtime(format!("two workers hold tensor {}", specs[*i].name)));
-                }
+    let len = |i: usize| specs[i].shape.iter().product::<usize>();
+    for s in snaps {
+        for (i, p, m, v) in &s.dense {
+            let spec = specs
+                .get(*i)
+                .ok_or_else(|| Error::runtime(format!("a worker holds tensor {i}, which does not exist")))?;
+            if !seen.insert((*i, usize::MAX, 0)) {
+                return Err(Error::runtime(format!("two workers hold tensor {}", spec.name)));
             }
-            for ((block, e), _) in &s.experts {
-                if !seen.insert((usize::MAX, *block, *e)) {
-                    return Err(Error::runtime(format!("two workers hold expert {block}.{e}")));
-                }
+            if [p.len(), m.len(), v.len()] != [len(*i); 3] {
+                return Err(Error::runtime(format!(
+                    "a worker's copy of {} has a wrong length",
+                    spec.name
+                )));
             }
-            for (i, p, m, v) in &s.dense {
-                bufs[*i].copy_from_slice(p);
-                opt.m[*i].copy_from_slice(m);
-                opt.v[*i].copy_from_slice(v);
-                filled[*i] += p.len();
+            filled[*i] += p.len();
+        }
+        for ((block, e), slot) in &s.experts {
+            if !seen.insert((usize::MAX, *block, *e)) {
+                return Err(Error::runtime(format!("two workers hold expert {block}.{e}")));
             }
-            for ((block, e), slot) in &s.experts {
-                let idx = ExpertSlot::tensor_indices(specs.iter().map(|t| t.name.as_str()), *block)?;
-                for (k, &i) in idx.iter().enumerate() {
-                    let n = specs[i].unit_len();
-                    bufs[i][e * n..(e + 1) * n].copy_from_slice(&slot.params[k]);
-                    opt.m[i][e * n..(e + 1) * n].copy_from_slice(&slot.optimizer.m[k]);
-                    opt.v[i][e * n..(e + 1) * n].copy_from_slice(&slot.optimizer.v[k]);
-                    filled[i] += n;
+            let idx = ExpertSlot::tensor_indices(specs.iter().map(|t| t.name.as_str()), *block)?;
+            for (k, &i) in idx.iter().enumerate() {
+                let n = specs[i].unit_len();
+                let lens =
+                    [slot.params.get(k), slot.optimizer.m.get(k), slot.optimizer.v.get(k)].map(|t| t.map(Vec::len));
+                if *e >= config.model.experts || lens != [Some(n); 3] {
+                    return Err(Error::runtime(format!(
+                        "a worker's copy of expert {block}.{e} does not fit {}",
+                        specs[i].name
+                    )));
                 }
+                filled[i] += n;
             }
         }
     }
-    if let Some(i) = (0..specs.len()).find(|&i| filled[i] != specs[i].shape.iter().product::<usize>()) {
+    if let Some(i) = (0..specs.len()).find(|&i| filled[i] != len(i)) {
         return Err(Error::runtime(format!(
             "the workers' state does not cover tensor {} exactly once",
             specs[i].name
         )));
     }
-    opt.step = step;
-    Ok((model, opt))
+    Ok(())
 }
 
 /// Everything one worker of a multi-process run needs to start its share of the actor tree.
@@ -675,4 +708,93 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<StartedWorke
         replica,
         traffic,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::small_test_config;
+
+    /// The whole state of `config`'s model (zeros) as two workers' shares: the dense tensors in
+    /// one, the experts in the other.
+    fn two_shares(config: &TrainConfig, step: u64) -> Vec<LedgerSnapshot> {
+        let specs = config.model.tensor_specs();
+        let names = || specs.iter().map(|t| t.name.as_str());
+        let moe: Vec<usize> = (0..config.model.n_layer).filter(|&l| config.model.is_moe(l)).collect();
+        let mut expert_tensors = std::collections::HashSet::new();
+        let mut experts = Vec::new();
+        for &b in &moe {
+            let idx = ExpertSlot::tensor_indices(names(), b).expect("expert tensors");
+            expert_tensors.extend(idx);
+            let sizes = idx.map(|i| specs[i].unit_len());
+            for e in 0..config.model.experts {
+                let optimizer =
+                    AdamW::with_decay(config.optimizer.clone(), &sizes, &[true, false, true, false]).expect("adamw");
+                let params = sizes.map(|n| vec![0.0; n]);
+                experts.push(((b, e), ExpertSlot { params, optimizer }));
+            }
+        }
+        let dense = (0..specs.len())
+            .filter(|i| !expert_tensors.contains(i))
+            .map(|i| {
+                let n = specs[i].shape.iter().product();
+                (i, vec![0.0; n], vec![0.0; n], vec![0.0; n])
+            })
+            .collect();
+        vec![
+            LedgerSnapshot {
+                step,
+                dense,
+                experts: Vec::new(),
+            },
+            LedgerSnapshot {
+                step,
+                dense: Vec::new(),
+                experts,
+            },
+        ]
+    }
+
+    fn refused(config: &TrainConfig, shares: &[LedgerSnapshot], needle: &str) {
+        match check_cover(config, shares) {
+            Ok(()) => panic!("shares that should say {needle:?} were accepted"),
+            Err(e) => assert!(e.to_string().contains(needle), "{e} does not say {needle:?}"),
+        }
+        assert!(
+            assemble(config, shares).is_err(),
+            "assemble put together what the check refuses"
+        );
+    }
+
+    #[test]
+    fn shares_are_checked_without_being_put_together() {
+        let config = small_test_config();
+        let shares = two_shares(&config, 7);
+        assert!(!shares[0].dense.is_empty() && !shares[1].experts.is_empty());
+        check_cover(&config, &shares).expect("a whole cover");
+        let (_, opt) = assemble(&config, &shares).expect("assembled");
+        assert_eq!(opt.step, 7);
+
+        let mut other_step = two_shares(&config, 7);
+        other_step[1].step = 8;
+        refused(&config, &other_step, "different steps");
+
+        let mut twice = two_shares(&config, 7);
+        let first = twice[0].dense[0].clone();
+        twice[1].dense.push(first);
+        refused(&config, &twice, "two workers hold tensor");
+
+        let mut missing = two_shares(&config, 7);
+        missing[1].experts.pop();
+        refused(&config, &missing, "does not cover");
+
+        let mut short = two_shares(&config, 7);
+        short[0].dense[0].2.pop();
+        refused(&config, &short, "wrong length");
+
+        let mut no_such_expert = two_shares(&config, 7);
+        let ((b, _), slot) = no_such_expert[1].experts.pop().expect("an expert");
+        no_such_expert[1].experts.push(((b, config.model.experts), slot));
+        refused(&config, &no_such_expert, "does not fit");
+    }
 }

@@ -20,6 +20,7 @@ use super::handover::{self, Moves, Pieces};
 use super::hooks;
 use super::protocol::{self, Command, Reply};
 use super::proxy::{self, ProxyActor, ProxyArgs};
+use crate::actors::ledger::LedgerSnapshot;
 use crate::actors::traffic::TrafficEntry;
 use crate::actors::worker::WorkerMsg;
 use crate::actors::{ask, ActorName, Placement};
@@ -146,6 +147,33 @@ struct Handover {
     moves: Moves,
 }
 
+/// The last in-memory copy of the committed state: whole (the start's, or the one an epoch was
+/// formed from), or the workers' shares as they sent them. Shares are put together only when a
+/// loss needs them: most copies are never used, and putting each together would copy the whole
+/// model and its moments again every few steps, on the cores that train.
+enum SafeCopy {
+    Whole(Box<TrainState>),
+    Shares { step: u64, shares: Vec<LedgerSnapshot> },
+}
+
+impl SafeCopy {
+    /// The optimizer step the copy is of.
+    fn step(&self) -> u64 {
+        match self {
+            SafeCopy::Whole(state) => state.1.step,
+            SafeCopy::Shares { step, .. } => *step,
+        }
+    }
+
+    /// The copy as a whole model and optimizer.
+    fn state(&self, config: &TrainConfig) -> Result<TrainState> {
+        match self {
+            SafeCopy::Whole(state) => Ok((**state).clone()),
+            SafeCopy::Shares { shares, .. } => crate::actors::runtime::assemble(config, shares),
+        }
+    }
+}
+
 /// Training over worker processes that join and leave (see the module documentation).
 pub struct ElasticRuntime {
     cluster: Cluster,
@@ -153,14 +181,14 @@ pub struct ElasticRuntime {
     options: ElasticOptions,
     current: Option<Epoch>,
     /// The last in-memory copy of the committed state.
-    safe: (Gpt<f32>, AdamW),
+    safe: SafeCopy,
     /// Steps committed (the optimizer's step count).
     committed: u64,
     stats: MembershipStats,
     /// The test hook [`hooks::MEMBERS_AT`] (empty in a real run).
     members_at: Vec<(u64, usize)>,
     /// A copy of the committed state being read in the background (while the next steps run).
-    copying: Option<tokio::task::JoinHandle<Result<TrainState>>>,
+    copying: Option<tokio::task::JoinHandle<Result<SafeCopy>>>,
     /// The last epoch's members (by id, in worker order) and plan: the next plan moves as little
     /// as possible from it.
     last_plan: Option<(Vec<u64>, Placement)>,
@@ -189,7 +217,7 @@ impl ElasticRuntime {
             config: Arc::new(config),
             options,
             current: None,
-            safe: (model, optimizer),
+            safe: SafeCopy::Whole(Box::new((model, optimizer))),
             committed,
             stats: MembershipStats::default(),
             members_at: hooks::members_at(),
@@ -354,7 +382,7 @@ impl ElasticRuntime {
                     self.committed = o.step;
                     self.collect_copy().await?;
                     if self.copying.is_none()
-                        && self.committed.saturating_sub(self.safe.1.step) >= self.options.snapshot_every.max(1)
+                        && self.committed.saturating_sub(self.safe.step()) >= self.options.snapshot_every.max(1)
                     {
                         self.start_copy();
                     }
@@ -407,9 +435,9 @@ impl ElasticRuntime {
                     s.step
                 )));
             }
-            tokio::task::spawn_blocking(move || crate::actors::runtime::assemble(&config, &snaps))
-                .await
-                .map_err(|e| Error::runtime(format!("an assembling task failed: {e}")))?
+            // Checked now (every tensor covered exactly once), put together only when needed.
+            crate::actors::runtime::check_cover(&config, &snaps)?;
+            Ok(SafeCopy::Shares { step, shares: snaps })
         }));
     }
 
@@ -489,7 +517,10 @@ impl ElasticRuntime {
                     }
                     let s = epoch.runtime.state().await;
                     dismantle(epoch).await;
-                    Some(s.unwrap_or_else(|_| self.safe.clone()))
+                    Some(match s {
+                        Ok(s) => s,
+                        Err(_) => self.safe.state(&self.config)?,
+                    })
                 }
             },
             Some(epoch) => {
@@ -513,7 +544,10 @@ impl ElasticRuntime {
             let start = match handover.take() {
                 Some(h) if h.members == ids => Start::Handover(h),
                 // Planned for other members, or an attempt failed: the last copy, replayed.
-                _ => Start::Whole(whole.clone().unwrap_or_else(|| self.safe.clone())),
+                _ => Start::Whole(match &whole {
+                    Some(w) => w.clone(),
+                    None => self.safe.state(&self.config)?,
+                }),
             };
             let from = match &start {
                 Start::Whole(state) => state.1.step,
@@ -561,7 +595,7 @@ impl ElasticRuntime {
                         metrics::counter!(names::REPLAYED_STEPS).increment(1);
                     }
                     if let Start::Whole(state) = start {
-                        self.safe = state;
+                        self.safe = SafeCopy::Whole(Box::new(state));
                     }
                     crate::say!(
                         "semoe: epoch {epoch_no}: {} workers at step {} ({why}; {:.2} s; {})",
