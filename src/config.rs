@@ -179,7 +179,10 @@ pub struct TrainSettings {
     /// Secrets, shared file systems). Unset: a fresh identity per run.
     pub identity: Option<PathBuf>,
     /// Multi-process runs keep an in-memory copy of the committed state every this many steps;
-    /// after a worker is lost the survivors replay the steps since.
+    /// after a worker is lost the survivors replay the steps since. Default 20: on the main job's
+    /// model a copy costs about a tenth of a step's CPU per step at 10 (2 worker processes on two
+    /// cores at 83.5% of the in-process runtime's tokens/s, 85.5% at 20, 86-89% without copies),
+    /// and 20 steps replay in about 1.5 s there.
     pub snapshot_every: u64,
     /// Worker processes on the same machine exchange their data over Unix sockets instead of QUIC
     /// (no encryption, one copy each way; the same bytes). Peers on other machines use QUIC.
@@ -209,7 +212,7 @@ impl Default for TrainSettings {
             processes: 0,
             min_workers: 0,
             identity: None,
-            snapshot_every: 10,
+            snapshot_every: 20,
             same_host: true,
         }
     }

@@ -215,8 +215,8 @@ pub struct RecoveryArgs {
     /// Steps before the kill.
     #[arg(long, default_value_t = 15)]
     kill_after: u64,
-    /// Steps between in-memory copies of the state.
-    #[arg(long, default_value_t = 10)]
+    /// Steps between in-memory copies of the state (the default is `train.snapshot_every`'s).
+    #[arg(long, default_value_t = 20)]
     snapshot_every: u64,
     /// Rounds (the median is reported).
     #[arg(long, default_value_t = 3)]

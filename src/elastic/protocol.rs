@@ -546,6 +546,12 @@ pub fn state_limits(config: &TrainConfig) -> Result<Limits> {
 
 /// Encode a worker's snapshot as a [`Reply::Snapshot`] frame.
 pub fn encode_snapshot(s: &LedgerSnapshot) -> Result<Vec<u8>> {
+    Ok(encode_snapshot_parts(s)?.concat())
+}
+
+/// [`encode_snapshot`] in two parts, the bodies left in the snapshot, in the frame's order
+/// ([`snapshot_bodies`]).
+pub fn encode_snapshot_parts(s: &LedgerSnapshot) -> Result<wire::Encoded<'_>> {
     let header = Reply::Snapshot(SnapshotHeader {
         step: s.step,
         dense: s.dense.iter().map(|(i, ..)| *i as u64).collect(),
@@ -560,7 +566,23 @@ pub fn encode_snapshot(s: &LedgerSnapshot) -> Result<Vec<u8>> {
         bodies.extend(slot.optimizer.m.iter().map(Vec::as_slice));
         bodies.extend(slot.optimizer.v.iter().map(Vec::as_slice));
     }
-    wire::encode_frame(&header, &bodies)
+    wire::encode_frame_parts(&header, bodies)
+}
+
+/// The snapshot's tensors, moved out in the order its frame carries them
+/// ([`encode_snapshot_parts`]): per dense entry values, m, v; per expert its four tensors, their
+/// four m, their four v.
+pub fn snapshot_bodies(s: LedgerSnapshot) -> Vec<Vec<f32>> {
+    let mut bodies = Vec::with_capacity(3 * s.dense.len() + 12 * s.experts.len());
+    for (_, p, m, v) in s.dense {
+        bodies.extend([p, m, v]);
+    }
+    for (_, slot) in s.experts {
+        bodies.extend(slot.params);
+        bodies.extend(slot.optimizer.m);
+        bodies.extend(slot.optimizer.v);
+    }
+    bodies
 }
 
 /// Decode a [`Reply`] that may carry a snapshot; lengths are checked against the model's tensors.

@@ -111,7 +111,7 @@ pub struct ElasticOptions {
 impl Default for ElasticOptions {
     fn default() -> Self {
         ElasticOptions {
-            snapshot_every: 10,
+            snapshot_every: 20,
             wait: Duration::from_secs(120),
             min_workers: 1,
             link_faults: Vec::new(),

@@ -452,15 +452,15 @@ async fn handle(
         execute(&shared, command, &mut recv, &dismissed).await
     }
     .await;
-    let bytes = match reply {
-        Ok(bytes) => bytes,
+    let answer = match reply {
+        Ok(answer) => answer,
         Err(e) => match protocol::encode(&Reply::Failed(WireError::from(&e))) {
-            Ok(b) => b,
+            Ok(b) => Outgoing::Frame(b),
             Err(_) => return,
         },
     };
     // Moved into quinn's send buffer, not copied: a state copy is megabytes every few steps.
-    let _ = quic::write_frame_owned(&mut send, bytes).await;
+    let _ = quic::write_chunks(&mut send, answer.chunks()).await;
     let _ = send.finish();
 }
 
@@ -469,10 +469,10 @@ async fn execute(
     command: Command,
     recv: &mut quinn::RecvStream,
     dismissed: &tokio::sync::mpsc::UnboundedSender<(bool, String)>,
-) -> Result<Vec<u8>> {
+) -> Result<Outgoing> {
     if let Command::Dismiss { left, reason } = command {
         let _ = dismissed.send((left, reason));
-        return protocol::encode(&Reply::Done);
+        return protocol::encode(&Reply::Done).map(Outgoing::Frame);
     }
     if let Command::Setup {
         epoch,
@@ -512,7 +512,7 @@ async fn execute(
             link_faults,
         };
         setup(shared, plan, state).await?;
-        return protocol::encode(&Reply::Done);
+        return protocol::encode(&Reply::Done).map(Outgoing::Frame);
     }
     let (actor, epoch) = {
         let current = shared.current.lock().await;
@@ -528,7 +528,7 @@ async fn execute(
     let me = ActorName("the worker".into());
     let d = shared.deadline;
     let id = |(step, attempt): (u64, u32)| StepId { step, attempt };
-    match command {
+    let frame = match command {
         Command::RunStep { step, .. } => {
             let out = ask(&actor, &me, "a step", d * 10, |reply| WorkerMsg::RunStep {
                 step: id(step),
@@ -610,9 +610,55 @@ async fn execute(
         Command::Snapshot { .. } => {
             // It may wait behind a whole step in the Worker's mailbox (a background copy).
             let s = ask(&actor, &me, "a snapshot", d * 11, |reply| WorkerMsg::Snapshot { reply }).await?;
-            blocking(move || protocol::encode_snapshot(&s)).await
+            let head = protocol::encode_snapshot_parts(&s)?.head;
+            return Ok(Outgoing::Snapshot(head, s));
         }
         Command::Setup { .. } | Command::Dismiss { .. } => Err(Error::runtime("handled above")),
+    };
+    frame.map(Outgoing::Frame)
+}
+
+/// A command's answer as it goes back to the coordinator.
+enum Outgoing {
+    /// One encoded frame.
+    Frame(Vec<u8>),
+    /// A state copy: its frame's head, then the snapshot's tensors, handed to quinn's send buffer
+    /// as they are (megabytes every few steps, not copied into one frame first).
+    Snapshot(Vec<u8>, crate::actors::ledger::LedgerSnapshot),
+}
+
+impl Outgoing {
+    /// The answer's frame as chunks for quinn, owning their bytes.
+    fn chunks(self) -> Vec<bytes::Bytes> {
+        match self {
+            Outgoing::Frame(bytes) => vec![bytes::Bytes::from(bytes)],
+            Outgoing::Snapshot(head, s) => {
+                let bodies = protocol::snapshot_bodies(s);
+                let mut chunks = Vec::with_capacity(1 + bodies.len());
+                chunks.push(bytes::Bytes::from(head));
+                if cfg!(target_endian = "little") {
+                    chunks.extend(bodies.into_iter().map(|b| bytes::Bytes::from_owner(FloatBytes(b))));
+                } else {
+                    let mut rest = Vec::new();
+                    for b in &bodies {
+                        for x in b {
+                            rest.extend_from_slice(&x.to_le_bytes());
+                        }
+                    }
+                    chunks.push(bytes::Bytes::from(rest));
+                }
+                chunks
+            }
+        }
+    }
+}
+
+/// Floats lent to quinn as their bytes (little-endian machines only: the wire's byte order).
+struct FloatBytes(Vec<f32>);
+
+impl AsRef<[u8]> for FloatBytes {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
     }
 }
 
@@ -758,4 +804,61 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
         traffic: Some(started.traffic),
     };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::ledger::LedgerSnapshot;
+    use crate::config::small_test_config;
+    use crate::optimizer::AdamW;
+    use crate::storage::tiers::ExpertSlot;
+
+    /// A share of one dense tensor and one expert, every float distinct.
+    fn share(config: &TrainConfig) -> LedgerSnapshot {
+        let specs = config.model.tensor_specs();
+        let block = (0..config.model.n_layer)
+            .find(|&l| config.model.is_moe(l))
+            .expect("an MoE block");
+        let idx = ExpertSlot::tensor_indices(specs.iter().map(|t| t.name.as_str()), block).expect("experts");
+        let mut next = 0.0f32;
+        let mut fill = |n: usize| {
+            (0..n)
+                .map(|_| {
+                    next += 0.25;
+                    next
+                })
+                .collect::<Vec<f32>>()
+        };
+        let n0: usize = specs[0].shape.iter().product();
+        let dense = vec![(0, fill(n0), fill(n0), fill(n0))];
+        let sizes = idx.map(|i| specs[i].unit_len());
+        let mut optimizer =
+            AdamW::with_decay(config.optimizer.clone(), &sizes, &[true, false, true, false]).expect("adamw");
+        optimizer.m = sizes.iter().map(|&n| fill(n)).collect();
+        optimizer.v = sizes.iter().map(|&n| fill(n)).collect();
+        let params = sizes.map(&mut fill);
+        LedgerSnapshot {
+            step: 12,
+            dense,
+            experts: vec![((block, 1), ExpertSlot { params, optimizer })],
+        }
+    }
+
+    #[test]
+    fn a_state_copy_sent_in_chunks_is_the_encoded_frame() {
+        let config = small_test_config();
+        let s = share(&config);
+        let whole = protocol::encode_snapshot(&s).expect("encode");
+        let head = protocol::encode_snapshot_parts(&s).expect("parts").head;
+        let chunks = Outgoing::Snapshot(head, s).chunks();
+        assert_eq!(chunks.len(), 1 + 3 + 12, "the head, 3 dense bodies, 12 expert bodies");
+        let sent: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(sent, whole, "the chunks are the frame's bytes");
+        let (_, back) = protocol::decode_reply(&config, &sent).expect("decode");
+        let back = back.expect("a snapshot");
+        let original = share(&config);
+        assert_eq!(back.step, 12);
+        assert_eq!(protocol::snapshot_bodies(back), protocol::snapshot_bodies(original));
+    }
 }

@@ -101,6 +101,14 @@ impl Encoded<'_> {
     }
 }
 
+/// [`encode_frame`] in two parts, the bodies left where they are (see [`Encoded`]).
+pub fn encode_frame_parts<'a, H: Encode>(header: &H, bodies: Vec<&'a [f32]>) -> Result<Encoded<'a>> {
+    Ok(Encoded {
+        head: frame_head(header, &bodies)?,
+        bodies,
+    })
+}
+
 /// The head of a frame with `header` and `bodies`: the header's length and bincode bytes, the body
 /// count, each body's length in floats.
 fn frame_head<H: Encode>(header: &H, bodies: &[&[f32]]) -> Result<Vec<u8>> {

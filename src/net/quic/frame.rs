@@ -29,9 +29,17 @@ pub async fn write_frame(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(
 /// Write one frame that the caller no longer needs: the bytes move into quinn's send buffer
 /// without a copy (the data plane's packets, megabytes per step).
 pub async fn write_frame_owned(send: &mut quinn::SendStream, bytes: Vec<u8>) -> Result<()> {
-    let len = bytes::Bytes::copy_from_slice(&(bytes.len() as u64).to_le_bytes());
-    let mut chunks = [len, bytes::Bytes::from(bytes)];
-    send.write_all_chunks(&mut chunks)
+    write_chunks(send, vec![bytes::Bytes::from(bytes)]).await
+}
+
+/// Write one frame whose bytes are `chunks`, one after the other: they move into quinn's send
+/// buffer without a copy (a state copy's tensors, each owned by its chunk).
+pub async fn write_chunks(send: &mut quinn::SendStream, chunks: Vec<bytes::Bytes>) -> Result<()> {
+    let total: usize = chunks.iter().map(|c| c.len()).sum();
+    let mut all = Vec::with_capacity(1 + chunks.len());
+    all.push(bytes::Bytes::copy_from_slice(&(total as u64).to_le_bytes()));
+    all.extend(chunks);
+    send.write_all_chunks(&mut all)
         .await
         .map_err(|e| Error::runtime(format!("cannot write a frame: {e}")))
 }

@@ -47,7 +47,7 @@ pub use config::{
     client_config, endpoint, endpoint_on, server_config, transport_config, ALPN, CONNECTION_WINDOW, IDLE_TIMEOUT,
     KEEP_ALIVE, STREAM_WINDOW,
 };
-pub use frame::{damage, open, read_frame, seal, write_frame, write_frame_owned, CHECKSUM_BYTES};
+pub use frame::{damage, open, read_frame, seal, write_chunks, write_frame, write_frame_owned, CHECKSUM_BYTES};
 pub use identity::{
     constant_time_eq, sha256_hex, JobIdentity, JoinTicket, IDENTITY_HEADER, SERVER_NAME, TICKET_HEADER,
 };
