@@ -8,7 +8,9 @@
 //! async threads, which share the cores with the compute threads. `semoe bench runtime
 //! --processes 2` measured 2 processes over loopback QUIC at 60-69% of the tokens/s of 2 in-process
 //! workers with about 30% of the CPU in those threads. A Unix socket moves a frame with one copy
-//! into and one out of the kernel.
+//! into and one out of the kernel; the tensors need no other: [`write_sealed`] writes a packet's
+//! floats from the packet itself (a gathering write after the frame's head) and [`read_split`]
+//! reads them straight into the floats the packet will carry.
 //!
 //! # Who may connect
 //!
