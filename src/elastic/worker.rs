@@ -67,7 +67,8 @@ pub enum WorkerEnd {
 
 /// The codec of the data plane: `net::wire` checked against the current epoch's shape.
 struct WireCodec {
-    shape: Mutex<Option<PacketShape>>,
+    /// Shared, not copied, by every packet decoded in the epoch.
+    shape: Mutex<Option<Arc<PacketShape>>>,
     pause: Option<Pause>,
     corrupt: Option<Mutex<Corrupt>>,
 }
@@ -81,7 +82,7 @@ impl PacketCodec for WireCodec {
         Ok(bytes)
     }
     fn decode(&self, bytes: &[u8], epoch: u64) -> Result<Packet> {
-        let packet = wire::decode_packet(bytes, epoch, &self.shape()?)?;
+        let packet = wire::decode_packet(bytes, epoch, self.shape()?.as_ref())?;
         self.arrived(packet)
     }
     fn wire_frames(&self) -> bool {
@@ -98,14 +99,14 @@ impl PacketCodec for WireCodec {
         wire::encode_packet_parts(epoch, p)
     }
     fn decode_parts(&self, head: &[u8], bodies: Vec<Vec<f32>>, epoch: u64) -> Result<Packet> {
-        let packet = wire::decode_packet_parts(head, bodies, epoch, &self.shape()?)?;
+        let packet = wire::decode_packet_parts(head, bodies, epoch, self.shape()?.as_ref())?;
         self.arrived(packet)
     }
 }
 
 impl WireCodec {
     /// The current epoch's packet shape.
-    fn shape(&self) -> Result<PacketShape> {
+    fn shape(&self) -> Result<Arc<PacketShape>> {
         let shape = self.shape.lock().unwrap_or_else(|p| p.into_inner()).clone();
         shape.ok_or_else(|| Error::runtime("a packet arrived before the first epoch"))
     }
@@ -762,7 +763,8 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
     let placement = Placement::from_owners(&model, shared.config.train.groups, workers, expert_owner, tensor_owner)
         .map_err(|e| Error::protocol("the coordinator", e.to_string()))?;
 
-    *shared.codec.shape.lock().unwrap_or_else(|p| p.into_inner()) = Some(PacketShape::of(&shared.config, workers)?);
+    *shared.codec.shape.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(Arc::new(PacketShape::of(&shared.config, workers)?));
     let (transport, inbox) = shared
         .plane
         .start_epoch(worker, epoch, peers, workers, shared.deadline)
