@@ -61,43 +61,7 @@ pub(crate) async fn read_frame_raw(
     max: usize,
     what: &str,
 ) -> std::result::Result<Option<Vec<u8>>, FrameError> {
-    let mut len = [0u8; 8];
-    let mut got = 0;
-    while got < len.len() {
-        match recv.read(&mut len[got..]).await {
-            Ok(Some(n)) => got += n,
-            Ok(None) if got == 0 => return Ok(None),
-            Ok(None) => {
-                return Err(FrameError::Protocol(format!(
-                    "the stream ended {got} bytes into the 8-byte length of {what}"
-                )))
-            }
-            Err(e) => return Err(FrameError::Lost(e)),
-        }
-    }
-    let n = u64::from_le_bytes(len);
-    if n > max as u64 {
-        return Err(FrameError::Protocol(format!(
-            "{what} of {n} bytes is over the limit of {max} bytes"
-        )));
-    }
-    // n <= max, a usize. Copied chunk by chunk into the reserved capacity: megabytes per frame
-    // (a state copy, a share), not zeroed first.
-    let n = n as usize;
-    let mut buf = Vec::with_capacity(n);
-    while buf.len() < n {
-        match recv.read_chunk(n - buf.len(), true).await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-            Ok(None) => {
-                return Err(FrameError::Protocol(format!(
-                    "the stream ended {} bytes into {what} of {n} bytes",
-                    buf.len()
-                )))
-            }
-            Err(e) => return Err(FrameError::Lost(e)),
-        }
-    }
-    Ok(Some(buf))
+    super::reader::read_frame(recv, max, what).await
 }
 
 /// Bytes of the checksum that ends every packet frame of the data plane.

@@ -9,8 +9,8 @@
 //! --processes 2` measured 2 processes over loopback QUIC at 60-69% of the tokens/s of 2 in-process
 //! workers with about 30% of the CPU in those threads. A Unix socket moves a frame with one copy
 //! into and one out of the kernel; the tensors need no other: [`write_sealed`] writes a packet's
-//! floats from the packet itself (a gathering write after the frame's head) and [`read_split`]
-//! reads them straight into the floats the packet will carry.
+//! floats from the packet itself (a gathering write after the frame's head) and
+//! `reader::read_split` reads them straight into the floats the packet will carry.
 //!
 //! # Who may connect
 //!
@@ -32,13 +32,13 @@
 //! an eviction, a shutdown. The opener's watcher reads it and classifies it like a QUIC close; a
 //! connection that ends without one was cut (the process ended).
 
-use super::frame::{FrameError, CHECKSUM_BYTES};
+use super::frame::CHECKSUM_BYTES;
 use crate::error::{Error, Result};
-use crate::net::wire::{self, Encoded};
+use crate::net::wire::Encoded;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::AbortHandle;
@@ -209,191 +209,6 @@ impl bytes::Buf for Gather<'_> {
     }
 }
 
-/// Read one frame's length (u64 LE) and check it against `max`: `None` when the stream ended
-/// cleanly before it began.
-async fn read_len(recv: &mut OwnedReadHalf, max: usize, what: &str) -> std::result::Result<Option<usize>, FrameError> {
-    let mut len = [0u8; 8];
-    let mut got = 0;
-    while got < len.len() {
-        match recv.read(&mut len[got..]).await {
-            Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => {
-                return Err(FrameError::Cut(format!(
-                    "the connection ended inside the length of {what}"
-                )))
-            }
-            Ok(n) => got += n,
-            Err(e) => return Err(FrameError::Cut(format!("the connection failed: {e}"))),
-        }
-    }
-    let n = u64::from_le_bytes(len);
-    if n > max as u64 {
-        return Err(FrameError::Protocol(format!(
-            "{what} of {n} bytes is over the limit of {max} bytes"
-        )));
-    }
-    // n <= max, a usize.
-    Ok(Some(n as usize))
-}
-
-/// Read until `buf` holds `n` bytes, into its spare capacity (megabytes per frame, not zeroed
-/// first). `what` of `total` bytes names the frame in errors.
-async fn read_into(
-    recv: &mut OwnedReadHalf,
-    buf: &mut Vec<u8>,
-    n: usize,
-    what: &str,
-    total: usize,
-) -> std::result::Result<(), FrameError> {
-    buf.reserve_exact(n.saturating_sub(buf.len()));
-    while buf.len() < n {
-        let want = n - buf.len();
-        match (&mut *recv).take(want as u64).read_buf(buf).await {
-            Ok(0) => {
-                return Err(FrameError::Cut(format!(
-                    "the connection ended inside {what} of {total} bytes"
-                )))
-            }
-            Ok(_) => {}
-            Err(e) => return Err(FrameError::Cut(format!("the connection failed: {e}"))),
-        }
-    }
-    Ok(())
-}
-
-/// Read `len` floats (little-endian bytes on the socket) straight into a new vector: the socket's
-/// bytes are copied once, into the floats the packet carries, and never zeroed first.
-async fn read_floats(
-    recv: &mut OwnedReadHalf,
-    len: usize,
-    what: &str,
-    total: usize,
-) -> std::result::Result<Vec<f32>, FrameError> {
-    let mut out = Vec::<f32>::with_capacity(len);
-    let bytes = 4 * len; // the caller checked that the bodies fit the frame's length
-                         // SAFETY: the spare capacity of `out` holds `len` f32s = `bytes` bytes; viewed as
-                         // `MaybeUninit<u8>` (no validity requirement) for the socket to fill. `out` is neither read nor
-                         // moved while `spare` lives.
-    let spare = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(), bytes) };
-    let mut buf = tokio::io::ReadBuf::uninit(spare);
-    while buf.remaining() > 0 {
-        let before = buf.filled().len();
-        let polled = std::future::poll_fn(|cx| std::pin::Pin::new(&mut *recv).poll_read(cx, &mut buf)).await;
-        match polled {
-            Ok(()) if buf.filled().len() == before => {
-                return Err(FrameError::Cut(format!(
-                    "the connection ended inside {what} of {total} bytes"
-                )))
-            }
-            Ok(()) => {}
-            Err(e) => return Err(FrameError::Cut(format!("the connection failed: {e}"))),
-        }
-    }
-    // SAFETY: `buf` was filled completely: all `bytes` bytes of the first `len` elements are
-    // initialised by the socket, and every bit pattern is a valid f32.
-    unsafe { out.set_len(len) };
-    if cfg!(target_endian = "big") {
-        for x in &mut out {
-            *x = f32::from_bits(u32::from_le(x.to_bits()));
-        }
-    }
-    Ok(out)
-}
-
-/// Read one frame of at most `max` bytes (`what` names it): `None` when the stream ended cleanly
-/// before a frame began. A stream that ends inside a frame was cut (its writer went away), which is
-/// a loss here, not a protocol violation: over a local socket nothing else cuts a frame.
-pub(crate) async fn read_frame(
-    recv: &mut OwnedReadHalf,
-    max: usize,
-    what: &str,
-) -> std::result::Result<Option<Vec<u8>>, FrameError> {
-    let Some(n) = read_len(recv, max, what).await? else {
-        return Ok(None);
-    };
-    let mut buf = Vec::new();
-    read_into(recv, &mut buf, n, what, n).await?;
-    Ok(Some(buf))
-}
-
-/// A sealed `net::wire` frame as [`read_split`] read it.
-pub(crate) enum SplitFrame {
-    /// Its head (everything before the bodies) and its bodies, read straight into floats; the
-    /// checksum matched.
-    Split { head: Vec<u8>, bodies: Vec<Vec<f32>> },
-    /// The whole frame as bytes, checksum included: its head did not describe a frame of its
-    /// length, so it is checked and decoded the ordinary way ([`super::frame::open`] first, so
-    /// that damaged bytes are reported as damage).
-    Whole(Vec<u8>),
-}
-
-/// The frame of `n` bytes whose first bytes are `buf`, read whole.
-async fn rest_of_frame(
-    recv: &mut OwnedReadHalf,
-    mut buf: Vec<u8>,
-    n: usize,
-    what: &str,
-) -> std::result::Result<Option<SplitFrame>, FrameError> {
-    read_into(recv, &mut buf, n, what, n).await?;
-    Ok(Some(SplitFrame::Whole(buf)))
-}
-
-/// [`read_frame`] of a sealed `net::wire` frame, the bodies read straight into floats: one copy
-/// (socket to floats) where reading the frame and then decoding it makes two. The checksum is
-/// checked over the bytes as read; a mismatch is a protocol violation with
-/// [`super::frame::open`]'s message.
-pub(crate) async fn read_split(
-    recv: &mut OwnedReadHalf,
-    max: usize,
-    what: &str,
-) -> std::result::Result<Option<SplitFrame>, FrameError> {
-    let Some(n) = read_len(recv, max, what).await? else {
-        return Ok(None);
-    };
-    let mut head = Vec::new();
-    loop {
-        let need = wire::head_need(&head);
-        if need <= head.len() {
-            break;
-        }
-        if need.saturating_add(CHECKSUM_BYTES) > n {
-            return rest_of_frame(recv, head, n, what).await;
-        }
-        read_into(recv, &mut head, need, what, n).await?;
-    }
-    let Ok(lens) = wire::head_body_lens(&head, what) else {
-        return rest_of_frame(recv, head, n, what).await;
-    };
-    let body_bytes = lens
-        .iter()
-        .try_fold(0usize, |sum, &l| sum.checked_add(l.checked_mul(4)?));
-    if body_bytes.and_then(|b| b.checked_add(head.len() + CHECKSUM_BYTES)) != Some(n) {
-        return rest_of_frame(recv, head, n, what).await;
-    }
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&head);
-    let mut bodies = Vec::with_capacity(lens.len());
-    for len in lens {
-        let body = read_floats(recv, len, what, n).await?;
-        if cfg!(target_endian = "little") {
-            crc.update(bytemuck::cast_slice(&body));
-        } else {
-            for x in &body {
-                crc.update(&x.to_le_bytes());
-            }
-        }
-        bodies.push(body);
-    }
-    let mut sent = Vec::new();
-    read_into(recv, &mut sent, CHECKSUM_BYTES, what, n).await?;
-    let sent = u32::from_le_bytes([sent[0], sent[1], sent[2], sent[3]]);
-    let got = crc.finalize();
-    if got != sent {
-        return Err(FrameError::Protocol(super::frame::damaged(n, got, sent)));
-    }
-    Ok(Some(SplitFrame::Split { head, bodies }))
-}
-
 /// A close frame: `code` u32 LE, the reason's length u16 LE, the reason (cut to [`MAX_REASON`]).
 pub(crate) fn close_frame(code: u32, reason: &[u8]) -> Vec<u8> {
     let reason = &reason[..reason.len().min(MAX_REASON)];
@@ -510,6 +325,8 @@ mod tests {
         assert_eq!(u16::from_le_bytes([f[4], f[5]]) as usize, MAX_REASON);
     }
 
+    use super::super::frame::FrameError;
+    use super::super::reader::{read_frame, read_split, SplitFrame};
     use crate::net::wire::{encode_packet, encode_packet_parts};
     use crate::net::{Packet, Payload, Segment};
 
@@ -607,7 +424,7 @@ mod tests {
         write.write_all(&whole[..whole.len() / 2]).await.expect("write");
         drop(write);
         match read_split(&mut read, 1 << 20, "a frame").await {
-            Err(FrameError::Cut(d)) => assert!(d.contains("ended inside a frame"), "{d}"),
+            Err(FrameError::Cut(d)) => assert!(d.contains("ended") && d.contains("bytes into a frame"), "{d}"),
             Err(e) => panic!("not a cut: {e:?}"),
             Ok(_) => panic!("a cut frame was accepted"),
         }

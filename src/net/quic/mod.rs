@@ -40,6 +40,7 @@ mod frame;
 mod identity;
 mod local;
 mod plane;
+mod reader;
 #[cfg(test)]
 mod tests;
 

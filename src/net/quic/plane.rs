@@ -3,7 +3,8 @@
 
 use super::frame::{self, read_frame_raw, write_frame, write_frame_owned, FrameError};
 use super::identity::{constant_time_eq, sha256_hex, SERVER_NAME};
-use super::local::{self, Ending, LocalConn, SplitFrame};
+use super::local::{self, Ending, LocalConn};
+use super::reader::{self, SplitFrame};
 use crate::error::{Error, Result};
 use crate::net::wire::Encoded;
 use crate::net::{Inbox, Packet, Transport, WorkerId};
@@ -690,7 +691,7 @@ async fn handle_local_incoming(inner: Arc<Inner>, stream: UnixStream) {
     }
     let (mut read, write) = stream.into_split();
     let conn = Arc::new(LocalConn::incoming(write));
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, local::read_frame(&mut read, MAX_HELLO, "the hello")).await;
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, reader::read_frame(&mut read, MAX_HELLO, "the hello")).await;
     let hello = match hello {
         Ok(Ok(Some(bytes))) => Hello::decode(&bytes),
         Ok(Ok(None)) => Err("the stream ended before the hello".to_string()),
@@ -766,9 +767,17 @@ async fn read_loop(
     mut recv: quinn::RecvStream,
     inbox: UnboundedSender<Packet>,
 ) {
+    let split = inner.codec.wire_frames();
     loop {
-        let bytes = match read_frame_raw(&mut recv, MAX_PACKET_FRAME, "a packet frame").await {
-            Ok(Some(bytes)) => bytes,
+        let read = if split {
+            reader::read_split(&mut recv, MAX_PACKET_FRAME, "a packet frame").await
+        } else {
+            read_frame_raw(&mut recv, MAX_PACKET_FRAME, "a packet frame")
+                .await
+                .map(|f| f.map(SplitFrame::Whole))
+        };
+        let frame = match read {
+            Ok(Some(frame)) => frame,
             Ok(None) => return,
             Err(FrameError::Lost(e)) => {
                 match conn.close_reason() {
@@ -786,7 +795,7 @@ async fn read_loop(
                 return;
             }
         };
-        match deliver(&inner, epoch, me, peer, &bytes, &inbox) {
+        match hand_in_frame(&inner, epoch, me, peer, frame, &inbox) {
             Ok(true) => {}
             Ok(false) => return,
             Err(detail) => {
@@ -794,6 +803,21 @@ async fn read_loop(
                 return;
             }
         }
+    }
+}
+
+/// [`deliver`] a frame as the reader gave it: whole, or split (its checksum already checked).
+fn hand_in_frame(
+    inner: &Inner,
+    epoch: u64,
+    me: WorkerId,
+    peer: WorkerId,
+    frame: SplitFrame,
+    inbox: &UnboundedSender<Packet>,
+) -> std::result::Result<bool, String> {
+    match frame {
+        SplitFrame::Whole(bytes) => deliver(inner, epoch, me, peer, &bytes, inbox),
+        SplitFrame::Split { head, bodies } => hand_in(inner.codec.decode_parts(&head, bodies, epoch), me, peer, inbox),
     }
 }
 
@@ -851,29 +875,21 @@ async fn read_local_loop(
     let split = inner.codec.wire_frames();
     loop {
         let read = if split {
-            local::read_split(&mut recv, MAX_PACKET_FRAME, "a packet frame").await
+            reader::read_split(&mut recv, MAX_PACKET_FRAME, "a packet frame").await
         } else {
-            local::read_frame(&mut recv, MAX_PACKET_FRAME, "a packet frame")
+            reader::read_frame(&mut recv, MAX_PACKET_FRAME, "a packet frame")
                 .await
                 .map(|f| f.map(SplitFrame::Whole))
         };
         let detail = match read {
-            Ok(Some(frame)) => {
-                let delivered = match frame {
-                    SplitFrame::Whole(bytes) => deliver(&inner, epoch, me, peer, &bytes, &inbox),
-                    SplitFrame::Split { head, bodies } => {
-                        hand_in(inner.codec.decode_parts(&head, bodies, epoch), me, peer, &inbox)
-                    }
-                };
-                match delivered {
-                    Ok(true) => continue,
-                    Ok(false) => return,
-                    Err(detail) => {
-                        inner.evict(epoch, peer, &Conn::Local(conn), detail);
-                        return;
-                    }
+            Ok(Some(frame)) => match hand_in_frame(&inner, epoch, me, peer, frame, &inbox) {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(detail) => {
+                    inner.evict(epoch, peer, &Conn::Local(conn), detail);
+                    return;
                 }
-            }
+            },
             Ok(None) => "the connection ended (the peer process is gone)".to_string(),
             Err(FrameError::Protocol(detail)) => {
                 inner.evict(epoch, peer, &Conn::Local(conn), detail);
