@@ -25,9 +25,9 @@ pub trait PacketCodec: Send + Sync + 'static {
     fn encode(&self, epoch: u64, packet: &Packet) -> Result<Vec<u8>>;
     /// The packet in `bytes`, which must belong to `epoch`.
     fn decode(&self, bytes: &[u8], epoch: u64) -> Result<Packet>;
-    /// Whether this codec's frames are `net::wire` frames: then the same-host path writes a
-    /// packet's bodies from the packet itself ([`PacketCodec::encode_parts`]) and reads them
-    /// straight into floats ([`PacketCodec::decode_parts`]), a copy less on each side.
+    /// Whether this codec's frames are `net::wire` frames: then both paths read a packet's bodies
+    /// straight into floats ([`PacketCodec::decode_parts`]) and the same-host path writes them
+    /// from the packet itself ([`PacketCodec::encode_parts`]), a copy less on each side.
     fn wire_frames(&self) -> bool {
         false
     }
@@ -769,14 +769,7 @@ async fn read_loop(
 ) {
     let split = inner.codec.wire_frames();
     loop {
-        let read = if split {
-            reader::read_split(&mut recv, MAX_PACKET_FRAME, "a packet frame").await
-        } else {
-            read_frame_raw(&mut recv, MAX_PACKET_FRAME, "a packet frame")
-                .await
-                .map(|f| f.map(SplitFrame::Whole))
-        };
-        let frame = match read {
+        let frame = match reader::read_packet(&mut recv, split, MAX_PACKET_FRAME).await {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
             Err(FrameError::Lost(e)) => {
@@ -874,14 +867,7 @@ async fn read_local_loop(
 ) {
     let split = inner.codec.wire_frames();
     loop {
-        let read = if split {
-            reader::read_split(&mut recv, MAX_PACKET_FRAME, "a packet frame").await
-        } else {
-            reader::read_frame(&mut recv, MAX_PACKET_FRAME, "a packet frame")
-                .await
-                .map(|f| f.map(SplitFrame::Whole))
-        };
-        let detail = match read {
+        let detail = match reader::read_packet(&mut recv, split, MAX_PACKET_FRAME).await {
             Ok(Some(frame)) => match hand_in_frame(&inner, epoch, me, peer, frame, &inbox) {
                 Ok(true) => continue,
                 Ok(false) => return,

@@ -230,3 +230,18 @@ pub(crate) async fn read_split<S: FrameSource>(
     }
     Ok(Some(SplitFrame::Split { head, bodies }))
 }
+
+/// A data-plane packet frame of at most `max` bytes: read split ([`read_split`]) when the codec's
+/// frames are `net::wire` frames (`split`), else whole.
+pub(crate) async fn read_packet<S: FrameSource>(
+    src: &mut S,
+    split: bool,
+    max: usize,
+) -> Result<Option<SplitFrame>, FrameError> {
+    const WHAT: &str = "a packet frame";
+    if split {
+        read_split(src, max, WHAT).await
+    } else {
+        Ok(read_frame(src, max, WHAT).await?.map(SplitFrame::Whole))
+    }
+}
