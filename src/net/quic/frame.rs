@@ -48,20 +48,11 @@ pub async fn write_chunks(send: &mut quinn::SendStream, chunks: Vec<bytes::Bytes
 /// cleanly before a frame began; an error for a length above `max` (before allocating anything), a
 /// frame cut short, or a failed stream.
 pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize, what: &str) -> Result<Option<Vec<u8>>> {
-    read_frame_raw(recv, max, what).await.map_err(|e| match e {
+    super::reader::read_frame(recv, max, what).await.map_err(|e| match e {
         FrameError::Lost(e) => Error::runtime(format!("cannot read {what}: {e}")),
         FrameError::Cut(e) => Error::runtime(format!("cannot read {what}: {e}")),
         FrameError::Protocol(detail) => Error::parse(what, detail),
     })
-}
-
-/// [`read_frame`], telling a lost stream from a peer's protocol violation.
-pub(crate) async fn read_frame_raw(
-    recv: &mut quinn::RecvStream,
-    max: usize,
-    what: &str,
-) -> std::result::Result<Option<Vec<u8>>, FrameError> {
-    super::reader::read_frame(recv, max, what).await
 }
 
 /// Bytes of the checksum that ends every packet frame of the data plane.

@@ -1,7 +1,7 @@
 //! The authenticated data plane between worker processes: one per process, living across
 //! membership epochs. See the module documentation of [`super`] for the topology.
 
-use super::frame::{self, read_frame_raw, write_frame, write_frame_owned, FrameError};
+use super::frame::{self, write_frame, write_frame_owned, FrameError};
 use super::identity::{constant_time_eq, sha256_hex, SERVER_NAME};
 use super::local::{self, Ending, LocalConn};
 use super::reader::{self, SplitFrame};
@@ -649,7 +649,7 @@ async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming) {
     let Ok(conn) = incoming.await else { return };
     let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
         let mut recv = conn.accept_uni().await.map_err(|e| e.to_string())?;
-        match read_frame_raw(&mut recv, MAX_HELLO, "the hello").await {
+        match reader::read_frame(&mut recv, MAX_HELLO, "the hello").await {
             Ok(Some(bytes)) => Hello::decode(&bytes).map(|h| (h, recv)),
             Ok(None) => Err("the stream ended before the hello".to_string()),
             Err(FrameError::Lost(e)) => Err(e.to_string()),
