@@ -6,6 +6,7 @@
 //! in a fixed order per output element, and element-wise kernels never contract multiply-adds, so the
 //! AVX-512, AVX2 and portable versions of a kernel agree bit for bit.
 
+pub mod bytes;
 pub mod cpu;
 pub mod cuda;
 mod math;

@@ -186,29 +186,6 @@ fn put_floats(out: &mut Vec<u8>, xs: &[f32]) {
     }
 }
 
-/// Little-endian bytes (a multiple of 4; a trailing partial float is ignored) as f32s, written
-/// straight into the new vector: one `memcpy` on a little-endian machine, no zero fill first (the
-/// bodies are megabytes per step; the element-wise loop this replaced ran at a fraction of the
-/// copy's speed and was 16% of a worker process's async thread).
-fn get_floats(raw: &[u8]) -> Vec<f32> {
-    let n = raw.len() / 4;
-    if cfg!(target_endian = "little") {
-        let mut out = Vec::<f32>::with_capacity(n);
-        // SAFETY: `out` has capacity for `n` f32s = `4 n` bytes, `raw` has at least `4 n` bytes,
-        // the two do not overlap (`out` is new), and every bit pattern is a valid f32, so after
-        // the copy the first `n` elements are initialised.
-        unsafe {
-            std::ptr::copy_nonoverlapping(raw.as_ptr(), out.as_mut_ptr().cast::<u8>(), 4 * n);
-            out.set_len(n);
-        }
-        out
-    } else {
-        raw.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    }
-}
-
 /// Decode a frame; refuses (Error::Parse naming what is wrong) a header longer than
 /// `limits.header_bytes`, more bodies than `limits.bodies`, a total of floats above
 /// `limits.floats`, lengths that do not add up to exactly the remaining bytes, trailing bytes, a
@@ -243,7 +220,7 @@ impl Bodies<'_> {
                     .map(|&len| {
                         let raw = data.get(at..at + 4 * len).unwrap_or_default();
                         at += 4 * len;
-                        get_floats(raw)
+                        crate::kernels::bytes::floats_from_le(raw)
                     })
                     .collect()
             }
@@ -1028,25 +1005,6 @@ mod tests {
             rows,
             data: floats(rows * 32, (group * 7 + expert) as u32),
         }
-    }
-
-    #[test]
-    fn floats_are_read_back_bitwise_from_any_byte_offset() {
-        let xs: Vec<f32> = [0.0f32, -0.0, 1.5, f32::MIN_POSITIVE / 2.0, f32::INFINITY, f32::MAX]
-            .into_iter()
-            .chain([f32::from_bits(0x7fc0_1234), f32::from_bits(0xffa0_0001)])
-            .chain(floats(1000, 3))
-            .collect();
-        for offset in 0..4 {
-            let mut raw = vec![0xAAu8; offset];
-            put_floats(&mut raw, &xs);
-            raw.push(0xBB); // a partial float after the last whole one is not read
-            let back = get_floats(&raw[offset..]);
-            assert_eq!(back.len(), xs.len(), "offset {offset}");
-            let same = back.iter().zip(&xs).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "offset {offset}: the floats differ");
-        }
-        assert!(get_floats(&[1, 2, 3]).is_empty());
     }
 
     fn packet(payload: Payload) -> Packet {

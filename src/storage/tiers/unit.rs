@@ -2,6 +2,7 @@
 //! byte encoding on disk.
 
 use crate::error::{Error, Result};
+use crate::kernels::bytes::{floats_from_le, put_floats_le};
 use crate::model::moe::stages::ExpertWeights;
 use crate::optimizer::AdamW;
 
@@ -97,34 +98,15 @@ impl ExpertSlot {
 
 /// `len` little-endian f32 from `bytes` at `*at`, advancing `*at` (the caller checked the length).
 fn floats_at(bytes: &[u8], at: &mut usize, len: usize) -> Vec<f32> {
-    let src = &bytes[*at..*at + 4 * len];
+    let v = floats_from_le(&bytes[*at..*at + 4 * len]);
     *at += 4 * len;
-    // The encoding is little-endian f32: on a little-endian machine a plain copy (this runs for
-    // every unit read from disk, so a per-float loop shows).
-    #[cfg(target_endian = "little")]
-    let v = {
-        let mut v = vec![0f32; len];
-        bytemuck::cast_slice_mut::<f32, u8>(&mut v).copy_from_slice(src);
-        v
-    };
-    #[cfg(not(target_endian = "little"))]
-    let v = src
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
     v
 }
 
 /// Write `floats` as little-endian bytes at `*at`, advancing `*at` (the caller sized `out`).
 fn put_floats(out: &mut [u8], at: &mut usize, floats: &[f32]) {
-    let dst = &mut out[*at..*at + 4 * floats.len()];
-    *at += dst.len();
-    #[cfg(target_endian = "little")]
-    dst.copy_from_slice(bytemuck::cast_slice(floats));
-    #[cfg(not(target_endian = "little"))]
-    for (d, x) in dst.chunks_exact_mut(4).zip(floats) {
-        d.copy_from_slice(&x.to_le_bytes());
-    }
+    put_floats_le(&mut out[*at..*at + 4 * floats.len()], floats);
+    *at += 4 * floats.len();
 }
 
 /// Write the 32-byte header (magic, block, expert, optimizer step, float count) at the start of
