@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test file uses a part
 
+pub mod procs;
+
 use semoe::model::gpt::Gpt;
 use semoe::train::config::TrainConfig;
 use semoe::train::optimizer::AdamW;
