@@ -20,15 +20,13 @@
 
 mod common;
 
+use common::procs::{Proc, SEMOE};
 use common::TempDir;
 use semoe::net::quic::JoinTicket;
 use std::collections::BTreeMap;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
-
-const SEMOE: &str = env!("CARGO_BIN_EXE_semoe");
+use std::process::Command;
+use std::time::Duration;
 
 /// The semoe subcommands of every file under `deploy/`, in order (files without any listed with
 /// none, so that a new file is looked at).
@@ -61,110 +59,10 @@ const SMALL: &[(&str, &str)] = &[
 /// How long any one process may take (each runs in about a second).
 const LIMIT: Duration = Duration::from_secs(40);
 
-/// A process (and every process it started) killed and reaped when dropped.
-struct Proc {
-    child: std::process::Child,
-    log: PathBuf,
-    what: String,
-}
-
-impl Proc {
-    fn spawn(dir: &Path, name: &str, args: &[String]) -> Proc {
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(SEMOE)
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .process_group(0)
-            .spawn()
-            .expect("spawn semoe");
-        Proc {
-            child,
-            log,
-            what: format!("semoe {}", args.join(" ")),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Wait at most `limit` for the process to exit; then no process of its group is left.
-    fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "`{}` did not exit within {limit:?}; its log:\n{}",
-                self.what,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        // SAFETY: kill(2) with signal 0 only checks whether the test's own process group (pgid =
-        // the reaped child's pid) still has members.
-        let alive = unsafe { libc::kill(-self.pid(), 0) } == 0;
-        assert!(
-            !alive,
-            "`{}` exited, but its process group still has processes",
-            self.what
-        );
-        status
-    }
-
-    /// Wait at most `limit` until the log holds `text`.
-    fn wait_for(&mut self, text: &str, limit: Duration) {
-        let started = Instant::now();
-        loop {
-            if self.log().contains(text) {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!(
-                    "`{}` exited ({status}) before printing {text:?}; its log:\n{}",
-                    self.what,
-                    self.log()
-                );
-            }
-            assert!(
-                started.elapsed() < limit,
-                "{text:?} did not appear within {limit:?}; the log of `{}`:\n{}",
-                self.what,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Wait for the process and fail unless it exited 0.
-    fn success(&mut self) {
-        let status = self.wait(LIMIT);
-        assert!(
-            status.success(),
-            "`{}` exited with {status}; its log:\n{}",
-            self.what,
-            self.log()
-        );
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the process group this test created for the child (pgid = its pid).
-        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `semoe args` in `dir` as a [`Proc`] (its stderr in `dir/name.log`).
+fn spawn(dir: &Path, name: &str, args: &[String]) -> Proc {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn(dir, name, &args, &[])
 }
 
 fn deploy_dir() -> PathBuf {
@@ -410,7 +308,7 @@ fn free_udp_port() -> u16 {
 
 /// Run the coordinator and `workers` workers to completion; the coordinator's log.
 fn train_with_workers(dir: &Path, local: &mut Local<'_>, train: &Found, worker: &Found, workers: usize) -> String {
-    let mut coord = Proc::spawn(dir, "coordinator", &local.args(train));
+    let mut coord = spawn(dir, "coordinator", &local.args(train));
     coord.wait_for("workers join with", LIMIT);
     let run_dir = dir.join(
         local
@@ -430,13 +328,13 @@ fn train_with_workers(dir: &Path, local: &mut Local<'_>, train: &Found, worker: 
     }
     local.join = Some(ticket.addr.to_string());
     let mut procs: Vec<Proc> = (0..workers)
-        .map(|i| Proc::spawn(dir, &format!("worker-{i}"), &local.args(worker)))
+        .map(|i| spawn(dir, &format!("worker-{i}"), &local.args(worker)))
         .collect();
     for p in &mut procs {
-        p.success();
+        p.success(LIMIT);
         assert!(p.log().contains("semoe worker: done"), "{}", p.log());
     }
-    coord.success();
+    coord.success(LIMIT);
     let log = coord.log();
     assert!(log.contains("done: 20 of 20 steps"), "the run did not finish:\n{log}");
     assert!(
@@ -540,7 +438,7 @@ fn kubernetes_example_trains_on_loopback() {
         port: Some(0),
         join: None,
     };
-    Proc::spawn(dir.path(), "ticket", &local.args(ticket)).success();
+    spawn(dir.path(), "ticket", &local.args(ticket)).success(LIMIT);
     assert!(identity.join("job.identity").is_file() && identity.join("join.ticket").is_file());
     // The coordinator listens on a port the OS chooses (port 0); the workers' --join dials it.
     train_with_workers(dir.path(), &mut local, train, worker, replicas);
@@ -572,7 +470,7 @@ fn slurm_script_trains_on_loopback() {
         port: Some(port),
         join: None,
     };
-    Proc::spawn(dir.path(), "ticket", &local.args(ticket)).success();
+    spawn(dir.path(), "ticket", &local.args(ticket)).success(LIMIT);
     let given = JoinTicket::read(&dir.path().join("job/identity/join.ticket")).expect("the script's ticket");
     assert_eq!(given.addr.to_string(), format!("127.0.0.1:{port}"));
     train_with_workers(dir.path(), &mut local, train, worker, nodes);

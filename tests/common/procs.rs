@@ -40,9 +40,12 @@ pub const SMALL: &[&str] = &[
 pub struct Proc {
     child: std::process::Child,
     log: PathBuf,
+    /// The command line, for messages.
+    what: String,
 }
 
 impl Proc {
+    /// Start `semoe args` in `dir` (its own process group), its stderr going to `dir/name.log`.
     pub fn spawn(dir: &Path, name: &str, args: &[&str], env: &[(&str, String)]) -> Proc {
         Proc::spawn_in(None, dir, name, args, env)
     }
@@ -70,7 +73,11 @@ impl Proc {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn semoe");
-        Proc { child, log }
+        Proc {
+            child,
+            log,
+            what: format!("semoe {}", args.join(" ")),
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -96,11 +103,32 @@ impl Proc {
             }
             assert!(
                 Instant::now() < deadline,
-                "semoe did not exit within {limit:?}; its log:\n{}",
+                "`{}` did not exit within {limit:?}; its log:\n{}",
+                self.what,
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Wait at most `limit` for the process, and fail unless it exited 0 and left no process of
+    /// its group behind.
+    pub fn success(&mut self, limit: Duration) {
+        let status = self.wait(limit);
+        assert!(
+            status.success(),
+            "`{}` exited with {status}; its log:\n{}",
+            self.what,
+            self.log()
+        );
+        // SAFETY: kill(2) with signal 0 only checks whether the test's own process group (pgid =
+        // the reaped child's pid) still has members.
+        let alive = unsafe { libc::kill(-self.pid(), 0) } == 0;
+        assert!(
+            !alive,
+            "`{}` exited, but its process group still has processes",
+            self.what
+        );
     }
 
     /// Wait at most `limit` until the log holds `text`; the time it took.
