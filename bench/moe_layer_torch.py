@@ -1,4 +1,4 @@
-"""PyTorch CPU baseline for the semoe MoE layer (forward and forward+backward).
+"""PyTorch baseline for the semoe MoE layer (forward and forward+backward), on CPU or a GPU.
 
 Same layer as tools/reference/moe_reference.py (position drop policy), in
 float32, written the efficient plain-PyTorch way: routing with topk/cumsum,
@@ -9,6 +9,9 @@ einsum. Backward is autograd.
     python bench/moe_layer_torch.py                      # headline config
     python bench/moe_layer_torch.py --iters 3 --json     # one JSON line
     python bench/moe_layer_torch.py --verify             # check against the float64 reference
+    python bench/moe_layer_torch.py --device cuda --tokens 16384 --d-model 1024 --d-ff 4096
+                                                         # on a GPU, with the matrix rate of the
+                                                         # expert products' shape (cuBLAS)
 """
 
 from __future__ import annotations
@@ -139,7 +142,7 @@ def verify() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="PyTorch CPU baseline for the MoE layer")
+    ap = argparse.ArgumentParser(description="PyTorch baseline for the MoE layer (CPU or GPU)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--d-model", type=int, default=512)
@@ -154,6 +157,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (cuda:N) to run on a GPU")
+    ap.add_argument("--tf32", action="store_true",
+                    help="on a GPU, let matrix products use TF32 (default: full float32)")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     ap.add_argument("--verify", action="store_true",
                     help="check against tools/reference/moe_reference.py and exit")
@@ -164,9 +170,23 @@ def main() -> None:
         verify()
         return
 
+    dev = torch.device(a.device)
+    gpu = dev.type == "cuda"
+    if gpu:
+        if not torch.cuda.is_available():
+            sys.exit(f"--device {a.device}: torch {torch.__version__} sees no CUDA GPU")
+        torch.backends.cuda.matmul.allow_tf32 = a.tf32
+        torch.backends.cudnn.allow_tf32 = a.tf32
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize(dev)
+
     S, d, f, E, k = a.tokens, a.d_model, a.d_ff, a.experts, a.k
     cap = capacity(S, E, k, a.capacity_factor, a.min_capacity, a.dropless)
     params, gy = make_inputs(S, d, f, E, a.seed)
+    params = {n: t.to(dev) for n, t in params.items()}
+    gy = gy.to(dev)
     names = ["x", "wg", "w1", "b1", "w2", "b2"]
     leaves = [params[n].requires_grad_(True) for n in names]
 
@@ -185,21 +205,38 @@ def main() -> None:
     def timeit(fn):
         for _ in range(a.warmup):
             fn()
+        sync()
         ts = []
         for _ in range(a.iters):
             t0 = time.perf_counter()
             fn()
+            sync()
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts)
 
     _, _, kept = fwd()
+    kept = int(kept)
     t_fwd = timeit(fwd)
     t_fb = timeit(fwd_bwd)
+
+    # The matrix rate at the expert products' shape ([capacity][d_model] x [d_model][d_ff], one per
+    # expert): what the layer's products could reach on this device (cuBLAS on a GPU).
+    xa = torch.randn(E, cap, d, device=dev)
+    wa = torch.randn(E, d, f, device=dev)
+
+    def products():
+        for e in range(E):
+            torch.mm(xa[e], wa[e])
+
+    t_mm = timeit(products)
+    mm_gflops = 2.0 * E * cap * d * f / t_mm / 1e9
 
     mm = 2.0 * kept * d * f  # flops of one expert matmul over all kept tokens
     res = {
         "impl": "torch",
         "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(dev) if gpu else platform.machine(),
+        "tf32": bool(gpu and a.tf32),
         "threads": a.threads,
         "tokens": S, "d_model": d, "d_ff": f, "experts": E, "k": k,
         "capacity_factor": a.capacity_factor, "capacity": cap,
@@ -211,17 +248,20 @@ def main() -> None:
         "fwd_bwd_tokens_per_s": S / t_fb,
         "fwd_expert_gflops": 2 * mm / t_fwd / 1e9,
         "fwd_bwd_expert_gflops": 6 * mm / t_fb / 1e9,
+        "matmul_gflops": mm_gflops,
     }
     if a.json:
         print(json.dumps(res))
         return
-    print(f"torch {torch.__version__} on {platform.machine()}, {a.threads} thread(s)")
+    where = f"{res['device']}{' (TF32)' if res['tf32'] else ''}" if gpu else f"{platform.machine()}, {a.threads} thread(s)"
+    print(f"torch {torch.__version__} on {where}")
     print(f"S={S} d_model={d} d_ff={f} E={E} k={k} cf={a.capacity_factor} capacity={cap} "
           f"kept={kept} dropped={k * S - kept} gelu={a.gelu}")
     print(f"forward      : {t_fwd * 1e3:9.2f} ms  {res['fwd_tokens_per_s']:10.0f} tokens/s  "
           f"{res['fwd_expert_gflops']:7.1f} expert GFLOP/s")
     print(f"fwd+backward : {t_fb * 1e3:9.2f} ms  {res['fwd_bwd_tokens_per_s']:10.0f} tokens/s  "
           f"{res['fwd_bwd_expert_gflops']:7.1f} expert GFLOP/s")
+    print(f"matrix rate at the expert products' shape: {mm_gflops:7.1f} GFLOP/s")
     print(f"(median of {a.iters} iterations after {a.warmup} warm-up)")
 
 

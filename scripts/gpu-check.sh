@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# What can be checked on a GPU host today, in one short run (GPU time is scarce).
+#
+#   scripts/gpu-check.sh build   # on a machine with the Rust toolchain (Debian 12, glibc 2.36):
+#                                # builds gpu-bundle/ (stripped binaries built with --features cuda)
+#   scripts/gpu-check.sh run     # on the GPU host, from the repository root with gpu-bundle/ in it:
+#                                # writes gpu-bundle/figures.txt (also printed)
+#
+# The GPU host has no Rust toolchain and no network; it has a Python with PyTorch whose pip packages
+# hold the CUDA libraries (cuBLAS, NVRTC, NCCL) off the default library path, which `run` finds and
+# puts on LD_LIBRARY_PATH. `run` checks, each step bounded in time:
+#   - the host: GPU, driver, glibc (the binaries were built against glibc 2.36);
+#   - which CUDA library names load (cudarc's bindings ask for `.so.12`-style names; CUDA 13 ships
+#     `.so.13`);
+#   - the CUDA tests: device discovery (`kernels_cuda`) and the NCCL communicator on one GPU
+#     (`net_nccl`: a single-rank all-to-all-v with itself, bit for bit; an abort);
+#   - the PyTorch baseline of the MoE layer on the GPU at the issue's size (16,384 tokens, width
+#     1024, hidden 4096, 8 experts, top-2), in float32 and TF32, with the matrix rate of the expert
+#     products' shape: the figures semoe's CUDA backend will be compared with.
+# semoe has no CUDA kernels yet (docs/gpu-data-path.md): what runs on the GPU here is NCCL and
+# PyTorch. Whole run: about 2 minutes after the host is up.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=gpu-bundle
+TESTS=(kernels_cuda net_nccl)
+
+build() {
+    set -e
+    mkdir -p "$BUNDLE"
+    # No debug info: the bundle travels to the host (it must stay well under 64 MiB). A target
+    # folder of its own, so that the usual release build is left as it is.
+    export CARGO_PROFILE_RELEASE_DEBUG=false CARGO_TARGET_DIR=target/gpu-check
+    cargo build --release --features cuda
+    cp target/gpu-check/release/semoe "$BUNDLE/semoe"
+    local args=()
+    for t in "${TESTS[@]}"; do args+=(--test "$t"); done
+    # `cargo test --no-run` names each test binary it built: "Executable tests/x.rs (target/...)".
+    cargo test --release --features cuda --no-run "${args[@]}" 2>&1 | tee "$BUNDLE/build.log"
+    for t in "${TESTS[@]}"; do
+        local exe
+        exe=$(sed -n "s|.*Executable tests/$t.rs (\(.*\))|\1|p" "$BUNDLE/build.log" | tail -1)
+        [ -n "$exe" ] || { echo "no test binary for $t in the build log" >&2; exit 1; }
+        cp "$exe" "$BUNDLE/$t"
+    done
+    strip "$BUNDLE"/semoe "${TESTS[@]/#/$BUNDLE/}"
+    rm -f "$BUNDLE/build.log"
+    du -sh "$BUNDLE"
+    echo "built $BUNDLE/: carry it to the GPU host and run: scripts/gpu-check.sh run"
+}
+
+run() {
+    [ -x "$BUNDLE/semoe" ] || { echo "no $BUNDLE/semoe: run 'scripts/gpu-check.sh build' first" >&2; exit 1; }
+    local out="$BUNDLE/figures.txt"
+    : > "$out"
+    say() { echo "$*" | tee -a "$out"; }
+    step() { # step SECONDS TITLE COMMAND...: run bounded, output into the figures
+        local limit=$1 title=$2
+        shift 2
+        say ""
+        say "== $title ($(date -u +%H:%M:%S))"
+        timeout "$limit" "$@" 2>&1 | tee -a "$out"
+        local rc=${PIPESTATUS[0]}
+        [ "$rc" = 0 ] || say "!! exit status $rc"
+    }
+    local py=${PYTHON:-python3}
+    say "gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    step 30 "host" bash -c 'nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; ldd --version | head -1; uname -r; nproc'
+    # The CUDA libraries of PyTorch's pip packages (nvidia/*/lib), first on the library path.
+    local libs
+    libs=$("$py" - <<'EOF' 2>/dev/null
+import glob, os
+try:
+    import nvidia
+except ImportError:
+    raise SystemExit(0)
+dirs = set()
+for base in nvidia.__path__:
+    dirs.update(d for d in glob.glob(os.path.join(base, "*", "lib")) if os.path.isdir(d))
+print(":".join(sorted(dirs)))
+EOF
+)
+    if [ -n "$libs" ]; then
+        export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        say "LD_LIBRARY_PATH += PyTorch's CUDA libraries ($(echo "$libs" | tr ':' '\n' | wc -l) folders)"
+    else
+        say "no nvidia pip packages under $py: the system's library path only"
+    fi
+    # cudarc opens `libX.so`, `libX.so.<its CUDA major>`, `.so.12`, `.so.11`, ... `.so.1`: NCCL's
+    # `libnccl.so.2` and CUDA 13's `.so.13` are not among them. Where only such a name exists, an
+    # unversioned link to it goes into $BUNDLE/lib-links (first on the path), and says so.
+    mkdir -p "$BUNDLE/lib-links"
+    for lib in cublas cublasLt nvrtc nccl curand; do
+        local have="" newest="" path="${LD_LIBRARY_PATH:-}"
+        for d in ${path//:/ } /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/cuda/lib64; do
+            for n in "lib$lib.so" "lib$lib.so.12" "lib$lib.so.11" "lib$lib.so.1"; do
+                [ -e "$d/$n" ] && have="$d/$n"
+            done
+            for f in "$d/lib$lib.so."[0-9]*; do
+                [ -e "$f" ] && newest="$f"
+            done
+        done
+        if [ -z "$have" ] && [ -n "$newest" ]; then
+            ln -sf "$newest" "$BUNDLE/lib-links/lib$lib.so"
+            say "linked lib$lib.so -> $newest"
+        fi
+    done
+    export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib-links${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    step 30 "CUDA library names found" bash -c 'for n in libcuda.so.1 libcublas.so libcublas.so.12 libcublas.so.13 libcublasLt.so.12 libcublasLt.so.13 libnvrtc.so libnvrtc.so.12 libnvrtc.so.13 libnccl.so libnccl.so.2; do
+        found=""; for d in ${LD_LIBRARY_PATH//:/ } /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/cuda/lib64; do [ -e "$d/$n" ] && found="$d/$n" && break; done
+        [ -z "$found" ] && found=$(ldconfig -p 2>/dev/null | awk -v n="$n" "\$1==n {print \$NF; exit}")
+        echo "$n: ${found:-not found}"; done'
+    step 20 "semoe runs here (glibc)" "$BUNDLE/semoe" --version
+    for t in "${TESTS[@]}"; do
+        step 120 "test $t" "$BUNDLE/$t" --nocapture --test-threads 1
+    done
+    for tf32 in "" "--tf32"; do
+        step 180 "PyTorch MoE layer on the GPU${tf32:+ (TF32)}" "$py" bench/moe_layer_torch.py --device cuda \
+            --tokens 16384 --d-model 1024 --d-ff 4096 --experts 8 --k 2 --iters 10 --warmup 3 $tf32
+    done
+    say ""
+    say "figures in $out"
+}
+
+case "${1:-}" in
+    build) build ;;
+    run) run ;;
+    *)
+        echo "usage: scripts/gpu-check.sh build|run" >&2
+        exit 2
+        ;;
+esac
