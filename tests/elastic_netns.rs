@@ -123,6 +123,24 @@ impl Drop for Lan {
     }
 }
 
+/// Whether to run (the variable is set; then it must run as root): otherwise say it skipped.
+fn enabled() -> bool {
+    if std::env::var_os(ENABLE).is_none() {
+        eprintln!(
+            "skipped: set {ENABLE}=1 to run it (needs root and iproute2; it creates a bridge and \
+             four network namespaces while it runs)"
+        );
+        return false;
+    }
+    // SAFETY: geteuid(2) reads the process's effective user id; it cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "{ENABLE} is set but the test is not running as root (network namespaces need it)"
+    );
+    true
+}
+
 /// A worker process on host `k` of `lan`.
 fn worker(lan: &Lan, k: usize, dir: &std::path::Path, ticket: &str) -> Proc {
     let name = format!("w{k}");
@@ -137,19 +155,9 @@ fn worker(lan: &Lan, k: usize, dir: &std::path::Path, ticket: &str) -> Proc {
 
 #[test]
 fn workers_on_separate_hosts_join_crash_and_are_cut_off_bitwise() {
-    if std::env::var_os(ENABLE).is_none() {
-        eprintln!(
-            "skipped: set {ENABLE}=1 to run it (needs root and iproute2; it creates a bridge and \
-             four network namespaces while it runs)"
-        );
+    if !enabled() {
         return;
     }
-    // SAFETY: geteuid(2) reads the process's effective user id; it cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    assert!(
-        root,
-        "{ENABLE} is set but the test is not running as root (network namespaces need it)"
-    );
     let dir = TempDir::new("elastic-netns");
     let want = reference(dir.path(), 20, &[]);
     // Declared before the processes, so dropped after them: no process outlives its network.
@@ -233,15 +241,9 @@ fn with_value<'a>(mut args: Vec<&'a str>, flag: &str, value: &'a str) -> Vec<&'a
 
 #[test]
 fn a_coordinator_lost_across_hosts_resumes_from_its_checkpoint_bitwise() {
-    if std::env::var_os(ENABLE).is_none() {
-        eprintln!("skipped: set {ENABLE}=1 to run it (needs root and iproute2)");
+    if !enabled() {
         return;
     }
-    // SAFETY: geteuid(2) reads the process's effective user id; it cannot fail.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "{ENABLE} is set but the test is not running as root"
-    );
     let dir = TempDir::new("elastic-netns-resume");
     let want = reference(dir.path(), 20, &[]);
     let lan = Lan::new(4).unwrap_or_else(|e| panic!("cannot build the network: {e}"));

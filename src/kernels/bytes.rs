@@ -39,6 +39,27 @@ pub fn put_floats_le(out: &mut [u8], floats: &[f32]) {
     }
 }
 
+/// Append `floats` to `out` as little-endian bytes.
+pub fn extend_floats_le(out: &mut Vec<u8>, floats: &[f32]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(floats));
+    } else {
+        for x in floats {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+}
+
+/// Floats whose memory was filled with little-endian bytes (read straight from a socket or a file
+/// into the vector) made native: nothing to do on a little-endian machine.
+pub fn floats_from_le_in_place(floats: &mut [f32]) {
+    if cfg!(target_endian = "big") {
+        for x in floats {
+            *x = f32::from_bits(u32::from_le(x.to_bits()));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +79,20 @@ mod tests {
             assert_eq!(back.len(), xs.len());
             assert!(back.iter().zip(&xs).all(|(a, b)| a.to_bits() == b.to_bits()));
         }
+        let mut appended = vec![0xAA];
+        extend_floats_le(&mut appended, &xs);
+        assert_eq!(
+            &appended[1..],
+            &raw[3..3 + 4 * xs.len()],
+            "appending writes the same bytes"
+        );
+        // The bytes as they would land in a vector's memory, then made native.
+        let mut in_place: Vec<f32> = appended[1..]
+            .chunks_exact(4)
+            .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        floats_from_le_in_place(&mut in_place);
+        assert!(in_place.iter().zip(&xs).all(|(a, b)| a.to_bits() == b.to_bits()));
         assert!(floats_from_le(&[1, 2, 3]).is_empty());
         assert_eq!(floats_from_le(&raw[..9]).len(), 2);
     }

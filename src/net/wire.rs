@@ -89,7 +89,7 @@ impl Encoded<'_> {
         let mut out = Vec::with_capacity(self.len() + crate::net::quic::CHECKSUM_BYTES);
         out.extend_from_slice(&self.head);
         for body in &self.bodies {
-            put_floats(&mut out, body);
+            crate::kernels::bytes::extend_floats_le(&mut out, body);
         }
         out
     }
@@ -173,17 +173,6 @@ pub fn head_body_lens(head: &[u8], what: &str) -> Result<Vec<usize>> {
             usize::try_from(len).map_err(|_| Error::parse(what, format!("body {i} of {len} floats")))
         })
         .collect()
-}
-
-/// Append `xs` as little-endian bytes: one memory copy on a little-endian machine.
-fn put_floats(out: &mut Vec<u8>, xs: &[f32]) {
-    if cfg!(target_endian = "little") {
-        out.extend_from_slice(bytemuck::cast_slice(xs));
-    } else {
-        for x in xs {
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-    }
 }
 
 /// Decode a frame; refuses (Error::Parse naming what is wrong) a header longer than

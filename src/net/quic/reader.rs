@@ -110,11 +110,7 @@ impl<S: FrameSource> Reading<'_, S> {
         self.fill(spare).await?;
         // SAFETY: `fill` initialised all `4 len` bytes, and every bit pattern is a valid f32.
         unsafe { out.set_len(len) };
-        if cfg!(target_endian = "big") {
-            for x in &mut out {
-                *x = f32::from_bits(u32::from_le(x.to_bits()));
-            }
-        }
+        crate::kernels::bytes::floats_from_le_in_place(&mut out);
         Ok(out)
     }
 }
