@@ -334,7 +334,7 @@ fn step_order_evicts_what_the_step_needs_last() {
     ];
     for (block, want, lru) in walk {
         clock += 1;
-        at.acquire(block, false, clock);
+        at.acquire((block, 0), false, clock);
         let c = resident(&last_use, block);
         assert_eq!(p.victim(&at, c.iter().copied()), Some(want), "at {:?}", at.phase());
         assert_eq!(
@@ -347,7 +347,7 @@ fn step_order_evicts_what_the_step_needs_last() {
         last_use.insert((block, 9), clock);
     }
     assert_eq!(at.phase(), Phase::Backward(0));
-    at.acquire(1, true, clock + 1);
+    at.acquire((1, 0), true, clock + 1);
     assert_eq!(at.phase(), Phase::Commit);
     // At the commit the next step's forward comes first: block 2 goes, then block 1.
     let c = resident(&last_use, 0);
@@ -356,12 +356,16 @@ fn step_order_evicts_what_the_step_needs_last() {
     let mut c = resident(&last_use, 0);
     c[0].partial = true;
     assert_eq!(p.victim(&at, c.iter().copied()), Some((1, 9)));
-    // Misses load whole units in the backward only (their commit follows), and only under the
-    // step order.
+    // Misses load whole units in the backward only (their commit follows), when they will still
+    // be in memory at the commit, and only under the step order.
     let mut at = StepCursor::new([0, 1, 2]);
-    for (forward, whole) in [(true, false), (false, true)] {
-        at.hint(1, forward, 0);
-        assert_eq!(!p.params_only(&at), whole, "forward {forward}");
-        assert!(CachePolicy::Lru.params_only(&at) && CachePolicy::SE_MOE.params_only(&at));
+    for (forward, stays, whole) in [(true, true, false), (false, true, true), (false, false, false)] {
+        at.hint(1, forward, &[0], 0);
+        assert_eq!(
+            !p.params_only(&at, stays),
+            whole,
+            "forward {forward}, stays to the commit {stays}"
+        );
+        assert!(CachePolicy::Lru.params_only(&at, stays) && CachePolicy::SE_MOE.params_only(&at, stays));
     }
 }

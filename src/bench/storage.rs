@@ -41,6 +41,9 @@ pub struct StorageRow {
     /// `stall_per_step` by cause, in the order of
     /// [`STALL_CAUSES`](crate::storage::tiers::STALL_CAUSES).
     pub stall_causes_per_step: [f64; 4],
+    /// Seconds of CPU (user and system, every thread of the process) per step: what the tier's
+    /// copies and system calls add to the compute shows as the difference from all in memory.
+    pub cpu_per_step: f64,
     /// Disk bytes (read + written) per second of training wall time.
     pub disk_bytes_per_s: f64,
     /// Disk bytes per second of the I/O threads' busy time (reads and writes).
@@ -181,13 +184,15 @@ pub fn storage_bench(
     }
     let tokens = (config.train.batch * config.model.block_size * steps.max(1)) as f64;
     let mut times = vec![Vec::new(); variants.len()];
+    let mut cpu = vec![0.0; variants.len()];
     for _ in 0..rounds.max(1) {
         for (i, t) in trainers.iter_mut().enumerate() {
-            let started = Instant::now();
+            let (started, cpu_started) = (Instant::now(), process_cpu_seconds());
             for _ in 0..steps.max(1) {
                 t.step()?;
             }
             times[i].push(started.elapsed().as_secs_f64());
+            cpu[i] += process_cpu_seconds() - cpu_started;
         }
     }
     let timed_steps = (steps.max(1) * rounds.max(1)) as f64;
@@ -219,6 +224,7 @@ pub fn storage_bench(
             written_per_step: written / timed_steps,
             stall_per_step: d.stall_seconds / timed_steps,
             stall_causes_per_step: d.stall_causes.map(|s| s / timed_steps),
+            cpu_per_step: cpu[i] / timed_steps,
             disk_bytes_per_s: (read + written) / wall,
             io_bytes_per_busy_s: if busy > 0.0 { (read + written) / busy } else { 0.0 },
             ceiling_bytes_per_s: ceiling(read, written),
@@ -245,6 +251,18 @@ pub fn storage_bench(
         steps,
         threads: config.train.threads,
     })
+}
+
+/// User and system CPU seconds of the whole process so far (0 where the system cannot say).
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: `rusage` is plain integers, for which all zeros is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `getrusage` fills the struct it is given and reads nothing else.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 #[cfg(test)]

@@ -383,7 +383,7 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     let base = r.rows.first().map_or(f64::NAN, |x| x.tokens_per_s);
     for x in &r.rows {
         println!(
-            "{:>24}: {:>7.0} tokens/s ({:>5.1}%), hit rate {:>5.1}%, prefetch accuracy {:>5.1}%, disk {:>7.1} MiB read + {:>7.1} MiB written per step, {:>6.0} MiB/s ({:>5.0} MiB/s while busy; {:>5.1}% of the disk's {:.0} MiB/s for this mix), stall {:.2} s/step{}",
+            "{:>24}: {:>7.0} tokens/s ({:>5.1}%), hit rate {:>5.1}%, prefetch accuracy {:>5.1}%, disk {:>7.1} MiB read + {:>7.1} MiB written per step, {:>6.0} MiB/s ({:>5.0} MiB/s while busy; {:>5.1}% of the disk's {:.0} MiB/s for this mix), stall {:.2} s/step{}, CPU {:.2} s/step",
             x.name,
             x.tokens_per_s,
             100.0 * x.tokens_per_s / base,
@@ -396,7 +396,8 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
             100.0 * x.of_ceiling,
             mib(x.ceiling_bytes_per_s),
             x.stall_per_step,
-            stall_causes(&x.stall_causes_per_step)
+            stall_causes(&x.stall_causes_per_step),
+            x.cpu_per_step
         );
     }
     Ok(())

@@ -10,9 +10,11 @@
 //! block tie; among them a parameters-only copy goes first (the commit drops it anyway), then the
 //! least hit (counters decayed by 0.9 every step, so that the same units stay and the rest miss,
 //! rather than all of them in turn), then the least recently used. A backward miss loads the whole
-//! unit rather than its parameters alone ([`CachePolicy::params_only`]): its commit comes next, and
-//! a parameters-only copy would be dropped there (the update deferred) and loaded again, whole,
-//! in the next forward.
+//! unit rather than its parameters alone ([`CachePolicy::params_only`]) when it will still be in
+//! memory at the commit (the blocks from there down to the first fit in the budgets): the commit
+//! then applies in memory. A unit that will have left by then loads its parameters alone, since
+//! its update is deferred either way and the moments read now would be read again in the next
+//! forward.
 //!
 //! SE-MoE caches hot experts in host memory with hit counters: a counter grows on every use and
 //! decays by a factor `beta` every `decay_every` steps, the least-hit entry is evicted, and an
@@ -41,6 +43,7 @@
 use super::unit::UnitId;
 use crate::error::{Error, Result};
 use std::cmp::Reverse;
+use std::collections::HashMap;
 use std::str::FromStr;
 
 /// The decay of the hit counters under [`CachePolicy::StepOrder`], every step: they only order
@@ -168,18 +171,33 @@ pub enum Phase {
 /// tells which unit is needed next: a unit's next use is its block's next slot in that order. That
 /// is Belady's MIN with the order in place of the future, which no popularity counter can see.
 ///
-/// The store moves the cursor with the Communicator's hints (each block's direction, sent before
-/// its experts are acquired) and, for callers that send none, by the acquisitions themselves (a
-/// commit is the commit phase, a lower block after a higher one the backward), so that the replay
-/// and the store see the same positions.
+/// The store moves the cursor with the Communicator's hints (each block's direction and routed
+/// experts, sent before those experts are acquired) and, for callers that send none, by the
+/// acquisitions themselves (a commit is the commit phase, a lower block after a higher one the
+/// backward), so that the replay and the store see the same positions.
+///
+/// The groups of a step go through the blocks a little apart (one group's backward of block 1
+/// beside another's of block 2), each sending its own hint per block. The cursor stands where the
+/// last group is: a unit the laggards still need must not look finished because the leader has
+/// moved on. It learns how many hints a slot gets from the step before, and counts the
+/// acquisitions each hint announced that have not come yet: those units are needed now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepCursor {
     /// The MoE blocks the store holds units of, ascending.
     blocks: Vec<usize>,
     phase: Phase,
     /// The store's clock when the phase began: a unit of the phase's block last used after it has
-    /// had its use in this phase.
+    /// had its use in this phase (used without hints; with them, `pending` says it).
     since: u64,
+    /// A hint has come in this step: the hints alone move the cursor until the commit.
+    hinted: bool,
+    /// Hints of this step per slot of the order.
+    reached: Vec<u32>,
+    /// Hints a slot got in the last step that had any (0 before one): the number of groups the
+    /// cursor waits for before it leaves a slot.
+    groups: u32,
+    /// Acquisitions announced by this step's hints and not made yet, per unit.
+    pending: HashMap<UnitId, u32>,
 }
 
 impl Default for StepCursor {
@@ -188,6 +206,10 @@ impl Default for StepCursor {
             blocks: Vec::new(),
             phase: Phase::Commit,
             since: 0,
+            hinted: false,
+            reached: Vec::new(),
+            groups: 0,
+            pending: HashMap::new(),
         }
     }
 }
@@ -212,28 +234,82 @@ impl StepCursor {
         self.phase
     }
 
+    /// Move to `phase`, never back within a step (only after the commit does the order start
+    /// again): a lagging group's request must not send the cursor back or, seen as a lower block
+    /// after a higher one, into a new step's forward.
     fn enter(&mut self, phase: Phase, clock: u64) {
-        if phase != self.phase {
-            self.phase = phase;
-            self.since = clock;
+        if phase == self.phase {
+            return;
+        }
+        if self.phase != Phase::Commit && phase != Phase::Commit && self.slot_of(phase) < self.slot() {
+            return;
+        }
+        self.phase = phase;
+        self.since = clock;
+    }
+
+    /// The phase at slot `s` of the order.
+    fn phase_at(&self, s: usize) -> Phase {
+        let n = self.blocks.len();
+        match s {
+            s if s < n => Phase::Forward(self.blocks[s]),
+            s if s < 2 * n => Phase::Backward(self.blocks[2 * n - 1 - s]),
+            _ => Phase::Commit,
         }
     }
 
-    /// The Communicator's hint: the experts of `block` are about to run forward (or backward).
-    pub fn hint(&mut self, block: usize, forward: bool, clock: u64) {
+    /// The Communicator's hint: the experts `routed` of `block` are about to run forward (or
+    /// backward), one acquisition each.
+    pub fn hint(&mut self, block: usize, forward: bool, routed: &[usize], clock: u64) {
         let phase = if forward {
             Phase::Forward(block)
         } else {
             Phase::Backward(block)
         };
-        self.enter(phase, clock);
+        let s = self.slot_of(phase);
+        // Every group has been here already: the step was abandoned and this is a new try.
+        let again = self.groups > 0 && self.reached.get(s).is_some_and(|&r| r >= self.groups);
+        if self.phase == Phase::Commit || again {
+            // A new step: the last one's hints per slot are the groups to wait for.
+            if let Some(&most) = self.reached.iter().max().filter(|_| !again) {
+                self.groups = most;
+            }
+            self.reached = vec![0; 2 * self.blocks.len()];
+            self.pending.clear();
+            self.phase = Phase::Commit;
+        }
+        self.hinted = true;
+        if let Some(r) = self.reached.get_mut(s) {
+            *r += 1;
+        }
+        for &e in routed {
+            *self.pending.entry((block, e)).or_default() += 1;
+        }
+        // The last slot every group has reached; before a whole step has been seen, or before
+        // every group has reached the first slot, the slot of this hint.
+        let last = match self.groups {
+            0 => None,
+            g => self.reached.iter().rposition(|&r| r >= g),
+        };
+        let laggard = last.map_or(phase, |s| self.phase_at(s));
+        self.enter(laggard, clock);
     }
-
-    /// A unit of `block` is asked for (for a commit when `commit`), the store's clock at `clock`.
-    /// Without a hint, the order of the requests tells the phase: a commit is the commit phase, a
-    /// higher block than the last (or any block after the commit) the forward, a lower one the
-    /// backward; the same block stays where it is.
-    pub fn acquire(&mut self, block: usize, commit: bool, clock: u64) {
+    /// Unit `id` is asked for (for a commit when `commit`), the store's clock at `clock`. Once a
+    /// hint has come in the step only a commit moves the cursor (to the commit phase); without
+    /// hints, the order of the requests tells the phase: a higher block than the last (or any
+    /// block after the commit) the forward, a lower one the backward; the same block stays where
+    /// it is.
+    pub fn acquire(&mut self, id: UnitId, commit: bool, clock: u64) {
+        let block = id.0;
+        if let Some(n) = self.pending.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending.remove(&id);
+            }
+        }
+        if self.hinted && !commit {
+            return;
+        }
         let phase = match self.phase {
             _ if commit => Phase::Commit,
             Phase::Forward(c) | Phase::Backward(c) if c == block => self.phase,
@@ -247,14 +323,20 @@ impl StepCursor {
     /// The step has committed: the next request begins a new step.
     pub fn end_step(&mut self, clock: u64) {
         self.enter(Phase::Commit, clock);
+        self.hinted = false;
     }
 
     /// The slot of the order the step is in: forward of the `i`-th held block at `i`, its
     /// backward at `2n - 1 - i`, the commit at `2n` (of `n` held blocks); a block the store holds
     /// no unit of stands at the next held block's slot.
     fn slot(&self) -> usize {
+        self.slot_of(self.phase)
+    }
+
+    /// The slot of `phase` in the step's order (see [`StepCursor::slot`]).
+    fn slot_of(&self, phase: Phase) -> usize {
         let n = self.blocks.len();
-        match self.phase {
+        match phase {
             Phase::Forward(b) => self.blocks.partition_point(|&x| x < b),
             Phase::Backward(b) => 2 * n - self.blocks.partition_point(|&x| x <= b),
             Phase::Commit => 2 * n,
@@ -271,7 +353,11 @@ impl StepCursor {
         let n = self.blocks.len();
         let period = 2 * n + 1;
         let at = self.slot();
-        let served = c.usage.last_use > self.since;
+        if self.pending.contains_key(&c.id) {
+            return 0;
+        }
+        // With hints, every use still to come in this slot is pending: the unit is done here.
+        let served = self.hinted || c.usage.last_use > self.since;
         let d = [i, 2 * n - 1 - i]
             .into_iter()
             .map(|u| match (u + period - at) % period {
@@ -309,12 +395,15 @@ impl CachePolicy {
     }
 
     /// Whether a miss of a forward or backward pass (at `at`) loads the parameters alone, the
-    /// moments staying on disk. Under the step order a backward miss loads the whole unit: its
-    /// commit comes before any other use, and the commit drops a parameters-only copy (deferring
-    /// the update), so the unit would be loaded again, whole, in the next forward; loaded whole it
-    /// takes the commit in memory and stays for the next step.
-    pub fn params_only(&self, at: &StepCursor) -> bool {
-        !(matches!(self, CachePolicy::StepOrder) && matches!(at.phase(), Phase::Backward(_)))
+    /// moments staying on disk. Under the step order a backward miss loads the whole unit when
+    /// `stays_to_commit` (the units of the blocks from `at`'s down to the first fit in memory
+    /// together): its commit comes before any other use, and loaded whole it takes the commit in
+    /// memory and stays for the next step (a parameters-only copy would be dropped at the commit,
+    /// the update deferred, and the unit loaded again, whole, in the next forward). A unit that
+    /// will have left memory before the commit has its update deferred anyway: its moments, read
+    /// now, would only be read again in the next forward, so it loads its parameters alone.
+    pub fn params_only(&self, at: &StepCursor, stays_to_commit: bool) -> bool {
+        !(matches!(self, CachePolicy::StepOrder) && matches!(at.phase(), Phase::Backward(_)) && stays_to_commit)
     }
 
     /// Whether an entry leaving the Device tier may enter the Host cache at all.
@@ -473,12 +562,12 @@ mod tests {
             (0, true, Phase::Commit),
             (1, false, Phase::Forward(1)),
         ] {
-            c.acquire(block, commit, 0);
+            c.acquire((block, 0), commit, 0);
             assert_eq!(c.phase(), want, "block {block}, commit {commit}");
         }
-        c.hint(2, false, 0);
+        c.hint(2, false, &[0], 0);
         assert_eq!(c.phase(), Phase::Backward(2));
-        c.acquire(2, false, 0);
+        c.acquire((2, 0), false, 0);
         assert_eq!(
             c.phase(),
             Phase::Backward(2),
@@ -495,19 +584,19 @@ mod tests {
         let mut at = StepCursor::new([0, 1, 2]);
         // In the forward of block 1 (since clock 10): block 2 is next (F2, 1 slot), block 0 only
         // in the backward (B0, 4 slots): block 0 goes first, the least recently used of it first.
-        at.hint(1, true, 10);
+        at.hint(1, true, &[1], 10);
         let resident = [unit(2, 0, 1, false), unit(0, 1, 4, false), unit(0, 0, 3, false)];
         assert_eq!(at.next_use(&resident[0]), 1);
         assert_eq!(at.next_use(&resident[1]), 4);
         assert_eq!(p.victim(&at, resident.iter().copied()), Some((0, 0)));
-        // A unit of block 1 used in this forward (after clock 10) is next used in B1 (3 slots);
-        // one not yet served is needed now.
+        // A unit of block 1 not routed to in this forward (or already used) is next used in B1 (3
+        // slots); one the hint announced and not yet acquired is needed now.
         assert_eq!(at.next_use(&unit(1, 0, 11, false)), 3);
         assert_eq!(at.next_use(&unit(1, 1, 9, false)), 0);
         // In the backward of block 1: block 2 is next used in the next step's F2 (5 slots), block
         // 0 in B0 (1 slot): block 2 goes first, and a parameters-only copy of it before a whole
         // unit (the commit drops the copy anyway).
-        at.hint(1, false, 20);
+        at.hint(1, false, &[], 20);
         let resident = [unit(0, 0, 3, false), unit(2, 0, 15, false), unit(2, 1, 16, true)];
         assert_eq!(at.next_use(&resident[0]), 1);
         assert_eq!(at.next_use(&resident[1]), 5);
@@ -527,6 +616,56 @@ mod tests {
         assert!(p.enters_host(&at, &resident[1], Some(&resident[0])));
         assert!(!p.enters_host(&at, &resident[0], Some(&resident[1])));
         assert!(p.enters_host(&at, &resident[0], None));
+    }
+
+    #[test]
+    fn the_cursor_waits_for_the_last_group_and_keeps_what_hints_announced() {
+        // Three blocks, slots F0 F1 F2 B2 B1 B0 C; two groups send a hint per block each.
+        let p = CachePolicy::StepOrder;
+        let mut at = StepCursor::new([0, 1, 2]);
+        let order = [(0, true), (1, true), (2, true), (2, false), (1, false), (0, false)];
+        // The first step: the number of groups is not known yet, the cursor follows the hints.
+        for &(b, forward) in &order {
+            for _group in 0..2 {
+                at.hint(b, forward, &[0, 1], 0);
+                at.acquire((b, 0), false, 0);
+                at.acquire((b, 1), false, 0);
+            }
+        }
+        at.acquire((0, 0), true, 0);
+        at.end_step(0);
+        // The second step: the leader's hints run ahead, the cursor stays where both groups are.
+        at.hint(0, true, &[0, 1], 1);
+        at.hint(0, true, &[0, 1], 1);
+        assert_eq!(at.phase(), Phase::Forward(0));
+        at.hint(1, true, &[0], 2);
+        assert_eq!(at.phase(), Phase::Forward(0), "one group of two has reached block 1");
+        // The laggard has acquired expert 0 of block 0, not yet expert 1: that one is needed now.
+        at.acquire((0, 0), false, 3);
+        at.acquire((0, 0), false, 3);
+        at.acquire((0, 1), false, 3);
+        assert_eq!(at.next_use(&unit(0, 1, 3, false)), 0);
+        assert_eq!(at.next_use(&unit(0, 0, 3, false)), 5, "done until B0");
+        // Block 1's expert 0 was announced; expert 1 was not (yet): the laggard may still route to
+        // it, one slot ahead of where the cursor stands.
+        assert_eq!(at.next_use(&unit(1, 0, 0, false)), 0);
+        assert_eq!(at.next_use(&unit(1, 1, 0, false)), 1);
+        assert_eq!(
+            p.victim(&at, [unit(1, 1, 0, false), unit(0, 0, 3, false)].into_iter()),
+            Some((0, 0))
+        );
+        at.hint(1, true, &[1], 4);
+        assert_eq!(at.phase(), Phase::Forward(1), "both groups are in block 1");
+        // A lagging hint never sends the cursor back, nor a request for a lower block into the
+        // backward.
+        at.acquire((0, 1), false, 5);
+        assert_eq!(at.phase(), Phase::Forward(1));
+        // The step is abandoned and tried again: a hint for a slot every group has passed starts
+        // over, forgetting what the abandoned try announced.
+        at.hint(0, true, &[1], 6);
+        assert_eq!(at.phase(), Phase::Forward(0));
+        assert_eq!(at.next_use(&unit(1, 0, 0, false)), 1);
+        assert_eq!(at.next_use(&unit(0, 1, 0, false)), 0);
     }
 
     #[test]

@@ -42,7 +42,7 @@
 //! and Host together) loads the fewest units any policy can, prefetching included (a commit's load
 //! acts as a prefetch here), so no policy's [`ReplayCounts::loads`] is below its count.
 
-use super::policy::{CachePolicy, Candidate, StepCursor, Usage};
+use super::policy::{CachePolicy, Candidate, Phase, StepCursor, Usage};
 use super::unit::UnitId;
 use crate::error::{Error, Result};
 use serde::Serialize;
@@ -396,9 +396,11 @@ impl Books {
     fn acquire(&mut self, id: UnitId, keep: &BTreeSet<UnitId>) -> Result<()> {
         // The write-backs of earlier requests are done by now.
         self.flushing = [0, 0];
-        self.cursor.acquire(id.0, false, self.clock);
+        self.cursor.acquire(id, false, self.clock);
         self.counts.acquisitions += 1;
-        let params_only = self.policy.params_only(&self.cursor);
+        let stays_to_commit = matches!(self.cursor.phase(), Phase::Backward(_))
+            && self.entries.range(..(id.0 + 1, 0)).count() <= self.budget[0] + self.budget[1];
+        let params_only = self.policy.params_only(&self.cursor, stays_to_commit);
         match self.bring_to_device(id, keep, params_only)? {
             Some(Tier::Device) => self.counts.device_hits += 1,
             Some(Tier::Host) => self.counts.host_hits += 1,
@@ -410,7 +412,7 @@ impl Books {
 
     fn commit(&mut self, id: UnitId) -> Result<()> {
         self.flushing = [0, 0];
-        self.cursor.acquire(id.0, true, self.clock);
+        self.cursor.acquire(id, true, self.clock);
         self.counts.commits += 1;
         let e = self.entries[&id];
         if let (Place::In(_), true) = (e.place, e.partial) {
@@ -508,7 +510,7 @@ fn run(
     for s in 0..trace.steps.len() {
         for (b, forward, experts) in trace.acquisitions(s) {
             // The Communicator hints each block before its experts are acquired.
-            books.cursor.hint(b, forward, books.clock);
+            books.cursor.hint(b, forward, &experts, books.clock);
             let block: BTreeSet<UnitId> = experts.iter().map(|&e| (b, e)).collect();
             for &e in &experts {
                 let keep = if keep_block {

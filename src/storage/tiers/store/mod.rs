@@ -434,6 +434,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn prefetch_goes_on_as_room_frees_up() {
+        // Device and Host hold one block each. Block b+1 waits in Host while block b is in use;
+        // the moment it moves to Device, its room in Host must go to block b+2. Loading only at
+        // the hints would leave each block's loads to its own routing: no look-ahead at all.
+        let store = ExpertStore::new(0, &config(2, 2, "lookahead"), units(5, 2)).unwrap();
+        // A first step shows the routing (and places the units).
+        for b in 0..5 {
+            store.hint(b, vec![0, 1], true);
+            for e in 0..2 {
+                drop(store.acquire((b, e)).await.unwrap());
+            }
+        }
+        store.end_step(1);
+        for b in 0..5 {
+            let before = store.stats().served_from[2];
+            store.hint(b, vec![0, 1], true);
+            for e in 0..2 {
+                drop(store.acquire((b, e)).await.unwrap());
+            }
+            if b >= 2 {
+                let misses = store.stats().served_from[2] - before;
+                assert_eq!(misses, 0, "block {b} was not loaded ahead: {:?}", store.stats());
+            }
+            // The loads the releases started finish (as the block's compute would let them).
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            while store.stats().loading > 0 && Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
+        let st = store.stats();
+        assert!(st.peak[0] <= st.budget[0] && st.peak[1] <= st.budget[1], "{st:?}");
+    }
+
+    #[tokio::test]
     async fn se_moe_keeps_hot_experts_that_lru_evicts() {
         // One hot expert used between scans of cold ones longer than the cache: LFU keeps it in
         // memory, LRU lets the scan push it out to disk.

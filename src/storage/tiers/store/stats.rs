@@ -20,6 +20,8 @@ pub struct TierStats {
     pub peak: [u64; 2],
     /// Units only on disk now.
     pub on_disk: usize,
+    /// Units being read from disk now.
+    pub loading: usize,
     /// Acquisitions served from Device, from Host, and from Disk (a load, or waiting on one).
     pub served_from: [u64; 3],
     /// Commits of units on disk whose update was deferred to the unit's next load (their
@@ -101,6 +103,7 @@ impl TierStats {
         }
         self.unit_bytes = self.unit_bytes.max(o.unit_bytes);
         self.on_disk += o.on_disk;
+        self.loading += o.loading;
         for i in 0..3 {
             self.served_from[i] += o.served_from[i];
             for j in 0..3 {

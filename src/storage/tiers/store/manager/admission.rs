@@ -39,6 +39,7 @@ impl Manager {
             }
         }
         self.waiting = still;
+        self.advance_prefetch();
         self.pump_io();
         self.mark_stall();
     }
@@ -100,7 +101,7 @@ impl Manager {
             }
             Place::Disk => {
                 if self.loadable(w.id) && self.make_room(Mem::Device, b, wanted) {
-                    let params_only = w.commit.is_none() && self.policy.params_only(&self.cursor);
+                    let params_only = w.commit.is_none() && self.params_only(w.id.0);
                     self.load(w.id, Mem::Device, params_only);
                 }
                 return Some(w);

@@ -13,6 +13,11 @@ impl Manager {
             self.local.peak[t] = self.local.peak[t].max(self.used[t]);
         }
         self.local.on_disk = self.entries.values().filter(|e| e.place == Place::Disk).count();
+        self.local.loading = self
+            .entries
+            .values()
+            .filter(|e| matches!(e.place, Place::Loading(_)))
+            .count();
         lock(&self.stats).clone_from(&self.local);
         if !export {
             return;

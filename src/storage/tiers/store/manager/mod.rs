@@ -19,9 +19,9 @@ use super::protocol::{Grant, Reply, Request};
 use super::stats::TierStats;
 use crate::error::{Error, Result};
 use crate::storage::tiers::disk::DiskTier;
-use crate::storage::tiers::policy::{CachePolicy, StepCursor, Usage};
+use crate::storage::tiers::policy::{CachePolicy, Phase, StepCursor, Usage};
 use crate::storage::tiers::unit::{decode, decode_grads, encode, params_len, ExpertSlot, Pending, UnitId};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -119,6 +119,11 @@ pub(super) struct Manager {
     /// Experts used on the way forward in this step and the last, per block.
     fwd_used: BTreeMap<usize, BTreeSet<usize>>,
     last_fwd_used: BTreeMap<usize, BTreeSet<usize>>,
+    /// The units of the last routing hint still to prefetch, in the order they will be used
+    /// (`prefetch::advance_prefetch` loads them as room frees up).
+    plan: Vec<UnitId>,
+    /// Every unit the last hint expects to be used soon: prefetching never evicts one of them.
+    plan_keep: HashSet<UnitId>,
     /// Acquirers waiting for a unit that was not in memory, and since when one has been.
     stalled: usize,
     stalled_since: Option<Instant>,
@@ -180,6 +185,8 @@ impl Manager {
             exported: TierStats::default(),
             fwd_used: BTreeMap::new(),
             last_fwd_used: BTreeMap::new(),
+            plan: Vec::new(),
+            plan_keep: HashSet::new(),
             stalled: 0,
             stalled_since: None,
             stall_mark: None,
@@ -266,7 +273,7 @@ impl Manager {
                     ))));
                     return;
                 }
-                self.cursor.acquire(id.0, commit.is_some(), self.clock);
+                self.cursor.acquire(id, commit.is_some(), self.clock);
                 let e = &self.entries[&id];
                 let idle = !self.waiting.iter().any(|w| w.id == id);
                 if commit.is_some() && e.place == Place::Disk && e.deferred.is_none() && idle && self.disk.is_some() {
@@ -298,7 +305,7 @@ impl Manager {
                 }
             }
             Request::Hint { block, routed, forward } => {
-                self.cursor.hint(block, forward, self.clock);
+                self.cursor.hint(block, forward, &routed, self.clock);
                 self.on_hint(block, routed, forward)
             }
             Request::EndStep { step } => {
@@ -384,6 +391,17 @@ impl Manager {
                 self.fatal.get_or_insert(err.to_string());
             }
         }
+    }
+
+    /// Whether a load of a unit of `block` now reads the parameters alone (see
+    /// [`CachePolicy::params_only`]): in the backward, a unit stays in memory to the commit when
+    /// the units of its block and the blocks below it fit in the budgets together.
+    fn params_only(&self, block: usize) -> bool {
+        let stays_to_commit = matches!(self.cursor.phase(), Phase::Backward(_)) && {
+            let units = self.entries.range(..(block + 1, 0)).count() as u64;
+            units.saturating_mul(self.unit_bytes) <= self.budget[0].saturating_add(self.budget[1])
+        };
+        self.policy.params_only(&self.cursor, stays_to_commit)
     }
 
     fn params_bytes(&self) -> u64 {
