@@ -194,19 +194,48 @@ impl AdamW {
         })
     }
 
+    /// This optimizer's settings (hyper-parameters, which tensors decay) with no moments: the
+    /// optimizer of a parameters-only copy, which refuses to step. Nothing of the moments is
+    /// copied (a clone would copy twice the parameters' size, only to drop it).
+    pub fn without_moments(&self) -> AdamW {
+        AdamW {
+            config: self.config.clone(),
+            step: self.step,
+            m: vec![Vec::new(); self.m.len()],
+            v: vec![Vec::new(); self.v.len()],
+            decay: self.decay.clone(),
+        }
+    }
+
+    /// This optimizer's settings with `step` and the moments `m` and `v` (checked against this
+    /// one's shapes, as [`AdamW::restore`] does), copying none of this one's moments.
+    pub fn with_moments(&self, step: u64, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) -> Result<AdamW> {
+        self.check_moments(&m, &v)?;
+        let mut o = self.without_moments();
+        o.step = step;
+        o.m = m;
+        o.v = v;
+        Ok(o)
+    }
+
     /// Restore saved moments (from a checkpoint) after checking their sizes.
     pub fn restore(&mut self, step: u64, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) -> Result<()> {
+        self.check_moments(&m, &v)?;
+        self.step = step;
+        self.m = m;
+        self.v = v;
+        Ok(())
+    }
+
+    fn check_moments(&self, m: &[Vec<f32>], v: &[Vec<f32>]) -> Result<()> {
         let same =
             |a: &[Vec<f32>], b: &[Vec<f32>]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.len() == y.len());
-        if !same(&m, &self.m) || !same(&v, &self.v) {
+        if !same(m, &self.m) || !same(v, &self.v) {
             return Err(Error::shape(
                 "optimizer state",
                 "saved moments do not match the model's parameters",
             ));
         }
-        self.step = step;
-        self.m = m;
-        self.v = v;
         Ok(())
     }
 
@@ -306,6 +335,34 @@ pub fn for_model(config: &OptimizerConfig, model: &crate::model::gpt::Gpt<f32>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_with_other_moments_keeps_the_settings_and_checks_the_shapes() {
+        let config = OptimizerConfig {
+            weight_decay: 0.5,
+            ..OptimizerConfig::default()
+        };
+        let mut a = AdamW::with_decay(config, &[3, 2], &[true, false]).unwrap();
+        a.m[0][1] = 7.0;
+        let b = a
+            .with_moments(5, vec![vec![1.0; 3], vec![2.0; 2]], vec![vec![3.0; 3], vec![4.0; 2]])
+            .unwrap();
+        assert_eq!((b.step, b.config.weight_decay), (5, 0.5));
+        assert_eq!((b.m[0].clone(), b.v[1].clone()), (vec![1.0; 3], vec![4.0; 2]));
+        assert_eq!(b.decay, a.decay);
+        assert_eq!(a.m[0][1], 7.0, "the original is untouched");
+        let e = a
+            .with_moments(5, vec![vec![1.0; 3]], vec![vec![3.0; 3], vec![4.0; 2]])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("moments do not match"), "{e}");
+        assert!(a
+            .with_moments(5, vec![vec![1.0; 3], vec![2.0; 3]], a.v.clone())
+            .is_err());
+        let bare = a.without_moments();
+        assert_eq!(bare.m, vec![Vec::<f32>::new(); 2]);
+        assert_eq!((bare.decay, bare.step), (a.decay.clone(), a.step));
+    }
 
     #[test]
     fn sum_squares_matches_the_plain_sum_for_every_tail_length() {

@@ -143,10 +143,10 @@ pub fn decode_params(id: UnitId, bytes: &[u8], template: &ExpertSlot, what: &str
     }
     let mut at = HEADER;
     let params = [0, 1, 2, 3].map(|k| floats_at(bytes, &mut at, template.params[k].len()));
-    let mut optimizer = template.optimizer.clone();
-    optimizer.m = vec![Vec::new(); 4];
-    optimizer.v = vec![Vec::new(); 4];
-    Ok(ExpertSlot { params, optimizer })
+    Ok(ExpertSlot {
+        params,
+        optimizer: template.optimizer.without_moments(),
+    })
 }
 
 /// Bytes of a deferred gradient's encoding ([`encode_grads_into`]).
@@ -245,8 +245,7 @@ pub fn decode(id: UnitId, bytes: &[u8], template: &ExpertSlot, what: &str) -> Re
     let params = [0, 1, 2, 3].map(|k| take(template.params[k].len()));
     let m = template.optimizer.m.iter().map(|t| take(t.len())).collect();
     let v = template.optimizer.v.iter().map(|t| take(t.len())).collect();
-    let mut optimizer = template.optimizer.clone();
-    optimizer.restore(long(16), m, v)?;
+    let optimizer = template.optimizer.with_moments(long(16), m, v)?;
     Ok(ExpertSlot { params, optimizer })
 }
 
