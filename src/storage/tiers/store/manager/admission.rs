@@ -61,7 +61,7 @@ impl Manager {
             Some(Place::Loading(_)) => 0,
             Some(Place::Flushing(_)) => 2,
             Some(Place::Disk) if !self.loadable(id) => 2,
-            _ if self.entries.values().any(|e| e.place == Place::Flushing(Mem::Device)) => 1,
+            _ if self.flushing[Mem::Device as usize] > 0 => 1,
             _ => 3,
         };
         self.stall_mark = Some((Instant::now(), cause));

@@ -25,12 +25,7 @@ impl Manager {
             if self.free(t) >= need {
                 return true;
             }
-            let leaving: u64 = self
-                .entries
-                .values()
-                .filter(|e| e.place == Place::Flushing(t))
-                .map(|_| self.unit_bytes)
-                .sum();
+            let leaving = self.flushing[t as usize] as u64 * self.unit_bytes;
             if self.free(t) + leaving >= need {
                 return false;
             }
@@ -110,6 +105,7 @@ impl Manager {
         let slot: Arc<ExpertSlot> = Arc::new(*slot);
         e.flush = Some(slot.clone());
         e.place = Place::Flushing(t);
+        self.flushing[t as usize] += 1;
         self.queue_io(IoJob::Write { id, slot });
     }
 }

@@ -102,6 +102,8 @@ pub(super) struct Manager {
     unit_bytes: u64,
     entries: BTreeMap<UnitId, Entry>,
     used: [u64; 2],
+    /// Units of each tier being written back (their room is free once the write is done).
+    flushing: [usize; 2],
     budget: [u64; 2],
     waiting: VecDeque<Waiter>,
     snapshots: Vec<Reply<Vec<(UnitId, ExpertSlot)>>>,
@@ -170,6 +172,7 @@ impl Manager {
             unit_bytes,
             entries: BTreeMap::new(),
             used: [0, 0],
+            flushing: [0, 0],
             budget,
             waiting: VecDeque::new(),
             snapshots: Vec::new(),
@@ -435,6 +438,7 @@ impl Manager {
         };
         let Some(e) = self.entries.get_mut(&id) else { return };
         let flushed = e.flush.take();
+        self.flushing[t as usize] -= 1;
         match result {
             Ok(()) => {
                 e.place = Place::Disk;
