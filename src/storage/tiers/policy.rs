@@ -25,20 +25,16 @@
 //!
 //! On the replayed routing of trained checkpoints (`semoe bench cache-policy`: [`super::replay`]
 //! drives the same calls as the manager through the tiers' bookkeeping, checked against the store;
-//! BENCHMARKS.md, session 16) the step order hits 39.6 / 47.9 / 72.6% of the acquisitions on the
-//! default model (3 blocks of 8 experts) with 42 / 50 / 75% of its units in memory, against 20.9 /
-//! 27.3 / 54.1% for SE-MoE (threshold 0, beta 0.9 every step, the earlier default:
+//! BENCHMARKS.md, sessions 16 and 19) the step order hits 39.6 / 43.8 / 72.6% of the acquisitions
+//! on the default model (3 blocks of 8 experts) with 42 / 50 / 75% of its units in memory, against
+//! 20.9 / 27.3 / 54.1% for SE-MoE (threshold 0, beta 0.9 every step, the earlier default:
 //! [`CachePolicy::SE_MOE`]) and 20.9 / 29.2 / 48.7% for LRU, where Belady's MIN reaches 41.7 / 50
-//! / 75%; on 4 blocks of 32 experts at 25 / 42 / 50 / 75%: 25.0 / 41.7 / 49.4 / 73.7% against 12.6
-//! / 20.4 / 27.9 / 57.9% (SE-MoE), 12.6 / 18.9 / 24.7 / 50.7% (LRU) and 25 / 42.2 / 50 / 75%
-//! (MIN): the best of the 46 policies compared in every case. Most of the gain is the whole-unit
-//! load in the backward (ablations in BENCHMARKS.md, session 16). With parameters-only loads for
-//! all, the step order is still the best everywhere, by little on the default model (58.1%
-//! against 55.7% at 75%, 0.01-0.04 points at 42-50%) and by 7.6-8.9 points at 42-75% of the 32-expert one;
-//! with whole-unit backward loads for all, the order of eviction adds little: LRU is 0.01 points
-//! ahead at 50% of the default model (and 11 behind at 75%), and SE-MoE with beta 0.75 every 4
-//! steps, whose counters keep the same units in memory step after step, is ahead by 0.05 / 0.11 /
-//! 0.56 points at 42 / 50 / 75% of the 32-expert model.
+//! / 75%; on 4 blocks of 32 experts at 25 / 42 / 50 / 75%: 25.0 / 41.1 / 48.8 / 73.7% against
+//! 12.6 / 20.4 / 27.9 / 57.9% (SE-MoE), 12.6 / 18.9 / 24.7 / 50.7% (LRU) and 25 / 42.2 / 50 / 75%
+//! (MIN): the best of the policies compared in every case. Most of the gain is the whole-unit
+//! load in the backward (ablations in BENCHMARKS.md, session 16); limiting it to the units that
+//! stay to the commit (session 19) cost 4.1 points at 50% of the default model and at most 0.6
+//! elsewhere, and reads up to 19% fewer bytes.
 
 use super::unit::UnitId;
 use crate::error::{Error, Result};
