@@ -359,13 +359,17 @@ fn step_order_evicts_what_the_step_needs_last() {
     // Misses load whole units in the backward only (their commit follows), when they will still
     // be in memory at the commit, and only under the step order.
     let mut at = StepCursor::new([0, 1, 2]);
-    for (forward, stays, whole) in [(true, true, false), (false, true, true), (false, false, false)] {
+    // (units of the block and those below it, units in memory)
+    for (forward, units, whole) in [(true, (1, 2), false), (false, (2, 2), true), (false, (3, 2), false)] {
         at.hint(1, forward, &[0], 0);
         assert_eq!(
-            !p.params_only(&at, stays),
+            !p.params_only(&at, units.0, units.1),
             whole,
-            "forward {forward}, stays to the commit {stays}"
+            "forward {forward}, units {units:?}"
         );
-        assert!(CachePolicy::Lru.params_only(&at, stays) && CachePolicy::SE_MOE.params_only(&at, stays));
+        assert!(
+            CachePolicy::Lru.params_only(&at, units.0, units.1)
+                && CachePolicy::SE_MOE.params_only(&at, units.0, units.1)
+        );
     }
 }

@@ -290,6 +290,7 @@ impl StepCursor {
         let laggard = last.map_or(phase, |s| self.phase_at(s));
         self.enter(laggard, clock);
     }
+
     /// Unit `id` is asked for (for a commit when `commit`), the store's clock at `clock`. Once a
     /// hint has come in the step only a commit moves the cursor (to the commit phase); without
     /// hints, the order of the requests tells the phase: a higher block than the last (or any
@@ -391,14 +392,16 @@ impl CachePolicy {
     }
 
     /// Whether a miss of a forward or backward pass (at `at`) loads the parameters alone, the
-    /// moments staying on disk. Under the step order a backward miss loads the whole unit when
-    /// `stays_to_commit` (the units of the blocks from `at`'s down to the first fit in memory
-    /// together): its commit comes before any other use, and loaded whole it takes the commit in
-    /// memory and stays for the next step (a parameters-only copy would be dropped at the commit,
-    /// the update deferred, and the unit loaded again, whole, in the next forward). A unit that
-    /// will have left memory before the commit has its update deferred anyway: its moments, read
-    /// now, would only be read again in the next forward, so it loads its parameters alone.
-    pub fn params_only(&self, at: &StepCursor, stays_to_commit: bool) -> bool {
+    /// moments staying on disk. `units_through` counts the units of the missed unit's block and
+    /// of every block below it, `memory_units` the units the Device and Host budgets hold
+    /// together. Under the step order a backward miss loads the whole unit when those units fit:
+    /// the backward takes them last, so the unit stays in memory to its commit, which then
+    /// applies in memory (a parameters-only copy would be dropped at the commit, the update
+    /// deferred, and the unit loaded again, whole, in the next forward). A unit that will have
+    /// left memory before the commit has its update deferred anyway: its moments, read now, would
+    /// only be read again in the next forward, so it loads its parameters alone.
+    pub fn params_only(&self, at: &StepCursor, units_through: usize, memory_units: usize) -> bool {
+        let stays_to_commit = units_through <= memory_units;
         !(matches!(self, CachePolicy::StepOrder) && matches!(at.phase(), Phase::Backward(_)) && stays_to_commit)
     }
 

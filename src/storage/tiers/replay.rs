@@ -42,7 +42,7 @@
 //! and Host together) loads the fewest units any policy can, prefetching included (a commit's load
 //! acts as a prefetch here), so no policy's [`ReplayCounts::loads`] is below its count.
 
-use super::policy::{CachePolicy, Candidate, Phase, StepCursor, Usage};
+use super::policy::{CachePolicy, Candidate, StepCursor, Usage};
 use super::unit::UnitId;
 use crate::error::{Error, Result};
 use serde::Serialize;
@@ -398,9 +398,10 @@ impl Books {
         self.flushing = [0, 0];
         self.cursor.acquire(id, false, self.clock);
         self.counts.acquisitions += 1;
-        let stays_to_commit = matches!(self.cursor.phase(), Phase::Backward(_))
-            && self.entries.range(..(id.0 + 1, 0)).count() <= self.budget[0] + self.budget[1];
-        let params_only = self.policy.params_only(&self.cursor, stays_to_commit);
+        let units_through = self.entries.range(..(id.0 + 1, 0)).count();
+        let params_only = self
+            .policy
+            .params_only(&self.cursor, units_through, self.budget[0] + self.budget[1]);
         match self.bring_to_device(id, keep, params_only)? {
             Some(Tier::Device) => self.counts.device_hits += 1,
             Some(Tier::Host) => self.counts.host_hits += 1,

@@ -12,12 +12,15 @@ impl Manager {
         for t in 0..2 {
             self.local.peak[t] = self.local.peak[t].max(self.used[t]);
         }
-        self.local.on_disk = self.entries.values().filter(|e| e.place == Place::Disk).count();
-        self.local.loading = self
-            .entries
-            .values()
-            .filter(|e| matches!(e.place, Place::Loading(_)))
-            .count();
+        let (mut on_disk, mut loading) = (0, 0);
+        for e in self.entries.values() {
+            match e.place {
+                Place::Disk => on_disk += 1,
+                Place::Loading(_) => loading += 1,
+                _ => {}
+            }
+        }
+        (self.local.on_disk, self.local.loading) = (on_disk, loading);
         lock(&self.stats).clone_from(&self.local);
         if !export {
             return;

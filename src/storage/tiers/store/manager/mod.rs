@@ -19,7 +19,7 @@ use super::protocol::{Grant, Reply, Request};
 use super::stats::TierStats;
 use crate::error::{Error, Result};
 use crate::storage::tiers::disk::DiskTier;
-use crate::storage::tiers::policy::{CachePolicy, Phase, StepCursor, Usage};
+use crate::storage::tiers::policy::{CachePolicy, StepCursor, Usage};
 use crate::storage::tiers::unit::{decode, decode_grads, encode, params_len, ExpertSlot, Pending, UnitId};
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::mpsc::Receiver;
@@ -397,14 +397,15 @@ impl Manager {
     }
 
     /// Whether a load of a unit of `block` now reads the parameters alone (see
-    /// [`CachePolicy::params_only`]): in the backward, a unit stays in memory to the commit when
-    /// the units of its block and the blocks below it fit in the budgets together.
+    /// [`CachePolicy::params_only`]).
     fn params_only(&self, block: usize) -> bool {
-        let stays_to_commit = matches!(self.cursor.phase(), Phase::Backward(_)) && {
-            let units = self.entries.range(..(block + 1, 0)).count() as u64;
-            units.saturating_mul(self.unit_bytes) <= self.budget[0].saturating_add(self.budget[1])
-        };
-        self.policy.params_only(&self.cursor, stays_to_commit)
+        let units_through = self.entries.range(..(block + 1, 0)).count();
+        let memory = self.budget[0].saturating_add(self.budget[1]) / self.unit_bytes.max(1);
+        self.policy.params_only(
+            &self.cursor,
+            units_through,
+            usize::try_from(memory).unwrap_or(usize::MAX),
+        )
     }
 
     fn params_bytes(&self) -> u64 {
