@@ -8,19 +8,21 @@ mod common;
 
 use common::TempDir;
 use semoe::infer::weights::WeightSource;
-use semoe::infer::{BatchDecoder, ModelFile, Prefetch, RingOptions, RingWeights, SampleOptions, SeqId};
+use semoe::infer::{BatchDecoder, ModelFile, Prefetch, RingLoad, RingOptions, RingWeights, SampleOptions, SeqId};
 use semoe::kernels::Cpu;
 use semoe::model::gpt::{Gpt, GptConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Large enough that a mapped ring maps some parts (an expert's matrices and the head: 64 KiB
+/// each) and copies others (attention's matrices, layer norms, biases).
 fn config(moe_every: usize) -> GptConfig {
     GptConfig {
         block_size: 16,
-        d_model: 32,
+        d_model: 64,
         n_layer: 3,
         n_head: 4,
-        d_ff: 48,
+        d_ff: 256,
         experts: 8,
         k: 2,
         moe_every,
@@ -98,7 +100,7 @@ fn ring_generation_is_bitwise_resident_generation() {
         let ckpt = save(dir.path(), &m);
         // The Device bytes that are not sections (embeddings; with routed prefetch also the
         // router copies), and a section's size: budgets of exactly 2, 3 and 5 sections.
-        let geometry = |prefetch| {
+        let geometry = |prefetch, load| {
             let probe = RingWeights::new(
                 ModelFile::open(&ckpt).expect("open"),
                 &RingOptions {
@@ -106,6 +108,7 @@ fn ring_generation_is_bitwise_resident_generation() {
                     host_budget: 0,
                     prefetch,
                     io_threads: 1,
+                    load,
                 },
             )
             .expect("probe ring");
@@ -114,9 +117,12 @@ fn ring_generation_is_bitwise_resident_generation() {
         for batch in [1, 4] {
             let (want, _) = decode(BatchDecoder::new(&m, cpu.clone(), batch).expect("resident"), batch);
             assert_eq!(want.len(), 4);
-            for prefetch in [Prefetch::Routed, Prefetch::WholeBlock, Prefetch::OnDemand] {
+            for (prefetch, load) in [Prefetch::Routed, Prefetch::WholeBlock, Prefetch::OnDemand]
+                .into_iter()
+                .flat_map(|p| [(p, RingLoad::Map), (p, RingLoad::Copy)])
+            {
                 // Two sections (the least), three, and a few; the Host tier empty, then holding some pieces.
-                let (section, resident) = geometry(prefetch);
+                let (section, resident) = geometry(prefetch, load);
                 for (sections, host_budget) in [(2, 0), (3, 0), (5, 3 * section), (2, 1 << 30)] {
                     let budget = resident + sections as u64 * section;
                     let ring = RingWeights::new(
@@ -126,11 +132,12 @@ fn ring_generation_is_bitwise_resident_generation() {
                             host_budget,
                             prefetch,
                             io_threads: 1 + sections % 2,
+                            load,
                         },
                     )
                     .expect("ring");
                     let label = format!(
-                        "moe_every {moe_every}, batch {batch}, {prefetch:?}, {sections} sections, host {host_budget}"
+                        "moe_every {moe_every}, batch {batch}, {prefetch:?}, {load:?}, {sections} sections, host {host_budget}"
                     );
                     let (got, decoder) = decode(
                         BatchDecoder::with_source(ring, cpu.clone(), batch).expect("decoder"),
@@ -147,6 +154,14 @@ fn ring_generation_is_bitwise_resident_generation() {
                     assert_eq!(s.sections, sections, "{label}: sections");
                     assert!(s.peak_sections_in_use >= 1, "{label}: {s:?}");
                     assert!(s.passes > 0 && s.loads > 0, "{label}: {s:?}");
+                    match load {
+                        RingLoad::Map if host_budget == 0 => assert!(
+                            s.bytes_mapped > 0 && s.bytes_mapped < s.bytes_read,
+                            "{label}: parts mapped and parts copied: {s:?}"
+                        ),
+                        RingLoad::Map => {}
+                        RingLoad::Copy => assert_eq!(s.bytes_mapped, 0, "{label}: {s:?}"),
+                    }
                     if host_budget == 0 {
                         assert!(s.bytes_read > 0 && s.bytes_from_host == 0, "{label}: {s:?}");
                     } else {
@@ -164,7 +179,7 @@ fn ring_generation_is_bitwise_resident_generation() {
             }
         }
     }
-    assert_eq!(checked, 2 * 2 * 3 * 4);
+    assert_eq!(checked, 2 * 2 * 3 * 2 * 4);
 }
 
 #[test]
@@ -179,6 +194,7 @@ fn a_budget_below_two_sections_is_refused_naming_the_least() {
             host_budget: 0,
             prefetch: Prefetch::Routed,
             io_threads: 1,
+            load: RingLoad::default(),
         },
     )
     .err()
@@ -212,49 +228,55 @@ fn damaged_checkpoints_are_refused_and_a_file_breaking_mid_run_is_an_error() {
         "the run directory resolves to the intact checkpoint"
     );
 
-    // Truncated after opening: the next load fails and generation stops with that error.
-    let ring = RingWeights::new(
-        ModelFile::open(&ckpt).expect("open"),
-        &RingOptions {
-            device_budget: 1 << 30,
-            host_budget: 0,
-            prefetch: Prefetch::Routed,
-            io_threads: 1,
-        },
-    )
-    .expect("ring");
-    let mut decoder = BatchDecoder::with_source(ring, Cpu::new(1).expect("cpu"), 1).expect("decoder");
-    decoder
-        .admit(
-            b"abc",
-            &SampleOptions {
-                max_tokens: 50,
-                ..SampleOptions::default()
+    // Truncated after opening: the next load (or, mapped, the next read of a piece loaded before
+    // the cut) fails and generation stops with that error, copied or mapped.
+    for load in [RingLoad::Map, RingLoad::Copy] {
+        std::fs::write(&file, &bytes).expect("restore");
+        let ring = RingWeights::new(
+            ModelFile::open(&ckpt).expect("open"),
+            &RingOptions {
+                device_budget: 1 << 30,
+                host_budget: 0,
+                prefetch: Prefetch::Routed,
+                io_threads: 1,
+                load,
             },
         )
-        .expect("admit");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&file)
-        .and_then(|f| f.set_len(bytes.len() as u64 / 2))
-        .expect("truncate");
-    let started = std::time::Instant::now();
-    let mut failed = None;
-    for _ in 0..50 {
-        match decoder.step() {
-            Ok(_) => continue,
-            Err(e) => {
-                failed = Some(e.to_string());
-                break;
+        .expect("ring");
+        let mut decoder = BatchDecoder::with_source(ring, Cpu::new(1).expect("cpu"), 1).expect("decoder");
+        decoder
+            .admit(
+                b"abc",
+                &SampleOptions {
+                    max_tokens: 50,
+                    ..SampleOptions::default()
+                },
+            )
+            .expect("admit");
+        decoder.step().expect("a step before the cut");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .and_then(|f| f.set_len(bytes.len() as u64 / 2))
+            .expect("truncate");
+        let started = std::time::Instant::now();
+        let mut failed = None;
+        for _ in 0..50 {
+            match decoder.step() {
+                Ok(_) => continue,
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break;
+                }
             }
         }
+        let msg = failed.unwrap_or_else(|| panic!("{load:?}: generation fails once the file is cut"));
+        assert!(
+            msg.contains("ring-memory inference") && msg.contains("reading"),
+            "{load:?}: {msg}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
     }
-    let msg = failed.expect("generation fails once the file is cut");
-    assert!(
-        msg.contains("ring-memory inference") && msg.contains("reading"),
-        "{msg}"
-    );
-    assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
 
 #[test]
@@ -269,6 +291,7 @@ fn a_pass_that_stops_partway_does_not_wedge_the_next() {
         host_budget: 0,
         prefetch: Prefetch::Routed,
         io_threads: 1,
+        load: RingLoad::Map,
     };
     let probe = RingWeights::new(ModelFile::open(&ckpt).expect("open"), &options(u64::MAX / 4)).expect("probe");
     let (section, resident) = (probe.stats().section_bytes, probe.stats().resident_bytes);

@@ -449,7 +449,7 @@ fn the_binary_serves_on_port_0_and_exits_0_on_sigterm() {
 
 /// The least Device budget of a routed ring over `checkpoint`: its resident bytes and two sections.
 fn least_ring_budget(checkpoint: &std::path::Path) -> u64 {
-    use semoe::infer::{ModelFile, Prefetch, RingOptions, RingWeights};
+    use semoe::infer::{ModelFile, Prefetch, RingLoad, RingOptions, RingWeights};
     let probe = RingWeights::new(
         ModelFile::open(checkpoint).expect("open"),
         &RingOptions {
@@ -457,6 +457,8 @@ fn least_ring_budget(checkpoint: &std::path::Path) -> u64 {
             host_budget: 0,
             prefetch: Prefetch::Routed,
             io_threads: 1,
+            // What `semoe serve --device-budget` uses.
+            load: RingLoad::default(),
         },
     )
     .expect("probe ring");

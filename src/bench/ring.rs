@@ -6,7 +6,7 @@
 use super::median;
 use crate::error::Result;
 use crate::infer::weights::WeightSource;
-use crate::infer::{BatchDecoder, ModelFile, Prefetch, RingOptions, RingWeights, SampleOptions};
+use crate::infer::{BatchDecoder, ModelFile, Prefetch, RingLoad, RingOptions, RingWeights, SampleOptions};
 use crate::kernels::Cpu;
 use serde::Serialize;
 use std::path::Path;
@@ -15,7 +15,7 @@ use std::time::Instant;
 /// One variant at one batch size.
 #[derive(Clone, Debug, Serialize)]
 pub struct RingRow {
-    /// "resident", or the ring's prefetch policy.
+    /// "resident", or the ring's prefetch policy and loading ("ring, routed, map").
     pub variant: String,
     /// Sequences decoded together.
     pub batch: usize,
@@ -75,14 +75,15 @@ fn run<S: WeightSource>(decoder: &mut BatchDecoder<S>, batch: usize, tokens: usi
 }
 
 /// Measure generation from the checkpoint in `checkpoint`: resident, then each ring variant in
-/// `prefetch` under `device_budget`, at every batch size, `rounds` times alternating.
+/// `variants` (prefetch and loading) under `device_budget`, at every batch size, `rounds` times
+/// alternating.
 #[allow(clippy::too_many_arguments)]
 pub fn ring_bench(
     checkpoint: &Path,
     cpu: &Cpu,
     device_budget: u64,
     io_threads: usize,
-    prefetch: &[Prefetch],
+    variants: &[(Prefetch, RingLoad)],
     batches: &[usize],
     tokens: usize,
     rounds: usize,
@@ -94,7 +95,7 @@ pub fn ring_bench(
     let mut geometry = (0, 0);
     for &batch in batches {
         let mut resident_rounds = Vec::new();
-        let mut ring_rounds: Vec<Vec<RoundFigures>> = vec![Vec::new(); prefetch.len()];
+        let mut ring_rounds: Vec<Vec<RoundFigures>> = vec![Vec::new(); variants.len()];
         for round in 0..rounds.max(1) {
             {
                 let dir = ModelFile::open(checkpoint)?.dir().to_path_buf();
@@ -104,7 +105,7 @@ pub fn ring_bench(
                 let seconds = run(&mut decoder, batch, tokens, round)?;
                 resident_rounds.push((batch * tokens) as f64 / seconds);
             }
-            for (i, &p) in prefetch.iter().enumerate() {
+            for (i, &(p, load)) in variants.iter().enumerate() {
                 let ring = RingWeights::new(
                     ModelFile::open(checkpoint)?,
                     &RingOptions {
@@ -112,6 +113,7 @@ pub fn ring_bench(
                         host_budget: 0,
                         prefetch: p,
                         io_threads,
+                        load,
                     },
                 )?;
                 let mut decoder = BatchDecoder::with_source(ring, cpu.clone(), batch)?;
@@ -141,18 +143,12 @@ pub fn ring_bench(
             guess_accuracy: None,
             rounds: resident_rounds,
         });
-        for (i, &p) in prefetch.iter().enumerate() {
+        for (i, &(p, load)) in variants.iter().enumerate() {
             let r = &ring_rounds[i];
             let tps: Vec<f64> = r.iter().map(|x| x.0).collect();
             let accuracy: Vec<f64> = r.iter().filter_map(|x| x.3).collect();
             rows.push(RingRow {
-                variant: format!(
-                    "ring, {}",
-                    serde_json::to_value(p)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default()
-                ),
+                variant: variant_name(p, load),
                 batch,
                 tokens_per_s: median(tps.clone()),
                 stall_per_token_ms: median(r.iter().map(|x| x.1).collect()),
@@ -171,4 +167,16 @@ pub fn ring_bench(
         tokens,
         rows,
     })
+}
+
+/// The row name of a ring variant: "ring, routed, map".
+pub fn variant_name(prefetch: Prefetch, load: RingLoad) -> String {
+    let name = |v: serde_json::Result<serde_json::Value>| {
+        v.ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+    };
+    format!(
+        "ring, {}, {}",
+        name(serde_json::to_value(prefetch)),
+        name(serde_json::to_value(load))
+    )
 }

@@ -66,6 +66,10 @@ pub struct RingBenchArgs {
     /// Threads loading pieces.
     #[arg(long, default_value_t = 1)]
     io_threads: usize,
+    /// How the ring loads pieces, each compared: map (pages of the mapped checkpoint, read in
+    /// place), copy (read into the sections' own buffers).
+    #[arg(long, value_delimiter = ',', default_value = "map,copy")]
+    load: Vec<String>,
     /// Compute threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -752,17 +756,23 @@ fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
         None => file_bytes / 4,
     };
     let cpu = Cpu::new(a.threads)?;
-    let prefetch = [
-        semoe::infer::Prefetch::Routed,
-        semoe::infer::Prefetch::WholeBlock,
-        semoe::infer::Prefetch::OnDemand,
-    ];
+    let mut variants = Vec::new();
+    for load in &a.load {
+        let load: semoe::infer::RingLoad = load.parse()?;
+        for prefetch in [
+            semoe::infer::Prefetch::Routed,
+            semoe::infer::Prefetch::WholeBlock,
+            semoe::infer::Prefetch::OnDemand,
+        ] {
+            variants.push((prefetch, load));
+        }
+    }
     let r = bench::ring_bench(
         &checkpoint,
         &cpu,
         budget,
         a.io_threads,
-        &prefetch,
+        &variants,
         &a.batch,
         a.tokens,
         a.rounds,
@@ -794,20 +804,30 @@ fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
             .find(|x| x.batch == row.batch && x.variant == "resident")
             .map(|x| x.tokens_per_s)
             .unwrap_or(f64::NAN);
-        let on_demand = r
-            .rows
-            .iter()
-            .find(|x| x.batch == row.batch && x.variant == "ring, on-demand")
-            .map(|x| x.tokens_per_s)
-            .unwrap_or(f64::NAN);
+        // Against loading on demand: with the same loading, and by plain reads (copies), what a
+        // program without the ring does.
+        let on_demand = |load: semoe::infer::RingLoad| {
+            let name = bench::ring_variant_name(semoe::infer::Prefetch::OnDemand, load);
+            r.rows
+                .iter()
+                .find(|x| x.batch == row.batch && x.variant == name)
+                .map(|x| row.tokens_per_s / x.tokens_per_s)
+                .map_or_else(|| "    -".to_string(), |x| format!("{x:>5.2}"))
+        };
+        let same_load = if row.variant.ends_with("copy") {
+            semoe::infer::RingLoad::Copy
+        } else {
+            semoe::infer::RingLoad::Map
+        };
         println!(
-            "  batch {:>3}  {:<18} {:>8.1} tokens/s  {:>5.0}% of resident  {:>5.2}x on demand  stall {:>6.3} ms/token  \
-             loaded {:>10}/pass{}",
+            "  batch {:>3}  {:<26} {:>8.1} tokens/s  {:>5.0}% of resident  {}x on demand ({}x on-demand copy)  \
+             stall {:>6.3} ms/token  loaded {:>10}/pass{}",
             row.batch,
             row.variant,
             row.tokens_per_s,
             100.0 * row.tokens_per_s / resident,
-            row.tokens_per_s / on_demand,
+            on_demand(same_load),
+            on_demand(semoe::infer::RingLoad::Copy),
             row.stall_per_token_ms,
             format_bytes(row.loaded_per_pass as u64),
             row.guess_accuracy

@@ -65,6 +65,11 @@ pub struct MemoryArgs {
     /// With --device-budget: threads reading the checkpoint.
     #[arg(long, default_value_t = 1)]
     io_threads: usize,
+    /// With --device-budget: how pieces get into the ring's sections: map (the checkpoint file
+    /// mapped, each piece's pages mapped while it is in a section and read in place) or copy (each
+    /// piece read into a section's own buffer).
+    #[arg(long, default_value = "map")]
+    ring_load: String,
 }
 
 impl MemoryArgs {
@@ -99,6 +104,7 @@ impl MemoryArgs {
             host_budget: parse_bytes("--host-budget", &self.host_budget)?,
             prefetch: self.prefetch.parse::<Prefetch>()?,
             io_threads: self.io_threads,
+            load: self.ring_load.parse()?,
         }))
     }
 }
@@ -242,21 +248,26 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
             let stats = decoder.source().stats();
             eprintln!(
                 "ring: checkpoint {} in {} sections of {} ({} on the Device side with {} resident; Host tier {}), \
-                 key/value cache {}",
+                 key/value cache {}; pieces {}",
                 format_bytes(checkpoint_bytes),
                 stats.sections,
                 format_bytes(stats.section_bytes),
                 format_bytes(stats.device_bytes),
                 format_bytes(stats.resident_bytes),
                 format_bytes(stats.host_bytes),
-                format_bytes(cache)
+                format_bytes(cache),
+                match stats.load {
+                    semoe::infer::RingLoad::Map => "mapped (large parts read in place)",
+                    semoe::infer::RingLoad::Copy => "copied into the sections",
+                }
             );
             eprintln!(
-                "ring: {bytes} bytes in {seconds:.2} s = {:.0} tokens/s; stalled on loads {:.2} s; read {} from disk, {} from \
-                 the Host tier; {} passes; routing guessed right {} / wrong {}",
+                "ring: {bytes} bytes in {seconds:.2} s = {:.0} tokens/s; stalled on loads {:.2} s; read {} from the \
+                 checkpoint file ({} of it mapped), {} from the Host tier; {} passes; routing guessed right {} / wrong {}",
                 bytes as f64 / seconds.max(1e-9),
                 stats.stall_seconds,
                 format_bytes(stats.bytes_read),
+                format_bytes(stats.bytes_mapped),
                 format_bytes(stats.bytes_from_host),
                 stats.passes,
                 stats.predicted_hits,

@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod decoder;
 pub mod generate;
+pub mod mapped;
 pub mod model_file;
 pub mod ring;
 pub mod weights;
@@ -12,4 +13,4 @@ pub mod weights;
 pub use batch::{BatchDecoder, Decode, Emitted, SeqId};
 pub use generate::{generate, generate_recomputing, SampleOptions};
 pub use model_file::ModelFile;
-pub use ring::{Prefetch, RingOptions, RingStats, RingWeights};
+pub use ring::{Prefetch, RingLoad, RingOptions, RingStats, RingWeights};

@@ -5,8 +5,9 @@
 //! fixed-size reads, so that a model larger than memory is verified without being held), parses
 //! the safetensors header, and checks that every tensor the model needs is there, F32, with its
 //! shape. Reads ([`ModelFile::read_piece`]) go through `pread` into the caller's buffer: the page
-//! cache may hold the file, the process does not (no memory map, so the resident set stays within
-//! the ring's budget).
+//! cache may hold the file, the process does not. A ring may instead map the file
+//! ([`super::mapped::MappedModel`]) and keep only the pages of the pieces it holds mapped, which
+//! keeps the resident set within its budget without copying.
 
 use super::weights::{piece_layout, Piece};
 use crate::error::{Error, Result};
@@ -167,6 +168,48 @@ impl ModelFile {
         let mut out = vec![0.0f32; len];
         self.read(name, 0, &mut out)?;
         Ok(out)
+    }
+
+    /// Where each part of `piece` lies in the file, in [`piece_layout`] order: (byte offset,
+    /// elements). Parts of no elements (a dense block's absent gate) are included, with length 0.
+    pub fn piece_parts(&self, piece: Piece) -> Result<Vec<(u64, usize)>> {
+        let layout = piece_layout(&self.config, piece);
+        let mut out = Vec::with_capacity(layout.len());
+        for ((name, start), len) in piece_sources(&self.config, piece).into_iter().zip(layout) {
+            if len == 0 {
+                out.push((0, 0));
+                continue;
+            }
+            let t = self
+                .tensors
+                .get(&name)
+                .ok_or_else(|| Error::checkpoint(&self.path, format!("tensor {name} is missing")))?;
+            if start.checked_add(len).is_none_or(|end| end > t.len) {
+                return Err(Error::checkpoint(
+                    &self.path,
+                    format!("{piece:?} reads past the end of {name} ({start} + {len} > {})", t.len),
+                ));
+            }
+            out.push((t.offset + 4 * start as u64, len));
+        }
+        Ok(out)
+    }
+
+    /// Whether the open file's length is no longer the verified one (truncated or rewritten behind
+    /// the reader's back): a mapped reader checks this before reading pages in place, since a read
+    /// past the end of a mapped file is a fault, not an error.
+    pub fn changed_size(&self) -> Result<bool> {
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("reading checkpoint file metadata", &self.path, e))?
+            .len();
+        Ok(len != self.bytes)
+    }
+
+    /// The open file (for mapping it: `infer::mapped`).
+    pub(super) fn handle(&self) -> &File {
+        &self.file
     }
 
     /// Read `piece` into `dst` (laid out by [`piece_layout`]); returns the bytes read.

@@ -17,14 +17,22 @@
 //! - [`Prefetch::OnDemand`]: nothing ahead: each piece is loaded when the decoder asks for it (the
 //!   baseline the ring is measured against).
 //!
+//! How a piece gets into a section ([`RingLoad`]): by default its pages are mapped from the file
+//! into the section's address range and read in place (`infer::mapped`: on a CPU, a copy would move
+//! every weight byte twice); or it is copied into the section's own buffer, as a device with memory
+//! of its own needs.
+//!
 //! Whatever is loaded and in whichever order, the decoder computes the same products on the same
 //! weights: ring generation is bitwise identical to resident generation (`tests/infer_ring.rs`).
-//! The sections are allocated once, at start; nothing else grows with the model but the resident
-//! embeddings (and, for [`Prefetch::Routed`], a copy of each MoE block's LN2 and gate), which count
-//! against the Device budget too.
+//! The sections are allocated (mapped: reserved) once, at start; nothing else grows with the model
+//! but the resident embeddings (and, for [`Prefetch::Routed`], a copy of each MoE block's LN2 and
+//! gate), which count against the Device budget too.
 
+use super::mapped::{MappedModel, SectionMap};
 use super::model_file::ModelFile;
-use super::weights::{all_pieces, piece_len, split_piece, Piece, PieceWeights, RouterWeights, WeightSource};
+use super::weights::{
+    all_pieces, piece_from_parts, piece_len, split_piece, Piece, PieceWeights, RouterWeights, WeightSource,
+};
 use crate::error::{Error, Result};
 use crate::model::gpt::GptConfig;
 use serde::Serialize;
@@ -59,6 +67,33 @@ impl std::str::FromStr for Prefetch {
     }
 }
 
+/// How a piece gets into a section.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RingLoad {
+    /// The checkpoint file is mapped; a piece is loaded by mapping its pages and read in place
+    /// (`infer::mapped`): no copy, the section is the piece's pages. Pieces of the Host tier are
+    /// read in place too.
+    #[default]
+    Map,
+    /// A piece is read (`pread`) or copied from the Host tier into a section's own buffer, as a
+    /// device with memory of its own would need it.
+    Copy,
+}
+
+impl std::str::FromStr for RingLoad {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "map" => Ok(RingLoad::Map),
+            "copy" => Ok(RingLoad::Copy),
+            other => Err(Error::config(format!(
+                "ring loading must be map or copy, got {other:?}"
+            ))),
+        }
+    }
+}
+
 /// How to build a ring.
 #[derive(Clone, Debug)]
 pub struct RingOptions {
@@ -70,11 +105,15 @@ pub struct RingOptions {
     pub prefetch: Prefetch,
     /// Threads loading pieces.
     pub io_threads: usize,
+    /// How pieces get into sections.
+    pub load: RingLoad,
 }
 
 /// What a ring did (totals since it was built).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RingStats {
+    /// How pieces got into sections.
+    pub load: RingLoad,
     /// Sections in the ring.
     pub sections: usize,
     /// Bytes of one section.
@@ -89,10 +128,13 @@ pub struct RingStats {
     pub peak_sections_in_use: usize,
     /// Pieces loaded.
     pub loads: u64,
-    /// Bytes read from the checkpoint file.
+    /// Bytes read from the checkpoint file (mapped: of the pieces whose pages were mapped).
     pub bytes_read: u64,
-    /// Bytes copied from the Host tier.
+    /// Bytes of pieces served from the Host tier (copied into a section; mapped: read in place).
     pub bytes_from_host: u64,
+    /// Of `bytes_read`, the bytes mapped and read in place ([`RingLoad::Map`]; the rest of a mapped
+    /// ring's reads are small parts, copied).
+    pub bytes_mapped: u64,
     /// Seconds the I/O threads spent loading.
     pub load_seconds: f64,
     /// Seconds the decoder waited for a piece.
@@ -109,8 +151,20 @@ pub struct RingStats {
     pub self_loads: u64,
 }
 
+/// What a section holds.
+enum Section {
+    /// Copied loading: the section's own buffer, for the largest piece.
+    Buffer(Box<[f32]>),
+    /// Mapped loading: a reserved address range the piece's pages are mapped into (nothing for a
+    /// piece of the Host tier, read where it is kept).
+    Mapped(SectionMap),
+}
+
 struct State {
-    buffers: Vec<Option<Box<[f32]>>>,
+    /// Each section (taken out while a piece loads into it or the decoder reads it).
+    sections: Vec<Option<Section>>,
+    /// Sections given back whose piece an I/O thread unmaps before they are free again.
+    unmapping: Vec<usize>,
     free: Vec<usize>,
     queue: VecDeque<Piece>,
     loading: HashMap<Piece, usize>,
@@ -126,12 +180,13 @@ struct State {
 
 impl State {
     /// `sections` free sections of `section_len` elements each, nothing queued.
-    fn new(sections: usize, section_len: usize, stats: RingStats) -> Self {
+    /// Every section free, nothing queued.
+    fn new(sections: Vec<Section>, stats: RingStats) -> Self {
+        let count = sections.len();
         State {
-            buffers: (0..sections)
-                .map(|_| Some(vec![0.0f32; section_len].into_boxed_slice()))
-                .collect(),
-            free: (0..sections).rev().collect(),
+            sections: sections.into_iter().map(Some).collect(),
+            unmapping: Vec::new(),
+            free: (0..count).rev().collect(),
             queue: VecDeque::new(),
             loading: HashMap::new(),
             ready: HashMap::new(),
@@ -154,26 +209,39 @@ impl State {
         self.known(piece)
     }
 
+    /// Give `section` back. A mapped piece is unmapped first, so that the pages the process holds
+    /// never exceed the sections in use, and by an I/O thread: unmapping flushes the other cores'
+    /// address translations and waits for them, which the decoder should not wait for.
+    fn free_section(&mut self, section: usize) {
+        if let Some(Some(Section::Mapped(map))) = self.sections.get(section) {
+            if map.holds_pages() {
+                self.unmapping.push(section);
+                return;
+            }
+        }
+        self.free.push(section);
+    }
+
     fn in_use(&self) -> usize {
-        self.buffers.len() - self.free.len()
+        self.sections.len() - self.free.len()
     }
 
     /// Take the next queued piece and a free section for it (an I/O thread's next load).
-    fn start_load(&mut self) -> Option<(Piece, usize, Box<[f32]>)> {
+    fn start_load(&mut self) -> Option<(Piece, usize, Section)> {
         let piece = *self.queue.front()?;
         self.start_load_of(piece)
     }
 
     /// Take `piece` out of the queue with a free section for it, if it is queued and a section is
     /// free.
-    fn start_load_of(&mut self, piece: Piece) -> Option<(Piece, usize, Box<[f32]>)> {
+    fn start_load_of(&mut self, piece: Piece) -> Option<(Piece, usize, Section)> {
         if self.free.is_empty() {
             return None;
         }
         let i = self.queue.iter().position(|&p| p == piece)?;
         self.queue.remove(i);
         let section = self.free.pop()?;
-        let Some(buf) = self.buffers[section].take() else {
+        let Some(buf) = self.sections[section].take() else {
             self.error = Some(format!("ring section {section} was lost"));
             return None;
         };
@@ -186,25 +254,46 @@ impl State {
     /// A load of `piece` into `section` ended with `result` (bytes from disk and from the Host
     /// tier) after `seconds`: the piece is ready, or its section free again if the load failed or
     /// was cancelled meanwhile.
-    fn finish_load(&mut self, piece: Piece, section: usize, buf: Box<[f32]>, result: Result<(u64, u64)>, seconds: f64) {
-        self.buffers[section] = Some(buf);
+    fn finish_load(&mut self, piece: Piece, section: usize, buf: Section, result: Result<Loaded>, seconds: f64) {
+        self.sections[section] = Some(buf);
         self.loading.remove(&piece);
         self.stats.load_seconds += seconds;
         match result {
-            Ok((disk, host)) => {
+            Ok(loaded) => {
                 self.stats.loads += 1;
-                self.stats.bytes_read += disk;
-                self.stats.bytes_from_host += host;
+                self.stats.bytes_read += loaded.from_file;
+                self.stats.bytes_from_host += loaded.from_host;
+                self.stats.bytes_mapped += loaded.mapped;
                 if self.cancelled.remove(&piece) {
-                    self.free.push(section);
+                    self.free_section(section);
                 } else {
                     self.ready.insert(piece, section);
                 }
             }
             Err(e) => {
-                self.free.push(section);
+                self.free_section(section);
                 self.error = Some(format!("loading {piece:?}: {e}"));
             }
+        }
+    }
+}
+
+/// The bytes one load moved.
+struct Loaded {
+    /// Read from the checkpoint file (mapped or copied).
+    from_file: u64,
+    /// Served from the Host tier.
+    from_host: u64,
+    /// Of `from_file`, mapped and read in place.
+    mapped: u64,
+}
+
+impl Loaded {
+    fn from_host(kept: &[f32]) -> Self {
+        Loaded {
+            from_file: 0,
+            from_host: 4 * kept.len() as u64,
+            mapped: 0,
         }
     }
 }
@@ -213,6 +302,8 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     file: ModelFile,
+    /// Where the pieces lie in the file, when the ring maps it.
+    mapping: Option<MappedModel>,
     host: HashMap<Piece, Box<[f32]>>,
     config: GptConfig,
 }
@@ -224,14 +315,38 @@ impl Shared {
             .map_err(|_| Error::runtime("the ring's state was poisoned by a panic"))
     }
 
-    /// Fill `buf` with `piece`; returns (bytes from disk, bytes from the Host tier).
-    fn fill(&self, piece: Piece, buf: &mut [f32]) -> Result<(u64, u64)> {
+    /// Load `piece` into `section`.
+    fn fill(&self, piece: Piece, section: &mut Section) -> Result<Loaded> {
+        let buf = match section {
+            Section::Buffer(buf) => buf,
+            Section::Mapped(map) => {
+                // A piece of the Host tier is read where it is kept.
+                if let Some(kept) = self.host.get(&piece) {
+                    map.release()?;
+                    return Ok(Loaded::from_host(kept));
+                }
+                let mapping = self
+                    .mapping
+                    .as_ref()
+                    .ok_or_else(|| Error::runtime("a mapped section in a ring that does not map its file"))?;
+                let (from_file, mapped) = mapping.load(&self.file, piece, map)?;
+                return Ok(Loaded {
+                    from_file,
+                    from_host: 0,
+                    mapped,
+                });
+            }
+        };
         match self.host.get(&piece) {
             Some(kept) => {
                 buf[..kept.len()].copy_from_slice(kept);
-                Ok((0, 4 * kept.len() as u64))
+                Ok(Loaded::from_host(kept))
             }
-            None => Ok((self.file.read_piece(piece, buf)?, 0)),
+            None => Ok(Loaded {
+                from_file: self.file.read_piece(piece, buf)?,
+                from_host: 0,
+                mapped: 0,
+            }),
         }
     }
 }
@@ -246,6 +361,25 @@ fn loader(shared: Arc<Shared>) {
             loop {
                 if st.shutdown {
                     return;
+                }
+                if let Some(section) = st.unmapping.pop() {
+                    let mut taken = st.sections[section].take();
+                    drop(st);
+                    let released = match &mut taken {
+                        Some(Section::Mapped(map)) => map.release(),
+                        _ => Ok(()),
+                    };
+                    st = match shared.lock() {
+                        Ok(st) => st,
+                        Err(_) => return,
+                    };
+                    st.sections[section] = taken;
+                    match released {
+                        Ok(()) => st.free.push(section),
+                        Err(e) => st.error = Some(e.to_string()),
+                    }
+                    shared.wake.notify_all();
+                    continue;
                 }
                 if !st.queue.is_empty() && !st.free.is_empty() {
                     break;
@@ -299,8 +433,22 @@ impl RingWeights {
             ..file.config().clone()
         };
         let pieces = all_pieces(&config);
-        let section_len = pieces.iter().map(|&p| piece_len(&config, p)).max().unwrap_or(0);
-        let section_bytes = 4 * section_len as u64;
+        // Copied, a section is a buffer for the largest piece; mapped, it is the budget for the
+        // largest piece's pages and has no buffer.
+        let (section_len, section_bytes, mapping) = match options.load {
+            RingLoad::Copy => {
+                let len = pieces.iter().map(|&p| piece_len(&config, p)).max().unwrap_or(0);
+                (len, 4 * len as u64, None)
+            }
+            RingLoad::Map => {
+                let mapping = MappedModel::new(&file, &config)?;
+                let mut largest = 0;
+                for &p in &pieces {
+                    largest = largest.max(mapping.footprint(p)?);
+                }
+                (0, largest, Some(mapping))
+            }
+        };
         let wte = file.tensor("wte")?;
         let wpe = file.tensor("wpe")?;
         let mut routers = HashMap::new();
@@ -360,10 +508,16 @@ impl RingWeights {
             host_bytes += 4 * len as u64;
             host.insert(piece, buf);
         }
+        let buffers = (0..sections)
+            .map(|_| match &mapping {
+                Some(m) => m.section().map(Section::Mapped),
+                None => Ok(Section::Buffer(vec![0.0f32; section_len].into_boxed_slice())),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let state = State::new(
-            sections,
-            section_len,
+            buffers,
             RingStats {
+                load: options.load,
                 sections,
                 section_bytes,
                 resident_bytes,
@@ -376,6 +530,7 @@ impl RingWeights {
             state: Mutex::new(state),
             wake: Condvar::new(),
             file,
+            mapping,
             host,
             config,
         });
@@ -510,7 +665,7 @@ impl WeightSource for RingWeights {
                     dropped = true;
                 }
                 if let Some(section) = st.ready.remove(&piece) {
-                    st.free.push(section);
+                    st.free_section(section);
                     dropped = true;
                 }
                 if st.loading.contains_key(&piece) {
@@ -628,13 +783,14 @@ impl WeightSource for RingWeights {
                 // Every section holds a piece read later, and nothing loads: hand one back (it is
                 // queued again) so that this piece can load.
                 if st.free.is_empty()
+                    && st.unmapping.is_empty()
                     && st.loading.is_empty()
                     && !st.ready.is_empty()
                     && st.queue.front() == Some(&piece)
                 {
                     if let Some((&later, &section)) = st.ready.iter().next() {
                         st.ready.remove(&later);
-                        st.free.push(section);
+                        st.free_section(section);
                         st.queue.insert(1, later);
                         shared.wake.notify_all();
                     }
@@ -652,16 +808,38 @@ impl WeightSource for RingWeights {
                 }
             };
             st.stats.stall_seconds += started.elapsed().as_secs_f64();
-            let buf = st.buffers[section]
+            let buf = st.sections[section]
                 .take()
                 .ok_or_else(|| Error::runtime(format!("ring section {section} is not there")))?;
             (section, buf)
         };
-        let len = piece_len(&shared.config, piece).min(self.section_len);
-        let result = split_piece(&shared.config, piece, &buf[..len]).and_then(f);
+        // Whatever happens, the section is given back below (no early return).
+        let result = match (&buf, &shared.mapping, shared.host.get(&piece)) {
+            (Section::Buffer(buf), _, _) => {
+                let len = piece_len(&shared.config, piece).min(self.section_len);
+                split_piece(&shared.config, piece, &buf[..len]).and_then(f)
+            }
+            // Mapped, a piece of the Host tier is read where it is kept.
+            (Section::Mapped(_), _, Some(kept)) => split_piece(&shared.config, piece, kept).and_then(f),
+            // A read past the end of a mapped file is a fault, not an error: check first.
+            (Section::Mapped(map), Some(mapping), None) => match shared.file.changed_size() {
+                Ok(false) => mapping
+                    .views(piece, map)
+                    .and_then(|parts| piece_from_parts(&shared.config, piece, &parts))
+                    .and_then(f),
+                Ok(true) => Err(Error::runtime(format!(
+                    "ring-memory inference: reading {piece:?} in place: {} changed size after it was opened",
+                    shared.file.path().display()
+                ))),
+                Err(e) => Err(e),
+            },
+            (Section::Mapped(_), None, None) => {
+                Err(Error::runtime("a mapped section in a ring that does not map its file"))
+            }
+        };
         let mut st = shared.lock()?;
-        st.buffers[section] = Some(buf);
-        st.free.push(section);
+        st.sections[section] = Some(buf);
+        st.free_section(section);
         shared.wake.notify_all();
         result
     }
@@ -679,7 +857,7 @@ impl WeightSource for RingWeights {
             st.guessed.clear();
             let ready: Vec<(Piece, usize)> = st.ready.drain().collect();
             for (_, section) in ready {
-                st.free.push(section);
+                st.free_section(section);
             }
             let loading: Vec<Piece> = st.loading.keys().copied().collect();
             st.cancelled.extend(loading);
@@ -701,7 +879,12 @@ mod tests {
     use super::*;
 
     fn state(sections: usize) -> State {
-        State::new(sections, 4, RingStats::default())
+        State::new(
+            (0..sections)
+                .map(|_| Section::Buffer(vec![0.0; 4].into_boxed_slice()))
+                .collect(),
+            RingStats::default(),
+        )
     }
 
     #[test]
@@ -718,7 +901,17 @@ mod tests {
             if wanted_again {
                 assert!(st.want(piece), "a loading piece is known");
             }
-            st.finish_load(piece, section, buf, Ok((16, 0)), 0.0);
+            st.finish_load(
+                piece,
+                section,
+                buf,
+                Ok(Loaded {
+                    from_file: 16,
+                    from_host: 0,
+                    mapped: 0,
+                }),
+                0.0,
+            );
             assert_eq!(
                 st.ready.contains_key(&piece),
                 wanted_again,

@@ -138,6 +138,20 @@ pub fn split_piece<'a>(config: &GptConfig, piece: Piece, flat: &'a [f32]) -> Res
         parts.push(head);
         rest = tail;
     }
+    piece_from_parts(config, piece, &parts)
+}
+
+/// The piece's views from its parts in [`piece_layout`] order, wherever they lie (a flat buffer,
+/// or a mapped file: `infer::mapped`); each part's length is checked against the layout.
+pub fn piece_from_parts<'a>(config: &GptConfig, piece: Piece, parts: &[&'a [f32]]) -> Result<PieceWeights<'a>> {
+    let layout = piece_layout(config, piece);
+    let lengths: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+    if lengths != layout {
+        return Err(Error::shape(
+            format!("weights of {piece:?}"),
+            format!("parts of {lengths:?} elements, want {layout:?}"),
+        ));
+    }
     Ok(match piece {
         Piece::Attention(_) => PieceWeights::Attention(AttentionWeights {
             ln1_w: parts[0],
