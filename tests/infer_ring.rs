@@ -167,6 +167,13 @@ fn ring_generation_is_bitwise_resident_generation() {
                     } else {
                         assert!(s.bytes_from_host > 0 && s.host_bytes <= host_budget, "{label}: {s:?}");
                     }
+                    // Routed, pieces stay in their sections after use while the room is not
+                    // needed (and are read again from there); never otherwise.
+                    match prefetch {
+                        Prefetch::Routed if sections == 5 => assert!(s.kept_hits > 0, "{label}: {s:?}"),
+                        Prefetch::Routed => {}
+                        _ => assert_eq!(s.kept_hits + s.kept_evictions, 0, "{label}: {s:?}"),
+                    }
                     match prefetch {
                         Prefetch::Routed => assert!(s.predicted_hits > 0, "{label}: {s:?}"),
                         _ => assert_eq!(s.predicted_hits + s.predicted_misses, 0, "{label}: {s:?}"),

@@ -263,13 +263,15 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
             );
             eprintln!(
                 "ring: {bytes} bytes in {seconds:.2} s = {:.0} tokens/s; stalled on loads {:.2} s; read {} from the \
-                 checkpoint file ({} of it mapped), {} from the Host tier; {} passes; routing guessed right {} / wrong {}",
+                 checkpoint file ({} of it mapped), {} from the Host tier; {} passes; {} pieces read again where they were kept; \
+                 routing guessed right {} / wrong {}",
                 bytes as f64 / seconds.max(1e-9),
                 stats.stall_seconds,
                 format_bytes(stats.bytes_read),
                 format_bytes(stats.bytes_mapped),
                 format_bytes(stats.bytes_from_host),
                 stats.passes,
+                stats.kept_hits,
                 stats.predicted_hits,
                 stats.predicted_misses
             );

@@ -17,6 +17,10 @@
 //! - [`Prefetch::OnDemand`]: nothing ahead: each piece is loaded when the decoder asks for it (the
 //!   baseline the ring is measured against).
 //!
+//! With routed prefetch, a piece the decoder is done with stays in its section while no load needs
+//! the room, and a later pass that wants it reads it from there; a load takes the section of the
+//! kept piece the pass reads again last (and only for a piece read before it).
+//!
 //! How a piece gets into a section ([`RingLoad`]): by default its pages are mapped from the file
 //! into the section's address range and read in place (`infer::mapped`: on a CPU, a copy would move
 //! every weight byte twice); or it is copied into the section's own buffer, as a device with memory
@@ -149,6 +153,10 @@ pub struct RingStats {
     pub unrequested: u64,
     /// Pieces the decoder loaded itself, rather than wait while the I/O threads loaded later ones.
     pub self_loads: u64,
+    /// Pieces wanted again while still kept in a section from an earlier use: no load.
+    pub kept_hits: u64,
+    /// Kept pieces whose section a load took.
+    pub kept_evictions: u64,
 }
 
 /// What a section holds.
@@ -166,6 +174,15 @@ struct State {
     /// Sections given back whose piece an I/O thread unmaps before they are free again.
     unmapping: Vec<usize>,
     free: Vec<usize>,
+    /// Pieces the decoder is done with (or a routing did not confirm), left in their sections
+    /// while no load needs the room: wanted again, they are ready without a load.
+    kept: HashMap<Piece, usize>,
+    /// Whether pieces are kept at all (with routed prefetch; see `RingWeights::new`).
+    keep: bool,
+    /// Each piece's place in a forward pass, and the place of the piece the decoder read last: the
+    /// kept piece to give up for a load is the one read again last.
+    pass_order: HashMap<Piece, usize>,
+    position: usize,
     queue: VecDeque<Piece>,
     loading: HashMap<Piece, usize>,
     ready: HashMap<Piece, usize>,
@@ -179,14 +196,23 @@ struct State {
 }
 
 impl State {
-    /// `sections` free sections of `section_len` elements each, nothing queued.
-    /// Every section free, nothing queued.
-    fn new(sections: Vec<Section>, stats: RingStats) -> Self {
+    /// Every section free, nothing queued; pieces kept after use when `pass_order` (every piece of
+    /// a forward pass in reading order) is given.
+    fn new(sections: Vec<Section>, pass_order: Option<&[Piece]>, stats: RingStats) -> Self {
         let count = sections.len();
         State {
             sections: sections.into_iter().map(Some).collect(),
             unmapping: Vec::new(),
             free: (0..count).rev().collect(),
+            kept: HashMap::new(),
+            keep: pass_order.is_some(),
+            pass_order: pass_order
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| (p, i))
+                .collect(),
+            position: 0,
             queue: VecDeque::new(),
             loading: HashMap::new(),
             ready: HashMap::new(),
@@ -202,11 +228,63 @@ impl State {
         self.ready.contains_key(&piece) || self.loading.contains_key(&piece) || self.queue.contains(&piece)
     }
 
-    /// `piece` is wanted (again): a load of it cancelled earlier now counts, and the answer is
-    /// whether it is ready, loading or queued.
+    /// `piece` is wanted (again): a load of it cancelled earlier now counts, a kept piece is ready
+    /// again, and the answer is whether it is ready, loading or queued.
     fn want(&mut self, piece: Piece) -> bool {
         self.cancelled.remove(&piece);
+        if let Some(section) = self.kept.remove(&piece) {
+            self.ready.insert(piece, section);
+            self.stats.kept_hits += 1;
+        }
         self.known(piece)
+    }
+
+    /// The decoder is done with `piece` in `section` (or no longer wants it): keep it there while
+    /// the room is not needed, or give the section back.
+    fn keep_section(&mut self, piece: Piece, section: usize) {
+        if self.keep {
+            self.kept.insert(piece, section);
+        } else {
+            self.free_section(section);
+        }
+    }
+
+    /// How far ahead of the decoder's place the forward pass reads `piece` (0: the piece it reads
+    /// now; the one it read just before is the furthest).
+    fn distance(&self, piece: Piece) -> usize {
+        let n = self.pass_order.len().max(1);
+        let at = self.pass_order.get(&piece).copied().unwrap_or(0);
+        (at + n - self.position % n) % n
+    }
+
+    /// The kept piece the forward pass reads again last, the first to give up its section.
+    fn victim(&self) -> Option<(Piece, usize)> {
+        self.kept
+            .keys()
+            .map(|&p| (p, self.distance(p)))
+            .max_by_key(|&(p, d)| (d, self.pass_order.get(&p).copied()))
+    }
+
+    /// A section to load `piece` into: a free one, else that of the kept piece read again last,
+    /// if `piece` is read before it (in a pass that cycles through the pieces, keeping those read
+    /// soonest is what the optimal policy does; a load for a piece read later than every kept one
+    /// waits until a section is free).
+    fn take_section(&mut self, piece: Piece) -> Option<usize> {
+        if let Some(section) = self.free.pop() {
+            return Some(section);
+        }
+        let (victim, d) = self.victim()?;
+        if self.distance(piece) >= d {
+            return None;
+        }
+        self.stats.kept_evictions += 1;
+        self.kept.remove(&victim)
+    }
+
+    /// Whether a load of `piece` could start now (a section free, or held by a kept piece read
+    /// later than it).
+    fn has_room_for(&self, piece: Piece) -> bool {
+        !self.free.is_empty() || self.victim().is_some_and(|(_, d)| self.distance(piece) < d)
     }
 
     /// Give `section` back. A mapped piece is unmapped first, so that the pages the process holds
@@ -235,12 +313,12 @@ impl State {
     /// Take `piece` out of the queue with a free section for it, if it is queued and a section is
     /// free.
     fn start_load_of(&mut self, piece: Piece) -> Option<(Piece, usize, Section)> {
-        if self.free.is_empty() {
+        if !self.has_room_for(piece) {
             return None;
         }
         let i = self.queue.iter().position(|&p| p == piece)?;
         self.queue.remove(i);
-        let section = self.free.pop()?;
+        let section = self.take_section(piece)?;
         let Some(buf) = self.sections[section].take() else {
             self.error = Some(format!("ring section {section} was lost"));
             return None;
@@ -265,7 +343,7 @@ impl State {
                 self.stats.bytes_from_host += loaded.from_host;
                 self.stats.bytes_mapped += loaded.mapped;
                 if self.cancelled.remove(&piece) {
-                    self.free_section(section);
+                    self.keep_section(piece, section);
                 } else {
                     self.ready.insert(piece, section);
                 }
@@ -381,7 +459,7 @@ fn loader(shared: Arc<Shared>) {
                     shared.wake.notify_all();
                     continue;
                 }
-                if !st.queue.is_empty() && !st.free.is_empty() {
+                if st.queue.front().is_some_and(|&p| st.has_room_for(p)) {
                     break;
                 }
                 st = match shared.wake.wait(st) {
@@ -514,8 +592,14 @@ impl RingWeights {
                 None => Ok(Section::Buffer(vec![0.0f32; section_len].into_boxed_slice())),
             })
             .collect::<Result<Vec<_>>>()?;
+        // Pieces are kept after use with routed prefetch only. Loading on demand is the baseline
+        // without a ring (nothing ahead, nothing kept); whole-block prefetch claims every piece of
+        // the pass as soon as it is queued, which would turn every kept piece ready at once and
+        // leave no room to load into.
+        let keep = (options.prefetch == Prefetch::Routed).then_some(pieces.as_slice());
         let state = State::new(
             buffers,
+            keep,
             RingStats {
                 load: options.load,
                 sections,
@@ -665,7 +749,7 @@ impl WeightSource for RingWeights {
                     dropped = true;
                 }
                 if let Some(section) = st.ready.remove(&piece) {
-                    st.free_section(section);
+                    st.keep_section(piece, section);
                     dropped = true;
                 }
                 if st.loading.contains_key(&piece) {
@@ -676,9 +760,10 @@ impl WeightSource for RingWeights {
                     st.stats.predicted_misses += 1;
                 }
             }
-            // A used expert whose load an earlier routing cancelled is wanted after all.
+            // A used expert whose load an earlier routing cancelled is wanted after all; a kept
+            // one is ready.
             for &e in experts {
-                st.cancelled.remove(&Piece::Expert(block, e));
+                st.want(Piece::Expert(block, e));
             }
             // Queue the used experts nobody loads yet, after those already queued for this block
             // (and before anything later, of which there is none in the routed order).
@@ -739,6 +824,9 @@ impl WeightSource for RingWeights {
         let shared = self.shared.clone();
         let (section, buf) = {
             let mut st = shared.lock()?;
+            if let Some(&at) = st.pass_order.get(&piece) {
+                st.position = at;
+            }
             if !st.want(piece) {
                 if self.prefetch != Prefetch::OnDemand {
                     st.stats.unrequested += 1;
@@ -782,13 +870,18 @@ impl WeightSource for RingWeights {
                 }
                 // Every section holds a piece read later, and nothing loads: hand one back (it is
                 // queued again) so that this piece can load.
-                if st.free.is_empty()
+                if !st.has_room_for(piece)
                     && st.unmapping.is_empty()
                     && st.loading.is_empty()
                     && !st.ready.is_empty()
                     && st.queue.front() == Some(&piece)
                 {
-                    if let Some((&later, &section)) = st.ready.iter().next() {
+                    let furthest = st
+                        .ready
+                        .iter()
+                        .map(|(&p, &s)| (p, s))
+                        .max_by_key(|&(p, _)| st.distance(p));
+                    if let Some((later, section)) = furthest {
                         st.ready.remove(&later);
                         st.free_section(section);
                         st.queue.insert(1, later);
@@ -839,7 +932,7 @@ impl WeightSource for RingWeights {
         };
         let mut st = shared.lock()?;
         st.sections[section] = Some(buf);
-        st.free_section(section);
+        st.keep_section(piece, section);
         shared.wake.notify_all();
         result
     }
@@ -856,8 +949,8 @@ impl WeightSource for RingWeights {
             st.queue.clear();
             st.guessed.clear();
             let ready: Vec<(Piece, usize)> = st.ready.drain().collect();
-            for (_, section) in ready {
-                st.free_section(section);
+            for (piece, section) in ready {
+                st.keep_section(piece, section);
             }
             let loading: Vec<Piece> = st.loading.keys().copied().collect();
             st.cancelled.extend(loading);
@@ -883,6 +976,7 @@ mod tests {
             (0..sections)
                 .map(|_| Section::Buffer(vec![0.0; 4].into_boxed_slice()))
                 .collect(),
+            None,
             RingStats::default(),
         )
     }
@@ -920,6 +1014,60 @@ mod tests {
             assert_eq!(st.free.len(), if wanted_again { 1 } else { 2 });
             assert!(st.loading.is_empty() && st.cancelled.is_empty() && st.queue.is_empty());
         }
+    }
+
+    #[test]
+    fn kept_pieces_are_reused_and_the_one_read_again_last_goes_first() {
+        let order = [
+            Piece::Attention(0),
+            Piece::Expert(0, 0),
+            Piece::Expert(0, 1),
+            Piece::Attention(1),
+            Piece::Head,
+        ];
+        let sections = (0..2)
+            .map(|_| Section::Buffer(vec![0.0; 4].into_boxed_slice()))
+            .collect();
+        let mut st = State::new(sections, Some(&order), RingStats::default());
+        let loaded = |st: &mut State, piece: Piece| {
+            st.queue.push_back(piece);
+            let (p, section, buf) = st.start_load_of(piece).expect("a load starts");
+            st.finish_load(p, section, buf, Ok(Loaded::from_host(&[0.0])), 0.0);
+            let section = st.ready.remove(&piece).expect("ready");
+            st.keep_section(piece, section);
+        };
+        // The decoder reads attention 0, then expert 0 of block 0: both kept, no section free.
+        st.position = 0;
+        loaded(&mut st, Piece::Attention(0));
+        st.position = 1;
+        loaded(&mut st, Piece::Expert(0, 0));
+        assert!(st.free.is_empty() && st.kept.len() == 2);
+        // Wanted again: ready without a load.
+        assert!(st.want(Piece::Attention(0)));
+        assert!(st.ready.contains_key(&Piece::Attention(0)) && st.stats.kept_hits == 1);
+        let section = st.ready.remove(&Piece::Attention(0)).expect("ready");
+        st.keep_section(Piece::Attention(0), section);
+        // At expert 0,1 (place 2), the head (place 4) is read before attention 0 (place 0, next
+        // pass) and expert 0,0 (just read): the load takes expert 0,0's section, read again last.
+        st.position = 2;
+        st.queue.push_back(Piece::Head);
+        let (_, section, buf) = st.start_load_of(Piece::Head).expect("room for the head");
+        assert_eq!(st.stats.kept_evictions, 1);
+        assert!(st.kept.contains_key(&Piece::Attention(0)) && !st.kept.contains_key(&Piece::Expert(0, 0)));
+        st.finish_load(Piece::Head, section, buf, Ok(Loaded::from_host(&[0.0])), 0.0);
+        // Attention 0 is now the only kept piece. Reading the head (place 4), attention 0 comes
+        // next (the next pass) and expert 0,1 after it: no eviction for expert 0,1. Reading expert
+        // 0,0 (place 1), attention 0 comes last: block 1's attention may take its section.
+        st.position = 4;
+        assert!(
+            !st.has_room_for(Piece::Expert(0, 1)),
+            "from the head, expert 0,1 is read after attention 0: no eviction for it"
+        );
+        st.position = 1;
+        assert!(
+            st.has_room_for(Piece::Attention(1)),
+            "attention 1 is read before attention 0"
+        );
     }
 
     #[test]
