@@ -160,7 +160,7 @@ fn ring_generation_is_bitwise_resident_generation() {
                             "{label}: parts mapped and parts copied: {s:?}"
                         ),
                         RingLoad::Map => {}
-                        RingLoad::Copy => assert_eq!(s.bytes_mapped, 0, "{label}: {s:?}"),
+                        RingLoad::Copy | RingLoad::Auto => assert_eq!(s.bytes_mapped, 0, "{label}: {s:?}"),
                     }
                     if host_budget == 0 {
                         assert!(s.bytes_read > 0 && s.bytes_from_host == 0, "{label}: {s:?}");
@@ -187,6 +187,51 @@ fn ring_generation_is_bitwise_resident_generation() {
         }
     }
     assert_eq!(checked, 2 * 2 * 3 * 2 * 4);
+}
+
+#[test]
+fn auto_loading_maps_large_pieces_and_copies_small_ones() {
+    let small = config(1);
+    let large = GptConfig {
+        d_model: 256,
+        d_ff: 512,
+        n_layer: 1,
+        n_head: 4,
+        experts: 2,
+        ..small.clone()
+    };
+    for (c, want) in [(small, RingLoad::Copy), (large, RingLoad::Map)] {
+        let m = model(&c);
+        let dir = TempDir::new("ring-auto");
+        let ckpt = save(dir.path(), &m);
+        let ring = RingWeights::new(
+            ModelFile::open(&ckpt).expect("open"),
+            &RingOptions {
+                device_budget: 1 << 30,
+                host_budget: 0,
+                prefetch: Prefetch::Routed,
+                io_threads: 1,
+                load: RingLoad::Auto,
+            },
+        )
+        .expect("ring");
+        let largest = 4 * (c.d_model * c.d_ff * 2 + c.d_ff + c.d_model) as u64;
+        assert_eq!(
+            ring.stats().load,
+            want,
+            "an expert of {largest} bytes against {}",
+            semoe::infer::ring::MAP_FROM_PIECE_BYTES
+        );
+        let (got, _) = decode(
+            BatchDecoder::with_source(ring, Cpu::new(1).expect("cpu"), 2).expect("decoder"),
+            2,
+        );
+        let (resident, _) = decode(
+            BatchDecoder::new(&m, Cpu::new(1).expect("cpu"), 2).expect("resident"),
+            2,
+        );
+        assert!(got == resident, "{want:?}: bitwise resident generation");
+    }
 }
 
 #[test]

@@ -65,10 +65,10 @@ pub struct MemoryArgs {
     /// With --device-budget: threads reading the checkpoint.
     #[arg(long, default_value_t = 1)]
     io_threads: usize,
-    /// With --device-budget: how pieces get into the ring's sections: map (the checkpoint file
-    /// mapped, each piece's pages mapped while it is in a section and read in place) or copy (each
-    /// piece read into a section's own buffer).
-    #[arg(long, default_value = "map")]
+    /// With --device-budget: how pieces get into the ring's sections: map (each piece's pages of
+    /// the checkpoint file mapped into its section and read in place), copy (each piece read into
+    /// a section's own buffer), or auto (map for pieces of 1 MiB and more, else copy).
+    #[arg(long, default_value = "auto")]
     ring_load: String,
 }
 
@@ -258,7 +258,7 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
                 format_bytes(cache),
                 match stats.load {
                     semoe::infer::RingLoad::Map => "mapped (large parts read in place)",
-                    semoe::infer::RingLoad::Copy => "copied into the sections",
+                    semoe::infer::RingLoad::Copy | semoe::infer::RingLoad::Auto => "copied into the sections",
                 }
             );
             eprintln!(

@@ -21,10 +21,10 @@
 //! the room, and a later pass that wants it reads it from there; a load takes the section of the
 //! kept piece the pass reads again last (and only for a piece read before it).
 //!
-//! How a piece gets into a section ([`RingLoad`]): by default its pages are mapped from the file
-//! into the section's address range and read in place (`infer::mapped`: on a CPU, a copy would move
-//! every weight byte twice); or it is copied into the section's own buffer, as a device with memory
-//! of its own needs.
+//! How a piece gets into a section ([`RingLoad`]): its pages are mapped from the file into the
+//! section's address range and read in place (`infer::mapped`: on a CPU, a copy would move every
+//! weight byte twice), or it is copied into the section's own buffer, as a device with memory of
+//! its own needs; by default the first for large pieces, the second for small ones.
 //!
 //! Whatever is loaded and in whichever order, the decoder computes the same products on the same
 //! weights: ring generation is bitwise identical to resident generation (`tests/infer_ring.rs`).
@@ -75,10 +75,13 @@ impl std::str::FromStr for Prefetch {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RingLoad {
+    /// [`RingLoad::Map`] when the model's largest piece is at least [`MAP_FROM_PIECE_BYTES`],
+    /// else [`RingLoad::Copy`] (what the ring chose is in [`RingStats::load`]).
+    #[default]
+    Auto,
     /// The checkpoint file is mapped; a piece is loaded by mapping its pages and read in place
     /// (`infer::mapped`): no copy, the section is the piece's pages. Pieces of the Host tier are
     /// read in place too.
-    #[default]
     Map,
     /// A piece is read (`pread`) or copied from the Host tier into a section's own buffer, as a
     /// device with memory of its own would need it.
@@ -89,14 +92,22 @@ impl std::str::FromStr for RingLoad {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
+            "auto" => Ok(RingLoad::Auto),
             "map" => Ok(RingLoad::Map),
             "copy" => Ok(RingLoad::Copy),
             other => Err(Error::config(format!(
-                "ring loading must be map or copy, got {other:?}"
+                "ring loading must be auto, map or copy, got {other:?}"
             ))),
         }
     }
 }
+
+/// The smallest largest-piece size for which [`RingLoad::Auto`] maps. Mapping costs a fixed price
+/// per piece (system calls, page-table entries, a flush of the other cores' address translations
+/// at release), copying a price per byte: measured on the 2-core Ice Lake VM (BENCHMARKS.md,
+/// session 20), mapping was 10-25% faster with pieces of 1.07 MiB (the bench's 64-expert model)
+/// and 25-40% slower with pieces of 264 KiB (the main job's model under a 2 MiB budget).
+pub const MAP_FROM_PIECE_BYTES: u64 = 1 << 20;
 
 /// How to build a ring.
 #[derive(Clone, Debug)]
@@ -513,8 +524,14 @@ impl RingWeights {
         let pieces = all_pieces(&config);
         // Copied, a section is a buffer for the largest piece; mapped, it is the budget for the
         // largest piece's pages and has no buffer.
-        let (section_len, section_bytes, mapping) = match options.load {
-            RingLoad::Copy => {
+        let largest_piece = 4 * pieces.iter().map(|&p| piece_len(&config, p)).max().unwrap_or(0) as u64;
+        let load = match options.load {
+            RingLoad::Auto if largest_piece >= MAP_FROM_PIECE_BYTES => RingLoad::Map,
+            RingLoad::Auto => RingLoad::Copy,
+            chosen => chosen,
+        };
+        let (section_len, section_bytes, mapping) = match load {
+            RingLoad::Copy | RingLoad::Auto => {
                 let len = pieces.iter().map(|&p| piece_len(&config, p)).max().unwrap_or(0);
                 (len, 4 * len as u64, None)
             }
@@ -601,7 +618,7 @@ impl RingWeights {
             buffers,
             keep,
             RingStats {
-                load: options.load,
+                load,
                 sections,
                 section_bytes,
                 resident_bytes,
