@@ -61,6 +61,17 @@ fn prompts() -> Vec<(Vec<u8>, SampleOptions)> {
     ]
 }
 
+/// A routed ring with one I/O thread and no Host tier.
+fn routed(device_budget: u64, load: RingLoad) -> RingOptions {
+    RingOptions {
+        device_budget,
+        host_budget: 0,
+        prefetch: Prefetch::Routed,
+        io_threads: 1,
+        load,
+    }
+}
+
 /// Each prompt's bytes and per-step logit bits.
 type Decoded = BTreeMap<usize, (Vec<u8>, Vec<Vec<u32>>)>;
 
@@ -204,17 +215,8 @@ fn auto_loading_maps_large_pieces_and_copies_small_ones() {
         let m = model(&c);
         let dir = TempDir::new("ring-auto");
         let ckpt = save(dir.path(), &m);
-        let ring = RingWeights::new(
-            ModelFile::open(&ckpt).expect("open"),
-            &RingOptions {
-                device_budget: 1 << 30,
-                host_budget: 0,
-                prefetch: Prefetch::Routed,
-                io_threads: 1,
-                load: RingLoad::Auto,
-            },
-        )
-        .expect("ring");
+        let ring =
+            RingWeights::new(ModelFile::open(&ckpt).expect("open"), &routed(1 << 30, RingLoad::Auto)).expect("ring");
         let largest = 4 * (c.d_model * c.d_ff * 2 + c.d_ff + c.d_model) as u64;
         assert_eq!(
             ring.stats().load,
@@ -241,13 +243,7 @@ fn a_budget_below_two_sections_is_refused_naming_the_least() {
     let ckpt = save(dir.path(), &m);
     let e = RingWeights::new(
         ModelFile::open(&ckpt).expect("open"),
-        &RingOptions {
-            device_budget: 10_000,
-            host_budget: 0,
-            prefetch: Prefetch::Routed,
-            io_threads: 1,
-            load: RingLoad::default(),
-        },
+        &routed(10_000, RingLoad::default()),
     )
     .err()
     .expect("refused");
@@ -284,17 +280,7 @@ fn damaged_checkpoints_are_refused_and_a_file_breaking_mid_run_is_an_error() {
     // the cut) fails and generation stops with that error, copied or mapped.
     for load in [RingLoad::Map, RingLoad::Copy] {
         std::fs::write(&file, &bytes).expect("restore");
-        let ring = RingWeights::new(
-            ModelFile::open(&ckpt).expect("open"),
-            &RingOptions {
-                device_budget: 1 << 30,
-                host_budget: 0,
-                prefetch: Prefetch::Routed,
-                io_threads: 1,
-                load,
-            },
-        )
-        .expect("ring");
+        let ring = RingWeights::new(ModelFile::open(&ckpt).expect("open"), &routed(1 << 30, load)).expect("ring");
         let mut decoder = BatchDecoder::with_source(ring, Cpu::new(1).expect("cpu"), 1).expect("decoder");
         decoder
             .admit(
@@ -338,13 +324,7 @@ fn a_pass_that_stops_partway_does_not_wedge_the_next() {
     let m = model(&c);
     let dir = TempDir::new("ring-aborted");
     let ckpt = save(dir.path(), &m);
-    let options = |device_budget| RingOptions {
-        device_budget,
-        host_budget: 0,
-        prefetch: Prefetch::Routed,
-        io_threads: 1,
-        load: RingLoad::Map,
-    };
+    let options = |device_budget| routed(device_budget, RingLoad::Map);
     let probe = RingWeights::new(ModelFile::open(&ckpt).expect("open"), &options(u64::MAX / 4)).expect("probe");
     let (section, resident) = (probe.stats().section_bytes, probe.stats().resident_bytes);
     drop(probe);
