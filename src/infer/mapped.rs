@@ -23,7 +23,6 @@ use crate::error::{Error, Result};
 use crate::model::gpt::GptConfig;
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 
 /// Parts smaller than this are read into a buffer of their own rather than mapped: a mapping costs
@@ -233,9 +232,7 @@ impl MappedModel {
             }
             if !Self::mapped(n) {
                 let mut buf = vec![0.0f32; n];
-                file.handle()
-                    .read_exact_at(bytemuck::cast_slice_mut(&mut buf), offset)
-                    .map_err(|e| Error::io(format!("reading {piece:?}"), file.path(), e))?;
+                file.read_at(offset, &mut buf, &format!("{piece:?}"))?;
                 section.parts.push(Part::Copied(buf));
                 continue;
             }

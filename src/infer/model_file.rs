@@ -150,15 +150,16 @@ impl ModelFile {
                 format!("read past the end of {name} ({} + {} > {})", start, dst.len(), t.len),
             ));
         }
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(dst);
+        self.read_at(t.offset + 4 * start as u64, dst, name)
+    }
+
+    /// Read the little-endian floats at byte `offset` of the file into `dst` (`what` names them in
+    /// an error).
+    pub(super) fn read_at(&self, offset: u64, dst: &mut [f32], what: &str) -> Result<()> {
         self.file
-            .read_exact_at(bytes, t.offset + 4 * start as u64)
-            .map_err(|e| Error::io(format!("reading {name}"), &self.path, e))?;
-        if cfg!(target_endian = "big") {
-            for v in dst.iter_mut() {
-                *v = f32::from_bits(u32::from_le(v.to_bits()));
-            }
-        }
+            .read_exact_at(bytemuck::cast_slice_mut(dst), offset)
+            .map_err(|e| Error::io(format!("reading {what}"), &self.path, e))?;
+        crate::kernels::bytes::floats_from_le_in_place(dst);
         Ok(())
     }
 

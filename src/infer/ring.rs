@@ -188,10 +188,9 @@ struct State {
     /// Pieces the decoder is done with (or a routing did not confirm), left in their sections
     /// while no load needs the room: wanted again, they are ready without a load.
     kept: HashMap<Piece, usize>,
-    /// Whether pieces are kept at all (with routed prefetch; see `RingWeights::new`).
-    keep: bool,
     /// Each piece's place in a forward pass, and the place of the piece the decoder read last: the
-    /// kept piece to give up for a load is the one read again last.
+    /// kept piece to give up for a load is the one read again last. Empty when pieces are not
+    /// kept (see `RingWeights::new`).
     pass_order: HashMap<Piece, usize>,
     position: usize,
     queue: VecDeque<Piece>,
@@ -216,7 +215,6 @@ impl State {
             unmapping: Vec::new(),
             free: (0..count).rev().collect(),
             kept: HashMap::new(),
-            keep: pass_order.is_some(),
             pass_order: pass_order
                 .unwrap_or_default()
                 .iter()
@@ -253,7 +251,7 @@ impl State {
     /// The decoder is done with `piece` in `section` (or no longer wants it): keep it there while
     /// the room is not needed, or give the section back.
     fn keep_section(&mut self, piece: Piece, section: usize) {
-        if self.keep {
+        if !self.pass_order.is_empty() {
             self.kept.insert(piece, section);
         } else {
             self.free_section(section);
@@ -270,10 +268,7 @@ impl State {
 
     /// The kept piece the forward pass reads again last, the first to give up its section.
     fn victim(&self) -> Option<(Piece, usize)> {
-        self.kept
-            .keys()
-            .map(|&p| (p, self.distance(p)))
-            .max_by_key(|&(p, d)| (d, self.pass_order.get(&p).copied()))
+        self.kept.keys().map(|&p| (p, self.distance(p))).max_by_key(|&(_, d)| d)
     }
 
     /// A section to load `piece` into: a free one, else that of the kept piece read again last,
@@ -340,9 +335,9 @@ impl State {
         Some((piece, section, buf))
     }
 
-    /// A load of `piece` into `section` ended with `result` (bytes from disk and from the Host
-    /// tier) after `seconds`: the piece is ready, or its section free again if the load failed or
-    /// was cancelled meanwhile.
+    /// A load of `piece` into `section` ended with `result` after `seconds`: the piece is ready,
+    /// kept (or its section free again) if it was cancelled meanwhile, and its section free again
+    /// if the load failed.
     fn finish_load(&mut self, piece: Piece, section: usize, buf: Section, result: Result<Loaded>, seconds: f64) {
         self.sections[section] = Some(buf);
         self.loading.remove(&piece);
@@ -524,17 +519,14 @@ impl RingWeights {
         let pieces = all_pieces(&config);
         // Copied, a section is a buffer for the largest piece; mapped, it is the budget for the
         // largest piece's pages and has no buffer.
-        let largest_piece = 4 * pieces.iter().map(|&p| piece_len(&config, p)).max().unwrap_or(0) as u64;
+        let largest_piece = pieces.iter().map(|&p| piece_len(&config, p)).max().unwrap_or(0);
         let load = match options.load {
-            RingLoad::Auto if largest_piece >= MAP_FROM_PIECE_BYTES => RingLoad::Map,
+            RingLoad::Auto if 4 * largest_piece as u64 >= MAP_FROM_PIECE_BYTES => RingLoad::Map,
             RingLoad::Auto => RingLoad::Copy,
             chosen => chosen,
         };
         let (section_len, section_bytes, mapping) = match load {
-            RingLoad::Copy | RingLoad::Auto => {
-                let len = pieces.iter().map(|&p| piece_len(&config, p)).max().unwrap_or(0);
-                (len, 4 * len as u64, None)
-            }
+            RingLoad::Copy | RingLoad::Auto => (largest_piece, 4 * largest_piece as u64, None),
             RingLoad::Map => {
                 let mapping = MappedModel::new(&file, &config)?;
                 let mut largest = 0;
