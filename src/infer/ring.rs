@@ -202,6 +202,11 @@ struct State {
     guessed: HashSet<Piece>,
     error: Option<String>,
     shutdown: bool,
+    /// I/O threads asleep, waiting for work (woken only when there is some: in a VM every wake-up
+    /// is an interrupt sent to the other core, and most state changes give a loader nothing to do).
+    idle_loaders: usize,
+    /// The decoder is asleep, waiting for a piece (woken only then).
+    decoder_waiting: bool,
     stats: RingStats,
 }
 
@@ -229,8 +234,16 @@ impl State {
             guessed: HashSet::new(),
             error: None,
             shutdown: false,
+            idle_loaders: 0,
+            decoder_waiting: false,
             stats,
         }
+    }
+
+    /// Whether an I/O thread has something to do: a section to unmap, or the next queued piece to
+    /// load and room for it.
+    fn loader_has_work(&self) -> bool {
+        self.shutdown || !self.unmapping.is_empty() || self.queue.front().is_some_and(|&p| self.has_room_for(p))
     }
 
     fn known(&self, piece: Piece) -> bool {
@@ -384,7 +397,10 @@ impl Loaded {
 
 struct Shared {
     state: Mutex<State>,
-    wake: Condvar,
+    /// Where the I/O threads wait for work.
+    work: Condvar,
+    /// Where the decoder waits for a piece.
+    arrived: Condvar,
     file: ModelFile,
     /// Where the pieces lie in the file, when the ring maps it.
     mapping: Option<MappedModel>,
@@ -397,6 +413,20 @@ impl Shared {
         self.state
             .lock()
             .map_err(|_| Error::runtime("the ring's state was poisoned by a panic"))
+    }
+
+    /// Wake an idle I/O thread if `st` gives it something to do (call after changing the state).
+    fn wake_loader(&self, st: &State) {
+        if st.idle_loaders > 0 && st.loader_has_work() {
+            self.work.notify_one();
+        }
+    }
+
+    /// Wake the decoder if it waits for a piece (call after changing the state).
+    fn wake_decoder(&self, st: &State) {
+        if st.decoder_waiting {
+            self.arrived.notify_one();
+        }
     }
 
     /// Load `piece` into `section`.
@@ -462,23 +492,30 @@ fn loader(shared: Arc<Shared>) {
                         Ok(()) => st.free.push(section),
                         Err(e) => st.error = Some(e.to_string()),
                     }
-                    shared.wake.notify_all();
+                    shared.wake_decoder(&st);
                     continue;
                 }
                 if st.queue.front().is_some_and(|&p| st.has_room_for(p)) {
                     break;
                 }
-                st = match shared.wake.wait(st) {
+                st.idle_loaders += 1;
+                let woken = shared.work.wait(st);
+                st = match woken {
                     Ok(st) => st,
                     Err(_) => return,
                 };
+                st.idle_loaders -= 1;
             }
             match st.start_load() {
-                Some(next) => next,
+                Some(next) => {
+                    // More work than this thread takes: pass it on.
+                    shared.wake_loader(&st);
+                    next
+                }
                 // Checked just above that a piece and a section wait: only a lost section
                 // (reported in the state's error) gets here.
                 None => {
-                    shared.wake.notify_all();
+                    shared.arrived.notify_all();
                     return;
                 }
             }
@@ -488,7 +525,8 @@ fn loader(shared: Arc<Shared>) {
         let seconds = started.elapsed().as_secs_f64();
         let Ok(mut st) = shared.lock() else { return };
         st.finish_load(piece, section, buf, result, seconds);
-        shared.wake.notify_all();
+        shared.wake_decoder(&st);
+        shared.wake_loader(&st);
     }
 }
 
@@ -621,7 +659,8 @@ impl RingWeights {
         );
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
-            wake: Condvar::new(),
+            work: Condvar::new(),
+            arrived: Condvar::new(),
             file,
             mapping,
             host,
@@ -695,7 +734,7 @@ impl RingWeights {
                 st.queue.push_back(piece);
             }
         }
-        self.shared.wake.notify_all();
+        self.shared.wake_loader(&st);
         Ok(())
     }
 }
@@ -705,7 +744,8 @@ impl Drop for RingWeights {
         if let Ok(mut st) = self.shared.lock() {
             st.shutdown = true;
         }
-        self.shared.wake.notify_all();
+        self.shared.work.notify_all();
+        self.shared.arrived.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -739,7 +779,7 @@ impl WeightSource for RingWeights {
                 st.guessed.insert(piece);
             }
         }
-        self.shared.wake.notify_all();
+        self.shared.wake_loader(&st);
         Ok(())
     }
 
@@ -819,7 +859,7 @@ impl WeightSource for RingWeights {
                     st.stats.predicted_hits += 1;
                 }
             }
-            self.shared.wake.notify_all();
+            self.shared.wake_loader(&st);
             drop(st);
             // The pieces after this block follow without a routing.
             if self.prefetch == Prefetch::Routed {
@@ -841,13 +881,13 @@ impl WeightSource for RingWeights {
                     st.stats.unrequested += 1;
                 }
                 st.queue.push_front(piece);
-                shared.wake.notify_all();
+                shared.wake_loader(&st);
             } else if let Some(i) = st.queue.iter().position(|&p| p == piece) {
                 // The piece the decoder waits for loads next, whatever was queued before it.
                 if i > 0 {
                     st.queue.remove(i);
                     st.queue.push_front(piece);
-                    shared.wake.notify_all();
+                    shared.wake_loader(&st);
                 }
             }
             let started = Instant::now();
@@ -862,7 +902,7 @@ impl WeightSource for RingWeights {
                 // ever did, waiting would hang): ask for it at once.
                 if !st.want(piece) {
                     st.queue.push_front(piece);
-                    shared.wake.notify_all();
+                    shared.wake_loader(&st);
                 }
                 // Queued and a section free, but every I/O thread busy with later pieces: load it
                 // here rather than wait (the decoder has nothing else to do meanwhile).
@@ -874,7 +914,7 @@ impl WeightSource for RingWeights {
                     st = shared.lock()?;
                     st.finish_load(piece, section, buf, result, seconds);
                     st.stats.self_loads += 1;
-                    shared.wake.notify_all();
+                    shared.wake_loader(&st);
                     continue;
                 }
                 // Every section holds a piece read later, and nothing loads: hand one back (it is
@@ -894,14 +934,16 @@ impl WeightSource for RingWeights {
                         st.ready.remove(&later);
                         st.free_section(section);
                         st.queue.insert(1, later);
-                        shared.wake.notify_all();
+                        shared.wake_loader(&st);
                     }
                 }
+                st.decoder_waiting = true;
                 let (next, _) = shared
-                    .wake
+                    .arrived
                     .wait_timeout(st, Duration::from_millis(500))
                     .map_err(|_| Error::runtime("the ring's state was poisoned by a panic"))?;
                 st = next;
+                st.decoder_waiting = false;
                 if started.elapsed() > LOAD_DEADLINE {
                     return Err(Error::runtime(format!(
                         "ring-memory inference: {piece:?} did not load in {} s",
@@ -942,7 +984,7 @@ impl WeightSource for RingWeights {
         let mut st = shared.lock()?;
         st.sections[section] = Some(buf);
         st.keep_section(piece, section);
-        shared.wake.notify_all();
+        shared.wake_loader(&st);
         result
     }
 
@@ -963,7 +1005,7 @@ impl WeightSource for RingWeights {
             }
             let loading: Vec<Piece> = st.loading.keys().copied().collect();
             st.cancelled.extend(loading);
-            self.shared.wake.notify_all();
+            self.shared.wake_loader(&st);
         }
         self.queue_static_from(0)
     }
