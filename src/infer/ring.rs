@@ -40,7 +40,7 @@ use super::weights::{
 use crate::error::{Error, Result};
 use crate::model::gpt::GptConfig;
 use serde::Serialize;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -187,19 +187,22 @@ struct State {
     free: Vec<usize>,
     /// Pieces the decoder is done with (or a routing did not confirm), left in their sections
     /// while no load needs the room: wanted again, they are ready without a load.
-    kept: HashMap<Piece, usize>,
+    /// Keyed by the piece's place in the pass, so that the one read again last is found without a
+    /// scan (ordered maps throughout: a few hundred pieces at most, looked up several times per
+    /// piece the decoder reads, and no hashing).
+    kept: BTreeMap<(usize, Piece), usize>,
     /// Each piece's place in a forward pass, and the place of the piece the decoder read last: the
     /// kept piece to give up for a load is the one read again last. Empty when pieces are not
     /// kept (see `RingWeights::new`).
-    pass_order: HashMap<Piece, usize>,
+    pass_order: BTreeMap<Piece, usize>,
     position: usize,
     queue: VecDeque<Piece>,
-    loading: HashMap<Piece, usize>,
-    ready: HashMap<Piece, usize>,
+    loading: BTreeMap<Piece, usize>,
+    ready: BTreeMap<Piece, usize>,
     /// Loading pieces to drop when they arrive (a guess the routing did not confirm).
-    cancelled: HashSet<Piece>,
+    cancelled: BTreeSet<Piece>,
     /// Experts queued on a guess, by block, not yet confirmed or dropped.
-    guessed: HashSet<Piece>,
+    guessed: BTreeSet<Piece>,
     error: Option<String>,
     shutdown: bool,
     /// I/O threads asleep, waiting for work (woken only when there is some: in a VM every wake-up
@@ -219,7 +222,7 @@ impl State {
             sections: sections.into_iter().map(Some).collect(),
             unmapping: Vec::new(),
             free: (0..count).rev().collect(),
-            kept: HashMap::new(),
+            kept: BTreeMap::new(),
             pass_order: pass_order
                 .unwrap_or_default()
                 .iter()
@@ -228,10 +231,10 @@ impl State {
                 .collect(),
             position: 0,
             queue: VecDeque::new(),
-            loading: HashMap::new(),
-            ready: HashMap::new(),
-            cancelled: HashSet::new(),
-            guessed: HashSet::new(),
+            loading: BTreeMap::new(),
+            ready: BTreeMap::new(),
+            cancelled: BTreeSet::new(),
+            guessed: BTreeSet::new(),
             error: None,
             shutdown: false,
             idle_loaders: 0,
@@ -254,7 +257,7 @@ impl State {
     /// again, and the answer is whether it is ready, loading or queued.
     fn want(&mut self, piece: Piece) -> bool {
         self.cancelled.remove(&piece);
-        if let Some(section) = self.kept.remove(&piece) {
+        if let Some(section) = self.kept.remove(&(self.place(piece), piece)) {
             self.ready.insert(piece, section);
             self.stats.kept_hits += 1;
         }
@@ -265,7 +268,7 @@ impl State {
     /// the room is not needed, or give the section back.
     fn keep_section(&mut self, piece: Piece, section: usize) {
         if !self.pass_order.is_empty() {
-            self.kept.insert(piece, section);
+            self.kept.insert((self.place(piece), piece), section);
         } else {
             self.free_section(section);
         }
@@ -275,13 +278,24 @@ impl State {
     /// now; the one it read just before is the furthest).
     fn distance(&self, piece: Piece) -> usize {
         let n = self.pass_order.len().max(1);
-        let at = self.pass_order.get(&piece).copied().unwrap_or(0);
-        (at + n - self.position % n) % n
+        (self.place(piece) + n - self.position % n) % n
     }
 
-    /// The kept piece the forward pass reads again last, the first to give up its section.
+    /// `piece`'s place in a forward pass.
+    fn place(&self, piece: Piece) -> usize {
+        self.pass_order.get(&piece).copied().unwrap_or(0)
+    }
+
+    /// The kept piece the forward pass reads again last, the first to give up its section: the
+    /// last one placed before the decoder's place, else the last one of all.
     fn victim(&self) -> Option<(Piece, usize)> {
-        self.kept.keys().map(|&p| (p, self.distance(p))).max_by_key(|&(_, d)| d)
+        let first_of_place = (self.position % self.pass_order.len().max(1), Piece::Attention(0));
+        let (&(_, piece), _) = self
+            .kept
+            .range(..first_of_place)
+            .next_back()
+            .or_else(|| self.kept.iter().next_back())?;
+        Some((piece, self.distance(piece)))
     }
 
     /// A section to load `piece` into: a free one, else that of the kept piece read again last,
@@ -297,7 +311,7 @@ impl State {
             return None;
         }
         self.stats.kept_evictions += 1;
-        self.kept.remove(&victim)
+        self.kept.remove(&(self.place(victim), victim))
     }
 
     /// Whether a load of `piece` could start now (a section free, or held by a kept piece read
@@ -404,7 +418,7 @@ struct Shared {
     file: ModelFile,
     /// Where the pieces lie in the file, when the ring maps it.
     mapping: Option<MappedModel>,
-    host: HashMap<Piece, Box<[f32]>>,
+    host: BTreeMap<Piece, Box<[f32]>>,
     config: GptConfig,
 }
 
@@ -539,7 +553,7 @@ pub struct RingWeights {
     threads: Vec<JoinHandle<()>>,
     wte: Vec<f32>,
     wpe: Vec<f32>,
-    routers: HashMap<usize, RouterCopy>,
+    routers: BTreeMap<usize, RouterCopy>,
     prefetch: Prefetch,
     section_len: usize,
     /// A pass has begun and not ended (one that stops partway is cleaned up by the next).
@@ -576,7 +590,7 @@ impl RingWeights {
         };
         let wte = file.tensor("wte")?;
         let wpe = file.tensor("wpe")?;
-        let mut routers = HashMap::new();
+        let mut routers = BTreeMap::new();
         if options.prefetch == Prefetch::Routed {
             for l in (0..config.n_layer).filter(|&l| config.is_moe(l)) {
                 let n = |s: &str| format!("h.{l}.{s}");
@@ -615,7 +629,7 @@ impl RingWeights {
         // The Host tier keeps what every pass reads first (attention, dense blocks, head), then
         // experts in order, as far as its budget goes: for a pass that reads the pieces in a
         // fixed cycle, keeping a fixed set beats any recency-based eviction.
-        let mut host = HashMap::new();
+        let mut host = BTreeMap::new();
         let mut host_bytes = 0u64;
         let mut by_priority: Vec<Piece> = pieces
             .iter()
@@ -784,12 +798,18 @@ impl WeightSource for RingWeights {
     }
 
     fn route(&mut self, block: usize, experts: &[usize]) -> Result<Vec<usize>> {
-        let c = self.shared.config.clone();
+        let experts_per_block = self.shared.config.experts;
         {
             let mut st = self.shared.lock()?;
-            let used: HashSet<usize> = experts.iter().copied().collect();
+            let mut used = vec![false; experts_per_block];
+            for &e in experts {
+                if let Some(u) = used.get_mut(e) {
+                    *u = true;
+                }
+            }
+            let used = |e: usize| used.get(e).copied().unwrap_or(false);
             // Drop every expert of this block that the routing does not use.
-            for e in (0..c.experts).filter(|e| !used.contains(e)) {
+            for e in (0..experts_per_block).filter(|&e| !used(e)) {
                 let piece = Piece::Expert(block, e);
                 let guessed = st.guessed.remove(&piece);
                 let mut dropped = false;
@@ -831,7 +851,7 @@ impl WeightSource for RingWeights {
                 .queue
                 .iter()
                 .filter_map(|p| match *p {
-                    Piece::Expert(l, e) if l == block && used.contains(&e) => Some(e),
+                    Piece::Expert(l, e) if l == block && used(e) => Some(e),
                     _ => None,
                 })
                 .collect();
@@ -999,7 +1019,7 @@ impl WeightSource for RingWeights {
             let mut st = self.shared.lock()?;
             st.queue.clear();
             st.guessed.clear();
-            let ready: Vec<(Piece, usize)> = st.ready.drain().collect();
+            let ready = std::mem::take(&mut st.ready);
             for (piece, section) in ready {
                 st.keep_section(piece, section);
             }
@@ -1104,7 +1124,8 @@ mod tests {
         st.queue.push_back(Piece::Head);
         let (_, section, buf) = st.start_load_of(Piece::Head).expect("room for the head");
         assert_eq!(st.stats.kept_evictions, 1);
-        assert!(st.kept.contains_key(&Piece::Attention(0)) && !st.kept.contains_key(&Piece::Expert(0, 0)));
+        let kept = |st: &State, p: Piece| st.kept.contains_key(&(st.place(p), p));
+        assert!(kept(&st, Piece::Attention(0)) && !kept(&st, Piece::Expert(0, 0)));
         st.finish_load(Piece::Head, section, buf, Ok(Loaded::from_host(&[0.0])), 0.0);
         // Attention 0 is now the only kept piece. Reading the head (place 4), attention 0 comes
         // next (the next pass) and expert 0,1 after it: no eviction for expert 0,1. Reading expert
@@ -1119,6 +1140,38 @@ mod tests {
             st.has_room_for(Piece::Attention(1)),
             "attention 1 is read before attention 0"
         );
+    }
+
+    #[test]
+    fn the_victim_is_the_kept_piece_furthest_ahead_from_every_place() {
+        let order: Vec<Piece> = (0..3)
+            .flat_map(|l| std::iter::once(Piece::Attention(l)).chain((0..4).map(move |e| Piece::Expert(l, e))))
+            .chain(std::iter::once(Piece::Head))
+            .collect();
+        let mut st = State::new(Vec::new(), Some(&order), RingStats::default());
+        assert_eq!(st.victim(), None);
+        // Every subset of a few places kept, seen from every place: the ordered lookup finds the
+        // piece a scan of all kept pieces finds (the largest distance ahead).
+        let mut checked = 0;
+        for mask in 1u32..(1 << 6) {
+            st.kept.clear();
+            for (bit, &piece) in [0, 3, 5, 9, 12, 15].iter().map(|&i| &order[i]).enumerate() {
+                if mask & (1 << bit) != 0 {
+                    st.kept.insert((st.place(piece), piece), bit);
+                }
+            }
+            for position in 0..order.len() {
+                st.position = position;
+                let scanned = st
+                    .kept
+                    .keys()
+                    .map(|&(_, p)| (p, st.distance(p)))
+                    .max_by_key(|&(_, d)| d);
+                assert_eq!(st.victim(), scanned, "kept {mask:#b}, position {position}");
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 63 * order.len());
     }
 
     #[test]
