@@ -196,6 +196,10 @@ struct State {
     /// kept (see `RingWeights::new`).
     pass_order: BTreeMap<Piece, usize>,
     position: usize,
+    /// By place: how often each expert's block routed to it lately (an average over passes,
+    /// decaying by [`HEAT_DECAY`] a pass, of 1 when routed to and 0 when not), the estimate of the
+    /// chance that the next pass reads it. A dense piece is read by every pass.
+    heat: Vec<f32>,
     queue: VecDeque<Piece>,
     loading: BTreeMap<Piece, usize>,
     ready: BTreeMap<Piece, usize>,
@@ -230,6 +234,7 @@ impl State {
                 .map(|(i, &p)| (p, i))
                 .collect(),
             position: 0,
+            heat: vec![0.0; pass_order.map_or(0, |order| order.len())],
             queue: VecDeque::new(),
             loading: BTreeMap::new(),
             ready: BTreeMap::new(),
@@ -286,22 +291,42 @@ impl State {
         self.pass_order.get(&piece).copied().unwrap_or(0)
     }
 
-    /// The kept piece the forward pass reads again last, the first to give up its section: the
-    /// last one placed before the decoder's place, else the last one of all.
-    fn victim(&self) -> Option<(Piece, usize)> {
-        let first_of_place = (self.position % self.pass_order.len().max(1), Piece::Attention(0));
-        let (&(_, piece), _) = self
-            .kept
-            .range(..first_of_place)
-            .next_back()
-            .or_else(|| self.kept.iter().next_back())?;
-        Some((piece, self.distance(piece)))
+    /// How many places ahead the decoder is expected to read `piece` (at `place`) next: a dense
+    /// piece at its place in the pass ([`State::distance`]); an expert there in the passes that
+    /// route to it, so `1 / heat - 1` passes later on average.
+    fn next_use(&self, place: usize, piece: Piece) -> usize {
+        let distance = self.distance(piece);
+        if !matches!(piece, Piece::Expert(..)) {
+            return distance;
+        }
+        let n = self.pass_order.len().max(1) as f32;
+        let chance = self.heat.get(place).copied().unwrap_or(0.0).clamp(MIN_HEAT, 1.0);
+        distance + (n * (1.0 - chance) / chance) as usize
     }
 
-    /// A section to load `piece` into: a free one, else that of the kept piece read again last,
-    /// if `piece` is read before it (in a pass that cycles through the pieces, keeping those read
-    /// soonest is what the optimal policy does; a load for a piece read later than every kept one
-    /// waits until a section is free).
+    /// The kept piece expected to be read again last, the first to give up its section, and its
+    /// expected distance ([`State::next_use`]).
+    fn victim(&self) -> Option<(Piece, usize)> {
+        self.kept
+            .keys()
+            .map(|&(place, piece)| (piece, self.next_use(place, piece)))
+            .max_by_key(|&(_, next)| next)
+    }
+
+    /// MoE block `block` routed this pass to the experts for which `used` holds (of `experts`).
+    fn note_routing(&mut self, block: usize, experts: usize, used: impl Fn(usize) -> bool) {
+        for e in 0..experts {
+            let place = self.place(Piece::Expert(block, e));
+            if let Some(heat) = self.heat.get_mut(place) {
+                *heat = *heat * HEAT_DECAY + if used(e) { 1.0 - HEAT_DECAY } else { 0.0 };
+            }
+        }
+    }
+
+    /// A section to load `piece` into: a free one, else that of the kept piece expected to be read
+    /// again last, if `piece` is read before it (keeping the pieces read again soonest is what the
+    /// optimal policy does, with the expected next read standing in for the known one; a load for a
+    /// piece read later than every kept one waits until a section is free).
     fn take_section(&mut self, piece: Piece) -> Option<usize> {
         if let Some(section) = self.free.pop() {
             return Some(section);
@@ -314,8 +339,8 @@ impl State {
         self.kept.remove(&(self.place(victim), victim))
     }
 
-    /// Whether a load of `piece` could start now (a section free, or held by a kept piece read
-    /// later than it).
+    /// Whether a load of `piece` could start now (a section free, or held by a kept piece expected
+    /// to be read later than it).
     fn has_room_for(&self, piece: Piece) -> bool {
         !self.free.is_empty() || self.victim().is_some_and(|(_, d)| self.distance(piece) < d)
     }
@@ -478,6 +503,13 @@ impl Shared {
         }
     }
 }
+
+/// How much of an expert's heat (its recent share of passes that routed to it) is left after a
+/// pass: about the last ten passes count.
+const HEAT_DECAY: f32 = 0.9;
+
+/// The least heat counted: an expert never routed to is expected back after 1/MIN_HEAT passes.
+const MIN_HEAT: f32 = 1e-3;
 
 /// How long the decoder waits for one piece before calling the ring stuck.
 const LOAD_DEADLINE: Duration = Duration::from_secs(120);
@@ -808,6 +840,7 @@ impl WeightSource for RingWeights {
                 }
             }
             let used = |e: usize| used.get(e).copied().unwrap_or(false);
+            st.note_routing(block, experts_per_block, used);
             // Drop every expert of this block that the routing does not use.
             for e in (0..experts_per_block).filter(|&e| !used(e)) {
                 let piece = Piece::Expert(block, e);
@@ -1143,35 +1176,69 @@ mod tests {
     }
 
     #[test]
-    fn the_victim_is_the_kept_piece_furthest_ahead_from_every_place() {
+    fn the_victim_is_the_kept_piece_expected_furthest_ahead() {
         let order: Vec<Piece> = (0..3)
             .flat_map(|l| std::iter::once(Piece::Attention(l)).chain((0..4).map(move |e| Piece::Expert(l, e))))
             .chain(std::iter::once(Piece::Head))
             .collect();
         let mut st = State::new(Vec::new(), Some(&order), RingStats::default());
         assert_eq!(st.victim(), None);
-        // Every subset of a few places kept, seen from every place: the ordered lookup finds the
-        // piece a scan of all kept pieces finds (the largest distance ahead).
+        let keep = |st: &mut State, pieces: &[Piece]| {
+            st.kept.clear();
+            for (section, &piece) in pieces.iter().enumerate() {
+                st.kept.insert((st.place(piece), piece), section);
+            }
+        };
+        // Every expert routed to by every pass: the victim is the piece read again last, from
+        // every place, whichever pieces are kept.
+        st.heat.iter_mut().for_each(|h| *h = 1.0);
         let mut checked = 0;
         for mask in 1u32..(1 << 6) {
-            st.kept.clear();
-            for (bit, &piece) in [0, 3, 5, 9, 12, 15].iter().map(|&i| &order[i]).enumerate() {
-                if mask & (1 << bit) != 0 {
-                    st.kept.insert((st.place(piece), piece), bit);
-                }
-            }
+            let pieces: Vec<Piece> = [0, 3, 5, 9, 12, 15]
+                .iter()
+                .enumerate()
+                .filter(|&(bit, _)| mask & (1 << bit) != 0)
+                .map(|(_, &i)| order[i])
+                .collect();
+            keep(&mut st, &pieces);
             for position in 0..order.len() {
                 st.position = position;
-                let scanned = st
-                    .kept
-                    .keys()
-                    .map(|&(_, p)| (p, st.distance(p)))
+                let furthest = pieces
+                    .iter()
+                    .map(|&p| (p, st.distance(p)))
                     .max_by_key(|&(_, d)| d);
-                assert_eq!(st.victim(), scanned, "kept {mask:#b}, position {position}");
+                assert_eq!(st.victim(), furthest, "kept {pieces:?}, position {position}");
                 checked += 1;
             }
         }
         assert_eq!(checked, 63 * order.len());
+        // Routing history counts. Block 1 routes to expert 0 in every pass and to expert 1 in every
+        // other pass; expert 2 never: expert 2 goes first, then expert 1, although both are read
+        // before attention 2 in the pass, and attention 2 goes only after both.
+        st.heat.iter_mut().for_each(|h| *h = 0.0);
+        for pass in 0..40 {
+            st.note_routing(1, 4, |e| e == 0 || (e == 1 && pass % 2 == 0));
+        }
+        let heat = |st: &State, e: usize| st.heat[st.place(Piece::Expert(1, e))];
+        assert!(heat(&st, 0) > 0.98 && (0.4..0.6).contains(&heat(&st, 1)) && heat(&st, 2) == 0.0);
+        st.position = st.place(Piece::Head);
+        let (e0, e1, e2, a2) = (Piece::Expert(1, 0), Piece::Expert(1, 1), Piece::Expert(1, 2), Piece::Attention(2));
+        keep(&mut st, &[e0, e1, e2, a2]);
+        assert_eq!(st.victim().map(|v| v.0), Some(e2));
+        keep(&mut st, &[e0, e1, a2]);
+        assert_eq!(st.victim().map(|v| v.0), Some(e1));
+        keep(&mut st, &[e0, a2]);
+        assert_eq!(st.victim().map(|v| v.0), Some(a2), "expert 1,0 is read sooner than attention 2");
+        // A load of a piece the pass reads now may take a cold expert's section, not a hot one's.
+        keep(&mut st, &[e0, e2]);
+        st.position = st.place(Piece::Attention(1));
+        assert!(st.has_room_for(Piece::Attention(1)));
+        assert!(st.has_room_for(Piece::Expert(1, 3)), "expert 1,2 is expected back much later");
+        keep(&mut st, &[e0]);
+        assert!(
+            !st.has_room_for(Piece::Head),
+            "expert 1,0 is read before the head of this pass"
+        );
     }
 
     #[test]
