@@ -19,7 +19,13 @@
 //!
 //! With routed prefetch, a piece the decoder is done with stays in its section while no load needs
 //! the room, and a later pass that wants it reads it from there; a load takes the section of the
-//! kept piece the pass reads again last (and only for a piece read before it).
+//! kept piece expected to be read again last (and only for a piece read before it): a dense piece
+//! is read at its place in every pass, an expert only by the passes that route to it, as often as
+//! its recent routing says.
+//!
+//! The decoder and the I/O threads share one lock; each side sleeps on a condition variable of its
+//! own and is woken only when the other gives it something to do (a wake-up is an interrupt sent
+//! to another core, costly in a virtual machine, and most state changes leave a loader idle).
 //!
 //! How a piece gets into a section ([`RingLoad`]): its pages are mapped from the file into the
 //! section's address range and read in place (`infer::mapped`: on a CPU, a copy would move every
@@ -187,9 +193,8 @@ struct State {
     free: Vec<usize>,
     /// Pieces the decoder is done with (or a routing did not confirm), left in their sections
     /// while no load needs the room: wanted again, they are ready without a load.
-    /// Keyed by the piece's place in the pass, so that the one read again last is found without a
-    /// scan (ordered maps throughout: a few hundred pieces at most, looked up several times per
-    /// piece the decoder reads, and no hashing).
+    /// Keyed by the piece's place in the pass (ordered maps throughout: a few hundred pieces at
+    /// most, looked up several times per piece the decoder reads; no hashing).
     kept: BTreeMap<(usize, Piece), usize>,
     /// Each piece's place in a forward pass, and the place of the piece the decoder read last: the
     /// kept piece to give up for a load is the one read again last. Empty when pieces are not
@@ -1203,10 +1208,7 @@ mod tests {
             keep(&mut st, &pieces);
             for position in 0..order.len() {
                 st.position = position;
-                let furthest = pieces
-                    .iter()
-                    .map(|&p| (p, st.distance(p)))
-                    .max_by_key(|&(_, d)| d);
+                let furthest = pieces.iter().map(|&p| (p, st.distance(p))).max_by_key(|&(_, d)| d);
                 assert_eq!(st.victim(), furthest, "kept {pieces:?}, position {position}");
                 checked += 1;
             }
@@ -1222,18 +1224,30 @@ mod tests {
         let heat = |st: &State, e: usize| st.heat[st.place(Piece::Expert(1, e))];
         assert!(heat(&st, 0) > 0.98 && (0.4..0.6).contains(&heat(&st, 1)) && heat(&st, 2) == 0.0);
         st.position = st.place(Piece::Head);
-        let (e0, e1, e2, a2) = (Piece::Expert(1, 0), Piece::Expert(1, 1), Piece::Expert(1, 2), Piece::Attention(2));
+        let (e0, e1, e2, a2) = (
+            Piece::Expert(1, 0),
+            Piece::Expert(1, 1),
+            Piece::Expert(1, 2),
+            Piece::Attention(2),
+        );
         keep(&mut st, &[e0, e1, e2, a2]);
         assert_eq!(st.victim().map(|v| v.0), Some(e2));
         keep(&mut st, &[e0, e1, a2]);
         assert_eq!(st.victim().map(|v| v.0), Some(e1));
         keep(&mut st, &[e0, a2]);
-        assert_eq!(st.victim().map(|v| v.0), Some(a2), "expert 1,0 is read sooner than attention 2");
+        assert_eq!(
+            st.victim().map(|v| v.0),
+            Some(a2),
+            "expert 1,0 is read sooner than attention 2"
+        );
         // A load of a piece the pass reads now may take a cold expert's section, not a hot one's.
         keep(&mut st, &[e0, e2]);
         st.position = st.place(Piece::Attention(1));
         assert!(st.has_room_for(Piece::Attention(1)));
-        assert!(st.has_room_for(Piece::Expert(1, 3)), "expert 1,2 is expected back much later");
+        assert!(
+            st.has_room_for(Piece::Expert(1, 3)),
+            "expert 1,2 is expected back much later"
+        );
         keep(&mut st, &[e0]);
         assert!(
             !st.has_room_for(Piece::Head),
