@@ -28,7 +28,9 @@ pub use matmul::{matmul_bench, MatmulReport};
 pub use moe_layer::{moe_layer_bench, MoeLayerReport};
 pub use peak::fma_peak_gflops;
 pub use recovery::{recovery_bench, RecoveryReport};
-pub use ring::{ring_bench, variant_name as ring_variant_name, RingReport, RingRow};
+pub use ring::{
+    ring_bench, variant_name as ring_variant_name, RingReport, RingRow, WARM_UP_TOKENS as RING_WARM_UP_TOKENS,
+};
 pub use runtime::{runtime_bench, RuntimeReport};
 pub use storage::{percent_in_memory, storage_bench, StorageReport, StorageRow, StorageVariant};
 

@@ -74,6 +74,11 @@ fn run<S: WeightSource>(decoder: &mut BatchDecoder<S>, batch: usize, tokens: usi
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// Tokens per sequence generated before each timed run, resident or ring alike: a server's ring
+/// runs for hours, and its first passes (filling the sections, learning which experts the
+/// routing favours) are its start-up, as reading the weights into memory is the resident model's.
+pub const WARM_UP_TOKENS: usize = 16;
+
 /// Measure generation from the checkpoint in `checkpoint`: resident, then each ring variant in
 /// `variants` (prefetch and loading) under `device_budget`, at every batch size, `rounds` times
 /// alternating.
@@ -101,7 +106,7 @@ pub fn ring_bench(
                 let dir = ModelFile::open(checkpoint)?.dir().to_path_buf();
                 let model = crate::train::trainer::model_from(crate::storage::checkpoint::load(&dir)?)?;
                 let mut decoder = BatchDecoder::new(&model, cpu.clone(), batch)?;
-                run(&mut decoder, batch, 4, round)?; // warm up
+                run(&mut decoder, batch, WARM_UP_TOKENS, round)?;
                 let seconds = run(&mut decoder, batch, tokens, round)?;
                 resident_rounds.push((batch * tokens) as f64 / seconds);
             }
@@ -117,7 +122,7 @@ pub fn ring_bench(
                     },
                 )?;
                 let mut decoder = BatchDecoder::with_source(ring, cpu.clone(), batch)?;
-                run(&mut decoder, batch, 2, round)?; // warm up
+                run(&mut decoder, batch, WARM_UP_TOKENS, round)?;
                 let before = decoder.source().stats();
                 let seconds = run(&mut decoder, batch, tokens, round)?;
                 let after = decoder.source().stats();

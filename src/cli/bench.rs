@@ -786,7 +786,7 @@ fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
     }
     println!(
         "ring-memory inference: checkpoint {} = {:.1}x the Device budget of {} ({} sections of {}), {} thread(s), \
-         {} I/O thread(s), {} tokens per sequence, median of {} rounds (page cache warm)",
+         {} I/O thread(s), {} tokens per sequence after {} to warm up, median of {} rounds (page cache warm)",
         format_bytes(r.checkpoint_bytes),
         r.checkpoint_bytes as f64 / budget as f64,
         format_bytes(budget),
@@ -795,6 +795,7 @@ fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
         r.threads,
         a.io_threads,
         r.tokens,
+        bench::RING_WARM_UP_TOKENS,
         a.rounds
     );
     for row in &r.rows {
