@@ -9,8 +9,8 @@
 //!
 //! - [`Prefetch::Routed`]: the dense pieces of the pass as far as the next MoE block, and that
 //!   block's experts as soon as they can be guessed: before the block runs, the decoder applies the
-//!   block's gate to the residual stream entering it (the router is known one block ahead) and the
-//!   ring starts loading those experts; once the gate has really routed the batch, wrong guesses
+//!   block's gate to the residual stream entering it plus each sequence's last attention update
+//!   there (the router is known one block ahead) and the ring starts loading those experts; once the gate has really routed the batch, wrong guesses
 //!   are dropped, missing experts are queued, and the decoder reads the loaded ones first.
 //! - [`Prefetch::WholeBlock`]: every piece of every block, all experts included, in order (no
 //!   dependence on routing; pays when a large batch routes to most experts).
