@@ -10,8 +10,9 @@
 //! - [`Prefetch::Routed`]: the dense pieces of the pass as far as the next MoE block, and that
 //!   block's experts as soon as they can be guessed: before the block runs, the decoder applies the
 //!   block's gate to the residual stream entering it plus each sequence's last attention update
-//!   there (the router is known one block ahead) and the ring starts loading those experts; once the gate has really routed the batch, wrong guesses
-//!   are dropped, missing experts are queued, and the decoder reads the loaded ones first.
+//!   there (the router is known one block ahead) and the ring starts loading those experts; once
+//!   the gate has really routed the batch, wrong guesses are dropped, missing experts are queued,
+//!   and the decoder reads the loaded ones first.
 //! - [`Prefetch::WholeBlock`]: every piece of every block, all experts included, in order (no
 //!   dependence on routing; pays when a large batch routes to most experts).
 //! - [`Prefetch::OnDemand`]: nothing ahead: each piece is loaded when the decoder asks for it (the
@@ -197,8 +198,8 @@ struct State {
     /// most, looked up several times per piece the decoder reads; no hashing).
     kept: BTreeMap<(usize, Piece), usize>,
     /// Each piece's place in a forward pass, and the place of the piece the decoder read last: the
-    /// kept piece to give up for a load is the one read again last. Empty when pieces are not
-    /// kept (see `RingWeights::new`).
+    /// kept piece to give up for a load is the one expected to be read again last. Empty when
+    /// pieces are not kept (see `RingWeights::new`).
     pass_order: BTreeMap<Piece, usize>,
     position: usize,
     /// By place: how often each expert's block routed to it lately (an average over passes,
