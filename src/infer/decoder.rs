@@ -19,8 +19,8 @@ use rayon::prelude::*;
 
 /// Keys and values of every block for a fixed number of sequence *slots*, allocated once: the
 /// cache never grows past what [`KvCache::new`] reserved. With them, each slot's last attention
-/// output of every block (what a weight source guessing the routing ahead adds to the residual
-/// stream, see [`predict_experts`]).
+/// update of every block, added to the residual stream when a block's routing is guessed ahead
+/// for a streaming weight source.
 pub struct KvCache {
     /// Elements of one block's keys (or values) of one slot: `[H][block_size][dh]`.
     plane: usize,
