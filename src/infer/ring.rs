@@ -288,8 +288,13 @@ impl State {
     /// How far ahead of the decoder's place the forward pass reads `piece` (0: the piece it reads
     /// now; the one it read just before is the furthest).
     fn distance(&self, piece: Piece) -> usize {
+        self.places_ahead(self.place(piece))
+    }
+
+    /// How far ahead of the decoder's place `place` is in the pass ([`State::distance`]).
+    fn places_ahead(&self, place: usize) -> usize {
         let n = self.pass_order.len().max(1);
-        (self.place(piece) + n - self.position % n) % n
+        (place + n - self.position % n) % n
     }
 
     /// `piece`'s place in a forward pass.
@@ -301,7 +306,7 @@ impl State {
     /// piece at its place in the pass ([`State::distance`]); an expert there in the passes that
     /// route to it, so `1 / heat - 1` passes later on average.
     fn next_use(&self, place: usize, piece: Piece) -> usize {
-        let distance = self.distance(piece);
+        let distance = self.places_ahead(place);
         if !matches!(piece, Piece::Expert(..)) {
             return distance;
         }
