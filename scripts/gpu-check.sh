@@ -12,17 +12,17 @@
 #   - the host: GPU, driver, glibc (the binaries were built against glibc 2.36);
 #   - which CUDA library names load (cudarc's bindings ask for `.so.12`-style names; CUDA 13 ships
 #     `.so.13`);
-#   - the CUDA tests: device discovery (`kernels_cuda`) and the NCCL communicator on one GPU
+#   - the CUDA tests: device discovery (`kernels_cuda`), the MoE layer on the GPU against the CPU
+#     layer and bit for bit run to run (`kernels_cuda_moe`), and the NCCL communicator on one GPU
 #     (`net_nccl`: a single-rank all-to-all-v with itself, bit for bit; an abort);
-#   - the PyTorch baseline of the MoE layer on the GPU at the issue's size (16,384 tokens, width
-#     1024, hidden 4096, 8 experts, top-2), in float32 and TF32, with the matrix rate of the expert
-#     products' shape: the figures semoe's CUDA backend will be compared with.
-# semoe has no CUDA kernels yet (docs/gpu-data-path.md): what runs on the GPU here is NCCL and
-# PyTorch. Whole run: about 2 minutes after the host is up.
+#   - the MoE layer at the issue's size (16,384 tokens, width 1024, hidden 4096, 8 experts, top-2),
+#     semoe's (`semoe bench moe-layer --device cuda`) and PyTorch's, side by side, in float32 and
+#     in TF32, each with the matrix rate cuBLAS reaches at the expert products' size.
+# Whole run: about 3 minutes after the host is up.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=gpu-bundle
-TESTS=(kernels_cuda net_nccl)
+TESTS=(kernels_cuda kernels_cuda_moe net_nccl)
 
 build() {
     set -e
@@ -113,9 +113,14 @@ EOF
     for t in "${TESTS[@]}"; do
         step 120 "test $t" "$BUNDLE/$t" --nocapture --test-threads 1
     done
-    for tf32 in "" "--tf32"; do
-        step 180 "PyTorch MoE layer on the GPU${tf32:+ (TF32)}" "$py" bench/moe_layer_torch.py --device cuda \
-            --tokens 16384 --d-model 1024 --d-ff 4096 --experts 8 --k 2 --iters 10 --warmup 3 $tf32
+    local size=(--tokens 16384 --d-model 1024 --d-ff 4096 --experts 8 --k 2 --iters 10 --warmup 3)
+    for precision in f32 tf32; do
+        local tf32=""
+        [ "$precision" = tf32 ] && tf32=--tf32
+        step 120 "semoe MoE layer on the GPU ($precision)" "$BUNDLE/semoe" bench moe-layer --device cuda \
+            --precision "$precision" "${size[@]}"
+        step 180 "PyTorch MoE layer on the GPU ($precision)" "$py" bench/moe_layer_torch.py --device cuda \
+            "${size[@]}" $tf32
     done
     say ""
     say "figures in $out"

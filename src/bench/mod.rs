@@ -25,7 +25,7 @@ pub use cache_policy::{
 pub use disk::{disk_bandwidth, tier_bandwidth, DiskBandwidth};
 pub use generate::{generate_bench, GenerateReport, GenerateRow};
 pub use matmul::{matmul_bench, MatmulReport};
-pub use moe_layer::{moe_layer_bench, MoeLayerReport};
+pub use moe_layer::{moe_layer_bench, moe_layer_cuda_bench, MoeLayerCudaReport, MoeLayerReport};
 pub use peak::fma_peak_gflops;
 pub use recovery::{recovery_bench, RecoveryReport};
 pub use ring::{

@@ -121,3 +121,93 @@ pub fn moe_layer_bench(
         peak_gflops,
     })
 }
+
+/// Result of [`moe_layer_cuda_bench`]: the MoE layer on one GPU.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoeLayerCudaReport {
+    /// The GPU's name.
+    pub device: String,
+    /// `f32` or `tf32`.
+    pub precision: String,
+    /// The layer configuration.
+    pub config: MoeConfig,
+    /// Tokens per forward.
+    pub tokens: usize,
+    /// Kept assignments (rows through the experts).
+    pub kept: usize,
+    /// Rows per expert in the padded expert batch.
+    pub slots_per_expert: usize,
+    /// Median seconds of a forward pass (inputs already on the GPU, synchronised at the end).
+    pub forward_seconds: f64,
+    /// Median seconds of a forward plus backward pass.
+    pub train_seconds: f64,
+    /// tokens / forward_seconds
+    pub forward_tokens_per_s: f64,
+    /// tokens / train_seconds
+    pub train_tokens_per_s: f64,
+    /// Expert-matmul FLOPs of the kept rows in forward + backward (6 products): the same count as
+    /// the CPU bench and the PyTorch script.
+    pub train_flops: f64,
+    /// train_flops / train_seconds.
+    pub train_gflops: f64,
+    /// The six expert products alone, batched over the experts at the layer's padded shapes:
+    /// their FLOPs (padding rows included) per second, GFLOP/s.
+    pub expert_products_gflops: f64,
+    /// A plain cuBLAS product `[E * slots][d_model] @ [d_model][d_ff]` in the same precision,
+    /// GFLOP/s: the matrix rate of this GPU at the layer's size.
+    pub matrix_gflops: f64,
+}
+
+/// Forward and forward+backward throughput of one MoE layer on GPU 0 (`semoe bench moe-layer
+/// --device cuda`): the same inputs as [`moe_layer_bench`], uploaded once; every timed iteration
+/// ends with a synchronisation.
+pub fn moe_layer_cuda_bench(
+    config: &MoeConfig,
+    tokens: usize,
+    warmup: usize,
+    iters: usize,
+    precision: crate::kernels::cuda::Precision,
+) -> Result<MoeLayerCudaReport> {
+    use crate::kernels::cuda::{CudaDevice, CudaMoeLayer};
+    let device = CudaDevice::open(0)?;
+    let params = MoeParams::<f32>::init(config, 42)?;
+    let mut layer = CudaMoeLayer::new(&device, config.clone(), &params, precision)?;
+    let x = layer.upload(&randn(tokens * config.d_model, 3))?;
+    let gy = layer.upload(&randn(tokens * config.d_model, 4))?;
+    let (mut kept, mut slots) = (0, 0);
+    let forward = time_it(warmup, iters, || {
+        let (y, cache) = layer.forward(&x)?;
+        kept = cache.stats.expert_tokens.iter().sum();
+        slots = cache.slots_per_expert();
+        let _ = (y, cache);
+        layer.synchronize()
+    })?;
+    let train = time_it(warmup, iters, || {
+        let (_y, cache) = layer.forward(&x)?;
+        let _gx = layer.backward(&x, cache, &gy, 1.0)?;
+        layer.synchronize()
+    })?;
+    let (d, f, e) = (config.d_model, config.d_ff, config.experts);
+    let train_flops = 6.0 * 2.0 * kept as f64 * d as f64 * f as f64;
+    let padded_flops = 6.0 * 2.0 * (e * slots) as f64 * d as f64 * f as f64;
+    let rounds = 5;
+    let products = layer.expert_products_seconds(slots, iters, rounds)?;
+    let matrix = layer.plain_product_seconds(e * slots, f, d, iters, rounds)?;
+    let (fs, ts) = (median(forward), median(train));
+    Ok(MoeLayerCudaReport {
+        device: device.name(),
+        precision: format!("{precision:?}").to_lowercase(),
+        config: config.clone(),
+        tokens,
+        kept,
+        slots_per_expert: slots,
+        forward_seconds: fs,
+        train_seconds: ts,
+        forward_tokens_per_s: tokens as f64 / fs,
+        train_tokens_per_s: tokens as f64 / ts,
+        train_flops,
+        train_gflops: train_flops / ts / 1e9,
+        expert_products_gflops: padded_flops / products / 1e9,
+        matrix_gflops: 2.0 * (e * slots * d * f) as f64 / matrix / 1e9,
+    })
+}

@@ -277,6 +277,12 @@ pub struct MoeLayerArgs {
     /// GELU form: erf or tanh.
     #[arg(long, default_value = "erf")]
     gelu: Gelu,
+    /// Where the layer runs: `cpu`, or `cuda` (GPU 0; a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
+    /// Precision of the GPU's matrix products: f32 or tf32 (`--device cuda` only).
+    #[arg(long, default_value = "f32")]
+    precision: semoe::kernels::cuda::Precision,
 }
 
 #[derive(Args)]
@@ -536,6 +542,37 @@ fn stall_causes(seconds: &[f64; 4]) -> String {
     }
 }
 
+/// `semoe bench moe-layer --device cuda`.
+fn moe_layer_on_gpu(a: &MoeLayerArgs, config: &MoeConfig) -> semoe::Result<()> {
+    semoe::kernels::cuda::check_moe_config(config)?;
+    let r = bench::moe_layer_cuda_bench(config, a.tokens, a.common.warmup, a.common.iters, a.precision)?;
+    if a.common.json {
+        return print_json(&r);
+    }
+    println!(
+        "MoE layer on {}: S={} d_model={} d_ff={} E={} k={} capacity_factor={} ({} of {} assignments kept, {} rows per expert), {}",
+        r.device, r.tokens, a.d_model, a.d_ff, a.experts, a.k, a.capacity_factor, r.kept, r.tokens * a.k, r.slots_per_expert, r.precision
+    );
+    println!(
+        "  forward          {:>11.1} tokens/s  {:>8.2} ms",
+        r.forward_tokens_per_s,
+        r.forward_seconds * 1e3
+    );
+    println!(
+        "  forward+backward {:>11.1} tokens/s  {:>8.2} ms  {:>8.1} GFLOP/s of expert products",
+        r.train_tokens_per_s,
+        r.train_seconds * 1e3,
+        r.train_gflops
+    );
+    println!(
+        "  expert products alone {:.1} GFLOP/s = {:.0}% of cuBLAS's plain product at the same size ({:.1} GFLOP/s)",
+        r.expert_products_gflops,
+        100.0 * r.expert_products_gflops / r.matrix_gflops,
+        r.matrix_gflops
+    );
+    Ok(())
+}
+
 /// Run one `semoe bench` command.
 pub fn run(command: BenchCommand) -> semoe::Result<()> {
     match command {
@@ -552,6 +589,9 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
                 ..MoeConfig::default()
             };
             config.validate()?;
+            if a.device == "cuda" {
+                return moe_layer_on_gpu(&a, &config);
+            }
             let cpu = Cpu::new(a.common.threads)?;
             let peak = bench::fma_peak_gflops(cpu.threads());
             let r = bench::moe_layer_bench(&cpu, &config, a.tokens, a.common.warmup, a.common.iters, peak)?;

@@ -12,7 +12,7 @@ pub struct CudaDevice {
     ordinal: usize,
 }
 
-fn cuda_error(detail: impl Into<String>) -> Error {
+pub(crate) fn cuda_error(detail: impl Into<String>) -> Error {
     Error::Backend {
         backend: "cuda",
         detail: detail.into(),
@@ -45,6 +45,11 @@ impl CudaDevice {
         cudarc::driver::CudaContext::device_count()
             .map(|n| n.max(0) as usize)
             .unwrap_or(0)
+    }
+
+    /// The device's context (its primary context, shared by every user of this GPU).
+    pub(crate) fn context(&self) -> &Arc<cudarc::driver::CudaContext> {
+        &self.ctx
     }
 
     /// The device's name as the driver reports it.

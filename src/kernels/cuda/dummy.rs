@@ -1,6 +1,16 @@
-//! Stand-in for the CUDA backend when semoe is built without the `cuda` feature.
+//! Stand-in for the CUDA backend when semoe is built without the `cuda` feature: the same API,
+//! whose constructors fail with "built without CUDA support".
 
+use super::Precision;
 use crate::error::{Error, Result};
+use crate::model::moe::{MoeConfig, MoeParams, MoeStats};
+
+fn no_cuda(what: &str) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        detail: format!("{what}: semoe was built without CUDA support; rebuild with `--features cuda`"),
+    }
+}
 
 /// A CUDA device. This build has no CUDA support, so [`CudaDevice::open`] always fails.
 #[derive(Debug)]
@@ -11,12 +21,7 @@ pub struct CudaDevice {
 impl CudaDevice {
     /// Always an error: this build of semoe has no CUDA support.
     pub fn open(ordinal: usize) -> Result<Self> {
-        Err(Error::Backend {
-            backend: "cuda",
-            detail: format!(
-                "cannot open GPU {ordinal}: semoe was built without CUDA support; rebuild with `--features cuda`"
-            ),
-        })
+        Err(no_cuda(&format!("cannot open GPU {ordinal}")))
     }
 
     /// Number of visible CUDA devices: none in this build.
@@ -27,5 +32,117 @@ impl CudaDevice {
     /// The device's name.
     pub fn name(&self) -> String {
         String::new()
+    }
+}
+
+/// Always an error: this build cannot compile CUDA kernels.
+pub fn compile_moe_kernels() -> Result<String> {
+    Err(no_cuda("cannot compile the MoE kernels"))
+}
+
+/// A float buffer in a GPU's memory (none can exist in this build).
+pub struct DeviceBuffer {
+    _private: (),
+}
+
+impl DeviceBuffer {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        0
+    }
+
+    /// Whether the buffer has no element.
+    pub fn is_empty(&self) -> bool {
+        true
+    }
+}
+
+/// The forward pass's cache (none can exist in this build).
+pub struct CudaMoeCache {
+    /// The auxiliary load-balancing loss.
+    pub l_aux: f32,
+    /// The router z-loss.
+    pub z_loss: f32,
+    /// Per-expert loads and drops.
+    pub stats: MoeStats,
+}
+
+impl CudaMoeCache {
+    /// Rows per expert in the padded expert batch.
+    pub fn slots_per_expert(&self) -> usize {
+        0
+    }
+}
+
+/// The MoE layer on a GPU. This build has no CUDA support: [`CudaMoeLayer::new`] always fails.
+pub struct CudaMoeLayer {
+    config: MoeConfig,
+}
+
+impl CudaMoeLayer {
+    /// Always an error: this build has no CUDA support.
+    pub fn new(
+        _device: &CudaDevice,
+        _config: MoeConfig,
+        _params: &MoeParams<f32>,
+        _precision: Precision,
+    ) -> Result<Self> {
+        Err(no_cuda("cannot build the CUDA MoE layer"))
+    }
+
+    /// The layer's configuration.
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    /// Unreachable in this build (no layer exists).
+    pub fn upload(&self, _data: &[f32]) -> Result<DeviceBuffer> {
+        Err(no_cuda("cannot copy to a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn download(&self, _buf: &DeviceBuffer) -> Result<Vec<f32>> {
+        Err(no_cuda("cannot copy from a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn synchronize(&self) -> Result<()> {
+        Err(no_cuda("cannot wait for a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn gradients(&self) -> Result<MoeParams<f32>> {
+        Err(no_cuda("cannot read gradients from a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn zero_gradients(&mut self) -> Result<()> {
+        Err(no_cuda("cannot zero gradients on a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn forward(&self, _x: &DeviceBuffer) -> Result<(DeviceBuffer, CudaMoeCache)> {
+        Err(no_cuda("cannot run the MoE layer on a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn backward(
+        &mut self,
+        _x: &DeviceBuffer,
+        _cache: CudaMoeCache,
+        _gy: &DeviceBuffer,
+        _router_scale: f32,
+    ) -> Result<DeviceBuffer> {
+        Err(no_cuda("cannot run the MoE layer on a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn expert_products_seconds(&mut self, _slots: usize, _iters: usize, _rounds: usize) -> Result<f64> {
+        Err(no_cuda("cannot time products on a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn plain_product_seconds(&self, _m: usize, _n: usize, _k: usize, _iters: usize, _rounds: usize) -> Result<f64> {
+        Err(no_cuda("cannot time products on a GPU"))
     }
 }

@@ -1,16 +1,60 @@
 //! The CUDA backend (cudarc, loaded at run time). Without the `cuda` feature this module is a dummy
-//! twin with the same API whose constructor reports that the build has no CUDA support.
+//! twin with the same API whose constructors report that the build has no CUDA support.
 //!
-//! The device kernels themselves (cuBLAS matmuls, NVRTC element-wise kernels, NCCL all-to-all) come
-//! with the GPU work; what exists now is device discovery with clear errors, so that callers can
-//! already select a device and fail cleanly where none is usable.
+//! What exists: device discovery with clear errors ([`CudaDevice`]) and the MoE layer on one GPU
+//! ([`CudaMoeLayer`]: cuBLAS products, NVRTC kernels for routing, dispatch, GELU, combine and their
+//! backward; `semoe bench moe-layer --device cuda`). The NCCL all-to-all lives in
+//! `net/collective/`. The rest of the model (attention, layer norm, embeddings, cross-entropy,
+//! AdamW) still runs on the CPU only: `semoe train` has no GPU path yet (docs/gpu-data-path.md).
+
+use crate::error::{Error, Result};
+use crate::model::moe::{DropPolicy, MoeConfig};
 
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
+mod moe;
+#[cfg(feature = "cuda")]
 pub use device::CudaDevice;
+#[cfg(feature = "cuda")]
+pub use moe::{compile_moe_kernels, CudaMoeCache, CudaMoeLayer, DeviceBuffer};
 
 #[cfg(not(feature = "cuda"))]
 mod dummy;
 #[cfg(not(feature = "cuda"))]
-pub use dummy::CudaDevice;
+pub use dummy::{compile_moe_kernels, CudaDevice, CudaMoeCache, CudaMoeLayer, DeviceBuffer};
+
+/// The precision of the GPU's matrix products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Full float32 products (cuBLAS's default math).
+    #[default]
+    F32,
+    /// TF32 tensor-core products (10-bit mantissa inputs, float32 sums): faster, wider tolerance.
+    Tf32,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "tf32" => Ok(Precision::Tf32),
+            other => Err(Error::config(format!(
+                "precision must be \"f32\" or \"tf32\", got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Whether the GPU layer supports `config`: everything the CPU layer does except the `probs` drop
+/// policy (a per-expert sort by gate value, not written for the GPU yet).
+pub fn check_moe_config(config: &MoeConfig) -> Result<()> {
+    config.validate()?;
+    if config.drop_policy == DropPolicy::Probs && !config.dropless {
+        return Err(Error::config(
+            "the CUDA MoE layer supports the \"position\" drop policy only (\"probs\" runs on the CPU)",
+        ));
+    }
+    Ok(())
+}

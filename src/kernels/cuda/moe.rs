@@ -1,0 +1,955 @@
+//! The MoE layer on one GPU: forward and backward with every tensor in device memory.
+//!
+//! The same layer as [`crate::model::moe::MoeLayer`] (same routing, same losses, same gradients),
+//! computed on the GPU: matrix products through cuBLAS, the routing and element-wise work in the
+//! NVRTC kernels of `moe_kernels.cu`. Two differences in layout, none in meaning:
+//!
+//! - the expert batch is padded to `C` rows per expert (`C` = the capacity, or the largest expert
+//!   load when dropless), so that each of the six expert products is one strided batched cuBLAS
+//!   call for all experts (grouped products without padding are the next step where loads are
+//!   uneven); the padding rows are zero in every gradient;
+//! - dropless routing reads the experts' loads back to the host once per forward (to size the
+//!   batch); with a capacity, the forward reads back only the loads and losses at its end, for the
+//!   statistics.
+//!
+//! What stays on the host: nothing of the computation. The drop policy `probs` (a sort per expert)
+//! is not implemented on the GPU and is refused by [`check_moe_config`](super::check_moe_config).
+//!
+//! Bits: the results agree with the CPU layer within float32 rounding (cuBLAS sums in its own
+//! order); on one GPU a run repeats bit for bit (no floating-point atomics, one stream).
+
+use super::device::{cuda_error, CudaDevice};
+use super::{check_moe_config, Precision};
+use crate::error::{Error, Result};
+use crate::model::moe::{MoeConfig, MoeParams, MoeStats};
+use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+/// The CUDA C source of the layer's kernels.
+const KERNELS: &str = include_str!("moe_kernels.cu");
+
+/// The kernels `moe_kernels.cu` defines, in the order of [`Kernels`]' fields.
+const KERNEL_NAMES: [&str; 12] = [
+    "moe_gate_topk",
+    "moe_route_positions",
+    "moe_assign",
+    "moe_router_losses",
+    "moe_dispatch",
+    "moe_bias_gelu_forward",
+    "moe_add_expert_bias",
+    "moe_combine",
+    "moe_combine_backward",
+    "moe_expert_column_sums",
+    "moe_gelu_backward",
+    "moe_gate_backward",
+];
+
+/// Threads per block of the row and element-wise kernels (a power of two: the block sums need it).
+const BLOCK: u32 = 256;
+/// Threads of the prefix-count and loss kernels (one block each).
+const WIDE_BLOCK: u32 = 1024;
+/// Most blocks of a grid-stride kernel.
+const MAX_BLOCKS: u64 = 1 << 16;
+
+fn nvrtc_present() -> bool {
+    // SAFETY: as for the driver probe (src/kernels/cuda/device.rs): dlopen and close only.
+    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+fn cublas_present() -> bool {
+    // SAFETY: as above.
+    std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Compile the layer's kernels with NVRTC and return the PTX text. Needs only the NVRTC library (no
+/// GPU): tests run it wherever NVRTC is installed, so that a kernel that does not compile is caught
+/// before a GPU is at hand.
+pub fn compile_moe_kernels() -> Result<String> {
+    compile().map(|ptx| ptx.to_src())
+}
+
+fn compile() -> Result<cudarc::nvrtc::Ptx> {
+    if !nvrtc_present() {
+        return Err(cuda_error(
+            "cannot compile the MoE kernels: the NVRTC library (libnvrtc.so) was not found",
+        ));
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        name: Some("moe_kernels.cu".into()),
+        ..Default::default()
+    };
+    std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts))
+        .map_err(|_| cuda_error("NVRTC panicked while compiling the MoE kernels"))?
+        .map_err(|e| cuda_error(format!("NVRTC could not compile the MoE kernels: {e}")))
+}
+
+/// The loaded kernels.
+struct Kernels {
+    gate_topk: CudaFunction,
+    route_positions: CudaFunction,
+    assign: CudaFunction,
+    router_losses: CudaFunction,
+    dispatch: CudaFunction,
+    bias_gelu_forward: CudaFunction,
+    add_expert_bias: CudaFunction,
+    combine: CudaFunction,
+    combine_backward: CudaFunction,
+    expert_column_sums: CudaFunction,
+    gelu_backward: CudaFunction,
+    gate_backward: CudaFunction,
+}
+
+/// A float buffer in the GPU's memory, `len` elements.
+pub struct DeviceBuffer {
+    data: CudaSlice<f32>,
+    len: usize,
+}
+
+impl DeviceBuffer {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer has no element.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The layer's five parameter groups on the device (the same layout as [`MoeParams`]).
+struct DeviceParams {
+    wg: CudaSlice<f32>,
+    w1: CudaSlice<f32>,
+    b1: CudaSlice<f32>,
+    w2: CudaSlice<f32>,
+    b2: CudaSlice<f32>,
+}
+
+/// What the backward pass needs from the forward pass, on the device, and the forward's
+/// statistics on the host.
+pub struct CudaMoeCache {
+    tokens: usize,
+    /// Rows per expert in the padded batch.
+    slots: usize,
+    gates: CudaSlice<f32>,
+    lse: CudaSlice<f32>,
+    expert: CudaSlice<u32>,
+    slot: CudaSlice<i32>,
+    weights: CudaSlice<f32>,
+    first_counts: CudaSlice<i32>,
+    xe: CudaSlice<f32>,
+    h: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+    ye: CudaSlice<f32>,
+    /// The auxiliary load-balancing loss.
+    pub l_aux: f32,
+    /// The router z-loss.
+    pub z_loss: f32,
+    /// Per-expert loads and drops, as the CPU layer reports them.
+    pub stats: MoeStats,
+}
+
+impl CudaMoeCache {
+    /// Rows per expert in the padded expert batch (the capacity, or the largest load when dropless).
+    pub fn slots_per_expert(&self) -> usize {
+        self.slots
+    }
+}
+
+/// The MoE layer on one GPU, with its parameters and gradient buffers in device memory.
+pub struct CudaMoeLayer {
+    config: MoeConfig,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: Kernels,
+    params: DeviceParams,
+    grads: DeviceParams,
+}
+
+/// One row-major product `C (m x n) = op(A) (m x k) @ op(B) (k x n)` (`+ C` when `accumulate`),
+/// repeated `batch` times over consecutive blocks of A, B and C.
+#[derive(Clone, Copy, Debug)]
+struct Product {
+    m: usize,
+    n: usize,
+    k: usize,
+    a_t: bool,
+    b_t: bool,
+    batch: usize,
+    accumulate: bool,
+}
+
+fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| cuda_error(format!("{what} = {v} does not fit cuBLAS's 32-bit sizes")))
+}
+
+fn driver(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| cuda_error(format!("{what}: {e}"))
+}
+
+/// The error of a kernel launch that failed.
+fn launch(kernel: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| cuda_error(format!("kernel {kernel}: {e}"))
+}
+
+fn blocks(n: u64, per_block: u32) -> u32 {
+    n.div_ceil(per_block as u64).clamp(1, MAX_BLOCKS) as u32
+}
+
+fn grid(blocks: u32, threads: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: shared,
+    }
+}
+
+/// One row-major product (see [`Product`]) through cuBLAS's column-major interface: a row-major
+/// matrix is the column-major view of its transpose, so `C = A B` is computed as `C^T = B^T A^T`.
+fn product(blas: &CudaBlas, p: Product, a: &CudaSlice<f32>, b: &CudaSlice<f32>, c: &mut CudaSlice<f32>) -> Result<()> {
+    if p.m == 0 || p.n == 0 || p.batch == 0 {
+        return Ok(());
+    }
+    let op = |t: bool| {
+        if t {
+            blas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            blas_sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let gemm = GemmConfig {
+        transa: op(p.b_t),
+        transb: op(p.a_t),
+        m: int(p.n, "product columns")?,
+        n: int(p.m, "product rows")?,
+        k: int(p.k, "product inner size")?,
+        alpha: 1.0f32,
+        lda: int(if p.b_t { p.k } else { p.n }.max(1), "leading dimension")?,
+        ldb: int(if p.a_t { p.m } else { p.k }.max(1), "leading dimension")?,
+        beta: if p.accumulate { 1.0f32 } else { 0.0 },
+        ldc: int(p.n, "leading dimension")?,
+    };
+    let cfg = StridedBatchedConfig {
+        gemm,
+        batch_size: int(p.batch, "batch")?,
+        stride_a: (p.k * p.n) as i64,
+        stride_b: (p.m * p.k) as i64,
+        stride_c: (p.m * p.n) as i64,
+    };
+    // SAFETY: the callers pass buffers of at least batch * (m k, k n, m n) elements, which the
+    // strides and leading dimensions above stay within.
+    unsafe { blas.gemm_strided_batched(cfg, b, a, c) }.map_err(|e| {
+        cuda_error(format!(
+            "cuBLAS product {}x{}x{} (batch {}): {e}",
+            p.m, p.n, p.k, p.batch
+        ))
+    })
+}
+
+impl CudaMoeLayer {
+    /// The layer with `params` on GPU `device`, products in `precision`.
+    pub fn new(device: &CudaDevice, config: MoeConfig, params: &MoeParams<f32>, precision: Precision) -> Result<Self> {
+        check_moe_config(&config)?;
+        params.check(&config)?;
+        if !cublas_present() {
+            return Err(cuda_error("the cuBLAS library (libcublas.so) was not found"));
+        }
+        let ptx = compile()?;
+        let ctx = device.context();
+        let stream = ctx.new_stream().map_err(driver("cannot create a CUDA stream"))?;
+        let module = ctx.load_module(ptx).map_err(driver("cannot load the MoE kernels"))?;
+        let load = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| cuda_error(format!("kernel {name} is missing from the module: {e}")))
+        };
+        let f: Vec<CudaFunction> = KERNEL_NAMES.iter().map(|n| load(n)).collect::<Result<_>>()?;
+        let mut f = f.into_iter();
+        let mut next = || {
+            f.next()
+                .ok_or_else(|| cuda_error("kernel table is shorter than its names"))
+        };
+        let kernels = Kernels {
+            gate_topk: next()?,
+            route_positions: next()?,
+            assign: next()?,
+            router_losses: next()?,
+            dispatch: next()?,
+            bias_gelu_forward: next()?,
+            add_expert_bias: next()?,
+            combine: next()?,
+            combine_backward: next()?,
+            expert_column_sums: next()?,
+            gelu_backward: next()?,
+            gate_backward: next()?,
+        };
+        let blas =
+            CudaBlas::new(stream.clone()).map_err(|e| cuda_error(format!("cannot create a cuBLAS handle: {e}")))?;
+        let mode = match precision {
+            Precision::F32 => blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
+            Precision::Tf32 => blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+        };
+        // SAFETY: the handle is alive (owned by `blas`) and the mode is a valid enumerator.
+        let status = unsafe { blas_sys::cublasSetMathMode(*blas.handle(), mode) };
+        if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(cuda_error(format!(
+                "cannot set cuBLAS's math mode to {precision:?}: {status:?}"
+            )));
+        }
+        let upload = |v: &[f32]| {
+            stream
+                .clone_htod(v)
+                .map_err(driver("cannot copy the parameters to the GPU"))
+        };
+        let params_on_device = DeviceParams {
+            wg: upload(&params.wg)?,
+            w1: upload(&params.w1)?,
+            b1: upload(&params.b1)?,
+            w2: upload(&params.w2)?,
+            b2: upload(&params.b2)?,
+        };
+        let zeros = |n: usize| {
+            stream
+                .alloc_zeros::<f32>(n)
+                .map_err(driver("cannot allocate the gradients"))
+        };
+        let (d, f, e) = (config.d_model, config.d_ff, config.experts);
+        let grads = DeviceParams {
+            wg: zeros(d * e)?,
+            w1: zeros(e * d * f)?,
+            b1: zeros(e * f)?,
+            w2: zeros(e * f * d)?,
+            b2: zeros(e * d)?,
+        };
+        Ok(CudaMoeLayer {
+            config,
+            stream,
+            blas,
+            kernels,
+            params: params_on_device,
+            grads,
+        })
+    }
+
+    /// The layer's configuration.
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    /// Copy `data` to the GPU.
+    pub fn upload(&self, data: &[f32]) -> Result<DeviceBuffer> {
+        let buf = self.alloc_copy(data)?;
+        Ok(DeviceBuffer {
+            data: buf,
+            len: data.len(),
+        })
+    }
+
+    /// Copy a device buffer back to the host (waits for the work queued before it).
+    pub fn download(&self, buf: &DeviceBuffer) -> Result<Vec<f32>> {
+        let mut v = self
+            .stream
+            .clone_dtoh(&buf.data)
+            .map_err(driver("cannot copy from the GPU"))?;
+        v.truncate(buf.len);
+        Ok(v)
+    }
+
+    /// Wait until every queued kernel and product has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(driver("the GPU's work failed"))
+    }
+
+    /// The accumulated parameter gradients, copied to the host.
+    pub fn gradients(&self) -> Result<MoeParams<f32>> {
+        let get = |b: &CudaSlice<f32>| {
+            self.stream
+                .clone_dtoh(b)
+                .map_err(driver("cannot copy the gradients from the GPU"))
+        };
+        Ok(MoeParams {
+            wg: get(&self.grads.wg)?,
+            w1: get(&self.grads.w1)?,
+            b1: get(&self.grads.b1)?,
+            w2: get(&self.grads.w2)?,
+            b2: get(&self.grads.b2)?,
+        })
+    }
+
+    /// Set every gradient to zero.
+    pub fn zero_gradients(&mut self) -> Result<()> {
+        let g = &mut self.grads;
+        for buf in [&mut g.wg, &mut g.w1, &mut g.b1, &mut g.w2, &mut g.b2] {
+            self.stream
+                .memset_zeros(buf)
+                .map_err(driver("cannot zero the gradients"))?;
+        }
+        Ok(())
+    }
+
+    fn alloc_copy<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(data).map_err(driver("cannot copy to the GPU"))
+    }
+
+    /// An uninitialised buffer of `n` elements (at least one: CUDA refuses empty allocations).
+    fn alloc<T: cudarc::driver::DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: every caller writes the elements it later reads (the kernels and products below
+        // write their whole output before anything reads it).
+        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(driver("cannot allocate GPU memory"))
+    }
+
+    fn alloc_zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros::<T>(n.max(1))
+            .map_err(driver("cannot allocate GPU memory"))
+    }
+
+    /// Forward pass over the tokens `x` (`[S][d_model]` on the device): returns `y` and the cache.
+    pub fn forward(&self, x: &DeviceBuffer) -> Result<(DeviceBuffer, CudaMoeCache)> {
+        let c = &self.config;
+        let (d, f, e_count, k) = (c.d_model, c.d_ff, c.experts, c.k);
+        if x.len == 0 || !x.len.is_multiple_of(d) {
+            return Err(Error::shape(
+                "CUDA MoE input",
+                format!("{} elements are not one or more rows of d_model={d}", x.len),
+            ));
+        }
+        let s = x.len / d;
+        let ks = k * s;
+        let (s_i, e_i, k_i, d_i, f_i) = (
+            int(s, "tokens")?,
+            int(e_count, "experts")?,
+            int(k, "k")?,
+            int(d, "d_model")?,
+            int(f, "d_ff")?,
+        );
+        int(ks, "assignments")?;
+        let st = &self.stream;
+        let kn = &self.kernels;
+
+        let mut logits = self.alloc::<f32>(s * e_count)?;
+        let gemm = |m, n, kk, a_t, b_t| Product {
+            m,
+            n,
+            k: kk,
+            a_t,
+            b_t,
+            batch: 1,
+            accumulate: false,
+        };
+        product(
+            &self.blas,
+            gemm(s, e_count, d, false, false),
+            &x.data,
+            &self.params.wg,
+            &mut logits,
+        )?;
+
+        let mut gates = self.alloc::<f32>(s * e_count)?;
+        let mut lse = self.alloc::<f32>(s)?;
+        let mut expert = self.alloc::<u32>(ks)?;
+        let mut nonfinite = self.alloc_copy(&[s_i])?;
+        // SAFETY: the arguments follow moe_gate_topk's parameters (moe_kernels.cu), and each buffer
+        // holds the elements it indexes for these sizes; so for every launch below.
+        unsafe {
+            st.launch_builder(&kn.gate_topk)
+                .arg(&logits)
+                .arg(&s_i)
+                .arg(&e_i)
+                .arg(&k_i)
+                .arg(&mut gates)
+                .arg(&mut lse)
+                .arg(&mut expert)
+                .arg(&mut nonfinite)
+                .launch(grid(blocks(s as u64, BLOCK), BLOCK, 0))
+        }
+        .map_err(launch("moe_gate_topk"))?;
+
+        let mut loc = self.alloc::<i32>(ks)?;
+        let mut counts = self.alloc::<i32>(e_count)?;
+        let mut first_counts = self.alloc::<i32>(e_count)?;
+        // SAFETY: the arguments follow moe_route_positions's parameters; the buffers hold what it indexes.
+        unsafe {
+            st.launch_builder(&kn.route_positions)
+                .arg(&expert)
+                .arg(&s_i)
+                .arg(&k_i)
+                .arg(&mut loc)
+                .arg(&mut counts)
+                .arg(&mut first_counts)
+                .launch(grid(e_count as u32, WIDE_BLOCK, WIDE_BLOCK * 4))
+        }
+        .map_err(launch("moe_route_positions"))?;
+
+        let read_ints = |buf: &CudaSlice<i32>| st.clone_dtoh(buf).map_err(driver("cannot read the routing back"));
+        let capacity = c.capacity(s);
+        let slots = match capacity {
+            // More slots than assignments would only be padding.
+            Some(cap) => cap.min(ks),
+            None => {
+                let loads = read_ints(&counts)?;
+                self.check_finite(&read_ints(&nonfinite)?, s)?;
+                loads.iter().map(|&n| n.max(0) as usize).max().unwrap_or(0)
+            }
+        };
+        let rows = e_count * slots;
+        let c_i = int(slots, "slots per expert")?;
+        int(rows, "expert batch rows")?;
+
+        let mut weights = self.alloc::<f32>(ks)?;
+        let mut slot = self.alloc::<i32>(ks)?;
+        let normalize = i32::from(c.normalize);
+        let eps = f32::EPSILON;
+        // SAFETY: the arguments follow moe_assign's parameters; the buffers hold what it indexes.
+        unsafe {
+            st.launch_builder(&kn.assign)
+                .arg(&gates)
+                .arg(&expert)
+                .arg(&loc)
+                .arg(&s_i)
+                .arg(&e_i)
+                .arg(&k_i)
+                .arg(&c_i)
+                .arg(&normalize)
+                .arg(&eps)
+                .arg(&mut weights)
+                .arg(&mut slot)
+                .launch(grid(blocks(s as u64, BLOCK), BLOCK, 0))
+        }
+        .map_err(launch("moe_assign"))?;
+
+        let mut losses = self.alloc::<f32>(2)?;
+        // SAFETY: the arguments follow moe_router_losses's parameters; the buffers hold what it indexes.
+        unsafe {
+            st.launch_builder(&kn.router_losses)
+                .arg(&gates)
+                .arg(&lse)
+                .arg(&first_counts)
+                .arg(&s_i)
+                .arg(&e_i)
+                .arg(&mut losses)
+                .launch(grid(1, WIDE_BLOCK, WIDE_BLOCK * 4))
+        }
+        .map_err(launch("moe_router_losses"))?;
+
+        let mut xe = self.alloc_zeros::<f32>(rows * d)?;
+        // SAFETY: the arguments follow moe_dispatch's parameters; the buffers hold what it indexes.
+        unsafe {
+            st.launch_builder(&kn.dispatch)
+                .arg(&x.data)
+                .arg(&slot)
+                .arg(&s_i)
+                .arg(&d_i)
+                .arg(&mut xe)
+                .launch(grid(ks as u32, BLOCK, 0))
+        }
+        .map_err(launch("moe_dispatch"))?;
+
+        let batched = |m, n, kk, a_t, b_t, accumulate| Product {
+            m,
+            n,
+            k: kk,
+            a_t,
+            b_t,
+            batch: e_count,
+            accumulate,
+        };
+        let mut h = self.alloc::<f32>(rows * f)?;
+        let mut act = self.alloc::<f32>(rows * f)?;
+        let mut ye = self.alloc::<f32>(rows * d)?;
+        let tanh_form = i32::from(c.gelu == crate::kernels::Gelu::Tanh);
+        let rows_l = rows as i64;
+        if rows > 0 {
+            product(
+                &self.blas,
+                batched(slots, f, d, false, false, false),
+                &xe,
+                &self.params.w1,
+                &mut h,
+            )?;
+            // SAFETY: the arguments follow moe_bias_gelu_forward's parameters; the buffers hold what it indexes.
+            unsafe {
+                st.launch_builder(&kn.bias_gelu_forward)
+                    .arg(&mut h)
+                    .arg(&mut act)
+                    .arg(&self.params.b1)
+                    .arg(&rows_l)
+                    .arg(&c_i)
+                    .arg(&f_i)
+                    .arg(&tanh_form)
+                    .launch(grid(blocks((rows * f) as u64, BLOCK), BLOCK, 0))
+            }
+            .map_err(launch("moe_bias_gelu_forward"))?;
+            product(
+                &self.blas,
+                batched(slots, d, f, false, false, false),
+                &act,
+                &self.params.w2,
+                &mut ye,
+            )?;
+            // SAFETY: the arguments follow moe_add_expert_bias's parameters; the buffers hold what it indexes.
+            unsafe {
+                st.launch_builder(&kn.add_expert_bias)
+                    .arg(&mut ye)
+                    .arg(&self.params.b2)
+                    .arg(&rows_l)
+                    .arg(&c_i)
+                    .arg(&d_i)
+                    .launch(grid(blocks((rows * d) as u64, BLOCK), BLOCK, 0))
+            }
+            .map_err(launch("moe_add_expert_bias"))?;
+        }
+
+        let mut y = self.alloc::<f32>(s * d)?;
+        self.combine(&ye, Some(&weights), &slot, s, &mut y)?;
+
+        // The statistics: loads, the first non-finite token, the losses (one small read, which
+        // also waits for the forward to finish).
+        let loads = read_ints(&counts)?;
+        self.check_finite(&read_ints(&nonfinite)?, s)?;
+        let loss = st
+            .clone_dtoh(&losses)
+            .map_err(driver("cannot read the router losses"))?;
+        let kept: Vec<usize> = loads.iter().map(|&n| (n.max(0) as usize).min(slots)).collect();
+        let assigned: usize = loads.iter().map(|&n| n.max(0) as usize).sum();
+        let stats = MoeStats {
+            dropped: assigned - kept.iter().sum::<usize>(),
+            expert_tokens: kept,
+            capacity,
+        };
+        let cache = CudaMoeCache {
+            tokens: s,
+            slots,
+            gates,
+            lse,
+            expert,
+            slot,
+            weights,
+            first_counts,
+            xe,
+            h,
+            act,
+            ye,
+            l_aux: loss.first().copied().unwrap_or(f32::NAN),
+            z_loss: loss.get(1).copied().unwrap_or(f32::NAN),
+            stats,
+        };
+        Ok((DeviceBuffer { data: y, len: s * d }, cache))
+    }
+
+    fn check_finite(&self, first_bad: &[i32], tokens: usize) -> Result<()> {
+        match first_bad.first() {
+            Some(&t) if (t as usize) < tokens => Err(Error::NonFinite {
+                context: "the MoE gate (CUDA)".into(),
+                detail: format!("gate logit of token {t}"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// `out[s] = sum_j w[j S + s] ye[slot[j S + s]]` (weight 1 when `weights` is `None`).
+    fn combine(
+        &self,
+        rows: &CudaSlice<f32>,
+        weights: Option<&CudaSlice<f32>>,
+        slot: &CudaSlice<i32>,
+        tokens: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (s_i, k_i, d_i) = (int(tokens, "tokens")?, int(c.k, "k")?, int(c.d_model, "d_model")?);
+        let mut builder = self.stream.launch_builder(&self.kernels.combine);
+        builder.arg(rows);
+        let null: u64 = 0;
+        match weights {
+            Some(w) => builder.arg(w),
+            // A null pointer: the kernel then weighs every row by 1.
+            None => builder.arg(&null),
+        };
+        builder.arg(slot).arg(&s_i).arg(&k_i).arg(&d_i).arg(out);
+        // SAFETY: the arguments match moe_combine's parameters; `rows` holds every slot's row,
+        // `slot` k * tokens entries, `out` tokens rows.
+        unsafe { builder.launch(grid(tokens as u32, BLOCK, 0)) }
+            .map(|_| ())
+            .map_err(|e| cuda_error(format!("kernel moe_combine: {e}")))
+    }
+
+    /// Backward pass: given the forward's input `x`, its cache and `gy = dL/dy`, add the parameter
+    /// gradients of `sum(y * gy) + router_scale * (aux_coef * l_aux + z_coef * z_loss)` into the
+    /// layer's gradient buffers and return `dL/dx`.
+    pub fn backward(
+        &mut self,
+        x: &DeviceBuffer,
+        cache: CudaMoeCache,
+        gy: &DeviceBuffer,
+        router_scale: f32,
+    ) -> Result<DeviceBuffer> {
+        let c = self.config.clone();
+        let (d, f, e_count, k) = (c.d_model, c.d_ff, c.experts, c.k);
+        let s = cache.tokens;
+        for (name, buf) in [("x", x), ("gy", gy)] {
+            if buf.len != s * d {
+                return Err(Error::shape(
+                    format!("CUDA MoE backward {name}"),
+                    format!("expected {} elements ({s} tokens of {d}), got {}", s * d, buf.len),
+                ));
+            }
+        }
+        let CudaMoeCache {
+            slots,
+            gates,
+            lse,
+            expert,
+            slot,
+            weights,
+            first_counts,
+            xe,
+            h,
+            act,
+            mut ye,
+            ..
+        } = cache;
+        let ks = k * s;
+        let rows = e_count * slots;
+        let (s_i, e_i, k_i, d_i) = (
+            int(s, "tokens")?,
+            int(e_count, "experts")?,
+            int(k, "k")?,
+            int(d, "d_model")?,
+        );
+        let batched = |m, n, kk, a_t, b_t, accumulate| Product {
+            m,
+            n,
+            k: kk,
+            a_t,
+            b_t,
+            batch: e_count,
+            accumulate,
+        };
+
+        let mut gw = self.alloc::<f32>(ks)?;
+        let mut gye = self.alloc_zeros::<f32>(rows * d)?;
+        // SAFETY: the arguments follow moe_combine_backward's parameters; the buffers hold what it
+        // indexes.
+        unsafe {
+            self.stream
+                .launch_builder(&self.kernels.combine_backward)
+                .arg(&gy.data)
+                .arg(&ye)
+                .arg(&weights)
+                .arg(&slot)
+                .arg(&s_i)
+                .arg(&d_i)
+                .arg(&mut gw)
+                .arg(&mut gye)
+                .launch(grid(ks as u32, BLOCK, BLOCK * 4))
+        }
+        .map_err(launch("moe_combine_backward"))?;
+
+        // The experts, all at once: gw2 += a^T gye; gb2 += colsum(gye); g = gye w2^T; g *= gelu'(h);
+        // gw1 += xe^T g; gb1 += colsum(g); gxe = g w1^T (into ye's buffer, no longer needed).
+        let mut g = act;
+        if rows > 0 {
+            product(
+                &self.blas,
+                batched(f, d, slots, true, false, true),
+                &g,
+                &self.params.w2,
+                &mut self.grads.w2,
+            )?;
+            self.column_sums(&gye, slots, d, true)?;
+            product(
+                &self.blas,
+                batched(slots, f, d, false, true, false),
+                &gye,
+                &self.params.w2,
+                &mut g,
+            )?;
+            let n = (rows * f) as i64;
+            let tanh_form = i32::from(c.gelu == crate::kernels::Gelu::Tanh);
+            // SAFETY: the arguments follow moe_gelu_backward's parameters; the buffers hold what it indexes.
+            unsafe {
+                self.stream
+                    .launch_builder(&self.kernels.gelu_backward)
+                    .arg(&h)
+                    .arg(&mut g)
+                    .arg(&n)
+                    .arg(&tanh_form)
+                    .launch(grid(blocks(n as u64, BLOCK), BLOCK, 0))
+            }
+            .map_err(launch("moe_gelu_backward"))?;
+            product(
+                &self.blas,
+                batched(d, f, slots, true, false, true),
+                &xe,
+                &g,
+                &mut self.grads.w1,
+            )?;
+            self.column_sums(&g, slots, f, false)?;
+            product(
+                &self.blas,
+                batched(slots, d, f, false, true, false),
+                &g,
+                &self.params.w1,
+                &mut ye,
+            )?;
+        }
+        let gxe = ye;
+        let mut gx = self.alloc::<f32>(s * d)?;
+        self.combine(&gxe, None, &slot, s, &mut gx)?;
+
+        let mut g_logits = self.alloc::<f32>(s * e_count)?;
+        let normalize = i32::from(c.normalize);
+        let eps = f32::EPSILON;
+        let aux_scale = if c.aux_coef != 0.0 {
+            (c.aux_coef as f32) * router_scale * e_count as f32 / (s as f32 * s as f32)
+        } else {
+            0.0
+        };
+        let z = (c.z_coef as f32) * router_scale * 2.0 / s as f32;
+        // SAFETY: the arguments follow moe_gate_backward's parameters; the buffers hold what it indexes.
+        unsafe {
+            self.stream
+                .launch_builder(&self.kernels.gate_backward)
+                .arg(&gates)
+                .arg(&lse)
+                .arg(&expert)
+                .arg(&slot)
+                .arg(&gw)
+                .arg(&first_counts)
+                .arg(&s_i)
+                .arg(&e_i)
+                .arg(&k_i)
+                .arg(&normalize)
+                .arg(&eps)
+                .arg(&aux_scale)
+                .arg(&z)
+                .arg(&mut g_logits)
+                .launch(grid(blocks(s as u64, BLOCK), BLOCK, 0))
+        }
+        .map_err(launch("moe_gate_backward"))?;
+        let single = |m, n, kk, a_t, b_t| Product {
+            m,
+            n,
+            k: kk,
+            a_t,
+            b_t,
+            batch: 1,
+            accumulate: true,
+        };
+        product(
+            &self.blas,
+            single(d, e_count, s, true, false),
+            &x.data,
+            &g_logits,
+            &mut self.grads.wg,
+        )?;
+        product(
+            &self.blas,
+            single(s, d, e_count, false, true),
+            &g_logits,
+            &self.params.wg,
+            &mut gx,
+        )?;
+        Ok(DeviceBuffer { data: gx, len: s * d })
+    }
+
+    /// Add each expert's column sums of `m` (`[E][slots][width]`) into the gradient of b2
+    /// (`second`) or b1.
+    fn column_sums(&mut self, m: &CudaSlice<f32>, slots: usize, width: usize, second: bool) -> Result<()> {
+        let e_count = self.config.experts;
+        let (e_i, c_i, w_i) = (int(e_count, "experts")?, int(slots, "slots")?, int(width, "width")?);
+        let acc = if second { &mut self.grads.b2 } else { &mut self.grads.b1 };
+        let n = (e_count * width) as u64;
+        // SAFETY: the arguments match moe_expert_column_sums; `m` holds E * slots rows of `width`,
+        // `acc` E * width elements.
+        unsafe {
+            self.stream
+                .launch_builder(&self.kernels.expert_column_sums)
+                .arg(m)
+                .arg(&e_i)
+                .arg(&c_i)
+                .arg(&w_i)
+                .arg(acc)
+                .launch(grid(n.div_ceil(BLOCK as u64) as u32, BLOCK, 0))
+        }
+        .map(|_| ())
+        .map_err(|e| cuda_error(format!("kernel moe_expert_column_sums: {e}")))
+    }
+
+    /// Seconds per repetition of the six expert products alone at this layer's shapes for `slots`
+    /// rows per expert (the products of one forward and backward, batched over the experts):
+    /// median of `rounds` rounds of `iters` repetitions, after one untimed round.
+    pub fn expert_products_seconds(&mut self, slots: usize, iters: usize, rounds: usize) -> Result<f64> {
+        let c = self.config.clone();
+        let (d, f, e_count) = (c.d_model, c.d_ff, c.experts);
+        let rows = e_count * slots;
+        let xe = self.alloc_zeros::<f32>(rows * d)?;
+        let mut h = self.alloc_zeros::<f32>(rows * f)?;
+        let mut ye = self.alloc_zeros::<f32>(rows * d)?;
+        let mut gw1 = self.alloc_zeros::<f32>(e_count * d * f)?;
+        let mut gw2 = self.alloc_zeros::<f32>(e_count * f * d)?;
+        let b = |m, n, kk, a_t, b_t, accumulate| Product {
+            m,
+            n,
+            k: kk,
+            a_t,
+            b_t,
+            batch: e_count,
+            accumulate,
+        };
+        let (blas, p) = (&self.blas, &self.params);
+        self.time_rounds(iters, rounds, || {
+            product(blas, b(slots, f, d, false, false, false), &xe, &p.w1, &mut h)?;
+            product(blas, b(slots, d, f, false, false, false), &h, &p.w2, &mut ye)?;
+            product(blas, b(f, d, slots, true, false, true), &h, &ye, &mut gw2)?;
+            product(blas, b(slots, f, d, false, true, false), &ye, &p.w2, &mut h)?;
+            product(blas, b(d, f, slots, true, false, true), &xe, &h, &mut gw1)?;
+            product(blas, b(slots, d, f, false, true, false), &h, &p.w1, &mut ye)
+        })
+    }
+
+    /// Seconds per plain row-major product `[m][k] @ [k][n]` in this layer's precision (the
+    /// matrix rate the expert products are judged against), timed as
+    /// [`CudaMoeLayer::expert_products_seconds`].
+    pub fn plain_product_seconds(&self, m: usize, n: usize, k: usize, iters: usize, rounds: usize) -> Result<f64> {
+        let a = self.alloc_zeros::<f32>(m * k)?;
+        let b = self.alloc_zeros::<f32>(k * n)?;
+        let mut out = self.alloc_zeros::<f32>(m * n)?;
+        let p = Product {
+            m,
+            n,
+            k,
+            a_t: false,
+            b_t: false,
+            batch: 1,
+            accumulate: false,
+        };
+        self.time_rounds(iters, rounds, || product(&self.blas, p, &a, &b, &mut out))
+    }
+
+    /// Median seconds per call of `f` over `rounds` rounds of `iters` calls, each round bracketed by
+    /// synchronisations; one untimed round first (cuBLAS picks its kernels and workspace there).
+    fn time_rounds(&self, iters: usize, rounds: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        let iters = iters.max(1);
+        let mut times = Vec::with_capacity(rounds);
+        for round in 0..=rounds.max(1) {
+            self.synchronize()?;
+            let start = std::time::Instant::now();
+            for _ in 0..iters {
+                f()?;
+            }
+            self.synchronize()?;
+            if round > 0 {
+                times.push(start.elapsed().as_secs_f64() / iters as f64);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+}
