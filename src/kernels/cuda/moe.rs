@@ -759,7 +759,7 @@ impl CudaMoeLayer {
                 &self.blas,
                 batched(f, d, slots, true, false, true),
                 &g,
-                &self.params.w2,
+                &gye,
                 &mut self.grads.w2,
             )?;
             self.column_sums(&gye, slots, d, true)?;

@@ -45,8 +45,10 @@ __device__ float gelu_slope(float x, int tanh_form) {
 }
 
 // Softmax of each token's logits and its top-K experts (ties to the lowest index, like the CPU
-// layer and torch.argmax). One thread per token. A token with a non-finite logit writes nothing
-// and lowers `*nonfinite` (initialised to S) to its index: the host reports the first such token.
+// layer and torch.argmax). One thread per token. A token with a non-finite logit lowers
+// `*nonfinite` (initialised to S) to its index, and the host reports the first such token after the
+// forward; meanwhile the token gets zero gates and experts 0..K-1, so that every later kernel
+// stays within its buffers.
 extern "C" __global__ void moe_gate_topk(const float* logits, int S, int E, int K, float* gates,
                                          float* lse, unsigned* expert, int* nonfinite) {
     int s = blockIdx.x * blockDim.x + threadIdx.x;
@@ -59,11 +61,14 @@ extern "C" __global__ void moe_gate_topk(const float* logits, int S, int E, int 
         if (!isfinite(v)) bad = true;
         m = fmaxf(m, v);
     }
+    float* g = gates + (size_t)s * E;
     if (bad) {
         atomicMin(nonfinite, s);
+        for (int e = 0; e < E; ++e) g[e] = 0.0f;
+        lse[s] = 0.0f;
+        for (int j = 0; j < K; ++j) expert[(size_t)j * S + s] = (unsigned)j;
         return;
     }
-    float* g = gates + (size_t)s * E;
     float sum = 0.0f;
     for (int e = 0; e < E; ++e) {
         float p = expf(l[e] - m);
