@@ -8,15 +8,15 @@
 //!   same routing (the same per-expert loads and drops); a second run gives the same bits; a
 //!   non-finite input is an error naming the token. Skipped, saying so, without a GPU.
 
-use semoe::kernels::cuda::{check_moe_config, compile_moe_kernels, CudaDevice, CudaMoeLayer, Precision};
+use semoe::kernels::cuda::{check_moe_config, compile_kernels, CudaDevice, CudaMoeLayer, Precision};
 use semoe::kernels::{Cpu, Gelu};
 use semoe::model::moe::{DropPolicy, MoeConfig, MoeLayer, MoeParams};
 
 const TOLERANCE: f64 = 1e-5;
 
 #[test]
-fn the_moe_kernels_compile_with_nvrtc() {
-    let ptx = match compile_moe_kernels() {
+fn the_kernels_compile_with_nvrtc() {
+    let ptx = match compile_kernels() {
         Ok(ptx) => ptx,
         Err(e) => {
             let msg = e.to_string();
@@ -41,6 +41,18 @@ fn the_moe_kernels_compile_with_nvrtc() {
         "moe_expert_column_sums",
         "moe_gelu_backward",
         "moe_gate_backward",
+        "gpt_embed_forward",
+        "gpt_embed_backward",
+        "gpt_layer_norm_forward",
+        "gpt_layer_norm_backward",
+        "gpt_layer_norm_param_grads",
+        "gpt_add_into",
+        "gpt_split_heads",
+        "gpt_merge_heads",
+        "gpt_causal_softmax",
+        "gpt_causal_softmax_backward",
+        "gpt_cross_entropy",
+        "gpt_adamw",
     ] {
         assert!(
             ptx.contains(&format!(".entry {kernel}(")),

@@ -36,8 +36,31 @@ impl CudaDevice {
 }
 
 /// Always an error: this build cannot compile CUDA kernels.
-pub fn compile_moe_kernels() -> Result<String> {
-    Err(no_cuda("cannot compile the MoE kernels"))
+pub fn compile_kernels() -> Result<String> {
+    Err(no_cuda("cannot compile the CUDA kernels"))
+}
+
+/// A GPU's stream, cuBLAS handle and kernels. This build has no CUDA support: [`Gpu::new`]
+/// always fails.
+pub struct Gpu {
+    _private: (),
+}
+
+impl Gpu {
+    /// Always an error: this build has no CUDA support.
+    pub fn new(_device: &CudaDevice, _precision: Precision) -> Result<std::sync::Arc<Self>> {
+        Err(no_cuda("cannot open a GPU"))
+    }
+
+    /// The GPU's name.
+    pub fn name(&self) -> &str {
+        ""
+    }
+
+    /// Unreachable in this build.
+    pub fn synchronize(&self) -> Result<()> {
+        Err(no_cuda("cannot wait for a GPU"))
+    }
 }
 
 /// A float buffer in a GPU's memory (none can exist in this build).

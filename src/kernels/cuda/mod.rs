@@ -13,16 +13,24 @@ use crate::model::moe::{DropPolicy, MoeConfig};
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
+mod gpt;
+#[cfg(feature = "cuda")]
+mod gpu;
+#[cfg(feature = "cuda")]
 mod moe;
 #[cfg(feature = "cuda")]
 pub use device::CudaDevice;
 #[cfg(feature = "cuda")]
-pub use moe::{compile_moe_kernels, CudaMoeCache, CudaMoeLayer, DeviceBuffer};
+pub use gpt::CudaGpt;
+#[cfg(feature = "cuda")]
+pub use gpu::{compile_kernels, Gpu};
+#[cfg(feature = "cuda")]
+pub use moe::{CudaMoeCache, CudaMoeLayer, DeviceBuffer};
 
 #[cfg(not(feature = "cuda"))]
 mod dummy;
 #[cfg(not(feature = "cuda"))]
-pub use dummy::{compile_moe_kernels, CudaDevice, CudaMoeCache, CudaMoeLayer, DeviceBuffer};
+pub use dummy::{compile_kernels, CudaDevice, CudaMoeCache, CudaMoeLayer, DeviceBuffer, Gpu};
 
 /// The precision of the GPU's matrix products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

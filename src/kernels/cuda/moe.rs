@@ -19,91 +19,17 @@
 //! order); on one GPU a run repeats bit for bit (no floating-point atomics, one stream).
 
 use super::device::{cuda_error, CudaDevice};
+use super::gpu::{driver, elementwise, grid, int, launch, per_element, Gpu, Product, BLOCK, WIDE_BLOCK};
 use super::{check_moe_config, Precision};
 use crate::error::{Error, Result};
 use crate::model::moe::{MoeConfig, MoeParams, MoeStats};
-use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, PushKernelArg};
 use std::sync::Arc;
-
-/// The CUDA C source of the layer's kernels.
-const KERNELS: &str = include_str!("moe_kernels.cu");
-
-/// The kernels `moe_kernels.cu` defines, in the order of [`Kernels`]' fields.
-const KERNEL_NAMES: [&str; 12] = [
-    "moe_gate_topk",
-    "moe_route_positions",
-    "moe_assign",
-    "moe_router_losses",
-    "moe_dispatch",
-    "moe_bias_gelu_forward",
-    "moe_add_expert_bias",
-    "moe_combine",
-    "moe_combine_backward",
-    "moe_expert_column_sums",
-    "moe_gelu_backward",
-    "moe_gate_backward",
-];
-
-/// Threads per block of the row and element-wise kernels (a power of two: the block sums need it).
-const BLOCK: u32 = 256;
-/// Threads of the prefix-count and loss kernels (one block each).
-const WIDE_BLOCK: u32 = 1024;
-/// Most blocks of a grid-stride kernel.
-const MAX_BLOCKS: u64 = 1 << 16;
-
-fn nvrtc_present() -> bool {
-    // SAFETY: as for the driver probe (src/kernels/cuda/device.rs): dlopen and close only.
-    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
-}
-
-fn cublas_present() -> bool {
-    // SAFETY: as above.
-    std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false)
-}
-
-/// Compile the layer's kernels with NVRTC and return the PTX text. Needs only the NVRTC library (no
-/// GPU): tests run it wherever NVRTC is installed, so that a kernel that does not compile is caught
-/// before a GPU is at hand.
-pub fn compile_moe_kernels() -> Result<String> {
-    compile().map(|ptx| ptx.to_src())
-}
-
-fn compile() -> Result<cudarc::nvrtc::Ptx> {
-    if !nvrtc_present() {
-        return Err(cuda_error(
-            "cannot compile the MoE kernels: the NVRTC library (libnvrtc.so) was not found",
-        ));
-    }
-    let opts = cudarc::nvrtc::CompileOptions {
-        name: Some("moe_kernels.cu".into()),
-        ..Default::default()
-    };
-    std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts))
-        .map_err(|_| cuda_error("NVRTC panicked while compiling the MoE kernels"))?
-        .map_err(|e| cuda_error(format!("NVRTC could not compile the MoE kernels: {e}")))
-}
-
-/// The loaded kernels.
-struct Kernels {
-    gate_topk: CudaFunction,
-    route_positions: CudaFunction,
-    assign: CudaFunction,
-    router_losses: CudaFunction,
-    dispatch: CudaFunction,
-    bias_gelu_forward: CudaFunction,
-    add_expert_bias: CudaFunction,
-    combine: CudaFunction,
-    combine_backward: CudaFunction,
-    expert_column_sums: CudaFunction,
-    gelu_backward: CudaFunction,
-    gate_backward: CudaFunction,
-}
 
 /// A float buffer in the GPU's memory, `len` elements.
 pub struct DeviceBuffer {
-    data: CudaSlice<f32>,
-    len: usize,
+    pub(crate) data: CudaSlice<f32>,
+    pub(crate) len: usize,
 }
 
 impl DeviceBuffer {
@@ -125,6 +51,18 @@ struct DeviceParams {
     b1: CudaSlice<f32>,
     w2: CudaSlice<f32>,
     b2: CudaSlice<f32>,
+}
+
+impl DeviceParams {
+    fn download(&self, gpu: &Gpu) -> Result<MoeParams<f32>> {
+        Ok(MoeParams {
+            wg: gpu.download(&self.wg)?,
+            w1: gpu.download(&self.w1)?,
+            b1: gpu.download(&self.b1)?,
+            w2: gpu.download(&self.w2)?,
+            b2: gpu.download(&self.b2)?,
+        })
+    }
 }
 
 /// What the backward pass needs from the forward pass, on the device, and the forward's
@@ -161,148 +99,25 @@ impl CudaMoeCache {
 /// The MoE layer on one GPU, with its parameters and gradient buffers in device memory.
 pub struct CudaMoeLayer {
     config: MoeConfig,
-    stream: Arc<CudaStream>,
-    blas: CudaBlas,
-    kernels: Kernels,
+    gpu: Arc<Gpu>,
     params: DeviceParams,
     grads: DeviceParams,
 }
 
-/// One row-major product `C (m x n) = op(A) (m x k) @ op(B) (k x n)` (`+ C` when `accumulate`),
-/// repeated `batch` times over consecutive blocks of A, B and C.
-#[derive(Clone, Copy, Debug)]
-struct Product {
-    m: usize,
-    n: usize,
-    k: usize,
-    a_t: bool,
-    b_t: bool,
-    batch: usize,
-    accumulate: bool,
-}
-
-fn int(v: usize, what: &str) -> Result<i32> {
-    i32::try_from(v).map_err(|_| cuda_error(format!("{what} = {v} does not fit cuBLAS's 32-bit sizes")))
-}
-
-fn driver(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| cuda_error(format!("{what}: {e}"))
-}
-
-/// The error of a kernel launch that failed.
-fn launch(kernel: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
-    move |e| cuda_error(format!("kernel {kernel}: {e}"))
-}
-
-fn blocks(n: u64, per_block: u32) -> u32 {
-    n.div_ceil(per_block as u64).clamp(1, MAX_BLOCKS) as u32
-}
-
-fn grid(blocks: u32, threads: u32, shared: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: shared,
-    }
-}
-
-/// One row-major product (see [`Product`]) through cuBLAS's column-major interface: a row-major
-/// matrix is the column-major view of its transpose, so `C = A B` is computed as `C^T = B^T A^T`.
-fn product(blas: &CudaBlas, p: Product, a: &CudaSlice<f32>, b: &CudaSlice<f32>, c: &mut CudaSlice<f32>) -> Result<()> {
-    if p.m == 0 || p.n == 0 || p.batch == 0 {
-        return Ok(());
-    }
-    let op = |t: bool| {
-        if t {
-            blas_sys::cublasOperation_t::CUBLAS_OP_T
-        } else {
-            blas_sys::cublasOperation_t::CUBLAS_OP_N
-        }
-    };
-    let gemm = GemmConfig {
-        transa: op(p.b_t),
-        transb: op(p.a_t),
-        m: int(p.n, "product columns")?,
-        n: int(p.m, "product rows")?,
-        k: int(p.k, "product inner size")?,
-        alpha: 1.0f32,
-        lda: int(if p.b_t { p.k } else { p.n }.max(1), "leading dimension")?,
-        ldb: int(if p.a_t { p.m } else { p.k }.max(1), "leading dimension")?,
-        beta: if p.accumulate { 1.0f32 } else { 0.0 },
-        ldc: int(p.n, "leading dimension")?,
-    };
-    let cfg = StridedBatchedConfig {
-        gemm,
-        batch_size: int(p.batch, "batch")?,
-        stride_a: (p.k * p.n) as i64,
-        stride_b: (p.m * p.k) as i64,
-        stride_c: (p.m * p.n) as i64,
-    };
-    // SAFETY: the callers pass buffers of at least batch * (m k, k n, m n) elements, which the
-    // strides and leading dimensions above stay within.
-    unsafe { blas.gemm_strided_batched(cfg, b, a, c) }.map_err(|e| {
-        cuda_error(format!(
-            "cuBLAS product {}x{}x{} (batch {}): {e}",
-            p.m, p.n, p.k, p.batch
-        ))
-    })
-}
-
 impl CudaMoeLayer {
-    /// The layer with `params` on GPU `device`, products in `precision`.
+    /// The layer with `params` on GPU `device`, products in `precision` (a stream of its own).
     pub fn new(device: &CudaDevice, config: MoeConfig, params: &MoeParams<f32>, precision: Precision) -> Result<Self> {
         check_moe_config(&config)?;
         params.check(&config)?;
-        if !cublas_present() {
-            return Err(cuda_error("the cuBLAS library (libcublas.so) was not found"));
-        }
-        let ptx = compile()?;
-        let ctx = device.context();
-        let stream = ctx.new_stream().map_err(driver("cannot create a CUDA stream"))?;
-        let module = ctx.load_module(ptx).map_err(driver("cannot load the MoE kernels"))?;
-        let load = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(|e| cuda_error(format!("kernel {name} is missing from the module: {e}")))
-        };
-        let f: Vec<CudaFunction> = KERNEL_NAMES.iter().map(|n| load(n)).collect::<Result<_>>()?;
-        let mut f = f.into_iter();
-        let mut next = || {
-            f.next()
-                .ok_or_else(|| cuda_error("kernel table is shorter than its names"))
-        };
-        let kernels = Kernels {
-            gate_topk: next()?,
-            route_positions: next()?,
-            assign: next()?,
-            router_losses: next()?,
-            dispatch: next()?,
-            bias_gelu_forward: next()?,
-            add_expert_bias: next()?,
-            combine: next()?,
-            combine_backward: next()?,
-            expert_column_sums: next()?,
-            gelu_backward: next()?,
-            gate_backward: next()?,
-        };
-        let blas =
-            CudaBlas::new(stream.clone()).map_err(|e| cuda_error(format!("cannot create a cuBLAS handle: {e}")))?;
-        let mode = match precision {
-            Precision::F32 => blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
-            Precision::Tf32 => blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
-        };
-        // SAFETY: the handle is alive (owned by `blas`) and the mode is a valid enumerator.
-        let status = unsafe { blas_sys::cublasSetMathMode(*blas.handle(), mode) };
-        if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(cuda_error(format!(
-                "cannot set cuBLAS's math mode to {precision:?}: {status:?}"
-            )));
-        }
-        let upload = |v: &[f32]| {
-            stream
-                .clone_htod(v)
-                .map_err(driver("cannot copy the parameters to the GPU"))
-        };
+        let gpu = Gpu::new(device, precision)?;
+        Self::on(&gpu, config, params)
+    }
+
+    /// The layer with `params` on `gpu`'s stream (the model's MoE blocks share one).
+    pub fn on(gpu: &Arc<Gpu>, config: MoeConfig, params: &MoeParams<f32>) -> Result<Self> {
+        check_moe_config(&config)?;
+        params.check(&config)?;
+        let upload = |v: &[f32]| gpu.upload(v);
         let params_on_device = DeviceParams {
             wg: upload(&params.wg)?,
             w1: upload(&params.w1)?,
@@ -310,24 +125,17 @@ impl CudaMoeLayer {
             w2: upload(&params.w2)?,
             b2: upload(&params.b2)?,
         };
-        let zeros = |n: usize| {
-            stream
-                .alloc_zeros::<f32>(n)
-                .map_err(driver("cannot allocate the gradients"))
-        };
         let (d, f, e) = (config.d_model, config.d_ff, config.experts);
         let grads = DeviceParams {
-            wg: zeros(d * e)?,
-            w1: zeros(e * d * f)?,
-            b1: zeros(e * f)?,
-            w2: zeros(e * f * d)?,
-            b2: zeros(e * d)?,
+            wg: gpu.alloc_zeros(d * e)?,
+            w1: gpu.alloc_zeros(e * d * f)?,
+            b1: gpu.alloc_zeros(e * f)?,
+            w2: gpu.alloc_zeros(e * f * d)?,
+            b2: gpu.alloc_zeros(e * d)?,
         };
         Ok(CudaMoeLayer {
             config,
-            stream,
-            blas,
-            kernels,
+            gpu: gpu.clone(),
             params: params_on_device,
             grads,
         })
@@ -340,73 +148,54 @@ impl CudaMoeLayer {
 
     /// Copy `data` to the GPU.
     pub fn upload(&self, data: &[f32]) -> Result<DeviceBuffer> {
-        let buf = self.alloc_copy(data)?;
         Ok(DeviceBuffer {
-            data: buf,
+            data: self.gpu.upload(data)?,
             len: data.len(),
         })
     }
 
     /// Copy a device buffer back to the host (waits for the work queued before it).
     pub fn download(&self, buf: &DeviceBuffer) -> Result<Vec<f32>> {
-        let mut v = self
-            .stream
-            .clone_dtoh(&buf.data)
-            .map_err(driver("cannot copy from the GPU"))?;
+        let mut v = self.gpu.download(&buf.data)?;
         v.truncate(buf.len);
         Ok(v)
     }
 
     /// Wait until every queued kernel and product has finished.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(driver("the GPU's work failed"))
+        self.gpu.synchronize()
     }
 
     /// The accumulated parameter gradients, copied to the host.
     pub fn gradients(&self) -> Result<MoeParams<f32>> {
-        let get = |b: &CudaSlice<f32>| {
-            self.stream
-                .clone_dtoh(b)
-                .map_err(driver("cannot copy the gradients from the GPU"))
-        };
-        Ok(MoeParams {
-            wg: get(&self.grads.wg)?,
-            w1: get(&self.grads.w1)?,
-            b1: get(&self.grads.b1)?,
-            w2: get(&self.grads.w2)?,
-            b2: get(&self.grads.b2)?,
-        })
+        self.grads.download(&self.gpu)
+    }
+
+    /// The parameters, copied to the host.
+    pub fn parameters(&self) -> Result<MoeParams<f32>> {
+        self.params.download(&self.gpu)
+    }
+
+    /// Each parameter group with its name and gradient, in [`MoeParams::named`]'s order (what an
+    /// optimizer on the GPU updates).
+    pub(crate) fn parameters_and_gradients(&mut self) -> [(&'static str, &mut CudaSlice<f32>, &CudaSlice<f32>); 5] {
+        let (p, g) = (&mut self.params, &self.grads);
+        [
+            ("wg", &mut p.wg, &g.wg),
+            ("w1", &mut p.w1, &g.w1),
+            ("b1", &mut p.b1, &g.b1),
+            ("w2", &mut p.w2, &g.w2),
+            ("b2", &mut p.b2, &g.b2),
+        ]
     }
 
     /// Set every gradient to zero.
     pub fn zero_gradients(&mut self) -> Result<()> {
         let g = &mut self.grads;
         for buf in [&mut g.wg, &mut g.w1, &mut g.b1, &mut g.w2, &mut g.b2] {
-            self.stream
-                .memset_zeros(buf)
-                .map_err(driver("cannot zero the gradients"))?;
+            self.gpu.zero(buf)?;
         }
         Ok(())
-    }
-
-    fn alloc_copy<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(data).map_err(driver("cannot copy to the GPU"))
-    }
-
-    /// An uninitialised buffer of `n` elements (at least one: CUDA refuses empty allocations).
-    fn alloc<T: cudarc::driver::DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
-        // SAFETY: every caller writes the elements it later reads (the kernels and products below
-        // write their whole output before anything reads it).
-        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(driver("cannot allocate GPU memory"))
-    }
-
-    fn alloc_zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-        &self,
-        n: usize,
-    ) -> Result<CudaSlice<T>> {
-        self.stream
-            .alloc_zeros::<T>(n.max(1))
-            .map_err(driver("cannot allocate GPU memory"))
     }
 
     /// Forward pass over the tokens `x` (`[S][d_model]` on the device): returns `y` and the cache.
@@ -429,10 +218,10 @@ impl CudaMoeLayer {
             int(f, "d_ff")?,
         );
         int(ks, "assignments")?;
-        let st = &self.stream;
-        let kn = &self.kernels;
+        let st = &self.gpu.stream;
+        let gpu = &self.gpu;
 
-        let mut logits = self.alloc::<f32>(s * e_count)?;
+        let mut logits = self.gpu.alloc::<f32>(s * e_count)?;
         let gemm = |m, n, kk, a_t, b_t| Product {
             m,
             n,
@@ -442,22 +231,17 @@ impl CudaMoeLayer {
             batch: 1,
             accumulate: false,
         };
-        product(
-            &self.blas,
-            gemm(s, e_count, d, false, false),
-            &x.data,
-            &self.params.wg,
-            &mut logits,
-        )?;
+        self.gpu
+            .product(gemm(s, e_count, d, false, false), &x.data, &self.params.wg, &mut logits)?;
 
-        let mut gates = self.alloc::<f32>(s * e_count)?;
-        let mut lse = self.alloc::<f32>(s)?;
-        let mut expert = self.alloc::<u32>(ks)?;
-        let mut nonfinite = self.alloc_copy(&[s_i])?;
+        let mut gates = self.gpu.alloc::<f32>(s * e_count)?;
+        let mut lse = self.gpu.alloc::<f32>(s)?;
+        let mut expert = self.gpu.alloc::<u32>(ks)?;
+        let mut nonfinite = self.gpu.upload(&[s_i])?;
         // SAFETY: the arguments follow moe_gate_topk's parameters (moe_kernels.cu), and each buffer
         // holds the elements it indexes for these sizes; so for every launch below.
         unsafe {
-            st.launch_builder(&kn.gate_topk)
+            st.launch_builder(gpu.kernel("moe_gate_topk")?)
                 .arg(&logits)
                 .arg(&s_i)
                 .arg(&e_i)
@@ -466,16 +250,16 @@ impl CudaMoeLayer {
                 .arg(&mut lse)
                 .arg(&mut expert)
                 .arg(&mut nonfinite)
-                .launch(grid(blocks(s as u64, BLOCK), BLOCK, 0))
+                .launch(per_element(s as u64))
         }
         .map_err(launch("moe_gate_topk"))?;
 
-        let mut loc = self.alloc::<i32>(ks)?;
-        let mut counts = self.alloc::<i32>(e_count)?;
-        let mut first_counts = self.alloc::<i32>(e_count)?;
+        let mut loc = self.gpu.alloc::<i32>(ks)?;
+        let mut counts = self.gpu.alloc::<i32>(e_count)?;
+        let mut first_counts = self.gpu.alloc::<i32>(e_count)?;
         // SAFETY: the arguments follow moe_route_positions's parameters; the buffers hold what it indexes.
         unsafe {
-            st.launch_builder(&kn.route_positions)
+            st.launch_builder(gpu.kernel("moe_route_positions")?)
                 .arg(&expert)
                 .arg(&s_i)
                 .arg(&k_i)
@@ -501,13 +285,13 @@ impl CudaMoeLayer {
         let c_i = int(slots, "slots per expert")?;
         int(rows, "expert batch rows")?;
 
-        let mut weights = self.alloc::<f32>(ks)?;
-        let mut slot = self.alloc::<i32>(ks)?;
+        let mut weights = self.gpu.alloc::<f32>(ks)?;
+        let mut slot = self.gpu.alloc::<i32>(ks)?;
         let normalize = i32::from(c.normalize);
         let eps = f32::EPSILON;
         // SAFETY: the arguments follow moe_assign's parameters; the buffers hold what it indexes.
         unsafe {
-            st.launch_builder(&kn.assign)
+            st.launch_builder(gpu.kernel("moe_assign")?)
                 .arg(&gates)
                 .arg(&expert)
                 .arg(&loc)
@@ -519,14 +303,14 @@ impl CudaMoeLayer {
                 .arg(&eps)
                 .arg(&mut weights)
                 .arg(&mut slot)
-                .launch(grid(blocks(s as u64, BLOCK), BLOCK, 0))
+                .launch(per_element(s as u64))
         }
         .map_err(launch("moe_assign"))?;
 
-        let mut losses = self.alloc::<f32>(2)?;
+        let mut losses = self.gpu.alloc::<f32>(2)?;
         // SAFETY: the arguments follow moe_router_losses's parameters; the buffers hold what it indexes.
         unsafe {
-            st.launch_builder(&kn.router_losses)
+            st.launch_builder(gpu.kernel("moe_router_losses")?)
                 .arg(&gates)
                 .arg(&lse)
                 .arg(&first_counts)
@@ -537,10 +321,10 @@ impl CudaMoeLayer {
         }
         .map_err(launch("moe_router_losses"))?;
 
-        let mut xe = self.alloc_zeros::<f32>(rows * d)?;
+        let mut xe = self.gpu.alloc_zeros::<f32>(rows * d)?;
         // SAFETY: the arguments follow moe_dispatch's parameters; the buffers hold what it indexes.
         unsafe {
-            st.launch_builder(&kn.dispatch)
+            st.launch_builder(gpu.kernel("moe_dispatch")?)
                 .arg(&x.data)
                 .arg(&slot)
                 .arg(&s_i)
@@ -559,22 +343,17 @@ impl CudaMoeLayer {
             batch: e_count,
             accumulate,
         };
-        let mut h = self.alloc::<f32>(rows * f)?;
-        let mut act = self.alloc::<f32>(rows * f)?;
-        let mut ye = self.alloc::<f32>(rows * d)?;
+        let mut h = self.gpu.alloc::<f32>(rows * f)?;
+        let mut act = self.gpu.alloc::<f32>(rows * f)?;
+        let mut ye = self.gpu.alloc::<f32>(rows * d)?;
         let tanh_form = i32::from(c.gelu == crate::kernels::Gelu::Tanh);
         let rows_l = rows as i64;
         if rows > 0 {
-            product(
-                &self.blas,
-                batched(slots, f, d, false, false, false),
-                &xe,
-                &self.params.w1,
-                &mut h,
-            )?;
+            self.gpu
+                .product(batched(slots, f, d, false, false, false), &xe, &self.params.w1, &mut h)?;
             // SAFETY: the arguments follow moe_bias_gelu_forward's parameters; the buffers hold what it indexes.
             unsafe {
-                st.launch_builder(&kn.bias_gelu_forward)
+                st.launch_builder(gpu.kernel("moe_bias_gelu_forward")?)
                     .arg(&mut h)
                     .arg(&mut act)
                     .arg(&self.params.b1)
@@ -582,11 +361,10 @@ impl CudaMoeLayer {
                     .arg(&c_i)
                     .arg(&f_i)
                     .arg(&tanh_form)
-                    .launch(grid(blocks((rows * f) as u64, BLOCK), BLOCK, 0))
+                    .launch(elementwise((rows * f) as u64))
             }
             .map_err(launch("moe_bias_gelu_forward"))?;
-            product(
-                &self.blas,
+            self.gpu.product(
                 batched(slots, d, f, false, false, false),
                 &act,
                 &self.params.w2,
@@ -594,18 +372,18 @@ impl CudaMoeLayer {
             )?;
             // SAFETY: the arguments follow moe_add_expert_bias's parameters; the buffers hold what it indexes.
             unsafe {
-                st.launch_builder(&kn.add_expert_bias)
+                st.launch_builder(gpu.kernel("moe_add_expert_bias")?)
                     .arg(&mut ye)
                     .arg(&self.params.b2)
                     .arg(&rows_l)
                     .arg(&c_i)
                     .arg(&d_i)
-                    .launch(grid(blocks((rows * d) as u64, BLOCK), BLOCK, 0))
+                    .launch(elementwise((rows * d) as u64))
             }
             .map_err(launch("moe_add_expert_bias"))?;
         }
 
-        let mut y = self.alloc::<f32>(s * d)?;
+        let mut y = self.gpu.alloc::<f32>(s * d)?;
         self.combine(&ye, Some(&weights), &slot, s, &mut y)?;
 
         // The statistics: loads, the first non-finite token, the losses (one small read, which
@@ -663,7 +441,7 @@ impl CudaMoeLayer {
     ) -> Result<()> {
         let c = &self.config;
         let (s_i, k_i, d_i) = (int(tokens, "tokens")?, int(c.k, "k")?, int(c.d_model, "d_model")?);
-        let mut builder = self.stream.launch_builder(&self.kernels.combine);
+        let mut builder = self.gpu.stream.launch_builder(self.gpu.kernel("moe_combine")?);
         builder.arg(rows);
         let null: u64 = 0;
         match weights {
@@ -732,13 +510,14 @@ impl CudaMoeLayer {
             accumulate,
         };
 
-        let mut gw = self.alloc::<f32>(ks)?;
-        let mut gye = self.alloc_zeros::<f32>(rows * d)?;
+        let mut gw = self.gpu.alloc::<f32>(ks)?;
+        let mut gye = self.gpu.alloc_zeros::<f32>(rows * d)?;
         // SAFETY: the arguments follow moe_combine_backward's parameters; the buffers hold what it
         // indexes.
         unsafe {
-            self.stream
-                .launch_builder(&self.kernels.combine_backward)
+            self.gpu
+                .stream
+                .launch_builder(self.gpu.kernel("moe_combine_backward")?)
                 .arg(&gy.data)
                 .arg(&ye)
                 .arg(&weights)
@@ -755,55 +534,36 @@ impl CudaMoeLayer {
         // gw1 += xe^T g; gb1 += colsum(g); gxe = g w1^T (into ye's buffer, no longer needed).
         let mut g = act;
         if rows > 0 {
-            product(
-                &self.blas,
-                batched(f, d, slots, true, false, true),
-                &g,
-                &gye,
-                &mut self.grads.w2,
-            )?;
+            self.gpu
+                .product(batched(f, d, slots, true, false, true), &g, &gye, &mut self.grads.w2)?;
             self.column_sums(&gye, slots, d, true)?;
-            product(
-                &self.blas,
-                batched(slots, f, d, false, true, false),
-                &gye,
-                &self.params.w2,
-                &mut g,
-            )?;
+            self.gpu
+                .product(batched(slots, f, d, false, true, false), &gye, &self.params.w2, &mut g)?;
             let n = (rows * f) as i64;
             let tanh_form = i32::from(c.gelu == crate::kernels::Gelu::Tanh);
             // SAFETY: the arguments follow moe_gelu_backward's parameters; the buffers hold what it indexes.
             unsafe {
-                self.stream
-                    .launch_builder(&self.kernels.gelu_backward)
+                self.gpu
+                    .stream
+                    .launch_builder(self.gpu.kernel("moe_gelu_backward")?)
                     .arg(&h)
                     .arg(&mut g)
                     .arg(&n)
                     .arg(&tanh_form)
-                    .launch(grid(blocks(n as u64, BLOCK), BLOCK, 0))
+                    .launch(elementwise(n as u64))
             }
             .map_err(launch("moe_gelu_backward"))?;
-            product(
-                &self.blas,
-                batched(d, f, slots, true, false, true),
-                &xe,
-                &g,
-                &mut self.grads.w1,
-            )?;
+            self.gpu
+                .product(batched(d, f, slots, true, false, true), &xe, &g, &mut self.grads.w1)?;
             self.column_sums(&g, slots, f, false)?;
-            product(
-                &self.blas,
-                batched(slots, d, f, false, true, false),
-                &g,
-                &self.params.w1,
-                &mut ye,
-            )?;
+            self.gpu
+                .product(batched(slots, d, f, false, true, false), &g, &self.params.w1, &mut ye)?;
         }
         let gxe = ye;
-        let mut gx = self.alloc::<f32>(s * d)?;
+        let mut gx = self.gpu.alloc::<f32>(s * d)?;
         self.combine(&gxe, None, &slot, s, &mut gx)?;
 
-        let mut g_logits = self.alloc::<f32>(s * e_count)?;
+        let mut g_logits = self.gpu.alloc::<f32>(s * e_count)?;
         let normalize = i32::from(c.normalize);
         let eps = f32::EPSILON;
         let aux_scale = if c.aux_coef != 0.0 {
@@ -814,8 +574,9 @@ impl CudaMoeLayer {
         let z = (c.z_coef as f32) * router_scale * 2.0 / s as f32;
         // SAFETY: the arguments follow moe_gate_backward's parameters; the buffers hold what it indexes.
         unsafe {
-            self.stream
-                .launch_builder(&self.kernels.gate_backward)
+            self.gpu
+                .stream
+                .launch_builder(self.gpu.kernel("moe_gate_backward")?)
                 .arg(&gates)
                 .arg(&lse)
                 .arg(&expert)
@@ -830,7 +591,7 @@ impl CudaMoeLayer {
                 .arg(&aux_scale)
                 .arg(&z)
                 .arg(&mut g_logits)
-                .launch(grid(blocks(s as u64, BLOCK), BLOCK, 0))
+                .launch(per_element(s as u64))
         }
         .map_err(launch("moe_gate_backward"))?;
         let single = |m, n, kk, a_t, b_t| Product {
@@ -842,20 +603,14 @@ impl CudaMoeLayer {
             batch: 1,
             accumulate: true,
         };
-        product(
-            &self.blas,
+        self.gpu.product(
             single(d, e_count, s, true, false),
             &x.data,
             &g_logits,
             &mut self.grads.wg,
         )?;
-        product(
-            &self.blas,
-            single(s, d, e_count, false, true),
-            &g_logits,
-            &self.params.wg,
-            &mut gx,
-        )?;
+        self.gpu
+            .product(single(s, d, e_count, false, true), &g_logits, &self.params.wg, &mut gx)?;
         Ok(DeviceBuffer { data: gx, len: s * d })
     }
 
@@ -869,8 +624,9 @@ impl CudaMoeLayer {
         // SAFETY: the arguments match moe_expert_column_sums; `m` holds E * slots rows of `width`,
         // `acc` E * width elements.
         unsafe {
-            self.stream
-                .launch_builder(&self.kernels.expert_column_sums)
+            self.gpu
+                .stream
+                .launch_builder(self.gpu.kernel("moe_expert_column_sums")?)
                 .arg(m)
                 .arg(&e_i)
                 .arg(&c_i)
@@ -889,11 +645,11 @@ impl CudaMoeLayer {
         let c = self.config.clone();
         let (d, f, e_count) = (c.d_model, c.d_ff, c.experts);
         let rows = e_count * slots;
-        let xe = self.alloc_zeros::<f32>(rows * d)?;
-        let mut h = self.alloc_zeros::<f32>(rows * f)?;
-        let mut ye = self.alloc_zeros::<f32>(rows * d)?;
-        let mut gw1 = self.alloc_zeros::<f32>(e_count * d * f)?;
-        let mut gw2 = self.alloc_zeros::<f32>(e_count * f * d)?;
+        let xe = self.gpu.alloc_zeros::<f32>(rows * d)?;
+        let mut h = self.gpu.alloc_zeros::<f32>(rows * f)?;
+        let mut ye = self.gpu.alloc_zeros::<f32>(rows * d)?;
+        let mut gw1 = self.gpu.alloc_zeros::<f32>(e_count * d * f)?;
+        let mut gw2 = self.gpu.alloc_zeros::<f32>(e_count * f * d)?;
         let b = |m, n, kk, a_t, b_t, accumulate| Product {
             m,
             n,
@@ -903,14 +659,14 @@ impl CudaMoeLayer {
             batch: e_count,
             accumulate,
         };
-        let (blas, p) = (&self.blas, &self.params);
+        let (gpu, p) = (&self.gpu, &self.params);
         self.time_rounds(iters, rounds, || {
-            product(blas, b(slots, f, d, false, false, false), &xe, &p.w1, &mut h)?;
-            product(blas, b(slots, d, f, false, false, false), &h, &p.w2, &mut ye)?;
-            product(blas, b(f, d, slots, true, false, true), &h, &ye, &mut gw2)?;
-            product(blas, b(slots, f, d, false, true, false), &ye, &p.w2, &mut h)?;
-            product(blas, b(d, f, slots, true, false, true), &xe, &h, &mut gw1)?;
-            product(blas, b(slots, d, f, false, true, false), &h, &p.w1, &mut ye)
+            gpu.product(b(slots, f, d, false, false, false), &xe, &p.w1, &mut h)?;
+            gpu.product(b(slots, d, f, false, false, false), &h, &p.w2, &mut ye)?;
+            gpu.product(b(f, d, slots, true, false, true), &h, &ye, &mut gw2)?;
+            gpu.product(b(slots, f, d, false, true, false), &ye, &p.w2, &mut h)?;
+            gpu.product(b(d, f, slots, true, false, true), &xe, &h, &mut gw1)?;
+            gpu.product(b(slots, d, f, false, true, false), &h, &p.w1, &mut ye)
         })
     }
 
@@ -918,9 +674,9 @@ impl CudaMoeLayer {
     /// matrix rate the expert products are judged against), timed as
     /// [`CudaMoeLayer::expert_products_seconds`].
     pub fn plain_product_seconds(&self, m: usize, n: usize, k: usize, iters: usize, rounds: usize) -> Result<f64> {
-        let a = self.alloc_zeros::<f32>(m * k)?;
-        let b = self.alloc_zeros::<f32>(k * n)?;
-        let mut out = self.alloc_zeros::<f32>(m * n)?;
+        let a = self.gpu.alloc_zeros::<f32>(m * k)?;
+        let b = self.gpu.alloc_zeros::<f32>(k * n)?;
+        let mut out = self.gpu.alloc_zeros::<f32>(m * n)?;
         let p = Product {
             m,
             n,
@@ -930,7 +686,7 @@ impl CudaMoeLayer {
             batch: 1,
             accumulate: false,
         };
-        self.time_rounds(iters, rounds, || product(&self.blas, p, &a, &b, &mut out))
+        self.time_rounds(iters, rounds, || self.gpu.product(p, &a, &b, &mut out))
     }
 
     /// Median seconds per call of `f` over `rounds` rounds of `iters` calls, each round bracketed by

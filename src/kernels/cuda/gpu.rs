@@ -1,0 +1,305 @@
+//! One GPU as the layers use it: a stream, a cuBLAS handle on that stream, and the NVRTC-compiled
+//! kernels of `moe_kernels.cu` and `model_kernels.cu`. Everything queued on one [`Gpu`] runs in
+//! order on its stream, so buffers need no other synchronisation, and a run repeats bit for bit.
+
+use super::device::{cuda_error, CudaDevice};
+use super::Precision;
+use crate::error::{Error, Result};
+use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice, LaunchConfig,
+    ValidAsZeroBits,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The CUDA C source of every kernel: the MoE layer's, then the dense model's (which use the
+/// MoE file's helpers, `block_sum` and the GELU forms).
+const KERNELS: &str = concat!(include_str!("moe_kernels.cu"), "\n", include_str!("model_kernels.cu"));
+
+/// The kernels the sources define (each is looked up by name when the module is loaded).
+pub(crate) const KERNEL_NAMES: [&str; 24] = [
+    "moe_gate_topk",
+    "moe_route_positions",
+    "moe_assign",
+    "moe_router_losses",
+    "moe_dispatch",
+    "moe_bias_gelu_forward",
+    "moe_add_expert_bias",
+    "moe_combine",
+    "moe_combine_backward",
+    "moe_expert_column_sums",
+    "moe_gelu_backward",
+    "moe_gate_backward",
+    "gpt_embed_forward",
+    "gpt_embed_backward",
+    "gpt_layer_norm_forward",
+    "gpt_layer_norm_backward",
+    "gpt_layer_norm_param_grads",
+    "gpt_add_into",
+    "gpt_split_heads",
+    "gpt_merge_heads",
+    "gpt_causal_softmax",
+    "gpt_causal_softmax_backward",
+    "gpt_cross_entropy",
+    "gpt_adamw",
+];
+
+/// Threads per block of the row and element-wise kernels (a power of two: the block sums need it).
+pub(crate) const BLOCK: u32 = 256;
+/// Threads of the single-block kernels (prefix counts, router losses).
+pub(crate) const WIDE_BLOCK: u32 = 1024;
+/// Most blocks of a grid-stride kernel.
+const MAX_BLOCKS: u64 = 1 << 16;
+
+fn nvrtc_present() -> bool {
+    // SAFETY: as for the driver probe (src/kernels/cuda/device.rs): dlopen and close only.
+    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+fn cublas_present() -> bool {
+    // SAFETY: as above.
+    std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Compile every kernel with NVRTC and return the PTX text. Needs only the NVRTC library (no GPU):
+/// tests run it wherever NVRTC is installed, so that a kernel that does not compile is caught
+/// before a GPU is at hand.
+pub fn compile_kernels() -> Result<String> {
+    compile().map(|ptx| ptx.to_src())
+}
+
+fn compile() -> Result<cudarc::nvrtc::Ptx> {
+    if !nvrtc_present() {
+        return Err(cuda_error(
+            "cannot compile the CUDA kernels: the NVRTC library (libnvrtc.so) was not found",
+        ));
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        name: Some("semoe_kernels.cu".into()),
+        ..Default::default()
+    };
+    std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts))
+        .map_err(|_| cuda_error("NVRTC panicked while compiling the kernels"))?
+        .map_err(|e| cuda_error(format!("NVRTC could not compile the kernels: {e}")))
+}
+
+/// One row-major product `C (m x n) = op(A) (m x k) @ op(B) (k x n)` (`+ C` when `accumulate`),
+/// repeated `batch` times over consecutive blocks of A, B and C.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Product {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a_t: bool,
+    pub b_t: bool,
+    pub batch: usize,
+    pub accumulate: bool,
+}
+
+impl Product {
+    /// A single product.
+    pub fn new(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, accumulate: bool) -> Self {
+        Product {
+            m,
+            n,
+            k,
+            a_t,
+            b_t,
+            batch: 1,
+            accumulate,
+        }
+    }
+
+    /// `batch` products over consecutive blocks.
+    pub fn batched(self, batch: usize) -> Self {
+        Product { batch, ..self }
+    }
+}
+
+/// A size as the 32-bit int that cuBLAS and the kernels take.
+pub(crate) fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| cuda_error(format!("{what} = {v} does not fit the GPU code's 32-bit sizes")))
+}
+
+/// The error of a driver call.
+pub(crate) fn driver(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| cuda_error(format!("{what}: {e}"))
+}
+
+/// The error of a kernel launch that failed.
+pub(crate) fn launch(kernel: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| cuda_error(format!("kernel {kernel}: {e}"))
+}
+
+/// A grid-stride launch over `n` elements.
+pub(crate) fn elementwise(n: u64) -> LaunchConfig {
+    grid(n.div_ceil(BLOCK as u64).clamp(1, MAX_BLOCKS) as u32, BLOCK, 0)
+}
+
+/// A launch of one thread per element (no grid stride), `n` >= 1.
+pub(crate) fn per_element(n: u64) -> LaunchConfig {
+    grid(n.div_ceil(BLOCK as u64).max(1) as u32, BLOCK, 0)
+}
+
+/// `blocks` blocks of `threads` threads with `shared` bytes of dynamic shared memory.
+pub(crate) fn grid(blocks: u32, threads: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: shared,
+    }
+}
+
+/// A GPU's stream, cuBLAS handle and kernels.
+pub struct Gpu {
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) blas: CudaBlas,
+    kernels: BTreeMap<&'static str, CudaFunction>,
+    name: String,
+}
+
+impl Gpu {
+    /// A stream on `device`, a cuBLAS handle in `precision`, and the kernels compiled and loaded.
+    pub fn new(device: &CudaDevice, precision: Precision) -> Result<Arc<Self>> {
+        if !cublas_present() {
+            return Err(cuda_error("the cuBLAS library (libcublas.so) was not found"));
+        }
+        let ptx = compile()?;
+        let ctx = device.context();
+        let stream = ctx.new_stream().map_err(driver("cannot create a CUDA stream"))?;
+        let module = ctx.load_module(ptx).map_err(driver("cannot load the kernels"))?;
+        let mut kernels = BTreeMap::new();
+        for name in KERNEL_NAMES {
+            let f = module
+                .load_function(name)
+                .map_err(|e| cuda_error(format!("kernel {name} is missing from the module: {e}")))?;
+            kernels.insert(name, f);
+        }
+        let blas =
+            CudaBlas::new(stream.clone()).map_err(|e| cuda_error(format!("cannot create a cuBLAS handle: {e}")))?;
+        let mode = match precision {
+            Precision::F32 => blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
+            Precision::Tf32 => blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+        };
+        // SAFETY: the handle is alive (owned by `blas`) and the mode is a valid enumerator.
+        let status = unsafe { blas_sys::cublasSetMathMode(*blas.handle(), mode) };
+        if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(cuda_error(format!(
+                "cannot set cuBLAS's math mode to {precision:?}: {status:?}"
+            )));
+        }
+        Ok(Arc::new(Gpu {
+            stream,
+            blas,
+            kernels,
+            name: device.name(),
+        }))
+    }
+
+    /// The GPU's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A loaded kernel.
+    pub(crate) fn kernel(&self, name: &'static str) -> Result<&CudaFunction> {
+        self.kernels
+            .get(name)
+            .ok_or_else(|| cuda_error(format!("kernel {name} was not loaded")))
+    }
+
+    /// Wait until everything queued has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(driver("the GPU's work failed"))
+    }
+
+    /// A copy of `data` on the GPU.
+    pub(crate) fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(data).map_err(driver("cannot copy to the GPU"))
+    }
+
+    /// A copy of a GPU buffer on the host (waits for the work queued before it).
+    pub(crate) fn download<T: DeviceRepr>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(buf).map_err(driver("cannot copy from the GPU"))
+    }
+
+    /// An uninitialised buffer of `n` elements (at least one: CUDA refuses empty allocations).
+    pub(crate) fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: every caller writes the elements it later reads (the kernels and products write
+        // their whole output before anything reads it).
+        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(driver("cannot allocate GPU memory"))
+    }
+
+    /// A zeroed buffer of `n` elements (at least one).
+    pub(crate) fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros::<T>(n.max(1))
+            .map_err(driver("cannot allocate GPU memory"))
+    }
+
+    /// Set a buffer to zero.
+    pub(crate) fn zero<T: DeviceRepr + ValidAsZeroBits>(&self, buf: &mut CudaSlice<T>) -> Result<()> {
+        self.stream.memset_zeros(buf).map_err(driver("cannot zero GPU memory"))
+    }
+
+    /// One row-major product (see [`Product`]) through cuBLAS's column-major interface: a row-major
+    /// matrix is the column-major view of its transpose, so `C = A B` is computed as `C^T = B^T A^T`.
+    pub(crate) fn product<A, B, C>(&self, p: Product, a: &A, b: &B, c: &mut C) -> Result<()>
+    where
+        A: DevicePtr<f32>,
+        B: DevicePtr<f32>,
+        C: DevicePtrMut<f32> + DeviceSlice<f32>,
+    {
+        if p.m == 0 || p.n == 0 || p.batch == 0 {
+            return Ok(());
+        }
+        let need = |rows: usize, cols: usize| p.batch * rows * cols;
+        for (what, have, want) in [
+            ("A", DeviceSlice::len(a), need(p.m, p.k)),
+            ("B", DeviceSlice::len(b), need(p.k, p.n)),
+            ("C", DeviceSlice::len(c), need(p.m, p.n)),
+        ] {
+            if have < want {
+                return Err(Error::shape(
+                    format!("GPU product {}x{}x{} (batch {})", p.m, p.n, p.k, p.batch),
+                    format!("operand {what} has {have} elements, needs {want}"),
+                ));
+            }
+        }
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let gemm = GemmConfig {
+            transa: op(p.b_t),
+            transb: op(p.a_t),
+            m: int(p.n, "product columns")?,
+            n: int(p.m, "product rows")?,
+            k: int(p.k, "product inner size")?,
+            alpha: 1.0f32,
+            lda: int(if p.b_t { p.k } else { p.n }.max(1), "leading dimension")?,
+            ldb: int(if p.a_t { p.m } else { p.k }.max(1), "leading dimension")?,
+            beta: if p.accumulate { 1.0f32 } else { 0.0 },
+            ldc: int(p.n, "leading dimension")?,
+        };
+        let cfg = StridedBatchedConfig {
+            gemm,
+            batch_size: int(p.batch, "batch")?,
+            stride_a: (p.k * p.n) as i64,
+            stride_b: (p.m * p.k) as i64,
+            stride_c: (p.m * p.n) as i64,
+        };
+        // SAFETY: the operands hold at least batch * (m k, k n, m n) elements (checked above), which
+        // the strides and leading dimensions stay within.
+        unsafe { self.blas.gemm_strided_batched(cfg, b, a, c) }.map_err(|e| {
+            cuda_error(format!(
+                "cuBLAS product {}x{}x{} (batch {}): {e}",
+                p.m, p.n, p.k, p.batch
+            ))
+        })
+    }
+}

@@ -1,0 +1,106 @@
+//! The whole model on a GPU (src/kernels/cuda/gpt.rs) against the CPU model: one group's loss,
+//! router losses, MoE loads and every parameter's gradient, a model with a dense and an MoE block.
+//! Skipped, saying so, without a GPU (the kernels' compilation is checked by kernels_cuda_moe.rs).
+
+use semoe::kernels::cuda::{CudaDevice, CudaGpt, Gpu, Precision};
+use semoe::kernels::Cpu;
+use semoe::model::gpt::{Gpt, GptConfig};
+
+/// Relative tolerance of one step's results: f32 through two blocks, with cuBLAS summing in its
+/// own order and the GPU's `expf`/`erff` a few ulp from the CPU's.
+const TOLERANCE: f64 = 1e-4;
+
+fn assert_close(name: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{name}: lengths differ");
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        diff += (g as f64 - w as f64).powi(2);
+        norm += (w as f64).powi(2);
+    }
+    let rel = diff.sqrt() / norm.sqrt().max(1e-30);
+    assert!(
+        rel <= TOLERANCE,
+        "{name}: relative difference {rel:e} (tolerance {TOLERANCE:e})"
+    );
+}
+
+fn config() -> GptConfig {
+    GptConfig {
+        vocab: 64,
+        block_size: 16,
+        d_model: 32,
+        n_layer: 2,
+        n_head: 4,
+        d_ff: 48,
+        moe_every: 2,
+        experts: 4,
+        k: 2,
+        z_coef: 0.01,
+        ..GptConfig::default()
+    }
+}
+
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+#[test]
+fn one_group_on_the_gpu_agrees_with_the_cpu_model() {
+    let dev = match CudaDevice::open(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            return;
+        }
+    };
+    let c = config();
+    let model = Gpt::<f32>::init(&c, 3).expect("init");
+    let (seqs, t) = (3, c.block_size);
+    let idx = tokens(seqs * t, c.vocab, 5);
+    let targets = tokens(seqs * t, c.vocab, 6);
+    let ce_scale = 1.0 / (seqs * t) as f32;
+
+    let cpu = Cpu::new(1).expect("cpu");
+    let mut grads = model.zeros_like().expect("zeros");
+    let want = model
+        .forward_backward(&cpu, &idx, &targets, seqs, ce_scale, 1.0, &mut grads)
+        .expect("CPU pass");
+    let want_eval = model.evaluate(&cpu, &idx, &targets, seqs).expect("CPU evaluation");
+
+    let gpu = Gpu::new(&dev, Precision::F32).expect("gpu");
+    let mut on_gpu = CudaGpt::new(&gpu, &model).expect("the model on the GPU");
+    let round_trip = on_gpu.to_model().expect("parameters back");
+    for ((name, _, a), (_, _, b)) in round_trip.tensors().iter().zip(model.tensors().iter()) {
+        assert_eq!(a, b, "{name} changed on its way to the GPU and back");
+    }
+    let got = on_gpu
+        .forward_backward(&idx, &targets, seqs, ce_scale, 1.0)
+        .expect("GPU pass");
+    let got_grads = on_gpu.gradients().expect("gradients");
+    let got_eval = on_gpu.evaluate(&idx, &targets, seqs).expect("GPU evaluation");
+
+    assert_close("cross-entropy", &[got.ce_sum as f32], &[want.ce_sum as f32]);
+    assert_close("evaluation", &[got_eval.ce_sum as f32], &[want_eval.ce_sum as f32]);
+    let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+    assert_close("router losses", &as_f32(&got.router_loss), &as_f32(&want.router_loss));
+    assert_eq!(got.moe_stats, want.moe_stats, "MoE loads and drops");
+    let (g, w) = (got_grads.tensors(), grads.tensors());
+    assert_eq!(g.len(), w.len(), "tensor count");
+    for ((name, _, a), (want_name, _, b)) in g.iter().zip(w.iter()) {
+        assert_eq!(name, want_name);
+        assert_close(&format!("gradient of {name}"), a, b);
+    }
+
+    // A second pass accumulates onto the first, and zeroing clears everything.
+    on_gpu.zero_gradients().expect("zero");
+    let zeros = on_gpu.gradients().expect("gradients");
+    assert!(zeros.tensors().iter().all(|(_, _, b)| b.iter().all(|&v| v == 0.0)));
+}
