@@ -169,3 +169,73 @@ impl CudaMoeLayer {
         Err(no_cuda("cannot time products on a GPU"))
     }
 }
+
+/// The model on a GPU. This build has no CUDA support: [`CudaGpt::new`] always fails.
+pub struct CudaGpt {
+    config: crate::model::gpt::GptConfig,
+}
+
+impl CudaGpt {
+    /// Always an error: this build has no CUDA support.
+    pub fn new(_gpu: &std::sync::Arc<Gpu>, _model: &crate::model::gpt::Gpt<f32>) -> Result<Self> {
+        Err(no_cuda("cannot put the model on a GPU"))
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &crate::model::gpt::GptConfig {
+        &self.config
+    }
+
+    /// Unreachable in this build.
+    pub fn to_model(&self) -> Result<crate::model::gpt::Gpt<f32>> {
+        Err(no_cuda("cannot read the model from a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn gradients(&self) -> Result<crate::model::gpt::Gpt<f32>> {
+        Err(no_cuda("cannot read gradients from a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn zero_gradients(&mut self) -> Result<()> {
+        Err(no_cuda("cannot zero gradients on a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn evaluate(&mut self, _idx: &[u32], _targets: &[u32], _seqs: usize) -> Result<crate::model::gpt::GroupOutput> {
+        Err(no_cuda("cannot run the model on a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn forward_backward(
+        &mut self,
+        _idx: &[u32],
+        _targets: &[u32],
+        _seqs: usize,
+        _ce_scale: f32,
+        _router_scale: f32,
+    ) -> Result<crate::model::gpt::GroupOutput> {
+        Err(no_cuda("cannot run the model on a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn load_optimizer(&mut self, _optimizer: &crate::optimizer::AdamW) -> Result<()> {
+        Err(no_cuda("cannot copy optimizer state to a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn optimizer_state(&self, _template: &crate::optimizer::AdamW, _step: u64) -> Result<crate::optimizer::AdamW> {
+        Err(no_cuda("cannot read optimizer state from a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn apply_adamw(
+        &mut self,
+        _config: &crate::optimizer::OptimizerConfig,
+        _step: u64,
+        _lr: f64,
+        _norm: f64,
+    ) -> Result<()> {
+        Err(no_cuda("cannot update parameters on a GPU"))
+    }
+}

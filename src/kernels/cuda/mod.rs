@@ -30,7 +30,7 @@ pub use moe::{CudaMoeCache, CudaMoeLayer, DeviceBuffer};
 #[cfg(not(feature = "cuda"))]
 mod dummy;
 #[cfg(not(feature = "cuda"))]
-pub use dummy::{compile_kernels, CudaDevice, CudaMoeCache, CudaMoeLayer, DeviceBuffer, Gpu};
+pub use dummy::{compile_kernels, CudaDevice, CudaGpt, CudaMoeCache, CudaMoeLayer, DeviceBuffer, Gpu};
 
 /// The precision of the GPU's matrix products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
