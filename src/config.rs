@@ -187,6 +187,33 @@ pub struct TrainSettings {
     /// Worker processes on the same machine exchange their data over Unix sockets instead of QUIC
     /// (no encryption, one copy each way; the same bytes). Peers on other machines use QUIC.
     pub same_host: bool,
+    /// Where the steps are computed: `cpu`, or `cuda` (GPU 0, the plain loop on the device; a build
+    /// with `--features cuda`). A run keeps its device: the two give different bits.
+    pub device: ComputeDevice,
+}
+
+/// Where a run computes its steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDevice {
+    /// The CPU backend (the plain loop, the in-process runtime or worker processes).
+    #[default]
+    Cpu,
+    /// One GPU through CUDA: the whole model and its optimizer on the device (src/kernels/cuda/).
+    Cuda,
+}
+
+impl std::str::FromStr for ComputeDevice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(ComputeDevice::Cpu),
+            "cuda" => Ok(ComputeDevice::Cuda),
+            other => Err(Error::config(format!(
+                "train.device must be \"cpu\" or \"cuda\", got {other:?}"
+            ))),
+        }
+    }
 }
 
 impl Default for TrainSettings {
@@ -214,6 +241,7 @@ impl Default for TrainSettings {
             identity: None,
             snapshot_every: 20,
             same_host: true,
+            device: ComputeDevice::Cpu,
         }
     }
 }
@@ -295,6 +323,26 @@ impl TrainConfig {
         }
         if t.keep_checkpoints == 0 {
             return Err(Error::config("train.keep_checkpoints must be at least 1"));
+        }
+        if t.device == ComputeDevice::Cuda {
+            if t.elastic() || t.workers > 1 {
+                return Err(Error::config(
+                    "train.device = \"cuda\" trains on one GPU in one process: it cannot be combined with \
+                     train.workers above 1, train.processes or train.listen",
+                ));
+            }
+            if !self.storage.to_config(None)?.unlimited() {
+                return Err(Error::config(
+                    "train.device = \"cuda\" keeps the whole model in GPU memory: storage budgets \
+                     (storage.device_budget, storage.host_budget) are not supported with it yet",
+                ));
+            }
+            if self.model.has_moe() {
+                crate::kernels::cuda::check_moe_config(&self.model.moe_config()).map_err(|e| match e {
+                    Error::Config(msg) => Error::Config(format!("train.device = \"cuda\": {msg}")),
+                    other => other,
+                })?;
+            }
         }
         let storage = self.storage.to_config(None)?;
         if !storage.unlimited() && t.workers == 0 {

@@ -1,10 +1,16 @@
 //! The whole model on a GPU (src/kernels/cuda/gpt.rs) against the CPU model: one group's loss,
-//! router losses, MoE loads and every parameter's gradient, a model with a dense and an MoE block.
-//! Skipped, saying so, without a GPU (the kernels' compilation is checked by kernels_cuda_moe.rs).
+//! router losses, MoE loads and every parameter's gradient, a model with a dense and an MoE block;
+//! 20 training steps against the CPU's plain loop (loss within 1e-4) and against a second GPU run
+//! (bit for bit). Skipped, saying so, without a GPU (the kernels' compilation is checked by
+//! kernels_cuda_moe.rs). What `train.device = "cuda"` refuses is checked everywhere.
 
+mod common;
+
+use semoe::config::ComputeDevice;
 use semoe::kernels::cuda::{CudaDevice, CudaGpt, Gpu, Precision};
 use semoe::kernels::Cpu;
 use semoe::model::gpt::{Gpt, GptConfig};
+use semoe::train::Trainer;
 
 /// Relative tolerance of one step's results: f32 through two blocks, with cuBLAS summing in its
 /// own order and the GPU's `expf`/`erff` a few ulp from the CPU's.
@@ -103,4 +109,63 @@ fn one_group_on_the_gpu_agrees_with_the_cpu_model() {
     on_gpu.zero_gradients().expect("zero");
     let zeros = on_gpu.gradients().expect("gradients");
     assert!(zeros.tensors().iter().all(|(_, _, b)| b.iter().all(|&v| v == 0.0)));
+}
+
+#[test]
+fn training_on_the_gpu_refuses_what_it_cannot_do() {
+    let mut c = common::small_config(5);
+    c.train.device = ComputeDevice::Cuda;
+    c.train.workers = 2;
+    let err = c.validate().expect_err("two workers on one GPU").to_string();
+    assert!(
+        err.contains("train.device") && err.contains("workers"),
+        "unclear: {err}"
+    );
+    c.train.workers = 0;
+    c.model.drop_policy = semoe::model::moe::DropPolicy::Probs;
+    let err = c.validate().expect_err("probs on the GPU").to_string();
+    assert!(err.contains("train.device") && err.contains("probs"), "unclear: {err}");
+    c.model.drop_policy = semoe::model::moe::DropPolicy::Position;
+    c.validate().expect("a GPU run of the small model is valid");
+    if CudaDevice::count() == 0 {
+        let tmp = common::TempDir::new("cuda-refused");
+        let err = Trainer::new(c, &tmp.path().join("run"))
+            .err()
+            .expect("no GPU here")
+            .to_string();
+        assert!(err.contains("GPU 0"), "unclear: {err}");
+    }
+}
+
+#[test]
+fn twenty_steps_on_the_gpu_track_the_cpu_loop_and_repeat_bit_for_bit() {
+    if let Err(e) = CudaDevice::open(0) {
+        eprintln!("skipping: {e}");
+        return;
+    }
+    let steps = 20;
+    let mut c = common::small_config(steps);
+    c.train.workers = 0;
+    let run = |device: ComputeDevice| {
+        let mut c = c.clone();
+        c.train.device = device;
+        let tmp = common::TempDir::new("cuda-train");
+        let mut t = Trainer::new(c, &tmp.path().join("run")).expect("trainer");
+        let mut last = f64::NAN;
+        for _ in 0..steps {
+            last = t.step().expect("step").ce_loss;
+        }
+        (last, common::trainer_state_bits(&mut t))
+    };
+    let (cpu_loss, _) = run(ComputeDevice::Cpu);
+    let (gpu_loss, gpu_bits) = run(ComputeDevice::Cuda);
+    let (again_loss, again_bits) = run(ComputeDevice::Cuda);
+    eprintln!("loss after {steps} steps: CPU {cpu_loss}, GPU {gpu_loss}");
+    let rel = (gpu_loss - cpu_loss).abs() / cpu_loss.abs();
+    assert!(
+        rel <= 1e-4,
+        "loss after {steps} steps: GPU {gpu_loss} vs CPU {cpu_loss} ({rel:e} relative)"
+    );
+    assert_eq!(gpu_loss.to_bits(), again_loss.to_bits(), "a second GPU run's loss");
+    common::assert_same(&gpu_bits, &again_bits, "a second GPU run's parameters and moments");
 }

@@ -53,6 +53,10 @@ pub struct TrainArgs {
     /// plain loop without actors. Every count gives the same parameters, bit for bit.
     #[arg(long)]
     workers: Option<usize>,
+    /// Compute on `cpu` or on `cuda` (GPU 0: the whole model and optimizer on the device, the plain
+    /// loop; a build with `--features cuda`). A run keeps its device on --resume.
+    #[arg(long, value_parser = ["cpu", "cuda"])]
+    device: Option<String>,
     /// Where experts live: round-robin, blocked, or a comma-separated worker per expert.
     #[arg(long)]
     placement: Option<String>,
@@ -254,6 +258,12 @@ pub fn apply_flags(a: &TrainArgs, c: &mut TrainConfig) {
     set!(t.time_budget_s, a.time_budget);
     set!(t.threads, a.threads);
     set!(t.workers, a.workers);
+    if let Some(device) = &a.device {
+        // The value parser admits only the names `ComputeDevice` parses.
+        if let Ok(d) = device.parse() {
+            t.device = d;
+        }
+    }
     set!(t.placement, a.placement);
     set!(t.processes, a.processes);
     set!(t.listen, a.listen);
@@ -435,7 +445,9 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         c.train.batch,
         c.train.groups,
         c.train.threads,
-        if c.train.elastic() {
+        if c.train.device == semoe::config::ComputeDevice::Cuda {
+            "the plain loop on GPU 0 (CUDA)".to_string()
+        } else if c.train.elastic() {
             format!(
                 "actor runtime over worker processes ({} started here, at least {} needed), {} experts",
                 c.train.processes,

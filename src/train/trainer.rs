@@ -8,10 +8,11 @@
 //! function of (seed, step, group), and the checkpoint holds the parameters and both Adam moments.
 
 use super::engine::RuntimeEngine;
-use crate::config::TrainConfig;
+use crate::config::{ComputeDevice, TrainConfig};
 use crate::data::corpus::Corpus;
 use crate::data::sampler;
 use crate::error::{Error, Result};
+use crate::kernels::cuda::{CudaDevice, CudaGpt, Gpu, Precision};
 use crate::kernels::{Backend, Cpu};
 use crate::model::gpt::{Gpt, GroupOutput};
 use crate::optimizer::{self, AdamW};
@@ -124,6 +125,10 @@ pub struct Trainer {
     last_val: Option<(u64, f64)>,
     /// What a user should know about how this run was set up (fallbacks, changed settings).
     notices: Vec<String>,
+    /// The model and optimizer on a GPU (`train.device = "cuda"`), and whether `model` and
+    /// `optimizer` are behind it (synchronised before evaluations and checkpoints).
+    gpu: Option<CudaGpt>,
+    gpu_stale: bool,
     /// The exclusive lock on the run directory, held while this trainer lives.
     _lock: RunDirLock,
 }
@@ -395,7 +400,18 @@ impl Trainer {
         // The Disk tier's slot files of an earlier invocation are stale scratch: start clean.
         remove_tier_files(run_dir);
         let cpu = Cpu::new(config.train.threads)?;
-        let (group_grads, engine) = if config.train.workers == 0 && !config.train.elastic() {
+        let gpu = match config.train.device {
+            ComputeDevice::Cuda => {
+                let device = CudaDevice::open(0)?;
+                let mut on_gpu = CudaGpt::new(&Gpu::new(&device, Precision::F32)?, &model)?;
+                on_gpu.load_optimizer(&optimizer)?;
+                Some(on_gpu)
+            }
+            ComputeDevice::Cpu => None,
+        };
+        let (group_grads, engine) = if gpu.is_some() {
+            (Vec::new(), None)
+        } else if config.train.workers == 0 && !config.train.elastic() {
             let grads = (0..config.train.groups)
                 .map(|_| model.zeros_like())
                 .collect::<Result<Vec<_>>>()?;
@@ -421,6 +437,8 @@ impl Trainer {
             recent_losses,
             last_val,
             notices,
+            gpu,
+            gpu_stale: false,
             _lock: lock,
         })
     }
@@ -462,6 +480,11 @@ impl Trainer {
 
     /// Bring `model` and `optimizer` up to the runtime's committed state (a no-op for the plain loop).
     pub fn sync(&mut self) -> Result<()> {
+        if let (Some(gpu), true) = (&self.gpu, self.gpu_stale) {
+            self.model = gpu.to_model()?;
+            self.optimizer = gpu.optimizer_state(&self.optimizer, self.optimizer.step)?;
+            self.gpu_stale = false;
+        }
         if let Some(engine) = &mut self.engine {
             if engine.stale {
                 let (model, optimizer) = engine.state()?;
@@ -513,6 +536,7 @@ impl Trainer {
                 self.optimizer.step = outcome.step;
                 (outcome.outputs, outcome.lr, outcome.grad_norm)
             }
+            None if self.gpu.is_some() => self.gpu_step().map_err(diverged)?,
             None => self.direct_step().map_err(diverged)?,
         };
         let c = &self.config;
@@ -610,6 +634,39 @@ impl Trainer {
         self.cpu
             .install(|| optimizer.apply(&mut params, &mut total, lr, grad_norm))?;
 
+        Ok((outputs, lr, grad_norm))
+    }
+
+    /// One step on the GPU: the groups one after another into the device's gradients, the norm
+    /// computed on the host from them exactly as the plain loop computes it, AdamW on the device.
+    fn gpu_step(&mut self) -> Result<(Vec<GroupOutput>, f64, f64)> {
+        let c = &self.config;
+        let (t, groups, seqs) = (c.model.block_size, c.train.groups, c.group_seqs());
+        let step = self.optimizer.step;
+        let (ce_scale, router_scale) = (c.ce_scale(), c.router_scale());
+        let gpu = self
+            .gpu
+            .as_mut()
+            .ok_or_else(|| compute_failure("the GPU model is missing"))?;
+        gpu.zero_gradients()?;
+        let mut outputs = Vec::with_capacity(groups);
+        for g in 0..groups {
+            let (idx, targets) = sampler::group_batch(&self.corpus.train, c.train.seed, step, g, seqs, t);
+            outputs.push(gpu.forward_backward(&idx, &targets, seqs, ce_scale, router_scale)?);
+        }
+        let lr = c.optimizer.lr_at(step, c.train.steps);
+        let mut grads = gpu.gradients()?;
+        let grad_norm = model_grad_norm(&self.model, &grads.buffers_mut());
+        if !grad_norm.is_finite() {
+            return Err(Error::Diverged {
+                step: step + 1,
+                what: format!("the gradient norm is {grad_norm}"),
+                lr,
+            });
+        }
+        gpu.apply_adamw(&c.optimizer, step + 1, lr, grad_norm)?;
+        self.optimizer.step = step + 1;
+        self.gpu_stale = true;
         Ok((outputs, lr, grad_norm))
     }
 
