@@ -13,8 +13,12 @@
 #   - which CUDA library names load (cudarc's bindings ask for `.so.12`-style names; CUDA 13 ships
 #     `.so.13`);
 #   - the CUDA tests: device discovery (`kernels_cuda`), the MoE layer on the GPU against the CPU
-#     layer and bit for bit run to run (`kernels_cuda_moe`), and the NCCL communicator on one GPU
-#     (`net_nccl`: a single-rank all-to-all-v with itself, bit for bit; an abort);
+#     layer and bit for bit run to run (`kernels_cuda_moe`), the whole model against the CPU model
+#     and 20 training steps against the CPU loop and a second GPU run (`kernels_cuda_gpt`), and the
+#     NCCL communicator on one GPU (`net_nccl`: a single-rank all-to-all-v with itself, bit for
+#     bit; an abort);
+#   - the main job's model trained on the GPU for TRAIN_STEPS steps (`semoe train --device cuda`),
+#     its validation loss next to the CPU's for the same steps (the same on every CPU, bit for bit);
 #   - the MoE layer at the issue's size (16,384 tokens, width 1024, hidden 4096, 8 experts, top-2),
 #     semoe's (`semoe bench moe-layer --device cuda`) and PyTorch's, side by side, in float32 and
 #     in TF32, each with the matrix rate cuBLAS reaches at the expert products' size.
@@ -22,7 +26,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=gpu-bundle
-TESTS=(kernels_cuda kernels_cuda_moe net_nccl)
+# The main job's model trained for TRAIN_STEPS steps (otherwise the defaults) ends at this validation
+# loss on the CPU (`semoe train --steps 3000`, any CPU: the CPU runs are bitwise reproducible).
+TRAIN_STEPS=3000
+CPU_VAL_LOSS=unknown
+TESTS=(kernels_cuda kernels_cuda_moe kernels_cuda_gpt net_nccl)
 
 build() {
     set -e
@@ -122,6 +130,9 @@ EOF
         step 180 "PyTorch MoE layer on the GPU ($precision)" "$py" bench/moe_layer_torch.py --device cuda \
             "${size[@]}" $tf32
     done
+    rm -rf "$BUNDLE/run-gpu"
+    step 300 "training on the GPU ($TRAIN_STEPS steps; the CPU reaches validation loss $CPU_VAL_LOSS)" \
+        "$BUNDLE/semoe" train --device cuda --steps "$TRAIN_STEPS" --run-dir "$BUNDLE/run-gpu" --quiet
     say ""
     say "figures in $out"
 }
