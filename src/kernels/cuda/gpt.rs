@@ -388,8 +388,10 @@ impl CudaGpt {
 
         let losses = g.download(&losses)?;
         let ce_sum = losses[..n].iter().map(|&l| l as f64).sum();
+        // As `Gpt::evaluate`: an evaluation reports the cross-entropy alone.
         let (router_loss, moe_stats) = moe_out
             .into_iter()
+            .filter(|_| train)
             .map(|(l_aux, z, stats)| (c.aux_coef * l_aux as f64 + c.z_coef * z as f64, stats))
             .unzip();
         Ok(GroupOutput {
