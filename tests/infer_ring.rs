@@ -69,6 +69,7 @@ fn routed(device_budget: u64, load: RingLoad) -> RingOptions {
         prefetch: Prefetch::Routed,
         io_threads: 1,
         load,
+        batch: 1,
     }
 }
 
@@ -120,6 +121,7 @@ fn ring_generation_is_bitwise_resident_generation() {
                     prefetch,
                     io_threads: 1,
                     load,
+                    batch: 1,
                 },
             )
             .expect("probe ring");
@@ -144,6 +146,7 @@ fn ring_generation_is_bitwise_resident_generation() {
                             prefetch,
                             io_threads: 1 + sections % 2,
                             load,
+                            batch,
                         },
                     )
                     .expect("ring");
@@ -198,6 +201,34 @@ fn ring_generation_is_bitwise_resident_generation() {
         }
     }
     assert_eq!(checked, 2 * 2 * 3 * 2 * 4);
+}
+
+#[test]
+fn auto_loading_copies_for_large_batches_whatever_the_pieces() {
+    let large = GptConfig {
+        d_model: 256,
+        d_ff: 512,
+        n_layer: 1,
+        n_head: 4,
+        experts: 2,
+        ..config(1)
+    };
+    let m = model(&large);
+    let dir = TempDir::new("ring-auto-batch");
+    let ckpt = save(dir.path(), &m);
+    let copy_from = semoe::infer::ring::COPY_FROM_BATCH;
+    for (batch, want) in [
+        (1, RingLoad::Map),
+        (copy_from - 1, RingLoad::Map),
+        (copy_from, RingLoad::Copy),
+    ] {
+        let options = RingOptions {
+            batch,
+            ..routed(1 << 30, RingLoad::Auto)
+        };
+        let ring = RingWeights::new(ModelFile::open(&ckpt).expect("open"), &options).expect("ring");
+        assert_eq!(ring.stats().load, want, "batches of {batch}");
+    }
 }
 
 #[test]

@@ -457,8 +457,9 @@ fn least_ring_budget(checkpoint: &std::path::Path) -> u64 {
             host_budget: 0,
             prefetch: Prefetch::Routed,
             io_threads: 1,
-            // What `semoe serve --device-budget` uses.
+            // What `semoe serve --device-budget ... --max-batch 2` uses.
             load: RingLoad::default(),
+            batch: 2,
         },
     )
     .expect("probe ring");

@@ -119,6 +119,7 @@ pub fn ring_bench(
                         prefetch: p,
                         io_threads,
                         load,
+                        batch,
                     },
                 )?;
                 let mut decoder = BatchDecoder::with_source(ring, cpu.clone(), batch)?;

@@ -67,7 +67,8 @@ pub struct MemoryArgs {
     io_threads: usize,
     /// With --device-budget: how pieces get into the ring's sections: map (each piece's pages of
     /// the checkpoint file mapped into its section and read in place), copy (each piece read into
-    /// a section's own buffer), or auto (map for pieces of 1 MiB and more, else copy).
+    /// a section's own buffer), or auto (copy for batches of 8 or more; below, map for pieces of
+    /// 1 MiB and more, else copy).
     #[arg(long, default_value = "auto")]
     ring_load: String,
 }
@@ -94,8 +95,9 @@ impl MemoryArgs {
         Ok(())
     }
 
-    /// The ring's options, or `None` without --device-budget (the whole model in memory).
-    pub fn options(&self) -> semoe::Result<Option<RingOptions>> {
+    /// The ring's options for batches of at most `batch` sequences, or `None` without
+    /// --device-budget (the whole model in memory).
+    pub fn options(&self, batch: usize) -> semoe::Result<Option<RingOptions>> {
         let Some(budget) = &self.device_budget else {
             return Ok(None);
         };
@@ -105,6 +107,7 @@ impl MemoryArgs {
             prefetch: self.prefetch.parse::<Prefetch>()?,
             io_threads: self.io_threads,
             load: self.ring_load.parse()?,
+            batch,
         }))
     }
 }
@@ -217,7 +220,7 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
         seed: a.seed,
     };
     let cpu = Cpu::new(a.threads)?;
-    match a.memory.options()? {
+    match a.memory.options(a.batch)? {
         None => {
             let ckpt = checkpoint_to_read(&a.checkpoint)?;
             let model = semoe::train::trainer::model_from(ckpt)?;

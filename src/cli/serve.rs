@@ -57,7 +57,7 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
         grace: a.grace,
     };
     config.validate()?;
-    let decoder: Box<dyn semoe::infer::Decode> = match a.memory.options()? {
+    let decoder: Box<dyn semoe::infer::Decode> = match a.memory.options(a.max_batch)? {
         None => {
             let ckpt = super::generate::checkpoint_to_read(&a.checkpoint)?;
             let model = semoe::train::trainer::model_from(ckpt)?;

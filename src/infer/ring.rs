@@ -82,8 +82,9 @@ impl std::str::FromStr for Prefetch {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RingLoad {
-    /// [`RingLoad::Map`] when the model's largest piece is at least [`MAP_FROM_PIECE_BYTES`],
-    /// else [`RingLoad::Copy`] (what the ring chose is in [`RingStats::load`]).
+    /// [`RingLoad::Copy`] for batches of [`COPY_FROM_BATCH`] sequences or more; below,
+    /// [`RingLoad::Map`] when the model's largest piece is at least [`MAP_FROM_PIECE_BYTES`], else
+    /// [`RingLoad::Copy`] (what the ring chose is in [`RingStats::load`]).
     #[default]
     Auto,
     /// The checkpoint file is mapped; a piece is loaded by mapping its pages and read in place
@@ -116,6 +117,13 @@ impl std::str::FromStr for RingLoad {
 /// and 25-40% slower with pieces of 264 KiB (the main job's model under a 2 MiB budget).
 pub const MAP_FROM_PIECE_BYTES: u64 = 1 << 20;
 
+/// The smallest batch for which [`RingLoad::Auto`] copies whatever the pieces' size. A mapped piece
+/// is read in place from 4 KiB page-cache pages, which costs the products more the more rows they
+/// multiply, while a copy costs the same at any batch: on the 2-core Ice Lake VM (BENCHMARKS.md,
+/// session 22, the 64-expert model, 1.07 MiB pieces) mapping led copying by 25 points of resident
+/// speed at batch 1, tied at batch 4 (89% / 88%), and trailed at batch 8 and 16 (by 12 and 10 points).
+pub const COPY_FROM_BATCH: usize = 8;
+
 /// How to build a ring.
 #[derive(Clone, Debug)]
 pub struct RingOptions {
@@ -129,6 +137,8 @@ pub struct RingOptions {
     pub io_threads: usize,
     /// How pieces get into sections.
     pub load: RingLoad,
+    /// The most sequences decoded together (the decoder's batch): [`RingLoad::Auto`] chooses by it.
+    pub batch: usize,
 }
 
 /// What a ring did (totals since it was built).
@@ -616,6 +626,7 @@ impl RingWeights {
         // largest piece's pages and has no buffer.
         let largest_piece = pieces.iter().map(|&p| piece_len(&config, p)).max().unwrap_or(0);
         let load = match options.load {
+            RingLoad::Auto if options.batch >= COPY_FROM_BATCH => RingLoad::Copy,
             RingLoad::Auto if 4 * largest_piece as u64 >= MAP_FROM_PIECE_BYTES => RingLoad::Map,
             RingLoad::Auto => RingLoad::Copy,
             chosen => chosen,
