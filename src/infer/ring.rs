@@ -121,7 +121,8 @@ pub const MAP_FROM_PIECE_BYTES: u64 = 1 << 20;
 /// is read in place from 4 KiB page-cache pages, which costs the products more the more rows they
 /// multiply, while a copy costs the same at any batch: on the 2-core Ice Lake VM (BENCHMARKS.md,
 /// session 22, the 64-expert model, 1.07 MiB pieces) mapping led copying by 25 points of resident
-/// speed at batch 1, tied at batch 4 (89% / 88%), and trailed at batch 8 and 16 (by 12 and 10 points).
+/// speed at batch 1 and by 1 and 7 points at batch 4 (two runs), and trailed by 12 and 4 points at
+/// batch 8 and by 10 at batch 16.
 pub const COPY_FROM_BATCH: usize = 8;
 
 /// How to build a ring.
