@@ -13,8 +13,8 @@
 #   - which CUDA library names load (cudarc's bindings ask for `.so.12`-style names; CUDA 13 ships
 #     `.so.13`);
 #   - the CUDA tests: device discovery (`kernels_cuda`), the MoE layer on the GPU against the CPU
-#     layer and bit for bit run to run (`kernels_cuda_moe`), the whole model against the CPU model
-#     and 20 training steps against the CPU loop and a second GPU run (`kernels_cuda_gpt`), and the
+#     layer and bit for bit run to run (`model_cuda_moe`), the whole model against the CPU model
+#     and 20 training steps against the CPU loop and a second GPU run (`model_cuda_gpt`), and the
 #     NCCL communicator on one GPU (`net_nccl`: a single-rank all-to-all-v with itself, bit for
 #     bit; an abort);
 #   - the main job's model trained on the GPU for TRAIN_STEPS steps (`semoe train --device cuda`),
@@ -30,7 +30,7 @@ BUNDLE=gpu-bundle
 # loss on the CPU (`semoe train --steps 3000`, 2026-12-06; any CPU gives these bits).
 TRAIN_STEPS=3000
 CPU_VAL_LOSS=1.5575
-TESTS=(kernels_cuda kernels_cuda_moe kernels_cuda_gpt net_nccl)
+TESTS=(kernels_cuda model_cuda_moe model_cuda_gpt net_nccl)
 
 build() {
     set -e

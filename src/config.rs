@@ -338,7 +338,7 @@ impl TrainConfig {
                 ));
             }
             if self.model.has_moe() {
-                crate::kernels::cuda::check_moe_config(&self.model.moe_config()).map_err(|e| match e {
+                crate::model::cuda::check_moe_config(&self.model.moe_config()).map_err(|e| match e {
                     Error::Config(msg) => Error::Config(format!("train.device = \"cuda\": {msg}")),
                     other => other,
                 })?;

@@ -274,6 +274,35 @@ impl AdamW {
                 "a parameter or gradient buffer has the wrong length",
             ));
         }
+        let coef = self.clip_scale(norm)?;
+        if coef < 1.0 {
+            grads.iter_mut().for_each(|g| g.iter_mut().for_each(|v| *v *= coef));
+        }
+        let scalars = self.scalars(lr);
+        self.step += 1;
+        for (i, (p, g)) in params.iter_mut().zip(grads.iter()).enumerate() {
+            let s = AdamwStep {
+                keep: if self.decay[i] { scalars.keep } else { 1.0 },
+                ..scalars
+            };
+            let (m, v) = (&mut self.m[i], &mut self.v[i]);
+            // Element-wise, so splitting into chunks across threads changes nothing in the result.
+            const CHUNK: usize = 16 * 1024;
+            let chunks = p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK));
+            chunks
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| adamw_update(p, g, m, v, s));
+        }
+        Ok(())
+    }
+}
+
+impl AdamW {
+    /// The factor the gradients are multiplied by before the update, given their global norm:
+    /// `clip / (norm + 1e-6)` when that is below 1 and clipping is on, else 1. A non-finite norm is
+    /// an error (the update is refused: training diverged).
+    pub(crate) fn clip_scale(&self, norm: f64) -> Result<f32> {
         if !norm.is_finite() {
             return Err(Error::Backend {
                 backend: "cpu",
@@ -286,40 +315,26 @@ impl AdamW {
         if self.config.clip > 0.0 {
             let coef = (self.config.clip / (norm + 1e-6)).min(1.0) as f32;
             if coef < 1.0 {
-                grads.iter_mut().for_each(|g| g.iter_mut().for_each(|v| *v *= coef));
+                return Ok(coef);
             }
         }
-        self.step += 1;
+        Ok(1.0)
+    }
+
+    /// The element-wise update's scalars for the next step (`self.step + 1`) at learning rate `lr`;
+    /// `keep` is the decayed tensors' (the others keep 1). Shared by the CPU update and the GPU's.
+    pub(crate) fn scalars(&self, lr: f64) -> AdamwStep {
         let c = &self.config;
-        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt() as f32;
-        let step_size = (lr / bc1) as f32;
-        let eps = c.eps as f32;
-        for (i, (p, g)) in params.iter_mut().zip(grads.iter()).enumerate() {
-            let keep = if self.decay[i] {
-                (1.0 - lr * c.weight_decay) as f32
-            } else {
-                1.0
-            };
-            let s = AdamwStep {
-                keep,
-                b1,
-                b2,
-                bc2_sqrt,
-                step_size,
-                eps,
-            };
-            let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            // Element-wise, so splitting into chunks across threads changes nothing in the result.
-            const CHUNK: usize = 16 * 1024;
-            let chunks = p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK));
-            chunks
-                .zip(m.par_chunks_mut(CHUNK))
-                .zip(v.par_chunks_mut(CHUNK))
-                .for_each(|(((p, g), m), v)| adamw_update(p, g, m, v, s));
+        let step = (self.step + 1) as i32;
+        let bc1 = 1.0 - c.beta1.powi(step);
+        AdamwStep {
+            keep: (1.0 - lr * c.weight_decay) as f32,
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            bc2_sqrt: (1.0 - c.beta2.powi(step)).sqrt() as f32,
+            step_size: (lr / bc1) as f32,
+            eps: c.eps as f32,
         }
-        Ok(())
     }
 }
 

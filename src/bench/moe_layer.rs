@@ -168,7 +168,8 @@ pub fn moe_layer_cuda_bench(
     iters: usize,
     precision: crate::kernels::cuda::Precision,
 ) -> Result<MoeLayerCudaReport> {
-    use crate::kernels::cuda::{CudaDevice, CudaMoeLayer};
+    use crate::kernels::cuda::CudaDevice;
+    use crate::model::cuda::CudaMoeLayer;
     let device = CudaDevice::open(0)?;
     let params = MoeParams::<f32>::init(config, 42)?;
     let mut layer = CudaMoeLayer::new(&device, config.clone(), &params, precision)?;

@@ -544,7 +544,7 @@ fn stall_causes(seconds: &[f64; 4]) -> String {
 
 /// `semoe bench moe-layer --device cuda`.
 fn moe_layer_on_gpu(a: &MoeLayerArgs, config: &MoeConfig) -> semoe::Result<()> {
-    semoe::kernels::cuda::check_moe_config(config)?;
+    semoe::model::cuda::check_moe_config(config)?;
     let r = bench::moe_layer_cuda_bench(config, a.tokens, a.common.warmup, a.common.iters, a.precision)?;
     if a.common.json {
         return print_json(&r);

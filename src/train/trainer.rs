@@ -12,8 +12,9 @@ use crate::config::{ComputeDevice, TrainConfig};
 use crate::data::corpus::Corpus;
 use crate::data::sampler;
 use crate::error::{Error, Result};
-use crate::kernels::cuda::{CudaDevice, CudaGpt, Gpu, Precision};
+use crate::kernels::cuda::{CudaDevice, Gpu, Precision};
 use crate::kernels::{Backend, Cpu};
+use crate::model::cuda::CudaGpt;
 use crate::model::gpt::{Gpt, GroupOutput};
 use crate::optimizer::{self, AdamW};
 use crate::storage::checkpoint::{self, Checkpoint};
@@ -404,7 +405,7 @@ impl Trainer {
             ComputeDevice::Cuda => {
                 let device = CudaDevice::open(0)?;
                 let mut on_gpu = CudaGpt::new(&Gpu::new(&device, Precision::F32)?, &model)?;
-                on_gpu.load_optimizer(&optimizer)?;
+                on_gpu.load_moments(&optimizer.m, &optimizer.v)?;
                 Some(on_gpu)
             }
             ComputeDevice::Cpu => None,
@@ -482,7 +483,8 @@ impl Trainer {
     pub fn sync(&mut self) -> Result<()> {
         if let (Some(gpu), true) = (&self.gpu, self.gpu_stale) {
             self.model = gpu.to_model()?;
-            self.optimizer = gpu.optimizer_state(&self.optimizer, self.optimizer.step)?;
+            let (m, v) = gpu.moments()?;
+            self.optimizer = self.optimizer.with_moments(self.optimizer.step, m, v)?;
             self.gpu_stale = false;
         }
         if let Some(engine) = &mut self.engine {
@@ -664,7 +666,8 @@ impl Trainer {
                 lr,
             });
         }
-        gpu.apply_adamw(&c.optimizer, step + 1, lr, grad_norm)?;
+        let grad_scale = self.optimizer.clip_scale(grad_norm)?;
+        gpu.apply_adamw(&self.optimizer.scalars(lr), grad_scale)?;
         self.optimizer.step = step + 1;
         self.gpu_stale = true;
         Ok((outputs, lr, grad_norm))

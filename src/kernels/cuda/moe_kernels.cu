@@ -1,6 +1,6 @@
 // The MoE layer's element-wise and routing kernels (f32), compiled at run time by NVRTC.
 //
-// Layout (src/kernels/cuda/moe.rs): S tokens, D = d_model, F = d_ff, E experts, K choices per
+// Layout (src/model/cuda/moe.rs): S tokens, D = d_model, F = d_ff, E experts, K choices per
 // token, C slots per expert. Assignment a = j * S + s is token s's choice j. The expert batch is
 // padded: expert e owns rows e*C .. e*C + C, and a kept assignment sits at row e*C + loc, where loc
 // is its place among expert e's assignments in (choice, token) order: the same order as the CPU

@@ -1,4 +1,4 @@
-//! The MoE layer on a GPU (src/kernels/cuda/moe.rs) against the CPU layer.
+//! The MoE layer on a GPU (src/model/cuda/moe.rs) against the CPU layer.
 //!
 //! - The kernels compile with NVRTC wherever the NVRTC library is found (no GPU needed), so a
 //!   kernel that does not compile is caught before a GPU is at hand; skipped, saying so, without
@@ -8,8 +8,9 @@
 //!   same routing (the same per-expert loads and drops); a second run gives the same bits; a
 //!   non-finite input is an error naming the token. Skipped, saying so, without a GPU.
 
-use semoe::kernels::cuda::{check_moe_config, compile_kernels, CudaDevice, CudaMoeLayer, Precision};
+use semoe::kernels::cuda::{compile_kernels, CudaDevice, Precision};
 use semoe::kernels::{Cpu, Gelu};
+use semoe::model::cuda::{check_moe_config, CudaMoeLayer};
 use semoe::model::moe::{DropPolicy, MoeConfig, MoeLayer, MoeParams};
 
 const TOLERANCE: f64 = 1e-5;

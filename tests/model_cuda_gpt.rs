@@ -1,14 +1,15 @@
-//! The whole model on a GPU (src/kernels/cuda/gpt.rs) against the CPU model: one group's loss,
+//! The whole model on a GPU (src/model/cuda/gpt.rs) against the CPU model: one group's loss,
 //! router losses, MoE loads and every parameter's gradient, a model with a dense and an MoE block;
 //! 20 training steps against the CPU's plain loop (loss within 1e-4) and against a second GPU run
 //! (bit for bit). Skipped, saying so, without a GPU (the kernels' compilation is checked by
-//! kernels_cuda_moe.rs). What `train.device = "cuda"` refuses is checked everywhere.
+//! model_cuda_moe.rs). What `train.device = "cuda"` refuses is checked everywhere.
 
 mod common;
 
 use semoe::config::ComputeDevice;
-use semoe::kernels::cuda::{CudaDevice, CudaGpt, Gpu, Precision};
+use semoe::kernels::cuda::{CudaDevice, Gpu, Precision};
 use semoe::kernels::Cpu;
+use semoe::model::cuda::CudaGpt;
 use semoe::model::gpt::{Gpt, GptConfig};
 use semoe::train::Trainer;
 

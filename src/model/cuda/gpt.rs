@@ -12,16 +12,13 @@
 //! and device during a step; the parameters come to the host only when asked for
 //! ([`CudaGpt::to_model`], [`CudaGpt::gradients`]).
 
-use super::device::cuda_error;
-use super::gpu::{elementwise, grid, int, launch, per_element, Gpu, Product, BLOCK};
 use super::moe::{CudaMoeCache, CudaMoeLayer, DeviceBuffer};
 use crate::error::{Error, Result};
-use crate::kernels::AdamwStep;
-use crate::kernels::Gelu;
+use crate::kernels::cuda::gpu::{elementwise, grid, int, launch, per_element, Gpu, Product, BLOCK};
+use crate::kernels::{AdamwStep, Gelu};
 use crate::model::gpt::{Ffn, Gpt, GptConfig, GroupOutput};
 use crate::model::layers::LN_EPS;
 use crate::model::moe::{MoeParams, MoeStats};
-use crate::optimizer::{AdamW, OptimizerConfig};
 use cudarc::driver::{CudaSlice, DeviceSlice, PushKernelArg};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -476,17 +473,18 @@ impl CudaGpt {
         Ok(())
     }
 
-    /// Load an optimizer's moments (in [`Gpt::tensors`] order, as [`AdamW`] keeps them).
-    pub fn load_optimizer(&mut self, optimizer: &AdamW) -> Result<()> {
+    /// Load AdamW's first and second moments, one buffer per tensor in [`Gpt::tensors`] order (as
+    /// `optimizer::AdamW` keeps them; empty buffers: zeros).
+    pub fn load_moments(&mut self, m: &[Vec<f32>], v: &[Vec<f32>]) -> Result<()> {
         let shapes = self.config.tensor_shapes();
-        if optimizer.m.len() != shapes.len() || optimizer.v.len() != shapes.len() {
+        if m.len() != shapes.len() || v.len() != shapes.len() {
             return Err(Error::shape(
                 "optimizer state",
-                format!("{} moment buffers for {} tensors", optimizer.m.len(), shapes.len()),
+                format!("{} moment buffers for {} tensors", m.len(), shapes.len()),
             ));
         }
         self.moments.clear();
-        for ((name, shape), (m, v)) in shapes.iter().zip(optimizer.m.iter().zip(&optimizer.v)) {
+        for ((name, shape), (m, v)) in shapes.iter().zip(m.iter().zip(v)) {
             let len: usize = shape.iter().product();
             if m.is_empty() && v.is_empty() {
                 continue; // never stepped: zeros at the first update
@@ -507,9 +505,9 @@ impl CudaGpt {
         Ok(())
     }
 
-    /// `template` (settings, decay flags) with step `step` and this model's moments, copied to the
-    /// host: the optimizer state a checkpoint stores.
-    pub fn optimizer_state(&self, template: &AdamW, step: u64) -> Result<AdamW> {
+    /// AdamW's moments copied to the host, `(m, v)`, one buffer per tensor in [`Gpt::tensors`]
+    /// order (zeros for a tensor never updated).
+    pub fn moments(&self) -> Result<super::Moments> {
         let mut m = Vec::new();
         let mut v = Vec::new();
         for (name, shape) in self.config.tensor_shapes() {
@@ -528,37 +526,14 @@ impl CudaGpt {
                 }
             }
         }
-        template.with_moments(step, m, v)
+        Ok((m, v))
     }
 
-    /// One AdamW step on the device, as [`AdamW::apply`] takes it on the CPU: the gradients clipped
-    /// to the global norm `config.clip` given their norm `norm` (computed by the caller, e.g. on
-    /// [`CudaGpt::gradients`]), then the update with learning rate `lr`; `step` is the step being
-    /// taken (1-based, for the bias corrections). Matrices are decayed, biases and norms not.
-    pub fn apply_adamw(&mut self, config: &OptimizerConfig, step: u64, lr: f64, norm: f64) -> Result<()> {
-        if !norm.is_finite() {
-            return Err(cuda_error(format!(
-                "the gradient norm is {norm} at step {step}: training diverged"
-            )));
-        }
-        let mut grad_scale = 1.0f32;
-        if config.clip > 0.0 {
-            let coef = (config.clip / (norm + 1e-6)).min(1.0) as f32;
-            if coef < 1.0 {
-                grad_scale = coef;
-            }
-        }
-        let step_i = i32::try_from(step).map_err(|_| Error::config(format!("step {step} is too large")))?;
-        let (b1, b2) = (config.beta1 as f32, config.beta2 as f32);
-        let bc1 = 1.0 - config.beta1.powi(step_i);
-        let scalars = AdamwStep {
-            keep: (1.0 - lr * config.weight_decay) as f32,
-            b1,
-            b2,
-            bc2_sqrt: (1.0 - config.beta2.powi(step_i)).sqrt() as f32,
-            step_size: (lr / bc1) as f32,
-            eps: config.eps as f32,
-        };
+    /// One AdamW step on the device with the scalars `scalars` (`optimizer::AdamW::scalars`: its
+    /// `keep` applies to the decayed tensors, the matrices; biases and norms keep 1), every gradient
+    /// multiplied by `grad_scale` first (the global-norm clipping, `AdamW::clip_scale`): the
+    /// arithmetic of `AdamW::apply` on the CPU.
+    pub(crate) fn apply_adamw(&mut self, scalars: &AdamwStep, grad_scale: f32) -> Result<()> {
         let gpu = self.gpu.clone();
         let decays: BTreeMap<String, bool> = self
             .config
@@ -587,7 +562,7 @@ impl CudaGpt {
                 .get_mut(&name)
                 .ok_or_else(|| Error::runtime("AdamW moments were not allocated"))?;
             let decay = decays.get(&name).copied().unwrap_or(false);
-            adamw(&gpu, param, grad, m, v, len, &scalars, decay, grad_scale)?;
+            adamw(&gpu, param, grad, m, v, len, scalars, decay, grad_scale)?;
         }
         Ok(())
     }

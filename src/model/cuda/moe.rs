@@ -13,15 +13,15 @@
 //!   statistics.
 //!
 //! What stays on the host: nothing of the computation. The drop policy `probs` (a sort per expert)
-//! is not implemented on the GPU and is refused by [`check_moe_config`](super::check_moe_config).
+//! is not implemented on the GPU and is refused by [`check_moe_config`].
 //!
 //! Bits: the results agree with the CPU layer within float32 rounding (cuBLAS sums in its own
 //! order); on one GPU a run repeats bit for bit (no floating-point atomics, one stream).
 
-use super::device::{cuda_error, CudaDevice};
-use super::gpu::{driver, elementwise, grid, int, launch, per_element, Gpu, Product, BLOCK, WIDE_BLOCK};
-use super::{check_moe_config, Precision};
+use super::check_moe_config;
 use crate::error::{Error, Result};
+use crate::kernels::cuda::gpu::{driver, elementwise, grid, int, launch, per_element, Gpu, Product, BLOCK, WIDE_BLOCK};
+use crate::kernels::cuda::{cuda_error, CudaDevice, Precision};
 use crate::model::moe::{MoeConfig, MoeParams, MoeStats};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use std::sync::Arc;
