@@ -203,17 +203,21 @@ fn ring_generation_is_bitwise_resident_generation() {
     assert_eq!(checked, 2 * 2 * 3 * 2 * 4);
 }
 
-#[test]
-fn auto_loading_copies_for_large_batches_whatever_the_pieces() {
-    let large = GptConfig {
+/// A model whose experts are pieces of more than 1 MiB (`MAP_FROM_PIECE_BYTES`).
+fn large_pieces() -> GptConfig {
+    GptConfig {
         d_model: 256,
         d_ff: 512,
         n_layer: 1,
         n_head: 4,
         experts: 2,
         ..config(1)
-    };
-    let m = model(&large);
+    }
+}
+
+#[test]
+fn auto_loading_copies_for_large_batches_whatever_the_pieces() {
+    let m = model(&large_pieces());
     let dir = TempDir::new("ring-auto-batch");
     let ckpt = save(dir.path(), &m);
     let copy_from = semoe::infer::ring::COPY_FROM_BATCH;
@@ -233,16 +237,7 @@ fn auto_loading_copies_for_large_batches_whatever_the_pieces() {
 
 #[test]
 fn auto_loading_maps_large_pieces_and_copies_small_ones() {
-    let small = config(1);
-    let large = GptConfig {
-        d_model: 256,
-        d_ff: 512,
-        n_layer: 1,
-        n_head: 4,
-        experts: 2,
-        ..small.clone()
-    };
-    for (c, want) in [(small, RingLoad::Copy), (large, RingLoad::Map)] {
+    for (c, want) in [(config(1), RingLoad::Copy), (large_pieces(), RingLoad::Map)] {
         let m = model(&c);
         let dir = TempDir::new("ring-auto");
         let ckpt = save(dir.path(), &m);

@@ -18,17 +18,7 @@ use semoe::train::Trainer;
 const TOLERANCE: f64 = 1e-4;
 
 fn assert_close(name: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{name}: lengths differ");
-    let (mut diff, mut norm) = (0.0f64, 0.0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        diff += (g as f64 - w as f64).powi(2);
-        norm += (w as f64).powi(2);
-    }
-    let rel = diff.sqrt() / norm.sqrt().max(1e-30);
-    assert!(
-        rel <= TOLERANCE,
-        "{name}: relative difference {rel:e} (tolerance {TOLERANCE:e})"
-    );
+    common::assert_norm_close(name, got, want, TOLERANCE);
 }
 
 fn config() -> GptConfig {

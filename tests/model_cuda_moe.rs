@@ -8,7 +8,9 @@
 //!   same routing (the same per-expert loads and drops); a second run gives the same bits; a
 //!   non-finite input is an error naming the token. Skipped, saying so, without a GPU.
 
-use semoe::kernels::cuda::{compile_kernels, CudaDevice, Precision};
+mod common;
+
+use semoe::kernels::cuda::{compile_kernels, CudaDevice, Precision, KERNEL_NAMES};
 use semoe::kernels::{Cpu, Gelu};
 use semoe::model::cuda::{check_moe_config, CudaMoeLayer};
 use semoe::model::moe::{DropPolicy, MoeConfig, MoeLayer, MoeParams};
@@ -29,32 +31,12 @@ fn the_kernels_compile_with_nvrtc() {
             return;
         }
     };
-    for kernel in [
-        "moe_gate_topk",
-        "moe_route_positions",
-        "moe_assign",
-        "moe_router_losses",
-        "moe_dispatch",
-        "moe_bias_gelu_forward",
-        "moe_add_expert_bias",
-        "moe_combine",
-        "moe_combine_backward",
-        "moe_expert_column_sums",
-        "moe_gelu_backward",
-        "moe_gate_backward",
-        "gpt_embed_forward",
-        "gpt_embed_backward",
-        "gpt_layer_norm_forward",
-        "gpt_layer_norm_backward",
-        "gpt_layer_norm_param_grads",
-        "gpt_add_into",
-        "gpt_split_heads",
-        "gpt_merge_heads",
-        "gpt_causal_softmax",
-        "gpt_causal_softmax_backward",
-        "gpt_cross_entropy",
-        "gpt_adamw",
-    ] {
+    assert_eq!(
+        KERNEL_NAMES.len(),
+        24,
+        "the kernels of moe_kernels.cu and model_kernels.cu"
+    );
+    for kernel in KERNEL_NAMES {
         assert!(
             ptx.contains(&format!(".entry {kernel}(")),
             "the PTX has no entry {kernel}"
@@ -90,19 +72,8 @@ fn gpu() -> Option<CudaDevice> {
     }
 }
 
-/// `|a - b| / |b|` over whole buffers, after checking their lengths; NaN fails every comparison.
 fn assert_close(name: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{name}: lengths differ");
-    let (mut diff, mut norm) = (0.0f64, 0.0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        diff += (g as f64 - w as f64).powi(2);
-        norm += (w as f64).powi(2);
-    }
-    let rel = diff.sqrt() / norm.sqrt().max(1e-30);
-    assert!(
-        rel <= TOLERANCE,
-        "{name}: relative difference {rel:e} (tolerance {TOLERANCE:e})"
-    );
+    common::assert_norm_close(name, got, want, TOLERANCE);
 }
 
 struct Run {

@@ -122,6 +122,49 @@ impl GptConfig {
         Ok(())
     }
 
+    /// The sequence length of `seqs` equal sequences of tokens `idx`, checked against the context
+    /// and the vocabulary.
+    pub(crate) fn check_tokens(&self, idx: &[u32], seqs: usize) -> Result<usize> {
+        let c = self;
+        if seqs == 0 || !idx.len().is_multiple_of(seqs) {
+            return Err(Error::shape(
+                "model input",
+                format!("{} tokens are not {seqs} equal sequences", idx.len()),
+            ));
+        }
+        let t = idx.len() / seqs;
+        if t == 0 || t > c.block_size {
+            return Err(Error::shape(
+                "model input",
+                format!("sequence length {t} must be in 1..={}", c.block_size),
+            ));
+        }
+        if let Some(bad) = idx.iter().find(|&&i| i as usize >= c.vocab) {
+            return Err(Error::shape(
+                "model input",
+                format!("token {bad} is outside the vocabulary ({})", c.vocab),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Check that `targets` are one per token of `idx` and inside the vocabulary.
+    pub(crate) fn check_targets(&self, idx: &[u32], targets: &[u32]) -> Result<()> {
+        if targets.len() != idx.len() {
+            return Err(Error::shape(
+                "targets",
+                format!("{} targets for {} tokens", targets.len(), idx.len()),
+            ));
+        }
+        if let Some(bad) = targets.iter().find(|&&i| i as usize >= self.vocab) {
+            return Err(Error::shape(
+                "targets",
+                format!("token {bad} is outside the vocabulary"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether block `l` is an MoE block.
     pub fn is_moe(&self, l: usize) -> bool {
         self.moe_every > 0 && l % self.moe_every == self.moe_every - 1
@@ -555,27 +598,7 @@ impl<T: Scalar> Gpt<T> {
     }
 
     pub(crate) fn check_tokens(&self, idx: &[u32], seqs: usize) -> Result<usize> {
-        let c = &self.config;
-        if seqs == 0 || !idx.len().is_multiple_of(seqs) {
-            return Err(Error::shape(
-                "model input",
-                format!("{} tokens are not {seqs} equal sequences", idx.len()),
-            ));
-        }
-        let t = idx.len() / seqs;
-        if t == 0 || t > c.block_size {
-            return Err(Error::shape(
-                "model input",
-                format!("sequence length {t} must be in 1..={}", c.block_size),
-            ));
-        }
-        if let Some(bad) = idx.iter().find(|&&i| i as usize >= c.vocab) {
-            return Err(Error::shape(
-                "model input",
-                format!("token {bad} is outside the vocabulary ({})", c.vocab),
-            ));
-        }
-        Ok(t)
+        self.config.check_tokens(idx, seqs)
     }
 
     /// Logits `[N][V]` of `seqs` sequences of tokens `idx` (forward only).
@@ -604,19 +627,7 @@ impl<T: Scalar> Gpt<T> {
     }
 
     pub(crate) fn check_targets(&self, idx: &[u32], targets: &[u32]) -> Result<()> {
-        if targets.len() != idx.len() {
-            return Err(Error::shape(
-                "targets",
-                format!("{} targets for {} tokens", targets.len(), idx.len()),
-            ));
-        }
-        if let Some(bad) = targets.iter().find(|&&i| i as usize >= self.config.vocab) {
-            return Err(Error::shape(
-                "targets",
-                format!("token {bad} is outside the vocabulary"),
-            ));
-        }
-        Ok(())
+        self.config.check_targets(idx, targets)
     }
 
     /// The load statistics of each MoE block, in order, for one routing group of `seqs` sequences

@@ -101,6 +101,19 @@ pub fn assert_all_close(what: &str, got: &[f64], want: &[f64], tol: impl Fn(f64)
     }
 }
 
+/// Fail unless the buffers have the same length and `|got - want| / |want|` (Euclidean norms over
+/// the whole buffers) is at most `tol`; a NaN anywhere fails.
+pub fn assert_norm_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        diff += (g as f64 - w as f64).powi(2);
+        norm += (w as f64).powi(2);
+    }
+    let rel = diff.sqrt() / norm.sqrt().max(1e-30);
+    assert!(rel <= tol, "{what}: relative difference {rel:e} (tolerance {tol:e})");
+}
+
 /// The `.json` files of `tests/golden/DIR`, sorted, after checking that they are exactly `expected`
 /// (file stems): a missing or an extra file fails.
 pub fn golden_files(dir: &str, expected: &[String]) -> Vec<PathBuf> {

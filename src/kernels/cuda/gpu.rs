@@ -3,7 +3,7 @@
 //! order on its stream, so buffers need no other synchronisation, and a run repeats bit for bit.
 
 use super::device::{cuda_error, CudaDevice};
-use super::Precision;
+use super::{Precision, KERNEL_NAMES};
 use crate::error::{Error, Result};
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{
@@ -16,34 +16,6 @@ use std::sync::Arc;
 /// The CUDA C source of every kernel: the MoE layer's, then the dense model's (which use the
 /// MoE file's helpers, `block_sum` and the GELU forms).
 const KERNELS: &str = concat!(include_str!("moe_kernels.cu"), "\n", include_str!("model_kernels.cu"));
-
-/// The kernels the sources define (each is looked up by name when the module is loaded).
-pub(crate) const KERNEL_NAMES: [&str; 24] = [
-    "moe_gate_topk",
-    "moe_route_positions",
-    "moe_assign",
-    "moe_router_losses",
-    "moe_dispatch",
-    "moe_bias_gelu_forward",
-    "moe_add_expert_bias",
-    "moe_combine",
-    "moe_combine_backward",
-    "moe_expert_column_sums",
-    "moe_gelu_backward",
-    "moe_gate_backward",
-    "gpt_embed_forward",
-    "gpt_embed_backward",
-    "gpt_layer_norm_forward",
-    "gpt_layer_norm_backward",
-    "gpt_layer_norm_param_grads",
-    "gpt_add_into",
-    "gpt_split_heads",
-    "gpt_merge_heads",
-    "gpt_causal_softmax",
-    "gpt_causal_softmax_backward",
-    "gpt_cross_entropy",
-    "gpt_adamw",
-];
 
 /// Threads per block of the row and element-wise kernels (a power of two: the block sums need it).
 pub(crate) const BLOCK: u32 = 256;

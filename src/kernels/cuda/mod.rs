@@ -25,6 +25,34 @@ pub(crate) use dummy::no_cuda;
 #[cfg(not(feature = "cuda"))]
 pub use dummy::{compile_kernels, CudaDevice, Gpu};
 
+/// The kernels the sources define (each is looked up by name when the module is loaded).
+pub const KERNEL_NAMES: [&str; 24] = [
+    "moe_gate_topk",
+    "moe_route_positions",
+    "moe_assign",
+    "moe_router_losses",
+    "moe_dispatch",
+    "moe_bias_gelu_forward",
+    "moe_add_expert_bias",
+    "moe_combine",
+    "moe_combine_backward",
+    "moe_expert_column_sums",
+    "moe_gelu_backward",
+    "moe_gate_backward",
+    "gpt_embed_forward",
+    "gpt_embed_backward",
+    "gpt_layer_norm_forward",
+    "gpt_layer_norm_backward",
+    "gpt_layer_norm_param_grads",
+    "gpt_add_into",
+    "gpt_split_heads",
+    "gpt_merge_heads",
+    "gpt_causal_softmax",
+    "gpt_causal_softmax_backward",
+    "gpt_cross_entropy",
+    "gpt_adamw",
+];
+
 /// The precision of the GPU's matrix products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {

@@ -191,25 +191,7 @@ impl CudaGpt {
 
     fn shape(&self, idx: &[u32], seqs: usize) -> Result<Shape> {
         let c = &self.config;
-        if seqs == 0 || idx.is_empty() || !idx.len().is_multiple_of(seqs) {
-            return Err(Error::shape(
-                "model input",
-                format!("{} tokens are not {seqs} equal sequences", idx.len()),
-            ));
-        }
-        let t = idx.len() / seqs;
-        if t > c.block_size {
-            return Err(Error::shape(
-                "model input",
-                format!("sequence length {t} must be in 1..={}", c.block_size),
-            ));
-        }
-        if let Some(bad) = idx.iter().find(|&&i| i as usize >= c.vocab) {
-            return Err(Error::shape(
-                "model input",
-                format!("token {bad} is outside the vocabulary ({})", c.vocab),
-            ));
-        }
+        let t = c.check_tokens(idx, seqs)?;
         Ok(Shape {
             n: idx.len(),
             t,
@@ -250,18 +232,7 @@ impl CudaGpt {
     ) -> Result<GroupOutput> {
         let s = self.shape(idx, seqs)?;
         let c = self.config.clone();
-        if targets.len() != idx.len() {
-            return Err(Error::shape(
-                "targets",
-                format!("{} targets for {} tokens", targets.len(), idx.len()),
-            ));
-        }
-        if let Some(bad) = targets.iter().find(|&&i| i as usize >= c.vocab) {
-            return Err(Error::shape(
-                "targets",
-                format!("token {bad} is outside the vocabulary"),
-            ));
-        }
+        c.check_targets(idx, targets)?;
         let gpu = self.gpu.clone();
         let g = &*gpu;
         let (n, d, v) = (s.n, s.d, c.vocab);
