@@ -34,6 +34,7 @@ TESTS=(kernels_cuda model_cuda_moe model_cuda_gpt net_nccl)
 
 build() {
     set -e
+    rm -rf "$BUNDLE"
     mkdir -p "$BUNDLE"
     # No debug info: the bundle travels to the host (it must stay well under 64 MiB). A target
     # folder of its own, so that the usual release build is left as it is.
