@@ -89,6 +89,12 @@ fn one_group_on_the_gpu_agrees_with_the_cpu_model() {
     let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
     assert_close("router losses", &as_f32(&got.router_loss), &as_f32(&want.router_loss));
     assert_eq!(got.moe_stats, want.moe_stats, "MoE loads and drops");
+    let want_norm = semoe::train::trainer::model_grad_norm(&model, &grads.buffers_mut());
+    let got_norm = on_gpu.gradient_norm().expect("norm");
+    assert!(
+        ((got_norm - want_norm) / want_norm).abs() <= TOLERANCE,
+        "gradient norm: GPU {got_norm}, CPU {want_norm}"
+    );
     let (g, w) = (got_grads.tensors(), grads.tensors());
     assert_eq!(g.len(), w.len(), "tensor count");
     for ((name, _, a), (want_name, _, b)) in g.iter().zip(w.iter()) {

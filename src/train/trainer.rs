@@ -639,8 +639,8 @@ impl Trainer {
         Ok((outputs, lr, grad_norm))
     }
 
-    /// One step on the GPU: the groups one after another into the device's gradients, the norm
-    /// computed on the host from them exactly as the plain loop computes it, AdamW on the device.
+    /// One step on the GPU: the groups one after another into the device's gradients, their global
+    /// norm (one sum per tensor read back), AdamW on the device.
     fn gpu_step(&mut self) -> Result<(Vec<GroupOutput>, f64, f64)> {
         let c = &self.config;
         let (t, groups, seqs) = (c.model.block_size, c.train.groups, c.group_seqs());
@@ -657,8 +657,7 @@ impl Trainer {
             outputs.push(gpu.forward_backward(&idx, &targets, seqs, ce_scale, router_scale)?);
         }
         let lr = c.optimizer.lr_at(step, c.train.steps);
-        let mut grads = gpu.gradients()?;
-        let grad_norm = model_grad_norm(&self.model, &grads.buffers_mut());
+        let grad_norm = gpu.gradient_norm()?;
         if !grad_norm.is_finite() {
             return Err(Error::Diverged {
                 step: step + 1,

@@ -26,7 +26,7 @@ pub(crate) use dummy::no_cuda;
 pub use dummy::{compile_kernels, CudaDevice, Gpu};
 
 /// The kernels the sources define (each is looked up by name when the module is loaded).
-pub const KERNEL_NAMES: [&str; 24] = [
+pub const KERNEL_NAMES: [&str; 25] = [
     "moe_gate_topk",
     "moe_route_positions",
     "moe_assign",
@@ -51,6 +51,7 @@ pub const KERNEL_NAMES: [&str; 24] = [
     "gpt_causal_softmax_backward",
     "gpt_cross_entropy",
     "gpt_adamw",
+    "gpt_sum_squares",
 ];
 
 /// The precision of the GPU's matrix products.

@@ -230,3 +230,22 @@ extern "C" __global__ void gpt_adamw(float* p, const float* grad, float* m, floa
         v[i] = vi;
     }
 }
+
+// out[slot] = the sum of squares of n floats, in double precision: one block (blockDim.x a power
+// of two <= 1024, that many doubles of shared memory), each thread over a stride of the elements,
+// then a fixed tree. Per tensor, for the global gradient norm.
+extern "C" __global__ void gpt_sum_squares(const float* g, long long n, double* out, int slot) {
+    extern __shared__ double squares[];
+    double acc = 0.0;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+        double v = (double)g[i];
+        acc += v * v;
+    }
+    squares[threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) squares[threadIdx.x] += squares[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[slot] = squares[0];
+}

@@ -166,6 +166,11 @@ impl CudaGpt {
     }
 
     /// Unreachable in this build.
+    pub fn gradient_norm(&mut self) -> Result<f64> {
+        Err(no_cuda("cannot read gradients from a GPU"))
+    }
+
+    /// Unreachable in this build.
     pub fn moments(&self) -> Result<super::Moments> {
         Err(no_cuda("cannot read optimizer state from a GPU"))
     }

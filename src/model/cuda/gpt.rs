@@ -14,7 +14,7 @@
 
 use super::moe::{CudaMoeCache, CudaMoeLayer, DeviceBuffer};
 use crate::error::{Error, Result};
-use crate::kernels::cuda::gpu::{elementwise, grid, int, launch, per_element, Gpu, Product, BLOCK};
+use crate::kernels::cuda::gpu::{elementwise, grid, int, launch, per_element, Gpu, Product, BLOCK, WIDE_BLOCK};
 use crate::kernels::{AdamwStep, Gelu};
 use crate::model::gpt::{Ffn, Gpt, GptConfig, GroupOutput};
 use crate::model::layers::LN_EPS;
@@ -498,6 +498,42 @@ impl CudaGpt {
             }
         }
         Ok((m, v))
+    }
+
+    /// The global gradient norm: the square root of the sum of every gradient element's square,
+    /// each tensor summed on the device in double precision (`gpt_sum_squares`), the tensors' sums
+    /// added on the host in [`Gpt::tensors`] order. Only one number per tensor leaves the device.
+    pub fn gradient_norm(&mut self) -> Result<f64> {
+        let gpu = self.gpu.clone();
+        let names: Vec<String> = self.config.tensor_shapes().into_iter().map(|(n, _)| n).collect();
+        let mut sums = gpu.alloc_zeros::<f64>(names.len())?;
+        let mut grads: BTreeMap<String, &CudaSlice<f32>> =
+            self.dense.iter().map(|(name, t)| (name.clone(), &t.grad)).collect();
+        for (&l, layer) in self.moe.iter_mut() {
+            for (part, _, grad) in layer.parameters_and_gradients() {
+                grads.insert(format!("h.{l}.moe.{part}"), grad);
+            }
+        }
+        for (slot, name) in names.iter().enumerate() {
+            let grad = grads
+                .get(name)
+                .ok_or_else(|| Error::shape("CUDA model", format!("no gradient for {name}")))?;
+            let (n_l, slot_i) = (DeviceSlice::len(*grad) as i64, int(slot, "tensor index")?);
+            // SAFETY: the arguments follow gpt_sum_squares's parameters; grad holds n elements,
+            // sums one slot per tensor; WIDE_BLOCK doubles of shared memory.
+            unsafe {
+                gpu.stream
+                    .launch_builder(gpu.kernel("gpt_sum_squares")?)
+                    .arg(*grad)
+                    .arg(&n_l)
+                    .arg(&mut sums)
+                    .arg(&slot_i)
+                    .launch(grid(1, WIDE_BLOCK, WIDE_BLOCK * 8))
+            }
+            .map_err(launch("gpt_sum_squares"))?;
+        }
+        let sums = gpu.download(&sums)?;
+        Ok(sums[..names.len()].iter().sum::<f64>().sqrt())
     }
 
     /// One AdamW step on the device with the scalars `scalars` (`optimizer::AdamW::scalars`: its
