@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-/// Events a request's channel holds before the decoder thread keeps bytes back for a slow client.
+/// Events a request's channel holds before the decoder thread keeps bytes back for a slow client (the
+/// bytes use all but the last slot, which stays free for the final event).
 pub const CHANNEL_EVENTS: usize = 32;
 
 /// How long the idle decoder thread waits for a request before it looks at its flags again.
@@ -166,6 +167,11 @@ impl Running {
     /// Hand the pending bytes (and the end, once finished) to the channel, without waiting.
     fn deliver(&mut self, client_timeout: Duration, now: Instant) -> Delivery {
         if !self.pending.is_empty() {
+            // Bytes leave the channel's last slot free: the last word (a failure at shutdown,
+            // sent without waiting) must always fit, or the client would see the stream cut.
+            if self.events.capacity() <= 1 && !self.events.is_closed() {
+                return self.stalled(client_timeout, now);
+            }
             match self.events.try_send(Event::Bytes(std::mem::take(&mut self.pending))) {
                 Ok(()) => self.full_since = None,
                 Err(TrySendError::Full(Event::Bytes(bytes))) => {
