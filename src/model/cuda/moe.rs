@@ -222,15 +222,7 @@ impl CudaMoeLayer {
         let gpu = &self.gpu;
 
         let mut logits = self.gpu.alloc::<f32>(s * e_count)?;
-        let gemm = |m, n, kk, a_t, b_t| Product {
-            m,
-            n,
-            k: kk,
-            a_t,
-            b_t,
-            batch: 1,
-            accumulate: false,
-        };
+        let gemm = |m, n, kk, a_t, b_t| Product::new(m, n, kk, a_t, b_t, false);
         self.gpu
             .product(gemm(s, e_count, d, false, false), &x.data, &self.params.wg, &mut logits)?;
 
@@ -334,15 +326,7 @@ impl CudaMoeLayer {
         }
         .map_err(launch("moe_dispatch"))?;
 
-        let batched = |m, n, kk, a_t, b_t, accumulate| Product {
-            m,
-            n,
-            k: kk,
-            a_t,
-            b_t,
-            batch: e_count,
-            accumulate,
-        };
+        let batched = |m, n, kk, a_t, b_t, accumulate| Product::new(m, n, kk, a_t, b_t, accumulate).batched(e_count);
         let mut h = self.gpu.alloc::<f32>(rows * f)?;
         let mut act = self.gpu.alloc::<f32>(rows * f)?;
         let mut ye = self.gpu.alloc::<f32>(rows * d)?;
@@ -500,15 +484,7 @@ impl CudaMoeLayer {
             int(k, "k")?,
             int(d, "d_model")?,
         );
-        let batched = |m, n, kk, a_t, b_t, accumulate| Product {
-            m,
-            n,
-            k: kk,
-            a_t,
-            b_t,
-            batch: e_count,
-            accumulate,
-        };
+        let batched = |m, n, kk, a_t, b_t, accumulate| Product::new(m, n, kk, a_t, b_t, accumulate).batched(e_count);
 
         let mut gw = self.gpu.alloc::<f32>(ks)?;
         let mut gye = self.gpu.alloc_zeros::<f32>(rows * d)?;
@@ -594,15 +570,7 @@ impl CudaMoeLayer {
                 .launch(per_element(s as u64))
         }
         .map_err(launch("moe_gate_backward"))?;
-        let single = |m, n, kk, a_t, b_t| Product {
-            m,
-            n,
-            k: kk,
-            a_t,
-            b_t,
-            batch: 1,
-            accumulate: true,
-        };
+        let single = |m, n, kk, a_t, b_t| Product::new(m, n, kk, a_t, b_t, true);
         self.gpu.product(
             single(d, e_count, s, true, false),
             &x.data,
@@ -650,15 +618,7 @@ impl CudaMoeLayer {
         let mut ye = self.gpu.alloc_zeros::<f32>(rows * d)?;
         let mut gw1 = self.gpu.alloc_zeros::<f32>(e_count * d * f)?;
         let mut gw2 = self.gpu.alloc_zeros::<f32>(e_count * f * d)?;
-        let b = |m, n, kk, a_t, b_t, accumulate| Product {
-            m,
-            n,
-            k: kk,
-            a_t,
-            b_t,
-            batch: e_count,
-            accumulate,
-        };
+        let b = |m, n, kk, a_t, b_t, accumulate| Product::new(m, n, kk, a_t, b_t, accumulate).batched(e_count);
         let (gpu, p) = (&self.gpu, &self.params);
         self.time_rounds(iters, rounds, || {
             gpu.product(b(slots, f, d, false, false, false), &xe, &p.w1, &mut h)?;
@@ -677,15 +637,7 @@ impl CudaMoeLayer {
         let a = self.gpu.alloc_zeros::<f32>(m * k)?;
         let b = self.gpu.alloc_zeros::<f32>(k * n)?;
         let mut out = self.gpu.alloc_zeros::<f32>(m * n)?;
-        let p = Product {
-            m,
-            n,
-            k,
-            a_t: false,
-            b_t: false,
-            batch: 1,
-            accumulate: false,
-        };
+        let p = Product::new(m, n, k, false, false, false);
         self.time_rounds(iters, rounds, || self.gpu.product(p, &a, &b, &mut out))
     }
 
