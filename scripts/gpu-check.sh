@@ -16,7 +16,8 @@
 #     layer and bit for bit run to run (`model_cuda_moe`), the whole model against the CPU model
 #     and 20 training steps against the CPU loop and a second GPU run (`model_cuda_gpt`), and the
 #     NCCL communicator on one GPU (`net_nccl`: a single-rank all-to-all-v with itself, bit for
-#     bit; an abort);
+#     bit; an abort), and the actor runtime with one worker exchanging its expert rows through NCCL
+#     (`runtime_collectives`: the transport's bits; its stand-in tests run too);
 #   - the main job's model trained on the GPU for TRAIN_STEPS steps (`semoe train --device cuda`),
 #     its validation loss next to the CPU's for the same steps (the same on every CPU, bit for bit);
 #   - the MoE layer at the size (16,384 tokens, width 1024, hidden 4096, 8 experts, top-2),
@@ -30,7 +31,7 @@ BUNDLE=gpu-bundle
 # loss on the CPU (`semoe train --steps 3000`, 2026-12-06; any CPU gives these bits).
 TRAIN_STEPS=3000
 CPU_VAL_LOSS=1.5575
-TESTS=(kernels_cuda model_cuda_moe model_cuda_gpt net_nccl)
+TESTS=(kernels_cuda model_cuda_moe model_cuda_gpt net_nccl runtime_collectives)
 
 build() {
     set -e

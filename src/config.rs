@@ -190,6 +190,48 @@ pub struct TrainSettings {
     /// Where the steps are computed: `cpu`, or `cuda` (GPU 0, the plain loop on the device; a build
     /// with `--features cuda`). A run keeps its device: the two give different bits.
     pub device: ComputeDevice,
+    /// How the in-process runtime's workers exchange expert rows (the fused all-to-all-v of the MoE
+    /// blocks): `transport` (requests and replies over the workers' transport), `sim` (collectives
+    /// in NCCL's model on the CPU stand-in, which checks NCCL's rules) or `nccl` (collectives
+    /// through NCCL, one GPU per worker; a build with `--features cuda`). The bits are the same.
+    pub exchange: ExpertExchange,
+}
+
+/// How the workers of the in-process runtime exchange expert rows (docs/gpu-data-path.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertExchange {
+    /// Requests and replies over the transport (in-process channels, or QUIC between processes).
+    #[default]
+    Transport,
+    /// Collectives (counts, then grouped sends and receives) on the in-process CPU stand-in of NCCL.
+    Sim,
+    /// Collectives through NCCL, worker `i` on GPU `i`.
+    Nccl,
+}
+
+impl std::str::FromStr for ExpertExchange {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "transport" => Ok(ExpertExchange::Transport),
+            "sim" => Ok(ExpertExchange::Sim),
+            "nccl" => Ok(ExpertExchange::Nccl),
+            other => Err(Error::config(format!(
+                "train.exchange must be \"transport\", \"sim\" or \"nccl\", got {other:?}"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for ExpertExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ExpertExchange::Transport => "transport",
+            ExpertExchange::Sim => "sim",
+            ExpertExchange::Nccl => "nccl",
+        })
+    }
 }
 
 /// Where a run computes its steps.
@@ -242,6 +284,7 @@ impl Default for TrainSettings {
             snapshot_every: 20,
             same_host: true,
             device: ComputeDevice::Cpu,
+            exchange: ExpertExchange::Transport,
         }
     }
 }
@@ -344,6 +387,20 @@ impl TrainConfig {
                 })?;
             }
         }
+        if t.exchange != ExpertExchange::Transport {
+            let refused = if t.workers == 0 {
+                Some("the plain loop (train.workers = 0) has no workers to exchange between")
+            } else if t.elastic() {
+                Some("worker processes (train.processes, train.listen) exchange over the transport only, for now")
+            } else if t.device == ComputeDevice::Cuda {
+                Some("train.device = \"cuda\" runs the plain loop on one GPU, without an exchange")
+            } else {
+                None
+            };
+            if let Some(why) = refused {
+                return Err(Error::config(format!("train.exchange = \"{}\": {why}", t.exchange)));
+            }
+        }
         let storage = self.storage.to_config(None)?;
         if !storage.unlimited() && t.workers == 0 {
             return Err(Error::config(
@@ -384,6 +441,7 @@ pub const RESUMABLE: &[&str] = &[
     "train.identity",
     "train.snapshot_every",
     "train.same_host",
+    "train.exchange",
     "storage.*",
 ];
 

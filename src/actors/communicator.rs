@@ -5,6 +5,7 @@
 //! a deadline; a peer that does not answer in time is named in the error. Incoming, it hands expert
 //! rows to the local Expert actors, gradients to the Ledger, parameters to the replica, and answers.
 
+use super::collectives::{ExpertCall, ExpertCollectives};
 use super::expert::ExpertMsg;
 use super::ledger::LedgerMsg;
 use super::{ask, inject, ActorName};
@@ -60,6 +61,20 @@ pub enum CommMsg {
         /// Replies.
         reply: RpcReplyPort<Result<Vec<(WorkerId, Payload)>>>,
     },
+    /// One MoE block's exchange of expert rows for one lane: over the transport as an
+    /// [`CommMsg::Exchange`], or over the lane's communicator when the runtime exchanges through
+    /// collectives ([`super::collectives`]; then also with no requests, as every worker takes part
+    /// in every exchange).
+    ExpertExchange {
+        /// The lane, block, step and direction (boxed: it keeps the message small).
+        call: Box<ExpertCall>,
+        /// The metric label of the traffic (`dispatch` or `grad_dispatch`).
+        kind: &'static str,
+        /// Requests (`ExpertForward` or `ExpertBackward`, one per peer at most).
+        requests: Vec<(WorkerId, Payload)>,
+        /// Each requested peer's `Segments`.
+        reply: RpcReplyPort<Result<Vec<(WorkerId, Payload)>>>,
+    },
     /// A packet from the transport.
     Incoming(Packet),
     /// Requests whose exchange gave up (deadline): forget them.
@@ -85,6 +100,9 @@ pub struct CommArgs {
     pub chaos: FaultPlan,
     /// Bytes sent to each peer, by kind (the run report's traffic matrix).
     pub traffic: Arc<super::traffic::Traffic>,
+    /// The communicators expert rows travel through instead of the transport (`train.exchange`
+    /// `sim` or `nccl`), shared by every worker of the runtime.
+    pub collectives: Option<Arc<ExpertCollectives>>,
 }
 
 impl CommArgs {
@@ -156,52 +174,22 @@ impl Actor for CommActor {
                 kind,
                 requests,
                 reply,
-            } => {
-                let me = state.args.worker;
-                // Injected faults strike before anything is sent: the exchange's caller sees the
-                // actor fail (its reply port dropped), as after a real failure at that point.
-                if let Some(step) = state.args.chaos.current_step() {
-                    let name = state.args.name();
-                    inject(
-                        &state.args.chaos,
-                        &Target::Communicator { worker: me },
-                        StepId::first(step),
-                        Moment::Any,
-                        &name,
-                    )?;
-                }
-                let mut waits = Vec::with_capacity(requests.len());
-                for (peer, payload) in requests {
-                    // Ids are unique in the process, also across restarts of this actor, so that a
-                    // late reply can never be taken for the answer to a newer request.
-                    let id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let (tx, rx) = oneshot::channel();
-                    state.pending.insert(id, tx);
-                    metrics::counter!(names::ALLTOALL_BYTES, "from" => me.to_string(), "to" => peer.to_string(), "kind" => kind)
-                        .increment(payload.data_bytes() as u64);
-                    state.args.traffic.add(peer, kind, payload.data_bytes() as u64);
-                    let sent = state.args.transport.send(Packet {
-                        from: me,
-                        to: peer,
-                        id,
-                        payload,
+            } => start_exchange(myself, state, what, kind, requests, reply)?,
+            CommMsg::ExpertExchange {
+                call,
+                kind,
+                requests,
+                reply,
+            } => match state.args.collectives.clone() {
+                Some(collectives) => {
+                    inject_exchange_fault(state)?;
+                    let args = state.args.clone();
+                    tokio::spawn(async move {
+                        let _ = reply.send(collectives.exchange(args, *call, kind, requests).await);
                     });
-                    if let Err(e) = sent {
-                        state.pending.remove(&id);
-                        for (_, id, _) in &waits {
-                            state.pending.remove(id);
-                        }
-                        let _ = reply.send(Err(e));
-                        return Ok(());
-                    }
-                    waits.push((peer, id, rx));
                 }
-                let deadline = state.args.deadline;
-                tokio::spawn(async move {
-                    let r = gather(waits, &what, deadline, &myself).await;
-                    let _ = reply.send(r);
-                });
-            }
+                None => start_exchange(myself, state, call.what, kind, requests, reply)?,
+            },
             CommMsg::Incoming(packet) => {
                 if packet.payload.is_reply() {
                     if let Some(tx) = state.pending.remove(&packet.id) {
@@ -218,6 +206,69 @@ impl Actor for CommActor {
         }
         Ok(())
     }
+}
+
+/// Injected faults strike before anything is sent: the exchange's caller sees the actor fail (its
+/// reply port dropped), as after a real failure at that point.
+fn inject_exchange_fault(state: &CommState) -> Result<(), ActorProcessingErr> {
+    if let Some(step) = state.args.chaos.current_step() {
+        let name = state.args.name();
+        inject(
+            &state.args.chaos,
+            &Target::Communicator {
+                worker: state.args.worker,
+            },
+            StepId::first(step),
+            Moment::Any,
+            &name,
+        )?;
+    }
+    Ok(())
+}
+
+/// Send each `(peer, request)` over the transport and answer the replies (in a task of its own).
+fn start_exchange(
+    myself: ActorRef<CommMsg>,
+    state: &mut CommState,
+    what: String,
+    kind: &'static str,
+    requests: Vec<(WorkerId, Payload)>,
+    reply: RpcReplyPort<Result<Vec<(WorkerId, Payload)>>>,
+) -> Result<(), ActorProcessingErr> {
+    let me = state.args.worker;
+    inject_exchange_fault(state)?;
+    let mut waits = Vec::with_capacity(requests.len());
+    for (peer, payload) in requests {
+        // Ids are unique in the process, also across restarts of this actor, so that a
+        // late reply can never be taken for the answer to a newer request.
+        let id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        state.pending.insert(id, tx);
+        metrics::counter!(names::ALLTOALL_BYTES, "from" => me.to_string(), "to" => peer.to_string(), "kind" => kind)
+            .increment(payload.data_bytes() as u64);
+        state.args.traffic.add(peer, kind, payload.data_bytes() as u64);
+        let sent = state.args.transport.send(Packet {
+            from: me,
+            to: peer,
+            id,
+            payload,
+        });
+        if let Err(e) = sent {
+            state.pending.remove(&id);
+            for (_, id, _) in &waits {
+                state.pending.remove(id);
+            }
+            let _ = reply.send(Err(e));
+            return Ok(());
+        }
+        waits.push((peer, id, rx));
+    }
+    let deadline = state.args.deadline;
+    tokio::spawn(async move {
+        let r = gather(waits, &what, deadline, &myself).await;
+        let _ = reply.send(r);
+    });
+    Ok(())
 }
 
 /// Wait for every reply of an exchange, until the deadline. Replies are awaited all at once, so a
@@ -246,16 +297,7 @@ async fn gather(
             Err(e) => return fail(Error::runtime(format!("waiting for {what} panicked: {e}"))),
         };
         match r {
-            Ok(Ok(Payload::Failed { restartable, detail })) => {
-                return fail(if restartable {
-                    Error::ActorFailed {
-                        actor: format!("worker {peer}"),
-                        detail: format!("{detail} (during {what})"),
-                    }
-                } else {
-                    Error::runtime(format!("worker {peer} failed {what}: {detail}"))
-                });
-            }
+            Ok(Ok(Payload::Failed { restartable, detail })) => return fail(failure(peer, restartable, &detail, what)),
             Ok(Ok(payload)) => out[i] = Some(payload),
             Ok(Err(_)) => {
                 return fail(Error::ActorFailed {
@@ -280,6 +322,19 @@ async fn gather(
                 .ok_or_else(|| Error::runtime(format!("no reply from worker {peer} to {what}")))
         })
         .collect()
+}
+
+/// The error a requester sees when `peer` answered `what` with a failure: an actor failure (the
+/// step is replayed) when a restart repairs it.
+pub(super) fn failure(peer: WorkerId, restartable: bool, detail: &str, what: &str) -> Error {
+    if restartable {
+        Error::ActorFailed {
+            actor: format!("worker {peer}"),
+            detail: format!("{detail} (during {what})"),
+        }
+    } else {
+        Error::runtime(format!("worker {peer} failed {what}: {detail}"))
+    }
 }
 
 /// Answer one request from a peer.
@@ -390,7 +445,7 @@ fn read_registry(r: &SharedRegistry) -> std::sync::RwLockReadGuard<'_, Registry>
 }
 
 /// Hand each expert its rows (all experts at once) and put the answers back in request order.
-async fn run_experts(
+pub(super) async fn run_experts(
     args: &CommArgs,
     step: StepId,
     block: usize,

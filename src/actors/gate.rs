@@ -7,6 +7,7 @@
 //! dense gradients). The gate's weights are read from the worker's replica, so a restarted Gate has
 //! nothing to recover: the step it was in is replayed.
 
+use super::collectives::ExpertCall;
 use super::communicator::{CommMsg, SharedRegistry};
 use super::placement::Placement;
 use super::{ask, inject, offload, ActorName};
@@ -40,6 +41,8 @@ pub enum GateMsg {
     Forward {
         /// Training step.
         step: StepId,
+        /// The worker's lane the groups run in (picks the lane's communicator).
+        lane: usize,
         /// The parameters of this step.
         replica: Arc<Gpt<f32>>,
         /// `(group, input)`.
@@ -51,6 +54,8 @@ pub enum GateMsg {
     Backward {
         /// Training step.
         step: StepId,
+        /// The worker's lane the groups run in.
+        lane: usize,
         /// `(group, output gradient)`.
         groups: Vec<(usize, Vec<f32>)>,
         /// Input and gate-weight gradients.
@@ -150,6 +155,7 @@ impl Actor for GateActor {
         match msg {
             GateMsg::Forward {
                 step,
+                lane,
                 replica,
                 groups,
                 reply,
@@ -169,11 +175,16 @@ impl Actor for GateActor {
                 // The exchange runs in its own task: the Gate takes the next lane's request meanwhile.
                 let (args, cache) = (state.args.clone(), state.cache.clone());
                 tokio::spawn(async move {
-                    let r = forward(args, cache, step, replica, groups).await;
+                    let r = forward(args, cache, (step, lane), replica, groups).await;
                     let _ = reply.send(r);
                 });
             }
-            GateMsg::Backward { step, groups, reply } => {
+            GateMsg::Backward {
+                step,
+                lane,
+                groups,
+                reply,
+            } => {
                 inject(&state.args.chaos, &target, step, Moment::Backward, &name)?;
                 state.born.get_or_insert(step);
                 let lost = state.born == Some(step) && {
@@ -191,7 +202,7 @@ impl Actor for GateActor {
                 } else if state.step == step {
                     let (args, cache) = (state.args.clone(), state.cache.clone());
                     tokio::spawn(async move {
-                        let r = backward(args, cache, step, groups).await;
+                        let r = backward(args, cache, (step, lane), groups).await;
                         let _ = reply.send(r);
                     });
                 } else {
@@ -263,7 +274,7 @@ fn requests(
 /// group's canonical buffer (`[kept rows][d_model]`).
 async fn exchange(
     args: &GateArgs,
-    step: StepId,
+    (step, lane): (StepId, usize),
     requests: Vec<(usize, Payload)>,
     kind: &'static str,
     layouts: &HashMap<usize, Vec<usize>>,
@@ -286,8 +297,15 @@ async fn exchange(
         }
     );
     let who = ActorName(format!("communicator of worker {}", args.worker));
-    let replies = ask(&comm, &who, &what, args.deadline, |reply| CommMsg::Exchange {
+    let call = ExpertCall {
+        lane,
+        step,
+        block: args.block,
+        forward: kind == "dispatch",
         what: what.clone(),
+    };
+    let replies = ask(&comm, &who, &what, args.deadline, |reply| CommMsg::ExpertExchange {
+        call: Box::new(call),
         kind,
         requests,
         reply,
@@ -355,7 +373,7 @@ async fn exchange(
 async fn forward(
     args: GateArgs,
     cache: SharedCache,
-    step: StepId,
+    (step, lane): (StepId, usize),
     replica: Arc<Gpt<f32>>,
     groups: Vec<(usize, Vec<f32>)>,
 ) -> Result<GateOutputs> {
@@ -373,7 +391,7 @@ async fn forward(
     let view: Vec<(usize, &Dispatch<f32>, &[f32])> = routed.iter().map(|(g, _, d)| (*g, d, d.xe.as_slice())).collect();
     let reqs = requests(&args, step, &view, true);
     let layouts: HashMap<usize, Vec<usize>> = routed.iter().map(|(g, _, d)| (*g, d.routing.offsets.clone())).collect();
-    let mut outputs = exchange(&args, step, reqs, "dispatch", &layouts).await?;
+    let mut outputs = exchange(&args, (step, lane), reqs, "dispatch", &layouts).await?;
 
     // Combine, group by group.
     let c = args.config.clone();
@@ -423,7 +441,7 @@ async fn forward(
 async fn backward(
     args: GateArgs,
     shared: SharedCache,
-    step: StepId,
+    (step, lane): (StepId, usize),
     groups: Vec<(usize, Vec<f32>)>,
 ) -> Result<GateGrads> {
     let c = args.config.clone();
@@ -455,7 +473,7 @@ async fn backward(
         .iter()
         .map(|(g, cache, _, _)| (*g, cache.dispatch.routing.offsets.clone()))
         .collect();
-    let mut gxe = exchange(&args, step, reqs, "grad_dispatch", &layouts).await?;
+    let mut gxe = exchange(&args, (step, lane), reqs, "grad_dispatch", &layouts).await?;
     for (g, _, _, gye) in work.iter_mut() {
         *gye = gxe.remove(g).unwrap_or_default(); // reuse the slot for dL/dxe
     }

@@ -14,6 +14,7 @@
 //! number of workers, any expert placement, and any schedule of actor failures. [`Runtime`] is the
 //! entry point.
 
+pub mod collectives;
 pub mod communicator;
 pub mod coordinator;
 pub mod expert;

@@ -1,5 +1,6 @@
 //! [`Runtime`]: build the actor tree from code, train step by step, gather the state, shut down.
 
+use super::collectives::ExpertCollectives;
 use super::communicator::SharedReplica;
 pub use super::coordinator::StepOutcome;
 use super::coordinator::{CoordActor, CoordArgs, CoordMsg, WorkerSpec};
@@ -10,7 +11,7 @@ use super::traffic::{Traffic, TrafficEntry};
 use super::worker::{strip_experts, WorkerArgs, WorkerMsg};
 use super::{ask, ActorName};
 use crate::chaos::FaultPlan;
-use crate::config::TrainConfig;
+use crate::config::{ExpertExchange, TrainConfig};
 use crate::data::corpus::Corpus;
 use crate::error::{Error, Result};
 use crate::kernels::Cpu;
@@ -206,6 +207,22 @@ impl RuntimeBuilder {
             experts: config.model.experts,
         });
         let first_step = optimizer.step;
+        let exchange = config.train.exchange;
+        let collectives = match (exchange, &self.remote) {
+            (ExpertExchange::Transport, _) => None,
+            (_, Some(_)) => {
+                return Err(Error::config(format!(
+                    "train.exchange = \"{exchange}\" needs in-process workers: worker processes exchange over the transport"
+                )))
+            }
+            (kind, None) => {
+                // The same lanes on every worker (each lane is a communicator), no more than the
+                // most groups a worker runs.
+                let most_groups = (0..self.workers).map(|w| placement.groups_of(w).len()).max().unwrap_or(0);
+                let lanes = self.lanes.min(most_groups).max(1);
+                Some(Arc::new(ExpertCollectives::new(kind, &config, self.workers, lanes, self.deadline)?))
+            }
+        };
         let (workers, expert_stores, counters) = match self.remote {
             Some(remote) => (
                 remote.into_iter().map(WorkerSpec::Running).collect(),
@@ -258,6 +275,7 @@ impl RuntimeBuilder {
                         deadline: self.deadline,
                         lanes: self.lanes,
                         chaos: self.chaos.clone(),
+                        collectives: collectives.clone(),
                     })));
                 }
                 (workers, expert_stores, (dense_counters, traffic_counters))
@@ -287,6 +305,7 @@ impl RuntimeBuilder {
             expert_stores,
             dense_counters,
             traffic,
+            collectives,
         })
     }
 }
@@ -374,9 +393,17 @@ pub struct Runtime {
     expert_stores: Vec<Arc<ExpertStore>>,
     dense_counters: Vec<Arc<DenseCounters>>,
     traffic: Vec<Arc<Traffic>>,
+    collectives: Option<Arc<ExpertCollectives>>,
 }
 
 impl Runtime {
+    /// With expert rows over collectives (`train.exchange` `sim` or `nccl`): how many generations
+    /// of communicators were built (one at the first exchange, one more for each replay of a step
+    /// whose exchanges were aborted). `None` over the transport.
+    pub fn communicator_generations(&self) -> Option<u64> {
+        self.collectives.as_ref().map(|c| c.generations())
+    }
+
     /// Each worker's expert-store figures (tier occupancy, hits, prefetch, bytes moved, stalls).
     pub fn tier_stats(&self) -> Vec<TierStats> {
         self.expert_stores.iter().map(|s| s.stats()).collect()
@@ -698,6 +725,7 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<StartedWorke
         deadline,
         lanes: w.lanes,
         chaos: FaultPlan::none(),
+        collectives: None,
     };
     let (actor, _) = Actor::spawn(None, super::worker::WorkerActor, args)
         .await

@@ -57,6 +57,11 @@ pub struct TrainArgs {
     /// loop; a build with `--features cuda`). A run keeps its device on --resume.
     #[arg(long, value_parser = ["cpu", "cuda"])]
     device: Option<String>,
+    /// How the in-process workers exchange expert rows: `transport` (requests and replies),
+    /// `sim` (collectives in NCCL's model on its CPU stand-in) or `nccl` (collectives through
+    /// NCCL, worker i on GPU i; a build with `--features cuda`). Same parameters, bit for bit.
+    #[arg(long, value_parser = ["transport", "sim", "nccl"])]
+    exchange: Option<String>,
     /// Where experts live: round-robin, blocked, or a comma-separated worker per expert.
     #[arg(long)]
     placement: Option<String>,
@@ -264,6 +269,12 @@ pub fn apply_flags(a: &TrainArgs, c: &mut TrainConfig) {
             t.device = d;
         }
     }
+    if let Some(exchange) = &a.exchange {
+        // The value parser admits only the names `ExpertExchange` parses.
+        if let Ok(e) = exchange.parse() {
+            t.exchange = e;
+        }
+    }
     set!(t.placement, a.placement);
     set!(t.processes, a.processes);
     set!(t.listen, a.listen);
@@ -461,8 +472,13 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         } else if c.train.workers == 0 {
             "plain loop (no actors)".to_string()
         } else {
+            let exchange = match c.train.exchange {
+                semoe::config::ExpertExchange::Transport => "",
+                semoe::config::ExpertExchange::Sim => ", expert rows over collectives (the CPU stand-in of NCCL)",
+                semoe::config::ExpertExchange::Nccl => ", expert rows over NCCL",
+            };
             format!(
-                "actor runtime with {} worker(s), {} experts",
+                "actor runtime with {} worker(s), {} experts{exchange}",
                 c.train.workers, c.train.placement
             )
         }

@@ -415,6 +415,16 @@ impl PacketShape {
         })
     }
 
+    /// The most bytes an encoded packet of this shape may have (what a receiver may be asked to
+    /// allocate for one peer's buffer of a collective).
+    pub fn max_packet_bytes(&self) -> usize {
+        let limits = self.limits();
+        8usize
+            .saturating_add(limits.header_bytes)
+            .saturating_add(limits.bodies.saturating_mul(8))
+            .saturating_add(limits.floats.saturating_mul(4))
+    }
+
     /// The most segments a packet may carry: one per (group, expert).
     fn max_segments(&self) -> usize {
         self.groups.saturating_mul(self.experts)

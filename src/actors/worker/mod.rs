@@ -9,6 +9,7 @@
 mod commit;
 mod step;
 
+use super::collectives::ExpertCollectives;
 use super::communicator::{CommActor, CommArgs, CommMsg, Registry, SharedRegistry, SharedReplica};
 use super::expert::{ExpertActor, ExpertArgs, ExpertMsg};
 use super::gate::{GateActor, GateArgs, GateMsg};
@@ -114,6 +115,10 @@ pub struct WorkerArgs {
     pub lanes: usize,
     /// Faults to inject.
     pub chaos: FaultPlan,
+    /// The lanes' communicators when expert rows travel over collectives (`train.exchange` `sim`
+    /// or `nccl`); `None`: over the transport. Then every worker runs
+    /// [`ExpertCollectives::lanes`] lanes, and takes part in every lane's exchanges.
+    pub collectives: Option<Arc<ExpertCollectives>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,6 +232,7 @@ impl WorkerState {
                     deadline: a.deadline,
                     chaos: a.chaos.clone(),
                     traffic: a.traffic.clone(),
+                    collectives: a.collectives.clone(),
                 };
                 let (r, _) = Actor::spawn_linked(None, CommActor, args, sup).await.map_err(fail)?;
                 write(&self.registry).comm = Some(r.clone());
@@ -367,6 +373,11 @@ impl Actor for WorkerActor {
                     Some(lost) => Err(Error::runtime(lost.clone())),
                     None => run_step(state, step).await,
                 };
+                if let (Err(e), Some(collectives)) = (&r, &state.args.collectives) {
+                    // Peers may be waiting in an exchange this worker will not issue.
+                    let reason = format!("worker {} failed step {step}: {e}", state.args.worker);
+                    collectives.abort(step, &reason, e.is_restartable());
+                }
                 let _ = reply.send(r);
             }
             WorkerMsg::Prepare { step, reply } => {
@@ -389,7 +400,10 @@ impl Actor for WorkerActor {
                 };
                 let _ = reply.send(r);
             }
-            WorkerMsg::Abort { reply, .. } => {
+            WorkerMsg::Abort { step, reply } => {
+                if let Some(collectives) = &state.args.collectives {
+                    collectives.abort(step, &format!("step {step} was aborted"), true);
+                }
                 // A child whose failure has not been handled yet (its reply port was dropped
                 // before ractor told this supervisor) is restarted now, so the replay finds it.
                 let stopped: Vec<ActorId> = state

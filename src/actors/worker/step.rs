@@ -2,6 +2,7 @@
 //! lockstep (each block one fused exchange per peer), and the dense gradients sent to their owners.
 
 use super::{comm, WorkerArgs, WorkerState};
+use crate::actors::collectives::ExpertCall;
 use crate::actors::communicator::CommMsg;
 use crate::actors::gate::GateMsg;
 use crate::actors::gather::{gate_view, DenseParams, GatherArgs, Gatherer};
@@ -65,7 +66,12 @@ pub(super) async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Ve
 
     // The groups run in lanes, each lane in lockstep through the MoE blocks: while one lane waits
     // for its experts, the other computes its dense layers.
-    let lanes = a.lanes.min(groups.len()).max(1);
+    // Over collectives every worker runs the same lanes, and takes part in every lane's
+    // exchanges also where it has no groups.
+    let lanes = match &a.collectives {
+        Some(collectives) => collectives.lanes(),
+        None => a.lanes.min(groups.len()).max(1),
+    };
     let (source, first, _cancel_gathers) = if c.storage.shard_dense {
         let gatherer = Gatherer::new(GatherArgs {
             step,
@@ -74,7 +80,8 @@ pub(super) async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Ve
             comm: comm(state)?,
             replica: a.replica.clone(),
             placement: a.placement.clone(),
-            lanes,
+            // The lanes that read parameters: those with groups.
+            lanes: lanes.min(groups.len()).max(1),
             counters: a.dense.clone(),
         });
         let cancel = CancelGathers(Some(gatherer.clone()));
@@ -105,8 +112,15 @@ pub(super) async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Ve
     }
     let mut tasks = tokio::task::JoinSet::new();
     for (lane, (gs, ps)) in lane_groups.into_iter().zip(lane_passes).enumerate() {
+        if gs.is_empty() {
+            if a.collectives.is_some() {
+                let (a, comm) = (a.clone(), comm(state)?);
+                tasks.spawn(async move { (lane, gs, idle_lane(a, comm, step, lane).await) });
+            }
+            continue;
+        }
         let (a, gates, source) = (a.clone(), state.gates.clone(), source.clone());
-        tasks.spawn(async move { (lane, gs.clone(), run_lane(a, gates, step, source, gs, ps).await) });
+        tasks.spawn(async move { (lane, gs.clone(), run_lane(a, gates, step, source, lane, gs, ps).await) });
     }
     drop(source);
     let mut done: Vec<(usize, Pass)> = Vec::with_capacity(groups.len());
@@ -114,7 +128,12 @@ pub(super) async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Ve
     while let Some(joined) = tasks.join_next().await {
         match joined {
             Ok((_, gs, Ok(ps))) => done.extend(gs.into_iter().zip(ps)),
-            Ok((_, _, Err(e))) => {
+            Ok((lane, _, Err(e))) => {
+                if let Some(collectives) = &a.collectives {
+                    // At once: this lane's peers on other workers wait in its next exchange.
+                    let reason = format!("lane {lane} of worker {} failed step {step}: {e}", a.worker);
+                    collectives.abort(step, &reason, e.is_restartable());
+                }
                 if first_err
                     .as_ref()
                     .is_none_or(|p: &Error| p.is_restartable() && !e.is_restartable())
@@ -187,6 +206,7 @@ async fn run_lane(
     gates: BTreeMap<usize, ActorRef<GateMsg>>,
     step: StepId,
     source: DenseSource,
+    lane: usize,
     groups: Vec<usize>,
     mut passes: Vec<Pass>,
 ) -> Result<Vec<Pass>> {
@@ -270,6 +290,7 @@ async fn run_lane(
             };
             let results = ask(&gate, &who, &what, deadline, |reply| GateMsg::Forward {
                 step,
+                lane,
                 replica: rep,
                 groups: inputs,
                 reply,
@@ -280,6 +301,7 @@ async fn run_lane(
             let what = format!("the block-{block} backward of step {step}");
             let results = ask(&gate, &who, &what, deadline, |reply| GateMsg::Backward {
                 step,
+                lane,
                 groups: inputs,
                 reply,
             })
@@ -290,6 +312,44 @@ async fn run_lane(
     }
 
     Ok(passes)
+}
+
+/// A lane without groups on this worker, when expert rows travel over collectives: it takes part
+/// in the lane's exchanges all the same (every rank issues every collective), with nothing to send,
+/// serving its experts: every MoE block forward in order, then backward in reverse.
+async fn idle_lane(a: WorkerArgs, comm: ActorRef<CommMsg>, step: StepId, lane: usize) -> Result<Vec<Pass>> {
+    let model = &a.config.model;
+    let blocks: Vec<usize> = (0..model.n_layer).filter(|&l| model.is_moe(l)).collect();
+    let order = blocks
+        .iter()
+        .map(|&b| (b, true))
+        .chain(blocks.iter().rev().map(|&b| (b, false)));
+    let who = ActorName(format!("communicator of worker {}", a.worker));
+    for (block, forward) in order {
+        let what = format!(
+            "the block-{block} expert {} of step {step} (lane {lane}, no groups here)",
+            if forward { "forward" } else { "backward" }
+        );
+        let call = ExpertCall {
+            lane,
+            step,
+            block,
+            forward,
+            what: what.clone(),
+        };
+        let kind = if forward { "dispatch" } else { "grad_dispatch" };
+        let answers = ask(&comm, &who, &what, a.deadline * 3, |reply| CommMsg::ExpertExchange {
+            call: Box::new(call),
+            kind,
+            requests: Vec::new(),
+            reply,
+        })
+        .await?;
+        if !answers.is_empty() {
+            return Err(Error::runtime(format!("{what}: answers to requests it did not send")));
+        }
+    }
+    Ok(Vec::new())
 }
 
 pub(super) fn in_group_order<R>(groups: &[usize], results: Vec<(usize, R)>) -> Result<Vec<R>> {

@@ -1,0 +1,548 @@
+//! The expert exchange over collectives in NCCL's model: what the in-process runtime's workers use
+//! instead of the transport's requests and replies when `train.exchange` is `sim` (the CPU
+//! stand-in, `net::collective::sim`) or `nccl` (`NcclCollective`, worker `i` on GPU `i`).
+//!
+//! NCCL needs every rank to issue the same collectives in the same order, while a worker's lanes
+//! reach their MoE blocks in whatever order the compute allows. So each lane has its own
+//! communicator (lane `l` of every worker are the ranks of communicator `l`), and within a lane the
+//! order is fixed: the MoE blocks ascending forward, then descending backward. Every worker takes
+//! part in every exchange of every lane, with empty buffers where it has nothing to send, also in
+//! lanes where it has no groups and when it has no groups at all (it still hosts experts).
+//!
+//! One exchange is two all-to-all-v's of encoded packets (`net::wire`, checked on arrival like any
+//! packet between processes): the **dispatch** (to each peer, the `ExpertForward` or
+//! `ExpertBackward` request for the experts it hosts) and the **return** (to each requester, the
+//! `Segments` its experts answered, or `Failed`). Between the two, each worker runs its experts on
+//! what it received, as it serves a request from the transport. The bits are those of the
+//! transport: the collectives only move bytes, and the Gate puts the answered rows back in
+//! canonical order.
+//!
+//! A failure anywhere (an expert's, a decode's, a deadline) aborts every communicator of the
+//! generation, so that no rank waits for a peer that will not come; the others' errors then take
+//! the kind of the first (a failed actor: the step is replayed, and the replay builds new
+//! communicators, as NCCL cannot resume a communicator whose sequence broke).
+
+use super::communicator::{failure, run_experts, CommArgs};
+use crate::config::{ExpertExchange, TrainConfig};
+use crate::error::{Error, Result};
+use crate::net::collective::alltoallv::AllToAllV;
+use crate::net::collective::sim::SimCollective;
+use crate::net::collective::{nccl_unique_id, AbortHandle, Collective, NcclCollective};
+use crate::net::wire::{decode_packet, encode_packet, PacketShape, MAX_FAILED_DETAIL};
+use crate::net::{Packet, Payload, Segment, StepId, WorkerId};
+use crate::telemetry::metrics as names;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+/// One rank's end of one lane's communicator. A lane's exchanges run one after another, so the
+/// lock is never contended; it only lets the blocking calls run on tokio's blocking threads.
+type Endpoint = Arc<Mutex<Box<dyn Collective>>>;
+
+/// One MoE block's exchange of one lane, as the Gate asks for it.
+#[derive(Clone, Debug)]
+pub struct ExpertCall {
+    /// The lane (`0..lanes`), which picks the communicator.
+    pub lane: usize,
+    /// The step.
+    pub step: StepId,
+    /// The MoE block (its layer index).
+    pub block: usize,
+    /// Forward (expert inputs) or backward (gradients of expert outputs).
+    pub forward: bool,
+    /// The exchange, for errors (for example `the block-1 expert forward of step 7`).
+    pub what: String,
+}
+
+/// The communicators of one generation: built together, aborted together.
+#[derive(Default)]
+struct Generation {
+    /// Counts the generations built (the communicators' epoch).
+    number: u64,
+    /// The step whose exchange built this generation.
+    built_for: Option<StepId>,
+    /// The step during which it was aborted: exchanges of that step (and earlier) fail at once,
+    /// the first of a later step builds the next generation.
+    broken_at: Option<StepId>,
+    /// Why it was aborted first, and whether a replay repairs that: the errors the abort causes on
+    /// the other ranks take its kind, so that one failed actor does not end the run because its
+    /// peers saw their communicator aborted.
+    cause: Option<(bool, String)>,
+    /// `[lane][worker]`.
+    endpoints: Vec<Vec<Endpoint>>,
+    aborts: Vec<AbortHandle>,
+}
+
+/// Every lane's communicator for every worker of an in-process runtime, rebuilt after a failure.
+pub struct ExpertCollectives {
+    kind: ExpertExchange,
+    world: usize,
+    lanes: usize,
+    deadline: Duration,
+    shape: PacketShape,
+    scheduler: AllToAllV,
+    generation: Mutex<Generation>,
+}
+
+impl std::fmt::Debug for ExpertCollectives {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpertCollectives")
+            .field("kind", &self.kind)
+            .field("world", &self.world)
+            .field("lanes", &self.lanes)
+            .finish()
+    }
+}
+
+impl ExpertCollectives {
+    /// Communicators of `kind` for `world` workers running `config`, `lanes` per worker, each
+    /// collective bounded by `deadline`. Nothing is built until the first exchange.
+    pub fn new(
+        kind: ExpertExchange,
+        config: &TrainConfig,
+        world: usize,
+        lanes: usize,
+        deadline: Duration,
+    ) -> Result<Self> {
+        if kind == ExpertExchange::Transport {
+            return Err(Error::config(
+                "the transport exchange needs no communicators (train.exchange = \"transport\")",
+            ));
+        }
+        if lanes == 0 || world == 0 {
+            return Err(Error::config(format!(
+                "an exchange over collectives needs a worker and a lane ({world} workers, {lanes} lanes)"
+            )));
+        }
+        let shape = PacketShape::of(config, world)?;
+        let scheduler = AllToAllV::new(shape.max_packet_bytes());
+        Ok(ExpertCollectives {
+            kind,
+            world,
+            lanes,
+            deadline,
+            shape,
+            scheduler,
+            generation: Mutex::new(Generation::default()),
+        })
+    }
+
+    /// Lanes per worker: the same on every worker, also where a worker has fewer groups.
+    pub fn lanes(&self) -> usize {
+        self.lanes
+    }
+
+    /// How many generations of communicators were built so far (one, plus one per replay after
+    /// an aborted exchange).
+    pub fn generations(&self) -> u64 {
+        self.lock().number
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Generation> {
+        self.generation.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Abort every communicator of the current generation, because of a failure during `step`
+    /// (`restartable`: one a replay repairs): every pending and later collective of that step
+    /// fails at once, and the next step (or attempt) builds new ones. A failure of a step older
+    /// than the generation is ignored (its communicators are gone already).
+    pub fn abort(&self, step: StepId, reason: &str, restartable: bool) {
+        let mut g = self.lock();
+        if g.built_for.is_none_or(|built| built > step) {
+            return;
+        }
+        g.broken_at = Some(g.broken_at.map_or(step, |at| at.max(step)));
+        if g.cause.is_none() {
+            g.cause = Some((restartable, reason.to_string()));
+        }
+        for handle in &g.aborts {
+            handle.abort(reason);
+        }
+    }
+
+    /// `error`, met in an exchange of `step`: when the generation was aborted during that step
+    /// by someone else's failure, this rank's error is a consequence, of the cause's kind; else
+    /// this rank is the first to fail, and aborts the others.
+    fn consequence_or_abort(&self, call: &ExpertCall, worker: WorkerId, error: Error) -> Error {
+        let (step, what) = (call.step, call.what.as_str());
+        let cause = {
+            let g = self.lock();
+            match (&g.cause, g.broken_at) {
+                (Some(cause), Some(broken)) if broken >= step => Some(cause.clone()),
+                _ => None,
+            }
+        };
+        match cause {
+            Some((restartable, reason)) if matches!(error, Error::Collective { .. } | Error::Deadline { .. }) => {
+                if restartable {
+                    Error::ActorFailed {
+                        actor: format!("the exchange of worker {worker}"),
+                        detail: format!("{what} was aborted: {reason}"),
+                    }
+                } else {
+                    Error::runtime(format!("{what} on worker {worker} was aborted: {reason}"))
+                }
+            }
+            _ => {
+                self.abort(
+                    step,
+                    &format!("worker {worker} failed {what}: {error}"),
+                    error.is_restartable(),
+                );
+                // The collectives count ranks and sequence numbers: say which exchange it was.
+                let context = format!("{what}, lane {}", call.lane);
+                match error {
+                    Error::Collective {
+                        collective,
+                        rank,
+                        detail,
+                    } => Error::Collective {
+                        collective: format!("{collective} ({context})"),
+                        rank,
+                        detail,
+                    },
+                    Error::Deadline {
+                        peer,
+                        what,
+                        deadline_ms,
+                    } => Error::Deadline {
+                        peer,
+                        what: format!("{what} ({context})"),
+                        deadline_ms,
+                    },
+                    other => other,
+                }
+            }
+        }
+    }
+
+    /// `worker`'s end of `lane`'s communicator for `step`, building a generation when there is
+    /// none yet or the last one broke before `step`. Blocking (NCCL initialises here).
+    fn endpoint(&self, step: StepId, worker: WorkerId, lane: usize) -> Result<Endpoint> {
+        let mut g = self.lock();
+        let rebuild = match (g.built_for, g.broken_at) {
+            (None, _) => true,
+            (Some(built), _) if step < built => {
+                return Err(Error::runtime(format!(
+                    "an expert exchange of step {step}, after the communicators were rebuilt for step {built}"
+                )))
+            }
+            (Some(_), Some(broken)) => step > broken,
+            (Some(_), None) => false,
+        };
+        if rebuild {
+            let number = g.number + 1;
+            let (endpoints, aborts) = self.build(number)?;
+            *g = Generation {
+                number,
+                built_for: Some(step),
+                broken_at: None,
+                cause: None,
+                endpoints,
+                aborts,
+            };
+        }
+        g.endpoints
+            .get(lane)
+            .and_then(|ranks| ranks.get(worker))
+            .cloned()
+            .ok_or_else(|| {
+                Error::runtime(format!(
+                    "no communicator for lane {lane} of worker {worker} ({} lanes, {} workers)",
+                    self.lanes, self.world
+                ))
+            })
+    }
+
+    /// Every lane's communicator, all ranks, epoch `epoch`.
+    fn build(&self, epoch: u64) -> Result<(Vec<Vec<Endpoint>>, Vec<AbortHandle>)> {
+        let mut endpoints = Vec::with_capacity(self.lanes);
+        let mut aborts = Vec::new();
+        for lane in 0..self.lanes {
+            let ranks: Vec<Box<dyn Collective>> = match self.kind {
+                ExpertExchange::Sim => SimCollective::communicator(self.world, epoch, self.deadline)?
+                    .into_iter()
+                    .map(|c| Box::new(c) as Box<dyn Collective>)
+                    .collect(),
+                ExpertExchange::Nccl => self
+                    .nccl_ranks(epoch)
+                    .map_err(|e| Error::runtime(format!("cannot build lane {lane}'s NCCL communicator: {e}")))?,
+                ExpertExchange::Transport => return Err(Error::runtime("the transport exchange has no communicators")),
+            };
+            aborts.extend(ranks.iter().map(|c| c.abort_handle()));
+            endpoints.push(ranks.into_iter().map(|c| Arc::new(Mutex::new(c))).collect());
+        }
+        Ok((endpoints, aborts))
+    }
+
+    /// The NCCL ranks of one communicator, rank `i` on GPU `i`: each initialises on its own thread
+    /// at once (NCCL's initialisation waits for every rank).
+    fn nccl_ranks(&self, epoch: u64) -> Result<Vec<Box<dyn Collective>>> {
+        let id = nccl_unique_id()?;
+        let (world, deadline) = (self.world, self.deadline);
+        let started: Vec<Result<NcclCollective>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..world)
+                .map(|rank| scope.spawn(move || NcclCollective::new(rank, rank, world, epoch, id, deadline)))
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err(Error::runtime("an NCCL rank's initialisation panicked")))
+                })
+                .collect()
+        });
+        started
+            .into_iter()
+            .map(|r| r.map(|c| Box::new(c) as Box<dyn Collective>))
+            .collect()
+    }
+
+    /// Run one exchange of `args.worker`: dispatch `requests` (`(peer, ExpertForward or
+    /// ExpertBackward)`), serve what the peers sent with this worker's experts, return the
+    /// answers; answer each requested peer's `Segments`. Any failure aborts the generation.
+    pub(super) async fn exchange(
+        self: Arc<Self>,
+        args: CommArgs,
+        call: ExpertCall,
+        kind: &'static str,
+        requests: Vec<(WorkerId, Payload)>,
+    ) -> Result<Vec<(WorkerId, Payload)>> {
+        self.clone()
+            .exchange_once(&args, &call, kind, requests)
+            .await
+            .map_err(|e| self.consequence_or_abort(&call, args.worker, e))
+    }
+
+    async fn exchange_once(
+        self: Arc<Self>,
+        args: &CommArgs,
+        call: &ExpertCall,
+        kind: &'static str,
+        requests: Vec<(WorkerId, Payload)>,
+    ) -> Result<Vec<(WorkerId, Payload)>> {
+        let (me, world, what) = (args.worker, self.world, call.what.clone());
+        let mut requested = vec![false; world];
+        let mut packets = Vec::with_capacity(requests.len());
+        for (peer, payload) in requests {
+            if peer >= world || std::mem::replace(&mut requested[peer], true) {
+                return Err(Error::runtime(format!(
+                    "{what}: a second request to worker {peer}, or one beyond the {world} workers"
+                )));
+            }
+            count_traffic(args, peer, kind, &payload);
+            packets.push(Packet {
+                from: me,
+                to: peer,
+                id: 0,
+                payload,
+            });
+        }
+
+        // The dispatch.
+        let this = self.clone();
+        let (lane, step) = (call.lane, call.step);
+        let (endpoint, epoch, received) = blocking(move || {
+            let endpoint = this.endpoint(step, me, lane)?;
+            let mut comm = endpoint.lock().unwrap_or_else(PoisonError::into_inner);
+            let epoch = comm.epoch();
+            let sends = encode_all(epoch, world, &packets)?;
+            let received = this.scheduler.exchange(&mut **comm, sends)?;
+            drop(comm);
+            Ok((endpoint, epoch, received))
+        })
+        .await?;
+
+        // Serve every peer's request with this worker's experts, all at once.
+        let mut tasks = tokio::task::JoinSet::new();
+        for (peer, bytes) in received.into_iter().enumerate() {
+            if bytes.is_empty() {
+                continue;
+            }
+            let segments = self.request_from(peer, me, epoch, call, &bytes)?;
+            let (args, (step, block, forward)) = (args.clone(), (call.step, call.block, call.forward));
+            tasks.spawn(async move { (peer, run_experts(&args, step, block, segments, forward).await) });
+        }
+        let mut answers = Vec::with_capacity(tasks.len());
+        while let Some(joined) = tasks.join_next().await {
+            let (peer, served) = joined.map_err(|e| Error::runtime(format!("serving {what} panicked: {e}")))?;
+            let payload = match served {
+                Ok(segments) => Payload::Segments(segments),
+                Err(e) => Payload::Failed {
+                    restartable: e.is_restartable(),
+                    detail: clipped(e.to_string()),
+                },
+            };
+            count_traffic(args, peer, answer_kind(call.forward), &payload);
+            answers.push(Packet {
+                from: me,
+                to: peer,
+                id: 0,
+                payload,
+            });
+        }
+        if args.chaos.silent(me, call.step.step) {
+            // Injected fault: a worker that hangs. Its peers wait for the return until their
+            // deadline, as for a real hung peer; its own return then finds the generation aborted.
+            tokio::time::sleep(self.deadline).await;
+        }
+
+        // The return.
+        let this = self.clone();
+        let replies = blocking(move || {
+            let mut comm = endpoint.lock().unwrap_or_else(PoisonError::into_inner);
+            let sends = encode_all(epoch, world, &answers)?;
+            this.scheduler.exchange(&mut **comm, sends)
+        })
+        .await?;
+        let mut out = Vec::new();
+        for (peer, bytes) in replies.into_iter().enumerate() {
+            match (requested[peer], bytes.is_empty()) {
+                (false, true) => {}
+                (false, false) => {
+                    return Err(Error::runtime(format!(
+                        "worker {peer} answered {what}, but worker {me} sent it no request"
+                    )))
+                }
+                (true, true) => return Err(Error::runtime(format!("worker {peer} sent no answer to {what}"))),
+                (true, false) => {
+                    let packet = self.packet_from(peer, me, epoch, &what, &bytes)?;
+                    match packet.payload {
+                        Payload::Segments(segments) => out.push((peer, Payload::Segments(segments))),
+                        Payload::Failed { restartable, detail } => {
+                            return Err(failure(peer, restartable, &detail, &what))
+                        }
+                        other => {
+                            return Err(Error::runtime(format!(
+                                "worker {peer} answered {what} with {}",
+                                payload_name(&other)
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The packet `peer` sent `me`, decoded and checked against the shape and the addresses.
+    fn packet_from(&self, peer: WorkerId, me: WorkerId, epoch: u64, what: &str, bytes: &[u8]) -> Result<Packet> {
+        let packet = decode_packet(bytes, epoch, &self.shape)
+            .map_err(|e| Error::runtime(format!("worker {peer}'s bytes in {what}: {e}")))?;
+        if packet.from != peer || packet.to != me {
+            return Err(Error::runtime(format!(
+                "{what}: the packet from rank {peer} to rank {me} says it is from worker {} to worker {}",
+                packet.from, packet.to
+            )));
+        }
+        Ok(packet)
+    }
+
+    /// The segments of `peer`'s request in this exchange, refused if it is another step, block or
+    /// direction (its lane's sequence broke: a defect).
+    fn request_from(
+        &self,
+        peer: WorkerId,
+        me: WorkerId,
+        epoch: u64,
+        call: &ExpertCall,
+        bytes: &[u8],
+    ) -> Result<Vec<Segment>> {
+        let packet = self.packet_from(peer, me, epoch, &call.what, bytes)?;
+        match packet.payload {
+            Payload::ExpertForward { step, block, segments }
+                if call.forward && step == call.step && block == call.block =>
+            {
+                Ok(segments)
+            }
+            Payload::ExpertBackward { step, block, segments }
+                if !call.forward && step == call.step && block == call.block =>
+            {
+                Ok(segments)
+            }
+            other => Err(Error::runtime(format!(
+                "{}: worker {peer} sent {} in its place (lane {} out of step)",
+                call.what,
+                payload_name(&other),
+                call.lane
+            ))),
+        }
+    }
+}
+
+/// Run blocking collective work on tokio's blocking threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::runtime(format!("a collective's thread panicked: {e}")))?
+}
+
+/// One buffer per rank: the encoded packet to it, or nothing.
+fn encode_all(epoch: u64, world: usize, packets: &[Packet]) -> Result<Vec<Vec<u8>>> {
+    let mut sends = vec![Vec::new(); world];
+    for packet in packets {
+        let slot = sends
+            .get_mut(packet.to)
+            .ok_or_else(|| Error::runtime(format!("a packet for worker {}, beyond the {world}", packet.to)))?;
+        *slot = encode_packet(epoch, packet)?;
+    }
+    Ok(sends)
+}
+
+/// The metric label of the answers to a dispatch (`dispatch` -> `combine`).
+fn answer_kind(forward: bool) -> &'static str {
+    if forward {
+        "combine"
+    } else {
+        "grad_combine"
+    }
+}
+
+/// Count `payload`'s bytes to `peer` in the metrics and the run report's traffic matrix.
+fn count_traffic(args: &CommArgs, peer: WorkerId, kind: &'static str, payload: &Payload) {
+    let bytes = payload.data_bytes() as u64;
+    metrics::counter!(names::ALLTOALL_BYTES, "from" => args.worker.to_string(), "to" => peer.to_string(), "kind" => kind)
+        .increment(bytes);
+    args.traffic.add(peer, kind, bytes);
+}
+
+/// A failure's detail, within what a packet may carry.
+fn clipped(mut detail: String) -> String {
+    if detail.len() > MAX_FAILED_DETAIL {
+        let mut end = MAX_FAILED_DETAIL - 3;
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        detail.truncate(end);
+        detail.push_str("...");
+    }
+    detail
+}
+
+/// A payload's kind, for errors.
+fn payload_name(payload: &Payload) -> &'static str {
+    match payload {
+        Payload::ExpertForward { .. } => "an expert forward",
+        Payload::ExpertBackward { .. } => "an expert backward",
+        Payload::DenseGrads { .. } => "dense gradients",
+        Payload::Params { .. } => "parameters",
+        Payload::Gather { .. } => "a gather",
+        Payload::Segments(_) => "expert rows",
+        Payload::Tensors(_) => "tensors",
+        Payload::Ack => "an acknowledgement",
+        Payload::Failed { .. } => "a failure",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_failure_detail_is_clipped_to_what_a_packet_carries() {
+        let long = "é".repeat(MAX_FAILED_DETAIL);
+        let clipped = clipped(long);
+        assert!(clipped.len() <= MAX_FAILED_DETAIL, "{} bytes", clipped.len());
+        assert!(clipped.ends_with("..."));
+        assert_eq!(super::clipped("short".into()), "short");
+    }
+}
