@@ -7,6 +7,7 @@
 mod common;
 
 use semoe::chaos::{FaultKind, FaultSpec, Moment, Scenario};
+use semoe::config::ExpertExchange;
 use semoe::train::chaos::{self, ChaosReport, Verdict};
 use semoe::train::config::TrainConfig;
 use std::process::Command;
@@ -522,7 +523,26 @@ fn soak_scenario(seed: u64) -> Scenario {
 
 #[test]
 fn a_randomised_soak_over_20_seeds_ends_bitwise_equal_or_with_a_lost_worker() {
-    soak("soak", soak_scenario, "scenarios/random-soak.toml", 40);
+    soak(
+        "soak",
+        soak_scenario,
+        "scenarios/random-soak.toml",
+        40,
+        ExpertExchange::Transport,
+    );
+}
+
+/// The same soak with the expert rows over collectives on the CPU stand-in of NCCL: every failure
+/// aborts the lane communicators, every replay runs on new ones.
+#[test]
+fn a_randomised_soak_over_the_nccl_stand_in_ends_bitwise_equal_or_with_a_lost_worker() {
+    soak(
+        "soak over collectives",
+        soak_scenario,
+        "scenarios/random-soak.toml",
+        40,
+        ExpertExchange::Sim,
+    );
 }
 
 /// Random duplicated, delayed and reordered requests on every link, with random expert panics.
@@ -549,23 +569,25 @@ fn a_randomised_network_soak_over_20_seeds_ends_bitwise_equal() {
         network_soak_scenario,
         "scenarios/flaky-network.toml",
         60,
+        ExpertExchange::Transport,
     );
 }
 
 /// Run `scenario(seed)` for seeds 0..20 on 12 steps (2 workers for even seeds, 3 for odd ones);
 /// each must end bitwise equal, or with a lost worker that did restart past its budget; at
-/// least `min_fired` faults fire in all.
-fn soak(name: &str, scenario: fn(u64) -> Scenario, file: &str, min_fired: usize) {
+/// least `min_fired` faults fire in all. The expert rows travel by `exchange`.
+fn soak(name: &str, scenario: fn(u64) -> Scenario, file: &str, min_fired: usize, exchange: ExpertExchange) {
     let limit = semoe::actors::RestartPolicy::default().max_restarts as usize;
     let started = std::time::Instant::now();
     let (mut planned, mut fired, mut replays, mut equal, mut lost) = (0, 0, 0, 0, 0);
     for seed in 0..20 {
         // 2 workers for even seeds, 3 for odd ones.
-        let c = config(12, 2 + (seed as usize % 2));
+        let mut c = config(12, 2 + (seed as usize % 2));
+        c.train.exchange = exchange;
         let report = run(&c, &scenario(seed), &format!("{name} seed {seed}"));
         let what = format!(
-            "{name} seed {seed} on {} workers (replay it: `semoe chaos --scenario {file} --workers {} --steps 12` \
-             with `seed = {seed}` and the small model of this test)",
+            "{name} seed {seed} on {} workers (replay it: `semoe chaos --scenario {file} --workers {} --steps 12 \
+             --exchange {exchange}` with `seed = {seed}` and the small model of this test)",
             c.train.workers, c.train.workers
         );
         let fired_here: usize = report.faults.iter().map(|f| f.fired).sum();

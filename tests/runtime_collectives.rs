@@ -160,6 +160,13 @@ fn a_failed_actor_aborts_the_communicators_and_the_replay_gives_the_same_bits() 
             Moment::Any,
             FaultKind::Error,
         ),
+        (
+            "gate error in the first step, before any communicator exists",
+            Target::Gate { worker: 0, block: 0 },
+            0,
+            Moment::Forward,
+            FaultKind::Error,
+        ),
     ];
     for (what, target, step, moment, kind) in scenarios {
         let plan = FaultPlan::none().with(target, step, moment, kind);
@@ -167,10 +174,13 @@ fn a_failed_actor_aborts_the_communicators_and_the_replay_gives_the_same_bits() 
             .block_on(train(&sim, 2, ExpertPlacement::RoundRobin, 2, plan))
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(got.replays, 1, "{what}: the interrupted step is replayed once");
-        assert_eq!(
-            got.generations,
-            Some(2),
-            "{what}: the replay ran on a second generation of communicators"
+        // In the first step the peer may or may not have built the first generation before the
+        // abort; the replay runs on a new one either way.
+        let generations = if step == 0 { 1..=2 } else { 2..=2 };
+        assert!(
+            got.generations.is_some_and(|g| generations.contains(&g)),
+            "{what}: the replay ran on a new generation of communicators ({:?} built)",
+            got.generations
         );
         assert_same(&want.bits, &got.bits, &format!("{what}: against the undisturbed run"));
     }

@@ -147,7 +147,9 @@ impl ExpertCollectives {
     /// than the generation is ignored (its communicators are gone already).
     pub fn abort(&self, step: StepId, reason: &str, restartable: bool) {
         let mut g = self.lock();
-        if g.built_for.is_none_or(|built| built > step) {
+        // (With no generation built yet, the failure came before the first exchange: its peers
+        // must not build one and wait for it.)
+        if g.built_for.is_some_and(|built| built > step) {
             return;
         }
         g.broken_at = Some(g.broken_at.map_or(step, |at| at.max(step)));
@@ -219,16 +221,20 @@ impl ExpertCollectives {
     /// none yet or the last one broke before `step`. Blocking (NCCL initialises here).
     fn endpoint(&self, step: StepId, worker: WorkerId, lane: usize) -> Result<Endpoint> {
         let mut g = self.lock();
-        let rebuild = match (g.built_for, g.broken_at) {
-            (None, _) => true,
-            (Some(built), _) if step < built => {
-                return Err(Error::runtime(format!(
-                    "an expert exchange of step {step}, after the communicators were rebuilt for step {built}"
-                )))
-            }
-            (Some(_), Some(broken)) => step > broken,
-            (Some(_), None) => false,
-        };
+        if let Some(built) = g.built_for.filter(|built| step < *built) {
+            return Err(Error::runtime(format!(
+                "an expert exchange of step {step}, after the communicators were rebuilt for step {built}"
+            )));
+        }
+        if let Some(broken) = g.broken_at.filter(|broken| step <= *broken) {
+            let reason = g.cause.as_ref().map_or("", |(_, reason)| reason.as_str());
+            return Err(Error::collective(
+                format!("the lane communicators of step {broken}"),
+                worker,
+                format!("aborted: {reason}"),
+            ));
+        }
+        let rebuild = g.built_for.is_none() || g.broken_at.is_some();
         if rebuild {
             let number = g.number + 1;
             let (endpoints, aborts) = self.build(number)?;
