@@ -25,6 +25,7 @@
 use super::communicator::{failure, run_experts, CommArgs};
 use crate::config::{ExpertExchange, TrainConfig};
 use crate::error::{Error, Result};
+use crate::kernels::cuda::CudaDevice;
 use crate::net::collective::alltoallv::AllToAllV;
 use crate::net::collective::sim::SimCollective;
 use crate::net::collective::{nccl_unique_id, AbortHandle, Collective, NcclCollective};
@@ -115,6 +116,23 @@ impl ExpertCollectives {
         }
         let shape = PacketShape::of(config, world)?;
         let scheduler = AllToAllV::new(shape.max_packet_bytes());
+        let mut lanes = lanes;
+        if kind == ExpertExchange::Nccl {
+            // Say now, not at the first exchange, when NCCL or the GPUs are missing.
+            nccl_unique_id().map_err(|e| Error::config(format!("train.exchange = \"nccl\": {e}")))?;
+            let gpus = CudaDevice::count();
+            if gpus < world {
+                return Err(Error::config(format!(
+                    "train.exchange = \"nccl\" puts worker i on GPU i: {world} worker(s) need as many GPUs, {gpus} visible"
+                )));
+            }
+            // Kernels of several NCCL communicators on the same GPUs can wait for each other in
+            // different orders on different GPUs (NCCL's caveat on concurrent communicators):
+            // between GPUs, one lane.
+            if world > 1 {
+                lanes = 1;
+            }
+        }
         Ok(ExpertCollectives {
             kind,
             world,
