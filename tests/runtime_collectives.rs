@@ -13,7 +13,7 @@ use semoe::actors::{ExpertPlacement, Runtime};
 use semoe::chaos::{FaultKind, FaultPlan, Moment, Target};
 use semoe::config::ExpertExchange;
 use semoe::train::config::TrainConfig;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const STEPS: u64 = 12;
 
@@ -188,29 +188,9 @@ fn a_failed_actor_aborts_the_communicators_and_the_replay_gives_the_same_bits() 
 
 #[test]
 fn a_worker_that_hangs_in_an_exchange_ends_the_run_with_an_error() {
-    let tokio = tokio::runtime::Runtime::new().expect("tokio");
     let deadline = Duration::from_millis(400);
-    let mut failing = None;
-    let err = tokio
-        .block_on(async {
-            let rt = Runtime::builder(config(ExpertExchange::Sim))
-                .workers(2)
-                .deadline(deadline)
-                .chaos(FaultPlan::none().with(Target::Silence { worker: 1 }, 2, Moment::Any, FaultKind::Error))
-                .build()
-                .await?;
-            for step in 0..4 {
-                let started = Instant::now();
-                if let Err(e) = rt.step().await {
-                    failing = Some((step, started.elapsed()));
-                    return Err(e);
-                }
-            }
-            rt.shutdown().await
-        })
-        .expect_err("worker 1 hangs from step 2 on");
+    let (err, step, took) = common::run_with_a_silent_worker(config(ExpertExchange::Sim), deadline);
     let text = err.to_string();
-    let (step, took) = failing.expect("a step failed");
     eprintln!("the hung worker's step {step} failed after {took:?} (deadline {deadline:?}): {text}");
     assert_eq!(step, 2, "the first step with the hung worker fails");
     assert!(text.contains("deadline") || text.contains("did not"), "{text}");

@@ -14,7 +14,7 @@ use semoe::actors::{RestartPolicy, Runtime};
 use semoe::chaos::{FaultKind, FaultPlan, Moment, Target};
 use semoe::telemetry::metrics as names;
 use semoe::train::config::TrainConfig;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const STEPS: u64 = 12;
 
@@ -196,32 +196,10 @@ fn failed_actors_are_restarted_and_the_result_is_unchanged() {
 
 /// A peer that never answers ends the run with an error naming it, within the deadline.
 fn a_silent_peer_is_an_error_within_its_deadline() {
-    let tokio = tokio::runtime::Runtime::new().expect("tokio");
     let deadline = Duration::from_millis(400);
-    // How long the failing step took, from its call to its error (building the runtime and the
-    // steps before it are not the deadline's business).
-    let mut failing = None;
-    let err = tokio
-        .block_on(async {
-            let rt = Runtime::builder(small_config())
-                .workers(2)
-                .deadline(deadline)
-                .chaos(FaultPlan::none().with(Target::Silence { worker: 1 }, 2, Moment::Any, FaultKind::Error))
-                .build()
-                .await?;
-            for step in 0..4 {
-                let started = Instant::now();
-                if let Err(e) = rt.step().await {
-                    failing = Some((step, started.elapsed()));
-                    return Err(e);
-                }
-            }
-            rt.shutdown().await
-        })
-        .expect_err("worker 1 never answers from step 2 on");
+    let (err, step, took) = common::run_with_a_silent_worker(small_config(), deadline);
     let text = err.to_string();
     assert!(text.contains("worker 1") && text.contains("did not answer"), "{text}");
-    let (step, took) = failing.expect("a step failed");
     eprintln!("the silent peer's step {step} failed after {took:?} (deadline {deadline:?})");
     assert_eq!(step, 2, "the first silent step fails");
     assert!(

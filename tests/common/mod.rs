@@ -245,3 +245,35 @@ pub fn assert_scenarios_refused(cases: &[(String, &str)]) {
         assert!(err.contains(key), "the error for\n{text}\ndoes not name {key}: {err}");
     }
 }
+
+/// Train `config` on 2 in-process workers with `deadline`, worker 1 silent from step 2 on, until a
+/// step fails: the error, the failing step, and how long that step took from its call to its
+/// error (building the runtime and the steps before it are not the deadline's business).
+pub fn run_with_a_silent_worker(
+    config: TrainConfig,
+    deadline: std::time::Duration,
+) -> (semoe::Error, u64, std::time::Duration) {
+    use semoe::chaos::{FaultKind, FaultPlan, Moment, Target};
+    let tokio = tokio::runtime::Runtime::new().expect("tokio");
+    let mut failing = None;
+    let err = tokio
+        .block_on(async {
+            let rt = semoe::actors::Runtime::builder(config)
+                .workers(2)
+                .deadline(deadline)
+                .chaos(FaultPlan::none().with(Target::Silence { worker: 1 }, 2, Moment::Any, FaultKind::Error))
+                .build()
+                .await?;
+            for step in 0..4 {
+                let started = std::time::Instant::now();
+                if let Err(e) = rt.step().await {
+                    failing = Some((step, started.elapsed()));
+                    return Err(e);
+                }
+            }
+            rt.shutdown().await
+        })
+        .expect_err("worker 1 is silent from step 2 on");
+    let (step, took) = failing.expect("a step failed");
+    (err, step, took)
+}
