@@ -162,7 +162,9 @@ pub struct TrainSettings {
     pub workers: usize,
     /// Where experts live: "round-robin", "blocked", or a comma-separated worker per expert.
     pub placement: String,
-    /// Deadline of every collective of the runtime, in seconds.
+    /// Deadline of every collective of the runtime, in seconds. Over collectives
+    /// (`exchange` `sim` or `nccl`) an expert exchange waits up to 5 times this for the slowest
+    /// worker to arrive (it covers the workers' difference in compute too).
     pub deadline_s: f64,
     /// Train over worker processes instead of in-process workers: the address the coordinator
     /// listens on for them (`HOST:PORT`; port 0 lets the OS choose). Empty: in-process (or

@@ -188,19 +188,23 @@ fn a_failed_actor_aborts_the_communicators_and_the_replay_gives_the_same_bits() 
 
 #[test]
 fn a_worker_that_hangs_in_an_exchange_ends_the_run_with_an_error() {
-    let deadline = Duration::from_millis(400);
+    let deadline = Duration::from_millis(200);
     let (err, step, took) = common::run_with_a_silent_worker(config(ExpertExchange::Sim), deadline);
     let text = err.to_string();
     eprintln!("the hung worker's step {step} failed after {took:?} (deadline {deadline:?}): {text}");
     assert_eq!(step, 2, "the first step with the hung worker fails");
     assert!(text.contains("deadline") || text.contains("did not"), "{text}");
+    // Over collectives a collective waits for the slowest worker's compute too: up to half the
+    // step's deadline (10 x the collective deadline), which the hung worker's peers wait out.
+    let collective_deadline = deadline * 5;
     assert!(
-        took >= deadline,
-        "gave up after {took:?}, before the deadline {deadline:?}"
+        took >= collective_deadline,
+        "gave up after {took:?}, before the collectives' deadline {collective_deadline:?}"
     );
     assert!(
-        took < deadline * 4,
-        "gave up after {took:?}, long after the deadline {deadline:?}"
+        took < deadline * 10,
+        "gave up after {took:?}, after the step's deadline {:?}",
+        deadline * 10
     );
 }
 

@@ -32,7 +32,7 @@ use crate::net::collective::{nccl_unique_id, AbortHandle, Collective, NcclCollec
 use crate::net::wire::{decode_packet, encode_packet, PacketShape, MAX_FAILED_DETAIL};
 use crate::net::{Packet, Payload, Segment, StepId, WorkerId};
 use crate::telemetry::metrics as names;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 /// One rank's end of one lane's communicator. A lane's exchanges run one after another, so the
@@ -68,6 +68,8 @@ struct Generation {
     /// the other ranks take its kind, so that one failed actor does not end the run because its
     /// peers saw their communicator aborted.
     cause: Option<(bool, String)>,
+    /// A rank is building the next generation (outside the lock); the others wait for it.
+    building: bool,
     /// `[lane][worker]`.
     endpoints: Vec<Vec<Endpoint>>,
     aborts: Vec<AbortHandle>,
@@ -82,6 +84,8 @@ pub struct ExpertCollectives {
     shape: PacketShape,
     scheduler: AllToAllV,
     generation: Mutex<Generation>,
+    /// Signalled when a generation has been built (or its build failed).
+    built: Condvar,
 }
 
 impl std::fmt::Debug for ExpertCollectives {
@@ -96,7 +100,10 @@ impl std::fmt::Debug for ExpertCollectives {
 
 impl ExpertCollectives {
     /// Communicators of `kind` for `world` workers running `config`, `lanes` per worker, each
-    /// collective bounded by `deadline`. Nothing is built until the first exchange.
+    /// collective bounded by `deadline`. A collective waits for every rank to arrive, so its
+    /// deadline covers the workers' difference in compute between two exchanges, not only the
+    /// transfer: the runtime gives it half the step's deadline. Nothing is built until the first
+    /// exchange.
     pub fn new(
         kind: ExpertExchange,
         config: &TrainConfig,
@@ -141,12 +148,22 @@ impl ExpertCollectives {
             shape,
             scheduler,
             generation: Mutex::new(Generation::default()),
+            built: Condvar::new(),
         })
     }
 
     /// Lanes per worker: the same on every worker, also where a worker has fewer groups.
     pub fn lanes(&self) -> usize {
         self.lanes
+    }
+
+    /// How long one exchange may take: the first collective waits for the slowest worker to
+    /// reach the block (its dense compute, up to the collectives' deadline), the return for the
+    /// experts (`expert_deadline`), plus as much again as slack. The calls that wait for an
+    /// exchange wait this long, so that the collective's own deadline, which names the rank that
+    /// did not come, fires first.
+    pub fn exchange_bound(&self, expert_deadline: Duration) -> Duration {
+        self.deadline + expert_deadline * 2
     }
 
     /// How many generations of communicators were built so far (one, plus one per replay after
@@ -170,10 +187,11 @@ impl ExpertCollectives {
         if g.built_for.is_some_and(|built| built > step) {
             return;
         }
-        g.broken_at = Some(g.broken_at.map_or(step, |at| at.max(step)));
-        if g.cause.is_none() {
+        // The first failure of a step is its cause (a cause left from an earlier step is stale).
+        if g.broken_at.is_none_or(|at| at < step) || g.cause.is_none() {
             g.cause = Some((restartable, reason.to_string()));
         }
+        g.broken_at = Some(g.broken_at.map_or(step, |at| at.max(step)));
         for handle in &g.aborts {
             handle.abort(reason);
         }
@@ -239,42 +257,66 @@ impl ExpertCollectives {
     /// none yet or the last one broke before `step`. Blocking (NCCL initialises here).
     fn endpoint(&self, step: StepId, worker: WorkerId, lane: usize) -> Result<Endpoint> {
         let mut g = self.lock();
-        if let Some(built) = g.built_for.filter(|built| step < *built) {
-            return Err(Error::runtime(format!(
-                "an expert exchange of step {step}, after the communicators were rebuilt for step {built}"
-            )));
-        }
-        if let Some(broken) = g.broken_at.filter(|broken| step <= *broken) {
-            let reason = g.cause.as_ref().map_or("", |(_, reason)| reason.as_str());
-            return Err(Error::collective(
-                format!("the lane communicators of step {broken}"),
-                worker,
-                format!("aborted: {reason}"),
-            ));
-        }
-        let rebuild = g.built_for.is_none() || g.broken_at.is_some();
-        if rebuild {
+        loop {
+            if let Some(built) = g.built_for.filter(|built| step < *built) {
+                return Err(Error::runtime(format!(
+                    "an expert exchange of step {step}, after the communicators were rebuilt for step {built}"
+                )));
+            }
+            if let Some(broken) = g.broken_at.filter(|broken| step <= *broken) {
+                let reason = g.cause.as_ref().map_or("", |(_, reason)| reason.as_str());
+                return Err(Error::collective(
+                    format!("the lane communicators of step {broken}"),
+                    worker,
+                    format!("aborted: {reason}"),
+                ));
+            }
+            if g.building {
+                g = self.built.wait(g).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            if g.built_for.is_some() && g.broken_at.is_none() {
+                return g
+                    .endpoints
+                    .get(lane)
+                    .and_then(|ranks| ranks.get(worker))
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::runtime(format!(
+                            "no communicator for lane {lane} of worker {worker} ({} lanes, {} workers)",
+                            self.lanes, self.world
+                        ))
+                    });
+            }
+            // Build the next generation without holding the lock (NCCL's initialisation can take
+            // up to the deadline, and `abort` is called from async code); the other ranks wait.
+            g.building = true;
             let number = g.number + 1;
-            let (endpoints, aborts) = self.build(number)?;
+            drop(g);
+            let built = self.build(number);
+            g = self.lock();
+            g.building = false;
+            self.built.notify_all();
+            let (endpoints, aborts) = built?;
+            // An abort of this step (or a later one) while building: born aborted.
+            let aborted = g.broken_at.filter(|broken| *broken >= step);
+            if aborted.is_some() {
+                let reason = g.cause.as_ref().map_or(String::new(), |(_, r)| r.clone());
+                for handle in &aborts {
+                    handle.abort(&reason);
+                }
+            }
+            let cause = if aborted.is_some() { g.cause.take() } else { None };
             *g = Generation {
                 number,
                 built_for: Some(step),
-                broken_at: None,
-                cause: None,
+                broken_at: aborted,
+                cause,
+                building: false,
                 endpoints,
                 aborts,
             };
         }
-        g.endpoints
-            .get(lane)
-            .and_then(|ranks| ranks.get(worker))
-            .cloned()
-            .ok_or_else(|| {
-                Error::runtime(format!(
-                    "no communicator for lane {lane} of worker {worker} ({} lanes, {} workers)",
-                    self.lanes, self.world
-                ))
-            })
     }
 
     /// Every lane's communicator, all ranks, epoch `epoch`.

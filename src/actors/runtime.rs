@@ -220,7 +220,9 @@ impl RuntimeBuilder {
                 // most groups a worker runs.
                 let most_groups = (0..self.workers).map(|w| placement.groups_of(w).len()).max().unwrap_or(0);
                 let lanes = self.lanes.min(most_groups).max(1);
-                Some(Arc::new(ExpertCollectives::new(kind, &config, self.workers, lanes, self.deadline)?))
+                // A collective waits for the slowest worker's compute as well: half a step's deadline.
+                let deadline = self.step_deadline / 2;
+                Some(Arc::new(ExpertCollectives::new(kind, &config, self.workers, lanes, deadline)?))
             }
         };
         let (workers, expert_stores, counters) = match self.remote {

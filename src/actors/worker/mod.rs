@@ -121,6 +121,17 @@ pub struct WorkerArgs {
     pub collectives: Option<Arc<ExpertCollectives>>,
 }
 
+impl WorkerArgs {
+    /// How long a Gate waits for its Communicator's exchange: twice the deadline over the
+    /// transport; over collectives, the exchange's bound (it waits for the slowest worker too).
+    pub(super) fn exchange_deadline(&self) -> Duration {
+        match &self.collectives {
+            Some(collectives) => collectives.exchange_bound(self.deadline),
+            None => self.deadline * 2,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Child {
     Gate(usize),
@@ -188,7 +199,7 @@ impl WorkerState {
                     placement: a.placement.clone(),
                     registry: self.registry.clone(),
                     cpu: a.cpu.clone(),
-                    deadline: a.deadline * 2,
+                    deadline: a.exchange_deadline(),
                     chaos: a.chaos.clone(),
                 };
                 let (r, _) = Actor::spawn_linked(None, GateActor, args, sup).await.map_err(fail)?;

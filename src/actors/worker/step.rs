@@ -141,7 +141,13 @@ pub(super) async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Ve
                     first_err = Some(e);
                 }
             }
-            Err(e) => first_err = Some(Error::runtime(format!("a lane of worker {} panicked: {e}", a.worker))),
+            Err(e) => {
+                let e = Error::runtime(format!("a lane of worker {} panicked: {e}", a.worker));
+                if let Some(collectives) = &a.collectives {
+                    collectives.abort(step, &e.to_string(), false);
+                }
+                first_err = Some(e);
+            }
         }
     }
     if let Some(e) = first_err {
@@ -280,7 +286,8 @@ async fn run_lane(
                 _ => return Err(Error::runtime("the groups of a worker fell out of lockstep")),
             }
         }
-        let deadline = a.deadline * 3;
+        // The Gate's exchange, and its compute around it.
+        let deadline = a.exchange_deadline() + a.deadline;
         if forward {
             let what = format!("the block-{block} forward of step {step}");
             let rep = match (&source, &params) {
@@ -338,11 +345,13 @@ async fn idle_lane(a: WorkerArgs, comm: ActorRef<CommMsg>, step: StepId, lane: u
             what: what.clone(),
         };
         let kind = if forward { "dispatch" } else { "grad_dispatch" };
-        let answers = ask(&comm, &who, &what, a.deadline * 3, |reply| CommMsg::ExpertExchange {
-            call: Box::new(call),
-            kind,
-            requests: Vec::new(),
-            reply,
+        let answers = ask(&comm, &who, &what, a.exchange_deadline(), |reply| {
+            CommMsg::ExpertExchange {
+                call: Box::new(call),
+                kind,
+                requests: Vec::new(),
+                reply,
+            }
         })
         .await?;
         if !answers.is_empty() {
