@@ -18,6 +18,8 @@
 #     NCCL communicator on one GPU (`net_nccl`: a single-rank all-to-all-v with itself, bit for
 #     bit; an abort), and the actor runtime with one worker exchanging its expert rows through NCCL
 #     (`runtime_collectives`: the transport's bits; its stand-in tests run too);
+#   - the main job's model on the actor runtime (1 worker) for EXCHANGE_STEPS steps, its expert
+#     rows over the transport and through NCCL: the same checkpoint bytes, and both tokens/s;
 #   - the main job's model trained on the GPU for TRAIN_STEPS steps (`semoe train --device cuda`),
 #     its validation loss next to the CPU's for the same steps (the same on every CPU, bit for bit);
 #   - the MoE layer at the issue's size (16,384 tokens, width 1024, hidden 4096, 8 experts, top-2),
@@ -31,6 +33,8 @@ BUNDLE=gpu-bundle
 # loss on the CPU (`semoe train --steps 3000`, 2026-12-06; any CPU gives these bits).
 TRAIN_STEPS=3000
 CPU_VAL_LOSS=1.5575
+# Steps of the actor runtime's run over NCCL and over the transport (compared bit for bit).
+EXCHANGE_STEPS=200
 TESTS=(kernels_cuda model_cuda_moe model_cuda_gpt net_nccl runtime_collectives)
 
 build() {
@@ -132,6 +136,19 @@ EOF
         step 180 "PyTorch MoE layer on the GPU ($precision)" "$py" bench/moe_layer_torch.py --device cuda \
             "${size[@]}" $tf32
     done
+    # The actor runtime, one worker, its expert rows over the transport and through NCCL on GPU 0:
+    # the same parameters, bit for bit, and the cost of the round trips through the device.
+    for exchange in transport nccl; do
+        rm -rf "$BUNDLE/run-$exchange"
+        step 180 "the actor runtime, 1 worker, expert rows over $exchange ($EXCHANGE_STEPS steps)" \
+            "$BUNDLE/semoe" train --workers 1 --exchange "$exchange" --steps "$EXCHANGE_STEPS" \
+            --run-dir "$BUNDLE/run-$exchange" --quiet
+    done
+    local last="checkpoints/step-$(printf %08d "$EXCHANGE_STEPS")"
+    step 10 "the same parameters over NCCL as over the transport" bash -c "
+        for f in model.safetensors optimizer.safetensors; do
+            cmp '$BUNDLE/run-transport/$last/'\$f '$BUNDLE/run-nccl/$last/'\$f && echo \"\$f: bitwise the same\"
+        done"
     rm -rf "$BUNDLE/run-gpu"
     step 300 "training on the GPU ($TRAIN_STEPS steps; the CPU reaches validation loss $CPU_VAL_LOSS)" \
         "$BUNDLE/semoe" train --device cuda --steps "$TRAIN_STEPS" --run-dir "$BUNDLE/run-gpu" --quiet
