@@ -298,6 +298,7 @@ impl ExpertCollectives {
             g.building = false;
             self.built.notify_all();
             let (endpoints, aborts) = built?;
+            metrics::counter!(names::COMMUNICATOR_GENERATIONS).increment(1);
             // An abort of this step (or a later one) while building: born aborted.
             let aborted = g.broken_at.filter(|broken| *broken >= step);
             if aborted.is_some() {

@@ -68,6 +68,9 @@ pub const ALLTOALL_BYTES: &str = "semoe_alltoall_bytes_total";
 pub const RESTARTS: &str = "semoe_restarts_total";
 /// Steps replayed after a failure.
 pub const REPLAYS: &str = "semoe_replays_total";
+/// Generations of lane communicators built when expert rows travel over collectives
+/// (`train.exchange` `sim` or `nccl`): one, then one per replay after an aborted exchange.
+pub const COMMUNICATOR_GENERATIONS: &str = "semoe_communicator_generations_total";
 
 /// Bytes of expert state per tier (labels `worker`, `tier`).
 pub const TIER_BYTES: &str = "semoe_tier_bytes";
@@ -176,6 +179,10 @@ pub fn describe() {
     );
     metrics::describe_counter!(RESTARTS, "actors restarted by their supervisor");
     metrics::describe_counter!(REPLAYS, "steps rolled back and run again");
+    metrics::describe_counter!(
+        COMMUNICATOR_GENERATIONS,
+        "generations of lane communicators built (expert rows over collectives)"
+    );
     metrics::describe_gauge!(
         TIER_BYTES,
         metrics::Unit::Bytes,
