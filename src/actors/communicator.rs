@@ -4,6 +4,9 @@
 //! any expert a peer hosts travels in one message, with its counts) and waits for every answer, with
 //! a deadline; a peer that does not answer in time is named in the error. Incoming, it hands expert
 //! rows to the local Expert actors, gradients to the Ledger, parameters to the replica, and answers.
+//! When the runtime moves expert rows over collectives (`train.exchange` `sim` or `nccl`), a Gate's
+//! `ExpertExchange` goes to the lane's communicator instead ([`super::collectives`]), and this
+//! actor serves the rows that arrive there with the same code.
 
 use super::collectives::{ExpertCall, ExpertCollectives};
 use super::expert::ExpertMsg;
