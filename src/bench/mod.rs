@@ -31,7 +31,7 @@ pub use recovery::{recovery_bench, RecoveryReport};
 pub use ring::{
     ring_bench, variant_name as ring_variant_name, RingReport, RingRow, WARM_UP_TOKENS as RING_WARM_UP_TOKENS,
 };
-pub use runtime::{runtime_bench, RuntimeReport};
+pub use runtime::{runtime_bench, RuntimeEngines, RuntimeReport};
 pub use storage::{percent_in_memory, storage_bench, StorageReport, StorageRow, StorageVariant};
 
 use crate::error::Result;

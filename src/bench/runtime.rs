@@ -1,6 +1,7 @@
 //! Training tokens/s of the main job's model: the plain loop against the actor runtime.
 
 use super::median;
+use crate::config::ExpertExchange;
 use crate::error::Result;
 use serde::Serialize;
 use std::time::Instant;
@@ -14,8 +15,12 @@ pub struct RuntimeReport {
     /// this machine, exchanging data over same-host Unix sockets; each process gets
     /// `threads / processes` compute threads).
     pub processes: Vec<usize>,
-    /// Worker-process counts measured last, over QUIC on loopback (`train.same_host = false`).
+    /// Worker-process counts measured after them, over QUIC on loopback (`train.same_host = false`).
     pub quic_processes: Vec<usize>,
+    /// In-process worker counts measured last, their expert rows over collectives.
+    pub collective_workers: Vec<usize>,
+    /// The collectives of those: `sim` (the CPU stand-in of NCCL) or `nccl`.
+    pub collective: ExpertExchange,
     /// Median tokens per second of each, over the rounds.
     pub tokens_per_s: Vec<f64>,
     /// Every round's tokens per second, `[round][engine]`.
@@ -26,36 +31,60 @@ pub struct RuntimeReport {
     pub threads: usize,
 }
 
+/// The engines `runtime_bench` compares, in this order.
+#[derive(Clone, Copy, Debug)]
+pub struct RuntimeEngines<'a> {
+    /// In-process worker counts (0 = the plain loop without actors).
+    pub workers: &'a [usize],
+    /// Worker-process counts, their data over same-host Unix sockets.
+    pub processes: &'a [usize],
+    /// Worker-process counts, their data over QUIC on loopback.
+    pub quic_processes: &'a [usize],
+    /// In-process worker counts, their expert rows over `collective`.
+    pub collective_workers: &'a [usize],
+    /// `Sim` or `Nccl`.
+    pub collective: ExpertExchange,
+}
+
 /// Alternate the engines round by round (so that machine noise hits all alike): each runs `warmup`
 /// untimed steps once, then `steps` timed steps per round.
 pub fn runtime_bench(
     config: &crate::train::TrainConfig,
-    workers: &[usize],
-    processes: &[usize],
-    quic_processes: &[usize],
+    engines: &RuntimeEngines<'_>,
     warmup: usize,
     steps: usize,
     rounds: usize,
 ) -> Result<RuntimeReport> {
     use crate::train::Trainer;
     let base = std::env::temp_dir().join(format!("semoe-bench-runtime-{}", std::process::id()));
-    let engines: Vec<(usize, usize, bool)> = workers
+    let RuntimeEngines {
+        workers,
+        processes,
+        quic_processes,
+        collective_workers,
+        collective,
+    } = *engines;
+    let transport = ExpertExchange::Transport;
+    let engines: Vec<(usize, usize, bool, ExpertExchange)> = workers
         .iter()
-        .map(|&w| (w, 0, true))
-        .chain(processes.iter().map(|&p| (p, p, true)))
-        .chain(quic_processes.iter().map(|&p| (p, p, false)))
+        .map(|&w| (w, 0, true, transport))
+        .chain(processes.iter().map(|&p| (p, p, true, transport)))
+        .chain(quic_processes.iter().map(|&p| (p, p, false, transport)))
+        .chain(collective_workers.iter().map(|&w| (w, 0, true, collective)))
         .collect();
     let mut trainers = Vec::with_capacity(engines.len());
-    for &(w, p, same_host) in &engines {
+    for &(w, p, same_host, exchange) in &engines {
         let mut c = config.clone();
         c.train.workers = w;
         c.train.processes = p;
         c.train.same_host = same_host;
+        c.train.exchange = exchange;
         c.train.steps = (warmup + steps * rounds + 1) as u64;
-        let dir = base.join(match (p, same_host) {
-            (0, _) => format!("workers-{w}"),
-            (_, true) => format!("processes-{p}"),
-            (_, false) => format!("quic-processes-{p}"),
+        let dir = base.join(match (p, same_host, exchange) {
+            (0, _, ExpertExchange::Transport) => format!("workers-{w}"),
+            (0, _, exchange) => format!("workers-{w}-{exchange}"),
+            (_, true, _) => format!("processes-{p}"),
+            (_, false, _) => format!("quic-processes-{p}"),
         });
         let _ = std::fs::remove_dir_all(&dir);
         let mut t = Trainer::new(c, &dir)?;
@@ -86,6 +115,8 @@ pub fn runtime_bench(
         workers: workers.to_vec(),
         processes: processes.to_vec(),
         quic_processes: quic_processes.to_vec(),
+        collective_workers: collective_workers.to_vec(),
+        collective,
         tokens_per_s,
         rounds: all,
         steps,

@@ -194,6 +194,14 @@ pub struct RuntimeArgs {
     /// QUIC on loopback, as between machines).
     #[arg(long, value_delimiter = ',')]
     quic_processes: Vec<usize>,
+    /// In-process worker counts to compare last, their expert rows over collectives
+    /// (`--collective`), e.g. `--workers 2 --collective-workers 2`.
+    #[arg(long, value_delimiter = ',')]
+    collective_workers: Vec<usize>,
+    /// The collectives of `--collective-workers`: `sim` (the CPU stand-in of NCCL) or `nccl`
+    /// (worker i on GPU i; a build with `--features cuda`).
+    #[arg(long, default_value = "sim", value_parser = ["sim", "nccl"])]
+    collective: String,
     /// Untimed steps first (per engine).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
@@ -631,9 +639,13 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
             config.validate()?;
             let r = bench::runtime_bench(
                 &config,
-                &a.workers,
-                &a.processes,
-                &a.quic_processes,
+                &bench::RuntimeEngines {
+                    workers: &a.workers,
+                    processes: &a.processes,
+                    quic_processes: &a.quic_processes,
+                    collective_workers: &a.collective_workers,
+                    collective: a.collective.parse()?,
+                },
                 a.warmup,
                 a.steps,
                 a.rounds,
@@ -653,7 +665,12 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
                         }
                     })
                     .chain(r.processes.iter().map(|p| format!("{p} worker processes")))
-                    .chain(r.quic_processes.iter().map(|p| format!("{p} processes, QUIC")));
+                    .chain(r.quic_processes.iter().map(|p| format!("{p} processes, QUIC")))
+                    .chain(
+                        r.collective_workers
+                            .iter()
+                            .map(|w| format!("{w} worker(s), {}", r.collective)),
+                    );
                 for (name, tps) in names.zip(&r.tokens_per_s) {
                     println!(
                         "{name:>22}: {tps:>8.0} tokens/s ({:.1}% of the first)",
