@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{assert_same, state_bits};
+use common::{assert_same, Trained};
 use semoe::actors::{ExpertPlacement, Runtime};
 use semoe::chaos::{FaultKind, FaultPlan, Moment, Target};
 use semoe::config::ExpertExchange;
@@ -23,41 +23,18 @@ fn config(exchange: ExpertExchange) -> TrainConfig {
     c
 }
 
-/// What a run ended with, and what it took to get there.
-struct Run {
-    bits: Vec<(String, Vec<u32>)>,
-    replays: u32,
-    generations: Option<u64>,
-}
-
 async fn train(
     config: &TrainConfig,
     workers: usize,
     placement: ExpertPlacement,
     lanes: usize,
     plan: FaultPlan,
-) -> semoe::Result<Run> {
-    let rt = Runtime::builder(config.clone())
+) -> semoe::Result<Trained> {
+    let builder = Runtime::builder(config.clone())
         .workers(workers)
         .lanes(lanes)
-        .placement(placement)
-        .chaos(plan.clone())
-        .build()
-        .await?;
-    let mut replays = 0;
-    for _ in 0..STEPS {
-        replays += rt.step().await?.replays;
-    }
-    let generations = rt.communicator_generations();
-    let (model, optimizer) = rt.state().await?;
-    rt.shutdown().await?;
-    assert_eq!(plan.pending(), 0, "every planned fault fired");
-    assert_eq!(optimizer.step, STEPS, "steps committed");
-    Ok(Run {
-        bits: state_bits(&model, &optimizer),
-        replays,
-        generations,
-    })
+        .placement(placement);
+    common::train_steps(builder, STEPS, &plan).await
 }
 
 #[test]

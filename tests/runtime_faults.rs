@@ -44,20 +44,8 @@ fn restarts_and_replays(snap: &Snapshotter) -> (u64, u64) {
 /// The bits of the model and the optimizer state (moments and step) after `STEPS` steps, and the
 /// replays the steps reported.
 async fn train(workers: usize, plan: FaultPlan) -> semoe::Result<(Vec<(String, Vec<u32>)>, u32)> {
-    let rt = Runtime::builder(small_config())
-        .workers(workers)
-        .chaos(plan.clone())
-        .build()
-        .await?;
-    let mut replays = 0;
-    for _ in 0..STEPS {
-        replays += rt.step().await?.replays;
-    }
-    let (model, optimizer) = rt.state().await?;
-    rt.shutdown().await?;
-    assert_eq!(plan.pending(), 0, "every planned fault fired");
-    assert_eq!(optimizer.step, STEPS, "steps committed");
-    Ok((common::state_bits(&model, &optimizer), replays))
+    let run = common::train_steps(Runtime::builder(small_config()).workers(workers), STEPS, &plan).await?;
+    Ok((run.bits, run.replays))
 }
 
 /// What an undisturbed run of `STEPS` steps on 2 workers records.

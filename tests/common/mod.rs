@@ -277,3 +277,37 @@ pub fn run_with_a_silent_worker(
     let (step, took) = failing.expect("a step failed");
     (err, step, took)
 }
+
+/// What a runtime ended with after [`train_steps`].
+pub struct Trained {
+    /// The bits of the model and the optimizer state (moments and step).
+    pub bits: Vec<(String, Vec<u32>)>,
+    /// Replays the steps reported.
+    pub replays: u32,
+    /// Generations of lane communicators built (expert rows over collectives), else `None`.
+    pub generations: Option<u64>,
+}
+
+/// Run `steps` steps on the runtime `builder` makes, with `plan`'s faults (which must all fire),
+/// then shut it down.
+pub async fn train_steps(
+    builder: semoe::actors::RuntimeBuilder,
+    steps: u64,
+    plan: &semoe::chaos::FaultPlan,
+) -> semoe::Result<Trained> {
+    let rt = builder.chaos(plan.clone()).build().await?;
+    let mut replays = 0;
+    for _ in 0..steps {
+        replays += rt.step().await?.replays;
+    }
+    let generations = rt.communicator_generations();
+    let (model, optimizer) = rt.state().await?;
+    rt.shutdown().await?;
+    assert_eq!(plan.pending(), 0, "every planned fault fired");
+    assert_eq!(optimizer.step, steps, "steps committed");
+    Ok(Trained {
+        bits: state_bits(&model, &optimizer),
+        replays,
+        generations,
+    })
+}
