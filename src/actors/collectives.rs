@@ -22,7 +22,7 @@
 //! the kind of the first (a failed actor: the step is replayed, and the replay builds new
 //! communicators, as NCCL cannot resume a communicator whose sequence broke).
 
-use super::communicator::{failure, run_experts, CommArgs};
+use super::communicator::{count_traffic, failure, run_experts, CommArgs};
 use crate::config::{ExpertExchange, TrainConfig};
 use crate::error::{Error, Result};
 use crate::kernels::cuda::CudaDevice;
@@ -562,14 +562,6 @@ fn answer_kind(forward: bool) -> &'static str {
     } else {
         "grad_combine"
     }
-}
-
-/// Count `payload`'s bytes to `peer` in the metrics and the run report's traffic matrix.
-fn count_traffic(args: &CommArgs, peer: WorkerId, kind: &'static str, payload: &Payload) {
-    let bytes = payload.data_bytes() as u64;
-    metrics::counter!(names::ALLTOALL_BYTES, "from" => args.worker.to_string(), "to" => peer.to_string(), "kind" => kind)
-        .increment(bytes);
-    args.traffic.add(peer, kind, bytes);
 }
 
 /// A failure's detail, within what a packet may carry.

@@ -247,9 +247,7 @@ fn start_exchange(
         let id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         state.pending.insert(id, tx);
-        metrics::counter!(names::ALLTOALL_BYTES, "from" => me.to_string(), "to" => peer.to_string(), "kind" => kind)
-            .increment(payload.data_bytes() as u64);
-        state.args.traffic.add(peer, kind, payload.data_bytes() as u64);
+        count_traffic(&state.args, peer, kind, &payload);
         let sent = state.args.transport.send(Packet {
             from: me,
             to: peer,
@@ -327,6 +325,14 @@ async fn gather(
         .collect()
 }
 
+/// Count `payload`'s bytes to `peer` in the metrics and the run report's traffic matrix.
+pub(super) fn count_traffic(args: &CommArgs, peer: WorkerId, kind: &'static str, payload: &Payload) {
+    let bytes = payload.data_bytes() as u64;
+    metrics::counter!(names::ALLTOALL_BYTES, "from" => args.worker.to_string(), "to" => peer.to_string(), "kind" => kind)
+        .increment(bytes);
+    args.traffic.add(peer, kind, bytes);
+}
+
 /// The error a requester sees when `peer` answered `what` with a failure: an actor failure (the
 /// step is replayed) when a restart repairs it.
 pub(super) fn failure(peer: WorkerId, restartable: bool, detail: &str, what: &str) -> Error {
@@ -367,9 +373,7 @@ async fn serve(args: CommArgs, packet: Packet) -> Result<()> {
         },
     };
     if !kind.is_empty() {
-        metrics::counter!(names::ALLTOALL_BYTES, "from" => args.worker.to_string(), "to" => packet.from.to_string(), "kind" => kind)
-            .increment(answer.data_bytes() as u64);
-        args.traffic.add(packet.from, kind, answer.data_bytes() as u64);
+        count_traffic(&args, packet.from, kind, &answer);
     }
     args.transport.send(Packet {
         from: args.worker,
