@@ -192,21 +192,23 @@ pub struct TrainSettings {
     /// Where the steps are computed: `cpu`, or `cuda` (GPU 0, the plain loop on the device; a build
     /// with `--features cuda`). A run keeps its device: the two give different bits.
     pub device: ComputeDevice,
-    /// How the in-process runtime's workers exchange expert rows (the fused all-to-all-v of the MoE
-    /// blocks): `transport` (requests and replies over the workers' transport), `sim` (collectives
-    /// in NCCL's model on the CPU stand-in, which checks NCCL's rules) or `nccl` (collectives
-    /// through NCCL, one GPU per worker; a build with `--features cuda`). The bits are the same.
+    /// How the runtime's workers exchange expert rows (the fused all-to-all-v of the MoE blocks):
+    /// `transport` (requests and replies over the workers' transport), `sim` (collectives in
+    /// NCCL's model on the CPU stand-in, which checks NCCL's rules: in process, or between worker
+    /// processes over their data plane) or `nccl` (collectives through NCCL, one GPU per in-process
+    /// worker; a build with `--features cuda`). The bits are the same.
     pub exchange: ExpertExchange,
 }
 
-/// How the workers of the in-process runtime exchange expert rows (docs/gpu-data-path.md).
+/// How the runtime's workers exchange expert rows (docs/gpu-data-path.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExpertExchange {
     /// Requests and replies over the transport (in-process channels, or QUIC between processes).
     #[default]
     Transport,
-    /// Collectives (counts, then grouped sends and receives) on the in-process CPU stand-in of NCCL.
+    /// Collectives (counts, then grouped sends and receives) on the CPU stand-in of NCCL: shared
+    /// memory between in-process workers, the data plane between worker processes.
     Sim,
     /// Collectives through NCCL, worker `i` on GPU `i`.
     Nccl,
@@ -390,10 +392,13 @@ impl TrainConfig {
             }
         }
         if t.exchange != ExpertExchange::Transport {
-            let refused = if t.workers == 0 {
+            let refused = if t.elastic() {
+                // Between processes, the stand-in runs over the data plane; NCCL needs the
+                // coordinator to hand out its unique ids (docs/gpu-data-path.md, "Not yet").
+                (t.exchange == ExpertExchange::Nccl)
+                    .then_some("worker processes (train.processes, train.listen) exchange over the transport or \"sim\" only, for now")
+            } else if t.workers == 0 {
                 Some("the plain loop (train.workers = 0) has no workers to exchange between")
-            } else if t.elastic() {
-                Some("worker processes (train.processes, train.listen) exchange over the transport only, for now")
             } else if t.device == ComputeDevice::Cuda {
                 Some("train.device = \"cuda\" runs the plain loop on one GPU, without an exchange")
             } else {

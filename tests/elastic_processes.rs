@@ -71,6 +71,86 @@ fn worker_processes_train_bitwise_like_the_plain_loop() {
 }
 
 #[test]
+fn worker_processes_exchange_expert_rows_over_the_stand_in_collectives_bitwise() {
+    let dir = TempDir::new("elastic-collectives");
+    let want = reference(dir.path(), 20, &[]);
+    // (processes, placement, extra arguments)
+    let cases: [(usize, &str, &[&str]); 4] = [
+        (1, "round-robin", &[]),
+        (2, "round-robin", &[]),
+        (3, "blocked", &["--shard-dense"]),
+        (3, "round-robin", &["--quic-only"]),
+    ];
+    for (n, placement, extra) in cases {
+        let run = format!("sim-p{n}-{placement}{}", extra.join(""));
+        let n_s = n.to_string();
+        let mut args = train_args(
+            &run,
+            "20",
+            &["--processes", &n_s, "--placement", placement, "--exchange", "sim"],
+        );
+        args.extend_from_slice(extra);
+        let mut p = Proc::spawn(dir.path(), &run, &args, &[]);
+        assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.log());
+        let log = p.log();
+        assert!(log.contains(&format!("epoch 1: {n} workers at step 0")), "{log}");
+        // Every worker process exchanges over its own communicators: SMALL's 4 groups give each
+        // worker at most 4 lanes, and every worker has the same number.
+        let lanes = match n {
+            1 => 4,
+            2 => 2,
+            _ => 2,
+        };
+        let line = format!(
+            "epoch 1: expert rows over collectives (the CPU stand-in of NCCL over the data plane), {lanes} lane(s)"
+        );
+        assert_eq!(log.matches(&line).count(), n, "{run}: {line:?} in\n{log}");
+        assert_eq!(membership(&log), (0, 0, 0), "{log}");
+        assert_same_state(&want, &state_files(&dir.path().join(&run), 20), &run);
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_exchange_over_collectives_costs_a_replay_not_the_run() {
+    let dir = TempDir::new("elastic-collectives-kill");
+    let want = reference(dir.path(), 20, &[]);
+    for phase in ["forward", "backward"] {
+        let run = format!("sim-kill-{phase}");
+        let marker = dir.path().join(format!("{phase}.paused"));
+        let pause = format!("member=2,step=7,phase={phase},file={}", marker.display());
+        let args = train_args(
+            &run,
+            "20",
+            &["--processes", "3", "--snapshot-every", "5", "--exchange", "sim"],
+        );
+        let mut p = Proc::spawn(dir.path(), &run, &args, &[("SEMOE_TEST_PAUSE", pause)]);
+        p.wait_for("paused by SEMOE_TEST_PAUSE", Duration::from_secs(30));
+        let pid: i32 = std::fs::read_to_string(&marker)
+            .expect("the paused worker wrote its pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        // SAFETY: kill(2) on a worker process that this test's coordinator started (its group).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let killed = Instant::now();
+        p.wait_for("epoch 2: 2 workers at step 7", Duration::from_secs(10));
+        let recovered = killed.elapsed();
+        assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.log());
+        let log = p.log();
+        // The survivors wait in a collective for the killed worker: the next epoch forms at once
+        // all the same (its setup closes their communicators; so does the loss, when seen first),
+        // not at the collective's deadline (5 x train.deadline_s).
+        assert!(
+            recovered < Duration::from_secs(3),
+            "{phase}: the survivors took {recovered:?} to form the next epoch"
+        );
+        assert_eq!(membership(&log), (0, 0, 1), "{phase}: {log}");
+        assert_same_state(&want, &state_files(&dir.path().join(&run), 20), &run);
+        eprintln!("{phase}: kill -> next epoch in {recovered:?}");
+    }
+}
+
+#[test]
 fn worker_processes_beyond_the_groups_host_experts() {
     let dir = TempDir::new("elastic-beyond");
     // SMALL's 4 groups become 2.

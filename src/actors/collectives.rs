@@ -27,10 +27,11 @@ use crate::config::{ExpertExchange, TrainConfig};
 use crate::error::{Error, Result};
 use crate::kernels::cuda::CudaDevice;
 use crate::net::collective::alltoallv::AllToAllV;
+use crate::net::collective::plane::{AbortNotice, Mailbox, PlaneCollective, PlaneMsg, PlaneOp};
 use crate::net::collective::sim::SimCollective;
 use crate::net::collective::{nccl_unique_id, AbortHandle, Collective, NcclCollective};
 use crate::net::wire::{decode_packet, encode_packet, PacketShape, MAX_FAILED_DETAIL};
-use crate::net::{Packet, Payload, Segment, StepId, WorkerId};
+use crate::net::{Packet, Payload, Segment, StepId, Transport, WorkerId};
 use crate::telemetry::metrics as names;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -70,15 +71,25 @@ struct Generation {
     cause: Option<(bool, String)>,
     /// A rank is building the next generation (outside the lock); the others wait for it.
     building: bool,
-    /// `[lane][worker]`.
+    /// `[lane][worker]` in process; `[lane][0]`, this worker's, between processes.
     endpoints: Vec<Vec<Endpoint>>,
     aborts: Vec<AbortHandle>,
 }
 
-/// Every lane's communicator for every worker of an in-process runtime, rebuilt after a failure.
+/// Between worker processes: this worker's end of the data plane its communicators use.
+struct Plane {
+    me: WorkerId,
+    transport: Arc<dyn Transport>,
+    mailbox: Arc<Mailbox>,
+}
+
+/// Every lane's communicator for every worker of an in-process runtime, or for the one worker of a
+/// worker process ([`ExpertCollectives::over_transport`]), rebuilt after a failure.
 pub struct ExpertCollectives {
     kind: ExpertExchange,
     world: usize,
+    /// Set between worker processes: the communicators are this worker's ends over the data plane.
+    plane: Option<Plane>,
     lanes: usize,
     deadline: Duration,
     shape: PacketShape,
@@ -143,6 +154,7 @@ impl ExpertCollectives {
         Ok(ExpertCollectives {
             kind,
             world,
+            plane: None,
             lanes,
             deadline,
             shape,
@@ -150,6 +162,63 @@ impl ExpertCollectives {
             generation: Mutex::new(Generation::default()),
             built: Condvar::new(),
         })
+    }
+
+    /// The communicators of one worker process, `transport.id()` among `transport.workers()`,
+    /// over its data plane: the CPU stand-in across processes (`net::collective::plane`), for
+    /// `train.exchange = "sim"` with worker processes. Every worker process of the epoch builds its
+    /// own, with the same `lanes`; the packets of kind `Collective` that reach the worker go to
+    /// [`ExpertCollectives::deliver`].
+    pub fn over_transport(
+        kind: ExpertExchange,
+        config: &TrainConfig,
+        transport: Arc<dyn Transport>,
+        lanes: usize,
+        deadline: Duration,
+    ) -> Result<Self> {
+        if kind != ExpertExchange::Sim {
+            return Err(Error::config(format!(
+                "train.exchange = \"{kind}\" between worker processes: only \"sim\" (the CPU stand-in over the data plane) and \"transport\" run across processes so far"
+            )));
+        }
+        let (me, world) = (transport.id(), transport.workers());
+        let mut collectives = ExpertCollectives::new(kind, config, world, lanes, deadline)?;
+        collectives.plane = Some(Plane {
+            me,
+            transport,
+            mailbox: Mailbox::new(world),
+        });
+        Ok(collectives)
+    }
+
+    /// A packet of kind `Collective` that reached this worker (from its packet pump): queued for
+    /// its communicator, or, when a peer announces that it aborted, the abort applied here too (so
+    /// that this worker's pending collectives fail at once, with the peer's failure as their cause).
+    pub fn deliver(&self, packet: Packet) {
+        let (Some(plane), Payload::Collective(msg)) = (&self.plane, packet.payload) else {
+            return;
+        };
+        if let Some(AbortNotice {
+            from,
+            step,
+            restartable,
+            reason,
+        }) = plane.mailbox.deliver(packet.from, msg)
+        {
+            self.abort_here(step, &format!("worker {from} aborted: {reason}"), restartable);
+        }
+    }
+
+    /// The membership epoch is over, or a peer was lost: every pending and later collective of
+    /// this worker fails at once with `reason` (a worker process's communicators end with its
+    /// epoch's actor tree).
+    pub fn close(&self, reason: &str) {
+        if let Some(plane) = &self.plane {
+            plane.mailbox.close(reason);
+        }
+        for handle in &self.lock().aborts {
+            handle.abort(reason);
+        }
     }
 
     /// Lanes per worker: the same on every worker, also where a worker has fewer groups.
@@ -180,21 +249,55 @@ impl ExpertCollectives {
     /// (`restartable`: one a replay repairs): every pending and later collective of that step
     /// fails at once, and the next step (or attempt) builds new ones. A failure of a step older
     /// than the generation is ignored (its communicators are gone already).
+    ///
+    /// Between worker processes the peers are told (a `Collective` packet of kind abort), the
+    /// first time a step breaks here, so that none waits for this worker until its deadline.
     pub fn abort(&self, step: StepId, reason: &str, restartable: bool) {
+        if !self.abort_here(step, reason, restartable) {
+            return;
+        }
+        if let Some(plane) = &self.plane {
+            let reason = clipped(reason.to_string());
+            for peer in (0..self.world).filter(|&p| p != plane.me) {
+                // A peer that cannot be reached is gone already: nothing waits on it.
+                let _ = plane.transport.send(Packet {
+                    from: plane.me,
+                    to: peer,
+                    id: 0,
+                    payload: Payload::Collective(PlaneMsg {
+                        lane: 0,
+                        generation: step,
+                        index: 0,
+                        op: PlaneOp::Abort {
+                            step,
+                            restartable,
+                            reason: reason.clone(),
+                        },
+                    }),
+                });
+            }
+        }
+    }
+
+    /// [`ExpertCollectives::abort`] on this process's communicators only; true when this broke a
+    /// step that had not broken before.
+    fn abort_here(&self, step: StepId, reason: &str, restartable: bool) -> bool {
         let mut g = self.lock();
         // (With no generation built yet, the failure came before the first exchange: its peers
         // must not build one and wait for it.)
         if g.built_for.is_some_and(|built| built > step) {
-            return;
+            return false;
         }
+        let first = g.broken_at.is_none_or(|at| at < step);
         // The first failure of a step is its cause (a cause left from an earlier step is stale).
-        if g.broken_at.is_none_or(|at| at < step) || g.cause.is_none() {
+        if first || g.cause.is_none() {
             g.cause = Some((restartable, reason.to_string()));
         }
         g.broken_at = Some(g.broken_at.map_or(step, |at| at.max(step)));
         for handle in &g.aborts {
             handle.abort(reason);
         }
+        first
     }
 
     /// `error`, met in an exchange of `step`: when the generation was aborted during that step
@@ -276,10 +379,13 @@ impl ExpertCollectives {
                 continue;
             }
             if g.built_for.is_some() && g.broken_at.is_none() {
-                return g
-                    .endpoints
-                    .get(lane)
-                    .and_then(|ranks| ranks.get(worker))
+                let rank = match &self.plane {
+                    Some(plane) if plane.me == worker => Some(0),
+                    Some(_) => None,
+                    None => Some(worker),
+                };
+                return rank
+                    .and_then(|rank| g.endpoints.get(lane).and_then(|ranks| ranks.get(rank)))
                     .cloned()
                     .ok_or_else(|| {
                         Error::runtime(format!(
@@ -293,7 +399,7 @@ impl ExpertCollectives {
             g.building = true;
             let number = g.number + 1;
             drop(g);
-            let built = self.build(number);
+            let built = self.build(number, step);
             g = self.lock();
             g.building = false;
             self.built.notify_all();
@@ -320,12 +426,27 @@ impl ExpertCollectives {
         }
     }
 
-    /// Every lane's communicator, all ranks, epoch `epoch`.
-    fn build(&self, epoch: u64) -> Result<(Vec<Vec<Endpoint>>, Vec<AbortHandle>)> {
+    /// Every lane's communicator, epoch `epoch`, for the exchanges from `step` on: all ranks in
+    /// process, this worker's between processes. (Between processes each rank counts its
+    /// generations on its own, so there the communicators are named by `step`, which every rank
+    /// agrees on.)
+    fn build(&self, epoch: u64, step: StepId) -> Result<(Vec<Vec<Endpoint>>, Vec<AbortHandle>)> {
         let mut endpoints = Vec::with_capacity(self.lanes);
         let mut aborts = Vec::new();
         for lane in 0..self.lanes {
             let ranks: Vec<Box<dyn Collective>> = match self.kind {
+                ExpertExchange::Sim if self.plane.is_some() => {
+                    let plane = self.plane.as_ref().ok_or_else(|| Error::runtime("no data plane"))?;
+                    let comm = PlaneCollective::new(
+                        plane.transport.clone(),
+                        plane.mailbox.clone(),
+                        lane,
+                        step,
+                        step.step,
+                        self.deadline,
+                    )?;
+                    vec![Box::new(comm) as Box<dyn Collective>]
+                }
                 ExpertExchange::Sim => SimCollective::communicator(self.world, epoch, self.deadline)?
                     .into_iter()
                     .map(|c| Box::new(c) as Box<dyn Collective>)
@@ -589,6 +710,7 @@ fn payload_name(payload: &Payload) -> &'static str {
         Payload::Tensors(_) => "tensors",
         Payload::Ack => "an acknowledgement",
         Payload::Failed { .. } => "a failure",
+        Payload::Collective(_) => "a collective's message",
     }
 }
 

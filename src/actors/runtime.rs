@@ -210,16 +210,15 @@ impl RuntimeBuilder {
         let exchange = config.train.exchange;
         let collectives = match (exchange, &self.remote) {
             (ExpertExchange::Transport, _) => None,
+            // The worker processes hold their own communicators (`start_standalone_worker`).
+            (ExpertExchange::Sim, Some(_)) => None,
             (_, Some(_)) => {
                 return Err(Error::config(format!(
-                    "train.exchange = \"{exchange}\" needs in-process workers: worker processes exchange over the transport"
+                    "train.exchange = \"{exchange}\" needs in-process workers: worker processes exchange over the transport or \"sim\""
                 )))
             }
             (kind, None) => {
-                // The same lanes on every worker (each lane is a communicator), no more than the
-                // most groups a worker runs.
-                let most_groups = (0..self.workers).map(|w| placement.groups_of(w).len()).max().unwrap_or(0);
-                let lanes = self.lanes.min(most_groups).max(1);
+                let lanes = exchange_lanes(&placement, self.lanes);
                 // A collective waits for the slowest worker's compute as well: half a step's deadline.
                 let deadline = self.step_deadline / 2;
                 Some(Arc::new(ExpertCollectives::new(kind, &config, self.workers, lanes, deadline)?))
@@ -310,6 +309,16 @@ impl RuntimeBuilder {
             collectives,
         })
     }
+}
+
+/// The lanes of an exchange over collectives: the same on every worker (each lane is a
+/// communicator), no more than the most groups a worker runs.
+fn exchange_lanes(placement: &Placement, lanes: usize) -> usize {
+    let most_groups = (0..placement.workers)
+        .map(|w| placement.groups_of(w).len())
+        .max()
+        .unwrap_or(0);
+    lanes.min(most_groups).max(1)
 }
 
 /// `plan`, checked against the model, the groups and the worker count.
@@ -665,6 +674,9 @@ pub struct StartedWorker {
     pub replica: SharedReplica,
     /// Bytes it sent each peer of its epoch, by kind.
     pub traffic: Arc<Traffic>,
+    /// Its communicators, when expert rows travel over collectives (`train.exchange = "sim"`):
+    /// closed when the epoch ends or a peer is lost, so that nothing waits on them.
+    pub collectives: Option<Arc<ExpertCollectives>>,
 }
 
 /// Start one Worker actor (with its Gates, Experts, Ledger and Communicator), not linked to any
@@ -709,6 +721,18 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<StartedWorke
     let dense = Arc::new(DenseCounters::default());
     dense.set_resident(dense_bytes(&own));
     let deadline = Duration::from_secs_f64(config.train.deadline_s);
+    // Expert rows over collectives on the data plane: this worker's ends, with the in-process
+    // runtime's deadlines (a step waits 10 times the deadline, a collective half of that).
+    let collectives = match config.train.exchange {
+        ExpertExchange::Transport => None,
+        kind => Some(Arc::new(ExpertCollectives::over_transport(
+            kind,
+            &config,
+            w.transport.clone(),
+            exchange_lanes(&placement, w.lanes),
+            deadline * 5,
+        )?)),
+    };
     let replica: SharedReplica = Arc::new(Mutex::new(Arc::new(own)));
     let traffic = Arc::new(Traffic::new(w.workers));
     let args = WorkerArgs {
@@ -727,7 +751,7 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<StartedWorke
         deadline,
         lanes: w.lanes,
         chaos: FaultPlan::none(),
-        collectives: None,
+        collectives: collectives.clone(),
     };
     let (actor, _) = Actor::spawn(None, super::worker::WorkerActor, args)
         .await
@@ -737,6 +761,7 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<StartedWorke
         experts,
         replica,
         traffic,
+        collectives,
     })
 }
 

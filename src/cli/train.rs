@@ -57,9 +57,10 @@ pub struct TrainArgs {
     /// loop; a build with `--features cuda`). A run keeps its device on --resume.
     #[arg(long, value_parser = ["cpu", "cuda"])]
     device: Option<String>,
-    /// How the in-process workers exchange expert rows: `transport` (requests and replies),
-    /// `sim` (collectives in NCCL's model on its CPU stand-in) or `nccl` (collectives through
-    /// NCCL, worker i on GPU i; a build with `--features cuda`). Same parameters, bit for bit.
+    /// How the workers exchange expert rows: `transport` (requests and replies), `sim`
+    /// (collectives in NCCL's model on its CPU stand-in; in process, or between worker processes
+    /// over their data plane) or `nccl` (collectives through NCCL, in-process worker i on GPU i; a
+    /// build with `--features cuda`). Same parameters, bit for bit.
     #[arg(long, value_parser = ["transport", "sim", "nccl"])]
     exchange: Option<String>,
     /// Where experts live: round-robin, blocked, or a comma-separated worker per expert.
@@ -460,14 +461,19 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             "the plain loop on GPU 0 (CUDA)".to_string()
         } else if c.train.elastic() {
             format!(
-                "actor runtime over worker processes ({} started here, at least {} needed), {} experts",
+                "actor runtime over worker processes ({} started here, at least {} needed), {} experts{}",
                 c.train.processes,
                 if c.train.min_workers > 0 {
                     c.train.min_workers
                 } else {
                     c.train.processes.max(1)
                 },
-                c.train.placement
+                c.train.placement,
+                if c.train.exchange == semoe::config::ExpertExchange::Sim {
+                    ", expert rows over collectives (the CPU stand-in of NCCL, over the data plane)"
+                } else {
+                    ""
+                }
             )
         } else if c.train.workers == 0 {
             "plain loop (no actors)".to_string()

@@ -8,6 +8,7 @@ use super::handover::{self, Pieces};
 use super::hooks::{Corrupt, Pause};
 use super::protocol::{self, Answer, Command, Hello, LinkFault, Notice, Ready, Reply, WireError};
 use super::proxy::max_reply_bytes;
+use crate::actors::collectives::ExpertCollectives;
 use crate::actors::communicator::SharedReplica;
 use crate::actors::runtime::{start_standalone_worker, StandaloneWorker};
 use crate::actors::traffic::Traffic;
@@ -21,9 +22,10 @@ use crate::data::corpus::Corpus;
 use crate::error::{Error, Result};
 use crate::kernels::Cpu;
 use crate::model::gpt::Gpt;
+use crate::net::collective::plane::{PlaneMsg, PlaneOp};
 use crate::net::quic::{self, DataPlane, JobIdentity, JoinTicket, LinkPath, PacketCodec, PeerEvent};
 use crate::net::wire::{self, PacketShape};
-use crate::net::{Packet, StepId, Transport};
+use crate::net::{Packet, Payload, StepId, Transport};
 use crate::optimizer::AdamW;
 use crate::storage::tiers::ExpertStore;
 use ractor::ActorRef;
@@ -111,10 +113,23 @@ impl WireCodec {
         shape.ok_or_else(|| Error::runtime("a packet arrived before the first epoch"))
     }
 
-    /// A decoded packet, through the pause hook of a test.
+    /// A decoded packet, through the pause hook of a test (which looks inside the expert rows a
+    /// collective carries too: `train.exchange = "sim"`).
     fn arrived(&self, packet: Packet) -> Result<Packet> {
         if let Some(pause) = &self.pause {
             pause.at_packet(&packet);
+            if let Payload::Collective(PlaneMsg {
+                generation,
+                op: PlaneOp::Group(Some(data)),
+                ..
+            }) = &packet.payload
+            {
+                // The packets inside carry the communicator's epoch: the step that built it.
+                let inner = wire::decode_packet(&data.clone().into_bytes(), generation.step, self.shape()?.as_ref());
+                if let Ok(inner) = inner {
+                    pause.at_packet(&inner);
+                }
+            }
         }
         Ok(packet)
     }
@@ -153,6 +168,25 @@ struct Shared {
     /// The notices of the link faults that fire in this worker's transport (a chaos run's), for
     /// the session stream.
     fired: tokio::sync::mpsc::UnboundedSender<Notice>,
+    /// The current epoch's communicators when expert rows travel over collectives (`train.exchange
+    /// = "sim"`): closed when the epoch ends or a peer is lost, so that no collective waits for a
+    /// peer that will not come.
+    collectives: Mutex<Option<(u64, Arc<ExpertCollectives>)>>,
+}
+
+impl Shared {
+    /// Close the communicators of `epoch` (`None`: whichever epoch's are open), saying why.
+    fn close_collectives(&self, epoch: Option<u64>, reason: &str) {
+        let mut open = self.collectives.lock().unwrap_or_else(|p| p.into_inner());
+        if open
+            .as_ref()
+            .is_some_and(|(e, _)| epoch.is_none_or(|epoch| epoch == *e))
+        {
+            if let Some((_, collectives)) = open.take() {
+                collectives.close(reason);
+            }
+        }
+    }
 }
 
 /// Join the run the ticket names and serve it until dismissed. `stop` is set by SIGINT/SIGTERM
@@ -338,6 +372,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         deadline,
         pause,
         fired,
+        collectives: Mutex::new(None),
     });
     let (dismissed_tx, mut dismissed) = tokio::sync::mpsc::unbounded_channel::<(bool, String)>();
     let mut asked_to_leave = false;
@@ -373,6 +408,9 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
                 }
             }
             Some(event) = events.recv() => {
+                // Collectives wait for every peer: one that is gone ends them at once.
+                let (PeerEvent::Evicted { epoch, peer, detail } | PeerEvent::Lost { epoch, peer, detail }) = &event;
+                shared.close_collectives(Some(*epoch), &format!("worker {peer} left epoch {epoch}: {detail}"));
                 let notice = match event {
                     PeerEvent::Evicted { epoch, peer, detail } => Notice::PeerEvicted { peer: peer as u32, epoch, detail },
                     PeerEvent::Lost { epoch, peer, detail } => Notice::PeerLost { peer: peer as u32, epoch, detail },
@@ -397,6 +435,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         shared.plane.leave_epoch();
     }
     // Stop the actor tree first (its Disk tier files go with its store), then the connections.
+    shared.close_collectives(None, "the worker is stopping");
     let mut current = shared.current.lock().await;
     if let Some(actor) = current.actor.take() {
         let _ = actor.kill_and_wait(Some(Duration::from_secs(5))).await;
@@ -726,6 +765,7 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
             current.epoch
         )));
     }
+    shared.close_collectives(None, &format!("epoch {} is over", current.epoch));
     if let Some(actor) = current.actor.take() {
         let _ = actor.kill_and_wait(Some(Duration::from_secs(5))).await;
     }
@@ -797,6 +837,13 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
         placement: Some(placement),
     })
     .await?;
+    if let Some(collectives) = &started.collectives {
+        crate::say!(
+            "semoe worker: epoch {epoch}: expert rows over collectives (the CPU stand-in of NCCL over the data plane), {} lane(s)",
+            collectives.lanes()
+        );
+    }
+    *shared.collectives.lock().unwrap_or_else(|p| p.into_inner()) = started.collectives.map(|c| (epoch, c));
     *current = Current {
         epoch,
         actor: Some(started.actor),

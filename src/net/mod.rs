@@ -117,6 +117,10 @@ pub enum Payload {
     Tensors(Vec<(usize, Vec<f32>)>),
     /// The answer to a request that returns nothing.
     Ack,
+    /// A message of a collective over the data plane (`train.exchange = "sim"` between worker
+    /// processes: `collective::plane`). Neither a request nor a reply: it goes to the worker's
+    /// communicators, not to its Communicator actor.
+    Collective(collective::plane::PlaneMsg),
     /// The request failed on the receiver.
     Failed {
         /// Whether a restart and replay repair it (an actor failed).
@@ -136,7 +140,8 @@ impl Payload {
             Payload::DenseGrads { tensors, .. } => tensors.iter().map(|(_, t)| t.len()).sum(),
             Payload::Params { tensors, .. } => tensors.iter().map(|(_, t)| t.len()).sum(),
             Payload::Tensors(tensors) => tensors.iter().map(|(_, t)| t.len()).sum(),
-            Payload::Gather { .. } | Payload::Ack | Payload::Failed { .. } => 0,
+            // Its bytes are counted as the packets they carry (the collective's caller does).
+            Payload::Collective(_) | Payload::Gather { .. } | Payload::Ack | Payload::Failed { .. } => 0,
         };
         floats * std::mem::size_of::<f32>()
     }

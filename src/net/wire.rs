@@ -20,6 +20,7 @@
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
+use crate::net::collective::plane::{PlaneData, PlaneMsg, PlaneOp};
 use crate::net::{Packet, Payload, Segment, StepId};
 use crate::optimizer::{self, AdamW};
 use bincode::{Decode, Encode};
@@ -418,7 +419,7 @@ impl PacketShape {
     /// The most bytes an encoded packet of this shape may have (what a receiver may be asked to
     /// allocate for one peer's buffer of a collective).
     pub fn max_packet_bytes(&self) -> usize {
-        let limits = self.limits();
+        let limits = self.packet_limits();
         8usize
             .saturating_add(limits.header_bytes)
             .saturating_add(limits.bodies.saturating_mul(8))
@@ -439,9 +440,20 @@ impl PacketShape {
     }
 
     /// The frame limits of a packet of any kind (each kind is then checked on its own, before its
-    /// bodies are copied): the header holds at most one entry per segment or tensor, or a failure
-    /// detail; the floats at most the whole model or a step's expert rows.
+    /// bodies are copied): those of [`PacketShape::packet_limits`], and room for a collective's
+    /// message carrying one such packet (`Payload::Collective`).
     fn limits(&self) -> Limits {
+        let packets = self.packet_limits();
+        Limits {
+            floats: packets.floats.max(self.max_packet_bytes().div_ceil(4)),
+            ..packets
+        }
+    }
+
+    /// The frame limits of the packets a collective may carry: the header holds at most one entry
+    /// per segment or tensor, or a failure detail; the floats at most the whole model or a step's
+    /// expert rows.
+    fn packet_limits(&self) -> Limits {
         let fixed = 16 * VARINT_BYTES;
         let segments = self.max_segments().saturating_mul(3 * VARINT_BYTES);
         let tensors = self.tensor_lens.len().saturating_mul(VARINT_BYTES);
@@ -510,6 +522,27 @@ enum Kind {
     Failed {
         restartable: bool,
         detail: String,
+    },
+    Collective {
+        lane: u64,
+        step: u64,
+        attempt: u32,
+        index: u64,
+        op: CollectiveOp,
+    },
+}
+
+/// A collective message's content (see `collective::plane::PlaneOp`); a group's bytes are the
+/// body, padded to whole floats, their length in bytes here.
+#[derive(Encode, Decode)]
+enum CollectiveOp {
+    Count(u64),
+    Group(Option<u64>),
+    Abort {
+        step: u64,
+        attempt: u32,
+        restartable: bool,
+        reason: String,
     },
 }
 
@@ -594,6 +627,34 @@ pub fn encode_packet_parts(epoch: u64, packet: &Packet) -> Result<Encoded<'_>> {
             },
             Vec::new(),
         ),
+        Payload::Collective(msg) => {
+            let (op, bodies) = match &msg.op {
+                PlaneOp::Count(count) => (CollectiveOp::Count(*count), Vec::new()),
+                PlaneOp::Group(None) => (CollectiveOp::Group(None), Vec::new()),
+                PlaneOp::Group(Some(data)) => (CollectiveOp::Group(Some(data.len() as u64)), vec![data.words()]),
+                PlaneOp::Abort {
+                    step,
+                    restartable,
+                    reason,
+                } => (
+                    CollectiveOp::Abort {
+                        step: step.step,
+                        attempt: step.attempt,
+                        restartable: *restartable,
+                        reason: reason.clone(),
+                    },
+                    Vec::new(),
+                ),
+            };
+            let kind = Kind::Collective {
+                lane: msg.lane as u64,
+                step: msg.generation.step,
+                attempt: msg.generation.attempt,
+                index: msg.index,
+                op,
+            };
+            (kind, bodies)
+        }
     };
     let header = PacketHeader {
         epoch,
@@ -885,6 +946,76 @@ fn packet_of(header: PacketHeader, raw: Bodies<'_>, shape: &PacketShape) -> Resu
             }
             Payload::Failed { restartable, detail }
         }
+        Kind::Collective {
+            lane,
+            step,
+            attempt,
+            index: collective,
+            op,
+        } => {
+            // A worker runs at most one lane per group.
+            let lane = index(lane, shape.groups, "lane", "lanes at most (one per group)")?;
+            let op = match op {
+                CollectiveOp::Count(count) => {
+                    expect_bodies(0, "a collective's count")?;
+                    PlaneOp::Count(count)
+                }
+                CollectiveOp::Group(None) => {
+                    expect_bodies(0, "a collective's empty send")?;
+                    PlaneOp::Group(None)
+                }
+                CollectiveOp::Group(Some(bytes)) => {
+                    expect_bodies(1, "a collective's send")?;
+                    let max = shape.max_packet_bytes();
+                    let bytes = usize::try_from(bytes).ok().filter(|&b| b <= max).ok_or_else(|| {
+                        Error::parse(
+                            PACKET,
+                            format!("a collective's send of {bytes} bytes exceeds the largest packet, {max} bytes"),
+                        )
+                    })?;
+                    if lens[0] != bytes.div_ceil(4) {
+                        return Err(Error::parse(
+                            PACKET,
+                            format!(
+                                "a collective's send of {bytes} bytes carried in {} floats (expected {})",
+                                lens[0],
+                                bytes.div_ceil(4)
+                            ),
+                        ));
+                    }
+                    let words = raw.floats().pop().unwrap_or_default();
+                    PlaneOp::Group(Some(PlaneData::from_words(bytes, words)?))
+                }
+                CollectiveOp::Abort {
+                    step,
+                    attempt,
+                    restartable,
+                    reason,
+                } => {
+                    expect_bodies(0, "a collective's abort")?;
+                    if reason.len() > MAX_FAILED_DETAIL {
+                        return Err(Error::parse(
+                            PACKET,
+                            format!(
+                                "an abort's reason of {} bytes exceeds {MAX_FAILED_DETAIL} bytes",
+                                reason.len()
+                            ),
+                        ));
+                    }
+                    PlaneOp::Abort {
+                        step: step_id(step, attempt),
+                        restartable,
+                        reason,
+                    }
+                }
+            };
+            Payload::Collective(PlaneMsg {
+                lane,
+                generation: step_id(step, attempt),
+                index: collective,
+                op,
+            })
+        }
     };
     Ok(Packet {
         from,
@@ -1053,6 +1184,35 @@ mod tests {
             }),
             packet(Payload::Segments(Vec::new())),
             packet(Payload::Tensors(Vec::new())),
+            packet(Payload::Collective(PlaneMsg {
+                lane: 3,
+                generation: step,
+                index: 9,
+                op: PlaneOp::Count(1 << 40),
+            })),
+            packet(Payload::Collective(PlaneMsg {
+                lane: 0,
+                generation: step,
+                index: 10,
+                op: PlaneOp::Group(None),
+            })),
+            // 7 bytes: padded to two floats; the bytes of a NaN too.
+            packet(Payload::Collective(PlaneMsg {
+                lane: 1,
+                generation: step,
+                index: 11,
+                op: PlaneOp::Group(Some(PlaneData::from_bytes(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3]))),
+            })),
+            packet(Payload::Collective(PlaneMsg {
+                lane: 0,
+                generation: StepId::NONE,
+                index: 0,
+                op: PlaneOp::Abort {
+                    step,
+                    restartable: true,
+                    reason: "worker 2 failed the block-1 expert forward of step 77".into(),
+                },
+            })),
         ]
     }
 
@@ -1115,6 +1275,7 @@ mod tests {
                     detail: d2,
                 },
             ) => assert_eq!((restartable, detail), (r2, d2)),
+            (Collective(m), Collective(m2)) => assert_eq!(m, m2),
             (x, y) => panic!("payload kinds differ: {x:?} vs {y:?}"),
         }
     }
@@ -1504,6 +1665,67 @@ mod tests {
             detail: "x".repeat(MAX_FAILED_DETAIL),
         });
         decode_packet(&encode_packet(5, &fine).expect("encode"), 5, &shape).expect("4 KiB of detail fit");
+
+        // A collective's message: its lane, the size of the bytes it carries, its abort reason.
+        let collective = |lane: usize, op: PlaneOp| {
+            packet(Payload::Collective(PlaneMsg {
+                lane,
+                generation: step,
+                index: 0,
+                op,
+            }))
+        };
+        check(collective(4, PlaneOp::Count(0)), "lane 4 is out of range");
+        let max = shape.max_packet_bytes();
+        check(
+            collective(0, PlaneOp::Group(Some(PlaneData::from_bytes(&vec![0u8; max + 1])))),
+            &format!(
+                "a collective's send of {} bytes exceeds the largest packet, {max} bytes",
+                max + 1
+            ),
+        );
+        let largest = collective(0, PlaneOp::Group(Some(PlaneData::from_bytes(&vec![7u8; max]))));
+        decode_packet(&encode_packet(5, &largest).expect("encode"), 5, &shape).expect("the largest packet fits");
+        check(
+            collective(
+                0,
+                PlaneOp::Abort {
+                    step,
+                    restartable: true,
+                    reason: "x".repeat(MAX_FAILED_DETAIL + 1),
+                },
+            ),
+            "an abort's reason of 4097 bytes exceeds 4096 bytes",
+        );
+        // A head that says 9 bytes over a body of one float.
+        let short = collective(0, PlaneOp::Group(Some(PlaneData::from_bytes(&[1, 2, 3, 4]))));
+        let mut parts = encode_packet_parts(5, &short).expect("encode");
+        let head = parts.head.clone();
+        let body: Vec<f32> = parts.bodies.pop().expect("one body").to_vec();
+        let forged = {
+            let Payload::Collective(msg) = &short.payload else {
+                unreachable!()
+            };
+            let header = PacketHeader {
+                epoch: 5,
+                from: 2,
+                to: 1,
+                id: short.id,
+                kind: Kind::Collective {
+                    lane: 0,
+                    step: msg.generation.step,
+                    attempt: msg.generation.attempt,
+                    index: 0,
+                    op: CollectiveOp::Group(Some(9)),
+                },
+            };
+            frame_head(&header, &[body.as_slice()]).expect("head")
+        };
+        assert_ne!(head, forged);
+        assert_refused(
+            decode_packet_parts(&forged, vec![body], 5, &shape),
+            "a collective's send of 9 bytes carried in 1 floats (expected 3)",
+        );
     }
 
     #[test]

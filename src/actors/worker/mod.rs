@@ -25,7 +25,7 @@ use crate::kernels::Cpu;
 use crate::model::gpt::{Ffn, Gpt, GroupOutput};
 use crate::model::moe::MoeConfig;
 use crate::net::StepId;
-use crate::net::{Inbox, Transport};
+use crate::net::{Inbox, Payload, Transport};
 use crate::storage::tiers::ExpertStore;
 use crate::telemetry::metrics as names;
 use commit::{commit, prepare};
@@ -336,7 +336,11 @@ impl Actor for WorkerActor {
                 state.spawn(&myself, Child::Expert(block, e)).await?;
             }
         }
-        state.pump = Some(tokio::spawn(pump(inbox, state.registry.clone())));
+        state.pump = Some(tokio::spawn(pump(
+            inbox,
+            state.registry.clone(),
+            state.args.collectives.clone(),
+        )));
         Ok(state)
     }
 
@@ -473,9 +477,16 @@ impl Actor for WorkerActor {
     }
 }
 
-/// Forward packets from the transport to whichever Communicator is running.
-async fn pump(mut inbox: Inbox, registry: SharedRegistry) {
+/// Forward packets from the transport to whichever Communicator is running, and the messages of
+/// collectives over the data plane to the worker's communicators.
+async fn pump(mut inbox: Inbox, registry: SharedRegistry, collectives: Option<Arc<ExpertCollectives>>) {
     while let Some(mut packet) = inbox.recv().await {
+        if let Payload::Collective(_) = &packet.payload {
+            if let Some(collectives) = &collectives {
+                collectives.deliver(packet);
+            }
+            continue;
+        }
         // While the Communicator restarts, hold the packet (up to a few seconds; the requester's
         // deadline covers the rest).
         for _ in 0..5000 {

@@ -31,6 +31,7 @@
 //! it is wired into the runtime yet: docs/gpu-data-path.md says what that needs.
 
 pub mod alltoallv;
+pub mod plane;
 pub mod sim;
 
 #[cfg(feature = "cuda")]
