@@ -345,6 +345,38 @@ fn the_random_process_soak_scenario_ends_bitwise_equal_for_every_seed() {
 }
 
 #[test]
+fn the_random_process_soak_over_the_stand_in_collectives_ends_bitwise_equal() {
+    let dir = TempDir::new("chaos-proc-soak-sim");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/random-processes.toml");
+    let mut run = ChaosRun::start_with(
+        dir.path(),
+        "soak",
+        &file,
+        "12",
+        &["--processes", "3", "--soak", "4", "--exchange", "sim"],
+    );
+    let (status, json) = run.finish_reading("soak.json");
+    let out = run.output();
+    assert!(status.success(), "{out}");
+    let seeds = json["seeds"].as_array().expect("seeds");
+    assert_eq!(seeds.len(), 4, "{json:#}");
+    for s in seeds {
+        assert_eq!(s["verdict"]["verdict"], "bitwise_equal", "{s:#}\n{out}");
+    }
+    let fired: u64 = seeds.iter().map(|s| s["faults_fired"].as_u64().expect("count")).sum();
+    assert!(fired >= 4, "the seeds fire process faults: {json:#}");
+    // The workers exchanged over the stand-in (their logs are in the run directory).
+    let logs: String = std::fs::read_dir(dir.path().join("soak/workers"))
+        .expect("the workers' logs")
+        .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("a log"))
+        .collect();
+    assert!(
+        logs.contains("expert rows over collectives (the CPU stand-in of NCCL over the data plane)"),
+        "{logs}"
+    );
+}
+
+#[test]
 fn a_chaos_run_over_processes_keeps_its_deadline() {
     let dir = TempDir::new("chaos-proc-deadline");
     // The stopped worker is dropped after the idle timeout (1.5 s): past the whole run's deadline.

@@ -201,6 +201,10 @@ fn the_exchange_setting_is_refused_where_it_cannot_apply() {
         err.contains("train.exchange = \"nccl\"") && err.contains("worker processes"),
         "{err}"
     );
+    // The stand-in runs between worker processes too (over their data plane).
+    let mut c = config(ExpertExchange::Sim);
+    c.train.processes = 2;
+    c.validate().expect("sim between worker processes");
     let err = "gloo".parse::<ExpertExchange>().expect_err("unknown").to_string();
     assert!(err.contains("train.exchange") && err.contains("gloo"), "{err}");
 }

@@ -1,6 +1,8 @@
-//! The expert exchange over collectives in NCCL's model: what the in-process runtime's workers use
-//! instead of the transport's requests and replies when `train.exchange` is `sim` (the CPU
-//! stand-in, `net::collective::sim`) or `nccl` (`NcclCollective`, worker `i` on GPU `i`).
+//! The expert exchange over collectives in NCCL's model: what the runtime's workers use instead of
+//! the transport's requests and replies when `train.exchange` is `sim` (the CPU stand-in:
+//! `net::collective::sim` between in-process workers, `net::collective::plane` over the data plane
+//! between worker processes, one rank per process) or `nccl` (`NcclCollective`, in-process worker
+//! `i` on GPU `i`).
 //!
 //! NCCL needs every rank to issue the same collectives in the same order, while a worker's lanes
 //! reach their MoE blocks in whatever order the compute allows. So each lane has its own
@@ -20,7 +22,9 @@
 //! A failure anywhere (an expert's, a decode's, a deadline) aborts every communicator of the
 //! generation, so that no rank waits for a peer that will not come; the others' errors then take
 //! the kind of the first (a failed actor: the step is replayed, and the replay builds new
-//! communicators, as NCCL cannot resume a communicator whose sequence broke).
+//! communicators, as NCCL cannot resume a communicator whose sequence broke). Between worker
+//! processes the first failure is also told to every peer (a `Collective` packet of kind abort),
+//! and a generation is named by the step whose exchange built it, which every process agrees on.
 
 use super::communicator::{count_traffic, failure, run_experts, CommArgs};
 use crate::config::{ExpertExchange, TrainConfig};
@@ -725,5 +729,109 @@ mod tests {
         assert!(clipped.len() <= MAX_FAILED_DETAIL, "{} bytes", clipped.len());
         assert!(clipped.ends_with("..."));
         assert_eq!(super::clipped("short".into()), "short");
+    }
+}
+
+/// The communicators of worker processes, over in-process transports with a pump each (as a worker
+/// process's packet pump): a failure on one worker reaches the other's pending collective at once,
+/// with the first failure's kind, and the replay's generation works on both.
+#[cfg(test)]
+mod plane_tests {
+    use super::*;
+    use crate::config::small_test_config;
+    use crate::net::local::network;
+    use std::time::Instant;
+
+    fn two_workers(deadline: Duration) -> Vec<Arc<ExpertCollectives>> {
+        let config = small_test_config();
+        network(2)
+            .into_iter()
+            .map(|(transport, mut inbox)| {
+                let collectives = Arc::new(
+                    ExpertCollectives::over_transport(ExpertExchange::Sim, &config, Arc::new(transport), 1, deadline)
+                        .expect("communicators"),
+                );
+                let c = collectives.clone();
+                std::thread::spawn(move || {
+                    while let Some(packet) = inbox.blocking_recv() {
+                        c.deliver(packet);
+                    }
+                });
+                collectives
+            })
+            .collect()
+    }
+
+    fn call(step: StepId) -> ExpertCall {
+        ExpertCall {
+            lane: 0,
+            step,
+            block: 0,
+            forward: true,
+            what: format!("the block-0 expert forward of step {step}"),
+        }
+    }
+
+    fn counts(c: &ExpertCollectives, step: StepId, worker: WorkerId) -> Result<Vec<u64>> {
+        let endpoint = c.endpoint(step, worker, 0)?;
+        let mut comm = endpoint.lock().unwrap_or_else(PoisonError::into_inner);
+        comm.all_to_all_counts(&[worker as u64 * 10, worker as u64 * 10 + 1])
+    }
+
+    #[test]
+    fn a_failure_on_one_worker_process_fails_the_others_collective_at_once_and_the_replay_works() {
+        let workers = two_workers(Duration::from_secs(20));
+        let step = StepId::first(3);
+        // Worker 1 waits in a collective of step 3 that worker 0 will not issue: its expert failed.
+        let start = Instant::now();
+        let waiting = {
+            let w1 = workers[1].clone();
+            std::thread::spawn(move || counts(&w1, step, 1).map_err(|e| w1.consequence_or_abort(&call(step), 1, e)))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        workers[0].abort(step, "worker 0 failed step 3: expert 0.5 panicked", true);
+        let err = waiting.join().expect("thread").expect_err("aborted");
+        assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+        // A consequence, of the cause's kind: the step is replayed, not the run ended.
+        assert!(err.is_restartable(), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("worker 0 aborted: worker 0 failed step 3: expert 0.5 panicked"),
+            "{msg}"
+        );
+
+        // The replay (attempt 2) builds the next generation on both, named by the same step.
+        let replay = StepId { step: 3, attempt: 1 };
+        let w1 = workers[1].clone();
+        let other = std::thread::spawn(move || counts(&w1, replay, 1));
+        let mine = counts(&workers[0], replay, 0).expect("worker 0's counts");
+        let theirs = other.join().expect("thread").expect("worker 1's counts");
+        assert_eq!((mine, theirs), (vec![0, 10], vec![1, 11]));
+        assert_eq!(workers[1].generations(), 2);
+        assert_eq!(
+            workers[0].generations(),
+            1,
+            "worker 0 failed before it built a generation"
+        );
+
+        // A failure of worker 0 in step 4 before its exchange: worker 1's exchange fails at once,
+        // whether the notice arrives before it builds step 4's generation or while it waits.
+        let start = Instant::now();
+        workers[0].abort(StepId::first(4), "worker 0 failed step 4 before its exchange", false);
+        let err = counts(&workers[1], StepId::first(4), 1).expect_err("step 4 without worker 0");
+        assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+        let err = workers[1].consequence_or_abort(&call(StepId::first(4)), 1, err);
+        assert!(!err.is_restartable(), "{err}");
+        assert!(err.to_string().contains("before its exchange"), "{err}");
+    }
+
+    #[test]
+    fn a_closed_epoch_fails_every_later_collective_at_once() {
+        let workers = two_workers(Duration::from_secs(20));
+        workers[1].close("epoch 3 is over");
+        let start = Instant::now();
+        let err = counts(&workers[1], StepId::first(0), 1).expect_err("closed");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(err.to_string().contains("epoch 3 is over"), "{err}");
     }
 }

@@ -5,9 +5,10 @@
 //! all-to-all-v of the MoE layers, the exact gradient reduction and the parameter broadcast. `local`
 //! (in-process channels) and `quic` (between processes, over the bounded codec of `wire`) exist; an
 //! NCCL data path will carry the fused all-to-all-v between GPU workers: `collective` holds its
-//! NCCL-style collectives (counts, then grouped send/recv), the all-to-all-v scheduler on them, a CPU
-//! stand-in that enforces NCCL's rules, and the NCCL-backed communicator (not wired into the actors
-//! yet: docs/gpu-data-path.md). `wire` is the bounded binary codec of packets and of the training
+//! NCCL-style collectives (counts, then grouped send/recv), the all-to-all-v scheduler on them, CPU
+//! stand-ins that enforce NCCL's rules (in process, and between processes over a transport), and
+//! the NCCL-backed communicator; `actors::collectives` moves expert rows over them
+//! (docs/gpu-data-path.md). `wire` is the bounded binary codec of packets and of the training
 //! state for transports between processes.
 
 pub mod collective;

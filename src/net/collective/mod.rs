@@ -26,9 +26,11 @@
 //!   only moves bytes.
 //!
 //! [`alltoallv`] schedules the fused all-to-all-v on any [`Collective`]; [`sim`] is the in-process
-//! stand-in that enforces the rules (one thread per rank); `NcclCollective` is the NCCL-backed one
-//! (feature `cuda`; without it a twin whose constructor reports that the build has no CUDA). None of
-//! it is wired into the runtime yet: docs/gpu-data-path.md says what that needs.
+//! stand-in that enforces the rules (one thread per rank); [`plane`] the stand-in between processes
+//! (one rank's end over a [`Transport`](super::Transport), the rules checked by the rank that sees
+//! them); `NcclCollective` is the NCCL-backed one (feature `cuda`; without it a twin whose
+//! constructor reports that the build has no CUDA). `actors::collectives` moves the runtime's
+//! expert rows over them (docs/gpu-data-path.md).
 
 pub mod alltoallv;
 pub mod plane;
