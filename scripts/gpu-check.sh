@@ -19,7 +19,9 @@
 #     bit; an abort), and the actor runtime with one worker exchanging its expert rows through NCCL
 #     (`runtime_collectives`: the transport's bits; its stand-in tests run too);
 #   - the main job's model on the actor runtime (1 worker) for EXCHANGE_STEPS steps, its expert
-#     rows over the transport and through NCCL: the same checkpoint bytes, and both tokens/s;
+#     rows over the transport, through NCCL in process, and through NCCL from a worker process
+#     (`--processes 1`: the NCCL ids from the coordinator): the same checkpoint bytes, and the
+#     tokens/s of each;
 #   - the main job's model trained on the GPU for TRAIN_STEPS steps (`semoe train --device cuda`),
 #     its validation loss next to the CPU's for the same steps (the same on every CPU, bit for bit);
 #   - the MoE layer at the issue's size (16,384 tokens, width 1024, hidden 4096, 8 experts, top-2),
@@ -144,11 +146,17 @@ EOF
             "$BUNDLE/semoe" train --workers 1 --exchange "$exchange" --steps "$EXCHANGE_STEPS" \
             --run-dir "$BUNDLE/run-$exchange" --quiet
     done
+    # The same through a worker process: the coordinator makes the NCCL ids and sends them over
+    # the control plane; the worker (on GPU 0) builds its communicators from them.
+    rm -rf "$BUNDLE/run-process-nccl"
+    step 180 "one worker process, expert rows through NCCL ($EXCHANGE_STEPS steps)" \
+        "$BUNDLE/semoe" train --processes 1 --exchange nccl --steps "$EXCHANGE_STEPS" \
+        --run-dir "$BUNDLE/run-process-nccl" --quiet
     local last="checkpoints/step-$(printf %08d "$EXCHANGE_STEPS")"
     step 10 "the same parameters over NCCL as over the transport" bash -c "
-        for f in model.safetensors optimizer.safetensors; do
-            cmp '$BUNDLE/run-transport/$last/'\$f '$BUNDLE/run-nccl/$last/'\$f && echo \"\$f: bitwise the same\"
-        done"
+        for run in run-nccl run-process-nccl; do for f in model.safetensors optimizer.safetensors; do
+            cmp '$BUNDLE/run-transport/$last/'\$f '$BUNDLE/'\$run/'$last/'\$f && echo \"\$run \$f: bitwise the same\"
+        done; done"
     rm -rf "$BUNDLE/run-gpu"
     step 300 "training on the GPU ($TRAIN_STEPS steps; the CPU reaches validation loss $CPU_VAL_LOSS)" \
         "$BUNDLE/semoe" train --device cuda --steps "$TRAIN_STEPS" --run-dir "$BUNDLE/run-gpu" --quiet

@@ -195,8 +195,9 @@ pub struct TrainSettings {
     /// How the runtime's workers exchange expert rows (the fused all-to-all-v of the MoE blocks):
     /// `transport` (requests and replies over the workers' transport), `sim` (collectives in
     /// NCCL's model on the CPU stand-in, which checks NCCL's rules: in process, or between worker
-    /// processes over their data plane) or `nccl` (collectives through NCCL, one GPU per in-process
-    /// worker; a build with `--features cuda`). The bits are the same.
+    /// processes over their data plane) or `nccl` (collectives through NCCL: in-process worker `i`
+    /// on GPU `i`, a worker process on its `--gpu`; a build with `--features cuda`). The bits are
+    /// the same.
     pub exchange: ExpertExchange,
 }
 
@@ -210,7 +211,7 @@ pub enum ExpertExchange {
     /// Collectives (counts, then grouped sends and receives) on the CPU stand-in of NCCL: shared
     /// memory between in-process workers, the data plane between worker processes.
     Sim,
-    /// Collectives through NCCL, worker `i` on GPU `i`.
+    /// Collectives through NCCL: in-process worker `i` on GPU `i`, a worker process on its GPU.
     Nccl,
 }
 
@@ -393,10 +394,9 @@ impl TrainConfig {
         }
         if t.exchange != ExpertExchange::Transport {
             let refused = if t.elastic() {
-                // Between processes, the stand-in runs over the data plane; NCCL needs the
-                // coordinator to hand out its unique ids (docs/gpu-data-path.md, "Not yet").
-                (t.exchange == ExpertExchange::Nccl)
-                    .then_some("worker processes (train.processes, train.listen) exchange over the transport or \"sim\" only, for now")
+                // Between processes each worker process holds its ranks, with the coordinator's
+                // communicator ids (docs/gpu-data-path.md).
+                None
             } else if t.workers == 0 {
                 Some("the plain loop (train.workers = 0) has no workers to exchange between")
             } else if t.device == ComputeDevice::Cuda {

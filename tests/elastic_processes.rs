@@ -150,6 +150,30 @@ fn a_worker_killed_mid_exchange_over_collectives_costs_a_replay_not_the_run() {
     }
 }
 
+/// One worker process over NCCL on GPU 0: the coordinator makes the NCCL ids and the worker builds
+/// its single-rank communicators from them; the bits are the plain loop's. Without the `cuda`
+/// feature, a GPU or libnccl, the run stops at once with a clear error, and the test says so.
+#[test]
+fn a_worker_process_over_nccl_gives_the_plain_loops_bits() {
+    let dir = TempDir::new("elastic-nccl");
+    let args = train_args("nccl", "20", &["--processes", "1", "--exchange", "nccl"]);
+    let started = Instant::now();
+    let mut p = Proc::spawn(dir.path(), "nccl", &args, &[]);
+    let status = p.wait(Duration::from_secs(120));
+    let log = p.log();
+    if !status.success() {
+        assert!(
+            log.contains("train.exchange = \"nccl\" with worker processes") && log.to_lowercase().contains("nccl"),
+            "{log}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+        eprintln!("skipped: no NCCL here ({})", log.lines().last().unwrap_or_default());
+        return;
+    }
+    let want = reference(dir.path(), 20, &[]);
+    assert_same_state(&want, &state_files(&dir.path().join("nccl"), 20), "1 process over NCCL");
+}
+
 #[test]
 fn worker_processes_beyond_the_groups_host_experts() {
     let dir = TempDir::new("elastic-beyond");

@@ -53,12 +53,18 @@ fn ranks() -> (Vec<Rank>, Arc<Mutex<Vec<AbortNotice>>>) {
     (ranks, notices)
 }
 
-/// The communicators of lane 0 of `generation`, one per rank.
+/// The communicators of lane 0 of `generation`, one per rank, all with the same id.
 fn communicators(ranks: &[Rank], generation: StepId, deadline: Duration) -> Vec<PlaneCollective> {
+    with_ids(ranks, generation, deadline, &[[3u8; 128]; WORLD])
+}
+
+/// [`communicators`] with rank `i`'s id `ids[i]`.
+fn with_ids(ranks: &[Rank], generation: StepId, deadline: Duration, ids: &[[u8; 128]]) -> Vec<PlaneCollective> {
     ranks
         .iter()
-        .map(|r| {
-            PlaneCollective::new(r.transport.clone(), r.mailbox.clone(), 0, generation, 7, deadline)
+        .zip(ids)
+        .map(|(r, id)| {
+            PlaneCollective::new(r.transport.clone(), r.mailbox.clone(), 0, generation, id, 7, deadline)
                 .expect("a communicator")
         })
         .collect()
@@ -298,6 +304,7 @@ fn a_new_generation_never_sees_the_messages_of_an_older_one() {
             payload: Payload::Collective(PlaneMsg {
                 lane: 0,
                 generation: GEN,
+                comm: 0,
                 index: 0,
                 op: PlaneOp::Abort {
                     step: GEN,
@@ -332,6 +339,31 @@ fn a_new_generation_never_sees_the_messages_of_an_older_one() {
 }
 
 #[test]
+fn a_rank_given_another_communicator_id_is_refused_naming_it() {
+    let (ranks, _) = ranks();
+    let mut ids = [[3u8; 128]; WORLD];
+    ids[1][100] = 4;
+    let start = Instant::now();
+    let results = on_ranks(with_ids(&ranks, GEN, Duration::from_secs(30), &ids), |c| {
+        c.all_to_all_counts(&[0, 0, 0])
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "must not wait for the deadline"
+    );
+    for (rank, r) in results.iter().enumerate() {
+        let msg = message(r);
+        assert!(msg.contains(&format!("on rank {rank}")), "{msg}");
+        assert!(
+            msg.contains("is in another communicator of this generation") && msg.contains("not given the same ids"),
+            "{msg}"
+        );
+    }
+    assert!(message(&results[0]).contains("rank 1 is in another communicator"));
+    assert!(message(&results[1]).contains("rank 0 is in another communicator"));
+}
+
+#[test]
 fn a_communicator_refuses_a_mailbox_of_another_size() {
     let (ranks, _) = ranks();
     let err = PlaneCollective::new(
@@ -339,6 +371,7 @@ fn a_communicator_refuses_a_mailbox_of_another_size() {
         Mailbox::new(2),
         0,
         GEN,
+        &[0; 128],
         0,
         Duration::from_secs(1),
     )

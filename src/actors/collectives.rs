@@ -33,7 +33,7 @@ use crate::kernels::cuda::CudaDevice;
 use crate::net::collective::alltoallv::AllToAllV;
 use crate::net::collective::plane::{AbortNotice, Mailbox, PlaneCollective, PlaneMsg, PlaneOp};
 use crate::net::collective::sim::SimCollective;
-use crate::net::collective::{nccl_unique_id, AbortHandle, Collective, NcclCollective};
+use crate::net::collective::{nccl_unique_id, AbortHandle, Collective, NcclCollective, NCCL_ID_BYTES};
 use crate::net::wire::{decode_packet, encode_packet, PacketShape, MAX_FAILED_DETAIL};
 use crate::net::{Packet, Payload, Segment, StepId, Transport, WorkerId};
 use crate::telemetry::metrics as names;
@@ -80,11 +80,36 @@ struct Generation {
     aborts: Vec<AbortHandle>,
 }
 
+/// One communicator id per lane, for the next generation a worker process builds: NCCL's unique
+/// ids (`nccl_unique_id`) or, for the stand-in, random bytes, made by the coordinator and given to
+/// every member alike (with an epoch's setup, and with the first step after an abort).
+pub type CommIds = Vec<[u8; NCCL_ID_BYTES]>;
+
 /// Between worker processes: this worker's end of the data plane its communicators use.
 struct Plane {
     me: WorkerId,
     transport: Arc<dyn Transport>,
     mailbox: Arc<Mailbox>,
+    /// The ids the coordinator gave for the next generation, taken by its build.
+    ids: Mutex<Option<CommIds>>,
+    /// The GPU of this process's NCCL ranks.
+    gpu: usize,
+}
+
+/// The lanes of an exchange over collectives of `kind` among `placement`'s workers, `wanted` at
+/// most: the same on every worker (each lane is a communicator), no more than the most groups a
+/// worker runs; between GPUs over NCCL one (kernels of several NCCL communicators on the same GPUs
+/// can wait for each other in different orders on different GPUs: NCCL's caveat on concurrent
+/// communicators).
+pub fn exchange_lanes(kind: ExpertExchange, placement: &crate::actors::Placement, wanted: usize) -> usize {
+    if kind == ExpertExchange::Nccl && placement.workers > 1 {
+        return 1;
+    }
+    let most_groups = (0..placement.workers)
+        .map(|w| placement.groups_of(w).len())
+        .max()
+        .unwrap_or(0);
+    wanted.min(most_groups).max(1)
 }
 
 /// Every lane's communicator for every worker of an in-process runtime, or for the one worker of a
@@ -126,6 +151,18 @@ impl ExpertCollectives {
         lanes: usize,
         deadline: Duration,
     ) -> Result<Self> {
+        Self::with_gpus(kind, config, world, lanes, deadline, world)
+    }
+
+    /// [`ExpertCollectives::new`], with `gpus` GPUs needed in this process over NCCL.
+    fn with_gpus(
+        kind: ExpertExchange,
+        config: &TrainConfig,
+        world: usize,
+        lanes: usize,
+        deadline: Duration,
+        gpus: usize,
+    ) -> Result<Self> {
         if kind == ExpertExchange::Transport {
             return Err(Error::config(
                 "the transport exchange needs no communicators (train.exchange = \"transport\")",
@@ -142,11 +179,16 @@ impl ExpertCollectives {
         if kind == ExpertExchange::Nccl {
             // Say now, not at the first exchange, when NCCL or the GPUs are missing.
             nccl_unique_id().map_err(|e| Error::config(format!("train.exchange = \"nccl\": {e}")))?;
-            let gpus = CudaDevice::count();
-            if gpus < world {
-                return Err(Error::config(format!(
-                    "train.exchange = \"nccl\" puts worker i on GPU i: {world} worker(s) need as many GPUs, {gpus} visible"
-                )));
+            let visible = CudaDevice::count();
+            if visible < gpus {
+                return Err(Error::config(if gpus == world {
+                    format!("train.exchange = \"nccl\" puts worker i on GPU i: {world} worker(s) need as many GPUs, {visible} visible")
+                } else {
+                    format!(
+                        "train.exchange = \"nccl\" on GPU {}: {visible} GPU(s) visible",
+                        gpus - 1
+                    )
+                }));
             }
             // Kernels of several NCCL communicators on the same GPUs can wait for each other in
             // different orders on different GPUs (NCCL's caveat on concurrent communicators):
@@ -173,26 +215,45 @@ impl ExpertCollectives {
     /// `train.exchange = "sim"` with worker processes. Every worker process of the epoch builds its
     /// own, with the same `lanes`; the packets of kind `Collective` that reach the worker go to
     /// [`ExpertCollectives::deliver`].
+    ///
+    /// Each generation is built from the ids the coordinator gave ([`ExpertCollectives::give_ids`]):
+    /// the stand-in's messages carry them, and refuse a peer that got others; over NCCL (`kind`
+    /// `Nccl`, this process's ranks on GPU `gpu`) they are NCCL's unique ids.
     pub fn over_transport(
         kind: ExpertExchange,
         config: &TrainConfig,
         transport: Arc<dyn Transport>,
         lanes: usize,
         deadline: Duration,
+        gpu: usize,
     ) -> Result<Self> {
-        if kind != ExpertExchange::Sim {
-            return Err(Error::config(format!(
-                "train.exchange = \"{kind}\" between worker processes: only \"sim\" (the CPU stand-in over the data plane) and \"transport\" run across processes so far"
-            )));
-        }
         let (me, world) = (transport.id(), transport.workers());
-        let mut collectives = ExpertCollectives::new(kind, config, world, lanes, deadline)?;
+        let mut collectives = ExpertCollectives::with_gpus(kind, config, world, lanes, deadline, gpu + 1)?;
         collectives.plane = Some(Plane {
             me,
             transport,
             mailbox: Mailbox::new(world),
+            ids: Mutex::new(None),
+            gpu,
         });
         Ok(collectives)
+    }
+
+    /// The ids of the next generation's communicators, one per lane, from the coordinator (they
+    /// replace any not used yet). In process, there is nothing to give: refused.
+    pub fn give_ids(&self, ids: CommIds) -> Result<()> {
+        let plane = self
+            .plane
+            .as_ref()
+            .ok_or_else(|| Error::runtime("in-process communicators make their own ids"))?;
+        if ids.len() != self.lanes {
+            return Err(Error::protocol(
+                "the coordinator",
+                format!("{} communicator ids for {} lanes", ids.len(), self.lanes),
+            ));
+        }
+        *plane.ids.lock().unwrap_or_else(PoisonError::into_inner) = Some(ids);
+        Ok(())
     }
 
     /// A packet of kind `Collective` that reached this worker (from its packet pump): queued for
@@ -271,6 +332,7 @@ impl ExpertCollectives {
                     payload: Payload::Collective(PlaneMsg {
                         lane: 0,
                         generation: step,
+                        comm: 0,
                         index: 0,
                         op: PlaneOp::Abort {
                             step,
@@ -437,20 +499,38 @@ impl ExpertCollectives {
     fn build(&self, epoch: u64, step: StepId) -> Result<(Vec<Vec<Endpoint>>, Vec<AbortHandle>)> {
         let mut endpoints = Vec::with_capacity(self.lanes);
         let mut aborts = Vec::new();
-        for lane in 0..self.lanes {
-            let ranks: Vec<Box<dyn Collective>> = match self.kind {
-                ExpertExchange::Sim if self.plane.is_some() => {
-                    let plane = self.plane.as_ref().ok_or_else(|| Error::runtime("no data plane"))?;
-                    let comm = PlaneCollective::new(
+        if let Some(plane) = &self.plane {
+            let ids = plane.ids.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let ids = ids.ok_or_else(|| {
+                Error::runtime(format!(
+                    "worker {} has no communicator ids for the exchanges of step {step}: the coordinator gives them with an epoch's setup and with the first step after an abort",
+                    plane.me
+                ))
+            })?;
+            for (lane, id) in ids.iter().enumerate() {
+                let comm: Box<dyn Collective> = match self.kind {
+                    ExpertExchange::Nccl => Box::new(
+                        NcclCollective::new(plane.gpu, plane.me, self.world, step.step, *id, self.deadline).map_err(
+                            |e| Error::runtime(format!("cannot build lane {lane}'s NCCL communicator: {e}")),
+                        )?,
+                    ),
+                    _ => Box::new(PlaneCollective::new(
                         plane.transport.clone(),
                         plane.mailbox.clone(),
                         lane,
                         step,
+                        id,
                         step.step,
                         self.deadline,
-                    )?;
-                    vec![Box::new(comm) as Box<dyn Collective>]
-                }
+                    )?),
+                };
+                aborts.push(comm.abort_handle());
+                endpoints.push(vec![Arc::new(Mutex::new(comm))]);
+            }
+            return Ok((endpoints, aborts));
+        }
+        for lane in 0..self.lanes {
+            let ranks: Vec<Box<dyn Collective>> = match self.kind {
                 ExpertExchange::Sim => SimCollective::communicator(self.world, epoch, self.deadline)?
                     .into_iter()
                     .map(|c| Box::new(c) as Box<dyn Collective>)
@@ -748,9 +828,18 @@ mod plane_tests {
             .into_iter()
             .map(|(transport, mut inbox)| {
                 let collectives = Arc::new(
-                    ExpertCollectives::over_transport(ExpertExchange::Sim, &config, Arc::new(transport), 1, deadline)
-                        .expect("communicators"),
+                    ExpertCollectives::over_transport(
+                        ExpertExchange::Sim,
+                        &config,
+                        Arc::new(transport),
+                        1,
+                        deadline,
+                        0,
+                    )
+                    .expect("communicators"),
                 );
+                // The coordinator's ids of the first generation.
+                collectives.give_ids(vec![[1; NCCL_ID_BYTES]]).expect("ids");
                 let c = collectives.clone();
                 std::thread::spawn(move || {
                     while let Some(packet) = inbox.blocking_recv() {
@@ -800,8 +889,13 @@ mod plane_tests {
             "{msg}"
         );
 
-        // The replay (attempt 2) builds the next generation on both, named by the same step.
+        // The replay (attempt 2) builds the next generation on both, named by the same step, with
+        // the ids its RunStep brought. (Worker 0 never built the first generation: its first ids
+        // are replaced by these.)
         let replay = StepId { step: 3, attempt: 1 };
+        for w in &workers {
+            w.give_ids(vec![[2; NCCL_ID_BYTES]]).expect("ids");
+        }
         let w1 = workers[1].clone();
         let other = std::thread::spawn(move || counts(&w1, replay, 1));
         let mine = counts(&workers[0], replay, 0).expect("worker 0's counts");
@@ -823,6 +917,19 @@ mod plane_tests {
         let err = workers[1].consequence_or_abort(&call(StepId::first(4)), 1, err);
         assert!(!err.is_restartable(), "{err}");
         assert!(err.to_string().contains("before its exchange"), "{err}");
+
+        // Without new ids from the coordinator, a worker cannot build the next generation.
+        workers[1].abort(StepId::first(9), "worker 1 failed step 9", true);
+        let err = counts(&workers[1], StepId::first(10), 1).expect_err("no ids");
+        assert!(
+            err.to_string()
+                .contains("worker 1 has no communicator ids for the exchanges of step 10"),
+            "{err}"
+        );
+        assert!(
+            workers[1].give_ids(vec![[3; NCCL_ID_BYTES]; 2]).is_err(),
+            "one id per lane"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! [`Runtime`]: build the actor tree from code, train step by step, gather the state, shut down.
 
-use super::collectives::ExpertCollectives;
+use super::collectives::{exchange_lanes, ExpertCollectives};
 use super::communicator::SharedReplica;
 pub use super::coordinator::StepOutcome;
 use super::coordinator::{CoordActor, CoordArgs, CoordMsg, WorkerSpec};
@@ -211,17 +211,18 @@ impl RuntimeBuilder {
         let collectives = match (exchange, &self.remote) {
             (ExpertExchange::Transport, _) => None,
             // The worker processes hold their own communicators (`start_standalone_worker`).
-            (ExpertExchange::Sim, Some(_)) => None,
-            (_, Some(_)) => {
-                return Err(Error::config(format!(
-                    "train.exchange = \"{exchange}\" needs in-process workers: worker processes exchange over the transport or \"sim\""
-                )))
-            }
+            (_, Some(_)) => None,
             (kind, None) => {
-                let lanes = exchange_lanes(&placement, self.lanes);
+                let lanes = exchange_lanes(kind, &placement, self.lanes);
                 // A collective waits for the slowest worker's compute as well: half a step's deadline.
                 let deadline = self.step_deadline / 2;
-                Some(Arc::new(ExpertCollectives::new(kind, &config, self.workers, lanes, deadline)?))
+                Some(Arc::new(ExpertCollectives::new(
+                    kind,
+                    &config,
+                    self.workers,
+                    lanes,
+                    deadline,
+                )?))
             }
         };
         let (workers, expert_stores, counters) = match self.remote {
@@ -309,16 +310,6 @@ impl RuntimeBuilder {
             collectives,
         })
     }
-}
-
-/// The lanes of an exchange over collectives: the same on every worker (each lane is a
-/// communicator), no more than the most groups a worker runs.
-fn exchange_lanes(placement: &Placement, lanes: usize) -> usize {
-    let most_groups = (0..placement.workers)
-        .map(|w| placement.groups_of(w).len())
-        .max()
-        .unwrap_or(0);
-    lanes.min(most_groups).max(1)
 }
 
 /// `plan`, checked against the model, the groups and the worker count.
@@ -662,6 +653,8 @@ pub struct StandaloneWorker {
     /// The coordinator's plan; `None`: computed from the configuration exactly as the
     /// coordinator computes a first epoch's.
     pub placement: Option<Placement>,
+    /// The GPU of this worker's NCCL ranks (`train.exchange = "nccl"`).
+    pub gpu: usize,
 }
 
 /// A started standalone worker: its actor, and what its process keeps of it.
@@ -729,8 +722,9 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<StartedWorke
             kind,
             &config,
             w.transport.clone(),
-            exchange_lanes(&placement, w.lanes),
+            exchange_lanes(kind, &placement, w.lanes),
             deadline * 5,
+            w.gpu,
         )?)),
     };
     let replica: SharedReplica = Arc::new(Mutex::new(Arc::new(own)));

@@ -74,7 +74,7 @@ pub fn recovery_bench(
                 &corpus.digest(),
             )?;
             for _ in 0..processes {
-                let child = spawn_worker(&ticket, threads, true)?;
+                let child = spawn_worker(&ticket, threads, 0, true)?;
                 lock(&children.0).push(child);
             }
             let watch = as_parent.then(|| tokio::spawn(watch_exits(children.0.clone(), cluster.exit_watch())));

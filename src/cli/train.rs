@@ -59,8 +59,9 @@ pub struct TrainArgs {
     device: Option<String>,
     /// How the workers exchange expert rows: `transport` (requests and replies), `sim`
     /// (collectives in NCCL's model on its CPU stand-in; in process, or between worker processes
-    /// over their data plane) or `nccl` (collectives through NCCL, in-process worker i on GPU i; a
-    /// build with `--features cuda`). Same parameters, bit for bit.
+    /// over their data plane) or `nccl` (collectives through NCCL: in-process worker i on GPU i,
+    /// worker process i started here on GPU i; a build with `--features cuda`). Same parameters,
+    /// bit for bit.
     #[arg(long, value_parser = ["transport", "sim", "nccl"])]
     exchange: Option<String>,
     /// Where experts live: round-robin, blocked, or a comma-separated worker per expert.
@@ -469,10 +470,11 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
                     c.train.processes.max(1)
                 },
                 c.train.placement,
-                if c.train.exchange == semoe::config::ExpertExchange::Sim {
-                    ", expert rows over collectives (the CPU stand-in of NCCL, over the data plane)"
-                } else {
-                    ""
+                match c.train.exchange {
+                    semoe::config::ExpertExchange::Transport => "",
+                    semoe::config::ExpertExchange::Sim =>
+                        ", expert rows over collectives (the CPU stand-in of NCCL, over the data plane)",
+                    semoe::config::ExpertExchange::Nccl => ", expert rows over NCCL (each worker process on its GPU)",
                 }
             )
         } else if c.train.workers == 0 {

@@ -39,6 +39,10 @@ pub struct WorkerArgs {
     /// chooses and the address is printed): all-to-all bytes per peer and kind, restarts, tiers.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
+    /// The GPU of this worker's NCCL ranks, when the run exchanges expert rows over NCCL
+    /// (`train --exchange nccl`; `train --processes N` puts its i-th worker on GPU i).
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
 }
 
 pub fn run(a: &WorkerArgs) -> semoe::Result<std::process::ExitCode> {
@@ -53,6 +57,7 @@ pub fn run(a: &WorkerArgs) -> semoe::Result<std::process::ExitCode> {
         advertise: a.advertise,
         scratch: a.scratch.clone(),
         metrics_addr: a.metrics_addr.clone(),
+        gpu: a.gpu,
     };
     match run_worker(options, stop)? {
         WorkerEnd::Left(reason) => {

@@ -1,5 +1,6 @@
 //! Elastic training across processes: a coordinator and worker processes joined by QUIC.
 pub mod cluster;
+pub mod comm_ids;
 pub mod fingerprint;
 pub mod handover;
 pub mod hooks;

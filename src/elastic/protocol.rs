@@ -18,6 +18,7 @@
 //! other than its own.
 
 use super::handover::Pieces;
+use crate::actors::collectives::CommIds;
 use crate::actors::ledger::LedgerSnapshot;
 use crate::actors::worker::NormPart;
 use crate::chaos::{Fault, FaultKind, Moment, Target};
@@ -25,6 +26,7 @@ use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::model::gpt::{Gpt, GroupOutput};
 use crate::model::moe::MoeStats;
+use crate::net::collective::NCCL_ID_BYTES;
 use crate::net::wire::{self, Limits};
 use crate::optimizer::AdamW;
 use crate::storage::tiers::ExpertSlot;
@@ -250,6 +252,9 @@ pub enum Command {
         /// A chaos run's link faults for this epoch (empty in a real run): those of the steps not
         /// yet attempted, so that a step replayed after a membership change runs undisturbed.
         link_faults: Vec<LinkFault>,
+        /// With expert rows over collectives (`train.exchange` other than `transport`): the ids of
+        /// the epoch's first communicators, one per lane (empty otherwise; [`comm_ids_from_wire`]).
+        comm_ids: Vec<Vec<u8>>,
     },
     /// A membership change at a step boundary, before the next epoch's setups: keep a copy of
     /// this worker's committed state (for a `Setup` with `keep`), and send these pieces of it, the
@@ -268,6 +273,9 @@ pub enum Command {
         epoch: u64,
         /// Step.
         step: WireStep,
+        /// With expert rows over collectives, on the first step after an abort: the ids of the
+        /// communicators the step builds, one per lane (empty otherwise).
+        comm_ids: Vec<Vec<u8>>,
     },
     /// `WorkerMsg::Prepare`.
     Prepare {
@@ -329,6 +337,36 @@ impl Command {
             Command::Dismiss { .. } => None,
         }
     }
+}
+
+/// The most communicator ids a command may carry (a worker process runs at most this many lanes).
+pub const MAX_COMM_IDS: usize = 16;
+
+/// Communicator ids as they travel.
+pub fn comm_ids_to_wire(ids: &CommIds) -> Vec<Vec<u8>> {
+    ids.iter().map(|id| id.to_vec()).collect()
+}
+
+/// Communicator ids from a command: at most [`MAX_COMM_IDS`], each of NCCL's size.
+pub fn comm_ids_from_wire(ids: Vec<Vec<u8>>) -> Result<CommIds> {
+    if ids.len() > MAX_COMM_IDS {
+        return Err(Error::protocol(
+            "the coordinator",
+            format!("{} communicator ids (at most {MAX_COMM_IDS})", ids.len()),
+        ));
+    }
+    ids.into_iter()
+        .enumerate()
+        .map(|(lane, id)| {
+            let len = id.len();
+            <[u8; NCCL_ID_BYTES]>::try_from(id).map_err(|_| {
+                Error::protocol(
+                    "the coordinator",
+                    format!("lane {lane}'s communicator id has {len} bytes, not {NCCL_ID_BYTES}"),
+                )
+            })
+        })
+        .collect()
 }
 
 /// One group's output on the wire.
@@ -900,6 +938,7 @@ mod tests {
             tensor_owner: vec![],
             keep: false,
             link_faults: wire.clone(),
+            comm_ids: vec![vec![7; 128]],
         };
         let bytes = encode(&setup).expect("encode");
         let Command::Setup { link_faults, .. } = decode::<Command>(&bytes, "a command").expect("decode") else {

@@ -2,6 +2,7 @@
 //! the matching [`Command`] over the worker's control connection and decoding its [`Reply`]. The
 //! actor runtime's Coordinator drives it exactly like an in-process Worker.
 
+use super::comm_ids::CommIdMaker;
 use super::protocol::{self, Command, Reply};
 use crate::actors::worker::WorkerMsg;
 use crate::config::TrainConfig;
@@ -48,6 +49,9 @@ pub struct ProxyArgs {
     pub epoch: u64,
     /// The run's configuration (to validate replies).
     pub config: Arc<TrainConfig>,
+    /// The epoch's communicator ids, shared by its proxies, when expert rows travel over
+    /// collectives: an abort is told to it, and the first step after one carries new ids.
+    pub comm_ids: Option<Arc<CommIdMaker>>,
 }
 
 /// The proxy actor.
@@ -78,9 +82,20 @@ impl Actor for ProxyActor {
         let epoch = p.epoch;
         match msg {
             WorkerMsg::RunStep { step, reply } => {
+                let comm_ids = match p.comm_ids.as_ref().map(|maker| maker.for_step(step)).transpose() {
+                    Ok(ids) => ids
+                        .flatten()
+                        .map(|ids| protocol::comm_ids_to_wire(&ids))
+                        .unwrap_or_default(),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return Ok(());
+                    }
+                };
                 let command = Command::RunStep {
                     epoch,
                     step: wire_step(step),
+                    comm_ids,
                 };
                 forward(p, command, reply, |p, r| match r {
                     Reply::Outputs(o) => protocol::outputs_from_wire(&p.config, o).map_err(|e| violation(p, e)),
@@ -107,6 +122,9 @@ impl Actor for ProxyActor {
                 forward(p, command, reply, done);
             }
             WorkerMsg::Abort { step, reply } => {
+                if let Some(maker) = &p.comm_ids {
+                    maker.aborted(step);
+                }
                 let command = Command::Abort {
                     epoch,
                     step: wire_step(step),

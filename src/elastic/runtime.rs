@@ -16,16 +16,18 @@
 //! copy; a coordinator crash resumes from the last disk checkpoint with `semoe train --resume`.
 
 use super::cluster::{Cluster, Member, Status};
+use super::comm_ids::CommIdMaker;
 use super::handover::{self, Moves, Pieces};
 use super::hooks;
 use super::protocol::{self, Command, Reply};
 use super::proxy::{self, ProxyActor, ProxyArgs};
+use crate::actors::collectives::exchange_lanes;
 use crate::actors::ledger::LedgerSnapshot;
 use crate::actors::traffic::TrafficEntry;
 use crate::actors::worker::WorkerMsg;
 use crate::actors::{ask, ActorName, Placement};
 use crate::actors::{Runtime, StepOutcome};
-use crate::config::TrainConfig;
+use crate::config::{ExpertExchange, TrainConfig};
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
 use crate::optimizer::AdamW;
@@ -211,6 +213,12 @@ impl ElasticRuntime {
         optimizer: AdamW,
         options: ElasticOptions,
     ) -> Result<ElasticRuntime> {
+        if config.train.exchange == ExpertExchange::Nccl {
+            // The coordinator makes the NCCL ids (and hosts their bootstrap): say now when it
+            // cannot, not at the first epoch.
+            crate::net::collective::nccl_unique_id()
+                .map_err(|e| Error::config(format!("train.exchange = \"nccl\" with worker processes: {e}")))?;
+        }
         let committed = optimizer.step;
         let mut rt = ElasticRuntime {
             cluster,
@@ -841,6 +849,18 @@ impl ElasticRuntime {
             .filter(|f| self.attempted.is_none_or(|a| f.step > a))
             .copied()
             .collect();
+        // Expert rows over collectives: the ids of the epoch's communicators, one per lane (the
+        // lanes every worker derives from the plan).
+        let exchange = self.config.train.exchange;
+        let comm_ids = match exchange {
+            ExpertExchange::Transport => None,
+            kind => {
+                let lanes = exchange_lanes(kind, &plan, super::worker::PROCESS_LANES);
+                let maker = Arc::new(CommIdMaker::new(kind, lanes)?);
+                let first = maker.for_setup()?;
+                Some((maker, protocol::comm_ids_to_wire(&first)))
+            }
+        };
         let mut tasks = tokio::task::JoinSet::new();
         for (i, m) in members.iter().enumerate() {
             let bytes = shares[i].clone();
@@ -854,6 +874,7 @@ impl ElasticRuntime {
                 tensor_owner: owners(&plan.tensor_owner),
                 keep: kept[i],
                 link_faults: link_faults.clone(),
+                comm_ids: comm_ids.as_ref().map(|(_, ids)| ids.clone()).unwrap_or_default(),
             };
             let m = m.clone();
             tasks.spawn(async move {
@@ -901,6 +922,7 @@ impl ElasticRuntime {
                 name: format!("worker {i} (member {}, {})", m.id, m.name),
                 epoch,
                 config: self.config.clone(),
+                comm_ids: comm_ids.as_ref().map(|(maker, _)| maker.clone()),
             };
             let (r, _) = Actor::spawn(None, ProxyActor, args)
                 .await

@@ -8,7 +8,7 @@ use super::handover::{self, Pieces};
 use super::hooks::{Corrupt, Pause};
 use super::protocol::{self, Answer, Command, Hello, LinkFault, Notice, Ready, Reply, WireError};
 use super::proxy::max_reply_bytes;
-use crate::actors::collectives::ExpertCollectives;
+use crate::actors::collectives::{CommIds, ExpertCollectives};
 use crate::actors::communicator::SharedReplica;
 use crate::actors::runtime::{start_standalone_worker, StandaloneWorker};
 use crate::actors::traffic::Traffic;
@@ -35,6 +35,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The lanes of a worker process: as many of its groups as this run concurrently.
+pub const PROCESS_LANES: usize = 4;
+
 /// How a worker process is started.
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -58,6 +61,9 @@ pub struct WorkerOptions {
     /// Serve this worker's metrics (its all-to-all bytes per peer and kind, restarts, tiers,
     /// epoch) as Prometheus text on `HOST:PORT` (port 0: the OS chooses; the address is printed).
     pub metrics_addr: Option<String>,
+    /// The GPU of this worker's NCCL ranks when the run exchanges expert rows over NCCL
+    /// (`train.exchange = "nccl"`).
+    pub gpu: usize,
 }
 
 /// How a worker process ended well.
@@ -164,6 +170,7 @@ struct Shared {
     current: tokio::sync::Mutex<Current>,
     scratch: PathBuf,
     deadline: Duration,
+    gpu: usize,
     pause: Option<Pause>,
     /// The notices of the link faults that fire in this worker's transport (a chaos run's), for
     /// the session stream.
@@ -370,6 +377,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         }),
         scratch: scratch.clone(),
         deadline,
+        gpu: options.gpu,
         pause,
         fired,
         collectives: Mutex::new(None),
@@ -524,6 +532,7 @@ async fn execute(
         tensor_owner,
         keep,
         link_faults,
+        comm_ids,
     } = command
     {
         let state = quic::read_frame(recv, max_reply_bytes(&shared.config)?, "the run's state")
@@ -550,6 +559,7 @@ async fn execute(
             tensor_owner: owners(tensor_owner),
             keep,
             link_faults,
+            comm_ids: protocol::comm_ids_from_wire(comm_ids)?,
         };
         setup(shared, plan, state).await?;
         return protocol::encode(&Reply::Done).map(Outgoing::Frame);
@@ -569,7 +579,20 @@ async fn execute(
     let d = shared.deadline;
     let id = |(step, attempt): (u64, u32)| StepId { step, attempt };
     let frame = match command {
-        Command::RunStep { step, .. } => {
+        Command::RunStep { step, comm_ids, .. } => {
+            if !comm_ids.is_empty() {
+                let ids = protocol::comm_ids_from_wire(comm_ids)?;
+                let collectives = shared.collectives.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                match collectives {
+                    Some((_, collectives)) => collectives.give_ids(ids)?,
+                    None => {
+                        return Err(Error::protocol(
+                            "the coordinator",
+                            "communicator ids for a worker that exchanges over the transport",
+                        ))
+                    }
+                }
+            }
             let out = ask(&actor, &me, "a step", d * 10, |reply| WorkerMsg::RunStep {
                 step: id(step),
                 reply,
@@ -742,6 +765,8 @@ struct SetupPlan {
     tensor_owner: Vec<usize>,
     keep: bool,
     link_faults: Vec<LinkFault>,
+    /// The ids of the epoch's first communicators (expert rows over collectives).
+    comm_ids: CommIds,
 }
 
 /// Start epoch `plan.epoch`: stop the previous epoch's actors, connect the data plane to every
@@ -757,6 +782,7 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
         tensor_owner,
         keep,
         link_faults,
+        comm_ids,
     } = plan;
     let mut current = shared.current.lock().await;
     if epoch <= current.epoch && current.actor.is_some() {
@@ -833,13 +859,34 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
         inbox,
         storage,
         cpu: shared.cpu.clone(),
-        lanes: 4,
+        lanes: PROCESS_LANES,
         placement: Some(placement),
+        gpu: shared.gpu,
     })
     .await?;
+    match (&started.collectives, comm_ids.is_empty()) {
+        (Some(collectives), false) => collectives.give_ids(comm_ids)?,
+        (None, true) => {}
+        (Some(_), true) => {
+            return Err(Error::protocol(
+                "the coordinator",
+                format!("the setup of epoch {epoch} has no communicator ids, and the run exchanges over collectives"),
+            ))
+        }
+        (None, false) => {
+            return Err(Error::protocol(
+                "the coordinator",
+                format!("the setup of epoch {epoch} has communicator ids, and the run exchanges over the transport"),
+            ))
+        }
+    }
     if let Some(collectives) = &started.collectives {
         crate::say!(
-            "semoe worker: epoch {epoch}: expert rows over collectives (the CPU stand-in of NCCL over the data plane), {} lane(s)",
+            "semoe worker: epoch {epoch}: expert rows over collectives ({}), {} lane(s)",
+            match shared.config.train.exchange {
+                crate::config::ExpertExchange::Nccl => format!("NCCL on GPU {}", shared.gpu),
+                _ => "the CPU stand-in of NCCL over the data plane".to_string(),
+            },
             collectives.lanes()
         );
     }

@@ -527,6 +527,7 @@ enum Kind {
         lane: u64,
         step: u64,
         attempt: u32,
+        comm: u64,
         index: u64,
         op: CollectiveOp,
     },
@@ -650,6 +651,7 @@ pub fn encode_packet_parts(epoch: u64, packet: &Packet) -> Result<Encoded<'_>> {
                 lane: msg.lane as u64,
                 step: msg.generation.step,
                 attempt: msg.generation.attempt,
+                comm: msg.comm,
                 index: msg.index,
                 op,
             };
@@ -950,6 +952,7 @@ fn packet_of(header: PacketHeader, raw: Bodies<'_>, shape: &PacketShape) -> Resu
             lane,
             step,
             attempt,
+            comm,
             index: collective,
             op,
         } => {
@@ -1012,6 +1015,7 @@ fn packet_of(header: PacketHeader, raw: Bodies<'_>, shape: &PacketShape) -> Resu
             Payload::Collective(PlaneMsg {
                 lane,
                 generation: step_id(step, attempt),
+                comm,
                 index: collective,
                 op,
             })
@@ -1187,12 +1191,14 @@ mod tests {
             packet(Payload::Collective(PlaneMsg {
                 lane: 3,
                 generation: step,
+                comm: 0x0123_4567_89ab_cdef,
                 index: 9,
                 op: PlaneOp::Count(1 << 40),
             })),
             packet(Payload::Collective(PlaneMsg {
                 lane: 0,
                 generation: step,
+                comm: u64::MAX,
                 index: 10,
                 op: PlaneOp::Group(None),
             })),
@@ -1200,12 +1206,14 @@ mod tests {
             packet(Payload::Collective(PlaneMsg {
                 lane: 1,
                 generation: step,
+                comm: u64::MAX,
                 index: 11,
                 op: PlaneOp::Group(Some(PlaneData::from_bytes(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3]))),
             })),
             packet(Payload::Collective(PlaneMsg {
                 lane: 0,
                 generation: StepId::NONE,
+                comm: 0,
                 index: 0,
                 op: PlaneOp::Abort {
                     step,
@@ -1671,6 +1679,7 @@ mod tests {
             packet(Payload::Collective(PlaneMsg {
                 lane,
                 generation: step,
+                comm: 7,
                 index: 0,
                 op,
             }))
@@ -1715,6 +1724,7 @@ mod tests {
                     lane: 0,
                     step: msg.generation.step,
                     attempt: msg.generation.attempt,
+                    comm: msg.comm,
                     index: 0,
                     op: CollectiveOp::Group(Some(9)),
                 },

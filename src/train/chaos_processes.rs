@@ -293,7 +293,7 @@ impl Fleet {
         }
         let log = self.logs.join(format!("process-{number}.log"));
         let file = std::fs::File::create(&log).map_err(|e| Error::io("cannot create the worker log", &log, e))?;
-        let child = crate::train::engine::spawn_worker_with(&self.ticket, self.threads, Stdio::from(file), &env)?;
+        let child = crate::train::engine::spawn_worker_with(&self.ticket, self.threads, 0, Stdio::from(file), &env)?;
         let pid = child.id();
         lock(&self.children).push(child);
         self.pids.push(pid);

@@ -108,8 +108,9 @@ impl RuntimeEngine {
             ticket.display()
         );
         let threads = (t.threads / t.processes.max(1)).max(1);
-        for _ in 0..t.processes {
-            let child = spawn_worker(&ticket, threads, false)?;
+        // Over NCCL, the i-th worker process started here on GPU i.
+        for gpu in 0..t.processes {
+            let child = spawn_worker(&ticket, threads, gpu, false)?;
             lock(&self.children).push(child);
         }
         if t.processes > 0 {
@@ -249,12 +250,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Start `semoe worker --ticket FILE` (this program), its error output joined to ours unless
-/// `quiet`.
-pub fn spawn_worker(ticket: &Path, threads: usize, quiet: bool) -> Result<Child> {
+/// Start `semoe worker --ticket FILE --gpu GPU` (this program), its error output joined to ours
+/// unless `quiet` (`gpu`: its NCCL ranks' GPU, when the run exchanges over NCCL).
+pub fn spawn_worker(ticket: &Path, threads: usize, gpu: usize, quiet: bool) -> Result<Child> {
     spawn_worker_with(
         ticket,
         threads,
+        gpu,
         if quiet { Stdio::null() } else { Stdio::inherit() },
         &[],
     )
@@ -262,7 +264,13 @@ pub fn spawn_worker(ticket: &Path, threads: usize, quiet: bool) -> Result<Child>
 
 /// [`spawn_worker`] with its error output sent to `stderr` and the environment variables `env`
 /// added (a chaos run gives one process a test hook, and each its own log file).
-pub fn spawn_worker_with(ticket: &Path, threads: usize, stderr: Stdio, env: &[(String, String)]) -> Result<Child> {
+pub fn spawn_worker_with(
+    ticket: &Path,
+    threads: usize,
+    gpu: usize,
+    stderr: Stdio,
+    env: &[(String, String)],
+) -> Result<Child> {
     let program: PathBuf =
         std::env::current_exe().map_err(|e| Error::runtime(format!("cannot find this program: {e}")))?;
     Command::new(&program)
@@ -271,6 +279,8 @@ pub fn spawn_worker_with(ticket: &Path, threads: usize, stderr: Stdio, env: &[(S
         .arg(ticket)
         .arg("--threads")
         .arg(threads.to_string())
+        .arg("--gpu")
+        .arg(gpu.to_string())
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stderr(stderr)

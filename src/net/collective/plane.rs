@@ -131,6 +131,9 @@ pub struct PlaneMsg {
     pub lane: usize,
     /// The generation: the step whose exchange built the communicator.
     pub generation: StepId,
+    /// The communicator's name: a digest of the id the coordinator gave every rank for it
+    /// ([`comm_digest`]); a rank that got another id is refused.
+    pub comm: u64,
     /// The collective's index in the communicator's sequence.
     pub index: u64,
     /// What it carries.
@@ -150,14 +153,28 @@ pub struct AbortNotice {
     pub reason: String,
 }
 
+/// A communicator id's name in messages: FNV-1a of its bytes.
+pub fn comm_digest(id: &[u8]) -> u64 {
+    id.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 type Key = (StepId, usize);
+
+/// A message as it waits in a mailbox.
+struct Queued {
+    index: u64,
+    comm: u64,
+    op: PlaneOp,
+}
 
 #[derive(Default)]
 struct MailState {
     /// Generations below this one are over: their messages are dropped.
     floor: Option<StepId>,
-    /// Per (generation, lane), per peer: (index, op) in arrival order.
-    queues: BTreeMap<Key, Vec<VecDeque<(u64, PlaneOp)>>>,
+    /// Per (generation, lane), per peer, in arrival order.
+    queues: BTreeMap<Key, Vec<VecDeque<Queued>>>,
     /// Communicators aborted on this rank, with the reason.
     aborted: BTreeMap<Key, String>,
     /// Every communicator is over (the membership epoch ended, or a peer was lost).
@@ -226,9 +243,16 @@ impl Mailbox {
         } else {
             st.queued[from] += 1;
             let world = self.world;
-            let queues = st.queues.entry(key).or_insert_with(|| vec![VecDeque::new(); world]);
+            let queues = st
+                .queues
+                .entry(key)
+                .or_insert_with(|| (0..world).map(|_| VecDeque::new()).collect());
             if let Some(queue) = queues.get_mut(from) {
-                queue.push_back((msg.index, msg.op));
+                queue.push_back(Queued {
+                    index: msg.index,
+                    comm: msg.comm,
+                    op: msg.op,
+                });
             }
         }
         drop(st);
@@ -282,6 +306,7 @@ pub struct PlaneCollective {
     world: usize,
     lane: usize,
     generation: StepId,
+    comm: u64,
     epoch: u64,
     deadline: Duration,
     next: u64,
@@ -290,14 +315,16 @@ pub struct PlaneCollective {
 }
 
 impl PlaneCollective {
-    /// This worker's end of lane `lane`'s communicator of `generation` (named `epoch` in errors,
-    /// counting the generations), over `transport`, reading `mailbox`; every collective bounded by
-    /// `deadline`. Building it exchanges nothing: the first collective meets the peers.
+    /// This worker's end of lane `lane`'s communicator of `generation`, with the id the
+    /// coordinator gave every rank for it (`id`), named `epoch` in errors; over `transport`,
+    /// reading `mailbox`; every collective bounded by `deadline`. Building it exchanges nothing:
+    /// the first collective meets the peers.
     pub fn new(
         transport: Arc<dyn Transport>,
         mailbox: Arc<Mailbox>,
         lane: usize,
         generation: StepId,
+        id: &[u8],
         epoch: u64,
         deadline: Duration,
     ) -> Result<Self> {
@@ -314,6 +341,7 @@ impl PlaneCollective {
             world,
             lane,
             generation,
+            comm: comm_digest(id),
             epoch,
             deadline,
             next: 0,
@@ -360,6 +388,7 @@ impl PlaneCollective {
                 payload: Payload::Collective(PlaneMsg {
                     lane: self.lane,
                     generation: self.generation,
+                    comm: self.comm,
                     index: id.index,
                     op: op(peer),
                 }),
@@ -392,9 +421,19 @@ impl PlaneCollective {
                     if peer == self.rank || got[peer].is_some() {
                         continue;
                     }
-                    if let Some((index, op)) = queue.pop_front() {
+                    if let Some(Queued { index, comm, op }) = queue.pop_front() {
                         taken.push(peer);
                         got[peer] = Some(op);
+                        if comm != self.comm {
+                            drop(st);
+                            return Err(self.fail(
+                                id,
+                                format!(
+                                    "rank {peer} is in another communicator of this generation (id {comm:016x}, this rank's {:016x}): the ranks were not given the same ids",
+                                    self.comm
+                                ),
+                            ));
+                        }
                         if index != id.index {
                             let name = got[peer].as_ref().map_or("", PlaneOp::name);
                             drop(st);
