@@ -360,7 +360,12 @@ fn a_rank_given_another_communicator_id_is_refused_naming_it() {
         );
     }
     assert!(message(&results[0]).contains("rank 1 is in another communicator"));
-    assert!(message(&results[1]).contains("rank 0 is in another communicator"));
+    // Rank 1 names whichever of the others it heard from first.
+    let msg = message(&results[1]);
+    assert!(
+        msg.contains("rank 0 is in another communicator") || msg.contains("rank 2 is in another communicator"),
+        "{msg}"
+    );
 }
 
 #[test]
