@@ -323,11 +323,13 @@ fn the_rolling_restart_scenario_replaces_every_worker() {
     );
 }
 
-#[test]
-fn the_random_process_soak_scenario_ends_bitwise_equal_for_every_seed() {
-    let dir = TempDir::new("chaos-proc-soak");
+/// Four seeds of the random process soak over 3 processes (with `extra` arguments), each checked
+/// bitwise equal, faults fired; the soak's report and the output.
+fn soak_of_four(dir: &Path, extra: &[&str]) -> (Value, String) {
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/random-processes.toml");
-    let mut run = ChaosRun::start_with(dir.path(), "soak", &file, "12", &["--processes", "3", "--soak", "4"]);
+    let mut args = vec!["--processes", "3", "--soak", "4"];
+    args.extend_from_slice(extra);
+    let mut run = ChaosRun::start_with(dir, "soak", &file, "12", &args);
     let (status, json) = run.finish_reading("soak.json");
     let out = run.output();
     assert!(status.success(), "{out}");
@@ -338,6 +340,13 @@ fn the_random_process_soak_scenario_ends_bitwise_equal_for_every_seed() {
     }
     let fired: u64 = seeds.iter().map(|s| s["faults_fired"].as_u64().expect("count")).sum();
     assert!(fired >= 4, "the seeds fire process faults: {json:#}");
+    (json, out)
+}
+
+#[test]
+fn the_random_process_soak_scenario_ends_bitwise_equal_for_every_seed() {
+    let dir = TempDir::new("chaos-proc-soak");
+    let (_, out) = soak_of_four(dir.path(), &[]);
     assert!(
         out.contains("soak: 4 seeds") && out.contains("4 bitwise equal"),
         "{out}"
@@ -347,24 +356,7 @@ fn the_random_process_soak_scenario_ends_bitwise_equal_for_every_seed() {
 #[test]
 fn the_random_process_soak_over_the_stand_in_collectives_ends_bitwise_equal() {
     let dir = TempDir::new("chaos-proc-soak-sim");
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/random-processes.toml");
-    let mut run = ChaosRun::start_with(
-        dir.path(),
-        "soak",
-        &file,
-        "12",
-        &["--processes", "3", "--soak", "4", "--exchange", "sim"],
-    );
-    let (status, json) = run.finish_reading("soak.json");
-    let out = run.output();
-    assert!(status.success(), "{out}");
-    let seeds = json["seeds"].as_array().expect("seeds");
-    assert_eq!(seeds.len(), 4, "{json:#}");
-    for s in seeds {
-        assert_eq!(s["verdict"]["verdict"], "bitwise_equal", "{s:#}\n{out}");
-    }
-    let fired: u64 = seeds.iter().map(|s| s["faults_fired"].as_u64().expect("count")).sum();
-    assert!(fired >= 4, "the seeds fire process faults: {json:#}");
+    soak_of_four(dir.path(), &["--exchange", "sim"]);
     // The workers exchanged over the stand-in (their logs are in the run directory).
     let logs: String = std::fs::read_dir(dir.path().join("soak/workers"))
         .expect("the workers' logs")

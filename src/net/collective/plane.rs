@@ -22,6 +22,7 @@
 //! Telling peers about an abort is the caller's (`actors::collectives`): an [`PlaneOp::Abort`]
 //! message carries it, and [`Mailbox::deliver`] hands it back rather than queueing it.
 
+use super::sim::list;
 use super::{AbortHandle, Collective, CollectiveId, Group, Op, Rank};
 use crate::error::{Error, Result};
 use crate::net::{Packet, Payload, StepId, Transport};
@@ -480,17 +481,6 @@ impl PlaneCollective {
                 .wait_timeout(st, until - now)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
-        }
-    }
-}
-
-/// `ranks 0, 2`, `rank 1`.
-fn list(ranks: &[Rank]) -> String {
-    match ranks {
-        [one] => format!("rank {one}"),
-        _ => {
-            let names: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
-            format!("ranks {}", names.join(", "))
         }
     }
 }

@@ -201,8 +201,8 @@ impl SimCollective {
     }
 }
 
-/// `ranks 0 and 2`, `rank 1`.
-fn list(ranks: &[Rank]) -> String {
+/// `ranks 0, 2`, `rank 1`.
+pub(super) fn list(ranks: &[Rank]) -> String {
     match ranks {
         [one] => format!("rank {one}"),
         _ => {
