@@ -110,6 +110,32 @@ fn worker_processes_exchange_expert_rows_over_the_stand_in_collectives_bitwise()
     }
 }
 
+/// An Expert actor failing inside a worker process costs a replay of its step within the epoch
+/// (no member is lost), over the transport and over the stand-in collectives: there the replay
+/// builds new communicators on every worker, from the ids the coordinator sends with the replay's
+/// step (without them the workers could not build them, and the run would stop).
+#[test]
+fn an_actor_failure_in_a_worker_process_costs_a_replay_within_the_epoch() {
+    let dir = TempDir::new("elastic-actor-fault");
+    let want = reference(dir.path(), 20, &[]);
+    for (exchange, kind) in [("transport", "error"), ("sim", "error"), ("sim", "panic")] {
+        let run = format!("fault-{exchange}-{kind}");
+        let args = train_args(&run, "20", &["--processes", "3", "--exchange", exchange]);
+        let fault = format!("step=7,block=1,expert=4,kind={kind}");
+        let mut p = Proc::spawn(dir.path(), &run, &args, &[("SEMOE_TEST_EXPERT_FAULT", fault)]);
+        assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.log());
+        let log = p.log();
+        assert_eq!(
+            log.matches("SEMOE_TEST_EXPERT_FAULT: the expert's fault fired at step 7").count(),
+            1,
+            "{run}: {log}"
+        );
+        assert_eq!(membership(&log), (0, 0, 0), "{run}: {log}");
+        assert!(log.contains("epoch 1, 3 workers at the end"), "{run}: {log}");
+        assert_same_state(&want, &state_files(&dir.path().join(&run), 20), &run);
+    }
+}
+
 /// One worker process over NCCL on GPU 0: the coordinator makes the NCCL ids and the worker builds
 /// its single-rank communicators from them; the bits are the plain loop's. Without the `cuda`
 /// feature, a GPU or libnccl, the run stops at once with a clear error, and the test says so.

@@ -655,6 +655,8 @@ pub struct StandaloneWorker {
     pub placement: Option<Placement>,
     /// The GPU of this worker's NCCL ranks (`train.exchange = "nccl"`).
     pub gpu: usize,
+    /// Faults to inject in this worker's actors (a test's; `FaultPlan::none()` in a real run).
+    pub chaos: FaultPlan,
 }
 
 /// A started standalone worker: its actor, and what its process keeps of it.
@@ -744,7 +746,7 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<StartedWorke
         restart: RestartPolicy::default(),
         deadline,
         lanes: w.lanes,
-        chaos: FaultPlan::none(),
+        chaos: w.chaos,
         collectives: collectives.clone(),
     };
     let (actor, _) = Actor::spawn(None, super::worker::WorkerActor, args)

@@ -202,3 +202,53 @@ pub fn members_at() -> Vec<(u64, usize)> {
         })
         .unwrap_or_default()
 }
+
+/// `step=N,block=B,expert=E[,moment=forward|backward][,kind=error|panic]`: the Expert actor of
+/// expert E of MoE block B fails once at step N (its handler returns an error, or panics), in
+/// whichever worker process hosts it: a failed actor inside a worker process, which costs a replay
+/// of the step within the epoch (every process of a run inherits the variable; only the host's
+/// plan fires).
+pub const EXPERT_FAULT: &str = "SEMOE_TEST_EXPERT_FAULT";
+
+/// The fault plan of [`EXPERT_FAULT`] for this process (empty when it is not set; an error naming
+/// the variable when it does not parse).
+pub fn expert_fault() -> crate::Result<crate::chaos::FaultPlan> {
+    use crate::chaos::{Fault, FaultKind, FaultPlan, Moment, Target};
+    let plan = FaultPlan::none();
+    let Ok(spec) = std::env::var(EXPERT_FAULT) else {
+        return Ok(plan);
+    };
+    let bad = || crate::Error::config(format!("{EXPERT_FAULT}={spec:?}: expected step=N,block=B,expert=E[,moment=forward|backward][,kind=error|panic]"));
+    let (mut step, mut block, mut expert) = (None, None, None);
+    let (mut moment, mut kind) = (Moment::Any, FaultKind::Error);
+    for part in spec.split(',') {
+        match part.split_once('=').ok_or_else(bad)? {
+            ("step", v) => step = Some(v.parse::<u64>().map_err(|_| bad())?),
+            ("block", v) => block = Some(v.parse::<usize>().map_err(|_| bad())?),
+            ("expert", v) => expert = Some(v.parse::<usize>().map_err(|_| bad())?),
+            ("moment", "forward") => moment = Moment::Forward,
+            ("moment", "backward") => moment = Moment::Backward,
+            ("kind", "error") => kind = FaultKind::Error,
+            ("kind", "panic") => kind = FaultKind::Panic,
+            _ => return Err(bad()),
+        }
+    }
+    plan.push(Fault {
+        target: Target::Expert {
+            block: block.ok_or_else(bad)?,
+            expert: expert.ok_or_else(bad)?,
+        },
+        step: step.ok_or_else(bad)?,
+        moment,
+        kind,
+        times: 1,
+    });
+    plan.observe(|firing| {
+        crate::say!(
+            "semoe worker: {EXPERT_FAULT}: the expert's fault fired at step {} ({:?})",
+            firing.step,
+            firing.moment
+        )
+    });
+    Ok(plan)
+}

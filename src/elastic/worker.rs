@@ -171,6 +171,9 @@ struct Shared {
     scratch: PathBuf,
     deadline: Duration,
     gpu: usize,
+    /// A test's expert fault ([`super::hooks::EXPERT_FAULT`]), kept across epochs so that it
+    /// fires once.
+    faults: FaultPlan,
     pause: Option<Pause>,
     /// The notices of the link faults that fire in this worker's transport (a chaos run's), for
     /// the session stream.
@@ -378,6 +381,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         scratch: scratch.clone(),
         deadline,
         gpu: options.gpu,
+        faults: super::hooks::expert_fault()?,
         pause,
         fired,
         collectives: Mutex::new(None),
@@ -862,6 +866,7 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
         lanes: PROCESS_LANES,
         placement: Some(placement),
         gpu: shared.gpu,
+        chaos: shared.faults.clone(),
     })
     .await?;
     match (&started.collectives, comm_ids.is_empty()) {
