@@ -126,7 +126,8 @@ fn an_actor_failure_in_a_worker_process_costs_a_replay_within_the_epoch() {
         assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.log());
         let log = p.log();
         assert_eq!(
-            log.matches("SEMOE_TEST_EXPERT_FAULT: the expert's fault fired at step 7").count(),
+            log.matches("SEMOE_TEST_EXPERT_FAULT: the expert's fault fired at step 7")
+                .count(),
             1,
             "{run}: {log}"
         );

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use semoe::error::Error;
 use semoe::net::collective::alltoallv::{direct_exchange, AllToAllV};
-use semoe::net::collective::plane::{AbortNotice, Mailbox, PlaneCollective, PlaneMsg, PlaneOp};
+use semoe::net::collective::plane::{comm_digest, AbortNotice, Mailbox, PlaneCollective, PlaneMsg, PlaneOp};
 use semoe::net::collective::{Collective, Group};
 use semoe::net::local::network;
 use semoe::net::{Packet, Payload, StepId, Transport};
@@ -384,4 +384,114 @@ fn a_communicator_refuses_a_mailbox_of_another_size() {
     .expect("refused")
     .to_string();
     assert!(err.contains("rank 0 among 3 with a mailbox for 2 ranks"), "{err}");
+}
+
+/// A message from rank 1 to rank 0 of lane 0 of `generation`.
+fn msg(generation: StepId, comm: u64, op: PlaneOp) -> PlaneMsg {
+    PlaneMsg {
+        lane: 0,
+        generation,
+        comm,
+        index: 0,
+        op,
+    }
+}
+
+#[test]
+fn a_peer_that_floods_the_mailbox_fails_every_communicator_at_once() {
+    use semoe::net::collective::plane::{PlaneData, MAX_QUEUED};
+    let (ranks, _) = ranks();
+    // Messages: MAX_QUEUED future generations' counts, then one more.
+    let mailbox = ranks[0].mailbox.clone();
+    for g in 0..=MAX_QUEUED as u64 {
+        assert!(mailbox
+            .deliver(1, msg(StepId::first(100 + g), 1, PlaneOp::Count(g)))
+            .is_none());
+    }
+    let start = Instant::now();
+    let mut comm = communicators(&ranks, GEN, Duration::from_secs(30)).remove(0);
+    let err = comm.all_to_all_counts(&[0, 0, 0]).expect_err("closed");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(
+        err.to_string()
+            .contains(&format!("rank 1 sent more than {MAX_QUEUED} messages")),
+        "{err}"
+    );
+    // Bytes too: a budget of 100 bytes per peer refuses a send of 101.
+    let small = Mailbox::with_budget(WORLD, 100);
+    small.deliver(1, msg(GEN, 1, PlaneOp::Group(Some(PlaneData::from_bytes(&[1; 60])))));
+    small.deliver(2, msg(GEN, 1, PlaneOp::Group(Some(PlaneData::from_bytes(&[1; 60])))));
+    small.deliver(1, msg(GEN, 1, PlaneOp::Group(Some(PlaneData::from_bytes(&[1; 41])))));
+    let mut comm = PlaneCollective::new(
+        ranks[0].transport.clone(),
+        small,
+        0,
+        GEN,
+        &[3; 128],
+        7,
+        Duration::from_secs(30),
+    )
+    .expect("a communicator");
+    let err = comm.group(Group::new()).expect_err("closed");
+    assert!(err.to_string().contains("rank 1 sent more than"), "{err}");
+    assert!(err.to_string().contains("100 bytes"), "{err}");
+}
+
+#[test]
+fn refused_messages_do_not_count_against_their_peer() {
+    let (ranks, _) = ranks();
+    let mailbox = ranks[0].mailbox.clone();
+    // More generations than MAX_QUEUED, each with a message of another communicator from rank 1,
+    // each refused by a collective of that generation.
+    for g in 0..1100u64 {
+        let generation = StepId::first(g);
+        mailbox.deliver(1, msg(generation, 99, PlaneOp::Count(0)));
+        mailbox.deliver(2, msg(generation, comm_digest(&[3; 128]), PlaneOp::Count(0)));
+        let mut comm = PlaneCollective::new(
+            ranks[0].transport.clone(),
+            mailbox.clone(),
+            0,
+            generation,
+            &[3; 128],
+            7,
+            Duration::from_secs(30),
+        )
+        .expect("a communicator");
+        let err = comm.all_to_all_counts(&[0, 0, 0]).expect_err("another communicator");
+        assert!(err.to_string().contains("rank 1 is in another communicator"), "{err}");
+    }
+    // The next generation's messages are still taken.
+    let generation = StepId::first(2000);
+    for peer in [1, 2] {
+        mailbox.deliver(
+            peer,
+            msg(generation, comm_digest(&[3; 128]), PlaneOp::Count(peer as u64)),
+        );
+    }
+    let mut comm = PlaneCollective::new(
+        ranks[0].transport.clone(),
+        mailbox,
+        0,
+        generation,
+        &[3; 128],
+        7,
+        Duration::from_secs(30),
+    )
+    .expect("a communicator");
+    assert_eq!(comm.all_to_all_counts(&[5, 0, 0]).expect("counts"), vec![5, 1, 2]);
+}
+
+#[test]
+fn a_communicator_of_a_replaced_generation_fails_at_once() {
+    let (ranks, _) = ranks();
+    let mut old = communicators(&ranks, GEN, Duration::from_secs(30)).remove(0);
+    let _new = communicators(&ranks, StepId { step: 5, attempt: 1 }, Duration::from_secs(30));
+    let start = Instant::now();
+    let err = old.all_to_all_counts(&[0, 0, 0]).expect_err("replaced");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(
+        err.to_string()
+            .contains("the generation of step 5 (attempt 2) replaced it"),
+        "{err}"
+    );
 }

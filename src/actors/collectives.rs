@@ -75,6 +75,8 @@ struct Generation {
     cause: Option<(bool, String)>,
     /// A rank is building the next generation (outside the lock); the others wait for it.
     building: bool,
+    /// Closed for good ([`ExpertCollectives::close`]): no generation is built any more.
+    closed: Option<String>,
     /// `[lane][worker]` in process; `[lane][0]`, this worker's, between processes.
     endpoints: Vec<Vec<Endpoint>>,
     aborts: Vec<AbortHandle>,
@@ -229,10 +231,15 @@ impl ExpertCollectives {
     ) -> Result<Self> {
         let (me, world) = (transport.id(), transport.workers());
         let mut collectives = ExpertCollectives::with_gpus(kind, config, world, lanes, deadline, gpu + 1)?;
+        // A peer is at most one collective ahead per lane: room for a few of its largest messages.
+        let budget = collectives
+            .shape
+            .max_packet_bytes()
+            .saturating_mul(4 * collectives.lanes + 4);
         collectives.plane = Some(Plane {
             me,
             transport,
-            mailbox: Mailbox::new(world),
+            mailbox: Mailbox::with_budget(world, budget),
             ids: Mutex::new(None),
             gpu,
         });
@@ -281,7 +288,9 @@ impl ExpertCollectives {
         if let Some(plane) = &self.plane {
             plane.mailbox.close(reason);
         }
-        for handle in &self.lock().aborts {
+        let mut g = self.lock();
+        g.closed.get_or_insert_with(|| reason.to_string());
+        for handle in &g.aborts {
             handle.abort(reason);
         }
     }
@@ -427,6 +436,13 @@ impl ExpertCollectives {
     fn endpoint(&self, step: StepId, worker: WorkerId, lane: usize) -> Result<Endpoint> {
         let mut g = self.lock();
         loop {
+            if let Some(reason) = &g.closed {
+                return Err(Error::collective(
+                    format!("the lane communicators of step {step}"),
+                    worker,
+                    format!("closed: {reason}"),
+                ));
+            }
             if let Some(built) = g.built_for.filter(|built| step < *built) {
                 return Err(Error::runtime(format!(
                     "an expert exchange of step {step}, after the communicators were rebuilt for step {built}"
@@ -480,12 +496,20 @@ impl ExpertCollectives {
                 }
             }
             let cause = if aborted.is_some() { g.cause.take() } else { None };
+            if let Some(reason) = &g.closed {
+                // Closed while building: born closed.
+                for handle in &aborts {
+                    handle.abort(reason);
+                }
+            }
+            let closed = g.closed.take();
             *g = Generation {
                 number,
                 built_for: Some(step),
                 broken_at: aborted,
                 cause,
                 building: false,
+                closed,
                 endpoints,
                 aborts,
             };

@@ -218,7 +218,11 @@ pub fn expert_fault() -> crate::Result<crate::chaos::FaultPlan> {
     let Ok(spec) = std::env::var(EXPERT_FAULT) else {
         return Ok(plan);
     };
-    let bad = || crate::Error::config(format!("{EXPERT_FAULT}={spec:?}: expected step=N,block=B,expert=E[,moment=forward|backward][,kind=error|panic]"));
+    let bad = || {
+        crate::Error::config(format!(
+            "{EXPERT_FAULT}={spec:?}: expected step=N,block=B,expert=E[,moment=forward|backward][,kind=error|panic]"
+        ))
+    };
     let (mut step, mut block, mut expert) = (None, None, None);
     let (mut moment, mut kind) = (Moment::Any, FaultKind::Error);
     for part in spec.split(',') {

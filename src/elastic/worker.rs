@@ -848,6 +848,24 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
             paths.len() - same_host
         );
     }
+    // The ids of the epoch's first communicators come with the setup exactly when the run
+    // exchanges over collectives: checked before anything starts.
+    match (shared.config.train.exchange, comm_ids.is_empty()) {
+        (crate::config::ExpertExchange::Transport, true) => {}
+        (crate::config::ExpertExchange::Transport, false) => {
+            return Err(Error::protocol(
+                "the coordinator",
+                format!("the setup of epoch {epoch} has communicator ids, and the run exchanges over the transport"),
+            ))
+        }
+        (_, true) => {
+            return Err(Error::protocol(
+                "the coordinator",
+                format!("the setup of epoch {epoch} has no communicator ids, and the run exchanges over collectives"),
+            ))
+        }
+        (_, false) => {}
+    }
     let storage = shared
         .config
         .storage
@@ -869,20 +887,10 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
         chaos: shared.faults.clone(),
     })
     .await?;
-    match (&started.collectives, comm_ids.is_empty()) {
-        (Some(collectives), false) => collectives.give_ids(comm_ids)?,
-        (None, true) => {}
-        (Some(_), true) => {
-            return Err(Error::protocol(
-                "the coordinator",
-                format!("the setup of epoch {epoch} has no communicator ids, and the run exchanges over collectives"),
-            ))
-        }
-        (None, false) => {
-            return Err(Error::protocol(
-                "the coordinator",
-                format!("the setup of epoch {epoch} has communicator ids, and the run exchanges over the transport"),
-            ))
+    if let Some(collectives) = &started.collectives {
+        if let Err(e) = collectives.give_ids(comm_ids) {
+            let _ = started.actor.kill_and_wait(Some(Duration::from_secs(5))).await;
+            return Err(e);
         }
     }
     if let Some(collectives) = &started.collectives {

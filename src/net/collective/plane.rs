@@ -30,9 +30,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-/// The most messages one peer may have queued ahead of this rank: a rank runs at most a few
-/// collectives ahead of its peers (the lanes, each one exchange ahead), so more is a broken peer,
-/// refused rather than buffered without bound.
+/// The most messages one peer may have queued ahead of this rank: a rank runs at most one
+/// collective ahead of its peers per lane (each collective waits for every rank's message), so more
+/// is a broken peer: every communicator of the mailbox then fails, rather than buffering without
+/// bound. (The bytes queued are bounded too: [`Mailbox::with_budget`].)
 pub const MAX_QUEUED: usize = 1024;
 
 /// Bytes carried as floats: the data plane's bodies are `f32`s (raw little-endian bytes on the
@@ -170,6 +171,16 @@ struct Queued {
     op: PlaneOp,
 }
 
+impl Queued {
+    /// The bytes it holds (what the mailbox's budget counts).
+    fn bytes(&self) -> usize {
+        match &self.op {
+            PlaneOp::Group(Some(data)) => data.len(),
+            _ => 0,
+        }
+    }
+}
+
 #[derive(Default)]
 struct MailState {
     /// Generations below this one are over: their messages are dropped.
@@ -180,13 +191,15 @@ struct MailState {
     aborted: BTreeMap<Key, String>,
     /// Every communicator is over (the membership epoch ended, or a peer was lost).
     closed: Option<String>,
-    /// Messages queued per peer, for [`MAX_QUEUED`].
-    queued: Vec<usize>,
+    /// Messages and bytes queued per peer, for [`MAX_QUEUED`] and the budget.
+    queued: Vec<(usize, usize)>,
 }
 
 /// The messages that arrived for one worker's communicators, from its packet pump.
 pub struct Mailbox {
     world: usize,
+    /// The most bytes one peer may have queued.
+    budget: usize,
     state: Mutex<MailState>,
     changed: Condvar,
 }
@@ -198,12 +211,20 @@ impl std::fmt::Debug for Mailbox {
 }
 
 impl Mailbox {
-    /// A mailbox for a rank among `world`.
+    /// A mailbox for a rank among `world`, a peer's queued bytes bounded only by [`MAX_QUEUED`]
+    /// messages.
     pub fn new(world: usize) -> Arc<Self> {
+        Self::with_budget(world, usize::MAX)
+    }
+
+    /// A mailbox for a rank among `world` in which one peer may have at most `budget` bytes queued
+    /// (a few of its largest messages: see [`MAX_QUEUED`]).
+    pub fn with_budget(world: usize, budget: usize) -> Arc<Self> {
         Arc::new(Mailbox {
             world,
+            budget,
             state: Mutex::new(MailState {
-                queued: vec![0; world],
+                queued: vec![(0, 0); world],
                 ..MailState::default()
             }),
             changed: Condvar::new(),
@@ -238,22 +259,30 @@ impl Mailbox {
             return None;
         }
         let key = (msg.generation, msg.lane);
-        if st.queued[from] >= MAX_QUEUED {
-            let reason = format!("rank {from} sent more than {MAX_QUEUED} messages ahead of this rank");
-            st.aborted.entry(key).or_insert(reason);
+        let queued = Queued {
+            index: msg.index,
+            comm: msg.comm,
+            op: msg.op,
+        };
+        let (count, bytes) = st.queued[from];
+        if count >= MAX_QUEUED || bytes.saturating_add(queued.bytes()) > self.budget {
+            // A broken peer: every communicator fails (one reason, kept once), its messages
+            // dropped.
+            st.closed = Some(format!(
+                "rank {from} sent more than {} messages or {} bytes ahead of this rank",
+                MAX_QUEUED, self.budget
+            ));
+            st.queues.clear();
+            st.queued = vec![(0, 0); self.world];
         } else {
-            st.queued[from] += 1;
+            st.queued[from] = (count + 1, bytes + queued.bytes());
             let world = self.world;
             let queues = st
                 .queues
                 .entry(key)
                 .or_insert_with(|| (0..world).map(|_| VecDeque::new()).collect());
             if let Some(queue) = queues.get_mut(from) {
-                queue.push_back(Queued {
-                    index: msg.index,
-                    comm: msg.comm,
-                    op: msg.op,
-                });
+                queue.push_back(queued);
             }
         }
         drop(st);
@@ -272,7 +301,9 @@ impl Mailbox {
         for key in old {
             if let Some(queues) = st.queues.remove(&key) {
                 for (peer, q) in queues.iter().enumerate() {
-                    st.queued[peer] -= q.len();
+                    let (count, bytes) = &mut st.queued[peer];
+                    *count = count.saturating_sub(q.len());
+                    *bytes = bytes.saturating_sub(q.iter().map(Queued::bytes).sum());
                 }
             }
         }
@@ -295,9 +326,14 @@ impl Mailbox {
         self.changed.notify_all();
     }
 
-    /// Why `key`'s communicator can no longer be used, if it cannot.
+    /// Why `key`'s communicator can no longer be used, if it cannot (also when a newer
+    /// generation replaced it: its peers have dropped it).
     fn broken(st: &MailState, key: &Key) -> Option<String> {
-        st.closed.clone().or_else(|| st.aborted.get(key).cloned())
+        st.closed.clone().or_else(|| st.aborted.get(key).cloned()).or_else(|| {
+            st.floor
+                .filter(|floor| key.0 < *floor)
+                .map(|floor| format!("the generation of step {floor} replaced it"))
+        })
     }
 }
 
@@ -416,14 +452,17 @@ impl PlaneCollective {
                     format!("the communicator was aborted ({reason})"),
                 ));
             }
-            if let Some(queues) = st.queues.get_mut(&key) {
-                let mut taken = Vec::new();
+            let st_ = &mut *st;
+            if let Some(queues) = st_.queues.get_mut(&key) {
                 for (peer, queue) in queues.iter_mut().enumerate() {
                     if peer == self.rank || got[peer].is_some() {
                         continue;
                     }
-                    if let Some(Queued { index, comm, op }) = queue.pop_front() {
-                        taken.push(peer);
+                    if let Some(queued) = queue.pop_front() {
+                        let (count, bytes) = &mut st_.queued[peer];
+                        *count = count.saturating_sub(1);
+                        *bytes = bytes.saturating_sub(queued.bytes());
+                        let Queued { index, comm, op } = queued;
                         got[peer] = Some(op);
                         if comm != self.comm {
                             drop(st);
@@ -447,9 +486,6 @@ impl PlaneCollective {
                             ));
                         }
                     }
-                }
-                for peer in taken {
-                    st.queued[peer] -= 1;
                 }
             }
             let missing: Vec<Rank> = (0..self.world)
