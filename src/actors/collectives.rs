@@ -77,6 +77,10 @@ struct Generation {
     building: bool,
     /// Closed for good ([`ExpertCollectives::close`]): no generation is built any more.
     closed: Option<String>,
+    /// The latest step this worker itself reached an exchange of, or aborted: a peer's abort
+    /// notice may be for the next step at most (the coordinator starts a step only when every
+    /// worker committed the one before).
+    latest: Option<StepId>,
     /// `[lane][worker]` in process; `[lane][0]`, this worker's, between processes.
     endpoints: Vec<Vec<Endpoint>>,
     aborts: Vec<AbortHandle>,
@@ -277,6 +281,14 @@ impl ExpertCollectives {
             reason,
         }) = plane.mailbox.deliver(packet.from, msg)
         {
+            let latest = self.lock().latest;
+            if let Some(latest) = latest.filter(|latest| step.step > latest.step + 1) {
+                // A notice no peer can send: ignored rather than failing the epoch's later steps.
+                crate::say!(
+                    "semoe worker: worker {from}'s abort notice for step {step} ignored: this worker is at step {latest}"
+                );
+                return;
+            }
             self.abort_here(step, &format!("worker {from} aborted: {reason}"), restartable);
         }
     }
@@ -327,6 +339,10 @@ impl ExpertCollectives {
     /// Between worker processes the peers are told (a `Collective` packet of kind abort), the
     /// first time a step breaks here, so that none waits for this worker until its deadline.
     pub fn abort(&self, step: StepId, reason: &str, restartable: bool) {
+        {
+            let mut g = self.lock();
+            g.latest = g.latest.max(Some(step));
+        }
         if !self.abort_here(step, reason, restartable) {
             return;
         }
@@ -435,6 +451,7 @@ impl ExpertCollectives {
     /// none yet or the last one broke before `step`. Blocking (NCCL initialises here).
     fn endpoint(&self, step: StepId, worker: WorkerId, lane: usize) -> Result<Endpoint> {
         let mut g = self.lock();
+        g.latest = g.latest.max(Some(step));
         loop {
             if let Some(reason) = &g.closed {
                 return Err(Error::collective(
@@ -502,7 +519,7 @@ impl ExpertCollectives {
                     handle.abort(reason);
                 }
             }
-            let closed = g.closed.take();
+            let (closed, latest) = (g.closed.take(), g.latest);
             *g = Generation {
                 number,
                 built_for: Some(step),
@@ -510,6 +527,7 @@ impl ExpertCollectives {
                 cause,
                 building: false,
                 closed,
+                latest,
                 endpoints,
                 aborts,
             };
@@ -954,6 +972,24 @@ mod plane_tests {
             workers[1].give_ids(vec![[3; NCCL_ID_BYTES]; 2]).is_err(),
             "one id per lane"
         );
+    }
+
+    #[test]
+    fn an_abort_notice_for_a_step_no_peer_can_be_at_is_ignored() {
+        let workers = two_workers(Duration::from_secs(20));
+        let step = StepId::first(3);
+        let w1 = workers[1].clone();
+        let other = std::thread::spawn(move || counts(&w1, step, 1));
+        counts(&workers[0], step, 0).expect("worker 0's counts");
+        other.join().expect("thread").expect("worker 1's counts");
+        // Worker 0 claims a failure at step 10 while both are at step 3: worker 1 ignores it.
+        workers[0].abort(StepId::first(10), "a far step", false);
+        let start = Instant::now();
+        while workers[1].lock().broken_at.is_none() && start.elapsed() < Duration::from_millis(300) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(workers[1].lock().broken_at, None, "the far notice was taken");
+        // (A notice for the next step is taken: the first test's step 4.)
     }
 
     #[test]
