@@ -17,8 +17,11 @@ pub struct RuntimeReport {
     pub processes: Vec<usize>,
     /// Worker-process counts measured after them, over QUIC on loopback (`train.same_host = false`).
     pub quic_processes: Vec<usize>,
-    /// In-process worker counts measured last, their expert rows over collectives.
+    /// In-process worker counts measured after them, their expert rows over collectives.
     pub collective_workers: Vec<usize>,
+    /// Worker-process counts measured last, their expert rows over collectives (over the data
+    /// plane's same-host sockets).
+    pub collective_processes: Vec<usize>,
     /// The collectives of those: `sim` (the CPU stand-in of NCCL) or `nccl`.
     pub collective: ExpertExchange,
     /// Median tokens per second of each, over the rounds.
@@ -42,6 +45,8 @@ pub struct RuntimeEngines<'a> {
     pub quic_processes: &'a [usize],
     /// In-process worker counts, their expert rows over `collective`.
     pub collective_workers: &'a [usize],
+    /// Worker-process counts, their expert rows over `collective`.
+    pub collective_processes: &'a [usize],
     /// `Sim` or `Nccl`.
     pub collective: ExpertExchange,
 }
@@ -62,6 +67,7 @@ pub fn runtime_bench(
         processes,
         quic_processes,
         collective_workers,
+        collective_processes,
         collective,
     } = *engines;
     let transport = ExpertExchange::Transport;
@@ -71,6 +77,7 @@ pub fn runtime_bench(
         .chain(processes.iter().map(|&p| (p, p, true, transport)))
         .chain(quic_processes.iter().map(|&p| (p, p, false, transport)))
         .chain(collective_workers.iter().map(|&w| (w, 0, true, collective)))
+        .chain(collective_processes.iter().map(|&p| (p, p, true, collective)))
         .collect();
     let mut trainers = Vec::with_capacity(engines.len());
     for &(w, p, same_host, exchange) in &engines {
@@ -83,7 +90,8 @@ pub fn runtime_bench(
         let dir = base.join(match (p, same_host, exchange) {
             (0, _, ExpertExchange::Transport) => format!("workers-{w}"),
             (0, _, exchange) => format!("workers-{w}-{exchange}"),
-            (_, true, _) => format!("processes-{p}"),
+            (_, true, ExpertExchange::Transport) => format!("processes-{p}"),
+            (_, true, exchange) => format!("processes-{p}-{exchange}"),
             (_, false, _) => format!("quic-processes-{p}"),
         });
         let _ = std::fs::remove_dir_all(&dir);
@@ -116,6 +124,7 @@ pub fn runtime_bench(
         processes: processes.to_vec(),
         quic_processes: quic_processes.to_vec(),
         collective_workers: collective_workers.to_vec(),
+        collective_processes: collective_processes.to_vec(),
         collective,
         tokens_per_s,
         rounds: all,

@@ -198,8 +198,12 @@ pub struct RuntimeArgs {
     /// (`--collective`), e.g. `--workers 2 --collective-workers 2`.
     #[arg(long, value_delimiter = ',')]
     collective_workers: Vec<usize>,
-    /// The collectives of `--collective-workers`: `sim` (the CPU stand-in of NCCL) or `nccl`
-    /// (worker i on GPU i; a build with `--features cuda`).
+    /// Worker-process counts to compare last, their expert rows over collectives
+    /// (`--collective`), e.g. `--processes 2 --collective-processes 2`.
+    #[arg(long, value_delimiter = ',')]
+    collective_processes: Vec<usize>,
+    /// The collectives of `--collective-workers` and `--collective-processes`: `sim` (the CPU
+    /// stand-in of NCCL) or `nccl` (worker i on GPU i; a build with `--features cuda`).
     #[arg(long, default_value = "sim", value_parser = ["sim", "nccl"])]
     collective: String,
     /// Untimed steps first (per engine).
@@ -644,6 +648,7 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
                     processes: &a.processes,
                     quic_processes: &a.quic_processes,
                     collective_workers: &a.collective_workers,
+                    collective_processes: &a.collective_processes,
                     collective: a.collective.parse()?,
                 },
                 a.warmup,
@@ -670,6 +675,11 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
                         r.collective_workers
                             .iter()
                             .map(|w| format!("{w} worker(s), {}", r.collective)),
+                    )
+                    .chain(
+                        r.collective_processes
+                            .iter()
+                            .map(|p| format!("{p} processes, {}", r.collective)),
                     );
                 for (name, tps) in names.zip(&r.tokens_per_s) {
                     println!(
