@@ -3,6 +3,8 @@
 //! with an error naming the collective, the ranks and the counts (never a hang), aborts, many rounds
 //! of random sizes, and the results bitwise equal to a direct exchange.
 
+mod common;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use semoe::error::Error;
@@ -15,17 +17,7 @@ const WORLD: usize = 3;
 
 /// Run `f` on every rank of a new 3-rank communicator, each on its own thread; answer in rank order.
 fn on_ranks<T: Send>(deadline: Duration, f: impl Fn(&mut SimCollective) -> T + Sync) -> Vec<T> {
-    let comms = SimCollective::communicator(WORLD, 0, deadline).expect("3 ranks");
-    std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|mut c| {
-                let f = &f;
-                s.spawn(move || f(&mut c))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
-    })
+    common::on_threads(SimCollective::communicator(WORLD, 0, deadline).expect("3 ranks"), f)
 }
 
 /// `buffers[i][j]`: the bytes rank `i` sends rank `j`, sizes from `rng` (about a quarter empty).

@@ -7,6 +7,8 @@
 //! reach a newer one. (The transport is the in-process one: the same packets as between
 //! processes, without the sockets; `tests/elastic_processes.rs` runs it between processes.)
 
+mod common;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use semoe::error::Error;
@@ -70,18 +72,19 @@ fn with_ids(ranks: &[Rank], generation: StepId, deadline: Duration, ids: &[[u8; 
         .collect()
 }
 
-/// Run `f` on every communicator, each on its own thread; answer in rank order.
-fn on_ranks<T: Send>(comms: Vec<PlaneCollective>, f: impl Fn(&mut PlaneCollective) -> T + Sync) -> Vec<T> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|mut c| {
-                let f = &f;
-                s.spawn(move || f(&mut c))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
-    })
+/// Rank 0's communicator of lane 0 of `generation` over `mailbox` (id `[3; 128]`, as
+/// [`communicators`]).
+fn rank0(ranks: &[Rank], mailbox: Arc<Mailbox>, generation: StepId) -> PlaneCollective {
+    PlaneCollective::new(
+        ranks[0].transport.clone(),
+        mailbox,
+        0,
+        generation,
+        &[3; 128],
+        7,
+        Duration::from_secs(30),
+    )
+    .expect("a communicator")
 }
 
 fn message<T: std::fmt::Debug>(r: &Result<T, Error>) -> String {
@@ -116,7 +119,7 @@ fn many_rounds_of_random_sizes_equal_a_direct_exchange_bitwise() {
                 .collect()
         })
         .collect();
-    let results = on_ranks(communicators(&ranks, GEN, Duration::from_secs(10)), |c| {
+    let results = common::on_threads(communicators(&ranks, GEN, Duration::from_secs(10)), |c| {
         let (scheduler, me) = (AllToAllV::new(301), c.rank());
         plan.iter()
             .map(|round| scheduler.exchange(c, round[me].clone()))
@@ -136,7 +139,7 @@ fn many_rounds_of_random_sizes_equal_a_direct_exchange_bitwise() {
 fn ranks_issuing_collectives_in_another_order_are_an_error_naming_them() {
     let (ranks, _) = ranks();
     let start = Instant::now();
-    let results = on_ranks(communicators(&ranks, GEN, Duration::from_secs(30)), |c| {
+    let results = common::on_threads(communicators(&ranks, GEN, Duration::from_secs(30)), |c| {
         if c.rank() == 1 {
             c.group(Group::new()).map(|_| ())
         } else {
@@ -162,7 +165,7 @@ fn ranks_issuing_collectives_in_another_order_are_an_error_naming_them() {
 #[test]
 fn sends_and_receives_that_do_not_match_are_errors_naming_the_counts() {
     let (ranks, _) = ranks();
-    let results = on_ranks(communicators(&ranks, GEN, Duration::from_secs(30)), |c| {
+    let results = common::on_threads(communicators(&ranks, GEN, Duration::from_secs(30)), |c| {
         let mut group = Group::new();
         match c.rank() {
             // Rank 0 sends 12 bytes to rank 2, which posts a receive of 10.
@@ -206,7 +209,7 @@ fn a_rank_that_skips_a_collective_makes_the_others_miss_their_deadline_naming_it
     let (ranks, _) = ranks();
     let deadline = Duration::from_millis(300);
     let start = Instant::now();
-    let results = on_ranks(communicators(&ranks, GEN, deadline), |c| {
+    let results = common::on_threads(communicators(&ranks, GEN, deadline), |c| {
         c.all_to_all_counts(&[1, 2, 3])?;
         if c.rank() == 2 {
             return Ok(Vec::new()); // rank 2 never issues collective 1
@@ -287,7 +290,7 @@ fn a_new_generation_never_sees_the_messages_of_an_older_one() {
     // Generation (5, 0): ranks 0 and 1 issue collective 0, rank 2 fails before it and aborts;
     // their messages are left unread in the mailboxes.
     let old = communicators(&ranks, GEN, Duration::from_millis(200));
-    let results = on_ranks(old, |c| {
+    let results = common::on_threads(old, |c| {
         if c.rank() == 2 {
             return Ok(Vec::new());
         }
@@ -317,7 +320,7 @@ fn a_new_generation_never_sees_the_messages_of_an_older_one() {
     // The replay's generation, (5, 1): the stale counts of (5, 0) are dropped, not read as its
     // collective 0.
     let replay = StepId { step: 5, attempt: 1 };
-    let results = on_ranks(communicators(&ranks, replay, Duration::from_secs(10)), |c| {
+    let results = common::on_threads(communicators(&ranks, replay, Duration::from_secs(10)), |c| {
         let me = c.rank() as u64;
         c.all_to_all_counts(&[me, me + 10, me + 20])
     });
@@ -344,7 +347,7 @@ fn a_rank_given_another_communicator_id_is_refused_naming_it() {
     let mut ids = [[3u8; 128]; WORLD];
     ids[1][100] = 4;
     let start = Instant::now();
-    let results = on_ranks(with_ids(&ranks, GEN, Duration::from_secs(30), &ids), |c| {
+    let results = common::on_threads(with_ids(&ranks, GEN, Duration::from_secs(30), &ids), |c| {
         c.all_to_all_counts(&[0, 0, 0])
     });
     assert!(
@@ -422,16 +425,7 @@ fn a_peer_that_floods_the_mailbox_fails_every_communicator_at_once() {
     small.deliver(1, msg(GEN, 1, PlaneOp::Group(Some(PlaneData::from_bytes(&[1; 60])))));
     small.deliver(2, msg(GEN, 1, PlaneOp::Group(Some(PlaneData::from_bytes(&[1; 60])))));
     small.deliver(1, msg(GEN, 1, PlaneOp::Group(Some(PlaneData::from_bytes(&[1; 41])))));
-    let mut comm = PlaneCollective::new(
-        ranks[0].transport.clone(),
-        small,
-        0,
-        GEN,
-        &[3; 128],
-        7,
-        Duration::from_secs(30),
-    )
-    .expect("a communicator");
+    let mut comm = rank0(&ranks, small, GEN);
     let err = comm.group(Group::new()).expect_err("closed");
     assert!(err.to_string().contains("rank 1 sent more than"), "{err}");
     assert!(err.to_string().contains("100 bytes"), "{err}");
@@ -447,16 +441,7 @@ fn refused_messages_do_not_count_against_their_peer() {
         let generation = StepId::first(g);
         mailbox.deliver(1, msg(generation, 99, PlaneOp::Count(0)));
         mailbox.deliver(2, msg(generation, comm_digest(&[3; 128]), PlaneOp::Count(0)));
-        let mut comm = PlaneCollective::new(
-            ranks[0].transport.clone(),
-            mailbox.clone(),
-            0,
-            generation,
-            &[3; 128],
-            7,
-            Duration::from_secs(30),
-        )
-        .expect("a communicator");
+        let mut comm = rank0(&ranks, mailbox.clone(), generation);
         let err = comm.all_to_all_counts(&[0, 0, 0]).expect_err("another communicator");
         assert!(err.to_string().contains("rank 1 is in another communicator"), "{err}");
     }
@@ -468,16 +453,7 @@ fn refused_messages_do_not_count_against_their_peer() {
             msg(generation, comm_digest(&[3; 128]), PlaneOp::Count(peer as u64)),
         );
     }
-    let mut comm = PlaneCollective::new(
-        ranks[0].transport.clone(),
-        mailbox,
-        0,
-        generation,
-        &[3; 128],
-        7,
-        Duration::from_secs(30),
-    )
-    .expect("a communicator");
+    let mut comm = rank0(&ranks, mailbox, generation);
     assert_eq!(comm.all_to_all_counts(&[5, 0, 0]).expect("counts"), vec![5, 1, 2]);
 }
 

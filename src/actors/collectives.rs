@@ -512,25 +512,21 @@ impl ExpertCollectives {
                     handle.abort(&reason);
                 }
             }
-            let cause = if aborted.is_some() { g.cause.take() } else { None };
+            if aborted.is_none() {
+                g.cause = None;
+            }
             if let Some(reason) = &g.closed {
                 // Closed while building: born closed.
                 for handle in &aborts {
                     handle.abort(reason);
                 }
             }
-            let (closed, latest) = (g.closed.take(), g.latest);
-            *g = Generation {
-                number,
-                built_for: Some(step),
-                broken_at: aborted,
-                cause,
-                building: false,
-                closed,
-                latest,
-                endpoints,
-                aborts,
-            };
+            // (`closed` and `latest` are the worker's, not the generation's: they stay.)
+            g.number = number;
+            g.built_for = Some(step);
+            g.broken_at = aborted;
+            g.endpoints = endpoints;
+            g.aborts = aborts;
         }
     }
 

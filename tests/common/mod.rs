@@ -311,3 +311,18 @@ pub async fn train_steps(
         generations,
     })
 }
+
+/// Run `f` on each of `items` on a thread of its own (the ranks of a communicator, each blocking
+/// in its collectives); answer in the items' order.
+pub fn on_threads<C: Send, T: Send>(items: Vec<C>, f: impl Fn(&mut C) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .into_iter()
+            .map(|mut item| {
+                let f = &f;
+                s.spawn(move || f(&mut item))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a thread")).collect()
+    })
+}
