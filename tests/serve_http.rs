@@ -7,7 +7,7 @@
 mod common;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use semoe::infer::{generate, SampleOptions};
+use semoe::infer::{generate, Decode, Emitted, SampleOptions, SeqId};
 use semoe::kernels::Cpu;
 use semoe::model::gpt::{Gpt, GptConfig};
 use semoe::serve::{ServeConfig, Server};
@@ -61,7 +61,20 @@ impl Running {
             addr: "127.0.0.1:0".into(),
             ..config
         };
-        let server = Server::bind(&model(), config).expect("bind").with_metrics(recorder());
+        Running::serve(Server::bind(&model(), config).expect("bind"))
+    }
+
+    /// A server over a decoder of the test's own.
+    fn start_decoder(decoder: Box<dyn Decode>, config: ServeConfig) -> Running {
+        let config = ServeConfig {
+            addr: "127.0.0.1:0".into(),
+            ..config
+        };
+        Running::serve(Server::bind_decoder(decoder, config).expect("bind"))
+    }
+
+    fn serve(server: Server) -> Running {
+        let server = server.with_metrics(recorder());
         let addr = server.local_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -176,7 +189,7 @@ fn post(addr: SocketAddr, body: &Value) -> Reply {
 
 fn health(addr: SocketAddr) -> Value {
     let reply = http(addr, "GET", "/health", b"");
-    assert_eq!(reply.status, 200);
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
     reply.json()
 }
 
@@ -419,14 +432,177 @@ fn a_client_that_disconnects_mid_stream_frees_its_slot() {
 
 #[test]
 fn a_client_that_stops_reading_is_cancelled_after_the_client_timeout() {
-    let server = long_server(Duration::from_millis(300));
+    let server = Running::start(ServeConfig {
+        max_batch: 1,
+        max_tokens: 10_000_000,
+        client_timeout: Duration::from_millis(300),
+        grace: Duration::from_secs(120),
+        ..ServeConfig::default()
+    });
     let addr = server.addr;
     let stream = endless(addr);
     // The socket buffers fill, then the channel, then the timeout runs out.
     wait_for(addr, "the stalled stream to be cancelled", |h| h["active"] == 0);
     let reply = post(addr, &serde_json::json!({ "prompt": "c", "max_tokens": 20 }));
     assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    // Its connection was cut too (a write that could not proceed within the client timeout), so
+    // it does not hold the shutdown for the 120 s grace period. The client still holds its socket.
+    let start = Instant::now();
+    server.stop().expect("a clean shutdown");
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "the shutdown waited {:?} for the stalled connection",
+        start.elapsed()
+    );
     drop(stream);
+}
+
+#[test]
+fn requests_whose_client_left_while_queued_give_their_place_back() {
+    let server = Running::start(ServeConfig {
+        max_batch: 1,
+        queue: 2,
+        max_tokens: 10_000_000,
+        ..ServeConfig::default()
+    });
+    let addr = server.addr;
+    let running = endless(addr);
+    // Two requests fill the queue, and their clients leave at once.
+    for prompt in ["x", "y"] {
+        let mut stream = connect(addr);
+        let request = serde_json::json!({ "prompt": prompt, "max_tokens": 5, "stream": true });
+        send(&mut stream, "POST", "/v1/completions", request.to_string().as_bytes());
+        wait_for(addr, "the request to be queued", |h| h["queued"] != 0);
+        drop(stream);
+    }
+    // They leave the queue while the first request still runs.
+    wait_for(addr, "the departed requests to leave the queue", |h| {
+        h["queued"] == 0 && h["active"] == 1
+    });
+    let mut waiting = connect(addr);
+    let request = serde_json::json!({ "prompt": "z", "max_tokens": 5, "stream": true });
+    send(&mut waiting, "POST", "/v1/completions", request.to_string().as_bytes());
+    wait_for(addr, "a new request to be queued", |h| h["queued"] == 1);
+    drop(running);
+    let mut raw = Vec::new();
+    waiting.read_to_end(&mut raw).expect("the queued request's answer");
+    assert!(String::from_utf8_lossy(&raw).contains("event: done"));
+}
+
+/// A decoder whose every step fails (as a ring that cannot read its checkpoint does), or panics.
+struct Broken {
+    panics: bool,
+    vocab: usize,
+    active: usize,
+}
+
+impl Decode for Broken {
+    fn max_batch(&self) -> usize {
+        1
+    }
+    fn vocab(&self) -> usize {
+        self.vocab
+    }
+    fn active(&self) -> usize {
+        self.active
+    }
+    fn has_room(&self) -> bool {
+        self.active == 0
+    }
+    fn admit(&mut self, _prompt: &[u8], _opts: &SampleOptions) -> semoe::Result<SeqId> {
+        self.active = 1;
+        Ok(0)
+    }
+    fn cancel(&mut self, _id: SeqId) -> bool {
+        std::mem::replace(&mut self.active, 0) == 1
+    }
+    fn step(&mut self) -> semoe::Result<Vec<Emitted>> {
+        if self.panics {
+            panic!("a bug in the decoder (this panic is the test's)");
+        }
+        Err(semoe::Error::runtime(
+            "cannot read piece Expert(1, 3) of the checkpoint",
+        ))
+    }
+}
+
+fn broken_server(panics: bool, vocab: usize) -> Running {
+    let decoder = Broken {
+        panics,
+        vocab,
+        active: 0,
+    };
+    Running::start_decoder(Box::new(decoder), ServeConfig::default())
+}
+
+#[test]
+fn a_failing_decoder_answers_500_and_health_says_so() {
+    let server = broken_server(false, 256);
+    let addr = server.addr;
+    assert_eq!(health(addr)["status"], "ok");
+    let reply = post(addr, &serde_json::json!({ "prompt": "a", "max_tokens": 5 }));
+    assert_eq!(reply.status, 500, "{}", String::from_utf8_lossy(&reply.body));
+    let message = reply.json()["error"].as_str().expect("message").to_string();
+    assert!(message.contains("cannot read piece Expert(1, 3)"), "{message}");
+    let reply = http(addr, "GET", "/health", b"");
+    assert_eq!(reply.status, 503, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(reply.json()["status"], "failing");
+    assert!(reply.json()["error"].as_str().expect("error").contains("Expert(1, 3)"));
+    // Streamed: the error event names it too.
+    let reply = post(
+        addr,
+        &serde_json::json!({ "prompt": "a", "max_tokens": 5, "stream": true }),
+    );
+    let text = String::from_utf8_lossy(&reply.body).to_string();
+    assert!(text.contains("event: error") && text.contains("Expert(1, 3)"), "{text}");
+    server.stop().expect("a clean shutdown");
+}
+
+#[test]
+fn a_decoder_thread_that_panicked_is_reported_and_refuses_requests() {
+    let server = broken_server(true, 256);
+    let addr = server.addr;
+    let reply = post(addr, &serde_json::json!({ "prompt": "a", "max_tokens": 5 }));
+    assert_eq!(reply.status, 500, "{}", String::from_utf8_lossy(&reply.body));
+    let start = Instant::now();
+    let failed = loop {
+        let reply = http(addr, "GET", "/health", b"");
+        if reply.status == 503 {
+            break reply.json();
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "health still {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(failed["status"], "failed");
+    let reply = post(addr, &serde_json::json!({ "prompt": "b", "max_tokens": 5 }));
+    assert_eq!(reply.status, 503);
+    assert!(reply.json()["error"]
+        .as_str()
+        .expect("message")
+        .contains("decoder thread has stopped"));
+    let e = server.stop().expect_err("the panic is reported");
+    assert!(e.to_string().contains("panicked"), "{e}");
+}
+
+#[test]
+fn a_prompt_byte_outside_the_vocabulary_is_a_400_naming_the_prompt() {
+    let server = broken_server(false, 128);
+    let reply = post(
+        server.addr,
+        &serde_json::json!({ "prompt": "ab\u{e9}", "max_tokens": 5 }),
+    );
+    assert_eq!(reply.status, 400, "{}", String::from_utf8_lossy(&reply.body));
+    let value = reply.json();
+    assert_eq!(value["field"], "prompt");
+    let message = value["error"].as_str().expect("message");
+    assert!(
+        message.contains("byte 2") && message.contains("vocabulary of 128"),
+        "{message}"
+    );
 }
 
 /// The `semoe` binary, killed and reaped when dropped (also when the test fails).

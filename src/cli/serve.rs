@@ -104,9 +104,19 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
         server
             .run(async move {
                 tokio::select! {
-                    _ = term.recv() => eprintln!("SIGTERM: shutting down"),
-                    _ = int.recv() => eprintln!("Ctrl-C: shutting down"),
+                    _ = term.recv() => eprintln!("SIGTERM: shutting down (a second signal exits at once)"),
+                    _ = int.recv() => eprintln!("Ctrl-C: shutting down (a second signal exits at once)"),
                 }
+                // Tokio keeps its handlers installed: without this a second signal would be
+                // swallowed until the grace period ends.
+                tokio::spawn(async move {
+                    let code = tokio::select! {
+                        _ = term.recv() => 128 + 15,
+                        _ = int.recv() => 128 + 2,
+                    };
+                    eprintln!("a second signal: exiting at once");
+                    std::process::exit(code);
+                });
             })
             .await
     })

@@ -274,6 +274,8 @@ impl<S: WeightSource> BatchDecoder<S> {
 pub trait Decode: Send {
     /// See [`BatchDecoder::max_batch`].
     fn max_batch(&self) -> usize;
+    /// The model's vocabulary (prompt bytes must be below it).
+    fn vocab(&self) -> usize;
     /// See [`BatchDecoder::active`].
     fn active(&self) -> usize;
     /// See [`BatchDecoder::has_room`].
@@ -289,6 +291,9 @@ pub trait Decode: Send {
 impl<S: WeightSource + Send> Decode for BatchDecoder<S> {
     fn max_batch(&self) -> usize {
         BatchDecoder::max_batch(self)
+    }
+    fn vocab(&self) -> usize {
+        self.source.config().vocab
     }
     fn active(&self) -> usize {
         BatchDecoder::active(self)

@@ -5,7 +5,7 @@
 //! events are relayed to the client, so tokio's threads stay free for connections.
 
 use super::request::{self, Invalid};
-use super::scheduler::{count_outcome, Event, Job, Queue, Refused, CHANNEL_EVENTS};
+use super::scheduler::{count_outcome, Event, FailureKind, Job, Queue, Refused, CHANNEL_EVENTS};
 use super::stream::{finished_json, SseBody};
 use super::ServeConfig;
 use http_body_util::combinators::BoxBody;
@@ -36,6 +36,8 @@ pub struct State {
     pub queue: Queue,
     /// The recorder behind `/metrics`, if any.
     pub metrics: Option<PrometheusHandle>,
+    /// The model's vocabulary: prompt bytes at or above it are refused.
+    pub vocab: usize,
 }
 
 /// Accept connections until `shutdown` resolves; then refuse new requests, ask every connection to
@@ -101,7 +103,11 @@ async fn connection(stream: tokio::net::TcpStream, state: Arc<State>, mut stop: 
     });
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
-    let conn = http.serve_connection(TokioIo::new(stream), service);
+    // A client that stops reading (its window closed, the socket open) would hold the connection
+    // for ever: a write that cannot proceed within the client timeout ends it.
+    let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(header_timeout));
+    let conn = http.serve_connection(TokioIo::new(Box::pin(stream)), service);
     tokio::pin!(conn);
     tokio::select! {
         // A client that went away or sent something that is not HTTP: nobody to tell.
@@ -165,20 +171,37 @@ async fn answer(request: Request<Incoming>, state: &State) -> Response<Body> {
     }
 }
 
+/// `/health`: 200 while the server can serve (or is shutting down), 503 with the error when the
+/// decoder's last step failed (a ring that cannot read the checkpoint fails every step) or its
+/// thread has stopped, so that an orchestrator restarts it.
 fn health(state: &State) -> Response<Body> {
     let stats = state.queue.stats();
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "status": if state.queue.is_closed() { "shutting_down" } else { "ok" },
+    let (status, label, error) = if state.queue.is_closed() {
+        (StatusCode::OK, "shutting_down", None)
+    } else if stats.decoder_ended.load(Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "failed",
+            Some("the decoder thread has stopped".to_string()),
+        )
+    } else if let Some(e) = stats.last_error() {
+        (StatusCode::SERVICE_UNAVAILABLE, "failing", Some(e))
+    } else {
+        (StatusCode::OK, "ok", None)
+    };
+    let mut value = json!({
+            "status": label,
             "active": stats.active.load(Ordering::SeqCst),
             "queued": stats.queued.load(Ordering::SeqCst),
             "max_batch": state.config.max_batch,
             "peak_batch": stats.peak_batch.load(Ordering::SeqCst),
             "steps": stats.steps.load(Ordering::Relaxed),
             "generated_bytes": stats.generated_bytes.load(Ordering::Relaxed),
-        }),
-    )
+    });
+    if let Some(e) = error {
+        value["error"] = json!(e);
+    }
+    json_response(status, &value)
 }
 
 /// A refusal of a completion request, counted as `rejected`.
@@ -231,6 +254,16 @@ async fn completion(request: Request<Incoming>, state: &State) -> Response<Body>
         Ok(c) => c,
         Err(Invalid { message, field }) => return rejected(StatusCode::BAD_REQUEST, &message, field),
     };
+    if let Some(at) = completion.prompt.iter().position(|&b| b as usize >= state.vocab) {
+        return rejected(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "the prompt's byte {at} is {}, outside the model's vocabulary of {} bytes",
+                completion.prompt[at], state.vocab
+            ),
+            Some("prompt"),
+        );
+    }
     let (events, mut receiver) = mpsc::channel(CHANNEL_EVENTS);
     let job = Job {
         prompt: completion.prompt,
@@ -259,6 +292,14 @@ async fn completion(request: Request<Incoming>, state: &State) -> Response<Body>
             count_outcome("shutdown");
             return error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down", None);
         }
+        Err(Refused::Stopped) => {
+            count_outcome("error");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server cannot generate: its decoder thread has stopped",
+                None,
+            );
+        }
     }
     if completion.stream {
         let mut response = Response::new(SseBody::new(receiver).boxed());
@@ -277,7 +318,14 @@ async fn completion(request: Request<Incoming>, state: &State) -> Response<Body>
                 value["bytes"] = json!(bytes);
                 return json_response(StatusCode::OK, &value);
             }
-            Some(Event::Failed(message)) => return error(StatusCode::SERVICE_UNAVAILABLE, &message, None),
+            Some(Event::Failed(failure)) => {
+                let status = match failure.kind {
+                    FailureKind::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+                    FailureKind::Invalid => StatusCode::BAD_REQUEST,
+                    FailureKind::Compute | FailureKind::Timeout => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                return error(status, &failure.message, None);
+            }
             None => {
                 return error(
                     StatusCode::INTERNAL_SERVER_ERROR,

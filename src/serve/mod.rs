@@ -155,6 +155,7 @@ impl Server {
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|e| Error::runtime(format!("serve {addr}: cannot register the socket: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let vocab = decoder.vocab();
         let (scheduler, queue) =
             scheduler::Scheduler::new(decoder, config.queue, config.client_timeout, Arc::clone(&stop));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -165,12 +166,28 @@ impl Server {
                 let _ = done_tx.send(());
             })
             .map_err(|e| Error::runtime(format!("serve: cannot start the decoder thread: {e}")))?;
+        // The recorder keeps every histogram sample until a scrape or an upkeep drains it: without
+        // this, a server nobody scrapes would grow by two samples a decoder step.
+        let upkeep = metrics.clone().map(|handle| {
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(crate::telemetry::metrics::UPKEEP);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    handle.run_upkeep();
+                }
+            })
+        });
         let state = Arc::new(http::State {
             config: config.clone(),
             queue,
             metrics,
+            vocab,
         });
         let connections = http::accept_until(listener, Arc::clone(&state), shutdown).await;
+        if let Some(task) = upkeep {
+            task.abort();
+        }
         // Grace is over (or every request is done): stop the decoder, which fails what it still holds.
         stop.store(true, Ordering::SeqCst);
         let stopped = tokio::time::timeout(DECODER_STOP, done_rx).await.is_ok();

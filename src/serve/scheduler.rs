@@ -1,18 +1,20 @@
 //! The decoder thread: one OS thread owns the batch decoder ([`Decode`]) and runs its steps, so that compute
 //! never blocks tokio's threads; requests reach it through a bounded queue.
 //!
-//! Between two steps it admits queued requests while the batch has room (continuous batching), and
-//! hands each drawn byte to its request's channel. The channel is bounded: the thread never waits
+//! Between two steps it takes every newly queued request into a waiting list of its own (dropping
+//! those whose client has left, so that they do not hold a place in the queue), admits waiting
+//! requests while the batch has room (continuous batching), and hands each drawn byte to its
+//! request's channel. The channel is bounded: the thread never waits
 //! on a client. A byte that does not fit is kept with its sequence and sent with the next ones; a
 //! channel that stays full past the client timeout, or that its client closed, cancels the
 //! sequence and frees its slot.
 
 use crate::infer::{Decode, SampleOptions, SeqId};
 use crate::telemetry::metrics as names;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
@@ -30,8 +32,40 @@ pub enum Event {
     Bytes(Vec<u8>),
     /// The sequence is complete.
     Done(Finished),
-    /// The sequence was stopped (shutdown, a compute error); the message says why.
-    Failed(String),
+    /// The sequence was stopped; the failure says why.
+    Failed(Failure),
+}
+
+/// Why a sequence was stopped before its end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// What kind of failure (the HTTP status of a whole response).
+    pub kind: FailureKind,
+    /// What happened, for the client.
+    pub message: String,
+}
+
+/// The kinds of [`Failure`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The server is shutting down (503).
+    Shutdown,
+    /// The decoder refused the request (400): for example a prompt byte outside the model's
+    /// vocabulary.
+    Invalid,
+    /// The computation failed (500): a weight that cannot be read, a non-finite gate.
+    Compute,
+    /// The client left its stream unread for longer than the client timeout.
+    Timeout,
+}
+
+impl Failure {
+    fn new(kind: FailureKind, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+        }
+    }
 }
 
 /// Counts and timing of a completed sequence.
@@ -65,8 +99,10 @@ pub struct Job {
 pub enum Refused {
     /// The queue is full.
     Full,
-    /// The server is shutting down, or the decoder thread has stopped.
+    /// The server is shutting down.
     Closed,
+    /// The decoder thread has stopped (it panicked): nothing can be served.
+    Stopped,
 }
 
 /// Figures shared by the decoder thread and the HTTP side (for `/health`); the same figures go to
@@ -83,34 +119,65 @@ pub struct Stats {
     pub steps: AtomicU64,
     /// Bytes generated.
     pub generated_bytes: AtomicU64,
+    /// Whether the decoder thread has ended (see [`Stats::decoder_ended`]).
+    pub decoder_ended: AtomicBool,
+    /// The error of the decoder's last step, when it failed; cleared by a step that succeeds.
+    /// While it is set, `/health` reports the server as failing.
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl Stats {
+    /// The failure of the decoder's last step, if it failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn set_last_error(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = error;
+    }
 }
 
 /// The HTTP side's handle on the decoder thread.
 #[derive(Clone, Debug)]
 pub struct Queue {
-    jobs: std_mpsc::SyncSender<Job>,
+    jobs: std_mpsc::Sender<Job>,
+    /// The most requests waiting at once (queued and not yet in the batch).
+    capacity: usize,
     closing: Arc<AtomicBool>,
     stats: Arc<Stats>,
 }
 
 impl Queue {
-    /// Queue a request, without waiting.
+    /// Queue a request, without waiting. The queue's bound is the count of waiting requests
+    /// ([`Stats::queued`]), from which the decoder thread takes those whose client has left.
     pub fn submit(&self, job: Job) -> Result<(), Refused> {
         if self.closing.load(Ordering::SeqCst) {
             return Err(Refused::Closed);
         }
+        if self.stats.decoder_ended.load(Ordering::SeqCst) {
+            return Err(Refused::Stopped);
+        }
         // Counted before it is sent, so that the decoder thread never takes away more than was added.
-        self.stats.queued.fetch_add(1, Ordering::SeqCst);
-        match self.jobs.try_send(job) {
+        let capacity = self.capacity;
+        if self
+            .stats
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < capacity).then_some(n + 1))
+            .is_err()
+        {
+            return Err(Refused::Full);
+        }
+        match self.jobs.send(job) {
             Ok(()) => {
                 metrics::gauge!(names::SERVE_QUEUED).increment(1.0);
                 Ok(())
             }
-            Err(e) => {
+            Err(_) => {
                 self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-                Err(match e {
-                    std_mpsc::TrySendError::Full(_) => Refused::Full,
-                    std_mpsc::TrySendError::Disconnected(_) => Refused::Closed,
+                Err(if self.closing.load(Ordering::SeqCst) {
+                    Refused::Closed
+                } else {
+                    Refused::Stopped
                 })
             }
         }
@@ -164,8 +231,24 @@ enum Delivery {
 }
 
 impl Running {
-    /// Hand the pending bytes (and the end, once finished) to the channel, without waiting.
+    /// Hand the pending bytes (and the end, once finished) to the channel, without waiting. A
+    /// client that has left its events unread past the timeout gets a last event saying so (the
+    /// channel's last slot is kept free for it) and is [`Delivery::Gone`].
     fn deliver(&mut self, client_timeout: Duration, now: Instant) -> Delivery {
+        let delivery = self.try_deliver(client_timeout, now);
+        if let Delivery::Gone("timeout") = delivery {
+            let _ = self.events.try_send(Event::Failed(Failure::new(
+                FailureKind::Timeout,
+                format!(
+                    "the stream was left unread for longer than the client timeout ({})",
+                    humantime::format_duration(client_timeout)
+                ),
+            )));
+        }
+        delivery
+    }
+
+    fn try_deliver(&mut self, client_timeout: Duration, now: Instant) -> Delivery {
         if !self.pending.is_empty() {
             // Bytes leave the channel's last slot free: the last word (a failure at shutdown,
             // sent without waiting) must always fit, or the client would see the stream cut.
@@ -214,6 +297,8 @@ impl Running {
 pub struct Scheduler {
     decoder: Box<dyn Decode>,
     jobs: std_mpsc::Receiver<Job>,
+    /// Requests taken from the channel, waiting for room in the batch, oldest first.
+    waiting: VecDeque<Job>,
     running: HashMap<SeqId, Running>,
     /// Sequences that left the batch and whose last events wait for room in their channel.
     draining: Vec<Running>,
@@ -233,16 +318,18 @@ impl Scheduler {
         client_timeout: Duration,
         stop: Arc<AtomicBool>,
     ) -> (Scheduler, Queue) {
-        let (tx, rx) = std_mpsc::sync_channel(capacity);
+        let (tx, rx) = std_mpsc::channel();
         let stats = Arc::new(Stats::default());
         let queue = Queue {
             jobs: tx,
+            capacity,
             closing: Arc::new(AtomicBool::new(false)),
             stats: Arc::clone(&stats),
         };
         let scheduler = Scheduler {
             decoder,
             jobs: rx,
+            waiting: VecDeque::new(),
             running: HashMap::new(),
             draining: Vec::new(),
             client_timeout,
@@ -253,18 +340,27 @@ impl Scheduler {
         (scheduler, queue)
     }
 
-    /// Run until `stop` is set or every queue handle is dropped (and nothing is left to do).
+    /// Run until `stop` is set or every queue handle is dropped (and nothing is left to do). When
+    /// it ends, for whatever reason (a panic included), new requests are refused.
     pub fn run(mut self) {
+        struct Ended(Arc<Stats>);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                self.0.decoder_ended.store(true, Ordering::SeqCst);
+            }
+        }
+        let _ended = Ended(Arc::clone(&self.stats));
         let mut disconnected = false;
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 self.fail_all("the server is shutting down");
                 break;
             }
-            disconnected |= self.admit_queued();
+            disconnected |= self.take_queued();
+            self.admit_waiting();
             self.deliver_all();
             if self.decoder.active() == 0 {
-                if disconnected && self.draining.is_empty() {
+                if disconnected && self.draining.is_empty() && self.waiting.is_empty() {
                     break;
                 }
                 // Idle: wait for a request (or a little, while a client reads its last bytes).
@@ -274,7 +370,7 @@ impl Scheduler {
                     Duration::from_millis(2)
                 };
                 match self.jobs.recv_timeout(wait) {
-                    Ok(job) => self.admit(job),
+                    Ok(job) => self.waiting.push_back(job),
                     Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                     Err(std_mpsc::RecvTimeoutError::Disconnected) => disconnected = true,
                 }
@@ -285,16 +381,39 @@ impl Scheduler {
         self.report_active();
     }
 
-    /// Admit queued requests while the batch has room; true when every sender is gone.
-    fn admit_queued(&mut self) -> bool {
-        while self.decoder.has_room() {
+    /// Move every request sent since the last look into the waiting list, and drop the waiting
+    /// requests whose client has left; true when every sender is gone.
+    fn take_queued(&mut self) -> bool {
+        let disconnected = loop {
             match self.jobs.try_recv() {
-                Ok(job) => self.admit(job),
-                Err(std_mpsc::TryRecvError::Empty) => return false,
-                Err(std_mpsc::TryRecvError::Disconnected) => return true,
+                Ok(job) => self.waiting.push_back(job),
+                Err(std_mpsc::TryRecvError::Empty) => break false,
+                Err(std_mpsc::TryRecvError::Disconnected) => break true,
+            }
+        };
+        let stats = &self.stats;
+        self.waiting.retain(|job| {
+            if job.events.is_closed() {
+                // Its client went away while it waited: its place in the queue is free again.
+                stats.queued.fetch_sub(1, Ordering::SeqCst);
+                metrics::gauge!(names::SERVE_QUEUED).decrement(1.0);
+                count_outcome("cancelled");
+                false
+            } else {
+                true
+            }
+        });
+        disconnected
+    }
+
+    /// Admit waiting requests, oldest first, while the batch has room.
+    fn admit_waiting(&mut self) {
+        while self.decoder.has_room() {
+            match self.waiting.pop_front() {
+                Some(job) => self.admit(job),
+                None => return,
             }
         }
-        false
     }
 
     fn admit(&mut self, job: Job) {
@@ -326,8 +445,17 @@ impl Scheduler {
                 self.report_active();
             }
             Err(e) => {
-                count_outcome("error");
-                let _ = job.events.try_send(Event::Failed(e.to_string()));
+                // The request's own fault (a prompt byte outside the vocabulary) or the decoder's.
+                let kind = match e {
+                    crate::Error::Config(_) => FailureKind::Invalid,
+                    _ => FailureKind::Compute,
+                };
+                count_outcome(if kind == FailureKind::Invalid {
+                    "rejected"
+                } else {
+                    "error"
+                });
+                let _ = job.events.try_send(Event::Failed(Failure::new(kind, e.to_string())));
             }
         }
     }
@@ -341,18 +469,22 @@ impl Scheduler {
             Err(e) => {
                 // The decoder's state is unknown after a failed step: stop what it held.
                 let message = format!("generation failed: {e}");
+                self.stats.set_last_error(Some(message.clone()));
                 let ids: Vec<SeqId> = self.running.keys().copied().collect();
                 for id in ids {
                     self.decoder.cancel(id);
                     if let Some(r) = self.running.remove(&id) {
                         count_outcome("error");
-                        let _ = r.events.try_send(Event::Failed(message.clone()));
+                        let _ = r
+                            .events
+                            .try_send(Event::Failed(Failure::new(FailureKind::Compute, message.clone())));
                     }
                 }
                 self.report_active();
                 return;
             }
         };
+        self.stats.set_last_error(None);
         metrics::histogram!(names::SERVE_STEP_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::histogram!(names::SERVE_BATCH_SIZE).record(size as f64);
         metrics::counter!(names::SERVE_GENERATED_BYTES).increment(emitted.len() as u64);
@@ -413,20 +545,24 @@ impl Scheduler {
 
     /// Fail every request, running or queued (the server is shutting down).
     fn fail_all(&mut self, message: &str) {
+        let failed = || Event::Failed(Failure::new(FailureKind::Shutdown, message));
         for (id, r) in self.running.drain() {
             self.decoder.cancel(id);
             count_outcome("shutdown");
-            let _ = r.events.try_send(Event::Failed(message.to_string()));
+            let _ = r.events.try_send(failed());
         }
         for r in self.draining.drain(..) {
             count_outcome("shutdown");
-            let _ = r.events.try_send(Event::Failed(message.to_string()));
+            let _ = r.events.try_send(failed());
         }
         while let Ok(job) = self.jobs.try_recv() {
+            self.waiting.push_back(job);
+        }
+        for job in self.waiting.drain(..) {
             self.stats.queued.fetch_sub(1, Ordering::SeqCst);
             metrics::gauge!(names::SERVE_QUEUED).decrement(1.0);
             count_outcome("shutdown");
-            let _ = job.events.try_send(Event::Failed(message.to_string()));
+            let _ = job.events.try_send(failed());
         }
         self.report_active();
     }

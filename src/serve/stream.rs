@@ -128,9 +128,9 @@ impl Body for SseBody {
                 out.extend_from_slice(&event(Some("done"), &finished_json(&f)));
                 Bytes::from(out)
             }
-            Poll::Ready(Some(Event::Failed(message))) => {
+            Poll::Ready(Some(Event::Failed(failure))) => {
                 self.ended = true;
-                event(Some("error"), &json!({ "error": message }))
+                event(Some("error"), &json!({ "error": failure.message }))
             }
             Poll::Ready(None) => {
                 self.ended = true;

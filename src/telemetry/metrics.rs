@@ -299,7 +299,7 @@ pub fn install() -> crate::Result<PrometheusHandle> {
 
 /// How often the recorder's histograms are drained (which the exporter's own `install` would do
 /// on its own thread): a scrape drains them too, this bounds their memory when nobody scrapes.
-const UPKEEP: Duration = Duration::from_secs(5);
+pub const UPKEEP: Duration = Duration::from_secs(5);
 /// How long a client may take to send a request's headers, so that idle or stuck connections do
 /// not pile up.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
