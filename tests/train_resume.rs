@@ -112,6 +112,34 @@ fn resume_refuses_settings_that_change_the_bits_naming_each() {
 }
 
 #[test]
+fn a_config_toml_edited_by_hand_cannot_change_the_bits_either() {
+    let tmp = TempDir::new("resume-edited-config");
+    let dir = tmp.path().join("run");
+    stopped_run(&dir, small(12), 3);
+    // config.toml says another seed than the one the checkpoint was trained with; no temporary
+    // file is left beside it by the run's own writes.
+    let path = dir.join("config.toml");
+    let mut edited = small(12);
+    edited.train.seed += 1;
+    std::fs::write(&path, edited.to_toml().expect("toml")).expect("edit config.toml");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .expect("run dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    let err = Trainer::resume_with(&dir, None, |_| {})
+        .err()
+        .expect("must refuse")
+        .to_string();
+    assert!(err.contains("config.toml disagrees"), "{err}");
+    assert!(err.contains("train.seed"), "{err}");
+    // Restored, the run resumes.
+    std::fs::write(&path, small(12).to_toml().expect("toml")).expect("restore config.toml");
+    Trainer::resume_with(&dir, None, |_| {}).expect("resume with the checkpoint's settings");
+}
+
+#[test]
 fn resume_on_different_text_is_refused_unless_allowed() {
     let tmp = TempDir::new("resume-data");
     let text = tmp.path().join("text.txt");

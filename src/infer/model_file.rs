@@ -13,10 +13,8 @@ use super::weights::{piece_layout, Piece};
 use crate::error::{Error, Result};
 use crate::model::gpt::GptConfig;
 use crate::storage::checkpoint::{self, ModelFileInfo};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -305,36 +303,7 @@ fn expected_tensors(config: &GptConfig) -> Result<Vec<(String, usize)>> {
 
 /// Length, then SHA-256 over the whole file in fixed-size reads.
 fn verify(file: &mut File, info: &ModelFileInfo) -> Result<()> {
-    let len = file
-        .metadata()
-        .map_err(|e| Error::io("reading checkpoint file metadata", &info.path, e))?
-        .len();
-    if len != info.bytes {
-        let what = if len < info.bytes { "truncated" } else { "wrong size" };
-        return Err(Error::checkpoint(
-            &info.path,
-            format!("{what}: {len} bytes on disk, the manifest says {}", info.bytes),
-        ));
-    }
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| Error::io("reading checkpoint file", &info.path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    if !digest.eq_ignore_ascii_case(&info.sha256) {
-        return Err(Error::checkpoint(
-            &info.path,
-            format!("corrupt: SHA-256 mismatch (manifest {}, file {digest})", info.sha256),
-        ));
-    }
-    Ok(())
+    checkpoint::verify_file(file, &info.path, info.bytes, &info.sha256)
 }
 
 /// The safetensors header: every tensor's place in the file (F32 only, inside the file).

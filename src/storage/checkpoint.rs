@@ -426,6 +426,33 @@ fn write_file_synced(path: &Path, bytes: &[u8], pause: Option<Duration>, cut: Op
         .map_err(|e| Error::io("syncing checkpoint file", path, e))
 }
 
+/// Replace the file at `path` with `bytes` so that a crash at any moment leaves either the old
+/// content or the new, never a torn file: written under a temporary name in the same directory,
+/// synced, renamed over `path`, and the directory synced. For a run directory's small files
+/// (`config.toml`, the metrics log when a resume truncates it).
+pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::config(format!("{} is not a file name", path.display())))?;
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let written = (|| {
+        let mut file = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
+        file.write_all(bytes).map_err(|e| Error::io("cannot write", &tmp, e))?;
+        file.sync_all().map_err(|e| Error::io("cannot sync", &tmp, e))?;
+        fs::rename(&tmp, path).map_err(|e| Error::io("cannot replace", path, e))
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    sync_dir(dir)
+}
+
 /// Makes the directory entries in `dir` (created, renamed or removed files) durable. Only POSIX
 /// systems allow opening a directory for this; elsewhere it is a no-op.
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -740,7 +767,7 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
             };
             return Err(Error::checkpoint(dir, detail));
         }
-        Err(e) => return Err(Error::io("reading checkpoint manifest", &path, e)),
+        Err(e) => return Err(read_error("reading checkpoint manifest", &path, e)),
     };
     let value: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| Error::checkpoint(&path, format!("manifest is not valid JSON: {e}")))?;
@@ -801,38 +828,88 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     })
 }
 
-/// Maps the safetensors file at `path`, checks it against its manifest `entry`, and copies out its
-/// tensors, which must all be F32.
+/// Checks the safetensors file at `path` against its manifest `entry`, then maps it and copies out
+/// its tensors, which must all be F32.
 fn read_tensor_file(path: &Path, entry: &FileEntry) -> Result<BTreeMap<String, LoadedTensor>> {
-    let file = File::open(path).map_err(|e| match e.kind() {
+    let mut file = File::open(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Error::checkpoint(path, "file listed in the manifest is missing"),
-        _ => Error::io("opening checkpoint file", path, e),
+        _ => read_error("opening checkpoint file", path, e),
     })?;
+    // Length first (cheap, and names the usual failure, a torn write), then the digest, and only
+    // then the parser: its error messages would be misleading on damaged input. The digest reads
+    // the file with `read`, not through the mapping: a disk that cannot read a page then gives an
+    // error naming the file (the checkpoint is damaged) instead of a SIGBUS that kills the process.
+    verify_file(&mut file, path, entry.bytes, &entry.sha256)?;
     // SAFETY: the mapping is only read, and only while `file` is open. Another process truncating
     // or rewriting the file meanwhile could change or fault the mapped bytes; checkpoints are
     // written once under a temporary name and never modified in place, so only outside
-    // interference could do that (the usual caveat of memory-mapped safetensors loading).
+    // interference could do that (the usual caveat of memory-mapped safetensors loading). The
+    // pages were just read, so the parse finds them in the page cache.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("memory-mapping checkpoint file", path, e))?;
     let bytes: &[u8] = &map;
-
-    // Length first (cheap, and names the usual failure, a torn write), then the digest, and only
-    // then the parser: its error messages would be misleading on damaged input.
-    let len = bytes.len() as u64;
-    if len != entry.bytes {
-        let what = if len < entry.bytes { "truncated" } else { "wrong size" };
-        return Err(Error::checkpoint(
-            path,
-            format!("{what}: {len} bytes on disk, the manifest says {}", entry.bytes),
-        ));
-    }
-    let digest = sha256_hex(bytes);
-    if !digest.eq_ignore_ascii_case(&entry.sha256) {
-        return Err(Error::checkpoint(
-            path,
-            format!("corrupt: SHA-256 mismatch (manifest {}, file {digest})", entry.sha256),
-        ));
+    if bytes.len() as u64 != entry.bytes {
+        return Err(Error::checkpoint(path, "the file changed size while it was read"));
     }
     parse_tensors(path, bytes)
+}
+
+/// Check that the checkpoint file `file` (at `path`) is `bytes` long and has the SHA-256 digest
+/// `sha256` (hex), reading it in order; a mismatch or a read error of the medium is damage
+/// ([`Error::Checkpoint`]), naming the file.
+pub fn verify_file(file: &mut File, path: &Path, bytes: u64, sha256: &str) -> Result<()> {
+    use std::io::Read;
+    let len = file
+        .metadata()
+        .map_err(|e| read_error("reading checkpoint file metadata", path, e))?
+        .len();
+    if len != bytes {
+        let what = if len < bytes { "truncated" } else { "wrong size" };
+        return Err(Error::checkpoint(
+            path,
+            format!("{what}: {len} bytes on disk, the manifest says {bytes}"),
+        ));
+    }
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_error("reading checkpoint file", path, e)),
+        };
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        read += n as u64;
+    }
+    if read != bytes {
+        return Err(Error::checkpoint(
+            path,
+            format!("the file changed size while it was read ({read} of {bytes} bytes)"),
+        ));
+    }
+    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if !digest.eq_ignore_ascii_case(sha256) {
+        return Err(Error::checkpoint(
+            path,
+            format!("corrupt: SHA-256 mismatch (manifest {sha256}, file {digest})"),
+        ));
+    }
+    Ok(())
+}
+
+/// An error reading a checkpoint file: a read error of the medium (`EIO`) is damage of that
+/// checkpoint, like a digest mismatch, so that readers fall back to an older one and name it;
+/// other errors (a permission refused, say) are I/O errors, which the caller must resolve.
+fn read_error(context: &str, path: &Path, e: io::Error) -> Error {
+    const EIO: i32 = 5;
+    if e.raw_os_error() == Some(EIO) {
+        Error::checkpoint(path, format!("unreadable ({context}): {e}"))
+    } else {
+        Error::io(context, path, e)
+    }
 }
 
 /// Parses a verified safetensors image into owned f32 tensors.
@@ -929,6 +1006,16 @@ mod tests {
         ] {
             assert_eq!(parse_step_dir_name(name), None, "{name}");
         }
+    }
+
+    #[test]
+    fn a_read_error_of_the_medium_is_damage_and_other_errors_are_not() {
+        let path = Path::new("run/checkpoints/step-00000005/model.safetensors");
+        let eio = read_error("reading checkpoint file", path, io::Error::from_raw_os_error(5));
+        assert!(matches!(eio, Error::Checkpoint { .. }), "{eio}");
+        assert!(eio.to_string().contains("unreadable"), "{eio}");
+        let denied = read_error("reading checkpoint file", path, io::Error::from_raw_os_error(13));
+        assert!(matches!(denied, Error::Io { .. }), "{denied}");
     }
 
     #[test]

@@ -260,7 +260,7 @@ impl Trainer {
         let model = Gpt::init(&config.model, config.train.seed)?;
         let optimizer = new_optimizer(&config, &model)?;
         let config_path = run_dir.join("config.toml");
-        std::fs::write(&config_path, config.to_toml()?).map_err(|e| Error::io("cannot write", &config_path, e))?;
+        checkpoint::write_file_durably(&config_path, config.to_toml()?.as_bytes())?;
         let metrics = run_dir.join(log::METRICS_FILE);
         std::fs::write(&metrics, "").map_err(|e| Error::io("cannot create", &metrics, e))?;
         let state = State {
@@ -330,6 +330,21 @@ impl Trainer {
             }
             return Err(Error::config(msg));
         };
+        // The manifest (written and synced with the checkpoint) records the config it was trained
+        // with: a config.toml edited by hand, or damaged, must not change the arithmetic either.
+        if ckpt.extra.get("config").is_some() {
+            let trained = checkpoint_config(&ckpt)?;
+            let (_, refused) = crate::config::resume_differences(&trained, &config)?;
+            if !refused.is_empty() {
+                return Err(Error::config(format!(
+                    "{} disagrees with the config checkpoint {} was trained with on {}: resume with the \
+                     checkpoint's settings (restore config.toml) or start a new run",
+                    config_path.display(),
+                    ckpt.dir.display(),
+                    refused.join(", ")
+                )));
+            }
+        }
         let corpus = corpus_for(&config)?;
         let digest = corpus.digest();
         match ckpt.extra.get("data_sha256").and_then(|v| v.as_str()) {
@@ -375,8 +390,7 @@ impl Trainer {
         Trainer::assemble(config.clone(), corpus, state, run_dir, lock, notices).and_then(|t| {
             // The run's config now says what it runs with (the resumable settings just applied).
             if config_changed {
-                std::fs::write(&config_path, config.to_toml()?)
-                    .map_err(|e| Error::io("cannot write", &config_path, e))?;
+                checkpoint::write_file_durably(&config_path, config.to_toml()?.as_bytes())?;
             }
             Ok(t)
         })
@@ -706,7 +720,11 @@ impl Trainer {
             training_seconds,
             Some(&self.data_digest),
         )?;
-        checkpoint::prune(&self.run_dir, self.config.train.keep_checkpoints)?;
+        // The new checkpoint is committed: failing to delete old ones (a directory made read-only
+        // to keep it, say) costs disk space, not the run.
+        if let Err(e) = checkpoint::prune(&self.run_dir, self.config.train.keep_checkpoints) {
+            crate::say!("warning: old checkpoints were not all deleted (keep_checkpoints): {e}");
+        }
         Ok(dir)
     }
 
@@ -1167,6 +1185,6 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<History> {
             _ => {}
         }
     }
-    std::fs::write(path, kept).map_err(|e| Error::io("cannot rewrite the metrics log", path, e))?;
+    checkpoint::write_file_durably(path, &kept)?;
     Ok(history)
 }
