@@ -72,6 +72,8 @@ pub struct CoordArgs {
     pub optimizer: OptimizerConfig,
     /// Tokens per step (for the throughput metric).
     pub tokens_per_step: usize,
+    /// Data groups per step: the workers' outputs must cover each exactly once.
+    pub groups: usize,
     /// Deadline of one worker's part of a step.
     pub step_deadline: Duration,
     /// Deadline of prepare, commit and abort.
@@ -297,6 +299,15 @@ async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>
     .await?;
     let mut outputs: Vec<(usize, GroupOutput)> = ran.into_iter().flatten().collect();
     outputs.sort_by_key(|(g, _)| *g);
+    // Every group once: a worker process that answers for none, or twice for one, would otherwise
+    // make the loss and the statistics silently wrong.
+    if outputs.len() != a.groups || outputs.iter().enumerate().any(|(i, (g, _))| *g != i) {
+        let answered: Vec<usize> = outputs.iter().map(|(g, _)| *g).collect();
+        return Err(Error::runtime(format!(
+            "step {n}: the workers answered for groups {answered:?}, not for each of the {} groups once",
+            a.groups
+        )));
+    }
     let outputs: Vec<GroupOutput> = outputs.into_iter().map(|(_, o)| o).collect();
 
     let parts = all(
@@ -308,6 +319,21 @@ async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>
     .await?;
     let mut parts: Vec<NormPart> = parts.into_iter().flatten().collect();
     parts.sort_by_key(|p| p.0);
+    // Each part once (its owner's), none negative: a forged or doubled part would change the
+    // clipping, and with it every worker's bits. (A part may be infinite or NaN: that is
+    // divergence, reported below.)
+    if let Some(w) = parts.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(Error::runtime(format!(
+            "step {n}: two workers answered the gradient norm's part {:?}",
+            w[0].0
+        )));
+    }
+    if let Some(p) = parts.iter().find(|p| p.1 < 0.0) {
+        return Err(Error::runtime(format!(
+            "step {n}: the gradient norm's part {:?} is negative ({})",
+            p.0, p.1
+        )));
+    }
     let grad_norm = norm_from_parts(parts.iter().map(|(_, s)| *s));
     if !grad_norm.is_finite() {
         return Err(Error::runtime(format!(

@@ -290,6 +290,7 @@ impl RuntimeBuilder {
             total_steps: config.train.steps,
             optimizer: config.optimizer.clone(),
             tokens_per_step: config.train.batch * config.model.block_size,
+            groups: config.train.groups,
             step_deadline: self.step_deadline,
             deadline: self.deadline,
             max_replays: self.max_replays,

@@ -349,6 +349,7 @@ async fn admit(
     if let Err(reason) = check_hello(&hello, expect) {
         return refuse(&mut send, conn, reason).await;
     }
+    quic::authenticated(conn);
     let offer = Answer::Offer {
         config: expect.config_toml.clone(),
     };

@@ -28,6 +28,11 @@ pub const STREAM_WINDOW: u32 = 64 << 20;
 /// Flow-control window of one connection (all its streams).
 pub const CONNECTION_WINDOW: u32 = 128 << 20;
 
+/// Flow-control window of a connection this side accepted, until its peer has shown the job's
+/// token ([`authenticated`]): a hello is at most 64 KiB, and a stranger who opens connections
+/// and sends without one must not make this process buffer [`CONNECTION_WINDOW`] for each.
+pub const PRE_AUTH_WINDOW: u32 = 1 << 20;
+
 /// ring's provider, built explicitly (no process-wide default is installed or needed). rustls
 /// 0.23.48 deprecates it for lacking post-quantum key exchange; the job uses ring only (no aws-lc
 /// in the build), and every peer is pinned, so classical X25519 is what both ends offer.
@@ -67,8 +72,16 @@ pub fn server_config(identity: &JobIdentity) -> Result<quinn::ServerConfig> {
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| Error::runtime(format!("QUIC server configuration: {e}")))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(Arc::new(transport_config()));
+    let mut transport = transport_config();
+    transport.receive_window(quinn::VarInt::from_u32(PRE_AUTH_WINDOW));
+    config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// An accepted connection's peer has shown the job's token: open its flow-control window to
+/// [`CONNECTION_WINDOW`] (it starts at [`PRE_AUTH_WINDOW`]).
+pub fn authenticated(conn: &quinn::Connection) {
+    conn.set_receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW));
 }
 
 /// The client side: TLS 1.3 with [`ALPN`], accepting exactly the certificate whose SHA-256 (hex) is

@@ -637,15 +637,24 @@ fn close_epoch(st: &mut EpochState, error_code: u32, reason: &[u8]) {
     st.inbox = None;
 }
 
+/// Connections whose hello may be awaited at once; more are refused until one ends (each is
+/// bounded by [`HELLO_TIMEOUT`] and holds at most [`super::PRE_AUTH_WINDOW`] of data meanwhile).
+const HANDSHAKES: usize = 64;
+
 /// Accept connections for as long as the endpoint is open.
 async fn accept_loop(inner: Arc<Inner>) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
     while let Some(incoming) = inner.endpoint.accept().await {
-        inner.runtime.spawn(handle_incoming(inner.clone(), incoming));
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        inner.runtime.spawn(handle_incoming(inner.clone(), incoming, permit));
     }
 }
 
 /// Complete the handshake, read and check the hello, then admit the connection to its epoch.
-async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming) {
+async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming, handshake: tokio::sync::OwnedSemaphorePermit) {
     let Ok(conn) = incoming.await else { return };
     let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
         let mut recv = conn.accept_uni().await.map_err(|e| e.to_string())?;
@@ -668,6 +677,7 @@ async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming) {
             return;
         }
     };
+    drop(handshake);
     arrive(&inner, hello, Incoming::Quic(conn, recv));
 }
 
@@ -711,6 +721,9 @@ fn arrive(inner: &Arc<Inner>, hello: Hello, incoming: Incoming) {
     if !constant_time_eq(hello.token.as_bytes(), inner.token.as_bytes()) {
         incoming.close(code::WRONG_TOKEN, b"wrong token");
         return;
+    }
+    if let Incoming::Quic(conn, _) = &incoming {
+        super::authenticated(conn);
     }
     let mut st = lock(&inner.state);
     match st.epoch {

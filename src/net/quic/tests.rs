@@ -425,6 +425,32 @@ async fn three_planes_exchange_in_order_across_two_epochs(same_host: bool) {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_without_a_hello_cannot_make_the_plane_buffer_much() {
+    let id = JobIdentity::generate().expect("identity");
+    let plane = plane(&id, "right", Arc::new(TestCodec));
+    let target = plane.local_addr().expect("addr");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let stranger = endpoint(any, &id, &id.fingerprint()).expect("client");
+    let conn = within("connect", async {
+        stranger.connect(target, SERVER_NAME).expect("connecting").await
+    })
+    .await
+    .expect("the TLS handshake needs no token");
+    // The first stream is where the plane waits for the hello; nothing is sent on it. The second
+    // is never read: what QUIC buffers for it is bounded by the connection's window before the
+    // token, so 8 MiB cannot be written (with the authenticated window, 128 MiB, it would be).
+    let mut hello = conn.open_uni().await.expect("open");
+    hello.write_all(&[]).await.expect("open the hello stream");
+    let mut flood = conn.open_uni().await.expect("open");
+    let written = tokio::time::timeout(Duration::from_secs(2), flood.write_all(&vec![0u8; 8 << 20])).await;
+    assert!(written.is_err(), "8 MiB were accepted before any token");
+    assert!(PRE_AUTH_WINDOW < 8 << 20);
+    conn.close(0u32.into(), b"done");
+    stranger.close(0u32.into(), b"done");
+    drop(plane);
+}
+
 both_paths!(a_wrong_token_is_refused_within_a_second);
 
 async fn a_wrong_token_is_refused_within_a_second(same_host: bool) {
