@@ -258,6 +258,30 @@ fn a_worker_that_sends_malformed_data_is_evicted() {
     assert_same_state(&want, &state_files(&dir.path().join("run"), 20), "after an eviction");
 }
 
+/// Two members lose the link between them while both still reach the coordinator (a network
+/// failure between two hosts): the step in flight is taken again in a new epoch of the same
+/// members, which connects them anew. No member is lost, and the bits are the plain loop's.
+#[test]
+fn a_lost_link_between_two_members_costs_a_new_epoch_not_the_run() {
+    let dir = TempDir::new("elastic-cut-link");
+    let want = reference(dir.path(), 20, &[]);
+    let args = train_args("run", "20", &["--processes", "3"]);
+    let cut = ("SEMOE_TEST_CUT_LINK", "member=2,step=7".to_string());
+    let mut p = Proc::spawn(dir.path(), "run", &args, &[cut]);
+    assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.log());
+    let log = p.log();
+    assert_eq!(
+        log.matches("SEMOE_TEST_CUT_LINK: cutting the link to worker").count(),
+        1,
+        "the hook fired once: {log}"
+    );
+    assert!(log.contains("lost its link to worker"), "{log}");
+    assert!(log.contains("a link was lost"), "the new epoch says why: {log}");
+    assert!(log.contains("epoch 2: 3 workers at step 7"), "{log}");
+    assert_eq!(membership(&log), (0, 0, 0), "{log}");
+    assert_same_state(&want, &state_files(&dir.path().join("run"), 20), "after a lost link");
+}
+
 /// A coordinator listening on 127.0.0.1 (port from the OS) for `min_workers` workers, with the
 /// test hook `SEMOE_TEST_MEMBERS_AT` when `members_at` is not empty; and the path of its ticket.
 fn listening_coordinator(dir: &Path, min_workers: &str, members_at: &str) -> (Proc, String) {

@@ -71,6 +71,9 @@ struct Book {
     epochs: BTreeMap<u64, Vec<u64>>,
     /// The link faults of a chaos run that fired, as the workers told them.
     link_firings: Vec<LinkFiring>,
+    /// Per epoch, the first link between two members reported lost ([`Notice::PeerLost`]): both
+    /// may still be members, but that epoch cannot run a step any more.
+    links_lost: BTreeMap<u64, String>,
 }
 
 /// A link fault of a chaos run that fired in a worker's transport ([`Notice::LinkFault`]).
@@ -242,6 +245,11 @@ impl Cluster {
         self.lock().members.values().cloned().collect()
     }
 
+    /// The first link loss between members reported in `epoch` (`None`: none).
+    pub fn link_lost(&self, epoch: u64) -> Option<String> {
+        self.lock().links_lost.get(&epoch).cloned()
+    }
+
     /// The member `id`'s status.
     pub fn status(&self, id: u64) -> Option<Status> {
         self.lock().members.get(&id).map(|m| m.status.clone())
@@ -386,7 +394,18 @@ async fn admit(
         cert: expect.identity.cert_der.clone(),
         key: expect.identity.key_der.clone(),
     };
-    quic::write_frame(&mut send, &protocol::encode(&admitted)?).await?;
+    let sent = match protocol::encode(&admitted) {
+        Ok(bytes) => quic::write_frame(&mut send, &bytes).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = sent {
+        // Never admitted after all: it must not stay in the book as a member that is joining.
+        let mut b = book.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(m) = b.members.get_mut(&id) {
+            m.status = Status::Gone(format!("its admission could not be sent: {e}"));
+        }
+        return Err(e);
+    }
     drop(handshake);
     metrics::counter!(names::MEMBERSHIP, "kind" => "join").increment(1);
     crate::say!(
@@ -399,12 +418,22 @@ async fn admit(
             f = quic::read_frame(&mut recv, max, "a notice") => f,
             e = conn.closed() => break e.to_string(),
         };
+        // A member whose session cannot go on is closed too, so that its process is fenced (it
+        // would otherwise idle, still connected, until the run ends).
         let notice: Notice = match frame.and_then(|f| f.ok_or_else(|| Error::runtime("the session stream ended"))) {
             Ok(bytes) => match protocol::decode(&bytes, "a notice") {
                 Ok(n) => n,
-                Err(e) => break format!("malformed notice: {e}"),
+                Err(e) => {
+                    let reason = format!("malformed notice: {e}");
+                    conn.close(3u32.into(), reason.as_bytes());
+                    break reason;
+                }
             },
-            Err(e) => break e.to_string(),
+            Err(e) => {
+                let reason = e.to_string();
+                conn.close(3u32.into(), reason.as_bytes());
+                break reason;
+            }
         };
         let mut b = book.lock().unwrap_or_else(PoisonError::into_inner);
         match notice {
@@ -450,6 +479,13 @@ async fn admit(
             }
             Notice::PeerLost { peer, epoch, detail } => {
                 crate::say!("semoe: member {id} lost its link to worker {peer} of epoch {epoch}: {detail}");
+                // Kept for the runtime, which forms the epoch again (which connects anew); only
+                // epochs it knows (a later one would be a lie) and one entry each (bounded).
+                if b.epochs.contains_key(&epoch) {
+                    b.links_lost
+                        .entry(epoch)
+                        .or_insert_with(|| format!("member {id} lost its link to worker {peer}: {detail}"));
+                }
             }
         }
     };

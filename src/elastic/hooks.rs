@@ -64,6 +64,53 @@ impl Corrupt {
     }
 }
 
+/// `member=M,step=N`: worker process M cuts its data-plane link to the peer of its first expert
+/// forward packet of step N, as a network failure between two workers would (both still reach the
+/// coordinator): both ends report the link lost, and the run goes on in a new epoch.
+pub const CUT_LINK: &str = "SEMOE_TEST_CUT_LINK";
+
+/// A parsed [`CUT_LINK`].
+#[derive(Clone, Copy, Debug)]
+pub struct CutLink {
+    step: u64,
+    done: bool,
+}
+
+impl CutLink {
+    /// The hook for `member`, if [`CUT_LINK`] names it.
+    pub fn for_member(member: u64) -> Option<CutLink> {
+        let spec = std::env::var(CUT_LINK).ok()?;
+        let (mut m, mut step) = (None, None);
+        for part in spec.split(',') {
+            match part.split_once('=')? {
+                ("member", v) => m = v.parse::<u64>().ok(),
+                ("step", v) => step = v.parse::<u64>().ok(),
+                _ => return None,
+            }
+        }
+        (m? == member).then_some(CutLink {
+            step: step?,
+            done: false,
+        })
+    }
+
+    /// The peer whose link to cut, once: when `packet` is the hook's.
+    pub fn fires(&mut self, packet: &Packet) -> Option<crate::net::WorkerId> {
+        if let Payload::ExpertForward { step, .. } = &packet.payload {
+            if step.step == self.step && !self.done {
+                self.done = true;
+                crate::say!(
+                    "semoe worker: {CUT_LINK}: cutting the link to worker {} at step {}",
+                    packet.to,
+                    self.step
+                );
+                return Some(packet.to);
+            }
+        }
+        None
+    }
+}
+
 /// Where a paused worker stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {

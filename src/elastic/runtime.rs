@@ -317,10 +317,20 @@ impl ElasticRuntime {
         let Some(epoch) = &self.current else {
             return Some("no epoch".into());
         };
-        for m in self.cluster.members() {
+        let members = self.cluster.members();
+        for m in &members {
+            let active = epoch.members.iter().any(|a| a.id == m.id);
+            if let (Status::Gone(why), true) = (&m.status, active) {
+                return Some(format!("member {} lost: {why}", m.id));
+            }
+        }
+        // Every member is there but two of them lost their link: a new epoch connects anew.
+        if let Some(why) = self.cluster.link_lost(epoch.number) {
+            return Some(format!("a link was lost ({why})"));
+        }
+        for m in &members {
             let active = epoch.members.iter().any(|a| a.id == m.id);
             match (&m.status, active) {
-                (Status::Gone(why), true) => return Some(format!("member {} lost: {why}", m.id)),
                 _ if losses_only => {}
                 (Status::Leaving, _) => return Some(format!("member {} leaves", m.id)),
                 (Status::Waiting, false) if epoch.members.len() < self.max_members() => {
@@ -354,6 +364,13 @@ impl ElasticRuntime {
         })
     }
 
+    /// Whether two members of the current epoch lost the link between them.
+    fn lost_link(&self) -> bool {
+        self.current
+            .as_ref()
+            .is_some_and(|e| self.cluster.link_lost(e.number).is_some())
+    }
+
     /// Run one step to its commit, through any membership change.
     pub async fn step(&mut self) -> Result<StepOutcome> {
         let mut rounds = 0;
@@ -383,7 +400,7 @@ impl ElasticRuntime {
             self.attempted = Some(self.attempted.map_or(self.committed, |a| a.max(self.committed)));
             let outcome = tokio::select! {
                 r = epoch.runtime.step() => r,
-                () = watch_loss(&self.cluster, &epoch.members) => continue,
+                () = watch_loss(&self.cluster, epoch.number, &epoch.members) => continue,
             };
             match outcome {
                 Ok(o) => {
@@ -397,9 +414,12 @@ impl ElasticRuntime {
                     return Ok(o);
                 }
                 // A step that failed because a worker was lost is taken again in the next epoch
-                // (the loss may be recorded a moment after the step's error arrives).
+                // (the loss may be recorded a moment after the step's error arrives). So is one
+                // that failed because two members lost their link, every member still there: the
+                // next epoch connects them anew. A crash shows as lost links too, so the links
+                // count only once no member was lost meanwhile.
                 Err(e) => {
-                    if self.loss_within(Duration::from_secs(2)).await {
+                    if self.loss_within(LINK_LOSS_GRACE).await || self.lost_link() {
                         continue;
                     }
                     return Err(e);
@@ -491,9 +511,11 @@ impl ElasticRuntime {
         if let Some(task) = self.copying.take() {
             task.abort();
         }
-        // The state the new epoch starts from: the current one when every worker is there, the
-        // last copy otherwise (then the steps since are replayed).
-        let from_copy = self.current.is_none() || self.lost_member();
+        // The state the new epoch starts from: the current one when every worker is there and
+        // every link held, the last copy otherwise (then the steps since are replayed). A step cut
+        // short by a lost link may have been committed by some members and not others (a commit
+        // sends parameters over the links), so the members' state is not trusted then.
+        let from_copy = self.current.is_none() || self.lost_member() || self.lost_link();
         if let Some(epoch) = &self.current {
             let lost = epoch
                 .members
@@ -1038,7 +1060,8 @@ async fn dismantle(epoch: Epoch) {
 }
 
 /// Resolve when a member of `members` is gone.
-async fn watch_loss(cluster: &Cluster, members: &[Member]) {
+async fn watch_loss(cluster: &Cluster, epoch: u64, members: &[Member]) {
+    let mut link_lost_since = None;
     loop {
         if members
             .iter()
@@ -1046,6 +1069,19 @@ async fn watch_loss(cluster: &Cluster, members: &[Member]) {
         {
             return;
         }
+        // A lost link stops the epoch too (its peers would wait for the step's deadline), once
+        // [`LINK_LOSS_GRACE`] passed without a member lost: a crash shows as lost links first.
+        if cluster.link_lost(epoch).is_some() {
+            let since = *link_lost_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= LINK_LOSS_GRACE {
+                return;
+            }
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// How long a lost link between two members waits to be explained by a member's loss before it
+/// counts on its own: longer than it takes to notice a crash (the QUIC idle timeout, 1.5 s; a
+/// local process's exit at once).
+const LINK_LOSS_GRACE: Duration = Duration::from_secs(2);

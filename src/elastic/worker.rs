@@ -5,7 +5,7 @@
 
 use super::fingerprint;
 use super::handover::{self, Pieces};
-use super::hooks::{Corrupt, Pause};
+use super::hooks::{Corrupt, CutLink, Pause};
 use super::protocol::{self, Answer, Command, Hello, LinkFault, Notice, Ready, Reply, WireError};
 use super::proxy::max_reply_bytes;
 use crate::actors::collectives::{CommIds, ExpertCollectives};
@@ -25,7 +25,7 @@ use crate::model::gpt::Gpt;
 use crate::net::collective::plane::{PlaneMsg, PlaneOp};
 use crate::net::quic::{self, DataPlane, JobIdentity, JoinTicket, LinkPath, PacketCodec, PeerEvent};
 use crate::net::wire::{self, PacketShape};
-use crate::net::{Packet, Payload, StepId, Transport};
+use crate::net::{Packet, Payload, StepId, Transport, WorkerId};
 use crate::optimizer::AdamW;
 use crate::storage::tiers::ExpertStore;
 use ractor::ActorRef;
@@ -79,10 +79,13 @@ struct WireCodec {
     shape: Mutex<Option<Arc<PacketShape>>>,
     pause: Option<Pause>,
     corrupt: Option<Mutex<Corrupt>>,
+    /// The test hook [`hooks::CUT_LINK`], and where it tells the worker's loop which link to cut.
+    cut: Option<(Mutex<CutLink>, tokio::sync::mpsc::UnboundedSender<WorkerId>)>,
 }
 
 impl PacketCodec for WireCodec {
     fn encode(&self, epoch: u64, p: &Packet) -> Result<Vec<u8>> {
+        self.cut_if_due(p);
         let mut bytes = wire::encode_packet(epoch, p)?;
         if let Some(corrupt) = &self.corrupt {
             corrupt.lock().unwrap_or_else(|p| p.into_inner()).apply(p, &mut bytes);
@@ -104,6 +107,7 @@ impl PacketCodec for WireCodec {
                 bodies: Vec::new(),
             });
         }
+        self.cut_if_due(p);
         wire::encode_packet_parts(epoch, p)
     }
     fn decode_parts(&self, head: &[u8], bodies: Vec<Vec<f32>>, epoch: u64) -> Result<Packet> {
@@ -113,6 +117,15 @@ impl PacketCodec for WireCodec {
 }
 
 impl WireCodec {
+    /// The cut-link test hook: the worker's loop cuts the link (not this sender's thread).
+    fn cut_if_due(&self, p: &Packet) {
+        if let Some((hook, tell)) = &self.cut {
+            if let Some(peer) = hook.lock().unwrap_or_else(|p| p.into_inner()).fires(p) {
+                let _ = tell.send(peer);
+            }
+        }
+    }
+
     /// The current epoch's packet shape.
     fn shape(&self) -> Result<Arc<PacketShape>> {
         let shape = self.shape.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -343,10 +356,12 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     let endpoint = quic::endpoint_on(socket, &identity, &ticket.cert_sha256)?;
 
     let pause = Pause::for_member(member);
+    let (cut_tx, mut cut_rx) = tokio::sync::mpsc::unbounded_channel::<WorkerId>();
     let codec = Arc::new(WireCodec {
         shape: Mutex::new(None),
         pause: pause.clone(),
         corrupt: Corrupt::for_member(member).map(Mutex::new),
+        cut: CutLink::for_member(member).map(|hook| (Mutex::new(hook), cut_tx)),
     });
     let plane = DataPlane::new(endpoint, ticket.token.clone(), codec.clone())?;
     if config.train.same_host {
@@ -411,6 +426,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
                     break Err(fenced(e));
                 }
             },
+            Some(peer) = cut_rx.recv() => shared.plane.cut_link(peer),
             Some(notice) = link_faults_fired.recv() => {
                 if let Notice::LinkFault { index, epoch, step, .. } = &notice {
                     crate::say!("semoe worker: chaos: link fault {index} fired at step {step} of epoch {epoch}");

@@ -90,6 +90,8 @@ mod code {
     pub const REFUSED: u32 = 4;
     /// This worker could not encode a packet for the peer.
     pub const INTERNAL: u32 = 5;
+    /// The link was cut on purpose (a test hook standing for a network failure).
+    pub const CUT: u32 = 6;
 }
 
 /// The largest packet frame accepted (its length is checked before anything is allocated).
@@ -345,6 +347,22 @@ impl DataPlane {
     /// start of the next epoch, which the peers take as "it left the epoch", not as a loss.
     pub fn leave_epoch(&self) {
         close_epoch(&mut lock(&self.inner.state), code::EPOCH_OVER, b"epoch over");
+    }
+
+    /// Cut the current epoch's link to `peer` as a network failure would (a test hook): the
+    /// connection this worker opened to it closes with a code the peer takes as a loss, and this
+    /// worker reports the peer lost too ([`PeerEvent::Lost`]).
+    pub fn cut_link(&self, peer: WorkerId) {
+        let epoch = {
+            let st = lock(&self.inner.state);
+            let Some(epoch) = st.epoch else { return };
+            if let Some(conn) = st.links.get(&peer).and_then(|l| l.conn.get()) {
+                conn.close(code::CUT, b"the link was cut");
+            }
+            epoch
+        };
+        self.inner
+            .report_lost(epoch, peer, "the link was cut (test hook)".to_string());
     }
 
     /// How the current epoch's links reach each peer (sorted by peer; empty between epochs).
