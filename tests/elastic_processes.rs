@@ -513,6 +513,46 @@ fn joins_and_leaves_of_any_worker_hand_over_sharded_state_bitwise() {
     assert_same_state(&want, &state_files(&dir.path().join("run"), 20), "sharded hand-overs");
 }
 
+/// A worker that joins but that its peers cannot reach (it advertises an address nobody answers
+/// at): the epoch with it cannot form; after the second attempt it is refused and the members of
+/// before go on. It exits non-zero; the bits are the plain loop's.
+#[test]
+fn a_joiner_its_peers_cannot_reach_is_refused_and_the_run_goes_on() {
+    let dir = TempDir::new("elastic-unreachable-joiner");
+    let want = reference(dir.path(), 20, &[]);
+    // QUIC only (the same-host sockets would reach it whatever it advertises), short deadlines.
+    let config = dir.path().join("quic-only.toml");
+    std::fs::write(&config, "[train]\nsame_host = false\ndeadline_s = 2.0\n").expect("config");
+    let config = config.to_str().expect("a UTF-8 path").to_string();
+    let (mut coord, ticket) = listening_coordinator_with(dir.path(), "2", "5:3", &["--config", &config]);
+    let _w1 = worker(dir.path(), "w1", &ticket);
+    let _w2 = worker(dir.path(), "w2", &ticket);
+    coord.wait_for("epoch 1: 2 workers at step 0", Duration::from_secs(30));
+    // TEST-NET-1 (RFC 5737): nothing answers there.
+    let args = [
+        "worker",
+        "--ticket",
+        &ticket,
+        "--threads",
+        "1",
+        "--advertise",
+        "192.0.2.1",
+    ];
+    let mut w3 = Proc::spawn(dir.path(), "w3", &args, &[]);
+    coord.wait_for("did not form with it, twice", Duration::from_secs(60));
+    let refused = w3.wait(Duration::from_secs(30));
+    assert!(
+        !refused.success(),
+        "the refused worker must not go on: {refused}; {}",
+        w3.log()
+    );
+    assert!(coord.wait(Duration::from_secs(60)).success(), "{}", coord.log());
+    let log = coord.log();
+    assert!(log.contains("2 workers at step 5"), "{log}");
+    assert_eq!(membership(&log), (0, 0, 0), "{log}");
+    assert_same_state(&want, &state_files(&dir.path().join("run"), 20), "a joiner refused");
+}
+
 #[test]
 fn a_stopped_worker_is_replaced_and_fenced() {
     let dir = TempDir::new("elastic-sigstop");

@@ -642,6 +642,16 @@ impl ElasticRuntime {
                         attempt + 1
                     );
                     self.stats.epoch = epoch_no;
+                    // Newcomers that keep the epoch from forming (a wrong --advertise, a
+                    // firewalled port) must not cost the run: after a second failed attempt
+                    // with them they are refused, and the members of before go on.
+                    if attempt >= 1 {
+                        for m in members.iter().filter(|m| m.status == Status::Waiting) {
+                            let reason = format!("refused: epoch {epoch_no} did not form with it, twice (last: {e})");
+                            crate::say!("semoe: member {} ({}) {reason}", m.id, m.name);
+                            self.cluster.evict(m.id, &reason);
+                        }
+                    }
                     if attempt == 7 {
                         return Err(e);
                     }
