@@ -492,6 +492,17 @@ fn commit(root: &Path, tmp: &Path, final_dir: &Path) -> Result<()> {
         return sync_dir(root);
     }
 
+    // Linux swaps the two directories in one step: no moment without the step, whatever crashes.
+    #[cfg(target_os = "linux")]
+    if exchange(tmp, final_dir)? {
+        sync_dir(root)?;
+        // `tmp` now holds the replaced copy.
+        fs::remove_dir_all(tmp).map_err(|e| Error::io("removing replaced checkpoint", tmp, e))?;
+        return sync_dir(root);
+    }
+
+    // Elsewhere (or on a filesystem without the exchange): aside, then in place. A crash between
+    // the two renames leaves the old copy aside, which the next save puts back.
     let name = final_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -507,6 +518,36 @@ fn commit(root: &Path, tmp: &Path, final_dir: &Path) -> Result<()> {
     sync_dir(root)?;
     fs::remove_dir_all(&aside).map_err(|e| Error::io("removing replaced checkpoint", &aside, e))?;
     sync_dir(root)
+}
+
+/// Swap the directories `a` and `b` atomically (`renameat2` with `RENAME_EXCHANGE`); false when
+/// the filesystem or kernel cannot, so that the caller falls back to two renames.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> Result<bool> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::checkpoint(p, "a checkpoint path holds a NUL byte"))
+    };
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::ENOTSUP) => Ok(false),
+        _ => Err(Error::io("committing checkpoint (exchange)", b, e)),
+    }
 }
 
 /// Removes what interrupted saves left behind in `root`: temporary directories are deleted, and
