@@ -73,7 +73,7 @@ struct Book {
     link_firings: Vec<LinkFiring>,
     /// Per epoch, the first link between two members reported lost ([`Notice::PeerLost`]): both
     /// may still be members, but that epoch cannot run a step any more.
-    links_lost: BTreeMap<u64, String>,
+    links_lost: BTreeMap<u64, (std::time::Instant, String)>,
 }
 
 /// A link fault of a chaos run that fired in a worker's transport ([`Notice::LinkFault`]).
@@ -245,8 +245,9 @@ impl Cluster {
         self.lock().members.values().cloned().collect()
     }
 
-    /// The first link loss between members reported in `epoch` (`None`: none).
-    pub fn link_lost(&self, epoch: u64) -> Option<String> {
+    /// The first link loss between members reported in `epoch`, and when it was heard of
+    /// (`None`: none).
+    pub fn link_lost(&self, epoch: u64) -> Option<(std::time::Instant, String)> {
         self.lock().links_lost.get(&epoch).cloned()
     }
 
@@ -482,9 +483,10 @@ async fn admit(
                 // Kept for the runtime, which forms the epoch again (which connects anew); only
                 // epochs it knows (a later one would be a lie) and one entry each (bounded).
                 if b.epochs.contains_key(&epoch) {
-                    b.links_lost
-                        .entry(epoch)
-                        .or_insert_with(|| format!("member {id} lost its link to worker {peer}: {detail}"));
+                    b.links_lost.entry(epoch).or_insert_with(|| {
+                        let why = format!("member {id} lost its link to worker {peer}: {detail}");
+                        (std::time::Instant::now(), why)
+                    });
                 }
             }
         }

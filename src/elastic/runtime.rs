@@ -194,6 +194,9 @@ pub struct ElasticRuntime {
     /// The last epoch's members (by id, in worker order) and plan: the next plan moves as little
     /// as possible from it.
     last_plan: Option<(Vec<u64>, Placement)>,
+    /// Epochs formed again for a lost link since the last committed step (bounded: a link that
+    /// keeps failing ends the run).
+    relinks: u32,
     /// Bytes sent between members (by id) in the epochs that ended, by kind.
     traffic_closed: std::collections::BTreeMap<(u64, u64, String), u64>,
     /// The current epoch's figures when last asked (what a lost member's epoch keeps).
@@ -228,6 +231,7 @@ impl ElasticRuntime {
             safe: SafeCopy::Whole(Box::new((model, optimizer))),
             committed,
             stats: MembershipStats::default(),
+            relinks: 0,
             members_at: hooks::members_at(),
             copying: None,
             last_plan: None,
@@ -325,7 +329,7 @@ impl ElasticRuntime {
             }
         }
         // Every member is there but two of them lost their link: a new epoch connects anew.
-        if let Some(why) = self.cluster.link_lost(epoch.number) {
+        if let Some(why) = self.lost_link() {
             return Some(format!("a link was lost ({why})"));
         }
         for m in &members {
@@ -364,11 +368,13 @@ impl ElasticRuntime {
         })
     }
 
-    /// Whether two members of the current epoch lost the link between them.
-    fn lost_link(&self) -> bool {
-        self.current
-            .as_ref()
-            .is_some_and(|e| self.cluster.link_lost(e.number).is_some())
+    /// The link two members of the current epoch lost, once [`LINK_LOSS_GRACE`] has passed since
+    /// it was reported without a member being lost (a crash shows as lost links first; it is
+    /// handled as a loss).
+    fn lost_link(&self) -> Option<String> {
+        let epoch = self.current.as_ref()?;
+        let (since, why) = self.cluster.link_lost(epoch.number)?;
+        (since.elapsed() >= LINK_LOSS_GRACE && !self.lost_member()).then_some(why)
     }
 
     /// Run one step to its commit, through any membership change.
@@ -405,6 +411,7 @@ impl ElasticRuntime {
             match outcome {
                 Ok(o) => {
                     self.committed = o.step;
+                    self.relinks = 0;
                     self.collect_copy().await?;
                     if self.copying.is_none()
                         && self.committed.saturating_sub(self.safe.step()) >= self.options.snapshot_every.max(1)
@@ -419,7 +426,7 @@ impl ElasticRuntime {
                 // next epoch connects them anew. A crash shows as lost links too, so the links
                 // count only once no member was lost meanwhile.
                 Err(e) => {
-                    if self.loss_within(LINK_LOSS_GRACE).await || self.lost_link() {
+                    if self.loss_within(LINK_LOSS_GRACE).await || self.lost_link().is_some() {
                         continue;
                     }
                     return Err(e);
@@ -515,7 +522,16 @@ impl ElasticRuntime {
         // every link held, the last copy otherwise (then the steps since are replayed). A step cut
         // short by a lost link may have been committed by some members and not others (a commit
         // sends parameters over the links), so the members' state is not trusted then.
-        let from_copy = self.current.is_none() || self.lost_member() || self.lost_link();
+        let relink = !self.lost_member() && self.lost_link().is_some();
+        if relink {
+            self.relinks += 1;
+            if self.relinks > MAX_RELINKS {
+                return Err(Error::runtime(format!(
+                    "links between members kept failing: {MAX_RELINKS} epochs formed again without a committed step"
+                )));
+            }
+        }
+        let from_copy = self.current.is_none() || self.lost_member() || relink;
         if let Some(epoch) = &self.current {
             let lost = epoch
                 .members
@@ -559,6 +575,8 @@ impl ElasticRuntime {
             }
             None => None,
         };
+        // Failed attempts per joining member (see below).
+        let mut failures = std::collections::BTreeMap::<u64, u32>::new();
         for attempt in 0..8 {
             let members = self.next_members();
             if members.is_empty() {
@@ -616,8 +634,11 @@ impl ElasticRuntime {
                             None => break,
                         };
                         if let Err(e) = replayed {
-                            if self.lost_member() {
+                            if self.loss_within(LINK_LOSS_GRACE).await {
                                 return Box::pin(self.reform("a worker was lost during the replay")).await;
+                            }
+                            if self.lost_link().is_some() {
+                                return Box::pin(self.reform("a link was lost during the replay")).await;
                             }
                             return Err(e);
                         }
@@ -643,13 +664,19 @@ impl ElasticRuntime {
                     );
                     self.stats.epoch = epoch_no;
                     // Newcomers that keep the epoch from forming (a wrong --advertise, a
-                    // firewalled port) must not cost the run: after a second failed attempt
-                    // with them they are refused, and the members of before go on.
-                    if attempt >= 1 {
+                    // firewalled port) must not cost the run: one that took part in two failed
+                    // attempts is refused, and the members of before go on. Only beside members
+                    // of before: the first epoch's members are all new, and none is singled out.
+                    if members.iter().any(|m| m.status != Status::Waiting) {
                         for m in members.iter().filter(|m| m.status == Status::Waiting) {
-                            let reason = format!("refused: epoch {epoch_no} did not form with it, twice (last: {e})");
-                            crate::say!("semoe: member {} ({}) {reason}", m.id, m.name);
-                            self.cluster.evict(m.id, &reason);
+                            let failed = failures.entry(m.id).or_insert(0u32);
+                            *failed += 1;
+                            if *failed >= 2 {
+                                let reason =
+                                    format!("refused: epoch {epoch_no} did not form with it, twice (last: {e})");
+                                crate::say!("semoe: member {} ({}) {reason}", m.id, m.name);
+                                self.cluster.evict(m.id, &reason);
+                            }
                         }
                     }
                     if attempt == 7 {
@@ -1071,7 +1098,6 @@ async fn dismantle(epoch: Epoch) {
 
 /// Resolve when a member of `members` is gone.
 async fn watch_loss(cluster: &Cluster, epoch: u64, members: &[Member]) {
-    let mut link_lost_since = None;
     loop {
         if members
             .iter()
@@ -1081,15 +1107,18 @@ async fn watch_loss(cluster: &Cluster, epoch: u64, members: &[Member]) {
         }
         // A lost link stops the epoch too (its peers would wait for the step's deadline), once
         // [`LINK_LOSS_GRACE`] passed without a member lost: a crash shows as lost links first.
-        if cluster.link_lost(epoch).is_some() {
-            let since = *link_lost_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= LINK_LOSS_GRACE {
-                return;
-            }
+        if cluster
+            .link_lost(epoch)
+            .is_some_and(|(since, _)| since.elapsed() >= LINK_LOSS_GRACE)
+        {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Epochs formed again for lost links without a committed step in between, before the run ends.
+const MAX_RELINKS: u32 = 8;
 
 /// How long a lost link between two members waits to be explained by a member's loss before it
 /// counts on its own: longer than it takes to notice a crash (the QUIC idle timeout, 1.5 s; a

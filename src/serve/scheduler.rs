@@ -121,19 +121,27 @@ pub struct Stats {
     pub generated_bytes: AtomicU64,
     /// Whether the decoder thread has ended (see [`Stats::decoder_ended`]).
     pub decoder_ended: AtomicBool,
-    /// The error of the decoder's last step, when it failed; cleared by a step that succeeds.
-    /// While it is set, `/health` reports the server as failing.
-    pub last_error: Mutex<Option<String>>,
+    /// The error of the decoder's last step and when it came, when it failed; cleared by a step
+    /// that succeeds. For [`FAILING_FOR`] after it, `/health` reports the server as failing.
+    pub last_error: Mutex<Option<(String, Instant)>>,
 }
 
+/// How long `/health` reports a failed step: long enough for a probe to see it, short enough that
+/// one passing fault does not keep an idle server (no step runs without requests) out of a load
+/// balancer for good. A lasting fault fails every step, so it shows again with the next request.
+pub const FAILING_FOR: Duration = Duration::from_secs(30);
+
 impl Stats {
-    /// The failure of the decoder's last step, if it failed.
+    /// The failure of the decoder's last step, if it failed within [`FAILING_FOR`].
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        let last = self.last_error.lock().unwrap_or_else(PoisonError::into_inner);
+        last.as_ref()
+            .filter(|(_, at)| at.elapsed() < FAILING_FOR)
+            .map(|(e, _)| e.clone())
     }
 
     fn set_last_error(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = error;
+        *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = error.map(|e| (e, Instant::now()));
     }
 }
 

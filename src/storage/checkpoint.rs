@@ -530,9 +530,12 @@ fn exchange(a: &Path, b: &Path) -> Result<bool> {
         CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::checkpoint(p, "a checkpoint path holds a NUL byte"))
     };
     let (ca, cb) = (c(a)?, c(b)?);
-    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+    // The system call, not glibc's wrapper (which only glibc 2.28 and later have).
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call; the arguments are
+    // those renameat2(2) takes.
     let rc = unsafe {
-        libc::renameat2(
+        libc::syscall(
+            libc::SYS_renameat2,
             libc::AT_FDCWD,
             ca.as_ptr(),
             libc::AT_FDCWD,

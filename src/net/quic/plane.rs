@@ -655,24 +655,28 @@ fn close_epoch(st: &mut EpochState, error_code: u32, reason: &[u8]) {
     st.inbox = None;
 }
 
-/// Connections whose hello may be awaited at once; more are refused until one ends (each is
-/// bounded by [`HELLO_TIMEOUT`] and holds at most [`super::PRE_AUTH_WINDOW`] of data meanwhile).
+/// Connections whose hello may be awaited at once (each is bounded by [`HELLO_TIMEOUT`] and holds
+/// at most [`super::PRE_AUTH_WINDOW`] of data meanwhile); more wait their turn, up to
+/// [`HELLO_TIMEOUT`], so that the burst of a large epoch's setup (every peer dials at once) is
+/// served, not refused.
 const HANDSHAKES: usize = 64;
 
 /// Accept connections for as long as the endpoint is open.
 async fn accept_loop(inner: Arc<Inner>) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
     while let Some(incoming) = inner.endpoint.accept().await {
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            incoming.refuse();
-            continue;
-        };
-        inner.runtime.spawn(handle_incoming(inner.clone(), incoming, permit));
+        inner
+            .runtime
+            .spawn(handle_incoming(inner.clone(), incoming, handshakes.clone()));
     }
 }
 
 /// Complete the handshake, read and check the hello, then admit the connection to its epoch.
-async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming, handshake: tokio::sync::OwnedSemaphorePermit) {
+async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming, handshakes: Arc<tokio::sync::Semaphore>) {
+    let Ok(Ok(handshake)) = tokio::time::timeout(HELLO_TIMEOUT, handshakes.acquire_owned()).await else {
+        incoming.refuse();
+        return;
+    };
     let Ok(conn) = incoming.await else { return };
     let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
         let mut recv = conn.accept_uni().await.map_err(|e| e.to_string())?;
