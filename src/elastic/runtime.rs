@@ -547,7 +547,9 @@ impl ElasticRuntime {
             }
         }
         for e in std::mem::take(&mut self.traffic_last) {
-            *self.traffic_closed.entry((e.from, e.to, e.kind)).or_default() += e.bytes;
+            // Counts a worker reports: saturating, so that a forged one cannot overflow.
+            let total = self.traffic_closed.entry((e.from, e.to, e.kind)).or_default();
+            *total = total.saturating_add(e.bytes);
         }
         let mut handover = None;
         let whole = match self.current.take() {
@@ -836,7 +838,8 @@ impl ElasticRuntime {
         }
         let mut all = self.traffic_closed.clone();
         for e in &self.traffic_last {
-            *all.entry((e.from, e.to, e.kind.clone())).or_default() += e.bytes;
+            let total = all.entry((e.from, e.to, e.kind.clone())).or_default();
+            *total = total.saturating_add(e.bytes);
         }
         all.into_iter()
             .map(|((from, to, kind), bytes)| TrafficEntry { from, to, kind, bytes })

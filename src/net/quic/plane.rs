@@ -751,9 +751,15 @@ fn arrive(inner: &Arc<Inner>, hello: Hello, incoming: Incoming) {
     match st.epoch {
         Some(current) if hello.epoch == current => admit(inner, &mut st, hello, incoming),
         Some(current) if hello.epoch < current => incoming.close(code::REFUSED, b"stale epoch"),
+        // Early hellos wait for their epoch, a bounded number of them (each peer sends one per
+        // epoch it forms; a member far ahead, or one that dials again and again, is refused).
+        _ if st.pending.len() >= MAX_PENDING => incoming.close(code::REFUSED, b"too many early hellos"),
         _ => st.pending.push(Pending { hello, incoming }),
     }
 }
+
+/// The most connections whose hello is for an epoch this worker has not started yet.
+const MAX_PENDING: usize = 1024;
 
 /// Admit an authenticated connection whose hello is of the current epoch: start its reader.
 fn admit(inner: &Arc<Inner>, st: &mut EpochState, hello: Hello, incoming: Incoming) {
