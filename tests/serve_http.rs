@@ -457,21 +457,32 @@ fn a_client_that_stops_reading_is_cancelled_after_the_client_timeout() {
     drop(stream);
 }
 
-#[test]
-fn requests_whose_client_left_while_queued_give_their_place_back() {
-    let server = Running::start(ServeConfig {
+/// A server that decodes one sequence at a time, with `queue` requests waiting at most.
+fn one_at_a_time(queue: usize) -> Running {
+    Running::start(ServeConfig {
         max_batch: 1,
-        queue: 2,
+        queue,
         max_tokens: 10_000_000,
         ..ServeConfig::default()
-    });
+    })
+}
+
+/// A streamed request of `max_tokens` bytes sent on a fresh connection, its answer not read.
+fn stream_request(addr: SocketAddr, prompt: &str, max_tokens: usize) -> TcpStream {
+    let mut stream = connect(addr);
+    let request = serde_json::json!({ "prompt": prompt, "max_tokens": max_tokens, "stream": true });
+    send(&mut stream, "POST", "/v1/completions", request.to_string().as_bytes());
+    stream
+}
+
+#[test]
+fn requests_whose_client_left_while_queued_give_their_place_back() {
+    let server = one_at_a_time(2);
     let addr = server.addr;
     let running = endless(addr);
     // Two requests fill the queue, and their clients leave at once.
     for prompt in ["x", "y"] {
-        let mut stream = connect(addr);
-        let request = serde_json::json!({ "prompt": prompt, "max_tokens": 5, "stream": true });
-        send(&mut stream, "POST", "/v1/completions", request.to_string().as_bytes());
+        let stream = stream_request(addr, prompt, 5);
         wait_for(addr, "the request to be queued", |h| h["queued"] != 0);
         drop(stream);
     }
@@ -479,9 +490,7 @@ fn requests_whose_client_left_while_queued_give_their_place_back() {
     wait_for(addr, "the departed requests to leave the queue", |h| {
         h["queued"] == 0 && h["active"] == 1
     });
-    let mut waiting = connect(addr);
-    let request = serde_json::json!({ "prompt": "z", "max_tokens": 5, "stream": true });
-    send(&mut waiting, "POST", "/v1/completions", request.to_string().as_bytes());
+    let mut waiting = stream_request(addr, "z", 5);
     wait_for(addr, "a new request to be queued", |h| h["queued"] == 1);
     drop(running);
     let mut raw = Vec::new();
@@ -788,17 +797,10 @@ fn shutdown_cancels_what_outlives_the_grace_period() {
 
 #[test]
 fn a_full_queue_answers_503() {
-    let server = Running::start(ServeConfig {
-        max_batch: 1,
-        queue: 1,
-        max_tokens: 10_000_000,
-        ..ServeConfig::default()
-    });
+    let server = one_at_a_time(1);
     let addr = server.addr;
     let running = endless(addr);
-    let mut waiting = connect(addr);
-    let request = serde_json::json!({ "prompt": "q", "max_tokens": 5, "stream": true });
-    send(&mut waiting, "POST", "/v1/completions", request.to_string().as_bytes());
+    let mut waiting = stream_request(addr, "q", 5);
     wait_for(addr, "the second request to wait", |h| h["queued"] == 1);
     let reply = post(addr, &serde_json::json!({ "prompt": "r", "max_tokens": 5 }));
     assert_eq!(reply.status, 503);

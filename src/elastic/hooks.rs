@@ -27,6 +27,21 @@ pub const MEMBERS_AT: &str = "SEMOE_TEST_MEMBERS_AT";
 /// (a malformed frame from an authenticated peer: the receiver evicts it).
 pub const CORRUPT: &str = "SEMOE_TEST_CORRUPT";
 
+/// The step N of a hook variable `var` set to `member=M,step=N`, when M is `member` (`None`: the
+/// variable is unset, malformed, or names another member).
+fn step_for_member(var: &str, member: u64) -> Option<u64> {
+    let spec = std::env::var(var).ok()?;
+    let (mut m, mut step) = (None, None);
+    for part in spec.split(',') {
+        match part.split_once('=')? {
+            ("member", v) => m = v.parse::<u64>().ok(),
+            ("step", v) => step = v.parse::<u64>().ok(),
+            _ => return None,
+        }
+    }
+    (m? == member).then_some(step?)
+}
+
 /// A parsed [`CORRUPT`].
 #[derive(Clone, Copy, Debug)]
 pub struct Corrupt {
@@ -37,19 +52,8 @@ pub struct Corrupt {
 impl Corrupt {
     /// The hook for `member`, if [`CORRUPT`] names it.
     pub fn for_member(member: u64) -> Option<Corrupt> {
-        let spec = std::env::var(CORRUPT).ok()?;
-        let (mut m, mut step) = (None, None);
-        for part in spec.split(',') {
-            match part.split_once('=')? {
-                ("member", v) => m = v.parse::<u64>().ok(),
-                ("step", v) => step = v.parse::<u64>().ok(),
-                _ => return None,
-            }
-        }
-        (m? == member).then_some(Corrupt {
-            step: step?,
-            done: false,
-        })
+        let step = step_for_member(CORRUPT, member)?;
+        Some(Corrupt { step, done: false })
     }
 
     /// Cut `bytes` (the encoding of `packet`) in half if this is the hook's packet.
@@ -79,19 +83,8 @@ pub struct CutLink {
 impl CutLink {
     /// The hook for `member`, if [`CUT_LINK`] names it.
     pub fn for_member(member: u64) -> Option<CutLink> {
-        let spec = std::env::var(CUT_LINK).ok()?;
-        let (mut m, mut step) = (None, None);
-        for part in spec.split(',') {
-            match part.split_once('=')? {
-                ("member", v) => m = v.parse::<u64>().ok(),
-                ("step", v) => step = v.parse::<u64>().ok(),
-                _ => return None,
-            }
-        }
-        (m? == member).then_some(CutLink {
-            step: step?,
-            done: false,
-        })
+        let step = step_for_member(CUT_LINK, member)?;
+        Some(CutLink { step, done: false })
     }
 
     /// The peer whose link to cut, once: when `packet` is the hook's.
