@@ -309,6 +309,9 @@ impl Drop for Cluster {
     }
 }
 
+/// The most link-fault firings the coordinator keeps for a chaos run's report.
+const MAX_LINK_FIRINGS: usize = 1 << 16;
+
 /// Joins whose handshake may run at once; more are refused until one ends (each is bounded in
 /// time, so a flood of connections that never say hello cannot hold the coordinator's memory).
 const HANDSHAKES: usize = 64;
@@ -469,14 +472,17 @@ async fn admit(
                 step,
                 detail,
             } => {
-                b.link_firings.push(LinkFiring {
-                    member: id,
-                    index,
-                    epoch,
-                    step,
-                    detail,
-                    at: std::time::Instant::now(),
-                });
+                // A chaos run fires a handful; a member sending them without end is not kept.
+                if b.link_firings.len() < MAX_LINK_FIRINGS {
+                    b.link_firings.push(LinkFiring {
+                        member: id,
+                        index,
+                        epoch,
+                        step,
+                        detail,
+                        at: std::time::Instant::now(),
+                    });
+                }
             }
             Notice::PeerLost { peer, epoch, detail } => {
                 crate::say!("semoe: member {id} lost its link to worker {peer} of epoch {epoch}: {detail}");
