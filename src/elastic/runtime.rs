@@ -522,7 +522,8 @@ impl ElasticRuntime {
         // every link held, the last copy otherwise (then the steps since are replayed). A step cut
         // short by a lost link may have been committed by some members and not others (a commit
         // sends parameters over the links), so the members' state is not trusted then.
-        let relink = !self.lost_member() && self.lost_link().is_some();
+        // (`lost_link` holds only while no member is lost.)
+        let relink = self.lost_link().is_some();
         if relink {
             self.relinks += 1;
             if self.relinks > MAX_RELINKS {
