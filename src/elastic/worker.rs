@@ -114,6 +114,12 @@ impl PacketCodec for WireCodec {
         let packet = wire::decode_packet_parts(head, bodies, epoch, self.shape()?.as_ref())?;
         self.arrived(packet)
     }
+    /// What the current epoch's packets can need (before the first epoch, nothing is decoded, so
+    /// the default bound only keeps the frame from being read).
+    fn max_frame(&self) -> usize {
+        self.shape()
+            .map_or(quic::MAX_PACKET_FRAME, |shape| shape.max_frame_bytes())
+    }
 }
 
 impl WireCodec {

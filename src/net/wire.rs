@@ -426,6 +426,19 @@ impl PacketShape {
             .saturating_add(limits.floats.saturating_mul(4))
     }
 
+    /// The most bytes any frame this shape's packets decode from may have, a collective's message
+    /// carrying one such packet included (the header's length, the header, the body count, the
+    /// length table and the floats): what a data plane lets a peer announce, so that the bound
+    /// grows with the model (a fixed one would refuse an honest packet of a large model) and stays
+    /// near what the model needs (a peer cannot make a small run allocate gigabytes).
+    pub fn max_frame_bytes(&self) -> usize {
+        let limits = self.limits();
+        8usize
+            .saturating_add(limits.header_bytes)
+            .saturating_add(limits.bodies.saturating_mul(8))
+            .saturating_add(limits.floats.saturating_mul(4))
+    }
+
     /// The most segments a packet may carry: one per (group, expert).
     fn max_segments(&self) -> usize {
         self.groups.saturating_mul(self.experts)
@@ -1769,9 +1782,24 @@ mod tests {
             }),
         ];
         for p in &packets {
-            let back = decode_packet(&encode_packet(u64::MAX, p).expect("encode"), u64::MAX, &shape).expect("fits");
+            let bytes = encode_packet(u64::MAX, p).expect("encode");
+            assert!(bytes.len() <= shape.max_frame_bytes(), "{} bytes", bytes.len());
+            let back = decode_packet(&bytes, u64::MAX, &shape).expect("fits");
             assert_same(p, &back);
         }
+    }
+
+    #[test]
+    fn the_frame_bound_grows_with_the_model() {
+        let small = shape();
+        assert!(small.max_frame_bytes() < 1 << 20, "{}", small.max_frame_bytes());
+        // A model of 2^29 floats (2 GiB), more than a fixed 1 GiB bound would let through: its
+        // parameters in one packet must fit.
+        let large = PacketShape {
+            tensor_lens: vec![1 << 28, 1 << 28],
+            ..shape()
+        };
+        assert!(large.max_frame_bytes() > 4 << 29, "{}", large.max_frame_bytes());
     }
 
     #[test]

@@ -45,6 +45,12 @@ pub trait PacketCodec: Send + Sync + 'static {
         let _ = (head, bodies, epoch);
         Err(Error::runtime("this codec reads whole frames only"))
     }
+    /// The longest frame (before its checksum) a peer may announce now: a longer one is a
+    /// protocol violation, refused before anything is allocated. By default
+    /// [`MAX_PACKET_FRAME`]; a codec that knows the run's model says what its packets can need.
+    fn max_frame(&self) -> usize {
+        MAX_PACKET_FRAME
+    }
 }
 
 /// Something that happened to a peer of the current epoch. Each peer is reported at most once per
@@ -94,7 +100,7 @@ mod code {
     pub const CUT: u32 = 6;
 }
 
-/// The largest packet frame accepted (its length is checked before anything is allocated).
+/// The largest packet frame a codec accepts unless it says otherwise ([`PacketCodec::max_frame`]).
 pub const MAX_PACKET_FRAME: usize = 1 << 30;
 
 /// The longest admission token a data plane accepts (a [`super::JoinTicket`]'s is 64).
@@ -810,7 +816,7 @@ async fn read_loop(
 ) {
     let split = inner.codec.wire_frames();
     loop {
-        let frame = match reader::read_packet(&mut recv, split, MAX_PACKET_FRAME).await {
+        let frame = match reader::read_packet(&mut recv, split, inner.frame_limit()).await {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
             Err(FrameError::Lost(e)) => {
@@ -908,7 +914,7 @@ async fn read_local_loop(
 ) {
     let split = inner.codec.wire_frames();
     loop {
-        let detail = match reader::read_packet(&mut recv, split, MAX_PACKET_FRAME).await {
+        let detail = match reader::read_packet(&mut recv, split, inner.frame_limit()).await {
             Ok(Some(frame)) => match hand_in_frame(&inner, epoch, me, peer, frame, &inbox) {
                 Ok(true) => continue,
                 Ok(false) => return,
@@ -1050,6 +1056,11 @@ fn peer_closed(inner: &Inner, epoch: u64, peer: WorkerId, code: u32, reason: &st
 }
 
 impl Inner {
+    /// The longest packet frame a peer may announce now: the codec's bound and the checksum.
+    fn frame_limit(&self) -> usize {
+        self.codec.max_frame().saturating_add(frame::CHECKSUM_BYTES)
+    }
+
     /// Report `peer` lost unless, within [`ENDING_GRACE`], it is marked gone otherwise (its close
     /// frame says it only left the epoch).
     async fn lost_unless_closed(&self, epoch: u64, peer: WorkerId, detail: String) {

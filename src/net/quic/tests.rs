@@ -86,6 +86,23 @@ impl PacketCodec for TestCodec {
     }
 }
 
+/// [`TestCodec`] that accepts frames of at most this many bytes.
+struct BoundedCodec(usize);
+
+impl PacketCodec for BoundedCodec {
+    fn encode(&self, epoch: u64, p: &Packet) -> Result<Vec<u8>> {
+        TestCodec.encode(epoch, p)
+    }
+
+    fn decode(&self, bytes: &[u8], epoch: u64) -> Result<Packet> {
+        TestCodec.decode(bytes, epoch)
+    }
+
+    fn max_frame(&self) -> usize {
+        self.0
+    }
+}
+
 /// Sends garbage.
 struct GarbageCodec;
 
@@ -505,6 +522,45 @@ async fn an_undecodable_frame_evicts_its_sender(same_host: bool) {
         }
         other => panic!("expected a loss, got {other:?}"),
     }
+}
+
+both_paths!(a_frame_over_the_codecs_bound_evicts_its_sender);
+
+/// The frame bound is the receiving codec's (the model's, for the runtime's codec), not a fixed
+/// one: an acknowledgement of 32 bytes passes a bound of 100, a tensor of 64 floats does not.
+async fn a_frame_over_the_codecs_bound_evicts_its_sender(same_host: bool) {
+    let id = JobIdentity::generate().expect("identity");
+    let planes = vec![
+        plane_on(&id, "secret", Arc::new(BoundedCodec(100)), same_host),
+        plane_on(&id, "secret", Arc::new(TestCodec), same_host),
+    ];
+    let mut events0 = planes[0].events().expect("events");
+    let mut nets: Vec<_> = start_all(&planes, 4, WAIT)
+        .await
+        .into_iter()
+        .map(|r| r.expect("epoch 4"))
+        .collect();
+    nets[1].0.send(ack(1, 0, 7)).expect("send");
+    let got = within("the acknowledgement", nets[0].1.recv()).await.expect("a packet");
+    assert_eq!(got.id, 7);
+    let tensor = Packet {
+        from: 1,
+        to: 0,
+        id: 8,
+        payload: Payload::Tensors(vec![(0, vec![1.5f32; 64])]),
+    };
+    nets[1].0.send(tensor).expect("send");
+    match within("the eviction", events0.recv()).await.expect("event") {
+        PeerEvent::Evicted { epoch, peer, detail } => {
+            assert_eq!((epoch, peer), (4, 1));
+            assert!(
+                detail.contains("of 292 bytes is over the limit of 104 bytes"),
+                "{detail}"
+            );
+        }
+        other => panic!("expected an eviction, got {other:?}"),
+    }
+    assert!(nets[0].1.try_recv().is_err(), "the long frame was never delivered");
 }
 
 both_paths!(a_damaged_frame_is_refused_by_its_checksum_and_evicts_its_sender);
