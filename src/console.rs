@@ -10,11 +10,39 @@ pub fn say_line(args: std::fmt::Arguments<'_>) {
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
-/// `eprintln!` in one write (see the module documentation); lines up to the pipe buffer (4 KiB)
-/// stay whole.
+/// Print one line on stdout, whatever became of the reader: `println!` panics when stdout is a
+/// pipe whose reader left (`semoe runs | head -1`).
+pub fn out_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut line = args.to_string();
+    line.push('\n');
+    let _ = std::io::stdout().lock().write_all(line.as_bytes());
+}
+
+/// Write `text` to stdout when it is the command's product (a config, a JSON report): a failed
+/// write is an error, not a panic.
+pub fn write_stdout(text: &str, what: &str) -> crate::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| crate::Error::io(format!("cannot write {what}"), "stdout", e))
+}
+
+/// `eprintln!` in one write (see the module documentation), and never a panic: a stderr that
+/// cannot be written (a closed pipe: `semoe train 2>&1 | head`) must not stop a run before its
+/// checkpoint. Lines up to the pipe buffer (4 KiB) stay whole.
 #[macro_export]
 macro_rules! say {
     ($($arg:tt)*) => {
         $crate::console::say_line(format_args!($($arg)*))
+    };
+}
+
+/// `println!` that never panics (see [`out_line`]): for lines a person reads.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::console::out_line(format_args!($($arg)*))
     };
 }

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     match cli::run(cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            semoe::say!("error: {e}");
             ExitCode::FAILURE
         }
     }

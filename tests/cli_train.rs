@@ -441,6 +441,41 @@ fn bad_input_gets_clear_messages() {
     }
 }
 
+/// Spawn semoe with stdout and stderr pipes whose readers are gone at once (`2>&1 | head -1`
+/// that already exited), and wait for it.
+fn run_with_closed_pipes(cwd: &Path, args: &[&str], limit: Duration) -> ExitStatus {
+    let mut child = Command::new(SEMOE)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn semoe");
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let mut guard = Child {
+        child,
+        stderr_path: cwd.join("unused"),
+    };
+    guard.wait(limit)
+}
+
+#[test]
+fn a_run_whose_output_nobody_reads_still_finishes_and_saves() {
+    let tmp = TempDir::new("cli-closed-stderr");
+    let status = run_with_closed_pipes(
+        tmp.path(),
+        &args(&["--steps", "30", "--eval-every", "10", "--run-dir", "r"]),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "exit {status:?}");
+    assert_eq!(newest_checkpoint(&tmp.path().join("r")).0, 30);
+    assert_eq!(train_steps_logged(&tmp.path().join("r")), 30);
+    let status = run_with_closed_pipes(tmp.path(), &["runs", "--dir", "."], Duration::from_secs(60));
+    assert!(status.success(), "runs: exit {status:?}");
+}
+
 #[test]
 fn generate_into_a_closed_pipe_ends_quietly() {
     let tmp = TempDir::new("cli-pipe");

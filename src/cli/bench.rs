@@ -373,7 +373,7 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
         return print_json(&r);
     }
     let mib = |b: f64| b / (1 << 20) as f64;
-    println!(
+    semoe::out!(
         "expert state {} ({} per block), {:.0} tokens per expert per step, {} threads; disk: read {:.0} MiB/s, write {:.0} MiB/s ({})",
         format_bytes(r.expert_state_bytes),
         format_bytes(a.experts as u64 * unit),
@@ -384,7 +384,7 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
         r.disk.method
     );
     if r.disk.parallel_threads > 0 {
-        println!(
+        semoe::out!(
             "disk at depth ({} requests in flight, same requests): read {:.0} MiB/s, write {:.0} MiB/s; one in flight: read {:.0} MiB/s, write {:.0} MiB/s; the better of each is the disk's bandwidth",
             r.disk.parallel_threads,
             mib(r.disk.parallel_read_bytes_per_s),
@@ -394,7 +394,7 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
         );
     }
     if r.disk.tier_threads > 0 {
-        println!(
+        semoe::out!(
             "disk tier alone ({} units, {} I/O threads): read {:.0} MiB/s, write {:.0} MiB/s",
             format_bytes(r.disk.tier_request),
             r.disk.tier_threads,
@@ -404,7 +404,7 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     }
     let base = r.rows.first().map_or(f64::NAN, |x| x.tokens_per_s);
     for x in &r.rows {
-        println!(
+        semoe::out!(
             "{:>24}: {:>7.0} tokens/s ({:>5.1}%), hit rate {:>5.1}%, prefetch accuracy {:>5.1}%, disk {:>7.1} MiB read + {:>7.1} MiB written per step, {:>6.0} MiB/s ({:>5.0} MiB/s while busy; {:>5.1}% of the disk's {:.0} MiB/s for this mix), stall {:.2} s/step{}, CPU {:.2} s/step",
             x.name,
             x.tokens_per_s,
@@ -457,7 +457,7 @@ pub fn cache_policy_bench(a: &CachePolicyBenchArgs) -> semoe::Result<()> {
                 labels.push(format!("{p}%"));
             }
             Some(_) => {}
-            None => eprintln!(
+            None => semoe::say!(
                 "note: {p}% of {units} units is less than one MoE block ({} experts): left out",
                 trace.experts
             ),
@@ -473,7 +473,7 @@ pub fn cache_policy_bench(a: &CachePolicyBenchArgs) -> semoe::Result<()> {
     if a.json {
         return print_json(&r);
     }
-    println!(
+    semoe::out!(
         "routing of checkpoint {} (step {step}): {} MoE blocks x {} experts, top-{}; {} steps of {} sequences in {} groups from step {}; {:.1}% of (step, block, expert) routed to; busiest expert per block {} the uniform share",
         dir.display(),
         r.blocks,
@@ -497,13 +497,13 @@ pub fn cache_policy_bench(a: &CachePolicyBenchArgs) -> semoe::Result<()> {
         .zip(&labels)
         .map(|(s, l)| format!("{l} = {} Device + {} Host units", s.device, s.host))
         .collect();
-    println!(
+    semoe::out!(
         "memory (of {units} units of {}): {}; loading on demand; hit rate = forward and backward acquisitions served from memory; loads = units read (parameters alone, or whole), MiB read/written per step",
         semoe::storage::tiers::format_bytes(r.unit_sizes.unit),
         sizes_line.join(", ")
     );
     let header: Vec<String> = labels.iter().map(|l| format!("{l:>30}")).collect();
-    println!("{:<32} {}", "policy", header.join(" "));
+    semoe::out!("{:<32} {}", "policy", header.join(" "));
     let steps = r.steps.max(1) as u64;
     let cell = |c: &semoe::storage::tiers::replay::ReplayCounts, bound: bool| {
         if bound {
@@ -520,7 +520,7 @@ pub fn cache_policy_bench(a: &CachePolicyBenchArgs) -> semoe::Result<()> {
     };
     let line = |row: &bench::PolicyRow, bound: bool| {
         let cells: Vec<String> = row.counts.iter().map(|c| cell(c, bound)).collect();
-        println!("{:<32} {}", row.name, cells.join(" "));
+        semoe::out!("{:<32} {}", row.name, cells.join(" "));
     };
     line(&r.bound, true);
     let mut rows: Vec<&bench::PolicyRow> = r.rows.iter().collect();
@@ -529,7 +529,7 @@ pub fn cache_policy_bench(a: &CachePolicyBenchArgs) -> semoe::Result<()> {
         line(row, false);
     }
     if let Some(best) = r.best() {
-        println!(
+        semoe::out!(
             "best mean hit rate: {} ({:.2}%)",
             best.name,
             100.0 * best.mean_hit_rate()
@@ -561,22 +561,22 @@ fn moe_layer_on_gpu(a: &MoeLayerArgs, config: &MoeConfig) -> semoe::Result<()> {
     if a.common.json {
         return print_json(&r);
     }
-    println!(
+    semoe::out!(
         "MoE layer on {}: S={} d_model={} d_ff={} E={} k={} capacity_factor={} ({} of {} assignments kept, {} rows per expert), {}",
         r.device, r.tokens, a.d_model, a.d_ff, a.experts, a.k, a.capacity_factor, r.kept, r.tokens * a.k, r.slots_per_expert, r.precision
     );
-    println!(
+    semoe::out!(
         "  forward          {:>11.1} tokens/s  {:>8.2} ms",
         r.forward_tokens_per_s,
         r.forward_seconds * 1e3
     );
-    println!(
+    semoe::out!(
         "  forward+backward {:>11.1} tokens/s  {:>8.2} ms  {:>8.1} GFLOP/s of expert products",
         r.train_tokens_per_s,
         r.train_seconds * 1e3,
         r.train_gflops
     );
-    println!(
+    semoe::out!(
         "  expert products alone {:.1} GFLOP/s = {:.0}% of cuBLAS's plain product at the same size ({:.1} GFLOP/s)",
         r.expert_products_gflops,
         100.0 * r.expert_products_gflops / r.matrix_gflops,
@@ -610,25 +610,25 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
             if a.common.json {
                 print_json(&r)?;
             } else {
-                println!(
+                semoe::out!(
                     "MoE layer: S={} d_model={} d_ff={} E={} k={} capacity_factor={} ({} of {} assignments kept), f32, {} threads",
                     r.tokens, a.d_model, a.d_ff, a.experts, a.k, a.capacity_factor, r.kept, r.tokens * a.k, r.threads
                 );
-                println!(
+                semoe::out!(
                     "  forward          {:>9.1} tokens/s  {:>7.1} ms  {:>6.1} GFLOP/s ({:.0}% of peak)",
                     r.forward_tokens_per_s,
                     r.forward_seconds * 1e3,
                     r.forward_gflops,
                     100.0 * r.forward_gflops / r.peak_gflops
                 );
-                println!(
+                semoe::out!(
                     "  forward+backward {:>9.1} tokens/s  {:>7.1} ms  {:>6.1} GFLOP/s ({:.0}% of peak)",
                     r.train_tokens_per_s,
                     r.train_seconds * 1e3,
                     r.train_gflops,
                     100.0 * r.train_gflops / r.peak_gflops
                 );
-                println!(
+                semoe::out!(
                     "  expert matmuls alone {:.1} GFLOP/s ({:.0}% of peak); FMA peak of {} threads {:.1} GFLOP/s",
                     r.expert_matmul_gflops,
                     100.0 * r.expert_matmul_gflops / r.peak_gflops,
@@ -682,7 +682,7 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
                             .map(|p| format!("{p} processes, {}", r.collective)),
                     );
                 for (name, tps) in names.zip(&r.tokens_per_s) {
-                    println!(
+                    semoe::out!(
                         "{name:>22}: {tps:>8.0} tokens/s ({:.1}% of the first)",
                         100.0 * tps / base
                     );
@@ -698,7 +698,7 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
             if a.json {
                 print_json(&r)?;
             } else {
-                println!(
+                semoe::out!(
                     "SIGKILL of 1 of {} worker processes after step {}: next step committed {:.2} s later when QUIC's idle timeout \
                      detects it (median of {}: {:?} s), {:.2} s when the coordinator is the worker's parent ({:?} s); \
                      {:?} steps replayed (copy every {} steps); an undisturbed step takes {:.3} s",
@@ -726,7 +726,7 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
             if a.common.json {
                 print_json(&r)?;
             } else {
-                println!(
+                semoe::out!(
                     "matmul {0}x{0}x{0} f32, {1} threads: {2:.1} GFLOP/s ({3:.0}% of the {4:.1} GFLOP/s FMA peak)",
                     r.size,
                     r.threads,
@@ -750,7 +750,7 @@ fn generate_bench(a: &GenerateBenchArgs) -> semoe::Result<()> {
     if a.json {
         return print_json(&r);
     }
-    println!(
+    semoe::out!(
         "generation, {} ({} parameters), {} thread(s), median of {} rounds",
         match &a.checkpoint {
             Some(p) => p.display().to_string(),
@@ -760,12 +760,12 @@ fn generate_bench(a: &GenerateBenchArgs) -> semoe::Result<()> {
         r.threads,
         a.rounds
     );
-    println!(
+    semoe::out!(
         "  recomputing every window, 1 sequence   {:>10.0} bytes/s",
         r.recompute_bytes_per_s
     );
     for row in &r.cached {
-        println!(
+        semoe::out!(
             "  key/value cache, {:>3} sequence(s)      {:>10.0} bytes/s  ({:.1}x the recomputing path)",
             row.batch,
             row.bytes_per_s,
@@ -807,7 +807,7 @@ fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
                 .join(format!("semoe-bench-ring-{}", std::process::id()));
             scratch.0 = Some(dir.clone());
             let model = semoe::model::gpt::Gpt::init(&c.model, 0)?;
-            eprintln!(
+            semoe::say!(
                 "writing an initialised model of {} parameters ({} experts x {} blocks) to {}",
                 model.num_params(),
                 a.experts,
@@ -851,7 +851,7 @@ fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
     if a.json {
         return print_json(&serde_json::json!({ "ring": r, "ring_process_peak_rss": peak, "peak_batch": largest }));
     }
-    println!(
+    semoe::out!(
         "ring-memory inference: checkpoint {} = {:.1}x the Device budget of {} ({} sections of {}), {} thread(s), \
          {} I/O thread(s), {} tokens per sequence after {} to warm up, median of {} rounds (page cache warm)",
         format_bytes(r.checkpoint_bytes),
@@ -887,7 +887,7 @@ fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
         } else {
             semoe::infer::RingLoad::Map
         };
-        println!(
+        semoe::out!(
             "  batch {:>3}  {:<26} {:>8.1} tokens/s  {:>5.0}% of resident  {}x on demand ({}x on-demand copy)  \
              stall {:>6.3} ms/token  loaded {:>10}/pass{}",
             row.batch,
@@ -904,7 +904,7 @@ fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
         );
     }
     if let Some(peak) = peak {
-        println!(
+        semoe::out!(
             "  peak resident memory of `semoe generate --device-budget {} --batch {largest}`: {}",
             format_bytes(budget),
             format_bytes(peak)

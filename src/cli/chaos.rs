@@ -68,7 +68,7 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     let scenario_text = std::fs::read_to_string(&a.scenario)
         .map_err(|e| semoe::Error::io("cannot read the chaos scenario", &a.scenario, e))?;
     write(&dir.join("scenario.toml"), &scenario_text)?;
-    eprintln!(
+    semoe::say!(
         "semoe chaos: {} fault entries, seed {}, deadline {}; {} steps on {}; run directory {}",
         scenario.faults.len(),
         scenario.seed,
@@ -92,7 +92,7 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     let md = report.markdown();
     write(&dir.join("chaos.md"), &md)?;
     if report.processes.is_none() {
-        println!(
+        semoe::out!(
             "{} faults planned, {} fired, {} restarts, {} steps replayed",
             report.faults.len(),
             report.faults.iter().filter(|f| f.fired > 0).count(),
@@ -101,7 +101,7 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
         );
     }
     for f in &report.faults {
-        println!(
+        semoe::out!(
             "  fault {}: {} {} at step {} ({}): fired {}x; {}{}",
             f.index,
             f.target,
@@ -115,12 +115,17 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
         );
     }
     if let Some(p) = &report.processes {
-        println!(
+        semoe::out!(
             "worker processes: {} at the start; {} epochs: {} joined, {} left, {} lost; {} steps replayed",
-            p.processes, p.epochs, p.joins, p.leaves, p.crashes, p.replayed_steps
+            p.processes,
+            p.epochs,
+            p.joins,
+            p.leaves,
+            p.crashes,
+            p.replayed_steps
         );
         for f in &p.faults {
-            println!(
+            semoe::out!(
                 "  process fault {}: {} of {} at step {} ({}): {}{}",
                 f.index,
                 f.kind,
@@ -133,14 +138,20 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
             );
         }
         for f in &p.link_faults {
-            println!(
+            semoe::out!(
                 "  link fault {}: {} from worker {} to worker {} at step {}: fired {}x; {}",
-                f.index, f.kind, f.from, f.to, f.step, f.fired, f.detection
+                f.index,
+                f.kind,
+                f.from,
+                f.to,
+                f.step,
+                f.fired,
+                f.detection
             );
         }
     }
-    println!("verdict: {}", report.verdict_line());
-    println!("report: {}", dir.join("chaos.md").display());
+    semoe::out!("verdict: {}", report.verdict_line());
+    semoe::out!("report: {}", dir.join("chaos.md").display());
     Ok(match report.verdict {
         Verdict::BitwiseEqual { .. } => ExitCode::SUCCESS,
         Verdict::Stopped { .. } => ExitCode::from(2),
@@ -160,7 +171,7 @@ fn quiet_injected_panics() {
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("");
         if text.starts_with("injected panic") {
-            eprintln!("chaos: {text}");
+            semoe::say!("chaos: {text}");
         } else {
             default(info);
         }
@@ -187,7 +198,7 @@ fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir
                 p.faults.iter().filter(|f| f.injected_at_s.is_some()).count()
                     + p.link_faults.iter().map(|f| f.fired).sum::<usize>()
             });
-        println!(
+        semoe::out!(
             "seed {seed}: {fired} faults fired, {} replays: {}",
             report.replays,
             report.verdict_line()
@@ -207,7 +218,7 @@ fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir
     let json = serde_json::to_string_pretty(&serde_json::json!({ "seeds": rows, "failing": failing }))
         .map_err(|e| semoe::Error::parse("the soak report", e.to_string()))?;
     write(&dir.join("soak.json"), &json)?;
-    println!(
+    semoe::out!(
         "soak: {seeds} seeds in {:.1} s: {equal} bitwise equal, {stopped} stopped with an error, {} failing{}",
         started.elapsed().as_secs_f64(),
         failing.len(),

@@ -50,7 +50,7 @@ pub fn run(a: &EvalArgs) -> semoe::Result<()> {
     let cpu = Cpu::new(a.threads)?;
     let seqs = (config.train.batch / config.train.groups).max(1);
     let loss = semoe::train::trainer::text_loss(&model, &cpu, &text, windows, seqs)?;
-    println!(
+    semoe::out!(
         "{loss:.4} nats/byte ({:.4} bits/byte) on {source} ({} bytes, {windows} windows of {t}); checkpoint {} (step {step})",
         loss / std::f64::consts::LN_2,
         text.len(),

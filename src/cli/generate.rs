@@ -188,7 +188,7 @@ pub fn checkpoint_to_read(path: &Path) -> semoe::Result<checkpoint::Checkpoint> 
     }
     let resolved = checkpoint::newest_intact(path)?;
     for d in &resolved.damaged {
-        eprintln!(
+        semoe::say!(
             "warning: checkpoint {} is damaged ({}); using an older one",
             d.dir.display(),
             d.reason
@@ -230,7 +230,7 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
             }
             let mut decoder = BatchDecoder::new(&model, cpu, a.batch)?;
             let (bytes, seconds) = sample_batch(&mut decoder, &prompt, &opts, a.batch)?;
-            eprintln!(
+            semoe::say!(
                 "{bytes} bytes in {seconds:.2} s: {:.0} bytes/s",
                 bytes as f64 / seconds.max(1e-9)
             );
@@ -249,7 +249,7 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
                 sample_batch(&mut decoder, &prompt, &opts, a.batch)?
             };
             let stats = decoder.source().stats();
-            eprintln!(
+            semoe::say!(
                 "ring: checkpoint {} in {} sections of {} ({} on the Device side with {} resident; Host tier {}), \
                  key/value cache {}; pieces {}",
                 format_bytes(checkpoint_bytes),
@@ -264,7 +264,7 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
                     semoe::infer::RingLoad::Copy | semoe::infer::RingLoad::Auto => "copied into the sections",
                 }
             );
-            eprintln!(
+            semoe::say!(
                 "ring: {bytes} bytes in {seconds:.2} s = {:.0} tokens/s; stalled on loads {:.2} s; read {} from the \
                  checkpoint file ({} of it mapped), {} from the Host tier; {} passes; {} pieces read again where they were kept; \
                  routing guessed right {} / wrong {}",
@@ -279,7 +279,7 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
                 stats.predicted_misses
             );
             if let Some(peak) = peak_rss() {
-                eprintln!(
+                semoe::say!(
                     "ring: peak resident memory {peak} bytes ({}; budgets: Device {}, Host {}, key/value cache {})",
                     format_bytes(peak),
                     format_bytes(options.device_budget),

@@ -64,8 +64,7 @@ pub enum Command {
 
 pub fn print_json(report: &impl serde::Serialize) -> semoe::Result<()> {
     let line = serde_json::to_string(report).map_err(|e| semoe::Error::parse("report", e.to_string()))?;
-    println!("{line}");
-    Ok(())
+    semoe::console::write_stdout(&format!("{line}\n"), "the report")
 }
 
 /// Parse the command line (exiting with clap's message on a usage error).

@@ -14,16 +14,16 @@ pub struct RunsArgs {
 pub fn run(a: &RunsArgs) -> semoe::Result<()> {
     let runs = semoe::telemetry::runs::list(&a.dir)?;
     if runs.is_empty() {
-        println!("no runs under {}", a.dir.display());
+        semoe::out!("no runs under {}", a.dir.display());
         return Ok(());
     }
-    println!("{:<32} {:>13} {:>9} {:>10}  status", "run", "steps", "val loss", "time");
+    semoe::out!("{:<32} {:>13} {:>9} {:>10}  status", "run", "steps", "val loss", "time");
     for r in runs {
         let val = r.val_loss.map_or("-".to_string(), |(_, v)| format!("{v:.4}"));
         let time = r
             .training_seconds
             .map_or("-".to_string(), semoe::train::trainer::format_duration);
-        println!(
+        semoe::out!(
             "{:<32} {:>13} {:>9} {:>10}  {}",
             r.name,
             format!("{}/{}", r.checkpoint_step.unwrap_or(0), r.planned_steps),

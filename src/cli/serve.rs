@@ -73,9 +73,11 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
             a.memory.check_cache(file.config(), a.max_batch)?;
             let ring = semoe::infer::RingWeights::new(file, &options)?;
             let s = ring.stats();
-            eprintln!(
+            semoe::say!(
                 "ring: {} sections of {} bytes ({} bytes on the Device side)",
-                s.sections, s.section_bytes, s.device_bytes
+                s.sections,
+                s.section_bytes,
+                s.device_bytes
             );
             Box::new(semoe::infer::BatchDecoder::with_source(
                 ring,
@@ -99,13 +101,13 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
         let handle = semoe::telemetry::metrics::install()?;
         semoe::telemetry::metrics::register_serve();
         let server = Server::bind_decoder(decoder, config)?.with_metrics(handle);
-        println!("listening on http://{}", server.local_addr());
+        semoe::out!("listening on http://{}", server.local_addr());
         let _ = std::io::stdout().flush();
         server
             .run(async move {
                 tokio::select! {
-                    _ = term.recv() => eprintln!("SIGTERM: shutting down (a second signal exits at once)"),
-                    _ = int.recv() => eprintln!("Ctrl-C: shutting down (a second signal exits at once)"),
+                    _ = term.recv() => semoe::say!("SIGTERM: shutting down (a second signal exits at once)"),
+                    _ = int.recv() => semoe::say!("Ctrl-C: shutting down (a second signal exits at once)"),
                 }
                 // Tokio keeps its handlers installed: without this a second signal would be
                 // swallowed until the grace period ends.
@@ -114,7 +116,7 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
                         _ = term.recv() => 128 + 15,
                         _ = int.recv() => 128 + 2,
                     };
-                    eprintln!("a second signal: exiting at once");
+                    semoe::say!("a second signal: exiting at once");
                     std::process::exit(code);
                 });
             })

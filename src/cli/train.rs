@@ -364,7 +364,7 @@ pub fn signal_name(signal: usize) -> &'static str {
 
 pub fn print_notices(trainer: &Trainer) {
     for notice in trainer.notices() {
-        eprintln!("warning: {notice}");
+        semoe::say!("warning: {notice}");
     }
 }
 
@@ -388,14 +388,14 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         };
         if a.print_config {
             let (config, _) = semoe::train::trainer::resumed_config(&dir, &options, adjust)?;
-            print!("{}", config.to_toml()?);
+            semoe::console::write_stdout(&config.to_toml()?, "the config")?;
             return Ok(ExitCode::SUCCESS);
         }
         Trainer::resume_with_options(&dir, &options, adjust)?
     } else {
         let config = resolve_config(a)?;
         if a.print_config {
-            print!("{}", config.to_toml()?);
+            semoe::console::write_stdout(&config.to_toml()?, "the config")?;
             return Ok(ExitCode::SUCCESS);
         }
         if a.metrics_addr.is_some() && config.train.workers == 0 && !config.train.elastic() {
@@ -421,7 +421,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
     let c = trainer.config().clone();
     if trainer.steps_done() >= c.train.steps {
         let summary = trainer.run(false)?;
-        eprintln!(
+        semoe::say!(
             "{} is already finished: {} of {} steps, validation loss {:.4} at step {}; pass --steps N (more than {}) \
              with --resume to train further",
             dir.display(),
@@ -435,10 +435,10 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
     }
     if let Some(addr) = &a.metrics_addr {
         trainer.serve_metrics(addr)?;
-        eprintln!("metrics: http://{addr}/metrics");
+        semoe::say!("metrics: http://{addr}/metrics");
     }
     let model = trainer.model()?;
-    eprintln!(
+    semoe::say!(
         "semoe train: {} parameters ({} active per token), {} blocks ({} MoE, {} experts, top-{}), d_model {}, context {}",
         model.num_params(),
         model.active_params(),
@@ -449,7 +449,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         c.model.d_model,
         c.model.block_size
     );
-    eprintln!(
+    semoe::say!(
         "data: {} ({} training bytes, {} validation bytes); {} steps of {} sequences in {} groups; {} threads; {}",
         trainer.corpus().source,
         trainer.corpus().train.len(),
@@ -491,7 +491,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             )
         }
     );
-    eprintln!(
+    semoe::say!(
         "run directory: {}; memory: about {} estimated",
         dir.display(),
         semoe::storage::tiers::format_bytes(semoe::train::memory::estimate(&c).total())
@@ -501,11 +501,11 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
     drop(signals);
     let resume_hint = format!("semoe train --resume --run-dir {}", dir.display());
     match summary.stop {
-        StopReason::TimeLimit => eprintln!(
+        StopReason::TimeLimit => semoe::say!(
             "time limit of {} s reached: ran {} of the {} planned steps (this invocation: {}); continue with: {resume_hint}",
             c.train.time_limit_s, summary.steps, summary.planned_steps, summary.steps_run
         ),
-        StopReason::Requested(signal) => eprintln!(
+        StopReason::Requested(signal) => semoe::say!(
             "stopped by {} after step {} of {}; checkpoint written; continue with: {resume_hint}",
             signal_name(signal),
             summary.steps,
@@ -513,7 +513,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         ),
         StopReason::Finished | StopReason::AlreadyFinished | StopReason::StopAt => {}
     }
-    eprintln!(
+    semoe::say!(
         "done: {} of {} steps; validation loss {:.4} nats/byte at step {}; mean train loss of the last {} steps {:.4}; \
          {:.0} tokens/s, {:.1} s; checkpoint {}",
         summary.steps,
@@ -533,7 +533,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             let worst = m.recovery_seconds.iter().copied().fold(0.0, f64::max);
             format!("; membership changes took up to {worst:.2} s")
         };
-        eprintln!(
+        semoe::say!(
             "membership: epoch {}, {} workers at the end; {} joined, {} left, {} lost; {} steps replayed; {} of state moved{recovery}",
             m.epoch,
             m.members,
@@ -545,14 +545,14 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         );
     }
     match semoe::telemetry::write_report(&dir) {
-        Ok(_) => eprintln!("report: {}", dir.join("report.md").display()),
-        Err(e) => eprintln!("warning: no report: {e}"),
+        Ok(_) => semoe::say!("report: {}", dir.join("report.md").display()),
+        Err(e) => semoe::say!("warning: no report: {e}"),
     }
     if let StopReason::Requested(signal) = summary.stop {
         return Ok(ExitCode::from((128 + signal).min(255) as u8));
     }
     if a.sample_tokens > 0 {
-        eprintln!("sample (temperature 0.8, top-k 40):");
+        semoe::say!("sample (temperature 0.8, top-k 40):");
         let opts = SampleOptions {
             max_tokens: a.sample_tokens,
             ..SampleOptions::default()
@@ -574,7 +574,7 @@ pub fn fit_time_budget(config: &mut TrainConfig) -> semoe::Result<()> {
     let budget = config.train.time_budget_s;
     let cal = semoe::train::calibrate::calibrate(config, budget)?;
     let wanted = config.train.steps;
-    eprintln!(
+    semoe::say!(
         "time budget {}: measured {:.1} ms a step, {:.2} s an evaluation, {:.2} s a checkpoint; {} (planned {}){}",
         semoe::train::trainer::format_duration(budget),
         cal.step_seconds * 1e3,

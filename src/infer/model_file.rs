@@ -61,7 +61,7 @@ impl ModelFile {
             match Self::open_checkpoint(&dir) {
                 Ok(file) => return Ok(file),
                 Err(e) => {
-                    eprintln!(
+                    crate::say!(
                         "warning: checkpoint {} is damaged ({e}); trying an older one",
                         dir.display()
                     );

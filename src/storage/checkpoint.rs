@@ -411,7 +411,7 @@ fn write_file_synced(path: &Path, bytes: &[u8], pause: Option<Duration>, cut: Op
         let (head, tail) = bytes.split_at(bytes.len() / 2);
         file.write_all(head)
             .map_err(|e| Error::io("writing checkpoint file", path, e))?;
-        eprintln!(
+        crate::say!(
             "semoe: pausing in a checkpoint write ({} of {} bytes of {} written)",
             head.len(),
             bytes.len(),

@@ -972,7 +972,7 @@ impl Progress {
     fn line(&self, text: String) {
         match self {
             Progress::Bar(bar) => bar.println(text),
-            Progress::Lines { .. } => eprintln!("{text}"),
+            Progress::Lines { .. } => crate::say!("{text}"),
             Progress::Silent => {}
         }
     }
@@ -1003,7 +1003,7 @@ impl Progress {
                 } else {
                     format!("{val_loss:.4}")
                 };
-                eprintln!(
+                crate::say!(
                     "step {step:>5}/{total} ({:.0}%)  loss {loss:.4}  val {val}  {mean_tps:.0} tokens/s  ETA {}",
                     100.0 * step as f64 / *total as f64,
                     format_duration(eta)
