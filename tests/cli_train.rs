@@ -272,6 +272,67 @@ fn a_run_directory_serves_one_process_at_a_time() {
 }
 
 #[test]
+fn a_new_run_never_takes_over_a_folder_of_other_files_or_a_finished_run() {
+    let tmp = TempDir::new("cli-take-over");
+    let proj = tmp.path().join("proj");
+    std::fs::create_dir_all(proj.join("tiers")).expect("proj");
+    std::fs::write(proj.join("config.toml"), "# my notes\n").expect("config");
+    std::fs::write(proj.join("tiers/keep.txt"), "mine").expect("a file of the user's");
+    let (status, _, err) = run(tmp.path(), &args(&["--run-dir", "proj"]), Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("holds files but no checkpoint to continue from (config.toml, tiers)"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(proj.join("config.toml")).expect("config"),
+        "# my notes\n"
+    );
+    assert!(proj.join("tiers/keep.txt").is_file(), "the tiers folder was removed");
+    assert!(!proj.join(".lock").exists() && !proj.join("metrics.jsonl").exists());
+
+    // `semoe chaos` into a finished training run: refused, the run's checkpoint untouched.
+    let (status, _, err) = run(
+        tmp.path(),
+        &args(&["--steps", "3", "--run-dir", "r"]),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    let before = newest_checkpoint(&tmp.path().join("r"));
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/torn-checkpoints.toml");
+    let scenario = scenario.to_str().expect("a UTF-8 path");
+    let (status, _, err) = run(
+        tmp.path(),
+        &["chaos", "--scenario", scenario, "--run-dir", "r", "--steps", "4"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("already holds a run with checkpoints"), "{err}");
+    assert_eq!(newest_checkpoint(&tmp.path().join("r")), before);
+}
+
+#[test]
+fn a_run_whose_directory_is_removed_stops_with_an_error() {
+    let tmp = TempDir::new("cli-removed");
+    let run_dir = tmp.path().join("r");
+    let mut child = Child::spawn(tmp.path(), &args(&["--steps", "1000000", "--run-dir", "r"]), "run");
+    wait_for_steps(&run_dir, 5, &child);
+    // Moved away in one step (a removal could race the run's next checkpoint), then removed.
+    let gone = tmp.path().join("gone");
+    std::fs::rename(&run_dir, &gone).expect("move the run directory away");
+    std::fs::remove_dir_all(&gone).expect("remove the run directory");
+    let status = child.wait(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{}", child.stderr());
+    assert!(
+        child
+            .stderr()
+            .contains("was removed or replaced while the run was writing it"),
+        "{}",
+        child.stderr()
+    );
+}
+
+#[test]
 fn default_run_directories_never_collide_and_failed_starts_leave_none() {
     let tmp = TempDir::new("cli-names");
     let mut children: Vec<Child> = (0..3)

@@ -55,6 +55,11 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     config.validate()?;
     let dir = match a.train.run_dir() {
         Some(dir) => {
+            // A chaos run replaces its directory's checkpoints and config: only an earlier chaos
+            // run's directory (it holds its scenario) or a fresh one may be given.
+            if !dir.join("scenario.toml").is_file() {
+                run_dir::check_fresh(dir)?;
+            }
             std::fs::create_dir_all(dir).map_err(|e| semoe::Error::io("cannot create the run directory", dir, e))?;
             dir.to_path_buf()
         }

@@ -75,6 +75,28 @@ impl RunDirLock {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Check that the locked directory is still where the run writes: a directory removed (or
+    /// moved away and replaced) during a run would take every later line of the metrics log with
+    /// it, and its checkpoints would land in a new directory without the run's config.
+    pub fn still_in_place(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.dir.join(LOCK_FILE);
+        let held = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("cannot read the lock file", &path, e))?;
+        let same = std::fs::metadata(&path).is_ok_and(|now| (now.dev(), now.ino()) == (held.dev(), held.ino()));
+        if same {
+            Ok(())
+        } else {
+            Err(Error::config(format!(
+                "the run directory {} was removed or replaced while the run was writing it (its lock file is \
+                 gone); the run stops here, as what it would write next has no run directory to go to",
+                self.dir.display()
+            )))
+        }
+    }
 }
 
 impl Drop for RunDirLock {
@@ -150,6 +172,48 @@ pub fn holds_no_results(dir: &Path) -> bool {
     })
 }
 
+/// Check that a fresh run may start in `dir`: it does not exist, is empty, or holds only what a
+/// semoe start that failed before its first step leaves (see [`holds_no_results`]; a
+/// `config.toml` beside the run's lock file only, so that a folder holding the user's own config is
+/// never taken for one). Anything else is refused, naming what is there: a fresh start overwrites
+/// the config and the metrics log and removes the Disk tier's directory.
+pub fn check_fresh(dir: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("cannot read the run directory", dir, e)),
+    };
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.iter().any(|n| n == crate::storage::checkpoint::CHECKPOINTS_DIR) {
+        return Err(Error::config(format!(
+            "{} already holds a run with checkpoints; use --resume to continue it or choose another --run-dir",
+            dir.display()
+        )));
+    }
+    let ours = names.iter().any(|n| n == LOCK_FILE);
+    if names.is_empty() || (holds_no_results(dir) && (ours || !names.iter().any(|n| n == "config.toml"))) {
+        return Ok(());
+    }
+    let mut shown: Vec<&str> = names.iter().map(String::as_str).filter(|n| *n != LOCK_FILE).collect();
+    shown.sort_unstable();
+    let more = shown.len().saturating_sub(4);
+    shown.truncate(4);
+    Err(Error::config(format!(
+        "{} holds files but no checkpoint to continue from ({}{}); a new run would overwrite or remove them: \
+         choose a new or empty --run-dir",
+        dir.display(),
+        shown.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +222,38 @@ mod tests {
         let d = std::env::temp_dir().join(format!("semoe-rundir-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn a_fresh_start_takes_only_an_empty_folder_or_a_failed_start() {
+        let d = temp("fresh");
+        assert!(check_fresh(&d).is_ok(), "a folder to be created");
+        std::fs::create_dir_all(&d).expect("dir");
+        assert!(check_fresh(&d).is_ok(), "an empty folder");
+        std::fs::write(d.join("config.toml"), "# the user's").expect("config");
+        let err = check_fresh(&d)
+            .expect_err("a folder with the user's config")
+            .to_string();
+        assert!(err.contains("(config.toml)"), "{err}");
+        std::fs::write(d.join(LOCK_FILE), "").expect("lock");
+        std::fs::write(d.join("metrics.jsonl"), "").expect("log");
+        assert!(check_fresh(&d).is_ok(), "what a failed start leaves");
+        std::fs::write(d.join("metrics.jsonl"), "{}\n").expect("log");
+        for i in 0..5 {
+            std::fs::write(d.join(format!("note{i}")), "").expect("note");
+        }
+        let err = check_fresh(&d).expect_err("a run without checkpoints").to_string();
+        assert!(
+            err.contains("(config.toml, metrics.jsonl, note0, note1 and 3 more)"),
+            "{err}"
+        );
+        std::fs::create_dir(d.join("checkpoints")).expect("checkpoints");
+        let err = check_fresh(&d).expect_err("a run").to_string();
+        assert!(
+            err.contains("already holds a run with checkpoints; use --resume"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&d).expect("clean up");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Steps the final "mean train loss" averages over: the mean of the last this many steps' losses,
 /// the same number for bitwise-identical runs however they were interrupted and resumed.
@@ -131,7 +131,7 @@ pub struct Trainer {
     gpu: Option<CudaGpt>,
     gpu_stale: bool,
     /// The exclusive lock on the run directory, held while this trainer lives.
-    _lock: RunDirLock,
+    lock: RunDirLock,
 }
 
 /// How [`Trainer::resume_with_options`] treats its inputs.
@@ -196,6 +196,10 @@ struct State {
     data_digest: String,
 }
 
+/// How often a run checks that its run directory is still there ([`RunDirLock::still_in_place`]):
+/// its metrics log goes on writing through an open handle into a removed directory otherwise.
+const PLACE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// Remove the Disk tier's slot files under `run_dir` (scratch state: the checkpoints hold the run).
 fn remove_tier_files(run_dir: &Path) {
     let tiers = run_dir.join(run_dir::TIERS_DIR);
@@ -244,18 +248,21 @@ impl Trainer {
             config.train.data =
                 Some(std::fs::canonicalize(path).map_err(|e| Error::io("cannot read the training data", path, e))?);
         }
+        // A directory in use says so first (its lock is only taken where semoe already put one).
+        let lock = match run_dir.join(run_dir::LOCK_FILE).exists() {
+            true => Some(RunDirLock::acquire(run_dir)?),
+            false => None,
+        };
+        run_dir::check_fresh(run_dir)?;
         std::fs::create_dir_all(run_dir).map_err(|e| Error::io("cannot create the run directory", run_dir, e))?;
-        let lock = RunDirLock::acquire(run_dir)?;
+        let lock = match lock {
+            Some(lock) => lock,
+            None => RunDirLock::acquire(run_dir)?,
+        };
         Trainer::start_fresh(config, run_dir, lock)
     }
 
     fn start_fresh(config: TrainConfig, run_dir: &Path, lock: RunDirLock) -> Result<Self> {
-        if checkpoint::latest(run_dir)?.is_some() {
-            return Err(Error::config(format!(
-                "{} already holds a run with checkpoints; use --resume to continue it or choose another --run-dir",
-                run_dir.display()
-            )));
-        }
         let corpus = corpus_for(&config)?;
         let model = Gpt::init(&config.model, config.train.seed)?;
         let optimizer = new_optimizer(&config, &model)?;
@@ -454,7 +461,7 @@ impl Trainer {
             notices,
             gpu,
             gpu_stale: false,
-            _lock: lock,
+            lock,
         })
     }
 
@@ -711,6 +718,7 @@ impl Trainer {
 
     /// Write a checkpoint of the current state.
     pub fn save_checkpoint(&mut self, training_seconds: f64) -> Result<PathBuf> {
+        self.lock.still_in_place()?;
         self.sync()?;
         let dir = write_checkpoint(
             &self.run_dir,
@@ -761,7 +769,12 @@ impl Trainer {
         let mut last_checkpoint = PathBuf::new();
         let mut checkpointed_step = None;
         let mut stop = StopReason::Finished;
+        let mut place_checked = Instant::now();
         while self.optimizer.step < c.train.steps {
+            if place_checked.elapsed() >= PLACE_CHECK_EVERY {
+                self.lock.still_in_place()?;
+                place_checked = Instant::now();
+            }
             let requested = self.stop.load(Ordering::SeqCst);
             if requested != 0 {
                 stop = StopReason::Requested(requested);
