@@ -353,8 +353,23 @@ impl TrainConfig {
                 t.threads
             )));
         }
-        if t.eval_windows == 0 {
-            return Err(Error::config("train.eval_windows must be positive"));
+        if self.model.vocab != BYTE_VOCAB {
+            return Err(Error::config(format!(
+                "model.vocab must be {BYTE_VOCAB}: the model reads and writes bytes (got {})",
+                self.model.vocab
+            )));
+        }
+        if !(t.val_fraction > 0.0 && t.val_fraction < 1.0) {
+            return Err(Error::config(format!(
+                "train.val_fraction must be between 0 and 1 (the share of the text kept for validation), got {}",
+                t.val_fraction
+            )));
+        }
+        if t.eval_windows == 0 || t.eval_windows > MAX_EVAL_WINDOWS {
+            return Err(Error::config(format!(
+                "train.eval_windows must be between 1 and {MAX_EVAL_WINDOWS}, got {}",
+                t.eval_windows
+            )));
         }
         if !(t.time_limit_s.is_finite() && t.time_limit_s >= 0.0) {
             return Err(Error::config("train.time_limit_s must be a non-negative number"));
@@ -366,8 +381,11 @@ impl TrainConfig {
             )));
         }
         t.placement.parse::<ExpertPlacement>()?;
-        if !(t.deadline_s.is_finite() && t.deadline_s > 0.0) {
-            return Err(Error::config("train.deadline_s must be a positive number of seconds"));
+        if !(t.deadline_s.is_finite() && t.deadline_s > 0.0 && t.deadline_s <= MAX_DEADLINE_S) {
+            return Err(Error::config(format!(
+                "train.deadline_s must be a positive number of seconds up to {MAX_DEADLINE_S} (a day), got {}",
+                t.deadline_s
+            )));
         }
         if t.keep_checkpoints == 0 {
             return Err(Error::config("train.keep_checkpoints must be at least 1"));
@@ -422,6 +440,17 @@ impl TrainConfig {
         Ok(())
     }
 }
+
+/// The vocabulary of every trained model: its tokens are the bytes of the text.
+pub const BYTE_VOCAB: usize = 256;
+
+/// The most evaluation windows a run may ask for (each is a forward pass over a block; a million
+/// already takes hours on a CPU).
+pub const MAX_EVAL_WINDOWS: usize = 1 << 20;
+
+/// The longest deadline of a collective: a day. The runtime multiplies it (a step's bound covers
+/// its replays), so a larger one would overflow a `Duration`.
+pub const MAX_DEADLINE_S: f64 = 86_400.0;
 
 /// The settings `--resume` may change: none of them changes a bit of the parameters (the runtime is
 /// bitwise identical for any thread count, worker count, placement and storage budgets;

@@ -502,6 +502,93 @@ fn bad_input_gets_clear_messages() {
     }
 }
 
+/// Values a config file or the command line may hold that used to panic, abort on an allocation,
+/// wrap around, or fail only after the whole run: each is refused at once, by name, and leaves no
+/// run directory.
+#[test]
+fn absurd_values_are_refused_before_anything_starts() {
+    let tmp = TempDir::new("cli-absurd");
+    let files: &[(&str, &str, &str)] = &[
+        (
+            "deadline.toml",
+            "[train]\ndeadline_s = 1e20\n",
+            "train.deadline_s must be a positive number of seconds up to 86400",
+        ),
+        ("vocab.toml", "[model]\nvocab = 128\n", "model.vocab must be 256"),
+        (
+            "fraction.toml",
+            "[train]\nval_fraction = 5.0\n",
+            "train.val_fraction must be between 0 and 1",
+        ),
+        (
+            "windows.toml",
+            "[train]\neval_windows = 1000000000000\n",
+            "train.eval_windows must be between 1 and 1048576",
+        ),
+    ];
+    for (name, text, want) in files {
+        std::fs::write(tmp.path().join(name), text).expect("config");
+        let (status, _, err) = run(
+            tmp.path(),
+            &["train", "--config", name, "--run-dir", "r"],
+            Duration::from_secs(60),
+        );
+        assert_eq!(status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(want), "{name}: {err}");
+    }
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["train", "--sample-prompt", "a\\q", "--run-dir", "r"],
+            "unknown escape \\q",
+        ),
+        (
+            &[
+                "train",
+                "--d-model",
+                "2",
+                "--heads",
+                "1",
+                "--d-ff",
+                "4611686018427387904",
+                "--run-dir",
+                "r",
+            ],
+            "this config needs about",
+        ),
+    ];
+    for (extra, want) in cases {
+        let (status, _, err) = run(tmp.path(), extra, Duration::from_secs(60));
+        assert_eq!(status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+    assert!(!tmp.path().join("r").exists(), "a refused start left its run directory");
+    let (status, _, err) = run(tmp.path(), &["runs", "--dir", "nowhere"], Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("nowhere is not a directory of runs"), "{err}");
+
+    // A checkpoint, then sizes that would abort generation and evaluation on their allocation.
+    let (status, _, err) = run(
+        tmp.path(),
+        &args(&["--steps", "2", "--run-dir", "c"]),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    let (status, _, err) = run(
+        tmp.path(),
+        &["generate", "--checkpoint", "c", "--batch", "100000000000"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("a batch of 100000000000 needs"), "{err}");
+    let (status, _, err) = run(
+        tmp.path(),
+        &["eval", "--checkpoint", "c", "--windows", "100000000000"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("--windows must be between 1 and 1048576"), "{err}");
+}
+
 /// Spawn semoe with stdout and stderr pipes whose readers are gone at once (`2>&1 | head -1`
 /// that already exited), and wait for it.
 fn run_with_closed_pipes(cwd: &Path, args: &[&str], limit: Duration) -> ExitStatus {

@@ -115,7 +115,7 @@ impl RuntimeBuilder {
     /// deadline ten times as long.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
-        self.step_deadline = deadline * 10;
+        self.step_deadline = deadline.saturating_mul(10);
         self
     }
 
@@ -462,7 +462,7 @@ impl Runtime {
     pub fn step(&self) -> RuntimeFuture<'_, StepOutcome> {
         let who = ActorName("the coordinator".into());
         // The coordinator bounds each attempt; this bound covers every replay it may run.
-        let deadline = self.deadline * (self.max_replays + 2);
+        let deadline = self.deadline.saturating_mul(self.max_replays.saturating_add(2));
         Box::pin(async move {
             ask(&self.coordinator, &who, "a step", deadline, |reply| CoordMsg::Step {
                 reply,

@@ -189,8 +189,15 @@ fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir
     let mut rows = Vec::new();
     let mut failing = Vec::new();
     let (mut equal, mut stopped) = (0, 0);
+    if seeds == 0 || scenario.seed.checked_add(seeds).is_none() {
+        return Err(semoe::Error::config(format!(
+            "--soak {seeds}: a soak runs at least one seed, and the scenario's seed ({}) plus the count must stay \
+             below 2^64",
+            scenario.seed
+        )));
+    }
     let started = std::time::Instant::now();
-    for seed in scenario.seed..scenario.seed.saturating_add(seeds) {
+    for seed in scenario.seed..scenario.seed + seeds {
         let s = Scenario {
             seed,
             ..scenario.clone()

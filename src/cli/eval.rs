@@ -47,6 +47,12 @@ pub fn run(a: &EvalArgs) -> semoe::Result<()> {
             )
         }
     };
+    if windows == 0 || windows > semoe::config::MAX_EVAL_WINDOWS {
+        return Err(semoe::Error::config(format!(
+            "--windows must be between 1 and {}, got {windows}",
+            semoe::config::MAX_EVAL_WINDOWS
+        )));
+    }
     let cpu = Cpu::new(a.threads)?;
     let seqs = (config.train.batch / config.train.groups).max(1);
     let loss = semoe::train::trainer::text_loss(&model, &cpu, &text, windows, seqs)?;

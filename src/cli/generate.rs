@@ -75,17 +75,21 @@ pub struct MemoryArgs {
 
 impl MemoryArgs {
     /// Refuse a batch of `batch` sequences of a model of `config` whose key/value cache exceeds
-    /// --kv-budget (checked before anything is allocated).
+    /// --kv-budget, or without one the memory available now (checked before anything is
+    /// allocated: an absurd batch would abort the process).
     pub fn check_cache(&self, config: &semoe::model::gpt::GptConfig, batch: usize) -> semoe::Result<()> {
-        let Some(budget) = &self.kv_budget else {
-            return Ok(());
+        let (budget, what) = match &self.kv_budget {
+            Some(budget) => (parse_bytes("--kv-budget", budget)?, "--kv-budget"),
+            None => match semoe::train::memory::available_bytes() {
+                Some(available) => (available, "the memory available"),
+                None => return Ok(()),
+            },
         };
-        let budget = parse_bytes("--kv-budget", budget)?;
         let slot = semoe::infer::decoder::KvCache::slot_bytes(config);
         let need = slot.saturating_mul(batch as u64);
         if need > budget {
             return Err(semoe::Error::config(format!(
-                "--kv-budget {} holds the key/value cache of {} sequence(s) ({} each); a batch of {batch} needs {}",
+                "{what} ({}) holds the key/value cache of {} sequence(s) ({} each); a batch of {batch} needs {}",
                 format_bytes(budget),
                 budget / slot.max(1),
                 format_bytes(slot),

@@ -12,6 +12,13 @@ pub struct RunsArgs {
 }
 
 pub fn run(a: &RunsArgs) -> semoe::Result<()> {
+    if !a.dir.is_dir() {
+        return Err(semoe::Error::config(format!(
+            "{} is not a directory of runs (semoe train creates runs/ in the directory it starts in; \
+             pass --dir to look elsewhere)",
+            a.dir.display()
+        )));
+    }
     let runs = semoe::telemetry::runs::list(&a.dir)?;
     if runs.is_empty() {
         semoe::out!("no runs under {}", a.dir.display());

@@ -369,10 +369,12 @@ pub fn print_notices(trainer: &Trainer) {
 }
 
 pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
-    // Checked before a run directory is created or locked.
+    // Checked before a run directory is created or locked (a bad prompt must not wait for the
+    // end of the run to be refused).
     if let Some(addr) = &a.metrics_addr {
         semoe::telemetry::metrics::check_addr(addr)?;
     }
+    let sample_prompt = unescape(&a.sample_prompt)?;
     let mut trainer = if a.resume {
         let dir = a.run_dir.clone().unwrap_or_default();
         let file = a.config.as_deref().map(TrainConfig::from_file).transpose()?;
@@ -557,7 +559,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             max_tokens: a.sample_tokens,
             ..SampleOptions::default()
         };
-        stream_sample(trainer.model()?, &unescape(&a.sample_prompt)?, &opts, 1)?;
+        stream_sample(trainer.model()?, &sample_prompt, &opts, 1)?;
     }
     Ok(ExitCode::SUCCESS)
 }

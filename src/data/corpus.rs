@@ -66,9 +66,11 @@ impl Corpus {
             return Err(Error::parse(
                 format!("training data {}", path.display()),
                 format!(
-                    "{} bytes are too few: training and validation splits need at least {min_split} bytes each \
-                     (block_size + 1)",
-                    text.len()
+                    "{} bytes split at train.val_fraction {val_fraction} into {} training and {} validation bytes: \
+                     each split needs at least {min_split} bytes (block_size + 1)",
+                    text.len(),
+                    train.len(),
+                    val.len()
                 ),
             ));
         }
@@ -112,17 +114,34 @@ pub fn read_text(path: &Path) -> Result<Vec<u8>> {
     Ok(text)
 }
 
+/// The files under `dir`, through symbolic links (a link to a text is that text); `seen` holds the
+/// directories already listed, so that a link back up the tree is listed once, not forever.
 fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {
+    collect_files_once(dir, out, &mut std::collections::HashSet::new())
+}
+
+fn collect_files_once(
+    dir: &Path,
+    out: &mut Vec<std::path::PathBuf>,
+    seen: &mut std::collections::HashSet<std::path::PathBuf>,
+) -> Result<()> {
+    let real = std::fs::canonicalize(dir).map_err(|e| Error::io("cannot list the training data", dir, e))?;
+    if !seen.insert(real) {
+        return Ok(());
+    }
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io("cannot list the training data", dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| Error::io("cannot list the training data", dir, e))?;
         let p = entry.path();
-        let kind = entry
-            .file_type()
-            .map_err(|e| Error::io("cannot read the training data", &p, e))?;
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        // `metadata` follows symbolic links (`DirEntry::file_type` would not); a dangling link
+        // is an error naming it.
+        let kind = std::fs::metadata(&p).map_err(|e| Error::io("cannot read the training data", &p, e))?;
         if kind.is_dir() {
-            collect_files(&p, out)?;
-        } else if kind.is_file() && !entry.file_name().to_string_lossy().starts_with('.') {
+            collect_files_once(&p, out, seen)?;
+        } else if kind.is_file() {
             out.push(p);
         }
     }
@@ -148,4 +167,29 @@ fn check_text(bytes: &[u8], path: &Path) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_of_links_reads_the_texts_they_point_to_once() {
+        let root = std::env::temp_dir().join(format!("semoe-corpus-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (texts, data) = (root.join("texts"), root.join("data"));
+        std::fs::create_dir_all(&texts).expect("texts");
+        std::fs::create_dir_all(&data).expect("data");
+        std::fs::write(texts.join("a.txt"), "first text").expect("a");
+        std::fs::write(data.join("b.txt"), "second text").expect("b");
+        std::os::unix::fs::symlink(texts.join("a.txt"), data.join("a.txt")).expect("a link to a file");
+        // A link back up the tree is listed once, not followed forever.
+        std::os::unix::fs::symlink(&data, data.join("loop")).expect("a link to a directory");
+        let text = read_text(&data).expect("the texts");
+        assert_eq!(String::from_utf8_lossy(&text), "first text\n\nsecond text");
+        std::os::unix::fs::symlink(root.join("nothing"), data.join("c.txt")).expect("a dangling link");
+        let err = read_text(&data).expect_err("a dangling link").to_string();
+        assert!(err.contains("c.txt"), "{err}");
+        std::fs::remove_dir_all(&root).expect("clean up");
+    }
 }

@@ -444,7 +444,7 @@ impl ElasticRuntime {
         let proxies = epoch.proxies.clone();
         let config = self.config.clone();
         let step = self.committed;
-        let deadline = Duration::from_secs_f64(config.train.deadline_s) * 4;
+        let deadline = Duration::from_secs_f64(config.train.deadline_s).saturating_mul(4);
         self.copying = Some(tokio::spawn(async move {
             let mut asks = tokio::task::JoinSet::new();
             for (i, p) in proxies.into_iter().enumerate() {

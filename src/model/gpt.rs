@@ -172,7 +172,13 @@ impl GptConfig {
 
     /// Whether any block is an MoE block.
     pub fn has_moe(&self) -> bool {
-        (0..self.n_layer).any(|l| self.is_moe(l))
+        self.moe_layers() > 0
+    }
+
+    /// How many blocks are MoE blocks (every `moe_every`-th, counted without visiting each block:
+    /// a config's `n_layer` may be absurd).
+    pub fn moe_layers(&self) -> usize {
+        self.n_layer.checked_div(self.moe_every).unwrap_or(0)
     }
 
     /// Hidden width of the dense blocks.

@@ -26,67 +26,76 @@ pub struct MemoryEstimate {
 impl MemoryEstimate {
     /// Everything.
     pub fn total(&self) -> u64 {
-        self.state_bytes + self.activation_bytes
+        self.state_bytes.saturating_add(self.activation_bytes)
     }
 }
 
-/// The number of parameters of the model `config` describes.
+/// The number of parameters of the model `config` describes (`u64::MAX` when it does not fit).
 pub fn param_count(config: &TrainConfig) -> u64 {
+    saturate(params(config))
+}
+
+/// [`param_count`] in floating point: sizes from a config may be absurd, and their products must
+/// saturate (and be refused as too large), not wrap around into a small estimate. Exact below
+/// 2^53 parameters.
+fn params(config: &TrainConfig) -> f64 {
     let m = &config.model;
-    let (v, t, d) = (m.vocab as u64, m.block_size as u64, m.d_model as u64);
-    let mut p = v * d + t * d + 2 * d + d * v;
-    for layer in 0..m.n_layer {
-        p += 2 * d + d * 3 * d + 3 * d + d * d + d + 2 * d;
-        p += if m.is_moe(layer) {
-            let (e, f) = (m.experts as u64, m.d_ff as u64);
-            d * e + e * (d * f + f + f * d + d)
-        } else {
-            let f = m.dense_d_ff as u64;
-            d * f + f + f * d + d
-        };
-    }
-    p
+    let (v, t, d) = (m.vocab as f64, m.block_size as f64, m.d_model as f64);
+    let moe_layers = m.moe_layers() as f64;
+    let dense_layers = m.n_layer as f64 - moe_layers;
+    let (e, f, fd) = (m.experts as f64, m.d_ff as f64, m.dense_d_ff as f64);
+    let attention = 2.0 * d + d * 3.0 * d + 3.0 * d + d * d + d + 2.0 * d;
+    v * d
+        + t * d
+        + 2.0 * d
+        + d * v
+        + m.n_layer as f64 * attention
+        + moe_layers * (d * e + e * (d * f + f + f * d + d))
+        + dense_layers * (d * fd + fd + fd * d + d)
+}
+
+/// `x` as a `u64`, `u64::MAX` when above (Rust's float-to-integer cast saturates).
+fn saturate(x: f64) -> u64 {
+    x as u64
 }
 
 /// Estimate the memory `config` needs to train.
 pub fn estimate(config: &TrainConfig) -> MemoryEstimate {
     let m = &config.model;
     let t = &config.train;
-    let params = param_count(config);
-    let groups = t.groups.max(1) as u64;
+    let params = params(config);
+    let groups = t.groups.max(1) as f64;
     // Model + two moments in the trainer, and a gradient buffer per group.
-    let mut floats = 3 * params + groups * params;
+    let mut floats = 3.0 * params + groups * params;
     if t.workers > 0 {
         // The runtime keeps the committed state (model and moments) in its actors, and each
         // worker a working copy of the model.
-        floats += 3 * params + t.workers as u64 * params;
+        floats += 3.0 * params + t.workers as f64 * params;
     }
-    let state_bytes = 4 * floats;
+    let state_bytes = 4.0 * floats;
 
-    let (tt, d, heads) = (m.block_size as u64, m.d_model as u64, m.n_head as u64);
-    let tokens = (t.batch as u64 / groups).max(1) * tt;
-    let mut per_token = 2 * m.vocab as u64; // logits and their softmax
-    for layer in 0..m.n_layer {
-        // Layer norms, q/k/v, attention output, projections and residuals, and the attention
-        // probabilities (a row of `block_size` per head per token).
-        per_token += 10 * d + heads * tt;
-        per_token += if m.is_moe(layer) {
-            let slots = (m.k as f64 * m.capacity_factor.max(1.0)).ceil() as u64;
-            m.experts as u64 + slots * (2 * d + 2 * m.d_ff as u64)
-        } else {
-            4 * m.dense_d_ff as u64
-        };
-    }
+    let (tt, d, heads) = (m.block_size as f64, m.d_model as f64, m.n_head as f64);
+    let tokens = (t.batch as f64 / groups).floor().max(1.0) * tt;
+    let moe_layers = m.moe_layers() as f64;
+    let dense_layers = m.n_layer as f64 - moe_layers;
+    let slots = (m.k as f64 * m.capacity_factor.max(1.0)).ceil();
+    // Logits and their softmax; per layer: layer norms, q/k/v, attention output, projections and
+    // residuals, and the attention probabilities (a row of `block_size` per head per token); the
+    // MoE or dense feed-forward's rows.
+    let per_token = 2.0 * m.vocab as f64
+        + m.n_layer as f64 * (10.0 * d + heads * tt)
+        + moe_layers * (m.experts as f64 + slots * (2.0 * d + 2.0 * m.d_ff as f64))
+        + dense_layers * 4.0 * m.dense_d_ff as f64;
     let threads = if t.threads == 0 {
         crate::kernels::cpu::cores()
     } else {
         t.threads
     };
-    let concurrent = groups.min(threads.max(1) as u64);
+    let concurrent = groups.min(threads.max(1) as f64);
     MemoryEstimate {
-        params,
-        state_bytes,
-        activation_bytes: 4 * per_token * tokens * concurrent,
+        params: saturate(params),
+        state_bytes: saturate(state_bytes),
+        activation_bytes: saturate(4.0 * per_token * tokens * concurrent),
     }
 }
 
