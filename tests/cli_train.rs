@@ -94,8 +94,14 @@ impl Drop for Child {
 
 /// Run semoe to completion (at most `limit`), returning its status, stdout and stderr.
 fn run(cwd: &Path, args: &[&str], limit: Duration) -> (ExitStatus, String, String) {
+    run_with_env(cwd, args, &[], limit)
+}
+
+/// [`run`] with environment variables set.
+fn run_with_env(cwd: &Path, args: &[&str], env: &[(&str, &Path)], limit: Duration) -> (ExitStatus, String, String) {
     let mut child = Command::new(SEMOE)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -311,6 +317,28 @@ fn a_new_run_never_takes_over_a_folder_of_other_files_or_a_finished_run() {
     assert_eq!(newest_checkpoint(&tmp.path().join("r")), before);
 }
 
+/// The time budget's measurement runs beside the run (on its disk), not in the system's temporary
+/// directory: here `TMPDIR` is a file, where nothing can be written.
+#[test]
+fn the_time_budget_is_measured_beside_the_run_not_in_tmp() {
+    let tmp = TempDir::new("cli-budget");
+    let not_a_dir = tmp.path().join("tmp-is-a-file");
+    std::fs::write(&not_a_dir, "").expect("a file");
+    let (status, _, err) = run_with_env(
+        tmp.path(),
+        &args(&["--time-budget", "3", "--run-dir", "runs/r"]),
+        &[("TMPDIR", &not_a_dir)],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    assert!(err.contains("time budget 3s: measured"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path().join("runs"))
+        .expect("runs")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(left, ["r"], "the scratch run was not removed");
+}
+
 #[test]
 fn a_run_whose_directory_is_removed_stops_with_an_error() {
     let tmp = TempDir::new("cli-removed");
@@ -390,7 +418,15 @@ fn progress_lines_without_a_terminal() {
     );
     assert!(done.contains("mean train loss of the last 40 steps"), "{done}");
 
-    // Resuming a finished run says so and appends nothing.
+    // Resuming a finished run says so and appends nothing; nothing to drop, so the log is not
+    // even rewritten (the same file: a rewrite would need its size in free disk space).
+    use std::os::unix::fs::MetadataExt;
+    let inode = || {
+        std::fs::metadata(tmp.path().join("r/metrics.jsonl"))
+            .expect("log")
+            .ino()
+    };
+    let before = inode();
     let log = std::fs::read(tmp.path().join("r/metrics.jsonl")).expect("log");
     let (status, _, err) = run(
         tmp.path(),
@@ -400,6 +436,7 @@ fn progress_lines_without_a_terminal() {
     assert!(status.success(), "{err}");
     assert!(err.contains("is already finished: 40 of 40 steps"), "{err}");
     assert_eq!(std::fs::read(tmp.path().join("r/metrics.jsonl")).expect("log"), log);
+    assert_eq!(inode(), before, "the log was rewritten");
 }
 
 #[test]

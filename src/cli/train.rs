@@ -410,7 +410,19 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             config.train.time_budget_s = DEFAULT_TIME_BUDGET_S;
         }
         if config.train.time_budget_s > 0.0 {
-            fit_time_budget(&mut config)?;
+            // Measured beside where the run will write; a directory that would be refused is
+            // refused before the measurement.
+            let near = match &a.run_dir {
+                Some(dir) => {
+                    run_dir::check_fresh(dir)?;
+                    match dir.parent() {
+                        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+                        _ => PathBuf::from("."),
+                    }
+                }
+                None => PathBuf::from("runs"),
+            };
+            fit_time_budget(&mut config, &near)?;
         }
         let dir = match &a.run_dir {
             Some(dir) => dir.clone(),
@@ -572,9 +584,9 @@ pub const DEFAULT_TIME_BUDGET_S: f64 = 270.0;
 
 /// Lower `config.train.steps` to what fits in `config.train.time_budget_s` on this machine, saying
 /// what was measured and chosen.
-pub fn fit_time_budget(config: &mut TrainConfig) -> semoe::Result<()> {
+pub fn fit_time_budget(config: &mut TrainConfig, near: &Path) -> semoe::Result<()> {
     let budget = config.train.time_budget_s;
-    let cal = semoe::train::calibrate::calibrate(config, budget)?;
+    let cal = semoe::train::calibrate::calibrate(config, budget, near)?;
     let wanted = config.train.steps;
     semoe::say!(
         "time budget {}: measured {:.1} ms a step, {:.2} s an evaluation, {:.2} s a checkpoint; {} (planned {}){}",

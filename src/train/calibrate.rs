@@ -36,10 +36,13 @@ pub struct Calibration {
     pub planned_seconds: f64,
 }
 
-/// Measure `config` on this machine (in a scratch run directory under the system's temporary
-/// directory, removed afterwards) and choose the steps that fit in `budget_s` seconds of training,
-/// evaluation and checkpoints.
-pub fn calibrate(config: &TrainConfig, budget_s: f64) -> Result<Calibration> {
+/// Measure `config` on this machine (in a scratch run directory under `near`, removed afterwards)
+/// and choose the steps that fit in `budget_s` seconds of training, evaluation and checkpoints.
+///
+/// `near` should be where the run will write (its run directory's parent): the measured
+/// checkpoint is written to the run's own disk, at its speed, and never fills a small `/tmp` (or
+/// memory, where `/tmp` is one) with a model the size of the run's.
+pub fn calibrate(config: &TrainConfig, budget_s: f64, near: &std::path::Path) -> Result<Calibration> {
     let mut c = config.clone();
     c.train.steps = c.train.steps.max(WARMUP_STEPS + TIMED_STEPS + 1);
     c.train.time_limit_s = 0.0;
@@ -51,8 +54,9 @@ pub fn calibrate(config: &TrainConfig, budget_s: f64) -> Result<Calibration> {
         t.listen.clear();
         t.processes = 0;
     }
-    let scratch = std::env::temp_dir().join(format!(
-        "semoe-calibration-{}-{}",
+    std::fs::create_dir_all(near).map_err(|e| crate::Error::io("cannot create the run's parent directory", near, e))?;
+    let scratch = near.join(format!(
+        ".semoe-calibration-{}-{}",
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -60,6 +64,12 @@ pub fn calibrate(config: &TrainConfig, budget_s: f64) -> Result<Calibration> {
     ));
     let measured = measure(c, &scratch);
     let _ = std::fs::remove_dir_all(&scratch);
+    if measured.is_err() {
+        crate::say!(
+            "the time budget's measurement (a scratch run in {}) failed:",
+            scratch.display()
+        );
+    }
     let (step_seconds, eval_seconds, checkpoint_seconds) = measured?;
 
     let t = &config.train;

@@ -1168,16 +1168,24 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<History> {
         recent_losses: VecDeque::new(),
         last_val: None,
     };
-    let reader = match std::fs::File::open(path) {
-        Ok(f) => log::LogReader::new(std::io::BufReader::new(f), path),
+    let (reader, file_len) = match std::fs::File::open(path) {
+        Ok(f) => {
+            let len = f
+                .metadata()
+                .map_err(|e| Error::io("cannot read the metrics log", path, e))?
+                .len();
+            (log::LogReader::new(std::io::BufReader::new(f), path), len)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(history),
         Err(e) => return Err(Error::io("cannot read the metrics log", path, e)),
     };
     let mut kept = Vec::new();
+    let mut dropped = false;
     for entry in reader {
         let entry = entry?;
         // Any line naming a later step goes, whatever its kind; lines without one stay.
         if entry.step.is_some_and(|s| s > step) {
+            dropped = true;
             continue;
         }
         kept.extend_from_slice(&entry.text);
@@ -1198,6 +1206,10 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<History> {
             _ => {}
         }
     }
-    checkpoint::write_file_durably(path, &kept)?;
+    // Rewritten only when a line goes (or a torn last line gets its end): a rewrite needs the log's
+    // size in free space, which a run stopped by a full disk may not have.
+    if dropped || kept.len() as u64 != file_len {
+        checkpoint::write_file_durably(path, &kept)?;
+    }
     Ok(history)
 }
