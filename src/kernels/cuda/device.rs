@@ -28,23 +28,31 @@ impl CudaDevice {
                 "cannot open GPU {ordinal}: the CUDA driver library (libcuda.so) was not found"
             )));
         }
-        let count = Self::count();
+        let count = guarded("counting the GPUs", cudarc::driver::CudaContext::device_count)?
+            .map_err(|e| {
+                cuda_error(format!(
+                    "cannot open GPU {ordinal}: the CUDA driver failed to start: {e}"
+                ))
+            })?
+            .max(0) as usize;
         if ordinal >= count {
             return Err(cuda_error(format!("cannot open GPU {ordinal}: {count} GPU(s) visible")));
         }
-        let ctx = cudarc::driver::CudaContext::new(ordinal)
+        let ctx = guarded("opening a GPU", || cudarc::driver::CudaContext::new(ordinal))?
             .map_err(|e| cuda_error(format!("cannot open GPU {ordinal}: {e}")))?;
         Ok(CudaDevice { ctx, ordinal })
     }
 
-    /// Number of visible CUDA devices (0 when the driver library is missing).
+    /// Number of visible CUDA devices (0 when the driver library is missing or fails to start;
+    /// [`CudaDevice::open`] says why).
     pub fn count() -> usize {
         if !driver_present() {
             return 0;
         }
-        cudarc::driver::CudaContext::device_count()
-            .map(|n| n.max(0) as usize)
-            .unwrap_or(0)
+        match guarded("counting the GPUs", cudarc::driver::CudaContext::device_count) {
+            Ok(Ok(n)) => n.max(0) as usize,
+            _ => 0,
+        }
     }
 
     /// The device's context (its primary context, shared by every user of this GPU).
@@ -58,10 +66,42 @@ impl CudaDevice {
     }
 }
 
+/// Run `f`, which calls into a CUDA library through cudarc, turning a panic into an error: cudarc
+/// panics when an installed library lacks a function it needs (a partial or mismatched install).
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let why = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        cuda_error(format!(
+            "{what}: a CUDA library is incomplete or of another version ({why}); check the CUDA installation"
+        ))
+    })
+}
+
 fn driver_present() -> bool {
     // SAFETY: the probe dlopens each candidate name of the CUDA driver library and closes it again,
     // which runs that library's initialisers: sound as long as what is installed under the driver's
     // name is the driver (the trust every CUDA program places in it). No symbol is looked up or
     // called, and a panic inside the probe is caught.
     std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_inside_a_cuda_call_is_an_error_naming_it() {
+        let err = guarded("opening a GPU", || -> usize { panic!("Missing symbol cuDeviceGet") })
+            .expect_err("a panic")
+            .to_string();
+        assert!(
+            err.contains("opening a GPU") && err.contains("Missing symbol cuDeviceGet"),
+            "{err}"
+        );
+        assert_eq!(guarded("adding", || 2 + 2).expect("no panic"), 4);
+    }
 }

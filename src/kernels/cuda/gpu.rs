@@ -134,6 +134,10 @@ pub struct Gpu {
 impl Gpu {
     /// A stream on `device`, a cuBLAS handle in `precision`, and the kernels compiled and loaded.
     pub fn new(device: &CudaDevice, precision: Precision) -> Result<Arc<Self>> {
+        super::device::guarded("setting up the GPU", || Gpu::start(device, precision))?
+    }
+
+    fn start(device: &CudaDevice, precision: Precision) -> Result<Arc<Self>> {
         if !cublas_present() {
             return Err(cuda_error("the cuBLAS library (libcublas.so) was not found"));
         }
