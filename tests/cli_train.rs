@@ -511,6 +511,16 @@ fn bad_input_gets_clear_messages() {
             "unknown escape \\q",
         ),
         (&["bench", "moe-layer", "--iters", "0"], "must be at least 1"),
+        (&["bench", "recovery", "--kill-after", "0"], "must be at least 1"),
+        (&["bench", "generate", "--rounds", "0"], "must be at least 1"),
+        (
+            &["bench", "matmul", "--size", "5000000000"],
+            "--size 5000000000 needs about",
+        ),
+        (
+            &["bench", "moe-layer", "--tokens", "100000000000"],
+            "--tokens 100000000000 at this layer's size needs about",
+        ),
         (
             &["eval", "--checkpoint", "nowhere"],
             "neither a checkpoint nor a run directory",

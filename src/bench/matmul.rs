@@ -20,6 +20,7 @@ pub struct MatmulReport {
 
 /// Square f32 matmul rate.
 pub fn matmul_bench(cpu: &Cpu, size: usize, warmup: usize, iters: usize) -> Result<MatmulReport> {
+    super::check_memory(&format!("--size {size}"), 3.0 * 4.0 * (size as f64).powi(2))?;
     let a = randn(size * size, 1);
     let b = randn(size * size, 2);
     let mut c = vec![0.0f32; size * size];

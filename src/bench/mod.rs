@@ -41,6 +41,57 @@ use std::time::Instant;
 
 pub use crate::telemetry::report::median_of as median;
 
+/// A directory the benchmark creates, removed with everything in it when dropped: after a failed
+/// run as after a good one (an error used to leave the run directories and the 512 MiB bandwidth
+/// file behind). The parent directories that did not exist yet (made on the way) are removed too,
+/// each only if left empty.
+pub(crate) struct Scratch {
+    path: std::path::PathBuf,
+    /// The missing ancestors of `path`, deepest first.
+    made: Vec<std::path::PathBuf>,
+}
+
+impl Scratch {
+    /// `parent/name`, to be created by the caller.
+    pub(crate) fn new(parent: &std::path::Path, name: &str) -> Scratch {
+        let made = parent
+            .ancestors()
+            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+            .map(std::path::Path::to_path_buf)
+            .collect();
+        Scratch {
+            path: parent.join(name),
+            made,
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+        for p in &self.made {
+            // Only when empty: never anything the benchmark did not create.
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+/// Refuse a benchmark whose buffers (`bytes`, estimated from its options, named in `what`) exceed
+/// the memory available now: an absurd size would thrash the machine or abort on its allocation.
+pub(crate) fn check_memory(what: &str, bytes: f64) -> Result<()> {
+    let Some(available) = crate::train::memory::available_bytes() else {
+        return Ok(());
+    };
+    if bytes > available as f64 {
+        return Err(crate::Error::config(format!(
+            "{what} needs about {:.1} GiB of buffers and the machine has {:.1} GiB available",
+            bytes / (1u64 << 30) as f64,
+            available as f64 / (1u64 << 30) as f64
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn time_it(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     for _ in 0..warmup {
         f()?;

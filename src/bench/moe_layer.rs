@@ -48,6 +48,16 @@ pub fn moe_layer_bench(
     iters: usize,
     peak_gflops: f64,
 ) -> Result<MoeLayerReport> {
+    // The input, its gradient, the output and the input's gradient; the routed rows in and out
+    // of the experts (k of each token, times the capacity factor); the parameters and their
+    // gradients.
+    let (t, d, f) = (tokens as f64, config.d_model as f64, config.d_ff as f64);
+    let rows = t * config.k as f64 * config.capacity_factor.max(1.0);
+    let params = config.experts as f64 * 2.0 * d * f;
+    super::check_memory(
+        &format!("--tokens {tokens} at this layer's size"),
+        4.0 * (4.0 * t * d + rows * (2.0 * d + 2.0 * f) + 2.0 * params),
+    )?;
     let layer = MoeLayer::new(config.clone(), MoeParams::<f32>::init(config, 42)?)?;
     let x = randn(tokens * config.d_model, 3);
     let gy = randn(tokens * config.d_model, 4);

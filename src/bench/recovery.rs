@@ -58,7 +58,12 @@ pub fn recovery_bench(
         .enable_all()
         .build()
         .map_err(|e| Error::runtime(format!("cannot start the async runtime: {e}")))?;
-    let dir = std::env::temp_dir().join(format!("semoe-bench-recovery-{}", std::process::id()));
+    // Removed with its join tickets when the bench ends, also on an error.
+    let scratch = super::Scratch::new(
+        &std::env::temp_dir(),
+        &format!("semoe-bench-recovery-{}", std::process::id()),
+    );
+    let dir = scratch.path.clone();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
     let corpus = crate::data::corpus::Corpus::bundled()?;
     let (mut seconds, mut parent_seconds, mut replayed, mut steps) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -115,7 +120,7 @@ pub fn recovery_bench(
             replayed.push(replays);
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     Ok(RecoveryReport {
         processes,
         snapshot_every: config.train.snapshot_every,

@@ -61,7 +61,12 @@ pub fn runtime_bench(
     rounds: usize,
 ) -> Result<RuntimeReport> {
     use crate::train::Trainer;
-    let base = std::env::temp_dir().join(format!("semoe-bench-runtime-{}", std::process::id()));
+    // Removed with the run directories in it when the bench ends, also on an error.
+    let scratch = super::Scratch::new(
+        &std::env::temp_dir(),
+        &format!("semoe-bench-runtime-{}", std::process::id()),
+    );
+    let base = scratch.path.clone();
     let RuntimeEngines {
         workers,
         processes,
@@ -115,7 +120,7 @@ pub fn runtime_bench(
         all.push(row);
     }
     drop(trainers);
-    let _ = std::fs::remove_dir_all(&base);
+    drop(scratch);
     let tokens_per_s = (0..engines.len())
         .map(|i| median(all.iter().map(|r| r[i]).collect()))
         .collect();

@@ -1,7 +1,7 @@
 //! Training tokens/s with part of the expert state on disk, against all of it in memory.
 
 use super::disk::{disk_bandwidth, parallel_bandwidth, tier_bandwidth, DiskBandwidth};
-use super::median;
+use super::{median, Scratch};
 use crate::error::Result;
 use serde::Serialize;
 use std::time::Instant;
@@ -91,41 +91,6 @@ pub fn percent_in_memory(in_memory: u64, total: u64) -> String {
         return "100%".into();
     }
     format!("{:.0}%", 100.0 * in_memory.min(total) as f64 / total as f64)
-}
-
-/// A directory the benchmark creates, removed with everything in it when dropped: after a failed
-/// run as after a good one (an error used to leave the run directories and the 512 MiB bandwidth
-/// file behind). The parent directories that did not exist yet (made on the way) are removed too,
-/// each only if left empty.
-struct Scratch {
-    path: std::path::PathBuf,
-    /// The missing ancestors of `path`, deepest first.
-    made: Vec<std::path::PathBuf>,
-}
-
-impl Scratch {
-    /// `parent/name`, to be created by the caller.
-    fn new(parent: &std::path::Path, name: &str) -> Scratch {
-        let made = parent
-            .ancestors()
-            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
-            .map(std::path::Path::to_path_buf)
-            .collect();
-        Scratch {
-            path: parent.join(name),
-            made,
-        }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-        for p in &self.made {
-            // Only when empty: never anything the benchmark did not create.
-            let _ = std::fs::remove_dir(p);
-        }
-    }
 }
 
 /// Run `config` under each variant (all in the run directories under `dir`), alternating. Nothing

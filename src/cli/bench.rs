@@ -80,7 +80,7 @@ pub struct RingBenchArgs {
     #[arg(long, default_value_t = 32)]
     tokens: usize,
     /// Rounds (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = positive)]
     rounds: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -105,7 +105,7 @@ pub struct GenerateBenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     batch: Vec<usize>,
     /// Rounds (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = positive)]
     rounds: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -165,7 +165,7 @@ pub struct StorageBenchArgs {
     #[arg(long, default_value_t = 2)]
     steps: usize,
     /// Rounds (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = positive)]
     rounds: usize,
     /// Directory of the disk tier (on the disk to measure).
     #[arg(long)]
@@ -213,7 +213,7 @@ pub struct RuntimeArgs {
     #[arg(long, default_value_t = 10)]
     steps: usize,
     /// Rounds (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = positive)]
     rounds: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -229,13 +229,13 @@ pub struct RecoveryArgs {
     #[arg(long, default_value_t = 3)]
     processes: usize,
     /// Steps before the kill.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 15, value_parser = positive_u64)]
     kill_after: u64,
     /// Steps between in-memory copies of the state (the default is `train.snapshot_every`'s).
     #[arg(long, default_value_t = 20)]
     snapshot_every: u64,
     /// Rounds (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = positive)]
     rounds: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -313,6 +313,11 @@ pub fn positive(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// [`positive`] as a `u64`.
+pub fn positive_u64(s: &str) -> Result<u64, String> {
+    positive(s).map(|n| n as u64)
 }
 
 pub fn parse_policy(s: &str) -> Result<DropPolicy, String> {
