@@ -602,6 +602,14 @@ fn absurd_values_are_refused_before_anything_starts() {
             ],
             "this config needs about",
         ),
+        (
+            &["train", "--snapshot-every", "5", "--run-dir", "r"],
+            "--snapshot-every applies to a run over worker processes",
+        ),
+        (
+            &["train", "--workers", "0", "--placement", "blocked", "--run-dir", "r"],
+            "--placement places experts on the actor runtime's workers",
+        ),
     ];
     for (extra, want) in cases {
         let (status, _, err) = run(tmp.path(), extra, Duration::from_secs(60));
@@ -669,6 +677,16 @@ fn a_run_whose_output_nobody_reads_still_finishes_and_saves() {
     assert_eq!(train_steps_logged(&tmp.path().join("r")), 30);
     let status = run_with_closed_pipes(tmp.path(), &["runs", "--dir", "."], Duration::from_secs(60));
     assert!(status.success(), "runs: exit {status:?}");
+
+    // A config that no longer parses plans no known step count (it used to read as 30/0 finished).
+    std::fs::write(tmp.path().join("r/config.toml"), "[train\n").expect("spoil the config");
+    let (status, out, err) = run(tmp.path(), &["runs", "--dir", "."], Duration::from_secs(60));
+    assert!(status.success(), "{err}");
+    let line = out.lines().find(|l| l.starts_with("r ")).expect("the run's line");
+    assert!(
+        line.contains("30/?") && line.ends_with("config.toml unreadable"),
+        "{line}"
+    );
 }
 
 #[test]

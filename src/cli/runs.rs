@@ -33,7 +33,11 @@ pub fn run(a: &RunsArgs) -> semoe::Result<()> {
         semoe::out!(
             "{:<32} {:>13} {:>9} {:>10}  {}",
             r.name,
-            format!("{}/{}", r.checkpoint_step.unwrap_or(0), r.planned_steps),
+            format!(
+                "{}/{}",
+                r.checkpoint_step.unwrap_or(0),
+                r.planned_steps.map_or("?".to_string(), |s| s.to_string())
+            ),
             val,
             time,
             r.status

@@ -325,7 +325,31 @@ pub fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
     };
     apply_flags(a, &mut c);
     c.validate()?;
+    check_flags_apply(a, &c)?;
     Ok(c)
+}
+
+/// Refuse a flag that the run would ignore (given by hand, it means the user expects an effect).
+fn check_flags_apply(a: &TrainArgs, c: &TrainConfig) -> semoe::Result<()> {
+    if !c.train.elastic() {
+        let process_flags = [
+            ("--min-workers", a.min_workers.is_some()),
+            ("--snapshot-every", a.snapshot_every.is_some()),
+            ("--quic-only", a.quic_only),
+            ("--identity", a.identity.is_some()),
+        ];
+        if let Some((flag, _)) = process_flags.iter().find(|(_, given)| *given) {
+            return Err(semoe::Error::config(format!(
+                "{flag} applies to a run over worker processes (--processes N or --listen HOST:PORT), and this run has none"
+            )));
+        }
+        if a.placement.is_some() && c.train.workers == 0 {
+            return Err(semoe::Error::config(
+                "--placement places experts on the actor runtime's workers (--workers 1 or more); the plain loop has none",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Stop at the next step boundary on the first SIGINT or SIGTERM; exit at once on the second.

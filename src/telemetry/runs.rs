@@ -14,8 +14,8 @@ pub struct RunInfo {
     pub name: String,
     /// The directory.
     pub dir: PathBuf,
-    /// Steps planned (`train.steps` of its config).
-    pub planned_steps: u64,
+    /// Steps planned (`train.steps` of its config; `None` when the config does not parse).
+    pub planned_steps: Option<u64>,
     /// The step of its newest checkpoint, if it has one.
     pub checkpoint_step: Option<u64>,
     /// The last validation loss logged, with its step.
@@ -51,9 +51,10 @@ pub fn describe(dir: &Path) -> Result<RunInfo> {
     let name = dir
         .file_name()
         .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+    // A config that does not parse (hand-edited, or from another version) plans nothing known.
     let planned_steps = crate::train::TrainConfig::from_file(&dir.join("config.toml"))
         .map(|c| c.train.steps)
-        .unwrap_or(0);
+        .ok();
     let checkpoint_step = checkpoint::list(dir)?.last().map(|(step, _)| *step);
     let (mut val_loss, mut training_seconds) = (None, None);
     // A log that cannot be read, or a line that is not a record (a run killed mid-write), says nothing.
@@ -78,10 +79,11 @@ pub fn describe(dir: &Path) -> Result<RunInfo> {
     let status = if run_dir::is_locked(dir) {
         "running".to_string()
     } else {
-        match checkpoint_step {
-            None => "no checkpoint".to_string(),
-            Some(step) if step >= planned_steps => "finished".to_string(),
-            Some(step) => format!("stopped at step {step}"),
+        match (checkpoint_step, planned_steps) {
+            (_, None) => "config.toml unreadable".to_string(),
+            (None, _) => "no checkpoint".to_string(),
+            (Some(step), Some(planned)) if step >= planned => "finished".to_string(),
+            (Some(step), _) => format!("stopped at step {step}"),
         }
     };
     Ok(RunInfo {

@@ -53,7 +53,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 mod markdown;
 mod plots;
@@ -107,8 +107,9 @@ pub fn write_report(run_dir: &Path) -> Result<ReportSummary> {
     Ok(summary)
 }
 
+/// Replace a report file whole (a full disk leaves the previous report, never a torn one).
 fn write_file(path: &Path, contents: &str) -> Result<()> {
-    std::fs::write(path, contents).map_err(|e| Error::io("writing the run report", path, e))
+    crate::storage::checkpoint::write_file_durably(path, contents.as_bytes())
 }
 
 /// The paths [`write_report`] writes for `run_dir`: loss plot, throughput plot, expert heatmap, Markdown.
