@@ -353,9 +353,9 @@ impl TrainConfig {
                 t.threads
             )));
         }
-        if self.model.vocab != BYTE_VOCAB {
+        if self.model.vocab > BYTE_VOCAB {
             return Err(Error::config(format!(
-                "model.vocab must be {BYTE_VOCAB}: the model reads and writes bytes (got {})",
+                "model.vocab must be at most {BYTE_VOCAB}: the model reads and writes bytes (got {})",
                 self.model.vocab
             )));
         }
@@ -441,7 +441,8 @@ impl TrainConfig {
     }
 }
 
-/// The vocabulary of every trained model: its tokens are the bytes of the text.
+/// The largest vocabulary of a trained model: its tokens are the bytes of the text (a smaller one
+/// serves a text whose bytes are all below it, checked when the text is loaded).
 pub const BYTE_VOCAB: usize = 256;
 
 /// The most evaluation windows a run may ask for (each is a forward pass over a block; a million

@@ -173,7 +173,7 @@ fn bad_training_data_is_a_clear_error() {
         .err()
         .expect("must fail")
         .to_string();
-    assert!(err.contains("too few"), "{err}");
+    assert!(err.contains("each split needs at least 33 bytes"), "{err}");
 }
 
 #[test]

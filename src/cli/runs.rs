@@ -12,12 +12,13 @@ pub struct RunsArgs {
 }
 
 pub fn run(a: &RunsArgs) -> semoe::Result<()> {
-    if !a.dir.is_dir() {
-        return Err(semoe::Error::config(format!(
-            "{} is not a directory of runs (semoe train creates runs/ in the directory it starts in; \
-             pass --dir to look elsewhere)",
+    if !a.dir.exists() {
+        // Not an error: a fresh checkout has no runs yet; but say why nothing is listed.
+        semoe::out!(
+            "no runs under {}: it does not exist (semoe train creates runs/ where it starts; --dir looks elsewhere)",
             a.dir.display()
-        )));
+        );
+        return Ok(());
     }
     let runs = semoe::telemetry::runs::list(&a.dir)?;
     if runs.is_empty() {

@@ -433,25 +433,25 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         if a.steps.is_none() && a.time_budget.is_none() && a.config.is_none() {
             config.train.time_budget_s = DEFAULT_TIME_BUDGET_S;
         }
-        if config.train.time_budget_s > 0.0 {
-            // Measured beside where the run will write; a directory that would be refused is
-            // refused before the measurement.
-            let near = match &a.run_dir {
-                Some(dir) => {
-                    run_dir::check_fresh(dir)?;
-                    match dir.parent() {
-                        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-                        _ => PathBuf::from("."),
-                    }
-                }
-                None => PathBuf::from("runs"),
-            };
-            fit_time_budget(&mut config, &near)?;
-        }
         let dir = match &a.run_dir {
             Some(dir) => dir.clone(),
             None => run_dir::create_unique(Path::new("runs"), &run_dir::default_name(std::time::SystemTime::now()))?,
         };
+        if config.train.time_budget_s > 0.0 {
+            // Measured inside the run directory (on the run's disk); a directory in use or one
+            // that would be refused is refused before the measurement.
+            if run_dir::is_locked(&dir) {
+                run_dir::RunDirLock::acquire(&dir)?;
+            }
+            let measured = run_dir::check_fresh(&dir).and_then(|()| fit_time_budget(&mut config, &dir));
+            if let Err(e) = measured {
+                if a.run_dir.is_none() {
+                    // The default directory was made above, and is still empty.
+                    let _ = std::fs::remove_dir(&dir);
+                }
+                return Err(e);
+            }
+        }
         Trainer::new(config, &dir)?
     };
     print_notices(&trainer);
@@ -608,9 +608,9 @@ pub const DEFAULT_TIME_BUDGET_S: f64 = 270.0;
 
 /// Lower `config.train.steps` to what fits in `config.train.time_budget_s` on this machine, saying
 /// what was measured and chosen.
-pub fn fit_time_budget(config: &mut TrainConfig, near: &Path) -> semoe::Result<()> {
+pub fn fit_time_budget(config: &mut TrainConfig, run_dir: &Path) -> semoe::Result<()> {
     let budget = config.train.time_budget_s;
-    let cal = semoe::train::calibrate::calibrate(config, budget, near)?;
+    let cal = semoe::train::calibrate::calibrate(config, budget, run_dir)?;
     let wanted = config.train.steps;
     semoe::say!(
         "time budget {}: measured {:.1} ms a step, {:.2} s an evaluation, {:.2} s a checkpoint; {} (planned {}){}",

@@ -86,8 +86,12 @@ impl RunDirLock {
             .file
             .metadata()
             .map_err(|e| Error::io("cannot read the lock file", &path, e))?;
-        let same = std::fs::metadata(&path).is_ok_and(|now| (now.dev(), now.ino()) == (held.dev(), held.ino()));
-        if same {
+        // Removed: the held file has no name left, or the path is gone. Replaced: another file at
+        // the path. Device numbers are compared first, as some file systems (an old overlayfs)
+        // report another device for the same file through a path than through a descriptor.
+        let in_place = held.nlink() > 0
+            && std::fs::metadata(&path).is_ok_and(|now| now.dev() != held.dev() || now.ino() == held.ino());
+        if in_place {
             Ok(())
         } else {
             Err(Error::config(format!(
@@ -172,11 +176,32 @@ pub fn holds_no_results(dir: &Path) -> bool {
     })
 }
 
-/// Check that a fresh run may start in `dir`: it does not exist, is empty, or holds only what a
-/// semoe start that failed before its first step leaves (see [`holds_no_results`]; a
-/// `config.toml` beside the run's lock file only, so that a folder holding the user's own config is
-/// never taken for one). Anything else is refused, naming what is there: a fresh start overwrites
-/// the config and the metrics log and removes the Disk tier's directory.
+/// What a run writes into its run directory besides its lock: a directory that semoe locked
+/// (its `.lock` is there) and that holds only these is a run that stopped before its first
+/// checkpoint, which a fresh start begins again (a restarted coordinator pod does exactly that).
+pub const RUN_FILES: &[&str] = &[
+    "config.toml",
+    "metrics.jsonl",
+    "join.ticket",
+    "job.identity",
+    TIERS_DIR,
+    crate::storage::checkpoint::CHECKPOINTS_DIR,
+    "report.md",
+    "loss.svg",
+    "throughput.svg",
+    "experts.svg",
+];
+
+/// The prefix of the time-budget measurement's scratch run inside a run directory (removed when
+/// the measurement ends; one left by a killed process is removed by the next start).
+pub const CALIBRATION_PREFIX: &str = ".semoe-calibration-";
+
+/// Check that a fresh run may start in `dir`: it does not exist; it is empty; it is a run that
+/// stopped before its first checkpoint (its lock file, and only [`RUN_FILES`]); or it holds only
+/// what a failed start leaves (see [`holds_no_results`]; without a lock file, no `config.toml`,
+/// so that a folder holding the user's own config is never taken for a run). Anything else is
+/// refused, naming what is there: a fresh start overwrites the config and the metrics log and
+/// removes the Disk tier's directory. A run with a checkpoint is refused with `--resume`'s name.
 pub fn check_fresh(dir: &Path) -> Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -186,23 +211,27 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
     let names: Vec<String> = entries
         .flatten()
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(CALIBRATION_PREFIX))
         .collect();
-    if names.iter().any(|n| n == crate::storage::checkpoint::CHECKPOINTS_DIR) {
+    if crate::storage::checkpoint::latest(dir)?.is_some() {
         return Err(Error::config(format!(
             "{} already holds a run with checkpoints; use --resume to continue it or choose another --run-dir",
             dir.display()
         )));
     }
     let ours = names.iter().any(|n| n == LOCK_FILE);
-    if names.is_empty() || (holds_no_results(dir) && (ours || !names.iter().any(|n| n == "config.toml"))) {
+    let run_of_ours = ours && names.iter().all(|n| n == LOCK_FILE || RUN_FILES.contains(&n.as_str()));
+    let failed_start = holds_no_results(dir) && (ours || !names.iter().any(|n| n == "config.toml"));
+    if names.is_empty() || run_of_ours || failed_start {
         return Ok(());
     }
+    // The names that are not a run's first: they are why.
     let mut shown: Vec<&str> = names.iter().map(String::as_str).filter(|n| *n != LOCK_FILE).collect();
-    shown.sort_unstable();
+    shown.sort_unstable_by_key(|n| (RUN_FILES.contains(n), *n));
     let more = shown.len().saturating_sub(4);
     shown.truncate(4);
     Err(Error::config(format!(
-        "{} holds files but no checkpoint to continue from ({}{}); a new run would overwrite or remove them: \
+        "{} is not empty and is not a semoe run ({}{}); a new run would overwrite or remove files there: \
          choose a new or empty --run-dir",
         dir.display(),
         shown.join(", "),
@@ -212,6 +241,16 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
             String::new()
         }
     )))
+}
+
+/// Remove what a killed time-budget measurement left in `dir` (see [`CALIBRATION_PREFIX`]).
+pub fn remove_stale_calibrations(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(CALIBRATION_PREFIX) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -225,7 +264,7 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_start_takes_only_an_empty_folder_or_a_failed_start() {
+    fn a_fresh_start_takes_only_an_empty_folder_or_a_run_of_ours_without_checkpoints() {
         let d = temp("fresh");
         assert!(check_fresh(&d).is_ok(), "a folder to be created");
         std::fs::create_dir_all(&d).expect("dir");
@@ -234,25 +273,25 @@ mod tests {
         let err = check_fresh(&d)
             .expect_err("a folder with the user's config")
             .to_string();
-        assert!(err.contains("(config.toml)"), "{err}");
+        assert!(
+            err.contains("is not empty and is not a semoe run (config.toml)"),
+            "{err}"
+        );
+        // A run of ours that stopped before its first checkpoint (a coordinator killed early).
         std::fs::write(d.join(LOCK_FILE), "").expect("lock");
-        std::fs::write(d.join("metrics.jsonl"), "").expect("log");
-        assert!(check_fresh(&d).is_ok(), "what a failed start leaves");
         std::fs::write(d.join("metrics.jsonl"), "{}\n").expect("log");
+        std::fs::write(d.join("join.ticket"), "ticket").expect("ticket");
+        std::fs::create_dir_all(d.join("checkpoints/.step-00000001.tmp-1")).expect("an interrupted save");
+        std::fs::create_dir_all(d.join(".semoe-calibration-1-2")).expect("a killed measurement");
+        assert!(check_fresh(&d).is_ok(), "a run of ours without a checkpoint");
         for i in 0..5 {
             std::fs::write(d.join(format!("note{i}")), "").expect("note");
         }
-        let err = check_fresh(&d).expect_err("a run without checkpoints").to_string();
-        assert!(
-            err.contains("(config.toml, metrics.jsonl, note0, note1 and 3 more)"),
-            "{err}"
-        );
-        std::fs::create_dir(d.join("checkpoints")).expect("checkpoints");
-        let err = check_fresh(&d).expect_err("a run").to_string();
-        assert!(
-            err.contains("already holds a run with checkpoints; use --resume"),
-            "{err}"
-        );
+        let err = check_fresh(&d).expect_err("the user's files beside a run").to_string();
+        assert!(err.contains("(note0, note1, note2, note3 and 5 more)"), "{err}");
+        // (A run with a checkpoint is refused naming --resume: tests/cli_train.rs, with a real one.)
+        remove_stale_calibrations(&d);
+        assert!(!d.join(".semoe-calibration-1-2").exists());
         std::fs::remove_dir_all(&d).expect("clean up");
     }
 

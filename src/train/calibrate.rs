@@ -36,13 +36,15 @@ pub struct Calibration {
     pub planned_seconds: f64,
 }
 
-/// Measure `config` on this machine (in a scratch run directory under `near`, removed afterwards)
-/// and choose the steps that fit in `budget_s` seconds of training, evaluation and checkpoints.
+/// Measure `config` on this machine (in a scratch run directory inside `run_dir`, removed
+/// afterwards) and choose the steps that fit in `budget_s` seconds of training, evaluation and
+/// checkpoints.
 ///
-/// `near` should be where the run will write (its run directory's parent): the measured
-/// checkpoint is written to the run's own disk, at its speed, and never fills a small `/tmp` (or
-/// memory, where `/tmp` is one) with a model the size of the run's.
-pub fn calibrate(config: &TrainConfig, budget_s: f64, near: &std::path::Path) -> Result<Calibration> {
+/// The scratch run goes inside the run directory: the measured checkpoint is written to the run's
+/// own disk, at its speed, and never fills a small `/tmp` (or memory, where `/tmp` is one) with a
+/// model the size of the run's. A run directory this call creates is removed again when the
+/// measurement fails.
+pub fn calibrate(config: &TrainConfig, budget_s: f64, run_dir: &std::path::Path) -> Result<Calibration> {
     let mut c = config.clone();
     c.train.steps = c.train.steps.max(WARMUP_STEPS + TIMED_STEPS + 1);
     c.train.time_limit_s = 0.0;
@@ -54,9 +56,11 @@ pub fn calibrate(config: &TrainConfig, budget_s: f64, near: &std::path::Path) ->
         t.listen.clear();
         t.processes = 0;
     }
-    std::fs::create_dir_all(near).map_err(|e| crate::Error::io("cannot create the run's parent directory", near, e))?;
-    let scratch = near.join(format!(
-        ".semoe-calibration-{}-{}",
+    let made = !run_dir.exists();
+    std::fs::create_dir_all(run_dir).map_err(|e| crate::Error::io("cannot create the run directory", run_dir, e))?;
+    let scratch = run_dir.join(format!(
+        "{}{}-{}",
+        crate::storage::run_dir::CALIBRATION_PREFIX,
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -69,6 +73,9 @@ pub fn calibrate(config: &TrainConfig, budget_s: f64, near: &std::path::Path) ->
             "the time budget's measurement (a scratch run in {}) failed:",
             scratch.display()
         );
+        if made {
+            let _ = std::fs::remove_dir(run_dir);
+        }
     }
     let (step_seconds, eval_seconds, checkpoint_seconds) = measured?;
 

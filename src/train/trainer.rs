@@ -219,10 +219,22 @@ impl Drop for Trainer {
 
 /// The corpus a config trains on: its `train.data`, or the bundled one.
 pub fn corpus_for(config: &TrainConfig) -> Result<Corpus> {
-    match &config.train.data {
-        Some(path) => Corpus::from_path(path, config.train.val_fraction, config.model.block_size + 1),
-        None => Corpus::bundled(),
+    let corpus = match &config.train.data {
+        Some(path) => Corpus::from_path(path, config.train.val_fraction, config.model.block_size + 1)?,
+        None => Corpus::bundled()?,
+    };
+    // Tokens are bytes: a smaller vocabulary must hold every byte of the text, or the first batch
+    // that meets one fails deep inside the model.
+    let vocab = config.model.vocab;
+    let text = corpus.train.iter().chain(&corpus.val);
+    if let Some((at, byte)) = text.enumerate().find(|(_, &b)| usize::from(b) >= vocab) {
+        return Err(Error::config(format!(
+            "model.vocab is {vocab}, but the text {} holds byte {byte} at offset {at}: every byte of the text \
+             must be below model.vocab (256 holds any text)",
+            corpus.source
+        )));
     }
+    Ok(corpus)
 }
 
 impl Trainer {
@@ -263,6 +275,7 @@ impl Trainer {
     }
 
     fn start_fresh(config: TrainConfig, run_dir: &Path, lock: RunDirLock) -> Result<Self> {
+        run_dir::remove_stale_calibrations(run_dir);
         let corpus = corpus_for(&config)?;
         let model = Gpt::init(&config.model, config.train.seed)?;
         let optimizer = new_optimizer(&config, &model)?;
