@@ -160,6 +160,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (cuda:N) to run on a GPU")
     ap.add_argument("--tf32", action="store_true",
                     help="on a GPU, let matrix products use TF32 (default: full float32)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="on a GPU, let float32 matrix products use bfloat16 internally "
+                         "(set_float32_matmul_precision('medium'); semoe's --precision bf16)")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     ap.add_argument("--verify", action="store_true",
                     help="check against tools/reference/moe_reference.py and exit")
@@ -177,6 +180,8 @@ def main() -> None:
             sys.exit(f"--device {a.device}: torch {torch.__version__} sees no CUDA GPU")
         torch.backends.cuda.matmul.allow_tf32 = a.tf32
         torch.backends.cudnn.allow_tf32 = a.tf32
+        if a.bf16:
+            torch.set_float32_matmul_precision("medium")
 
     def sync():
         if gpu:
@@ -237,6 +242,7 @@ def main() -> None:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(dev) if gpu else platform.machine(),
         "tf32": bool(gpu and a.tf32),
+        "bf16": bool(gpu and a.bf16),
         "threads": a.threads,
         "tokens": S, "d_model": d, "d_ff": f, "experts": E, "k": k,
         "capacity_factor": a.capacity_factor, "capacity": cap,
@@ -253,7 +259,8 @@ def main() -> None:
     if a.json:
         print(json.dumps(res))
         return
-    where = f"{res['device']}{' (TF32)' if res['tf32'] else ''}" if gpu else f"{platform.machine()}, {a.threads} thread(s)"
+    mode = " (TF32)" if res["tf32"] else " (bf16 products)" if res["bf16"] else ""
+    where = f"{res['device']}{mode}" if gpu else f"{platform.machine()}, {a.threads} thread(s)"
     print(f"torch {torch.__version__} on {where}")
     print(f"S={S} d_model={d} d_ff={f} E={E} k={k} cf={a.capacity_factor} capacity={cap} "
           f"kept={kept} dropped={k * S - kept} gelu={a.gelu}")

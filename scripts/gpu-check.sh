@@ -130,9 +130,10 @@ EOF
         step 120 "test $t" "$BUNDLE/$t" --nocapture --test-threads 1
     done
     local size=(--tokens 16384 --d-model 1024 --d-ff 4096 --experts 8 --k 2 --iters 10 --warmup 3)
-    for precision in f32 tf32; do
+    for precision in f32 tf32 bf16; do
         local tf32=""
         [ "$precision" = tf32 ] && tf32=--tf32
+        [ "$precision" = bf16 ] && tf32=--bf16
         step 120 "semoe MoE layer on the GPU ($precision)" "$BUNDLE/semoe" bench moe-layer --device cuda \
             --precision "$precision" "${size[@]}"
         step 180 "PyTorch MoE layer on the GPU ($precision)" "$py" bench/moe_layer_torch.py --device cuda \

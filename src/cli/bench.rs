@@ -292,7 +292,8 @@ pub struct MoeLayerArgs {
     /// Where the layer runs: `cpu`, or `cuda` (GPU 0; a build with `--features cuda`).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
-    /// Precision of the GPU's matrix products: f32 or tf32 (`--device cuda` only).
+    /// Precision of the GPU's matrix products: f32, tf32 or bf16 (bfloat16 products of the float32
+    /// buffers; `--device cuda` only).
     #[arg(long, default_value = "f32")]
     precision: semoe::kernels::cuda::Precision,
 }

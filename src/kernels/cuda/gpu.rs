@@ -127,6 +127,8 @@ pub(crate) fn grid(blocks: u32, threads: u32, shared: u32) -> LaunchConfig {
 pub struct Gpu {
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) blas: CudaBlas,
+    /// How the matrix products compute (bf16 chooses the cuBLAS call, the others a math mode).
+    precision: Precision,
     kernels: BTreeMap<&'static str, CudaFunction>,
     name: String,
 }
@@ -155,7 +157,8 @@ impl Gpu {
         let blas =
             CudaBlas::new(stream.clone()).map_err(|e| cuda_error(format!("cannot create a cuBLAS handle: {e}")))?;
         let mode = match precision {
-            Precision::F32 => blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
+            // bf16 is the compute type of each product (`Gpu::product`), not a math mode.
+            Precision::F32 | Precision::Bf16 => blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
             Precision::Tf32 => blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
         };
         // SAFETY: the handle is alive (owned by `blas`) and the mode is a valid enumerator.
@@ -168,6 +171,7 @@ impl Gpu {
         Ok(Arc::new(Gpu {
             stream,
             blas,
+            precision,
             kernels,
             name: device.name(),
         }))
@@ -217,6 +221,60 @@ impl Gpu {
     /// Set a buffer to zero.
     pub(crate) fn zero<T: DeviceRepr + ValidAsZeroBits>(&self, buf: &mut CudaSlice<T>) -> Result<()> {
         self.stream.memset_zeros(buf).map_err(driver("cannot zero GPU memory"))
+    }
+
+    /// [`CudaBlas::gemm_strided_batched`] of float32 operands with bfloat16 tensor-core products
+    /// (`cublasGemmStridedBatchedEx`, compute type `CUBLAS_COMPUTE_32F_FAST_16BF`): the same
+    /// buffers and layout, only the products' inputs rounded. The caller checked the operands'
+    /// lengths against `cfg`.
+    fn product_bf16<A, B, C>(
+        &self,
+        cfg: StridedBatchedConfig<f32>,
+        a: &A,
+        b: &B,
+        c: &mut C,
+    ) -> std::result::Result<(), cudarc::cublas::result::CublasError>
+    where
+        A: DevicePtr<f32>,
+        B: DevicePtr<f32>,
+        C: DevicePtrMut<f32>,
+    {
+        let (a, _record_a) = a.device_ptr(&self.stream);
+        let (b, _record_b) = b.device_ptr(&self.stream);
+        let (c, _record_c) = c.device_ptr_mut(&self.stream);
+        let g = &cfg.gemm;
+        let f32_type = blas_sys::cudaDataType::CUDA_R_32F;
+        // SAFETY: the pointers are live device allocations of the stream's context, held for the
+        // call by their records; the caller checked that they hold batch * (m k, k n, m n)
+        // floats, which the strides and leading dimensions stay within; alpha and beta are host
+        // floats, as the default pointer mode expects.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                g.transa,
+                g.transb,
+                g.m,
+                g.n,
+                g.k,
+                (&g.alpha as *const f32).cast(),
+                a as *const std::ffi::c_void,
+                f32_type,
+                g.lda,
+                cfg.stride_a,
+                b as *const std::ffi::c_void,
+                f32_type,
+                g.ldb,
+                cfg.stride_b,
+                (&g.beta as *const f32).cast(),
+                c as *mut std::ffi::c_void,
+                f32_type,
+                g.ldc,
+                cfg.stride_c,
+                cfg.batch_size,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
     }
 
     /// One row-major product (see [`Product`]) through cuBLAS's column-major interface: a row-major
@@ -269,9 +327,14 @@ impl Gpu {
             stride_b: (p.m * p.k) as i64,
             stride_c: (p.m * p.n) as i64,
         };
-        // SAFETY: the operands hold at least batch * (m k, k n, m n) elements (checked above), which
-        // the strides and leading dimensions stay within.
-        unsafe { self.blas.gemm_strided_batched(cfg, b, a, c) }.map_err(|e| {
+        let done = if self.precision == Precision::Bf16 {
+            self.product_bf16(cfg, b, a, c)
+        } else {
+            // SAFETY: the operands hold at least batch * (m k, k n, m n) elements (checked above),
+            // which the strides and leading dimensions stay within.
+            unsafe { self.blas.gemm_strided_batched(cfg, b, a, c) }
+        };
+        done.map_err(|e| {
             cuda_error(format!(
                 "cuBLAS product {}x{}x{} (batch {}): {e}",
                 p.m, p.n, p.k, p.batch

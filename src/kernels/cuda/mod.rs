@@ -62,6 +62,10 @@ pub enum Precision {
     F32,
     /// TF32 tensor-core products (10-bit mantissa inputs, float32 sums): faster, wider tolerance.
     Tf32,
+    /// bfloat16 tensor-core products of the same float32 buffers (inputs rounded to 7-bit
+    /// mantissas, float32 sums: cuBLAS's `CUBLAS_COMPUTE_32F_FAST_16BF`, what PyTorch's
+    /// `torch.set_float32_matmul_precision("medium")` asks for): the fastest, the widest tolerance.
+    Bf16,
 }
 
 impl std::str::FromStr for Precision {
@@ -70,9 +74,29 @@ impl std::str::FromStr for Precision {
         match s {
             "f32" => Ok(Precision::F32),
             "tf32" => Ok(Precision::Tf32),
+            "bf16" => Ok(Precision::Bf16),
             other => Err(Error::config(format!(
-                "precision must be \"f32\" or \"tf32\", got {other:?}"
+                "precision must be \"f32\", \"tf32\" or \"bf16\", got {other:?}"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Precision;
+
+    #[test]
+    fn every_precision_parses_by_its_name_and_others_are_refused_naming_them() {
+        let names = [
+            ("f32", Precision::F32),
+            ("tf32", Precision::Tf32),
+            ("bf16", Precision::Bf16),
+        ];
+        for (name, want) in names {
+            assert_eq!(name.parse::<Precision>().expect(name), want);
+        }
+        let err = "fp8".parse::<Precision>().expect_err("fp8").to_string();
+        assert!(err.contains("\"f32\", \"tf32\" or \"bf16\", got \"fp8\""), "{err}");
     }
 }
