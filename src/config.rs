@@ -427,12 +427,15 @@ impl TrainConfig {
             }
         }
         let storage = self.storage.to_config(None)?;
-        if !storage.unlimited() && t.workers == 0 {
+        // Worker processes are the actor runtime whatever train.workers says.
+        let plain_loop = t.workers == 0 && !t.elastic();
+        if !storage.unlimited() && plain_loop {
             return Err(Error::config(
-                "storage budgets need the actor runtime (train.workers >= 1); the plain loop keeps everything in memory",
+                "storage budgets need the actor runtime (train.workers >= 1, or worker processes); the plain loop \
+                 keeps everything in memory",
             ));
         }
-        if self.storage.shard_dense && t.workers == 0 {
+        if self.storage.shard_dense && plain_loop {
             return Err(Error::config(
                 "storage.shard_dense needs the actor runtime (train.workers >= 1); the plain loop has no workers to shard across",
             ));
@@ -575,4 +578,23 @@ pub(crate) fn small_test_config() -> TrainConfig {
     c.train.batch = 8;
     c.train.groups = 4;
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_budgets_need_workers_in_process_or_worker_processes() {
+        let mut c = TrainConfig::default();
+        c.train.workers = 0;
+        c.storage.device_budget = "1MiB".into();
+        let err = c.validate().expect_err("the plain loop").to_string();
+        assert!(err.contains("storage budgets need the actor runtime"), "{err}");
+        c.train.processes = 2;
+        c.validate().expect("worker processes hold tiers");
+        c.train.processes = 0;
+        c.train.workers = 2;
+        c.validate().expect("in-process workers hold tiers");
+    }
 }
