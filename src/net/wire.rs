@@ -38,6 +38,17 @@ pub struct Limits {
     pub floats: usize,
 }
 
+impl Limits {
+    /// The most bytes a frame within these limits takes: the header's length and the body count
+    /// (4 bytes each), the header, a length per body (8 bytes) and the floats.
+    pub fn frame_bytes(&self) -> usize {
+        8usize
+            .saturating_add(self.header_bytes)
+            .saturating_add(self.bodies.saturating_mul(8))
+            .saturating_add(self.floats.saturating_mul(4))
+    }
+}
+
 /// The longest header any frame may have, whatever its [`Limits`]: it keeps the bincode limit
 /// (at most [`HEADER_EXPANSION`] times the header's bytes) within 16 MiB.
 pub const MAX_HEADER_BYTES: usize = 512 << 10;
@@ -419,11 +430,7 @@ impl PacketShape {
     /// The most bytes an encoded packet of this shape may have (what a receiver may be asked to
     /// allocate for one peer's buffer of a collective).
     pub fn max_packet_bytes(&self) -> usize {
-        let limits = self.packet_limits();
-        8usize
-            .saturating_add(limits.header_bytes)
-            .saturating_add(limits.bodies.saturating_mul(8))
-            .saturating_add(limits.floats.saturating_mul(4))
+        self.packet_limits().frame_bytes()
     }
 
     /// The most bytes any frame this shape's packets decode from may have, a collective's message
@@ -432,11 +439,7 @@ impl PacketShape {
     /// grows with the model (a fixed one would refuse an honest packet of a large model) and stays
     /// near what the model needs (a peer cannot make a small run allocate gigabytes).
     pub fn max_frame_bytes(&self) -> usize {
-        let limits = self.limits();
-        8usize
-            .saturating_add(limits.header_bytes)
-            .saturating_add(limits.bodies.saturating_mul(8))
-            .saturating_add(limits.floats.saturating_mul(4))
+        self.limits().frame_bytes()
     }
 
     /// The most segments a packet may carry: one per (group, expert).
