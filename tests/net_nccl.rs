@@ -27,7 +27,11 @@ fn a_single_rank_nccl_communicator_exchanges_with_itself() {
         let err = NcclCollective::new(0, 0, 1, 0, id, deadline)
             .expect_err("no GPU is visible")
             .to_string();
-        assert!(err.contains("GPU 0") && err.contains("0 GPU(s) visible"), "{err}");
+        // No GPU: none counted, or the driver's own reason (no device, a missing library).
+        assert!(
+            err.contains("GPU 0") && (err.contains("0 GPU(s) visible") || err.contains("CUDA driver")),
+            "{err}"
+        );
         eprintln!("skipping the NCCL test: no CUDA GPU is visible ({err})");
         return;
     }

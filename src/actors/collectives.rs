@@ -185,7 +185,8 @@ impl ExpertCollectives {
         if kind == ExpertExchange::Nccl {
             // Say now, not at the first exchange, when NCCL or the GPUs are missing.
             nccl_unique_id().map_err(|e| Error::config(format!("train.exchange = \"nccl\": {e}")))?;
-            let visible = CudaDevice::count();
+            let visible =
+                CudaDevice::visible().map_err(|e| Error::config(format!("train.exchange = \"nccl\": {e}")))?;
             if visible < gpus {
                 return Err(Error::config(if gpus == world {
                     format!("train.exchange = \"nccl\" puts worker i on GPU i: {world} worker(s) need as many GPUs, {visible} visible")

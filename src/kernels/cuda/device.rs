@@ -23,18 +23,7 @@ impl CudaDevice {
     /// Open GPU `ordinal`. Fails with a clear error when the CUDA driver library is missing, no GPU is
     /// visible, or the ordinal is out of range.
     pub fn open(ordinal: usize) -> Result<Self> {
-        if !driver_present() {
-            return Err(cuda_error(format!(
-                "cannot open GPU {ordinal}: the CUDA driver library (libcuda.so) was not found"
-            )));
-        }
-        let count = guarded("counting the GPUs", cudarc::driver::CudaContext::device_count)?
-            .map_err(|e| {
-                cuda_error(format!(
-                    "cannot open GPU {ordinal}: the CUDA driver failed to start: {e}"
-                ))
-            })?
-            .max(0) as usize;
+        let count = Self::visible().map_err(|e| cuda_error(format!("cannot open GPU {ordinal}: {e}")))?;
         if ordinal >= count {
             return Err(cuda_error(format!("cannot open GPU {ordinal}: {count} GPU(s) visible")));
         }
@@ -44,15 +33,20 @@ impl CudaDevice {
     }
 
     /// Number of visible CUDA devices (0 when the driver library is missing or fails to start;
-    /// [`CudaDevice::open`] says why).
+    /// [`CudaDevice::visible`] says why).
     pub fn count() -> usize {
+        Self::visible().unwrap_or(0)
+    }
+
+    /// Number of visible CUDA devices, or why the driver cannot tell (its library missing, or its
+    /// start failed: a driver and library of different versions, no permission on the device).
+    pub fn visible() -> Result<usize> {
         if !driver_present() {
-            return 0;
+            return Err(cuda_error("the CUDA driver library (libcuda.so) was not found"));
         }
-        match guarded("counting the GPUs", cudarc::driver::CudaContext::device_count) {
-            Ok(Ok(n)) => n.max(0) as usize,
-            _ => 0,
-        }
+        guarded("counting the GPUs", cudarc::driver::CudaContext::device_count)?
+            .map(|n| n.max(0) as usize)
+            .map_err(|e| cuda_error(format!("the CUDA driver failed to start: {e}")))
     }
 
     /// The device's context (its primary context, shared by every user of this GPU).

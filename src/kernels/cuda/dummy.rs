@@ -28,6 +28,11 @@ impl CudaDevice {
         0
     }
 
+    /// Number of visible CUDA devices: none without the feature.
+    pub fn visible() -> Result<usize> {
+        Ok(0)
+    }
+
     /// The device's name.
     pub fn name(&self) -> String {
         String::new()

@@ -170,7 +170,8 @@ impl NcclCollective {
             )));
         }
         nccl_library().map_err(|e| cuda_error(format!("cannot start {what}: {e}")))?;
-        let visible = crate::kernels::cuda::CudaDevice::count();
+        let visible =
+            crate::kernels::cuda::CudaDevice::visible().map_err(|e| cuda_error(format!("cannot start {what}: {e}")))?;
         if ordinal >= visible {
             return Err(cuda_error(format!("cannot start {what}: {visible} GPU(s) visible")));
         }
