@@ -226,6 +226,10 @@ pub fn corpus_for(config: &TrainConfig) -> Result<Corpus> {
     // Tokens are bytes: a smaller vocabulary must hold every byte of the text, or the first batch
     // that meets one fails deep inside the model.
     let vocab = config.model.vocab;
+    if vocab >= crate::config::BYTE_VOCAB {
+        // Every byte fits: no pass over a corpus that may be gigabytes.
+        return Ok(corpus);
+    }
     let text = corpus.train.iter().chain(&corpus.val);
     if let Some((at, byte)) = text.enumerate().find(|(_, &b)| usize::from(b) >= vocab) {
         return Err(Error::config(format!(
