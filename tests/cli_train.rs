@@ -339,6 +339,73 @@ fn the_time_budget_is_measured_beside_the_run_not_in_tmp() {
     assert_eq!(left, ["r"], "the scratch run was not removed");
 }
 
+/// Ctrl-C while the time budget is measured stops the measurement (it used to kill the process
+/// and leave the scratch run, a checkpoint, in a run directory nobody would resume).
+#[test]
+fn a_signal_while_the_time_budget_is_measured_stops_it_and_leaves_nothing() {
+    let tmp = TempDir::new("cli-budget-signal");
+    // Slower steps than TINY's, so that the measurement is still running when the signal lands.
+    let slow = [
+        "train",
+        "--d-model",
+        "64",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--d-ff",
+        "128",
+        "--experts",
+        "4",
+        "--block-size",
+        "128",
+        "--batch",
+        "16",
+        "--groups",
+        "2",
+        "--threads",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--time-budget",
+        "600",
+        "--run-dir",
+        "runs/r",
+    ];
+    let mut child = Child::spawn(tmp.path(), &slow, "run");
+    let run_dir = tmp.path().join("runs/r");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let measuring = || {
+        std::fs::read_dir(&run_dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".semoe-calibration-"))
+        })
+    };
+    while !measuring() {
+        assert!(
+            child.child.try_wait().expect("try_wait").is_none(),
+            "semoe exited before measuring; stderr:\n{}",
+            child.stderr()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no measurement began; stderr:\n{}",
+            child.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.signal(libc::SIGINT);
+    let status = child.wait(Duration::from_secs(60));
+    let err = child.stderr();
+    assert_eq!(status.code(), Some(130), "exit code after Ctrl-C; stderr:\n{err}");
+    assert!(
+        err.contains("stopped by Ctrl-C (SIGINT) while measuring the time budget: nothing was trained"),
+        "{err}"
+    );
+    assert!(!run_dir.exists(), "the run directory the measurement made is removed");
+}
+
 #[test]
 fn a_run_whose_directory_is_removed_stops_with_an_error() {
     let tmp = TempDir::new("cli-removed");

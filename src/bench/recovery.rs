@@ -78,8 +78,9 @@ pub fn recovery_bench(
                 config,
                 &corpus.digest(),
             )?;
-            for _ in 0..processes {
-                let child = spawn_worker(&ticket, threads, 0, true)?;
+            for process in 0..processes {
+                let scratch = dir.join(format!("round-{round}-{as_parent}-process-{process}"));
+                let child = spawn_worker(&ticket, &scratch, threads, 0, true)?;
                 lock(&children.0).push(child);
             }
             let watch = as_parent.then(|| tokio::spawn(watch_exits(children.0.clone(), cluster.exit_watch())));

@@ -399,6 +399,9 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         semoe::telemetry::metrics::check_addr(addr)?;
     }
     let sample_prompt = unescape(&a.sample_prompt)?;
+    // Ctrl-C or SIGTERM: one flag for the time budget's measurement and the run after it.
+    let stop = Arc::new(AtomicUsize::new(0));
+    let mut signals = None;
     let mut trainer = if a.resume {
         let dir = a.run_dir.clone().unwrap_or_default();
         let file = a.config.as_deref().map(TrainConfig::from_file).transpose()?;
@@ -443,11 +446,21 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             if run_dir::is_locked(&dir) {
                 run_dir::RunDirLock::acquire(&dir)?;
             }
-            let measured = run_dir::check_fresh(&dir).and_then(|()| fit_time_budget(&mut config, &dir));
+            // A signal during the measurement stops it (its scratch run removed), not the process.
+            signals = Some(install_stop_signals(&stop)?);
+            let measured = run_dir::check_fresh(&dir).and_then(|()| fit_time_budget(&mut config, &dir, &stop));
             if let Err(e) = measured {
                 if a.run_dir.is_none() {
                     // The default directory was made above, and is still empty.
                     let _ = std::fs::remove_dir(&dir);
+                }
+                let signal = stop.load(std::sync::atomic::Ordering::SeqCst);
+                if signal != 0 {
+                    semoe::say!(
+                        "stopped by {} while measuring the time budget: nothing was trained",
+                        signal_name(signal)
+                    );
+                    return Ok(ExitCode::from((128 + signal).min(255) as u8));
                 }
                 return Err(e);
             }
@@ -534,7 +547,11 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         dir.display(),
         semoe::storage::tiers::format_bytes(semoe::train::memory::estimate(&c).total())
     );
-    let signals = install_stop_signals(&trainer.stop_flag())?;
+    trainer.set_stop_flag(Arc::clone(&stop));
+    let signals = match signals {
+        Some(installed) => installed,
+        None => install_stop_signals(&stop)?,
+    };
     let summary = trainer.run(!a.quiet)?;
     drop(signals);
     let resume_hint = format!("semoe train --resume --run-dir {}", dir.display());
@@ -608,9 +625,9 @@ pub const DEFAULT_TIME_BUDGET_S: f64 = 270.0;
 
 /// Lower `config.train.steps` to what fits in `config.train.time_budget_s` on this machine, saying
 /// what was measured and chosen.
-pub fn fit_time_budget(config: &mut TrainConfig, run_dir: &Path) -> semoe::Result<()> {
+pub fn fit_time_budget(config: &mut TrainConfig, run_dir: &Path, stop: &AtomicUsize) -> semoe::Result<()> {
     let budget = config.train.time_budget_s;
-    let cal = semoe::train::calibrate::calibrate(config, budget, run_dir)?;
+    let cal = semoe::train::calibrate::calibrate(config, budget, run_dir, stop)?;
     let wanted = config.train.steps;
     semoe::say!(
         "time budget {}: measured {:.1} ms a step, {:.2} s an evaluation, {:.2} s a checkpoint; {} (planned {}){}",

@@ -9,7 +9,8 @@
 
 use super::trainer::Trainer;
 use crate::config::TrainConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// Steps run before the timed ones (first-touch page faults, thread start-up, caches).
@@ -43,8 +44,14 @@ pub struct Calibration {
 /// The scratch run goes inside the run directory: the measured checkpoint is written to the run's
 /// own disk, at its speed, and never fills a small `/tmp` (or memory, where `/tmp` is one) with a
 /// model the size of the run's. A run directory this call creates is removed again when the
-/// measurement fails.
-pub fn calibrate(config: &TrainConfig, budget_s: f64, run_dir: &std::path::Path) -> Result<Calibration> {
+/// measurement fails, or stops: a non-zero `stop` (a signal's number, as for
+/// [`Trainer::stop_flag`]) ends it before its next step with an error, its scratch removed.
+pub fn calibrate(
+    config: &TrainConfig,
+    budget_s: f64,
+    run_dir: &std::path::Path,
+    stop: &AtomicUsize,
+) -> Result<Calibration> {
     let mut c = config.clone();
     c.train.steps = c.train.steps.max(WARMUP_STEPS + TIMED_STEPS + 1);
     c.train.time_limit_s = 0.0;
@@ -66,16 +73,16 @@ pub fn calibrate(config: &TrainConfig, budget_s: f64, run_dir: &std::path::Path)
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos())
     ));
-    let measured = measure(c, &scratch);
+    let measured = measure(c, &scratch, stop);
     let _ = std::fs::remove_dir_all(&scratch);
-    if measured.is_err() {
+    if measured.is_err() && stop.load(Ordering::SeqCst) == 0 {
         crate::say!(
             "the time budget's measurement (a scratch run in {}) failed:",
             scratch.display()
         );
-        if made {
-            let _ = std::fs::remove_dir(run_dir);
-        }
+    }
+    if measured.is_err() && made {
+        let _ = std::fs::remove_dir(run_dir);
     }
     let (step_seconds, eval_seconds, checkpoint_seconds) = measured?;
 
@@ -106,19 +113,28 @@ pub fn calibrate(config: &TrainConfig, budget_s: f64, run_dir: &std::path::Path)
 }
 
 /// Seconds of one step (median), one evaluation and one checkpoint of `config`.
-fn measure(config: TrainConfig, scratch: &std::path::Path) -> Result<(f64, f64, f64)> {
+fn measure(config: TrainConfig, scratch: &std::path::Path, stop: &AtomicUsize) -> Result<(f64, f64, f64)> {
+    let stopped = || match stop.load(Ordering::SeqCst) {
+        0 => Ok(()),
+        signal => Err(Error::runtime(format!(
+            "the time budget's measurement was stopped (signal {signal}) before training began"
+        ))),
+    };
     let mut trainer = Trainer::new(config, scratch)?;
     for _ in 0..WARMUP_STEPS {
+        stopped()?;
         trainer.step()?;
     }
     let mut times = Vec::new();
     for _ in 0..TIMED_STEPS {
+        stopped()?;
         let started = Instant::now();
         trainer.step()?;
         times.push(started.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
     let step = times[times.len() / 2];
+    stopped()?;
     let started = Instant::now();
     trainer.evaluate()?;
     let eval = started.elapsed().as_secs_f64();

@@ -262,6 +262,18 @@ struct Fleet {
 }
 
 impl Fleet {
+    /// Process `number`'s Disk tier: a killed process cannot remove it, so the run does
+    /// ([`Fleet::remove_scratch`]) once every process is reaped.
+    fn scratch(&self, number: usize) -> PathBuf {
+        self.logs.join(format!("process-{number}.tiers"))
+    }
+
+    fn remove_scratch(&self) {
+        for number in 0..self.pids.len() {
+            let _ = std::fs::remove_dir_all(self.scratch(number));
+        }
+    }
+
     /// Start process number `pids.len()` (with the hook of its phased fault, if any) and wait
     /// until it is a member.
     async fn spawn(&mut self) -> Result<u32> {
@@ -293,7 +305,9 @@ impl Fleet {
         }
         let log = self.logs.join(format!("process-{number}.log"));
         let file = std::fs::File::create(&log).map_err(|e| Error::io("cannot create the worker log", &log, e))?;
-        let child = crate::train::engine::spawn_worker_with(&self.ticket, self.threads, 0, Stdio::from(file), &env)?;
+        let scratch = self.scratch(number);
+        let child =
+            crate::train::engine::spawn_worker_with(&self.ticket, &scratch, self.threads, 0, Stdio::from(file), &env)?;
         let pid = child.id();
         lock(&self.children).push(child);
         self.pids.push(pid);
@@ -684,6 +698,7 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
     watcher_task.abort();
     // Continued, ended and reaped before anything else runs: none outlives the disturbed run.
     let exits = children.finish(Duration::from_secs(10));
+    fleet.remove_scratch();
     let mut undisturbed = None;
     let verdict = match &disturbed {
         Err(_) => Verdict::DeadlineExpired {

@@ -110,7 +110,8 @@ impl RuntimeEngine {
         let threads = (t.threads / t.processes.max(1)).max(1);
         // Over NCCL, the i-th worker process started here on GPU i.
         for gpu in 0..t.processes {
-            let child = spawn_worker(&ticket, threads, gpu, false)?;
+            let scratch = run_dir.join(run_dir::TIERS_DIR).join(format!("process-{gpu}"));
+            let child = spawn_worker(&ticket, &scratch, threads, gpu, false)?;
             lock(&self.children).push(child);
         }
         if t.processes > 0 {
@@ -250,11 +251,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Start `semoe worker --ticket FILE --gpu GPU` (this program), its error output joined to ours
-/// unless `quiet` (`gpu`: its NCCL ranks' GPU, when the run exchanges over NCCL).
-pub fn spawn_worker(ticket: &Path, threads: usize, gpu: usize, quiet: bool) -> Result<Child> {
+/// Start `semoe worker --ticket FILE --scratch DIR --gpu GPU` (this program), its error output
+/// joined to ours unless `quiet` (`gpu`: its NCCL ranks' GPU, when the run exchanges over NCCL).
+/// `scratch` holds its Disk tier: a folder of the run's, not the system's temporary directory
+/// (often memory, which the storage budgets exist to spare), removed with the run's scratch.
+pub fn spawn_worker(ticket: &Path, scratch: &Path, threads: usize, gpu: usize, quiet: bool) -> Result<Child> {
     spawn_worker_with(
         ticket,
+        scratch,
         threads,
         gpu,
         if quiet { Stdio::null() } else { Stdio::inherit() },
@@ -266,6 +270,7 @@ pub fn spawn_worker(ticket: &Path, threads: usize, gpu: usize, quiet: bool) -> R
 /// added (a chaos run gives one process a test hook, and each its own log file).
 pub fn spawn_worker_with(
     ticket: &Path,
+    scratch: &Path,
     threads: usize,
     gpu: usize,
     stderr: Stdio,
@@ -277,6 +282,8 @@ pub fn spawn_worker_with(
         .arg("worker")
         .arg("--ticket")
         .arg(ticket)
+        .arg("--scratch")
+        .arg(scratch)
         .arg("--threads")
         .arg(threads.to_string())
         .arg("--gpu")

@@ -489,6 +489,12 @@ impl Trainer {
         Arc::clone(&self.stop)
     }
 
+    /// Use `flag` as [`Trainer::stop_flag`]: one flag, set by handlers installed before the
+    /// trainer existed (the CLI's, during the time budget's measurement), covers the run too.
+    pub fn set_stop_flag(&mut self, flag: Arc<AtomicUsize>) {
+        self.stop = flag;
+    }
+
     /// Make [`Trainer::run`] stop once `step` steps are done, as a stop request would (evaluate,
     /// checkpoint, return [`StopReason::StopAt`]): an interruption at a chosen step, for tests
     /// and for embedders that train in slices.
