@@ -76,6 +76,35 @@ struct Book {
     links_lost: BTreeMap<u64, (std::time::Instant, String)>,
 }
 
+/// The epochs whose notices the book still resolves.
+const EPOCHS_KEPT: usize = 8;
+
+impl Book {
+    /// See [`Cluster::begin_epoch`]. The newest [`EPOCHS_KEPT`] epochs are kept, with their lost
+    /// links.
+    fn begin_epoch(&mut self, epoch: u64, members: Vec<u64>) {
+        self.epochs.insert(epoch, members);
+        self.links_lost.remove(&epoch);
+        while self.epochs.len() > EPOCHS_KEPT {
+            self.epochs.pop_first();
+        }
+        let oldest = self.epochs.keys().next().copied().unwrap_or(epoch);
+        self.links_lost.retain(|&e, _| e >= oldest);
+    }
+
+    /// Member `reporter` lost its link to worker `peer` of `epoch`: kept for the runtime, which
+    /// forms the epoch again (which connects anew); only for epochs it knows (a later one would
+    /// be a lie) and the first report of each (bounded).
+    fn link_lost(&mut self, reporter: u64, peer: u32, epoch: u64, detail: &str) {
+        if self.epochs.contains_key(&epoch) {
+            self.links_lost.entry(epoch).or_insert_with(|| {
+                let why = format!("member {reporter} lost its link to worker {peer}: {detail}");
+                (std::time::Instant::now(), why)
+            });
+        }
+    }
+}
+
 /// A link fault of a chaos run that fired in a worker's transport ([`Notice::LinkFault`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LinkFiring {
@@ -283,13 +312,11 @@ impl Cluster {
         }
     }
 
-    /// Record which member is which worker index in `epoch`.
-    pub fn record_epoch(&self, epoch: u64, members: Vec<u64>) {
-        let mut book = self.lock();
-        book.epochs.insert(epoch, members);
-        while book.epochs.len() > 8 {
-            book.epochs.pop_first();
-        }
+    /// Record which member is which worker index in `epoch`, before it is formed: an attempt
+    /// to form it again (the same number) starts with no lost link on record, as it connects
+    /// its members anew.
+    pub fn begin_epoch(&self, epoch: u64, members: Vec<u64>) {
+        self.lock().begin_epoch(epoch, members);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
@@ -486,14 +513,7 @@ async fn admit(
             }
             Notice::PeerLost { peer, epoch, detail } => {
                 crate::say!("semoe: member {id} lost its link to worker {peer} of epoch {epoch}: {detail}");
-                // Kept for the runtime, which forms the epoch again (which connects anew); only
-                // epochs it knows (a later one would be a lie) and one entry each (bounded).
-                if b.epochs.contains_key(&epoch) {
-                    b.links_lost.entry(epoch).or_insert_with(|| {
-                        let why = format!("member {id} lost its link to worker {peer}: {detail}");
-                        (std::time::Instant::now(), why)
-                    });
-                }
+                b.link_lost(id, peer, epoch, &detail);
             }
         }
     };
@@ -576,4 +596,44 @@ fn check_ready(ready: &Ready, expect: &Expect) -> std::result::Result<SocketAddr
         .data_addr
         .parse::<SocketAddr>()
         .map_err(|e| format!("data-plane address {:?}: {e}", ready.data_addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_lost_while_an_epoch_forms_is_kept_and_a_new_attempt_starts_clean() {
+        let mut book = Book::default();
+        // Reported before the coordinator knows the epoch: not believed.
+        book.link_lost(1, 1, 4, "reset");
+        assert!(book.links_lost.is_empty());
+        // Known from before its setups go out, so a loss during the forming counts.
+        book.begin_epoch(4, vec![1, 2]);
+        book.link_lost(1, 1, 4, "reset");
+        book.link_lost(2, 0, 4, "reset as well");
+        assert_eq!(book.links_lost.len(), 1, "one entry per epoch");
+        let (_, why) = &book.links_lost[&4];
+        assert_eq!(
+            why, "member 1 lost its link to worker 1: reset",
+            "the first report is kept"
+        );
+        // Formed again under the same number: its new connections have lost nothing yet.
+        book.begin_epoch(4, vec![1, 3]);
+        assert!(book.links_lost.is_empty());
+        assert_eq!(book.epochs[&4], [1, 3]);
+    }
+
+    #[test]
+    fn the_book_keeps_the_newest_epochs_and_their_lost_links_only() {
+        let mut book = Book::default();
+        for epoch in 1..=20 {
+            book.begin_epoch(epoch, vec![epoch, epoch + 1]);
+            book.link_lost(epoch, 1, epoch, "gone");
+        }
+        assert_eq!(book.epochs.len(), EPOCHS_KEPT);
+        assert_eq!(book.epochs.keys().next(), Some(&(20 - EPOCHS_KEPT as u64 + 1)));
+        assert_eq!(book.links_lost.len(), EPOCHS_KEPT);
+        assert!(book.links_lost.keys().eq(book.epochs.keys()));
+    }
 }

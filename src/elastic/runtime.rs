@@ -329,7 +329,7 @@ impl ElasticRuntime {
             }
         }
         // Every member is there but two of them lost their link: a new epoch connects anew.
-        if let Some(why) = self.lost_link() {
+        if let Some(why) = self.lost_link(LINK_LOSS_GRACE) {
             return Some(format!("a link was lost ({why})"));
         }
         for m in &members {
@@ -368,13 +368,15 @@ impl ElasticRuntime {
         })
     }
 
-    /// The link two members of the current epoch lost, once [`LINK_LOSS_GRACE`] has passed since
-    /// it was reported without a member being lost (a crash shows as lost links first; it is
-    /// handled as a loss).
-    fn lost_link(&self) -> Option<String> {
+    /// The link two members of the current epoch lost, reported at least `min_age` ago, while no
+    /// member is lost (a crash shows as lost links first; it is handled as a loss). Between steps
+    /// a loss waits [`LINK_LOSS_GRACE`] to be explained by a crash; after a failed step that
+    /// already waited the grace ([`Self::loss_within`]), one reported at any time counts (its
+    /// notice may have come after the step's error).
+    fn lost_link(&self, min_age: Duration) -> Option<String> {
         let epoch = self.current.as_ref()?;
         let (since, why) = self.cluster.link_lost(epoch.number)?;
-        (since.elapsed() >= LINK_LOSS_GRACE && !self.lost_member()).then_some(why)
+        (since.elapsed() >= min_age && !self.lost_member()).then_some(why)
     }
 
     /// Run one step to its commit, through any membership change.
@@ -426,7 +428,7 @@ impl ElasticRuntime {
                 // next epoch connects them anew. A crash shows as lost links too, so the links
                 // count only once no member was lost meanwhile.
                 Err(e) => {
-                    if self.loss_within(LINK_LOSS_GRACE).await || self.lost_link().is_some() {
+                    if self.loss_within(LINK_LOSS_GRACE).await || self.lost_link(Duration::ZERO).is_some() {
                         continue;
                     }
                     return Err(e);
@@ -522,8 +524,9 @@ impl ElasticRuntime {
         // every link held, the last copy otherwise (then the steps since are replayed). A step cut
         // short by a lost link may have been committed by some members and not others (a commit
         // sends parameters over the links), so the members' state is not trusted then.
-        // (`lost_link` holds only while no member is lost.)
-        let relink = self.lost_link().is_some();
+        // (`lost_link` holds only while no member is lost; of any age here: a link lost a moment
+        // ago may have cut a commit short as well.)
+        let relink = self.lost_link(Duration::ZERO).is_some();
         if relink {
             self.relinks += 1;
             if self.relinks > MAX_RELINKS {
@@ -604,6 +607,9 @@ impl ElasticRuntime {
                 Start::Whole(state) => state.1.step,
                 Start::Handover(_) => self.committed,
             };
+            // Known to the cluster before its setups go out: a member's notice about it (a lost
+            // link, a peer evicted) can come as soon as its data plane is in the epoch.
+            self.cluster.begin_epoch(epoch_no, ids.clone());
             match self.form(epoch_no, &members, &start).await {
                 Ok((epoch, moved)) => {
                     let joins = members.iter().filter(|m| m.status == Status::Waiting).count() as u64;
@@ -624,8 +630,6 @@ impl ElasticRuntime {
                     for m in &members {
                         self.cluster.activate(m.id);
                     }
-                    self.cluster
-                        .record_epoch(epoch_no, members.iter().map(|m| m.id).collect());
                     metrics::gauge!(names::EPOCH).set(epoch_no as f64);
                     metrics::gauge!(names::MEMBERS).set(members.len() as f64);
                     self.current = Some(epoch);
@@ -640,7 +644,7 @@ impl ElasticRuntime {
                             if self.loss_within(LINK_LOSS_GRACE).await {
                                 return Box::pin(self.reform("a worker was lost during the replay")).await;
                             }
-                            if self.lost_link().is_some() {
+                            if self.lost_link(Duration::ZERO).is_some() {
                                 return Box::pin(self.reform("a link was lost during the replay")).await;
                             }
                             return Err(e);

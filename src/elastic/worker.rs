@@ -244,8 +244,14 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         None => None,
     };
     let addr = match &options.join {
-        Some(name) => tokio::net::lookup_host(name.as_str())
+        Some(name) => tokio::time::timeout(JOIN_STEP_DEADLINE, tokio::net::lookup_host(name.as_str()))
             .await
+            .map_err(|_| {
+                Error::config(format!(
+                    "cannot resolve --join {name}: no answer from the resolver within {} s",
+                    JOIN_STEP_DEADLINE.as_secs()
+                ))
+            })?
             .map_err(|e| Error::config(format!("cannot resolve --join {name}: {e}")))?
             .next()
             .ok_or_else(|| Error::config(format!("--join {name} resolves to no address")))?,
@@ -268,13 +274,23 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     let connecting = client
         .connect(addr, "semoe-job")
         .map_err(|e| Error::runtime(format!("cannot connect to the coordinator at {addr}: {e}")))?;
-    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+    let conn = tokio::time::timeout(JOIN_STEP_DEADLINE, connecting)
         .await
-        .map_err(|_| Error::runtime(format!("the coordinator at {addr} did not answer within 10 s")))?
+        .map_err(|_| {
+            Error::runtime(format!(
+                "the coordinator at {addr} did not answer within {} s",
+                JOIN_STEP_DEADLINE.as_secs()
+            ))
+        })?
         .map_err(|e| Error::runtime(format!("cannot connect to the coordinator at {addr}: {e}")))?;
-    let (mut send, mut recv) = conn
-        .open_bi()
+    let (mut send, mut recv) = tokio::time::timeout(JOIN_STEP_DEADLINE, conn.open_bi())
         .await
+        .map_err(|_| {
+            Error::runtime(format!(
+                "the coordinator at {addr} opened no join stream within {} s",
+                JOIN_STEP_DEADLINE.as_secs()
+            ))
+        })?
         .map_err(|e| Error::runtime(format!("the coordinator closed the connection: {e}")))?;
 
     let own_config = match &options.config {
@@ -497,9 +513,24 @@ fn fenced(e: impl std::fmt::Display) -> Error {
     ))
 }
 
+/// How long each step of joining (resolving `--join`, connecting, opening the join stream) may
+/// take.
+const JOIN_STEP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long the coordinator may take to answer a hello or a ready message: its handshakes queue
+/// behind a burst of joiners (each bounded by its hello timeout), so this is generous.
+const JOIN_ANSWER_DEADLINE: Duration = Duration::from_secs(60);
+
 async fn read_answer(recv: &mut quinn::RecvStream) -> Result<Answer> {
-    let bytes = quic::read_frame(recv, protocol::CONTROL.header_bytes + 64, "the coordinator's answer")
-        .await?
+    let read = quic::read_frame(recv, protocol::CONTROL.header_bytes + 64, "the coordinator's answer");
+    let bytes = tokio::time::timeout(JOIN_ANSWER_DEADLINE, read)
+        .await
+        .map_err(|_| {
+            Error::runtime(format!(
+                "the coordinator did not answer within {} s",
+                JOIN_ANSWER_DEADLINE.as_secs()
+            ))
+        })??
         .ok_or_else(|| Error::runtime("the coordinator closed the join stream without answering"))?;
     protocol::decode(&bytes, "the coordinator's answer")
 }

@@ -634,6 +634,22 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
+/// Every `step-*` directory of `run_dir`, oldest first, as (step, directory), whether its
+/// checkpoint is complete or not: what a run wrote, or began to write, as a checkpoint.
+pub fn step_dirs(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    let mut out = Vec::new();
+    if root.is_dir() {
+        for (name, path) in read_dir_entries(&root)? {
+            if let Some(step) = parse_step_dir_name(&name) {
+                out.push((step, path));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// The directory of the newest complete checkpoint of `run_dir`, or `None` if there is none.
 /// Temporary directories and directories without a valid manifest are ignored (see [`list`]).
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
@@ -667,16 +683,7 @@ pub struct Resolved {
 /// I/O errors other than damage (a permission error, say) are returned as errors, not treated as
 /// damage.
 pub fn newest_intact(run_dir: &Path) -> Result<Resolved> {
-    let root = run_dir.join(CHECKPOINTS_DIR);
-    let mut candidates = Vec::new();
-    if root.is_dir() {
-        for (name, path) in read_dir_entries(&root)? {
-            if let Some(step) = parse_step_dir_name(&name) {
-                candidates.push((step, path));
-            }
-        }
-    }
-    candidates.sort();
+    let mut candidates = step_dirs(run_dir)?;
     let mut damaged = Vec::new();
     while let Some((step, dir)) = candidates.pop() {
         match load(&dir) {

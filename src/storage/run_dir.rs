@@ -219,6 +219,27 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
             dir.display()
         )));
     }
+    // Checkpoints whose manifest does not read (damaged, or from a newer semoe) are a run's too:
+    // a fresh run would overwrite its config and log, and replace them when it saves their steps.
+    let unreadable = crate::storage::checkpoint::step_dirs(dir)?;
+    if !unreadable.is_empty() {
+        let names: Vec<String> = unreadable
+            .iter()
+            .rev()
+            .take(3)
+            .map(|(_, path)| {
+                path.file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+            })
+            .collect();
+        return Err(Error::config(format!(
+            "{} holds checkpoints whose manifest does not read ({}{}: damaged, or written by a newer semoe); \
+             a new run would replace them: use --resume (it names what is wrong with each) or choose another --run-dir",
+            dir.display(),
+            names.join(", "),
+            if unreadable.len() > 3 { ", ..." } else { "" }
+        )));
+    }
     let ours = names.iter().any(|n| n == LOCK_FILE);
     let run_of_ours = ours && names.iter().all(|n| n == LOCK_FILE || RUN_FILES.contains(&n.as_str()));
     let failed_start = holds_no_results(dir) && (ours || !names.iter().any(|n| n == "config.toml"));
@@ -290,6 +311,16 @@ mod tests {
         let err = check_fresh(&d).expect_err("the user's files beside a run").to_string();
         assert!(err.contains("(note0, note1, note2, note3 and 5 more)"), "{err}");
         // (A run with a checkpoint is refused naming --resume: tests/cli_train.rs, with a real one.)
+        // One whose checkpoint's manifest does not read is refused too, naming it.
+        let damaged = d.join("checkpoints").join("step-00000010");
+        std::fs::create_dir_all(&damaged).expect("checkpoint dir");
+        std::fs::write(damaged.join("manifest.json"), "{ not json").expect("manifest");
+        let err = check_fresh(&d).expect_err("a damaged checkpoint").to_string();
+        assert!(
+            err.contains("holds checkpoints whose manifest does not read (step-00000010:"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(d.join("checkpoints")).expect("remove it");
         remove_stale_calibrations(&d);
         assert!(!d.join(".semoe-calibration-1-2").exists());
         std::fs::remove_dir_all(&d).expect("clean up");

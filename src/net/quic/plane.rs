@@ -646,14 +646,17 @@ fn close_epoch(st: &mut EpochState, error_code: u32, reason: &[u8]) {
     for conn in st.incoming.drain(..) {
         conn.close(error_code, reason);
     }
-    for task in st.tasks.drain(..) {
-        task.abort();
-    }
+    // Connections before their writer tasks: a writer aborted mid-frame drops its stream, which
+    // quinn finishes cleanly, and a peer still in this epoch would read a frame cut short (a
+    // malformed sender, evicted) where a closed connection reads as the epoch's end.
     for link in st.links.values() {
         let _ = link.gone.set("the epoch is over".to_string());
         if let Some(conn) = link.conn.get() {
             conn.close(error_code, reason);
         }
+    }
+    for task in st.tasks.drain(..) {
+        task.abort();
     }
     st.links.clear();
     st.arrived.clear();
