@@ -451,4 +451,34 @@ fn crafted_headers_and_configs_are_errors_not_panics() {
     rewrite_manifest(&ckpt, |extra| extra["config"]["model"]["d_model"] = (1u64 << 33).into());
     let e = ModelFile::open(&ckpt).err().expect("refused").to_string();
     assert!(e.contains("too large"), "{e}");
+    let resident = |ckpt: &Path| {
+        semoe::storage::checkpoint::load(ckpt)
+            .and_then(semoe::storage::state::model_from)
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    let e = resident(&ckpt);
+    assert!(e.contains("too large"), "resident: {e}");
+
+    // Billions of layers (the manifest is not under the model file's digest): refused before
+    // anything is allocated for them, by the ring's reader and by the resident loader.
+    rewrite_manifest(&ckpt, |extra| {
+        extra["config"]["model"]["d_model"] = 64.into();
+        extra["config"]["model"]["n_layer"] = 4_000_000_000u64.into();
+    });
+    let e = ModelFile::open(&ckpt).err().expect("refused").to_string();
+    assert!(e.contains("n_layer (4000000000)"), "{e}");
+    let e = resident(&ckpt);
+    assert!(e.contains("n_layer (4000000000)"), "resident: {e}");
+
+    // One layer fewer than the file holds: the resident loader names the tensor left over (it
+    // used to load a truncated model silently).
+    rewrite_manifest(&ckpt, |extra| extra["config"]["model"]["n_layer"] = 2.into());
+    let e = resident(&ckpt);
+    assert!(e.contains("it holds tensor \"h.2."), "resident: {e}");
+    rewrite_manifest(&ckpt, |extra| extra["config"]["model"]["n_layer"] = 3.into());
+    semoe::storage::checkpoint::load(&ckpt)
+        .and_then(semoe::storage::state::model_from)
+        .expect("the restored manifest loads");
 }

@@ -94,7 +94,7 @@ impl ModelFile {
     /// Every tensor of the model present with its element count (computed from the config: building
     /// the model to ask it would need the memory this reader exists to avoid).
     fn check_tensors(&self) -> Result<()> {
-        for (name, len) in expected_tensors(&self.config)? {
+        for (name, _, len) in self.config.checked_tensor_shapes(self.tensors.len())? {
             match self.tensors.get(&name) {
                 None => {
                     return Err(Error::checkpoint(&self.path, format!("tensor {name} is missing")));
@@ -266,39 +266,6 @@ fn piece_sources(config: &GptConfig, piece: Piece) -> Vec<(String, usize)> {
             ("lm_head".into(), 0),
         ],
     }
-}
-
-/// Every tensor of a model of `config` ([`GptConfig::tensor_shapes`]) with its element count; a
-/// size that overflows is an error naming the tensor (the config comes from a file). Large shapes
-/// (d_model ~ 2^33) overflow already in the shape itself (`3 * d`): checked here before use.
-fn expected_tensors(config: &GptConfig) -> Result<Vec<(String, usize)>> {
-    let limit = |x: usize| x <= u32::MAX as usize;
-    let dims = [
-        config.d_model,
-        config.vocab,
-        config.block_size,
-        config.d_ff,
-        config.dense_width(),
-        config.experts,
-    ];
-    if !dims.iter().all(|&x| limit(x)) {
-        return Err(Error::config(format!(
-            "the model config is too large (d_model {}, vocab {}, block_size {}, d_ff {}, experts {})",
-            config.d_model, config.vocab, config.block_size, config.d_ff, config.experts
-        )));
-    }
-    config
-        .tensor_shapes()
-        .into_iter()
-        .map(|(name, shape)| {
-            let n = shape
-                .iter()
-                .try_fold(1usize, |acc, &x| acc.checked_mul(x))
-                .filter(|&n| n <= isize::MAX as usize / 4)
-                .ok_or_else(|| Error::config(format!("the model config makes tensor {name} too large ({shape:?})")))?;
-            Ok((name, n))
-        })
-        .collect()
 }
 
 /// Length, then SHA-256 over the whole file in fixed-size reads.

@@ -190,6 +190,49 @@ impl GptConfig {
         }
     }
 
+    /// [`GptConfig::tensor_shapes`] with each tensor's element count, for a configuration read
+    /// from a file that holds `tensors_in_file` tensors: a size that overflows, or more layers
+    /// than the file could hold (each has tensors of its own), is an error naming it, before
+    /// anything the size of the model is allocated (a manifest's config is not covered by the
+    /// model file's digest). Large shapes (d_model ~ 2^33) overflow already in the shape itself
+    /// (`3 * d`): checked here before use.
+    pub fn checked_tensor_shapes(&self, tensors_in_file: usize) -> Result<Vec<(String, Vec<usize>, usize)>> {
+        let limit = |x: usize| x <= u32::MAX as usize;
+        let dims = [
+            self.d_model,
+            self.vocab,
+            self.block_size,
+            self.d_ff,
+            self.dense_width(),
+            self.experts,
+        ];
+        if !dims.iter().all(|&x| limit(x)) {
+            return Err(Error::config(format!(
+                "the model config is too large (d_model {}, vocab {}, block_size {}, d_ff {}, experts {})",
+                self.d_model, self.vocab, self.block_size, self.d_ff, self.experts
+            )));
+        }
+        if self.n_layer > tensors_in_file {
+            return Err(Error::config(format!(
+                "the model config's n_layer ({}) is more than its file's {tensors_in_file} tensors can hold",
+                self.n_layer
+            )));
+        }
+        self.tensor_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let n = shape
+                    .iter()
+                    .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+                    .filter(|&n| n <= isize::MAX as usize / 4)
+                    .ok_or_else(|| {
+                        Error::config(format!("the model config makes tensor {name} too large ({shape:?})"))
+                    })?;
+                Ok((name, shape, n))
+            })
+            .collect()
+    }
+
     /// The name and shape of every parameter tensor of a model of this configuration, in the
     /// checkpoint and optimizer order (names follow `tools/reference/gpt_reference.py`). Computed
     /// from the configuration alone, so that a reader can check a checkpoint without building the

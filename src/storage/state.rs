@@ -112,6 +112,7 @@ pub fn restore(
     mut ckpt: Checkpoint,
 ) -> Result<(Gpt<f32>, AdamW, f64)> {
     let dir = ckpt.dir.clone();
+    check_model_tensors(model_config, &ckpt)?;
     let mut model = Gpt::<f32>::zeros(model_config)?;
     let specs: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
     for ((name, shape), buf) in specs.iter().zip(model.buffers_mut()) {
@@ -129,6 +130,12 @@ pub fn restore(
         m.push(ckpt.take_optimizer(&format!("m.{name}"), shape)?);
         v.push(ckpt.take_optimizer(&format!("v.{name}"), shape)?);
     }
+    if let Some(extra) = ckpt.optimizer.keys().next() {
+        return Err(Error::checkpoint(
+            dir.join(checkpoint::OPTIMIZER_FILE),
+            format!("it holds tensor {extra:?}, which this model's optimizer does not have"),
+        ));
+    }
     let mut optimizer = crate::optimizer::for_model(optimizer_config, &model)?;
     optimizer.restore(ckpt.step, m, v)?;
     let seconds = ckpt
@@ -137,6 +144,45 @@ pub fn restore(
         .and_then(|v| v.as_f64())
         .unwrap_or(0.0);
     Ok((model, optimizer, seconds))
+}
+
+/// The checkpoint's model tensors against `config`, before a model of `config` is allocated:
+/// every tensor there with its shape, and nothing else. The manifest's config is not covered by
+/// the model file's digest, so an edited or damaged one (`n_layer` in the billions, a wider
+/// `d_model`) must fail here, naming what differs, not abort the process on an allocation.
+fn check_model_tensors(config: &GptConfig, ckpt: &Checkpoint) -> Result<()> {
+    let path = ckpt.dir.join(checkpoint::MODEL_FILE);
+    let expected = config
+        .checked_tensor_shapes(ckpt.model.len())
+        .map_err(|e| Error::checkpoint(&path, format!("the model config does not fit the file: {e}")))?;
+    for (name, shape, _) in &expected {
+        match ckpt.model.get(name) {
+            None => {
+                return Err(Error::checkpoint(
+                    &path,
+                    format!("tensor {name} of the model config is missing"),
+                ))
+            }
+            Some(t) if t.shape != *shape => {
+                return Err(Error::checkpoint(
+                    &path,
+                    format!(
+                        "tensor {name} has shape {:?}, the model config needs {shape:?}",
+                        t.shape
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    let wanted: std::collections::BTreeSet<&str> = expected.iter().map(|(n, _, _)| n.as_str()).collect();
+    if let Some(extra) = ckpt.model.keys().find(|n| !wanted.contains(n.as_str())) {
+        return Err(Error::checkpoint(
+            &path,
+            format!("it holds tensor {extra:?}, which the model config does not have"),
+        ));
+    }
+    Ok(())
 }
 
 /// The model configuration a checkpoint's manifest records (`extra.config.model`), checked;
@@ -156,6 +202,7 @@ pub fn model_config(dir: &Path, extra: &serde_json::Value) -> Result<GptConfig> 
 /// The model of a loaded checkpoint, built from the model part of the config in its manifest.
 pub fn model_from(mut ckpt: Checkpoint) -> Result<Gpt<f32>> {
     let config = model_config(&ckpt.dir, &ckpt.extra)?;
+    check_model_tensors(&config, &ckpt)?;
     let mut model = Gpt::<f32>::zeros(&config)?;
     let specs: Vec<(String, Vec<usize>)> = model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
     for ((name, shape), buf) in specs.iter().zip(model.buffers_mut()) {
