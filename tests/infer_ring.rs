@@ -454,8 +454,7 @@ fn crafted_headers_and_configs_are_errors_not_panics() {
     let resident = |ckpt: &Path| {
         semoe::storage::checkpoint::load(ckpt)
             .and_then(semoe::storage::state::model_from)
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string()
     };
     let e = resident(&ckpt);
