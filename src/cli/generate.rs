@@ -2,7 +2,7 @@
 
 use clap::Args;
 use semoe::infer::weights::WeightSource;
-use semoe::infer::{generate, BatchDecoder, ModelFile, Prefetch, RingOptions, RingWeights, SampleOptions};
+use semoe::infer::{generate_with, BatchDecoder, ModelFile, Prefetch, RingOptions, RingWeights, SampleOptions};
 use semoe::kernels::Cpu;
 use semoe::storage::checkpoint;
 use semoe::storage::tiers::{format_bytes, parse_bytes};
@@ -158,18 +158,18 @@ pub fn write_out(out: &mut impl Write, bytes: &[u8]) -> semoe::Result<bool> {
 /// A sentinel error that stops generation when the reader of standard output has gone.
 pub const READER_GONE: &str = "standard output was closed";
 
-pub fn stream_sample(
-    model: &semoe::model::gpt::Gpt<f32>,
+/// Print `prompt` and the bytes `decoder` draws after it as they come (an idle decoder; see
+/// [`semoe::infer::generate_with`]).
+pub fn stream_sample<S: semoe::infer::weights::WeightSource>(
+    decoder: &mut BatchDecoder<S>,
     prompt: &str,
     opts: &SampleOptions,
-    threads: usize,
 ) -> semoe::Result<()> {
-    let cpu = Cpu::new(threads)?;
     let mut out = std::io::stdout().lock();
     if !write_out(&mut out, prompt.as_bytes())? {
         return Ok(());
     }
-    let result = generate(model, &cpu, prompt.as_bytes(), opts, |b| {
+    let result = generate_with(decoder, prompt.as_bytes(), opts, |b| {
         if write_out(&mut out, &[b])? {
             Ok(())
         } else {
@@ -229,10 +229,11 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
             let ckpt = checkpoint_to_read(&a.checkpoint)?;
             let model = semoe::train::trainer::model_from(ckpt)?;
             a.memory.check_cache(model.config(), a.batch)?;
+            // The decoder owns the model: one copy of it in memory.
+            let mut decoder = BatchDecoder::from_model(model, cpu, a.batch)?;
             if a.batch == 1 {
-                return stream_sample(&model, &prompt, &opts, a.threads);
+                return stream_sample(&mut decoder, &prompt, &opts);
             }
-            let mut decoder = BatchDecoder::new(&model, cpu, a.batch)?;
             let (bytes, seconds) = sample_batch(&mut decoder, &prompt, &opts, a.batch)?;
             semoe::say!(
                 "{bytes} bytes in {seconds:.2} s: {:.0} bytes/s",

@@ -62,8 +62,8 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
             let ckpt = super::generate::checkpoint_to_read(&a.checkpoint)?;
             let model = semoe::train::trainer::model_from(ckpt)?;
             a.memory.check_cache(model.config(), a.max_batch)?;
-            Box::new(semoe::infer::BatchDecoder::new(
-                &model,
+            Box::new(semoe::infer::BatchDecoder::from_model(
+                model,
                 semoe::kernels::Cpu::new(a.threads)?,
                 a.max_batch,
             )?)

@@ -612,7 +612,8 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             max_tokens: a.sample_tokens,
             ..SampleOptions::default()
         };
-        stream_sample(trainer.model()?, &sample_prompt, &opts, 1)?;
+        let mut decoder = semoe::infer::BatchDecoder::new(trainer.model()?, semoe::kernels::Cpu::new(1)?, 1)?;
+        stream_sample(&mut decoder, &sample_prompt, &opts)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -63,10 +63,16 @@ pub struct BatchDecoder<S: WeightSource = ResidentWeights> {
 }
 
 impl BatchDecoder<ResidentWeights> {
-    /// A decoder for `model` (its MoE blocks route dropless here) holding at most `max_batch`
-    /// sequences at once.
+    /// A decoder for a copy of `model` (its MoE blocks route dropless here) holding at most
+    /// `max_batch` sequences at once. [`BatchDecoder::from_model`] takes the model instead of
+    /// copying it, when the caller has no other use for it (one copy of a large model in memory).
     pub fn new(model: &Gpt<f32>, cpu: Cpu, max_batch: usize) -> Result<Self> {
-        BatchDecoder::with_source(ResidentWeights::new(model.clone()), cpu, max_batch)
+        BatchDecoder::from_model(model.clone(), cpu, max_batch)
+    }
+
+    /// [`BatchDecoder::new`] owning `model`.
+    pub fn from_model(model: Gpt<f32>, cpu: Cpu, max_batch: usize) -> Result<Self> {
+        BatchDecoder::with_source(ResidentWeights::new(model), cpu, max_batch)
     }
 }
 

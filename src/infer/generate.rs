@@ -3,6 +3,7 @@
 //! expert capacity.
 
 use super::batch::BatchDecoder;
+use super::weights::WeightSource;
 use crate::error::{Error, Result};
 use crate::kernels::Cpu;
 use crate::model::gpt::Gpt;
@@ -50,15 +51,36 @@ pub fn generate(
     cpu: &Cpu,
     prompt: &[u8],
     opts: &SampleOptions,
+    on_byte: impl FnMut(u8) -> Result<()>,
+) -> Result<Vec<u8>> {
+    check_options(opts)?;
+    if opts.max_tokens == 0 {
+        return Ok(Vec::new());
+    }
+    generate_with(&mut BatchDecoder::new(model, cpu.clone(), 1)?, prompt, opts, on_byte)
+}
+
+/// [`generate`] on a decoder of the caller's (one that owns its model, or reads it through a
+/// ring), which must hold no sequence (an error otherwise: their bytes would mix with these).
+pub fn generate_with<S: WeightSource>(
+    decoder: &mut BatchDecoder<S>,
+    prompt: &[u8],
+    opts: &SampleOptions,
     mut on_byte: impl FnMut(u8) -> Result<()>,
 ) -> Result<Vec<u8>> {
     check_options(opts)?;
     if opts.max_tokens == 0 {
         return Ok(Vec::new());
     }
-    let mut decoder = BatchDecoder::new(model, cpu.clone(), 1)?;
+    if decoder.active() > 0 {
+        return Err(Error::config(format!(
+            "generate_with needs an idle decoder; this one holds {} sequence(s)",
+            decoder.active()
+        )));
+    }
     decoder.admit(prompt, opts)?;
-    let mut out = Vec::with_capacity(opts.max_tokens);
+    // Reserved up to a bound: `max_tokens` may be huge ("until stopped").
+    let mut out = Vec::with_capacity(opts.max_tokens.min(1 << 16));
     while decoder.active() > 0 {
         for e in decoder.step()? {
             out.push(e.byte);
@@ -277,5 +299,43 @@ mod tests {
             let e = generate(&m, &cpu, b"x", &opts, |_| Ok(())).expect_err("rejected");
             assert!(e.to_string().contains("temperature"), "{e}");
         }
+    }
+
+    #[test]
+    fn an_owned_decoder_draws_the_same_bytes_and_a_busy_one_is_refused() {
+        let (m, cpu) = (model(), Cpu::new(1).expect("cpu"));
+        let opts = SampleOptions {
+            max_tokens: 24,
+            ..SampleOptions::default()
+        };
+        let borrowed = generate(&m, &cpu, b"ab", &opts, |_| Ok(())).expect("generate");
+        let mut decoder = BatchDecoder::from_model(m, cpu, 2).expect("decoder");
+        let owned = generate_with(&mut decoder, b"ab", &opts, |_| Ok(())).expect("generate_with");
+        assert_eq!(owned.len(), 24);
+        assert_eq!(owned, borrowed);
+        decoder.admit(b"busy", &opts).expect("admit");
+        let e = generate_with(&mut decoder, b"ab", &opts, |_| Ok(())).expect_err("busy decoder");
+        assert!(e.to_string().contains("needs an idle decoder"), "{e}");
+    }
+
+    #[test]
+    fn a_count_meaning_until_stopped_reserves_nothing_huge() {
+        let (m, cpu) = (model(), Cpu::new(1).expect("cpu"));
+        let opts = SampleOptions {
+            max_tokens: usize::MAX,
+            ..SampleOptions::default()
+        };
+        let mut drawn = 0;
+        let e = generate(&m, &cpu, b"x", &opts, |_| {
+            drawn += 1;
+            if drawn == 5 {
+                Err(Error::runtime("enough"))
+            } else {
+                Ok(())
+            }
+        })
+        .expect_err("stopped by the callback");
+        assert_eq!(e.to_string(), Error::runtime("enough").to_string());
+        assert_eq!(drawn, 5);
     }
 }

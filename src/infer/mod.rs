@@ -11,6 +11,6 @@ pub mod ring;
 pub mod weights;
 
 pub use batch::{BatchDecoder, Decode, Emitted, SeqId};
-pub use generate::{generate, generate_recomputing, SampleOptions};
+pub use generate::{generate, generate_recomputing, generate_with, SampleOptions};
 pub use model_file::ModelFile;
 pub use ring::{Prefetch, RingLoad, RingOptions, RingStats, RingWeights};
