@@ -278,6 +278,18 @@ fn a_budget_below_two_sections_is_refused_naming_the_least() {
         msg.contains("fewer than two sections") && msg.contains("at least"),
         "{msg}"
     );
+    // I/O threads: at least one, and a bound (an absurd count aborted on its allocation).
+    for io_threads in [0, semoe::infer::ring::MAX_IO_THREADS + 1, usize::MAX] {
+        let options = RingOptions {
+            io_threads,
+            ..routed(1 << 30, RingLoad::default())
+        };
+        let e = RingWeights::new(ModelFile::open(&ckpt).expect("open"), &options)
+            .err()
+            .expect("refused");
+        let msg = e.to_string();
+        assert!(msg.contains("(--io-threads) must be between 1 and 64"), "{msg}");
+    }
 }
 
 #[test]

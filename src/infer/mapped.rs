@@ -279,6 +279,15 @@ impl MappedModel {
                     ));
                 }
                 // Kernels before 5.14 do not know MADV_POPULATE_READ: touch a byte of each page.
+                // A touch past the end of a file cut meanwhile would raise SIGBUS, so the size is
+                // checked first (a cut between the check and the touch still would: `auto`
+                // copies instead on such kernels, see `populate_read_supported`).
+                if file.changed_size()? {
+                    return Err(Error::checkpoint(
+                        file.path(),
+                        format!("the file changed size while {piece:?} was mapped from it"),
+                    ));
+                }
                 for page in (0..len).step_by(self.page as usize) {
                     // SAFETY: `page` is inside the mapping; a volatile read so that it is kept.
                     unsafe { std::ptr::read_volatile(mapped.cast::<u8>().add(page)) };
@@ -320,4 +329,31 @@ impl MappedModel {
             })
             .collect()
     }
+}
+
+/// Whether this kernel populates a mapping's pages with `MADV_POPULATE_READ` (Linux 5.14 and
+/// later), which reports a read error as an error; without it, reading in place touches the pages
+/// and an I/O error or a file cut under the ring is a SIGBUS. Probed once, on an anonymous page.
+pub fn populate_read_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        // SAFETY: a private anonymous page of our own, advised and unmapped here.
+        unsafe {
+            let len = 4096;
+            let page = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if page == libc::MAP_FAILED {
+                return false;
+            }
+            let ok = libc::madvise(page, len, libc::MADV_POPULATE_READ) == 0;
+            libc::munmap(page, len);
+            ok
+        }
+    })
 }

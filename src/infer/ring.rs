@@ -533,8 +533,11 @@ const HEAT_DECAY: f32 = 0.9;
 /// The least heat counted: an expert never routed to is expected back after 1/MIN_HEAT passes.
 const MIN_HEAT: f32 = 1e-3;
 
+/// The most I/O threads a ring starts (more only contend for the same disk and cores).
+pub const MAX_IO_THREADS: usize = 64;
+
 /// How long the decoder waits for one piece before calling the ring stuck.
-const LOAD_DEADLINE: Duration = Duration::from_secs(120);
+pub(crate) const LOAD_DEADLINE: Duration = Duration::from_secs(120);
 
 fn loader(shared: Arc<Shared>) {
     loop {
@@ -628,6 +631,8 @@ impl RingWeights {
         let largest_piece = pieces.iter().map(|&p| piece_len(&config, p)).max().unwrap_or(0);
         let load = match options.load {
             RingLoad::Auto if options.batch >= COPY_FROM_BATCH => RingLoad::Copy,
+            // Reading in place needs the kernel to report read errors as errors.
+            RingLoad::Auto if !super::mapped::populate_read_supported() => RingLoad::Copy,
             RingLoad::Auto if 4 * largest_piece as u64 >= MAP_FROM_PIECE_BYTES => RingLoad::Map,
             RingLoad::Auto => RingLoad::Copy,
             chosen => chosen,
@@ -678,8 +683,11 @@ impl RingWeights {
                 resident_bytes + 2 * section_bytes
             )));
         }
-        if options.io_threads == 0 {
-            return Err(Error::config("the ring needs at least one I/O thread"));
+        if options.io_threads == 0 || options.io_threads > MAX_IO_THREADS {
+            return Err(Error::config(format!(
+                "the ring's I/O threads (--io-threads) must be between 1 and {MAX_IO_THREADS}, got {}",
+                options.io_threads
+            )));
         }
         // The Host tier keeps what every pass reads first (attention, dense blocks, head), then
         // experts in order, as far as its budget goes: for a pass that reads the pieces in a
@@ -735,18 +743,9 @@ impl RingWeights {
             host,
             config,
         });
-        let mut threads = Vec::with_capacity(options.io_threads);
-        for i in 0..options.io_threads {
-            let s = shared.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("semoe-ring-io-{i}"))
-                .spawn(move || loader(s))
-                .map_err(|e| Error::runtime(format!("cannot start a ring I/O thread: {e}")))?;
-            threads.push(handle);
-        }
-        let ring = RingWeights {
+        let mut ring = RingWeights {
             shared,
-            threads,
+            threads: Vec::with_capacity(options.io_threads),
             wte,
             wpe,
             routers,
@@ -754,6 +753,15 @@ impl RingWeights {
             section_len,
             in_pass: false,
         };
+        // Started into the ring: when one cannot start, dropping the ring stops those that did.
+        for i in 0..options.io_threads {
+            let s = ring.shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("semoe-ring-io-{i}"))
+                .spawn(move || loader(s))
+                .map_err(|e| Error::runtime(format!("cannot start a ring I/O thread: {e}")))?;
+            ring.threads.push(handle);
+        }
         ring.queue_static_from(0)?;
         Ok(ring)
     }

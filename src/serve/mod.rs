@@ -87,9 +87,21 @@ impl ServeConfig {
         if self.client_timeout.is_zero() {
             return Err(Error::config("serve: client_timeout must be longer than 0"));
         }
+        // Added to instants: a duration beyond any clock's range panics there.
+        for (name, value) in [("client_timeout", self.client_timeout), ("grace", self.grace)] {
+            if value > MAX_WAIT {
+                return Err(Error::config(format!(
+                    "serve: {name} must be at most a day, got {}",
+                    humantime::format_duration(value)
+                )));
+            }
+        }
         Ok(())
     }
 }
+
+/// The longest `client_timeout` and `grace` (a day).
+const MAX_WAIT: Duration = Duration::from_secs(86_400);
 
 /// A bound server, ready to [`Server::run`].
 pub struct Server {
@@ -193,18 +205,24 @@ impl Server {
         let stopped = tokio::time::timeout(DECODER_STOP, done_rx).await.is_ok();
         // Streams that were cancelled now write their error event and end; the rest are cut.
         http::finish(connections, CLOSE_WAIT).await;
-        if stopped {
-            // It has ended (or panicked): this does not wait.
-            if thread.join().is_err() {
-                return Err(Error::runtime("serve: the decoder thread panicked"));
-            }
+        if !stopped {
+            return Err(Error::runtime(format!(
+                "serve: the decoder's step did not end within {} s of the shutdown; its thread is left behind",
+                DECODER_STOP.as_secs()
+            )));
+        }
+        // It has ended (or panicked): this does not wait.
+        if thread.join().is_err() {
+            return Err(Error::runtime("serve: the decoder thread panicked"));
         }
         Ok(())
     }
 }
 
-/// How long shutdown waits for the decoder thread's step in progress.
-const DECODER_STOP: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the decoder thread's step in progress: longer than a ring's step
+/// waits for a piece that does not come (its load deadline, then the step fails), so that the
+/// step ends and fails the streams it holds with an error event rather than having them cut.
+const DECODER_STOP: Duration = Duration::from_secs(crate::infer::ring::LOAD_DEADLINE.as_secs() + 10);
 /// How long shutdown waits for cancelled streams to write their last event.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -223,4 +241,43 @@ fn bind(addr: &str) -> Result<std::net::TcpListener> {
         .set_nonblocking(true)
         .map_err(|e| Error::runtime(format!("serve: cannot configure the socket of {addr}: {e}")))?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_that_cannot_serve_are_refused_by_name() {
+        assert!(ServeConfig::default().validate().is_ok());
+        let refused = |config: ServeConfig| config.validate().expect_err("refused").to_string();
+        let e = refused(ServeConfig {
+            max_batch: 0,
+            ..ServeConfig::default()
+        });
+        assert!(e.contains("max_batch must be at least 1"), "{e}");
+        let e = refused(ServeConfig {
+            client_timeout: Duration::ZERO,
+            ..ServeConfig::default()
+        });
+        assert!(e.contains("client_timeout must be longer than 0"), "{e}");
+        // Durations added to an instant: one beyond a clock's range panicked at shutdown (grace)
+        // or on every connection's first read (client_timeout).
+        let e = refused(ServeConfig {
+            grace: Duration::from_secs(u64::MAX),
+            ..ServeConfig::default()
+        });
+        assert!(e.contains("grace must be at most a day"), "{e}");
+        let e = refused(ServeConfig {
+            client_timeout: MAX_WAIT + Duration::from_secs(1),
+            ..ServeConfig::default()
+        });
+        assert!(e.contains("client_timeout must be at most a day"), "{e}");
+        assert!(ServeConfig {
+            grace: MAX_WAIT,
+            ..ServeConfig::default()
+        }
+        .validate()
+        .is_ok());
+    }
 }
