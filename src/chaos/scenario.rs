@@ -676,9 +676,21 @@ struct RawFault {
     times: Option<u32>,
 }
 
+/// The longest `duration` or `delay` of a fault.
+const MAX_FAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(86_400);
+
 impl RawFault {
     fn into_spec(self, at: &str) -> Result<FaultSpec> {
         let bad = |key: &str, why: String| Error::config(format!("chaos scenario: {at}.{key}: {why}"));
+        // Durations are added to instants: one beyond the clock's range would panic there.
+        let wait = |key: &str, d: &str, example: &str| {
+            let value = humantime::parse_duration(d)
+                .map_err(|e| bad(key, format!("{d:?} is not a duration such as \"{example}\": {e}")))?;
+            if value > MAX_FAULT_WAIT {
+                return Err(bad(key, format!("{d:?} is longer than a day")));
+            }
+            Ok(value)
+        };
         let actor = match self.actor.as_deref() {
             Some("expert") => ActorKind::Expert,
             Some("gate") => ActorKind::Gate,
@@ -729,10 +741,7 @@ impl RawFault {
             (ActorKind::Process, Some("leave")) => FaultKind::Leave,
             (ActorKind::Process, Some("join")) => FaultKind::Join,
             (ActorKind::Process, Some("stop")) => match self.duration.as_deref() {
-                Some(d) => FaultKind::Stop(
-                    humantime::parse_duration(d)
-                        .map_err(|e| bad("duration", format!("{d:?} is not a duration such as \"300ms\": {e}")))?,
-                ),
+                Some(d) => FaultKind::Stop(wait("duration", d, "300ms")?),
                 None => {
                     return Err(bad(
                         "duration",
@@ -755,10 +764,7 @@ impl RawFault {
             (ActorKind::Disk, Some("full")) => FaultKind::DiskFull,
             (ActorKind::Disk, Some("short-read")) => FaultKind::ShortRead,
             (ActorKind::Disk, Some("slow")) => match self.delay.as_deref() {
-                Some(d) => FaultKind::Slow(
-                    humantime::parse_duration(d)
-                        .map_err(|e| bad("delay", format!("{d:?} is not a duration such as \"5ms\": {e}")))?,
-                ),
+                Some(d) => FaultKind::Slow(wait("delay", d, "5ms")?),
                 None => {
                     return Err(bad(
                         "delay",
@@ -783,10 +789,7 @@ impl RawFault {
             (ActorKind::Link, Some("reorder")) => FaultKind::Reorder,
             (ActorKind::Link, Some("corrupt")) => FaultKind::Corrupt,
             (ActorKind::Link, Some("partition")) => match self.duration.as_deref() {
-                Some(d) => FaultKind::Partition(
-                    humantime::parse_duration(d)
-                        .map_err(|e| bad("duration", format!("{d:?} is not a duration such as \"2s\": {e}")))?,
-                ),
+                Some(d) => FaultKind::Partition(wait("duration", d, "2s")?),
                 None => {
                     return Err(bad(
                         "duration",
@@ -795,10 +798,7 @@ impl RawFault {
                 }
             },
             (ActorKind::Link, Some("delay")) => match self.delay.as_deref() {
-                Some(d) => FaultKind::Delay(
-                    humantime::parse_duration(d)
-                        .map_err(|e| bad("delay", format!("{d:?} is not a duration such as \"50ms\": {e}")))?,
-                ),
+                Some(d) => FaultKind::Delay(wait("delay", d, "50ms")?),
                 None => {
                     return Err(bad(
                         "delay",
@@ -1210,5 +1210,26 @@ mod tests {
         }
         let moments: Vec<Moment> = faults.iter().filter(|f| f.entry == 0).map(|f| f.fault.moment).collect();
         assert!(moments.contains(&Moment::Forward) && moments.contains(&Moment::Backward));
+    }
+
+    #[test]
+    fn a_wait_beyond_a_day_is_refused_naming_the_field() {
+        for (kind, field, actor) in [
+            ("partition", "duration", "link"),
+            ("delay", "delay", "link"),
+            ("slow", "delay", "disk"),
+            ("stop", "duration", "process"),
+        ] {
+            let text = format!(
+                "[[fault]]\nactor = \"{actor}\"\nkind = \"{kind}\"\nstep = 2\n{field} = \"300000000000years\"\n"
+            );
+            let e = Scenario::from_toml(&text).expect_err("refused").to_string();
+            assert!(
+                e.contains(&format!(".{field}: \"300000000000years\" is longer than a day")),
+                "{e}"
+            );
+            let text = text.replace("300000000000years", "1day");
+            Scenario::from_toml(&text).expect("a day is allowed");
+        }
     }
 }
