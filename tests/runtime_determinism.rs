@@ -118,3 +118,32 @@ fn a_single_expert_trains_on_the_runtime_as_in_the_plain_loop() {
         assert_same(&want, &got, &what);
     }
 }
+
+/// An embedder's checkpoint records the corpus it trained on, which `semoe train --resume` checks
+/// its text against (given bytes with `text`, it records none).
+#[test]
+fn a_runtime_given_a_corpus_records_its_digest_in_its_checkpoints() {
+    let corpus = semoe::data::Corpus {
+        train: b"To be, or not to be, that is the question.\n".repeat(40),
+        val: b"Whether 'tis nobler in the mind to suffer.\n".repeat(10),
+        source: "a test".into(),
+    };
+    let tmp = common::TempDir::new("runtime-corpus-digest");
+    let tokio = tokio::runtime::Runtime::new().expect("tokio");
+    let recorded = |builder: semoe::actors::RuntimeBuilder, name: &str| {
+        let dir = tmp.path().join(name);
+        tokio.block_on(async {
+            let rt = builder.workers(2).build().await.expect("runtime");
+            rt.step().await.expect("step");
+            let saved = rt.save_checkpoint(&dir).await.expect("save");
+            rt.shutdown().await.expect("shutdown");
+            let manifest: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(saved.join("manifest.json")).expect("manifest")).expect("json");
+            manifest["extra"]["data_sha256"].as_str().map(str::to_string)
+        })
+    };
+    let with_corpus = recorded(Runtime::builder(small_config()).corpus(&corpus), "corpus");
+    assert_eq!(with_corpus.as_deref(), Some(corpus.digest().as_str()));
+    let with_text = recorded(Runtime::builder(small_config()).text(corpus.train.clone()), "text");
+    assert_eq!(with_text, None);
+}

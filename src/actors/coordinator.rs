@@ -156,26 +156,13 @@ impl Actor for CoordActor {
                 let _ = reply.send(r);
             }
             CoordMsg::Snapshot { reply } => {
-                let mut out = Vec::with_capacity(state.workers.len());
-                let mut r = Ok(());
-                for (i, w) in state.workers.iter().enumerate() {
-                    match ask(
-                        w,
-                        &ActorName(format!("worker {i}")),
-                        "a snapshot",
-                        state.args.deadline,
-                        |reply| WorkerMsg::Snapshot { reply },
-                    )
-                    .await
-                    {
-                        Ok(s) => out.push(s),
-                        Err(e) => {
-                            r = Err(e);
-                            break;
-                        }
-                    }
-                }
-                let _ = reply.send(r.map(|()| out));
+                // Every worker at once, each within one deadline (one after another, the caller's
+                // bound ran out with many workers or slow Disk tiers).
+                let r = all(&state.workers, "a snapshot", state.args.deadline, |reply| {
+                    WorkerMsg::Snapshot { reply }
+                })
+                .await;
+                let _ = reply.send(r);
             }
         }
         Ok(())

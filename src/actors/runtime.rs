@@ -62,6 +62,7 @@ pub struct RuntimeBuilder {
     lanes: usize,
     chaos: FaultPlan,
     text: Option<Arc<Vec<u8>>>,
+    data_digest: Option<String>,
     state: Option<(Gpt<f32>, AdamW)>,
     storage: StorageConfig,
     remote: Option<Vec<ActorRef<WorkerMsg>>>,
@@ -131,9 +132,22 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Train on these bytes instead of the configured data (or the bundled corpus).
+    /// Train on these bytes instead of the configured data (or the bundled corpus). No digest
+    /// of them goes into [`Runtime::save_checkpoint`]'s checkpoints: [`RuntimeBuilder::corpus`]
+    /// records one, which `semoe train --resume` checks its text against.
     pub fn text(mut self, text: impl Into<Vec<u8>>) -> Self {
         self.text = Some(Arc::new(text.into()));
+        self.data_digest = None;
+        self
+    }
+
+    /// Train on `corpus`'s training part, recording its digest ([`Corpus::digest`], training
+    /// and validation parts) in the checkpoints [`Runtime::save_checkpoint`] writes.
+    ///
+    /// [`Corpus::digest`]: crate::data::Corpus::digest
+    pub fn corpus(mut self, corpus: &crate::data::Corpus) -> Self {
+        self.text = Some(Arc::new(corpus.train.clone()));
+        self.data_digest = Some(corpus.digest());
         self
     }
 
@@ -309,6 +323,7 @@ impl RuntimeBuilder {
             dense_counters,
             traffic,
             collectives,
+            data_digest: self.data_digest,
         })
     }
 }
@@ -397,6 +412,8 @@ pub struct Runtime {
     dense_counters: Vec<Arc<DenseCounters>>,
     traffic: Vec<Arc<Traffic>>,
     collectives: Option<Arc<ExpertCollectives>>,
+    /// The corpus's digest, for the checkpoints (see [`RuntimeBuilder::corpus`]).
+    data_digest: Option<String>,
 }
 
 impl Runtime {
@@ -441,6 +458,7 @@ impl Runtime {
             lanes: 4,
             chaos: FaultPlan::none(),
             text: None,
+            data_digest: None,
             state: None,
             storage: StorageConfig::default(),
             remote: None,
@@ -500,7 +518,7 @@ impl Runtime {
                 &model,
                 &optimizer,
                 0.0,
-                None,
+                self.data_digest.as_deref(),
             )
         })
     }

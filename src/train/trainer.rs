@@ -386,8 +386,8 @@ impl Trainer {
                 )))
             }
             None => notices.push(format!(
-                "checkpoint {} records no digest of its training text (written by an older semoe): the text \
-                 cannot be checked",
+                "checkpoint {} records no digest of its training text (written by an older semoe, or by an \
+                 embedded runtime given bytes rather than a corpus): the text cannot be checked",
                 ckpt.dir.display()
             )),
         }
