@@ -11,7 +11,7 @@
 use super::collectives::{ExpertCall, ExpertCollectives};
 use super::expert::ExpertMsg;
 use super::ledger::LedgerMsg;
-use super::{ask, inject, ActorName};
+use super::{ask, fail_with, ActorName};
 use crate::chaos::{FaultPlan, Moment, Target};
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
@@ -216,14 +216,14 @@ impl Actor for CommActor {
 fn inject_exchange_fault(state: &CommState) -> Result<(), ActorProcessingErr> {
     if let Some(step) = state.args.chaos.current_step() {
         let name = state.args.name();
-        inject(
-            &state.args.chaos,
-            &Target::Communicator {
-                worker: state.args.worker,
-            },
-            StepId::first(step),
-            Moment::Any,
+        // The exchange does not know the step's attempt: each message may fire.
+        let target = Target::Communicator {
+            worker: state.args.worker,
+        };
+        fail_with(
+            state.args.chaos.fire(&target, step, Moment::Any),
             &name,
+            StepId::first(step),
         )?;
     }
     Ok(())

@@ -71,7 +71,8 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-/// Fail now if the fault plan says so: an injected error makes the handler return it (the actor
+/// Fail now if the fault plan says so (at most once per attempt of the step: see
+/// [`FaultPlan::fire_in_attempt`]): an injected error makes the handler return it (the actor
 /// fails), an injected panic panics in the handler. Either way the supervisor sees a failure.
 pub(crate) fn inject(
     plan: &FaultPlan,
@@ -80,7 +81,16 @@ pub(crate) fn inject(
     moment: Moment,
     name: &ActorName,
 ) -> Result<(), ActorProcessingErr> {
-    match plan.fire(target, step.step, moment) {
+    fail_with(plan.fire_in_attempt(target, step, moment), name, step)
+}
+
+/// Fail as the fault `kind` (if any) says, in the handler of `name` at `step`.
+pub(crate) fn fail_with(
+    kind: Option<FaultKind>,
+    name: &ActorName,
+    step: impl std::fmt::Display,
+) -> Result<(), ActorProcessingErr> {
+    match kind {
         None => Ok(()),
         Some(FaultKind::Error) => Err(format!("injected error in {name} at step {step}").into()),
         Some(FaultKind::Panic) => panic!("injected panic in {name} at step {step}"),

@@ -251,6 +251,9 @@ struct Inner {
     pinned: Vec<Option<UnitId>>,
     /// For each fault (by index), when a partition began.
     since: Vec<Option<Instant>>,
+    /// For each fault (by index), the step attempt an actor's firing last failed
+    /// ([`FaultPlan::fire_in_attempt`]).
+    attempt: Vec<Option<crate::net::StepId>>,
 }
 
 /// The faults to inject, shared by all actors of a runtime.
@@ -287,6 +290,7 @@ impl FaultPlan {
         inner.fired.push(false);
         inner.pinned.push(None);
         inner.since.push(None);
+        inner.attempt.push(None);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -297,9 +301,37 @@ impl FaultPlan {
     /// Whether `target` fails now (at `step`, `moment`); spends one firing of the fault.
     pub fn fire(&self, target: &Target, step: u64, moment: Moment) -> Option<FaultKind> {
         let mut inner = self.lock();
-        let (index, hit) = inner.faults.iter_mut().enumerate().find(|(_, f)| {
+        let index = inner.faults.iter().position(|f| {
             f.times > 0 && &f.target == target && f.step == step && (f.moment == moment || f.moment == Moment::Any)
         })?;
+        Some(inner.spend(index, step, moment))
+    }
+
+    /// [`FaultPlan::fire`] for an actor's message of attempt `step`: a fault fails each attempt
+    /// of its step at most once, and never through a message of an attempt older than the one it
+    /// last failed, so that `times = 2` fails the step and its replay, as documented, whatever
+    /// other lanes' or workers' messages (or a rolled-back attempt's, arriving late) reach the
+    /// restarted actor meanwhile.
+    pub fn fire_in_attempt(&self, target: &Target, step: crate::net::StepId, moment: Moment) -> Option<FaultKind> {
+        let mut inner = self.lock();
+        let index = (0..inner.faults.len()).find(|&i| {
+            let f = &inner.faults[i];
+            f.times > 0
+                && &f.target == target
+                && f.step == step.step
+                && (f.moment == moment || f.moment == Moment::Any)
+                && inner.attempt[i].is_none_or(|last| step > last)
+        })?;
+        inner.attempt[index] = Some(step);
+        Some(inner.spend(index, step.step, moment))
+    }
+}
+
+impl Inner {
+    /// Spend one firing of fault `index`, recording it.
+    fn spend(&mut self, index: usize, step: u64, moment: Moment) -> FaultKind {
+        let inner = self;
+        let hit = &mut inner.faults[index];
         hit.times -= 1;
         let kind = hit.kind;
         inner.fired[index] = true;
@@ -312,9 +344,11 @@ impl FaultPlan {
         };
         inner.observer.tell(&firing);
         inner.firings.push(firing);
-        Some(kind)
+        kind
     }
+}
 
+impl FaultPlan {
     /// Call `f` with each later firing of a scripted fault or a partition, as it happens (a worker
     /// process tells the coordinator of its link faults so; disk faults and silences are not
     /// told). `f` runs under the plan's lock: it must only queue the news.
@@ -549,6 +583,40 @@ mod tests {
         assert_eq!(plan.pending(), 1);
         assert_eq!(plan.fire(&t, 3, Moment::Backward), Some(FaultKind::Panic));
         assert_eq!(plan.fire(&t, 3, Moment::Backward), None);
+        assert_eq!(plan.pending(), 0);
+    }
+
+    #[test]
+    fn an_actor_fault_fails_each_attempt_once_and_never_through_an_older_one() {
+        let t = Target::Expert { block: 0, expert: 1 };
+        let plan = FaultPlan::none();
+        plan.push(Fault {
+            target: t.clone(),
+            step: 3,
+            moment: Moment::Any,
+            kind: FaultKind::Error,
+            times: 3,
+        });
+        let attempt = |attempt| crate::net::StepId { step: 3, attempt };
+        assert_eq!(
+            plan.fire_in_attempt(&t, attempt(0), Moment::Forward),
+            Some(FaultKind::Error)
+        );
+        // Another lane's message of the same attempt reaches the restarted actor: not again.
+        assert_eq!(plan.fire_in_attempt(&t, attempt(0), Moment::Backward), None);
+        // The replay fails once as well; a late message of the rolled-back attempt does not.
+        assert_eq!(
+            plan.fire_in_attempt(&t, attempt(1), Moment::Forward),
+            Some(FaultKind::Error)
+        );
+        assert_eq!(plan.fire_in_attempt(&t, attempt(0), Moment::Forward), None);
+        assert_eq!(plan.fire_in_attempt(&t, attempt(1), Moment::Forward), None);
+        assert_eq!(plan.pending(), 1, "one firing left, for the next attempt");
+        assert_eq!(
+            plan.fire_in_attempt(&t, attempt(2), Moment::Forward),
+            Some(FaultKind::Error)
+        );
+        assert_eq!(plan.fire_in_attempt(&t, attempt(3), Moment::Forward), None);
         assert_eq!(plan.pending(), 0);
     }
 }
