@@ -74,9 +74,14 @@ pub enum WorkerEnd {
 }
 
 /// The codec of the data plane: `net::wire` checked against the current epoch's shape.
+/// The epochs whose packet shapes a worker keeps: the current one and the one ending.
+const SHAPES_KEPT: usize = 2;
+
 struct WireCodec {
-    /// Shared, not copied, by every packet decoded in the epoch.
-    shape: Mutex<Option<Arc<PacketShape>>>,
+    /// The packet shape of each of the newest epochs ([`SHAPES_KEPT`]; shared, not copied, by
+    /// every packet decoded in the epoch): a reader of the epoch ending decodes against its own
+    /// epoch's shape while the next one's is set.
+    shapes: Mutex<std::collections::BTreeMap<u64, Arc<PacketShape>>>,
     pause: Option<Pause>,
     corrupt: Option<Mutex<Corrupt>>,
     /// The test hook [`hooks::CUT_LINK`], and where it tells the worker's loop which link to cut.
@@ -93,8 +98,8 @@ impl PacketCodec for WireCodec {
         Ok(bytes)
     }
     fn decode(&self, bytes: &[u8], epoch: u64) -> Result<Packet> {
-        let packet = wire::decode_packet(bytes, epoch, self.shape()?.as_ref())?;
-        self.arrived(packet)
+        let packet = wire::decode_packet(bytes, epoch, self.shape(epoch)?.as_ref())?;
+        self.arrived(packet, epoch)
     }
     fn wire_frames(&self) -> bool {
         true
@@ -111,14 +116,18 @@ impl PacketCodec for WireCodec {
         wire::encode_packet_parts(epoch, p)
     }
     fn decode_parts(&self, head: &[u8], bodies: Vec<Vec<f32>>, epoch: u64) -> Result<Packet> {
-        let packet = wire::decode_packet_parts(head, bodies, epoch, self.shape()?.as_ref())?;
-        self.arrived(packet)
+        let packet = wire::decode_packet_parts(head, bodies, epoch, self.shape(epoch)?.as_ref())?;
+        self.arrived(packet, epoch)
     }
-    /// What the current epoch's packets can need (before the first epoch, nothing is decoded, so
+    /// What the kept epochs' packets can need (before the first epoch, nothing is decoded, so
     /// the default bound only keeps the frame from being read).
     fn max_frame(&self) -> usize {
-        self.shape()
-            .map_or(quic::MAX_PACKET_FRAME, |shape| shape.max_frame_bytes())
+        let shapes = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
+        shapes
+            .values()
+            .map(|shape| shape.max_frame_bytes())
+            .max()
+            .unwrap_or(quic::MAX_PACKET_FRAME)
     }
 }
 
@@ -132,15 +141,27 @@ impl WireCodec {
         }
     }
 
-    /// The current epoch's packet shape.
-    fn shape(&self) -> Result<Arc<PacketShape>> {
-        let shape = self.shape.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        shape.ok_or_else(|| Error::runtime("a packet arrived before the first epoch"))
+    /// Epoch `epoch`'s packet shape.
+    fn shape(&self, epoch: u64) -> Result<Arc<PacketShape>> {
+        let shapes = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
+        shapes
+            .get(&epoch)
+            .cloned()
+            .ok_or_else(|| Error::runtime(format!("a packet of epoch {epoch}, which this worker is not in")))
+    }
+
+    /// Set epoch `epoch`'s packet shape, keeping the newest [`SHAPES_KEPT`].
+    fn set_shape(&self, epoch: u64, shape: PacketShape) {
+        let mut shapes = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
+        shapes.insert(epoch, Arc::new(shape));
+        while shapes.len() > SHAPES_KEPT {
+            shapes.pop_first();
+        }
     }
 
     /// A decoded packet, through the pause hook of a test (which looks inside the expert rows a
     /// collective carries too: `train.exchange = "sim"`).
-    fn arrived(&self, packet: Packet) -> Result<Packet> {
+    fn arrived(&self, packet: Packet, epoch: u64) -> Result<Packet> {
         if let Some(pause) = &self.pause {
             pause.at_packet(&packet);
             if let Payload::Collective(PlaneMsg {
@@ -150,7 +171,8 @@ impl WireCodec {
             }) = &packet.payload
             {
                 // The packets inside carry the communicator's epoch: the step that built it.
-                let inner = wire::decode_packet(&data.clone().into_bytes(), generation.step, self.shape()?.as_ref());
+                let inner =
+                    wire::decode_packet(&data.clone().into_bytes(), generation.step, self.shape(epoch)?.as_ref());
                 if let Ok(inner) = inner {
                     pause.at_packet(&inner);
                 }
@@ -380,7 +402,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     let pause = Pause::for_member(member);
     let (cut_tx, mut cut_rx) = tokio::sync::mpsc::unbounded_channel::<WorkerId>();
     let codec = Arc::new(WireCodec {
-        shape: Mutex::new(None),
+        shapes: Mutex::new(std::collections::BTreeMap::new()),
         pause: pause.clone(),
         corrupt: Corrupt::for_member(member).map(Mutex::new),
         cut: CutLink::for_member(member).map(|hook| (Mutex::new(hook), cut_tx)),
@@ -886,8 +908,7 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
     let placement = Placement::from_owners(&model, shared.config.train.groups, workers, expert_owner, tensor_owner)
         .map_err(|e| Error::protocol("the coordinator", e.to_string()))?;
 
-    *shared.codec.shape.lock().unwrap_or_else(|p| p.into_inner()) =
-        Some(Arc::new(PacketShape::of(&shared.config, workers)?));
+    shared.codec.set_shape(epoch, PacketShape::of(&shared.config, workers)?);
     let (transport, inbox) = shared
         .plane
         .start_epoch(worker, epoch, peers, workers, shared.deadline)
