@@ -62,8 +62,10 @@ impl CudaDevice {
 
 /// Run `f`, which calls into a CUDA library through cudarc, turning a panic into an error: cudarc
 /// panics when an installed library lacks a function it needs (a partial or mismatched install).
+/// The panic's default message is not printed (the error says it), see [`quiet_panics`].
 pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+    let caught = quiet_panics(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    caught.map_err(|payload| {
         let why = payload
             .downcast_ref::<String>()
             .map(String::as_str)
@@ -73,6 +75,30 @@ pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
             "{what}: a CUDA library is incomplete or of another version ({why}); check the CUDA installation"
         ))
     })
+}
+
+thread_local! {
+    /// Set while [`quiet_panics`] runs on this thread.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with the panic hook silent on this thread: the hook in place before the first call
+/// (the default one prints "thread ... panicked at ...") is wrapped once, process-wide, so that it
+/// still runs for every other thread and outside `f`.
+fn quiet_panics<T>(f: impl FnOnce() -> T) -> T {
+    static WRAPPED: std::sync::Once = std::sync::Once::new();
+    WRAPPED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
+    let out = f();
+    QUIET.with(|q| q.set(was));
+    out
 }
 
 fn driver_present() -> bool {
