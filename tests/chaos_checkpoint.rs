@@ -171,6 +171,9 @@ fn the_torn_checkpoints_scenario_ends_bitwise_equal_through_the_command() {
         .map(|f| f["kind"].as_str().expect("kind"))
         .collect();
     assert_eq!(kinds, ["interrupt", "corrupt"]);
+    for fault in json["faults"].as_array().expect("faults") {
+        assert_eq!(fault["fired"], 1, "each fault fired once: {fault}");
+    }
     assert!(json["faults"][1]["detection"]
         .as_str()
         .is_some_and(|d| d.contains("SHA-256 mismatch")));

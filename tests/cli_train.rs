@@ -900,9 +900,11 @@ fn help_shows_every_default_and_the_file_only_settings() {
         assert!(out.contains(want), "--help lacks {want:?}:\n{out}");
     }
     // Every flag of the config's train settings has a default shown or a default of its own.
+    let mut checked = 0;
     for line in out.lines().filter(|l| l.trim_start().starts_with("--")) {
         let flag = line.split_whitespace().next().unwrap_or("");
         if matches!(flag, "--steps" | "--seed" | "--batch" | "--lr" | "--workers") {
+            checked += 1;
             let help = out.split(flag).nth(1).unwrap_or("");
             let until_next = help.split("\n  -").next().unwrap_or("");
             assert!(
@@ -911,4 +913,5 @@ fn help_shows_every_default_and_the_file_only_settings() {
             );
         }
     }
+    assert_eq!(checked, 5, "each of the five flags is in --help:\n{out}");
 }

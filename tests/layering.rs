@@ -44,7 +44,9 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn code_lines(text: &str) -> Vec<(usize, String)> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        if line.trim_start() == "#[cfg(test)]" && text.lines().nth(i + 1).is_some_and(|l| l.starts_with("mod tests")) {
+        // An inline test module ends the code (`mod tests;` in another file does not).
+        if line.trim_start() == "#[cfg(test)]" && text.lines().nth(i + 1).is_some_and(|l| l.starts_with("mod tests {"))
+        {
             break;
         }
         let code = line.split("//").next().unwrap_or("");

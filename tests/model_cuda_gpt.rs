@@ -75,6 +75,7 @@ fn one_group_on_the_gpu_agrees_with_the_cpu_model() {
     let gpu = Gpu::new(&dev, Precision::F32).expect("gpu");
     let mut on_gpu = CudaGpt::new(&gpu, &model).expect("the model on the GPU");
     let round_trip = on_gpu.to_model().expect("parameters back");
+    assert_eq!(round_trip.tensors().len(), model.tensors().len(), "tensor count");
     for ((name, _, a), (_, _, b)) in round_trip.tensors().iter().zip(model.tensors().iter()) {
         assert_eq!(a, b, "{name} changed on its way to the GPU and back");
     }
@@ -102,7 +103,18 @@ fn one_group_on_the_gpu_agrees_with_the_cpu_model() {
         assert_close(&format!("gradient of {name}"), a, b);
     }
 
-    // A second pass accumulates onto the first, and zeroing clears everything.
+    // A second pass accumulates onto the first (the same batch: twice the gradients), and
+    // zeroing clears everything.
+    on_gpu
+        .forward_backward(&idx, &targets, seqs, ce_scale, 1.0)
+        .expect("second GPU pass");
+    let twice = on_gpu.gradients().expect("gradients");
+    let (t, once) = (twice.tensors(), got_grads.tensors());
+    assert_eq!(t.len(), once.len(), "tensor count");
+    for ((name, _, a), (_, _, b)) in t.iter().zip(once.iter()) {
+        let doubled: Vec<f32> = b.iter().map(|x| 2.0 * x).collect();
+        assert_close(&format!("accumulated gradient of {name}"), a, &doubled);
+    }
     on_gpu.zero_gradients().expect("zero");
     let zeros = on_gpu.gradients().expect("gradients");
     assert!(zeros.tensors().iter().all(|(_, _, b)| b.iter().all(|&v| v == 0.0)));

@@ -71,6 +71,14 @@ fn check(config: MoeConfig, tokens: usize, seed: u64) {
     let names = ["wg", "w1", "b1", "w2", "b2"];
     for (pi, name) in names.iter().enumerate() {
         let analytic = grads.named()[pi].1.clone();
+        assert_eq!(grads.named()[pi].0, *name);
+        assert_eq!(layer.params.named()[pi].0, *name);
+        assert_eq!(
+            analytic.len(),
+            layer.params.named()[pi].1.len(),
+            "{name}: one gradient per parameter"
+        );
+        assert!(!analytic.is_empty(), "{name}");
         for (i, &a) in analytic.iter().enumerate() {
             let orig = layer.params.named()[pi].1[i];
             layer.params.named_mut()[pi].1[i] = orig + H;
@@ -81,6 +89,7 @@ fn check(config: MoeConfig, tokens: usize, seed: u64) {
             compare(name, i, a, plus, minus);
         }
     }
+    assert_eq!(grad_x.len(), x.len(), "one gradient per input element");
     for (i, &a) in grad_x.iter().enumerate() {
         let mut xp = x.clone();
         xp[i] += H;

@@ -49,6 +49,8 @@ fn a_single_rank_nccl_communicator_exchanges_with_itself() {
     }
     let floats: Vec<f32> = (0..1000).map(|i| (i as f32).sin() * 1e-3 + f32::EPSILON).collect();
     let got = scheduler.exchange_f32(&mut comm, vec![floats.clone()]).expect("f32");
+    assert_eq!(got.len(), 1, "one buffer from the one rank");
+    assert_eq!(got[0].len(), floats.len());
     assert!(got[0].iter().zip(&floats).all(|(a, b)| a.to_bits() == b.to_bits()));
 
     // An abort fails the next collective at once and names it.

@@ -147,7 +147,9 @@ fn sharded_dense_parameters_train_the_same_bits() {
         &bits(trainer.model().expect("model")),
         "the Trainer on 2 sharded workers",
     );
-    assert!(trainer.dense_stats().iter().all(|s| s.gathered_bytes > 0));
+    let stats = trainer.dense_stats();
+    assert_eq!(stats.len(), 2, "one gatherer per worker");
+    assert!(stats.iter().all(|s| s.gathered_bytes > 0), "{stats:?}");
     semoe::telemetry::write_report(dir.path()).expect("report");
     let report = std::fs::read_to_string(dir.path().join("report.md")).expect("report.md");
     let section = report

@@ -90,6 +90,7 @@ async fn a_quarter_in_memory_trains_bit_for_bit_like_everything_in_memory() {
         let (_tmp, dir) = temp(&format!("quarter-{workers}-{}-{prefetch}", policy.name()));
         let (got, stats) = train(workers, quarter(workers as u64, dir.clone(), policy, prefetch)).await;
         assert_same(&want, &got, &what);
+        assert_eq!(stats.len(), workers, "{what}: one store per worker");
         for (w, st) in stats.iter().enumerate() {
             assert_eq!(st.units, 512 / workers, "{what}");
             assert!(

@@ -290,26 +290,33 @@ mod tests {
                     / 2)
         });
         let (want, have) = (model.tensors(), got.tensors());
+        assert_eq!(want.len(), have.len());
+        assert_eq!(
+            (want.len(), opt.m.len(), opt.v.len()),
+            (specs.len(), specs.len(), specs.len())
+        );
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
         for (i, spec) in specs.iter().enumerate() {
+            assert_eq!(
+                (want[i].0.as_str(), have[i].0.as_str()),
+                (spec.name.as_str(), spec.name.as_str())
+            );
             if spec.expert {
                 let n = spec.unit_len();
                 for e in 0..config.model.experts {
                     let r = e * n..(e + 1) * n;
                     let hosted = plan.expert_owner[e] == 1;
-                    let equal = want[i].2[r.clone()] == have[i].2[r.clone()]
-                        && optimizer.m[i][r.clone()] == opt.m[i][r.clone()];
+                    let equal = bits(&want[i].2[r.clone()]) == bits(&have[i].2[r.clone()])
+                        && bits(&optimizer.m[i][r.clone()]) == bits(&opt.m[i][r.clone()])
+                        && bits(&optimizer.v[i][r.clone()]) == bits(&opt.v[i][r.clone()]);
                     let zero = have[i].2[r].iter().all(|x| *x == 0.0);
                     assert!(if hosted { equal } else { zero }, "{} expert {e}", spec.name);
                 }
             } else {
-                assert_eq!(want[i].2, have[i].2, "{}: every dense value", spec.name);
+                assert_eq!(bits(want[i].2), bits(have[i].2), "{}: every dense value", spec.name);
                 let own = plan.tensor_owner[i] == 1;
-                assert_eq!(
-                    optimizer.m[i] == opt.m[i],
-                    own,
-                    "{}: moments only when owned",
-                    spec.name
-                );
+                let moments = bits(&optimizer.m[i]) == bits(&opt.m[i]) && bits(&optimizer.v[i]) == bits(&opt.v[i]);
+                assert_eq!(moments, own, "{}: moments only when owned", spec.name);
             }
         }
         // Pieces of another step do not mix with these.

@@ -394,6 +394,7 @@ mod tests {
         let qkv = values(s.n() * 3 * s.d(), 7);
         let (out, _) = attention_forward(&Cpu::new(1)?, &qkv, s)?;
         let want = naive_attention(&qkv, s);
+        assert_eq!(out.len(), want.len());
         for (i, (a, b)) in out.iter().zip(&want).enumerate() {
             assert!((a - b).abs() < 1e-12, "output {i}: {a} vs {b}");
         }

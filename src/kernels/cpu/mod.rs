@@ -546,6 +546,7 @@ mod tests {
                     let mut c = vec![f32::NAN; m * n];
                     cpu.matmul(&mut c, av, bv, false)?;
                     let fresh = cpu.product(av, bv, None)?;
+                    assert_eq!((c.len(), fresh.len()), (want.len(), want.len()));
                     for ((got, new), want) in c.iter().zip(&fresh).zip(&want) {
                         let what = format!("{m}x{k}x{n} ta={ta} tb={tb} threads={threads}");
                         assert!(

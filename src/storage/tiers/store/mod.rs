@@ -549,7 +549,10 @@ mod tests {
             }
         }
         let (a, b) = (memory.snapshot().await.unwrap(), store.snapshot().await.unwrap());
-        for ((id, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!(a.len(), b.len(), "units in each snapshot");
+        assert!(!a.is_empty());
+        for ((id, x), (other, y)) in a.iter().zip(&b) {
+            assert_eq!(id, other, "the snapshots list the same units in the same order");
             assert_eq!(x.params, y.params, "expert {id:?}");
             assert_eq!(x.optimizer, y.optimizer, "expert {id:?}");
         }
@@ -575,7 +578,10 @@ mod tests {
             }
         }
         let (a, b) = (memory.snapshot().await.unwrap(), tiered.snapshot().await.unwrap());
-        for ((id, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!(a.len(), b.len(), "units in each snapshot");
+        assert!(!a.is_empty());
+        for ((id, x), (other, y)) in a.iter().zip(&b) {
+            assert_eq!(id, other, "the snapshots list the same units in the same order");
             assert_eq!(x.params, y.params, "expert {id:?}");
             assert_eq!(x.optimizer, y.optimizer, "expert {id:?}");
         }
