@@ -186,6 +186,67 @@ fn worker_processes_beyond_the_groups_host_experts() {
     );
 }
 
+/// Ctrl-C at a terminal reaches the whole foreground process group: the coordinator and every
+/// worker process it started. The workers ask to leave; the coordinator still reads their state,
+/// writes its checkpoint and stops (it used to form an epoch for the leavers, wait for workers
+/// that never came, and end without a checkpoint).
+#[test]
+fn a_terminals_ctrl_c_to_every_process_stops_the_run_with_a_checkpoint() {
+    let dir = TempDir::new("elastic-ctrl-c");
+    let run = "ctrl-c";
+    // Steps of about 100 ms (SMALL's take a few): the workers' leave notices reach the coordinator
+    // before the step in progress ends, as they do with the main job's model.
+    let args = [
+        "train",
+        "--run-dir",
+        run,
+        "--steps",
+        "1000000",
+        "--d-model",
+        "128",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--d-ff",
+        "256",
+        "--block-size",
+        "64",
+        "--batch",
+        "32",
+        "--groups",
+        "4",
+        "--threads",
+        "1",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--sample-tokens",
+        "0",
+        "--processes",
+        "2",
+    ];
+    let mut p = Proc::spawn(dir.path(), run, &args, &[]);
+    p.wait_for("step     1/", Duration::from_secs(60));
+    // SAFETY: kill(2) on the process group this test created for the coordinator (pgid = its pid),
+    // which holds the workers it started.
+    assert_eq!(unsafe { libc::kill(-p.pid(), libc::SIGINT) }, 0);
+    let status = p.wait(Duration::from_secs(60));
+    let log = p.log();
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("stopped by Ctrl-C (SIGINT) after step"), "{log}");
+    // --checkpoint-every 0: the one checkpoint is the stop's.
+    let ckpt = semoe::storage::checkpoint::latest(&dir.path().join(run))
+        .expect("list the checkpoints")
+        .expect("a checkpoint written at the stop");
+    assert!(
+        ckpt.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("step-")),
+        "{ckpt:?}"
+    );
+}
+
 #[test]
 fn a_worker_killed_mid_step_costs_a_replay_not_the_run() {
     let dir = TempDir::new("elastic-kill");

@@ -495,10 +495,14 @@ impl ElasticRuntime {
         Ok(())
     }
 
-    /// The committed state, read from the workers.
+    /// The committed state, read from the workers. Only a loss forms a new epoch first: a member
+    /// that asked to leave still holds its share and answers (a terminal's Ctrl-C reaches the
+    /// worker processes the coordinator started as well: every one of them asks to leave while
+    /// the coordinator reads the state for its final checkpoint); joins and leaves wait for the
+    /// next step.
     pub async fn state(&mut self) -> Result<(Gpt<f32>, AdamW)> {
         for _ in 0..16 {
-            if let Some(why) = self.change(!self.members_at.is_empty()) {
+            if let Some(why) = self.change(true) {
                 self.reform(&why).await?;
             }
             let Some(epoch) = &self.current else { break };
