@@ -504,6 +504,62 @@ fn progress_lines_without_a_terminal() {
     assert!(err.contains("is already finished: 40 of 40 steps"), "{err}");
     assert_eq!(std::fs::read(tmp.path().join("r/metrics.jsonl")).expect("log"), log);
     assert_eq!(inode(), before, "the log was rewritten");
+    // Nor does asking for fewer steps than it ran: its config still says 40.
+    let config = std::fs::read_to_string(tmp.path().join("r/config.toml")).expect("config");
+    let (status, _, err) = run(
+        tmp.path(),
+        &["train", "--resume", "--run-dir", "r", "--steps", "10", "--threads", "2"],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    assert!(err.contains("is already finished"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("r/config.toml")).expect("config"),
+        config,
+        "a finished run's config was rewritten"
+    );
+
+    // Flags a resumed run would ignore are refused, as on a fresh start, the config untouched.
+    let refused: &[(&[&str], &str)] = &[
+        (&["--time-budget", "60"], "a resumed run keeps its steps"),
+        (
+            &["--snapshot-every", "5"],
+            "--snapshot-every applies to a run over worker processes",
+        ),
+        (
+            &["--metrics-addr", "127.0.0.1:0", "--workers", "0"],
+            "--metrics-addr serves the actor runtime's",
+        ),
+    ];
+    for (extra, want) in refused {
+        let mut line = vec!["train", "--resume", "--run-dir", "r"];
+        line.extend_from_slice(extra);
+        let (status, _, err) = run(tmp.path(), &line, Duration::from_secs(60));
+        assert_eq!(status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("r/config.toml")).expect("config"),
+        config
+    );
+
+    // `semoe chaos` refuses the training flags it would ignore.
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/flaky-actors.toml");
+    let scenario = scenario.to_str().expect("a UTF-8 path");
+    for flag in [
+        &["--quiet"][..],
+        &["--eval-every", "5"],
+        &["--time-limit", "10"],
+        &["--sample-tokens", "5"],
+        &["--device", "cpu"],
+    ] {
+        let mut line = vec!["chaos", "--scenario", scenario, "--run-dir", "chaos"];
+        line.extend_from_slice(flag);
+        let (status, _, err) = run(tmp.path(), &line, Duration::from_secs(60));
+        assert_eq!(status.code(), Some(1), "{flag:?}: {err}");
+        assert!(err.contains(&format!("{} does not apply", flag[0])), "{flag:?}: {err}");
+    }
+    assert!(!tmp.path().join("chaos").exists());
 }
 
 #[test]
@@ -653,7 +709,8 @@ fn absurd_values_are_refused_before_anything_starts() {
         std::fs::write(tmp.path().join(name), text).expect("config");
         let (status, _, err) = run(
             tmp.path(),
-            &["train", "--config", name, "--run-dir", "r"],
+            // No sample: the default prompt is outside a vocabulary of 64 too.
+            &["train", "--config", name, "--run-dir", "r", "--sample-tokens", "0"],
             Duration::from_secs(60),
         );
         assert_eq!(status.code(), Some(1), "{name}: {err}");
@@ -686,7 +743,20 @@ fn absurd_values_are_refused_before_anything_starts() {
             &["train", "--workers", "0", "--placement", "blocked", "--run-dir", "r"],
             "--placement places experts on the actor runtime's workers",
         ),
+        (
+            &[
+                "train",
+                "--config",
+                "vocab-128.toml",
+                "--sample-prompt",
+                "café",
+                "--run-dir",
+                "r",
+            ],
+            "--sample-prompt holds byte 195, outside the model's vocabulary of 128",
+        ),
     ];
+    std::fs::write(tmp.path().join("vocab-128.toml"), "[model]\nvocab = 128\n").expect("config");
     for (extra, want) in cases {
         let (status, _, err) = run(tmp.path(), extra, Duration::from_secs(60));
         assert_eq!(status.code(), Some(1), "{extra:?}: {err}");

@@ -67,7 +67,7 @@ pub fn recovery_bench(
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
     let corpus = crate::data::corpus::Corpus::bundled()?;
     let (mut seconds, mut parent_seconds, mut replayed, mut steps) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let threads = (config.train.threads / processes).max(1);
+    let threads = crate::kernels::cpu::threads_each(config.train.threads, processes);
     for (round, as_parent) in (0..rounds.max(1)).flat_map(|r| [(r, false), (r, true)]) {
         let ticket = dir.join(format!("round-{round}-{as_parent}.ticket"));
         let children = Workers(Arc::new(Mutex::new(Vec::new())));

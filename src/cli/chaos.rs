@@ -38,7 +38,8 @@ in-process workers. Disk faults need storage budgets that leave experts on disk 
 (--device-budget, --host-budget); the Disk tiers live under the run directory's tiers/, and with checkpoint faults \
 the disturbed run's checkpoints under its checkpoints/. Exit status: 0 when the final parameters and optimizer state are \
 bitwise equal to the undisturbed run's; 2 when the disturbed run stopped with an error (the report names it); 1 \
-when the state differs or the scenario's deadline expired (with --soak: for any seed).";
+when the state differs or the scenario's deadline expired. With --soak: 1 when any seed differs, expired or \
+could not run; else 2 when no seed ended bitwise equal (every one stopped with an error); else 0.";
 
 pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     if let Some(flag) = a.train.chaos_refusal() {
@@ -48,6 +49,11 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     }
     let scenario = Scenario::from_file(&a.scenario)?;
     let mut config = resolve_config(&a.train)?;
+    if config.train.device == semoe::config::ComputeDevice::Cuda {
+        return Err(semoe::Error::config(
+            "semoe chaos runs its job on the CPU: the config's train.device = \"cuda\" does not apply",
+        ));
+    }
     if !a.train.sets_steps() {
         config.train.steps = DEFAULT_STEPS;
     }
@@ -184,7 +190,7 @@ fn quiet_injected_panics() {
 }
 
 /// Run `scenario` under `seeds` seeds from its own; failing seeds are listed (and make the exit
-/// status 1).
+/// status 1); a soak in which no seed ended bitwise equal exits with 2.
 fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir: &Path) -> semoe::Result<ExitCode> {
     let mut rows = Vec::new();
     let mut failing = Vec::new();
@@ -202,7 +208,16 @@ fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir
             seed,
             ..scenario.clone()
         };
-        let report = chaos::run_in(config, &s, dir)?;
+        let report = match chaos::run_in(config, &s, dir) {
+            Ok(report) => report,
+            Err(e) => {
+                // Recorded and counted as failing: the other seeds still run, and soak.json is written.
+                semoe::out!("seed {seed}: could not run: {e}");
+                failing.push(seed);
+                rows.push(serde_json::json!({ "seed": seed, "error": e.to_string() }));
+                continue;
+            }
+        };
         // In-process faults count their firings; a process fault fires once or not at all; a link
         // fault between processes counts what the workers told.
         let fired: usize = report.faults.iter().map(|f| f.fired).sum::<usize>()
@@ -240,10 +255,13 @@ fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir
             format!(" (seeds {failing:?}: replay one with `seed = N` in the scenario)")
         }
     );
-    Ok(if failing.is_empty() {
-        ExitCode::SUCCESS
-    } else {
+    Ok(if !failing.is_empty() {
         ExitCode::FAILURE
+    } else if equal == 0 {
+        // Every seed stopped with an error: the soak showed no repair at all.
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
     })
 }
 

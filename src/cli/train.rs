@@ -155,10 +155,10 @@ pub struct TrainArgs {
     #[arg(long)]
     checkpoint_every: Option<u64>,
     /// Bytes to sample after training (0: none).
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = DEFAULT_SAMPLE_TOKENS)]
     sample_tokens: usize,
     /// Prompt of the sample after training.
-    #[arg(long, default_value = "ROMEO.\n")]
+    #[arg(long, default_value = DEFAULT_SAMPLE_PROMPT)]
     sample_prompt: String,
     /// No progress bar or progress lines (evaluations and the summary are still printed).
     #[arg(long)]
@@ -168,9 +168,15 @@ pub struct TrainArgs {
     print_config: bool,
 }
 
+/// The bytes sampled after training, unless `--sample-tokens` says otherwise.
+const DEFAULT_SAMPLE_TOKENS: usize = 400;
+/// The prompt of that sample.
+const DEFAULT_SAMPLE_PROMPT: &str = "ROMEO.\n";
+
 impl TrainArgs {
-    /// The first flag `semoe chaos` cannot honour (it runs a fresh job on in-process workers or on
-    /// worker processes it starts itself).
+    /// The first flag `semoe chaos` cannot honour (it runs a fresh job on the CPU, on in-process
+    /// workers or on worker processes it starts itself, for its steps; checkpoints only where a
+    /// checkpoint fault asks; no evaluation, sample or progress bar).
     pub fn chaos_refusal(&self) -> Option<&'static str> {
         [
             (self.resume, "--resume"),
@@ -179,6 +185,13 @@ impl TrainArgs {
             (self.metrics_addr.is_some(), "--metrics-addr"),
             (self.time_budget.is_some(), "--time-budget"),
             (self.print_config, "--print-config"),
+            (self.device.is_some(), "--device"),
+            (self.time_limit.is_some(), "--time-limit"),
+            (self.eval_every.is_some(), "--eval-every"),
+            (self.checkpoint_every.is_some(), "--checkpoint-every"),
+            (self.sample_tokens != DEFAULT_SAMPLE_TOKENS, "--sample-tokens"),
+            (self.sample_prompt != DEFAULT_SAMPLE_PROMPT, "--sample-prompt"),
+            (self.quiet, "--quiet"),
         ]
         .into_iter()
         .find(|(set, _)| *set)
@@ -331,6 +344,26 @@ pub fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
 
 /// Refuse a flag that the run would ignore (given by hand, it means the user expects an effect).
 fn check_flags_apply(a: &TrainArgs, c: &TrainConfig) -> semoe::Result<()> {
+    let on_gpu = c.train.device == semoe::config::ComputeDevice::Cuda;
+    if on_gpu {
+        let cpu_flags = [
+            ("--placement", a.placement.is_some()),
+            ("--shard-dense", a.shard_dense),
+            ("--no-prefetch", a.no_prefetch),
+        ];
+        if let Some((flag, _)) = cpu_flags.iter().find(|(_, given)| *given) {
+            return Err(semoe::Error::config(format!(
+                "{flag} applies to the actor runtime on the CPU; --device cuda trains the plain loop on one GPU"
+            )));
+        }
+    }
+    let actor_runtime = !on_gpu && (c.train.workers > 0 || c.train.elastic());
+    if a.metrics_addr.is_some() && !actor_runtime {
+        return Err(semoe::Error::config(
+            "--metrics-addr serves the actor runtime's metrics (train.workers of 1 or more, or worker processes); \
+             this run has none (the plain loop, or --device cuda)",
+        ));
+    }
     if !c.train.elastic() {
         let process_flags = [
             ("--min-workers", a.min_workers.is_some()),
@@ -350,6 +383,19 @@ fn check_flags_apply(a: &TrainArgs, c: &TrainConfig) -> semoe::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The sample after training starts from `prompt`: each of its bytes must be a token of the
+/// model, or the sample is refused after the whole run.
+fn check_sample_prompt(a: &TrainArgs, prompt: &str, c: &TrainConfig) -> semoe::Result<()> {
+    match prompt.bytes().find(|&b| usize::from(b) >= c.model.vocab) {
+        Some(byte) if a.sample_tokens > 0 => Err(semoe::Error::config(format!(
+            "--sample-prompt holds byte {byte}, outside the model's vocabulary of {} (model.vocab): choose another \
+             prompt, or --sample-tokens 0",
+            c.model.vocab
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Stop at the next step boundary on the first SIGINT or SIGTERM; exit at once on the second.
@@ -404,10 +450,16 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
     let mut signals = None;
     let mut trainer = if a.resume {
         let dir = a.run_dir.clone().unwrap_or_default();
+        if a.time_budget.is_some() {
+            return Err(semoe::Error::config(
+                "--time-budget chooses how many steps a new run takes (the count fixes its learning-rate schedule); \
+                 a resumed run keeps its steps: --time-limit bounds this invocation, --steps changes the count",
+            ));
+        }
         let file = a.config.as_deref().map(TrainConfig::from_file).transpose()?;
         let adjust = |c: &mut TrainConfig| {
-            if let Some(file) = file {
-                *c = file;
+            if let Some(file) = &file {
+                *c = file.clone();
             }
             apply_flags(a, c);
         };
@@ -420,6 +472,13 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             semoe::console::write_stdout(&config.to_toml()?, "the config")?;
             return Ok(ExitCode::SUCCESS);
         }
+        if dir.join("config.toml").is_file() {
+            // Flags the resumed run would ignore are refused as on a fresh start, before anything
+            // in the run directory changes.
+            let (config, _) = semoe::train::trainer::resumed_config(&dir, &options, adjust)?;
+            check_flags_apply(a, &config)?;
+            check_sample_prompt(a, &sample_prompt, &config)?;
+        }
         Trainer::resume_with_options(&dir, &options, adjust)?
     } else {
         let config = resolve_config(a)?;
@@ -427,11 +486,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             semoe::console::write_stdout(&config.to_toml()?, "the config")?;
             return Ok(ExitCode::SUCCESS);
         }
-        if a.metrics_addr.is_some() && config.train.workers == 0 && !config.train.elastic() {
-            return Err(semoe::Error::config(
-                "--metrics-addr needs the actor runtime (train.workers of 1 or more)",
-            ));
-        }
+        check_sample_prompt(a, &sample_prompt, &config)?;
         let mut config = config;
         if a.steps.is_none() && a.time_budget.is_none() && a.config.is_none() {
             config.train.time_budget_s = DEFAULT_TIME_BUDGET_S;

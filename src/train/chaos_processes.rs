@@ -681,7 +681,7 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
         pids: Vec::new(),
         ticket,
         logs,
-        threads: (t.threads / t.processes.max(1)).max(1),
+        threads: crate::kernels::cpu::threads_each(t.threads, t.processes),
         tracks: tracks.clone(),
         watch: watch.clone(),
     };

@@ -107,7 +107,7 @@ impl RuntimeEngine {
             cluster.addr(),
             ticket.display()
         );
-        let threads = (t.threads / t.processes.max(1)).max(1);
+        let threads = crate::kernels::cpu::threads_each(t.threads, t.processes);
         // Over NCCL, the i-th worker process started here on GPU i.
         for gpu in 0..t.processes {
             let scratch = run_dir.join(run_dir::TIERS_DIR).join(format!("process-{gpu}"));

@@ -402,6 +402,8 @@ impl Trainer {
             ));
         }
         let (model, optimizer, prior_seconds) = load_state_from(&config, ckpt)?;
+        // A finished run resumed changes nothing, its config included.
+        let finished = optimizer.step >= config.train.steps;
         let history = truncate_metrics(&run_dir.join(log::METRICS_FILE), optimizer.step)?;
         let state = State {
             model,
@@ -413,7 +415,7 @@ impl Trainer {
         };
         Trainer::assemble(config.clone(), corpus, state, run_dir, lock, notices).and_then(|t| {
             // The run's config now says what it runs with (the resumable settings just applied).
-            if config_changed {
+            if config_changed && !finished {
                 checkpoint::write_file_durably(&config_path, config.to_toml()?.as_bytes())?;
             }
             Ok(t)

@@ -32,6 +32,13 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Each of `processes` processes' share of `threads` compute threads (0: one per core), at
+/// least one.
+pub fn threads_each(threads: usize, processes: usize) -> usize {
+    let total = if threads == 0 { cores() } else { threads };
+    (total / processes.max(1)).max(1)
+}
+
 /// The most compute threads accepted: four per core (at least 8). More only oversubscribes the
 /// cores, and an absurd count (100,000) would hang the process creating the threads.
 pub fn max_threads() -> usize {
@@ -446,6 +453,18 @@ pub(crate) fn softmax_row<T: Scalar>(x: &[T], out: &mut [T]) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processes_share_the_threads_and_zero_means_every_core() {
+        assert_eq!(threads_each(8, 3), 2);
+        assert_eq!(threads_each(1, 4), 1, "at least one each");
+        assert_eq!(threads_each(6, 0), 6, "no processes: the one process takes all");
+        assert_eq!(
+            threads_each(0, 2),
+            (cores() / 2).max(1),
+            "0 is one thread per core, shared"
+        );
+    }
 
     fn lcg(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
