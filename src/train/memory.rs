@@ -64,6 +64,15 @@ pub fn estimate(config: &TrainConfig) -> MemoryEstimate {
     let m = &config.model;
     let t = &config.train;
     let params = params(config);
+    if t.device == crate::config::ComputeDevice::Cuda {
+        // The host keeps the model and its moments, read back from the GPU (a new model while
+        // the old one is still held); gradients and activations live on the device.
+        return MemoryEstimate {
+            params: saturate(params),
+            state_bytes: saturate(4.0 * 4.0 * params),
+            activation_bytes: 0,
+        };
+    }
     let groups = t.groups.max(1) as f64;
     // Model + two moments in the trainer, and a gradient buffer per group.
     let mut floats = 3.0 * params + groups * params;
@@ -170,5 +179,18 @@ mod tests {
         let small = TrainConfig::default();
         let e = check_fits(&small, Some(24 << 30)).expect("the default fits");
         assert!(e.total() < 1 << 30, "{e:?}");
+    }
+
+    #[test]
+    fn on_the_gpu_the_host_holds_the_state_only() {
+        let mut c = TrainConfig::default();
+        c.model.block_size = 65_536;
+        let on_cpu = estimate(&c);
+        c.train.device = crate::config::ComputeDevice::Cuda;
+        let on_gpu = estimate(&c);
+        assert_eq!(on_gpu.params, on_cpu.params);
+        assert_eq!(on_gpu.activation_bytes, 0, "activations live on the device");
+        assert_eq!(on_gpu.state_bytes, 16 * on_gpu.params, "model, two moments and a copy read back");
+        assert!(on_gpu.total() < on_cpu.total());
     }
 }
