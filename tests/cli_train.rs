@@ -597,6 +597,10 @@ fn resume_refuses_flags_that_change_the_bits_and_applies_the_others() {
     );
     assert!(status.success(), "{err}");
     assert!(out.contains("workers = 2"), "{out}");
+    // The main job's config, printed as it runs: with its time budget.
+    let (status, out, err) = run(tmp.path(), &["train", "--print-config"], Duration::from_secs(60));
+    assert!(status.success(), "{err}");
+    assert!(out.contains("time_budget_s = 270.0"), "{out}");
     // The recorded time limit can be lifted.
     let (status, _, err) = run(
         tmp.path(),
@@ -984,4 +988,64 @@ fn help_shows_every_default_and_the_file_only_settings() {
         }
     }
     assert_eq!(checked, 5, "each of the five flags is in --help:\n{out}");
+}
+
+/// A run directory that lost its config.toml (deleted, or not copied) resumes from the config its
+/// newest checkpoint records, bitwise as if nothing was lost.
+#[test]
+fn a_run_without_its_config_resumes_from_the_checkpoints_record() {
+    let tmp = TempDir::new("cli-lost-config");
+    let (status, _, err) = run(
+        tmp.path(),
+        &args(&["--steps", "6", "--run-dir", "straight", "--eval-every", "0"]),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    let (status, _, err) = run(
+        tmp.path(),
+        &args(&[
+            "--steps",
+            "6",
+            "--run-dir",
+            "r",
+            "--eval-every",
+            "0",
+            "--time-limit",
+            "0.001",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    let config = tmp.path().join("r/config.toml");
+    let recorded = std::fs::read_to_string(&config).expect("config");
+    std::fs::remove_file(&config).expect("lose the config");
+    let (status, _, err) = run(
+        tmp.path(),
+        &["train", "--resume", "--run-dir", "r", "--time-limit", "0"],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("config.toml was missing: rebuilt from the config checkpoint"),
+        "{err}"
+    );
+    let rebuilt: semoe::train::TrainConfig =
+        toml::from_str(&std::fs::read_to_string(&config).expect("rebuilt")).expect("a config");
+    let mut original: semoe::train::TrainConfig = toml::from_str(&recorded).expect("a config");
+    original.train.time_limit_s = 0.0; // as the resume asked
+    assert_eq!(rebuilt.to_toml().expect("toml"), original.to_toml().expect("toml"));
+    assert_eq!(
+        newest_checkpoint(&tmp.path().join("r")),
+        newest_checkpoint(&tmp.path().join("straight")),
+        "the resumed run ends where the straight one did, bitwise"
+    );
+    // Nothing to rebuild from: the error says so.
+    std::fs::create_dir_all(tmp.path().join("empty")).expect("dir");
+    let (status, _, err) = run(
+        tmp.path(),
+        &["train", "--resume", "--run-dir", "empty"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("is not a run directory (it has no config.toml)"), "{err}");
 }

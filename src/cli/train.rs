@@ -481,16 +481,16 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         }
         Trainer::resume_with_options(&dir, &options, adjust)?
     } else {
-        let config = resolve_config(a)?;
+        let mut config = resolve_config(a)?;
+        // The main job's default (printed as it will run).
+        if a.steps.is_none() && a.time_budget.is_none() && a.config.is_none() {
+            config.train.time_budget_s = DEFAULT_TIME_BUDGET_S;
+        }
         if a.print_config {
             semoe::console::write_stdout(&config.to_toml()?, "the config")?;
             return Ok(ExitCode::SUCCESS);
         }
         check_sample_prompt(a, &sample_prompt, &config)?;
-        let mut config = config;
-        if a.steps.is_none() && a.time_budget.is_none() && a.config.is_none() {
-            config.train.time_budget_s = DEFAULT_TIME_BUDGET_S;
-        }
         let dir = match &a.run_dir {
             Some(dir) => dir.clone(),
             None => run_dir::create_unique(Path::new("runs"), &run_dir::default_name(std::time::SystemTime::now()))?,

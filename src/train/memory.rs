@@ -190,7 +190,11 @@ mod tests {
         let on_gpu = estimate(&c);
         assert_eq!(on_gpu.params, on_cpu.params);
         assert_eq!(on_gpu.activation_bytes, 0, "activations live on the device");
-        assert_eq!(on_gpu.state_bytes, 16 * on_gpu.params, "model, two moments and a copy read back");
+        assert_eq!(
+            on_gpu.state_bytes,
+            16 * on_gpu.params,
+            "model, two moments and a copy read back"
+        );
         assert!(on_gpu.total() < on_cpu.total());
     }
 }

@@ -335,14 +335,19 @@ impl Trainer {
         adjust: impl FnOnce(&mut TrainConfig),
     ) -> Result<Self> {
         let config_path = run_dir.join("config.toml");
+        let mut rebuilt = None;
         if !config_path.is_file() {
-            return Err(Error::config(format!(
-                "{} is not a run directory (it has no config.toml); start a run there without --resume",
-                run_dir.display()
-            )));
+            if checkpoint::step_dirs(run_dir)?.is_empty() {
+                return Err(Error::config(format!(
+                    "{} is not a run directory (it has no config.toml); start a run there without --resume",
+                    run_dir.display()
+                )));
+            }
+            rebuilt = Some(rebuild_config(run_dir, &config_path)?);
         }
         let lock = RunDirLock::acquire(run_dir)?;
         let (config, mut notices) = resumed_config(run_dir, options, adjust)?;
+        notices.extend(rebuilt);
         // resumed_config reports every field that differs from the recorded config.
         let config_changed = !notices.is_empty();
 
@@ -1141,6 +1146,35 @@ pub fn load_model(dir: &Path) -> Result<Gpt<f32>> {
 /// The model of a loaded checkpoint, with the config saved in it.
 pub fn model_from(ckpt: Checkpoint) -> Result<Gpt<f32>> {
     state::model_from(ckpt)
+}
+
+/// Write the `config.toml` of a run directory that lost it (deleted, or not copied with the
+/// run) from its newest intact checkpoint's manifest, which records the config the run trained
+/// with; the notice that says so. Without such a checkpoint the run cannot be resumed, and the
+/// error says why.
+fn rebuild_config(run_dir: &Path, config_path: &Path) -> Result<String> {
+    let _lock = RunDirLock::acquire(run_dir)?;
+    let resolved = checkpoint::newest_intact(run_dir)?;
+    let ckpt = resolved.checkpoint.ok_or_else(|| {
+        Error::config(format!(
+            "{} has no config.toml and no intact checkpoint to rebuild it from",
+            run_dir.display()
+        ))
+    })?;
+    if ckpt.extra.get("config").is_none() {
+        return Err(Error::config(format!(
+            "{} has no config.toml, and checkpoint {} records no config to rebuild it from",
+            run_dir.display(),
+            ckpt.dir.display()
+        )));
+    }
+    let config = checkpoint_config(&ckpt)?;
+    checkpoint::write_file_durably(config_path, config.to_toml()?.as_bytes())?;
+    Ok(format!(
+        "{} was missing: rebuilt from the config checkpoint {} records",
+        config_path.display(),
+        ckpt.dir.display()
+    ))
 }
 
 /// The training config recorded in a checkpoint's manifest.
