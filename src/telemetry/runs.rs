@@ -22,7 +22,8 @@ pub struct RunInfo {
     pub val_loss: Option<(u64, f64)>,
     /// Training seconds at the last logged step.
     pub training_seconds: Option<f64>,
-    /// `running`, `finished`, `stopped at step N`, or `no checkpoint`.
+    /// `running`, `finished`, `stopped at step N`, `no checkpoint`, `config.toml unreadable`, or
+    /// `unreadable: ` and why.
     pub status: String,
 }
 
@@ -39,7 +40,17 @@ pub fn list(dir: &Path) -> Result<Vec<RunInfo>> {
         let entry = entry.map_err(|e| Error::io("cannot list the runs", dir, e))?;
         let path = entry.path();
         if path.join("config.toml").is_file() {
-            runs.push(describe(&path)?);
+            // One run that cannot be read (its checkpoints' permissions) is listed as such; the
+            // others are still listed.
+            runs.push(describe(&path).unwrap_or_else(|e| RunInfo {
+                name: entry.file_name().to_string_lossy().into_owned(),
+                dir: path.clone(),
+                planned_steps: None,
+                checkpoint_step: None,
+                val_loss: None,
+                training_seconds: None,
+                status: format!("unreadable: {e}"),
+            }));
         }
     }
     runs.sort_by(|a, b| a.name.cmp(&b.name));
@@ -95,4 +106,27 @@ pub fn describe(dir: &Path) -> Result<RunInfo> {
         training_seconds,
         status,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_that_cannot_be_read_is_listed_as_such_beside_the_others() {
+        let root = std::env::temp_dir().join(format!("semoe-runs-list-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for name in ["a", "b"] {
+            std::fs::create_dir_all(root.join(name)).expect("run dir");
+            std::fs::write(root.join(name).join("config.toml"), "").expect("config");
+        }
+        // A checkpoint whose manifest is a directory: reading it is an I/O error, not damage.
+        std::fs::create_dir_all(root.join("b/checkpoints/step-00000001/manifest.json")).expect("odd manifest");
+        let runs = list(&root).expect("the listing");
+        assert_eq!(runs.len(), 2);
+        assert_eq!((runs[0].name.as_str(), runs[1].name.as_str()), ("a", "b"));
+        assert_eq!(runs[0].status, "no checkpoint");
+        assert!(runs[1].status.starts_with("unreadable: "), "{:?}", runs[1]);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }
