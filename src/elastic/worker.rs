@@ -266,17 +266,15 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         None => None,
     };
     let addr = match &options.join {
-        Some(name) => tokio::time::timeout(JOIN_STEP_DEADLINE, tokio::net::lookup_host(name.as_str()))
-            .await
-            .map_err(|_| {
-                Error::config(format!(
-                    "cannot resolve --join {name}: no answer from the resolver within {} s",
-                    JOIN_STEP_DEADLINE.as_secs()
-                ))
-            })?
-            .map_err(|e| Error::config(format!("cannot resolve --join {name}: {e}")))?
-            .next()
-            .ok_or_else(|| Error::config(format!("--join {name} resolves to no address")))?,
+        Some(name) => within(
+            JOIN_STEP_DEADLINE,
+            &format!("cannot resolve --join {name}: no answer from the resolver"),
+            tokio::net::lookup_host(name.as_str()),
+        )
+        .await?
+        .map_err(|e| Error::config(format!("cannot resolve --join {name}: {e}")))?
+        .next()
+        .ok_or_else(|| Error::config(format!("--join {name} resolves to no address")))?,
         None if ticket.addr.ip().is_unspecified() => {
             return Err(Error::config(format!(
                 "the ticket's address is {} (the coordinator listens on every address): give --join HOST:PORT",
@@ -296,24 +294,20 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     let connecting = client
         .connect(addr, "semoe-job")
         .map_err(|e| Error::runtime(format!("cannot connect to the coordinator at {addr}: {e}")))?;
-    let conn = tokio::time::timeout(JOIN_STEP_DEADLINE, connecting)
-        .await
-        .map_err(|_| {
-            Error::runtime(format!(
-                "the coordinator at {addr} did not answer within {} s",
-                JOIN_STEP_DEADLINE.as_secs()
-            ))
-        })?
-        .map_err(|e| Error::runtime(format!("cannot connect to the coordinator at {addr}: {e}")))?;
-    let (mut send, mut recv) = tokio::time::timeout(JOIN_STEP_DEADLINE, conn.open_bi())
-        .await
-        .map_err(|_| {
-            Error::runtime(format!(
-                "the coordinator at {addr} opened no join stream within {} s",
-                JOIN_STEP_DEADLINE.as_secs()
-            ))
-        })?
-        .map_err(|e| Error::runtime(format!("the coordinator closed the connection: {e}")))?;
+    let conn = within(
+        JOIN_STEP_DEADLINE,
+        &format!("the coordinator at {addr} did not answer"),
+        connecting,
+    )
+    .await?
+    .map_err(|e| Error::runtime(format!("cannot connect to the coordinator at {addr}: {e}")))?;
+    let (mut send, mut recv) = within(
+        JOIN_STEP_DEADLINE,
+        &format!("the coordinator at {addr} opened no join stream"),
+        conn.open_bi(),
+    )
+    .await?
+    .map_err(|e| Error::runtime(format!("the coordinator closed the connection: {e}")))?;
 
     let own_config = match &options.config {
         Some(path) => Some(TrainConfig::from_file(path)?.to_toml()?),
@@ -543,16 +537,17 @@ const JOIN_STEP_DEADLINE: Duration = Duration::from_secs(10);
 /// behind a burst of joiners (each bounded by its hello timeout), so this is generous.
 const JOIN_ANSWER_DEADLINE: Duration = Duration::from_secs(60);
 
+/// `f`'s output, or an error saying `what` within `limit`.
+async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| Error::runtime(format!("{what} within {} s", limit.as_secs())))
+}
+
 async fn read_answer(recv: &mut quinn::RecvStream) -> Result<Answer> {
     let read = quic::read_frame(recv, protocol::CONTROL.header_bytes + 64, "the coordinator's answer");
-    let bytes = tokio::time::timeout(JOIN_ANSWER_DEADLINE, read)
-        .await
-        .map_err(|_| {
-            Error::runtime(format!(
-                "the coordinator did not answer within {} s",
-                JOIN_ANSWER_DEADLINE.as_secs()
-            ))
-        })??
+    let bytes = within(JOIN_ANSWER_DEADLINE, "the coordinator did not answer", read)
+        .await??
         .ok_or_else(|| Error::runtime("the coordinator closed the join stream without answering"))?;
     protocol::decode(&bytes, "the coordinator's answer")
 }
