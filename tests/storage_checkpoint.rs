@@ -255,7 +255,22 @@ fn flipped_byte_is_a_checksum_error_naming_the_file() {
         let msg = load_error(&dir);
         assert!(msg.contains(file) && msg.contains("corrupt: SHA-256 mismatch"), "{msg}");
         // The damage is reported, not skipped: latest() still points at the checkpoint.
-        assert_eq!(checkpoint::latest(tmp.path()).expect("latest"), Some(dir));
+        assert_eq!(checkpoint::latest(tmp.path()).expect("latest"), Some(dir.clone()));
+        // The model alone (generation) reads and verifies the model file only.
+        match checkpoint::load_model_only(&dir) {
+            Ok(ckpt) => {
+                assert_eq!(file, OPTIMIZER_FILE, "a damaged model file loaded");
+                assert_same(&ckpt.model, &model(1.0));
+                assert!(ckpt.optimizer.is_empty(), "the optimizer state is not read");
+                let resolved = checkpoint::newest_intact_model(tmp.path()).expect("resolve");
+                assert_eq!(resolved.checkpoint.map(|c| c.dir), Some(dir));
+                assert!(resolved.damaged.is_empty());
+            }
+            Err(e) => {
+                assert_eq!(file, MODEL_FILE, "{e}");
+                assert!(e.to_string().contains("corrupt: SHA-256 mismatch"), "{e}");
+            }
+        }
     }
 }
 

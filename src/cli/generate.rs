@@ -185,12 +185,13 @@ pub fn stream_sample<S: semoe::infer::weights::WeightSource>(
 
 /// The checkpoint to read for `generate` and `eval`: `path` itself if it is a checkpoint
 /// directory (which must verify), else the newest intact checkpoint of the run directory `path`,
-/// with a warning for each newer one that is damaged.
+/// with a warning for each newer one that is damaged. Its model only: the optimizer state (twice
+/// the model) is neither read nor verified.
 pub fn checkpoint_to_read(path: &Path) -> semoe::Result<checkpoint::Checkpoint> {
     if path.join(checkpoint::MANIFEST_FILE).exists() {
-        return checkpoint::load(path);
+        return checkpoint::load_model_only(path);
     }
-    let resolved = checkpoint::newest_intact(path)?;
+    let resolved = checkpoint::newest_intact_model(path)?;
     for d in &resolved.damaged {
         semoe::say!(
             "warning: checkpoint {} is damaged ({}); using an older one",

@@ -683,6 +683,16 @@ pub struct Resolved {
 /// I/O errors other than damage (a permission error, say) are returned as errors, not treated as
 /// damage.
 pub fn newest_intact(run_dir: &Path) -> Result<Resolved> {
+    newest_intact_by(run_dir, load)
+}
+
+/// [`newest_intact`] reading and verifying the model part only ([`load_model_only`]): the
+/// newest checkpoint whose model generates.
+pub fn newest_intact_model(run_dir: &Path) -> Result<Resolved> {
+    newest_intact_by(run_dir, load_model_only)
+}
+
+fn newest_intact_by(run_dir: &Path, load: fn(&Path) -> Result<Checkpoint>) -> Result<Resolved> {
     let mut candidates = step_dirs(run_dir)?;
     let mut damaged = Vec::new();
     while let Some((step, dir)) = candidates.pop() {
@@ -858,10 +868,20 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
 /// Loads the checkpoint in directory `dir` (as returned by [`save`] or [`latest`]), verifying every
 /// data file against the manifest before parsing it.
 pub fn load(dir: &Path) -> Result<Checkpoint> {
+    load_parts(dir, true)
+}
+
+/// [`load`] without the optimizer state (generation, evaluation): its file, twice the model's
+/// size, is neither read nor verified, and [`Checkpoint::optimizer`] is empty.
+pub fn load_model_only(dir: &Path) -> Result<Checkpoint> {
+    load_parts(dir, false)
+}
+
+fn load_parts(dir: &Path, with_optimizer: bool) -> Result<Checkpoint> {
     let manifest = read_manifest(dir)?;
     let mut model = BTreeMap::new();
     let mut optimizer = BTreeMap::new();
-    for entry in &manifest.files {
+    for entry in manifest.files.iter().filter(|e| with_optimizer || e.name == MODEL_FILE) {
         let path = dir.join(&entry.name);
         let tensors = read_tensor_file(&path, entry)?;
         if entry.name == MODEL_FILE {

@@ -1140,7 +1140,7 @@ pub fn load_state_from(config: &TrainConfig, ckpt: Checkpoint) -> Result<(Gpt<f3
 
 /// Load only the model (for generation) from a checkpoint directory, with the config saved in it.
 pub fn load_model(dir: &Path) -> Result<Gpt<f32>> {
-    state::model_from(checkpoint::load(dir)?)
+    state::model_from(checkpoint::load_model_only(dir)?)
 }
 
 /// The model of a loaded checkpoint, with the config saved in it.
