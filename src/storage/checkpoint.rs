@@ -921,7 +921,7 @@ fn read_tensor_file(path: &Path, entry: &FileEntry) -> Result<BTreeMap<String, L
     if bytes.len() as u64 != entry.bytes {
         return Err(Error::checkpoint(path, "the file changed size while it was read"));
     }
-    parse_tensors(path, bytes)
+    parse_tensors(path, bytes, &file)
 }
 
 /// Check that the checkpoint file `file` (at `path`) is `bytes` long and has the SHA-256 digest
@@ -984,7 +984,12 @@ fn read_error(context: &str, path: &Path, e: io::Error) -> Error {
 }
 
 /// Parses a verified safetensors image into owned f32 tensors.
-fn parse_tensors(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, LoadedTensor>> {
+/// The tensors of the safetensors image `bytes` (the mapped `file`): the header is parsed and
+/// checked in the mapping, and each tensor's data read from `file` into its own buffer. Copying
+/// out of the mapping would fault every page of it into the process, which then held the file
+/// and the tensors at once (twice the checkpoint at its peak); read, the file stays in the page
+/// cache, outside the process.
+fn parse_tensors(path: &Path, bytes: &[u8], file: &File) -> Result<BTreeMap<String, LoadedTensor>> {
     // safetensors reads its JSON header into a map, so a repeated name would be silently merged;
     // look for one first to report it as what it is.
     if let Some(name) = duplicate_header_key(bytes) {
@@ -1009,11 +1014,32 @@ fn parse_tensors(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, LoadedTen
                 format!("tensor {name} has shape {shape:?} but {} bytes of data", raw.len()),
             ));
         }
-        let data = raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        // The view lies inside `bytes` (checked by the parser): its offset in the file.
+        let offset = raw.as_ptr() as usize - bytes.as_ptr() as usize;
+        let data = read_f32s(file, path, offset as u64, raw.len())?;
         out.insert(name.to_string(), LoadedTensor { shape, data });
+    }
+    Ok(out)
+}
+
+/// `len` bytes of `file` from `offset`, as little-endian f32s, read in pieces of at most 8 MiB
+/// (one piece's bytes held at a time beside the values).
+fn read_f32s(file: &File, path: &Path, offset: u64, len: usize) -> Result<Vec<f32>> {
+    use std::os::unix::fs::FileExt;
+    const PIECE: usize = 8 << 20;
+    let mut out = Vec::with_capacity(len / 4);
+    let mut buf = vec![0u8; len.min(PIECE)];
+    let mut done = 0usize;
+    while done < len {
+        let n = (len - done).min(PIECE);
+        file.read_exact_at(&mut buf[..n], offset + done as u64)
+            .map_err(|e| read_error("reading checkpoint file", path, e))?;
+        out.extend(
+            buf[..n]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+        done += n;
     }
     Ok(out)
 }
