@@ -418,9 +418,21 @@ pub fn install_stop_signals(stop: &Arc<AtomicUsize>) -> semoe::Result<StopSignal
 /// default action, so this arms the exit that a second signal takes.
 pub struct StopSignals(Arc<AtomicBool>);
 
+impl StopSignals {
+    /// The next signal exits at once (as dropping does).
+    pub fn exit_on_next(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next signal stops at a step boundary again (the one after it exits at once).
+    pub fn stop_gracefully(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Drop for StopSignals {
     fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.exit_on_next();
     }
 }
 
@@ -482,15 +494,16 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         Trainer::resume_with_options(&dir, &options, adjust)?
     } else {
         let mut config = resolve_config(a)?;
-        // The main job's default (printed as it will run).
-        if a.steps.is_none() && a.time_budget.is_none() && a.config.is_none() {
-            config.train.time_budget_s = DEFAULT_TIME_BUDGET_S;
-        }
+        // Printed without the main job's default budget: a config made from it and run with
+        // --steps N runs N steps.
         if a.print_config {
             semoe::console::write_stdout(&config.to_toml()?, "the config")?;
             return Ok(ExitCode::SUCCESS);
         }
         check_sample_prompt(a, &sample_prompt, &config)?;
+        if a.steps.is_none() && a.time_budget.is_none() && a.config.is_none() {
+            config.train.time_budget_s = DEFAULT_TIME_BUDGET_S;
+        }
         let dir = match &a.run_dir {
             Some(dir) => dir.clone(),
             None => run_dir::create_unique(Path::new("runs"), &run_dir::default_name(std::time::SystemTime::now()))?,
@@ -518,6 +531,11 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
                     return Ok(ExitCode::from((128 + signal).min(255) as u8));
                 }
                 return Err(e);
+            }
+            // Until the run starts (it may wait for worker processes), a signal exits at once,
+            // as it would without the measurement's handlers.
+            if let Some(installed) = &signals {
+                installed.exit_on_next();
             }
         }
         Trainer::new(config, &dir)?
@@ -604,7 +622,10 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
     );
     trainer.set_stop_flag(Arc::clone(&stop));
     let signals = match signals {
-        Some(installed) => installed,
+        Some(installed) => {
+            installed.stop_gracefully();
+            installed
+        }
         None => install_stop_signals(&stop)?,
     };
     let summary = trainer.run(!a.quiet)?;

@@ -32,7 +32,8 @@ pub struct WorkerArgs {
     /// The IP address peers reach this worker at (default: the one it reaches the coordinator from).
     #[arg(long)]
     advertise: Option<IpAddr>,
-    /// Scratch directory for the Disk tier (default: under the system's temporary directory).
+    /// Where the Disk tier's scratch goes: the worker makes a folder semoe-worker-PID of its own
+    /// inside it, removed when it ends (default: the system's temporary directory).
     #[arg(long)]
     scratch: Option<PathBuf>,
     /// Serve this worker's metrics as Prometheus text on HOST:PORT (path /metrics; port 0: the OS

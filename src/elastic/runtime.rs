@@ -428,7 +428,13 @@ impl ElasticRuntime {
                 // next epoch connects them anew. A crash shows as lost links too, so the links
                 // count only once no member was lost meanwhile.
                 Err(e) => {
-                    if self.loss_within(LINK_LOSS_GRACE).await || self.lost_link(Duration::ZERO).is_some() {
+                    if self.loss_within(LINK_LOSS_GRACE).await {
+                        continue;
+                    }
+                    // The grace has passed since the error: a lost link of any age forms the next
+                    // epoch now (`change` would wait for it to age, retrying on the broken one).
+                    if let Some(why) = self.lost_link(Duration::ZERO) {
+                        self.reform(&format!("a link was lost ({why})")).await?;
                         continue;
                     }
                     return Err(e);

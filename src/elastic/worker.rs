@@ -56,7 +56,8 @@ pub struct WorkerOptions {
     /// The address peers reach this worker's data plane at (default: the address it uses to reach
     /// the coordinator).
     pub advertise: Option<IpAddr>,
-    /// Scratch directory for the Disk tier (default: a directory under the system's temporary one).
+    /// Where the Disk tier's scratch goes: a folder `semoe-worker-<pid>` of the worker's own is made
+    /// inside it and removed when the worker ends (default: the system's temporary directory).
     pub scratch: Option<PathBuf>,
     /// Serve this worker's metrics (its all-to-all bytes per peer and kind, restarts, tiers,
     /// epoch) as Prometheus text on `HOST:PORT` (port 0: the OS chooses; the address is printed).
@@ -411,10 +412,12 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     let mut events = plane
         .events()
         .ok_or_else(|| Error::runtime("the data plane's events were taken twice"))?;
+    // A folder of its own inside the one given (removed when the worker ends: never the user's).
     let scratch = options
         .scratch
         .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("semoe-worker-{}", std::process::id())));
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("semoe-worker-{}", std::process::id()));
     let deadline = Duration::from_secs_f64(config.train.deadline_s);
     let (fired, mut link_faults_fired) = tokio::sync::mpsc::unbounded_channel::<Notice>();
     let shared = Arc::new(Shared {

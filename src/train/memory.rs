@@ -64,15 +64,7 @@ pub fn estimate(config: &TrainConfig) -> MemoryEstimate {
     let m = &config.model;
     let t = &config.train;
     let params = params(config);
-    if t.device == crate::config::ComputeDevice::Cuda {
-        // The host keeps the model and its moments, read back from the GPU (a new model while
-        // the old one is still held); gradients and activations live on the device.
-        return MemoryEstimate {
-            params: saturate(params),
-            state_bytes: saturate(4.0 * 4.0 * params),
-            activation_bytes: 0,
-        };
-    }
+    let on_gpu = t.device == crate::config::ComputeDevice::Cuda;
     let groups = t.groups.max(1) as f64;
     // Model + two moments in the trainer, and a gradient buffer per group.
     let mut floats = 3.0 * params + groups * params;
@@ -101,6 +93,17 @@ pub fn estimate(config: &TrainConfig) -> MemoryEstimate {
         t.threads
     };
     let concurrent = groups.min(threads.max(1) as f64);
+    if on_gpu {
+        // The host keeps the model and its moments, read back from the GPU (the new model and
+        // moments while the old ones are still held: five copies at the peak); the training
+        // pass's gradients and activations live on the device, but the evaluation runs on the
+        // host (its activations counted as a training pass's, an upper bound).
+        return MemoryEstimate {
+            params: saturate(params),
+            state_bytes: saturate(4.0 * 5.0 * params),
+            activation_bytes: saturate(4.0 * per_token * tokens * concurrent),
+        };
+    }
     MemoryEstimate {
         params: saturate(params),
         state_bytes: saturate(state_bytes),
@@ -182,18 +185,22 @@ mod tests {
     }
 
     #[test]
-    fn on_the_gpu_the_host_holds_the_state_only() {
+    fn on_the_gpu_the_host_holds_the_state_and_the_evaluation() {
         let mut c = TrainConfig::default();
-        c.model.block_size = 65_536;
+        c.model.d_model = 1024;
+        c.model.n_head = 8;
         let on_cpu = estimate(&c);
         c.train.device = crate::config::ComputeDevice::Cuda;
         let on_gpu = estimate(&c);
         assert_eq!(on_gpu.params, on_cpu.params);
-        assert_eq!(on_gpu.activation_bytes, 0, "activations live on the device");
+        assert_eq!(
+            on_gpu.activation_bytes, on_cpu.activation_bytes,
+            "the evaluation runs on the host"
+        );
         assert_eq!(
             on_gpu.state_bytes,
-            16 * on_gpu.params,
-            "model, two moments and a copy read back"
+            20 * on_gpu.params,
+            "model and moments, twice while read back"
         );
         assert!(on_gpu.total() < on_cpu.total());
     }
