@@ -1019,6 +1019,18 @@ fn a_run_without_its_config_resumes_from_the_checkpoints_record() {
     let config = tmp.path().join("r/config.toml");
     let recorded = std::fs::read_to_string(&config).expect("config");
     std::fs::remove_file(&config).expect("lose the config");
+    // Flags the run would ignore are checked against the rebuilt config, as against a kept one.
+    let (status, _, err) = run(
+        tmp.path(),
+        &["train", "--resume", "--run-dir", "r", "--snapshot-every", "5"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--snapshot-every applies to a run over worker processes"),
+        "{err}"
+    );
+    std::fs::remove_file(&config).expect("lose the rebuilt config again");
     let (status, _, err) = run(
         tmp.path(),
         &["train", "--resume", "--run-dir", "r", "--time-limit", "0"],

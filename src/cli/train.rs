@@ -484,7 +484,14 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             semoe::console::write_stdout(&config.to_toml()?, "the config")?;
             return Ok(ExitCode::SUCCESS);
         }
-        if dir.join("config.toml").is_file() {
+        let config_path = dir.join("config.toml");
+        if !config_path.is_file() && !semoe::storage::checkpoint::step_dirs(&dir)?.is_empty() {
+            // Lost: rebuilt from the newest checkpoint first, so that the flags are checked
+            // against the run's own config below.
+            let notice = semoe::train::trainer::rebuild_config(&dir, &config_path)?;
+            semoe::say!("warning: {notice}");
+        }
+        if config_path.is_file() {
             // Flags the resumed run would ignore are refused as on a fresh start, before anything
             // in the run directory changes.
             let (config, _) = semoe::train::trainer::resumed_config(&dir, &options, adjust)?;

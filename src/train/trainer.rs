@@ -1152,7 +1152,7 @@ pub fn model_from(ckpt: Checkpoint) -> Result<Gpt<f32>> {
 /// run) from its newest intact checkpoint's manifest, which records the config the run trained
 /// with; the notice that says so. Without such a checkpoint the run cannot be resumed, and the
 /// error says why.
-fn rebuild_config(run_dir: &Path, config_path: &Path) -> Result<String> {
+pub fn rebuild_config(run_dir: &Path, config_path: &Path) -> Result<String> {
     let _lock = RunDirLock::acquire(run_dir)?;
     let resolved = checkpoint::newest_intact(run_dir)?;
     let ckpt = resolved.checkpoint.ok_or_else(|| {
