@@ -454,7 +454,11 @@ pub const MAX_EVAL_WINDOWS: usize = 1 << 20;
 
 /// The longest deadline of a collective: a day. The runtime multiplies it (a step's bound covers
 /// its replays), so a larger one would overflow a `Duration`.
-pub const MAX_DEADLINE_S: f64 = 86_400.0;
+pub const MAX_DEADLINE_S: f64 = MAX_WAIT.as_secs_f64();
+
+/// The longest wait any setting may ask for (a day): durations are added to instants, and one
+/// beyond the clock's range panics there.
+pub const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 /// The settings `--resume` may change: none of them changes a bit of the parameters (the runtime is
 /// bitwise identical for any thread count, worker count, placement and storage budgets;

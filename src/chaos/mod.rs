@@ -330,11 +330,10 @@ impl FaultPlan {
 impl Inner {
     /// Spend one firing of fault `index`, recording it.
     fn spend(&mut self, index: usize, step: u64, moment: Moment) -> FaultKind {
-        let inner = self;
-        let hit = &mut inner.faults[index];
+        let hit = &mut self.faults[index];
         hit.times -= 1;
         let kind = hit.kind;
-        inner.fired[index] = true;
+        self.fired[index] = true;
         let firing = Firing {
             fault: index,
             step,
@@ -342,8 +341,8 @@ impl Inner {
             at: Instant::now(),
             detail: String::new(),
         };
-        inner.observer.tell(&firing);
-        inner.firings.push(firing);
+        self.observer.tell(&firing);
+        self.firings.push(firing);
         kind
     }
 }

@@ -676,9 +676,6 @@ struct RawFault {
     times: Option<u32>,
 }
 
-/// The longest `duration` or `delay` of a fault.
-const MAX_FAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(86_400);
-
 impl RawFault {
     fn into_spec(self, at: &str) -> Result<FaultSpec> {
         let bad = |key: &str, why: String| Error::config(format!("chaos scenario: {at}.{key}: {why}"));
@@ -686,7 +683,7 @@ impl RawFault {
         let wait = |key: &str, d: &str, example: &str| {
             let value = humantime::parse_duration(d)
                 .map_err(|e| bad(key, format!("{d:?} is not a duration such as \"{example}\": {e}")))?;
-            if value > MAX_FAULT_WAIT {
+            if value > crate::config::MAX_WAIT {
                 return Err(bad(key, format!("{d:?} is longer than a day")));
             }
             Ok(value)

@@ -488,7 +488,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         if !config_path.is_file() && !semoe::storage::checkpoint::step_dirs(&dir)?.is_empty() {
             // Lost: rebuilt from the newest checkpoint first, so that the flags are checked
             // against the run's own config below.
-            let notice = semoe::train::trainer::rebuild_config(&dir, &config_path)?;
+            let notice = semoe::train::trainer::rebuild_config(&dir)?;
             semoe::say!("warning: {notice}");
         }
         if config_path.is_file() {

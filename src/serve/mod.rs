@@ -89,7 +89,7 @@ impl ServeConfig {
         }
         // Added to instants: a duration beyond any clock's range panics there.
         for (name, value) in [("client_timeout", self.client_timeout), ("grace", self.grace)] {
-            if value > MAX_WAIT {
+            if value > crate::config::MAX_WAIT {
                 return Err(Error::config(format!(
                     "serve: {name} must be at most a day, got {}",
                     humantime::format_duration(value)
@@ -99,9 +99,6 @@ impl ServeConfig {
         Ok(())
     }
 }
-
-/// The longest `client_timeout` and `grace` (a day).
-const MAX_WAIT: Duration = Duration::from_secs(86_400);
 
 /// A bound server, ready to [`Server::run`].
 pub struct Server {
@@ -269,12 +266,12 @@ mod tests {
         });
         assert!(e.contains("grace must be at most a day"), "{e}");
         let e = refused(ServeConfig {
-            client_timeout: MAX_WAIT + Duration::from_secs(1),
+            client_timeout: crate::config::MAX_WAIT + Duration::from_secs(1),
             ..ServeConfig::default()
         });
         assert!(e.contains("client_timeout must be at most a day"), "{e}");
         assert!(ServeConfig {
-            grace: MAX_WAIT,
+            grace: crate::config::MAX_WAIT,
             ..ServeConfig::default()
         }
         .validate()

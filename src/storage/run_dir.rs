@@ -213,7 +213,8 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
         .filter(|n| !n.starts_with(CALIBRATION_PREFIX))
         .collect();
-    if crate::storage::checkpoint::latest(dir)?.is_some() {
+    let steps = crate::storage::checkpoint::step_dirs(dir)?;
+    if !steps.is_empty() && crate::storage::checkpoint::latest(dir)?.is_some() {
         return Err(Error::config(format!(
             "{} already holds a run with checkpoints; use --resume to continue it or choose another --run-dir",
             dir.display()
@@ -221,7 +222,7 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
     }
     // Checkpoints whose manifest does not read (damaged, or from a newer semoe) are a run's too:
     // a fresh run would overwrite its config and log, and replace them when it saves their steps.
-    let unreadable = crate::storage::checkpoint::step_dirs(dir)?;
+    let unreadable = steps;
     if !unreadable.is_empty() {
         let names: Vec<String> = unreadable
             .iter()

@@ -343,7 +343,7 @@ impl Trainer {
                     run_dir.display()
                 )));
             }
-            rebuilt = Some(rebuild_config(run_dir, &config_path)?);
+            rebuilt = Some(rebuild_config(run_dir)?);
         }
         let lock = RunDirLock::acquire(run_dir)?;
         let (config, mut notices) = resumed_config(run_dir, options, adjust)?;
@@ -1152,7 +1152,8 @@ pub fn model_from(ckpt: Checkpoint) -> Result<Gpt<f32>> {
 /// run) from its newest intact checkpoint's manifest, which records the config the run trained
 /// with; the notice that says so. Without such a checkpoint the run cannot be resumed, and the
 /// error says why.
-pub fn rebuild_config(run_dir: &Path, config_path: &Path) -> Result<String> {
+pub fn rebuild_config(run_dir: &Path) -> Result<String> {
+    let config_path = run_dir.join("config.toml");
     let _lock = RunDirLock::acquire(run_dir)?;
     let resolved = checkpoint::newest_intact(run_dir)?;
     let ckpt = resolved.checkpoint.ok_or_else(|| {
@@ -1169,7 +1170,7 @@ pub fn rebuild_config(run_dir: &Path, config_path: &Path) -> Result<String> {
         )));
     }
     let config = checkpoint_config(&ckpt)?;
-    checkpoint::write_file_durably(config_path, config.to_toml()?.as_bytes())?;
+    checkpoint::write_file_durably(&config_path, config.to_toml()?.as_bytes())?;
     Ok(format!(
         "{} was missing: rebuilt from the config checkpoint {} records",
         config_path.display(),
