@@ -77,6 +77,13 @@ pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
     })
 }
 
+/// [`guarded`] for a fallible `f`: its own error, or the panic's. Every public method of the GPU
+/// model (`model::cuda`) runs inside it, because cudarc loads each library function at its first
+/// call: one missing from a partial install is found mid-run, not when the GPU opens.
+pub(crate) fn guarded_try<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    guarded(what, f)?
+}
+
 thread_local! {
     /// Set while [`quiet_panics`] runs on this thread.
     static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -123,5 +130,18 @@ mod tests {
             "{err}"
         );
         assert_eq!(guarded("adding", || 2 + 2).expect("no panic"), 4);
+        let err = guarded_try("a training step on the GPU", || -> Result<()> {
+            panic!("Missing symbol cuLaunchKernel")
+        })
+        .expect_err("a panic")
+        .to_string();
+        assert!(
+            err.contains("a training step on the GPU") && err.contains("Missing symbol cuLaunchKernel"),
+            "{err}"
+        );
+        let err = guarded_try("a step", || -> Result<()> { Err(cuda_error("out of memory")) })
+            .expect_err("its own error")
+            .to_string();
+        assert!(err.contains("out of memory") && !err.contains("incomplete"), "{err}");
     }
 }

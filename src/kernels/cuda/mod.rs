@@ -12,9 +12,9 @@ mod device;
 #[cfg(feature = "cuda")]
 pub(crate) mod gpu;
 #[cfg(feature = "cuda")]
-pub(crate) use device::cuda_error;
-#[cfg(feature = "cuda")]
 pub use device::CudaDevice;
+#[cfg(feature = "cuda")]
+pub(crate) use device::{cuda_error, guarded_try};
 #[cfg(feature = "cuda")]
 pub use gpu::{compile_kernels, Gpu};
 

@@ -15,6 +15,7 @@
 use super::moe::{CudaMoeCache, CudaMoeLayer, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::kernels::cuda::gpu::{elementwise, grid, int, launch, per_element, Gpu, Product, BLOCK, WIDE_BLOCK};
+use crate::kernels::cuda::guarded_try;
 use crate::kernels::{AdamwStep, Gelu};
 use crate::model::gpt::{Ffn, Gpt, GptConfig, GroupOutput};
 use crate::model::layers::LN_EPS;
@@ -97,33 +98,35 @@ fn tensor_mut<'a>(map: &'a mut BTreeMap<String, DeviceTensor>, name: &str) -> Re
 impl CudaGpt {
     /// The model `model` on `gpu` (its parameters copied; gradients zero).
     pub fn new(gpu: &Arc<Gpu>, model: &Gpt<f32>) -> Result<Self> {
-        let config = model.config().clone();
-        config.validate()?;
-        let mut dense = BTreeMap::new();
-        for (name, _shape, buf) in model.tensors() {
-            if name.contains(".moe.") {
-                continue;
+        guarded_try("copying the model to the GPU", || {
+            let config = model.config().clone();
+            config.validate()?;
+            let mut dense = BTreeMap::new();
+            for (name, _shape, buf) in model.tensors() {
+                if name.contains(".moe.") {
+                    continue;
+                }
+                dense.insert(
+                    name,
+                    DeviceTensor {
+                        param: gpu.upload(buf)?,
+                        grad: gpu.alloc_zeros(buf.len())?,
+                    },
+                );
             }
-            dense.insert(
-                name,
-                DeviceTensor {
-                    param: gpu.upload(buf)?,
-                    grad: gpu.alloc_zeros(buf.len())?,
-                },
-            );
-        }
-        let mut moe = BTreeMap::new();
-        for (l, block) in model.blocks.iter().enumerate() {
-            if let Ffn::Moe(layer) = &block.ffn {
-                moe.insert(l, CudaMoeLayer::on(gpu, config.moe_config(), &layer.params)?);
+            let mut moe = BTreeMap::new();
+            for (l, block) in model.blocks.iter().enumerate() {
+                if let Ffn::Moe(layer) = &block.ffn {
+                    moe.insert(l, CudaMoeLayer::on(gpu, config.moe_config(), &layer.params)?);
+                }
             }
-        }
-        Ok(CudaGpt {
-            config,
-            gpu: gpu.clone(),
-            dense,
-            moe,
-            moments: BTreeMap::new(),
+            Ok(CudaGpt {
+                config,
+                gpu: gpu.clone(),
+                dense,
+                moe,
+                moments: BTreeMap::new(),
+            })
         })
     }
 
@@ -139,12 +142,16 @@ impl CudaGpt {
 
     /// The parameters, copied to the host as a [`Gpt`].
     pub fn to_model(&self) -> Result<Gpt<f32>> {
-        self.collect(|t| &t.param, |layer| layer.parameters())
+        guarded_try("copying the model from the GPU", || {
+            self.collect(|t| &t.param, |layer| layer.parameters())
+        })
     }
 
     /// The accumulated gradients, copied to the host (a [`Gpt`] of the same shapes).
     pub fn gradients(&self) -> Result<Gpt<f32>> {
-        self.collect(|t| &t.grad, |layer| layer.gradients())
+        guarded_try("copying the gradients from the GPU", || {
+            self.collect(|t| &t.grad, |layer| layer.gradients())
+        })
     }
 
     fn collect(
@@ -180,13 +187,15 @@ impl CudaGpt {
 
     /// Set every gradient to zero.
     pub fn zero_gradients(&mut self) -> Result<()> {
-        for t in self.dense.values_mut() {
-            self.gpu.zero(&mut t.grad)?;
-        }
-        for layer in self.moe.values_mut() {
-            layer.zero_gradients()?;
-        }
-        Ok(())
+        guarded_try("zeroing the gradients on the GPU", || {
+            for t in self.dense.values_mut() {
+                self.gpu.zero(&mut t.grad)?;
+            }
+            for layer in self.moe.values_mut() {
+                layer.zero_gradients()?;
+            }
+            Ok(())
+        })
     }
 
     fn shape(&self, idx: &[u32], seqs: usize) -> Result<Shape> {
@@ -204,7 +213,9 @@ impl CudaGpt {
 
     /// Forward only: the group's summed cross-entropy (evaluation), as [`Gpt::evaluate`].
     pub fn evaluate(&mut self, idx: &[u32], targets: &[u32], seqs: usize) -> Result<GroupOutput> {
-        self.pass(idx, targets, seqs, 0.0, 0.0, false)
+        guarded_try("an evaluation on the GPU", || {
+            self.pass(idx, targets, seqs, 0.0, 0.0, false)
+        })
     }
 
     /// Forward and backward of one group, adding into the gradients what [`Gpt::forward_backward`]
@@ -218,7 +229,9 @@ impl CudaGpt {
         ce_scale: f32,
         router_scale: f32,
     ) -> Result<GroupOutput> {
-        self.pass(idx, targets, seqs, ce_scale, router_scale, true)
+        guarded_try("a forward and backward pass on the GPU", || {
+            self.pass(idx, targets, seqs, ce_scale, router_scale, true)
+        })
     }
 
     fn pass(
@@ -447,93 +460,99 @@ impl CudaGpt {
     /// Load AdamW's first and second moments, one buffer per tensor in [`Gpt::tensors`] order (as
     /// `optimizer::AdamW` keeps them; empty buffers: zeros).
     pub fn load_moments(&mut self, m: &[Vec<f32>], v: &[Vec<f32>]) -> Result<()> {
-        let shapes = self.config.tensor_shapes();
-        if m.len() != shapes.len() || v.len() != shapes.len() {
-            return Err(Error::shape(
-                "optimizer state",
-                format!("{} moment buffers for {} tensors", m.len(), shapes.len()),
-            ));
-        }
-        self.moments.clear();
-        for ((name, shape), (m, v)) in shapes.iter().zip(m.iter().zip(v)) {
-            let len: usize = shape.iter().product();
-            if m.is_empty() && v.is_empty() {
-                continue; // never stepped: zeros at the first update
-            }
-            if m.len() != len || v.len() != len {
+        guarded_try("copying the optimizer state to the GPU", || {
+            let shapes = self.config.tensor_shapes();
+            if m.len() != shapes.len() || v.len() != shapes.len() {
                 return Err(Error::shape(
                     "optimizer state",
-                    format!(
-                        "the moments of {name} have {} and {} elements, the tensor {len}",
-                        m.len(),
-                        v.len()
-                    ),
+                    format!("{} moment buffers for {} tensors", m.len(), shapes.len()),
                 ));
             }
-            self.moments
-                .insert(name.clone(), (self.gpu.upload(m)?, self.gpu.upload(v)?));
-        }
-        Ok(())
+            self.moments.clear();
+            for ((name, shape), (m, v)) in shapes.iter().zip(m.iter().zip(v)) {
+                let len: usize = shape.iter().product();
+                if m.is_empty() && v.is_empty() {
+                    continue; // never stepped: zeros at the first update
+                }
+                if m.len() != len || v.len() != len {
+                    return Err(Error::shape(
+                        "optimizer state",
+                        format!(
+                            "the moments of {name} have {} and {} elements, the tensor {len}",
+                            m.len(),
+                            v.len()
+                        ),
+                    ));
+                }
+                self.moments
+                    .insert(name.clone(), (self.gpu.upload(m)?, self.gpu.upload(v)?));
+            }
+            Ok(())
+        })
     }
 
     /// AdamW's moments copied to the host, `(m, v)`, one buffer per tensor in [`Gpt::tensors`]
     /// order (zeros for a tensor never updated).
     pub fn moments(&self) -> Result<super::Moments> {
-        let mut m = Vec::new();
-        let mut v = Vec::new();
-        for (name, shape) in self.config.tensor_shapes() {
-            let len: usize = shape.iter().product();
-            match self.moments.get(&name) {
-                Some((dm, dv)) => {
-                    let (mut hm, mut hv) = (self.gpu.download(dm)?, self.gpu.download(dv)?);
-                    hm.truncate(len);
-                    hv.truncate(len);
-                    m.push(hm);
-                    v.push(hv);
-                }
-                None => {
-                    m.push(vec![0.0; len]);
-                    v.push(vec![0.0; len]);
+        guarded_try("copying the optimizer state from the GPU", || {
+            let mut m = Vec::new();
+            let mut v = Vec::new();
+            for (name, shape) in self.config.tensor_shapes() {
+                let len: usize = shape.iter().product();
+                match self.moments.get(&name) {
+                    Some((dm, dv)) => {
+                        let (mut hm, mut hv) = (self.gpu.download(dm)?, self.gpu.download(dv)?);
+                        hm.truncate(len);
+                        hv.truncate(len);
+                        m.push(hm);
+                        v.push(hv);
+                    }
+                    None => {
+                        m.push(vec![0.0; len]);
+                        v.push(vec![0.0; len]);
+                    }
                 }
             }
-        }
-        Ok((m, v))
+            Ok((m, v))
+        })
     }
 
     /// The global gradient norm: the square root of the sum of every gradient element's square,
     /// each tensor summed on the device in double precision (`gpt_sum_squares`), the tensors' sums
     /// added on the host in [`Gpt::tensors`] order. Only one number per tensor leaves the device.
     pub fn gradient_norm(&mut self) -> Result<f64> {
-        let gpu = self.gpu.clone();
-        let names: Vec<String> = self.config.tensor_shapes().into_iter().map(|(n, _)| n).collect();
-        let mut sums = gpu.alloc_zeros::<f64>(names.len())?;
-        let mut grads: BTreeMap<String, &CudaSlice<f32>> =
-            self.dense.iter().map(|(name, t)| (name.clone(), &t.grad)).collect();
-        for (&l, layer) in self.moe.iter_mut() {
-            for (part, _, grad) in layer.parameters_and_gradients() {
-                grads.insert(format!("h.{l}.moe.{part}"), grad);
+        guarded_try("the gradient norm on the GPU", || {
+            let gpu = self.gpu.clone();
+            let names: Vec<String> = self.config.tensor_shapes().into_iter().map(|(n, _)| n).collect();
+            let mut sums = gpu.alloc_zeros::<f64>(names.len())?;
+            let mut grads: BTreeMap<String, &CudaSlice<f32>> =
+                self.dense.iter().map(|(name, t)| (name.clone(), &t.grad)).collect();
+            for (&l, layer) in self.moe.iter_mut() {
+                for (part, _, grad) in layer.parameters_and_gradients() {
+                    grads.insert(format!("h.{l}.moe.{part}"), grad);
+                }
             }
-        }
-        for (slot, name) in names.iter().enumerate() {
-            let grad = grads
-                .get(name)
-                .ok_or_else(|| Error::shape("CUDA model", format!("no gradient for {name}")))?;
-            let (n_l, slot_i) = (DeviceSlice::len(*grad) as i64, int(slot, "tensor index")?);
-            // SAFETY: the arguments follow gpt_sum_squares's parameters; grad holds n elements,
-            // sums one slot per tensor; WIDE_BLOCK doubles of shared memory.
-            unsafe {
-                gpu.stream
-                    .launch_builder(gpu.kernel("gpt_sum_squares")?)
-                    .arg(*grad)
-                    .arg(&n_l)
-                    .arg(&mut sums)
-                    .arg(&slot_i)
-                    .launch(grid(1, WIDE_BLOCK, WIDE_BLOCK * 8))
+            for (slot, name) in names.iter().enumerate() {
+                let grad = grads
+                    .get(name)
+                    .ok_or_else(|| Error::shape("CUDA model", format!("no gradient for {name}")))?;
+                let (n_l, slot_i) = (DeviceSlice::len(*grad) as i64, int(slot, "tensor index")?);
+                // SAFETY: the arguments follow gpt_sum_squares's parameters; grad holds n elements,
+                // sums one slot per tensor; WIDE_BLOCK doubles of shared memory.
+                unsafe {
+                    gpu.stream
+                        .launch_builder(gpu.kernel("gpt_sum_squares")?)
+                        .arg(*grad)
+                        .arg(&n_l)
+                        .arg(&mut sums)
+                        .arg(&slot_i)
+                        .launch(grid(1, WIDE_BLOCK, WIDE_BLOCK * 8))
+                }
+                .map_err(launch("gpt_sum_squares"))?;
             }
-            .map_err(launch("gpt_sum_squares"))?;
-        }
-        let sums = gpu.download(&sums)?;
-        Ok(sums[..names.len()].iter().sum::<f64>().sqrt())
+            let sums = gpu.download(&sums)?;
+            Ok(sums[..names.len()].iter().sum::<f64>().sqrt())
+        })
     }
 
     /// One AdamW step on the device with the scalars `scalars` (`optimizer::AdamW::scalars`: its
@@ -541,37 +560,39 @@ impl CudaGpt {
     /// multiplied by `grad_scale` first (the global-norm clipping, `AdamW::clip_scale`): the
     /// arithmetic of `AdamW::apply` on the CPU.
     pub(crate) fn apply_adamw(&mut self, scalars: &AdamwStep, grad_scale: f32) -> Result<()> {
-        let gpu = self.gpu.clone();
-        let decays: BTreeMap<String, bool> = self
-            .config
-            .tensor_specs()
-            .into_iter()
-            .map(|s| (s.name, s.decay))
-            .collect();
-        let mut tensors: Vec<(String, &mut CudaSlice<f32>, &CudaSlice<f32>)> = self
-            .dense
-            .iter_mut()
-            .map(|(name, t)| (name.clone(), &mut t.param, &t.grad))
-            .collect();
-        for (&l, layer) in self.moe.iter_mut() {
-            for (part, param, grad) in layer.parameters_and_gradients() {
-                tensors.push((format!("h.{l}.moe.{part}"), param, grad));
+        guarded_try("AdamW on the GPU", || {
+            let gpu = self.gpu.clone();
+            let decays: BTreeMap<String, bool> = self
+                .config
+                .tensor_specs()
+                .into_iter()
+                .map(|s| (s.name, s.decay))
+                .collect();
+            let mut tensors: Vec<(String, &mut CudaSlice<f32>, &CudaSlice<f32>)> = self
+                .dense
+                .iter_mut()
+                .map(|(name, t)| (name.clone(), &mut t.param, &t.grad))
+                .collect();
+            for (&l, layer) in self.moe.iter_mut() {
+                for (part, param, grad) in layer.parameters_and_gradients() {
+                    tensors.push((format!("h.{l}.moe.{part}"), param, grad));
+                }
             }
-        }
-        for (name, param, grad) in tensors {
-            let len = DeviceSlice::len(grad);
-            if !self.moments.contains_key(&name) {
-                self.moments
-                    .insert(name.clone(), (gpu.alloc_zeros(len)?, gpu.alloc_zeros(len)?));
+            for (name, param, grad) in tensors {
+                let len = DeviceSlice::len(grad);
+                if !self.moments.contains_key(&name) {
+                    self.moments
+                        .insert(name.clone(), (gpu.alloc_zeros(len)?, gpu.alloc_zeros(len)?));
+                }
+                let (m, v) = self
+                    .moments
+                    .get_mut(&name)
+                    .ok_or_else(|| Error::runtime("AdamW moments were not allocated"))?;
+                let decay = decays.get(&name).copied().unwrap_or(false);
+                adamw(&gpu, param, grad, m, v, len, scalars, decay, grad_scale)?;
             }
-            let (m, v) = self
-                .moments
-                .get_mut(&name)
-                .ok_or_else(|| Error::runtime("AdamW moments were not allocated"))?;
-            let decay = decays.get(&name).copied().unwrap_or(false);
-            adamw(&gpu, param, grad, m, v, len, scalars, decay, grad_scale)?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 

@@ -21,7 +21,7 @@
 use super::check_moe_config;
 use crate::error::{Error, Result};
 use crate::kernels::cuda::gpu::{driver, elementwise, grid, int, launch, per_element, Gpu, Product, BLOCK, WIDE_BLOCK};
-use crate::kernels::cuda::{cuda_error, CudaDevice, Precision};
+use crate::kernels::cuda::{cuda_error, guarded_try, CudaDevice, Precision};
 use crate::model::moe::{MoeConfig, MoeParams, MoeStats};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use std::sync::Arc;
@@ -115,29 +115,31 @@ impl CudaMoeLayer {
 
     /// The layer with `params` on `gpu`'s stream (the model's MoE blocks share one).
     pub fn on(gpu: &Arc<Gpu>, config: MoeConfig, params: &MoeParams<f32>) -> Result<Self> {
-        check_moe_config(&config)?;
-        params.check(&config)?;
-        let upload = |v: &[f32]| gpu.upload(v);
-        let params_on_device = DeviceParams {
-            wg: upload(&params.wg)?,
-            w1: upload(&params.w1)?,
-            b1: upload(&params.b1)?,
-            w2: upload(&params.w2)?,
-            b2: upload(&params.b2)?,
-        };
-        let (d, f, e) = (config.d_model, config.d_ff, config.experts);
-        let grads = DeviceParams {
-            wg: gpu.alloc_zeros(d * e)?,
-            w1: gpu.alloc_zeros(e * d * f)?,
-            b1: gpu.alloc_zeros(e * f)?,
-            w2: gpu.alloc_zeros(e * f * d)?,
-            b2: gpu.alloc_zeros(e * d)?,
-        };
-        Ok(CudaMoeLayer {
-            config,
-            gpu: gpu.clone(),
-            params: params_on_device,
-            grads,
+        guarded_try("copying the MoE layer to the GPU", || {
+            check_moe_config(&config)?;
+            params.check(&config)?;
+            let upload = |v: &[f32]| gpu.upload(v);
+            let params_on_device = DeviceParams {
+                wg: upload(&params.wg)?,
+                w1: upload(&params.w1)?,
+                b1: upload(&params.b1)?,
+                w2: upload(&params.w2)?,
+                b2: upload(&params.b2)?,
+            };
+            let (d, f, e) = (config.d_model, config.d_ff, config.experts);
+            let grads = DeviceParams {
+                wg: gpu.alloc_zeros(d * e)?,
+                w1: gpu.alloc_zeros(e * d * f)?,
+                b1: gpu.alloc_zeros(e * f)?,
+                w2: gpu.alloc_zeros(e * f * d)?,
+                b2: gpu.alloc_zeros(e * d)?,
+            };
+            Ok(CudaMoeLayer {
+                config,
+                gpu: gpu.clone(),
+                params: params_on_device,
+                grads,
+            })
         })
     }
 
@@ -148,32 +150,38 @@ impl CudaMoeLayer {
 
     /// Copy `data` to the GPU.
     pub fn upload(&self, data: &[f32]) -> Result<DeviceBuffer> {
-        Ok(DeviceBuffer {
-            data: self.gpu.upload(data)?,
-            len: data.len(),
+        guarded_try("copying to the GPU", || {
+            Ok(DeviceBuffer {
+                data: self.gpu.upload(data)?,
+                len: data.len(),
+            })
         })
     }
 
     /// Copy a device buffer back to the host (waits for the work queued before it).
     pub fn download(&self, buf: &DeviceBuffer) -> Result<Vec<f32>> {
-        let mut v = self.gpu.download(&buf.data)?;
-        v.truncate(buf.len);
-        Ok(v)
+        guarded_try("copying from the GPU", || {
+            let mut v = self.gpu.download(&buf.data)?;
+            v.truncate(buf.len);
+            Ok(v)
+        })
     }
 
     /// Wait until every queued kernel and product has finished.
     pub fn synchronize(&self) -> Result<()> {
-        self.gpu.synchronize()
+        guarded_try("waiting for the GPU", || self.gpu.synchronize())
     }
 
     /// The accumulated parameter gradients, copied to the host.
     pub fn gradients(&self) -> Result<MoeParams<f32>> {
-        self.grads.download(&self.gpu)
+        guarded_try("copying the gradients from the GPU", || self.grads.download(&self.gpu))
     }
 
     /// The parameters, copied to the host.
     pub fn parameters(&self) -> Result<MoeParams<f32>> {
-        self.params.download(&self.gpu)
+        guarded_try("copying the parameters from the GPU", || {
+            self.params.download(&self.gpu)
+        })
     }
 
     /// Each parameter group with its name and gradient, in [`MoeParams::named`]'s order (what an
@@ -191,217 +199,222 @@ impl CudaMoeLayer {
 
     /// Set every gradient to zero.
     pub fn zero_gradients(&mut self) -> Result<()> {
-        let g = &mut self.grads;
-        for buf in [&mut g.wg, &mut g.w1, &mut g.b1, &mut g.w2, &mut g.b2] {
-            self.gpu.zero(buf)?;
-        }
-        Ok(())
+        guarded_try("zeroing the gradients on the GPU", || {
+            let g = &mut self.grads;
+            for buf in [&mut g.wg, &mut g.w1, &mut g.b1, &mut g.w2, &mut g.b2] {
+                self.gpu.zero(buf)?;
+            }
+            Ok(())
+        })
     }
 
     /// Forward pass over the tokens `x` (`[S][d_model]` on the device): returns `y` and the cache.
     pub fn forward(&self, x: &DeviceBuffer) -> Result<(DeviceBuffer, CudaMoeCache)> {
-        let c = &self.config;
-        let (d, f, e_count, k) = (c.d_model, c.d_ff, c.experts, c.k);
-        if x.len == 0 || !x.len.is_multiple_of(d) {
-            return Err(Error::shape(
-                "CUDA MoE input",
-                format!("{} elements are not one or more rows of d_model={d}", x.len),
-            ));
-        }
-        let s = x.len / d;
-        let ks = k * s;
-        let (s_i, e_i, k_i, d_i, f_i) = (
-            int(s, "tokens")?,
-            int(e_count, "experts")?,
-            int(k, "k")?,
-            int(d, "d_model")?,
-            int(f, "d_ff")?,
-        );
-        int(ks, "assignments")?;
-        let st = &self.gpu.stream;
-        let gpu = &self.gpu;
-
-        let mut logits = self.gpu.alloc::<f32>(s * e_count)?;
-        let gemm = |m, n, kk, a_t, b_t| Product::new(m, n, kk, a_t, b_t, false);
-        self.gpu
-            .product(gemm(s, e_count, d, false, false), &x.data, &self.params.wg, &mut logits)?;
-
-        let mut gates = self.gpu.alloc::<f32>(s * e_count)?;
-        let mut lse = self.gpu.alloc::<f32>(s)?;
-        let mut expert = self.gpu.alloc::<u32>(ks)?;
-        let mut nonfinite = self.gpu.upload(&[s_i])?;
-        // SAFETY: the arguments follow moe_gate_topk's parameters (moe_kernels.cu), and each buffer
-        // holds the elements it indexes for these sizes; so for every launch below.
-        unsafe {
-            st.launch_builder(gpu.kernel("moe_gate_topk")?)
-                .arg(&logits)
-                .arg(&s_i)
-                .arg(&e_i)
-                .arg(&k_i)
-                .arg(&mut gates)
-                .arg(&mut lse)
-                .arg(&mut expert)
-                .arg(&mut nonfinite)
-                .launch(per_element(s as u64))
-        }
-        .map_err(launch("moe_gate_topk"))?;
-
-        let mut loc = self.gpu.alloc::<i32>(ks)?;
-        let mut counts = self.gpu.alloc::<i32>(e_count)?;
-        let mut first_counts = self.gpu.alloc::<i32>(e_count)?;
-        // SAFETY: the arguments follow moe_route_positions's parameters; the buffers hold what it indexes.
-        unsafe {
-            st.launch_builder(gpu.kernel("moe_route_positions")?)
-                .arg(&expert)
-                .arg(&s_i)
-                .arg(&k_i)
-                .arg(&mut loc)
-                .arg(&mut counts)
-                .arg(&mut first_counts)
-                .launch(grid(e_count as u32, WIDE_BLOCK, WIDE_BLOCK * 4))
-        }
-        .map_err(launch("moe_route_positions"))?;
-
-        let read_ints = |buf: &CudaSlice<i32>| st.clone_dtoh(buf).map_err(driver("cannot read the routing back"));
-        let capacity = c.capacity(s);
-        let slots = match capacity {
-            // More slots than assignments would only be padding.
-            Some(cap) => cap.min(ks),
-            None => {
-                let loads = read_ints(&counts)?;
-                self.check_finite(&read_ints(&nonfinite)?, s)?;
-                loads.iter().map(|&n| n.max(0) as usize).max().unwrap_or(0)
+        guarded_try("the MoE layer's forward on the GPU", || {
+            let c = &self.config;
+            let (d, f, e_count, k) = (c.d_model, c.d_ff, c.experts, c.k);
+            if x.len == 0 || !x.len.is_multiple_of(d) {
+                return Err(Error::shape(
+                    "CUDA MoE input",
+                    format!("{} elements are not one or more rows of d_model={d}", x.len),
+                ));
             }
-        };
-        let rows = e_count * slots;
-        let c_i = int(slots, "slots per expert")?;
-        int(rows, "expert batch rows")?;
+            let s = x.len / d;
+            let ks = k * s;
+            let (s_i, e_i, k_i, d_i, f_i) = (
+                int(s, "tokens")?,
+                int(e_count, "experts")?,
+                int(k, "k")?,
+                int(d, "d_model")?,
+                int(f, "d_ff")?,
+            );
+            int(ks, "assignments")?;
+            let st = &self.gpu.stream;
+            let gpu = &self.gpu;
 
-        let mut weights = self.gpu.alloc::<f32>(ks)?;
-        let mut slot = self.gpu.alloc::<i32>(ks)?;
-        let normalize = i32::from(c.normalize);
-        let eps = f32::EPSILON;
-        // SAFETY: the arguments follow moe_assign's parameters; the buffers hold what it indexes.
-        unsafe {
-            st.launch_builder(gpu.kernel("moe_assign")?)
-                .arg(&gates)
-                .arg(&expert)
-                .arg(&loc)
-                .arg(&s_i)
-                .arg(&e_i)
-                .arg(&k_i)
-                .arg(&c_i)
-                .arg(&normalize)
-                .arg(&eps)
-                .arg(&mut weights)
-                .arg(&mut slot)
-                .launch(per_element(s as u64))
-        }
-        .map_err(launch("moe_assign"))?;
-
-        let mut losses = self.gpu.alloc::<f32>(2)?;
-        // SAFETY: the arguments follow moe_router_losses's parameters; the buffers hold what it indexes.
-        unsafe {
-            st.launch_builder(gpu.kernel("moe_router_losses")?)
-                .arg(&gates)
-                .arg(&lse)
-                .arg(&first_counts)
-                .arg(&s_i)
-                .arg(&e_i)
-                .arg(&mut losses)
-                .launch(grid(1, WIDE_BLOCK, WIDE_BLOCK * 4))
-        }
-        .map_err(launch("moe_router_losses"))?;
-
-        let mut xe = self.gpu.alloc_zeros::<f32>(rows * d)?;
-        // SAFETY: the arguments follow moe_dispatch's parameters; the buffers hold what it indexes.
-        unsafe {
-            st.launch_builder(gpu.kernel("moe_dispatch")?)
-                .arg(&x.data)
-                .arg(&slot)
-                .arg(&s_i)
-                .arg(&d_i)
-                .arg(&mut xe)
-                .launch(grid(ks as u32, BLOCK, 0))
-        }
-        .map_err(launch("moe_dispatch"))?;
-
-        let batched = |m, n, kk, a_t, b_t, accumulate| Product::new(m, n, kk, a_t, b_t, accumulate).batched(e_count);
-        let mut h = self.gpu.alloc::<f32>(rows * f)?;
-        let mut act = self.gpu.alloc::<f32>(rows * f)?;
-        let mut ye = self.gpu.alloc::<f32>(rows * d)?;
-        let tanh_form = i32::from(c.gelu == crate::kernels::Gelu::Tanh);
-        let rows_l = rows as i64;
-        if rows > 0 {
+            let mut logits = self.gpu.alloc::<f32>(s * e_count)?;
+            let gemm = |m, n, kk, a_t, b_t| Product::new(m, n, kk, a_t, b_t, false);
             self.gpu
-                .product(batched(slots, f, d, false, false, false), &xe, &self.params.w1, &mut h)?;
-            // SAFETY: the arguments follow moe_bias_gelu_forward's parameters; the buffers hold what it indexes.
+                .product(gemm(s, e_count, d, false, false), &x.data, &self.params.wg, &mut logits)?;
+
+            let mut gates = self.gpu.alloc::<f32>(s * e_count)?;
+            let mut lse = self.gpu.alloc::<f32>(s)?;
+            let mut expert = self.gpu.alloc::<u32>(ks)?;
+            let mut nonfinite = self.gpu.upload(&[s_i])?;
+            // SAFETY: the arguments follow moe_gate_topk's parameters (moe_kernels.cu), and each buffer
+            // holds the elements it indexes for these sizes; so for every launch below.
             unsafe {
-                st.launch_builder(gpu.kernel("moe_bias_gelu_forward")?)
-                    .arg(&mut h)
-                    .arg(&mut act)
-                    .arg(&self.params.b1)
-                    .arg(&rows_l)
-                    .arg(&c_i)
-                    .arg(&f_i)
-                    .arg(&tanh_form)
-                    .launch(elementwise((rows * f) as u64))
+                st.launch_builder(gpu.kernel("moe_gate_topk")?)
+                    .arg(&logits)
+                    .arg(&s_i)
+                    .arg(&e_i)
+                    .arg(&k_i)
+                    .arg(&mut gates)
+                    .arg(&mut lse)
+                    .arg(&mut expert)
+                    .arg(&mut nonfinite)
+                    .launch(per_element(s as u64))
             }
-            .map_err(launch("moe_bias_gelu_forward"))?;
-            self.gpu.product(
-                batched(slots, d, f, false, false, false),
-                &act,
-                &self.params.w2,
-                &mut ye,
-            )?;
-            // SAFETY: the arguments follow moe_add_expert_bias's parameters; the buffers hold what it indexes.
+            .map_err(launch("moe_gate_topk"))?;
+
+            let mut loc = self.gpu.alloc::<i32>(ks)?;
+            let mut counts = self.gpu.alloc::<i32>(e_count)?;
+            let mut first_counts = self.gpu.alloc::<i32>(e_count)?;
+            // SAFETY: the arguments follow moe_route_positions's parameters; the buffers hold what it indexes.
             unsafe {
-                st.launch_builder(gpu.kernel("moe_add_expert_bias")?)
-                    .arg(&mut ye)
-                    .arg(&self.params.b2)
-                    .arg(&rows_l)
+                st.launch_builder(gpu.kernel("moe_route_positions")?)
+                    .arg(&expert)
+                    .arg(&s_i)
+                    .arg(&k_i)
+                    .arg(&mut loc)
+                    .arg(&mut counts)
+                    .arg(&mut first_counts)
+                    .launch(grid(e_count as u32, WIDE_BLOCK, WIDE_BLOCK * 4))
+            }
+            .map_err(launch("moe_route_positions"))?;
+
+            let read_ints = |buf: &CudaSlice<i32>| st.clone_dtoh(buf).map_err(driver("cannot read the routing back"));
+            let capacity = c.capacity(s);
+            let slots = match capacity {
+                // More slots than assignments would only be padding.
+                Some(cap) => cap.min(ks),
+                None => {
+                    let loads = read_ints(&counts)?;
+                    self.check_finite(&read_ints(&nonfinite)?, s)?;
+                    loads.iter().map(|&n| n.max(0) as usize).max().unwrap_or(0)
+                }
+            };
+            let rows = e_count * slots;
+            let c_i = int(slots, "slots per expert")?;
+            int(rows, "expert batch rows")?;
+
+            let mut weights = self.gpu.alloc::<f32>(ks)?;
+            let mut slot = self.gpu.alloc::<i32>(ks)?;
+            let normalize = i32::from(c.normalize);
+            let eps = f32::EPSILON;
+            // SAFETY: the arguments follow moe_assign's parameters; the buffers hold what it indexes.
+            unsafe {
+                st.launch_builder(gpu.kernel("moe_assign")?)
+                    .arg(&gates)
+                    .arg(&expert)
+                    .arg(&loc)
+                    .arg(&s_i)
+                    .arg(&e_i)
+                    .arg(&k_i)
                     .arg(&c_i)
+                    .arg(&normalize)
+                    .arg(&eps)
+                    .arg(&mut weights)
+                    .arg(&mut slot)
+                    .launch(per_element(s as u64))
+            }
+            .map_err(launch("moe_assign"))?;
+
+            let mut losses = self.gpu.alloc::<f32>(2)?;
+            // SAFETY: the arguments follow moe_router_losses's parameters; the buffers hold what it indexes.
+            unsafe {
+                st.launch_builder(gpu.kernel("moe_router_losses")?)
+                    .arg(&gates)
+                    .arg(&lse)
+                    .arg(&first_counts)
+                    .arg(&s_i)
+                    .arg(&e_i)
+                    .arg(&mut losses)
+                    .launch(grid(1, WIDE_BLOCK, WIDE_BLOCK * 4))
+            }
+            .map_err(launch("moe_router_losses"))?;
+
+            let mut xe = self.gpu.alloc_zeros::<f32>(rows * d)?;
+            // SAFETY: the arguments follow moe_dispatch's parameters; the buffers hold what it indexes.
+            unsafe {
+                st.launch_builder(gpu.kernel("moe_dispatch")?)
+                    .arg(&x.data)
+                    .arg(&slot)
+                    .arg(&s_i)
                     .arg(&d_i)
-                    .launch(elementwise((rows * d) as u64))
+                    .arg(&mut xe)
+                    .launch(grid(ks as u32, BLOCK, 0))
             }
-            .map_err(launch("moe_add_expert_bias"))?;
-        }
+            .map_err(launch("moe_dispatch"))?;
 
-        let mut y = self.gpu.alloc::<f32>(s * d)?;
-        self.combine(&ye, Some(&weights), &slot, s, &mut y)?;
+            let batched =
+                |m, n, kk, a_t, b_t, accumulate| Product::new(m, n, kk, a_t, b_t, accumulate).batched(e_count);
+            let mut h = self.gpu.alloc::<f32>(rows * f)?;
+            let mut act = self.gpu.alloc::<f32>(rows * f)?;
+            let mut ye = self.gpu.alloc::<f32>(rows * d)?;
+            let tanh_form = i32::from(c.gelu == crate::kernels::Gelu::Tanh);
+            let rows_l = rows as i64;
+            if rows > 0 {
+                self.gpu
+                    .product(batched(slots, f, d, false, false, false), &xe, &self.params.w1, &mut h)?;
+                // SAFETY: the arguments follow moe_bias_gelu_forward's parameters; the buffers hold what it indexes.
+                unsafe {
+                    st.launch_builder(gpu.kernel("moe_bias_gelu_forward")?)
+                        .arg(&mut h)
+                        .arg(&mut act)
+                        .arg(&self.params.b1)
+                        .arg(&rows_l)
+                        .arg(&c_i)
+                        .arg(&f_i)
+                        .arg(&tanh_form)
+                        .launch(elementwise((rows * f) as u64))
+                }
+                .map_err(launch("moe_bias_gelu_forward"))?;
+                self.gpu.product(
+                    batched(slots, d, f, false, false, false),
+                    &act,
+                    &self.params.w2,
+                    &mut ye,
+                )?;
+                // SAFETY: the arguments follow moe_add_expert_bias's parameters; the buffers hold what it indexes.
+                unsafe {
+                    st.launch_builder(gpu.kernel("moe_add_expert_bias")?)
+                        .arg(&mut ye)
+                        .arg(&self.params.b2)
+                        .arg(&rows_l)
+                        .arg(&c_i)
+                        .arg(&d_i)
+                        .launch(elementwise((rows * d) as u64))
+                }
+                .map_err(launch("moe_add_expert_bias"))?;
+            }
 
-        // The statistics: loads, the first non-finite token, the losses (one small read, which
-        // also waits for the forward to finish).
-        let loads = read_ints(&counts)?;
-        self.check_finite(&read_ints(&nonfinite)?, s)?;
-        let loss = st
-            .clone_dtoh(&losses)
-            .map_err(driver("cannot read the router losses"))?;
-        let kept: Vec<usize> = loads.iter().map(|&n| (n.max(0) as usize).min(slots)).collect();
-        let assigned: usize = loads.iter().map(|&n| n.max(0) as usize).sum();
-        let stats = MoeStats {
-            dropped: assigned - kept.iter().sum::<usize>(),
-            expert_tokens: kept,
-            capacity,
-        };
-        let cache = CudaMoeCache {
-            tokens: s,
-            slots,
-            gates,
-            lse,
-            expert,
-            slot,
-            weights,
-            first_counts,
-            xe,
-            h,
-            act,
-            ye,
-            l_aux: loss.first().copied().unwrap_or(f32::NAN),
-            z_loss: loss.get(1).copied().unwrap_or(f32::NAN),
-            stats,
-        };
-        Ok((DeviceBuffer { data: y, len: s * d }, cache))
+            let mut y = self.gpu.alloc::<f32>(s * d)?;
+            self.combine(&ye, Some(&weights), &slot, s, &mut y)?;
+
+            // The statistics: loads, the first non-finite token, the losses (one small read, which
+            // also waits for the forward to finish).
+            let loads = read_ints(&counts)?;
+            self.check_finite(&read_ints(&nonfinite)?, s)?;
+            let loss = st
+                .clone_dtoh(&losses)
+                .map_err(driver("cannot read the router losses"))?;
+            let kept: Vec<usize> = loads.iter().map(|&n| (n.max(0) as usize).min(slots)).collect();
+            let assigned: usize = loads.iter().map(|&n| n.max(0) as usize).sum();
+            let stats = MoeStats {
+                dropped: assigned - kept.iter().sum::<usize>(),
+                expert_tokens: kept,
+                capacity,
+            };
+            let cache = CudaMoeCache {
+                tokens: s,
+                slots,
+                gates,
+                lse,
+                expert,
+                slot,
+                weights,
+                first_counts,
+                xe,
+                h,
+                act,
+                ye,
+                l_aux: loss.first().copied().unwrap_or(f32::NAN),
+                z_loss: loss.get(1).copied().unwrap_or(f32::NAN),
+                stats,
+            };
+            Ok((DeviceBuffer { data: y, len: s * d }, cache))
+        })
     }
 
     fn check_finite(&self, first_bad: &[i32], tokens: usize) -> Result<()> {
@@ -451,135 +464,138 @@ impl CudaMoeLayer {
         gy: &DeviceBuffer,
         router_scale: f32,
     ) -> Result<DeviceBuffer> {
-        let c = self.config.clone();
-        let (d, f, e_count, k) = (c.d_model, c.d_ff, c.experts, c.k);
-        let s = cache.tokens;
-        for (name, buf) in [("x", x), ("gy", gy)] {
-            if buf.len != s * d {
-                return Err(Error::shape(
-                    format!("CUDA MoE backward {name}"),
-                    format!("expected {} elements ({s} tokens of {d}), got {}", s * d, buf.len),
-                ));
+        guarded_try("the MoE layer's backward on the GPU", || {
+            let c = self.config.clone();
+            let (d, f, e_count, k) = (c.d_model, c.d_ff, c.experts, c.k);
+            let s = cache.tokens;
+            for (name, buf) in [("x", x), ("gy", gy)] {
+                if buf.len != s * d {
+                    return Err(Error::shape(
+                        format!("CUDA MoE backward {name}"),
+                        format!("expected {} elements ({s} tokens of {d}), got {}", s * d, buf.len),
+                    ));
+                }
             }
-        }
-        let CudaMoeCache {
-            slots,
-            gates,
-            lse,
-            expert,
-            slot,
-            weights,
-            first_counts,
-            xe,
-            h,
-            act,
-            mut ye,
-            ..
-        } = cache;
-        let ks = k * s;
-        let rows = e_count * slots;
-        let (s_i, e_i, k_i, d_i) = (
-            int(s, "tokens")?,
-            int(e_count, "experts")?,
-            int(k, "k")?,
-            int(d, "d_model")?,
-        );
-        let batched = |m, n, kk, a_t, b_t, accumulate| Product::new(m, n, kk, a_t, b_t, accumulate).batched(e_count);
+            let CudaMoeCache {
+                slots,
+                gates,
+                lse,
+                expert,
+                slot,
+                weights,
+                first_counts,
+                xe,
+                h,
+                act,
+                mut ye,
+                ..
+            } = cache;
+            let ks = k * s;
+            let rows = e_count * slots;
+            let (s_i, e_i, k_i, d_i) = (
+                int(s, "tokens")?,
+                int(e_count, "experts")?,
+                int(k, "k")?,
+                int(d, "d_model")?,
+            );
+            let batched =
+                |m, n, kk, a_t, b_t, accumulate| Product::new(m, n, kk, a_t, b_t, accumulate).batched(e_count);
 
-        let mut gw = self.gpu.alloc::<f32>(ks)?;
-        let mut gye = self.gpu.alloc_zeros::<f32>(rows * d)?;
-        // SAFETY: the arguments follow moe_combine_backward's parameters; the buffers hold what it
-        // indexes.
-        unsafe {
-            self.gpu
-                .stream
-                .launch_builder(self.gpu.kernel("moe_combine_backward")?)
-                .arg(&gy.data)
-                .arg(&ye)
-                .arg(&weights)
-                .arg(&slot)
-                .arg(&s_i)
-                .arg(&d_i)
-                .arg(&mut gw)
-                .arg(&mut gye)
-                .launch(grid(ks as u32, BLOCK, BLOCK * 4))
-        }
-        .map_err(launch("moe_combine_backward"))?;
-
-        // The experts, all at once: gw2 += a^T gye; gb2 += colsum(gye); g = gye w2^T; g *= gelu'(h);
-        // gw1 += xe^T g; gb1 += colsum(g); gxe = g w1^T (into ye's buffer, no longer needed).
-        let mut g = act;
-        if rows > 0 {
-            self.gpu
-                .product(batched(f, d, slots, true, false, true), &g, &gye, &mut self.grads.w2)?;
-            self.column_sums(&gye, slots, d, true)?;
-            self.gpu
-                .product(batched(slots, f, d, false, true, false), &gye, &self.params.w2, &mut g)?;
-            let n = (rows * f) as i64;
-            let tanh_form = i32::from(c.gelu == crate::kernels::Gelu::Tanh);
-            // SAFETY: the arguments follow moe_gelu_backward's parameters; the buffers hold what it indexes.
+            let mut gw = self.gpu.alloc::<f32>(ks)?;
+            let mut gye = self.gpu.alloc_zeros::<f32>(rows * d)?;
+            // SAFETY: the arguments follow moe_combine_backward's parameters; the buffers hold what it
+            // indexes.
             unsafe {
                 self.gpu
                     .stream
-                    .launch_builder(self.gpu.kernel("moe_gelu_backward")?)
-                    .arg(&h)
-                    .arg(&mut g)
-                    .arg(&n)
-                    .arg(&tanh_form)
-                    .launch(elementwise(n as u64))
+                    .launch_builder(self.gpu.kernel("moe_combine_backward")?)
+                    .arg(&gy.data)
+                    .arg(&ye)
+                    .arg(&weights)
+                    .arg(&slot)
+                    .arg(&s_i)
+                    .arg(&d_i)
+                    .arg(&mut gw)
+                    .arg(&mut gye)
+                    .launch(grid(ks as u32, BLOCK, BLOCK * 4))
             }
-            .map_err(launch("moe_gelu_backward"))?;
-            self.gpu
-                .product(batched(d, f, slots, true, false, true), &xe, &g, &mut self.grads.w1)?;
-            self.column_sums(&g, slots, f, false)?;
-            self.gpu
-                .product(batched(slots, d, f, false, true, false), &g, &self.params.w1, &mut ye)?;
-        }
-        let gxe = ye;
-        let mut gx = self.gpu.alloc::<f32>(s * d)?;
-        self.combine(&gxe, None, &slot, s, &mut gx)?;
+            .map_err(launch("moe_combine_backward"))?;
 
-        let mut g_logits = self.gpu.alloc::<f32>(s * e_count)?;
-        let normalize = i32::from(c.normalize);
-        let eps = f32::EPSILON;
-        let aux_scale = if c.aux_coef != 0.0 {
-            (c.aux_coef as f32) * router_scale * e_count as f32 / (s as f32 * s as f32)
-        } else {
-            0.0
-        };
-        let z = (c.z_coef as f32) * router_scale * 2.0 / s as f32;
-        // SAFETY: the arguments follow moe_gate_backward's parameters; the buffers hold what it indexes.
-        unsafe {
+            // The experts, all at once: gw2 += a^T gye; gb2 += colsum(gye); g = gye w2^T; g *= gelu'(h);
+            // gw1 += xe^T g; gb1 += colsum(g); gxe = g w1^T (into ye's buffer, no longer needed).
+            let mut g = act;
+            if rows > 0 {
+                self.gpu
+                    .product(batched(f, d, slots, true, false, true), &g, &gye, &mut self.grads.w2)?;
+                self.column_sums(&gye, slots, d, true)?;
+                self.gpu
+                    .product(batched(slots, f, d, false, true, false), &gye, &self.params.w2, &mut g)?;
+                let n = (rows * f) as i64;
+                let tanh_form = i32::from(c.gelu == crate::kernels::Gelu::Tanh);
+                // SAFETY: the arguments follow moe_gelu_backward's parameters; the buffers hold what it indexes.
+                unsafe {
+                    self.gpu
+                        .stream
+                        .launch_builder(self.gpu.kernel("moe_gelu_backward")?)
+                        .arg(&h)
+                        .arg(&mut g)
+                        .arg(&n)
+                        .arg(&tanh_form)
+                        .launch(elementwise(n as u64))
+                }
+                .map_err(launch("moe_gelu_backward"))?;
+                self.gpu
+                    .product(batched(d, f, slots, true, false, true), &xe, &g, &mut self.grads.w1)?;
+                self.column_sums(&g, slots, f, false)?;
+                self.gpu
+                    .product(batched(slots, d, f, false, true, false), &g, &self.params.w1, &mut ye)?;
+            }
+            let gxe = ye;
+            let mut gx = self.gpu.alloc::<f32>(s * d)?;
+            self.combine(&gxe, None, &slot, s, &mut gx)?;
+
+            let mut g_logits = self.gpu.alloc::<f32>(s * e_count)?;
+            let normalize = i32::from(c.normalize);
+            let eps = f32::EPSILON;
+            let aux_scale = if c.aux_coef != 0.0 {
+                (c.aux_coef as f32) * router_scale * e_count as f32 / (s as f32 * s as f32)
+            } else {
+                0.0
+            };
+            let z = (c.z_coef as f32) * router_scale * 2.0 / s as f32;
+            // SAFETY: the arguments follow moe_gate_backward's parameters; the buffers hold what it indexes.
+            unsafe {
+                self.gpu
+                    .stream
+                    .launch_builder(self.gpu.kernel("moe_gate_backward")?)
+                    .arg(&gates)
+                    .arg(&lse)
+                    .arg(&expert)
+                    .arg(&slot)
+                    .arg(&gw)
+                    .arg(&first_counts)
+                    .arg(&s_i)
+                    .arg(&e_i)
+                    .arg(&k_i)
+                    .arg(&normalize)
+                    .arg(&eps)
+                    .arg(&aux_scale)
+                    .arg(&z)
+                    .arg(&mut g_logits)
+                    .launch(per_element(s as u64))
+            }
+            .map_err(launch("moe_gate_backward"))?;
+            let single = |m, n, kk, a_t, b_t| Product::new(m, n, kk, a_t, b_t, true);
+            self.gpu.product(
+                single(d, e_count, s, true, false),
+                &x.data,
+                &g_logits,
+                &mut self.grads.wg,
+            )?;
             self.gpu
-                .stream
-                .launch_builder(self.gpu.kernel("moe_gate_backward")?)
-                .arg(&gates)
-                .arg(&lse)
-                .arg(&expert)
-                .arg(&slot)
-                .arg(&gw)
-                .arg(&first_counts)
-                .arg(&s_i)
-                .arg(&e_i)
-                .arg(&k_i)
-                .arg(&normalize)
-                .arg(&eps)
-                .arg(&aux_scale)
-                .arg(&z)
-                .arg(&mut g_logits)
-                .launch(per_element(s as u64))
-        }
-        .map_err(launch("moe_gate_backward"))?;
-        let single = |m, n, kk, a_t, b_t| Product::new(m, n, kk, a_t, b_t, true);
-        self.gpu.product(
-            single(d, e_count, s, true, false),
-            &x.data,
-            &g_logits,
-            &mut self.grads.wg,
-        )?;
-        self.gpu
-            .product(single(s, d, e_count, false, true), &g_logits, &self.params.wg, &mut gx)?;
-        Ok(DeviceBuffer { data: gx, len: s * d })
+                .product(single(s, d, e_count, false, true), &g_logits, &self.params.wg, &mut gx)?;
+            Ok(DeviceBuffer { data: gx, len: s * d })
+        })
     }
 
     /// Add each expert's column sums of `m` (`[E][slots][width]`) into the gradient of b2
@@ -610,23 +626,25 @@ impl CudaMoeLayer {
     /// rows per expert (the products of one forward and backward, batched over the experts):
     /// median of `rounds` rounds of `iters` repetitions, after one untimed round.
     pub fn expert_products_seconds(&mut self, slots: usize, iters: usize, rounds: usize) -> Result<f64> {
-        let c = self.config.clone();
-        let (d, f, e_count) = (c.d_model, c.d_ff, c.experts);
-        let rows = e_count * slots;
-        let xe = self.gpu.alloc_zeros::<f32>(rows * d)?;
-        let mut h = self.gpu.alloc_zeros::<f32>(rows * f)?;
-        let mut ye = self.gpu.alloc_zeros::<f32>(rows * d)?;
-        let mut gw1 = self.gpu.alloc_zeros::<f32>(e_count * d * f)?;
-        let mut gw2 = self.gpu.alloc_zeros::<f32>(e_count * f * d)?;
-        let b = |m, n, kk, a_t, b_t, accumulate| Product::new(m, n, kk, a_t, b_t, accumulate).batched(e_count);
-        let (gpu, p) = (&self.gpu, &self.params);
-        self.time_rounds(iters, rounds, || {
-            gpu.product(b(slots, f, d, false, false, false), &xe, &p.w1, &mut h)?;
-            gpu.product(b(slots, d, f, false, false, false), &h, &p.w2, &mut ye)?;
-            gpu.product(b(f, d, slots, true, false, true), &h, &ye, &mut gw2)?;
-            gpu.product(b(slots, f, d, false, true, false), &ye, &p.w2, &mut h)?;
-            gpu.product(b(d, f, slots, true, false, true), &xe, &h, &mut gw1)?;
-            gpu.product(b(slots, d, f, false, true, false), &h, &p.w1, &mut ye)
+        guarded_try("timing the expert products on the GPU", || {
+            let c = self.config.clone();
+            let (d, f, e_count) = (c.d_model, c.d_ff, c.experts);
+            let rows = e_count * slots;
+            let xe = self.gpu.alloc_zeros::<f32>(rows * d)?;
+            let mut h = self.gpu.alloc_zeros::<f32>(rows * f)?;
+            let mut ye = self.gpu.alloc_zeros::<f32>(rows * d)?;
+            let mut gw1 = self.gpu.alloc_zeros::<f32>(e_count * d * f)?;
+            let mut gw2 = self.gpu.alloc_zeros::<f32>(e_count * f * d)?;
+            let b = |m, n, kk, a_t, b_t, accumulate| Product::new(m, n, kk, a_t, b_t, accumulate).batched(e_count);
+            let (gpu, p) = (&self.gpu, &self.params);
+            self.time_rounds(iters, rounds, || {
+                gpu.product(b(slots, f, d, false, false, false), &xe, &p.w1, &mut h)?;
+                gpu.product(b(slots, d, f, false, false, false), &h, &p.w2, &mut ye)?;
+                gpu.product(b(f, d, slots, true, false, true), &h, &ye, &mut gw2)?;
+                gpu.product(b(slots, f, d, false, true, false), &ye, &p.w2, &mut h)?;
+                gpu.product(b(d, f, slots, true, false, true), &xe, &h, &mut gw1)?;
+                gpu.product(b(slots, d, f, false, true, false), &h, &p.w1, &mut ye)
+            })
         })
     }
 
@@ -634,11 +652,13 @@ impl CudaMoeLayer {
     /// matrix rate the expert products are judged against), timed as
     /// [`CudaMoeLayer::expert_products_seconds`].
     pub fn plain_product_seconds(&self, m: usize, n: usize, k: usize, iters: usize, rounds: usize) -> Result<f64> {
-        let a = self.gpu.alloc_zeros::<f32>(m * k)?;
-        let b = self.gpu.alloc_zeros::<f32>(k * n)?;
-        let mut out = self.gpu.alloc_zeros::<f32>(m * n)?;
-        let p = Product::new(m, n, k, false, false, false);
-        self.time_rounds(iters, rounds, || self.gpu.product(p, &a, &b, &mut out))
+        guarded_try("timing a product on the GPU", || {
+            let a = self.gpu.alloc_zeros::<f32>(m * k)?;
+            let b = self.gpu.alloc_zeros::<f32>(k * n)?;
+            let mut out = self.gpu.alloc_zeros::<f32>(m * n)?;
+            let p = Product::new(m, n, k, false, false, false);
+            self.time_rounds(iters, rounds, || self.gpu.product(p, &a, &b, &mut out))
+        })
     }
 
     /// Median seconds per call of `f` over `rounds` rounds of `iters` calls, each round bracketed by
