@@ -22,8 +22,9 @@
 #     rows over the transport, through NCCL in process, and through NCCL from a worker process
 #     (`--processes 1`: the NCCL ids from the coordinator): the same checkpoint bytes, and the
 #     tokens/s of each;
-#   - the main job's model trained on the GPU for TRAIN_STEPS steps (`semoe train --device cuda`),
-#     its validation loss next to the CPU's for the same steps (the same on every CPU, bit for bit);
+#   - the main job's model trained on the GPU for TRAIN_STEPS steps (`semoe train --device cuda`)
+#     within a Device budget of 8 GiB (its tensors' peak printed against it), its validation loss
+#     next to the CPU's for the same steps (the same on every CPU, bit for bit);
 #   - the MoE layer at the issue's size (16,384 tokens, width 1024, hidden 4096, 8 experts, top-2),
 #     semoe's (`semoe bench moe-layer --device cuda`) and PyTorch's, side by side, in float32 and
 #     in TF32, each with the matrix rate cuBLAS reaches at the expert products' size.
@@ -160,7 +161,7 @@ EOF
         done; done"
     rm -rf "$BUNDLE/run-gpu"
     step 300 "training on the GPU ($TRAIN_STEPS steps; the CPU reaches validation loss $CPU_VAL_LOSS)" \
-        "$BUNDLE/semoe" train --device cuda --steps "$TRAIN_STEPS" --run-dir "$BUNDLE/run-gpu" --quiet
+        "$BUNDLE/semoe" train --device cuda --device-budget 8GiB --steps "$TRAIN_STEPS" --run-dir "$BUNDLE/run-gpu" --quiet
     say ""
     say "figures in $out"
 }

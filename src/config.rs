@@ -28,9 +28,10 @@ pub struct TrainConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSettings {
-    /// Bytes of the Device tier per worker (`512MiB`, `2GiB`, ...); empty: unlimited. On a
-    /// machine without a GPU it is the compute working set in RAM; it must hold one MoE block's
-    /// experts.
+    /// Bytes of the Device tier per worker (`512MiB`, `2GiB`, ...); empty: unlimited. On the CPU
+    /// it is the compute working set in RAM, and must hold one MoE block's experts; with
+    /// `train.device = "cuda"` it bounds the GPU memory the model's tensors, gradients, optimizer
+    /// state and activations take (one memory pool of that size; an allocation past it fails).
     pub device_budget: String,
     /// Bytes of the Host tier (the cache of experts) per worker; empty: unlimited.
     pub host_budget: String,
@@ -397,10 +398,11 @@ impl TrainConfig {
                      train.workers above 1, train.processes or train.listen",
                 ));
             }
-            if !self.storage.to_config(None)?.unlimited() {
+            if self.storage.to_config(None)?.host_budget.is_some() {
                 return Err(Error::config(
-                    "train.device = \"cuda\" keeps the whole model in GPU memory: storage budgets \
-                     (storage.device_budget, storage.host_budget) are not supported with it yet",
+                    "train.device = \"cuda\" keeps the whole model in GPU memory, with no Host tier behind it: \
+                     storage.host_budget is not supported with it (storage.device_budget bounds the GPU memory \
+                     the model's tensors take)",
                 ));
             }
             if self.model.has_moe() {
@@ -429,7 +431,8 @@ impl TrainConfig {
         let storage = self.storage.to_config(None)?;
         // Worker processes are the actor runtime whatever train.workers says.
         let plain_loop = t.workers == 0 && !t.elastic();
-        if !storage.unlimited() && plain_loop {
+        // On a GPU the Device budget bounds the device's memory pool (kernels::cuda::budget).
+        if !storage.unlimited() && plain_loop && t.device != ComputeDevice::Cuda {
             return Err(Error::config(
                 "storage budgets need the actor runtime (train.workers >= 1, or worker processes); the plain loop \
                  keeps everything in memory",
@@ -600,5 +603,19 @@ mod tests {
         c.train.processes = 0;
         c.train.workers = 2;
         c.validate().expect("in-process workers hold tiers");
+    }
+
+    #[test]
+    fn on_a_gpu_the_device_budget_bounds_the_gpu_and_there_is_no_host_tier() {
+        let mut c = TrainConfig::default();
+        c.train.device = ComputeDevice::Cuda;
+        c.storage.device_budget = "4GiB".into();
+        c.validate().expect("the Device budget bounds the GPU's memory pool");
+        c.storage.host_budget = "8GiB".into();
+        let err = c.validate().expect_err("no Host tier on the GPU").to_string();
+        assert!(err.contains("storage.host_budget is not supported"), "{err}");
+        c.storage.device_budget = String::new();
+        let err = c.validate().expect_err("a Host budget alone").to_string();
+        assert!(err.contains("storage.host_budget is not supported"), "{err}");
     }
 }

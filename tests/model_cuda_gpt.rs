@@ -1,8 +1,9 @@
 //! The whole model on a GPU (src/model/cuda/gpt.rs) against the CPU model: one group's loss,
 //! router losses, MoE loads and every parameter's gradient, a model with a dense and an MoE block;
 //! 20 training steps against the CPU's plain loop (loss within 1e-4) and against a second GPU run
-//! (bit for bit). Skipped, saying so, without a GPU (the kernels' compilation is checked by
-//! model_cuda_moe.rs). What `train.device = "cuda"` refuses is checked everywhere.
+//! (bit for bit); a run within a Device budget (the same bits, the pool's peak within it) and a
+//! model too large for one. Skipped, saying so, without a GPU (the kernels' compilation is checked
+//! by model_cuda_moe.rs). What `train.device = "cuda"` refuses is checked everywhere.
 
 mod common;
 
@@ -177,4 +178,54 @@ fn twenty_steps_on_the_gpu_track_the_cpu_loop_and_repeat_bit_for_bit() {
     );
     assert_eq!(gpu_loss.to_bits(), again_loss.to_bits(), "a second GPU run's loss");
     common::assert_same(&gpu_bits, &again_bits, "a second GPU run's parameters and moments");
+}
+
+#[test]
+fn the_device_budget_bounds_the_gpus_memory_and_changes_no_bit() {
+    if let Err(e) = CudaDevice::open(0) {
+        eprintln!("skipping: {e}");
+        return;
+    }
+    let steps = 3;
+    let mut c = common::small_config(steps);
+    c.train.workers = 0;
+    c.train.device = ComputeDevice::Cuda;
+    let run = |budget: &str| {
+        let mut c = c.clone();
+        c.storage.device_budget = budget.into();
+        let tmp = common::TempDir::new("cuda-budget");
+        let mut t = Trainer::new(c, &tmp.path().join("run")).expect("trainer");
+        for _ in 0..steps {
+            t.step().expect("step");
+        }
+        let memory = t.gpu_memory().expect("the pool's counters");
+        (memory, common::trainer_state_bits(&mut t))
+    };
+    let (unbounded, free_bits) = run("");
+    assert_eq!(unbounded, None, "no budget, no pool");
+    let (bounded, bounded_bits) = run("256MiB");
+    let m = bounded.expect("a budget's pool");
+    eprintln!("peak {} bytes of a {} byte budget", m.peak, m.budget);
+    assert_eq!(m.budget, 256 << 20);
+    assert!(m.peak > 0 && m.peak <= m.budget, "peak {} of {}", m.peak, m.budget);
+    assert!(m.in_use <= m.peak, "in use {} above the peak {}", m.in_use, m.peak);
+    common::assert_same(&free_bits, &bounded_bits, "the same run within a Device budget");
+
+    // A model whose expert matrices alone take 16 MiB cannot fit in 4 MiB: refused while it is
+    // copied to the GPU, naming the budget.
+    let mut big = c.clone();
+    big.model.d_model = 256;
+    big.model.n_head = 4;
+    big.model.d_ff = 1024;
+    big.model.experts = 8;
+    big.storage.device_budget = "4MiB".into();
+    let tmp = common::TempDir::new("cuda-budget-small");
+    let err = Trainer::new(big, &tmp.path().join("run"))
+        .err()
+        .expect("4 MiB cannot hold the model")
+        .to_string();
+    assert!(
+        err.contains("Device budget") && err.contains("exhausted"),
+        "unclear: {err}"
+    );
 }

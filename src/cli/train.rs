@@ -94,7 +94,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
     /// Bytes of expert state each worker keeps in the Device tier (the compute working set; e.g.
-    /// 64MiB). It must hold one MoE block's experts. Unset: everything stays in memory.
+    /// 64MiB). It must hold one MoE block's experts. Unset: everything stays in memory. With
+    /// --device cuda: the GPU memory the model's tensors may take (one pool of that size).
     #[arg(long, value_name = "SIZE")]
     device_budget: Option<String>,
     /// Bytes of expert state each worker caches in the Host tier (e.g. 128MiB); what fits in
@@ -664,6 +665,13 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         summary.elapsed_s,
         summary.checkpoint.display()
     );
+    if let Some(m) = trainer.gpu_memory()? {
+        semoe::say!(
+            "GPU memory: at most {} of the Device budget of {} held by the model's tensors, gradients, optimizer state and activations",
+            semoe::storage::tiers::format_bytes(m.peak),
+            semoe::storage::tiers::format_bytes(m.budget),
+        );
+    }
     if let Some(m) = trainer.membership() {
         let recovery = if m.recovery_seconds.is_empty() {
             String::new()

@@ -12,7 +12,7 @@ use crate::config::{ComputeDevice, TrainConfig};
 use crate::data::corpus::Corpus;
 use crate::data::sampler;
 use crate::error::{Error, Result};
-use crate::kernels::cuda::{CudaDevice, Gpu, Precision};
+use crate::kernels::cuda::{CudaDevice, Gpu, GpuMemory, Precision};
 use crate::kernels::{Backend, Cpu};
 use crate::model::cuda::CudaGpt;
 use crate::model::gpt::{Gpt, GroupOutput};
@@ -449,7 +449,8 @@ impl Trainer {
         let gpu = match config.train.device {
             ComputeDevice::Cuda => {
                 let device = CudaDevice::open(0)?;
-                let mut on_gpu = CudaGpt::new(&Gpu::new(&device, Precision::F32)?, &model)?;
+                let budget = config.storage.to_config(None)?.device_budget;
+                let mut on_gpu = CudaGpt::new(&Gpu::budgeted(&device, Precision::F32, budget)?, &model)?;
                 on_gpu.load_moments(&optimizer.m, &optimizer.v)?;
                 Some(on_gpu)
             }
@@ -721,6 +722,14 @@ impl Trainer {
         self.optimizer.step = step + 1;
         self.gpu_stale = true;
         Ok((outputs, lr, grad_norm))
+    }
+
+    /// The GPU memory the Device budget's pool counted (`None`: not on a GPU, or no budget).
+    pub fn gpu_memory(&self) -> Result<Option<GpuMemory>> {
+        match &self.gpu {
+            Some(gpu) => gpu.memory(),
+            None => Ok(None),
+        }
     }
 
     /// Membership figures of a run over worker processes (`None` otherwise).

@@ -56,6 +56,20 @@ impl Gpu {
         Err(no_cuda("cannot open a GPU"))
     }
 
+    /// Always an error: this build has no CUDA support.
+    pub fn budgeted(
+        _device: &CudaDevice,
+        _precision: Precision,
+        _device_budget: Option<u64>,
+    ) -> Result<std::sync::Arc<Self>> {
+        Err(no_cuda("cannot open a GPU"))
+    }
+
+    /// Unreachable in this build.
+    pub fn memory(&self) -> Result<Option<super::GpuMemory>> {
+        Err(no_cuda("cannot read a GPU's memory"))
+    }
+
     /// The GPU's name.
     pub fn name(&self) -> &str {
         ""

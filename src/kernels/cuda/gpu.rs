@@ -2,8 +2,9 @@
 //! kernels of `moe_kernels.cu` and `model_kernels.cu`. Everything queued on one [`Gpu`] runs in
 //! order on its stream, so buffers need no other synchronisation, and a run repeats bit for bit.
 
+use super::budget::BudgetPool;
 use super::device::{cuda_error, CudaDevice};
-use super::{Precision, KERNEL_NAMES};
+use super::{GpuMemory, Precision, KERNEL_NAMES};
 use crate::error::{Error, Result};
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{
@@ -131,15 +132,27 @@ pub struct Gpu {
     precision: Precision,
     kernels: BTreeMap<&'static str, CudaFunction>,
     name: String,
+    /// The Device tier's budget, when one bounds this GPU's tensors ([`Gpu::budgeted`]).
+    pool: Option<BudgetPool>,
 }
 
 impl Gpu {
     /// A stream on `device`, a cuBLAS handle in `precision`, and the kernels compiled and loaded.
     pub fn new(device: &CudaDevice, precision: Precision) -> Result<Arc<Self>> {
-        super::device::guarded("setting up the GPU", || Gpu::start(device, precision))?
+        Self::budgeted(device, precision, None)
     }
 
-    fn start(device: &CudaDevice, precision: Precision) -> Result<Arc<Self>> {
+    /// [`Gpu::new`] with every tensor allocated from a memory pool of at most `device_budget`
+    /// bytes (the Device tier's budget; `None`: the whole GPU). An allocation past it fails with
+    /// an error naming the budget, and [`Gpu::memory`] reports the pool's peak.
+    pub fn budgeted(device: &CudaDevice, precision: Precision, device_budget: Option<u64>) -> Result<Arc<Self>> {
+        super::device::guarded("setting up the GPU", || Gpu::start(device, precision, device_budget))?
+    }
+
+    fn start(device: &CudaDevice, precision: Precision, device_budget: Option<u64>) -> Result<Arc<Self>> {
+        let pool = device_budget
+            .map(|budget| BudgetPool::new(device.context(), budget))
+            .transpose()?;
         if !cublas_present() {
             return Err(cuda_error("the cuBLAS library (libcublas.so) was not found"));
         }
@@ -174,7 +187,13 @@ impl Gpu {
             precision,
             kernels,
             name: device.name(),
+            pool,
         }))
+    }
+
+    /// The budgeted pool's figures (`None` without a budget: the GPU's whole memory is open to it).
+    pub fn memory(&self) -> Result<Option<GpuMemory>> {
+        self.pool.as_ref().map(BudgetPool::memory).transpose()
     }
 
     /// The GPU's name.
@@ -196,7 +215,14 @@ impl Gpu {
 
     /// A copy of `data` on the GPU.
     pub(crate) fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(data).map_err(driver("cannot copy to the GPU"))
+        if self.pool.is_none() {
+            return self.stream.clone_htod(data).map_err(driver("cannot copy to the GPU"));
+        }
+        let mut buf = self.alloc::<T>(data.len())?;
+        self.stream
+            .memcpy_htod(data, &mut buf)
+            .map_err(driver("cannot copy to the GPU"))?;
+        Ok(buf)
     }
 
     /// A copy of a GPU buffer on the host (waits for the work queued before it).
@@ -205,17 +231,34 @@ impl Gpu {
     }
 
     /// An uninitialised buffer of `n` elements (at least one: CUDA refuses empty allocations).
+    /// From the budget's pool when there is one.
     pub(crate) fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
-        // SAFETY: every caller writes the elements it later reads (the kernels and products write
-        // their whole output before anything reads it).
-        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(driver("cannot allocate GPU memory"))
+        let n = n.max(1);
+        let Some(pool) = &self.pool else {
+            // SAFETY: every caller writes the elements it later reads (the kernels and products
+            // write their whole output before anything reads it).
+            return unsafe { self.stream.alloc::<T>(n) }.map_err(driver("cannot allocate GPU memory"));
+        };
+        let bytes = n
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| cuda_error(format!("{n} elements do not fit in memory")))?;
+        let ptr = pool.alloc(self.stream.cu_stream(), bytes)?;
+        // SAFETY: `ptr` is a live allocation of `bytes` = n elements of T, ordered on this stream;
+        // the slice frees it (stream-ordered) when dropped. Callers write before reading, as above.
+        Ok(unsafe { self.stream.upgrade_device_ptr(ptr, n) })
     }
 
     /// A zeroed buffer of `n` elements (at least one).
     pub(crate) fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
-        self.stream
-            .alloc_zeros::<T>(n.max(1))
-            .map_err(driver("cannot allocate GPU memory"))
+        if self.pool.is_none() {
+            return self
+                .stream
+                .alloc_zeros::<T>(n.max(1))
+                .map_err(driver("cannot allocate GPU memory"));
+        }
+        let mut buf = self.alloc::<T>(n)?;
+        self.zero(&mut buf)?;
+        Ok(buf)
     }
 
     /// Set a buffer to zero.

@@ -8,6 +8,8 @@
 use crate::error::{Error, Result};
 
 #[cfg(feature = "cuda")]
+mod budget;
+#[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
 pub(crate) mod gpu;
@@ -53,6 +55,18 @@ pub const KERNEL_NAMES: [&str; 25] = [
     "gpt_adamw",
     "gpt_sum_squares",
 ];
+
+/// GPU memory as the Device tier's budget counts it ([`Gpu::memory`]): the tensors of a
+/// [`Gpu::budgeted`] GPU, allocated from a pool that never grows past the budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuMemory {
+    /// The Device tier's budget: the pool's largest size.
+    pub budget: u64,
+    /// Bytes of tensors allocated now.
+    pub in_use: u64,
+    /// The most bytes of tensors allocated at once so far.
+    pub peak: u64,
+}
 
 /// The precision of the GPU's matrix products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

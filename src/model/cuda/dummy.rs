@@ -129,6 +129,11 @@ impl CudaGpt {
     }
 
     /// Unreachable in this build.
+    pub fn memory(&self) -> Result<Option<crate::kernels::cuda::GpuMemory>> {
+        Err(no_cuda("cannot read a GPU's memory"))
+    }
+
+    /// Unreachable in this build.
     pub fn to_model(&self) -> Result<crate::model::gpt::Gpt<f32>> {
         Err(no_cuda("cannot read the model from a GPU"))
     }

@@ -15,7 +15,7 @@
 use super::moe::{CudaMoeCache, CudaMoeLayer, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::kernels::cuda::gpu::{elementwise, grid, int, launch, per_element, Gpu, Product, BLOCK, WIDE_BLOCK};
-use crate::kernels::cuda::guarded_try;
+use crate::kernels::cuda::{guarded_try, GpuMemory};
 use crate::kernels::{AdamwStep, Gelu};
 use crate::model::gpt::{Ffn, Gpt, GptConfig, GroupOutput};
 use crate::model::layers::LN_EPS;
@@ -138,6 +138,11 @@ impl CudaGpt {
     /// The GPU it runs on.
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
+    }
+
+    /// What the GPU's Device budget counted (`None` without a budget): see [`Gpu::memory`].
+    pub fn memory(&self) -> Result<Option<GpuMemory>> {
+        guarded_try("reading the GPU's memory pool", || self.gpu.memory())
     }
 
     /// The parameters, copied to the host as a [`Gpt`].

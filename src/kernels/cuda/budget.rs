@@ -1,0 +1,167 @@
+//! The Device tier's budget on a GPU: a CUDA memory pool of at most the budget's bytes, from which
+//! every tensor of a budgeted [`Gpu`](super::Gpu) is allocated (stream-ordered, as cudarc's own
+//! allocations are). The driver refuses an allocation that would take the pool past its size, so
+//! the budget holds however the model's tensors come and go; the pool's own counters give what
+//! was in use and its high-water mark, which the training summary reports.
+//!
+//! What the pool does not hold: cuBLAS's workspace, the NCCL communicators' buffers and the CUDA
+//! context itself, which their libraries allocate outside it (tens to a few hundred MiB).
+
+use super::device::cuda_error;
+use super::GpuMemory;
+use crate::error::{Error, Result};
+use crate::storage::tiers::size::format_bytes;
+use cudarc::driver::sys;
+use cudarc::driver::CudaContext;
+use std::sync::Arc;
+
+/// The first driver whose memory pools honour a maximum size (CUDA 12.2; older drivers read the
+/// field as reserved bytes and would let the pool grow without bound).
+const POOL_MAX_SIZE_DRIVER: i32 = 12020;
+
+/// A memory pool on one GPU bounded by a budget.
+pub(crate) struct BudgetPool {
+    pool: sys::CUmemoryPool,
+    budget: u64,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: a memory pool is a process-wide driver object; the driver API may be called with it from
+// any thread (every call below binds the context first).
+unsafe impl Send for BudgetPool {}
+// SAFETY: as above: the handle is never mutated after creation, and the driver synchronises its
+// own use of the pool.
+unsafe impl Sync for BudgetPool {}
+
+fn check(what: &str, r: sys::CUresult) -> Result<()> {
+    r.result().map_err(|e| cuda_error(format!("{what}: {e}")))
+}
+
+impl BudgetPool {
+    /// A pool on `ctx`'s GPU that never holds more than `budget` bytes.
+    pub(crate) fn new(ctx: &Arc<CudaContext>, budget: u64) -> Result<BudgetPool> {
+        let what = format!("a GPU memory pool of the Device budget ({})", format_bytes(budget));
+        let bad = |detail: String| Error::config(format!("storage.device_budget = {}: {detail}", format_bytes(budget)));
+        if budget == 0 {
+            return Err(bad("a GPU needs a budget above zero".into()));
+        }
+        ctx.bind_to_thread()
+            .map_err(|e| cuda_error(format!("{what}: cannot bind the GPU: {e}")))?;
+        let mut version = 0;
+        // SAFETY: an out-parameter the call fills.
+        check(&what, unsafe { sys::cuDriverGetVersion(&mut version) })?;
+        if version < POOL_MAX_SIZE_DRIVER {
+            return Err(bad(format!(
+                "the CUDA driver ({}.{}) cannot bound a memory pool (CUDA 12.2 or later can)",
+                version / 1000,
+                version % 1000 / 10
+            )));
+        }
+        let pools = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+            .map_err(|e| cuda_error(format!("{what}: {e}")))?;
+        if pools == 0 {
+            return Err(bad(
+                "this GPU does not support memory pools, so no budget can bound it".into()
+            ));
+        }
+        let (_free, total) = ctx.mem_get_info().map_err(|e| cuda_error(format!("{what}: {e}")))?;
+        if budget > total as u64 {
+            return Err(bad(format!("the GPU has {} in all", format_bytes(total as u64))));
+        }
+        let size = usize::try_from(budget).map_err(|_| bad("too large for this machine".into()))?;
+        let ordinal =
+            i32::try_from(ctx.ordinal()).map_err(|_| cuda_error(format!("{what}: GPU ordinal out of range")))?;
+        // SAFETY: a plain C struct of integers and pointers, for which all zeros is a valid value
+        // (no handle types, no security attributes, default usage).
+        let mut props: sys::CUmemPoolProps = unsafe { std::mem::zeroed() };
+        props.allocType = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+        props.handleTypes = sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE;
+        props.location = sys::CUmemLocation {
+            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: ordinal,
+        };
+        props.maxSize = size;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: `props` is initialised above and outlives the call; `pool` is an out-parameter.
+        check(&what, unsafe { sys::cuMemPoolCreate(&mut pool, &props) })?;
+        let made = BudgetPool {
+            pool,
+            budget,
+            ctx: ctx.clone(),
+        };
+        // Keep what the pool reserved instead of handing it back at every synchronisation (the
+        // default threshold, 0): the budget already bounds it, and a step reuses the same sizes.
+        let mut keep = budget;
+        // SAFETY: the pool is live; the attribute takes a u64 by pointer.
+        check(&what, unsafe {
+            sys::cuMemPoolSetAttribute(
+                made.pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            )
+        })?;
+        Ok(made)
+    }
+
+    /// `bytes` from the pool, ordered on `stream`; refused with an error naming the budget when
+    /// the pool cannot grow to hold them.
+    pub(crate) fn alloc(&self, stream: sys::CUstream, bytes: usize) -> Result<sys::CUdeviceptr> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error(format!("cannot bind the GPU: {e}")))?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: the pool and the stream are live and belong to the bound context; `ptr` is an
+        // out-parameter.
+        let r = unsafe { sys::cuMemAllocFromPoolAsync(&mut ptr, bytes, self.pool, stream) };
+        if r == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            let in_use = self
+                .memory()
+                .map(|m| format_bytes(m.in_use))
+                .unwrap_or_else(|_| "?".into());
+            return Err(cuda_error(format!(
+                "the Device budget of {} on the GPU is exhausted: {} more asked for with {in_use} in use; \
+                 raise storage.device_budget (--device-budget) or lower train.batch",
+                format_bytes(self.budget),
+                format_bytes(bytes as u64),
+            )));
+        }
+        check(
+            &format!("cannot allocate {} of GPU memory", format_bytes(bytes as u64)),
+            r,
+        )?;
+        Ok(ptr)
+    }
+
+    fn attribute(&self, attr: sys::CUmemPool_attribute) -> Result<u64> {
+        let mut value: u64 = 0;
+        // SAFETY: the pool is live; the memory counters are u64 values written through the pointer.
+        check("reading the GPU memory pool's counters", unsafe {
+            sys::cuMemPoolGetAttribute(self.pool, attr, (&mut value as *mut u64).cast())
+        })?;
+        Ok(value)
+    }
+
+    /// What the pool holds now and at most so far.
+    pub(crate) fn memory(&self) -> Result<GpuMemory> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error(format!("cannot bind the GPU: {e}")))?;
+        Ok(GpuMemory {
+            budget: self.budget,
+            in_use: self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+            peak: self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+        })
+    }
+}
+
+impl Drop for BudgetPool {
+    fn drop(&mut self) {
+        // Buffers still allocated from the pool keep it alive: the driver destroys it once the
+        // last is freed. Nothing to report from a destructor.
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: the pool is live and never used after this.
+            let _ = unsafe { sys::cuMemPoolDestroy(self.pool) };
+        }
+    }
+}
