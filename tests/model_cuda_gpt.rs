@@ -205,9 +205,23 @@ fn the_device_budget_bounds_the_gpus_memory_and_changes_no_bit() {
     assert_eq!(unbounded, None, "no budget, no pool");
     let (bounded, bounded_bits) = run("256MiB");
     let m = bounded.expect("a budget's pool");
-    eprintln!("peak {} bytes of a {} byte budget", m.peak, m.budget);
-    assert_eq!(m.budget, 256 << 20);
-    assert!(m.peak > 0 && m.peak <= m.budget, "peak {} of {}", m.peak, m.budget);
+    eprintln!(
+        "peak {} bytes used, {} reserved, of a {} byte budget",
+        m.peak, m.reserved_peak, m.budget
+    );
+    assert_eq!(m.budget, 256 << 20, "a budget of whole 2 MiB granules is kept as it is");
+    assert!(
+        m.peak > 0 && m.peak <= m.reserved_peak,
+        "peak {} used, {} reserved",
+        m.peak,
+        m.reserved_peak
+    );
+    assert!(
+        m.reserved_peak <= m.budget,
+        "{} reserved of {}",
+        m.reserved_peak,
+        m.budget
+    );
     assert!(m.in_use <= m.peak, "in use {} above the peak {}", m.in_use, m.peak);
     common::assert_same(&free_bits, &bounded_bits, "the same run within a Device budget");
 

@@ -665,12 +665,16 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         summary.elapsed_s,
         summary.checkpoint.display()
     );
-    if let Some(m) = trainer.gpu_memory()? {
-        semoe::say!(
-            "GPU memory: at most {} of the Device budget of {} held by the model's tensors, gradients, optimizer state and activations",
+    match trainer.gpu_memory() {
+        Ok(Some(m)) => semoe::say!(
+            "GPU memory: at most {} in the model's tensors, gradients, optimizer state and activations, {} reserved, \
+             of the Device budget of {}",
             semoe::storage::tiers::format_bytes(m.peak),
+            semoe::storage::tiers::format_bytes(m.reserved_peak),
             semoe::storage::tiers::format_bytes(m.budget),
-        );
+        ),
+        Ok(None) => {}
+        Err(e) => semoe::say!("warning: the GPU's memory figures could not be read: {e}"),
     }
     if let Some(m) = trainer.membership() {
         let recovery = if m.recovery_seconds.is_empty() {

@@ -2,7 +2,9 @@
 //! every tensor of a budgeted [`Gpu`](super::Gpu) is allocated (stream-ordered, as cudarc's own
 //! allocations are). The driver refuses an allocation that would take the pool past its size, so
 //! the budget holds however the model's tensors come and go; the pool's own counters give what
-//! was in use and its high-water mark, which the training summary reports.
+//! its tensors used and what it reserved from the GPU (in the driver's granules), at most, which
+//! the training summary reports. The budget is rounded down to the GPU's allocation granule
+//! (2 MiB on current GPUs), since the driver would round a pool's size up.
 //!
 //! What the pool does not hold: cuBLAS's workspace, the NCCL communicators' buffers and the CUDA
 //! context itself, which their libraries allocate outside it (tens to a few hundred MiB).
@@ -37,16 +39,46 @@ fn check(what: &str, r: sys::CUresult) -> Result<()> {
     r.result().map_err(|e| cuda_error(format!("{what}: {e}")))
 }
 
+/// Make `ctx` current on this thread. cudarc reports here an error the GPU recorded earlier (a
+/// failed free, an asynchronous fault), so the message says so rather than blaming the binding.
+fn bind(ctx: &CudaContext) -> Result<()> {
+    ctx.bind_to_thread()
+        .map_err(|e| cuda_error(format!("the GPU reported an error: {e}")))
+}
+
+/// Pinned device memory on GPU `ordinal`, as pools and allocations describe it.
+fn device_location(ordinal: i32) -> sys::CUmemLocation {
+    sys::CUmemLocation {
+        type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+        id: ordinal,
+    }
+}
+
+/// The smallest granule the driver reserves device memory in on GPU `ordinal`.
+fn granularity(ordinal: i32) -> Result<u64> {
+    // SAFETY: a plain C struct of integers and a pointer, for which all zeros is a valid value.
+    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location = device_location(ordinal);
+    let mut granule: usize = 0;
+    // SAFETY: `prop` is initialised and outlives the call; `granule` is an out-parameter.
+    check("the GPU's allocation granularity", unsafe {
+        sys::cuMemGetAllocationGranularity(
+            &mut granule,
+            &prop,
+            sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+        )
+    })?;
+    Ok(granule.max(1) as u64)
+}
+
 impl BudgetPool {
-    /// A pool on `ctx`'s GPU that never holds more than `budget` bytes.
+    /// A pool on `ctx`'s GPU that never holds more than `budget` bytes (rounded down to the
+    /// GPU's allocation granule).
     pub(crate) fn new(ctx: &Arc<CudaContext>, budget: u64) -> Result<BudgetPool> {
         let what = format!("a GPU memory pool of the Device budget ({})", format_bytes(budget));
         let bad = |detail: String| Error::config(format!("storage.device_budget = {}: {detail}", format_bytes(budget)));
-        if budget == 0 {
-            return Err(bad("a GPU needs a budget above zero".into()));
-        }
-        ctx.bind_to_thread()
-            .map_err(|e| cuda_error(format!("{what}: cannot bind the GPU: {e}")))?;
+        bind(ctx)?;
         let mut version = 0;
         // SAFETY: an out-parameter the call fills.
         check(&what, unsafe { sys::cuDriverGetVersion(&mut version) })?;
@@ -57,6 +89,7 @@ impl BudgetPool {
                 version % 1000 / 10
             )));
         }
+        // cudarc frees a slice with cuMemFreeAsync only where the device has memory pools.
         let pools = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
             .map_err(|e| cuda_error(format!("{what}: {e}")))?;
@@ -69,18 +102,23 @@ impl BudgetPool {
         if budget > total as u64 {
             return Err(bad(format!("the GPU has {} in all", format_bytes(total as u64))));
         }
-        let size = usize::try_from(budget).map_err(|_| bad("too large for this machine".into()))?;
         let ordinal =
             i32::try_from(ctx.ordinal()).map_err(|_| cuda_error(format!("{what}: GPU ordinal out of range")))?;
+        let granule = granularity(ordinal)?;
+        let budget = budget / granule * granule;
+        if budget == 0 {
+            return Err(bad(format!(
+                "below the GPU's allocation granule of {}",
+                format_bytes(granule)
+            )));
+        }
+        let size = usize::try_from(budget).map_err(|_| bad("too large for this machine".into()))?;
         // SAFETY: a plain C struct of integers and pointers, for which all zeros is a valid value
         // (no handle types, no security attributes, default usage).
         let mut props: sys::CUmemPoolProps = unsafe { std::mem::zeroed() };
         props.allocType = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
         props.handleTypes = sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE;
-        props.location = sys::CUmemLocation {
-            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
-            id: ordinal,
-        };
+        props.location = device_location(ordinal);
         props.maxSize = size;
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         // SAFETY: `props` is initialised above and outlives the call; `pool` is an out-parameter.
@@ -93,7 +131,7 @@ impl BudgetPool {
         // Keep what the pool reserved instead of handing it back at every synchronisation (the
         // default threshold, 0): the budget already bounds it, and a step reuses the same sizes.
         let mut keep = budget;
-        // SAFETY: the pool is live; the attribute takes a u64 by pointer.
+        // SAFETY: the pool is live; the attribute takes a cuuint64_t by pointer.
         check(&what, unsafe {
             sys::cuMemPoolSetAttribute(
                 made.pool,
@@ -107,24 +145,13 @@ impl BudgetPool {
     /// `bytes` from the pool, ordered on `stream`; refused with an error naming the budget when
     /// the pool cannot grow to hold them.
     pub(crate) fn alloc(&self, stream: sys::CUstream, bytes: usize) -> Result<sys::CUdeviceptr> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| cuda_error(format!("cannot bind the GPU: {e}")))?;
+        bind(&self.ctx)?;
         let mut ptr: sys::CUdeviceptr = 0;
         // SAFETY: the pool and the stream are live and belong to the bound context; `ptr` is an
         // out-parameter.
         let r = unsafe { sys::cuMemAllocFromPoolAsync(&mut ptr, bytes, self.pool, stream) };
         if r == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-            let in_use = self
-                .memory()
-                .map(|m| format_bytes(m.in_use))
-                .unwrap_or_else(|_| "?".into());
-            return Err(cuda_error(format!(
-                "the Device budget of {} on the GPU is exhausted: {} more asked for with {in_use} in use; \
-                 raise storage.device_budget (--device-budget) or lower train.batch",
-                format_bytes(self.budget),
-                format_bytes(bytes as u64),
-            )));
+            return Err(self.out_of_memory(bytes as u64));
         }
         check(
             &format!("cannot allocate {} of GPU memory", format_bytes(bytes as u64)),
@@ -133,9 +160,46 @@ impl BudgetPool {
         Ok(ptr)
     }
 
+    /// Give back an allocation of [`BudgetPool::alloc`] that no slice took over.
+    pub(crate) fn free(&self, stream: sys::CUstream, ptr: sys::CUdeviceptr) {
+        if bind(&self.ctx).is_ok() {
+            // SAFETY: `ptr` came from this pool on `stream` and nothing else refers to it.
+            let freed = unsafe { sys::cuMemFreeAsync(ptr, stream) }.result();
+            self.ctx.record_err(freed);
+        }
+    }
+
+    /// Why an allocation of `bytes` was refused: the budget, or (the pool still below it) the GPU
+    /// itself, whose memory the context, cuBLAS, NCCL and other processes share.
+    fn out_of_memory(&self, bytes: u64) -> Error {
+        let figure = |v: Result<u64>| v.map(format_bytes).unwrap_or_else(|_| "?".into());
+        let in_use = figure(self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT));
+        let reserved = self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT);
+        let (asked, budget) = (format_bytes(bytes), format_bytes(self.budget));
+        match reserved {
+            Ok(r) if r.saturating_add(bytes) <= self.budget => {
+                let free = self.ctx.mem_get_info().map(|(free, _)| free as u64);
+                cuda_error(format!(
+                    "the GPU itself is out of memory: {asked} asked for with {in_use} in use and {} reserved of \
+                     the Device budget of {budget}, {} free on the GPU (the CUDA context, cuBLAS, NCCL and other \
+                     processes take the rest); lower storage.device_budget to what the GPU can give, or free the GPU",
+                    format_bytes(r),
+                    figure(free.map_err(|e| cuda_error(e.to_string())))
+                ))
+            }
+            reserved => cuda_error(format!(
+                "the Device budget of {budget} on the GPU is exhausted: {asked} asked for with {in_use} in use \
+                 ({} reserved); raise storage.device_budget (--device-budget), or train a smaller model (a \
+                 step's activations also grow with train.batch)",
+                figure(reserved)
+            )),
+        }
+    }
+
     fn attribute(&self, attr: sys::CUmemPool_attribute) -> Result<u64> {
         let mut value: u64 = 0;
-        // SAFETY: the pool is live; the memory counters are u64 values written through the pointer.
+        // SAFETY: the pool is live; the memory counters are cuuint64_t values written through the
+        // pointer.
         check("reading the GPU memory pool's counters", unsafe {
             sys::cuMemPoolGetAttribute(self.pool, attr, (&mut value as *mut u64).cast())
         })?;
@@ -144,13 +208,12 @@ impl BudgetPool {
 
     /// What the pool holds now and at most so far.
     pub(crate) fn memory(&self) -> Result<GpuMemory> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| cuda_error(format!("cannot bind the GPU: {e}")))?;
+        bind(&self.ctx)?;
         Ok(GpuMemory {
             budget: self.budget,
             in_use: self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
             peak: self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            reserved_peak: self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
         })
     }
 }
@@ -158,10 +221,12 @@ impl BudgetPool {
 impl Drop for BudgetPool {
     fn drop(&mut self) {
         // Buffers still allocated from the pool keep it alive: the driver destroys it once the
-        // last is freed. Nothing to report from a destructor.
-        if self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: the pool is live and never used after this.
-            let _ = unsafe { sys::cuMemPoolDestroy(self.pool) };
-        }
+        // last is freed. Binding hands back an error recorded earlier: destroy the pool anyway and
+        // put the error back for the context's next user.
+        let bound = self.ctx.bind_to_thread();
+        // SAFETY: the pool is live and never used after this.
+        let destroyed = unsafe { sys::cuMemPoolDestroy(self.pool) }.result();
+        self.ctx.record_err(bound);
+        self.ctx.record_err(destroyed);
     }
 }

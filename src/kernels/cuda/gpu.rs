@@ -245,7 +245,14 @@ impl Gpu {
         let ptr = pool.alloc(self.stream.cu_stream(), bytes)?;
         // SAFETY: `ptr` is a live allocation of `bytes` = n elements of T, ordered on this stream;
         // the slice frees it (stream-ordered) when dropped. Callers write before reading, as above.
-        Ok(unsafe { self.stream.upgrade_device_ptr(ptr, n) })
+        // cudarc panics when it cannot make the slice's two events: free the memory, say why.
+        let upgraded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+            self.stream.upgrade_device_ptr(ptr, n)
+        }));
+        upgraded.map_err(|_| {
+            pool.free(self.stream.cu_stream(), ptr);
+            cuda_error("cannot create the CUDA events of a GPU buffer (the GPU may be out of memory)")
+        })
     }
 
     /// A zeroed buffer of `n` elements (at least one).

@@ -60,12 +60,16 @@ pub const KERNEL_NAMES: [&str; 25] = [
 /// [`Gpu::budgeted`] GPU, allocated from a pool that never grows past the budget.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GpuMemory {
-    /// The Device tier's budget: the pool's largest size.
+    /// The Device tier's budget as the pool applies it: its largest size (the budget given,
+    /// rounded down to the GPU's allocation granule).
     pub budget: u64,
     /// Bytes of tensors allocated now.
     pub in_use: u64,
     /// The most bytes of tensors allocated at once so far.
     pub peak: u64,
+    /// The most bytes the pool reserved from the GPU at once (in the driver's granules: at least
+    /// `peak`): what the budget bounds.
+    pub reserved_peak: u64,
 }
 
 /// The precision of the GPU's matrix products.
