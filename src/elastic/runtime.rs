@@ -206,6 +206,16 @@ pub struct ElasticRuntime {
     attempted: Option<u64>,
 }
 
+/// Over NCCL the coordinator makes the communicators' ids (and hosts their bootstrap): say when
+/// it cannot before workers are started or awaited, not at the first epoch.
+pub fn check_nccl(config: &TrainConfig) -> Result<()> {
+    if config.train.exchange == ExpertExchange::Nccl {
+        crate::net::collective::nccl_unique_id()
+            .map_err(|e| Error::config(format!("train.exchange = \"nccl\" with worker processes: {e}")))?;
+    }
+    Ok(())
+}
+
 impl ElasticRuntime {
     /// Train `config` from `model` and `optimizer` over the workers that join `cluster`: waits
     /// for `options.min_workers` of them, then forms the first epoch.
@@ -216,12 +226,7 @@ impl ElasticRuntime {
         optimizer: AdamW,
         options: ElasticOptions,
     ) -> Result<ElasticRuntime> {
-        if config.train.exchange == ExpertExchange::Nccl {
-            // The coordinator makes the NCCL ids (and hosts their bootstrap): say now when it
-            // cannot, not at the first epoch.
-            crate::net::collective::nccl_unique_id()
-                .map_err(|e| Error::config(format!("train.exchange = \"nccl\" with worker processes: {e}")))?;
-        }
+        check_nccl(&config)?;
         let committed = optimizer.step;
         let mut rt = ElasticRuntime {
             cluster,

@@ -97,6 +97,7 @@ impl RuntimeEngine {
         }
         .parse()
         .map_err(|e| Error::config(format!("train.listen {:?} is not HOST:PORT: {e}", t.listen)))?;
+        crate::elastic::runtime::check_nccl(config)?;
         let ticket = run_dir.join(TICKET_FILE);
         let cluster = {
             let _guard = self.tokio.enter();
