@@ -11,8 +11,8 @@
 
 use super::device::cuda_error;
 use super::GpuMemory;
+use crate::console::format_bytes;
 use crate::error::{Error, Result};
-use crate::storage::tiers::size::format_bytes;
 use cudarc::driver::sys;
 use cudarc::driver::CudaContext;
 use std::sync::Arc;

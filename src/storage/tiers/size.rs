@@ -30,21 +30,8 @@ pub fn parse_bytes(what: &str, text: &str) -> Result<u64> {
     Ok(bytes.round() as u64)
 }
 
-/// A byte count for people: `1.50 MiB`.
-pub fn format_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
+/// A byte count for people (`1.50 MiB`): the console's, for the tiers' users.
+pub use crate::console::format_bytes;
 
 #[cfg(test)]
 mod tests {
