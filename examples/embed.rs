@@ -12,8 +12,9 @@ use semoe::train::TrainConfig;
 
 #[tokio::main]
 async fn main() -> semoe::Result<()> {
-    // Record metrics in memory (a service would install its exporter here instead, for example
-    // `semoe::telemetry::metrics::serve_prometheus("127.0.0.1:9000")`).
+    // Record metrics in memory (a service would install its exporter here instead, before the
+    // runtime starts, for example `semoe::telemetry::metrics::serve_prometheus("127.0.0.1:9000")`
+    // on this tokio runtime, or `serve_in_background` on a thread of its own).
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     recorder

@@ -378,12 +378,49 @@ fn scrape(addr: &str) -> String {
     answer
 }
 
+/// The address a process printed as `{prefix}ADDR/metrics`.
+fn printed_metrics_addr(log: &str, prefix: &str) -> String {
+    log.split(prefix)
+        .nth(1)
+        .and_then(|rest| rest.split("/metrics").next())
+        .expect("the printed address")
+        .to_string()
+}
+
+/// The value of the series `line_start` (a name with its labels) in a scrape.
+fn value_of(body: &str, line_start: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(line_start) && l[line_start.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 #[test]
 fn a_worker_serves_its_traffic_per_peer_as_metrics() {
     let dir = TempDir::new("elastic-worker-metrics");
-    let args = train_args("run", "400", &["--listen", "127.0.0.1:0", "--min-workers", "2"]);
+    let args = train_args(
+        "run",
+        "400",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--min-workers",
+            "2",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    );
     let mut coord = Proc::spawn(dir.path(), "coordinator", &args, &[]);
     coord.wait_for("workers join with", Duration::from_secs(30));
+    // The coordinator's endpoint serves from before the workers join, at the port it was given.
+    let coord_addr = printed_metrics_addr(&coord.log(), "metrics: http://");
+    assert!(!coord_addr.ends_with(":0"), "the chosen port is printed: {coord_addr}");
+    let before = scrape(&coord_addr);
+    assert_eq!(
+        value_of(&before, "semoe_membership_changes_total{kind=\"crash\"}"),
+        Some(0.0),
+        "{before}"
+    );
     let ticket = dir.path().join("run/join.ticket").to_string_lossy().into_owned();
     let mut watched = Proc::spawn(
         dir.path(),
@@ -401,14 +438,17 @@ fn a_worker_serves_its_traffic_per_peer_as_metrics() {
     );
     let _other = worker(dir.path(), "other", &ticket);
     watched.wait_for("metrics on http://", Duration::from_secs(30));
-    let log = watched.log();
-    let addr = log
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split("/metrics").next())
-        .expect("the printed address")
-        .to_string();
+    let addr = printed_metrics_addr(&watched.log(), "metrics on http://");
     coord.wait_for("epoch 1: 2 workers", Duration::from_secs(30));
+    // What the coordinator recorded while its runtime started (the joins, the first epoch).
+    let body = scrape(&coord_addr);
+    assert_eq!(value_of(&body, "semoe_membership_epoch"), Some(1.0), "{body}");
+    assert_eq!(value_of(&body, "semoe_members"), Some(2.0), "{body}");
+    assert_eq!(
+        value_of(&body, "semoe_membership_changes_total{kind=\"join\"}"),
+        Some(2.0),
+        "{body}"
+    );
     // Both workers run groups and host experts, so each sends the other expert rows every step.
     let deadline = Instant::now() + Duration::from_secs(30);
     let sent = loop {

@@ -451,6 +451,17 @@ pub fn print_notices(trainer: &Trainer) {
     }
 }
 
+/// `--metrics-addr`: the endpoint on a thread of its own, its address printed (the port the
+/// system chose for port 0).
+fn start_metrics(a: &TrainArgs) -> semoe::Result<Option<semoe::telemetry::metrics::BackgroundMetrics>> {
+    let Some(addr) = &a.metrics_addr else {
+        return Ok(None);
+    };
+    let server = semoe::telemetry::metrics::serve_in_background(addr)?;
+    semoe::say!("metrics: http://{}/metrics", server.local_addr());
+    Ok(Some(server))
+}
+
 pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
     // Checked before a run directory is created or locked (a bad prompt must not wait for the
     // end of the run to be refused).
@@ -461,6 +472,9 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
     // Ctrl-C or SIGTERM: one flag for the time budget's measurement and the run after it.
     let stop = Arc::new(AtomicUsize::new(0));
     let mut signals = None;
+    // The endpoint starts right before the trainer (after the time budget's measurement, whose
+    // steps are not the run's), so that what the runtime records while it starts is served.
+    let metrics;
     let mut trainer = if a.resume {
         let dir = a.run_dir.clone().unwrap_or_default();
         if a.time_budget.is_some() {
@@ -499,6 +513,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             check_flags_apply(a, &config)?;
             check_sample_prompt(a, &sample_prompt, &config)?;
         }
+        metrics = start_metrics(a)?;
         Trainer::resume_with_options(&dir, &options, adjust)?
     } else {
         let mut config = resolve_config(a)?;
@@ -546,8 +561,11 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
                 installed.exit_on_next();
             }
         }
+        metrics = start_metrics(a)?;
         Trainer::new(config, &dir)?
     };
+    // Served until this function returns.
+    let _metrics_endpoint = metrics;
     print_notices(&trainer);
     let dir = trainer.run_dir().to_path_buf();
     let c = trainer.config().clone();
@@ -564,10 +582,6 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             summary.steps
         );
         return Ok(ExitCode::SUCCESS);
-    }
-    if let Some(addr) = &a.metrics_addr {
-        trainer.serve_metrics(addr)?;
-        semoe::say!("metrics: http://{addr}/metrics");
     }
     let model = trainer.model()?;
     semoe::say!(

@@ -216,6 +216,7 @@ impl Cluster {
     /// (mode 0600) and admit workers whose handshake matches `config` and `corpus_sha256`. The job
     /// identity and token are `config.train.identity`'s when set (see [`IDENTITY_FILE`]), else new.
     pub fn start(listen: SocketAddr, ticket_path: &Path, config: &TrainConfig, corpus_sha256: &str) -> Result<Cluster> {
+        names::register_membership();
         let (identity, token) = match &config.train.identity {
             Some(dir) => {
                 let identity = JobIdentity::read(&dir.join(IDENTITY_FILE))?;

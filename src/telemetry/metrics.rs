@@ -15,11 +15,18 @@
 //! | `semoe_alltoall_bytes_total` | counter | `from`, `to`, `kind` | tensor bytes sent between workers, a worker to itself included (`kind`: `dispatch`, `combine`, `grad_dispatch`, `grad_combine`, `dense_grads`, `params`, `dense_gather`) |
 //! | `semoe_restarts_total` | counter | `worker`, `actor` | actors restarted by their supervisor (`actor`: `expert`, `gate`, `ledger`, `communicator`) |
 //! | `semoe_replays_total` | counter | | steps rolled back and run again |
+//! | `semoe_communicator_generations_total` | counter | | generations of lane communicators built (expert rows over collectives, `train.exchange`) |
 //! | `semoe_tier_bytes` | gauge | `worker`, `tier` | bytes of expert state held in each tier (`device`, `host`, `disk`) |
 //! | `semoe_tier_served_total` | counter | `worker`, `tier` | expert acquisitions served from each tier (`disk`: a miss) |
 //! | `semoe_tier_moved_bytes_total` | counter | `worker`, `from`, `to` | bytes of expert state moved between tiers |
 //! | `semoe_prefetch_total` | counter | `worker`, `outcome` | experts prefetched (`issued`) and then used (`used`) |
 //! | `semoe_tier_stall_microseconds_total` | counter | `worker` | wall time during which an expert acquisition waited for a unit not in memory |
+//! | `semoe_membership_epoch` | gauge | | the membership epoch of a multi-process run (1 for the first set of workers) |
+//! | `semoe_members` | gauge | | worker processes in the current epoch |
+//! | `semoe_membership_changes_total` | counter | `kind` | membership changes (`join`, `leave`, `crash`, `evicted`, `refused`) |
+//! | `semoe_recovery_seconds` | histogram | | from noticing a change to the new epoch's first step being ready |
+//! | `semoe_state_moved_bytes_total` | counter | | bytes of committed state sent to workers when epochs formed |
+//! | `semoe_replayed_steps_total` | counter | | steps replayed after a lost worker |
 //! | `semoe_serve_requests_total` | counter | `outcome` | completion requests of `semoe serve` by outcome (`ok`, `rejected`, `overloaded`, `cancelled`, `timeout`, `shutdown`, `error`) |
 //! | `semoe_serve_active_sequences` | gauge | | sequences in the decoder's batch |
 //! | `semoe_serve_queued_requests` | gauge | | requests waiting for a batch slot |
@@ -28,7 +35,8 @@
 //! | `semoe_serve_step_seconds` | histogram | | wall time of each decoder step |
 //!
 //! Every counter exists from the start at zero, with every label set known when the runtime
-//! starts (its workers, MoE blocks and experts; see [`register`]), so that a scrape before the
+//! starts (its workers, MoE blocks and experts; see [`register`]; the membership counters when a
+//! multi-process run's coordinator starts, [`register_membership`]), so that a scrape before the
 //! first step, or a rate over a window in which nothing happened, sees the series rather than a
 //! gap. The gauges appear with their first value: a zero loss or learning rate would be a lie.
 
@@ -41,7 +49,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::convert::Infallible;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// Wall time of a committed step (seconds).
@@ -86,8 +94,10 @@ pub const TIER_STALL_MICROS: &str = "semoe_tier_stall_microseconds_total";
 pub const EPOCH: &str = "semoe_membership_epoch";
 /// Gauge: worker processes in the current epoch.
 pub const MEMBERS: &str = "semoe_members";
-/// Counter: membership changes, by `kind` (`join`, `leave`, `crash`, `evicted`, `refused`).
+/// Counter: membership changes, by `kind` ([`MEMBERSHIP_KINDS`]).
 pub const MEMBERSHIP: &str = "semoe_membership_changes_total";
+/// The kinds of [`MEMBERSHIP`].
+pub const MEMBERSHIP_KINDS: [&str; 5] = ["join", "leave", "crash", "evicted", "refused"];
 /// Histogram: seconds from noticing a change (a join, a leave, a lost worker) to the new epoch's
 /// first step being ready (state moved and replayed).
 pub const RECOVERY_SECONDS: &str = "semoe_recovery_seconds";
@@ -119,6 +129,16 @@ pub const SERVE_OUTCOMES: [&str; 7] = [
     "shutdown",
     "error",
 ];
+
+/// Register the coordinator's membership counters at zero (every kind), so that a scrape before
+/// the first change sees them. A multi-process run's coordinator calls this when it starts.
+pub fn register_membership() {
+    for kind in MEMBERSHIP_KINDS {
+        metrics::counter!(MEMBERSHIP, "kind" => kind).increment(0);
+    }
+    metrics::counter!(STATE_BYTES).increment(0);
+    metrics::counter!(REPLAYED_STEPS).increment(0);
+}
 
 /// Register the serving metrics at zero (the counters by outcome, the gauges), so that a scrape
 /// before the first request sees them. `semoe serve` calls this when it starts.
@@ -246,6 +266,7 @@ pub fn register(layout: Layout) {
 /// order (and with the values) the recording sites use, or the series would be a different one.
 fn register_zeros(l: Layout) {
     metrics::counter!(REPLAYS).increment(0);
+    metrics::counter!(COMMUNICATOR_GENERATIONS).increment(0);
     for b in 0..l.moe_blocks {
         let block = b.to_string();
         metrics::counter!(EXPERT_DROPPED, "block" => block.clone()).increment(0);
@@ -300,9 +321,12 @@ pub fn install() -> crate::Result<PrometheusHandle> {
 /// How often the recorder's histograms are drained (which the exporter's own `install` would do
 /// on its own thread): a scrape drains them too, this bounds their memory when nobody scrapes.
 pub const UPKEEP: Duration = Duration::from_secs(5);
-/// How long a client may take to send a request's headers, so that idle or stuck connections do
-/// not pile up.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's headers, or to take an answer's bytes, so that
+/// idle or stuck connections do not pile up.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once; one more is closed as soon as it is accepted (each holds a file
+/// descriptor the training run needs for its checkpoints and logs).
+const MAX_CONNECTIONS: usize = 64;
 
 /// A running `/metrics` endpoint (see [`serve`]). Dropping it leaves the endpoint running until
 /// its tokio runtime shuts down; [`MetricsServer::shutdown`] stops it at once.
@@ -357,6 +381,14 @@ pub fn check_addr(addr: &str) -> crate::Result<()> {
 fn spawn(listener: std::net::TcpListener, handle: PrometheusHandle) -> crate::Result<MetricsServer> {
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|e| crate::Error::runtime(format!("the metrics endpoint needs a tokio runtime: {e}")))?;
+    spawn_on(&runtime, listener, handle)
+}
+
+fn spawn_on(
+    runtime: &tokio::runtime::Handle,
+    listener: std::net::TcpListener,
+    handle: PrometheusHandle,
+) -> crate::Result<MetricsServer> {
     let addr = listener
         .local_addr()
         .map_err(|e| crate::Error::runtime(format!("--metrics-addr: cannot read the bound address: {e}")))?;
@@ -374,6 +406,43 @@ pub fn serve(addr: &str, handle: PrometheusHandle) -> crate::Result<MetricsServe
     spawn(bind(addr)?, handle)
 }
 
+/// An endpoint serving every metric from a thread of its own ([`serve_in_background`]): it
+/// answers while the trainer waits for workers or computes, and a scrape never takes the
+/// runtime's own threads. Dropping it stops the endpoint.
+#[derive(Debug)]
+pub struct BackgroundMetrics {
+    server: MetricsServer,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl BackgroundMetrics {
+    /// The address it listens on (with the port the system chose for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+}
+
+/// Install the global recorder and serve every metric as Prometheus text on `addr` (`HOST:PORT`,
+/// path `/metrics`) from a thread of its own, until the result is dropped: `semoe train
+/// --metrics-addr`, called before the runtime starts so that nothing it records is lost (the
+/// epoch and members of a run whose membership never changes were). Only once per process; the
+/// address is bound before the recorder is installed, so that a bad one leaves nothing behind.
+pub fn serve_in_background(addr: &str) -> crate::Result<BackgroundMetrics> {
+    let listener = bind(addr)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("semoe-metrics")
+        .enable_all()
+        .build()
+        .map_err(|e| crate::Error::runtime(format!("--metrics-addr: cannot start the endpoint's thread: {e}")))?;
+    let handle = install()?;
+    let server = spawn_on(runtime.handle(), listener, handle)?;
+    Ok(BackgroundMetrics {
+        server,
+        _runtime: runtime,
+    })
+}
+
 /// Serve every metric as Prometheus text on `addr` (`HOST:PORT`, path `/metrics`) until the current
 /// tokio runtime shuts down. Call from inside a tokio runtime; installs the global recorder, so only
 /// once per process. The address is bound before the recorder is installed, so that a bad address
@@ -388,12 +457,20 @@ pub fn serve_prometheus(addr: &str) -> crate::Result<()> {
 async fn accept_loop(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
     let mut upkeep = tokio::time::interval(UPKEEP);
     upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
             _ = upkeep.tick() => handle.run_upkeep(),
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(connection(stream, handle.clone()));
+                    // Past the cap the connection is closed at once (dropped).
+                    if let Ok(permit) = Arc::clone(&open).try_acquire_owned() {
+                        let handle = handle.clone();
+                        tokio::spawn(async move {
+                            connection(stream, handle, CLIENT_TIMEOUT).await;
+                            drop(permit);
+                        });
+                    }
                 }
                 // Out of file descriptors, or a connection reset before it was accepted: wait a
                 // little rather than spin, and go on (the endpoint must not end training).
@@ -403,15 +480,19 @@ async fn accept_loop(listener: tokio::net::TcpListener, handle: PrometheusHandle
     }
 }
 
-async fn connection(stream: tokio::net::TcpStream, handle: PrometheusHandle) {
+async fn connection(stream: tokio::net::TcpStream, handle: PrometheusHandle, timeout: Duration) {
     let service = service_fn(move |request: Request<Incoming>| {
         let response = answer(&request, &handle);
         async move { Ok::<_, Infallible>(response) }
     });
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    http.timer(TokioTimer::new()).header_read_timeout(timeout);
+    // A client that stops reading (requests pipelined, answers never taken) would hold the
+    // connection for ever: a write that cannot proceed within the timeout ends it.
+    let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(timeout));
     // A client that went away or sent something that is not HTTP: nobody to tell.
-    let _ = http.serve_connection(TokioIo::new(stream), service).await;
+    let _ = http.serve_connection(TokioIo::new(Box::pin(stream)), service).await;
 }
 
 fn answer(request: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {

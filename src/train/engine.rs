@@ -166,12 +166,6 @@ impl RuntimeEngine {
         }
     }
 
-    /// Serve the metrics on `addr` from this engine's async runtime.
-    pub fn serve_metrics(&self, addr: &str) -> Result<()> {
-        let _guard = self.tokio.enter();
-        crate::telemetry::metrics::serve_prometheus(addr)
-    }
-
     /// Each in-process worker's expert-store figures.
     pub fn tier_stats(&self) -> Vec<TierStats> {
         match &self.kind {

@@ -521,16 +521,6 @@ impl Trainer {
         &self.run_dir
     }
 
-    /// Serve the runtime's metrics as Prometheus text on `addr` (`HOST:PORT`).
-    pub fn serve_metrics(&self, addr: &str) -> Result<()> {
-        match &self.engine {
-            Some(engine) => engine.serve_metrics(addr),
-            None => Err(Error::config(
-                "--metrics-addr needs the actor runtime (train.workers of 1 or more)",
-            )),
-        }
-    }
-
     /// Bring `model` and `optimizer` up to the runtime's committed state (a no-op for the plain loop).
     pub fn sync(&mut self) -> Result<()> {
         if let (Some(gpu), true) = (&self.gpu, self.gpu_stale) {
