@@ -106,8 +106,11 @@ impl StorageSettings {
             other @ (CachePolicy::Lru | CachePolicy::StepOrder) => other,
         };
         policy.validate()?;
-        if self.io_threads == 0 {
-            return Err(Error::config("storage.io_threads must be at least 1"));
+        if self.io_threads == 0 || self.io_threads > MAX_IO_THREADS {
+            return Err(Error::config(format!(
+                "storage.io_threads must be between 1 and {MAX_IO_THREADS} (each worker starts that many), got {}",
+                self.io_threads
+            )));
         }
         Ok(StorageConfig {
             device_budget: budget("storage.device_budget", &self.device_budget)?,
@@ -354,6 +357,22 @@ impl TrainConfig {
                 t.threads
             )));
         }
+        if t.processes > max_threads {
+            return Err(Error::config(format!(
+                "train.processes ({}) is more than this machine can run: each worker process computes on at least \
+                 one thread and holds the model, and it has {cores} cores (at most {max_threads} are accepted)",
+                t.processes
+            )));
+        }
+        if !t.listen.is_empty() {
+            t.listen.parse::<std::net::SocketAddr>().map_err(|e| {
+                Error::config(format!(
+                    "train.listen = {:?}: not an IP:PORT to listen on ({e}; e.g. 0.0.0.0:7000, or 127.0.0.1:0 for a \
+                     port the system chooses)",
+                    t.listen
+                ))
+            })?;
+        }
         if self.model.vocab > BYTE_VOCAB {
             return Err(Error::config(format!(
                 "model.vocab must be at most {BYTE_VOCAB}: the model reads and writes bytes (got {})",
@@ -454,6 +473,10 @@ pub const BYTE_VOCAB: usize = 256;
 /// The most evaluation windows a run may ask for (each is a forward pass over a block; a million
 /// already takes hours on a CPU).
 pub const MAX_EVAL_WINDOWS: usize = 1 << 20;
+
+/// The most disk threads a worker's expert store starts (`storage.io_threads`): a fast disk is
+/// busy with 8-16, and an absurd count would hang the process creating the threads.
+pub const MAX_IO_THREADS: usize = 256;
 
 /// The longest deadline of a collective: a day. The runtime multiplies it (a step's bound covers
 /// its replays), so a larger one would overflow a `Duration`.
@@ -603,6 +626,32 @@ mod tests {
         c.train.processes = 0;
         c.train.workers = 2;
         c.validate().expect("in-process workers hold tiers");
+    }
+
+    #[test]
+    fn counts_that_would_hang_or_addresses_that_cannot_bind_are_refused_naming_the_key() {
+        let refused = |edit: &dyn Fn(&mut TrainConfig), key: &str| {
+            let mut c = TrainConfig::default();
+            edit(&mut c);
+            let err = c.validate().expect_err(key).to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        };
+        refused(&|c| c.storage.io_threads = 100_000, "storage.io_threads");
+        refused(&|c| c.storage.io_threads = 0, "storage.io_threads");
+        refused(&|c| c.train.processes = 100_000, "train.processes");
+        refused(&|c| c.train.listen = "myhost:7000".into(), "train.listen");
+        refused(&|c| c.storage.cache_policy = "mru".into(), "storage.cache_policy");
+        refused(
+            &|c| {
+                c.storage.cache_policy = "se-moe".into();
+                c.storage.cache_beta = 2.0;
+            },
+            "storage.cache_beta",
+        );
+        let mut c = TrainConfig::default();
+        c.storage.io_threads = MAX_IO_THREADS;
+        c.train.listen = "127.0.0.1:0".into();
+        c.validate().expect("the largest io_threads and an IP:PORT are valid");
     }
 
     #[test]

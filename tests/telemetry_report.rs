@@ -311,6 +311,40 @@ fn resumed_run_supersedes_repeated_steps() {
 }
 
 #[test]
+fn a_hand_edited_log_with_values_at_the_ends_of_their_types_still_reports() {
+    // Counts whose sums overflow u64, and losses whose padded range overflows f64 (which left the
+    // plotting library placing ticks for ever).
+    let dir = TempDir::new("extremes");
+    let max = u64::MAX;
+    let mut log = String::new();
+    for (step, loss) in [(1u64, -1e308), (2, 1e308), (3, 1.0)] {
+        let _ = writeln!(
+            log,
+            "{{\"kind\":\"train\",\"step\":{step},\"tokens\":{},\"elapsed_s\":{step},\"loss\":{loss:e},\
+             \"tokens_per_s\":1000.0,\"expert_tokens\":[[{max},{max}]],\"dropped\":[{max}]}}",
+            step * 10
+        );
+    }
+    std::fs::write(dir.path().join(METRICS_FILE), log).unwrap();
+    let summary = write_report(dir.path()).expect("a report of extreme values");
+    assert_eq!(summary.layers.len(), 1, "one MoE layer");
+    let layer = &summary.layers[0];
+    assert_eq!(layer.kept, max, "a saturated count");
+    assert!(
+        layer.drop_rate.is_finite() && (0.0..=1.0).contains(&layer.drop_rate),
+        "{}",
+        layer.drop_rate
+    );
+    assert_eq!(layer.final_share.len(), 2, "one share per expert");
+    assert!(
+        layer.final_share.iter().all(|s| s.is_finite()),
+        "{:?}",
+        layer.final_share
+    );
+    check_svg(&dir.path().join(LOSS_SVG), 1);
+}
+
+#[test]
 fn missing_log_is_an_error_naming_the_path() {
     let dir = TempDir::new("missing");
     let err = write_report(dir.path()).unwrap_err();

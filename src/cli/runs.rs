@@ -12,7 +12,11 @@ pub struct RunsArgs {
 }
 
 pub fn run(a: &RunsArgs) -> semoe::Result<()> {
-    if !a.dir.exists() {
+    let exists = a
+        .dir
+        .try_exists()
+        .map_err(|e| semoe::Error::io("cannot look for the runs directory", &a.dir, e))?;
+    if !exists {
         // Not an error: a fresh checkout has no runs yet; but say why nothing is listed.
         semoe::out!(
             "no runs under {}: it does not exist (semoe train creates runs/ where it starts; --dir looks elsewhere)",

@@ -71,9 +71,9 @@ pub struct TrainArgs {
     /// the end); more may join and leave while it runs. Same parameters, bit for bit.
     #[arg(long)]
     processes: Option<usize>,
-    /// Listen for worker processes on HOST:PORT (port 0: the OS chooses); they join with
-    /// `semoe worker --ticket RUN_DIR/join.ticket`.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Listen for worker processes on IP:PORT (0.0.0.0 for every interface; port 0: the OS
+    /// chooses); they join with `semoe worker --ticket RUN_DIR/join.ticket`.
+    #[arg(long, value_name = "IP:PORT")]
     listen: Option<String>,
     /// Serve the job identity made by `semoe ticket --out DIR` (its certificate, and its ticket's
     /// token), so workers can hold the ticket before the run starts.

@@ -41,7 +41,19 @@ impl RunDirLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io("cannot open the run directory's lock file", &path, e))?;
-        match file.try_lock() {
+        // A reader probing the lock ([`is_locked`]: `semoe runs`) holds it for an instant: try a
+        // few times before naming a holder.
+        let mut tries = 0;
+        let locked = loop {
+            match file.try_lock() {
+                Err(TryLockError::WouldBlock) if tries < PROBE_RETRIES => {
+                    tries += 1;
+                    std::thread::sleep(PROBE_RETRY_WAIT);
+                }
+                other => break other,
+            }
+        };
+        match locked {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let mut holder = String::new();
@@ -111,12 +123,18 @@ impl Drop for RunDirLock {
     }
 }
 
-/// Whether a process holds the lock of `dir` now (without creating a lock file where none is).
+/// How often, and how far apart, [`RunDirLock::acquire`] tries again a lock held for an instant.
+const PROBE_RETRIES: u32 = 10;
+const PROBE_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Whether a process holds the lock of `dir` now (without creating a lock file where none is,
+/// and read-only: a run directory one may only read is probed too). A shared lock probes it:
+/// it conflicts only with the holder's exclusive one.
 pub fn is_locked(dir: &Path) -> bool {
-    let Ok(file) = OpenOptions::new().read(true).write(true).open(dir.join(LOCK_FILE)) else {
+    let Ok(file) = OpenOptions::new().read(true).open(dir.join(LOCK_FILE)) else {
         return false;
     };
-    match file.try_lock() {
+    match file.try_lock_shared() {
         Ok(()) => {
             let _ = file.unlock();
             false
@@ -283,6 +301,33 @@ mod tests {
         let d = std::env::temp_dir().join(format!("semoe-rundir-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn a_reader_probing_the_lock_neither_misreads_it_nor_keeps_a_run_from_taking_it() {
+        let d = temp("probe");
+        std::fs::create_dir_all(&d).expect("dir");
+        assert!(!is_locked(&d), "no lock file yet");
+        let held = RunDirLock::acquire(&d).expect("lock");
+        assert!(is_locked(&d), "held by a run");
+        drop(held);
+        assert!(!is_locked(&d), "released");
+        // `semoe runs` probing at the instant a run starts: the run waits the probe out.
+        let probe = std::fs::File::open(d.join(LOCK_FILE)).expect("open");
+        probe.lock_shared().expect("probe");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            probe.unlock().expect("unlock");
+        });
+        let taken = RunDirLock::acquire(&d);
+        release.join().expect("probe thread");
+        assert!(
+            taken.is_ok(),
+            "a probe held for 50 ms refused the run: {:?}",
+            taken.err()
+        );
+        drop(taken);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

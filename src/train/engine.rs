@@ -96,7 +96,7 @@ impl RuntimeEngine {
             t.listen.as_str()
         }
         .parse()
-        .map_err(|e| Error::config(format!("train.listen {:?} is not HOST:PORT: {e}", t.listen)))?;
+        .map_err(|e| Error::config(format!("train.listen {:?} is not an IP:PORT: {e}", t.listen)))?;
         crate::elastic::runtime::check_nccl(config)?;
         let ticket = run_dir.join(TICKET_FILE);
         let cluster = {

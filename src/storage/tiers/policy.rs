@@ -86,13 +86,15 @@ impl CachePolicy {
         } = *self
         {
             if !(beta > 0.0 && beta <= 1.0) {
-                return Err(Error::config(format!("cache beta = {beta}: must be in (0, 1]")));
+                return Err(Error::config(format!("storage.cache_beta = {beta}: must be in (0, 1]")));
             }
             if decay_every == 0 {
-                return Err(Error::config("cache decay_every = 0: must be at least 1"));
+                return Err(Error::config("storage.cache_decay_every = 0: must be at least 1"));
             }
             if !(threshold >= 0.0 && threshold.is_finite()) {
-                return Err(Error::config(format!("cache threshold = {threshold}: must be >= 0")));
+                return Err(Error::config(format!(
+                    "storage.cache_threshold = {threshold}: must be a finite number >= 0"
+                )));
             }
         }
         Ok(())
@@ -118,7 +120,7 @@ impl FromStr for CachePolicy {
             "se-moe" | "semoe" | "lfu" => Ok(CachePolicy::SE_MOE),
             "lru" => Ok(CachePolicy::Lru),
             other => Err(Error::config(format!(
-                "cache policy {other:?}: expected step-order, se-moe or lru"
+                "storage.cache_policy = {other:?}: expected step-order, se-moe or lru"
             ))),
         }
     }

@@ -59,8 +59,10 @@ fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
     let mut cells: BTreeMap<(u64, u64), u64> = BTreeMap::new();
     let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
     for e in &rec.entries {
-        *cells.entry((e.from, e.to)).or_default() += e.bytes;
-        *kinds.entry(e.kind.as_str()).or_default() += e.bytes;
+        let cell = cells.entry((e.from, e.to)).or_default();
+        *cell = cell.saturating_add(e.bytes);
+        let kind = kinds.entry(e.kind.as_str()).or_default();
+        *kind = kind.saturating_add(e.bytes);
     }
     let header: Vec<String> = ids.iter().map(|i| format!("to {i}")).collect();
     let _ = writeln!(md, "| {who} | {} | sent |", header.join(" | "));
@@ -70,7 +72,7 @@ fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
             .iter()
             .map(|&to| cells.get(&(from, to)).map_or("-".to_string(), |&b| format_bytes(b)))
             .collect();
-        let sent: u64 = ids.iter().filter_map(|&to| cells.get(&(from, to))).sum();
+        let sent = super::summary::total(ids.iter().filter_map(|&to| cells.get(&(from, to))));
         let _ = writeln!(md, "| {from} | {} | {} |", row.join(" | "), format_bytes(sent));
     }
     let by_kind: Vec<String> = kinds.iter().map(|(k, b)| format!("{k} {}", format_bytes(*b))).collect();

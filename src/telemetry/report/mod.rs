@@ -18,7 +18,7 @@
 //!
 //! # The metrics log
 //!
-//! One JSON object per line, as the trainer writes it; the schema is [`crate::train::log`]. Four kinds are read:
+//! One JSON object per line, as the trainer writes it; the schema is [`crate::train::log`]. Six kinds are read:
 //!
 //! - `{"kind":"train","step":120,"tokens":245760,"elapsed_s":31.2,"loss":2.13,"ce_loss":2.11,"aux_loss":0.021,
 //!   "lr":0.003,"tokens_per_s":7900.0,"expert_tokens":[[..],[..]],"dropped":[12,3]}`: `tokens` is the
@@ -28,6 +28,8 @@
 //!   `lr`, `expert_tokens` and `dropped` may be absent; other fields (`grad_norm`, ...) are ignored.
 //! - `{"kind":"val","step":200,"elapsed_s":55.0,"val_loss":1.95}` (`elapsed_s` may be absent).
 //! - `storage` and `dense`: the last of each gives the report's storage and dense-sharding sections.
+//! - `membership` (every one: the epochs of a multi-process run) and `traffic` (the last: bytes between
+//!   workers by kind).
 //!
 //! Records of other kinds (`checkpoint`, `config`, ...) are counted and ignored; blank lines are skipped; lines
 //! that are not JSON objects with a `kind`, or records of a known kind that do not fit its schema, are counted as

@@ -33,10 +33,20 @@ fn step_label(v: &f64) -> String {
     format!("{v:.0}")
 }
 
-/// A range covering the finite values, padded by 5% (and widened if empty or a single value).
+/// The largest magnitude drawn: beyond it (only a hand-edited log gets there) a range's width or
+/// padding would overflow, and the plotting library never finishes placing ticks on an infinite
+/// axis; such points break a line as NaN does.
+const PLOTTABLE: f64 = 1e300;
+
+/// Whether a value is drawn.
+fn plottable(v: f64) -> bool {
+    v.is_finite() && v.abs() <= PLOTTABLE
+}
+
+/// A range covering the plottable values, padded by 5% (and widened if empty or a single value).
 fn padded_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     let (lo, hi) = values
-        .filter(|v| v.is_finite())
+        .filter(|&v| plottable(v))
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
     if lo > hi {
         return 0.0..1.0;
@@ -64,11 +74,12 @@ fn step_range(metrics: &Metrics) -> std::ops::Range<f64> {
     }
 }
 
-/// Splits a series into runs of finite points (so that NaN breaks the line instead of being drawn).
+/// Splits a series into runs of plottable points (so that NaN breaks the line instead of being
+/// drawn).
 fn finite_runs(points: impl Iterator<Item = (f64, f64)>) -> Vec<Vec<(f64, f64)>> {
     let mut runs = vec![Vec::new()];
     for (x, y) in points {
-        if y.is_finite() {
+        if plottable(y) {
             if let Some(run) = runs.last_mut() {
                 run.push((x, y));
             }
@@ -146,7 +157,7 @@ pub(super) fn draw_loss(root: &Area<'_>, metrics: &Metrics, name: &str) -> DrawR
     let val: Vec<(f64, f64)> = metrics
         .val
         .iter()
-        .filter(|v| v.val_loss.is_finite())
+        .filter(|v| plottable(v.val_loss))
         .map(|v| (v.step as f64, v.val_loss))
         .collect();
     if !val.is_empty() {
@@ -205,7 +216,7 @@ pub(super) fn draw_throughput(root: &Area<'_>, metrics: &Metrics, summary: &Repo
             .legend(|(x, y)| PathElement::new([(x + 10, y - 6), (x + 10, y + 6)], MEMBERSHIP_COLOR.stroke_width(2)));
     }
     let m = summary.median_tokens_per_s;
-    if m.is_finite() {
+    if plottable(m) {
         let x = step_range(metrics);
         // A dashed line: short segments along the median.
         let n = 80;
@@ -302,7 +313,7 @@ pub(super) fn draw_experts(root: &Area<'_>, metrics: &Metrics, name: &str) -> Dr
             cells
                 .iter()
                 .map(|(counts, _)| {
-                    let total: u64 = counts.iter().sum();
+                    let total = super::summary::total(counts);
                     (total > 0).then(|| counts.iter().map(|&c| rate(c, total)).collect())
                 })
                 .collect()

@@ -157,10 +157,10 @@ pub(super) fn load_grid(train: &[TrainRecord], buckets: &[(usize, usize)]) -> Lo
                     for r in &train[a..b] {
                         if let Some(row) = r.expert_tokens.get(l) {
                             for (c, &x) in counts.iter_mut().zip(row) {
-                                *c += x;
+                                *c = c.saturating_add(x);
                             }
                         }
-                        dropped += r.dropped.get(l).copied().unwrap_or(0);
+                        dropped = dropped.saturating_add(r.dropped.get(l).copied().unwrap_or(0));
                     }
                     (counts, dropped)
                 })
@@ -168,6 +168,12 @@ pub(super) fn load_grid(train: &[TrainRecord], buckets: &[(usize, usize)]) -> Lo
         })
         .collect();
     LoadGrid { experts, cells }
+}
+
+/// The sum of counts read from a log, saturating: a hand-edited log may hold any u64, and a
+/// report must not overflow on it.
+pub(super) fn total<'a>(counts: impl IntoIterator<Item = &'a u64>) -> u64 {
+    counts.into_iter().fold(0u64, |sum, &c| sum.saturating_add(c))
 }
 
 pub(super) fn rate(part: u64, total: u64) -> f64 {
@@ -213,19 +219,19 @@ pub fn summarize(metrics: &Metrics) -> Result<ReportSummary> {
         .iter()
         .zip(&grid.experts)
         .map(|(cells, &experts)| {
-            let kept: u64 = cells.iter().map(|(c, _)| c.iter().sum::<u64>()).sum();
-            let dropped: u64 = cells.iter().map(|(_, d)| d).sum();
+            let kept = cells.iter().fold(0u64, |sum, (c, _)| sum.saturating_add(total(c)));
+            let dropped = total(cells.iter().map(|(_, d)| d));
             let (final_counts, final_dropped) = cells.last().cloned().unwrap_or_default();
-            let final_kept: u64 = final_counts.iter().sum();
+            let final_kept = total(&final_counts);
             let (a, b) = bks.last().copied().unwrap_or((0, 1));
             LayerLoad {
                 experts,
                 final_share: final_counts.iter().map(|&c| rate(c, final_kept)).collect(),
                 final_steps: (train[a].step, train[b - 1].step),
-                final_drop_rate: rate(final_dropped, final_kept + final_dropped),
+                final_drop_rate: rate(final_dropped, final_kept.saturating_add(final_dropped)),
                 kept,
                 dropped,
-                drop_rate: rate(dropped, kept + dropped),
+                drop_rate: rate(dropped, kept.saturating_add(dropped)),
             }
         })
         .collect();
