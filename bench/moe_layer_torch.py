@@ -17,6 +17,7 @@ einsum. Backward is autograd.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -161,8 +162,9 @@ def main() -> None:
     ap.add_argument("--tf32", action="store_true",
                     help="on a GPU, let matrix products use TF32 (default: full float32)")
     ap.add_argument("--bf16", action="store_true",
-                    help="on a GPU, let float32 matrix products use bfloat16 internally "
-                         "(set_float32_matmul_precision('medium'); semoe's --precision bf16)")
+                    help="on a GPU, run the layer under torch.autocast(bfloat16): every matrix "
+                         "product in bfloat16 with float32 sums (semoe's --precision bf16; "
+                         "set_float32_matmul_precision('medium') would give TF32 on CUDA)")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     ap.add_argument("--verify", action="store_true",
                     help="check against tools/reference/moe_reference.py and exit")
@@ -180,8 +182,12 @@ def main() -> None:
             sys.exit(f"--device {a.device}: torch {torch.__version__} sees no CUDA GPU")
         torch.backends.cuda.matmul.allow_tf32 = a.tf32
         torch.backends.cudnn.allow_tf32 = a.tf32
-        if a.bf16:
-            torch.set_float32_matmul_precision("medium")
+
+    def precision():
+        # A fresh context each time (autocast contexts are not reentrant objects to share).
+        if gpu and a.bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def sync():
         if gpu:
@@ -196,14 +202,15 @@ def main() -> None:
     leaves = [params[n].requires_grad_(True) for n in names]
 
     def fwd():
-        with torch.no_grad():
+        with torch.no_grad(), precision():
             return moe_layer(*leaves, k, cap, a.gelu)
 
     def fwd_bwd():
         for p in leaves:
             p.grad = None
-        y, l_aux, kept = moe_layer(*leaves, k, cap, a.gelu)
-        loss = (y * gy).sum() + a.aux_coef * l_aux
+        with precision():
+            y, l_aux, kept = moe_layer(*leaves, k, cap, a.gelu)
+            loss = (y.float() * gy).sum() + a.aux_coef * l_aux.float()
         loss.backward()
         return kept
 
@@ -226,15 +233,18 @@ def main() -> None:
 
     # The matrix rate at the expert products' shape ([capacity][d_model] x [d_model][d_ff], one per
     # expert): what the layer's products could reach on this device (cuBLAS on a GPU).
-    xa = torch.randn(E, cap, d, device=dev)
+    # Dropless: as many rows per expert as the kept assignments spread evenly.
+    rows = cap if cap is not None else -(-kept // E)
+    xa = torch.randn(E, rows, d, device=dev)
     wa = torch.randn(E, d, f, device=dev)
 
     def products():
-        for e in range(E):
-            torch.mm(xa[e], wa[e])
+        with precision():
+            for e in range(E):
+                torch.mm(xa[e], wa[e])
 
     t_mm = timeit(products)
-    mm_gflops = 2.0 * E * cap * d * f / t_mm / 1e9
+    mm_gflops = 2.0 * E * rows * d * f / t_mm / 1e9
 
     mm = 2.0 * kept * d * f  # flops of one expert matmul over all kept tokens
     res = {

@@ -186,3 +186,35 @@ fn a_checkpoint_resumes_under_other_budgets_bit_for_bit() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_reports_idle_only_once_a_steps_disk_work_is_done() {
+    let (_tmp, dir) = temp("idle");
+    let rt = Runtime::builder(config())
+        .workers(1)
+        .storage(quarter(1, dir, CachePolicy::default(), true))
+        .build()
+        .await
+        .expect("runtime");
+    for step in 1..=2 {
+        rt.step().await.expect("step");
+        rt.storage_idle().await.expect("idle");
+        // Nothing moves any more: no load in flight, no write-back or gradient still landing.
+        let now = rt.tier_stats();
+        assert_eq!(now.len(), 1, "one store");
+        assert_eq!(now[0].loading, 0, "step {step}: a unit still loading: {:?}", now[0]);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let later = rt.tier_stats();
+        assert_eq!(
+            (now[0].disk_read, now[0].disk_written),
+            (later[0].disk_read, later[0].disk_written),
+            "step {step}: disk traffic after the store said it was idle"
+        );
+        assert!(
+            now[0].disk_written > 0,
+            "step {step}: the disk tier was not used: {:?}",
+            now[0]
+        );
+    }
+    rt.shutdown().await.expect("shutdown");
+}

@@ -429,6 +429,16 @@ impl Runtime {
         self.expert_stores.iter().map(|s| s.stats()).collect()
     }
 
+    /// Wait until no worker's expert store has disk work in flight or queued (the write-backs and
+    /// deferred gradients a step leaves running after its commit): a benchmark's timed window ends
+    /// here, so that a step's I/O is not charged to what runs next.
+    pub async fn storage_idle(&self) -> Result<()> {
+        for store in &self.expert_stores {
+            store.idle().await?;
+        }
+        Ok(())
+    }
+
     /// Each worker's dense-parameter figures: bytes kept between steps and, with
     /// `storage.shard_dense`, bytes gathered, the peak held during a step and the time waited.
     pub fn dense_stats(&self) -> Vec<DenseStats> {

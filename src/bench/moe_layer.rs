@@ -25,9 +25,9 @@ pub struct MoeLayerReport {
     pub forward_tokens_per_s: f64,
     /// tokens / train_seconds
     pub train_tokens_per_s: f64,
-    /// Expert-matmul FLOPs of one forward (2 matmuls) and one backward (4 matmuls).
+    /// Expert-matmul FLOPs of one forward (its 2 matmuls).
     pub forward_flops: f64,
-    /// Forward + backward expert-matmul FLOPs.
+    /// Forward + backward expert-matmul FLOPs (2 + 4 matmuls).
     pub train_flops: f64,
     /// Expert FLOPs / forward time: the whole layer's effective rate.
     pub forward_gflops: f64,
@@ -137,7 +137,7 @@ pub fn moe_layer_bench(
 pub struct MoeLayerCudaReport {
     /// The GPU's name.
     pub device: String,
-    /// `f32` or `tf32`.
+    /// `f32`, `tf32` or `bf16`.
     pub precision: String,
     /// The layer configuration.
     pub config: MoeConfig,

@@ -21,11 +21,11 @@ pub struct RingRow {
     pub batch: usize,
     /// Generated tokens per second over the batch (median of rounds).
     pub tokens_per_s: f64,
-    /// Seconds the decoder waited for loads per generated token (median).
+    /// Milliseconds the decoder waited for loads per generated token (median).
     pub stall_per_token_ms: f64,
     /// Bytes read from the checkpoint (or copied from the Host tier) per pass (median).
     pub loaded_per_pass: f64,
-    /// Routing guesses confirmed, of all guesses (routed prefetch).
+    /// Routing guesses confirmed, of all guesses of the timed tokens (routed prefetch).
     pub guess_accuracy: Option<f64>,
     /// Every round's tokens/s.
     pub rounds: Vec<f64>,
@@ -131,12 +131,15 @@ pub fn ring_bench(
                 let passes = (after.passes - before.passes).max(1) as f64;
                 let loaded =
                     (after.bytes_read + after.bytes_from_host - before.bytes_read - before.bytes_from_host) as f64;
-                let guesses = (after.predicted_hits + after.predicted_misses) as f64;
+                // Of the timed tokens only (the warm-up's guesses, made while the routing is
+                // learnt, are not the figure).
+                let hits = (after.predicted_hits - before.predicted_hits) as f64;
+                let guesses = hits + (after.predicted_misses - before.predicted_misses) as f64;
                 ring_rounds[i].push((
                     (batch * tokens) as f64 / seconds,
                     (after.stall_seconds - before.stall_seconds) * 1e3 / (batch * tokens) as f64,
                     loaded / passes,
-                    (guesses > 0.0).then(|| after.predicted_hits as f64 / guesses),
+                    (guesses > 0.0).then(|| hits / guesses),
                 ));
             }
         }

@@ -30,8 +30,12 @@ pub struct RuntimeReport {
     pub rounds: Vec<Vec<f64>>,
     /// Timed steps per round and engine.
     pub steps: usize,
-    /// Compute threads.
+    /// Compute threads asked for (`train.threads`; 0: one per core).
     pub threads: usize,
+    /// Compute threads each engine ran with in all: `threads` in one process; over worker
+    /// processes `threads / processes` each, at least one, so a count that does not divide
+    /// evenly gives more or fewer in all (a ratio between such engines is not at equal threads).
+    pub engine_threads: Vec<usize>,
 }
 
 /// The engines `runtime_bench` compares, in this order.
@@ -135,5 +139,16 @@ pub fn runtime_bench(
         rounds: all,
         steps,
         threads: config.train.threads,
+        engine_threads: engines
+            .iter()
+            .map(|&(_, p, _, _)| {
+                let asked = crate::kernels::cpu::threads_each(config.train.threads, 1);
+                if p == 0 {
+                    asked
+                } else {
+                    crate::kernels::cpu::threads_each(config.train.threads, p) * p
+                }
+            })
+            .collect(),
     })
 }

@@ -46,7 +46,8 @@ pub struct StorageRow {
     pub cpu_per_step: f64,
     /// Disk bytes (read + written) per second of training wall time.
     pub disk_bytes_per_s: f64,
-    /// Disk bytes per second of the I/O threads' busy time (reads and writes).
+    /// Disk bytes per second of the I/O threads' summed busy time (reads and writes): the rate of
+    /// one I/O thread while it works, not the disk's (several threads work at once).
     pub io_bytes_per_busy_s: f64,
     /// The disk's bandwidth for this row's mix of reads and writes: bytes moved per step over the
     /// seconds the sequential figures need for them (0 without disk traffic).
@@ -125,6 +126,8 @@ pub fn storage_bench(
         for _ in 0..warmup {
             t.step()?;
         }
+        // The warm-up's write-backs end here, not inside a measurement.
+        t.storage_idle()?;
         trainers.push(t);
     }
     let total = |t: &Trainer| {
@@ -156,6 +159,9 @@ pub fn storage_bench(
             for _ in 0..steps.max(1) {
                 t.step()?;
             }
+            // A commit leaves write-backs and deferred gradients running: they are this
+            // variant's work, timed here rather than slowing the next variant.
+            t.storage_idle()?;
             times[i].push(started.elapsed().as_secs_f64());
             cpu[i] += process_cpu_seconds() - cpu_started;
         }
@@ -173,7 +179,8 @@ pub fn storage_bench(
     let mut expert_state_bytes = 0;
     for (i, t) in trainers.iter().enumerate() {
         let (a, b) = (&start[i], total(t));
-        expert_state_bytes = b.unit_bytes * b.units as u64;
+        // The in-memory variant has no store (zero): the tiered variants' size.
+        expert_state_bytes = expert_state_bytes.max(b.unit_bytes * b.units as u64);
         let wall: f64 = times[i].iter().sum();
         let d = b.since(a);
         let read = d.disk_read as f64;

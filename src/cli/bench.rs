@@ -222,7 +222,8 @@ pub struct RuntimeArgs {
 
 #[derive(Args)]
 pub struct RecoveryArgs {
-    /// Compute threads (shared by the worker processes).
+    /// Compute threads, divided among the worker processes (each gets threads / processes, at
+    /// least one).
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Worker processes (one is killed).
@@ -411,7 +412,7 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     let base = r.rows.first().map_or(f64::NAN, |x| x.tokens_per_s);
     for x in &r.rows {
         semoe::out!(
-            "{:>24}: {:>7.0} tokens/s ({:>5.1}%), hit rate {:>5.1}%, prefetch accuracy {:>5.1}%, disk {:>7.1} MiB read + {:>7.1} MiB written per step, {:>6.0} MiB/s ({:>5.0} MiB/s while busy; {:>5.1}% of the disk's {:.0} MiB/s for this mix), stall {:.2} s/step{}, CPU {:.2} s/step",
+            "{:>24}: {:>7.0} tokens/s ({:>5.1}%), hit rate {:>5.1}%, prefetch accuracy {:>5.1}%, disk {:>7.1} MiB read + {:>7.1} MiB written per step, {:>6.0} MiB/s ({:>5.0} MiB/s per I/O thread while busy; {:>5.1}% of the disk's {:.0} MiB/s for this mix), stall {:.2} s/step{}, CPU {:.2} s/step",
             x.name,
             x.tokens_per_s,
             100.0 * x.tokens_per_s / base,
@@ -687,9 +688,9 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
                             .iter()
                             .map(|p| format!("{p} processes, {}", r.collective)),
                     );
-                for (name, tps) in names.zip(&r.tokens_per_s) {
+                for ((name, tps), threads) in names.zip(&r.tokens_per_s).zip(&r.engine_threads) {
                     semoe::out!(
-                        "{name:>22}: {tps:>8.0} tokens/s ({:.1}% of the first)",
+                        "{name:>22}: {tps:>8.0} tokens/s ({:.1}% of the first), {threads} compute thread(s) in all",
                         100.0 * tps / base
                     );
                 }
@@ -853,7 +854,17 @@ fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
     // Peak resident memory of generation through the ring, in a process of its own (this one
     // held the whole model for the resident variant).
     let largest = a.batch.iter().copied().max().unwrap_or(1);
-    let peak = ring_peak_rss(&checkpoint, budget, largest, a.io_threads)?;
+    let peak = ring_peak_rss(
+        &checkpoint,
+        &RingRun {
+            budget,
+            batch: largest,
+            io_threads: a.io_threads,
+            threads: a.threads,
+            tokens: a.tokens,
+            load: a.load.first().map_or("auto", String::as_str),
+        },
+    )?;
     if a.json {
         return print_json(&serde_json::json!({ "ring": r, "ring_process_peak_rss": peak, "peak_batch": largest }));
     }
@@ -919,29 +930,42 @@ fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
     Ok(())
 }
 
-/// Run `semoe generate` through the ring in a child process and read the peak resident memory it
-/// reports.
-fn ring_peak_rss(
-    checkpoint: &std::path::Path,
+/// The ring's settings of the bench, for the process whose peak memory is measured.
+struct RingRun<'a> {
     budget: u64,
     batch: usize,
     io_threads: usize,
-) -> semoe::Result<Option<u64>> {
+    threads: usize,
+    tokens: usize,
+    load: &'a str,
+}
+
+/// Run `semoe generate` through the ring in a child process, with the bench's settings (the
+/// largest batch, the first loading), and read the peak resident memory it reports.
+fn ring_peak_rss(checkpoint: &std::path::Path, run: &RingRun<'_>) -> semoe::Result<Option<u64>> {
     let exe = std::env::current_exe().map_err(|e| semoe::Error::io("finding this executable", "semoe", e))?;
     let out = std::process::Command::new(exe)
         .arg("generate")
         .arg("--checkpoint")
         .arg(checkpoint)
-        .args(["--tokens", "32", "--batch", &batch.to_string()])
+        .args(["--tokens", &run.tokens.to_string(), "--batch", &run.batch.to_string()])
+        .args(["--threads", &run.threads.to_string(), "--ring-load", run.load])
         .args([
             "--device-budget",
-            &budget.to_string(),
+            &run.budget.to_string(),
             "--io-threads",
-            &io_threads.to_string(),
+            &run.io_threads.to_string(),
         ])
         .output()
         .map_err(|e| semoe::Error::io("running semoe generate", "semoe", e))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(semoe::Error::runtime(format!(
+            "semoe generate through the ring (for its peak memory) failed ({}): {}",
+            out.status,
+            stderr.trim()
+        )));
+    }
     Ok(stderr
         .lines()
         .find_map(|l| l.split("peak resident memory ").nth(1))

@@ -166,6 +166,15 @@ impl RuntimeEngine {
         }
     }
 
+    /// Wait until the in-process workers' expert stores have no disk work left (a no-op over
+    /// worker processes, whose stores are theirs).
+    pub fn storage_idle(&self) -> Result<()> {
+        match &self.kind {
+            Some(Kind::Local(r)) => self.tokio.block_on(r.storage_idle()),
+            _ => Ok(()),
+        }
+    }
+
     /// Each in-process worker's expert-store figures.
     pub fn tier_stats(&self) -> Vec<TierStats> {
         match &self.kind {

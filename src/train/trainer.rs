@@ -722,6 +722,15 @@ impl Trainer {
         }
     }
 
+    /// Wait until the runtime's expert stores have no disk work in flight or queued (see
+    /// `Runtime::storage_idle`; a no-op without in-process tiers).
+    pub fn storage_idle(&self) -> Result<()> {
+        match &self.engine {
+            Some(engine) => engine.storage_idle(),
+            None => Ok(()),
+        }
+    }
+
     /// Membership figures of a run over worker processes (`None` otherwise).
     pub fn membership(&self) -> Option<crate::elastic::runtime::MembershipStats> {
         self.engine.as_ref().and_then(|e| e.membership())

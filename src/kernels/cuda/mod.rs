@@ -81,8 +81,10 @@ pub enum Precision {
     /// TF32 tensor-core products (10-bit mantissa inputs, float32 sums): faster, wider tolerance.
     Tf32,
     /// bfloat16 tensor-core products of the same float32 buffers (inputs rounded to 7-bit
-    /// mantissas, float32 sums: cuBLAS's `CUBLAS_COMPUTE_32F_FAST_16BF`, what PyTorch's
-    /// `torch.set_float32_matmul_precision("medium")` asks for): the fastest, the widest tolerance.
+    /// mantissas, float32 sums: cuBLAS's `CUBLAS_COMPUTE_32F_FAST_16BF`; PyTorch's nearest is
+    /// `torch.autocast` to bfloat16, whose products also take bfloat16 inputs and float32 sums;
+    /// its `set_float32_matmul_precision("medium")` gives TF32 on CUDA): the fastest, the widest
+    /// tolerance.
     Bf16,
 }
 

@@ -279,6 +279,15 @@ impl ExpertStore {
         rx.await.map_err(|_| stopped())?
     }
 
+    /// Wait until the store has no disk work in flight or queued (loads, write-backs, deferred
+    /// gradients): what a step left running in the background is done. Benchmarks call it so
+    /// that a step's I/O is counted in its own time, not in whatever runs next.
+    pub async fn idle(&self) -> Result<()> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Request::Idle { reply })?;
+        rx.await.map_err(|_| stopped())?
+    }
+
     /// The figures so far.
     pub fn stats(&self) -> TierStats {
         lock(&self.stats).clone()

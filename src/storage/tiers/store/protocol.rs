@@ -39,6 +39,10 @@ pub(super) enum Request {
     Snapshot {
         reply: Reply<Vec<(UnitId, ExpertSlot)>>,
     },
+    /// Answered once no disk work is in flight or queued and no unit is on its way.
+    Idle {
+        reply: Reply<()>,
+    },
     Loaded {
         id: UnitId,
         /// The decoded unit, its deferred update applied when the read carried one.
@@ -63,7 +67,10 @@ pub(super) enum Request {
 impl Request {
     /// Requests after which the figures go to the metrics recorder.
     pub(super) fn exports(&self) -> bool {
-        matches!(self, Request::EndStep { .. } | Request::Snapshot { .. })
+        matches!(
+            self,
+            Request::EndStep { .. } | Request::Snapshot { .. } | Request::Idle { .. }
+        )
     }
 }
 

@@ -107,6 +107,8 @@ pub(super) struct Manager {
     budget: [u64; 2],
     waiting: VecDeque<Waiter>,
     snapshots: Vec<Reply<Vec<(UnitId, ExpertSlot)>>>,
+    /// Waiting for no disk work in flight or queued ([`Request::Idle`]).
+    idle_waiters: Vec<Reply<()>>,
     /// The I/O threads' lanes (none without a Disk tier).
     io: Option<Arc<IoLanes>>,
     /// Jobs not yet handed to the I/O threads (over `depth` in flight): loads, then writes.
@@ -176,6 +178,7 @@ impl Manager {
             budget,
             waiting: VecDeque::new(),
             snapshots: Vec::new(),
+            idle_waiters: Vec::new(),
             // Without a Disk tier there is nothing to read or write: a job would be a bug, and
             // `pump_io` reports it as one rather than as I/O threads that never started.
             io: disk.is_some().then_some(lanes),
@@ -226,6 +229,7 @@ impl Manager {
         self.publish(export);
         // After publishing, so that figures read after a snapshot include everything before it.
         self.answer_snapshots();
+        self.answer_idle();
     }
 
     pub(super) fn place_initially(&mut self, id: UnitId, slot: ExpertSlot) -> Result<()> {
@@ -318,6 +322,7 @@ impl Manager {
                 self.last_fwd_used = std::mem::take(&mut self.fwd_used);
             }
             Request::Snapshot { reply } => self.snapshots.push(reply),
+            Request::Idle { reply } => self.idle_waiters.push(reply),
             Request::Loaded {
                 id,
                 slot,
@@ -465,6 +470,29 @@ impl Manager {
         }
     }
 
+    /// Whether a unit is on its way between tiers or a deferred gradient is being written.
+    fn units_moving(&self) -> bool {
+        self.entries
+            .values()
+            .any(|e| !matches!(e.place, Place::In(_) | Place::Disk) || e.deferred.as_ref().is_some_and(|d| d.writing))
+    }
+
+    fn answer_idle(&mut self) {
+        if self.idle_waiters.is_empty() {
+            return;
+        }
+        let quiet = self.in_flight == 0 && self.io_queue.iter().all(VecDeque::is_empty) && !self.units_moving();
+        // A failed store does no more work: say why instead of waiting for ever.
+        let answer = match &self.fatal {
+            Some(f) => Err(format!("the expert store of worker {} failed: {f}", self.worker)),
+            None if quiet => Ok(()),
+            None => return,
+        };
+        for r in std::mem::take(&mut self.idle_waiters) {
+            let _ = r.send(answer.clone().map_err(Error::runtime));
+        }
+    }
+
     fn answer_snapshots(&mut self) {
         if self.snapshots.is_empty() {
             return;
@@ -480,11 +508,7 @@ impl Manager {
             }
             return;
         }
-        let busy = self
-            .entries
-            .values()
-            .any(|e| !matches!(e.place, Place::In(_) | Place::Disk) || e.deferred.as_ref().is_some_and(|d| d.writing));
-        if busy {
+        if self.units_moving() {
             return;
         }
         let result: Result<Vec<(UnitId, ExpertSlot)>> = self
