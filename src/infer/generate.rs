@@ -95,7 +95,15 @@ pub fn generate_with<S: WeightSource>(
 /// cached decoder is checked and measured against (`semoe bench generate`).
 pub fn generate_recomputing(model: &Gpt<f32>, cpu: &Cpu, prompt: &[u8], opts: &SampleOptions) -> Result<Vec<u8>> {
     check_options(opts)?;
-    let model = model.for_inference()?;
+    // A model already made for inference (dropless) is used as it is: no copy (a benchmark
+    // prepares it outside its clock).
+    let prepared;
+    let model = if model.config().dropless {
+        model
+    } else {
+        prepared = model.for_inference()?;
+        &prepared
+    };
     let c = model.config().clone();
     let mut context: Vec<u32> = if prompt.is_empty() {
         vec![b'\n' as u32]
