@@ -171,7 +171,7 @@ pub struct TrainSettings {
     /// worker to arrive (it covers the workers' difference in compute too).
     pub deadline_s: f64,
     /// Train over worker processes instead of in-process workers: the address the coordinator
-    /// listens on for them (`HOST:PORT`; port 0 lets the OS choose). Empty: in-process (or
+    /// listens on for them (`IP:PORT`, e.g. `0.0.0.0:7000`; port 0 lets the OS choose). Empty: in-process (or
     /// loopback when `processes` is set). Workers join with `semoe worker --ticket RUN/join.ticket`.
     pub listen: String,
     /// Worker processes to start on this machine (`semoe worker`, reaped when the run ends); more
@@ -355,13 +355,6 @@ impl TrainConfig {
                 "train.threads ({}) is more than this machine can use: it has {cores} cores (at most {max_threads} \
                  threads are accepted; 0 means one per core)",
                 t.threads
-            )));
-        }
-        if t.processes > max_threads {
-            return Err(Error::config(format!(
-                "train.processes ({}) is more than this machine can run: each worker process computes on at least \
-                 one thread and holds the model, and it has {cores} cores (at most {max_threads} are accepted)",
-                t.processes
             )));
         }
         if !t.listen.is_empty() {
@@ -638,7 +631,6 @@ mod tests {
         };
         refused(&|c| c.storage.io_threads = 100_000, "storage.io_threads");
         refused(&|c| c.storage.io_threads = 0, "storage.io_threads");
-        refused(&|c| c.train.processes = 100_000, "train.processes");
         refused(&|c| c.train.listen = "myhost:7000".into(), "train.listen");
         refused(&|c| c.storage.cache_policy = "mru".into(), "storage.cache_policy");
         refused(

@@ -374,7 +374,7 @@ fn check_flags_apply(a: &TrainArgs, c: &TrainConfig) -> semoe::Result<()> {
         ];
         if let Some((flag, _)) = process_flags.iter().find(|(_, given)| *given) {
             return Err(semoe::Error::config(format!(
-                "{flag} applies to a run over worker processes (--processes N or --listen HOST:PORT), and this run has none"
+                "{flag} applies to a run over worker processes (--processes N or --listen IP:PORT), and this run has none"
             )));
         }
         if a.placement.is_some() && c.train.workers == 0 {

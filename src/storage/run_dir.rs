@@ -31,7 +31,8 @@ pub struct RunDirLock {
 }
 
 impl RunDirLock {
-    /// Lock `dir` (which must exist), or fail at once, naming the process that holds it.
+    /// Lock `dir` (which must exist), or fail naming the process that holds it (after a fifth of
+    /// a second: a reader's probe, [`is_locked`], holds it for an instant).
     pub fn acquire(dir: &Path) -> Result<Self> {
         let path = dir.join(LOCK_FILE);
         let mut file = OpenOptions::new()

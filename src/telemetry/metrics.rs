@@ -1,5 +1,5 @@
 //! The runtime's metric names, in one place (recorded through the `metrics` crate; served as
-//! Prometheus text with `--metrics-addr`, see [`serve_prometheus`]).
+//! Prometheus text with `--metrics-addr`, see [`serve_in_background`] and [`serve_prometheus`]).
 //!
 //! | name | kind | labels | meaning |
 //! |---|---|---|---|
@@ -250,9 +250,9 @@ pub struct Layout {
     pub experts: usize,
 }
 
-/// The layout of the last runtime started. The trainer builds its runtime before `--metrics-addr`
-/// installs the recorder, so the zeros registered then went to no recorder: [`install`] registers
-/// them again from here. Process-wide, like the recorder itself.
+/// The layout of the last runtime started. A program that builds its runtime before it installs a
+/// recorder (an embedder; `semoe train` installs it first) registered its zeros with no recorder:
+/// [`install`] registers them again from here. Process-wide, like the recorder itself.
 static LAYOUT: Mutex<Option<Layout>> = Mutex::new(None);
 
 /// Register every counter at zero for a runtime of this layout (and remember the layout for a
@@ -371,7 +371,7 @@ fn bind(addr: &str) -> crate::Result<std::net::TcpListener> {
 
 /// Check that `addr` is a `HOST:PORT` that resolves and can be listened on now, before anything is
 /// started: a port in use is refused before a run directory is made (the endpoint itself binds
-/// later, inside the runtime; the test listener is closed at once).
+/// later, on its own thread, [`serve_in_background`]; the test listener is closed at once).
 pub fn check_addr(addr: &str) -> crate::Result<()> {
     bind(addr).map(drop)
 }
@@ -408,7 +408,8 @@ pub fn serve(addr: &str, handle: PrometheusHandle) -> crate::Result<MetricsServe
 
 /// An endpoint serving every metric from a thread of its own ([`serve_in_background`]): it
 /// answers while the trainer waits for workers or computes, and a scrape never takes the
-/// runtime's own threads. Dropping it stops the endpoint.
+/// runtime's own threads. Dropping it stops the endpoint; drop it outside an async context (it
+/// owns a tokio runtime, which cannot be dropped inside another's task).
 #[derive(Debug)]
 pub struct BackgroundMetrics {
     server: MetricsServer,

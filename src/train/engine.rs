@@ -98,6 +98,7 @@ impl RuntimeEngine {
         .parse()
         .map_err(|e| Error::config(format!("train.listen {:?} is not an IP:PORT: {e}", t.listen)))?;
         crate::elastic::runtime::check_nccl(config)?;
+        check_local_processes(t.processes)?;
         let ticket = run_dir.join(TICKET_FILE);
         let cluster = {
             let _guard = self.tokio.enter();
@@ -255,6 +256,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Refuse to start more worker processes on this machine than it can run (each computes on at
+/// least one thread and holds the model). Checked where they are started, not in the config's
+/// validation: a remote worker validates the coordinator's config with its own core count.
+fn check_local_processes(processes: usize) -> Result<()> {
+    let (cores, most) = (crate::kernels::cpu::cores(), crate::kernels::cpu::max_threads());
+    if processes > most {
+        return Err(Error::config(format!(
+            "train.processes ({processes}) is more than this machine can run: each worker process computes on at \
+             least one thread and holds the model, and it has {cores} cores (at most {most} are accepted)"
+        )));
+    }
+    Ok(())
+}
+
 /// Start `semoe worker --ticket FILE --scratch DIR --gpu GPU` (this program), its error output
 /// joined to ours unless `quiet` (`gpu`: its NCCL ranks' GPU, when the run exchanges over NCCL).
 /// `scratch` holds its Disk tier: a folder of the run's, not the system's temporary directory
@@ -317,4 +332,17 @@ fn reap(children: &mut Vec<Child>) {
         }
     }
     children.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn more_local_worker_processes_than_the_machine_can_run_are_refused() {
+        let most = crate::kernels::cpu::max_threads();
+        assert!(super::check_local_processes(most).is_ok());
+        let err = super::check_local_processes(most + 1)
+            .expect_err("too many")
+            .to_string();
+        assert!(err.contains("train.processes"), "{err}");
+    }
 }

@@ -162,11 +162,12 @@ impl BudgetPool {
 
     /// Give back an allocation of [`BudgetPool::alloc`] that no slice took over.
     pub(crate) fn free(&self, stream: sys::CUstream, ptr: sys::CUdeviceptr) {
-        if bind(&self.ctx).is_ok() {
-            // SAFETY: `ptr` came from this pool on `stream` and nothing else refers to it.
-            let freed = unsafe { sys::cuMemFreeAsync(ptr, stream) }.result();
-            self.ctx.record_err(freed);
-        }
+        // Binding hands back an error recorded earlier: free anyway, and put the error back.
+        let bound = self.ctx.bind_to_thread();
+        // SAFETY: `ptr` came from this pool on `stream` and nothing else refers to it.
+        let freed = unsafe { sys::cuMemFreeAsync(ptr, stream) }.result();
+        self.ctx.record_err(bound);
+        self.ctx.record_err(freed);
     }
 
     /// Why an allocation of `bytes` was refused: the budget, or (the pool still below it) the GPU

@@ -71,9 +71,20 @@ pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
             .map(String::as_str)
             .or_else(|| payload.downcast_ref::<&str>().copied())
             .unwrap_or("a panic");
-        cuda_error(format!(
-            "{what}: a CUDA library is incomplete or of another version ({why}); check the CUDA installation"
-        ))
+        // cudarc's own words for a library or a function it cannot load; any other panic is a
+        // defect, reported with where it happened.
+        if why.contains("Missing symbol") || why.contains("Unable to dynamically load") {
+            cuda_error(format!(
+                "{what}: a CUDA library is incomplete or of another version ({why}); check the CUDA installation"
+            ))
+        } else {
+            let at = PANICKED_AT
+                .with(|p| p.take())
+                .unwrap_or_else(|| "an unknown place".into());
+            cuda_error(format!(
+                "{what}: an internal error in the GPU code at {at}: {why} (please report it)"
+            ))
+        }
     })
 }
 
@@ -87,6 +98,8 @@ pub(crate) fn guarded_try<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Resul
 thread_local! {
     /// Set while [`quiet_panics`] runs on this thread.
     static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Where the last silenced panic of this thread happened (file:line), for its error.
+    static PANICKED_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Run `f` with the panic hook silent on this thread: the hook in place before the first call
@@ -97,7 +110,10 @@ fn quiet_panics<T>(f: impl FnOnce() -> T) -> T {
     WRAPPED.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !QUIET.with(std::cell::Cell::get) {
+            if QUIET.with(std::cell::Cell::get) {
+                let at = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+                PANICKED_AT.with(|p| *p.borrow_mut() = at);
+            } else {
                 previous(info);
             }
         }));
@@ -137,6 +153,18 @@ mod tests {
         .to_string();
         assert!(
             err.contains("a training step on the GPU") && err.contains("Missing symbol cuLaunchKernel"),
+            "{err}"
+        );
+        // Any other panic is a defect of ours, not the installation's: said so, with its place.
+        let err = guarded_try("a training step on the GPU", || -> Result<()> {
+            let v: Vec<u32> = Vec::new();
+            let _ = v[std::hint::black_box(3)];
+            Ok(())
+        })
+        .expect_err("a panic")
+        .to_string();
+        assert!(
+            err.contains("internal error") && err.contains("device.rs:") && !err.contains("CUDA installation"),
             "{err}"
         );
         let err = guarded_try("a step", || -> Result<()> { Err(cuda_error("out of memory")) })

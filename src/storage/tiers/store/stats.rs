@@ -53,11 +53,12 @@ pub struct TierStats {
 impl TierStats {
     /// Share of acquisitions served from memory (Device or Host).
     pub fn hit_rate(&self) -> f64 {
-        let total: u64 = self.served_from.iter().sum();
+        // Saturating: the figures may come from a log a person edited.
+        let total = self.served_from.iter().fold(0u64, |s, &n| s.saturating_add(n));
         if total == 0 {
             return 1.0;
         }
-        (self.served_from[0] + self.served_from[1]) as f64 / total as f64
+        self.served_from[0].saturating_add(self.served_from[1]) as f64 / total as f64
     }
 
     /// Share of prefetched units that were used.
