@@ -303,6 +303,23 @@ impl TrainSettings {
     pub fn elastic(&self) -> bool {
         !self.listen.is_empty() || self.processes > 0
     }
+
+    /// The address the coordinator listens on: `listen`, or the loopback with a port the system
+    /// chooses when it is empty.
+    pub fn listen_addr(&self) -> Result<std::net::SocketAddr> {
+        let text = if self.listen.is_empty() {
+            "127.0.0.1:0"
+        } else {
+            &self.listen
+        };
+        text.parse().map_err(|e| {
+            Error::config(format!(
+                "train.listen = {:?}: not an IP:PORT to listen on ({e}; e.g. 0.0.0.0:7000, or 127.0.0.1:0 for a \
+                 port the system chooses)",
+                self.listen
+            ))
+        })
+    }
 }
 
 impl TrainConfig {
@@ -357,15 +374,7 @@ impl TrainConfig {
                 t.threads
             )));
         }
-        if !t.listen.is_empty() {
-            t.listen.parse::<std::net::SocketAddr>().map_err(|e| {
-                Error::config(format!(
-                    "train.listen = {:?}: not an IP:PORT to listen on ({e}; e.g. 0.0.0.0:7000, or 127.0.0.1:0 for a \
-                     port the system chooses)",
-                    t.listen
-                ))
-            })?;
-        }
+        t.listen_addr()?;
         if self.model.vocab > BYTE_VOCAB {
             return Err(Error::config(format!(
                 "model.vocab must be at most {BYTE_VOCAB}: the model reads and writes bytes (got {})",

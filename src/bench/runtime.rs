@@ -141,14 +141,8 @@ pub fn runtime_bench(
         threads: config.train.threads,
         engine_threads: engines
             .iter()
-            .map(|&(_, p, _, _)| {
-                let asked = crate::kernels::cpu::threads_each(config.train.threads, 1);
-                if p == 0 {
-                    asked
-                } else {
-                    crate::kernels::cpu::threads_each(config.train.threads, p) * p
-                }
-            })
+            // One process (p = 0) is the same sum as one worker process.
+            .map(|&(_, p, _, _)| crate::kernels::cpu::threads_each(config.train.threads, p.max(1)) * p.max(1))
             .collect(),
     })
 }

@@ -468,7 +468,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, handle: PrometheusHandle
                     if let Ok(permit) = Arc::clone(&open).try_acquire_owned() {
                         let handle = handle.clone();
                         tokio::spawn(async move {
-                            connection(stream, handle, CLIENT_TIMEOUT).await;
+                            connection(stream, handle).await;
                             drop(permit);
                         });
                     }
@@ -481,17 +481,17 @@ async fn accept_loop(listener: tokio::net::TcpListener, handle: PrometheusHandle
     }
 }
 
-async fn connection(stream: tokio::net::TcpStream, handle: PrometheusHandle, timeout: Duration) {
+async fn connection(stream: tokio::net::TcpStream, handle: PrometheusHandle) {
     let service = service_fn(move |request: Request<Incoming>| {
         let response = answer(&request, &handle);
         async move { Ok::<_, Infallible>(response) }
     });
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(timeout);
+    http.timer(TokioTimer::new()).header_read_timeout(CLIENT_TIMEOUT);
     // A client that stops reading (requests pipelined, answers never taken) would hold the
     // connection for ever: a write that cannot proceed within the timeout ends it.
     let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
-    stream.set_write_timeout(Some(timeout));
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT));
     // A client that went away or sent something that is not HTTP: nobody to tell.
     let _ = http.serve_connection(TokioIo::new(Box::pin(stream)), service).await;
 }

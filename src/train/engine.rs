@@ -12,7 +12,6 @@ use crate::model::gpt::Gpt;
 use crate::optimizer::AdamW;
 use crate::storage::run_dir;
 use crate::storage::tiers::TierStats;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -90,13 +89,7 @@ impl RuntimeEngine {
         run_dir: &Path,
     ) -> Result<()> {
         let t = &config.train;
-        let listen: SocketAddr = if t.listen.is_empty() {
-            "127.0.0.1:0"
-        } else {
-            t.listen.as_str()
-        }
-        .parse()
-        .map_err(|e| Error::config(format!("train.listen {:?} is not an IP:PORT: {e}", t.listen)))?;
+        let listen = t.listen_addr()?;
         crate::elastic::runtime::check_nccl(config)?;
         check_local_processes(t.processes)?;
         let ticket = run_dir.join(TICKET_FILE);

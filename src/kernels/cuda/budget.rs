@@ -173,19 +173,24 @@ impl BudgetPool {
     /// Why an allocation of `bytes` was refused: the budget, or (the pool still below it) the GPU
     /// itself, whose memory the context, cuBLAS, NCCL and other processes share.
     fn out_of_memory(&self, bytes: u64) -> Error {
-        let figure = |v: Result<u64>| v.map(format_bytes).unwrap_or_else(|_| "?".into());
-        let in_use = figure(self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT));
-        let reserved = self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT);
+        let figure = |v: Option<u64>| v.map_or_else(|| "?".into(), format_bytes);
+        let in_use = figure(
+            self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
+                .ok(),
+        );
+        let reserved = self
+            .attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)
+            .ok();
         let (asked, budget) = (format_bytes(bytes), format_bytes(self.budget));
         match reserved {
-            Ok(r) if r.saturating_add(bytes) <= self.budget => {
-                let free = self.ctx.mem_get_info().map(|(free, _)| free as u64);
+            Some(r) if r.saturating_add(bytes) <= self.budget => {
+                let free = self.ctx.mem_get_info().ok().map(|(free, _)| free as u64);
                 cuda_error(format!(
                     "the GPU itself is out of memory: {asked} asked for with {in_use} in use and {} reserved of \
                      the Device budget of {budget}, {} free on the GPU (the CUDA context, cuBLAS, NCCL and other \
                      processes take the rest); lower storage.device_budget to what the GPU can give, or free the GPU",
                     format_bytes(r),
-                    figure(free.map_err(|e| cuda_error(e.to_string())))
+                    figure(free)
                 ))
             }
             reserved => cuda_error(format!(
