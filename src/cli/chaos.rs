@@ -15,8 +15,25 @@ use super::train::{resolve_config, TrainArgs};
 const DEFAULT_STEPS: u64 = 20;
 
 /// Options of `semoe chaos`: the scenario, and the job's training options.
+///
+/// It shares `semoe train`'s options; those a chaos run refuses ([`TrainArgs::chaos_refusal`]) are
+/// hidden from its help, and the run directory's default is its own.
 #[derive(Args)]
 #[command(after_help = CHAOS_AFTER_HELP)]
+#[command(mut_arg("run_dir", |a| a.help(CHAOS_RUN_DIR_HELP)))]
+#[command(mut_arg("resume", hide), mut_arg("allow_data_change", hide), mut_arg("listen", hide))]
+#[command(
+    mut_arg("identity", hide),
+    mut_arg("metrics_addr", hide),
+    mut_arg("time_budget", hide)
+)]
+#[command(mut_arg("print_config", hide), mut_arg("device", hide), mut_arg("time_limit", hide))]
+#[command(
+    mut_arg("eval_every", hide),
+    mut_arg("checkpoint_every", hide),
+    mut_arg("sample_tokens", hide)
+)]
+#[command(mut_arg("sample_prompt", hide), mut_arg("quiet", hide))]
 pub struct ChaosArgs {
     /// The fault scenario (TOML: seed, deadline and [[fault]] entries; see scenarios/).
     #[arg(long, value_name = "FILE")]
@@ -28,6 +45,14 @@ pub struct ChaosArgs {
     #[command(flatten)]
     train: TrainArgs,
 }
+
+/// Hide a training option that a chaos run refuses.
+fn hide(a: clap::Arg) -> clap::Arg {
+    a.hide(true)
+}
+
+const CHAOS_RUN_DIR_HELP: &str = "Run directory for the report, both runs' state and their logs (default: a new \
+runs/chaos-YYYYMMDD-HHMMSS, UTC). One process at a time: a directory in use is refused";
 
 const CHAOS_AFTER_HELP: &str = "The job runs on the in-process actor runtime (--workers, default from the config; \
 without --steps or --config it runs 20 steps); with --processes N it runs on N `semoe worker` processes started \

@@ -91,3 +91,57 @@ pub fn run(cli: Cli) -> semoe::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        train::with_config_defaults(Cli::command()).debug_assert();
+    }
+
+    #[test]
+    fn chaos_help_shows_only_the_options_a_chaos_run_accepts() {
+        let mut cmd = train::with_config_defaults(Cli::command());
+        let Some(chaos) = cmd.find_subcommand_mut("chaos") else {
+            panic!("no chaos command")
+        };
+        let help = chaos.render_long_help().to_string();
+        assert!(help.contains("--scenario") && help.contains("--processes"), "{help}");
+        assert!(help.contains("runs/chaos-YYYYMMDD-HHMMSS"), "{help}");
+        let shown: Vec<String> = chaos
+            .get_arguments()
+            .filter(|a| !a.is_hide_set())
+            .filter_map(|a| a.get_long().map(str::to_string))
+            .collect();
+        let refused = [
+            "resume",
+            "allow-data-change",
+            "listen",
+            "identity",
+            "metrics-addr",
+            "time-budget",
+            "print-config",
+            "device",
+            "time-limit",
+            "eval-every",
+            "checkpoint-every",
+            "sample-tokens",
+            "sample-prompt",
+            "quiet",
+        ];
+        for flag in refused {
+            assert!(
+                !shown.iter().any(|s| s == flag),
+                "--{flag} is refused by chaos but shown: {shown:?}"
+            );
+        }
+        for flag in ["steps", "workers", "processes", "device-budget", "run-dir", "config"] {
+            assert!(
+                shown.iter().any(|s| s == flag),
+                "--{flag} missing from chaos's help: {shown:?}"
+            );
+        }
+    }
+}

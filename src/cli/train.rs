@@ -17,7 +17,7 @@ use super::generate::{stream_sample, unescape};
 #[derive(Args)]
 #[command(allow_negative_numbers = true, after_help = TRAIN_AFTER_HELP)]
 pub struct TrainArgs {
-    /// TOML config file with [model], [optimizer] and [train] tables (see `--print-config`).
+    /// TOML config file with [model], [optimizer] and [train] tables (see `semoe train --print-config`).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Run directory for config, metrics, checkpoints and report (default: a new
