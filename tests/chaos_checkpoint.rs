@@ -29,7 +29,14 @@ fn run_in(c: &TrainConfig, spec: FaultSpec, dir: &Path, what: &str) -> ChaosRepo
     let report = chaos::run_in(c, &scenario, dir).unwrap_or_else(|e| panic!("{what}: {e}"));
     eprintln!("{what}: {} in {:.2?}", report.verdict_line(), started.elapsed());
     match &report.verdict {
-        Verdict::BitwiseEqual { values, .. } => assert!(*values > 0),
+        Verdict::BitwiseEqual { tensors, values } => {
+            assert_eq!(
+                *tensors,
+                common::chaos_state_tensors(c),
+                "{what}: every tensor compared"
+            );
+            assert!(*values > 0, "{what}: values compared");
+        }
         other => panic!("{what}: {other:?}\n{}", report.markdown()),
     }
     assert_eq!(
@@ -153,7 +160,8 @@ fn a_corrupted_checkpoint_is_named_set_aside_and_the_run_resumes_from_the_one_be
 fn the_torn_checkpoints_scenario_ends_bitwise_equal_through_the_command() {
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/torn-checkpoints.toml");
     let dir = common::TempDir::new("chaos-torn-cli");
-    let out = common::chaos_command(&file, dir.path(), "8", &[]);
+    let run = dir.path().join("run");
+    let out = common::chaos_command(&file, &run, "8", &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -162,8 +170,7 @@ fn the_torn_checkpoints_scenario_ends_bitwise_equal_through_the_command() {
     );
     assert!(stdout.contains("verdict: bitwise equal"), "{stdout}");
     let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("chaos.json")).expect("chaos.json"))
-            .expect("json");
+        serde_json::from_str(&std::fs::read_to_string(run.join("chaos.json")).expect("chaos.json")).expect("json");
     let kinds: Vec<&str> = json["faults"]
         .as_array()
         .expect("faults")
@@ -177,7 +184,7 @@ fn the_torn_checkpoints_scenario_ends_bitwise_equal_through_the_command() {
     assert!(json["faults"][1]["detection"]
         .as_str()
         .is_some_and(|d| d.contains("SHA-256 mismatch")));
-    let names = checkpoints(dir.path());
+    let names = checkpoints(&run);
     assert!(
         names.contains(&"damaged-step-00000005".to_string()) && names.contains(&"step-00000008".to_string()),
         "{names:?}"

@@ -29,11 +29,6 @@ fn config(steps: u64) -> TrainConfig {
     c
 }
 
-fn tensors(c: &TrainConfig) -> usize {
-    let model = semoe::model::gpt::Gpt::<f32>::zeros(&c.model).expect("model");
-    3 * model.tensors().len() + 1
-}
-
 fn run(c: &TrainConfig, spec: FaultSpec, what: &str) -> ChaosReport {
     let scenario = Scenario::builder()
         .deadline(Duration::from_secs(60))
@@ -141,7 +136,7 @@ fn transient_disk_faults_end_bitwise_equal_without_a_replay() {
         let report = run(&c, spec, what);
         match &report.verdict {
             Verdict::BitwiseEqual { tensors: n, values } => {
-                assert_eq!(*n, tensors(&c), "{what}: every tensor compared");
+                assert_eq!(*n, common::chaos_state_tensors(&c), "{what}: every tensor compared");
                 assert!(*values > 0);
             }
             other => panic!("{what}: {other:?}\n{}", report.markdown()),
@@ -252,12 +247,8 @@ fn the_dying_disk_scenario_stops_at_step_6_naming_the_file() {
     let dir = common::TempDir::new("chaos-disk-cli");
     let unit = ExpertSlot::bytes_for(c.model.d_model, c.model.d_ff);
     let budget = (2 * unit).to_string();
-    let out = common::chaos_command(
-        &file,
-        dir.path(),
-        "8",
-        &["--host-budget", "0", "--device-budget", &budget],
-    );
+    let run = dir.path().join("run");
+    let out = common::chaos_command(&file, &run, "8", &["--host-budget", "0", "--device-budget", &budget]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -266,7 +257,7 @@ fn the_dying_disk_scenario_stops_at_step_6_naming_the_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("verdict: stopped at step 6"), "{stdout}");
-    let md = std::fs::read_to_string(dir.path().join("chaos.md")).expect("chaos.md");
+    let md = std::fs::read_to_string(run.join("chaos.md")).expect("chaos.md");
     assert!(
         md.contains("disk tier of worker 0") && md.contains("short-read") && md.contains("Disk tiers read"),
         "{md}"
@@ -311,7 +302,7 @@ fn a_randomised_disk_soak_over_20_seeds_ends_bitwise_equal() {
         );
         let report = chaos::run(&c, &scenario).unwrap_or_else(|e| panic!("{what}: {e}"));
         match &report.verdict {
-            Verdict::BitwiseEqual { tensors: n, .. } => assert_eq!(*n, tensors(&c), "{what}"),
+            Verdict::BitwiseEqual { tensors: n, .. } => assert_eq!(*n, common::chaos_state_tensors(&c), "{what}"),
             other => panic!("{what}: {other:?}\n{}", report.markdown()),
         }
         let panics: usize = report

@@ -22,11 +22,6 @@ fn config(steps: u64, workers: usize) -> TrainConfig {
 }
 
 /// Tensors of the compared state: the model's, their two moments, and the step.
-fn state_tensors(c: &TrainConfig) -> usize {
-    let model = semoe::model::gpt::Gpt::<f32>::zeros(&c.model).expect("model");
-    3 * model.tensors().len() + 1
-}
-
 #[test]
 fn bad_values_are_errors_naming_the_key() {
     let fault = |body: &str| format!("seed = 1\n[[fault]]\n{body}\n");
@@ -153,7 +148,11 @@ fn run(c: &TrainConfig, scenario: &Scenario, what: &str) -> ChaosReport {
 fn assert_bitwise_equal(report: &ChaosReport, c: &TrainConfig, what: &str) {
     match &report.verdict {
         Verdict::BitwiseEqual { tensors, values } => {
-            assert_eq!(*tensors, state_tensors(c), "{what}: every tensor compared");
+            assert_eq!(
+                *tensors,
+                common::chaos_state_tensors(c),
+                "{what}: every tensor compared"
+            );
             assert!(*values > 0, "{what}: values compared");
         }
         other => panic!("{what}: {other:?}\n{}", report.markdown()),

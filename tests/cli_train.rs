@@ -848,7 +848,8 @@ fn generate_into_a_closed_pipe_ends_quietly() {
         Duration::from_secs(60),
     );
     assert!(status.success(), "{err}");
-    let mut child = Command::new(SEMOE)
+    let stderr_path = tmp.path().join("generate.stderr");
+    let child = Command::new(SEMOE)
         .args([
             "generate",
             "--checkpoint",
@@ -860,23 +861,26 @@ fn generate_into_a_closed_pipe_ends_quietly() {
         ])
         .current_dir(tmp.path())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
         .spawn()
         .expect("spawn");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut first = [0u8; 5];
-    stdout.read_exact(&mut first).expect("read the first bytes");
+    // Killed and reaped if the test fails from here on.
+    let mut guard = Child { child, stderr_path };
+    let mut stdout = guard.child.stdout.take().expect("stdout");
+    // The first bytes, read on a thread of their own so that the wait is bounded; the pipe closes
+    // when that thread ends.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut first = [0u8; 5];
+        let _ = tx.send(stdout.read_exact(&mut first).map(|()| first));
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("no output within 60 s; stderr:\n{}", guard.stderr()))
+        .expect("read the first bytes");
     assert_eq!(&first[..4], b"A\tB\\", "escapes in the prompt");
-    drop(stdout);
-    let mut guard = Child {
-        child,
-        stderr_path: tmp.path().join("unused"),
-    };
     let status = guard.wait(Duration::from_secs(60));
-    let mut err = String::new();
-    if let Some(mut e) = guard.child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
+    let err = guard.stderr();
     assert!(status.success(), "exit {status:?}: {err}");
     assert!(!err.contains("Broken pipe"), "{err}");
 }

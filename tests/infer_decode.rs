@@ -58,6 +58,10 @@ fn check_against_recomputing(m: &Gpt<f32>, prompt: &[u8], tokens: usize) -> usiz
         let emitted = decoder.step().expect("step");
         assert_eq!(emitted.len(), 1);
         steps += 1;
+        assert!(
+            steps <= tokens,
+            "the sequence of {tokens} tokens is still active after {steps} steps"
+        );
         let Some((logits, window)) = decoder.last_logits(id) else {
             assert!(emitted[0].finished, "a live sequence has logits");
             break;
@@ -178,7 +182,11 @@ fn a_sequence_gets_the_same_bits_alone_and_in_a_batch() {
         .iter()
         .map(|(p, o)| decoder.admit(p, o).expect("admit"))
         .collect();
+    let most: usize = prompts.iter().map(|(_, o)| o.max_tokens).sum();
+    let mut steps = 0;
     while decoder.active() > 0 {
+        steps += 1;
+        assert!(steps <= most, "still active after {steps} steps");
         for e in decoder.step().expect("step") {
             two.entry(e.id).or_default().push(e.byte);
         }

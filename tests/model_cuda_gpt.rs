@@ -52,12 +52,8 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 
 #[test]
 fn one_group_on_the_gpu_agrees_with_the_cpu_model() {
-    let dev = match CudaDevice::open(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            return;
-        }
+    let Some(dev) = common::gpu_or_skip() else {
+        return;
     };
     let c = config();
     let model = Gpt::<f32>::init(&c, 3).expect("init");
@@ -77,7 +73,8 @@ fn one_group_on_the_gpu_agrees_with_the_cpu_model() {
     let mut on_gpu = CudaGpt::new(&gpu, &model).expect("the model on the GPU");
     let round_trip = on_gpu.to_model().expect("parameters back");
     assert_eq!(round_trip.tensors().len(), model.tensors().len(), "tensor count");
-    for ((name, _, a), (_, _, b)) in round_trip.tensors().iter().zip(model.tensors().iter()) {
+    for ((name, _, a), (want_name, _, b)) in round_trip.tensors().iter().zip(model.tensors().iter()) {
+        assert_eq!(name, want_name, "tensor order");
         assert_eq!(a, b, "{name} changed on its way to the GPU and back");
     }
     let got = on_gpu
@@ -112,12 +109,14 @@ fn one_group_on_the_gpu_agrees_with_the_cpu_model() {
     let twice = on_gpu.gradients().expect("gradients");
     let (t, once) = (twice.tensors(), got_grads.tensors());
     assert_eq!(t.len(), once.len(), "tensor count");
-    for ((name, _, a), (_, _, b)) in t.iter().zip(once.iter()) {
+    for ((name, _, a), (once_name, _, b)) in t.iter().zip(once.iter()) {
+        assert_eq!(name, once_name, "tensor order");
         let doubled: Vec<f32> = b.iter().map(|x| 2.0 * x).collect();
         assert_close(&format!("accumulated gradient of {name}"), a, &doubled);
     }
     on_gpu.zero_gradients().expect("zero");
     let zeros = on_gpu.gradients().expect("gradients");
+    assert_eq!(zeros.tensors().len(), g.len(), "tensor count");
     assert!(zeros.tensors().iter().all(|(_, _, b)| b.iter().all(|&v| v == 0.0)));
 }
 
@@ -149,8 +148,7 @@ fn training_on_the_gpu_refuses_what_it_cannot_do() {
 
 #[test]
 fn twenty_steps_on_the_gpu_track_the_cpu_loop_and_repeat_bit_for_bit() {
-    if let Err(e) = CudaDevice::open(0) {
-        eprintln!("skipping: {e}");
+    if common::gpu_or_skip().is_none() {
         return;
     }
     let steps = 20;
@@ -182,8 +180,7 @@ fn twenty_steps_on_the_gpu_track_the_cpu_loop_and_repeat_bit_for_bit() {
 
 #[test]
 fn the_device_budget_bounds_the_gpus_memory_and_changes_no_bit() {
-    if let Err(e) = CudaDevice::open(0) {
-        eprintln!("skipping: {e}");
+    if common::gpu_or_skip().is_none() {
         return;
     }
     let steps = 3;

@@ -63,13 +63,7 @@ fn the_probs_drop_policy_is_refused_with_a_clear_error() {
 }
 
 fn gpu() -> Option<CudaDevice> {
-    match CudaDevice::open(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipping the GPU part: {e}");
-            None
-        }
-    }
+    common::gpu_or_skip()
 }
 
 fn assert_close(name: &str, got: &[f32], want: &[f32]) {

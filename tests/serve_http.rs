@@ -94,11 +94,32 @@ impl Running {
         }
     }
 
-    /// Shut down and answer what `run` returned.
+    /// Shut down and answer what `run` returned; fails the test if the server has not stopped
+    /// within [`STOP_LIMIT`].
     fn stop(mut self) -> semoe::Result<()> {
         self.stop.take().map(|s| s.send(()));
-        self.thread.take().expect("running").join().expect("the server thread")
+        let thread = self.thread.take().expect("running");
+        assert!(
+            finished_within(&thread, STOP_LIMIT),
+            "the server did not stop within {STOP_LIMIT:?}"
+        );
+        thread.join().expect("the server thread")
     }
+}
+
+/// How long a server may take to stop: its grace period and the decoder's bounded wait, with room.
+const STOP_LIMIT: Duration = Duration::from_secs(180);
+
+/// Whether `thread` ends within `limit` (polled: a join has no timeout).
+fn finished_within<T>(thread: &std::thread::JoinHandle<T>, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while !thread.is_finished() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
 }
 
 impl Drop for Running {
@@ -106,8 +127,12 @@ impl Drop for Running {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        // A server that does not stop is left behind rather than hanging the test (which is
+        // failing already, or fails in `stop`).
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            if finished_within(&thread, STOP_LIMIT) {
+                let _ = thread.join();
+            }
         }
     }
 }

@@ -18,21 +18,36 @@ fn small(steps: u64) -> TrainConfig {
     c
 }
 
-/// Every parameter and both AdamW moments, as bits, with the step.
-fn state(t: &mut Trainer) -> (u64, Vec<u32>) {
+/// The step, and every parameter and both AdamW moments as bits, by name.
+type State = (u64, Vec<(String, Vec<u32>)>);
+
+/// [`State`] of `t`, through a checkpoint.
+fn state(t: &mut Trainer) -> State {
     let dir = t.save_checkpoint(0.0).expect("checkpoint");
     let ckpt = checkpoint::load(&dir).expect("load");
     let mut bits = Vec::new();
-    for tensors in [&ckpt.model, &ckpt.optimizer] {
-        for tensor in tensors.values() {
-            bits.extend(tensor.data.iter().map(|v| v.to_bits()));
+    for (part, tensors) in [("model", &ckpt.model), ("optimizer", &ckpt.optimizer)] {
+        for (name, tensor) in tensors {
+            bits.push((
+                format!("{part}/{name}"),
+                tensor.data.iter().map(|v| v.to_bits()).collect(),
+            ));
         }
     }
-    assert!(!ckpt.optimizer.is_empty(), "the optimizer state is compared too");
+    assert!(
+        !ckpt.model.is_empty() && !ckpt.optimizer.is_empty(),
+        "both parts are compared"
+    );
     (ckpt.step, bits)
 }
 
-fn straight(steps: u64) -> (u64, Vec<u32>) {
+/// Fail unless `got` is `want`: the same step, then the same tensors by name, length and bits.
+fn assert_state(got: &State, want: &State, what: &str) {
+    assert_eq!(got.0, want.0, "{what}: step");
+    common::assert_same(&want.1, &got.1, what);
+}
+
+fn straight(steps: u64) -> State {
     let tmp = TempDir::new("resume-straight");
     let mut t = Trainer::new(small(steps), &tmp.path().join("run")).expect("trainer");
     t.run(false).expect("run");
@@ -85,7 +100,7 @@ fn resume_applies_settings_that_keep_the_bits_and_ends_identical() {
     assert!(notices.contains("train.threads (run: 2, asked: 1)"), "{notices}");
     let summary = t.run(false).expect("run");
     assert_eq!(summary.stop, StopReason::Finished);
-    assert_eq!(state(&mut t), want);
+    assert_state(&state(&mut t), &want, "resumed with other threads and workers");
     drop(t);
     let recorded = TrainConfig::from_file(&dir.join("config.toml")).expect("config");
     assert_eq!(recorded.train.workers, 2, "the run's config says what it ran with");
@@ -209,7 +224,7 @@ fn a_damaged_newest_checkpoint_is_passed_over_with_a_notice_and_kept() {
             "{damage}: set aside"
         );
         t.run(false).expect("run");
-        assert_eq!(state(&mut t), want, "{damage}");
+        assert_state(&state(&mut t), &want, damage);
     }
 }
 
@@ -275,7 +290,11 @@ fn a_run_directory_is_locked_while_a_trainer_lives() {
     let mut bad = small(4);
     bad.train.data = Some(tmp.path().join("missing.txt"));
     let fresh = tmp.path().join("fresh");
-    assert!(Trainer::new(bad, &fresh).is_err());
+    let err = Trainer::new(bad, &fresh)
+        .err()
+        .expect("a missing data file must refuse")
+        .to_string();
+    assert!(err.contains("missing.txt"), "{err}");
     assert!(!fresh.exists(), "a failed start left {}", fresh.display());
 }
 

@@ -40,15 +40,6 @@ fn small(steps: u64) -> TrainConfig {
     c
 }
 
-fn params(t: &mut Trainer) -> Vec<u32> {
-    t.model()
-        .expect("model")
-        .tensors()
-        .iter()
-        .flat_map(|(_, _, b)| b.iter().map(|v| v.to_bits()))
-        .collect()
-}
-
 #[test]
 fn loss_falls_on_the_bundled_corpus() {
     let (_tmp, dir) = temp_dir("falls");
@@ -80,11 +71,11 @@ fn same_seed_same_bits_for_one_and_two_threads() {
         for _ in 0..8 {
             t.step().expect("step");
         }
-        params(&mut t)
+        common::trainer_state_bits(&mut t)
     };
     let a = run(2, "seed-a");
-    assert_eq!(a, run(2, "seed-b"), "same seed, same thread count");
-    assert_eq!(a, run(1, "seed-c"), "one thread against two");
+    common::assert_same(&a, &run(2, "seed-b"), "same seed, same thread count");
+    common::assert_same(&a, &run(1, "seed-c"), "one thread against two");
 }
 
 #[test]
@@ -108,7 +99,11 @@ fn resume_ends_bitwise_identical_to_an_uninterrupted_run() {
     let mut resumed = Trainer::resume(&dir, None).expect("resume");
     assert_eq!(resumed.steps_done(), 5);
     resumed.run(false).expect("run");
-    assert_eq!(params(&mut resumed), params(&mut straight));
+    common::assert_same(
+        &common::trainer_state_bits(&mut straight),
+        &common::trainer_state_bits(&mut resumed),
+        "resumed against straight (parameters and AdamW state)",
+    );
     drop(resumed);
 
     // A fresh run refuses to overwrite it.
@@ -234,8 +229,15 @@ fn the_traffic_between_workers_is_logged_and_reported() {
                 rec.entries
             );
             assert_eq!(dispatch, bytes(to, from, "combine"), "{from} -> {to} and back");
+            let grad_dispatch = bytes(from, to, "grad_dispatch");
             assert_eq!(
-                bytes(from, to, "grad_dispatch"),
+                grad_dispatch > 0,
+                from < groups,
+                "worker {from} to worker {to}, backward: {:?}",
+                rec.entries
+            );
+            assert_eq!(
+                grad_dispatch,
                 bytes(to, from, "grad_combine"),
                 "{from} -> {to} and back, backward"
             );

@@ -21,19 +21,7 @@ const DEFAULT_STEPS: u64 = 20;
 #[derive(Args)]
 #[command(after_help = CHAOS_AFTER_HELP)]
 #[command(mut_arg("run_dir", |a| a.help(CHAOS_RUN_DIR_HELP)))]
-#[command(mut_arg("resume", hide), mut_arg("allow_data_change", hide), mut_arg("listen", hide))]
-#[command(
-    mut_arg("identity", hide),
-    mut_arg("metrics_addr", hide),
-    mut_arg("time_budget", hide)
-)]
-#[command(mut_arg("print_config", hide), mut_arg("device", hide), mut_arg("time_limit", hide))]
-#[command(
-    mut_arg("eval_every", hide),
-    mut_arg("checkpoint_every", hide),
-    mut_arg("sample_tokens", hide)
-)]
-#[command(mut_arg("sample_prompt", hide), mut_arg("quiet", hide))]
+#[command(mut_args(hide_refused))]
 pub struct ChaosArgs {
     /// The fault scenario (TOML: seed, deadline and [[fault]] entries; see scenarios/).
     #[arg(long, value_name = "FILE")]
@@ -46,9 +34,32 @@ pub struct ChaosArgs {
     train: TrainArgs,
 }
 
+/// The training options a chaos run refuses (the ids of [`TrainArgs::chaos_refusal`]'s flags, and
+/// `--allow-data-change`, which needs `--resume`).
+const REFUSED: [&str; 14] = [
+    "resume",
+    "allow_data_change",
+    "listen",
+    "identity",
+    "metrics_addr",
+    "time_budget",
+    "print_config",
+    "device",
+    "time_limit",
+    "eval_every",
+    "checkpoint_every",
+    "sample_tokens",
+    "sample_prompt",
+    "quiet",
+];
+
 /// Hide a training option that a chaos run refuses.
-fn hide(a: clap::Arg) -> clap::Arg {
-    a.hide(true)
+fn hide_refused(a: clap::Arg) -> clap::Arg {
+    if REFUSED.contains(&a.get_id().as_str()) {
+        a.hide(true)
+    } else {
+        a
+    }
 }
 
 const CHAOS_RUN_DIR_HELP: &str = "Run directory for the report, both runs' state and their logs (default: a new \

@@ -153,6 +153,30 @@ pub fn readme_cases(heading: &str) -> Vec<String> {
         .collect()
 }
 
+/// GPU 0, or `None` where no GPU is visible (the reason printed, so a skip says so): a GPU that
+/// is visible but fails to open fails the test instead of skipping it.
+pub fn gpu_or_skip() -> Option<semoe::kernels::cuda::CudaDevice> {
+    use semoe::kernels::cuda::CudaDevice;
+    if CudaDevice::count() == 0 {
+        match CudaDevice::visible() {
+            Err(e) => eprintln!("skipping the GPU part: no CUDA GPU is visible ({e})"),
+            Ok(_) => eprintln!("skipping the GPU part: no CUDA GPU is visible"),
+        }
+        return None;
+    }
+    match CudaDevice::open(0) {
+        Ok(d) => Some(d),
+        Err(e) => panic!("a GPU is visible but GPU 0 does not open: {e}"),
+    }
+}
+
+/// Tensors a chaos verdict compares for the model of `c`: every parameter with both AdamW moments,
+/// and the optimizer's step.
+pub fn chaos_state_tensors(c: &TrainConfig) -> usize {
+    let model = Gpt::<f32>::zeros(&c.model).expect("model");
+    3 * model.tensors().len() + 1
+}
+
 /// A fresh directory under the system temp dir, removed when dropped (also when a test fails).
 pub struct TempDir(PathBuf);
 
@@ -193,13 +217,25 @@ impl Drop for TempDir {
 
 /// `semoe chaos --scenario SCENARIO --run-dir RUN_DIR --steps STEPS` with 2 workers on the small
 /// model of the chaos tests (2 MoE blocks of 4 experts, d_model 32, context 16, batch 8 in 4
-/// groups), then `extra` options.
+/// groups), then `extra` options; at most [`CHAOS_COMMAND_LIMIT`], its output kept next to
+/// `run_dir`, the process group killed if the test fails while it runs.
 pub fn chaos_command(scenario: &Path, run_dir: &Path, steps: &str, extra: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_semoe"))
-        .args(chaos_args(scenario, run_dir, steps, extra))
-        .output()
-        .expect("run semoe chaos")
+    let scratch = run_dir.parent().expect("a run directory inside the test's directory");
+    let name = run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    procs::output_within(
+        scratch,
+        &format!("{name}.chaos"),
+        &chaos_args(scenario, run_dir, steps, extra),
+        CHAOS_COMMAND_LIMIT,
+    )
 }
+
+/// How long a `semoe chaos` run of the tests' small model may take (its runs take seconds; a soak
+/// of three seeds on a loaded CI machine well under a minute).
+pub const CHAOS_COMMAND_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The arguments of [`chaos_command`] (for a test that starts and bounds the process itself).
 pub fn chaos_args(scenario: &Path, run_dir: &Path, steps: &str, extra: &[&str]) -> Vec<std::ffi::OsString> {

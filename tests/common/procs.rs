@@ -160,6 +160,36 @@ impl Drop for Proc {
     }
 }
 
+/// `semoe args`, run to its end within `limit` in a process group of its own, its output captured
+/// in files under `scratch` (named after `name`): the group is killed and reaped when the limit
+/// passes (the test fails with what the process printed) or the test fails while it runs.
+pub fn output_within(scratch: &Path, name: &str, args: &[std::ffi::OsString], limit: Duration) -> std::process::Output {
+    let stdout = scratch.join(format!("{name}.stdout"));
+    let stderr = scratch.join(format!("{name}.stderr"));
+    let child = Command::new(SEMOE)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+        .process_group(0)
+        .spawn()
+        .expect("spawn semoe");
+    let mut proc = Proc {
+        child,
+        log: stderr.clone(),
+        what: format!(
+            "semoe {}",
+            args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+        ),
+    };
+    let status = proc.wait(limit);
+    std::process::Output {
+        status,
+        stdout: std::fs::read(&stdout).unwrap_or_default(),
+        stderr: std::fs::read(&stderr).unwrap_or_default(),
+    }
+}
+
 pub fn train_args<'a>(run: &'a str, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec!["train", "--run-dir", run, "--steps", steps];
     v.extend_from_slice(SMALL);

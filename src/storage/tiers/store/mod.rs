@@ -391,7 +391,9 @@ mod tests {
         }
         let (want, snap) = (memory.snapshot().await.unwrap(), store.snapshot().await.unwrap());
         assert_eq!(snap.len(), 16);
-        for ((id, x), (_, y)) in want.iter().zip(&snap) {
+        assert_eq!(want.len(), snap.len(), "units in each snapshot");
+        for ((id, x), (other, y)) in want.iter().zip(&snap) {
+            assert_eq!(id, other, "the snapshots list the same units in the same order");
             assert_eq!(x.params, y.params, "expert {id:?}");
             assert_eq!(x.optimizer, y.optimizer, "expert {id:?}");
         }
