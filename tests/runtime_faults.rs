@@ -155,29 +155,74 @@ fn failed_actors_are_restarted_and_the_result_is_unchanged() {
         "two faults: two restarts and two replays in the metrics"
     );
 
+    // With one replay allowed the same two faults fail the step; called again, the step runs as a
+    // newer attempt than any message of the failed tries (not as attempt 0, which the actors
+    // refused as rolled back), and the run ends as the undisturbed one.
+    let plan = FaultPlan::none()
+        .with(expert(0, 0), 2, Moment::Forward, FaultKind::Panic)
+        .with(gate(0, 1), 2, Moment::Backward, FaultKind::Error);
+    let (got, failures) = tokio
+        .block_on(async {
+            let rt = Runtime::builder(small_config())
+                .workers(2)
+                .max_replays(1)
+                .chaos(plan.clone())
+                .build()
+                .await?;
+            let (mut done, mut failures) = (0, Vec::new());
+            while done < STEPS && failures.len() <= 1 {
+                match rt.step().await {
+                    Ok(_) => done += 1,
+                    Err(e) => failures.push((done, e.to_string())),
+                }
+            }
+            let (model, optimizer) = rt.state().await?;
+            rt.shutdown().await?;
+            Ok::<_, semoe::Error>((common::state_bits(&model, &optimizer), failures))
+        })
+        .expect("a step called again after its replays ran out");
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].0, 2, "the step of the faults failed: {failures:?}");
+    assert_eq!(plan.pending(), 0, "both faults fired");
+    common::assert_same(&want, &got, "a step called again: against the undisturbed run");
+    assert_eq!(
+        restarts_and_replays(&snap),
+        (2, 1),
+        "two restarts, one replay within the call that failed"
+    );
+
     // Past the restart limit the worker reports itself lost and the run stops with that error.
     let plan = FaultPlan::none()
         .with(expert(0, 0), 1, Moment::Forward, FaultKind::Error)
         .with(expert(0, 0), 1, Moment::Backward, FaultKind::Error)
         .with(expert(1, 0), 1, Moment::Forward, FaultKind::Error);
-    let err = tokio
-        .block_on(async {
-            let rt = Runtime::builder(small_config())
-                .workers(2)
-                .restart_policy(RestartPolicy {
-                    max_restarts: 1,
-                    window: Duration::from_secs(60),
-                })
-                .chaos(plan)
-                .build()
-                .await?;
-            for _ in 0..3 {
-                rt.step().await?;
+    // Its state is not handed out afterwards either.
+    let (err, state_err) = tokio.block_on(async {
+        let rt = Runtime::builder(small_config())
+            .workers(2)
+            .restart_policy(RestartPolicy {
+                max_restarts: 1,
+                window: Duration::from_secs(60),
+            })
+            .chaos(plan)
+            .build()
+            .await
+            .expect("runtime");
+        let mut err = None;
+        for _ in 0..3 {
+            if let Err(e) = rt.step().await {
+                err = Some(e.to_string());
+                break;
             }
-            rt.shutdown().await
-        })
-        .expect_err("the worker runs out of restarts");
-    assert!(err.to_string().contains("worker 0 lost"), "{err}");
+        }
+        let state_err = rt.state().await.err().map(|e| e.to_string());
+        let _ = rt.shutdown().await;
+        (err, state_err)
+    });
+    let err = err.expect("the worker runs out of restarts");
+    assert!(err.contains("worker 0 lost"), "{err}");
+    let state_err = state_err.expect("a lost worker's state is refused");
+    assert!(state_err.contains("worker 0 lost"), "{state_err}");
 
     a_silent_peer_is_an_error_within_its_deadline();
 }

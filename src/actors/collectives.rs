@@ -34,7 +34,7 @@ use crate::net::collective::alltoallv::AllToAllV;
 use crate::net::collective::plane::{AbortNotice, Mailbox, PlaneCollective, PlaneMsg, PlaneOp};
 use crate::net::collective::sim::SimCollective;
 use crate::net::collective::{nccl_unique_id, AbortHandle, Collective, NcclCollective, NCCL_ID_BYTES};
-use crate::net::wire::{decode_packet, encode_packet, PacketShape, MAX_FAILED_DETAIL};
+use crate::net::wire::{clip_detail, decode_packet, encode_packet, PacketShape};
 use crate::net::{Packet, Payload, Segment, StepId, Transport, WorkerId};
 use crate::telemetry::metrics as names;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -348,7 +348,7 @@ impl ExpertCollectives {
             return;
         }
         if let Some(plane) = &self.plane {
-            let reason = clipped(reason.to_string());
+            let reason = clip_detail(reason.to_string());
             for peer in (0..self.world).filter(|&p| p != plane.me) {
                 // A peer that cannot be reached is gone already: nothing waits on it.
                 let _ = plane.transport.send(Packet {
@@ -678,10 +678,7 @@ impl ExpertCollectives {
             let (peer, served) = joined.map_err(|e| Error::runtime(format!("serving {what} panicked: {e}")))?;
             let payload = match served {
                 Ok(segments) => Payload::Segments(segments),
-                Err(e) => Payload::Failed {
-                    restartable: e.is_restartable(),
-                    detail: clipped(e.to_string()),
-                },
+                Err(e) => Payload::failed(&e),
             };
             count_traffic(args, peer, answer_kind(call.forward), &payload);
             answers.push(Packet {
@@ -808,19 +805,6 @@ fn answer_kind(forward: bool) -> &'static str {
     }
 }
 
-/// A failure's detail, within what a packet may carry.
-fn clipped(mut detail: String) -> String {
-    if detail.len() > MAX_FAILED_DETAIL {
-        let mut end = MAX_FAILED_DETAIL - 3;
-        while !detail.is_char_boundary(end) {
-            end -= 1;
-        }
-        detail.truncate(end);
-        detail.push_str("...");
-    }
-    detail
-}
-
 /// A payload's kind, for errors.
 fn payload_name(payload: &Payload) -> &'static str {
     match payload {
@@ -834,20 +818,6 @@ fn payload_name(payload: &Payload) -> &'static str {
         Payload::Ack => "an acknowledgement",
         Payload::Failed { .. } => "a failure",
         Payload::Collective(_) => "a collective's message",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_long_failure_detail_is_clipped_to_what_a_packet_carries() {
-        let long = "é".repeat(MAX_FAILED_DETAIL);
-        let clipped = clipped(long);
-        assert!(clipped.len() <= MAX_FAILED_DETAIL, "{} bytes", clipped.len());
-        assert!(clipped.ends_with("..."));
-        assert_eq!(super::clipped("short".into()), "short");
     }
 }
 

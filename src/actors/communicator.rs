@@ -367,10 +367,7 @@ async fn serve(args: CommArgs, packet: Packet) -> Result<()> {
     }
     let answer = match answer(&args, packet.payload).await {
         Ok(payload) => payload,
-        Err(e) => Payload::Failed {
-            restartable: e.is_restartable(),
-            detail: e.to_string(),
-        },
+        Err(e) => Payload::failed(&e),
     };
     if !kind.is_empty() {
         count_traffic(&args, packet.from, kind, &answer);

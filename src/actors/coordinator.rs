@@ -86,7 +86,13 @@ pub struct CoordArgs {
 pub struct CoordState {
     workers: Vec<ActorRef<WorkerMsg>>,
     step: u64,
+    /// The attempt the next try of `step` runs as. Attempts go on counting across calls: a call
+    /// after one that failed (its replays spent) runs a newer attempt than any message of the
+    /// failed tries, which the actors then refuse as stale.
+    attempt: u32,
     args: CoordArgs,
+    /// Why the run cannot go on (a worker lost, a commit that failed part-way): every later step
+    /// is refused with it.
     lost: Option<String>,
 }
 
@@ -117,6 +123,7 @@ impl Actor for CoordActor {
         Ok(CoordState {
             workers,
             step: args.first_step,
+            attempt: 0,
             args,
             lost: None,
         })
@@ -219,11 +226,12 @@ async fn step(state: &mut CoordState) -> Result<StepOutcome> {
     loop {
         let id = StepId {
             step: n,
-            attempt: replays,
+            attempt: state.attempt,
         };
         match attempt(state, id).await {
             Ok((outputs, grad_norm, lr)) => {
                 state.step += 1;
+                state.attempt = 0;
                 let seconds = started.elapsed().as_secs_f64();
                 metrics::histogram!(names::STEP_SECONDS).record(seconds);
                 metrics::gauge!(names::COMMITTED_STEP).set(state.step as f64);
@@ -252,8 +260,11 @@ async fn step(state: &mut CoordState) -> Result<StepOutcome> {
                 )
                 .await;
                 if let Err(abort) = aborted {
-                    return Err(Error::runtime(format!("{e}; then the rollback failed: {abort}")));
+                    let e = format!("{e}; then the rollback failed: {abort}");
+                    state.lost.get_or_insert(e.clone());
+                    return Err(Error::runtime(e));
                 }
+                state.attempt = state.attempt.saturating_add(1);
                 if !e.is_restartable() || replays >= state.args.max_replays {
                     return Err(e);
                 }
@@ -329,10 +340,10 @@ async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>
         )));
     }
     let lr = a.optimizer.lr_at(n, a.total_steps);
-    all(
+    let committed = all(
         &state.workers,
         &format!("the commit of step {n}"),
-        a.deadline * 4,
+        a.deadline.saturating_mul(4),
         move |reply| WorkerMsg::Commit {
             step: id,
             lr,
@@ -340,14 +351,16 @@ async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>
             reply,
         },
     )
-    .await
-    .map_err(|e| {
+    .await;
+    if let Err(e) = committed {
         // No advice to resume here: the coordinator cannot know whether the run has a checkpoint
         // (a run that fails at its first commit has none), so it only says what failed and why the
-        // run cannot go on.
-        Error::runtime(format!(
-            "the commit of step {n} failed ({e}); the workers may now disagree, so the run cannot continue"
-        ))
-    })?;
+        // run cannot go on. Some workers may have applied the step: running it again would apply
+        // it twice there, so every later step is refused.
+        let e =
+            format!("the commit of step {n} failed ({e}); the workers may now disagree, so the run cannot continue");
+        state.lost = Some(e.clone());
+        return Err(Error::runtime(e));
+    }
     Ok((outputs, grad_norm, lr))
 }

@@ -122,7 +122,7 @@ where
         }),
         Ok(CallResult::SenderError) => Err(Error::ActorFailed {
             actor: who.to_string(),
-            detail: format!("stopped before answering {what} (it failed and is being restarted)"),
+            detail: format!("stopped before answering {what} (it failed, or was stopped)"),
         }),
         Err(_) => Err(Error::ActorFailed {
             actor: who.to_string(),

@@ -180,6 +180,14 @@ impl RuntimeBuilder {
         if self.deadline.is_zero() {
             return Err(Error::config("the collective deadline must be positive"));
         }
+        // The waits derived from it (a step's ten, a commit's four) must not overflow.
+        if self.deadline > crate::config::MAX_WAIT {
+            return Err(Error::config(format!(
+                "the collective deadline of {:?} is above the longest wait the runtime allows ({:?})",
+                self.deadline,
+                crate::config::MAX_WAIT
+            )));
+        }
         let text = match self.text {
             Some(t) => t,
             // Worker processes read their own text (its digest was checked when they joined).
@@ -794,6 +802,23 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<StartedWorke
 mod tests {
     use super::*;
     use crate::config::small_test_config;
+
+    #[tokio::test]
+    async fn deadlines_out_of_range_are_refused_before_anything_starts() {
+        for (deadline, want) in [
+            (Duration::ZERO, "must be positive"),
+            (Duration::MAX / 3, "above the longest wait"),
+        ] {
+            let err = Runtime::builder(small_test_config())
+                .deadline(deadline)
+                .build()
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(want), "{deadline:?}: {err}");
+        }
+    }
 
     /// The whole state of `config`'s model (zeros) as two workers' shares: the dense tensors in
     /// one, the experts in the other.

@@ -61,6 +61,30 @@ pub const HEADER_EXPANSION: usize = 32;
 /// The most bytes a [`Payload::Failed`] detail may have.
 pub const MAX_FAILED_DETAIL: usize = 4096;
 
+/// A failure's detail, within what a packet may carry ([`MAX_FAILED_DETAIL`]; a peer's decoder
+/// refuses a longer one, and with it the sender, as a protocol violation).
+pub fn clip_detail(mut detail: String) -> String {
+    if detail.len() > MAX_FAILED_DETAIL {
+        let mut end = MAX_FAILED_DETAIL - 3;
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        detail.truncate(end);
+        detail.push_str("...");
+    }
+    detail
+}
+
+impl Payload {
+    /// The answer to a request that failed with `e`, its detail clipped to what a packet carries.
+    pub fn failed(e: &Error) -> Payload {
+        Payload::Failed {
+            restartable: e.is_restartable(),
+            detail: clip_detail(e.to_string()),
+        }
+    }
+}
+
 /// The most bytes one varint of bincode's standard configuration takes (a tag and a `u64`).
 const VARINT_BYTES: usize = 9;
 
@@ -1689,6 +1713,24 @@ mod tests {
             detail: "x".repeat(MAX_FAILED_DETAIL),
         });
         decode_packet(&encode_packet(5, &fine).expect("encode"), 5, &shape).expect("4 KiB of detail fit");
+        // An answer made from a long error is clipped to what its receiver accepts.
+        let long = Error::runtime("é".repeat(MAX_FAILED_DETAIL));
+        let answer = packet(Payload::failed(&long));
+        match decode_packet(&encode_packet(5, &answer).expect("encode"), 5, &shape).expect("a clipped detail fits") {
+            Packet {
+                payload: Payload::Failed { detail, .. },
+                ..
+            } => {
+                assert!(
+                    detail.len() <= MAX_FAILED_DETAIL && detail.ends_with("..."),
+                    "{} bytes",
+                    detail.len()
+                );
+                assert!(detail.contains("éé"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(clip_detail("short".into()), "short");
 
         // A collective's message: its lane, the size of the bytes it carries, its abort reason.
         let collective = |lane: usize, op: PlaneOp| {

@@ -457,8 +457,11 @@ impl Actor for WorkerActor {
                 let _ = reply.send(r);
             }
             WorkerMsg::Snapshot { reply } => {
-                let r = match ledger(state) {
-                    Ok(t) => {
+                // A lost worker answers every call with why (its state may be part-way through a
+                // step its children did not finish).
+                let r = match (&state.lost, ledger(state)) {
+                    (Some(lost), _) => Err(Error::runtime(lost.clone())),
+                    (None, Ok(t)) => {
                         ask(
                             &t,
                             &ActorName("ledger".into()),
@@ -468,7 +471,7 @@ impl Actor for WorkerActor {
                         )
                         .await
                     }
-                    Err(e) => Err(e),
+                    (None, Err(e)) => Err(e),
                 };
                 let _ = reply.send(r);
             }
