@@ -313,10 +313,21 @@ fn a_prompt_outside_the_vocabulary_is_refused_at_admission() {
         .admit(&[b'a', 200], &opts(3, 1.0, 0, 1))
         .expect_err("byte 200 of 128");
     assert!(
-        e.to_string().contains("byte 200") && e.to_string().contains("128"),
+        e.to_string().contains("byte 1 is 200") && e.to_string().contains("128"),
         "{e}"
     );
     assert_eq!(decoder.active(), 0);
+    // An empty prompt starts from a newline (byte 10): not in a vocabulary of 8.
+    let tiny = model(&GptConfig { vocab: 8, ..small(1) }, 2);
+    let mut small_vocab = BatchDecoder::new(&tiny, Cpu::new(1).expect("cpu"), 1).expect("decoder");
+    let e = small_vocab
+        .admit(b"", &opts(3, 1.0, 0, 1))
+        .expect_err("an empty prompt of a vocabulary of 8");
+    assert!(
+        e.to_string().contains("empty prompt") && e.to_string().contains("of 8"),
+        "{e}"
+    );
+    small_vocab.admit(&[1, 7], &opts(3, 1.0, 0, 1)).expect("bytes below 8");
     decoder
         .admit(b"ok", &opts(3, 1.0, 0, 1))
         .expect("a prompt inside the vocabulary");

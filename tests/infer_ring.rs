@@ -8,7 +8,9 @@ mod common;
 
 use common::TempDir;
 use semoe::infer::weights::WeightSource;
-use semoe::infer::{BatchDecoder, ModelFile, Prefetch, RingLoad, RingOptions, RingWeights, SampleOptions, SeqId};
+use semoe::infer::{
+    BatchDecoder, Decode, ModelFile, Prefetch, RingLoad, RingOptions, RingWeights, SampleOptions, SeqId,
+};
 use semoe::kernels::Cpu;
 use semoe::model::gpt::{Gpt, GptConfig};
 use std::collections::BTreeMap;
@@ -351,6 +353,9 @@ fn damaged_checkpoints_are_refused_and_a_file_breaking_mid_run_is_an_error() {
             msg.contains("ring-memory inference") && msg.contains("reading"),
             "{load:?}: {msg}"
         );
+        // For good: a server reports itself failed, not failing for a while.
+        let lasting = Decode::broken(&decoder).unwrap_or_else(|| panic!("{load:?}: the failure lasts"));
+        assert!(lasting.contains("ring-memory inference"), "{load:?}: {lasting}");
         assert!(started.elapsed() < std::time::Duration::from_secs(30));
     }
 }

@@ -528,6 +528,9 @@ struct Broken {
     panics: bool,
     vocab: usize,
     active: usize,
+    /// The failure lasts (as a ring's whose read failed or hung) once a step has met it.
+    lasting: bool,
+    failed: bool,
 }
 
 impl Decode for Broken {
@@ -554,9 +557,13 @@ impl Decode for Broken {
         if self.panics {
             panic!("a bug in the decoder (this panic is the test's)");
         }
+        self.failed = true;
         Err(semoe::Error::runtime(
             "cannot read piece Expert(1, 3) of the checkpoint",
         ))
+    }
+    fn broken(&self) -> Option<String> {
+        (self.lasting && self.failed).then(|| "piece Expert(1, 3) did not load in 120 s".to_string())
     }
 }
 
@@ -565,8 +572,35 @@ fn broken_server(panics: bool, vocab: usize) -> Running {
         panics,
         vocab,
         active: 0,
+        lasting: false,
+        failed: false,
     };
     Running::start_decoder(Box::new(decoder), ServeConfig::default())
+}
+
+#[test]
+fn a_decoder_that_cannot_read_its_weights_any_more_is_reported_failed_for_good() {
+    let decoder = Broken {
+        panics: false,
+        vocab: 256,
+        active: 0,
+        lasting: true,
+        failed: false,
+    };
+    let server = Running::start_decoder(Box::new(decoder), ServeConfig::default());
+    let addr = server.addr;
+    assert_eq!(health(addr)["status"], "ok");
+    let reply = post(addr, &serde_json::json!({ "prompt": "a", "max_tokens": 5 }));
+    assert_eq!(reply.status, 500, "{}", String::from_utf8_lossy(&reply.body));
+    let reply = http(addr, "GET", "/health", b"");
+    assert_eq!(reply.status, 503, "{}", String::from_utf8_lossy(&reply.body));
+    // "failed" (for good), not "failing" (for a while after the step).
+    assert_eq!(reply.json()["status"], "failed");
+    assert!(reply.json()["error"]
+        .as_str()
+        .expect("error")
+        .contains("did not load in 120 s"));
+    server.stop().expect("a clean shutdown");
 }
 
 #[test]
@@ -635,6 +669,18 @@ fn a_prompt_byte_outside_the_vocabulary_is_a_400_naming_the_prompt() {
     let message = value["error"].as_str().expect("message");
     assert!(
         message.contains("byte 2") && message.contains("vocabulary of 128"),
+        "{message}"
+    );
+    // An empty prompt starts from a newline (byte 10), outside a vocabulary of 8: refused as the
+    // request's fault, before it reaches the batch (where it failed every sequence in it).
+    let tiny = broken_server(false, 8);
+    let reply = post(tiny.addr, &serde_json::json!({ "prompt": "", "max_tokens": 5 }));
+    assert_eq!(reply.status, 400, "{}", String::from_utf8_lossy(&reply.body));
+    let value = reply.json();
+    assert_eq!(value["field"], "prompt");
+    let message = value["error"].as_str().expect("message");
+    assert!(
+        message.contains("empty prompt") && message.contains("vocabulary of 8"),
         "{message}"
     );
 }

@@ -389,13 +389,25 @@ fn check_flags_apply(a: &TrainArgs, c: &TrainConfig) -> semoe::Result<()> {
 /// The sample after training starts from `prompt`: each of its bytes must be a token of the
 /// model, or the sample is refused after the whole run.
 fn check_sample_prompt(a: &TrainArgs, prompt: &str, c: &TrainConfig) -> semoe::Result<()> {
+    if a.sample_tokens == 0 {
+        return Ok(());
+    }
     match prompt.bytes().find(|&b| usize::from(b) >= c.model.vocab) {
-        Some(byte) if a.sample_tokens > 0 => Err(semoe::Error::config(format!(
+        Some(byte) => Err(semoe::Error::config(format!(
             "--sample-prompt holds byte {byte}, outside the model's vocabulary of {} (model.vocab): choose another \
              prompt, or --sample-tokens 0",
             c.model.vocab
         ))),
-        _ => Ok(()),
+        // An empty prompt starts from a newline, which a small vocabulary may lack.
+        None if prompt.is_empty() && usize::from(semoe::infer::batch::EMPTY_PROMPT_TOKEN) >= c.model.vocab => {
+            Err(semoe::Error::config(format!(
+                "--sample-prompt is empty, and an empty prompt starts from a newline (byte {}), outside the \
+                 model's vocabulary of {} (model.vocab): give a prompt, or --sample-tokens 0",
+                semoe::infer::batch::EMPTY_PROMPT_TOKEN,
+                c.model.vocab
+            )))
+        }
+        None => Ok(()),
     }
 }
 

@@ -19,6 +19,27 @@ pub const MAX_ROWS: usize = 256;
 /// A sequence's handle inside one [`BatchDecoder`].
 pub type SeqId = u64;
 
+/// The token an empty prompt starts from: a newline, as at the start of a line of text.
+pub const EMPTY_PROMPT_TOKEN: u8 = b'\n';
+
+/// Refuse a prompt the model cannot read, naming why: a byte at or above its vocabulary, or, for
+/// an empty prompt, a vocabulary without the newline it starts from.
+pub fn check_prompt(prompt: &[u8], vocab: usize) -> Result<()> {
+    if let Some(at) = prompt.iter().position(|&b| usize::from(b) >= vocab) {
+        return Err(Error::config(format!(
+            "the prompt's byte {at} is {}, outside the model's vocabulary of {vocab} bytes",
+            prompt[at]
+        )));
+    }
+    if prompt.is_empty() && usize::from(EMPTY_PROMPT_TOKEN) >= vocab {
+        return Err(Error::config(format!(
+            "an empty prompt starts from a newline (byte {EMPTY_PROMPT_TOKEN}), outside the model's vocabulary of \
+             {vocab} bytes: give a prompt"
+        )));
+    }
+    Ok(())
+}
+
 /// One byte drawn by [`BatchDecoder::step`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Emitted {
@@ -135,12 +156,7 @@ impl<S: WeightSource> BatchDecoder<S> {
                 self.max_batch
             )));
         }
-        let vocab = self.source.config().vocab;
-        if let Some(&bad) = prompt.iter().find(|&&b| b as usize >= vocab) {
-            return Err(Error::config(format!(
-                "the prompt holds byte {bad}, outside the model's vocabulary of {vocab}"
-            )));
-        }
+        check_prompt(prompt, self.source.config().vocab)?;
         let slot = self
             .cache
             .take()
@@ -149,7 +165,7 @@ impl<S: WeightSource> BatchDecoder<S> {
         self.next_id += 1;
         let block = self.source.config().block_size;
         let pending = if prompt.is_empty() {
-            vec![b'\n' as u32]
+            vec![u32::from(EMPTY_PROMPT_TOKEN)]
         } else {
             prompt[prompt.len().saturating_sub(block)..]
                 .iter()
@@ -292,6 +308,11 @@ pub trait Decode: Send {
     fn cancel(&mut self, id: SeqId) -> bool;
     /// See [`BatchDecoder::step`].
     fn step(&mut self) -> Result<Vec<Emitted>>;
+    /// A failure every later step will meet (the weights can no longer be read), if there is one:
+    /// a server reports itself failed for good rather than for a while.
+    fn broken(&self) -> Option<String> {
+        None
+    }
 }
 
 impl<S: WeightSource + Send> Decode for BatchDecoder<S> {
@@ -315,5 +336,8 @@ impl<S: WeightSource + Send> Decode for BatchDecoder<S> {
     }
     fn step(&mut self) -> Result<Vec<Emitted>> {
         BatchDecoder::step(self)
+    }
+    fn broken(&self) -> Option<String> {
+        self.source.failure()
     }
 }

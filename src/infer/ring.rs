@@ -218,7 +218,8 @@ struct State {
     /// chance that the next pass reads it. A dense piece is read by every pass.
     heat: Vec<f32>,
     queue: VecDeque<Piece>,
-    loading: BTreeMap<Piece, usize>,
+    /// Pieces being loaded: their section, and when the load began.
+    loading: BTreeMap<Piece, (usize, Instant)>,
     ready: BTreeMap<Piece, usize>,
     /// Loading pieces to drop when they arrive (a guess the routing did not confirm).
     cancelled: BTreeSet<Piece>,
@@ -403,10 +404,17 @@ impl State {
             self.error = Some(format!("ring section {section} was lost"));
             return None;
         };
-        self.loading.insert(piece, section);
+        self.loading.insert(piece, (section, Instant::now()));
         let in_use = self.in_use();
         self.stats.peak_sections_in_use = self.stats.peak_sections_in_use.max(in_use);
         Some((piece, section, buf))
+    }
+
+    /// Whether the decoder may read a piece itself: not while a load has run longer than
+    /// [`SUSPECT_LOAD`] (the disk may not answer, and a read that never returns would hang the
+    /// decoder, which otherwise gives up after [`LOAD_DEADLINE`]).
+    fn may_load_itself(&self) -> bool {
+        !self.loading.values().any(|(_, since)| since.elapsed() > SUSPECT_LOAD)
     }
 
     /// A load of `piece` into `section` ended with `result` after `seconds`: the piece is ready,
@@ -538,6 +546,14 @@ pub const MAX_IO_THREADS: usize = 64;
 
 /// How long the decoder waits for one piece before calling the ring stuck.
 pub(crate) const LOAD_DEADLINE: Duration = Duration::from_secs(120);
+
+/// A load running this long makes the disk suspect: the decoder then waits for its piece (bounded
+/// by [`LOAD_DEADLINE`]) rather than reading it itself, a read that might never return.
+const SUSPECT_LOAD: Duration = Duration::from_secs(1);
+
+/// How long dropping a ring waits for its I/O threads to finish their loads; a thread still in a
+/// read after it (a disk or mount that does not answer) is left to end on its own.
+const DROP_WAIT: Duration = Duration::from_secs(10);
 
 fn loader(shared: Arc<Shared>) {
     loop {
@@ -823,13 +839,37 @@ impl Drop for RingWeights {
         }
         self.shared.work.notify_all();
         self.shared.arrived.notify_all();
+        let deadline = Instant::now() + DROP_WAIT;
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                crate::say!(
+                    "semoe: a ring I/O thread is still in a read after {} s; left to end on its own",
+                    DROP_WAIT.as_secs()
+                );
+            }
         }
     }
 }
 
 impl WeightSource for RingWeights {
+    fn failure(&self) -> Option<String> {
+        let file = &self.shared.file;
+        match (self.shared.lock(), file.changed_size()) {
+            (Err(e), _) | (_, Err(e)) => Some(e.to_string()),
+            (Ok(st), _) if st.error.is_some() => st.error.as_ref().map(|e| format!("ring-memory inference: {e}")),
+            (Ok(_), Ok(true)) => Some(format!(
+                "ring-memory inference: {} changed size after it was opened",
+                file.path().display()
+            )),
+            (Ok(_), Ok(false)) => None,
+        }
+    }
+
     fn config(&self) -> &GptConfig {
         &self.shared.config
     }
@@ -989,8 +1029,10 @@ impl WeightSource for RingWeights {
                     shared.wake_loader(&st);
                 }
                 // Queued and a section free, but every I/O thread busy with later pieces: load it
-                // here rather than wait (the decoder has nothing else to do meanwhile).
-                if let Some((piece, section, mut buf)) = st.start_load_of(piece) {
+                // here rather than wait (the decoder has nothing else to do meanwhile), unless a
+                // load is taking suspiciously long (the read could hang the decoder with it).
+                let may_load = st.may_load_itself();
+                if let Some((piece, section, mut buf)) = may_load.then(|| st.start_load_of(piece)).flatten() {
                     drop(st);
                     let started = Instant::now();
                     let result = shared.fill(piece, &mut buf);
@@ -1029,10 +1071,14 @@ impl WeightSource for RingWeights {
                 st = next;
                 st.decoder_waiting = false;
                 if started.elapsed() > LOAD_DEADLINE {
-                    return Err(Error::runtime(format!(
-                        "ring-memory inference: {piece:?} did not load in {} s",
+                    // The ring cannot go on: every later pass fails at once with this (a later
+                    // pass would wait behind the same stuck read).
+                    let e = format!(
+                        "{piece:?} did not load in {} s (the disk or its mount does not answer)",
                         LOAD_DEADLINE.as_secs()
-                    )));
+                    );
+                    st.error.get_or_insert(e.clone());
+                    return Err(Error::runtime(format!("ring-memory inference: {e}")));
                 }
             };
             st.stats.stall_seconds += started.elapsed().as_secs_f64();
@@ -1114,6 +1160,22 @@ mod tests {
             None,
             RingStats::default(),
         )
+    }
+
+    #[test]
+    fn the_decoder_reads_nothing_itself_while_a_load_is_slow() {
+        let mut st = state(3);
+        assert!(st.may_load_itself());
+        st.queue.push_back(Piece::Head);
+        let (_, section, buf) = st.start_load().expect("a load starts");
+        assert!(st.may_load_itself(), "a load just begun is not suspect");
+        // The same load, begun long ago: it may be stuck.
+        if let Some((_, since)) = st.loading.get_mut(&Piece::Head) {
+            *since -= 2 * SUSPECT_LOAD;
+        }
+        assert!(!st.may_load_itself());
+        st.finish_load(Piece::Head, section, buf, Ok(Loaded::from_host(&[0.0])), 2.0);
+        assert!(st.may_load_itself(), "the slow load ended");
     }
 
     #[test]

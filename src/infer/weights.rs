@@ -196,6 +196,12 @@ pub trait WeightSource {
         Ok(())
     }
 
+    /// A failure that every later pass will meet (a streaming source that cannot read its
+    /// checkpoint); `None` (the default) while passes can succeed.
+    fn failure(&self) -> Option<String> {
+        None
+    }
+
     /// A copy of MoE block `block`'s LN2 and gate weights that is always at hand, for a source
     /// that wants the routing predicted before the block runs ([`WeightSource::prefetch`]);
     /// `None` (the default): no prediction.

@@ -172,8 +172,9 @@ async fn answer(request: Request<Incoming>, state: &State) -> Response<Body> {
 }
 
 /// `/health`: 200 while the server can serve (or is shutting down), 503 with the error when the
-/// decoder's last step failed (a ring that cannot read the checkpoint fails every step) or its
-/// thread has stopped, so that an orchestrator restarts it.
+/// decoder's thread has stopped or its weights can no longer be read (a ring whose checkpoint
+/// read failed or hung: for good), or when its last step failed (for [`FAILING_FOR`]), so that an
+/// orchestrator restarts it.
 fn health(state: &State) -> Response<Body> {
     let stats = state.queue.stats();
     let (status, label, error) = if state.queue.is_closed() {
@@ -184,6 +185,8 @@ fn health(state: &State) -> Response<Body> {
             "failed",
             Some("the decoder thread has stopped".to_string()),
         )
+    } else if let Some(e) = stats.broken() {
+        (StatusCode::SERVICE_UNAVAILABLE, "failed", Some(e))
     } else if let Some(e) = stats.last_error() {
         (StatusCode::SERVICE_UNAVAILABLE, "failing", Some(e))
     } else {
@@ -254,15 +257,12 @@ async fn completion(request: Request<Incoming>, state: &State) -> Response<Body>
         Ok(c) => c,
         Err(Invalid { message, field }) => return rejected(StatusCode::BAD_REQUEST, &message, field),
     };
-    if let Some(at) = completion.prompt.iter().position(|&b| b as usize >= state.vocab) {
-        return rejected(
-            StatusCode::BAD_REQUEST,
-            &format!(
-                "the prompt's byte {at} is {}, outside the model's vocabulary of {} bytes",
-                completion.prompt[at], state.vocab
-            ),
-            Some("prompt"),
-        );
+    if let Err(e) = crate::infer::batch::check_prompt(&completion.prompt, state.vocab) {
+        let message = match e {
+            crate::Error::Config(message) => message,
+            other => other.to_string(),
+        };
+        return rejected(StatusCode::BAD_REQUEST, &message, Some("prompt"));
     }
     let (events, mut receiver) = mpsc::channel(CHANNEL_EVENTS);
     let job = Job {

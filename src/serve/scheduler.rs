@@ -124,6 +124,9 @@ pub struct Stats {
     /// The error of the decoder's last step and when it came, when it failed; cleared by a step
     /// that succeeds. For [`FAILING_FOR`] after it, `/health` reports the server as failing.
     pub last_error: Mutex<Option<(String, Instant)>>,
+    /// A failure every later step will meet ([`Decode::broken`]), once a step has failed with
+    /// it: `/health` reports the server failed from then on, so that an orchestrator restarts it.
+    pub broken: Mutex<Option<String>>,
 }
 
 /// How long `/health` reports a failed step: long enough for a probe to see it, short enough that
@@ -138,6 +141,11 @@ impl Stats {
         last.as_ref()
             .filter(|(_, at)| at.elapsed() < FAILING_FOR)
             .map(|(e, _)| e.clone())
+    }
+
+    /// The decoder's lasting failure, if a step has met one.
+    pub fn broken(&self) -> Option<String> {
+        self.broken.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     fn set_last_error(&self, error: Option<String>) {
@@ -478,6 +486,13 @@ impl Scheduler {
                 // The decoder's state is unknown after a failed step: stop what it held.
                 let message = format!("generation failed: {e}");
                 self.stats.set_last_error(Some(message.clone()));
+                if let Some(why) = self.decoder.broken() {
+                    self.stats
+                        .broken
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get_or_insert(why);
+                }
                 let ids: Vec<SeqId> = self.running.keys().copied().collect();
                 for id in ids {
                     self.decoder.cancel(id);
