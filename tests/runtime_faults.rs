@@ -225,6 +225,33 @@ fn failed_actors_are_restarted_and_the_result_is_unchanged() {
     assert!(state_err.contains("worker 0 lost"), "{state_err}");
 
     a_silent_peer_is_an_error_within_its_deadline();
+    shutdown_ends_a_step_its_caller_gave_up_on();
+}
+
+/// A step whose caller stopped waiting (a peer silent, the deadline a minute) runs on inside the
+/// runtime; shutting down ends it after the grace period instead of at its deadline.
+fn shutdown_ends_a_step_its_caller_gave_up_on() {
+    use semoe::chaos::Target;
+    let tokio = tokio::runtime::Runtime::new().expect("tokio");
+    let took = tokio.block_on(async {
+        let rt = Runtime::builder(small_config())
+            .workers(2)
+            .deadline(Duration::from_secs(60))
+            .chaos(FaultPlan::none().with(Target::Silence { worker: 1 }, 1, Moment::Any, FaultKind::Error))
+            .build()
+            .await
+            .expect("runtime");
+        rt.step().await.expect("step 0");
+        let gave_up = tokio::time::timeout(Duration::from_millis(300), rt.step()).await;
+        assert!(gave_up.is_err(), "step 1 waits for the silent worker");
+        let started = std::time::Instant::now();
+        let _ = rt.shutdown().await;
+        started.elapsed()
+    });
+    assert!(
+        took < semoe::actors::runtime::SHUTDOWN_GRACE * 2 + Duration::from_secs(5),
+        "shutdown took {took:?} with a step in flight"
+    );
 }
 
 /// A peer that never answers ends the run with an error naming it, within the deadline.

@@ -553,18 +553,34 @@ impl Runtime {
     }
 
     /// Stop every actor and wait for them.
-    /// The expert stores are dropped last (their Disk tier files are deleted then), once every
-    /// actor holding them has stopped, waiting up to a few seconds for that.
+    /// A step still in flight (its caller gave up waiting for it) runs on for at most
+    /// [`SHUTDOWN_GRACE`]; then the actors are killed where they wait. The expert stores are
+    /// dropped last (their Disk tier files are deleted then), once every actor holding them has
+    /// stopped, waiting up to a few seconds for that.
     pub fn shutdown(self) -> RuntimeFuture<'static, ()> {
         Box::pin(self.stop())
     }
 
-    async fn stop(self) -> Result<()> {
+    async fn stop(mut self) -> Result<()> {
         self.coordinator.stop(Some("shutdown".into()));
-        let r = self
-            .join
-            .await
-            .map_err(|e| Error::runtime(format!("the coordinator did not stop cleanly: {e}")));
+        let stopped = |joined: std::result::Result<(), tokio::task::JoinError>| {
+            joined.map_err(|e| Error::runtime(format!("the coordinator did not stop cleanly: {e}")))
+        };
+        let r = match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.join).await {
+            Ok(joined) => stopped(joined),
+            Err(_) => {
+                // A stop waits for the message in hand: a step whose caller is gone, up to its
+                // whole deadline and replays. A kill ends it where it waits.
+                self.coordinator.kill();
+                match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.join).await {
+                    Ok(joined) => stopped(joined),
+                    Err(_) => Err(Error::runtime(format!(
+                        "the coordinator did not stop within {:?} of being killed",
+                        SHUTDOWN_GRACE
+                    ))),
+                }
+            }
+        };
         let since = std::time::Instant::now();
         while self.expert_stores.iter().any(|s| Arc::strong_count(s) > 1) && since.elapsed() < Duration::from_secs(5) {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -573,6 +589,9 @@ impl Runtime {
         r
     }
 }
+
+/// How long [`Runtime::shutdown`] lets a step in flight run on before it kills the actors.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Put the workers' snapshots back together as one model and optimizer (whole tensors).
 pub fn assemble(config: &TrainConfig, snaps: &[LedgerSnapshot]) -> Result<(Gpt<f32>, AdamW)> {
