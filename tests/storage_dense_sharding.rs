@@ -123,6 +123,19 @@ fn sharded_dense_parameters_train_the_same_bits() {
         }
     }
 
+    // A worker beyond the groups (3 workers, 2 groups) hosts experts and computes no pass: it
+    // gathers nothing, and the bits are the plain loop's.
+    let mut two_groups = config.clone();
+    two_groups.train.groups = 2;
+    let got = tokio.block_on(sharded(&two_groups, 3, 1, FaultPlan::none()));
+    assert_same(&plain_loop(&two_groups), &got.bits, "3 workers, 2 groups, sharded");
+    let legs_gathered: Vec<u64> = got.stats.iter().map(|s| s.legs).collect();
+    assert_eq!(
+        legs_gathered,
+        [STEPS * legs.len() as u64, STEPS * legs.len() as u64, 0],
+        "the worker without groups gathers no leg"
+    );
+
     // A gate that panics in the backward pass: the step is replayed (its gathers too), same bits.
     let plan = FaultPlan::none().with(
         Target::Gate { worker: 1, block: 3 },

@@ -72,7 +72,8 @@ pub(super) async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Ve
         Some(collectives) => collectives.lanes(),
         None => a.lanes.min(groups.len()).max(1),
     };
-    let (source, first, _cancel_gathers) = if c.storage.shard_dense {
+    // A worker without groups runs no pass and reads no dense parameter: it gathers nothing.
+    let (source, first, _cancel_gathers) = if c.storage.shard_dense && !groups.is_empty() {
         let gatherer = Gatherer::new(GatherArgs {
             step,
             worker: a.worker,
