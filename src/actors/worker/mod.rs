@@ -340,6 +340,10 @@ impl Actor for WorkerActor {
             inbox,
             state.registry.clone(),
             state.args.collectives.clone(),
+            state.args.worker,
+            // A restarted Communicator starts once the worker's step handler returns, at most a
+            // step deadline later.
+            state.args.deadline.saturating_mul(10),
         )));
         Ok(state)
     }
@@ -482,7 +486,17 @@ impl Actor for WorkerActor {
 
 /// Forward packets from the transport to whichever Communicator is running, and the messages of
 /// collectives over the data plane to the worker's communicators.
-async fn pump(mut inbox: Inbox, registry: SharedRegistry, collectives: Option<Arc<ExpertCollectives>>) {
+///
+/// While the Communicator restarts, a packet is held (and those behind it wait) for up to `hold`:
+/// the restart happens only once the worker's step handler returns, which may take a whole dense
+/// leg. A packet still undelivered then is dropped, saying so; its requester's deadline reports it.
+async fn pump(
+    mut inbox: Inbox,
+    registry: SharedRegistry,
+    collectives: Option<Arc<ExpertCollectives>>,
+    worker: crate::net::WorkerId,
+    hold: Duration,
+) {
     while let Some(mut packet) = inbox.recv().await {
         if let Payload::Collective(_) = &packet.payload {
             if let Some(collectives) = &collectives {
@@ -490,17 +504,26 @@ async fn pump(mut inbox: Inbox, registry: SharedRegistry, collectives: Option<Ar
             }
             continue;
         }
-        // While the Communicator restarts, hold the packet (up to a few seconds; the requester's
-        // deadline covers the rest).
-        for _ in 0..5000 {
+        let (from, started) = (packet.from, tokio::time::Instant::now());
+        let mut pause = Duration::from_millis(1);
+        loop {
             let comm = registry.read().unwrap_or_else(PoisonError::into_inner).comm.clone();
-            match comm.map(|c| c.cast(CommMsg::Incoming(packet))) {
+            let why = match comm.map(|c| c.cast(CommMsg::Incoming(packet))) {
                 Some(Ok(())) => break,
-                Some(Err(MessagingErr::SendErr(CommMsg::Incoming(p)))) => packet = p,
-                Some(Err(_)) => break,
+                Some(Err(MessagingErr::SendErr(CommMsg::Incoming(p)))) => {
+                    packet = p;
+                    if started.elapsed() < hold {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(20));
+                        continue;
+                    }
+                    format!("its communicator did not come back within {hold:?}")
+                }
+                Some(Err(e)) => format!("it could not be handed to the communicator: {e}"),
                 None => return,
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            crate::say!("semoe: worker {worker} dropped a packet from worker {from}: {why}");
+            break;
         }
     }
 }
