@@ -105,8 +105,9 @@ pub fn generate_recomputing(model: &Gpt<f32>, cpu: &Cpu, prompt: &[u8], opts: &S
         &prepared
     };
     let c = model.config().clone();
+    super::batch::check_prompt(prompt, c.vocab)?;
     let mut context: Vec<u32> = if prompt.is_empty() {
-        vec![b'\n' as u32]
+        vec![u32::from(super::batch::EMPTY_PROMPT_TOKEN)]
     } else {
         prompt.iter().map(|&b| b as u32).collect()
     };
