@@ -328,6 +328,20 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// descriptor the training run needs for its checkpoints and logs).
 const MAX_CONNECTIONS: usize = 64;
 
+/// How an endpoint bounds its clients ([`CLIENT_TIMEOUT`], [`MAX_CONNECTIONS`]; tests shorten them).
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    client_timeout: Duration,
+    max_connections: usize,
+}
+
+impl Limits {
+    const DEFAULT: Limits = Limits {
+        client_timeout: CLIENT_TIMEOUT,
+        max_connections: MAX_CONNECTIONS,
+    };
+}
+
 /// A running `/metrics` endpoint (see [`serve`]). Dropping it leaves the endpoint running until
 /// its tokio runtime shuts down; [`MetricsServer::shutdown`] stops it at once.
 #[derive(Debug)]
@@ -395,7 +409,7 @@ fn spawn_on(
     let _entered = runtime.enter();
     let listener = tokio::net::TcpListener::from_std(listener)
         .map_err(|e| crate::Error::runtime(format!("--metrics-addr {addr}: cannot register the socket: {e}")))?;
-    let task = runtime.spawn(accept_loop(listener, handle));
+    let task = runtime.spawn(accept_loop(listener, handle, Limits::DEFAULT));
     Ok(MetricsServer { addr, task })
 }
 
@@ -455,10 +469,10 @@ pub fn serve_prometheus(addr: &str) -> crate::Result<()> {
     Ok(())
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+async fn accept_loop(listener: tokio::net::TcpListener, handle: PrometheusHandle, limits: Limits) {
     let mut upkeep = tokio::time::interval(UPKEEP);
     upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         tokio::select! {
             _ = upkeep.tick() => handle.run_upkeep(),
@@ -468,7 +482,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, handle: PrometheusHandle
                     if let Ok(permit) = Arc::clone(&open).try_acquire_owned() {
                         let handle = handle.clone();
                         tokio::spawn(async move {
-                            connection(stream, handle).await;
+                            connection(stream, handle, limits.client_timeout).await;
                             drop(permit);
                         });
                     }
@@ -481,17 +495,17 @@ async fn accept_loop(listener: tokio::net::TcpListener, handle: PrometheusHandle
     }
 }
 
-async fn connection(stream: tokio::net::TcpStream, handle: PrometheusHandle) {
+async fn connection(stream: tokio::net::TcpStream, handle: PrometheusHandle, client_timeout: Duration) {
     let service = service_fn(move |request: Request<Incoming>| {
         let response = answer(&request, &handle);
         async move { Ok::<_, Infallible>(response) }
     });
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(CLIENT_TIMEOUT);
+    http.timer(TokioTimer::new()).header_read_timeout(client_timeout);
     // A client that stops reading (requests pipelined, answers never taken) would hold the
     // connection for ever: a write that cannot proceed within the timeout ends it.
     let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+    stream.set_write_timeout(Some(client_timeout));
     // A client that went away or sent something that is not HTTP: nobody to tell.
     let _ = http.serve_connection(TokioIo::new(Box::pin(stream)), service).await;
 }
@@ -524,4 +538,115 @@ pub fn render_response(handle: &PrometheusHandle) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    /// An endpoint with `limits` over a recorder of its own holding `series` counters, on a
+    /// runtime of its own (dropped with it).
+    fn endpoint(limits: Limits, series: usize) -> (tokio::runtime::Runtime, SocketAddr) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            for i in 0..series {
+                metrics::counter!("semoe_test_series_with_a_long_name_total", "index" => i.to_string()).increment(1);
+            }
+        });
+        let listener = bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let _entered = runtime.enter();
+        let listener = tokio::net::TcpListener::from_std(listener).expect("register");
+        runtime.spawn(accept_loop(listener, handle, limits));
+        (runtime, addr)
+    }
+
+    const GET: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n";
+
+    /// Whether a fresh connection gets its scrape answered (within 5 s).
+    fn scraped(addr: SocketAddr) -> bool {
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let request = b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+        if s.write_all(request).is_err() {
+            return false;
+        }
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        answer.starts_with(b"HTTP/1.1 200 OK")
+    }
+
+    /// Whether the server closes `s` (end of file or a reset) within 5 s.
+    fn closed(s: &mut TcpStream) -> bool {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut buf = [0u8; 1 << 16];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    #[test]
+    fn connections_past_the_cap_are_closed_and_a_freed_place_is_served() {
+        let limits = Limits {
+            client_timeout: Duration::from_secs(30),
+            max_connections: 1,
+        };
+        let (_runtime, addr) = endpoint(limits, 1);
+        let idle = TcpStream::connect(addr).expect("connect");
+        std::thread::sleep(Duration::from_millis(200));
+        let mut over = TcpStream::connect(addr).expect("connect");
+        assert!(closed(&mut over), "a connection past the cap is closed at once");
+        drop(idle);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !scraped(addr) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the place of a closed connection is not freed"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_is_cut_off_after_the_timeout() {
+        let limits = Limits {
+            client_timeout: Duration::from_millis(300),
+            max_connections: 1,
+        };
+        // About 100 KB an answer: the pipelined answers overflow the socket buffers.
+        let (_runtime, addr) = endpoint(limits, 1500);
+        let mut stuck = TcpStream::connect(addr).expect("connect");
+        stuck.set_write_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        // Requests pipelined, answers never read: the server's writes stop, then time out.
+        for _ in 0..1000 {
+            if stuck.write_all(GET).is_err() {
+                break;
+            }
+        }
+        // Its place freed, the endpoint serves another client.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !scraped(addr) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a client that stopped reading still holds the only place"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        drop(stuck);
+    }
 }
