@@ -455,7 +455,7 @@ pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Makes the directory entries in `dir` (created, renamed or removed files) durable. Only POSIX
 /// systems allow opening a directory for this; elsewhere it is a no-op.
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         let handle = File::open(dir).map_err(|e| Error::io("opening directory to sync it", dir, e))?;
@@ -466,11 +466,9 @@ fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Creates `dir` (and its parents) if missing, and makes its entry in the parent durable.
+/// Creates `dir` (and its parents) if missing, and makes its entry in the parent durable. Synced
+/// also when it exists: a crash between an earlier creation and its sync leaves it unsynced.
 fn create_dir_synced(dir: &Path) -> Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
     fs::create_dir_all(dir).map_err(|e| Error::io("creating checkpoints directory", dir, e))?;
     match dir.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
@@ -770,7 +768,9 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
         fs::remove_dir_all(dir).map_err(|e| Error::io("removing checkpoint", dir, e))?;
     }
     for (name, path) in read_dir_entries(&root)? {
-        if parse_step_dir_name(&name).is_some() && !path.join(MANIFEST_FILE).exists() {
+        // Only a directory known to lack its manifest: one that cannot be checked (a passing stat
+        // error) may be the checkpoint just saved.
+        if parse_step_dir_name(&name).is_some() && matches!(path.join(MANIFEST_FILE).try_exists(), Ok(false)) {
             fs::remove_dir_all(&path).map_err(|e| Error::io("removing incomplete checkpoint", &path, e))?;
         }
     }

@@ -168,7 +168,9 @@ pub fn create_unique(parent: &Path, name: &str) -> Result<PathBuf> {
             parent.join(format!("{name}-{n}"))
         };
         match std::fs::create_dir(&dir) {
-            Ok(()) => return Ok(dir),
+            // Its entry durable: the checkpoints saved in it (each synced) must not vanish with
+            // it in a power loss.
+            Ok(()) => return crate::storage::checkpoint::sync_dir(parent).map(|()| dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(Error::io("cannot create the run directory", &dir, e)),
         }

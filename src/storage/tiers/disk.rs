@@ -681,8 +681,13 @@ fn allocate(f: &File, len: u64) -> io::Result<()> {
     f.set_len(len)
 }
 
-/// A buffer of `len` bytes aligned to [`ALIGN`] (one per thread, reused across calls), given to
-/// `f`.
+/// The largest staging buffer a thread keeps between calls: the default coalesced request (8 MiB)
+/// and a unit of the default models fit. A larger one (a unit of a large model) is freed after its
+/// call, so that each I/O thread keeps at most this much outside the budgets.
+pub const KEEP_STAGING: usize = 16 << 20;
+
+/// A buffer of `len` bytes aligned to [`ALIGN`] (one per thread, reused across calls up to
+/// [`KEEP_STAGING`]), given to `f`.
 fn with_aligned<T>(len: usize, f: impl FnOnce(&mut [u8]) -> io::Result<T>) -> io::Result<T> {
     thread_local! {
         static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -695,7 +700,11 @@ fn with_aligned<T>(len: usize, f: impl FnOnce(&mut [u8]) -> io::Result<T>) -> io
             *raw = vec![0u8; len + ALIGN];
         }
         let start = (ALIGN - raw.as_ptr() as usize % ALIGN) % ALIGN;
-        f(&mut raw[start..start + len])
+        let result = f(&mut raw[start..start + len]);
+        if raw.len() > KEEP_STAGING + ALIGN {
+            *raw = Vec::new();
+        }
+        result
     })
 }
 

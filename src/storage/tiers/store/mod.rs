@@ -7,7 +7,8 @@
 //! fits in memory there is nothing to schedule, and each request is handled on the thread that
 //! makes it, under the manager's lock (`Books`). I/O threads read and write the Disk tier's
 //! slot file, fed through a bounded queue. Nothing waits on a lock held across I/O: an acquirer
-//! waits on its own answer, the manager never blocks on the disk.
+//! waits on its own answer, the manager never blocks on the disk, except to read the units that
+//! are only on disk for a snapshot (a checkpoint), which then waits for them.
 //!
 //! Life of a unit during a step: the Expert actor *acquires* it (the manager moves it into the
 //! Device tier, making room by demoting the policy's victims Device -> Host -> Disk, loading it
@@ -503,6 +504,58 @@ mod tests {
     }
 
     /// Commit the same updates to every unit through `store`, applying them as a commit does.
+    /// Writes fail with "no space left" once `full` is set.
+    struct FillsUp(std::sync::atomic::AtomicBool);
+
+    impl crate::storage::tiers::disk::DiskFaults for FillsUp {
+        fn before(
+            &self,
+            _: usize,
+            op: crate::storage::tiers::disk::DiskOp,
+            _: UnitId,
+            _: usize,
+        ) -> Option<crate::storage::tiers::disk::InjectedIo> {
+            let full = self.0.load(std::sync::atomic::Ordering::SeqCst);
+            (full && op == crate::storage::tiers::disk::DiskOp::Write)
+                .then(|| crate::storage::tiers::disk::InjectedIo::Fail(std::io::Error::from_raw_os_error(libc::ENOSPC)))
+        }
+    }
+
+    #[tokio::test]
+    async fn once_a_write_has_failed_no_commit_is_taken() {
+        let disk = Arc::new(FillsUp(Default::default()));
+        let mut c = config(4, 4, "fills-up");
+        c.disk_faults = Some(crate::storage::tiers::disk::DiskFaultHook(disk.clone()));
+        let store = ExpertStore::new(0, &c, units(4, 4)).unwrap();
+        disk.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (mut taken, mut refused) = (0, 0);
+        for b in 0..4 {
+            for e in 0..4 {
+                let update = Pending {
+                    grads: [vec![0.5; 64], vec![-0.25; 8], vec![1.0; 64], vec![1.0; 8]],
+                    lr: 1e-2,
+                    norm: 3.0,
+                };
+                match store.commit((b, e), update).await {
+                    Ok(committed) => {
+                        assert_eq!(refused, 0, "expert ({b}, {e}) committed after the disk failed");
+                        taken += 1;
+                        if let Some((mut lease, update)) = committed {
+                            lease.slot_mut().unwrap().apply(update).unwrap();
+                        }
+                    }
+                    Err(err) => {
+                        assert!(err.to_string().contains("os error 28"), "{err}");
+                        refused += 1;
+                    }
+                }
+                // Time for the failed write to reach the manager.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        assert!(taken > 0 && refused > 0, "taken {taken}, refused {refused}");
+    }
+
     async fn commit_all(store: &ExpertStore, round: usize) {
         for b in 0..4 {
             for e in 0..4 {

@@ -10,6 +10,20 @@ use std::collections::{HashSet, VecDeque};
 use std::time::Instant;
 
 impl Manager {
+    /// A waiter leaves (granted or deferred): when it had missed, one stalled acquirer fewer, and
+    /// the stall's time counted when none is left.
+    fn stall_ended(&mut self, missed: bool) {
+        if !missed {
+            return;
+        }
+        self.stalled = self.stalled.saturating_sub(1);
+        if self.stalled == 0 {
+            if let Some(since) = self.stalled_since.take() {
+                self.local.stall_seconds += since.elapsed().as_secs_f64();
+            }
+        }
+    }
+
     /// Grant what can be granted, start the loads and write-backs that make room, answer snapshots.
     pub(super) fn serve(&mut self) {
         self.account_stall();
@@ -81,6 +95,7 @@ impl Manager {
                 self.used[t as usize] -= b;
             }
             if self.entries[&w.id].deferred.is_none() && self.disk.is_some() {
+                self.stall_ended(w.missed);
                 if let Some(update) = w.commit {
                     self.defer(w.id, update);
                 }
@@ -128,14 +143,7 @@ impl Manager {
             _ => 0,
         };
         self.local.served_from[source] += 1;
-        if w.missed {
-            self.stalled -= 1;
-            if self.stalled == 0 {
-                if let Some(since) = self.stalled_since.take() {
-                    self.local.stall_seconds += since.elapsed().as_secs_f64();
-                }
-            }
-        }
+        self.stall_ended(w.missed);
         if let Err(Ok(Grant::Slot(slot, _))) = w.reply.send(Ok(Grant::Slot(slot, w.commit))) {
             // The acquirer is gone: take the unit back (a commit's update is lost with its caller,
             // which failed: the step did not complete).

@@ -283,7 +283,15 @@ impl Manager {
                 self.cursor.acquire(id, commit.is_some(), self.clock);
                 let e = &self.entries[&id];
                 let idle = !self.waiting.iter().any(|w| w.id == id);
-                if commit.is_some() && e.place == Place::Disk && e.deferred.is_none() && idle && self.disk.is_some() {
+                // Deferred at once to the disk, unless the store has failed (then it waits, and is
+                // answered with the failure like every other request).
+                if commit.is_some()
+                    && e.place == Place::Disk
+                    && e.deferred.is_none()
+                    && idle
+                    && self.disk.is_some()
+                    && self.fatal.is_none()
+                {
                     if let Some(update) = commit {
                         self.defer(id, update);
                     }
