@@ -340,21 +340,58 @@ impl Drop for Cluster {
 /// The most link-fault firings the coordinator keeps for a chaos run's report.
 const MAX_LINK_FIRINGS: usize = 1 << 16;
 
-/// Joins whose handshake may run at once; more are refused until one ends (each is bounded in
-/// time, so a flood of connections that never say hello cannot hold the coordinator's memory).
+/// The most bytes of a member's notice detail the coordinator keeps or prints (a member may send
+/// notices without end: 64 K firings of 1 KiB at most).
+const MAX_NOTICE_DETAIL: usize = 1024;
+
+/// `detail`, cut to [`MAX_NOTICE_DETAIL`] bytes.
+fn clipped(detail: String) -> String {
+    crate::net::wire::clip_to(detail, MAX_NOTICE_DETAIL)
+}
+
+/// Joins whose handshake may run at once (each is bounded in time, so a flood of connections that
+/// never say hello cannot hold the coordinator's memory).
 const HANDSHAKES: usize = 64;
+
+/// Connections that may wait for a handshake place; more are refused at once.
+const HANDSHAKE_QUEUE: usize = 1024;
+
+/// How long a connection waits for a handshake place before it is refused: a burst of joiners
+/// (a Deployment's replicas starting together) queues, within the minute a joiner waits for its
+/// answer.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(45);
+
+/// How long one frame of the handshake may take to send: a peer that does not take it (its
+/// receive window closed) must not hold a handshake place.
+const HANDSHAKE_WRITE: Duration = Duration::from_secs(10);
 
 async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<Mutex<Book>>) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
+    let queue = Arc::new(tokio::sync::Semaphore::new(HANDSHAKE_QUEUE));
     while let Some(incoming) = endpoint.accept().await {
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+        let Ok(place) = queue.clone().try_acquire_owned() else {
             incoming.refuse();
             continue;
         };
-        let (expect, book) = (expect.clone(), book.clone());
+        let (handshakes, expect, book) = (handshakes.clone(), expect.clone(), book.clone());
         tokio::spawn(async move {
+            // The connection is accepted at once (it stays alive while it waits), its hello read
+            // when a handshake place frees up.
             let Ok(conn) = incoming.await else { return };
             let peer = conn.remote_address();
+            let permit = match tokio::time::timeout(HANDSHAKE_WAIT, handshakes.acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    metrics::counter!(names::MEMBERSHIP, "kind" => "refused").increment(1);
+                    crate::say!(
+                        "semoe: refused a worker from {peer}: {HANDSHAKES} joins were under way for {} s",
+                        HANDSHAKE_WAIT.as_secs()
+                    );
+                    conn.close(1u32.into(), b"too many joins at once");
+                    return;
+                }
+            };
+            drop(place);
             match admit(&conn, &expect, &book, permit).await {
                 Ok(()) => {}
                 Err(e) => {
@@ -393,7 +430,7 @@ async fn admit(
     let offer = Answer::Offer {
         config: expect.config_toml.clone(),
     };
-    quic::write_frame(&mut send, &protocol::encode(&offer)?).await?;
+    write_within(&mut send, &protocol::encode(&offer)?, "the offer").await?;
     let ready_bytes = tokio::time::timeout(Duration::from_secs(120), quic::read_frame(&mut recv, max, "a ready"))
         .await
         .map_err(|_| Error::runtime(format!("{} sent no ready within 120 s", hello.name)))??
@@ -427,7 +464,7 @@ async fn admit(
         key: expect.identity.key_der.clone(),
     };
     let sent = match protocol::encode(&admitted) {
-        Ok(bytes) => quic::write_frame(&mut send, &bytes).await,
+        Ok(bytes) => write_within(&mut send, &bytes, "the admission").await,
         Err(e) => Err(e),
     };
     if let Err(e) = sent {
@@ -478,8 +515,15 @@ async fn admit(
                 }
             }
             Notice::PeerEvicted { peer, epoch, detail } => {
+                let detail = clipped(detail);
+                // Only a member of that epoch, still active, speaks for its peers in it.
+                let reporter_in_epoch = b.epochs.get(&epoch).is_some_and(|ids| ids.contains(&id))
+                    && b.members.get(&id).is_some_and(|m| m.status == Status::Active);
                 let culprit = b.epochs.get(&epoch).and_then(|ids| ids.get(peer as usize)).copied();
-                if let Some(m) = culprit.and_then(|c| b.members.get_mut(&c)) {
+                if let Some(m) = culprit
+                    .filter(|_| reporter_in_epoch)
+                    .and_then(|c| b.members.get_mut(&c))
+                {
                     let reason = format!("evicted: member {id} reports it sent malformed data ({detail})");
                     crate::say!("semoe: member {} ({}) {reason}", m.id, m.name);
                     m.status = Status::Gone(reason.clone());
@@ -507,12 +551,13 @@ async fn admit(
                         index,
                         epoch,
                         step,
-                        detail,
+                        detail: clipped(detail),
                         at: std::time::Instant::now(),
                     });
                 }
             }
             Notice::PeerLost { peer, epoch, detail } => {
+                let detail = clipped(detail);
                 crate::say!("semoe: member {id} lost its link to worker {peer} of epoch {epoch}: {detail}");
                 b.link_lost(id, peer, epoch, &detail);
             }
@@ -529,8 +574,16 @@ async fn admit(
     Ok(())
 }
 
+/// Send one frame of the handshake, within [`HANDSHAKE_WRITE`].
+async fn write_within(send: &mut quinn::SendStream, bytes: &[u8], what: &str) -> Result<()> {
+    tokio::time::timeout(HANDSHAKE_WRITE, quic::write_frame(send, bytes))
+        .await
+        .map_err(|_| Error::runtime(format!("{what} was not taken within {} s", HANDSHAKE_WRITE.as_secs())))?
+}
+
 async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, reason: String) -> Result<()> {
-    quic::write_frame(send, &protocol::encode(&Answer::Refused { reason: reason.clone() })?).await?;
+    let refused = protocol::encode(&Answer::Refused { reason: reason.clone() })?;
+    write_within(send, &refused, "the refusal").await?;
     let _ = send.finish();
     // Let the worker read the reason before the connection goes.
     let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;

@@ -651,8 +651,15 @@ impl ElasticRuntime {
                     self.dismiss_leavers().await;
                     // Replay what the copy lacks; the outcomes were reported the first time.
                     for _ in from..self.committed {
+                        // A member lost during the replay ends it at once, as in a step (its
+                        // peers' requests to it would wait out the exchange deadline).
                         let replayed = match &self.current {
-                            Some(e) => e.runtime.step().await,
+                            Some(e) => tokio::select! {
+                                r = e.runtime.step() => r,
+                                () = watch_loss(&self.cluster, e.number, &e.members) => {
+                                    return Box::pin(self.reform("a worker was lost during the replay")).await;
+                                }
+                            },
                             None => break,
                         };
                         if let Err(e) = replayed {

@@ -615,7 +615,13 @@ async fn execute(
         let state = quic::read_frame(recv, max_reply_bytes(&shared.config)?, "the run's state")
             .await?
             .ok_or_else(|| Error::protocol("the coordinator", "a setup without the state"))?;
-        let got = quic::sha256_hex(&state);
+        // Hashed off the async threads (a large share takes seconds, which the connection's
+        // keep-alives cannot wait).
+        let (state, got) = blocking(move || {
+            let got = quic::sha256_hex(&state);
+            Ok((state, got))
+        })
+        .await?;
         if got != state_sha256 {
             return Err(Error::protocol(
                 "the coordinator",

@@ -63,9 +63,15 @@ pub const MAX_FAILED_DETAIL: usize = 4096;
 
 /// A failure's detail, within what a packet may carry ([`MAX_FAILED_DETAIL`]; a peer's decoder
 /// refuses a longer one, and with it the sender, as a protocol violation).
-pub fn clip_detail(mut detail: String) -> String {
-    if detail.len() > MAX_FAILED_DETAIL {
-        let mut end = MAX_FAILED_DETAIL - 3;
+pub fn clip_detail(detail: String) -> String {
+    clip_to(detail, MAX_FAILED_DETAIL)
+}
+
+/// `detail` cut to at most `max` bytes (at least 3), ending in `...` where it was cut (at a
+/// character boundary).
+pub fn clip_to(mut detail: String, max: usize) -> String {
+    if detail.len() > max {
+        let mut end = max.max(3) - 3;
         while !detail.is_char_boundary(end) {
             end -= 1;
         }
@@ -1731,6 +1737,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(clip_detail("short".into()), "short");
+        assert_eq!(clip_to("abcdef".into(), 5), "ab...");
+        assert_eq!(clip_to("ééé".into(), 6), "ééé");
+        assert_eq!(clip_to("ééé".into(), 5), "é..."); // not inside a character
 
         // A collective's message: its lane, the size of the bytes it carries, its abort reason.
         let collective = |lane: usize, op: PlaneOp| {
