@@ -34,7 +34,7 @@ use crate::storage::tiers::ExpertSlot;
 pub use super::fingerprint::KernelFingerprint;
 
 /// The protocol's version: both sides must speak the same one.
-pub const PROTOCOL: u32 = 3;
+pub const PROTOCOL: u32 = 4;
 
 /// The binary's version, compared at the join (different builds may compute different bits).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -255,6 +255,10 @@ pub enum Command {
         /// With expert rows over collectives (`train.exchange` other than `transport`): the ids of
         /// the epoch's first communicators, one per lane (empty otherwise; [`comm_ids_from_wire`]).
         comm_ids: Vec<Vec<u8>>,
+        /// How long this worker waits for its peers to connect, in milliseconds: the
+        /// coordinator's deadline for the setup, which covers the largest share's transfer (a
+        /// worker given little state must wait for one given much).
+        wait_ms: u64,
     },
     /// A membership change at a step boundary, before the next epoch's setups: keep a copy of
     /// this worker's committed state (for a `Setup` with `keep`), and send these pieces of it, the
@@ -939,6 +943,7 @@ mod tests {
             keep: false,
             link_faults: wire.clone(),
             comm_ids: vec![vec![7; 128]],
+            wait_ms: 60_000,
         };
         let bytes = encode(&setup).expect("encode");
         let Command::Setup { link_faults, .. } = decode::<Command>(&bytes, "a command").expect("decode") else {

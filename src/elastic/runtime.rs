@@ -964,6 +964,7 @@ impl ElasticRuntime {
                 keep: kept[i],
                 link_faults: link_faults.clone(),
                 comm_ids: comm_ids.as_ref().map(|(_, ids)| ids.clone()).unwrap_or_default(),
+                wait_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
             };
             let m = m.clone();
             tasks.spawn(async move {

@@ -610,6 +610,7 @@ async fn execute(
         keep,
         link_faults,
         comm_ids,
+        wait_ms,
     } = command
     {
         let state = quic::read_frame(recv, max_reply_bytes(&shared.config)?, "the run's state")
@@ -643,6 +644,10 @@ async fn execute(
             keep,
             link_faults,
             comm_ids: protocol::comm_ids_from_wire(comm_ids)?,
+            // Never shorter than the run's own deadline, nor longer than any wait may be.
+            wait: Duration::from_millis(wait_ms)
+                .max(shared.deadline)
+                .min(crate::config::MAX_WAIT),
         };
         setup(shared, plan, state).await?;
         return protocol::encode(&Reply::Done).map(Outgoing::Frame);
@@ -850,6 +855,8 @@ struct SetupPlan {
     link_faults: Vec<LinkFault>,
     /// The ids of the epoch's first communicators (expert rows over collectives).
     comm_ids: CommIds,
+    /// How long to wait for the peers to connect (the coordinator's setup deadline).
+    wait: Duration,
 }
 
 /// Start epoch `plan.epoch`: stop the previous epoch's actors, connect the data plane to every
@@ -866,6 +873,7 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
         keep,
         link_faults,
         comm_ids,
+        wait,
     } = plan;
     let mut current = shared.current.lock().await;
     if epoch <= current.epoch && current.actor.is_some() {
@@ -913,10 +921,7 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
         .map_err(|e| Error::protocol("the coordinator", e.to_string()))?;
 
     shared.codec.set_shape(epoch, PacketShape::of(&shared.config, workers)?);
-    let (transport, inbox) = shared
-        .plane
-        .start_epoch(worker, epoch, peers, workers, shared.deadline)
-        .await?;
+    let (transport, inbox) = shared.plane.start_epoch(worker, epoch, peers, workers, wait).await?;
     metrics::gauge!(crate::telemetry::metrics::EPOCH).set(epoch as f64);
     let paths = shared.plane.link_paths();
     let same_host = paths.iter().filter(|(_, p)| *p == LinkPath::SameHost).count();
