@@ -512,6 +512,17 @@ impl ElasticRuntime {
     /// the coordinator reads the state for its final checkpoint); joins and leaves wait for the
     /// next step.
     pub async fn state(&mut self) -> Result<(Gpt<f32>, AdamW)> {
+        // Members that are leaving still answer: while none is lost and every link held, the
+        // current epoch's state is whole and current, read before any re-form for the leavers
+        // (with every member leaving, as at a Ctrl-C to the process group, a re-form would find
+        // nobody, wait for a joiner and lose the state).
+        if !self.lost_member() && self.lost_link(Duration::ZERO).is_none() {
+            if let Some(epoch) = &self.current {
+                if let Ok(s) = epoch.runtime.state().await {
+                    return Ok(s);
+                }
+            }
+        }
         for _ in 0..16 {
             if let Some(why) = self.change(true) {
                 self.reform(&why).await?;
