@@ -76,9 +76,11 @@ impl OptimizerConfig {
                 return Err(Error::config(format!("optimizer.{name} must be in [0, 1), got {b}")));
             }
         }
-        if !(ok(self.eps) && self.eps > 0.0) {
+        // The update runs in f32: an eps that rounds to 0 there divides 0 by 0 for every
+        // parameter whose gradient has been 0 so far.
+        if !(ok(self.eps) && self.eps as f32 > 0.0 && (self.eps as f32).is_finite()) {
             return Err(Error::config(format!(
-                "optimizer.eps must be positive, got {}",
+                "optimizer.eps must be a positive float32 (at least about 1.4e-45), got {}",
                 self.eps
             )));
         }
@@ -88,6 +90,14 @@ impl OptimizerConfig {
                     "optimizer.{name} must be a non-negative number, got {v}"
                 )));
             }
+        }
+        // Decoupled decay multiplies the parameters by 1 - lr * weight_decay every step.
+        if self.lr * self.weight_decay >= 1.0 {
+            return Err(Error::config(format!(
+                "optimizer.lr ({}) times optimizer.weight_decay ({}) must be below 1: each step multiplies the \
+                 parameters by 1 - lr * weight_decay",
+                self.lr, self.weight_decay
+            )));
         }
         Ok(())
     }
@@ -325,7 +335,8 @@ impl AdamW {
     /// `keep` is the decayed tensors' (the others keep 1). Shared by the CPU update and the GPU's.
     pub(crate) fn scalars(&self, lr: f64) -> AdamwStep {
         let c = &self.config;
-        let step = (self.step + 1) as i32;
+        // Past i32::MAX steps beta^step is 0 in f64 anyway.
+        let step = i32::try_from(self.step + 1).unwrap_or(i32::MAX);
         let bc1 = 1.0 - c.beta1.powi(step);
         AdamwStep {
             keep: (1.0 - lr * c.weight_decay) as f32,
@@ -377,6 +388,42 @@ mod tests {
         let bare = a.without_moments();
         assert_eq!(bare.m, vec![Vec::<f32>::new(); 2]);
         assert_eq!((bare.decay, bare.step), (a.decay.clone(), a.step));
+    }
+
+    #[test]
+    fn settings_the_float32_update_cannot_take_are_refused_by_name() {
+        let refused = |c: OptimizerConfig, key: &str| {
+            let e = c.validate().expect_err(key).to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        };
+        // 1e-46 is 0 in float32: 0 / 0 for every parameter whose gradient has been 0.
+        refused(
+            OptimizerConfig {
+                eps: 1e-46,
+                ..OptimizerConfig::default()
+            },
+            "optimizer.eps",
+        );
+        // 1 - lr * weight_decay < 0 flips the parameters' signs every step.
+        refused(
+            OptimizerConfig {
+                weight_decay: 1000.0,
+                ..OptimizerConfig::default()
+            },
+            "optimizer.weight_decay",
+        );
+        OptimizerConfig {
+            eps: 1e-30,
+            weight_decay: 0.1,
+            ..OptimizerConfig::default()
+        }
+        .validate()
+        .expect("usual values");
+        // Past i32::MAX steps the bias corrections are 1, not NaN.
+        let mut a = AdamW::with_decay(OptimizerConfig::default(), &[2], &[true]).unwrap();
+        a.step = u64::from(u32::MAX);
+        let s = a.scalars(1e-3);
+        assert!(s.bc2_sqrt.is_finite() && s.step_size.is_finite(), "{s:?}");
     }
 
     #[test]

@@ -249,3 +249,38 @@ fn the_traffic_between_workers_is_logged_and_reported() {
     assert!(report.contains("## Traffic between workers (to step 4)"), "{report}");
     assert!(report.contains("| worker | to 0 | to 1 | to 2 | sent |"), "{report}");
 }
+
+#[test]
+fn a_run_shorter_than_its_warmup_is_told_so() {
+    let (_tmp, dir) = temp_dir("short");
+    let t = Trainer::new(small(3), &dir).expect("trainer");
+    let notices = t.notices().join("\n");
+    assert!(
+        notices.contains("3 steps end inside optimizer.warmup (5 steps)"),
+        "{notices}"
+    );
+    drop(t);
+    let (_tmp, dir) = temp_dir("long-enough");
+    let t = Trainer::new(small(8), &dir).expect("trainer");
+    assert!(t.notices().is_empty(), "{:?}", t.notices());
+}
+
+#[test]
+fn a_finished_runtime_run_resumed_reports_itself_without_starting_the_runtime() {
+    let (_tmp, dir) = temp_dir("finished");
+    let mut c = small(3);
+    c.train.workers = 2;
+    let mut t = Trainer::new(c, &dir).expect("trainer");
+    t.run(false).expect("run");
+    let want = common::bits(t.model().expect("model"));
+    drop(t);
+    let mut resumed = Trainer::resume(&dir, None).expect("resume");
+    assert_eq!(resumed.steps_done(), 3);
+    let summary = resumed.run(false).expect("a finished run reports itself");
+    assert_eq!(summary.steps, 3);
+    common::assert_same(
+        &want,
+        &common::bits(resumed.model().expect("model")),
+        "the finished run's model",
+    );
+}

@@ -5,9 +5,9 @@
 //! The estimate counts the big buffers only, from the config alone: parameters, both AdamW
 //! moments and the gradient buffers of every group (llm.c style: one buffer per parameter group),
 //! the actor runtime's copies of them, and the activations a group keeps for its backward pass
-//! (times the groups that run at once). It is meant to be close but not above the truth, so that
-//! it never refuses a config that would fit: `tests/train_memory.rs` compares it with the peak
-//! resident size of real runs.
+//! (times the groups that run at once). It is meant to be close to the truth but not above it, so
+//! that it never refuses a config that would fit; its parameter count is the model's exactly
+//! (tested here, with dense blocks of either width).
 
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
@@ -43,7 +43,7 @@ fn params(config: &TrainConfig) -> f64 {
     let (v, t, d) = (m.vocab as f64, m.block_size as f64, m.d_model as f64);
     let moe_layers = m.moe_layers() as f64;
     let dense_layers = m.n_layer as f64 - moe_layers;
-    let (e, f, fd) = (m.experts as f64, m.d_ff as f64, m.dense_d_ff as f64);
+    let (e, f, fd) = (m.experts as f64, m.d_ff as f64, m.dense_width() as f64);
     let attention = 2.0 * d + d * 3.0 * d + 3.0 * d + d * d + d + 2.0 * d;
     v * d
         + t * d
@@ -79,14 +79,16 @@ pub fn estimate(config: &TrainConfig) -> MemoryEstimate {
     let tokens = (t.batch as f64 / groups).floor().max(1.0) * tt;
     let moe_layers = m.moe_layers() as f64;
     let dense_layers = m.n_layer as f64 - moe_layers;
-    let slots = (m.k as f64 * m.capacity_factor.max(1.0)).ceil();
+    // Expert rows per token: the kept assignments are at most its `k` (rows are laid out for the
+    // assignments kept, not for the capacity).
+    let slots = m.k as f64;
     // Logits and their softmax; per layer: layer norms, q/k/v, attention output, projections and
     // residuals, and the attention probabilities (a row of `block_size` per head per token); the
     // MoE or dense feed-forward's rows.
     let per_token = 2.0 * m.vocab as f64
         + m.n_layer as f64 * (10.0 * d + heads * tt)
         + moe_layers * (m.experts as f64 + slots * (2.0 * d + 2.0 * m.d_ff as f64))
-        + dense_layers * 4.0 * m.dense_d_ff as f64;
+        + dense_layers * 4.0 * m.dense_width() as f64;
     let threads = if t.threads == 0 {
         crate::kernels::cpu::cores()
     } else {
@@ -160,17 +162,31 @@ mod tests {
 
     #[test]
     fn the_parameter_count_matches_the_model() {
-        for dense in [false, true] {
+        // MoE blocks only; dense only, of their own width or (0) the experts' width; alternating.
+        for (moe_every, dense_d_ff) in [(1, 0), (0, 96), (0, 0), (2, 0)] {
             let mut c = TrainConfig::default();
             c.model.d_model = 32;
             c.model.n_head = 2;
-            if dense {
-                c.model.moe_every = 0;
-                c.model.dense_d_ff = 96;
-            }
+            c.model.n_layer = 4;
+            c.model.moe_every = moe_every;
+            c.model.dense_d_ff = dense_d_ff;
             let model = Gpt::<f32>::zeros(&c.model).expect("model");
-            assert_eq!(param_count(&c), model.num_params() as u64, "dense {dense}");
+            assert_eq!(
+                param_count(&c),
+                model.num_params() as u64,
+                "moe_every {moe_every}, dense_d_ff {dense_d_ff}"
+            );
         }
+    }
+
+    #[test]
+    fn a_large_capacity_factor_adds_no_expert_rows() {
+        // Rows are laid out for the kept assignments, at most k a token, whatever the capacity.
+        let mut c = TrainConfig::default();
+        let usual = estimate(&c).activation_bytes;
+        c.model.capacity_factor = 1000.0;
+        assert_eq!(estimate(&c).activation_bytes, usual);
+        check_fits(&c, Some(16 << 30)).expect("a capacity factor of 1000 fits as 1.25 does");
     }
 
     #[test]

@@ -299,7 +299,19 @@ impl Trainer {
             last_val: None,
             data_digest: corpus.digest(),
         };
-        Trainer::assemble(config, corpus, state, run_dir, lock, Vec::new())
+        let mut notices = Vec::new();
+        let o = &config.optimizer;
+        if config.train.steps < o.warmup {
+            notices.push(format!(
+                "the run's {} steps end inside optimizer.warmup ({} steps): the learning rate rises to {:.3e} and \
+                 never reaches optimizer.lr ({}) nor decays",
+                config.train.steps,
+                o.warmup,
+                o.lr_at(config.train.steps.saturating_sub(1), config.train.steps),
+                o.lr
+            ));
+        }
+        Trainer::assemble(config, corpus, state, run_dir, lock, notices)
     }
 
     /// Continue the run in `run_dir` from its newest checkpoint, with the run's own `config.toml`.
@@ -450,17 +462,20 @@ impl Trainer {
         // The Disk tier's slot files of an earlier invocation are stale scratch: start clean.
         remove_tier_files(run_dir);
         let cpu = Cpu::new(config.train.threads)?;
+        // A finished run (resumed to report it) trains no step: no GPU, runtime or worker
+        // process is started for it (a run over worker processes waited for them to join).
+        let finished = optimizer.step >= config.train.steps;
         let gpu = match config.train.device {
-            ComputeDevice::Cuda => {
+            ComputeDevice::Cuda if !finished => {
                 let device = CudaDevice::open(0)?;
                 let budget = config.storage.to_config(None)?.device_budget;
                 let mut on_gpu = CudaGpt::new(&Gpu::budgeted(&device, Precision::F32, budget)?, &model)?;
                 on_gpu.load_moments(&optimizer.m, &optimizer.v)?;
                 Some(on_gpu)
             }
-            ComputeDevice::Cpu => None,
+            ComputeDevice::Cuda | ComputeDevice::Cpu => None,
         };
-        let (group_grads, engine) = if gpu.is_some() {
+        let (group_grads, engine) = if gpu.is_some() || finished {
             (Vec::new(), None)
         } else if config.train.workers == 0 && !config.train.elastic() {
             let grads = (0..config.train.groups)
