@@ -273,9 +273,15 @@ fn a_finished_runtime_run_resumed_reports_itself_without_starting_the_runtime() 
     let mut t = Trainer::new(c, &dir).expect("trainer");
     t.run(false).expect("run");
     let want = common::bits(t.model().expect("model"));
+    // A runtime reports its workers' figures (one entry each); without one there are none.
+    assert_eq!(t.dense_stats().len(), 2, "the run trained on the runtime");
     drop(t);
     let mut resumed = Trainer::resume(&dir, None).expect("resume");
     assert_eq!(resumed.steps_done(), 3);
+    assert!(
+        resumed.dense_stats().is_empty(),
+        "a runtime was started for a finished run"
+    );
     let summary = resumed.run(false).expect("a finished run reports itself");
     assert_eq!(summary.steps, 3);
     common::assert_same(

@@ -164,11 +164,17 @@ impl Actor for CoordActor {
             }
             CoordMsg::Snapshot { reply } => {
                 // Every worker at once, each within one deadline (one after another, the caller's
-                // bound ran out with many workers or slow Disk tiers).
-                let r = all(&state.workers, "a snapshot", state.args.deadline, |reply| {
-                    WorkerMsg::Snapshot { reply }
-                })
-                .await;
+                // bound ran out with many workers or slow Disk tiers); none after a failed commit,
+                // whose workers may hold different steps.
+                let r = match &state.lost {
+                    Some(lost) => Err(Error::runtime(lost.clone())),
+                    None => {
+                        all(&state.workers, "a snapshot", state.args.deadline, |reply| {
+                            WorkerMsg::Snapshot { reply }
+                        })
+                        .await
+                    }
+                };
                 let _ = reply.send(r);
             }
         }

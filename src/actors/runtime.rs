@@ -570,7 +570,11 @@ impl Runtime {
             Ok(joined) => stopped(joined),
             Err(_) => {
                 // A stop waits for the message in hand: a step whose caller is gone, up to its
-                // whole deadline and replays. A kill ends it where it waits.
+                // whole deadline and replays. A kill ends it where it waits, and closing the
+                // collectives ends the lanes blocked in one.
+                if let Some(collectives) = &self.collectives {
+                    collectives.close("the runtime is shutting down");
+                }
                 self.coordinator.kill();
                 match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.join).await {
                     Ok(joined) => stopped(joined),

@@ -353,8 +353,9 @@ fn clipped(detail: String) -> String {
 /// never say hello cannot hold the coordinator's memory).
 const HANDSHAKES: usize = 64;
 
-/// Connections that may wait for a handshake place; more are refused at once.
-const HANDSHAKE_QUEUE: usize = 1024;
+/// Connections that may wait for a handshake place; more are refused at once. Each may hold its
+/// pre-token flow-control window (1 MiB) while it waits: with the places, 128 MiB at most.
+const HANDSHAKE_QUEUE: usize = 64;
 
 /// How long a connection waits for a handshake place before it is refused: a burst of joiners
 /// (a Deployment's replicas starting together) queues, within the minute a joiner waits for its
@@ -516,9 +517,10 @@ async fn admit(
             }
             Notice::PeerEvicted { peer, epoch, detail } => {
                 let detail = clipped(detail);
-                // Only a member of that epoch, still active, speaks for its peers in it.
+                // Only a member of that epoch (joining, active or leaving; not gone) speaks for its
+                // peers in it.
                 let reporter_in_epoch = b.epochs.get(&epoch).is_some_and(|ids| ids.contains(&id))
-                    && b.members.get(&id).is_some_and(|m| m.status == Status::Active);
+                    && b.members.get(&id).is_some_and(|m| !matches!(m.status, Status::Gone(_)));
                 let culprit = b.epochs.get(&epoch).and_then(|ids| ids.get(peer as usize)).copied();
                 if let Some(m) = culprit
                     .filter(|_| reporter_in_epoch)

@@ -548,8 +548,10 @@ pub const MAX_IO_THREADS: usize = 64;
 pub(crate) const LOAD_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A load running this long makes the disk suspect: the decoder then waits for its piece (bounded
-/// by [`LOAD_DEADLINE`]) rather than reading it itself, a read that might never return.
-const SUSPECT_LOAD: Duration = Duration::from_secs(1);
+/// by [`LOAD_DEADLINE`]) rather than reading it itself, a read that might never return. Far above
+/// a working disk's time for a piece (a slow disk or network mount still reads megabytes a
+/// second), so that the decoder keeps reading alongside the I/O threads there.
+const SUSPECT_LOAD: Duration = Duration::from_secs(10);
 
 /// How long dropping a ring waits for its I/O threads to finish their loads; a thread still in a
 /// read after it (a disk or mount that does not answer) is left to end on its own.
@@ -1170,8 +1172,11 @@ mod tests {
         let (_, section, buf) = st.start_load().expect("a load starts");
         assert!(st.may_load_itself(), "a load just begun is not suspect");
         // The same load, begun long ago: it may be stuck.
+        let long_ago = Instant::now()
+            .checked_sub(2 * SUSPECT_LOAD)
+            .expect("a clock that ran that long");
         if let Some((_, since)) = st.loading.get_mut(&Piece::Head) {
-            *since -= 2 * SUSPECT_LOAD;
+            *since = long_ago;
         }
         assert!(!st.may_load_itself());
         st.finish_load(Piece::Head, section, buf, Ok(Loaded::from_host(&[0.0])), 2.0);

@@ -169,8 +169,11 @@ pub fn create_unique(parent: &Path, name: &str) -> Result<PathBuf> {
         };
         match std::fs::create_dir(&dir) {
             // Its entry durable: the checkpoints saved in it (each synced) must not vanish with
-            // it in a power loss.
-            Ok(()) => return crate::storage::checkpoint::sync_dir(parent).map(|()| dir),
+            // it in a power loss (best effort, as for a run directory given by name).
+            Ok(()) => {
+                let _ = crate::storage::checkpoint::sync_dir(parent);
+                return Ok(dir);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(Error::io("cannot create the run directory", &dir, e)),
         }

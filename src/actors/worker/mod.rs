@@ -340,6 +340,7 @@ impl Actor for WorkerActor {
             inbox,
             state.registry.clone(),
             state.args.collectives.clone(),
+            myself.get_cell(),
             state.args.worker,
             // A restarted Communicator starts once the worker's step handler returns, at most a
             // step deadline later.
@@ -490,10 +491,13 @@ impl Actor for WorkerActor {
 /// While the Communicator restarts, a packet is held (and those behind it wait) for up to `hold`:
 /// the restart happens only once the worker's step handler returns, which may take a whole dense
 /// leg. A packet still undelivered then is dropped, saying so; its requester's deadline reports it.
+/// Once the worker itself has stopped (`cell`; a kill skips the stop that ends this task), nothing
+/// will restart the Communicator: the pump ends.
 async fn pump(
     mut inbox: Inbox,
     registry: SharedRegistry,
     collectives: Option<Arc<ExpertCollectives>>,
+    cell: ractor::ActorCell,
     worker: crate::net::WorkerId,
     hold: Duration,
 ) {
@@ -512,6 +516,9 @@ async fn pump(
                 Some(Ok(())) => break,
                 Some(Err(MessagingErr::SendErr(CommMsg::Incoming(p)))) => {
                     packet = p;
+                    if !ractor::ACTIVE_STATES.contains(&cell.get_status()) {
+                        return;
+                    }
                     if started.elapsed() < hold {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_millis(20));

@@ -528,32 +528,46 @@ mod tests {
         c.disk_faults = Some(crate::storage::tiers::disk::DiskFaultHook(disk.clone()));
         let store = ExpertStore::new(0, &c, units(4, 4)).unwrap();
         disk.0.store(true, std::sync::atomic::Ordering::SeqCst);
-        let (mut taken, mut refused) = (0, 0);
+        let update = || Pending {
+            grads: [vec![0.5; 64], vec![-0.25; 8], vec![1.0; 64], vec![1.0; 8]],
+            lr: 1e-2,
+            norm: 3.0,
+        };
+        // Commits until the failed writes (a deferred gradient's, a write-back's) are known.
+        let mut refused = false;
         for b in 0..4 {
             for e in 0..4 {
-                let update = Pending {
-                    grads: [vec![0.5; 64], vec![-0.25; 8], vec![1.0; 64], vec![1.0; 8]],
-                    lr: 1e-2,
-                    norm: 3.0,
-                };
-                match store.commit((b, e), update).await {
+                match store.commit((b, e), update()).await {
                     Ok(committed) => {
-                        assert_eq!(refused, 0, "expert ({b}, {e}) committed after the disk failed");
-                        taken += 1;
+                        assert!(!refused, "expert ({b}, {e}) committed after a refusal");
                         if let Some((mut lease, update)) = committed {
                             lease.slot_mut().unwrap().apply(update).unwrap();
                         }
                     }
                     Err(err) => {
                         assert!(err.to_string().contains("os error 28"), "{err}");
-                        refused += 1;
+                        refused = true;
                     }
                 }
-                // Time for the failed write to reach the manager.
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         }
-        assert!(taken > 0 && refused > 0, "taken {taken}, refused {refused}");
+        // The store has failed once a snapshot is refused (polled: the writes fail on I/O threads).
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while store.snapshot().await.is_ok() {
+            assert!(Instant::now() < deadline, "no write failed");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // From then on every commit is refused, those of units only on disk included.
+        for b in 0..4 {
+            for e in 0..4 {
+                let err = store
+                    .commit((b, e), update())
+                    .await
+                    .err()
+                    .unwrap_or_else(|| panic!("expert ({b}, {e}) committed after the disk failed"));
+                assert!(err.to_string().contains("os error 28"), "{err}");
+            }
+        }
     }
 
     async fn commit_all(store: &ExpertStore, round: usize) {
