@@ -15,9 +15,8 @@ mod common;
 use common::TempDir;
 use semoe::chaos::{ProcessLayout, Scenario};
 use serde_json::Value;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 /// How long one `semoe chaos` may take before the test fails (each ends in a few seconds).
@@ -43,14 +42,7 @@ impl ChaosRun {
         let stdout = dir.join(format!("{name}.out"));
         let stderr = dir.join(format!("{name}.err"));
         let args = common::chaos_args(scenario, &run_dir, steps, extra);
-        let child = Command::new(env!("CARGO_BIN_EXE_semoe"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .process_group(0)
-            .spawn()
-            .expect("spawn semoe chaos");
+        let child = common::procs::spawn_captured(&args, &stdout, &stderr);
         ChaosRun {
             child,
             stdout,

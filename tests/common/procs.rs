@@ -166,14 +166,7 @@ impl Drop for Proc {
 pub fn output_within(scratch: &Path, name: &str, args: &[std::ffi::OsString], limit: Duration) -> std::process::Output {
     let stdout = scratch.join(format!("{name}.stdout"));
     let stderr = scratch.join(format!("{name}.stderr"));
-    let child = Command::new(SEMOE)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&stdout).expect("stdout file"))
-        .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-        .process_group(0)
-        .spawn()
-        .expect("spawn semoe");
+    let child = spawn_captured(args, &stdout, &stderr);
     let mut proc = Proc {
         child,
         log: stderr.clone(),
@@ -188,6 +181,19 @@ pub fn output_within(scratch: &Path, name: &str, args: &[std::ffi::OsString], li
         stdout: std::fs::read(&stdout).unwrap_or_default(),
         stderr: std::fs::read(&stderr).unwrap_or_default(),
     }
+}
+
+/// `semoe args` in a process group of its own, its stdout and stderr written to those files (the
+/// caller kills and reaps it).
+pub fn spawn_captured(args: &[std::ffi::OsString], stdout: &Path, stderr: &Path) -> std::process::Child {
+    Command::new(SEMOE)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(stdout).expect("stdout file"))
+        .stderr(std::fs::File::create(stderr).expect("stderr file"))
+        .process_group(0)
+        .spawn()
+        .expect("spawn semoe")
 }
 
 pub fn train_args<'a>(run: &'a str, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
