@@ -1065,3 +1065,105 @@ fn a_run_without_its_config_resumes_from_the_checkpoints_record() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("is not a run directory (it has no config.toml)"), "{err}");
 }
+
+#[test]
+fn chaos_refuses_what_its_run_would_refuse_before_making_its_directory() {
+    let tmp = TempDir::new("cli-chaos-preflight");
+    let scenario = tmp.path().join("s.toml");
+    std::fs::write(
+        &scenario,
+        "seed = 1\n[[fault]]\nactor = \"gate\"\nworker = 1\nblock = 0\nkind = \"panic\"\nstep = 2\n",
+    )
+    .expect("scenario");
+    let s = scenario.to_str().expect("path");
+    let cases: [(&[&str], &str); 4] = [
+        (&["--d-model", "65536", "--heads", "4"], "GiB"),
+        (&["--soak", "0"], "--soak 0"),
+        (&["--workers", "1"], "worker"),
+        (&["--steps", "2"], "step"),
+    ];
+    for (extra, want) in cases {
+        let run = tmp.path().join("run");
+        let mut argv = vec![
+            "chaos",
+            "--scenario",
+            s,
+            "--run-dir",
+            "run",
+            "--workers",
+            "2",
+            "--steps",
+            "4",
+        ];
+        argv.extend_from_slice(extra);
+        let (status, _, err) = run_in_dir(tmp.path(), &argv);
+        assert!(!status.success() && err.contains(want), "{extra:?}: {err}");
+        assert!(!run.exists(), "{extra:?}: a refused chaos run made its directory");
+    }
+    // A folder of the user's own that holds a scenario and a config is not an earlier chaos run.
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir(&mine).expect("dir");
+    std::fs::write(mine.join("scenario.toml"), "seed = 1\n").expect("scenario");
+    std::fs::write(mine.join("config.toml"), "# my notes\n[train]\nsteps = 4\n").expect("config");
+    let (status, _, err) = run_in_dir(
+        tmp.path(),
+        &[
+            "chaos",
+            "--scenario",
+            s,
+            "--run-dir",
+            "mine",
+            "--workers",
+            "2",
+            "--steps",
+            "4",
+        ],
+    );
+    assert!(!status.success(), "{err}");
+    let kept = std::fs::read_to_string(mine.join("config.toml")).expect("config");
+    assert!(
+        kept.starts_with("# my notes"),
+        "the user's config was overwritten: {kept}"
+    );
+}
+
+#[test]
+fn a_second_ticket_into_the_same_folder_needs_force() {
+    let tmp = TempDir::new("cli-ticket");
+    let ticket = ["ticket", "--out", "id", "--addr", "127.0.0.1:7070"];
+    let (status, _, err) = run_in_dir(tmp.path(), &ticket);
+    assert!(status.success(), "{err}");
+    let first = std::fs::read(tmp.path().join("id/join.ticket")).expect("ticket");
+    let (status, _, err) = run_in_dir(tmp.path(), &ticket);
+    assert!(!status.success() && err.contains("--force"), "{err}");
+    assert_eq!(
+        std::fs::read(tmp.path().join("id/join.ticket")).expect("ticket"),
+        first,
+        "kept"
+    );
+    let mut forced = ticket.to_vec();
+    forced.push("--force");
+    let (status, _, err) = run_in_dir(tmp.path(), &forced);
+    assert!(status.success(), "{err}");
+    assert_ne!(
+        std::fs::read(tmp.path().join("id/join.ticket")).expect("ticket"),
+        first,
+        "replaced"
+    );
+}
+
+#[test]
+fn dense_of_no_width_is_refused() {
+    let tmp = TempDir::new("cli-dense-k0");
+    let (status, _, err) = run_in_dir(
+        tmp.path(),
+        &["train", "--dense", "--k", "0", "--steps", "1", "--run-dir", "r"],
+    );
+    assert!(!status.success() && err.contains("--dense"), "{err}");
+    assert!(!tmp.path().join("r").exists());
+}
+
+/// [`run`] in `dir`, within a minute.
+fn run_in_dir(dir: &Path, args: &[&str]) -> (ExitStatus, String, String) {
+    run(dir, args, Duration::from_secs(60))
+}

@@ -944,6 +944,13 @@ impl Scenario {
             return Err(Error::config("chaos scenario: deadline: must be positive"));
         }
         if let Some(d) = self.collective_deadline {
+            if d > crate::config::MAX_WAIT {
+                return Err(Error::config(format!(
+                    "chaos scenario: collective_deadline: {} is above the longest wait a run allows ({})",
+                    humantime::format_duration(d),
+                    humantime::format_duration(crate::config::MAX_WAIT)
+                )));
+            }
             if d.is_zero() || d >= self.deadline {
                 return Err(Error::config(format!(
                     "chaos scenario: collective_deadline: {d:?} must be positive and below the overall deadline ({:?})",
@@ -1062,6 +1069,16 @@ impl Scenario {
 }
 
 /// One fault of `spec` at `step`, drawing what the entry leaves out.
+/// A worker of `workers` (at least two) other than `w`, drawn evenly.
+fn other_worker(rng: &mut ChaCha8Rng, workers: usize, w: usize) -> usize {
+    let other = rng.random_range(0..workers - 1);
+    if other >= w {
+        other + 1
+    } else {
+        other
+    }
+}
+
 pub(super) fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCha8Rng) -> Fault {
     let mut pick = |given: Option<usize>, n: usize| given.unwrap_or_else(|| rng.random_range(0..n));
     let target = match spec.actor {
@@ -1098,16 +1115,17 @@ pub(super) fn draw(spec: &FaultSpec, step: u64, layout: &Layout, rng: &mut ChaCh
             worker: pick(spec.worker, layout.workers),
         },
         ActorKind::Link => {
-            let from = pick(spec.from, layout.workers);
-            // Another worker than `from` (the layout has at least two).
-            let to = spec.to.unwrap_or_else(|| {
-                let other = rng.random_range(0..layout.workers - 1);
-                if other >= from {
-                    other + 1
-                } else {
-                    other
+            // Two different workers (the layout has at least two): an end that is drawn avoids
+            // the other, whichever of them is given.
+            let (from, to) = match (spec.from, spec.to) {
+                (Some(from), Some(to)) => (from, to),
+                (Some(from), None) => (from, other_worker(rng, layout.workers, from)),
+                (None, Some(to)) => (other_worker(rng, layout.workers, to), to),
+                (None, None) => {
+                    let from = pick(None, layout.workers);
+                    (from, other_worker(rng, layout.workers, from))
                 }
-            });
+            };
             Target::Link { from, to }
         }
     };
@@ -1150,6 +1168,28 @@ mod tests {
             moe_blocks: vec![0, 1],
             experts: 4,
         }
+    }
+
+    #[test]
+    fn a_link_with_one_end_given_never_draws_it_for_the_other() {
+        for to in [0, 1] {
+            let text =
+                format!("seed = 9\n[[fault]]\nactor = \"link\"\nkind = \"drop\"\nto = {to}\nprobability = 0.5\n");
+            let s = Scenario::from_toml(&text).expect("parses");
+            let (_, planned) = s.plan(&layout()).expect("plan");
+            assert!(planned.len() >= 5, "about 10 links expected, got {}", planned.len());
+            for p in &planned {
+                assert_eq!(p.fault.target, Target::Link { from: 1 - to, to }, "{p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_collective_deadline_beyond_a_day_is_refused_by_name() {
+        let e = Scenario::from_toml("seed = 1\ndeadline = \"3days\"\ncollective_deadline = \"2days\"\n")
+            .expect_err("two days")
+            .to_string();
+        assert!(e.contains("collective_deadline"), "{e}");
     }
 
     #[test]

@@ -95,11 +95,24 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     }
     config.train.time_budget_s = 0.0;
     config.validate()?;
+    // Everything the run would refuse, refused before its directory is made or written.
+    if let Some(seeds) = a.soak {
+        if seeds == 0 || scenario.seed.checked_add(seeds).is_none() {
+            return Err(semoe::Error::config(format!(
+                "--soak {seeds}: a soak runs at least one seed, and the scenario's seed ({}) plus the count must \
+                 stay below 2^64",
+                scenario.seed
+            )));
+        }
+    }
+    chaos::preflight(&config, &scenario)?;
     let dir = match a.train.run_dir() {
         Some(dir) => {
             // A chaos run replaces its directory's checkpoints and config: only an earlier chaos
-            // run's directory (it holds its scenario) or a fresh one may be given.
-            if !dir.join("scenario.toml").is_file() {
+            // run's directory (its scenario beside the lock semoe leaves) or a fresh one may be
+            // given, not a folder of the user's own that happens to hold a scenario.
+            let earlier_chaos_run = dir.join("scenario.toml").is_file() && dir.join(run_dir::LOCK_FILE).is_file();
+            if !earlier_chaos_run {
                 run_dir::check_fresh(dir)?;
             }
             std::fs::create_dir_all(dir).map_err(|e| semoe::Error::io("cannot create the run directory", dir, e))?;
@@ -231,13 +244,6 @@ fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir
     let mut rows = Vec::new();
     let mut failing = Vec::new();
     let (mut equal, mut stopped) = (0, 0);
-    if seeds == 0 || scenario.seed.checked_add(seeds).is_none() {
-        return Err(semoe::Error::config(format!(
-            "--soak {seeds}: a soak runs at least one seed, and the scenario's seed ({}) plus the count must stay \
-             below 2^64",
-            scenario.seed
-        )));
-    }
     let started = std::time::Instant::now();
     for seed in scenario.seed..scenario.seed + seeds {
         let s = Scenario {

@@ -262,7 +262,7 @@ pub fn with_config_defaults(cmd: clap::Command) -> clap::Command {
 
 /// Apply the flags of `semoe train` to a config (a new run's, or the recorded one on `--resume`,
 /// where [`Trainer::resume_with_options`] refuses the changes that would change the bits).
-pub fn apply_flags(a: &TrainArgs, c: &mut TrainConfig) {
+pub fn apply_flags(a: &TrainArgs, c: &mut TrainConfig) -> semoe::Result<()> {
     macro_rules! set {
         ($field:expr, $flag:expr) => {
             if let Some(v) = $flag.clone() {
@@ -327,9 +327,20 @@ pub fn apply_flags(a: &TrainArgs, c: &mut TrainConfig) {
     set!(m.experts, a.experts);
     set!(m.k, a.k);
     if a.dense {
+        // The dense model of the same compute per token: k experts' width.
         m.moe_every = 0;
-        m.dense_d_ff = m.k * m.d_ff;
+        m.dense_d_ff = match m.k.checked_mul(m.d_ff) {
+            Some(width) if width > 0 => width,
+            _ => {
+                return Err(semoe::Error::config(format!(
+                    "--dense makes the feed-forward k x d_ff wide: model.k ({}) and model.d_ff ({}) must be positive \
+                     and their product a size",
+                    m.k, m.d_ff
+                )))
+            }
+        };
     }
+    Ok(())
 }
 
 pub fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
@@ -337,7 +348,7 @@ pub fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
         Some(path) => TrainConfig::from_file(path)?,
         None => TrainConfig::default(),
     };
-    apply_flags(a, &mut c);
+    apply_flags(a, &mut c)?;
     c.validate()?;
     check_flags_apply(a, &c)?;
     Ok(c)
@@ -500,7 +511,9 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             if let Some(file) = &file {
                 *c = file.clone();
             }
-            apply_flags(a, c);
+            // A flag that cannot apply (--dense of a zero width) leaves the config changed where
+            // it was set, and the resume refuses what changed: a model flag changes the bits.
+            let _ = apply_flags(a, c);
         };
         let options = ResumeOptions {
             steps: None,

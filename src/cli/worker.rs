@@ -80,9 +80,23 @@ pub struct TicketArgs {
     /// name if you like).
     #[arg(long, value_name = "IP:PORT")]
     addr: std::net::SocketAddr,
+    /// Replace an identity and ticket already in --out (every ticket made for the old identity
+    /// then stops working).
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn ticket(a: &TicketArgs) -> semoe::Result<()> {
+    use semoe::elastic::cluster::{IDENTITY_FILE, TICKET_FILE};
+    if !a.force {
+        if let Some(file) = [IDENTITY_FILE, TICKET_FILE].iter().find(|f| a.out.join(f).exists()) {
+            return Err(semoe::Error::config(format!(
+                "{} exists: a new identity would make every ticket made for the old one stop working; give \
+                 --force to replace it, or another --out",
+                a.out.join(file).display()
+            )));
+        }
+    }
     let t = semoe::elastic::cluster::make_identity(&a.out, a.addr)?;
     semoe::say!(
         "wrote {} and {} (certificate SHA-256 {})",

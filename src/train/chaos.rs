@@ -500,20 +500,19 @@ pub fn run(config: &TrainConfig, scenario: &Scenario) -> Result<ChaosReport> {
     report
 }
 
-/// [`run`] in `dir`: the Disk tiers (when the job's storage budgets need them) under `dir/tiers/`,
-/// one directory per run (`disturbed`, `undisturbed`), each with a directory per worker; with
-/// checkpoint faults, the disturbed run's checkpoints under `dir/checkpoints/` (emptied first).
-pub fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> Result<ChaosReport> {
-    let tiers: PathBuf = dir.join("tiers");
+/// The job a chaos run trains: `config` with the scenario's collective deadline, validated.
+fn job_of(config: &TrainConfig, scenario: &Scenario) -> Result<TrainConfig> {
     let mut job = config.clone();
     if let Some(d) = scenario.collective_deadline {
         job.train.deadline_s = d.as_secs_f64();
     }
-    let config = &job;
-    config.validate()?;
-    if config.train.processes > 0 && config.train.listen.is_empty() {
-        return super::chaos_processes::run_in(config, scenario, dir);
-    }
+    job.validate()?;
+    Ok(job)
+}
+
+/// The fault plan of a chaos run on the in-process runtime, refused when the scenario does not fit
+/// the job.
+fn in_process_plan(config: &TrainConfig, scenario: &Scenario) -> Result<(FaultPlan, Vec<PlannedFault>)> {
     if config.train.elastic() {
         return Err(Error::config(
             "chaos runs use the in-process actor runtime or worker processes this run starts (train.processes): \
@@ -526,7 +525,7 @@ pub fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> Result<C
         ));
     }
     let layout = Layout::new(&config.model, config.train.workers, config.train.steps);
-    let (plan, planned) = scenario.plan(&layout)?;
+    let planned = scenario.plan(&layout)?;
     if let Some(entry) = scenario
         .faults
         .iter()
@@ -539,6 +538,34 @@ pub fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> Result<C
             )));
         }
     }
+    Ok(planned)
+}
+
+/// Everything [`run_in`] refuses before it starts or writes anything, for a caller to check before
+/// it makes the run directory: the job (with the scenario's collective deadline), whether it fits
+/// in memory, the scenario against the job, and the training text.
+pub fn preflight(config: &TrainConfig, scenario: &Scenario) -> Result<()> {
+    let job = job_of(config, scenario)?;
+    super::memory::check_fits(&job, super::memory::available_bytes())?;
+    if job.train.processes > 0 && job.train.listen.is_empty() {
+        super::chaos_processes::preflight(&job, scenario)?;
+    } else {
+        in_process_plan(&job, scenario)?;
+    }
+    super::trainer::corpus_for(&job).map(|_| ())
+}
+
+/// [`run`] in `dir`: the Disk tiers (when the job's storage budgets need them) under `dir/tiers/`,
+/// one directory per run (`disturbed`, `undisturbed`), each with a directory per worker; with
+/// checkpoint faults, the disturbed run's checkpoints under `dir/checkpoints/` (emptied first).
+pub fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> Result<ChaosReport> {
+    let tiers: PathBuf = dir.join("tiers");
+    let job = job_of(config, scenario)?;
+    let config = &job;
+    if config.train.processes > 0 && config.train.listen.is_empty() {
+        return super::chaos_processes::run_in(config, scenario, dir);
+    }
+    let (plan, planned) = in_process_plan(config, scenario)?;
     let checkpoints = planned
         .iter()
         .any(|p| p.fault.target == Target::Checkpoint)

@@ -590,7 +590,14 @@ async fn disturbed(
 }
 
 /// [`super::chaos::run_in`] for a job over worker processes (`train.processes > 0`).
-pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> Result<ChaosReport> {
+/// What [`run_in`] refuses before it starts anything (see `chaos::preflight`).
+pub(super) fn preflight(config: &TrainConfig, scenario: &Scenario) -> Result<()> {
+    plans(config, scenario).map(|_| ())
+}
+
+/// The process faults and the link faults of a chaos run over processes, refused when the
+/// scenario does not fit the job.
+fn plans(config: &TrainConfig, scenario: &Scenario) -> Result<(Vec<ProcessFault>, FaultPlan, Vec<PlannedFault>)> {
     let t = &config.train;
     if t.identity.is_some() {
         return Err(Error::config(
@@ -612,12 +619,6 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
     }
     let plan = scenario.process_plan(&layout)?;
     let (links, link_planned) = scenario.link_plan(&layout, &plan)?;
-    let link_faults: Vec<LinkFault> = links
-        .faults()
-        .iter()
-        .enumerate()
-        .filter_map(|(i, f)| LinkFault::from_fault(i, f))
-        .collect();
     let collective = Duration::from_secs_f64(t.deadline_s);
     for f in &plan {
         if let FaultKind::Stop(d) = f.kind {
@@ -632,6 +633,18 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
             }
         }
     }
+    Ok((plan, links, link_planned))
+}
+
+pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> Result<ChaosReport> {
+    let t = &config.train;
+    let (plan, links, link_planned) = plans(config, scenario)?;
+    let link_faults: Vec<LinkFault> = links
+        .faults()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| LinkFault::from_fault(i, f))
+        .collect();
     let corpus = super::trainer::corpus_for(config)?;
     let digest = corpus.digest();
     let text = Arc::new(corpus.train);
