@@ -309,7 +309,7 @@ fn a_new_run_never_takes_over_a_folder_of_other_files_or_a_finished_run() {
     let scenario = scenario.to_str().expect("a UTF-8 path");
     let (status, _, err) = run(
         tmp.path(),
-        &["chaos", "--scenario", scenario, "--run-dir", "r", "--steps", "4"],
+        &["chaos", "--scenario", scenario, "--run-dir", "r", "--steps", "8"],
         Duration::from_secs(60),
     );
     assert_eq!(status.code(), Some(1), "{err}");
@@ -667,6 +667,10 @@ fn bad_input_gets_clear_messages() {
                 "sometimes",
             ],
             "prefetch must be routed, whole-block or on-demand",
+        ),
+        (
+            &["generate", "--checkpoint", "x", "--prefetch", "whole-block"],
+            "--prefetch sets up ring-memory inference",
         ),
     ];
     for (argv, want) in cases {

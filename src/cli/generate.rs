@@ -103,6 +103,19 @@ impl MemoryArgs {
     /// --device-budget (the whole model in memory).
     pub fn options(&self, batch: usize) -> semoe::Result<Option<RingOptions>> {
         let Some(budget) = &self.device_budget else {
+            // The ring's own options would be ignored: say so.
+            let given = [
+                (self.host_budget != "0", "--host-budget"),
+                (self.prefetch != "routed", "--prefetch"),
+                (self.io_threads != 1, "--io-threads"),
+                (self.ring_load != "auto", "--ring-load"),
+            ];
+            if let Some((_, flag)) = given.iter().find(|(set, _)| *set) {
+                return Err(semoe::Error::config(format!(
+                    "{flag} sets up ring-memory inference, which --device-budget SIZE turns on; without it the \
+                     whole model is loaded"
+                )));
+            }
             return Ok(None);
         };
         Ok(Some(RingOptions {
