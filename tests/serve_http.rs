@@ -703,6 +703,30 @@ fn the_binary_serves_on_port_0_and_exits_0_on_sigterm() {
     }
 }
 
+#[test]
+fn an_address_in_use_is_refused_before_the_checkpoint_is_read() {
+    // The address is taken and the checkpoint does not exist: the address is what is named, as a
+    // server whose model takes minutes to load must not fail over its address only after them.
+    let tmp = common::TempDir::new("serve-addr-taken");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let missing = tmp.path().join("no-such-checkpoint");
+    let args: Vec<std::ffi::OsString> = vec![
+        "serve".into(),
+        "--checkpoint".into(),
+        missing.into(),
+        "--addr".into(),
+        addr.clone().into(),
+    ];
+    let out = common::procs::output_within(tmp.path(), "serve", &args, TIMEOUT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve started on a taken address: {stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")) && !stderr.contains("no-such-checkpoint"),
+        "the error should name the address, not the checkpoint: {stderr}"
+    );
+}
+
 /// The least Device budget of a routed ring over `checkpoint`: its resident bytes and two sections.
 fn least_ring_budget(checkpoint: &std::path::Path) -> u64 {
     use semoe::infer::{ModelFile, Prefetch, RingLoad, RingOptions, RingWeights};

@@ -57,6 +57,9 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
         grace: a.grace,
     };
     config.validate()?;
+    // Bound before the checkpoint loads (which may take minutes): an address that cannot be had
+    // is refused at once.
+    let listener = semoe::serve::Listener::bind(&a.addr)?;
     let decoder: Box<dyn semoe::infer::Decode> = match a.memory.options(a.max_batch)? {
         None => {
             let ckpt = super::generate::checkpoint_to_read(&a.checkpoint)?;
@@ -100,7 +103,7 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
         let mut int = signal(SignalKind::interrupt()).map_err(fail)?;
         let handle = semoe::telemetry::metrics::install()?;
         semoe::telemetry::metrics::register_serve();
-        let server = Server::bind_decoder(decoder, config)?.with_metrics(handle);
+        let server = Server::with_listener(listener, decoder, config)?.with_metrics(handle);
         semoe::out!("listening on http://{}", server.local_addr());
         let _ = std::io::stdout().flush();
         server

@@ -100,6 +100,29 @@ impl ServeConfig {
     }
 }
 
+/// A socket listening on a server's address, before its decoder exists ([`Server::with_listener`]).
+pub struct Listener {
+    socket: std::net::TcpListener,
+    addr: SocketAddr,
+}
+
+impl Listener {
+    /// Resolve `addr` (HOST:PORT; port 0: any free port) and listen on the first of its addresses
+    /// that binds; the error names the address.
+    pub fn bind(addr: &str) -> Result<Listener> {
+        let socket = bind(addr)?;
+        let addr = socket
+            .local_addr()
+            .map_err(|e| Error::runtime(format!("serve: cannot read the bound address: {e}")))?;
+        Ok(Listener { socket, addr })
+    }
+
+    /// The address it listens on (with the port the system chose for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
 /// A bound server, ready to [`Server::run`].
 pub struct Server {
     listener: std::net::TcpListener,
@@ -121,16 +144,20 @@ impl Server {
     /// [`BatchDecoder::with_source`] over a [`RingWeights`](crate::infer::RingWeights) serves a
     /// checkpoint larger than memory (`semoe serve --device-budget`). Its batch size is the
     /// decoder's (it replaces `config.max_batch`); `config.threads` is not used.
-    pub fn bind_decoder(decoder: Box<dyn Decode>, mut config: ServeConfig) -> Result<Server> {
+    pub fn bind_decoder(decoder: Box<dyn Decode>, config: ServeConfig) -> Result<Server> {
+        let listener = Listener::bind(&config.addr)?;
+        Server::with_listener(listener, decoder, config)
+    }
+
+    /// Serve on a socket bound before the decoder was ready (`config.addr` is not used): a
+    /// service whose model takes long to load binds first, so that an address it cannot have is
+    /// refused at once and not after the load. Connections wait in the socket's backlog meanwhile.
+    pub fn with_listener(listener: Listener, decoder: Box<dyn Decode>, mut config: ServeConfig) -> Result<Server> {
         config.max_batch = decoder.max_batch();
         config.validate()?;
-        let listener = bind(&config.addr)?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::runtime(format!("serve: cannot read the bound address: {e}")))?;
         Ok(Server {
-            listener,
-            addr,
+            listener: listener.socket,
+            addr: listener.addr,
             config,
             decoder,
             metrics: None,
