@@ -536,6 +536,21 @@ fn process_faults_are_refused_naming_the_field() {
     let (plan, planned) = scenario.link_plan(&layout, &processes).expect("link plan");
     assert_eq!(plan.faults().len(), 1);
     assert_eq!(planned[0].entry, 2);
+    // A random corrupt link fault is drawn only at steps no process fault follows (refusing it
+    // refused every seed that drew an early step): with probability 1 and a join at step 6, at
+    // steps 6 to 9 only.
+    let text = format!(
+        "{}[[fault]]\nactor = \"link\"\nkind = \"corrupt\"\nprobability = 1.0\n",
+        join(6)
+    );
+    let scenario = Scenario::from_toml(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    let processes = scenario.process_plan(&layout).expect("process plan");
+    let (plan, planned) = scenario
+        .link_plan(&layout, &processes)
+        .expect("a random corrupt fault is planned");
+    let steps: Vec<u64> = planned.iter().map(|p| p.fault.step).collect();
+    assert_eq!(steps, [6, 7, 8, 9], "{planned:?}");
+    assert_eq!(plan.faults().len(), 4);
     // And an in-process run refuses process faults, naming the flag.
     let scenario = Scenario::from_toml(&join(1)).expect("parses");
     let layout = semoe::chaos::Layout {

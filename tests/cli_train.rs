@@ -752,6 +752,18 @@ fn absurd_values_are_refused_before_anything_starts() {
             "--placement places experts on the actor runtime's workers",
         ),
         (
+            &["train", "--processes", "2", "--workers", "3", "--run-dir", "r"],
+            "--workers sets the in-process workers; a run over worker processes has one worker per process",
+        ),
+        (
+            &["train", "--device", "cuda", "--workers", "1", "--run-dir", "r"],
+            "--workers applies to the actor runtime on the CPU; --device cuda trains the plain loop",
+        ),
+        (
+            &["train", "--device", "cuda", "--cache-policy", "lru", "--run-dir", "r"],
+            "--cache-policy applies to the actor runtime on the CPU; --device cuda trains the plain loop",
+        ),
+        (
             &[
                 "train",
                 "--config",
@@ -1080,8 +1092,9 @@ fn chaos_refuses_what_its_run_would_refuse_before_making_its_directory() {
     )
     .expect("scenario");
     let s = scenario.to_str().expect("path");
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--d-model", "65536", "--heads", "4"], "GiB"),
+        (&["--min-workers", "1"], "--min-workers does not apply"),
         (&["--soak", "0"], "--soak 0"),
         (&["--workers", "1"], "worker"),
         (&["--steps", "2"], "step"),

@@ -36,11 +36,12 @@ pub struct ChaosArgs {
 
 /// The training options a chaos run refuses (the ids of [`TrainArgs::chaos_refusal`]'s flags, and
 /// `--allow-data-change`, which needs `--resume`).
-const REFUSED: [&str; 14] = [
+const REFUSED: [&str; 15] = [
     "resume",
     "allow_data_change",
     "listen",
     "identity",
+    "min_workers",
     "metrics_addr",
     "time_budget",
     "print_config",

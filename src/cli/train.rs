@@ -183,6 +183,8 @@ impl TrainArgs {
             (self.resume, "--resume"),
             (self.listen.is_some(), "--listen"),
             (self.identity.is_some(), "--identity"),
+            // The disturbed run waits for all its --processes.
+            (self.min_workers.is_some(), "--min-workers"),
             (self.metrics_addr.is_some(), "--metrics-addr"),
             (self.time_budget.is_some(), "--time-budget"),
             (self.print_config, "--print-config"),
@@ -359,9 +361,11 @@ fn check_flags_apply(a: &TrainArgs, c: &TrainConfig) -> semoe::Result<()> {
     let on_gpu = c.train.device == semoe::config::ComputeDevice::Cuda;
     if on_gpu {
         let cpu_flags = [
+            ("--workers", a.workers.is_some_and(|w| w > 0)),
             ("--placement", a.placement.is_some()),
             ("--shard-dense", a.shard_dense),
             ("--no-prefetch", a.no_prefetch),
+            ("--cache-policy", a.cache_policy.is_some()),
         ];
         if let Some((flag, _)) = cpu_flags.iter().find(|(_, given)| *given) {
             return Err(semoe::Error::config(format!(
@@ -374,6 +378,12 @@ fn check_flags_apply(a: &TrainArgs, c: &TrainConfig) -> semoe::Result<()> {
         return Err(semoe::Error::config(
             "--metrics-addr serves the actor runtime's metrics (train.workers of 1 or more, or worker processes); \
              this run has none (the plain loop, or --device cuda)",
+        ));
+    }
+    if c.train.elastic() && a.workers.is_some() {
+        return Err(semoe::Error::config(
+            "--workers sets the in-process workers; a run over worker processes has one worker per process \
+             (--processes N starts them here, --min-workers is how many it waits for)",
         ));
     }
     if !c.train.elastic() {

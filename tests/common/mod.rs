@@ -242,32 +242,36 @@ pub fn chaos_args(scenario: &Path, run_dir: &Path, steps: &str, extra: &[&str]) 
     let mut args: Vec<std::ffi::OsString> = vec!["chaos".into(), "--scenario".into(), scenario.into()];
     args.push("--run-dir".into());
     args.push(run_dir.into());
-    for a in [
-        "--steps",
-        steps,
-        "--workers",
-        "2",
-        "--d-model",
-        "32",
-        "--layers",
-        "2",
-        "--heads",
-        "2",
-        "--block-size",
-        "16",
-        "--d-ff",
-        "64",
-        "--experts",
-        "4",
-        "--k",
-        "2",
-        "--batch",
-        "8",
-        "--groups",
-        "4",
-    ]
-    .into_iter()
-    .chain(extra.iter().copied())
+    // Two in-process workers, unless the job runs over worker processes (one worker each).
+    let workers: &[&str] = if extra.contains(&"--processes") {
+        &[]
+    } else {
+        &["--workers", "2"]
+    };
+    for a in ["--steps", steps]
+        .into_iter()
+        .chain(workers.iter().copied())
+        .chain([
+            "--d-model",
+            "32",
+            "--layers",
+            "2",
+            "--heads",
+            "2",
+            "--block-size",
+            "16",
+            "--d-ff",
+            "64",
+            "--experts",
+            "4",
+            "--k",
+            "2",
+            "--batch",
+            "8",
+            "--groups",
+            "4",
+        ])
+        .chain(extra.iter().copied())
     {
         args.push(a.into());
     }
