@@ -971,8 +971,32 @@ fn eval_reports_the_loss_of_a_checkpoint_on_any_text() {
     let (status, out, err) = run(tmp.path(), &["eval", "--checkpoint", "r"], Duration::from_secs(60));
     assert!(status.success(), "{err}");
     assert!(
-        out.contains("the validation split of bundled Shakespeare corpus"),
+        out.contains("the validation split of bundled Shakespeare corpus") && !out.contains("changed"),
         "{out}"
+    );
+    // A run on a text that has changed since: its validation split is said to be of another text.
+    let (status, _, err) = run(
+        tmp.path(),
+        &args(&["--steps", "2", "--run-dir", "d", "--data", "t.txt"]),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    let (status, out, err) = run(tmp.path(), &["eval", "--checkpoint", "d"], Duration::from_secs(60));
+    assert!(
+        status.success() && !out.contains("changed") && !err.contains("notice"),
+        "{out}{err}"
+    );
+    std::fs::write(
+        tmp.path().join("t.txt"),
+        "Whether 'tis nobler in the mind to suffer.\n".repeat(20),
+    )
+    .expect("text");
+    let (status, out, err) = run(tmp.path(), &["eval", "--checkpoint", "d"], Duration::from_secs(60));
+    assert!(status.success(), "{err}");
+    assert!(out.contains("t.txt (a changed text)"), "{out}");
+    assert!(
+        err.contains("notice: the training text") && err.contains("is not the text checkpoint"),
+        "{err}"
     );
 }
 

@@ -147,3 +147,32 @@ fn a_runtime_given_a_corpus_records_its_digest_in_its_checkpoints() {
     let with_text = recorded(Runtime::builder(small_config()).text(corpus.train.clone()), "text");
     assert_eq!(with_text, None);
 }
+
+/// The runtime trains on the shortest text the plain loop trains on: one window of block_size + 1
+/// bytes (it asked for one more byte).
+#[test]
+fn the_runtime_trains_on_a_text_of_one_window() {
+    let config = small_config();
+    let t = config.model.block_size;
+    let tokio = tokio::runtime::Runtime::new().expect("tokio");
+    tokio.block_on(async {
+        let text: Vec<u8> = (0..t + 1).map(|i| b'a' + (i % 26) as u8).collect();
+        let rt = Runtime::builder(config.clone())
+            .text(text)
+            .workers(2)
+            .build()
+            .await
+            .expect("a text of one window");
+        rt.step().await.expect("step");
+        rt.shutdown().await.expect("shutdown");
+        let err = Runtime::builder(config)
+            .text(vec![b'a'; t])
+            .workers(2)
+            .build()
+            .await
+            .err()
+            .expect("a text shorter than a window")
+            .to_string();
+        assert!(err.contains("needs at least block_size + 1"), "{err}");
+    });
+}

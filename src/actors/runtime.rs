@@ -200,9 +200,10 @@ impl RuntimeBuilder {
                 Arc::new(corpus.train)
             }
         };
-        if text.len() < config.model.block_size + 2 {
+        // One window of block_size + 1 bytes, as the plain loop needs (data::sampler).
+        if text.len() < config.model.block_size + 1 {
             return Err(Error::config(format!(
-                "the training text has {} bytes; it needs more than block_size + 1 = {}",
+                "the training text has {} bytes; it needs at least block_size + 1 = {}",
                 text.len(),
                 config.model.block_size + 1
             )));

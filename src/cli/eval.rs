@@ -30,6 +30,11 @@ pub fn run(a: &EvalArgs) -> semoe::Result<()> {
     let step = ckpt.step;
     let dir = ckpt.dir.clone();
     let config = semoe::train::trainer::checkpoint_config(&ckpt)?;
+    let recorded_digest = ckpt
+        .extra
+        .get("data_sha256")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
     let model = semoe::train::trainer::model_from(ckpt)?;
     let t = config.model.block_size;
     let (text, source, windows) = match &a.data {
@@ -40,9 +45,23 @@ pub fn run(a: &EvalArgs) -> semoe::Result<()> {
         }
         None => {
             let corpus = semoe::train::trainer::corpus_for(&config)?;
+            // The split of another text may hold bytes the model was trained on: said, not hidden.
+            let digest = corpus.digest();
+            let changed = match &recorded_digest {
+                Some(recorded) if *recorded != digest => {
+                    semoe::say!(
+                        "notice: the training text ({}) is not the text checkpoint {} was trained on (SHA-256 \
+                         {recorded}, now {digest}): its validation split may hold bytes the model was trained on",
+                        corpus.source,
+                        dir.display()
+                    );
+                    " (a changed text)"
+                }
+                _ => "",
+            };
             (
                 corpus.val,
-                format!("the validation split of {}", corpus.source),
+                format!("the validation split of {}{changed}", corpus.source),
                 a.windows.unwrap_or(config.train.eval_windows),
             )
         }

@@ -84,12 +84,28 @@ impl Corpus {
 
 /// The text of a UTF-8 file, or of a directory's files (recursively, in sorted path order) joined
 /// with a blank line; an error names the file that is not text, and an all-blank text is an error.
+/// In a directory, symbolic links are followed; a file or directory reached by several names
+/// (links, hard links) is read once, under the first of its names in sorted order, so the text
+/// depends on the tree alone and not on the order the file system lists it; entries whose name
+/// starts with `.` and anything that is neither a file nor a directory (a pipe, a device) are left
+/// out.
 pub fn read_text(path: &Path) -> Result<Vec<u8>> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot read the training data", path, e))?;
     let mut files = Vec::new();
     if meta.is_dir() {
         collect_files(path, &mut files)?;
         files.sort();
+        // One file under two names would be read twice (and its tail, the validation text, would
+        // also be trained on).
+        let mut seen = std::collections::HashSet::new();
+        let mut kept = Vec::with_capacity(files.len());
+        for f in files {
+            let meta = std::fs::metadata(&f).map_err(|e| Error::io("cannot read the training data", &f, e))?;
+            if seen.insert(file_identity(&meta)) {
+                kept.push(f);
+            }
+        }
+        files = kept;
         if files.is_empty() {
             return Err(Error::parse(
                 format!("training data {}", path.display()),
@@ -129,13 +145,17 @@ fn collect_files_once(
     if !seen.insert(real) {
         return Ok(());
     }
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("cannot list the training data", dir, e))?;
-    for entry in entries {
+    let mut entries = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io("cannot list the training data", dir, e))? {
         let entry = entry.map_err(|e| Error::io("cannot list the training data", dir, e))?;
-        let p = entry.path();
-        if entry.file_name().to_string_lossy().starts_with('.') {
-            continue;
+        if !entry.file_name().to_string_lossy().starts_with('.') {
+            entries.push(entry.path());
         }
+    }
+    // In name order, so that a directory reached by two names is listed under the first of them
+    // whatever order the file system lists entries in.
+    entries.sort();
+    for p in entries {
         // `metadata` follows symbolic links (`DirEntry::file_type` would not); a dangling link
         // is an error naming it.
         let kind = std::fs::metadata(&p).map_err(|e| Error::io("cannot read the training data", &p, e))?;
@@ -146,6 +166,12 @@ fn collect_files_once(
         }
     }
     Ok(())
+}
+
+/// What tells a file apart whatever its name: its device and inode.
+fn file_identity(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
 }
 
 /// Text must be UTF-8 without NUL bytes; anything else is most likely a binary file.
@@ -190,6 +216,25 @@ mod tests {
         std::os::unix::fs::symlink(root.join("nothing"), data.join("c.txt")).expect("a dangling link");
         let err = read_text(&data).expect_err("a dangling link").to_string();
         assert!(err.contains("c.txt"), "{err}");
+        std::fs::remove_dir_all(&root).expect("clean up");
+    }
+
+    #[test]
+    fn a_file_or_directory_under_two_names_is_read_once_under_the_first_name() {
+        let root = std::env::temp_dir().join(format!("semoe-corpus-names-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let data = root.join("data");
+        std::fs::create_dir_all(data.join("z")).expect("z");
+        std::fs::write(data.join("m.txt"), "M").expect("m");
+        std::fs::write(data.join("z/f.txt"), "F").expect("f");
+        // `a` and `z` are one directory: listed as `a` (first in name order) whatever order the
+        // file system lists them in, so `F` comes before `M`.
+        std::os::unix::fs::symlink(data.join("z"), data.join("a")).expect("a link to a directory");
+        // A file under a second name (a link and a hard link) is read once.
+        std::os::unix::fs::symlink(data.join("m.txt"), data.join("n.txt")).expect("a link to a file");
+        std::fs::hard_link(data.join("m.txt"), data.join("o.txt")).expect("a hard link");
+        let text = read_text(&data).expect("the texts");
+        assert_eq!(String::from_utf8_lossy(&text), "F\n\nM");
         std::fs::remove_dir_all(&root).expect("clean up");
     }
 }

@@ -8,12 +8,15 @@
 //! versions give identical bits.
 
 /// exp(x) for f32, Cephes-style: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, then
-/// scaled by 2^n through the exponent bits. Inputs are clamped to the finite range.
+/// scaled by 2^n through the exponent bits. Inputs above 88 are clamped (e^88 is finite); below
+/// -87 (where e^x leaves the normal range) the result is 0, so that e^-inf is 0 as a masked
+/// softmax needs, not e^-87. NaN stays NaN.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    let underflows = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
     let n = (x * LOG2E + 0.5).floor();
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -24,7 +27,12 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    y * pow2i(n)
+    // A select, not a branch: the loops stay vectorised.
+    if underflows {
+        0.0
+    } else {
+        y * pow2i(n)
+    }
 }
 
 /// 2^n for an integral `n` in [-126, 127], built in the exponent bits without a float-to-int
@@ -316,6 +324,20 @@ mod tests {
             assert!(((got - want) / want).abs() < 4e-7, "exp({x}) = {got}, want {want}");
             x += 0.0137;
         }
+    }
+
+    #[test]
+    fn exp_of_minus_infinity_and_below_the_normal_range_is_zero() {
+        let mut v = [f32::NEG_INFINITY, -200.0, -87.5, -87.0, f32::NAN, f32::INFINITY];
+        exp_affine_in_place(&mut v, 1.0, 0.0);
+        assert_eq!(&v[..3], [0.0, 0.0, 0.0]);
+        assert!(
+            v[3] > 0.0 && ((v[3] as f64 - (-87f64).exp()) / (-87f64).exp()).abs() < 4e-7,
+            "{}",
+            v[3]
+        );
+        assert!(v[4].is_nan(), "NaN stays NaN");
+        assert!(v[5].is_finite() && v[5] > 1e38, "{}", v[5]);
     }
 
     #[test]

@@ -76,14 +76,18 @@ pub struct Mat<'a, T> {
 impl<'a, T> Mat<'a, T> {
     /// A view of `data` as a `rows x cols` row-major matrix.
     pub fn new(data: &'a [T], rows: usize, cols: usize) -> Result<Self> {
-        if data.len() != rows * cols {
+        // Checked: a product that wraps around would let a short buffer pass as a large matrix
+        // (and the unsafe products trust these views).
+        let Some(elements) = rows.checked_mul(cols) else {
             return Err(Error::shape(
                 "matrix view",
-                format!(
-                    "{rows}x{cols} needs {} elements, buffer has {}",
-                    rows * cols,
-                    data.len()
-                ),
+                format!("{rows}x{cols} has more elements than an address space"),
+            ));
+        };
+        if data.len() != elements {
+            return Err(Error::shape(
+                "matrix view",
+                format!("{rows}x{cols} needs {elements} elements, buffer has {}", data.len()),
             ));
         }
         Ok(Mat {

@@ -107,6 +107,13 @@ fn product_shape<T>(a: &Mat<'_, T>, b: &Mat<'_, T>) -> Result<(usize, usize, usi
             format!("inner dimensions differ: {}x{} @ {}x{}", m, k, b.rows(), n),
         ));
     }
+    // The output's m * n must not wrap around (with k == 0 both may be huge over empty buffers).
+    if m.checked_mul(n).is_none() {
+        return Err(Error::shape(
+            "matmul",
+            format!("the {m}x{n} output has more elements than an address space"),
+        ));
+    }
     Ok((m, k, n))
 }
 
@@ -464,6 +471,21 @@ mod tests {
             (cores() / 2).max(1),
             "0 is one thread per core, shared"
         );
+    }
+
+    #[test]
+    fn shapes_whose_size_wraps_around_are_refused() {
+        // 2^62 x 4 wraps to 0 elements: an empty buffer must not pass as that matrix.
+        let err = Mat::<f32>::new(&[], 1 << 62, 4).err().expect("refused").to_string();
+        assert!(err.contains("more elements than an address space"), "{err}");
+        // Empty operands with k = 0 and an output of 2^40 x 2^40 elements.
+        let a = Mat::<f32>::new(&[], 1 << 40, 0).expect("empty a");
+        let b = Mat::<f32>::new(&[], 0, 1 << 40).expect("empty b");
+        let cpu = Cpu::new(1).expect("cpu");
+        let err = cpu.product(a, b, None).err().expect("refused").to_string();
+        assert!(err.contains("the 1099511627776x1099511627776 output"), "{err}");
+        let err = cpu.matmul(&mut [], a, b, false).err().expect("refused").to_string();
+        assert!(err.contains("more elements than an address space"), "{err}");
     }
 
     fn lcg(n: usize, seed: u64) -> Vec<f32> {
