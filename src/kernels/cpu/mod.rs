@@ -476,15 +476,15 @@ mod tests {
     #[test]
     fn shapes_whose_size_wraps_around_are_refused() {
         // 2^62 x 4 wraps to 0 elements: an empty buffer must not pass as that matrix.
-        let err = Mat::<f32>::new(&[], 1 << 62, 4).err().expect("refused").to_string();
+        let err = Mat::<f32>::new(&[], 1 << 62, 4).expect_err("refused").to_string();
         assert!(err.contains("more elements than an address space"), "{err}");
         // Empty operands with k = 0 and an output of 2^40 x 2^40 elements.
         let a = Mat::<f32>::new(&[], 1 << 40, 0).expect("empty a");
         let b = Mat::<f32>::new(&[], 0, 1 << 40).expect("empty b");
         let cpu = Cpu::new(1).expect("cpu");
-        let err = cpu.product(a, b, None).err().expect("refused").to_string();
+        let err = cpu.product(a, b, None).expect_err("refused").to_string();
         assert!(err.contains("the 1099511627776x1099511627776 output"), "{err}");
-        let err = cpu.matmul(&mut [], a, b, false).err().expect("refused").to_string();
+        let err = cpu.matmul(&mut [], a, b, false).expect_err("refused").to_string();
         assert!(err.contains("more elements than an address space"), "{err}");
     }
 
