@@ -497,6 +497,11 @@ impl Owner {
         if let Err(detail) = posted {
             return Err(self.fail(id, detail));
         }
+        // On a non-blocking communicator `ncclGroupEnd` may return while NCCL still enqueues the
+        // kernels: an event recorded now could come before them and complete at once (and the
+        // copy back below would then block on them with neither the deadline nor an abort heard).
+        // NCCL asks for the communicator to leave `ncclInProgress` before any stream operation.
+        self.wait(&id.to_string(), until, None)?;
         let event = stream
             .record_event(None)
             .map_err(|e| self.fail(id, format!("cannot record an event after the group: {e:?}")))?;
