@@ -362,6 +362,10 @@ const HANDSHAKE_QUEUE: usize = 64;
 /// answer.
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(45);
 
+/// How long the TLS handshake of a connection may take: a client that starts one and never
+/// finishes it (keeping it alive with pings) must not hold a place in the queue.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
 /// How long one frame of the handshake may take to send: a peer that does not take it (its
 /// receive window closed) must not hold a handshake place.
 const HANDSHAKE_WRITE: Duration = Duration::from_secs(10);
@@ -378,7 +382,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<M
         tokio::spawn(async move {
             // The connection is accepted at once (it stays alive while it waits), its hello read
             // when a handshake place frees up.
-            let Ok(conn) = incoming.await else { return };
+            // Dropped unfinished, the connection closes.
+            let Ok(Ok(conn)) = tokio::time::timeout(TLS_HANDSHAKE, incoming).await else {
+                return;
+            };
             let peer = conn.remote_address();
             let permit = match tokio::time::timeout(HANDSHAKE_WAIT, handshakes.acquire_owned()).await {
                 Ok(Ok(permit)) => permit,

@@ -39,6 +39,14 @@ impl Transport for LocalTransport {
     }
 
     fn send(&self, packet: Packet) -> Result<()> {
+        // As over QUIC: a packet says who sent it, and a wrong `from` is a bug of the sender's
+        // that in-process runs must not hide.
+        if packet.from != self.id {
+            return Err(Error::runtime(format!(
+                "worker {} cannot send a packet from worker {}",
+                self.id, packet.from
+            )));
+        }
         let to = packet.to;
         let peer = self
             .peers
@@ -53,6 +61,22 @@ impl Transport for LocalTransport {
 mod tests {
     use super::*;
     use crate::net::Payload;
+
+    #[test]
+    fn a_packet_from_another_worker_is_refused() {
+        let net = network(2);
+        let err = net[0]
+            .0
+            .send(Packet {
+                from: 1,
+                to: 1,
+                id: 0,
+                payload: Payload::Ack,
+            })
+            .expect_err("a forged sender")
+            .to_string();
+        assert!(err.contains("worker 0 cannot send a packet from worker 1"), "{err}");
+    }
 
     #[tokio::test]
     async fn packets_arrive_in_order() {

@@ -816,7 +816,7 @@ fn build_segments(segments: &[SegmentHeader], bodies: Vec<Vec<f32>>) -> Vec<Segm
 }
 
 /// Decode and validate a packet: epoch must equal `epoch` (a stale epoch is an error naming both),
-/// from/to < workers, block < moe_blocks, segment group < groups, expert < experts,
+/// from/to < workers, block one of the MoE layers (`moe_layers`), segment group < groups, expert < experts,
 /// rows * d_model == data.len(), tensor indices < tensor_lens.len() and each tensor's length equals
 /// tensor_lens\[i\] (DenseGrads, Params, Tensors), Gather indices valid and not repeated, Failed
 /// detail at most 4 KiB. Everything is checked before the bodies are copied.

@@ -37,8 +37,11 @@ impl AllToAllV {
     /// anything is sent.
     ///
     /// A rank that finds an error itself (its own counts, or a peer's above the limit) will not
-    /// issue the rest of the exchange, so it aborts the communicator: the other ranks fail at once
-    /// instead of at their deadline.
+    /// issue the rest of the exchange, so it aborts its side of the communicator. Whether the
+    /// other ranks then fail at once depends on the backend: the in-process stand-in shares its
+    /// state (they do); over the data plane and NCCL the abort is this rank's, and the runtime
+    /// tells the peers itself (`actors::collectives` sends an abort), else they fail at their
+    /// deadline.
     pub fn exchange_counted(
         &self,
         comm: &mut dyn Collective,

@@ -29,7 +29,8 @@ pub const STREAM_WINDOW: u32 = 64 << 20;
 pub const CONNECTION_WINDOW: u32 = 128 << 20;
 
 /// Flow-control window of a connection this side accepted, until its peer has shown the job's
-/// token ([`authenticated`]): a hello is at most 64 KiB, and a stranger who opens connections
+/// token ([`authenticated`]): a hello is small (the data plane's at most `MAX_HELLO` bytes, the
+/// coordinator's join hello at most 64 KiB), and a stranger who opens connections
 /// and sends without one must not make this process buffer [`CONNECTION_WINDOW`] for each.
 pub const PRE_AUTH_WINDOW: u32 = 1 << 20;
 

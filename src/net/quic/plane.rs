@@ -686,7 +686,11 @@ async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming, handshake
         incoming.refuse();
         return;
     };
-    let Ok(conn) = incoming.await else { return };
+    // The TLS handshake is bounded too: a client that never finishes it (keeping it alive with
+    // pings) would hold a handshake place for good. Dropped unfinished, the connection closes.
+    let Ok(Ok(conn)) = tokio::time::timeout(HELLO_TIMEOUT, incoming).await else {
+        return;
+    };
     let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
         let mut recv = conn.accept_uni().await.map_err(|e| e.to_string())?;
         match reader::read_frame(&mut recv, MAX_HELLO, "the hello").await {
@@ -839,8 +843,10 @@ async fn read_loop(
             }
         };
         match hand_in_frame(&inner, epoch, me, peer, frame, &inbox) {
-            Ok(true) => {}
-            Ok(false) => return,
+            // The worker's inbox is gone (its actors stopped, e.g. while a setup replaces them):
+            // the frame is dropped and the stream kept, since a stream dropped here would stop the
+            // peer's sending and have it report this live worker lost.
+            Ok(_) => {}
             Err(detail) => {
                 inner.evict(epoch, peer, &Conn::Quic(conn), detail);
                 return;
@@ -918,9 +924,10 @@ async fn read_local_loop(
     let split = inner.codec.wire_frames();
     loop {
         let detail = match reader::read_packet(&mut recv, split, inner.frame_limit()).await {
+            // As over QUIC, a frame for an inbox that is gone is dropped and the link kept (a
+            // read half dropped here would leave the peer's writes blocked once the socket fills).
             Ok(Some(frame)) => match hand_in_frame(&inner, epoch, me, peer, frame, &inbox) {
-                Ok(true) => continue,
-                Ok(false) => return,
+                Ok(_) => continue,
                 Err(detail) => {
                     inner.evict(epoch, peer, &Conn::Local(conn), detail);
                     return;

@@ -788,6 +788,45 @@ async fn frames_of_tens_of_mib_arrive_whole_and_in_order(same_host: bool) {
     }
 }
 
+both_paths!(a_worker_whose_inbox_is_gone_is_not_reported_lost);
+
+/// A worker whose actors stopped (a setup replaces them) has no inbox while its links live on:
+/// frames to it are dropped, and its peers do not report it lost (its reader used to drop the
+/// stream, which stopped the peer's sending: "lost").
+async fn a_worker_whose_inbox_is_gone_is_not_reported_lost(same_host: bool) {
+    let id = JobIdentity::generate().expect("identity");
+    let planes: Vec<_> = (0..2)
+        .map(|_| plane_on(&id, "secret", Arc::new(TestCodec), same_host))
+        .collect();
+    let mut events0 = planes[0].events().expect("events");
+    let mut nets: Vec<_> = start_all(&planes, 1, WAIT)
+        .await
+        .into_iter()
+        .map(|r| r.expect("epoch 1"))
+        .collect();
+    let (transport1, inbox1) = nets.pop().expect("worker 1");
+    drop(inbox1);
+    // Two bursts: the first reaches worker 1's reader, the second is written after the reader
+    // could have stopped the stream.
+    for id in 0..200u64 {
+        let data: Vec<f32> = vec![id as f32; 16 << 10]; // 64 KiB a frame
+        let packet = Packet {
+            from: 0,
+            to: 1,
+            id,
+            payload: Payload::Tensors(vec![(0, data)]),
+        };
+        nets[0].0.send(packet).expect("send");
+        if id == 99 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let quiet = tokio::time::timeout(Duration::from_millis(2500), events0.recv()).await;
+    assert!(quiet.is_err(), "an event about a live worker: {quiet:?}");
+    nets[0].0.send(ack(0, 1, 1000)).expect("the link is still up");
+    drop(transport1);
+}
+
 both_paths!(nothing_is_reported_about_an_epoch_that_is_over);
 
 async fn nothing_is_reported_about_an_epoch_that_is_over(same_host: bool) {
