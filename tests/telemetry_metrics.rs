@@ -37,6 +37,21 @@ fn series<'a>(body: &'a str, name: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// The sum of every series of the counter `name`.
+fn total(body: &str, name: &str) -> u64 {
+    let lines = series(body, name);
+    assert!(!lines.is_empty(), "no {name} in {body}");
+    lines
+        .iter()
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("not a count: {l}"))
+        })
+        .sum()
+}
+
 #[test]
 fn the_endpoint_serves_every_counter_from_the_start_and_only_at_get_metrics() {
     let tokio = tokio::runtime::Runtime::new().expect("tokio");
@@ -128,11 +143,42 @@ fn the_endpoint_serves_every_counter_from_the_start_and_only_at_get_metrics() {
             "{name}: {after}"
         );
     }
-    let tokens: u64 = series(&after, names::EXPERT_TOKENS)
-        .iter()
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
+    let tokens = total(&after, names::EXPERT_TOKENS);
     assert!(tokens > 0, "the step routed tokens: {after}");
+    // Histograms are rendered as histograms (buckets), not as summaries of the last minute.
+    assert!(after.contains("# TYPE semoe_step_seconds histogram"), "{after}");
+    assert!(after.contains("semoe_step_seconds_bucket{le=\"0.01\"}"), "{after}");
+    assert!(after.lines().any(|l| l == "semoe_step_seconds_count 1"), "{after}");
+
+    // A step replayed by a runtime rebuilt from the state before it (as a multi-process run does
+    // after a lost worker) is not reported again; the step after it is.
+    let rebuilt = tokio
+        .block_on(
+            Runtime::builder(common::small_config(3))
+                .workers(workers)
+                .reported_through(1)
+                .build(),
+        )
+        .expect("rebuilt runtime");
+    tokio.block_on(rebuilt.step()).expect("the replayed step");
+    let (_, replayed) = http(addr, "GET", "/metrics");
+    assert_eq!(total(&replayed, names::EXPERT_TOKENS), tokens, "{replayed}");
+    for line in ["semoe_step_seconds_count 1", "semoe_committed_step 1"] {
+        assert!(
+            replayed.lines().any(|l| l == line),
+            "no {line:?} after the replay: {replayed}"
+        );
+    }
+    tokio.block_on(rebuilt.step()).expect("the next step");
+    let (_, next) = http(addr, "GET", "/metrics");
+    assert!(total(&next, names::EXPERT_TOKENS) > tokens, "{next}");
+    for line in ["semoe_step_seconds_count 2", "semoe_committed_step 2"] {
+        assert!(
+            next.lines().any(|l| l == line),
+            "no {line:?} after the next step: {next}"
+        );
+    }
+    tokio.block_on(rebuilt.shutdown()).expect("shutdown");
 
     // Elsewhere, and other methods.
     let (status, response) = http(addr, "GET", "/other");

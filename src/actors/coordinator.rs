@@ -80,6 +80,9 @@ pub struct CoordArgs {
     pub deadline: Duration,
     /// Replays of one step before giving up.
     pub max_replays: u32,
+    /// Steps already reported by an earlier runtime ([`super::RuntimeBuilder::reported_through`]):
+    /// their metrics are not recorded again.
+    pub reported_through: u64,
 }
 
 /// The Coordinator's state.
@@ -239,14 +242,17 @@ async fn step(state: &mut CoordState) -> Result<StepOutcome> {
                 state.step += 1;
                 state.attempt = 0;
                 let seconds = started.elapsed().as_secs_f64();
-                metrics::histogram!(names::STEP_SECONDS).record(seconds);
-                metrics::gauge!(names::COMMITTED_STEP).set(state.step as f64);
-                metrics::gauge!(names::TOKENS_PER_SECOND).set(state.args.tokens_per_step as f64 / seconds.max(1e-9));
-                let ce: f64 = outputs.iter().map(|o| o.ce_sum).sum::<f64>() / state.args.tokens_per_step as f64;
-                metrics::gauge!(names::LOSS).set(ce);
-                metrics::gauge!(names::LEARNING_RATE).set(lr);
-                metrics::gauge!(names::GRAD_NORM).set(grad_norm);
-                record_load(&outputs);
+                if state.step > state.args.reported_through {
+                    metrics::histogram!(names::STEP_SECONDS).record(seconds);
+                    metrics::gauge!(names::COMMITTED_STEP).set(state.step as f64);
+                    metrics::gauge!(names::TOKENS_PER_SECOND)
+                        .set(state.args.tokens_per_step as f64 / seconds.max(1e-9));
+                    let ce: f64 = outputs.iter().map(|o| o.ce_sum).sum::<f64>() / state.args.tokens_per_step as f64;
+                    metrics::gauge!(names::LOSS).set(ce);
+                    metrics::gauge!(names::LEARNING_RATE).set(lr);
+                    metrics::gauge!(names::GRAD_NORM).set(grad_norm);
+                    record_load(&outputs);
+                }
                 return Ok(StepOutcome {
                     step: state.step,
                     outputs,

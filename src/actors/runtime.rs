@@ -59,6 +59,7 @@ pub struct RuntimeBuilder {
     deadline: Duration,
     step_deadline: Duration,
     max_replays: u32,
+    reported_through: u64,
     lanes: usize,
     chaos: FaultPlan,
     text: Option<Arc<Vec<u8>>>,
@@ -123,6 +124,15 @@ impl RuntimeBuilder {
     /// How many times one step is replayed after actor failures before the run gives up (default 8).
     pub fn max_replays(mut self, replays: u32) -> Self {
         self.max_replays = replays;
+        self
+    }
+
+    /// Steps an earlier runtime already reported (default 0): a step up to this count is a replay
+    /// (a multi-process run rebuilt after a lost worker runs again the steps its copy of the state
+    /// lacks), computed and committed as any step but not recorded again in the step metrics
+    /// (step time, loss, committed step, expert load), which would count it twice.
+    pub fn reported_through(mut self, steps: u64) -> Self {
+        self.reported_through = steps;
         self
     }
 
@@ -317,6 +327,7 @@ impl RuntimeBuilder {
             step_deadline: self.step_deadline,
             deadline: self.deadline,
             max_replays: self.max_replays,
+            reported_through: self.reported_through,
         };
         let (coordinator, join) = Actor::spawn(None, CoordActor, args)
             .await
@@ -474,6 +485,7 @@ impl Runtime {
             deadline: Duration::from_secs(30),
             step_deadline: Duration::from_secs(300),
             max_replays: 8,
+            reported_through: 0,
             lanes: 4,
             chaos: FaultPlan::none(),
             text: None,

@@ -1035,6 +1035,8 @@ impl ElasticRuntime {
             .plan(plan.clone())
             .deadline(Duration::from_secs_f64(self.config.train.deadline_s))
             .state(state.0.clone(), state.1.clone())
+            // The steps its copy lacks are replayed: reported the first time.
+            .reported_through(self.committed)
             .build()
             .await;
         let runtime = match runtime {

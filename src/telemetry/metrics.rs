@@ -39,6 +39,10 @@
 //! multi-process run's coordinator starts, [`register_membership`]), so that a scrape before the
 //! first step, or a rate over a window in which nothing happened, sees the series rather than a
 //! gap. The gauges appear with their first value: a zero loss or learning rate would be a lie.
+//! The histograms have fixed buckets (`_bucket{le=...}`, so `histogram_quantile` works across
+//! workers). Steps a multi-process run replays after a lost worker are reported once: the replay
+//! records no step time, loss, committed step or expert load again (`semoe_replayed_steps_total`
+//! counts it; the bytes it moves are counted, as they were moved).
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -309,13 +313,45 @@ pub fn record_validation(loss: f64) {
 /// register the counters of the last runtime started at zero; answer the handle that renders them.
 /// Only once per process (the `metrics` crate has one global recorder): a second call is an error.
 pub fn install() -> crate::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
+    let handle = builder()?
         .install_recorder()
         .map_err(|e| crate::Error::runtime(format!("cannot install the metrics recorder: {e}")))?;
     describe();
     let layout = *LAYOUT.lock().unwrap_or_else(PoisonError::into_inner);
     register_zeros(layout.unwrap_or_default());
     Ok(handle)
+}
+
+/// The bucket bounds of each histogram: without them the exporter renders a histogram as a
+/// summary (quantiles over its last minute), which cannot be aggregated across workers or queried
+/// with `histogram_quantile`, and forgets a rare recovery after a minute.
+const BUCKETS: [(&str, &[f64]); 4] = [
+    (
+        STEP_SECONDS,
+        &[
+            0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0,
+        ],
+    ),
+    (
+        RECOVERY_SECONDS,
+        &[0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0],
+    ),
+    (SERVE_BATCH_SIZE, &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+    (
+        SERVE_STEP_SECONDS,
+        &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
+    ),
+];
+
+/// The recorder's builder, with every histogram's buckets ([`BUCKETS`]).
+fn builder() -> crate::Result<PrometheusBuilder> {
+    let mut builder = PrometheusBuilder::new();
+    for (name, bounds) in BUCKETS {
+        builder = builder
+            .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(name.into()), bounds)
+            .map_err(|e| crate::Error::runtime(format!("cannot set the buckets of {name}: {e}")))?;
+    }
+    Ok(builder)
 }
 
 /// How often the recorder's histograms are drained (which the exporter's own `install` would do
