@@ -40,6 +40,47 @@ pub struct DiskBandwidth {
     pub tier_write_bytes_per_s: f64,
 }
 
+/// The kind of memory-backed file system `dir` is on (`tmpfs`, `ramfs`), if it is one: its
+/// "disk" figures would be the memory's. `None` also when it cannot be told (the path does not
+/// exist yet is checked at its nearest existing ancestor).
+pub fn memory_filesystem(dir: &std::path::Path) -> Option<&'static str> {
+    use std::os::unix::ffi::OsStrExt;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let existing = dir.ancestors().find(|p| p.exists())?;
+    let path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `path` is a NUL-terminated string and `stat` a buffer of the size statfs writes.
+    if unsafe { libc::statfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // `f_type`'s width differs between targets (i64 here, i32 on some 32-bit ones).
+    #[allow(clippy::unnecessary_cast)]
+    // SAFETY: statfs returned 0, so it filled `stat`.
+    let kind = unsafe { stat.assume_init() }.f_type as i64;
+    match kind {
+        TMPFS_MAGIC => Some("tmpfs"),
+        RAMFS_MAGIC => Some("ramfs"),
+        _ => None,
+    }
+}
+
+/// Where a bench puts what stands for the disk when no `--dir` is given: the system's temporary
+/// directory, unless it is memory-backed (tmpfs, as on many distributions), then `/var/tmp`, then
+/// the working directory.
+pub fn default_disk_dir() -> std::path::PathBuf {
+    let candidates = [
+        std::env::temp_dir(),
+        std::path::PathBuf::from("/var/tmp"),
+        std::path::PathBuf::from("."),
+    ];
+    candidates
+        .iter()
+        .find(|d| d.is_dir() && memory_filesystem(d).is_none())
+        .cloned()
+        .unwrap_or_else(std::env::temp_dir)
+}
+
 /// Write `bytes` to a new file under `dir` sequentially in `request`-byte pieces, then read it
 /// back, with `O_DIRECT` (what `dd oflag=direct` / `iflag=direct` measure); where the file system
 /// refuses `O_DIRECT`, buffered with `fdatasync` and the page cache dropped before reading.
@@ -101,7 +142,7 @@ pub fn disk_bandwidth(dir: &std::path::Path, bytes: u64, request: u64) -> Result
     let total = n * request as u64;
     Ok(DiskBandwidth {
         method: format!(
-            "{} sequential in {} requests, 1 thread, {}, new file in {}",
+            "{} sequential in {} requests, 1 thread, {}, new file in {}{}",
             crate::storage::tiers::format_bytes(total),
             crate::storage::tiers::format_bytes(request as u64),
             if direct {
@@ -109,7 +150,11 @@ pub fn disk_bandwidth(dir: &std::path::Path, bytes: u64, request: u64) -> Result
             } else {
                 "buffered (O_DIRECT refused), fdatasync, page cache dropped"
             },
-            dir.display()
+            dir.display(),
+            match memory_filesystem(dir) {
+                Some(kind) => format!(" (a {kind}: memory, not a disk)"),
+                None => String::new(),
+            }
         ),
         bytes: total,
         request: request as u64,
@@ -262,3 +307,42 @@ fn drop_cached(f: &std::fs::File) {
 
 #[cfg(not(target_os = "linux"))]
 fn drop_cached(_: &std::fs::File) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every mount point `/proc/mounts` lists as tmpfs is told memory, and the root (when it is
+    /// not tmpfs itself) is not; a path not made yet is judged by where it would be made.
+    #[test]
+    fn memory_file_systems_are_told_from_disks() {
+        let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+            eprintln!("skipped: no /proc/mounts to check against");
+            return;
+        };
+        let kinds: Vec<(&str, &str)> = mounts
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                Some((f.nth(1)?, f.next()?))
+            })
+            .collect();
+        // A later mount over the same point hides an earlier one: judge by the last.
+        let kind_of = |point: &str| kinds.iter().rev().find(|(p, _)| *p == point).map(|(_, k)| *k);
+        let mut checked = 0;
+        for (point, _) in &kinds {
+            let path = std::path::Path::new(point);
+            if kind_of(point) == Some("tmpfs") && path.is_dir() {
+                assert_eq!(memory_filesystem(path), Some("tmpfs"), "{point}");
+                assert_eq!(memory_filesystem(&path.join("not/made/yet")), Some("tmpfs"), "{point}");
+                checked += 1;
+            }
+        }
+        if kind_of("/").is_some_and(|k| k != "tmpfs" && k != "ramfs") {
+            assert_eq!(memory_filesystem(std::path::Path::new("/")), None);
+            checked += 1;
+        }
+        assert!(checked > 0, "nothing to check in {mounts}");
+        assert!(memory_filesystem(&default_disk_dir()).is_none() || kind_of("/") == Some("tmpfs"));
+    }
+}

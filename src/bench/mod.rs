@@ -22,7 +22,7 @@ mod storage;
 pub use cache_policy::{
     cache_policy_bench, describe, policy_grid, record_routing, CachePolicyReport, MemorySize, PolicyRow, TraceBatches,
 };
-pub use disk::{disk_bandwidth, tier_bandwidth, DiskBandwidth};
+pub use disk::{default_disk_dir, disk_bandwidth, memory_filesystem, tier_bandwidth, DiskBandwidth};
 pub use generate::{generate_bench, GenerateReport, GenerateRow};
 pub use matmul::{matmul_bench, MatmulReport};
 pub use moe_layer::{moe_layer_bench, moe_layer_cuda_bench, MoeLayerCudaReport, MoeLayerReport};

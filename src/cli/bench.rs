@@ -167,7 +167,8 @@ pub struct StorageBenchArgs {
     /// Rounds (the median is reported).
     #[arg(long, default_value_t = 3, value_parser = positive)]
     rounds: usize,
-    /// Directory of the disk tier (on the disk to measure).
+    /// Directory of the disk tier (on the disk to measure; default: the system's temporary
+    /// directory unless it is memory-backed, then /var/tmp).
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Threads reading and writing the disk tier.
@@ -374,7 +375,13 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     .into_iter()
     .map(|(name, storage)| bench::StorageVariant { name, storage })
     .collect::<Vec<_>>();
-    let dir = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let dir = a.dir.clone().unwrap_or_else(bench::default_disk_dir);
+    if let Some(kind) = bench::memory_filesystem(&dir) {
+        semoe::say!(
+            "notice: {} is on a {kind} (memory): the Disk tier's figures below are the memory's, not a disk's",
+            dir.display()
+        );
+    }
     let r = bench::storage_bench(&c, &variants, &dir, a.warmup, a.steps, a.rounds)?;
     if a.json {
         return print_json(&r);
