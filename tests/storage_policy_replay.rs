@@ -373,3 +373,47 @@ fn step_order_evicts_what_the_step_needs_last() {
         );
     }
 }
+
+/// The trace of `semoe bench cache-policy` starts with the step a resumed run trains next: its
+/// routing is that step's, token for token (it started one step late).
+#[test]
+fn the_trace_after_a_checkpoint_is_the_routing_of_the_next_steps() {
+    let dir = std::env::temp_dir().join(format!("semoe-trace-after-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut config = semoe::config::TrainConfig::default();
+    config.model.d_model = 32;
+    config.model.n_layer = 2;
+    config.model.n_head = 2;
+    config.model.block_size = 16;
+    config.model.d_ff = 64;
+    config.model.experts = 4;
+    config.model.k = 2;
+    config.model.dropless = true;
+    config.train.batch = 8;
+    config.train.groups = 4;
+    config.train.steps = 6;
+    config.train.workers = 0;
+    config.train.eval_every = 0;
+    config.train.checkpoint_every = 0;
+    let mut trainer = semoe::train::trainer::Trainer::new(config.clone(), &dir).unwrap();
+    for _ in 0..3 {
+        trainer.step().unwrap();
+    }
+    let done = trainer.steps_done();
+    assert_eq!(done, 3);
+    // One step: only the first is routed by the parameters the trace uses (training goes on).
+    let batches = TraceBatches::after_checkpoint(&config, done, 1, None, None);
+    let text = trainer.corpus().train.clone();
+    let cpu = Cpu::new(1).unwrap();
+    let trace = record_routing(trainer.model().unwrap(), &cpu, &text, &batches).unwrap();
+    let trained: Vec<Vec<u64>> = trainer
+        .step()
+        .unwrap()
+        .expert_tokens
+        .iter()
+        .map(|block| block.iter().map(|&n| n as u64).collect())
+        .collect();
+    assert_eq!(trace.steps.len(), 1);
+    assert_eq!(trace.steps[0], trained, "the routing of the step after the checkpoint");
+    let _ = std::fs::remove_dir_all(&dir);
+}

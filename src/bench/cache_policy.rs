@@ -26,6 +26,27 @@ pub struct TraceBatches {
     pub groups: usize,
 }
 
+impl TraceBatches {
+    /// The `steps` steps a run of `config` trains after a checkpoint taken after `done` steps
+    /// (the sampler's step index is 0-based: the next step's index is `done`), with the run's
+    /// batch and groups unless given.
+    pub fn after_checkpoint(
+        config: &crate::config::TrainConfig,
+        done: u64,
+        steps: usize,
+        batch: Option<usize>,
+        groups: Option<usize>,
+    ) -> TraceBatches {
+        TraceBatches {
+            seed: config.train.seed,
+            first_step: done,
+            steps,
+            batch: batch.unwrap_or(config.train.batch),
+            groups: groups.unwrap_or(config.train.groups),
+        }
+    }
+}
+
 /// The routing of `model` on the training batches `b` of `text`: per step, per MoE block, the
 /// tokens each expert keeps, summed over the step's groups (the gate's own code, forward only).
 pub fn record_routing(model: &Gpt<f32>, cpu: &Cpu, text: &[u8], b: &TraceBatches) -> Result<RoutingTrace> {

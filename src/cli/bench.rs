@@ -448,13 +448,7 @@ pub fn cache_policy_bench(a: &CachePolicyBenchArgs) -> semoe::Result<()> {
     let model = semoe::train::trainer::model_from(ckpt)?;
     let corpus = semoe::train::trainer::corpus_for(&config)?;
     let cpu = Cpu::new(a.threads)?;
-    let batches = bench::TraceBatches {
-        seed: config.train.seed,
-        first_step: step + 1,
-        steps: a.steps,
-        batch: a.batch.unwrap_or(config.train.batch),
-        groups: a.groups.unwrap_or(config.train.groups),
-    };
+    let batches = bench::TraceBatches::after_checkpoint(&config, step, a.steps, a.batch, a.groups);
     let trace = bench::record_routing(&model, &cpu, &corpus.train, &batches)?;
     let units = trace.blocks() * trace.experts;
     let mut sizes: Vec<bench::MemorySize> = Vec::new();
@@ -488,7 +482,7 @@ pub fn cache_policy_bench(a: &CachePolicyBenchArgs) -> semoe::Result<()> {
         return print_json(&r);
     }
     semoe::out!(
-        "routing of checkpoint {} (step {step}): {} MoE blocks x {} experts, top-{}; {} steps of {} sequences in {} groups from step {}; {:.1}% of (step, block, expert) routed to; busiest expert per block {} the uniform share",
+        "routing of checkpoint {} (step {step}): {} MoE blocks x {} experts, top-{}; {} steps of {} sequences in {} groups from step {} (the one after the checkpoint's); {:.1}% of (step, block, expert) routed to; busiest expert per block {} the uniform share",
         dir.display(),
         r.blocks,
         r.experts,
@@ -496,7 +490,7 @@ pub fn cache_policy_bench(a: &CachePolicyBenchArgs) -> semoe::Result<()> {
         r.steps,
         batches.batch,
         batches.groups,
-        batches.first_step,
+        batches.first_step + 1,
         100.0 * r.touched,
         r.peak_over_uniform
             .iter()
