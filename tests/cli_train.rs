@@ -640,6 +640,33 @@ fn bad_input_gets_clear_messages() {
         (&["bench", "moe-layer", "--iters", "0"], "must be at least 1"),
         (&["bench", "recovery", "--kill-after", "0"], "must be at least 1"),
         (&["bench", "generate", "--rounds", "0"], "must be at least 1"),
+        (&["bench", "generate", "--tokens", "0"], "must be at least 1"),
+        (&["bench", "generate", "--recompute-tokens", "0"], "must be at least 1"),
+        (&["bench", "generate", "--batch", "1,0"], "must be at least 1"),
+        (&["bench", "ring", "--tokens", "0"], "must be at least 1"),
+        (&["bench", "ring", "--batch", "0"], "must be at least 1"),
+        (&["bench", "storage", "--steps", "0"], "must be at least 1"),
+        (&["bench", "runtime", "--steps", "0"], "must be at least 1"),
+        (
+            &["bench", "storage", "--batch", "6"],
+            "--batch 6 must be a positive multiple of the bench's 4 routing groups",
+        ),
+        (
+            &["bench", "ring", "--d-model", "100"],
+            "--d-model 100 must be a positive multiple of the bench's 8 attention heads",
+        ),
+        (
+            &["bench", "cache-policy", "--checkpoint", "x", "--steps", "0"],
+            "must be at least 1",
+        ),
+        (
+            &["bench", "moe-layer", "--precision", "bf16"],
+            "--precision bf16 applies to the GPU's products (--device cuda)",
+        ),
+        (
+            &["bench", "recovery", "--processes", "100000"],
+            "train.processes (100000) is more than this machine can run",
+        ),
         (
             &["bench", "matmul", "--size", "5000000000"],
             "--size 5000000000 needs about",
@@ -1207,4 +1234,40 @@ fn dense_of_no_width_is_refused() {
 /// [`run`] in `dir`, within a minute.
 fn run_in_dir(dir: &Path, args: &[&str]) -> (ExitStatus, String, String) {
     run(dir, args, Duration::from_secs(60))
+}
+
+#[test]
+fn the_ring_bench_removes_its_checkpoint_and_the_folders_made_for_it() {
+    let tmp = TempDir::new("cli-ring-bench-scratch");
+    let (status, out, err) = run(
+        tmp.path(),
+        &[
+            "bench",
+            "ring",
+            "--d-model",
+            "16",
+            "--d-ff",
+            "16",
+            "--layers",
+            "1",
+            "--experts",
+            "4",
+            "--tokens",
+            "1",
+            "--rounds",
+            "1",
+            "--batch",
+            "1",
+            "--load",
+            "map",
+            "--device-budget",
+            "60000",
+            "--dir",
+            "made/on/the/way",
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("batch   1  ring, routed, map"), "{out}");
+    assert!(!tmp.path().join("made").exists(), "the bench left its folders: {err}");
 }

@@ -45,7 +45,7 @@ pub use crate::telemetry::report::median_of as median;
 /// run as after a good one (an error used to leave the run directories and the 512 MiB bandwidth
 /// file behind). The parent directories that did not exist yet (made on the way) are removed too,
 /// each only if left empty.
-pub(crate) struct Scratch {
+pub struct Scratch {
     path: std::path::PathBuf,
     /// The missing ancestors of `path`, deepest first.
     made: Vec<std::path::PathBuf>,
@@ -53,7 +53,7 @@ pub(crate) struct Scratch {
 
 impl Scratch {
     /// `parent/name`, to be created by the caller.
-    pub(crate) fn new(parent: &std::path::Path, name: &str) -> Scratch {
+    pub fn new(parent: &std::path::Path, name: &str) -> Scratch {
         let made = parent
             .ancestors()
             .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
@@ -63,6 +63,11 @@ impl Scratch {
             path: parent.join(name),
             made,
         }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
     }
 }
 

@@ -180,6 +180,12 @@ pub fn moe_layer_cuda_bench(
 ) -> Result<MoeLayerCudaReport> {
     use crate::kernels::cuda::CudaDevice;
     use crate::model::cuda::CudaMoeLayer;
+    // What the host holds before the upload: the input and its gradient, the parameters.
+    let (t, d, f) = (tokens as f64, config.d_model as f64, config.d_ff as f64);
+    super::check_memory(
+        &format!("--tokens {tokens} at this layer's size"),
+        4.0 * (2.0 * t * d + config.experts as f64 * 2.0 * d * f),
+    )?;
     let device = CudaDevice::open(0)?;
     let params = MoeParams::<f32>::init(config, 42)?;
     let mut layer = CudaMoeLayer::new(&device, config.clone(), &params, precision)?;

@@ -10,7 +10,7 @@ use crate::elastic::cluster::Cluster;
 use crate::elastic::runtime::{ElasticOptions, ElasticRuntime};
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
-use crate::train::engine::{spawn_worker, watch_exits};
+use crate::train::engine::{check_local_processes, spawn_worker_with, watch_exits};
 use serde::Serialize;
 use std::process::Child;
 use std::sync::{Arc, Mutex};
@@ -53,6 +53,8 @@ pub fn recovery_bench(
             "the recovery bench needs at least 2 worker processes (one is killed)",
         ));
     }
+    // As `semoe train --processes` (thousands of processes would each hold the model).
+    check_local_processes(processes)?;
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -80,7 +82,11 @@ pub fn recovery_bench(
             )?;
             for process in 0..processes {
                 let scratch = dir.join(format!("round-{round}-{as_parent}-process-{process}"));
-                let child = spawn_worker(&ticket, &scratch, threads, 0, true)?;
+                // Their output in a file each, quoted if the round fails (a worker that cannot
+                // start would otherwise show only as a join timeout).
+                let log = dir.join(format!("round-{round}-{as_parent}-process-{process}.log"));
+                let file = std::fs::File::create(&log).map_err(|e| Error::io("cannot create", &log, e))?;
+                let child = spawn_worker_with(&ticket, &scratch, threads, 0, file.into(), &[])?;
                 lock(&children.0).push(child);
             }
             let watch = as_parent.then(|| tokio::spawn(watch_exits(children.0.clone(), cluster.exit_watch())));
@@ -113,7 +119,7 @@ pub fn recovery_bench(
             Ok::<_, Error>((took, replays))
         });
         drop(children);
-        let (took, replays) = result?;
+        let (took, replays) = result.map_err(|e| with_worker_logs(e, &dir, round, as_parent, processes))?;
         if as_parent {
             parent_seconds.push(took);
         } else {
@@ -133,6 +139,29 @@ pub fn recovery_bench(
         replayed,
         step_seconds: median(steps),
     })
+}
+
+/// `e` with the last lines each worker process of the round wrote.
+fn with_worker_logs(e: Error, dir: &std::path::Path, round: usize, as_parent: bool, processes: usize) -> Error {
+    let mut said = Vec::new();
+    for process in 0..processes {
+        let log = dir.join(format!("round-{round}-{as_parent}-process-{process}.log"));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        if let Some(tail) = lines.get(lines.len().saturating_sub(3)..) {
+            if !tail.is_empty() {
+                said.push(format!("worker process {process}: {}", tail.join(" / ")));
+            }
+        }
+    }
+    if said.is_empty() {
+        return e;
+    }
+    let said = said.join("; ");
+    match e {
+        Error::Runtime(detail) => Error::Runtime(format!("{detail}; the worker processes said: {said}")),
+        other => Error::runtime(format!("{other}; the worker processes said: {said}")),
+    }
 }
 
 /// The bench's worker processes, killed and reaped however the round ends.

@@ -62,10 +62,11 @@ fn options(tokens: usize, seed: u64) -> SampleOptions {
     }
 }
 
-/// Generate `tokens` bytes for each of `batch` sequences; returns the seconds taken.
-fn run<S: WeightSource>(decoder: &mut BatchDecoder<S>, batch: usize, tokens: usize, round: usize) -> Result<f64> {
+/// Generate `tokens` bytes for each of `batch` sequences (seeds from `seeds` on); returns the
+/// seconds taken.
+fn run<S: WeightSource>(decoder: &mut BatchDecoder<S>, batch: usize, tokens: usize, seeds: u64) -> Result<f64> {
     for s in 0..batch {
-        decoder.admit(b"ROMEO.\n", &options(tokens, (round * 100 + s) as u64))?;
+        decoder.admit(b"ROMEO.\n", &options(tokens, seeds + s as u64))?;
     }
     let started = Instant::now();
     while decoder.active() > 0 {
@@ -78,6 +79,17 @@ fn run<S: WeightSource>(decoder: &mut BatchDecoder<S>, batch: usize, tokens: usi
 /// runs for hours, and its first passes (filling the sections, learning which experts the
 /// routing favours) are its start-up, as reading the weights into memory is the resident model's.
 pub const WARM_UP_TOKENS: usize = 16;
+
+/// The first seed of a round's timed sequences (one per sequence of the batch, up to 2^20).
+fn timed_seeds(round: usize) -> u64 {
+    (round as u64) << 21
+}
+
+/// The first seed of a round's warm-up: other seeds than the timed run's, so that the timed
+/// tokens do not replay the passes the warm-up just made.
+fn warm_up_seeds(round: usize) -> u64 {
+    timed_seeds(round) | 1 << 20
+}
 
 /// Measure generation from the checkpoint in `checkpoint`: resident, then each ring variant in
 /// `variants` (prefetch and loading) under `device_budget`, at every batch size, `rounds` times
@@ -104,10 +116,11 @@ pub fn ring_bench(
         for round in 0..rounds.max(1) {
             {
                 let dir = ModelFile::open(checkpoint)?.dir().to_path_buf();
-                let model = crate::train::trainer::model_from(crate::storage::checkpoint::load(&dir)?)?;
+                // The weights alone: the optimizer state is not needed to generate.
+                let model = crate::train::trainer::model_from(crate::storage::checkpoint::load_model_only(&dir)?)?;
                 let mut decoder = BatchDecoder::new(&model, cpu.clone(), batch)?;
-                run(&mut decoder, batch, WARM_UP_TOKENS, round)?;
-                let seconds = run(&mut decoder, batch, tokens, round)?;
+                run(&mut decoder, batch, WARM_UP_TOKENS, warm_up_seeds(round))?;
+                let seconds = run(&mut decoder, batch, tokens, timed_seeds(round))?;
                 resident_rounds.push((batch * tokens) as f64 / seconds);
             }
             for (i, &(p, load)) in variants.iter().enumerate() {
@@ -123,9 +136,9 @@ pub fn ring_bench(
                     },
                 )?;
                 let mut decoder = BatchDecoder::with_source(ring, cpu.clone(), batch)?;
-                run(&mut decoder, batch, WARM_UP_TOKENS, round)?;
+                run(&mut decoder, batch, WARM_UP_TOKENS, warm_up_seeds(round))?;
                 let before = decoder.source().stats();
-                let seconds = run(&mut decoder, batch, tokens, round)?;
+                let seconds = run(&mut decoder, batch, tokens, timed_seeds(round))?;
                 let after = decoder.source().stats();
                 geometry = (after.sections, after.section_bytes);
                 let passes = (after.passes - before.passes).max(1) as f64;

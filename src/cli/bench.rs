@@ -74,10 +74,10 @@ pub struct RingBenchArgs {
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Batch sizes.
-    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    #[arg(long, value_delimiter = ',', default_value = "1,16", value_parser = positive)]
     batch: Vec<usize>,
     /// Tokens per sequence and round.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = positive)]
     tokens: usize,
     /// Rounds (the median is reported).
     #[arg(long, default_value_t = 3, value_parser = positive)]
@@ -96,13 +96,13 @@ pub struct GenerateBenchArgs {
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Bytes per sequence and round of the cached decoder.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = positive)]
     tokens: usize,
     /// Bytes per round of the recomputing path.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = positive)]
     recompute_tokens: usize,
     /// Batch sizes of the cached decoder.
-    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    #[arg(long, value_delimiter = ',', default_value = "1,16", value_parser = positive)]
     batch: Vec<usize>,
     /// Rounds (the median is reported).
     #[arg(long, default_value_t = 5, value_parser = positive)]
@@ -118,7 +118,7 @@ pub struct CachePolicyBenchArgs {
     #[arg(long)]
     checkpoint: PathBuf,
     /// Training steps to route and replay, from the one after the checkpoint's.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = positive)]
     steps: usize,
     /// Sequences per step (default: the run's).
     #[arg(long)]
@@ -162,7 +162,7 @@ pub struct StorageBenchArgs {
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Timed steps per variant and round.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = positive)]
     steps: usize,
     /// Rounds (the median is reported).
     #[arg(long, default_value_t = 3, value_parser = positive)]
@@ -211,7 +211,7 @@ pub struct RuntimeArgs {
     #[arg(long, default_value_t = 3)]
     warmup: usize,
     /// Timed steps per engine and round.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = positive)]
     steps: usize,
     /// Rounds (the median is reported).
     #[arg(long, default_value_t = 5, value_parser = positive)]
@@ -336,6 +336,12 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     let mut c = semoe::train::TrainConfig::default();
     c.train.threads = a.threads;
     c.train.batch = a.batch;
+    if a.batch == 0 || !a.batch.is_multiple_of(c.train.groups) {
+        return Err(semoe::Error::config(format!(
+            "--batch {} must be a positive multiple of the bench's {} routing groups",
+            a.batch, c.train.groups
+        )));
+    }
     c.train.workers = 1;
     c.model.d_model = a.d_model;
     c.model.d_ff = a.d_ff;
@@ -612,6 +618,12 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
             if a.device == "cuda" {
                 return moe_layer_on_gpu(&a, &config);
             }
+            if a.precision != semoe::kernels::cuda::Precision::F32 {
+                let given = format!("{:?}", a.precision).to_lowercase();
+                return Err(semoe::Error::config(format!(
+                    "--precision {given} applies to the GPU's products (--device cuda); the CPU computes in float32"
+                )));
+            }
             let cpu = Cpu::new(a.common.threads)?;
             let peak = bench::fma_peak_gflops(cpu.threads());
             let r = bench::moe_layer_bench(&cpu, &config, a.tokens, a.common.warmup, a.common.iters, peak)?;
@@ -783,20 +795,13 @@ fn generate_bench(a: &GenerateBenchArgs) -> semoe::Result<()> {
     Ok(())
 }
 
-/// Removes the bench's scratch checkpoint when dropped.
-struct Scratch(Option<PathBuf>);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.take() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
+/// Attention heads of the ring bench's initialised model.
+const RING_BENCH_HEADS: usize = 8;
 
 fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
     use semoe::storage::tiers::{format_bytes, parse_bytes};
-    let mut scratch = Scratch(None);
+    // The initialised checkpoint, removed afterwards with the folders made for it.
+    let mut scratch: Option<bench::Scratch> = None;
     let checkpoint = match &a.checkpoint {
         Some(path) => path.clone(),
         None => {
@@ -805,15 +810,21 @@ fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
             c.model.d_ff = a.d_ff;
             c.model.n_layer = a.layers;
             c.model.experts = a.experts;
-            c.model.n_head = 8;
+            c.model.n_head = RING_BENCH_HEADS;
             c.model.moe_every = 1;
+            if a.d_model == 0 || !a.d_model.is_multiple_of(RING_BENCH_HEADS) {
+                return Err(semoe::Error::config(format!(
+                    "--d-model {} must be a positive multiple of the bench's {RING_BENCH_HEADS} attention heads",
+                    a.d_model
+                )));
+            }
             c.validate()?;
-            let dir = a
-                .dir
-                .clone()
-                .unwrap_or_else(std::env::temp_dir)
-                .join(format!("semoe-bench-ring-{}", std::process::id()));
-            scratch.0 = Some(dir.clone());
+            let parent = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+            let made = scratch.insert(bench::Scratch::new(
+                &parent,
+                &format!("semoe-bench-ring-{}", std::process::id()),
+            ));
+            let dir = made.path().to_path_buf();
             let model = semoe::model::gpt::Gpt::init(&c.model, 0)?;
             semoe::say!(
                 "writing an initialised model of {} parameters ({} experts x {} blocks) to {}",

@@ -252,7 +252,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Refuse to start more worker processes on this machine than it can run (each computes on at
 /// least one thread and holds the model). Checked where they are started, not in the config's
 /// validation: a remote worker validates the coordinator's config with its own core count.
-fn check_local_processes(processes: usize) -> Result<()> {
+pub(crate) fn check_local_processes(processes: usize) -> Result<()> {
     let (cores, most) = (crate::kernels::cpu::cores(), crate::kernels::cpu::max_threads());
     if processes > most {
         return Err(Error::config(format!(
