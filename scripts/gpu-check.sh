@@ -4,7 +4,9 @@
 #   scripts/gpu-check.sh build   # on a machine with the Rust toolchain (Debian 12, glibc 2.36):
 #                                # builds gpu-bundle/ (stripped binaries built with --features cuda)
 #   scripts/gpu-check.sh run     # on the GPU host, from the repository root with gpu-bundle/ in it:
-#                                # writes gpu-bundle/figures.txt (also printed)
+#                                # writes $OUT/figures.txt where OUT is set (the device tool's
+#                                # folder that comes back, so that a run cut short keeps what it
+#                                # measured), else gpu-bundle/figures.txt; also printed
 #
 # The GPU host has no Rust toolchain and no network; it has a Python with PyTorch whose pip packages
 # hold the CUDA libraries (cuBLAS, NVRTC, NCCL) off the default library path, which `run` finds and
@@ -26,9 +28,11 @@
 #     within a Device budget of 8 GiB (its tensors' peak printed against it), its validation loss
 #     next to the CPU's for the same steps (the same on every CPU, bit for bit);
 #   - the MoE layer at the issue's size (16,384 tokens, width 1024, hidden 4096, 8 experts, top-2),
-#     semoe's (`semoe bench moe-layer --device cuda`) and PyTorch's, side by side, in float32 and
-#     in TF32, each with the matrix rate cuBLAS reaches at the expert products' size.
-# Whole run: about 3 minutes after the host is up.
+#     semoe's (`semoe bench moe-layer --device cuda`) and PyTorch's, side by side, in float32, TF32
+#     and bfloat16, each with the matrix rate cuBLAS reaches at the expert products' size.
+# Whole run: about 3 minutes after the host is up when every step passes. The steps' own limits add
+# up to more than one command may run, so the run has a budget (GPU_CHECK_BUDGET_S, default 540 s):
+# each step is cut to what is left of it, and a step with under 5 s left is skipped and says so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=gpu-bundle
@@ -67,17 +71,24 @@ build() {
 
 run() {
     [ -x "$BUNDLE/semoe" ] || { echo "no $BUNDLE/semoe: run 'scripts/gpu-check.sh build' first" >&2; exit 1; }
-    local out="$BUNDLE/figures.txt"
+    local out="${OUT:-$BUNDLE}/figures.txt"
     : > "$out"
+    local deadline=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-540} ))
     say() { echo "$*" | tee -a "$out"; }
-    step() { # step SECONDS TITLE COMMAND...: run bounded, output into the figures
+    step() { # step SECONDS TITLE COMMAND...: run bounded (by its limit and the run's budget)
         local limit=$1 title=$2
         shift 2
+        local left=$(( deadline - $(date +%s) ))
         say ""
-        say "== $title ($(date -u +%H:%M:%S))"
+        if [ "$left" -lt 5 ]; then
+            say "== $title: skipped (the run's budget is spent)"
+            return
+        fi
+        [ "$left" -lt "$limit" ] && limit=$left
+        say "== $title ($(date -u +%H:%M:%S), up to ${limit} s)"
         timeout "$limit" "$@" 2>&1 | tee -a "$out"
         local rc=${PIPESTATUS[0]}
-        [ "$rc" = 0 ] || say "!! exit status $rc"
+        [ "$rc" = 0 ] || say "!! exit status $rc$([ "$rc" = 124 ] && echo " (cut at ${limit} s)")"
     }
     local py=${PYTHON:-python3}
     say "gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -156,9 +167,15 @@ EOF
         --run-dir "$BUNDLE/run-process-nccl" --quiet
     local last="checkpoints/step-$(printf %08d "$EXCHANGE_STEPS")"
     step 10 "the same parameters over NCCL as over the transport" bash -c "
+        ok=0
         for run in run-nccl run-process-nccl; do for f in model.safetensors optimizer.safetensors; do
-            cmp '$BUNDLE/run-transport/$last/'\$f '$BUNDLE/'\$run/'$last/'\$f && echo \"\$run \$f: bitwise the same\"
-        done; done"
+            if cmp '$BUNDLE/run-transport/$last/'\$f '$BUNDLE/'\$run/'$last/'\$f; then
+                echo \"\$run \$f: bitwise the same\"
+            else
+                ok=1
+            fi
+        done; done
+        exit \$ok"
     rm -rf "$BUNDLE/run-gpu"
     step 300 "training on the GPU ($TRAIN_STEPS steps; the CPU reaches validation loss $CPU_VAL_LOSS)" \
         "$BUNDLE/semoe" train --device cuda --device-budget 8GiB --steps "$TRAIN_STEPS" --run-dir "$BUNDLE/run-gpu" --quiet
