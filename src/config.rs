@@ -426,6 +426,35 @@ impl TrainConfig {
                      the model's tensors take)",
                 ));
             }
+            // Settings of the actor runtime and its tiers, which a GPU run does not have: set to
+            // anything but their default, they would be ignored.
+            let (d, ds) = (TrainSettings::default(), StorageSettings::default());
+            let ignored = [
+                ("train.placement", t.placement != d.placement),
+                ("storage.cache_policy", self.storage.cache_policy != ds.cache_policy),
+                (
+                    "storage.cache_threshold",
+                    self.storage.cache_threshold != ds.cache_threshold,
+                ),
+                ("storage.cache_beta", self.storage.cache_beta != ds.cache_beta),
+                (
+                    "storage.cache_decay_every",
+                    self.storage.cache_decay_every != ds.cache_decay_every,
+                ),
+                ("storage.prefetch", self.storage.prefetch != ds.prefetch),
+                (
+                    "storage.drop_page_cache",
+                    self.storage.drop_page_cache != ds.drop_page_cache,
+                ),
+                ("storage.io_threads", self.storage.io_threads != ds.io_threads),
+                ("storage.shard_dense", self.storage.shard_dense != ds.shard_dense),
+            ];
+            if let Some((key, _)) = ignored.iter().find(|(_, set)| *set) {
+                return Err(Error::config(format!(
+                    "train.device = \"cuda\" trains the plain loop on one GPU, without the actor runtime's \
+                     workers or tiers: {key} does not apply to it (leave it at its default)"
+                )));
+            }
             if self.model.has_moe() {
                 crate::model::cuda::check_moe_config(&self.model.moe_config()).map_err(|e| match e {
                     Error::Config(msg) => Error::Config(format!("train.device = \"cuda\": {msg}")),
@@ -615,6 +644,29 @@ pub(crate) fn small_test_config() -> TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_and_tier_settings_are_refused_on_the_gpu_by_name() {
+        let gpu = || {
+            let mut c = TrainConfig::default();
+            c.train.device = ComputeDevice::Cuda;
+            c
+        };
+        gpu().validate().expect("the defaults train on the GPU");
+        let cases: [(&str, fn(&mut TrainConfig)); 5] = [
+            ("storage.shard_dense", |c| c.storage.shard_dense = true),
+            ("storage.prefetch", |c| c.storage.prefetch = false),
+            ("storage.cache_policy", |c| c.storage.cache_policy = "lru".into()),
+            ("train.placement", |c| c.train.placement = "blocked".into()),
+            ("storage.io_threads", |c| c.storage.io_threads = 2),
+        ];
+        for (key, set) in cases {
+            let mut c = gpu();
+            set(&mut c);
+            let err = c.validate().expect_err(key).to_string();
+            assert!(err.contains(&format!("{key} does not apply")), "{err}");
+        }
+    }
 
     #[test]
     fn storage_budgets_need_workers_in_process_or_worker_processes() {
