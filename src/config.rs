@@ -653,7 +653,8 @@ mod tests {
             c
         };
         gpu().validate().expect("the defaults train on the GPU");
-        let cases: [(&str, fn(&mut TrainConfig)); 5] = [
+        type Set = fn(&mut TrainConfig);
+        let cases: [(&str, Set); 5] = [
             ("storage.shard_dense", |c| c.storage.shard_dense = true),
             ("storage.prefetch", |c| c.storage.prefetch = false),
             ("storage.cache_policy", |c| c.storage.cache_policy = "lru".into()),

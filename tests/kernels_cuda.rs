@@ -18,3 +18,21 @@ fn opening_a_device_never_panics() {
     let beyond = CudaDevice::count();
     assert!(CudaDevice::open(beyond).is_err(), "ordinal {beyond} is out of range");
 }
+
+/// The build without the feature has the same public API as the one with it (code that names
+/// these compiles either way), and says why no GPU is visible.
+#[test]
+fn the_build_without_cuda_has_the_same_api_and_says_why() {
+    use semoe::kernels::cuda::Gpu;
+    use semoe::model::cuda::{CudaGpt, CudaMoeLayer};
+    use semoe::model::moe::{MoeConfig, MoeParams};
+    let _on: fn(&std::sync::Arc<Gpu>, MoeConfig, &MoeParams<f32>) -> semoe::Result<CudaMoeLayer> = CudaMoeLayer::on;
+    let _parameters: fn(&CudaMoeLayer) -> semoe::Result<MoeParams<f32>> = CudaMoeLayer::parameters;
+    let _gpu: fn(&CudaGpt) -> &std::sync::Arc<Gpu> = CudaGpt::gpu;
+    if cfg!(not(feature = "cuda")) {
+        let err = CudaDevice::visible()
+            .expect_err("no GPU without CUDA support")
+            .to_string();
+        assert!(err.contains("built without CUDA support"), "{err}");
+    }
+}

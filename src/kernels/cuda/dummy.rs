@@ -28,9 +28,9 @@ impl CudaDevice {
         0
     }
 
-    /// Number of visible CUDA devices: none without the feature.
+    /// Always an error saying why none can be seen: this build has no CUDA support.
     pub fn visible() -> Result<usize> {
-        Ok(0)
+        Err(no_cuda("cannot count the GPUs"))
     }
 
     /// The device's name.

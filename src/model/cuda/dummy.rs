@@ -55,6 +55,16 @@ impl CudaMoeLayer {
         Err(no_cuda("cannot build the CUDA MoE layer"))
     }
 
+    /// Always an error: this build has no CUDA support.
+    pub fn on(_gpu: &std::sync::Arc<Gpu>, _config: MoeConfig, _params: &MoeParams<f32>) -> Result<Self> {
+        Err(no_cuda("cannot build the CUDA MoE layer"))
+    }
+
+    /// Always an error: this build has no CUDA support.
+    pub fn parameters(&self) -> Result<MoeParams<f32>> {
+        Err(no_cuda("cannot copy the parameters from the GPU"))
+    }
+
     /// The layer's configuration.
     pub fn config(&self) -> &MoeConfig {
         &self.config
@@ -115,12 +125,19 @@ impl CudaMoeLayer {
 /// The model on a GPU. This build has no CUDA support: [`CudaGpt::new`] always fails.
 pub struct CudaGpt {
     config: crate::model::gpt::GptConfig,
+    /// None exists: [`CudaGpt::new`] always fails.
+    never: std::convert::Infallible,
 }
 
 impl CudaGpt {
     /// Always an error: this build has no CUDA support.
     pub fn new(_gpu: &std::sync::Arc<Gpu>, _model: &crate::model::gpt::Gpt<f32>) -> Result<Self> {
         Err(no_cuda("cannot put the model on a GPU"))
+    }
+
+    /// The GPU it runs on (never called: no `CudaGpt` exists in this build).
+    pub fn gpu(&self) -> &std::sync::Arc<Gpu> {
+        match self.never {}
     }
 
     /// The model's configuration.
