@@ -190,6 +190,27 @@ fn counts_of_the_wrong_length_and_malformed_groups_are_errors_that_fail_every_ra
         c.group(g)
     });
     assert!(message(&results[1]).contains("two receives from rank 0"));
+    // Legs of no bytes are refused on every backend (NCCL would skip them; the stand-ins would
+    // wait for the peer's side): the rank that posts one is told.
+    let results = on_ranks(Duration::from_secs(5), |c| {
+        let mut g = Group::new();
+        match c.rank() {
+            0 => g.send(1, Vec::new()),
+            2 => g.recv(1, 0),
+            _ => &mut g,
+        };
+        c.group(g)
+    });
+    assert!(
+        message(&results[0]).contains("a send of no bytes to rank 1"),
+        "{}",
+        message(&results[0])
+    );
+    assert!(
+        message(&results[2]).contains("a receive of no bytes from rank 1"),
+        "{}",
+        message(&results[2])
+    );
 }
 
 #[test]

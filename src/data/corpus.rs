@@ -54,29 +54,31 @@ impl Corpus {
     /// A UTF-8 text file, or a directory whose files (recursively, in sorted path order) are joined
     /// with a blank line. The last `val_fraction` of the bytes is the validation split.
     pub fn from_path(path: &Path, val_fraction: f64, min_split: usize) -> Result<Self> {
-        let text = read_text(path)?;
+        let mut text = read_text(path)?;
         if !(0.0..1.0).contains(&val_fraction) || val_fraction <= 0.0 {
             return Err(Error::config(format!(
                 "val_fraction must be in (0, 1), got {val_fraction}"
             )));
         }
         let split = text.len() - ((text.len() as f64 * val_fraction) as usize);
-        let (train, val) = text.split_at(split);
-        if train.len() < min_split || val.len() < min_split {
+        let (train_len, val_len) = (split, text.len() - split);
+        if train_len < min_split || val_len < min_split {
             return Err(Error::parse(
                 format!("training data {}", path.display()),
                 format!(
                     "{} bytes split at train.val_fraction {val_fraction} into {} training and {} validation bytes: \
                      each split needs at least {min_split} bytes (block_size + 1)",
                     text.len(),
-                    train.len(),
-                    val.len()
+                    train_len,
+                    val_len
                 ),
             ));
         }
+        // Split in place: the text is not held twice (a large corpus would be).
+        let val = text.split_off(split);
         Ok(Corpus {
-            train: train.to_vec(),
-            val: val.to_vec(),
+            train: text,
+            val,
             source: path.display().to_string(),
         })
     }
@@ -112,14 +114,25 @@ pub fn read_text(path: &Path) -> Result<Vec<u8>> {
                 "the directory has no files",
             ));
         }
-    } else {
+    } else if meta.is_file() {
         files.push(path.to_path_buf());
+    } else {
+        // A device or a pipe (`/dev/zero`) would be read for ever.
+        return Err(Error::parse(
+            format!("training data {}", path.display()),
+            "it is neither a file nor a directory (a device or a pipe?)",
+        ));
     }
     let mut text = Vec::new();
     for f in &files {
         let bytes = std::fs::read(f).map_err(|e| Error::io("cannot read the training data", f, e))?;
         check_text(&bytes, f)?;
-        if !text.is_empty() && !bytes.is_empty() {
+        if text.is_empty() {
+            // The first (or only) file's bytes become the text: not copied.
+            text = bytes;
+            continue;
+        }
+        if !bytes.is_empty() {
             text.extend_from_slice(b"\n\n");
         }
         text.extend_from_slice(&bytes);
@@ -217,6 +230,16 @@ mod tests {
         let err = read_text(&data).expect_err("a dangling link").to_string();
         assert!(err.contains("c.txt"), "{err}");
         std::fs::remove_dir_all(&root).expect("clean up");
+    }
+
+    #[test]
+    fn a_device_is_refused_rather_than_read_for_ever() {
+        let dev = std::path::Path::new("/dev/zero");
+        if !dev.exists() {
+            return;
+        }
+        let err = read_text(dev).expect_err("a device").to_string();
+        assert!(err.contains("neither a file nor a directory"), "{err}");
     }
 
     #[test]

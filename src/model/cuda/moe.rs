@@ -492,6 +492,28 @@ impl CudaMoeLayer {
             } = cache;
             let ks = k * s;
             let rows = e_count * slots;
+            // The kernels index the cache by this layer's shape: a cache of another layer (other
+            // k, experts or widths) would be read and written out of bounds. (A buffer of no
+            // elements is allocated as one: `Gpu::alloc`.)
+            for (name, len, want) in [
+                ("gates", gates.len(), s * e_count),
+                ("lse", lse.len(), s),
+                ("expert", expert.len(), ks),
+                ("slot", slot.len(), ks),
+                ("weights", weights.len(), ks),
+                ("first_counts", first_counts.len(), e_count),
+                ("xe", xe.len(), rows * d),
+                ("h", h.len(), rows * f),
+                ("act", act.len(), rows * f),
+                ("ye", ye.len(), rows * d),
+            ] {
+                if len != want.max(1) {
+                    return Err(Error::shape(
+                        format!("CUDA MoE backward cache {name}"),
+                        format!("expected {want} elements for this layer ({s} tokens, {e_count} experts, top-{k}, {slots} rows each), got {len}: a cache of another layer"),
+                    ));
+                }
+            }
             let (s_i, e_i, k_i, d_i) = (
                 int(s, "tokens")?,
                 int(e_count, "experts")?,

@@ -141,7 +141,9 @@ impl Group {
     }
 
     /// Check the group against the communicator: every peer in range, at most one send and one
-    /// receive per peer. `id` and `rank` name the collective in the error.
+    /// receive per peer, none of no bytes (NCCL skips an empty leg while the stand-ins expect the
+    /// peer's side of it: posting none is what every backend agrees on). `id` and `rank` name the
+    /// collective in the error.
     pub fn validate(&self, id: CollectiveId, rank: Rank, world: usize) -> Result<()> {
         let mut sent = vec![false; world];
         for (peer, data) in &self.sends {
@@ -153,6 +155,13 @@ impl Group {
                         "a send of {} bytes to rank {peer}, but the communicator has {world} ranks",
                         data.len()
                     ),
+                ));
+            }
+            if data.is_empty() {
+                return Err(Error::collective(
+                    id.to_string(),
+                    rank,
+                    format!("a send of no bytes to rank {peer} (post none instead)"),
                 ));
             }
             if std::mem::replace(&mut sent[*peer], true) {
@@ -170,6 +179,13 @@ impl Group {
                     id.to_string(),
                     rank,
                     format!("a receive of {bytes} bytes from rank {peer}, but the communicator has {world} ranks"),
+                ));
+            }
+            if *bytes == 0 {
+                return Err(Error::collective(
+                    id.to_string(),
+                    rank,
+                    format!("a receive of no bytes from rank {peer} (post none instead)"),
                 ));
             }
             if std::mem::replace(&mut received[*peer], true) {
