@@ -32,7 +32,9 @@ pub struct TrainArgs {
     /// With --resume: continue even if the training text differs from the checkpoint's.
     #[arg(long, requires = "resume")]
     allow_data_change: bool,
-    /// Train on this UTF-8 text file or directory instead of the bundled corpus.
+    /// Train on this UTF-8 text file or directory instead of the bundled corpus (a directory's
+    /// files in sorted path order, joined with a blank line; links followed, a file under two
+    /// names read once, names starting with `.` left out; the last train.val_fraction validates).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Optimizer steps (the learning-rate schedule spans them).

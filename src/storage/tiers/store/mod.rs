@@ -470,10 +470,12 @@ mod tests {
                 assert_eq!(misses, 0, "block {b} was not loaded ahead: {:?}", store.stats());
             }
             // The loads the releases started finish (as the block's compute would let them).
-            let deadline = Instant::now() + std::time::Duration::from_secs(10);
-            while store.stats().loading > 0 && Instant::now() < deadline {
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            }
+            // Asked of the manager behind the releases: polling `loading` could see 0 before the
+            // manager had started them (a busy machine failed the check at block 2).
+            tokio::time::timeout(std::time::Duration::from_secs(10), store.idle())
+                .await
+                .expect("the store's disk work ends within 10 s")
+                .unwrap();
         }
         let st = store.stats();
         assert!(st.peak[0] <= st.budget[0] && st.peak[1] <= st.budget[1], "{st:?}");
