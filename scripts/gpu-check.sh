@@ -32,7 +32,8 @@
 #     and bfloat16, each with the matrix rate cuBLAS reaches at the expert products' size.
 # Whole run: about 3 minutes after the host is up when every step passes. The steps' own limits add
 # up to more than one command may run, so the run has a budget (GPU_CHECK_BUDGET_S, default 540 s):
-# each step is cut to what is left of it, and a step with under 5 s left is skipped and says so.
+# each step is cut to what is left of it less 30 s (the grace a step cut short gets after SIGTERM),
+# and a step with under 5 s left is skipped and says so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=gpu-bundle
@@ -80,13 +81,15 @@ run() {
         shift 2
         local left=$(( deadline - $(date +%s) ))
         say ""
-        if [ "$left" -lt 5 ]; then
+        # A step cut short gets SIGTERM, and 30 s more to end (semoe train then finishes its step,
+        # evaluates and checkpoints) before SIGKILL: within the budget too.
+        [ $((left - 30)) -lt "$limit" ] && limit=$((left - 30))
+        if [ "$limit" -lt 5 ]; then
             say "== $title: skipped (the run's budget is spent)"
             return
         fi
-        [ "$left" -lt "$limit" ] && limit=$left
         say "== $title ($(date -u +%H:%M:%S), up to ${limit} s)"
-        timeout "$limit" "$@" 2>&1 | tee -a "$out"
+        timeout -k 30 "$limit" "$@" 2>&1 | tee -a "$out"
         local rc=${PIPESTATUS[0]}
         [ "$rc" = 0 ] || say "!! exit status $rc$([ "$rc" = 124 ] && echo " (cut at ${limit} s)")"
     }
