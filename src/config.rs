@@ -428,31 +428,31 @@ impl TrainConfig {
             }
             // Settings of the actor runtime and its tiers, which a GPU run does not have: set to
             // anything but their default, they would be ignored.
-            let (d, ds) = (TrainSettings::default(), StorageSettings::default());
+            // (Compared as parsed: "Step-Order" is the default policy too.)
+            let (set, default) = (
+                self.storage.to_config(None)?,
+                StorageSettings::default().to_config(None)?,
+            );
+            let placement: ExpertPlacement = t.placement.parse()?;
             let ignored = [
-                ("train.placement", t.placement != d.placement),
-                ("storage.cache_policy", self.storage.cache_policy != ds.cache_policy),
+                ("train.placement", placement != ExpertPlacement::default()),
                 (
-                    "storage.cache_threshold",
-                    self.storage.cache_threshold != ds.cache_threshold,
+                    "storage.cache_policy (and its cache_ settings)",
+                    set.policy != default.policy,
                 ),
-                ("storage.cache_beta", self.storage.cache_beta != ds.cache_beta),
-                (
-                    "storage.cache_decay_every",
-                    self.storage.cache_decay_every != ds.cache_decay_every,
-                ),
-                ("storage.prefetch", self.storage.prefetch != ds.prefetch),
+                ("storage.prefetch", set.prefetch != default.prefetch),
                 (
                     "storage.drop_page_cache",
-                    self.storage.drop_page_cache != ds.drop_page_cache,
+                    set.drop_page_cache != default.drop_page_cache,
                 ),
-                ("storage.io_threads", self.storage.io_threads != ds.io_threads),
-                ("storage.shard_dense", self.storage.shard_dense != ds.shard_dense),
+                ("storage.io_threads", set.io_threads != default.io_threads),
+                ("storage.shard_dense", self.storage.shard_dense),
             ];
             if let Some((key, _)) = ignored.iter().find(|(_, set)| *set) {
                 return Err(Error::config(format!(
                     "train.device = \"cuda\" trains the plain loop on one GPU, without the actor runtime's \
-                     workers or tiers: {key} does not apply to it (leave it at its default)"
+                     workers or tiers: {key} does not apply to it (remove it from the config file, or set \
+                     its default)"
                 )));
             }
             if self.model.has_moe() {
@@ -654,10 +654,14 @@ mod tests {
         };
         gpu().validate().expect("the defaults train on the GPU");
         type Set = fn(&mut TrainConfig);
-        let cases: [(&str, Set); 5] = [
+        let cases: [(&str, Set); 6] = [
             ("storage.shard_dense", |c| c.storage.shard_dense = true),
             ("storage.prefetch", |c| c.storage.prefetch = false),
             ("storage.cache_policy", |c| c.storage.cache_policy = "lru".into()),
+            ("storage.cache_policy", |c| {
+                c.storage.cache_policy = "se-moe".into();
+                c.storage.cache_beta = 0.5;
+            }),
             ("train.placement", |c| c.train.placement = "blocked".into()),
             ("storage.io_threads", |c| c.storage.io_threads = 2),
         ];
@@ -665,8 +669,14 @@ mod tests {
             let mut c = gpu();
             set(&mut c);
             let err = c.validate().expect_err(key).to_string();
-            assert!(err.contains(&format!("{key} does not apply")), "{err}");
+            assert!(err.contains(key) && err.contains("does not apply"), "{err}");
         }
+        // Another spelling of a default is the default.
+        let mut c = gpu();
+        c.storage.cache_policy = "Step-Order".into();
+        c.storage.cache_beta = 0.5;
+        c.validate()
+            .expect("the default policy, however spelt (its SE-MoE settings unused)");
     }
 
     #[test]

@@ -788,19 +788,6 @@ fn absurd_values_are_refused_before_anything_starts() {
         ),
         (
             &["train", "--device", "cuda", "--cache-policy", "lru", "--run-dir", "r"],
-            "storage.cache_policy does not apply to it",
-        ),
-        (
-            // The default policy given by hand: the flag itself is refused.
-            &[
-                "train",
-                "--device",
-                "cuda",
-                "--cache-policy",
-                "step-order",
-                "--run-dir",
-                "r",
-            ],
             "--cache-policy applies to the actor runtime on the CPU; --device cuda trains the plain loop",
         ),
         (

@@ -727,6 +727,20 @@ fn an_address_in_use_is_refused_before_the_checkpoint_is_read() {
     );
 }
 
+#[test]
+fn a_bound_address_refuses_connections_until_the_server_is_built() {
+    // `semoe serve` binds before its model loads, and listens only once it is ready: a client
+    // (or a TCP readiness probe) meanwhile is refused, not left waiting in the backlog.
+    let listener = semoe::serve::Listener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr();
+    let err = TcpStream::connect_timeout(&addr, TIMEOUT).expect_err("nothing listens yet");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    let decoder = semoe::infer::BatchDecoder::new(&model(), Cpu::new(1).expect("cpu"), 2).expect("decoder");
+    let server = Server::with_listener(listener, Box::new(decoder), ServeConfig::default()).expect("server");
+    assert_eq!(server.local_addr(), addr);
+    TcpStream::connect_timeout(&addr, TIMEOUT).expect("listening once the server is built");
+}
+
 /// The least Device budget of a routed ring over `checkpoint`: its resident bytes and two sections.
 fn least_ring_budget(checkpoint: &std::path::Path) -> u64 {
     use semoe::infer::{ModelFile, Prefetch, RingLoad, RingOptions, RingWeights};

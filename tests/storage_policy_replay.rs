@@ -2,6 +2,8 @@
 //! known answers, Belady's MIN as the bound of every policy, the routing recorded from a model's
 //! gate, and the command's error for a bad checkpoint path.
 
+mod common;
+
 use semoe::bench::{cache_policy_bench, policy_grid, record_routing, MemorySize, TraceBatches};
 use semoe::kernels::Cpu;
 use semoe::model::gpt::{Gpt, GptConfig};
@@ -378,8 +380,8 @@ fn step_order_evicts_what_the_step_needs_last() {
 /// routing is that step's, token for token (it started one step late).
 #[test]
 fn the_trace_after_a_checkpoint_is_the_routing_of_the_next_steps() {
-    let dir = std::env::temp_dir().join(format!("semoe-trace-after-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp = common::TempDir::new("trace-after");
+    let dir = tmp.path().join("run");
     let mut config = semoe::config::TrainConfig::default();
     config.model.d_model = 32;
     config.model.n_layer = 2;
@@ -415,5 +417,4 @@ fn the_trace_after_a_checkpoint_is_the_routing_of_the_next_steps() {
         .collect();
     assert_eq!(trace.steps.len(), 1);
     assert_eq!(trace.steps[0], trained, "the routing of the step after the checkpoint");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -156,7 +156,7 @@ fn the_endpoint_serves_every_counter_from_the_start_and_only_at_get_metrics() {
         .block_on(
             Runtime::builder(common::small_config(3))
                 .workers(workers)
-                .reported_through(1)
+                .reported_steps(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)))
                 .build(),
         )
         .expect("rebuilt runtime");

@@ -80,9 +80,9 @@ pub struct CoordArgs {
     pub deadline: Duration,
     /// Replays of one step before giving up.
     pub max_replays: u32,
-    /// Steps already reported by an earlier runtime ([`super::RuntimeBuilder::reported_through`]):
-    /// their metrics are not recorded again.
-    pub reported_through: u64,
+    /// Steps whose metrics were recorded ([`super::RuntimeBuilder::reported_steps`]): a step up
+    /// to it is not recorded again.
+    pub reported: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The Coordinator's state.
@@ -242,7 +242,12 @@ async fn step(state: &mut CoordState) -> Result<StepOutcome> {
                 state.step += 1;
                 state.attempt = 0;
                 let seconds = started.elapsed().as_secs_f64();
-                if state.step > state.args.reported_through {
+                // `fetch_max` answers the count before: this step is new if it was below.
+                let reported = state
+                    .args
+                    .reported
+                    .fetch_max(state.step, std::sync::atomic::Ordering::SeqCst);
+                if state.step > reported {
                     metrics::histogram!(names::STEP_SECONDS).record(seconds);
                     metrics::gauge!(names::COMMITTED_STEP).set(state.step as f64);
                     metrics::gauge!(names::TOKENS_PER_SECOND)

@@ -59,7 +59,7 @@ pub struct RuntimeBuilder {
     deadline: Duration,
     step_deadline: Duration,
     max_replays: u32,
-    reported_through: u64,
+    reported: Arc<std::sync::atomic::AtomicU64>,
     lanes: usize,
     chaos: FaultPlan,
     text: Option<Arc<Vec<u8>>>,
@@ -127,12 +127,14 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Steps an earlier runtime already reported (default 0): a step up to this count is a replay
-    /// (a multi-process run rebuilt after a lost worker runs again the steps its copy of the state
-    /// lacks), computed and committed as any step but not recorded again in the step metrics
-    /// (step time, loss, committed step, expert load), which would count it twice.
-    pub fn reported_through(mut self, steps: u64) -> Self {
-        self.reported_through = steps;
+    /// The count of steps whose metrics were recorded, shared with the runtimes before and after
+    /// this one (default: this runtime's own, from 0). A step up to it is a replay (a
+    /// multi-process run rebuilt after a lost worker runs again the steps its copy of the state
+    /// lacks): computed and committed as any step, but not recorded again in the step metrics
+    /// (step time, loss, committed step, expert load), which would count it twice. The runtime
+    /// raises it as it records.
+    pub fn reported_steps(mut self, reported: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.reported = reported;
         self
     }
 
@@ -327,7 +329,7 @@ impl RuntimeBuilder {
             step_deadline: self.step_deadline,
             deadline: self.deadline,
             max_replays: self.max_replays,
-            reported_through: self.reported_through,
+            reported: self.reported.clone(),
         };
         let (coordinator, join) = Actor::spawn(None, CoordActor, args)
             .await
@@ -485,7 +487,7 @@ impl Runtime {
             deadline: Duration::from_secs(30),
             step_deadline: Duration::from_secs(300),
             max_replays: 8,
-            reported_through: 0,
+            reported: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             lanes: 4,
             chaos: FaultPlan::none(),
             text: None,

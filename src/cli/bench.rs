@@ -168,7 +168,7 @@ pub struct StorageBenchArgs {
     #[arg(long, default_value_t = 3, value_parser = positive)]
     rounds: usize,
     /// Directory of the disk tier (on the disk to measure; default: the system's temporary
-    /// directory unless it is memory-backed, then /var/tmp).
+    /// directory unless it is memory-backed, then /var/tmp, then the working directory).
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Threads reading and writing the disk tier.

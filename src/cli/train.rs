@@ -353,8 +353,9 @@ pub fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
         None => TrainConfig::default(),
     };
     apply_flags(a, &mut c)?;
-    c.validate()?;
+    // The flag first: a flag the run would ignore is named as typed, before the config key it set.
     check_flags_apply(a, &c)?;
+    c.validate()?;
     Ok(c)
 }
 
@@ -385,7 +386,7 @@ fn check_flags_apply(a: &TrainArgs, c: &TrainConfig) -> semoe::Result<()> {
     if c.train.elastic() && a.workers.is_some() {
         return Err(semoe::Error::config(
             "--workers sets the in-process workers; a run over worker processes has one worker per process \
-             (--processes N starts them here, --min-workers is how many it waits for)",
+             (--processes N starts them here)",
         ));
     }
     if !c.train.elastic() {

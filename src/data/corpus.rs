@@ -99,13 +99,22 @@ pub fn read_text(path: &Path) -> Result<Vec<u8>> {
         files.sort();
         // One file under two names would be read twice (and its tail, the validation text, would
         // also be trained on).
-        let mut seen = std::collections::HashSet::new();
+        let mut first_name: std::collections::HashMap<FileKey, std::path::PathBuf> = Default::default();
         let mut kept = Vec::with_capacity(files.len());
         for f in files {
-            let meta = std::fs::metadata(&f).map_err(|e| Error::io("cannot read the training data", &f, e))?;
-            if seen.insert(file_identity(&meta)) {
-                kept.push(f);
+            let keys = file_keys(&f)?;
+            if let Some(first) = keys.iter().find_map(|k| first_name.get(k)) {
+                crate::say!(
+                    "notice: {} is the same file as {} (a link): read once",
+                    f.display(),
+                    first.display()
+                );
+                continue;
             }
+            for k in keys {
+                first_name.insert(k, f.clone());
+            }
+            kept.push(f);
         }
         files = kept;
         if files.is_empty() {
@@ -114,14 +123,16 @@ pub fn read_text(path: &Path) -> Result<Vec<u8>> {
                 "the directory has no files",
             ));
         }
-    } else if meta.is_file() {
-        files.push(path.to_path_buf());
     } else {
-        // A device or a pipe (`/dev/zero`) would be read for ever.
-        return Err(Error::parse(
-            format!("training data {}", path.display()),
-            "it is neither a file nor a directory (a device or a pipe?)",
-        ));
+        use std::os::unix::fs::FileTypeExt;
+        // A device (`/dev/zero`) would be read for ever; a pipe is read to its end.
+        if meta.file_type().is_char_device() || meta.file_type().is_block_device() {
+            return Err(Error::parse(
+                format!("training data {}", path.display()),
+                "it is a device, not a text file",
+            ));
+        }
+        files.push(path.to_path_buf());
     }
     let mut text = Vec::new();
     for f in &files {
@@ -181,10 +192,26 @@ fn collect_files_once(
     Ok(())
 }
 
-/// What tells a file apart whatever its name: its device and inode.
-fn file_identity(meta: &std::fs::Metadata) -> (u64, u64) {
+/// What tells a file apart whatever its name.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum FileKey {
+    /// Its path with every symbolic link resolved.
+    Real(std::path::PathBuf),
+    /// Its device and inode: for a file with several hard links.
+    Inode(u64, u64),
+}
+
+/// The keys of the file at `path`: its real path, and its inode where it has hard links (and the
+/// file system gives inode numbers: a 0 is never taken for another file's).
+fn file_keys(path: &Path) -> Result<Vec<FileKey>> {
     use std::os::unix::fs::MetadataExt;
-    (meta.dev(), meta.ino())
+    let fail = |e| Error::io("cannot read the training data", path, e);
+    let meta = std::fs::metadata(path).map_err(fail)?;
+    let mut keys = vec![FileKey::Real(std::fs::canonicalize(path).map_err(fail)?)];
+    if meta.nlink() > 1 && meta.ino() != 0 {
+        keys.push(FileKey::Inode(meta.dev(), meta.ino()));
+    }
+    Ok(keys)
 }
 
 /// Text must be UTF-8 without NUL bytes; anything else is most likely a binary file.
@@ -232,6 +259,41 @@ mod tests {
         std::fs::remove_dir_all(&root).expect("clean up");
     }
 
+    /// A fresh directory under the system's temporary one, removed when dropped (a failed test
+    /// leaves nothing).
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!("semoe-corpus-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("scratch");
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_pipe_is_read_to_its_end() {
+        let scratch = Scratch::new("pipe");
+        let fifo = scratch.0.join("text");
+        let c = std::ffi::CString::new(fifo.to_str().expect("path")).expect("c path");
+        // SAFETY: `c` is a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, "from a pipe\n"))
+        };
+        let text = read_text(&fifo).expect("a pipe's text");
+        writer.join().expect("writer").expect("write");
+        assert_eq!(text, b"from a pipe\n");
+    }
+
     #[test]
     fn a_device_is_refused_rather_than_read_for_ever() {
         let dev = std::path::Path::new("/dev/zero");
@@ -239,14 +301,13 @@ mod tests {
             return;
         }
         let err = read_text(dev).expect_err("a device").to_string();
-        assert!(err.contains("neither a file nor a directory"), "{err}");
+        assert!(err.contains("it is a device, not a text file"), "{err}");
     }
 
     #[test]
     fn a_file_or_directory_under_two_names_is_read_once_under_the_first_name() {
-        let root = std::env::temp_dir().join(format!("semoe-corpus-names-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let data = root.join("data");
+        let scratch = Scratch::new("names");
+        let data = scratch.0.join("data");
         std::fs::create_dir_all(data.join("z")).expect("z");
         std::fs::write(data.join("m.txt"), "M").expect("m");
         std::fs::write(data.join("z/f.txt"), "F").expect("f");
@@ -258,6 +319,5 @@ mod tests {
         std::fs::hard_link(data.join("m.txt"), data.join("o.txt")).expect("a hard link");
         let text = read_text(&data).expect("the texts");
         assert_eq!(String::from_utf8_lossy(&text), "F\n\nM");
-        std::fs::remove_dir_all(&root).expect("clean up");
     }
 }

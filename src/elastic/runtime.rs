@@ -204,6 +204,10 @@ pub struct ElasticRuntime {
     /// The latest step an epoch began to run (`None`: none yet); link faults of later steps only
     /// go to new epochs ([`ElasticOptions::link_faults`]).
     attempted: Option<u64>,
+    /// Steps whose metrics were recorded, shared with every epoch's runtime: a step an epoch
+    /// committed (even one whose caller gave up on it at a loss) is not recorded again when the
+    /// next epoch replays it.
+    reported: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Over NCCL the coordinator makes the communicators' ids (and hosts their bootstrap): say when
@@ -243,6 +247,7 @@ impl ElasticRuntime {
             traffic_closed: Default::default(),
             traffic_last: Vec::new(),
             attempted: None,
+            reported: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
         let wanted = rt.options.min_workers.max(1);
         rt.wait_for(wanted).await?;
@@ -1036,7 +1041,7 @@ impl ElasticRuntime {
             .deadline(Duration::from_secs_f64(self.config.train.deadline_s))
             .state(state.0.clone(), state.1.clone())
             // The steps its copy lacks are replayed: reported the first time.
-            .reported_through(self.committed)
+            .reported_steps(self.reported.clone())
             .build()
             .await;
         let runtime = match runtime {

@@ -100,27 +100,67 @@ impl ServeConfig {
     }
 }
 
-/// A socket listening on a server's address, before its decoder exists ([`Server::with_listener`]).
+/// A server's address, bound before its decoder exists ([`Server::with_listener`]): an address in
+/// use is refused at once, while the socket listens only once the server is ready, so that a
+/// client (or a TCP readiness probe) meanwhile is refused rather than left waiting on a model load.
 pub struct Listener {
-    socket: std::net::TcpListener,
+    socket: socket2::Socket,
     addr: SocketAddr,
 }
 
 impl Listener {
-    /// Resolve `addr` (HOST:PORT; port 0: any free port) and listen on the first of its addresses
-    /// that binds; the error names the address.
+    /// Resolve `addr` (HOST:PORT; port 0: any free port) and bind the first of its addresses that
+    /// binds; the error names the address.
     pub fn bind(addr: &str) -> Result<Listener> {
-        let socket = bind(addr)?;
-        let addr = socket
-            .local_addr()
-            .map_err(|e| Error::runtime(format!("serve: cannot read the bound address: {e}")))?;
-        Ok(Listener { socket, addr })
+        let candidates: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|e| Error::config(format!("serve: --addr {addr:?} is not a HOST:PORT that resolves: {e}")))?
+            .collect();
+        let mut last = None;
+        for candidate in &candidates {
+            match bind_socket(*candidate) {
+                Ok(socket) => {
+                    let bound = socket
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_socket())
+                        .ok_or_else(|| Error::runtime("serve: cannot read the bound address"))?;
+                    return Ok(Listener { socket, addr: bound });
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(match last {
+            Some(e) => Error::runtime(format!("serve: cannot listen on {addr} ({candidates:?}): {e}")),
+            None => Error::config(format!("serve: --addr {addr:?} resolves to no address")),
+        })
     }
 
-    /// The address it listens on (with the port the system chose for port 0).
+    /// The address it is bound to (with the port the system chose for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
+
+    /// Start listening (non-blocking, for tokio).
+    fn listen(self) -> Result<std::net::TcpListener> {
+        let fail = |e: std::io::Error| Error::runtime(format!("serve: cannot listen on {}: {e}", self.addr));
+        self.socket.listen(1024).map_err(fail)?;
+        self.socket.set_nonblocking(true).map_err(fail)?;
+        Ok(self.socket.into())
+    }
+}
+
+/// A TCP socket bound to `addr` (with `SO_REUSEADDR`, as the standard library's listeners have
+/// it on Unix: a restarted server rebinds past its old connections' TIME_WAIT).
+fn bind_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
 }
 
 /// A bound server, ready to [`Server::run`].
@@ -155,9 +195,10 @@ impl Server {
     pub fn with_listener(listener: Listener, decoder: Box<dyn Decode>, mut config: ServeConfig) -> Result<Server> {
         config.max_batch = decoder.max_batch();
         config.validate()?;
+        let addr = listener.addr;
         Ok(Server {
-            listener: listener.socket,
-            addr: listener.addr,
+            listener: listener.listen()?,
+            addr,
             config,
             decoder,
             metrics: None,
@@ -249,23 +290,6 @@ impl Server {
 const DECODER_STOP: Duration = Duration::from_secs(crate::infer::ring::LOAD_DEADLINE.as_secs() + 10);
 /// How long shutdown waits for cancelled streams to write their last event.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
-
-/// Resolve `addr` and listen on the first of its addresses that binds (non-blocking, for tokio).
-fn bind(addr: &str) -> Result<std::net::TcpListener> {
-    let candidates: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| Error::config(format!("serve: --addr {addr:?} is not a HOST:PORT that resolves: {e}")))?
-        .collect();
-    if candidates.is_empty() {
-        return Err(Error::config(format!("serve: --addr {addr:?} resolves to no address")));
-    }
-    let listener = std::net::TcpListener::bind(&candidates[..])
-        .map_err(|e| Error::runtime(format!("serve: cannot listen on {addr} ({candidates:?}): {e}")))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| Error::runtime(format!("serve: cannot configure the socket of {addr}: {e}")))?;
-    Ok(listener)
-}
 
 #[cfg(test)]
 mod tests {
