@@ -680,12 +680,25 @@ fn the_command_writes_its_report() {
     assert_eq!(json["faults"][0]["fired"], 1);
     assert_eq!(json["replays"], 1);
 
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("from the config not used"),
+        "no config, nothing unused"
+    );
+
     let soak_dir = dir.path().join("soak");
-    let out = common::chaos_command(&scenario, &soak_dir, "4", &["--soak", "3"]);
+    // A config written for `semoe train`: what the chaos run does not do is said.
+    let config = dir.path().join("train.toml");
+    std::fs::write(&config, "[train]\neval_every = 7\ntime_limit_s = 60\n").expect("config");
+    let config = config.to_str().expect("path");
+    let out = common::chaos_command(&scenario, &soak_dir, "4", &["--soak", "3", "--config", config]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}\n{stdout}");
     assert!(stdout.contains("soak: 3 seeds"), "{stdout}");
+    assert!(
+        stderr.contains("train.time_limit_s, train.eval_every from the config not used"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("chaos: injected panic") && !stderr.contains("panicked at"),
         "injected panics are one line each: {stderr}"

@@ -94,6 +94,31 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     if !a.train.sets_steps() {
         config.train.steps = DEFAULT_STEPS;
     }
+    // A config file written for `semoe train` may set what a chaos run does not do: said, since
+    // the run's config.toml will still hold them.
+    let d = semoe::train::TrainConfig::default().train;
+    let unused: Vec<&str> = [
+        ("train.time_limit_s", config.train.time_limit_s != d.time_limit_s),
+        ("train.eval_every", config.train.eval_every != d.eval_every),
+        (
+            "train.checkpoint_every",
+            config.train.checkpoint_every != d.checkpoint_every,
+        ),
+        (
+            "train.keep_checkpoints",
+            config.train.keep_checkpoints != d.keep_checkpoints,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, set)| set.then_some(key))
+    .collect();
+    if !unused.is_empty() {
+        semoe::say!(
+            "notice: a chaos run computes its steps without evaluating, checkpointing (but where a checkpoint \
+             fault asks) or a time limit: {} from the config not used",
+            unused.join(", ")
+        );
+    }
     config.train.time_budget_s = 0.0;
     config.validate()?;
     // Everything the run would refuse, refused before its directory is made or written.
