@@ -314,6 +314,23 @@ fn a_worker_killed_mid_step_costs_a_replay_not_the_run() {
             "{phase}: copy at step 5, lost at 7: {log}"
         );
         assert_same_state(&want, &state_files(&dir.path().join(&run), 20), &run);
+        // The lost epoch's traffic is kept as far as the survivors can tell it: what they sent
+        // the killed member (it was dropped with the epoch when nobody had asked for it before).
+        let log_text = std::fs::read_to_string(dir.path().join(&run).join("metrics.jsonl")).expect("metrics log");
+        let traffic: Vec<semoe::train::log::TrafficRecord> = log_text
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"traffic\""))
+            .map(|l| serde_json::from_str(l).expect("a traffic record"))
+            .collect();
+        assert_eq!(traffic.len(), 1, "{log_text}");
+        assert!(
+            traffic[0]
+                .entries
+                .iter()
+                .any(|e| e.to == 2 && e.from != 2 && e.bytes > 0),
+            "{phase}: nothing sent to the killed member 2 was counted: {:?}",
+            traffic[0].entries
+        );
         eprintln!("{exchange}, {phase}: kill -> next epoch in {recovered:?}");
     }
 }

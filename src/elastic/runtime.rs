@@ -210,6 +210,38 @@ pub struct ElasticRuntime {
     reported: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// The bytes member `m` of `epoch` sent each other member in it, by kind (members by id), asked
+/// within `wait`.
+async fn ask_member_traffic(epoch: &Epoch, m: &Member, wait: Duration) -> Result<Vec<TrafficEntry>> {
+    let who = format!("member {} ({})", m.id, m.name);
+    let command = Command::Traffic { epoch: epoch.number };
+    let reply = tokio::time::timeout(wait, proxy::call(&m.conn, &who, &command, None, 1 << 20))
+        .await
+        .map_err(|_| {
+            Error::runtime(format!(
+                "{who} did not report its traffic within {} s",
+                wait.as_secs_f64()
+            ))
+        })??;
+    let Reply::Traffic(sent) = protocol::decode::<Reply>(&reply, "a traffic reply")? else {
+        return Err(Error::protocol(who, "answered a traffic request with something else"));
+    };
+    let mut all = Vec::new();
+    for (to, kind, bytes) in sent {
+        let to = epoch
+            .members
+            .get(to as usize)
+            .ok_or_else(|| Error::protocol(who.clone(), format!("reported traffic to worker {to}")))?;
+        all.push(TrafficEntry {
+            from: m.id,
+            to: to.id,
+            kind,
+            bytes,
+        });
+    }
+    Ok(all)
+}
+
 /// Over NCCL the coordinator makes the communicators' ids (and hosts their bootstrap): say when
 /// it cannot before workers are started or awaited, not at the first epoch.
 pub fn check_nccl(config: &TrainConfig) -> Result<()> {
@@ -575,10 +607,15 @@ impl ElasticRuntime {
                 .count() as u64;
             self.stats.crashes += lost;
         }
-        // The ending epoch's traffic: asked when every member is there, else the last figures.
-        if let (Some(epoch), false) = (&self.current, from_copy) {
-            if let Ok(sent) = self.ask_traffic(epoch).await {
-                self.traffic_last = sent;
+        // The ending epoch's traffic: asked when every member is there, else of the survivors
+        // (and the last figures of the others).
+        if let Some(epoch) = &self.current {
+            if !from_copy {
+                if let Ok(sent) = self.ask_traffic(epoch).await {
+                    self.traffic_last = sent;
+                }
+            } else {
+                self.traffic_last = self.surviving_traffic(epoch).await;
             }
         }
         for e in std::mem::take(&mut self.traffic_last) {
@@ -844,31 +881,34 @@ impl ElasticRuntime {
     async fn ask_traffic(&self, epoch: &Epoch) -> Result<Vec<TrafficEntry>> {
         let mut all = Vec::new();
         for m in &epoch.members {
-            let who = format!("member {} ({})", m.id, m.name);
-            let command = Command::Traffic { epoch: epoch.number };
-            let reply = tokio::time::timeout(
-                Duration::from_secs(5),
-                proxy::call(&m.conn, &who, &command, None, 1 << 20),
-            )
-            .await
-            .map_err(|_| Error::runtime(format!("{who} did not report its traffic within 5 s")))??;
-            let Reply::Traffic(sent) = protocol::decode::<Reply>(&reply, "a traffic reply")? else {
-                return Err(Error::protocol(who, "answered a traffic request with something else"));
-            };
-            for (to, kind, bytes) in sent {
-                let to = epoch
-                    .members
-                    .get(to as usize)
-                    .ok_or_else(|| Error::protocol(who.clone(), format!("reported traffic to worker {to}")))?;
-                all.push(TrafficEntry {
-                    from: m.id,
-                    to: to.id,
-                    kind,
-                    bytes,
-                });
-            }
+            all.extend(ask_member_traffic(epoch, m, Duration::from_secs(5)).await?);
         }
         Ok(all)
+    }
+
+    /// The figures of an epoch that ends with a member lost: those the members still there
+    /// report now, and the last ones asked of the others (a lost member's bytes since then are
+    /// not known). Each survivor is given a second: a recovery does not wait on a slow answer.
+    async fn surviving_traffic(&self, epoch: &Epoch) -> Vec<TrafficEntry> {
+        let mut answered = std::collections::HashSet::new();
+        let mut fresh = Vec::new();
+        for m in &epoch.members {
+            if matches!(self.cluster.status(m.id), Some(Status::Gone(_)) | None) {
+                continue;
+            }
+            if let Ok(sent) = ask_member_traffic(epoch, m, Duration::from_secs(1)).await {
+                answered.insert(m.id);
+                fresh.extend(sent);
+            }
+        }
+        let mut all: Vec<TrafficEntry> = self
+            .traffic_last
+            .iter()
+            .filter(|e| !answered.contains(&e.from))
+            .cloned()
+            .collect();
+        all.extend(fresh);
+        all
     }
 
     /// Bytes sent between members (by id), by kind, over the run so far: the epochs that ended
