@@ -317,22 +317,25 @@ fn a_worker_killed_mid_step_costs_a_replay_not_the_run() {
         // The lost epoch's traffic is kept as far as the survivors can tell it: what they sent
         // the killed member (it was dropped with the epoch when nobody had asked for it before).
         let log_text = std::fs::read_to_string(dir.path().join(&run).join("metrics.jsonl")).expect("metrics log");
-        let traffic: Vec<semoe::train::log::TrafficRecord> = log_text
-            .lines()
-            .filter(|l| l.contains("\"kind\":\"traffic\""))
-            .map(|l| serde_json::from_str(l).expect("a traffic record"))
-            .collect();
-        assert_eq!(traffic.len(), 1, "{log_text}");
+        let traffic = traffic_record(&log_text);
         assert!(
-            traffic[0]
-                .entries
-                .iter()
-                .any(|e| e.to == 2 && e.from != 2 && e.bytes > 0),
+            traffic.entries.iter().any(|e| e.to == 2 && e.from != 2 && e.bytes > 0),
             "{phase}: nothing sent to the killed member 2 was counted: {:?}",
-            traffic[0].entries
+            traffic.entries
         );
         eprintln!("{exchange}, {phase}: kill -> next epoch in {recovered:?}");
     }
+}
+
+/// The one traffic record of a run's metrics log.
+fn traffic_record(log_text: &str) -> semoe::train::log::TrafficRecord {
+    let mut traffic: Vec<semoe::train::log::TrafficRecord> = log_text
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"traffic\""))
+        .map(|l| serde_json::from_str(l).expect("a traffic record"))
+        .collect();
+    assert_eq!(traffic.len(), 1, "one traffic record: {log_text}");
+    traffic.remove(0)
 }
 
 #[test]
@@ -589,15 +592,10 @@ fn workers_join_and_leave_at_step_boundaries() {
     }
     assert!(log.contains("handed over: "), "{log}");
     // The traffic between members over the whole run, the departed member's epoch included.
-    let traffic: Vec<semoe::train::log::TrafficRecord> = log_text
-        .lines()
-        .filter(|l| l.contains("\"kind\":\"traffic\""))
-        .map(|l| serde_json::from_str(l).expect("a traffic record"))
-        .collect();
-    assert_eq!(traffic.len(), 1, "{log_text}");
-    assert!(traffic[0].members, "over worker processes the cells are member ids");
-    let members: std::collections::BTreeSet<u64> = traffic[0].entries.iter().map(|e| e.from).collect();
-    assert_eq!(members.len(), 3, "three members sent data: {:?}", traffic[0].entries);
+    let traffic = traffic_record(&log_text);
+    assert!(traffic.members, "over worker processes the cells are member ids");
+    let members: std::collections::BTreeSet<u64> = traffic.entries.iter().map(|e| e.from).collect();
+    assert_eq!(members.len(), 3, "three members sent data: {:?}", traffic.entries);
     let report = std::fs::read_to_string(dir.path().join("run/report.md")).expect("report");
     assert!(report.contains("## Membership (worker processes)"), "{report}");
     assert!(report.contains("| 3 | 12 | 2 | member 3 leaves |"), "{report}");

@@ -382,21 +382,9 @@ fn step_order_evicts_what_the_step_needs_last() {
 fn the_trace_after_a_checkpoint_is_the_routing_of_the_next_steps() {
     let tmp = common::TempDir::new("trace-after");
     let dir = tmp.path().join("run");
-    let mut config = semoe::config::TrainConfig::default();
-    config.model.d_model = 32;
-    config.model.n_layer = 2;
-    config.model.n_head = 2;
-    config.model.block_size = 16;
-    config.model.d_ff = 64;
-    config.model.experts = 4;
-    config.model.k = 2;
+    let mut config = common::small_config(6);
     config.model.dropless = true;
-    config.train.batch = 8;
-    config.train.groups = 4;
-    config.train.steps = 6;
     config.train.workers = 0;
-    config.train.eval_every = 0;
-    config.train.checkpoint_every = 0;
     let mut trainer = semoe::train::trainer::Trainer::new(config.clone(), &dir).unwrap();
     for _ in 0..3 {
         trainer.step().unwrap();
