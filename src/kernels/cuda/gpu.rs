@@ -213,15 +213,15 @@ impl Gpu {
         self.stream.synchronize().map_err(driver("the GPU's work failed"))
     }
 
-    /// A copy of `data` on the GPU.
+    /// A copy of `data` on the GPU (through [`Gpu::alloc`] with or without a budget, so an empty
+    /// `data` gives a buffer of one element either way: CUDA refuses empty allocations).
     pub(crate) fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
-        if self.pool.is_none() {
-            return self.stream.clone_htod(data).map_err(driver("cannot copy to the GPU"));
-        }
         let mut buf = self.alloc::<T>(data.len())?;
-        self.stream
-            .memcpy_htod(data, &mut buf)
-            .map_err(driver("cannot copy to the GPU"))?;
+        if !data.is_empty() {
+            self.stream
+                .memcpy_htod(data, &mut buf)
+                .map_err(driver("cannot copy to the GPU"))?;
+        }
         Ok(buf)
     }
 
