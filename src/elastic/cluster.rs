@@ -380,9 +380,8 @@ async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<M
         };
         let (handshakes, expect, book) = (handshakes.clone(), expect.clone(), book.clone());
         tokio::spawn(async move {
-            // The connection is accepted at once (it stays alive while it waits), its hello read
-            // when a handshake place frees up.
-            // Dropped unfinished, the connection closes.
+            // The connection is accepted at once, within TLS_HANDSHAKE (dropped unfinished, it
+            // closes); it stays alive while it waits for a handshake place, then its hello is read.
             let Ok(Ok(conn)) = tokio::time::timeout(TLS_HANDSHAKE, incoming).await else {
                 return;
             };

@@ -191,7 +191,8 @@ impl Server {
 
     /// Serve on a socket bound before the decoder was ready (`config.addr` is not used): a
     /// service whose model takes long to load binds first, so that an address it cannot have is
-    /// refused at once and not after the load. Connections wait in the socket's backlog meanwhile.
+    /// refused at once and not after the load. The socket listens from here on: connections
+    /// before were refused.
     pub fn with_listener(listener: Listener, decoder: Box<dyn Decode>, mut config: ServeConfig) -> Result<Server> {
         config.max_batch = decoder.max_batch();
         config.validate()?;
