@@ -660,6 +660,10 @@ fn bad_input_gets_clear_messages() {
             "must be at least 1",
         ),
         (
+            &["bench", "moe-layer", "--device", "cuda", "--threads", "4"],
+            "--threads 4 sets the CPU's compute threads; --device cuda computes on the GPU",
+        ),
+        (
             &["bench", "moe-layer", "--precision", "bf16"],
             "--precision bf16 applies to the GPU's products (--device cuda)",
         ),

@@ -246,9 +246,9 @@ pub struct RecoveryArgs {
 
 #[derive(Args)]
 pub struct Common {
-    /// Compute threads (0 = one per core).
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
+    /// Compute threads (0 = one per core; 2 when not given). A GPU run refuses it.
+    #[arg(long)]
+    threads: Option<usize>,
     /// Untimed iterations first.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
@@ -258,6 +258,13 @@ pub struct Common {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+impl Common {
+    /// The compute threads asked for, or the default of 2.
+    fn cpu_threads(&self) -> usize {
+        self.threads.unwrap_or(2)
+    }
 }
 
 #[derive(Args)]
@@ -616,6 +623,11 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
             };
             config.validate()?;
             if a.device == "cuda" {
+                if let Some(threads) = a.common.threads {
+                    return Err(semoe::Error::config(format!(
+                        "--threads {threads} sets the CPU's compute threads; --device cuda computes on the GPU"
+                    )));
+                }
                 return moe_layer_on_gpu(&a, &config);
             }
             if a.precision != semoe::kernels::cuda::Precision::F32 {
@@ -624,7 +636,7 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
                     "--precision {given} applies to the GPU's products (--device cuda); the CPU computes in float32"
                 )));
             }
-            let cpu = Cpu::new(a.common.threads)?;
+            let cpu = Cpu::new(a.common.cpu_threads())?;
             let peak = bench::fma_peak_gflops(cpu.threads());
             let r = bench::moe_layer_bench(&cpu, &config, a.tokens, a.common.warmup, a.common.iters, peak)?;
             if a.common.json {
@@ -740,7 +752,7 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
         BenchCommand::Generate(a) => generate_bench(&a)?,
         BenchCommand::Ring(a) => ring_bench(&a)?,
         BenchCommand::Matmul(a) => {
-            let cpu = Cpu::new(a.common.threads)?;
+            let cpu = Cpu::new(a.common.cpu_threads())?;
             let peak = bench::fma_peak_gflops(cpu.threads());
             let r = bench::matmul_bench(&cpu, a.size, a.common.warmup, a.common.iters)?;
             if a.common.json {
