@@ -1151,25 +1151,23 @@ fn chaos_refuses_what_its_run_would_refuse_before_making_its_directory() {
         (&["--d-model", "65536", "--heads", "4"], "GiB"),
         (&["--min-workers", "1"], "--min-workers does not apply"),
         (&["--soak", "0"], "--soak 0"),
-        (&["--workers", "1"], "worker"),
-        (&["--steps", "2"], "step"),
+        (&["--workers", "1"], "fault[0].worker: worker 1 does not exist"),
+        (&["--steps", "2"], "fault[0].step: step 2 is past the run's last step"),
     ];
     for (extra, want) in cases {
         let run = tmp.path().join("run");
-        let mut argv = vec![
-            "chaos",
-            "--scenario",
-            s,
-            "--run-dir",
-            "run",
-            "--workers",
-            "2",
-            "--steps",
-            "4",
-        ];
+        let mut argv = vec!["chaos", "--scenario", s, "--run-dir", "run"];
+        // Each flag once: clap refuses a repeated flag itself (exit status 2), before any check
+        // of semoe's would run.
+        for (flag, value) in [("--workers", "2"), ("--steps", "4")] {
+            if !extra.contains(&flag) {
+                argv.extend([flag, value]);
+            }
+        }
         argv.extend_from_slice(extra);
         let (status, _, err) = run_in_dir(tmp.path(), &argv);
-        assert!(!status.success() && err.contains(want), "{extra:?}: {err}");
+        assert_eq!(status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains(want), "{extra:?}: {err}");
         assert!(!run.exists(), "{extra:?}: a refused chaos run made its directory");
     }
     // A folder of the user's own that holds a scenario and a config is not an earlier chaos run.

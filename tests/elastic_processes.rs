@@ -338,6 +338,60 @@ fn traffic_record(log_text: &str) -> semoe::train::log::TrafficRecord {
     traffic.remove(0)
 }
 
+/// The steps replayed after a lost worker are recorded once in the coordinator's metrics (each
+/// epoch builds a runtime of its own; they share the mark of the last step reported): a worker
+/// killed at step 7 with the last copy at step 5 costs 2 replayed steps, and at the hold before
+/// step 15 the endpoint counts 15 steps, no more, and the tokens of 15.
+#[test]
+fn steps_replayed_after_a_lost_worker_are_recorded_once_in_the_metrics() {
+    let dir = TempDir::new("elastic-kill-metrics");
+    let marker = dir.path().join("killed");
+    let args = train_args(
+        "run",
+        "20",
+        &[
+            "--processes",
+            "3",
+            "--snapshot-every",
+            "5",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    let env = [
+        (
+            "SEMOE_TEST_PAUSE",
+            format!("member=2,step=7,phase=forward,file={},action=kill", marker.display()),
+        ),
+        // Held before step 15 for 3 members, of which 2 are left: the endpoint is scraped there
+        // (the process is killed with its group when the test ends).
+        ("SEMOE_TEST_MEMBERS_AT", "15:3".to_string()),
+    ];
+    let mut p = Proc::spawn(dir.path(), "run", &args, &env);
+    p.wait_for("holding before step 15", Duration::from_secs(60));
+    let log = p.log();
+    assert!(marker.exists(), "the hook killed member 2: {log}");
+    assert!(log.contains("epoch 2: 2 workers at step 7"), "{log}");
+    let body = scrape(&printed_metrics_addr(&log, "metrics: http://"));
+    let value = |name: &str| value_of(&body, name).unwrap_or_else(|| panic!("no {name}: {body}"));
+    assert_eq!(
+        value("semoe_replayed_steps_total"),
+        2.0,
+        "copy at step 5, lost at 7: {body}"
+    );
+    assert_eq!(value("semoe_committed_step"), 15.0, "{body}");
+    assert_eq!(value("semoe_step_seconds_count"), 15.0, "each step timed once: {body}");
+    let summed = |name: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // 8 sequences of 16 bytes, 2 experts a token, 2 MoE blocks (`SMALL`), 15 steps.
+    let assignments = summed("semoe_expert_tokens_total") + summed("semoe_expert_dropped_total");
+    assert_eq!(assignments, (15 * 8 * 16 * 2 * 2) as f64, "{body}");
+}
+
 #[test]
 fn a_worker_that_sends_malformed_data_is_evicted() {
     let dir = TempDir::new("elastic-malformed");

@@ -107,14 +107,25 @@ fn the_main_jobs_model_agrees_with_the_recomputing_forward() {
 }
 
 /// Every step's bytes and logit bits of each sequence, decoded in one batch with the given
-/// admission schedule: `(step, prompt index)`.
+/// admission schedule: `(step, prompt index)`, on one compute thread.
 fn run_batch(
     m: &Gpt<f32>,
     prompts: &[(Vec<u8>, SampleOptions)],
     schedule: &[(usize, usize)],
     max_batch: usize,
 ) -> BTreeMap<usize, (Vec<u8>, Vec<Vec<u32>>)> {
-    let mut decoder = BatchDecoder::new(m, Cpu::new(1).expect("cpu"), max_batch).expect("decoder");
+    run_batch_on(1, m, prompts, schedule, max_batch)
+}
+
+/// [`run_batch`] on `threads` compute threads.
+fn run_batch_on(
+    threads: usize,
+    m: &Gpt<f32>,
+    prompts: &[(Vec<u8>, SampleOptions)],
+    schedule: &[(usize, usize)],
+    max_batch: usize,
+) -> BTreeMap<usize, (Vec<u8>, Vec<Vec<u32>>)> {
+    let mut decoder = BatchDecoder::new(m, Cpu::new(threads).expect("cpu"), max_batch).expect("decoder");
     let mut ids: BTreeMap<SeqId, usize> = BTreeMap::new();
     let mut out: BTreeMap<usize, (Vec<u8>, Vec<Vec<u32>>)> = BTreeMap::new();
     let mut step = 0;
@@ -175,24 +186,17 @@ fn a_sequence_gets_the_same_bits_alone_and_in_a_batch() {
             semoe::infer::generate(&m, &Cpu::new(1).expect("cpu"), prompt, o, |_| Ok(())).expect("generate");
         assert_eq!(&generated, bytes, "prompt {p}: generate");
     }
-    // Two threads give the same bits (rows are shared out, never split).
-    let mut decoder = BatchDecoder::new(&m, Cpu::new(2).expect("cpu"), 5).expect("decoder");
-    let mut two: BTreeMap<SeqId, Vec<u8>> = BTreeMap::new();
-    let ids: Vec<SeqId> = prompts
-        .iter()
-        .map(|(p, o)| decoder.admit(p, o).expect("admit"))
-        .collect();
-    let most: usize = prompts.iter().map(|(_, o)| o.max_tokens).sum();
-    let mut steps = 0;
-    while decoder.active() > 0 {
-        steps += 1;
-        assert!(steps <= most, "still active after {steps} steps");
-        for e in decoder.step().expect("step") {
-            two.entry(e.id).or_default().push(e.byte);
-        }
-    }
-    for (p, id) in ids.iter().enumerate() {
-        assert_eq!(two[id], together[&p].0, "prompt {p} with 2 threads");
+    // Two threads give the same bits, bytes and logits (rows are shared out, never split).
+    let two = run_batch_on(2, &m, &prompts, &schedule, 5);
+    assert_eq!(two.len(), together.len(), "sequences decoded with 2 threads");
+    for (p, (bytes, logits)) in &together {
+        assert_eq!(&two[p].0, bytes, "prompt {p} with 2 threads: bytes");
+        assert_eq!(
+            two[p].1.len(),
+            logits.len(),
+            "prompt {p} with 2 threads: steps with logits"
+        );
+        assert!(&two[p].1 == logits, "prompt {p} with 2 threads: logit bits differ");
     }
 }
 
