@@ -296,6 +296,24 @@ fn a_run_directory_is_locked_while_a_trainer_lives() {
         .to_string();
     assert!(err.contains("missing.txt"), "{err}");
     assert!(!fresh.exists(), "a failed start left {}", fresh.display());
+    // One that fails after making its directory (a text too short to train on) removes it; a
+    // directory that was there before, empty, is the user's and stays.
+    let short = tmp.path().join("short.txt");
+    std::fs::write(&short, "too short").expect("text");
+    let mut bad = small(4);
+    bad.train.data = Some(short);
+    let made = tmp.path().join("made");
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir(&mine).expect("the user's directory");
+    for dir in [&made, &mine] {
+        let err = Trainer::new(bad.clone(), dir)
+            .err()
+            .expect("a short text must refuse")
+            .to_string();
+        assert!(err.contains("short.txt"), "{err}");
+    }
+    assert!(!made.exists(), "a failed start left {}", made.display());
+    assert!(mine.is_dir(), "a failed start removed the user's own directory");
 }
 
 #[test]

@@ -200,6 +200,33 @@ pub fn holds_no_results(dir: &Path) -> bool {
     })
 }
 
+/// Create the run directory `dir` (and its parents); whether this call made `dir` itself (false:
+/// it was there, the user's or a process's that raced this one).
+pub fn create_dir(dir: &Path) -> Result<bool> {
+    let cannot = |e| Error::io("cannot create the run directory", dir, e);
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(cannot)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(false),
+        Err(e) => Err(cannot(e)),
+    }
+}
+
+/// Remove the run directory `dir` that a failed start made, when it holds nothing of value
+/// ([`holds_no_results`]) and no other process holds its lock (one that took it since is using
+/// it); removed under the lock, so no start can take it in between.
+pub fn remove_failed_start(dir: &Path) {
+    let Ok(lock) = RunDirLock::acquire(dir) else {
+        return;
+    };
+    if holds_no_results(dir) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    drop(lock);
+}
+
 /// What a run writes into its run directory besides its lock: a directory that semoe locked
 /// (its `.lock` is there) and that holds only these is a run that stopped before its first
 /// checkpoint, which a fresh start begins again (a restarted coordinator pod does exactly that).

@@ -244,18 +244,19 @@ pub fn corpus_for(config: &TrainConfig) -> Result<Corpus> {
 impl Trainer {
     /// Start a fresh run in `run_dir` (created; an existing run there is an error, to never overwrite
     /// a previous run's checkpoints). The run directory is locked for as long as the trainer lives;
-    /// a start that fails leaves no directory behind when it created it.
+    /// a start that fails leaves no directory behind when it created it (one that was there
+    /// before, empty or another process's, is left as it is).
     pub fn new(config: TrainConfig, run_dir: &Path) -> Result<Self> {
-        let fresh = std::fs::read_dir(run_dir).map_or(true, |mut entries| entries.next().is_none());
-        let started = Trainer::create(config, run_dir);
-        if started.is_err() && fresh && run_dir.exists() && run_dir::holds_no_results(run_dir) {
-            // Nothing of value was written: leave no empty run directory behind.
-            let _ = std::fs::remove_dir_all(run_dir);
+        let mut created = false;
+        let started = Trainer::create(config, run_dir, &mut created);
+        if started.is_err() && created {
+            run_dir::remove_failed_start(run_dir);
         }
         started
     }
 
-    fn create(mut config: TrainConfig, run_dir: &Path) -> Result<Self> {
+    /// [`Trainer::new`]; `created` is set once this call has made the run directory itself.
+    fn create(mut config: TrainConfig, run_dir: &Path, created: &mut bool) -> Result<Self> {
         config.validate()?;
         super::memory::check_fits(&config, super::memory::available_bytes())?;
         // Record the data path absolutely, so the run resumes (and its checkpoints evaluate) from
@@ -270,7 +271,7 @@ impl Trainer {
             false => None,
         };
         run_dir::check_fresh(run_dir)?;
-        std::fs::create_dir_all(run_dir).map_err(|e| Error::io("cannot create the run directory", run_dir, e))?;
+        *created = run_dir::create_dir(run_dir)?;
         // Its entry durable, as the checkpoints saved in it are (best effort: a parent that
         // cannot be opened, or a filesystem that refuses a directory's fsync, still runs).
         if let Some(parent) = run_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
