@@ -240,3 +240,40 @@ async fn budgets_that_need_a_disk_without_one_are_refused_at_start_naming_the_fi
         assert_eq!(stats[0].served_from[2], 0, "{device}/{host}");
     }
 }
+
+/// A runtime dropped without a shutdown (an embedder's `?` after a failed call) does not leave
+/// its actors running: they stop, and with them the stores, which delete their Disk tier files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_dropped_without_a_shutdown_stops_its_actors_and_deletes_its_tier_files() {
+    let dir = TempDir::new("budgets-dropped");
+    // Per worker: one MoE block's experts (half of them each) in Device, one unit in Host.
+    let storage = StorageConfig {
+        device_budget: Some(EXPERTS / 2 * UNIT),
+        host_budget: Some(UNIT),
+        dir: Some(dir.path().to_path_buf()),
+        drop_page_cache: false,
+        ..StorageConfig::default()
+    };
+    let rt = Runtime::builder(config())
+        .workers(2)
+        .storage(storage)
+        .build()
+        .await
+        .expect("runtime");
+    rt.step().await.expect("a step");
+    let tier_files = || {
+        (0..2)
+            .filter(|w| dir.path().join(format!("worker-{w}")).exists())
+            .count()
+    };
+    assert_eq!(tier_files(), 2, "each worker keeps a Disk tier");
+    drop(rt);
+    let since = std::time::Instant::now();
+    while tier_files() > 0 {
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(10),
+            "the Disk tier files outlive a dropped runtime by 10 s: its actors still run"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -346,6 +346,7 @@ impl RuntimeBuilder {
             traffic,
             collectives,
             data_digest: self.data_digest,
+            stopped: false,
         })
     }
 }
@@ -422,7 +423,9 @@ fn distribute(
 }
 
 /// A running actor tree. Create it with [`Runtime::builder`]; call [`Runtime::step`] to train,
-/// [`Runtime::state`] to gather the model and optimizer, [`Runtime::shutdown`] to stop.
+/// [`Runtime::state`] to gather the model and optimizer, [`Runtime::shutdown`] to stop. Dropped
+/// without a shutdown (an error returned with `?`), it kills its actors at once, as
+/// [`Runtime::abandon`] does, without waiting for them: they do not outlive it.
 pub struct Runtime {
     coordinator: ActorRef<CoordMsg>,
     join: tokio::task::JoinHandle<()>,
@@ -436,6 +439,23 @@ pub struct Runtime {
     collectives: Option<Arc<ExpertCollectives>>,
     /// The corpus's digest, for the checkpoints (see [`RuntimeBuilder::corpus`]).
     data_digest: Option<String>,
+    /// Set once [`Runtime::shutdown`] or [`Runtime::abandon`] has stopped the actors (the drop
+    /// has nothing left to do).
+    stopped: bool,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        // The actors live as long as their tasks, not their references: kill the tree (the
+        // coordinator's children go with it), and end the lanes waiting in a collective.
+        if let Some(collectives) = &self.collectives {
+            collectives.close("the runtime was dropped");
+        }
+        self.coordinator.kill();
+    }
 }
 
 impl Runtime {
@@ -559,10 +579,11 @@ impl Runtime {
     /// Stop the actor tree at once, also in the middle of a step (ractor's kill: handlers in
     /// progress are dropped). For a membership change after a worker process was lost, when the
     /// step in flight can never finish; the workers' committed state is not read again.
-    pub fn abandon(self) -> RuntimeFuture<'static, ()> {
+    pub fn abandon(mut self) -> RuntimeFuture<'static, ()> {
         Box::pin(async move {
             let _ = self.coordinator.kill_and_wait(Some(Duration::from_secs(5))).await;
-            let _ = self.join.await;
+            let _ = (&mut self.join).await;
+            // (The drop's kill after it finds the tree gone: nothing to do.)
             Ok(())
         })
     }
@@ -604,7 +625,9 @@ impl Runtime {
         while self.expert_stores.iter().any(|s| Arc::strong_count(s) > 1) && since.elapsed() < Duration::from_secs(5) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        drop(self.expert_stores);
+        drop(std::mem::take(&mut self.expert_stores));
+        // (Cancelled before here, the drop kills what is left.)
+        self.stopped = true;
         r
     }
 }
