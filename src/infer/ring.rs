@@ -553,10 +553,6 @@ pub(crate) const LOAD_DEADLINE: Duration = Duration::from_secs(120);
 /// second), so that the decoder keeps reading alongside the I/O threads there.
 const SUSPECT_LOAD: Duration = Duration::from_secs(10);
 
-/// How long dropping a ring waits for its I/O threads to finish their loads; a thread still in a
-/// read after it (a disk or mount that does not answer) is left to end on its own.
-const DROP_WAIT: Duration = Duration::from_secs(10);
-
 fn loader(shared: Arc<Shared>) {
     loop {
         let (piece, section, mut buf) = {
@@ -841,20 +837,10 @@ impl Drop for RingWeights {
         }
         self.shared.work.notify_all();
         self.shared.arrived.notify_all();
-        let deadline = Instant::now() + DROP_WAIT;
-        for t in self.threads.drain(..) {
-            while !t.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
-                crate::say!(
-                    "semoe: a ring I/O thread is still in a read after {} s; left to end on its own",
-                    DROP_WAIT.as_secs()
-                );
-            }
-        }
+        let threads = std::mem::take(&mut self.threads);
+        // A thread still in a read after the wait (a disk or mount that does not answer) is left
+        // to end on its own.
+        crate::storage::tiers::threads::join_within(threads, crate::storage::tiers::threads::DROP_WAIT, "ring I/O");
     }
 }
 

@@ -10,6 +10,7 @@ pub mod policy;
 pub mod replay;
 pub mod size;
 pub mod store;
+pub mod threads;
 pub mod unit;
 
 pub use policy::CachePolicy;

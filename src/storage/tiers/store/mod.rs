@@ -312,10 +312,10 @@ impl std::fmt::Debug for ExpertStore {
 impl Drop for ExpertStore {
     fn drop(&mut self) {
         self.tx.stop();
+        // The tier file is removed even while a thread is still in a read of it (its descriptor
+        // keeps the file until that call returns).
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
-        for t in threads {
-            let _ = t.join();
-        }
+        super::threads::join_within(threads, super::threads::DROP_WAIT, "expert store");
         if let Some(d) = &self.disk {
             d.remove();
         }
@@ -336,7 +336,7 @@ mod tests {
     use crate::optimizer::{AdamW, OptimizerConfig};
     use crate::storage::tiers::policy::CachePolicy;
     use std::path::PathBuf;
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     fn slot(seed: f32) -> ExpertSlot {
         let sizes = [64, 8, 64, 8];
@@ -426,6 +426,59 @@ mod tests {
         no_disk.dir = None;
         let e = ExpertStore::new(0, &no_disk, units(2, 4)).err().unwrap().to_string();
         assert!(e.contains("no disk directory"), "{e}");
+    }
+
+    /// A disk that never answers a read (a hard NFS mount whose server is gone).
+    struct ReadsNeverReturn;
+
+    impl crate::storage::tiers::disk::DiskFaults for ReadsNeverReturn {
+        fn before(
+            &self,
+            _worker: usize,
+            op: crate::storage::tiers::disk::DiskOp,
+            _id: UnitId,
+            _len: usize,
+        ) -> Option<crate::storage::tiers::disk::InjectedIo> {
+            (op == crate::storage::tiers::disk::DiskOp::Read).then_some(crate::storage::tiers::disk::InjectedIo::Delay(
+                Duration::from_secs(3600),
+            ))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_whose_disk_stops_answering_is_dropped_within_its_wait() {
+        let mut c = config(2, 1, "stuck");
+        c.drop_page_cache = false;
+        c.disk_faults = Some(crate::storage::tiers::disk::DiskFaultHook(Arc::new(ReadsNeverReturn)));
+        let store = Arc::new(ExpertStore::new(0, &c, units(3, 2)).unwrap());
+        assert!(store.stats().on_disk > 0, "{:?}", store.stats());
+        // Ask for every unit of the last block: one of them is on disk, and its read never returns.
+        let waiting = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for e in 0..2 {
+                    drop(store.acquire((2, e)).await);
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "the read was answered");
+        waiting.abort();
+        let _ = waiting.await;
+        let started = Instant::now();
+        let dropped = std::thread::spawn(move || drop(store));
+        while !dropped.is_finished() {
+            assert!(
+                started.elapsed() < super::super::threads::DROP_WAIT + Duration::from_secs(5),
+                "the drop waits for a read that never returns"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // And the tier's files are removed all the same.
+        assert!(
+            !dir("stuck").join("worker-0").exists(),
+            "the Disk tier's files outlive the store"
+        );
     }
 
     #[tokio::test]
