@@ -792,19 +792,24 @@ pub async fn start_standalone_worker(w: StandaloneWorker) -> Result<StartedWorke
             &config.train.placement.parse::<ExpertPlacement>()?,
         )?,
     });
-    let mut stores = distribute(
-        &config,
-        &w.model,
-        &w.optimizer,
-        &placement,
-        &w.storage,
-        w.worker..w.worker + 1,
-    )?;
+    // Off the async threads: the store writes the units that fit in no memory tier to its disk
+    // (seconds for a large share), and a worker process's QUIC connections run on those threads:
+    // silent that long, its coordinator and peers would take it for lost.
+    let (mut stores, model) = {
+        let (config, placement, storage, worker) = (config.clone(), placement.clone(), w.storage.clone(), w.worker);
+        let (model, optimizer) = (w.model, w.optimizer);
+        tokio::task::spawn_blocking(move || {
+            let stores = distribute(&config, &model, &optimizer, &placement, &storage, worker..worker + 1);
+            stores.map(|stores| (stores, model))
+        })
+        .await
+        .map_err(|e| Error::runtime(format!("the expert store's set-up failed: {e}")))??
+    };
     let store = stores
         .pop()
         .ok_or_else(|| Error::runtime("no committed state for this worker"))?;
     let experts = store.experts.clone();
-    let mut replica = w.model;
+    let mut replica = model;
     strip_experts(&mut replica);
     let own = if config.storage.shard_dense {
         keep_only(&replica, |i| placement.tensor_owner.get(i) == Some(&w.worker))
@@ -962,5 +967,83 @@ mod tests {
         let ((b, _), slot) = no_such_expert[1].experts.pop().expect("an expert");
         no_such_expert[1].experts.push(((b, config.model.experts), slot));
         refused(&config, &no_such_expert, "does not fit");
+    }
+
+    /// Slows every write of the slot file (a slow disk).
+    struct SlowWrites;
+
+    impl crate::storage::tiers::disk::DiskFaults for SlowWrites {
+        fn before(
+            &self,
+            _worker: usize,
+            op: crate::storage::tiers::disk::DiskOp,
+            _id: crate::storage::tiers::UnitId,
+            _len: usize,
+        ) -> Option<crate::storage::tiers::disk::InjectedIo> {
+            (op == crate::storage::tiers::disk::DiskOp::Write).then_some(
+                crate::storage::tiers::disk::InjectedIo::Delay(Duration::from_millis(300)),
+            )
+        }
+    }
+
+    /// A worker process's set-up writes the units that fit in no memory tier to its disk off the
+    /// async thread: a task beside it (as QUIC's drivers run beside it) keeps running.
+    #[tokio::test]
+    async fn a_standalone_worker_writes_its_disk_share_off_the_async_thread() {
+        let config = small_test_config();
+        let model = Gpt::<f32>::init(&config.model, 1).expect("model");
+        let optimizer = crate::optimizer::for_model(&config.optimizer, &model).expect("optimizer");
+        let dir = std::env::temp_dir().join(format!("semoe-standalone-slow-{}", std::process::id()));
+        let unit = ExpertSlot::bytes_for(config.model.d_model, config.model.d_ff);
+        // 2 blocks of 4 experts: Device holds one block, Host one unit, 3 units go to the disk.
+        let storage = StorageConfig {
+            device_budget: Some(4 * unit),
+            host_budget: Some(unit),
+            dir: Some(dir.clone()),
+            drop_page_cache: false,
+            disk_faults: Some(crate::storage::tiers::disk::DiskFaultHook(Arc::new(SlowWrites))),
+            ..StorageConfig::default()
+        };
+        let (transport, inbox) = crate::net::local::network(1).pop().expect("a transport");
+        // The test's only async thread: a gap between its ticks is time the set-up held it.
+        let ticker = tokio::spawn(async {
+            let mut longest = Duration::ZERO;
+            let mut last = std::time::Instant::now();
+            for _ in 0..150 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                longest = longest.max(last.elapsed());
+                last = std::time::Instant::now();
+            }
+            longest
+        });
+        // The ticker running before the set-up starts.
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        let started = start_standalone_worker(StandaloneWorker {
+            config: config.clone(),
+            text: Arc::new(b"some text to train on, long enough for a window or two".repeat(4)),
+            model,
+            optimizer,
+            worker: 0,
+            workers: 1,
+            transport: Arc::new(transport),
+            inbox,
+            storage,
+            cpu: Cpu::new(1).expect("cpu"),
+            lanes: 1,
+            placement: None,
+            gpu: 0,
+            chaos: crate::chaos::FaultPlan::none(),
+        })
+        .await
+        .expect("started");
+        assert!(started.experts.stats().on_disk >= 3, "{:?}", started.experts.stats());
+        let longest = ticker.await.expect("ticker");
+        let _ = started.actor.kill_and_wait(Some(Duration::from_secs(5))).await;
+        drop(started);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            longest < Duration::from_millis(450),
+            "the set-up held the async thread for {longest:?} (3 writes of 300 ms)"
+        );
     }
 }

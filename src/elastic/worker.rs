@@ -886,7 +886,15 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
     if let Some(actor) = current.actor.take() {
         let _ = actor.kill_and_wait(Some(Duration::from_secs(5))).await;
     }
-    current.store = None;
+    // The last epoch's store is dropped off the async threads (it joins its I/O threads and
+    // deletes its Disk tier file), as the new one is built: the QUIC connections run on them.
+    if let Some(store) = current.store.take() {
+        blocking(move || {
+            drop(store);
+            Ok(())
+        })
+        .await?;
+    }
     current.replica = None;
     let held = current.held.take();
     if peers.len() != workers || worker >= workers {
