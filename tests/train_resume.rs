@@ -363,3 +363,33 @@ fn thread_counts_beyond_the_machine_are_refused() {
     let err = c.validate().expect_err("must refuse").to_string();
     assert!(err.contains("train.threads (100000)") && err.contains("cores"), "{err}");
 }
+
+/// A `Trainer` is a blocking API; an embedder may call it from async code (a handler of its
+/// service): with the actor runtime (`train.workers` 1, the default) it trains, checkpoints and
+/// drops there as it does on a plain thread, bitwise the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trainer_with_the_actor_runtime_runs_inside_an_async_runtime() {
+    let tmp = TempDir::new("resume-async");
+    let mut config = small(3);
+    config.train.workers = 1;
+    let inside = {
+        let mut t = Trainer::new(config.clone(), &tmp.path().join("inside")).expect("a trainer in async code");
+        t.run(false).expect("the run");
+        state(&mut t)
+    };
+    let outside = std::thread::spawn({
+        let dir = tmp.path().join("outside");
+        move || {
+            let mut t = Trainer::new(config, &dir).expect("a trainer on a plain thread");
+            t.run(false).expect("the run");
+            state(&mut t)
+        }
+    })
+    .join()
+    .expect("the plain thread");
+    assert_eq!(inside.0, 3);
+    assert!(
+        inside == outside,
+        "the run inside an async runtime differs from the plain one"
+    );
+}

@@ -24,9 +24,62 @@ enum Kind {
     Elastic(Box<ElasticRuntime>),
 }
 
+/// The engine's own async runtime. A [`Trainer`](super::Trainer) is a blocking API, and an
+/// embedder may call it from async code: there tokio refuses a `block_on` and a blocking drop of
+/// a runtime (it panics), so from inside one the futures run on a thread of their own and the
+/// runtime is shut down in the background.
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnRuntime {
+    fn get(&self) -> &tokio::runtime::Runtime {
+        match &self.0 {
+            Some(rt) => rt,
+            None => unreachable!("the engine's runtime is taken only when it is dropped"),
+        }
+    }
+
+    /// Run `f` to its end on this runtime.
+    fn block_on<F>(&self, f: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        let rt = self.get();
+        if tokio::runtime::Handle::try_current().is_err() {
+            return rt.block_on(f);
+        }
+        std::thread::scope(|scope| match scope.spawn(|| rt.block_on(f)).join() {
+            Ok(out) => out,
+            Err(panic) => std::panic::resume_unwind(panic),
+        })
+    }
+
+    fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.get().spawn(f)
+    }
+
+    fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
+        self.get().enter()
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                rt.shutdown_background();
+            }
+        }
+    }
+}
+
 /// A running actor runtime and the async runtime it lives on.
 pub(crate) struct RuntimeEngine {
-    tokio: tokio::runtime::Runtime,
+    tokio: OwnRuntime,
     kind: Option<Kind>,
     /// Worker processes this run started (reaped when it ends; watched while it runs).
     children: Arc<Mutex<Vec<Child>>>,
@@ -59,7 +112,7 @@ impl RuntimeEngine {
             .build()
             .map_err(|e| Error::runtime(format!("cannot start the async runtime: {e}")))?;
         let mut engine = RuntimeEngine {
-            tokio,
+            tokio: OwnRuntime(Some(tokio)),
             kind: None,
             children: Arc::new(Mutex::new(Vec::new())),
             exit_watch: None,
