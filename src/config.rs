@@ -2,6 +2,8 @@
 //! key optional (defaults below), unknown keys rejected so that a typo is an error, not a silent
 //! default.
 
+pub mod memory;
+
 use crate::error::{Error, Result};
 use crate::model::gpt::GptConfig;
 use crate::optimizer::OptimizerConfig;

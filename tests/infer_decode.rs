@@ -360,3 +360,18 @@ fn prompts_beyond_one_pass_are_encoded_over_several_with_the_same_bits() {
         assert!(together[&p] == alone[&0], "prompt {p}: bytes and logit bits");
     }
 }
+
+/// A batch larger than the machine's memory is refused with the cache's size (its allocation
+/// aborted the process): `Server::bind` and `BatchDecoder::new` size their cache with it.
+#[test]
+fn a_key_value_cache_larger_than_the_machine_is_refused() {
+    let config = small(1);
+    let err = semoe::infer::decoder::KvCache::new(&config, 1 << 40)
+        .err()
+        .expect("a cache of 2^40 sequences")
+        .to_string();
+    assert!(
+        err.contains("a key/value cache of 1099511627776 sequences needs") && err.contains("available"),
+        "{err}"
+    );
+}

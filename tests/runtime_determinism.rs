@@ -176,3 +176,42 @@ fn the_runtime_trains_on_a_text_of_one_window() {
         assert!(err.contains("needs at least block_size + 1"), "{err}");
     });
 }
+
+/// An embedder's builder is refused what the trainer refuses, by name, before anything is
+/// allocated: a model larger than the machine (its allocation aborted the process) and a text
+/// with bytes outside the vocabulary (it failed at some later step, naming a token).
+#[test]
+fn the_builder_refuses_a_model_too_large_and_a_text_outside_the_vocabulary() {
+    let tokio = tokio::runtime::Runtime::new().expect("tokio");
+    tokio.block_on(async {
+        let mut huge = small_config();
+        huge.model.d_model = 65536;
+        huge.model.n_head = 4;
+        let err = Runtime::builder(huge)
+            .text(vec![b'a'; 100])
+            .build()
+            .await
+            .err()
+            .expect("a model larger than the machine")
+            .to_string();
+        assert!(
+            err.contains("this config needs about") && err.contains("model.d_model (65536)"),
+            "{err}"
+        );
+        let mut small_vocab = small_config();
+        small_vocab.model.vocab = 128;
+        let mut text = vec![b'a'; 100];
+        text[40] = 200;
+        let err = Runtime::builder(small_vocab)
+            .text(text)
+            .build()
+            .await
+            .err()
+            .expect("a byte outside the vocabulary")
+            .to_string();
+        assert!(
+            err.contains("the runtime's training text holds byte 200 at offset 40"),
+            "{err}"
+        );
+    });
+}

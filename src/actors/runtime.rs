@@ -212,6 +212,14 @@ impl RuntimeBuilder {
                 Arc::new(corpus.train)
             }
         };
+        // A model too large for the machine is refused with the estimate (its allocation would
+        // abort the process); the coordinator of worker processes checked its own run.
+        if self.remote.is_none() {
+            let mut job = config.clone();
+            job.train.workers = self.workers;
+            crate::config::memory::check_fits(&job, crate::config::memory::available_bytes())?;
+        }
+        crate::data::corpus::check_vocab(&config, [text.as_slice()], "the runtime's training text")?;
         // One window of block_size + 1 bytes, as the plain loop needs (data::sampler).
         if text.len() < config.model.block_size + 1 {
             return Err(Error::config(format!(

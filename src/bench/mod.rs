@@ -84,7 +84,7 @@ impl Drop for Scratch {
 /// Refuse a benchmark whose buffers (`bytes`, estimated from its options, named in `what`) exceed
 /// the memory available now: an absurd size would thrash the machine or abort on its allocation.
 pub(crate) fn check_memory(what: &str, bytes: f64) -> Result<()> {
-    let Some(available) = crate::train::memory::available_bytes() else {
+    let Some(available) = crate::config::memory::available_bytes() else {
         return Ok(());
     };
     if bytes > available as f64 {

@@ -80,7 +80,7 @@ impl MemoryArgs {
     pub fn check_cache(&self, config: &semoe::model::gpt::GptConfig, batch: usize) -> semoe::Result<()> {
         let (budget, what) = match &self.kv_budget {
             Some(budget) => (parse_bytes("--kv-budget", budget)?, "--kv-budget"),
-            None => match semoe::train::memory::available_bytes() {
+            None => match semoe::config::memory::available_bytes() {
                 Some(available) => (available, "the memory available"),
                 None => return Ok(()),
             },

@@ -678,7 +678,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
     semoe::say!(
         "run directory: {}; memory: about {} estimated",
         dir.display(),
-        semoe::storage::tiers::format_bytes(semoe::train::memory::estimate(&c).total())
+        semoe::storage::tiers::format_bytes(semoe::config::memory::estimate(&c).total())
     );
     trainer.set_stop_flag(Arc::clone(&stop));
     let signals = match signals {

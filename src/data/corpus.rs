@@ -84,6 +84,28 @@ impl Corpus {
     }
 }
 
+/// Tokens are bytes: a vocabulary smaller than 256 must hold every byte of the text (its `parts`
+/// in order), or the first batch that meets one fails deep inside the model. `what` names the text.
+pub fn check_vocab<'a>(
+    config: &crate::config::TrainConfig,
+    parts: impl IntoIterator<Item = &'a [u8]>,
+    what: &str,
+) -> Result<()> {
+    let vocab = config.model.vocab;
+    if vocab >= crate::config::BYTE_VOCAB {
+        // Every byte fits: no pass over a corpus that may be gigabytes.
+        return Ok(());
+    }
+    let text = parts.into_iter().flatten();
+    if let Some((at, byte)) = text.enumerate().find(|(_, &b)| usize::from(b) >= vocab) {
+        return Err(Error::config(format!(
+            "model.vocab is {vocab}, but {what} holds byte {byte} at offset {at}: every byte of the text \
+             must be below model.vocab (256 holds any text)"
+        )));
+    }
+    Ok(())
+}
+
 /// The text of a UTF-8 file, or of a directory's files (recursively, in sorted path order) joined
 /// with a blank line; an error names the file that is not text, and an all-blank text is an error.
 /// In a directory, symbolic links are followed; a file or directory reached by several names

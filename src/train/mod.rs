@@ -6,12 +6,12 @@ pub mod chaos;
 pub mod chaos_processes;
 pub mod engine;
 pub mod log;
-pub mod memory;
 pub mod trainer;
 
 // The configuration, the data and the optimizer live below the actor runtime (which uses them) and
 // are re-exported here under the paths they had when they were part of `train`.
 pub use crate::config;
+pub use crate::config::memory;
 pub use crate::data::{corpus as data, sampler};
 pub use crate::optimizer;
 

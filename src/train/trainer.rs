@@ -223,21 +223,8 @@ pub fn corpus_for(config: &TrainConfig) -> Result<Corpus> {
         Some(path) => Corpus::from_path(path, config.train.val_fraction, config.model.block_size + 1)?,
         None => Corpus::bundled()?,
     };
-    // Tokens are bytes: a smaller vocabulary must hold every byte of the text, or the first batch
-    // that meets one fails deep inside the model.
-    let vocab = config.model.vocab;
-    if vocab >= crate::config::BYTE_VOCAB {
-        // Every byte fits: no pass over a corpus that may be gigabytes.
-        return Ok(corpus);
-    }
-    let text = corpus.train.iter().chain(&corpus.val);
-    if let Some((at, byte)) = text.enumerate().find(|(_, &b)| usize::from(b) >= vocab) {
-        return Err(Error::config(format!(
-            "model.vocab is {vocab}, but the text {} holds byte {byte} at offset {at}: every byte of the text \
-             must be below model.vocab (256 holds any text)",
-            corpus.source
-        )));
-    }
+    let source = format!("the text {}", corpus.source);
+    crate::data::corpus::check_vocab(config, [corpus.train.as_slice(), corpus.val.as_slice()], &source)?;
     Ok(corpus)
 }
 
