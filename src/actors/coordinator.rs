@@ -350,13 +350,14 @@ async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>
         )));
     }
     let grad_norm = norm_from_parts(parts.iter().map(|(_, s)| *s));
-    if !grad_norm.is_finite() {
-        return Err(Error::runtime(format!(
-            "the gradient norm is {grad_norm} at step {}: training diverged",
-            n + 1
-        )));
-    }
     let lr = a.optimizer.lr_at(n, a.total_steps);
+    if !grad_norm.is_finite() {
+        return Err(Error::Diverged {
+            step: n + 1,
+            what: format!("the gradient norm is {grad_norm}"),
+            lr,
+        });
+    }
     let committed = all(
         &state.workers,
         &format!("the commit of step {n}"),
