@@ -14,7 +14,8 @@ use semoe::train::TrainConfig;
 async fn main() -> semoe::Result<()> {
     // Record metrics in memory (a service would install its exporter here instead, before the
     // runtime starts, for example `semoe::telemetry::metrics::serve_prometheus("127.0.0.1:9000")`
-    // on this tokio runtime, or `serve_in_background` on a thread of its own).
+    // on this tokio runtime; `serve_in_background` owns a runtime of its own, for programs
+    // without one, and must not be dropped inside this one).
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     recorder

@@ -3,7 +3,8 @@
 //! The actor runtime with in-process workers or worker processes that join and leave (elastic),
 //! expert state in Device/Host/Disk tiers, checkpoints, bitwise determinism across worker counts,
 //! placements, membership changes and resume; incremental, batched and ring-memory generation. The
-//! GPU path is not built yet.
+//! GPU path (one-GPU training, the expert exchange over NCCL; feature `cuda`) is built but has not
+//! yet run on a GPU.
 //!
 //! The crate is organised as `docs/architecture.md` describes (module map, layering, the path of a
 //! token batch, the determinism contract), lowest layer first: [`kernels`] (compute backends),

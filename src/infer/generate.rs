@@ -112,7 +112,8 @@ pub fn generate_recomputing(model: &Gpt<f32>, cpu: &Cpu, prompt: &[u8], opts: &S
         prompt.iter().map(|&b| b as u32).collect()
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
-    let mut out = Vec::with_capacity(opts.max_tokens);
+    // A huge --tokens reserves nothing huge (the output grows as it is generated).
+    let mut out = Vec::with_capacity(opts.max_tokens.min(1 << 16));
     for _ in 0..opts.max_tokens {
         let window = &context[context.len().saturating_sub(c.block_size)..];
         let logits = cpu.install(|| model.logits(cpu, window, 1))?;

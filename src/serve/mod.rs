@@ -246,15 +246,16 @@ impl Server {
             .map_err(|e| Error::runtime(format!("serve: cannot start the decoder thread: {e}")))?;
         // The recorder keeps every histogram sample until a scrape or an upkeep drains it: without
         // this, a server nobody scrapes would grow by two samples a decoder step.
+        // Aborted also when this future is dropped before its end (an embedder's `select!`).
         let upkeep = metrics.clone().map(|handle| {
-            tokio::spawn(async move {
+            AbortOnDrop(tokio::spawn(async move {
                 let mut every = tokio::time::interval(crate::telemetry::metrics::UPKEEP);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     every.tick().await;
                     handle.run_upkeep();
                 }
-            })
+            }))
         });
         let state = Arc::new(http::State {
             config: config.clone(),
@@ -263,9 +264,7 @@ impl Server {
             vocab,
         });
         let connections = http::accept_until(listener, Arc::clone(&state), shutdown).await;
-        if let Some(task) = upkeep {
-            task.abort();
-        }
+        drop(upkeep);
         // Grace is over (or every request is done): stop the decoder, which fails what it still holds.
         stop.store(true, Ordering::SeqCst);
         let stopped = tokio::time::timeout(DECODER_STOP, done_rx).await.is_ok();
@@ -291,6 +290,15 @@ impl Server {
 const DECODER_STOP: Duration = Duration::from_secs(crate::infer::ring::LOAD_DEADLINE.as_secs() + 10);
 /// How long shutdown waits for cancelled streams to write their last event.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 #[cfg(test)]
 mod tests {
