@@ -215,3 +215,32 @@ fn the_builder_refuses_a_model_too_large_and_a_text_outside_the_vocabulary() {
         );
     });
 }
+
+/// An embedder's checkpoint into a run directory another process holds (a running `semoe
+/// train`) is refused by the directory's lock: it would take that run's checkpoint in progress
+/// for a leftover and remove it.
+#[test]
+fn a_checkpoint_into_a_run_directory_in_use_is_refused() {
+    let tmp = common::TempDir::new("runtime-checkpoint-lock");
+    let tokio = tokio::runtime::Runtime::new().expect("tokio");
+    tokio.block_on(async {
+        let rt = Runtime::builder(small_config()).build().await.expect("runtime");
+        rt.step().await.expect("step");
+        let held = semoe::storage::run_dir::RunDirLock::acquire(tmp.path()).expect("the other run's lock");
+        let err = rt
+            .save_checkpoint(tmp.path())
+            .await
+            .err()
+            .expect("a directory in use")
+            .to_string();
+        assert!(err.contains("is in use by"), "{err}");
+        assert!(
+            !tmp.path().join("checkpoints").exists(),
+            "it wrote into the directory in use"
+        );
+        drop(held);
+        let saved = rt.save_checkpoint(tmp.path()).await.expect("saved once free");
+        assert!(saved.join("manifest.json").is_file(), "{}", saved.display());
+        rt.shutdown().await.expect("shutdown");
+    });
+}

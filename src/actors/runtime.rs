@@ -568,10 +568,15 @@ impl Runtime {
     }
 
     /// Gather the committed state and write it as a checkpoint under `run_dir/checkpoints/` (the
-    /// format of `semoe train`: `semoe generate --checkpoint` and `Trainer::resume` read it).
+    /// format of `semoe train`: `semoe generate --checkpoint` and `Trainer::resume` read it). The
+    /// run directory is locked while it is written, as every writer of one does: a directory a
+    /// running `semoe train` holds is refused (its checkpoint in progress would be taken for a
+    /// leftover and removed).
     pub fn save_checkpoint<'a>(&'a self, run_dir: &'a std::path::Path) -> RuntimeFuture<'a, std::path::PathBuf> {
         Box::pin(async move {
             let (model, optimizer) = self.state().await?;
+            std::fs::create_dir_all(run_dir).map_err(|e| Error::io("cannot create the run directory", run_dir, e))?;
+            let _lock = crate::storage::run_dir::RunDirLock::acquire(run_dir)?;
             crate::storage::state::save(
                 run_dir,
                 &self.config,
