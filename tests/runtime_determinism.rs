@@ -230,8 +230,7 @@ fn a_checkpoint_into_a_run_directory_in_use_is_refused() {
         let err = rt
             .save_checkpoint(tmp.path())
             .await
-            .err()
-            .expect("a directory in use")
+            .expect_err("a directory in use")
             .to_string();
         assert!(err.contains("is in use by"), "{err}");
         assert!(

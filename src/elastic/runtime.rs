@@ -208,6 +208,9 @@ pub struct ElasticRuntime {
     /// committed (even one whose caller gave up on it at a loss) is not recorded again when the
     /// next epoch replays it.
     reported: Arc<std::sync::atomic::AtomicU64>,
+    /// Members of a formed epoch counted as lost: each once, whether it was found gone as the
+    /// epoch ended, during the hand-over or in a failed attempt at the next one.
+    counted_lost: std::collections::BTreeSet<u64>,
 }
 
 /// The bytes member `m` of `epoch` sent each other member in it, by kind (members by id), asked
@@ -280,6 +283,7 @@ impl ElasticRuntime {
             traffic_last: Vec::new(),
             attempted: None,
             reported: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            counted_lost: std::collections::BTreeSet::new(),
         };
         let wanted = rt.options.min_workers.max(1);
         rt.wait_for(wanted).await?;
@@ -599,14 +603,14 @@ impl ElasticRuntime {
             }
         }
         let from_copy = self.current.is_none() || self.lost_member() || relink;
-        if let Some(epoch) = &self.current {
-            let lost = epoch
-                .members
-                .iter()
-                .filter(|m| matches!(self.cluster.status(m.id), Some(Status::Gone(_)) | None))
-                .count() as u64;
-            self.stats.crashes += lost;
-        }
+        // The ending epoch's members, counted as lost once gone (not left): now, and again after
+        // the hand-over and each attempt, where one may be lost too.
+        let ending: Vec<u64> = self
+            .current
+            .iter()
+            .flat_map(|e| e.members.iter().map(|m| m.id))
+            .collect();
+        self.count_lost(&ending);
         // The ending epoch's traffic: asked when every member is there, else of the survivors
         // (and the last figures of the others).
         if let Some(epoch) = &self.current {
@@ -652,6 +656,7 @@ impl ElasticRuntime {
         // Failed attempts per joining member (see below).
         let mut failures = std::collections::BTreeMap::<u64, u32>::new();
         for attempt in 0..8 {
+            self.count_lost(&ending);
             let members = self.next_members();
             if members.is_empty() {
                 crate::say!(
@@ -681,7 +686,9 @@ impl ElasticRuntime {
             match self.form(epoch_no, &members, &start).await {
                 Ok((epoch, moved)) => {
                     let joins = members.iter().filter(|m| m.status == Status::Waiting).count() as u64;
-                    if self.stats.epoch > 0 {
+                    // Not the start (an epoch formed before; a failed first attempt already
+                    // counted in `stats.epoch`): its members joined, and it was a recovery.
+                    if !self.stats.history.is_empty() {
                         self.stats.joins += joins;
                         self.stats.recovery_seconds.push(started.elapsed().as_secs_f64());
                         metrics::histogram!(names::RECOVERY_SECONDS).record(started.elapsed().as_secs_f64());
@@ -1154,6 +1161,20 @@ impl ElasticRuntime {
         }
         self.cluster.close();
         Ok(())
+    }
+
+    /// Count the members among `ids` that are gone without leaving, each once.
+    fn count_lost(&mut self, ids: &[u64]) {
+        for &id in ids {
+            let gone = match self.cluster.status(id) {
+                Some(Status::Gone(why)) => why != "left",
+                Some(_) => false,
+                None => true,
+            };
+            if gone && self.counted_lost.insert(id) {
+                self.stats.crashes += 1;
+            }
+        }
     }
 
     /// Membership crashes counted so far (members gone without leaving).
