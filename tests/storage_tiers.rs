@@ -179,6 +179,22 @@ fn a_checkpoint_resumes_under_other_budgets_bit_for_bit() {
         while t.steps_done() < STEPS {
             t.step().expect("step");
         }
+        // The resumed run's own budgets are in effect, not the 64/64 units recorded.
+        let stats = t.tier_stats();
+        assert_eq!(stats.len(), 1, "{device:?}/{host:?}: one store");
+        if device.is_empty() {
+            assert_ne!(
+                stats[0].budget,
+                [64 * unit_bytes(); 2],
+                "the recorded budgets: {:?}",
+                stats[0]
+            );
+            assert_eq!(stats[0].on_disk, 0, "all in memory: {:?}", stats[0]);
+            assert_eq!(stats[0].served_from[2], 0, "all in memory: {:?}", stats[0]);
+        } else {
+            assert_eq!(stats[0].budget, [128 * unit_bytes(), 0], "{:?}", stats[0]);
+            assert!(stats[0].peak[0] <= stats[0].budget[0], "{:?}", stats[0]);
+        }
         assert_same(
             &reference,
             &trainer_state_bits(&mut t),
