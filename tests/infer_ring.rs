@@ -428,6 +428,8 @@ fn rewrite_manifest(ckpt: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
         }
     }
     edit(&mut manifest["extra"]);
+    // Without its own digest it is read as a manifest written before there was one.
+    manifest.as_object_mut().expect("an object").remove("manifest_sha256");
     std::fs::write(&path, serde_json::to_vec(&manifest).expect("json")).expect("write manifest");
 }
 

@@ -114,6 +114,8 @@ fn replace_verified(dir: &Path, file: &str, bytes: &[u8]) {
     let entry = files.iter_mut().find(|f| f["name"] == file).expect("file entry");
     entry["bytes"] = json!(bytes.len());
     entry["sha256"] = json!(digest);
+    // Without its own digest it is read as a manifest written before there was one.
+    manifest.as_object_mut().expect("an object").remove("manifest_sha256");
     fs::write(&manifest_path, serde_json::to_vec(&manifest).expect("serialize")).expect("write manifest");
 }
 
@@ -306,7 +308,35 @@ fn bad_manifests_are_clear_errors() {
     let msg = load_error(&dir);
     assert!(msg.contains("unsupported manifest format_version 2"), "{msg}");
 
+    // A value of the manifest changed after the save (a flipped digit of the recorded config, of
+    // the step) no longer matches the manifest's own digest: damage, as a data file's would be.
     value["format_version"] = json!(1);
+    for (key, changed) in [
+        ("extra", json!({ "seed": 1.0, "data_position": 22 })),
+        ("step", json!(4)),
+    ] {
+        let mut damaged = value.clone();
+        damaged[key] = changed;
+        fs::write(&manifest, serde_json::to_vec(&damaged).expect("ser")).expect("write");
+        let msg = load_error(&dir);
+        assert!(msg.contains("manifest does not match its own SHA-256"), "{key}: {msg}");
+    }
+    // Unchanged, reformatted: still its own.
+    fs::write(&manifest, serde_json::to_vec(&value).expect("ser")).expect("write");
+    checkpoint::load(&dir).expect("the same manifest, compact");
+    // Floats of 17 significant digits (a run's seconds) read back to the same bits, so the
+    // digest of a manifest read back is the digest it was saved with.
+    for seconds in [1.0 + 41_000_123.0 / 1e9, 0.1 + 0.2, 1e-23, f64::MAX, 5e-324] {
+        let odd = tmp.path().join(format!("odd-{seconds:e}"));
+        let extra = json!({ "training_seconds": seconds });
+        let saved = checkpoint::save(&odd, 1, &model(1.0).named(), &[], &extra).expect("save");
+        checkpoint::load(&saved).unwrap_or_else(|e| panic!("{seconds:e}: {e}"));
+        assert_eq!(checkpoint::list(&odd).expect("list").len(), 1, "{seconds:e}");
+    }
+    // Without the digest (a manifest written before it existed), its other checks apply.
+    value.as_object_mut().expect("an object").remove("manifest_sha256");
+    fs::write(&manifest, serde_json::to_vec(&value).expect("ser")).expect("write");
+    checkpoint::load(&dir).expect("a manifest without its digest");
     value["files"] = json!([{ "name": "../escape", "bytes": 1, "sha256": "00" }]);
     fs::write(&manifest, serde_json::to_vec(&value).expect("ser")).expect("write");
     let msg = load_error(&dir);

@@ -14,8 +14,11 @@
 //! ```
 //!
 //! `manifest.json` holds `format_version` (1), `step`, `files` (for each data file its `name`,
-//! length in `bytes` and `sha256` hex digest) and `extra`, a JSON value owned by the caller
-//! (configuration, data position, RNG state, ...) that this module stores without looking at it.
+//! length in `bytes` and `sha256` hex digest), `extra`, a JSON value owned by the caller
+//! (configuration, data position, RNG state, ...) that this module stores without looking at it,
+//! and `manifest_sha256`, the SHA-256 of the manifest's compact JSON without that field (damage to
+//! the manifest itself is caught as damage to a data file is; a manifest without it, written
+//! before it existed, is read as before).
 //!
 //! The tensor files are plain safetensors (little-endian f32, C order), so PyTorch can read them
 //! with `safetensors.torch.load_file` and nothing semoe-specific.
@@ -202,6 +205,27 @@ struct Manifest {
     files: Vec<FileEntry>,
     #[serde(default)]
     extra: serde_json::Value,
+    /// SHA-256 of the manifest itself ([`Manifest::digest`]): the data files' digests cover the
+    /// tensors, this one the step, the file list and `extra` (the run's config: a flipped digit
+    /// there would load silently as another model). Absent in manifests written before it, which
+    /// are read as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    manifest_sha256: Option<String>,
+}
+
+impl Manifest {
+    /// The digest of this manifest without its own digest field: of its compact JSON (struct
+    /// fields in declaration order, `extra`'s keys sorted, numbers in their shortest round-trip
+    /// form, so the same manifest read back gives the same bytes).
+    fn digest(&self) -> Result<String> {
+        let unsigned = Manifest {
+            manifest_sha256: None,
+            ..self.clone()
+        };
+        let bytes = serde_json::to_vec(&unsigned)
+            .map_err(|e| Error::runtime(format!("cannot serialize a checkpoint manifest: {e}")))?;
+        Ok(sha256_hex(&bytes))
+    }
 }
 
 /// Writes a checkpoint of `step` under `run_dir/checkpoints/` and returns its directory.
@@ -310,12 +334,14 @@ fn write_contents(
             cut_at(OPTIMIZER_FILE),
         )?);
     }
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         format_version: FORMAT_VERSION,
         step,
         files,
         extra: extra.clone(),
+        manifest_sha256: None,
     };
+    manifest.manifest_sha256 = Some(manifest.digest()?);
     let manifest_path = dir.join(MANIFEST_FILE);
     let mut bytes = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::checkpoint(&manifest_path, format!("cannot serialize manifest: {e}")))?;
@@ -846,6 +872,14 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
     }
     let manifest: Manifest =
         serde_json::from_value(value).map_err(|e| Error::checkpoint(&path, format!("manifest is malformed: {e}")))?;
+    if let Some(recorded) = &manifest.manifest_sha256 {
+        if *recorded != manifest.digest()? {
+            return Err(Error::checkpoint(
+                &path,
+                "manifest does not match its own SHA-256 (manifest_sha256): it was changed or damaged after the save",
+            ));
+        }
+    }
 
     let mut names = BTreeSet::new();
     for entry in &manifest.files {
