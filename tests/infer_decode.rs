@@ -371,7 +371,7 @@ fn a_key_value_cache_larger_than_the_machine_is_refused() {
         .expect("a cache of 2^40 sequences")
         .to_string();
     assert!(
-        err.contains("a key/value cache of 1099511627776 sequences needs") && err.contains("available"),
+        err.contains("a key/value cache of 1099511627776 sequences needs") && err.contains("of memory and swap"),
         "{err}"
     );
 }

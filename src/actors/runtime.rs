@@ -212,9 +212,11 @@ impl RuntimeBuilder {
                 Arc::new(corpus.train)
             }
         };
-        // A model too large for the machine is refused with the estimate (its allocation would
-        // abort the process); the coordinator of worker processes checked its own run.
-        if self.remote.is_none() {
+        // A model the builder would allocate itself, too large for the machine, is refused with
+        // the estimate (its allocation would abort the process). Given a state, the model and
+        // moments are in memory already (the estimate would count them twice against what is
+        // left); the coordinator of worker processes checked its own run.
+        if self.remote.is_none() && self.state.is_none() {
             let mut job = config.clone();
             job.train.workers = self.workers;
             crate::config::memory::check_fits(&job, crate::config::memory::available_bytes())?;
@@ -432,8 +434,9 @@ fn distribute(
 
 /// A running actor tree. Create it with [`Runtime::builder`]; call [`Runtime::step`] to train,
 /// [`Runtime::state`] to gather the model and optimizer, [`Runtime::shutdown`] to stop. Dropped
-/// without a shutdown (an error returned with `?`), it kills its actors at once, as
-/// [`Runtime::abandon`] does, without waiting for them: they do not outlive it.
+/// without a shutdown (an error returned with `?`), it kills its actors as [`Runtime::abandon`]
+/// does, without waiting: each stops at its next wait, and the stores (their threads, their Disk
+/// tier files) go with the last of them, moments later.
 pub struct Runtime {
     coordinator: ActorRef<CoordMsg>,
     join: tokio::task::JoinHandle<()>,

@@ -122,6 +122,21 @@ pub fn available_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Bytes of memory and swap the machine has in all (`MemTotal` + `SwapTotal`), if the system says:
+/// an allocation larger than that fails whatever is free.
+pub fn machine_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some(
+        kib("MemTotal:")?
+            .saturating_add(kib("SwapTotal:").unwrap_or(0))
+            .saturating_mul(1024),
+    )
+}
+
 /// Refuse a config whose estimate exceeds `available` bytes, naming the settings that size it.
 pub fn check_fits(config: &TrainConfig, available: Option<u64>) -> Result<MemoryEstimate> {
     let e = estimate(config);

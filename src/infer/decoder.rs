@@ -44,14 +44,16 @@ impl KvCache {
         let plane = config.block_size.checked_mul(config.d_model).ok_or_else(too_large)?;
         let slot_len = plane.checked_mul(2 * config.n_layer).ok_or_else(too_large)?;
         let total = slot_len.checked_mul(slots).ok_or_else(too_large)?;
-        // More than the machine has would abort the process at the allocation: say so instead.
+        // More than the machine has at all (memory and swap) would abort the process at the
+        // allocation: say so instead. (Less may still be more than is free now: the cache's pages
+        // are touched as sequences fill it, and `--kv-budget` is the caller's to check.)
         let need = KvCache::slot_bytes(config).saturating_mul(slots as u64);
-        if let Some(available) = crate::config::memory::available_bytes().filter(|&a| need > a) {
+        if let Some(machine) = crate::config::memory::machine_bytes().filter(|&m| need > m) {
             return Err(Error::config(format!(
-                "a key/value cache of {slots} sequences needs {} ({} each) and the machine has {} available",
+                "a key/value cache of {slots} sequences needs {} ({} each) and the machine has {} of memory and swap",
                 crate::storage::tiers::format_bytes(need),
                 crate::storage::tiers::format_bytes(KvCache::slot_bytes(config)),
-                crate::storage::tiers::format_bytes(available)
+                crate::storage::tiers::format_bytes(machine)
             )));
         }
         let last_len = config.n_layer * config.d_model;

@@ -77,6 +77,7 @@ pub fn save_interrupted(
             optimizer.v[i].as_slice(),
         ));
     }
+    let config = config_value(config)?;
     let mut extra = json!({
         "config": config,
         "data_position": { "sampler": "pure function of (seed, step, group)", "next_step": optimizer.step },
@@ -99,8 +100,18 @@ pub fn save_model(run_dir: &Path, config: &impl Serialize, step: u64, model: &Gp
         .iter()
         .map(|(n, s, b)| NamedTensor::new(n.as_str(), s.clone(), b.as_slice()))
         .collect();
-    let extra = json!({ "config": config, "model_only": true });
+    let extra = json!({ "config": config_value(config)?, "model_only": true });
     checkpoint::save(run_dir, step, &named, &[], &extra)
+}
+
+/// `config` as the manifest's JSON (`json!` would panic where serde refuses it: a data path that
+/// is not UTF-8).
+fn config_value(config: &impl Serialize) -> Result<serde_json::Value> {
+    serde_json::to_value(config).map_err(|e| {
+        Error::config(format!(
+            "the run's configuration cannot be recorded in a checkpoint: {e}"
+        ))
+    })
 }
 
 /// The model and optimizer state of a loaded (and verified) checkpoint, for a model of
@@ -209,4 +220,28 @@ pub fn model_from(mut ckpt: Checkpoint) -> Result<Gpt<f32>> {
         *buf = ckpt.take_model(name, shape)?;
     }
     Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration serde cannot write as JSON (a data path that is not UTF-8, which an
+    /// embedder's runtime trains on) is an error naming it, not a panic, and nothing is written.
+    #[test]
+    fn a_config_json_refuses_is_an_error_not_a_panic() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut config = crate::config::small_test_config();
+        config.train.data = Some(PathBuf::from(std::ffi::OsStr::from_bytes(b"/tmp/t\xff")));
+        let model = Gpt::<f32>::init(&config.model, 1).expect("model");
+        let optimizer = crate::optimizer::for_model(&config.optimizer, &model).expect("optimizer");
+        let dir = std::env::temp_dir().join(format!("semoe-state-bad-config-{}", std::process::id()));
+        let err = save(&dir, &config, 1, &model, &optimizer, 0.0, None).expect_err("a path that is not UTF-8");
+        assert!(err.to_string().contains("cannot be recorded in a checkpoint"), "{err}");
+        assert!(
+            !dir.join(checkpoint::CHECKPOINTS_DIR).exists(),
+            "a checkpoint was written"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -199,6 +199,10 @@ impl DiskTier {
                 len += padded(unit_len) + padded(grad_len);
             }
         }
+        // A file left there is unlinked first, not truncated: a store still closing (a runtime
+        // dropped a moment ago, an I/O thread left in a read) keeps writing to its own inode,
+        // never into this one's slots.
+        let _ = std::fs::remove_file(&path);
         let create = |direct: bool| {
             let mut o = OpenOptions::new();
             o.read(true).write(true).create(true).truncate(true);
