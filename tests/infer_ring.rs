@@ -499,4 +499,22 @@ fn crafted_headers_and_configs_are_errors_not_panics() {
     semoe::storage::checkpoint::load(&ckpt)
         .and_then(semoe::storage::state::model_from)
         .expect("the restored manifest loads");
+
+    // lm_head stored transposed (the same elements, another layout): refused by both readers
+    // (the ring's checked element counts only, and computed on the wrong layout).
+    let lm_head = header.find("\"lm_head\"").expect("lm_head");
+    let shape = header[lm_head..].find("[64,256]").expect("lm_head's shape") + lm_head;
+    let transposed = format!("{}[256,64]{}", &header[..shape], &header[shape + "[64,256]".len()..]);
+    let mut crafted = (transposed.len() as u64).to_le_bytes().to_vec();
+    crafted.extend_from_slice(transposed.as_bytes());
+    crafted.extend_from_slice(&original[8 + header_len..]);
+    std::fs::write(&file, &crafted).expect("write");
+    rewrite_manifest(&ckpt, |_| {});
+    let e = ModelFile::open(&ckpt).err().expect("refused").to_string();
+    assert!(
+        e.contains("tensor lm_head has shape [256, 64], the model needs [64, 256]"),
+        "{e}"
+    );
+    let e = resident(&ckpt);
+    assert!(e.contains("lm_head"), "resident: {e}");
 }

@@ -25,6 +25,8 @@ struct TensorEntry {
     offset: u64,
     /// Its elements.
     len: usize,
+    /// Its shape (the model's layout: a transposed tensor has the same elements).
+    shape: Vec<usize>,
 }
 
 /// A verified checkpoint parameter file, open for positional reads.
@@ -48,7 +50,9 @@ impl ModelFile {
         if path.join(checkpoint::MANIFEST_FILE).exists() {
             return Self::open_checkpoint(path);
         }
-        let mut candidates = checkpoint::list(path)?;
+        // Every step directory, also those whose manifest fails (`list` leaves them out), so that
+        // each newer damaged one is named before an older one is used.
+        let mut candidates = checkpoint::step_dirs(path)?;
         if candidates.is_empty() {
             return Err(Error::config(format!(
                 "{} is neither a checkpoint nor a run directory with one",
@@ -91,10 +95,10 @@ impl ModelFile {
         Ok(model)
     }
 
-    /// Every tensor of the model present with its element count (computed from the config: building
-    /// the model to ask it would need the memory this reader exists to avoid).
+    /// Every tensor of the model present with its shape (computed from the config: building the
+    /// model to ask it would need the memory this reader exists to avoid).
     fn check_tensors(&self) -> Result<()> {
-        for (name, _, len) in self.config.checked_tensor_shapes(self.tensors.len())? {
+        for (name, shape, len) in self.config.checked_tensor_shapes(self.tensors.len())? {
             match self.tensors.get(&name) {
                 None => {
                     return Err(Error::checkpoint(&self.path, format!("tensor {name} is missing")));
@@ -103,6 +107,12 @@ impl ModelFile {
                     return Err(Error::checkpoint(
                         &self.path,
                         format!("tensor {name} has {} elements, the model needs {len}", t.len),
+                    ));
+                }
+                Some(t) if t.shape != shape => {
+                    return Err(Error::checkpoint(
+                        &self.path,
+                        format!("tensor {name} has shape {:?}, the model needs {shape:?}", t.shape),
                     ));
                 }
                 Some(_) => {}
@@ -307,10 +317,18 @@ fn parse_header(file: &File, info: &ModelFileInfo) -> Result<HashMap<String, Ten
             .filter(|o| o.len() == 2)
             .and_then(|o| Some((o[0].as_u64()?, o[1].as_u64()?)))
             .ok_or_else(|| bad(format!("tensor {name} has no valid data_offsets")))?;
-        let elements = v
+        let shape: Vec<usize> = v
             .get("shape")
             .and_then(|s| s.as_array())
-            .and_then(|s| s.iter().try_fold(1u64, |acc, d| acc.checked_mul(d.as_u64()?)))
+            .and_then(|s| {
+                s.iter()
+                    .map(|d| usize::try_from(d.as_u64()?).ok())
+                    .collect::<Option<_>>()
+            })
+            .ok_or_else(|| bad(format!("tensor {name} has no valid shape")))?;
+        let elements = shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
             .ok_or_else(|| bad(format!("tensor {name} has no valid shape")))?;
         let (begin, end) = offsets;
         let inside = data_start.checked_add(end).is_some_and(|last| last <= info.bytes);
@@ -325,6 +343,7 @@ fn parse_header(file: &File, info: &ModelFileInfo) -> Result<HashMap<String, Ten
             TensorEntry {
                 offset: data_start + begin,
                 len: elements as usize,
+                shape,
             },
         );
     }
