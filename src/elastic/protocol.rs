@@ -542,6 +542,20 @@ pub fn outputs_from_wire(config: &TrainConfig, outputs: Vec<WireOutput>) -> Resu
                     format!("group {g} reports loads for a wrong number of experts"),
                 ));
             }
+            // A group routes at most its tokens times k assignments a block: larger counts would
+            // overflow the coordinator's sums (and its metrics).
+            let assignments = config
+                .group_seqs()
+                .saturating_mul(config.model.block_size)
+                .saturating_mul(config.model.k) as u64;
+            let too_many =
+                |&(ref t, d, _): &(Vec<u64>, u64, Option<u64>)| d > assignments || t.iter().any(|&x| x > assignments);
+            if o.moe_stats.iter().any(too_many) {
+                return Err(Error::parse(
+                    "a step's outputs",
+                    format!("group {g} reports more expert assignments than its {assignments} a block"),
+                ));
+            }
             Ok((
                 g,
                 GroupOutput {
@@ -960,5 +974,27 @@ mod tests {
             ..link(FaultKind::Panic)
         };
         assert_eq!(LinkFault::from_fault(0, &expert), None);
+    }
+
+    /// A worker's step report whose counts are larger than its group can route is refused by
+    /// name (the coordinator's sums of them overflowed); the largest honest counts pass.
+    #[test]
+    fn step_reports_with_impossible_counts_are_refused() {
+        let config = crate::config::small_test_config();
+        let blocks = (0..config.model.n_layer).filter(|&l| config.model.is_moe(l)).count();
+        let most = (config.group_seqs() * config.model.block_size * config.model.k) as u64;
+        let report = |tokens: u64, dropped: u64| WireOutput {
+            group: 0,
+            ce_sum: 1.0,
+            router_loss: vec![0.0; blocks],
+            moe_stats: vec![(vec![tokens; config.model.experts], dropped, None); blocks],
+        };
+        outputs_from_wire(&config, vec![report(most, most)]).expect("the largest honest counts");
+        for (tokens, dropped) in [(u64::MAX, 0), (0, u64::MAX), (most + 1, 0)] {
+            let err = outputs_from_wire(&config, vec![report(tokens, dropped)])
+                .expect_err("impossible counts")
+                .to_string();
+            assert!(err.contains("more expert assignments than its"), "{err}");
+        }
     }
 }
