@@ -42,17 +42,16 @@ fn format_loss(v: f64) -> String {
     }
 }
 
-/// The bytes the workers sent each other: a matrix of totals, then the totals by kind.
+/// The most workers (or members over a run) shown as a matrix of who sent whom; beyond, a row each.
+const MATRIX_MEMBERS: usize = 16;
+
+/// The bytes the workers sent each other: a matrix of totals (or, for many, each one's totals),
+/// then the totals by kind.
 fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
     use crate::storage::tiers::format_bytes;
     use std::collections::BTreeMap;
     let who = if rec.members { "member" } else { "worker" };
     let _ = writeln!(md, "\n## Traffic between workers (to step {})\n", rec.step);
-    let _ = writeln!(
-        md,
-        "Payload bytes each {who} (row) sent each {who} (column) over the run, all kinds together; \
-         the same figures, live, are the `semoe_alltoall_bytes_total` metric.\n"
-    );
     let mut ids: Vec<u64> = rec.entries.iter().flat_map(|e| [e.from, e.to]).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -64,6 +63,41 @@ fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
         let kind = kinds.entry(e.kind.as_str()).or_default();
         *kind = kind.saturating_add(e.bytes);
     }
+    if ids.len() > MATRIX_MEMBERS {
+        // A run with many members over its life (joins after preemptions): a row each, not a
+        // matrix of them all (its cells grow with the square, and nobody reads 100 columns).
+        let _ = writeln!(
+            md,
+            "Payload bytes each of the {} {who}s of the run sent and received, all kinds together; the \
+             same figures, live, are the `semoe_alltoall_bytes_total` metric.\n",
+            ids.len()
+        );
+        let _ = writeln!(md, "| {who} | sent | received |");
+        let _ = writeln!(md, "|---|---|---|");
+        let mut sent: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut received: BTreeMap<u64, u64> = BTreeMap::new();
+        for (&(from, to), &b) in &cells {
+            let s = sent.entry(from).or_default();
+            *s = s.saturating_add(b);
+            let r = received.entry(to).or_default();
+            *r = r.saturating_add(b);
+        }
+        for id in &ids {
+            let (s, r) = (
+                sent.get(id).copied().unwrap_or(0),
+                received.get(id).copied().unwrap_or(0),
+            );
+            let _ = writeln!(md, "| {id} | {} | {} |", format_bytes(s), format_bytes(r));
+        }
+        let by_kind: Vec<String> = kinds.iter().map(|(k, b)| format!("{k} {}", format_bytes(*b))).collect();
+        let _ = writeln!(md, "\nBy kind: {}.", by_kind.join(", "));
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "Payload bytes each {who} (row) sent each {who} (column) over the run, all kinds together; \
+         the same figures, live, are the `semoe_alltoall_bytes_total` metric.\n"
+    );
     let header: Vec<String> = ids.iter().map(|i| format!("to {i}")).collect();
     let _ = writeln!(md, "| {who} | {} | sent |", header.join(" | "));
     let _ = writeln!(md, "|---|{}---|", "---|".repeat(ids.len()));
@@ -361,6 +395,41 @@ pub(super) fn markdown(s: &ReportSummary, metrics: &Metrics, name: &str) -> Stri
 mod tests {
     use super::*;
     use crate::storage::tiers::TierStats;
+
+    /// A run of many members over its life gets a row per member, not a matrix whose cells grow
+    /// with the square of them; its totals still add up.
+    #[test]
+    fn the_traffic_of_many_members_is_a_row_each() {
+        use crate::actors::traffic::TrafficEntry;
+        let members = 200u64;
+        // Each member sent 1 KiB to each of the next 7 (an epoch of 8 at a time).
+        let entries = (0..members)
+            .flat_map(|from| {
+                (1..8).map(move |d| TrafficEntry {
+                    from,
+                    to: (from + d) % members,
+                    kind: "dispatch".into(),
+                    bytes: 1024,
+                })
+            })
+            .collect();
+        let rec = crate::train::log::TrafficRecord {
+            step: 9,
+            members: true,
+            entries,
+        };
+        let mut md = String::new();
+        traffic_section(&mut md, &rec);
+        assert!(md.contains("each of the 200 members of the run"), "{md}");
+        assert!(md.contains("| 0 | 7.00 KiB | 7.00 KiB |"), "{md}");
+        let rows = md
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| member"))
+            .count();
+        assert_eq!(rows, 200, "{md}");
+        assert!(md.len() < 20_000, "{} bytes", md.len());
+        assert!(md.lines().all(|l| l.matches('|').count() <= 4), "a matrix: {md}");
+    }
 
     #[test]
     fn the_storage_section_splits_the_stall_by_cause() {
