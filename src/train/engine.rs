@@ -248,6 +248,15 @@ impl RuntimeEngine {
         }
     }
 
+    /// The epochs of a multi-process run from the `from`-th on (what the metrics log has not
+    /// recorded yet: copied each step, so not the whole history).
+    pub fn epochs_since(&self, from: usize) -> Vec<crate::elastic::runtime::EpochRecord> {
+        match &self.kind {
+            Some(Kind::Elastic(r)) => r.stats().history.iter().skip(from).cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Membership figures of a multi-process run.
     pub fn membership(&self) -> Option<MembershipStats> {
         match &self.kind {

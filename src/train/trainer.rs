@@ -938,8 +938,9 @@ impl Trainer {
 
     /// Log the membership epochs formed since the last call (a run over worker processes).
     fn log_membership(&mut self, log: &mut MetricsLog) -> Result<()> {
-        let Some(stats) = self.membership() else { return Ok(()) };
-        for e in stats.history.iter().skip(self.membership_logged) {
+        let Some(engine) = &self.engine else { return Ok(()) };
+        let new = engine.epochs_since(self.membership_logged);
+        for e in &new {
             log.write(&Record::Membership(log::MembershipRecord {
                 step: e.step,
                 epoch: e.epoch,
@@ -951,7 +952,7 @@ impl Trainer {
                 state_bytes_sent: e.moved.bytes,
             }))?;
         }
-        self.membership_logged = stats.history.len();
+        self.membership_logged += new.len();
         Ok(())
     }
 
