@@ -396,3 +396,29 @@ async fn a_trainer_with_the_actor_runtime_runs_inside_an_async_runtime() {
         "the run inside an async runtime differs from the plain one"
     );
 }
+
+/// A checkpoint a replace renamed aside, left so by a crash between its two renames (a file
+/// system without `RENAME_EXCHANGE`), is the run's newest: a fresh start refuses the directory,
+/// and a resume puts it back and continues from it (it went back to an older step, or found none).
+#[test]
+fn a_checkpoint_renamed_aside_by_an_interrupted_replace_is_resumed_from() {
+    let tmp = TempDir::new("resume-aside");
+    let dir = tmp.path().join("run");
+    let mut t = Trainer::new(small(4), &dir).expect("trainer");
+    for _ in 0..2 {
+        t.step().expect("step");
+    }
+    let saved = t.save_checkpoint(0.0).expect("checkpoint");
+    drop(t);
+    let name = saved.file_name().expect("a name").to_string_lossy().into_owned();
+    let aside = saved.with_file_name(format!(".{name}.old-12345"));
+    std::fs::rename(&saved, &aside).expect("set aside");
+    let err = Trainer::new(small(4), &dir)
+        .err()
+        .expect("a fresh start must refuse")
+        .to_string();
+    assert!(err.contains("set aside by a replace that was interrupted"), "{err}");
+    let t = Trainer::resume(&dir, None).expect("resume");
+    assert_eq!(t.steps_done(), 2, "resumed from the checkpoint set aside");
+    assert!(saved.is_dir() && !aside.exists(), "put back under its name");
+}

@@ -580,6 +580,49 @@ fn exchange(a: &Path, b: &Path) -> Result<bool> {
 /// Removes what interrupted saves left behind in `root`: temporary directories are deleted, and
 /// an aside copy whose step has no final directory (a crash between the two renames of a replace)
 /// is renamed back, since it is the last complete version of that step.
+/// Put back each checkpoint that a replace renamed aside (`.step-N.old-PID`) and that a crash
+/// between its two renames left without a `step-N` (a file system without `RENAME_EXCHANGE`):
+/// what a resume must see before it looks for the newest intact checkpoint (only the next save's
+/// cleanup did it: a resume went back to an older step). Call it holding the run's lock.
+pub fn restore_replaced(run_dir: &Path) -> Result<()> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    if !root.is_dir() {
+        return Ok(());
+    }
+    let mut changed = false;
+    for (name, path) in read_dir_entries(&root)? {
+        let aside = name.strip_prefix('.').and_then(|rest| rest.split_once(".old-"));
+        if let Some((final_name, _pid)) = aside.filter(|(n, _)| parse_step_dir_name(n).is_some()) {
+            let final_dir = root.join(final_name);
+            if !final_dir.exists() {
+                fs::rename(&path, &final_dir).map_err(|e| Error::io("restoring replaced checkpoint", &final_dir, e))?;
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        sync_dir(&root)?;
+    }
+    Ok(())
+}
+
+/// Checkpoints renamed aside by an interrupted replace ([`restore_replaced`] puts them back).
+pub fn replaced_aside(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    Ok(read_dir_entries(&root)?
+        .into_iter()
+        .filter(|(name, _)| {
+            name.strip_prefix('.')
+                .and_then(|rest| rest.split_once(".old-"))
+                .is_some_and(|(n, _)| parse_step_dir_name(n).is_some())
+        })
+        .map(|(_, path)| path)
+        .collect())
+}
+
 fn clean_leftovers(root: &Path) -> Result<()> {
     let mut changed = false;
     for entry in read_dir_entries(root)? {

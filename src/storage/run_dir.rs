@@ -265,6 +265,15 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
         .filter(|n| !n.starts_with(CALIBRATION_PREFIX))
         .collect();
     let steps = crate::storage::checkpoint::step_dirs(dir)?;
+    let aside = crate::storage::checkpoint::replaced_aside(dir)?;
+    if !aside.is_empty() {
+        return Err(Error::config(format!(
+            "{} holds a checkpoint set aside by a replace that was interrupted ({}); use --resume (it \
+             puts it back) or choose another --run-dir",
+            dir.display(),
+            aside[0].display()
+        )));
+    }
     if !steps.is_empty() && crate::storage::checkpoint::latest(dir)?.is_some() {
         return Err(Error::config(format!(
             "{} already holds a run with checkpoints; use --resume to continue it or choose another --run-dir",

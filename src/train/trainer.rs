@@ -351,6 +351,7 @@ impl Trainer {
             rebuilt = Some(rebuild_config(run_dir)?);
         }
         let lock = RunDirLock::acquire(run_dir)?;
+        checkpoint::restore_replaced(run_dir)?;
         let (config, mut notices) = resumed_config(run_dir, options, adjust)?;
         notices.extend(rebuilt);
         // resumed_config reports every field that differs from the recorded config.
@@ -1172,6 +1173,7 @@ pub fn model_from(ckpt: Checkpoint) -> Result<Gpt<f32>> {
 pub fn rebuild_config(run_dir: &Path) -> Result<String> {
     let config_path = run_dir.join("config.toml");
     let _lock = RunDirLock::acquire(run_dir)?;
+    checkpoint::restore_replaced(run_dir)?;
     let resolved = checkpoint::newest_intact(run_dir)?;
     let ckpt = resolved.checkpoint.ok_or_else(|| {
         Error::config(format!(
