@@ -96,8 +96,28 @@ fn resume_ends_bitwise_identical_to_an_uninterrupted_run() {
             .expect("steps after the checkpoint are lost, as in a crash");
     }
     drop(first);
+    // The log as a crash leaves it: lines of steps after the copy, a torn last line.
+    {
+        use std::io::Write;
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("metrics.jsonl"))
+            .expect("log");
+        for step in [4, 6, 8] {
+            writeln!(log, "{{\"kind\":\"note\",\"step\":{step}}}").expect("a line");
+        }
+        log.write_all(b"{\"kind\":\"note\",\"torn").expect("torn line");
+    }
     let mut resumed = Trainer::resume(&dir, None).expect("resume");
     assert_eq!(resumed.steps_done(), 5);
+    // The log keeps what is of the copy's steps, drops the lines after it, ends the torn line.
+    let log = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("log");
+    assert!(log.contains("{\"kind\":\"note\",\"step\":4}\n"), "{log}");
+    assert!(!log.contains("\"step\":6") && !log.contains("\"step\":8"), "{log}");
+    assert!(
+        log.ends_with("{\"kind\":\"note\",\"torn\n"),
+        "the torn line ended: {log}"
+    );
     resumed.run(false).expect("run");
     common::assert_same(
         &common::trainer_state_bits(&mut straight),

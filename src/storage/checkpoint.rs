@@ -457,6 +457,14 @@ fn write_file_synced(path: &Path, bytes: &[u8], pause: Option<Duration>, cut: Op
 /// synced, renamed over `path`, and the directory synced. For a run directory's small files
 /// (`config.toml`, the metrics log when a resume truncates it).
 pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file_durably_with(path, |out| {
+        out.write_all(bytes).map_err(|e| Error::io("cannot write", path, e))
+    })
+}
+
+/// [`write_file_durably`] with the contents written by `fill` (buffered), for contents too
+/// large to hold in memory at once (a long run's metrics log).
+pub fn write_file_durably_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -467,8 +475,12 @@ pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<()> {
         .ok_or_else(|| Error::config(format!("{} is not a file name", path.display())))?;
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let written = (|| {
-        let mut file = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
-        file.write_all(bytes).map_err(|e| Error::io("cannot write", &tmp, e))?;
+        let file = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
+        let mut out = std::io::BufWriter::new(file);
+        fill(&mut out)?;
+        let file = out
+            .into_inner()
+            .map_err(|e| Error::io("cannot write", &tmp, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io("cannot sync", &tmp, e))?;
         fs::rename(&tmp, path).map_err(|e| Error::io("cannot replace", path, e))
     })();

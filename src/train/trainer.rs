@@ -1247,28 +1247,33 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<History> {
         recent_losses: VecDeque::new(),
         last_val: None,
     };
-    let (reader, file_len) = match std::fs::File::open(path) {
+    let open = || match std::fs::File::open(path) {
         Ok(f) => {
             let len = f
                 .metadata()
                 .map_err(|e| Error::io("cannot read the metrics log", path, e))?
                 .len();
-            (log::LogReader::new(std::io::BufReader::new(f), path), len)
+            Ok(Some((log::LogReader::new(std::io::BufReader::new(f), path), len)))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(history),
-        Err(e) => return Err(Error::io("cannot read the metrics log", path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("cannot read the metrics log", path, e)),
     };
-    let mut kept = Vec::new();
+    let Some((reader, file_len)) = open()? else {
+        return Ok(history);
+    };
+    // Any line naming a later step goes, whatever its kind; lines without one stay.
+    let keep = |entry: &log::Entry| entry.step.is_none_or(|s| s <= step);
+    // A first pass reads the history and whether anything goes, holding no more than a line (a
+    // long run's log is gigabytes); a second one rewrites the log only if it must.
+    let mut kept_bytes = 0u64;
     let mut dropped = false;
     for entry in reader {
         let entry = entry?;
-        // Any line naming a later step goes, whatever its kind; lines without one stay.
-        if entry.step.is_some_and(|s| s > step) {
+        if !keep(&entry) {
             dropped = true;
             continue;
         }
-        kept.extend_from_slice(&entry.text);
-        kept.push(b'\n');
+        kept_bytes += entry.text.len() as u64 + 1;
         match entry.parsed {
             // A `null` loss is read as NaN: it does not count, as before the log was typed.
             log::Parsed::Record(Record::Train(r)) if !r.loss.is_nan() => {
@@ -1287,8 +1292,21 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<History> {
     }
     // Rewritten only when a line goes (or a torn last line gets its end): a rewrite needs the log's
     // size in free space, which a run stopped by a full disk may not have.
-    if dropped || kept.len() as u64 != file_len {
-        checkpoint::write_file_durably(path, &kept)?;
+    if dropped || kept_bytes != file_len {
+        let Some((reader, _)) = open()? else {
+            return Err(Error::runtime(format!("{} vanished during a resume", path.display())));
+        };
+        checkpoint::write_file_durably_with(path, |out| {
+            for entry in reader {
+                let entry = entry?;
+                if keep(&entry) {
+                    out.write_all(&entry.text)
+                        .and_then(|()| out.write_all(b"\n"))
+                        .map_err(|e| Error::io("cannot write", path, e))?;
+                }
+            }
+            Ok(())
+        })?;
     }
     Ok(history)
 }
