@@ -456,11 +456,14 @@ fn crafted_headers_and_configs_are_errors_not_panics() {
         .expect("number");
     let end = u64::MAX - 4;
     let crafted_header = format!("{}{begin},{end}{}", &header[..offsets], &header[close..]);
-    // The data keeps its place relative to the header's end (offsets count from there).
-    let mut crafted = (crafted_header.len() as u64).to_le_bytes().to_vec();
-    crafted.extend_from_slice(crafted_header.as_bytes());
-    crafted.extend_from_slice(&original[8 + header_len..]);
-    std::fs::write(&file, &crafted).expect("write");
+    let with_header = |new_header: &str| {
+        // The data keeps its place relative to the header's end (offsets count from there).
+        let mut crafted = (new_header.len() as u64).to_le_bytes().to_vec();
+        crafted.extend_from_slice(new_header.as_bytes());
+        crafted.extend_from_slice(&original[8 + header_len..]);
+        std::fs::write(&file, &crafted).expect("write");
+    };
+    with_header(&crafted_header);
     rewrite_manifest(&ckpt, |_| {});
     let e = ModelFile::open(&ckpt).err().expect("refused").to_string();
     assert!(e.contains("lm_head") && e.contains("data"), "{e}");
@@ -505,10 +508,7 @@ fn crafted_headers_and_configs_are_errors_not_panics() {
     let lm_head = header.find("\"lm_head\"").expect("lm_head");
     let shape = header[lm_head..].find("[64,256]").expect("lm_head's shape") + lm_head;
     let transposed = format!("{}[256,64]{}", &header[..shape], &header[shape + "[64,256]".len()..]);
-    let mut crafted = (transposed.len() as u64).to_le_bytes().to_vec();
-    crafted.extend_from_slice(transposed.as_bytes());
-    crafted.extend_from_slice(&original[8 + header_len..]);
-    std::fs::write(&file, &crafted).expect("write");
+    with_header(&transposed);
     rewrite_manifest(&ckpt, |_| {});
     let e = ModelFile::open(&ckpt).err().expect("refused").to_string();
     assert!(

@@ -589,33 +589,10 @@ fn exchange(a: &Path, b: &Path) -> Result<bool> {
     }
 }
 
-/// Removes what interrupted saves left behind in `root`: temporary directories are deleted, and
-/// an aside copy whose step has no final directory (a crash between the two renames of a replace)
-/// is renamed back, since it is the last complete version of that step.
-/// Put back each checkpoint that a replace renamed aside (`.step-N.old-PID`) and that a crash
-/// between its two renames left without a `step-N` (a file system without `RENAME_EXCHANGE`):
-/// what a resume must see before it looks for the newest intact checkpoint (only the next save's
-/// cleanup did it: a resume went back to an older step). Call it holding the run's lock.
-pub fn restore_replaced(run_dir: &Path) -> Result<()> {
-    let root = run_dir.join(CHECKPOINTS_DIR);
-    if !root.is_dir() {
-        return Ok(());
-    }
-    let mut changed = false;
-    for (name, path) in read_dir_entries(&root)? {
-        let aside = name.strip_prefix('.').and_then(|rest| rest.split_once(".old-"));
-        if let Some((final_name, _pid)) = aside.filter(|(n, _)| parse_step_dir_name(n).is_some()) {
-            let final_dir = root.join(final_name);
-            if !final_dir.exists() {
-                fs::rename(&path, &final_dir).map_err(|e| Error::io("restoring replaced checkpoint", &final_dir, e))?;
-                changed = true;
-            }
-        }
-    }
-    if changed {
-        sync_dir(&root)?;
-    }
-    Ok(())
+/// The final name (`step-N`) of a copy a replace renamed aside (`.step-N.old-PID`).
+fn aside_of(name: &str) -> Option<&str> {
+    let (final_name, _pid) = name.strip_prefix('.')?.split_once(".old-")?;
+    parse_step_dir_name(final_name).map(|_| final_name)
 }
 
 /// Checkpoints renamed aside by an interrupted replace ([`restore_replaced`] puts them back).
@@ -626,36 +603,49 @@ pub fn replaced_aside(run_dir: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(read_dir_entries(&root)?
         .into_iter()
-        .filter(|(name, _)| {
-            name.strip_prefix('.')
-                .and_then(|rest| rest.split_once(".old-"))
-                .is_some_and(|(n, _)| parse_step_dir_name(n).is_some())
-        })
+        .filter(|(name, _)| aside_of(name).is_some())
         .map(|(_, path)| path)
         .collect())
 }
 
+/// Put back each checkpoint that a replace renamed aside and that a crash between its two
+/// renames left without a `step-N` (a file system without `RENAME_EXCHANGE`): what a resume must
+/// see before it looks for the newest intact checkpoint (only the next save's cleanup did it: a
+/// resume went back to an older step). Call it holding the run's lock.
+pub fn restore_replaced(run_dir: &Path) -> Result<()> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    if root.is_dir() {
+        tidy(&root, false)?;
+    }
+    Ok(())
+}
+
+/// Removes what interrupted saves left behind in `root`: temporary directories are deleted, and
+/// an aside copy whose step has no final directory (a crash between the two renames of a replace)
+/// is renamed back, since it is the last complete version of that step.
 fn clean_leftovers(root: &Path) -> Result<()> {
+    tidy(root, true)
+}
+
+/// Rename back each aside copy whose step has no final directory; with `remove`, also delete
+/// temporary directories and aside copies whose step has one (what only a save may do: a resume
+/// leaves them to it).
+fn tidy(root: &Path, remove: bool) -> Result<()> {
     let mut changed = false;
-    for entry in read_dir_entries(root)? {
-        let (name, path) = entry;
-        let Some(rest) = name.strip_prefix('.') else {
-            continue;
-        };
-        if let Some((final_name, _pid)) = rest.split_once(".tmp-") {
-            if parse_step_dir_name(final_name).is_some() {
-                fs::remove_dir_all(&path).map_err(|e| Error::io("removing stale temporary checkpoint", &path, e))?;
+    for (name, path) in read_dir_entries(root)? {
+        if let Some(final_name) = aside_of(&name) {
+            let final_dir = root.join(final_name);
+            if !final_dir.exists() {
+                fs::rename(&path, &final_dir).map_err(|e| Error::io("restoring replaced checkpoint", &final_dir, e))?;
+                changed = true;
+            } else if remove {
+                fs::remove_dir_all(&path).map_err(|e| Error::io("removing stale replaced checkpoint", &path, e))?;
                 changed = true;
             }
-        } else if let Some((final_name, _pid)) = rest.split_once(".old-") {
-            if parse_step_dir_name(final_name).is_some() {
-                let final_dir = root.join(final_name);
-                if final_dir.exists() {
-                    fs::remove_dir_all(&path).map_err(|e| Error::io("removing stale replaced checkpoint", &path, e))?;
-                } else {
-                    fs::rename(&path, &final_dir)
-                        .map_err(|e| Error::io("restoring replaced checkpoint", &final_dir, e))?;
-                }
+        } else if remove {
+            let temporary = name.strip_prefix('.').and_then(|rest| rest.split_once(".tmp-"));
+            if temporary.is_some_and(|(final_name, _pid)| parse_step_dir_name(final_name).is_some()) {
+                fs::remove_dir_all(&path).map_err(|e| Error::io("removing stale temporary checkpoint", &path, e))?;
                 changed = true;
             }
         }

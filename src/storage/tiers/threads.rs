@@ -10,8 +10,7 @@ pub const DROP_WAIT: Duration = Duration::from_secs(10);
 
 /// Join each of `threads` that finishes within `wait` (all of them together); a thread still
 /// running then (blocked in a read) is left to end on its own, with a notice naming `what`.
-/// Returns how many were left.
-pub fn join_within(threads: Vec<JoinHandle<()>>, wait: Duration, what: &str) -> usize {
+pub fn join_within(threads: Vec<JoinHandle<()>>, wait: Duration, what: &str) {
     let deadline = Instant::now() + wait;
     let mut left = 0;
     for t in threads {
@@ -30,5 +29,4 @@ pub fn join_within(threads: Vec<JoinHandle<()>>, wait: Duration, what: &str) -> 
             wait.as_secs_f64()
         );
     }
-    left
 }

@@ -89,25 +89,23 @@ fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
             );
             let _ = writeln!(md, "| {id} | {} | {} |", format_bytes(s), format_bytes(r));
         }
-        let by_kind: Vec<String> = kinds.iter().map(|(k, b)| format!("{k} {}", format_bytes(*b))).collect();
-        let _ = writeln!(md, "\nBy kind: {}.", by_kind.join(", "));
-        return;
-    }
-    let _ = writeln!(
-        md,
-        "Payload bytes each {who} (row) sent each {who} (column) over the run, all kinds together; \
-         the same figures, live, are the `semoe_alltoall_bytes_total` metric.\n"
-    );
-    let header: Vec<String> = ids.iter().map(|i| format!("to {i}")).collect();
-    let _ = writeln!(md, "| {who} | {} | sent |", header.join(" | "));
-    let _ = writeln!(md, "|---|{}---|", "---|".repeat(ids.len()));
-    for &from in &ids {
-        let row: Vec<String> = ids
-            .iter()
-            .map(|&to| cells.get(&(from, to)).map_or("-".to_string(), |&b| format_bytes(b)))
-            .collect();
-        let sent = super::summary::total(ids.iter().filter_map(|&to| cells.get(&(from, to))));
-        let _ = writeln!(md, "| {from} | {} | {} |", row.join(" | "), format_bytes(sent));
+    } else {
+        let _ = writeln!(
+            md,
+            "Payload bytes each {who} (row) sent each {who} (column) over the run, all kinds together; \
+             the same figures, live, are the `semoe_alltoall_bytes_total` metric.\n"
+        );
+        let header: Vec<String> = ids.iter().map(|i| format!("to {i}")).collect();
+        let _ = writeln!(md, "| {who} | {} | sent |", header.join(" | "));
+        let _ = writeln!(md, "|---|{}---|", "---|".repeat(ids.len()));
+        for &from in &ids {
+            let row: Vec<String> = ids
+                .iter()
+                .map(|&to| cells.get(&(from, to)).map_or("-".to_string(), |&b| format_bytes(b)))
+                .collect();
+            let sent = super::summary::total(ids.iter().filter_map(|&to| cells.get(&(from, to))));
+            let _ = writeln!(md, "| {from} | {} | {} |", row.join(" | "), format_bytes(sent));
+        }
     }
     let by_kind: Vec<String> = kinds.iter().map(|(k, b)| format!("{k} {}", format_bytes(*b))).collect();
     let _ = writeln!(md, "\nBy kind: {}.", by_kind.join(", "));
