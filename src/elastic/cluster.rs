@@ -66,7 +66,11 @@ pub struct Member {
 #[derive(Default)]
 struct Book {
     next_id: u64,
+    /// The members not gone (waiting, active or leaving).
     members: BTreeMap<u64, Member>,
+    /// What is kept of the newest [`DEPARTED_KEPT`] members that are gone: a long elastic run
+    /// with churn must not keep every member it ever had, nor its QUIC connection's state.
+    departed: BTreeMap<u64, Departed>,
     /// Member ids of each worker index of an epoch (to name the peer of a worker's notice).
     epochs: BTreeMap<u64, Vec<u64>>,
     /// The link faults of a chaos run that fired, as the workers told them.
@@ -79,7 +83,52 @@ struct Book {
 /// The epochs whose notices the book still resolves.
 const EPOCHS_KEPT: usize = 8;
 
+/// The gone members the book still answers for (by id and by process name): far more than an
+/// epoch has, so the runtime still reads why each member of an ending epoch went.
+const DEPARTED_KEPT: usize = 4096;
+
+/// A member that is gone: its name and why (its connection handle is let go).
+#[derive(Clone, Debug)]
+struct Departed {
+    name: String,
+    reason: String,
+}
+
 impl Book {
+    /// Where member `id` stands (`None`: never admitted, or gone long ago).
+    fn status(&self, id: u64) -> Option<Status> {
+        match self.members.get(&id) {
+            Some(m) => Some(m.status.clone()),
+            None => self.departed.get(&id).map(|d| Status::Gone(d.reason.clone())),
+        }
+    }
+
+    /// The member of process `name`, and where it stands (a gone one too, while kept).
+    fn find_by_name(&self, name: &str) -> Option<(u64, Status)> {
+        if let Some(m) = self.members.values().find(|m| m.name == name) {
+            return Some((m.id, m.status.clone()));
+        }
+        let (id, d) = self.departed.iter().rev().find(|(_, d)| d.name == name)?;
+        Some((*id, Status::Gone(d.reason.clone())))
+    }
+
+    /// Member `id` is gone for `reason`: it leaves the members (its connection, to close, is
+    /// returned) and is kept among the departed. `None`: it was not a member (or already gone).
+    fn depart(&mut self, id: u64, reason: String) -> Option<Member> {
+        let member = self.members.remove(&id)?;
+        self.departed.insert(
+            id,
+            Departed {
+                name: member.name.clone(),
+                reason,
+            },
+        );
+        while self.departed.len() > DEPARTED_KEPT {
+            self.departed.pop_first();
+        }
+        Some(member)
+    }
+
     /// See [`Cluster::begin_epoch`]. The newest [`EPOCHS_KEPT`] epochs are kept, with their lost
     /// links.
     fn begin_epoch(&mut self, epoch: u64, members: Vec<u64>) {
@@ -163,11 +212,10 @@ impl ExitWatch {
     /// joined). A chaos run over processes reads it to say when and how a fault was noticed.
     pub fn member_of(&self, pid: u32) -> Option<(u64, Status)> {
         let name = format!("{}:{pid}", self.host);
-        let book = self.book.lock().unwrap_or_else(PoisonError::into_inner);
-        book.members
-            .values()
-            .find(|m| m.name == name)
-            .map(|m| (m.id, m.status.clone()))
+        self.book
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .find_by_name(&name)
     }
 
     /// Process `pid` of this machine ended (`how`); true when it was a member not already gone.
@@ -194,13 +242,7 @@ impl ExitWatch {
 /// Mark member `id` gone for `reason`: its control connection (to close) if it was not gone yet.
 fn mark_gone(book: &Mutex<Book>, id: u64, reason: &str) -> Option<quinn::Connection> {
     let mut book = book.lock().unwrap_or_else(PoisonError::into_inner);
-    match book.members.get_mut(&id) {
-        Some(m) if !matches!(m.status, Status::Gone(_)) => {
-            m.status = Status::Gone(reason.to_string());
-            Some(m.conn.clone())
-        }
-        _ => None,
-    }
+    book.depart(id, reason.to_string()).map(|m| m.conn)
 }
 
 impl Cluster {
@@ -270,7 +312,7 @@ impl Cluster {
         self.ticket.addr
     }
 
-    /// A copy of every member, in member order.
+    /// A copy of every member not gone (waiting, active or leaving), in member order.
     pub fn members(&self) -> Vec<Member> {
         self.lock().members.values().cloned().collect()
     }
@@ -281,16 +323,24 @@ impl Cluster {
         self.lock().links_lost.get(&epoch).cloned()
     }
 
-    /// The member `id`'s status.
+    /// The member `id`'s status (`None`: never admitted, or gone long before the newest
+    /// [`DEPARTED_KEPT`] that went).
     pub fn status(&self, id: u64) -> Option<Status> {
-        self.lock().members.get(&id).map(|m| m.status.clone())
+        self.lock().status(id)
     }
 
-    /// Set member `id`'s status (a member already gone stays gone).
+    /// Set member `id`'s status (a member already gone stays gone; one set gone leaves the
+    /// members).
     pub fn set_status(&self, id: u64, status: Status) {
-        if let Some(m) = self.lock().members.get_mut(&id) {
-            if !matches!(m.status, Status::Gone(_)) {
-                m.status = status;
+        let mut book = self.lock();
+        match status {
+            Status::Gone(reason) => {
+                book.depart(id, reason);
+            }
+            status => {
+                if let Some(m) = book.members.get_mut(&id) {
+                    m.status = status;
+                }
             }
         }
     }
@@ -477,9 +527,7 @@ async fn admit(
     if let Err(e) = sent {
         // Never admitted after all: it must not stay in the book as a member that is joining.
         let mut b = book.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(m) = b.members.get_mut(&id) {
-            m.status = Status::Gone(format!("its admission could not be sent: {e}"));
-        }
+        b.depart(id, format!("its admission could not be sent: {e}"));
         return Err(e);
     }
     drop(handshake);
@@ -525,20 +573,19 @@ async fn admit(
                 let detail = clipped(detail);
                 // Only a member of that epoch (joining, active or leaving; not gone) speaks for its
                 // peers in it.
-                let reporter_in_epoch = b.epochs.get(&epoch).is_some_and(|ids| ids.contains(&id))
-                    && b.members.get(&id).is_some_and(|m| !matches!(m.status, Status::Gone(_)));
+                let reporter_in_epoch =
+                    b.epochs.get(&epoch).is_some_and(|ids| ids.contains(&id)) && b.members.contains_key(&id);
                 let culprit = b.epochs.get(&epoch).and_then(|ids| ids.get(peer as usize)).copied();
+                let reason = format!("evicted: member {id} reports it sent malformed data ({detail})");
                 if let Some(m) = culprit
                     .filter(|_| reporter_in_epoch)
-                    .and_then(|c| b.members.get_mut(&c))
+                    .and_then(|c| b.depart(c, reason.clone()))
                 {
-                    let reason = format!("evicted: member {id} reports it sent malformed data ({detail})");
                     crate::say!("semoe: member {} ({}) {reason}", m.id, m.name);
-                    m.status = Status::Gone(reason.clone());
                     // Gone at once (the runtime abandons the step); its connection closes a moment
                     // later, so that the notices it sent before its bad frame arrived (a chaos run's
                     // link fault firing: told before the damaged frame left) are still read.
-                    let conn = m.conn.clone();
+                    let conn = m.conn;
                     tokio::spawn(async move {
                         tokio::time::sleep(EVICTION_GRACE).await;
                         conn.close(3u32.into(), reason.as_bytes());
@@ -572,12 +619,9 @@ async fn admit(
         }
     };
     let mut b = book.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(m) = b.members.get_mut(&id) {
-        if !matches!(m.status, Status::Gone(_)) {
-            crate::say!("semoe: lost member {id} ({}): {closed}", m.name);
-            m.status = Status::Gone(format!("connection lost: {closed}"));
-            metrics::counter!(names::MEMBERSHIP, "kind" => "crash").increment(1);
-        }
+    if let Some(m) = b.depart(id, format!("connection lost: {closed}")) {
+        crate::say!("semoe: lost member {id} ({}): {closed}", m.name);
+        metrics::counter!(names::MEMBERSHIP, "kind" => "crash").increment(1);
     }
     Ok(())
 }
@@ -697,5 +741,60 @@ mod tests {
         assert_eq!(book.epochs.keys().next(), Some(&(20 - EPOCHS_KEPT as u64 + 1)));
         assert_eq!(book.links_lost.len(), EPOCHS_KEPT);
         assert!(book.links_lost.keys().eq(book.epochs.keys()));
+    }
+
+    /// A live control connection over 127.0.0.1 (the book holds one per member).
+    async fn connection() -> (quinn::Endpoint, quinn::Connection) {
+        let identity = JobIdentity::generate().unwrap();
+        let localhost: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let endpoint = quic::endpoint(localhost, &identity, &identity.fingerprint()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let (client, server) = tokio::time::timeout(Duration::from_secs(10), async {
+            let connecting = endpoint.connect(addr, quic::SERVER_NAME).unwrap();
+            let incoming = endpoint.accept().await.unwrap();
+            tokio::join!(connecting, incoming)
+        })
+        .await
+        .expect("a connection within 10 s");
+        drop(server.unwrap());
+        (endpoint, client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_member_that_goes_leaves_the_members_and_only_the_newest_departed_are_kept() {
+        let (_endpoint, conn) = connection().await;
+        let mut book = Book::default();
+        let admit = |book: &mut Book, id: u64| {
+            book.members.insert(
+                id,
+                Member {
+                    id,
+                    name: format!("host:{id}"),
+                    conn: conn.clone(),
+                    data_addr: "127.0.0.1:9".parse().unwrap(),
+                    status: Status::Active,
+                },
+            );
+        };
+        let churn = DEPARTED_KEPT as u64 + 10;
+        for id in 1..=churn {
+            admit(&mut book, id);
+            let reason = if id % 2 == 0 { "left" } else { "connection lost" };
+            assert_eq!(book.depart(id, reason.into()).map(|m| m.id), Some(id));
+            assert!(book.depart(id, "again".into()).is_none(), "a member goes once");
+        }
+        admit(&mut book, churn + 1);
+        assert_eq!(book.members.len(), 1, "only the member still there is held");
+        assert_eq!(book.departed.len(), DEPARTED_KEPT);
+        // The newest departed still answer with why they went, by id and by process name.
+        assert_eq!(book.status(churn), Some(Status::Gone("left".into())));
+        assert_eq!(
+            book.find_by_name(&format!("host:{}", churn - 1)),
+            Some((churn - 1, Status::Gone("connection lost".into())))
+        );
+        assert_eq!(book.status(churn + 1), Some(Status::Active));
+        // The oldest are forgotten.
+        assert_eq!(book.status(1), None);
+        assert_eq!(book.find_by_name("host:1"), None);
     }
 }

@@ -367,18 +367,18 @@ impl ElasticRuntime {
         let Some(epoch) = &self.current else {
             return Some("no epoch".into());
         };
-        let members = self.cluster.members();
-        for m in &members {
-            let active = epoch.members.iter().any(|a| a.id == m.id);
-            if let (Status::Gone(why), true) = (&m.status, active) {
-                return Some(format!("member {} lost: {why}", m.id));
+        for a in &epoch.members {
+            match self.cluster.status(a.id) {
+                Some(Status::Gone(why)) => return Some(format!("member {} lost: {why}", a.id)),
+                None => return Some(format!("member {} lost", a.id)),
+                Some(_) => {}
             }
         }
         // Every member is there but two of them lost their link: a new epoch connects anew.
         if let Some(why) = self.lost_link(LINK_LOSS_GRACE) {
             return Some(format!("a link was lost ({why})"));
         }
-        for m in &members {
+        for m in &self.cluster.members() {
             let active = epoch.members.iter().any(|a| a.id == m.id);
             match (&m.status, active) {
                 _ if losses_only => {}
@@ -1144,9 +1144,6 @@ impl ElasticRuntime {
             dismantle(epoch).await;
         }
         for m in self.cluster.members() {
-            if matches!(m.status, Status::Gone(_)) {
-                continue;
-            }
             let command = Command::Dismiss {
                 left: true,
                 reason: reason.to_string(),
