@@ -175,6 +175,15 @@ impl Error {
         matches!(self, Error::ActorFailed { .. })
     }
 
+    /// The worker that did not answer, when this is a [`Error::Deadline`] naming one
+    /// (`worker N`, as exchanges and the coordinator name workers).
+    pub fn silent_worker(&self) -> Option<usize> {
+        match self {
+            Error::Deadline { peer, .. } => peer.strip_prefix("worker ")?.parse().ok(),
+            _ => None,
+        }
+    }
+
     /// A protocol violation by `peer`.
     pub fn protocol(peer: impl Into<String>, detail: impl Into<String>) -> Self {
         Error::Protocol {

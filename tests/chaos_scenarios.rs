@@ -404,16 +404,13 @@ fn a_corrupted_request_or_a_partition_stops_the_run_naming_the_link() {
 
 /// A Communicator that fails (an error, a panic) when asked to send the first exchange of its
 /// step: its worker's supervisor restarts it, and the step is replayed: the state ends bitwise
-/// equal. The one documented exception: a peer's request that was already queued in the failed
-/// communicator's mailbox is lost with it, and that peer's exchange ends at the collective
-/// deadline (1 s here) with the error naming the worker (it happens on a loaded machine, when the
-/// restart is slow). A case that ends so is run again (up to 3 times), and at least one run must
-/// be repaired: a replay that never repairs would otherwise pass as the exception every time.
+/// equal. A peer's request already queued in the failed communicator's mailbox is lost with it,
+/// so that peer's exchange ends at the collective deadline (1 s here, on a loaded machine): its
+/// error is explained by the failed worker's own, and the step is replayed all the same. Each
+/// case runs three times: every run must be repaired.
 #[test]
 fn a_communicator_fault_is_repaired_by_a_restart_and_a_replay() {
     let c = config(8, 2);
-    // A case repaired once is not run again.
-    let mut repaired_cases: Vec<&str> = Vec::new();
     for (what, spec) in [
         ("communicator error", FaultSpec::communicator().worker(1).error().at(2)),
         ("communicator panic", FaultSpec::communicator().worker(0).panic().at(5)),
@@ -427,9 +424,6 @@ fn a_communicator_fault_is_repaired_by_a_restart_and_a_replay() {
             .fault(spec)
             .build()
             .expect("valid");
-        if repaired_cases.contains(&what) {
-            continue;
-        }
         let report = run(&c, &scenario, what);
         assert_eq!(report.faults[0].fired, 1, "{what}");
         assert_eq!(report.restarts, 1, "{what}: the communicator restarted");
@@ -438,30 +432,9 @@ fn a_communicator_fault_is_repaired_by_a_restart_and_a_replay() {
             "{what}: {}",
             report.faults[0].detection
         );
-        match &report.verdict {
-            Verdict::Stopped { step, error, after_s } => {
-                assert_eq!(*step, report.faults[0].step, "{what}: {error}");
-                assert!(
-                    error.contains("did not answer") && error.contains("within 1000 ms"),
-                    "{what}: {error}"
-                );
-                assert!(*after_s < 4.0, "{what}: stopped after {after_s} s");
-            }
-            _ => {
-                assert_bitwise_equal(&report, &c, what);
-                assert!(report.replays >= 1, "{what}: its step replayed");
-                repaired_cases.push(what);
-            }
-        }
+        assert_bitwise_equal(&report, &c, what);
+        assert!(report.replays >= 1, "{what}: its step replayed");
     }
-    assert!(
-        !repaired_cases.is_empty(),
-        "no run of either case was repaired (each stopped at its deadline)"
-    );
-    let err = Scenario::from_toml("[[fault]]\nactor = \"communicator\"\nkind = \"error\"\nstep = 1\nblock = 0\n")
-        .expect_err("block")
-        .to_string();
-    assert!(err.contains("fault[0].block"), "{err}");
 }
 
 #[test]

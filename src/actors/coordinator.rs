@@ -204,28 +204,44 @@ async fn all<R: Send + 'static>(
         });
     }
     let mut results: Vec<Option<R>> = (0..workers.len()).map(|_| None).collect();
-    let mut error: Option<Error> = None;
+    let mut errors: Vec<(usize, Error)> = Vec::new();
     while let Some(joined) = tasks.join_next().await {
         match joined {
             Ok((i, Ok(r))) => results[i] = Some(r),
-            Ok((_, Err(e))) => {
-                if error
-                    .as_ref()
-                    .is_none_or(|prev| prev.is_restartable() && !e.is_restartable())
-                {
-                    error = Some(e);
-                }
-            }
-            Err(e) => error = Some(Error::runtime(format!("a call to a worker panicked: {e}"))),
+            Ok((i, Err(e))) => errors.push((i, e)),
+            Err(e) => errors.push((usize::MAX, Error::runtime(format!("a call to a worker panicked: {e}")))),
         }
     }
-    match error {
+    match deciding_error(errors) {
         Some(e) => Err(e),
         None => results
             .into_iter()
             .map(|r| r.ok_or_else(|| Error::runtime("a worker gave no answer")))
             .collect(),
     }
+}
+
+/// The error a call to every worker ends with, from each worker's (by index): the first that a
+/// restart does not repair, else the first. A worker that did not answer a peer within the
+/// deadline is explained by that peer's own restartable failure in the same call: a request
+/// queued in a failed communicator's mailbox is lost with the actor, so the peer that sent it
+/// waits for its deadline, and a replay (on the restarted communicator) repairs both.
+fn deciding_error(errors: Vec<(usize, Error)>) -> Option<Error> {
+    let restarted: Vec<usize> = errors
+        .iter()
+        .filter(|(_, e)| e.is_restartable())
+        .map(|(i, _)| *i)
+        .collect();
+    let mut unrepaired = None;
+    let mut repaired = None;
+    for (_, e) in errors {
+        if e.is_restartable() {
+            repaired.get_or_insert(e);
+        } else if !e.silent_worker().is_some_and(|w| restarted.contains(&w)) {
+            unrepaired.get_or_insert(e);
+        }
+    }
+    unrepaired.or(repaired)
 }
 
 async fn step(state: &mut CoordState) -> Result<StepOutcome> {
@@ -381,4 +397,61 @@ async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>
         return Err(Error::runtime(e));
     }
     Ok((outputs, grad_norm, lr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(worker: usize) -> Error {
+        Error::ActorFailed {
+            actor: format!("the communicator of worker {worker}"),
+            detail: "panicked".into(),
+        }
+    }
+
+    fn silent(worker: usize) -> Error {
+        Error::Deadline {
+            peer: format!("worker {worker}"),
+            what: "the block-1 expert forward of step 5".into(),
+            deadline_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn a_deadline_on_a_worker_that_failed_restartably_is_replayed() {
+        // Worker 1 waited for a request lost in worker 0's failed communicator.
+        let e = deciding_error(vec![(1, silent(0)), (0, failed(0))]).unwrap();
+        assert!(e.is_restartable(), "{e}");
+        assert!(e.to_string().contains("communicator of worker 0"), "{e}");
+    }
+
+    #[test]
+    fn a_deadline_not_explained_by_a_failure_ends_the_call() {
+        // Worker 0 answered; it is silent, not restarted.
+        let e = deciding_error(vec![(1, silent(0))]).unwrap();
+        assert_eq!(e.silent_worker(), Some(0), "{e}");
+        // Worker 2 failed, but the deadline is worker 0's.
+        let e = deciding_error(vec![(2, failed(2)), (1, silent(0))]).unwrap();
+        assert_eq!(e.silent_worker(), Some(0), "{e}");
+        // A worker that did not answer the coordinator explains nothing by itself.
+        let e = deciding_error(vec![(0, silent(0)), (1, silent(0))]).unwrap();
+        assert!(!e.is_restartable(), "{e}");
+        // Any other error a restart does not repair wins over restartable ones.
+        let e = deciding_error(vec![(0, failed(0)), (1, Error::runtime("disk full"))]).unwrap();
+        assert_eq!(e.to_string(), "runtime: disk full");
+        assert!(deciding_error(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn only_a_deadline_names_a_silent_worker() {
+        assert_eq!(silent(12).silent_worker(), Some(12));
+        assert_eq!(failed(3).silent_worker(), None);
+        let coordinator = Error::Deadline {
+            peer: "the coordinator".into(),
+            what: "a setup".into(),
+            deadline_ms: 10,
+        };
+        assert_eq!(coordinator.silent_worker(), None);
+    }
 }
