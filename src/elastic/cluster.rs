@@ -323,8 +323,8 @@ impl Cluster {
         self.lock().links_lost.get(&epoch).cloned()
     }
 
-    /// The member `id`'s status (`None`: never admitted, or gone long before the newest
-    /// [`DEPARTED_KEPT`] that went).
+    /// The member `id`'s status (`None`: never admitted, or gone before the newest 4,096 members
+    /// that went).
     pub fn status(&self, id: u64) -> Option<Status> {
         self.lock().status(id)
     }
