@@ -381,6 +381,22 @@ fn steps_replayed_after_a_lost_worker_are_recorded_once_in_the_metrics() {
     );
     assert_eq!(value("semoe_committed_step"), 15.0, "{body}");
     assert_eq!(value("semoe_step_seconds_count"), 15.0, "each step timed once: {body}");
+    // The recovery is timed to the new epoch ready with steps 6 and 7 replayed: as long as the
+    // epoch's line says (printed to 10 ms), not only the state's move.
+    let line = log
+        .lines()
+        .find(|l| l.contains("epoch 2: 2 workers at step 7"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let printed: f64 = line
+        .split("; ")
+        .find_map(|part| part.strip_suffix(" s")?.parse().ok())
+        .unwrap_or_else(|| panic!("no seconds in {line:?}"));
+    assert_eq!(value("semoe_recovery_seconds_count"), 1.0, "{body}");
+    let recorded = value("semoe_recovery_seconds_sum");
+    assert!(
+        recorded >= printed - 0.006 && recorded <= printed + 0.5,
+        "recovery {recorded} s recorded, {printed} s printed: {line}"
+    );
     let summed = |name: &str| -> f64 {
         body.lines()
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))

@@ -221,6 +221,11 @@ fn failed_actors_are_restarted_and_the_result_is_unchanged() {
     });
     let err = err.expect("the worker runs out of restarts");
     assert!(err.contains("worker 0 lost"), "{err}");
+    assert_eq!(
+        restarts_and_replays(&snap),
+        (1, 1),
+        "one restart within the limit, one replay; the failure past the limit restarts nothing"
+    );
     let state_err = state_err.expect("a lost worker's state is refused");
     assert!(state_err.contains("worker 0 lost"), "{state_err}");
 

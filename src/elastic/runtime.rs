@@ -56,7 +56,8 @@ pub struct MembershipStats {
     pub replayed_steps: u64,
     /// Bytes of committed state sent to workers when epochs formed.
     pub state_bytes: u64,
-    /// Seconds each membership change took (from noticing it to the new epoch ready).
+    /// Seconds each membership change took (from noticing it to the new epoch ready, the steps
+    /// the copy lacked replayed).
     pub recovery_seconds: Vec<f64>,
     /// One entry per epoch formed.
     pub history: Vec<EpochRecord>,
@@ -659,6 +660,7 @@ impl ElasticRuntime {
             self.count_lost(&ending);
             let members = self.next_members();
             if members.is_empty() {
+                metrics::gauge!(names::MEMBERS).set(0.0);
                 crate::say!(
                     "semoe: no workers left; waiting up to {:.0} s for one to join",
                     self.options.wait.as_secs_f64()
@@ -687,11 +689,11 @@ impl ElasticRuntime {
                 Ok((epoch, moved)) => {
                     let joins = members.iter().filter(|m| m.status == Status::Waiting).count() as u64;
                     // Not the start (an epoch formed before; a failed first attempt already
-                    // counted in `stats.epoch`): its members joined, and it was a recovery.
-                    if !self.stats.history.is_empty() {
+                    // counted in `stats.epoch`): its members joined, and it was a recovery (timed
+                    // below, once the steps the copy lacks are replayed).
+                    let recovery = !self.stats.history.is_empty();
+                    if recovery {
                         self.stats.joins += joins;
-                        self.stats.recovery_seconds.push(started.elapsed().as_secs_f64());
-                        metrics::histogram!(names::RECOVERY_SECONDS).record(started.elapsed().as_secs_f64());
                     }
                     self.stats.epoch = epoch_no;
                     self.stats.members = members.len();
@@ -736,6 +738,10 @@ impl ElasticRuntime {
                     }
                     if let Start::Whole(state) = start {
                         self.safe = SafeCopy::Whole(Box::new(state));
+                    }
+                    if recovery {
+                        self.stats.recovery_seconds.push(started.elapsed().as_secs_f64());
+                        metrics::histogram!(names::RECOVERY_SECONDS).record(started.elapsed().as_secs_f64());
                     }
                     crate::say!(
                         "semoe: epoch {epoch_no}: {} workers at step {} ({why}; {:.2} s; {})",

@@ -260,8 +260,6 @@ impl WorkerState {
             return; // an actor this worker already replaced
         };
         self.restarted = true;
-        metrics::counter!(names::RESTARTS, "worker" => self.args.worker.to_string(), "actor" => child.label())
-            .increment(1);
         let worker = self.args.worker;
         let target = match child {
             Child::Gate(block) => Some(Target::Gate { worker, block }),
@@ -291,8 +289,11 @@ impl WorkerState {
             ));
             return;
         }
-        if let Err(e) = self.spawn(myself, child).await {
-            self.lost = Some(e.to_string());
+        let label = child.label();
+        match self.spawn(myself, child).await {
+            // Counted once it is running again: a failure past the limit restarts nothing.
+            Ok(()) => metrics::counter!(names::RESTARTS, "worker" => worker.to_string(), "actor" => label).increment(1),
+            Err(e) => self.lost = Some(e.to_string()),
         }
     }
 }
