@@ -1062,4 +1062,46 @@ mod tests {
             "the set-up held the async thread for {longest:?} (3 writes of 300 ms)"
         );
     }
+
+    /// A standalone worker's epoch ends with a kill (no `post_stop`): its packet pump ends too,
+    /// and with it the pump's hold on the collectives (whose transport holds a sender of the
+    /// pump's own inbox, so the inbox never closes by itself).
+    #[tokio::test]
+    async fn a_killed_standalone_worker_lets_its_collectives_go() {
+        let mut config = small_test_config();
+        config.train.exchange = ExpertExchange::Sim;
+        let model = Gpt::<f32>::init(&config.model, 1).expect("model");
+        let optimizer = crate::optimizer::for_model(&config.optimizer, &model).expect("optimizer");
+        let (transport, inbox) = crate::net::local::network(1).pop().expect("a transport");
+        let started = start_standalone_worker(StandaloneWorker {
+            config,
+            text: Arc::new(b"some text to train on, long enough for a window or two".repeat(4)),
+            model,
+            optimizer,
+            worker: 0,
+            workers: 1,
+            transport: Arc::new(transport),
+            inbox,
+            storage: StorageConfig::default(),
+            cpu: Cpu::new(1).expect("cpu"),
+            lanes: 1,
+            placement: None,
+            gpu: 0,
+            chaos: crate::chaos::FaultPlan::none(),
+        })
+        .await
+        .expect("started");
+        let collectives = started.collectives.clone().expect("collectives for the sim exchange");
+        let _ = started.actor.kill_and_wait(Some(Duration::from_secs(5))).await;
+        drop(started);
+        let since = std::time::Instant::now();
+        while Arc::strong_count(&collectives) > 1 && since.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            Arc::strong_count(&collectives),
+            1,
+            "something of the killed worker still holds its collectives"
+        );
+    }
 }

@@ -493,7 +493,8 @@ impl Actor for WorkerActor {
 /// the restart happens only once the worker's step handler returns, which may take a whole dense
 /// leg. A packet still undelivered then is dropped, saying so; its requester's deadline reports it.
 /// Once the worker itself has stopped (`cell`; a kill skips the stop that ends this task), nothing
-/// will restart the Communicator: the pump ends.
+/// will restart the Communicator: the pump ends, also while no packet comes (with collectives it
+/// holds their transport, which holds a sender of its own inbox: the inbox never closes).
 async fn pump(
     mut inbox: Inbox,
     registry: SharedRegistry,
@@ -502,7 +503,14 @@ async fn pump(
     worker: crate::net::WorkerId,
     hold: Duration,
 ) {
-    while let Some(mut packet) = inbox.recv().await {
+    loop {
+        let mut packet = tokio::select! {
+            packet = inbox.recv() => match packet {
+                Some(packet) => packet,
+                None => return,
+            },
+            _ = cell.wait(None) => return,
+        };
         if let Payload::Collective(_) = &packet.payload {
             if let Some(collectives) = &collectives {
                 collectives.deliver(packet);
