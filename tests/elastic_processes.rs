@@ -323,6 +323,13 @@ fn a_worker_killed_mid_step_costs_a_replay_not_the_run() {
             "{phase}: nothing sent to the killed member 2 was counted: {:?}",
             traffic.entries
         );
+        // And what it sent itself, as far as it told before it was killed: its figures are asked
+        // with each in-memory copy (the one of step 5 here).
+        assert!(
+            traffic.entries.iter().any(|e| e.from == 2 && e.bytes > 0),
+            "{phase}: nothing the killed member 2 sent was counted: {:?}",
+            traffic.entries
+        );
         eprintln!("{exchange}, {phase}: kill -> next epoch in {recovered:?}");
     }
 }

@@ -200,8 +200,12 @@ pub struct ElasticRuntime {
     relinks: u32,
     /// Bytes sent between members (by id) in the epochs that ended, by kind.
     traffic_closed: std::collections::BTreeMap<(u64, u64, String), u64>,
-    /// The current epoch's figures when last asked (what a lost member's epoch keeps).
-    traffic_last: Vec<TrafficEntry>,
+    /// The current epoch's figures of each member (by id) when it last answered: what a member
+    /// lost, or one that does not answer in time, keeps of its epoch.
+    traffic_last: std::collections::BTreeMap<u64, Vec<TrafficEntry>>,
+    /// The current epoch's figures being asked in the background (with each in-memory copy, so
+    /// that a member lost later has figures of most of its epoch).
+    traffic_asking: Option<tokio::task::JoinHandle<Vec<(u64, Vec<TrafficEntry>)>>>,
     /// The latest step an epoch began to run (`None`: none yet); link faults of later steps only
     /// go to new epochs ([`ElasticOptions::link_faults`]).
     attempted: Option<u64>,
@@ -214,11 +218,11 @@ pub struct ElasticRuntime {
     counted_lost: std::collections::BTreeSet<u64>,
 }
 
-/// The bytes member `m` of `epoch` sent each other member in it, by kind (members by id), asked
-/// within `wait`.
-async fn ask_member_traffic(epoch: &Epoch, m: &Member, wait: Duration) -> Result<Vec<TrafficEntry>> {
+/// The bytes member `m` of epoch `number` (whose members are `members`) sent each other member in
+/// it, by kind (members by id), asked within `wait`.
+async fn ask_member_traffic(number: u64, members: &[Member], m: &Member, wait: Duration) -> Result<Vec<TrafficEntry>> {
     let who = format!("member {} ({})", m.id, m.name);
-    let command = Command::Traffic { epoch: epoch.number };
+    let command = Command::Traffic { epoch: number };
     let reply = tokio::time::timeout(wait, proxy::call(&m.conn, &who, &command, None, 1 << 20))
         .await
         .map_err(|_| {
@@ -232,8 +236,7 @@ async fn ask_member_traffic(epoch: &Epoch, m: &Member, wait: Duration) -> Result
     };
     let mut all = Vec::new();
     for (to, kind, bytes) in sent {
-        let to = epoch
-            .members
+        let to = members
             .get(to as usize)
             .ok_or_else(|| Error::protocol(who.clone(), format!("reported traffic to worker {to}")))?;
         all.push(TrafficEntry {
@@ -281,7 +284,8 @@ impl ElasticRuntime {
             copying: None,
             last_plan: None,
             traffic_closed: Default::default(),
-            traffic_last: Vec::new(),
+            traffic_last: Default::default(),
+            traffic_asking: None,
             attempted: None,
             reported: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             counted_lost: std::collections::BTreeSet::new(),
@@ -462,10 +466,12 @@ impl ElasticRuntime {
                     self.committed = o.step;
                     self.relinks = 0;
                     self.collect_copy().await?;
+                    self.take_traffic_answers(false).await;
                     if self.copying.is_none()
                         && self.committed.saturating_sub(self.safe.step()) >= self.options.snapshot_every.max(1)
                     {
                         self.start_copy();
+                        self.start_traffic_ask();
                     }
                     return Ok(o);
                 }
@@ -612,18 +618,15 @@ impl ElasticRuntime {
             .flat_map(|e| e.members.iter().map(|m| m.id))
             .collect();
         self.count_lost(&ending);
-        // The ending epoch's traffic: asked when every member is there, else of the survivors
-        // (and the last figures of the others).
+        // The ending epoch's traffic: asked of its members still there (a second each after a
+        // loss: a recovery does not wait on a slow answer); the others keep their last figures.
         if let Some(epoch) = &self.current {
-            if !from_copy {
-                if let Ok(sent) = self.ask_traffic(epoch).await {
-                    self.traffic_last = sent;
-                }
-            } else {
-                self.traffic_last = self.surviving_traffic(epoch).await;
-            }
+            let wait = Duration::from_secs(if from_copy { 1 } else { 5 });
+            let number = epoch.number;
+            let members = epoch.members.clone();
+            self.refresh_traffic(number, &members, wait).await;
         }
-        for e in std::mem::take(&mut self.traffic_last) {
+        for e in std::mem::take(&mut self.traffic_last).into_values().flatten() {
             // Counts a worker reports: saturating, so that a forged one cannot overflow.
             let total = self.traffic_closed.entry((e.from, e.to, e.kind)).or_default();
             *total = total.saturating_add(e.bytes);
@@ -890,50 +893,71 @@ impl ElasticRuntime {
         })
     }
 
-    /// The bytes each member of `epoch` sent each other member in it, by kind (members by id).
-    async fn ask_traffic(&self, epoch: &Epoch) -> Result<Vec<TrafficEntry>> {
-        let mut all = Vec::new();
-        for m in &epoch.members {
-            all.extend(ask_member_traffic(epoch, m, Duration::from_secs(5)).await?);
-        }
-        Ok(all)
-    }
-
-    /// The figures of an epoch that ends with a member lost: those the members still there
-    /// report now, and the last ones asked of the others (a lost member's bytes since then are
-    /// not known). Each survivor is given a second: a recovery does not wait on a slow answer.
-    async fn surviving_traffic(&self, epoch: &Epoch) -> Vec<TrafficEntry> {
-        let mut answered = std::collections::HashSet::new();
-        let mut fresh = Vec::new();
-        for m in &epoch.members {
+    /// Ask every member of epoch `number` still there for its figures, each within `wait`, at
+    /// once; keep each answer as that member's latest (one that does not answer keeps its last).
+    /// Answers asked in the background are taken first, or dropped if not in yet.
+    async fn refresh_traffic(&mut self, number: u64, members: &[Member], wait: Duration) {
+        self.take_traffic_answers(true).await;
+        let mut asks = tokio::task::JoinSet::new();
+        for m in members {
             if matches!(self.cluster.status(m.id), Some(Status::Gone(_)) | None) {
                 continue;
             }
-            if let Ok(sent) = ask_member_traffic(epoch, m, Duration::from_secs(1)).await {
-                answered.insert(m.id);
-                fresh.extend(sent);
+            let (m, members) = (m.clone(), members.to_vec());
+            asks.spawn(async move { (m.id, ask_member_traffic(number, &members, &m, wait).await) });
+        }
+        while let Some(joined) = asks.join_next().await {
+            if let Ok((id, Ok(sent))) = joined {
+                self.traffic_last.insert(id, sent);
             }
         }
-        let mut all: Vec<TrafficEntry> = self
-            .traffic_last
-            .iter()
-            .filter(|e| !answered.contains(&e.from))
-            .cloned()
-            .collect();
-        all.extend(fresh);
-        all
+    }
+
+    /// Start asking the current epoch's members for their figures in the background (nothing
+    /// if an ask is still under way).
+    fn start_traffic_ask(&mut self) {
+        let Some(epoch) = &self.current else { return };
+        if self.traffic_asking.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let (number, members) = (epoch.number, epoch.members.clone());
+        self.traffic_asking = Some(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for m in &members {
+                if let Ok(sent) = ask_member_traffic(number, &members, m, Duration::from_secs(5)).await {
+                    answers.push((m.id, sent));
+                }
+            }
+            answers
+        }));
+    }
+
+    /// Keep the answers of a background ask that finished (`end`: the epoch ends, so one not
+    /// finished is dropped; its answers would be of an epoch already folded).
+    async fn take_traffic_answers(&mut self, end: bool) {
+        let Some(task) = self.traffic_asking.take() else { return };
+        if !task.is_finished() {
+            if end {
+                task.abort();
+            } else {
+                self.traffic_asking = Some(task);
+            }
+            return;
+        }
+        if let Ok(answers) = task.await {
+            self.traffic_last.extend(answers);
+        }
     }
 
     /// Bytes sent between members (by id), by kind, over the run so far: the epochs that ended
-    /// and the current one (asked now; its last figures if a member cannot answer).
+    /// and the current one (asked now; a member that cannot answer counts its last figures).
     pub async fn traffic(&mut self) -> Vec<TrafficEntry> {
         if let Some(epoch) = &self.current {
-            if let Ok(sent) = self.ask_traffic(epoch).await {
-                self.traffic_last = sent;
-            }
+            let (number, members) = (epoch.number, epoch.members.clone());
+            self.refresh_traffic(number, &members, Duration::from_secs(5)).await;
         }
         let mut all = self.traffic_closed.clone();
-        for e in &self.traffic_last {
+        for e in self.traffic_last.values().flatten() {
             let total = all.entry((e.from, e.to, e.kind.clone())).or_default();
             *total = total.saturating_add(e.bytes);
         }
