@@ -205,7 +205,7 @@ pub struct ElasticRuntime {
     traffic_last: std::collections::BTreeMap<u64, Vec<TrafficEntry>>,
     /// The current epoch's figures being asked in the background (with each in-memory copy, so
     /// that a member lost later has figures of most of its epoch).
-    traffic_asking: Option<tokio::task::JoinHandle<Vec<(u64, Vec<TrafficEntry>)>>>,
+    traffic_asking: Option<tokio::task::JoinHandle<Vec<MemberTraffic>>>,
     /// The latest step an epoch began to run (`None`: none yet); link faults of later steps only
     /// go to new epochs ([`ElasticOptions::link_faults`]).
     attempted: Option<u64>,
@@ -217,6 +217,9 @@ pub struct ElasticRuntime {
     /// epoch ended, during the hand-over or in a failed attempt at the next one.
     counted_lost: std::collections::BTreeSet<u64>,
 }
+
+/// A member's figures (by id): the bytes it sent each other member of its epoch, by kind.
+type MemberTraffic = (u64, Vec<TrafficEntry>);
 
 /// The bytes member `m` of epoch `number` (whose members are `members`) sent each other member in
 /// it, by kind (members by id), asked within `wait`.
