@@ -376,7 +376,17 @@ impl TrainConfig {
                 t.threads
             )));
         }
-        t.listen_addr()?;
+        let listen = t.listen_addr()?;
+        if t.processes > 0 && listen.ip().is_unspecified() {
+            return Err(Error::config(format!(
+                "train.listen (--listen) = {listen} with train.processes (--processes) = {}: the worker processes \
+                 started here join the address their ticket holds, and {} is not one to dial; listen on this \
+                 machine's address (e.g. 10.0.0.5:{}), which workers elsewhere reach too",
+                t.processes,
+                listen.ip(),
+                listen.port()
+            )));
+        }
         if self.model.vocab > BYTE_VOCAB {
             return Err(Error::config(format!(
                 "model.vocab must be at most {BYTE_VOCAB}: the model reads and writes bytes (got {})",
@@ -706,6 +716,16 @@ mod tests {
         refused(&|c| c.storage.io_threads = 100_000, "storage.io_threads");
         refused(&|c| c.storage.io_threads = 0, "storage.io_threads");
         refused(&|c| c.train.listen = "myhost:7000".into(), "train.listen");
+        // Workers started here could not dial the ticket's address.
+        for every_address in ["0.0.0.0:7000", "[::]:0"] {
+            refused(
+                &|c| {
+                    c.train.listen = every_address.into();
+                    c.train.processes = 2;
+                },
+                "train.listen (--listen)",
+            );
+        }
         refused(&|c| c.storage.cache_policy = "mru".into(), "storage.cache_policy");
         refused(
             &|c| {
@@ -718,6 +738,9 @@ mod tests {
         c.storage.io_threads = MAX_IO_THREADS;
         c.train.listen = "127.0.0.1:0".into();
         c.validate().expect("the largest io_threads and an IP:PORT are valid");
+        c.train.listen = "0.0.0.0:7000".into();
+        c.validate()
+            .expect("every address, with workers that join from elsewhere only");
     }
 
     #[test]
