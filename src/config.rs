@@ -500,6 +500,25 @@ impl TrainConfig {
                  keeps everything in memory",
             ));
         }
+        // The tiers' settings act only where a Device budget bounds memory: without one every
+        // expert stays in Device memory, nothing is evicted or loaded, and they would be ignored.
+        if t.device != ComputeDevice::Cuda && storage.device_budget.is_none() {
+            let default = StorageSettings::default().to_config(None)?;
+            let ignored = [
+                ("storage.host_budget (--host-budget)", storage.host_budget.is_some()),
+                (
+                    "storage.cache_policy (--cache-policy, and its cache_ settings)",
+                    storage.policy != default.policy,
+                ),
+                ("storage.prefetch (--no-prefetch)", storage.prefetch != default.prefetch),
+            ];
+            if let Some((key, _)) = ignored.iter().find(|(_, set)| *set) {
+                return Err(Error::config(format!(
+                    "{key} applies only with storage.device_budget (--device-budget): without a Device budget every \
+                     expert stays in Device memory, so nothing is evicted or loaded"
+                )));
+            }
+        }
         if self.storage.shard_dense && plain_loop {
             return Err(Error::config(
                 "storage.shard_dense needs the actor runtime (train.workers >= 1); the plain loop has no workers to shard across",
@@ -727,6 +746,36 @@ mod tests {
             );
         }
         refused(&|c| c.storage.cache_policy = "mru".into(), "storage.cache_policy");
+        // Tier settings without a Device budget would do nothing.
+        let in_process = |c: &mut TrainConfig| c.train.workers = 2;
+        refused(
+            &|c| {
+                in_process(c);
+                c.storage.host_budget = "1GiB".into();
+            },
+            "storage.host_budget (--host-budget) applies only with storage.device_budget",
+        );
+        refused(
+            &|c| {
+                in_process(c);
+                c.storage.cache_policy = "lru".into();
+            },
+            "storage.cache_policy (--cache-policy",
+        );
+        refused(
+            &|c| {
+                in_process(c);
+                c.storage.prefetch = false;
+            },
+            "storage.prefetch (--no-prefetch)",
+        );
+        let mut c = TrainConfig::default();
+        in_process(&mut c);
+        c.storage.device_budget = "1GiB".into();
+        c.storage.host_budget = "1GiB".into();
+        c.storage.cache_policy = "lru".into();
+        c.storage.prefetch = false;
+        c.validate().expect("tier settings with a Device budget");
         refused(
             &|c| {
                 c.storage.cache_policy = "se-moe".into();
