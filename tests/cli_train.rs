@@ -339,6 +339,50 @@ fn the_time_budget_is_measured_beside_the_run_not_in_tmp() {
     assert_eq!(left, ["r"], "the scratch run was not removed");
 }
 
+/// `--steps N` with a config file that holds a time budget (a run's recorded config holds the
+/// main job's) runs N steps, saying that the budget is not applied; `--time-budget` beside them
+/// still fits the steps in it.
+#[test]
+fn steps_given_beside_a_config_files_time_budget_are_run_in_full() {
+    let tmp = TempDir::new("cli-steps-budget");
+    let (status, out, err) = run(tmp.path(), &args(&["--print-config"]), Duration::from_secs(60));
+    assert!(status.success(), "{err}");
+    let file = tmp.path().join("budget.toml");
+    let with_budget = out.replace("time_budget_s = 0.0", "time_budget_s = 3.0");
+    assert_ne!(with_budget, out, "the printed config names its budget: {out}");
+    std::fs::write(&file, with_budget).expect("config file");
+    let file = file.to_str().expect("a UTF-8 path");
+    let (status, _, err) = run(
+        tmp.path(),
+        &["train", "--config", file, "--steps", "4", "--run-dir", "fixed"],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("--steps 4 runs 4 steps: the config file's train.time_budget_s (3 s) is not applied"),
+        "{err}"
+    );
+    assert!(!err.contains("time budget 3s: measured"), "{err}");
+    assert_eq!(train_steps_logged(&tmp.path().join("fixed")), 4);
+    let (status, _, err) = run(
+        tmp.path(),
+        &[
+            "train",
+            "--config",
+            file,
+            "--steps",
+            "4",
+            "--time-budget",
+            "3",
+            "--run-dir",
+            "fitted",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    assert!(err.contains("time budget 3s: measured"), "{err}");
+}
+
 /// Ctrl-C while the time budget is measured stops the measurement (it used to kill the process
 /// and leave the scratch run, a checkpoint, in a run directory nobody would resume).
 #[test]

@@ -37,7 +37,8 @@ pub struct TrainArgs {
     /// names read once, names starting with `.` left out; the last train.val_fraction validates).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Optimizer steps (the learning-rate schedule spans them).
+    /// Optimizer steps (the learning-rate schedule spans them); run in full unless --time-budget
+    /// is given too (a config file's time budget is then not applied).
     #[arg(long)]
     steps: Option<u64>,
     /// Fit the run in this many seconds of training and evaluation: a few steps are measured
@@ -564,6 +565,18 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         check_sample_prompt(a, &sample_prompt, &config)?;
         if a.steps.is_none() && a.time_budget.is_none() && a.config.is_none() {
             config.train.time_budget_s = DEFAULT_TIME_BUDGET_S;
+        }
+        // --steps N runs N steps: a budget that a config file brought (a run's recorded config
+        // holds the main job's) would lower them unasked.
+        if let (Some(steps), None) = (a.steps, a.time_budget) {
+            if config.train.time_budget_s > 0.0 {
+                semoe::say!(
+                    "notice: --steps {steps} runs {steps} steps: the config file's train.time_budget_s ({} s) is not \
+                     applied (--time-budget S fits them in a budget)",
+                    config.train.time_budget_s
+                );
+                config.train.time_budget_s = 0.0;
+            }
         }
         let dir = match &a.run_dir {
             Some(dir) => dir.clone(),
