@@ -242,20 +242,27 @@ impl Actor for LedgerActor {
                 state.totals = None;
             }
             LedgerMsg::Snapshot { reply } => {
-                let (step, dense, store) = {
-                    let s = lock_store(&state.args.store);
-                    let dense = s
-                        .dense
-                        .iter()
-                        .enumerate()
-                        .map(|(k, (i, v))| (*i, v.clone(), s.optimizer.m[k].clone(), s.optimizer.v[k].clone()))
-                        .collect();
-                    (s.optimizer.step, dense, s.experts.clone())
-                };
-                let r = store
-                    .snapshot()
-                    .await
-                    .map(|experts| LedgerSnapshot { step, dense, experts });
+                // Copied off the async threads: a large share takes seconds, and a worker
+                // process's QUIC connections run on those threads (silent that long, it would be
+                // taken for lost). The handler waits, so the copy is still of this step.
+                let shared = state.args.store.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    let (step, dense, store) = {
+                        let s = lock_store(&shared);
+                        let dense = s
+                            .dense
+                            .iter()
+                            .enumerate()
+                            .map(|(k, (i, v))| (*i, v.clone(), s.optimizer.m[k].clone(), s.optimizer.v[k].clone()))
+                            .collect();
+                        (s.optimizer.step, dense, s.experts.clone())
+                    };
+                    tokio::runtime::Handle::current()
+                        .block_on(store.snapshot())
+                        .map(|experts| LedgerSnapshot { step, dense, experts })
+                })
+                .await
+                .unwrap_or_else(|e| Err(Error::runtime(format!("the copy of the committed state failed: {e}"))));
                 let _ = reply.send(r);
             }
         }
