@@ -306,6 +306,8 @@ impl ExpertCollectives {
         for handle in &g.aborts {
             handle.abort(reason);
         }
+        // Ranks waiting for a generation being built see the close at once.
+        self.built.notify_all();
     }
 
     /// Lanes per worker: the same on every worker, also where a worker has fewer groups.
@@ -499,7 +501,15 @@ impl ExpertCollectives {
             g.building = true;
             let number = g.number + 1;
             drop(g);
-            let built = self.build(number, step);
+            // A panic while building (a driver's) must not leave `building` set: every later
+            // exchange on this worker would wait for a generation that never comes.
+            let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build(number, step)))
+                .unwrap_or_else(|p| {
+                    Err(Error::runtime(format!(
+                        "building the communicators of step {step} panicked: {}",
+                        super::panic_text(&p)
+                    )))
+                });
             g = self.lock();
             g.building = false;
             self.built.notify_all();
