@@ -1073,6 +1073,23 @@ fn eval_reports_the_loss_of_a_checkpoint_on_any_text() {
         err.contains("notice: the training text") && err.contains("is not the text checkpoint"),
         "{err}"
     );
+    // A manifest whose recorded config splits the batch into no groups (edited by hand, without
+    // its own digest): an error naming the field, not a division by zero.
+    let ckpt = semoe::storage::checkpoint::latest(&tmp.path().join("d"))
+        .expect("list checkpoints")
+        .expect("a checkpoint");
+    let path = ckpt.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("manifest")).expect("json");
+    manifest["extra"]["config"]["train"]["groups"] = 0.into();
+    manifest.as_object_mut().expect("an object").remove("manifest_sha256");
+    std::fs::write(&path, serde_json::to_vec(&manifest).expect("json")).expect("write manifest");
+    let (status, _, err) = run(tmp.path(), &["eval", "--checkpoint", "d"], Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("train.batch") && err.contains("train.groups (0)") && !err.contains("panicked"),
+        "{err}"
+    );
 }
 
 #[test]

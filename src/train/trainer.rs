@@ -1207,6 +1207,18 @@ pub fn checkpoint_config(ckpt: &Checkpoint) -> Result<TrainConfig> {
             )
         })?;
     config.model.validate()?;
+    // The batch's split into groups sets how evaluation and replayed routing chunk their windows
+    // (the rest of the train table is the machine's, checked where a run starts).
+    let t = &config.train;
+    if t.batch == 0 || t.groups == 0 || !t.batch.is_multiple_of(t.groups) {
+        return Err(Error::parse(
+            format!("checkpoint {} manifest config", ckpt.dir.display()),
+            format!(
+                "train.batch ({}) must be a positive multiple of train.groups ({})",
+                t.batch, t.groups
+            ),
+        ));
+    }
     Ok(config)
 }
 
