@@ -661,7 +661,11 @@ fn the_command_writes_its_report() {
     let soak_dir = dir.path().join("soak");
     // A config written for `semoe train`: what the chaos run does not do is said.
     let config = dir.path().join("train.toml");
-    std::fs::write(&config, "[train]\neval_every = 7\ntime_limit_s = 60\n").expect("config");
+    std::fs::write(
+        &config,
+        "[train]\neval_every = 7\ntime_limit_s = 60\ntime_budget_s = 270\nmin_workers = 2\n",
+    )
+    .expect("config");
     let config = config.to_str().expect("path");
     let out = common::chaos_command(&scenario, &soak_dir, "4", &["--soak", "3", "--config", config]);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -669,7 +673,9 @@ fn the_command_writes_its_report() {
     assert!(out.status.success(), "{stderr}\n{stdout}");
     assert!(stdout.contains("soak: 3 seeds"), "{stdout}");
     assert!(
-        stderr.contains("train.time_limit_s, train.eval_every from the config not used"),
+        stderr.contains(
+            "train.time_limit_s, train.eval_every, train.time_budget_s, train.min_workers from the config not used"
+        ),
         "{stderr}"
     );
     assert!(

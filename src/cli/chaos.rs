@@ -108,6 +108,9 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
             "train.keep_checkpoints",
             config.train.keep_checkpoints != d.keep_checkpoints,
         ),
+        ("train.time_budget_s", config.train.time_budget_s != d.time_budget_s),
+        // Over processes the run waits for all of its own; in process there is nobody to wait for.
+        ("train.min_workers", config.train.min_workers != d.min_workers),
     ]
     .into_iter()
     .filter_map(|(key, set)| set.then_some(key))
@@ -115,7 +118,7 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     if !unused.is_empty() {
         semoe::say!(
             "notice: a chaos run computes its steps without evaluating, checkpointing (but where a checkpoint \
-             fault asks) or a time limit: {} from the config not used",
+             fault asks), a time limit or budget, or waiting for workers to join: {} from the config not used",
             unused.join(", ")
         );
     }

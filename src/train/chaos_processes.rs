@@ -306,8 +306,16 @@ impl Fleet {
         let log = self.logs.join(format!("process-{number}.log"));
         let file = std::fs::File::create(&log).map_err(|e| Error::io("cannot create the worker log", &log, e))?;
         let scratch = self.scratch(number);
-        let child =
-            crate::train::engine::spawn_worker_with(&self.ticket, &scratch, self.threads, 0, Stdio::from(file), &env)?;
+        // Over NCCL, process i on GPU i (as `semoe train --processes` starts them): two ranks of
+        // one communicator cannot share a device.
+        let child = crate::train::engine::spawn_worker_with(
+            &self.ticket,
+            &scratch,
+            self.threads,
+            number,
+            Stdio::from(file),
+            &env,
+        )?;
         let pid = child.id();
         lock(&self.children).push(child);
         self.pids.push(pid);
