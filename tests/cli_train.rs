@@ -586,6 +586,29 @@ fn progress_lines_without_a_terminal() {
         std::fs::read_to_string(tmp.path().join("r/config.toml")).expect("config"),
         config
     );
+    // A config file's time budget does not apply to a resumed run (its steps are fixed), so it is
+    // neither reported as a change nor recorded.
+    assert!(config.contains("time_budget_s = "), "{config}");
+    let budget_line = config
+        .lines()
+        .find(|l| l.starts_with("time_budget_s = "))
+        .expect("the budget's line");
+    std::fs::write(
+        tmp.path().join("budget.toml"),
+        config.replace(budget_line, "time_budget_s = 600.0"),
+    )
+    .expect("config file");
+    let (status, _, err) = run(
+        tmp.path(),
+        &["train", "--resume", "--run-dir", "r", "--config", "budget.toml"],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    assert!(!err.contains("time_budget_s"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("r/config.toml")).expect("config"),
+        config
+    );
 
     // `semoe chaos` refuses the training flags it would ignore.
     let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/flaky-actors.toml");

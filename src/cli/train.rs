@@ -523,7 +523,11 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         let file = a.config.as_deref().map(TrainConfig::from_file).transpose()?;
         let adjust = |c: &mut TrainConfig| {
             if let Some(file) = &file {
+                // A time budget chooses a new run's steps (as the flag, refused above): the run
+                // keeps its recorded one, rather than recording one that never applies.
+                let budget = c.train.time_budget_s;
                 *c = file.clone();
+                c.train.time_budget_s = budget;
             }
             // A flag that cannot apply (--dense of a zero width) leaves the config changed where
             // it was set, and the resume refuses what changed: a model flag changes the bits.
