@@ -889,6 +889,13 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
     // The last epoch's store is dropped off the async threads (it joins its I/O threads and
     // deletes its Disk tier file), as the new one is built: the QUIC connections run on them.
     if let Some(store) = current.store.take() {
+        // The killed actors' children (experts, communicator) hold the store too, and drop it in
+        // their own tasks a moment later: waited for (bounded), or the last of them would drop it
+        // on an async thread.
+        let since = std::time::Instant::now();
+        while Arc::strong_count(&store) > 1 && since.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         blocking(move || {
             drop(store);
             Ok(())
