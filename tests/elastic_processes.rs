@@ -387,6 +387,15 @@ fn steps_replayed_after_a_lost_worker_are_recorded_once_in_the_metrics() {
         "copy at step 5, lost at 7: {body}"
     );
     assert_eq!(value("semoe_committed_step"), 15.0, "{body}");
+    // The per-worker counters are the worker processes' to serve: none on the coordinator, where
+    // they would read 0 while the workers move data.
+    for per_worker in [
+        "semoe_alltoall_bytes_total{",
+        "semoe_restarts_total{",
+        "semoe_tier_served_total{",
+    ] {
+        assert!(!body.contains(per_worker), "{per_worker} on the coordinator: {body}");
+    }
     assert_eq!(value("semoe_step_seconds_count"), 15.0, "each step timed once: {body}");
     // The recovery is timed to the new epoch ready with steps 6 and 7 replayed: as long as the
     // epoch's line says (printed to 10 ms), not only the state's move.

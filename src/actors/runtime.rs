@@ -245,9 +245,11 @@ impl RuntimeBuilder {
             Some(plan) => checked_plan(&model, config.train.groups, self.workers, plan)?,
             None => Placement::new(&model, config.train.groups, self.workers, &self.placement)?,
         });
-        // Every counter at zero from the start, for the workers, MoE blocks and experts of this run.
+        // Every counter at zero from the start, for the workers, MoE blocks and experts of this run
+        // (over worker processes, the per-worker counters are counted, and served, by the workers:
+        // here they would read 0 for the whole run).
         crate::telemetry::metrics::register(crate::telemetry::metrics::Layout {
-            workers: self.workers,
+            workers: if self.remote.is_some() { 0 } else { self.workers },
             moe_blocks: model.blocks.iter().filter(|b| matches!(b.ffn, Ffn::Moe(_))).count(),
             experts: config.model.experts,
         });

@@ -47,6 +47,17 @@ const MATRIX_MEMBERS: usize = 16;
 
 /// The bytes the workers sent each other: a matrix of totals (or, for many, each one's totals),
 /// then the totals by kind.
+/// Where the traffic figures are live: the run's own metrics in process; over worker processes
+/// each worker's endpoint, by its index in the current epoch (the table is by member id).
+fn live_figures(members: bool) -> &'static str {
+    if members {
+        "live, each worker process serves what it sent in its current epoch as the \
+         `semoe_alltoall_bytes_total` metric of its own `--metrics-addr` (peers by their index in the epoch)."
+    } else {
+        "the same figures, live, are the `semoe_alltoall_bytes_total` metric."
+    }
+}
+
 fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
     use crate::storage::tiers::format_bytes;
     use std::collections::BTreeMap;
@@ -68,9 +79,9 @@ fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
         // matrix of them all (its cells grow with the square, and nobody reads 100 columns).
         let _ = writeln!(
             md,
-            "Payload bytes each of the {} {who}s of the run sent and received, all kinds together; the \
-             same figures, live, are the `semoe_alltoall_bytes_total` metric.\n",
-            ids.len()
+            "Payload bytes each of the {} {who}s of the run sent and received, all kinds together; {}\n",
+            ids.len(),
+            live_figures(rec.members)
         );
         let _ = writeln!(md, "| {who} | sent | received |");
         let _ = writeln!(md, "|---|---|---|");
@@ -92,8 +103,8 @@ fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
     } else {
         let _ = writeln!(
             md,
-            "Payload bytes each {who} (row) sent each {who} (column) over the run, all kinds together; \
-             the same figures, live, are the `semoe_alltoall_bytes_total` metric.\n"
+            "Payload bytes each {who} (row) sent each {who} (column) over the run, all kinds together; {}\n",
+            live_figures(rec.members)
         );
         let header: Vec<String> = ids.iter().map(|i| format!("to {i}")).collect();
         let _ = writeln!(md, "| {who} | {} | sent |", header.join(" | "));
