@@ -270,6 +270,48 @@ fn the_traffic_between_workers_is_logged_and_reported() {
     assert!(report.contains("| worker | to 0 | to 1 | to 2 | sent |"), "{report}");
 }
 
+/// A run stopped early records its traffic too, and a resumed run's record says it counts from
+/// the step it resumed at (its counters start at zero), as does the report.
+#[test]
+fn a_stopped_and_resumed_run_records_the_traffic_of_each_part() {
+    let (_tmp, dir) = temp_dir("traffic-resumed");
+    let mut c = small(6);
+    c.train.workers = 2;
+    let mut t = Trainer::new(c, &dir).expect("trainer");
+    t.stop_at(3);
+    t.run(false).expect("run to the stop");
+    drop(t);
+    let records = |dir: &std::path::Path| -> Vec<semoe::train::log::TrafficRecord> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"traffic\""))
+            .map(|l| serde_json::from_str(l).expect("a traffic record"))
+            .collect()
+    };
+    let stopped = records(&dir);
+    assert_eq!(stopped.len(), 1, "a record where the run stopped");
+    assert_eq!((stopped[0].since, stopped[0].step), (0, 3));
+    assert!(
+        stopped[0].entries.iter().any(|e| e.bytes > 0),
+        "{:?}",
+        stopped[0].entries
+    );
+    let mut resumed = Trainer::resume(&dir, None).expect("resume");
+    resumed.run(false).expect("run to the end");
+    drop(resumed);
+    let all = records(&dir);
+    assert_eq!(all.len(), 2, "one record per part");
+    assert_eq!((all[1].since, all[1].step), (3, 6));
+    semoe::telemetry::write_report(&dir).expect("report");
+    let report = std::fs::read_to_string(dir.join("report.md")).expect("report");
+    assert!(
+        report.contains("## Traffic between workers (steps 3 to 6)")
+            && report.contains("counted since the run resumed at step 3"),
+        "{report}"
+    );
+}
+
 #[test]
 fn a_run_shorter_than_its_warmup_is_told_so() {
     let (_tmp, dir) = temp_dir("short");

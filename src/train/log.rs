@@ -139,6 +139,11 @@ pub struct TrafficRecord {
     /// Steps committed.
     #[serde(deserialize_with = "count")]
     pub step: u64,
+    /// Steps committed when the invocation that counted these bytes started (its counters start
+    /// at zero: a resumed run's record covers the steps since it resumed; 0 in logs written before
+    /// the field).
+    #[serde(default, deserialize_with = "count")]
+    pub since: u64,
     /// Whether `from` and `to` are member ids (a run over worker processes), not worker indices.
     pub members: bool,
     /// The non-zero cells.

@@ -817,6 +817,7 @@ impl Trainer {
         let mut checkpointed_step = None;
         let mut stop = StopReason::Finished;
         let mut place_checked = Instant::now();
+        let first_step = self.optimizer.step;
         while self.optimizer.step < c.train.steps {
             if place_checked.elapsed() >= PLACE_CHECK_EVERY {
                 self.lock.still_in_place()?;
@@ -866,7 +867,7 @@ impl Trainer {
             self.log_membership(&mut log)?;
             let last = r.step == c.train.steps;
             if last {
-                self.log_traffic(&mut log, r.step)?;
+                self.log_traffic(&mut log, first_step, r.step)?;
             }
             if (c.train.eval_every > 0 && r.step % c.train.eval_every == 0) || last {
                 val_loss = self.evaluate()?;
@@ -894,7 +895,11 @@ impl Trainer {
         out.finish();
         if checkpointed_step != Some(self.optimizer.step) {
             // Stopped early (time limit or a requested stop): evaluate and checkpoint where we are,
-            // so that no step is lost and --resume continues from here.
+            // so that no step is lost and --resume continues from here; the bytes of the steps run
+            // are recorded as at the end.
+            if steps_run > 0 {
+                self.log_traffic(&mut log, first_step, self.optimizer.step)?;
+            }
             val_loss = self.evaluate()?;
             val_step = self.optimizer.step;
             let elapsed = self.prior_seconds + started.elapsed().as_secs_f64();
@@ -925,7 +930,7 @@ impl Trainer {
     }
 
     /// Log the bytes the workers sent each other over the run (the actor runtime only).
-    fn log_traffic(&mut self, log: &mut MetricsLog, step: u64) -> Result<()> {
+    fn log_traffic(&mut self, log: &mut MetricsLog, since: u64, step: u64) -> Result<()> {
         let members = self.membership().is_some();
         let Some(engine) = self.engine.as_mut() else {
             return Ok(());
@@ -934,7 +939,12 @@ impl Trainer {
         if entries.is_empty() {
             return Ok(());
         }
-        log.write(&Record::Traffic(log::TrafficRecord { step, members, entries }))
+        log.write(&Record::Traffic(log::TrafficRecord {
+            step,
+            since,
+            members,
+            entries,
+        }))
     }
 
     /// Log the membership epochs formed since the last call (a run over worker processes).

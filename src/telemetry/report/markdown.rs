@@ -62,7 +62,16 @@ fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
     use crate::storage::tiers::format_bytes;
     use std::collections::BTreeMap;
     let who = if rec.members { "member" } else { "worker" };
-    let _ = writeln!(md, "\n## Traffic between workers (to step {})\n", rec.step);
+    // A resumed run's counters start where it resumed: the record says which steps it covers.
+    let (span, over) = if rec.since > 0 {
+        (
+            format!("steps {} to {}", rec.since, rec.step),
+            format!("over those steps (counted since the run resumed at step {})", rec.since),
+        )
+    } else {
+        (format!("to step {}", rec.step), "over the run".to_string())
+    };
+    let _ = writeln!(md, "\n## Traffic between workers ({span})\n");
     let mut ids: Vec<u64> = rec.entries.iter().flat_map(|e| [e.from, e.to]).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -79,7 +88,7 @@ fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
         // matrix of them all (its cells grow with the square, and nobody reads 100 columns).
         let _ = writeln!(
             md,
-            "Payload bytes each of the {} {who}s of the run sent and received, all kinds together; {}\n",
+            "Payload bytes each of the {} {who}s sent and received {over}, all kinds together; {}\n",
             ids.len(),
             live_figures(rec.members)
         );
@@ -103,7 +112,7 @@ fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
     } else {
         let _ = writeln!(
             md,
-            "Payload bytes each {who} (row) sent each {who} (column) over the run, all kinds together; {}\n",
+            "Payload bytes each {who} (row) sent each {who} (column) {over}, all kinds together; {}\n",
             live_figures(rec.members)
         );
         let header: Vec<String> = ids.iter().map(|i| format!("to {i}")).collect();
@@ -424,12 +433,16 @@ mod tests {
             .collect();
         let rec = crate::train::log::TrafficRecord {
             step: 9,
+            since: 0,
             members: true,
             entries,
         };
         let mut md = String::new();
         traffic_section(&mut md, &rec);
-        assert!(md.contains("each of the 200 members of the run"), "{md}");
+        assert!(
+            md.contains("each of the 200 members sent and received over the run"),
+            "{md}"
+        );
         assert!(md.contains("| 0 | 7.00 KiB | 7.00 KiB |"), "{md}");
         let rows = md
             .lines()
