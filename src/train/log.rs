@@ -46,7 +46,8 @@ pub struct TrainRecord {
     pub tokens: u64,
     /// Seconds since the start of the run.
     pub elapsed_s: f64,
-    /// The training loss (nats/byte), NaN when the log holds `null`.
+    /// The loss minimised: the cross-entropy plus the routers' auxiliary loss; NaN when the log
+    /// holds `null`. In nats per byte: [`TrainRecord::nats_per_byte`].
     #[serde(deserialize_with = "nullable_f64")]
     pub loss: f64,
     /// The cross-entropy part of the loss.
@@ -70,6 +71,14 @@ pub struct TrainRecord {
     /// Dropped assignments per MoE layer in this step.
     #[serde(default)]
     pub dropped: Vec<u64>,
+}
+
+impl TrainRecord {
+    /// The training loss in nats per byte: the cross-entropy, comparable with the validation loss
+    /// (`loss` also holds the routers' auxiliary loss; logs written before `ce_loss` have only it).
+    pub fn nats_per_byte(&self) -> f64 {
+        self.ce_loss.unwrap_or(self.loss)
+    }
 }
 
 /// One validation record.

@@ -839,7 +839,9 @@ impl Trainer {
             let r = self.step()?;
             train_seconds += r.seconds;
             steps_run += 1;
-            let loss = r.ce_loss + r.aux_loss;
+            // The figure in nats per byte (what the validation loss is) is the cross-entropy; the
+            // log keeps the auxiliary loss beside it.
+            let loss = r.ce_loss;
             self.recent_losses.push_back(loss);
             if self.recent_losses.len() > MEAN_LOSS_STEPS {
                 self.recent_losses.pop_front();
@@ -851,7 +853,7 @@ impl Trainer {
                 step: r.step,
                 tokens: (r.step as f64 * tokens_per_step) as u64,
                 elapsed_s: elapsed,
-                loss,
+                loss: r.ce_loss + r.aux_loss,
                 ce_loss: Some(r.ce_loss),
                 aux_loss: Some(r.aux_loss),
                 lr: Some(r.lr),
@@ -1298,8 +1300,8 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<History> {
         kept_bytes += entry.text.len() as u64 + 1;
         match entry.parsed {
             // A `null` loss is read as NaN: it does not count, as before the log was typed.
-            log::Parsed::Record(Record::Train(r)) if !r.loss.is_nan() => {
-                history.recent_losses.push_back(r.loss);
+            log::Parsed::Record(Record::Train(r)) if !r.nats_per_byte().is_nan() => {
+                history.recent_losses.push_back(r.nats_per_byte());
                 if history.recent_losses.len() > MEAN_LOSS_STEPS {
                     history.recent_losses.pop_front();
                 }

@@ -115,7 +115,7 @@ fn membership_lines(metrics: &Metrics, lo: f64, hi: f64) -> Vec<PathElement<(f64
 }
 
 pub(super) fn draw_loss(root: &Area<'_>, metrics: &Metrics, name: &str) -> DrawResult {
-    let losses: Vec<f64> = metrics.train.iter().map(|r| r.loss).collect();
+    let losses: Vec<f64> = metrics.train.iter().map(|r| r.nats_per_byte()).collect();
     let smoothing = ema_smoothing(losses.len());
     let smoothed = ema(&losses, smoothing);
     let y = padded_range(losses.iter().copied().chain(metrics.val.iter().map(|v| v.val_loss)));

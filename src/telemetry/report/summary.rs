@@ -193,7 +193,7 @@ pub fn summarize(metrics: &Metrics) -> Result<ReportSummary> {
         (Some(f), Some(l)) => (f, l),
         _ => return Err(Error::parse("metrics log", "no training records")),
     };
-    let losses: Vec<f64> = train.iter().map(|r| r.loss).collect();
+    let losses: Vec<f64> = train.iter().map(|r| r.nats_per_byte()).collect();
     let smoothing = ema_smoothing(losses.len());
     let smoothed = ema(&losses, smoothing);
     let best = metrics
@@ -243,10 +243,10 @@ pub fn summarize(metrics: &Metrics) -> Result<ReportSummary> {
         final_step: last.step,
         ema_smoothing: smoothing,
         final_train_loss: smoothed.last().copied().unwrap_or(f64::NAN),
-        final_train_loss_raw: last.loss,
+        final_train_loss_raw: last.nats_per_byte(),
         mean_train_loss: {
             let tail = &train[train.len().saturating_sub(crate::train::trainer::MEAN_LOSS_STEPS)..];
-            tail.iter().map(|r| r.loss).sum::<f64>() / tail.len().max(1) as f64
+            tail.iter().map(|r| r.nats_per_byte()).sum::<f64>() / tail.len().max(1) as f64
         },
         mean_train_loss_steps: train.len().min(crate::train::trainer::MEAN_LOSS_STEPS),
         best_val_loss: best.map(|v| v.val_loss),
