@@ -723,6 +723,27 @@ fn bad_input_gets_clear_messages() {
             "--d-model 100 must be a positive multiple of the bench's 8 attention heads",
         ),
         (
+            // About 137 GB of experts per block: refused before anything is allocated.
+            &[
+                "bench",
+                "ring",
+                "--d-model",
+                "1024",
+                "--d-ff",
+                "8192",
+                "--experts",
+                "4096",
+                "--layers",
+                "8",
+            ],
+            "the initialised model takes",
+        ),
+        (
+            // The shape flags describe the model the bench initialises, not a given checkpoint.
+            &["bench", "ring", "--checkpoint", "x", "--experts", "8"],
+            "cannot be used with",
+        ),
+        (
             &["bench", "cache-policy", "--checkpoint", "x", "--steps", "0"],
             "must be at least 1",
         ),

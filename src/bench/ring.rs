@@ -108,6 +108,12 @@ pub fn ring_bench(
     let probe = ModelFile::open(checkpoint)?;
     let checkpoint_bytes = probe.bytes();
     drop(probe);
+    // The resident variant holds the whole model, and its decoder a copy: refused up front where
+    // that cannot fit (the allocation would abort the process), which is what the ring is for.
+    super::check_memory(
+        "the bench's resident variant (the whole model, and its decoder's copy)",
+        2.0 * checkpoint_bytes as f64,
+    )?;
     let mut rows: Vec<RingRow> = Vec::new();
     let mut geometry = (0, 0);
     for &batch in batches {

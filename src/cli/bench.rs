@@ -46,19 +46,19 @@ pub struct RingBenchArgs {
     checkpoint: Option<PathBuf>,
     /// Where to write the initialised model's checkpoint (default: the system's temporary
     /// directory; removed afterwards).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "checkpoint")]
     dir: Option<PathBuf>,
     /// Model width of the initialised model.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, conflicts_with = "checkpoint")]
     d_model: usize,
     /// Expert hidden width.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, conflicts_with = "checkpoint")]
     d_ff: usize,
     /// Blocks (every one an MoE block).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, conflicts_with = "checkpoint")]
     layers: usize,
     /// Experts per block.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, conflicts_with = "checkpoint")]
     experts: usize,
     /// Device budget of the ring (default: a quarter of the checkpoint).
     #[arg(long)]
@@ -831,6 +831,22 @@ fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
                 )));
             }
             c.validate()?;
+            // The model is initialised in memory before it is written: refused where it cannot be.
+            let bytes = semoe::config::memory::param_count(&c).saturating_mul(4);
+            if let Some(available) = semoe::config::memory::available_bytes() {
+                if bytes > available {
+                    return Err(semoe::Error::config(format!(
+                        "--d-model {} --d-ff {} --layers {} --experts {}: the initialised model takes {} and the \
+                         machine has {} available",
+                        a.d_model,
+                        a.d_ff,
+                        a.layers,
+                        a.experts,
+                        semoe::storage::tiers::format_bytes(bytes),
+                        semoe::storage::tiers::format_bytes(available)
+                    )));
+                }
+            }
             let parent = a.dir.clone().unwrap_or_else(std::env::temp_dir);
             let made = scratch.insert(bench::Scratch::new(
                 &parent,
