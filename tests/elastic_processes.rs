@@ -901,9 +901,30 @@ fn joins_that_cannot_give_the_same_bits_are_refused_naming_why() {
         );
     }
     // Training is unaffected: two good workers join and the run ends with the plain loop's bits.
+    // The second brings its own config file: its threads are its own; its evaluation cadence,
+    // the run's, is said not to apply.
+    let mut own: semoe::config::TrainConfig =
+        toml::from_str(&std::fs::read_to_string(dir.path().join("run/config.toml")).expect("config")).expect("parse");
+    own.train.threads = 1;
+    own.train.eval_every += 7;
+    let own_config = dir.path().join("own.toml");
+    std::fs::write(&own_config, own.to_toml().expect("toml")).expect("write");
+    let own_config = own_config.to_string_lossy().to_string();
     let _w1 = worker(dir.path(), "w1", &good);
-    let _w2 = worker(dir.path(), "w2", &good);
+    let w2 = Proc::spawn(
+        dir.path(),
+        "w2",
+        &["worker", "--ticket", &good, "--config", &own_config],
+        &[],
+    );
     assert!(coord.wait(Duration::from_secs(60)).success(), "{}", coord.log());
+    let w2_log = w2.log();
+    assert!(
+        w2_log.contains("not its config file's")
+            && w2_log.contains("train.eval_every")
+            && !w2_log.contains("train.threads"),
+        "{w2_log}"
+    );
     assert_eq!(membership(&coord.log()), (0, 0, 0), "{}", coord.log());
     assert_same_state(&want, &state_files(&dir.path().join("run"), 20), "after refused joins");
 }

@@ -22,7 +22,8 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// This worker's own config file: refused unless every field that changes the bits matches
-    /// the run's.
+    /// the run's. Its train.threads and train.data apply (as --threads and --data, which win);
+    /// every other field is the run's (one set otherwise is said).
     #[arg(long)]
     config: Option<PathBuf>,
     /// The training text on this machine (default: the run's train.data, or the bundled corpus);

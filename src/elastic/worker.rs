@@ -310,10 +310,8 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     .await?
     .map_err(|e| Error::runtime(format!("the coordinator closed the connection: {e}")))?;
 
-    let own_config = match &options.config {
-        Some(path) => Some(TrainConfig::from_file(path)?.to_toml()?),
-        None => None,
-    };
+    let own = options.config.as_deref().map(TrainConfig::from_file).transpose()?;
+    let own_config = own.as_ref().map(TrainConfig::to_toml).transpose()?;
     let hello = Hello {
         protocol: protocol::PROTOCOL,
         version: protocol::VERSION.into(),
@@ -331,6 +329,28 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     };
     let mut config: TrainConfig = toml::from_str(&config)
         .map_err(|e| Error::parse("the run's configuration from the coordinator", e.to_string()))?;
+    // This machine's own settings: the flags, else its config file's. Every other field is the
+    // run's; one the file sets otherwise is said (the coordinator refused it already where it
+    // would change the bits).
+    if let Some(own) = &own {
+        let mut mine = own.clone();
+        mine.train.threads = if options.threads > 0 {
+            options.threads
+        } else {
+            own.train.threads
+        };
+        mine.train.data = options.data.clone().or_else(|| own.train.data.clone());
+        config.train.threads = mine.train.threads;
+        config.train.data = mine.train.data.clone();
+        let (differ, _) = crate::config::resume_differences(&config, &mine)?;
+        if !differ.is_empty() {
+            crate::say!(
+                "notice: this worker runs with the run's settings, not its config file's (only the training \
+                 text and the threads are its own): {}",
+                differ.join(", ")
+            );
+        }
+    }
     if let Some(data) = &options.data {
         config.train.data = Some(data.clone());
     }
