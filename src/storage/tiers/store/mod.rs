@@ -534,6 +534,37 @@ mod tests {
         assert!(st.peak[0] <= st.budget[0] && st.peak[1] <= st.budget[1], "{st:?}");
     }
 
+    /// A store's tier gauges read 0 once it is gone: a worker process's next epoch may run under
+    /// another index, and the old index's would hold their last values for good.
+    #[test]
+    fn a_dropped_store_zeroes_its_gauges() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let device = |snapshotter: &metrics_util::debugging::Snapshotter| {
+            snapshotter
+                .snapshot()
+                .into_vec()
+                .into_iter()
+                .find(|(key, ..)| {
+                    key.key().name() == crate::telemetry::metrics::TIER_BYTES
+                        && key.key().labels().any(|l| l.key() == "worker" && l.value() == "7")
+                        && key.key().labels().any(|l| l.key() == "tier" && l.value() == "device")
+                })
+                .map(|(.., value)| match value {
+                    DebugValue::Gauge(g) => g.into_inner(),
+                    other => panic!("{other:?}"),
+                })
+        };
+        metrics::with_local_recorder(&recorder, || {
+            // All in memory (no disk tier): its books run on this thread, under this recorder.
+            let store = ExpertStore::new(7, &StorageConfig::default(), units(2, 2)).unwrap();
+            assert_eq!(device(&snapshotter), Some((4 * slot(0.0).bytes()) as f64));
+            drop(store);
+            assert_eq!(device(&snapshotter), Some(0.0));
+        });
+    }
+
     #[tokio::test]
     async fn se_moe_keeps_hot_experts_that_lru_evicts() {
         // One hot expert used between scans of cold ones longer than the cache: LFU keeps it in

@@ -142,10 +142,16 @@ pub(super) struct Manager {
 const DISK: usize = 2;
 
 impl Drop for Manager {
-    /// The I/O threads stop with the manager (they would wait on the lanes for good otherwise).
+    /// The I/O threads stop with the manager (they would wait on the lanes for good otherwise),
+    /// and the store's gauges read that it holds nothing (a worker process's next epoch may run
+    /// under another index: the old one's would stay at their last values for good).
     fn drop(&mut self) {
         if let Some(lanes) = &self.io {
             lanes.close();
+        }
+        for tier in ["device", "host", "disk"] {
+            metrics::gauge!(crate::telemetry::metrics::TIER_BYTES, "worker" => self.worker.clone(), "tier" => tier)
+                .set(0.0);
         }
     }
 }
