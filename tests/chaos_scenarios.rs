@@ -435,6 +435,10 @@ fn a_communicator_fault_is_repaired_by_a_restart_and_a_replay() {
         assert_bitwise_equal(&report, &c, what);
         assert!(report.replays >= 1, "{what}: its step replayed");
     }
+    let err = Scenario::from_toml("[[fault]]\nactor = \"communicator\"\nkind = \"error\"\nstep = 1\nblock = 0\n")
+        .expect_err("block")
+        .to_string();
+    assert!(err.contains("fault[0].block"), "{err}");
 }
 
 #[test]

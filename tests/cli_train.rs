@@ -604,7 +604,11 @@ fn progress_lines_without_a_terminal() {
         Duration::from_secs(60),
     );
     assert!(status.success(), "{err}");
-    assert!(!err.contains("time_budget_s"), "{err}");
+    assert!(
+        err.contains("notice: the config file's train.time_budget_s (600 s) is not applied")
+            && !err.contains("resume changes train.time_budget_s"),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read_to_string(tmp.path().join("r/config.toml")).expect("config"),
         config

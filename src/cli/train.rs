@@ -521,6 +521,16 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             ));
         }
         let file = a.config.as_deref().map(TrainConfig::from_file).transpose()?;
+        if let Some(f) = &file {
+            let recorded = TrainConfig::from_file(&dir.join("config.toml")).ok();
+            if recorded.is_some_and(|r| r.train.time_budget_s != f.train.time_budget_s) {
+                semoe::say!(
+                    "notice: the config file's train.time_budget_s ({} s) is not applied: a resumed run keeps its \
+                     steps (--steps changes them, --time-limit bounds this invocation)",
+                    f.train.time_budget_s
+                );
+            }
+        }
         let adjust = |c: &mut TrainConfig| {
             if let Some(file) = &file {
                 // A time budget chooses a new run's steps (as the flag, refused above): the run

@@ -205,7 +205,7 @@ pub struct ElasticRuntime {
     traffic_last: std::collections::BTreeMap<u64, Vec<TrafficEntry>>,
     /// The current epoch's figures being asked in the background (with each in-memory copy, so
     /// that a member lost later has figures of most of its epoch).
-    traffic_asking: Option<tokio::task::JoinHandle<Vec<MemberTraffic>>>,
+    traffic_asking: Option<TrafficAsk>,
     /// The latest step an epoch began to run (`None`: none yet); link faults of later steps only
     /// go to new epochs ([`ElasticOptions::link_faults`]).
     attempted: Option<u64>,
@@ -220,6 +220,13 @@ pub struct ElasticRuntime {
 
 /// A member's figures (by id): the bytes it sent each other member of its epoch, by kind.
 type MemberTraffic = (u64, Vec<TrafficEntry>);
+
+/// A background ask of every member's figures: the task, and the answers as they arrive (kept
+/// when the task is stopped before a slow member answers).
+struct TrafficAsk {
+    task: tokio::task::JoinHandle<()>,
+    answers: Arc<std::sync::Mutex<Vec<MemberTraffic>>>,
+}
 
 /// The bytes member `m` of epoch `number` (whose members are `members`) sent each other member in
 /// it, by kind (members by id), asked within `wait`.
@@ -920,35 +927,47 @@ impl ElasticRuntime {
     /// if an ask is still under way).
     fn start_traffic_ask(&mut self) {
         let Some(epoch) = &self.current else { return };
-        if self.traffic_asking.as_ref().is_some_and(|t| !t.is_finished()) {
+        if self.traffic_asking.as_ref().is_some_and(|a| !a.task.is_finished()) {
             return;
         }
         let (number, members) = (epoch.number, epoch.members.clone());
-        self.traffic_asking = Some(tokio::spawn(async move {
-            let mut answers = Vec::new();
+        let answers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let arrived = answers.clone();
+        let task = tokio::spawn(async move {
+            let mut asks = tokio::task::JoinSet::new();
             for m in &members {
-                if let Ok(sent) = ask_member_traffic(number, &members, m, Duration::from_secs(5)).await {
-                    answers.push((m.id, sent));
+                let (m, members) = (m.clone(), members.clone());
+                asks.spawn(async move {
+                    (
+                        m.id,
+                        ask_member_traffic(number, &members, &m, Duration::from_secs(5)).await,
+                    )
+                });
+            }
+            while let Some(joined) = asks.join_next().await {
+                if let Ok((id, Ok(sent))) = joined {
+                    arrived
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((id, sent));
                 }
             }
-            answers
-        }));
+        });
+        self.traffic_asking = Some(TrafficAsk { task, answers });
     }
 
-    /// Keep the answers of a background ask that finished (`end`: the epoch ends, so one not
-    /// finished is dropped; its answers would be of an epoch already folded).
+    /// Keep the answers a background ask has had so far (`end`: the epoch ends, so an ask not
+    /// finished is stopped; later answers would be of an epoch already folded).
     async fn take_traffic_answers(&mut self, end: bool) {
-        let Some(task) = self.traffic_asking.take() else { return };
-        if !task.is_finished() {
-            if end {
-                task.abort();
-            } else {
-                self.traffic_asking = Some(task);
-            }
-            return;
+        let Some(ask) = self.traffic_asking.take() else { return };
+        let finished = ask.task.is_finished();
+        if end && !finished {
+            ask.task.abort();
         }
-        if let Ok(answers) = task.await {
-            self.traffic_last.extend(answers);
+        let arrived = std::mem::take(&mut *ask.answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        self.traffic_last.extend(arrived);
+        if !end && !finished {
+            self.traffic_asking = Some(ask);
         }
     }
 

@@ -333,15 +333,22 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     // run's; one the file sets otherwise is said (the coordinator refused it already where it
     // would change the bits).
     if let Some(own) = &own {
+        // (The file's only where it sets them: left unset, the run's stay.)
+        if own.train.threads > 0 {
+            config.train.threads = own.train.threads;
+        }
+        if let Some(data) = &own.train.data {
+            config.train.data = Some(data.clone());
+        }
+        if let Some(data) = &options.data {
+            config.train.data = Some(data.clone());
+        }
+        if options.threads > 0 {
+            config.train.threads = options.threads;
+        }
         let mut mine = own.clone();
-        mine.train.threads = if options.threads > 0 {
-            options.threads
-        } else {
-            own.train.threads
-        };
-        mine.train.data = options.data.clone().or_else(|| own.train.data.clone());
-        config.train.threads = mine.train.threads;
-        config.train.data = mine.train.data.clone();
+        mine.train.threads = config.train.threads;
+        mine.train.data = config.train.data.clone();
         let (differ, _) = crate::config::resume_differences(&config, &mine)?;
         if !differ.is_empty() {
             crate::say!(

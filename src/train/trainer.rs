@@ -818,6 +818,7 @@ impl Trainer {
         let mut stop = StopReason::Finished;
         let mut place_checked = Instant::now();
         let first_step = self.optimizer.step;
+        let mut traffic_logged = false;
         while self.optimizer.step < c.train.steps {
             if place_checked.elapsed() >= PLACE_CHECK_EVERY {
                 self.lock.still_in_place()?;
@@ -870,6 +871,7 @@ impl Trainer {
             let last = r.step == c.train.steps;
             if last {
                 self.log_traffic(&mut log, first_step, r.step)?;
+                traffic_logged = true;
             }
             if (c.train.eval_every > 0 && r.step % c.train.eval_every == 0) || last {
                 val_loss = self.evaluate()?;
@@ -895,13 +897,14 @@ impl Trainer {
             out.step(r.step, loss, val_loss, tps, mean_tps);
         }
         out.finish();
+        // Stopped early (time limit or a requested stop): the bytes of the steps run are recorded
+        // as at the end (also where the stop came right after a periodic checkpoint).
+        if steps_run > 0 && !traffic_logged {
+            self.log_traffic(&mut log, first_step, self.optimizer.step)?;
+        }
         if checkpointed_step != Some(self.optimizer.step) {
-            // Stopped early (time limit or a requested stop): evaluate and checkpoint where we are,
-            // so that no step is lost and --resume continues from here; the bytes of the steps run
-            // are recorded as at the end.
-            if steps_run > 0 {
-                self.log_traffic(&mut log, first_step, self.optimizer.step)?;
-            }
+            // Stopped early: evaluate and checkpoint where we are, so that no step is lost and
+            // --resume continues from here.
             val_loss = self.evaluate()?;
             val_step = self.optimizer.step;
             let elapsed = self.prior_seconds + started.elapsed().as_secs_f64();
