@@ -422,3 +422,33 @@ fn a_checkpoint_renamed_aside_by_an_interrupted_replace_is_resumed_from() {
     assert_eq!(t.steps_done(), 2, "resumed from the checkpoint set aside");
     assert!(saved.is_dir() && !aside.exists(), "put back under its name");
 }
+
+/// A run recorded before tier settings without a Device budget were refused (they did nothing)
+/// still resumes: they are dropped, and said. Given on the resume itself, they are refused.
+#[test]
+fn a_run_recorded_with_tier_settings_that_did_nothing_still_resumes() {
+    let tmp = TempDir::new("resume-inert-tiers");
+    let dir = tmp.path().join("run");
+    let mut c = small(6);
+    c.train.workers = 1;
+    stopped_run(&dir, c.clone(), 3);
+    let mut recorded = c;
+    recorded.storage.host_budget = "1MiB".into();
+    recorded.storage.cache_policy = "lru".into();
+    std::fs::write(dir.join("config.toml"), recorded.to_toml().expect("toml")).expect("config.toml");
+    let t = Trainer::resume_with(&dir, None, |_| {}).expect("resume");
+    let notices = t.notices().join("\n");
+    assert!(
+        notices.contains("storage.host_budget, storage.cache_policy of the run's config did nothing"),
+        "{notices}"
+    );
+    drop(t);
+    let err = Trainer::resume_with(&dir, None, |c| c.storage.host_budget = "2MiB".into())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("storage.host_budget (--host-budget) applies only"),
+        "{err}"
+    );
+}

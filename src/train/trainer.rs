@@ -173,9 +173,37 @@ pub fn resumed_config(
             refused.join(", ")
         )));
     }
+    // A run recorded before tier settings without a Device budget were refused: they did nothing
+    // then, and are dropped now (said) rather than refusing the resume. Given on this resume, they
+    // are refused by `validate` as on a fresh start.
+    let mut inert = Vec::new();
+    if config.storage.device_budget.is_empty() && config.train.device != crate::config::ComputeDevice::Cuda {
+        let default = crate::config::StorageSettings::default();
+        let s = &mut config.storage;
+        let r = &recorded.storage;
+        if !s.host_budget.is_empty() && s.host_budget == r.host_budget {
+            s.host_budget = default.host_budget.clone();
+            inert.push("storage.host_budget");
+        }
+        if s.cache_policy != default.cache_policy && s.cache_policy == r.cache_policy {
+            s.cache_policy = default.cache_policy.clone();
+            inert.push("storage.cache_policy");
+        }
+        if s.prefetch != default.prefetch && s.prefetch == r.prefetch {
+            s.prefetch = default.prefetch;
+            inert.push("storage.prefetch");
+        }
+    }
     config.validate()?;
     super::memory::check_fits(&config, super::memory::available_bytes())?;
     let mut notices: Vec<String> = changed.iter().map(|c| format!("resume changes {c}")).collect();
+    if !inert.is_empty() {
+        notices.push(format!(
+            "{} of the run's config did nothing without storage.device_budget (every expert stays in Device \
+             memory): dropped",
+            inert.join(", ")
+        ));
+    }
     if config.train.steps != recorded.train.steps {
         notices.push(format!(
             "the learning-rate schedule now spans {} steps instead of {}",
