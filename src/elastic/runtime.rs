@@ -221,11 +221,37 @@ pub struct ElasticRuntime {
 /// A member's figures (by id): the bytes it sent each other member of its epoch, by kind.
 type MemberTraffic = (u64, Vec<TrafficEntry>);
 
-/// A background ask of every member's figures: the task, and the answers as they arrive (kept
-/// when the task is stopped before a slow member answers).
+/// An ask of members' figures: the task, and the answers as they arrive (kept when the task is
+/// stopped before a slow member answers).
 struct TrafficAsk {
     task: tokio::task::JoinHandle<()>,
     answers: Arc<std::sync::Mutex<Vec<MemberTraffic>>>,
+}
+
+impl TrafficAsk {
+    /// Ask each of `asked` (members of epoch `number`, whose members are `members`) at once, each
+    /// within `wait`.
+    fn start(number: u64, members: Vec<Member>, asked: Vec<Member>, wait: Duration) -> TrafficAsk {
+        let answers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let arrived = answers.clone();
+        let members = Arc::new(members);
+        let task = tokio::spawn(async move {
+            let mut asks = tokio::task::JoinSet::new();
+            for m in asked {
+                let members = members.clone();
+                asks.spawn(async move { (m.id, ask_member_traffic(number, &members, &m, wait).await) });
+            }
+            while let Some(joined) = asks.join_next().await {
+                if let Ok((id, Ok(sent))) = joined {
+                    arrived
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((id, sent));
+                }
+            }
+        });
+        TrafficAsk { task, answers }
+    }
 }
 
 /// The bytes member `m` of epoch `number` (whose members are `members`) sent each other member in
@@ -476,7 +502,7 @@ impl ElasticRuntime {
                     self.committed = o.step;
                     self.relinks = 0;
                     self.collect_copy().await?;
-                    self.take_traffic_answers(false).await;
+                    self.take_traffic_answers(false);
                     if self.copying.is_none()
                         && self.committed.saturating_sub(self.safe.step()) >= self.options.snapshot_every.max(1)
                     {
@@ -907,20 +933,16 @@ impl ElasticRuntime {
     /// once; keep each answer as that member's latest (one that does not answer keeps its last).
     /// Answers asked in the background are taken first, or dropped if not in yet.
     async fn refresh_traffic(&mut self, number: u64, members: &[Member], wait: Duration) {
-        self.take_traffic_answers(true).await;
-        let mut asks = tokio::task::JoinSet::new();
-        for m in members {
-            if matches!(self.cluster.status(m.id), Some(Status::Gone(_)) | None) {
-                continue;
-            }
-            let (m, members) = (m.clone(), members.to_vec());
-            asks.spawn(async move { (m.id, ask_member_traffic(number, &members, &m, wait).await) });
-        }
-        while let Some(joined) = asks.join_next().await {
-            if let Ok((id, Ok(sent))) = joined {
-                self.traffic_last.insert(id, sent);
-            }
-        }
+        self.take_traffic_answers(true);
+        let there: Vec<Member> = members
+            .iter()
+            .filter(|m| !matches!(self.cluster.status(m.id), Some(Status::Gone(_)) | None))
+            .cloned()
+            .collect();
+        let mut ask = TrafficAsk::start(number, members.to_vec(), there, wait);
+        let _ = (&mut ask.task).await;
+        self.traffic_asking = Some(ask);
+        self.take_traffic_answers(true);
     }
 
     /// Start asking the current epoch's members for their figures in the background (nothing
@@ -930,35 +952,18 @@ impl ElasticRuntime {
         if self.traffic_asking.as_ref().is_some_and(|a| !a.task.is_finished()) {
             return;
         }
-        let (number, members) = (epoch.number, epoch.members.clone());
-        let answers = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let arrived = answers.clone();
-        let task = tokio::spawn(async move {
-            let mut asks = tokio::task::JoinSet::new();
-            for m in &members {
-                let (m, members) = (m.clone(), members.clone());
-                asks.spawn(async move {
-                    (
-                        m.id,
-                        ask_member_traffic(number, &members, &m, Duration::from_secs(5)).await,
-                    )
-                });
-            }
-            while let Some(joined) = asks.join_next().await {
-                if let Ok((id, Ok(sent))) = joined {
-                    arrived
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push((id, sent));
-                }
-            }
-        });
-        self.traffic_asking = Some(TrafficAsk { task, answers });
+        let members = epoch.members.clone();
+        self.traffic_asking = Some(TrafficAsk::start(
+            epoch.number,
+            members.clone(),
+            members,
+            Duration::from_secs(5),
+        ));
     }
 
     /// Keep the answers a background ask has had so far (`end`: the epoch ends, so an ask not
     /// finished is stopped; later answers would be of an epoch already folded).
-    async fn take_traffic_answers(&mut self, end: bool) {
+    fn take_traffic_answers(&mut self, end: bool) {
         let Some(ask) = self.traffic_asking.take() else { return };
         let finished = ask.task.is_finished();
         if end && !finished {
