@@ -719,6 +719,11 @@ fn bad_input_gets_clear_messages() {
         (&["bench", "storage", "--steps", "0"], "must be at least 1"),
         (&["bench", "runtime", "--steps", "0"], "must be at least 1"),
         (
+            // Collectives chosen for no engine: the bench would measure without them.
+            &["bench", "runtime", "--collective", "sim"],
+            "give one of them (e.g. --collective-workers 2)",
+        ),
+        (
             &["bench", "storage", "--batch", "6"],
             "--batch 6 must be a positive multiple of the bench's 4 routing groups",
         ),

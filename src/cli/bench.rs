@@ -204,9 +204,10 @@ pub struct RuntimeArgs {
     #[arg(long, value_delimiter = ',')]
     collective_processes: Vec<usize>,
     /// The collectives of `--collective-workers` and `--collective-processes`: `sim` (the CPU
-    /// stand-in of NCCL) or `nccl` (worker i on GPU i; a build with `--features cuda`).
-    #[arg(long, default_value = "sim", value_parser = ["sim", "nccl"])]
-    collective: String,
+    /// stand-in of NCCL) or `nccl` (worker i on GPU i; a build with `--features cuda`) [default:
+    /// sim].
+    #[arg(long, value_parser = ["sim", "nccl"])]
+    collective: Option<String>,
     /// Untimed steps first (per engine).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
@@ -673,6 +674,12 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
             let mut config = semoe::train::TrainConfig::default();
             config.train.threads = a.threads;
             config.validate()?;
+            if a.collective.is_some() && a.collective_workers.is_empty() && a.collective_processes.is_empty() {
+                return Err(semoe::Error::config(
+                    "--collective chooses the collectives of --collective-workers and --collective-processes; \
+                     give one of them (e.g. --collective-workers 2)",
+                ));
+            }
             let r = bench::runtime_bench(
                 &config,
                 &bench::RuntimeEngines {
@@ -681,7 +688,7 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
                     quic_processes: &a.quic_processes,
                     collective_workers: &a.collective_workers,
                     collective_processes: &a.collective_processes,
-                    collective: a.collective.parse()?,
+                    collective: a.collective.as_deref().unwrap_or("sim").parse()?,
                 },
                 a.warmup,
                 a.steps,

@@ -249,11 +249,18 @@ fn signal_child(children: &Mutex<Vec<Child>>, pid: u32, sig: i32) -> bool {
     }
 }
 
+/// The lowest index not in `taken`.
+fn lowest_free(taken: &[usize]) -> usize {
+    (0..).find(|i| !taken.contains(i)).unwrap_or(taken.len())
+}
+
 /// The run's processes, and what it needs to start more.
 struct Fleet {
     children: Arc<Mutex<Vec<Child>>>,
     /// Pid of each process, by its number.
     pids: Vec<u32>,
+    /// The GPU each process was given (over NCCL), by its number.
+    gpus: Vec<usize>,
     ticket: PathBuf,
     logs: PathBuf,
     threads: usize,
@@ -306,19 +313,37 @@ impl Fleet {
         let log = self.logs.join(format!("process-{number}.log"));
         let file = std::fs::File::create(&log).map_err(|e| Error::io("cannot create the worker log", &log, e))?;
         let scratch = self.scratch(number);
-        // Over NCCL, process i on GPU i (as `semoe train --processes` starts them): two ranks of
-        // one communicator cannot share a device.
+        // Over NCCL, the lowest GPU no running process holds (the first ones on GPU i, as `semoe
+        // train --processes` starts them; a joiner on the GPU of a process that ended): two ranks
+        // of one communicator cannot share a device, and a joiner's number may pass the devices.
+        let gpu = {
+            let mut children = lock(&self.children);
+            let running: Vec<usize> = self
+                .pids
+                .iter()
+                .zip(&self.gpus)
+                .filter(|(pid, _)| {
+                    children
+                        .iter_mut()
+                        .find(|c| c.id() == **pid)
+                        .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+                })
+                .map(|(_, &gpu)| gpu)
+                .collect();
+            lowest_free(&running)
+        };
         let child = crate::train::engine::spawn_worker_with(
             &self.ticket,
             &scratch,
             self.threads,
-            number,
+            gpu,
             Stdio::from(file),
             &env,
         )?;
         let pid = child.id();
         lock(&self.children).push(child);
         self.pids.push(pid);
+        self.gpus.push(gpu);
         for t in lock(&self.tracks).iter_mut() {
             if t.fault.process == number && t.fault.phase != Phase::Boundary {
                 t.pid = Some(pid);
@@ -700,6 +725,7 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
     let mut fleet = Fleet {
         children: children.0.clone(),
         pids: Vec::new(),
+        gpus: Vec::new(),
         ticket,
         logs,
         threads: crate::kernels::cpu::threads_each(t.threads, t.processes),
@@ -1100,5 +1126,19 @@ impl ProcessReport {
             ));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lowest_free;
+
+    #[test]
+    fn a_joiner_takes_the_gpu_of_a_process_that_ended() {
+        assert_eq!(lowest_free(&[]), 0);
+        assert_eq!(lowest_free(&[0, 1]), 2);
+        // Process 0 (GPU 0) was killed; process 1 still runs on GPU 1: process 2 gets GPU 0.
+        assert_eq!(lowest_free(&[1]), 0);
+        assert_eq!(lowest_free(&[2, 0]), 1);
     }
 }
