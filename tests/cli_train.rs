@@ -492,16 +492,17 @@ fn default_run_directories_never_collide_and_failed_starts_leave_none() {
         assert!(tmp.path().join("runs").join(n).join("checkpoints").is_dir(), "{n}");
     }
 
-    // A start that fails (no such data file) leaves no directory.
-    let (status, _, err) = run(
-        tmp.path(),
-        &args(&["--data", "no-such-file.txt"]),
-        Duration::from_secs(60),
-    );
-    assert_eq!(status.code(), Some(1));
-    assert!(err.contains("no-such-file.txt"), "{err}");
-    let count = std::fs::read_dir(tmp.path().join("runs")).expect("runs").count();
-    assert_eq!(count, 3, "the failed start left a directory");
+    // A start that fails (no such data file) leaves no directory: with the time budget's
+    // measurement, and without it (--steps).
+    for extra in [&[][..], &["--steps", "3"][..]] {
+        let mut flags = vec!["--data", "no-such-file.txt"];
+        flags.extend_from_slice(extra);
+        let (status, _, err) = run(tmp.path(), &args(&flags), Duration::from_secs(60));
+        assert_eq!(status.code(), Some(1));
+        assert!(err.contains("no-such-file.txt"), "{err}");
+        let count = std::fs::read_dir(tmp.path().join("runs")).expect("runs").count();
+        assert_eq!(count, 3, "the failed start ({flags:?}) left a directory");
+    }
 }
 
 #[test]

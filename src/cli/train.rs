@@ -627,7 +627,12 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             }
         }
         metrics = start_metrics(a)?;
-        Trainer::new(config, &dir)?
+        let started = Trainer::new(config, &dir);
+        if started.is_err() && a.run_dir.is_none() {
+            // The default directory was made above (the trainer found it there, so it leaves it).
+            run_dir::remove_failed_start(&dir);
+        }
+        started?
     };
     // Served until this function returns.
     let _metrics_endpoint = metrics;

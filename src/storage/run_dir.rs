@@ -185,7 +185,8 @@ pub fn create_unique(parent: &Path, name: &str) -> Result<PathBuf> {
 }
 
 /// Whether `dir` holds nothing a user would miss: only the lock file, an empty metrics log, the
-/// config and scratch tier files (what a start that failed before its first step leaves).
+/// config, scratch tier files and a join ticket (what a start that failed before its first step
+/// leaves).
 pub fn holds_no_results(dir: &Path) -> bool {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return false;
@@ -193,7 +194,8 @@ pub fn holds_no_results(dir: &Path) -> bool {
     entries.flatten().all(|entry| {
         let name = entry.file_name();
         match name.to_str() {
-            Some(LOCK_FILE) | Some("config.toml") | Some(TIERS_DIR) => true,
+            // A ticket of a start that failed admits to a coordinator that is gone.
+            Some(LOCK_FILE) | Some("config.toml") | Some(TIERS_DIR) | Some("join.ticket") => true,
             Some("metrics.jsonl") => entry.metadata().map(|m| m.len() == 0).unwrap_or(false),
             _ => false,
         }
@@ -262,7 +264,7 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
     let names: Vec<String> = entries
         .flatten()
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with(CALIBRATION_PREFIX))
+        .filter(|n| !n.starts_with(CALIBRATION_PREFIX) && !is_interrupted_write(n))
         .collect();
     let steps = crate::storage::checkpoint::step_dirs(dir)?;
     let aside = crate::storage::checkpoint::replaced_aside(dir)?;
@@ -325,12 +327,34 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
     )))
 }
 
-/// Remove what a killed time-budget measurement left in `dir` (see [`CALIBRATION_PREFIX`]).
-pub fn remove_stale_calibrations(dir: &Path) {
+/// Whether `name` is a run file's write that a killed process left half done: the temporary
+/// file of a durable write (`.config.toml.tmp-<pid>`, `.metrics.jsonl.tmp-<pid>`, ...) or of the
+/// join ticket's (`join.ticket.tmp.<pid>.<nonce>`). Only the holder of the run directory's lock
+/// writes them, so under the lock any such file is stale.
+pub fn is_interrupted_write(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let durable = name
+        .strip_prefix('.')
+        .and_then(|rest| rest.split_once(".tmp-"))
+        .is_some_and(|(base, pid)| base != TIERS_DIR && RUN_FILES.contains(&base) && digits(pid));
+    let ticket = name
+        .strip_prefix("join.ticket.tmp.")
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(pid, nonce)| digits(pid) && !nonce.is_empty() && nonce.bytes().all(|b| b.is_ascii_hexdigit()));
+    durable || ticket
+}
+
+/// Remove what a killed process left in `dir`, which the caller has locked: a time-budget
+/// measurement's scratch run (see [`CALIBRATION_PREFIX`]) and run files' interrupted writes
+/// ([`is_interrupted_write`]; a resume's rewrite of a long metrics log leaves up to its size).
+pub fn remove_stale_leftovers(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(CALIBRATION_PREFIX) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(CALIBRATION_PREFIX) {
             let _ = std::fs::remove_dir_all(entry.path());
+        } else if is_interrupted_write(&name) && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
@@ -392,6 +416,8 @@ mod tests {
         std::fs::write(d.join("join.ticket"), "ticket").expect("ticket");
         std::fs::create_dir_all(d.join("checkpoints/.step-00000001.tmp-1")).expect("an interrupted save");
         std::fs::create_dir_all(d.join(".semoe-calibration-1-2")).expect("a killed measurement");
+        std::fs::write(d.join(".metrics.jsonl.tmp-77"), "{}").expect("a killed rewrite");
+        std::fs::write(d.join("join.ticket.tmp.77.00c0ffee00c0ffee"), "t").expect("a killed ticket write");
         assert!(check_fresh(&d).is_ok(), "a run of ours without a checkpoint");
         for i in 0..5 {
             std::fs::write(d.join(format!("note{i}")), "").expect("note");
@@ -409,8 +435,12 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(d.join("checkpoints")).expect("remove it");
-        remove_stale_calibrations(&d);
+        std::fs::write(d.join(".notes.tmp-3"), "the user's").expect("not a run file's");
+        remove_stale_leftovers(&d);
         assert!(!d.join(".semoe-calibration-1-2").exists());
+        assert!(!d.join(".metrics.jsonl.tmp-77").exists());
+        assert!(!d.join("join.ticket.tmp.77.00c0ffee00c0ffee").exists());
+        assert!(d.join(".notes.tmp-3").exists(), "only run files' writes go");
         std::fs::remove_dir_all(&d).expect("clean up");
     }
 
@@ -452,6 +482,7 @@ mod tests {
         std::fs::create_dir_all(dir.join(TIERS_DIR)).expect("dir");
         std::fs::write(dir.join("config.toml"), "x").expect("config");
         std::fs::write(dir.join("metrics.jsonl"), "").expect("metrics");
+        std::fs::write(dir.join("join.ticket"), "x").expect("ticket");
         assert!(holds_no_results(&dir));
         std::fs::write(dir.join("metrics.jsonl"), "{}\n").expect("metrics");
         assert!(!holds_no_results(&dir));

@@ -300,7 +300,7 @@ impl Trainer {
     }
 
     fn start_fresh(config: TrainConfig, run_dir: &Path, lock: RunDirLock) -> Result<Self> {
-        run_dir::remove_stale_calibrations(run_dir);
+        run_dir::remove_stale_leftovers(run_dir);
         let corpus = corpus_for(&config)?;
         let model = Gpt::init(&config.model, config.train.seed)?;
         let optimizer = new_optimizer(&config, &model)?;
@@ -379,6 +379,7 @@ impl Trainer {
             rebuilt = Some(rebuild_config(run_dir)?);
         }
         let lock = RunDirLock::acquire(run_dir)?;
+        run_dir::remove_stale_leftovers(run_dir);
         checkpoint::restore_replaced(run_dir)?;
         let (config, mut notices) = resumed_config(run_dir, options, adjust)?;
         notices.extend(rebuilt);

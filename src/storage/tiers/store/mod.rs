@@ -172,6 +172,11 @@ impl ExpertStore {
             ..TierStats::default()
         }));
         let lanes = Arc::new(IoLanes::default());
+        // A start that fails from here leaves no slot file (the disk may be full) and no thread.
+        let mut unwind = StartUnwind {
+            lanes: lanes.clone(),
+            disk: disk.clone(),
+        };
         let mut threads = Vec::new();
         let mut manager = Manager::new(
             worker,
@@ -214,6 +219,7 @@ impl ExpertStore {
                 .map_err(|e| Error::runtime(format!("cannot start the tier manager: {e}")))?;
             threads.push(h);
         }
+        unwind.disk = None;
         Ok(ExpertStore {
             tx,
             stats,
@@ -317,6 +323,22 @@ impl Drop for ExpertStore {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
         super::threads::join_within(threads, super::threads::DROP_WAIT, "expert store");
         if let Some(d) = &self.disk {
+            d.remove();
+        }
+    }
+}
+
+/// A store's start under way: dropped before it is disarmed (`disk` taken), on an error, it
+/// closes the I/O lanes (the threads started leave) and removes the Disk tier's file.
+struct StartUnwind {
+    lanes: Arc<IoLanes>,
+    disk: Option<DiskTier>,
+}
+
+impl Drop for StartUnwind {
+    fn drop(&mut self) {
+        if let Some(d) = self.disk.take() {
+            self.lanes.close();
             d.remove();
         }
     }
@@ -606,6 +628,21 @@ mod tests {
             (full && op == crate::storage::tiers::disk::DiskOp::Write)
                 .then(|| crate::storage::tiers::disk::InjectedIo::Fail(std::io::Error::from_raw_os_error(libc::ENOSPC)))
         }
+    }
+
+    #[tokio::test]
+    async fn a_start_that_fails_leaves_no_slot_file() {
+        // The disk is full from the start: placing the units that do not fit in memory fails.
+        let mut c = config(2, 1, "full-at-start");
+        c.disk_faults = Some(crate::storage::tiers::disk::DiskFaultHook(Arc::new(FillsUp(
+            std::sync::atomic::AtomicBool::new(true),
+        ))));
+        let e = ExpertStore::new(0, &c, units(4, 2)).err().unwrap().to_string();
+        assert!(e.contains("os error 28"), "{e}");
+        assert!(
+            !dir("full-at-start").join("worker-0").exists(),
+            "the failed start left its Disk tier"
+        );
     }
 
     #[tokio::test]
