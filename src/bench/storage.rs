@@ -107,7 +107,7 @@ pub fn storage_bench(
     use crate::storage::tiers::TierStats;
     use crate::train::Trainer;
     // Declared first, so dropped last: after the trainers, whose stores remove their own files.
-    let scratch = Scratch::new(dir, &format!("semoe-bench-storage-{}", std::process::id()));
+    let scratch = Scratch::for_bench(dir, "storage");
     let base = scratch.path.clone();
     let mut disk = disk_bandwidth(&base, 512 << 20, 8 << 20)?;
     if let Some((r, w)) = parallel_bandwidth(&base, 512 << 20, 8 << 20, PARALLEL_THREADS)? {
@@ -265,5 +265,32 @@ mod tests {
         drop(Scratch::new(&parent, "inner"));
         assert!(parent.exists());
         std::fs::remove_dir(&parent).unwrap();
+    }
+
+    #[test]
+    fn a_bench_removes_what_a_bench_killed_before_left() {
+        let parent = std::env::temp_dir().join(format!("semoe-bench-leftovers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        // A process that has ended (reaped) and one that runs (init).
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        let left = parent.join(format!("semoe-bench-probe-{}", gone.id()));
+        let running = parent.join("semoe-bench-probe-1");
+        let other_kind = parent.join(format!("semoe-bench-other-{}", gone.id()));
+        for d in [&left, &running, &other_kind] {
+            std::fs::create_dir_all(d.join("tiers")).unwrap();
+        }
+        let scratch = Scratch::for_bench(&parent, "probe");
+        assert_eq!(
+            scratch.path(),
+            parent.join(format!("semoe-bench-probe-{}", std::process::id()))
+        );
+        assert!(!left.exists(), "what the ended bench left stays");
+        assert!(
+            running.exists() && other_kind.exists(),
+            "a running process's, or another kind's, went"
+        );
+        drop(scratch);
+        std::fs::remove_dir_all(&parent).unwrap();
     }
 }
