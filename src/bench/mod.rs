@@ -49,6 +49,8 @@ pub struct Scratch {
     path: std::path::PathBuf,
     /// The missing ancestors of `path`, deepest first.
     made: Vec<std::path::PathBuf>,
+    /// Its lock while the bench runs ([`Scratch::for_bench`]).
+    owner: Option<std::fs::File>,
 }
 
 impl Scratch {
@@ -62,47 +64,31 @@ impl Scratch {
         Scratch {
             path: parent.join(name),
             made,
+            owner: None,
         }
     }
 
-    /// `parent/semoe-bench-KIND-PID` for this process, to be created by the caller. Those of
-    /// the same kind left by bench processes that are gone (killed by a signal, which skips the
-    /// drop: a storage bench leaves gigabytes) are removed first.
-    pub fn for_bench(parent: &std::path::Path, kind: &str) -> Scratch {
+    /// `parent/semoe-bench-KIND-PID` for this process, created and claimed
+    /// ([`crate::storage::scratch`]). Those of the same kind left by bench processes that are
+    /// gone (killed by a signal, which skips the drop: a storage bench leaves gigabytes) are
+    /// removed first.
+    pub fn for_bench(parent: &std::path::Path, kind: &str) -> Result<Scratch> {
         let prefix = format!("semoe-bench-{kind}-");
-        if let Ok(entries) = std::fs::read_dir(parent) {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let pid = name.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok());
-                if pid.is_some_and(|pid| pid != std::process::id() && !process_exists(pid)) {
-                    crate::say!(
-                        "notice: removing {}, left by a bench process that is gone",
-                        entry.path().display()
-                    );
-                    let _ = std::fs::remove_dir_all(entry.path());
-                }
-            }
+        for left in crate::storage::scratch::remove_abandoned(parent, &prefix) {
+            crate::say!(
+                "notice: removed {}, left by a bench process that is gone",
+                left.display()
+            );
         }
-        Scratch::new(parent, &format!("{prefix}{}", std::process::id()))
+        let mut scratch = Scratch::new(parent, &format!("{prefix}{}", std::process::id()));
+        scratch.owner = Some(crate::storage::scratch::claim(&scratch.path)?);
+        Ok(scratch)
     }
 
     /// The directory.
     pub fn path(&self) -> &std::path::Path {
         &self.path
     }
-}
-
-/// Whether a process `pid` exists (any user's: one that cannot be signalled exists too).
-fn process_exists(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 impl Drop for Scratch {

@@ -61,7 +61,7 @@ pub fn recovery_bench(
         .build()
         .map_err(|e| Error::runtime(format!("cannot start the async runtime: {e}")))?;
     // Removed with its join tickets when the bench ends, also on an error.
-    let scratch = super::Scratch::for_bench(&std::env::temp_dir(), "recovery");
+    let scratch = super::Scratch::for_bench(&std::env::temp_dir(), "recovery")?;
     let dir = scratch.path.clone();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
     let corpus = crate::data::corpus::Corpus::bundled()?;

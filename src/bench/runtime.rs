@@ -66,7 +66,7 @@ pub fn runtime_bench(
 ) -> Result<RuntimeReport> {
     use crate::train::Trainer;
     // Removed with the run directories in it when the bench ends, also on an error.
-    let scratch = super::Scratch::for_bench(&std::env::temp_dir(), "runtime");
+    let scratch = super::Scratch::for_bench(&std::env::temp_dir(), "runtime")?;
     let base = scratch.path.clone();
     let RuntimeEngines {
         workers,

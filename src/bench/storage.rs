@@ -107,7 +107,7 @@ pub fn storage_bench(
     use crate::storage::tiers::TierStats;
     use crate::train::Trainer;
     // Declared first, so dropped last: after the trainers, whose stores remove their own files.
-    let scratch = Scratch::for_bench(dir, "storage");
+    let scratch = Scratch::for_bench(dir, "storage")?;
     let base = scratch.path.clone();
     let mut disk = disk_bandwidth(&base, 512 << 20, 8 << 20)?;
     if let Some((r, w)) = parallel_bandwidth(&base, 512 << 20, 8 << 20, PARALLEL_THREADS)? {
@@ -271,26 +271,21 @@ mod tests {
     fn a_bench_removes_what_a_bench_killed_before_left() {
         let parent = std::env::temp_dir().join(format!("semoe-bench-leftovers-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&parent);
-        // A process that has ended (reaped) and one that runs (init).
-        let mut gone = std::process::Command::new("true").spawn().unwrap();
-        gone.wait().unwrap();
-        let left = parent.join(format!("semoe-bench-probe-{}", gone.id()));
-        let running = parent.join("semoe-bench-probe-1");
-        let other_kind = parent.join(format!("semoe-bench-other-{}", gone.id()));
-        for d in [&left, &running, &other_kind] {
-            std::fs::create_dir_all(d.join("tiers")).unwrap();
-        }
-        let scratch = Scratch::for_bench(&parent, "probe");
+        // One whose process ended (its lock went with it), one whose process runs.
+        let left = parent.join("semoe-bench-probe-1");
+        drop(crate::storage::scratch::claim(&left).unwrap());
+        let running = parent.join("semoe-bench-probe-2");
+        let held = crate::storage::scratch::claim(&running).unwrap();
+        let scratch = Scratch::for_bench(&parent, "probe").unwrap();
         assert_eq!(
             scratch.path(),
             parent.join(format!("semoe-bench-probe-{}", std::process::id()))
         );
+        assert!(scratch.path().is_dir());
         assert!(!left.exists(), "what the ended bench left stays");
-        assert!(
-            running.exists() && other_kind.exists(),
-            "a running process's, or another kind's, went"
-        );
+        assert!(running.exists(), "a running bench's went");
         drop(scratch);
+        drop(held);
         std::fs::remove_dir_all(&parent).unwrap();
     }
 }

@@ -855,7 +855,7 @@ fn ring_bench(a: &RingBenchArgs) -> semoe::Result<()> {
                 }
             }
             let parent = a.dir.clone().unwrap_or_else(std::env::temp_dir);
-            let made = scratch.insert(bench::Scratch::for_bench(&parent, "ring"));
+            let made = scratch.insert(bench::Scratch::for_bench(&parent, "ring")?);
             let dir = made.path().to_path_buf();
             let model = semoe::model::gpt::Gpt::init(&c.model, 0)?;
             semoe::say!(

@@ -439,12 +439,18 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     let mut events = plane
         .events()
         .ok_or_else(|| Error::runtime("the data plane's events were taken twice"))?;
-    // A folder of its own inside the one given (removed when the worker ends: never the user's).
-    let scratch = options
-        .scratch
-        .clone()
-        .unwrap_or_else(std::env::temp_dir)
-        .join(format!("semoe-worker-{}", std::process::id()));
+    // A folder of its own inside the one given (removed when the worker ends: never the user's),
+    // claimed while it lives; those of workers that are gone (killed: their ends never ran, and
+    // the default folder is often memory) are removed first.
+    let scratch_parent = options.scratch.clone().unwrap_or_else(std::env::temp_dir);
+    for left in crate::storage::scratch::remove_abandoned(&scratch_parent, "semoe-worker-") {
+        crate::say!(
+            "semoe worker: removed {}, left by a worker process that is gone",
+            left.display()
+        );
+    }
+    let scratch = scratch_parent.join(format!("semoe-worker-{}", std::process::id()));
+    let _scratch_owner = crate::storage::scratch::claim(&scratch)?;
     let deadline = Duration::from_secs_f64(config.train.deadline_s);
     let (fired, mut link_faults_fired) = tokio::sync::mpsc::unbounded_channel::<Notice>();
     let shared = Arc::new(Shared {

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod run_dir;
+pub mod scratch;
 pub mod state;
 pub mod tiers;
 
