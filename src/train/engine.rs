@@ -342,6 +342,10 @@ pub fn spawn_worker(ticket: &Path, scratch: &Path, threads: usize, gpu: usize, q
 
 /// [`spawn_worker`] with its error output sent to `stderr` and the environment variables `env`
 /// added (a chaos run gives one process a test hook, and each its own log file).
+///
+/// The worker is killed when the thread that starts it ends (`PR_SET_PDEATHSIG`): call it
+/// from a thread that lives as long as the run (the main thread, a test's, an async worker
+/// thread), never from a pooled blocking thread, which ends when idle.
 pub fn spawn_worker_with(
     ticket: &Path,
     scratch: &Path,
@@ -352,7 +356,9 @@ pub fn spawn_worker_with(
 ) -> Result<Child> {
     let program: PathBuf =
         std::env::current_exe().map_err(|e| Error::runtime(format!("cannot find this program: {e}")))?;
-    Command::new(&program)
+    let mut command = Command::new(&program);
+    die_with_parent(&mut command);
+    command
         .arg("worker")
         .arg("--ticket")
         .arg(ticket)
@@ -367,6 +373,33 @@ pub fn spawn_worker_with(
         .stderr(stderr)
         .spawn()
         .map_err(|e| Error::io("cannot start a worker process", &program, e))
+}
+
+/// Have the child killed (SIGKILL) when the thread that starts it ends, the whole process with
+/// it: a worker stopped by a chaos fault (SIGSTOP) would otherwise outlive a coordinator killed
+/// by a signal for ever, its scratch with it. Linux only (elsewhere such a child is not reaped).
+fn die_with_parent(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the child between fork and exec and makes only
+        // async-signal-safe calls (prctl, getppid, _exit), allocating nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent ended before the call: no signal will come.
+                if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }
 
 /// Wait for the worker processes (dismissed, they exit on their own), killing any still running
@@ -399,5 +432,37 @@ mod tests {
             .expect_err("too many")
             .to_string();
         assert!(err.contains("train.processes"), "{err}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_child_dies_with_the_thread_that_started_it_even_when_stopped() {
+        use std::os::unix::process::ExitStatusExt;
+        let child = std::thread::spawn(|| {
+            let mut command = std::process::Command::new("sleep");
+            command.arg("60");
+            super::die_with_parent(&mut command);
+            let child = command.spawn().unwrap();
+            // Stopped, as a chaos fault leaves it: only SIGKILL ends it now.
+            // SAFETY: signals the child just started.
+            assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGSTOP) }, 0);
+            child
+        })
+        .join()
+        .unwrap();
+        let mut child = child;
+        let since = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if since.elapsed() > std::time::Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the child outlived the thread that started it");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     }
 }
