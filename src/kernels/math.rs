@@ -151,35 +151,73 @@ fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamwS
     }
 }
 
-/// Instantiate an element-wise kernel for AVX-512, AVX2 and portable code, dispatched at run time.
+/// The instruction sets the element-wise kernels are compiled for, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Isa {
+    /// Any CPU (named only by the tests: the others fall back to it).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Portable,
+    /// AVX2 with FMA.
+    Avx2,
+    /// AVX-512 (F, VL) with AVX2 and FMA.
+    Avx512,
+}
+
+impl Isa {
+    /// Whether this CPU runs the version compiled for `self` (every feature it is compiled for).
+    #[allow(clippy::needless_return)]
+    pub(crate) fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+            return match self {
+                Isa::Portable => true,
+                Isa::Avx2 => avx2,
+                Isa::Avx512 => {
+                    avx2 && std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512vl")
+                }
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        return self == Isa::Portable;
+    }
+}
+
+/// Instantiate an element-wise kernel for AVX-512, AVX2 and portable code: `$name` runs the best
+/// version this CPU runs, `$at(top, ..)` the best one up to `top` (tests compare them all).
 macro_rules! multiversion {
-    ($(#[$doc:meta])* $name:ident => $body:ident ( $($arg:ident : $ty:ty),* )) => {
+    ($(#[$doc:meta])* $name:ident, $at:ident => $body:ident ( $($arg:ident : $ty:ty),* )) => {
         $(#[$doc])*
         pub(crate) fn $name($($arg: $ty),*) {
+            $at(Isa::Avx512, $($arg),*)
+        }
+
+        /// The version of
+        #[doc = concat!("[`", stringify!($name), "`]")]
+        /// for the best instruction set up to `top` that this CPU runs.
+        fn $at(top: Isa, $($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
                 unsafe fn v4($($arg: $ty),*) { $body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) { $body($($arg),*) }
-                // Each check covers every feature its function is compiled for. (Where avx512f is
-                // present without one of the others, the next version runs instead: the results are
-                // the same, since the kernels are element-wise and contract no multiply-adds.)
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                    && std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                // (Where avx512f is present without one of the others, the next version runs
+                // instead: the results are the same, since the kernels are element-wise and
+                // contract no multiply-adds.)
+                if top >= Isa::Avx512 && Isa::Avx512.runs_here() {
                     // SAFETY: `v4` is compiled for avx512f, avx512vl, avx2 and fma, and the CPU
                     // running this has each of them (checked just above).
                     return unsafe { v4($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                if top >= Isa::Avx2 && Isa::Avx2.runs_here() {
                     // SAFETY: `v3` is compiled for avx2 and fma, and the CPU running this has both
                     // (checked just above).
                     return unsafe { v3($($arg),*) };
                 }
             }
+            let _ = top;
             $body($($arg),*)
         }
     };
@@ -187,30 +225,30 @@ macro_rules! multiversion {
 
 multiversion!(
     /// `a = gelu_erf(h)`.
-    gelu_erf_forward => gelu_erf_fwd(h: &[f32], a: &mut [f32])
+    gelu_erf_forward, gelu_erf_forward_at => gelu_erf_fwd(h: &[f32], a: &mut [f32])
 );
 multiversion!(
     /// `g *= gelu_erf'(h)`.
-    gelu_erf_backward => gelu_erf_bwd(h: &[f32], g: &mut [f32])
+    gelu_erf_backward, gelu_erf_backward_at => gelu_erf_bwd(h: &[f32], g: &mut [f32])
 );
 multiversion!(
     /// `a = gelu_tanh(h)`.
-    gelu_tanh_forward => gelu_tanh_fwd(h: &[f32], a: &mut [f32])
+    gelu_tanh_forward, gelu_tanh_forward_at => gelu_tanh_fwd(h: &[f32], a: &mut [f32])
 );
 multiversion!(
     /// `g *= gelu_tanh'(h)`.
-    gelu_tanh_backward => gelu_tanh_bwd(h: &[f32], g: &mut [f32])
+    gelu_tanh_backward, gelu_tanh_backward_at => gelu_tanh_bwd(h: &[f32], g: &mut [f32])
 );
 multiversion!(
     /// `x = exp(x * scale - shift)` element-wise (the numerators of a softmax).
-    exp_affine => exp_affine_in_place(x: &mut [f32], scale: f32, shift: f32)
+    exp_affine, exp_affine_at => exp_affine_in_place(x: &mut [f32], scale: f32, shift: f32)
 );
 
 multiversion!(
     /// One AdamW step over a chunk of a tensor: `p`, `m`, `v` updated in place from `g` (all of
     /// `p`'s length). Element-wise with no contracted multiply-adds, so every instruction set
     /// gives the same bits.
-    adamw_update => adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamwStep)
+    adamw_update, adamw_update_at => adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamwStep)
 );
 
 /// Bytes of output rows one pass of [`rows_times`] keeps hot in L1 (the weights stream past them).
@@ -270,7 +308,7 @@ fn rows_times_body(x: &[f32], w: &[f32], k: usize, n: usize, out: &mut [f32]) {
 multiversion!(
     /// See [`rows_times_body`]: `out[r] += x[r] @ w`, row-independent bits. (`mul_add` is exact
     /// rounding everywhere, so every version gives the same bits; the portable one is slow.)
-    rows_times_unchecked => rows_times_body(x: &[f32], w: &[f32], k: usize, n: usize, out: &mut [f32])
+    rows_times_unchecked, rows_times_unchecked_at => rows_times_body(x: &[f32], w: &[f32], k: usize, n: usize, out: &mut [f32])
 );
 
 #[cfg(test)]
@@ -360,22 +398,85 @@ mod tests {
     }
 
     #[test]
-    fn dispatched_versions_agree_bitwise_with_portable() {
+    fn every_instruction_set_gives_the_portable_bits() {
+        let same =
+            |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         let h: Vec<f32> = (0..1003).map(|i| (i as f32 - 500.0) * 0.013).collect();
-        let mut a = vec![0.0; h.len()];
-        let mut b = vec![0.0; h.len()];
-        gelu_erf_forward(&h, &mut a);
-        gelu_erf_fwd(&h, &mut b);
-        assert_eq!(a, b);
-        let mut a = vec![1.0; h.len()];
-        let mut b = vec![1.0; h.len()];
-        gelu_tanh_backward(&h, &mut a);
-        gelu_tanh_bwd(&h, &mut b);
-        assert_eq!(a, b);
-        let mut a = h.clone();
-        let mut b = h.clone();
-        exp_affine(&mut a, 0.7, 1.5);
-        exp_affine_in_place(&mut b, 0.7, 1.5);
-        assert_eq!(a, b);
+        let ones = vec![1.0f32; h.len()];
+        let step = AdamwStep {
+            keep: 0.999,
+            b1: 0.9,
+            b2: 0.95,
+            bc2_sqrt: 0.3,
+            step_size: 1e-3,
+            eps: 1e-8,
+        };
+        let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2, Isa::Portable]
+            .into_iter()
+            .filter(|i| i.runs_here())
+            .collect();
+        eprintln!("instruction sets compared with the portable code: {isas:?}");
+        for &isa in &isas {
+            let two = |f: &dyn Fn(&mut Vec<f32>), g: &dyn Fn(&mut Vec<f32>), start: &[f32], what: &str| {
+                let (mut a, mut b) = (start.to_vec(), start.to_vec());
+                f(&mut a);
+                g(&mut b);
+                assert!(same(&a, &b), "{what} on {isa:?} differs from the portable code");
+            };
+            two(
+                &|a| gelu_erf_forward_at(isa, &h, a),
+                &|b| gelu_erf_fwd(&h, b),
+                &ones,
+                "gelu_erf_forward",
+            );
+            two(
+                &|a| gelu_erf_backward_at(isa, &h, a),
+                &|b| gelu_erf_bwd(&h, b),
+                &ones,
+                "gelu_erf_backward",
+            );
+            two(
+                &|a| gelu_tanh_forward_at(isa, &h, a),
+                &|b| gelu_tanh_fwd(&h, b),
+                &ones,
+                "gelu_tanh_forward",
+            );
+            two(
+                &|a| gelu_tanh_backward_at(isa, &h, a),
+                &|b| gelu_tanh_bwd(&h, b),
+                &ones,
+                "gelu_tanh_backward",
+            );
+            two(
+                &|a| exp_affine_at(isa, a, 0.7, 1.5),
+                &|b| exp_affine_in_place(b, 0.7, 1.5),
+                &h,
+                "exp_affine",
+            );
+            let (k, n) = (17, 59);
+            let x: Vec<f32> = h[..3 * k].to_vec();
+            let w: Vec<f32> = (0..k * n).map(|i| h[i % h.len()] * 0.1).collect();
+            two(
+                &|a| rows_times_unchecked_at(isa, &x, &w, k, n, a),
+                &|b| rows_times_body(&x, &w, k, n, b),
+                &vec![0.25; 3 * n],
+                "rows_times",
+            );
+            type Update<'a> = &'a dyn Fn(&mut [f32], &[f32], &mut [f32], &mut [f32]);
+            let run = |adamw: Update| {
+                let (mut p, mut m, mut v) = (h.clone(), vec![0.01f32; h.len()], vec![0.02f32; h.len()]);
+                let g: Vec<f32> = h.iter().map(|x| x.sin()).collect();
+                adamw(&mut p, &g, &mut m, &mut v);
+                [p, m, v]
+            };
+            let a = run(&|p, g, m, v| adamw_update_at(isa, p, g, m, v, step));
+            let b = run(&|p, g, m, v| adamw_chunk(p, g, m, v, step));
+            for (what, (x, y)) in ["parameters", "m", "v"].iter().zip(a.iter().zip(&b)) {
+                assert!(
+                    same(x, y),
+                    "adamw_update's {what} on {isa:?} differ from the portable code"
+                );
+            }
+        }
     }
 }
