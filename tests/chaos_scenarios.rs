@@ -519,6 +519,7 @@ fn a_randomised_soak_over_20_seeds_ends_bitwise_equal_or_with_a_lost_worker() {
         "scenarios/random-soak.toml",
         40,
         ExpertExchange::Transport,
+        5,
     );
 }
 
@@ -532,6 +533,7 @@ fn a_randomised_soak_over_the_nccl_stand_in_ends_bitwise_equal_or_with_a_lost_wo
         "scenarios/random-soak.toml",
         40,
         ExpertExchange::Sim,
+        5,
     );
 }
 
@@ -560,13 +562,22 @@ fn a_randomised_network_soak_over_20_seeds_ends_bitwise_equal() {
         "scenarios/flaky-network.toml",
         60,
         ExpertExchange::Transport,
+        0,
     );
 }
 
 /// Run `scenario(seed)` for seeds 0..20 on 12 steps (2 workers for even seeds, 3 for odd ones);
-/// each must end bitwise equal, or with a lost worker that did restart past its budget; at
-/// least `min_fired` faults fire in all. The expert rows travel by `exchange`.
-fn soak(name: &str, scenario: fn(u64) -> Scenario, file: &str, min_fired: usize, exchange: ExpertExchange) {
+/// each must end bitwise equal, or with a lost worker that did restart past its budget (at most
+/// `max_lost` seeds); at least `min_fired` faults fire in all. The expert rows travel by
+/// `exchange`.
+fn soak(
+    name: &str,
+    scenario: fn(u64) -> Scenario,
+    file: &str,
+    min_fired: usize,
+    exchange: ExpertExchange,
+    max_lost: usize,
+) {
     let limit = semoe::actors::RestartPolicy::default().max_restarts as usize;
     let started = std::time::Instant::now();
     let (mut planned, mut fired, mut replays, mut equal, mut lost) = (0, 0, 0, 0, 0);
@@ -627,7 +638,10 @@ fn soak(name: &str, scenario: fn(u64) -> Scenario, file: &str, min_fired: usize,
         started.elapsed()
     );
     assert_eq!(equal + lost, 20);
-    assert!(equal >= 15, "{name}: only {equal} of 20 seeds ended bitwise equal");
+    assert!(
+        lost <= max_lost,
+        "{name}: {lost} of 20 seeds lost a worker (at most {max_lost} may), {equal} ended bitwise equal"
+    );
     assert!(fired >= min_fired, "{name}: only {fired} faults fired");
 }
 

@@ -162,8 +162,9 @@ fn wait_for_steps(run: &Path, n: usize, child: &Child) {
     }
 }
 
-/// The newest checkpoint's step and its model file's SHA-256 (from the manifest).
-fn newest_checkpoint(run: &Path) -> (u64, String) {
+/// The newest checkpoint's step and the SHA-256 of its model file and of its optimizer file
+/// (from the manifest).
+fn newest_checkpoint(run: &Path) -> (u64, String, String) {
     let ckpt = semoe::storage::checkpoint::latest(run)
         .expect("list checkpoints")
         .expect("a checkpoint");
@@ -172,11 +173,11 @@ fn newest_checkpoint(run: &Path) -> (u64, String) {
     let step = manifest["step"].as_u64().expect("step");
     let files = manifest["files"].as_array().expect("files");
     assert_eq!(files.len(), 2, "model and optimizer files");
-    let model = files
-        .iter()
-        .find(|f| f["name"] == "model.safetensors")
-        .expect("model file");
-    (step, model["sha256"].as_str().expect("sha").to_string())
+    let sha = |name: &str| {
+        let file = files.iter().find(|f| f["name"] == name).expect(name);
+        file["sha256"].as_str().expect("sha").to_string()
+    };
+    (step, sha("model.safetensors"), sha("optimizer.safetensors"))
 }
 
 #[test]
@@ -205,7 +206,7 @@ fn sigint_stops_at_a_step_boundary_and_resume_ends_bitwise_identical() {
     assert_eq!(status.code(), Some(130), "exit code after Ctrl-C; stderr:\n{err}");
     assert!(err.contains("stopped by Ctrl-C (SIGINT) after step"), "{err}");
     assert!(err.contains("semoe train --resume --run-dir stopped"), "{err}");
-    let (stopped_at, _) = newest_checkpoint(&run_dir);
+    let (stopped_at, _, _) = newest_checkpoint(&run_dir);
     assert!((50..3000).contains(&stopped_at), "stopped at {stopped_at}");
     assert_eq!(
         train_steps_logged(&run_dir),
@@ -239,7 +240,7 @@ fn sigterm_stops_gracefully_too() {
     let err = child.stderr();
     assert_eq!(status.code(), Some(143), "{err}");
     assert!(err.contains("stopped by SIGTERM"), "{err}");
-    let (step, _) = newest_checkpoint(&run_dir);
+    let (step, _, _) = newest_checkpoint(&run_dir);
     assert_eq!(train_steps_logged(&run_dir), step as usize);
 }
 
@@ -273,7 +274,7 @@ fn a_run_directory_serves_one_process_at_a_time() {
         first.stderr()
     );
     // The first run's log holds its own steps only.
-    let (step, _) = newest_checkpoint(&run_dir);
+    let (step, _, _) = newest_checkpoint(&run_dir);
     assert_eq!(train_steps_logged(&run_dir), step as usize);
 }
 

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_same, bits};
+use common::assert_same;
 use semoe::actors::Runtime;
 use semoe::chaos::{FaultKind, FaultPlan, Moment, Target};
 use semoe::model::gpt::Gpt;
@@ -32,7 +32,7 @@ fn plain_loop(config: &TrainConfig) -> Vec<(String, Vec<u32>)> {
     for _ in 0..STEPS {
         trainer.step().expect("step");
     }
-    bits(trainer.model().expect("model"))
+    common::trainer_state_bits(&mut trainer)
 }
 
 struct Sharded {
@@ -56,10 +56,10 @@ async fn sharded(config: &TrainConfig, workers: usize, lanes: usize, plan: Fault
         replays += rt.step().await.expect("step").replays;
     }
     let stats = rt.dense_stats();
-    let model = rt.model().await.expect("model");
+    let (model, optimizer) = rt.state().await.expect("state");
     rt.shutdown().await.expect("shutdown");
     Sharded {
-        bits: bits(&model),
+        bits: common::state_bits(&model, &optimizer),
         stats,
         replays,
     }
@@ -157,7 +157,7 @@ fn sharded_dense_parameters_train_the_same_bits() {
     trainer.run(false).expect("run");
     assert_same(
         &want,
-        &bits(trainer.model().expect("model")),
+        &common::trainer_state_bits(&mut trainer),
         "the Trainer on 2 sharded workers",
     );
     let stats = trainer.dense_stats();

@@ -532,8 +532,9 @@ fn commit(root: &Path, tmp: &Path, final_dir: &Path) -> Result<()> {
     #[cfg(target_os = "linux")]
     if exchange(tmp, final_dir)? {
         sync_dir(root)?;
-        // `tmp` now holds the replaced copy.
-        fs::remove_dir_all(tmp).map_err(|e| Error::io("removing replaced checkpoint", tmp, e))?;
+        // `tmp` now holds the replaced copy. The new one is committed: a copy that cannot be
+        // removed now is said, not an error (the next save's tidy-up removes it).
+        remove_replaced(tmp);
         return sync_dir(root);
     }
 
@@ -552,8 +553,19 @@ fn commit(root: &Path, tmp: &Path, final_dir: &Path) -> Result<()> {
         return Err(Error::io("committing checkpoint (rename)", final_dir, e));
     }
     sync_dir(root)?;
-    fs::remove_dir_all(&aside).map_err(|e| Error::io("removing replaced checkpoint", &aside, e))?;
+    remove_replaced(&aside);
     sync_dir(root)
+}
+
+/// Remove the replaced copy of a checkpoint once the new one is committed; a failure is said and
+/// left to the next save's tidy-up (the save itself succeeded).
+fn remove_replaced(dir: &Path) {
+    if let Err(e) = fs::remove_dir_all(dir) {
+        crate::say!(
+            "warning: the replaced copy {} could not be removed ({e}); the next checkpoint removes it",
+            dir.display()
+        );
+    }
 }
 
 /// Swap the directories `a` and `b` atomically (`renameat2` with `RENAME_EXCHANGE`); false when
