@@ -25,6 +25,48 @@ pub struct TrafficEntry {
     pub bytes: u64,
 }
 
+/// The member id under which the traffic of members gone long ago is summed (a run over worker
+/// processes keeps the newest [`DEPARTED_KEPT`] members that left one by one).
+pub const EARLIER_MEMBERS: u64 = u64::MAX;
+
+/// Members that left whose traffic a run keeps member by member; the older ones are summed as
+/// [`EARLIER_MEMBERS`], so that a run with churn keeps a bounded table (it grew by a row per
+/// pair of members, every join adding one per peer and kind).
+pub const DEPARTED_KEPT: usize = 64;
+
+/// Fold the traffic of all but the newest `keep` members that are neither `live` nor
+/// [`EARLIER_MEMBERS`] into [`EARLIER_MEMBERS`] (ids grow with each join: newest is largest).
+pub fn fold_departed(
+    table: &mut std::collections::BTreeMap<(u64, u64, String), u64>,
+    live: &std::collections::BTreeSet<u64>,
+    keep: usize,
+) {
+    let mut departed: Vec<u64> = table
+        .keys()
+        .flat_map(|(from, to, _)| [*from, *to])
+        .filter(|id| *id != EARLIER_MEMBERS && !live.contains(id))
+        .collect();
+    departed.sort_unstable();
+    departed.dedup();
+    let Some(fold) = departed.len().checked_sub(keep).filter(|&n| n > 0) else {
+        return;
+    };
+    let folded: std::collections::BTreeSet<u64> = departed[..fold].iter().copied().collect();
+    let map = |id: u64| if folded.contains(&id) { EARLIER_MEMBERS } else { id };
+    let moved: Vec<(u64, u64, String)> = table
+        .keys()
+        .filter(|(from, to, _)| folded.contains(from) || folded.contains(to))
+        .cloned()
+        .collect();
+    for key in moved {
+        if let Some(bytes) = table.remove(&key) {
+            let (from, to, kind) = key;
+            let total = table.entry((map(from), map(to), kind)).or_default();
+            *total = total.saturating_add(bytes);
+        }
+    }
+}
+
 impl Traffic {
     /// Counters for a worker with `peers` workers in its epoch (itself included).
     pub fn new(peers: usize) -> Traffic {
@@ -80,5 +122,38 @@ mod tests {
         t.add(0, "no such kind", 1);
         assert_eq!(t.sent(), vec![(1, "dispatch", 15), (2, "params", 7)]);
         assert_eq!(t.entries(4)[1].from, 4);
+    }
+}
+
+#[cfg(test)]
+mod fold_tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    #[test]
+    fn departed_members_beyond_the_newest_are_summed_as_earlier_members() {
+        let mut table: BTreeMap<(u64, u64, String), u64> = BTreeMap::new();
+        // Members 0..10 came and went in pairs with 100 and 101, which are still there.
+        for gone in 0..10u64 {
+            for live in [100u64, 101] {
+                table.insert((gone, live, "dispatch".into()), 10);
+                table.insert((live, gone, "combine".into()), 1);
+            }
+        }
+        table.insert((100, 101, "dispatch".into()), 7);
+        let total = |t: &BTreeMap<(u64, u64, String), u64>| t.values().sum::<u64>();
+        let before = total(&table);
+        let live = BTreeSet::from([100, 101]);
+        fold_departed(&mut table, &live, 3);
+        assert_eq!(total(&table), before, "no byte lost");
+        let ids: BTreeSet<u64> = table.keys().flat_map(|(f, t, _)| [*f, *t]).collect();
+        assert_eq!(ids, BTreeSet::from([7, 8, 9, 100, 101, EARLIER_MEMBERS]));
+        assert_eq!(table[&(EARLIER_MEMBERS, 100, "dispatch".to_string())], 70);
+        assert_eq!(table[&(101, EARLIER_MEMBERS, "combine".to_string())], 7);
+        assert_eq!(table[&(100, 101, "dispatch".to_string())], 7);
+        // Folding again changes nothing; a table within the bound is left as it is.
+        let folded = table.clone();
+        fold_departed(&mut table, &live, 3);
+        assert_eq!(table, folded);
     }
 }

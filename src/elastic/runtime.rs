@@ -667,6 +667,8 @@ impl ElasticRuntime {
             let total = self.traffic_closed.entry((e.from, e.to, e.kind)).or_default();
             *total = total.saturating_add(e.bytes);
         }
+        let live: std::collections::BTreeSet<u64> = self.cluster.members().iter().map(|m| m.id).collect();
+        crate::actors::traffic::fold_departed(&mut self.traffic_closed, &live, crate::actors::traffic::DEPARTED_KEPT);
         let mut handover = None;
         let whole = match self.current.take() {
             Some(epoch) if !from_copy => match self.hand_over(&epoch).await {

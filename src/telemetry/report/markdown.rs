@@ -58,6 +58,16 @@ fn live_figures(members: bool) -> &'static str {
     }
 }
 
+/// A member's name in the traffic tables: its id, or what the traffic of members gone long ago is
+/// summed as.
+fn member_label(id: u64) -> String {
+    if id == crate::actors::traffic::EARLIER_MEMBERS {
+        "earlier members".into()
+    } else {
+        id.to_string()
+    }
+}
+
 fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
     use crate::storage::tiers::format_bytes;
     use std::collections::BTreeMap;
@@ -107,7 +117,13 @@ fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
                 sent.get(id).copied().unwrap_or(0),
                 received.get(id).copied().unwrap_or(0),
             );
-            let _ = writeln!(md, "| {id} | {} | {} |", format_bytes(s), format_bytes(r));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} |",
+                member_label(*id),
+                format_bytes(s),
+                format_bytes(r)
+            );
         }
     } else {
         let _ = writeln!(
@@ -115,7 +131,7 @@ fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
             "Payload bytes each {who} (row) sent each {who} (column) {over}, all kinds together; {}\n",
             live_figures(rec.members)
         );
-        let header: Vec<String> = ids.iter().map(|i| format!("to {i}")).collect();
+        let header: Vec<String> = ids.iter().map(|&i| format!("to {}", member_label(i))).collect();
         let _ = writeln!(md, "| {who} | {} | sent |", header.join(" | "));
         let _ = writeln!(md, "|---|{}---|", "---|".repeat(ids.len()));
         for &from in &ids {
@@ -124,7 +140,13 @@ fn traffic_section(md: &mut String, rec: &crate::train::log::TrafficRecord) {
                 .map(|&to| cells.get(&(from, to)).map_or("-".to_string(), |&b| format_bytes(b)))
                 .collect();
             let sent = super::summary::total(ids.iter().filter_map(|&to| cells.get(&(from, to))));
-            let _ = writeln!(md, "| {from} | {} | {} |", row.join(" | "), format_bytes(sent));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} |",
+                member_label(from),
+                row.join(" | "),
+                format_bytes(sent)
+            );
         }
     }
     let by_kind: Vec<String> = kinds.iter().map(|(k, b)| format!("{k} {}", format_bytes(*b))).collect();
@@ -451,6 +473,28 @@ mod tests {
         assert_eq!(rows, 200, "{md}");
         assert!(md.len() < 20_000, "{} bytes", md.len());
         assert!(md.lines().all(|l| l.matches('|').count() <= 4), "a matrix: {md}");
+    }
+
+    #[test]
+    fn the_traffic_of_earlier_members_is_named() {
+        use crate::actors::traffic::{TrafficEntry, EARLIER_MEMBERS};
+        let entry = |from, to| TrafficEntry {
+            from,
+            to,
+            kind: "dispatch".into(),
+            bytes: 2048,
+        };
+        let rec = crate::train::log::TrafficRecord {
+            step: 9,
+            since: 0,
+            members: true,
+            entries: vec![entry(3, EARLIER_MEMBERS), entry(EARLIER_MEMBERS, 3)],
+        };
+        let mut md = String::new();
+        traffic_section(&mut md, &rec);
+        assert!(md.contains("| member | to 3 | to earlier members | sent |"), "{md}");
+        assert!(md.contains("| earlier members | 2.00 KiB | - | 2.00 KiB |"), "{md}");
+        assert!(!md.contains(&EARLIER_MEMBERS.to_string()), "{md}");
     }
 
     #[test]
