@@ -91,7 +91,8 @@ pub enum Error {
     /// Training diverged: the loss or the gradients stopped being finite numbers.
     #[error(
         "training diverged at step {step}: {what} (learning rate {lr:.3e}); lower optimizer.lr (--lr), \
-         raise the warmup or lower optimizer.clip, and start again or resume from an earlier checkpoint"
+         raise the warmup or lower optimizer.clip, and start a new run (a resume keeps the recorded optimizer \
+         settings and would take the same steps again)"
     )]
     Diverged {
         /// The step whose loss or gradient norm was not finite (1-based).

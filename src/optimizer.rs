@@ -75,6 +75,21 @@ impl OptimizerConfig {
             if !(0.0..1.0).contains(&b) {
                 return Err(Error::config(format!("optimizer.{name} must be in [0, 1), got {b}")));
             }
+            // The update runs in f32: a beta that rounds to 1 there keeps its moment at 0 (beta1:
+            // no update at all; beta2: steps of lr / eps).
+            if b as f32 >= 1.0 {
+                return Err(Error::config(format!(
+                    "optimizer.{name} must be below 1 as a float32 (at most about 0.99999994), got {b}"
+                )));
+            }
+        }
+        // The first step moves by lr / (1 - beta1) in f32: infinite, it writes NaN (inf * 0)
+        // into every parameter whose gradient is 0.
+        if !((self.lr / (1.0 - self.beta1)) as f32).is_finite() {
+            return Err(Error::config(format!(
+                "optimizer.lr ({:e}) is too large: the first step, lr / (1 - beta1), overflows a float32",
+                self.lr
+            )));
         }
         // The update runs in f32: an eps that rounds to 0 there divides 0 by 0 for every
         // parameter whose gradient has been 0 so far.

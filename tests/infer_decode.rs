@@ -375,3 +375,18 @@ fn a_key_value_cache_larger_than_the_machine_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn a_model_whose_output_is_not_finite_is_refused_not_sampled() {
+    // A dense model (no gate to meet the NaN first) whose output layer holds one NaN: every
+    // logit of that byte is NaN. Sampling picked the same byte from NaN weights every step.
+    let config = small(0);
+    let mut m = model(&config, 3);
+    let names: Vec<String> = m.tensors().into_iter().map(|(n, _, _)| n).collect();
+    let head = names.iter().position(|n| n == "lm_head").expect("lm_head tensor");
+    m.buffers_mut()[head][5] = f32::NAN;
+    let mut decoder = BatchDecoder::new(&m, Cpu::new(1).expect("cpu"), 1).expect("decoder");
+    decoder.admit(b"hi", &opts(4, 0.0, 0, 1)).expect("admit");
+    let e = decoder.step().expect_err("NaN logits").to_string();
+    assert!(e.contains("the output layer") && e.contains("non-finite"), "{e}");
+}

@@ -344,6 +344,36 @@ fn divergence_is_reported_as_divergence() {
 }
 
 #[test]
+fn an_update_that_wrecks_the_parameters_before_validation_is_divergence_and_not_saved() {
+    // One step: its forward is finite, its update (of about lr) overflows what the validation
+    // pass right after it computes. An MoE model meets it in a gate, a dense one as a NaN loss
+    // (which was logged and checkpointed, the run ending well).
+    for moe_every in [1, 0] {
+        let tmp = TempDir::new("diverge-in-validation");
+        let mut c = small(1);
+        c.model.moe_every = moe_every;
+        c.optimizer.lr = 1e30;
+        c.optimizer.weight_decay = 0.0;
+        c.optimizer.warmup = 0;
+        c.train.workers = 0;
+        let run = tmp.path().join("run");
+        let mut t = Trainer::new(c, &run).expect("trainer");
+        let err = t.run(false).expect_err("must diverge");
+        match &err {
+            semoe::Error::Diverged { step, what, .. } => {
+                assert_eq!(*step, 1, "{err}");
+                assert!(what.contains("validation"), "moe_every {moe_every}: {err}");
+            }
+            other => panic!("moe_every {moe_every}: expected divergence, got {other}"),
+        }
+        assert!(
+            semoe::storage::checkpoint::latest(&run).expect("list").is_none(),
+            "moe_every {moe_every}: the wrecked parameters were checkpointed"
+        );
+    }
+}
+
+#[test]
 fn optimizer_errors_name_their_own_field() {
     let mut c = small(4);
     c.optimizer.clip = -1.0;
@@ -353,6 +383,16 @@ fn optimizer_errors_name_their_own_field() {
     c.optimizer.weight_decay = f64::NAN;
     let err = c.validate().expect_err("must refuse").to_string();
     assert!(err.contains("optimizer.weight_decay"), "{err}");
+    // Values that are fine as f64 but not in the f32 update.
+    let mut c = small(4);
+    c.optimizer.beta2 = 1.0 - 1e-9;
+    let err = c.validate().expect_err("must refuse").to_string();
+    assert!(err.contains("optimizer.beta2 must be below 1 as a float32"), "{err}");
+    let mut c = small(4);
+    c.optimizer.lr = 1e38;
+    c.optimizer.weight_decay = 0.0;
+    let err = c.validate().expect_err("must refuse").to_string();
+    assert!(err.contains("optimizer.lr (1e38) is too large"), "{err}");
     let mut c = small(4);
     c.model.k = 9;
     let err = c.validate().expect_err("must refuse").to_string();

@@ -407,6 +407,13 @@ pub enum WireError {
     },
     /// Anything else, as its message.
     Other(String),
+    /// `Error::NonFinite`: the trainer reports it as divergence, with its advice.
+    NonFinite {
+        /// The operation.
+        context: String,
+        /// The first non-finite value.
+        detail: String,
+    },
 }
 
 /// A worker's answer to a [`Command`].
@@ -456,6 +463,10 @@ impl From<&Error> for WireError {
                 what: what.clone(),
                 deadline_ms: *deadline_ms,
             },
+            Error::NonFinite { context, detail } => WireError::NonFinite {
+                context: context.clone(),
+                detail: detail.clone(),
+            },
             other => WireError::Other(other.to_string()),
         }
     }
@@ -479,6 +490,10 @@ impl WireError {
                 deadline_ms,
             },
             WireError::Other(m) => Error::runtime(format!("{worker}: {m}")),
+            WireError::NonFinite { context, detail } => Error::NonFinite {
+                context: format!("{context} ({worker})"),
+                detail,
+            },
         }
     }
 }
@@ -923,6 +938,24 @@ fn decode_pieces_into(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_worker_processs_overflow_stays_an_overflow() {
+        let e = Error::NonFinite {
+            context: "the MoE gate".into(),
+            detail: "gate logit of token 3".into(),
+        };
+        let wire: WireError = (&e).into();
+        let bytes = bincode::encode_to_vec(&wire, bincode::config::standard()).unwrap();
+        let (back, _): (WireError, usize) = bincode::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        match back.into_error("worker 2") {
+            Error::NonFinite { context, detail } => {
+                assert_eq!(context, "the MoE gate (worker 2)");
+                assert_eq!(detail, "gate logit of token 3");
+            }
+            other => panic!("became {other:?}"),
+        }
+    }
 
     #[test]
     fn link_faults_travel_in_a_setup_unchanged() {

@@ -298,6 +298,18 @@ impl Decoder {
             product(&self.cpu, &xf, w.lm_head, None, d, v)
         })?;
         source.end_pass()?;
+        // A model that overflows after its last gate (a dense one has none), or a checkpoint
+        // holding NaN, would otherwise sample a byte from NaN weights: always the same one.
+        if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite {
+                context: "the output layer".into(),
+                detail: format!(
+                    "logit of byte {} for row {}",
+                    i % v,
+                    want.get(i / v).copied().unwrap_or(0)
+                ),
+            });
+        }
         Ok(logits)
     }
 

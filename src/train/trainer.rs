@@ -792,6 +792,26 @@ impl Trainer {
         text_loss(&self.model, &self.cpu, &self.corpus.val, c.train.eval_windows, seqs)
     }
 
+    /// [`Trainer::evaluate`] inside a run: a validation pass that overflows, or a loss that is not
+    /// finite, is the run diverging (the last update wrecked the parameters: saying so, with the
+    /// advice, and checkpointing nothing, rather than logging a NaN loss and saving them).
+    fn evaluate_in_run(&mut self) -> Result<f64> {
+        let step = self.optimizer.step;
+        let lr = self
+            .config
+            .optimizer
+            .lr_at(step.saturating_sub(1), self.config.train.steps);
+        let diverged = |what: String| Error::Diverged { step, what, lr };
+        match self.evaluate() {
+            Ok(loss) if loss.is_finite() => Ok(loss),
+            Ok(loss) => Err(diverged(format!("the validation loss is {loss}"))),
+            Err(Error::NonFinite { context, detail }) => Err(diverged(format!(
+                "the parameters overflowed: {context} computed a non-finite {detail} in validation"
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Write a checkpoint of the current state.
     pub fn save_checkpoint(&mut self, training_seconds: f64) -> Result<PathBuf> {
         self.lock.still_in_place()?;
@@ -903,7 +923,7 @@ impl Trainer {
                 traffic_logged = true;
             }
             if (c.train.eval_every > 0 && r.step % c.train.eval_every == 0) || last {
-                val_loss = self.evaluate()?;
+                val_loss = self.evaluate_in_run()?;
                 val_step = r.step;
                 self.log_evaluation(&mut log, r.step, elapsed, val_loss)?;
                 out.line(format!(
@@ -934,7 +954,7 @@ impl Trainer {
         if checkpointed_step != Some(self.optimizer.step) {
             // Stopped early: evaluate and checkpoint where we are, so that no step is lost and
             // --resume continues from here.
-            val_loss = self.evaluate()?;
+            val_loss = self.evaluate_in_run()?;
             val_step = self.optimizer.step;
             let elapsed = self.prior_seconds + started.elapsed().as_secs_f64();
             self.log_evaluation(&mut log, self.optimizer.step, elapsed, val_loss)?;

@@ -55,6 +55,13 @@ impl Routing {
         if tokens > (u32::MAX as usize) / (k + 1) {
             return Err(Error::config(format!("too many tokens in one group: {tokens}")));
         }
+        // A NaN would lose every comparison (its token routed to expert 0, whatever the others).
+        if let Some(i) = gates.iter().position(|g| !g.to_f64().is_finite()) {
+            return Err(Error::NonFinite {
+                context: "routing".into(),
+                detail: format!("gate probability of token {} and expert {}", i / e_count, i % e_count),
+            });
+        }
         let n = k * tokens;
         let mut expert = vec![0u32; n];
         for s in 0..tokens {
@@ -186,6 +193,7 @@ fn keep_most_probable<T: Scalar>(
         if list.len() > capacity {
             let gate = |a: usize| gates[(a % tokens) * e_count + e];
             // Stable sort by descending gate keeps (choice, token) order among equal gates.
+            // (The gates are finite, checked above: `partial_cmp` is a total order on them.)
             list.sort_by(|&x, &y| gate(y).partial_cmp(&gate(x)).unwrap_or(std::cmp::Ordering::Equal));
             list.truncate(capacity);
             list.sort_unstable();
@@ -227,6 +235,16 @@ mod tests {
         assert_eq!(r.dropped(), 4);
         assert_eq!(r.row_token, [0, 1, 0, 1]);
         Ok(())
+    }
+
+    #[test]
+    fn a_gate_that_is_not_finite_is_refused_not_routed_to_expert_0() {
+        let gates = [0.9f64, 0.1, f64::NAN, 0.2];
+        let Err(e) = Routing::new(&config(1, 2, 2.0), &gates, 2) else {
+            panic!("a NaN gate was routed");
+        };
+        let e = e.to_string();
+        assert!(e.contains("token 1 and expert 0"), "{e}");
     }
 
     #[test]
