@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use crate::error::{Error, Result};
 
 use super::markdown::format_count;
-use super::summary::{buckets, ema, ema_smoothing, load_grid, rate};
+use super::summary::{buckets, ema, ema_smoothing, rate};
 use super::{Metrics, ReportSummary};
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
@@ -74,8 +74,34 @@ fn step_range(metrics: &Metrics) -> std::ops::Range<f64> {
     }
 }
 
+/// The most points a line of a plot keeps (a few per pixel of its width): a long run's series
+/// are thinned to them ([`thin`]), or its SVG would hold a point per step.
+const MAX_LINE_POINTS: usize = 4_000;
+
+/// `run` with at most [`MAX_LINE_POINTS`] points: in each chunk of consecutive points, the lowest
+/// and the highest (in step order), so that the line keeps its envelope, spikes included.
+fn thin(run: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    if run.len() <= MAX_LINE_POINTS {
+        return run;
+    }
+    let chunk = run.len().div_ceil(MAX_LINE_POINTS / 2);
+    let mut out = Vec::with_capacity(MAX_LINE_POINTS);
+    for part in run.chunks(chunk) {
+        let by_y = |a: &&(f64, f64), b: &&(f64, f64)| a.1.total_cmp(&b.1);
+        let (Some(lo), Some(hi)) = (part.iter().min_by(by_y), part.iter().max_by(by_y)) else {
+            continue;
+        };
+        let (first, second) = if lo.0 <= hi.0 { (lo, hi) } else { (hi, lo) };
+        out.push(*first);
+        if second != first {
+            out.push(*second);
+        }
+    }
+    out
+}
+
 /// Splits a series into runs of plottable points (so that NaN breaks the line instead of being
-/// drawn).
+/// drawn), each thinned to at most [`MAX_LINE_POINTS`].
 fn finite_runs(points: impl Iterator<Item = (f64, f64)>) -> Vec<Vec<(f64, f64)>> {
     let mut runs = vec![Vec::new()];
     for (x, y) in points {
@@ -88,7 +114,7 @@ fn finite_runs(points: impl Iterator<Item = (f64, f64)>) -> Vec<Vec<(f64, f64)>>
         }
     }
     runs.retain(|r| !r.is_empty());
-    runs
+    runs.into_iter().map(thin).collect()
 }
 
 const TRAIN_COLOR: RGBColor = RGBColor(31, 119, 180);
@@ -284,7 +310,7 @@ pub(super) fn draw_experts(root: &Area<'_>, metrics: &Metrics, name: &str) -> Dr
     title.titled(&format!("Expert load: {name}"), ("sans-serif", 24))?;
     let train = &metrics.train;
     let bks = buckets(train.len());
-    let grid = load_grid(train, &bks);
+    let grid = &metrics.expert_load;
     if grid.cells.is_empty() {
         body.draw(&Text::new(
             "dense model: no MoE layers in the metrics log",
@@ -414,4 +440,28 @@ fn draw_colorbar(area: &Area<'_>, vmax: f64, experts: &[usize]) -> DrawResult {
         )))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_series_is_thinned_to_its_envelope() {
+        // A million steps of a slow ramp with one spike.
+        let points: Vec<(f64, f64)> = (0..1_000_000)
+            .map(|i| (i as f64, if i == 654_321 { 50.0 } else { i as f64 * 1e-6 }))
+            .collect();
+        let runs = finite_runs(points.into_iter());
+        assert_eq!(runs.len(), 1);
+        let run = &runs[0];
+        assert!(run.len() <= MAX_LINE_POINTS, "{} points", run.len());
+        assert!(run.len() >= MAX_LINE_POINTS / 2, "{} points", run.len());
+        assert!(run.windows(2).all(|w| w[0].0 < w[1].0), "in step order");
+        assert!(run.contains(&(654_321.0, 50.0)), "the spike is kept");
+        assert_eq!(run.first(), Some(&(0.0, 0.0)));
+        // A short one is drawn as it is.
+        let short: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 1.0)).collect();
+        assert_eq!(finite_runs(short.clone().into_iter()), vec![short]);
+    }
 }

@@ -9,13 +9,18 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::train::log::{LogReader, Parsed, Record};
 
+use super::summary::{buckets, LoadGrid};
 use super::{DenseRecord, StorageRecord, TrainRecord, ValRecord};
 
 /// The parsed metrics log.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Metrics {
-    /// Training records in step order (superseded records of a resumed run removed).
+    /// Training records in step order (superseded records of a resumed run removed), without
+    /// their expert counts (`expert_tokens` and `dropped` are empty): those are summed in
+    /// [`Metrics::expert_load`] as the log is read.
     pub train: Vec<TrainRecord>,
+    /// The kept records' expert counts summed per heatmap bucket.
+    pub expert_load: LoadGrid,
     /// Validation records in step order (superseded records of a resumed run removed).
     pub val: Vec<ValRecord>,
     /// Line numbers (1-based) of the lines that could not be parsed.
@@ -69,12 +74,31 @@ impl Metrics {
 /// holds no training record.
 pub fn read_metrics(path: impl AsRef<Path>) -> Result<Metrics> {
     let path = path.as_ref();
+    // Two passes, so that no record keeps its expert counts: the first finds which training
+    // records a resumed run left standing (and so the heatmap's buckets), the second sums each
+    // one's counts into its bucket as it reads it.
+    let kept = kept_train_records(path)?;
+    let ranges = buckets(kept.len());
+    let mut grid = LoadGrid::new(ranges.len());
+    let (mut ordinal, mut position, mut bucket) = (0usize, 0usize, 0usize);
     let mut reader = LogReader::open(path)?;
     let mut metrics = Metrics::default();
     for entry in reader.by_ref() {
         match entry?.parsed {
             Parsed::Blank => {}
-            Parsed::Record(Record::Train(rec)) => metrics.push_train(rec),
+            Parsed::Record(Record::Train(mut rec)) => {
+                if kept.get(position) == Some(&ordinal) {
+                    while ranges.get(bucket).is_some_and(|&(_, end)| position >= end) {
+                        bucket += 1;
+                    }
+                    grid.add(bucket, &rec);
+                    position += 1;
+                }
+                ordinal += 1;
+                rec.expert_tokens = Vec::new();
+                rec.dropped = Vec::new();
+                metrics.push_train(rec);
+            }
             Parsed::Record(Record::Val(rec)) => metrics.push_val(rec),
             Parsed::Record(Record::Storage(rec)) => metrics.storage = Some(rec),
             Parsed::Record(Record::Dense(rec)) => metrics.dense = Some(rec),
@@ -84,6 +108,8 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Metrics> {
             Parsed::Malformed(m) => metrics.malformed_lines.push(m.line),
         }
     }
+    grid.finish();
+    metrics.expert_load = grid;
     let line_no = reader.lines_read();
     if metrics.train.is_empty() {
         let mut detail = format!(
@@ -97,4 +123,73 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Metrics> {
         return Err(Error::parse("metrics log", detail));
     }
     Ok(metrics)
+}
+
+/// The ordinals (among the log's training records, in file order) of those a resumed run left
+/// standing: a record logged again for its step, or for an earlier one, drops it and those after.
+fn kept_train_records(path: &Path) -> Result<Vec<usize>> {
+    let mut kept: Vec<(u64, usize)> = Vec::new();
+    for (ordinal, step) in LogReader::open(path)?
+        .filter_map(|entry| match entry.map(|e| e.parsed) {
+            Ok(Parsed::Record(Record::Train(rec))) => Some(Ok(rec.step)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .enumerate()
+    {
+        let step = step?;
+        if kept.last().is_some_and(|&(last, _)| step <= last) {
+            let keep = kept.partition_point(|&(s, _)| s < step);
+            kept.truncate(keep);
+        }
+        kept.push((step, ordinal));
+    }
+    Ok(kept.into_iter().map(|(_, ordinal)| ordinal).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_records_a_resume_left_standing_count_in_the_expert_load() {
+        let dir = std::env::temp_dir().join(format!("semoe-read-two-passes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        let line = |step: u64, counts: [u64; 2], dropped: u64| {
+            format!(
+                "{{\"kind\":\"train\",\"step\":{step},\"tokens\":{},\"elapsed_s\":{step},\"loss\":1.0,\
+                 \"tokens_per_s\":100.0,\"expert_tokens\":[[{},{}]],\"dropped\":[{dropped}]}}\n",
+                step * 10,
+                counts[0],
+                counts[1]
+            )
+        };
+        // Steps 1 to 4, then a resume from step 2 logs 3 and 4 again (and a malformed line).
+        let mut log = String::new();
+        for step in 1..=4 {
+            log.push_str(&line(step, [1, 1], 100));
+        }
+        log.push_str("{not json\n");
+        for step in 3..=4 {
+            log.push_str(&line(step, [10, 0], 1));
+        }
+        std::fs::write(&path, log).unwrap();
+        let m = read_metrics(&path).unwrap();
+        assert_eq!(m.train.iter().map(|r| r.step).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(m.superseded_records, 2);
+        assert!(m
+            .train
+            .iter()
+            .all(|r| r.expert_tokens.is_empty() && r.dropped.is_empty()));
+        let grid = &m.expert_load;
+        assert_eq!(grid.experts, [2]);
+        assert_eq!(grid.cells[0].len(), 4, "a bucket per record");
+        let per_bucket: Vec<(Vec<u64>, u64)> = grid.cells[0].clone();
+        assert_eq!(
+            per_bucket,
+            [(vec![1, 1], 100), (vec![1, 1], 100), (vec![10, 0], 1), (vec![10, 0], 1)]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -126,48 +126,63 @@ pub(super) fn buckets(n: usize) -> Vec<(usize, usize)> {
     (0..b).map(|i| (i * n / b, (i + 1) * n / b)).collect()
 }
 
-/// Per-layer expert counts summed over the records of each bucket: `[layer][bucket] -> (counts, dropped)`.
-pub(super) struct LoadGrid {
+/// Per-layer expert counts summed over the records of each bucket: `[layer][bucket] -> (counts,
+/// dropped)`. Built while the log is read ([`LoadGrid::add`]), so that the records need not keep
+/// their counts (a long run of a wide model logs kilobytes of them a step).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LoadGrid {
+    /// Experts of each layer (the longest `expert_tokens` list logged for it).
     pub(super) experts: Vec<usize>,
     pub(super) cells: Vec<Vec<(Vec<u64>, u64)>>,
+    /// The buckets' record ranges ([`buckets`] of the records kept).
+    #[serde(skip)]
+    pub(super) buckets: usize,
 }
 
-pub(super) fn load_grid(train: &[TrainRecord], buckets: &[(usize, usize)]) -> LoadGrid {
-    let layers = train
-        .iter()
-        .map(|r| r.expert_tokens.len().max(r.dropped.len()))
-        .max()
-        .unwrap_or(0);
-    let experts: Vec<usize> = (0..layers)
-        .map(|l| {
-            train
-                .iter()
-                .map(|r| r.expert_tokens.get(l).map_or(0, Vec::len))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let cells = (0..layers)
-        .map(|l| {
-            buckets
-                .iter()
-                .map(|&(a, b)| {
-                    let mut counts = vec![0u64; experts[l]];
-                    let mut dropped = 0u64;
-                    for r in &train[a..b] {
-                        if let Some(row) = r.expert_tokens.get(l) {
-                            for (c, &x) in counts.iter_mut().zip(row) {
-                                *c = c.saturating_add(x);
-                            }
-                        }
-                        dropped = dropped.saturating_add(r.dropped.get(l).copied().unwrap_or(0));
-                    }
-                    (counts, dropped)
-                })
-                .collect()
-        })
-        .collect();
-    LoadGrid { experts, cells }
+impl LoadGrid {
+    /// An empty grid of `buckets` buckets.
+    pub(super) fn new(buckets: usize) -> LoadGrid {
+        LoadGrid {
+            buckets,
+            ..LoadGrid::default()
+        }
+    }
+
+    /// Add a record's counts to bucket `bucket`.
+    pub(super) fn add(&mut self, bucket: usize, rec: &TrainRecord) {
+        if bucket >= self.buckets {
+            return;
+        }
+        let layers = rec.expert_tokens.len().max(rec.dropped.len());
+        if layers > self.cells.len() {
+            self.cells.resize_with(layers, || vec![(Vec::new(), 0); self.buckets]);
+            self.experts.resize(layers, 0);
+        }
+        for (l, row) in rec.expert_tokens.iter().enumerate() {
+            self.experts[l] = self.experts[l].max(row.len());
+            let counts = &mut self.cells[l][bucket].0;
+            if counts.len() < row.len() {
+                counts.resize(row.len(), 0);
+            }
+            for (c, &x) in counts.iter_mut().zip(row) {
+                *c = c.saturating_add(x);
+            }
+        }
+        for (l, &d) in rec.dropped.iter().enumerate() {
+            let dropped = &mut self.cells[l][bucket].1;
+            *dropped = dropped.saturating_add(d);
+        }
+    }
+
+    /// Every layer's counts as long as its widest record (a bucket whose records logged fewer
+    /// experts, or none, reads 0 for the rest).
+    pub(super) fn finish(&mut self) {
+        for (cells, &experts) in self.cells.iter_mut().zip(&self.experts) {
+            for (counts, _) in cells.iter_mut() {
+                counts.resize(experts, 0);
+            }
+        }
+    }
 }
 
 /// The sum of counts read from a log, saturating: a hand-edited log may hold any u64, and a
@@ -213,7 +228,7 @@ pub fn summarize(metrics: &Metrics) -> Result<ReportSummary> {
         .fold(0.0, f64::max);
 
     let bks = buckets(train.len());
-    let grid = load_grid(train, &bks);
+    let grid = &metrics.expert_load;
     let layers = grid
         .cells
         .iter()
