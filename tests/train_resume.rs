@@ -316,20 +316,25 @@ fn a_run_directory_is_locked_while_a_trainer_lives() {
     assert!(mine.is_dir(), "a failed start removed the user's own directory");
 }
 
+/// `small(steps)` with steps of about lr = 1e30 each: activations overflow within a few steps.
+/// (With decay, lr * weight_decay >= 1 is refused before the run.)
+fn exploding(steps: u64, moe_every: usize, workers: usize) -> TrainConfig {
+    let mut c = small(steps);
+    c.model.moe_every = moe_every;
+    c.optimizer.lr = 1e30;
+    c.optimizer.weight_decay = 0.0;
+    c.optimizer.warmup = 0;
+    c.train.workers = workers;
+    c
+}
+
 #[test]
 fn divergence_is_reported_as_divergence() {
     // A dense model too: with no gate to meet the overflow first, the runtime finds it in the
     // gradient norm (it reported a runtime error there).
     for (workers, moe_every) in [(0, 1), (1, 1), (0, 0), (1, 0)] {
         let tmp = TempDir::new("resume-diverge");
-        let mut c = small(50);
-        c.model.moe_every = moe_every;
-        // Steps of about lr each: activations overflow within a few steps. (With decay,
-        // lr * weight_decay >= 1 is refused before the run.)
-        c.optimizer.lr = 1e30;
-        c.optimizer.weight_decay = 0.0;
-        c.optimizer.warmup = 0;
-        c.train.workers = workers;
+        let c = exploding(50, moe_every, workers);
         let mut t = Trainer::new(c, &tmp.path().join("run")).expect("trainer");
         let err = t.run(false).expect_err("must diverge");
         match &err {
@@ -350,12 +355,7 @@ fn an_update_that_wrecks_the_parameters_before_validation_is_divergence_and_not_
     // (which was logged and checkpointed, the run ending well).
     for moe_every in [1, 0] {
         let tmp = TempDir::new("diverge-in-validation");
-        let mut c = small(1);
-        c.model.moe_every = moe_every;
-        c.optimizer.lr = 1e30;
-        c.optimizer.weight_decay = 0.0;
-        c.optimizer.warmup = 0;
-        c.train.workers = 0;
+        let c = exploding(1, moe_every, 0);
         let run = tmp.path().join("run");
         let mut t = Trainer::new(c, &run).expect("trainer");
         let err = t.run(false).expect_err("must diverge");
