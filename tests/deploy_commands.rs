@@ -474,4 +474,11 @@ fn slurm_script_trains_on_loopback() {
     let given = JoinTicket::read(&dir.path().join("job/identity/join.ticket")).expect("the script's ticket");
     assert_eq!(given.addr.to_string(), format!("127.0.0.1:{port}"));
     train_with_workers(dir.path(), &mut local, train, worker, nodes);
+    // The run directory's copy of the identity's long-lived token goes with the run; the
+    // identity's own ticket stays for the next one.
+    assert!(
+        !dir.path().join("job/run/join.ticket").exists(),
+        "the run directory keeps a ticket that admits to later runs"
+    );
+    assert!(dir.path().join("job/identity/join.ticket").is_file());
 }

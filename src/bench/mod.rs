@@ -50,27 +50,23 @@ pub struct Scratch {
     /// The missing ancestors of `path`, deepest first.
     made: Vec<std::path::PathBuf>,
     /// Its lock while the bench runs ([`Scratch::for_bench`]).
-    owner: Option<std::fs::File>,
+    _owner: Option<std::fs::File>,
 }
 
 impl Scratch {
     /// `parent/name`, to be created by the caller.
     pub fn new(parent: &std::path::Path, name: &str) -> Scratch {
-        let made = parent
-            .ancestors()
-            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
-            .map(std::path::Path::to_path_buf)
-            .collect();
+        let made = missing_ancestors(parent);
         Scratch {
             path: parent.join(name),
             made,
-            owner: None,
+            _owner: None,
         }
     }
 
-    /// `parent/semoe-bench-KIND-PID` for this process, created and claimed
-    /// ([`crate::storage::scratch`]). Those of the same kind left by bench processes that are
-    /// gone (killed by a signal, which skips the drop: a storage bench leaves gigabytes) are
+    /// `parent/semoe-bench-KIND-PID-RANDOM` for this process, created and claimed
+    /// ([`crate::storage::scratch::claim`]). Those of the same kind left by bench processes that
+    /// are gone (killed by a signal, which skips the drop: a storage bench leaves gigabytes) are
     /// removed first.
     pub fn for_bench(parent: &std::path::Path, kind: &str) -> Result<Scratch> {
         let prefix = format!("semoe-bench-{kind}-");
@@ -80,15 +76,28 @@ impl Scratch {
                 left.display()
             );
         }
-        let mut scratch = Scratch::new(parent, &format!("{prefix}{}", std::process::id()));
-        scratch.owner = Some(crate::storage::scratch::claim(&scratch.path)?);
-        Ok(scratch)
+        // The ancestors missing before the claim makes them (removed with the scratch).
+        let made = missing_ancestors(parent);
+        let (path, owner) = crate::storage::scratch::claim(parent, &prefix)?;
+        Ok(Scratch {
+            path,
+            made,
+            _owner: Some(owner),
+        })
     }
 
     /// The directory.
     pub fn path(&self) -> &std::path::Path {
         &self.path
     }
+}
+
+/// `dir` and its ancestors that do not exist yet, deepest first.
+fn missing_ancestors(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    dir.ancestors()
+        .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+        .map(std::path::Path::to_path_buf)
+        .collect()
 }
 
 impl Drop for Scratch {

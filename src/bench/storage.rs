@@ -272,14 +272,14 @@ mod tests {
         let parent = std::env::temp_dir().join(format!("semoe-bench-leftovers-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&parent);
         // One whose process ended (its lock went with it), one whose process runs.
-        let left = parent.join("semoe-bench-probe-1");
-        drop(crate::storage::scratch::claim(&left).unwrap());
-        let running = parent.join("semoe-bench-probe-2");
-        let held = crate::storage::scratch::claim(&running).unwrap();
+        let (left, lock) = crate::storage::scratch::claim(&parent, "semoe-bench-probe-").unwrap();
+        drop(lock);
+        let (running, held) = crate::storage::scratch::claim(&parent, "semoe-bench-probe-").unwrap();
         let scratch = Scratch::for_bench(&parent, "probe").unwrap();
-        assert_eq!(
-            scratch.path(),
-            parent.join(format!("semoe-bench-probe-{}", std::process::id()))
+        let name = scratch.path().file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with(&format!("semoe-bench-probe-{}-", std::process::id())),
+            "{name}"
         );
         assert!(scratch.path().is_dir());
         assert!(!left.exists(), "what the ended bench left stays");

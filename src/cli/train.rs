@@ -626,8 +626,17 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
                 installed.exit_on_next();
             }
         }
-        metrics = start_metrics(a)?;
-        let started = Trainer::new(config, &dir);
+        // (The endpoint starts after the time budget's measurement, whose steps it must not count.)
+        let started = match start_metrics(a) {
+            Ok(m) => {
+                metrics = m;
+                Trainer::new(config, &dir)
+            }
+            Err(e) => {
+                metrics = None;
+                Err(e)
+            }
+        };
         if started.is_err() && a.run_dir.is_none() {
             // The default directory was made above (the trainer found it there, so it leaves it).
             run_dir::remove_failed_start(&dir);

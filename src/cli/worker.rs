@@ -33,7 +33,7 @@ pub struct WorkerArgs {
     /// The IP address peers reach this worker at (default: the one it reaches the coordinator from).
     #[arg(long)]
     advertise: Option<IpAddr>,
-    /// Where the Disk tier's scratch goes: the worker makes a folder semoe-worker-PID of its own
+    /// Where the Disk tier's scratch goes: the worker makes a folder semoe-worker-PID-RANDOM of its own
     /// inside it, removed when it ends (default: the system's temporary directory).
     #[arg(long)]
     scratch: Option<PathBuf>,

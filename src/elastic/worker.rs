@@ -56,7 +56,7 @@ pub struct WorkerOptions {
     /// The address peers reach this worker's data plane at (default: the address it uses to reach
     /// the coordinator).
     pub advertise: Option<IpAddr>,
-    /// Where the Disk tier's scratch goes: a folder `semoe-worker-<pid>` of the worker's own is made
+    /// Where the Disk tier's scratch goes: a folder `semoe-worker-<pid>-<random>` (mode 0700) of the worker's own is made
     /// inside it and removed when the worker ends (default: the system's temporary directory).
     pub scratch: Option<PathBuf>,
     /// Serve this worker's metrics (its all-to-all bytes per peer and kind, restarts, tiers,
@@ -449,8 +449,18 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
             left.display()
         );
     }
-    let scratch = scratch_parent.join(format!("semoe-worker-{}", std::process::id()));
-    let _scratch_owner = crate::storage::scratch::claim(&scratch)?;
+    // A worker that cannot claim one (a read-only file system) still runs: it needs it only for
+    // a Disk tier, which then says what is wrong.
+    let (scratch, _scratch_owner) = match crate::storage::scratch::claim(&scratch_parent, "semoe-worker-") {
+        Ok((dir, owner)) => (dir, Some(owner)),
+        Err(e) => {
+            crate::say!("semoe worker: its scratch directory goes unclaimed: {e}");
+            (
+                scratch_parent.join(format!("semoe-worker-{}", std::process::id())),
+                None,
+            )
+        }
+    };
     let deadline = Duration::from_secs_f64(config.train.deadline_s);
     let (fired, mut link_faults_fired) = tokio::sync::mpsc::unbounded_channel::<Notice>();
     let shared = Arc::new(Shared {

@@ -305,7 +305,9 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
     }
     let ours = names.iter().any(|n| n == LOCK_FILE);
     let run_of_ours = ours && names.iter().all(|n| n == LOCK_FILE || RUN_FILES.contains(&n.as_str()));
-    let failed_start = holds_no_results(dir) && (ours || !names.iter().any(|n| n == "config.toml"));
+    // Without our lock, a config or a ticket is the user's (a ticket other workers read).
+    let failed_start =
+        holds_no_results(dir) && (ours || !names.iter().any(|n| n == "config.toml" || n == "join.ticket"));
     if names.is_empty() || run_of_ours || failed_start {
         return Ok(());
     }
@@ -410,6 +412,12 @@ mod tests {
             err.contains("is not empty and is not a semoe run (config.toml)"),
             "{err}"
         );
+        // Nor one holding only a ticket that no run of ours locked (other workers may read it).
+        std::fs::remove_file(d.join("config.toml")).expect("remove");
+        std::fs::write(d.join("join.ticket"), "another job's").expect("ticket");
+        let err = check_fresh(&d).expect_err("a folder with a ticket").to_string();
+        assert!(err.contains("(join.ticket)"), "{err}");
+        std::fs::write(d.join("config.toml"), "# the user's").expect("config");
         // A run of ours that stopped before its first checkpoint (a coordinator killed early).
         std::fs::write(d.join(LOCK_FILE), "").expect("lock");
         std::fs::write(d.join("metrics.jsonl"), "{}\n").expect("log");

@@ -87,6 +87,10 @@ pub(crate) struct RuntimeEngine {
     exit_watch: Option<tokio::task::JoinHandle<()>>,
     /// Whether the trainer's copy of the model lags behind the runtime's committed state.
     pub stale: bool,
+    /// The run directory's join ticket when it holds a `train.identity`'s long-lived token:
+    /// removed when the run ends, so that an archived or shared run directory does not admit
+    /// to later runs of that identity (a run's own token dies with its run).
+    identity_ticket: Option<PathBuf>,
 }
 
 impl RuntimeEngine {
@@ -117,6 +121,7 @@ impl RuntimeEngine {
             children: Arc::new(Mutex::new(Vec::new())),
             exit_watch: None,
             stale: false,
+            identity_ticket: None,
         };
         if config.train.elastic() {
             engine.start_elastic(config, corpus, model, optimizer, run_dir)?;
@@ -146,6 +151,9 @@ impl RuntimeEngine {
         crate::elastic::runtime::check_nccl(config)?;
         check_local_processes(t.processes)?;
         let ticket = run_dir.join(TICKET_FILE);
+        if t.identity.is_some() {
+            self.identity_ticket = Some(ticket.clone());
+        }
         let cluster = {
             let _guard = self.tokio.enter();
             Cluster::start(listen, &ticket, config, &corpus.digest())?
@@ -281,6 +289,9 @@ impl Drop for RuntimeEngine {
             task.abort();
         }
         reap(&mut lock(&self.children));
+        if let Some(ticket) = &self.identity_ticket {
+            let _ = std::fs::remove_file(ticket);
+        }
     }
 }
 

@@ -812,6 +812,28 @@ impl Trainer {
         }
     }
 
+    /// Refuse to checkpoint parameters the last update made non-finite (on a step without a
+    /// validation pass nothing else has looked at them): the run diverged, and a checkpoint of
+    /// them would prune a good one.
+    fn check_parameters_finite(&mut self) -> Result<()> {
+        let step = self.optimizer.step;
+        let lr = self
+            .config
+            .optimizer
+            .lr_at(step.saturating_sub(1), self.config.train.steps);
+        let model = self.model()?;
+        for (name, _, values) in model.tensors() {
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Diverged {
+                    step,
+                    what: format!("the update left value {i} of {name} at {}", values[i]),
+                    lr,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Write a checkpoint of the current state.
     pub fn save_checkpoint(&mut self, training_seconds: f64) -> Result<PathBuf> {
         self.lock.still_in_place()?;
@@ -936,6 +958,7 @@ impl Trainer {
                 ));
             }
             if (c.train.checkpoint_every > 0 && r.step % c.train.checkpoint_every == 0) || last {
+                self.check_parameters_finite()?;
                 last_checkpoint = self.save_checkpoint(self.prior_seconds + started.elapsed().as_secs_f64())?;
                 checkpointed_step = Some(r.step);
                 log.write(&Record::Checkpoint(CheckpointRecord {
@@ -958,6 +981,7 @@ impl Trainer {
             val_step = self.optimizer.step;
             let elapsed = self.prior_seconds + started.elapsed().as_secs_f64();
             self.log_evaluation(&mut log, self.optimizer.step, elapsed, val_loss)?;
+            self.check_parameters_finite()?;
             last_checkpoint = self.save_checkpoint(elapsed)?;
             log.write(&Record::Checkpoint(CheckpointRecord {
                 step: self.optimizer.step,

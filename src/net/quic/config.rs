@@ -48,6 +48,9 @@ fn provider() -> Arc<CryptoProvider> {
 /// of tens of MiB.
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    // No DATAGRAM frames: the protocol never reads them, and advertised they let any peer, before
+    // its token is checked, park a receive buffer (1.25 MB by default) in each connection.
+    t.datagram_receive_buffer_size(None);
     // 1500 ms is far below the VarInt limit of an idle timeout, so the conversion cannot fail.
     t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     t.keep_alive_interval(Some(KEEP_ALIVE));
