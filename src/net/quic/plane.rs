@@ -670,19 +670,36 @@ fn close_epoch(st: &mut EpochState, error_code: u32, reason: &[u8]) {
 /// served, not refused.
 const HANDSHAKES: usize = 64;
 
+/// Connections that may wait for a handshake place; more are refused at once (each waiting
+/// one is a task and its first packets: a flood of them must not grow without bound).
+const HANDSHAKE_QUEUE: usize = 4 * HANDSHAKES;
+
 /// Accept connections for as long as the endpoint is open.
 async fn accept_loop(inner: Arc<Inner>) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
+    let queue = Arc::new(tokio::sync::Semaphore::new(HANDSHAKE_QUEUE));
     while let Some(incoming) = inner.endpoint.accept().await {
+        let Ok(place) = queue.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
         inner
             .runtime
-            .spawn(handle_incoming(inner.clone(), incoming, handshakes.clone()));
+            .spawn(handle_incoming(inner.clone(), incoming, handshakes.clone(), place));
     }
 }
 
 /// Complete the handshake, read and check the hello, then admit the connection to its epoch.
-async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming, handshakes: Arc<tokio::sync::Semaphore>) {
-    let Ok(Ok(handshake)) = tokio::time::timeout(HELLO_TIMEOUT, handshakes.acquire_owned()).await else {
+/// `place` is its place in the queue, given back once it has a handshake place (or none).
+async fn handle_incoming(
+    inner: Arc<Inner>,
+    incoming: quinn::Incoming,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    place: tokio::sync::OwnedSemaphorePermit,
+) {
+    let handshake = tokio::time::timeout(HELLO_TIMEOUT, handshakes.acquire_owned()).await;
+    drop(place);
+    let Ok(Ok(handshake)) = handshake else {
         incoming.refuse();
         return;
     };
