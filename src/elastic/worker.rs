@@ -56,8 +56,9 @@ pub struct WorkerOptions {
     /// The address peers reach this worker's data plane at (default: the address it uses to reach
     /// the coordinator).
     pub advertise: Option<IpAddr>,
-    /// Where the Disk tier's scratch goes: a folder `semoe-worker-<pid>-<random>` (mode 0700) of the worker's own is made
-    /// inside it and removed when the worker ends (default: the system's temporary directory).
+    /// Where the Disk tier's scratch goes: a folder `semoe-worker-<pid>-<random>` (mode 0700) of
+    /// the worker's own is made inside it and removed when the worker ends (default: the system's
+    /// temporary directory).
     pub scratch: Option<PathBuf>,
     /// Serve this worker's metrics (its all-to-all bytes per peer and kind, restarts, tiers,
     /// epoch) as Prometheus text on `HOST:PORT` (port 0: the OS chooses; the address is printed).

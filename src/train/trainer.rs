@@ -792,20 +792,24 @@ impl Trainer {
         text_loss(&self.model, &self.cpu, &self.corpus.val, c.train.eval_windows, seqs)
     }
 
-    /// [`Trainer::evaluate`] inside a run: a validation pass that overflows, or a loss that is not
-    /// finite, is the run diverging (the last update wrecked the parameters: saying so, with the
-    /// advice, and checkpointing nothing, rather than logging a NaN loss and saving them).
-    fn evaluate_in_run(&mut self) -> Result<f64> {
+    /// The run diverged at the step just taken: `what` was not finite.
+    fn diverged_now(&self, what: String) -> Error {
         let step = self.optimizer.step;
         let lr = self
             .config
             .optimizer
             .lr_at(step.saturating_sub(1), self.config.train.steps);
-        let diverged = |what: String| Error::Diverged { step, what, lr };
+        Error::Diverged { step, what, lr }
+    }
+
+    /// [`Trainer::evaluate`] inside a run: a validation pass that overflows, or a loss that is not
+    /// finite, is the run diverging (the last update wrecked the parameters: saying so, with the
+    /// advice, and checkpointing nothing, rather than logging a NaN loss and saving them).
+    fn evaluate_in_run(&mut self) -> Result<f64> {
         match self.evaluate() {
             Ok(loss) if loss.is_finite() => Ok(loss),
-            Ok(loss) => Err(diverged(format!("the validation loss is {loss}"))),
-            Err(Error::NonFinite { context, detail }) => Err(diverged(format!(
+            Ok(loss) => Err(self.diverged_now(format!("the validation loss is {loss}"))),
+            Err(Error::NonFinite { context, detail }) => Err(self.diverged_now(format!(
                 "the parameters overflowed: {context} computed a non-finite {detail} in validation"
             ))),
             Err(e) => Err(e),
@@ -816,22 +820,16 @@ impl Trainer {
     /// validation pass nothing else has looked at them): the run diverged, and a checkpoint of
     /// them would prune a good one.
     fn check_parameters_finite(&mut self) -> Result<()> {
-        let step = self.optimizer.step;
-        let lr = self
-            .config
-            .optimizer
-            .lr_at(step.saturating_sub(1), self.config.train.steps);
-        let model = self.model()?;
-        for (name, _, values) in model.tensors() {
-            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                return Err(Error::Diverged {
-                    step,
-                    what: format!("the update left value {i} of {name} at {}", values[i]),
-                    lr,
-                });
-            }
+        let bad = self.model()?.tensors().into_iter().find_map(|(name, _, values)| {
+            values
+                .iter()
+                .position(|v| !v.is_finite())
+                .map(|i| format!("the update left value {i} of {name} at {}", values[i]))
+        });
+        match bad {
+            Some(what) => Err(self.diverged_now(what)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Write a checkpoint of the current state.
