@@ -420,7 +420,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
             "the job certificate it sent is not the one the ticket pins",
         ));
     }
-    let endpoint = quic::endpoint_on(socket, &identity, &ticket.cert_sha256)?;
+    let endpoint = quic::data_plane_endpoint(socket, &identity)?;
 
     let pause = Pause::for_member(member);
     let (cut_tx, mut cut_rx) = tokio::sync::mpsc::unbounded_channel::<WorkerId>();

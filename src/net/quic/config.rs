@@ -64,12 +64,28 @@ pub fn transport_config() -> quinn::TransportConfig {
 
 /// The server side: serve `identity`'s certificate over TLS 1.3 with [`ALPN`].
 pub fn server_config(identity: &JobIdentity) -> Result<quinn::ServerConfig> {
+    server_config_with(identity, false)
+}
+
+/// [`server_config`]; with `peers_hold_the_job`, a client must present the job certificate itself
+/// (the data plane: every peer was admitted and holds it), so that a stranger is refused in the
+/// TLS handshake, before it can hold one of the places that wait for a hello.
+fn server_config_with(identity: &JobIdentity, peers_hold_the_job: bool) -> Result<quinn::ServerConfig> {
     let cert = CertificateDer::from(identity.cert_der.clone());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key_der.clone()));
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+    let provider = provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::runtime(format!("TLS server configuration: {e}")))?
-        .with_no_client_auth()
+        .map_err(|e| Error::runtime(format!("TLS server configuration: {e}")))?;
+    let builder = if peers_hold_the_job {
+        builder.with_client_cert_verifier(Arc::new(PinnedCert {
+            pin: identity.fingerprint(),
+            provider,
+        }))
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut tls = builder
         .with_single_cert(vec![cert], key)
         .map_err(|e| Error::runtime(format!("TLS server configuration (the job certificate): {e}")))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -91,17 +107,31 @@ pub fn authenticated(conn: &quinn::Connection) {
 /// The client side: TLS 1.3 with [`ALPN`], accepting exactly the certificate whose SHA-256 (hex) is
 /// `pinned_sha256` and nothing else.
 pub fn client_config(pinned_sha256: &str) -> Result<quinn::ClientConfig> {
+    client_config_with(pinned_sha256, None)
+}
+
+/// [`client_config`], presenting `identity`'s certificate when the server asks for one (a data
+/// plane's peer: see [`data_plane_endpoint`]).
+fn client_config_with(pinned_sha256: &str, identity: Option<&JobIdentity>) -> Result<quinn::ClientConfig> {
     let provider = provider();
     let verifier = PinnedCert {
         pin: pinned_sha256.trim().to_ascii_lowercase(),
         provider: provider.clone(),
     };
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::runtime(format!("TLS client configuration: {e}")))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let mut tls = match identity {
+        Some(identity) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from(identity.cert_der.clone())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key_der.clone())),
+            )
+            .map_err(|e| Error::runtime(format!("TLS client configuration (the job certificate): {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| Error::runtime(format!("QUIC client configuration: {e}")))?;
@@ -119,18 +149,29 @@ pub fn endpoint(bind: SocketAddr, identity: &JobIdentity, pinned: &str) -> Resul
     Ok(endpoint)
 }
 
-/// [`endpoint`] on a UDP socket bound beforehand (a worker reports its data port before it holds the
-/// job identity to serve with).
-pub fn endpoint_on(socket: std::net::UdpSocket, identity: &JobIdentity, pinned: &str) -> Result<quinn::Endpoint> {
+/// A data plane's endpoint on `socket`, bound beforehand (a worker reports its data port before it
+/// holds the job identity to serve with): every connection's two ends are peers of the job, each
+/// presenting the job certificate in the TLS handshake (a stranger is refused there, before
+/// the hello and its token).
+pub fn data_plane_endpoint(socket: std::net::UdpSocket, identity: &JobIdentity) -> Result<quinn::Endpoint> {
+    endpoint_on(socket, identity, &identity.fingerprint(), true)
+}
+
+fn endpoint_on(
+    socket: std::net::UdpSocket,
+    identity: &JobIdentity,
+    pinned: &str,
+    mutual: bool,
+) -> Result<quinn::Endpoint> {
     let runtime = quinn::default_runtime().ok_or_else(|| Error::runtime("QUIC needs a tokio runtime"))?;
     let mut endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
-        Some(server_config(identity)?),
+        Some(server_config_with(identity, mutual)?),
         socket,
         runtime,
     )
     .map_err(|e| Error::runtime(format!("cannot open the QUIC endpoint: {e}")))?;
-    endpoint.set_default_client_config(client_config(pinned)?);
+    endpoint.set_default_client_config(client_config_with(pinned, mutual.then_some(identity))?);
     Ok(endpoint)
 }
 
@@ -170,6 +211,49 @@ impl ServerCertVerifier for PinnedCert {
         _dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
         // The configuration allows TLS 1.3 only.
+        Err(rustls::Error::General("TLS 1.2 is not allowed".to_string()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for PinnedCert {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> std::result::Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        if sha256_hex(end_entity.as_ref()) == self.pin {
+            Ok(rustls::server::danger::ClientCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the peer's certificate is not the job's: not a member of this job".to_string(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
         Err(rustls::Error::General("TLS 1.2 is not allowed".to_string()))
     }
 

@@ -45,8 +45,8 @@ mod reader;
 mod tests;
 
 pub use config::{
-    authenticated, client_config, endpoint, endpoint_on, server_config, transport_config, ALPN, CONNECTION_WINDOW,
-    IDLE_TIMEOUT, KEEP_ALIVE, PRE_AUTH_WINDOW, STREAM_WINDOW,
+    authenticated, client_config, data_plane_endpoint, endpoint, server_config, transport_config, ALPN,
+    CONNECTION_WINDOW, IDLE_TIMEOUT, KEEP_ALIVE, PRE_AUTH_WINDOW, STREAM_WINDOW,
 };
 pub use frame::{damage, open, read_frame, seal, write_chunks, write_frame, write_frame_owned, CHECKSUM_BYTES};
 pub use identity::{

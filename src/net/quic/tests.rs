@@ -12,6 +12,11 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// A UDP socket on 127.0.0.1, a port the OS chose.
+fn local_socket() -> std::net::UdpSocket {
+    std::net::UdpSocket::bind("127.0.0.1:0").expect("socket")
+}
+
 async fn within<F: Future>(what: &str, f: F) -> F::Output {
     tokio::time::timeout(WAIT, f)
         .await
@@ -131,7 +136,7 @@ fn plane(identity: &JobIdentity, token: &str, codec: Arc<dyn PacketCodec>) -> Ar
 
 /// A plane on 127.0.0.1, with the same-host path enabled or not.
 fn plane_on(identity: &JobIdentity, token: &str, codec: Arc<dyn PacketCodec>, same_host: bool) -> Arc<DataPlane> {
-    let ep = endpoint("127.0.0.1:0".parse().expect("addr"), identity, &identity.fingerprint()).expect("endpoint");
+    let ep = data_plane_endpoint(local_socket(), identity).expect("endpoint");
     let plane = DataPlane::new(ep, token.to_string(), codec).expect("data plane");
     if same_host {
         plane
@@ -448,7 +453,9 @@ async fn a_stranger_without_a_hello_cannot_make_the_plane_buffer_much() {
     let plane = plane(&id, "right", Arc::new(TestCodec));
     let target = plane.local_addr().expect("addr");
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let stranger = endpoint(any, &id, &id.fingerprint()).expect("client");
+    let _ = any;
+    // A peer of the job (it holds the job certificate) that never says hello.
+    let stranger = data_plane_endpoint(local_socket(), &id).expect("client");
     let conn = within("connect", async {
         stranger.connect(target, SERVER_NAME).expect("connecting").await
     })
@@ -464,6 +471,29 @@ async fn a_stranger_without_a_hello_cannot_make_the_plane_buffer_much() {
     assert!(written.is_err(), "8 MiB were accepted before any token");
     const { assert!(PRE_AUTH_WINDOW < 8 << 20) };
     conn.close(0u32.into(), b"done");
+    stranger.close(0u32.into(), b"done");
+    drop(plane);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_the_job_certificate_is_refused_in_the_handshake() {
+    let id = JobIdentity::generate().expect("identity");
+    let plane = plane(&id, "right", Arc::new(TestCodec));
+    let target = plane.local_addr().expect("addr");
+    // It trusts the job's certificate, but has none to show (as the coordinator's clients).
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let stranger = endpoint(any, &id, &id.fingerprint()).expect("client");
+    let attempt = within("connect", async {
+        stranger.connect(target, SERVER_NAME).expect("connecting").await
+    })
+    .await;
+    // In TLS 1.3 the client may finish its side before the server has checked its certificate:
+    // then the server closes the connection at once, with the handshake's alert.
+    let err = match attempt {
+        Err(e) => e,
+        Ok(conn) => within("the refusal", conn.closed()).await,
+    };
+    assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
     stranger.close(0u32.into(), b"done");
     drop(plane);
 }
