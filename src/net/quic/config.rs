@@ -154,24 +154,15 @@ pub fn endpoint(bind: SocketAddr, identity: &JobIdentity, pinned: &str) -> Resul
 /// presenting the job certificate in the TLS handshake (a stranger is refused there, before
 /// the hello and its token).
 pub fn data_plane_endpoint(socket: std::net::UdpSocket, identity: &JobIdentity) -> Result<quinn::Endpoint> {
-    endpoint_on(socket, identity, &identity.fingerprint(), true)
-}
-
-fn endpoint_on(
-    socket: std::net::UdpSocket,
-    identity: &JobIdentity,
-    pinned: &str,
-    mutual: bool,
-) -> Result<quinn::Endpoint> {
     let runtime = quinn::default_runtime().ok_or_else(|| Error::runtime("QUIC needs a tokio runtime"))?;
     let mut endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
-        Some(server_config_with(identity, mutual)?),
+        Some(server_config_with(identity, true)?),
         socket,
         runtime,
     )
     .map_err(|e| Error::runtime(format!("cannot open the QUIC endpoint: {e}")))?;
-    endpoint.set_default_client_config(client_config_with(pinned, mutual.then_some(identity))?);
+    endpoint.set_default_client_config(client_config_with(&identity.fingerprint(), Some(identity))?);
     Ok(endpoint)
 }
 
@@ -181,6 +172,24 @@ fn endpoint_on(
 struct PinnedCert {
     pin: String,
     provider: Arc<CryptoProvider>,
+}
+
+impl PinnedCert {
+    /// The handshake's signature, checked against the certificate presented (so its holder has
+    /// the job's private key), for both directions.
+    fn tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+}
+
+/// The configurations allow TLS 1.3 only.
+fn no_tls12() -> rustls::Error {
+    rustls::Error::General("TLS 1.2 is not allowed".to_string())
 }
 
 impl ServerCertVerifier for PinnedCert {
@@ -211,7 +220,7 @@ impl ServerCertVerifier for PinnedCert {
         _dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
         // The configuration allows TLS 1.3 only.
-        Err(rustls::Error::General("TLS 1.2 is not allowed".to_string()))
+        Err(no_tls12())
     }
 
     fn verify_tls13_signature(
@@ -220,7 +229,7 @@ impl ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -254,7 +263,7 @@ impl rustls::server::danger::ClientCertVerifier for PinnedCert {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not allowed".to_string()))
+        Err(no_tls12())
     }
 
     fn verify_tls13_signature(
@@ -263,7 +272,7 @@ impl rustls::server::danger::ClientCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
