@@ -49,21 +49,11 @@ pub struct Scratch {
     path: std::path::PathBuf,
     /// The missing ancestors of `path`, deepest first.
     made: Vec<std::path::PathBuf>,
-    /// Its lock while the bench runs ([`Scratch::for_bench`]).
-    _owner: Option<std::fs::File>,
+    /// Its lock while the bench runs ([`crate::storage::scratch::claim`]).
+    _owner: std::fs::File,
 }
 
 impl Scratch {
-    /// `parent/name`, to be created by the caller.
-    pub fn new(parent: &std::path::Path, name: &str) -> Scratch {
-        let made = missing_ancestors(parent);
-        Scratch {
-            path: parent.join(name),
-            made,
-            _owner: None,
-        }
-    }
-
     /// `parent/semoe-bench-KIND-PID-RANDOM` for this process, created and claimed
     /// ([`crate::storage::scratch::claim`]). Those of the same kind left by bench processes that
     /// are gone (killed by a signal, which skips the drop: a storage bench leaves gigabytes) are
@@ -82,7 +72,7 @@ impl Scratch {
         Ok(Scratch {
             path,
             made,
-            _owner: Some(owner),
+            _owner: owner,
         })
     }
 

@@ -255,14 +255,14 @@ mod tests {
     fn a_scratch_directory_goes_with_its_guard_and_its_new_parents_too() {
         let parent = std::env::temp_dir().join(format!("semoe-bench-scratch-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&parent);
-        let scratch = Scratch::new(&parent.join("made/on/the/way"), "inner");
+        let scratch = Scratch::for_bench(&parent.join("made/on/the/way"), "inner").unwrap();
         std::fs::create_dir_all(scratch.path.join("deep")).unwrap();
         std::fs::write(scratch.path.join("deep/file"), b"x").unwrap();
         drop(scratch);
         assert!(!parent.exists(), "the benchmark's directories outlive it");
         // An existing parent stays.
         std::fs::create_dir_all(&parent).unwrap();
-        drop(Scratch::new(&parent, "inner"));
+        drop(Scratch::for_bench(&parent, "inner").unwrap());
         assert!(parent.exists());
         std::fs::remove_dir(&parent).unwrap();
     }
