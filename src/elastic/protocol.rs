@@ -34,7 +34,7 @@ use crate::storage::tiers::ExpertSlot;
 pub use super::fingerprint::KernelFingerprint;
 
 /// The protocol's version: both sides must speak the same one.
-pub const PROTOCOL: u32 = 5;
+pub const PROTOCOL: u32 = 6;
 
 /// The binary's version, compared at the join (different builds may compute different bits).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -19,20 +19,31 @@
 //! learn from the coordinator anyway. Abstract sockets are visible to every process of the
 //! network namespace, so both ends check the other's user id with `SO_PEERCRED` (the kernel's
 //! word, not the peer's): only processes of the same user, which could read the ticket file
-//! anyway, get further. The opener then sends the same hello as over QUIC (the job's token), which
-//! the acceptor checks before it admits the connection. A peer is tried this way only when its
+//! anyway, get further; then both prove they hold the job's token (below), and the acceptor checks
+//! the opener's hello before it admits the connection. A peer is tried this way only when its
 //! address is a loopback address or this worker's own advertised address; if nothing listens under
 //! the name (another network namespace, the path disabled), the link falls back to QUIC.
 //!
+//! The user id alone does not prove the listener is a peer: containers that run as root and share
+//! the host's network see each other's abstract names, and any of them could bind a plane's name
+//! first. So the token never crosses a same-host socket. Both ends prove they hold it by a keyed
+//! hash (HMAC-SHA-256, keyed with the token) of two fresh random challenges, the acceptor first
+//! ([`answer_challenge`], [`check_answer`]): a listener that cannot prove it learns nothing it could
+//! replay, and the opener falls back to QUIC, whose mutual TLS authenticates the peer. The opener's
+//! proof then travels in the hello's token field, which the acceptor compares with the proof it
+//! expects.
+//!
 //! # Frames and closing
 //!
-//! The opener writes the hello and then its packets as the same length-prefixed frames as on a QUIC
-//! stream. The other direction carries at most one *close frame* (`u32` code, `u16` length, the
-//! reason), written by the acceptor when it closes the connection: the end of an epoch, a refusal,
-//! an eviction, a shutdown. The opener's watcher reads it and classifies it like a QUIC close; a
-//! connection that ends without one was cut (the process ended).
+//! The opener writes its challenge ([`CHALLENGE_LEN`] bytes), then, once the acceptor's answer
+//! checks out, the hello and its packets as the same length-prefixed frames as on a QUIC stream.
+//! The other direction carries the answer ([`ANSWER_LEN`] bytes) and then at most one *close frame*
+//! (`u32` code, `u16` length, the reason), written by the acceptor when it closes the connection:
+//! the end of an epoch, a refusal, an eviction, a shutdown. The opener's watcher reads it and
+//! classifies it like a QUIC close; a connection that ends without one was cut (the process ended).
 
 use super::frame::CHECKSUM_BYTES;
+use super::identity::hex;
 use crate::error::{Error, Result};
 use crate::net::wire::Encoded;
 use std::io;
@@ -45,6 +56,92 @@ use tokio::task::AbortHandle;
 
 /// The longest reason a close frame carries (as QUIC's close reasons here).
 pub(crate) const MAX_REASON: usize = 400;
+
+/// The first bytes of an opener's challenge and of an acceptor's answer.
+const CHALLENGE_MAGIC: &[u8; 8] = b"SEMOELC1";
+const ANSWER_MAGIC: &[u8; 8] = b"SEMOELA1";
+
+/// Bytes of a random challenge.
+const NONCE: usize = 32;
+
+/// Bytes of an HMAC-SHA-256 proof.
+const PROOF: usize = 32;
+
+/// An opener's challenge: the magic and its random challenge.
+pub(crate) const CHALLENGE_LEN: usize = 8 + NONCE;
+
+/// An acceptor's answer: the magic, its own random challenge and its proof.
+pub(crate) const ANSWER_LEN: usize = 8 + NONCE + PROOF;
+
+/// The proof of the side `role` over the two challenges (the acceptor's over the opener's
+/// challenge first, the opener's over the acceptor's first), keyed with the job's token. The role
+/// is part of the message, so one side's proof is never the other's.
+fn proof(token: &str, role: &[u8], first: &[u8], second: &[u8]) -> ring::hmac::Tag {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes());
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    ctx.update(b"semoe same-host ");
+    ctx.update(role);
+    ctx.update(first);
+    ctx.update(second);
+    ctx.sign()
+}
+
+fn random_nonce() -> std::result::Result<[u8; NONCE], String> {
+    use ring::rand::SecureRandom;
+    let mut nonce = [0u8; NONCE];
+    ring::rand::SystemRandom::new()
+        .fill(&mut nonce)
+        .map_err(|_| "the system's random source failed".to_string())?;
+    Ok(nonce)
+}
+
+/// The opener's side, before anything else: a fresh challenge to write to the acceptor, and the
+/// secret state to check its answer with.
+pub(crate) fn challenge() -> std::result::Result<([u8; CHALLENGE_LEN], [u8; NONCE]), String> {
+    let nonce = random_nonce()?;
+    let mut out = [0u8; CHALLENGE_LEN];
+    out[..8].copy_from_slice(CHALLENGE_MAGIC);
+    out[8..].copy_from_slice(&nonce);
+    Ok((out, nonce))
+}
+
+/// The acceptor's side: its answer to the opener's `challenge` (its own challenge and its proof of
+/// the token), and the opener's proof it must then find in the hello (hex, as the hello's token).
+pub(crate) fn answer_challenge(
+    token: &str,
+    challenge: &[u8; CHALLENGE_LEN],
+) -> std::result::Result<([u8; ANSWER_LEN], String), String> {
+    if &challenge[..8] != CHALLENGE_MAGIC {
+        return Err("the first bytes are not a same-host challenge".to_string());
+    }
+    let theirs = &challenge[8..];
+    let ours = random_nonce()?;
+    let mine = proof(token, b"acceptor", theirs, &ours);
+    let mut out = [0u8; ANSWER_LEN];
+    out[..8].copy_from_slice(ANSWER_MAGIC);
+    out[8..8 + NONCE].copy_from_slice(&ours);
+    out[8 + NONCE..].copy_from_slice(mine.as_ref());
+    let expected = hex(proof(token, b"opener", &ours, theirs).as_ref());
+    Ok((out, expected))
+}
+
+/// The opener's side: check the acceptor's `answer` to the challenge `nonce`; if it proves the
+/// token, the opener's own proof (hex), to send as the hello's token.
+pub(crate) fn check_answer(
+    token: &str,
+    nonce: &[u8; NONCE],
+    answer: &[u8; ANSWER_LEN],
+) -> std::result::Result<String, String> {
+    if &answer[..8] != ANSWER_MAGIC {
+        return Err("the listener's first bytes are not a same-host answer".to_string());
+    }
+    let theirs = &answer[8..8 + NONCE];
+    let expected = proof(token, b"acceptor", nonce, theirs);
+    if !super::identity::constant_time_eq(expected.as_ref(), &answer[8 + NONCE..]) {
+        return Err("the listener could not prove it holds the job's token".to_string());
+    }
+    Ok(hex(proof(token, b"opener", theirs, nonce).as_ref()))
+}
 
 /// The abstract socket name of the plane of the job with token digest `tag` on UDP port `port`.
 pub(crate) fn socket_name(tag: &str, port: u16) -> String {
@@ -101,6 +198,47 @@ pub(crate) async fn connect(name: &str) -> std::result::Result<Option<UnixStream
         let _ = name;
         Ok(None)
     }
+}
+
+/// The opener's handshake on a connected `stream`: write a challenge, read the acceptor's answer
+/// within `within` and check it. The two halves and the opener's proof (for the hello's token),
+/// or why the listener is not a peer (the caller falls back to QUIC).
+pub(crate) async fn open_handshake(
+    stream: UnixStream,
+    token: &str,
+    within: std::time::Duration,
+) -> std::result::Result<(OwnedReadHalf, OwnedWriteHalf, String), String> {
+    let (mut read, mut write) = stream.into_split();
+    let (ours, nonce) = challenge()?;
+    let mut answer = [0u8; ANSWER_LEN];
+    tokio::time::timeout(within, async {
+        write.write_all(&ours).await?;
+        read.read_exact(&mut answer).await
+    })
+    .await
+    .map_err(|_| format!("the listener sent no answer within {} s", within.as_secs()))?
+    .map_err(|e| format!("the listener's answer: {e}"))?;
+    let proof = check_answer(token, &nonce, &answer)?;
+    Ok((read, write, proof))
+}
+
+/// The acceptor's handshake: read the opener's challenge from `read`, write the answer on `write`;
+/// the proof the opener's hello must carry as its token. The caller bounds it in time.
+pub(crate) async fn accept_handshake(
+    read: &mut OwnedReadHalf,
+    write: &mut OwnedWriteHalf,
+    token: &str,
+) -> std::result::Result<String, String> {
+    let mut theirs = [0u8; CHALLENGE_LEN];
+    read.read_exact(&mut theirs)
+        .await
+        .map_err(|e| format!("the same-host challenge: {e}"))?;
+    let (answer, expected) = answer_challenge(token, &theirs)?;
+    write
+        .write_all(&answer)
+        .await
+        .map_err(|e| format!("cannot send the same-host answer: {e}"))?;
+    Ok(expected)
 }
 
 /// Refuse a peer process of another user (`SO_PEERCRED`).
@@ -502,6 +640,73 @@ mod tests {
         match read_split(&mut read, 1 << 20, "a frame").await {
             Err(FrameError::Protocol(d)) => assert!(d.contains("over the limit"), "{d}"),
             other => panic!("not refused: {:?}", other.map(|f| f.is_some())),
+        }
+    }
+
+    #[test]
+    fn both_sides_prove_the_token_and_neither_proof_serves_the_other() {
+        let (ours, nonce) = challenge().expect("challenge");
+        let (answer, expected) = answer_challenge("job-token", &ours).expect("answer");
+        let proof = check_answer("job-token", &nonce, &answer).expect("a true answer");
+        assert_eq!(proof, expected, "the opener's proof is the one the acceptor expects");
+        assert_eq!(proof.len(), 2 * PROOF);
+        assert!(!proof.contains("job-token"));
+        // The acceptor's proof is not the opener's (a listener cannot replay it as a hello).
+        assert_ne!(hex(&answer[8 + NONCE..]), proof);
+        // An acceptor with another token is caught, as is a damaged answer or another magic.
+        let (wrong, _) = answer_challenge("another", &ours).expect("answer");
+        let err = check_answer("job-token", &nonce, &wrong).expect_err("a wrong token");
+        assert!(err.contains("could not prove"), "{err}");
+        let mut damaged = answer;
+        damaged[ANSWER_LEN - 1] ^= 1;
+        assert!(check_answer("job-token", &nonce, &damaged).is_err());
+        let mut magic = answer;
+        magic[0] ^= 1;
+        assert!(check_answer("job-token", &nonce, &magic)
+            .expect_err("magic")
+            .contains("not a same-host answer"));
+        // An answer to another challenge does not check out.
+        let (_, other_nonce) = challenge().expect("challenge");
+        assert_ne!(other_nonce, nonce, "challenges are fresh");
+        assert!(check_answer("job-token", &other_nonce, &answer).is_err());
+        let mut not_a_challenge = ours;
+        not_a_challenge[3] ^= 1;
+        assert!(answer_challenge("job-token", &not_a_challenge).is_err());
+    }
+
+    /// A listener that does not hold the token gets the challenge only, and one that never answers
+    /// is given up within the time.
+    #[tokio::test]
+    async fn an_impostor_listener_learns_nothing_and_a_silent_one_is_given_up() {
+        for silent in [false, true] {
+            let (opener, impostor) = UnixStream::pair().expect("socket pair");
+            let spy = tokio::spawn(async move {
+                let (mut read, mut write) = impostor.into_split();
+                let mut got = vec![0u8; CHALLENGE_LEN];
+                read.read_exact(&mut got).await.expect("the challenge");
+                if !silent {
+                    write.write_all(&[7u8; ANSWER_LEN]).await.expect("a false answer");
+                }
+                // Whatever else the opener sends, until it hangs up.
+                let mut rest = Vec::new();
+                let _ = read.read_to_end(&mut rest).await;
+                got.extend(rest);
+                got
+            });
+            let start = std::time::Instant::now();
+            let err = match open_handshake(opener, "job-token", std::time::Duration::from_millis(300)).await {
+                Ok(_) => panic!("an impostor was taken for a peer"),
+                Err(e) => e,
+            };
+            if silent {
+                assert!(err.contains("no answer within"), "{err}");
+                assert!(start.elapsed() < std::time::Duration::from_secs(5));
+            } else {
+                assert!(err.contains("not a same-host answer"), "{err}");
+            }
+            let got = spy.await.expect("spy");
+            assert_eq!(got.len(), CHALLENGE_LEN, "the opener sent only its challenge");
+            assert!(!got.windows(9).any(|w| w == b"job-token"));
         }
     }
 

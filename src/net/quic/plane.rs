@@ -472,8 +472,9 @@ impl DataPlane {
         let mut connecting = tokio::task::JoinSet::new();
         for (&w, &addr) in &addrs {
             let endpoint = inner.endpoint.clone();
+            let token = inner.token.clone();
             let hello = Hello {
-                token: inner.token.clone(),
+                token: token.clone(),
                 epoch,
                 from: me,
             }
@@ -489,11 +490,25 @@ impl DataPlane {
                         // authenticates the peer by itself.
                         if let Some(name) = local_name {
                             if let Ok(Some(stream)) = local::connect(&name).await {
-                                let (read, mut write) = stream.into_split();
-                                local::write_frame(&mut write, &hello)
-                                    .await
-                                    .map_err(|e| format!("cannot send the hello: {e}"))?;
-                                return Ok::<_, String>(Outgoing::Local(read, write));
+                                match local::open_handshake(stream, &token, HELLO_TIMEOUT).await {
+                                    Ok((read, mut write, proof)) => {
+                                        // The token itself never crosses a same-host socket.
+                                        let hello = Hello {
+                                            token: proof,
+                                            epoch,
+                                            from: me,
+                                        }
+                                        .encode();
+                                        local::write_frame(&mut write, &hello)
+                                            .await
+                                            .map_err(|e| format!("cannot send the hello: {e}"))?;
+                                        return Ok::<_, String>(Outgoing::Local(read, write));
+                                    }
+                                    Err(detail) => crate::say!(
+                                        "semoe: worker {me}: the same-host socket of worker {w} was \
+                                         refused ({detail}); using QUIC"
+                                    ),
+                                }
                             }
                         }
                         let conn = endpoint
@@ -751,30 +766,43 @@ async fn handle_local_incoming(inner: Arc<Inner>, stream: UnixStream) {
     if local::check_same_user(&stream).is_err() {
         return;
     }
-    let (mut read, write) = stream.into_split();
+    let (mut read, mut write) = stream.into_split();
+    // The challenge, the answer and the hello, all within the hello's time.
+    let handshake = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let expected = local::accept_handshake(&mut read, &mut write, &inner.token).await?;
+        let hello = match reader::read_frame(&mut read, MAX_HELLO, "the hello").await {
+            Ok(Some(bytes)) => Hello::decode(&bytes)?,
+            Ok(None) => return Err("the stream ended before the hello".to_string()),
+            Err(FrameError::Protocol(detail) | FrameError::Cut(detail)) => return Err(detail),
+            Err(FrameError::Lost(e)) => return Err(e.to_string()),
+        };
+        Ok((hello, expected))
+    })
+    .await;
     let conn = Arc::new(LocalConn::incoming(write));
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, reader::read_frame(&mut read, MAX_HELLO, "the hello")).await;
-    let hello = match hello {
-        Ok(Ok(Some(bytes))) => Hello::decode(&bytes),
-        Ok(Ok(None)) => Err("the stream ended before the hello".to_string()),
-        Ok(Err(FrameError::Protocol(detail) | FrameError::Cut(detail))) => Err(detail),
-        Ok(Err(FrameError::Lost(e))) => Err(e.to_string()),
-        Err(_) => Err("no hello in time".to_string()),
-    };
-    match hello {
-        Ok(hello) => arrive(&inner, hello, Incoming::Local(conn, read)),
-        Err(detail) => conn.close(code::PROTOCOL, truncate(&detail).as_bytes()),
+    match handshake {
+        Ok(Ok((hello, expected))) => {
+            // The hello carries the opener's proof of the token, not the token.
+            if !constant_time_eq(hello.token.as_bytes(), expected.as_bytes()) {
+                conn.close(code::WRONG_TOKEN, b"wrong token");
+                return;
+            }
+            arrive(&inner, hello, Incoming::Local(conn, read))
+        }
+        Ok(Err(detail)) => conn.close(code::PROTOCOL, truncate(&detail).as_bytes()),
+        Err(_) => conn.close(code::PROTOCOL, b"no hello in time"),
     }
 }
 
-/// A connection whose hello was read: refuse a wrong token and a stale epoch, admit the current
-/// epoch's, keep a later epoch's until this worker starts it.
+/// A connection whose hello was read: refuse a wrong token (a same-host hello's proof was checked
+/// before) and a stale epoch, admit the current epoch's, keep a later epoch's until this worker
+/// starts it.
 fn arrive(inner: &Arc<Inner>, hello: Hello, incoming: Incoming) {
-    if !constant_time_eq(hello.token.as_bytes(), inner.token.as_bytes()) {
-        incoming.close(code::WRONG_TOKEN, b"wrong token");
-        return;
-    }
     if let Incoming::Quic(conn, _) = &incoming {
+        if !constant_time_eq(hello.token.as_bytes(), inner.token.as_bytes()) {
+            incoming.close(code::WRONG_TOKEN, b"wrong token");
+            return;
+        }
         super::authenticated(conn);
     }
     let mut st = lock(&inner.state);

@@ -9,6 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -515,6 +516,49 @@ async fn a_wrong_token_is_refused_within_a_second(same_host: bool) {
     }
 }
 
+/// A process that took a peer's same-host socket name first (a container of another job running
+/// as the same user on the host's network) is given the challenge only: the opener checks its
+/// answer, finds no proof of the token and reaches the peer over QUIC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_on_a_peers_socket_name_learns_no_token_and_the_link_uses_quic() {
+    let id = JobIdentity::generate().expect("identity");
+    let token = "the-job-secret";
+    let (real, opener) = (
+        plane_on(&id, token, Arc::new(TestCodec), false),
+        plane_on(&id, token, Arc::new(TestCodec), true),
+    );
+    let tag = crate::net::quic::sha256_hex(token.as_bytes())[..16].to_string();
+    let port = real.local_addr().expect("addr").port();
+    let listener = super::local::listen(&super::local::socket_name(&tag, port)).expect("the impostor listens");
+    let spy = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.expect("the opener connects");
+        let (mut read, mut write) = stream.into_split();
+        let mut got = vec![0u8; super::local::CHALLENGE_LEN];
+        read.read_exact(&mut got).await.expect("the challenge");
+        write
+            .write_all(&[0u8; super::local::ANSWER_LEN])
+            .await
+            .expect("an answer without proof");
+        let mut rest = Vec::new();
+        let _ = read.read_to_end(&mut rest).await;
+        got.extend(rest);
+        got
+    });
+    let planes = vec![real, opener];
+    let results = start_all(&planes, 1, Duration::from_secs(10)).await;
+    for (w, r) in results.into_iter().enumerate() {
+        assert!(r.is_ok(), "worker {w}: {:?}", r.err());
+    }
+    assert_paths(&planes, false);
+    let got = within("the impostor's bytes", spy).await.expect("spy");
+    assert_eq!(
+        got.len(),
+        super::local::CHALLENGE_LEN,
+        "the impostor got the challenge only"
+    );
+    assert!(!got.windows(token.len()).any(|w| w == token.as_bytes()));
+}
+
 both_paths!(an_undecodable_frame_evicts_its_sender);
 
 async fn an_undecodable_frame_evicts_its_sender(same_host: bool) {
@@ -949,18 +993,20 @@ async fn a_killed_same_host_peer_is_lost_at_once() {
     std::mem::forget(nets);
 }
 
-/// Connect to `plane`'s same-host socket as a stranger would, send `first` as the first frame
-/// (written raw: a length, then bytes), and read how the plane ends the connection.
-async fn local_attempt(plane: &DataPlane, token: &str, first: &[u8]) -> super::local::Ending {
+/// Connect to `plane`'s same-host socket as a stranger that knows `token` would: send a challenge,
+/// check the answer, then send `first(proof)` (written raw: a length, then bytes; `proof` is the
+/// opener's proof a right hello carries), and read how the plane ends the connection.
+async fn local_attempt(plane: &DataPlane, token: &str, first: impl FnOnce(&str) -> Vec<u8>) -> super::local::Ending {
     let tag = sha256_hex(token.as_bytes())[..16].to_string();
     let port = plane.local_addr().expect("addr").port();
     let stream = super::local::connect(&super::local::socket_name(&tag, port))
         .await
         .expect("connect")
         .expect("the plane listens");
-    let (mut read, mut write) = stream.into_split();
-    use tokio::io::AsyncWriteExt;
-    write.write_all(first).await.expect("write");
+    let (mut read, mut write, proof) = super::local::open_handshake(stream, token, WAIT)
+        .await
+        .expect("the plane proves the token");
+    write.write_all(&first(&proof)).await.expect("write");
     within("the close frame", super::local::read_ending(&mut read)).await
 }
 
@@ -974,35 +1020,56 @@ async fn bad_same_host_hellos_are_refused_naming_why() {
         out.extend_from_slice(bytes);
         out
     };
-    let wrong = super::plane::Hello {
-        token: "guess".to_string(),
-        epoch: 1,
-        from: 0,
+    let hello = |token: &str, epoch: u64, from: usize| {
+        frame(
+            &super::plane::Hello {
+                token: token.to_string(),
+                epoch,
+                from,
+            }
+            .encode(),
+        )
     };
     assert_eq!(
-        local_attempt(&p, "secret", &frame(&wrong.encode())).await,
+        local_attempt(&p, "secret", |_| hello("guess", 1, 0)).await,
         Ending::Closed(1, "wrong token".to_string())
     );
-    match local_attempt(&p, "secret", &frame(b"GET / HTTP/1.1\r\n\r\n------------")).await {
+    // The token itself is no proof on this path (it never crosses a same-host socket).
+    assert_eq!(
+        local_attempt(&p, "secret", |_| hello("secret", 1, 0)).await,
+        Ending::Closed(1, "wrong token".to_string())
+    );
+    match local_attempt(&p, "secret", |_| frame(b"GET / HTTP/1.1\r\n\r\n------------")).await {
         Ending::Closed(2, reason) => assert!(reason.contains("not a data-plane hello"), "{reason}"),
         other => panic!("expected a protocol close, got {other:?}"),
     }
-    match local_attempt(&p, "secret", &(1u64 << 40).to_le_bytes()).await {
+    match local_attempt(&p, "secret", |_| (1u64 << 40).to_le_bytes().to_vec()).await {
         Ending::Closed(2, reason) => assert!(reason.contains("over the limit"), "{reason}"),
         other => panic!("expected a protocol close, got {other:?}"),
     }
+    // Something other than a challenge first is refused before any answer.
+    let tag = sha256_hex(b"secret")[..16].to_string();
+    let port = p.local_addr().expect("addr").port();
+    let stream = super::local::connect(&super::local::socket_name(&tag, port))
+        .await
+        .expect("connect")
+        .expect("the plane listens");
+    let (mut read, mut write) = stream.into_split();
+    write
+        .write_all(&[b'x'; super::local::CHALLENGE_LEN])
+        .await
+        .expect("write");
+    match within("the close frame", super::local::read_ending(&mut read)).await {
+        Ending::Closed(2, reason) => assert!(reason.contains("not a same-host challenge"), "{reason}"),
+        other => panic!("expected a protocol close, got {other:?}"),
+    }
     // A right hello for an epoch the plane has not started waits; a stale one is refused.
-    let stale = super::plane::Hello {
-        token: "secret".to_string(),
-        epoch: 0,
-        from: 1,
-    };
     let peers = vec![(0, p.local_addr().expect("addr"))];
     let (_t, _inbox) = within("a solo epoch", p.start_epoch(0, 4, peers, 1, WAIT))
         .await
         .expect("epoch 4");
     assert_eq!(
-        local_attempt(&p, "secret", &frame(&stale.encode())).await,
+        local_attempt(&p, "secret", |proof| hello(proof, 0, 1)).await,
         Ending::Closed(4, "stale epoch".to_string())
     );
 }
