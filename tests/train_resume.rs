@@ -229,7 +229,7 @@ fn a_damaged_newest_checkpoint_is_passed_over_with_a_notice_and_kept() {
 }
 
 #[test]
-fn no_intact_checkpoint_names_each_damaged_one() {
+fn no_intact_checkpoint_names_each_damaged_one_and_sets_it_aside_for_a_fresh_start() {
     let tmp = TempDir::new("resume-none");
     let dir = tmp.path().join("run");
     let mut t = Trainer::new(small(3), &dir).expect("trainer");
@@ -240,9 +240,120 @@ fn no_intact_checkpoint_names_each_damaged_one() {
     let mut bytes = std::fs::read(&file).expect("read");
     bytes[100] ^= 0x10;
     std::fs::write(&file, bytes).expect("write");
+    // Before the resume, a fresh start is refused (it would replace the run's checkpoints).
+    let err = Trainer::new(small(3), &dir).err().expect("refused").to_string();
+    assert!(err.contains("--resume"), "{err}");
     let err = Trainer::resume(&dir, None).err().expect("must fail").to_string();
     assert!(err.contains("no intact checkpoint"), "{err}");
     assert!(err.contains("SHA-256") && err.contains("model.safetensors"), "{err}");
+    assert!(err.contains("moved to") && err.contains("a fresh start"), "{err}");
+    // Kept for inspection, out of the way: the directory takes a fresh start, as the error says.
+    assert!(!ckpt.exists());
+    assert!(dir.join("checkpoints/damaged-step-00000003").is_dir());
+    let mut t = Trainer::new(small(3), &dir).expect("a fresh start after the resume set it aside");
+    t.run(false).expect("run");
+    assert!(dir
+        .join("checkpoints/damaged-step-00000003/model.safetensors")
+        .is_file());
+}
+
+/// Falling back past a checkpoint set aside keeps the log lines of its steps in a file of their
+/// own (the checkpoint may have been unreadable only for a while), and the resumed run writes
+/// those steps' lines again.
+#[test]
+fn a_fall_back_keeps_the_dropped_log_lines_in_their_own_file() {
+    let tmp = TempDir::new("resume-fallback-log");
+    let dir = tmp.path().join("run");
+    let mut c = small(6);
+    c.train.checkpoint_every = 3;
+    c.train.keep_checkpoints = 3;
+    Trainer::new(c, &dir).expect("trainer").run(false).expect("run");
+    let log_steps = |path: &std::path::Path| -> Vec<u64> {
+        let text = std::fs::read_to_string(path).expect("log");
+        text.lines()
+            .filter(|l| l.contains("\"kind\":\"train\""))
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("a record");
+                v["step"].as_u64().expect("step")
+            })
+            .collect()
+    };
+    let log = dir.join("metrics.jsonl");
+    assert_eq!(log_steps(&log), [1, 2, 3, 4, 5, 6]);
+    std::fs::write(checkpoint::checkpoint_dir(&dir, 6).join("manifest.json"), "{ not json").expect("damage");
+    let mut t = Trainer::resume(&dir, None).expect("resume");
+    assert_eq!(t.steps_done(), 3);
+    let side = dir.join("metrics.after-step-00000003.jsonl");
+    assert_eq!(log_steps(&side), [4, 5, 6], "the dropped lines are kept");
+    assert_eq!(log_steps(&log), [1, 2, 3]);
+    let notices = t.notices().join("\n");
+    assert!(notices.contains("metrics.after-step-00000003.jsonl"), "{notices}");
+    t.run(false).expect("run");
+    assert_eq!(log_steps(&log), [1, 2, 3, 4, 5, 6]);
+}
+
+/// A checkpoint another version of semoe wrote is not damage: the resume stops naming it, and
+/// nothing is set aside or dropped from the log.
+#[test]
+fn a_checkpoint_of_another_format_version_is_refused_not_set_aside() {
+    let tmp = TempDir::new("resume-newer");
+    let dir = tmp.path().join("run");
+    let mut c = small(6);
+    c.train.checkpoint_every = 3;
+    c.train.keep_checkpoints = 3;
+    Trainer::new(c, &dir).expect("trainer").run(false).expect("run");
+    let newest = checkpoint::checkpoint_dir(&dir, 6);
+    let manifest = newest.join("manifest.json");
+    let mut value: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).expect("read")).expect("json");
+    value["format_version"] = serde_json::json!(2);
+    std::fs::write(&manifest, serde_json::to_vec(&value).expect("ser")).expect("write");
+    let log = std::fs::read(dir.join("metrics.jsonl")).expect("log");
+    let err = Trainer::resume(&dir, None).err().expect("refused").to_string();
+    assert!(
+        err.contains("format_version 2") && err.contains("another version"),
+        "{err}"
+    );
+    assert!(newest.is_dir(), "left where it is");
+    assert!(!dir.join("checkpoints/damaged-step-00000006").exists());
+    assert_eq!(
+        std::fs::read(dir.join("metrics.jsonl")).expect("log"),
+        log,
+        "the log is untouched"
+    );
+}
+
+/// A log line cut short by a crash (no line end, not a record) is dropped at the resume, not kept
+/// as a malformed record between the steps.
+#[test]
+fn a_torn_last_log_line_is_dropped_at_the_resume() {
+    let tmp = TempDir::new("resume-torn");
+    let dir = tmp.path().join("run");
+    stopped_run(&dir, small(6), 3);
+    let log = dir.join("metrics.jsonl");
+    let before = std::fs::read_to_string(&log).expect("log");
+    let mut torn = before.clone();
+    torn.push_str("{\"kind\":\"train\",\"step\":3,\"to");
+    std::fs::write(&log, &torn).expect("write");
+    let mut t = Trainer::resume(&dir, None).expect("resume");
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("log"),
+        before,
+        "the torn line went"
+    );
+    t.run(false).expect("run");
+    let after = std::fs::read_to_string(&log).expect("log");
+    assert!(after.ends_with('\n'));
+    for (n, line) in after.lines().enumerate() {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("line {}: {e}: {line}", n + 1));
+    }
+    // A complete last record without its line end is kept (and given one).
+    let dir = tmp.path().join("run2");
+    stopped_run(&dir, small(6), 3);
+    let log = dir.join("metrics.jsonl");
+    let before = std::fs::read_to_string(&log).expect("log");
+    std::fs::write(&log, before.trim_end_matches('\n')).expect("write");
+    drop(Trainer::resume(&dir, None).expect("resume"));
+    assert_eq!(std::fs::read_to_string(&log).expect("log"), before);
 }
 
 #[test]

@@ -762,7 +762,7 @@ pub struct Resolved {
 /// names each damaged one when it falls back to an older checkpoint.
 ///
 /// I/O errors other than damage (a permission error, say) are returned as errors, not treated as
-/// damage.
+/// damage; so is a manifest of another format version (a checkpoint another semoe wrote).
 pub fn newest_intact(run_dir: &Path) -> Result<Resolved> {
     newest_intact_by(run_dir, load)
 }
@@ -919,11 +919,14 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
     // instead of failing on whatever field changed.
     match value.get("format_version").and_then(serde_json::Value::as_u64) {
         Some(FORMAT_VERSION) => {}
+        // Not damage: another semoe wrote it, and a resume must not set it aside (and drop the
+        // log lines of its steps) as if it were.
         Some(v) => {
-            return Err(Error::checkpoint(
-                &path,
-                format!("unsupported manifest format_version {v} (this build reads version {FORMAT_VERSION})"),
-            ))
+            return Err(Error::config(format!(
+                "{}: unsupported manifest format_version {v} (this build reads version {FORMAT_VERSION}): the \
+                 checkpoint was written by another version of semoe; use that version with it",
+                path.display()
+            )))
         }
         None => return Err(Error::checkpoint(&path, "manifest has no integer format_version")),
     }

@@ -297,7 +297,7 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
             .collect();
         return Err(Error::config(format!(
             "{} holds checkpoints whose manifest does not read ({}{}: damaged, or written by a newer semoe); \
-             a new run would replace them: use --resume (it names what is wrong with each) or choose another --run-dir",
+             a new run would replace them: use --resume (it names what is wrong with each and sets the damaged ones aside) or choose another --run-dir",
             dir.display(),
             names.join(", "),
             if unreadable.len() > 3 { ", ..." } else { "" }

@@ -278,6 +278,15 @@ impl MetricsLog {
         let line = record.to_line()?;
         writeln!(self.file, "{line}").map_err(|e| Error::io("cannot append to the metrics log", &self.path, e))
     }
+
+    /// Makes the lines appended so far durable. Called before each checkpoint: a power loss must
+    /// not leave a durable checkpoint of step N with a log that ends before it (a resume from N
+    /// would never write the missing steps' lines again).
+    pub fn sync(&mut self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("cannot make the metrics log durable", &self.path, e))
+    }
 }
 
 /// A line that is not a well-formed record: not a JSON object with a string `kind`, or a record of

@@ -388,9 +388,23 @@ impl Trainer {
 
         let resolved = checkpoint::newest_intact(run_dir)?;
         let Some(ckpt) = resolved.checkpoint else {
+            // Set aside (not removed: kept for inspection), so that the directory can be used
+            // again: a fresh start refuses a run with checkpoints it cannot read.
             let mut msg = format!("{} has no intact checkpoint to resume from", run_dir.display());
             for d in &resolved.damaged {
-                msg.push_str(&format!("; {} is damaged ({})", d.dir.display(), d.reason));
+                let aside = checkpoint::set_aside(&d.dir)?;
+                msg.push_str(&format!(
+                    "; {} is damaged ({}), moved to {}",
+                    d.dir.display(),
+                    d.reason,
+                    aside.display()
+                ));
+            }
+            if !resolved.damaged.is_empty() {
+                msg.push_str(
+                    "; a fresh start (without --resume) may now use the directory (it replaces config.toml \
+                     and metrics.jsonl), or choose another --run-dir",
+                );
             }
             return Err(Error::config(msg));
         };
@@ -444,7 +458,19 @@ impl Trainer {
         let (model, optimizer, prior_seconds) = load_state_from(&config, ckpt)?;
         // A finished run resumed changes nothing, its config included.
         let finished = optimizer.step >= config.train.steps;
-        let history = truncate_metrics(&run_dir.join(log::METRICS_FILE), optimizer.step)?;
+        // Falling back past checkpoints set aside, the log lines of their steps are kept in a
+        // file of their own: if a checkpoint was only unreadable for a while (an I/O error), its
+        // log is not lost with the lines the resumed run writes again.
+        let dropped_to = (!resolved.damaged.is_empty())
+            .then(|| run_dir.join(format!("metrics.after-step-{:08}.jsonl", optimizer.step)));
+        let history = truncate_metrics(&run_dir.join(log::METRICS_FILE), optimizer.step, dropped_to.as_deref())?;
+        if let Some(side) = dropped_to.filter(|p| p.exists()) {
+            notices.push(format!(
+                "the metrics log's lines after step {} were moved to {}",
+                optimizer.step,
+                side.display()
+            ));
+        }
         let state = State {
             model,
             optimizer,
@@ -957,6 +983,7 @@ impl Trainer {
             }
             if (c.train.checkpoint_every > 0 && r.step % c.train.checkpoint_every == 0) || last {
                 self.check_parameters_finite()?;
+                log.sync()?;
                 last_checkpoint = self.save_checkpoint(self.prior_seconds + started.elapsed().as_secs_f64())?;
                 checkpointed_step = Some(r.step);
                 log.write(&Record::Checkpoint(CheckpointRecord {
@@ -980,12 +1007,15 @@ impl Trainer {
             let elapsed = self.prior_seconds + started.elapsed().as_secs_f64();
             self.log_evaluation(&mut log, self.optimizer.step, elapsed, val_loss)?;
             self.check_parameters_finite()?;
+            log.sync()?;
             last_checkpoint = self.save_checkpoint(elapsed)?;
             log.write(&Record::Checkpoint(CheckpointRecord {
                 step: self.optimizer.step,
                 path: last_checkpoint.clone(),
             }))?;
         }
+        // The run's last lines (its final checkpoint record) are durable once it returns.
+        log.sync()?;
         Ok(RunSummary {
             steps: self.optimizer.step,
             planned_steps: c.train.steps,
@@ -1339,8 +1369,10 @@ struct History {
 }
 
 /// Keep only the records of steps <= `step` in a metrics log (after a resume), and read the last
-/// [`MEAN_LOSS_STEPS`] training losses and the last validation loss from what is kept.
-fn truncate_metrics(path: &Path, step: u64) -> Result<History> {
+/// [`MEAN_LOSS_STEPS`] training losses and the last validation loss from what is kept. The lines
+/// that go are written to `dropped_to` when given (none written when none go). A last line cut
+/// short by a crash (no line end, not a record) goes too, to no file: it holds nothing readable.
+fn truncate_metrics(path: &Path, step: u64, dropped_to: Option<&Path>) -> Result<History> {
     let mut history = History {
         recent_losses: VecDeque::new(),
         last_val: None,
@@ -1359,19 +1391,38 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<History> {
     let Some((reader, file_len)) = open()? else {
         return Ok(history);
     };
+    // A last line without its line end that is not a record was cut short by a crash.
+    let mut ends_in_newline = true;
+    if file_len > 0 {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut last = [0u8; 1];
+        std::fs::File::open(path)
+            .and_then(|mut f| {
+                f.seek(SeekFrom::Start(file_len - 1))
+                    .and_then(|_| f.read_exact(&mut last))
+            })
+            .map_err(|e| Error::io("cannot read the metrics log", path, e))?;
+        ends_in_newline = last[0] == b'\n';
+    }
     // Any line naming a later step goes, whatever its kind; lines without one stay.
-    let keep = |entry: &log::Entry| entry.step.is_none_or(|s| s <= step);
+    let later = |entry: &log::Entry| entry.step.is_some_and(|s| s > step);
     // A first pass reads the history and whether anything goes, holding no more than a line (a
     // long run's log is gigabytes); a second one rewrites the log only if it must.
     let mut kept_bytes = 0u64;
     let mut dropped = false;
+    // The last line read, if it was kept and is not a record: its number and length.
+    let mut last_malformed = None;
     for entry in reader {
         let entry = entry?;
-        if !keep(&entry) {
+        last_malformed = None;
+        if later(&entry) {
             dropped = true;
             continue;
         }
         kept_bytes += entry.text.len() as u64 + 1;
+        if matches!(entry.parsed, log::Parsed::Malformed(_)) {
+            last_malformed = Some((entry.line, entry.text.len() as u64 + 1));
+        }
         match entry.parsed {
             // A `null` loss is read as NaN: it does not count, as before the log was typed.
             log::Parsed::Record(Record::Train(r)) if !r.nats_per_byte().is_nan() => {
@@ -1387,6 +1438,30 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<History> {
             }
             _ => {}
         }
+    }
+    let torn_line = match last_malformed {
+        Some((line, bytes)) if !ends_in_newline => {
+            kept_bytes -= bytes;
+            Some(line)
+        }
+        _ => None,
+    };
+    let keep = |entry: &log::Entry| !later(entry) && Some(entry.line) != torn_line;
+    if let Some(side) = dropped_to.filter(|_| dropped) {
+        let Some((reader, _)) = open()? else {
+            return Err(Error::runtime(format!("{} vanished during a resume", path.display())));
+        };
+        checkpoint::write_file_durably_with(side, |out| {
+            for entry in reader {
+                let entry = entry?;
+                if later(&entry) {
+                    out.write_all(&entry.text)
+                        .and_then(|()| out.write_all(b"\n"))
+                        .map_err(|e| Error::io("cannot write", side, e))?;
+                }
+            }
+            Ok(())
+        })?;
     }
     // Rewritten only when a line goes (or a torn last line gets its end): a rewrite needs the log's
     // size in free space, which a run stopped by a full disk may not have.
