@@ -64,8 +64,11 @@ pub enum ExpertMsg {
         /// Done.
         reply: RpcReplyPort<Result<()>>,
     },
-    /// Drop everything of the current step.
-    Abort,
+    /// Drop everything of the current step (answered: see `LedgerMsg::Abort`).
+    Abort {
+        /// Done.
+        reply: RpcReplyPort<Result<()>>,
+    },
 }
 
 /// What an Expert actor is started with (also what its supervisor restarts it with).
@@ -272,7 +275,10 @@ impl Actor for ExpertActor {
                 state.clear();
                 let _ = reply.send(r);
             }
-            ExpertMsg::Abort => state.clear(),
+            ExpertMsg::Abort { reply } => {
+                state.clear();
+                let _ = reply.send(Ok(()));
+            }
         }
         Ok(())
     }

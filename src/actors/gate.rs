@@ -61,8 +61,11 @@ pub enum GateMsg {
         /// Input and gate-weight gradients.
         reply: RpcReplyPort<Result<GateGrads>>,
     },
-    /// Drop everything of the current step.
-    Abort,
+    /// Drop everything of the current step (answered: see `LedgerMsg::Abort`).
+    Abort {
+        /// Done.
+        reply: RpcReplyPort<Result<()>>,
+    },
 }
 
 /// What a Gate actor is started with.
@@ -211,7 +214,10 @@ impl Actor for GateActor {
                     ))));
                 }
             }
-            GateMsg::Abort => lock(&state.cache).clear(),
+            GateMsg::Abort { reply } => {
+                lock(&state.cache).clear();
+                let _ = reply.send(Ok(()));
+            }
         }
         Ok(())
     }

@@ -87,8 +87,12 @@ pub enum LedgerMsg {
         /// New values.
         reply: RpcReplyPort<Result<Updated>>,
     },
-    /// Drop everything of the current step.
-    Abort,
+    /// Drop everything of the current step; answered, so that the worker knows the ledger is
+    /// alive (a failed one is restarted before the replay).
+    Abort {
+        /// Done.
+        reply: RpcReplyPort<Result<()>>,
+    },
     /// A copy of the committed state.
     Snapshot {
         /// The copy.
@@ -237,9 +241,10 @@ impl Actor for LedgerActor {
                 state.incoming.clear();
                 let _ = reply.send(r);
             }
-            LedgerMsg::Abort => {
+            LedgerMsg::Abort { reply } => {
                 state.incoming.clear();
                 state.totals = None;
+                let _ = reply.send(Ok(()));
             }
             LedgerMsg::Snapshot { reply } => {
                 // Copied off the async threads: a large share takes seconds, and a worker

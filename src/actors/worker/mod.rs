@@ -35,6 +35,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use step::run_step;
 
+/// A child the worker asks at an abort (see `WorkerMsg::Abort`).
+enum AbortAsk {
+    Gate(ActorRef<GateMsg>),
+    Expert(ActorRef<ExpertMsg>),
+    Ledger(ActorRef<LedgerMsg>),
+}
+
 /// A norm part: `((tensor index, expert or 0), sum of squares)`.
 pub type NormPart = ((usize, usize), f64);
 
@@ -445,17 +452,67 @@ impl Actor for WorkerActor {
                         .child_failed(&myself, id, "found stopped at the abort".into())
                         .await;
                 }
-                for g in state.gates.values() {
-                    let _ = g.cast(GateMsg::Abort);
+                // Every child is asked, not told: a child that failed a moment ago can still read as
+                // running (ractor drops its mailbox, and the callers see the failure, before its
+                // status changes and this supervisor hears of it). One that cannot answer is
+                // restarted here, or the replay would run into it and fail a second time. One that
+                // is only busy (a late request of the aborted attempt) is left to finish.
+                let mut children: Vec<(ActorId, ActorName, AbortAsk)> = state
+                    .gates
+                    .iter()
+                    .map(|(block, g)| {
+                        (
+                            g.get_id(),
+                            ActorName(format!("gate {block} on worker {}", state.args.worker)),
+                            AbortAsk::Gate(g.clone()),
+                        )
+                    })
+                    .collect();
+                {
+                    let reg = state.registry.read().unwrap_or_else(PoisonError::into_inner);
+                    for (&(block, expert), e) in &reg.experts {
+                        children.push((
+                            e.get_id(),
+                            ActorName(format!("expert {block}.{expert} on worker {}", state.args.worker)),
+                            AbortAsk::Expert(e.clone()),
+                        ));
+                    }
+                    if let Some(t) = &reg.tier {
+                        children.push((
+                            t.get_id(),
+                            ActorName(format!("ledger of worker {}", state.args.worker)),
+                            AbortAsk::Ledger(t.clone()),
+                        ));
+                    }
                 }
-                let reg = state.registry.read().unwrap_or_else(PoisonError::into_inner);
-                for e in reg.experts.values() {
-                    let _ = e.cast(ExpertMsg::Abort);
+                // Asked at once, each within half the deadline, which the coordinator's wait for
+                // this answer is.
+                let deadline = state.args.deadline / 2;
+                let mut asks = tokio::task::JoinSet::new();
+                for (id, who, child) in children {
+                    asks.spawn(async move {
+                        let asked = match child {
+                            AbortAsk::Gate(g) => {
+                                ask(&g, &who, "the abort", deadline, |reply| GateMsg::Abort { reply }).await
+                            }
+                            AbortAsk::Expert(e) => {
+                                ask(&e, &who, "the abort", deadline, |reply| ExpertMsg::Abort { reply }).await
+                            }
+                            AbortAsk::Ledger(t) => {
+                                ask(&t, &who, "the abort", deadline, |reply| LedgerMsg::Abort { reply }).await
+                            }
+                        };
+                        (id, asked)
+                    });
                 }
-                if let Some(t) = &reg.tier {
-                    let _ = t.cast(LedgerMsg::Abort);
+                while let Some(joined) = asks.join_next().await {
+                    let Ok((id, asked)) = joined else { continue };
+                    if let Err(Error::ActorFailed { detail, .. }) = asked {
+                        state
+                            .child_failed(&myself, id, format!("found failed at the abort: it {detail}"))
+                            .await;
+                    }
                 }
-                drop(reg);
                 let r = match &state.lost {
                     Some(lost) => Err(Error::runtime(lost.clone())),
                     None => Ok(()),
