@@ -621,9 +621,27 @@ impl ElasticRuntime {
         Err(Error::runtime("cannot read the state: the membership kept changing"))
     }
 
-    /// Form a new epoch from the members waiting or active now.
+    /// Form a new epoch from the members waiting or active now, and replay the steps its starting
+    /// state lacks; again while a member or link is lost during the replay, at most
+    /// [`MAX_REPLAY_LOSSES`] times (a member that a supervisor restarts and the run loses again
+    /// in every replay must not keep the run from committing, nor hold a copy of the state per
+    /// attempt). The recovery is timed from the first loss.
     async fn reform(&mut self, why: &str) -> Result<()> {
         let started = Instant::now();
+        let mut why = why.to_string();
+        for _ in 0..MAX_REPLAY_LOSSES {
+            match self.reform_once(&why, started).await? {
+                Formed::Replayed => return Ok(()),
+                Formed::LostInReplay(again) => why = again.to_string(),
+            }
+        }
+        Err(Error::runtime(format!(
+            "the membership kept changing: {MAX_REPLAY_LOSSES} epochs lost a worker or a link before their replay ended"
+        )))
+    }
+
+    /// One epoch formed and its replay run (see [`Self::reform`]), `started` at the first loss.
+    async fn reform_once(&mut self, why: &str, started: Instant) -> Result<Formed> {
         // A finished copy is taken; one still in flight is of no use once the epoch changes (its
         // proxies go).
         self.collect_copy().await?;
@@ -760,17 +778,17 @@ impl ElasticRuntime {
                             Some(e) => tokio::select! {
                                 r = e.runtime.step() => r,
                                 () = watch_loss(&self.cluster, e.number, &e.members) => {
-                                    return Box::pin(self.reform("a worker was lost during the replay")).await;
+                                    return Ok(Formed::LostInReplay("a worker was lost during the replay"));
                                 }
                             },
                             None => break,
                         };
                         if let Err(e) = replayed {
                             if self.loss_within(LINK_LOSS_GRACE).await {
-                                return Box::pin(self.reform("a worker was lost during the replay")).await;
+                                return Ok(Formed::LostInReplay("a worker was lost during the replay"));
                             }
                             if self.lost_link(Duration::ZERO).is_some() {
-                                return Box::pin(self.reform("a link was lost during the replay")).await;
+                                return Ok(Formed::LostInReplay("a link was lost during the replay"));
                             }
                             return Err(e);
                         }
@@ -791,7 +809,7 @@ impl ElasticRuntime {
                         started.elapsed().as_secs_f64(),
                         describe(&moved)
                     );
-                    return Ok(());
+                    return Ok(Formed::Replayed);
                 }
                 Err(e) => {
                     crate::say!(
@@ -1278,6 +1296,17 @@ async fn watch_loss(cluster: &Cluster, epoch: u64, members: &[Member]) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The most epochs one recovery forms when a member or link is lost during each one's replay.
+const MAX_REPLAY_LOSSES: usize = 16;
+
+/// How one epoch of a recovery ended ([`ElasticRuntime::reform`]).
+enum Formed {
+    /// It formed and replayed the steps its starting state lacked.
+    Replayed,
+    /// A member or link was lost during the replay (why): form the next one.
+    LostInReplay(&'static str),
 }
 
 /// Epochs formed again for lost links without a committed step in between, before the run ends.

@@ -311,8 +311,12 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     .await?
     .map_err(|e| Error::runtime(format!("the coordinator closed the connection: {e}")))?;
 
-    let own = options.config.as_deref().map(TrainConfig::from_file).transpose()?;
-    let own_config = own.as_ref().map(TrainConfig::to_toml).transpose()?;
+    let own = options
+        .config
+        .as_deref()
+        .map(TrainConfig::from_file_with_keys)
+        .transpose()?;
+    let own_config = own.as_ref().map(|(c, _)| c.to_toml()).transpose()?;
     let hello = Hello {
         protocol: protocol::PROTOCOL,
         version: protocol::VERSION.into(),
@@ -333,13 +337,16 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     // This machine's own settings: the flags, else its config file's. Every other field is the
     // run's; one the file sets otherwise is said (the coordinator refused it already where it
     // would change the bits).
-    if let Some(own) = &own {
+    if let Some((own, keys)) = &own {
         // (The file's only where it sets them: left unset, the run's stay.)
-        if own.train.threads > 0 {
+        let sets = |key: &str| keys.get("train").and_then(|t| t.get(key)).is_some();
+        // The run's settings with the file's in their place: what differs is what the file set.
+        let mut mine = config.overlaid(keys)?;
+        if sets("threads") {
             config.train.threads = own.train.threads;
         }
-        if let Some(data) = &own.train.data {
-            config.train.data = Some(data.clone());
+        if sets("data") {
+            config.train.data = own.train.data.clone();
         }
         if let Some(data) = &options.data {
             config.train.data = Some(data.clone());
@@ -347,7 +354,6 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         if options.threads > 0 {
             config.train.threads = options.threads;
         }
-        let mut mine = own.clone();
         mine.train.threads = config.train.threads;
         mine.train.data = config.train.data.clone();
         let (differ, _) = crate::config::resume_differences(&config, &mine)?;
@@ -489,6 +495,10 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     let (dismissed_tx, mut dismissed) = tokio::sync::mpsc::unbounded_channel::<(bool, String)>();
     let mut asked_to_leave = false;
     let mut was_dismissed = false;
+    // The coordinator's commands under way, aborted if they keep the worker from stopping: a
+    // setup holds the epoch's lock while it waits for its peers (up to its `wait`, minutes for a
+    // large state), and a worker whose coordinator is gone must not wait that long to exit.
+    let mut commands: Vec<tokio::task::AbortHandle> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let end = loop {
         tokio::select! {
@@ -500,7 +510,8 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
             stream = conn.accept_bi() => match stream {
                 Ok((s, r)) => {
                     let (shared, dismissed_tx) = (shared.clone(), dismissed_tx.clone());
-                    tokio::spawn(async move { handle(shared, s, r, dismissed_tx).await });
+                    commands.retain(|c| !c.is_finished());
+                    commands.push(tokio::spawn(async move { handle(shared, s, r, dismissed_tx).await }).abort_handle());
                 }
                 Err(e) => {
                     // A dismissal answered just before the coordinator closed is an orderly end.
@@ -549,7 +560,17 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     }
     // Stop the actor tree first (its Disk tier files go with its store), then the connections.
     shared.close_collectives(None, "the worker is stopping");
-    let mut current = shared.current.lock().await;
+    // A command that holds the epoch's lock past a moment is a setup waiting for its peers: it is
+    // aborted (the others, a dismissal's answer among them, have their moment to finish).
+    let mut current = match tokio::time::timeout(Duration::from_secs(2), shared.current.lock()).await {
+        Ok(current) => current,
+        Err(_) => {
+            for command in &commands {
+                command.abort();
+            }
+            shared.current.lock().await
+        }
+    };
     if let Some(actor) = current.actor.take() {
         let _ = actor.kill_and_wait(Some(Duration::from_secs(5))).await;
     }
