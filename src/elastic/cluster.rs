@@ -412,6 +412,13 @@ const HANDSHAKE_QUEUE: usize = 64;
 /// answer.
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(45);
 
+/// The most handshake places, and the most places in the queue, that connections from one IP
+/// address may hold at once: anyone may open a connection to the coordinator (a joiner holds no
+/// certificate), and one host that opens many and never says hello must leave the other half to
+/// the joiners elsewhere. (A connection from an address it cannot receive at never gets this far:
+/// it must answer a QUIC Retry first.)
+const PER_SOURCE: usize = HANDSHAKES / 2;
+
 /// How long the TLS handshake of a connection may take: a client that starts one and never
 /// finishes it (keeping it alive with pings) must not hold a place in the queue.
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
@@ -423,7 +430,21 @@ const HANDSHAKE_WRITE: Duration = Duration::from_secs(10);
 async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<Mutex<Book>>) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
     let queue = Arc::new(tokio::sync::Semaphore::new(HANDSHAKE_QUEUE));
+    let sources = Arc::new(Sources::default());
     while let Some(incoming) = endpoint.accept().await {
+        // A Retry first (stateless: no task, no state kept): the client proves it receives at its
+        // address, so that the places an address holds are counted against an address that is
+        // real, not against addresses a flood of spoofed packets names.
+        if !incoming.remote_address_validated() {
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
+            continue;
+        }
+        let Some(source) = sources.enter(incoming.remote_address().ip()) else {
+            incoming.refuse();
+            continue;
+        };
         let Ok(place) = queue.clone().try_acquire_owned() else {
             incoming.refuse();
             continue;
@@ -431,12 +452,18 @@ async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<M
         let (handshakes, expect, book) = (handshakes.clone(), expect.clone(), book.clone());
         tokio::spawn(async move {
             // The connection is accepted at once, within TLS_HANDSHAKE (dropped unfinished, it
-            // closes); it stays alive while it waits for a handshake place, then its hello is read.
+            // closes); it stays alive while it waits for a handshake place (one of its address's
+            // own, then one of all), then its hello is read.
             let Ok(Ok(conn)) = tokio::time::timeout(TLS_HANDSHAKE, incoming).await else {
                 return;
             };
             let peer = conn.remote_address();
-            let permit = match tokio::time::timeout(HANDSHAKE_WAIT, handshakes.acquire_owned()).await {
+            let places = async {
+                let own = source.places().acquire_owned().await?;
+                let any = handshakes.acquire_owned().await?;
+                Ok::<_, tokio::sync::AcquireError>((own, any))
+            };
+            let permit = match tokio::time::timeout(HANDSHAKE_WAIT, places).await {
                 Ok(Ok(permit)) => permit,
                 _ => {
                     metrics::counter!(names::MEMBERSHIP, "kind" => "refused").increment(1);
@@ -449,6 +476,8 @@ async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<M
                 }
             };
             drop(place);
+            // Counted as its address's until its task ends.
+            let _counted = source.placed();
             match admit(&conn, &expect, &book, permit).await {
                 Ok(()) => {}
                 Err(e) => {
@@ -461,12 +490,103 @@ async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<M
     }
 }
 
+/// The connections of each source address waiting for a handshake, and the handshake places of
+/// each (see [`PER_SOURCE`]). An address's entry goes with its last connection.
+#[derive(Default)]
+struct Sources {
+    by_ip: Mutex<std::collections::HashMap<std::net::IpAddr, Source>>,
+}
+
+struct Source {
+    /// Its connections waiting for a place.
+    waiting: usize,
+    /// Its connections (waiting, in the handshake or admitted): the entry goes with the last.
+    connections: usize,
+    /// Its handshake places.
+    places: Arc<tokio::sync::Semaphore>,
+}
+
+impl Sources {
+    /// A place in the queue for a connection from `ip`; `None` when that address holds
+    /// [`PER_SOURCE`] of them already.
+    fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceEntry> {
+        let mut by_ip = self.by_ip.lock().unwrap_or_else(PoisonError::into_inner);
+        let source = by_ip.entry(ip).or_insert_with(|| Source {
+            waiting: 0,
+            connections: 0,
+            places: Arc::new(tokio::sync::Semaphore::new(PER_SOURCE)),
+        });
+        if source.waiting >= PER_SOURCE {
+            return None;
+        }
+        source.waiting += 1;
+        source.connections += 1;
+        Some(SourceEntry {
+            sources: self.clone(),
+            ip,
+            places: source.places.clone(),
+            waiting: true,
+        })
+    }
+
+    /// Connections of `ip` waiting, and all of them (for tests).
+    #[cfg(test)]
+    fn counts(&self, ip: std::net::IpAddr) -> Option<(usize, usize)> {
+        let by_ip = self.by_ip.lock().unwrap_or_else(PoisonError::into_inner);
+        by_ip.get(&ip).map(|s| (s.waiting, s.connections))
+    }
+}
+
+/// One connection's part of its address's counts, given back when it is dropped.
+struct SourceEntry {
+    sources: Arc<Sources>,
+    ip: std::net::IpAddr,
+    places: Arc<tokio::sync::Semaphore>,
+    waiting: bool,
+}
+
+impl SourceEntry {
+    /// The handshake places of its address.
+    fn places(&self) -> Arc<tokio::sync::Semaphore> {
+        self.places.clone()
+    }
+
+    /// It holds a handshake place now: no longer waiting.
+    fn placed(mut self) -> SourceEntry {
+        self.leave_queue();
+        self
+    }
+
+    fn leave_queue(&mut self) {
+        if std::mem::take(&mut self.waiting) {
+            let mut by_ip = self.sources.by_ip.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(s) = by_ip.get_mut(&self.ip) {
+                s.waiting -= 1;
+            }
+        }
+    }
+}
+
+impl Drop for SourceEntry {
+    fn drop(&mut self) {
+        self.leave_queue();
+        let mut by_ip = self.sources.by_ip.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = by_ip.get_mut(&self.ip) {
+            s.connections -= 1;
+            if s.connections == 0 {
+                by_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// The join handshake, then the member's notices until its connection ends.
 async fn admit(
     conn: &quinn::Connection,
     expect: &Expect,
     book: &Arc<Mutex<Book>>,
-    handshake: tokio::sync::OwnedSemaphorePermit,
+    // Its address's handshake place and one of all, given back once it is admitted.
+    handshake: (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit),
 ) -> Result<()> {
     let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(5), conn.accept_bi())
         .await
@@ -728,6 +848,47 @@ mod tests {
         book.begin_epoch(4, vec![1, 3]);
         assert!(book.links_lost.is_empty());
         assert_eq!(book.epochs[&4], [1, 3]);
+    }
+
+    /// One address holds at most half of the queue and half of the handshake places; another
+    /// address is not affected; an address's entry goes with its last connection.
+    #[test]
+    fn one_source_address_holds_half_of_the_places_at_most() {
+        let sources = Arc::new(Sources::default());
+        let (flood, joiner): (std::net::IpAddr, std::net::IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let mut waiting: Vec<SourceEntry> = (0..PER_SOURCE)
+            .map(|_| sources.enter(flood).expect("within the address's share"))
+            .collect();
+        assert!(
+            sources.enter(flood).is_none(),
+            "the address's share of the queue is full"
+        );
+        let other = sources.enter(joiner).expect("another address is not affected");
+        assert_eq!(sources.counts(flood), Some((PER_SOURCE, PER_SOURCE)));
+        // Its own handshake places: PER_SOURCE of them, shared by its connections.
+        let places = waiting[0].places();
+        let held: Vec<_> = (0..PER_SOURCE)
+            .map(|_| places.clone().try_acquire_owned().expect("a place"))
+            .collect();
+        assert!(
+            places.clone().try_acquire_owned().is_err(),
+            "the address's places are all held"
+        );
+        assert_eq!(other.places().available_permits(), PER_SOURCE, "not another address's");
+        // Placed connections leave the queue (others of the address may wait again), and stay
+        // counted until they end.
+        let placed = waiting.pop().expect("one").placed();
+        assert_eq!(sources.counts(flood), Some((PER_SOURCE - 1, PER_SOURCE)));
+        let again = sources.enter(flood).expect("a queue place was given back");
+        drop((held, placed, again, waiting));
+        assert_eq!(
+            sources.counts(flood),
+            None,
+            "the address's entry went with its last connection"
+        );
+        drop(other);
+        assert!(sources.by_ip.lock().unwrap().is_empty());
     }
 
     #[test]
