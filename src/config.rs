@@ -327,10 +327,36 @@ impl TrainSettings {
 impl TrainConfig {
     /// Read a TOML file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read the config file", path, e))?;
-        let config: TrainConfig = toml::from_str(&text)
-            .map_err(|e| Error::parse(format!("config file {}", path.display()), e.to_string()))?;
-        Ok(config)
+        Ok(Self::from_file_with_keys(path)?.0)
+    }
+
+    /// [`Self::from_file`], and the keys the file itself sets (a table per section; every other
+    /// field has its default).
+    pub fn from_file_with_keys(path: &Path) -> Result<(Self, toml::Table)> {
+        let text = crate::storage::text_file::read(path, "the config file")?;
+        let what = || format!("config file {}", path.display());
+        let config: TrainConfig = toml::from_str(&text).map_err(|e| Error::parse(what(), e.to_string()))?;
+        let keys: toml::Table = toml::from_str(&text).map_err(|e| Error::parse(what(), e.to_string()))?;
+        Ok((config, keys))
+    }
+
+    /// This config with the settings `keys` sets (as [`Self::from_file_with_keys`] returns them)
+    /// in place of its own.
+    pub fn overlaid(&self, keys: &toml::Table) -> Result<Self> {
+        let mut base: toml::Table =
+            toml::from_str(&self.to_toml()?).map_err(|e| Error::parse("config", e.to_string()))?;
+        for (name, value) in keys {
+            match (base.get_mut(name), value) {
+                (Some(toml::Value::Table(section)), toml::Value::Table(set)) => {
+                    section.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+                _ => {
+                    base.insert(name.clone(), value.clone());
+                }
+            }
+        }
+        let text = toml::to_string(&base).map_err(|e| Error::parse("config", e.to_string()))?;
+        toml::from_str(&text).map_err(|e| Error::parse("config", e.to_string()))
     }
 
     /// The config as TOML (what a run directory keeps).
@@ -374,6 +400,15 @@ impl TrainConfig {
                 "train.threads ({}) is more than this machine can use: it has {cores} cores (at most {max_threads} \
                  threads are accepted; 0 means one per core)",
                 t.threads
+            )));
+        }
+        // Each in-process worker holds a replica, a traffic table and a sender to every other: the
+        // cost grows with the square of the count, which the memory estimate does not follow.
+        if t.workers > MAX_WORKERS {
+            return Err(Error::config(format!(
+                "train.workers ({}) is more than the {MAX_WORKERS} in-process workers accepted (for more, run worker \
+                 processes: train.processes or train.listen)",
+                t.workers
             )));
         }
         let listen = t.listen_addr()?;
@@ -420,6 +455,22 @@ impl TrainConfig {
                 "train.deadline_s must be a positive number of seconds up to {MAX_DEADLINE_S} (a day), got {}",
                 t.deadline_s
             )));
+        }
+        // Settings of a run over worker processes, which an in-process run would ignore.
+        if !t.elastic() {
+            let d = TrainSettings::default();
+            let ignored = [
+                ("train.min_workers", t.min_workers != d.min_workers),
+                ("train.snapshot_every", t.snapshot_every != d.snapshot_every),
+                ("train.same_host", t.same_host != d.same_host),
+                ("train.identity", t.identity.is_some()),
+            ];
+            if let Some((key, _)) = ignored.iter().find(|(_, set)| *set) {
+                return Err(Error::config(format!(
+                    "{key} applies to a run over worker processes (train.processes or train.listen), and this run has \
+                     none"
+                )));
+            }
         }
         if t.keep_checkpoints == 0 {
             return Err(Error::config("train.keep_checkpoints must be at least 1"));
@@ -511,6 +562,11 @@ impl TrainConfig {
                     storage.policy != default.policy,
                 ),
                 ("storage.prefetch (--no-prefetch)", storage.prefetch != default.prefetch),
+                ("storage.io_threads", storage.io_threads != default.io_threads),
+                (
+                    "storage.drop_page_cache",
+                    storage.drop_page_cache != default.drop_page_cache,
+                ),
             ];
             if let Some((key, _)) = ignored.iter().find(|(_, set)| *set) {
                 return Err(Error::config(format!(
@@ -539,6 +595,9 @@ pub const MAX_EVAL_WINDOWS: usize = 1 << 20;
 /// The most disk threads a worker's expert store starts (`storage.io_threads`): a fast disk is
 /// busy with 8-16, and an absurd count would hang the process creating the threads.
 pub const MAX_IO_THREADS: usize = 256;
+
+/// The most in-process workers (`train.workers`).
+pub const MAX_WORKERS: usize = 1024;
 
 /// The longest deadline of a collective: a day. The runtime multiplies it (a step's bound covers
 /// its replays), so a larger one would overflow a `Duration`.
@@ -676,6 +735,36 @@ pub(crate) fn small_test_config() -> TrainConfig {
 mod tests {
     use super::*;
 
+    /// A worker's own config file sets only what it names: the run's other settings (its threads
+    /// among them) are not replaced by the defaults the file left unset.
+    #[test]
+    fn a_file_overlays_only_the_keys_it_sets() {
+        let path = std::env::temp_dir().join(format!("semoe-overlay-{}.toml", std::process::id()));
+        std::fs::write(&path, "[train]\ndata = \"/d/t.txt\"\neval_every = 7\n").expect("write");
+        let (own, keys) = TrainConfig::from_file_with_keys(&path).expect("read");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(own.train.threads, TrainConfig::default().train.threads);
+        let train = keys.get("train").and_then(|t| t.as_table()).expect("a [train] table");
+        let mut set: Vec<&str> = train.keys().map(String::as_str).collect();
+        set.sort_unstable();
+        assert_eq!(set, ["data", "eval_every"]);
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let mut run = TrainConfig::default();
+        run.train.threads = 16;
+        run.train.batch = 64;
+        let mine = run.overlaid(&keys).expect("overlay");
+        assert_eq!(mine.train.threads, 16);
+        assert_eq!(mine.train.batch, 64);
+        assert_eq!(mine.train.eval_every, 7);
+        assert_eq!(mine.train.data.as_deref(), Some(Path::new("/d/t.txt")));
+        let (differ, _) = resume_differences(&run, &mine).expect("compare");
+        assert!(differ.iter().any(|d| d.contains("train.eval_every")), "{differ:?}");
+        assert!(
+            !differ.iter().any(|d| d.contains("threads") || d.contains("batch")),
+            "{differ:?}"
+        );
+    }
+
     #[test]
     fn runtime_and_tier_settings_are_refused_on_the_gpu_by_name() {
         let gpu = || {
@@ -785,6 +874,8 @@ mod tests {
         );
         let mut c = TrainConfig::default();
         c.storage.io_threads = MAX_IO_THREADS;
+        // (I/O threads move experts between tiers, which only a Device budget makes them do.)
+        c.storage.device_budget = "1GiB".into();
         c.train.listen = "127.0.0.1:0".into();
         c.validate().expect("the largest io_threads and an IP:PORT are valid");
         c.train.listen = "0.0.0.0:7000".into();

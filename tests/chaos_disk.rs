@@ -89,6 +89,10 @@ fn bad_disk_entries_are_errors_naming_the_key() {
     let mut memory = config(4);
     memory.storage.device_budget.clear();
     memory.storage.host_budget.clear();
+    // (The tiers' own settings go with them: without a Device budget they would be refused.)
+    let defaults = semoe::train::TrainConfig::default().storage;
+    memory.storage.drop_page_cache = defaults.drop_page_cache;
+    memory.storage.io_threads = defaults.io_threads;
     let scenario = Scenario::builder()
         .fault(FaultSpec::disk().at(1))
         .build()

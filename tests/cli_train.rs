@@ -842,6 +842,17 @@ fn absurd_values_are_refused_before_anything_starts() {
             "[train]\neval_windows = 1000000000000\n",
             "train.eval_windows must be between 1 and 1048576",
         ),
+        // Settings that would be ignored without a word.
+        (
+            "io-threads.toml",
+            "[storage]\nio_threads = 2\n",
+            "storage.io_threads applies only with storage.device_budget",
+        ),
+        (
+            "identity.toml",
+            "[train]\nidentity = \"/secrets/job\"\n",
+            "train.identity applies to a run over worker processes",
+        ),
     ];
     for (name, text, want) in files {
         std::fs::write(tmp.path().join(name), text).expect("config");
@@ -906,8 +917,39 @@ fn absurd_values_are_refused_before_anything_starts() {
             "--sample-prompt holds byte 195, outside the model's vocabulary of 128",
         ),
     ];
+    let cases_of_files: &[(&[&str], &str)] = &[
+        (
+            &["train", "--workers", "2000", "--run-dir", "r"],
+            "train.workers (2000) is more than the 1024 in-process workers accepted",
+        ),
+        (
+            &["train", "--config", "/dev/zero", "--run-dir", "r"],
+            "the config file /dev/zero is not a regular file",
+        ),
+        (
+            &["train", "--data", "fifo", "--run-dir", "r"],
+            "--data fifo is a pipe, which can be read once",
+        ),
+        (
+            &[
+                "train",
+                "--data",
+                "fifo",
+                "--steps",
+                "3",
+                "--processes",
+                "2",
+                "--run-dir",
+                "r",
+            ],
+            "each worker process reads it",
+        ),
+    ];
+    let fifo = std::ffi::CString::new(tmp.path().join("fifo").to_str().expect("path")).expect("c path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
     std::fs::write(tmp.path().join("vocab-128.toml"), "[model]\nvocab = 128\n").expect("config");
-    for (extra, want) in cases {
+    for (extra, want) in cases.iter().chain(cases_of_files) {
         let (status, _, err) = run(tmp.path(), extra, Duration::from_secs(60));
         assert_eq!(status.code(), Some(1), "{extra:?}: {err}");
         assert!(err.contains(want), "{extra:?}: {err}");
@@ -938,6 +980,21 @@ fn absurd_values_are_refused_before_anything_starts() {
     );
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("--windows must be between 1 and 1048576"), "{err}");
+    // The evaluation's result is its only output: one that cannot be written is a failure.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = Command::new(SEMOE)
+        .args(["eval", "--checkpoint", "c", "--windows", "4"])
+        .current_dir(tmp.path())
+        .stdout(full)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("eval");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot write the evaluation's result"), "{err}");
 }
 
 /// Spawn semoe with stdout and stderr pipes whose readers are gone at once (`2>&1 | head -1`

@@ -211,6 +211,24 @@ fn the_routing_is_recorded_from_the_models_gate() {
     );
     let bad = TraceBatches { groups: 3, ..b };
     assert!(record_routing(&model, &cpu, &text, &bad).is_err());
+    // Sizes that would abort on their allocation are refused first, naming what they need.
+    for absurd in [
+        TraceBatches { steps: 1 << 40, ..b },
+        TraceBatches {
+            batch: 1 << 40,
+            groups: 1,
+            ..b
+        },
+    ] {
+        let err = match record_routing(&model, &cpu, &text, &absurd) {
+            Ok(_) => panic!("an absurd trace was recorded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("a routing trace of") && err.contains("needs about"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -928,7 +928,7 @@ impl Scenario {
 
     /// Read and parse a scenario file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read the chaos scenario", path, e))?;
+        let text = crate::storage::text_file::read(path, "the chaos scenario")?;
         Scenario::from_toml(&text).map_err(|e| match e {
             Error::Parse { what, detail } => Error::Parse {
                 what: format!("{what} {}", path.display()),

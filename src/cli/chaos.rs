@@ -9,7 +9,7 @@ use semoe::train::chaos::{self, Verdict};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use super::train::{resolve_config, TrainArgs};
+use super::train::{resolve_config_unchecked, TrainArgs};
 
 /// Steps of a chaos run when neither --steps nor --config sets them.
 const DEFAULT_STEPS: u64 = 20;
@@ -85,7 +85,8 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
         )));
     }
     let scenario = Scenario::from_file(&a.scenario)?;
-    let mut config = resolve_config(&a.train)?;
+    // Validated once adjusted for a chaos run (below).
+    let mut config = resolve_config_unchecked(&a.train)?;
     if config.train.device == semoe::config::ComputeDevice::Cuda {
         return Err(semoe::Error::config(
             "semoe chaos runs its job on the CPU: the config's train.device = \"cuda\" does not apply",
@@ -123,6 +124,8 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
         );
     }
     config.train.time_budget_s = 0.0;
+    // (An in-process run refuses a count of workers to wait for, which it would ignore.)
+    config.train.min_workers = d.min_workers;
     config.validate()?;
     // Everything the run would refuse, refused before its directory is made or written.
     if let Some(seeds) = a.soak {
@@ -154,8 +157,7 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     };
     let _lock = RunDirLock::acquire(&dir)?;
     write(&dir.join("config.toml"), &config.to_toml()?)?;
-    let scenario_text = std::fs::read_to_string(&a.scenario)
-        .map_err(|e| semoe::Error::io("cannot read the chaos scenario", &a.scenario, e))?;
+    let scenario_text = semoe::storage::text_file::read(&a.scenario, "the chaos scenario")?;
     write(&dir.join("scenario.toml"), &scenario_text)?;
     semoe::say!(
         "semoe chaos: {} fault entries, seed {}, deadline {}; {} steps on {}; run directory {}",

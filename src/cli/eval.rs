@@ -75,11 +75,15 @@ pub fn run(a: &EvalArgs) -> semoe::Result<()> {
     let cpu = Cpu::new(a.threads)?;
     let seqs = (config.train.batch / config.train.groups).max(1);
     let loss = semoe::train::trainer::text_loss(&model, &cpu, &text, windows, seqs)?;
-    semoe::out!(
-        "{loss:.4} nats/byte ({:.4} bits/byte) on {source} ({} bytes, {windows} windows of {t}); checkpoint {} (step {step})",
-        loss / std::f64::consts::LN_2,
-        text.len(),
-        dir.display()
-    );
-    Ok(())
+    // The result is the command's only output: a failure to write it is the command's failure.
+    semoe::console::write_stdout(
+        &format!(
+            "{loss:.4} nats/byte ({:.4} bits/byte) on {source} ({} bytes, {windows} windows of {t}); checkpoint {} \
+             (step {step})\n",
+            loss / std::f64::consts::LN_2,
+            text.len(),
+            dir.display()
+        ),
+        "the evaluation's result",
+    )
 }

@@ -349,6 +349,14 @@ pub fn apply_flags(a: &TrainArgs, c: &mut TrainConfig) -> semoe::Result<()> {
 }
 
 pub fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
+    let c = resolve_config_unchecked(a)?;
+    c.validate()?;
+    Ok(c)
+}
+
+/// [`resolve_config`] before its validation: for a command that adjusts the config first (and
+/// validates it then).
+pub fn resolve_config_unchecked(a: &TrainArgs) -> semoe::Result<TrainConfig> {
     let mut c = match &a.config {
         Some(path) => TrainConfig::from_file(path)?,
         None => TrainConfig::default(),
@@ -356,7 +364,6 @@ pub fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
     apply_flags(a, &mut c)?;
     // The flag first: a flag the run would ignore is named as typed, before the config key it set.
     check_flags_apply(a, &c)?;
-    c.validate()?;
     Ok(c)
 }
 
@@ -592,6 +599,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
                 config.train.time_budget_s = 0.0;
             }
         }
+        refuse_a_pipe_read_twice(&config)?;
         let dir = match &a.run_dir {
             Some(dir) => dir.clone(),
             None => run_dir::create_unique(Path::new("runs"), &run_dir::default_name(std::time::SystemTime::now()))?,
@@ -837,5 +845,30 @@ pub fn fit_time_budget(config: &mut TrainConfig, run_dir: &Path, stop: &AtomicUs
         }
     );
     config.train.steps = cal.steps;
+    Ok(())
+}
+
+/// A pipe as `--data` is read to its end once; a run that reads its text again (the time budget's
+/// measurement trains on it first, worker processes read it each) would wait for ever on the
+/// second open.
+fn refuse_a_pipe_read_twice(config: &TrainConfig) -> semoe::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Some(data) = &config.train.data else {
+        return Ok(());
+    };
+    let reader = if config.train.time_budget_s > 0.0 {
+        "the time budget's measurement reads it before the run"
+    } else if config.train.elastic() {
+        "each worker process reads it"
+    } else {
+        return Ok(());
+    };
+    if std::fs::metadata(data).is_ok_and(|m| m.file_type().is_fifo()) {
+        return Err(semoe::Error::config(format!(
+            "--data {} is a pipe, which can be read once, and this run reads its text more than once ({reader}): \
+             write the text to a file, or give --steps N to a run in one process",
+            data.display()
+        )));
+    }
     Ok(())
 }

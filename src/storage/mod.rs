@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod run_dir;
 pub mod scratch;
 pub mod state;
+pub mod text_file;
 pub mod tiers;
 
 pub use checkpoint::{Checkpoint, LoadedTensor, NamedTensor};

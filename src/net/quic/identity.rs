@@ -80,7 +80,7 @@ impl JobIdentity {
                 meta.permissions().mode() & 0o777
             )));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read the job identity", path, e))?;
+        let text = crate::storage::text_file::read(path, "the job identity")?;
         let mut lines = text.lines();
         if lines.next() != Some(IDENTITY_HEADER) {
             return Err(Error::parse(
@@ -233,7 +233,7 @@ impl JoinTicket {
                 path.display()
             )));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read the join ticket", path, e))?;
+        let text = crate::storage::text_file::read(path, "the join ticket")?;
         let mut lines = text.lines();
         match lines.next() {
             Some(first) if first.trim() == TICKET_HEADER => {}
