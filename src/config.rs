@@ -380,6 +380,26 @@ impl TrainConfig {
         1.0 / self.train.groups as f32
     }
 
+    /// The first setting of a run over worker processes (`min_workers`, `snapshot_every`,
+    /// `same_host`, `identity`) that this config sets although it runs in one process, where it
+    /// would be ignored. Checked where a user's config starts a run (`semoe train`), not by
+    /// [`Self::validate`]: the runtime's own in-process runs made from a multi-process config (the
+    /// time budget's measurement, a chaos run's undisturbed twin) keep them.
+    pub fn unused_process_setting(&self) -> Option<&'static str> {
+        let (t, d) = (&self.train, TrainSettings::default());
+        if t.elastic() {
+            return None;
+        }
+        [
+            ("train.min_workers", t.min_workers != d.min_workers),
+            ("train.snapshot_every", t.snapshot_every != d.snapshot_every),
+            ("train.same_host", t.same_host != d.same_host),
+            ("train.identity", t.identity.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(key, set)| set.then_some(key))
+    }
+
     /// Check every value; errors name the option.
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
@@ -455,22 +475,6 @@ impl TrainConfig {
                 "train.deadline_s must be a positive number of seconds up to {MAX_DEADLINE_S} (a day), got {}",
                 t.deadline_s
             )));
-        }
-        // Settings of a run over worker processes, which an in-process run would ignore.
-        if !t.elastic() {
-            let d = TrainSettings::default();
-            let ignored = [
-                ("train.min_workers", t.min_workers != d.min_workers),
-                ("train.snapshot_every", t.snapshot_every != d.snapshot_every),
-                ("train.same_host", t.same_host != d.same_host),
-                ("train.identity", t.identity.is_some()),
-            ];
-            if let Some((key, _)) = ignored.iter().find(|(_, set)| *set) {
-                return Err(Error::config(format!(
-                    "{key} applies to a run over worker processes (train.processes or train.listen), and this run has \
-                     none"
-                )));
-            }
         }
         if t.keep_checkpoints == 0 {
             return Err(Error::config("train.keep_checkpoints must be at least 1"));

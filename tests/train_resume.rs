@@ -586,11 +586,16 @@ fn a_run_recorded_with_tier_settings_that_did_nothing_still_resumes() {
     let mut recorded = c;
     recorded.storage.host_budget = "1MiB".into();
     recorded.storage.cache_policy = "lru".into();
+    recorded.storage.io_threads = 3;
+    recorded.storage.drop_page_cache = !recorded.storage.drop_page_cache;
     std::fs::write(dir.join("config.toml"), recorded.to_toml().expect("toml")).expect("config.toml");
     let t = Trainer::resume_with(&dir, None, |_| {}).expect("resume");
     let notices = t.notices().join("\n");
     assert!(
-        notices.contains("storage.host_budget, storage.cache_policy of the run's config did nothing"),
+        notices.contains(
+            "storage.host_budget, storage.cache_policy, storage.io_threads, storage.drop_page_cache of the run's \
+             config did nothing"
+        ),
         "{notices}"
     );
     drop(t);

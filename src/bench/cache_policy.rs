@@ -69,7 +69,8 @@ pub fn record_routing(model: &Gpt<f32>, cpu: &Cpu, text: &[u8], b: &TraceBatches
     // Refused before any allocation: the jobs and their routing counts, and a forward pass of a
     // group's tokens per thread (its activations, about 16 floats a model dimension, and logits).
     let counts = (b.steps as f64) * (b.groups as f64) * (16.0 + 8.0 * (c.n_layer * c.experts) as f64);
-    let forward = cpu.threads() as f64 * (seqs * t) as f64 * 4.0 * (16 * c.d_model + 2 * c.vocab) as f64;
+    let forward =
+        cpu.threads() as f64 * seqs as f64 * t as f64 * 4.0 * (16.0 * c.d_model as f64 + 2.0 * c.vocab as f64);
     super::check_memory(
         &format!("a routing trace of {} steps of {} sequences", b.steps, b.batch),
         counts + forward,

@@ -124,8 +124,6 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
         );
     }
     config.train.time_budget_s = 0.0;
-    // (An in-process run refuses a count of workers to wait for, which it would ignore.)
-    config.train.min_workers = d.min_workers;
     config.validate()?;
     // Everything the run would refuse, refused before its directory is made or written.
     if let Some(seeds) = a.soak {

@@ -351,6 +351,11 @@ pub fn apply_flags(a: &TrainArgs, c: &mut TrainConfig) -> semoe::Result<()> {
 pub fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
     let c = resolve_config_unchecked(a)?;
     c.validate()?;
+    if let Some(key) = c.unused_process_setting() {
+        return Err(semoe::Error::config(format!(
+            "{key} applies to a run over worker processes (train.processes or train.listen), and this run has none"
+        )));
+    }
     Ok(c)
 }
 

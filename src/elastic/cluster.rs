@@ -413,10 +413,10 @@ const HANDSHAKE_QUEUE: usize = 64;
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(45);
 
 /// The most handshake places, and the most places in the queue, that connections from one IP
-/// address may hold at once: anyone may open a connection to the coordinator (a joiner holds no
-/// certificate), and one host that opens many and never says hello must leave the other half to
-/// the joiners elsewhere. (A connection from an address it cannot receive at never gets this far:
-/// it must answer a QUIC Retry first.)
+/// address (an IPv6 /64) other than this machine's may hold at once: anyone may open a connection
+/// to the coordinator (a joiner holds no certificate), and one host that opens many and never
+/// says hello must leave the other half to the joiners elsewhere. (A connection from an address
+/// it cannot receive at never gets this far: it must answer a QUIC Retry first.)
 const PER_SOURCE: usize = HANDSHAKES / 2;
 
 /// How long the TLS handshake of a connection may take: a client that starts one and never
@@ -441,9 +441,20 @@ async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<M
             }
             continue;
         }
-        let Some(source) = sources.enter(incoming.remote_address().ip()) else {
-            incoming.refuse();
-            continue;
+        // Connections from this machine (the worker processes it starts, all from one address)
+        // are not capped per address: only strangers elsewhere are.
+        let remote = incoming.remote_address().ip();
+        let this_machine = remote.is_loopback() || incoming.local_ip() == Some(remote);
+        let source = if this_machine {
+            None
+        } else {
+            match sources.enter(source_key(remote)) {
+                Some(entry) => Some(entry),
+                None => {
+                    incoming.refuse();
+                    continue;
+                }
+            }
         };
         let Ok(place) = queue.clone().try_acquire_owned() else {
             incoming.refuse();
@@ -459,7 +470,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<M
             };
             let peer = conn.remote_address();
             let places = async {
-                let own = source.places().acquire_owned().await?;
+                let own = match &source {
+                    Some(entry) => Some(entry.places().acquire_owned().await?),
+                    None => None,
+                };
                 let any = handshakes.acquire_owned().await?;
                 Ok::<_, tokio::sync::AcquireError>((own, any))
             };
@@ -477,7 +491,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<M
             };
             drop(place);
             // Counted as its address's until its task ends.
-            let _counted = source.placed();
+            let _counted = source.map(SourceEntry::placed);
             match admit(&conn, &expect, &book, permit).await {
                 Ok(()) => {}
                 Err(e) => {
@@ -487,6 +501,19 @@ async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<M
                 }
             }
         });
+    }
+}
+
+/// The key a connection from `ip` is counted under: the address, or for IPv6 its /64 (one host
+/// commonly holds a whole /64).
+fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            std::net::IpAddr::V6(octets.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -585,8 +612,12 @@ async fn admit(
     conn: &quinn::Connection,
     expect: &Expect,
     book: &Arc<Mutex<Book>>,
-    // Its address's handshake place and one of all, given back once it is admitted.
-    handshake: (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit),
+    // Its address's handshake place (none from this machine) and one of all, given back once it
+    // is admitted.
+    handshake: (
+        Option<tokio::sync::OwnedSemaphorePermit>,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
 ) -> Result<()> {
     let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(5), conn.accept_bi())
         .await
@@ -857,6 +888,10 @@ mod tests {
         let sources = Arc::new(Sources::default());
         let (flood, joiner): (std::net::IpAddr, std::net::IpAddr) =
             ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let v6 = |s: &str| source_key(s.parse().unwrap());
+        assert_eq!(v6("2001:db8::1"), v6("2001:db8::ffff:2"), "one /64 is one source");
+        assert_ne!(v6("2001:db8::1"), v6("2001:db8:0:1::1"));
+        assert_eq!(source_key(flood), flood);
         let mut waiting: Vec<SourceEntry> = (0..PER_SOURCE)
             .map(|_| sources.enter(flood).expect("within the address's share"))
             .collect();

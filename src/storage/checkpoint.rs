@@ -707,7 +707,9 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
         };
         match read_manifest(&path) {
             Ok(manifest) if manifest.step == step => out.push((step, path)),
-            Ok(_) | Err(Error::Checkpoint { .. }) => {}
+            // Not listed either: a damaged manifest, or (a config error, the only one
+            // `read_manifest` returns) one another version of semoe wrote.
+            Ok(_) | Err(Error::Checkpoint { .. }) | Err(Error::Config(_)) => {}
             Err(e) => return Err(e),
         }
     }

@@ -193,6 +193,14 @@ pub fn resumed_config(
             s.prefetch = default.prefetch;
             inert.push("storage.prefetch");
         }
+        if s.io_threads != default.io_threads && s.io_threads == r.io_threads {
+            s.io_threads = default.io_threads;
+            inert.push("storage.io_threads");
+        }
+        if s.drop_page_cache != default.drop_page_cache && s.drop_page_cache == r.drop_page_cache {
+            s.drop_page_cache = default.drop_page_cache;
+            inert.push("storage.drop_page_cache");
+        }
     }
     config.validate()?;
     super::memory::check_fits(&config, super::memory::available_bytes())?;
@@ -461,10 +469,19 @@ impl Trainer {
         // Falling back past checkpoints set aside, the log lines of their steps are kept in a
         // file of their own: if a checkpoint was only unreadable for a while (an I/O error), its
         // log is not lost with the lines the resumed run writes again.
+        // (A name of its own: a second fall-back to the same step keeps the first one's lines.)
         let dropped_to = (!resolved.damaged.is_empty())
-            .then(|| run_dir.join(format!("metrics.after-step-{:08}.jsonl", optimizer.step)));
+            .then(|| {
+                (1..=1000u32)
+                    .map(|n| {
+                        let again = if n == 1 { String::new() } else { format!("-{n}") };
+                        run_dir.join(format!("metrics.after-step-{:08}{again}.jsonl", optimizer.step))
+                    })
+                    .find(|p| !p.exists())
+            })
+            .flatten();
         let history = truncate_metrics(&run_dir.join(log::METRICS_FILE), optimizer.step, dropped_to.as_deref())?;
-        if let Some(side) = dropped_to.filter(|p| p.exists()) {
+        if let Some(side) = dropped_to.filter(|_| history.moved) {
             notices.push(format!(
                 "the metrics log's lines after step {} were moved to {}",
                 optimizer.step,
@@ -1366,6 +1383,8 @@ fn compute_failure(detail: &str) -> Error {
 struct History {
     recent_losses: VecDeque<f64>,
     last_val: Option<(u64, f64)>,
+    /// Lines were dropped and written to the file given for them.
+    moved: bool,
 }
 
 /// Keep only the records of steps <= `step` in a metrics log (after a resume), and read the last
@@ -1376,6 +1395,7 @@ fn truncate_metrics(path: &Path, step: u64, dropped_to: Option<&Path>) -> Result
     let mut history = History {
         recent_losses: VecDeque::new(),
         last_val: None,
+        moved: false,
     };
     let open = || match std::fs::File::open(path) {
         Ok(f) => {
@@ -1462,6 +1482,7 @@ fn truncate_metrics(path: &Path, step: u64, dropped_to: Option<&Path>) -> Result
             }
             Ok(())
         })?;
+        history.moved = true;
     }
     // Rewritten only when a line goes (or a torn last line gets its end): a rewrite needs the log's
     // size in free space, which a run stopped by a full disk may not have.

@@ -27,7 +27,8 @@
 //! The user id alone does not prove the listener is a peer: containers that run as root and share
 //! the host's network see each other's abstract names, and any of them could bind a plane's name
 //! first. So the token never crosses a same-host socket. Both ends prove they hold it by a keyed
-//! hash (HMAC-SHA-256, keyed with the token) of two fresh random challenges, the acceptor first
+//! hash (HMAC-SHA-256, keyed with the token) of two fresh random challenges and the socket name
+//! (the acceptor's own, the one the opener dialed: no relaying to another plane), the acceptor first
 //! ([`answer_challenge`], [`check_answer`]): a listener that cannot prove it learns nothing it could
 //! replay, and the opener falls back to QUIC, whose mutual TLS authenticates the peer. The opener's
 //! proof then travels in the hello's token field, which the acceptor compares with the proof it
@@ -75,12 +76,17 @@ pub(crate) const ANSWER_LEN: usize = 8 + NONCE + PROOF;
 
 /// The proof of the side `role` over the two challenges (the acceptor's over the opener's
 /// challenge first, the opener's over the acceptor's first), keyed with the job's token. The role
-/// is part of the message, so one side's proof is never the other's.
-fn proof(token: &str, role: &[u8], first: &[u8], second: &[u8]) -> ring::hmac::Tag {
+/// is part of the message, so one side's proof is never the other's; so is the socket `name` the
+/// connection is on (the acceptor's own, the one the opener dialed), so that a listener squatting
+/// one plane's name cannot relay the handshake to another plane of the job and pass its answer off
+/// as the first one's.
+fn proof(token: &str, role: &[u8], name: &str, first: &[u8], second: &[u8]) -> ring::hmac::Tag {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes());
     let mut ctx = ring::hmac::Context::with_key(&key);
     ctx.update(b"semoe same-host ");
     ctx.update(role);
+    ctx.update(&(name.len() as u64).to_le_bytes());
+    ctx.update(name.as_bytes());
     ctx.update(first);
     ctx.update(second);
     ctx.sign()
@@ -105,10 +111,12 @@ pub(crate) fn challenge() -> std::result::Result<([u8; CHALLENGE_LEN], [u8; NONC
     Ok((out, nonce))
 }
 
-/// The acceptor's side: its answer to the opener's `challenge` (its own challenge and its proof of
-/// the token), and the opener's proof it must then find in the hello (hex, as the hello's token).
+/// The acceptor's side, listening under `name`: its answer to the opener's `challenge` (its own
+/// challenge and its proof of the token), and the opener's proof it must then find in the hello
+/// (hex, as the hello's token).
 pub(crate) fn answer_challenge(
     token: &str,
+    name: &str,
     challenge: &[u8; CHALLENGE_LEN],
 ) -> std::result::Result<([u8; ANSWER_LEN], String), String> {
     if &challenge[..8] != CHALLENGE_MAGIC {
@@ -116,19 +124,20 @@ pub(crate) fn answer_challenge(
     }
     let theirs = &challenge[8..];
     let ours = random_nonce()?;
-    let mine = proof(token, b"acceptor", theirs, &ours);
+    let mine = proof(token, b"acceptor", name, theirs, &ours);
     let mut out = [0u8; ANSWER_LEN];
     out[..8].copy_from_slice(ANSWER_MAGIC);
     out[8..8 + NONCE].copy_from_slice(&ours);
     out[8 + NONCE..].copy_from_slice(mine.as_ref());
-    let expected = hex(proof(token, b"opener", &ours, theirs).as_ref());
+    let expected = hex(proof(token, b"opener", name, &ours, theirs).as_ref());
     Ok((out, expected))
 }
 
-/// The opener's side: check the acceptor's `answer` to the challenge `nonce`; if it proves the
-/// token, the opener's own proof (hex), to send as the hello's token.
+/// The opener's side, having dialed `name`: check the acceptor's `answer` to the challenge
+/// `nonce`; if it proves the token, the opener's own proof (hex), to send as the hello's token.
 pub(crate) fn check_answer(
     token: &str,
+    name: &str,
     nonce: &[u8; NONCE],
     answer: &[u8; ANSWER_LEN],
 ) -> std::result::Result<String, String> {
@@ -136,11 +145,11 @@ pub(crate) fn check_answer(
         return Err("the listener's first bytes are not a same-host answer".to_string());
     }
     let theirs = &answer[8..8 + NONCE];
-    let expected = proof(token, b"acceptor", nonce, theirs);
+    let expected = proof(token, b"acceptor", name, nonce, theirs);
     if !super::identity::constant_time_eq(expected.as_ref(), &answer[8 + NONCE..]) {
         return Err("the listener could not prove it holds the job's token".to_string());
     }
-    Ok(hex(proof(token, b"opener", theirs, nonce).as_ref()))
+    Ok(hex(proof(token, b"opener", name, theirs, nonce).as_ref()))
 }
 
 /// The abstract socket name of the plane of the job with token digest `tag` on UDP port `port`.
@@ -200,12 +209,13 @@ pub(crate) async fn connect(name: &str) -> std::result::Result<Option<UnixStream
     }
 }
 
-/// The opener's handshake on a connected `stream`: write a challenge, read the acceptor's answer
+/// The opener's handshake on a `stream` connected to `name`: write a challenge, read the acceptor's answer
 /// within `within` and check it. The two halves and the opener's proof (for the hello's token),
 /// or why the listener is not a peer (the caller falls back to QUIC).
 pub(crate) async fn open_handshake(
     stream: UnixStream,
     token: &str,
+    name: &str,
     within: std::time::Duration,
 ) -> std::result::Result<(OwnedReadHalf, OwnedWriteHalf, String), String> {
     let (mut read, mut write) = stream.into_split();
@@ -218,22 +228,23 @@ pub(crate) async fn open_handshake(
     .await
     .map_err(|_| format!("the listener sent no answer within {} s", within.as_secs()))?
     .map_err(|e| format!("the listener's answer: {e}"))?;
-    let proof = check_answer(token, &nonce, &answer)?;
+    let proof = check_answer(token, name, &nonce, &answer)?;
     Ok((read, write, proof))
 }
 
-/// The acceptor's handshake: read the opener's challenge from `read`, write the answer on `write`;
+/// The acceptor's handshake on its socket `name`: read the opener's challenge from `read`, write the answer on `write`;
 /// the proof the opener's hello must carry as its token. The caller bounds it in time.
 pub(crate) async fn accept_handshake(
     read: &mut OwnedReadHalf,
     write: &mut OwnedWriteHalf,
     token: &str,
+    name: &str,
 ) -> std::result::Result<String, String> {
     let mut theirs = [0u8; CHALLENGE_LEN];
     read.read_exact(&mut theirs)
         .await
         .map_err(|e| format!("the same-host challenge: {e}"))?;
-    let (answer, expected) = answer_challenge(token, &theirs)?;
+    let (answer, expected) = answer_challenge(token, name, &theirs)?;
     write
         .write_all(&answer)
         .await
@@ -646,32 +657,36 @@ mod tests {
     #[test]
     fn both_sides_prove_the_token_and_neither_proof_serves_the_other() {
         let (ours, nonce) = challenge().expect("challenge");
-        let (answer, expected) = answer_challenge("job-token", &ours).expect("answer");
-        let proof = check_answer("job-token", &nonce, &answer).expect("a true answer");
+        let (answer, expected) = answer_challenge("job-token", "n", &ours).expect("answer");
+        let proof = check_answer("job-token", "n", &nonce, &answer).expect("a true answer");
         assert_eq!(proof, expected, "the opener's proof is the one the acceptor expects");
         assert_eq!(proof.len(), 2 * PROOF);
         assert!(!proof.contains("job-token"));
         // The acceptor's proof is not the opener's (a listener cannot replay it as a hello).
         assert_ne!(hex(&answer[8 + NONCE..]), proof);
         // An acceptor with another token is caught, as is a damaged answer or another magic.
-        let (wrong, _) = answer_challenge("another", &ours).expect("answer");
-        let err = check_answer("job-token", &nonce, &wrong).expect_err("a wrong token");
+        let (wrong, _) = answer_challenge("another", "n", &ours).expect("answer");
+        let err = check_answer("job-token", "n", &nonce, &wrong).expect_err("a wrong token");
         assert!(err.contains("could not prove"), "{err}");
         let mut damaged = answer;
         damaged[ANSWER_LEN - 1] ^= 1;
-        assert!(check_answer("job-token", &nonce, &damaged).is_err());
+        assert!(check_answer("job-token", "n", &nonce, &damaged).is_err());
         let mut magic = answer;
         magic[0] ^= 1;
-        assert!(check_answer("job-token", &nonce, &magic)
+        assert!(check_answer("job-token", "n", &nonce, &magic)
             .expect_err("magic")
             .contains("not a same-host answer"));
         // An answer to another challenge does not check out.
+        // An answer made under another socket name (a listener relaying to another plane of the
+        // job) does not check out for the name dialed.
+        let err = check_answer("job-token", "m", &nonce, &answer).expect_err("another name");
+        assert!(err.contains("could not prove"), "{err}");
         let (_, other_nonce) = challenge().expect("challenge");
         assert_ne!(other_nonce, nonce, "challenges are fresh");
-        assert!(check_answer("job-token", &other_nonce, &answer).is_err());
+        assert!(check_answer("job-token", "n", &other_nonce, &answer).is_err());
         let mut not_a_challenge = ours;
         not_a_challenge[3] ^= 1;
-        assert!(answer_challenge("job-token", &not_a_challenge).is_err());
+        assert!(answer_challenge("job-token", "n", &not_a_challenge).is_err());
     }
 
     /// A listener that does not hold the token gets the challenge only, and one that never answers
@@ -694,7 +709,7 @@ mod tests {
                 got
             });
             let start = std::time::Instant::now();
-            let err = match open_handshake(opener, "job-token", std::time::Duration::from_millis(300)).await {
+            let err = match open_handshake(opener, "job-token", "n", std::time::Duration::from_millis(300)).await {
                 Ok(_) => panic!("an impostor was taken for a peer"),
                 Err(e) => e,
             };

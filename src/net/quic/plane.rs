@@ -258,6 +258,8 @@ struct Pending {
 struct SameHost {
     /// The first 16 hex digits of the token's SHA-256 (socket names of different jobs differ).
     tag: String,
+    /// This plane's own socket name (its handshakes prove the token for it).
+    name: String,
     /// This worker's advertised address: a peer advertising the same one is on this machine.
     own_ip: IpAddr,
 }
@@ -338,7 +340,7 @@ impl DataPlane {
         let tag = sha256_hex(self.inner.token.as_bytes())[..16].to_string();
         let name = local::socket_name(&tag, port);
         let listener = local::listen(&name)?;
-        if self.inner.same_host.set(SameHost { tag, own_ip }).is_err() {
+        if self.inner.same_host.set(SameHost { tag, name, own_ip }).is_err() {
             return Err(Error::runtime("the same-host path is enabled already"));
         }
         let task = self
@@ -490,7 +492,7 @@ impl DataPlane {
                         // authenticates the peer by itself.
                         if let Some(name) = local_name {
                             if let Ok(Some(stream)) = local::connect(&name).await {
-                                match local::open_handshake(stream, &token, HELLO_TIMEOUT).await {
+                                match local::open_handshake(stream, &token, &name, HELLO_TIMEOUT).await {
                                     Ok((read, mut write, proof)) => {
                                         // The token itself never crosses a same-host socket.
                                         let hello = Hello {
@@ -766,10 +768,14 @@ async fn handle_local_incoming(inner: Arc<Inner>, stream: UnixStream) {
     if local::check_same_user(&stream).is_err() {
         return;
     }
+    // Set before the listener's task starts.
+    let Some(name) = inner.same_host.get().map(|sh| sh.name.clone()) else {
+        return;
+    };
     let (mut read, mut write) = stream.into_split();
     // The challenge, the answer and the hello, all within the hello's time.
     let handshake = tokio::time::timeout(HELLO_TIMEOUT, async {
-        let expected = local::accept_handshake(&mut read, &mut write, &inner.token).await?;
+        let expected = local::accept_handshake(&mut read, &mut write, &inner.token, &name).await?;
         let hello = match reader::read_frame(&mut read, MAX_HELLO, "the hello").await {
             Ok(Some(bytes)) => Hello::decode(&bytes)?,
             Ok(None) => return Err("the stream ended before the hello".to_string()),

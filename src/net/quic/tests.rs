@@ -999,11 +999,12 @@ async fn a_killed_same_host_peer_is_lost_at_once() {
 async fn local_attempt(plane: &DataPlane, token: &str, first: impl FnOnce(&str) -> Vec<u8>) -> super::local::Ending {
     let tag = sha256_hex(token.as_bytes())[..16].to_string();
     let port = plane.local_addr().expect("addr").port();
-    let stream = super::local::connect(&super::local::socket_name(&tag, port))
+    let name = super::local::socket_name(&tag, port);
+    let stream = super::local::connect(&name)
         .await
         .expect("connect")
         .expect("the plane listens");
-    let (mut read, mut write, proof) = super::local::open_handshake(stream, token, WAIT)
+    let (mut read, mut write, proof) = super::local::open_handshake(stream, token, &name, WAIT)
         .await
         .expect("the plane proves the token");
     write.write_all(&first(&proof)).await.expect("write");
