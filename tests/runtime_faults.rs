@@ -221,11 +221,13 @@ fn failed_actors_are_restarted_and_the_result_is_unchanged() {
     });
     let err = err.expect("the worker runs out of restarts");
     assert!(err.contains("worker 0 lost"), "{err}");
-    assert_eq!(
-        restarts_and_replays(&snap),
-        (1, 1),
-        "one restart within the limit, one replay; the failure past the limit restarts nothing"
-    );
+    // One restart within the limit; the failure past it restarts nothing. It comes in the replay,
+    // or already in the first attempt: a group whose tokens all avoid expert 0.0 reaches block 1,
+    // and expert 1.0's fault, before the step is called off (data and timing decide), so the
+    // replays are 1 or 0.
+    let (restarts, replays) = restarts_and_replays(&snap);
+    assert_eq!(restarts, 1, "one restart within the limit, none past it");
+    assert!(replays <= 1, "{replays} replays");
     let state_err = state_err.expect("a lost worker's state is refused");
     assert!(state_err.contains("worker 0 lost"), "{state_err}");
 
