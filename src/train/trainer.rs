@@ -1484,8 +1484,8 @@ fn truncate_metrics(path: &Path, step: u64, dropped_to: Option<&Path>) -> Result
         })?;
         history.moved = true;
     }
-    // Rewritten only when a line goes (or a last line gets its end, or a torn one goes): a rewrite needs the log's
-    // size in free space, which a run stopped by a full disk may not have.
+    // Rewritten only when a line goes (or a last line gets its end, or a torn one goes): a
+    // rewrite needs the log's size in free space, which a run stopped by a full disk may not have.
     if dropped || kept_bytes != file_len {
         let Some((reader, _)) = open()? else {
             return Err(Error::runtime(format!("{} vanished during a resume", path.display())));
