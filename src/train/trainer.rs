@@ -1467,40 +1467,31 @@ fn truncate_metrics(path: &Path, step: u64, dropped_to: Option<&Path>) -> Result
         _ => None,
     };
     let keep = |entry: &log::Entry| !later(entry) && Some(entry.line) != torn_line;
-    if let Some(side) = dropped_to.filter(|_| dropped) {
+    // The log's lines that `select` picks, written durably to `to`.
+    let copy_lines = |to: &Path, select: &dyn Fn(&log::Entry) -> bool| -> Result<()> {
         let Some((reader, _)) = open()? else {
             return Err(Error::runtime(format!("{} vanished during a resume", path.display())));
         };
-        checkpoint::write_file_durably_with(side, |out| {
+        checkpoint::write_file_durably_with(to, |out| {
             for entry in reader {
                 let entry = entry?;
-                if later(&entry) {
+                if select(&entry) {
                     out.write_all(&entry.text)
                         .and_then(|()| out.write_all(b"\n"))
-                        .map_err(|e| Error::io("cannot write", side, e))?;
+                        .map_err(|e| Error::io("cannot write", to, e))?;
                 }
             }
             Ok(())
-        })?;
+        })
+    };
+    if let Some(side) = dropped_to.filter(|_| dropped) {
+        copy_lines(side, &later)?;
         history.moved = true;
     }
     // Rewritten only when a line goes (or a last line gets its end, or a torn one goes): a
     // rewrite needs the log's size in free space, which a run stopped by a full disk may not have.
     if dropped || kept_bytes != file_len {
-        let Some((reader, _)) = open()? else {
-            return Err(Error::runtime(format!("{} vanished during a resume", path.display())));
-        };
-        checkpoint::write_file_durably_with(path, |out| {
-            for entry in reader {
-                let entry = entry?;
-                if keep(&entry) {
-                    out.write_all(&entry.text)
-                        .and_then(|()| out.write_all(b"\n"))
-                        .map_err(|e| Error::io("cannot write", path, e))?;
-                }
-            }
-            Ok(())
-        })?;
+        copy_lines(path, &keep)?;
     }
     Ok(history)
 }
