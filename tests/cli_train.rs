@@ -802,6 +802,18 @@ fn bad_input_gets_clear_messages() {
             &["generate", "--checkpoint", "x", "--prefetch", "whole-block"],
             "--prefetch sets up ring-memory inference",
         ),
+        (
+            &[
+                "generate",
+                "--checkpoint",
+                "x",
+                "--batch",
+                "2",
+                "--tokens",
+                "1000000000",
+            ],
+            "--batch 2 with --tokens 1000000000 holds 1.86 GiB of samples until all are done (at most 1.00 GiB)",
+        ),
     ];
     for (argv, want) in cases {
         let (status, out, err) = run(tmp.path(), argv, Duration::from_secs(60));
@@ -968,7 +980,16 @@ fn absurd_values_are_refused_before_anything_starts() {
     assert!(status.success(), "{err}");
     let (status, _, err) = run(
         tmp.path(),
-        &["generate", "--checkpoint", "c", "--batch", "100000000000"],
+        // No tokens: nothing held, so the batch reaches the key/value cache's check.
+        &[
+            "generate",
+            "--checkpoint",
+            "c",
+            "--batch",
+            "100000000000",
+            "--tokens",
+            "0",
+        ],
         Duration::from_secs(60),
     );
     assert_eq!(status.code(), Some(1), "{err}");
@@ -1200,6 +1221,25 @@ fn eval_reports_the_loss_of_a_checkpoint_on_any_text() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains("train.batch") && err.contains("train.groups (0)") && !err.contains("panicked"),
+        "{err}"
+    );
+    // A text holding a byte outside a small model's vocabulary: an error naming the byte and the
+    // file, not a failure deep inside the model.
+    std::fs::write(tmp.path().join("vocab-128.toml"), "[model]\nvocab = 128\n").expect("config");
+    let mut small = args(&["--steps", "2", "--run-dir", "v"]);
+    small.extend_from_slice(&["--config", "vocab-128.toml"]);
+    let (status, _, err) = run(tmp.path(), &small, Duration::from_secs(60));
+    assert!(status.success(), "{err}");
+    std::fs::write(tmp.path().join("accents.txt"), "Un café, s'il vous plaît.\n".repeat(20)).expect("text");
+    let (status, _, err) = run(
+        tmp.path(),
+        &["eval", "--checkpoint", "v", "--data", "accents.txt"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("model.vocab is 128, but --data accents.txt holds byte 195 at offset 6")
+            && !err.contains("panicked"),
         "{err}"
     );
 }

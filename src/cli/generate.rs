@@ -220,6 +220,10 @@ pub fn checkpoint_to_read(path: &Path) -> semoe::Result<checkpoint::Checkpoint> 
     })
 }
 
+/// The most bytes of samples a batch of several holds (they print when all are done; one sample
+/// streams and holds none).
+const MAX_HELD_SAMPLE_BYTES: usize = 1 << 30;
+
 pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
     if !(a.temperature.is_finite() && a.temperature >= 0.0) {
         return Err(semoe::Error::config(format!(
@@ -229,6 +233,17 @@ pub fn run(a: &GenerateArgs) -> semoe::Result<()> {
     }
     if a.batch == 0 {
         return Err(semoe::Error::config("--batch must be at least 1"));
+    }
+    let held = a.batch.saturating_mul(a.tokens);
+    if a.batch > 1 && held > MAX_HELD_SAMPLE_BYTES {
+        return Err(semoe::Error::config(format!(
+            "--batch {} with --tokens {} holds {} of samples until all are done (at most {}): generate fewer \
+             tokens, or use --batch 1, which prints its sample as it goes",
+            a.batch,
+            a.tokens,
+            format_bytes(held as u64),
+            format_bytes(MAX_HELD_SAMPLE_BYTES as u64)
+        )));
     }
     let prompt = unescape(&a.prompt)?;
     let opts = SampleOptions {

@@ -504,10 +504,37 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Creates `dir` (and its parents) if missing, and makes its entry in the parent durable. Synced
-/// also when it exists: a crash between an earlier creation and its sync leaves it unsynced.
+/// `dir` and those of its ancestors that do not exist yet, outermost first: the directories a
+/// `create_dir_all(dir)` makes, whose entries [`sync_parents`] then makes durable.
+pub(crate) fn missing_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut missing: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|at| !at.as_os_str().is_empty() && fs::symlink_metadata(at).is_err())
+        .map(Path::to_path_buf)
+        .collect();
+    missing.reverse();
+    missing
+}
+
+/// Makes the entries of the directories `created` durable in their parents: a file synced inside
+/// a new directory can still vanish in a power loss with the directory, or with a new parent of
+/// it, whose own entry was never synced.
+pub(crate) fn sync_parents(created: &[PathBuf]) -> Result<()> {
+    for dir in created {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates `dir` (and its parents) if missing, and makes its entry in the parent, and those of
+/// the parents it made, durable. Synced also when it exists: a crash between an earlier creation
+/// and its sync leaves it unsynced.
 fn create_dir_synced(dir: &Path) -> Result<()> {
+    let missing = missing_dirs(dir);
     fs::create_dir_all(dir).map_err(|e| Error::io("creating checkpoints directory", dir, e))?;
+    sync_parents(&missing)?;
     match dir.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
         _ => Ok(()),

@@ -160,7 +160,10 @@ pub fn default_name(time: std::time::SystemTime) -> String {
 /// (another run started in the same second). Creation is atomic, so two processes never get the
 /// same directory.
 pub fn create_unique(parent: &Path, name: &str) -> Result<PathBuf> {
+    let missing = crate::storage::checkpoint::missing_dirs(parent);
     std::fs::create_dir_all(parent).map_err(|e| Error::io("cannot create the runs directory", parent, e))?;
+    // Best effort, as for the run directory's own entry below.
+    let _ = crate::storage::checkpoint::sync_parents(&missing);
     for n in 1..=1000u32 {
         let dir = if n == 1 {
             parent.join(name)
@@ -207,7 +210,10 @@ pub fn holds_no_results(dir: &Path) -> bool {
 pub fn create_dir(dir: &Path) -> Result<bool> {
     let cannot = |e| Error::io("cannot create the run directory", dir, e);
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let missing = crate::storage::checkpoint::missing_dirs(parent);
         std::fs::create_dir_all(parent).map_err(cannot)?;
+        // The parents' entries durable (best effort, as the caller syncs the run directory's).
+        let _ = crate::storage::checkpoint::sync_parents(&missing);
     }
     match std::fs::create_dir(dir) {
         Ok(()) => Ok(true),
@@ -467,6 +473,23 @@ mod tests {
         assert_eq!(a, root.join("run-x"));
         assert_eq!(b, root.join("run-x-2"));
         assert_eq!(c, root.join("run-x-3"));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_directories_a_creation_makes_are_listed_outermost_first_for_their_sync() {
+        let root = temp("missing");
+        let nested = root.join("a").join("b");
+        let missing = crate::storage::checkpoint::missing_dirs(&nested);
+        assert_eq!(missing, vec![root.clone(), root.join("a"), nested.clone()]);
+        let made = create_dir(&nested.join("run")).expect("create");
+        assert!(made && nested.join("run").is_dir());
+        assert_eq!(crate::storage::checkpoint::missing_dirs(&nested), Vec::<PathBuf>::new());
+        assert_eq!(
+            crate::storage::checkpoint::missing_dirs(&nested.join("c")),
+            vec![nested.join("c")]
+        );
+        crate::storage::checkpoint::sync_parents(&missing).expect("their parents sync");
         let _ = std::fs::remove_dir_all(&root);
     }
 
