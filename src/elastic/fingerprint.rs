@@ -6,7 +6,7 @@
 
 use crate::config::TrainConfig;
 use crate::error::Result;
-use crate::kernels::Cpu;
+use crate::kernels::{Backend, Cpu, Mat};
 use crate::model::gpt::Gpt;
 use sha2::{Digest, Sha256};
 
@@ -23,7 +23,8 @@ pub struct KernelFingerprint {
 pub const FINGERPRINT_OVERRIDE: &str = "SEMOE_TEST_KERNEL_FINGERPRINT";
 
 /// Compute this process's fingerprint: a two-layer MoE model large enough for gemm's vector kernels
-/// (d_model 64, d_ff 256), one forward and backward pass over a fixed batch, on one thread.
+/// (d_model 64, d_ff 256), one forward and backward pass over a fixed batch, and one product over
+/// a long inner dimension, on one thread.
 pub fn compute() -> Result<KernelFingerprint> {
     let mut config = TrainConfig::default();
     config.model.d_model = 64;
@@ -49,6 +50,18 @@ pub fn compute() -> Result<KernelFingerprint> {
         for v in buf {
             h.update(v.to_bits().to_le_bytes());
         }
+    }
+    // A product whose inner dimension is longer than gemm's cache-sized depth block (the pass
+    // above sums at most 128), as a weight gradient over a large group's tokens is: its bits must
+    // not depend on the machine's caches either.
+    let (m, k, n) = (96, 1100, 80);
+    let value = |i: usize| ((i * 31 + 7) % 97) as f32 / 97.0 - 0.5;
+    let a: Vec<f32> = (0..m * k).map(value).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| value(i + 13)).collect();
+    let mut product = vec![0.0f32; m * n];
+    cpu.matmul(&mut product, Mat::new(&a, m, k)?, Mat::new(&b, k, n)?, false)?;
+    for v in product {
+        h.update(v.to_bits().to_le_bytes());
     }
     let digest = std::env::var(FINGERPRINT_OVERRIDE)
         .unwrap_or_else(|_| h.finalize().iter().map(|b| format!("{b:02x}")).collect());

@@ -117,8 +117,29 @@ fn product_shape<T>(a: &Mat<'_, T>, b: &Mat<'_, T>) -> Result<(usize, usize, usi
     Ok((m, k, n))
 }
 
+/// The longest inner dimension one gemm call sums over, where gemm blocks it by the machine's cache.
+///
+/// For a product with more than 64 rows or columns, gemm splits a longer inner dimension into
+/// blocks whose size it derives from the L1 data cache (never below 512): the partial sums
+/// round differently on a CPU with a larger L1 (an AVX2 Intel core with 48 KiB of L1 blocks by
+/// 1,024 where a Zen 3 blocks by 512), so two machines of the same instruction set would train
+/// different bits. Splitting it here, into the balanced slices of at most 512 that gemm itself
+/// makes when its block is 512, gives every machine the same sums (and those machines the bits
+/// they computed before). Smaller products use a fixed block of 512 inside gemm already.
+const K_SLICE: usize = 512;
+
+/// The slices `[start, end)` of an inner dimension `k` that [`Cpu::gemm_into`] sums one gemm call
+/// each, for an `m x n` output (see [`K_SLICE`]).
+fn k_slices(m: usize, n: usize, k: usize) -> impl Iterator<Item = (usize, usize)> {
+    let cache_blocked = m > 64 || n > 64;
+    let pieces = if cache_blocked { k.div_ceil(K_SLICE).max(1) } else { 1 };
+    let slice = k.div_ceil(pieces).max(1);
+    (0..pieces).map(move |i| (i * slice, ((i + 1) * slice).min(k)))
+}
+
 impl Cpu {
-    /// `dst (+)= a @ b` through the gemm crate on this backend's threads.
+    /// `dst (+)= a @ b` through the gemm crate on this backend's threads, its inner dimension in
+    /// the machine-independent slices of [`k_slices`].
     ///
     /// # Safety
     /// `dst` must be valid for `a.rows() * b.cols()` writes (and reads when `accumulate` is set),
@@ -129,34 +150,37 @@ impl Cpu {
         let (b_rs, b_cs) = b.strides();
         let dst = SendPtr(dst);
         self.install(move || {
-            // SAFETY: the views were checked against their buffers' lengths in `Mat::new`; the
-            // caller guarantees `dst`.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    dst.get(),
-                    1,
-                    n as isize,
-                    accumulate,
-                    a.data.as_ptr(),
-                    a_cs,
-                    a_rs,
-                    b.data.as_ptr(),
-                    b_cs,
-                    b_rs,
-                    T::ONE,
-                    T::ONE,
-                    false,
-                    false,
-                    false,
-                    if self.gemm_threads > 1 {
-                        gemm::Parallelism::Rayon(self.gemm_threads)
-                    } else {
-                        gemm::Parallelism::None
-                    },
-                )
+            for (start, end) in k_slices(m, n, k) {
+                // SAFETY: the views were checked against their buffers' lengths in `Mat::new`, and
+                // a slice's first element lies inside them (start < k); the caller guarantees
+                // `dst`, which the slices after the first add to.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        end - start,
+                        dst.get(),
+                        1,
+                        n as isize,
+                        accumulate || start > 0,
+                        a.data.as_ptr().offset(start as isize * a_cs),
+                        a_cs,
+                        a_rs,
+                        b.data.as_ptr().offset(start as isize * b_rs),
+                        b_cs,
+                        b_rs,
+                        T::ONE,
+                        T::ONE,
+                        false,
+                        false,
+                        false,
+                        if self.gemm_threads > 1 {
+                            gemm::Parallelism::Rayon(self.gemm_threads)
+                        } else {
+                            gemm::Parallelism::None
+                        },
+                    )
+                }
             }
         });
     }
@@ -554,6 +578,53 @@ mod tests {
             for (got, want) in c.iter().zip(&want) {
                 assert!((*got as f64 - want).abs() < 1e-5, "ta={ta} tb={tb}");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn long_inner_dimensions_are_summed_in_slices_that_do_not_depend_on_the_machine() {
+        let slices = |m, n, k| k_slices(m, n, k).collect::<Vec<_>>();
+        // Balanced slices of at most 512, as gemm blocks at 512.
+        assert_eq!(slices(96, 80, 1100), vec![(0, 367), (367, 734), (734, 1100)]);
+        assert_eq!(slices(65, 1, 1024), vec![(0, 512), (512, 1024)]);
+        assert_eq!(slices(1, 200, 513), vec![(0, 257), (257, 513)]);
+        assert_eq!(slices(200, 200, 512), vec![(0, 512)]);
+        // Small outputs: gemm's own fixed block of 512, no cache involved.
+        assert_eq!(slices(64, 64, 2000), vec![(0, 2000)]);
+        assert_eq!(slices(96, 80, 1), vec![(0, 1)]);
+    }
+
+    /// A product over a long inner dimension is bitwise the sum of its slices' products, each of
+    /// which gemm sums in one block on any machine, and agrees with the exact product (on a
+    /// machine whose L1 makes gemm block by more than 512, the bits differ without the slicing).
+    #[test]
+    fn a_long_product_is_bitwise_its_slices_added_in_order() -> Result<()> {
+        let cpu = Cpu::new(1)?;
+        let (m, k, n) = (96, 1100, 80);
+        let a = lcg(m * k, 3);
+        let b = lcg(k * n, 4);
+        let mut whole = vec![0.0f32; m * n];
+        cpu.matmul(&mut whole, Mat::new(&a, m, k)?, Mat::new(&b, k, n)?, false)?;
+        let mut sliced = vec![0.0f32; m * n];
+        let bounds = [(0, 367), (367, 734), (734, 1100)];
+        for (i, &(start, end)) in bounds.iter().enumerate() {
+            let width = end - start;
+            let a_part: Vec<f32> = (0..m).flat_map(|r| a[r * k + start..r * k + end].to_vec()).collect();
+            let b_part = &b[start * n..end * n];
+            cpu.matmul(
+                &mut sliced,
+                Mat::new(&a_part, m, width)?,
+                Mat::new(b_part, width, n)?,
+                i > 0,
+            )?;
+        }
+        assert_eq!(whole.len(), sliced.len());
+        let first = whole.iter().zip(&sliced).position(|(x, y)| x.to_bits() != y.to_bits());
+        assert_eq!(first, None, "the long product differs from its slices");
+        let want = naive(&a, &b, m, k, n);
+        for (got, want) in whole.iter().zip(&want) {
+            assert!((*got as f64 - want).abs() < 1e-4, "{got} against {want}");
         }
         Ok(())
     }
