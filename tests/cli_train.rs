@@ -365,6 +365,28 @@ fn steps_given_beside_a_config_files_time_budget_are_run_in_full() {
     );
     assert!(!err.contains("time budget 3s: measured"), "{err}");
     assert_eq!(train_steps_logged(&tmp.path().join("fixed")), 4);
+    // Resumed with the same file: its budget (and the 5,000 steps the budget would have fitted)
+    // do not replace the run's 4 steps, which fix its learning-rate schedule.
+    let (status, _, err) = run(
+        tmp.path(),
+        &[
+            "train",
+            "--resume",
+            "--run-dir",
+            "fixed",
+            "--config",
+            file,
+            "--time-limit",
+            "5",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("the config file's train.steps (5000) is not applied: the run keeps its 4 steps"),
+        "{err}"
+    );
+    assert_eq!(train_steps_logged(&tmp.path().join("fixed")), 4, "{err}");
     let (status, _, err) = run(
         tmp.path(),
         &[

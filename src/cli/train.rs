@@ -532,24 +532,51 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
                  a resumed run keeps its steps: --time-limit bounds this invocation, --steps changes the count",
             ));
         }
-        let file = a.config.as_deref().map(TrainConfig::from_file).transpose()?;
-        if let Some(f) = &file {
+        let file = a.config.as_deref().map(TrainConfig::from_file_with_keys).transpose()?;
+        // The file's train.steps applies only where the file sets it and no time budget: a budget
+        // chose the run's steps when it started (recorded in its config), and the file's own
+        // count (or the default, where it sets none) was never the run's.
+        let file_steps_apply = file.as_ref().is_some_and(|(f, keys)| {
+            let sets_steps = keys
+                .get("train")
+                .and_then(|t| t.as_table())
+                .is_some_and(|t| t.contains_key("steps"));
+            sets_steps && f.train.time_budget_s <= 0.0
+        });
+        if let Some((f, _)) = &file {
             let recorded = TrainConfig::from_file(&dir.join("config.toml")).ok();
-            if recorded.is_some_and(|r| r.train.time_budget_s != f.train.time_budget_s) {
+            if recorded
+                .as_ref()
+                .is_some_and(|r| r.train.time_budget_s != f.train.time_budget_s)
+            {
                 semoe::say!(
                     "notice: the config file's train.time_budget_s ({} s) is not applied: a resumed run keeps its \
                      steps (--steps changes them, --time-limit bounds this invocation)",
                     f.train.time_budget_s
                 );
             }
+            if let Some(r) = recorded.filter(|r| !file_steps_apply && r.train.steps != f.train.steps) {
+                semoe::say!(
+                    "notice: the config file's train.steps ({}) is not applied: the run keeps its {} steps, which its \
+                     time budget or its first start chose (--steps changes them; a file changes them where it \
+                     sets train.steps without a time budget)",
+                    f.train.steps,
+                    r.train.steps
+                );
+            }
         }
         let adjust = |c: &mut TrainConfig| {
-            if let Some(file) = &file {
+            if let Some((file, _)) = &file {
                 // A time budget chooses a new run's steps (as the flag, refused above): the run
-                // keeps its recorded one, rather than recording one that never applies.
+                // keeps its recorded one, rather than recording one that never applies; and its
+                // recorded steps, unless the file sets its own (see `file_steps_apply`).
                 let budget = c.train.time_budget_s;
+                let steps = c.train.steps;
                 *c = file.clone();
                 c.train.time_budget_s = budget;
+                if !file_steps_apply {
+                    c.train.steps = steps;
+                }
             }
             // A flag that cannot apply (--dense of a zero width) leaves the config changed where
             // it was set, and the resume refuses what changed: a model flag changes the bits.
