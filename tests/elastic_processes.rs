@@ -424,6 +424,40 @@ fn steps_replayed_after_a_lost_worker_are_recorded_once_in_the_metrics() {
     assert_eq!(assignments, (15 * 8 * 16 * 2 * 2) as f64, "{body}");
 }
 
+/// A second worker lost while the survivors replay the steps since the last copy: the epoch
+/// that replay ran in is given up and the next one, of the one worker left, replays from the same
+/// copy; the run ends with the plain loop's bits, each loss counted once and the recovery timed
+/// once, from the first loss.
+#[test]
+fn a_worker_lost_inside_a_recovery_replay_costs_another_epoch_not_the_run() {
+    let dir = TempDir::new("elastic-kill-in-replay");
+    let want = reference(dir.path(), 20, &[]);
+    let first = dir.path().join("first.killed");
+    let second = dir.path().join("second.killed");
+    // Member 2 dies at step 7 (epoch 1); epoch 2 replays steps 5 and 6 from the copy of step 5,
+    // and member 1 dies at step 6 of that replay (its step 6 of epoch 1 is left alone).
+    let pause = format!(
+        "member=2,step=7,phase=forward,action=kill,file={};member=1,step=6,phase=forward,action=kill,epoch=2,file={}",
+        first.display(),
+        second.display()
+    );
+    let args = train_args("run", "20", &["--processes", "3", "--snapshot-every", "5"]);
+    let mut p = Proc::spawn(dir.path(), "run", &args, &[("SEMOE_TEST_PAUSE", pause)]);
+    assert!(p.wait(Duration::from_secs(90)).success(), "{}", p.log());
+    let log = p.log();
+    assert!(first.exists() && second.exists(), "both hooks fired: {log}");
+    // Epoch 2 never finished its replay (the line comes once the replay is done).
+    assert!(!log.contains("semoe: epoch 2: "), "{log}");
+    assert!(
+        log.contains("epoch 3: 1 workers at step 7 (a worker was lost during the replay;"),
+        "{log}"
+    );
+    assert_eq!(membership(&log), (0, 0, 2), "{log}");
+    // Step 5 replayed in epoch 2, then steps 5 and 6 in epoch 3.
+    assert!(log.contains("; 3 steps replayed;"), "{log}");
+    assert_same_state(&want, &state_files(&dir.path().join("run"), 20), "lost inside a replay");
+}
+
 #[test]
 fn a_worker_that_sends_malformed_data_is_evicted() {
     let dir = TempDir::new("elastic-malformed");

@@ -16,6 +16,9 @@ use std::time::Duration;
 /// sleeps until the process is killed), `kill` (the process SIGKILLs itself: a crash at an exact
 /// point) or `stop` (it SIGSTOPs itself, a straggler: whoever reads F sends the SIGCONT). A kill or
 /// a stop acts once, the first time the point is reached (a replayed step does not act again).
+/// `epoch=E` restricts the point to epoch E (a step replayed after a loss runs in a later epoch:
+/// `epoch=2` stops a worker inside the first recovery's replay). Several points, one per member,
+/// are separated by `;` (a member takes the first that names it).
 pub const PAUSE: &str = "SEMOE_TEST_PAUSE";
 
 /// `N:M,...`: before step N the coordinator waits (up to a minute) until exactly M workers are
@@ -135,6 +138,8 @@ pub struct Pause {
     phase: Phase,
     file: PathBuf,
     action: Action,
+    /// `Some(E)`: only in epoch E.
+    epoch: Option<u64>,
     /// Set when it acted (shared by the clones in the codec and the command handler).
     done: Arc<AtomicBool>,
 }
@@ -142,13 +147,22 @@ pub struct Pause {
 impl Pause {
     /// The hook for `member`, if [`PAUSE`] names it.
     pub fn for_member(member: u64) -> Option<Pause> {
-        let spec = std::env::var(PAUSE).ok()?;
+        let specs = std::env::var(PAUSE).ok()?;
+        specs
+            .split(';')
+            .filter_map(Pause::parse)
+            .find(|pause| pause.member.is_none_or(|m| m == member))
+    }
+
+    /// One point of [`PAUSE`] (`None`: malformed).
+    fn parse(spec: &str) -> Option<Pause> {
         let mut pause = Pause {
             member: Some(u64::MAX),
             step: u64::MAX,
             phase: Phase::Forward,
             file: PathBuf::new(),
             action: Action::Hang,
+            epoch: None,
             done: Arc::new(AtomicBool::new(false)),
         };
         for part in spec.split(',') {
@@ -174,29 +188,34 @@ impl Pause {
                     }
                 }
                 "file" => pause.file = PathBuf::from(value),
+                "epoch" => pause.epoch = Some(value.parse().ok()?),
                 _ => return None,
             }
         }
-        pause.member.is_none_or(|m| m == member).then_some(pause)
+        Some(pause)
     }
 
-    /// Stop here (for ever) if `packet` is the hook's point.
-    pub fn at_packet(&self, packet: &Packet) {
+    /// Stop here (for ever) if `packet`, arriving in `epoch`, is the hook's point.
+    pub fn at_packet(&self, packet: &Packet, epoch: u64) {
         let (phase, step) = match &packet.payload {
             Payload::ExpertForward { step, .. } => (Phase::Forward, step.step),
             Payload::ExpertBackward { step, .. } => (Phase::Backward, step.step),
             _ => return,
         };
-        if phase == self.phase && step == self.step {
+        if phase == self.phase && step == self.step && self.in_epoch(epoch) {
             self.stop_here();
         }
     }
 
-    /// Stop here (for ever) if a commit of `step` is the hook's point.
-    pub fn at_commit(&self, step: u64) {
-        if self.phase == Phase::Commit && step == self.step {
+    /// Stop here (for ever) if a commit of `step` in `epoch` is the hook's point.
+    pub fn at_commit(&self, step: u64, epoch: u64) {
+        if self.phase == Phase::Commit && step == self.step && self.in_epoch(epoch) {
             self.stop_here();
         }
+    }
+
+    fn in_epoch(&self, epoch: u64) -> bool {
+        self.epoch.is_none_or(|e| e == epoch)
     }
 
     fn stop_here(&self) {

@@ -165,7 +165,7 @@ impl WireCodec {
     /// collective carries too: `train.exchange = "sim"`).
     fn arrived(&self, packet: Packet, epoch: u64) -> Result<Packet> {
         if let Some(pause) = &self.pause {
-            pause.at_packet(&packet);
+            pause.at_packet(&packet, epoch);
             if let Payload::Collective(PlaneMsg {
                 generation,
                 op: PlaneOp::Group(Some(data)),
@@ -176,7 +176,7 @@ impl WireCodec {
                 let inner =
                     wire::decode_packet(&data.clone().into_bytes(), generation.step, self.shape(epoch)?.as_ref());
                 if let Ok(inner) = inner {
-                    pause.at_packet(&inner);
+                    pause.at_packet(&inner, epoch);
                 }
             }
         }
@@ -763,7 +763,7 @@ async fn execute(
         }
         Command::Commit { step, lr, norm, .. } => {
             if let Some(pause) = &shared.pause {
-                pause.at_commit(step.0);
+                pause.at_commit(step.0, epoch);
             }
             ask(&actor, &me, "a commit", d * 4, |reply| WorkerMsg::Commit {
                 step: id(step),
