@@ -195,8 +195,10 @@ pub fn global_norm(grads: &[&[f32]]) -> f64 {
 }
 
 impl AdamW {
-    /// Fresh state for tensors of the given shapes; tensors of two or more dimensions get weight
-    /// decay.
+    /// Fresh state for plain tensors of the given shapes; tensors of two or more dimensions get
+    /// weight decay. Not for a model's tensors, whose stacks of per-expert biases are two-
+    /// dimensional and not decayed: use [`for_model`] (or [`AdamW::with_decay`] with the
+    /// flags of `GptConfig::tensor_specs`).
     pub fn new(config: OptimizerConfig, shapes: &[Vec<usize>]) -> Result<Self> {
         let sizes: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
         let decay: Vec<bool> = shapes.iter().map(|s| s.len() >= 2).collect();
@@ -313,6 +315,18 @@ impl AdamW {
             let (m, v) = (&mut self.m[i], &mut self.v[i]);
             // Element-wise, so splitting into chunks across threads changes nothing in the result.
             const CHUNK: usize = 16 * 1024;
+            if rayon::current_thread_index().is_none() {
+                // Outside a compute pool (a storage tier's I/O or manager thread applying a
+                // deferred update): in place, on this thread. Handing the chunks to rayon's global
+                // pool would wake (and keep spinning) threads the compute pool does not count,
+                // competing with the step's compute on every unit loaded.
+                let chunks = p.chunks_mut(CHUNK).zip(g.chunks(CHUNK));
+                chunks
+                    .zip(m.chunks_mut(CHUNK))
+                    .zip(v.chunks_mut(CHUNK))
+                    .for_each(|(((p, g), m), v)| adamw_update(p, g, m, v, s));
+                continue;
+            }
             let chunks = p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK));
             chunks
                 .zip(m.par_chunks_mut(CHUNK))
