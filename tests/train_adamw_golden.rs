@@ -335,3 +335,35 @@ fn linear_schedule_with_a_cooldown_holds_then_decays_in_a_line() {
     let err = bad.validate().expect_err("a zero cooldown is rejected");
     assert!(err.to_string().contains("optimizer.cooldown"), "{err}");
 }
+
+/// A model's decay flags, from its config: matrices decay (embeddings, the LM head, the router,
+/// each expert's matrices, dense layers); biases, layer norms and the stacks of per-expert biases
+/// (two-dimensional, unlike a plain bias) do not.
+#[test]
+fn a_models_matrices_decay_and_its_biases_and_norms_do_not() {
+    let config = semoe::model::gpt::GptConfig {
+        dense_d_ff: 32,
+        moe_every: 2,
+        ..Default::default()
+    };
+    let specs = config.tensor_specs();
+    assert!(specs.len() > 10, "{} tensors", specs.len());
+    let mut seen = (0, 0);
+    for spec in &specs {
+        let name = spec.name.as_str();
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        // Layer norms (`ln1.weight`, `ln_f.bias`, ...) and biases (`attn.bo`, `mlp.b1`, `moe.b2`).
+        let want = !(name.contains(".ln") || name.starts_with("ln") || leaf.starts_with('b'));
+        assert_eq!(spec.decay, want, "{name} {:?}", spec.shape);
+        if spec.expert && matches!(leaf, "b1" | "b2") {
+            assert_eq!(spec.shape.len(), 2, "{name}: a stack of per-expert biases");
+            assert!(!spec.decay, "{name}: a stack of biases is not decayed");
+            seen.0 += 1;
+        }
+        if spec.expert && matches!(leaf, "w1" | "w2") {
+            assert!(spec.decay, "{name}: an expert's matrix decays");
+            seen.1 += 1;
+        }
+    }
+    assert!(seen.0 > 0 && seen.1 > 0, "no expert tensors among {specs:?}");
+}
