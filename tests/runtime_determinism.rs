@@ -124,7 +124,7 @@ fn a_single_expert_trains_on_the_runtime_as_in_the_plain_loop() {
 #[test]
 fn a_runtime_given_a_corpus_records_its_digest_in_its_checkpoints() {
     let corpus = semoe::data::Corpus {
-        train: b"To be, or not to be, that is the question.\n".repeat(40),
+        train: std::sync::Arc::new(b"To be, or not to be, that is the question.\n".repeat(40)),
         val: b"Whether 'tis nobler in the mind to suffer.\n".repeat(10),
         source: "a test".into(),
     };
@@ -144,7 +144,10 @@ fn a_runtime_given_a_corpus_records_its_digest_in_its_checkpoints() {
     };
     let with_corpus = recorded(Runtime::builder(small_config()).corpus(&corpus), "corpus");
     assert_eq!(with_corpus.as_deref(), Some(corpus.digest().as_str()));
-    let with_text = recorded(Runtime::builder(small_config()).text(corpus.train.clone()), "text");
+    let with_text = recorded(
+        Runtime::builder(small_config()).shared_text(corpus.train.clone()),
+        "text",
+    );
     assert_eq!(with_text, None);
 }
 

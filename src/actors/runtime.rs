@@ -147,8 +147,14 @@ impl RuntimeBuilder {
     /// Train on these bytes instead of the configured data (or the bundled corpus). No digest
     /// of them goes into [`Runtime::save_checkpoint`]'s checkpoints: [`RuntimeBuilder::corpus`]
     /// records one, which `semoe train --resume` checks its text against.
-    pub fn text(mut self, text: impl Into<Vec<u8>>) -> Self {
-        self.text = Some(Arc::new(text.into()));
+    pub fn text(self, text: impl Into<Vec<u8>>) -> Self {
+        self.shared_text(Arc::new(text.into()))
+    }
+
+    /// [`Self::text`] without a copy: the runtime shares these bytes (a corpus of gigabytes the
+    /// caller keeps too is held once).
+    pub fn shared_text(mut self, text: Arc<Vec<u8>>) -> Self {
+        self.text = Some(text);
         self.data_digest = None;
         self
     }
@@ -158,7 +164,7 @@ impl RuntimeBuilder {
     ///
     /// [`Corpus::digest`]: crate::data::Corpus::digest
     pub fn corpus(mut self, corpus: &crate::data::Corpus) -> Self {
-        self.text = Some(Arc::new(corpus.train.clone()));
+        self.text = Some(corpus.train.clone());
         self.data_digest = Some(corpus.digest());
         self
     }
@@ -209,7 +215,7 @@ impl RuntimeBuilder {
                     Some(path) => Corpus::from_path(path, config.train.val_fraction, config.model.block_size + 1)?,
                     None => Corpus::bundled()?,
                 };
-                Arc::new(corpus.train)
+                corpus.train
             }
         };
         // A model the builder would allocate itself, too large for the machine, is refused with

@@ -12,8 +12,8 @@ const BUNDLED_VAL: &[u8] = include_bytes!("../../data/shakespeare/val.txt.gz");
 /// Training and validation text, as bytes.
 #[derive(Clone, Debug)]
 pub struct Corpus {
-    /// Training bytes.
-    pub train: Vec<u8>,
+    /// Training bytes (shared with the runtime that trains on them, not copied).
+    pub train: std::sync::Arc<Vec<u8>>,
     /// Validation bytes (no text shared with `train`).
     pub val: Vec<u8>,
     /// Where the text came from, for logs.
@@ -35,7 +35,7 @@ impl Corpus {
     pub fn digest(&self) -> String {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
-        for part in [&self.train, &self.val] {
+        for part in [self.train.as_slice(), self.val.as_slice()] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
         }
@@ -45,7 +45,7 @@ impl Corpus {
     /// The bundled corpus: 39 works of Shakespeare for training, 3 for validation (data/README.md).
     pub fn bundled() -> Result<Self> {
         Ok(Corpus {
-            train: gunzip(BUNDLED_TRAIN, "bundled training text")?,
+            train: std::sync::Arc::new(gunzip(BUNDLED_TRAIN, "bundled training text")?),
             val: gunzip(BUNDLED_VAL, "bundled validation text")?,
             source: "bundled Shakespeare corpus".into(),
         })
@@ -77,7 +77,7 @@ impl Corpus {
         // Split in place: the text is not held twice (a large corpus would be).
         let val = text.split_off(split);
         Ok(Corpus {
-            train: text,
+            train: std::sync::Arc::new(text),
             val,
             source: path.display().to_string(),
         })

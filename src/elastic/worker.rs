@@ -472,7 +472,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     let (fired, mut link_faults_fired) = tokio::sync::mpsc::unbounded_channel::<Notice>();
     let shared = Arc::new(Shared {
         cpu: Cpu::new(config.train.threads)?,
-        text: Arc::new(corpus.train),
+        text: corpus.train,
         config,
         plane,
         codec,

@@ -234,7 +234,7 @@ fn builder(
         .workers(config.train.workers)
         .placement(config.train.placement.parse::<ExpertPlacement>()?)
         .deadline(Duration::from_secs_f64(config.train.deadline_s))
-        .text(text.as_ref().clone())
+        .shared_text(text.clone())
         .chaos(plan))
 }
 
@@ -577,7 +577,7 @@ pub fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> Result<C
                 .map_err(|e| Error::io("cannot empty the chaos run's checkpoints", &old, e))?;
         }
     }
-    let text = Arc::new(super::trainer::corpus_for(config)?.train);
+    let text = super::trainer::corpus_for(config)?.train;
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("semoe-chaos")

@@ -680,7 +680,7 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
         .collect();
     let corpus = super::trainer::corpus_for(config)?;
     let digest = corpus.digest();
-    let text = Arc::new(corpus.train);
+    let text = corpus.train;
     let logs = dir.join("workers");
     if logs.exists() {
         std::fs::remove_dir_all(&logs).map_err(|e| Error::io("cannot empty the workers' logs", &logs, e))?;

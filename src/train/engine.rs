@@ -130,7 +130,7 @@ impl RuntimeEngine {
                 .workers(config.train.workers)
                 .placement(config.train.placement.parse::<ExpertPlacement>()?)
                 .deadline(Duration::from_secs_f64(config.train.deadline_s))
-                .text(corpus.train.clone())
+                .shared_text(corpus.train.clone())
                 .storage(config.storage.to_config(Some(run_dir.join(run_dir::TIERS_DIR)))?)
                 .state(model.clone(), optimizer.clone());
             engine.kind = Some(Kind::Local(Box::new(engine.tokio.block_on(builder.build())?)));
