@@ -80,9 +80,64 @@ pub struct CoordArgs {
     pub deadline: Duration,
     /// Replays of one step before giving up.
     pub max_replays: u32,
+    /// The gradient norm's parts, `(tensor, expert)` in order: every dense tensor's `(i, 0)` and
+    /// each expert's part of each expert tensor (see [`expected_norm_parts`]).
+    pub norm_parts: Vec<(usize, usize)>,
     /// Steps whose metrics were recorded ([`super::RuntimeBuilder::reported_steps`]): a step up
     /// to it is not recorded again.
     pub reported: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The parts of the gradient norm of a model of `config`, in order: `(i, 0)` for each dense tensor
+/// `i`, `(i, e)` for each expert `e` of each expert tensor `i` (how the workers answer them).
+pub fn expected_norm_parts(config: &crate::model::gpt::GptConfig) -> Vec<(usize, usize)> {
+    config
+        .tensor_specs()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, spec)| {
+            let experts = if spec.expert { spec.experts } else { 1 };
+            (0..experts).map(move |e| (i, e))
+        })
+        .collect()
+}
+
+/// Sort the norm parts the workers answered for step `n` and check them against `expected`:
+/// each part once (its owner's), none missing or unknown, none negative. A forged, doubled or
+/// missing part would change the clipping, and with it every worker's bits. (A part may be
+/// infinite or NaN: that is divergence, reported by the caller.)
+fn check_norm_parts(n: u64, parts: &mut [NormPart], expected: &[(usize, usize)]) -> Result<()> {
+    parts.sort_by_key(|p| p.0);
+    if let Some(w) = parts.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(Error::runtime(format!(
+            "step {n}: two workers answered the gradient norm's part {:?}",
+            w[0].0
+        )));
+    }
+    if let Some(p) = parts.iter().find(|p| p.1 < 0.0) {
+        return Err(Error::runtime(format!(
+            "step {n}: the gradient norm's part {:?} is negative ({})",
+            p.0, p.1
+        )));
+    }
+    let answered = || parts.iter().map(|p| p.0);
+    if !answered().eq(expected.iter().copied()) {
+        let missing = expected
+            .iter()
+            .find(|k| parts.binary_search_by_key(*k, |p| p.0).is_err());
+        let unknown = answered().find(|k| expected.binary_search(k).is_err());
+        let what = match (missing, unknown) {
+            (_, Some(k)) => format!("part {k:?}, which the model does not have"),
+            (Some(k), None) => format!("no part {k:?}"),
+            (None, None) => "parts out of order".to_string(),
+        };
+        return Err(Error::runtime(format!(
+            "step {n}: the workers answered {} of the gradient norm's {} parts, with {what}",
+            parts.len(),
+            expected.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The Coordinator's state.
@@ -349,22 +404,7 @@ async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>
     )
     .await?;
     let mut parts: Vec<NormPart> = parts.into_iter().flatten().collect();
-    parts.sort_by_key(|p| p.0);
-    // Each part once (its owner's), none negative: a forged or doubled part would change the
-    // clipping, and with it every worker's bits. (A part may be infinite or NaN: that is
-    // divergence, reported below.)
-    if let Some(w) = parts.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(Error::runtime(format!(
-            "step {n}: two workers answered the gradient norm's part {:?}",
-            w[0].0
-        )));
-    }
-    if let Some(p) = parts.iter().find(|p| p.1 < 0.0) {
-        return Err(Error::runtime(format!(
-            "step {n}: the gradient norm's part {:?} is negative ({})",
-            p.0, p.1
-        )));
-    }
+    check_norm_parts(n, &mut parts, &a.norm_parts)?;
     let grad_norm = norm_from_parts(parts.iter().map(|(_, s)| *s));
     let lr = a.optimizer.lr_at(n, a.total_steps);
     if !grad_norm.is_finite() {
@@ -416,6 +456,56 @@ mod tests {
             what: "the block-1 expert forward of step 5".into(),
             deadline_ms: 1000,
         }
+    }
+
+    #[test]
+    fn the_norm_parts_are_each_tensors_and_each_experts() {
+        let config = crate::model::gpt::GptConfig {
+            experts: 3,
+            ..Default::default()
+        };
+        let specs = config.tensor_specs();
+        let parts = expected_norm_parts(&config);
+        let expert_tensors = specs.iter().filter(|s| s.expert).count();
+        assert!(expert_tensors > 0);
+        assert_eq!(parts.len(), specs.len() + 2 * expert_tensors);
+        assert!(parts.windows(2).all(|w| w[0] < w[1]), "in order: {parts:?}");
+    }
+
+    #[test]
+    fn norm_parts_missing_unknown_doubled_or_negative_are_refused() {
+        let expected = vec![(0, 0), (1, 0), (1, 1), (2, 0)];
+        let good: Vec<NormPart> = vec![((2, 0), 1.0), ((1, 1), 2.0), ((0, 0), 3.0), ((1, 0), 4.0)];
+        let mut parts = good.clone();
+        check_norm_parts(5, &mut parts, &expected).expect("every part once");
+        assert_eq!(parts.iter().map(|p| p.0).collect::<Vec<_>>(), expected, "sorted");
+        let refused = |mut parts: Vec<NormPart>| {
+            check_norm_parts(5, &mut parts, &expected)
+                .expect_err("refused")
+                .to_string()
+        };
+        let missing = refused(good[..3].to_vec());
+        assert!(
+            missing.contains("answered 3 of the gradient norm's 4 parts, with no part (1, 0)"),
+            "{missing}"
+        );
+        let mut extra = good.clone();
+        extra.push(((9, 0), 0.5));
+        let extra = refused(extra);
+        assert!(extra.contains("part (9, 0), which the model does not have"), "{extra}");
+        let mut swapped = good[..3].to_vec();
+        swapped.push(((1, 2), 4.0));
+        let swapped = refused(swapped);
+        assert!(
+            swapped.contains("part (1, 2), which the model does not have"),
+            "{swapped}"
+        );
+        let mut doubled = good.clone();
+        doubled.push(((1, 1), 2.0));
+        assert!(refused(doubled).contains("two workers answered the gradient norm's part (1, 1)"));
+        let mut negative = good;
+        negative[0].1 = -1.0;
+        assert!(refused(negative).contains("part (2, 0) is negative (-1)"));
     }
 
     #[test]

@@ -347,6 +347,7 @@ impl RuntimeBuilder {
             step_deadline: self.step_deadline,
             deadline: self.deadline,
             max_replays: self.max_replays,
+            norm_parts: super::coordinator::expected_norm_parts(&config.model),
             reported: self.reported.clone(),
         };
         let (coordinator, join) = Actor::spawn(None, CoordActor, args)
