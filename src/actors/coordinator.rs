@@ -226,17 +226,29 @@ impl Actor for CoordActor {
                 // whose workers may hold different steps.
                 let r = match &state.lost {
                     Some(lost) => Err(Error::runtime(lost.clone())),
-                    None => {
-                        all(&state.workers, "a snapshot", state.args.deadline, |reply| {
-                            WorkerMsg::Snapshot { reply }
-                        })
-                        .await
-                    }
+                    None => all(&state.workers, "a snapshot", state.args.deadline, |reply| {
+                        WorkerMsg::Snapshot { reply }
+                    })
+                    .await
+                    .and_then(|snaps| snapshots_of_step(snaps, state.step)),
                 };
                 let _ = reply.send(r);
             }
         }
         Ok(())
+    }
+}
+
+/// The workers' snapshots, each of the committed `step` (the state they hold after it): one of
+/// another step (a worker process's stale answer) would make a checkpoint, or a new epoch's
+/// state, of mixed steps.
+fn snapshots_of_step(snaps: Vec<LedgerSnapshot>, step: u64) -> Result<Vec<LedgerSnapshot>> {
+    match snaps.iter().position(|s| s.step != step) {
+        Some(w) => Err(Error::runtime(format!(
+            "worker {w} answered a snapshot of step {}, not of the committed step {step}",
+            snaps[w].step
+        ))),
+        None => Ok(snaps),
     }
 }
 
@@ -456,6 +468,26 @@ mod tests {
             what: "the block-1 expert forward of step 5".into(),
             deadline_ms: 1000,
         }
+    }
+
+    #[test]
+    fn a_snapshot_of_another_step_is_refused() {
+        let snap = |step| LedgerSnapshot {
+            step,
+            dense: Vec::new(),
+            experts: Vec::new(),
+        };
+        assert_eq!(
+            snapshots_of_step(vec![snap(7), snap(7)], 7).expect("same step").len(),
+            2
+        );
+        let e = snapshots_of_step(vec![snap(7), snap(6)], 7)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains("worker 1 answered a snapshot of step 6, not of the committed step 7"),
+            "{e}"
+        );
     }
 
     #[test]

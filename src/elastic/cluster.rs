@@ -143,14 +143,21 @@ impl Book {
 
     /// Member `reporter` lost its link to worker `peer` of `epoch`: kept for the runtime, which
     /// forms the epoch again (which connects anew); only for epochs it knows (a later one would
-    /// be a lie) and the first report of each (bounded).
-    fn link_lost(&mut self, reporter: u64, peer: u32, epoch: u64, detail: &str) {
-        if self.epochs.contains_key(&epoch) {
+    /// be a lie), from a member of that epoch about a worker of it (anyone else's report would
+    /// make the run form epochs again for nothing, and end it after a few), and the first report
+    /// of each (bounded). Whether it was kept.
+    fn link_lost(&mut self, reporter: u64, peer: u32, epoch: u64, detail: &str) -> bool {
+        let believed = self
+            .epochs
+            .get(&epoch)
+            .is_some_and(|ids| ids.contains(&reporter) && (peer as usize) < ids.len());
+        if believed {
             self.links_lost.entry(epoch).or_insert_with(|| {
                 let why = format!("member {reporter} lost its link to worker {peer}: {detail}");
                 (std::time::Instant::now(), why)
             });
         }
+        believed
     }
 }
 
@@ -764,8 +771,14 @@ async fn admit(
             }
             Notice::PeerLost { peer, epoch, detail } => {
                 let detail = clipped(detail);
-                crate::say!("semoe: member {id} lost its link to worker {peer} of epoch {epoch}: {detail}");
-                b.link_lost(id, peer, epoch, &detail);
+                if b.link_lost(id, peer, epoch, &detail) {
+                    crate::say!("semoe: member {id} lost its link to worker {peer} of epoch {epoch}: {detail}");
+                } else {
+                    crate::say!(
+                        "semoe: ignored member {id}'s report of a lost link to worker {peer} of epoch {epoch}: \
+                         not a member and a worker of that epoch, or an epoch no longer kept"
+                    );
+                }
             }
         }
     };
@@ -867,7 +880,11 @@ mod tests {
         assert!(book.links_lost.is_empty());
         // Known from before its setups go out, so a loss during the forming counts.
         book.begin_epoch(4, vec![1, 2]);
-        book.link_lost(1, 1, 4, "reset");
+        // Not a member of it, or about a worker it does not have: not believed either.
+        assert!(!book.link_lost(3, 0, 4, "a stranger's report"));
+        assert!(!book.link_lost(1, 2, 4, "worker 2 of two"));
+        assert!(book.links_lost.is_empty());
+        assert!(book.link_lost(1, 1, 4, "reset"));
         book.link_lost(2, 0, 4, "reset as well");
         assert_eq!(book.links_lost.len(), 1, "one entry per epoch");
         let (_, why) = &book.links_lost[&4];
@@ -931,7 +948,7 @@ mod tests {
         let mut book = Book::default();
         for epoch in 1..=20 {
             book.begin_epoch(epoch, vec![epoch, epoch + 1]);
-            book.link_lost(epoch, 1, epoch, "gone");
+            assert!(book.link_lost(epoch, 1, epoch, "gone"));
         }
         assert_eq!(book.epochs.len(), EPOCHS_KEPT);
         assert_eq!(book.epochs.keys().next(), Some(&(20 - EPOCHS_KEPT as u64 + 1)));

@@ -270,11 +270,25 @@ async fn ask_member_traffic(number: u64, members: &[Member], m: &Member, wait: D
     let Reply::Traffic(sent) = protocol::decode::<Reply>(&reply, "a traffic reply")? else {
         return Err(Error::protocol(who, "answered a traffic request with something else"));
     };
-    let mut all = Vec::new();
+    let mut all: Vec<TrafficEntry> = Vec::new();
     for (to, kind, bytes) in sent {
         let to = members
             .get(to as usize)
             .ok_or_else(|| Error::protocol(who.clone(), format!("reported traffic to worker {to}")))?;
+        // Kept for the rest of the run: only the kinds there are, each once per peer.
+        if !crate::telemetry::metrics::ALLTOALL_KINDS.contains(&kind.as_str()) {
+            let kind: String = kind.chars().take(64).collect();
+            return Err(Error::protocol(
+                who,
+                format!("reported traffic of an unknown kind {kind:?}"),
+            ));
+        }
+        if all.iter().any(|e| e.to == to.id && e.kind == kind) {
+            return Err(Error::protocol(
+                who,
+                format!("reported its {kind} traffic to member {} twice", to.id),
+            ));
+        }
         all.push(TrafficEntry {
             from: m.id,
             to: to.id,
@@ -916,6 +930,15 @@ impl ElasticRuntime {
             for (i, who, asked, bytes) in replies {
                 let header = protocol::decode_hand_into(&config, &who, &bytes, &mut model, &mut optimizer)
                     .map_err(|e| (i, e))?;
+                // At step 0 the pieces' own check waives the step (a fresh state has none yet):
+                // pieces of another step would move the schedule and the data on.
+                if header.step != committed {
+                    let detail = format!(
+                        "handed over pieces of step {}, not of the committed step {committed}",
+                        header.step
+                    );
+                    return Err((i, Error::protocol(who, detail)));
+                }
                 let got = Pieces {
                     dense: header.dense.iter().map(|&(t, m)| (t as usize, m)).collect(),
                     experts: header.experts.iter().map(|&(b, e)| (b as usize, e as usize)).collect(),
