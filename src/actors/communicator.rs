@@ -118,7 +118,8 @@ impl CommArgs {
 /// The Communicator's state.
 pub struct CommState {
     args: CommArgs,
-    pending: HashMap<u64, oneshot::Sender<Payload>>,
+    /// The requests awaiting replies: the worker asked, and where its reply goes.
+    pending: HashMap<u64, (WorkerId, oneshot::Sender<Payload>)>,
     /// The requests served lately: a duplicate of one is dropped.
     served: Served,
 }
@@ -195,8 +196,16 @@ impl Actor for CommActor {
             },
             CommMsg::Incoming(packet) => {
                 if packet.payload.is_reply() {
-                    if let Some(tx) = state.pending.remove(&packet.id) {
-                        let _ = tx.send(packet.payload);
+                    // Only the worker asked answers: a reply with the id of a request to another
+                    // worker (a confused or forged peer) is not taken for that worker's answer.
+                    if state
+                        .pending
+                        .get(&packet.id)
+                        .is_some_and(|(peer, _)| *peer == packet.from)
+                    {
+                        if let Some((_, tx)) = state.pending.remove(&packet.id) {
+                            let _ = tx.send(packet.payload);
+                        }
                     }
                 } else if state.served.first_time(packet.from, packet.id) {
                     let args = state.args.clone();
@@ -246,7 +255,7 @@ fn start_exchange(
         // late reply can never be taken for the answer to a newer request.
         let id = NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        state.pending.insert(id, tx);
+        state.pending.insert(id, (peer, tx));
         count_traffic(&state.args, peer, kind, &payload);
         let sent = state.args.transport.send(Packet {
             from: me,
