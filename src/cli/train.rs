@@ -536,13 +536,12 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         // The file's train.steps applies only where the file sets it and no time budget: a budget
         // chose the run's steps when it started (recorded in its config), and the file's own
         // count (or the default, where it sets none) was never the run's.
-        let file_steps_apply = file.as_ref().is_some_and(|(f, keys)| {
-            let sets_steps = keys
-                .get("train")
+        let file_sets_steps = file.as_ref().is_some_and(|(_, keys)| {
+            keys.get("train")
                 .and_then(|t| t.as_table())
-                .is_some_and(|t| t.contains_key("steps"));
-            sets_steps && f.train.time_budget_s <= 0.0
+                .is_some_and(|t| t.contains_key("steps"))
         });
+        let file_steps_apply = file_sets_steps && file.as_ref().is_some_and(|(f, _)| f.train.time_budget_s <= 0.0);
         if let Some((f, _)) = &file {
             let recorded = TrainConfig::from_file(&dir.join("config.toml")).ok();
             if recorded
@@ -555,7 +554,10 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
                     f.train.time_budget_s
                 );
             }
-            if let Some(r) = recorded.filter(|r| !file_steps_apply && r.train.steps != f.train.steps) {
+            // Said where the file sets steps that are not applied (not its default, nor where
+            // --steps sets them).
+            let unapplied = file_sets_steps && !file_steps_apply && a.steps.is_none();
+            if let Some(r) = recorded.filter(|r| unapplied && r.train.steps != f.train.steps) {
                 semoe::say!(
                     "notice: the config file's train.steps ({}) is not applied: the run keeps its {} steps, which its \
                      time budget or its first start chose (--steps changes them; a file changes them where it \

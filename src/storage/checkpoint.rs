@@ -521,11 +521,20 @@ pub(crate) fn missing_dirs(dir: &Path) -> Vec<PathBuf> {
 /// it, whose own entry was never synced.
 pub(crate) fn sync_parents(created: &[PathBuf]) -> Result<()> {
     for dir in created {
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Some(parent) = parent_dir(dir) {
             sync_dir(parent)?;
         }
     }
     Ok(())
+}
+
+/// The directory holding `path`'s entry: its parent, or the working directory for a relative
+/// path of one component (`runs`, whose `parent()` is empty); `None` for a root.
+pub(crate) fn parent_dir(path: &Path) -> Option<&Path> {
+    match path.parent() {
+        Some(parent) if parent.as_os_str().is_empty() => Some(Path::new(".")),
+        other => other,
+    }
 }
 
 /// Creates `dir` (and its parents) if missing, and makes its entry in the parent, and those of
@@ -535,9 +544,9 @@ fn create_dir_synced(dir: &Path) -> Result<()> {
     let missing = missing_dirs(dir);
     fs::create_dir_all(dir).map_err(|e| Error::io("creating checkpoints directory", dir, e))?;
     sync_parents(&missing)?;
-    match dir.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
-        _ => Ok(()),
+    match parent_dir(dir) {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
     }
 }
 

@@ -490,6 +490,12 @@ mod tests {
             vec![nested.join("c")]
         );
         crate::storage::checkpoint::sync_parents(&missing).expect("their parents sync");
+        // A relative directory of one component is entered in the working directory.
+        use crate::storage::checkpoint::parent_dir;
+        assert_eq!(parent_dir(Path::new("runs")), Some(Path::new(".")));
+        assert_eq!(parent_dir(Path::new("runs/r")), Some(Path::new("runs")));
+        assert_eq!(parent_dir(&nested), Some(root.join("a").as_path()));
+        assert_eq!(parent_dir(Path::new("/")), None);
         let _ = std::fs::remove_dir_all(&root);
     }
 

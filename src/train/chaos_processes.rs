@@ -682,6 +682,14 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
     let digest = corpus.digest();
     let text = corpus.train;
     let logs = dir.join("workers");
+    // The fault hook names its file in a variable of `,`- and `;`-separated fields.
+    if logs.to_string_lossy().contains([',', ';']) {
+        return Err(Error::config(format!(
+            "the chaos run's directory {} holds a ',' or ';', which the worker processes' fault hook cannot \
+             carry: choose another --run-dir",
+            dir.display()
+        )));
+    }
     if logs.exists() {
         std::fs::remove_dir_all(&logs).map_err(|e| Error::io("cannot empty the workers' logs", &logs, e))?;
     }

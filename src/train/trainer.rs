@@ -297,7 +297,7 @@ impl Trainer {
         *created = run_dir::create_dir(run_dir)?;
         // Its entry durable, as the checkpoints saved in it are (best effort: a parent that
         // cannot be opened, or a filesystem that refuses a directory's fsync, still runs).
-        if let Some(parent) = run_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Some(parent) = crate::storage::checkpoint::parent_dir(run_dir) {
             let _ = crate::storage::checkpoint::sync_dir(parent);
         }
         let lock = match lock {

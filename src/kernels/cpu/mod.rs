@@ -124,14 +124,16 @@ fn product_shape<T>(a: &Mat<'_, T>, b: &Mat<'_, T>) -> Result<(usize, usize, usi
 /// round differently on a CPU with a larger L1 (an AVX2 Intel core with 48 KiB of L1 blocks by
 /// 1,024 where a Zen 3 blocks by 512), so two machines of the same instruction set would train
 /// different bits. Splitting it here, into the balanced slices of at most 512 that gemm itself
-/// makes when its block is 512, gives every machine the same sums (and those machines the bits
-/// they computed before). Smaller products use a fixed block of 512 inside gemm already.
+/// makes when its block is 512, gives every machine the same sums (and machines that block by
+/// 512 the bits they computed before, for the products gemm blocks by its cache). Smaller
+/// products use a fixed block of 512 inside gemm already, and a matrix-vector product (one row
+/// or one column) no blocks at all: neither is sliced.
 const K_SLICE: usize = 512;
 
 /// The slices `[start, end)` of an inner dimension `k` that [`Cpu::gemm_into`] sums one gemm call
 /// each, for an `m x n` output (see [`K_SLICE`]).
 fn k_slices(m: usize, n: usize, k: usize) -> impl Iterator<Item = (usize, usize)> {
-    let cache_blocked = m > 64 || n > 64;
+    let cache_blocked = (m > 64 || n > 64) && m > 1 && n > 1;
     let pieces = if cache_blocked { k.div_ceil(K_SLICE).max(1) } else { 1 };
     let slice = k.div_ceil(pieces).max(1);
     (0..pieces).map(move |i| (i * slice, ((i + 1) * slice).min(k)))
@@ -587,11 +589,14 @@ mod tests {
         let slices = |m, n, k| k_slices(m, n, k).collect::<Vec<_>>();
         // Balanced slices of at most 512, as gemm blocks at 512.
         assert_eq!(slices(96, 80, 1100), vec![(0, 367), (367, 734), (734, 1100)]);
-        assert_eq!(slices(65, 1, 1024), vec![(0, 512), (512, 1024)]);
-        assert_eq!(slices(1, 200, 513), vec![(0, 257), (257, 513)]);
+        assert_eq!(slices(65, 2, 1024), vec![(0, 512), (512, 1024)]);
+        assert_eq!(slices(2, 200, 513), vec![(0, 257), (257, 513)]);
         assert_eq!(slices(200, 200, 512), vec![(0, 512)]);
-        // Small outputs: gemm's own fixed block of 512, no cache involved.
+        // Small outputs: gemm's own fixed block of 512, no cache involved; a matrix-vector
+        // product (decoding one sequence) sums without blocks.
         assert_eq!(slices(64, 64, 2000), vec![(0, 2000)]);
+        assert_eq!(slices(65, 1, 1024), vec![(0, 1024)]);
+        assert_eq!(slices(1, 200, 1024), vec![(0, 1024)]);
         assert_eq!(slices(96, 80, 1), vec![(0, 1)]);
     }
 
