@@ -812,11 +812,10 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         Err(e) => semoe::say!("warning: the GPU's memory figures could not be read: {e}"),
     }
     if let Some(m) = trainer.membership() {
-        let recovery = if m.recovery_seconds.is_empty() {
+        let recovery = if m.recoveries == 0 {
             String::new()
         } else {
-            let worst = m.recovery_seconds.iter().copied().fold(0.0, f64::max);
-            format!("; membership changes took up to {worst:.2} s")
+            format!("; membership changes took up to {:.2} s", m.recovery_worst_seconds)
         };
         semoe::say!(
             "membership: epoch {}, {} workers at the end; {} joined, {} left, {} lost; {} steps replayed; {} of state moved{recovery}",

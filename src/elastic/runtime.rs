@@ -56,11 +56,56 @@ pub struct MembershipStats {
     pub replayed_steps: u64,
     /// Bytes of committed state sent to workers when epochs formed.
     pub state_bytes: u64,
-    /// Seconds each membership change took (from noticing it to the new epoch ready, the steps
-    /// the copy lacked replayed).
+    /// Seconds each of the newest [`HISTORY_KEPT`] membership changes took (from noticing it to
+    /// the new epoch ready, the steps the copy lacked replayed).
     pub recovery_seconds: Vec<f64>,
-    /// One entry per epoch formed.
+    /// Membership changes timed since the start (`recovery_seconds` holds the newest).
+    pub recoveries: u64,
+    /// The longest of them, in seconds.
+    pub recovery_worst_seconds: f64,
+    /// One entry per epoch formed, the newest [`HISTORY_KEPT`].
     pub history: Vec<EpochRecord>,
+    /// Epochs formed since the start (`history` holds the newest).
+    pub epochs_formed: u64,
+}
+
+/// Epoch records and recovery times a run keeps, the newest: a long run with churn forms epochs
+/// without end, and the figures are copied whole where they are read.
+pub const HISTORY_KEPT: usize = 1024;
+
+impl MembershipStats {
+    /// The epochs formed from the `from`-th on (0: the first), as far as they are kept.
+    pub fn history_since(&self, from: u64) -> &[EpochRecord] {
+        &self.history[kept_since(self.epochs_formed, self.history.len(), from)..]
+    }
+
+    /// The times of the membership changes from the `from`-th on, as far as they are kept.
+    pub fn recoveries_since(&self, from: u64) -> &[f64] {
+        &self.recovery_seconds[kept_since(self.recoveries, self.recovery_seconds.len(), from)..]
+    }
+
+    fn record_epoch(&mut self, record: EpochRecord) {
+        self.history.push(record);
+        self.epochs_formed += 1;
+        if self.history.len() > HISTORY_KEPT {
+            self.history.remove(0);
+        }
+    }
+
+    fn record_recovery(&mut self, seconds: f64) {
+        self.recovery_seconds.push(seconds);
+        self.recoveries += 1;
+        self.recovery_worst_seconds = self.recovery_worst_seconds.max(seconds);
+        if self.recovery_seconds.len() > HISTORY_KEPT {
+            self.recovery_seconds.remove(0);
+        }
+    }
+}
+
+/// Where the entries from the `from`-th on start in a list holding the newest `kept` of `total`.
+fn kept_since(total: u64, kept: usize, from: u64) -> usize {
+    let first = total.saturating_sub(kept as u64);
+    from.saturating_sub(first).min(kept as u64) as usize
 }
 
 /// One epoch formed, for the metrics log and the report.
@@ -764,13 +809,13 @@ impl ElasticRuntime {
                     // Not the start (an epoch formed before; a failed first attempt already
                     // counted in `stats.epoch`): its members joined, and it was a recovery (timed
                     // below, once the steps the copy lacks are replayed).
-                    let recovery = !self.stats.history.is_empty();
+                    let recovery = self.stats.epochs_formed > 0;
                     if recovery {
                         self.stats.joins += joins;
                     }
                     self.stats.epoch = epoch_no;
                     self.stats.members = members.len();
-                    self.stats.history.push(EpochRecord {
+                    self.stats.record_epoch(EpochRecord {
                         epoch: epoch_no,
                         step: self.committed,
                         workers: members.len(),
@@ -813,7 +858,7 @@ impl ElasticRuntime {
                         self.safe = SafeCopy::Whole(Box::new(state));
                     }
                     if recovery {
-                        self.stats.recovery_seconds.push(started.elapsed().as_secs_f64());
+                        self.stats.record_recovery(started.elapsed().as_secs_f64());
                         metrics::histogram!(names::RECOVERY_SECONDS).record(started.elapsed().as_secs_f64());
                     }
                     crate::say!(
@@ -1339,3 +1384,38 @@ const MAX_RELINKS: u32 = 8;
 /// counts on its own: longer than it takes to notice a crash (the QUIC idle timeout, 1.5 s; a
 /// local process's exit at once).
 const LINK_LOSS_GRACE: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run with churn keeps the newest epochs and recovery times only, counts them all, and
+    /// still answers what was formed since a count it was given.
+    #[test]
+    fn the_membership_figures_keep_the_newest_epochs_and_count_them_all() {
+        let mut stats = MembershipStats::default();
+        let total = HISTORY_KEPT as u64 + 10;
+        for epoch in 1..=total {
+            stats.record_epoch(EpochRecord {
+                epoch,
+                ..Default::default()
+            });
+            stats.record_recovery(if epoch == 3 { 9.0 } else { epoch as f64 / 1e6 });
+        }
+        assert_eq!(stats.history.len(), HISTORY_KEPT);
+        assert_eq!(stats.recovery_seconds.len(), HISTORY_KEPT);
+        assert_eq!((stats.epochs_formed, stats.recoveries), (total, total));
+        assert_eq!(stats.history[0].epoch, 11, "the oldest kept");
+        assert_eq!(stats.recovery_worst_seconds, 9.0, "the worst of all, dropped or not");
+        let since = stats.history_since(total - 2);
+        assert_eq!(since.iter().map(|e| e.epoch).collect::<Vec<_>>(), [total - 1, total]);
+        assert_eq!(
+            stats.history_since(0).len(),
+            HISTORY_KEPT,
+            "what is kept of an older count"
+        );
+        assert!(stats.history_since(total).is_empty());
+        assert!(stats.history_since(u64::MAX).is_empty());
+        assert_eq!(stats.recoveries_since(total - 1), [total as f64 / 1e6]);
+    }
+}

@@ -585,7 +585,7 @@ async fn disturbed(
                     epochs: [before.epoch, after.epoch],
                     replayed: after.replayed_steps - before.replayed_steps,
                     state_bytes: after.state_bytes - before.state_bytes,
-                    reform: after.recovery_seconds[before.recovery_seconds.len()..].to_vec(),
+                    reform: after.recoveries_since(before.recoveries).to_vec(),
                     members: after.members,
                 });
             }

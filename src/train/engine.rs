@@ -260,7 +260,7 @@ impl RuntimeEngine {
     /// recorded yet: copied each step, so not the whole history).
     pub fn epochs_since(&self, from: usize) -> Vec<crate::elastic::runtime::EpochRecord> {
         match &self.kind {
-            Some(Kind::Elastic(r)) => r.stats().history.iter().skip(from).cloned().collect(),
+            Some(Kind::Elastic(r)) => r.stats().history_since(from as u64).to_vec(),
             _ => Vec::new(),
         }
     }
