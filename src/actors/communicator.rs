@@ -20,6 +20,7 @@ use crate::net::{Packet, Payload, Segment, Transport, WorkerId};
 use crate::storage::tiers::ExpertStore;
 use crate::telemetry::metrics as names;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
@@ -198,13 +199,9 @@ impl Actor for CommActor {
                 if packet.payload.is_reply() {
                     // Only the worker asked answers: a reply with the id of a request to another
                     // worker (a confused or forged peer) is not taken for that worker's answer.
-                    if state
-                        .pending
-                        .get(&packet.id)
-                        .is_some_and(|(peer, _)| *peer == packet.from)
-                    {
-                        if let Some((_, tx)) = state.pending.remove(&packet.id) {
-                            let _ = tx.send(packet.payload);
+                    if let Entry::Occupied(asked) = state.pending.entry(packet.id) {
+                        if asked.get().0 == packet.from {
+                            let _ = asked.remove().1.send(packet.payload);
                         }
                     }
                 } else if state.served.first_time(packet.from, packet.id) {

@@ -516,6 +516,14 @@ pub(crate) fn missing_dirs(dir: &Path) -> Vec<PathBuf> {
     missing
 }
 
+/// `fs::create_dir_all(dir)`, answering the directories it made (see [`missing_dirs`]), outermost
+/// first, for [`sync_parents`].
+pub(crate) fn create_dirs(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let missing = missing_dirs(dir);
+    fs::create_dir_all(dir)?;
+    Ok(missing)
+}
+
 /// Makes the entries of the directories `created` durable in their parents: a file synced inside
 /// a new directory can still vanish in a power loss with the directory, or with a new parent of
 /// it, whose own entry was never synced.
@@ -541,9 +549,8 @@ pub(crate) fn parent_dir(path: &Path) -> Option<&Path> {
 /// the parents it made, durable. Synced also when it exists: a crash between an earlier creation
 /// and its sync leaves it unsynced.
 fn create_dir_synced(dir: &Path) -> Result<()> {
-    let missing = missing_dirs(dir);
-    fs::create_dir_all(dir).map_err(|e| Error::io("creating checkpoints directory", dir, e))?;
-    sync_parents(&missing)?;
+    let made = create_dirs(dir).map_err(|e| Error::io("creating checkpoints directory", dir, e))?;
+    sync_parents(&made)?;
     match parent_dir(dir) {
         Some(parent) => sync_dir(parent),
         None => Ok(()),

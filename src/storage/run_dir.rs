@@ -160,10 +160,10 @@ pub fn default_name(time: std::time::SystemTime) -> String {
 /// (another run started in the same second). Creation is atomic, so two processes never get the
 /// same directory.
 pub fn create_unique(parent: &Path, name: &str) -> Result<PathBuf> {
-    let missing = crate::storage::checkpoint::missing_dirs(parent);
-    std::fs::create_dir_all(parent).map_err(|e| Error::io("cannot create the runs directory", parent, e))?;
+    let made = crate::storage::checkpoint::create_dirs(parent)
+        .map_err(|e| Error::io("cannot create the runs directory", parent, e))?;
     // Best effort, as for the run directory's own entry below.
-    let _ = crate::storage::checkpoint::sync_parents(&missing);
+    let _ = crate::storage::checkpoint::sync_parents(&made);
     for n in 1..=1000u32 {
         let dir = if n == 1 {
             parent.join(name)
@@ -210,10 +210,9 @@ pub fn holds_no_results(dir: &Path) -> bool {
 pub fn create_dir(dir: &Path) -> Result<bool> {
     let cannot = |e| Error::io("cannot create the run directory", dir, e);
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        let missing = crate::storage::checkpoint::missing_dirs(parent);
-        std::fs::create_dir_all(parent).map_err(cannot)?;
+        let made = crate::storage::checkpoint::create_dirs(parent).map_err(cannot)?;
         // The parents' entries durable (best effort, as the caller syncs the run directory's).
-        let _ = crate::storage::checkpoint::sync_parents(&missing);
+        let _ = crate::storage::checkpoint::sync_parents(&made);
     }
     match std::fs::create_dir(dir) {
         Ok(()) => Ok(true),
