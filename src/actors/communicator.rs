@@ -11,6 +11,7 @@
 use super::collectives::{ExpertCall, ExpertCollectives};
 use super::expert::ExpertMsg;
 use super::ledger::LedgerMsg;
+use super::placement::Placement;
 use super::{ask, fail_with, ActorName};
 use crate::chaos::{FaultPlan, Moment, Target};
 use crate::error::{Error, Result};
@@ -107,6 +108,9 @@ pub struct CommArgs {
     /// The communicators expert rows travel through instead of the transport (`train.exchange`
     /// `sim` or `nccl`), shared by every worker of the runtime.
     pub collectives: Option<Arc<ExpertCollectives>>,
+    /// The epoch's placement: which worker runs each group and owns each dense tensor, so that a
+    /// peer's request is taken only for what that peer computes.
+    pub placement: Arc<Placement>,
 }
 
 impl CommArgs {
@@ -371,10 +375,13 @@ async fn serve(args: CommArgs, packet: Packet) -> Result<()> {
     if args.chaos.silent(args.worker, step.step) {
         return Ok(()); // injected fault: a peer that never answers
     }
-    let answer = match answer(&args, packet.payload).await {
-        Ok(payload) => payload,
-        Err(e) => Payload::failed(&e),
+    // A request the sender may not make is answered with the refusal (the sender's exchange
+    // fails naming it); nothing of it is delivered.
+    let answer = match check_sender(&args.placement, packet.from, &packet.payload) {
+        Ok(()) => answer(&args, packet.payload).await,
+        Err(e) => Err(e),
     };
+    let answer = answer.unwrap_or_else(|e| Payload::failed(&e));
     if !kind.is_empty() {
         count_traffic(&args, packet.from, kind, &answer);
     }
@@ -384,6 +391,40 @@ async fn serve(args: CommArgs, packet: Packet) -> Result<()> {
         id: packet.id,
         payload: answer,
     })
+}
+
+/// Whether `from` may make the request `payload`: rows and gradients only of the groups it runs,
+/// parameters only of the dense tensors it owns (in this epoch's placement). The wire checks a
+/// packet's shape and the job token its sender; this checks what the sender speaks for. Without
+/// it, a confused or forged peer's rows for another worker's group replaced that group's forward
+/// state in the experts, its gradient that group's share of a dense gradient in the ledger, and
+/// its parameters a tensor's committed values in the replica, each in silence.
+pub(super) fn check_sender(placement: &Placement, from: WorkerId, payload: &Payload) -> Result<()> {
+    let runs = |group: usize| placement.group_owner.get(group) == Some(&from);
+    let refuse = |what: String| {
+        Err(Error::runtime(format!(
+            "worker {from} sent {what}, which it does not compute in this epoch's placement"
+        )))
+    };
+    match payload {
+        Payload::ExpertForward { segments, .. } | Payload::ExpertBackward { segments, .. } => {
+            match segments.iter().find(|s| !runs(s.group)) {
+                Some(s) => refuse(format!("expert rows of group {}", s.group)),
+                None => Ok(()),
+            }
+        }
+        Payload::DenseGrads { group, .. } if !runs(*group) => refuse(format!("group {group}'s dense gradients")),
+        Payload::Params { tensors, .. } => {
+            match tensors
+                .iter()
+                .find(|(i, _)| placement.tensor_owner.get(*i) != Some(&from))
+            {
+                Some((i, _)) => refuse(format!("the committed values of tensor {i}")),
+                None => Ok(()),
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 async fn answer(args: &CommArgs, payload: Payload) -> Result<Payload> {
@@ -411,22 +452,9 @@ async fn answer(args: &CommArgs, payload: Payload) -> Result<Payload> {
             .await
             .map(|()| Payload::Ack)
         }
-        Payload::Params { tensors, .. } => {
+        Payload::Params { step, tensors } => {
             let mut replica = args.replica.lock().unwrap_or_else(PoisonError::into_inner);
-            let model = Arc::make_mut(&mut replica);
-            let mut bufs = model.buffers_mut();
-            for (i, values) in tensors {
-                let buf = bufs
-                    .get_mut(i)
-                    .ok_or_else(|| Error::runtime(format!("parameters for tensor {i}, which the model lacks")))?;
-                if buf.len() != values.len() {
-                    return Err(Error::shape(
-                        format!("broadcast of tensor {i}"),
-                        format!("{} values for {} elements", values.len(), buf.len()),
-                    ));
-                }
-                buf.copy_from_slice(&values);
-            }
+            install_params(Arc::make_mut(&mut replica), step, &tensors)?;
             Ok(Payload::Ack)
         }
         Payload::Gather { tensors, .. } => {
@@ -448,6 +476,36 @@ async fn answer(args: &CommArgs, payload: Payload) -> Result<Payload> {
         }
         other => Err(Error::runtime(format!("unexpected request {other:?}"))),
     }
+}
+
+/// Install a broadcast's committed values of dense tensors into `model` (the replica), after
+/// checking every tensor first: a broadcast is taken whole or not at all.
+fn install_params(model: &mut Gpt<f32>, step: StepId, tensors: &[(usize, Arc<Vec<f32>>)]) -> Result<()> {
+    let mut bufs = model.buffers_mut();
+    for (i, values) in tensors {
+        let buf = bufs
+            .get(*i)
+            .ok_or_else(|| Error::runtime(format!("parameters for tensor {i}, which the model lacks")))?;
+        if buf.len() != values.len() {
+            return Err(Error::shape(
+                format!("broadcast of tensor {i}"),
+                format!("{} values for {} elements", values.len(), buf.len()),
+            ));
+        }
+        // Committed values are finite (a non-finite gradient norm stops the commit): one that is
+        // not came from a broken peer, named here rather than as a later loss of NaN taken for
+        // divergence.
+        if let Some(k) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::runtime(format!(
+                "the broadcast of tensor {i} of step {step} holds {} at element {k}",
+                values[k]
+            )));
+        }
+    }
+    for (i, values) in tensors {
+        bufs[*i].copy_from_slice(values);
+    }
+    Ok(())
 }
 
 fn read_registry(r: &SharedRegistry) -> std::sync::RwLockReadGuard<'_, Registry> {
@@ -549,5 +607,133 @@ mod tests {
         // The oldest two were forgotten; the newest is still remembered.
         assert!(served.first_time(0, 7));
         assert!(!served.first_time(2, 99 + SERVED_WINDOW as u64));
+    }
+
+    /// Two workers, four groups (0 and 2 on worker 0), dense tensor 0 owned by worker 0 and 2 by
+    /// worker 1; tensor 1 is an expert tensor (no single owner).
+    fn placement() -> Placement {
+        Placement {
+            workers: 2,
+            expert_owner: vec![0, 1],
+            group_owner: vec![0, 1, 0, 1],
+            tensor_owner: vec![0, usize::MAX, 1],
+        }
+    }
+
+    fn rows(groups: &[usize]) -> Vec<Segment> {
+        groups
+            .iter()
+            .map(|&group| Segment {
+                group,
+                expert: 0,
+                rows: 1,
+                data: vec![0.0; 4],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_peer_speaks_only_for_its_own_groups_and_tensors() {
+        let p = placement();
+        let step = StepId::first(3);
+        let forward = |groups: &[usize]| Payload::ExpertForward {
+            step,
+            block: 1,
+            segments: rows(groups),
+        };
+        let backward = |groups: &[usize]| Payload::ExpertBackward {
+            step,
+            block: 1,
+            segments: rows(groups),
+        };
+        let grads = |group| Payload::DenseGrads {
+            step,
+            group,
+            tensors: vec![(0, vec![1.0])],
+        };
+        let params = |tensors: &[usize]| Payload::Params {
+            step,
+            tensors: tensors.iter().map(|&i| (i, Arc::new(vec![1.0]))).collect(),
+        };
+        let allowed = [
+            (0, forward(&[0, 2])),
+            (1, backward(&[1, 3])),
+            (0, grads(2)),
+            (1, grads(1)),
+            (0, params(&[0])),
+            (1, params(&[2])),
+            (1, Payload::Gather { step, tensors: vec![0] }),
+        ];
+        for (from, payload) in &allowed {
+            assert!(check_sender(&p, *from, payload).is_ok(), "{from}: {payload:?}");
+        }
+        let refused = [
+            (1, forward(&[1, 2]), "expert rows of group 2"),
+            (0, backward(&[0, 1]), "expert rows of group 1"),
+            (0, forward(&[7]), "expert rows of group 7"),
+            (1, grads(0), "group 0's dense gradients"),
+            (0, grads(4), "group 4's dense gradients"),
+            (0, params(&[0, 2]), "tensor 2"),
+            (1, params(&[1]), "tensor 1"),
+            (1, params(&[9]), "tensor 9"),
+        ];
+        for (from, payload, what) in &refused {
+            let e = check_sender(&p, *from, payload).expect_err(what).to_string();
+            assert!(
+                e.contains(&format!("worker {from} sent")) && e.contains(what) && e.contains("does not compute"),
+                "{e}"
+            );
+        }
+    }
+
+    fn replica() -> Gpt<f32> {
+        let config = crate::model::gpt::GptConfig {
+            block_size: 8,
+            d_model: 16,
+            n_layer: 2,
+            n_head: 2,
+            d_ff: 32,
+            experts: 2,
+            k: 1,
+            ..Default::default()
+        };
+        Gpt::init(&config, 1).expect("model")
+    }
+
+    #[test]
+    fn a_broadcast_is_installed_whole_or_not_at_all() {
+        let mut model = replica();
+        let before: Vec<Vec<f32>> = model.buffers_mut().iter().map(|b| b.to_vec()).collect();
+        let (a, b) = (0, 1);
+        let (len_a, len_b) = (before[a].len(), before[b].len());
+        let step = StepId::first(5);
+        let good = |i: usize, len: usize| (i, Arc::new(vec![0.5f32; len]));
+        // The second tensor is bad in each case: the first must not be installed either.
+        let cases = [
+            (vec![good(a, len_a), good(b, len_b + 1)], "elements"),
+            (
+                vec![good(a, len_a), (b, Arc::new(vec![f32::NAN; len_b]))],
+                "NaN at element 0",
+            ),
+            (
+                vec![
+                    good(a, len_a),
+                    (b, Arc::new([vec![0.0; len_b - 1], vec![f32::INFINITY]].concat())),
+                ],
+                "inf at element",
+            ),
+            (vec![good(a, len_a), good(before.len(), 1)], "which the model lacks"),
+        ];
+        for (tensors, what) in cases {
+            let e = install_params(&mut model, step, &tensors).expect_err(what).to_string();
+            assert!(e.contains(what), "{what}: {e}");
+            let now: Vec<Vec<f32>> = model.buffers_mut().iter().map(|b| b.to_vec()).collect();
+            assert_eq!(now.len(), before.len());
+            assert!(now == before, "{what}: a refused broadcast changed the replica");
+        }
+        install_params(&mut model, step, &[good(a, len_a), good(b, len_b)]).expect("a good broadcast");
+        let now = model.buffers_mut();
+        assert!(now[a].iter().chain(now[b].iter()).all(|&v| v == 0.5));
+        assert_eq!(now[a].len(), len_a);
     }
 }

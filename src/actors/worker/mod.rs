@@ -251,6 +251,7 @@ impl WorkerState {
                     chaos: a.chaos.clone(),
                     traffic: a.traffic.clone(),
                     collectives: a.collectives.clone(),
+                    placement: a.placement.clone(),
                 };
                 let (r, _) = Actor::spawn_linked(None, CommActor, args, sup).await.map_err(fail)?;
                 write(&self.registry).comm = Some(r.clone());
