@@ -111,6 +111,9 @@ pub struct CommArgs {
     /// The epoch's placement: which worker runs each group and owns each dense tensor, so that a
     /// peer's request is taken only for what that peer computes.
     pub placement: Arc<Placement>,
+    /// The step the worker runs next (the steps it has committed): a peer's rows and gradients
+    /// are taken only for it, its broadcast only of it or of the step just committed.
+    pub next_step: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl CommArgs {
@@ -377,7 +380,10 @@ async fn serve(args: CommArgs, packet: Packet) -> Result<()> {
     }
     // A request the sender may not make is answered with the refusal (the sender's exchange
     // fails naming it); nothing of it is delivered.
-    let answer = match check_sender(&args.placement, packet.from, &packet.payload) {
+    let next = args.next_step.load(std::sync::atomic::Ordering::Acquire);
+    let checked = check_sender(&args.placement, packet.from, &packet.payload)
+        .and_then(|()| check_step(next, packet.from, &packet.payload));
+    let answer = match checked {
         Ok(()) => answer(&args, packet.payload).await,
         Err(e) => Err(e),
     };
@@ -425,6 +431,28 @@ pub(super) fn check_sender(placement: &Placement, from: WorkerId, payload: &Payl
         }
         _ => Ok(()),
     }
+}
+
+/// Whether `payload`, from `from`, is of a step the worker can take it for, `next` being the step
+/// it runs next: rows and dense gradients of that step only, a broadcast of it or of the step
+/// before (a peer may commit first). Every worker commits a step before the driver starts the
+/// next, so a peer is never ahead; an older step's request is a leftover of a rolled-back attempt.
+/// A request of a later step would otherwise make the ledger or an expert adopt that step and
+/// refuse the real one's messages as stale, every replay included: the run would fail.
+pub(super) fn check_step(next: u64, from: WorkerId, payload: &Payload) -> Result<()> {
+    let (step, earliest) = match payload {
+        Payload::ExpertForward { step, .. }
+        | Payload::ExpertBackward { step, .. }
+        | Payload::DenseGrads { step, .. } => (step.step, next),
+        Payload::Params { step, .. } => (step.step, next.saturating_sub(1)),
+        _ => return Ok(()),
+    };
+    if step < earliest || step > next {
+        return Err(Error::runtime(format!(
+            "worker {from} sent a request of step {step}; this worker is at step {next}"
+        )));
+    }
+    Ok(())
 }
 
 async fn answer(args: &CommArgs, payload: Payload) -> Result<Payload> {
@@ -735,5 +763,61 @@ mod tests {
         let now = model.buffers_mut();
         assert!(now[a].iter().chain(now[b].iter()).all(|&v| v == 0.5));
         assert_eq!(now[a].len(), len_a);
+    }
+
+    #[test]
+    fn a_peer_s_work_is_taken_only_for_the_step_this_worker_runs() {
+        let at = |step: u64, attempt: u32| StepId { step, attempt };
+        let forward = |step| Payload::ExpertForward {
+            step,
+            block: 0,
+            segments: rows(&[1]),
+        };
+        let backward = |step| Payload::ExpertBackward {
+            step,
+            block: 0,
+            segments: rows(&[1]),
+        };
+        let grads = |step| Payload::DenseGrads {
+            step,
+            group: 1,
+            tensors: vec![(0, vec![1.0])],
+        };
+        let params = |step| Payload::Params {
+            step,
+            tensors: vec![(2, Arc::new(vec![1.0]))],
+        };
+        // The worker runs step 7 next.
+        for ok in [
+            forward(at(7, 0)),
+            backward(at(7, 2)),
+            grads(at(7, 1)),
+            params(at(7, 0)),
+            params(at(6, 0)),
+            Payload::Gather {
+                step: at(9, 0),
+                tensors: vec![0],
+            },
+            Payload::Ack,
+        ] {
+            assert!(check_step(7, 1, &ok).is_ok(), "{ok:?}");
+        }
+        for (bad, step) in [
+            (forward(at(8, 0)), 8),
+            (forward(at(u64::MAX, 0)), u64::MAX),
+            (backward(at(6, 3)), 6),
+            (grads(at(1_000_000, 0)), 1_000_000),
+            (params(at(5, 0)), 5),
+            (params(at(8, 0)), 8),
+        ] {
+            let e = check_step(7, 1, &bad).expect_err("refused").to_string();
+            assert!(
+                e.contains(&format!("worker 1 sent a request of step {step};")) && e.contains("at step 7"),
+                "{e}"
+            );
+        }
+        // Before the first commit: step 0 only, its broadcast included.
+        assert!(check_step(0, 1, &params(at(0, 0))).is_ok());
+        assert!(check_step(0, 1, &forward(at(1, 0))).is_err());
     }
 }

@@ -129,6 +129,11 @@ pub(super) async fn commit(state: &mut WorkerState, step: StepId, lr: f64, norm:
             )
         })
         .collect();
+    // Committed here: the peers' work from now on is of the next step. (The driver starts it only
+    // once every worker has answered this commit, so none arrives earlier.)
+    state
+        .next_step
+        .store(step.step.saturating_add(1), std::sync::atomic::Ordering::Release);
     let what = format!("the parameter broadcast of step {step}");
     exchange(state, what, "params", requests).await?;
     Ok(())

@@ -170,6 +170,9 @@ pub struct WorkerState {
     restarts: VecDeque<Instant>,
     lost: Option<String>,
     pump: Option<tokio::task::JoinHandle<()>>,
+    /// The step this worker runs next (the steps it has committed), shared with its Communicator,
+    /// which takes a peer's work only for that step.
+    next_step: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The Worker actor.
@@ -252,6 +255,7 @@ impl WorkerState {
                     traffic: a.traffic.clone(),
                     collectives: a.collectives.clone(),
                     placement: a.placement.clone(),
+                    next_step: self.next_step.clone(),
                 };
                 let (r, _) = Actor::spawn_linked(None, CommActor, args, sup).await.map_err(fail)?;
                 write(&self.registry).comm = Some(r.clone());
@@ -326,7 +330,9 @@ impl Actor for WorkerActor {
             .unwrap_or_else(PoisonError::into_inner)
             .take()
             .ok_or_else(|| Error::runtime(format!("worker {}'s inbox was already taken", args.worker)))?;
+        let committed = args.store.lock().unwrap_or_else(PoisonError::into_inner).optimizer.step;
         let mut state = WorkerState {
+            next_step: Arc::new(std::sync::atomic::AtomicU64::new(committed)),
             registry: Arc::new(std::sync::RwLock::new(Registry::default())),
             gates: BTreeMap::new(),
             children: HashMap::new(),
