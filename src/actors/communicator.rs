@@ -436,7 +436,8 @@ pub(super) fn check_sender(placement: &Placement, from: WorkerId, payload: &Payl
 /// Whether `payload`, from `from`, is of a step the worker can take it for, `next` being the step
 /// it runs next: rows and dense gradients of that step only, a broadcast of it or of the step
 /// before (a peer may commit first). Every worker commits a step before the driver starts the
-/// next, so a peer is never ahead; an older step's request is a leftover of a rolled-back attempt.
+/// next, so a peer is never ahead, and an older step's request is a late copy (a rolled-back
+/// attempt's leftovers are of the same step and are left to the ledger and experts to tell).
 /// A request of a later step would otherwise make the ledger or an expert adopt that step and
 /// refuse the real one's messages as stale, every replay included: the run would fail.
 pub(super) fn check_step(next: u64, from: WorkerId, payload: &Payload) -> Result<()> {
