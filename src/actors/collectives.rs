@@ -26,7 +26,7 @@
 //! processes the first failure is also told to every peer (a `Collective` packet of kind abort),
 //! and a generation is named by the step whose exchange built it, which every process agrees on.
 
-use super::communicator::{count_traffic, failure, run_experts, CommArgs};
+use super::communicator::{check_sender, count_traffic, failure, run_experts, CommArgs};
 use crate::config::{ExpertExchange, TrainConfig};
 use crate::error::{Error, Result};
 use crate::kernels::cuda::CudaDevice;
@@ -679,7 +679,7 @@ impl ExpertCollectives {
             if bytes.is_empty() {
                 continue;
             }
-            let segments = self.request_from(peer, me, epoch, call, &bytes)?;
+            let segments = self.request_from(peer, me, epoch, call, &bytes, &args.placement)?;
             let (args, (step, block, forward)) = (args.clone(), (call.step, call.block, call.forward));
             tasks.spawn(async move { (peer, run_experts(&args, step, block, segments, forward).await) });
         }
@@ -756,7 +756,8 @@ impl ExpertCollectives {
     }
 
     /// The segments of `peer`'s request in this exchange, refused if it is another step, block or
-    /// direction (its lane's sequence broke: a defect).
+    /// direction (its lane's sequence broke: a defect), or rows of a group `peer` does not run in
+    /// `placement` (as over the transport: [`check_sender`]).
     fn request_from(
         &self,
         peer: WorkerId,
@@ -764,8 +765,10 @@ impl ExpertCollectives {
         epoch: u64,
         call: &ExpertCall,
         bytes: &[u8],
+        placement: &crate::actors::Placement,
     ) -> Result<Vec<Segment>> {
         let packet = self.packet_from(peer, me, epoch, &call.what, bytes)?;
+        check_sender(placement, peer, &packet.payload).map_err(|e| Error::runtime(format!("{}: {e}", call.what)))?;
         match packet.payload {
             Payload::ExpertForward { step, block, segments }
                 if call.forward && step == call.step && block == call.block =>
