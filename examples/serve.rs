@@ -46,6 +46,14 @@ async fn main() -> semoe::Result<()> {
             if tokio::signal::ctrl_c().await.is_err() {
                 std::future::pending::<()>().await;
             }
+            println!("Ctrl-C: shutting down (a second Ctrl-C exits at once)");
+            // Tokio keeps its handler installed after the first signal: without this a second
+            // Ctrl-C would be swallowed until the requests in flight end or the grace runs out.
+            tokio::spawn(async {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            });
         })
         .await?;
     println!("stopped");

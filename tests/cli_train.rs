@@ -1169,6 +1169,19 @@ fn generate_through_the_ring_prints_what_resident_generation_prints() {
         !ok && err.contains("--kv-budget") && err.contains("0 sequence(s)"),
         "{err}"
     );
+    // One sequence of no bytes: the prompt on a line of its own, through the ring as without it
+    // (the ring printed no newline); a Host budget of zero, however written, sets up no ring.
+    let none = |extra: &[&str]| {
+        let mut argv = vec!["generate", "--checkpoint", "r", "--tokens", "0", "--prompt", "Hi"];
+        argv.extend_from_slice(extra);
+        let (status, out, err) = run(tmp.path(), &argv, Duration::from_secs(60));
+        assert!(status.success(), "{argv:?}: {err}");
+        out
+    };
+    assert_eq!(none(&[]), "Hi\n");
+    assert_eq!(none(&["--device-budget", "300KiB"]), "Hi\n");
+    assert_eq!(none(&["--host-budget", "0B"]), "Hi\n");
+    assert_eq!(none(&["--host-budget", "0 MiB"]), "Hi\n");
 }
 
 #[test]

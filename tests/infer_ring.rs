@@ -493,11 +493,13 @@ fn crafted_headers_and_configs_are_errors_not_panics() {
     let e = resident(&ckpt);
     assert!(e.contains("n_layer (4000000000)"), "resident: {e}");
 
-    // One layer fewer than the file holds: the resident loader names the tensor left over (it
-    // used to load a truncated model silently).
+    // One layer fewer than the file holds: both readers name the tensor left over (each used to
+    // load a truncated model silently).
     rewrite_manifest(&ckpt, |extra| extra["config"]["model"]["n_layer"] = 2.into());
     let e = resident(&ckpt);
     assert!(e.contains("it holds tensor \"h.2."), "resident: {e}");
+    let e = ModelFile::open(&ckpt).err().expect("refused").to_string();
+    assert!(e.contains("it holds tensor \"h.2."), "ring: {e}");
     rewrite_manifest(&ckpt, |extra| extra["config"]["model"]["n_layer"] = 3.into());
     semoe::storage::checkpoint::load(&ckpt)
         .and_then(semoe::storage::state::model_from)

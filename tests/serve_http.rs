@@ -443,6 +443,52 @@ fn endless(addr: SocketAddr) -> TcpStream {
     stream
 }
 
+/// The status of `GET /health` on a fresh connection, or `None` when the connection was closed
+/// or reset without an answer (a refused connection may be closed before the request is read).
+fn try_health(addr: SocketAddr) -> Option<u16> {
+    let mut stream = connect(addr);
+    let head = "GET /health HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+    let _ = stream.write_all(head.as_bytes());
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    String::from_utf8_lossy(&raw).split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn connections_beyond_the_limit_get_a_503_and_a_freed_place_is_taken_again() {
+    let server = Running::start(ServeConfig {
+        max_connections: 2,
+        ..ServeConfig::default()
+    });
+    let addr = server.addr;
+    // Two idle connections hold both places (accepted in order, before the third).
+    let held: Vec<TcpStream> = (0..2).map(|_| connect(addr)).collect();
+    let mut third = connect(addr);
+    let mut raw = Vec::new();
+    third.read_to_end(&mut raw).expect("the refusal, then the end");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("2 connections open"), "{text}");
+    drop(held);
+    // Their places come back once the server sees them closed.
+    let deadline = Instant::now() + TIMEOUT;
+    let mut statuses = Vec::new();
+    loop {
+        let status = try_health(addr);
+        statuses.push(status);
+        if status == Some(200) {
+            break;
+        }
+        assert!(
+            matches!(status, Some(503) | None),
+            "only refusals before a place is free: {statuses:?}"
+        );
+        assert!(Instant::now() < deadline, "no place came back: {statuses:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.stop().expect("stopped");
+}
+
 #[test]
 fn a_client_that_disconnects_mid_stream_frees_its_slot() {
     let server = long_server(Duration::from_secs(10));
@@ -630,6 +676,8 @@ fn a_decoder_thread_that_panicked_is_reported_and_refuses_requests() {
     let addr = server.addr;
     let reply = post(addr, &serde_json::json!({ "prompt": "a", "max_tokens": 5 }));
     assert_eq!(reply.status, 500, "{}", String::from_utf8_lossy(&reply.body));
+    let message = reply.json()["error"].as_str().expect("message").to_string();
+    assert!(message.contains("the decoder thread panicked"), "{message}");
     let start = Instant::now();
     let failed = loop {
         let reply = http(addr, "GET", "/health", b"");
@@ -644,6 +692,9 @@ fn a_decoder_thread_that_panicked_is_reported_and_refuses_requests() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(failed["status"], "failed");
+    // The request it held is out of the figures (they read 1 active for good before).
+    assert_eq!(failed["active"], 0, "{failed}");
+    assert_eq!(failed["queued"], 0, "{failed}");
     let reply = post(addr, &serde_json::json!({ "prompt": "b", "max_tokens": 5 }));
     assert_eq!(reply.status, 503);
     assert!(reply.json()["error"]

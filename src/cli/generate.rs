@@ -105,7 +105,7 @@ impl MemoryArgs {
         let Some(budget) = &self.device_budget else {
             // The ring's own options would be ignored: say so.
             let given = [
-                (self.host_budget != "0", "--host-budget"),
+                (parse_bytes("--host-budget", &self.host_budget)? != 0, "--host-budget"),
                 (self.prefetch != "routed", "--prefetch"),
                 (self.io_threads != 1, "--io-threads"),
                 (self.ring_load != "auto", "--ring-load"),
@@ -333,7 +333,12 @@ fn stream_from<S: WeightSource>(
     opts: &SampleOptions,
 ) -> semoe::Result<(usize, f64)> {
     let mut out = std::io::stdout().lock();
-    if !write_out(&mut out, prompt.as_bytes())? || opts.max_tokens == 0 {
+    if !write_out(&mut out, prompt.as_bytes())? {
+        return Ok((0, 0.0));
+    }
+    if opts.max_tokens == 0 {
+        // As the resident path ends it: the prompt on a line of its own.
+        write_out(&mut out, b"\n")?;
         return Ok((0, 0.0));
     }
     decoder.admit(prompt.as_bytes(), opts)?;

@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// How long requests in flight may finish after SIGTERM or Ctrl-C before they are cancelled.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
+    /// Connections open at once; one more gets 503 and is closed.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
     #[command(flatten)]
     memory: super::generate::MemoryArgs,
 }
@@ -55,6 +58,7 @@ pub fn run(a: &ServeArgs) -> semoe::Result<()> {
         max_tokens: a.max_tokens,
         client_timeout: a.client_timeout,
         grace: a.grace,
+        max_connections: a.max_connections,
     };
     config.validate()?;
     // Bound before the checkpoint loads (which may take minutes): an address that cannot be had

@@ -96,8 +96,11 @@ impl ModelFile {
     }
 
     /// Every tensor of the model present with its shape (computed from the config: building the
-    /// model to ask it would need the memory this reader exists to avoid).
+    /// model to ask it would need the memory this reader exists to avoid), and no other: a file
+    /// with more layers than its manifest says would otherwise serve a truncated model, which the
+    /// resident loader refuses.
     fn check_tensors(&self) -> Result<()> {
+        let mut expected = std::collections::HashSet::new();
         for (name, shape, len) in self.config.checked_tensor_shapes(self.tensors.len())? {
             match self.tensors.get(&name) {
                 None => {
@@ -117,6 +120,13 @@ impl ModelFile {
                 }
                 Some(_) => {}
             }
+            expected.insert(name);
+        }
+        if let Some(extra) = self.tensors.keys().filter(|n| !expected.contains(*n)).min() {
+            return Err(Error::checkpoint(
+                &self.path,
+                format!("it holds tensor {extra:?}, which this model does not have"),
+            ));
         }
         Ok(())
     }

@@ -35,9 +35,10 @@
 //!
 //! Whatever is loaded and in whichever order, the decoder computes the same products on the same
 //! weights: ring generation is bitwise identical to resident generation (`tests/infer_ring.rs`).
-//! The sections are allocated (mapped: reserved) once, at start; nothing else grows with the model
-//! but the resident embeddings (and, for [`Prefetch::Routed`], a copy of each MoE block's LN2 and
-//! gate), which count against the Device budget too.
+//! The sections are allocated (mapped: reserved) once, at start; nothing else grows with the
+//! model's layers or experts but the resident embeddings (and, for [`Prefetch::Routed`], a copy of
+//! each MoE block's LN2 and gate), which count against the Device budget too. A pass's activations
+//! (at most 256 rows of the model's widths) are not in any budget.
 
 use super::mapped::{MappedModel, SectionMap};
 use super::model_file::ModelFile;
@@ -544,7 +545,8 @@ const MIN_HEAT: f32 = 1e-3;
 /// The most I/O threads a ring starts (more only contend for the same disk and cores).
 pub const MAX_IO_THREADS: usize = 64;
 
-/// How long the decoder waits for one piece before calling the ring stuck.
+/// How long the decoder waits for a piece with no load finishing meanwhile before calling the ring
+/// stuck.
 pub(crate) const LOAD_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A load running this long makes the disk suspect: the decoder then waits for its piece (bounded
@@ -987,6 +989,9 @@ impl WeightSource for RingWeights {
             let mut st = shared.lock()?;
             if let Some(&at) = st.pass_order.get(&piece) {
                 st.position = at;
+                // The read position moved: a section the distances kept may now take a queued
+                // piece, for an I/O thread that went idle for want of room.
+                shared.wake_loader(&st);
             }
             if !st.want(piece) {
                 if self.prefetch != Prefetch::OnDemand {
@@ -1003,6 +1008,10 @@ impl WeightSource for RingWeights {
                 }
             }
             let started = Instant::now();
+            // The deadline counts from the last load that finished, not from the start of the
+            // wait: a slow disk that still delivers (this piece waiting behind others) is not one
+            // that does not answer.
+            let (mut progress_at, mut loads_seen) = (started, st.stats.loads);
             let section = loop {
                 if let Some(e) = &st.error {
                     return Err(Error::runtime(format!("ring-memory inference: {e}")));
@@ -1051,6 +1060,7 @@ impl WeightSource for RingWeights {
                         shared.wake_loader(&st);
                     }
                 }
+                shared.wake_loader(&st);
                 st.decoder_waiting = true;
                 let (next, _) = shared
                     .arrived
@@ -1058,11 +1068,14 @@ impl WeightSource for RingWeights {
                     .map_err(|_| Error::runtime("the ring's state was poisoned by a panic"))?;
                 st = next;
                 st.decoder_waiting = false;
-                if started.elapsed() > LOAD_DEADLINE {
+                if st.stats.loads != loads_seen {
+                    (progress_at, loads_seen) = (Instant::now(), st.stats.loads);
+                }
+                if progress_at.elapsed() > LOAD_DEADLINE {
                     // The ring cannot go on: every later pass fails at once with this (a later
                     // pass would wait behind the same stuck read).
                     let e = format!(
-                        "{piece:?} did not load in {} s (the disk or its mount does not answer)",
+                        "{piece:?} did not load, and no piece did in {} s (the disk or its mount does not answer)",
                         LOAD_DEADLINE.as_secs()
                     );
                     st.error.get_or_insert(e.clone());

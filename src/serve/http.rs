@@ -50,14 +50,22 @@ pub async fn accept_until(
 ) -> JoinSet<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let open = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    connections.spawn(connection(stream, Arc::clone(&state), stop_rx.clone()));
-                }
+                Ok((stream, _)) => match Arc::clone(&open).try_acquire_owned() {
+                    Ok(permit) => {
+                        let (state, stop) = (Arc::clone(&state), stop_rx.clone());
+                        connections.spawn(async move {
+                            connection(stream, state, stop).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => refuse_connection(&stream, state.config.max_connections),
+                },
                 // Out of file descriptors, or a connection reset before it was accepted: wait a
                 // little rather than spin, and go on.
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -93,6 +101,20 @@ pub async fn finish(mut connections: JoinSet<()>, wait: Duration) {
         }
     }
     connections.shutdown().await;
+}
+
+/// A connection over the limit: a 503 written if the socket takes it at once (never waiting: the
+/// accept loop must not stall on a client), then closed.
+fn refuse_connection(stream: &tokio::net::TcpStream, limit: usize) {
+    let body = format!(
+        "{}\n",
+        json!({ "error": format!("the server has {limit} connections open, its most: try again later") })
+    );
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(response.as_bytes());
 }
 
 async fn connection(stream: tokio::net::TcpStream, state: Arc<State>, mut stop: watch::Receiver<bool>) {

@@ -51,6 +51,10 @@ pub struct ServeConfig {
     pub client_timeout: Duration,
     /// How long requests in flight may run on after shutdown begins before they are cancelled.
     pub grace: Duration,
+    /// Connections open at once; one more is answered 503 and closed (each holds a file
+    /// descriptor, and an idle keep-alive connection may be held for ever by a client that asks
+    /// something every few seconds).
+    pub max_connections: usize,
 }
 
 impl Default for ServeConfig {
@@ -65,6 +69,7 @@ impl Default for ServeConfig {
             max_tokens: 2048,
             client_timeout: Duration::from_secs(10),
             grace: Duration::from_secs(10),
+            max_connections: 256,
         }
     }
 }
@@ -78,6 +83,7 @@ impl ServeConfig {
             ("queue", self.queue),
             ("max_request_bytes", self.max_request_bytes),
             ("max_tokens", self.max_tokens),
+            ("max_connections", self.max_connections),
         ];
         for (name, value) in positive {
             if value == 0 {

@@ -366,6 +366,51 @@ impl Scheduler {
             }
         }
         let _ended = Ended(Arc::clone(&self.stats));
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
+        if let Err(panic) = ran {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            self.after_panic(&why);
+            // As a panic ends a thread: the server's view of it (a decoder that has ended) is the
+            // same, and its message goes to stderr.
+            std::panic::resume_unwind(panic);
+        }
+        self.report_active();
+    }
+
+    /// After a panic in the loop: answer every request held (500, naming the panic) and take them
+    /// out of the figures, without touching the decoder (its state is unknown). New requests are
+    /// refused from here on.
+    fn after_panic(&mut self, why: &str) {
+        self.stats.decoder_ended.store(true, Ordering::SeqCst);
+        let message = format!("generation stopped: the decoder thread panicked ({why})");
+        let failed = || Event::Failed(Failure::new(FailureKind::Compute, message.clone()));
+        for (_, r) in self.running.drain() {
+            count_outcome("error");
+            let _ = r.events.try_send(failed());
+        }
+        for r in self.draining.drain(..) {
+            count_outcome("error");
+            let _ = r.events.try_send(failed());
+        }
+        while let Ok(job) = self.jobs.try_recv() {
+            self.waiting.push_back(job);
+        }
+        for job in self.waiting.drain(..) {
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            metrics::gauge!(names::SERVE_QUEUED).decrement(1.0);
+            count_outcome("error");
+            let _ = job.events.try_send(failed());
+        }
+        self.stats.active.store(0, Ordering::SeqCst);
+        metrics::gauge!(names::SERVE_ACTIVE).decrement(self.reported_active as f64);
+        self.reported_active = 0;
+    }
+
+    fn run_loop(&mut self) {
         let mut disconnected = false;
         loop {
             if self.stop.load(Ordering::SeqCst) {
@@ -394,7 +439,6 @@ impl Scheduler {
             }
             self.step();
         }
-        self.report_active();
     }
 
     /// Move every request sent since the last look into the waiting list, and drop the waiting
