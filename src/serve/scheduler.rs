@@ -386,28 +386,25 @@ impl Scheduler {
     /// refused from here on.
     fn after_panic(&mut self, why: &str) {
         self.stats.decoder_ended.store(true, Ordering::SeqCst);
-        let message = format!("generation stopped: the decoder thread panicked ({why})");
-        let failed = || Event::Failed(Failure::new(FailureKind::Compute, message.clone()));
-        for (_, r) in self.running.drain() {
-            count_outcome("error");
-            let _ = r.events.try_send(failed());
-        }
-        for r in self.draining.drain(..) {
-            count_outcome("error");
-            let _ = r.events.try_send(failed());
-        }
         while let Ok(job) = self.jobs.try_recv() {
             self.waiting.push_back(job);
         }
-        for job in self.waiting.drain(..) {
-            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-            metrics::gauge!(names::SERVE_QUEUED).decrement(1.0);
-            count_outcome("error");
-            let _ = job.events.try_send(failed());
-        }
+        // The figures first, then the answers: a client that reads its 500 and asks `/health`
+        // sees none of it counted.
         self.stats.active.store(0, Ordering::SeqCst);
         metrics::gauge!(names::SERVE_ACTIVE).decrement(self.reported_active as f64);
         self.reported_active = 0;
+        self.stats.queued.fetch_sub(self.waiting.len(), Ordering::SeqCst);
+        metrics::gauge!(names::SERVE_QUEUED).decrement(self.waiting.len() as f64);
+        let message = format!("generation stopped: the decoder thread panicked ({why})");
+        let failed = || Event::Failed(Failure::new(FailureKind::Compute, message.clone()));
+        let running = self.running.drain().map(|(_, r)| r.events);
+        let draining = self.draining.drain(..).map(|r| r.events);
+        let waiting = self.waiting.drain(..).map(|job| job.events);
+        for events in running.chain(draining).chain(waiting) {
+            count_outcome("error");
+            let _ = events.try_send(failed());
+        }
     }
 
     fn run_loop(&mut self) {
