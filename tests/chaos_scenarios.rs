@@ -98,6 +98,15 @@ fn bad_values_are_errors_naming_the_key() {
             fault("actor = \"link\"\nkind = \"drop\"\ndelay = \"1s\"\nstep = 1"),
             "fault[0].delay",
         ),
+        // Zero: a fault that does nothing, or another one than named.
+        (
+            fault("actor = \"link\"\nkind = \"delay\"\ndelay = \"0s\"\nstep = 1"),
+            "fault[0].delay",
+        ),
+        (
+            fault("actor = \"link\"\nkind = \"partition\"\nduration = \"0ms\"\nstep = 1"),
+            "fault[0].duration",
+        ),
         (
             fault("actor = \"link\"\nkind = \"drop\"\nstep = 1\nfrom = 1\nto = 1"),
             "fault[0].to",
@@ -136,6 +145,16 @@ fn bad_values_are_errors_naming_the_key() {
         .build()
         .expect_err("a ledger only fails at `any`");
     assert!(err.to_string().contains("fault[0].moment"), "{err}");
+    for (kind, key) in [
+        (FaultKind::Partition(std::time::Duration::MAX), "fault[0].duration"),
+        (FaultKind::Delay(std::time::Duration::ZERO), "fault[0].delay"),
+    ] {
+        let err = Scenario::builder()
+            .fault(FaultSpec::link().from(0).to(1).kind(kind).at(1))
+            .build()
+            .expect_err(key);
+        assert!(err.to_string().contains(key), "{key}: {err}");
+    }
 }
 
 fn run(c: &TrainConfig, scenario: &Scenario, what: &str) -> ChaosReport {

@@ -307,9 +307,12 @@ fn resumed_run_supersedes_repeated_steps() {
     assert!(m.val.is_empty());
     assert_eq!(m.superseded_records, 6);
     let summary = write_report(dir.path()).unwrap();
-    // The NaN loss is skipped by the moving average and the median.
+    // The NaN loss is skipped by the moving average, the median and the mean (which it made
+    // "n/a"), and not counted among the mean's steps.
     assert!(summary.final_train_loss.is_finite());
     assert_eq!(summary.median_tokens_per_s, 1000.0);
+    assert!(summary.mean_train_loss.is_finite(), "{}", summary.mean_train_loss);
+    assert_eq!(summary.mean_train_loss_steps, 12);
 }
 
 #[test]

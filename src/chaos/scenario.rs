@@ -376,6 +376,23 @@ impl FaultSpec {
         let bad = |key: &str, why: String| Err(Error::config(format!("chaos scenario: {at}.{key}: {why}")));
         let actor = self.actor.name();
         let not_for = |key: &str, what: &str| format!("{actor} faults do not take `{key}` ({what})");
+        // Here, not only in the file's parser, so that a built scenario is held to the same bounds:
+        // a duration is added to instants (beyond the clock's range that panics), and a zero one
+        // makes a fault that does nothing (a delay, a slow disk) or another fault (a partition of
+        // no time loses one packet: a drop) while the report names it as given.
+        let duration = match self.kind {
+            FaultKind::Stop(d) | FaultKind::Partition(d) => Some(("duration", d)),
+            FaultKind::Delay(d) | FaultKind::Slow(d) => Some(("delay", d)),
+            _ => None,
+        };
+        if let Some((key, d)) = duration {
+            if d.is_zero() {
+                return bad(key, "must be longer than 0".into());
+            }
+            if d > crate::config::MAX_WAIT {
+                return bad(key, format!("{} is longer than a day", humantime::format_duration(d)));
+            }
+        }
         if self.actor == ActorKind::Process {
             return super::process::check(self, at);
         }

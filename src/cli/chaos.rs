@@ -74,8 +74,9 @@ partition; from and to are worker indices of the epoch that first runs the step)
 in-process workers. Disk faults need storage budgets that leave experts on disk \
 (--device-budget, --host-budget); the Disk tiers live under the run directory's tiers/, and with checkpoint faults \
 the disturbed run's checkpoints under its checkpoints/. Exit status: 0 when the final parameters and optimizer state are \
-bitwise equal to the undisturbed run's; 2 when the disturbed run stopped with an error (the report names it); 1 \
-when the state differs or the scenario's deadline expired. With --soak: 1 when any seed differs, expired or \
+bitwise equal to the undisturbed run's and every scripted fault (an entry with `step`) fired; 3 when the state is \
+bitwise equal but a scripted fault never fired (nothing was tested by it: the output names it); 2 when the disturbed \
+run stopped with an error (the report names it); 1 when the state differs or the scenario's deadline expired. With --soak: 1 when any seed differs, expired or \
 could not run; else 2 when no seed ended bitwise equal (every one stopped with an error); else 0.";
 
 pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
@@ -240,12 +241,54 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
         }
     }
     semoe::out!("verdict: {}", report.verdict_line());
+    let unfired = unfired_scripted(&report, &scenario);
+    if !unfired.is_empty() {
+        semoe::out!(
+            "not exercised: scripted fault(s) {} never fired, so the run did not test them",
+            unfired.join(", ")
+        );
+    }
     semoe::out!("report: {}", dir.join("chaos.md").display());
     Ok(match report.verdict {
+        Verdict::BitwiseEqual { .. } if !unfired.is_empty() => ExitCode::from(3),
         Verdict::BitwiseEqual { .. } => ExitCode::SUCCESS,
         Verdict::Stopped { .. } => ExitCode::from(2),
         Verdict::Differs { .. } | Verdict::DeadlineExpired { .. } => ExitCode::FAILURE,
     })
+}
+
+/// The scripted faults (entries with a `step`) that never fired, as `fault I (entry E)`: a random
+/// fault may rightly draw a step where it cannot fire, a scripted one that does not has tested
+/// nothing, and a run that reads "bitwise equal" must not pass for a test of it.
+fn unfired_scripted(report: &semoe::train::chaos::ChaosReport, scenario: &Scenario) -> Vec<String> {
+    let scripted = |entry: usize| {
+        scenario
+            .faults
+            .get(entry)
+            .is_some_and(|f| matches!(f.when, semoe::chaos::When::At(_)))
+    };
+    let name = |kind: &str, index: usize, entry: usize| format!("{kind}{index} (entry {entry})");
+    let mut unfired: Vec<String> = report
+        .faults
+        .iter()
+        .filter(|f| f.fired == 0 && scripted(f.entry))
+        .map(|f| name("fault ", f.index, f.entry))
+        .collect();
+    if let Some(p) = &report.processes {
+        unfired.extend(
+            p.faults
+                .iter()
+                .filter(|f| f.injected_at_s.is_none() && scripted(f.entry))
+                .map(|f| name("process fault ", f.index, f.entry)),
+        );
+        unfired.extend(
+            p.link_faults
+                .iter()
+                .filter(|f| f.fired == 0 && scripted(f.entry))
+                .map(|f| name("link fault ", f.index, f.entry)),
+        );
+    }
+    unfired
 }
 
 /// Injected panics are expected: one line each instead of the default hook's message (and
@@ -338,4 +381,63 @@ fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir
 
 fn write(path: &PathBuf, text: &str) -> semoe::Result<()> {
     std::fs::write(path, text).map_err(|e| semoe::Error::io("cannot write", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use semoe::train::chaos::{ChaosReport, FaultReport};
+
+    fn fault(index: usize, entry: usize, fired: usize) -> FaultReport {
+        FaultReport {
+            index,
+            entry,
+            target: "expert 2 of block 1".into(),
+            kind: "panic".into(),
+            step: 1,
+            moment: "forward".into(),
+            fired,
+            fired_at_s: None,
+            detection: String::new(),
+            recovery_s: None,
+            step_replays: None,
+        }
+    }
+
+    #[test]
+    fn only_scripted_faults_that_never_fired_are_not_exercised() {
+        let scenario = Scenario::from_toml(
+            "seed = 1\n\
+             [[fault]]\nactor = \"expert\"\nblock = 1\nexpert = 2\nkind = \"panic\"\nstep = 1\nmoment = \"forward\"\n\
+             [[fault]]\nactor = \"gate\"\nkind = \"error\"\nprobability = 0.5\n\
+             [[fault]]\nactor = \"expert\"\nblock = 1\nexpert = 3\nkind = \"error\"\nstep = 2\nmoment = \"backward\"\n",
+        )
+        .expect("scenario");
+        let mut report = ChaosReport {
+            seed: 1,
+            deadline_s: 60.0,
+            steps: 4,
+            workers: 2,
+            collective_deadline_s: 1.0,
+            // Entry 0 fired; entry 1 (random) drew a step where it could not fire; entry 2
+            // (scripted) never fired.
+            faults: vec![fault(0, 0, 1), fault(1, 1, 0), fault(2, 2, 0)],
+            restarts: 1,
+            restarts_per_worker: vec![1, 0],
+            replays: 1,
+            disturbed_steps: Vec::new(),
+            undisturbed_steps: Vec::new(),
+            disturbed_s: 1.0,
+            undisturbed_s: 1.0,
+            disk_bytes: [0, 0],
+            verdict: Verdict::BitwiseEqual { tensors: 3, values: 9 },
+            processes: None,
+        };
+        assert_eq!(
+            unfired_scripted(&report, &scenario),
+            vec!["fault 2 (entry 2)".to_string()]
+        );
+        report.faults[2].fired = 2;
+        assert!(unfired_scripted(&report, &scenario).is_empty());
+    }
 }

@@ -259,11 +259,13 @@ pub fn summarize(metrics: &Metrics) -> Result<ReportSummary> {
         ema_smoothing: smoothing,
         final_train_loss: smoothed.last().copied().unwrap_or(f64::NAN),
         final_train_loss_raw: last.nats_per_byte(),
+        // As the trainer's end-of-run figure: the last losses that are numbers (a `null` loss is
+        // read as NaN and left out, not made the mean's value).
         mean_train_loss: {
-            let tail = &train[train.len().saturating_sub(crate::train::trainer::MEAN_LOSS_STEPS)..];
-            tail.iter().map(|r| r.nats_per_byte()).sum::<f64>() / tail.len().max(1) as f64
+            let tail = last_losses(train);
+            tail.iter().sum::<f64>() / tail.len().max(1) as f64
         },
-        mean_train_loss_steps: train.len().min(crate::train::trainer::MEAN_LOSS_STEPS),
+        mean_train_loss_steps: last_losses(train).len(),
         best_val_loss: best.map(|v| v.val_loss),
         best_val_step: best.map(|v| v.step),
         final_val_loss: final_val.map(|v| v.val_loss),
@@ -275,4 +277,18 @@ pub fn summarize(metrics: &Metrics) -> Result<ReportSummary> {
         malformed_lines: metrics.malformed_lines.len(),
         other_records: metrics.other_records,
     })
+}
+
+/// The last [`crate::train::trainer::MEAN_LOSS_STEPS`] training losses that are not NaN, oldest
+/// first.
+fn last_losses(train: &[TrainRecord]) -> Vec<f64> {
+    let mut losses: Vec<f64> = train
+        .iter()
+        .rev()
+        .map(|r| r.nats_per_byte())
+        .filter(|l| !l.is_nan())
+        .take(crate::train::trainer::MEAN_LOSS_STEPS)
+        .collect();
+    losses.reverse();
+    losses
 }
