@@ -73,11 +73,12 @@ faults (kill, stop, leave, join) and link faults between the processes (drop, du
 partition; from and to are worker indices of the epoch that first runs the step), and the undisturbed run uses N \
 in-process workers. Disk faults need storage budgets that leave experts on disk \
 (--device-budget, --host-budget); the Disk tiers live under the run directory's tiers/, and with checkpoint faults \
-the disturbed run's checkpoints under its checkpoints/. Exit status: 0 when the final parameters and optimizer state are \
-bitwise equal to the undisturbed run's and every scripted fault (an entry with `step`) fired; 3 when the state is \
-bitwise equal but a scripted fault never fired (nothing was tested by it: the output names it); 2 when the disturbed \
-run stopped with an error (the report names it); 1 when the state differs or the scenario's deadline expired. With --soak: 1 when any seed differs, expired or \
-could not run; else 2 when no seed ended bitwise equal (every one stopped with an error); else 0.";
+the disturbed run's checkpoints under its checkpoints/. Exit status: 0 when the final parameters and optimizer \
+state are bitwise equal to the undisturbed run's and every scripted fault (an entry with `step`) fired; 3 when the \
+state is bitwise equal but a scripted fault never fired (nothing was tested by it: the output names it); 2 when the \
+disturbed run stopped with an error (the report names it); 1 when the state differs or the scenario's deadline \
+expired. With --soak: 1 when any seed differs, expired or could not run; else 2 when no seed ended bitwise equal \
+(every one stopped with an error); else 0.";
 
 pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     if let Some(flag) = a.train.chaos_refusal() {

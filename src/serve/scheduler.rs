@@ -374,8 +374,8 @@ impl Scheduler {
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "a panic".into());
             self.after_panic(&why);
-            // As a panic ends a thread: the server's view of it (a decoder that has ended) is the
-            // same, and its message goes to stderr.
+            // The thread still ends with the panic (its message went to stderr as it happened):
+            // the server reports it when it joins the thread, as before.
             std::panic::resume_unwind(panic);
         }
         self.report_active();
