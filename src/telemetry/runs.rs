@@ -92,6 +92,12 @@ pub fn describe(dir: &Path) -> Result<RunInfo> {
     } else {
         match (checkpoint_step, planned_steps) {
             (_, None) => "config.toml unreadable".to_string(),
+            // Step folders whose manifests this version does not read (another semoe version, or
+            // damage): "no checkpoint" would say there is nothing to keep, while a fresh start in
+            // the directory is refused for what it holds.
+            (None, _) if checkpoint::step_dirs(dir).is_ok_and(|d| !d.is_empty()) => {
+                "checkpoints unreadable (another semoe version, or damaged)".to_string()
+            }
             (None, _) => "no checkpoint".to_string(),
             (Some(step), Some(planned)) if step >= planned => "finished".to_string(),
             (Some(step), _) => format!("stopped at step {step}"),
@@ -127,6 +133,13 @@ mod tests {
         assert_eq!((runs[0].name.as_str(), runs[1].name.as_str()), ("a", "b"));
         assert_eq!(runs[0].status, "no checkpoint");
         assert!(runs[1].status.starts_with("unreadable: "), "{:?}", runs[1]);
+        // A checkpoint of another format version is not "no checkpoint".
+        let step = root.join("a/checkpoints/step-00000005");
+        std::fs::create_dir_all(&step).expect("step folder");
+        std::fs::write(step.join("manifest.json"), r#"{"format_version":999}"#).expect("manifest");
+        let a = describe(&root.join("a")).expect("described");
+        assert_eq!(a.checkpoint_step, None);
+        assert_eq!(a.status, "checkpoints unreadable (another semoe version, or damaged)");
         let _ = std::fs::remove_dir_all(&root);
     }
 }
