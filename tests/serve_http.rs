@@ -422,6 +422,39 @@ fn bad_requests_get_a_4xx_naming_the_problem() {
     );
 }
 
+#[test]
+fn a_body_over_the_limit_is_refused_with_a_413_the_client_can_read() {
+    let server = Running::start(ServeConfig {
+        max_request_bytes: 1024,
+        ..ServeConfig::default()
+    });
+    // Several MiB sent whole before reading, as a plain client does: the server must read what
+    // it refuses, or its close resets the connection and the client never sees why. Declared
+    // by its length, then sent in chunks with no length declared.
+    let big = vec![b' '; 8 << 20];
+    let reply = http(server.addr, "POST", "/v1/completions", &big);
+    assert_eq!(reply.status, 413, "{}", reply.head);
+    assert!(reply.json()["error"].as_str().expect("message").contains("1024 bytes"));
+
+    let mut stream = connect(server.addr);
+    let head = "POST /v1/completions HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    stream.write_all(head.as_bytes()).expect("send the head");
+    let chunk = vec![b' '; 64 << 10];
+    for _ in 0..128 {
+        stream
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .expect("chunk size");
+        stream.write_all(&chunk).expect("chunk");
+        stream.write_all(b"\r\n").expect("chunk end");
+    }
+    stream.write_all(b"0\r\n\r\n").expect("last chunk");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("the answer");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("1024 bytes"), "{text}");
+}
+
 /// A server whose requests run long enough to be cut short.
 fn long_server(client_timeout: Duration) -> Running {
     Running::start(ServeConfig {

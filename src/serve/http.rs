@@ -9,7 +9,7 @@ use super::scheduler::{count_outcome, Event, FailureKind, Job, Queue, Refused, C
 use super::stream::{finished_json, SseBody};
 use super::ServeConfig;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
@@ -140,6 +140,46 @@ async fn connection(stream: tokio::net::TcpStream, state: Arc<State>, mut stop: 
     let _ = conn.await;
 }
 
+/// How much of a body beyond the limit is read and thrown away before the 413 is sent. A server
+/// that answers and closes with the client's bytes unread makes its kernel reset the connection,
+/// and the reset can reach the client before it reads the answer: it would see "connection reset"
+/// and not why. Bodies larger than the limit by more than this are refused unread.
+const DRAIN_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why a request body was not read.
+enum BodyError {
+    /// Larger than the limit (what arrived of it, up to [`DRAIN_BYTES`] more, was read and dropped).
+    TooLarge,
+    /// The connection failed or the body was malformed.
+    Read(hyper::Error),
+}
+
+/// The request body, at most `limit` bytes. A larger one is read on (and dropped) up to
+/// [`DRAIN_BYTES`] beyond the limit, so that the refusal reaches its client; the caller bounds the
+/// time.
+async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    let mut kept = Vec::new();
+    let mut dropped = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else {
+            continue; // trailers
+        };
+        if dropped == 0 && kept.len() + data.len() <= limit {
+            kept.extend_from_slice(&data);
+            continue;
+        }
+        dropped = dropped.saturating_add(data.len());
+        kept = Vec::new();
+        if dropped > DRAIN_BYTES {
+            break;
+        }
+    }
+    if dropped > 0 {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(Bytes::from(kept))
+}
+
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(Full::new(body.into()).boxed());
     *response.status_mut() = status;
@@ -250,14 +290,16 @@ async fn completion(request: Request<Incoming>, state: &State) -> Response<Body>
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    // A body too large to be worth reading is refused at once (its client may see a reset
+    // instead of the 413, as it would from any server).
+    if declared.is_some_and(|n| n > (limit + DRAIN_BYTES) as u64) {
         return too_large();
     }
-    let body = Limited::new(request.into_body(), limit).collect();
-    let body = match tokio::time::timeout(config.client_timeout, body).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-        Ok(Err(e)) => {
+    let read = read_body(request.into_body(), limit);
+    let body = match tokio::time::timeout(config.client_timeout, read).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(BodyError::TooLarge)) => return too_large(),
+        Ok(Err(BodyError::Read(e))) => {
             return rejected(
                 StatusCode::BAD_REQUEST,
                 &format!("cannot read the request body: {e}"),
