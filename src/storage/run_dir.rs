@@ -198,11 +198,48 @@ pub fn holds_no_results(dir: &Path) -> bool {
         let name = entry.file_name();
         match name.to_str() {
             // A ticket of a start that failed admits to a coordinator that is gone.
-            Some(LOCK_FILE) | Some("config.toml") | Some(TIERS_DIR) | Some("join.ticket") => true,
+            Some(LOCK_FILE) | Some("config.toml") | Some("join.ticket") => true,
+            // Only if it holds nothing but tier folders: a user's own `tiers` is not scratch.
+            Some(TIERS_DIR) => tier_scratch(&entry.path()).is_some(),
             Some("metrics.jsonl") => entry.metadata().map(|m| m.len() == 0).unwrap_or(false),
             _ => false,
         }
     })
+}
+
+/// The entries of a run's `tiers` folder, when it holds only what the storage tiers write there
+/// (`worker-N` and `process-N` folders); `None` when it holds anything else (then it is not ours
+/// to remove) or does not read.
+pub fn tier_scratch(tiers: &Path) -> Option<Vec<std::path::PathBuf>> {
+    let ours = |name: &str| {
+        ["worker-", "process-"].iter().any(|prefix| {
+            name.strip_prefix(prefix)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+    };
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(tiers).ok()? {
+        let entry = entry.ok()?;
+        let is_dir = entry.file_type().ok()?.is_dir();
+        if !is_dir || !entry.file_name().to_str().is_some_and(ours) {
+            return None;
+        }
+        paths.push(entry.path());
+    }
+    Some(paths)
+}
+
+/// Remove the Disk tier's folders under `run_dir` (scratch state: the checkpoints hold the run),
+/// and `tiers` itself once empty. A `tiers` folder holding anything else is left alone.
+pub fn remove_tier_scratch(run_dir: &Path) {
+    let tiers = run_dir.join(TIERS_DIR);
+    let Some(paths) = tier_scratch(&tiers) else {
+        return;
+    };
+    for path in paths {
+        let _ = std::fs::remove_dir_all(path);
+    }
+    let _ = std::fs::remove_dir(&tiers);
 }
 
 /// Create the run directory `dir` (and its parents); whether this call made `dir` itself (false:
@@ -515,13 +552,38 @@ mod tests {
     #[test]
     fn empty_starts_hold_no_results() {
         let dir = temp("empty");
-        std::fs::create_dir_all(dir.join(TIERS_DIR)).expect("dir");
+        std::fs::create_dir_all(dir.join(TIERS_DIR).join("worker-0")).expect("dir");
+        std::fs::create_dir_all(dir.join(TIERS_DIR).join("process-12")).expect("dir");
         std::fs::write(dir.join("config.toml"), "x").expect("config");
         std::fs::write(dir.join("metrics.jsonl"), "").expect("metrics");
         std::fs::write(dir.join("join.ticket"), "x").expect("ticket");
         assert!(holds_no_results(&dir));
         std::fs::write(dir.join("metrics.jsonl"), "{}\n").expect("metrics");
         assert!(!holds_no_results(&dir));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_users_own_tiers_folder_is_neither_scratch_nor_removed() {
+        let dir = temp("users-tiers");
+        let tiers = dir.join(TIERS_DIR);
+        std::fs::create_dir_all(tiers.join("worker-0")).expect("dir");
+        std::fs::write(tiers.join("worker-0").join("slots"), "x").expect("slots");
+        std::fs::write(tiers.join("pricing.csv"), "1,2").expect("user file");
+        assert!(!holds_no_results(&dir), "a tiers folder with a user's file");
+        let e = check_fresh(&dir).expect_err("refused").to_string();
+        assert!(e.contains("is not a semoe run"), "{e}");
+        remove_tier_scratch(&dir);
+        assert!(tiers.join("pricing.csv").exists(), "the user's file kept");
+        assert!(
+            tiers.join("worker-0").exists(),
+            "nothing removed from a folder not ours"
+        );
+
+        std::fs::remove_file(tiers.join("pricing.csv")).expect("remove");
+        assert!(holds_no_results(&dir));
+        remove_tier_scratch(&dir);
+        assert!(!tiers.exists(), "the scratch and its folder removed");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -238,10 +238,7 @@ const PLACE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Remove the Disk tier's slot files under `run_dir` (scratch state: the checkpoints hold the run).
 fn remove_tier_files(run_dir: &Path) {
-    let tiers = run_dir.join(run_dir::TIERS_DIR);
-    if tiers.exists() {
-        let _ = std::fs::remove_dir_all(&tiers);
-    }
+    run_dir::remove_tier_scratch(run_dir);
 }
 
 impl Drop for Trainer {
