@@ -316,6 +316,29 @@ fn resumed_run_supersedes_repeated_steps() {
 }
 
 #[test]
+fn a_log_whose_losses_are_all_null_has_no_mean_loss() {
+    let dir = TempDir::new("all-null");
+    let log: String = (1..=3)
+        .map(|step| {
+            format!(
+                "{{\"kind\":\"train\",\"step\":{step},\"tokens\":{},\"elapsed_s\":{step},\"loss\":null,\
+                 \"tokens_per_s\":1000.0}}\n",
+                step * 10
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join(METRICS_FILE), log).unwrap();
+    let summary = write_report(dir.path()).expect("a report");
+    assert_eq!(summary.train_records, 3);
+    assert_eq!(summary.mean_train_loss_steps, 0);
+    assert!(
+        summary.mean_train_loss.is_nan(),
+        "{} (NaN, as documented)",
+        summary.mean_train_loss
+    );
+}
+
+#[test]
 fn a_hand_edited_log_with_values_at_the_ends_of_their_types_still_reports() {
     // Counts whose sums overflow u64, and losses whose padded range overflows f64 (which left the
     // plotting library placing ticks for ever).

@@ -263,7 +263,11 @@ pub fn summarize(metrics: &Metrics) -> Result<ReportSummary> {
         // read as NaN and left out, not made the mean's value).
         mean_train_loss: {
             let tail = last_losses(train);
-            tail.iter().sum::<f64>() / tail.len().max(1) as f64
+            if tail.is_empty() {
+                f64::NAN
+            } else {
+                tail.iter().sum::<f64>() / tail.len() as f64
+            }
         },
         mean_train_loss_steps: last_losses(train).len(),
         best_val_loss: best.map(|v| v.val_loss),
