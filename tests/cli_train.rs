@@ -692,6 +692,27 @@ fn resume_refuses_flags_that_change_the_bits_and_applies_the_others() {
     );
     assert!(status.success(), "{err}");
     assert!(out.contains("workers = 2"), "{out}");
+    // A config file changes what it names; the rest stays the run's (its model, given by flags at
+    // the start, and its time limit), not the defaults.
+    std::fs::write(tmp.path().join("partial.toml"), "[train]\nworkers = 2\n").expect("config file");
+    let (status, out, err) = run(
+        tmp.path(),
+        &[
+            "train",
+            "--resume",
+            "--run-dir",
+            "r",
+            "--config",
+            "partial.toml",
+            "--print-config",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains("workers = 2") && out.contains("time_limit_s = 0.001"),
+        "{out}"
+    );
     // A config printed for editing holds no time budget: run with --steps N, it runs N steps.
     let (status, out, err) = run(tmp.path(), &["train", "--print-config"], Duration::from_secs(60));
     assert!(status.success(), "{err}");

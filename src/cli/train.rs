@@ -567,14 +567,21 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
                 );
             }
         }
+        // Set if the file's settings could not be laid over the run's (not expected: both read).
+        let overlay_failed = std::cell::RefCell::new(None);
         let adjust = |c: &mut TrainConfig| {
-            if let Some((file, _)) = &file {
-                // A time budget chooses a new run's steps (as the flag, refused above): the run
-                // keeps its recorded one, rather than recording one that never applies; and its
-                // recorded steps, unless the file sets its own (see `file_steps_apply`).
+            if let Some((_, keys)) = &file {
+                // The file changes what it names; the rest stays as the run recorded it (its
+                // data, budgets, cadence: not reset to their defaults). A time budget chooses a
+                // new run's steps (as the flag, refused above): the run keeps its recorded one,
+                // rather than recording one that never applies; and its recorded steps, unless
+                // the file sets its own (see `file_steps_apply`).
                 let budget = c.train.time_budget_s;
                 let steps = c.train.steps;
-                *c = file.clone();
+                match c.overlaid(keys) {
+                    Ok(overlaid) => *c = overlaid,
+                    Err(e) => *overlay_failed.borrow_mut() = Some(e),
+                }
                 c.train.time_budget_s = budget;
                 if !file_steps_apply {
                     c.train.steps = steps;
@@ -588,27 +595,32 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             steps: None,
             allow_data_change: a.allow_data_change,
         };
-        if a.print_config {
-            let (config, _) = semoe::train::trainer::resumed_config(&dir, &options, adjust)?;
-            semoe::console::write_stdout(&config.to_toml()?, "the config")?;
-            return Ok(ExitCode::SUCCESS);
-        }
+        let overlay_ok = || overlay_failed.borrow_mut().take().map_or(Ok(()), Err);
         let config_path = dir.join("config.toml");
         if !config_path.is_file() && !semoe::storage::checkpoint::step_dirs(&dir)?.is_empty() {
             // Lost: rebuilt from the newest checkpoint first, so that the flags are checked
-            // against the run's own config below.
+            // against the run's own config below (and --print-config prints it).
             let notice = semoe::train::trainer::rebuild_config(&dir)?;
             semoe::say!("warning: {notice}");
+        }
+        if a.print_config {
+            let (config, _) = semoe::train::trainer::resumed_config(&dir, &options, adjust)?;
+            overlay_ok()?;
+            semoe::console::write_stdout(&config.to_toml()?, "the config")?;
+            return Ok(ExitCode::SUCCESS);
         }
         if config_path.is_file() {
             // Flags the resumed run would ignore are refused as on a fresh start, before anything
             // in the run directory changes.
             let (config, _) = semoe::train::trainer::resumed_config(&dir, &options, adjust)?;
+            overlay_ok()?;
             check_flags_apply(a, &config)?;
             check_sample_prompt(a, &sample_prompt, &config)?;
         }
         metrics = start_metrics(a)?;
-        Trainer::resume_with_options(&dir, &options, adjust)?
+        let trainer = Trainer::resume_with_options(&dir, &options, adjust)?;
+        overlay_ok()?;
+        trainer
     } else {
         let mut config = resolve_config(a)?;
         // Printed without the main job's default budget: a config made from it and run with
