@@ -476,11 +476,14 @@ async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<M
                 return;
             };
             let peer = conn.remote_address();
+            // Which wait ran out: its address's places, or all of them.
+            let mut own_held = false;
             let places = async {
                 let own = match &source {
                     Some(entry) => Some(entry.places().acquire_owned().await?),
                     None => None,
                 };
+                own_held = true;
                 let any = handshakes.acquire_owned().await?;
                 Ok::<_, tokio::sync::AcquireError>((own, any))
             };
@@ -488,8 +491,13 @@ async fn accept_loop(endpoint: quinn::Endpoint, expect: Arc<Expect>, book: Arc<M
                 Ok(Ok(permit)) => permit,
                 _ => {
                     metrics::counter!(names::MEMBERSHIP, "kind" => "refused").increment(1);
+                    let (count, whose) = if own_held {
+                        (HANDSHAKES, "in all")
+                    } else {
+                        (PER_SOURCE, "from its address")
+                    };
                     crate::say!(
-                        "semoe: refused a worker from {peer}: {HANDSHAKES} joins were under way for {} s",
+                        "semoe: refused a worker from {peer}: {count} joins {whose} were under way for {} s",
                         HANDSHAKE_WAIT.as_secs()
                     );
                     conn.close(1u32.into(), b"too many joins at once");

@@ -546,7 +546,8 @@ pub fn outputs_from_wire(config: &TrainConfig, outputs: Vec<WireOutput>) -> Resu
                 return Err(Error::parse(
                     "a step's outputs",
                     format!(
-                        "group {g} reports {} MoE blocks; the model has {blocks}",
+                        "group {g} reports router losses of {} and statistics of {} MoE blocks; the model has {blocks}",
+                        o.router_loss.len(),
                         o.moe_stats.len()
                     ),
                 ));

@@ -507,11 +507,15 @@ impl ElasticRuntime {
     }
 
     fn lost_member(&self) -> bool {
-        self.current.as_ref().is_some_and(|e| {
-            e.members
-                .iter()
-                .any(|m| matches!(self.cluster.status(m.id), Some(Status::Gone(_)) | None))
-        })
+        self.current.as_ref().is_some_and(|e| self.member_of_lost(e))
+    }
+
+    /// Whether a member of `epoch` is lost (gone, or no longer known).
+    fn member_of_lost(&self, epoch: &Epoch) -> bool {
+        epoch
+            .members
+            .iter()
+            .any(|m| matches!(self.cluster.status(m.id), Some(Status::Gone(_)) | None))
     }
 
     /// The link two members of the current epoch lost, reported at least `min_age` ago, while no
@@ -755,7 +759,8 @@ impl ElasticRuntime {
                     None
                 }
                 Err(e) => {
-                    if !self.lost_member() {
+                    // (The epoch is out of `self.current` here: its own members are asked.)
+                    if !self.member_of_lost(&epoch) {
                         crate::say!("semoe: the hand-over failed ({e}); every worker receives its whole share");
                     }
                     let s = epoch.runtime.state().await;
