@@ -225,6 +225,8 @@ struct Shared {
     /// = "sim"`): closed when the epoch ends or a peer is lost, so that no collective waits for a
     /// peer that will not come.
     collectives: Mutex<Option<(u64, Arc<ExpertCollectives>)>>,
+    /// Why the last communicators were closed (a step asked of them after names it).
+    collectives_closed: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -235,8 +237,10 @@ impl Shared {
             .as_ref()
             .is_some_and(|(e, _)| epoch.is_none_or(|epoch| epoch == *e))
         {
-            if let Some((_, collectives)) = open.take() {
+            if let Some((e, collectives)) = open.take() {
                 collectives.close(reason);
+                *self.collectives_closed.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(format!("epoch {e}'s communicators were closed: {reason}"));
             }
         }
     }
@@ -491,6 +495,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         pause,
         fired,
         collectives: Mutex::new(None),
+        collectives_closed: Mutex::new(None),
     });
     let (dismissed_tx, mut dismissed) = tokio::sync::mpsc::unbounded_channel::<(bool, String)>();
     let mut asked_to_leave = false;
@@ -739,10 +744,19 @@ async fn execute(
                 match collectives {
                     Some((_, collectives)) => collectives.give_ids(ids)?,
                     None => {
-                        return Err(Error::protocol(
-                            "the coordinator",
-                            "communicator ids for a worker that exchanges over the transport",
-                        ))
+                        let closed = shared
+                            .collectives_closed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone();
+                        return Err(match closed {
+                            // A peer was lost or left: the epoch must form again.
+                            Some(why) => Error::runtime(format!("cannot run step {}: {why}", step.0)),
+                            None => Error::protocol(
+                                "the coordinator",
+                                "communicator ids for a worker that exchanges over the transport",
+                            ),
+                        });
                     }
                 }
             }
@@ -1067,6 +1081,7 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
         );
     }
     *shared.collectives.lock().unwrap_or_else(|p| p.into_inner()) = started.collectives.map(|c| (epoch, c));
+    *shared.collectives_closed.lock().unwrap_or_else(|p| p.into_inner()) = None;
     *current = Current {
         epoch,
         actor: Some(started.actor),
