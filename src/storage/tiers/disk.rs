@@ -398,7 +398,18 @@ impl DiskTier {
             layout.push(((s.offset - start) as usize, (s.grad_offset() - start) as usize));
         }
         let total = (end - start) as usize;
-        let fail = |e| self.io_error(first.id, what, e);
+        // The request covers every piece: its failure names them all, not the first alone.
+        let last = pieces[pieces.len() - 1].id;
+        let fail = |e: io::Error| match pieces.len() {
+            1 => self.io_error(first.id, what, e),
+            n => {
+                let subject = format!(
+                    "experts {}.{} to {}.{} (one read of {n})",
+                    first.id.0, first.id.1, last.0, last.1
+                );
+                self.io_error_of(&subject, what, e)
+            }
+        };
         let mut split = |buf: &[u8]| -> Vec<Result<T>> {
             pieces
                 .iter()
@@ -454,7 +465,12 @@ impl DiskTier {
     /// An I/O error naming the operation, the expert and the slot file (and for a full disk, the
     /// directory and what the tier holds there).
     fn io_error(&self, id: UnitId, what: &str, e: io::Error) -> Error {
-        let mut context = format!("{what}: expert {}.{}", id.0, id.1);
+        self.io_error_of(&format!("expert {}.{}", id.0, id.1), what, e)
+    }
+
+    /// [`Self::io_error`] for what `subject` names (an expert, or a run of them).
+    fn io_error_of(&self, subject: &str, what: &str, e: io::Error) -> Error {
+        let mut context = format!("{what}: {subject}");
         if e.raw_os_error() == Some(libc::ENOSPC) {
             context.push_str(&format!(
                 ": the disk tier's directory {} is full (its slot file takes {} bytes, allocated when the \
@@ -1016,6 +1032,7 @@ mod tests {
         let dir = temp("truncated");
         let disk = open(&dir, true);
         disk.write((0, 0), &pattern(10_001, 1)).unwrap();
+        disk.write_grad((0, 0), &pattern(3_333, 3)).unwrap();
         disk.write((0, 1), &pattern(10_001, 2)).unwrap();
         // The file cut short under the tier (a disk that lost its data): the read fails with the
         // file's name rather than returning short or stale bytes.
@@ -1032,6 +1049,20 @@ mod tests {
         }];
         let e = disk.read_run_with(&pieces, |_, _, _| Ok(())).unwrap_err().to_string();
         assert!(e.contains(FILE_NAME) && e.contains("expert 0.1"), "{e}");
+        // A read of several units names them all.
+        let both = [
+            ReadPiece {
+                id: (0, 0),
+                len: 10_001,
+                grad: Some(3_333),
+            },
+            pieces[0],
+        ];
+        let e = disk.read_run_with(&both, |_, _, _| Ok(())).unwrap_err().to_string();
+        assert!(
+            e.contains(FILE_NAME) && e.contains("experts 0.0 to 0.1 (one read of 2)"),
+            "{e}"
+        );
         disk.remove();
     }
 
