@@ -26,7 +26,7 @@ pub struct StorageConfig {
     /// I/O threads: requests in flight at most (each thread waits on one at a time).
     pub io_threads: usize,
     /// Reads and writes handed to the I/O threads at most (queued in their lanes or in flight);
-    /// the manager holds the rest, loads first.
+    /// the manager holds the rest, loads first. Never fewer than `io_threads`.
     pub io_depth: usize,
     /// Faults to inject into the Disk tier's reads and writes (chaos runs; `None`: no hook, and
     /// no cost).

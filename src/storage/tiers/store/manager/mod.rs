@@ -169,7 +169,8 @@ impl Manager {
         lanes: Arc<IoLanes>,
         stats: Arc<Mutex<TierStats>>,
     ) -> Manager {
-        let depth = config.io_depth.max(1);
+        // At least one request per I/O thread: a shallower depth would leave threads idle.
+        let depth = config.io_depth.max(config.io_threads).max(1);
         let mut manager = Manager {
             worker: worker.to_string(),
             policy: config.policy,
@@ -419,7 +420,9 @@ impl Manager {
     /// [`CachePolicy::params_only`]).
     fn params_only(&self, block: usize) -> bool {
         let units_through = self.entries.range(..(block + 1, 0)).count();
-        let memory = self.budget[0].saturating_add(self.budget[1]) / self.unit_bytes.max(1);
+        // Whole units in each tier (as the replay counts them): a unit does not straddle tiers.
+        let unit = self.unit_bytes.max(1);
+        let memory = (self.budget[0] / unit).saturating_add(self.budget[1] / unit);
         self.policy.params_only(
             &self.cursor,
             units_through,
