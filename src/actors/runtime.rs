@@ -725,6 +725,14 @@ pub fn check_cover(config: &TrainConfig, snaps: &[LedgerSnapshot]) -> Result<()>
             if !seen.insert((usize::MAX, *block, *e)) {
                 return Err(Error::runtime(format!("two workers hold expert {block}.{e}")));
             }
+            // Every expert's update of every committed step applied (a deferred one lost would
+            // otherwise reach a checkpoint in silence).
+            if slot.optimizer.step != step {
+                return Err(Error::runtime(format!(
+                    "a worker's copy of expert {block}.{e} is of step {}, the state of step {step}",
+                    slot.optimizer.step
+                )));
+            }
             let idx = ExpertSlot::tensor_indices(specs.iter().map(|t| t.name.as_str()), *block)?;
             for (k, &i) in idx.iter().enumerate() {
                 let n = specs[i].unit_len();
@@ -924,8 +932,9 @@ mod tests {
             expert_tensors.extend(idx);
             let sizes = idx.map(|i| specs[i].unit_len());
             for e in 0..config.model.experts {
-                let optimizer =
+                let mut optimizer =
                     AdamW::with_decay(config.optimizer.clone(), &sizes, &[true, false, true, false]).expect("adamw");
+                optimizer.step = step;
                 let params = sizes.map(|n| vec![0.0; n]);
                 experts.push(((b, e), ExpertSlot { params, optimizer }));
             }
@@ -992,6 +1001,10 @@ mod tests {
         let ((b, _), slot) = no_such_expert[1].experts.pop().expect("an expert");
         no_such_expert[1].experts.push(((b, config.model.experts), slot));
         refused(&config, &no_such_expert, "does not fit");
+
+        let mut behind = two_shares(&config, 7);
+        behind[1].experts[0].1.optimizer.step = 6;
+        refused(&config, &behind, "is of step 6, the state of step 7");
     }
 
     /// Slows every write of the slot file (a slow disk).
