@@ -111,6 +111,37 @@ impl Drop for Lease {
     }
 }
 
+/// The wait for a grant, made safe to cancel: a caller that gives up (a timeout, an aborted
+/// task) after the manager sent the unit but before reading it would drop the unit inside the
+/// channel, and the store would count it in use for ever (every later snapshot waiting for it).
+struct GrantWait<'a> {
+    rx: tokio::sync::oneshot::Receiver<Result<Grant>>,
+    id: UnitId,
+    tx: &'a Books,
+    answered: bool,
+}
+
+impl Drop for GrantWait<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        // Closed first: a grant not yet sent fails to send and the manager takes the unit back;
+        // one already sent is read here and released as a lease would be (a commit's update is
+        // dropped with its caller, whose step did not complete).
+        self.rx.close();
+        if let Ok(Ok(Grant::Slot(slot, _))) = self.rx.try_recv() {
+            drop(Lease {
+                id: self.id,
+                slot: Some(slot),
+                writable: false,
+                dirty: false,
+                tx: self.tx.clone(),
+            });
+        }
+    }
+}
+
 impl ExpertStore {
     /// Take `units` (every expert this worker hosts) into a store for `worker`. Fails when the
     /// Device budget cannot hold one block's experts (the working set of a layer), or when the
@@ -252,7 +283,15 @@ impl ExpertStore {
     async fn request(&self, id: UnitId, commit: Option<Pending>) -> Result<(Option<Lease>, Option<Pending>)> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.send(Request::Acquire { id, commit, reply })?;
-        match rx.await.map_err(|_| stopped())?? {
+        let mut waiting = GrantWait {
+            rx,
+            id,
+            tx: &self.tx,
+            answered: false,
+        };
+        let answer = (&mut waiting.rx).await;
+        waiting.answered = true;
+        match answer.map_err(|_| stopped())?? {
             Grant::Slot(slot, update) => Ok((
                 Some(Lease {
                     id,
@@ -464,6 +503,57 @@ mod tests {
             (op == crate::storage::tiers::disk::DiskOp::Read).then_some(crate::storage::tiers::disk::InjectedIo::Delay(
                 Duration::from_secs(3600),
             ))
+        }
+    }
+
+    /// A disk whose reads take 300 ms.
+    struct SlowReads;
+
+    impl crate::storage::tiers::disk::DiskFaults for SlowReads {
+        fn before(
+            &self,
+            _worker: usize,
+            op: crate::storage::tiers::disk::DiskOp,
+            _id: UnitId,
+            _len: usize,
+        ) -> Option<crate::storage::tiers::disk::InjectedIo> {
+            (op == crate::storage::tiers::disk::DiskOp::Read).then_some(crate::storage::tiers::disk::InjectedIo::Delay(
+                Duration::from_millis(300),
+            ))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_acquisition_given_up_after_its_unit_was_sent_loses_no_unit() {
+        let mut c = config(2, 1, "given-up");
+        c.drop_page_cache = false;
+        c.disk_faults = Some(crate::storage::tiers::disk::DiskFaultHook(Arc::new(SlowReads)));
+        let store = ExpertStore::new(0, &c, units(3, 2)).unwrap();
+        assert!(store.stats().on_disk > 0, "{:?}", store.stats());
+        let mut given_up = 0;
+        for id in (0..3).flat_map(|b| (0..2).map(move |e| (b, e))) {
+            let mut acquiring = Box::pin(store.acquire(id));
+            match tokio::time::timeout(Duration::from_millis(50), acquiring.as_mut()).await {
+                Ok(lease) => drop(lease.unwrap()),
+                Err(_) => {
+                    // The read finishes and the unit is sent while nobody waits; then the wait
+                    // is dropped unread.
+                    tokio::time::sleep(Duration::from_millis(900)).await;
+                    drop(acquiring);
+                    given_up += 1;
+                }
+            }
+        }
+        assert!(given_up > 0, "no acquisition waited on the disk");
+        let snapshot = tokio::time::timeout(Duration::from_secs(20), store.snapshot())
+            .await
+            .expect("the snapshot waits for a unit nobody holds")
+            .unwrap();
+        assert_eq!(snapshot.len(), 6);
+        let want = units(3, 2);
+        for ((id, got), (other, want)) in snapshot.iter().zip(&want) {
+            assert_eq!(id, other);
+            assert_eq!(got.params, want.params, "expert {id:?}");
         }
     }
 
