@@ -210,7 +210,15 @@ impl DiskTier {
             if direct {
                 o.custom_flags(libc::O_DIRECT);
             }
-            o.open(&path)
+            match o.open(&path) {
+                // The directory removed under us, empty, by a store of before closing late:
+                // made again, once.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    std::fs::create_dir_all(dir)?;
+                    o.open(&path)
+                }
+                opened => opened,
+            }
         };
         let fail = |e| Error::io("cannot create the disk tier's slot file", &path, e);
         let opened = (|| -> Result<(File, IoMode)> {
@@ -628,8 +636,20 @@ impl DiskTier {
     /// Delete the directory and its file (best effort: it holds nothing that is not also in memory
     /// or in a checkpoint once the store is gone). The parent directory goes too when nothing
     /// else is left in it.
+    ///
+    /// Only this tier's own file is unlinked, and the directories only when empty: a store
+    /// dropped late (its runtime shut down while a new one starts in the same place) must not
+    /// delete the new store's file or directory.
     pub fn remove(&self) {
-        let _ = std::fs::remove_dir_all(&self.inner.dir);
+        use std::os::unix::fs::MetadataExt;
+        let ours = self.inner.file.metadata().ok().map(|m| (m.dev(), m.ino()));
+        let there = std::fs::symlink_metadata(&self.inner.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if ours.is_some() && ours == there {
+            let _ = std::fs::remove_file(&self.inner.path);
+        }
+        let _ = std::fs::remove_dir(&self.inner.dir);
         if let Some(parent) = self.inner.dir.parent() {
             let _ = std::fs::remove_dir(parent);
         }
@@ -1025,6 +1045,24 @@ mod tests {
             assert!(disk.read_run_with(&short, |_, _, _| Ok(())).is_err());
             disk.remove();
         }
+    }
+
+    #[test]
+    fn a_tier_removed_late_leaves_the_newer_tier_in_its_place_alone() {
+        let dir = temp("late").join("worker-0");
+        let old = open(&dir, true);
+        old.write((0, 0), &pattern(10_001, 1)).unwrap();
+        // A new store opens in the same place before the old one is removed.
+        let new = open(&dir, true);
+        new.write((0, 0), &pattern(10_001, 2)).unwrap();
+        old.remove();
+        assert!(new.path().exists(), "the newer tier's file was removed");
+        assert_eq!(new.read((0, 0), 10_001).unwrap(), pattern(10_001, 2));
+        new.remove();
+        assert!(
+            !dir.exists() && !temp("late").exists(),
+            "the directories are left behind"
+        );
     }
 
     #[test]
