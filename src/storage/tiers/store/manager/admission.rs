@@ -112,6 +112,9 @@ impl Manager {
                 }
                 self.used[Mem::Host as usize] -= b;
                 self.used[Mem::Device as usize] += b;
+                // The high-water mark at every growth, not only when published.
+                self.local.peak[Mem::Device as usize] =
+                    self.local.peak[Mem::Device as usize].max(self.used[Mem::Device as usize]);
                 self.local.moved[Mem::Host as usize][Mem::Device as usize] += b;
             }
             Place::Disk => {

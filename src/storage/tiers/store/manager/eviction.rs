@@ -67,6 +67,9 @@ impl Manager {
                 }
                 self.used[Mem::Device as usize] -= b;
                 self.used[Mem::Host as usize] += b;
+                // The high-water mark at every growth, not only when published.
+                self.local.peak[Mem::Host as usize] =
+                    self.local.peak[Mem::Host as usize].max(self.used[Mem::Host as usize]);
                 self.local.moved[Mem::Device as usize][Mem::Host as usize] += b;
                 return;
             }

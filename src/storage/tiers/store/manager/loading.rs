@@ -19,6 +19,8 @@ impl Manager {
         if let Some(e) = self.entries.get_mut(&id) {
             e.place = Place::Loading(t);
             self.used[t as usize] += b;
+            // The high-water mark at every growth, not only when published.
+            self.local.peak[t as usize] = self.local.peak[t as usize].max(self.used[t as usize]);
             let update = e.deferred.as_ref().map(|d| (d.lr, d.norm));
             let partial = params_only && update.is_none();
             self.queue_io(IoJob::Read {

@@ -253,6 +253,8 @@ impl Manager {
         };
         if let Some(t) = [Mem::Device, Mem::Host].into_iter().find(|&t| self.free(t) >= b) {
             self.used[t as usize] += b;
+            // The high-water mark at every growth, not only when published.
+            self.local.peak[t as usize] = self.local.peak[t as usize].max(self.used[t as usize]);
             entry.place = Place::In(t);
             entry.slot = Some(Box::new(slot));
             entry.dirty = true;
