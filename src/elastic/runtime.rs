@@ -482,7 +482,9 @@ impl ElasticRuntime {
             let active = epoch.members.iter().any(|a| a.id == m.id);
             match (&m.status, active) {
                 _ if losses_only => {}
-                (Status::Leaving, _) => return Some(format!("member {} leaves", m.id)),
+                // A waiting member that leaves is dismissed at the boundary (see `step`): the
+                // epoch it never joined does not form again for it.
+                (Status::Leaving, true) => return Some(format!("member {} leaves", m.id)),
                 (Status::Waiting, false) if epoch.members.len() < self.max_members() => {
                     return Some(format!("member {} joins", m.id))
                 }
@@ -549,6 +551,9 @@ impl ElasticRuntime {
                 None => false,
             };
             let defer = !at_hook && !self.members_at.is_empty();
+            if !defer {
+                self.dismiss_leavers().await;
+            }
             if let Some(why) = self.change(defer) {
                 self.reform(&why).await?;
             }
