@@ -526,6 +526,25 @@ fn default_run_directories_never_collide_and_failed_starts_leave_none() {
         let count = std::fs::read_dir(tmp.path().join("runs")).expect("runs").count();
         assert_eq!(count, 3, "the failed start ({flags:?}) left a directory");
     }
+    // Nor does one that fails after the time budget's measurement made the --run-dir named (its
+    // worker processes' identity missing).
+    let flags = [
+        "--time-budget",
+        "2",
+        "--run-dir",
+        "fresh",
+        "--processes",
+        "2",
+        "--identity",
+        "no-such-identity",
+    ];
+    let (status, _, err) = run(tmp.path(), &args(&flags), Duration::from_secs(120));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("measured") && err.contains("no-such-identity"), "{err}");
+    assert!(
+        !tmp.path().join("fresh").exists(),
+        "the failed start left its --run-dir"
+    );
 }
 
 #[test]

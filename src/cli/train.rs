@@ -650,6 +650,9 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             Some(dir) => dir.clone(),
             None => run_dir::create_unique(Path::new("runs"), &run_dir::default_name(std::time::SystemTime::now()))?,
         };
+        // Made by this start (the default one above, or a --run-dir not there yet, which the
+        // time budget's measurement makes): a failed start removes it again.
+        let ours = a.run_dir.is_none() || !dir.exists();
         if config.train.time_budget_s > 0.0 {
             // Measured inside the run directory (on the run's disk); a directory in use or one
             // that would be refused is refused before the measurement.
@@ -691,8 +694,8 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
                 Err(e)
             }
         };
-        if started.is_err() && a.run_dir.is_none() {
-            // The default directory was made above (the trainer found it there, so it leaves it).
+        if started.is_err() && ours {
+            // Made above or by the measurement (the trainer found it there, so it leaves it).
             run_dir::remove_failed_start(&dir);
         }
         started?
