@@ -548,6 +548,78 @@ fn default_run_directories_never_collide_and_failed_starts_leave_none() {
 }
 
 #[test]
+fn a_run_trained_from_a_pipe_is_refused_the_pipe_again_not_hung() {
+    let tmp = TempDir::new("cli-pipe");
+    let text: String = (0..400)
+        .map(|i| format!("line {i} of a text read from a pipe\n"))
+        .collect();
+    std::fs::write(tmp.path().join("text.txt"), &text).expect("text");
+    // A shell's process substitution (`/dev/fd/N`) and a named pipe, each written once.
+    let mut line = format!("'{SEMOE}' train");
+    for a in args(&["--steps", "3", "--run-dir", "subst"]).iter().skip(1) {
+        line.push_str(&format!(" '{a}'"));
+    }
+    line.push_str(" --data <(cat text.txt)");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&line)
+        .current_dir(tmp.path())
+        .output()
+        .expect("bash");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = std::fs::read_to_string(tmp.path().join("subst/config.toml")).expect("config");
+    assert!(config.contains("/dev/fd/"), "{config}");
+
+    let fifo = tmp.path().join("fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().expect("path")).expect("c path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    let writer = {
+        let (fifo, text) = (fifo.clone(), text.clone());
+        std::thread::spawn(move || std::fs::write(fifo, text))
+    };
+    let (status, _, err) = run(
+        tmp.path(),
+        &args(&["--steps", "3", "--run-dir", "named", "--data", "fifo"]),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    writer.join().expect("the writer").expect("written");
+
+    for run_dir in ["subst", "named"] {
+        let (status, _, err) = run(
+            tmp.path(),
+            &["train", "--resume", "--run-dir", run_dir, "--steps", "5"],
+            Duration::from_secs(60),
+        );
+        assert_eq!(status.code(), Some(1), "{run_dir}: {err}");
+        assert!(
+            err.contains("which cannot be read again: give --data FILE"),
+            "{run_dir}: {err}"
+        );
+        let (status, _, err) = run(tmp.path(), &["eval", "--checkpoint", run_dir], Duration::from_secs(60));
+        assert_eq!(status.code(), Some(1), "{run_dir}: {err}");
+        assert!(err.contains("which cannot be read again"), "{run_dir}: {err}");
+        // The same text as a file resumes it.
+        let (status, _, err) = run(
+            tmp.path(),
+            &[
+                "train",
+                "--resume",
+                "--run-dir",
+                run_dir,
+                "--steps",
+                "5",
+                "--data",
+                "text.txt",
+            ],
+            Duration::from_secs(60),
+        );
+        assert!(status.success(), "{run_dir}: {err}");
+    }
+}
+
+#[test]
 fn progress_lines_without_a_terminal() {
     let tmp = TempDir::new("cli-progress");
     let (status, _, err) = run(

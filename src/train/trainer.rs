@@ -161,8 +161,9 @@ pub fn resumed_config(
     }
     if let Some(path) = &config.train.data {
         if Some(path) != recorded.train.data.as_ref() {
-            config.train.data =
-                Some(std::fs::canonicalize(path).map_err(|e| Error::io("cannot read the training data", path, e))?);
+            config.train.data = Some(data_path_to_record(path)?);
+        } else {
+            refuse_a_recorded_pipe(path)?;
         }
     }
     let (changed, refused) = crate::config::resume_differences(&recorded, &config)?;
@@ -250,6 +251,38 @@ impl Drop for Trainer {
     }
 }
 
+/// Whether `path` is a pipe: a named one, or one the shell passes as `/dev/fd/N` (`<(command)`),
+/// which another process cannot open at all.
+fn is_pipe(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let in_fd_table = path.starts_with("/dev/fd") || path.starts_with("/proc/self/fd");
+    in_fd_table || std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
+}
+
+/// The training data's path as a run records it: absolute and resolved, so that the run resumes
+/// (and its checkpoints evaluate) from any working directory; a pipe's as given (resolving
+/// `/dev/fd/N` fails: it names a pipe, not a file).
+fn data_path_to_record(path: &Path) -> Result<std::path::PathBuf> {
+    let cannot = |e| Error::io("cannot read the training data", path, e);
+    if is_pipe(path) {
+        return std::path::absolute(path).map_err(cannot);
+    }
+    std::fs::canonicalize(path).map_err(cannot)
+}
+
+/// A run's text recorded from a pipe cannot be read again (a named pipe would block for ever
+/// waiting for a writer): refused, asking for the text as a file.
+pub fn refuse_a_recorded_pipe(path: &Path) -> Result<()> {
+    if is_pipe(path) {
+        return Err(Error::config(format!(
+            "the run's training text was read from the pipe {}, which cannot be read again: give --data FILE \
+             holding the same text (its SHA-256 is checked against the checkpoint's)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The corpus a config trains on: its `train.data`, or the bundled one.
 pub fn corpus_for(config: &TrainConfig) -> Result<Corpus> {
     let corpus = match &config.train.data {
@@ -282,8 +315,7 @@ impl Trainer {
         // Record the data path absolutely, so the run resumes (and its checkpoints evaluate) from
         // any working directory.
         if let Some(path) = &config.train.data {
-            config.train.data =
-                Some(std::fs::canonicalize(path).map_err(|e| Error::io("cannot read the training data", path, e))?);
+            config.train.data = Some(data_path_to_record(path)?);
         }
         // A directory in use says so first (its lock is only taken where semoe already put one).
         let lock = match run_dir.join(run_dir::LOCK_FILE).exists() {
