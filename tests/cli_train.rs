@@ -6,7 +6,7 @@
 mod common;
 
 use common::TempDir;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -1466,6 +1466,30 @@ fn a_run_without_its_config_resumes_from_the_checkpoints_record() {
         "{err}"
     );
     std::fs::remove_file(&config).expect("lose the rebuilt config again");
+    // `semoe runs` lists it all the same, with its checkpoint's figures: lines a crash left
+    // after the checkpoint (done again by the resume) are not its figures.
+    let (ckpt_step, _, _) = newest_checkpoint(&tmp.path().join("r"));
+    let later = ckpt_step + 50;
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(tmp.path().join("r/metrics.jsonl"))
+        .expect("the log");
+    writeln!(
+        log,
+        "{{\"kind\":\"train\",\"step\":{later},\"tokens\":1,\"elapsed_s\":9999.0,\"loss\":1.0,\"tokens_per_s\":1.0}}\n\
+         {{\"kind\":\"val\",\"step\":{later},\"val_loss\":0.123}}"
+    )
+    .expect("lines after the checkpoint");
+    drop(log);
+    let (status, out, err) = run(tmp.path(), &["runs", "--dir", "."], Duration::from_secs(60));
+    assert!(status.success(), "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("r "))
+        .unwrap_or_else(|| panic!("r is not listed:\n{out}"));
+    assert!(row.contains("config.toml missing"), "{row}");
+    assert!(row.contains(&format!("{ckpt_step}/?")), "{row}");
+    assert!(!row.contains("0.1230") && !row.contains("2h 46m"), "{row}");
     let (status, _, err) = run(
         tmp.path(),
         &["train", "--resume", "--run-dir", "r", "--time-limit", "0"],

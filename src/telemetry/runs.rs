@@ -22,12 +22,12 @@ pub struct RunInfo {
     pub val_loss: Option<(u64, f64)>,
     /// Training seconds at the last logged step.
     pub training_seconds: Option<f64>,
-    /// `running`, `finished`, `stopped at step N`, `no checkpoint`, `config.toml unreadable`, or
-    /// `unreadable: ` and why.
+    /// `running`, `finished`, `stopped at step N`, `no checkpoint`, `config.toml unreadable` or
+    /// `missing`, `checkpoints unreadable`, or `unreadable: ` and why.
     pub status: String,
 }
 
-/// The runs directly under `dir` (directories holding a `config.toml`), sorted by name. A
+/// The runs directly under `dir` (directories holding a `config.toml` or checkpoints), sorted by name. A
 /// missing `dir` holds no runs.
 pub fn list(dir: &Path) -> Result<Vec<RunInfo>> {
     let entries = match std::fs::read_dir(dir) {
@@ -39,7 +39,10 @@ pub fn list(dir: &Path) -> Result<Vec<RunInfo>> {
     for entry in entries {
         let entry = entry.map_err(|e| Error::io("cannot list the runs", dir, e))?;
         let path = entry.path();
-        if path.join("config.toml").is_file() {
+        // A run whose config was lost still holds its checkpoints (a resume rebuilds the config).
+        let a_run = path.join("config.toml").is_file()
+            || (path.is_dir() && checkpoint::step_dirs(&path).is_ok_and(|d| !d.is_empty()));
+        if a_run {
             // One run that cannot be read (its checkpoints' permissions) is listed as such; the
             // others are still listed.
             runs.push(describe(&path).unwrap_or_else(|e| RunInfo {
@@ -67,14 +70,18 @@ pub fn describe(dir: &Path) -> Result<RunInfo> {
         .map(|c| c.train.steps)
         .ok();
     let checkpoint_step = checkpoint::list(dir)?.last().map(|(step, _)| *step);
+    let running = run_dir::is_locked(dir);
+    // A run that stopped (or crashed) resumes from its checkpoint: the steps logged after it are
+    // done again, so its figures are the checkpoint's (a running one shows its progress).
+    let shown = |step: u64| running || checkpoint_step.is_none_or(|c| step <= c);
     let (mut val_loss, mut training_seconds) = (None, None);
     // A log that cannot be read, or a line that is not a record (a run killed mid-write), says nothing.
     if let Ok(reader) = LogReader::open(&dir.join(METRICS_FILE)) {
         for entry in reader {
             let Ok(entry) = entry else { break };
             match entry.parsed {
-                Parsed::Record(Record::Train(r)) => training_seconds = Some(r.elapsed_s),
-                Parsed::Record(Record::Val(r)) => {
+                Parsed::Record(Record::Train(r)) if shown(r.step) => training_seconds = Some(r.elapsed_s),
+                Parsed::Record(Record::Val(r)) if shown(r.step) => {
                     if let Some(s) = r.elapsed_s {
                         training_seconds = Some(s);
                     }
@@ -87,10 +94,13 @@ pub fn describe(dir: &Path) -> Result<RunInfo> {
             }
         }
     }
-    let status = if run_dir::is_locked(dir) {
+    let status = if running {
         "running".to_string()
     } else {
         match (checkpoint_step, planned_steps) {
+            (_, None) if !dir.join("config.toml").exists() => {
+                "config.toml missing (--resume rebuilds it from the newest checkpoint)".to_string()
+            }
             (_, None) => "config.toml unreadable".to_string(),
             // Step folders whose manifests this version does not read (another semoe version, or
             // damage): "no checkpoint" would say there is nothing to keep, while a fresh start in
