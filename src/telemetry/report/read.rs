@@ -2,6 +2,7 @@
 //! superseded removed (see the [report's documentation](super)).
 
 use std::fmt::Write as _;
+use std::io::Seek as _;
 use std::path::Path;
 
 use serde::Serialize;
@@ -77,11 +78,17 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Metrics> {
     // Two passes, so that no record keeps its expert counts: the first finds which training
     // records a resumed run left standing (and so the heatmap's buckets), the second sums each
     // one's counts into its bucket as it reads it.
-    let kept = kept_train_records(path)?;
+    // Both passes read the one file opened here: a log replaced in between (a resume rewrites
+    // it) cannot give the second pass other records than the first counted.
+    let file = std::fs::File::open(path).map_err(|e| Error::io("opening the metrics log", path, e))?;
+    let kept = kept_train_records(LogReader::new(std::io::BufReader::new(&file), path))?;
+    (&file)
+        .seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| Error::io("reading the metrics log", path, e))?;
     let ranges = buckets(kept.len());
     let mut grid = LoadGrid::new(ranges.len());
     let (mut ordinal, mut position, mut bucket) = (0usize, 0usize, 0usize);
-    let mut reader = LogReader::open(path)?;
+    let mut reader = LogReader::new(std::io::BufReader::new(&file), path);
     let mut metrics = Metrics::default();
     for entry in reader.by_ref() {
         match entry?.parsed {
@@ -127,9 +134,9 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Metrics> {
 
 /// The ordinals (among the log's training records, in file order) of those a resumed run left
 /// standing: a record logged again for its step, or for an earlier one, drops it and those after.
-fn kept_train_records(path: &Path) -> Result<Vec<usize>> {
+fn kept_train_records(reader: LogReader<impl std::io::BufRead>) -> Result<Vec<usize>> {
     let mut kept: Vec<(u64, usize)> = Vec::new();
-    for (ordinal, step) in LogReader::open(path)?
+    for (ordinal, step) in reader
         .filter_map(|entry| match entry.map(|e| e.parsed) {
             Ok(Parsed::Record(Record::Train(rec))) => Some(Ok(rec.step)),
             Ok(_) => None,
