@@ -453,6 +453,35 @@ fn a_body_over_the_limit_is_refused_with_a_413_the_client_can_read() {
     let text = String::from_utf8_lossy(&raw);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("1024 bytes"), "{text}");
+
+    // A client that waits for `100 Continue` before sending a body declared too large is
+    // answered at once, not asked for the body.
+    let mut stream = connect(server.addr);
+    let head = "POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Length: 5000\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n";
+    stream.write_all(head.as_bytes()).expect("send the head");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("the answer");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+}
+
+#[test]
+fn a_body_over_the_limit_sent_too_slowly_is_still_a_413() {
+    let server = Running::start(ServeConfig {
+        max_request_bytes: 1024,
+        client_timeout: Duration::from_secs(1),
+        ..ServeConfig::default()
+    });
+    let mut stream = connect(server.addr);
+    let head = "POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Length: 2000000\r\nConnection: close\r\n\r\n";
+    stream.write_all(head.as_bytes()).expect("send the head");
+    stream.write_all(&[b' '; 4096]).expect("a part of the body");
+    // The rest never comes within the client timeout: the drain ends, and the answer is why the
+    // body was refused, not that it was slow.
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("the answer");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
 }
 
 /// A server whose requests run long enough to be cut short.

@@ -155,9 +155,9 @@ enum BodyError {
 }
 
 /// The request body, at most `limit` bytes. A larger one is read on (and dropped) up to
-/// [`DRAIN_BYTES`] beyond the limit, so that the refusal reaches its client; the caller bounds the
-/// time.
-async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+/// [`DRAIN_BYTES`] beyond the limit, so that the refusal reaches its client, and `over` is set;
+/// the caller bounds the time.
+async fn read_body(mut body: Incoming, limit: usize, over: &std::sync::atomic::AtomicBool) -> Result<Bytes, BodyError> {
     let mut kept = Vec::new();
     let mut dropped = 0usize;
     while let Some(frame) = body.frame().await {
@@ -169,6 +169,7 @@ async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError>
             continue;
         }
         dropped = dropped.saturating_add(data.len());
+        over.store(true, Ordering::Relaxed);
         kept = Vec::new();
         if dropped > DRAIN_BYTES {
             break;
@@ -291,14 +292,22 @@ async fn completion(request: Request<Incoming>, state: &State) -> Response<Body>
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     // A body too large to be worth reading is refused at once (its client may see a reset
-    // instead of the 413, as it would from any server).
-    if declared.is_some_and(|n| n > (limit + DRAIN_BYTES) as u64) {
+    // instead of the 413, as it would from any server); so is any body declared too large by a
+    // client that waits for a `100 Continue` before sending it (reading would ask for it).
+    let waits_to_send = request
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if declared.is_some_and(|n| n > limit.saturating_add(DRAIN_BYTES) as u64 || (waits_to_send && n > limit as u64)) {
         return too_large();
     }
-    let read = read_body(request.into_body(), limit);
+    // Set once the body is known to be too large: a drain cut short by the timeout is still a 413.
+    let over = std::sync::atomic::AtomicBool::new(declared.is_some_and(|n| n > limit as u64));
+    let read = read_body(request.into_body(), limit, &over);
     let body = match tokio::time::timeout(config.client_timeout, read).await {
         Ok(Ok(body)) => body,
         Ok(Err(BodyError::TooLarge)) => return too_large(),
+        Err(_) if over.load(Ordering::Relaxed) => return too_large(),
         Ok(Err(BodyError::Read(e))) => {
             return rejected(
                 StatusCode::BAD_REQUEST,
