@@ -240,6 +240,9 @@ pub struct ElasticRuntime {
     /// The last epoch's members (by id, in worker order) and plan: the next plan moves as little
     /// as possible from it.
     last_plan: Option<(Vec<u64>, Placement)>,
+    /// Every member (by id) that took part in an epoch: one that leaves without ever doing so
+    /// held no state.
+    took_part: std::collections::BTreeSet<u64>,
     /// Epochs formed again for a lost link since the last committed step (bounded: a link that
     /// keeps failing ends the run).
     relinks: u32,
@@ -378,6 +381,7 @@ impl ElasticRuntime {
             members_at: hooks::members_at(),
             copying: None,
             last_plan: None,
+            took_part: std::collections::BTreeSet::new(),
             traffic_closed: Default::default(),
             traffic_last: Default::default(),
             traffic_asking: None,
@@ -1255,6 +1259,7 @@ impl ElasticRuntime {
                 return Err(e);
             }
         };
+        self.took_part.extend(members.iter().map(|m| m.id));
         self.last_plan = Some((members.iter().map(|m| m.id).collect(), plan));
         Ok((
             Epoch {
@@ -1276,10 +1281,13 @@ impl ElasticRuntime {
             .collect();
         for m in self.cluster.members() {
             if m.status == Status::Leaving && !active.contains(&m.id) {
-                let command = Command::Dismiss {
-                    left: true,
-                    reason: format!("left at step {}; its state moved to the other workers", self.committed),
+                // A member that never took part in an epoch held no state.
+                let reason = if self.took_part.remove(&m.id) {
+                    format!("left at step {}; its state moved to the other workers", self.committed)
+                } else {
+                    format!("left at step {} before taking part (it held no state)", self.committed)
                 };
+                let command = Command::Dismiss { left: true, reason };
                 let who = format!("member {}", m.id);
                 self.cluster.set_status(m.id, Status::Gone("left".into()));
                 let _ = tokio::time::timeout(

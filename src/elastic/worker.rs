@@ -1080,8 +1080,13 @@ async fn setup(shared: &Shared, plan: SetupPlan, state: Vec<u8>) -> Result<()> {
             collectives.lanes()
         );
     }
-    *shared.collectives.lock().unwrap_or_else(|p| p.into_inner()) = started.collectives.map(|c| (epoch, c));
-    *shared.collectives_closed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    {
+        // The reason cleared under the communicators' lock: a close for a peer lost at this
+        // moment (which takes that lock first) keeps its own.
+        let mut open = shared.collectives.lock().unwrap_or_else(|p| p.into_inner());
+        *shared.collectives_closed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *open = started.collectives.map(|c| (epoch, c));
+    }
     *current = Current {
         epoch,
         actor: Some(started.actor),
