@@ -544,9 +544,15 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         let file_steps_apply = file_sets_steps && file.as_ref().is_some_and(|(f, _)| f.train.time_budget_s <= 0.0);
         if let Some((f, _)) = &file {
             let recorded = TrainConfig::from_file(&dir.join("config.toml")).ok();
-            if recorded
-                .as_ref()
-                .is_some_and(|r| r.train.time_budget_s != f.train.time_budget_s)
+            let file_sets_budget = file.as_ref().is_some_and(|(_, keys)| {
+                keys.get("train")
+                    .and_then(|t| t.as_table())
+                    .is_some_and(|t| t.contains_key("time_budget_s"))
+            });
+            if file_sets_budget
+                && recorded
+                    .as_ref()
+                    .is_some_and(|r| r.train.time_budget_s != f.train.time_budget_s)
             {
                 semoe::say!(
                     "notice: the config file's train.time_budget_s ({} s) is not applied: a resumed run keeps its \
@@ -614,6 +620,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             // in the run directory changes.
             let (config, _) = semoe::train::trainer::resumed_config(&dir, &options, adjust)?;
             overlay_ok()?;
+            refuse_a_pipe_read_twice(&config, true)?;
             check_flags_apply(a, &config)?;
             check_sample_prompt(a, &sample_prompt, &config)?;
         }
@@ -645,7 +652,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
                 config.train.time_budget_s = 0.0;
             }
         }
-        refuse_a_pipe_read_twice(&config)?;
+        refuse_a_pipe_read_twice(&config, false)?;
         let dir = match &a.run_dir {
             Some(dir) => dir.clone(),
             None => run_dir::create_unique(Path::new("runs"), &run_dir::default_name(std::time::SystemTime::now()))?,
@@ -899,12 +906,13 @@ pub fn fit_time_budget(config: &mut TrainConfig, run_dir: &Path, stop: &AtomicUs
 /// A pipe as `--data` is read to its end once; a run that reads its text again (the time budget's
 /// measurement trains on it first, worker processes read it each) would wait for ever on the
 /// second open.
-fn refuse_a_pipe_read_twice(config: &TrainConfig) -> semoe::Result<()> {
+fn refuse_a_pipe_read_twice(config: &TrainConfig, resumed: bool) -> semoe::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let Some(data) = &config.train.data else {
         return Ok(());
     };
-    let reader = if config.train.time_budget_s > 0.0 {
+    // (A resumed run keeps its steps: no time budget is measured.)
+    let reader = if config.train.time_budget_s > 0.0 && !resumed {
         "the time budget's measurement reads it before the run"
     } else if config.train.elastic() {
         "each worker process reads it"
