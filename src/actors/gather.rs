@@ -154,29 +154,66 @@ pub fn gate_view(shell: &Gpt<f32>, leg: &Gpt<f32>, block: usize) -> Result<Arc<G
 /// first failure at once rather than trying again).
 type LegResult = std::result::Result<Arc<LegParams>, GatherFailure>;
 
+/// A failed gather, kept as its kind: the coordinator decides on a failed step by the kind (a
+/// failed actor is repaired by a replay; a deadline names the worker that was silent, which the
+/// coordinator may excuse; a malformed message names its sender).
 #[derive(Clone, Debug)]
-struct GatherFailure {
-    restartable: bool,
-    text: String,
+enum GatherFailure {
+    Restartable(String),
+    Deadline {
+        peer: String,
+        what: String,
+        deadline_ms: u64,
+    },
+    Protocol {
+        peer: String,
+        detail: String,
+    },
+    Other(String),
 }
 
 impl GatherFailure {
     fn of(e: &Error) -> Self {
-        GatherFailure {
-            restartable: e.is_restartable(),
-            text: e.to_string(),
+        match e {
+            _ if e.is_restartable() => GatherFailure::Restartable(e.to_string()),
+            Error::Deadline {
+                peer,
+                what,
+                deadline_ms,
+            } => GatherFailure::Deadline {
+                peer: peer.clone(),
+                what: what.clone(),
+                deadline_ms: *deadline_ms,
+            },
+            Error::Protocol { peer, detail } => GatherFailure::Protocol {
+                peer: peer.clone(),
+                detail: detail.clone(),
+            },
+            _ => GatherFailure::Other(e.to_string()),
         }
     }
 
-    /// The error again, still restartable when it was (a failed actor is repaired by a replay).
+    /// The error again, of its kind.
     fn error(&self) -> Error {
-        if self.restartable {
-            Error::ActorFailed {
+        match self {
+            GatherFailure::Restartable(text) => Error::ActorFailed {
                 actor: "a dense gather".into(),
-                detail: self.text.clone(),
-            }
-        } else {
-            Error::runtime(self.text.clone())
+                detail: text.clone(),
+            },
+            GatherFailure::Deadline {
+                peer,
+                what,
+                deadline_ms,
+            } => Error::Deadline {
+                peer: peer.clone(),
+                what: what.clone(),
+                deadline_ms: *deadline_ms,
+            },
+            GatherFailure::Protocol { peer, detail } => Error::Protocol {
+                peer: peer.clone(),
+                detail: detail.clone(),
+            },
+            GatherFailure::Other(text) => Error::runtime(text.clone()),
         }
     }
 }
@@ -431,5 +468,32 @@ impl Gatherer {
             bytes,
             counters: self.counters.clone(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_failure_is_handed_to_every_lane_as_its_own_kind() {
+        let deadline = Error::Deadline {
+            peer: "worker 1".into(),
+            what: "a dense gather of step 3".into(),
+            deadline_ms: 500,
+        };
+        let again = GatherFailure::of(&deadline).error();
+        assert_eq!(again.silent_worker(), Some(1), "{again}");
+        assert_eq!(again.to_string(), deadline.to_string());
+        let protocol = Error::protocol("worker 2", "a gather of another step");
+        let again = GatherFailure::of(&protocol).error();
+        assert!(matches!(again, Error::Protocol { .. }), "{again}");
+        assert_eq!(again.to_string(), protocol.to_string());
+        let failed = Error::ActorFailed {
+            actor: "the communicator".into(),
+            detail: "panicked".into(),
+        };
+        assert!(GatherFailure::of(&failed).error().is_restartable());
+        assert!(!GatherFailure::of(&Error::runtime("disk")).error().is_restartable());
     }
 }
