@@ -293,7 +293,10 @@ async fn all<R: Send + 'static>(
 /// deadline is explained by that peer's own restartable failure in the same call: a request
 /// queued in a failed communicator's mailbox is lost with the actor, so the peer that sent it
 /// waits for its deadline, and a replay (on the restarted communicator) repairs both.
-fn deciding_error(errors: Vec<(usize, Error)>) -> Option<Error> {
+fn deciding_error(mut errors: Vec<(usize, Error)>) -> Option<Error> {
+    // In worker order, not the order the answers arrived in: which error ends a run must not
+    // depend on timing.
+    errors.sort_by_key(|(i, _)| *i);
     let restarted: Vec<usize> = errors
         .iter()
         .filter(|(_, e)| e.is_restartable())
@@ -563,6 +566,12 @@ mod tests {
         let e = deciding_error(vec![(0, failed(0)), (1, Error::runtime("disk full"))]).unwrap();
         assert_eq!(e.to_string(), "runtime: disk full");
         assert!(deciding_error(Vec::new()).is_none());
+        // Of two such errors, the lower worker's, in whichever order they arrived.
+        for arrived in [[1, 2], [2, 1]] {
+            let errors = arrived.map(|w| (w, Error::runtime(format!("worker {w}'s disk"))));
+            let e = deciding_error(errors.into()).unwrap();
+            assert_eq!(e.to_string(), "runtime: worker 1's disk", "arrived {arrived:?}");
+        }
     }
 
     #[test]
