@@ -552,8 +552,15 @@ impl Runtime {
     /// Run one step to its commit (replaying it after actor failures).
     pub fn step(&self) -> RuntimeFuture<'_, StepOutcome> {
         let who = ActorName("the coordinator".into());
-        // The coordinator bounds each attempt; this bound covers every replay it may run.
-        let deadline = self.deadline.saturating_mul(self.max_replays.saturating_add(2));
+        // The coordinator bounds each attempt: the workers' share of the step (the step deadline),
+        // then the prepare (a tenth of it), the commit (four tenths) and an abort (a tenth): at
+        // most 1.6 step deadlines. This bound covers every attempt it may run, with room to
+        // spare: a caller that gave up first would take a step the coordinator then commits for
+        // a failed one.
+        let attempts = self.max_replays.saturating_add(1);
+        let deadline = self
+            .deadline
+            .saturating_mul(attempts.saturating_mul(2).saturating_add(1));
         Box::pin(async move {
             ask(&self.coordinator, &who, "a step", deadline, |reply| CoordMsg::Step {
                 reply,
