@@ -279,7 +279,6 @@ impl WorkerState {
             Child::Ledger => Some(Target::Ledger { worker }),
             Child::Comm => Some(Target::Communicator { worker }),
         };
-        self.args.chaos.record_restart(worker, child.label(), target);
         let now = Instant::now();
         let policy = self.args.restart;
         self.restarts.push_back(now);
@@ -303,8 +302,12 @@ impl WorkerState {
         }
         let label = child.label();
         match self.spawn(myself, child).await {
-            // Counted once it is running again: a failure past the limit restarts nothing.
-            Ok(()) => metrics::counter!(names::RESTARTS, "worker" => worker.to_string(), "actor" => label).increment(1),
+            // Counted (and told to a chaos run's report) once it is running again: a failure
+            // past the limit restarts nothing.
+            Ok(()) => {
+                self.args.chaos.record_restart(worker, label, target);
+                metrics::counter!(names::RESTARTS, "worker" => worker.to_string(), "actor" => label).increment(1)
+            }
             Err(e) => self.lost = Some(e.to_string()),
         }
     }
@@ -534,7 +537,7 @@ impl Actor for WorkerActor {
                     (None, Ok(t)) => {
                         ask(
                             &t,
-                            &ActorName("ledger".into()),
+                            &ActorName(format!("the ledger of worker {}", state.args.worker)),
                             "a snapshot",
                             state.args.deadline,
                             |reply| LedgerMsg::Snapshot { reply },
