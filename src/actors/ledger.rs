@@ -188,16 +188,21 @@ impl Actor for LedgerActor {
                 }
                 let groups = state.args.groups;
                 let owned: Vec<usize> = lock_store(&state.args.store).dense.iter().map(|(i, _)| *i).collect();
-                let mut r = Ok(());
-                for (i, g) in tensors {
-                    if !owned.contains(&i) || group >= groups {
-                        r = Err(Error::runtime(format!(
-                            "{name}: received group {group}'s gradient of tensor {i}, which it does not own"
-                        )));
-                        break;
+                // Checked whole before any of it is kept: a refused message leaves nothing behind.
+                let r = if group >= groups {
+                    Err(Error::runtime(format!(
+                        "{name}: received gradients of group {group}; the run has {groups} groups"
+                    )))
+                } else if let Some((i, _)) = tensors.iter().find(|(i, _)| !owned.contains(i)) {
+                    Err(Error::runtime(format!(
+                        "{name}: received group {group}'s gradient of tensor {i}, which it does not own"
+                    )))
+                } else {
+                    for (i, g) in tensors {
+                        state.incoming.entry(i).or_insert_with(|| vec![None; groups])[group] = Some(g);
                     }
-                    state.incoming.entry(i).or_insert_with(|| vec![None; groups])[group] = Some(g);
-                }
+                    Ok(())
+                };
                 let _ = reply.send(r);
             }
             LedgerMsg::Prepare { step, reply } => {
