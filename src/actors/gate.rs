@@ -109,7 +109,29 @@ struct GroupCache {
 /// Per-group forward state between a group's forward and backward. Shared with the tasks that run
 /// the exchanges, so that several lanes' requests are in flight at once; a restarted Gate starts
 /// with a new one.
-type SharedCache = Arc<Mutex<BTreeMap<usize, GroupCache>>>;
+type SharedCache = Arc<Mutex<GateCache>>;
+
+/// The forward state of one step's attempt, by group. A forward task that outlives its attempt
+/// (replayed meanwhile) must not put its state in the replay's place: it is kept only while the
+/// cache is still its attempt's.
+#[derive(Default)]
+struct GateCache {
+    step: Option<StepId>,
+    groups: BTreeMap<usize, GroupCache>,
+}
+
+impl std::ops::Deref for GateCache {
+    type Target = BTreeMap<usize, GroupCache>;
+    fn deref(&self) -> &Self::Target {
+        &self.groups
+    }
+}
+
+impl std::ops::DerefMut for GateCache {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.groups
+    }
+}
 
 /// The Gate actor's state.
 pub struct GateState {
@@ -123,7 +145,7 @@ pub struct GateState {
     born: Option<StepId>,
 }
 
-fn lock(cache: &SharedCache) -> std::sync::MutexGuard<'_, BTreeMap<usize, GroupCache>> {
+fn lock(cache: &SharedCache) -> std::sync::MutexGuard<'_, GateCache> {
     cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -139,7 +161,7 @@ impl Actor for GateActor {
         Ok(GateState {
             args,
             step: StepId::NONE,
-            cache: Arc::new(Mutex::new(BTreeMap::new())),
+            cache: Arc::new(Mutex::new(GateCache::default())),
             born: None,
         })
     }
@@ -175,6 +197,7 @@ impl Actor for GateActor {
                     state.step = step;
                     lock(&state.cache).clear();
                 }
+                lock(&state.cache).step = Some(step);
                 // The exchange runs in its own task: the Gate takes the next lane's request meanwhile.
                 let (args, cache) = (state.args.clone(), state.cache.clone());
                 tokio::spawn(async move {
@@ -215,7 +238,10 @@ impl Actor for GateActor {
                 }
             }
             GateMsg::Abort { reply } => {
-                lock(&state.cache).clear();
+                let mut cache = lock(&state.cache);
+                cache.clear();
+                cache.step = None;
+                drop(cache);
                 let _ = reply.send(Ok(()));
             }
         }
@@ -430,16 +456,19 @@ async fn forward(
                 stats: dispatch.stats(),
             },
         ));
-        lock(&cache).insert(
-            g,
-            GroupCache {
-                replica: replica.clone(),
-                x,
-                dispatch,
-                ye,
-                gw: Vec::new(),
-            },
-        );
+        let mut kept = lock(&cache);
+        if kept.step == Some(step) {
+            kept.insert(
+                g,
+                GroupCache {
+                    replica: replica.clone(),
+                    x,
+                    dispatch,
+                    ye,
+                    gw: Vec::new(),
+                },
+            );
+        }
     }
     Ok(answer)
 }
