@@ -489,10 +489,11 @@ mod tests {
         assert!(e.contains("no disk directory"), "{e}");
     }
 
-    /// A disk that never answers a read (a hard NFS mount whose server is gone).
-    struct ReadsNeverReturn;
+    /// A disk whose every read takes this long (an hour: one that never answers, as a hard NFS
+    /// mount whose server is gone).
+    struct ReadsDelayed(Duration);
 
-    impl crate::storage::tiers::disk::DiskFaults for ReadsNeverReturn {
+    impl crate::storage::tiers::disk::DiskFaults for ReadsDelayed {
         fn before(
             &self,
             _worker: usize,
@@ -500,26 +501,8 @@ mod tests {
             _id: UnitId,
             _len: usize,
         ) -> Option<crate::storage::tiers::disk::InjectedIo> {
-            (op == crate::storage::tiers::disk::DiskOp::Read).then_some(crate::storage::tiers::disk::InjectedIo::Delay(
-                Duration::from_secs(3600),
-            ))
-        }
-    }
-
-    /// A disk whose reads take 300 ms.
-    struct SlowReads;
-
-    impl crate::storage::tiers::disk::DiskFaults for SlowReads {
-        fn before(
-            &self,
-            _worker: usize,
-            op: crate::storage::tiers::disk::DiskOp,
-            _id: UnitId,
-            _len: usize,
-        ) -> Option<crate::storage::tiers::disk::InjectedIo> {
-            (op == crate::storage::tiers::disk::DiskOp::Read).then_some(crate::storage::tiers::disk::InjectedIo::Delay(
-                Duration::from_millis(300),
-            ))
+            (op == crate::storage::tiers::disk::DiskOp::Read)
+                .then_some(crate::storage::tiers::disk::InjectedIo::Delay(self.0))
         }
     }
 
@@ -527,7 +510,9 @@ mod tests {
     async fn an_acquisition_given_up_after_its_unit_was_sent_loses_no_unit() {
         let mut c = config(2, 1, "given-up");
         c.drop_page_cache = false;
-        c.disk_faults = Some(crate::storage::tiers::disk::DiskFaultHook(Arc::new(SlowReads)));
+        c.disk_faults = Some(crate::storage::tiers::disk::DiskFaultHook(Arc::new(ReadsDelayed(
+            Duration::from_millis(300),
+        ))));
         let store = ExpertStore::new(0, &c, units(3, 2)).unwrap();
         assert!(store.stats().on_disk > 0, "{:?}", store.stats());
         let mut given_up = 0;
@@ -561,7 +546,9 @@ mod tests {
     async fn a_store_whose_disk_stops_answering_is_dropped_within_its_wait() {
         let mut c = config(2, 1, "stuck");
         c.drop_page_cache = false;
-        c.disk_faults = Some(crate::storage::tiers::disk::DiskFaultHook(Arc::new(ReadsNeverReturn)));
+        c.disk_faults = Some(crate::storage::tiers::disk::DiskFaultHook(Arc::new(ReadsDelayed(
+            Duration::from_secs(3600),
+        ))));
         let store = Arc::new(ExpertStore::new(0, &c, units(3, 2)).unwrap());
         assert!(store.stats().on_disk > 0, "{:?}", store.stats());
         // Ask for every unit of the last block: one of them is on disk, and its read never returns.
