@@ -460,9 +460,7 @@ pub fn cache_policy_bench(a: &CachePolicyBenchArgs) -> semoe::Result<()> {
     let (step, dir) = (ckpt.step, ckpt.dir.clone());
     let config = semoe::train::trainer::checkpoint_config(&ckpt)?;
     let model = semoe::train::trainer::model_from(ckpt)?;
-    if let Some(path) = &config.train.data {
-        semoe::train::trainer::refuse_a_recorded_pipe(path)?;
-    }
+    semoe::train::trainer::refuse_a_recorded_pipe(&config)?;
     let corpus = semoe::train::trainer::corpus_for(&config)?;
     let cpu = Cpu::new(a.threads)?;
     let batches = bench::TraceBatches::after_checkpoint(&config, step, a.steps, a.batch, a.groups);

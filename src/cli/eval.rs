@@ -46,9 +46,7 @@ pub fn run(a: &EvalArgs) -> semoe::Result<()> {
             (text, path.display().to_string(), a.windows.unwrap_or(fit))
         }
         None => {
-            if let Some(path) = &config.train.data {
-                semoe::train::trainer::refuse_a_recorded_pipe(path)?;
-            }
+            semoe::train::trainer::refuse_a_recorded_pipe(&config)?;
             let corpus = semoe::train::trainer::corpus_for(&config)?;
             // The split of another text may hold bytes the model was trained on: said, not hidden.
             let digest = corpus.digest();

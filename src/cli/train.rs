@@ -907,7 +907,6 @@ pub fn fit_time_budget(config: &mut TrainConfig, run_dir: &Path, stop: &AtomicUs
 /// measurement trains on it first, worker processes read it each) would wait for ever on the
 /// second open.
 fn refuse_a_pipe_read_twice(config: &TrainConfig, resumed: bool) -> semoe::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
     let Some(data) = &config.train.data else {
         return Ok(());
     };
@@ -919,7 +918,7 @@ fn refuse_a_pipe_read_twice(config: &TrainConfig, resumed: bool) -> semoe::Resul
     } else {
         return Ok(());
     };
-    if std::fs::metadata(data).is_ok_and(|m| m.file_type().is_fifo()) {
+    if semoe::train::trainer::is_pipe(data) {
         return Err(semoe::Error::config(format!(
             "--data {} is a pipe, which can be read once, and this run reads its text more than once ({reader}): \
              write the text to a file, or give --steps N to a run in one process",

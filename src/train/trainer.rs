@@ -163,7 +163,7 @@ pub fn resumed_config(
         if Some(path) != recorded.train.data.as_ref() {
             config.train.data = Some(data_path_to_record(path)?);
         } else {
-            refuse_a_recorded_pipe(path)?;
+            refuse_a_recorded_pipe(&config)?;
         }
     }
     let (changed, refused) = crate::config::resume_differences(&recorded, &config)?;
@@ -253,7 +253,7 @@ impl Drop for Trainer {
 
 /// Whether `path` is a pipe: a named one, or one the shell passes as `/dev/fd/N` (`<(command)`),
 /// which another process cannot open at all.
-fn is_pipe(path: &Path) -> bool {
+pub fn is_pipe(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     let in_fd_table = path.starts_with("/dev/fd") || path.starts_with("/proc/self/fd");
     in_fd_table || std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
@@ -270,9 +270,12 @@ fn data_path_to_record(path: &Path) -> Result<std::path::PathBuf> {
     std::fs::canonicalize(path).map_err(cannot)
 }
 
-/// A run's text recorded from a pipe cannot be read again (a named pipe would block for ever
-/// waiting for a writer): refused, asking for the text as a file.
-pub fn refuse_a_recorded_pipe(path: &Path) -> Result<()> {
+/// A run's text recorded from a pipe (`config`'s `train.data`) cannot be read again (a named pipe
+/// would block for ever waiting for a writer): refused, asking for the text as a file.
+pub fn refuse_a_recorded_pipe(config: &TrainConfig) -> Result<()> {
+    let Some(path) = &config.train.data else {
+        return Ok(());
+    };
     if is_pipe(path) {
         return Err(Error::config(format!(
             "the run's training text was read from the pipe {}, which cannot be read again: give --data FILE \
