@@ -192,6 +192,11 @@ pub struct TrainSettings {
     /// cores at 83.5% of the in-process runtime's tokens/s, 85.5% at 20, 86-89% without copies),
     /// and 20 steps replay in about 1.5 s there.
     pub snapshot_every: u64,
+    /// How long the coordinator waits, in seconds, for enough worker processes: `min_workers` of
+    /// them before the first epoch, and one after every worker left or was lost. A run whose
+    /// workers all left and none joined in time stops with a checkpoint of the state the
+    /// coordinator kept (exit code 75: resume it once workers can join).
+    pub join_wait_s: f64,
     /// Worker processes on the same machine exchange their data over Unix sockets instead of QUIC
     /// (no encryption, one copy each way; the same bytes). Peers on other machines use QUIC.
     pub same_host: bool,
@@ -293,6 +298,7 @@ impl Default for TrainSettings {
             min_workers: 0,
             identity: None,
             snapshot_every: 20,
+            join_wait_s: 120.0,
             same_host: true,
             device: ComputeDevice::Cpu,
             exchange: ExpertExchange::Transport,
@@ -381,7 +387,7 @@ impl TrainConfig {
     }
 
     /// The first setting of a run over worker processes (`min_workers`, `snapshot_every`,
-    /// `same_host`, `identity`) that this config sets although it runs in one process, where it
+    /// `join_wait_s`, `same_host`, `identity`) that this config sets although it runs in one process, where it
     /// would be ignored. Checked where a user's config starts a run (`semoe train`), not by
     /// [`Self::validate`]: the runtime's own in-process runs made from a multi-process config (the
     /// time budget's measurement, a chaos run's undisturbed twin) keep them.
@@ -393,6 +399,7 @@ impl TrainConfig {
         [
             ("train.min_workers", t.min_workers != d.min_workers),
             ("train.snapshot_every", t.snapshot_every != d.snapshot_every),
+            ("train.join_wait_s", t.join_wait_s != d.join_wait_s),
             ("train.same_host", t.same_host != d.same_host),
             ("train.identity", t.identity.is_some()),
         ]
@@ -474,6 +481,12 @@ impl TrainConfig {
             return Err(Error::config(format!(
                 "train.deadline_s must be a positive number of seconds up to {MAX_DEADLINE_S} (a day), got {}",
                 t.deadline_s
+            )));
+        }
+        if !(t.join_wait_s.is_finite() && t.join_wait_s > 0.0 && t.join_wait_s <= MAX_DEADLINE_S) {
+            return Err(Error::config(format!(
+                "train.join_wait_s must be a positive number of seconds up to {MAX_DEADLINE_S} (a day), got {}",
+                t.join_wait_s
             )));
         }
         if t.keep_checkpoints == 0 {
@@ -635,6 +648,7 @@ pub const RESUMABLE: &[&str] = &[
     "train.min_workers",
     "train.identity",
     "train.snapshot_every",
+    "train.join_wait_s",
     "train.same_host",
     "train.exchange",
     "storage.*",

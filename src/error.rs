@@ -127,6 +127,18 @@ pub enum Error {
         detail: String,
     },
 
+    /// Every worker process of a run left or was lost, and none joined within
+    /// `train.join_wait_s`. The coordinator kept the state of `step` (the committed one when the
+    /// workers left, the last in-memory copy when they were lost); the trainer checkpoints it and
+    /// stops, to be resumed once workers can join.
+    #[error("every worker left or was lost, and none joined within {waited_s:.0} s (the coordinator holds the state of step {step})")]
+    NoWorkers {
+        /// The step of the state the coordinator kept.
+        step: u64,
+        /// How long it waited for a worker, in seconds.
+        waited_s: f64,
+    },
+
     /// The runtime cannot go on: a worker was lost, or the runtime has shut down.
     #[error("runtime: {0}")]
     Runtime(String),

@@ -526,8 +526,8 @@ fn default_run_directories_never_collide_and_failed_starts_leave_none() {
         let count = std::fs::read_dir(tmp.path().join("runs")).expect("runs").count();
         assert_eq!(count, 3, "the failed start ({flags:?}) left a directory");
     }
-    // Nor does one that fails after the time budget's measurement made the --run-dir named (its
-    // worker processes' identity missing).
+    // Nor does one that fails after the time budget's measurement made the --run-dir named (fewer
+    // worker processes joined than it waits for).
     let flags = [
         "--time-budget",
         "2",
@@ -535,16 +535,40 @@ fn default_run_directories_never_collide_and_failed_starts_leave_none() {
         "fresh",
         "--processes",
         "2",
-        "--identity",
-        "no-such-identity",
+        "--min-workers",
+        "3",
+        "--join-wait",
+        "1",
     ];
     let (status, _, err) = run(tmp.path(), &args(&flags), Duration::from_secs(120));
     assert_eq!(status.code(), Some(1), "{err}");
-    assert!(err.contains("measured") && err.contains("no-such-identity"), "{err}");
+    assert!(err.contains("measured") && err.contains("of 3 workers joined"), "{err}");
     assert!(
         !tmp.path().join("fresh").exists(),
         "the failed start left its --run-dir"
     );
+    // What worker processes need of this machine and its files is refused before the
+    // measurement, not after it: a missing job identity, an address that cannot be bound (a
+    // documentation address, of no machine).
+    for (flag, value) in [("--identity", "no-such-identity"), ("--listen", "192.0.2.1:0")] {
+        let flags = [
+            "--time-budget",
+            "2",
+            "--run-dir",
+            "fresh",
+            "--processes",
+            "2",
+            flag,
+            value,
+        ];
+        let (status, _, err) = run(tmp.path(), &args(&flags), Duration::from_secs(120));
+        assert_eq!(status.code(), Some(1), "{flag}: {err}");
+        assert!(err.contains(value) && !err.contains("measured"), "{flag}: {err}");
+        assert!(
+            !tmp.path().join("fresh").exists(),
+            "{flag}: the refused start left its --run-dir"
+        );
+    }
 }
 
 #[test]
@@ -969,6 +993,11 @@ fn absurd_values_are_refused_before_anything_starts() {
             "train.deadline_s must be a positive number of seconds up to 86400",
         ),
         (
+            "join-wait.toml",
+            "[train]\nprocesses = 1\njoin_wait_s = 0.0\n",
+            "train.join_wait_s must be a positive number of seconds up to 86400",
+        ),
+        (
             "vocab.toml",
             "[model]\nvocab = 300\n",
             "model.vocab must be at most 256",
@@ -1033,6 +1062,10 @@ fn absurd_values_are_refused_before_anything_starts() {
         (
             &["train", "--snapshot-every", "5", "--run-dir", "r"],
             "--snapshot-every applies to a run over worker processes",
+        ),
+        (
+            &["train", "--join-wait", "5", "--run-dir", "r"],
+            "--join-wait applies to a run over worker processes",
         ),
         (
             &["train", "--workers", "0", "--placement", "blocked", "--run-dir", "r"],
@@ -1531,9 +1564,10 @@ fn chaos_refuses_what_its_run_would_refuse_before_making_its_directory() {
     )
     .expect("scenario");
     let s = scenario.to_str().expect("path");
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--d-model", "65536", "--heads", "4"], "GiB"),
         (&["--min-workers", "1"], "--min-workers does not apply"),
+        (&["--join-wait", "5"], "--join-wait does not apply"),
         (&["--soak", "0"], "--soak 0"),
         (&["--workers", "1"], "fault[0].worker: worker 1 does not exist"),
         (&["--steps", "2"], "fault[0].step: step 2 is past the run's last step"),

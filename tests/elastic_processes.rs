@@ -729,6 +729,55 @@ fn workers_join_and_leave_at_step_boundaries() {
     }
 }
 
+/// Every worker leaving while the coordinator goes on (SIGTERM to each; a Deployment scaled to
+/// zero): the coordinator reads the state they hold, lets them go at once, waits `--join-wait`
+/// for a joiner, then stops with a checkpoint of that state (exit 75). It used to wait 120 s and
+/// end with an error, losing every step since the last checkpoint. A resume with new workers ends
+/// bitwise where the uninterrupted run does.
+#[test]
+fn every_worker_leaving_stops_the_run_with_their_state_checkpointed() {
+    let dir = TempDir::new("elastic-all-leave");
+    let want = reference(dir.path(), 20, &[]);
+    let (mut coord, ticket) = listening_coordinator_with(dir.path(), "2", "5:0", &["--join-wait", "3"]);
+    let mut w1 = worker(dir.path(), "w1", &ticket);
+    let mut w2 = worker(dir.path(), "w2", &ticket);
+    coord.wait_for("holding before step 5", Duration::from_secs(60));
+    w1.signal(libc::SIGTERM);
+    w2.signal(libc::SIGTERM);
+    for w in [&mut w1, &mut w2] {
+        let status = w.wait(Duration::from_secs(30));
+        let log = w.log();
+        assert!(status.success(), "a leaving worker exits 0: {status}; {log}");
+        assert!(
+            log.contains("left at step 5; its state is kept by the coordinator"),
+            "{log}"
+        );
+    }
+    let status = coord.wait(Duration::from_secs(60));
+    let log = coord.log();
+    assert_eq!(status.code(), Some(75), "{log}");
+    assert!(log.contains("no workers left at step 5"), "{log}");
+    assert!(
+        log.contains("every worker left and none joined within 3 s: stopped at step 5 of 20"),
+        "{log}"
+    );
+    assert_eq!(membership(&log), (0, 2, 0), "{log}");
+    // --checkpoint-every 0 (SMALL): the one checkpoint is the stop's.
+    let run = dir.path().join("run");
+    let ckpt = semoe::storage::checkpoint::latest(&run)
+        .expect("list the checkpoints")
+        .expect("a checkpoint written at the stop");
+    assert!(ckpt.ends_with("checkpoints/step-00000005"), "{ckpt:?}");
+    let mut resumed = Proc::spawn(
+        dir.path(),
+        "resumed",
+        &["train", "--resume", "--run-dir", "run", "--processes", "2"],
+        &[],
+    );
+    assert!(resumed.wait(Duration::from_secs(120)).success(), "{}", resumed.log());
+    assert_same_state(&want, &state_files(&run, 20), "every worker left at step 5, resumed");
+}
+
 #[test]
 fn joins_and_leaves_of_any_worker_hand_over_sharded_state_bitwise() {
     // Sharded dense tensors (a worker holds only its own) and blocked experts; the first worker to

@@ -89,6 +89,10 @@ pub struct TrainArgs {
     /// worker costs a replay of the steps since).
     #[arg(long)]
     snapshot_every: Option<u64>,
+    /// With worker processes: how long to wait for workers, in seconds (--min-workers of them at
+    /// the start, one after every worker left; then the run stops with a checkpoint, exit code 75).
+    #[arg(long, value_name = "SECONDS")]
+    join_wait: Option<f64>,
     /// With worker processes: those on this machine exchange data over QUIC too, as between
     /// machines (by default they use Unix sockets: the same bytes, no encryption, less CPU).
     #[arg(long)]
@@ -188,6 +192,7 @@ impl TrainArgs {
             (self.identity.is_some(), "--identity"),
             // The disturbed run waits for all its --processes.
             (self.min_workers.is_some(), "--min-workers"),
+            (self.join_wait.is_some(), "--join-wait"),
             (self.metrics_addr.is_some(), "--metrics-addr"),
             (self.time_budget.is_some(), "--time-budget"),
             (self.print_config, "--print-config"),
@@ -239,6 +244,7 @@ pub fn with_config_defaults(cmd: clap::Command) -> clap::Command {
         ("placement", d.train.placement.clone()),
         ("processes", d.train.processes.to_string()),
         ("snapshot_every", d.train.snapshot_every.to_string()),
+        ("join_wait", d.train.join_wait_s.to_string()),
         ("cache_policy", d.storage.cache_policy.clone()),
         ("seed", d.train.seed.to_string()),
         ("batch", d.train.batch.to_string()),
@@ -304,6 +310,7 @@ pub fn apply_flags(a: &TrainArgs, c: &mut TrainConfig) -> semoe::Result<()> {
         t.identity = Some(dir.clone());
     }
     set!(t.snapshot_every, a.snapshot_every);
+    set!(t.join_wait_s, a.join_wait);
     if a.quic_only {
         t.same_host = false;
     }
@@ -406,6 +413,7 @@ fn check_flags_apply(a: &TrainArgs, c: &TrainConfig) -> semoe::Result<()> {
         let process_flags = [
             ("--min-workers", a.min_workers.is_some()),
             ("--snapshot-every", a.snapshot_every.is_some()),
+            ("--join-wait", a.join_wait.is_some()),
             ("--quic-only", a.quic_only),
             ("--identity", a.identity.is_some()),
         ];
@@ -668,7 +676,9 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             }
             // A signal during the measurement stops it (its scratch run removed), not the process.
             signals = Some(install_stop_signals(&stop)?);
-            let measured = run_dir::check_fresh(&dir).and_then(|()| fit_time_budget(&mut config, &dir, &stop));
+            let measured = run_dir::check_fresh(&dir)
+                .and_then(|()| semoe::train::engine::preflight_elastic(&config))
+                .and_then(|()| fit_time_budget(&mut config, &dir, &stop));
             if let Err(e) = measured {
                 if a.run_dir.is_none() {
                     // The default directory was made above, and is still empty.
@@ -807,6 +817,18 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             summary.steps,
             summary.planned_steps
         ),
+        StopReason::NoWorkers => semoe::say!(
+            "every worker left and none joined within {} s: stopped at step {} of {}; {}; continue, once workers \
+             can join, with: {resume_hint}",
+            c.train.join_wait_s,
+            summary.steps,
+            summary.planned_steps,
+            if summary.checkpoint.as_os_str().is_empty() {
+                "no step since the last checkpoint".to_string()
+            } else {
+                format!("checkpoint {} written", summary.checkpoint.display())
+            }
+        ),
         StopReason::Finished | StopReason::AlreadyFinished | StopReason::StopAt => {}
     }
     semoe::say!(
@@ -854,8 +876,10 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         Ok(_) => semoe::say!("report: {}", dir.join("report.md").display()),
         Err(e) => semoe::say!("warning: no report: {e}"),
     }
-    if let StopReason::Requested(signal) = summary.stop {
-        return Ok(ExitCode::from((128 + signal).min(255) as u8));
+    match summary.stop {
+        StopReason::Requested(signal) => return Ok(ExitCode::from((128 + signal).min(255) as u8)),
+        StopReason::NoWorkers => return Ok(ExitCode::from(NO_WORKERS_EXIT)),
+        _ => {}
     }
     if a.sample_tokens > 0 {
         semoe::say!("sample (temperature 0.8, top-k 40):");
@@ -868,6 +892,10 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// The exit code of a run over worker processes that stopped because every worker left and none
+/// joined within `train.join_wait_s` (`EX_TEMPFAIL` of sysexits.h: a resume later can go on).
+pub const NO_WORKERS_EXIT: u8 = 75;
 
 /// The time budget of the main job when neither `--steps`, `--time-budget` nor `--config` is
 /// given: 4 min 30 s of training and evaluation, so that with start-up, the report and the sample

@@ -252,6 +252,24 @@ fn mark_gone(book: &Mutex<Book>, id: u64, reason: &str) -> Option<quinn::Connect
     book.depart(id, reason.to_string()).map(|m| m.conn)
 }
 
+/// The run's job identity and ticket token: `config.train.identity`'s (checked to belong
+/// together), or a new identity and no token (one is made with the ticket).
+pub fn job_identity(config: &TrainConfig) -> Result<(JobIdentity, Option<String>)> {
+    let Some(dir) = &config.train.identity else {
+        return Ok((JobIdentity::generate()?, None));
+    };
+    let identity = JobIdentity::read(&dir.join(IDENTITY_FILE))?;
+    let given = JoinTicket::read(&dir.join(TICKET_FILE))?;
+    if given.cert_sha256 != identity.fingerprint() {
+        return Err(Error::config(format!(
+            "{} pins another certificate than {} holds",
+            dir.join(TICKET_FILE).display(),
+            dir.join(IDENTITY_FILE).display()
+        )));
+    }
+    Ok((identity, Some(given.token)))
+}
+
 impl Cluster {
     /// An [`ExitWatch`] over this cluster's members.
     pub fn exit_watch(&self) -> ExitWatch {
@@ -266,21 +284,7 @@ impl Cluster {
     /// identity and token are `config.train.identity`'s when set (see [`IDENTITY_FILE`]), else new.
     pub fn start(listen: SocketAddr, ticket_path: &Path, config: &TrainConfig, corpus_sha256: &str) -> Result<Cluster> {
         names::register_membership();
-        let (identity, token) = match &config.train.identity {
-            Some(dir) => {
-                let identity = JobIdentity::read(&dir.join(IDENTITY_FILE))?;
-                let given = JoinTicket::read(&dir.join(TICKET_FILE))?;
-                if given.cert_sha256 != identity.fingerprint() {
-                    return Err(Error::config(format!(
-                        "{} pins another certificate than {} holds",
-                        dir.join(TICKET_FILE).display(),
-                        dir.join(IDENTITY_FILE).display()
-                    )));
-                }
-                (identity, Some(given.token))
-            }
-            None => (JobIdentity::generate()?, None),
-        };
+        let (identity, token) = job_identity(config)?;
         let identity = Arc::new(identity);
         let pin = identity.fingerprint();
         let endpoint = quic::endpoint(listen, &identity, &pin)?;

@@ -668,6 +668,11 @@ impl ElasticRuntime {
     /// the coordinator reads the state for its final checkpoint); joins and leaves wait for the
     /// next step.
     pub async fn state(&mut self) -> Result<(Gpt<f32>, AdamW)> {
+        // No epoch (every worker left and none joined, see [`Error::NoWorkers`]): the state the
+        // coordinator kept.
+        if self.current.is_none() {
+            return self.safe.state(&self.config);
+        }
         // Members that are leaving still answer: while none is lost and every link held, the
         // current epoch's state is whole and current, read before any re-form for the leavers
         // (with every member leaving, as at a Ctrl-C to the process group, a re-form would find
@@ -760,7 +765,18 @@ impl ElasticRuntime {
         let live: std::collections::BTreeSet<u64> = self.cluster.members().iter().map(|m| m.id).collect();
         crate::actors::traffic::fold_departed(&mut self.traffic_closed, &live, crate::actors::traffic::DEPARTED_KEPT);
         let mut handover = None;
+        // Nobody to hand the state over to (every member leaves, none waits to join): it is read
+        // whole, and kept while the coordinator waits for a joiner (see below).
+        let nobody_next = self.next_members().is_empty();
         let whole = match self.current.take() {
+            Some(epoch) if !from_copy && nobody_next => {
+                let s = epoch.runtime.state().await;
+                dismantle(epoch).await;
+                Some(match s {
+                    Ok(s) => s,
+                    Err(_) => self.safe.state(&self.config)?,
+                })
+            }
             Some(epoch) if !from_copy => match self.hand_over(&epoch).await {
                 Ok(h) => {
                     dismantle(epoch).await;
@@ -792,12 +808,25 @@ impl ElasticRuntime {
             self.count_lost(&ending);
             let members = self.next_members();
             if members.is_empty() {
+                // Every worker left (or was lost): the state read whole from the leavers becomes
+                // the copy a joiner starts from, or what the run checkpoints if none comes; the
+                // leavers, whose state is kept, are let go at once.
+                if let Some(w) = &whole {
+                    self.safe = SafeCopy::Whole(Box::new(w.clone()));
+                }
+                self.dismiss_leavers().await;
                 metrics::gauge!(names::MEMBERS).set(0.0);
                 crate::say!(
-                    "semoe: no workers left; waiting up to {:.0} s for one to join",
+                    "semoe: no workers left at step {}; waiting up to {:.0} s for one to join",
+                    self.safe.step(),
                     self.options.wait.as_secs_f64()
                 );
-                self.wait_for(1).await?;
+                if self.wait_for(1).await.is_err() {
+                    return Err(Error::NoWorkers {
+                        step: self.safe.step(),
+                        waited_s: self.options.wait.as_secs_f64(),
+                    });
+                }
                 continue;
             }
             let epoch_no = self.stats.epoch + 1;
@@ -1283,7 +1312,12 @@ impl ElasticRuntime {
             if m.status == Status::Leaving && !active.contains(&m.id) {
                 // A member that never took part in an epoch held no state.
                 let reason = if self.took_part.remove(&m.id) {
-                    format!("left at step {}; its state moved to the other workers", self.committed)
+                    let kept = if self.current.is_some() {
+                        "moved to the other workers"
+                    } else {
+                        "is kept by the coordinator"
+                    };
+                    format!("left at step {}; its state {kept}", self.committed)
                 } else {
                     format!("left at step {} before taking part (it held no state)", self.committed)
                 };

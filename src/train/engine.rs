@@ -178,6 +178,7 @@ impl RuntimeEngine {
         }
         let options = ElasticOptions {
             snapshot_every: t.snapshot_every,
+            wait: Duration::from_secs_f64(t.join_wait_s),
             min_workers: if t.min_workers > 0 {
                 t.min_workers
             } else {
@@ -325,6 +326,29 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Refuse to start more worker processes on this machine than it can run (each computes on at
 /// least one thread and holds the model). Checked where they are started, not in the config's
 /// validation: a remote worker validates the coordinator's config with its own core count.
+/// What a run over worker processes needs of this machine and its files, checked before anything
+/// is measured or started (the time budget's measurement runs first and takes minutes; a mistake
+/// here would show only after it): the listen address parses and can be bound now, the job
+/// identity reads, the local processes fit, and NCCL is there when the run asks for it. A no-op
+/// for a run in one process.
+pub fn preflight_elastic(config: &TrainConfig) -> Result<()> {
+    let t = &config.train;
+    if !t.elastic() {
+        return Ok(());
+    }
+    let listen = t.listen_addr()?;
+    crate::elastic::runtime::check_nccl(config)?;
+    check_local_processes(t.processes)?;
+    if t.identity.is_some() {
+        crate::elastic::cluster::job_identity(config)?;
+    }
+    // Bound and let go at once (QUIC listens on UDP): an address of another machine, or a port
+    // another program holds, is refused now.
+    std::net::UdpSocket::bind(listen)
+        .map(drop)
+        .map_err(|e| Error::runtime(format!("cannot bind the QUIC endpoint to {listen}: {e}")))
+}
+
 pub(crate) fn check_local_processes(processes: usize) -> Result<()> {
     let (cores, most) = (crate::kernels::cpu::cores(), crate::kernels::cpu::max_threads());
     if processes > most {

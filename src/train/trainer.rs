@@ -70,6 +70,9 @@ pub enum StopReason {
     /// A stop was requested through [`Trainer::stop_flag`] (the CLI sets it on SIGINT/SIGTERM);
     /// the value is what was stored in the flag (the CLI stores the signal number).
     Requested(usize),
+    /// Every worker process left or was lost, and none joined within `train.join_wait_s`
+    /// ([`Error::NoWorkers`]): the run stopped at the state the coordinator kept.
+    NoWorkers,
 }
 
 /// The result of [`Trainer::run`].
@@ -981,7 +984,15 @@ impl Trainer {
                 stop = StopReason::TimeLimit;
                 break;
             }
-            let r = self.step()?;
+            let r = match self.step() {
+                Ok(r) => r,
+                Err(e @ Error::NoWorkers { .. }) => {
+                    crate::say!("semoe: {e}");
+                    stop = StopReason::NoWorkers;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             train_seconds += r.seconds;
             steps_run += 1;
             // The figure in nats per byte (what the validation loss is) is the cross-entropy; the
@@ -1048,7 +1059,15 @@ impl Trainer {
         if steps_run > 0 && !traffic_logged {
             self.log_traffic(&mut log, first_step, self.optimizer.step)?;
         }
-        if checkpointed_step != Some(self.optimizer.step) {
+        // Without workers the state is the one the coordinator kept: the committed one, or an
+        // older copy when they were lost (checkpointed unless a checkpoint already holds it).
+        let already_saved = if stop == StopReason::NoWorkers {
+            self.sync()?;
+            checkpointed_step.unwrap_or(first_step) >= self.optimizer.step
+        } else {
+            checkpointed_step == Some(self.optimizer.step)
+        };
+        if !already_saved {
             // Stopped early: evaluate and checkpoint where we are, so that no step is lost and
             // --resume continues from here.
             val_loss = self.evaluate_in_run()?;
