@@ -102,6 +102,25 @@ fn bad_disk_entries_are_errors_naming_the_key() {
         err.contains("fault[0]") && err.contains("storage.device_budget"),
         "{err}"
     );
+    // Nor on a worker whose budgets, though set, hold all its experts (it opens no Disk tier):
+    // each worker's 4 units fit in Device (4 units), the Host (1 unit) to spare. It used to run
+    // the whole job and end "not exercised".
+    let mut roomy = config(4);
+    let unit = ExpertSlot::bytes_for(roomy.model.d_model, roomy.model.d_ff);
+    roomy.storage.device_budget = (4 * unit).to_string();
+    roomy.storage.host_budget = unit.to_string();
+    let scenario = Scenario::builder()
+        .fault(FaultSpec::disk().worker(1).at(1))
+        .build()
+        .expect("valid");
+    let err = chaos::run(&roomy, &scenario)
+        .expect_err("no disk on worker 1")
+        .to_string();
+    assert!(
+        err.contains("fault[0] is a disk fault on worker 1, which keeps its 4 expert units")
+            && err.contains("never fire"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -24,31 +24,37 @@ pub struct Placement {
     pub tensor_owner: Vec<usize>,
 }
 
+/// Which worker hosts each expert (the same in every MoE block) under `experts`, over `workers`
+/// workers: the experts' part of [`Placement::new`], without a model at hand.
+pub fn expert_owners(model: &GptConfig, workers: usize, experts: &ExpertPlacement) -> Result<Vec<usize>> {
+    let e_count = model.experts;
+    if workers == 0 {
+        return Err(Error::config("the runtime needs at least one worker"));
+    }
+    Ok(match experts {
+        ExpertPlacement::RoundRobin => (0..e_count).map(|e| e % workers).collect(),
+        ExpertPlacement::Blocked => (0..e_count).map(|e| e * workers / e_count.max(1)).collect(),
+        ExpertPlacement::Explicit(owners) => {
+            if model.has_moe() && owners.len() != e_count {
+                return Err(Error::config(format!(
+                    "train.placement names a worker for {} experts but the model has {e_count} experts",
+                    owners.len()
+                )));
+            }
+            if let Some(w) = owners.iter().find(|&&w| w >= workers) {
+                return Err(Error::config(format!(
+                    "the placement puts an expert on worker {w}, but there are {workers} workers"
+                )));
+            }
+            owners.clone()
+        }
+    })
+}
+
 impl Placement {
     /// The plan for `model` with `groups` data groups on `workers` workers.
     pub fn new(model: &Gpt<f32>, groups: usize, workers: usize, experts: &ExpertPlacement) -> Result<Self> {
-        let e_count = model.config().experts;
-        if workers == 0 {
-            return Err(Error::config("the runtime needs at least one worker"));
-        }
-        let expert_owner = match experts {
-            ExpertPlacement::RoundRobin => (0..e_count).map(|e| e % workers).collect(),
-            ExpertPlacement::Blocked => (0..e_count).map(|e| e * workers / e_count.max(1)).collect(),
-            ExpertPlacement::Explicit(owners) => {
-                if model.config().has_moe() && owners.len() != e_count {
-                    return Err(Error::config(format!(
-                        "train.placement names a worker for {} experts but the model has {e_count} experts",
-                        owners.len()
-                    )));
-                }
-                if let Some(w) = owners.iter().find(|&&w| w >= workers) {
-                    return Err(Error::config(format!(
-                        "the placement puts an expert on worker {w}, but there are {workers} workers"
-                    )));
-                }
-                owners.clone()
-            }
-        };
+        let expert_owner = expert_owners(model.config(), workers, experts)?;
         // Dense tensors: largest first onto the least-loaded worker (ties: lowest index), so that
         // reduction and update work is balanced.
         let specs = model.specs();

@@ -538,7 +538,59 @@ fn in_process_plan(config: &TrainConfig, scenario: &Scenario) -> Result<(FaultPl
             )));
         }
     }
+    refuse_disk_faults_without_a_disk(config, scenario, &planned.1)?;
     Ok(planned)
+}
+
+/// A disk fault aimed at a worker whose budgets hold all its experts in memory: that worker opens
+/// no Disk tier, so the fault could never fire (a scripted one made the run end "not exercised"
+/// after its whole length, rather than at once). A random entry that draws its workers is refused
+/// only when no worker has a Disk tier: its draws on the others fire.
+fn refuse_disk_faults_without_a_disk(
+    config: &TrainConfig,
+    scenario: &Scenario,
+    planned: &[PlannedFault],
+) -> Result<()> {
+    let storage = config.storage.to_config(None)?;
+    let owners =
+        crate::actors::placement::expert_owners(&config.model, config.train.workers, &config.train.placement.parse()?)?;
+    let blocks = (0..config.model.n_layer).filter(|&l| config.model.is_moe(l)).count() as u64;
+    let unit = crate::storage::tiers::ExpertSlot::bytes_for(config.model.d_model, config.model.d_ff);
+    let units_of = |worker: usize| owners.iter().filter(|&&w| w == worker).count() as u64 * blocks;
+    let has_disk = |worker: usize| !storage.keeps_in_memory(unit, units_of(worker));
+    let refuse = |entry: usize, which: String, units: u64| {
+        Err(Error::config(format!(
+            "chaos scenario: fault[{entry}] is a disk fault on {which} {units} expert units ({}) in memory under \
+             storage.device_budget and storage.host_budget and opens no Disk tier: the fault could never fire. Lower \
+             the budgets (a tier holds whole units of {}, and the two need one unit to spare)",
+            crate::storage::tiers::format_bytes(units * unit),
+            crate::storage::tiers::format_bytes(unit),
+        )))
+    };
+    for p in planned {
+        let Target::Disk { worker } = p.fault.target else {
+            continue;
+        };
+        let Some(spec) = scenario.faults.get(p.entry) else {
+            continue;
+        };
+        let aimed = matches!(spec.when, crate::chaos::When::At(_)) || spec.worker.is_some();
+        if aimed && !has_disk(worker) {
+            return refuse(p.entry, format!("worker {worker}, which keeps its"), units_of(worker));
+        }
+    }
+    for (entry, spec) in scenario.faults.iter().enumerate() {
+        let drawn = spec.actor == crate::chaos::ActorKind::Disk && spec.worker.is_none();
+        if drawn && !(0..config.train.workers).any(has_disk) {
+            let most = (0..config.train.workers).map(units_of).max().unwrap_or(0);
+            return refuse(
+                entry,
+                "workers drawn from the seed, and every worker keeps its (at most)".into(),
+                most,
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Everything [`run_in`] refuses before it starts or writes anything, for a caller to check before

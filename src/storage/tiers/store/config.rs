@@ -54,6 +54,16 @@ impl StorageConfig {
     pub fn unlimited(&self) -> bool {
         self.device_budget.is_none() && self.host_budget.is_none()
     }
+
+    /// Whether a worker holding `n` expert units of `unit` bytes keeps them all in memory under
+    /// these budgets, and so opens no Disk tier (whole units, and one to spare when Host is needed).
+    pub fn keeps_in_memory(&self, unit: u64, n: u64) -> bool {
+        let budget = [
+            self.device_budget.unwrap_or(u64::MAX),
+            self.host_budget.unwrap_or(u64::MAX),
+        ];
+        fits_in_memory(budget, unit, n)
+    }
 }
 
 /// Whether `n` units of `unit` bytes live in memory for good under `budget` (Device, Host), so

@@ -41,7 +41,7 @@ use super::disk::DiskTier;
 use super::size::format_bytes;
 use super::unit::{ExpertSlot, Pending, UnitId};
 use crate::error::{Error, Result};
-use config::{fits_in_memory, needs_a_disk};
+use config::needs_a_disk;
 use io::{io_loop, IoLanes};
 use manager::Manager;
 use protocol::{Books, Grant, Request};
@@ -178,7 +178,7 @@ impl ExpertStore {
         }
         let n = units.len() as u64;
         let disk = match &config.dir {
-            _ if fits_in_memory(budget, unit_bytes, n) => None,
+            _ if config.keeps_in_memory(unit_bytes, n) => None,
             Some(dir) => {
                 let grad_bytes = template.as_ref().map_or(0, ExpertSlot::grad_bytes);
                 let ids = units.iter().map(|(id, _)| *id);
