@@ -291,6 +291,49 @@ fn truncated_file_is_a_length_error() {
     assert!(msg.contains(MODEL_FILE) && msg.contains("missing"), "{msg}");
 }
 
+/// What is not a regular file in a checkpoint (a FIFO nobody writes, a link to a device that
+/// never ends) is damage, found at once: the open of a FIFO used to wait for ever, and a manifest
+/// linked to `/dev/zero` was read until memory ran out.
+#[test]
+fn special_files_in_a_checkpoint_are_damage_not_a_hang() {
+    let tmp = TempDir::new("special");
+    let cases = [
+        ("fifo-model", MODEL_FILE, None),
+        ("fifo-manifest", MANIFEST_FILE, None),
+        ("zero-manifest", MANIFEST_FILE, Some("/dev/zero")),
+    ];
+    for (case, file, target) in cases {
+        let dir = save(&tmp.path().join(case), 3, 1.0);
+        let path = dir.join(file);
+        fs::remove_file(&path).expect("remove");
+        match target {
+            Some(device) => std::os::unix::fs::symlink(device, &path).expect("symlink"),
+            None => {
+                let c = std::ffi::CString::new(path.to_str().expect("utf-8 path")).expect("path");
+                // SAFETY: mkfifo(3) on a NUL-terminated path the test owns.
+                assert_eq!(
+                    unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+                    0,
+                    "mkfifo {}",
+                    path.display()
+                );
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let loading = dir.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(load_error(&loading));
+        });
+        let msg = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{case}: the load did not end"));
+        assert!(
+            msg.contains(file) && msg.contains("not a regular file"),
+            "{case}: {msg}"
+        );
+    }
+}
+
 #[test]
 fn bad_manifests_are_clear_errors() {
     let tmp = TempDir::new("manifest");

@@ -356,6 +356,45 @@ fn a_torn_last_log_line_is_dropped_at_the_resume() {
     assert_eq!(std::fs::read_to_string(&log).expect("log"), before);
 }
 
+/// A resumed run stopped before it takes a step (a Ctrl-C during its start-up) leaves the
+/// checkpoint it resumed from as it was, and appends nothing to the log: it used to evaluate
+/// again, log the step's evaluation and checkpoint twice, and replace the verified checkpoint
+/// with a new copy.
+#[test]
+fn a_resume_stopped_before_its_first_step_saves_nothing_again() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = TempDir::new("resume-stopped-at-once");
+    let dir = tmp.path().join("run");
+    stopped_run(&dir, small(12), 3);
+    let ckpt = checkpoint::checkpoint_dir(&dir, 3);
+    let inode = |d: &std::path::Path| {
+        std::fs::metadata(d.join(checkpoint::MANIFEST_FILE))
+            .expect("manifest")
+            .ino()
+    };
+    let (manifest, log) = (inode(&ckpt), std::fs::read(dir.join("metrics.jsonl")).expect("log"));
+    let mut t = Trainer::resume(&dir, None).expect("resume");
+    t.stop_flag().store(2, Ordering::SeqCst);
+    let summary = t.run(false).expect("run");
+    assert_eq!(summary.stop, StopReason::Requested(2));
+    assert_eq!((summary.steps, summary.steps_run), (3, 0));
+    assert_eq!(
+        summary.checkpoint, ckpt,
+        "the checkpoint it resumed from is the run's newest"
+    );
+    assert!(
+        summary.val_loss.is_finite(),
+        "the logged validation loss: {}",
+        summary.val_loss
+    );
+    assert_eq!(inode(&ckpt), manifest, "the checkpoint was written again");
+    assert_eq!(
+        std::fs::read(dir.join("metrics.jsonl")).expect("log"),
+        log,
+        "lines were appended"
+    );
+}
+
 #[test]
 fn a_finished_run_appends_nothing() {
     let tmp = TempDir::new("resume-finished");

@@ -824,9 +824,9 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             summary.steps,
             summary.planned_steps,
             if summary.checkpoint.as_os_str().is_empty() {
-                "no step since the last checkpoint".to_string()
+                "no checkpoint: no step was taken".to_string()
             } else {
-                format!("checkpoint {} written", summary.checkpoint.display())
+                format!("the newest checkpoint is {}", summary.checkpoint.display())
             }
         ),
         StopReason::Finished | StopReason::AlreadyFinished | StopReason::StopAt => {}

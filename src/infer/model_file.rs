@@ -79,7 +79,10 @@ impl ModelFile {
     fn open_checkpoint(dir: &Path) -> Result<Self> {
         let info = checkpoint::model_file_info(dir)?;
         let config = crate::storage::state::model_config(&info.dir, &info.extra)?;
-        let mut file = File::open(&info.path).map_err(|e| Error::io("opening checkpoint file", &info.path, e))?;
+        let mut file = checkpoint::open_checkpoint_file(&info.path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => Error::checkpoint(&info.path, e.to_string()),
+            _ => Error::io("opening checkpoint file", &info.path, e),
+        })?;
         verify(&mut file, &info)?;
         let tensors = parse_header(&file, &info)?;
         let model = ModelFile {

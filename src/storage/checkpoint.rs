@@ -818,27 +818,43 @@ pub fn newest_intact_model(run_dir: &Path) -> Result<Resolved> {
     newest_intact_by(run_dir, load_model_only)
 }
 
-fn newest_intact_by(run_dir: &Path, load: fn(&Path) -> Result<Checkpoint>) -> Result<Resolved> {
+/// How often [`newest_intact_by`] lists the checkpoints again when the one it read went away.
+const MAX_RELISTS: usize = 8;
+
+fn newest_intact_by(run_dir: &Path, load: impl Fn(&Path) -> Result<Checkpoint>) -> Result<Resolved> {
     let mut candidates = step_dirs(run_dir)?;
-    let mut damaged = Vec::new();
+    let mut damaged: Vec<Damaged> = Vec::new();
+    let mut relists = 0;
     while let Some((step, dir)) = candidates.pop() {
-        match load(&dir) {
+        let reason = match load(&dir) {
             Ok(ckpt) if ckpt.step == step => {
                 return Ok(Resolved {
                     checkpoint: Some(ckpt),
                     damaged,
                 })
             }
-            Ok(ckpt) => damaged.push(Damaged {
-                dir,
-                reason: format!("its manifest says step {}, its name step {step}", ckpt.step),
-            }),
-            Err(Error::Checkpoint { path, detail }) => damaged.push(Damaged {
-                dir,
-                reason: format!("{}: {detail}", path.display()),
-            }),
+            Ok(ckpt) => format!("its manifest says step {}, its name step {step}", ckpt.step),
+            Err(Error::Checkpoint { path, detail }) => format!("{}: {detail}", path.display()),
             Err(e) => return Err(e),
+        };
+        // A reader without the run's lock (`eval`, `generate`) beside a run that trains: the run
+        // may have saved a newer checkpoint and pruned this one while it was read (a prune
+        // removes the manifest first). That is no damage: list again and read the newest.
+        if relists < MAX_RELISTS {
+            let now = step_dirs(run_dir)?;
+            let newer = now.last().is_some_and(|(s, _)| *s > step);
+            if newer || !dir.exists() {
+                relists += 1;
+                if newer {
+                    candidates = now
+                        .into_iter()
+                        .filter(|(_, d)| !damaged.iter().any(|x| &x.dir == d))
+                        .collect();
+                }
+                continue;
+            }
         }
+        damaged.push(Damaged { dir, reason });
     }
     Ok(Resolved {
         checkpoint: None,
@@ -943,10 +959,45 @@ pub fn model_file_info(dir: &Path) -> Result<ModelFileInfo> {
     })
 }
 
+/// The most a manifest may hold: one lists a few files (far below this); a larger one is not a
+/// manifest semoe wrote.
+const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
+/// Open a file of a checkpoint for reading, refusing anything but a regular file: a FIFO would
+/// block the open for ever, a device (a link to `/dev/zero`) would be read without end.
+pub fn open_checkpoint_file(path: &Path) -> io::Result<File> {
+    let meta = fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file (a checkpoint holds only regular files)",
+        ));
+    }
+    File::open(path)
+}
+
+/// A manifest's bytes, at most [`MAX_MANIFEST_BYTES`].
+fn read_manifest_bytes(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = open_checkpoint_file(path)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than any manifest ({} at most)", MAX_MANIFEST_BYTES),
+        ));
+    }
+    Ok(bytes)
+}
+
 fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST_FILE);
-    let bytes = match fs::read(&path) {
+    let bytes = match read_manifest_bytes(&path) {
         Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            return Err(Error::checkpoint(&path, format!("manifest is {e}")));
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let detail = if dir.is_dir() {
                 "not a complete checkpoint: manifest.json is missing (the save was interrupted, or this is not a \
@@ -1041,8 +1092,9 @@ fn load_parts(dir: &Path, with_optimizer: bool) -> Result<Checkpoint> {
 /// Checks the safetensors file at `path` against its manifest `entry`, then maps it and copies out
 /// its tensors, which must all be F32.
 fn read_tensor_file(path: &Path, entry: &FileEntry) -> Result<BTreeMap<String, LoadedTensor>> {
-    let mut file = File::open(path).map_err(|e| match e.kind() {
+    let mut file = open_checkpoint_file(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Error::checkpoint(path, "file listed in the manifest is missing"),
+        io::ErrorKind::InvalidData => Error::checkpoint(path, e.to_string()),
         _ => read_error("opening checkpoint file", path, e),
     })?;
     // Length first (cheap, and names the usual failure, a torn write), then the digest, and only
@@ -1082,6 +1134,9 @@ pub fn verify_file(file: &mut File, path: &Path, bytes: u64, sha256: &str) -> Re
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut read = 0u64;
+    // One byte past the size, at most: a file that grows (or a device that never ends) is caught
+    // there rather than read for ever.
+    let mut file = file.take(bytes.saturating_add(1));
     loop {
         let n = match file.read(&mut buf) {
             Ok(n) => n,
@@ -1273,6 +1328,33 @@ mod tests {
         image.extend_from_slice(&[0; 8]);
         assert_eq!(duplicate_header_key(&image), Some("a".to_string()));
         assert_eq!(duplicate_header_key(b"short"), None);
+    }
+
+    /// `eval` or `generate` reading a run that trains: the checkpoint it reads is pruned after a
+    /// newer one is saved. The newer one is read; nothing is called damaged.
+    #[test]
+    fn a_checkpoint_pruned_while_read_is_not_damage() {
+        let run = std::env::temp_dir().join(format!("semoe-ckpt-pruned-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&run);
+        let data = [1.0f32, 2.0];
+        let tensors = [NamedTensor::new("w", [2], &data)];
+        let extra = serde_json::json!({});
+        for step in [1, 2] {
+            save(&run, step, &tensors, &tensors, &extra).expect("save");
+        }
+        let trained = std::cell::Cell::new(false);
+        let resolved = newest_intact_by(&run, |dir| {
+            if !trained.replace(true) {
+                // The run saves step 3 and prunes step 2 (manifest first) while step 2 is read.
+                save(&run, 3, &tensors, &tensors, &extra)?;
+                fs::remove_file(dir.join(MANIFEST_FILE)).expect("prune's first removal");
+            }
+            load(dir)
+        })
+        .expect("resolve");
+        let _ = fs::remove_dir_all(&run);
+        assert!(resolved.damaged.is_empty(), "{:?}", resolved.damaged);
+        assert_eq!(resolved.checkpoint.map(|c| c.step), Some(3));
     }
 
     #[test]

@@ -287,6 +287,31 @@ pub const RUN_FILES: &[&str] = &[
     "experts.svg",
 ];
 
+/// The file a resume that fell back past damaged checkpoints moves the metrics log's later
+/// lines to: `metrics.after-step-NNNNNNNN.jsonl` for the `n`-th such file of step `step` (from 1;
+/// `-n` added from the second on), so that a checkpoint only unreadable for a while keeps its log.
+pub fn metrics_side_file(step: u64, n: u32) -> String {
+    let again = if n <= 1 { String::new() } else { format!("-{n}") };
+    format!("metrics.after-step-{step:08}{again}.jsonl")
+}
+
+/// Whether `name` is one of [`metrics_side_file`]'s names: a run file like [`RUN_FILES`].
+pub fn is_metrics_side_file(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    name.strip_prefix("metrics.after-step-")
+        .and_then(|rest| rest.strip_suffix(".jsonl"))
+        .is_some_and(|rest| match rest.split_once('-') {
+            Some((step, n)) => step.len() >= 8 && digits(step) && digits(n),
+            None => rest.len() >= 8 && digits(rest),
+        })
+}
+
+/// Whether `name` is a file a run writes into its run directory ([`RUN_FILES`] or a metrics side
+/// file).
+fn is_run_file(name: &str) -> bool {
+    RUN_FILES.contains(&name) || is_metrics_side_file(name)
+}
+
 /// The prefix of the time-budget measurement's scratch run inside a run directory (removed when
 /// the measurement ends; one left by a killed process is removed by the next start).
 pub const CALIBRATION_PREFIX: &str = ".semoe-calibration-";
@@ -346,7 +371,7 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
         )));
     }
     let ours = names.iter().any(|n| n == LOCK_FILE);
-    let run_of_ours = ours && names.iter().all(|n| n == LOCK_FILE || RUN_FILES.contains(&n.as_str()));
+    let run_of_ours = ours && names.iter().all(|n| n == LOCK_FILE || is_run_file(n));
     // Without our lock, a config or a ticket is the user's (a ticket other workers read).
     let failed_start =
         holds_no_results(dir) && (ours || !names.iter().any(|n| n == "config.toml" || n == "join.ticket"));
@@ -355,7 +380,7 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
     }
     // The names that are not a run's first: they are why.
     let mut shown: Vec<&str> = names.iter().map(String::as_str).filter(|n| *n != LOCK_FILE).collect();
-    shown.sort_unstable_by_key(|n| (RUN_FILES.contains(n), *n));
+    shown.sort_unstable_by_key(|n| (is_run_file(n), *n));
     let more = shown.len().saturating_sub(4);
     shown.truncate(4);
     Err(Error::config(format!(
@@ -380,7 +405,7 @@ pub fn is_interrupted_write(name: &str) -> bool {
     let durable = name
         .strip_prefix('.')
         .and_then(|rest| rest.split_once(".tmp-"))
-        .is_some_and(|(base, pid)| base != TIERS_DIR && RUN_FILES.contains(&base) && digits(pid));
+        .is_some_and(|(base, pid)| base != TIERS_DIR && is_run_file(base) && digits(pid));
     let ticket = name
         .strip_prefix("join.ticket.tmp.")
         .and_then(|rest| rest.split_once('.'))
@@ -468,12 +493,17 @@ mod tests {
         std::fs::create_dir_all(d.join(".semoe-calibration-1-2")).expect("a killed measurement");
         std::fs::write(d.join(".metrics.jsonl.tmp-77"), "{}").expect("a killed rewrite");
         std::fs::write(d.join("join.ticket.tmp.77.00c0ffee00c0ffee"), "t").expect("a killed ticket write");
+        // A resume that fell back past damaged checkpoints kept their log lines in a side file
+        // (and one was being written when it was killed).
+        std::fs::write(d.join(metrics_side_file(4, 1)), "{}\n").expect("a side file");
+        std::fs::write(d.join(metrics_side_file(4, 2)), "{}\n").expect("a second one");
+        std::fs::write(d.join(format!(".{}.tmp-78", metrics_side_file(4, 3))), "{}").expect("a killed side file");
         assert!(check_fresh(&d).is_ok(), "a run of ours without a checkpoint");
         for i in 0..5 {
             std::fs::write(d.join(format!("note{i}")), "").expect("note");
         }
         let err = check_fresh(&d).expect_err("the user's files beside a run").to_string();
-        assert!(err.contains("(note0, note1, note2, note3 and 5 more)"), "{err}");
+        assert!(err.contains("(note0, note1, note2, note3 and 7 more)"), "{err}");
         // (A run with a checkpoint is refused naming --resume: tests/cli_train.rs, with a real one.)
         // One whose checkpoint's manifest does not read is refused too, naming it.
         let damaged = d.join("checkpoints").join("step-00000010");
@@ -490,6 +520,18 @@ mod tests {
         assert!(!d.join(".semoe-calibration-1-2").exists());
         assert!(!d.join(".metrics.jsonl.tmp-77").exists());
         assert!(!d.join("join.ticket.tmp.77.00c0ffee00c0ffee").exists());
+        assert!(!d.join(".metrics.after-step-00000004-3.jsonl.tmp-78").exists());
+        assert!(
+            d.join("metrics.after-step-00000004-2.jsonl").exists(),
+            "a side file is a run's file"
+        );
+        for not_ours in [
+            "metrics.after-step-4.jsonl",
+            "metrics.after-step-00000004-.jsonl",
+            "metrics.after-step-x.jsonl",
+        ] {
+            assert!(!is_metrics_side_file(not_ours), "{not_ours}");
+        }
         assert!(d.join(".notes.tmp-3").exists(), "only run files' writes go");
         std::fs::remove_dir_all(&d).expect("clean up");
     }

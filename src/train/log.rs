@@ -330,7 +330,8 @@ pub struct Entry {
     pub line: usize,
     /// The line's bytes, without its line ending.
     pub text: Vec<u8>,
-    /// The line's `"step"` if it is a JSON object with a non-negative integer there (whatever its kind).
+    /// The line's `"step"` if it is a JSON object with a non-negative integer there, written as
+    /// one or as a float without a fraction (whatever its kind).
     pub step: Option<u64>,
     /// What the line holds.
     pub parsed: Parsed,
@@ -358,7 +359,9 @@ pub fn parse_line(line: usize, text: &[u8]) -> Entry {
         Ok(v) => v,
         Err(e) => return entry(None, malformed(None, format!("not JSON: {e}"))),
     };
-    let step = value.get("step").and_then(serde_json::Value::as_u64);
+    // As the records read it ([`count`]: older logs wrote `6.0`), so that a resume drops such a
+    // line after its checkpoint too.
+    let step = value.get("step").and_then(|v| count(v).ok());
     let Some(kind) = value.as_object().and_then(|o| o.get("kind")).and_then(|k| k.as_str()) else {
         return entry(
             step,
@@ -516,6 +519,6 @@ mod tests {
         };
         assert_eq!(v.step, 6);
         assert!(v.val_loss.is_nan());
-        assert_eq!(entries[4].step, None);
+        assert_eq!(entries[4].step, Some(6), "as its record reads it");
     }
 }

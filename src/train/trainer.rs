@@ -127,6 +127,9 @@ pub struct Trainer {
     recent_losses: VecDeque<f64>,
     /// The last validation loss of the log (on resume) and its step.
     last_val: Option<(u64, f64)>,
+    /// The checkpoint a resumed run started from (a run stopped before its first step has
+    /// nothing to save again).
+    resumed_from: Option<PathBuf>,
     /// What a user should know about how this run was set up (fallbacks, changed settings).
     notices: Vec<String>,
     /// The model and optimizer on a GPU (`train.device = "cuda"`), and whether `model` and
@@ -232,6 +235,8 @@ struct State {
     prior_seconds: f64,
     recent_losses: VecDeque<f64>,
     last_val: Option<(u64, f64)>,
+    /// The checkpoint it was loaded from (on resume).
+    resumed_from: Option<PathBuf>,
     /// SHA-256 of the corpus (computed once: the resume check and every checkpoint use it).
     data_digest: String,
 }
@@ -357,6 +362,7 @@ impl Trainer {
             prior_seconds: 0.0,
             recent_losses: VecDeque::new(),
             last_val: None,
+            resumed_from: None,
             data_digest: corpus.digest(),
         };
         let mut notices = Vec::new();
@@ -498,6 +504,7 @@ impl Trainer {
                 ckpt.dir.display()
             ));
         }
+        let resumed_from = ckpt.dir.clone();
         let (model, optimizer, prior_seconds) = load_state_from(&config, ckpt)?;
         // A finished run resumed changes nothing, its config included.
         let finished = optimizer.step >= config.train.steps;
@@ -508,10 +515,7 @@ impl Trainer {
         let dropped_to = (!resolved.damaged.is_empty())
             .then(|| {
                 (1..=1000u32)
-                    .map(|n| {
-                        let again = if n == 1 { String::new() } else { format!("-{n}") };
-                        run_dir.join(format!("metrics.after-step-{:08}{again}.jsonl", optimizer.step))
-                    })
+                    .map(|n| run_dir.join(run_dir::metrics_side_file(optimizer.step, n)))
                     .find(|p| !p.exists())
             })
             .flatten();
@@ -529,6 +533,7 @@ impl Trainer {
             prior_seconds,
             recent_losses: history.recent_losses,
             last_val: history.last_val,
+            resumed_from: Some(resumed_from),
             data_digest: digest,
         };
         Trainer::assemble(config.clone(), corpus, state, run_dir, lock, notices).and_then(|t| {
@@ -554,6 +559,7 @@ impl Trainer {
             prior_seconds,
             recent_losses,
             last_val,
+            resumed_from,
             data_digest,
         } = state;
         // The Disk tier's slot files of an earlier invocation are stale scratch: start clean.
@@ -599,6 +605,7 @@ impl Trainer {
             membership_logged: 0,
             recent_losses,
             last_val,
+            resumed_from,
             notices,
             gpu,
             gpu_stale: false,
@@ -960,8 +967,13 @@ impl Trainer {
         let mut train_seconds = 0.0f64;
         let mut steps_run = 0u64;
         let (mut val_step, mut val_loss) = self.last_val.unwrap_or((0, f64::NAN));
-        let mut last_checkpoint = PathBuf::new();
-        let mut checkpointed_step = None;
+        // A resumed run's checkpoint holds its first step: stopped before another step, it has
+        // nothing to evaluate or save again (it used to replace the checkpoint it had just
+        // verified with a copy, and log the step's evaluation twice).
+        let (mut last_checkpoint, mut checkpointed_step) = match &self.resumed_from {
+            Some(dir) => (dir.clone(), Some(self.optimizer.step)),
+            None => (PathBuf::new(), None),
+        };
         let mut stop = StopReason::Finished;
         let mut place_checked = Instant::now();
         let first_step = self.optimizer.step;
