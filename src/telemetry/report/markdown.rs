@@ -404,8 +404,20 @@ pub(super) fn markdown(s: &ReportSummary, metrics: &Metrics, name: &str) -> Stri
         let _ = writeln!(md, "\n![{title}]({file})");
     }
 
-    if !metrics.malformed_lines.is_empty() || metrics.superseded_records > 0 {
+    if !metrics.malformed_lines.is_empty() || !metrics.oversized_lines.is_empty() || metrics.superseded_records > 0 {
         let _ = writeln!(md, "\n## Log notes\n");
+        if !metrics.oversized_lines.is_empty() {
+            let shown: Vec<String> = metrics.oversized_lines.iter().take(10).map(|n| n.to_string()).collect();
+            let _ = writeln!(
+                md,
+                "- Left the expert counts of {} training record(s) out of the expert-load heatmap: wider than it holds \
+                 ({} layer-expert cells; line {}{}).",
+                metrics.oversized_lines.len(),
+                super::summary::MAX_GRID_CELLS,
+                shown.join(", "),
+                if metrics.oversized_lines.len() > 10 { ", ..." } else { "" }
+            );
+        }
         if !metrics.malformed_lines.is_empty() {
             let shown: Vec<String> = metrics.malformed_lines.iter().take(10).map(|n| n.to_string()).collect();
             let more = if metrics.malformed_lines.len() > 10 {

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub val: Vec<ValRecord>,
     /// Line numbers (1-based) of the lines that could not be parsed.
     pub malformed_lines: Vec<usize>,
+    /// Line numbers (1-based) of training records whose expert counts were wider than the
+    /// heatmap holds (`MAX_GRID_CELLS`): their counts are left out, their other figures kept.
+    pub oversized_lines: Vec<usize>,
     /// Records of kinds other than `train`, `val`, `storage` and `dense`.
     pub other_records: usize,
     /// The last `storage` record (the expert tiers' figures, summed over workers), if any.
@@ -91,14 +94,19 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Metrics> {
     let mut reader = LogReader::new(std::io::BufReader::new(&file), path);
     let mut metrics = Metrics::default();
     for entry in reader.by_ref() {
-        match entry?.parsed {
+        let entry = entry?;
+        match entry.parsed {
             Parsed::Blank => {}
             Parsed::Record(Record::Train(mut rec)) => {
                 if kept.get(position) == Some(&ordinal) {
                     while ranges.get(bucket).is_some_and(|&(_, end)| position >= end) {
                         bucket += 1;
                     }
-                    grid.add(bucket, &rec);
+                    // Counts wider than any heatmap (see `MAX_GRID_CELLS`) are left out, and the
+                    // line is named in the report.
+                    if !grid.add(bucket, &rec) {
+                        metrics.oversized_lines.push(entry.line);
+                    }
                     position += 1;
                 }
                 ordinal += 1;
@@ -198,5 +206,34 @@ mod tests {
             [(vec![1, 1], 100), (vec![1, 1], 100), (vec![10, 0], 1), (vec![10, 0], 1)]
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A record whose counts are wider than any heatmap (a hand-edited or hostile log): its line
+    /// is named and the grid stays the size of the others (one such record made
+    /// every bucket as wide as it, a thousand times the log's size in memory).
+    #[test]
+    fn counts_wider_than_any_heatmap_are_named_not_gigabytes() {
+        let dir = std::env::temp_dir().join(format!("semoe-read-wide-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        let line = |step: u64, layers: usize, experts: usize| {
+            let row = vec!["1"; experts].join(",");
+            let rows = vec![format!("[{row}]"); layers].join(",");
+            format!(
+                "{{\"kind\":\"train\",\"step\":{step},\"tokens\":{},\"elapsed_s\":{step},\"loss\":1.0,\
+                 \"tokens_per_s\":100.0,\"expert_tokens\":[{rows}],\"dropped\":[]}}\n",
+                step * 10
+            )
+        };
+        let wide = super::super::summary::MAX_GRID_CELLS + 1;
+        let log = [line(1, 1, 4), line(2, 1, wide), line(3, 2, wide / 2 + 1), line(4, 1, 4)].concat();
+        std::fs::write(&path, log).unwrap();
+        let m = read_metrics(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(m.train.len(), 4, "the records' other figures are kept");
+        assert_eq!(m.oversized_lines, [2, 3]);
+        assert!(m.malformed_lines.is_empty());
+        assert_eq!(m.expert_load.experts, [4]);
+        assert!(m.expert_load.cells[0].iter().all(|(c, _)| c.len() == 4));
     }
 }

@@ -129,6 +129,10 @@ pub(super) fn buckets(n: usize) -> Vec<(usize, usize)> {
 /// Per-layer expert counts summed over the records of each bucket: `[layer][bucket] -> (counts,
 /// dropped)`. Built while the log is read ([`LoadGrid::add`]), so that the records need not keep
 /// their counts (a long run of a wide model logs kilobytes of them a step).
+/// The most (layer, expert) cells the heatmap's grid holds, counting a layer without experts as
+/// one: 64 layers of 4,096 experts (each cell is kept per bucket).
+pub const MAX_GRID_CELLS: usize = 1 << 18;
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct LoadGrid {
     /// Experts of each layer (the longest `expert_tokens` list logged for it).
@@ -148,12 +152,24 @@ impl LoadGrid {
         }
     }
 
-    /// Add a record's counts to bucket `bucket`.
-    pub(super) fn add(&mut self, bucket: usize, rec: &TrainRecord) {
+    /// Add a record's counts to bucket `bucket`; false (nothing added) when they would make the
+    /// grid wider than [`MAX_GRID_CELLS`] (a hand-edited or hostile log: every bucket holds a
+    /// row as wide as the widest record, so one record of a million counts would cost gigabytes).
+    pub(super) fn add(&mut self, bucket: usize, rec: &TrainRecord) -> bool {
         if bucket >= self.buckets {
-            return;
+            return true;
         }
         let layers = rec.expert_tokens.len().max(rec.dropped.len());
+        let cells: usize = (0..layers)
+            .map(|l| {
+                let logged = rec.expert_tokens.get(l).map_or(0, Vec::len);
+                self.experts.get(l).copied().unwrap_or(0).max(logged).max(1)
+            })
+            .sum::<usize>()
+            + self.experts.iter().skip(layers).map(|&e| e.max(1)).sum::<usize>();
+        if cells > MAX_GRID_CELLS {
+            return false;
+        }
         if layers > self.cells.len() {
             self.cells.resize_with(layers, || vec![(Vec::new(), 0); self.buckets]);
             self.experts.resize(layers, 0);
@@ -172,6 +188,7 @@ impl LoadGrid {
             let dropped = &mut self.cells[l][bucket].1;
             *dropped = dropped.saturating_add(d);
         }
+        true
     }
 
     /// Every layer's counts as long as its widest record (a bucket whose records logged fewer
