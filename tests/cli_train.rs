@@ -868,6 +868,16 @@ fn bad_input_gets_clear_messages() {
             &["generate", "--checkpoint", "x", "--prompt", "a\\q"],
             "unknown escape \\q",
         ),
+        (
+            &[
+                "serve",
+                "--checkpoint",
+                "x",
+                "--max-connections",
+                "18446744073709551615",
+            ],
+            "serve: max_connections must be at most 1048576",
+        ),
         (&["bench", "moe-layer", "--iters", "0"], "must be at least 1"),
         (&["bench", "recovery", "--kill-after", "0"], "must be at least 1"),
         (&["bench", "generate", "--rounds", "0"], "must be at least 1"),

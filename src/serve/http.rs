@@ -240,9 +240,9 @@ async fn answer(request: Request<Incoming>, state: &State) -> Response<Body> {
 /// orchestrator restarts it.
 fn health(state: &State) -> Response<Body> {
     let stats = state.queue.stats();
-    let (status, label, error) = if state.queue.is_closed() {
-        (StatusCode::OK, "shutting_down", None)
-    } else if stats.decoder_ended.load(Ordering::SeqCst) {
+    // A decoder that cannot go on is said first, also while shutting down (the shutdown would
+    // wait on it).
+    let (status, label, error) = if stats.decoder_ended.load(Ordering::SeqCst) && !state.queue.is_closed() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "failed",
@@ -250,6 +250,17 @@ fn health(state: &State) -> Response<Body> {
         )
     } else if let Some(e) = stats.broken() {
         (StatusCode::SERVICE_UNAVAILABLE, "failed", Some(e))
+    } else if let Some(ran) = stats.stalled(super::scheduler::STALLED_AFTER) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "failed",
+            Some(format!(
+                "a decoder step has run for {} s (a weight read that does not return?)",
+                ran.as_secs()
+            )),
+        )
+    } else if state.queue.is_closed() {
+        (StatusCode::OK, "shutting_down", None)
     } else if let Some(e) = stats.last_error() {
         (StatusCode::SERVICE_UNAVAILABLE, "failing", Some(e))
     } else {

@@ -74,6 +74,9 @@ impl Default for ServeConfig {
     }
 }
 
+/// The most connections a server may be asked to hold open at once (`max_connections`).
+pub const MAX_CONNECTIONS: usize = 1 << 20;
+
 impl ServeConfig {
     /// Refuse settings that cannot serve; the error names the setting.
     pub fn validate(&self) -> Result<()> {
@@ -89,6 +92,14 @@ impl ServeConfig {
             if value == 0 {
                 return Err(Error::config(format!("serve: {name} must be at least 1")));
             }
+        }
+        // (tokio's semaphore panics past `usize::MAX >> 3` permits; a process runs out of file
+        // descriptors long before a million connections.)
+        if self.max_connections > MAX_CONNECTIONS {
+            return Err(Error::config(format!(
+                "serve: max_connections must be at most {MAX_CONNECTIONS}, got {}",
+                self.max_connections
+            )));
         }
         if self.client_timeout.is_zero() {
             return Err(Error::config("serve: client_timeout must be longer than 0"));

@@ -127,7 +127,15 @@ pub struct Stats {
     /// A failure every later step will meet ([`Decode::broken`]), once a step has failed with
     /// it: `/health` reports the server failed from then on, so that an orchestrator restarts it.
     pub broken: Mutex<Option<String>>,
+    /// When the step running now started (`None` between steps): a step that never ends (a
+    /// weight read the decoder waits on itself, which no deadline can cut) shows in `/health`.
+    pub step_started: Mutex<Option<Instant>>,
 }
+
+/// How long a decoder step may run before `/health` reports the server stalled: past the ring's
+/// own deadline for a weight read it waits on (2 minutes) with a
+/// margin, far beyond any step's work (one position of every sequence, or a prompt's prefill).
+pub const STALLED_AFTER: Duration = Duration::from_secs(180);
 
 /// How long `/health` reports a failed step: long enough for a probe to see it, short enough that
 /// one passing fault does not keep an idle server (no step runs without requests) out of a load
@@ -146,6 +154,16 @@ impl Stats {
     /// The decoder's lasting failure, if a step has met one.
     pub fn broken(&self) -> Option<String> {
         self.broken.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// How long the step running now has run, once that is longer than `limit`.
+    pub fn stalled(&self, limit: Duration) -> Option<Duration> {
+        let started = *self.step_started.lock().unwrap_or_else(PoisonError::into_inner);
+        started.map(|at| at.elapsed()).filter(|ran| *ran > limit)
+    }
+
+    fn set_step_started(&self, at: Option<Instant>) {
+        *self.step_started.lock().unwrap_or_else(PoisonError::into_inner) = at;
     }
 
     fn set_last_error(&self, error: Option<String>) {
@@ -521,7 +539,10 @@ impl Scheduler {
     fn step(&mut self) {
         let size = self.decoder.active();
         let started = Instant::now();
-        let emitted = match self.decoder.step() {
+        self.stats.set_step_started(Some(started));
+        let stepped = self.decoder.step();
+        self.stats.set_step_started(None);
+        let emitted = match stepped {
             Ok(emitted) => emitted,
             Err(e) => {
                 // The decoder's state is unknown after a failed step: stop what it held.
@@ -639,5 +660,28 @@ impl Scheduler {
             metrics::gauge!(names::SERVE_ACTIVE).increment(active as f64 - self.reported_active as f64);
             self.reported_active = active;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step that has run past the limit is reported with how long it has run; none between
+    /// steps, nor within the limit.
+    #[test]
+    fn a_step_running_past_the_limit_is_stalled() {
+        let stats = Stats::default();
+        assert_eq!(stats.stalled(Duration::ZERO), None, "no step runs");
+        stats.set_step_started(Some(Instant::now()));
+        assert_eq!(stats.stalled(Duration::from_secs(60)), None, "a step just begun");
+        let long_ago = Instant::now()
+            .checked_sub(Duration::from_secs(200))
+            .expect("an instant 200 s back");
+        stats.set_step_started(Some(long_ago));
+        let ran = stats.stalled(STALLED_AFTER).expect("stalled");
+        assert!(ran >= Duration::from_secs(200), "{ran:?}");
+        stats.set_step_started(None);
+        assert_eq!(stats.stalled(Duration::ZERO), None, "the step ended");
     }
 }
