@@ -462,6 +462,21 @@ fn a_communicator_fault_is_repaired_by_a_restart_and_a_replay() {
 
 #[test]
 fn a_silent_peer_stops_the_run_with_the_deadline_error() {
+    // The job's collective deadline not below the scenario's: the silence could only end the run
+    // by the scenario's deadline (exit 1, never the expected stop), so it is refused at once.
+    let mut slow = config(6, 2);
+    slow.train.deadline_s = 30.0;
+    let scenario = Scenario::builder()
+        .deadline(Duration::from_secs(20))
+        .fault(FaultSpec::silence().worker(1).at(2))
+        .build()
+        .expect("valid on its own");
+    let err = chaos::run(&slow, &scenario).expect_err("refused").to_string();
+    assert!(
+        err.contains("fault[0] is found when a collective misses its deadline")
+            && err.contains("train.deadline_s, 30 s"),
+        "{err}"
+    );
     let mut c = config(6, 2);
     c.train.deadline_s = 0.4;
     let scenario = Scenario::builder()

@@ -527,10 +527,11 @@ impl DiskFaults for FaultPlan {
                     .find(|(_, f)| matches!(f.kind, FaultKind::Slow(_)))
             })
             .map(|(i, _)| i)?;
-        inner.pinned[index] = Some(id);
         let kind = inner.faults[index].kind;
         let slow = matches!(kind, FaultKind::Slow(_));
+        // A fault firing more than once stays on its first unit; a slow disk slows every unit.
         if !slow {
+            inner.pinned[index] = Some(id);
             inner.faults[index].times -= 1;
         }
         if !slow || !inner.fired[index] {
@@ -617,5 +618,38 @@ mod tests {
         );
         assert_eq!(plan.fire_in_attempt(&t, attempt(3), Moment::Forward), None);
         assert_eq!(plan.pending(), 0);
+    }
+
+    /// A slow disk slows every read and write of its worker from its step on, whichever unit;
+    /// it used to stay on the first unit it met.
+    #[test]
+    fn a_slow_disk_slows_every_unit() {
+        use crate::storage::tiers::disk::{DiskFaults, DiskOp, InjectedIo};
+        let delay = std::time::Duration::from_millis(5);
+        let plan = FaultPlan::none();
+        plan.push(Fault {
+            target: Target::Disk { worker: 1 },
+            step: 2,
+            moment: Moment::Any,
+            kind: FaultKind::Slow(delay),
+            times: 1,
+        });
+        assert!(plan.before(1, DiskOp::Read, (0, 0), 64).is_none(), "before any step");
+        plan.begin_step(2);
+        assert!(
+            plan.before(0, DiskOp::Read, (0, 0), 64).is_none(),
+            "another worker's disk"
+        );
+        for (op, id) in [
+            (DiskOp::Read, (0, 0)),
+            (DiskOp::Write, (0, 1)),
+            (DiskOp::Read, (1, 3)),
+            (DiskOp::Read, (0, 0)),
+        ] {
+            assert!(
+                matches!(plan.before(1, op, id, 64), Some(InjectedIo::Delay(d)) if d == delay),
+                "{op:?} of unit {id:?}"
+            );
+        }
     }
 }

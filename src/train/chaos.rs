@@ -507,6 +507,23 @@ fn job_of(config: &TrainConfig, scenario: &Scenario) -> Result<TrainConfig> {
         job.train.deadline_s = d.as_secs_f64();
     }
     job.validate()?;
+    // A fault found only by a missed collective deadline (a silent communicator, a dropped
+    // request, a partition) needs that deadline well inside the scenario's: the job's own
+    // (`train.deadline_s`, 30 s by default) is checked here as the scenario's is where it is set.
+    let waits_out = scenario.faults.iter().position(|f| {
+        f.actor == crate::chaos::ActorKind::Silence || matches!(f.kind, FaultKind::Drop | FaultKind::Partition(_))
+    });
+    if let Some(entry) = waits_out {
+        if job.train.deadline_s >= scenario.deadline.as_secs_f64() {
+            return Err(Error::config(format!(
+                "chaos scenario: fault[{entry}] is found when a collective misses its deadline, and the job's \
+                 (train.deadline_s, {} s) is not below the scenario's deadline ({}): the run could only end with \
+                 the scenario's deadline. Set collective_deadline in the scenario (e.g. \"2s\") or a longer deadline",
+                job.train.deadline_s,
+                humantime::format_duration(scenario.deadline)
+            )));
+        }
+    }
     Ok(job)
 }
 
