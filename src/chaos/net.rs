@@ -60,6 +60,27 @@ fn take_held(held: &Mutex<HashMap<WorkerId, Packet>>, to: WorkerId) -> Option<Pa
     held.lock().unwrap_or_else(|e| e.into_inner()).remove(&to)
 }
 
+/// The packet held for `to`, if it is still packet `id` (a reorder's timer releases its own
+/// packet only, not a newer one held since).
+fn take_held_if(held: &Mutex<HashMap<WorkerId, Packet>>, to: WorkerId, id: u64) -> Option<Packet> {
+    let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+    if held.get(&to).is_some_and(|p| p.id == id) {
+        held.remove(&to)
+    } else {
+        None
+    }
+}
+
+/// Send a packet that was held back or delayed, unless a partition between its two workers began
+/// meanwhile: it is lost as a packet sent then would be.
+fn send_late<T: Transport>(inner: &T, plan: &FaultPlan, partitions: bool, packet: Packet) -> Result<()> {
+    // (No step: a late packet only meets a partition already on, it does not start one.)
+    if partitions && plan.partitioned(inner.id(), packet.to, None) {
+        return Ok(());
+    }
+    inner.send(packet)
+}
+
 impl<T: Transport> Transport for FaultyTransport<T> {
     fn id(&self) -> WorkerId {
         self.inner.id()
@@ -97,35 +118,37 @@ impl<T: Transport> Transport for FaultyTransport<T> {
             Some(FaultKind::Duplicate) => self.inner.send(packet.clone()).and_then(|()| self.inner.send(packet)),
             Some(FaultKind::Delay(delay)) => match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
-                    let inner = self.inner.clone();
+                    let (inner, plan, partitions) = (self.inner.clone(), self.plan.clone(), self.partitions);
                     handle.spawn(async move {
                         tokio::time::sleep(delay).await;
-                        let _ = inner.send(packet);
+                        let _ = send_late(&*inner, &plan, partitions, packet);
                     });
                     Ok(())
                 }
                 Err(_) => {
                     std::thread::sleep(delay);
-                    self.inner.send(packet)
+                    send_late(&*self.inner, &self.plan, self.partitions, packet)
                 }
             },
             Some(FaultKind::Reorder) => {
                 // Held back: the next packet to the same worker overtakes it (or it goes after a
                 // short wait if none comes).
+                let id = packet.id;
                 let previous = self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(to, packet);
                 if let Some(p) = previous {
-                    self.inner.send(p)?;
+                    send_late(&*self.inner, &self.plan, self.partitions, p)?;
                 }
                 if let Ok(handle) = tokio::runtime::Handle::try_current() {
                     let (inner, held) = (self.inner.clone(), self.held.clone());
+                    let (plan, partitions) = (self.plan.clone(), self.partitions);
                     handle.spawn(async move {
                         tokio::time::sleep(REORDER_WAIT).await;
-                        if let Some(p) = take_held(&held, to) {
-                            let _ = inner.send(p);
+                        if let Some(p) = take_held_if(&held, to, id) {
+                            let _ = send_late(&*inner, &plan, partitions, p);
                         }
                     });
                 } else if let Some(p) = take_held(&self.held, to) {
-                    self.inner.send(p)?;
+                    send_late(&*self.inner, &self.plan, self.partitions, p)?;
                 }
                 return Ok(());
             }
@@ -134,7 +157,7 @@ impl<T: Transport> Transport for FaultyTransport<T> {
         };
         // A packet held back for reordering goes right after this one.
         if let Some(p) = take_held(&self.held, to) {
-            self.inner.send(p)?;
+            send_late(&*self.inner, &self.plan, self.partitions, p)?;
         }
         result
     }
@@ -237,6 +260,40 @@ mod tests {
         assert_eq!(drain(&mut inbox0), vec![2, 7]);
         assert_eq!(plan.firings().len(), 1, "it starts once");
         assert_eq!(plan.firings()[0].step, 1);
+    }
+
+    /// A request delayed, or held back for reordering, that would go while a partition is on is
+    /// lost with everything else between the two (it used to cross the partition); a reorder's
+    /// timer releases only its own packet.
+    #[tokio::test]
+    async fn late_packets_do_not_cross_a_partition() {
+        let plan = FaultPlan::none();
+        let fault = |step, kind| super::super::Fault {
+            target: Target::Link { from: 0, to: 1 },
+            step,
+            moment: Moment::Any,
+            kind,
+            times: 1,
+        };
+        plan.push(fault(1, FaultKind::Delay(Duration::from_millis(50))));
+        plan.push(fault(2, FaultKind::Reorder));
+        plan.push(fault(3, FaultKind::Partition(Duration::from_millis(300))));
+        let mut net = local::network(2);
+        let (_, mut inbox1) = net.pop().expect("endpoint 1");
+        let (t0, _inbox0) = net.pop().expect("endpoint 0");
+        let t0 = FaultyTransport::new(t0, plan.clone());
+        t0.send(request(1, 1)).expect("delayed by 50 ms");
+        t0.send(request(2, 2)).expect("held for up to 20 ms");
+        t0.send(request(3, 3)).expect("starts the partition, lost");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut got = Vec::new();
+        while let Ok(p) = inbox1.try_recv() {
+            got.push(p.id);
+        }
+        // Request 2's reorder timer released it 20 ms later, request 1's delay after 50 ms: both
+        // inside the partition, which request 3 began.
+        assert_eq!(got, Vec::<u64>::new(), "nothing crosses the partition");
+        assert_eq!(plan.firings().len(), 3);
     }
 
     #[tokio::test]
