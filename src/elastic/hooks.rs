@@ -30,19 +30,40 @@ pub const MEMBERS_AT: &str = "SEMOE_TEST_MEMBERS_AT";
 /// (a malformed frame from an authenticated peer: the receiver evicts it).
 pub const CORRUPT: &str = "SEMOE_TEST_CORRUPT";
 
+/// A hook variable that is set but does not parse: an error naming it and the form it takes (a
+/// test whose hook silently did nothing would pass without testing anything, or time out).
+fn malformed(var: &str, spec: &str, form: &str) -> crate::Error {
+    crate::Error::config(format!("{var}={spec:?}: expected {form}"))
+}
+
+/// The value of hook variable `var` (`None`: unset; an error when it is not Unicode).
+fn hook_value(var: &str) -> crate::Result<Option<String>> {
+    match std::env::var(var) {
+        Ok(v) => Ok(Some(v)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(v)) => Err(malformed(var, &v.to_string_lossy(), "Unicode text")),
+    }
+}
+
 /// The step N of a hook variable `var` set to `member=M,step=N`, when M is `member` (`None`: the
-/// variable is unset, malformed, or names another member).
-fn step_for_member(var: &str, member: u64) -> Option<u64> {
-    let spec = std::env::var(var).ok()?;
+/// variable is unset or names another member; an error when it does not parse).
+fn step_for_member(var: &str, member: u64) -> crate::Result<Option<u64>> {
+    let Some(spec) = hook_value(var)? else { return Ok(None) };
+    let (m, step) = member_and_step(&spec).ok_or_else(|| malformed(var, &spec, "member=M,step=N"))?;
+    Ok((m == member).then_some(step))
+}
+
+/// `member=M,step=N` as `(M, N)` (`None`: anything else).
+fn member_and_step(spec: &str) -> Option<(u64, u64)> {
     let (mut m, mut step) = (None, None);
     for part in spec.split(',') {
         match part.split_once('=')? {
-            ("member", v) => m = v.parse::<u64>().ok(),
-            ("step", v) => step = v.parse::<u64>().ok(),
+            ("member", v) => m = Some(v.parse::<u64>().ok()?),
+            ("step", v) => step = Some(v.parse::<u64>().ok()?),
             _ => return None,
         }
     }
-    (m? == member).then_some(step?)
+    Some((m?, step?))
 }
 
 /// A parsed [`CORRUPT`].
@@ -54,9 +75,8 @@ pub struct Corrupt {
 
 impl Corrupt {
     /// The hook for `member`, if [`CORRUPT`] names it.
-    pub fn for_member(member: u64) -> Option<Corrupt> {
-        let step = step_for_member(CORRUPT, member)?;
-        Some(Corrupt { step, done: false })
+    pub fn for_member(member: u64) -> crate::Result<Option<Corrupt>> {
+        Ok(step_for_member(CORRUPT, member)?.map(|step| Corrupt { step, done: false }))
     }
 
     /// Cut `bytes` (the encoding of `packet`) in half if this is the hook's packet.
@@ -85,9 +105,8 @@ pub struct CutLink {
 
 impl CutLink {
     /// The hook for `member`, if [`CUT_LINK`] names it.
-    pub fn for_member(member: u64) -> Option<CutLink> {
-        let step = step_for_member(CUT_LINK, member)?;
-        Some(CutLink { step, done: false })
+    pub fn for_member(member: u64) -> crate::Result<Option<CutLink>> {
+        Ok(step_for_member(CUT_LINK, member)?.map(|step| CutLink { step, done: false }))
     }
 
     /// The peer whose link to cut, once: when `packet` is the hook's.
@@ -145,54 +164,54 @@ pub struct Pause {
 }
 
 impl Pause {
-    /// The hook for `member`, if [`PAUSE`] names it.
-    pub fn for_member(member: u64) -> Option<Pause> {
-        let specs = std::env::var(PAUSE).ok()?;
-        specs
-            .split(';')
-            .filter_map(Pause::parse)
-            .find(|pause| pause.member.is_none_or(|m| m == member))
+    /// The hook for `member`, if [`PAUSE`] names it (an error when any of its points does not
+    /// parse).
+    pub fn for_member(member: u64) -> crate::Result<Option<Pause>> {
+        let Some(specs) = hook_value(PAUSE)? else {
+            return Ok(None);
+        };
+        let points = specs.split(';').map(Pause::parse).collect::<crate::Result<Vec<_>>>()?;
+        Ok(points
+            .into_iter()
+            .find(|pause| pause.member.is_none_or(|m| m == member)))
     }
 
-    /// One point of [`PAUSE`] (`None`: malformed).
-    fn parse(spec: &str) -> Option<Pause> {
-        let mut pause = Pause {
-            member: Some(u64::MAX),
-            step: u64::MAX,
-            phase: Phase::Forward,
-            file: PathBuf::new(),
-            action: Action::Hang,
-            epoch: None,
-            done: Arc::new(AtomicBool::new(false)),
+    /// One point of [`PAUSE`]: `member`, `step`, `phase` and `file` are required.
+    fn parse(spec: &str) -> crate::Result<Pause> {
+        let bad = || {
+            malformed(
+                PAUSE,
+                spec,
+                "member=M|any,step=N,phase=forward|backward|commit,file=F[,action=hang|kill|stop][,epoch=E]",
+            )
         };
+        let (mut member, mut step, mut phase, mut file) = (None, None, None, None);
+        let (mut action, mut epoch) = (Action::Hang, None);
         for part in spec.split(',') {
-            let (key, value) = part.split_once('=')?;
-            match key {
-                "member" if value == "any" => pause.member = None,
-                "member" => pause.member = Some(value.parse().ok()?),
-                "action" => {
-                    pause.action = match value {
-                        "hang" => Action::Hang,
-                        "kill" => Action::Kill,
-                        "stop" => Action::Stop,
-                        _ => return None,
-                    }
-                }
-                "step" => pause.step = value.parse().ok()?,
-                "phase" => {
-                    pause.phase = match value {
-                        "forward" => Phase::Forward,
-                        "backward" => Phase::Backward,
-                        "commit" => Phase::Commit,
-                        _ => return None,
-                    }
-                }
-                "file" => pause.file = PathBuf::from(value),
-                "epoch" => pause.epoch = Some(value.parse().ok()?),
-                _ => return None,
+            match part.split_once('=').ok_or_else(bad)? {
+                ("member", "any") => member = Some(None),
+                ("member", v) => member = Some(Some(v.parse().map_err(|_| bad())?)),
+                ("action", "hang") => action = Action::Hang,
+                ("action", "kill") => action = Action::Kill,
+                ("action", "stop") => action = Action::Stop,
+                ("step", v) => step = Some(v.parse().map_err(|_| bad())?),
+                ("phase", "forward") => phase = Some(Phase::Forward),
+                ("phase", "backward") => phase = Some(Phase::Backward),
+                ("phase", "commit") => phase = Some(Phase::Commit),
+                ("file", v) if !v.is_empty() => file = Some(PathBuf::from(v)),
+                ("epoch", v) => epoch = Some(v.parse().map_err(|_| bad())?),
+                _ => return Err(bad()),
             }
         }
-        Some(pause)
+        Ok(Pause {
+            member: member.ok_or_else(bad)?,
+            step: step.ok_or_else(bad)?,
+            phase: phase.ok_or_else(bad)?,
+            file: file.ok_or_else(bad)?,
+            action,
+            epoch,
+            done: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// Stop here (for ever) if `packet`, arriving in `epoch`, is the hook's point.
@@ -247,19 +266,23 @@ impl Pause {
     }
 }
 
-/// The parsed [`MEMBERS_AT`]: `(step, members)`.
-pub fn members_at() -> Vec<(u64, usize)> {
-    std::env::var(MEMBERS_AT)
-        .ok()
-        .map(|spec| {
-            spec.split(',')
-                .filter_map(|p| {
-                    let (s, m) = p.split_once(':')?;
-                    Some((s.trim().parse().ok()?, m.trim().parse().ok()?))
-                })
-                .collect()
+/// The parsed [`MEMBERS_AT`]: `(step, members)` (empty when unset; an error when it does not
+/// parse).
+pub fn members_at() -> crate::Result<Vec<(u64, usize)>> {
+    let Some(spec) = hook_value(MEMBERS_AT)? else {
+        return Ok(Vec::new());
+    };
+    steps_and_members(&spec).ok_or_else(|| malformed(MEMBERS_AT, &spec, "STEP:MEMBERS[,STEP:MEMBERS...]"))
+}
+
+/// `N:M,...` as `[(N, M), ...]` (`None`: anything else).
+fn steps_and_members(spec: &str) -> Option<Vec<(u64, usize)>> {
+    spec.split(',')
+        .map(|p| {
+            let (s, m) = p.split_once(':')?;
+            Some((s.trim().parse().ok()?, m.trim().parse().ok()?))
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// `step=N,block=B,expert=E[,moment=forward|backward][,kind=error|panic]`: the Expert actor of
@@ -314,4 +337,47 @@ pub fn expert_fault() -> crate::Result<crate::chaos::FaultPlan> {
         )
     });
     Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every hook refuses what it cannot read (it used to skip it, so that a test's hook did
+    /// nothing: the test timed out, or passed without testing anything).
+    #[test]
+    fn hooks_parse_their_forms_and_nothing_else() {
+        assert_eq!(member_and_step("member=2,step=7"), Some((2, 7)));
+        for bad in [
+            "member=2",
+            "step=7",
+            "member=2,step=x",
+            "member=2;step=7",
+            "member=2,step=7,at=1",
+            "",
+        ] {
+            assert_eq!(member_and_step(bad), None, "{bad:?}");
+        }
+        assert_eq!(steps_and_members("5:3, 12:2"), Some(vec![(5, 3), (12, 2)]));
+        for bad in ["5", "5:3,", "5:x", "5-3"] {
+            assert_eq!(steps_and_members(bad), None, "{bad:?}");
+        }
+        let pause = Pause::parse("member=any,step=3,phase=commit,file=/tmp/f,action=stop,epoch=2").expect("parses");
+        assert_eq!(
+            (pause.member, pause.step, pause.phase, pause.action, pause.epoch),
+            (None, 3, Phase::Commit, Action::Stop, Some(2))
+        );
+        for bad in [
+            "member=1,step=3,phase=fwd,file=/tmp/f",
+            "member=1,step=3,phase=forward",
+            "member=1,phase=forward,file=/tmp/f",
+            "step=3,phase=forward,file=/tmp/f",
+            "member=1,step=3,phase=forward,file=",
+            "member=1,step=3,phase=forward,file=/tmp/f,action=sleep",
+            "member=1,step=3,phase=forward,file=/tmp/f,when=now",
+        ] {
+            let err = Pause::parse(bad).expect_err(bad).to_string();
+            assert!(err.contains(PAUSE) && err.contains("expected member="), "{bad}: {err}");
+        }
+    }
 }

@@ -378,7 +378,7 @@ impl ElasticRuntime {
             committed,
             stats: MembershipStats::default(),
             relinks: 0,
-            members_at: hooks::members_at(),
+            members_at: hooks::members_at()?,
             copying: None,
             last_plan: None,
             took_part: std::collections::BTreeSet::new(),

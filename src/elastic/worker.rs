@@ -432,13 +432,13 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
     }
     let endpoint = quic::data_plane_endpoint(socket, &identity)?;
 
-    let pause = Pause::for_member(member);
+    let pause = Pause::for_member(member)?;
     let (cut_tx, mut cut_rx) = tokio::sync::mpsc::unbounded_channel::<WorkerId>();
     let codec = Arc::new(WireCodec {
         shapes: Mutex::new(std::collections::BTreeMap::new()),
         pause: pause.clone(),
-        corrupt: Corrupt::for_member(member).map(Mutex::new),
-        cut: CutLink::for_member(member).map(|hook| (Mutex::new(hook), cut_tx)),
+        corrupt: Corrupt::for_member(member)?.map(Mutex::new),
+        cut: CutLink::for_member(member)?.map(|hook| (Mutex::new(hook), cut_tx)),
     });
     let plane = DataPlane::new(endpoint, ticket.token.clone(), codec.clone())?;
     if config.train.same_host {

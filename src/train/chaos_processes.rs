@@ -682,11 +682,11 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
     let digest = corpus.digest();
     let text = corpus.train;
     let logs = dir.join("workers");
-    // The fault hook names its file in a variable of `,`- and `;`-separated fields.
-    if logs.to_string_lossy().contains([',', ';']) {
+    // The fault hook names its file in a variable of `,`- and `;`-separated text fields.
+    if logs.to_str().is_none_or(|l| l.contains([',', ';'])) {
         return Err(Error::config(format!(
-            "the chaos run's directory {} holds a ',' or ';', which the worker processes' fault hook cannot \
-             carry: choose another --run-dir",
+            "the chaos run's directory {} holds a ',' or ';', or is not UTF-8, which the worker processes' \
+             fault hook cannot carry: choose another --run-dir",
             dir.display()
         )));
     }
