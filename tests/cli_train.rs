@@ -313,7 +313,7 @@ fn a_new_run_never_takes_over_a_folder_of_other_files_or_a_finished_run() {
         &["chaos", "--scenario", scenario, "--run-dir", "r", "--steps", "8"],
         Duration::from_secs(60),
     );
-    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(status.code(), Some(4), "no verdict: {err}");
     assert!(err.contains("already holds a run with checkpoints"), "{err}");
     assert_eq!(newest_checkpoint(&tmp.path().join("r")), before);
 }
@@ -766,7 +766,7 @@ fn progress_lines_without_a_terminal() {
         let mut line = vec!["chaos", "--scenario", scenario, "--run-dir", "chaos"];
         line.extend_from_slice(flag);
         let (status, _, err) = run(tmp.path(), &line, Duration::from_secs(60));
-        assert_eq!(status.code(), Some(1), "{flag:?}: {err}");
+        assert_eq!(status.code(), Some(4), "{flag:?}: {err}");
         assert!(err.contains(&format!("{} does not apply", flag[0])), "{flag:?}: {err}");
     }
     assert!(!tmp.path().join("chaos").exists());
@@ -1574,7 +1574,16 @@ fn chaos_refuses_what_its_run_would_refuse_before_making_its_directory() {
     )
     .expect("scenario");
     let s = scenario.to_str().expect("path");
-    let cases: [(&[&str], &str); 6] = [
+    // Its text read by both runs: a pipe is refused (a second open of a named pipe waited for ever).
+    let fifo = tmp.path().join("text.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().expect("utf-8 path")).expect("path");
+    // SAFETY: mkfifo(3) on a NUL-terminated path the test owns.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let cases: [(&[&str], &str); 9] = [
+        (&["--data", "text.fifo"], "--data text.fifo is a pipe"),
+        // A usage error: not clap's 2, which is a verdict of chaos ("stopped").
+        (&["--steps", "x"], "invalid value 'x'"),
+        (&["--no-such-flag"], "--no-such-flag"),
         (&["--d-model", "65536", "--heads", "4"], "GiB"),
         (&["--min-workers", "1"], "--min-workers does not apply"),
         (&["--join-wait", "5"], "--join-wait does not apply"),
@@ -1594,7 +1603,7 @@ fn chaos_refuses_what_its_run_would_refuse_before_making_its_directory() {
         }
         argv.extend_from_slice(extra);
         let (status, _, err) = run_in_dir(tmp.path(), &argv);
-        assert_eq!(status.code(), Some(1), "{extra:?}: {err}");
+        assert_eq!(status.code(), Some(4), "{extra:?}: {err}");
         assert!(err.contains(want), "{extra:?}: {err}");
         assert!(!run.exists(), "{extra:?}: a refused chaos run made its directory");
     }
@@ -1623,6 +1632,36 @@ fn chaos_refuses_what_its_run_would_refuse_before_making_its_directory() {
         kept.starts_with("# my notes"),
         "the user's config was overwritten: {kept}"
     );
+    // A --config that does not set train.steps leaves them at the chaos run's 20 (it ran the
+    // config's default 5,000, twice).
+    std::fs::write(tmp.path().join("workers.toml"), "[train]\nworkers = 2\n").expect("config");
+    let small = [
+        "--d-model",
+        "32",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--d-ff",
+        "64",
+        "--block-size",
+        "16",
+        "--batch",
+        "8",
+    ];
+    let mut argv = vec![
+        "chaos",
+        "--scenario",
+        s,
+        "--run-dir",
+        "from-config",
+        "--config",
+        "workers.toml",
+    ];
+    argv.extend_from_slice(&small);
+    let (status, _, err) = run_in_dir(tmp.path(), &argv);
+    assert!(err.contains("; 20 steps on 2 workers"), "{err}");
+    assert_eq!(status.code(), Some(0), "{err}");
 }
 
 #[test]

@@ -36,12 +36,13 @@ pub struct ChaosArgs {
 
 /// The training options a chaos run refuses (the ids of [`TrainArgs::chaos_refusal`]'s flags, and
 /// `--allow-data-change`, which needs `--resume`).
-const REFUSED: [&str; 15] = [
+const REFUSED: [&str; 16] = [
     "resume",
     "allow_data_change",
     "listen",
     "identity",
     "min_workers",
+    "join_wait",
     "metrics_addr",
     "time_budget",
     "print_config",
@@ -67,7 +68,7 @@ const CHAOS_RUN_DIR_HELP: &str = "Run directory for the report, both runs' state
 runs/chaos-YYYYMMDD-HHMMSS, UTC). One process at a time: a directory in use is refused";
 
 const CHAOS_AFTER_HELP: &str = "The job runs on the in-process actor runtime (--workers, default from the config; \
-without --steps or --config it runs 20 steps); with --processes N it runs on N `semoe worker` processes started \
+without --steps, or a --config that sets train.steps, it runs 20 steps); with --processes N it runs on N `semoe worker` processes started \
 here (127.0.0.1, ports from the OS, their logs under the run directory's workers/), the scenario holds process \
 faults (kill, stop, leave, join) and link faults between the processes (drop, duplicate, delay, reorder, corrupt, \
 partition; from and to are worker indices of the epoch that first runs the step), and the undisturbed run uses N \
@@ -77,8 +78,14 @@ the disturbed run's checkpoints under its checkpoints/. Exit status: 0 when the 
 state are bitwise equal to the undisturbed run's and every scripted fault (an entry with `step`) fired; 3 when the \
 state is bitwise equal but a scripted fault never fired (nothing was tested by it: the output names it); 2 when the \
 disturbed run stopped with an error (the report names it); 1 when the state differs or the scenario's deadline \
-expired. With --soak: 1 when any seed differs, expired or could not run; else 2 when no seed ended bitwise equal \
-(every one stopped with an error); else 0.";
+expired; 4 when no verdict could be reached (a bad scenario, config or flag, a run directory in use, a failure \
+outside the two runs). With --soak: 1 when any seed differs, expired or could not run; else 2 when no seed ended \
+bitwise equal (every one stopped with an error); else 0 (4 as above).";
+
+/// The exit status of a chaos run that reached no verdict: the scenario, the config or a flag was
+/// refused, its directory was in use, or something outside the two runs failed. (The statuses 1
+/// to 3 are verdicts; a usage error of the command line exits with this one too.)
+pub const COULD_NOT_RUN: u8 = 4;
 
 pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     if let Some(flag) = a.train.chaos_refusal() {
@@ -94,7 +101,7 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
             "semoe chaos runs its job on the CPU: the config's train.device = \"cuda\" does not apply",
         ));
     }
-    if !a.train.sets_steps() {
+    if !a.train.sets_steps()? {
         config.train.steps = DEFAULT_STEPS;
     }
     // A config file written for `semoe train` may set what a chaos run does not do: said, since
@@ -114,6 +121,7 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
         ("train.time_budget_s", config.train.time_budget_s != d.time_budget_s),
         // Over processes the run waits for all of its own; in process there is nobody to wait for.
         ("train.min_workers", config.train.min_workers != d.min_workers),
+        ("train.join_wait_s", config.train.join_wait_s != d.join_wait_s),
     ]
     .into_iter()
     .filter_map(|(key, set)| set.then_some(key))
@@ -127,6 +135,20 @@ pub fn run(a: &ChaosArgs) -> semoe::Result<ExitCode> {
     }
     config.train.time_budget_s = 0.0;
     config.validate()?;
+    // Both runs (and every seed of a soak, every worker process) read the text: a pipe gives it
+    // once, and a second open of a named pipe waits for ever.
+    if let Some(data) = config
+        .train
+        .data
+        .as_deref()
+        .filter(|d| semoe::train::trainer::is_pipe(d))
+    {
+        return Err(semoe::Error::config(format!(
+            "--data {} is a pipe, which can be read once, and a chaos run reads its text more than once (the \
+             disturbed and the undisturbed run): write the text to a file",
+            data.display()
+        )));
+    }
     // Everything the run would refuse, refused before its directory is made or written.
     if let Some(seeds) = a.soak {
         if seeds == 0 || scenario.seed.checked_add(seeds).is_none() {
@@ -380,8 +402,10 @@ fn soak(config: &semoe::train::TrainConfig, scenario: &Scenario, seeds: u64, dir
     })
 }
 
-fn write(path: &PathBuf, text: &str) -> semoe::Result<()> {
-    std::fs::write(path, text).map_err(|e| semoe::Error::io("cannot write", path, e))
+/// Write a file of the run directory whole or not at all (a rerun in an earlier chaos run's
+/// directory replaces its report: a crash or a full disk mid-write leaves the old one).
+fn write(path: &Path, text: &str) -> semoe::Result<()> {
+    semoe::storage::checkpoint::write_file_durably(path, text.as_bytes())
 }
 
 #[cfg(test)]

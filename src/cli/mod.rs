@@ -69,11 +69,26 @@ pub fn print_json(report: &impl serde::Serialize) -> semoe::Result<()> {
 
 /// Parse the command line (exiting with clap's message on a usage error).
 pub fn parse() -> Cli {
-    let matches = train::with_config_defaults(Cli::command()).get_matches();
+    let matches = match train::with_config_defaults(Cli::command()).try_get_matches() {
+        Ok(m) => m,
+        Err(e) => refuse_usage(e),
+    };
     match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
-        Err(e) => e.exit(),
+        Err(e) => refuse_usage(e),
     }
+}
+
+/// Print a command-line error and exit: with clap's status (2), or for `semoe chaos`, whose 2 means
+/// "the disturbed run stopped with an error", with [`chaos::COULD_NOT_RUN`].
+fn refuse_usage(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    let shown = matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion);
+    if !shown && std::env::args_os().nth(1).is_some_and(|c| c == "chaos") {
+        let _ = e.print();
+        std::process::exit(chaos::COULD_NOT_RUN.into());
+    }
+    e.exit()
 }
 
 /// Run the command the user gave.
@@ -85,7 +100,13 @@ pub fn run(cli: Cli) -> semoe::Result<ExitCode> {
         Command::Eval(a) => eval::run(&a)?,
         Command::Runs(a) => runs::run(&a)?,
         Command::Bench(b) => bench::run(b)?,
-        Command::Chaos(a) => return chaos::run(&a),
+        // Its exit statuses 1 to 3 are verdicts: an error that kept it from judging has its own.
+        Command::Chaos(a) => {
+            return Ok(chaos::run(&a).unwrap_or_else(|e| {
+                semoe::say!("error: {e}");
+                ExitCode::from(chaos::COULD_NOT_RUN)
+            }))
+        }
         Command::Worker(a) => return worker::run(&a),
         Command::Ticket(a) => worker::ticket(&a)?,
     }
@@ -120,6 +141,7 @@ mod tests {
             "allow-data-change",
             "listen",
             "identity",
+            "join-wait",
             "metrics-addr",
             "time-budget",
             "print-config",

@@ -209,9 +209,15 @@ impl TrainArgs {
         .map(|(_, flag)| flag)
     }
 
-    /// Whether the steps come from a flag or a config file.
-    pub fn sets_steps(&self) -> bool {
-        self.steps.is_some() || self.config.is_some()
+    /// Whether the steps come from a flag or a config file that sets `train.steps` (one that does
+    /// not leaves them to the command's default).
+    pub fn sets_steps(&self) -> semoe::Result<bool> {
+        if self.steps.is_some() {
+            return Ok(true);
+        }
+        let Some(path) = &self.config else { return Ok(false) };
+        let (_, keys) = TrainConfig::from_file_with_keys(path)?;
+        Ok(sets_train_steps(&keys))
     }
 
     /// The --run-dir given.
@@ -368,6 +374,13 @@ pub fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
 
 /// [`resolve_config`] before its validation: for a command that adjusts the config first (and
 /// validates it then).
+/// Whether a config file's keys (see [`TrainConfig::from_file_with_keys`]) set `train.steps`.
+fn sets_train_steps(keys: &toml::Table) -> bool {
+    keys.get("train")
+        .and_then(|t| t.as_table())
+        .is_some_and(|t| t.contains_key("steps"))
+}
+
 pub fn resolve_config_unchecked(a: &TrainArgs) -> semoe::Result<TrainConfig> {
     let mut c = match &a.config {
         Some(path) => TrainConfig::from_file(path)?,
@@ -544,11 +557,7 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         // The file's train.steps applies only where the file sets it and no time budget: a budget
         // chose the run's steps when it started (recorded in its config), and the file's own
         // count (or the default, where it sets none) was never the run's.
-        let file_sets_steps = file.as_ref().is_some_and(|(_, keys)| {
-            keys.get("train")
-                .and_then(|t| t.as_table())
-                .is_some_and(|t| t.contains_key("steps"))
-        });
+        let file_sets_steps = file.as_ref().is_some_and(|(_, keys)| sets_train_steps(keys));
         let file_steps_apply = file_sets_steps && file.as_ref().is_some_and(|(f, _)| f.train.time_budget_s <= 0.0);
         if let Some((f, _)) = &file {
             let recorded = TrainConfig::from_file(&dir.join("config.toml")).ok();
