@@ -338,19 +338,30 @@ impl Gpu {
         if p.m == 0 || p.n == 0 || p.batch == 0 {
             return Ok(());
         }
-        let need = |rows: usize, cols: usize| p.batch * rows * cols;
-        for (what, have, want) in [
-            ("A", DeviceSlice::len(a), need(p.m, p.k)),
-            ("B", DeviceSlice::len(b), need(p.k, p.n)),
-            ("C", DeviceSlice::len(c), need(p.m, p.n)),
+        let shape = || format!("GPU product {}x{}x{} (batch {})", p.m, p.n, p.k, p.batch);
+        // Checked: a wrapped product would pass the length check below and let cuBLAS run past
+        // the allocations.
+        let elements = |rows: usize, cols: usize| {
+            rows.checked_mul(cols)
+                .ok_or_else(|| Error::shape(shape(), "an operand's size overflows"))
+        };
+        let (a_len, b_len, c_len) = (elements(p.m, p.k)?, elements(p.k, p.n)?, elements(p.m, p.n)?);
+        for (what, have, each) in [
+            ("A", DeviceSlice::len(a), a_len),
+            ("B", DeviceSlice::len(b), b_len),
+            ("C", DeviceSlice::len(c), c_len),
         ] {
+            let want = each
+                .checked_mul(p.batch)
+                .ok_or_else(|| Error::shape(shape(), "an operand's size overflows"))?;
             if have < want {
                 return Err(Error::shape(
-                    format!("GPU product {}x{}x{} (batch {})", p.m, p.n, p.k, p.batch),
+                    shape(),
                     format!("operand {what} has {have} elements, needs {want}"),
                 ));
             }
         }
+        let stride = |n: usize| i64::try_from(n).map_err(|_| Error::shape(shape(), "a stride overflows"));
         let op = |t: bool| {
             if t {
                 blas_sys::cublasOperation_t::CUBLAS_OP_T
@@ -373,9 +384,9 @@ impl Gpu {
         let cfg = StridedBatchedConfig {
             gemm,
             batch_size: int(p.batch, "batch")?,
-            stride_a: (p.k * p.n) as i64,
-            stride_b: (p.m * p.k) as i64,
-            stride_c: (p.m * p.n) as i64,
+            stride_a: stride(b_len)?,
+            stride_b: stride(a_len)?,
+            stride_c: stride(c_len)?,
         };
         let done = if self.precision == Precision::Bf16 {
             self.product_bf16(cfg, b, a, c)
