@@ -468,7 +468,10 @@ impl TrainConfig {
             )));
         }
         if !(t.time_limit_s.is_finite() && t.time_limit_s >= 0.0) {
-            return Err(Error::config("train.time_limit_s must be a non-negative number"));
+            return Err(Error::config(format!(
+                "train.time_limit_s (--time-limit) must be a non-negative number of seconds, got {}",
+                t.time_limit_s
+            )));
         }
         if !(t.time_budget_s.is_finite() && t.time_budget_s >= 0.0) {
             return Err(Error::config(format!(
@@ -725,7 +728,7 @@ impl std::str::FromStr for ExpertPlacement {
                 .map(ExpertPlacement::Explicit)
                 .map_err(|_| {
                     Error::config(format!(
-                        "placement must be \"round-robin\", \"blocked\" or a comma-separated worker per expert, got {list:?}"
+                        "train.placement (--placement) must be \"round-robin\", \"blocked\" or a comma-separated worker per expert, got {list:?}"
                     ))
                 }),
         }

@@ -887,6 +887,15 @@ fn bad_input_gets_clear_messages() {
         (&["bench", "ring", "--tokens", "0"], "must be at least 1"),
         (&["bench", "ring", "--batch", "0"], "must be at least 1"),
         (&["bench", "storage", "--steps", "0"], "must be at least 1"),
+        (
+            &["bench", "storage", "--io-threads", "0"],
+            "--io-threads must be between 1 and 256, got 0",
+        ),
+        (
+            &["train", "--time-limit", "-1"],
+            "train.time_limit_s (--time-limit) must be a non-negative",
+        ),
+        (&["train", "--placement", "x"], "train.placement (--placement) must be"),
         (&["bench", "runtime", "--steps", "0"], "must be at least 1"),
         (
             // Collectives chosen for no engine: the bench would measure without them.

@@ -389,6 +389,20 @@ pub fn storage_bench(a: &StorageBenchArgs) -> semoe::Result<()> {
     .into_iter()
     .map(|(name, storage)| bench::StorageVariant { name, storage })
     .collect::<Vec<_>>();
+    // Every variant's settings checked before the disk is measured (a minute of it), and named by
+    // this bench's flag.
+    if a.io_threads == 0 || a.io_threads > semoe::config::MAX_IO_THREADS {
+        return Err(semoe::Error::config(format!(
+            "--io-threads must be between 1 and {}, got {}",
+            semoe::config::MAX_IO_THREADS,
+            a.io_threads
+        )));
+    }
+    for v in &variants {
+        let mut checked = c.clone();
+        checked.storage = v.storage.clone();
+        checked.validate()?;
+    }
     let dir = a.dir.clone().unwrap_or_else(bench::default_disk_dir);
     if let Some(kind) = bench::memory_filesystem(&dir) {
         semoe::say!(
