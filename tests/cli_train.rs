@@ -1518,6 +1518,18 @@ fn a_run_without_its_config_resumes_from_the_checkpoints_record() {
         "{err}"
     );
     std::fs::remove_file(&config).expect("lose the rebuilt config again");
+    // --print-config prints the recorded config and writes nothing.
+    let (status, out, err) = run(
+        tmp.path(),
+        &["train", "--resume", "--run-dir", "r", "--print-config"],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    assert!(err.contains("is missing: printing the config checkpoint"), "{err}");
+    let printed: semoe::train::TrainConfig = toml::from_str(&out).expect("the printed config");
+    let original: semoe::train::TrainConfig = toml::from_str(&recorded).expect("a config");
+    assert_eq!(printed.to_toml().expect("toml"), original.to_toml().expect("toml"));
+    assert!(!config.exists(), "--print-config wrote the config");
     // `semoe runs` lists it all the same, with its checkpoint's figures: lines a crash left
     // after the checkpoint (done again by the resume) are not its figures.
     let (ckpt_step, _, _) = newest_checkpoint(&tmp.path().join("r"));

@@ -620,17 +620,29 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
         };
         let overlay_ok = || overlay_failed.borrow_mut().take().map_or(Ok(()), Err);
         let config_path = dir.join("config.toml");
-        if !config_path.is_file() && !semoe::storage::checkpoint::step_dirs(&dir)?.is_empty() {
-            // Lost: rebuilt from the newest checkpoint first, so that the flags are checked
-            // against the run's own config below (and --print-config prints it).
-            let notice = semoe::train::trainer::rebuild_config(&dir)?;
-            semoe::say!("warning: {notice}");
-        }
+        let lost = !config_path.is_file() && !semoe::storage::checkpoint::step_dirs(&dir)?.is_empty();
         if a.print_config {
-            let (config, _) = semoe::train::trainer::resumed_config(&dir, &options, adjust)?;
+            // Printed, and nothing written: a lost config is rebuilt in memory only.
+            let (config, _) = if lost {
+                let (recorded, ckpt) = semoe::train::trainer::config_of_newest_checkpoint(&dir)?;
+                semoe::say!(
+                    "warning: {} is missing: printing the config checkpoint {} records (a resume writes it back)",
+                    config_path.display(),
+                    ckpt.display()
+                );
+                semoe::train::trainer::resumed_config_from(recorded, &options, adjust)?
+            } else {
+                semoe::train::trainer::resumed_config(&dir, &options, adjust)?
+            };
             overlay_ok()?;
             semoe::console::write_stdout(&config.to_toml()?, "the config")?;
             return Ok(ExitCode::SUCCESS);
+        }
+        if lost {
+            // Lost: rebuilt from the newest checkpoint first, so that the flags are checked
+            // against the run's own config below.
+            let notice = semoe::train::trainer::rebuild_config(&dir)?;
+            semoe::say!("warning: {notice}");
         }
         if config_path.is_file() {
             // Flags the resumed run would ignore are refused as on a fresh start, before anything

@@ -158,8 +158,16 @@ pub fn resumed_config(
     options: &ResumeOptions,
     adjust: impl FnOnce(&mut TrainConfig),
 ) -> Result<(TrainConfig, Vec<String>)> {
-    let config_path = run_dir.join("config.toml");
-    let recorded = TrainConfig::from_file(&config_path)?;
+    let recorded = TrainConfig::from_file(&run_dir.join("config.toml"))?;
+    resumed_config_from(recorded, options, adjust)
+}
+
+/// [`resumed_config`] of the run whose recorded config is `recorded`.
+pub fn resumed_config_from(
+    recorded: TrainConfig,
+    options: &ResumeOptions,
+    adjust: impl FnOnce(&mut TrainConfig),
+) -> Result<(TrainConfig, Vec<String>)> {
     let mut config = recorded.clone();
     adjust(&mut config);
     if let Some(steps) = options.steps {
@@ -1370,6 +1378,18 @@ pub fn rebuild_config(run_dir: &Path) -> Result<String> {
     let config_path = run_dir.join("config.toml");
     let _lock = RunDirLock::acquire(run_dir)?;
     checkpoint::restore_replaced(run_dir)?;
+    let (config, ckpt_dir) = config_of_newest_checkpoint(run_dir)?;
+    checkpoint::write_file_durably(&config_path, config.to_toml()?.as_bytes())?;
+    Ok(format!(
+        "{} was missing: rebuilt from the config checkpoint {} records",
+        config_path.display(),
+        ckpt_dir.display()
+    ))
+}
+
+/// The config the newest intact checkpoint of `run_dir` records, and that checkpoint, read and
+/// nothing written (what [`rebuild_config`] writes; `--resume --print-config` prints it).
+pub fn config_of_newest_checkpoint(run_dir: &Path) -> Result<(TrainConfig, PathBuf)> {
     let resolved = checkpoint::newest_intact(run_dir)?;
     let ckpt = resolved.checkpoint.ok_or_else(|| {
         Error::config(format!(
@@ -1384,13 +1404,7 @@ pub fn rebuild_config(run_dir: &Path) -> Result<String> {
             ckpt.dir.display()
         )));
     }
-    let config = checkpoint_config(&ckpt)?;
-    checkpoint::write_file_durably(&config_path, config.to_toml()?.as_bytes())?;
-    Ok(format!(
-        "{} was missing: rebuilt from the config checkpoint {} records",
-        config_path.display(),
-        ckpt.dir.display()
-    ))
+    Ok((checkpoint_config(&ckpt)?, ckpt.dir))
 }
 
 /// The training config recorded in a checkpoint's manifest.
