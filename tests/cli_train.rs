@@ -896,6 +896,21 @@ fn bad_input_gets_clear_messages() {
             "train.time_limit_s (--time-limit) must be a non-negative",
         ),
         (&["train", "--placement", "x"], "train.placement (--placement) must be"),
+        (&["train", "--layers", "100000"], "model.n_layer must be at most 65536"),
+        (
+            &[
+                "train",
+                "--experts",
+                "10000000",
+                "--d-model",
+                "1048576",
+                "--heads",
+                "1",
+                "--d-ff",
+                "1048576",
+            ],
+            "is too large for the experts' weights",
+        ),
         (&["bench", "runtime", "--steps", "0"], "must be at least 1"),
         (
             // Collectives chosen for no engine: the bench would measure without them.
@@ -1076,7 +1091,7 @@ fn absurd_values_are_refused_before_anything_starts() {
                 "--run-dir",
                 "r",
             ],
-            "this config needs about",
+            "is too large for the experts' weights",
         ),
         (
             &["train", "--snapshot-every", "5", "--run-dir", "r"],

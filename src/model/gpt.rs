@@ -89,6 +89,9 @@ impl Default for GptConfig {
     }
 }
 
+/// The most transformer blocks a model may have.
+pub const MAX_LAYERS: usize = 1 << 16;
+
 impl GptConfig {
     /// Check the values; the error names the offending option.
     pub fn validate(&self) -> Result<()> {
@@ -112,6 +115,12 @@ impl GptConfig {
         if self.vocab > u32::MAX as usize {
             return Err(Error::config("model.vocab is too large"));
         }
+        if self.n_layer > MAX_LAYERS {
+            return Err(Error::config(format!(
+                "model.n_layer must be at most {MAX_LAYERS}, got {}",
+                self.n_layer
+            )));
+        }
         if self.has_moe() {
             // The MoE layer's messages name its own fields; here they are keys of [model].
             self.moe_config().validate().map_err(|e| match e {
@@ -119,7 +128,9 @@ impl GptConfig {
                 other => other,
             })?;
         }
-        Ok(())
+        // Every tensor's size computed checked: a config whose sizes overflow is refused by name
+        // here, before anything is allocated from it.
+        self.checked_tensor_shapes(self.n_layer).map(drop)
     }
 
     /// The sequence length of `seqs` equal sequences of tokens `idx`, checked against the context

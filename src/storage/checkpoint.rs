@@ -963,11 +963,13 @@ pub fn model_file_info(dir: &Path) -> Result<ModelFileInfo> {
 /// manifest semoe wrote.
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 
-/// Open a file of a checkpoint for reading, refusing anything but a regular file: a FIFO would
-/// block the open for ever, a device (a link to `/dev/zero`) would be read without end.
+/// Open a file of a checkpoint for reading, refusing a FIFO (its open would block for ever), a
+/// device (a link to `/dev/zero` would be read without end) or a socket: a checkpoint holds
+/// regular files. (A directory in a file's place fails its read, as an I/O error.)
 pub fn open_checkpoint_file(path: &Path) -> io::Result<File> {
-    let meta = fs::metadata(path)?;
-    if !meta.is_file() {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = fs::metadata(path)?.file_type();
+    if kind.is_fifo() || kind.is_char_device() || kind.is_block_device() || kind.is_socket() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "not a regular file (a checkpoint holds only regular files)",

@@ -81,6 +81,18 @@ impl MoeConfig {
         if self.experts > u32::MAX as usize / 2 {
             return Err(Error::config(format!("experts ({}) is too large", self.experts)));
         }
+        // The experts' weights are one tensor of experts x d_model x d_ff floats: a size that
+        // overflows (or no allocation could hold) is refused here, not by a panic or an abort.
+        let floats = [self.experts, self.d_model, self.d_ff]
+            .iter()
+            .try_fold(1usize, |n, &x| n.checked_mul(x))
+            .filter(|&n| n <= isize::MAX as usize / 4);
+        if floats.is_none() {
+            return Err(Error::config(format!(
+                "experts x d_model x d_ff ({} x {} x {}) is too large for the experts' weights",
+                self.experts, self.d_model, self.d_ff
+            )));
+        }
         if self.k == 0 || self.k > self.experts {
             return Err(Error::config(format!(
                 "k (experts per token) must be between 1 and the number of experts ({}), got {}",
