@@ -729,18 +729,13 @@ fn workers_join_and_leave_at_step_boundaries() {
     }
 }
 
-/// Every worker leaving while the coordinator goes on (SIGTERM to each; a Deployment scaled to
-/// zero): the coordinator reads the state they hold, lets them go at once, waits `--join-wait`
-/// for a joiner, then stops with a checkpoint of that state (exit 75). It used to wait 120 s and
-/// end with an error, losing every step since the last checkpoint. A resume with new workers ends
-/// bitwise where the uninterrupted run does.
-#[test]
-fn every_worker_leaving_stops_the_run_with_their_state_checkpointed() {
-    let dir = TempDir::new("elastic-all-leave");
-    let want = reference(dir.path(), 20, &[]);
-    let (mut coord, ticket) = listening_coordinator_with(dir.path(), "2", "5:0", &["--join-wait", "3"]);
-    let mut w1 = worker(dir.path(), "w1", &ticket);
-    let mut w2 = worker(dir.path(), "w2", &ticket);
+/// A coordinator listening for 2 workers whose both workers leave (SIGTERM to each) before step
+/// 5, waiting `join_wait` seconds for another; both leavers checked to exit 0, told their state is
+/// kept.
+fn every_worker_leaves_at_step_5(dir: &Path, join_wait: &str) -> Proc {
+    let (mut coord, ticket) = listening_coordinator_with(dir, "2", "5:0", &["--join-wait", join_wait]);
+    let mut w1 = worker(dir, "w1", &ticket);
+    let mut w2 = worker(dir, "w2", &ticket);
     coord.wait_for("holding before step 5", Duration::from_secs(60));
     w1.signal(libc::SIGTERM);
     w2.signal(libc::SIGTERM);
@@ -749,19 +744,34 @@ fn every_worker_leaving_stops_the_run_with_their_state_checkpointed() {
         let log = w.log();
         assert!(status.success(), "a leaving worker exits 0: {status}; {log}");
         assert!(
-            log.contains("left at step 5; its state is kept by the coordinator"),
+            log.contains("left at step 5; its state is the coordinator's to keep"),
             "{log}"
         );
     }
+    coord
+}
+
+/// Every worker leaving while the coordinator goes on (SIGTERM to each; a Deployment scaled to
+/// zero): the coordinator reads the state they hold, lets them go at once, waits `--join-wait`
+/// for a joiner, then stops with a checkpoint of that state (exit 75). It used to wait 120 s and
+/// end with an error, losing every step since the last checkpoint. A resume with new workers ends
+/// bitwise where the uninterrupted run does. A stop asked while it waits (a pod's SIGTERM) ends
+/// the wait at once, with the same checkpoint.
+#[test]
+fn every_worker_leaving_stops_the_run_with_their_state_checkpointed() {
+    let dir = TempDir::new("elastic-all-leave");
+    let want = reference(dir.path(), 20, &[]);
+    let mut coord = every_worker_leaves_at_step_5(dir.path(), "10");
     let status = coord.wait(Duration::from_secs(60));
     let log = coord.log();
     assert_eq!(status.code(), Some(75), "{log}");
     assert!(log.contains("no workers left at step 5"), "{log}");
     assert!(
-        log.contains("every worker left and none joined within 3 s: stopped at step 5 of 20"),
+        log.contains("none joined within 10 s: the run stopped with the state of step 5 (of 20)"),
         "{log}"
     );
     assert_eq!(membership(&log), (0, 2, 0), "{log}");
+    assert!(log.contains("0 workers at the end"), "{log}");
     // --checkpoint-every 0 (SMALL): the one checkpoint is the stop's.
     let run = dir.path().join("run");
     let ckpt = semoe::storage::checkpoint::latest(&run)
@@ -776,6 +786,19 @@ fn every_worker_leaving_stops_the_run_with_their_state_checkpointed() {
     );
     assert!(resumed.wait(Duration::from_secs(120)).success(), "{}", resumed.log());
     assert_same_state(&want, &state_files(&run, 20), "every worker left at step 5, resumed");
+
+    let stopped = TempDir::new("elastic-all-leave-stopped");
+    let mut coord = every_worker_leaves_at_step_5(stopped.path(), "600");
+    coord.wait_for("no workers left at step 5", Duration::from_secs(30));
+    coord.signal(libc::SIGTERM);
+    let status = coord.wait(Duration::from_secs(30));
+    let log = coord.log();
+    assert_eq!(status.code(), Some(143), "{log}");
+    assert!(log.contains("stopped by SIGTERM after step 5"), "{log}");
+    let ckpt = semoe::storage::checkpoint::latest(&stopped.path().join("run"))
+        .expect("list the checkpoints")
+        .expect("a checkpoint written at the stop");
+    assert!(ckpt.ends_with("checkpoints/step-00000005"), "{ckpt:?}");
 }
 
 #[test]

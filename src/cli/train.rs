@@ -372,8 +372,6 @@ pub fn resolve_config(a: &TrainArgs) -> semoe::Result<TrainConfig> {
     Ok(c)
 }
 
-/// [`resolve_config`] before its validation: for a command that adjusts the config first (and
-/// validates it then).
 /// Whether a config file's keys (see [`TrainConfig::from_file_with_keys`]) set `train.steps`.
 fn sets_train_steps(keys: &toml::Table) -> bool {
     keys.get("train")
@@ -381,6 +379,8 @@ fn sets_train_steps(keys: &toml::Table) -> bool {
         .is_some_and(|t| t.contains_key("steps"))
 }
 
+/// [`resolve_config`] before its validation: for a command that adjusts the config first (and
+/// validates it then).
 pub fn resolve_config_unchecked(a: &TrainArgs) -> semoe::Result<TrainConfig> {
     let mut c = match &a.config {
         Some(path) => TrainConfig::from_file(path)?,
@@ -833,22 +833,28 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
             c.train.time_limit_s, summary.steps, summary.planned_steps, summary.steps_run
         ),
         StopReason::Requested(signal) => semoe::say!(
-            "stopped by {} after step {} of {}; checkpoint written; continue with: {resume_hint}",
+            "stopped by {} after step {} of {}; the newest checkpoint is {}; continue with: {resume_hint}",
             signal_name(signal),
+            summary.steps,
+            summary.planned_steps,
+            summary.checkpoint.display()
+        ),
+        // The state the coordinator kept is of `summary.steps`: the committed step when the
+        // workers left, its last in-memory copy when they were lost.
+        StopReason::NoWorkers if summary.checkpoint.as_os_str().is_empty() => semoe::say!(
+            "every worker left or was lost, and none joined within {} s: the run stopped at step {} of {} with no \
+             checkpoint to continue from (start it again)",
+            c.train.join_wait_s,
             summary.steps,
             summary.planned_steps
         ),
         StopReason::NoWorkers => semoe::say!(
-            "every worker left and none joined within {} s: stopped at step {} of {}; {}; continue, once workers \
-             can join, with: {resume_hint}",
+            "every worker left or was lost, and none joined within {} s: the run stopped with the state of step {} \
+             (of {}); the newest checkpoint is {}; continue, once workers can join, with: {resume_hint}",
             c.train.join_wait_s,
             summary.steps,
             summary.planned_steps,
-            if summary.checkpoint.as_os_str().is_empty() {
-                "no checkpoint: no step was taken".to_string()
-            } else {
-                format!("the newest checkpoint is {}", summary.checkpoint.display())
-            }
+            summary.checkpoint.display()
         ),
         StopReason::Finished | StopReason::AlreadyFinished | StopReason::StopAt => {}
     }

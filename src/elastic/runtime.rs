@@ -235,6 +235,8 @@ pub struct ElasticRuntime {
     stats: MembershipStats,
     /// The test hook [`hooks::MEMBERS_AT`] (empty in a real run).
     members_at: Vec<(u64, usize)>,
+    /// Non-zero: the run is asked to stop (a waiting for workers ends at once).
+    stop: Arc<std::sync::atomic::AtomicUsize>,
     /// A copy of the committed state being read in the background (while the next steps run).
     copying: Option<tokio::task::JoinHandle<Result<SafeCopy>>>,
     /// The last epoch's members (by id, in worker order) and plan: the next plan moves as little
@@ -379,6 +381,7 @@ impl ElasticRuntime {
             stats: MembershipStats::default(),
             relinks: 0,
             members_at: hooks::members_at()?,
+            stop: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             copying: None,
             last_plan: None,
             took_part: std::collections::BTreeSet::new(),
@@ -409,6 +412,9 @@ impl ElasticRuntime {
     async fn wait_for(&self, n: usize) -> Result<()> {
         let since = Instant::now();
         loop {
+            if self.stop.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+                return Err(Error::runtime("the run was asked to stop while it waited for workers"));
+            }
             let ready = self
                 .cluster
                 .members()
@@ -533,6 +539,18 @@ impl ElasticRuntime {
         let epoch = self.current.as_ref()?;
         let (since, why) = self.cluster.link_lost(epoch.number)?;
         (since.elapsed() >= min_age && !self.lost_member()).then_some(why)
+    }
+
+    /// The flag that asks the run to stop: a wait for workers ends as soon as it is set (after
+    /// every worker left, the coordinator holds the only copy of the state: a second signal, or a
+    /// pod's SIGKILL after its grace period, must not find it still waiting).
+    pub fn set_stop_flag(&mut self, flag: Arc<std::sync::atomic::AtomicUsize>) {
+        self.stop = flag;
+    }
+
+    /// Whether an epoch is formed (none after every worker left or was lost and none joined).
+    pub fn has_epoch(&self) -> bool {
+        self.current.is_some()
     }
 
     /// Run one step to its commit, through any membership change.
@@ -815,6 +833,7 @@ impl ElasticRuntime {
                     self.safe = SafeCopy::Whole(Box::new(w.clone()));
                 }
                 self.dismiss_leavers().await;
+                self.stats.members = 0;
                 metrics::gauge!(names::MEMBERS).set(0.0);
                 crate::say!(
                     "semoe: no workers left at step {}; waiting up to {:.0} s for one to join",
@@ -921,9 +940,10 @@ impl ElasticRuntime {
                     self.stats.epoch = epoch_no;
                     // Newcomers that keep the epoch from forming (a wrong --advertise, a
                     // firewalled port) must not cost the run: one that took part in two failed
-                    // attempts is refused, and the members of before go on. Only beside members
-                    // of before: the first epoch's members are all new, and none is singled out.
-                    if members.iter().any(|m| m.status != Status::Waiting) {
+                    // attempts is refused, and the members of before go on (or, after every
+                    // worker left, the coordinator waits for another). Not in the first epoch:
+                    // its members are all new, and none is singled out.
+                    if members.iter().any(|m| m.status != Status::Waiting) || self.stats.epochs_formed > 0 {
                         for m in members.iter().filter(|m| m.status == Status::Waiting) {
                             let failed = failures.entry(m.id).or_insert(0u32);
                             *failed += 1;
@@ -1315,7 +1335,7 @@ impl ElasticRuntime {
                     let kept = if self.current.is_some() {
                         "moved to the other workers"
                     } else {
-                        "is kept by the coordinator"
+                        "is the coordinator's to keep"
                     };
                     format!("left at step {}; its state {kept}", self.committed)
                 } else {

@@ -132,10 +132,12 @@ pub struct Stats {
     pub step_started: Mutex<Option<Instant>>,
 }
 
-/// How long a decoder step may run before `/health` reports the server stalled: past the ring's
-/// own deadline for a weight read it waits on (2 minutes) with a
-/// margin, far beyond any step's work (one position of every sequence, or a prompt's prefill).
-pub const STALLED_AFTER: Duration = Duration::from_secs(180);
+/// How long a decoder step may run before `/health` reports the server stalled. A step is one
+/// position of every sequence (or a prompt's prefill); through a ring on a slow disk it may take
+/// minutes and still progress (the ring fails a read only after 2 minutes without any load
+/// finishing), so only a step far past anything that serves is called stalled: a read the decoder
+/// waits on itself that never returns, which no deadline can cut.
+pub const STALLED_AFTER: Duration = Duration::from_secs(15 * 60);
 
 /// How long `/health` reports a failed step: long enough for a probe to see it, short enough that
 /// one passing fault does not keep an idle server (no step runs without requests) out of a load
@@ -679,7 +681,7 @@ mod tests {
             .checked_sub(Duration::from_secs(200))
             .expect("an instant 200 s back");
         stats.set_step_started(Some(long_ago));
-        let ran = stats.stalled(STALLED_AFTER).expect("stalled");
+        let ran = stats.stalled(Duration::from_secs(100)).expect("stalled");
         assert!(ran >= Duration::from_secs(200), "{ran:?}");
         stats.set_step_started(None);
         assert_eq!(stats.stalled(Duration::ZERO), None, "the step ended");

@@ -823,6 +823,7 @@ const MAX_RELISTS: usize = 8;
 
 fn newest_intact_by(run_dir: &Path, load: impl Fn(&Path) -> Result<Checkpoint>) -> Result<Resolved> {
     let mut candidates = step_dirs(run_dir)?;
+    let mut newest_listed = candidates.last().map(|(s, _)| *s);
     let mut damaged: Vec<Damaged> = Vec::new();
     let mut relists = 0;
     while let Some((step, dir)) = candidates.pop() {
@@ -842,8 +843,10 @@ fn newest_intact_by(run_dir: &Path, load: impl Fn(&Path) -> Result<Checkpoint>) 
         // removes the manifest first). That is no damage: list again and read the newest.
         if relists < MAX_RELISTS {
             let now = step_dirs(run_dir)?;
-            let newer = now.last().is_some_and(|(s, _)| *s > step);
+            // Newer than any listed before (a damaged one above this is no reason to list again).
+            let newer = now.last().is_some_and(|(s, _)| newest_listed.is_none_or(|n| *s > n));
             if newer || !dir.exists() {
+                newest_listed = now.last().map(|(s, _)| *s).max(newest_listed);
                 relists += 1;
                 if newer {
                     candidates = now

@@ -561,8 +561,8 @@ fn in_process_plan(config: &TrainConfig, scenario: &Scenario) -> Result<(FaultPl
 
 /// A disk fault aimed at a worker whose budgets hold all its experts in memory: that worker opens
 /// no Disk tier, so the fault could never fire (a scripted one made the run end "not exercised"
-/// after its whole length, rather than at once). A random entry that draws its workers is refused
-/// only when no worker has a Disk tier: its draws on the others fire.
+/// after its whole length, rather than at once). An entry that draws its worker is refused only
+/// when no worker has a Disk tier.
 fn refuse_disk_faults_without_a_disk(
     config: &TrainConfig,
     scenario: &Scenario,
@@ -591,8 +591,9 @@ fn refuse_disk_faults_without_a_disk(
         let Some(spec) = scenario.faults.get(p.entry) else {
             continue;
         };
-        let aimed = matches!(spec.when, crate::chaos::When::At(_)) || spec.worker.is_some();
-        if aimed && !has_disk(worker) {
+        // Only a worker the entry names: one drawn from the seed may land on a worker without a
+        // Disk tier in some seeds and not others (a soak's), which is no reason to refuse them.
+        if spec.worker.is_some() && !has_disk(worker) {
             return refuse(p.entry, format!("worker {worker}, which keeps its"), units_of(worker));
         }
     }

@@ -203,6 +203,20 @@ impl RuntimeEngine {
         Ok(())
     }
 
+    /// The flag that asks the run to stop (see `Trainer::stop_flag`): a run over worker processes
+    /// waiting for a joiner stops waiting once it is set.
+    pub fn set_stop_flag(&mut self, flag: Arc<std::sync::atomic::AtomicUsize>) {
+        if let Some(Kind::Elastic(r)) = &mut self.kind {
+            r.set_stop_flag(flag);
+        }
+    }
+
+    /// Whether a run over worker processes has no epoch (every worker left or was lost, and none
+    /// joined): its state is the one the coordinator kept.
+    pub fn without_workers(&self) -> bool {
+        matches!(&self.kind, Some(Kind::Elastic(r)) if !r.has_epoch())
+    }
+
     /// Run one step to its commit.
     pub fn step(&mut self) -> Result<StepOutcome> {
         self.stale = true;
@@ -323,9 +337,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Refuse to start more worker processes on this machine than it can run (each computes on at
-/// least one thread and holds the model). Checked where they are started, not in the config's
-/// validation: a remote worker validates the coordinator's config with its own core count.
 /// What a run over worker processes needs of this machine and its files, checked before anything
 /// is measured or started (the time budget's measurement runs first and takes minutes; a mistake
 /// here would show only after it): the listen address parses and can be bound now, the job
@@ -349,6 +360,9 @@ pub fn preflight_elastic(config: &TrainConfig) -> Result<()> {
         .map_err(|e| Error::runtime(format!("cannot bind the QUIC endpoint to {listen}: {e}")))
 }
 
+/// Refuse to start more worker processes on this machine than it can run (each computes on at
+/// least one thread and holds the model). Checked where they are started, not in the config's
+/// validation: a remote worker validates the coordinator's config with its own core count.
 pub(crate) fn check_local_processes(processes: usize) -> Result<()> {
     let (cores, most) = (crate::kernels::cpu::cores(), crate::kernels::cpu::max_threads());
     if processes > most {

@@ -597,6 +597,11 @@ impl Trainer {
             let engine = RuntimeEngine::start(&config, &corpus, &model, &optimizer, run_dir)?;
             (Vec::new(), Some(engine))
         };
+        let stop = Arc::new(AtomicUsize::new(0));
+        let mut engine = engine;
+        if let Some(engine) = &mut engine {
+            engine.set_stop_flag(Arc::clone(&stop));
+        }
         Ok(Trainer {
             config,
             corpus,
@@ -608,7 +613,7 @@ impl Trainer {
             engine,
             prior_seconds,
             data_digest,
-            stop: Arc::new(AtomicUsize::new(0)),
+            stop,
             stop_at: None,
             membership_logged: 0,
             recent_losses,
@@ -631,6 +636,9 @@ impl Trainer {
     /// Use `flag` as [`Trainer::stop_flag`]: one flag, set by handlers installed before the
     /// trainer existed (the CLI's, during the time budget's measurement), covers the run too.
     pub fn set_stop_flag(&mut self, flag: Arc<AtomicUsize>) {
+        if let Some(engine) = &mut self.engine {
+            engine.set_stop_flag(Arc::clone(&flag));
+        }
         self.stop = flag;
     }
 
@@ -983,6 +991,7 @@ impl Trainer {
             None => (PathBuf::new(), None),
         };
         let mut stop = StopReason::Finished;
+        let mut failure = None;
         let mut place_checked = Instant::now();
         let first_step = self.optimizer.step;
         let mut traffic_logged = false;
@@ -1007,7 +1016,20 @@ impl Trainer {
             let r = match self.step() {
                 Ok(r) => r,
                 Err(e @ Error::NoWorkers { .. }) => {
-                    crate::say!("semoe: {e}");
+                    // (A stop asked while the coordinator waited for a joiner ends the wait.)
+                    stop = match self.stop.load(Ordering::SeqCst) {
+                        0 => {
+                            crate::say!("semoe: {e}");
+                            StopReason::NoWorkers
+                        }
+                        signal => StopReason::Requested(signal),
+                    };
+                    break;
+                }
+                // Any other failure once every worker is gone: the state the coordinator kept is
+                // checkpointed (below) before the error ends the run.
+                Err(e) if self.engine.as_ref().is_some_and(RuntimeEngine::without_workers) => {
+                    failure = Some(e);
                     stop = StopReason::NoWorkers;
                     break;
                 }
@@ -1081,7 +1103,8 @@ impl Trainer {
         }
         // Without workers the state is the one the coordinator kept: the committed one, or an
         // older copy when they were lost (checkpointed unless a checkpoint already holds it).
-        let already_saved = if stop == StopReason::NoWorkers {
+        let without_workers = self.engine.as_ref().is_some_and(|e| e.without_workers());
+        let already_saved = if stop == StopReason::NoWorkers || without_workers {
             self.sync()?;
             checkpointed_step.unwrap_or(first_step) >= self.optimizer.step
         } else {
@@ -1104,6 +1127,17 @@ impl Trainer {
         }
         // The run's last lines (its final checkpoint record) are durable once it returns.
         log.sync()?;
+        if let Some(e) = failure {
+            if !last_checkpoint.as_os_str().is_empty() {
+                crate::say!(
+                    "semoe: the run failed without workers (the coordinator kept the state of step {}); the newest \
+                     checkpoint is {}",
+                    self.optimizer.step,
+                    last_checkpoint.display()
+                );
+            }
+            return Err(e);
+        }
         Ok(RunSummary {
             steps: self.optimizer.step,
             planned_steps: c.train.steps,

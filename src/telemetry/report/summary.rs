@@ -126,13 +126,13 @@ pub(super) fn buckets(n: usize) -> Vec<(usize, usize)> {
     (0..b).map(|i| (i * n / b, (i + 1) * n / b)).collect()
 }
 
-/// Per-layer expert counts summed over the records of each bucket: `[layer][bucket] -> (counts,
-/// dropped)`. Built while the log is read ([`LoadGrid::add`]), so that the records need not keep
-/// their counts (a long run of a wide model logs kilobytes of them a step).
 /// The most (layer, expert) cells the heatmap's grid holds, counting a layer without experts as
 /// one: 64 layers of 4,096 experts (each cell is kept per bucket).
 pub const MAX_GRID_CELLS: usize = 1 << 18;
 
+/// Per-layer expert counts summed over the records of each bucket: `[layer][bucket] -> (counts,
+/// dropped)`. Built while the log is read ([`LoadGrid::add`]), so that the records need not keep
+/// their counts (a long run of a wide model logs kilobytes of them a step).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct LoadGrid {
     /// Experts of each layer (the longest `expert_tokens` list logged for it).
