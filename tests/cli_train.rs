@@ -896,7 +896,10 @@ fn bad_input_gets_clear_messages() {
             "train.time_limit_s (--time-limit) must be a non-negative",
         ),
         (&["train", "--placement", "x"], "train.placement (--placement) must be"),
-        (&["train", "--layers", "100000"], "model.n_layer must be at most 65536"),
+        (
+            &["train", "--layers", "100000"],
+            "model.n_layer (100000) must be at most 65536",
+        ),
         (
             &[
                 "train",

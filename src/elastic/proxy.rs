@@ -133,7 +133,7 @@ impl Actor for ProxyActor {
             }
             WorkerMsg::Snapshot { reply } => {
                 tokio::spawn(async move {
-                    let r = async {
+                    let r = while_wanted(&reply, async {
                         let max = max_reply_bytes(&p.config)?;
                         let bytes = call(&p.conn, &p.name, &Command::Snapshot { epoch }, None, max).await?;
                         let config = p.config.clone();
@@ -146,9 +146,11 @@ impl Actor for ProxyActor {
                             (Reply::Failed(e), None) => Err(e.into_error(&p.name)),
                             (other, None) => unexpected(&p, other),
                         }
-                    }
+                    })
                     .await;
-                    let _ = reply.send(r);
+                    if let Some(r) = r {
+                        let _ = reply.send(r);
+                    }
                 });
             }
         }
@@ -164,9 +166,32 @@ fn forward<R: Send + 'static>(
     read: impl FnOnce(&ProxyArgs, Reply) -> Result<R> + Send + 'static,
 ) {
     tokio::spawn(async move {
-        let r = rpc(&p, command).await.and_then(|r| read(&p, r));
-        let _ = reply.send(r);
+        if let Some(r) = while_wanted(&reply, rpc(&p, command)).await {
+            let _ = reply.send(r.and_then(|r| read(&p, r)));
+        }
     });
+}
+
+/// How often a call checks whether its caller still waits for the answer.
+const CALLER_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// `work` to its end, or `None` as soon as the caller stops waiting for its answer (its reply
+/// port closes: its deadline passed, or it was dropped). The call's stream then goes with the
+/// future (quinn resets it) rather than staying open until the worker answers: a worker stuck on
+/// a long command would otherwise collect abandoned streams up to the connection's limit, and
+/// every later command to it would wait for a stream for ever.
+async fn while_wanted<T, R>(reply: &ractor::RpcReplyPort<R>, work: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            r = &mut work => return Some(r),
+            () = tokio::time::sleep(CALLER_CHECK) => {
+                if reply.is_closed() {
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 async fn rpc(p: &ProxyArgs, command: Command) -> Result<Reply> {
@@ -210,5 +235,23 @@ fn reply_kind(r: &Reply) -> &'static str {
         Reply::Pieces(_) => "pieces",
         Reply::Traffic(_) => "traffic",
         Reply::Failed(_) => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call whose caller has stopped waiting ends (dropping its stream) instead of waiting for
+    /// ever; one whose caller waits runs to its end.
+    #[tokio::test]
+    async fn a_call_nobody_waits_for_is_dropped() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+        let port = ractor::RpcReplyPort::from(tx);
+        assert_eq!(while_wanted(&port, async { 7 }).await, Some(7));
+        drop(rx);
+        let never = std::future::pending::<u32>();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), while_wanted(&port, never)).await;
+        assert_eq!(ended.expect("ended once the caller left"), None);
     }
 }

@@ -117,7 +117,7 @@ impl GptConfig {
         }
         if self.n_layer > MAX_LAYERS {
             return Err(Error::config(format!(
-                "model.n_layer must be at most {MAX_LAYERS}, got {}",
+                "model.n_layer ({}) must be at most {MAX_LAYERS}",
                 self.n_layer
             )));
         }

@@ -49,9 +49,12 @@ impl Limits {
     }
 }
 
-/// The longest header any frame may have, whatever its [`Limits`]: it keeps the bincode limit
-/// (at most [`HEADER_EXPANSION`] times the header's bytes) within 16 MiB.
-pub const MAX_HEADER_BYTES: usize = 512 << 10;
+/// The longest header any frame may have, whatever its [`Limits`]: the largest the control plane
+/// and the state's frames ask for (a reply listing every expert of a wide model, 12 bytes each,
+/// passes 512 KiB at 12 layers of 1,024 experts), and it keeps the bincode limit (at most
+/// [`HEADER_EXPANSION`] times the header's bytes) within 128 MiB. A sender refuses to encode a
+/// longer one (its own error, rather than a frame its peer refuses as a protocol violation).
+pub const MAX_HEADER_BYTES: usize = 4 << 20;
 
 /// How many bytes of memory bincode may claim per byte of header: a varint of one byte becomes a
 /// `u64` of 8, and a `(String, u64)` of two bytes an element of 32. A forged length inside a header
@@ -156,6 +159,13 @@ pub fn encode_frame_parts<'a, H: Encode>(header: &H, bodies: Vec<&'a [f32]>) -> 
 fn frame_head<H: Encode>(header: &H, bodies: &[&[f32]]) -> Result<Vec<u8>> {
     let head = bincode::encode_to_vec(header, bincode::config::standard())
         .map_err(|e| Error::parse("frame header", format!("cannot encode: {e}")))?;
+    if head.len() > MAX_HEADER_BYTES {
+        return Err(Error::runtime(format!(
+            "a frame header of {} bytes is longer than the protocol allows ({MAX_HEADER_BYTES} bytes): the model \
+             has too many tensors or experts for one message",
+            head.len()
+        )));
+    }
     let head_len = u32::try_from(head.len())
         .map_err(|_| Error::parse("frame header", format!("{} bytes do not fit a u32 length", head.len())))?;
     let count = u32::try_from(bodies.len())
@@ -1583,6 +1593,22 @@ mod tests {
             decode_frame::<u32>(&bodies, "test frame", &limits),
             "3 bodies exceed the limit of 2",
         );
+        // A header past 512 KiB within limits that allow 4 MiB (a control reply listing every
+        // expert of a wide model) decodes: it used to be refused, and its honest sender evicted.
+        let wide: Vec<u64> = (0..100_000u64).map(|i| i << 40).collect();
+        let frame = encode_frame(&wide, &[]).expect("a wide header");
+        let control = Limits {
+            header_bytes: 4 << 20,
+            bodies: 0,
+            floats: 0,
+        };
+        assert!(frame.len() > 512 << 10, "{} bytes", frame.len());
+        let (back, _): (Vec<u64>, _) = decode_frame(&frame, "wide", &control).expect("decodes");
+        assert_eq!(back, wide);
+        // One past the protocol's longest is refused where it is encoded.
+        let too_wide = vec![0u8; MAX_HEADER_BYTES];
+        let err = encode_frame(&too_wide, &[]).expect_err("too long").to_string();
+        assert!(err.contains("longer than the protocol allows"), "{err}");
         let floats = encode_frame(&7u32, &[&[0.0; 6], &[0.0; 6]]).expect("frame");
         assert_refused(
             decode_frame::<u32>(&floats, "test frame", &limits),
