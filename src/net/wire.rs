@@ -281,7 +281,7 @@ fn read_u32(bytes: &[u8], at: usize, what: &str, field: &str) -> Result<u32> {
     }
 }
 
-/// Decode a bincode header with the smallest of four limits (4 KiB, 64 KiB, 1 MiB, 16 MiB) that a
+/// Decode a bincode header with the smallest of four limits (4 KiB, 64 KiB, 1 MiB, 128 MiB) that a
 /// valid header of its size can need, so that a forged length inside it reserves at most
 /// [`HEADER_EXPANSION`] times its size (4 KiB at least). The limit is a type parameter of bincode's
 /// configuration, hence the fixed steps.
