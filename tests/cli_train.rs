@@ -1674,20 +1674,8 @@ fn chaos_refuses_what_its_run_would_refuse_before_making_its_directory() {
     // A --config that does not set train.steps leaves them at the chaos run's 20 (it ran the
     // config's default 5,000, twice).
     std::fs::write(tmp.path().join("workers.toml"), "[train]\nworkers = 2\n").expect("config");
-    let small = [
-        "--d-model",
-        "32",
-        "--layers",
-        "2",
-        "--heads",
-        "2",
-        "--d-ff",
-        "64",
-        "--block-size",
-        "16",
-        "--batch",
-        "8",
-    ];
+    // The tiny model, without the flag chaos refuses (its last two, --sample-tokens 0).
+    let small = &TINY[..TINY.len() - 2];
     let mut argv = vec![
         "chaos",
         "--scenario",
@@ -1697,7 +1685,7 @@ fn chaos_refuses_what_its_run_would_refuse_before_making_its_directory() {
         "--config",
         "workers.toml",
     ];
-    argv.extend_from_slice(&small);
+    argv.extend_from_slice(small);
     let (status, _, err) = run_in_dir(tmp.path(), &argv);
     assert!(err.contains("; 20 steps on 2 workers"), "{err}");
     assert_eq!(status.code(), Some(0), "{err}");
