@@ -390,3 +390,80 @@ fn a_model_whose_output_is_not_finite_is_refused_not_sampled() {
     let e = decoder.step().expect_err("NaN logits").to_string();
     assert!(e.contains("the output layer") && e.contains("non-finite"), "{e}");
 }
+
+/// Each sequence's bytes, and the sequences that failed with why.
+type Decoded = (BTreeMap<SeqId, Vec<u8>>, Vec<(SeqId, String)>);
+
+/// Every byte of each sequence, stepping with [`BatchDecoder::step_isolating`]; the failures seen.
+fn decode_isolating(decoder: &mut BatchDecoder, ids: &[SeqId]) -> Decoded {
+    let mut bytes: BTreeMap<SeqId, Vec<u8>> = ids.iter().map(|&id| (id, Vec::new())).collect();
+    let mut failed = Vec::new();
+    for _ in 0..100 {
+        if decoder.active() == 0 {
+            return (bytes, failed);
+        }
+        let outcome = decoder.step_isolating().expect("step");
+        for e in outcome.emitted {
+            bytes.get_mut(&e.id).expect("a known sequence").push(e.byte);
+        }
+        failed.extend(outcome.failed.into_iter().map(|(id, e)| (id, e.to_string())));
+    }
+    panic!("the batch did not end in 100 steps");
+}
+
+#[test]
+fn a_sequence_whose_own_values_are_not_finite_fails_alone() {
+    // An embedding row of NaN for the byte 'Z' (a checkpoint damaged where one rare byte is): the
+    // prompt holding it meets the NaN at the first gate, and it alone. `step` fails the whole
+    // batch; `step_isolating` steps each sequence alone and fails only that one.
+    let config = small(1);
+    let mut m = model(&config, 5);
+    let names: Vec<String> = m.tensors().into_iter().map(|(n, _, _)| n).collect();
+    let wte = names.iter().position(|n| n == "wte").expect("wte tensor");
+    let d = config.d_model;
+    m.buffers_mut()[wte][usize::from(b'Z') * d..][..d].fill(f32::NAN);
+    let cpu = Cpu::new(1).expect("cpu");
+    let prompts: [&[u8]; 3] = [b"ab", b"aZ", b"cd"];
+
+    let mut whole = BatchDecoder::new(&m, cpu.clone(), 3).expect("decoder");
+    for p in prompts {
+        whole.admit(p, &opts(6, 1.0, 0, 3)).expect("admit");
+    }
+    let e = whole.step().expect_err("the batch meets the NaN").to_string();
+    assert!(e.contains("the gate of block 0"), "{e}");
+
+    let mut decoder = BatchDecoder::new(&m, cpu.clone(), 3).expect("decoder");
+    let ids: Vec<SeqId> = prompts
+        .iter()
+        .map(|p| decoder.admit(p, &opts(6, 1.0, 0, 3)).expect("admit"))
+        .collect();
+    let (bytes, failed) = decode_isolating(&mut decoder, &ids);
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, ids[1]);
+    assert!(failed[0].1.contains("the gate of block 0"), "{}", failed[0].1);
+    assert!(bytes[&ids[1]].is_empty(), "the failed sequence drew nothing");
+    // The others drew every byte, the same as alone.
+    for (i, p) in prompts.iter().enumerate().filter(|&(i, _)| i != 1) {
+        let mut alone = BatchDecoder::new(&m, cpu.clone(), 1).expect("decoder");
+        let id = alone.admit(p, &opts(6, 1.0, 0, 3)).expect("admit");
+        let (expected, none) = decode_isolating(&mut alone, &[id]);
+        assert!(none.is_empty());
+        assert_eq!(expected[&id].len(), 6);
+        assert_eq!(bytes[&ids[i]], expected[&id], "sequence {i}");
+    }
+    // The failed sequence's slot is free again: the batch admits three sequences.
+    for p in [b"xy", b"yz", b"zx"] {
+        decoder.admit(p, &opts(1, 1.0, 0, 3)).expect("a free slot");
+    }
+
+    // When every sequence fails, every one is reported and the batch is empty.
+    let mut doomed = BatchDecoder::new(&m, cpu, 2).expect("decoder");
+    let ids: Vec<SeqId> = [b"Za", b"bZ"]
+        .iter()
+        .map(|p| doomed.admit(*p, &opts(3, 1.0, 0, 3)).expect("admit"))
+        .collect();
+    let (bytes, failed) = decode_isolating(&mut doomed, &ids);
+    assert_eq!(failed.iter().map(|f| f.0).collect::<Vec<_>>(), ids);
+    assert!(bytes.values().all(Vec::is_empty));
+    assert_eq!(doomed.active(), 0);
+}

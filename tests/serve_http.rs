@@ -64,6 +64,15 @@ impl Running {
         Running::serve(Server::bind(&model(), config).expect("bind"))
     }
 
+    /// A server over `model` rather than the tests' own.
+    fn start_model(model: &Gpt<f32>, config: ServeConfig) -> Running {
+        let config = ServeConfig {
+            addr: "127.0.0.1:0".into(),
+            ..config
+        };
+        Running::serve(Server::bind(model, config).expect("bind"))
+    }
+
     /// A server over a decoder of the test's own.
     fn start_decoder(decoder: Box<dyn Decode>, config: ServeConfig) -> Running {
         let config = ServeConfig {
@@ -1072,4 +1081,59 @@ fn a_client_that_disconnects_while_waiting_for_a_whole_response_frees_its_slot()
     wait_for(addr, "the request to start", |h| h["active"] == 1);
     drop(stream);
     wait_for(addr, "the slot to be freed", |h| h["active"] == 0);
+}
+
+#[test]
+fn a_request_whose_own_values_are_not_finite_fails_alone() {
+    // The tests' model with an embedding row of NaN for a byte that greedy decoding from "To be"
+    // never draws in its first 20,000 bytes: a prompt holding that byte meets the NaN at the first
+    // gate. A long stream sharing the batch goes on.
+    let greedy = options(20_000, 0.0, 0, 1);
+    let cpu = Cpu::new(1).expect("cpu");
+    let want = generate(&model(), &cpu, b"To be", &greedy, |_| Ok(())).expect("generate");
+    let bad = (b'A'..=b'Z')
+        .find(|b| !want.contains(b) && !b"To be".contains(b))
+        .expect("a capital letter greedy never draws");
+    let mut m = model();
+    let d = model_config().d_model;
+    let names: Vec<String> = m.tensors().into_iter().map(|(n, _, _)| n).collect();
+    let wte = names.iter().position(|n| n == "wte").expect("wte tensor");
+    m.buffers_mut()[wte][usize::from(bad) * d..][..d].fill(f32::NAN);
+    let server = Running::start_model(
+        &m,
+        ServeConfig {
+            max_batch: 4,
+            max_tokens: 20_000,
+            ..ServeConfig::default()
+        },
+    );
+    let addr = server.addr;
+    let mut long = connect(addr);
+    send(
+        &mut long,
+        "POST",
+        "/v1/completions",
+        body("To be", &greedy, true).to_string().as_bytes(),
+    );
+    wait_for(addr, "the long stream to start", |h| h["active"] == 1);
+    let prompt = format!("a{}", char::from(bad));
+    let reply = post(addr, &serde_json::json!({ "prompt": prompt, "max_tokens": 5 }));
+    assert_eq!(reply.status, 500, "{}", String::from_utf8_lossy(&reply.body));
+    let message = reply.json()["error"].as_str().expect("message").to_string();
+    assert!(message.contains("the gate of block 0"), "{message}");
+    // The long stream was not failed with it, and the server is not failing.
+    let h = health(addr);
+    assert_eq!(h["status"], "ok", "{h}");
+    let mut raw = Vec::new();
+    long.read_to_end(&mut raw).expect("the long stream");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a head");
+    assert!(String::from_utf8_lossy(&raw[..split]).starts_with("HTTP/1.1 200"));
+    let streamed = parse_events(&dechunk(&raw[split + 4..]));
+    assert_eq!(streamed.bytes, want, "the long stream's bytes");
+    let metrics = String::from_utf8_lossy(&http(addr, "GET", "/metrics", b"").body).to_string();
+    assert!(
+        metrics.contains("semoe_serve_requests_total{outcome=\"error\"}"),
+        "{metrics}"
+    );
+    server.stop().expect("a clean shutdown");
 }

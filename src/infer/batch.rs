@@ -51,6 +51,16 @@ pub struct Emitted {
     pub finished: bool,
 }
 
+/// What [`BatchDecoder::step_isolating`] did: the bytes drawn, and the sequences that failed on
+/// their own (each left the batch, its cache slot freed).
+#[derive(Debug, Default)]
+pub struct StepOutcome {
+    /// One byte for every sequence that stepped, in admission order.
+    pub emitted: Vec<Emitted>,
+    /// The sequences that failed when stepped alone, with why.
+    pub failed: Vec<(SeqId, Error)>,
+}
+
 /// A sequence in the batch: the tokens whose keys and values are in its cache slot (its window),
 /// and the byte drawn last, not yet encoded.
 struct Sequence {
@@ -289,6 +299,49 @@ impl<S: WeightSource> BatchDecoder<S> {
         });
         Ok(out)
     }
+
+    /// [`BatchDecoder::step`], but one sequence's non-finite values fail that sequence only: a
+    /// batch whose step meets a non-finite value (a NaN embedding row of one byte, a gate that
+    /// overflows on one prompt) is stepped again one sequence at a time, and the sequences that fail
+    /// alone leave the batch, each with its error; the others draw their byte. Rows never mix in a
+    /// pass (each reads its own cache slot), so a sequence fails alone exactly when its own rows are
+    /// not finite; a step that failed rewrites the same cache positions when it runs again.
+    ///
+    /// Any other failure of the whole batch (a weight that cannot be read) is returned as `step`
+    /// returns it, every sequence as it was. A failure during the retries fails that sequence.
+    pub fn step_isolating(&mut self) -> Result<StepOutcome> {
+        let failure = match self.step() {
+            Ok(emitted) => {
+                return Ok(StepOutcome {
+                    emitted,
+                    failed: Vec::new(),
+                })
+            }
+            Err(e) => e,
+        };
+        if self.seqs.len() < 2 || !matches!(failure, Error::NonFinite { .. }) {
+            return Err(failure);
+        }
+        let mut outcome = StepOutcome::default();
+        let mut kept = Vec::with_capacity(self.seqs.len());
+        for seq in std::mem::take(&mut self.seqs) {
+            let id = seq.id;
+            self.seqs.push(seq);
+            match self.step() {
+                Ok(emitted) => outcome.emitted.extend(emitted),
+                Err(e) => {
+                    for failed in self.seqs.drain(..) {
+                        self.cache.release(failed.slot);
+                    }
+                    outcome.failed.push((id, e));
+                }
+            }
+            // A sequence whose last byte this was has already left (`step` released its slot).
+            kept.append(&mut self.seqs);
+        }
+        self.seqs = kept;
+        Ok(outcome)
+    }
 }
 
 /// A batch decoder whatever its weight source: what a server or a command holds without naming
@@ -308,6 +361,14 @@ pub trait Decode: Send {
     fn cancel(&mut self, id: SeqId) -> bool;
     /// See [`BatchDecoder::step`].
     fn step(&mut self) -> Result<Vec<Emitted>>;
+    /// See [`BatchDecoder::step_isolating`]; by default [`Decode::step`], failing every sequence
+    /// together.
+    fn step_isolating(&mut self) -> Result<StepOutcome> {
+        self.step().map(|emitted| StepOutcome {
+            emitted,
+            failed: Vec::new(),
+        })
+    }
     /// A failure every later step will meet (the weights can no longer be read), if there is one:
     /// a server reports itself failed for good rather than for a while.
     fn broken(&self) -> Option<String> {
@@ -336,6 +397,9 @@ impl<S: WeightSource + Send> Decode for BatchDecoder<S> {
     }
     fn step(&mut self) -> Result<Vec<Emitted>> {
         BatchDecoder::step(self)
+    }
+    fn step_isolating(&mut self) -> Result<StepOutcome> {
+        BatchDecoder::step_isolating(self)
     }
     fn broken(&self) -> Option<String> {
         self.source.failure()

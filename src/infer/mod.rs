@@ -10,7 +10,7 @@ pub mod model_file;
 pub mod ring;
 pub mod weights;
 
-pub use batch::{BatchDecoder, Decode, Emitted, SeqId};
+pub use batch::{BatchDecoder, Decode, Emitted, SeqId, StepOutcome};
 pub use generate::{generate, generate_recomputing, generate_with, SampleOptions};
 pub use model_file::ModelFile;
 pub use ring::{Prefetch, RingLoad, RingOptions, RingStats, RingWeights};

@@ -542,10 +542,21 @@ impl Scheduler {
         let size = self.decoder.active();
         let started = Instant::now();
         self.stats.set_step_started(Some(started));
-        let stepped = self.decoder.step();
+        let stepped = self.decoder.step_isolating();
         self.stats.set_step_started(None);
         let emitted = match stepped {
-            Ok(emitted) => emitted,
+            Ok(outcome) => {
+                let nothing_stepped = outcome.emitted.is_empty();
+                if let Some(failure) = self.fail_alone(outcome.failed) {
+                    if nothing_stepped {
+                        // Every sequence failed: the server is failing as when the batch failed.
+                        self.stats.set_last_error(Some(failure));
+                        self.report_active();
+                        return;
+                    }
+                }
+                outcome.emitted
+            }
             Err(e) => {
                 // The decoder's state is unknown after a failed step: stop what it held.
                 let message = format!("generation failed: {e}");
@@ -599,6 +610,32 @@ impl Scheduler {
             }
         }
         self.report_active();
+    }
+
+    /// Stop the sequences that failed on their own in a step (the others went on): each request
+    /// gets its error. Returns the last failure's message, if any sequence failed.
+    fn fail_alone(&mut self, failed: Vec<(SeqId, crate::Error)>) -> Option<String> {
+        let mut last = None;
+        for (id, e) in failed {
+            let message = format!("generation failed: {e}");
+            if let Some(r) = self.running.remove(&id) {
+                count_outcome("error");
+                let _ = r
+                    .events
+                    .try_send(Event::Failed(Failure::new(FailureKind::Compute, message.clone())));
+            }
+            last = Some(message);
+        }
+        if last.is_some() {
+            if let Some(why) = self.decoder.broken() {
+                self.stats
+                    .broken
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get_or_insert(why);
+            }
+        }
+        last
     }
 
     /// Hand out what every sequence has pending; cancel those whose client is gone or stalled.
