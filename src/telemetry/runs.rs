@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::storage::checkpoint;
 use crate::storage::run_dir;
-use crate::train::log::{LogReader, Parsed, Record, METRICS_FILE};
+use crate::train::log::{Parsed, Record, TailReader, METRICS_FILE};
 use std::path::{Path, PathBuf};
 
 /// One run directory, summarised.
@@ -74,26 +74,7 @@ pub fn describe(dir: &Path) -> Result<RunInfo> {
     // A run that stopped (or crashed) resumes from its checkpoint: the steps logged after it are
     // done again, so its figures are the checkpoint's (a running one shows its progress).
     let shown = |step: u64| running || checkpoint_step.is_none_or(|c| step <= c);
-    let (mut val_loss, mut training_seconds) = (None, None);
-    // A log that cannot be read, or a line that is not a record (a run killed mid-write), says nothing.
-    if let Ok(reader) = LogReader::open(&dir.join(METRICS_FILE)) {
-        for entry in reader {
-            let Ok(entry) = entry else { break };
-            match entry.parsed {
-                Parsed::Record(Record::Train(r)) if shown(r.step) => training_seconds = Some(r.elapsed_s),
-                Parsed::Record(Record::Val(r)) if shown(r.step) => {
-                    if let Some(s) = r.elapsed_s {
-                        training_seconds = Some(s);
-                    }
-                    // A `null` loss (NaN) is not a loss to show.
-                    if !r.val_loss.is_nan() {
-                        val_loss = Some((r.step, r.val_loss));
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
+    let (val_loss, training_seconds, _) = last_figures(&dir.join(METRICS_FILE), shown);
     let status = if running {
         "running".to_string()
     } else {
@@ -124,6 +105,39 @@ pub fn describe(dir: &Path) -> Result<RunInfo> {
     })
 }
 
+/// The last validation loss (with its step) and the training seconds of the last step that
+/// `shown` admits, read from the end of the log backwards (a long run's log is not parsed whole),
+/// and the bytes read. A log that cannot be read says nothing; a line that is not a record (a run
+/// killed mid-write) is passed over.
+fn last_figures(log: &Path, shown: impl Fn(u64) -> bool) -> (Option<(u64, f64)>, Option<f64>, u64) {
+    let (mut val_loss, mut training_seconds) = (None, None);
+    let Ok(mut reader) = TailReader::open(log) else {
+        return (None, None, 0);
+    };
+    for entry in reader.by_ref() {
+        let Ok(entry) = entry else { break };
+        match entry.parsed {
+            Parsed::Record(Record::Train(r)) if shown(r.step) => {
+                training_seconds.get_or_insert(r.elapsed_s);
+            }
+            Parsed::Record(Record::Val(r)) if shown(r.step) => {
+                if let Some(s) = r.elapsed_s {
+                    training_seconds.get_or_insert(s);
+                }
+                // A `null` loss (NaN) is not a loss to show.
+                if !r.val_loss.is_nan() {
+                    val_loss.get_or_insert((r.step, r.val_loss));
+                }
+            }
+            _ => {}
+        }
+        if val_loss.is_some() && training_seconds.is_some() {
+            break;
+        }
+    }
+    (val_loss, training_seconds, reader.bytes_read())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +164,63 @@ mod tests {
         let a = describe(&root.join("a")).expect("described");
         assert_eq!(a.checkpoint_step, None);
         assert_eq!(a.status, "checkpoints unreadable (another semoe version, or damaged)");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_last_figures_come_from_the_end_of_a_long_log() {
+        use crate::train::log::{MetricsLog, TrainRecord, ValRecord};
+        let root = std::env::temp_dir().join(format!("semoe-runs-tail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("dir");
+        let path = root.join(METRICS_FILE);
+        let mut log = MetricsLog::append(&path).expect("log");
+        let train = |step: u64| {
+            Record::Train(TrainRecord {
+                step,
+                tokens: 256,
+                elapsed_s: step as f64 / 10.0,
+                loss: 2.0,
+                ce_loss: None,
+                aux_loss: None,
+                lr: None,
+                grad_norm: None,
+                tokens_per_s: 1.0,
+                expert_tokens: Vec::new(),
+                dropped: Vec::new(),
+            })
+        };
+        let val = |step: u64, val_loss: f64| {
+            Record::Val(ValRecord {
+                step,
+                elapsed_s: None,
+                val_loss,
+            })
+        };
+        for step in 1..=20_000 {
+            log.write(&train(step)).expect("write");
+            if step % 1000 == 0 {
+                // The last validation loss of the log is NaN: the one before it is shown.
+                log.write(&val(step, if step == 20_000 { f64::NAN } else { step as f64 }))
+                    .expect("write");
+            }
+        }
+        log.sync().expect("sync");
+        drop(log);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"{\"kind\":\"tra"))
+            .expect("a partial last line");
+        let size = std::fs::metadata(&path).expect("size").len();
+        let (val_loss, seconds, read) = last_figures(&path, |_| true);
+        assert_eq!(val_loss, Some((19_000, 19_000.0)));
+        assert_eq!(seconds, Some(2_000.0));
+        assert!(read < size / 10, "read {read} of {size} bytes");
+        // A crashed run's figures are its checkpoint's (step 12,345 here).
+        let (val_loss, seconds, _) = last_figures(&path, |s| s <= 12_345);
+        assert_eq!(val_loss, Some((12_000, 12_000.0)));
+        assert_eq!(seconds, Some(1_234.5));
         let _ = std::fs::remove_dir_all(&root);
     }
 }

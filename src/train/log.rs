@@ -25,7 +25,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -438,6 +438,128 @@ impl<R: BufRead> Iterator for LogReader<R> {
     }
 }
 
+/// How much of a log [`TailReader`] reads at a time, from the end backwards (at least; a line
+/// longer than that doubles it). Tiny in unit tests, so that lines cross chunks.
+const TAIL_CHUNK: usize = if cfg!(test) { 7 } else { 64 << 10 };
+
+/// The longest line [`TailReader`] parses (16 MiB): a longer one is yielded as
+/// [`Parsed::Malformed`] without being held whole (a damaged log cannot make a summary hold it in
+/// memory).
+const TAIL_MAX_LINE: usize = if cfg!(test) { 400 } else { 16 << 20 };
+
+/// Reads a metrics log's lines from the last to the first, a chunk at a time: what is wanted of
+/// a long run's log is near its end (`semoe runs` shows the last figures), and a forward reader
+/// would parse every line of it. The lines are [`LogReader`]'s, in reverse; entries carry line
+/// number 0 (unknown when reading backwards). An I/O error ends the iteration with that error.
+pub struct TailReader {
+    file: File,
+    path: PathBuf,
+    /// The file's length when opened.
+    len: u64,
+    /// The file offset where the bytes not yet read end.
+    pos: u64,
+    /// Bytes read but not yet yielded, without the line break that ended the last of them.
+    pending: Vec<u8>,
+    /// Whether the line being assembled has grown past `TAIL_MAX_LINE` (its bytes are dropped).
+    overlong: bool,
+    done: bool,
+}
+
+impl TailReader {
+    /// Opens a log (a missing file is an error of kind `NotFound`, see [`Error::io`]).
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io("opening the metrics log", path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("reading the metrics log's size", path, e))?
+            .len();
+        Ok(TailReader {
+            file,
+            path: path.to_path_buf(),
+            len,
+            pos: len,
+            pending: Vec::new(),
+            overlong: false,
+            done: len == 0,
+        })
+    }
+
+    /// Bytes read from the file so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.len - self.pos
+    }
+
+    /// Read the chunk before `pos` in front of `pending`.
+    fn read_chunk(&mut self) -> std::io::Result<()> {
+        let first = self.pos == self.len;
+        let n = self.pos.min(TAIL_CHUNK.max(self.pending.len()) as u64) as usize;
+        let mut chunk = vec![0u8; n];
+        self.file.seek(SeekFrom::Start(self.pos - n as u64))?;
+        self.file.read_exact(&mut chunk)?;
+        self.pos -= n as u64;
+        // The file's last line break ends its last line; it does not start an empty one.
+        if first && chunk.last() == Some(&b'\n') {
+            chunk.pop();
+        }
+        chunk.extend_from_slice(&self.pending);
+        self.pending = chunk;
+        Ok(())
+    }
+
+    fn entry(&mut self, mut text: &[u8]) -> Entry {
+        if std::mem::take(&mut self.overlong) || text.len() > TAIL_MAX_LINE {
+            return Entry {
+                line: 0,
+                text: Vec::new(),
+                step: None,
+                parsed: Parsed::Malformed(Malformed {
+                    line: 0,
+                    kind: None,
+                    message: format!("a line over {TAIL_MAX_LINE} bytes"),
+                }),
+            };
+        }
+        if let Some(t) = text.strip_suffix(b"\r") {
+            text = t;
+        }
+        parse_line(0, text)
+    }
+}
+
+impl Iterator for TailReader {
+    type Item = Result<Entry>;
+
+    fn next(&mut self) -> Option<Result<Entry>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if self.pos < self.len {
+                if let Some(at) = self.pending.iter().rposition(|&b| b == b'\n') {
+                    let line = self.pending.split_off(at + 1);
+                    self.pending.pop();
+                    return Some(Ok(self.entry(&line)));
+                }
+                if self.pos == 0 {
+                    // The file's first line.
+                    self.done = true;
+                    let line = std::mem::take(&mut self.pending);
+                    return Some(Ok(self.entry(&line)));
+                }
+                if self.pending.len() > TAIL_MAX_LINE {
+                    // All of it is the line being assembled: keep none of an overlong line.
+                    self.overlong = true;
+                    self.pending = Vec::new();
+                }
+            }
+            if let Err(e) = self.read_chunk() {
+                self.done = true;
+                return Some(Err(Error::io("reading the metrics log", &self.path, e)));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,6 +577,66 @@ mod tests {
             tokens_per_s: 512.0,
             expert_tokens: vec![vec![1, 2], vec![3, 0]],
             dropped: vec![0, 1],
+        }
+    }
+
+    /// The lines [`TailReader`] yields, as `(text, parsed kind)`, first line first.
+    fn tail_lines(bytes: &[u8]) -> Vec<(Vec<u8>, Option<String>)> {
+        let dir = std::env::temp_dir().join(format!("semoe-tail-{}-{}", std::process::id(), bytes.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        std::fs::write(&path, bytes).unwrap();
+        let mut reader = TailReader::open(&path).unwrap();
+        let mut out: Vec<_> = reader
+            .by_ref()
+            .map(|e| {
+                let e = e.unwrap();
+                let kind = match e.parsed {
+                    Parsed::Malformed(m) => Some(m.message),
+                    _ => None,
+                };
+                (e.text, kind)
+            })
+            .collect();
+        assert_eq!(reader.bytes_read(), bytes.len() as u64, "read whole once");
+        std::fs::remove_dir_all(&dir).unwrap();
+        out.reverse();
+        out
+    }
+
+    #[test]
+    fn the_tail_reader_yields_the_forward_readers_lines_in_reverse() {
+        let record = Record::Train(train()).to_line().unwrap();
+        let cases: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b"\n".to_vec(),
+            b"a".to_vec(),
+            b"a\n".to_vec(),
+            b"\nb".to_vec(),
+            b"a\n\n".to_vec(),
+            b"ab\r\ncd\r\n\n\nefghijklmnopq\nr".to_vec(),
+            format!("{record}\n{record}\n{{\"kind\":\"tr").into_bytes(),
+        ];
+        for bytes in cases {
+            let forward: Vec<(Vec<u8>, Option<String>)> = LogReader::new(&bytes[..], Path::new("log"))
+                .map(|e| (e.unwrap().text, None))
+                .collect();
+            let backward: Vec<_> = tail_lines(&bytes).into_iter().map(|(t, _)| (t, None)).collect();
+            assert_eq!(backward, forward, "{:?}", String::from_utf8_lossy(&bytes));
+        }
+    }
+
+    #[test]
+    fn the_tail_reader_drops_an_overlong_line_without_holding_it() {
+        let long = "x".repeat(TAIL_MAX_LINE + 30);
+        let bytes = format!("first\n{long}\nlast\n{long}");
+        let lines = tail_lines(bytes.as_bytes());
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[0].0, b"first");
+        assert_eq!(lines[2].0, b"last");
+        for i in [1, 3] {
+            assert!(lines[i].0.is_empty());
+            assert_eq!(lines[i].1.as_deref(), Some("a line over 400 bytes"));
         }
     }
 
