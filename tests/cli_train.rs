@@ -879,6 +879,11 @@ fn bad_input_gets_clear_messages() {
             "serve: max_connections must be at most 1048576",
         ),
         (&["bench", "moe-layer", "--iters", "0"], "must be at least 1"),
+        (
+            // Dropless keeps every assignment: a capacity factor would be ignored.
+            &["bench", "moe-layer", "--dropless", "--capacity-factor", "2"],
+            "'--dropless' cannot be used with '--capacity-factor",
+        ),
         (&["bench", "recovery", "--kill-after", "0"], "must be at least 1"),
         (&["bench", "generate", "--rounds", "0"], "must be at least 1"),
         (&["bench", "generate", "--tokens", "0"], "must be at least 1"),

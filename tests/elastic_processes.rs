@@ -591,11 +591,18 @@ fn a_worker_serves_its_traffic_per_peer_as_metrics() {
             "1",
             "--metrics-addr",
             "127.0.0.1:0",
+            // Not used: the run exchanges over the transport, which the worker says.
+            "--gpu",
+            "1",
         ],
         &[],
     );
-    let _other = worker(dir.path(), "other", &ticket);
+    let other = worker(dir.path(), "other", &ticket);
     watched.wait_for("metrics on http://", Duration::from_secs(30));
+    watched.wait_for(
+        "notice: --gpu 1 is not used: this run exchanges expert rows over transport",
+        Duration::from_secs(30),
+    );
     let addr = printed_metrics_addr(&watched.log(), "metrics on http://");
     coord.wait_for("epoch 1: 2 workers", Duration::from_secs(30));
     // What the coordinator recorded while its runtime started (the joins, the first epoch).
@@ -629,6 +636,7 @@ fn a_worker_serves_its_traffic_per_peer_as_metrics() {
     };
     assert!(!sent.is_empty());
     assert!(coord.wait(Duration::from_secs(120)).success(), "{}", coord.log());
+    assert!(!other.log().contains("--gpu"), "{}", other.log());
 }
 
 /// A worker process joining with `ticket`.

@@ -83,7 +83,7 @@ pub fn recovery_bench(
                 // start would otherwise show only as a join timeout).
                 let log = dir.join(format!("round-{round}-{as_parent}-process-{process}.log"));
                 let file = std::fs::File::create(&log).map_err(|e| Error::io("cannot create", &log, e))?;
-                let child = spawn_worker_with(&ticket, &scratch, threads, 0, file.into(), &[])?;
+                let child = spawn_worker_with(&ticket, &scratch, threads, None, file.into(), &[])?;
                 lock(&children.0).push(child);
             }
             let watch = as_parent.then(|| tokio::spawn(watch_exits(children.0.clone(), cluster.exit_watch())));

@@ -290,8 +290,8 @@ pub struct MoeLayerArgs {
     /// Capacity factor.
     #[arg(long, default_value_t = 1.0)]
     capacity_factor: f64,
-    /// Keep every assignment (no capacity).
-    #[arg(long)]
+    /// Keep every assignment (no capacity; refused with --capacity-factor, which it would ignore).
+    #[arg(long, conflicts_with = "capacity_factor")]
     dropless: bool,
     /// Drop policy: position or probs.
     #[arg(long, default_value = "position", value_parser = parse_policy)]
@@ -591,6 +591,15 @@ fn stall_causes(seconds: &[f64; 4]) -> String {
     }
 }
 
+/// How the layer keeps assignments, for its figures' first line.
+fn capacity(a: &MoeLayerArgs) -> String {
+    if a.dropless {
+        "dropless".to_string()
+    } else {
+        format!("capacity_factor={}", a.capacity_factor)
+    }
+}
+
 /// `semoe bench moe-layer --device cuda`.
 fn moe_layer_on_gpu(a: &MoeLayerArgs, config: &MoeConfig) -> semoe::Result<()> {
     semoe::model::cuda::check_moe_config(config)?;
@@ -599,8 +608,18 @@ fn moe_layer_on_gpu(a: &MoeLayerArgs, config: &MoeConfig) -> semoe::Result<()> {
         return print_json(&r);
     }
     semoe::out!(
-        "MoE layer on {}: S={} d_model={} d_ff={} E={} k={} capacity_factor={} ({} of {} assignments kept, {} rows per expert), {}",
-        r.device, r.tokens, a.d_model, a.d_ff, a.experts, a.k, a.capacity_factor, r.kept, r.tokens * a.k, r.slots_per_expert, r.precision
+        "MoE layer on {}: S={} d_model={} d_ff={} E={} k={} {} ({} of {} assignments kept, {} rows per expert), {}",
+        r.device,
+        r.tokens,
+        a.d_model,
+        a.d_ff,
+        a.experts,
+        a.k,
+        capacity(a),
+        r.kept,
+        r.tokens * a.k,
+        r.slots_per_expert,
+        r.precision
     );
     semoe::out!(
         "  forward          {:>11.1} tokens/s  {:>8.2} ms",
@@ -659,8 +678,16 @@ pub fn run(command: BenchCommand) -> semoe::Result<()> {
                 print_json(&r)?;
             } else {
                 semoe::out!(
-                    "MoE layer: S={} d_model={} d_ff={} E={} k={} capacity_factor={} ({} of {} assignments kept), f32, {} threads",
-                    r.tokens, a.d_model, a.d_ff, a.experts, a.k, a.capacity_factor, r.kept, r.tokens * a.k, r.threads
+                    "MoE layer: S={} d_model={} d_ff={} E={} k={} {} ({} of {} assignments kept), f32, {} threads",
+                    r.tokens,
+                    a.d_model,
+                    a.d_ff,
+                    a.experts,
+                    a.k,
+                    capacity(&a),
+                    r.kept,
+                    r.tokens * a.k,
+                    r.threads
                 );
                 semoe::out!(
                     "  forward          {:>9.1} tokens/s  {:>7.1} ms  {:>6.1} GFLOP/s ({:.0}% of peak)",

@@ -42,9 +42,10 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
     /// The GPU of this worker's NCCL ranks, when the run exchanges expert rows over NCCL
-    /// (`train --exchange nccl`; `train --processes N` puts its i-th worker on GPU i).
-    #[arg(long, default_value_t = 0)]
-    gpu: usize,
+    /// (`train --exchange nccl`; `train --processes N` puts its i-th worker on GPU i) [default: 0].
+    /// Given for a run that exchanges otherwise, the worker says it is unused.
+    #[arg(long)]
+    gpu: Option<usize>,
 }
 
 pub fn run(a: &WorkerArgs) -> semoe::Result<std::process::ExitCode> {

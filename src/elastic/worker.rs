@@ -64,8 +64,9 @@ pub struct WorkerOptions {
     /// epoch) as Prometheus text on `HOST:PORT` (port 0: the OS chooses; the address is printed).
     pub metrics_addr: Option<String>,
     /// The GPU of this worker's NCCL ranks when the run exchanges expert rows over NCCL
-    /// (`train.exchange = "nccl"`).
-    pub gpu: usize,
+    /// (`train.exchange = "nccl"`; default GPU 0). Given for a run that does not, it is said to
+    /// be unused.
+    pub gpu: Option<usize>,
 }
 
 /// How a worker process ended well.
@@ -473,6 +474,16 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         }
     };
     let deadline = Duration::from_secs_f64(config.train.deadline_s);
+    if let (Some(gpu), false) = (
+        options.gpu,
+        config.train.exchange == crate::config::ExpertExchange::Nccl,
+    ) {
+        crate::say!(
+            "semoe worker: notice: --gpu {gpu} is not used: this run exchanges expert rows over {} (train.exchange), \
+             not NCCL",
+            config.train.exchange
+        );
+    }
     let (fired, mut link_faults_fired) = tokio::sync::mpsc::unbounded_channel::<Notice>();
     let shared = Arc::new(Shared {
         cpu: Cpu::new(config.train.threads)?,
@@ -490,7 +501,7 @@ async fn serve(options: WorkerOptions, stop: Arc<AtomicUsize>) -> Result<WorkerE
         }),
         scratch: scratch.clone(),
         deadline,
-        gpu: options.gpu,
+        gpu: options.gpu.unwrap_or(0),
         faults: super::hooks::expert_fault()?,
         pause,
         fired,

@@ -261,6 +261,8 @@ struct Fleet {
     pids: Vec<u32>,
     /// The GPU each process was given (over NCCL), by its number.
     gpus: Vec<usize>,
+    /// Whether the run exchanges over NCCL (the processes are given their GPU).
+    nccl: bool,
     ticket: PathBuf,
     logs: PathBuf,
     threads: usize,
@@ -336,7 +338,7 @@ impl Fleet {
             &self.ticket,
             &scratch,
             self.threads,
-            gpu,
+            self.nccl.then_some(gpu),
             Stdio::from(file),
             &env,
         )?;
@@ -734,6 +736,7 @@ pub(super) fn run_in(config: &TrainConfig, scenario: &Scenario, dir: &Path) -> R
         children: children.0.clone(),
         pids: Vec::new(),
         gpus: Vec::new(),
+        nccl: t.exchange == crate::config::ExpertExchange::Nccl,
         ticket,
         logs,
         threads: crate::kernels::cpu::threads_each(t.threads, t.processes),

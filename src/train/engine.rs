@@ -165,9 +165,10 @@ impl RuntimeEngine {
         );
         let threads = crate::kernels::cpu::threads_each(t.threads, t.processes);
         // Over NCCL, the i-th worker process started here on GPU i.
-        for gpu in 0..t.processes {
-            let scratch = run_dir.join(run_dir::TIERS_DIR).join(format!("process-{gpu}"));
-            let child = spawn_worker(&ticket, &scratch, threads, gpu, false)?;
+        let nccl = t.exchange == crate::config::ExpertExchange::Nccl;
+        for i in 0..t.processes {
+            let scratch = run_dir.join(run_dir::TIERS_DIR).join(format!("process-{i}"));
+            let child = spawn_worker(&ticket, &scratch, threads, nccl.then_some(i), false)?;
             lock(&self.children).push(child);
         }
         if t.processes > 0 {
@@ -374,11 +375,12 @@ pub(crate) fn check_local_processes(processes: usize) -> Result<()> {
     Ok(())
 }
 
-/// Start `semoe worker --ticket FILE --scratch DIR --gpu GPU` (this program), its error output
-/// joined to ours unless `quiet` (`gpu`: its NCCL ranks' GPU, when the run exchanges over NCCL).
+/// Start `semoe worker --ticket FILE --scratch DIR [--gpu GPU]` (this program), its error output
+/// joined to ours unless `quiet` (`gpu`: its NCCL ranks' GPU, given when the run exchanges over
+/// NCCL).
 /// `scratch` holds its Disk tier: a folder of the run's, not the system's temporary directory
 /// (often memory, which the storage budgets exist to spare), removed with the run's scratch.
-pub fn spawn_worker(ticket: &Path, scratch: &Path, threads: usize, gpu: usize, quiet: bool) -> Result<Child> {
+pub fn spawn_worker(ticket: &Path, scratch: &Path, threads: usize, gpu: Option<usize>, quiet: bool) -> Result<Child> {
     spawn_worker_with(
         ticket,
         scratch,
@@ -399,7 +401,7 @@ pub fn spawn_worker_with(
     ticket: &Path,
     scratch: &Path,
     threads: usize,
-    gpu: usize,
+    gpu: Option<usize>,
     stderr: Stdio,
     env: &[(String, String)],
 ) -> Result<Child> {
@@ -415,8 +417,11 @@ pub fn spawn_worker_with(
         .arg(scratch)
         .arg("--threads")
         .arg(threads.to_string())
-        .arg("--gpu")
-        .arg(gpu.to_string())
+        .args(
+            gpu.map(|gpu| ["--gpu".to_string(), gpu.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stderr(stderr)
