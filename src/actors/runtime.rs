@@ -227,7 +227,7 @@ impl RuntimeBuilder {
             job.train.workers = self.workers;
             crate::config::memory::check_fits(&job, crate::config::memory::available_bytes())?;
         }
-        crate::data::corpus::check_vocab(&config, [text.as_slice()], "the runtime's training text")?;
+        crate::data::corpus::check_vocab(&config, [text.as_slice()], "the runtime's training text", None)?;
         // One window of block_size + 1 bytes, as the plain loop needs (data::sampler).
         if text.len() < config.model.block_size + 1 {
             return Err(Error::config(format!(

@@ -41,7 +41,12 @@ pub fn run(a: &EvalArgs) -> semoe::Result<()> {
         Some(path) => {
             let text = semoe::train::data::read_text(path)?;
             // A byte the model has no embedding for fails with a clear error, not deep inside it.
-            semoe::data::corpus::check_vocab(&config, [text.as_slice()], &format!("--data {}", path.display()))?;
+            semoe::data::corpus::check_vocab(
+                &config,
+                [text.as_slice()],
+                &format!("--data {}", path.display()),
+                Some(path),
+            )?;
             let fit = (text.len().saturating_sub(1) / t).clamp(1, 4096);
             (text, path.display().to_string(), a.windows.unwrap_or(fit))
         }

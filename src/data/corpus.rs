@@ -85,11 +85,13 @@ impl Corpus {
 }
 
 /// Tokens are bytes: a vocabulary smaller than 256 must hold every byte of the text (its `parts`
-/// in order), or the first batch that meets one fails deep inside the model. `what` names the text.
+/// in order), or the first batch that meets one fails deep inside the model. `what` names the text;
+/// `data`, the file or directory it was read from (a directory's error names the file within).
 pub fn check_vocab<'a>(
     config: &crate::config::TrainConfig,
     parts: impl IntoIterator<Item = &'a [u8]>,
     what: &str,
+    data: Option<&Path>,
 ) -> Result<()> {
     let vocab = config.model.vocab;
     if vocab >= crate::config::BYTE_VOCAB {
@@ -98,12 +100,35 @@ pub fn check_vocab<'a>(
     }
     let text = parts.into_iter().flatten();
     if let Some((at, byte)) = text.enumerate().find(|(_, &b)| usize::from(b) >= vocab) {
+        let within = data
+            .filter(|d| d.is_dir())
+            .and_then(|d| locate(d, at))
+            .map_or(String::new(), |(file, offset)| {
+                format!(" (offset {offset} of {})", file.display())
+            });
         return Err(Error::config(format!(
-            "model.vocab is {vocab}, but {what} holds byte {byte} at offset {at}: every byte of the text \
-             must be below model.vocab (256 holds any text)"
+            "model.vocab is {vocab}, but {what} holds byte {byte} at offset {at}{within}: every byte of the \
+             text must be below model.vocab (256 holds any text)"
         )));
     }
     Ok(())
+}
+
+/// The file of directory `dir`'s joined text (see [`read_text`]) holding byte `at` of it, and the
+/// byte's offset in that file; `None` if the directory cannot be listed again or `at` falls
+/// between two files.
+fn locate(dir: &Path, at: usize) -> Option<(std::path::PathBuf, usize)> {
+    let mut end = 0usize;
+    for f in text_files(dir).ok()? {
+        let len = usize::try_from(std::fs::metadata(&f).ok()?.len()).ok()?;
+        // As `read_text` joins them: a blank line before each non-empty file but the first text.
+        let start = if end == 0 || len == 0 { end } else { end + 2 };
+        end = start + len;
+        if (start..end).contains(&at) {
+            return Some((f, at - start));
+        }
+    }
+    None
 }
 
 /// The text of a UTF-8 file, or of a directory's files (recursively, in sorted path order) joined
@@ -114,6 +139,29 @@ pub fn check_vocab<'a>(
 /// starts with `.` and anything that is neither a file nor a directory (a pipe, a device) are left
 /// out.
 pub fn read_text(path: &Path) -> Result<Vec<u8>> {
+    let files = text_files(path)?;
+    let mut text = Vec::new();
+    for f in &files {
+        let bytes = std::fs::read(f).map_err(|e| Error::io("cannot read the training data", f, e))?;
+        check_text(&bytes, f)?;
+        if text.is_empty() {
+            // The first (or only) file's bytes become the text: not copied.
+            text = bytes;
+            continue;
+        }
+        if !bytes.is_empty() {
+            text.extend_from_slice(b"\n\n");
+        }
+        text.extend_from_slice(&bytes);
+    }
+    if text.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(Error::parse(format!("training data {}", path.display()), "it is empty"));
+    }
+    Ok(text)
+}
+
+/// The files [`read_text`] reads, in order: `path` itself, or a directory's files.
+fn text_files(path: &Path) -> Result<Vec<std::path::PathBuf>> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot read the training data", path, e))?;
     let mut files = Vec::new();
     if meta.is_dir() {
@@ -156,24 +204,7 @@ pub fn read_text(path: &Path) -> Result<Vec<u8>> {
         }
         files.push(path.to_path_buf());
     }
-    let mut text = Vec::new();
-    for f in &files {
-        let bytes = std::fs::read(f).map_err(|e| Error::io("cannot read the training data", f, e))?;
-        check_text(&bytes, f)?;
-        if text.is_empty() {
-            // The first (or only) file's bytes become the text: not copied.
-            text = bytes;
-            continue;
-        }
-        if !bytes.is_empty() {
-            text.extend_from_slice(b"\n\n");
-        }
-        text.extend_from_slice(&bytes);
-    }
-    if text.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(Error::parse(format!("training data {}", path.display()), "it is empty"));
-    }
-    Ok(text)
+    Ok(files)
 }
 
 /// The files under `dir`, through symbolic links (a link to a text is that text); `seen` holds the
@@ -298,6 +329,33 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    #[test]
+    fn a_byte_outside_the_vocabulary_is_named_in_its_file() {
+        let scratch = Scratch::new("vocab");
+        let data = scratch.0.join("data");
+        std::fs::create_dir_all(data.join("b")).expect("data");
+        std::fs::write(data.join("a.txt"), "hello").expect("a");
+        std::fs::write(data.join("b/empty.txt"), "").expect("empty");
+        std::fs::write(data.join("c.txt"), "abc\u{e9}").expect("c");
+        let text = read_text(&data).expect("the texts");
+        assert_eq!(String::from_utf8_lossy(&text), "hello\n\nabc\u{e9}");
+        let mut config = crate::config::TrainConfig::default();
+        config.model.vocab = 128;
+        let err = check_vocab(&config, [&text[..8], &text[8..]], "the text", Some(&data))
+            .expect_err("byte 195")
+            .to_string();
+        let c = data.join("c.txt");
+        assert!(
+            err.contains(&format!("holds byte 195 at offset 10 (offset 3 of {})", c.display())),
+            "{err}"
+        );
+        // A single file's offset is the file's: nothing to add.
+        let err = check_vocab(&config, [&b"abc\xc3"[..]], "the text", Some(&c))
+            .expect_err("byte 195")
+            .to_string();
+        assert!(err.contains("holds byte 195 at offset 3: every"), "{err}");
     }
 
     #[test]

@@ -309,7 +309,12 @@ pub fn corpus_for(config: &TrainConfig) -> Result<Corpus> {
         None => Corpus::bundled()?,
     };
     let source = format!("the text {}", corpus.source);
-    crate::data::corpus::check_vocab(config, [corpus.train.as_slice(), corpus.val.as_slice()], &source)?;
+    crate::data::corpus::check_vocab(
+        config,
+        [corpus.train.as_slice(), corpus.val.as_slice()],
+        &source,
+        config.train.data.as_deref(),
+    )?;
     Ok(corpus)
 }
 
