@@ -351,6 +351,23 @@ impl AdamW {
                 ),
             });
         }
+        let clipping = self.config.clip > 0.0 && norm > self.config.clip;
+        // The second moment sums squared gradients in float32: an element at or past the square
+        // root of f32::MAX (about 1.8e19) would make it infinite for good, and every later update
+        // of that element 0, in silence. No element exceeds the (clipped) norm.
+        let largest = if clipping { self.config.clip } else { norm };
+        if largest >= (f32::MAX as f64).sqrt() {
+            return Err(Error::Backend {
+                backend: "cpu",
+                detail: format!(
+                    "the gradient norm is {norm:e} at step {} (optimizer.clip {}): its squares overflow the \
+                     optimizer's float32 second moment; training diverged (clip the gradients with optimizer.clip, \
+                     or lower the learning rate)",
+                    self.step + 1,
+                    self.config.clip
+                ),
+            });
+        }
         if self.config.clip > 0.0 {
             let coef = (self.config.clip / (norm + 1e-6)).min(1.0) as f32;
             if coef < 1.0 {
@@ -390,6 +407,27 @@ pub fn for_model(config: &OptimizerConfig, model: &crate::model::gpt::Gpt<f32>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gradient_whose_square_overflows_float32_is_refused_unless_clipped() {
+        let mut grads = vec![0.0f32, 2e19];
+        let unclipped = OptimizerConfig {
+            clip: 0.0,
+            ..OptimizerConfig::default()
+        };
+        let mut a = AdamW::new(unclipped, &[vec![2]]).unwrap();
+        let mut params = vec![1.0f32, 1.0];
+        let e = a
+            .step(&mut [&mut params], &mut [&mut grads.clone()], 1e-3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("overflow") && e.contains("optimizer.clip 0"), "{e}");
+        assert_eq!((params.clone(), a.step), (vec![1.0, 1.0], 0), "nothing updated");
+        // Clipped, the same gradient updates the parameter (its second moment finite).
+        let mut b = AdamW::new(OptimizerConfig::default(), &[vec![2]]).unwrap();
+        b.step(&mut [&mut params], &mut [&mut grads], 1e-3).unwrap();
+        assert!(b.v[0][1].is_finite() && b.v[0][1] > 0.0 && params[1] < 1.0, "{:?}", b.v);
+    }
 
     #[test]
     fn a_copy_with_other_moments_keeps_the_settings_and_checks_the_shapes() {
