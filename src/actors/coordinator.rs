@@ -83,6 +83,9 @@ pub struct CoordArgs {
     /// The gradient norm's parts, `(tensor, expert)` in order: every dense tensor's `(i, 0)` and
     /// each expert's part of each expert tensor (see [`expected_norm_parts`]).
     pub norm_parts: Vec<(usize, usize)>,
+    /// The model's tensors by index, each its name and whether it is an expert tensor: a norm that
+    /// is not finite names the parts that made it.
+    pub tensors: Vec<(String, bool)>,
     /// Steps whose metrics were recorded ([`super::RuntimeBuilder::reported_steps`]): a step up
     /// to it is not recorded again.
     pub reported: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -100,6 +103,36 @@ pub fn expected_norm_parts(config: &crate::model::gpt::GptConfig) -> Vec<(usize,
             (0..experts).map(move |e| (i, e))
         })
         .collect()
+}
+
+/// Where a gradient norm that is not finite came from: the first few parts that are not, with the
+/// worker that computed each (`parts[w]` is worker `w`'s answer), as " (worker 1: expert 3 of
+/// blocks.0.moe.w1 is NaN, ...)"; empty when every part is finite (the sum overflowed).
+fn non_finite_parts(parts: &[Vec<NormPart>], tensors: &[(String, bool)]) -> String {
+    const SHOWN: usize = 4;
+    let bad: Vec<String> = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(w, answered)| {
+            answered
+                .iter()
+                .filter(|(_, sum)| !sum.is_finite())
+                .map(move |&((tensor, expert), sum)| (w, tensor, expert, sum))
+        })
+        .map(|(w, tensor, expert, sum)| {
+            let what = match tensors.get(tensor) {
+                Some((name, true)) => format!("expert {expert} of {name}"),
+                Some((name, false)) => name.clone(),
+                None => format!("tensor {tensor}"),
+            };
+            format!("worker {w}: {what} is {sum}")
+        })
+        .collect();
+    match bad.len() {
+        0 => String::new(),
+        n if n <= SHOWN => format!(" ({})", bad.join(", ")),
+        n => format!(" ({}, and {} more parts)", bad[..SHOWN].join(", "), n - SHOWN),
+    }
 }
 
 /// Sort the norm parts the workers answered for step `n` and check them against `expected`:
@@ -418,6 +451,7 @@ async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>
         move |reply| WorkerMsg::Prepare { step: id, reply },
     )
     .await?;
+    let not_finite = non_finite_parts(&parts, &a.tensors);
     let mut parts: Vec<NormPart> = parts.into_iter().flatten().collect();
     check_norm_parts(n, &mut parts, &a.norm_parts)?;
     let grad_norm = norm_from_parts(parts.iter().map(|(_, s)| *s));
@@ -425,7 +459,7 @@ async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>
     if !grad_norm.is_finite() {
         return Err(Error::Diverged {
             step: n + 1,
-            what: format!("the gradient norm is {grad_norm}"),
+            what: format!("the gradient norm is {grad_norm}{not_finite}"),
             lr,
         });
     }
@@ -457,6 +491,22 @@ async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_norm_that_is_not_finite_names_its_parts_and_their_workers() {
+        let tensors = vec![("wte".to_string(), false), ("h.0.moe.w1".to_string(), true)];
+        let finite = vec![((0, 0), 1.0), ((1, 0), 2.0)];
+        assert_eq!(non_finite_parts(&[finite.clone(), vec![((1, 1), 3.0)]], &tensors), "");
+        let parts = vec![finite, vec![((1, 1), f64::NAN), ((0, 0), f64::INFINITY)]];
+        assert_eq!(
+            non_finite_parts(&parts, &tensors),
+            " (worker 1: expert 1 of h.0.moe.w1 is NaN, worker 1: wte is inf)"
+        );
+        let many = vec![vec![((1, 0), f64::NAN); 6]];
+        let said = non_finite_parts(&many, &tensors);
+        assert!(said.ends_with(", and 2 more parts)"), "{said}");
+        assert_eq!(said.matches("worker 0: expert 0 of h.0.moe.w1 is NaN").count(), 4);
+    }
 
     fn failed(worker: usize) -> Error {
         Error::ActorFailed {

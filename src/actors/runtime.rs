@@ -348,6 +348,12 @@ impl RuntimeBuilder {
             deadline: self.deadline,
             max_replays: self.max_replays,
             norm_parts: super::coordinator::expected_norm_parts(&config.model),
+            tensors: config
+                .model
+                .tensor_specs()
+                .into_iter()
+                .map(|s| (s.name, s.expert))
+                .collect(),
             reported: self.reported.clone(),
         };
         let (coordinator, join) = Actor::spawn(None, CoordActor, args)
