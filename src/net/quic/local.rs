@@ -184,21 +184,26 @@ pub(crate) fn listen(name: &str) -> Result<UnixListener> {
     }
 }
 
-/// Connect to the abstract socket `name`; `Ok(None)` when nothing listens there (the caller falls
-/// back to QUIC).
+/// Connect to the abstract socket `name`; `Ok(None)` when nothing listens there or its queue of
+/// connections is full (the caller falls back to QUIC). Never blocks a thread: a blocking connect
+/// to a listener that never accepts (a process holding the name) would wait for ever, on one of
+/// the worker's few async threads.
 pub(crate) async fn connect(name: &str) -> std::result::Result<Option<UnixStream>, String> {
     #[cfg(target_os = "linux")]
     {
-        let addr = abstract_addr(name).map_err(|e| e.to_string())?;
-        let stream = match std::os::unix::net::UnixStream::connect_addr(&addr) {
+        let addr = tokio::net::unix::SocketAddr::from(abstract_addr(name).map_err(|e| e.to_string())?);
+        let stream = match UnixStream::connect_addr(&addr).await {
             Ok(s) => s,
-            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound | io::ErrorKind::WouldBlock
+                ) =>
+            {
                 return Ok(None)
             }
             Err(e) => return Err(format!("cannot connect to the same-host socket: {e}")),
         };
-        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let stream = UnixStream::from_std(stream).map_err(|e| e.to_string())?;
         check_same_user(&stream)?;
         Ok(Some(stream))
     }
@@ -472,6 +477,61 @@ mod tests {
         assert_eq!(f.len(), 6 + MAX_REASON);
         assert_eq!(&f[..4], &7u32.to_le_bytes());
         assert_eq!(u16::from_le_bytes([f[4], f[5]]) as usize, MAX_REASON);
+    }
+
+    /// A listener on the abstract socket `name` whose queue holds at most one connection and
+    /// which never accepts (a process holding the name): its file descriptor.
+    #[cfg(target_os = "linux")]
+    fn listen_and_never_accept(name: &str) -> libc::c_int {
+        // SAFETY: plain socket calls on a zeroed address of the right family and length.
+        unsafe {
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0, "socket");
+            let mut addr: libc::sockaddr_un = std::mem::zeroed();
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            for (i, &b) in name.as_bytes().iter().enumerate() {
+                addr.sun_path[i + 1] = b as libc::c_char;
+            }
+            let len = std::mem::size_of::<libc::sa_family_t>() + 1 + name.len();
+            let bound = libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len as libc::socklen_t);
+            assert_eq!(bound, 0, "bind");
+            assert_eq!(libc::listen(fd, 0), 0, "listen");
+            fd
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_connect_to_a_listener_that_never_accepts_does_not_block() {
+        let name = format!("semoe-test-full-{}", std::process::id());
+        let fd = listen_and_never_accept(&name);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dialer = std::thread::spawn(move || {
+            let tokio = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio");
+            for _ in 0..3 {
+                let connected = tokio.block_on(connect(&name));
+                if tx.send(connected.map(|s| s.is_some())).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+                Ok(answer) => answers.push(answer),
+                Err(_) => break,
+            }
+        }
+        // SAFETY: `fd` is the listener's, closed once (this wakes a connect blocked on it).
+        unsafe { libc::close(fd) };
+        let _ = dialer.join();
+        assert_eq!(answers.len(), 3, "a connect blocked: {answers:?}");
+        // The first waits in the queue; a full queue is nothing to dial (QUIC instead).
+        assert_eq!(answers[0], Ok(true));
+        assert_eq!(answers[1..], [Ok(false), Ok(false)]);
     }
 
     use super::super::frame::FrameError;
