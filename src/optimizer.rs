@@ -53,6 +53,26 @@ impl Default for OptimizerConfig {
 }
 
 impl OptimizerConfig {
+    /// Why a step whose global gradient norm is `norm` must not be applied, if it must not: the
+    /// norm is not finite, or the gradients (clipped to `clip` where clipping is on) are so large
+    /// that the second moment, which sums their squares in float32, may overflow: an element at
+    /// or past the square root of f32::MAX (about 1.8e19) would make it infinite for good, and
+    /// every later update of that element 0, in silence. No element exceeds the (clipped) norm.
+    /// Every caller reports it as divergence before any worker applies the step.
+    pub fn divergence(&self, norm: f64) -> Option<String> {
+        if !norm.is_finite() {
+            return Some(format!("the gradient norm is {norm}"));
+        }
+        let largest = if self.clip > 0.0 { norm.min(self.clip) } else { norm };
+        (largest >= (f32::MAX as f64).sqrt()).then(|| {
+            format!(
+                "the gradient norm is {norm:e} with optimizer.clip {}: its squares may overflow the optimizer's \
+                 float32 second moment",
+                self.clip
+            )
+        })
+    }
+
     /// Check the values.
     pub fn validate(&self) -> Result<()> {
         let ok = |v: f64| v.is_finite() && v >= 0.0;
@@ -339,34 +359,16 @@ impl AdamW {
 
 impl AdamW {
     /// The factor the gradients are multiplied by before the update, given their global norm:
-    /// `clip / (norm + 1e-6)` when that is below 1 and clipping is on, else 1. A non-finite norm is
-    /// an error (the update is refused: training diverged).
+    /// `clip / (norm + 1e-6)` when that is below 1 and clipping is on, else 1. A norm that
+    /// [`OptimizerConfig::divergence`] refuses is an error (the update is refused).
     pub(crate) fn clip_scale(&self, norm: f64) -> Result<f32> {
-        if !norm.is_finite() {
-            return Err(Error::Backend {
-                backend: "cpu",
-                detail: format!(
-                    "the gradient norm is {norm} at step {}: training diverged",
-                    self.step + 1
-                ),
-            });
-        }
-        let clipping = self.config.clip > 0.0 && norm > self.config.clip;
-        // The second moment sums squared gradients in float32: an element at or past the square
-        // root of f32::MAX (about 1.8e19) would make it infinite for good, and every later update
-        // of that element 0, in silence. No element exceeds the (clipped) norm.
-        let largest = if clipping { self.config.clip } else { norm };
-        if largest >= (f32::MAX as f64).sqrt() {
-            return Err(Error::Backend {
-                backend: "cpu",
-                detail: format!(
-                    "the gradient norm is {norm:e} at step {} (optimizer.clip {}): its squares overflow the \
-                     optimizer's float32 second moment; training diverged (clip the gradients with optimizer.clip, \
-                     or lower the learning rate)",
-                    self.step + 1,
-                    self.config.clip
-                ),
-            });
+        // The callers report this as divergence first ([`OptimizerConfig::divergence`]); this
+        // guards an update that would be applied anyway.
+        if let Some(what) = self.config.divergence(norm) {
+            return Err(Error::runtime(format!(
+                "{what} at step {}: training diverged, the update is refused",
+                self.step + 1
+            )));
         }
         if self.config.clip > 0.0 {
             let coef = (self.config.clip / (norm + 1e-6)).min(1.0) as f32;
@@ -409,19 +411,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_gradient_whose_square_overflows_float32_is_refused_unless_clipped() {
-        let mut grads = vec![0.0f32, 2e19];
+    fn a_gradient_whose_square_may_overflow_float32_is_divergence_unless_clipped() {
+        // What the check prevents: a gradient element of 2e19 (beta2 0: its square whole) makes
+        // the second moment infinite, and the element's update 0 from then on, in silence.
+        let (mut p, g, mut m, mut v) = ([1.0f32], [2e19f32], [0.0f32], [0.0f32]);
+        let s = AdamwStep {
+            keep: 1.0,
+            b1: 0.9,
+            b2: 0.0,
+            bc2_sqrt: 1.0,
+            step_size: 1e-3,
+            eps: 1e-8,
+        };
+        adamw_update(&mut p, &g, &mut m, &mut v, s);
+        assert!(v[0].is_infinite() && p[0] == 1.0, "{v:?} {p:?}");
+
         let unclipped = OptimizerConfig {
             clip: 0.0,
             ..OptimizerConfig::default()
         };
+        let what = unclipped.divergence(2e19).expect("may overflow");
+        assert!(
+            what.contains("optimizer.clip 0") && what.contains("may overflow"),
+            "{what}"
+        );
+        assert_eq!(unclipped.divergence(1e19), None);
+        assert_eq!(OptimizerConfig::default().divergence(2e19), None, "clipped to 1");
+        assert!(OptimizerConfig::default().divergence(f64::NAN).is_some());
         let mut a = AdamW::new(unclipped, &[vec![2]]).unwrap();
         let mut params = vec![1.0f32, 1.0];
+        let mut grads = vec![0.0f32, 2e19];
         let e = a
             .step(&mut [&mut params], &mut [&mut grads.clone()], 1e-3)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("overflow") && e.contains("optimizer.clip 0"), "{e}");
+        assert!(e.contains("may overflow") && e.contains("the update is refused"), "{e}");
         assert_eq!((params.clone(), a.step), (vec![1.0, 1.0], 0), "nothing updated");
         // Clipped, the same gradient updates the parameter (its second moment finite).
         let mut b = AdamW::new(OptimizerConfig::default(), &[vec![2]]).unwrap();

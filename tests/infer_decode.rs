@@ -402,7 +402,7 @@ fn decode_isolating(decoder: &mut BatchDecoder, ids: &[SeqId]) -> Decoded {
         if decoder.active() == 0 {
             return (bytes, failed);
         }
-        let outcome = decoder.step_isolating().expect("step");
+        let outcome = decoder.step_isolating(&mut || {}).expect("step");
         for e in outcome.emitted {
             bytes.get_mut(&e.id).expect("a known sequence").push(e.byte);
         }
@@ -437,7 +437,15 @@ fn a_sequence_whose_own_values_are_not_finite_fails_alone() {
         .iter()
         .map(|p| decoder.admit(p, &opts(6, 1.0, 0, 3)).expect("admit"))
         .collect();
-    let (bytes, failed) = decode_isolating(&mut decoder, &ids);
+    let mut retries = 0;
+    let first = decoder.step_isolating(&mut || retries += 1).expect("step");
+    assert_eq!(retries, 3, "one pass per sequence after the batch failed");
+    assert_eq!(first.emitted.len(), 2);
+    let (mut bytes, mut failed) = decode_isolating(&mut decoder, &ids);
+    for e in first.emitted {
+        bytes.get_mut(&e.id).expect("a known sequence").insert(0, e.byte);
+    }
+    failed.extend(first.failed.into_iter().map(|(id, e)| (id, e.to_string())));
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0].0, ids[1]);
     assert!(failed[0].1.contains("the gate of block 0"), "{}", failed[0].1);

@@ -499,6 +499,39 @@ fn divergence_is_reported_as_divergence() {
 }
 
 #[test]
+fn gradients_whose_squares_may_overflow_unclipped_are_divergence_on_every_path() {
+    // The final layer norm's gain at 1e20: the output layer's gradient is about 1e20, finite, and
+    // its square would overflow the float32 second moment. Without clipping, the plain loop and
+    // the runtime both report divergence before any update (a worker refusing it in its commit
+    // failed the run as "the workers may now disagree").
+    for workers in [0, 1] {
+        let tmp = TempDir::new("overflow-diverge");
+        let run = tmp.path().join("run");
+        let mut c = small(3);
+        c.optimizer.clip = 0.0;
+        c.train.workers = workers;
+        let t = Trainer::new(c.clone(), &run).expect("trainer");
+        let digest = t.corpus().digest();
+        drop(t);
+        let mut model = semoe::model::gpt::Gpt::init(&c.model, c.train.seed).expect("model");
+        let names: Vec<String> = model.tensors().into_iter().map(|(n, _, _)| n).collect();
+        let gain = names.iter().position(|n| n == "ln_f.weight").expect("ln_f.weight");
+        model.buffers_mut()[gain].fill(1e20);
+        let optimizer = semoe::train::trainer::new_optimizer(&c, &model).expect("optimizer");
+        semoe::train::trainer::write_checkpoint(&run, &c, &model, &optimizer, 0.0, Some(&digest)).expect("checkpoint");
+        let mut t = Trainer::resume(&run, None).expect("resume");
+        let err = t.run(false).expect_err("must diverge");
+        match &err {
+            semoe::Error::Diverged { step, what, .. } => {
+                assert_eq!(*step, 1, "{err}");
+                assert!(what.contains("may overflow"), "workers {workers}: {err}");
+            }
+            other => panic!("workers {workers}: expected divergence, got {other}"),
+        }
+    }
+}
+
+#[test]
 fn an_update_that_wrecks_the_parameters_before_validation_is_divergence_and_not_saved() {
     // One step: its forward is finite, its update (of about lr) overflows what the validation
     // pass right after it computes. An MoE model meets it in a gate, a dense one as a NaN loss

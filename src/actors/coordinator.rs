@@ -456,10 +456,11 @@ async fn attempt(state: &mut CoordState, id: StepId) -> Result<(Vec<GroupOutput>
     check_norm_parts(n, &mut parts, &a.norm_parts)?;
     let grad_norm = norm_from_parts(parts.iter().map(|(_, s)| *s));
     let lr = a.optimizer.lr_at(n, a.total_steps);
-    if !grad_norm.is_finite() {
+    // Refused before any worker applies it (a commit that fails on some leaves them disagreeing).
+    if let Some(what) = a.optimizer.divergence(grad_norm) {
         return Err(Error::Diverged {
             step: n + 1,
-            what: format!("the gradient norm is {grad_norm}{not_finite}"),
+            what: format!("{what}{not_finite}"),
             lr,
         });
     }

@@ -309,7 +309,9 @@ impl<S: WeightSource> BatchDecoder<S> {
     ///
     /// Any other failure of the whole batch (a weight that cannot be read) is returned as `step`
     /// returns it, every sequence as it was. A failure during the retries fails that sequence.
-    pub fn step_isolating(&mut self) -> Result<StepOutcome> {
+    /// `before_retry` is called before each retry (each a pass over the weights: a server's stall
+    /// clock counts per pass, not the whole retry).
+    pub fn step_isolating(&mut self, before_retry: &mut dyn FnMut()) -> Result<StepOutcome> {
         let failure = match self.step() {
             Ok(emitted) => {
                 return Ok(StepOutcome {
@@ -327,6 +329,7 @@ impl<S: WeightSource> BatchDecoder<S> {
         for seq in std::mem::take(&mut self.seqs) {
             let id = seq.id;
             self.seqs.push(seq);
+            before_retry();
             match self.step() {
                 Ok(emitted) => outcome.emitted.extend(emitted),
                 Err(e) => {
@@ -363,7 +366,7 @@ pub trait Decode: Send {
     fn step(&mut self) -> Result<Vec<Emitted>>;
     /// See [`BatchDecoder::step_isolating`]; by default [`Decode::step`], failing every sequence
     /// together.
-    fn step_isolating(&mut self) -> Result<StepOutcome> {
+    fn step_isolating(&mut self, _before_retry: &mut dyn FnMut()) -> Result<StepOutcome> {
         self.step().map(|emitted| StepOutcome {
             emitted,
             failed: Vec::new(),
@@ -398,8 +401,8 @@ impl<S: WeightSource + Send> Decode for BatchDecoder<S> {
     fn step(&mut self) -> Result<Vec<Emitted>> {
         BatchDecoder::step(self)
     }
-    fn step_isolating(&mut self) -> Result<StepOutcome> {
-        BatchDecoder::step_isolating(self)
+    fn step_isolating(&mut self, before_retry: &mut dyn FnMut()) -> Result<StepOutcome> {
+        BatchDecoder::step_isolating(self, before_retry)
     }
     fn broken(&self) -> Option<String> {
         self.source.failure()

@@ -542,7 +542,10 @@ impl Scheduler {
         let size = self.decoder.active();
         let started = Instant::now();
         self.stats.set_step_started(Some(started));
-        let stepped = self.decoder.step_isolating();
+        let stats = &self.stats;
+        let stepped = self
+            .decoder
+            .step_isolating(&mut || stats.set_step_started(Some(Instant::now())));
         self.stats.set_step_started(None);
         let emitted = match stepped {
             Ok(outcome) => {

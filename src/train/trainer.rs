@@ -809,11 +809,11 @@ impl Trainer {
         }
         let lr = c.optimizer.lr_at(step, c.train.steps);
         let grad_norm = model_grad_norm(&self.model, &total);
-        if !grad_norm.is_finite() {
+        if let Some(what) = c.optimizer.divergence(grad_norm) {
             // Refuse the update: the parameters stay those of the last finite step.
             return Err(Error::Diverged {
                 step: step + 1,
-                what: format!("the gradient norm is {grad_norm}"),
+                what,
                 lr,
             });
         }
@@ -844,10 +844,10 @@ impl Trainer {
         }
         let lr = c.optimizer.lr_at(step, c.train.steps);
         let grad_norm = gpu.gradient_norm()?;
-        if !grad_norm.is_finite() {
+        if let Some(what) = c.optimizer.divergence(grad_norm) {
             return Err(Error::Diverged {
                 step: step + 1,
-                what: format!("the gradient norm is {grad_norm}"),
+                what,
                 lr,
             });
         }
