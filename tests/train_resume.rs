@@ -292,6 +292,36 @@ fn a_fall_back_keeps_the_dropped_log_lines_in_their_own_file() {
     assert_eq!(log_steps(&log), [1, 2, 3, 4, 5, 6]);
 }
 
+/// A fall-back resume that fails before it has kept the dropped log lines (here: their file
+/// cannot be written) leaves the damaged checkpoint where it was, so that the next resume keeps
+/// the lines. (The checkpoint was set aside first: the next resume found nothing damaged and
+/// dropped the lines for good.)
+#[test]
+fn a_fall_back_that_fails_midway_loses_no_log_line() {
+    let tmp = TempDir::new("resume-fallback-interrupted");
+    let dir = tmp.path().join("run");
+    let mut c = small(6);
+    c.train.checkpoint_every = 3;
+    c.train.keep_checkpoints = 3;
+    Trainer::new(c, &dir).expect("trainer").run(false).expect("run");
+    let damaged = checkpoint::checkpoint_dir(&dir, 6);
+    std::fs::write(damaged.join("manifest.json"), "{ not json").expect("damage");
+    // The side file's temporary name taken by a directory: writing it fails.
+    let blocker = dir.join(format!(".metrics.after-step-00000003.jsonl.tmp-{}", std::process::id()));
+    std::fs::create_dir_all(blocker.join("x")).expect("blocker");
+    let err = Trainer::resume(&dir, None)
+        .err()
+        .expect("the side file cannot be written");
+    assert!(err.to_string().contains("metrics.after-step-00000003"), "{err}");
+    assert!(damaged.is_dir(), "the damaged checkpoint is still there to be found");
+    std::fs::remove_dir_all(&blocker).expect("unblock");
+    let t = Trainer::resume(&dir, None).expect("resume");
+    assert_eq!(t.steps_done(), 3);
+    let side = std::fs::read_to_string(dir.join("metrics.after-step-00000003.jsonl")).expect("the kept lines");
+    assert_eq!(side.matches("\"kind\":\"train\"").count(), 3, "{side}");
+    assert!(!damaged.exists() && dir.join("checkpoints/damaged-step-00000006").is_dir());
+}
+
 /// A checkpoint another version of semoe wrote is not damage: the resume stops naming it, and
 /// nothing is set aside or dropped from the log.
 #[test]

@@ -507,16 +507,6 @@ impl Trainer {
                 ckpt.dir.display()
             )),
         }
-        for d in &resolved.damaged {
-            let aside = checkpoint::set_aside(&d.dir)?;
-            notices.push(format!(
-                "checkpoint {} is damaged ({}); it was moved to {} and the run resumes from {}",
-                d.dir.display(),
-                d.reason,
-                aside.display(),
-                ckpt.dir.display()
-            ));
-        }
         let resumed_from = ckpt.dir.clone();
         let (model, optimizer, prior_seconds) = load_state_from(&config, ckpt)?;
         // A finished run resumed changes nothing, its config included.
@@ -533,6 +523,20 @@ impl Trainer {
             })
             .flatten();
         let history = truncate_metrics(&run_dir.join(log::METRICS_FILE), optimizer.step, dropped_to.as_deref())?;
+        // Only now, with their steps' log lines kept aside, are the damaged checkpoints moved out
+        // of the way: a resume that stops before (an error, a kill, a Ctrl-C while the state
+        // loads) leaves them to be found again, and the next resume keeps the lines then. (Moved
+        // first, the next resume saw nothing damaged and dropped the lines for good.)
+        for d in &resolved.damaged {
+            let aside = checkpoint::set_aside(&d.dir)?;
+            notices.push(format!(
+                "checkpoint {} is damaged ({}); it was moved to {} and the run resumes from {}",
+                d.dir.display(),
+                d.reason,
+                aside.display(),
+                resumed_from.display()
+            ));
+        }
         if let Some(side) = dropped_to.filter(|_| history.moved) {
             notices.push(format!(
                 "the metrics log's lines after step {} were moved to {}",
