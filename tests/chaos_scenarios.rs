@@ -433,10 +433,16 @@ fn a_communicator_fault_is_repaired_by_a_restart_and_a_replay() {
     for (what, spec) in [
         ("communicator error", FaultSpec::communicator().worker(1).error().at(2)),
         ("communicator panic", FaultSpec::communicator().worker(0).panic().at(5)),
+        // Twice: the step and its replay each fail once (a fault fires at most once per attempt).
+        (
+            "communicator error twice",
+            FaultSpec::communicator().worker(1).error().at(3).times(2),
+        ),
     ]
     .into_iter()
     .flat_map(|case| std::iter::repeat_n(case, 3))
     {
+        let twice = what.ends_with("twice");
         let scenario = Scenario::builder()
             .deadline(Duration::from_secs(60))
             .collective_deadline(Duration::from_secs(1))
@@ -444,15 +450,20 @@ fn a_communicator_fault_is_repaired_by_a_restart_and_a_replay() {
             .build()
             .expect("valid");
         let report = run(&c, &scenario, what);
-        assert_eq!(report.faults[0].fired, 1, "{what}");
-        assert_eq!(report.restarts, 1, "{what}: the communicator restarted");
+        let fired = if twice { 2 } else { 1 };
+        assert_eq!(report.faults[0].fired, fired, "{what}");
+        assert_eq!(report.restarts, fired, "{what}: the communicator restarted");
         assert!(
             report.faults[0].detection.contains("restarted the communicator"),
             "{what}: {}",
             report.faults[0].detection
         );
         assert_bitwise_equal(&report, &c, what);
-        assert!(report.replays >= 1, "{what}: its step replayed");
+        assert!(
+            report.replays >= fired as u32,
+            "{what}: its step replayed ({} replays)",
+            report.replays
+        );
     }
     let err = Scenario::from_toml("[[fault]]\nactor = \"communicator\"\nkind = \"error\"\nstep = 1\nblock = 0\n")
         .expect_err("block")

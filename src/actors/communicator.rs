@@ -12,7 +12,7 @@ use super::collectives::{ExpertCall, ExpertCollectives};
 use super::expert::ExpertMsg;
 use super::ledger::LedgerMsg;
 use super::placement::Placement;
-use super::{ask, fail_with, ActorName};
+use super::{ask, ActorName};
 use crate::chaos::{FaultPlan, Moment, Target};
 use crate::error::{Error, Result};
 use crate::model::gpt::Gpt;
@@ -57,6 +57,9 @@ static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 pub enum CommMsg {
     /// Send each `(peer, request)` and answer every peer's reply, in the same order.
     Exchange {
+        /// The attempt of the step the exchange belongs to (an injected fault fires at most once
+        /// per attempt).
+        step: StepId,
         /// The collective, for errors (for example `the layer-1 expert forward of step 7`).
         what: String,
         /// The metric label of the traffic.
@@ -182,11 +185,12 @@ impl Actor for CommActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             CommMsg::Exchange {
+                step,
                 what,
                 kind,
                 requests,
                 reply,
-            } => start_exchange(myself, state, what, kind, requests, reply)?,
+            } => start_exchange(myself, state, step, what, kind, requests, reply)?,
             CommMsg::ExpertExchange {
                 call,
                 kind,
@@ -194,13 +198,13 @@ impl Actor for CommActor {
                 reply,
             } => match state.args.collectives.clone() {
                 Some(collectives) => {
-                    inject_exchange_fault(state)?;
+                    inject_exchange_fault(state, call.step)?;
                     let args = state.args.clone();
                     tokio::spawn(async move {
                         let _ = reply.send(collectives.exchange(args, *call, kind, requests).await);
                     });
                 }
-                None => start_exchange(myself, state, call.what, kind, requests, reply)?,
+                None => start_exchange(myself, state, call.step, call.what, kind, requests, reply)?,
             },
             CommMsg::Incoming(packet) => {
                 if packet.payload.is_reply() {
@@ -225,19 +229,15 @@ impl Actor for CommActor {
 }
 
 /// Injected faults strike before anything is sent: the exchange's caller sees the actor fail (its
-/// reply port dropped), as after a real failure at that point.
-fn inject_exchange_fault(state: &CommState) -> Result<(), ActorProcessingErr> {
-    if let Some(step) = state.args.chaos.current_step() {
-        let name = state.args.name();
-        // The exchange does not know the step's attempt: each message may fire.
+/// reply port dropped), as after a real failure at that point. A fault fires at most once per
+/// attempt of its step (the other lanes' exchanges of the failed attempt, which still reach the
+/// restarted actor, do not spend it: `times = 2` fails the replay too).
+fn inject_exchange_fault(state: &CommState, step: StepId) -> Result<(), ActorProcessingErr> {
+    if state.args.chaos.current_step().is_some() {
         let target = Target::Communicator {
             worker: state.args.worker,
         };
-        fail_with(
-            state.args.chaos.fire(&target, step, Moment::Any),
-            &name,
-            StepId::first(step),
-        )?;
+        super::inject(&state.args.chaos, &target, step, Moment::Any, &state.args.name())?;
     }
     Ok(())
 }
@@ -246,13 +246,14 @@ fn inject_exchange_fault(state: &CommState) -> Result<(), ActorProcessingErr> {
 fn start_exchange(
     myself: ActorRef<CommMsg>,
     state: &mut CommState,
+    step: StepId,
     what: String,
     kind: &'static str,
     requests: Vec<(WorkerId, Payload)>,
     reply: RpcReplyPort<Result<Vec<(WorkerId, Payload)>>>,
 ) -> Result<(), ActorProcessingErr> {
     let me = state.args.worker;
-    inject_exchange_fault(state)?;
+    inject_exchange_fault(state, step)?;
     let mut waits = Vec::with_capacity(requests.len());
     for (peer, payload) in requests {
         // Ids are unique in the process, also across restarts of this actor, so that a

@@ -423,6 +423,7 @@ impl Gatherer {
             let what = format!("the dense gather of leg {leg} of step {}", self.step);
             let who = ActorName(format!("communicator of worker {}", self.worker));
             let replies = ask(&self.comm, &who, &what, self.deadline * 2, |reply| CommMsg::Exchange {
+                step: self.step,
                 what: what.clone(),
                 kind: "dense_gather",
                 requests,

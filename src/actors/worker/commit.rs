@@ -135,6 +135,6 @@ pub(super) async fn commit(state: &mut WorkerState, step: StepId, lr: f64, norm:
         .next_step
         .store(step.step.saturating_add(1), std::sync::atomic::Ordering::Release);
     let what = format!("the parameter broadcast of step {step}");
-    exchange(state, what, "params", requests).await?;
+    exchange(state, step, what, "params", requests).await?;
     Ok(())
 }

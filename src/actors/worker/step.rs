@@ -185,13 +185,14 @@ pub(super) async fn run_step(state: &mut WorkerState, step: StepId) -> Result<Ve
         }
     }
     let what = format!("the gradient reduction of step {step}");
-    exchange(state, what, "dense_grads", requests).await?;
+    exchange(state, step, what, "dense_grads", requests).await?;
     Ok(outputs)
 }
 
 /// One exchange through this worker's Communicator (which applies the collective deadline).
 pub(super) async fn exchange(
     state: &WorkerState,
+    step: StepId,
     what: String,
     kind: &'static str,
     requests: Vec<(usize, Payload)>,
@@ -199,6 +200,7 @@ pub(super) async fn exchange(
     let comm = comm(state)?;
     let who = ActorName(format!("communicator of worker {}", state.args.worker));
     ask(&comm, &who, &what, state.args.deadline * 2, |reply| CommMsg::Exchange {
+        step,
         what: what.clone(),
         kind,
         requests,
