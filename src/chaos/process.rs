@@ -399,8 +399,10 @@ impl Scenario {
     /// and key (a random one is left out); what an entry leaves out is drawn from the seed among
     /// that epoch's workers. A corrupt link fault evicts its sender, a membership change the
     /// process plan cannot foresee, so process faults after a scripted one are refused (a random one
-    /// is left out before the last process fault). Also returns each
-    /// planned fault with its entry, in plan order (the plan's indices).
+    /// is left out before the last process fault); the epochs after it have one worker fewer, and
+    /// the indices above the sender's shift, so link faults at later steps are refused too (random
+    /// ones left out). Also returns each planned fault with its entry, in plan order (the plan's
+    /// indices).
     pub fn link_plan(
         &self,
         layout: &ProcessLayout,
@@ -413,8 +415,7 @@ impl Scenario {
                 .rfind(|f| f.step < step || (f.step == step && f.phase == Phase::Boundary))
                 .map_or(layout.processes, |f| f.members_after)
         };
-        let plan = FaultPlan::none();
-        let mut planned = Vec::new();
+        let mut planned: Vec<PlannedFault> = Vec::new();
         for (entry, spec) in self.faults.iter().enumerate() {
             if spec.actor != ActorKind::Link {
                 continue;
@@ -486,9 +487,33 @@ impl Scenario {
                     experts: 0,
                 };
                 let fault = draw(spec, step, &shape, &mut rng);
-                plan.push(fault.clone());
                 planned.push(PlannedFault { entry, fault });
             }
+        }
+        // The first corrupt fault evicts its sender: a link fault at a later step would hit
+        // another pair than its indices name (or none).
+        let first_corrupt = planned
+            .iter()
+            .filter(|p| p.fault.kind == FaultKind::Corrupt)
+            .min_by_key(|p| p.fault.step)
+            .map(|p| (p.entry, p.fault.step));
+        if let Some((corrupt_entry, corrupt_step)) = first_corrupt {
+            if let Some(after) = planned
+                .iter()
+                .find(|p| p.fault.step > corrupt_step && matches!(self.faults[p.entry].when, When::At(_)))
+            {
+                return Err(Error::config(format!(
+                    "chaos scenario: fault[{}].step: a link fault at step {} follows the corrupt link fault of \
+                     fault[{corrupt_entry}] at step {corrupt_step}, which evicts its sender: the workers' indices \
+                     after it are not the plan's, so a run over processes takes no link fault after a corrupt one",
+                    after.entry, after.fault.step
+                )));
+            }
+            planned.retain(|p| p.fault.step <= corrupt_step);
+        }
+        let plan = FaultPlan::none();
+        for p in &planned {
+            plan.push(p.fault.clone());
         }
         Ok((plan, planned))
     }

@@ -65,8 +65,8 @@
 //! make, as for `worker` below); the fault travels to the worker processes with that epoch, and a
 //! step replayed by a later epoch (after a loss) runs without it. `corrupt` really flips a byte of
 //! the request's frame: the receiver's checksum refuses it and the coordinator evicts the sender,
-//! after which the survivors replay from the in-memory copy (so no process fault may follow a
-//! corrupt link fault); `drop` and `partition` stop the run at the collective deadline, as in
+//! after which the survivors replay from the in-memory copy (so no process fault, and no link
+//! fault at a later step, may follow a corrupt link fault); `drop` and `partition` stop the run at the collective deadline, as in
 //! process. See `docs/runtime-semantics.md` for each kind.
 //!
 //! Keys of a `[[fault]]`:
