@@ -219,6 +219,21 @@ fn a_long_stop_drops_the_worker_which_never_commits_again() {
     assert!(log.contains("no longer a member"), "{log}");
 }
 
+/// A long stop at a step boundary removes its worker before the step runs, as the plan counts
+/// it: a link fault at that step hits the pair its indices name in the epoch without the stopped
+/// worker (the step ran first in the old epoch, towards the stopped process, and the fault never
+/// fired).
+#[test]
+fn a_link_fault_after_a_long_boundary_stop_hits_the_planned_pair() {
+    let dir = TempDir::new("chaos-proc-stop-link");
+    let scenario = "deadline = \"60s\"\n[[fault]]\nactor = \"process\"\nkind = \"stop\"\nduration = \"3s\"\n\
+                    worker = 0\nstep = 3\nmoment = \"boundary\"\n[[fault]]\nactor = \"link\"\nkind = \"duplicate\"\n\
+                    from = 0\nto = 1\nstep = 3\n";
+    let (status, json, out) = chaos(dir.path(), "stop-link", scenario, 6, 3);
+    assert!(status.success(), "{out}");
+    assert_eq!(link(&json, 0)["fired"], 1, "{json:#}");
+}
+
 #[test]
 fn a_leaving_worker_moves_its_state_and_exits_zero() {
     let dir = TempDir::new("chaos-proc-leave");

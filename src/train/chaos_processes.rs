@@ -447,9 +447,13 @@ impl Fleet {
                 fault.process
             )));
         }
-        // The change lands at this boundary: wait until the membership shows it.
+        // The change lands at this boundary: wait until the membership shows it (a long stop too:
+        // its step must run in the epoch without it, as the link faults' plan counts it).
         match fault.kind {
             FaultKind::Kill => {
+                self.until(pid, "the loss", |s| matches!(s, Status::Gone(_))).await?;
+            }
+            FaultKind::Stop(_) if fault.removes() => {
                 self.until(pid, "the loss", |s| matches!(s, Status::Gone(_))).await?;
             }
             FaultKind::Leave => {
