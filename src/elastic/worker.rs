@@ -132,6 +132,16 @@ impl PacketCodec for WireCodec {
             .max()
             .unwrap_or(quic::MAX_PACKET_FRAME)
     }
+    /// What the kept epochs' packets can list (before the first epoch, no bound: the frame
+    /// length alone bounds the table).
+    fn max_bodies(&self) -> usize {
+        let shapes = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
+        shapes
+            .values()
+            .map(|shape| shape.max_frame_bodies())
+            .max()
+            .unwrap_or(usize::MAX)
+    }
 }
 
 impl WireCodec {

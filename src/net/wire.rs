@@ -199,6 +199,15 @@ pub fn head_need(prefix: &[u8]) -> usize {
     }
 }
 
+/// The body count of the frame head that starts with `prefix`, once `prefix` holds it (see
+/// [`head_need`]).
+pub fn head_body_count(prefix: &[u8]) -> Option<usize> {
+    let head_len = u32::from_le_bytes(prefix.get(..4)?.try_into().ok()?) as usize;
+    let at = 4usize.checked_add(head_len)?;
+    let count = prefix.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes(count.try_into().ok()?) as usize)
+}
+
 /// The body lengths (in floats) listed in a frame head that [`head_need`] says is complete; the
 /// header itself is not decoded here (the codec does, with its limits). Errors name what is cut.
 pub fn head_body_lens(head: &[u8], what: &str) -> Result<Vec<usize>> {
@@ -480,6 +489,12 @@ impl PacketShape {
     /// near what the model needs (a peer cannot make a small run allocate gigabytes).
     pub fn max_frame_bytes(&self) -> usize {
         self.limits().frame_bytes()
+    }
+
+    /// The most bodies any frame this shape's packets decode from may list: a reader refuses a
+    /// longer table before it allocates anything for it.
+    pub fn max_frame_bodies(&self) -> usize {
+        self.limits().bodies
     }
 
     /// The most segments a packet may carry: one per (group, expert).

@@ -581,7 +581,9 @@ mod tests {
         write_sealed(&mut write, &enc).await.expect("write");
         // The same bytes as the frame sealed in one buffer, read whole.
         write_frame(&mut write, &sealed(&p)).await.expect("write whole");
-        let Some(SplitFrame::Split { head, bodies }) = read_split(&mut read, 1 << 20, "a frame").await.expect("read")
+        let Some(SplitFrame::Split { head, bodies }) = read_split(&mut read, 1 << 20, usize::MAX, "a frame")
+            .await
+            .expect("read")
         else {
             panic!("the frame was not read split");
         };
@@ -610,7 +612,7 @@ mod tests {
         let mut damaged = sealed(&p);
         super::super::frame::damage(&mut damaged);
         write_frame(&mut write, &damaged).await.expect("write");
-        match read_split(&mut read, 1 << 20, "a frame").await {
+        match read_split(&mut read, 1 << 20, usize::MAX, "a frame").await {
             Err(FrameError::Protocol(d)) => assert!(d.contains("damaged on the way"), "{d}"),
             Err(e) => panic!("not refused as damage: {e:?}"),
             Ok(_) => panic!("a damaged frame was accepted"),
@@ -621,7 +623,7 @@ mod tests {
         let head_len = u32::from_le_bytes([lying[0], lying[1], lying[2], lying[3]]) as usize;
         lying[4 + head_len..8 + head_len].copy_from_slice(&1000u32.to_le_bytes());
         write_frame(&mut write, &lying).await.expect("write");
-        match read_split(&mut read, 1 << 20, "a frame").await {
+        match read_split(&mut read, 1 << 20, usize::MAX, "a frame").await {
             Ok(Some(SplitFrame::Whole(bytes))) => assert_eq!(bytes, lying),
             Ok(_) => panic!("a lying head was read split"),
             Err(e) => panic!("a lying head failed the read: {e:?}"),
@@ -632,10 +634,37 @@ mod tests {
         write.write_all(&len).await.expect("write");
         write.write_all(&whole[..whole.len() / 2]).await.expect("write");
         drop(write);
-        match read_split(&mut read, 1 << 20, "a frame").await {
+        match read_split(&mut read, 1 << 20, usize::MAX, "a frame").await {
             Err(FrameError::Cut(d)) => assert!(d.contains("ended") && d.contains("bytes into a frame"), "{d}"),
             Err(e) => panic!("not a cut: {e:?}"),
             Ok(_) => panic!("a cut frame was accepted"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_table_of_more_bodies_than_a_packet_can_carry_is_refused_before_it_is_read() {
+        // A frame of 10,000 empty bodies: its table is 80 KB, and read split it cost about five
+        // times that (the lengths, then an empty body each). (Small enough for the socket's
+        // buffer: the refusing reader leaves the rest unread.)
+        let empty: Vec<&[f32]> = vec![&[]; 10_000];
+        let mut frame = crate::net::wire::encode_frame(&7u8, &empty).expect("encode");
+        super::super::frame::seal(&mut frame);
+        let (mut read, mut write) = pair();
+        write_frame(&mut write, &frame).await.expect("write");
+        match read_split(&mut read, 1 << 20, 4, "a frame").await {
+            Err(FrameError::Protocol(d)) => {
+                assert!(d.contains("lists 10000 bodies, more than the 4"), "{d}")
+            }
+            Err(e) => panic!("not refused as a protocol violation: {e:?}"),
+            Ok(_) => panic!("a table of 10,000 bodies was read"),
+        }
+        // Within the bound, the same frame is read split.
+        let (mut read, mut write) = pair();
+        write_frame(&mut write, &frame).await.expect("write");
+        match read_split(&mut read, 1 << 20, 10_000, "a frame").await {
+            Ok(Some(SplitFrame::Split { bodies, .. })) => assert_eq!(bodies.len(), 10_000),
+            Ok(_) => panic!("not read split"),
+            Err(e) => panic!("refused: {e:?}"),
         }
     }
 
@@ -677,7 +706,7 @@ mod tests {
             }
             let whole = open(&frame).and_then(|b| decode_packet(b, 3, &shape).map_err(|e| e.to_string()));
             write_frame(&mut write, &frame).await.expect("write");
-            let split = match read_split(&mut read, 1 << 20, "a frame").await {
+            let split = match read_split(&mut read, 1 << 20, usize::MAX, "a frame").await {
                 Ok(Some(SplitFrame::Split { head, bodies })) => {
                     decode_packet_parts(&head, bodies, 3, &shape).map_err(|e| e.to_string())
                 }
@@ -708,7 +737,7 @@ mod tests {
     async fn an_oversized_frame_is_refused_before_reading_it() {
         let (mut read, mut write) = pair();
         write.write_all(&(1u64 << 40).to_le_bytes()).await.expect("write");
-        match read_split(&mut read, 1 << 20, "a frame").await {
+        match read_split(&mut read, 1 << 20, usize::MAX, "a frame").await {
             Err(FrameError::Protocol(d)) => assert!(d.contains("over the limit"), "{d}"),
             other => panic!("not refused: {:?}", other.map(|f| f.is_some())),
         }

@@ -51,6 +51,12 @@ pub trait PacketCodec: Send + Sync + 'static {
     fn max_frame(&self) -> usize {
         MAX_PACKET_FRAME
     }
+    /// The most bodies a `net::wire` frame's table may list now (only asked when
+    /// [`PacketCodec::wire_frames`]): a longer table is refused before it is read (it cost the
+    /// reader several times the frame's bytes for nothing). No bound by default.
+    fn max_bodies(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// Something that happened to a peer of the current epoch. Each peer is reported at most once per
@@ -874,7 +880,7 @@ async fn read_loop(
 ) {
     let split = inner.codec.wire_frames();
     loop {
-        let frame = match reader::read_packet(&mut recv, split, inner.frame_limit()).await {
+        let frame = match reader::read_packet(&mut recv, split, inner.frame_limit(), inner.codec.max_bodies()).await {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
             Err(FrameError::Lost(e)) => {
@@ -974,7 +980,7 @@ async fn read_local_loop(
 ) {
     let split = inner.codec.wire_frames();
     loop {
-        let detail = match reader::read_packet(&mut recv, split, inner.frame_limit()).await {
+        let detail = match reader::read_packet(&mut recv, split, inner.frame_limit(), inner.codec.max_bodies()).await {
             // As over QUIC, a frame for an inbox that is gone is dropped and the link kept (a
             // read half dropped here would leave the peer's writes blocked once the socket fills).
             Ok(Some(frame)) => match hand_in_frame(&inner, epoch, me, peer, frame, &inbox) {

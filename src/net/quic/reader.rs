@@ -171,10 +171,13 @@ pub(crate) enum SplitFrame {
 
 /// [`read_frame`] of a sealed `net::wire` frame, the bodies read straight into floats. The
 /// checksum is checked over the bytes as read; a mismatch is a protocol violation with
-/// [`super::frame::open`]'s message.
+/// [`super::frame::open`]'s message, and so is a table of more than `max_bodies` bodies (refused
+/// before it is read: its lengths and the empty bodies they made cost about five times the
+/// frame's bytes).
 pub(crate) async fn read_split<S: FrameSource>(
     src: &mut S,
     max: usize,
+    max_bodies: usize,
     what: &str,
 ) -> Result<Option<SplitFrame>, FrameError> {
     let Some(n) = read_len(src, max, what).await? else {
@@ -183,6 +186,11 @@ pub(crate) async fn read_split<S: FrameSource>(
     let mut r = Reading { src, what, n, got: 0 };
     let mut head = Vec::new();
     loop {
+        if let Some(count) = wire::head_body_count(&head).filter(|&c| c > max_bodies) {
+            return Err(FrameError::Protocol(format!(
+                "{what} lists {count} bodies, more than the {max_bodies} a packet of this run can carry"
+            )));
+        }
         let need = wire::head_need(&head);
         if need <= head.len() {
             break;
@@ -233,10 +241,11 @@ pub(crate) async fn read_packet<S: FrameSource>(
     src: &mut S,
     split: bool,
     max: usize,
+    max_bodies: usize,
 ) -> Result<Option<SplitFrame>, FrameError> {
     const WHAT: &str = "a packet frame";
     if split {
-        read_split(src, max, WHAT).await
+        read_split(src, max, max_bodies, WHAT).await
     } else {
         Ok(read_frame(src, max, WHAT).await?.map(SplitFrame::Whole))
     }
