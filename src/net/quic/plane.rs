@@ -691,11 +691,11 @@ fn close_epoch(st: &mut EpochState, error_code: u32, reason: &[u8]) {
 /// at most [`super::PRE_AUTH_WINDOW`] of data meanwhile); more wait their turn, up to
 /// [`HELLO_TIMEOUT`], so that the burst of a large epoch's setup (every peer dials at once) is
 /// served, not refused.
-const HANDSHAKES: usize = 64;
+pub(super) const HANDSHAKES: usize = 64;
 
 /// Connections that may wait for a handshake place; more are refused at once (each waiting
 /// one is a task and its first packets: a flood of them must not grow without bound).
-const HANDSHAKE_QUEUE: usize = 4 * HANDSHAKES;
+pub(super) const HANDSHAKE_QUEUE: usize = 4 * HANDSHAKES;
 
 /// Accept connections for as long as the endpoint is open.
 async fn accept_loop(inner: Arc<Inner>) {
@@ -756,12 +756,22 @@ async fn handle_incoming(
     arrive(&inner, hello, Incoming::Quic(conn, recv));
 }
 
-/// Accept same-host connections for as long as the plane lives.
+/// Accept same-host connections for as long as the plane lives, with the QUIC path's bounds:
+/// [`HANDSHAKES`] handshakes at once, [`HANDSHAKE_QUEUE`] waiting, more closed at once (each is a
+/// socket and a task for up to [`HELLO_TIMEOUT`]: a flood must not use up the descriptors).
 async fn accept_local_loop(inner: Arc<Inner>, listener: tokio::net::UnixListener) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
+    let queue = Arc::new(tokio::sync::Semaphore::new(HANDSHAKE_QUEUE));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                inner.runtime.spawn(handle_local_incoming(inner.clone(), stream));
+                let Ok(place) = queue.clone().try_acquire_owned() else {
+                    drop(stream);
+                    continue;
+                };
+                inner
+                    .runtime
+                    .spawn(handle_local_incoming(inner.clone(), stream, handshakes.clone(), place));
             }
             // A failed accept (out of descriptors, say) leaves the listener usable.
             Err(_) => tokio::time::sleep(POLL).await,
@@ -770,7 +780,18 @@ async fn accept_local_loop(inner: Arc<Inner>, listener: tokio::net::UnixListener
 }
 
 /// Check the same-host peer's user and read its hello, then admit the connection to its epoch.
-async fn handle_local_incoming(inner: Arc<Inner>, stream: UnixStream) {
+/// `place` is its place in the queue, given back once it has a handshake place (or none).
+async fn handle_local_incoming(
+    inner: Arc<Inner>,
+    stream: UnixStream,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    place: tokio::sync::OwnedSemaphorePermit,
+) {
+    let permit = tokio::time::timeout(HELLO_TIMEOUT, handshakes.acquire_owned()).await;
+    drop(place);
+    let Ok(Ok(_handshake)) = permit else {
+        return;
+    };
     if local::check_same_user(&stream).is_err() {
         return;
     }

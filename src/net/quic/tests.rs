@@ -1074,3 +1074,46 @@ async fn bad_same_host_hellos_are_refused_naming_why() {
         Ending::Closed(4, "stale epoch".to_string())
     );
 }
+
+/// The same-host path bounds its handshakes as the QUIC path does: beyond the handshakes running
+/// and the queue waiting for one, a connection is closed at once (each held a socket and a task
+/// for the hello's 10 s, without bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_silent_same_host_connections_is_bounded() {
+    use tokio::io::AsyncReadExt;
+    let id = JobIdentity::generate().expect("identity");
+    let token = "the-job-secret";
+    let plane = plane_on(&id, token, Arc::new(TestCodec), true);
+    let tag = crate::net::quic::sha256_hex(token.as_bytes())[..16].to_string();
+    let port = plane.local_addr().expect("addr").port();
+    let name = super::local::socket_name(&tag, port);
+    // A connect finds the listener's own queue full while the plane has not accepted yet: again.
+    let dial = || async {
+        for _ in 0..500 {
+            if let Some(s) = super::local::connect(&name).await.expect("connect") {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the listener's queue stayed full for 5 s");
+    };
+    let mut silent = Vec::new();
+    for _ in 0..super::plane::HANDSHAKES + super::plane::HANDSHAKE_QUEUE {
+        silent.push(dial().await);
+    }
+    // Every place taken (the plane accepts them in the background): one more is closed at once.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut one = dial().await;
+            let mut byte = [0u8; 1];
+            match tokio::time::timeout(Duration::from_millis(500), one.read(&mut byte)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                // Still taken in: the plane had not yet accepted every earlier one.
+                _ => silent.push(one),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "no connection was refused within 5 s");
+    assert!(silent.len() < 2 * (super::plane::HANDSHAKES + super::plane::HANDSHAKE_QUEUE));
+}
