@@ -574,6 +574,18 @@ fn process_faults_are_refused_naming_the_field() {
     let steps: Vec<u64> = planned.iter().map(|p| p.fault.step).collect();
     assert_eq!(steps, [6], "{planned:?}");
     assert_eq!(plan.faults().len(), 1);
+    // Beside a scripted link fault at step 3, a random corrupt is drawn from that step on only
+    // (one drawn before it would refuse the scenario, for some seeds only); the first kept, at
+    // step 3 itself, leaves out the later ones.
+    let text = format!(
+        "[[fault]]\nactor = \"link\"\nkind = \"corrupt\"\nprobability = 1.0\n{}",
+        link("duplicate", 1, 0, 3)
+    );
+    let scenario = Scenario::from_toml(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    let processes = scenario.process_plan(&layout).expect("process plan");
+    let (_, planned) = scenario.link_plan(&layout, &processes).expect("planned, not refused");
+    let kept: Vec<(usize, u64)> = planned.iter().map(|p| (p.entry, p.fault.step)).collect();
+    assert_eq!(kept, [(0, 3), (1, 3)], "{planned:?}");
     // And an in-process run refuses process faults, naming the flag.
     let scenario = Scenario::from_toml(&join(1)).expect("parses");
     let layout = semoe::chaos::Layout {

@@ -12,8 +12,8 @@
 //! and the epoch's worker order (member order, oldest first) is known in advance.
 //!
 //! A fault at a step boundary (`moment = "boundary"`, the default) is delivered by the coordinator
-//! after the step before it committed: a SIGKILL or SIGTERM is waited on until the membership shows
-//! it, so that the change lands exactly at that step. A fault at a phase (`forward`, `backward`,
+//! after the step before it committed: a SIGKILL, a SIGTERM or a long stop's SIGSTOP is waited on
+//! until the membership shows it, so that the change lands exactly at that step. A fault at a phase (`forward`, `backward`,
 //! `commit`) is carried out by the worker itself through the test hook
 //! [`crate::elastic::hooks::PAUSE`] (it SIGKILLs or SIGSTOPs itself at that exact point); the
 //! coordinator continues a stopped one after its `duration`. No timing depends on a sleep except a
@@ -491,17 +491,20 @@ impl Scenario {
             }
         }
         // The first corrupt fault evicts its sender: a link fault at a later step would hit
-        // another pair than its indices name (or none).
+        // another pair than its indices name (or none). A random corrupt drawn before a scripted
+        // fault's step is left out (refusing it would refuse whichever seeds drew an early step).
+        let scripted = |p: &PlannedFault| matches!(self.faults[p.entry].when, When::At(_));
+        let last_scripted = planned.iter().filter(|p| scripted(p)).map(|p| p.fault.step).max();
+        planned.retain(|p| {
+            scripted(p) || p.fault.kind != FaultKind::Corrupt || last_scripted.is_none_or(|s| p.fault.step >= s)
+        });
         let first_corrupt = planned
             .iter()
             .filter(|p| p.fault.kind == FaultKind::Corrupt)
             .min_by_key(|p| p.fault.step)
             .map(|p| (p.entry, p.fault.step));
         if let Some((corrupt_entry, corrupt_step)) = first_corrupt {
-            if let Some(after) = planned
-                .iter()
-                .find(|p| p.fault.step > corrupt_step && matches!(self.faults[p.entry].when, When::At(_)))
-            {
+            if let Some(after) = planned.iter().find(|p| p.fault.step > corrupt_step && scripted(p)) {
                 return Err(Error::config(format!(
                     "chaos scenario: fault[{}].step: a link fault at step {} follows the corrupt link fault of \
                      fault[{corrupt_entry}] at step {corrupt_step}, which evicts its sender: the workers' indices \

@@ -564,13 +564,7 @@ impl Scheduler {
                 // The decoder's state is unknown after a failed step: stop what it held.
                 let message = format!("generation failed: {e}");
                 self.stats.set_last_error(Some(message.clone()));
-                if let Some(why) = self.decoder.broken() {
-                    self.stats
-                        .broken
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .get_or_insert(why);
-                }
+                self.note_broken();
                 let ids: Vec<SeqId> = self.running.keys().copied().collect();
                 for id in ids {
                     self.decoder.cancel(id);
@@ -630,15 +624,20 @@ impl Scheduler {
             last = Some(message);
         }
         if last.is_some() {
-            if let Some(why) = self.decoder.broken() {
-                self.stats
-                    .broken
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .get_or_insert(why);
-            }
+            self.note_broken();
         }
         last
+    }
+
+    /// Keep the decoder's lasting failure ([`Decode::broken`]), if it has one, for `/health`.
+    fn note_broken(&self) {
+        if let Some(why) = self.decoder.broken() {
+            self.stats
+                .broken
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_or_insert(why);
+        }
     }
 
     /// Hand out what every sequence has pending; cancel those whose client is gone or stalled.

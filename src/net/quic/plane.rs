@@ -789,7 +789,7 @@ async fn handle_local_incoming(
 ) {
     let permit = tokio::time::timeout(HELLO_TIMEOUT, handshakes.acquire_owned()).await;
     drop(place);
-    let Ok(Ok(_handshake)) = permit else {
+    let Ok(Ok(handshake)) = permit else {
         return;
     };
     if local::check_same_user(&stream).is_err() {
@@ -801,7 +801,7 @@ async fn handle_local_incoming(
     };
     let (mut read, mut write) = stream.into_split();
     // The challenge, the answer and the hello, all within the hello's time.
-    let handshake = tokio::time::timeout(HELLO_TIMEOUT, async {
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
         let expected = local::accept_handshake(&mut read, &mut write, &inner.token, &name).await?;
         let hello = match reader::read_frame(&mut read, MAX_HELLO, "the hello").await {
             Ok(Some(bytes)) => Hello::decode(&bytes)?,
@@ -812,8 +812,9 @@ async fn handle_local_incoming(
         Ok((hello, expected))
     })
     .await;
+    drop(handshake);
     let conn = Arc::new(LocalConn::incoming(write));
-    match handshake {
+    match hello {
         Ok(Ok((hello, expected))) => {
             // The hello carries the opener's proof of the token, not the token.
             if !constant_time_eq(hello.token.as_bytes(), expected.as_bytes()) {
