@@ -333,6 +333,16 @@ fn the_time_budget_is_measured_beside_the_run_not_in_tmp() {
     );
     assert!(status.success(), "{err}");
     assert!(err.contains("time budget 3s: measured"), "{err}");
+    // The run also stops at the budget, less its last evaluation and checkpoint: recorded as its
+    // time limit.
+    assert!(err.contains("training stops at "), "{err}");
+    let config = std::fs::read_to_string(tmp.path().join("runs/r/config.toml")).expect("config");
+    let limit: f64 = config
+        .lines()
+        .find_map(|l| l.strip_prefix("time_limit_s = "))
+        .and_then(|v| v.parse().ok())
+        .expect("a time limit");
+    assert!(limit > 1.5 && limit <= 3.0, "{config}");
     let left: Vec<_> = std::fs::read_dir(tmp.path().join("runs"))
         .expect("runs")
         .map(|e| e.expect("entry").file_name())

@@ -936,8 +936,17 @@ pub fn fit_time_budget(config: &mut TrainConfig, run_dir: &Path, stop: &AtomicUs
     let budget = config.train.time_budget_s;
     let cal = semoe::train::calibrate::calibrate(config, budget, run_dir, stop)?;
     let wanted = config.train.steps;
+    // The steps fit at the pace measured; a machine that slows down later (a busy neighbour)
+    // would overrun the budget. So the run also stops once the budget, less its last evaluation
+    // and checkpoint, has passed (`--resume` finishes the schedule); a time limit of the user's
+    // that is shorter stays.
+    let guard = (budget - cal.eval_seconds - cal.checkpoint_seconds).max(budget / 2.0);
+    if config.train.time_limit_s <= 0.0 || config.train.time_limit_s > guard {
+        config.train.time_limit_s = guard;
+    }
     semoe::say!(
-        "time budget {}: measured {:.1} ms a step, {:.2} s an evaluation, {:.2} s a checkpoint; {} (planned {}){}",
+        "time budget {}: measured {:.1} ms a step, {:.2} s an evaluation, {:.2} s a checkpoint; {} (planned {}){}; \
+         training stops at {:.1} s if this machine slows down",
         semoe::train::trainer::format_duration(budget),
         cal.step_seconds * 1e3,
         cal.eval_seconds,
@@ -952,7 +961,8 @@ pub fn fit_time_budget(config: &mut TrainConfig, run_dir: &Path, stop: &AtomicUs
             "; the schedule spans them (--steps N for a fixed run)"
         } else {
             ""
-        }
+        },
+        config.train.time_limit_s
     );
     config.train.steps = cal.steps;
     Ok(())
