@@ -830,7 +830,10 @@ pub fn run(a: &TrainArgs) -> semoe::Result<ExitCode> {
     match summary.stop {
         StopReason::TimeLimit => semoe::say!(
             "time limit of {} s reached: ran {} of the {} planned steps (this invocation: {}); continue with: {resume_hint}",
-            c.train.time_limit_s, summary.steps, summary.planned_steps, summary.steps_run
+            format!("{:.3}", c.train.time_limit_s).trim_end_matches('0').trim_end_matches('.'),
+            summary.steps,
+            summary.planned_steps,
+            summary.steps_run
         ),
         StopReason::Requested(signal) => semoe::say!(
             "stopped by {} after step {} of {}; the newest checkpoint is {}; continue with: {resume_hint}",
